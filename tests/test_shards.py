@@ -1,0 +1,621 @@
+"""wdsembed.shards: keys, streaming reads, truncation, DALI .idx files, img2dataset siblings.
+
+Tars are written here with Python's tarfile (and GNU tar where noted) so the reader is checked against
+independent writers; `.idx` files are checked against DALI's own wds2idx.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tracemalloc
+from pathlib import Path
+
+import fsspec
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+
+from wdsembed import shards
+from wdsembed.shards import (
+    Sample,
+    ShardIndex,
+    ShardReadError,
+    StaleIndexError,
+    build_index,
+    ensure_index,
+    iter_samples,
+    split_member_name,
+)
+from wdsembed.synthetic import ShardSample, write_shard
+
+EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+WDS2IDX = str(Path(sys.executable).with_name("wds2idx"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def make_tar(path: Path, members: list, fmt: int = tarfile.PAX_FORMAT) -> Path:
+    """members: (name, bytes) for regular files, or (name, "dir") / (name, ("symlink", target))."""
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.mtime = 1_700_000_000
+            if data == "dir":
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif isinstance(data, tuple):
+                info.type = tarfile.SYMTYPE
+                info.linkname = data[1]
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def samples_of(path: Path, extensions=EXTS, **kw) -> list[Sample]:
+    with open(path, "rb") as f:
+        return list(iter_samples(f, extensions=extensions, shard=str(path), **kw))
+
+
+def data_offsets(path: Path) -> dict[str, int]:
+    """member name -> data offset, as Python's tarfile sees it (first occurrence of a repeated name)."""
+    with tarfile.open(path) as t:
+        return {m.name: m.offset_data for m in reversed(t.getmembers())}
+
+
+def header_offsets(path: Path) -> dict[str, int]:
+    with tarfile.open(path) as t:
+        return {m.name: m.offset for m in reversed(t.getmembers())}
+
+
+def wds2idx_text(tar: Path, tmp_path: Path, *, console: bool = False) -> str:
+    out = tmp_path / f"ref-{tar.stem}-{int(console)}.idx"
+    if console:
+        subprocess.run([WDS2IDX, str(tar), str(out)], check=True, capture_output=True)
+    else:
+        from wds2idx import IndexCreator
+
+        with IndexCreator(str(tar), str(out), verbose=False) as ic:
+            ic.create_index()
+    return out.read_text()
+
+
+def multi_ext_shard(folder: Path, stem: str = "00000", n: int = 6, **kw) -> Path:
+    """A realistic shard: per-member pax headers (float mtime, as webdataset's TarWriter makes them), several
+    extensions per sample (jpg/png + cls + seg.png + json + txt), shuffled order."""
+    samples = [
+        ShardSample(image=bytes([i]) * (300 + 700 * i), ext="png" if i % 3 == 0 else "jpg", caption=f"c{i}",
+                    extra={"cls": str(i).encode(), "seg.png": b"S" * (10 + i)})
+        for i in range(n)
+    ]
+    return Path(write_shard(folder, stem, samples, shuffle_tar=7, failed_rows=1, **kw).tar)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# keys
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("000123.jpg", ("000123", "jpg")),
+        ("a/b.c.jpg", ("a/b", "c.jpg")),
+        ("dir.v1/sub/x.seg.PNG", ("dir.v1/sub/x", "seg.png")),
+        ("IMG_01.JPG", ("IMG_01", "jpg")),
+        ("./rel/k.txt", ("./rel/k", "txt")),
+        ("noext", ("noext", "")),
+        (".hidden", ("", "hidden")),
+    ],
+)
+def test_split_member_name(name, expected):
+    assert split_member_name(name) == expected
+
+
+def test_keys_folders_multi_dots_and_upper_case(tmp_path):
+    tar = make_tar(tmp_path / "k.tar", [
+        ("f1/000.JPG", b"A"), ("f1/000.txt", b"t"),
+        ("f2/000.seg.png", b"S"), ("f2/000.json", b"{}"),   # same stem, other folder: another key
+        ("x.y.z.Jpeg", b"XY"),
+    ])
+    got = samples_of(tar)
+    assert [(s.key, s.image_ext, bytes(s.image), s.member) for s in got] == [
+        ("f1/000", "jpg", b"A", "f1/000.JPG"),
+        ("f2/000", "png", b"S", "f2/000.seg.png"),  # last dot-part decides the image type
+        ("x", "jpeg", b"XY", "x.y.z.Jpeg"),
+    ]
+    offs = data_offsets(tar)
+    assert [s.offset for s in got] == [offs["f1/000.JPG"], offs["f2/000.seg.png"], offs["x.y.z.Jpeg"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# grouping and per-sample errors
+
+
+def test_grouping_preference_missing_duplicate_empty(tmp_path):
+    tar = make_tar(tmp_path / "g.tar", [
+        ("a.png", b"PNG"), ("a.jpg", b"JPG"), ("a.txt", b"cap"),          # jpg preferred over png
+        ("b.json", b"{}"), ("b.txt", b"no image"),                        # no image member
+        ("c.webp", b"W"), ("dir", "dir"), ("c.cls", b"1"),                 # a directory does not split c
+        ("d.jpg", b""), ("d.txt", b"empty"),                              # empty image
+        ("a.jpg", b"AGAIN"),                                              # duplicate key
+        ("e.json", b"{}"), ("e.jpg", ("symlink", "a.jpg")),                # a symlink is not an image
+        (".DS_Store", b"junk"), ("sub/.hidden", b"junk"),                  # hidden files are skipped
+        ("f.bmp", b"BMP"),
+    ])
+    got = samples_of(tar)
+    offs = data_offsets(tar)
+    assert got == [
+        Sample("a", b"JPG", "jpg", member="a.jpg", offset=offs["a.jpg"]),
+        Sample("b", None, error="no image member (found: json, txt)"),
+        Sample("c", b"W", "webp", member="c.webp", offset=offs["c.webp"]),
+        Sample("d", None, "jpg", error="empty image member", member="d.jpg", offset=offs["d.jpg"]),
+        Sample("a", None, error="duplicate key"),
+        Sample("e", None, error="no image member (found: json)"),
+        Sample("f", b"BMP", "bmp", member="f.bmp", offset=offs["f.bmp"]),
+    ]
+    # preference follows the order given
+    assert bytes(samples_of(tar, extensions=("png", "jpg"))[0].image) == b"PNG"
+
+
+def test_gnu_tar_written_archive(tmp_path):
+    """An archive made by GNU tar itself: directory entries, a 150-byte name (GNU longname header), a symlink."""
+    if shutil.which("tar") is None:
+        pytest.skip("GNU tar not installed")
+    src = tmp_path / "src"
+    long_dir = src / ("d" * 60) / ("e" * 60)
+    long_dir.mkdir(parents=True)
+    (long_dir / "k1.jpg").write_bytes(b"L" * 1000)
+    (long_dir / "k1.txt").write_bytes(b"t")
+    (src / "k2.png").write_bytes(b"P" * 513)
+    os.symlink("k2.png", src / "k3.jpg")
+    tar = tmp_path / "gnu.tar"
+    subprocess.run(["tar", "--format=gnu", "--sort=name", "-C", str(src), "-cf", str(tar), "."], check=True)
+    got = samples_of(tar)
+    key1 = f"./{'d' * 60}/{'e' * 60}/k1"
+    offs = data_offsets(tar)
+    # the symlink k3.jpg is not a regular member: skipped, so no sample "./k3" at all
+    assert got == [
+        Sample(key1, b"L" * 1000, "jpg", member=f"{key1}.jpg", offset=offs[f"{key1}.jpg"]),
+        Sample("./k2", b"P" * 513, "png", member="./k2.png", offset=offs["./k2.png"]),
+    ]
+    with open(tar, "rb") as f:
+        idx = build_index(f)
+    assert samples_of(tar, index=idx) == got
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# streaming
+
+
+class ForwardOnlyFile:
+    """A file object that records every read and refuses seeks, like a network stream."""
+
+    def __init__(self, f):
+        self.f = f
+        self.reads: list[int] = []
+        self.total = 0
+
+    def read(self, n: int = -1) -> bytes:
+        assert n is not None and n >= 0, "unbounded read"
+        data = self.f.read(n)
+        self.reads.append(n)
+        self.total += len(data)
+        return data
+
+    def seek(self, *a):
+        raise AssertionError("iter_samples seeked")
+
+    def tell(self):
+        raise AssertionError("iter_samples asked for the position")
+
+
+def test_streaming_bounded_reads_and_memory(tmp_path):
+    chunk = 64 * 1024
+    sizes = [5_000, 150_000, 70_000, 1, 65_536, 131_072, 9_999] * 6  # some members bigger than a chunk
+    members = []
+    for i, size in enumerate(sizes):
+        members.append((f"{i:04d}.jpg", bytes([i % 251]) * size))
+        members.append((f"{i:04d}.txt", b"caption"))
+    tar = make_tar(tmp_path / "big.tar", members)
+    tar_size = tar.stat().st_size
+    assert tar_size > 30 * chunk
+
+    with open(tar, "rb") as raw:
+        f = ForwardOnlyFile(raw)
+        tracemalloc.start()
+        keys = []
+        for s in iter_samples(f, extensions=EXTS, shard="big.tar", chunk_size=chunk):
+            i = int(s.key)
+            assert len(s.image) == sizes[i] and bytes(s.image[:1]) == bytes([i % 251])
+            keys.append(s.key)
+            del s
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert keys == [f"{i:04d}" for i in range(len(sizes))]
+    assert max(f.reads) <= chunk  # every request bounded by the chunk size
+    assert f.total == tar_size  # everything read exactly once, front to back
+    # one chunk buffer + the member being returned + the one the caller still holds, with slack: far below the tar
+    assert peak < 2 * chunk + 2 * max(sizes) + 64 * 1024, peak
+    assert peak < tar_size / 4
+
+
+def test_reads_through_an_fsspec_file(tmp_path):
+    tar = multi_ext_shard(tmp_path)
+    mem = fsspec.filesystem("memory")
+    mem.pipe_file("/bucket/00000.tar", tar.read_bytes())
+    with mem.open("/bucket/00000.tar", "rb") as f:
+        remote = list(iter_samples(f, extensions=EXTS, shard="memory://bucket/00000.tar"))
+    assert remote == samples_of(tar)
+    assert len(remote) == 6 and all(s.error is None for s in remote)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# damage
+
+
+def _five_samples(tmp_path) -> Path:
+    members = []
+    for i in range(5):
+        members += [(f"s{i}.jpg", bytes([65 + i]) * 1500), (f"s{i}.txt", b"cap")]
+    return make_tar(tmp_path / "five.tar", members)
+
+
+def _truncated_copy(src: Path, at: int, tmp_path: Path) -> Path:
+    dst = tmp_path / f"cut{at}.tar"
+    dst.write_bytes(src.read_bytes()[:at])
+    return dst
+
+
+def _collect_until_error(path: Path):
+    got = []
+    with pytest.raises(ShardReadError) as ei:
+        for s in samples_of_iter(path):
+            got.append(s.key)
+    return got, ei.value
+
+
+def samples_of_iter(path: Path):
+    with open(path, "rb") as f:
+        yield from iter_samples(f, extensions=EXTS, shard=str(path))
+
+
+def test_truncated_inside_member_data(tmp_path):
+    full = _five_samples(tmp_path)
+    offs = data_offsets(full)
+    cut = _truncated_copy(full, offs["s3.jpg"] + 700, tmp_path)
+    got, err = _collect_until_error(cut)
+    assert got == ["s0", "s1", "s2"]  # s3 started, so s2 is complete; s3 is damaged
+    assert err.shard == str(cut) and err.member == "s3.jpg" and err.offset == offs["s3.jpg"]
+    assert str(cut) in str(err) and f"byte {offs['s3.jpg']}" in str(err) and "s3.jpg" in str(err)
+
+
+def test_truncated_inside_header_drops_the_open_sample(tmp_path):
+    full = _five_samples(tmp_path)
+    hdr = header_offsets(full)["s3.jpg"]
+    cut = _truncated_copy(full, hdr + 100, tmp_path)
+    got, err = _collect_until_error(cut)
+    # the next member could still have belonged to s2, so s2 is not yielded
+    assert got == ["s0", "s1"]
+    assert err.offset == hdr and "header" in err.reason
+
+
+def test_missing_end_of_archive_is_truncation(tmp_path):
+    full = _five_samples(tmp_path)
+    offs = data_offsets(full)
+    end_of_last = offs["s4.txt"] + 512
+    got, err = _collect_until_error(_truncated_copy(full, end_of_last, tmp_path))
+    assert got == ["s0", "s1", "s2", "s3"] and err.offset == end_of_last
+    # a clean end still yields everything
+    assert [s.key for s in samples_of(full)] == ["s0", "s1", "s2", "s3", "s4"]
+
+
+def test_garbage_header_is_reported(tmp_path):
+    full = _five_samples(tmp_path)
+    data = bytearray(full.read_bytes())
+    hdr = header_offsets(full)["s2.jpg"]
+    data[hdr : hdr + 512] = b"\x17" * 512
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(data))
+    got, err = _collect_until_error(bad)
+    assert got == ["s0"] and err.offset == hdr and "checksum" in err.reason
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# .idx
+
+
+@pytest.mark.parametrize("tar_format", ["pax", "gnu", "ustar"])
+def test_index_byte_identical_to_wds2idx(tmp_path, tar_format):
+    tar = multi_ext_shard(tmp_path, tar_format=tar_format)
+    with open(tar, "rb") as f:
+        ours = build_index(f).render()
+    assert ours == wds2idx_text(tar, tmp_path)
+    assert ours == wds2idx_text(tar, tmp_path, console=True)
+    # several extensions per sample, wds2idx's ext keeps everything after the first dot
+    first = ours.splitlines()[1].split()
+    assert ours.startswith("v1.2 6\n") and len(first) == 4 * 5 and "seg.png" in first[::4]
+    assert ShardIndex.parse(ours).render() == ours
+
+
+def test_index_identical_with_hidden_dirs_links_and_odd_names(tmp_path):
+    tar = make_tar(tmp_path / "odd.tar", [
+        ("d", "dir"), ("d/k.jpg", b"1" * 600), ("d/k.txt", b"2"), ("d/.hidden", b"h"), (".top", b"h"),
+        ("lnk.jpg", ("symlink", "d/k.jpg")), ("UP.JPG", b"3"), ("back\\slash.jpg", b"4"), ("é.png", b"5"),
+        ("noext", b"6"), ("z.tar.gz", b"7" * 513),
+    ])
+    with open(tar, "rb") as f:
+        idx = build_index(f)
+    assert idx.render() == wds2idx_text(tar, tmp_path)
+    assert [m.ext for m in idx.members()] == ["jpg", "txt", "JPG", "jpg", "png", "noext", "tar.gz"]
+    # reading through that index verifies every header, odd names included
+    assert samples_of(tar, index=idx) == samples_of(tar)
+
+
+def test_index_offsets_are_true_offsets_for_gnu_longnames(tmp_path):
+    """wds2idx takes `tar --block-number`, which points at a GNU longname header, not at the member: its offset
+    for such members is wrong (DALI would read the name block). Ours is the real data offset; every other line
+    is the same as wds2idx's."""
+    long = "x" * 120
+    tar = make_tar(tmp_path / "long.tar", [("a.jpg", b"a" * 700), (f"{long}.jpg", b"L" * 10), ("b.jpg", b"b")],
+                   fmt=tarfile.GNU_FORMAT)
+    with open(tar, "rb") as f:
+        idx = build_index(f)
+    offs = data_offsets(tar)
+    assert [(m.name, m.offset) for m in idx.members()] == [(n, offs[n]) for n in ("a.jpg", f"{long}.jpg", "b.jpg")]
+    ours, ref = idx.render().splitlines(), wds2idx_text(tar, tmp_path).splitlines()
+    assert ours[:2] == ref[:2] and ours[3:] == ref[3:]
+    assert ours[2] != ref[2]
+    assert samples_of(tar, index=idx) == samples_of(tar)
+
+
+def test_whitespace_names_cannot_be_indexed(tmp_path):
+    tar = make_tar(tmp_path / "sp.tar", [("a b.jpg", b"1"), ("c.jpg", b"2")])
+    ref = wds2idx_text(tar, tmp_path)
+    assert "jpg 512 1 a b.jpg" in ref  # wds2idx writes a line DALI cannot split back
+    with pytest.raises(shards.IndexFormatError, match="whitespace"):
+        ShardIndex.parse(ref)
+    with open(tar, "rb") as f:
+        idx = build_index(f)
+    with pytest.raises(shards.IndexFormatError, match="a b.jpg"):
+        idx.render()
+    # reading without an index is fine
+    assert [s.key for s in samples_of(tar)] == ["a b", "c"]
+
+
+def test_parse_rejects_other_formats():
+    with pytest.raises(shards.IndexFormatError, match="v1.2"):
+        ShardIndex.parse("v1.1 1\njpg 512 3\n")
+    with pytest.raises(shards.IndexFormatError, match="2 samples"):
+        ShardIndex.parse("v1.2 2\njpg 512 3 a.jpg\n")
+    with pytest.raises(shards.IndexFormatError, match="integers"):
+        ShardIndex.parse("v1.2 1\njpg x 3 a.jpg\n")
+
+
+def test_read_with_index_detects_a_changed_tar(tmp_path):
+    tar = _five_samples(tmp_path)
+    with open(tar, "rb") as f:
+        idx = build_index(f)
+    assert samples_of(tar, index=idx) == samples_of(tar)
+
+    # same layout, one member renamed
+    renamed = make_tar(tmp_path / "renamed.tar", [
+        (n.replace("s2.txt", "s2.cls"), d) for n, d in
+        [(f"s{i}.{e}", bytes([65 + i]) * 1500 if e == "jpg" else b"cap") for i in range(5) for e in ("jpg", "txt")]
+    ])
+    with pytest.raises(StaleIndexError, match="s2.cls"):
+        samples_of(renamed, index=idx)
+    # one more sample appended: the old index misses it
+    longer = make_tar(tmp_path / "longer.tar", [(f"s{i}.{e}", bytes([65 + i]) * 1500 if e == "jpg" else b"cap")
+                                                for i in range(6) for e in ("jpg", "txt")])
+    with pytest.raises(StaleIndexError, match="s5.jpg"):
+        samples_of(longer, index=idx)
+    # one sample fewer: the index lists members the tar lacks
+    with open(longer, "rb") as f:
+        idx6 = build_index(f)
+    with pytest.raises(StaleIndexError, match="does not have"):
+        samples_of(tar, index=idx6)
+
+
+def test_ensure_index_writes_beside_then_reuses(tmp_path, monkeypatch):
+    tar = multi_ext_shard(tmp_path)
+    fs = fsspec.filesystem("file")
+    idx = ensure_index(str(tar), fs, cache_dir=tmp_path / "cache")
+    beside = tmp_path / "00000.idx"
+    assert idx.path == str(beside) == shards.index_path_for(str(tar))
+    assert beside.read_text() == wds2idx_text(tar, tmp_path)
+    assert not (tmp_path / "cache").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+    # the existing file is used, not rebuilt: building is made impossible
+    monkeypatch.setattr(shards, "build_index", lambda *a, **k: pytest.fail("rebuilt a valid index"))
+    again = ensure_index(str(tar), fs, cache_dir=tmp_path / "cache")
+    assert again == idx and again.path == str(beside)
+    assert samples_of(tar, index=again) == samples_of(tar)
+
+
+def test_ensure_index_uses_an_existing_wds2idx_file(tmp_path, monkeypatch):
+    tar = multi_ext_shard(tmp_path)
+    (tmp_path / "00000.idx").write_text(wds2idx_text(tar, tmp_path))
+    monkeypatch.setattr(shards, "build_index", lambda *a, **k: pytest.fail("rebuilt a valid index"))
+    idx = ensure_index(str(tar), fsspec.filesystem("file"))
+    assert samples_of(tar, index=idx) == samples_of(tar)
+
+
+@pytest.mark.parametrize("change", ["shorter", "same_size_renamed", "appended"])
+def test_ensure_index_rebuilds_a_stale_file(tmp_path, change):
+    fs = fsspec.filesystem("file")
+    members = [(f"s{i}.{e}", bytes([65 + i]) * 1500 if e == "jpg" else b"cap") for i in range(5)
+               for e in ("jpg", "txt")]
+    tar = make_tar(tmp_path / "00007.tar", members)
+    old = ensure_index(str(tar), fs)
+    if change == "shorter":
+        make_tar(tar, members[:4])  # the last indexed member now lies past the end
+    elif change == "same_size_renamed":
+        make_tar(tar, [(n.replace("s4", "t4"), d) for n, d in members])
+        assert tar.stat().st_size == os.path.getsize(tmp_path / "00007.tar")
+    else:
+        make_tar(tar, members + [("s5.jpg", b"new"), ("s5.txt", b"cap")])
+    new = ensure_index(str(tar), fs)
+    assert new != old
+    assert (tmp_path / "00007.idx").read_text() == wds2idx_text(tar, tmp_path)
+    assert samples_of(tar, index=new) == samples_of(tar)
+
+
+class ReadOnlyFileSystem(LocalFileSystem):
+    """The local disk, refusing every write under `root` with PermissionError, the way s3fs reports a bucket
+    without PutObject permission. Needed because the tests run as root, and chmod does not stop root."""
+
+    def __init__(self, root: str, **kw):
+        super().__init__(**kw)
+        self.ro_root = os.path.abspath(root)
+
+    def _deny(self, path, what):
+        p = os.path.abspath(self._strip_protocol(path))
+        if p == self.ro_root or p.startswith(self.ro_root + os.sep):
+            raise PermissionError(13, f"read-only: {what}", p)
+
+    def _open(self, path, mode="rb", **kw):
+        if any(c in mode for c in "wax+"):
+            self._deny(path, "open for writing")
+        return super()._open(path, mode=mode, **kw)
+
+    def pipe_file(self, path, value, **kw):
+        self._deny(path, "pipe")
+        return super().pipe_file(path, value, **kw)
+
+    def mv(self, path1, path2, **kw):
+        self._deny(path1, "mv")
+        self._deny(path2, "mv")
+        return super().mv(path1, path2, **kw)
+
+    def cp_file(self, path1, path2, **kw):
+        self._deny(path2, "cp")
+        return super().cp_file(path1, path2, **kw)
+
+    def rm_file(self, path):
+        self._deny(path, "rm")
+        return super().rm_file(path)
+
+    def makedirs(self, path, exist_ok=False):
+        self._deny(path, "makedirs")
+        return super().makedirs(path, exist_ok=exist_ok)
+
+    def mkdir(self, path, create_parents=True, **kw):
+        self._deny(path, "mkdir")
+        return super().mkdir(path, create_parents=create_parents, **kw)
+
+
+def _check_cached(tar: Path, fs, cache: Path, tmp_path: Path, monkeypatch):
+    idx = ensure_index(str(tar), fs, cache_dir=cache)
+    assert idx.path is not None and Path(idx.path).parent == cache
+    assert Path(idx.path).read_text() == wds2idx_text(tar, tmp_path)
+    assert sorted(p.name for p in tar.parent.iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+    # the cached copy is found again without rebuilding
+    with monkeypatch.context() as m:
+        m.setattr(shards, "build_index", lambda *a, **k: pytest.fail("rebuilt a cached index"))
+        assert ensure_index(str(tar), fs, cache_dir=cache).path == idx.path
+    return idx
+
+
+def test_read_only_folder_index_goes_to_cache(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    tar = multi_ext_shard(data)
+    fs = ReadOnlyFileSystem(str(data))
+    with pytest.raises(PermissionError):
+        fs.pipe_file(str(data / "probe"), b"x")
+    cache = tmp_path / "cache"
+    idx = _check_cached(tar, fs, cache, tmp_path, monkeypatch)
+    assert len(list(cache.iterdir())) == 1
+
+    # a new version of the shard (other size and mtime) gets its own cache entry
+    multi_ext_shard(data, n=7)
+    idx7 = ensure_index(str(tar), fs, cache_dir=cache)
+    assert idx7.path != idx.path and idx7.num_samples == 7
+    assert len([p for p in cache.iterdir() if p.suffix == ".idx"]) == 2
+    # without a cache dir the index is still returned, just not stored
+    assert ensure_index(str(tar), fs).path is None
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod; covered by ReadOnlyFileSystem")
+def test_read_only_folder_by_chmod(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    tar = multi_ext_shard(data)
+    data.chmod(0o555)
+    try:
+        _check_cached(tar, fsspec.filesystem("file"), tmp_path / "cache", tmp_path, monkeypatch)
+    finally:
+        data.chmod(0o755)
+
+
+def test_index_path_for(tmp_path):
+    assert shards.index_path_for("/d/00001.tar") == "/d/00001.idx"
+    assert shards.index_path_for("s3://b/p/00001.tar") == "s3://b/p/00001.idx"
+    fp1, fp2 = shards.ShardFingerprint(10, 1.5), shards.ShardFingerprint(11, 1.5)
+    a = shards.index_path_for("s3://b/p/00001.tar", tmp_path, fp1)
+    assert a.startswith(str(tmp_path) + os.sep + "00001-") and a.endswith(".idx")
+    assert a != shards.index_path_for("s3://b/p/00001.tar", tmp_path, fp2)
+    assert a != shards.index_path_for("s3://b/q/00001.tar", tmp_path, fp1)
+    with pytest.raises(TypeError):
+        shards.index_path_for("/d/00001.tar", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# listing, fingerprints, img2dataset siblings
+
+
+def test_list_shards_and_fingerprint(tmp_path):
+    for name in ("00001.tar", "00000.tar", "00000.parquet", "00000.idx", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x" * 3)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "00002.tar").write_bytes(b"x")
+    (tmp_path / "dir.tar").mkdir()  # a folder named like a shard is not one
+    fs = fsspec.filesystem("file")
+    assert shards.list_shards(str(tmp_path), fs) == [str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")]
+    assert shards.list_shards(f"file://{tmp_path}", fs) == [f"file://{tmp_path}/00000.tar",
+                                                            f"file://{tmp_path}/00001.tar"]
+    fp = shards.fingerprint(str(tmp_path / "00000.tar"), fs)
+    st = os.stat(tmp_path / "00000.tar")
+    assert (fp.size, fp.mtime, fp.etag) == (3, st.st_mtime, None)
+    os.utime(tmp_path / "00000.tar", (st.st_atime, st.st_mtime + 5))
+    assert shards.fingerprint(str(tmp_path / "00000.tar"), fs).token != fp.token
+
+
+def test_fingerprint_from_object_store_info():
+    import datetime as dt
+
+    info = {"size": 42, "ETag": '"abc123"', "LastModified": dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)}
+    fp = shards._fingerprint_from_info(info)
+    assert fp == shards.ShardFingerprint(42, dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc).timestamp(), "abc123")
+
+
+def test_read_rows_and_stats(tmp_path):
+    fs = fsspec.filesystem("file")
+    written = write_shard(tmp_path, "00003", [ShardSample(image=b"x", caption="hi")] * 3, failed_rows=2)
+    table = shards.read_rows(shards.parquet_path_for(written.tar), fs)
+    assert table.column("key").to_pylist() == list(written.parquet_keys)
+    assert table.column("status").to_pylist().count("failed_to_download") == 2
+    assert shards.read_rows(str(tmp_path / "nope.parquet"), fs) is None
+    stats = shards.read_stats(shards.stats_path_for(written.tar), fs)
+    assert (stats["count"], stats["successes"], stats["failed_to_download"]) == (5, 3, 2)
+    assert shards.read_stats(str(tmp_path / "nope_stats.json"), fs) is None
+
+
+def test_not_parquet_or_not_json_is_a_clear_error(tmp_path):
+    fs = fsspec.filesystem("file")
+    bad = tmp_path / "00000.parquet"
+    bad.write_text("key,caption\n1,hello\n")
+    with pytest.raises(shards.MetadataFileError, match=r"00000\.parquet.*parquet"):
+        shards.read_rows(str(bad), fs)
+    bad_stats = tmp_path / "00000_stats.json"
+    bad_stats.write_text("{not json")
+    with pytest.raises(shards.MetadataFileError, match=r"00000_stats\.json"):
+        shards.read_stats(str(bad_stats), fs)
+    bad_stats.write_text("[1, 2]")
+    with pytest.raises(shards.MetadataFileError, match="JSON object"):
+        shards.read_stats(str(bad_stats), fs)

@@ -1,0 +1,59 @@
+"""Which Dask cluster runs the shard tasks: one worker per visible GPU, CPU worker processes, or a given scheduler.
+
+Returns plain keyword arguments for `prefect_dask.DaskTaskRunner`; nothing here imports Prefect or CUDA libraries,
+so a CPU-only machine never needs dask-cuda.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from wdsembed.config import EmbedConfig
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use, honouring CUDA_VISIBLE_DEVICES, without creating a CUDA context here
+    (the workers are separate processes that each take one GPU)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no usable CUDA is simply zero GPUs
+        return 0
+
+
+def uses_gpus(config: EmbedConfig) -> bool:
+    return config.device != "cpu" and config.dask_address is None and visible_gpus() > 0
+
+
+def task_runner_kwargs(config: EmbedConfig) -> dict:
+    """Keyword arguments of DaskTaskRunner for this run."""
+    if config.dask_address:
+        return {"address": config.dask_address}
+    gpus = visible_gpus() if config.device != "cpu" else 0
+    if gpus:
+        if importlib.util.find_spec("dask_cuda") is None:
+            raise RuntimeError("GPUs are visible but dask-cuda is not installed: pip install 'wdsembed[gpu]'")
+        return {
+            "cluster_class": "dask_cuda.LocalCUDACluster",
+            # One single-threaded worker per GPU, declaring the GPU as a resource so that two shard tasks
+            # never share one device.
+            "cluster_kwargs": {
+                "n_workers": min(config.n_workers or gpus, gpus),
+                "threads_per_worker": 1,
+                "resources": {"GPU": 1},
+            },
+        }
+    return {
+        "cluster_class": "distributed.LocalCluster",
+        "cluster_kwargs": {
+            "n_workers": config.n_workers or 2,
+            "threads_per_worker": 1,
+            "processes": True,
+            # Torch and DALI each start their own threads; keep the per-worker thread pools to one core.
+            "env": {"OMP_NUM_THREADS": "1"},
+        },
+    }

@@ -1,0 +1,111 @@
+"""Every parameter of an embedding run, in one pydantic model.
+
+The same model is the CLI's argument set, the flow's single parameter (so the Prefect UI renders it as a
+form and the API validates it before a run starts) and the Python API's keyword arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_MODEL = "vit_large_patch14_clip_quickgelu_224.openai"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+class EmbedConfig(BaseModel):
+    """What to embed, with which model, and how."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str = Field(
+        description="Folder or fsspec URL (s3://bucket/prefix) holding the WebDataset shards (*.tar), "
+        "optionally with img2dataset siblings (00000.parquet, 00000_stats.json).",
+    )
+    output: str = Field(
+        description="Folder or fsspec URL that receives one <shard>.parquet per shard and _manifest.json.",
+    )
+    model_name: str = Field(
+        DEFAULT_MODEL,
+        description="Any timm model name, with an optional pretrained tag (resnet50.a1_in1k).",
+    )
+    pretrained: bool = Field(
+        True, description="Load pretrained weights (from --checkpoint, the local timm/Hugging Face cache, or the Hub)."
+    )
+    checkpoint: Optional[str] = Field(
+        None, description="Local weights file (.safetensors, .pth, .bin) to load instead of downloading."
+    )
+    embedding: Literal["auto", "head", "pooled"] = Field(
+        "auto",
+        description="Which output is the embedding: 'head' is the model's head output (the projection of CLIP "
+        "image towers), 'pooled' the pooled pre-logits features; 'auto' picks 'head' for CLIP/SigLIP-style "
+        "towers and 'pooled' for classifiers (never class logits).",
+    )
+    batch_size: int = Field(256, ge=1, le=16384, description="Images per model batch.")
+    num_threads_per_worker: int = Field(
+        4, ge=1, le=256, description="DALI CPU threads per worker (decoding on CPU, resize, reading)."
+    )
+    normalize_embeddings: bool = Field(True, description="L2-normalize every embedding.")
+    autocast: bool = Field(
+        True, description="Run the model in bfloat16 autocast on a GPU (ignored on the CPU, which runs float32)."
+    )
+    use_index_files: bool = Field(
+        True,
+        description="Write a DALI .idx beside each shard lacking one (or under index_cache_dir where the shard's "
+        "folder is read-only) and read shards through it.",
+    )
+    index_cache_dir: Optional[str] = Field(
+        None, description="Where .idx files go when the shard folder is not writable (default: ~/.cache/wdsembed/idx)."
+    )
+    id_column: str = Field("key", min_length=1, description="Parquet column that holds the sample key.")
+    embedding_column: str = Field("image_embedding", min_length=1, description="Name of the embedding column.")
+    error_column: str = Field(
+        "embedding_error", min_length=1, description="Name of the column that says why a row has no embedding."
+    )
+    image_extensions: tuple[str, ...] = Field(
+        IMAGE_EXTENSIONS, description="Member extensions read as the sample's image, any letter case, in order of preference."
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="'auto' uses a GPU where one is visible, else the CPU-only DALI pipeline."
+    )
+    force: bool = Field(False, description="Recompute every shard even where a finished output exists.")
+    storage_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="fsspec options for INPUT/OUTPUT (endpoint_url=..., profile=...). Never logged or written.",
+    )
+    dask_address: Optional[str] = Field(
+        None, description="Address of an existing Dask scheduler (tcp://host:8786); default starts a local cluster."
+    )
+    n_workers: Optional[int] = Field(
+        None, ge=1, description="Local workers: default one per visible GPU, or 2 on a CPU-only machine."
+    )
+    shards_per_task: int = Field(
+        1, ge=1, description="Shards handled by one task run; raise it for runs of thousands of shards."
+    )
+
+    @field_validator("image_extensions")
+    @classmethod
+    def _lower_extensions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        exts = tuple(e.lower().lstrip(".") for e in value)
+        if not exts:
+            raise ValueError("image_extensions must name at least one extension")
+        return exts
+
+    @field_validator("input", "output")
+    @classmethod
+    def _strip_trailing_slash(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.rstrip("/") or "/"
+
+    def model_key(self) -> dict:
+        """The parameters that decide the embedding values (model, weights, head, preprocessing, precision)."""
+        return {
+            "model_name": self.model_name,
+            "pretrained": self.pretrained,
+            "checkpoint": self.checkpoint,
+            "embedding": self.embedding,
+            "normalize_embeddings": self.normalize_embeddings,
+            "autocast": self.autocast,
+        }

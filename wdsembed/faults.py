@@ -1,0 +1,62 @@
+"""Failure classes of a shard, and opt-in fault injection for tests and chaos drills.
+
+Injection is off unless WDSEMBED_FAULTS names a JSON file: {"<shard stem>": {"fail_attempts": N,
+"error": "io" | "oom" | "fatal" | "kill"}}. Attempts are counted in a file beside it, so they survive
+retries and worker restarts.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from wdsembed import shards
+
+
+class TransientError(IOError):
+    """Worth retrying: the same call may pass later (I/O hiccups, a store throttling, a GPU out of memory)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Retry only what can pass: I/O and network errors and CUDA out-of-memory, never a malformed shard, a
+    missing file or a missing model."""
+    if isinstance(exc, (shards.ShardReadError, shards.StaleIndexError, FileNotFoundError, PermissionError)):
+        return False
+    if is_out_of_memory(exc):
+        return True
+    return isinstance(exc, (TransientError, TimeoutError, ConnectionError, OSError))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+
+
+def maybe_inject(stem: str, where: str = "start") -> None:
+    """Raise (or die) as WDSEMBED_FAULTS says for this shard's attempt; a no-op without it."""
+    spec_path = os.environ.get("WDSEMBED_FAULTS")
+    if not spec_path or not os.path.exists(spec_path):
+        return
+    with open(spec_path) as f:
+        spec = json.load(f).get(stem)
+    if not spec or spec.get("where", "start") != where:
+        return
+    counter = f"{spec_path}.{stem}.attempts"
+    attempts = int(open(counter).read()) if os.path.exists(counter) else 0
+    with open(counter, "w") as f:
+        f.write(str(attempts + 1))
+    if attempts >= int(spec.get("fail_attempts", 1)):
+        return
+    error = spec.get("error", "io")
+    if error == "kill":
+        os._exit(137)  # a worker process dying mid-shard, as the OOM killer would do it
+    if error == "oom":
+        raise MemoryError(f"injected out of memory on shard {stem} (attempt {attempts + 1})")
+    if error == "fatal":
+        raise ValueError(f"injected deterministic failure on shard {stem}")
+    raise TransientError(f"injected I/O error on shard {stem} (attempt {attempts + 1})")

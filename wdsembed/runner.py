@@ -1,0 +1,276 @@
+"""Embedding one shard end to end, in plain Python: the work a Prefect task wraps.
+
+A worker process keeps one `Worker` (the model and the DALI pipeline) for its whole life; every shard it is
+handed streams through them. Nothing here imports Prefect.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from wdsembed import output, shards, storage
+from wdsembed.config import EmbedConfig
+from wdsembed.versions import code_version, package_versions
+
+log = logging.getLogger("wdsembed")
+
+METADATA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One shard to embed: where it is, what it is (fingerprint), where its output goes. Small and picklable."""
+
+    shard: str  # URL or path of the tar
+    stem: str  # "00000"
+    fingerprint: str  # size + mtime/etag of the tar (and its parquet): changes when the shard is rewritten
+    rows: Optional[str]  # the img2dataset parquet beside it, if any
+    index: Optional[str]  # the .idx to read it through, if use_index_files
+    output: str  # OUTPUT/<stem>.parquet
+    expected_samples: Optional[int] = None  # from <stem>_stats.json "successes", when present
+
+
+@dataclass
+class ShardResult:
+    """What a shard's task returns: counts and where the output is, never arrays."""
+
+    shard: str
+    stem: str
+    output: str
+    rows: int = 0  # rows in the output parquet
+    samples: int = 0  # samples found in the tar
+    embedded: int = 0
+    failed: int = 0  # rows without embedding (bad images, failed downloads, missing from tar)
+    cached: bool = False
+    seconds: float = 0.0
+    dim: int = 0
+    cache_key: str = ""
+    errors: list[tuple[str, str]] = field(default_factory=list)  # a few (key, reason) examples
+    model: dict = field(default_factory=dict)  # name, weights, embedding, dim, preprocessing
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 and not self.cached else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"images_per_second": round(self.images_per_second, 1)}
+
+
+def cache_key(config: EmbedConfig, plan: ShardPlan) -> str:
+    """Everything that decides a shard's output bytes: its content, the model and weights, the embedding options,
+    the output schema options, the versions of the code and of the libraries doing the maths."""
+    parts = {
+        "shard": plan.fingerprint,
+        "model": config.model_key(),
+        "checkpoint": _file_fingerprint(config.checkpoint, config.storage_options) if config.checkpoint else None,
+        "columns": [config.id_column, config.embedding_column, config.error_column],
+        "extensions": list(config.image_extensions),
+        "code": code_version(),
+        "packages": {k: v for k, v in package_versions().items() if k in ("timm", "torch", "nvidia-dali-cuda120")},
+        "format": METADATA_VERSION,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _file_fingerprint(url: str, storage_options: dict) -> str:
+    fs, path = storage.filesystem(url, storage_options)
+    info = fs.info(path)
+    return f"{info.get('size')}:{info.get('mtime') or info.get('LastModified') or info.get('ETag')}"
+
+
+def finished_output(config: EmbedConfig, plan: ShardPlan, key: str) -> Optional[dict]:
+    """The footer metadata of a complete output made with the same cache key, else None (missing, damaged,
+    or made from other inputs): a deleted or damaged output is recomputed, never reported as cached."""
+    fs, path = storage.filesystem(plan.output, config.storage_options)
+    meta = output.read_output_metadata(path, fs)
+    if meta and meta.get("cache_key") == key:
+        return meta
+    return None
+
+
+def _read_index(config: EmbedConfig, plan: ShardPlan) -> Optional[shards.ShardIndex]:
+    """The shard's .idx as planned; rebuilt here when this worker cannot reach it (a cache on another node)."""
+    if not plan.index:
+        return None
+    idx_fs, idx_path = storage.filesystem(plan.index, config.storage_options)
+    try:
+        return shards.ShardIndex.parse(idx_fs.cat_file(idx_path).decode())
+    except FileNotFoundError:
+        from wdsembed.plan import DEFAULT_INDEX_CACHE
+
+        fs, tar_path = storage.filesystem(plan.shard, config.storage_options)
+        return shards.ensure_index(tar_path, fs, config.index_cache_dir or DEFAULT_INDEX_CACHE)
+
+
+class Worker:
+    """The model and the DALI pipeline of one worker process, built once and reused for every shard."""
+
+    def __init__(self, config: EmbedConfig, device: Optional[str] = None) -> None:
+        import torch
+
+        from wdsembed.model import load_model
+        from wdsembed.pipeline import ImagePipeline
+        from wdsembed.preprocess import PreprocessRecipe
+
+        self.device = device or resolve_device(config.device)
+        self.loaded = load_model(
+            config.model_name,
+            pretrained=config.pretrained,
+            checkpoint=config.checkpoint,
+            embedding=config.embedding,
+            device=self.device,
+        )
+        self.recipe = PreprocessRecipe.from_data_config(self.loaded.data_config)
+        device_id = (torch.device(self.device).index or 0) if self.device.startswith("cuda") else None
+        self.pipeline = ImagePipeline(
+            self.recipe,
+            batch_size=config.batch_size,
+            num_threads=config.num_threads_per_worker,
+            device_id=device_id,
+        )
+        self.info = {
+            "name": self.loaded.name,
+            "weights": self.loaded.weights,
+            "embedding": self.loaded.embedding,
+            "dim": self.loaded.dim,
+            "preprocessing": self.recipe.describe(),
+            "device": self.device,
+        }
+        self.model_calls = 0  # counted so tests can prove a cached run did no work
+
+    def embed(
+        self, samples: Iterator[tuple[str, bytes]], *, autocast: bool, normalize: bool, on_batch: Callable[[int], None]
+    ) -> tuple[list[str], np.ndarray, dict[str, str]]:
+        """Stream (key, bytes) through DALI and the model; returns keys, their (N, dim) embeddings, and failures."""
+        import torch
+
+        from wdsembed.model import embed_batch
+
+        keys: list[str] = []
+        chunks: list = []
+        failures: dict[str, str] = {}
+        for batch in self.pipeline.process(samples):
+            failures.update(batch.failures)
+            if batch.keys:
+                emb = embed_batch(self.loaded, batch.images, autocast=autocast, normalize=normalize)
+                self.model_calls += 1
+                # Stays on the device until the shard ends: one copy back, no sync per batch.
+                chunks.append(emb)
+                keys.extend(batch.keys)
+            on_batch(len(batch.keys) + len(batch.failures))
+        if chunks:
+            embeddings = torch.cat(chunks).float().cpu().numpy()
+        else:
+            embeddings = np.zeros((0, self.loaded.dim), dtype=np.float32)
+        return keys, embeddings, failures
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for, but no GPU is visible to this process")
+    return f"cuda:{torch.cuda.current_device()}"
+
+
+_WORKERS: dict[str, Worker] = {}
+_WORKERS_LOCK = threading.Lock()
+
+
+def get_worker(config: EmbedConfig) -> Worker:
+    """This process's Worker for the config's model and pipeline settings (built on first use)."""
+    ident = json.dumps(
+        [config.model_key(), config.checkpoint, config.batch_size, config.num_threads_per_worker, config.device],
+        sort_keys=True,
+    )
+    with _WORKERS_LOCK:
+        worker = _WORKERS.get(ident)
+        if worker is None:
+            # One model per process: drop others first so a long-lived worker never holds two on the GPU.
+            _WORKERS.clear()
+            worker = _WORKERS[ident] = Worker(config)
+        return worker
+
+
+def embed_shard(
+    config: EmbedConfig, plan: ShardPlan, *, on_progress: Callable[[int], None] = lambda n: None
+) -> ShardResult:
+    """Embed one shard and write OUTPUT/<stem>.parquet whole, or find it already done (same cache key)."""
+    start = time.perf_counter()
+    key = cache_key(config, plan)
+    if not config.force:
+        meta = finished_output(config, plan, key)
+        if meta is not None:
+            return ShardResult(**meta["result"], cached=True, seconds=time.perf_counter() - start)
+
+    worker = get_worker(config)
+    in_fs, tar_path = storage.filesystem(plan.shard, config.storage_options)
+    index = _read_index(config, plan)
+    rows = None
+    if plan.rows:
+        rows_fs, rows_path = storage.filesystem(plan.rows, config.storage_options)
+        rows = shards.read_rows(rows_path, rows_fs)
+
+    tar_errors: dict[str, str] = {}
+    n_samples = 0
+
+    def good_samples() -> Iterator[tuple[str, bytes]]:
+        nonlocal n_samples
+        with in_fs.open(tar_path, "rb") as f:
+            for sample in shards.iter_samples(f, extensions=config.image_extensions, shard=plan.shard, index=index):
+                n_samples += 1
+                if sample.error:
+                    # A duplicate key keeps its first sample's embedding; the repeat is only recorded.
+                    tar_errors.setdefault(sample.key, sample.error)
+                else:
+                    yield sample.key, sample.image
+
+    keys, embeddings, failures = worker.embed(
+        good_samples(), autocast=config.autocast, normalize=config.normalize_embeddings, on_batch=on_progress
+    )
+    errors = {**tar_errors, **failures}
+    table = output.build_output_table(
+        rows=rows,
+        keys=keys,
+        embeddings=embeddings,
+        errors=errors,
+        dim=worker.loaded.dim,
+        id_column=config.id_column,
+        embedding_column=config.embedding_column,
+        error_column=config.error_column,
+    )
+    n_embedded = int(table.column(config.embedding_column).is_valid().to_numpy(zero_copy_only=False).sum())
+    result = ShardResult(
+        shard=plan.shard,
+        stem=plan.stem,
+        output=plan.output,
+        rows=table.num_rows,
+        samples=n_samples,
+        embedded=n_embedded,
+        failed=table.num_rows - n_embedded,
+        dim=worker.loaded.dim,
+        cache_key=key,
+        errors=sorted(errors.items())[:20],
+        model=worker.info,
+    )
+    out_fs, out_path = storage.filesystem(plan.output, config.storage_options)
+    out_fs.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    stored = {k: v for k, v in result.to_dict().items() if k not in ("cached", "seconds", "images_per_second")}
+    output.write_parquet_atomic(
+        table,
+        out_path,
+        out_fs,
+        metadata={"cache_key": key, "normalized": config.normalize_embeddings, "result": stored},
+    )
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,59 @@
+"""Checks of a written output: the row count, the embedding's dimension, finite values, L2 norms."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from wdsembed import storage
+from wdsembed.config import EmbedConfig
+
+NORM_TOLERANCE = 1e-3
+
+
+@dataclass
+class Validation:
+    output: str
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+
+
+def validate_output(
+    config: EmbedConfig, output_url: str, *, dim: int, expected_rows: Optional[int] = None,
+    expected_embedded: Optional[int] = None,
+) -> Validation:
+    """Re-read the output and check what downstream users rely on. Reads the embedding column only."""
+    fs, path = storage.filesystem(output_url, config.storage_options)
+    problems: list[str] = []
+    try:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=[config.embedding_column, config.error_column])
+    except Exception as exc:  # noqa: BLE001 - any unreadable output is a validation failure, said plainly
+        return Validation(output_url, False, [f"output cannot be read: {exc}"])
+
+    if expected_rows is not None and table.num_rows != expected_rows:
+        problems.append(f"{table.num_rows} rows, expected {expected_rows}")
+    column = table.column(config.embedding_column).combine_chunks()
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    if expected_embedded is not None and int(valid.sum()) != expected_embedded:
+        problems.append(f"{int(valid.sum())} embeddings, expected {expected_embedded}")
+    errors_valid = table.column(config.error_column).is_valid().to_numpy(zero_copy_only=False)
+    if np.any(valid & errors_valid) or np.any(~valid & ~errors_valid):
+        problems.append("every row must have exactly one of an embedding and an error")
+    if valid.any():
+        lengths = pc.list_value_length(column.filter(pc.is_valid(column))).to_numpy(zero_copy_only=False)
+        if np.any(lengths != dim):
+            problems.append(f"embedding lengths {sorted(set(lengths.tolist()))[:5]}, expected {dim}")
+        else:
+            values = pc.list_flatten(column).to_numpy(zero_copy_only=False).reshape(-1, dim)
+            if not np.isfinite(values).all():
+                problems.append("embeddings hold NaN or infinite values")
+            elif config.normalize_embeddings:
+                norms = np.linalg.norm(values.astype(np.float64), axis=1)
+                worst = float(np.max(np.abs(norms - 1.0)))
+                if worst > NORM_TOLERANCE:
+                    problems.append(f"L2 norm off by {worst:.2e} (tolerance {NORM_TOLERANCE})")
+    return Validation(output_url, not problems, problems)
