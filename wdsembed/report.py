@@ -67,9 +67,7 @@ def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str,
 
 def write_manifest(config: EmbedConfig, manifest: dict) -> str:
     fs, root = storage.filesystem(config.output, config.storage_options)
-    path = storage.join(root, "_manifest.json")
-    output.write_json_atomic(path, fs, manifest)
-    return storage.to_url(fs, path)
+    return storage.to_url(fs, output.write_manifest(root, fs, manifest))
 
 
 def markdown_summary(manifest: dict, rows: list[dict]) -> str:

@@ -1,0 +1,313 @@
+"""wdsembed.model against real timm models (random weights; no Hub access needed or made)."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from wdsembed.model import (
+    LoadedModel,
+    ModelLoadError,
+    embed_batch,
+    load_model,
+    model_fingerprint,
+    resolve_embedding,
+)
+
+timm = pytest.importorskip("timm")
+
+
+@pytest.fixture(autouse=True)
+def _empty_offline_hub(tmp_path, monkeypatch):
+    """Every test: an empty Hugging Face cache, offline, so nothing here can reach (or wait on) the network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+
+
+def _batch(loaded: LoadedModel, n: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *loaded.data_config["input_size"]), generator=g)
+
+
+def _seeded_model(name: str, seed: int, **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+@pytest.fixture(scope="module")
+def clip_b16() -> LoadedModel:
+    return load_model("vit_base_patch16_clip_224.openai", pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> LoadedModel:
+    return load_model("resnet18", pretrained=False)
+
+
+# --------------------------------------------------------------------------------------------------- embedding
+
+
+def test_auto_takes_the_clip_projection(clip_b16):
+    assert clip_b16.embedding == "head"
+    assert clip_b16.dim == 512
+    assert clip_b16.weights == "random-init"
+    out = embed_batch(clip_b16, _batch(clip_b16), autocast=False, normalize=False)
+    assert out.shape == (2, 512) and out.dtype == torch.float32
+    # it is the head output (the projection), not the 768-d pooled features
+    with torch.inference_mode():
+        expected = clip_b16.model(_batch(clip_b16))
+    torch.testing.assert_close(out, expected)
+
+
+def test_auto_takes_pooled_features_of_classifiers(resnet18):
+    assert resnet18.embedding == "pooled"
+    assert resnet18.dim == 512  # not the 1000 class logits
+    x = _batch(resnet18)
+    out = embed_batch(resnet18, x, autocast=False, normalize=False)
+    assert out.shape == (2, 512)
+    with torch.inference_mode():
+        expected = resnet18.model.forward_head(resnet18.model.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(out, expected)
+
+
+def test_vit_tiny_pooled_dim_matches_output():
+    loaded = load_model("vit_tiny_patch16_224", pretrained=False)
+    assert (loaded.embedding, loaded.dim) == ("pooled", 192)
+    assert embed_batch(loaded, _batch(loaded), autocast=True, normalize=True).shape == (2, 192)
+
+
+def test_explicit_pooled_on_clip(clip_b16):
+    loaded = LoadedModel(**{**clip_b16.__dict__, "embedding": "pooled", "_fingerprint": None})
+    assert embed_batch(loaded, _batch(loaded), autocast=False, normalize=False).shape == (2, 768)
+
+
+def test_normalize(resnet18):
+    x = _batch(resnet18)
+    raw = embed_batch(resnet18, x, autocast=False, normalize=False)
+    unit = embed_batch(resnet18, x, autocast=False, normalize=True)
+    norms = unit.norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones(2), atol=1e-5, rtol=0)
+    assert not torch.allclose(raw.norm(dim=1), torch.ones(2), atol=1e-2)
+    torch.testing.assert_close(unit, raw / raw.norm(dim=1, keepdim=True))
+
+
+def test_autocast_is_ignored_on_cpu(resnet18):
+    x = _batch(resnet18)
+    a = embed_batch(resnet18, x, autocast=True, normalize=False)
+    b = embed_batch(resnet18, x, autocast=False, normalize=False)
+    assert a.dtype == torch.float32
+    assert torch.equal(a, b)
+
+
+class _FakeModel(nn.Module):
+    def __init__(self, arch: str, tag: str, num_classes: int):
+        super().__init__()
+        self.pretrained_cfg = {"architecture": arch, "tag": tag}
+        self.num_classes = num_classes
+        self.head = nn.Linear(4, num_classes) if num_classes else nn.Identity()
+
+    def get_classifier(self):
+        return self.head
+
+
+@pytest.mark.parametrize(
+    "arch,tag,num_classes,expected",
+    [
+        ("vit_large_patch14_clip_quickgelu_224", "openai", 768, "head"),
+        ("vit_large_patch14_clip_224", "openai_ft_in12k_in1k", 1000, "pooled"),
+        ("vit_base_patch16_clip_224", "laion2b_ft_in12k", 11821, "pooled"),
+        ("vit_huge_patch14_clip_224", "dfn5b", 1024, "head"),
+        ("vit_base_patch16_clip_224", "metaclip_2pt5b", 512, "head"),
+        ("vit_base_patch32_clip_256", "datacompxl", 512, "head"),
+        ("convnext_base", "clip_laion2b", 640, "head"),
+        ("convnext_large_mlp", "clip_laion2b_ft_320", 768, "head"),  # a CLIP fine-tune at 320 px, still CLIP
+        ("convnext_base", "clip_laion2b_augreg_ft_in1k", 1000, "pooled"),
+        ("eva02_base_patch16_clip_224", "merged2b", 512, "head"),
+        ("fastvit_mci0", "apple_mclip", 512, "head"),
+        ("vit_pe_core_base_patch16_224", "fb", 1024, "head"),
+        ("resnet50_clip", "openai", 1024, "head"),
+        ("vit_so400m_patch14_siglip_384", "webli", 0, "pooled"),  # no head: pooled is the SigLIP embedding
+        ("vit_so400m_patch14_siglip_378", "webli_ft_in1k", 1000, "pooled"),
+        ("vit_base_patch16_224", "bamboo", 115217, "pooled"),
+        ("vit_betwixt_patch16_rope_reg4_gap_256", "sbb_in1k", 1000, "pooled"),
+        ("resnet50", "a1_in1k", 1000, "pooled"),
+        ("resnet50", "fb_ssl_yfcc100m_ft_in1k", 1000, "pooled"),
+        ("vit_large_patch14_dinov2", "lvd142m", 0, "pooled"),
+    ],
+)
+def test_auto_rule(arch, tag, num_classes, expected):
+    assert resolve_embedding(_FakeModel(arch, tag, num_classes), "auto") == expected
+
+
+def test_head_request():
+    # no head: head == pooled, reported as pooled
+    assert resolve_embedding(_FakeModel("vit_base_patch16_siglip_224", "webli", 0), "head") == "pooled"
+    # a classifier's head is honoured when asked for explicitly
+    assert resolve_embedding(_FakeModel("resnet50", "a1_in1k", 1000), "head") == "head"
+    assert resolve_embedding(_FakeModel("vit_base_patch16_clip_224", "openai", 512), "pooled") == "pooled"
+    with pytest.raises(ModelLoadError):
+        load_model("resnet18", pretrained=False, embedding="logits")
+
+
+# --------------------------------------------------------------------------------------------------- weights
+
+
+def test_random_init_is_the_same_in_every_load(resnet18):
+    again = load_model("resnet18", pretrained=False)
+    x = _batch(resnet18)
+    assert torch.equal(
+        embed_batch(resnet18, x, autocast=False, normalize=False), embed_batch(again, x, autocast=False, normalize=False)
+    )
+    assert model_fingerprint(again) == model_fingerprint(resnet18)
+    assert len(model_fingerprint(again)) == 64
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors", "training-checkpoint"])
+def test_checkpoint_loads_those_weights(tmp_path, resnet18, fmt):
+    source = _seeded_model("resnet18", seed=1234)
+    sd = source.state_dict()
+    path = tmp_path / f"weights.{'safetensors' if fmt == 'safetensors' else 'pth'}"
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    elif fmt == "pth":
+        torch.save(sd, path)
+    else:
+        torch.save({"epoch": 3, "arch": "resnet18", "state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+
+    loaded = load_model("resnet18", pretrained=False, checkpoint=str(path))
+    assert loaded.weights == f"checkpoint:{path}"
+    x = _batch(loaded)
+    out = embed_batch(loaded, x, autocast=False, normalize=False)
+    with torch.inference_mode():
+        expected = source.forward_head(source.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(out, expected)
+    # and they are really other weights than the random init
+    assert not torch.allclose(out, embed_batch(resnet18, x, autocast=False, normalize=False))
+    assert model_fingerprint(loaded) != model_fingerprint(resnet18)
+
+
+def test_checkpoint_of_a_clip_tower_keeps_its_projection(tmp_path, clip_b16):
+    source = _seeded_model("vit_base_patch16_clip_224.openai", seed=7)
+    path = tmp_path / "clip.pth"
+    torch.save(source.state_dict(), path)
+    loaded = load_model("vit_base_patch16_clip_224.openai", checkpoint=str(path))
+    assert (loaded.embedding, loaded.dim) == ("head", 512)
+    x = _batch(loaded)
+    with torch.inference_mode():
+        expected = source(x)
+    torch.testing.assert_close(embed_batch(loaded, x, autocast=False, normalize=False), expected)
+
+
+def test_finetuned_classifier_checkpoint_with_other_classes(tmp_path):
+    source = _seeded_model("resnet18", seed=5, num_classes=10)
+    path = tmp_path / "ft10.pth"
+    torch.save(source.state_dict(), path)
+    loaded = load_model("resnet18", checkpoint=str(path))
+    assert (loaded.embedding, loaded.dim) == ("pooled", 512)
+    x = _batch(loaded)
+    with torch.inference_mode():
+        expected = source.forward_head(source.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(embed_batch(loaded, x, autocast=False, normalize=False), expected)
+
+
+def test_checkpoint_missing(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(ModelLoadError, match="nope.safetensors"):
+        load_model("resnet18", checkpoint=str(missing))
+
+
+def test_checkpoint_that_does_not_fit(tmp_path):
+    path = tmp_path / "vit_tiny.pth"
+    torch.save(_seeded_model("vit_tiny_patch16_224", seed=0).state_dict(), path)
+    with pytest.raises(ModelLoadError) as info:
+        load_model("resnet18", checkpoint=str(path))
+    assert "vit_tiny.pth" in str(info.value) and "resnet18" in str(info.value)
+    assert len(str(info.value)) < 1000  # the cause, not hundreds of key names
+
+
+def test_checkpoint_that_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "garbage.bin"
+    path.write_bytes(b"definitely not a pickle" * 10)
+    with pytest.raises(ModelLoadError, match="garbage.bin"):
+        load_model("resnet18", checkpoint=str(path))
+
+
+def _fill_hub_cache(cache: str, repo: str, filename: str, write) -> None:
+    """The Hugging Face cache layout: refs/main names a snapshot that holds the file."""
+    commit = "0" * 40
+    folder = os.path.join(cache, f"models--{repo.replace('/', '--')}")
+    os.makedirs(os.path.join(folder, "refs"))
+    os.makedirs(os.path.join(folder, "snapshots", commit))
+    with open(os.path.join(folder, "refs", "main"), "w") as f:
+        f.write(commit)
+    write(os.path.join(folder, "snapshots", commit, filename))
+
+
+def test_pretrained_from_the_cache_offline(resnet18):
+    from safetensors.torch import save_file
+
+    source = _seeded_model("resnet18", seed=99)
+    cfg = timm.models.get_pretrained_cfg("resnet18")
+    _fill_hub_cache(
+        os.environ["HF_HUB_CACHE"],
+        cfg.hf_hub_id,
+        "model.safetensors",
+        lambda p: save_file({k: v.contiguous() for k, v in source.state_dict().items()}, p),
+    )
+    loaded = load_model("resnet18", pretrained=True)
+    assert loaded.weights == f"pretrained:{cfg.hf_hub_id}"
+    x = _batch(loaded)
+    with torch.inference_mode():
+        expected = source.forward_head(source.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(embed_batch(loaded, x, autocast=False, normalize=False), expected)
+    assert model_fingerprint(loaded) != model_fingerprint(resnet18)
+
+
+def test_missing_weights_offline_fail_fast():
+    t = time.monotonic()
+    with pytest.raises(ModelLoadError) as info:
+        load_model("vit_base_patch16_clip_224.openai", pretrained=True)
+    assert time.monotonic() - t < 5
+    msg = str(info.value)
+    assert "vit_base_patch16_clip_224.openai" in msg
+    assert "--checkpoint" in msg and "--no-pretrained" in msg and "HF_HUB_OFFLINE" in msg
+
+
+def test_unreachable_hub_fails_fast(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens, refused at once
+    t = time.monotonic()
+    with pytest.raises(ModelLoadError) as info:
+        load_model("resnet18.a1_in1k", pretrained=True)
+    assert time.monotonic() - t < 6
+    assert "resnet18.a1_in1k" in str(info.value) and "unreachable" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "name,suggested", [("resnet18x", "resnet18"), ("vit_base_patch16_clip_224.opanai", "vit_base_patch16_clip_224.openai")]
+)
+def test_unknown_model_names(name, suggested):
+    with pytest.raises(ModelLoadError) as info:
+        load_model(name, pretrained=False)
+    assert name in str(info.value)
+    assert suggested in str(info.value)
+
+
+def test_fingerprint_is_memoised_and_sensitive_to_one_tensor(resnet18):
+    clone = load_model("resnet18", pretrained=False)
+    before = model_fingerprint(clone)
+    with torch.no_grad():
+        clone.model.fc.bias.add_(1.0)
+    assert model_fingerprint(clone) == before  # memoised on the LoadedModel
+    clone._fingerprint = None
+    assert model_fingerprint(clone) != before

@@ -1,0 +1,255 @@
+"""wdsembed.output: the key join, the schema, atomic writes, footer metadata and the manifest."""
+from __future__ import annotations
+
+import json
+import os
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from wdsembed.output import (
+    NOT_IN_TAR,
+    build_output_table,
+    read_manifest,
+    read_output_metadata,
+    summarize_table,
+    write_manifest,
+    write_parquet_atomic,
+)
+
+DIM = 8
+
+
+def _emb(key: str) -> np.ndarray:
+    """A distinct, recognisable embedding per key."""
+    return np.arange(DIM, dtype=np.float32) + np.float32(int(key) * 100)
+
+
+def _img2dataset_rows(key_type=pa.string()) -> pa.Table:
+    keys = ["000000", "000001", "000002", "000003", "000004", "000005"]
+    return pa.table(
+        {
+            "key": pa.array(keys if key_type == pa.string() else [int(k) for k in keys], type=key_type),
+            "url": [f"http://x/{k}.jpg" for k in keys],
+            "caption": [f"cap {k}" for k in keys],
+            "status": ["success", "failed_to_download", "success", "success", "failed_to_resize", "success"],
+            "error_message": [None, "HTTP Error 404", None, None, "", None],
+            "width": pa.array([10, None, 30, 40, None, 60], type=pa.int32()),
+        }
+    )
+
+
+def _by_key(table: pa.Table) -> dict:
+    return {r["key"]: r for r in table.to_pylist()}
+
+
+def test_join_by_key_not_position():
+    rows = _img2dataset_rows()
+    rows = pa.concat_tables([rows.slice(0, 2), rows.slice(2)])  # as read from parquet: several chunks
+    assert rows.column("key").num_chunks == 2
+    # the tar in completion order, not key order; 000003 failed to decode; 000005 is not in the tar at all;
+    # 000042 is in the tar but not in the parquet
+    keys = ["000002", "000042", "000000"]
+    emb = np.stack([_emb(k) for k in keys])
+    t = build_output_table(rows=rows, keys=keys, embeddings=emb, errors={"000003": "decode error: truncated"}, dim=DIM)
+
+    assert t.column("key").to_pylist() == ["000000", "000001", "000002", "000003", "000004", "000005", "000042"]
+    got = _by_key(t)
+    for k in ("000000", "000002", "000042"):
+        assert got[k]["image_embedding"] == _emb(k).tolist()  # exact: float32 values survive unchanged
+        assert got[k]["embedding_error"] is None
+    assert got["000001"]["image_embedding"] is None and got["000001"]["embedding_error"] == "HTTP Error 404"
+    assert got["000004"]["image_embedding"] is None and got["000004"]["embedding_error"] == "failed_to_resize"
+    assert got["000003"]["image_embedding"] is None and got["000003"]["embedding_error"] == "decode error: truncated"
+    assert got["000005"]["image_embedding"] is None and got["000005"]["embedding_error"] == NOT_IN_TAR
+    # every input column kept, failed rows included
+    assert got["000001"]["url"] == "http://x/000001.jpg" and got["000001"]["caption"] == "cap 000001"
+    assert got["000002"]["width"] == 30
+    # the appended sample has its key and nothing else
+    assert got["000042"]["url"] is None and got["000042"]["status"] is None
+
+    s = summarize_table(t, shard="00000", output="out/00000.parquet", dim=DIM)
+    assert (s.rows, s.embedded, s.failed_download, s.failed_embedding, s.not_in_tar) == (7, 3, 2, 1, 1)
+    assert json.loads(json.dumps(s.to_dict()))["embedded"] == 3
+
+
+def test_schema_types():
+    t = build_output_table(
+        rows=_img2dataset_rows(), keys=["000000"], embeddings=_emb("000000")[None], errors={}, dim=DIM
+    )
+    assert t.schema.field("key").type == pa.string()
+    assert t.schema.field("width").type == pa.int32()
+    emb_field = t.schema.field("image_embedding")
+    assert emb_field.type == pa.list_(pa.float32())
+    assert emb_field.metadata == {b"dim": str(DIM).encode()}
+    assert t.schema.field("embedding_error").type == pa.string()
+    lengths = [len(v) for v in t.column("image_embedding").to_pylist() if v is not None]
+    assert lengths == [DIM]
+
+
+def test_integer_key_column_keeps_its_type():
+    rows = _img2dataset_rows(pa.int64())
+    keys = ["000005", "000000", "000077"]  # the tar's zero-padded strings
+    emb = np.stack([_emb(k) for k in keys])
+    t = build_output_table(rows=rows, keys=keys, embeddings=emb, errors={}, dim=DIM)
+    assert t.schema.field("key").type == pa.int64()
+    got = _by_key(t)
+    assert set(got) == {0, 1, 2, 3, 4, 5, 77}
+    for k in keys:
+        assert got[int(k)]["image_embedding"] == _emb(k).tolist()
+    assert got[2]["embedding_error"] == NOT_IN_TAR
+    assert got[1]["embedding_error"] == "HTTP Error 404"
+
+
+def test_duplicate_parquet_keys_each_get_the_embedding():
+    rows = pa.table({"key": ["000001", "000002", "000001"], "n": [1, 2, 3]})
+    t = build_output_table(
+        rows=rows, keys=["000001", "000002"], embeddings=np.stack([_emb("1"), _emb("2")]), errors={}, dim=DIM
+    )
+    assert t.column("n").to_pylist() == [1, 2, 3]
+    assert t.column("image_embedding").to_pylist() == [_emb("1").tolist(), _emb("2").tolist(), _emb("1").tolist()]
+
+
+def test_without_parquet():
+    keys = ["000003", "000001"]
+    t = build_output_table(
+        rows=None, keys=keys, embeddings=np.stack([_emb(k) for k in keys]), errors={"000002": "no image"}, dim=DIM
+    )
+    assert t.column_names == ["key", "image_embedding", "embedding_error"]
+    assert t.to_pylist() == [
+        {"key": "000003", "image_embedding": _emb("000003").tolist(), "embedding_error": None},
+        {"key": "000001", "image_embedding": _emb("000001").tolist(), "embedding_error": None},
+        {"key": "000002", "image_embedding": None, "embedding_error": "no image"},
+    ]
+
+
+def test_custom_column_names_and_replaced_columns():
+    rows = pa.table({"id": ["a", "b"], "emb": [[1.0], [2.0]]})
+    t = build_output_table(
+        rows=rows, keys=["b"], embeddings=_emb("2")[None], errors={}, dim=DIM,
+        id_column="id", embedding_column="emb", error_column="why",
+    )
+    assert t.column_names == ["id", "emb", "why"]
+    assert t.column("emb").to_pylist() == [None, _emb("2").tolist()]
+    assert t.column("why").to_pylist() == [NOT_IN_TAR, None]
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="shape"):
+        build_output_table(rows=None, keys=["a", "b"], embeddings=np.zeros((1, DIM)), errors={}, dim=DIM)
+    with pytest.raises(ValueError, match="both"):
+        build_output_table(rows=None, keys=["a"], embeddings=np.zeros((1, DIM)), errors={"a": "x"}, dim=DIM)
+    with pytest.raises(ValueError, match="idx"):
+        build_output_table(rows=pa.table({"key": ["a"]}), keys=[], embeddings=np.zeros((0, DIM)), errors={},
+                           dim=DIM, id_column="idx")
+
+
+def test_parquet_without_rows_but_tar_samples():
+    rows = _img2dataset_rows().slice(0, 0)
+    t = build_output_table(rows=rows, keys=["000007"], embeddings=_emb("7")[None], errors={}, dim=DIM)
+    assert t.column("key").to_pylist() == ["000007"]
+    assert t.column("image_embedding").to_pylist() == [_emb("7").tolist()]
+    assert t.column_names == rows.column_names + ["image_embedding", "embedding_error"]
+
+
+def test_empty_shard():
+    t = build_output_table(rows=None, keys=[], embeddings=np.zeros((0, DIM), np.float32), errors={}, dim=DIM)
+    assert t.num_rows == 0 and t.schema.field("image_embedding").type == pa.list_(pa.float32())
+
+
+# --------------------------------------------------------------------------------------------------- writes
+
+
+def _table() -> pa.Table:
+    keys = ["000002", "000000"]
+    return build_output_table(
+        rows=_img2dataset_rows(), keys=keys, embeddings=np.stack([_emb(k) for k in keys]), errors={}, dim=DIM
+    )
+
+
+def test_atomic_write_roundtrip(tmp_path):
+    fs = fsspec.filesystem("file")
+    url = str(tmp_path / "out" / "00000.parquet")
+    meta = {"model": "resnet18", "dim": DIM, "fingerprint": "abc", "input": {"size": 123}}
+    write_parquet_atomic(_table(), url, fs, meta)
+    assert os.listdir(tmp_path / "out") == ["00000.parquet"]  # no temp files left
+    back = pq.read_table(url)
+    assert back.column("image_embedding").to_pylist() == _table().column("image_embedding").to_pylist()
+    assert back.schema.field("image_embedding").type == pa.list_(pa.float32())
+    assert read_output_metadata(url, fs) == meta
+    # overwrite replaces whole
+    write_parquet_atomic(_table().slice(0, 2), url, fs, {"v": 2})
+    assert pq.read_table(url).num_rows == 2 and read_output_metadata(url, fs) == {"v": 2}
+    assert os.listdir(tmp_path / "out") == ["00000.parquet"]
+
+
+def test_crash_mid_write_leaves_nothing(tmp_path, monkeypatch):
+    fs = fsspec.filesystem("file")
+    url = str(tmp_path / "00000.parquet")
+
+    def exploding_write_table(table, where, **kwargs):
+        where.write(b"PAR1 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq, "write_table", exploding_write_table)
+    with pytest.raises(OSError, match="disk full"):
+        write_parquet_atomic(_table(), url, fs, {"a": 1})
+    assert os.listdir(tmp_path) == []
+
+
+def test_crash_mid_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    fs = fsspec.filesystem("file")
+    url = str(tmp_path / "00000.parquet")
+    write_parquet_atomic(_table(), url, fs, {"run": 1})
+
+    def exploding_write_table(table, where, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(pq, "write_table", exploding_write_table)
+    with pytest.raises(RuntimeError):
+        write_parquet_atomic(_table(), url, fs, {"run": 2})
+    assert os.listdir(tmp_path) == ["00000.parquet"]
+    assert read_output_metadata(url, fs) == {"run": 1}
+
+
+def test_object_store_put_in_one_piece():
+    fs = fsspec.filesystem("memory")
+    url = "memory://bucket/out/00001.parquet"
+    write_parquet_atomic(_table(), url, fs, {"x": 1})
+    assert fs.ls("memory://bucket/out", detail=False) == ["/bucket/out/00001.parquet"]
+    assert read_output_metadata(url, fs) == {"x": 1}
+    with fs.open(url, "rb") as f:
+        assert pq.read_table(f).num_rows == _table().num_rows
+
+
+def test_metadata_of_missing_damaged_or_foreign_files(tmp_path):
+    fs = fsspec.filesystem("file")
+    assert read_output_metadata(str(tmp_path / "missing.parquet"), fs) is None
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"not parquet at all" * 100)
+    assert read_output_metadata(str(garbage), fs) is None
+    url = str(tmp_path / "good.parquet")
+    write_parquet_atomic(_table(), url, fs, {"ok": True})
+    truncated = tmp_path / "truncated.parquet"
+    truncated.write_bytes(open(url, "rb").read()[:-100])
+    assert read_output_metadata(str(truncated), fs) is None
+    empty = tmp_path / "empty.parquet"
+    empty.write_bytes(b"")
+    assert read_output_metadata(str(empty), fs) is None
+    foreign = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"a": [1]}), foreign)
+    assert read_output_metadata(str(foreign), fs) is None
+
+
+def test_manifest(tmp_path):
+    fs = fsspec.filesystem("file")
+    manifest = {"model": "resnet18", "shards": [{"shard": "00000", "rows": 7}], "totals": {"embedded": 3}}
+    path = write_manifest(str(tmp_path), fs, manifest)
+    assert path == str(tmp_path / "_manifest.json")
+    assert os.listdir(tmp_path) == ["_manifest.json"]
+    assert json.loads((tmp_path / "_manifest.json").read_text()) == manifest
+    assert read_manifest(str(tmp_path), fs) == manifest
+    assert read_manifest(str(tmp_path / "nowhere"), fs) is None

@@ -1,0 +1,524 @@
+"""timm model loading and the embedding forward pass. Knows nothing of DALI or Prefect.
+
+Weights, in order of precedence:
+
+* ``checkpoint=FILE``: a local .safetensors / .pth / .pt / .bin (plain timm state dict, a training checkpoint with a
+  ``state_dict``/``model`` entry, or a foreign format timm converts, e.g. an OpenAI/open_clip CLIP state dict) or an
+  .npz for models with their own loader. Used whatever `pretrained` says: naming a file is the stronger request.
+* ``pretrained=True``: the model's weights on the Hugging Face Hub, taken from the local cache when there (no network
+  call at all), else downloaded. With HF_HUB_OFFLINE=1, or when the Hub does not answer a quick probe, a missing
+  cache entry is a ModelLoadError at once, not a minute of retried HTTP requests.
+* ``pretrained=False``: random initialisation, seeded, so every worker process gets the same weights.
+
+The embedding: see ``resolve_embedding``.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import logging
+import os
+import re
+import socket
+import threading
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Optional, Union
+
+import torch
+from torch import nn
+
+_logger = logging.getLogger(__name__)
+
+HUB_PROBE_TIMEOUT_S = 3.0  # how long the Hub may take to accept a TCP connection before we call it unreachable
+RANDOM_INIT_SEED = 0
+
+# Tags / names of image-text contrastive pretraining (CLIP, OpenCLIP, EVA-CLIP, DFN, MetaCLIP, DataComp, SigLIP,
+# MobileCLIP, TinyCLIP, Perception Encoder core ...). Matched as substrings of the lowercased "arch.tag".
+_CONTRASTIVE_MARKERS = (
+    "clip", "siglip", "openai", "laion", "dfn", "datacomp", "webli", "merged2b", "yfcc15m", "cc12m", "commonpool",
+    "_pe_core",
+)
+# A supervised fine-tune on a labelled set turns the head into a classifier (openai_ft_in1k, clip_laion2b_ft_in12k).
+_LABELLED_FINETUNE = re.compile(r"in\d+k|inw\d+k|_ft_in|bamboo")
+
+
+class ModelLoadError(ValueError):
+    """The model or its weights cannot be had; the message names the model and what to pass instead."""
+
+
+@dataclass
+class LoadedModel:
+    model: "torch.nn.Module"
+    name: str
+    weights: str  # where the weights came from: "checkpoint:<path>", "pretrained:<hub id or cache>", "random-init"
+    embedding: Literal["head", "pooled"]  # the resolved choice
+    dim: int
+    data_config: dict  # timm.data.resolve_model_data_config(model)
+    device: "torch.device"
+    channels_last: bool = False  # inputs are converted to channels_last (convnets on CUDA)
+    _fingerprint: Optional[str] = field(default=None, repr=False)
+
+
+# --------------------------------------------------------------------------------------------------- embedding rule
+
+
+def resolve_embedding(model: nn.Module, requested: str) -> Literal["head", "pooled"]:
+    """Which output is the embedding.
+
+    auto -> "head" when all hold, else "pooled":
+      1. the model has a head (num_classes > 0, classifier not Identity);
+      2. "<architecture>.<pretrained tag>" names image-text contrastive pretraining (clip, siglip, openai, laion*,
+         dfn*, datacomp*, webli*, merged2b, yfcc15m, cc12m, commonpool, apple_mclip*, tinyclip*, *_pe_core*);
+      3. the tag shows no supervised fine-tune on a labelled set (in1k, in12k, in21k, in22k, _ft_in*, bamboo).
+    So vit_large_patch14_clip_quickgelu_224.openai -> head (768, the CLIP projection), its .openai_ft_in1k ->
+    pooled, convnext_base.clip_laion2b -> head (640), resnet50 -> pooled (2048), SigLIP/DINOv2 (no head) -> pooled.
+    A head is never taken on a guess: "pooled" is the safe default, it can't return class logits.
+
+    head on a model without a head falls back to pooled (same values: an Identity head returns the pooled
+    features), with a log line. head on a classifier is honoured (class logits), with a warning.
+    """
+    if requested not in ("auto", "head", "pooled"):
+        raise ValueError(f"embedding must be 'auto', 'head' or 'pooled', not {requested!r}")
+    has_head = _has_head(model)
+    if requested == "pooled":
+        return "pooled"
+    if requested == "head":
+        if not has_head:
+            _logger.info("%s has no head (num_classes=0); its head output is the pooled embedding", _arch_tag(model))
+            return "pooled"
+        if not _is_projection_head(model):
+            _logger.warning(
+                "embedding='head' on %s: its head looks like a classifier, the embedding will be class logits",
+                _arch_tag(model),
+            )
+        return "head"
+    return "head" if has_head and _is_projection_head(model) else "pooled"
+
+
+def _has_head(model: nn.Module) -> bool:
+    if getattr(model, "num_classes", None) == 0:
+        return False
+    try:
+        return not isinstance(model.get_classifier(), nn.Identity)
+    except (AttributeError, NotImplementedError):
+        return getattr(model, "num_classes", 0) > 0
+
+
+def _arch_tag(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture") or type(model).__name__
+    tag = cfg.get("tag") or ""
+    if not tag and cfg.get("hf_hub_id"):
+        # hf-hub:timm/<arch>.<tag> configs may lack the tag field
+        tag = cfg["hf_hub_id"].split("/")[-1].split("@")[0].partition(".")[2]
+    return f"{arch}.{tag}" if tag else arch
+
+
+def _is_projection_head(model: nn.Module) -> bool:
+    name = _arch_tag(model).lower()
+    tag = name.partition(".")[2]
+    contrastive = any(m in name for m in _CONTRASTIVE_MARKERS)
+    return contrastive and not _LABELLED_FINETUNE.search(tag)
+
+
+# --------------------------------------------------------------------------------------------------- hub access
+
+
+def _truthy(value: Optional[str]) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _env_offline() -> bool:
+    # Read at call time (huggingface_hub reads it once at import).
+    return _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
+
+
+def _hub_cache_dir() -> str:
+    """The Hub cache folder as huggingface_hub would resolve it from the environment now."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return os.path.expanduser(os.environ[var])
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+    )
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def _hub_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def _hub_reachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Can we open a TCP connection to the Hub (or the proxy that leads there) within `timeout`?
+
+    huggingface_hub retries a failing request five times with backoff (about 25 s, even for a DNS failure); this
+    probe answers in at most `timeout`. DNS lookups ignore socket timeouts, hence the thread.
+    """
+    url = urllib.parse.urlsplit(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        host, port = p.hostname or host, p.port or 8080
+    ok: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=connect, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    return bool(ok)
+
+
+def _hub_filenames(pretrained_cfg: Any) -> list[str]:
+    """The files timm would try for these weights, safetensors first (timm's own preference)."""
+    override = pretrained_cfg.hf_hub_filename
+    if not override:
+        return ["model.safetensors", "pytorch_model.bin"]
+    names = []
+    if override == "pytorch_model.bin":
+        names.append("model.safetensors")
+    elif override == "open_clip_pytorch_model.bin":
+        names.append("open_clip_model.safetensors")
+    elif override.endswith(".bin"):
+        names.append(override[: -len(".bin")] + ".safetensors")
+    return names + [override]
+
+
+def _no_weights_message(model_name: str, why: str, hub_id: Optional[str] = None) -> str:
+    fill = f" (e.g. `hf download {hub_id.split('@')[0]}` with the same HF_HOME)" if hub_id else ""
+    return (
+        f"cannot load pretrained weights for {model_name!r}: {why}. Pass --checkpoint FILE (a local weights file), "
+        f"--no-pretrained (random weights), or fill the Hugging Face cache ({_hub_cache_dir()}) where the Hub "
+        f"is reachable{fill}."
+    )
+
+
+def _fetch_hub_weights(model_name: str, hub_id: str, filenames: list[str]) -> str:
+    """Local path of the weights: from the cache if there, else downloaded. ModelLoadError when neither works."""
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    repo, _, revision = hub_id.partition("@")
+    cache_dir = _hub_cache_dir()
+    for fn in filenames:
+        hit = huggingface_hub.try_to_load_from_cache(repo, fn, cache_dir=cache_dir, revision=revision or None)
+        if isinstance(hit, str):
+            return hit
+    if _env_offline():
+        raise ModelLoadError(
+            _no_weights_message(model_name, f"{hub_id} is not in the cache and HF_HUB_OFFLINE is set", hub_id)
+        )
+    endpoint = _hub_endpoint()
+    if not _hub_reachable(endpoint):
+        raise ModelLoadError(
+            _no_weights_message(
+                model_name, f"{hub_id} is not in the cache and the Hub ({endpoint}) is unreachable", hub_id
+            )
+        )
+    last: Optional[Exception] = None
+    for fn in filenames:
+        try:
+            return huggingface_hub.hf_hub_download(
+                repo, fn, revision=revision or None, cache_dir=cache_dir, endpoint=endpoint, etag_timeout=10
+            )
+        except hf_errors.LocalEntryNotFoundError as e:  # network failed after the probe: same answer
+            raise ModelLoadError(_no_weights_message(model_name, f"downloading {hub_id} failed ({e})")) from e
+        except hf_errors.EntryNotFoundError as e:  # this repo lacks that file name: try the next one
+            last = e
+        except (hf_errors.HfHubHTTPError, OSError) as e:  # gated/missing repo, auth, disk
+            raise ModelLoadError(_no_weights_message(model_name, f"downloading {hub_id} failed: {e}")) from e
+    raise ModelLoadError(_no_weights_message(model_name, f"{hub_id} has none of {filenames} ({last})"))
+
+
+@contextlib.contextmanager
+def _hub_offline_mode(enabled: bool) -> Iterator[None]:
+    """Make huggingface_hub serve from its cache only, for calls we don't make ourselves (hf-hub: model names)."""
+    if not enabled:
+        yield
+        return
+    from huggingface_hub import constants
+
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+
+
+# --------------------------------------------------------------------------------------------------- names
+
+
+def _suggest(model_name: str) -> str:
+    import timm
+
+    arch, _, tag = model_name.partition(".")
+    if tag and timm.is_model(arch):
+        options = timm.list_pretrained(f"{arch}.*")
+        pool = options
+    else:
+        options = timm.list_models(f"*{arch}*")[:8]
+        pool = timm.list_models() + timm.list_pretrained()
+    close = difflib.get_close_matches(model_name, pool, n=5, cutoff=0.6)
+    names = list(dict.fromkeys(close + options))[:8]
+    return f" Did you mean: {', '.join(names)}?" if names else " See timm.list_models() / timm.list_pretrained()."
+
+
+def _check_name(model_name: str) -> None:
+    """Fail early, with suggestions, for names timm does not know (hf-hub: / local-dir: names are timm's to check)."""
+    import timm
+
+    if ":" in model_name:
+        return
+    arch, _, tag = model_name.partition(".")
+    if not timm.is_model(arch):
+        raise ModelLoadError(f"unknown timm model {model_name!r}.{_suggest(model_name)}")
+    if tag and not timm.list_pretrained(model_name):
+        raise ModelLoadError(
+            f"unknown timm model {model_name!r}: {arch!r} exists but has no pretrained tag {tag!r}.{_suggest(model_name)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+
+
+def _read_checkpoint(path: str, model_name: str) -> dict:
+    """A state dict from a local file, through timm's reader (safetensors, torch pickles with state_dict/model/EMA
+    entries, `module.` prefixes). A TorchScript archive (OpenAI's original CLIP .pt) is read with torch.jit."""
+    from timm.models import load_state_dict
+
+    try:
+        return load_state_dict(path, use_ema=True, device="cpu")
+    except Exception as e:  # noqa: BLE001 - any reader failure is "this file is not a usable checkpoint"
+        if "torch.jit.load" in str(e) or "TorchScript" in str(e):
+            try:
+                return {k: v for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
+            except Exception:  # noqa: BLE001
+                pass
+        raise ModelLoadError(f"checkpoint {path!r} for {model_name!r} cannot be read: {_short(e)}") from e
+
+
+def _classifier_override(state_dict: dict, pretrained_cfg: Any) -> Optional[int]:
+    """num_classes of a fine-tuned classifier checkpoint whose head differs from the pretrained cfg's, else None.
+
+    Without it timm would refuse the checkpoint (size mismatch) although the pooled features are what we want.
+    """
+    classifiers = pretrained_cfg.classifier
+    if not classifiers:
+        return None
+    for name in (classifiers,) if isinstance(classifiers, str) else classifiers:
+        w = state_dict.get(f"{name}.weight")
+        if isinstance(w, torch.Tensor) and w.ndim >= 1 and w.shape[0] != pretrained_cfg.num_classes:
+            return int(w.shape[0])
+    return None
+
+
+def _short(e: BaseException, limit: int = 600) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# --------------------------------------------------------------------------------------------------- load
+
+
+def _resolve_device(device: Union[str, torch.device]) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _is_convnet(model: nn.Module) -> bool:
+    # A ViT has one conv (its patch embedding); convnets and hybrids have many and gain from channels_last on CUDA.
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 4
+
+
+def load_model(
+    model_name: str,
+    *,
+    pretrained: bool = True,
+    checkpoint: Optional[str] = None,
+    embedding: Literal["auto", "head", "pooled"] = "auto",
+    device: str = "cpu",
+) -> LoadedModel:
+    """Create `model_name` with timm, load its weights, put it in eval mode on `device` and measure its embedding.
+
+    Raises ModelLoadError (a ValueError) for an unknown name, weights that cannot be had, or a checkpoint that is
+    missing, unreadable or does not fit the model; the message names the model or file and what to pass instead.
+    """
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    if embedding not in ("auto", "head", "pooled"):
+        raise ModelLoadError(f"embedding must be 'auto', 'head' or 'pooled', not {embedding!r}")
+    _check_name(model_name)
+    dev = _resolve_device(device)
+    kwargs: dict[str, Any] = {}
+    sd: Optional[dict] = None
+    sourced = ":" in model_name  # hf-hub:org/name or local-dir:path: timm reads its config (and weights) there
+    hub_name = sourced and model_name.split(":", 1)[0].lower() in ("hf-hub", "hf_hub")
+    cfg = None if sourced else get_pretrained_cfg(model_name)
+    # For hub names timm calls the Hub itself: where it is unreachable, make those calls cache-only.
+    offline = hub_name and (_env_offline() or not _hub_reachable(_hub_endpoint()))
+
+    if checkpoint:
+        path = os.path.abspath(os.path.expanduser(checkpoint))
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"checkpoint file {checkpoint!r} for {model_name!r} does not exist (or is not a file)")
+        weights = f"checkpoint:{path}"
+        if path.endswith(".npz"):
+            overlay: dict[str, Any] = dict(file=path, custom_load=True, source=None)
+        else:
+            sd = _read_checkpoint(path, model_name)
+            # Pass the tensors, not the file, so the file is read once; timm's filter (format conversion) and
+            # strict load still apply exactly as for a file.
+            overlay = dict(state_dict=sd, source=None)
+            n = _classifier_override(sd, cfg) if cfg is not None else None
+            if n is not None:
+                _logger.info("checkpoint %s has a %d-class head; building %s with it", path, n, model_name)
+                overlay["num_classes"] = n
+                kwargs["num_classes"] = n
+        want_pretrained = True
+    elif pretrained:
+        if sourced:
+            weights = f"pretrained:{model_name}"
+            overlay = {}
+        else:
+            if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+                raise ModelLoadError(
+                    f"timm has no pretrained weights for {model_name!r}. Pass --checkpoint FILE or --no-pretrained."
+                )
+            if cfg.hf_hub_id:
+                local = _fetch_hub_weights(model_name, cfg.hf_hub_id, _hub_filenames(cfg))
+                weights = f"pretrained:{cfg.hf_hub_id}"
+                overlay = dict(file=local, custom_load=cfg.custom_load == "hf")
+            else:
+                # Weights only at a URL: timm downloads them into the torch hub cache, or finds them there.
+                cached = os.path.join(
+                    torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlsplit(cfg.url).path)
+                )
+                if not os.path.isfile(cached) and (_env_offline() or not _hub_reachable(cfg.url)):
+                    raise ModelLoadError(_no_weights_message(model_name, f"{cfg.url} is not in {cached} and offline"))
+                weights = f"pretrained:{cfg.url}"
+                overlay = {}
+        want_pretrained = True
+    else:
+        weights, overlay, want_pretrained = "random-init", {}, False
+
+    try:
+        # Seeded so random-init (and any layer a checkpoint leaves out) is the same in every worker process.
+        with torch.random.fork_rng(devices=[]), _hub_offline_mode(offline):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = timm.create_model(
+                model_name,
+                pretrained=want_pretrained,
+                pretrained_cfg_overlay=overlay or None,
+                cache_dir=_hub_cache_dir() if hub_name else None,
+                **kwargs,
+            )
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - everything timm/torch raise here means "cannot build these weights"
+        if checkpoint:
+            raise ModelLoadError(f"checkpoint {checkpoint!r} does not fit {model_name!r}: {_short(e)}") from e
+        if offline:
+            why = f"its config/weights are not in the cache and the Hub is offline ({_short(e, 160)})"
+            raise ModelLoadError(_no_weights_message(model_name, why)) from e
+        raise ModelLoadError(f"cannot create {model_name!r}: {_short(e)}") from e
+    finally:
+        overlay, sd = {}, None  # drop our references to the checkpoint tensors
+    if isinstance(getattr(model, "pretrained_cfg", None), dict):
+        # timm keeps the cfg on the model; a state dict in it would hold a second copy of the weights
+        model.pretrained_cfg.pop("state_dict", None)
+
+    model.eval().requires_grad_(False).to(dev)
+    channels_last = dev.type == "cuda" and _is_convnet(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    data_config = timm.data.resolve_model_data_config(model)
+    resolved = resolve_embedding(model, embedding)
+    loaded = LoadedModel(
+        model=model,
+        name=model_name,
+        weights=weights,
+        embedding=resolved,
+        dim=0,
+        data_config=data_config,
+        device=dev,
+        channels_last=channels_last,
+    )
+    # Measure, don't infer: the dim is whatever the forward we run per batch returns.
+    probe = torch.zeros((1, *data_config["input_size"]), device=dev)
+    out = embed_batch(loaded, probe, autocast=False, normalize=False)
+    if out.ndim != 2:
+        raise ModelLoadError(
+            f"{model_name!r} with embedding={resolved!r} returns shape {tuple(out.shape)}, not (N, dim); "
+            f"choose the other embedding or a model with a pooling head"
+        )
+    loaded.dim = int(out.shape[1])
+    _logger.info("loaded %s (%s): embedding=%s dim=%d on %s", model_name, weights, resolved, loaded.dim, dev)
+    return loaded
+
+
+# --------------------------------------------------------------------------------------------------- forward
+
+
+def embed_batch(loaded: LoadedModel, images: "torch.Tensor", *, autocast: bool, normalize: bool) -> "torch.Tensor":
+    """(N, C, H, W) -> (N, dim) float32 on the model's device.
+
+    autocast: bfloat16 autocast on CUDA only; on the CPU the model runs float32 regardless (CPU bf16 is slower on
+    most CPUs and changes values). normalize: L2 over dim, in float32; an all-zero row stays zero. No host sync.
+    """
+    model = loaded.model
+    x = images.to(device=loaded.device, dtype=torch.float32, non_blocking=True)
+    if loaded.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    use_amp = autocast and loaded.device.type == "cuda"
+    with torch.inference_mode(), torch.autocast(device_type=loaded.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        if loaded.embedding == "head":
+            out = model(x)
+        else:
+            out = model.forward_head(model.forward_features(x), pre_logits=True)
+    out = out.float()
+    if normalize:
+        out = torch.nn.functional.normalize(out, p=2.0, dim=1, eps=1e-12)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- fingerprint
+
+_SAMPLES_PER_TENSOR = 4096
+
+
+def model_fingerprint(loaded: LoadedModel) -> str:
+    """sha256 (hex) of the model's weights: every state-dict entry's name, dtype and shape, and a deterministic
+    sample of its values (all values of small tensors, 4096 evenly spaced ones of larger).
+
+    Cheap for big models (a few MB hashed, not GBs) and the same for the same weights on any device or process;
+    any retraining or different checkpoint changes whole tensors and so the hash. Memoised on `loaded`.
+    """
+    if loaded._fingerprint is not None:
+        return loaded._fingerprint
+    h = hashlib.sha256()
+    with torch.inference_mode():
+        for name, t in sorted(loaded.model.state_dict().items()):
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+            flat = t.detach().reshape(-1)
+            n = flat.numel()
+            if n > _SAMPLES_PER_TENSOR:
+                # integer arithmetic: the same indices on every device (a float linspace is not)
+                idx = torch.arange(_SAMPLES_PER_TENSOR, dtype=torch.int64) * (n - 1) // (_SAMPLES_PER_TENSOR - 1)
+                flat = flat[idx.to(flat.device)]
+            if flat.is_floating_point():
+                flat = flat.float()
+            h.update(flat.contiguous().cpu().numpy().tobytes())
+    loaded._fingerprint = h.hexdigest()
+    return loaded._fingerprint

@@ -1,0 +1,341 @@
+"""The output schema, the key join onto a shard's rows, atomic parquet writes and the manifest.
+
+One output parquet per shard: every row of the shard's img2dataset parquet (all its columns, its row order), then
+one row per tar sample the parquet lacks, plus two columns:
+
+* the embedding column, ``list<float32>`` holding exactly ``dim`` values, or null where the row has no embedding;
+* the error column, a nullable string saying why the embedding is null (null where there is an embedding).
+
+A variable-size ``list<float32>`` (not ``fixed_size_list``) because that is what parquet stores anyway (LIST) and what
+pandas, DuckDB, Polars, Spark and Hugging Face datasets all read back as the same type; the dimension is recorded in
+the field's metadata (``dim``) and in the footer metadata instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+# img2dataset's parquet columns.
+STATUS_COLUMN = "status"
+ERROR_MESSAGE_COLUMN = "error_message"
+SUCCESS = "success"
+
+NOT_IN_TAR = "not in tar"
+FOOTER_KEY = b"wdsembed"  # the parquet footer key-value entry that holds our JSON metadata
+MANIFEST_NAME = "_manifest.json"
+
+
+# --------------------------------------------------------------------------------------------------- key join
+
+
+def _embedding_array(embeddings: np.ndarray, src: np.ndarray, dim: int) -> pa.ListArray:
+    """Output row i gets embeddings[src[i]], or null where src[i] < 0. Vectorised: one gather, no per-row Python."""
+    valid = src >= 0
+    values = np.ascontiguousarray(embeddings[src[valid]], dtype=np.float32).reshape(-1)
+    if values.size >= 2**31:
+        raise ValueError(f"{values.size} embedding values exceed one parquet list column chunk; split the shard")
+    offsets = np.zeros(len(src) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum(np.where(valid, dim, 0), dtype=np.int64)  # fits: checked above
+    return pa.ListArray.from_arrays(
+        pa.array(offsets, type=pa.int32()), pa.array(values, type=pa.float32()), mask=pa.array(~valid)
+    )
+
+
+def _canonical_tar_keys(keys: Sequence[str], id_type: pa.DataType) -> list[str]:
+    """Tar keys as the string form of the parquet's id values: for an integer id column `000123` matches 123."""
+    if not pa.types.is_integer(id_type):
+        return list(keys)
+    out = []
+    for k in keys:
+        try:
+            out.append(str(int(k)))
+        except ValueError:
+            out.append(k)  # matches nothing in an integer column; see the appended-rows rule below
+    return out
+
+
+def _id_strings(column: pa.ChunkedArray, id_column: str) -> pa.ChunkedArray:
+    t = column.type
+    if pa.types.is_dictionary(t):
+        column = column.cast(t.value_type)
+        t = t.value_type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t):
+        return column.cast(pa.string())
+    raise ValueError(f"id column {id_column!r} has type {t}; expected a string or integer column")
+
+
+def build_output_table(
+    *,
+    rows: "Optional[pa.Table]",
+    keys: Sequence[str],
+    embeddings: "np.ndarray",
+    errors: Mapping[str, str],
+    dim: int,
+    id_column: str = "key",
+    embedding_column: str = "image_embedding",
+    error_column: str = "embedding_error",
+) -> "pa.Table":
+    """Join embeddings onto a shard's rows by key, never by position.
+
+    rows: the img2dataset parquet of the shard (every input row, failed downloads included) or None.
+    keys[i] owns embeddings[i]; errors maps key -> reason for samples of the tar that got no embedding.
+    Every row of `rows` is kept with all its columns; rows whose key is in neither keys nor errors get a null
+    embedding and a reason (their img2dataset status/error_message, or "not in tar"); tar samples missing from
+    `rows` are appended (id column set, other columns null). Without `rows`, one row per sample with `id_column`.
+    The embedding column is list<float32> (fixed `dim` values or null); the error column is a nullable string.
+
+    Details:
+    * Keys match on their string form. A string id column matches exactly; an integer id column (some users convert
+      img2dataset's zero-padded keys) matches the tar key's integer value and keeps its integer type.
+    * Duplicate keys in `rows`: every such row is kept and each gets the embedding (or error) of that key.
+    * The reason for a row without embedding, first that applies: the tar's error for the key; the img2dataset
+      `error_message` (or, where empty, its `status`) for rows whose status is not "success"; "not in tar".
+    * Order: `rows`' order, then appended samples in the order of `keys` followed by the remaining `errors` keys.
+      Without `rows` the same sample order.
+    * An appended sample whose key is not an integer, for an integer id column, gets a null id and an error that
+      names the key (the column keeps its type so all shards share one schema).
+    * Columns of `rows` named like the embedding or error column are replaced; pandas metadata is dropped (the
+      row count and columns changed).
+    """
+    keys = list(keys)
+    emb = np.asarray(embeddings, dtype=np.float32)
+    if emb.size == 0 and not keys:
+        emb = emb.reshape(0, dim)
+    if emb.ndim != 2 or emb.shape != (len(keys), dim):
+        raise ValueError(f"embeddings have shape {emb.shape}; expected ({len(keys)}, {dim}) for {len(keys)} keys")
+    if len(set(keys)) != len(keys):
+        raise ValueError("keys must be unique (a duplicate tar sample belongs in errors)")
+    both = set(keys).intersection(errors)
+    if both:
+        raise ValueError(f"{len(both)} keys have both an embedding and an error, e.g. {sorted(both)[0]!r}")
+
+    # Every tar sample: embedded ones first (their index in `emb`), then the failed ones.
+    error_keys = [k for k in errors]
+    sample_keys = keys + error_keys
+    sample_errors = pa.array([None] * len(keys) + [str(errors[k]) for k in error_keys], type=pa.string())
+
+    if rows is None:
+        id_type = pa.string()
+        base = pa.table({id_column: pa.array([], type=pa.string())})
+    else:
+        if id_column not in rows.column_names:
+            raise ValueError(f"id column {id_column!r} is not in the shard's parquet (columns: {rows.column_names})")
+        base = rows.drop_columns([c for c in (embedding_column, error_column) if c in rows.column_names])
+        id_type = base.schema.field(id_column).type
+    row_ids = _id_strings(base.column(id_column), id_column).combine_chunks()
+
+    sample_canon = pa.array(_canonical_tar_keys(sample_keys, id_type), type=pa.string())
+
+    # Rows of the parquet: which tar sample (if any) each one is, vectorised.
+    null_str = pa.scalar(None, pa.string())
+    sample_idx = np.asarray(pc.fill_null(pc.index_in(row_ids, value_set=sample_canon), -1), dtype=np.int64)
+    row_reason = sample_errors.take(pa.array(sample_idx, mask=sample_idx < 0))  # the tar's error, if any
+    if STATUS_COLUMN in base.column_names:
+        status = base.column(STATUS_COLUMN).combine_chunks().cast(pa.string())
+        download_reason = status
+        if ERROR_MESSAGE_COLUMN in base.column_names:
+            msg = base.column(ERROR_MESSAGE_COLUMN).combine_chunks().cast(pa.string())
+            msg = pc.if_else(pc.equal(pc.utf8_trim_whitespace(msg), ""), null_str, msg)
+            download_reason = pc.coalesce(msg, status)
+        failed = pc.fill_null(pc.not_equal(status, SUCCESS), False)
+        row_reason = pc.coalesce(row_reason, pc.if_else(failed, download_reason, null_str))
+    row_embedded = np.where(sample_idx < len(keys), sample_idx, -1)  # samples with an error have no embedding
+    # Not embedded, no tar error, not a failed download: the tar lacks it.
+    row_reason = pc.if_else(pa.array(row_embedded >= 0), null_str, pc.coalesce(row_reason, pa.scalar(NOT_IN_TAR)))
+
+    # Tar samples the parquet lacks: appended after, in sample order.
+    extra = np.flatnonzero(np.asarray(pc.invert(pc.is_in(sample_canon, value_set=row_ids)), dtype=bool))
+    extra_reason = sample_errors.take(pa.array(extra, type=pa.int64()))
+    extra_src = np.where(extra < len(keys), extra, -1)
+    if pa.types.is_integer(id_type):
+        extra_ids, bad = [], []
+        for i in extra:
+            k = sample_keys[i]
+            try:
+                extra_ids.append(int(k))
+                bad.append(False)
+            except ValueError:
+                extra_ids.append(None)
+                bad.append(True)
+        extra_id_array = pa.array(extra_ids, type=id_type)
+        if any(bad):
+            note = pa.array(
+                [f"key {sample_keys[i]!r} is not in the parquet and not an integer" if b else None
+                 for i, b in zip(extra, bad)],
+                type=pa.string(),
+            )
+            extra_reason = pc.coalesce(extra_reason, note)
+            extra_src[np.asarray(bad)] = -1  # an embedding without its key is of no use; the error names the key
+    else:
+        extra_id_array = pa.array([sample_keys[i] for i in extra], type=pa.string()).cast(id_type)
+
+    extra_cols = []
+    for field in base.schema:
+        if field.name == id_column:
+            extra_cols.append(extra_id_array)
+        else:
+            extra_cols.append(pa.nulls(len(extra), field.type))
+    extra_table = pa.Table.from_arrays(extra_cols, schema=base.schema)
+
+    table = pa.concat_tables([base, extra_table])
+    src = np.concatenate([row_embedded, extra_src]).astype(np.int64)
+    reasons = pa.concat_arrays([row_reason, extra_reason])
+
+    emb_field = pa.field(embedding_column, pa.list_(pa.float32()), metadata={"dim": str(dim)})
+    table = table.append_column(emb_field, _embedding_array(emb, src, dim))
+    table = table.append_column(pa.field(error_column, pa.string()), reasons)
+    meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}
+    return table.replace_schema_metadata(meta or None)
+
+
+# --------------------------------------------------------------------------------------------------- counts
+
+
+@dataclass
+class ShardSummary:
+    """Per-shard counts: small, JSON-able, returned by tasks and written into the manifest."""
+
+    shard: str
+    output: str
+    rows: int  # rows of the output parquet
+    embedded: int
+    failed_download: int  # img2dataset rows with status != success
+    failed_embedding: int  # tar samples that got no embedding (decode errors, missing image member, ...)
+    not_in_tar: int  # parquet rows the tar lacked although img2dataset reported no failure
+    seconds: float = 0.0
+    dim: Optional[int] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize_table(
+    table: pa.Table,
+    *,
+    shard: str,
+    output: str,
+    dim: Optional[int] = None,
+    seconds: float = 0.0,
+    embedding_column: str = "image_embedding",
+    error_column: str = "embedding_error",
+) -> ShardSummary:
+    """Counts from an output table (as built by build_output_table), by null checks and the known reasons."""
+    n = table.num_rows
+    emb_null = np.asarray(table.column(embedding_column).is_null(), dtype=bool)
+    error = table.column(error_column)
+    not_in_tar = np.asarray(pc.fill_null(pc.equal(error, NOT_IN_TAR), False), dtype=bool)
+    if STATUS_COLUMN in table.column_names:
+        status = table.column(STATUS_COLUMN).cast(pa.string())
+        dl_failed = np.asarray(pc.fill_null(pc.not_equal(status, SUCCESS), False), dtype=bool)
+    else:
+        dl_failed = np.zeros(n, dtype=bool)
+    dl_failed &= emb_null
+    return ShardSummary(
+        shard=shard,
+        output=output,
+        rows=n,
+        embedded=int((~emb_null).sum()),
+        failed_download=int(dl_failed.sum()),
+        failed_embedding=int((emb_null & ~dl_failed & ~not_in_tar).sum()),
+        not_in_tar=int((not_in_tar & ~dl_failed).sum()),
+        seconds=float(seconds),
+        dim=dim,
+    )
+
+
+# --------------------------------------------------------------------------------------------------- atomic writes
+
+
+def _is_local(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def _atomic_write(url: str, fs: Any, write: Callable[[Any], None]) -> None:
+    """Make `url` appear whole or not at all. write(f) fills a binary file object.
+
+    Local files: written beside the target under a hidden temp name, fsynced, then renamed over it (rename is atomic
+    within a folder). Object stores: written to a local temp file, then uploaded in one put, which is atomic per
+    object; no temp object is ever visible in the output prefix.
+    """
+    if _is_local(fs):
+        path = fs._strip_protocol(url)
+        folder, name = os.path.split(path)
+        os.makedirs(folder or ".", exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        return
+    fd, tmp = tempfile.mkstemp(prefix="wdsembed-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        fs.put_file(tmp, url)
+    finally:
+        os.unlink(tmp)
+
+
+def write_parquet_atomic(table: pa.Table, url: str, fs: Any, metadata: Mapping[str, Any]) -> None:
+    """Write `table` to `url` (a path on fsspec filesystem `fs`) atomically, `metadata` as JSON in the footer.
+
+    The JSON goes under the footer key ``wdsembed``; read it back cheaply with read_output_metadata.
+    """
+    meta = dict(table.schema.metadata or {})
+    meta[FOOTER_KEY] = json.dumps(dict(metadata), sort_keys=True, default=str).encode()
+    table = table.replace_schema_metadata(meta)
+    # Dictionary encoding never pays off for float embeddings; keep it for the (often repetitive) other columns.
+    list_cols = {f.name for f in table.schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)}
+    use_dictionary = [c for c in table.column_names if c not in list_cols]
+    _atomic_write(url, fs, lambda f: pq.write_table(table, f, use_dictionary=use_dictionary))
+
+
+def read_output_metadata(url: str, fs: Any) -> Optional[dict]:
+    """The JSON metadata of an output written by write_parquet_atomic, reading only the footer.
+
+    None where the file is missing, is not a readable parquet file, or lacks our metadata. Other errors (permissions,
+    network) propagate: they are not a reason to think the shard needs redoing.
+    """
+    try:
+        with fs.open(url, "rb") as f:
+            meta = pq.read_metadata(f).metadata or {}
+        value = json.loads(meta[FOOTER_KEY])
+    except (FileNotFoundError, KeyError, pa.ArrowException, ValueError):  # JSONDecodeError is a ValueError
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def write_manifest(url: str, fs: Any, manifest: Mapping[str, Any]) -> str:
+    """Write `manifest` as JSON to `<url>/_manifest.json` (url = the output folder) atomically; returns its path."""
+    path = url.rstrip("/") + "/" + MANIFEST_NAME
+    data = (json.dumps(dict(manifest), indent=2, sort_keys=True, default=str) + "\n").encode()
+    _atomic_write(path, fs, lambda f: f.write(data))
+    return path
+
+
+def read_manifest(url: str, fs: Any) -> Optional[dict]:
+    """The manifest under output folder `url`, or None where it is missing or not valid JSON."""
+    try:
+        with fs.open(url.rstrip("/") + "/" + MANIFEST_NAME, "rb") as f:
+            value = json.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
