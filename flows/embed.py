@@ -13,6 +13,9 @@ from typing import Callable, Optional
 
 # `python flows/embed.py` puts flows/ on the path, not the project root that holds `tasks`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Without PREFECT_API_URL, Prefect starts a temporary local server; on a busy 2-core machine that can take
+# longer than its 20 s default.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import dask  # noqa: E402
 from prefect import flow, get_run_logger, unmapped  # noqa: E402
@@ -37,8 +40,7 @@ class ShardsFailed(RuntimeError):
 _on_shard_done: Optional[Callable[[Optional[dict], int, int], None]] = None
 
 
-@flow(name="embed-shards", log_prints=True)
-def embed_shards(config: EmbedConfig) -> dict:
+def embed_dataset(config: EmbedConfig) -> dict:
     """Embed every WebDataset shard under `config.input` into `config.output`/<shard>.parquet."""
     logger = get_run_logger()
     started = time.perf_counter()
@@ -56,13 +58,13 @@ def embed_shards(config: EmbedConfig) -> dict:
     upstream = {id(v): (plan.stem, e) for plan, e, v in zip(plans, embedded, validated)}
     for done, future in enumerate(as_completed(list(validated)), start=1):
         stem, embed_future = upstream[id(future)]
-        result = None
-        if future.state.is_completed():
-            result = future.result()
+        result = future.result(raise_on_failure=False)
+        if isinstance(result, dict):
             results.append(result)
         else:
-            failures[stem] = _failure_reason(future, embed_future)
+            failures[stem] = _failure_reason(embed_future, result)
             logger.error("shard %s failed: %s", stem, failures[stem])
+            result = None
         update_progress_artifact(progress, done / len(plans) * 100)
         if _on_shard_done:
             _on_shard_done(result, done, len(plans))
@@ -74,16 +76,19 @@ def embed_shards(config: EmbedConfig) -> dict:
     return manifest
 
 
-def _failure_reason(validated, embedded) -> str:
+# Built as flow(...)(function), like the tasks: Dask pickles the run context, which holds the flow, and a
+# function shadowed by its Flow object could only be pickled by value, with every global it reads.
+embed_shards = flow(name="embed-shards", log_prints=True)(embed_dataset)
+
+
+def _failure_reason(embed_future, validation_outcome) -> str:
     """The first real error: the embedding task's own, else the validation's."""
-    for future in (embedded, validated):
-        state = future.state
-        if state.is_failed() or state.is_crashed():
-            exc = state.result(raise_on_failure=False)
-            if isinstance(exc, BaseException):
-                return f"{type(exc).__name__}: {exc}"
-            return state.message or state.name
-    return validated.state.message or validated.state.name
+    outcome = embed_future.result(raise_on_failure=False)
+    if not isinstance(outcome, BaseException):
+        outcome = validation_outcome
+    if isinstance(outcome, BaseException):
+        return f"{type(outcome).__name__}: {outcome}"
+    return str(outcome)
 
 
 def run(config: EmbedConfig, on_shard_done=None) -> dict:
@@ -98,6 +103,9 @@ def run(config: EmbedConfig, on_shard_done=None) -> dict:
 
 
 if __name__ == "__main__":
+    # Run through the importable module, not __main__: Dask pickles tasks by reference to their module.
+    import flows.embed
+
     from wdsembed.cli import main
 
-    sys.exit(main(run))
+    sys.exit(main(flows.embed.run))

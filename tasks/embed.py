@@ -21,17 +21,7 @@ def retry_if_transient(task, task_run_, state) -> bool:
     return isinstance(exc, BaseException) and faults.is_transient(exc)
 
 
-@task(
-    name="embed-shard",
-    task_run_name="embed-{plan.stem}",
-    cache_key_fn=shard_cache_key,
-    persist_result=True,
-    result_serializer="json",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=retry_if_transient,
-)
-def embed_shard(config: EmbedConfig, plan: ShardPlan) -> dict:
+def embed_one_shard(config: EmbedConfig, plan: ShardPlan) -> dict:
     """Embed one shard on this worker's GPU (or CPU) and write its parquet whole."""
     halvings = _OOM_HALVINGS.get(plan.shard, 0)
     if halvings:
@@ -43,3 +33,15 @@ def embed_shard(config: EmbedConfig, plan: ShardPlan) -> dict:
         if faults.is_out_of_memory(exc):
             _OOM_HALVINGS[plan.shard] = halvings + 1
         raise
+
+
+embed_shard = task(
+    name="embed-shard",
+    task_run_name="embed-{plan.stem}",
+    cache_key_fn=shard_cache_key,
+    persist_result=True,
+    result_serializer="json",
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=retry_if_transient,
+)(embed_one_shard)

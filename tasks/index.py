@@ -5,7 +5,9 @@ from wdsembed.plan import plan_shards
 from wdsembed.runner import ShardPlan
 
 
-@task(name="index-shards", retries=2, retry_delay_seconds=5)
-def index_shards(config: EmbedConfig) -> list[ShardPlan]:
+def list_and_index_shards(config: EmbedConfig) -> list[ShardPlan]:
     """List the shards, fingerprint them, and write DALI .idx files where missing."""
     return plan_shards(config)
+
+
+index_shards = task(name="index-shards", retries=2, retry_delay_seconds=5)(list_and_index_shards)

@@ -5,8 +5,7 @@ from wdsembed import report as core
 from wdsembed.config import EmbedConfig
 
 
-@task(name="report")
-def report(config: EmbedConfig, results: list[dict], failures: dict[str, str], wall_seconds: float) -> dict:
+def write_report(config: EmbedConfig, results: list[dict], failures: dict[str, str], wall_seconds: float) -> dict:
     """Write OUTPUT/_manifest.json last, and put the per-shard table and the summary on the flow run."""
     manifest = core.build_manifest(config, results, failures, wall_seconds)
     manifest["path"] = core.write_manifest(config, manifest)
@@ -14,3 +13,6 @@ def report(config: EmbedConfig, results: list[dict], failures: dict[str, str], w
     create_table_artifact(rows, key="shards", description="One row per shard")
     create_markdown_artifact(core.markdown_summary(manifest, rows), key="summary", description="Run summary")
     return manifest
+
+
+report = task(name="report")(write_report)

@@ -8,8 +8,7 @@ class ValidationFailed(ValueError):
     pass
 
 
-@task(name="validate-shard", task_run_name="validate-{result[stem]}")
-def validate_shard(config: EmbedConfig, result: dict) -> dict:
+def validate_one_shard(config: EmbedConfig, result: dict) -> dict:
     """Re-read a shard's output: row count, dimension, finite values, norms. Fails the task, naming the shard."""
     check = validate_output(
         config, result["output"], dim=result["dim"], expected_rows=result["rows"],
@@ -18,3 +17,6 @@ def validate_shard(config: EmbedConfig, result: dict) -> dict:
     if not check.ok:
         raise ValidationFailed(f"shard {result['shard']}: " + "; ".join(check.problems))
     return result
+
+
+validate_shard = task(name="validate-shard", task_run_name="validate-{result[stem]}")(validate_one_shard)

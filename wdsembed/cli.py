@@ -145,6 +145,8 @@ class _Progress:
         self.bar = Progress(
             TextColumn("shards"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[images]} images"),
             TextColumn("{task.fields[rate]} images/s"), TimeElapsedColumn(),
+            # Rich's stdout proxy holds a lock that Dask would then try to pickle with every task.
+            redirect_stdout=False, redirect_stderr=False,
         )
         self.bar.__enter__()
         self.task = self.bar.add_task("shards", total=None, images=0, rate="-")

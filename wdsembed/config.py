@@ -12,12 +12,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_MODEL = "vit_large_patch14_clip_quickgelu_224.openai"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+# storage_options names that carry credentials (s3fs key/secret/token, adlfs account_key/sas_token, passwords...)
+SECRET_OPTION_PATTERN = r"(^|_)(key|secret|token|password|passwd|pwd|credential|credentials|connection_string|sas)(_|$)"
 
 
 class EmbedConfig(BaseModel):
     """What to embed, with which model, and how."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: a refused storage option or URL may be a secret; errors name the field, not the value.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     input: str = Field(
         description="Folder or fsspec URL (s3://bucket/prefix) holding the WebDataset shards (*.tar), "
@@ -72,7 +75,13 @@ class EmbedConfig(BaseModel):
     force: bool = Field(False, description="Recompute every shard even where a finished output exists.")
     storage_options: dict[str, str] = Field(
         default_factory=dict,
-        description="fsspec options for INPUT/OUTPUT (endpoint_url=..., profile=...). Never logged or written.",
+        repr=False,
+        # The same rule for runs started from the Prefect UI/API, whose parameters are checked against the JSON
+        # schema before they are stored (fsspec option names are lower case).
+        json_schema_extra={"propertyNames": {"not": {"pattern": SECRET_OPTION_PATTERN}}},
+        description="fsspec options for INPUT/OUTPUT (endpoint_url=..., profile=..., region_name=..., "
+        "read_timeout=...). No credentials: these are stored with the run's parameters; keys come from the "
+        "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), an AWS profile or the store's credential files.",
     )
     dask_address: Optional[str] = Field(
         None, description="Address of an existing Dask scheduler (tcp://host:8786); default starts a local cluster."
@@ -91,6 +100,27 @@ class EmbedConfig(BaseModel):
         if not exts:
             raise ValueError("image_extensions must name at least one extension")
         return exts
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_credentials_in_options(cls, value: dict[str, str]) -> dict[str, str]:
+        # Flow parameters are persisted in Prefect's database and shown in its UI: secrets must not be among them.
+        from wdsembed.storage import CREDENTIALS_HINT, secret_options
+
+        bad = secret_options(value)
+        if bad:
+            raise ValueError(f"storage_options must not hold credentials ({', '.join(sorted(bad))}): they would be "
+                             f"stored with the run's parameters; {CREDENTIALS_HINT}")
+        return value
+
+    @field_validator("input", "output", "checkpoint")
+    @classmethod
+    def _no_password_in_url(cls, value: Optional[str]) -> Optional[str]:
+        from wdsembed.storage import CREDENTIALS_HINT, url_has_password
+
+        if value and url_has_password(value):
+            raise ValueError(f"the URL holds a password, which would be logged and stored; {CREDENTIALS_HINT}")
+        return value
 
     @field_validator("input", "output")
     @classmethod

@@ -33,6 +33,7 @@ def check_config(config: EmbedConfig) -> None:
         fs, path = storage.filesystem(config.checkpoint, config.storage_options)
         if not fs.isfile(path):
             raise InputError(f"checkpoint {config.checkpoint!r} is not a file")
+    check_storage(config)
     in_fs, in_root = storage.filesystem(config.input, config.storage_options)
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
     if in_fs.protocol == out_fs.protocol and (out_root == in_root or out_root.startswith(in_root.rstrip("/") + "/")):
@@ -46,9 +47,20 @@ def check_config(config: EmbedConfig) -> None:
         raise InputError(f"input {config.input!r} is not a folder (or cannot be reached)")
 
 
+def check_storage(config: EmbedConfig) -> None:
+    """Input listable and output bucket present, with these credentials: a missing bucket or denied access fails
+    here, at once and naming the URL, not after the first shard's retries. Writes nothing."""
+    try:
+        storage.check_input(config.input, config.storage_options)
+        storage.check_output(config.output, config.storage_options)
+    except storage.StoreError as exc:
+        raise InputError(str(exc)) from None
+
+
 def plan_shards(config: EmbedConfig, *, max_workers: int = 8) -> list[ShardPlan]:
     """List the shards under config.input and prepare each: fingerprint, parquet/stats siblings, .idx (written
     where missing when use_index_files), output path. Cheap per shard except a first-time index."""
+    check_storage(config)
     fs, root = storage.filesystem(config.input, config.storage_options)
     if not fs.exists(root):
         raise InputError(f"input {config.input!r} does not exist")
@@ -66,13 +78,18 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8) -> list[ShardPlan]
         base = tar[: -len(".tar")]
         rows = base + ".parquet" if base + ".parquet" in siblings else None
         stats_path = base + "_stats.json" if base + "_stats.json" in siblings else None
-        fingerprint = shards.fingerprint(tar, fs)
+        fingerprint = shards.fingerprint(tar, fs).token
         if rows:
-            fingerprint += "|" + shards.fingerprint(rows, fs)
+            fingerprint += "|" + shards.fingerprint(rows, fs).token
         index = None
         if config.use_index_files:
             try:
-                index = shards.ensure_index(tar, fs, cache_dir).path
+                # On object stores a missing index is built by the worker during its one read of the tar
+                # (runner.embed_shard), not here: that would download every shard twice, serially, up front.
+                found = shards.ensure_index(tar, fs, cache_dir, build=storage.is_local(fs))
+                index = found.path if found else None
+                if index is not None and index == shards.index_path_for(tar):
+                    index = storage.to_url(fs, index)  # beside the shard: s3://bucket/.../00000.idx
             except shards.IndexFormatError as exc:
                 # Member names that the .idx format cannot hold (spaces): the shard is read without one.
                 log.warning("shard %s: no .idx (%s); reading it without one", tar, exc)

@@ -107,7 +107,20 @@ def _read_index(config: EmbedConfig, plan: ShardPlan) -> Optional[shards.ShardIn
         from wdsembed.plan import DEFAULT_INDEX_CACHE
 
         fs, tar_path = storage.filesystem(plan.shard, config.storage_options)
-        return shards.ensure_index(tar_path, fs, config.index_cache_dir or DEFAULT_INDEX_CACHE)
+        # on an object store: None, and the index comes out of the embedding pass instead of a second download
+        return shards.ensure_index(tar_path, fs, config.index_cache_dir or DEFAULT_INDEX_CACHE,
+                                   build=storage.is_local(fs))
+
+
+def _save_built_index(config: EmbedConfig, fs, tar_path: str, builder: "shards.IndexBuilder") -> None:
+    """Write back the index built during the read (beside the shard where the bucket allows, else the local
+    cache). Best effort: the shard's output does not depend on it."""
+    from wdsembed.plan import DEFAULT_INDEX_CACHE
+
+    try:
+        shards.save_index(tar_path, fs, builder.index(), config.index_cache_dir or DEFAULT_INDEX_CACHE)
+    except (OSError, shards.IndexFormatError) as exc:
+        log.warning("shard %s: index not saved (%s)", storage.to_url(fs, tar_path), exc)
 
 
 class Worker:
@@ -223,21 +236,29 @@ def embed_shard(
 
     tar_errors: dict[str, str] = {}
     n_samples = 0
+    # A shard on an object store without an index gets one from this same pass (plan_shards does not read it).
+    builder = shards.IndexBuilder() if config.use_index_files and index is None and not storage.is_local(in_fs) else None
+    read_to_end = False
 
     def good_samples() -> Iterator[tuple[str, bytes]]:
-        nonlocal n_samples
-        with in_fs.open(tar_path, "rb") as f:
-            for sample in shards.iter_samples(f, extensions=config.image_extensions, shard=plan.shard, index=index):
+        nonlocal n_samples, read_to_end
+        # Object stores: large ranges fetched ahead in the background, overlapping download with embedding.
+        with storage.open_sequential(in_fs, tar_path) as f:
+            for sample in shards.iter_samples(f, extensions=config.image_extensions, shard=plan.shard, index=index,
+                                              index_builder=builder):
                 n_samples += 1
                 if sample.error:
                     # A duplicate key keeps its first sample's embedding; the repeat is only recorded.
                     tar_errors.setdefault(sample.key, sample.error)
                 else:
                     yield sample.key, sample.image
+        read_to_end = True
 
     keys, embeddings, failures = worker.embed(
         good_samples(), autocast=config.autocast, normalize=config.normalize_embeddings, on_batch=on_progress
     )
+    if builder is not None and read_to_end:
+        _save_built_index(config, in_fs, tar_path, builder)
     errors = {**tar_errors, **failures}
     table = output.build_output_table(
         rows=rows,
@@ -264,7 +285,8 @@ def embed_shard(
         model=worker.info,
     )
     out_fs, out_path = storage.filesystem(plan.output, config.storage_options)
-    out_fs.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    if storage.is_local(out_fs):  # object stores have no folders (and s3fs's makedirs would create a bucket)
+        out_fs.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     stored = {k: v for k, v in result.to_dict().items() if k not in ("cached", "seconds", "images_per_second")}
     output.write_parquet_atomic(
         table,

@@ -333,6 +333,7 @@ def iter_samples(
     shard: str,
     index: Optional["ShardIndex"] = None,
     chunk_size: int = CHUNK_SIZE,
+    index_builder: Optional["IndexBuilder"] = None,
 ) -> Iterator[Sample]:
     """Stream the samples of a tar in file order with memory bounded by one read chunk plus one member.
 
@@ -349,6 +350,8 @@ def iter_samples(
     "nvImageCodec failure"). The index check is strict: every indexed member must appear in index order with
     the index's name, size and data offset, and the tar may hold no indexable member the index lacks.
     Memory: one chunk, the member being read and, while a sample has several image members, the best so far.
+    `index_builder` receives every member the .idx lists, so that a full pass also yields the shard's index
+    (used for shards on object stores, where a separate indexing pass would download the tar twice).
     """
     rank = {e.lower().lstrip("."): i for i, e in reversed(list(enumerate(extensions)))}
     expected = iter(index.members()) if index is not None else None
@@ -379,6 +382,8 @@ def iter_samples(
             if m.typeflag not in _REGULAR or not _indexed(m.name):
                 _skip_data(r, m)
                 continue
+            if index_builder is not None:
+                index_builder.add(m.name, m.data_offset, m.size)
             if expected is not None:
                 _check_against_index(shard, m, next(expected, None))
             k, ext = split_member_name(m.name)
@@ -523,24 +528,37 @@ def build_index(f: BinaryIO, *, chunk_size: int = CHUNK_SIZE, allow_seek: bool =
     seeking (worth it for local files only; on object stores a seek is a new request).
     """
     r = _Reader(f, chunk_size, allow_seek=allow_seek)
-    samples: list[list[IndexMember]] = []
-    last_base: Optional[str] = None
+    builder = IndexBuilder()
     try:
         for m in _iter_members(r):
             _skip_data(r, m)
             if m.typeflag not in _REGULAR or not _indexed(m.name):
                 continue
-            quoted = _tar_quote(m.name)
-            base, ext = _wds2idx_split(quoted)
-            entry = IndexMember(ext, m.data_offset, m.size, quoted)
-            if base != last_base:
-                samples.append([entry])
-                last_base = base
-            else:
-                samples[-1].append(entry)
+            builder.add(m.name, m.data_offset, m.size)
     except _TarCorrupt as e:
         raise ShardReadError(getattr(f, "name", "<tar>"), e.offset, e.reason, e.member) from None
-    return ShardIndex(tuple(tuple(g) for g in samples))
+    return builder.index()
+
+
+class IndexBuilder:
+    """Groups indexed members into samples the way wds2idx does; fed by build_index or by iter_samples."""
+
+    def __init__(self) -> None:
+        self._samples: list[list[IndexMember]] = []
+        self._last_base: Optional[str] = None
+
+    def add(self, name: str, data_offset: int, size: int) -> None:
+        quoted = _tar_quote(name)
+        base, ext = _wds2idx_split(quoted)
+        entry = IndexMember(ext, data_offset, size, quoted)
+        if base != self._last_base:
+            self._samples.append([entry])
+            self._last_base = base
+        else:
+            self._samples[-1].append(entry)
+
+    def index(self) -> ShardIndex:
+        return ShardIndex(tuple(tuple(g) for g in self._samples))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -677,11 +695,9 @@ def _load_valid_index(
         log.info("stale index %s: last member ends at byte %d, shard has %d bytes", idx_path, idx.end, shard_size)
         return None
     after = last.offset + last.size + (-last.size % BLOCK)
-    with shard_fs.open(shard_path, "rb") as f:
-        f.seek(last.offset - BLOCK)
-        block = f.read(BLOCK)
-        f.seek(after)
-        next_block = f.read(BLOCK)
+    # two ranged reads of 512 bytes (an fsspec file on an object store would fetch a whole block per seek)
+    block = shard_fs.cat_file(shard_path, start=last.offset - BLOCK, end=last.offset)
+    next_block = shard_fs.cat_file(shard_path, start=after, end=min(after + BLOCK, shard_size)) if after < shard_size else b""
     if not _header_matches(block, last):
         log.info("stale index %s: no header for %r at byte %d", idx_path, last.name, last.offset - BLOCK)
         return None
@@ -709,8 +725,12 @@ def _starts_indexed_member(block: bytes) -> bool:
 
 
 def _write_beside(fs: Any, path: str, data: bytes) -> None:
-    """Atomic write through fsspec: a temp name beside the target, then a rename (a copy on object stores, where
-    every PUT is atomic anyway). Failing to create the temp file is how an unwritable folder shows itself."""
+    """Atomic write through fsspec. Object stores: one PUT, which is atomic per object (a temp object + mv would
+    be a copy and a delete). Elsewhere: a temp name beside the target, then a rename. The failing write is how an
+    unwritable folder or bucket shows itself (PermissionError, also from s3fs for AccessDenied)."""
+    if not _is_local(fs):
+        fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
+        return
     folder, base = path.rsplit("/", 1) if "/" in path else ("", path)
     tmp = f"{folder}/.{base}.{uuid.uuid4().hex[:12]}.tmp" if folder else f".{base}.{uuid.uuid4().hex[:12]}.tmp"
     fs.pipe_file(tmp, data)
@@ -739,15 +759,19 @@ def _write_local_atomic(path: str, data: bytes) -> None:
         raise
 
 
-def ensure_index(shard_path_or_url: str, fs: Any, cache_dir: Optional[str | os.PathLike] = None) -> ShardIndex:
+def ensure_index(
+    shard_path_or_url: str, fs: Any, cache_dir: Optional[str | os.PathLike] = None, *, build: bool = True
+) -> Optional[ShardIndex]:
     """The shard's DALI index, read or built, with `.path` saying where its file is.
 
     Order: `<stem>.idx` beside the shard if it still fits the tar (the last member must end inside the tar and
     its header must be there); else a copy under `cache_dir` for this exact shard version; else build it by
-    reading the tar once and write it beside the shard (temp file + rename), or under `cache_dir` when the
-    shard's folder refuses writes. With no `cache_dir` and an unwritable folder the index is returned with
-    `path=None`. Raises IndexFormatError for shards whose member names the v1.2 format cannot hold (whitespace),
-    ShardReadError for a damaged tar. An empty tar gives an index of 0 samples (wds2idx refuses those).
+    reading the tar once and write it beside the shard (temp file + rename; one PUT on object stores), or under
+    `cache_dir` when the shard's folder refuses writes. With no `cache_dir` and an unwritable folder the index is
+    returned with `path=None`. With `build=False` a missing index gives None instead of a read of the tar (the
+    caller builds it during its own pass: iter_samples(index_builder=...) and save_index). Raises
+    IndexFormatError for shards whose member names the v1.2 format cannot hold (whitespace), ShardReadError for
+    a damaged tar. An empty tar gives an index of 0 samples (wds2idx refuses those).
     For an s3:// shard the returned path may be an s3:// URL: DALI reads index files from local paths only.
     """
     shard = shard_path_or_url
@@ -756,27 +780,55 @@ def ensure_index(shard_path_or_url: str, fs: Any, cache_dir: Optional[str | os.P
     idx = _load_valid_index(fs, beside, fs, shard, fp.size)
     if idx is not None:
         return idx
-    cached = None
-    if cache_dir is not None:
+    cached = _cache_path(shard, fs, cache_dir, fp)
+    if cached is not None:
         import fsspec
 
-        local = fsspec.filesystem("file")
-        cached = index_path_for(fs.unstrip_protocol(shard) if "://" in shard else os.path.abspath(shard), cache_dir, fp)
-        idx = _load_valid_index(local, cached, fs, shard, fp.size)
+        idx = _load_valid_index(fsspec.filesystem("file"), cached, fs, shard, fp.size)
         if idx is not None:
             return idx
+    if not build:
+        return None
 
-    with fs.open(shard, "rb") as f:
+    if _is_local(fs):
+        opened = fs.open(shard, "rb")
+    else:
+        from wdsembed.storage import open_sequential  # read-ahead of large ranges, several in flight
+
+        opened = open_sequential(fs, shard, size=fp.size)
+    with opened as f:
         try:
             idx = build_index(f, allow_seek=_is_local(fs))
         except ShardReadError as e:
             raise ShardReadError(shard, e.offset, e.reason, e.member) from None
+    return save_index(shard, fs, idx, cache_dir, fp)
+
+
+def _cache_path(shard: str, fs: Any, cache_dir: Optional[str | os.PathLike], fp: ShardFingerprint) -> Optional[str]:
+    if cache_dir is None:
+        return None
+    # named from the shard's full URL (s3://bucket/...), so shards of two stores never share an entry
+    url = os.path.abspath(shard) if _is_local(fs) else (shard if "://" in shard else fs.unstrip_protocol(shard))
+    return index_path_for(url, cache_dir, fp)
+
+
+def save_index(
+    shard: str,
+    fs: Any,
+    idx: ShardIndex,
+    cache_dir: Optional[str | os.PathLike] = None,
+    fp: Optional[ShardFingerprint] = None,
+) -> ShardIndex:
+    """Store a freshly built index beside the shard (written back to the bucket where it allows writes), else
+    under `cache_dir`; returns it with `.path` set (None where neither could take it)."""
     data = idx.render().encode("utf-8", "surrogateescape")
+    beside = index_path_for(shard)
     try:
         _write_beside(fs, beside, data)
         return dataclasses.replace(idx, path=beside)
     except OSError as e:  # PermissionError locally and from s3fs (AccessDenied); read-only file systems
         log.info("cannot write %s (%s); using the index cache", beside, e)
+    cached = _cache_path(shard, fs, cache_dir, fp or fingerprint(shard, fs))
     if cached is None:
         return idx
     _write_local_atomic(cached, data)

@@ -1,0 +1,264 @@
+"""A real S3-compatible server on loopback for the tests (moto in server mode), with IAM auth enforced, and a
+fault-injecting HTTP proxy to put in front of it.
+
+    server = MotoS3(); server.start()          # http://127.0.0.1:<port>, users "admin" and "reader"
+    proxy = FaultProxy(server.endpoint, every=2); proxy.start()
+    ... storage_options={"endpoint_url": proxy.endpoint} ...
+    proxy.injected   # Counter of the faults actually served, by kind
+"""
+from __future__ import annotations
+
+import collections
+import http.client
+import json
+import logging
+import socket
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional, Sequence
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+REGION = "us-east-1"
+
+
+class MotoS3:
+    """moto's S3 (and IAM) server in a thread of this process. After start(), requests must be signed with the
+    keys of a user made here: `admin` may do anything, `reader` may read everything and write only to the
+    buckets named in `writable`. Any other key gets 403 InvalidAccessKeyId, as AWS answers."""
+
+    def __init__(self, writable: Sequence[str] = ()) -> None:
+        self.writable = tuple(writable)
+        self.endpoint = ""
+        self.admin: tuple[str, str] = ("", "")
+        self.reader: tuple[str, str] = ("", "")
+        self._server = None
+
+    def start(self) -> "MotoS3":
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        iam = self.boto("iam", ("bootstrap", "bootstrap"))  # auth is not enforced yet
+        self.admin = self._user(iam, "admin", [{"Effect": "Allow", "Action": "*", "Resource": "*"}])
+        reader = [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket", "s3:GetBucketLocation",
+                                                  "s3:ListAllMyBuckets"], "Resource": "*"}]
+        if self.writable:
+            reader.append({"Effect": "Allow", "Action": ["s3:PutObject", "s3:DeleteObject"],
+                           "Resource": [f"arn:aws:s3:::{b}/*" for b in self.writable]})
+        self.reader = self._user(iam, "reader", reader)
+        # From now on every request is authenticated and authorized against IAM.
+        req = urllib.request.Request(self.endpoint + "/moto-api/reset-auth", data=b"0", method="POST",
+                                     headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(req, timeout=10).read()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    @staticmethod
+    def _user(iam, name: str, statements: list) -> tuple[str, str]:
+        iam.create_user(UserName=name)
+        iam.put_user_policy(UserName=name, PolicyName="p",
+                            PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": statements}))
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        return key["AccessKeyId"], key["SecretAccessKey"]
+
+    def boto(self, service: str = "s3", creds: Optional[tuple[str, str]] = None, endpoint: Optional[str] = None):
+        import boto3
+
+        key, secret = creds or self.admin
+        return boto3.client(service, endpoint_url=endpoint or self.endpoint, region_name=REGION,
+                            aws_access_key_id=key, aws_secret_access_key=secret)
+
+    def keys(self, bucket: str) -> list[str]:
+        """Every object key in `bucket`, read with the admin's keys straight from the server."""
+        s3 = self.boto()
+        out = []
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            out += [o["Key"] for o in page.get("Contents", [])]
+        return sorted(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+               "expect", "content-length", "host"}
+_ERROR_XML = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+              "<RequestId>fault-proxy</RequestId></Error>")
+FAULTS = {
+    "slowdown": (503, "SlowDown", "Please reduce your request rate."),
+    "internal": (500, "InternalError", "We encountered an internal error. Please try again."),
+    "unavailable": (503, "ServiceUnavailable", "Service is unable to handle request."),
+}
+
+
+class FaultProxy:
+    """A loopback HTTP proxy in front of an S3 endpoint that fails the first try of every `every`-th distinct
+    request (method, path, query, Range), cycling through `kinds`:
+
+    slowdown / internal / unavailable: an S3 error response (503 SlowDown, 500 InternalError, 503);
+    reset: the connection closed without an answer;
+    truncate: a GET answered with its full Content-Length but only half the body, then the connection closed;
+    stall: no answer for `stall_seconds` (longer than the client's read timeout), then the real one.
+
+    Retries of the same request pass (its signature has been seen), so a client that retries loses nothing.
+    `injected` counts the faults served, by kind; `requests` counts everything that came through.
+    """
+
+    def __init__(self, target: str, *, every: int = 2, kinds: Sequence[str] = ("slowdown", "internal", "reset",
+                 "truncate"), stall_seconds: float = 0.0, methods: Sequence[str] = ("GET", "PUT", "HEAD", "POST",
+                 "DELETE")) -> None:
+        self.target = urlsplit(target)
+        self.every = max(int(every), 1)
+        self.kinds = tuple(kinds)
+        self.stall_seconds = stall_seconds
+        self.methods = tuple(methods)
+        self.injected: collections.Counter = collections.Counter()
+        self.requests = 0
+        self.enabled = True
+        self._seen: set = set()
+        self._distinct = 0
+        self._lock = threading.Lock()
+        self._httpd: Optional[ThreadingHTTPServer] = None
+        self.endpoint = ""
+
+    def start(self) -> "FaultProxy":
+        proxy = self
+
+        class Handler(_ProxyHandler):
+            owner = proxy
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        threading.Thread(target=self._httpd.serve_forever, daemon=True, name="fault-proxy").start()
+        self.endpoint = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def choose(self, method: str, path: str, range_: Optional[str]) -> Optional[str]:
+        """The fault for this request, or None to forward it."""
+        parsed = urlsplit(path)
+        query = sorted((k, v) for k, v in parse_qsl(parsed.query, keep_blank_values=True)
+                       if not k.lower().startswith("x-amz-"))
+        signature = (method, parsed.path, urlencode(query), range_)
+        with self._lock:
+            self.requests += 1
+            if not self.enabled or method not in self.methods or signature in self._seen:
+                return None
+            self._seen.add(signature)
+            self._distinct += 1
+            if self._distinct % self.every:
+                return None
+            kind = self.kinds[(self._distinct // self.every - 1) % len(self.kinds)]
+            if kind == "truncate" and method != "GET":
+                kind = "slowdown"  # only a body can be cut short
+            if kind == "stall" and not self.stall_seconds:
+                kind = "internal"
+            self.injected[kind] += 1
+            return kind
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the SDKs use it
+    owner: FaultProxy
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def _body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+            return b"".join(parts)
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _handle(self) -> None:
+        try:
+            self._serve()
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (after a stall): nothing to answer
+            self.close_connection = True
+
+    def _serve(self) -> None:
+        body = self._body()  # read it all first: an error answer must not break the client's upload
+        fault = self.owner.choose(self.command, self.path, self.headers.get("Range"))
+        if fault in FAULTS:
+            status, code, message = FAULTS[fault]
+            data = _ERROR_XML.format(code=code, message=message).encode()
+            self.send_response_only(status)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+            return
+        if fault == "reset":
+            self._drop()
+            return
+        if fault == "stall":
+            time.sleep(self.owner.stall_seconds)
+        status, reason, headers, data = self._forward(body)
+        self.send_response_only(status, reason)
+        for name, value in headers:
+            if name.lower() not in _HOP_BY_HOP:
+                self.send_header(name, value)
+        length = len(data)
+        if self.command == "HEAD":  # the object's size, with no body
+            length = next((int(v) for n, v in headers if n.lower() == "content-length"), 0)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        if self.command == "HEAD" or not data:
+            return
+        if fault == "truncate":
+            self.wfile.write(data[: len(data) // 2])
+            self._drop()
+            return
+        self.wfile.write(data)
+
+    def _drop(self) -> None:
+        self.close_connection = True
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _forward(self, body: bytes):
+        t = self.owner.target
+        conn = http.client.HTTPConnection(t.hostname, t.port, timeout=60)
+        try:
+            conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+            # The Host header is signed (SigV4): pass the client's own unchanged.
+            conn.putheader("Host", self.headers.get("Host", f"{t.hostname}:{t.port}"))
+            for name, value in self.headers.items():
+                if name.lower() not in _HOP_BY_HOP:
+                    conn.putheader(name, value)
+            conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            resp = conn.getresponse()
+            data = resp.read()
+            return resp.status, resp.reason, resp.getheaders(), data
+        finally:
+            conn.close()
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle

@@ -1,0 +1,280 @@
+"""The deployments of prefect.yaml on a real Prefect server, driven the way deployments/README.md tells users to:
+`prefect server start`, deployments/setup.sh (process pool + variables), `prefect deploy --all`,
+`prefect deployment run ... --params`, `prefect worker start --run-once`; and deployments/serve.py.
+
+One server for the module (~20 s to start on 2 cores); the end-to-end run embeds 2 small shards on the CPU with a
+tiny timm model with random weights (no download).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from wdsembed.config import EmbedConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+FLOW = "wdsembed"  # flows/deployed.py's flow name: deployments are "wdsembed/<name>"
+POOL = "wdsembed-gpu"  # prefect.yaml's work pool, created by deployments/setup.sh
+SPECS = {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+
+# A run small enough for 2 shared cores: tiny model, random weights, one CPU Dask worker.
+RUN_CONFIG = dict(
+    model_name="test_resnet.r160_in1k", pretrained=False, device="cpu", n_workers=1, batch_size=4,
+    num_threads_per_worker=1,
+)
+
+
+@dataclass
+class Server:
+    api: str
+    env: dict
+    home: Path
+    data: Path  # the shards the Prefect variable embed_input names
+    out: Path  # embed_output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a process started in its own session, with what it started (flow runs, Dask workers)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
+
+
+def prefect(server: Server, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    """A `prefect` CLI command run from the project folder, as a user would."""
+    done = subprocess.run(
+        [str(BIN / "prefect"), *args], cwd=ROOT, env=server.env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and done.returncode != 0:
+        pytest.fail(f"prefect {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def api(server: Server, method: str, path: str, **kwargs) -> httpx.Response:
+    return httpx.request(method, server.api + path, timeout=30, **kwargs)
+
+
+def deployment(server: Server, name: str) -> dict | None:
+    r = api(server, "GET", f"/deployments/name/{FLOW}/{name}")
+    if r.status_code == 404:
+        return None
+    r.raise_for_status()
+    return r.json()
+
+
+def flow_runs(server: Server, deployment_id: str) -> list[dict]:
+    r = api(server, "POST", "/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}})
+    r.raise_for_status()
+    return r.json()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Server:
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}  # no profile, key or URL leaks in
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PREFECT_HOME=str(home),  # sqlite database, results and task cache all in the temp folder
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_CLI_PROMPT="false",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        # The schedule is checked on the deployment; no nightly runs are created, so a worker here picks up
+        # only the run a test asks for.
+        PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
+    )
+    log = home / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"prefect server exited {proc.returncode}:\n{_tail(log)}")
+            try:
+                if httpx.get(env["PREFECT_API_URL"] + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"prefect server did not answer within 120 s:\n{_tail(log)}")
+            time.sleep(0.5)
+
+        from wdsembed.synthetic import write_demo_dataset
+
+        data, out_dir = home / "shards", home / "embeddings"
+        write_demo_dataset(data, n_shards=2, per_shard=6)
+        srv = Server(env["PREFECT_API_URL"], env, home, data, out_dir)
+        # The documented one-time setup: process pool, pool limit, the input/output variables.
+        setup = subprocess.run(["bash", str(ROOT / "deployments/setup.sh"), str(data), str(out_dir)], cwd=ROOT,
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert setup.returncode == 0, setup.stdout + setup.stderr
+        yield srv
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture
+def deployed(server: Server) -> dict[str, dict]:
+    """`prefect deploy --all` from prefect.yaml; the deployments as the API returns them."""
+    prefect(server, "deploy", "--all")
+    found = {name: deployment(server, name) for name in SPECS}
+    assert all(found.values()), f"prefect deploy did not create every deployment of prefect.yaml: {found}"
+    return found
+
+
+@pytest.mark.slow
+def test_on_demand_deployment_runs_on_a_process_worker(server: Server, deployed: dict[str, dict]):
+    on_demand = deployed["on-demand"]
+    assert on_demand["work_pool_name"] == POOL
+    # The pull step starts flow runs in this project folder (the worker runs on the deploying host).
+    assert on_demand["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+    out = server.home / "on-demand-output"
+    config = dict(input=str(server.data), output=str(out), **RUN_CONFIG)
+
+    # A wrong parameter is refused when the run is created, naming the field, and no run exists.
+    for wrong, message in [
+        ({"batch_size": 0}, "config.batch_size"),
+        ({"device": "tpu"}, "config.device"),
+        # Parameters are stored and shown in the UI: credentials belong in the worker's environment.
+        ({"storage_options": {"secret": "x"}}, "config.storage_options"),
+    ]:
+        bad = prefect(server, "deployment", "run", f"{FLOW}/on-demand", "--params",
+                      json.dumps({"config": {**config, **wrong}}), check=False)
+        said = " ".join((bad.stdout + bad.stderr).split())
+        assert bad.returncode != 0 and f"Validation failed for field '{message}'" in said, said
+    assert flow_runs(server, on_demand["id"]) == []
+
+    started = prefect(server, "deployment", "run", f"{FLOW}/on-demand", "--params", json.dumps({"config": config}))
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
+
+    # One polling round; --run-once returns once the runs it submitted have ended.
+    worker_log = server.home / "worker.log"
+    with open(worker_log, "w") as log:
+        worker = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--run-once"],
+            cwd=server.home, env=server.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        worker.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the worker did not finish the run within 240 s:\n{_tail(worker_log)}")
+    finally:
+        _stop(worker)
+
+    state = api(server, "GET", f"/flow_runs/{run_id}").json()["state"]
+    assert state["type"] == "COMPLETED", f"{state['type']}: {state['message']}\n{_tail(worker_log)}"
+
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["totals"]["shards"] == 2 and manifest["failed_shards"] == {}, manifest
+    assert manifest["config"]["model_name"] == RUN_CONFIG["model_name"]  # the run's parameters, not the defaults
+    for stem in ("00000", "00001"):
+        table = pq.read_table(out / f"{stem}.parquet")
+        embedded = table.num_rows - table.column("image_embedding").null_count
+        assert embedded == 6, f"{stem}: {embedded} of {table.num_rows} rows embedded"
+
+
+def _summary(d: dict) -> dict:
+    """What a deployment is, independent of how it was registered."""
+    return {
+        "name": d["name"],
+        "description": d["description"],
+        "tags": sorted(d["tags"]),
+        "parameters": d["parameters"],
+        "parameter_openapi_schema": d["parameter_openapi_schema"],
+        "enforce_parameter_schema": d["enforce_parameter_schema"],
+        "schedules": [(s["schedule"], s["active"]) for s in d["schedules"]],
+        "concurrency_limit": (d["global_concurrency_limit"] or {}).get("limit"),
+        "concurrency_options": d["concurrency_options"],
+    }
+
+
+@pytest.mark.slow
+def test_schedule_and_serve_register_the_same_deployments(server: Server, deployed: dict[str, dict]):
+    nightly, on_demand = deployed["nightly"], deployed["on-demand"]
+
+    # The nightly deployment carries prefect.yaml's schedule, active; the on-demand one has none.
+    want = SPECS["nightly"]["schedules"]
+    assert [(s["schedule"]["cron"], s["schedule"]["timezone"], s["active"]) for s in nightly["schedules"]] == [
+        (s["cron"], s["timezone"], s["active"]) for s in want
+    ] and want
+    assert on_demand["schedules"] == []
+    # One run at a time per deployment; a nightly run that overlaps the previous one is cancelled, not queued.
+    assert nightly["global_concurrency_limit"]["limit"] == on_demand["global_concurrency_limit"]["limit"] == 1
+    assert nightly["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+    # Defaults come from the Prefect variables set by setup.sh; the UI's form documents every field.
+    for d in (nightly, on_demand):
+        assert d["parameters"] == {"config": {"input": str(server.data), "output": str(server.out)}}
+        assert d["enforce_parameter_schema"] is True
+        fields = d["parameter_openapi_schema"]["definitions"]["EmbedConfig"]["properties"]
+        assert set(fields) == set(EmbedConfig.model_fields)
+        assert all(f.get("description") for f in fields.values()), [n for n, f in fields.items() if not f.get("description")]
+
+    # serve.py must register these deployments itself: remove them first.
+    before = {name: _summary(d) for name, d in deployed.items()}
+    for d in deployed.values():
+        api(server, "DELETE", f"/deployments/{d['id']}").raise_for_status()
+    serve_log = server.home / "serve.log"
+    with open(serve_log, "w") as log:
+        serving = subprocess.Popen(
+            [sys.executable, str(ROOT / "deployments/serve.py")], cwd=server.home, env=server.env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not all((served := {name: deployment(server, name) for name in SPECS}).values()):
+            if serving.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"serve.py did not register {list(SPECS)}:\n{_tail(serve_log)}")
+            time.sleep(1)
+        assert all(d["work_pool_name"] is None for d in served.values())  # served by the process, not a pool
+        assert {name: _summary(d) for name, d in served.items()} == before
+    finally:
+        _stop(serving)
+        # Stopping serve pauses its deployments; leave none behind for the other test's `prefect deploy`.
+        for name in SPECS:
+            if d := deployment(server, name):
+                api(server, "DELETE", f"/deployments/{d['id']}")
+
+
+def test_deployed_flow_refuses_an_unusable_config_before_starting_a_cluster(tmp_path, monkeypatch):
+    """What the JSON schema cannot check (a missing folder, an unknown model) fails the run at once, saying why."""
+    import flows.deployed
+    from wdsembed.plan import InputError
+
+    monkeypatch.setattr(flows.deployed, "run", lambda config: pytest.fail("a cluster was started"))
+    config = EmbedConfig(input=str(tmp_path / "missing"), output=str(tmp_path / "out"), **RUN_CONFIG)
+    with pytest.raises(InputError, match="missing"):
+        flows.deployed.embed.fn(config)
+    with pytest.raises(InputError, match="unknown timm model"):
+        flows.deployed.embed.fn(config.model_copy(update={"input": str(tmp_path), "model_name": "resnet5O"}))

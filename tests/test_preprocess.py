@@ -1,0 +1,236 @@
+"""The DALI graph in wdsembed.preprocess against timm's own eval transform (CPU-only DALI)."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from wdsembed.preprocess import PreprocessRecipe, UnsupportedRecipe, crop_anchor, dali_preprocess, resized_size
+
+pytest.importorskip("nvidia.dali")
+skimage_data = pytest.importorskip("skimage.data")
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def photos() -> dict[str, bytes]:
+    """Real photographs re-encoded at varied sizes, aspect ratios, formats and color modes."""
+    d = skimage_data
+    rgba = np.array(Image.fromarray(d.astronaut()).resize((257, 190)).convert("RGBA"))
+    rgba[..., 3] = 128
+    rotated = Image.Exif()
+    rotated[0x0112] = 6  # EXIF orientation: rotate 90 CW to display
+    return {
+        "astronaut_300x451.jpg": _encode(Image.fromarray(d.astronaut()).resize((300, 451)), "JPEG", quality=90),
+        "coffee_640x427.jpg": _encode(Image.fromarray(d.coffee()).resize((640, 427)), "JPEG", quality=90),
+        "chelsea_517x517.png": _encode(Image.fromarray(d.chelsea()).resize((517, 517)), "PNG"),
+        "rocket_213x700.jpg": _encode(Image.fromarray(d.rocket()).resize((213, 700)), "JPEG", quality=85),
+        "camera_gray.png": _encode(Image.fromarray(d.camera()), "PNG"),
+        "camera_gray_333x250.jpg": _encode(Image.fromarray(d.camera()).resize((333, 250)), "JPEG"),
+        "astronaut_rgba.png": _encode(Image.fromarray(rgba), "PNG"),
+        "coffee_palette.png": _encode(Image.fromarray(d.coffee()).resize((300, 200)).convert("P"), "PNG"),
+        "coffee_cmyk.jpg": _encode(Image.fromarray(d.coffee()).resize((320, 240)).convert("CMYK"), "JPEG"),
+        "chelsea_exif6.jpg": _encode(Image.fromarray(d.chelsea()).resize((400, 300)), "JPEG", exif=rotated.tobytes()),
+    }
+
+
+def timm_reference(data: bytes, data_config: dict) -> torch.Tensor:
+    """What timm computes: EXIF orientation applied (as DALI does), RGB, then its eval transform."""
+    from timm.data import create_transform
+
+    img = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    return create_transform(**data_config)(img)
+
+
+def data_config_of(name: str, **overrides) -> dict:
+    """A pretrained tag's data config, without instantiating (or downloading) the model."""
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    cfg = resolve_data_config(pretrained_cfg=get_pretrained_cfg(name).to_dict())
+    cfg.update(overrides)
+    return cfg
+
+
+def run_graph(recipe: PreprocessRecipe, encoded: list[bytes]) -> np.ndarray:
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=len(encoded), num_threads=2, device_id=None, prefetch_queue_depth=1)
+    def graph():
+        enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
+        return dali_preprocess(enc, recipe, "cpu")[0]
+
+    pipe = graph()
+    pipe.build()
+    pipe.feed_input("enc", [np.frombuffer(b, np.uint8) for b in encoded])
+    (out,) = pipe.run()
+    return np.array(out.as_tensor())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# recipe
+
+
+def test_recipe_from_data_config_and_describe():
+    cfg = data_config_of("resnet18.a1_in1k")
+    r = PreprocessRecipe.from_data_config(cfg)
+    assert r.input_size == (3, 224, 224) and r.crop_pct == 0.95 and r.crop_mode == "center"
+    assert r.interpolation == "bicubic" and r.mean == (0.485, 0.456, 0.406)
+    assert r.scale_size == (235, 235)  # floor(224 / 0.95)
+    d = r.describe()
+    assert json.loads(json.dumps(d)) == d and d["crop_pct"] == 0.95 and d["exif_transpose"] is True
+    # timm's eval defaults when the config leaves them out
+    r2 = PreprocessRecipe.from_data_config({**cfg, "crop_pct": None, "crop_mode": None})
+    assert (r2.crop_pct, r2.crop_mode) == (0.875, "center")
+    border = PreprocessRecipe.from_data_config(data_config_of("deepseek_vit_412m.deepseek_v4_flash_vision_exp"))
+    assert border.pad_fill == (128.0, 128.0, 128.0)  # round(255 * 0.5), in pixel units
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"input_size": (1, 224, 224)}, {"interpolation": "hamming"}, {"crop_mode": "random"}, {"mean": (0.5,)}],
+)
+def test_recipe_rejects_what_it_cannot_reproduce(bad):
+    with pytest.raises(UnsupportedRecipe):
+        PreprocessRecipe.from_data_config({**data_config_of("resnet18.a1_in1k"), **bad})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# geometry: the per-sample sizes and anchors computed in the DALI graph, against timm/torchvision's own code
+
+
+def _reference_geometry(h: int, w: int, recipe: PreprocessRecipe) -> tuple[int, int, int, int]:
+    from timm.data.transforms import ResizeKeepRatio
+    from torchvision.transforms.functional import _compute_resized_output_size
+
+    sh, sw = recipe.scale_size
+    fake = torch.empty(1, 1, 1).expand(3, h, w)  # only its shape is read
+    if recipe.crop_mode == "squash":
+        rh, rw = sh, sw
+    elif recipe.crop_mode == "center" and sh == sw:
+        rh, rw = _compute_resized_output_size((h, w), [sh])
+    else:
+        longest = 1.0 if recipe.crop_mode == "border" else 0.0
+        rh, rw = ResizeKeepRatio.get_params(fake, (sh, sw), longest)
+    ch, cw = recipe.crop_size
+
+    def anchor(r: int, c: int) -> int:  # torchvision CenterCrop / timm center_crop_or_pad
+        return int(round((r - c) / 2.0)) if r >= c else -((c - r) // 2)
+
+    return rh, rw, anchor(rh, ch), anchor(rw, cw)
+
+
+GEOMETRY_CONFIGS = {
+    "center_square": dict(name="resnet18.a1_in1k"),
+    "center_pct1": dict(name="mambaout_femto.in1k"),
+    "center_pct_gt1_pads": dict(name="volo_d4_448.sail_in1k"),
+    "center_nonsquare": dict(name="resnet18.a1_in1k", input_size=(3, 160, 224)),
+    "squash": dict(name="tf_efficientnetv2_b3.in21k_ft_in1k"),
+    "squash_nonsquare": dict(name="vit_base_patch16_sapiens2.fb"),
+    "border": dict(name="deepseek_vit_412m.deepseek_v4_flash_vision_exp"),
+    "border_nonsquare": dict(name="resnet18.a1_in1k", input_size=(3, 224, 160), crop_mode="border", crop_pct=0.9),
+}
+
+
+@pytest.mark.parametrize("config", sorted(GEOMETRY_CONFIGS))
+def test_sizes_and_anchors_match_timm(config):
+    from nvidia.dali import fn, pipeline_def, types
+
+    kw = dict(GEOMETRY_CONFIGS[config])
+    recipe = PreprocessRecipe.from_data_config(data_config_of(kw.pop("name"), **kw))
+    rng = np.random.default_rng(0)
+    hw = [(1, 1), (1, 2000), (2000, 1), (224, 224), (235, 235), (236, 235), (256, 255), (448, 333), (427, 640)]
+    hw += [tuple(x) for x in rng.integers(1, 5000, size=(400, 2))]
+    hw += [tuple(x) for x in rng.integers(150, 700, size=(400, 2))]
+    # the keep-ratio modes are only defined while the short side stays >= 1 pixel (timm fails below)
+    ref = []
+    for h, w in hw:
+        g = _reference_geometry(int(h), int(w), recipe)
+        ref.append(g if min(g[:2]) >= 1 else None)
+
+    @pipeline_def(batch_size=len(hw), num_threads=1, device_id=None, prefetch_queue_depth=1)
+    def graph():
+        h = fn.external_source(name="h", dtype=types.INT64, ndim=0)
+        w = fn.external_source(name="w", dtype=types.INT64, ndim=0)
+        rh, rw = resized_size(h, w, recipe)
+        return rh, rw, crop_anchor(rh, recipe.crop_size[0]), crop_anchor(rw, recipe.crop_size[1])
+
+    pipe = graph()
+    pipe.build()
+    pipe.feed_input("h", np.array([x[0] for x in hw], np.int64))
+    pipe.feed_input("w", np.array([x[1] for x in hw], np.int64))
+    got = np.stack([np.array(o.as_tensor()) for o in pipe.run()], axis=1)
+    checked = 0
+    for (h, w), r, g in zip(hw, ref, got):
+        if r is None:
+            assert min(g[:2]) >= 1  # we clamp where timm would fail
+            continue
+        assert tuple(int(x) for x in g) == r, f"{h}x{w}: dali {tuple(g)} != timm {r}"
+        checked += 1
+    assert checked > 700
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pixels: parity with timm's create_transform on photographs
+
+PARITY_CONFIGS = {
+    "center_bicubic_pct0.95": ("resnet18.a1_in1k", {}),
+    "center_bicubic_pct1.0": ("mambaout_femto.in1k", {}),
+    "center_bilinear_pct0.875": ("dla34.in1k", {}),
+    "center_pct1.15_zero_pad": ("volo_d4_448.sail_in1k", {}),
+    "center_nonsquare": ("resnet18.a1_in1k", {"input_size": (3, 160, 224)}),
+    "squash_pct0.9": ("tf_efficientnetv2_b3.in21k_ft_in1k", {}),
+    "squash_bilinear_1024x768": ("vit_base_patch16_sapiens2.fb", {}),
+    "border_pct1.0": ("deepseek_vit_412m.deepseek_v4_flash_vision_exp", {}),
+    "border_nonsquare_pct0.9": (
+        "resnet18.a1_in1k",
+        {"input_size": (3, 224, 160), "crop_mode": "border", "crop_pct": 0.9},
+    ),
+}
+
+
+@pytest.mark.parametrize("config", sorted(PARITY_CONFIGS))
+def test_pixels_match_timm_create_transform(config):
+    name, overrides = PARITY_CONFIGS[config]
+    data_config = data_config_of(name, **overrides)
+    recipe = PreprocessRecipe.from_data_config(data_config)
+    imgs = photos()
+    out = run_graph(recipe, list(imgs.values()))
+    assert out.shape == (len(imgs), *recipe.input_size) and out.dtype == np.float32
+    mads = {}
+    for i, (key, data) in enumerate(imgs.items()):
+        ref = timm_reference(data, data_config).numpy()
+        assert ref.shape == out[i].shape
+        mads[key] = float(np.abs(out[i] - ref).mean())
+    # Decoders and resamplers differ by rounding only (PIL resamples in fixed point with an 8-bit intermediate):
+    # a one-pixel shift or a wrong pad value would be > 0.02 here.
+    assert max(mads.values()) < 0.01, mads
+    assert np.mean(list(mads.values())) < 0.005, mads
+
+
+def test_gray_comes_out_as_three_equal_channels():
+    recipe = PreprocessRecipe.from_data_config(data_config_of("resnet18.a1_in1k"))
+    out = run_graph(recipe, [photos()["camera_gray.png"]])[0]
+    pixels = out * np.array(recipe.std)[:, None, None] + np.array(recipe.mean)[:, None, None]
+    assert np.abs(pixels[0] - pixels[1]).max() < 1e-5 and np.abs(pixels[0] - pixels[2]).max() < 1e-5
+    assert pixels.std() > 0.1  # a real picture, not a constant
+
+
+def test_exif_orientation_is_applied():
+    recipe = PreprocessRecipe.from_data_config(data_config_of("resnet18.a1_in1k"))
+    base = Image.fromarray(skimage_data.chelsea()).resize((400, 300))
+    tagged = photos()["chelsea_exif6.jpg"]
+    upright = _encode(base.transpose(Image.Transpose.ROTATE_270), "PNG")  # what orientation 6 means
+    sideways = _encode(base, "PNG")
+    a, b, c = run_graph(recipe, [tagged, upright, sideways])
+    upright_mad, sideways_mad = np.abs(a - b).mean(), np.abs(a - c).mean()
+    assert upright_mad < 0.06  # a JPEG (quality 75) vs a PNG of the same upright picture
+    assert sideways_mad > 5 * upright_mad  # and clearly not the unrotated one

@@ -1,0 +1,381 @@
+"""Shards and outputs on S3, against a real S3-compatible server on loopback (moto in server mode, IAM auth on),
+with a fault-injecting proxy in front of it for the retry tests.
+
+The storage tests run in seconds; the flow tests (marked slow) run the Prefect flow with a Dask worker and the
+tiny timm test model, and compare the S3 outputs with a local run of the same shards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pydantic import ValidationError
+
+from s3server import MotoS3, FaultProxy
+from wdsembed import output, plan, prefetch, runner, shards, storage
+from wdsembed.config import EmbedConfig
+from wdsembed.synthetic import write_demo_dataset
+
+IN_BUCKET, OUT_BUCKET = "wds-in", "wds-out"
+EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+TINY_MODEL = "test_resnet.r160_in1k"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = MotoS3(writable=[OUT_BUCKET]).start()  # "reader" may write to the output bucket only
+    s3 = srv.boto()
+    s3.create_bucket(Bucket=IN_BUCKET)
+    s3.create_bucket(Bucket=OUT_BUCKET)
+    yield srv
+    srv.stop()
+
+
+def _clear_s3fs_cache():
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # cached instances keep the credentials they were made with
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch, tmp_path_factory, server):
+    """Credentials only from the environment (the admin's keys), nothing from this machine's ~/.aws."""
+    nowhere = str(tmp_path_factory.mktemp("aws") / "none")
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", nowhere)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    use_keys(monkeypatch, server.admin)
+    yield
+    _clear_s3fs_cache()
+
+
+def use_keys(monkeypatch, keys: tuple[str, str]) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", keys[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", keys[1])
+    _clear_s3fs_cache()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """2 img2dataset shards of 6 images (tar + parquet + _stats.json), as the flow tests use."""
+    folder = tmp_path_factory.mktemp("dataset")
+    write_demo_dataset(folder, n_shards=2, per_shard=6)
+    for idx in folder.glob("*.idx"):
+        idx.unlink()
+    return folder
+
+
+def upload(server: MotoS3, folder: Path, bucket: str = IN_BUCKET) -> str:
+    """Copy the shard files of `folder` under a fresh prefix; returns s3://bucket/prefix."""
+    prefix = f"run-{uuid.uuid4().hex[:8]}"
+    s3 = server.boto()
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".tar", ".parquet", ".json"):
+            s3.upload_file(str(path), bucket, f"{prefix}/{path.name}")
+    return f"s3://{bucket}/{prefix}"
+
+
+def options(endpoint: str, **extra) -> dict:
+    return {"endpoint_url": endpoint, **extra}
+
+
+def s3fs_for(endpoint: str, **extra):
+    return storage.filesystem(f"s3://{IN_BUCKET}", options(endpoint, **extra))[0]
+
+
+def config_for(input: str, output: str, endpoint: str | None = None, **kw) -> EmbedConfig:
+    base = dict(model_name=TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                n_workers=1, storage_options=options(endpoint) if endpoint else {})
+    return EmbedConfig(input=input, output=output, **(base | kw))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# credentials stay out of the run's parameters
+
+
+@pytest.mark.parametrize("opts", [
+    {"key": "AKIAEXAMPLESECRET"},
+    {"secret": "AKIAEXAMPLESECRET"},
+    {"token": "AKIAEXAMPLESECRET"},
+    {"aws_secret_access_key": "AKIAEXAMPLESECRET"},
+    {"password": "AKIAEXAMPLESECRET"},
+    {"endpoint_url": "http://user:AKIAEXAMPLESECRET@127.0.0.1:9000"},
+])
+def test_credentials_in_storage_options_are_refused(opts):
+    with pytest.raises(ValidationError) as err:
+        EmbedConfig(input="s3://b/in", output="s3://b/out", storage_options=opts)
+    text = str(err.value)
+    assert "AKIAEXAMPLESECRET" not in text  # the refusal must not echo the secret
+    assert "AWS_ACCESS_KEY_ID" in text  # and says where credentials go instead
+
+
+def test_credentials_in_urls_are_refused():
+    with pytest.raises(ValidationError) as err:
+        EmbedConfig(input="ftp://me:hunter2@host/shards", output="/tmp/out")
+    assert "hunter2" not in str(err.value)
+
+
+def test_plain_options_pass_and_stay_out_of_repr():
+    c = EmbedConfig(input="s3://b/in", output="s3://b/out",
+                    storage_options={"endpoint_url": "http://127.0.0.1:9000", "profile": "lab", "region_name": "x"})
+    assert "storage_options" not in repr(c) and "127.0.0.1:9000" not in str(c)
+
+
+def test_json_schema_refuses_secret_option_names():
+    """Runs started from the Prefect UI/API are validated against the JSON schema before they are stored."""
+    import jsonschema
+
+    schema = EmbedConfig.model_json_schema()["properties"]["storage_options"]
+    jsonschema.validate({"endpoint_url": "http://x"}, schema)
+    for name in ("key", "secret", "token", "aws_secret_access_key"):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({name: "x"}, schema)
+
+
+def test_cli_strings_become_s3fs_types():
+    got = storage.fsspec_options("s3://b/x", {"endpoint_url": "http://e", "read_timeout": "2.5",
+                                               "max_attempts": "3", "anon": "false", "retries": "7"})
+    assert got["anon"] is False and got["retries"] == 7 and got["endpoint_url"] == "http://e"
+    assert got["config_kwargs"] == {"connect_timeout": 10.0, "read_timeout": 2.5,
+                                    "retries": {"max_attempts": 3, "mode": "standard"}}
+    assert storage.fsspec_options("/local/x", {"auto_mkdir": "true"}) == {"auto_mkdir": True}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# listing, fingerprints, streaming reads
+
+
+def test_listing_and_fingerprints(server, dataset):
+    url = upload(server, dataset)
+    fs, root = storage.filesystem(url, options(server.endpoint))
+    tars = shards.list_shards(root, fs)
+    assert [os.path.basename(t) for t in tars] == ["00000.tar", "00001.tar"]
+    fp = shards.fingerprint(tars[0], fs)
+    assert fp.size == (dataset / "00000.tar").stat().st_size
+    assert fp.etag and fp.mtime
+
+    # the same size, other bytes: a new ETag, so a new cache key
+    data = bytearray((dataset / "00000.tar").read_bytes())
+    data[-1] ^= 1
+    bucket, key = tars[0].split("/", 1)
+    server.boto().put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    fs.invalidate_cache()
+    assert shards.fingerprint(tars[0], fs).etag != fp.etag
+
+
+def test_a_new_shard_is_seen_by_a_long_lived_process(server, dataset):
+    url = upload(server, dataset)
+    config = config_for(url, f"s3://{OUT_BUCKET}/x", server.endpoint, use_index_files=False)
+    assert len(plan.plan_shards(config)) == 2
+    bucket, prefix = url[len("s3://"):].split("/", 1)
+    server.boto().upload_file(str(dataset / "00000.tar"), bucket, f"{prefix}/00009.tar")
+    assert len(plan.plan_shards(config)) == 3  # not the cached listing of the first plan
+
+
+class CountingFS:
+    """Delegates to an fsspec filesystem, recording every ranged read."""
+
+    def __init__(self, fs):
+        self.fs, self.ranges = fs, []
+
+    def size(self, path):
+        return self.fs.size(path)
+
+    def cat_file(self, path, start=None, end=None):
+        self.ranges.append((start, end))
+        return self.fs.cat_file(path, start=start, end=end)
+
+
+def test_read_ahead_returns_the_exact_bytes_and_stays_bounded(server):
+    fs = s3fs_for(server.endpoint)
+    data = os.urandom(1_000_003)
+    fs.pipe_file(f"{IN_BUCKET}/blob.bin", data)
+    counting = CountingFS(fs)
+    block, depth = 64 * 1024, 3
+    with prefetch.ReadAhead(counting, f"{IN_BUCKET}/blob.bin", block_size=block, depth=depth) as f:
+        time.sleep(0.5)  # the background threads run ahead, but only `depth` blocks ahead
+        assert len(counting.ranges) == depth
+        parts = [f.read(1), f.read(block - 1), f.read(block), f.read(3 * block + 17)]
+        assert len(counting.ranges) <= 5 + depth + 1
+        while chunk := f.read(77_777):
+            parts.append(chunk)
+        assert f.read(10) == b""
+    assert b"".join(parts) == data
+    assert sorted(counting.ranges) == [(s, min(s + block, len(data))) for s in range(0, len(data), block)]
+
+
+def test_tar_streamed_from_s3_reads_as_the_local_file_and_yields_its_index(server, dataset):
+    url = upload(server, dataset)
+    fs, root = storage.filesystem(url, options(server.endpoint))
+    local = dataset / "00000.tar"
+    with open(local, "rb") as f:
+        expected = list(shards.iter_samples(f, extensions=EXTS, shard=str(local)))
+        f.seek(0)
+        expected_index = shards.build_index(f)
+    builder = shards.IndexBuilder()
+    with storage.open_sequential(fs, f"{root}/00000.tar") as f:
+        assert isinstance(f, prefetch.ReadAhead)
+        got = list(shards.iter_samples(f, extensions=EXTS, shard=url, index_builder=builder))
+    assert [(s.key, bytes(s.image) if s.image is not None else None, s.error) for s in got] == \
+        [(s.key, bytes(s.image) if s.image is not None else None, s.error) for s in expected]
+    assert builder.index().render() == expected_index.render()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# .idx files: beside the shard when present, written back where the bucket allows, else cached locally
+
+
+def test_index_is_written_back_beside_the_shard(server, dataset, tmp_path, monkeypatch):
+    url = upload(server, dataset)
+    fs, root = storage.filesystem(url, options(server.endpoint))
+    idx = shards.ensure_index(f"{root}/00000.tar", fs, tmp_path / "cache")
+    assert idx.path == f"{root}/00000.idx"
+    bucket, prefix = root.split("/", 1)
+    with open(dataset / "00000.tar", "rb") as f:
+        expected = shards.build_index(f).render()
+    assert server.boto().get_object(Bucket=bucket, Key=f"{prefix}/00000.idx")["Body"].read().decode() == expected
+    assert not (tmp_path / "cache").exists()
+    assert [k for k in server.keys(bucket) if k.startswith(prefix) and ".tmp" in k] == []  # no temp objects
+
+    # found again by the plan, without reading the tar, and read by the worker from the bucket
+    monkeypatch.setattr(shards, "build_index", lambda *a, **k: pytest.fail("rebuilt an index that exists"))
+    plans = plan.plan_shards(config_for(url, f"s3://{OUT_BUCKET}/x", server.endpoint,
+                                        index_cache_dir=str(tmp_path / "cache")))
+    assert plans[0].index == f"{url}/00000.idx"
+    assert runner._read_index(config_for(url, "/tmp/x", server.endpoint), plans[0]).render() == expected
+
+
+def test_index_goes_to_the_local_cache_when_the_bucket_refuses_writes(server, dataset, tmp_path, monkeypatch):
+    url = upload(server, dataset)
+    use_keys(monkeypatch, server.reader)  # may read the input bucket, not write it
+    fs, root = storage.filesystem(url, options(server.endpoint))
+    with pytest.raises(PermissionError):
+        fs.pipe_file(f"{root}/probe", b"x")
+    idx = shards.ensure_index(f"{root}/00000.tar", fs, tmp_path / "cache")
+    assert idx.path and Path(idx.path).parent == tmp_path / "cache"
+    with open(dataset / "00000.tar", "rb") as f:
+        assert Path(idx.path).read_text() == shards.build_index(f).render()
+    bucket, prefix = root.split("/", 1)
+    assert [k.rsplit("/", 1)[1] for k in server.keys(bucket) if k.startswith(prefix + "/")] == [
+        "00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar", "00001_stats.json"]
+
+
+def test_plan_does_not_download_shards_to_index_them(server, dataset, tmp_path):
+    """A missing index on a store comes out of the worker's one read of the tar, not an extra pass up front."""
+    url = upload(server, dataset)
+    proxy = FaultProxy(server.endpoint, kinds=(), every=10**9).start()  # a counter, no faults
+    seen = []
+    orig = proxy.choose
+    proxy.choose = lambda method, path, range_: seen.append((method, path, range_)) or orig(method, path, range_)
+    try:
+        plans = plan.plan_shards(config_for(url, f"s3://{OUT_BUCKET}/x", proxy.endpoint,
+                                            index_cache_dir=str(tmp_path / "cache")))
+    finally:
+        proxy.stop()
+    assert [p.index for p in plans] == [None, None]
+    tar_gets = [(m, p) for m, p, r in seen if m == "GET" and p.split("?")[0].endswith(".tar")]
+    assert tar_gets == []
+    assert "s3://" in plans[0].shard and plans[0].rows.endswith("00000.parquet") and plans[0].expected_samples == 6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writes: whole objects only
+
+
+def _table(n: int = 50) -> pa.Table:
+    return pa.table({"key": [f"{i:06d}" for i in range(n)],
+                     "image_embedding": pa.array([np.arange(4, dtype=np.float32) + i for i in range(n)],
+                                                 type=pa.list_(pa.float32()))})
+
+
+def test_output_put_whole_through_store_errors(server):
+    proxy = FaultProxy(server.endpoint, every=1, kinds=("slowdown", "internal", "reset")).start()
+    try:
+        fs, root = storage.filesystem(f"s3://{OUT_BUCKET}/puts", options(proxy.endpoint))
+        table = _table()
+        output.write_parquet_atomic(table, f"{root}/00000.parquet", fs, metadata={"cache_key": "k"})
+        output.write_manifest(root, fs, {"shards": {"00000": {}}})
+    finally:
+        proxy.stop()
+    assert sum(proxy.injected.values()) >= 2 and proxy.injected["slowdown"] >= 1  # errors were really served
+    assert server.keys(OUT_BUCKET) == ["puts/00000.parquet", "puts/_manifest.json"]  # nothing else, no temp objects
+    s3fs_direct = storage.filesystem(f"s3://{OUT_BUCKET}", options(server.endpoint))[0]
+    with s3fs_direct.open(f"{OUT_BUCKET}/puts/00000.parquet", "rb") as f:
+        assert pq.read_table(f).replace_schema_metadata(None).equals(table)
+    assert output.read_output_metadata(f"{OUT_BUCKET}/puts/00000.parquet", s3fs_direct) == {"cache_key": "k"}
+
+
+def test_output_never_creates_a_bucket(server):
+    config = config_for(f"s3://{IN_BUCKET}", "s3://no-such-out-bucket/emb", server.endpoint)
+    with pytest.raises(plan.InputError, match="s3://no-such-out-bucket/emb.*bucket does not exist"):
+        plan.check_storage(config)
+    assert "no-such-out-bucket" not in [b["Name"] for b in server.boto().list_buckets()["Buckets"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# errors that retries cannot fix fail at once, naming the URL, writing nothing
+
+
+def test_missing_input_bucket(server):
+    config = config_for("s3://no-such-in-bucket/shards", f"s3://{OUT_BUCKET}/emb", server.endpoint)
+    start = time.perf_counter()
+    with pytest.raises(plan.InputError, match="s3://no-such-in-bucket/shards.*bucket does not exist"):
+        plan.plan_shards(config)
+    assert time.perf_counter() - start < 5
+
+
+def test_missing_input_prefix(server):
+    config = config_for(f"s3://{IN_BUCKET}/nothing-here", f"s3://{OUT_BUCKET}/emb", server.endpoint)
+    with pytest.raises(plan.InputError, match=f"s3://{IN_BUCKET}/nothing-here does not exist"):
+        plan.plan_shards(config)
+
+
+def test_wrong_credentials_fail_at_once_and_write_nothing(server, dataset, monkeypatch, tmp_path):
+    url = upload(server, dataset)
+    before = (server.keys(IN_BUCKET), server.keys(OUT_BUCKET))
+    use_keys(monkeypatch, ("AKIAWRONGWRONGWRONG0", "not-the-secret"))
+    config = config_for(url, f"s3://{OUT_BUCKET}/emb", server.endpoint, index_cache_dir=str(tmp_path / "c"))
+    import timm  # noqa: F401 - its first import (seconds) is not what is timed here
+
+    for check in (plan.check_config, plan.plan_shards):
+        start = time.perf_counter()
+        with pytest.raises(plan.InputError) as err:
+            check(config)
+        assert time.perf_counter() - start < 5  # 403 is not retried
+        assert url in str(err.value) and "access denied" in str(err.value)
+        assert "AWS_ACCESS_KEY_ID" in str(err.value)
+    assert (server.keys(IN_BUCKET), server.keys(OUT_BUCKET)) == before
+    assert not (tmp_path / "c").exists()
+
+
+def test_denied_output_fails_before_any_shard(server, dataset, monkeypatch):
+    """Keys that may read the input but not the output bucket's listing: refused up front, naming the output."""
+    server.boto().create_bucket(Bucket="locked-out")
+    url = upload(server, dataset)
+    # reader may list every bucket; take a user with no rights at all on the output instead
+    iam = server.boto("iam")
+    iam.create_user(UserName="inputonly")
+    iam.put_user_policy(UserName="inputonly", PolicyName="p", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"],
+                                                "Resource": [f"arn:aws:s3:::{IN_BUCKET}", f"arn:aws:s3:::{IN_BUCKET}/*"]}]}))
+    k = iam.create_access_key(UserName="inputonly")["AccessKey"]
+    use_keys(monkeypatch, (k["AccessKeyId"], k["SecretAccessKey"]))
+    with pytest.raises(plan.InputError, match="s3://locked-out/emb.*access denied"):
+        plan.check_storage(config_for(url, "s3://locked-out/emb", server.endpoint))
+    assert server.keys("locked-out") == []

@@ -1,0 +1,468 @@
+"""A long-lived DALI pipeline per worker: encoded image bytes in, model-ready tensors out.
+
+Built once per worker process; each shard streams through it. Recovers from undecodable images so that one
+bad sample costs only itself.
+
+How a bad sample is handled: DALI fails a whole batch when one image in it cannot be decoded, and (with the
+default dynamic executor) keeps running the batches queued behind it. We keep the (keys, bytes) of every batch
+in flight, in order; when a batch's outputs raise, that batch is split and fed again: the sample the error
+message names (truncated JPEGs: "Failed to decode sample #i") on its own and the rest together, or else two
+halves, until a batch of one sample fails, which is then reported with the reason from DALI's message. Every
+batch also carries a running sample id through the pipeline and its outputs are checked against the ids fed, so
+an embedding can never be attached to another sample's key.
+
+Data that is not an image at all (empty, HTML, text, unknown magic bytes) is rejected before it reaches DALI.
+
+Never fork a process after CUDA is initialised, run one pipeline per GPU per process, and call a pipeline from
+one thread at a time: DALI pipelines are not thread-safe.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
+
+from wdsembed.preprocess import PreprocessRecipe, dali_preprocess
+
+log = logging.getLogger(__name__)
+
+# Magic bytes of the formats DALI decodes (nvImageCodec: JPEG, JPEG 2000, TIFF, PNG, BMP, PNM, WebP).
+_SUPPORTED_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"BM", "bmp"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "jpeg2000"),
+    (b"\xffO\xffQ", "jpeg2000"),  # raw J2K codestream
+)
+# Known image formats DALI cannot decode: named in the failure reason.
+_UNSUPPORTED_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"\x00\x00\x01\x00", "ico"),
+    (b"8BPS", "psd"),
+    (b"\xff\x0a", "jpeg-xl"),
+    (b"\x00\x00\x00\x0cJXL ", "jpeg-xl"),
+)
+_NVIMGCODEC_STATUS = {
+    2: "invalid parameter",
+    3: "bad codestream",
+    4: "codestream unsupported",
+    5: "allocator failure",
+    6: "execution failed",
+    8: "internal error",
+    9: "implementation unsupported",
+    13: "bad codestream",
+    14: "codestream unsupported",
+    17: "internal error",
+    19: "incomplete bitstream",
+    20: "execution failed",
+}
+# Errors that say the pipeline or the device is broken, not one sample: never blamed on a sample.
+_FATAL_PATTERNS = re.compile(r"CUDA error|cudaError|CUDA_ERROR|out of memory|illegal memory access", re.IGNORECASE)
+
+
+def sniff_image(data: bytes | memoryview) -> Optional[str]:
+    """None when the bytes start like an image DALI can decode; otherwise a short reason why they can't be one."""
+    if len(data) == 0:
+        return "empty image data (0 bytes)"
+    head = bytes(data[:16])
+    for magic, _ in _SUPPORTED_MAGIC:
+        if head.startswith(magic):
+            return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return None
+    if len(head) >= 3 and head[0:1] == b"P" and head[1:2] in b"1234567" and head[2:3].isspace():
+        return None  # PNM family
+    for magic, name in _UNSUPPORTED_MAGIC:
+        if head.startswith(magic):
+            return f"unsupported image format: {name}"
+    if head[4:8] == b"ftyp":
+        return f"unsupported image format: {head[8:12].decode('latin-1').strip() or 'iso-bmff'} (HEIF/AVIF/MP4)"
+    return f"not an image (starts with {head[:8]!r})"
+
+
+def failure_reason(message: str) -> str:
+    """A one-line reason from a DALI pipeline error: the failing operator and what it said."""
+    op = re.search(r"Error in (?:CPU|GPU|MIXED|mixed|cpu|gpu) operator `(?:nvidia\.dali\.fn\.)?([^`]+)`", message)
+    detail = message
+    start = message.find("encountered:")
+    if start >= 0:
+        detail = message[start + len("encountered:") :]
+    detail = detail.split("Current pipeline object is no longer valid")[0]
+    detail = " ".join(detail.split()).rstrip(" :")
+    detail = re.sub(r"Failed to decode sample #\d+", "failed to decode", detail)
+
+    def _status(m: re.Match) -> str:
+        code = int(m.group(1))
+        return f"nvImageCodec: {_NVIMGCODEC_STATUS.get(code, 'error')} (#{code})"
+
+    detail = re.sub(r"nvImageCodec failure: '#(\d+)'", _status, detail)
+    reason = f"{op.group(1)}: {detail}" if op else detail
+    return (reason or "DALI error")[:300]
+
+
+@dataclass
+class PreprocessedBatch:
+    keys: list[str]  # keys of the rows of `images`, in order
+    images: "torch.Tensor"  # (N, C, H, W) float32, normalized; on the GPU for device_id != None
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of samples that failed here
+
+
+@dataclass
+class _Batch:
+    keys: list[str]
+    data: list[bytes | memoryview]  # the encoded bytes, referenced until the batch's outputs are taken
+    tensors: list[Any]  # DALI TensorCPU views of `data` (no copies; DALI reads them in place)
+    ids: Optional[np.ndarray] = None  # running sample ids, set when fed
+
+    def split(self, bad_index: Optional[int]) -> list["_Batch"]:
+        """Parts to feed again: the named sample alone and the rest, else two halves."""
+        n = len(self.keys)
+        if bad_index is not None and 0 <= bad_index < n:
+            rest = [i for i in range(n) if i != bad_index]
+            parts = [[bad_index], rest]
+        else:
+            parts = [list(range(n // 2)), list(range(n // 2, n))]
+        return [
+            _Batch([self.keys[i] for i in p], [self.data[i] for i in p], [self.tensors[i] for i in p])
+            for p in parts
+            if p
+        ]
+
+
+class PipelineBroken(RuntimeError):
+    """The DALI pipeline failed in a way no single sample explains; it cannot be used any more."""
+
+
+def _warmup_image() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (120, 130, 140)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def define_pipeline(
+    recipe: PreprocessRecipe,
+    *,
+    batch_size: int,
+    num_threads: int,
+    device_id: Optional[int],
+    prefetch: int = 2,
+    max_pixels: Optional[int] = None,
+    **graph_args: Any,
+) -> Any:
+    """The DALI pipeline behind ImagePipeline, defined but not built (building a GPU one needs a GPU).
+
+    Inputs: external sources "encoded" (uint8 bytes per sample) and "ids" (int64 per sample). Outputs: images
+    (N, C, H, W) float32, ids, and with max_pixels the [height, width] of samples rejected as too large."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    decode_device = "cpu" if device_id is None else "mixed"
+
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        prefetch_queue_depth=prefetch,
+        exec_dynamic=True,  # survives a failed iteration and keeps outputs valid while we hold them
+        enable_conditionals=max_pixels is not None,
+    )
+    def graph():  # type: ignore[no-untyped-def]
+        # no_copy: DALI reads our buffers in place; each stays referenced by its in-flight batch until consumed
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=True)
+        ids = fn.external_source(name="ids", dtype=types.INT64, ndim=0)
+        images, oversize = dali_preprocess(encoded, recipe, decode_device, max_pixels=max_pixels, **graph_args)
+        if oversize is None:
+            return images, ids
+        return images, ids, oversize
+
+    return graph()
+
+
+class ImagePipeline:
+    """Decode + timm eval preprocessing of encoded images with one DALI pipeline, built once and reused.
+
+    `device_id=None` runs DALI on the CPU only (decoding with libjpeg-turbo and friends) and yields CPU tensors;
+    an int decodes with nvJPEG (`mixed`, hardware decoder where present), resizes and normalizes on that GPU and
+    yields CUDA tensors shared through DLPack, no host round trip. Up to `prefetch` batches are in flight, so
+    decoding overlaps whatever the consumer does with the previous batch.
+
+    >>> pipe = ImagePipeline(PreprocessRecipe.from_model(model), batch_size=256, num_threads=4, device_id=0)
+    >>> for batch in pipe.process((s.key, s.image) for s in samples):
+    ...     embeddings = model(batch.images); record(batch.keys, embeddings, batch.failures)
+    """
+
+    def __init__(
+        self,
+        recipe: PreprocessRecipe,
+        *,
+        batch_size: int,
+        num_threads: int,
+        device_id: Optional[int],
+        prefetch: int = 2,
+        hw_decoder_load: float = 0.9,
+        max_pixels: Optional[int] = None,
+        device_memory_padding: int = 32 << 20,
+        host_memory_padding: int = 16 << 20,
+    ) -> None:
+        if batch_size < 1 or num_threads < 1 or prefetch < 1:
+            raise ValueError("batch_size, num_threads and prefetch must be >= 1")
+        self.recipe = recipe
+        self.batch_size = batch_size
+        self.device_id = device_id
+        self.prefetch = prefetch
+        self.max_pixels = max_pixels
+        self._next_id = 0
+        self._active = False
+        self._broken: Optional[str] = None
+        self._pipe = self._build(
+            num_threads=num_threads,
+            hw_decoder_load=hw_decoder_load,
+            device_memory_padding=device_memory_padding,
+            host_memory_padding=host_memory_padding,
+        )
+        self._warmup()
+
+    # -- construction -------------------------------------------------------------------------------------------
+
+    def _build(self, **graph_args: Any) -> Any:
+        pipe = define_pipeline(
+            self.recipe,
+            batch_size=self.batch_size,
+            device_id=self.device_id,
+            prefetch=self.prefetch,
+            max_pixels=self.max_pixels,
+            **graph_args,
+        )
+        pipe.build()
+        return pipe
+
+    def _warmup(self) -> None:
+        """Run `prefetch` tiny batches: the first schedule_run of a pipeline prefetches that many iterations at
+        once, after which each schedule_run runs exactly one, which is what the feeding loop relies on. Also
+        checks the pipeline works before the first shard and preallocates."""
+        from nvidia.dali.tensors import TensorCPU
+
+        data = _warmup_image()
+        batches = [_Batch(["__warmup__"], [data], [TensorCPU(data)]) for _ in range(self.prefetch)]
+        for b in batches:
+            self._feed(b)
+        self._pipe.schedule_run()
+        try:
+            for b in batches:
+                self._collect(b)
+        except _BatchFailed as e:
+            raise PipelineBroken(f"the pipeline cannot decode a plain JPEG: {e.reason}") from e
+
+    # -- public ---------------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> "torch.device":
+        import torch
+
+        return torch.device("cpu") if self.device_id is None else torch.device("cuda", self.device_id)
+
+    def process(self, samples: Iterable[tuple[str, bytes | memoryview]]) -> Iterator[PreprocessedBatch]:
+        """Decode and preprocess (key, encoded bytes) pairs; every input key comes out once, either as a row of
+        some batch's `images` or in some batch's `failures`.
+
+        Batches come out in input order except that the parts of a batch that had a bad image come out later.
+        The byte buffers must stay unmodified until the batch holding them has come out (they are not copied).
+        """
+        if self._broken:
+            raise PipelineBroken(self._broken)
+        if self._active:
+            raise RuntimeError("ImagePipeline.process() is already running; a pipeline serves one stream at a time")
+        self._active = True
+        source = self._batches(samples)
+        pending: deque[_Batch] = deque()  # fed to DALI, outputs not yet taken, in feeding order
+        retry: deque[_Batch] = deque()  # parts of failed batches, to be fed again
+        failures: list[tuple[str, str]] = []
+        source_done = False
+
+        def fill() -> None:
+            nonlocal source_done
+            while len(pending) < self.prefetch:
+                if retry:
+                    batch = retry.popleft()
+                elif not source_done:
+                    got = next(source, None)
+                    if got is None:
+                        source_done = True
+                        continue
+                    batch, rejected = got
+                    failures.extend(rejected)
+                    if not batch.keys:
+                        continue
+                else:
+                    return
+                try:
+                    self._feed(batch)
+                    self._pipe.schedule_run()
+                except Exception as e:  # half-fed inputs would put every later batch out of step
+                    self._broken = f"feeding DALI failed: {e}"[:500]
+                    raise PipelineBroken(self._broken) from e
+                pending.append(batch)
+
+        try:
+            fill()
+            while pending:
+                batch = pending.popleft()
+                try:
+                    result = self._collect(batch)
+                except _BatchFailed as e:
+                    if len(batch.keys) == 1:
+                        failures.append((batch.keys[0], e.reason))
+                    else:
+                        parts = batch.split(e.bad_index)
+                        log.debug("a batch of %d failed (%s); feeding it again as %s", len(batch.keys), e.reason,
+                                  [len(p.keys) for p in parts])
+                        retry.extend(parts)
+                    fill()
+                    continue
+                fill()  # keep DALI busy while the consumer works on this batch
+                result.failures, failures = failures + result.failures, []
+                yield result
+            if failures:
+                yield PreprocessedBatch([], self._empty(), failures)
+        except PipelineBroken:
+            raise
+        except BaseException:
+            # The consumer stopped early (GeneratorExit) or the sample source failed (an unreadable shard): the
+            # pipeline is fine, but the iterations in flight must be taken so the next process() starts in step.
+            try:
+                self._drain(pending)
+            except Exception as drain_error:
+                self._broken = self._broken or f"could not drain the pipeline: {drain_error}"[:500]
+            raise
+        finally:
+            self._active = False
+
+    def close(self) -> None:
+        """Free the pipeline (and the GPU memory DALI pooled for it)."""
+        pipe, self._pipe = getattr(self, "_pipe", None), None
+        self._broken = self._broken or "closed"
+        if pipe is not None:
+            del pipe
+            if self.device_id is not None:
+                from nvidia.dali.backend import ReleaseUnusedMemory
+
+                ReleaseUnusedMemory()
+
+    def __enter__(self) -> "ImagePipeline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------------------------
+
+    def _batches(
+        self, samples: Iterable[tuple[str, bytes | memoryview]]
+    ) -> Iterator[tuple[_Batch, list[tuple[str, str]]]]:
+        from nvidia.dali.tensors import TensorCPU
+
+        # Per-sample work is kept to a sniff and a zero-copy TensorCPU view (~1.5 us): DALI's feed_input would
+        # otherwise inspect and wrap each numpy array in Python, about twice as slow.
+        keys: list[str] = []
+        datas: list[bytes | memoryview] = []
+        tensors: list[Any] = []
+        rejected: list[tuple[str, str]] = []
+        for key, data in samples:
+            why = "no image data" if data is None else sniff_image(data)
+            if why is not None:
+                rejected.append((key, why))
+                continue
+            keys.append(key)
+            datas.append(data)
+            tensors.append(TensorCPU(data))
+            if len(keys) == self.batch_size:
+                yield _Batch(keys, datas, tensors), rejected
+                keys, datas, tensors, rejected = [], [], [], []
+        if keys or rejected:
+            yield _Batch(keys, datas, tensors), rejected
+
+    def _feed(self, batch: _Batch) -> None:
+        n = len(batch.keys)
+        batch.ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+        self._next_id += n
+        self._pipe.feed_input("encoded", batch.tensors)
+        self._pipe.feed_input("ids", batch.ids)
+
+    def _collect(self, batch: _Batch) -> PreprocessedBatch:
+        """Take the outputs of the oldest iteration in flight, which must be `batch`'s."""
+        import torch
+
+        stream = None if self.device_id is None else torch.cuda.current_stream(self.device_id)
+        try:
+            outs = self._pipe.outputs(cuda_stream=stream)
+        except RuntimeError as e:
+            message = str(e)
+            if _FATAL_PATTERNS.search(message):
+                self._broken = f"DALI pipeline failed: {failure_reason(message)}"
+                raise PipelineBroken(self._broken) from e
+            hint = re.search(r"Failed to decode sample #(\d+)", message)
+            raise _BatchFailed(failure_reason(message), int(hint.group(1)) if hint else None) from None
+        images_tl, ids_tl = outs[0], outs[1]
+        got = np.asarray(ids_tl.as_tensor())
+        if not np.array_equal(got, batch.ids):
+            self._broken = f"DALI outputs out of step with inputs: expected ids {batch.ids[:4]}..., got {got[:4]}..."
+            raise PipelineBroken(self._broken)
+        images = self._to_torch(images_tl)
+        keys, failures = batch.keys, []
+        if len(outs) > 2:  # max_pixels guard: drop the rows that stood in for oversized images
+            oversize = np.asarray(outs[2].as_tensor())
+            bad = np.flatnonzero(oversize[:, 0] > 0)
+            if bad.size:
+                limit = self.max_pixels
+                failures = [
+                    (keys[i], f"image too large: {oversize[i, 1]}x{oversize[i, 0]} pixels > max_pixels={limit}")
+                    for i in bad
+                ]
+                keep = np.flatnonzero(oversize[:, 0] == 0)
+                keys = [keys[i] for i in keep]
+                images = images.index_select(0, torch.from_numpy(keep).to(images.device))
+        return PreprocessedBatch(keys, images, failures)
+
+    def _to_torch(self, tl: Any) -> "torch.Tensor":
+        import torch
+
+        if tl.is_dense_tensor():  # the usual case: one contiguous batch, shared without a copy
+            if self.device_id is None:
+                return torch.from_dlpack(tl.as_tensor())
+            with torch.cuda.device(self.device_id):
+                return torch.from_dlpack(tl.as_tensor())
+        if self.device_id is None:
+            return torch.stack([torch.from_numpy(np.asarray(tl[i])) for i in range(len(tl))])
+        with torch.cuda.device(self.device_id):
+            return torch.stack([torch.from_dlpack(tl[i]) for i in range(len(tl))])
+
+    def _empty(self) -> "torch.Tensor":
+        import torch
+
+        return torch.empty((0, *self.recipe.input_size), dtype=torch.float32, device=self.device)
+
+    def _drain(self, pending: deque[_Batch]) -> None:
+        """The consumer stopped early: take (and drop) the outputs still in flight so that the next process()
+        starts in step."""
+        while pending:
+            batch = pending.popleft()
+            try:
+                self._collect(batch)
+            except _BatchFailed:
+                pass
+
+
+class _BatchFailed(Exception):
+    def __init__(self, reason: str, bad_index: Optional[int]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.bad_index = bad_index

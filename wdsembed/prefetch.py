@@ -1,0 +1,162 @@
+"""Read-ahead for one front-to-back pass over an object in a store (a shard tar on S3).
+
+`ReadAhead` is a file object whose `read(n)` is served from blocks that background threads have already fetched
+with ranged GETs, several in flight at once: downloading overlaps with embedding, and one shard's throughput is
+not capped by one connection's. Memory is bounded by `depth` blocks in flight or waiting plus the block being
+read; nothing touches local disk. Forward reads only (the tar reader never seeks).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Optional
+
+log = logging.getLogger("wdsembed")
+
+BLOCK_SIZE = 8 << 20  # one ranged GET; equal to shards.CHUNK_SIZE so the tar reader's reads take whole blocks
+DEPTH = 4  # blocks fetched ahead (and parallel GETs): 32 MiB in flight per shard being read
+RETRIES = 4  # per block, on top of botocore's and s3fs's own retries (covers short or dropped bodies)
+
+
+class ShortReadError(IOError):
+    """A ranged GET returned fewer bytes than asked for inside the object."""
+
+
+def _retryable(exc: BaseException) -> bool:
+    # Missing objects and denied access do not get better; anything else I/O-like (timeouts, 5xx after the
+    # library's own retries, a dropped body) may.
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    return isinstance(exc, (OSError, TimeoutError, ConnectionError)) or "Timeout" in type(exc).__name__
+
+
+class ReadAhead:
+    """A read-only, forward-only binary file over `path` on fsspec filesystem `fs`."""
+
+    def __init__(
+        self,
+        fs: Any,
+        path: str,
+        *,
+        size: Optional[int] = None,
+        block_size: int = BLOCK_SIZE,
+        depth: int = DEPTH,
+        retries: int = RETRIES,
+    ) -> None:
+        self.fs, self.path, self.name = fs, path, path
+        self.size = int(fs.size(path) if size is None else size)
+        self.block_size = max(int(block_size), 1)
+        self.retries = max(int(retries), 1)
+        self._pool = ThreadPoolExecutor(max_workers=max(int(depth), 1), thread_name_prefix="wdsembed-readahead")
+        self._depth = max(int(depth), 1)
+        self._pending: collections.deque[Future] = collections.deque()
+        self._next = 0  # start of the next block to request
+        self._buf = b""
+        self._pos = 0  # next unread byte of _buf
+        self._offset = 0  # absolute offset of the next unread byte
+        self.closed = False
+        self.requests = 0  # ranged GETs made (retries included), for tests and logs
+        for _ in range(self._depth):
+            self._request_next()
+
+    # -- fetching
+
+    def _request_next(self) -> None:
+        if self._next >= self.size:
+            return
+        start, end = self._next, min(self._next + self.block_size, self.size)
+        self._next = end
+        self._pending.append(self._pool.submit(self._fetch, start, end))
+
+    def _fetch(self, start: int, end: int) -> bytes:
+        for attempt in range(self.retries):
+            if self.closed:
+                return b""
+            try:
+                self.requests += 1
+                data = self.fs.cat_file(self.path, start=start, end=end)
+                if len(data) != end - start:
+                    raise ShortReadError(f"{self.path}: bytes {start}-{end} came back as {len(data)} bytes")
+                return data
+            except BaseException as exc:  # noqa: BLE001 - sorted below
+                if attempt + 1 >= self.retries or not _retryable(exc):
+                    raise
+                log.warning("retrying read of %s bytes %d-%d after %s: %s", self.path, start, end,
+                            type(exc).__name__, exc)
+                time.sleep(min(0.2 * 2**attempt, 5.0))
+        raise AssertionError("unreachable")
+
+    # -- file object
+
+    def read(self, n: int = -1) -> bytes:
+        """Exactly n bytes (all the rest for n < 0), fewer only at the end of the object."""
+        if self.closed:
+            raise ValueError("read of a closed ReadAhead")
+        if n is None or n < 0:
+            n = self.size - self._offset
+        if n == 0:
+            return b""
+        if self._pos == len(self._buf) and not self._advance():
+            return b""
+        avail = len(self._buf) - self._pos
+        if n <= avail:
+            if self._pos == 0 and n == avail:  # exactly the fresh block: hand it out, no copy
+                out, self._buf = self._buf, b""
+            else:
+                out = self._buf[self._pos : self._pos + n]
+                self._pos += n
+            self._offset += n
+            return out
+        parts = [self._buf[self._pos :]]
+        got = avail
+        self._buf, self._pos = b"", 0
+        while got < n and self._advance():
+            take = self._buf[: n - got]
+            self._pos = len(take)
+            parts.append(take)
+            got += len(take)
+        self._offset += got
+        return b"".join(parts)
+
+    def _advance(self) -> bool:
+        """Make the next block current; False at the end of the object."""
+        self._buf, self._pos = b"", 0  # drop the old block before waiting on the next
+        if not self._pending:
+            return False
+        future = self._pending.popleft()
+        self._request_next()
+        self._buf = future.result()
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self._offset
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._buf = b""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "ReadAhead":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - a safety net for callers that forget close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
