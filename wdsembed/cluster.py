@@ -25,8 +25,17 @@ def visible_gpus() -> int:
         return 0
 
 
-def uses_gpus(config: EmbedConfig) -> bool:
-    return config.device != "cpu" and config.dask_address is None and visible_gpus() > 0
+def gpu_slots_declared() -> bool:
+    """Whether the workers of the current Dask client declare a GPU resource (LocalCUDACluster started here, or
+    `dask cuda worker --resources GPU=1` on other nodes): only then may tasks ask for one, or they would wait
+    forever."""
+    try:
+        from distributed import get_client
+
+        workers = get_client().scheduler_info()["workers"].values()
+    except (ImportError, ValueError):
+        return False
+    return bool(workers) and all("GPU" in (w.get("resources") or {}) for w in workers)
 
 
 def task_runner_kwargs(config: EmbedConfig) -> dict:
@@ -39,11 +48,11 @@ def task_runner_kwargs(config: EmbedConfig) -> dict:
             raise RuntimeError("GPUs are visible but dask-cuda is not installed: pip install 'wdsembed[gpu]'")
         return {
             "cluster_class": "dask_cuda.LocalCUDACluster",
-            # One single-threaded worker per GPU, declaring the GPU as a resource so that two shard tasks
-            # never share one device.
+            # One worker per GPU that declares the GPU as a resource: an embedding task takes it, so two shards never
+            # share a device, while the second thread validates the previous shard's output meanwhile.
             "cluster_kwargs": {
                 "n_workers": min(config.n_workers or gpus, gpus),
-                "threads_per_worker": 1,
+                "threads_per_worker": 2,
                 "resources": {"GPU": 1},
             },
         }

@@ -212,6 +212,7 @@ class ImagePipeline:
         max_pixels: Optional[int] = None,
         device_memory_padding: int = 32 << 20,
         host_memory_padding: int = 16 << 20,
+        jpeg_fancy_upsampling: bool = False,
     ) -> None:
         if batch_size < 1 or num_threads < 1 or prefetch < 1:
             raise ValueError("batch_size, num_threads and prefetch must be >= 1")
@@ -228,6 +229,7 @@ class ImagePipeline:
             hw_decoder_load=hw_decoder_load,
             device_memory_padding=device_memory_padding,
             host_memory_padding=host_memory_padding,
+            jpeg_fancy_upsampling=jpeg_fancy_upsampling,
         )
         self._warmup()
 

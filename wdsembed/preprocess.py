@@ -237,6 +237,7 @@ def dali_preprocess(
     hw_decoder_load: float = 0.9,
     device_memory_padding: int = 32 << 20,
     host_memory_padding: int = 16 << 20,
+    jpeg_fancy_upsampling: bool = False,
 ) -> tuple[Any, Optional[Any]]:
     """Encoded image bytes (a CPU uint8 node) -> normalized float32 CHW images, on the GPU for decode_device="mixed".
 
@@ -254,8 +255,10 @@ def dali_preprocess(
             # preallocated per thread so that typical web and camera images never reallocate mid-stream
             device_memory_padding=device_memory_padding,
             host_memory_padding=host_memory_padding,
-            # libjpeg-turbo (PIL, and DALI's CPU decoder) upsamples chroma "fancily"; nvJPEG differs without this
-            jpeg_fancy_upsampling=True,
+            # libjpeg-turbo (PIL, DALI's CPU decoder) upsamples chroma "fancily"; asking nvJPEG to do the same
+            # keeps it off the hardware JPEG decoder, several times slower. Measured on an H200 (docs/benchmarks.md),
+            # the plain upsampling keeps embeddings within the fidelity target, so it is the default.
+            jpeg_fancy_upsampling=jpeg_fancy_upsampling,
         )
 
     oversize = None

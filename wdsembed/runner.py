@@ -16,8 +16,9 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from wdsembed import output, shards, storage
+from wdsembed import faults, output, shards, storage
 from wdsembed.config import EmbedConfig
+from wdsembed.threads import in_background
 from wdsembed.versions import code_version, package_versions
 
 log = logging.getLogger("wdsembed")
@@ -55,6 +56,10 @@ class ShardResult:
     cache_key: str = ""
     errors: list[tuple[str, str]] = field(default_factory=list)  # a few (key, reason) examples
     model: dict = field(default_factory=dict)  # name, weights, embedding, dim, preprocessing
+    # What was wrong with the shard itself, though its output was written: a damaged tar (every intact sample is
+    # embedded, the rest named in the error column), an unreadable parquet, repeated keys, a stale .idx rebuilt.
+    warnings: list[str] = field(default_factory=list)
+    batch_size: int = 0  # the batch size this shard ran with (smaller than configured after an out-of-memory retry)
 
     @property
     def images_per_second(self) -> float:
@@ -73,6 +78,7 @@ def cache_key(config: EmbedConfig, plan: ShardPlan) -> str:
         "checkpoint": _file_fingerprint(config.checkpoint, config.storage_options) if config.checkpoint else None,
         "columns": [config.id_column, config.embedding_column, config.error_column],
         "extensions": list(config.image_extensions),
+        "max_image_pixels": config.max_image_pixels or None,
         "code": code_version(),
         "packages": {k: v for k, v in package_versions().items() if k in ("timm", "torch", "nvidia-dali-cuda120")},
         "format": METADATA_VERSION,
@@ -148,6 +154,7 @@ class Worker:
             batch_size=config.batch_size,
             num_threads=config.num_threads_per_worker,
             device_id=device_id,
+            max_pixels=config.max_image_pixels or None,  # decompression-bomb guard; 0/None: off
         )
         self.info = {
             "name": self.loaded.name,
@@ -170,7 +177,8 @@ class Worker:
         keys: list[str] = []
         chunks: list = []
         failures: dict[str, str] = {}
-        for batch in self.pipeline.process(samples):
+        # Reading and DALI run a batch or two ahead in their own thread while the model works on this one.
+        for batch in in_background(self.pipeline.process(samples), depth=2):
             failures.update(batch.failures)
             if batch.keys:
                 emb = embed_batch(self.loaded, batch.images, autocast=autocast, normalize=normalize)
@@ -203,7 +211,8 @@ _WORKERS_LOCK = threading.Lock()
 def get_worker(config: EmbedConfig) -> Worker:
     """This process's Worker for the config's model and pipeline settings (built on first use)."""
     ident = json.dumps(
-        [config.model_key(), config.checkpoint, config.batch_size, config.num_threads_per_worker, config.device],
+        [config.model_key(), config.checkpoint, config.batch_size, config.num_threads_per_worker, config.device,
+         config.max_image_pixels or None],
         sort_keys=True,
     )
     with _WORKERS_LOCK:
@@ -229,36 +238,79 @@ def embed_shard(
     worker = get_worker(config)
     in_fs, tar_path = storage.filesystem(plan.shard, config.storage_options)
     index = _read_index(config, plan)
+    warnings: list[str] = []
     rows = None
     if plan.rows:
         rows_fs, rows_path = storage.filesystem(plan.rows, config.storage_options)
-        rows = shards.read_rows(rows_path, rows_fs)
+        try:
+            rows = shards.read_rows(rows_path, rows_fs)
+        except shards.MetadataFileError as exc:
+            # The tar's samples are still embedded (one row each, keyed); the parquet's columns are missing until
+            # it is fixed, which changes the shard's fingerprint, so the next run redoes the shard with them.
+            warnings.append(f"{exc}; the output holds the tar's samples only (no img2dataset columns)")
+            log.warning("shard %s: %s", plan.stem, warnings[-1])
 
     tar_errors: dict[str, str] = {}
+    duplicates: dict[str, int] = {}
+    damage: list[shards.ShardReadError] = []
+    seen: set[str] = set()
+    stale: list[shards.StaleIndexError] = []
     n_samples = 0
-    # A shard on an object store without an index gets one from this same pass (plan_shards does not read it).
-    builder = shards.IndexBuilder() if config.use_index_files and index is None and not storage.is_local(in_fs) else None
+    # A shard on an object store without an index gets one from this same pass (plan_shards does not read it);
+    # a shard whose index turns out stale gets a fresh one from it too.
+    builder = shards.IndexBuilder() if config.use_index_files and (index is not None or not storage.is_local(in_fs)) else None
     read_to_end = False
+
+    def after_batch(n: int) -> None:
+        faults.maybe_inject(plan.stem, where="batch")  # opt-in (WDSEMBED_FAULTS): a failure mid-shard
+        on_progress(n)
 
     def good_samples() -> Iterator[tuple[str, bytes]]:
         nonlocal n_samples, read_to_end
         # Object stores: large ranges fetched ahead in the background, overlapping download with embedding.
         with storage.open_sequential(in_fs, tar_path) as f:
-            for sample in shards.iter_samples(f, extensions=config.image_extensions, shard=plan.shard, index=index,
-                                              index_builder=builder):
-                n_samples += 1
-                if sample.error:
-                    # A duplicate key keeps its first sample's embedding; the repeat is only recorded.
-                    tar_errors.setdefault(sample.key, sample.error)
-                else:
-                    yield sample.key, sample.image
+            samples = shards.iter_samples(f, extensions=config.image_extensions, shard=plan.shard, index=index,
+                                          index_builder=builder, on_stale_index=stale.append)
+            try:
+                for sample in samples:
+                    n_samples += 1
+                    if sample.key in seen:
+                        # The key's first sample owns its row (embedded or failed); a repeat is counted, not joined.
+                        duplicates[sample.key] = duplicates.get(sample.key, 0) + 1
+                        continue
+                    seen.add(sample.key)
+                    if sample.error:
+                        tar_errors[sample.key] = sample.error
+                    else:
+                        yield sample.key, sample.image
+            except shards.ShardReadError as exc:
+                # A truncated or corrupt tar: every sample before the damage is embedded; the one being read is
+                # named, and parquet rows not reached say so (the shard is not failed: retrying changes nothing).
+                damage.append(exc)
+                if exc.key is not None and exc.key not in seen:
+                    tar_errors[exc.key] = f"tar damaged inside this sample: {exc.reason} at byte {exc.offset}"
+                return
         read_to_end = True
 
     keys, embeddings, failures = worker.embed(
-        good_samples(), autocast=config.autocast, normalize=config.normalize_embeddings, on_batch=on_progress
+        good_samples(), autocast=config.autocast, normalize=config.normalize_embeddings, on_batch=after_batch
     )
-    if builder is not None and read_to_end:
+    if builder is not None and read_to_end and (index is None or stale):
         _save_built_index(config, in_fs, tar_path, builder)
+    if stale:
+        warnings.append(f"stale .idx ignored and rebuilt ({stale[0]})")
+        log.warning("shard %s: %s", plan.stem, warnings[-1])
+    if duplicates:
+        first = sorted(duplicates)[:3]
+        warnings.append(f"{sum(duplicates.values())} sample(s) repeat an earlier key ({len(duplicates)} key(s), "
+                        f"e.g. {', '.join(map(repr, first))}): the first sample of a key is its row, repeats are skipped")
+        log.warning("shard %s: %s", plan.stem, warnings[-1])
+    missing_reason = output.NOT_IN_TAR
+    if damage:
+        exc = damage[0]
+        missing_reason = f"not in the readable part of the tar (damaged at byte {exc.offset}: {exc.reason})"
+        warnings.append(f"tar damaged at byte {exc.offset}: {exc.reason}; {n_samples} sample(s) before it read")
+        log.warning("shard %s: %s", plan.stem, warnings[-1])
     errors = {**tar_errors, **failures}
     table = output.build_output_table(
         rows=rows,
@@ -269,6 +321,7 @@ def embed_shard(
         id_column=config.id_column,
         embedding_column=config.embedding_column,
         error_column=config.error_column,
+        missing_reason=missing_reason,
     )
     n_embedded = int(table.column(config.embedding_column).is_valid().to_numpy(zero_copy_only=False).sum())
     result = ShardResult(
@@ -283,6 +336,8 @@ def embed_shard(
         cache_key=key,
         errors=sorted(errors.items())[:20],
         model=worker.info,
+        warnings=warnings,
+        batch_size=config.batch_size,
     )
     out_fs, out_path = storage.filesystem(plan.output, config.storage_options)
     if storage.is_local(out_fs):  # object stores have no folders (and s3fs's makedirs would create a bucket)

@@ -1,0 +1,363 @@
+"""Throughput benchmark: the model alone, DALI alone, and the full flow, measured in one process and one run.
+
+    python bench/throughput.py                       # GPU: the three reference models, 1 GPU
+    python bench/throughput.py --gpus 1 2 4          # full-flow scaling over 1, 2, 4 GPUs (ViT-B/16)
+    python bench/throughput.py --small               # CPU: a tiny model on a few shards (what CI runs)
+
+It builds its own shards of real photographs (scikit-image's samples, re-encoded as JPEG at 300-640 px), then for
+each model prints images/s for (a) the model alone on resident tensors (bf16 autocast, as the flow runs it),
+(b) DALI reading + decoding + preprocessing alone, (c) the full flow through Prefect and Dask from tar to parquet
+with warm workers, the ratio (c) / min(a, b), and the peak GPU and host memory of (c). Writes JSON with --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+GPU_MODELS = ["vit_large_patch14_clip_224.openai", "vit_base_patch16_clip_224.openai", "resnet50.a1_in1k"]
+CPU_MODELS = ["test_resnet.r160_in1k"]
+
+
+def build_shards(folder: str, n_shards: int, per_shard: int, unique: int, seed: int = 0) -> int:
+    """Shards of re-encoded photographs; `unique` distinct images are repeated under new keys (decode cost is the
+    same for a repeat, and building stays fast)."""
+    import io
+    import random
+
+    from PIL import Image
+
+    from wdsembed.synthetic import PHOTO_NAMES, load_photo
+
+    rng = random.Random(seed)
+    encoded = []
+    photos = [load_photo(name, None) for name in PHOTO_NAMES]
+    for i in range(unique):
+        img = photos[i % len(photos)]
+        img = img if isinstance(img, Image.Image) else Image.fromarray(img)
+        long_side = rng.randint(300, 640)
+        scale = long_side / max(img.size)
+        w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+        # A random crop first, so repeats of one photo differ in content and size.
+        cx, cy = rng.randint(0, img.width // 4), rng.randint(0, img.height // 4)
+        part = img.crop((cx, cy, img.width - rng.randint(0, img.width // 4), img.height - rng.randint(0, img.height // 4)))
+        buf = io.BytesIO()
+        part.convert("RGB").resize((w, h), Image.BICUBIC).save(buf, "JPEG", quality=rng.randint(80, 95))
+        encoded.append(buf.getvalue())
+
+    import tarfile
+
+    os.makedirs(folder, exist_ok=True)
+    for s in range(n_shards):
+        with tarfile.open(os.path.join(folder, f"{s:05d}.tar"), "w") as tar:
+            for j in range(per_shard):
+                data = encoded[(s * per_shard + j) % len(encoded)]
+                info = tarfile.TarInfo(f"{s:05d}{j:04d}.jpg")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return n_shards * per_shard
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_model(model_name: str, device: str, batch_size: int, seconds: float) -> dict:
+    """(a) the model alone on resident tensors, exactly as the flow calls it (embed_batch, bf16 autocast)."""
+    import torch
+
+    from wdsembed.model import embed_batch, load_model
+
+    loaded = load_model(model_name, pretrained=False, device=device)
+    _, h, w = loaded.data_config["input_size"]
+    x = torch.randn(batch_size, 3, h, w, device=device)
+    for _ in range(3):
+        embed_batch(loaded, x, autocast=True, normalize=True)
+    sync(device)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        embed_batch(loaded, x, autocast=True, normalize=True)
+        n += batch_size
+    sync(device)
+    rate = n / (time.perf_counter() - start)
+    del loaded, x
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"images_per_second": round(rate, 1), "dim_input": [h, w]}
+
+
+def bench_dali(model_name: str, folder: str, device: str, batch_size: int, threads: int, **pipeline_options) -> dict:
+    """(b) reading the tars + DALI decoding and preprocessing alone, into tensors on the device."""
+    import timm
+    import torch
+
+    from wdsembed import shards
+    from wdsembed.pipeline import ImagePipeline
+    from wdsembed.preprocess import PreprocessRecipe
+
+    model = timm.create_model(model_name, pretrained=False)
+    recipe = PreprocessRecipe.from_data_config(timm.data.resolve_model_data_config(model))
+    del model
+    device_id = 0 if device.startswith("cuda") else None
+    pipe = ImagePipeline(recipe, batch_size=batch_size, num_threads=threads, device_id=device_id, **pipeline_options)
+    tars = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".tar"))
+
+    def samples():
+        for tar in tars:
+            with open(tar, "rb") as f:
+                for s in shards.iter_samples(f, extensions=("jpg",), shard=tar):
+                    yield s.key, s.image
+
+    # Warm-up on one shard, then the timed pass over all.
+    for _ in pipe.process((k, v) for k, v in samples() if k.startswith(os.path.basename(tars[0])[:5])):
+        pass
+    n, checksum = 0, 0.0
+    sync(device)
+    start = time.perf_counter()
+    for batch in pipe.process(samples()):
+        n += len(batch.keys)
+        checksum += float(batch.images[:, 0, 0, 0].sum()) if n < batch_size * 2 else 0.0
+    sync(device)
+    rate = n / (time.perf_counter() - start)
+    pipe.close()
+    del pipe
+    return {"images_per_second": round(rate, 1), "images": n}
+
+
+def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device: str, batch_size: int,
+               threads: int, n_gpus: int) -> dict:
+    """(c) the full flow (Prefect + Dask, tar to parquet) on warm workers of a cluster started here."""
+    from distributed import Client, LocalCluster
+
+    import flows.embed as fe
+    from wdsembed.config import EmbedConfig
+
+    if device.startswith("cuda"):
+        from dask_cuda import LocalCUDACluster
+
+        # As the flow's own runner builds it (wdsembed/cluster.py), started here once so workers stay warm.
+        cluster = LocalCUDACluster(n_workers=n_gpus, threads_per_worker=2, resources={"GPU": 1},
+                                   CUDA_VISIBLE_DEVICES=list(range(n_gpus)))
+    else:
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True)
+    client = Client(cluster)
+    try:
+        def config(inp: str, force: bool) -> EmbedConfig:
+            return EmbedConfig(
+                input=inp, output=out, model_name=model_name, pretrained=False, batch_size=batch_size,
+                num_threads_per_worker=threads, device="auto" if device.startswith("cuda") else "cpu",
+                dask_address=cluster.scheduler_address, force=force,
+            )
+
+        # Warm-up: every worker loads the model and builds its pipeline once (as in any long run).
+        fe.run(config(warm_folder, True))
+        client.run(_reset_peaks)
+        start = time.perf_counter()
+        manifest = fe.run(config(folder, True))
+        wall = time.perf_counter() - start
+        peaks = client.run(_peaks)
+        embedded = manifest["totals"]["embedded_this_run"]
+        return {
+            "images_per_second": round(embedded / wall, 1),
+            "images": embedded,
+            "wall_seconds": round(wall, 2),
+            "gpus": n_gpus,
+            "peak_gpu_memory_gib": round(max(p["gpu"] for p in peaks.values()), 2),
+            "peak_host_rss_gib": round(max(p["rss"] for p in peaks.values()), 2),
+        }
+    finally:
+        client.close()
+        cluster.close()
+
+
+def _reset_peaks() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peaks() -> dict:
+    import torch
+
+    gpu = 0.0
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        # DALI's pools are outside torch's allocator: report what the process holds on the device.
+        gpu = max(torch.cuda.max_memory_reserved(), total - free) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    return {"gpu": gpu, "rss": rss}
+
+
+def bench_reading(folder: str) -> dict:
+    """Reading the tars alone (the Python side that feeds DALI): the ceiling of (b) from our own reader."""
+    from wdsembed import shards
+
+    tars = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".tar"))
+    n, start = 0, time.perf_counter()
+    for tar in tars:
+        with open(tar, "rb") as f:
+            n += sum(1 for _ in shards.iter_samples(f, extensions=("jpg",), shard=tar))
+    return {"images_per_second": round(n / (time.perf_counter() - start), 1)}
+
+
+def dali_variants(model_name: str, folder: str, device: str, batch_size: int) -> list[dict]:
+    """(b) under several decoder settings, to pick the defaults."""
+    rows = []
+    for fancy in (False, True):
+        for threads in (8, 12):
+            for load in (0.9, 0.65):
+                opts = {"jpeg_fancy_upsampling": fancy, "hw_decoder_load": load}
+                r = _stage(bench_dali, model_name, folder, device, batch_size, threads, **opts)
+                rows.append({"threads": threads, **opts, **r})
+                print("dali variant", rows[-1], flush=True)
+    return rows
+
+
+def fidelity(model_name: str, folder: str, device: str, n_images: int = 64) -> dict:
+    """Cosine similarity of the flow's embeddings (DALI path, bf16) with timm's own PIL preprocessing + fp32 model."""
+    import io
+
+    import timm
+    import torch
+    from PIL import Image, ImageOps
+
+    from wdsembed import shards
+    from wdsembed.model import embed_batch, load_model
+    from wdsembed.pipeline import ImagePipeline
+    from wdsembed.preprocess import PreprocessRecipe
+
+    loaded = load_model(model_name, pretrained=False, device=device)
+    recipe = PreprocessRecipe.from_data_config(loaded.data_config)
+    transform = timm.data.create_transform(**loaded.data_config)
+    tar = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".tar"))[0]
+    with open(tar, "rb") as f:
+        samples = [(s.key, bytes(s.image)) for _, s in zip(range(n_images), shards.iter_samples(f, extensions=("jpg",), shard=tar))]
+    pipe = ImagePipeline(recipe, batch_size=32, num_threads=4, device_id=0 if device.startswith("cuda") else None)
+    ours = {}
+    for batch in pipe.process(samples):
+        emb = embed_batch(loaded, batch.images, autocast=True, normalize=True).float().cpu()
+        ours.update(zip(batch.keys, emb))
+    pipe.close()
+    ref = torch.stack([transform(ImageOps.exif_transpose(Image.open(io.BytesIO(b))).convert("RGB")) for _, b in samples])
+    ref_emb = embed_batch(loaded, ref.to(device), autocast=False, normalize=True).float().cpu()
+    cos = torch.stack([torch.dot(ours[k], ref_emb[i]) for i, (k, _) in enumerate(samples)])
+    return {"model": model_name, "images": len(samples), "min_cosine": round(float(cos.min()), 6),
+            "mean_cosine": round(float(cos.mean()), 6), "reference": "timm create_transform on PIL + fp32 model"}
+
+
+def _stage(fn, *args) -> dict:
+    """One measurement; a failure is recorded with its traceback and the others still run."""
+    import traceback
+
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+")
+    p.add_argument("--shards", type=int)
+    p.add_argument("--per-shard", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--model-seconds", type=float)
+    p.add_argument("--gpus", type=int, nargs="+", help="full-flow scaling runs over these GPU counts (ViT-B/16)")
+    p.add_argument("--small", action="store_true", help="the CPU path on a tiny model (CI)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["model", "dali", "flow", "fidelity"])
+    p.add_argument("--variants", action="store_true", help="also time DALI under several decoder settings")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--workdir", help="where shards are built (default: a temp folder)")
+    args = p.parse_args()
+
+    import torch
+
+    gpu = torch.cuda.is_available() and not args.small
+    device = "cuda:0" if gpu else "cpu"
+    models = args.models or (GPU_MODELS if gpu else CPU_MODELS)
+    n_shards = args.shards or (16 if gpu else 2)
+    per_shard = args.per_shard or (1000 if gpu else 16)
+    batch_size = args.batch_size or (256 if gpu else 8)
+    threads = args.threads or (8 if gpu else 1)
+    model_seconds = args.model_seconds or (8.0 if gpu else 2.0)
+
+    work = args.workdir or tempfile.mkdtemp(prefix="wdsembed-bench-")
+    data, warm, out = (os.path.join(work, d) for d in ("shards", "warm", "out"))
+    t = time.perf_counter()
+    total = build_shards(data, n_shards, per_shard, unique=min(n_shards * per_shard, 1000))
+    build_shards(warm, 1 if not args.gpus else max(args.gpus), min(per_shard, 64), unique=64, seed=1)
+    print(f"built {n_shards} shards x {per_shard} photos ({total} images) in {time.perf_counter() - t:.1f} s; "
+          f"device {torch.cuda.get_device_name(0) if gpu else 'cpu'}", flush=True)
+
+    results = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "gpus_visible": torch.cuda.device_count(),
+               "shards": n_shards, "per_shard": per_shard, "batch_size": batch_size, "threads": threads,
+               "models": {}, "scaling": {}, "fidelity": None}
+    results["reading_only"] = bench_reading(data)
+    print(f"reading the tars alone: {results['reading_only']['images_per_second']:,.0f} img/s", flush=True)
+    if args.variants:
+        results["dali_variants"] = dali_variants(models[0], data, device, batch_size)
+    for name in models:
+        row = {}
+        if "model" not in args.skip:
+            row["model_only"] = _stage(bench_model, name, device, batch_size, model_seconds)
+            print(f"{name}: (a) model only {row['model_only'].get('images_per_second', 0):,.0f} img/s", flush=True)
+        if "dali" not in args.skip:
+            row["dali_only"] = _stage(bench_dali, name, data, device, batch_size, threads)
+            print(f"{name}: (b) DALI only {row['dali_only'].get('images_per_second', 0):,.0f} img/s", flush=True)
+        if "flow" not in args.skip:
+            shutil.rmtree(out, ignore_errors=True)
+            row["full_flow"] = _stage(bench_flow, name, data, warm, out, device, batch_size, threads, 1)
+            print(f"{name}: (c) full flow {row['full_flow']}", flush=True)
+        row = {k: v for k, v in row.items() if "error" not in v} | {"errors": [v["error"] for v in row.values() if "error" in v]}
+        if {"model_only", "dali_only", "full_flow"} <= row.keys():
+            limit = min(row["model_only"]["images_per_second"], row["dali_only"]["images_per_second"])
+            row["ratio"] = round(row["full_flow"]["images_per_second"] / limit, 3)
+            print(f"{name}: (c) / min(a, b) = {row['ratio']}", flush=True)
+        results["models"][name] = row
+
+    if args.gpus and gpu:
+        name = "vit_base_patch16_clip_224.openai"
+        for n in args.gpus:
+            shutil.rmtree(out, ignore_errors=True)
+            results["scaling"][n] = _stage(bench_flow, name, data, warm, out, device, batch_size, threads, n)
+            if "error" in results["scaling"][n]:
+                print(f"scaling on {n} GPU(s) failed: {results['scaling'].pop(n)['error']}", flush=True)
+                continue
+            print(f"scaling {name} on {n} GPU(s): {results['scaling'][n]['images_per_second']:,.0f} img/s", flush=True)
+        base = results["scaling"].get(1) or next(iter(results["scaling"].values()), None)
+        for n, r in (results["scaling"].items() if base else ()):
+            r["speedup_vs_1"] = round(r["images_per_second"] / base["images_per_second"], 2)
+        print("speedups:", {n: r["speedup_vs_1"] for n, r in results["scaling"].items()}, flush=True)
+
+    if "fidelity" not in args.skip:
+        results["fidelity"] = _stage(fidelity, models[min(1, len(models) - 1)], data, device)
+        print(f"fidelity: {results['fidelity']}", flush=True)
+
+    print(json.dumps(results, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
