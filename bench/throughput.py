@@ -222,7 +222,7 @@ def dali_variants(model_name: str, folder: str, device: str, batch_size: int) ->
         for threads in (8, 12):
             for load in (0.9, 0.65):
                 opts = {"jpeg_fancy_upsampling": fancy, "hw_decoder_load": load}
-                r = _stage(bench_dali, model_name, folder, device, batch_size, threads, **opts)
+                r = _stage(lambda: bench_dali(model_name, folder, device, batch_size, threads, **opts))
                 rows.append({"threads": threads, **opts, **r})
                 print("dali variant", rows[-1], flush=True)
     return rows

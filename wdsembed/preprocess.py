@@ -275,9 +275,15 @@ def dali_preprocess(
         else:
             images = fn.decoders.image(encoded, **decoder_args)
 
-    # Sizes from the decoded image itself: it is what gets resized, whatever the header said.
-    shape = images.shape()
+    # Sizes from the image's header (EXIF-rotated, as the decoder's output), read on the CPU before decoding: the
+    # resize arguments then never wait on the GPU decode, which would serialize every iteration (measured on an
+    # H200: about 4.5k images/s with the decoded image's own shape).
+    shape = fn.peek_image_shape(encoded, adjust_orientation=True)
     h, w = shape[0], shape[1]
+    if oversize is not None:
+        # A refused image's 1x1 stand-in is what gets resized: size its row as 1x1.
+        fits = fn.cast(oversize[0] == 0, dtype=types.INT64)
+        h, w = h * fits + (1 - fits), w * fits + (1 - fits)
     rh, rw = resized_size(h, w, recipe)
     ch, cw = recipe.crop_size
     y0, y1, out_h = _axis_roi(h, rh, ch)
