@@ -1,5 +1,6 @@
 from prefect import task
 
+from wdsembed import faults
 from wdsembed.config import EmbedConfig
 from wdsembed.plan import plan_shards
 from wdsembed.runner import ShardPlan
@@ -10,4 +11,12 @@ def list_and_index_shards(config: EmbedConfig) -> list[ShardPlan]:
     return plan_shards(config)
 
 
-index_shards = task(name="index-shards", retries=2, retry_delay_seconds=5)(list_and_index_shards)
+def retry_if_transient(task, task_run, state) -> bool:
+    """A missing bucket, denied access or a bad parameter fails at once; only I/O hiccups are tried again."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, BaseException) and faults.is_transient(exc)
+
+
+index_shards = task(
+    name="index-shards", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_if_transient
+)(list_and_index_shards)

@@ -12,7 +12,6 @@ import time
 import uuid
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -150,8 +149,8 @@ def test_json_schema_refuses_secret_option_names():
 
 def test_cli_strings_become_s3fs_types():
     got = storage.fsspec_options("s3://b/x", {"endpoint_url": "http://e", "read_timeout": "2.5",
-                                               "max_attempts": "3", "anon": "false", "retries": "7"})
-    assert got["anon"] is False and got["retries"] == 7 and got["endpoint_url"] == "http://e"
+                                               "max_attempts": "3", "anon": "false", "default_block_size": "1024"})
+    assert got["anon"] is False and got["default_block_size"] == 1024 and got["endpoint_url"] == "http://e"
     assert got["config_kwargs"] == {"connect_timeout": 10.0, "read_timeout": 2.5,
                                     "retries": {"max_attempts": 3, "mode": "standard"}}
     assert storage.fsspec_options("/local/x", {"auto_mkdir": "true"}) == {"auto_mkdir": True}
@@ -364,6 +363,26 @@ def test_wrong_credentials_fail_at_once_and_write_nothing(server, dataset, monke
     assert not (tmp_path / "c").exists()
 
 
+def test_no_credentials_at_all_say_where_they_come_from(server, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    _clear_s3fs_cache()
+    start = time.perf_counter()
+    with pytest.raises(plan.InputError, match=f"s3://{IN_BUCKET}/x: no usable credentials.*AWS_ACCESS_KEY_ID"):
+        plan.check_storage(config_for(f"s3://{IN_BUCKET}/x", f"s3://{OUT_BUCKET}/y", server.endpoint))
+    assert time.perf_counter() - start < 5
+
+
+def test_denied_read_mid_run_names_the_object(server, monkeypatch):
+    fs = s3fs_for(server.endpoint)
+    fs.pipe_file(f"{IN_BUCKET}/denied.tar", b"x" * 1000)
+    use_keys(monkeypatch, ("AKIAWRONGWRONGWRONG0", "not-the-secret"))
+    fs = s3fs_for(server.endpoint)
+    with pytest.raises(PermissionError, match=f"s3://{IN_BUCKET}/denied.tar"):
+        with storage.open_sequential(fs, f"{IN_BUCKET}/denied.tar", size=1000) as f:
+            f.read(10)
+
+
 def test_denied_output_fails_before_any_shard(server, dataset, monkeypatch):
     """Keys that may read the input but not the output bucket's listing: refused up front, naming the output."""
     server.boto().create_bucket(Bucket="locked-out")
@@ -379,3 +398,141 @@ def test_denied_output_fails_before_any_shard(server, dataset, monkeypatch):
     with pytest.raises(plan.InputError, match="s3://locked-out/emb.*access denied"):
         plan.check_storage(config_for(url, "s3://locked-out/emb", server.endpoint))
     assert server.keys("locked-out") == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the flow, end to end: s3:// input and output against a local run of the same shards
+
+
+@pytest.fixture(scope="module")
+def local_run(dataset, tmp_path_factory, prefect_api):
+    """The reference: the same shards embedded from and to local folders."""
+    from flows.embed import run
+
+    src = tmp_path_factory.mktemp("local-in")
+    for path in dataset.iterdir():
+        if path.suffix in (".tar", ".parquet", ".json"):
+            (src / path.name).write_bytes(path.read_bytes())
+    out = tmp_path_factory.mktemp("local-out")
+    manifest = run(config_for(str(src), str(out), index_cache_dir=str(tmp_path_factory.mktemp("idx"))))
+    assert manifest["totals"]["shards"] == 2 and manifest["totals"]["embedded"] == 12
+    return out
+
+
+def _s3_outputs(server: MotoS3, out_url: str) -> dict[str, bytes]:
+    bucket, prefix = out_url[len("s3://"):].split("/", 1)
+    s3 = server.boto()
+    return {k[len(prefix) + 1:]: s3.get_object(Bucket=bucket, Key=k)["Body"].read()
+            for k in server.keys(bucket) if k.startswith(prefix + "/")}
+
+
+def _table_of(data: bytes) -> pa.Table:
+    return pq.read_table(pa.BufferReader(data)).replace_schema_metadata(None)
+
+
+def assert_same_as_local(objects: dict[str, bytes], local_out: Path) -> None:
+    # besides the outputs: only Prefect's task results (the task cache), which the flow keeps under OUTPUT
+    assert sorted(k for k in objects if not k.startswith("_prefect_results/")) == [
+        "00000.parquet", "00001.parquet", "_manifest.json"]
+    for stem in ("00000", "00001"):
+        local = pq.read_table(local_out / f"{stem}.parquet").replace_schema_metadata(None)
+        remote = _table_of(objects[f"{stem}.parquet"])
+        assert remote.schema == local.schema
+        assert remote.num_rows == local.num_rows == 8  # 6 images + 2 failed downloads per shard
+        assert remote.equals(local), f"shard {stem} differs from the local run"
+    manifest = json.loads(objects["_manifest.json"])
+    assert manifest["totals"]["embedded"] == 12 and manifest["failed_shards"] == {}
+
+
+def assert_no_secret_anywhere(secret: str, endpoint: str, objects: dict[str, bytes]) -> None:
+    """Not in the outputs (parquet footers included), the manifest, Prefect's stored parameters, blocks, results
+    or logs."""
+    for name, data in objects.items():
+        assert secret.encode() not in data, name
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    with get_client(sync_client=True) as client:
+        params = [json.dumps(fr.parameters, default=str) for fr in client.read_flow_runs()]
+        assert any(endpoint in p for p in params)  # the S3 run's parameters are stored: they were checked
+        assert not [p for p in params if secret in p]
+        blocks = [json.dumps(b.data, default=str) for b in client.read_block_documents(include_secrets=True)]
+        assert not [b for b in blocks if secret in b]
+        for log in client.read_logs():
+            assert secret not in log.message
+    results = Path(PREFECT_LOCAL_STORAGE_PATH.value())
+    for path in results.rglob("*") if results.exists() else []:
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+def test_flow_on_s3_matches_a_local_run(server, dataset, local_run, tmp_path):
+    from flows.embed import run
+
+    url = upload(server, dataset)
+    out_url = f"s3://{OUT_BUCKET}/emb-{uuid.uuid4().hex[:8]}"
+    manifest = run(config_for(url, out_url, server.endpoint, index_cache_dir=str(tmp_path / "idx")))
+    assert manifest["totals"]["computed"] == 2
+    objects = _s3_outputs(server, out_url)
+    assert_same_as_local(objects, local_run)
+
+    # the manifest is the last object written
+    bucket, prefix = out_url[len("s3://"):].split("/", 1)
+    s3 = server.boto()
+    modified = {k: s3.head_object(Bucket=bucket, Key=f"{prefix}/{k}")["LastModified"] for k in objects}
+    assert modified["_manifest.json"] == max(modified.values())
+    # indexes built during the embedding read were written back beside the shards
+    in_bucket, in_prefix = url[len("s3://"):].split("/", 1)
+    with open(dataset / "00000.tar", "rb") as f:
+        expected_idx = shards.build_index(f).render()
+    assert s3.get_object(Bucket=in_bucket, Key=f"{in_prefix}/00000.idx")["Body"].read().decode() == expected_idx
+    assert not (tmp_path / "idx").exists()
+    assert_no_secret_anywhere(server.admin[1], server.endpoint, objects)
+
+    # a second run finds every shard done (cache keys from ETags), and reads the .idx files from the bucket
+    again = run(config_for(url, out_url, server.endpoint, index_cache_dir=str(tmp_path / "idx")))
+    assert again["totals"]["cached"] == 2
+
+
+@pytest.mark.slow
+def test_flow_completes_through_injected_store_errors(server, dataset, local_run, tmp_path):
+    from flows.embed import run
+
+    url = upload(server, dataset)
+    out_url = f"s3://{OUT_BUCKET}/emb-{uuid.uuid4().hex[:8]}"
+    proxy = FaultProxy(server.endpoint, every=2, kinds=("slowdown", "internal", "reset", "truncate", "stall",
+                                                         "unavailable"), stall_seconds=6).start()
+    try:
+        config = config_for(url, out_url, proxy.endpoint, index_cache_dir=str(tmp_path / "idx"))
+        config = config.model_copy(update={"storage_options": {**config.storage_options, "read_timeout": "3"}})
+        manifest = run(config)
+    finally:
+        proxy.stop()
+    # every kind of fault was served at least once, and the run lost nothing
+    assert set(proxy.injected) == {"slowdown", "internal", "reset", "truncate", "stall", "unavailable"}, proxy.injected
+    assert manifest["totals"]["computed"] == 2 and manifest["failed_shards"] == {}
+    assert_same_as_local(_s3_outputs(server, out_url), local_run)
+    # the store calls' own retries absorbed the faults: no task (no shard's embedding) had to run again
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flow_run = max(client.read_flow_runs(), key=lambda fr: fr.created)
+        assert out_url in json.dumps(flow_run.parameters)
+        runs = [tr for tr in client.read_task_runs() if tr.flow_run_id == flow_run.id]
+    assert runs and all(tr.run_count == 1 for tr in runs), [(tr.name, tr.run_count) for tr in runs]
+
+
+@pytest.mark.slow
+def test_flow_with_wrong_credentials_fails_clearly_and_writes_nothing(server, dataset, tmp_path, monkeypatch,
+                                                                       prefect_api):
+    from flows.embed import run
+
+    url = upload(server, dataset)
+    out_url = f"s3://{OUT_BUCKET}/emb-{uuid.uuid4().hex[:8]}"
+    before = (server.keys(IN_BUCKET), server.keys(OUT_BUCKET))
+    use_keys(monkeypatch, ("AKIAWRONGWRONGWRONG0", "not-the-secret"))
+    with pytest.raises(Exception) as err:
+        run(config_for(url, out_url, server.endpoint, index_cache_dir=str(tmp_path / "idx")))
+    assert url in str(err.value) and "access denied" in str(err.value), err.value
+    assert (server.keys(IN_BUCKET), server.keys(OUT_BUCKET)) == before

@@ -295,14 +295,23 @@ def test_truncated_inside_member_data(tmp_path):
     assert str(cut) in str(err) and f"byte {offs['s3.jpg']}" in str(err) and "s3.jpg" in str(err)
 
 
-def test_truncated_inside_header_drops_the_open_sample(tmp_path):
+def test_truncated_inside_header_keeps_the_open_samples_whole_image(tmp_path):
     full = _five_samples(tmp_path)
     hdr = header_offsets(full)["s3.jpg"]
     cut = _truncated_copy(full, hdr + 100, tmp_path)
     got, err = _collect_until_error(cut)
-    # the next member could still have belonged to s2, so s2 is not yielded
-    assert got == ["s0", "s1"]
-    assert err.offset == hdr and "header" in err.reason
+    # s2's image was read whole before the damage: it is yielded (nothing lost), though more of its members
+    # might have followed; the error names no lost sample
+    assert got == ["s0", "s1", "s2"]
+    assert err.offset == hdr and "header" in err.reason and err.key is None
+
+
+def test_truncated_inside_an_image_names_the_lost_sample(tmp_path):
+    full = _five_samples(tmp_path)
+    offs = data_offsets(full)
+    cut = _truncated_copy(full, offs["s3.jpg"] + 700, tmp_path)
+    got, err = _collect_until_error(cut)
+    assert got == ["s0", "s1", "s2"] and err.key == "s3"
 
 
 def test_missing_end_of_archive_is_truncation(tmp_path):
@@ -310,7 +319,8 @@ def test_missing_end_of_archive_is_truncation(tmp_path):
     offs = data_offsets(full)
     end_of_last = offs["s4.txt"] + 512
     got, err = _collect_until_error(_truncated_copy(full, end_of_last, tmp_path))
-    assert got == ["s0", "s1", "s2", "s3"] and err.offset == end_of_last
+    # s4 was read whole; only the end-of-archive marker is missing: every sample comes out, then the error
+    assert got == ["s0", "s1", "s2", "s3", "s4"] and err.offset == end_of_last and err.key is None
     # a clean end still yields everything
     assert [s.key for s in samples_of(full)] == ["s0", "s1", "s2", "s3", "s4"]
 
@@ -323,7 +333,7 @@ def test_garbage_header_is_reported(tmp_path):
     bad = tmp_path / "bad.tar"
     bad.write_bytes(bytes(data))
     got, err = _collect_until_error(bad)
-    assert got == ["s0"] and err.offset == hdr and "checksum" in err.reason
+    assert got == ["s0", "s1"] and err.offset == hdr and "checksum" in err.reason
 
 
 # ---------------------------------------------------------------------------------------------------------------

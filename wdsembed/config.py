@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_MODEL = "vit_large_patch14_clip_quickgelu_224.openai"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+# Pillow's DecompressionBombError threshold (2 * Image.MAX_IMAGE_PIXELS): 20000 x 20000 is refused, 12000 x 12000 not.
+MAX_IMAGE_PIXELS = 2 * 89_478_485
 # storage_options names that carry credentials (s3fs key/secret/token, adlfs account_key/sas_token, passwords...)
 SECRET_OPTION_PATTERN = r"(^|_)(key|secret|token|password|passwd|pwd|credential|credentials|connection_string|sas)(_|$)"
 
@@ -69,6 +71,13 @@ class EmbedConfig(BaseModel):
     image_extensions: tuple[str, ...] = Field(
         IMAGE_EXTENSIONS, description="Member extensions read as the sample's image, any letter case, in order of preference."
     )
+    max_image_pixels: Optional[int] = Field(
+        MAX_IMAGE_PIXELS,
+        ge=0,
+        description="Images whose header says width x height is above this are not decoded (decompression bombs: "
+        "a small file that would decode to gigabytes) and get the error 'image too large'. Default: Pillow's "
+        "refusal limit (2 x 89,478,485 pixels). 0 or null: no limit.",
+    )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="'auto' uses a GPU where one is visible, else the CPU-only DALI pipeline."
     )
@@ -82,6 +91,11 @@ class EmbedConfig(BaseModel):
         description="fsspec options for INPUT/OUTPUT (endpoint_url=..., profile=..., region_name=..., "
         "read_timeout=...). No credentials: these are stored with the run's parameters; keys come from the "
         "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), an AWS profile or the store's credential files.",
+    )
+    result_storage: Optional[str] = Field(
+        None,
+        description="Folder or fsspec URL, reachable by every worker, where Prefect keeps the embedding tasks' "
+        "results (the task cache); default OUTPUT/_prefect_results. Uses storage_options; never credentials.",
     )
     dask_address: Optional[str] = Field(
         None, description="Address of an existing Dask scheduler (tcp://host:8786); default starts a local cluster."
@@ -113,7 +127,7 @@ class EmbedConfig(BaseModel):
                              f"stored with the run's parameters; {CREDENTIALS_HINT}")
         return value
 
-    @field_validator("input", "output", "checkpoint")
+    @field_validator("input", "output", "checkpoint", "result_storage")
     @classmethod
     def _no_password_in_url(cls, value: Optional[str]) -> Optional[str]:
         from wdsembed.storage import CREDENTIALS_HINT, url_has_password

@@ -45,8 +45,13 @@ class ReadAhead:
         depth: int = DEPTH,
         retries: int = RETRIES,
     ) -> None:
-        self.fs, self.path, self.name = fs, path, path
-        self.size = int(fs.size(path) if size is None else size)
+        self.fs, self.path = fs, path
+        unstrip = getattr(fs, "unstrip_protocol", None)
+        self.name = unstrip(path) if unstrip else path  # the URL, for messages
+        try:
+            self.size = int(fs.size(path) if size is None else size)
+        except (FileNotFoundError, PermissionError) as exc:
+            raise self._named(exc) from exc
         self.block_size = max(int(block_size), 1)
         self.retries = max(int(retries), 1)
         self._pool = ThreadPoolExecutor(max_workers=max(int(depth), 1), thread_name_prefix="wdsembed-readahead")
@@ -78,15 +83,21 @@ class ReadAhead:
                 self.requests += 1
                 data = self.fs.cat_file(self.path, start=start, end=end)
                 if len(data) != end - start:
-                    raise ShortReadError(f"{self.path}: bytes {start}-{end} came back as {len(data)} bytes")
+                    raise ShortReadError(f"{self.name}: bytes {start}-{end} came back as {len(data)} bytes")
                 return data
             except BaseException as exc:  # noqa: BLE001 - sorted below
+                if isinstance(exc, (FileNotFoundError, PermissionError)):
+                    raise self._named(exc) from exc
                 if attempt + 1 >= self.retries or not _retryable(exc):
                     raise
                 log.warning("retrying read of %s bytes %d-%d after %s: %s", self.path, start, end,
                             type(exc).__name__, exc)
                 time.sleep(min(0.2 * 2**attempt, 5.0))
         raise AssertionError("unreachable")
+
+    def _named(self, exc: OSError) -> OSError:
+        """The same error, saying which object (s3fs's own says only "Access Denied" or "Not Found")."""
+        return type(exc)(f"{self.name}: {exc}")
 
     # -- file object
 

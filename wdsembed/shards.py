@@ -17,7 +17,7 @@ import os
 import tempfile
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,10 @@ def split_member_name(name: str) -> tuple[str, str]:
 class ShardReadError(IOError):
     """The tar itself cannot be read past some point; says which shard, where and why."""
 
-    def __init__(self, shard: str, offset: int, reason: str, member: Optional[str] = None):
+    def __init__(self, shard: str, offset: int, reason: str, member: Optional[str] = None,
+                 key: Optional[str] = None):
         self.shard, self.offset, self.reason, self.member = shard, offset, reason, member
+        self.key = key  # the sample being read when the damage came (iter_samples), if any: it is not yielded
         where = f" (member {member!r})" if member is not None else ""
         super().__init__(f"{shard}: {reason} at byte {offset}{where}")
 
@@ -334,6 +336,7 @@ def iter_samples(
     index: Optional["ShardIndex"] = None,
     chunk_size: int = CHUNK_SIZE,
     index_builder: Optional["IndexBuilder"] = None,
+    on_stale_index: Optional[Callable[["StaleIndexError"], None]] = None,
 ) -> Iterator[Sample]:
     """Stream the samples of a tar in file order with memory bounded by one read chunk plus one member.
 
@@ -352,6 +355,8 @@ def iter_samples(
     Memory: one chunk, the member being read and, while a sample has several image members, the best so far.
     `index_builder` receives every member the .idx lists, so that a full pass also yields the shard's index
     (used for shards on object stores, where a separate indexing pass would download the tar twice).
+    `on_stale_index`: instead of raising StaleIndexError, call it once and read on without the index (samples
+    come from the tar's own headers either way, so a stale index never changes what is read), e.g. to rebuild it.
     """
     rank = {e.lower().lstrip("."): i for i, e in reversed(list(enumerate(extensions)))}
     expected = iter(index.members()) if index is not None else None
@@ -385,7 +390,13 @@ def iter_samples(
             if index_builder is not None:
                 index_builder.add(m.name, m.data_offset, m.size)
             if expected is not None:
-                _check_against_index(shard, m, next(expected, None))
+                try:
+                    _check_against_index(shard, m, next(expected, None))
+                except StaleIndexError as stale:
+                    if on_stale_index is None:
+                        raise
+                    on_stale_index(stale)
+                    expected = None
             k, ext = split_member_name(m.name)
             if k != key:
                 if key is not None:
@@ -401,13 +412,21 @@ def iter_samples(
             else:
                 _skip_data(r, m)
     except _TarCorrupt as e:
-        # the pending sample is dropped: its members may continue past the damage
-        raise ShardReadError(shard, e.offset, e.reason, e.member) from None
+        # The pending sample's image, when it was read whole before the damage, is still good: yield it (its other
+        # members may continue past the damage). Otherwise the error names it as lost.
+        lost = key
+        if key is not None and best is not None and not duplicate:
+            lost = None
+            yield finish()
+        raise ShardReadError(shard, e.offset, e.reason, e.member, key=lost) from None
     if expected is not None:
         left = next(expected, None)
         if left is not None:
-            raise StaleIndexError(f"{shard}: the index lists {left.name!r} at byte {left.offset}, "
-                                  "which the tar does not have")
+            stale = StaleIndexError(f"{shard}: the index lists {left.name!r} at byte {left.offset}, "
+                                    "which the tar does not have")
+            if on_stale_index is None:
+                raise stale
+            on_stale_index(stale)
     if key is not None:
         yield finish()
 

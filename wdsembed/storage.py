@@ -26,10 +26,10 @@ CREDENTIALS_HINT = (
 
 _S3_PROTOCOLS = ("s3", "s3a")
 # Strings from the CLI (`--storage-option read_timeout=30`) that s3fs wants as numbers.
-_S3_INT_OPTIONS = ("retries", "default_block_size", "max_concurrency", "max_attempts")
+_S3_INT_OPTIONS = ("default_block_size", "max_concurrency", "max_attempts")
 _S3_FLOAT_OPTIONS = ("connect_timeout", "read_timeout", "listings_expiry_time")
-# botocore settings accepted as top-level options here, passed on in s3fs's `config_kwargs`.
-_S3_BOTOCORE_OPTIONS = ("connect_timeout", "read_timeout", "max_attempts", "retry_mode")
+# botocore settings accepted as top-level options here (connect_timeout, read_timeout, max_attempts, retry_mode),
+# passed on in s3fs's `config_kwargs`, with these defaults.
 # Transient store errors (timeouts, 5xx, SlowDown, dropped connections) are retried by botocore (these attempts,
 # with backoff) and again by s3fs around each call and body read; 403/404 are never retried, so a missing bucket
 # or wrong credentials fail at once.
