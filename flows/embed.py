@@ -6,7 +6,9 @@
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -17,6 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Without PREFECT_API_URL, Prefect starts a temporary local server; on a busy 2-core machine that can take
 # longer than its 20 s default.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# Its telemetry only logs errors on the offline GPU hosts this often runs on; set it to "true" to send it.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The package's own log lines (a damaged tar, an index rebuilt) go to the task run's logs in the UI too; local
+# Dask workers inherit this (workers on other nodes: export it there).
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "wdsembed")
 
 import dask  # noqa: E402
 from prefect import flow, get_run_logger, unmapped  # noqa: E402
@@ -24,7 +31,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed  # noqa: E402
 from prefect_dask import DaskTaskRunner  # noqa: E402
 
-from tasks.embed import ShardGroupFailed, embed_shard, embed_shard_group  # noqa: E402
+from tasks.embed import ShardGroupFailed, embed_shard, embed_shard_group, result_storage_for  # noqa: E402
 from tasks.index import index_shards  # noqa: E402
 from tasks.report import report  # noqa: E402
 from tasks.validate import validate_shard  # noqa: E402
@@ -33,7 +40,11 @@ from wdsembed.config import EmbedConfig  # noqa: E402
 
 
 class ShardsFailed(RuntimeError):
-    """Some shards failed; every other shard's output is written and listed in the manifest."""
+    """Some shards failed; every other shard's output is written and listed in the manifest (`.manifest`)."""
+
+    def __init__(self, message: str, manifest: Optional[dict] = None) -> None:
+        super().__init__(message)
+        self.manifest = manifest
 
 
 # Called in the flow's process as each shard ends (the CLI's progress bar); not a flow parameter, since
@@ -54,7 +65,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
     # damaged or made from other inputs recomputes (refresh_cache), and --force recomputes all.
     finished = set() if config.force else caching.finished_stems(config, plans)
     logger.info("%d shard(s) with a finished output, %d to compute", len(finished), len(plans) - len(finished))
-    result_storage = caching.result_storage(config)
+    result_storage = result_storage_for(config)
     grouped = config.shards_per_task > 1
     cached_task = (embed_shard_group if grouped else embed_shard).with_options(result_storage=result_storage)
     fresh_task = cached_task.with_options(refresh_cache=True)
@@ -78,28 +89,33 @@ def embed_dataset(config: EmbedConfig) -> dict:
 
     results, failures = [], {}
     by_future = {id(unit[0]): unit for unit in units}
-    done = 0
+    done, shown = 0, 0.0
     for future in as_completed([unit[0] for unit in units]):
         _, stems, embed_future = by_future[id(future)]
         try:
             outcome = future.result(raise_on_failure=False)
         except Exception as exc:  # noqa: BLE001 - a validation never run (its embedding failed) has no result
             outcome = exc
-        finished_now, failed_now = _outcomes(stems, outcome, embed_future)
+        finished_now, failed_now = _outcomes(stems, outcome, embed_future, finished)
         for stem, reason in failed_now.items():
             failures[stem] = reason
             logger.error("shard %s failed: %s", stem, reason)
+        if failed_now:
+            _record_lost_runs({embed_future, future}, "; ".join(sorted(set(failed_now.values()))))
         results.extend(finished_now)
         for result in finished_now + [None] * len(failed_now):
             done += 1
             if _on_shard_done:
                 _on_shard_done(result, done, len(plans))
-        update_progress_artifact(progress, done / len(plans) * 100)
+        if done == len(plans) or done / len(plans) * 100 - shown >= 1:  # one API call per percent at most
+            shown = done / len(plans) * 100
+            update_progress_artifact(progress, shown)
 
     manifest = report(config, results, failures, time.perf_counter() - started)
     if failures:
         raise ShardsFailed(f"{len(failures)} of {len(plans)} shard(s) failed: "
-                           + "; ".join(f"{s}: {r}" for s, r in sorted(failures.items())))
+                           + "; ".join(f"{s}: {r}" for s, r in sorted(failures.items())), manifest)
+    _reported["manifest"] = manifest  # only a run without failed shards
     return manifest
 
 
@@ -108,26 +124,50 @@ def embed_dataset(config: EmbedConfig) -> dict:
 embed_shards = flow(name="embed-shards", log_prints=True)(embed_dataset)
 
 
-def _outcomes(stems: list[str], outcome, embed_future) -> tuple[list[dict], dict[str, str]]:
-    """The finished shards' results (marked cached when the embedding task run was a cache hit) and the failed
-    shards' reasons, of one task (one shard, or a group)."""
+def _outcomes(stems: list[str], outcome, embed_future, finished: set[str]) -> tuple[list[dict], dict[str, str]]:
+    """The finished shards' results (with cached set as this run saw it) and the failed shards' reasons, of one
+    task (one shard, or a group)."""
     if isinstance(outcome, dict):
         outcome = [outcome]
     if isinstance(outcome, list):
-        return [_mark_cached(r, embed_future) for r in outcome], {}
+        return [_mark_cached(r, embed_future, finished) for r in outcome], {}
     if isinstance(outcome, ShardGroupFailed):
-        return [_mark_cached(r, embed_future) for r in outcome.results], dict(outcome.failures)
+        return [_mark_cached(r, embed_future, finished) for r in outcome.results], dict(outcome.failures)
     reason = _failure_reason(embed_future, outcome)
     return [], {stem: reason for stem in stems}
 
 
-def _mark_cached(result: dict, embed_future) -> dict:
-    """A cache hit returns the result stored when the shard was computed: report it as cached, with this run's
-    (zero) time."""
+def _mark_cached(result: dict, embed_future, finished: set[str]) -> dict:
+    """Cached: the task run was a cache hit (its stored result is the one from when the shard was computed), or
+    the task found the output done, and it was done before this run. An output found done that this run made (an
+    attempt lost with its worker, or a group's retry) counts as computed."""
     embed_future.wait()
-    if embed_future.state.name == "Cached" or result.get("cached"):
+    cached = embed_future.state.name == "Cached" or (result.get("cached") and result["stem"] in finished)
+    if cached:
         return {**result, "cached": True, "seconds": 0.0, "images_per_second": 0.0}
-    return result
+    return {**result, "cached": False}
+
+
+def _record_lost_runs(futures, reason: str) -> None:
+    """A task run whose worker process died (Dask gave up on it: KilledWorker) stays Running in the API, as nothing
+    was left to report its end: mark it Crashed, with the reason, so the UI tells the truth."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    for future in futures:
+        wrapped = getattr(future, "wrapped_future", None)
+        if wrapped is None or wrapped.status != "error":  # the task engine returned a state: nothing was lost
+            continue
+        try:
+            with get_client(sync_client=True) as client:
+                state = client.read_task_run(future.task_run_id).state
+                if state is None or not state.is_final():
+                    client.set_task_run_state(future.task_run_id, Crashed(message=reason[:2000]), force=True)
+        except ObjectNotFound:
+            pass  # never started: no task run to mark
+        except Exception as exc:  # noqa: BLE001 - the report matters more than this mark
+            get_run_logger().warning("could not mark task run %s crashed: %s", future.task_run_id, exc)
 
 
 def _failure_reason(embed_future, validation_outcome) -> str:
@@ -148,11 +188,26 @@ def run(config: EmbedConfig, on_shard_done=None) -> dict:
     global _on_shard_done
     runner = DaskTaskRunner(**cluster.task_runner_kwargs(config))
     _on_shard_done = on_shard_done
+    _reported.clear()
     try:
         with _api_for_workers():
             return embed_shards.with_options(task_runner=runner)(config)
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        # Every shard finished and the manifest is written; only the local Dask cluster's shutdown ran out of time
+        # (seen on a loaded 2-core machine). The run's work is whole: report it, not a failed run.
+        if "manifest" not in _reported:
+            raise
+        logging.getLogger("wdsembed").warning("the run completed, but its Dask cluster did not shut down in time "
+                                              "(%r); outputs and manifest are complete", exc)
+        return _reported["manifest"]
     finally:
         _on_shard_done = None
+        _reported.clear()
+
+
+# The manifest of the flow run that just ended in this process (the flow runs in-process): kept by run() when only
+# the task runner's shutdown fails after it.
+_reported: dict = {}
 
 
 def _api_for_workers():

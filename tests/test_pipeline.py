@@ -166,8 +166,11 @@ def test_bad_samples_fail_alone_and_good_ones_keep_their_key(prefetch, clean_row
         # DALI's own reasons for what reached it; ours for what never did
         assert failed["bad_empty.jpg"] == "empty image data (0 bytes)"
         assert failed["bad_html.jpg"].startswith("not an image")
-        assert failed["bad_truncated.jpg"] == "decoders.image: failed to decode"
+        cut = len(bad["bad_truncated.jpg"])
+        assert failed["bad_truncated.jpg"] == (f"truncated JPEG (no end-of-image marker, {cut} bytes): "
+                                               "decoders.image: failed to decode")
         assert "nvImageCodec" in failed["bad_random_with_jpeg_magic.jpg"]
+        assert failed["bad_truncated.png"].startswith("truncated PNG (no IEND chunk, 5000 bytes): ")
         assert "nvImageCodec" in failed["bad_truncated.png"]
 
         # the same pipeline carries on with the next stream, in step

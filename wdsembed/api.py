@@ -52,7 +52,30 @@ class TimmImageEmbedder:
         if force is not None:
             config = config.model_copy(update={"force": force})
         started = time.perf_counter()
-        results = [runner.embed_shard(config, plan) for plan in plan_shards(config)]
+        results, failures = [], {}
+        for plan in plan_shards(config):
+            try:
+                results.append(runner.embed_shard(config, plan))
+            except Exception as exc:  # noqa: BLE001 - one shard's failure stops no other; all are reported at the end
+                failures[plan.stem] = f"{type(exc).__name__}: {exc}"
         dicts = [r.to_dict() for r in results]
-        report.write_manifest(config, report.build_manifest(config, dicts, {}, time.perf_counter() - started))
+        try:
+            report.write_manifest(config, report.build_manifest(config, dicts, failures, time.perf_counter() - started))
+        except OSError as exc:
+            if not failures:
+                raise
+            # The shards' own failures (often the same cause, e.g. a full disk) are the news; keep them first.
+            raise ShardsFailed(failures | {"_manifest.json": f"{type(exc).__name__}: {exc}"}, results) from exc
+        if failures:
+            raise ShardsFailed(failures, results)
         return results
+
+
+class ShardsFailed(RuntimeError):
+    """Some shards failed; every other shard's output is written, and all are in the manifest. `failures`: stem ->
+    reason; `results`: the finished shards. Running the same call again redoes only the failed shards."""
+
+    def __init__(self, failures: dict, results: list) -> None:
+        super().__init__(f"{len(failures)} shard(s) failed: "
+                         + "; ".join(f"{stem}: {reason}" for stem, reason in sorted(failures.items())))
+        self.failures, self.results = failures, results

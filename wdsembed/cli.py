@@ -42,10 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-column", default=fields["id_column"].default, help=doc("id_column"))
     p.add_argument("--embedding-column", default=fields["embedding_column"].default, help=doc("embedding_column"))
     p.add_argument("--embedding", choices=["auto", "head", "pooled"], default="auto", help=doc("embedding"))
+    p.add_argument("--max-image-pixels", type=int, default=fields["max_image_pixels"].default,
+                   help=doc("max_image_pixels"))
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help=doc("device"))
     p.add_argument("--force", action="store_true", help=doc("force"))
     p.add_argument("--dask-address", help=doc("dask_address"))
     p.add_argument("--n-workers", type=int, help=doc("n_workers"))
+    p.add_argument("--shards-per-task", type=int, default=fields["shards_per_task"].default,
+                   help=doc("shards_per_task"))
+    p.add_argument("--result-storage", help=doc("result_storage"))
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec option for INPUT/OUTPUT, repeatable (endpoint_url=http://127.0.0.1:9000).")
     return p
@@ -73,9 +78,12 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
         embedding_column=args.embedding_column,
         embedding=args.embedding,
         device=args.device,
+        max_image_pixels=args.max_image_pixels,
         force=args.force,
         dask_address=args.dask_address,
         n_workers=args.n_workers,
+        shards_per_task=args.shards_per_task,
+        result_storage=args.result_storage,
         storage_options=storage_options,
     )
     if args.model:
@@ -127,7 +135,9 @@ def main(run: Callable[..., dict], argv: Optional[Sequence[str]] = None) -> int:
         with progress:
             manifest = run(config, on_shard_done=progress.update)
     except Exception as exc:  # noqa: BLE001 - a failed run prints its reason, not a traceback wall
-        print(f"\nrun failed: {exc}", file=sys.stderr)
+        if isinstance(getattr(exc, "manifest", None), dict):  # some shards failed: the rest are done
+            print_summary(exc.manifest)
+        print(f"\nrun failed: {exc or repr(exc)}", file=sys.stderr)
         _print_manifest_hint(config)
         return 1
     print_summary(manifest)
@@ -165,6 +175,7 @@ class _Progress:
 def print_summary(manifest: dict) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     t = manifest["totals"]
@@ -175,12 +186,17 @@ def print_summary(manifest: dict) -> None:
     for stem, s in sorted(manifest["shards"].items()):
         table.add_row(stem, str(s["rows"]), str(s["embedded"]), str(s["failed"]), s.get("status", ""),
                       str(s.get("images_per_second", "")))
+    for stem, reason in sorted((manifest.get("failed_shards") or {}).items()):
+        table.add_row(stem, "-", "-", "-", Text(f"FAILED: {reason}"), "-")  # Text: a reason is not markup
     console.print(table)
     console.print(
         f"model {model.get('name')} ({model.get('weights')}), {model.get('embedding')} embedding, "
         f"{model.get('dim')} dims | {t['embedded']} of {t['rows']} rows embedded | "
         f"{t['embedded_this_run']} images this run at {t['images_per_second']} images/s"
     )
+    for stem, s in sorted(manifest["shards"].items()):
+        for warning in s.get("warnings") or []:
+            console.print(f"warning: shard {stem}: {warning}", markup=False)
     console.print(f"output: {manifest['output']}  (manifest: {manifest.get('path')})")
 
 

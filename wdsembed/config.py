@@ -104,7 +104,9 @@ class EmbedConfig(BaseModel):
         None, ge=1, description="Local workers: default one per visible GPU, or 2 on a CPU-only machine."
     )
     shards_per_task: int = Field(
-        1, ge=1, description="Shards handled by one task run; raise it for runs of thousands of shards."
+        1, ge=1, le=10000,
+        description="Shards embedded and validated by one task run (one cache entry per group). 1: a task run per "
+        "shard (plus its validation). Raise it for runs of thousands of shards, so the Prefect API sees fewer runs."
     )
 
     @field_validator("image_extensions")

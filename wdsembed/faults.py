@@ -1,8 +1,9 @@
 """Failure classes of a shard, and opt-in fault injection for tests and chaos drills.
 
 Injection is off unless WDSEMBED_FAULTS names a JSON file: {"<shard stem>": {"fail_attempts": N,
-"error": "io" | "oom" | "fatal" | "kill"}}. Attempts are counted in a file beside it, so they survive
-retries and worker restarts.
+"error": "io" | "oom" | "fatal" | "kill", "where": "start" | "batch"}}: "start" (the default) fails as the shard's
+task starts, "batch" after a batch went through the model (mid-shard). Attempts are counted in a file beside it
+(<spec>.<stem>.attempts), so they survive retries and worker restarts; a spec with "fail_attempts": 0 only counts.
 """
 from __future__ import annotations
 
@@ -21,9 +22,18 @@ def is_transient(exc: BaseException) -> bool:
     missing file or a missing model."""
     if isinstance(exc, (shards.ShardReadError, shards.StaleIndexError, FileNotFoundError, PermissionError)):
         return False
+    if is_disk_full(exc):
+        return False  # a full or read-only disk does not clear itself between retries; the re-run finishes the job
     if is_out_of_memory(exc):
         return True
     return isinstance(exc, (TransientError, TimeoutError, ConnectionError, OSError))
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """No space left, quota exceeded, file too large, read-only file system."""
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

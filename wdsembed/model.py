@@ -273,6 +273,11 @@ def _suggest(model_name: str) -> str:
     return f" Did you mean: {', '.join(names)}?" if names else " See timm.list_models() / timm.list_pretrained()."
 
 
+def check_model_name(model_name: str) -> None:
+    """Raise ModelLoadError, with suggestions, for a name timm does not know or a pretrained tag it lacks."""
+    _check_name(model_name)
+
+
 def _check_name(model_name: str) -> None:
     """Fail early, with suggestions, for names timm does not know (hf-hub: / local-dir: names are timm's to check)."""
     import timm
@@ -328,6 +333,20 @@ def _short(e: BaseException, limit: int = 600) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- load
+
+
+@contextlib.contextmanager
+def _on_meta(dev: torch.device) -> Iterator[None]:
+    """device="meta": build the model without memory (shapes only), so that a checkpoint can be checked against it
+    cheaply before a run (wdsembed.plan.check_config); loading real tensors into it is a no-op, shapes still checked."""
+    if dev.type != "meta":
+        yield
+        return
+    import warnings
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+        yield
 
 
 def _resolve_device(device: Union[str, torch.device]) -> torch.device:
@@ -415,7 +434,7 @@ def load_model(
 
     try:
         # Seeded so random-init (and any layer a checkpoint leaves out) is the same in every worker process.
-        with torch.random.fork_rng(devices=[]), _hub_offline_mode(offline):
+        with torch.random.fork_rng(devices=[]), _hub_offline_mode(offline), _on_meta(dev):
             torch.manual_seed(RANDOM_INIT_SEED)
             model = timm.create_model(
                 model_name,
@@ -482,7 +501,8 @@ def embed_batch(loaded: LoadedModel, images: "torch.Tensor", *, autocast: bool, 
     if loaded.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     use_amp = autocast and loaded.device.type == "cuda"
-    with torch.inference_mode(), torch.autocast(device_type=loaded.device.type, dtype=torch.bfloat16, enabled=use_amp):
+    amp_device = "cpu" if loaded.device.type == "meta" else loaded.device.type  # meta: load_model's shape check
+    with torch.inference_mode(), torch.autocast(device_type=amp_device, dtype=torch.bfloat16, enabled=use_amp):
         if loaded.embedding == "head":
             out = model(x)
         else:

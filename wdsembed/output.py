@@ -12,6 +12,7 @@ the field's metadata (``dim``) and in the footer metadata instead.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -73,6 +74,24 @@ def _id_strings(column: pa.ChunkedArray, id_column: str) -> pa.ChunkedArray:
     raise ValueError(f"id column {id_column!r} has type {t}; expected a string or integer column")
 
 
+_PICKLED_EXTENSION = b"arrow.py_extension_type"
+
+
+def _without_pickled_types(table: pa.Table) -> pa.Table:
+    """Input parquet is data: never carry a pickled extension-type payload from it into our outputs."""
+    fields, changed = [], False
+    for f in table.schema:
+        meta = f.metadata or {}
+        if meta.get(b"ARROW:extension:name") == _PICKLED_EXTENSION:
+            meta = {k: v for k, v in meta.items() if not k.startswith(b"ARROW:extension:")}
+            f = f.with_metadata(meta) if meta else f.remove_metadata()
+            changed = True
+        fields.append(f)
+    if not changed:
+        return table
+    return pa.Table.from_arrays(table.columns, schema=pa.schema(fields, metadata=table.schema.metadata))
+
+
 def build_output_table(
     *,
     rows: "Optional[pa.Table]",
@@ -83,6 +102,7 @@ def build_output_table(
     id_column: str = "key",
     embedding_column: str = "image_embedding",
     error_column: str = "embedding_error",
+    missing_reason: str = NOT_IN_TAR,
 ) -> "pa.Table":
     """Join embeddings onto a shard's rows by key, never by position.
 
@@ -104,7 +124,9 @@ def build_output_table(
     * An appended sample whose key is not an integer, for an integer id column, gets a null id and an error that
       names the key (the column keeps its type so all shards share one schema).
     * Columns of `rows` named like the embedding or error column are replaced; pandas metadata is dropped (the
-      row count and columns changed).
+      row count and columns changed), and so is field metadata naming a pickled extension type
+      (``arrow.py_extension_type``: a pickle that old pyarrow versions would run on reading the output).
+    * `missing_reason` replaces "not in tar" for successful rows the tar lacks (e.g. a damaged tar's unread part).
     """
     keys = list(keys)
     emb = np.asarray(embeddings, dtype=np.float32)
@@ -129,7 +151,9 @@ def build_output_table(
     else:
         if id_column not in rows.column_names:
             raise ValueError(f"id column {id_column!r} is not in the shard's parquet (columns: {rows.column_names})")
-        base = rows.drop_columns([c for c in (embedding_column, error_column) if c in rows.column_names])
+        base = _without_pickled_types(
+            rows.drop_columns([c for c in (embedding_column, error_column) if c in rows.column_names])
+        )
         id_type = base.schema.field(id_column).type
     row_ids = _id_strings(base.column(id_column), id_column).combine_chunks()
 
@@ -150,7 +174,7 @@ def build_output_table(
         row_reason = pc.coalesce(row_reason, pc.if_else(failed, download_reason, null_str))
     row_embedded = np.where(sample_idx < len(keys), sample_idx, -1)  # samples with an error have no embedding
     # Not embedded, no tar error, not a failed download: the tar lacks it.
-    row_reason = pc.if_else(pa.array(row_embedded >= 0), null_str, pc.coalesce(row_reason, pa.scalar(NOT_IN_TAR)))
+    row_reason = pc.if_else(pa.array(row_embedded >= 0), null_str, pc.coalesce(row_reason, pa.scalar(missing_reason)))
 
     # Tar samples the parquet lacks: appended after, in sample order.
     extra = np.flatnonzero(np.asarray(pc.invert(pc.is_in(sample_canon, value_set=row_ids)), dtype=bool))
@@ -278,11 +302,15 @@ def _atomic_write(url: str, fs: Any, write: Callable[[Any], None]) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                # The errno stays (faults.is_disk_full); the message names the output, not the temp file.
+                raise OSError(exc.errno, f"{exc.strerror}: cannot write {path} (nothing partial is left; free "
+                                         "space there and run again: finished outputs are kept)") from exc
             raise
         return
     fd, tmp = tempfile.mkstemp(prefix="wdsembed-", suffix=".tmp")

@@ -88,6 +88,17 @@ def sniff_image(data: bytes | memoryview) -> Optional[str]:
     return f"not an image (starts with {head[:8]!r})"
 
 
+def explain_decode_failure(data: bytes | memoryview, reason: str) -> str:
+    """DALI's reason for one undecodable image, prefixed with what its bytes show where that is plain (a JPEG
+    without its end-of-image marker, a PNG without its IEND chunk: a file cut short, e.g. a partial download)."""
+    head, tail = bytes(data[:8]), bytes(data[-16:]).rstrip(b"\x00")
+    if head.startswith(b"\xff\xd8\xff") and not tail.endswith(b"\xff\xd9"):
+        return f"truncated JPEG (no end-of-image marker, {len(data)} bytes): {reason}"
+    if head.startswith(b"\x89PNG") and b"IEND" not in tail:
+        return f"truncated PNG (no IEND chunk, {len(data)} bytes): {reason}"
+    return reason
+
+
 def failure_reason(message: str) -> str:
     """A one-line reason from a DALI pipeline error: the failing operator and what it said."""
     op = re.search(r"Error in (?:CPU|GPU|MIXED|mixed|cpu|gpu) operator `(?:nvidia\.dali\.fn\.)?([^`]+)`", message)
@@ -322,7 +333,7 @@ class ImagePipeline:
                     result = self._collect(batch)
                 except _BatchFailed as e:
                     if len(batch.keys) == 1:
-                        failures.append((batch.keys[0], e.reason))
+                        failures.append((batch.keys[0], explain_decode_failure(batch.data[0], e.reason)))
                     else:
                         parts = batch.split(e.bad_index)
                         log.debug("a batch of %d failed (%s); feeding it again as %s", len(batch.keys), e.reason,

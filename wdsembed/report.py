@@ -38,6 +38,7 @@ def totals(results: list[dict], wall_seconds: float) -> dict:
         "rows": sum(r["rows"] for r in results),
         "embedded": sum(r["embedded"] for r in results),
         "failed_rows": sum(r["failed"] for r in results),
+        "shards_with_warnings": sum(1 for r in results if r.get("warnings")),
         "embedded_this_run": embedded_now,
         "wall_seconds": round(wall_seconds, 2),
         "images_per_second": round(embedded_now / wall_seconds, 1) if wall_seconds > 0 else 0.0,
@@ -57,7 +58,8 @@ def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str,
         "totals": totals(results, wall_seconds),
         "shards": {
             r["stem"]: {k: r.get(k) for k in ("output", "rows", "samples", "embedded", "failed", "cache_key",
-                                              "seconds", "images_per_second")}
+                                              "seconds", "images_per_second", "batch_size")}
+            | {"warnings": r.get("warnings") or []}
             | {"status": "cached" if r.get("cached") else "computed"}
             for r in results
         },
@@ -85,6 +87,10 @@ def markdown_summary(manifest: dict, rows: list[dict]) -> str:
     if manifest["failed_shards"]:
         lines += ["", "### Failed shards", ""]
         lines += [f"- `{stem}`: {reason}" for stem, reason in sorted(manifest["failed_shards"].items())]
+    warned = {stem: s["warnings"] for stem, s in manifest["shards"].items() if s.get("warnings")}
+    if warned:
+        lines += ["", "### Shards with warnings (output written)", ""]
+        lines += [f"- `{stem}`: {'; '.join(w)}" for stem, w in sorted(warned.items())]
     lines += ["", "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     lines += ["| " + " | ".join(str(row[c]) for c in TABLE_COLUMNS) + " |" for row in rows]
     return "\n".join(lines)

@@ -343,11 +343,14 @@ def embed_shard(
     if storage.is_local(out_fs):  # object stores have no folders (and s3fs's makedirs would create a bucket)
         out_fs.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     stored = {k: v for k, v in result.to_dict().items() if k not in ("cached", "seconds", "images_per_second")}
-    output.write_parquet_atomic(
-        table,
-        out_path,
-        out_fs,
-        metadata={"cache_key": key, "normalized": config.normalize_embeddings, "result": stored},
-    )
+    try:
+        output.write_parquet_atomic(
+            table,
+            out_path,
+            out_fs,
+            metadata={"cache_key": key, "normalized": config.normalize_embeddings, "result": stored},
+        )
+    except PermissionError as exc:  # s3fs says only "Access Denied"; not retried (faults.is_transient)
+        raise PermissionError(f"cannot write {plan.output}: {exc}") from exc
     result.seconds = time.perf_counter() - start
     return result

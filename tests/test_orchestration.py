@@ -1,0 +1,465 @@
+"""The flow as it runs for users: a real Prefect API server (the session's `prefect_api`) and real Dask clusters
+with worker processes (a LocalCluster per run, or a scheduler and two workers started here on loopback).
+
+Proofs are counts, never wall time: task-body executions are counted by WDSEMBED_FAULTS counters (a spec with
+"fail_attempts": 0 only counts; one with "fatal" fails any shard that runs), task-run states are read back from the
+API, and outputs are compared by inode and mtime.
+
+Small on purpose (2 shared cores): 3-4 shards of 4 images plus a failed download each, the tiny timm test model
+with random weights, one single-threaded CPU worker, batch size 4.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dask
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import TINY_MODEL
+from wdsembed import caching, faults, storage
+from wdsembed.config import EmbedConfig
+from wdsembed.output import read_output_metadata
+from wdsembed.validate import validate_output
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ROWS, EMBEDDED = 5, 4  # per demo shard: 4 images in the tar, 1 failed download in the parquet
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def make_dataset(folder: Path, n_shards: int = 3) -> Path:
+    from wdsembed.synthetic import write_demo_dataset
+
+    write_demo_dataset(folder, n_shards=n_shards, per_shard=EMBEDDED, failed_per_shard=ROWS - EMBEDDED)
+    return folder
+
+
+def make_config(data: Path, out: Path, **overrides) -> EmbedConfig:
+    values = dict(input=str(data), output=str(out), model_name=TINY_MODEL, pretrained=False, device="cpu",
+                  n_workers=1, batch_size=4, num_threads_per_worker=1)
+    return EmbedConfig(**(values | overrides))
+
+
+class Faults:
+    """A WDSEMBED_FAULTS spec file for one run, and its per-shard attempt counters."""
+
+    def __init__(self, folder: Path, monkeypatch, spec: dict):
+        self.path = folder / f"faults-{time.monotonic_ns()}.json"
+        self.path.write_text(json.dumps(spec))
+        monkeypatch.setenv("WDSEMBED_FAULTS", str(self.path))  # local Dask workers inherit it when spawned
+
+    def attempts(self, stem: str) -> int:
+        counter = Path(f"{self.path}.{stem}.attempts")
+        return int(counter.read_text()) if counter.exists() else 0
+
+
+def count_only(stems) -> dict:
+    return {s: {"fail_attempts": 0} for s in stems}
+
+
+def fail_if_run(stems) -> dict:
+    return {s: {"fail_attempts": 1000, "error": "fatal"} for s in stems}
+
+
+def embed(config: EmbedConfig):
+    """Run the flow as the CLI does; returns (manifest or the exception raised, flow run id)."""
+    import flows.embed
+    from prefect.runtime import flow_run
+
+    seen = set()
+    try:
+        outcome = flows.embed.run(config, on_shard_done=lambda *a: seen.add(flow_run.id))
+    except flows.embed.ShardsFailed as exc:
+        outcome = exc
+    assert len(seen) == 1, seen
+    return outcome, seen.pop()
+
+
+def task_runs(flow_run_id: str, expected: int, timeout: float = 60.0) -> dict:
+    """The flow run's task runs by name, once `expected` of them are in a final state (task-run states reach the
+    server as events, recorded a moment later)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        final = [r for r in runs if r.state and r.state.is_final()]
+        if len(final) >= expected or time.monotonic() > deadline:
+            return {r.name: r for r in runs}
+        time.sleep(0.5)
+
+
+def embed_states(flow_run_id: str, stems, prefix: str = "embed-") -> dict[str, str]:
+    runs = task_runs(flow_run_id, expected=len(stems))
+    return {s: runs[prefix + s].state.name for s in stems}
+
+
+def artifacts(flow_run_id: str) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.type: a for a in found}
+
+
+def table_rows(flow_run_id: str) -> dict[str, dict]:
+    data = artifacts(flow_run_id)["table"].data
+    rows = json.loads(data) if isinstance(data, str) else data
+    return {row["shard"]: row for row in rows}
+
+
+def identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+def check_outputs(config: EmbedConfig, stems, *, rows: int = ROWS, embedded: int = EMBEDDED) -> None:
+    """Every output whole and valid: expected rows, unique keys, one dimension, unit norms; no temp files left."""
+    out = Path(config.output)
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name], "a partial output was left behind"
+    for stem in stems:
+        path = out / f"{stem}.parquet"
+        meta = read_output_metadata(str(path), storage.filesystem(str(path))[0])
+        dim = meta["result"]["dim"]
+        check = validate_output(config, str(path), dim=dim, expected_rows=rows, expected_embedded=embedded)
+        assert check.ok, (stem, check.problems)
+        keys = pq.read_table(path, columns=[config.id_column]).column(0).to_pylist()
+        assert len(keys) == len(set(keys)) == rows, (stem, keys)
+
+
+# --------------------------------------------------------------------------------------------------- caching
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """Four shards embedded once, with every task body's executions counted."""
+    root = tmp_path_factory.mktemp("cache")
+    data = make_dataset(root / "in", n_shards=4)
+    config = make_config(data, root / "out")
+    mp = pytest.MonkeyPatch()
+    try:
+        counted = Faults(root, mp, count_only(["00000", "00001", "00002", "00003"]))
+        manifest, run_id = embed(config)
+    finally:
+        mp.undo()
+    return dict(root=root, config=config, manifest=manifest, run_id=run_id, faults=counted)
+
+
+STEMS4 = ["00000", "00001", "00002", "00003"]
+
+
+def test_first_run_computes_every_shard_once(first_run):
+    manifest, config = first_run["manifest"], first_run["config"]
+    assert isinstance(manifest, dict), manifest
+    assert manifest["totals"]["computed"] == 4 and manifest["totals"]["cached"] == 0
+    assert manifest["totals"]["embedded_this_run"] == 4 * EMBEDDED
+    assert [first_run["faults"].attempts(s) for s in STEMS4] == [1, 1, 1, 1]
+    assert set(embed_states(first_run["run_id"], STEMS4).values()) == {"Completed"}
+    check_outputs(config, STEMS4)
+    # The task results (the cache) live with the output, where every worker reaches them.
+    assert len(list((Path(config.output) / caching.RESULTS_FOLDER).iterdir())) == 4
+
+
+def test_artifacts_of_the_run(first_run):
+    arts = artifacts(first_run["run_id"])
+    assert set(arts) >= {"progress", "table", "markdown"}, set(arts)
+    assert float(arts["progress"].data) == 100.0
+    rows = table_rows(first_run["run_id"])
+    assert sorted(rows) == STEMS4
+    for row in rows.values():
+        assert (row["rows"], row["embedded"], row["failed"], row["status"]) == (ROWS, EMBEDDED, 1, "computed")
+        assert row["seconds"] > 0 and row["images_per_second"] > 0
+    assert "4 computed, 0 cached" in arts["markdown"].data
+
+
+def test_second_run_is_all_cached_and_embeds_nothing(first_run, monkeypatch):
+    config, root = first_run["config"], first_run["root"]
+    before = {s: identity(Path(config.output) / f"{s}.parquet") for s in STEMS4}
+    # Any shard whose task body runs now fails the flow: a pass proves that nothing was embedded.
+    tripwire = Faults(root, monkeypatch, fail_if_run(STEMS4))
+    manifest, run_id = embed(config)
+    assert isinstance(manifest, dict), manifest
+    assert [tripwire.attempts(s) for s in STEMS4] == [0, 0, 0, 0]
+    assert embed_states(run_id, STEMS4) == {s: "Cached" for s in STEMS4}
+    assert manifest["totals"]["cached"] == 4 and manifest["totals"]["computed"] == 0
+    assert manifest["totals"]["embedded_this_run"] == 0
+    assert {s: identity(Path(config.output) / f"{s}.parquet") for s in STEMS4} == before
+    rows = table_rows(run_id)
+    assert {r["status"] for r in rows.values()} == {"cached"}
+    assert sum(r["embedded"] for r in rows.values()) == 4 * EMBEDDED
+
+
+def test_changes_recompute_only_what_changed(first_run, monkeypatch):
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    config, root = first_run["config"], first_run["root"]
+    out, data = Path(config.output), Path(config.input)
+    (out / "00000.parquet").unlink()  # a deleted output
+    write_shard(data, "00001", from_encoded(synthetic_images(6, seed=42)))  # a rewritten shard: 6 images now
+    damaged = out / "00002.parquet"  # a damaged output (cut short)
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    untouched = identity(out / "00003.parquet")
+
+    counted = Faults(root, monkeypatch, count_only(STEMS4))
+    manifest, run_id = embed(config)
+    assert isinstance(manifest, dict), manifest
+    assert [counted.attempts(s) for s in STEMS4] == [1, 1, 1, 0]
+    assert embed_states(run_id, STEMS4) == {"00000": "Completed", "00001": "Completed", "00002": "Completed",
+                                            "00003": "Cached"}
+    status = {s: v["status"] for s, v in manifest["shards"].items()}
+    assert status == {"00000": "computed", "00001": "computed", "00002": "computed", "00003": "cached"}
+    assert manifest["shards"]["00001"]["rows"] == manifest["shards"]["00001"]["embedded"] == 6
+    assert identity(out / "00003.parquet") == untouched
+    check_outputs(config, ["00000", "00002", "00003"])
+    check_outputs(config, ["00001"], rows=6, embedded=6)
+
+    # Another model: every shard again, with that model's dimension.
+    other = config.model_copy(update={"model_name": "test_efficientnet.r160_in1k"})
+    counted = Faults(root, monkeypatch, count_only(STEMS4))
+    manifest, run_id = embed(other)
+    assert isinstance(manifest, dict), manifest
+    assert [counted.attempts(s) for s in STEMS4] == [1, 1, 1, 1]
+    assert manifest["totals"]["computed"] == 4
+    assert set(embed_states(run_id, STEMS4).values()) == {"Completed"}
+    assert manifest["model"]["name"] == "test_efficientnet.r160_in1k"
+    dims = {read_output_metadata(str(out / f"{s}.parquet"), storage.filesystem(str(out))[0])["result"]["dim"]
+            for s in STEMS4}
+    assert dims == {manifest["model"]["dim"]}
+
+
+# --------------------------------------------------------------------------------------------------- failures
+
+
+def test_transient_fault_is_retried_and_a_deterministic_failure_fails_at_once(tmp_path, monkeypatch):
+    import flows.embed
+
+    data = make_dataset(tmp_path / "in")
+    config = make_config(data, tmp_path / "out")
+    injected = Faults(tmp_path, monkeypatch, {
+        "00000": {"fail_attempts": 1, "error": "io"},  # an I/O hiccup on the first attempt
+        "00001": {"fail_attempts": 1000, "error": "fatal"},  # deterministic: as a malformed shard or a missing model
+    })
+    outcome, run_id = embed(config)
+    assert isinstance(outcome, flows.embed.ShardsFailed), outcome
+    assert "00001" in str(outcome) and "injected deterministic failure" in str(outcome)
+    assert "00000" not in str(outcome) and "00002" not in str(outcome)
+    assert injected.attempts("00000") == 2  # failed once, retried once
+    assert injected.attempts("00001") == 1  # never retried
+
+    runs = task_runs(run_id, expected=3 + 2)
+    assert runs["embed-00000"].state.name == "Completed" and runs["embed-00000"].run_count == 2
+    assert runs["embed-00001"].state.is_failed() and runs["embed-00001"].run_count == 1
+    assert runs["embed-00002"].state.name == "Completed" and runs["embed-00002"].run_count == 1
+
+    # The good shards' outputs stay; the manifest and the artifacts name the failed one.
+    check_outputs(config, ["00000", "00002"])
+    assert not (Path(config.output) / "00001.parquet").exists()
+    manifest = json.loads((Path(config.output) / "_manifest.json").read_text())
+    assert list(manifest["failed_shards"]) == ["00001"]
+    assert sorted(manifest["shards"]) == ["00000", "00002"]
+    rows = table_rows(run_id)
+    assert rows["00001"]["status"].startswith("FAILED") and "injected deterministic failure" in rows["00001"]["status"]
+    assert rows["00000"]["status"] == rows["00002"]["status"] == "computed"
+    assert float(artifacts(run_id)["progress"].data) == 100.0
+
+
+def test_failure_classes():
+    from wdsembed.model import ModelLoadError
+    from wdsembed.shards import ShardReadError
+
+    assert faults.is_transient(faults.TransientError("throttled"))
+    assert faults.is_transient(ConnectionResetError("reset"))
+    assert faults.is_transient(TimeoutError("slow"))
+    assert faults.is_transient(MemoryError("CUDA out of memory"))
+    assert not faults.is_transient(ShardReadError("/d/00000.tar", 512, "bad tar header checksum"))
+    assert not faults.is_transient(ModelLoadError("no weights for x"))
+    assert not faults.is_transient(FileNotFoundError("/d/00000.tar"))
+    assert not faults.is_transient(ValueError("malformed"))
+
+
+def test_validation_names_the_shard_and_the_reason(tmp_path):
+    import numpy as np
+
+    from tasks.validate import ValidationFailed, validate_one_shard
+    from wdsembed.output import build_output_table, write_parquet_atomic
+
+    config = make_config(tmp_path, tmp_path / "out")
+    path = str(tmp_path / "00007.parquet")
+    emb = np.full((2, 8), 0.5, dtype=np.float32)  # norm sqrt(2), not 1
+    table = build_output_table(rows=None, keys=["a", "b"], embeddings=emb, errors={}, dim=8)
+    write_parquet_atomic(table, path, storage.filesystem(path)[0], metadata={})
+    result = {"shard": "/d/00007.tar", "stem": "00007", "output": path, "dim": 8, "rows": 2, "embedded": 2}
+    with pytest.raises(ValidationFailed, match=r"00007.*L2 norm"):
+        validate_one_shard(config, result)
+    with pytest.raises(ValidationFailed, match=r"00007.*embedding lengths \[8\], expected 16"):
+        validate_one_shard(config, result | {"dim": 16})
+    with pytest.raises(ValidationFailed, match=r"00007.*2 rows, expected 3"):
+        validate_one_shard(config, result | {"rows": 3})
+    emb[0, 0] = np.nan
+    write_parquet_atomic(build_output_table(rows=None, keys=["a", "b"], embeddings=emb, errors={}, dim=8), path,
+                         storage.filesystem(path)[0], metadata={})
+    with pytest.raises(ValidationFailed, match="NaN"):
+        validate_one_shard(config, result)
+
+
+def test_worker_killed_mid_shard_leaves_no_partial_output(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "in")
+    config = make_config(data, tmp_path / "out")
+    # The worker process dies (os._exit) after the first batch of 00001 went through the model.
+    killed = Faults(tmp_path, monkeypatch, {"00001": {"fail_attempts": 1, "error": "kill", "where": "batch"}})
+    manifest, run_id = embed(config)
+    assert isinstance(manifest, dict), manifest  # Dask ran the shard again on the restarted worker process
+    assert killed.attempts("00001") == 2  # killed at the first batch, then one pass through
+    assert manifest["totals"]["computed"] == 3 and not manifest["failed_shards"]
+    assert set(embed_states(run_id, ["00000", "00001", "00002"]).values()) == {"Completed"}
+    check_outputs(config, ["00000", "00001", "00002"])
+
+    tripwire = Faults(tmp_path, monkeypatch, fail_if_run(["00000", "00001", "00002"]))
+    manifest, run_id = embed(config)
+    assert isinstance(manifest, dict), manifest
+    assert manifest["totals"]["cached"] == 3 and tripwire.attempts("00001") == 0
+    check_outputs(config, ["00000", "00001", "00002"])
+
+
+def test_killed_worker_fails_the_shard_and_the_next_run_resumes(tmp_path, monkeypatch):
+    import flows.embed
+
+    data = make_dataset(tmp_path / "in")
+    config = make_config(data, tmp_path / "out")
+    killed = Faults(tmp_path, monkeypatch, {"00001": {"fail_attempts": 1, "error": "kill", "where": "batch"}})
+    # No rescheduling: the lost worker fails its shard (KilledWorker), as after Dask's last reschedule.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        outcome, run_id = embed(config)
+    assert isinstance(outcome, flows.embed.ShardsFailed), outcome
+    assert "00001" in str(outcome) and "KilledWorker" in str(outcome)
+    assert killed.attempts("00001") == 1
+    assert task_runs(run_id, expected=3)["embed-00001"].state.name == "Crashed"  # not left Running in the UI
+    assert not (Path(config.output) / "00001.parquet").exists()
+    check_outputs(config, ["00000", "00002"])
+
+    counted = Faults(tmp_path, monkeypatch, count_only(["00000", "00001", "00002"]))
+    manifest, run_id = embed(config)
+    assert isinstance(manifest, dict), manifest
+    assert [counted.attempts(s) for s in ["00000", "00001", "00002"]] == [0, 1, 0]
+    assert {s: v["status"] for s, v in manifest["shards"].items()} == {
+        "00000": "cached", "00001": "computed", "00002": "cached"}
+    check_outputs(config, ["00000", "00001", "00002"])
+
+
+# --------------------------------------------------------------------------------------------------- scale-out
+
+
+def test_shards_grouped_per_task(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "in")
+    config = make_config(data, tmp_path / "out", shards_per_task=2)
+    stems = ["00000", "00001", "00002"]
+    counted = Faults(tmp_path, monkeypatch, count_only(stems))
+    manifest, run_id = embed(config)
+    assert isinstance(manifest, dict), manifest
+    assert manifest["totals"]["computed"] == 3
+    runs = task_runs(run_id, expected=2)
+    embed_runs = {name: r.state.name for name, r in runs.items() if name.startswith("embed-")}
+    assert embed_runs == {"embed-00000..00001": "Completed", "embed-00002": "Completed"}
+    assert not [name for name in runs if name.startswith("validate-")]  # validated inside the group's task run
+    assert [counted.attempts(s) for s in stems] == [1, 1, 1]
+    check_outputs(config, stems)
+
+    tripwire = Faults(tmp_path, monkeypatch, fail_if_run(stems))
+    manifest, run_id = embed(config)
+    assert isinstance(manifest, dict), manifest
+    assert manifest["totals"]["cached"] == 3 and [tripwire.attempts(s) for s in stems] == [0, 0, 0]
+    runs = task_runs(run_id, expected=2)
+    assert {runs["embed-00000..00001"].state.name, runs["embed-00002"].state.name} == {"Cached"}
+
+    # --force: everything again, cache or not.
+    counted = Faults(tmp_path, monkeypatch, count_only(stems))
+    manifest, run_id = embed(config.model_copy(update={"force": True}))
+    assert isinstance(manifest, dict), manifest
+    assert manifest["totals"]["computed"] == 3 and [counted.attempts(s) for s in stems] == [1, 1, 1]
+    check_outputs(config, stems)
+
+
+def _start(args: list[str], log: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def test_existing_scheduler_with_two_workers(tmp_path):
+    """As on several nodes: `dask scheduler`, then a `dask worker` per node (here two, on loopback)."""
+    from distributed import Client
+
+    data = make_dataset(tmp_path / "in")
+    scheduler_file = tmp_path / "scheduler.json"
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("WDSEMBED_FAULTS", None)
+    procs = [_start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                     "--scheduler-file", str(scheduler_file)], tmp_path / "scheduler.log", env)]
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists():
+            assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "scheduler.log").read_text()
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        for i in range(2):
+            procs.append(_start([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
+                                 "--no-dashboard", "--name", f"node{i}"], tmp_path / f"worker{i}.log", env))
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+
+        config = make_config(data, tmp_path / "out", dask_address=address, n_workers=None)
+        manifest, run_id = embed(config)
+        assert isinstance(manifest, dict), manifest
+        assert manifest["totals"]["computed"] == 3 and manifest["totals"]["embedded"] == 3 * EMBEDDED
+        assert set(embed_states(run_id, ["00000", "00001", "00002"]).values()) == {"Completed"}
+        check_outputs(config, ["00000", "00001", "00002"])
+        with Client(address, timeout=60) as client:  # both workers still there, and both were used
+            assert len(client.scheduler_info()["workers"]) == 2
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+    worked = [i for i in range(2) if "embed-" in (tmp_path / f"worker{i}.log").read_text()]
+    assert worked == [0, 1], "every worker should have embedded a shard"
+
+
+def test_result_storage(tmp_path):
+    from prefect.blocks.core import Block
+
+    from tasks.embed import result_storage_for
+
+    config = make_config(tmp_path / "in", tmp_path / "out")
+    assert result_storage_for(config) == tmp_path / "out" / caching.RESULTS_FOLDER
+    other = make_config(tmp_path / "in", tmp_path / "out", result_storage=str(tmp_path / "shared" / "results"))
+    assert result_storage_for(other) == tmp_path / "shared" / "results"
+    # An object store: a saved RemoteFileSystem block with the storage options, never credentials.
+    remote = make_config(tmp_path / "in", "s3://bucket/embeddings",
+                         storage_options={"endpoint_url": "http://127.0.0.1:9", "region_name": "x"})
+    block = result_storage_for(remote)
+    assert block.basepath == "s3://bucket/embeddings/_prefect_results"
+    saved = Block.load(f"remote-file-system/{block._block_document_name}")
+    assert saved.settings["endpoint_url"] == "http://127.0.0.1:9"
+    assert storage.secret_options(saved.settings) == []

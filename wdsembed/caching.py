@@ -1,0 +1,44 @@
+"""Resume and caching across runs: where Prefect keeps the embedding tasks' results, and which shards are done.
+
+Two layers agree on one cache key (runner.cache_key: the shard's fingerprint, the model and weights, the
+preprocessing and embedding options, the code and library versions):
+
+* Prefect's task cache: the embedding task's result (a small JSON dict) is persisted under that key in
+  `result_storage`, so a finished shard's task run ends "Cached" without running on a worker.
+* The output's parquet footer holds the same key. The flow reads every planned output's footer before submitting
+  and sends the shards whose output is missing, damaged or made from other inputs with `refresh_cache=True`:
+  a deleted output is recomputed, never reported as cached from a stale task result.
+
+Nothing here imports Prefect or CUDA libraries (tasks.embed.result_storage_for makes the Prefect storage).
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable
+
+from wdsembed import runner, storage
+from wdsembed.config import EmbedConfig
+
+log = logging.getLogger("wdsembed")
+
+RESULTS_FOLDER = "_prefect_results"  # under OUTPUT; a leading "_" keeps dataset readers (pyarrow, Spark) out
+
+
+def result_storage_url(config: EmbedConfig) -> str:
+    return config.result_storage or storage.join(config.output, RESULTS_FOLDER)
+
+
+def finished_stems(config: EmbedConfig, plans: Iterable[runner.ShardPlan], *, max_workers: int = 16) -> set[str]:
+    """Stems whose output exists, is readable and carries this run's cache key (reads only footers)."""
+    plans = list(plans)
+
+    def done(plan: runner.ShardPlan) -> bool:
+        try:
+            return runner.finished_output(config, plan, runner.cache_key(config, plan)) is not None
+        except Exception as exc:  # noqa: BLE001 - unknown means "recompute", never "cached"
+            log.warning("shard %s: cannot read its output's footer (%s); recomputing it", plan.stem, exc)
+            return False
+
+    with ThreadPoolExecutor(max(1, min(max_workers, len(plans)))) as pool:
+        return {plan.stem for plan, ok in zip(plans, pool.map(done, plans)) if ok}
