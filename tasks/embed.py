@@ -86,15 +86,17 @@ def _log():
         return runner.log
 
 
-embed_shard = task(
-    name="embed-shard",
-    task_run_name="embed-{plan.stem}",
-    cache_key_fn=shard_cache_key,
+# Shared by the one-shard and the group task: JSON results persisted for the cache, retries only when they can pass.
+_EMBED_TASK_OPTIONS = dict(
     persist_result=True,
     result_serializer="json",
     retries=3,
     retry_delay_seconds=[2, 10, 30],
     retry_condition_fn=retry_if_transient,
+)
+
+embed_shard = task(
+    name="embed-shard", task_run_name="embed-{plan.stem}", cache_key_fn=shard_cache_key, **_EMBED_TASK_OPTIONS
 )(embed_one_shard)
 
 
@@ -139,12 +141,5 @@ def _group_run_name() -> str:
 
 
 embed_shard_group = task(
-    name="embed-shard-group",
-    task_run_name=_group_run_name,
-    cache_key_fn=group_cache_key,
-    persist_result=True,
-    result_serializer="json",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=retry_if_transient,
+    name="embed-shard-group", task_run_name=_group_run_name, cache_key_fn=group_cache_key, **_EMBED_TASK_OPTIONS
 )(embed_shards_in_group)
