@@ -102,6 +102,9 @@ def prepare_demo(args: argparse.Namespace) -> None:
     # No network here is assumed: the demo's model runs on random weights unless a checkpoint is given.
     if not args.checkpoint:
         args.no_pretrained = True
+    # A few dozen images: one worker loads one model, instead of two competing for a small machine's cores.
+    if args.n_workers is None:
+        args.n_workers = 1
     write_demo_dataset(args.input)
     print(f"demo: wrote generated shards to {args.input}; model {args.model} "
           f"({'checkpoint ' + args.checkpoint if args.checkpoint else 'random weights, offline'})")
