@@ -164,7 +164,6 @@ class Worker:
             "preprocessing": self.recipe.describe(),
             "device": self.device,
         }
-        self.model_calls = 0  # counted so tests can prove a cached run did no work
 
     def embed(
         self, samples: Iterator[tuple[str, bytes]], *, autocast: bool, normalize: bool, on_batch: Callable[[int], None]
@@ -182,7 +181,6 @@ class Worker:
             failures.update(batch.failures)
             if batch.keys:
                 emb = embed_batch(self.loaded, batch.images, autocast=autocast, normalize=normalize)
-                self.model_calls += 1
                 # Stays on the device until the shard ends: one copy back, no sync per batch.
                 chunks.append(emb)
                 keys.extend(batch.keys)
