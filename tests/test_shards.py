@@ -163,10 +163,9 @@ def test_grouping_preference_missing_duplicate_empty(tmp_path):
     assert bytes(samples_of(tar, extensions=("png", "jpg"))[0].image) == b"PNG"
 
 
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar not installed")
 def test_gnu_tar_written_archive(tmp_path):
     """An archive made by GNU tar itself: directory entries, a 150-byte name (GNU longname header), a symlink."""
-    if shutil.which("tar") is None:
-        pytest.skip("GNU tar not installed")
     src = tmp_path / "src"
     long_dir = src / ("d" * 60) / ("e" * 60)
     long_dir.mkdir(parents=True)
