@@ -56,13 +56,14 @@ def task_runner_kwargs(config: EmbedConfig) -> dict:
                 "resources": {"GPU": 1},
             },
         }
+    n_workers = config.n_workers or 2
     return {
         "cluster_class": "distributed.LocalCluster",
         "cluster_kwargs": {
-            "n_workers": config.n_workers or 2,
+            "n_workers": n_workers,
             "threads_per_worker": 1,
             "processes": True,
-            # Torch and DALI each start their own threads; keep the per-worker thread pools to one core.
-            "env": {"OMP_NUM_THREADS": "1"},
+            # Split the cores between the workers' torch thread pools, so they never oversubscribe the machine.
+            "env": {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n_workers))},
         },
     }
