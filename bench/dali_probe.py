@@ -1,4 +1,4 @@
-"""Where DALI's time goes on a GPU: our ImagePipeline against plainer graphs, on the same in-memory photos.
+"""Where DALI's time goes on a GPU: our ImagePipeline against DALI's own webdataset reader, on the same photos.
 
     python bench/dali_probe.py [--images 8000] [--batch-size 256] [--threads 12]
 
@@ -22,7 +22,6 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=12)
     args = p.parse_args()
 
-    import numpy as np
     import torch
     from nvidia.dali import fn, pipeline_def, types
 
@@ -40,7 +39,6 @@ def main() -> int:
     for tar in tars:
         with open(tar, "rb") as f:
             samples += [(s.key, bytes(s.image)) for s in shards.iter_samples(f, extensions=("jpg",), shard=tar)]
-    arrays = [np.frombuffer(b, np.uint8) for _, b in samples]
     B, T = args.batch_size, args.threads
     recipe = PreprocessRecipe(input_size=(3, 224, 224), interpolation="bicubic", crop_pct=0.875, crop_mode="center",
                               mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -60,62 +58,8 @@ def main() -> int:
         pipe.close()
         del pipe
 
-    def external(graph, prefetch=2):
-        @pipeline_def(batch_size=B, num_threads=T, device_id=0, prefetch_queue_depth=prefetch, exec_dynamic=True)
-        def g():
-            enc = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=True)
-            return graph(enc)
-
-        pipe = g()
-        pipe.build()
-
-        def run():
-            batches = [arrays[i:i + B] for i in range(0, len(arrays) - B + 1, B)]
-            inflight = 0
-            for batch in batches:
-                pipe.feed_input("encoded", batch)
-                pipe.schedule_run()
-                inflight += 1
-                if inflight == prefetch:
-                    pipe.outputs()
-                    inflight -= 1
-            for _ in range(inflight):
-                pipe.outputs()
-            return len(batches) * B
-
-        return run
-
     decode = lambda e: fn.decoders.image(e, device="mixed", output_type=types.RGB, hw_decoder_load=0.9)  # noqa: E731
-    from wdsembed.preprocess import dali_preprocess
 
-    def external(graph, no_copy=True):
-        @pipeline_def(batch_size=B, num_threads=T, device_id=0, prefetch_queue_depth=2, exec_dynamic=True)
-        def g():
-            enc = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=no_copy)
-            return graph(enc)
-
-        pipe = g()
-        pipe.build()
-
-        def run():
-            batches = [arrays[i:i + B] for i in range(0, len(arrays) - B + 1, B)]
-            for batch in batches:  # all fed up front: DALI queues them
-                pipe.feed_input("encoded", batch)
-            for _ in batches:
-                pipe.run()
-            return len(batches) * B
-
-        return run
-
-    simple = lambda e: fn.crop_mirror_normalize(fn.resize(decode(e), resize_shorter=256), crop=(224, 224),  # noqa
-                                                dtype=types.FLOAT, output_layout="CHW")
-    for name, graph, nc in (("decode only", decode, True), ("decode+resize_shorter+CMN", simple, True),
-                            ("decode+resize_shorter+CMN, copy", simple, False),
-                            ("dali_preprocess (ours)", lambda e: dali_preprocess(e, recipe, "mixed")[0], True)):
-        try:
-            timed("external_source: " + name, external(graph, nc))
-        except Exception as exc:  # noqa: BLE001
-            print("external_source:", name, "failed:", str(exc)[:300], flush=True)
     @pipeline_def(batch_size=B, num_threads=T, device_id=0, prefetch_queue_depth=2, exec_dynamic=True)
     def reader():
         jpg = fn.readers.webdataset(paths=tars, ext=["jpg"], name="r", missing_component_behavior="skip")
