@@ -43,7 +43,11 @@ class MotoS3:
         self._server.start()
         host, port = self._server.get_host_and_port()
         self.endpoint = f"http://{host}:{port}"
-        iam = self.boto("iam", ("bootstrap", "bootstrap"))  # auth is not enforced yet
+        # moto keeps its accounts and its auth switch per process, not per server: start from a clean slate
+        # with auth off, whatever an earlier server in this process left behind.
+        self._moto_api("reset", b"")
+        self._moto_api("reset-auth", b"inf")
+        iam = self.boto("iam", ("bootstrap", "bootstrap"))
         self.admin = self._user(iam, "admin", [{"Effect": "Allow", "Action": "*", "Resource": "*"}])
         reader = [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket", "s3:GetBucketLocation",
                                                   "s3:ListAllMyBuckets"], "Resource": "*"}]
@@ -52,13 +56,18 @@ class MotoS3:
                            "Resource": [f"arn:aws:s3:::{b}/*" for b in self.writable]})
         self.reader = self._user(iam, "reader", reader)
         # From now on every request is authenticated and authorized against IAM.
-        req = urllib.request.Request(self.endpoint + "/moto-api/reset-auth", data=b"0", method="POST",
+        self._moto_api("reset-auth", b"0")
+        return self
+
+    def _moto_api(self, action: str, data: bytes) -> None:
+        req = urllib.request.Request(f"{self.endpoint}/moto-api/{action}", data=data, method="POST",
                                      headers={"Content-Type": "text/plain"})
         urllib.request.urlopen(req, timeout=10).read()
-        return self
 
     def stop(self) -> None:
         if self._server is not None:
+            self._moto_api("reset-auth", b"inf")
+            self._moto_api("reset", b"")
             self._server.stop()
             self._server = None
 
