@@ -3,11 +3,13 @@
     python bench/throughput.py                       # GPU: the three reference models, 1 GPU
     python bench/throughput.py --gpus 1 2 4          # full-flow scaling over 1, 2, 4 GPUs (ViT-B/16)
     python bench/throughput.py --small               # CPU: a tiny model on a few shards (what CI runs)
+    python bench/throughput.py --small --gpus 1 2    # CPU: the scaling runs on 1 and 2 worker processes
 
 It builds its own shards of real photographs (scikit-image's samples, re-encoded as JPEG at 300-640 px), then for
 each model prints images/s for (a) the model alone on resident tensors (bf16 autocast, as the flow runs it),
 (b) DALI reading + decoding + preprocessing alone, (c) the full flow through Prefect and Dask from tar to parquet
 with warm workers, the ratio (c) / min(a, b), and the peak GPU and host memory of (c). Writes JSON with --json.
+The scaling runs (--gpus) also check that every run's outputs equal the first run's, embedding for embedding.
 """
 from __future__ import annotations
 
@@ -152,8 +154,8 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
         # As the flow's own runner builds it (wdsembed/cluster.py), started here once so workers stay warm.
         cluster = LocalCUDACluster(n_workers=n_gpus, threads_per_worker=2, resources={"GPU": 1},
                                    CUDA_VISIBLE_DEVICES=list(range(n_gpus)))
-    else:
-        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True)
+    else:  # the CPU stand-in: one worker process per "GPU"
+        cluster = LocalCluster(n_workers=n_gpus, threads_per_worker=1, processes=True)
     client = Client(cluster)
     try:
         def config(inp: str, force: bool) -> EmbedConfig:
@@ -182,6 +184,37 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
     finally:
         client.close()
         cluster.close()
+
+
+def compare_outputs(reference: str, other: str, embedding_column: str = "image_embedding") -> dict:
+    """Whether two runs' outputs hold the same rows with the same embeddings: every shard's parquet, row by row.
+    Reports the shards compared, the rows that differ in anything but the embedding, and the largest absolute
+    difference between embeddings (0.0 when bit-identical)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    stems = sorted(f for f in os.listdir(reference) if f.endswith(".parquet"))
+    missing = sorted(set(stems) ^ {f for f in os.listdir(other) if f.endswith(".parquet")})
+    rows = differing_rows = 0
+    max_diff = 0.0
+    for name in stems:
+        if name in missing:
+            continue
+        a, b = pq.read_table(os.path.join(reference, name)), pq.read_table(os.path.join(other, name))
+        rows += a.num_rows
+        rest = [c for c in a.column_names if c != embedding_column]
+        if set(a.column_names) != set(b.column_names) or not a.select(rest).equals(b.select(rest)):
+            differing_rows += max(a.num_rows, b.num_rows)
+            continue
+        ea, eb = (t.column(embedding_column).to_pylist() for t in (a, b))
+        for x, y in zip(ea, eb):
+            if (x is None) != (y is None):
+                differing_rows += 1
+            elif x is not None:
+                max_diff = max(max_diff, float(np.max(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)))))
+    return {"shards": len(stems), "rows": rows, "missing_shards": missing, "rows_differing": differing_rows,
+            "max_abs_embedding_difference": max_diff,
+            "identical": not missing and differing_rows == 0 and max_diff == 0.0}
 
 
 def _reset_peaks() -> None:
@@ -332,18 +365,25 @@ def main() -> int:
             print(f"{name}: (c) / min(a, b) = {row['ratio']}", flush=True)
         results["models"][name] = row
 
-    if args.gpus and gpu:
-        name = "vit_base_patch16_clip_224.openai"
+    if args.gpus:
+        name = "vit_base_patch16_clip_224.openai" if gpu else models[0]
+        unit = "GPU(s)" if gpu else "CPU worker(s)"
+        outs = {}
         for n in args.gpus:
-            shutil.rmtree(out, ignore_errors=True)
-            results["scaling"][n] = _stage(bench_flow, name, data, warm, out, device, batch_size, threads, n)
+            outs[n] = f"{out}-{n}"
+            shutil.rmtree(outs[n], ignore_errors=True)
+            results["scaling"][n] = _stage(bench_flow, name, data, warm, outs[n], device, batch_size, threads, n)
             if "error" in results["scaling"][n]:
-                print(f"scaling on {n} GPU(s) failed: {results['scaling'].pop(n)['error']}", flush=True)
+                print(f"scaling on {n} {unit} failed: {results['scaling'].pop(n)['error']}", flush=True)
                 continue
-            print(f"scaling {name} on {n} GPU(s): {results['scaling'][n]['images_per_second']:,.0f} img/s", flush=True)
-        base = results["scaling"].get(1) or next(iter(results["scaling"].values()), None)
-        for n, r in (results["scaling"].items() if base else ()):
-            r["speedup_vs_1"] = round(r["images_per_second"] / base["images_per_second"], 2)
+            print(f"scaling {name} on {n} {unit}: {results['scaling'][n]['images_per_second']:,.0f} img/s", flush=True)
+        base_n = next(iter(results["scaling"]), None)
+        for n, r in results["scaling"].items():
+            r["speedup_vs_1"] = round(r["images_per_second"] / results["scaling"][base_n]["images_per_second"], 2)
+            if n != base_n:
+                # The same shards on more workers must give the same outputs: each shard is one task on one device.
+                r["outputs_vs_first"] = compare_outputs(outs[base_n], outs[n])
+                print(f"outputs on {n} {unit} vs {base_n}: {r['outputs_vs_first']}", flush=True)
         print("speedups:", {n: r["speedup_vs_1"] for n, r in results["scaling"].items()}, flush=True)
 
     if "fidelity" not in args.skip:

@@ -7,11 +7,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_cpu_benchmark_measures_all_three_and_the_ratio(tmp_path):
+def test_cpu_benchmark_measures_all_three_the_ratio_and_scaling(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"))
     proc = subprocess.run(
-        [sys.executable, "bench/throughput.py", "--small", "--json", str(out), "--model-seconds", "1"],
+        [sys.executable, "bench/throughput.py", "--small", "--json", str(out), "--model-seconds", "1", "--gpus", "1", "2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -23,5 +23,30 @@ def test_cpu_benchmark_measures_all_three_and_the_ratio(tmp_path):
     assert row["full_flow"]["images"] == 32
     limit = min(row["model_only"]["images_per_second"], row["dali_only"]["images_per_second"])
     assert row["ratio"] == round(row["full_flow"]["images_per_second"] / limit, 3)
+    # Scaling runs on one and two worker processes: every shard done once, outputs equal to the one-worker run's.
+    one, two = result["scaling"]["1"], result["scaling"]["2"]
+    assert one["images"] == two["images"] == 32
+    assert two["outputs_vs_first"]["shards"] == 2 and two["outputs_vs_first"]["rows"] == 32
+    assert two["outputs_vs_first"]["identical"], two["outputs_vs_first"]
     # The CPU path's embeddings equal timm's own preprocessing + model.
     assert result["fidelity"]["min_cosine"] > 0.9999
+
+
+def test_output_comparison_sees_one_changed_embedding(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, ROOT)
+    from bench.throughput import compare_outputs
+
+    def write(folder, first):
+        folder.mkdir()
+        table = pa.table({"key": ["a", "b"], "image_embedding": [first, [0.0, 1.0]], "embedding_error": [None, None]})
+        pq.write_table(table, folder / "00000.parquet")
+
+    write(tmp_path / "x", [1.0, 0.0])
+    write(tmp_path / "y", [1.0, 0.0])
+    write(tmp_path / "z", [1.0, 0.25])
+    assert compare_outputs(str(tmp_path / "x"), str(tmp_path / "y"))["identical"]
+    changed = compare_outputs(str(tmp_path / "x"), str(tmp_path / "z"))
+    assert not changed["identical"] and changed["max_abs_embedding_difference"] == 0.25

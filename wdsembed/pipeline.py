@@ -18,6 +18,7 @@ one thread at a time: DALI pipelines are not thread-safe.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
@@ -130,7 +131,7 @@ class PreprocessedBatch:
 class _Batch:
     keys: list[str]
     data: list[bytes | memoryview]  # the encoded bytes, referenced until the batch's outputs are taken
-    tensors: list[Any]  # DALI TensorCPU views of `data` (no copies; DALI reads them in place)
+    tensors: list[Any]  # DALI TensorCPU views of `data` (no copies here)
     ids: Optional[np.ndarray] = None  # running sample ids, set when fed
 
     def split(self, bad_index: Optional[int]) -> list["_Batch"]:
@@ -168,6 +169,7 @@ def define_pipeline(
     device_id: Optional[int],
     prefetch: int = 2,
     max_pixels: Optional[int] = None,
+    copy_inputs: bool = True,
     **graph_args: Any,
 ) -> Any:
     """The DALI pipeline behind ImagePipeline, defined but not built (building a GPU one needs a GPU).
@@ -187,8 +189,10 @@ def define_pipeline(
         enable_conditionals=max_pixels is not None,
     )
     def graph():  # type: ignore[no-untyped-def]
-        # no_copy: DALI reads our buffers in place; each stays referenced by its in-flight batch until consumed
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=True)
+        # copy_inputs: DALI copies each batch into its own buffers, which it pins when they feed a GPU decoder, so
+        # nvJPEG reads them directly. Without the copy it reads our pageable buffers in place and has to stage
+        # them into pinned memory itself, inside the decoder's own time.
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=not copy_inputs)
         ids = fn.external_source(name="ids", dtype=types.INT64, ndim=0)
         images, oversize = dali_preprocess(encoded, recipe, decode_device, max_pixels=max_pixels, **graph_args)
         if oversize is None:
@@ -224,6 +228,7 @@ class ImagePipeline:
         device_memory_padding: int = 32 << 20,
         host_memory_padding: int = 16 << 20,
         jpeg_fancy_upsampling: bool = False,
+        copy_inputs: bool = True,
     ) -> None:
         if batch_size < 1 or num_threads < 1 or prefetch < 1:
             raise ValueError("batch_size, num_threads and prefetch must be >= 1")
@@ -232,8 +237,10 @@ class ImagePipeline:
         self.device_id = device_id
         self.prefetch = prefetch
         self.max_pixels = max_pixels
+        self.copy_inputs = copy_inputs
         self._next_id = 0
         self._active = False
+        self._stream: Optional["torch.cuda.Stream"] = None
         self._broken: Optional[str] = None
         self._pipe = self._build(
             num_threads=num_threads,
@@ -253,6 +260,7 @@ class ImagePipeline:
             device_id=self.device_id,
             prefetch=self.prefetch,
             max_pixels=self.max_pixels,
+            copy_inputs=self.copy_inputs,
             **graph_args,
         )
         pipe.build()
@@ -283,9 +291,14 @@ class ImagePipeline:
 
         return torch.device("cpu") if self.device_id is None else torch.device("cuda", self.device_id)
 
-    def process(self, samples: Iterable[tuple[str, bytes | memoryview]]) -> Iterator[PreprocessedBatch]:
+    def process(
+        self, samples: Iterable[tuple[str, bytes | memoryview]], *, cuda_stream: Optional["torch.cuda.Stream"] = None
+    ) -> Iterator[PreprocessedBatch]:
         """Decode and preprocess (key, encoded bytes) pairs; every input key comes out once, either as a row of
         some batch's `images` or in some batch's `failures`.
+
+        On a GPU, each batch's `images` are bound to `cuda_stream` (default: the current stream of the thread that
+        iterates): ready for work queued on it, and given back to DALI in its order once released.
 
         Batches come out in input order except that the parts of a batch that had a bad image come out later.
         The byte buffers must stay unmodified until the batch holding them has come out (they are not copied).
@@ -295,6 +308,7 @@ class ImagePipeline:
         if self._active:
             raise RuntimeError("ImagePipeline.process() is already running; a pipeline serves one stream at a time")
         self._active = True
+        self._stream = cuda_stream
         source = self._batches(samples)
         pending: deque[_Batch] = deque()  # fed to DALI, outputs not yet taken, in feeding order
         retry: deque[_Batch] = deque()  # parts of failed batches, to be fed again
@@ -414,7 +428,9 @@ class ImagePipeline:
         """Take the outputs of the oldest iteration in flight, which must be `batch`'s."""
         import torch
 
-        stream = None if self.device_id is None else torch.cuda.current_stream(self.device_id)
+        stream = None
+        if self.device_id is not None:
+            stream = self._stream if self._stream is not None else torch.cuda.current_stream(self.device_id)
         try:
             outs = self._pipe.outputs(cuda_stream=stream)
         except RuntimeError as e:
@@ -429,20 +445,22 @@ class ImagePipeline:
         if not np.array_equal(got, batch.ids):
             self._broken = f"DALI outputs out of step with inputs: expected ids {batch.ids[:4]}..., got {got[:4]}..."
             raise PipelineBroken(self._broken)
-        images = self._to_torch(images_tl)
-        keys, failures = batch.keys, []
-        if len(outs) > 2:  # max_pixels guard: drop the rows that stood in for oversized images
-            oversize = np.asarray(outs[2].as_tensor())
-            bad = np.flatnonzero(oversize[:, 0] > 0)
-            if bad.size:
-                limit = self.max_pixels
-                failures = [
-                    (keys[i], f"image too large: {oversize[i, 1]}x{oversize[i, 0]} pixels > max_pixels={limit}")
-                    for i in bad
-                ]
-                keep = np.flatnonzero(oversize[:, 0] == 0)
-                keys = [keys[i] for i in keep]
-                images = images.index_select(0, torch.from_numpy(keep).to(images.device))
+        # The DLPack hand-over and any selection below are queued on the stream the outputs are bound to.
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            images = self._to_torch(images_tl)
+            keys, failures = batch.keys, []
+            if len(outs) > 2:  # max_pixels guard: drop the rows that stood in for oversized images
+                oversize = np.asarray(outs[2].as_tensor())
+                bad = np.flatnonzero(oversize[:, 0] > 0)
+                if bad.size:
+                    limit = self.max_pixels
+                    failures = [
+                        (keys[i], f"image too large: {oversize[i, 1]}x{oversize[i, 0]} pixels > max_pixels={limit}")
+                        for i in bad
+                    ]
+                    keep = np.flatnonzero(oversize[:, 0] == 0)
+                    keys = [keys[i] for i in keep]
+                    images = images.index_select(0, torch.from_numpy(keep).to(images.device))
         return PreprocessedBatch(keys, images, failures)
 
     def _to_torch(self, tl: Any) -> "torch.Tensor":

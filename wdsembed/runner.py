@@ -156,6 +156,10 @@ class Worker:
             device_id=device_id,
             max_pixels=config.max_image_pixels or None,  # decompression-bomb guard; 0/None: off
         )
+        # The model runs on a stream of its own, not the legacy default stream: that one waits for (and holds up)
+        # every blocking stream and synchronous copy in the process, the decoder's included, which would
+        # serialize decoding with the model instead of overlapping them.
+        self.stream = torch.cuda.Stream(torch.device(self.device)) if device_id is not None else None
         self.info = {
             "name": self.loaded.name,
             "weights": self.loaded.weights,
@@ -169,6 +173,8 @@ class Worker:
         self, samples: Iterator[tuple[str, bytes]], *, autocast: bool, normalize: bool, on_batch: Callable[[int], None]
     ) -> tuple[list[str], np.ndarray, dict[str, str]]:
         """Stream (key, bytes) through DALI and the model; returns keys, their (N, dim) embeddings, and failures."""
+        import contextlib
+
         import torch
 
         from wdsembed.model import embed_batch
@@ -176,19 +182,21 @@ class Worker:
         keys: list[str] = []
         chunks: list = []
         failures: dict[str, str] = {}
+        on_stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         # Reading and DALI run a batch or two ahead in their own thread while the model works on this one.
-        for batch in in_background(self.pipeline.process(samples), depth=2):
-            failures.update(batch.failures)
-            if batch.keys:
-                emb = embed_batch(self.loaded, batch.images, autocast=autocast, normalize=normalize)
-                # Stays on the device until the shard ends: one copy back, no sync per batch.
-                chunks.append(emb)
-                keys.extend(batch.keys)
-            on_batch(len(batch.keys) + len(batch.failures))
-        if chunks:
-            embeddings = torch.cat(chunks).float().cpu().numpy()
-        else:
-            embeddings = np.zeros((0, self.loaded.dim), dtype=np.float32)
+        with on_stream:
+            for batch in in_background(self.pipeline.process(samples, cuda_stream=self.stream), depth=2):
+                failures.update(batch.failures)
+                if batch.keys:
+                    emb = embed_batch(self.loaded, batch.images, autocast=autocast, normalize=normalize)
+                    # Stays on the device until the shard ends: one copy back, no sync per batch.
+                    chunks.append(emb)
+                    keys.extend(batch.keys)
+                on_batch(len(batch.keys) + len(batch.failures))
+            if chunks:
+                embeddings = torch.cat(chunks).float().cpu().numpy()
+            else:
+                embeddings = np.zeros((0, self.loaded.dim), dtype=np.float32)
         return keys, embeddings, failures
 
 
