@@ -60,14 +60,21 @@ def build_shards(folder: str, n_shards: int, per_shard: int, unique: int, seed: 
 
     import tarfile
 
+    import fsspec
+
+    from wdsembed import shards
+
     os.makedirs(folder, exist_ok=True)
     for s in range(n_shards):
-        with tarfile.open(os.path.join(folder, f"{s:05d}.tar"), "w") as tar:
+        path = os.path.join(folder, f"{s:05d}.tar")
+        with tarfile.open(path, "w") as tar:
             for j in range(per_shard):
                 data = encoded[(s * per_shard + j) % len(encoded)]
-                info = tarfile.TarInfo(f"{s:05d}{j:04d}.jpg")
+                info = tarfile.TarInfo(f"{s:05d}{j:05d}.jpg")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+        # Written now, as the first run over a dataset does once: (c) measures the steady state, not indexing.
+        shards.ensure_index(path, fsspec.filesystem("file"))
     return n_shards * per_shard
 
 
@@ -326,7 +333,7 @@ def main() -> int:
     device = "cuda:0" if gpu else "cpu"
     models = args.models or (GPU_MODELS if gpu else CPU_MODELS)
     n_shards = args.shards or (16 if gpu else 2)
-    per_shard = args.per_shard or (1000 if gpu else 16)
+    per_shard = args.per_shard or (10_000 if gpu else 16)  # img2dataset's default shard size
     batch_size = args.batch_size or (256 if gpu else 8)
     threads = args.threads or (8 if gpu else 1)
     model_seconds = args.model_seconds or (8.0 if gpu else 2.0)
