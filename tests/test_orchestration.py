@@ -249,14 +249,15 @@ def test_transient_fault_is_retried_and_a_deterministic_failure_fails_at_once(tm
     import flows.embed
 
     data = make_dataset(tmp_path / "in")
+    (data / "00001.tar").write_bytes(b"<html><body>503 Service Unavailable</body></html>\n" * 40)  # malformed
     config = make_config(data, tmp_path / "out")
     injected = Faults(tmp_path, monkeypatch, {
         "00000": {"fail_attempts": 1, "error": "io"},  # an I/O hiccup on the first attempt
-        "00001": {"fail_attempts": 1000, "error": "fatal"},  # deterministic: as a malformed shard or a missing model
+        "00001": {"fail_attempts": 0},  # attempts counted
     })
     outcome, run_id = embed(config)
     assert isinstance(outcome, flows.embed.ShardsFailed), outcome
-    assert "00001" in str(outcome) and "injected deterministic failure" in str(outcome)
+    assert "00001: MalformedShardError" in str(outcome) and "not a tar file" in str(outcome)
     assert "00000" not in str(outcome) and "00002" not in str(outcome)
     assert injected.attempts("00000") == 2  # failed once, retried once
     assert injected.attempts("00001") == 1  # never retried
@@ -273,7 +274,7 @@ def test_transient_fault_is_retried_and_a_deterministic_failure_fails_at_once(tm
     assert list(manifest["failed_shards"]) == ["00001"]
     assert sorted(manifest["shards"]) == ["00000", "00002"]
     rows = table_rows(run_id)
-    assert rows["00001"]["status"].startswith("FAILED") and "injected deterministic failure" in rows["00001"]["status"]
+    assert rows["00001"]["status"].startswith("FAILED") and "not a tar file" in rows["00001"]["status"]
     assert rows["00000"]["status"] == rows["00002"]["status"] == "computed"
     assert float(artifacts(run_id)["progress"].data) == 100.0
 

@@ -431,26 +431,45 @@ def test_sample_without_image(tmp_path):
                  did="4 embedded; the 3rd kept with reason 'no image member (found: json, txt)'", lost="nothing")
 
 
-def test_empty_tars(tmp_path):
+def test_empty_tar(tmp_path):
     (tmp_path / "in").mkdir()
     with tarfile.open(tmp_path / "in" / "00000.tar", "w"):
         pass
     rows = pa.table({"key": ["000000000", "000000001"], "status": ["failed_to_download"] * 2,
                      "error_message": ["HTTP Error 404: Not Found"] * 2})
     pq.write_table(rows, tmp_path / "in" / "00000.parquet")
-    (tmp_path / "in" / "00001.tar").write_bytes(b"")
-    results, out = run_shard(tmp_path)
-    r0, r1 = results
-    t0, t1 = read(out / "00000.parquet"), read(out / "00001.parquet")
+    [r0], out = run_shard(tmp_path)
+    t0 = read(out / "00000.parquet")
     assert r0.samples == 0 and t0.num_rows == 2 and set(t0.column(ERR).to_pylist()) == {"HTTP Error 404: Not Found"}
-    assert r1.samples == 0 and t1.num_rows == 0
-    assert r1.warnings == ["tar damaged at byte 0: unexpected end of file (no end-of-archive marker: truncated tar?); "
-                           "0 sample(s) before it read"]
-    table.record("shard-empty-tar",
-                 done="a tar with no members whose parquet lists 2 failed downloads; a 0-byte .tar without parquet",
-                 did="both written: the first with its 2 rows and img2dataset's reasons; the 0-byte one with 0 rows "
-                     f"and warning {q(r1.warnings[0])}",
-                 lost="nothing")
+    assert r0.warnings == []
+    table.record("shard-empty-tar", done="a tar with no members whose parquet lists 2 failed downloads",
+                 did="written, with its 2 rows and img2dataset's reasons", lost="nothing")
+
+
+def test_a_file_that_is_not_a_tar_fails_its_shard(tmp_path):
+    write_shard(tmp_path / "in", "00000", samples(3))
+    (tmp_path / "in" / "00001.tar").write_bytes(b"")
+    (tmp_path / "in" / "00002.tar").write_bytes(b"<!DOCTYPE html><html><body>502 Bad Gateway</body></html>\n" * 20)
+    exc, out = run_shard(tmp_path, expect_failure=True)
+    assert isinstance(exc, ShardsFailed) and [r.stem for r in exc.results] == ["00000"]
+    reasons = {stem: why.replace(str(tmp_path / "in") + os.sep, "") for stem, why in exc.failures.items()}
+    assert reasons == {
+        "00001": "MalformedShardError: 00001.tar: not a tar file, an empty file (0 bytes): unexpected end of file "
+                 "(no end-of-archive marker: truncated tar?) at byte 0",
+        "00002": "MalformedShardError: 00002.tar: not a tar file, its bytes start with b'<!DOCTYPE html><': "
+                 "bad tar header checksum (not a tar, or corrupt) at byte 0",
+    }
+    from wdsembed import faults
+
+    assert not faults.is_transient(shards.MalformedShardError("x.tar", 0, "not a tar file"))  # never retried
+    assert read(out / "00000.parquet").num_rows == 3
+    assert not (out / "00001.parquet").exists() and not (out / "00002.parquet").exists()
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert sorted(manifest["failed_shards"]) == ["00001", "00002"]
+    table.record("shard-not-a-tar", done="beside a good shard: a 0-byte .tar, and an HTML error page saved as .tar",
+                 did=f"both shards failed at once and never retried, named in the run's error and the manifest: "
+                     f"{q(reasons['00001'])}; {q(reasons['00002'])}; no output for them; the good shard written",
+                 lost="nothing readable (neither file holds a tar); the next run tries them again once they are replaced")
 
 
 def test_parquet_lacks_rows(tmp_path):

@@ -628,3 +628,15 @@ def test_not_parquet_or_not_json_is_a_clear_error(tmp_path):
     bad_stats.write_text("[1, 2]")
     with pytest.raises(shards.MetadataFileError, match="JSON object"):
         shards.read_stats(str(bad_stats), fs)
+
+
+def test_shard_errors_survive_pickling():
+    """They cross process boundaries (a Dask worker's exception, a Prefect result): their fields come through."""
+    import pickle
+
+    for exc in (shards.ShardReadError("/d/00001.tar", 1536, "bad tar header checksum", member="a.jpg", key="a"),
+                shards.MalformedShardError("/d/00002.tar", 0, "not a tar file, an empty file (0 bytes)")):
+        back = pickle.loads(pickle.dumps(exc))
+        assert type(back) is type(exc) and str(back) == str(exc)
+        assert (back.shard, back.offset, back.reason, back.member, back.key) == (
+            exc.shard, exc.offset, exc.reason, exc.member, exc.key)

@@ -135,7 +135,11 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8) -> list[ShardPlan]
             except shards.ShardReadError as exc:
                 # A truncated or corrupt tar: its task embeds the samples before the damage and names the rest
                 # (runner.embed_shard); it never stops the planning of every other shard.
-                log.warning("shard %s cannot be indexed (%s); its intact samples are read without an index", tar, exc)
+                if exc.offset == 0:  # not a tar at all: its task fails, naming it (runner.embed_shard)
+                    log.warning("shard %s is not a readable tar (%s)", tar, exc)
+                else:
+                    log.warning("shard %s cannot be indexed (%s); its intact samples are read without an index",
+                                tar, exc)
         return ShardPlan(
             shard=storage.to_url(fs, tar),
             stem=stem,

@@ -200,6 +200,15 @@ class Worker:
         return keys, embeddings, failures
 
 
+def _not_a_tar(shard: str, fs, path: str, exc: "shards.ShardReadError") -> "shards.MalformedShardError":
+    try:
+        head = fs.cat_file(path, start=0, end=16)
+    except OSError:
+        head = b""
+    what = "an empty file (0 bytes)" if not head else f"its bytes start with {head!r}"
+    return shards.MalformedShardError(shard, 0, f"not a tar file, {what}: {exc.reason}")
+
+
 def resolve_device(device: str) -> str:
     import torch
 
@@ -301,6 +310,10 @@ def embed_shard(
     keys, embeddings, failures = worker.embed(
         good_samples(), autocast=config.autocast, normalize=config.normalize_embeddings, on_batch=after_batch
     )
+    if damage and n_samples == 0 and damage[0].offset == 0:
+        # Not a tar at all: an output of "not in the tar" rows would pass for a finished shard. Failed instead (not
+        # retried); the run names it, and the next run tries it again once it is replaced.
+        raise _not_a_tar(plan.shard, in_fs, tar_path, damage[0])
     if builder is not None and read_to_end and (index is None or stale):
         _save_built_index(config, in_fs, tar_path, builder)
     if stale:

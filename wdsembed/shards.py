@@ -68,6 +68,14 @@ class ShardReadError(IOError):
         where = f" (member {member!r})" if member is not None else ""
         super().__init__(f"{shard}: {reason} at byte {offset}{where}")
 
+    def __reduce__(self):  # pickled with its own arguments: it crosses process boundaries (Dask, Prefect results)
+        return type(self), (self.shard, self.offset, self.reason, self.member, self.key)
+
+
+class MalformedShardError(ShardReadError):
+    """Not a tar from its first byte (0 bytes, an HTML error page, another format): nothing of the shard can be read.
+    Unlike a tar damaged further in, whose intact samples are embedded, such a shard is failed."""
+
 
 class StaleIndexError(ValueError):
     """An .idx file no longer matches its tar."""
