@@ -208,7 +208,9 @@ class ImagePipeline:
     `device_id=None` runs DALI on the CPU only (decoding with libjpeg-turbo and friends) and yields CPU tensors;
     an int decodes with nvJPEG (`mixed`, hardware decoder where present), resizes and normalizes on that GPU and
     yields CUDA tensors shared through DLPack, no host round trip. Up to `prefetch` batches are in flight, so
-    decoding overlaps whatever the consumer does with the previous batch.
+    decoding overlaps whatever the consumer does with the previous batch. `copy_inputs` (default) copies each
+    batch's encoded bytes into DALI's buffers, pinned where they feed the GPU decoder; False lets DALI read the
+    caller's buffers in place.
 
     >>> pipe = ImagePipeline(PreprocessRecipe.from_model(model), batch_size=256, num_threads=4, device_id=0)
     >>> for batch in pipe.process((s.key, s.image) for s in samples):
@@ -301,7 +303,8 @@ class ImagePipeline:
         iterates): ready for work queued on it, and given back to DALI in its order once released.
 
         Batches come out in input order except that the parts of a batch that had a bad image come out later.
-        The byte buffers must stay unmodified until the batch holding them has come out (they are not copied).
+        The byte buffers must stay unmodified until the batch holding them has come out (a batch with a bad image
+        is fed again from them; with copy_inputs=False DALI also reads them in place).
         """
         if self._broken:
             raise PipelineBroken(self._broken)
