@@ -24,9 +24,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 GPU_MODELS = ["vit_large_patch14_clip_224.openai", "vit_base_patch16_clip_224.openai", "resnet50.a1_in1k"]
 CPU_MODELS = ["test_resnet.r160_in1k"]
@@ -326,6 +323,10 @@ def main() -> int:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--workdir", help="where shards are built (default: a temp folder)")
     args = p.parse_args()
+    # Set here, not at import: the tests import this module's helpers into their own process.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
     import torch
 

@@ -417,7 +417,8 @@ def test_existing_scheduler_with_two_workers(tmp_path):
     data = make_dataset(tmp_path / "in")
     scheduler_file = tmp_path / "scheduler.json"
     # Unbuffered: the workers' task-run log lines must reach their log files before the processes are stopped.
-    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                        "PREFECT_LOGGING_LEVEL": "INFO"}
     env.pop("WDSEMBED_FAULTS", None)
     procs = [_start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
                      "--scheduler-file", str(scheduler_file)], tmp_path / "scheduler.log", env)]
