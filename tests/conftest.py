@@ -8,6 +8,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY_MODEL = "test_resnet.r160_in1k"  # a timm test model: real architecture, ~0.5M parameters
+CANNOT_DROP_OVERRIDE = 99  # exit status of a child that could not drop root's permission override
+
+
+def without_file_permission_override() -> None:
+    """subprocess preexec_fn: drop root's power to read and write anything (CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH) in the child, so permission bits apply to it as to any user. A child that cannot drop
+    them exits with CANNOT_DROP_OVERRIDE."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            os._exit(CANNOT_DROP_OVERRIDE)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ worker processes), and the bad-parameter cases start one CLI process.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import io
 import json
@@ -39,7 +38,7 @@ from PIL import Image, ImageOps
 pytest.importorskip("nvidia.dali")
 
 import reliability_table as table  # noqa: E402
-from conftest import TINY_MODEL  # noqa: E402
+from conftest import CANNOT_DROP_OVERRIDE, TINY_MODEL, without_file_permission_override  # noqa: E402
 from wdsembed import output, runner, shards  # noqa: E402
 from wdsembed.api import ShardsFailed, TimmImageEmbedder  # noqa: E402
 from wdsembed.config import EmbedConfig  # noqa: E402
@@ -878,15 +877,6 @@ def test_output_inside_input(tmp_path, capsys):
                  lost="nothing (no work started)")
 
 
-def _without_file_permission_override() -> None:
-    """In the child: drop root's power to read anything (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so permission
-    bits apply to it as to any user."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):
-        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            os._exit(99)
-
-
 def test_unreadable_input(tmp_path, capsys):
     # through the real command line, in its own process: refused before Prefect or Dask start anything
     data = dataset(tmp_path / "in", 1)
@@ -896,11 +886,11 @@ def test_unreadable_input(tmp_path, capsys):
         started = time.monotonic()
         done = subprocess.run(cli_args(data, out), cwd=ROOT, env=_cli_env(tmp_path),
                               capture_output=True, text=True, timeout=300,
-                              preexec_fn=_without_file_permission_override if os.geteuid() == 0 else None)
+                              preexec_fn=without_file_permission_override if os.geteuid() == 0 else None)
         seconds = time.monotonic() - started
     finally:
         os.chmod(data, 0o755)
-    if done.returncode == 99:
+    if done.returncode == CANNOT_DROP_OVERRIDE:
         pytest.skip("running as root without the right to drop CAP_DAC_OVERRIDE: cannot make a folder unreadable")
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     err = done.stderr.strip().splitlines()[-1]

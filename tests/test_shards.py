@@ -551,15 +551,26 @@ def test_read_only_folder_index_goes_to_cache(tmp_path, monkeypatch):
     assert ensure_index(str(tar), fs).path is None
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod; covered by ReadOnlyFileSystem")
-def test_read_only_folder_by_chmod(tmp_path, monkeypatch):
-    data = tmp_path / "data"
+def test_read_only_folder_by_chmod(tmp_path):
+    """The same with real permission bits, in a child process (root's permission override dropped there)."""
+    from conftest import CANNOT_DROP_OVERRIDE, without_file_permission_override
+
+    data, cache = tmp_path / "data", tmp_path / "cache"
     tar = multi_ext_shard(data)
+    child = ("import sys, fsspec\nfrom wdsembed.shards import ensure_index\n"
+             "print(ensure_index(sys.argv[1], fsspec.filesystem('file'), cache_dir=sys.argv[2]).path)")
     data.chmod(0o555)
     try:
-        _check_cached(tar, fsspec.filesystem("file"), tmp_path / "cache", tmp_path, monkeypatch)
+        done = subprocess.run([sys.executable, "-c", child, str(tar), str(cache)], capture_output=True, text=True,
+                              timeout=120, preexec_fn=without_file_permission_override if os.geteuid() == 0 else None)
     finally:
         data.chmod(0o755)
+    if done.returncode == CANNOT_DROP_OVERRIDE:
+        pytest.skip("running as root without the right to drop CAP_DAC_OVERRIDE: chmod cannot stop root")
+    assert done.returncode == 0, done.stderr[-2000:]
+    path = Path(done.stdout.strip())
+    assert path.parent == cache and path.read_text() == wds2idx_text(tar, tmp_path)
+    assert sorted(p.name for p in data.iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
 
 
 def test_index_path_for(tmp_path):
