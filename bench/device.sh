@@ -2,6 +2,8 @@
 # On the GPU machine (after ../shared/device/install.sh unpacked the bundle into /tmp/site):
 #   bash bench/device.sh [bench args...]         -> $OUT/bench.json, $OUT/bench.log
 #   bash bench/device.sh probe [probe args...]   -> $OUT/probe.log (bench/dali_probe.py: where the GPU time goes)
+#   bash bench/device.sh smoke [smoke args...]   -> $OUT/smoke-1gpu.json (+ smoke-2gpu.json with two GPUs): the CLI
+#                                                  cold on small mixed shards, every row checked (bench/smoke.py)
 set -u
 export PYTHONPATH=/tmp/site:$PWD
 export PREFECT_HOME=/tmp/prefect-home PREFECT_SERVER_ANALYTICS_ENABLED=false
@@ -11,5 +13,15 @@ if [ "${1:-}" = "probe" ]; then
   shift
   python bench/dali_probe.py "$@" 2>&1 | tee "${OUT:-/tmp}/probe.log"
   exit "${PIPESTATUS[0]}"
+fi
+if [ "${1:-}" = "smoke" ]; then
+  shift
+  CUDA_VISIBLE_DEVICES=0 python bench/smoke.py --device cuda --json "${OUT:-/tmp}/smoke-1gpu.json" "$@" 2>&1 | tee "${OUT:-/tmp}/smoke.log"
+  rc=${PIPESTATUS[0]}
+  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+    python bench/smoke.py --device cuda --n-workers 2 --models resnet18.a1_in1k --json "${OUT:-/tmp}/smoke-2gpu.json" 2>&1 | tee -a "${OUT:-/tmp}/smoke.log"
+    rc=$((rc | PIPESTATUS[0]))
+  fi
+  exit "$rc"
 fi
 python bench/throughput.py --json "${OUT:-/tmp}/bench.json" --workdir /tmp/bench-work "$@" 2>&1 | tee "${OUT:-/tmp}/bench.log" | grep -v "distributed\.\|^\s*$"

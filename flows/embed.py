@@ -70,8 +70,9 @@ def embed_dataset(config: EmbedConfig) -> dict:
     cached_task = (embed_shard_group if grouped else embed_shard).with_options(result_storage=result_storage)
     fresh_task = cached_task.with_options(refresh_cache=True)
 
-    # A GPU resource per embedding task keeps two shards off one device, where the workers declare GPUs.
-    annotations = {"resources": {"GPU": 1}} if cluster.gpu_slots_declared() else {}
+    # A GPU resource per embedding task keeps two shards off one device, where the workers declare GPUs. Asked of
+    # this run's own Dask client (its cluster starts here if it has not yet), before anything is submitted.
+    annotations = {"resources": {"GPU": 1}} if cluster.gpu_slots_declared(_dask_client()) else {}
     units = []  # (future whose outcome ends the unit, its shards' stems, the embedding future)
     if grouped:
         # One task run embeds and validates several shards: fewer task runs for the API at thousands of shards.
@@ -122,6 +123,13 @@ def embed_dataset(config: EmbedConfig) -> dict:
 # Built as flow(...)(function), like the tasks: Dask pickles the run context, which holds the flow, and a
 # function shadowed by its Flow object could only be pickled by value, with every global it reads.
 embed_shards = flow(name="embed-shards", log_prints=True)(embed_dataset)
+
+
+def _dask_client():
+    """The Dask client of the task runner this flow run submits through."""
+    from prefect.context import FlowRunContext
+
+    return FlowRunContext.get().task_runner.client
 
 
 def _outcomes(stems: list[str], outcome, embed_future, finished: set[str]) -> tuple[list[dict], dict[str, str]]:

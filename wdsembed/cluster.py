@@ -25,16 +25,17 @@ def visible_gpus() -> int:
         return 0
 
 
-def gpu_slots_declared() -> bool:
-    """Whether the workers of the current Dask client declare a GPU resource (LocalCUDACluster started here, or
-    `dask cuda worker --resources GPU=1` on other nodes): only then may tasks ask for one, or they would wait
-    forever."""
+def gpu_slots_declared(client, *, wait_s: float = 30.0) -> bool:
+    """Whether every worker of this run's own Dask client declares a GPU resource (the LocalCUDACluster started
+    for the run, or `dask cuda worker --resources GPU=1` on other nodes): only then may an embedding task ask for
+    one, or it would wait forever. Asked of the client the run submits through, never of a global default client,
+    which may not exist yet when the run decides (that once let two shards share one worker's pipeline). Waits up to
+    `wait_s` for a first worker, so that a scheduler whose workers are still joining is judged by them."""
     try:
-        from distributed import get_client
-
-        workers = get_client().scheduler_info()["workers"].values()
-    except (ImportError, ValueError):
+        client.wait_for_workers(1, timeout=wait_s)
+    except (TimeoutError, OSError):
         return False
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
     return bool(workers) and all("GPU" in (w.get("resources") or {}) for w in workers)
 
 

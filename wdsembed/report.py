@@ -58,7 +58,7 @@ def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str,
         "totals": totals(results, wall_seconds),
         "shards": {
             r["stem"]: {k: r.get(k) for k in ("output", "rows", "samples", "embedded", "failed", "cache_key",
-                                              "seconds", "images_per_second", "batch_size")}
+                                              "seconds", "images_per_second", "batch_size", "timeline")}
             | {"warnings": r.get("warnings") or []}
             | {"status": "cached" if r.get("cached") else "computed"}
             for r in results

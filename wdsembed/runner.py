@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -60,6 +61,9 @@ class ShardResult:
     # embedded, the rest named in the error column), an unreadable parquet, repeated keys, a stale .idx rebuilt.
     warnings: list[str] = field(default_factory=list)
     batch_size: int = 0  # the batch size this shard ran with (smaller than configured after an out-of-memory retry)
+    # Wall-clock times (epoch s) and the worker process: when the shard's task began, when it got the worker's
+    # pipeline and released it, when it ended. Shows waits between shards and overlap (or its absence) per worker.
+    timeline: dict = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -160,6 +164,9 @@ class Worker:
         # every blocking stream and synchronous copy in the process, the decoder's included, which would
         # serialize decoding with the model instead of overlapping them.
         self.stream = torch.cuda.Stream(torch.device(self.device)) if device_id is not None else None
+        # One shard at a time through the pipeline: the threads of one Dask worker can be handed two embedding
+        # tasks at once (a scheduler whose workers declare no GPU resource), and the second waits here.
+        self.lock = threading.Lock()
         self.info = {
             "name": self.loaded.name,
             "weights": self.loaded.weights,
@@ -244,6 +251,7 @@ def embed_shard(
 ) -> ShardResult:
     """Embed one shard and write OUTPUT/<stem>.parquet whole, or find it already done (same cache key)."""
     start = time.perf_counter()
+    timeline = {"worker": f"{socket.gethostname()}:{os.getpid()}", "start": time.time()}
     key = cache_key(config, plan)
     if not config.force:
         meta = finished_output(config, plan, key)
@@ -307,9 +315,12 @@ def embed_shard(
                 return
         read_to_end = True
 
-    keys, embeddings, failures = worker.embed(
-        good_samples(), autocast=config.autocast, normalize=config.normalize_embeddings, on_batch=after_batch
-    )
+    with worker.lock:
+        timeline["embed_start"] = time.time()
+        keys, embeddings, failures = worker.embed(
+            good_samples(), autocast=config.autocast, normalize=config.normalize_embeddings, on_batch=after_batch
+        )
+        timeline["embed_end"] = time.time()
     if damage and n_samples == 0 and damage[0].offset == 0:
         # Not a tar at all: an output of "not in the tar" rows would pass for a finished shard. Failed instead (not
         # retried); the run names it, and the next run tries it again once it is replaced.
@@ -357,11 +368,13 @@ def embed_shard(
         model=worker.info,
         warnings=warnings,
         batch_size=config.batch_size,
+        timeline=timeline,
     )
     out_fs, out_path = storage.filesystem(plan.output, config.storage_options)
     if storage.is_local(out_fs):  # object stores have no folders (and s3fs's makedirs would create a bucket)
         out_fs.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    stored = {k: v for k, v in result.to_dict().items() if k not in ("cached", "seconds", "images_per_second")}
+    run_only = ("cached", "seconds", "images_per_second", "timeline")  # this run's, not the output's
+    stored = {k: v for k, v in result.to_dict().items() if k not in run_only}
     try:
         output.write_parquet_atomic(
             table,
@@ -372,4 +385,5 @@ def embed_shard(
     except PermissionError as exc:  # s3fs says only "Access Denied"; not retried (faults.is_transient)
         raise PermissionError(f"cannot write {plan.output}: {exc}") from exc
     result.seconds = time.perf_counter() - start
+    timeline["end"] = time.time()
     return result
