@@ -121,7 +121,7 @@ def main() -> int:
 
     # 3. DALI and the model together, as Worker.embed runs them, on the default stream and on their own.
     from wdsembed.model import embed_batch
-    from wdsembed.runner import Worker
+    from wdsembed.worker import Worker
 
     config = EmbedConfig(input="x", output="y", model_name=args.model, pretrained=False, batch_size=B,
                          num_threads_per_worker=T)

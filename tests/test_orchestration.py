@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import TINY_MODEL
-from wdsembed import caching, faults, storage
+from wdsembed import caching, cluster, faults, storage
 from wdsembed.config import EmbedConfig
 from wdsembed.output import read_output_metadata
 from wdsembed.validate import validate_output
@@ -192,6 +192,11 @@ def test_second_run_is_all_cached_and_embeds_nothing(first_run, monkeypatch):
     before = {s: identity(Path(config.output) / f"{s}.parquet") for s in STEMS4}
     # Any shard whose task body runs now fails the flow: a pass proves that nothing was embedded.
     tripwire = Faults(root, monkeypatch, fail_if_run(STEMS4))
+
+    def no_cluster(config):
+        raise AssertionError("a run with nothing to compute must not start a Dask cluster")
+
+    monkeypatch.setattr(cluster, "task_runner_kwargs", no_cluster)
     manifest, run_id = embed(config)
     assert isinstance(manifest, dict), manifest
     assert [tripwire.attempts(s) for s in STEMS4] == [0, 0, 0, 0]
@@ -262,7 +267,7 @@ def test_transient_fault_is_retried_and_a_deterministic_failure_fails_at_once(tm
     assert injected.attempts("00000") == 2  # failed once, retried once
     assert injected.attempts("00001") == 1  # never retried
 
-    runs = task_runs(run_id, expected=3 + 2)
+    runs = task_runs(run_id, expected=3)
     assert runs["embed-00000"].state.name == "Completed" and runs["embed-00000"].run_count == 2
     assert runs["embed-00001"].state.is_failed() and runs["embed-00001"].run_count == 1
     assert runs["embed-00002"].state.name == "Completed" and runs["embed-00002"].run_count == 1
@@ -293,10 +298,9 @@ def test_failure_classes():
     assert not faults.is_transient(ValueError("malformed"))
 
 
-def test_validation_names_the_shard_and_the_reason(tmp_path):
+def test_validation_names_each_problem(tmp_path):
     import numpy as np
 
-    from tasks.validate import ValidationFailed, validate_one_shard
     from wdsembed.output import build_output_table, write_parquet_atomic
 
     config = make_config(tmp_path, tmp_path / "out")
@@ -304,18 +308,19 @@ def test_validation_names_the_shard_and_the_reason(tmp_path):
     emb = np.full((2, 8), 0.5, dtype=np.float32)  # norm sqrt(2), not 1
     table = build_output_table(rows=None, keys=["a", "b"], embeddings=emb, errors={}, dim=8)
     write_parquet_atomic(table, path, storage.filesystem(path)[0], metadata={})
-    result = {"shard": "/d/00007.tar", "stem": "00007", "output": path, "dim": 8, "rows": 2, "embedded": 2}
-    with pytest.raises(ValidationFailed, match=r"00007.*L2 norm"):
-        validate_one_shard(config, result)
-    with pytest.raises(ValidationFailed, match=r"00007.*embedding lengths \[8\], expected 16"):
-        validate_one_shard(config, result | {"dim": 16})
-    with pytest.raises(ValidationFailed, match=r"00007.*2 rows, expected 3"):
-        validate_one_shard(config, result | {"rows": 3})
+
+    def problems(**expected) -> str:
+        check = validate_output(config, path, **({"dim": 8, "expected_rows": 2, "expected_embedded": 2} | expected))
+        assert check.output == path and not check.ok
+        return "; ".join(check.problems)
+
+    assert "L2 norm" in problems()
+    assert "embedding lengths [8], expected 16" in problems(dim=16)
+    assert "2 rows, expected 3" in problems(expected_rows=3)
     emb[0, 0] = np.nan
     write_parquet_atomic(build_output_table(rows=None, keys=["a", "b"], embeddings=emb, errors={}, dim=8), path,
                          storage.filesystem(path)[0], metadata={})
-    with pytest.raises(ValidationFailed, match="NaN"):
-        validate_one_shard(config, result)
+    assert "NaN" in problems()
 
 
 def test_worker_killed_mid_shard_leaves_no_partial_output(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ import pytest
 from pydantic import ValidationError
 
 from s3server import MotoS3, FaultProxy
-from wdsembed import output, plan, prefetch, runner, shards, storage
+from wdsembed import output, plan, prefetch, shard, shards, storage
 from wdsembed.config import EmbedConfig
 from wdsembed.synthetic import write_demo_dataset
 
@@ -257,7 +257,7 @@ def test_index_is_written_back_beside_the_shard(server, dataset, tmp_path, monke
     plans = plan.plan_shards(config_for(url, f"s3://{OUT_BUCKET}/x", server.endpoint,
                                         index_cache_dir=str(tmp_path / "cache")))
     assert plans[0].index == f"{url}/00000.idx"
-    assert runner._read_index(config_for(url, "/tmp/x", server.endpoint), plans[0]).render() == expected
+    assert shard.TarRead(config_for(url, "/tmp/x", server.endpoint), plans[0]).index.render() == expected
 
 
 def test_index_goes_to_the_local_cache_when_the_bucket_refuses_writes(server, dataset, tmp_path, monkeypatch):

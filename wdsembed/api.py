@@ -12,9 +12,10 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from wdsembed import report, runner
+from wdsembed import report
 from wdsembed.config import DEFAULT_MODEL, EmbedConfig
 from wdsembed.plan import plan_shards
+from wdsembed.shard import ShardResult, ShardsFailed, process_shard
 
 
 class TimmImageEmbedder:
@@ -46,7 +47,7 @@ class TimmImageEmbedder:
     def config(self, input: str, output: str) -> EmbedConfig:
         return EmbedConfig(input=input, output=output, **self.settings)
 
-    def __call__(self, input: str, output: str, *, force: Optional[bool] = None) -> list[runner.ShardResult]:
+    def __call__(self, input: str, output: str, *, force: Optional[bool] = None) -> list[ShardResult]:
         """Embed every shard under `input` into `output`; returns one ShardResult per shard."""
         config = self.config(input, output)
         if force is not None:
@@ -55,7 +56,7 @@ class TimmImageEmbedder:
         results, failures = [], {}
         for plan in plan_shards(config):
             try:
-                results.append(runner.embed_shard(config, plan))
+                results.append(process_shard(config, plan))
             except Exception as exc:  # noqa: BLE001 - one shard's failure stops no other; all are reported at the end
                 failures[plan.stem] = f"{type(exc).__name__}: {exc}"
         dicts = [r.to_dict() for r in results]
@@ -69,13 +70,3 @@ class TimmImageEmbedder:
         if failures:
             raise ShardsFailed(failures, results)
         return results
-
-
-class ShardsFailed(RuntimeError):
-    """Some shards failed; every other shard's output is written, and all are in the manifest. `failures`: stem ->
-    reason; `results`: the finished shards. Running the same call again redoes only the failed shards."""
-
-    def __init__(self, failures: dict, results: list) -> None:
-        super().__init__(f"{len(failures)} shard(s) failed: "
-                         + "; ".join(f"{stem}: {reason}" for stem, reason in sorted(failures.items())))
-        self.failures, self.results = failures, results

@@ -31,6 +31,8 @@ def gpu_slots_declared(client, *, wait_s: float = 30.0) -> bool:
     one, or it would wait forever. Asked of the client the run submits through, never of a global default client,
     which may not exist yet when the run decides (that once let two shards share one worker's pipeline). Waits up to
     `wait_s` for a first worker, so that a scheduler whose workers are still joining is judged by them."""
+    if client is None:
+        return False
     try:
         client.wait_for_workers(1, timeout=wait_s)
     except (TimeoutError, OSError):

@@ -31,6 +31,8 @@ ERROR_MESSAGE_COLUMN = "error_message"
 SUCCESS = "success"
 
 NOT_IN_TAR = "not in tar"
+# Part of every cache key: bumped whenever a change alters the tables written (columns, types, values, footer).
+OUTPUT_FORMAT_VERSION = 1
 FOOTER_KEY = b"wdsembed"  # the parquet footer key-value entry that holds our JSON metadata
 MANIFEST_NAME = "_manifest.json"
 

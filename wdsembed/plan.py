@@ -8,11 +8,9 @@ from typing import Optional
 
 from wdsembed import shards, storage
 from wdsembed.config import EmbedConfig
-from wdsembed.runner import ShardPlan
+from wdsembed.shard import ShardPlan
 
 log = logging.getLogger("wdsembed")
-
-DEFAULT_INDEX_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "wdsembed", "idx")
 
 
 class InputError(ValueError):
@@ -110,7 +108,7 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8) -> list[ShardPlan]
         raise InputError(f"input {config.input!r} holds no *.tar shards")
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
     siblings = set(fs.ls(root, detail=False))
-    cache_dir = config.index_cache_dir or DEFAULT_INDEX_CACHE
+    cache_dir = config.index_cache()
 
     def plan_one(tar: str) -> ShardPlan:
         stem = os.path.basename(tar)[: -len(".tar")]
@@ -124,7 +122,7 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8) -> list[ShardPlan]
         if config.use_index_files:
             try:
                 # On object stores a missing index is built by the worker during its one read of the tar
-                # (runner.embed_shard), not here: that would download every shard twice, serially, up front.
+                # (shard.process_shard), not here: that would download every shard twice, serially, up front.
                 found = shards.ensure_index(tar, fs, cache_dir, build=storage.is_local(fs))
                 index = found.path if found else None
                 if index is not None and index == shards.index_path_for(tar):
@@ -134,8 +132,8 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8) -> list[ShardPlan]
                 log.warning("shard %s: no .idx (%s); reading it without one", tar, exc)
             except shards.ShardReadError as exc:
                 # A truncated or corrupt tar: its task embeds the samples before the damage and names the rest
-                # (runner.embed_shard); it never stops the planning of every other shard.
-                if exc.offset == 0:  # not a tar at all: its task fails, naming it (runner.embed_shard)
+                # (shard.process_shard); it never stops the planning of every other shard.
+                if exc.offset == 0:  # not a tar at all: its task fails, naming it (shard.process_shard)
                     log.warning("shard %s is not a readable tar (%s)", tar, exc)
                 else:
                     log.warning("shard %s cannot be indexed (%s); its intact samples are read without an index",

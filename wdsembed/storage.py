@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
 
-from wdsembed.config import SECRET_OPTION_PATTERN
+# storage_options names that carry credentials (s3fs key/secret/token, adlfs account_key/sas_token, passwords...)
+SECRET_OPTION_PATTERN = r"(^|_)(key|secret|token|password|passwd|pwd|credential|credentials|connection_string|sas)(_|$)"
 
 _SECRET_OPTION = re.compile(SECRET_OPTION_PATTERN, re.IGNORECASE)
 CREDENTIALS_HINT = (

@@ -1,10 +1,12 @@
-"""Checks of a written output: the row count, the embedding's dimension, finite values, L2 norms."""
+"""Checks of an output table, before it is written and after: the row count, the embedding's dimension, finite
+values, L2 norms."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -25,15 +27,25 @@ def validate_output(
     config: EmbedConfig, output_url: str, *, dim: int, expected_rows: Optional[int] = None,
     expected_embedded: Optional[int] = None,
 ) -> Validation:
-    """Re-read the output and check what downstream users rely on. Reads the embedding column only."""
+    """Re-read a written output and check what downstream users rely on. Reads two columns only."""
     fs, path = storage.filesystem(output_url, config.storage_options)
-    problems: list[str] = []
     try:
         with fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=[config.embedding_column, config.error_column])
     except Exception as exc:  # noqa: BLE001 - any unreadable output is a validation failure, said plainly
         return Validation(output_url, False, [f"output cannot be read: {exc}"])
+    problems = validate_table(config, table, dim=dim, expected_rows=expected_rows,
+                              expected_embedded=expected_embedded)
+    return Validation(output_url, not problems, problems)
 
+
+def validate_table(
+    config: EmbedConfig, table: pa.Table, *, dim: int, expected_rows: Optional[int] = None,
+    expected_embedded: Optional[int] = None,
+) -> list[str]:
+    """The problems of an output table, none when it is sound: the row and embedding counts, one of an embedding
+    and an error per row, the dimension, finite values, and unit L2 norms when normalizing."""
+    problems: list[str] = []
     if expected_rows is not None and table.num_rows != expected_rows:
         problems.append(f"{table.num_rows} rows, expected {expected_rows}")
     column = table.column(config.embedding_column).combine_chunks()
@@ -56,4 +68,4 @@ def validate_output(
                 worst = float(np.max(np.abs(norms - 1.0)))
                 if worst > NORM_TOLERANCE:
                     problems.append(f"L2 norm off by {worst:.2e} (tolerance {NORM_TOLERANCE})")
-    return Validation(output_url, not problems, problems)
+    return problems
