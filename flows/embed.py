@@ -65,9 +65,11 @@ def embed_dataset(config: EmbedConfig) -> dict:
     cached_task = embed_shards.with_options(result_storage=result_storage_for(config))
     fresh_task = cached_task.with_options(refresh_cache=True)
 
-    # A GPU resource per embedding task keeps two shards off one device, where the workers declare GPUs. Asked of
+    # Where the workers declare GPUs, each embedding task takes a share of one: two shards per GPU worker at a time,
+    # one in its pipeline, the other's bookkeeping and writing overlapping it (cluster.GPU_SHARE_PER_SHARD). Asked of
     # this run's own Dask client (its cluster starts here if it has not yet), before anything is submitted.
-    annotations = {"resources": {"GPU": 1}} if cluster.gpu_slots_declared(_dask_client()) else {}
+    gpu_share = {"GPU": cluster.GPU_SHARE_PER_SHARD}
+    annotations = {"resources": gpu_share} if cluster.gpu_slots_declared(_dask_client()) else {}
     groups = [plans[i:i + config.shards_per_task] for i in range(0, len(plans), config.shards_per_task)]
     with dask.annotate(**annotations):
         futures = {(cached_task if all(p.stem in finished for p in group) else fresh_task).submit(config, group):

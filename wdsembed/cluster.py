@@ -25,6 +25,13 @@ def visible_gpus() -> int:
         return 0
 
 
+# What one embedding task asks of a worker's GPU resource: two shards per GPU worker at a time. One streams
+# through the worker's pipeline and model while the other does what needs no GPU (Prefect's state and cache calls,
+# reading its metadata, joining, validating and writing its table), so the GPU does not wait for that work between
+# shards. The worker's lock (wdsembed.worker.Worker.lock) keeps the pipeline to one shard at a time.
+GPU_SHARE_PER_SHARD = 0.5
+
+
 def gpu_slots_declared(client, *, wait_s: float = 30.0) -> bool:
     """Whether every worker of this run's own Dask client declares a GPU resource (the LocalCUDACluster started
     for the run, or `dask cuda worker --resources GPU=1` on other nodes): only then may an embedding task ask for
@@ -51,8 +58,8 @@ def task_runner_kwargs(config: EmbedConfig) -> dict:
             raise RuntimeError("GPUs are visible but dask-cuda is not installed: pip install 'wdsembed[gpu]'")
         return {
             "cluster_class": "dask_cuda.LocalCUDACluster",
-            # One worker per GPU that declares the GPU as a resource: an embedding task takes it, so two shards never
-            # share a device, while the second thread validates the previous shard's output meanwhile.
+            # One worker per GPU that declares the GPU as a resource; each embedding task takes GPU_SHARE_PER_SHARD
+            # of it, so the worker's two threads hold two shards, one in the pipeline at a time.
             "cluster_kwargs": {
                 "n_workers": min(config.n_workers or gpus, gpus),
                 "threads_per_worker": 2,
