@@ -87,38 +87,44 @@ def _etag(st: os.stat_result) -> str:
 
 
 class _LoopThread:
-    """Runs one asyncio server in a daemon thread with its own event loop."""
+    """Runs one asyncio server in a daemon thread with its own event loop; stop() ends every connection."""
 
     endpoint = ""
 
     def start(self):
         ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+
+        async def serve() -> None:
+            self._stopping = asyncio.Event()
+            server = await asyncio.start_server(self._client, HOST, 0, backlog=512, limit=1 << 16)
+            self.endpoint = f"http://{HOST}:{server.sockets[0].getsockname()[1]}"
+            ready.set()
+            await self._stopping.wait()
+            server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         def main() -> None:
-            self._loop = asyncio.new_event_loop()
-            self._server = self._loop.run_until_complete(
-                asyncio.start_server(self._client, HOST, 0, backlog=512, limit=1 << 16))
-            self.endpoint = f"http://{HOST}:{self._server.sockets[0].getsockname()[1]}"
-            ready.set()
-            self._loop.run_forever()
+            try:
+                self._loop.run_until_complete(serve())
+            finally:
+                self._loop.close()
 
         self._thread = threading.Thread(target=main, daemon=True, name=type(self).__name__)
         self._thread.start()
-        ready.wait(10)
+        if not ready.wait(10):
+            raise RuntimeError(f"{type(self).__name__} did not start")
         return self
 
     def stop(self) -> None:
         loop = getattr(self, "_loop", None)
-        if loop is None:
+        if loop is None or loop.is_closed():
             return
-
-        def close() -> None:
-            self._server.close()
-            loop.stop()
-
-        loop.call_soon_threadsafe(close)
+        loop.call_soon_threadsafe(self._stopping.set)
         self._thread.join(10)
-        self._loop = None
 
     def __enter__(self):
         return self.start()
@@ -136,12 +142,16 @@ class _LoopThread:
 
 class S3Folder(_LoopThread):
     """S3 over a folder: ROOT/<bucket>/<key>. With `access_key`, a request must be signed with that key id (the
-    signature itself is not checked: what matters here is that the client sent the key from its environment)."""
+    signature itself is not checked: what matters here is that the client sent the key from its environment).
+    `requests` counts requests by method, `ranges` lists the (key, Range) of every GET."""
 
-    def __init__(self, root: str | os.PathLike, *, access_key: Optional[str] = None) -> None:
+    def __init__(self, root: str | os.PathLike, *, access_key: Optional[str] = None,
+                 ignore_if_match: bool = False) -> None:
         self.root = Path(root)
         self.access_key = access_key
+        self.ignore_if_match = ignore_if_match  # as some S3-compatible stores do: the client must compare ETags
         self.requests: collections.Counter = collections.Counter()  # by method
+        self.ranges: list[tuple[str, Optional[str]]] = []
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
@@ -159,7 +169,7 @@ class S3Folder(_LoopThread):
                 self.requests[method] += 1
                 if not await self._answer(writer, method, target, headers):
                     break
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
@@ -210,10 +220,12 @@ class S3Folder(_LoopThread):
             f = open(self.root / bucket / key, "rb")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return await self._error(writer, method, 404, "NoSuchKey", "The specified key does not exist.", path)
+        if method == "GET":
+            self.ranges.append((key, headers.get("range")))
         with f:
             st = os.fstat(f.fileno())  # the ETag of the very inode this request reads
             etag = _etag(st)
-            if "if-match" in headers and headers["if-match"] not in ("*", etag):
+            if "if-match" in headers and headers["if-match"] not in ("*", etag) and not self.ignore_if_match:
                 return await self._error(writer, method, 412, "PreconditionFailed",
                                          "At least one of the pre-conditions you specified did not hold", path)
             size = st.st_size
@@ -380,7 +392,7 @@ class ShapingProxy(_LoopThread):
                     _reset(writer)
                     return
                 await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, OSError):
+        except (ConnectionError, asyncio.IncompleteReadError, OSError, asyncio.CancelledError):
             pass
         finally:
             self._open -= 1

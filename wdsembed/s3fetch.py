@@ -25,8 +25,8 @@ docs/s3.md): the reads are blocking socket reads that release the GIL, and the c
 """
 from __future__ import annotations
 
+import atexit
 import collections
-import itertools
 import logging
 import math
 import os
@@ -787,27 +787,58 @@ class ShardReader:
 # one fetcher per process and set of storage options
 
 
-_FETCHERS: dict[tuple, ShardFetcher] = {}
+_FETCHERS: dict[int, tuple[Any, ShardFetcher]] = {}  # id(fs) -> (weak reference to fs, its fetcher)
 _FETCHERS_LOCK = threading.Lock()
 _DEFAULTS: dict[str, Any] = {}
 
 
 def configure(**kwargs: Any) -> None:
-    """Constructor arguments (memory_budget=..., target_rate=...) for fetchers made from now on by fetcher_for;
-    the existing ones are closed."""
+    """Constructor arguments (memory_budget=..., target_rate=...) for the fetchers that fetcher_for makes from
+    now on; the existing ones are closed."""
     with _FETCHERS_LOCK:
         _DEFAULTS.clear()
         _DEFAULTS.update(kwargs)
-        for f in _FETCHERS.values():
+        for _, f in _FETCHERS.values():
             f.close()
         _FETCHERS.clear()
 
 
-def fetcher_for(storage_options: Optional[Mapping[str, Any]] = None) -> ShardFetcher:
-    """This process's fetcher for these storage options (a new one after a fork)."""
-    key = (os.getpid(), repr(sorted((storage_options or {}).items(), key=lambda kv: kv[0])))
+@atexit.register
+def _close_all() -> None:
+    # requests in flight for shards nobody will read must not hold the interpreter's exit
     with _FETCHERS_LOCK:
-        f = _FETCHERS.get(key)
-        if f is None or f._closed:
-            f = _FETCHERS[key] = ShardFetcher(storage_options, **_DEFAULTS)
+        for _, f in _FETCHERS.values():
+            f.close()
+        _FETCHERS.clear()
+
+
+def fetcher_for(fs: Any) -> ShardFetcher:
+    """The fetcher of this process for the s3fs filesystem `fs` (its storage options, and credentials as they
+    were when `fs` was made: a new s3fs instance, e.g. after s3fs's instance cache is cleared, gets a new one)."""
+    import weakref
+
+    with _FETCHERS_LOCK:
+        entry = _FETCHERS.get(id(fs))
+        if entry is not None and entry[0]() is fs and not entry[1]._closed:
+            return entry[1]
+        f = ShardFetcher(fs.storage_options, **_DEFAULTS)
+        _FETCHERS[id(fs)] = (weakref.ref(fs), f)
+        weakref.finalize(fs, _forget, id(fs), f)
         return f
+
+
+def _after_fork() -> None:
+    # a forked child has none of the parent's threads: its fetchers are dead, start afresh
+    global _FETCHERS_LOCK
+    _FETCHERS_LOCK = threading.Lock()
+    _FETCHERS.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _forget(key: int, fetcher: ShardFetcher) -> None:
+    fetcher.close()
+    with _FETCHERS_LOCK:
+        if key in _FETCHERS and _FETCHERS[key][1] is fetcher:
+            del _FETCHERS[key]
