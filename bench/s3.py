@@ -13,6 +13,8 @@ round reads one object of --size-mib MiB with each variant, in turn:
 - before:   wdsembed.prefetch.ReadAhead over s3fs with its defaults (8 MiB x 4), how shards were read before;
 - plainN:   boto3, HEAD then N threads each GETting 8 MiB ranges into memory: the simplest fast fetch;
 - s3fsN:    s3fs's _cat_file on its own event loop, N ranges in flight (client choice);
+- fixedN:   the fetcher held at N in flight (4, 8, 16, 32): the scaling curve, against the model
+            N x part / (first byte + part / per-connection rate);
 - obstoreN: obstore's get_range_async, N in flight (client choice; with --obstore, where it is installed).
 
 Clients are built before the clock starts (a worker builds them once); the fetcher is new each round, so it starts
@@ -53,10 +55,10 @@ def _env() -> None:
 # variants: each is prepare(endpoint) -> run() -> (bytes read, digest or None, extra facts)
 
 
-def v_new(endpoint, size, check):
+def v_new(endpoint, size, check, **kwargs):
     from wdsembed import s3fetch
 
-    fetcher = s3fetch.ShardFetcher({"endpoint_url": endpoint})
+    fetcher = s3fetch.ShardFetcher({"endpoint_url": endpoint}, **kwargs)
 
     def run():
         h = hashlib.md5() if check else None
@@ -75,6 +77,14 @@ def v_new(endpoint, size, check):
                                         "in_flight_steps": [d for _, d in fetcher.depth_history]}
 
     return run
+
+
+def v_fixed(n_flight):
+    """The fetcher held at n_flight requests in flight (no adaptation): the scaling curve."""
+    def prepare(endpoint, size, check):
+        return v_new(endpoint, size, check, initial_in_flight=n_flight, adaptive=False)
+
+    return prepare
 
 
 def v_before(endpoint, size, check):
@@ -220,6 +230,7 @@ def main(argv=None) -> dict:
                    help="where to write the results ('-': stdout)")
     p.add_argument("--no-clients", action="store_true", help="skip the s3fs client-choice variant")
     p.add_argument("--obstore", action="store_true", help="add obstore variants (pip install '.[bench]')")
+    p.add_argument("--no-sweep", action="store_true", help="skip the fetcher at fixed 4/8/16/32 in flight")
     a = p.parse_args(argv)
     _env()
     import s3fast
@@ -242,6 +253,7 @@ def main(argv=None) -> dict:
         try:
             settings = [
                 ("fast", 0.05, 40e6, [("new", v_new), ("before", v_before), ("plain16", v_plain(16))]
+                 + ([] if a.no_sweep else [(f"fixed{n}", v_fixed(n)) for n in (4, 8, 16, 32)])
                  + ([] if a.no_clients else [("s3fs16", v_s3fs(16))]
                     + ([("obstore16", v_obstore(16))] if a.obstore and _have_obstore() else []))),
                 ("slow", 0.10, 20e6, [("new", v_new), ("plain32", v_plain(32))]
@@ -254,7 +266,9 @@ def main(argv=None) -> dict:
                     med, runs, facts = measure(proxy.endpoint, variants, size, a.rounds, expected)
                 finally:
                     proxy.stop()
+                part_time = first_byte + PART / rate  # one request's time, unloaded
                 out[label] = {"first_byte_s": first_byte, "per_connection_mb_s": rate / 1e6,
+                              "model_mb_s_per_in_flight": round(PART / part_time / 1e6, 1),
                               "median_mb_s": {k: round(v, 1) for k, v in med.items()},
                               "runs_mb_s": {k: [round(x, 1) for x in v] for k, v in runs.items()},
                               "new_reader": facts["new"]}
