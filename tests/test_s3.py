@@ -19,7 +19,7 @@ import pytest
 from pydantic import ValidationError
 
 from s3server import MotoS3, FaultProxy
-from wdsembed import output, plan, prefetch, shard, shards, storage
+from wdsembed import output, plan, prefetch, s3fetch, shard, shards, storage
 from wdsembed.config import EmbedConfig
 from wdsembed.synthetic import write_demo_dataset
 
@@ -229,7 +229,7 @@ def test_tar_streamed_from_s3_reads_as_the_local_file_and_yields_its_index(serve
         expected_index = shards.build_index(f)
     builder = shards.IndexBuilder()
     with storage.open_sequential(fs, f"{root}/00000.tar") as f:
-        assert isinstance(f, prefetch.ReadAhead)
+        assert isinstance(f, s3fetch.ShardReader)  # S3 shards come through the process's shard fetcher
         got = list(shards.iter_samples(f, extensions=EXTS, shard=url, index_builder=builder))
     assert [(s.key, bytes(s.image) if s.image is not None else None, s.error) for s in got] == \
         [(s.key, bytes(s.image) if s.image is not None else None, s.error) for s in expected]

@@ -157,6 +157,8 @@ def process_shard(
     worker = Worker.for_config(config)
     rows, warnings = read_metadata(config, plan)
     tar = TarRead(config, plan)
+    # From an object store, the shard starts arriving now, while another shard may still hold the pipeline.
+    storage.prefetch_shards([plan.shard], config.storage_options)
     with worker.lock:
         timeline["embed_start"] = time.time()
         keys, embeddings, failures = worker.embed(
@@ -208,7 +210,8 @@ def process_shards(
     """Every shard of a group, each tried; raises one ShardsFailed naming those that failed (with the results of
     those that did not)."""
     results, failures, transient = [], {}, False
-    for plan in plans:
+    for i, plan in enumerate(plans):
+        storage.prefetch_shards([p.shard for p in plans[i + 1:i + 3]], config.storage_options)  # the next ones
         try:
             results.append(process_shard(config, plan, on_progress=on_progress))
         except Exception as exc:  # noqa: BLE001 - every shard's outcome is reported; one failure stops no other
