@@ -98,6 +98,7 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str) -> Optional[
     fs, path = storage.filesystem(plan.output, config.storage_options)
     meta = output.read_output_metadata(path, fs)
     if meta and meta.get("cache_key") == key:
+        output.ensure_embeddings_view(config, plan.stem, plan.output)  # a deleted kNN view is rebuilt, not re-embedded
         return meta
     return None
 
@@ -363,6 +364,7 @@ def embed_shard(
         out_fs.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     stored = {k: v for k, v in result.to_dict().items() if k not in ("cached", "seconds", "images_per_second")}
     try:
+        output.write_embeddings_view(table, config, plan.stem, cache_key=key)  # first: a finished shard has its view
         output.write_parquet_atomic(
             table,
             out_path,

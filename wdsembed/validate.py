@@ -1,4 +1,5 @@
-"""Checks of a written output: the row count, the embedding's dimension, finite values, L2 norms."""
+"""Checks of a written output: the row count, the embedding's dimension, finite values, L2 norms, and its kNN view
+(OUTPUT/_embeddings/<stem>.parquet) holding one row per embedding."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,7 +9,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from wdsembed import storage
+from wdsembed import output, storage
 from wdsembed.config import EmbedConfig
 
 NORM_TOLERANCE = 1e-3
@@ -56,4 +57,30 @@ def validate_output(
                 worst = float(np.max(np.abs(norms - 1.0)))
                 if worst > NORM_TOLERANCE:
                     problems.append(f"L2 norm off by {worst:.2e} (tolerance {NORM_TOLERANCE})")
+    view_problem = _check_view(config, output_url, int(valid.sum()))
+    if view_problem:
+        problems.append(view_problem)
     return Validation(output_url, not problems, problems)
+
+
+def _check_view(config: EmbedConfig, output_url: str, embedded: int) -> Optional[str]:
+    """The shard's kNN view must exist and hold exactly its embedded rows. Checked for outputs under
+    config.output only (their stem is the path below it); reads the view's footer only."""
+    fs, root = storage.filesystem(config.output, config.storage_options)
+    path = storage.filesystem(output_url, config.storage_options)[1]
+    prefix = root.rstrip("/") + "/"
+    if not (path.startswith(prefix) and path.endswith(".parquet")):
+        return None
+    stem = path[len(prefix) : -len(".parquet")]
+    view = output.embeddings_view_url(root, stem)
+    shown = f"{output.EMBEDDINGS_FOLDER}/{stem}.parquet"
+    try:
+        with fs.open(view, "rb") as f:
+            rows = pq.read_metadata(f).num_rows
+    except FileNotFoundError:
+        return f"kNN view {shown} is missing"
+    except Exception as exc:  # noqa: BLE001 - unreadable is a validation failure, said plainly
+        return f"kNN view {shown} cannot be read: {exc}"
+    if rows != embedded:
+        return f"kNN view {shown} holds {rows} rows, the output {embedded} embeddings"
+    return None
