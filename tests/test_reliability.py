@@ -1063,7 +1063,8 @@ def test_member_names_cannot_escape(tmp_path):
     assert {k: v for k, v in after.items() if k not in before} == {"sandbox/deep/in/00000.idx": after.get(
         "sandbox/deep/in/00000.idx")}  # the only new file outside the output folder is the shard's own index
     assert all(before[k] == after[k] for k in before)  # and nothing else changed
-    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "_manifest.json"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "00000.parquet", "_embeddings/00000.parquet", "_manifest.json"]
     rows = by_key(read(out / "00000.parquet"))
     assert list(rows) == ["../../victim", "/etc/wdsembed-abs", "sub/../../../up", "hard", "link", "outside"]
     assert r.embedded == 4 and rows["hard"][0] == rows["../../victim"][0]  # the tar's own bytes
@@ -1077,9 +1078,9 @@ def test_member_names_cannot_escape(tmp_path):
                  did="the three images embedded under keys '../../victim', '/etc/wdsembed-abs', 'sub/../../../up' "
                      "(keys are strings in a column, never paths); the hard link to the member embedded from the "
                      "tar's own bytes; the symlink and the other hard link kept as rows with reasons, never "
-                     "followed; the directory skipped; the only files written: OUTPUT/00000.parquet, "
-                     "OUTPUT/_manifest.json (named from the shard's file name) and the shard's .idx beside it; no "
-                     "other file created or changed",
+                     "followed; the directory skipped; the only files written: OUTPUT/00000.parquet, its kNN view "
+                     "OUTPUT/_embeddings/00000.parquet, OUTPUT/_manifest.json (named from the shard's file name) and "
+                     "the shard's .idx beside it; no other file created or changed",
                  lost="nothing (links and directories hold no image bytes of their own)")
 
 
@@ -1121,7 +1122,7 @@ def test_credentials_stay_out(tmp_path, monkeypatch, caplog, capfd):
         assert results[0].embedded == PER_SHARD
         objects = {o["Key"]: s3.get_object(Bucket="emb", Key=o["Key"])["Body"].read()
                    for o in s3.list_objects_v2(Bucket="emb")["Contents"]}
-        assert sorted(objects) == ["out/00000.parquet", "out/_manifest.json"]
+        assert sorted(objects) == ["out/00000.parquet", "out/_embeddings/00000.parquet", "out/_manifest.json"]
         captured = capfd.readouterr()
         logs = "\n".join(r.getMessage() for r in caplog.records) + captured.out + captured.err
         assert secret not in logs and not [k for k, v in objects.items() if secret.encode() in v]
