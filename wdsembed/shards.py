@@ -30,10 +30,10 @@ IDX_VERSION = "v1.2"
 # (links, devices, directories, FIFOs, as tarfile and GNU tar treat them); GNU/pax extended headers.
 _REGULAR = (b"0", b"\x00")
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
-_HARD_LINK = b"1"
+_HARD_LINK, _SYMLINK = b"1", b"2"
 # members never followed or read: where one is named like an image, its sample gets this reason instead
 _NOT_READ = {
-    b"2": "symbolic link member, not followed",
+    _SYMLINK: "symbolic link member, not followed",
     b"3": "character device member, not read",
     b"4": "block device member, not read",
     b"6": "FIFO member, not read",
@@ -312,7 +312,7 @@ def _iter_members(r: _Reader) -> Iterator[_Member]:
         if size < 0:
             raise _TarCorrupt(hoff, "negative member size")
         linkname = ""
-        if typeflag in (b"1", b"2"):
+        if typeflag in (_HARD_LINK, _SYMLINK):
             linkname = pax.get("linkpath") or longlink or _decode_name(block[157:257].split(b"\x00", 1)[0])
         yield _Member(name, size, first_header, hoff + BLOCK, typeflag, linkname)
         longname, longlink, pax, first_header = None, None, {}, None
@@ -378,7 +378,8 @@ def iter_samples(
     regular member of this tar: its image bytes are that member's, read back from the data offset remembered for
     every regular member (a seek and read where `f` is seekable, a ranged read where `f` is a prefetch.ReadAhead;
     elsewhere the sample gets an error saying so). Only a hard link costs a read back; the map of offsets costs
-    about 200 bytes per member, never image bytes. A hard link to a name that is no earlier regular member gets an error.
+    about 200 bytes per member, never image bytes. A hard link to a name that is no earlier regular member gets
+    an error.
     A symbolic link, device or FIFO member is never followed or read: where it is named like an image and its
     sample has no real image member, the sample gets an error saying so ("symbolic link member, not followed").
     An image member of 0 bytes yields error "empty image member" (DALI's decoder would only say
