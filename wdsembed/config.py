@@ -111,6 +111,13 @@ class EmbedConfig(BaseModel):
         description="Shards embedded and validated by one task run (one cache entry per group). 1: a task run per "
         "shard (plus its validation). Raise it for runs of thousands of shards, so the Prefect API sees fewer runs."
     )
+    recursive: bool = Field(
+        False,
+        description="When input is a folder, also embed the *.tar shards of its subfolders, at any depth (hidden "
+        "folders excepted). Outputs mirror the subfolders (OUTPUT/train/00000.parquet), so shards of the same name "
+        "in different folders never share an output. Input may also be a brace pattern "
+        "(/data/{00000..00999}.tar), one .tar, or a .txt file listing one shard per line.",
+    )
 
     @field_validator("image_extensions")
     @classmethod

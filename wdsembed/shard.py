@@ -134,6 +134,7 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str) -> Optional[
     fs, path = storage.filesystem(plan.output, config.storage_options)
     meta = output.read_output_metadata(path, fs)
     if meta and meta.get("cache_key") == key:
+        output.ensure_embeddings_view(config, plan.stem, plan.output)  # a deleted kNN view is rebuilt, not re-embedded
         return meta
     return None
 
@@ -355,6 +356,7 @@ def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: 
     run_only = ("cached", "seconds", "images_per_second", "timeline")  # this run's, not the output's
     stored = {k: v for k, v in result.to_dict().items() if k not in run_only}
     try:
+        output.write_embeddings_view(table, config, plan.stem, cache_key=key)  # first: a finished shard has its view
         output.write_parquet_atomic(
             table, path, fs, metadata={"cache_key": key, "normalized": config.normalize_embeddings, "result": stored},
         )

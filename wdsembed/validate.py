@@ -1,5 +1,5 @@
 """Checks of an output table, before it is written and after: the row count, the embedding's dimension, finite
-values, L2 norms."""
+values, L2 norms; and of a written output's kNN view (OUTPUT/_embeddings/<stem>.parquet): one row per embedding."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from wdsembed import storage
+from wdsembed import output, storage
 from wdsembed.config import EmbedConfig
 
 NORM_TOLERANCE = 1e-3
@@ -36,6 +36,10 @@ def validate_output(
         return Validation(output_url, False, [f"output cannot be read: {exc}"])
     problems = validate_table(config, table, dim=dim, expected_rows=expected_rows,
                               expected_embedded=expected_embedded)
+    embedded = int(table.column(config.embedding_column).is_valid().to_numpy(zero_copy_only=False).sum())
+    view_problem = _check_view(config, output_url, embedded)
+    if view_problem:
+        problems.append(view_problem)
     return Validation(output_url, not problems, problems)
 
 
@@ -69,3 +73,26 @@ def validate_table(
                 if worst > NORM_TOLERANCE:
                     problems.append(f"L2 norm off by {worst:.2e} (tolerance {NORM_TOLERANCE})")
     return problems
+
+
+def _check_view(config: EmbedConfig, output_url: str, embedded: int) -> Optional[str]:
+    """The shard's kNN view must exist and hold exactly its embedded rows. Checked for outputs under
+    config.output only (their stem is the path below it); reads the view's footer only."""
+    fs, root = storage.filesystem(config.output, config.storage_options)
+    path = storage.filesystem(output_url, config.storage_options)[1]
+    prefix = root.rstrip("/") + "/"
+    if not (path.startswith(prefix) and path.endswith(".parquet")):
+        return None
+    stem = path[len(prefix) : -len(".parquet")]
+    view = output.embeddings_view_url(root, stem)
+    shown = f"{output.EMBEDDINGS_FOLDER}/{stem}.parquet"
+    try:
+        with fs.open(view, "rb") as f:
+            rows = pq.read_metadata(f).num_rows
+    except FileNotFoundError:
+        return f"kNN view {shown} is missing"
+    except Exception as exc:  # noqa: BLE001 - unreadable is a validation failure, said plainly
+        return f"kNN view {shown} cannot be read: {exc}"
+    if rows != embedded:
+        return f"kNN view {shown} holds {rows} rows, the output {embedded} embeddings"
+    return None
