@@ -14,6 +14,7 @@ Pillow (`Image.open` reads the header only); what that cannot read either raises
 from __future__ import annotations
 
 import io
+import struct
 from typing import Callable, Optional, Union
 
 Bytes = Union[bytes, bytearray, memoryview]
@@ -29,9 +30,11 @@ class UnreadableImage(ValueError):
 def image_size(data: Bytes) -> tuple[int, int]:
     """(height, width) of the decoded image, EXIF orientation applied, from its header. Raises UnreadableImage."""
     n = len(data)
-    parser, fmt = _parser_for(data, n)
-    hw = None
-    why = "not a format DALI decodes"
+    if n >= 3 and data[0] == 0xFF and data[1] == 0xD8:  # most images: no dispatch
+        parser, fmt = _jpeg, "JPEG"
+    else:
+        parser, fmt = _parser_for(data, n)
+    hw, why = None, "not a format DALI decodes"
     if parser is not None:
         try:
             hw = parser(data, n)
@@ -97,48 +100,59 @@ def _le32(d: Bytes, p: int) -> int:
 # JPEG: segments up to the first scan; the last SOF gives the size, the last EXIF APP1 with an orientation tag the
 # orientation (nvImageCodec reads every segment before SOS, APP1s after the SOF included).
 
-_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_SKIP, _SOF, _APP1, _SOS, _FILL, _NOT_A_MARKER, _INVALID = range(7)
+# what each big-endian 16-bit word where a marker is expected means: one table lookup per segment
+_MARKER_KIND = tuple(
+    _NOT_A_MARKER if word < 0xFF00
+    else _INVALID if word == 0xFF00
+    else _FILL if word == 0xFFFF
+    else _SOS if word == 0xFFDA
+    else _APP1 if word == 0xFFE1
+    else _SOF if 0xFFC0 <= word <= 0xFFCF and word not in (0xFFC4, 0xFFC8, 0xFFCC)
+    else _SKIP
+    for word in range(0x10000)
+)
+_MARKER_AND_LENGTH = struct.Struct(">HH").unpack_from
+_SOF_FIELDS = struct.Struct(">HHB").unpack_from  # height, width, components (after the precision byte)
 
 
 def _jpeg(d: Bytes, n: int) -> Optional[tuple[int, int]]:
     pos = 2
     hw = None
     orientation = None
+    marker_and_length, kinds = _MARKER_AND_LENGTH, _MARKER_KIND  # this loop is the per-image cost: lean
     while pos + 4 <= n:
-        if d[pos] != 0xFF:
-            raise _Bad(f"no marker at byte {pos} (0x{d[pos]:02x})")
-        pos += 1
-        m = d[pos]
-        while m == 0xFF and pos + 1 < n:  # fill bytes
+        marker, size = marker_and_length(d, pos)
+        kind = kinds[marker]
+        if kind == 0 and size >= 2:  # _SKIP (literals: no global lookups here)
+            pos += 2 + size
+            continue
+        if kind == 3:  # _SOS, start of scan: the header is over
+            break
+        if kind == 4:  # _FILL, a fill byte before the marker
             pos += 1
-            m = d[pos]
-        if m == 0xFF:
-            break
-        if m == 0x00:
-            raise _Bad(f"invalid marker at byte {pos - 1}")
-        if m == 0xDA:  # start of scan: the header is over
-            break
-        pos += 1
-        if pos + 2 > n:
-            break
-        size = (d[pos] << 8) | d[pos + 1]
+            continue
+        if kind == 5:  # _NOT_A_MARKER
+            raise _Bad(f"no marker at byte {pos} (0x{d[pos]:02x})")
+        if kind == 6:  # _INVALID
+            raise _Bad(f"invalid marker at byte {pos}")
         if size < 2:
-            raise _Bad(f"segment 0x{m:02x} at byte {pos - 2} has length {size}")
-        if m in _SOF:
-            if pos + 8 > n:
+            raise _Bad(f"segment 0x{marker & 0xFF:02x} at byte {pos} has length {size}")
+        if kind == 1:  # _SOF
+            if pos + 10 > n:
                 break
-            ncomp = d[pos + 7]
+            h, w, ncomp = _SOF_FIELDS(d, pos + 5)
             if ncomp > 4:
                 raise _Bad(f"frame header with {ncomp} components")
-            hw = ((d[pos + 3] << 8) | d[pos + 4], (d[pos + 5] << 8) | d[pos + 6])
-        elif m == 0xE1 and d[pos + 2 : pos + 8] == b"Exif\x00\x00":
-            block = d[pos + 8 : pos + size]
+            hw = (h, w)
+        elif d[pos + 4 : pos + 10] == b"Exif\x00\x00":  # an APP1 segment
+            block = d[pos + 10 : pos + 2 + size]
             if len(block) != size - 8:  # cut short inside EXIF: DALI fails it; the decoder will say so
                 break
             ok, o = _exif_orientation(block)
             if ok and o is not None:
                 orientation = o
-        pos += size
+        pos += 2 + size
     if hw is None:
         raise _Bad("no frame header (SOF) before the image data")
     return _oriented(hw[0], hw[1], orientation)
