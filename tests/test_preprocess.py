@@ -197,7 +197,8 @@ def test_sizes_and_anchors_match_timm(config):
 
 
 def _scalar_arguments(h: int, w: int, recipe: PreprocessRecipe) -> tuple:
-    """The DALI arguments for one image, written out plainly in Python floats (float64) from timm's sizes."""
+    """fn.resize's arguments for one image, written out plainly in Python floats (float64) from timm's sizes, and
+    the lengths crop_mirror_normalize then gets."""
     rh, rw, _, _ = _reference_geometry(h, w, recipe)
     rh, rw = max(rh, 1), max(rw, 1)
     out = []
@@ -206,11 +207,9 @@ def _scalar_arguments(h: int, w: int, recipe: PreprocessRecipe) -> tuple:
         start = int(round((resized - crop) / 2.0)) if fits else 0
         out_len = crop if fits else resized
         scale = length / resized
-        anchor = int(round((out_len - crop) / 2.0)) if out_len >= crop else -((crop - out_len) // 2)
-        pos = anchor / ((out_len - crop) or 1)
-        out.append((np.float32(start * scale), np.float32((start + out_len) * scale), out_len, np.float32(pos)))
-    (y0, y1, oh, py), (x0, x1, ow, px) = out
-    return (np.float32(oh), np.float32(ow)), (y0, x0), (y1, x1), px, py
+        out.append((np.float32(start * scale), np.float32((start + out_len) * scale), out_len))
+    (y0, y1, oh), (x0, x1, ow) = out
+    return (np.float32(oh), np.float32(ow)), (y0, x0), (y1, x1)
 
 
 @pytest.mark.parametrize("config", sorted(GEOMETRY_CONFIGS))
@@ -219,19 +218,37 @@ def test_geometry_arguments_match_a_scalar_reimplementation(config):
     hw = [x for x in _sizes() if min(_reference_geometry(*x, recipe)[:2]) >= 1]
     h, w = np.array(hw).T
     g = recipe.geometry(h, w)
-    assert all(a.dtype == np.float32 for a in g.values())
-    assert g["resize_size"].shape == g["roi_start"].shape == g["roi_end"].shape == (len(hw), 2)
+    assert set(g) == {"resize_size", "roi_start", "roi_end"}
+    assert all(a.dtype == np.float32 and a.shape == (len(hw), 2) for a in g.values())
     for i, (hh, ww) in enumerate(hw):
-        size, start, end, px, py = _scalar_arguments(hh, ww, recipe)
-        got = (tuple(g["resize_size"][i]), tuple(g["roi_start"][i]), tuple(g["roi_end"][i]), g["crop_pos_x"][i],
-               g["crop_pos_y"][i])
-        assert got == (size, start, end, px, py), f"{hh}x{ww}"
+        expected = _scalar_arguments(hh, ww, recipe)
+        got = (tuple(g["resize_size"][i]), tuple(g["roi_start"][i]), tuple(g["roi_end"][i]))
+        assert got == expected, f"{hh}x{ww}"
+
+
+def _dali_anchor(pos, size, crop) -> np.ndarray:
+    """crop_mirror_normalize's anchor: std::roundf(float pos * (size - crop)), float32 product."""
+    x = (np.float32(pos) * np.asarray(size - crop, dtype=np.float32)).astype(np.float64)
+    return (np.sign(x) * np.floor(np.abs(x) + 0.5)).astype(np.int64)
+
+
+@pytest.mark.parametrize("crop", [1, 2, 3, 7, 160, 224, 225, 256, 384, 448, 518, 1024, 1536, 2048, 4096, 8192])
+def test_one_crop_position_pads_every_size_like_torchvision(crop):
+    """The resized axis reaches crop_mirror_normalize as exactly the crop (no padding) or shorter, r < crop: for
+    every such r, the single relative position gives torchvision's left pad."""
+    recipe = PreprocessRecipe(input_size=(3, crop, max(1, crop // 2)), interpolation="bicubic", crop_pct=1.0,
+                              crop_mode="center", mean=(0.5,) * 3, std=(0.5,) * 3)
+    r = np.arange(1, crop + 1)
+    assert 0.0 <= recipe.pad_crop_pos <= 1.0  # DALI's allowed range
+    assert np.array_equal(_dali_anchor(recipe.pad_crop_pos, r, crop), -((crop - r) // 2))
+    assert np.array_equal(_dali_anchor(recipe.pad_crop_pos, r, crop), crop_anchor(r, crop))
 
 
 @pytest.mark.parametrize("config", sorted(GEOMETRY_CONFIGS))
 def test_geometry_arguments_are_the_old_graphs_bit_for_bit(config):
-    """The host geometry hands DALI the very float32 arguments that the in-graph geometry (before issue #11)
-    computed, so the images cannot change (RECIPE_IMPL_VERSION stays)."""
+    """The host geometry hands fn.resize the very float32 arguments that the in-graph geometry (before issue #11)
+    computed, and crop_mirror_normalize lands on the same anchors, so the images cannot change (RECIPE_IMPL_VERSION
+    stays)."""
     from nvidia.dali import fn, pipeline_def, types
 
     from bench.old_geometry import old_geometry
@@ -254,10 +271,12 @@ def test_geometry_arguments_are_the_old_graphs_bit_for_bit(config):
     oy, ox, start, end, px, py = (np.array(o.as_tensor()) for o in pipe.run())
     new = recipe.geometry(h, w)
     for name, a, b in (("resize_y", new["resize_size"][:, 0], oy), ("resize_x", new["resize_size"][:, 1], ox),
-                       ("roi_start", new["roi_start"], start), ("roi_end", new["roi_end"], end),
-                       ("crop_pos_x", new["crop_pos_x"], px), ("crop_pos_y", new["crop_pos_y"], py)):
+                       ("roi_start", new["roi_start"], start), ("roi_end", new["roi_end"], end)):
         assert a.dtype == b.dtype == np.float32, name
         assert np.array_equal(a.view(np.uint32), b.reshape(a.shape).view(np.uint32)), name
+    for pos, size, crop in ((px, ox, recipe.crop_size[1]), (py, oy, recipe.crop_size[0])):
+        size = size.reshape(-1).astype(np.int64)
+        assert np.array_equal(_dali_anchor(pos.reshape(-1), size, crop), _dali_anchor(recipe.pad_crop_pos, size, crop))
 
 
 # ---------------------------------------------------------------------------------------------------------------

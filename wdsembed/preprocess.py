@@ -114,9 +114,9 @@ class PreprocessRecipe:
 
     def geometry(self, heights: Any, widths: Any) -> dict[str, np.ndarray]:
         """Per-sample DALI arguments for a batch of images of heights x widths (as decoded: EXIF-oriented), keyed
-        by the external source names of `dali_preprocess`: the fused resize+crop as `fn.resize`'s output size and
-        region of interest ([y, x] float32 rows), and `crop_mirror_normalize`'s relative anchors (float32), which
-        only matter where the crop is larger than the resized image and gets padded."""
+        by the external source names of `dali_preprocess`: the resize and crop fused into `fn.resize`'s output size
+        and region of interest, as [y, x] float32 rows. (The padding anchor needs no per-sample argument: see
+        `pad_crop_pos`.)"""
         h = np.asarray(heights, dtype=np.int64)
         w = np.asarray(widths, dtype=np.int64)
         rh, rw = resized_size(h, w, self)
@@ -127,9 +127,17 @@ class PreprocessRecipe:
             "resize_size": np.stack([out_h, out_w], axis=1).astype(np.float32),
             "roi_start": np.stack([y0, x0], axis=1),
             "roi_end": np.stack([y1, x1], axis=1),
-            "crop_pos_x": _crop_pos(out_w, cw),
-            "crop_pos_y": _crop_pos(out_h, ch),
         }
+
+    @property
+    def pad_crop_pos(self) -> float:
+        """crop_mirror_normalize's relative anchor, one for every sample and both axes. Its input is, per axis,
+        either exactly the crop (anchor 0 whatever the position) or the whole resized axis of length r < crop, to be
+        padded with torchvision's left pad (crop - r) // 2, i.e. anchor -((crop - r) // 2). DALI computes the anchor
+        as roundf(pos * (r - crop)); with pos = 1/2 - 1/(4 * crop) that is -(d/2) + d/(4 * crop) for d = crop - r,
+        d/(4 * crop) in (0, 1/4): it rounds to -(d/2) for even d and to -((d - 1)/2) for odd d, never a tie, so
+        float32 rounding cannot move it (checked for every r < crop in the tests)."""
+        return 0.5 - 0.25 / max(self.crop_size)
 
     def describe(self) -> dict:
         """JSON-ready form, written into the manifest and hashed into cache keys."""
@@ -188,24 +196,17 @@ def _axis_roi(length: np.ndarray, resized: np.ndarray, crop: int) -> tuple[np.nd
     return (start * scale).astype(np.float32), ((start + out_len) * scale).astype(np.float32), out_len
 
 
-def _crop_pos(size: np.ndarray, crop: int) -> np.ndarray:
-    """crop_mirror_normalize takes a relative anchor `pos` and computes roundf(pos * (size - crop)); hand it
-    anchor / (size - crop) so that the rounding lands on the exact anchor, also for negative (padding) extents."""
-    d = size - crop
-    return (crop_anchor(size, crop) / np.where(d == 0, 1, d).astype(np.float64)).astype(np.float32)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # DALI graph. The geometry arrives through external sources, one per argument, fed per batch with feed_geometry.
 
-GEOMETRY_INPUTS = {"resize_size": 1, "roi_start": 1, "roi_end": 1, "crop_pos_x": 0, "crop_pos_y": 0}  # name: ndim
+GEOMETRY_INPUTS = ("resize_size", "roi_start", "roi_end")  # [y, x] float32 per sample
 
 
 def geometry_inputs() -> dict[str, Any]:
     """External sources for the per-sample arguments, named as the keys of `PreprocessRecipe.geometry`."""
     from nvidia.dali import fn, types
 
-    return {name: fn.external_source(name=name, dtype=types.FLOAT, ndim=ndim) for name, ndim in GEOMETRY_INPUTS.items()}
+    return {name: fn.external_source(name=name, dtype=types.FLOAT, ndim=1) for name in GEOMETRY_INPUTS}
 
 
 def feed_geometry(pipe: Any, geometry: dict[str, np.ndarray]) -> None:
@@ -265,8 +266,8 @@ def dali_preprocess(
     return fn.crop_mirror_normalize(
         images,
         crop=(ch, cw),
-        crop_pos_x=geometry["crop_pos_x"],
-        crop_pos_y=geometry["crop_pos_y"],
+        crop_pos_x=recipe.pad_crop_pos,
+        crop_pos_y=recipe.pad_crop_pos,
         out_of_bounds_policy="pad",
         fill_values=fill,
         mean=mean,
