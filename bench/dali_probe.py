@@ -199,10 +199,12 @@ def photographs(n: int) -> tuple[list[str], list[tuple[str, bytes]]]:
 def geometry_only(args: argparse.Namespace) -> int:
     """What sizes the resize and crop, on the CPU with decoding left out (issue #11). Every variant is fed the same
     batches of real photographs (an external source of the encoded bytes, copied into DALI's buffers, as
-    ImagePipeline feeds them), two iterations in flight as ImagePipeline keeps them, and returns its outputs; the
-    variants take turns, pass after pass, so that load from other processes hits them alike. Per variant:
+    ImagePipeline feeds them), two iterations in flight as ImagePipeline keeps them, and returns its small outputs
+    (never the bytes themselves: returning 10 MB of ragged bytes costs milliseconds, and no real graph does; where
+    nothing else reads them, their shapes are taken so that they are fed and copied all the same). The variants take
+    turns, pass after pass, so that load from other processes hits them alike:
 
-    E    the encoded bytes alone: the floor under every other line
+    E    the encoded bytes alone (and their shapes): the floor under every other line
     A    + fn.peek_image_shape(adjust_orientation=True): what the old graph needed before any geometry
     B    + the host geometry: header sizes (wdsembed.imagesize) and PreprocessRecipe.geometry (NumPy) for the batch,
          computed in the feeding loop, and fed to the three argument external sources that fn.resize takes in the
@@ -243,13 +245,13 @@ def geometry_only(args: argparse.Namespace) -> int:
         return fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
 
     def graph_e():
-        return encoded()
+        return encoded().shape()
 
     def graph_a():
         return fn.peek_image_shape(encoded(), adjust_orientation=True)
 
     def graph_b():
-        return (encoded(), *geometry_inputs().values())
+        return (encoded().shape(), *geometry_inputs().values())
 
     def graph_old():
         return tuple(old_geometry_from_bytes(encoded(), recipe).values())
@@ -261,10 +263,10 @@ def geometry_only(args: argparse.Namespace) -> int:
                          interp_type=types.INTERP_CUBIC, antialias=True, subpixel_scale=False)
 
     def graph_rsz():
-        return encoded(), stand_in_resize()
+        return encoded().shape(), stand_in_resize()
 
     def graph_ops():
-        enc, images = encoded(), stand_in_resize()
+        enc, images = encoded().shape(), stand_in_resize()
         out = fn.crop_mirror_normalize(images, crop=(2, 2), crop_pos_x=tiny.pad_crop_pos, crop_pos_y=tiny.pad_crop_pos,
                                        out_of_bounds_policy="pad", dtype=types.FLOAT, output_layout="CHW")
         return enc, out

@@ -211,8 +211,10 @@ def geometry_inputs() -> dict[str, Any]:
 
 def feed_geometry(pipe: Any, geometry: dict[str, np.ndarray]) -> None:
     """Feed one batch's `PreprocessRecipe.geometry` to a pipeline built with `dali_preprocess`."""
-    for name in GEOMETRY_INPUTS:
-        pipe.feed_input(name, geometry[name])
+    from nvidia.dali.tensors import TensorListCPU
+
+    for name in GEOMETRY_INPUTS:  # wrapped here: feed_input's own checks of a numpy array cost more
+        pipe.feed_input(name, TensorListCPU(np.ascontiguousarray(geometry[name])))
 
 
 def dali_preprocess(
