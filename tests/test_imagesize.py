@@ -301,6 +301,27 @@ def test_pillow_reads_what_the_fast_path_cannot():
     assert image_size(jpeg[:dqt] + b"\x00junk" + jpeg[dqt:]) == (20, 10)
 
 
+def test_damaged_headers_give_a_size_or_a_reason_never_another_error():
+    """Every corpus image cut short and with bytes overwritten: image_size returns a size or raises UnreadableImage."""
+    rng = np.random.default_rng(1)
+    outcomes = {"size": 0, "reason": 0}
+    for name, data in corpus().items():
+        for _ in range(20):
+            b = bytearray(data[: int(rng.integers(0, min(len(data), 2000) + 1))])
+            for i in rng.integers(0, max(len(b), 1), size=int(rng.integers(0, 4))):
+                if i < len(b):
+                    b[i] = int(rng.integers(0, 256))
+            try:
+                h, w = image_size(bytes(b))
+            except UnreadableImage as e:
+                assert str(e), name
+                outcomes["reason"] += 1
+            else:
+                assert isinstance(h, int) and isinstance(w, int) and h >= 1 and w >= 1, name
+                outcomes["size"] += 1
+    assert min(outcomes.values()) > 100, outcomes
+
+
 def test_speed_of_a_jpeg_header():
     import time
 

@@ -40,7 +40,7 @@ def image_size(data: Bytes) -> tuple[int, int]:
             hw = parser(data, n)
         except _Bad as e:
             why = str(e)
-        except IndexError:
+        except (IndexError, struct.error):
             why = "header cut short"
     if hw is None:
         hw = _pil_size(data)
@@ -460,15 +460,19 @@ def _exif_orientation(b: Bytes) -> tuple[bool, Optional[int]]:
 
 def _pil_size(data: Bytes) -> Optional[tuple[int, int]]:
     """Pillow's header-only read, for what the parsers above cannot read (DALI's decoder decides whether it can)."""
+    import warnings
+
     from PIL import Image
 
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            try:
-                orientation = im.getexif().get(_ORIENTATION_TAG)
-            except Exception:  # a broken EXIF block: the size stands without it
-                orientation = None
-    except Exception:
-        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's complaints about damaged metadata: the size is what counts
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                try:
+                    orientation = im.getexif().get(_ORIENTATION_TAG)
+                except Exception:  # a broken EXIF block: the size stands without it
+                    orientation = None
+        except Exception:
+            return None
     return _oriented(h, w, orientation)
