@@ -172,9 +172,9 @@ def refuse_unusable(config: EmbedConfig) -> None:
     from wdsembed.plan import check_config
 
     preflight.check_storage_options(config)  # before anything builds a filesystem from them
+    preflight.check_output_writable(config)  # needs no torch import: refused in about a second
     check_config(config)
     preflight.check_weights(config)
-    preflight.check_output_writable(config)
 
 
 def _default_run() -> Callable[..., dict]:
