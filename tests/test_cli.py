@@ -340,3 +340,35 @@ def test_failed_run_names_each_reason_once(shards, tmp_path, capsys):
     assert "1 shard(s) failed (00002): KilledWorker: worker died" in text
     assert "run failed: 3 of 4 shard(s) failed (reasons above)" in captured.err
     assert f"1 finished shard(s) are in {tmp_path / 'out'}" in captured.err
+
+
+# --------------------------------------------------------------------------------------------------- task E, whole
+
+
+@pytest.mark.slow
+def test_command_end_to_end_terminal_and_rerun(tmp_path):
+    """The real command (temporary Prefect server, one Dask worker) on a shard with a truncated JPEG: DALI's decoder
+    line stays off the terminal; the re-run finds the shard cached and keeps the computing run's figures."""
+    import json
+
+    from wdsembed.synthetic import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "in", n_shards=1, per_shard=6, corrupt_per_shard=1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "WDSEMBED_"))}
+    env |= {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    argv = [sys.executable, "-m", "wdsembed.cli", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model",
+            TINY_MODEL, "--no-pretrained", "--device", "cpu", "--batch-size", "4", "--num-threads", "1",
+            "--n-workers", "1"]
+    manifests, texts = [], []
+    for _ in range(2):
+        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        texts.append(done.stdout + done.stderr)
+        assert done.returncode == 0, texts[-1][-4000:]
+        manifests.append(json.loads((tmp_path / "out" / "_manifest.json").read_text()))
+    assert "libjpeg_turbo_decoder" not in texts[0] and "[ERROR]" not in texts[0]
+    assert "images/s: embedding only" in texts[0]
+    computed, cached = manifests[0]["shards"]["00000"], manifests[1]["shards"]["00000"]
+    assert computed["status"] == "computed" and cached["status"] == "cached"
+    assert computed["images_per_second"] > 0 and computed["embed_seconds"] > 0
+    assert (cached["seconds"], cached["images_per_second"]) == (computed["seconds"], computed["images_per_second"])

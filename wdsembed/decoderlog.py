@@ -159,7 +159,10 @@ def decoder_messages_to_log() -> Iterator[None]:
     global _active, _users
     with _lock:
         if _users == 0:
-            _active = _Fd2Router()
+            try:
+                _active = _Fd2Router()
+            except OSError as exc:  # no usable fd 2 (a daemon with stderr closed): nothing to keep off a screen
+                log.debug("decoder lines not routed: %s", exc)
         _users += 1
     try:
         yield
