@@ -2,12 +2,15 @@
 DALI and a model together on the legacy default stream and on a stream of their own.
 
     python bench/dali_probe.py [--images 16000] [--batch-size 256] [--threads 12] [--model vit_base_patch16_clip_224.openai]
+    python bench/dali_probe.py --geometry-only [--images 2560] [--repeats 9] [--threads 1]   # CPU, no decoding
 
 Each line is images/s for one variant, so that one run says which change matters:
 - how the bytes reach DALI: copied into DALI's (pinned) buffers, or read in place from ours;
 - our preprocessing recipe (header-sized resize, per-sample crop) against a plain resize + crop;
-- the decompression-bomb guard (DALI conditionals) on or off;
+- the decompression-bomb guard (header sizes checked on the host) on or off;
 - DALI and the model overlapped (Worker.embed) or not, against the sequential bound 1 / (1/a + 1/b).
+
+--geometry-only times what sizes the resize and crop, with decoding left out, on the CPU (see geometry_only()).
 """
 from __future__ import annotations
 
@@ -26,31 +29,27 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=12)
     p.add_argument("--model", default="vit_base_patch16_clip_224.openai")
+    p.add_argument("--geometry-only", action="store_true",
+                   help="CPU, no decoding: peek_image_shape vs the host geometry vs the old in-graph geometry")
+    p.add_argument("--repeats", type=int, default=9, help="--geometry-only: interleaved passes per variant")
     args = p.parse_args()
+    if args.geometry_only:
+        return geometry_only(args)
 
     import torch
     from nvidia.dali import fn, pipeline_def, types
 
-    from bench.throughput import build_shards
-    from wdsembed import shards
     from wdsembed.config import EmbedConfig
     from wdsembed.pipeline import ImagePipeline
-    from wdsembed.preprocess import PreprocessRecipe, dali_preprocess
+    from wdsembed.imagesize import image_size
+    from wdsembed.preprocess import GEOMETRY_INPUTS, dali_preprocess, feed_geometry
 
-    work = tempfile.mkdtemp()
-    per = min(2000, args.images)
-    build_shards(work, max(1, args.images // per), per, unique=1000)
-    tars = sorted(os.path.join(work, f) for f in os.listdir(work) if f.endswith(".tar"))
-    samples = []
-    for tar in tars:
-        with open(tar, "rb") as f:
-            samples += [(s.key, bytes(s.image)) for s in shards.iter_samples(f, extensions=("jpg",), shard=tar)]
+    tars, samples = photographs(args.images)
     B, T = args.batch_size, args.threads
     gpu = torch.cuda.is_available()  # without one, the same variants on the CPU path: a smoke test of this script
     device_id, decode = (0, "mixed") if gpu else (None, "cpu")
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-    recipe = PreprocessRecipe(input_size=(3, 224, 224), interpolation="bicubic", crop_pct=0.875, crop_mode="center",
-                              mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    recipe = clip_recipe()
     rates: dict[str, float] = {}
 
     def timed(name, run):
@@ -73,17 +72,40 @@ def main() -> int:
         pipe.close()
         del pipe
 
-    # 2. Bare DALI graphs: reader or external source, our recipe or a plain one; no Python logic of ours.
-    def plain(jpg):
+    # 2. Bare DALI graphs: reader or external source, our recipe or a plain one; no Python logic of ours. Our
+    # recipe's geometry (header sizes + NumPy) is computed ahead, outside the timing (ImagePipeline's numbers above
+    # include it), and fed per batch; the reader gets it in its own (file) order from a source callback.
+    import numpy as np
+
+    steps = len(samples) // B
+    sizes = np.array([image_size(d) for _, d in samples])
+    n_samples = len(samples)
+
+    def geometry_of(i):  # batch i of a stream that wraps around the samples, as the reader does
+        idx = np.arange(i * B, (i + 1) * B) % n_samples
+        return recipe.geometry(sizes[idx, 0], sizes[idx, 1])
+
+    geometries = [geometry_of(i) for i in range(steps)]
+
+    def plain(jpg, source):
         images = fn.decoders.image(jpg, device=decode, output_type=types.RGB,
                                    **({"hw_decoder_load": 0.9} if gpu else {}))
         return fn.crop_mirror_normalize(fn.resize(images, resize_shorter=256), crop=(224, 224), dtype=types.FLOAT,
                                         output_layout="CHW")
 
-    def ours(jpg):
-        return dali_preprocess(jpg, recipe, decode)[0]
+    def ours(jpg, source):
+        geometry = None  # external sources, fed with the bytes
+        if source == "reader":
+            batches = iter(range(1 << 62))
 
-    steps = len(samples) // B
+            def next_geometry():
+                g = geometry_of(next(batches))
+                return tuple(g[k] for k in GEOMETRY_INPUTS)
+
+            nodes = fn.external_source(source=next_geometry, num_outputs=len(GEOMETRY_INPUTS), dtype=types.FLOAT)
+            geometry = dict(zip(GEOMETRY_INPUTS, nodes))
+        return dali_preprocess(jpg, recipe, decode, geometry=geometry)
+
     for source in ("reader", "external copy", "external in place"):
         for name, graph_fn in (("plain resize", plain), ("our recipe", ours)):
             @pipeline_def(batch_size=B, num_threads=T, device_id=device_id, prefetch_queue_depth=2, exec_dynamic=True)
@@ -92,28 +114,31 @@ def main() -> int:
                     jpg = fn.readers.webdataset(paths=tars, ext=["jpg"], missing_component_behavior="skip")
                 else:
                     jpg = fn.external_source(name="enc", dtype=types.UINT8, ndim=1, no_copy=source.endswith("place"))
-                return graph_fn(jpg)
+                return graph_fn(jpg, source)
 
             pipe = graph()
             pipe.build()
             if source == "reader":
                 timed(f"bare {source}: {name}", lambda: sum(B for _ in range(steps) if pipe.run()))
             else:
-                import numpy as np
-
                 batches = [[np.frombuffer(d, np.uint8) for _, d in samples[i * B:(i + 1) * B]] for i in range(steps)]
 
+                def feed(i):
+                    pipe.feed_input("enc", batches[i])
+                    if graph_fn is ours:
+                        feed_geometry(pipe, geometries[i])
+
                 def run_fed():
-                    for i, batch in enumerate(batches):  # two in flight, as ImagePipeline keeps them
-                        pipe.feed_input("enc", batch)
+                    for i in range(len(batches)):  # two in flight, as ImagePipeline keeps them
+                        feed(i)
                         pipe.schedule_run()
                         if i >= 1:
                             pipe.outputs()
                     pipe.outputs()
                     return len(batches) * B
 
-                pipe.feed_input("enc", batches[0])  # the first schedule_run prefetches two iterations
-                pipe.feed_input("enc", batches[1])
+                feed(0)  # the first schedule_run prefetches two iterations
+                feed(1)
                 pipe.schedule_run()
                 pipe.outputs(), pipe.outputs()
                 timed(f"bare {source}: {name}", run_fed)
@@ -121,7 +146,7 @@ def main() -> int:
 
     # 3. DALI and the model together, as Worker.embed runs them, on the default stream and on their own.
     from wdsembed.model import embed_batch
-    from wdsembed.runner import Worker
+    from wdsembed.worker import Worker
 
     config = EmbedConfig(input="x", output="y", model_name=args.model, pretrained=False, batch_size=B,
                          num_threads_per_worker=T)
@@ -144,6 +169,182 @@ def main() -> int:
     worker.stream = own
     print(f"{'sequential bound 1/(1/a+1/b)':60s} {bound:9,.0f} img/s; min(a, b) "
           f"{min(rates[f'{args.model} model only'], rates['dali']):,.0f}", flush=True)
+    return 0
+
+
+def clip_recipe():
+    """ViT-B/16 CLIP's eval recipe: center crop 224, bicubic, crop_pct 0.875."""
+    from wdsembed.preprocess import PreprocessRecipe
+
+    return PreprocessRecipe(input_size=(3, 224, 224), interpolation="bicubic", crop_pct=0.875, crop_mode="center",
+                            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def photographs(n: int) -> tuple[list[str], list[tuple[str, bytes]]]:
+    """Shards of n re-encoded photographs (1000 distinct at most, 300-640 px JPEGs), and their (key, bytes)."""
+    from bench.throughput import build_shards
+    from wdsembed import shards
+
+    work = tempfile.mkdtemp()
+    per = min(2000, n)
+    build_shards(work, max(1, n // per), per, unique=min(1000, n))
+    tars = sorted(os.path.join(work, f) for f in os.listdir(work) if f.endswith(".tar"))
+    samples = []
+    for tar in tars:
+        with open(tar, "rb") as f:
+            samples += [(s.key, bytes(s.image)) for s in shards.iter_samples(f, extensions=("jpg",), shard=tar)]
+    return tars, samples  # n rounded down to whole shards of 2000
+
+
+def geometry_only(args: argparse.Namespace) -> int:
+    """What sizes the resize and crop, on the CPU with decoding left out (issue #11). Every variant is fed the same
+    batches of real photographs (an external source of the encoded bytes, copied into DALI's buffers, as
+    ImagePipeline feeds them), two iterations in flight as ImagePipeline keeps them, and returns its small outputs
+    (never the bytes themselves: returning 10 MB of ragged bytes costs milliseconds, and no real graph does; where
+    nothing else reads them, their shapes are taken so that they are fed and copied all the same). The variants take
+    turns, pass after pass, so that load from other processes hits them alike:
+
+    E    the encoded bytes alone (and their shapes): the floor under every other line
+    A    + fn.peek_image_shape(adjust_orientation=True): what the old graph needed before any geometry
+    B    + the host geometry: header sizes (wdsembed.imagesize) and PreprocessRecipe.geometry (NumPy) for the batch,
+         computed in the feeding loop, and fed to the three argument external sources that fn.resize takes in the
+         real graph (here returned as outputs: no pixels are made)
+    old  + peek_image_shape and the old in-graph geometry subgraph (bench/old_geometry.py), its six arguments
+         returned as outputs
+    rsz  + the argument inputs consumed by fn.resize on 1x1 stand-in images, 2x2 out (the per-sample cost of the
+         operator itself; pixel work negligible). A stand-in smaller than the real images' regions of interest is
+         not an option: fn.resize with a ROI outside its input crashes DALI 2.4 (segfault)
+    ops  rsz + crop_mirror_normalize (2x2 crop, normalize to float CHW), as the real graph follows resize
+
+    Target of the issue: B >= 0.9 A.
+    """
+    import statistics
+
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.tensors import TensorCPU
+
+    from bench.old_geometry import old_geometry_from_bytes
+    from wdsembed.imagesize import image_size
+    from wdsembed.preprocess import PreprocessRecipe, feed_geometry, geometry_inputs
+
+    _, samples = photographs(args.images)
+    B, T = args.batch_size, args.threads
+    steps = len(samples) // B
+    if steps < 3:
+        raise SystemExit(f"--images {args.images} gives {steps} batches of {B}: need at least 3")
+    datas = [[d for _, d in samples[i * B:(i + 1) * B]] for i in range(steps)]
+    views = [[TensorCPU(np.frombuffer(d, np.uint8)) for d in batch] for batch in datas]  # as ImagePipeline's
+    recipe = clip_recipe()
+    tiny = PreprocessRecipe(input_size=(3, 2, 2), interpolation="bicubic", crop_pct=1.0, crop_mode="center",
+                            mean=recipe.mean, std=recipe.std)
+    ones = np.ones(B, np.int64)
+    tiny_geometry = tiny.geometry(ones, ones)
+
+    def encoded():
+        return fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
+
+    def graph_e():
+        return encoded().shape()
+
+    def graph_a():
+        return fn.peek_image_shape(encoded(), adjust_orientation=True)
+
+    def graph_b():
+        return (encoded().shape(), *geometry_inputs().values())
+
+    def graph_old():
+        return tuple(old_geometry_from_bytes(encoded(), recipe).values())
+
+    def stand_in_resize():
+        geo = geometry_inputs()
+        stand_in = fn.constant(idata=[0, 0, 0], shape=[1, 1, 3], dtype=types.UINT8, layout="HWC")
+        return fn.resize(stand_in, size=geo["resize_size"], roi_start=geo["roi_start"], roi_end=geo["roi_end"],
+                         interp_type=types.INTERP_CUBIC, antialias=True, subpixel_scale=False)
+
+    def graph_rsz():
+        return encoded().shape(), stand_in_resize()
+
+    def graph_ops():
+        enc, images = encoded().shape(), stand_in_resize()
+        out = fn.crop_mirror_normalize(images, crop=(2, 2), crop_pos_x=tiny.pad_crop_pos, crop_pos_y=tiny.pad_crop_pos,
+                                       out_of_bounds_policy="pad", dtype=types.FLOAT, output_layout="CHW")
+        return enc, out
+
+    def feed_e(pipe, i):
+        pipe.feed_input("enc", views[i])
+
+    def feed_b(pipe, i):
+        sizes = np.array([image_size(d) for d in datas[i]], dtype=np.int64)
+        geometry = recipe.geometry(sizes[:, 0], sizes[:, 1])
+        pipe.feed_input("enc", views[i])
+        feed_geometry(pipe, geometry)
+
+    def feed_ops(pipe, i):
+        pipe.feed_input("enc", views[i])
+        feed_geometry(pipe, tiny_geometry)
+
+    variants = {"E": (graph_e, feed_e), "A": (graph_a, feed_e), "B": (graph_b, feed_b),
+                "old": (graph_old, feed_e), "rsz": (graph_rsz, feed_ops), "ops": (graph_ops, feed_ops)}
+    pipes = {}
+    for name, (graph_fn, _) in variants.items():
+        pipe = pipeline_def(graph_fn, batch_size=B, num_threads=T, device_id=None, prefetch_queue_depth=2,
+                            exec_dynamic=True)()
+        pipe.build()
+        pipes[name] = pipe
+
+    def one_pass(name) -> tuple[float, float]:
+        """Wall time and CPU time of the whole process (all threads, DALI's included) for one pass."""
+        pipe, feed = pipes[name], variants[name][1]
+        t, c = time.perf_counter(), time.process_time()
+        for i in range(steps):  # two in flight, as ImagePipeline keeps them
+            feed(pipe, i)
+            pipe.schedule_run()
+            if i >= 1:
+                pipe.outputs()
+        pipe.outputs()
+        return time.perf_counter() - t, time.process_time() - c
+
+    for name, pipe in pipes.items():  # the first schedule_run of a pipeline prefetches two iterations
+        feed = variants[name][1]
+        feed(pipe, 0)
+        feed(pipe, 1)
+        pipe.schedule_run()
+        pipe.outputs(), pipe.outputs()
+        one_pass(name)  # warm-up
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name in variants:
+            times[name].append(one_pass(name))
+
+    # The host part of B alone, no DALI: header parse, then the NumPy geometry.
+    parse, numpy_t = [], []
+    for _ in range(args.repeats):
+        for batch in datas:
+            t0 = time.perf_counter()
+            sizes = np.array([image_size(d) for d in batch], dtype=np.int64)
+            t1 = time.perf_counter()
+            recipe.geometry(sizes[:, 0], sizes[:, 1])
+            parse.append(t1 - t0)
+            numpy_t.append(time.perf_counter() - t1)
+
+    images = steps * B
+    print(f"{len(samples)} photographs ({steps} batches of {B}) per pass, {args.repeats} passes per variant, "
+          f"interleaved; DALI CPU, num_threads={T}, prefetch 2; decoding left out")
+    print("      img/s (median of passes, best pass)   wall ms/batch (median, min-max)   CPU ms/batch (median)")
+    rate, best = {}, {}
+    for name, ts in times.items():
+        wall = [t for t, _ in ts]
+        rate[name], best[name] = images / statistics.median(wall), images / min(wall)
+        per_batch = [1e3 * t / steps for t in wall]
+        cpu = statistics.median(1e3 * c / steps for _, c in ts)
+        print(f"{name:4s} {rate[name]:9,.0f} {best[name]:9,.0f}                     {statistics.median(per_batch):6.2f} "
+              f"({min(per_batch):.2f}-{max(per_batch):.2f})                {cpu:6.2f}", flush=True)
+    print(f"host part of B alone: header sizes {1e6 * statistics.median(parse) / B:.2f} us/image, NumPy geometry "
+          f"{1e3 * statistics.median(numpy_t):.3f} ms/batch (medians)")
+    for label, r in (("medians", rate), ("best passes", best)):
+        print(f"{label}: B / A = {r['B'] / r['A']:.2f}   old / A = {r['old'] / r['A']:.2f}   "
+              f"B / old = {r['B'] / r['old']:.2f}")
     return 0
 
 

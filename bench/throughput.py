@@ -82,13 +82,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_model(model_name: str, device: str, batch_size: int, seconds: float) -> dict:
-    """(a) the model alone on resident tensors, exactly as the flow calls it (embed_batch, bf16 autocast)."""
+def bench_model(model_name: str, device: str, batch_size: int, seconds: float, form: str = "bf16") -> dict:
+    """(a) the model alone on resident tensors, through embed_batch as the flow calls it. form "bf16": bfloat16
+    weights (channels_last for convnets), as the flow runs it with autocast=True; "autocast": float32 weights under
+    bfloat16 autocast."""
     import torch
 
-    from wdsembed.model import embed_batch, load_model
+    from wdsembed.model import embed_batch, load_model, to_bfloat16
 
     loaded = load_model(model_name, pretrained=False, device=device)
+    if form == "bf16":
+        to_bfloat16(loaded)
     _, h, w = loaded.data_config["input_size"]
     x = torch.randn(batch_size, 3, h, w, device=device)
     for _ in range(3):
@@ -103,7 +107,7 @@ def bench_model(model_name: str, device: str, batch_size: int, seconds: float) -
     del loaded, x
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return {"images_per_second": round(rate, 1), "dim_input": [h, w]}
+    return {"images_per_second": round(rate, 1), "dim_input": [h, w], "form": form}
 
 
 def bench_dali(model_name: str, folder: str, device: str, batch_size: int, threads: int, **pipeline_options) -> dict:
@@ -184,10 +188,28 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
             "gpus": n_gpus,
             "peak_gpu_memory_gib": round(max(p["gpu"] for p in peaks.values()), 2),
             "peak_host_rss_gib": round(max(p["rss"] for p in peaks.values()), 2),
+            "gpu_idle_fraction": idle_fraction(manifest),
         }
     finally:
         client.close()
         cluster.close()
+
+
+def idle_fraction(manifest: dict) -> float:
+    """The share of each worker's span (its first shard's embedding start to its last one's end) spent between
+    shards, with no shard streaming through its pipeline and model: per-task overhead (Prefect states, cache
+    records, the parquet write, validation) that did not overlap the next shard."""
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for shard in manifest["shards"].values():
+        t = shard.get("timeline") or {}
+        if "embed_start" in t:
+            spans.setdefault(t["worker"], []).append((t["embed_start"], t["embed_end"]))
+    total = idle = 0.0
+    for intervals in spans.values():
+        intervals.sort()
+        total += intervals[-1][1] - intervals[0][0]
+        idle += sum(max(0.0, b[0] - a[1]) for a, b in zip(intervals, intervals[1:]))
+    return round(idle / total, 4) if total > 0 else 0.0
 
 
 def compare_outputs(reference: str, other: str, embedding_column: str = "image_embedding") -> dict:
@@ -269,8 +291,9 @@ def dali_variants(model_name: str, folder: str, device: str, batch_size: int) ->
     return rows
 
 
-def fidelity(model_name: str, folder: str, device: str, n_images: int = 64) -> dict:
-    """Cosine similarity of the flow's embeddings (DALI path, bf16) with timm's own PIL preprocessing + fp32 model."""
+def fidelity(model_name: str, folder: str, device: str, n_images: int = 64, form: str = "bf16") -> dict:
+    """Cosine similarity of the flow's embeddings (DALI path; the model in `form`, see bench_model) with timm's own
+    PIL preprocessing + the fp32 model."""
     import io
 
     import timm
@@ -282,9 +305,17 @@ def fidelity(model_name: str, folder: str, device: str, n_images: int = 64) -> d
     from wdsembed.pipeline import ImagePipeline
     from wdsembed.preprocess import PreprocessRecipe
 
+    import copy
+
+    from wdsembed.model import to_bfloat16
+
     loaded = load_model(model_name, pretrained=False, device=device)
     recipe = PreprocessRecipe.from_data_config(loaded.data_config)
     transform = timm.data.create_transform(**loaded.data_config)
+    reference = copy.copy(loaded)
+    reference.model = copy.deepcopy(loaded.model)  # float32, same weights
+    if form == "bf16":
+        to_bfloat16(loaded)
     tar = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".tar"))[0]
     with open(tar, "rb") as f:
         samples = [(s.key, bytes(s.image)) for _, s in zip(range(n_images), shards.iter_samples(f, extensions=("jpg",), shard=tar))]
@@ -295,9 +326,9 @@ def fidelity(model_name: str, folder: str, device: str, n_images: int = 64) -> d
         ours.update(zip(batch.keys, emb))
     pipe.close()
     ref = torch.stack([transform(ImageOps.exif_transpose(Image.open(io.BytesIO(b))).convert("RGB")) for _, b in samples])
-    ref_emb = embed_batch(loaded, ref.to(device), autocast=False, normalize=True).float().cpu()
+    ref_emb = embed_batch(reference, ref.to(device), autocast=False, normalize=True).float().cpu()
     cos = torch.stack([torch.dot(ours[k], ref_emb[i]) for i, (k, _) in enumerate(samples)])
-    return {"model": model_name, "images": len(samples), "min_cosine": round(float(cos.min()), 6),
+    return {"model": model_name, "form": form, "images": len(samples), "min_cosine": round(float(cos.min()), 6),
             "mean_cosine": round(float(cos.mean()), 6), "reference": "timm create_transform on PIL + fp32 model"}
 
 
@@ -361,8 +392,10 @@ def main() -> int:
     for name in models:
         row = {}
         if "model" not in args.skip:
-            row["model_only"] = _stage(bench_model, name, device, batch_size, model_seconds)
-            print(f"{name}: (a) model only {row['model_only'].get('images_per_second', 0):,.0f} img/s", flush=True)
+            row["model_only"] = _stage(bench_model, name, device, batch_size, model_seconds, "autocast")
+            row["fastest_model_only"] = _stage(bench_model, name, device, batch_size, model_seconds, "bf16")
+            print(f"{name}: (a) model only {row['model_only'].get('images_per_second', 0):,.0f} img/s (autocast), "
+                  f"{row['fastest_model_only'].get('images_per_second', 0):,.0f} img/s (bf16 weights)", flush=True)
         if "dali" not in args.skip:
             row["dali_only"] = _stage(bench_dali, name, data, device, batch_size, threads)
             print(f"{name}: (b) DALI only {row['dali_only'].get('images_per_second', 0):,.0f} img/s", flush=True)
@@ -375,6 +408,17 @@ def main() -> int:
             limit = min(row["model_only"]["images_per_second"], row["dali_only"]["images_per_second"])
             row["ratio"] = round(row["full_flow"]["images_per_second"] / limit, 3)
             print(f"{name}: (c) / min(a, b) = {row['ratio']}", flush=True)
+        if {"fastest_model_only", "full_flow"} <= row.keys():
+            fastest = max(row["fastest_model_only"]["images_per_second"], row["model_only"]["images_per_second"])
+            row["ratio_to_fastest"] = round(row["full_flow"]["images_per_second"] / fastest, 3)
+            row["gpu_idle_fraction"] = row["full_flow"]["gpu_idle_fraction"]
+            print(f"{name}: (c) / fastest (a) = {row['ratio_to_fastest']}; idle between shards "
+                  f"{row['gpu_idle_fraction']:.1%}", flush=True)
+        if "fidelity" not in args.skip and gpu:
+            for form in ("bf16", "autocast"):
+                row[f"fidelity_{form}"] = _stage(fidelity, name, data, device, 64, form)
+                print(f"{name}: fidelity ({form}) {row[f'fidelity_{form}']}", flush=True)
+            row["min_cosine"] = row["fidelity_bf16"].get("min_cosine")
         results["models"][name] = row
 
     if args.gpus:
@@ -392,6 +436,7 @@ def main() -> int:
         base_n = next(iter(results["scaling"]), None)
         for n, r in results["scaling"].items():
             r["speedup_vs_1"] = round(r["images_per_second"] / results["scaling"][base_n]["images_per_second"], 2)
+            r["speedup"] = r["speedup_vs_1"]
             if n != base_n:
                 # The same shards on more workers must give the same outputs: each shard is one task on one device.
                 r["outputs_vs_first"] = compare_outputs(outs[base_n], outs[n])

@@ -26,25 +26,19 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "wdsembed")
 
 import dask  # noqa: E402
-from prefect import flow, get_run_logger, unmapped  # noqa: E402
+from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_progress_artifact, update_progress_artifact  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from prefect_dask import DaskTaskRunner  # noqa: E402
 
-from tasks.embed import ShardGroupFailed, embed_shard, embed_shard_group, result_storage_for  # noqa: E402
+from tasks.embed import embed_shards, result_storage_for  # noqa: E402
 from tasks.index import index_shards  # noqa: E402
 from tasks.report import report  # noqa: E402
-from tasks.validate import validate_shard  # noqa: E402
 from wdsembed import caching, cluster  # noqa: E402
 from wdsembed.config import EmbedConfig  # noqa: E402
-
-
-class ShardsFailed(RuntimeError):
-    """Some shards failed; every other shard's output is written and listed in the manifest (`.manifest`)."""
-
-    def __init__(self, message: str, manifest: Optional[dict] = None) -> None:
-        super().__init__(message)
-        self.manifest = manifest
+from wdsembed.plan import plan_shards  # noqa: E402
+from wdsembed.shard import ShardsFailed  # noqa: E402
 
 
 # Called in the flow's process as each shard ends (the CLI's progress bar); not a flow parameter, since
@@ -53,7 +47,10 @@ _on_shard_done: Optional[Callable[[Optional[dict], int, int], None]] = None
 
 
 def embed_dataset(config: EmbedConfig) -> dict:
-    """Embed every WebDataset shard under `config.input` into `config.output`/<shard>.parquet."""
+    """Embed every WebDataset shard under `config.input` into `config.output`/<shard>.parquet.
+
+    index the shards -> one embedding task per group of `shards_per_task` shards (each shard embedded, validated
+    and written whole by `wdsembed.shard.process_shard` on a Dask worker) -> report (manifest and artifacts)."""
     logger = get_run_logger()
     started = time.perf_counter()
     plans = index_shards(config)
@@ -65,44 +62,29 @@ def embed_dataset(config: EmbedConfig) -> dict:
     # damaged or made from other inputs recomputes (refresh_cache), and --force recomputes all.
     finished = set() if config.force else caching.finished_stems(config, plans)
     logger.info("%d shard(s) with a finished output, %d to compute", len(finished), len(plans) - len(finished))
-    result_storage = result_storage_for(config)
-    grouped = config.shards_per_task > 1
-    cached_task = (embed_shard_group if grouped else embed_shard).with_options(result_storage=result_storage)
+    cached_task = embed_shards.with_options(result_storage=result_storage_for(config))
     fresh_task = cached_task.with_options(refresh_cache=True)
 
-    # A GPU resource per embedding task keeps two shards off one device, where the workers declare GPUs. Asked of
+    # Where the workers declare GPUs, each embedding task takes a share of one: two shards per GPU worker at a time,
+    # one in its pipeline, the other's bookkeeping and writing overlapping it (cluster.GPU_SHARE_PER_SHARD). Asked of
     # this run's own Dask client (its cluster starts here if it has not yet), before anything is submitted.
-    annotations = {"resources": {"GPU": 1}} if cluster.gpu_slots_declared(_dask_client()) else {}
-    units = []  # (future whose outcome ends the unit, its shards' stems, the embedding future)
-    if grouped:
-        # One task run embeds and validates several shards: fewer task runs for the API at thousands of shards.
-        groups = [plans[i:i + config.shards_per_task] for i in range(0, len(plans), config.shards_per_task)]
-        with dask.annotate(**annotations):
-            for group in groups:
-                task_ = cached_task if all(p.stem in finished for p in group) else fresh_task
-                future = task_.submit(config, group)
-                units.append((future, [p.stem for p in group], future))
-    else:
-        with dask.annotate(**annotations):
-            embedded = [(cached_task if p.stem in finished else fresh_task).submit(config, p) for p in plans]
-        validated = validate_shard.map(unmapped(config), embedded)
-        units = [(v, [p.stem], e) for p, e, v in zip(plans, embedded, validated)]
+    gpu_share = {"GPU": cluster.GPU_SHARE_PER_SHARD}
+    annotations = {"resources": gpu_share} if cluster.gpu_slots_declared(_dask_client()) else {}
+    groups = [plans[i:i + config.shards_per_task] for i in range(0, len(plans), config.shards_per_task)]
+    with dask.annotate(**annotations):
+        futures = {(cached_task if all(p.stem in finished for p in group) else fresh_task).submit(config, group):
+                   group for group in groups}
 
     results, failures = [], {}
-    by_future = {id(unit[0]): unit for unit in units}
     done, shown = 0, 0.0
-    for future in as_completed([unit[0] for unit in units]):
-        _, stems, embed_future = by_future[id(future)]
-        try:
-            outcome = future.result(raise_on_failure=False)
-        except Exception as exc:  # noqa: BLE001 - a validation never run (its embedding failed) has no result
-            outcome = exc
-        finished_now, failed_now = _outcomes(stems, outcome, embed_future, finished)
+    for future in as_completed(list(futures)):
+        group = futures[future]
+        finished_now, failed_now = _outcome(future, group, finished)
         for stem, reason in failed_now.items():
             failures[stem] = reason
             logger.error("shard %s failed: %s", stem, reason)
         if failed_now:
-            _record_lost_runs({embed_future, future}, "; ".join(sorted(set(failed_now.values()))))
+            _record_lost_run(future, "; ".join(sorted(set(failed_now.values()))))
         results.extend(finished_now)
         for result in finished_now + [None] * len(failed_now):
             done += 1
@@ -114,92 +96,96 @@ def embed_dataset(config: EmbedConfig) -> dict:
 
     manifest = report(config, results, failures, time.perf_counter() - started)
     if failures:
-        raise ShardsFailed(f"{len(failures)} of {len(plans)} shard(s) failed: "
-                           + "; ".join(f"{s}: {r}" for s, r in sorted(failures.items())), manifest)
+        raise ShardsFailed(failures, results, manifest=manifest, total=len(plans))
     _reported["manifest"] = manifest  # only a run without failed shards
     return manifest
 
 
 # Built as flow(...)(function), like the tasks: Dask pickles the run context, which holds the flow, and a
 # function shadowed by its Flow object could only be pickled by value, with every global it reads.
-embed_shards = flow(name="embed-shards", log_prints=True)(embed_dataset)
+embed_flow = flow(name="embed-shards", log_prints=True)(embed_dataset)
 
 
 def _dask_client():
-    """The Dask client of the task runner this flow run submits through."""
+    """The Dask client of the task runner this flow run submits through (None when it is not Dask's)."""
     from prefect.context import FlowRunContext
 
-    return FlowRunContext.get().task_runner.client
+    runner = FlowRunContext.get().task_runner
+    return runner.client if isinstance(runner, DaskTaskRunner) else None
 
 
-def _outcomes(stems: list[str], outcome, embed_future, finished: set[str]) -> tuple[list[dict], dict[str, str]]:
-    """The finished shards' results (with cached set as this run saw it) and the failed shards' reasons, of one
-    task (one shard, or a group)."""
-    if isinstance(outcome, dict):
-        outcome = [outcome]
+def _nothing_to_compute(config: EmbedConfig) -> bool:
+    """Whether every shard's output is finished with this run's cache key (read from the outputs' footers)."""
+    if config.force:
+        return False
+    try:
+        plans = plan_shards(config)
+    except Exception:  # noqa: BLE001 - the flow's own indexing reports it, in the flow run
+        return False
+    return bool(plans) and len(caching.finished_stems(config, plans)) == len(plans)
+
+
+def _outcome(future, group, finished: set[str]) -> tuple[list[dict], dict[str, str]]:
+    """The finished shards' results (cached as this run saw it) and the failed shards' reasons, of one task."""
+    try:
+        outcome = future.result(raise_on_failure=False)
+    except Exception as exc:  # noqa: BLE001 - a worker lost for good (KilledWorker) raises here
+        outcome = exc
     if isinstance(outcome, list):
-        return [_mark_cached(r, embed_future, finished) for r in outcome], {}
-    if isinstance(outcome, ShardGroupFailed):
-        return [_mark_cached(r, embed_future, finished) for r in outcome.results], dict(outcome.failures)
-    reason = _failure_reason(embed_future, outcome)
-    return [], {stem: reason for stem in stems}
+        return [_mark_cached(r, future, finished) for r in outcome], {}
+    if isinstance(outcome, ShardsFailed):
+        return [_mark_cached(r, future, finished) for r in outcome.results], dict(outcome.failures)
+    reason = f"{type(outcome).__name__}: {outcome}" if isinstance(outcome, BaseException) else str(outcome)
+    return [], {p.stem: reason for p in group}
 
 
-def _mark_cached(result: dict, embed_future, finished: set[str]) -> dict:
+def _mark_cached(result: dict, future, finished: set[str]) -> dict:
     """Cached: the task run was a cache hit (its stored result is the one from when the shard was computed), or
     the task found the output done, and it was done before this run. An output found done that this run made (an
     attempt lost with its worker, or a group's retry) counts as computed."""
-    embed_future.wait()
-    cached = embed_future.state.name == "Cached" or (result.get("cached") and result["stem"] in finished)
+    cached = future.state.name == "Cached" or (result.get("cached") and result["stem"] in finished)
     if cached:
         return {**result, "cached": True, "seconds": 0.0, "images_per_second": 0.0}
     return {**result, "cached": False}
 
 
-def _record_lost_runs(futures, reason: str) -> None:
+def _record_lost_run(future, reason: str) -> None:
     """A task run whose worker process died (Dask gave up on it: KilledWorker) stays Running in the API, as nothing
     was left to report its end: mark it Crashed, with the reason, so the UI tells the truth."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
-    for future in futures:
-        wrapped = getattr(future, "wrapped_future", None)
-        if wrapped is None or wrapped.status != "error":  # the task engine returned a state: nothing was lost
-            continue
-        try:
-            with get_client(sync_client=True) as client:
-                state = client.read_task_run(future.task_run_id).state
-                if state is None or not state.is_final():
-                    client.set_task_run_state(future.task_run_id, Crashed(message=reason[:2000]), force=True)
-        except ObjectNotFound:
-            pass  # never started: no task run to mark
-        except Exception as exc:  # noqa: BLE001 - the report matters more than this mark
-            get_run_logger().warning("could not mark task run %s crashed: %s", future.task_run_id, exc)
-
-
-def _failure_reason(embed_future, validation_outcome) -> str:
-    """The first real error: the embedding task's own, else the validation's."""
+    wrapped = getattr(future, "wrapped_future", None)
+    if wrapped is None or wrapped.status != "error":  # the task engine returned a state: nothing was lost
+        return
     try:
-        outcome = embed_future.result(raise_on_failure=False)
-    except Exception as exc:  # noqa: BLE001 - a worker lost for good (KilledWorker) raises here
-        outcome = exc
-    if not isinstance(outcome, BaseException):
-        outcome = validation_outcome
-    if isinstance(outcome, BaseException):
-        return f"{type(outcome).__name__}: {outcome}"
-    return str(outcome)
+        with get_client(sync_client=True) as client:
+            state = client.read_task_run(future.task_run_id).state
+            if state is None or not state.is_final():
+                client.set_task_run_state(future.task_run_id, Crashed(message=reason[:2000]), force=True)
+    except ObjectNotFound:
+        pass  # never started: no task run to mark
+    except Exception as exc:  # noqa: BLE001 - the report matters more than this mark
+        get_run_logger().warning("could not mark task run %s crashed: %s", future.task_run_id, exc)
 
 
 def run(config: EmbedConfig, on_shard_done=None) -> dict:
     """Run the flow with the Dask task runner this config asks for (local GPUs, CPU workers, or a scheduler)."""
     global _on_shard_done
-    runner = DaskTaskRunner(**cluster.task_runner_kwargs(config))
+    if _nothing_to_compute(config):
+        # Every shard's output is finished: the flow run still records each shard (its task run Cached, from the
+        # task cache, in threads of this process), but no Dask cluster starts and no model loads.
+        runner = ThreadPoolTaskRunner()
+    else:
+        runner = DaskTaskRunner(**cluster.task_runner_kwargs(config))
     _on_shard_done = on_shard_done
     _reported.clear()
     try:
-        with _api_for_workers():
-            return embed_shards.with_options(task_runner=runner)(config)
+        # A local scheduler hands a worker thread one shard at a time: a shard queued behind a long one would wait
+        # there while another worker idles, and would die with it if that worker's process did.
+        with _api_for_workers(), dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+            return embed_flow.with_options(task_runner=runner)(config)
     except (TimeoutError, asyncio.CancelledError) as exc:
         # Every shard finished and the manifest is written; only the local Dask cluster's shutdown ran out of time
         # (seen on a loaded 2-core machine). The run's work is whole: report it, not a failed run.

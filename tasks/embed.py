@@ -1,23 +1,18 @@
+"""The embedding task: `wdsembed.shard.process_shards` for a group of one or more shards, with Prefect's cache,
+retries for failures that can pass, and the task run's own logger."""
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from prefect import task
 from prefect.context import TaskRunContext
 
-from tasks.validate import validate_one_shard
-from wdsembed import caching, faults, runner, storage
+from wdsembed import caching, faults, shard, storage
 from wdsembed.config import EmbedConfig
-from wdsembed.runner import ShardPlan
-
-# This task's own code is part of the cache key (wdsembed's code and the libraries are in runner.cache_key).
-TASK_CODE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
-
-# The batch size halves on each retry that follows an out-of-memory error in this worker process
-# (Prefect retries run in the same Dask task, so this survives between attempts).
-_OOM_HALVINGS: dict[str, int] = {}
+from wdsembed.shard import ShardPlan, ShardsFailed
 
 
 def result_storage_for(config: EmbedConfig):
@@ -40,42 +35,41 @@ def result_storage_for(config: EmbedConfig):
     return block
 
 
-def shard_cache_key(context: TaskRunContext, parameters: dict) -> str:
-    return f"embed-{TASK_CODE}-" + runner.cache_key(parameters["config"], parameters["plan"])
-
-
 def group_cache_key(context: TaskRunContext, parameters: dict) -> str:
-    keys = [runner.cache_key(parameters["config"], plan) for plan in parameters["plans"]]
-    return f"embed-group-{TASK_CODE}-" + hashlib.sha256(" ".join(keys).encode()).hexdigest()[:32]
+    keys = [shard.cache_key(parameters["config"], plan) for plan in parameters["plans"]]
+    return "embed-" + hashlib.sha256(" ".join(keys).encode()).hexdigest()[:32]
 
 
-def retry_if_transient(task, task_run_, state) -> bool:
+def retry_if_transient(task_, task_run, state) -> bool:
     exc = state.result(raise_on_failure=False)
-    if isinstance(exc, ShardGroupFailed):
+    if isinstance(exc, ShardsFailed):
         return exc.transient
     return isinstance(exc, BaseException) and faults.is_transient(exc)
 
 
-def embed_one_shard(config: EmbedConfig, plan: ShardPlan) -> dict:
-    """Embed one shard on this worker's GPU (or CPU) and write its parquet whole."""
-    halvings = _OOM_HALVINGS.get(plan.shard, 0)
-    if halvings:
-        config = config.model_copy(update={"batch_size": max(1, config.batch_size >> halvings)})
+def embed_and_log(config: EmbedConfig, plans: list[ShardPlan]) -> list[dict]:
+    """Embed, validate and write the group's shards on this worker's GPU (or CPU); a line per shard in the task
+    run's log."""
+    log = _run_logger()
     try:
-        faults.maybe_inject(plan.stem)
-        result = runner.embed_shard(config, plan).to_dict()
-    except BaseException as exc:
-        if faults.is_out_of_memory(exc):
-            _OOM_HALVINGS[plan.shard] = halvings + 1
-            _log().warning("shard %s: out of memory at batch size %d; a retry halves it", plan.stem, config.batch_size)
+        results = shard.process_shards(config, plans)
+    except ShardsFailed as exc:
+        for result in exc.results:
+            _log_result(log, result)
         raise
-    _log().info("shard %s: %s, %d rows, %d embedded, %d without embedding, %.1f s", plan.stem,
-                "output already done" if result["cached"] else "embedded", result["rows"], result["embedded"],
-                result["failed"], result["seconds"])
-    return result
+    dicts = [r.to_dict() for r in results]
+    for result in dicts:
+        _log_result(log, result)
+    return dicts
 
 
-def _log():
+def _log_result(log, r: dict) -> None:
+    log.info("shard %s: %s, %d rows, %d embedded, %d without embedding, %.1f s", r["stem"],
+             "output already done" if r["cached"] else "embedded", r["rows"], r["embedded"], r["failed"],
+             r["seconds"])
+
+
+def _run_logger() -> logging.Logger:
     """The task run's logger (its lines show under the task run in the UI), or a plain one outside a run."""
     from prefect.exceptions import MissingContextError
     from prefect.logging import get_run_logger
@@ -83,63 +77,23 @@ def _log():
     try:
         return get_run_logger()
     except MissingContextError:
-        return runner.log
+        return logging.getLogger("wdsembed")
 
 
-# Shared by the one-shard and the group task: JSON results persisted for the cache, retries only when they can pass.
-_EMBED_TASK_OPTIONS = dict(
-    persist_result=True,
-    result_serializer="json",
-    retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=retry_if_transient,
-)
-
-embed_shard = task(
-    name="embed-shard", task_run_name="embed-{plan.stem}", cache_key_fn=shard_cache_key, **_EMBED_TASK_OPTIONS
-)(embed_one_shard)
-
-
-class ShardGroupFailed(RuntimeError):
-    """Some shards of a group failed; `results` holds the group's finished shards, `failures` stem -> reason.
-    `transient`: some failure may pass on a retry (the group's finished shards are then found done, not redone)."""
-
-    def __init__(self, message: str, results: list, failures: dict, transient: bool) -> None:
-        super().__init__(message, results, failures, transient)
-        self.results, self.failures, self.transient = results, failures, transient
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-
-def embed_shards_in_group(config: EmbedConfig, plans: list[ShardPlan]) -> list[dict]:
-    """Embed and validate several shards in one task run (shards_per_task > 1), for runs of thousands of shards
-    where one task run per shard would load the Prefect API. Every shard is tried; failures are raised together."""
-    results, failures, transient = [], {}, False
-    for plan in plans:
-        try:
-            result = validate_one_shard(config, embed_one_shard(config, plan))
-        except Exception as exc:  # noqa: BLE001 - every shard's outcome is reported, the first error fails none else
-            failures[plan.stem] = f"{type(exc).__name__}: {exc}"
-            transient = transient or faults.is_transient(exc)
-            continue
-        results.append(result)
-    if failures:
-        raise ShardGroupFailed(
-            f"{len(failures)} of {len(plans)} shard(s) failed: "
-            + "; ".join(f"{stem}: {reason}" for stem, reason in sorted(failures.items())),
-            results, failures, transient,
-        )
-    return results
-
-
-def _group_run_name() -> str:
+def _run_name() -> str:
     from prefect.runtime import task_run
 
     plans = task_run.parameters["plans"]
     return f"embed-{plans[0].stem}" + (f"..{plans[-1].stem}" if len(plans) > 1 else "")
 
 
-embed_shard_group = task(
-    name="embed-shard-group", task_run_name=_group_run_name, cache_key_fn=group_cache_key, **_EMBED_TASK_OPTIONS
-)(embed_shards_in_group)
+embed_shards = task(
+    name="embed-shards",
+    task_run_name=_run_name,
+    cache_key_fn=group_cache_key,
+    persist_result=True,
+    result_serializer="json",
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=retry_if_transient,
+)(embed_and_log)

@@ -3,7 +3,7 @@ from prefect import task
 from wdsembed import faults
 from wdsembed.config import EmbedConfig
 from wdsembed.plan import plan_shards
-from wdsembed.runner import ShardPlan
+from wdsembed.shard import ShardPlan
 
 
 def list_and_index_shards(config: EmbedConfig) -> list[ShardPlan]:

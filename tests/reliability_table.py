@@ -50,6 +50,8 @@ CASES: list[tuple[str, str, str]] = [
     ("shard-parquet-key-type", "Shards", "Parquet key column of another type (int64)"),
     ("shard-not-parquet", "Shards", "A .parquet that is not parquet"),
     ("shard-stale-idx", "Shards", "Stale .idx (the tar was rewritten)"),
+    ("shard-hard-links", "Shards", "Hard link members (one file archived under two names)"),
+    ("shard-special-members", "Shards", "Symbolic link, device and FIFO members named like images"),
     ("fault-worker-killed", "Faults", "Worker process killed mid-shard"),
     ("fault-oom", "Faults", "GPU out of memory at the configured batch size"),
     ("fault-flow-killed", "Faults", "Whole flow killed mid-run, then started again"),

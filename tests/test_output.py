@@ -253,3 +253,109 @@ def test_manifest(tmp_path):
     assert json.loads((tmp_path / "_manifest.json").read_text()) == manifest
     assert read_manifest(str(tmp_path), fs) == manifest
     assert read_manifest(str(tmp_path / "nowhere"), fs) is None
+
+
+# --------------------------------------------------------------------------------------------------- kNN view
+
+
+def _view_config(out):
+    from wdsembed.config import EmbedConfig
+
+    return EmbedConfig(input="/nowhere/in", output=str(out))
+
+
+def _shard_with_failures(stem_key: int) -> pa.Table:
+    """6 rows: 2 failed downloads, 1 undecodable image, 3 embedded (keys offset by stem_key * 10)."""
+    rows = _img2dataset_rows()
+    rows = rows.set_column(0, "key", pa.array([f"{stem_key}{k}" for k in rows.column("key").to_pylist()]))
+    keys = [f"{stem_key}000000", f"{stem_key}000003", f"{stem_key}000005"]
+    return build_output_table(rows=rows, keys=keys, embeddings=np.stack([_emb(k) for k in keys]),
+                              errors={f"{stem_key}000002": "decoder error"}, dim=DIM)
+
+
+def test_embeddings_view_keeps_only_embedded_rows():
+    from wdsembed.output import embeddings_view
+
+    full = _shard_with_failures(1)
+    assert full.num_rows == 6 and full.column("image_embedding").null_count == 3
+    view = embeddings_view(full, id_column="key", embedding_column="image_embedding", shard="train/00001")
+    assert view.column_names == ["key", "image_embedding", "shard"]
+    assert view.column("key").to_pylist() == ["1000000", "1000003", "1000005"]
+    assert view.column("image_embedding").null_count == 0
+    assert view.column("image_embedding").to_pylist() == [_emb(k).tolist() for k in ("1000000", "1000003", "1000005")]
+    assert view.column("shard").to_pylist() == ["train/00001"] * 3
+    assert view.schema.field("image_embedding").metadata == {b"dim": str(DIM).encode()}
+    # a shard where nothing was embedded: no rows, the same schema
+    none = build_output_table(rows=_img2dataset_rows(), keys=[], embeddings=np.zeros((0, DIM), np.float32),
+                              errors={}, dim=DIM)
+    empty = embeddings_view(none, id_column="key", embedding_column="image_embedding", shard="x")
+    assert empty.num_rows == 0 and empty.schema == view.schema
+
+
+def test_view_written_atomically_beside_the_outputs_and_out_of_dataset_readers(tmp_path):
+    import pyarrow.dataset as ds
+
+    from wdsembed.output import EMBEDDINGS_FOLDER, write_embeddings_view
+
+    out = tmp_path / "out"
+    config = _view_config(out)
+    fs = fsspec.filesystem("file")
+    for i, stem in enumerate(["00000", "sub/00000"]):
+        full = _shard_with_failures(i + 1)
+        assert write_embeddings_view(full, config, stem, cache_key="k") == 3
+        write_parquet_atomic(full, str(out / f"{stem}.parquet"), fs, {"cache_key": "k"})
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "00000.parquet", f"{EMBEDDINGS_FOLDER}/00000.parquet", f"{EMBEDDINGS_FOLDER}/sub/00000.parquet",
+        "sub/00000.parquet"]
+    assert read_output_metadata(str(out / EMBEDDINGS_FOLDER / "sub" / "00000.parquet"), fs) == {
+        "cache_key": "k", "shard": "sub/00000"}
+    # reading OUTPUT as a dataset (pyarrow, pandas) sees the full tables only, never the view
+    whole = ds.dataset(str(out), format="parquet").to_table()
+    assert whole.num_rows == 12 and "embedding_error" in whole.column_names
+
+
+@pytest.fixture
+def knn_output(tmp_path):
+    """An output folder as a run leaves it: two shards with failed rows (one in a subfolder), one shard where
+    nothing was embedded."""
+    from wdsembed.output import write_embeddings_view
+
+    out = tmp_path / "out"
+    config = _view_config(out)
+    fs = fsspec.filesystem("file")
+    fulls = {"00001": _shard_with_failures(1), "part/00002": _shard_with_failures(2),
+             "00003": build_output_table(rows=_img2dataset_rows(), keys=[], embeddings=np.zeros((0, DIM), np.float32),
+                                         errors={"000000": "decoder error"}, dim=DIM)}
+    for stem, full in fulls.items():
+        write_embeddings_view(full, config, stem)
+        write_parquet_atomic(full, str(out / f"{stem}.parquet"), fs, {})
+    return out, fulls
+
+
+def test_embedding_reader_reads_the_view_of_shards_with_failed_rows(knn_output):
+    """embedding-reader's parquet mode stacks the embedding column: the full tables (nulls) fail it, the view
+    gives exactly the embedded rows' ids and vectors."""
+    er = pytest.importorskip("embedding_reader")
+    out, fulls = knn_output
+    with pytest.raises(ValueError):  # what users hit before: "all input arrays must have the same shape"
+        reader = er.EmbeddingReader(str(out / "00001.parquet"), file_format="parquet",
+                                    embedding_column="image_embedding", meta_columns=["key"])
+        list(reader(batch_size=100, show_progress=False))
+    reader = er.EmbeddingReader(str(out / "_embeddings"), file_format="parquet", embedding_column="image_embedding",
+                                meta_columns=["key", "shard"])
+    assert reader.count == 6 and reader.dimension == DIM
+    got_keys, got_vectors, shards_seen = [], [], []
+    for vectors, meta in reader(batch_size=4, show_progress=False):
+        got_vectors.append(vectors)
+        got_keys += meta["key"].tolist()
+        shards_seen += meta["shard"].tolist()
+    want = {}
+    for stem, full in fulls.items():
+        for row in full.to_pylist():
+            if row["image_embedding"] is not None:
+                want[row["key"]] = (np.asarray(row["image_embedding"], np.float32), stem)
+    assert sorted(got_keys) == sorted(want)
+    vectors = np.concatenate(got_vectors)
+    assert vectors.dtype == np.float32 and vectors.shape == (6, DIM)
+    for key, vector, stem in zip(got_keys, vectors, shards_seen):
+        assert np.array_equal(vector, want[key][0]) and stem == want[key][1]

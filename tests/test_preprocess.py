@@ -3,13 +3,25 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
 
-from wdsembed.preprocess import PreprocessRecipe, UnsupportedRecipe, crop_anchor, dali_preprocess, resized_size
+from wdsembed.imagesize import image_size
+from wdsembed.preprocess import (
+    PreprocessRecipe,
+    UnsupportedRecipe,
+    crop_anchor,
+    dali_preprocess,
+    feed_geometry,
+    resized_size,
+)
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/
 
 pytest.importorskip("nvidia.dali")
 skimage_data = pytest.importorskip("skimage.data")
@@ -60,17 +72,24 @@ def data_config_of(name: str, **overrides) -> dict:
     return cfg
 
 
-def run_graph(recipe: PreprocessRecipe, encoded: list[bytes]) -> np.ndarray:
+def run_graph(recipe: PreprocessRecipe, encoded: list[bytes], *, old: bool = False) -> np.ndarray:
+    """The graph on a batch, its geometry from the headers (or, old=True, the graph before issue #11, geometry
+    computed inside it from peek_image_shape)."""
     from nvidia.dali import fn, pipeline_def, types
+
+    from bench.old_geometry import old_dali_preprocess
 
     @pipeline_def(batch_size=len(encoded), num_threads=2, device_id=None, prefetch_queue_depth=1)
     def graph():
         enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
-        return dali_preprocess(enc, recipe, "cpu")[0]
+        return old_dali_preprocess(enc, recipe, "cpu") if old else dali_preprocess(enc, recipe, "cpu")
 
     pipe = graph()
     pipe.build()
     pipe.feed_input("enc", [np.frombuffer(b, np.uint8) for b in encoded])
+    if not old:
+        sizes = np.array([image_size(b) for b in encoded])
+        feed_geometry(pipe, recipe.geometry(sizes[:, 0], sizes[:, 1]))
     (out,) = pipe.run()
     return np.array(out.as_tensor())
 
@@ -140,42 +159,124 @@ GEOMETRY_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("config", sorted(GEOMETRY_CONFIGS))
-def test_sizes_and_anchors_match_timm(config):
-    from nvidia.dali import fn, pipeline_def, types
-
+def _recipe(config: str) -> PreprocessRecipe:
     kw = dict(GEOMETRY_CONFIGS[config])
-    recipe = PreprocessRecipe.from_data_config(data_config_of(kw.pop("name"), **kw))
+    return PreprocessRecipe.from_data_config(data_config_of(kw.pop("name"), **kw))
+
+
+def _sizes() -> list[tuple[int, int]]:
+    """Edge cases, random sizes, extreme aspect ratios and sizes smaller than every crop."""
     rng = np.random.default_rng(0)
-    hw = [(1, 1), (1, 2000), (2000, 1), (224, 224), (235, 235), (236, 235), (256, 255), (448, 333), (427, 640)]
+    hw = [(1, 1), (1, 2000), (2000, 1), (224, 224), (235, 235), (236, 235), (256, 255), (448, 333), (427, 640),
+          (1, 65535), (65535, 1), (3, 100_000), (100_000, 7), (2, 2), (13, 9), (223, 225), (512, 1), (1, 512)]
     hw += [tuple(x) for x in rng.integers(1, 5000, size=(400, 2))]
     hw += [tuple(x) for x in rng.integers(150, 700, size=(400, 2))]
-    # the keep-ratio modes are only defined while the short side stays >= 1 pixel (timm fails below)
-    ref = []
-    for h, w in hw:
-        g = _reference_geometry(int(h), int(w), recipe)
-        ref.append(g if min(g[:2]) >= 1 else None)
+    hw += [tuple(x) for x in rng.integers(1, 230, size=(200, 2))]  # smaller than the crop
+    short, ratio = rng.integers(1, 400, size=200), np.exp(rng.uniform(1.5, 6.0, size=200))  # aspect 4:1 to 400:1
+    hw += [(int(s), int(s * r)) if i % 2 else (int(s * r), int(s)) for i, (s, r) in enumerate(zip(short, ratio))]
+    return [(int(h), int(w)) for h, w in hw]
+
+
+@pytest.mark.parametrize("config", sorted(GEOMETRY_CONFIGS))
+def test_sizes_and_anchors_match_timm(config):
+    """NumPy sizes and anchors, element by element, against timm's and torchvision's own size code."""
+    recipe = _recipe(config)
+    hw = _sizes()
+    h, w = np.array(hw).T
+    rh, rw = resized_size(h, w, recipe)
+    got = np.stack([rh, rw, crop_anchor(rh, recipe.crop_size[0]), crop_anchor(rw, recipe.crop_size[1])], axis=1)
+    checked = 0
+    for (hh, ww), g in zip(hw, got):
+        ref = _reference_geometry(hh, ww, recipe)
+        if min(ref[:2]) < 1:  # the keep-ratio modes are only defined while the short side stays >= 1 pixel
+            assert min(g[:2]) >= 1  # we clamp where timm would fail
+            continue
+        assert tuple(int(x) for x in g) == ref, f"{hh}x{ww}: ours {tuple(g)} != timm {ref}"
+        checked += 1
+    assert checked > 1000
+
+
+def _scalar_arguments(h: int, w: int, recipe: PreprocessRecipe) -> tuple:
+    """fn.resize's arguments for one image, written out plainly in Python floats (float64) from timm's sizes, and
+    the lengths crop_mirror_normalize then gets."""
+    rh, rw, _, _ = _reference_geometry(h, w, recipe)
+    rh, rw = max(rh, 1), max(rw, 1)
+    out = []
+    for length, resized, crop in ((h, rh, recipe.crop_size[0]), (w, rw, recipe.crop_size[1])):
+        fits = resized >= crop
+        start = int(round((resized - crop) / 2.0)) if fits else 0
+        out_len = crop if fits else resized
+        scale = length / resized
+        out.append((np.float32(start * scale), np.float32((start + out_len) * scale), out_len))
+    (y0, y1, oh), (x0, x1, ow) = out
+    return (np.float32(oh), np.float32(ow)), (y0, x0), (y1, x1)
+
+
+@pytest.mark.parametrize("config", sorted(GEOMETRY_CONFIGS))
+def test_geometry_arguments_match_a_scalar_reimplementation(config):
+    recipe = _recipe(config)
+    hw = [x for x in _sizes() if min(_reference_geometry(*x, recipe)[:2]) >= 1]
+    h, w = np.array(hw).T
+    g = recipe.geometry(h, w)
+    assert set(g) == {"resize_size", "roi_start", "roi_end"}
+    assert all(a.dtype == np.float32 and a.shape == (len(hw), 2) for a in g.values())
+    for i, (hh, ww) in enumerate(hw):
+        expected = _scalar_arguments(hh, ww, recipe)
+        got = (tuple(g["resize_size"][i]), tuple(g["roi_start"][i]), tuple(g["roi_end"][i]))
+        assert got == expected, f"{hh}x{ww}"
+
+
+def _dali_anchor(pos, size, crop) -> np.ndarray:
+    """crop_mirror_normalize's anchor: std::roundf(float pos * (size - crop)), float32 product."""
+    x = (np.float32(pos) * np.asarray(size - crop, dtype=np.float32)).astype(np.float64)
+    return (np.sign(x) * np.floor(np.abs(x) + 0.5)).astype(np.int64)
+
+
+@pytest.mark.parametrize("crop", [1, 2, 3, 7, 160, 224, 225, 256, 384, 448, 518, 1024, 1536, 2048, 4096, 8192])
+def test_one_crop_position_pads_every_size_like_torchvision(crop):
+    """The resized axis reaches crop_mirror_normalize as exactly the crop (no padding) or shorter, r < crop: for
+    every such r, the single relative position gives torchvision's left pad."""
+    recipe = PreprocessRecipe(input_size=(3, crop, max(1, crop // 2)), interpolation="bicubic", crop_pct=1.0,
+                              crop_mode="center", mean=(0.5,) * 3, std=(0.5,) * 3)
+    r = np.arange(1, crop + 1)
+    assert 0.0 <= recipe.pad_crop_pos <= 1.0  # DALI's allowed range
+    assert np.array_equal(_dali_anchor(recipe.pad_crop_pos, r, crop), -((crop - r) // 2))
+    assert np.array_equal(_dali_anchor(recipe.pad_crop_pos, r, crop), crop_anchor(r, crop))
+
+
+@pytest.mark.parametrize("config", sorted(GEOMETRY_CONFIGS))
+def test_geometry_arguments_are_the_old_graphs_bit_for_bit(config):
+    """The host geometry hands fn.resize the very float32 arguments that the in-graph geometry (before issue #11)
+    computed, and crop_mirror_normalize lands on the same anchors, so the images cannot change (RECIPE_IMPL_VERSION
+    stays)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from bench.old_geometry import old_geometry
+
+    recipe = _recipe(config)
+    hw = _sizes()
 
     @pipeline_def(batch_size=len(hw), num_threads=1, device_id=None, prefetch_queue_depth=1)
     def graph():
         h = fn.external_source(name="h", dtype=types.INT64, ndim=0)
         w = fn.external_source(name="w", dtype=types.INT64, ndim=0)
-        rh, rw = resized_size(h, w, recipe)
-        return rh, rw, crop_anchor(rh, recipe.crop_size[0]), crop_anchor(rw, recipe.crop_size[1])
+        old = old_geometry(h, w, recipe)
+        return tuple(old[k] for k in ("resize_y", "resize_x", "roi_start", "roi_end", "crop_pos_x", "crop_pos_y"))
 
     pipe = graph()
     pipe.build()
-    pipe.feed_input("h", np.array([x[0] for x in hw], np.int64))
-    pipe.feed_input("w", np.array([x[1] for x in hw], np.int64))
-    got = np.stack([np.array(o.as_tensor()) for o in pipe.run()], axis=1)
-    checked = 0
-    for (h, w), r, g in zip(hw, ref, got):
-        if r is None:
-            assert min(g[:2]) >= 1  # we clamp where timm would fail
-            continue
-        assert tuple(int(x) for x in g) == r, f"{h}x{w}: dali {tuple(g)} != timm {r}"
-        checked += 1
-    assert checked > 700
+    h, w = np.array(hw).T
+    pipe.feed_input("h", h.astype(np.int64))
+    pipe.feed_input("w", w.astype(np.int64))
+    oy, ox, start, end, px, py = (np.array(o.as_tensor()) for o in pipe.run())
+    new = recipe.geometry(h, w)
+    for name, a, b in (("resize_y", new["resize_size"][:, 0], oy), ("resize_x", new["resize_size"][:, 1], ox),
+                       ("roi_start", new["roi_start"], start), ("roi_end", new["roi_end"], end)):
+        assert a.dtype == b.dtype == np.float32, name
+        assert np.array_equal(a.view(np.uint32), b.reshape(a.shape).view(np.uint32)), name
+    for pos, size, crop in ((px, ox, recipe.crop_size[1]), (py, oy, recipe.crop_size[0])):
+        size = size.reshape(-1).astype(np.int64)
+        assert np.array_equal(_dali_anchor(pos.reshape(-1), size, crop), _dali_anchor(recipe.pad_crop_pos, size, crop))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,6 +315,14 @@ def test_pixels_match_timm_create_transform(config):
     # a one-pixel shift or a wrong pad value would be > 0.02 here.
     assert max(mads.values()) < 0.01, mads
     assert np.mean(list(mads.values())) < 0.005, mads
+
+
+@pytest.mark.parametrize("config", ["center_bicubic_pct0.95", "center_pct1.15_zero_pad", "border_nonsquare_pct0.9"])
+def test_pixels_are_the_old_graphs_bit_for_bit(config):
+    name, overrides = PARITY_CONFIGS[config]
+    recipe = PreprocessRecipe.from_data_config(data_config_of(name, **overrides))
+    imgs = list(photos().values())
+    assert np.array_equal(run_graph(recipe, imgs), run_graph(recipe, imgs, old=True))
 
 
 def test_gray_comes_out_as_three_equal_channels():

@@ -39,8 +39,10 @@ pytest.importorskip("nvidia.dali")
 
 import reliability_table as table  # noqa: E402
 from conftest import CANNOT_DROP_OVERRIDE, TINY_MODEL, without_file_permission_override  # noqa: E402
-from wdsembed import output, runner, shards  # noqa: E402
-from wdsembed.api import ShardsFailed, TimmImageEmbedder  # noqa: E402
+from wdsembed import output, shards  # noqa: E402
+from wdsembed.worker import Worker  # noqa: E402
+from wdsembed.api import TimmImageEmbedder  # noqa: E402
+from wdsembed.shard import ShardsFailed  # noqa: E402
 from wdsembed.config import EmbedConfig  # noqa: E402
 from wdsembed.synthetic import ShardSample, corrupt_image_bytes, encode_image, make_image, write_shard  # noqa: E402
 
@@ -194,11 +196,11 @@ def image_run(tmp_path_factory):
     data = tmp_path_factory.mktemp("images-in")
     out = tmp_path_factory.mktemp("images-out")
     write_shard(data, "00000", [ShardSample(b, ext=ext, key=k, caption=k) for k, (b, ext) in cases.items()])
-    worker = runner.get_worker(config(data, out))  # built first: the memory measured below is the shard's alone
+    worker = Worker.for_config(config(data, out))  # built first: the memory measured below is the shard's alone
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     [result] = embedder()(str(data), str(out))
     rss_growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
-    assert runner.get_worker(config(data, out)) is worker
+    assert Worker.for_config(config(data, out)) is worker
     std = torch.tensor(worker.recipe.std).view(3, 1, 1) * 255  # model input back in 0..255 units
     pairs = []
     for key, (b, _) in cases.items():
@@ -567,6 +569,76 @@ def test_stale_index_is_detected_and_rebuilt(tmp_path):
                  lost="nothing; never a wrong embedding (samples are always read from the tar's own headers)")
 
 
+def tar_of(path: Path, members: list) -> Path:
+    """A tar of (name, bytes) regular members and (name, (tarfile type, linkname)) others, written by tarfile."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, what in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(what, tuple):
+                info.type, info.linkname = what
+                tf.addfile(info)
+            else:
+                info.size = len(what)
+                tf.addfile(info, io.BytesIO(what))
+    return path
+
+
+def test_hard_link_members_are_embedded_from_their_targets(tmp_path):
+    tar_of(tmp_path / "in" / "00000.tar", [
+        ("000000000.bmp", bmp(1)), ("000000000.txt", b"first"),
+        ("000000001.bmp", (tarfile.LNKTYPE, "000000000.bmp")), ("000000001.txt", b"the same photo, another row"),
+        ("000000002.bmp", bmp(2)),
+        ("000000003.bmp", (tarfile.LNKTYPE, "000000001.bmp")),  # a link to a link
+        ("000000004.bmp", (tarfile.LNKTYPE, "not-in-this-tar.bmp")),
+    ])
+    [r], out = run_shard(tmp_path)
+    rows = by_key(read(out / "00000.parquet"))
+    assert r.embedded == 4 and r.failed == 1 and len(rows) == 5
+    assert rows["000000001"][0] == rows["000000000"][0] == rows["000000003"][0] != rows["000000002"][0]
+    reason = rows["000000004"][1]
+    assert reason == "hard link to 'not-in-this-tar.bmp', which is no earlier file of this tar"
+    with open(tmp_path / "in" / "00000.tar", "rb") as f:
+        assert shards.build_index(f).num_samples == 3  # links stay out of the .idx, as wds2idx leaves them out
+    table.record("shard-hard-links",
+                 done="a tar (no parquet) with 2 images, 2 hard links to the first (one through the other), and a "
+                      "hard link to a name the tar lacks",
+                 did="4 of 5 embedded: each link from its target's bytes (read back by offset; identical "
+                     f"embeddings), not from disk; the dangling link kept with reason {q(reason)}; the .idx, like "
+                     "wds2idx's, lists regular members only",
+                 lost="nothing")
+
+
+def test_links_devices_and_fifos_are_never_followed(tmp_path):
+    tar_of(tmp_path / "in" / "00000.tar", [
+        ("000000000.bmp", bmp(1)),
+        ("000000001.bmp", (tarfile.SYMTYPE, "/etc/passwd")),
+        ("000000002.bmp", (tarfile.SYMTYPE, "000000000.bmp")),
+        ("000000003.bmp", (tarfile.CHRTYPE, "")), ("000000004.bmp", (tarfile.BLKTYPE, "")),
+        ("000000005.bmp", (tarfile.FIFOTYPE, "")),
+        ("000000006.txt", (tarfile.SYMTYPE, "/etc/hostname")),  # not named like an image: no sample
+        ("000000007.jpg", (tarfile.SYMTYPE, "/etc/passwd")), ("000000007.bmp", bmp(7)),  # a real image beside it
+    ])
+    [r], out = run_shard(tmp_path)
+    rows = by_key(read(out / "00000.parquet"))
+    assert sorted(rows) == [f"00000000{i}" for i in (0, 1, 2, 3, 4, 5, 7)]
+    reasons = {k: v[1] for k, v in rows.items() if v[1]}
+    assert reasons == {"000000001": "symbolic link member, not followed",
+                       "000000002": "symbolic link member, not followed",
+                       "000000003": "character device member, not read", "000000004": "block device member, not read",
+                       "000000005": "FIFO member, not read"}
+    assert r.embedded == 2
+    table.record("shard-special-members",
+                 done="a tar with symlinks named .bmp (to /etc/passwd and to an image of the tar), a character "
+                      "device, a block device and a FIFO named .bmp, a symlink named .txt, and a sample with a "
+                      "symlink .jpg beside a real .bmp",
+                 did="never followed, opened or read: each image-named one is a row with its reason ('symbolic "
+                     "link member, not followed', 'character device member, not read', 'block device member, not "
+                     "read', 'FIFO member, not read'); the .txt symlink makes no row; the sample with a real .bmp "
+                     "is embedded from it",
+                 lost="nothing (such members hold no image bytes)")
+
+
 # --------------------------------------------------------------------------------------------------- faults
 
 PER_SHARD = 8  # two batches of 4: a fault "after a batch" lands mid-shard
@@ -699,18 +771,18 @@ def test_worker_killed_mid_shard(cluster_faults):
 
 
 @pytest.mark.slow
-def test_out_of_memory_retries_with_half_the_batch(cluster_faults):
+def test_out_of_memory_as_a_shard_starts_is_retried(cluster_faults):
     faults, at_kill = cluster_faults["faults"], cluster_faults["at_kill"]
     footer = at_kill["footers"]["00001"]["result"]
-    assert faults.calls("00001") == 2 and footer["batch_size"] == 2 and footer["embedded"] == PER_SHARD
-    assert all(f["result"]["batch_size"] == 4 for stem, f in at_kill["footers"].items() if stem != "00001")
-    assert "out of memory at batch size 4; a retry halves it" in at_kill["log"]
+    assert faults.calls("00001") == 2 and footer["embedded"] == PER_SHARD
+    assert all(f["result"]["batch_size"] == 4 for f in at_kill["footers"].values())
     assert re.search(r"Retry 1/\d+ will start 2 second", at_kill["log"])
     table.record("fault-oom",
-                 done="in the same run, shard 00001 raises an out-of-memory error at batch size 4 (injected: "
+                 done="in the same run, shard 00001 raises an out-of-memory error as it starts (injected: "
                       "WDSEMBED_FAULTS oom; the test machine has no GPU)",
-                 did="Prefect retried the task 2 s later with the batch size halved to 2 (recorded in the output's "
-                     "footer); 8 of 8 embedded; the other shards kept batch size 4",
+                 did="Prefect retried the task 2 s later; 8 of 8 embedded. Out of memory inside the model is "
+                     "handled in the worker instead: the batch runs again in halves, nothing reloaded "
+                     "(tests/test_worker.py)",
                  lost="nothing")
 
 
@@ -983,7 +1055,8 @@ def test_member_names_cannot_escape(tmp_path):
         add("/etc/wdsembed-abs.bmp", bmp(2))
         add("sub/../../../up.bmp", bmp(3))
         add("link.bmp", type=tarfile.SYMTYPE, linkname="../../victim.txt")
-        add("hard.bmp", type=tarfile.LNKTYPE, linkname="../../victim.bmp")
+        add("hard.bmp", type=tarfile.LNKTYPE, linkname="../../victim.bmp")  # the member of that name, not the file
+        add("outside.bmp", type=tarfile.LNKTYPE, linkname="../../victim.txt")
         add("folder/", type=tarfile.DIRTYPE)
     before = _tree(tmp_path, out)
     [r], _ = run_shard(tmp_path / "sandbox" / "deep", "x")
@@ -992,18 +1065,25 @@ def test_member_names_cannot_escape(tmp_path):
     assert {k: v for k, v in after.items() if k not in before} == {"sandbox/deep/in/00000.idx": after.get(
         "sandbox/deep/in/00000.idx")}  # the only new file outside the output folder is the shard's own index
     assert all(before[k] == after[k] for k in before)  # and nothing else changed
-    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "_manifest.json"]
-    keys = read(out / "00000.parquet").column("key").to_pylist()
-    assert keys == ["../../victim", "/etc/wdsembed-abs", "sub/../../../up"] and r.embedded == 3
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "00000.parquet", "_embeddings/00000.parquet", "_manifest.json"]
+    rows = by_key(read(out / "00000.parquet"))
+    assert list(rows) == ["../../victim", "/etc/wdsembed-abs", "sub/../../../up", "hard", "link", "outside"]
+    assert r.embedded == 4 and rows["hard"][0] == rows["../../victim"][0]  # the tar's own bytes
+    assert rows["link"][1] == "symbolic link member, not followed"
+    assert rows["outside"][1] == "hard link to '../../victim.txt', which is no earlier file of this tar"
     assert not Path("/etc/wdsembed-abs.bmp").exists()
     table.record("sec-member-names",
                  done="a tar with members '../../victim.bmp', '/etc/wdsembed-abs.bmp', 'sub/../../../up.bmp', a "
-                      "symlink and a hard link to files outside, a directory",
+                      "symlink to a file outside, hard links to '../../victim.bmp' (a member) and to "
+                      "'../../victim.txt' (a file outside), a directory",
                  did="the three images embedded under keys '../../victim', '/etc/wdsembed-abs', 'sub/../../../up' "
-                     "(keys are strings in a column, never paths); links and directories skipped unread; the only "
-                     "files written: OUTPUT/00000.parquet, OUTPUT/_manifest.json (named from the shard's file name) "
-                     "and the shard's .idx beside it; no other file created or changed",
-                 lost="nothing (links and directories hold no image bytes)")
+                     "(keys are strings in a column, never paths); the hard link to the member embedded from the "
+                     "tar's own bytes; the symlink and the other hard link kept as rows with reasons, never "
+                     "followed; the directory skipped; the only files written: OUTPUT/00000.parquet, its kNN view "
+                     "OUTPUT/_embeddings/00000.parquet, OUTPUT/_manifest.json (named from the shard's file name) and "
+                     "the shard's .idx beside it; no other file created or changed",
+                 lost="nothing (links and directories hold no image bytes of their own)")
 
 
 def test_credentials_stay_out(tmp_path, monkeypatch, caplog, capfd):
@@ -1044,7 +1124,7 @@ def test_credentials_stay_out(tmp_path, monkeypatch, caplog, capfd):
         assert results[0].embedded == PER_SHARD
         objects = {o["Key"]: s3.get_object(Bucket="emb", Key=o["Key"])["Body"].read()
                    for o in s3.list_objects_v2(Bucket="emb")["Contents"]}
-        assert sorted(objects) == ["out/00000.parquet", "out/_manifest.json"]
+        assert sorted(objects) == ["out/00000.parquet", "out/_embeddings/00000.parquet", "out/_manifest.json"]
         captured = capfd.readouterr()
         logs = "\n".join(r.getMessage() for r in caplog.records) + captured.out + captured.err
         assert secret not in logs and not [k for k, v in objects.items() if secret.encode() in v]

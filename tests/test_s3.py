@@ -19,7 +19,7 @@ import pytest
 from pydantic import ValidationError
 
 from s3server import MotoS3, FaultProxy
-from wdsembed import output, plan, prefetch, runner, shards, storage
+from wdsembed import output, plan, prefetch, s3fetch, shard, shards, storage
 from wdsembed.config import EmbedConfig
 from wdsembed.synthetic import write_demo_dataset
 
@@ -187,6 +187,48 @@ def test_a_new_shard_is_seen_by_a_long_lived_process(server, dataset):
     assert len(plan.plan_shards(config)) == 3  # not the cached listing of the first plan
 
 
+def upload_tree(server: MotoS3, folder: Path, layout: dict[str, str]) -> str:
+    """Copy shard files of `folder` to `<prefix>/<where>`: layout maps a shard's stem in `folder` to the stems it
+    gets in the bucket (subfolders allowed); returns s3://bucket/prefix."""
+    prefix = f"tree-{uuid.uuid4().hex[:8]}"
+    s3 = server.boto()
+    for where, stem in layout.items():
+        for suffix in (".tar", ".parquet", "_stats.json"):
+            s3.upload_file(str(folder / f"{stem}{suffix}"), IN_BUCKET, f"{prefix}/{where}{suffix}")
+    return f"s3://{IN_BUCKET}/{prefix}"
+
+
+def test_brace_patterns_and_recursive_folders_on_s3(server, dataset):
+    url = upload_tree(server, dataset, {"00000": "00000", "00001": "00001", "train/00000": "00000",
+                                        "val/00000": "00001", "val/deep/00003": "00000", "nested/a/00000": "00000",
+                                        "nested/b/00000": "00001"})
+    out = f"s3://{OUT_BUCKET}/sel"
+
+    def planned(input: str, **kw) -> list[runner.ShardPlan]:
+        return plan.plan_shards(config_for(input, out, server.endpoint, use_index_files=False, **kw))
+
+    plans = planned(f"{url}/{{00000..00001}}.tar")
+    assert [(p.stem, p.shard, p.rows, p.expected_samples) for p in plans] == [
+        (f"{i:05d}", f"{url}/{i:05d}.tar", f"{url}/{i:05d}.parquet", 6) for i in (0, 1)]
+    plans = planned(f"{url}/{{train,val}}/00000.tar")
+    assert [(p.stem, p.output, p.rows) for p in plans] == [
+        ("train/00000", f"{out}/train/00000.parquet", f"{url}/train/00000.parquet"),
+        ("val/00000", f"{out}/val/00000.parquet", f"{url}/val/00000.parquet")]
+    with pytest.raises(plan.InputError, match=rf"1 of the 3 shard\(s\) .* do not exist: {url}/00002\.tar$"):
+        planned(f"{url}/{{00000..00002}}.tar")
+    assert [p.stem for p in planned(url)] == ["00000", "00001"]
+    assert [p.stem for p in planned(url, recursive=True)] == ["00000", "00001", "nested/a/00000", "nested/b/00000",
+                                                            "train/00000", "val/00000", "val/deep/00003"]
+    with pytest.raises(plan.InputError, match=r"holds no \*\.tar shards directly, but its subfolders hold 2 "
+                                              r"\(e\.g\. a/00000\.tar\): pass recursive=True"):
+        planned(f"{url}/nested")
+    assert [p.stem for p in planned(f"{url}/nested", recursive=True)] == ["a/00000", "b/00000"]
+    assert [p.stem for p in planned(f"{url}/val", recursive=True)] == ["00000", "deep/00003"]
+    with pytest.raises(plan.InputError, match="bucket does not exist"):
+        planned(f"s3://no-such-bucket/{{00000..00001}}.tar")
+    plan.check_config(config_for(f"{url}/{{train,val}}/00000.tar", out, server.endpoint))
+
+
 class CountingFS:
     """Delegates to an fsspec filesystem, recording every ranged read."""
 
@@ -229,7 +271,7 @@ def test_tar_streamed_from_s3_reads_as_the_local_file_and_yields_its_index(serve
         expected_index = shards.build_index(f)
     builder = shards.IndexBuilder()
     with storage.open_sequential(fs, f"{root}/00000.tar") as f:
-        assert isinstance(f, prefetch.ReadAhead)
+        assert isinstance(f, s3fetch.ShardReader)  # S3 shards come through the process's shard fetcher
         got = list(shards.iter_samples(f, extensions=EXTS, shard=url, index_builder=builder))
     assert [(s.key, bytes(s.image) if s.image is not None else None, s.error) for s in got] == \
         [(s.key, bytes(s.image) if s.image is not None else None, s.error) for s in expected]
@@ -257,7 +299,7 @@ def test_index_is_written_back_beside_the_shard(server, dataset, tmp_path, monke
     plans = plan.plan_shards(config_for(url, f"s3://{OUT_BUCKET}/x", server.endpoint,
                                         index_cache_dir=str(tmp_path / "cache")))
     assert plans[0].index == f"{url}/00000.idx"
-    assert runner._read_index(config_for(url, "/tmp/x", server.endpoint), plans[0]).render() == expected
+    assert shard.TarRead(config_for(url, "/tmp/x", server.endpoint), plans[0]).index.render() == expected
 
 
 def test_index_goes_to_the_local_cache_when_the_bucket_refuses_writes(server, dataset, tmp_path, monkeypatch):
@@ -431,15 +473,18 @@ def _table_of(data: bytes) -> pa.Table:
 
 
 def assert_same_as_local(objects: dict[str, bytes], local_out: Path) -> None:
-    # besides the outputs: only Prefect's task results (the task cache), which the flow keeps under OUTPUT
+    # besides the outputs and their kNN views: only Prefect's task results (the task cache), kept under OUTPUT
     assert sorted(k for k in objects if not k.startswith("_prefect_results/")) == [
-        "00000.parquet", "00001.parquet", "_manifest.json"]
+        "00000.parquet", "00001.parquet", "_embeddings/00000.parquet", "_embeddings/00001.parquet", "_manifest.json"]
     for stem in ("00000", "00001"):
         local = pq.read_table(local_out / f"{stem}.parquet").replace_schema_metadata(None)
         remote = _table_of(objects[f"{stem}.parquet"])
         assert remote.schema == local.schema
         assert remote.num_rows == local.num_rows == 8  # 6 images + 2 failed downloads per shard
         assert remote.equals(local), f"shard {stem} differs from the local run"
+        view = _table_of(objects[f"_embeddings/{stem}.parquet"])
+        assert view.num_rows == 6 and view.equals(
+            pq.read_table(local_out / "_embeddings" / f"{stem}.parquet").replace_schema_metadata(None))
     manifest = json.loads(objects["_manifest.json"])
     assert manifest["totals"]["embedded"] == 12 and manifest["failed_shards"] == {}
 

@@ -39,8 +39,13 @@ WDS2IDX = str(Path(sys.executable).with_name("wds2idx"))
 # helpers
 
 
+_LINK_TYPES = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE}
+_SPECIAL_TYPES = {"fifo": tarfile.FIFOTYPE, "chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE}
+
+
 def make_tar(path: Path, members: list, fmt: int = tarfile.PAX_FORMAT) -> Path:
-    """members: (name, bytes) for regular files, or (name, "dir") / (name, ("symlink", target))."""
+    """members: (name, bytes) for regular files, or (name, "dir") / (name, ("symlink" or "hardlink", target)) /
+    (name, "fifo" | "chr" | "blk")."""
     with tarfile.open(path, "w", format=fmt) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
@@ -48,8 +53,11 @@ def make_tar(path: Path, members: list, fmt: int = tarfile.PAX_FORMAT) -> Path:
             if data == "dir":
                 info.type = tarfile.DIRTYPE
                 tar.addfile(info)
+            elif isinstance(data, str):
+                info.type = _SPECIAL_TYPES[data]
+                tar.addfile(info)
             elif isinstance(data, tuple):
-                info.type = tarfile.SYMTYPE
+                info.type = _LINK_TYPES[data[0]]
                 info.linkname = data[1]
                 tar.addfile(info)
             else:
@@ -144,7 +152,7 @@ def test_grouping_preference_missing_duplicate_empty(tmp_path):
         ("c.webp", b"W"), ("dir", "dir"), ("c.cls", b"1"),                 # a directory does not split c
         ("d.jpg", b""), ("d.txt", b"empty"),                              # empty image
         ("a.jpg", b"AGAIN"),                                              # duplicate key
-        ("e.json", b"{}"), ("e.jpg", ("symlink", "a.jpg")),                # a symlink is not an image
+        ("e.json", b"{}"), ("e.jpg", ("symlink", "a.jpg")),                # a symlink is never followed
         (".DS_Store", b"junk"), ("sub/.hidden", b"junk"),                  # hidden files are skipped
         ("f.bmp", b"BMP"),
     ])
@@ -156,7 +164,7 @@ def test_grouping_preference_missing_duplicate_empty(tmp_path):
         Sample("c", b"W", "webp", member="c.webp", offset=offs["c.webp"]),
         Sample("d", None, "jpg", error="empty image member", member="d.jpg", offset=offs["d.jpg"]),
         Sample("a", None, error="duplicate key"),
-        Sample("e", None, error="no image member (found: json)"),
+        Sample("e", None, error="symbolic link member, not followed"),
         Sample("f", b"BMP", "bmp", member="f.bmp", offset=offs["f.bmp"]),
     ]
     # preference follows the order given
@@ -178,14 +186,103 @@ def test_gnu_tar_written_archive(tmp_path):
     got = samples_of(tar)
     key1 = f"./{'d' * 60}/{'e' * 60}/k1"
     offs = data_offsets(tar)
-    # the symlink k3.jpg is not a regular member: skipped, so no sample "./k3" at all
+    # the symlink k3.jpg is never followed: its sample says so
     assert got == [
         Sample(key1, b"L" * 1000, "jpg", member=f"{key1}.jpg", offset=offs[f"{key1}.jpg"]),
         Sample("./k2", b"P" * 513, "png", member="./k2.png", offset=offs["./k2.png"]),
+        Sample("./k3", None, error="symbolic link member, not followed"),
     ]
     with open(tar, "rb") as f:
         idx = build_index(f)
     assert samples_of(tar, index=idx) == got
+
+
+def _links_tar(tmp_path: Path) -> Path:
+    return make_tar(tmp_path / "links.tar", [
+        ("good1.jpg", b"G" * 700), ("good1.json", b"{}"),
+        ("hard1.jpg", ("hardlink", "good1.jpg")), ("hard1.txt", b"caption"),   # the same file archived twice
+        ("hard2.png", ("hardlink", "hard1.jpg")),                              # a link to a link
+        ("dangling.jpg", ("hardlink", "nowhere.jpg")),                         # no such member
+        ("early.jpg", ("hardlink", "late.jpg")), ("late.jpg", b"L"),           # links point backwards only
+        ("empty.jpg", b""), ("hardempty.jpg", ("hardlink", "empty.jpg")),
+        ("sym.jpg", ("symlink", "good1.jpg")), ("fifo.png", "fifo"), ("chr.jpg", "chr"), ("blk.webp", "blk"),
+        ("both.jpg", ("symlink", "/etc/passwd")), ("both.png", b"P"),          # a real image beside a symlink
+        ("note.txt", ("symlink", "good1.json")),                               # not named like an image: no row
+        ("hidden/.x.jpg", ("hardlink", "good1.jpg")),                          # hidden: skipped as always
+    ])
+
+
+LINK_ROWS = {
+    "hard1": b"G" * 700,
+    "hard2": b"G" * 700,
+    "dangling": "hard link to 'nowhere.jpg', which is no earlier file of this tar",
+    "early": "hard link to 'late.jpg', which is no earlier file of this tar",
+    "late": b"L",
+    "empty": "empty image member",
+    "hardempty": "empty image member",
+    "sym": "symbolic link member, not followed",
+    "fifo": "FIFO member, not read",
+    "chr": "character device member, not read",
+    "blk": "block device member, not read",
+    "both": b"P",
+}
+
+
+def _rows(samples: list[Sample]) -> dict:
+    return {s.key: s.error if s.error else bytes(s.image) for s in samples}
+
+
+def test_hard_links_read_their_targets_and_other_links_are_named(tmp_path):
+    tar = _links_tar(tmp_path)
+    got = samples_of(tar)
+    assert _rows(got) == {"good1": b"G" * 700, **LINK_ROWS}
+    offs = data_offsets(tar)
+    hard1 = next(s for s in got if s.key == "hard1")
+    assert (hard1.member, hard1.offset, hard1.image_ext) == ("hard1.jpg", offs["good1.jpg"], "jpg")
+    # links are not in the index (wds2idx leaves them out too), and reading through it checks every header
+    with open(tar, "rb") as f:
+        idx = build_index(f)
+    assert idx.render() == wds2idx_text(tar, tmp_path)
+    assert "hard1.jpg" not in idx.render() and "sym.jpg" not in idx.render()
+    assert samples_of(tar, index=idx) == got
+
+
+def test_hard_links_through_a_forward_only_store_stream(tmp_path):
+    """Shards on object stores stream through prefetch.ReadAhead, which cannot seek: a hard link's target comes
+    back with one ranged read; a stream with no way back says so on the link's row and loses nothing else."""
+    from wdsembed.prefetch import ReadAhead
+
+    tar = _links_tar(tmp_path)
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/bucket/links.tar", tar.read_bytes())
+    with ReadAhead(fs, "/bucket/links.tar", block_size=1024) as f:
+        assert _rows(list(iter_samples(f, extensions=EXTS, shard="links"))) == {"good1": b"G" * 700, **LINK_ROWS}
+    with open(tar, "rb") as raw:
+        got = _rows(list(iter_samples(ForwardOnlyFile(raw), extensions=EXTS, shard="links")))
+    no_way_back = {k: "hard link to 'good1.jpg': this stream of the tar cannot read back to that member's data"
+                   for k in ("hard1", "hard2")}
+    no_way_back["hardempty"] = "empty image member"  # nothing to read back
+    assert got == {"good1": b"G" * 700, **LINK_ROWS, **no_way_back} | {
+        "hard2": "hard link to 'hard1.jpg': this stream of the tar cannot read back to that member's data"}
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar not installed")
+def test_gnu_tar_hard_links(tmp_path):
+    """GNU tar archives a file with two names once, then as a hard link ('1') to the first name."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(b"A" * 3000)
+    os.link(src / "a.jpg", src / "b.jpg")
+    os.link(src / "a.jpg", src / ("c" * 120 + ".jpg"))  # a long link name and target: GNU 'K'/'L' headers
+    tar = tmp_path / "gnu-links.tar"
+    for fmt in ("gnu", "posix"):
+        subprocess.run(["tar", f"--format={fmt}", "--sort=name", "-C", str(src), "-cf", str(tar), "."], check=True)
+        got = samples_of(tar)
+        assert [(s.key, bytes(s.image)) for s in got] == [("./a", b"A" * 3000), ("./b", b"A" * 3000),
+                                                         ("./" + "c" * 120, b"A" * 3000)]
+        with open(tar, "rb") as f:
+            idx = build_index(f)
+        assert idx.render() == wds2idx_text(tar, tmp_path) and idx.num_samples == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

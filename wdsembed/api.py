@@ -11,7 +11,7 @@ or, as NeMo Curator code reads (wdsembed.nemo has get_client and ImageTextPairDa
     embedded.save_metadata()
 
 Where a Dask client is current (`get_client()`, or any `distributed.Client`), the shards run on its workers, one
-task per shard, each taking a GPU where the workers declare GPU resources; otherwise they run in this process, one
+task per shard, each taking a share of a GPU where the workers declare GPU resources; otherwise they run in this process, one
 after the other, with no Prefect server or Dask cluster. Every default and rule is EmbedConfig's.
 """
 from __future__ import annotations
@@ -21,9 +21,10 @@ import time
 import uuid
 from typing import Any, Optional
 
-from wdsembed import report, runner
+from wdsembed import report, shard
 from wdsembed.config import EmbedConfig, EmbedSettings, field_default
 from wdsembed.plan import plan_shards
+from wdsembed.shard import ShardPlan, ShardResult, ShardsFailed
 
 log = logging.getLogger("wdsembed")
 
@@ -97,7 +98,7 @@ class TimmImageEmbedder:
         return results
 
 
-def run_shards(config: EmbedConfig) -> list[runner.ShardResult]:
+def run_shards(config: EmbedConfig) -> list[ShardResult]:
     """Embed every shard of the config, on the current Dask client if any, else here; write the manifest.
     Raises ShardsFailed (after every other shard is written and the manifest too) when any shard failed."""
     started = time.perf_counter()
@@ -121,35 +122,37 @@ def run_shards(config: EmbedConfig) -> list[runner.ShardResult]:
     return results
 
 
-def process_shard(config: EmbedConfig, plan: runner.ShardPlan) -> runner.ShardResult:
+def embed_here(config: EmbedConfig, plan: ShardPlan) -> ShardResult:
     """One shard, in this process (a Dask worker's or the caller's): the one place this module calls the core."""
     from wdsembed.decoderlog import decoder_messages_to_log
 
     with decoder_messages_to_log():
-        return runner.embed_shard(config, plan)
+        return shard.process_shard(config, plan)
 
 
 def _run_here(config: EmbedConfig, plans: list) -> tuple[list, dict]:
     results, failures = [], {}
     for plan in plans:
         try:
-            results.append(process_shard(config, plan))
+            results.append(embed_here(config, plan))
         except Exception as exc:  # noqa: BLE001 - one shard's failure stops no other; all are reported at the end
             failures[plan.stem] = f"{type(exc).__name__}: {exc}"
     return results, failures
 
 
 def _run_on_dask(client, config: EmbedConfig, plans: list) -> tuple[list, dict]:
-    """One task per shard on the client's workers; each takes a GPU where the workers declare GPU resources (one
-    shard per GPU at a time), else any worker (one shard per worker thread)."""
+    """One task per shard on the client's workers; each takes a share of a GPU where the workers declare GPU
+    resources, else any free worker thread."""
     from distributed import as_completed
 
-    from wdsembed.cluster import gpu_slots_declared
+    from wdsembed.cluster import GPU_SHARE_PER_SHARD, gpu_slots_declared
 
-    resources = {"GPU": 1} if gpu_slots_declared(client) else None
+    # As in the flow: a share of a GPU per shard, so a worker's second thread overlaps one shard's reading and
+    # writing with another's time in the pipeline (the worker's lock keeps the pipeline to one shard).
+    resources = {"GPU": GPU_SHARE_PER_SHARD} if gpu_slots_declared(client) else None
     run_id = uuid.uuid4().hex[:8]
     futures = {
-        client.submit(process_shard, config, plan, key=f"wdsembed-{plan.stem}-{run_id}", resources=resources,
+        client.submit(embed_here, config, plan, key=f"wdsembed-{plan.stem}-{run_id}", resources=resources,
                       pure=False): plan
         for plan in plans
     }
@@ -178,14 +181,3 @@ def _current_dask_client():
     except ValueError:
         return None
     return client if client.status == "running" else None
-
-
-class ShardsFailed(RuntimeError):
-    """Some shards failed; every other shard's output is written, and all are in the manifest. `failures`: stem ->
-    reason; `results`: the finished shards. Running the same call again redoes only the failed shards."""
-
-    def __init__(self, failures: dict, results: list) -> None:
-        super().__init__(f"{len(failures)} shard(s) failed: "
-                         + "; ".join(f"{stem}: {reason}" for stem, reason in sorted(failures.items())))
-        self.failures, self.results = failures, results
-

@@ -1,7 +1,7 @@
 """Resume and caching across runs: where Prefect keeps the embedding tasks' results, and which shards are done.
 
-Two layers agree on one cache key (runner.cache_key: the shard's fingerprint, the model and weights, the
-preprocessing and embedding options, the code and library versions):
+Two layers agree on one cache key (shard.cache_key: the shard's fingerprint, the model and weights, the
+preprocessing and embedding options, the declared recipe and output-format versions, the library versions):
 
 * Prefect's task cache: the embedding task's result (a small JSON dict) is persisted under that key in
   `result_storage`, so a finished shard's task run ends "Cached" without running on a worker.
@@ -17,7 +17,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
-from wdsembed import runner, storage
+from wdsembed import shard, storage
 from wdsembed.config import EmbedConfig
 
 log = logging.getLogger("wdsembed")
@@ -29,13 +29,13 @@ def result_storage_url(config: EmbedConfig) -> str:
     return config.result_storage or storage.join(config.output, RESULTS_FOLDER)
 
 
-def finished_stems(config: EmbedConfig, plans: Iterable[runner.ShardPlan], *, max_workers: int = 16) -> set[str]:
+def finished_stems(config: EmbedConfig, plans: Iterable[shard.ShardPlan], *, max_workers: int = 16) -> set[str]:
     """Stems whose output exists, is readable and carries this run's cache key (reads only footers)."""
     plans = list(plans)
 
-    def done(plan: runner.ShardPlan) -> bool:
+    def done(plan: shard.ShardPlan) -> bool:
         try:
-            return runner.finished_output(config, plan, runner.cache_key(config, plan)) is not None
+            return shard.finished_output(config, plan, shard.cache_key(config, plan)) is not None
         except Exception as exc:  # noqa: BLE001 - unknown means "recompute", never "cached"
             log.warning("shard %s: cannot read its output's footer (%s); recomputing it", plan.stem, exc)
             return False

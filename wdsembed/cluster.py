@@ -25,12 +25,21 @@ def visible_gpus() -> int:
         return 0
 
 
+# What one embedding task asks of a worker's GPU resource: two shards per GPU worker at a time. One streams
+# through the worker's pipeline and model while the other does what needs no GPU (Prefect's state and cache calls,
+# reading its metadata, joining, validating and writing its table), so the GPU does not wait for that work between
+# shards. The worker's lock (wdsembed.worker.Worker.lock) keeps the pipeline to one shard at a time.
+GPU_SHARE_PER_SHARD = 0.5
+
+
 def gpu_slots_declared(client, *, wait_s: float = 30.0) -> bool:
     """Whether every worker of this run's own Dask client declares a GPU resource (the LocalCUDACluster started
     for the run, or `dask cuda worker --resources GPU=1` on other nodes): only then may an embedding task ask for
     one, or it would wait forever. Asked of the client the run submits through, never of a global default client,
     which may not exist yet when the run decides (that once let two shards share one worker's pipeline). Waits up to
     `wait_s` for a first worker, so that a scheduler whose workers are still joining is judged by them."""
+    if client is None:
+        return False
     try:
         client.wait_for_workers(1, timeout=wait_s)
     except (TimeoutError, OSError):
@@ -49,8 +58,8 @@ def task_runner_kwargs(config: EmbedConfig) -> dict:
             raise RuntimeError("GPUs are visible but dask-cuda is not installed: pip install 'wdsembed[gpu]'")
         return {
             "cluster_class": "dask_cuda.LocalCUDACluster",
-            # One worker per GPU that declares the GPU as a resource: an embedding task takes it, so two shards never
-            # share a device, while the second thread validates the previous shard's output meanwhile.
+            # One worker per GPU that declares the GPU as a resource; each embedding task takes GPU_SHARE_PER_SHARD
+            # of it, so the worker's two threads hold two shards, one in the pipeline at a time.
             "cluster_kwargs": {
                 "n_workers": min(config.n_workers or gpus, gpus),
                 "threads_per_worker": 2,

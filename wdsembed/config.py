@@ -6,16 +6,18 @@ form and the API validates it before a run starts) and the Python API's keyword 
 
 from __future__ import annotations
 
+import os
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
+from wdsembed.storage import CREDENTIALS_HINT, SECRET_OPTION_PATTERN, secret_options, url_has_password
+
 DEFAULT_MODEL = "vit_large_patch14_clip_quickgelu_224.openai"
+DEFAULT_INDEX_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "wdsembed", "idx")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 # Pillow's DecompressionBombError threshold (2 * Image.MAX_IMAGE_PIXELS): 20000 x 20000 is refused, 12000 x 12000 not.
 MAX_IMAGE_PIXELS = 2 * 89_478_485
-# storage_options names that carry credentials (s3fs key/secret/token, adlfs account_key/sas_token, passwords...)
-SECRET_OPTION_PATTERN = r"(^|_)(key|secret|token|password|passwd|pwd|credential|credentials|connection_string|sas)(_|$)"
 
 
 class EmbedConfig(BaseModel):
@@ -57,8 +59,9 @@ class EmbedConfig(BaseModel):
     )
     use_index_files: bool = Field(
         True,
-        description="Write a DALI .idx beside each shard lacking one (or under index_cache_dir where the shard's "
-        "folder is read-only) and read shards through it.",
+        description="Write a DALI .idx (v1.2) beside each shard lacking one (or under index_cache_dir where the "
+        "shard's folder is read-only), for DALI's own readers and other tools. Reading streams each tar front to back "
+        "either way; an existing .idx is checked against the tar's headers as it is read, and a stale one rebuilt.",
     )
     index_cache_dir: Optional[str] = Field(
         None, description="Where .idx files go when the shard folder is not writable (default: ~/.cache/wdsembed/idx)."
@@ -108,6 +111,13 @@ class EmbedConfig(BaseModel):
         description="Shards embedded and validated by one task run (one cache entry per group). 1: a task run per "
         "shard (plus its validation). Raise it for runs of thousands of shards, so the Prefect API sees fewer runs."
     )
+    recursive: bool = Field(
+        False,
+        description="When input is a folder, also embed the *.tar shards of its subfolders, at any depth (hidden "
+        "folders excepted). Outputs mirror the subfolders (OUTPUT/train/00000.parquet), so shards of the same name "
+        "in different folders never share an output. Input may also be a brace pattern "
+        "(/data/{00000..00999}.tar), one .tar, or a .txt file listing one shard per line.",
+    )
 
     @field_validator("image_extensions")
     @classmethod
@@ -121,8 +131,6 @@ class EmbedConfig(BaseModel):
     @classmethod
     def _no_credentials_in_options(cls, value: dict[str, str]) -> dict[str, str]:
         # Flow parameters are persisted in Prefect's database and shown in its UI: secrets must not be among them.
-        from wdsembed.storage import CREDENTIALS_HINT, secret_options
-
         bad = secret_options(value)
         if bad:
             raise ValueError(f"storage_options must not hold credentials ({', '.join(sorted(bad))}): they would be "
@@ -132,8 +140,6 @@ class EmbedConfig(BaseModel):
     @field_validator("input", "output", "checkpoint", "result_storage")
     @classmethod
     def _no_password_in_url(cls, value: Optional[str]) -> Optional[str]:
-        from wdsembed.storage import CREDENTIALS_HINT, url_has_password
-
         if value and url_has_password(value):
             raise ValueError(f"the URL holds a password, which would be logged and stored; {CREDENTIALS_HINT}")
         return value
@@ -144,6 +150,10 @@ class EmbedConfig(BaseModel):
         if not value.strip():
             raise ValueError("must not be empty")
         return value.rstrip("/") or "/"
+
+    def index_cache(self) -> str:
+        """Where .idx files go when a shard's own folder cannot hold them."""
+        return self.index_cache_dir or DEFAULT_INDEX_CACHE
 
     def model_key(self) -> dict:
         """The parameters that decide the embedding values (model, weights, head, preprocessing, precision)."""

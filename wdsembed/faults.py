@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable, Optional
 
 from wdsembed import shards
 
@@ -47,15 +48,20 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
 
 
-def maybe_inject(stem: str, where: str = "start") -> None:
-    """Raise (or die) as WDSEMBED_FAULTS says for this shard's attempt; a no-op without it."""
+def _spec(stem: str) -> Optional[dict]:
     spec_path = os.environ.get("WDSEMBED_FAULTS")
     if not spec_path or not os.path.exists(spec_path):
-        return
+        return None
     with open(spec_path) as f:
-        spec = json.load(f).get(stem)
+        return json.load(f).get(stem)
+
+
+def maybe_inject(stem: str, where: str = "start") -> None:
+    """Raise (or die) as WDSEMBED_FAULTS says for this shard's attempt; a no-op without it."""
+    spec = _spec(stem)
     if not spec or spec.get("where", "start") != where:
         return
+    spec_path = os.environ["WDSEMBED_FAULTS"]
     counter = f"{spec_path}.{stem}.attempts"
     attempts = int(open(counter).read()) if os.path.exists(counter) else 0
     with open(counter, "w") as f:
@@ -70,3 +76,17 @@ def maybe_inject(stem: str, where: str = "start") -> None:
     if error == "fatal":
         raise ValueError(f"injected deterministic failure on shard {stem}")
     raise TransientError(f"injected I/O error on shard {stem} (attempt {attempts + 1})")
+
+
+def batch_hook(stem: str, on_batch: Callable[[int], None]) -> Callable[[int], None]:
+    """`on_batch` itself, unless WDSEMBED_FAULTS asks for a failure mid-shard in this shard: decided once per
+    shard, so the per-batch path carries nothing of fault injection in a real run."""
+    spec = _spec(stem)
+    if not spec or spec.get("where") != "batch":
+        return on_batch
+
+    def inject_then(n: int) -> None:
+        maybe_inject(stem, where="batch")
+        on_batch(n)
+
+    return inject_then

@@ -59,6 +59,7 @@ class LoadedModel:
     data_config: dict  # timm.data.resolve_model_data_config(model)
     device: "torch.device"
     channels_last: bool = False  # inputs are converted to channels_last (convnets on CUDA)
+    dtype: "torch.dtype" = torch.float32  # of the weights: bfloat16 once `to_bfloat16` ran
     _fingerprint: Optional[str] = field(default=None, repr=False)
 
 
@@ -490,17 +491,27 @@ def load_model(
 # --------------------------------------------------------------------------------------------------- forward
 
 
+def to_bfloat16(loaded: LoadedModel) -> LoadedModel:
+    """The model's weights in bfloat16, in place, on a GPU: its fastest eager form, faster than bfloat16 autocast
+    over float32 weights (no per-call weight casts). The CPU keeps float32 (bf16 is slower on most CPUs)."""
+    if loaded.device.type == "cuda" and loaded.dtype != torch.bfloat16:
+        loaded.model.to(torch.bfloat16)
+        loaded.dtype = torch.bfloat16
+    return loaded
+
+
 def embed_batch(loaded: LoadedModel, images: "torch.Tensor", *, autocast: bool, normalize: bool) -> "torch.Tensor":
     """(N, C, H, W) -> (N, dim) float32 on the model's device.
 
+    With bfloat16 weights (`to_bfloat16`), the images are cast to bfloat16 and the model runs in it. Otherwise
     autocast: bfloat16 autocast on CUDA only; on the CPU the model runs float32 regardless (CPU bf16 is slower on
     most CPUs and changes values). normalize: L2 over dim, in float32; an all-zero row stays zero. No host sync.
     """
     model = loaded.model
-    x = images.to(device=loaded.device, dtype=torch.float32, non_blocking=True)
+    x = images.to(device=loaded.device, dtype=loaded.dtype, non_blocking=True)
     if loaded.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    use_amp = autocast and loaded.device.type == "cuda"
+    use_amp = autocast and loaded.device.type == "cuda" and loaded.dtype == torch.float32
     amp_device = "cpu" if loaded.device.type == "meta" else loaded.device.type  # meta: load_model's shape check
     with torch.inference_mode(), torch.autocast(device_type=amp_device, dtype=torch.bfloat16, enabled=use_amp):
         if loaded.embedding == "head":

@@ -6,6 +6,10 @@ one row per tar sample the parquet lacks, plus two columns:
 * the embedding column, ``list<float32>`` holding exactly ``dim`` values, or null where the row has no embedding;
 * the error column, a nullable string saying why the embedding is null (null where there is an embedding).
 
+Beside it, a kNN-ready view of the same shard, ``OUTPUT/_embeddings/<stem>.parquet``: only the rows that have an
+embedding (id, embedding, shard), which embedding-reader and autofaiss read as they are (they stack the embedding
+column and fail on a null). Nothing is lost by it: every row, with its reason, stays in the full table.
+
 A variable-size ``list<float32>`` (not ``fixed_size_list``) because that is what parquet stores anyway (LIST) and what
 pandas, DuckDB, Polars, Spark and Hugging Face datasets all read back as the same type; the dimension is recorded in
 the field's metadata (``dim``) and in the footer metadata instead.
@@ -18,12 +22,15 @@ import os
 import tempfile
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from wdsembed.config import EmbedConfig
 
 # img2dataset's parquet columns.
 STATUS_COLUMN = "status"
@@ -31,8 +38,14 @@ ERROR_MESSAGE_COLUMN = "error_message"
 SUCCESS = "success"
 
 NOT_IN_TAR = "not in tar"
+# Part of every cache key: bumped whenever a change alters the tables written (columns, types, values, footer).
+OUTPUT_FORMAT_VERSION = 1
 FOOTER_KEY = b"wdsembed"  # the parquet footer key-value entry that holds our JSON metadata
 MANIFEST_NAME = "_manifest.json"
+# OUTPUT/_embeddings/<stem>.parquet: the embedded rows only, for kNN tools (see embeddings_view). The leading "_"
+# keeps dataset readers of OUTPUT (pyarrow, pandas, Spark) out of it, as they skip "_" and "." paths.
+EMBEDDINGS_FOLDER = "_embeddings"
+SHARD_COLUMN = "shard"  # in the view: the shard's stem, i.e. which OUTPUT/<stem>.parquet the row comes from
 
 
 # --------------------------------------------------------------------------------------------------- key join
@@ -219,6 +232,56 @@ def build_output_table(
     table = table.append_column(pa.field(error_column, pa.string()), reasons)
     meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}
     return table.replace_schema_metadata(meta or None)
+
+
+# --------------------------------------------------------------------------------------------------- kNN view
+
+
+def embeddings_view(table: pa.Table, *, id_column: str, embedding_column: str, shard: str) -> pa.Table:
+    """The embedded rows of an output table (as built by build_output_table), in its order: the id column, the
+    embedding column (never null here, same type and `dim` metadata) and `shard` (the stem), which names the
+    full table the row comes from where ids repeat across shards. A shard with no embedded row gives 0 rows with
+    the same schema (embedding-reader skips such files)."""
+    embedded = table.filter(pc.is_valid(table.column(embedding_column)))
+    view = embedded.select([id_column, embedding_column])
+    if SHARD_COLUMN not in (id_column, embedding_column):
+        view = view.append_column(pa.field(SHARD_COLUMN, pa.string()),
+                                  pa.array([shard] * view.num_rows, type=pa.string()))
+    return view.replace_schema_metadata(None)
+
+
+def embeddings_view_url(output_root: str, stem: str) -> str:
+    """Where a shard's view goes: `<output_root>/_embeddings/<stem>.parquet` (a stem may hold subfolders)."""
+    return f"{output_root.rstrip('/')}/{EMBEDDINGS_FOLDER}/{stem}.parquet"
+
+
+def write_embeddings_view(table: pa.Table, config: "EmbedConfig", stem: str, *, cache_key: str = "") -> int:
+    """Write the shard's kNN view (embeddings_view) to OUTPUT/_embeddings/<stem>.parquet, whole or not at all
+    (write_parquet_atomic); returns its row count. Call it before writing the shard's full table: the full table
+    is what marks a shard finished, so a finished shard always has its view."""
+    from wdsembed import storage
+
+    view = embeddings_view(table, id_column=config.id_column, embedding_column=config.embedding_column, shard=stem)
+    fs, root = storage.filesystem(config.output, config.storage_options)
+    write_parquet_atomic(view, embeddings_view_url(root, stem), fs, {"cache_key": cache_key, "shard": stem})
+    return view.num_rows
+
+
+def ensure_embeddings_view(config: "EmbedConfig", stem: str, output_url: str) -> bool:
+    """Rebuild a finished shard's view from its full table where the view is missing (deleted, or the output is
+    from before views existed); True when it was rebuilt. One existence check otherwise."""
+    from wdsembed import storage
+
+    fs, root = storage.filesystem(config.output, config.storage_options)
+    url = embeddings_view_url(root, stem)
+    if fs.exists(url):
+        return False
+    out_fs, out_path = storage.filesystem(output_url, config.storage_options)
+    with out_fs.open(out_path, "rb") as f:
+        table = pq.read_table(f, columns=[config.id_column, config.embedding_column])
+    meta = read_output_metadata(out_path, out_fs) or {}
+    write_embeddings_view(table, config, stem, cache_key=str(meta.get("cache_key", "")))
+    return True
 
 
 # --------------------------------------------------------------------------------------------------- counts

@@ -11,7 +11,11 @@ halves, until a batch of one sample fails, which is then reported with the reaso
 batch also carries a running sample id through the pipeline and its outputs are checked against the ids fed, so
 an embedding can never be attached to another sample's key.
 
-Data that is not an image at all (empty, HTML, text, unknown magic bytes) is rejected before it reaches DALI.
+Before a sample reaches DALI its header is read on the host (`wdsembed.imagesize`): data that is not an image at
+all (empty, HTML, text, unknown magic bytes) or whose header gives no size is rejected there with its reason, as is
+an image larger than `max_pixels` (a decompression bomb is never decoded). The header sizes (EXIF-oriented, as DALI
+decodes) give each batch's resize and crop arguments (`PreprocessRecipe.geometry`, NumPy), which are fed with the
+bytes; a batch that is split and fed again carries its samples' own sizes.
 
 Never fork a process after CUDA is initialised, run one pipeline per GPU per process, and call a pipeline from
 one thread at a time: DALI pipelines are not thread-safe.
@@ -28,7 +32,8 @@ from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
-from wdsembed.preprocess import PreprocessRecipe, dali_preprocess
+from wdsembed.imagesize import UnreadableImage, image_size
+from wdsembed.preprocess import PreprocessRecipe, dali_preprocess, feed_geometry
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +137,11 @@ class _Batch:
     keys: list[str]
     data: list[bytes | memoryview]  # the encoded bytes, referenced until the batch's outputs are taken
     tensors: list[Any]  # DALI TensorCPU views of `data` (no copies here)
+    sizes: Optional[np.ndarray] = None  # (N, 2) int64 [height, width] from the headers, EXIF-oriented
     ids: Optional[np.ndarray] = None  # running sample ids, set when fed
 
     def split(self, bad_index: Optional[int]) -> list["_Batch"]:
-        """Parts to feed again: the named sample alone and the rest, else two halves."""
+        """Parts to feed again: the named sample alone and the rest, else two halves; each with its own sizes."""
         n = len(self.keys)
         if bad_index is not None and 0 <= bad_index < n:
             rest = [i for i in range(n) if i != bad_index]
@@ -143,7 +149,8 @@ class _Batch:
         else:
             parts = [list(range(n // 2)), list(range(n // 2, n))]
         return [
-            _Batch([self.keys[i] for i in p], [self.data[i] for i in p], [self.tensors[i] for i in p])
+            _Batch([self.keys[i] for i in p], [self.data[i] for i in p], [self.tensors[i] for i in p],
+                   None if self.sizes is None else self.sizes[p])
             for p in parts
             if p
         ]
@@ -168,14 +175,13 @@ def define_pipeline(
     num_threads: int,
     device_id: Optional[int],
     prefetch: int = 2,
-    max_pixels: Optional[int] = None,
     copy_inputs: bool = True,
     **graph_args: Any,
 ) -> Any:
     """The DALI pipeline behind ImagePipeline, defined but not built (building a GPU one needs a GPU).
 
-    Inputs: external sources "encoded" (uint8 bytes per sample) and "ids" (int64 per sample). Outputs: images
-    (N, C, H, W) float32, ids, and with max_pixels the [height, width] of samples rejected as too large."""
+    Inputs: external sources "encoded" (uint8 bytes per sample), "ids" (int64 per sample) and the per-sample
+    geometry of `dali_preprocess` (fed with `feed_geometry`). Outputs: images (N, C, H, W) float32 and ids."""
     from nvidia.dali import fn, pipeline_def, types
 
     decode_device = "cpu" if device_id is None else "mixed"
@@ -186,7 +192,6 @@ def define_pipeline(
         device_id=device_id,
         prefetch_queue_depth=prefetch,
         exec_dynamic=True,  # survives a failed iteration and keeps outputs valid while we hold them
-        enable_conditionals=max_pixels is not None,
     )
     def graph():  # type: ignore[no-untyped-def]
         # copy_inputs: DALI copies each batch into its own buffers, which it pins when they feed a GPU decoder, so
@@ -194,10 +199,7 @@ def define_pipeline(
         # them into pinned memory itself, inside the decoder's own time.
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=not copy_inputs)
         ids = fn.external_source(name="ids", dtype=types.INT64, ndim=0)
-        images, oversize = dali_preprocess(encoded, recipe, decode_device, max_pixels=max_pixels, **graph_args)
-        if oversize is None:
-            return images, ids
-        return images, ids, oversize
+        return dali_preprocess(encoded, recipe, decode_device, **graph_args), ids
 
     return graph()
 
@@ -210,7 +212,7 @@ class ImagePipeline:
     yields CUDA tensors shared through DLPack, no host round trip. Up to `prefetch` batches are in flight, so
     decoding overlaps whatever the consumer does with the previous batch. `copy_inputs` (default) copies each
     batch's encoded bytes into DALI's buffers, pinned where they feed the GPU decoder; False lets DALI read the
-    caller's buffers in place.
+    caller's buffers in place. `max_pixels` refuses, unread, images whose header gives more pixels than that.
 
     >>> pipe = ImagePipeline(PreprocessRecipe.from_model(model), batch_size=256, num_threads=4, device_id=0)
     >>> for batch in pipe.process((s.key, s.image) for s in samples):
@@ -261,7 +263,6 @@ class ImagePipeline:
             batch_size=self.batch_size,
             device_id=self.device_id,
             prefetch=self.prefetch,
-            max_pixels=self.max_pixels,
             copy_inputs=self.copy_inputs,
             **graph_args,
         )
@@ -275,7 +276,8 @@ class ImagePipeline:
         from nvidia.dali.tensors import TensorCPU
 
         data = _warmup_image()
-        batches = [_Batch(["__warmup__"], [data], [TensorCPU(data)]) for _ in range(self.prefetch)]
+        sizes = np.array([image_size(data)], dtype=np.int64)
+        batches = [_Batch(["__warmup__"], [data], [TensorCPU(data)], sizes) for _ in range(self.prefetch)]
         for b in batches:
             self._feed(b)
         self._pipe.schedule_run()
@@ -400,32 +402,45 @@ class ImagePipeline:
     ) -> Iterator[tuple[_Batch, list[tuple[str, str]]]]:
         from nvidia.dali.tensors import TensorCPU
 
-        # Per-sample work is kept to a sniff and a zero-copy TensorCPU view (~1.5 us): DALI's feed_input would
-        # otherwise inspect and wrap each numpy array in Python, about twice as slow.
+        # Per-sample work is kept to a sniff, a header read (a few us) and a zero-copy TensorCPU view (~1.5 us):
+        # DALI's feed_input would otherwise inspect and wrap each numpy array in Python, about twice as slow.
         keys: list[str] = []
         datas: list[bytes | memoryview] = []
         tensors: list[Any] = []
+        sizes: list[tuple[int, int]] = []
         rejected: list[tuple[str, str]] = []
+        limit = self.max_pixels
         for key, data in samples:
             why = "no image data" if data is None else sniff_image(data)
             if why is not None:
                 rejected.append((key, why))
                 continue
+            try:
+                h, w = image_size(data)
+            except UnreadableImage as e:
+                rejected.append((key, explain_decode_failure(data, str(e))))
+                continue
+            if limit is not None and h * w > limit:  # decompression-bomb guard: never fed, never decoded
+                rejected.append((key, f"image too large: {w}x{h} pixels > max_pixels={limit}"))
+                continue
             keys.append(key)
             datas.append(data)
             tensors.append(TensorCPU(data))
+            sizes.append((h, w))
             if len(keys) == self.batch_size:
-                yield _Batch(keys, datas, tensors), rejected
-                keys, datas, tensors, rejected = [], [], [], []
+                yield _Batch(keys, datas, tensors, np.array(sizes, dtype=np.int64)), rejected
+                keys, datas, tensors, sizes, rejected = [], [], [], [], []
         if keys or rejected:
-            yield _Batch(keys, datas, tensors), rejected
+            yield _Batch(keys, datas, tensors, np.array(sizes, dtype=np.int64).reshape(-1, 2)), rejected
 
     def _feed(self, batch: _Batch) -> None:
+        geometry = self.recipe.geometry(batch.sizes[:, 0], batch.sizes[:, 1])  # before any input is fed
         n = len(batch.keys)
         batch.ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
         self._next_id += n
         self._pipe.feed_input("encoded", batch.tensors)
         self._pipe.feed_input("ids", batch.ids)
+        feed_geometry(self._pipe, geometry)
 
     def _collect(self, batch: _Batch) -> PreprocessedBatch:
         """Take the outputs of the oldest iteration in flight, which must be `batch`'s."""
@@ -443,28 +458,15 @@ class ImagePipeline:
                 raise PipelineBroken(self._broken) from e
             hint = re.search(r"Failed to decode sample #(\d+)", message)
             raise _BatchFailed(failure_reason(message), int(hint.group(1)) if hint else None) from None
-        images_tl, ids_tl = outs[0], outs[1]
+        images_tl, ids_tl = outs
         got = np.asarray(ids_tl.as_tensor())
         if not np.array_equal(got, batch.ids):
             self._broken = f"DALI outputs out of step with inputs: expected ids {batch.ids[:4]}..., got {got[:4]}..."
             raise PipelineBroken(self._broken)
-        # The DLPack hand-over and any selection below are queued on the stream the outputs are bound to.
+        # The DLPack hand-over is queued on the stream the outputs are bound to.
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             images = self._to_torch(images_tl)
-            keys, failures = batch.keys, []
-            if len(outs) > 2:  # max_pixels guard: drop the rows that stood in for oversized images
-                oversize = np.asarray(outs[2].as_tensor())
-                bad = np.flatnonzero(oversize[:, 0] > 0)
-                if bad.size:
-                    limit = self.max_pixels
-                    failures = [
-                        (keys[i], f"image too large: {oversize[i, 1]}x{oversize[i, 0]} pixels > max_pixels={limit}")
-                        for i in bad
-                    ]
-                    keep = np.flatnonzero(oversize[:, 0] == 0)
-                    keys = [keys[i] for i in keep]
-                    images = images.index_select(0, torch.from_numpy(keep).to(images.device))
-        return PreprocessedBatch(keys, images, failures)
+        return PreprocessedBatch(batch.keys, images)
 
     def _to_torch(self, tl: Any) -> "torch.Tensor":
         import torch

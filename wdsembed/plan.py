@@ -1,18 +1,34 @@
-"""Finding the shards of a run and what each needs: fingerprint, siblings, index, output path."""
+"""Finding the shards of a run and what each needs: fingerprint, siblings, index, output path.
+
+What INPUT may be (find_shards):
+
+* a folder: its `*.tar` files; with `recursive`, also those of its subfolders at any depth (hidden ones excepted);
+* a brace pattern as WebDataset users write it: `/data/{00000..00999}.tar`, `s3://b/p/{00000..00009}.tar`,
+  `/data/{train,val}/{0000..0099}.tar` (every shard it names must exist);
+* one `.tar` file;
+* a list file, `*.txt`: one shard per line (a path, a URL, or a brace pattern; relative paths are relative to the
+  list file's folder; blank lines and `#` comments are skipped).
+
+Each shard's output is `OUTPUT/<stem>.parquet`, where the stem is the shard's path relative to the input's root
+folder without `.tar`: the folder itself, the folder before a pattern's first brace, or the deepest folder holding
+every shard of a list file. Shards of subfolders keep their subfolder (`OUTPUT/train/00000.parquet`), so two
+`00000.tar` in different folders never share an output; the stem is the shard's name everywhere (manifest,
+caching, validation).
+"""
 from __future__ import annotations
 
 import logging
 import os
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
-from wdsembed import shards, storage
+from wdsembed import output, shards, storage
 from wdsembed.config import EmbedConfig
-from wdsembed.runner import ShardPlan
+from wdsembed.shard import ShardPlan
 
 log = logging.getLogger("wdsembed")
-
-DEFAULT_INDEX_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "wdsembed", "idx")
 
 
 class InputError(ValueError):
@@ -34,26 +50,23 @@ def check_config(config: EmbedConfig) -> None:
                              "(.safetensors, .pth, .bin), or leave --checkpoint out")
         if storage.is_local(fs):
             _check_checkpoint_fits(config)
-    _check_local_input(config)
+    if input_kind(config.input) == "folder":
+        _check_local_input(config)
     check_storage(config)
-    in_fs, in_root = storage.filesystem(config.input, config.storage_options)
+    found = find_shards(config)  # a missing shard of a pattern or list, or a folder with none, is refused here
+    _check_readable(config, found)
+    in_fs, in_root = found.fs, found.root
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
     if storage.is_local(in_fs) and storage.is_local(out_fs):  # through symlinks too
         in_root, out_root = os.path.realpath(in_root), os.path.realpath(out_root)
     if in_fs.protocol == out_fs.protocol and (out_root == in_root or out_root.startswith(in_root.rstrip("/") + "/")):
         raise InputError(f"output {config.output!r} is inside input {config.input!r}: choose a folder outside it, "
                          "so outputs are never read as shards")
-    try:
-        exists = in_fs.isdir(in_root)
-    except PermissionError as exc:
-        raise InputError(f"input {config.input!r} cannot be read: {exc}") from exc
-    if not exists:
-        raise InputError(f"input {config.input!r} is not a folder (or cannot be reached)")
 
 
 def _check_local_input(config: EmbedConfig) -> None:
-    """A local input folder must exist and be readable, with every shard in it: said in local terms (the store
-    check that follows speaks of buckets and credentials)."""
+    """A local input folder must exist and be readable: said in local terms (the store check that follows speaks
+    of buckets and credentials)."""
     fs, root = storage.filesystem(config.input, config.storage_options)
     if not storage.is_local(fs):
         return
@@ -62,11 +75,18 @@ def _check_local_input(config: EmbedConfig) -> None:
     if not os.path.isdir(root):
         raise InputError(f"input {config.input!r} is not a folder: pass the folder that holds the *.tar shards")
     try:
-        names = os.listdir(root)
+        os.listdir(root)
     except PermissionError as exc:
         raise InputError(f"input {config.input!r} cannot be read by this user ({exc.strerror}): give it read and "
                          f"execute permission (chmod a+rx) or run as a user who can read it") from None
-    unreadable = sorted(n for n in names if n.lower().endswith(".tar") and not os.access(os.path.join(root, n), os.R_OK))
+
+
+def _check_readable(config: EmbedConfig, found: "FoundShards") -> None:
+    """Every local shard must be readable by this user (root reads anything; others are refused up front)."""
+    if not storage.is_local(found.fs):
+        return
+    unreadable = sorted(posixpath.relpath(t, found.root) if found.root else t
+                        for t in found.tars if not os.access(t, os.R_OK))
     if unreadable:
         shown = ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
         raise InputError(f"{len(unreadable)} shard(s) under {config.input!r} cannot be read by this user ({shown}): "
@@ -88,32 +108,228 @@ def _check_checkpoint_fits(config: EmbedConfig) -> None:
 
 def check_storage(config: EmbedConfig) -> None:
     """Input listable and output bucket present, with these credentials: a missing bucket or denied access fails
-    here, at once and naming the URL, not after the first shard's retries. Writes nothing."""
+    here, at once and naming the URL, not after the first shard's retries. Writes nothing. For a pattern, a
+    single .tar or a list file, the folder listed is the one holding it."""
     try:
-        storage.check_input(config.input, config.storage_options)
+        storage.check_input(input_folder(config.input), config.storage_options)
         storage.check_output(config.output, config.storage_options)
     except storage.StoreError as exc:
         raise InputError(str(exc)) from None
 
 
-def plan_shards(config: EmbedConfig, *, max_workers: int = 8) -> list[ShardPlan]:
-    """List the shards under config.input and prepare each: fingerprint, parquet/stats siblings, .idx (written
-    where missing when use_index_files), output path. Cheap per shard except a first-time index."""
-    check_storage(config)
+# ---------------------------------------------------------------------------------------------------------------
+# Which shards: a folder (recursive or not), a brace pattern, one .tar, a list file
+
+
+LIST_SUFFIX = ".txt"
+# Names under OUTPUT that are not shard outputs: a shard whose stem starts with one would collide with them.
+RESERVED_OUTPUT_NAMES = ("_prefect_results", output.EMBEDDINGS_FOLDER)
+
+
+def input_kind(url: str) -> str:
+    """'list' (a .txt list file), 'pattern' (braces that expand), 'tar' (one shard) or 'folder'."""
+    if url.lower().endswith(LIST_SUFFIX):
+        return "list"
+    if "{" in url and _expand(url, url) != [url]:
+        return "pattern"
+    if url.lower().endswith(".tar"):
+        return "tar"
+    return "folder"
+
+
+def input_folder(url: str) -> str:
+    """The folder an input lives in: the folder itself, the folder before a pattern's first brace, the folder of
+    a single .tar or of a list file (URLs keep their protocol)."""
+    kind = input_kind(url)
+    if kind == "folder":
+        return url
+    if kind == "pattern":
+        url = url[: url.index("{")]
+        if url.endswith("/"):
+            return url[:-1] or "/"
+        return posixpath.dirname(url) or "."
+    return posixpath.dirname(url) or "."
+
+
+def _expand(pattern: str, where: str) -> list[str]:
+    from braceexpand import UnbalancedBracesError, braceexpand
+
+    try:
+        return list(braceexpand(pattern))
+    except UnbalancedBracesError:
+        raise InputError(f"{where}: unbalanced braces in {pattern!r}: write a range as {{00000..00999}} or a list "
+                         "as {a,b}") from None
+
+
+@dataclass
+class FoundShards:
+    """The shards of a run, as paths of one filesystem, and the files beside them (for img2dataset siblings)."""
+
+    fs: Any
+    root: str  # the folder that stems are relative to (a path of `fs`, no protocol)
+    tars: list[str]  # sorted
+    files: set[str] = field(default_factory=set)  # every file listed in the shards' folders
+
+    def stem(self, tar: str) -> str:
+        rel = posixpath.relpath(tar, self.root) if self.root else tar.lstrip("/")
+        return rel[: -len(".tar")]
+
+
+def find_shards(config: EmbedConfig) -> FoundShards:
+    """The shards that config.input names (see the module docstring), or InputError saying what is wrong: a
+    folder without shards (naming subfolders that hold some, for `recursive`), a shard of a pattern or list that
+    does not exist, a list line that is not a .tar, two shards that would share an output."""
+    kind = input_kind(config.input)
+    if kind == "folder":
+        found = _find_in_folder(config)
+    else:
+        urls = _list_file_entries(config) if kind == "list" else _expand(config.input, "input")
+        found = _find_named(config, urls, kind)
+    _check_stems(config, found)
+    return found
+
+
+def _find_in_folder(config: EmbedConfig) -> FoundShards:
     fs, root = storage.filesystem(config.input, config.storage_options)
     if not fs.exists(root):
         raise InputError(f"input {config.input!r} does not exist")
     if not fs.isdir(root):
         raise InputError(f"input {config.input!r} is not a folder of *.tar shards")
-    tars = shards.list_shards(root, fs)
+    if config.recursive:
+        fs.invalidate_cache(root)  # a long-lived process must see shards added since its last listing
+        try:
+            # locally, an unreadable subfolder must fail the listing, not vanish from it (fsspec's walk omits it by
+            # default); object stores list a prefix flat and have no such option
+            options = {"on_error": "raise"} if storage.is_local(fs) else {}
+            files = set(fs.find(root, withdirs=False, **options))
+        except PermissionError as exc:
+            raise InputError(f"a subfolder of input {config.input!r} cannot be read by this user ({exc}): give it "
+                             "read and execute permission (chmod a+rx) or run as a user who can read it") from None
+        tars = sorted(p for p in files if _is_tar(p) and not _hidden(posixpath.relpath(p, root)))
+        if not tars:
+            raise InputError(f"input {config.input!r} holds no *.tar shards, in no subfolder either")
+        return FoundShards(fs, root, tars, files)
+    entries = fs.ls(root, detail=True)
+    files = {e["name"] for e in entries if e.get("type") == "file"}
+    tars = sorted(p for p in files if _is_tar(p))
     if not tars:
+        nested = sorted(p for p in fs.find(root, withdirs=False) if _is_tar(p))
+        if nested:
+            example = posixpath.relpath(nested[0], root)
+            raise InputError(f"input {config.input!r} holds no *.tar shards directly, but its subfolders hold "
+                             f"{len(nested)} (e.g. {example}): pass recursive=True (--recursive) to embed them, "
+                             "or a brace pattern or list file naming them")
         raise InputError(f"input {config.input!r} holds no *.tar shards")
+    return FoundShards(fs, root, tars, files)
+
+
+def _is_tar(path: str) -> bool:
+    return path.lower().endswith(".tar")
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
+def _list_file_entries(config: EmbedConfig) -> list[str]:
+    """The shard URLs of a list file: one per line, brace patterns expanded, relative paths made relative to the
+    list file's folder."""
+    fs, path = storage.filesystem(config.input, config.storage_options)
+    try:
+        text = fs.cat_file(path).decode("utf-8")
+    except FileNotFoundError:
+        raise InputError(f"input {config.input!r} does not exist: pass a folder of *.tar shards, a brace pattern, "
+                         "or a .txt file listing one shard per line") from None
+    except IsADirectoryError:
+        raise InputError(f"input {config.input!r} is a folder: a .txt input is read as a list of shards") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"input {config.input!r} is not a text file listing shards ({exc})") from None
+    base = input_folder(config.input)
+    urls: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "://" not in line and not os.path.isabs(line):
+            line = posixpath.join(base, line)
+        for url in _expand(line, f"{config.input} line {number}"):
+            if not _is_tar(url):
+                raise InputError(f"{config.input} line {number}: {url!r} is not a .tar shard")
+            urls.append(url)
+    if not urls:
+        raise InputError(f"list file {config.input!r} names no shards (one .tar path or URL per line)")
+    return urls
+
+
+def _find_named(config: EmbedConfig, urls: list[str], kind: str) -> FoundShards:
+    """Shards named one by one (pattern, .tar, list file): each must exist; their folders are listed once each."""
+    protocols = sorted({storage.protocol(u) for u in urls})
+    if len(protocols) > 1:
+        raise InputError(f"input {config.input!r} names shards on several stores ({', '.join(protocols)}): one "
+                         "run reads one store")
+    bad = [u for u in urls if not _is_tar(u)]
+    if bad:
+        raise InputError(f"input {config.input!r} names {bad[0]!r}, which is not a .tar shard")
+    fs, _ = storage.filesystem(urls[0], config.storage_options)
+    tars = sorted(dict.fromkeys(fs._strip_protocol(u) for u in urls))  # a shard named twice is embedded once
+    folders = sorted({posixpath.dirname(t) for t in tars})
+
+    def listing(folder: str) -> set[str]:
+        fs.invalidate_cache(folder)
+        try:
+            return {e["name"] for e in fs.ls(folder, detail=True) if e.get("type") == "file"}
+        except FileNotFoundError:
+            return set()
+        except Exception:  # noqa: BLE001 - said with the URL and what to do (credentials, bucket)
+            try:
+                storage.check_input(storage.to_url(fs, folder), config.storage_options)
+            except storage.StoreError as exc:
+                raise InputError(str(exc)) from None
+            raise
+
+    with ThreadPoolExecutor(max(1, min(16, len(folders)))) as pool:
+        files = set().union(*pool.map(listing, folders))
+    missing = [t for t in tars if t not in files]
+    if missing:
+        shown = ", ".join(storage.to_url(fs, t) for t in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise InputError(f"{len(missing)} of the {len(tars)} shard(s) that input {config.input!r} names do not "
+                         f"exist: {shown}{more}")
+    if kind == "pattern":
+        root = fs._strip_protocol(input_folder(config.input))
+    elif kind == "tar":
+        root = posixpath.dirname(tars[0])
+    else:  # the deepest folder holding every listed shard ("" when they share none: other buckets)
+        root = posixpath.commonpath(folders)
+    return FoundShards(fs, root, tars, files)
+
+
+def _check_stems(config: EmbedConfig, found: FoundShards) -> None:
+    """Two shards must never share an output (`x.tar` and `x.TAR`), nor take a name OUTPUT uses for itself."""
+    seen: dict[str, str] = {}
+    for tar in found.tars:
+        stem = found.stem(tar)
+        if stem in seen:
+            raise InputError(f"shards {storage.to_url(found.fs, seen[stem])} and {storage.to_url(found.fs, tar)} "
+                             f"would both write OUTPUT/{stem}.parquet: rename one")
+        seen[stem] = tar
+        if "/" in stem and stem.split("/", 1)[0] in RESERVED_OUTPUT_NAMES:
+            raise InputError(f"shard {storage.to_url(found.fs, tar)} would write OUTPUT/{stem}.parquet, inside a "
+                             f"folder OUTPUT keeps for itself: rename its folder")
+
+
+def plan_shards(config: EmbedConfig, *, max_workers: int = 8) -> list[ShardPlan]:
+    """List the shards that config.input names (find_shards) and prepare each: fingerprint, parquet/stats
+    siblings, .idx (written where missing when use_index_files), output path. Cheap per shard except a first-time
+    index."""
+    check_storage(config)
+    listed = find_shards(config)
+    fs, tars, siblings = listed.fs, listed.tars, listed.files
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
-    siblings = set(fs.ls(root, detail=False))
-    cache_dir = config.index_cache_dir or DEFAULT_INDEX_CACHE
+    cache_dir = config.index_cache()
 
     def plan_one(tar: str) -> ShardPlan:
-        stem = os.path.basename(tar)[: -len(".tar")]
+        stem = listed.stem(tar)  # "00000", or "train/00000" for a shard in a subfolder
         base = tar[: -len(".tar")]
         rows = base + ".parquet" if base + ".parquet" in siblings else None
         stats_path = base + "_stats.json" if base + "_stats.json" in siblings else None
@@ -124,7 +340,7 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8) -> list[ShardPlan]
         if config.use_index_files:
             try:
                 # On object stores a missing index is built by the worker during its one read of the tar
-                # (runner.embed_shard), not here: that would download every shard twice, serially, up front.
+                # (shard.process_shard), not here: that would download every shard twice, serially, up front.
                 found = shards.ensure_index(tar, fs, cache_dir, build=storage.is_local(fs))
                 index = found.path if found else None
                 if index is not None and index == shards.index_path_for(tar):
@@ -134,8 +350,8 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8) -> list[ShardPlan]
                 log.warning("shard %s: no .idx (%s); reading it without one", tar, exc)
             except shards.ShardReadError as exc:
                 # A truncated or corrupt tar: its task embeds the samples before the damage and names the rest
-                # (runner.embed_shard); it never stops the planning of every other shard.
-                if exc.offset == 0:  # not a tar at all: its task fails, naming it (runner.embed_shard)
+                # (shard.process_shard); it never stops the planning of every other shard.
+                if exc.offset == 0:  # not a tar at all: its task fails, naming it (shard.process_shard)
                     log.warning("shard %s is not a readable tar (%s)", tar, exc)
                 else:
                     log.warning("shard %s cannot be indexed (%s); its intact samples are read without an index",

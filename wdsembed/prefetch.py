@@ -4,6 +4,10 @@
 with ranged GETs, several in flight at once: downloading overlaps with embedding, and one shard's throughput is
 not capped by one connection's. Memory is bounded by `depth` blocks in flight or waiting plus the block being
 read; nothing touches local disk. Forward reads only (the tar reader never seeks).
+
+S3 objects no longer come through here: storage.open_sequential hands them to the process's
+s3fetch.ShardFetcher (whole shards, in flight sized by a target rate within a memory budget, ETag-checked).
+ReadAhead serves the other fsspec object stores.
 """
 from __future__ import annotations
 

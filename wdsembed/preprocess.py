@@ -11,16 +11,23 @@ The reference is `timm.data.create_transform(**resolve_model_data_config(model))
 
 where `scale = floor(size / crop_pct)`. Pixel-exact sizes and crop anchors matter (one pixel off costs more
 than all decoder/resampler rounding together): DALI's own `resize_shorter` and crop rounding differ by a pixel, so
-the resized size and the crop anchor are computed here, per sample in the graph, with the same arithmetic (and the
-same float64 rounding) as timm/torchvision. The crop is then folded into `resize` as a region of interest (same
-scale, same sample positions, no full-size intermediate) and `crop_mirror_normalize` only pads where the crop is
-larger than the image, then normalizes to CHW float32.
+the resized size and the crop anchor are computed here, with the same arithmetic (and the same float64 rounding) as
+timm/torchvision. The crop is folded into `resize` as a region of interest (same scale, same sample positions, no
+full-size intermediate) and `crop_mirror_normalize` only pads where the crop is larger than the image, then
+normalizes to CHW float32.
+
+The geometry is computed on the host for a whole batch at once (`PreprocessRecipe.geometry`, NumPy) from each
+image's header size (`wdsembed.imagesize`: EXIF-oriented, as DALI decodes it), and reaches the graph as per-sample
+argument inputs through external sources. Computed inside the graph instead (about 80 scalar DALI operators per
+batch, each run one after the other), it capped the GPU input path near 5,000 images/s (issue #11).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
+
+import numpy as np
 
 # Bumped whenever the DALI graph changes the numbers it produces; part of `describe()` and so of cache keys.
 RECIPE_IMPL_VERSION = 1
@@ -105,6 +112,33 @@ class PreprocessRecipe:
             return tuple(float(round(255 * m)) for m in self.mean)  # type: ignore[return-value]
         return (0.0, 0.0, 0.0)
 
+    def geometry(self, heights: Any, widths: Any) -> dict[str, np.ndarray]:
+        """Per-sample DALI arguments for a batch of images of heights x widths (as decoded: EXIF-oriented), keyed
+        by the external source names of `dali_preprocess`: the resize and crop fused into `fn.resize`'s output size
+        and region of interest, as [y, x] float32 rows. (The padding anchor needs no per-sample argument: see
+        `pad_crop_pos`.)"""
+        h = np.asarray(heights, dtype=np.int64)
+        w = np.asarray(widths, dtype=np.int64)
+        rh, rw = resized_size(h, w, self)
+        ch, cw = self.crop_size
+        y0, y1, out_h = _axis_roi(h, rh, ch)
+        x0, x1, out_w = _axis_roi(w, rw, cw)
+        return {
+            "resize_size": np.stack([out_h, out_w], axis=1).astype(np.float32),
+            "roi_start": np.stack([y0, x0], axis=1),
+            "roi_end": np.stack([y1, x1], axis=1),
+        }
+
+    @property
+    def pad_crop_pos(self) -> float:
+        """crop_mirror_normalize's relative anchor, one for every sample and both axes. Its input is, per axis,
+        either exactly the crop (anchor 0 whatever the position) or the whole resized axis of length r < crop, to be
+        padded with torchvision's left pad (crop - r) // 2, i.e. anchor -((crop - r) // 2). DALI computes the anchor
+        as roundf(pos * (r - crop)); with pos = 1/2 - 1/(4 * crop) that is -(d/2) + d/(4 * crop) for d = crop - r,
+        d/(4 * crop) in (0, 1/4): it rounds to -(d/2) for even d and to -((d - 1)/2) for odd d, never a tie, so
+        float32 rounding cannot move it (checked for every r < crop in the tests)."""
+        return 0.5 - 0.25 / max(self.crop_size)
+
     def describe(self) -> dict:
         """JSON-ready form, written into the manifest and hashed into cache keys."""
         return {
@@ -120,112 +154,67 @@ class PreprocessRecipe:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# DALI graph. Everything below runs inside a pipeline definition; the nodes are per-sample CPU scalars.
+# Geometry: per-sample sizes and anchors for a whole batch, in NumPy, with timm/torchvision's own arithmetic.
 
 
-def _f64(x: Any) -> Any:
-    from nvidia.dali import fn, types
-
-    return fn.cast(x, dtype=types.FLOAT64)
-
-
-def _c64(v: float) -> Any:
-    from nvidia.dali import types
-
-    return types.Constant(float(v), dtype=types.FLOAT64)
-
-
-def _round_half_even(x: Any) -> Any:
-    """Python's `round()` of a non-negative float64 node, as int64 (DALI has no such op)."""
-    import nvidia.dali.math as dmath
-    from nvidia.dali import fn, types
-
-    f = dmath.floor(x)
-    frac = x - f  # exact for doubles
-    odd = (f - _c64(2.0) * dmath.floor(f / _c64(2.0))) == _c64(1.0)
-    up = (frac > _c64(0.5)) | ((frac == _c64(0.5)) & odd)
-    return fn.cast(f, dtype=types.INT64) + fn.cast(up, dtype=types.INT64)
-
-
-def _select(cond: Any, a: Any, b: Any) -> Any:
-    """cond ? a : b for int64 nodes (bool promotes to 0/1; one term is always exact zero)."""
-    from nvidia.dali import fn, types
-
-    c = fn.cast(cond, dtype=types.INT64)
-    return c * a + (1 - c) * b
-
-
-def resized_size(h: Any, w: Any, recipe: PreprocessRecipe) -> tuple[Any, Any]:
-    """Per-sample (height, width) after timm's resize step, for an image of h x w (int64 nodes)."""
+def resized_size(h: np.ndarray, w: np.ndarray, recipe: PreprocessRecipe) -> tuple[np.ndarray, np.ndarray]:
+    """(height, width) after timm's resize step for images of h x w (int64 arrays)."""
     sh, sw = recipe.scale_size
     if recipe.crop_mode == "squash":
-        return h * 0 + sh, w * 0 + sw
+        return np.full_like(h, sh), np.full_like(w, sw)
     if recipe.crop_mode == "center" and sh == sw:
-        # torchvision Resize(int): short side = s, long side = int(s * long / short) (exact integer floor here).
+        # torchvision Resize(int): short side = s, long side = int(s * long / short); the float64 quotient of two
+        # integers this small never crosses an integer, so the exact integer floor is the same number.
         portrait = w <= h
-        short = _select(portrait, w, h)
-        long = _select(portrait, h, w)
-        new_long = (long * sh) // short
-        return _select(portrait, new_long, h * 0 + sh), _select(portrait, w * 0 + sw, new_long)
-    # timm ResizeKeepRatio: ratio = max (border) or min (center) of h/sh, w/sw in float64, size = round(dim / ratio).
-    rh = _f64(h) / _c64(sh)
-    rw = _f64(w) / _c64(sw)
-    take_h = rh > rw if recipe.crop_mode == "border" else rh < rw
-    t = _f64(take_h)
-    ratio = t * rh + (_c64(1.0) - t) * rw
+        short = np.where(portrait, w, h)
+        new_long = (np.where(portrait, h, w) * sh) // short
+        return np.where(portrait, new_long, sh), np.where(portrait, sw, new_long)
+    # timm ResizeKeepRatio: ratio = max (border) or min (center) of h/sh, w/sw in float64, size = round(dim / ratio)
+    # (half to even, as Python's round of a float)
+    rh, rw = h / float(sh), w / float(sw)
+    ratio = np.maximum(rh, rw) if recipe.crop_mode == "border" else np.minimum(rh, rw)
     # at least one pixel: timm itself fails on the zero-size resize of an extreme aspect ratio
-    return _at_least_1(_round_half_even(_f64(h) / ratio)), _at_least_1(_round_half_even(_f64(w) / ratio))
+    return np.maximum(np.rint(h / ratio), 1).astype(np.int64), np.maximum(np.rint(w / ratio), 1).astype(np.int64)
 
 
-def _at_least_1(x: Any) -> Any:
-    return _select(x < 1, x * 0 + 1, x)
-
-
-def crop_anchor(size: Any, crop: int) -> Any:
-    """torchvision's CenterCrop/timm's CenterCropOrPad anchor along one axis of length `size` (int64 node):
+def crop_anchor(size: np.ndarray, crop: int) -> np.ndarray:
+    """torchvision's CenterCrop/timm's CenterCropOrPad anchor along one axis of length `size` (int64 array):
     `int(round((size - crop) / 2))` (half to even) when the crop fits, else `-((crop - size) // 2)` (left pad)."""
     d = size - crop
-    q = d // 2  # floor for d >= 0
-    odd_d = d - 2 * q
-    odd_q = q - 2 * (q // 2)
-    inside = q + odd_d * odd_q
-    pad = 0 - ((0 - d) // 2)
-    return _select(d >= 0, inside, pad)
+    return np.where(d >= 0, np.rint(d / 2.0).astype(np.int64), -((-d) // 2))
 
 
-def _crop_pos(size: Any, crop: int) -> Any:
-    """crop_mirror_normalize takes a relative anchor `pos` and computes roundf(pos * (size - crop)); hand it
-    anchor / (size - crop) so that the rounding lands on the exact anchor, also for negative (padding) extents."""
-    from nvidia.dali import fn, types
-
-    d = size - crop
-    d = _select(d == 0, d * 0 + 1, d)
-    return fn.cast(_f64(crop_anchor(size, crop)) / _f64(d), dtype=types.FLOAT)
-
-
-def _axis_roi(length: Any, resized: Any, crop: int) -> tuple[Any, Any, Any]:
+def _axis_roi(length: np.ndarray, resized: np.ndarray, crop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Resize and crop fused along one axis: the input interval that maps onto the crop window of the resized
     image, and the output length. Same scale (length / resized) and same sample positions as resizing the whole
     image and cropping it, without materialising the resized image (an extreme aspect ratio can make that huge).
     Where the crop is larger than the resized image the whole axis is resized and crop_mirror_normalize pads."""
+    fits = resized >= crop
+    start = np.where(fits, crop_anchor(resized, crop), 0)  # in resized pixels
+    out_len = np.where(fits, crop, resized)
+    scale = length / resized.astype(np.float64)
+    return (start * scale).astype(np.float32), ((start + out_len) * scale).astype(np.float32), out_len
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DALI graph. The geometry arrives through external sources, one per argument, fed per batch with feed_geometry.
+
+GEOMETRY_INPUTS = ("resize_size", "roi_start", "roi_end")  # [y, x] float32 per sample
+
+
+def geometry_inputs() -> dict[str, Any]:
+    """External sources for the per-sample arguments, named as the keys of `PreprocessRecipe.geometry`."""
     from nvidia.dali import fn, types
 
-    fits = resized >= crop
-    start = _select(fits, crop_anchor(resized, crop), resized * 0)  # in resized pixels
-    out_len = _select(fits, resized * 0 + crop, resized)
-    scale = _f64(length) / _f64(resized)
-    roi_start = fn.cast(_f64(start) * scale, dtype=types.FLOAT)
-    roi_end = fn.cast(_f64(start + out_len) * scale, dtype=types.FLOAT)
-    return roi_start, roi_end, out_len
+    return {name: fn.external_source(name=name, dtype=types.FLOAT, ndim=1) for name in GEOMETRY_INPUTS}
 
 
-def _oversize_stub(encoded: Any) -> Any:
-    """A 1x1 RGB 'image' made of the first bytes of the stream, standing in for an image that must not be
-    decoded; its row is reported as a failure and dropped."""
-    from nvidia.dali import fn
+def feed_geometry(pipe: Any, geometry: dict[str, np.ndarray]) -> None:
+    """Feed one batch's `PreprocessRecipe.geometry` to a pipeline built with `dali_preprocess`."""
+    from nvidia.dali.tensors import TensorListCPU
 
-    head = fn.slice(encoded, 0, 3, axes=[0], out_of_bounds_policy="pad")
-    return fn.reshape(head, shape=[1, 1, 3], layout="HWC")
+    for name in GEOMETRY_INPUTS:  # wrapped here: feed_input's own checks of a numpy array cost more
+        pipe.feed_input(name, TensorListCPU(np.ascontiguousarray(geometry[name])))
 
 
 def dali_preprocess(
@@ -233,19 +222,18 @@ def dali_preprocess(
     recipe: PreprocessRecipe,
     decode_device: str = "cpu",
     *,
-    max_pixels: Optional[int] = None,
+    geometry: Optional[dict[str, Any]] = None,
     hw_decoder_load: float = 0.9,
     device_memory_padding: int = 32 << 20,
     host_memory_padding: int = 16 << 20,
     jpeg_fancy_upsampling: bool = False,
-) -> tuple[Any, Optional[Any]]:
+) -> Any:
     """Encoded image bytes (a CPU uint8 node) -> normalized float32 CHW images, on the GPU for decode_device="mixed".
 
     Decoding applies EXIF orientation and yields 3-channel RGB for gray, RGBA (alpha dropped, as PIL's
-    convert("RGB")), palette and CMYK inputs. Returns (images, oversize): with `max_pixels`, images whose header
-    says height * width > max_pixels are not decoded and `oversize` holds their [height, width] ([0, 0] for the
-    others); their image rows are placeholders. Without it, `oversize` is None. `max_pixels` needs a pipeline built
-    with enable_conditionals=True."""
+    convert("RGB")), palette and CMYK inputs. `geometry` holds the per-sample argument nodes (default: the external
+    sources of `geometry_inputs()`, to be fed with `feed_geometry(pipe, recipe.geometry(heights, widths))` for the
+    (EXIF-oriented) header sizes of the same batch, from `wdsembed.imagesize.image_size`)."""
     from nvidia.dali import fn, types
 
     decoder_args: dict[str, Any] = dict(device=decode_device, output_type=types.RGB)
@@ -260,53 +248,28 @@ def dali_preprocess(
             # the plain upsampling keeps embeddings within the fidelity target, so it is the default.
             jpeg_fancy_upsampling=jpeg_fancy_upsampling,
         )
-
-    oversize = None
-    if max_pixels is None:
-        images = fn.decoders.image(encoded, **decoder_args)
-    else:
-        peeked = fn.peek_image_shape(encoded)  # header only, EXIF-rotated like the decoder's output
-        too_big = peeked[0] * peeked[1] > max_pixels
-        oversize = peeked[0:2] * fn.cast(too_big, dtype=types.INT64)
-        if too_big:
-            images = _oversize_stub(encoded)
-            if decode_device == "mixed":
-                images = images.gpu()
-        else:
-            images = fn.decoders.image(encoded, **decoder_args)
-
-    # Sizes from the image's header (EXIF-rotated, as the decoder's output), read on the CPU before decoding: the
-    # resize arguments then never wait on the GPU decode, which would serialize every iteration (measured on an
-    # H200: about 4.5k images/s with the decoded image's own shape).
-    shape = fn.peek_image_shape(encoded, adjust_orientation=True)
-    h, w = shape[0], shape[1]
-    if oversize is not None:
-        # A refused image's 1x1 stand-in is what gets resized: size its row as 1x1.
-        fits = fn.cast(oversize[0] == 0, dtype=types.INT64)
-        h, w = h * fits + (1 - fits), w * fits + (1 - fits)
-    rh, rw = resized_size(h, w, recipe)
-    ch, cw = recipe.crop_size
-    y0, y1, out_h = _axis_roi(h, rh, ch)
-    x0, x1, out_w = _axis_roi(w, rw, cw)
+    if geometry is None:
+        geometry = geometry_inputs()
+    images = fn.decoders.image(encoded, **decoder_args)
     images = fn.resize(
         images,
-        resize_x=fn.cast(out_w, dtype=types.FLOAT),
-        resize_y=fn.cast(out_h, dtype=types.FLOAT),
-        roi_start=fn.stack(y0, x0),
-        roi_end=fn.stack(y1, x1),
+        size=geometry["resize_size"],
+        roi_start=geometry["roi_start"],
+        roi_end=geometry["roi_end"],
         interp_type=getattr(types, INTERPOLATIONS[recipe.interpolation]),
         antialias=True,
         subpixel_scale=False,
     )
+    ch, cw = recipe.crop_size
     mean = [255.0 * m for m in recipe.mean]
     std = [255.0 * s for s in recipe.std]
     # fill_values are output (normalized) values: padding must come out as the normalized pixel value pad_fill.
     fill = [(f - m) / s for f, m, s in zip(recipe.pad_fill, mean, std)]
-    images = fn.crop_mirror_normalize(
+    return fn.crop_mirror_normalize(
         images,
         crop=(ch, cw),
-        crop_pos_x=_crop_pos(out_w, cw),
-        crop_pos_y=_crop_pos(out_h, ch),
+        crop_pos_x=recipe.pad_crop_pos,
+        crop_pos_y=recipe.pad_crop_pos,
         out_of_bounds_policy="pad",
         fill_values=fill,
         mean=mean,
@@ -314,4 +277,3 @@ def dali_preprocess(
         dtype=types.FLOAT,
         output_layout="CHW",
     )
-    return images, oversize

@@ -30,6 +30,14 @@ IDX_VERSION = "v1.2"
 # (links, devices, directories, FIFOs, as tarfile and GNU tar treat them); GNU/pax extended headers.
 _REGULAR = (b"0", b"\x00")
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
+_HARD_LINK, _SYMLINK = b"1", b"2"
+# members never followed or read: where one is named like an image, its sample gets this reason instead
+_NOT_READ = {
+    _SYMLINK: "symbolic link member, not followed",
+    b"3": "character device member, not read",
+    b"4": "block device member, not read",
+    b"6": "FIFO member, not read",
+}
 _GNU_LONGNAME, _GNU_LONGLINK, _PAX, _PAX_GLOBAL = b"L", b"K", b"x", b"g"
 _MAX_EXT_HEADER = 1 << 20  # a longname/pax header bigger than this is corruption, not a name
 
@@ -45,7 +53,8 @@ class Sample:
     image_ext: Optional[str] = None  # lowercased extension of the chosen member ("jpg")
     error: Optional[str] = None  # e.g. "no image member (found: json, txt)", "duplicate key"
     member: Optional[str] = None  # the chosen image member's name in the tar
-    offset: Optional[int] = None  # byte offset of that member's data in the tar (the offset its .idx line has)
+    # byte offset of that member's data in the tar (the offset its .idx line has); for a hard link, its target's
+    offset: Optional[int] = None
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -186,6 +195,7 @@ class _Member(NamedTuple):
     header_offset: int  # offset of the first header block (extended headers included)
     data_offset: int
     typeflag: bytes
+    linkname: str = ""  # the target of a hard or symbolic link, as stored (a member name for hard links)
 
 
 class _TarCorrupt(Exception):
@@ -229,6 +239,7 @@ def _iter_members(r: _Reader) -> Iterator[_Member]:
     """Yield every member in file order; the caller must consume (read or skip) `member.size` data bytes before
     asking for the next one. Ends at the end-of-archive block; raises _TarCorrupt on damage."""
     longname: Optional[str] = None
+    longlink: Optional[str] = None
     pax: dict[str, str] = {}
     first_header: Optional[int] = None
     while True:
@@ -270,12 +281,14 @@ def _iter_members(r: _Reader) -> Iterator[_Member]:
                 raise _TarCorrupt(hoff, "unexpected end of file inside an extended header")
             if typeflag == _GNU_LONGNAME:
                 longname = _decode_name(bytes(data).split(b"\x00", 1)[0])
+            elif typeflag == _GNU_LONGLINK:
+                longlink = _decode_name(bytes(data).split(b"\x00", 1)[0])
             elif typeflag == _PAX:
                 try:
                     pax = _parse_pax(bytes(data))
                 except ValueError:
                     raise _TarCorrupt(hoff, "bad pax extended header") from None
-            continue  # 'K' (long link target) and 'g' (global defaults) change nothing we use
+            continue  # 'g' (global defaults) changes nothing we use
 
         name_raw = block[:100].split(b"\x00", 1)[0]
         if block[257:263] == b"ustar\x00":  # POSIX ustar: long names are split into prefix/name
@@ -298,8 +311,11 @@ def _iter_members(r: _Reader) -> Iterator[_Member]:
             size = 0
         if size < 0:
             raise _TarCorrupt(hoff, "negative member size")
-        yield _Member(name, size, first_header, hoff + BLOCK, typeflag)
-        longname, pax, first_header = None, {}, None
+        linkname = ""
+        if typeflag in (_HARD_LINK, _SYMLINK):
+            linkname = pax.get("linkpath") or longlink or _decode_name(block[157:257].split(b"\x00", 1)[0])
+        yield _Member(name, size, first_header, hoff + BLOCK, typeflag, linkname)
+        longname, longlink, pax, first_header = None, None, {}, None
 
 
 def _skip_data(r: _Reader, m: _Member) -> None:
@@ -354,12 +370,22 @@ def iter_samples(
     tar header is checked against it; a mismatch raises StaleIndexError. A truncated or corrupt tar raises
     ShardReadError naming `shard` after yielding every sample read intact before the damage.
 
-    `f` must be positioned at the start of the tar; it is only ever read forward, in requests of at most
-    `chunk_size` bytes (no seeks, also with an index). Members that are not regular files, and hidden files
-    (`.x`, `dir/.x`, which wds2idx leaves out of the index), are skipped without ending the current sample.
+    `f` must be positioned at the start of the tar; it is read forward, in requests of at most `chunk_size`
+    bytes (no seeks, also with an index), except for hard links (below). Hidden files (`.x`, `dir/.x`, which
+    wds2idx leaves out of the index), directories, and links, devices and FIFOs not named like an image are
+    skipped without ending the current sample.
+    A hard link member (legal tar: the same file archived twice) counts as the file it links to, an earlier
+    regular member of this tar: its image bytes are that member's, read back from the data offset remembered for
+    every regular member (a seek and read where `f` is seekable, a ranged read where `f` is a prefetch.ReadAhead;
+    elsewhere the sample gets an error saying so). Only a hard link costs a read back; the map of offsets costs
+    about 200 bytes per member, never image bytes. A hard link to a name that is no earlier regular member gets
+    an error.
+    A symbolic link, device or FIFO member is never followed or read: where it is named like an image and its
+    sample has no real image member, the sample gets an error saying so ("symbolic link member, not followed").
     An image member of 0 bytes yields error "empty image member" (DALI's decoder would only say
     "nvImageCodec failure"). The index check is strict: every indexed member must appear in index order with
-    the index's name, size and data offset, and the tar may hold no indexable member the index lacks.
+    the index's name, size and data offset, and the tar may hold no indexable member the index lacks (links are
+    not indexed, as wds2idx leaves them out too).
     Memory: one chunk, the member being read and, while a sample has several image members, the best so far.
     `index_builder` receives every member the .idx lists, so that a full pass also yields the shard's index
     (used for shards on object stores, where a separate indexing pass would download the tar twice).
@@ -371,15 +397,21 @@ def iter_samples(
     r = _Reader(f, chunk_size)
     seen: set[str] = set()
 
+    targets: dict[str, tuple[int, int]] = {}  # regular member (or resolved hard link) -> (data offset, size)
+    read_back = _read_back(f)
+
     key: Optional[str] = None
     found: list[str] = []
     best: Optional[tuple[int, bytes | bytearray, str, str, int]] = None  # (rank, data, ext, member, offset)
+    unread: Optional[str] = None  # why an image-named member of the sample gave no bytes (links, devices)
     duplicate = False
 
     def finish() -> Sample:
         assert key is not None
         if duplicate:
             return Sample(key, None, error="duplicate key")
+        if best is None and unread is not None:
+            return Sample(key, None, error=unread)
         if best is None:
             shown = ", ".join(dict.fromkeys(e or "(no extension)" for e in found))
             return Sample(key, None, error=f"no image member (found: {shown})")
@@ -392,12 +424,25 @@ def iter_samples(
 
     try:
         for m in _iter_members(r):
-            if m.typeflag not in _REGULAR or not _indexed(m.name):
+            regular = m.typeflag in _REGULAR
+            target = None
+            if regular:
+                targets[m.name] = (m.data_offset, m.size)
+            elif m.typeflag == _HARD_LINK:
+                target = targets.get(m.linkname)
+                if target is not None:
+                    targets[m.name] = target  # a link to this link is a link to the same file
+            k, ext = split_member_name(m.name)
+            mrank = rank.get(_last_ext(ext))
+            # Links, devices and FIFOs count only where their name makes them (part of) an image sample; hard links
+            # always do (each is a file, like a regular member).
+            takes_part = regular or m.typeflag == _HARD_LINK or (m.typeflag in _NOT_READ and mrank is not None)
+            if not takes_part or not _indexed(m.name):
                 _skip_data(r, m)
                 continue
-            if index_builder is not None:
+            if regular and index_builder is not None:
                 index_builder.add(m.name, m.data_offset, m.size)
-            if expected is not None:
+            if regular and expected is not None:
                 try:
                     _check_against_index(shard, m, next(expected, None))
                 except StaleIndexError as stale:
@@ -405,20 +450,37 @@ def iter_samples(
                         raise
                     on_stale_index(stale)
                     expected = None
-            k, ext = split_member_name(m.name)
             if k != key:
                 if key is not None:
                     yield finish()
-                key, found, best = k, [], None
+                key, found, best, unread = k, [], None, None
                 duplicate = k in seen
                 seen.add(k)
             found.append(ext)
-            mrank = rank.get(_last_ext(ext))
-            if not duplicate and mrank is not None and (best is None or mrank < best[0]):
+            if duplicate or mrank is None or (best is not None and mrank >= best[0]):
+                _skip_data(r, m)
+                continue
+            if regular:
                 best = None  # drop the worse candidate before reading the better one
                 best = (mrank, _read_data(r, m), _last_ext(ext), m.name, m.data_offset)
+                continue
+            _skip_data(r, m)  # links, devices, FIFOs: no data in the tar
+            if m.typeflag != _HARD_LINK:
+                unread = unread or _NOT_READ[m.typeflag]
+            elif target is None:
+                unread = unread or f"hard link to {_shown(m.linkname)}, which is no earlier file of this tar"
+            elif read_back is None and target[1] > 0:
+                unread = unread or (f"hard link to {_shown(m.linkname)}: this stream of the tar cannot read back "
+                                    "to that member's data")
             else:
-                _skip_data(r, m)
+                offset, size = target
+                data = read_back(offset, size) if size and read_back else b""
+                if len(data) == size:
+                    best = None
+                    best = (mrank, data, _last_ext(ext), m.name, offset)
+                else:  # the file changed under us: this sample's loss, not the shard's
+                    unread = unread or (f"hard link to {_shown(m.linkname)}: its data read back as {len(data)} "
+                                        f"of {size} bytes")
     except _TarCorrupt as e:
         # The pending sample's image, when it was read whole before the damage, is still good: yield it (its other
         # members may continue past the damage). Otherwise the error names it as lost.
@@ -437,6 +499,34 @@ def iter_samples(
             on_stale_index(stale)
     if key is not None:
         yield finish()
+
+
+def _shown(name: str, limit: int = 200) -> str:
+    """A member name from the tar, quoted for an error message and cut short (names can be 1 MiB long)."""
+    return repr(name if len(name) <= limit else name[:limit] + "...")
+
+
+def _read_back(f: BinaryIO) -> Optional[Callable[[int, int], bytes]]:
+    """How to read bytes [offset, offset+size) of the tar that `f` has already passed, without disturbing the
+    forward read: seek and come back on a seekable file; a ranged read of the same object for prefetch.ReadAhead
+    (forward-only, but it names its filesystem and path); None for other streams."""
+    try:
+        seekable = bool(f.seekable())
+    except (AttributeError, OSError, ValueError):
+        seekable = False
+    if seekable:
+        def read(offset: int, size: int) -> bytes:
+            here = f.tell()
+            try:
+                f.seek(offset)
+                return f.read(size)
+            finally:
+                f.seek(here)
+        return read
+    fs, path = getattr(f, "fs", None), getattr(f, "path", None)
+    if fs is not None and isinstance(path, str) and hasattr(fs, "cat_file"):
+        return lambda offset, size: fs.cat_file(path, start=offset, end=offset + size)
+    return None
 
 
 def _check_against_index(shard: str, m: _Member, entry: Optional["IndexMember"]) -> None:

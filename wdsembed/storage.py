@@ -10,13 +10,14 @@ from __future__ import annotations
 import posixpath
 import re
 from contextlib import contextmanager
-from typing import Any, BinaryIO, Iterator, Mapping
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
 
-from wdsembed.config import SECRET_OPTION_PATTERN
+# storage_options names that carry credentials (s3fs key/secret/token, adlfs account_key/sas_token, passwords...)
+SECRET_OPTION_PATTERN = r"(^|_)(key|secret|token|password|passwd|pwd|credential|credentials|connection_string|sas)(_|$)"
 
 _SECRET_OPTION = re.compile(SECRET_OPTION_PATTERN, re.IGNORECASE)
 CREDENTIALS_HINT = (
@@ -113,18 +114,44 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
+def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    return any(p in _S3_PROTOCOLS for p in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)))
+
+
 @contextmanager
 def open_sequential(fs: fsspec.AbstractFileSystem, path: str, *, size: int | None = None) -> Iterator[BinaryIO]:
     """A file object for one front-to-back pass over `path` (a tar). Local files are plain files (the OS reads
-    ahead); on object stores a background reader keeps a few large ranges in flight (see prefetch.ReadAhead)."""
+    ahead). S3 objects come whole through this process's shard fetcher (s3fetch: many ranged GETs in flight,
+    sized by a target rate within a memory budget, ETag-checked; shards named by `prefetch_shards` are already
+    on their way). Other object stores get a background reader with a few large ranges in flight
+    (prefetch.ReadAhead)."""
     if is_local(fs):
         with fs.open(path, "rb") as f:
+            yield f
+        return
+    if is_s3(fs):
+        from wdsembed import s3fetch
+
+        with s3fetch.fetcher_for(fs).open(path, size=size) as f:
             yield f
         return
     from wdsembed.prefetch import ReadAhead
 
     with ReadAhead(fs, path, size=size) as f:
         yield f
+
+
+def prefetch_shards(urls: Iterable[str], storage_options: Mapping[str, Any] | None = None) -> None:
+    """Start fetching the S3 shards that this process will open next (in order), so that the next shard's first
+    bytes are in memory when the current one ends. No-op for local and non-S3 URLs. Call it with the shards that
+    come after the one about to be read; the same process's open_sequential then finds them."""
+    urls = [u for u in urls if protocol(u) in _S3_PROTOCOLS]
+    if not urls:
+        return
+    from wdsembed import s3fetch
+
+    fs, _ = filesystem(urls[0], storage_options)
+    s3fetch.fetcher_for(fs).prefetch(urls)
 
 
 # ---------------------------------------------------------------------------------------------------------------

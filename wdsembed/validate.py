@@ -1,14 +1,16 @@
-"""Checks of a written output: the row count, the embedding's dimension, finite values, L2 norms."""
+"""Checks of an output table, before it is written and after: the row count, the embedding's dimension, finite
+values, L2 norms; and of a written output's kNN view (OUTPUT/_embeddings/<stem>.parquet): one row per embedding."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from wdsembed import storage
+from wdsembed import output, storage
 from wdsembed.config import EmbedConfig
 
 NORM_TOLERANCE = 1e-3
@@ -25,15 +27,29 @@ def validate_output(
     config: EmbedConfig, output_url: str, *, dim: int, expected_rows: Optional[int] = None,
     expected_embedded: Optional[int] = None,
 ) -> Validation:
-    """Re-read the output and check what downstream users rely on. Reads the embedding column only."""
+    """Re-read a written output and check what downstream users rely on. Reads two columns only."""
     fs, path = storage.filesystem(output_url, config.storage_options)
-    problems: list[str] = []
     try:
         with fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=[config.embedding_column, config.error_column])
     except Exception as exc:  # noqa: BLE001 - any unreadable output is a validation failure, said plainly
         return Validation(output_url, False, [f"output cannot be read: {exc}"])
+    problems = validate_table(config, table, dim=dim, expected_rows=expected_rows,
+                              expected_embedded=expected_embedded)
+    embedded = int(table.column(config.embedding_column).is_valid().to_numpy(zero_copy_only=False).sum())
+    view_problem = _check_view(config, output_url, embedded)
+    if view_problem:
+        problems.append(view_problem)
+    return Validation(output_url, not problems, problems)
 
+
+def validate_table(
+    config: EmbedConfig, table: pa.Table, *, dim: int, expected_rows: Optional[int] = None,
+    expected_embedded: Optional[int] = None,
+) -> list[str]:
+    """The problems of an output table, none when it is sound: the row and embedding counts, one of an embedding
+    and an error per row, the dimension, finite values, and unit L2 norms when normalizing."""
+    problems: list[str] = []
     if expected_rows is not None and table.num_rows != expected_rows:
         problems.append(f"{table.num_rows} rows, expected {expected_rows}")
     column = table.column(config.embedding_column).combine_chunks()
@@ -56,4 +72,27 @@ def validate_output(
                 worst = float(np.max(np.abs(norms - 1.0)))
                 if worst > NORM_TOLERANCE:
                     problems.append(f"L2 norm off by {worst:.2e} (tolerance {NORM_TOLERANCE})")
-    return Validation(output_url, not problems, problems)
+    return problems
+
+
+def _check_view(config: EmbedConfig, output_url: str, embedded: int) -> Optional[str]:
+    """The shard's kNN view must exist and hold exactly its embedded rows. Checked for outputs under
+    config.output only (their stem is the path below it); reads the view's footer only."""
+    fs, root = storage.filesystem(config.output, config.storage_options)
+    path = storage.filesystem(output_url, config.storage_options)[1]
+    prefix = root.rstrip("/") + "/"
+    if not (path.startswith(prefix) and path.endswith(".parquet")):
+        return None
+    stem = path[len(prefix) : -len(".parquet")]
+    view = output.embeddings_view_url(root, stem)
+    shown = f"{output.EMBEDDINGS_FOLDER}/{stem}.parquet"
+    try:
+        with fs.open(view, "rb") as f:
+            rows = pq.read_metadata(f).num_rows
+    except FileNotFoundError:
+        return f"kNN view {shown} is missing"
+    except Exception as exc:  # noqa: BLE001 - unreadable is a validation failure, said plainly
+        return f"kNN view {shown} cannot be read: {exc}"
+    if rows != embedded:
+        return f"kNN view {shown} holds {rows} rows, the output {embedded} embeddings"
+    return None

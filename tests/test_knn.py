@@ -1,0 +1,113 @@
+"""A run's output goes straight into kNN tools: embedding-reader (parquet mode) and autofaiss read
+OUTPUT/_embeddings with no user code in between, while OUTPUT/<stem>.parquet keeps every row with its reason.
+
+The run: the Python API with the tiny timm test model on the CPU-only DALI pipeline, over img2dataset-style shards
+with failed downloads, an undecodable image, a shard in a subfolder (recursive) and a shard where nothing could be
+embedded. autofaiss pins numpy<2, which the project's pyarrow cannot import with, so it is not installed here: the
+autofaiss test runs where WDSEMBED_AUTOFAISS names its command in a venv of its own (docs/knn.md says how), and is
+skipped otherwise.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+pytest.importorskip("nvidia.dali")
+
+from conftest import TINY_MODEL  # noqa: E402
+from wdsembed.api import TimmImageEmbedder  # noqa: E402
+from wdsembed.synthetic import ShardSample, corrupt_image_bytes, encode_image, make_image, write_shard  # noqa: E402
+
+EMB = "image_embedding"
+
+
+def _image(i: int) -> ShardSample:
+    return ShardSample(encode_image(make_image(40, 30, seed=i), "bmp"), ext="bmp", caption=f"image {i}")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("knn")
+    first = [_image(i) for i in range(6)]
+    first[2] = ShardSample(corrupt_image_bytes("truncated", seed=1), ext="jpg", caption="cut short")
+    write_shard(root / "in", "00000", first, failed_rows=2)
+    write_shard(root / "in" / "more", "00001", [_image(10 + i) for i in range(5)], failed_rows=1, shard_id=1)
+    with tarfile.open(root / "in" / "more" / "00002.tar", "w"):  # every download failed: an empty tar
+        pass
+    pq.write_table(pa.table({"key": ["000020000", "000020001"], "status": ["failed_to_download"] * 2,
+                             "error_message": ["HTTP Error 404"] * 2}), root / "in" / "more" / "00002.parquet")
+    out = root / "out"
+    results = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                                recursive=True)(str(root / "in"), str(out))
+    assert sorted((r.stem, r.rows, r.embedded) for r in results) == [
+        ("00000", 8, 5), ("more/00001", 6, 5), ("more/00002", 2, 0)]
+    return out
+
+
+def embedded_rows(out: Path) -> dict[tuple[str, str], np.ndarray]:
+    """(key, shard) -> embedding, from the full tables: what the kNN tools must see, no more, no less."""
+    want = {}
+    for stem in json.loads((out / "_manifest.json").read_text())["shards"]:
+        for row in pq.read_table(out / f"{stem}.parquet").to_pylist():
+            if row[EMB] is not None:
+                want[(row["key"], stem)] = np.asarray(row[EMB], np.float32)
+            else:
+                assert row["embedding_error"]  # every other row is kept, with its reason
+    return want
+
+
+def test_full_tables_keep_every_row_and_the_view_only_embedded_ones(run):
+    assert sorted(str(p.relative_to(run)) for p in (run / "_embeddings").rglob("*.parquet")) == [
+        "_embeddings/00000.parquet", "_embeddings/more/00001.parquet", "_embeddings/more/00002.parquet"]
+    assert pq.read_table(run / "_embeddings" / "more" / "00002.parquet").num_rows == 0
+    assert len(embedded_rows(run)) == 10
+
+
+def test_embedding_reader_reads_a_runs_output(run):
+    er = pytest.importorskip("embedding_reader")
+    want = embedded_rows(run)
+    # the full tables are what fails: nulls where rows have no embedding
+    with pytest.raises(ValueError):
+        list(er.EmbeddingReader(str(run), file_format="parquet", embedding_column=EMB)(batch_size=64,
+                                                                                     show_progress=False))
+    reader = er.EmbeddingReader(str(run / "_embeddings"), file_format="parquet", embedding_column=EMB,
+                                meta_columns=["key", "shard"])
+    assert reader.count == len(want) and reader.dimension == len(next(iter(want.values())))
+    seen = {}
+    for vectors, meta in reader(batch_size=3, show_progress=False):
+        for vector, key, stem in zip(vectors, meta["key"], meta["shard"]):
+            seen[(key, stem)] = vector
+    assert sorted(seen) == sorted(want)
+    assert all(np.array_equal(seen[k], want[k]) for k in want)
+
+
+def test_autofaiss_builds_an_index_from_a_runs_output(run, tmp_path):
+    command = os.environ.get("WDSEMBED_AUTOFAISS")
+    if not command:
+        pytest.skip("autofaiss not installed (it pins numpy<2): set WDSEMBED_AUTOFAISS to its command in its own "
+                    "venv, see docs/knn.md")
+    python = str(Path(command).with_name("python"))
+    index, infos, ids = tmp_path / "knn.index", tmp_path / "infos.json", tmp_path / "ids"
+    done = subprocess.run([command, "build_index", f"--embeddings={run / '_embeddings'}", f"--index_path={index}",
+                           f"--index_infos_path={infos}", "--file_format=parquet", f"--embedding_column_name={EMB}",
+                           '--id_columns=["key","shard"]', f"--ids_path={ids}", "--metric_type=ip"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(infos.read_text())["nb vectors"] == 10
+    # every vector of the index is the embedding of the row its id names
+    want = {f"{k}|{s}": v.tolist() for (k, s), v in embedded_rows(run).items()}
+    check = ("import faiss, glob, json, sys, pyarrow.parquet as pq\n"
+             "index = faiss.read_index(sys.argv[1])\n"
+             "ids = pq.read_table(glob.glob(sys.argv[2] + '/*.parquet')).to_pylist()\n"
+             "print(json.dumps({f\"{r['key']}|{r['shard']}\": index.reconstruct(r['i']).tolist() for r in ids}))\n")
+    got = subprocess.run([python, "-c", check, str(index), str(ids)], capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert json.loads(got.stdout) == want

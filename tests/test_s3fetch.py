@@ -1,0 +1,260 @@
+"""The S3 shard fetcher (wdsembed.s3fetch) against the asyncio S3 folder server and shaping/fault proxy of
+tests/s3fast.py, on loopback: same samples as a local read, nothing lost under faults, rewrites detected, memory
+within the budget, no secrets in the logs. Parts are small here (64 KiB) so that a small shard has many."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from s3fast import S3Folder, ShapingProxy
+from wdsembed import s3fetch, shards, storage
+from wdsembed.synthetic import write_demo_dataset
+
+BUCKET = "shards"
+KEY_ID, SECRET = "AKIAFETCHTESTKEY0001", "fetch-test-secret-value-123"
+EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+PART = 64 << 10
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch, tmp_path_factory):
+    """Credentials only from the environment; nothing from this machine's ~/.aws."""
+    nowhere = str(tmp_path_factory.mktemp("aws") / "none")
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", nowhere)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """ROOT/shards/: 3 img2dataset shards (about 1 MB each) and a 3 MB blob of random bytes."""
+    root = tmp_path_factory.mktemp("s3root")
+    data = tmp_path_factory.mktemp("dataset")
+    write_demo_dataset(data, n_shards=3, per_shard=24)
+    (root / BUCKET).mkdir()
+    for tar in sorted(data.glob("*.tar")):
+        shutil.copy(tar, root / BUCKET / tar.name)
+    (root / BUCKET / "blob.bin").write_bytes(os.urandom(3_000_000 + 17))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(root):
+    srv = S3Folder(root, access_key=KEY_ID).start()
+    yield srv
+    srv.stop()
+
+
+def fetcher(endpoint: str, **kw) -> s3fetch.ShardFetcher:
+    kw.setdefault("part_size", PART)
+    kw.setdefault("memory_budget", 64 * PART)
+    return s3fetch.ShardFetcher({"endpoint_url": endpoint}, **kw)
+
+
+def read_all(f, n: int = 100_003) -> bytes:
+    parts = []
+    while chunk := f.read(n):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def samples(f, url):
+    return [(s.key, bytes(s.image) if s.image is not None else None, s.error)
+            for s in shards.iter_samples(f, extensions=EXTS, shard=url)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_shards_read_as_the_local_files(server, root):
+    names = ["00000.tar", "00001.tar", "00002.tar"]
+    with fetcher(server.endpoint) as fx:
+        fx.prefetch([f"s3://{BUCKET}/{n}" for n in names[1:]])
+        for name in names:
+            with open(root / BUCKET / name, "rb") as f:
+                expected = samples(f, name)
+            with fx.open(f"s3://{BUCKET}/{name}") as f:
+                assert samples(f, name) == expected
+                assert f.read(10) == b""
+        assert fx.reserved == 0  # every fetched byte went to the reader
+        assert fx.peak_bytes <= fx.memory_budget
+    with fetcher(server.endpoint) as fx, fx.open(f"{BUCKET}/blob.bin") as f:  # bucket/key as s3fs paths are
+        assert read_all(f) == (root / BUCKET / "blob.bin").read_bytes()
+
+
+def test_open_sequential_uses_the_fetcher_for_s3(server, root):
+    """runner.embed_shard reads through storage.open_sequential: S3 shards come through the fetcher, and
+    prefetch_shards (the hook for the runner) starts the next ones."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    opts = {"endpoint_url": server.endpoint}
+    fs, path = storage.filesystem(f"s3://{BUCKET}/00000.tar", opts)
+    storage.prefetch_shards([f"s3://{BUCKET}/00001.tar"], opts)
+    fx = s3fetch.fetcher_for(fs)
+    deadline = time.monotonic() + 10
+    while fx.snapshot().get("bytes", 0) < (root / BUCKET / "00001.tar").stat().st_size and time.monotonic() < deadline:
+        time.sleep(0.05)  # the next shard arrives before anyone opens it
+    assert fx.snapshot()["bytes"] >= (root / BUCKET / "00001.tar").stat().st_size
+    for name in ("00000.tar", "00001.tar"):
+        with storage.open_sequential(fs, f"{BUCKET}/{name}") as f:
+            assert isinstance(f, s3fetch.ShardReader)
+            with open(root / BUCKET / name, "rb") as local:
+                assert samples(f, name) == samples(local, name)
+    storage.prefetch_shards(["/local/x.tar"], {})  # local URLs: nothing to do
+
+
+def test_s3fs_lists_and_reads_the_test_server(server, root):
+    """The harness also serves s3fs (the 'before' reader of the benchmark)."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs, _ = storage.filesystem(f"s3://{BUCKET}", {"endpoint_url": server.endpoint})
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(BUCKET)) == ["00000.tar", "00001.tar", "00002.tar", "blob.bin"]
+    assert fs.cat_file(f"{BUCKET}/blob.bin", start=10, end=20) == (root / BUCKET / "blob.bin").read_bytes()[10:20]
+
+
+def test_nothing_lost_under_faults_and_no_secret_in_the_logs(server, root, caplog):
+    caplog.set_level(logging.DEBUG)  # everything, botocore included if it were on
+    proxy = ShapingProxy(server.endpoint, first_byte=0.005, every=3, stall_seconds=4,
+                         kinds=("slowdown", "internal", "reset", "short", "stall")).start()
+    try:
+        with fetcher(proxy.endpoint) as fx:
+            with fx.open(f"s3://{BUCKET}/blob.bin") as f:
+                assert read_all(f) == (root / BUCKET / "blob.bin").read_bytes()
+            with fx.open(f"s3://{BUCKET}/00001.tar") as f, open(root / BUCKET / "00001.tar", "rb") as local:
+                assert samples(f, "00001.tar") == samples(local, "00001.tar")
+            stats = fx.snapshot()
+    finally:
+        proxy.stop()
+    assert set(proxy.injected) == {"slowdown", "internal", "reset", "short", "stall"}, proxy.injected
+    assert stats["retries"] >= sum(proxy.injected.values()) - proxy.injected["stall"]
+    assert stats["duplicates"] >= 1  # the stalled request was asked again rather than waited out
+    assert stats["peak_bytes"] <= stats["budget"]
+    text = caplog.text
+    assert "retry" in text and f"s3://{BUCKET}/blob.bin" in text and "request id" in text
+    for secret in (SECRET, "Credential=", "Authorization", "Signature="):
+        assert secret not in text
+    assert logging.getLogger("botocore").getEffectiveLevel() >= logging.WARNING
+
+
+def test_a_shard_rewritten_mid_read_is_detected(server, root, tmp_path):
+    path = root / BUCKET / "rewritten.bin"
+    old = os.urandom(40 * PART)
+    path.write_bytes(old)
+    proxy = ShapingProxy(server.endpoint, rate=2e6).start()  # slow enough that most parts come after the rewrite
+    try:
+        with fetcher(proxy.endpoint, memory_budget=4 * PART, initial_in_flight=2) as fx:
+            with fx.open(f"s3://{BUCKET}/rewritten.bin") as f:
+                assert f.read(PART) == old[:PART]
+                new = tmp_path / "new"
+                new.write_bytes(os.urandom(len(old)))  # same size, other bytes: only the ETag tells
+                os.replace(new, path)
+                with pytest.raises(s3fetch.ShardChangedError, match=f"s3://{BUCKET}/rewritten.bin.*changed"):
+                    read_all(f)
+    finally:
+        proxy.stop()
+        path.unlink()
+
+
+def test_a_changed_etag_is_caught_where_the_store_ignores_if_match(root, tmp_path):
+    srv = S3Folder(root, access_key=KEY_ID, ignore_if_match=True).start()
+    path = root / BUCKET / "ignored.bin"
+    path.write_bytes(os.urandom(20 * PART))
+    try:
+        with fetcher(srv.endpoint, memory_budget=2 * PART, initial_in_flight=1) as fx:
+            with fx.open(f"s3://{BUCKET}/ignored.bin") as f:
+                f.read(PART)
+                new = tmp_path / "new"
+                new.write_bytes(os.urandom(20 * PART))
+                os.replace(new, path)
+                with pytest.raises(s3fetch.ShardChangedError, match="ignored.bin changed while being read"):
+                    read_all(f)
+    finally:
+        srv.stop()
+        path.unlink()
+
+
+def test_memory_stays_within_the_budget_with_shards_ahead(server, root):
+    budget = 6 * PART
+    with fetcher(server.endpoint, memory_budget=budget, initial_in_flight=8) as fx:
+        urls = [f"s3://{BUCKET}/{n}" for n in ("00000.tar", "00001.tar", "00002.tar")]
+        fx.prefetch(urls)
+        time.sleep(0.5)  # the fetcher runs ahead until the budget is full, and no further
+        assert fx.reserved <= budget and fx.peak_bytes >= budget - PART
+        for url in urls:
+            with fx.open(url) as f, open(root / BUCKET / url.rsplit("/", 1)[1], "rb") as local:
+                while chunk := f.read(PART // 3):  # a slow reader
+                    assert chunk == local.read(len(chunk))
+                    assert fx.reserved <= budget
+        assert fx.peak_bytes <= budget
+        assert fx.cap == 3  # half the budget at most in flight
+
+
+def test_opening_another_shard_takes_the_budget_from_shards_ahead(server, root):
+    budget = 4 * PART
+    with fetcher(server.endpoint, memory_budget=budget) as fx:
+        fx.prefetch([f"s3://{BUCKET}/00001.tar", f"s3://{BUCKET}/00002.tar"])
+        time.sleep(0.3)
+        assert fx.reserved >= budget - PART  # full of shards ahead
+        with fx.open(f"s3://{BUCKET}/blob.bin") as f:  # not among them: it comes first all the same
+            assert read_all(f) == (root / BUCKET / "blob.bin").read_bytes()
+        assert fx.stats["evicted"] >= 1 and fx.peak_bytes <= budget
+        with fx.open(f"s3://{BUCKET}/00002.tar") as f, open(root / BUCKET / "00002.tar", "rb") as local:
+            assert read_all(f) == local.read()  # 00001 was skipped: dropped, its memory freed
+        assert fx.reserved == 0
+
+
+def test_in_flight_grows_with_latency_and_halves_on_slowdown(server, root):
+    proxy = ShapingProxy(server.endpoint, first_byte=0.1, rate=4e6).start()
+    try:
+        with fetcher(proxy.endpoint, initial_in_flight=2, target_rate=200e6) as fx:
+            with fx.open(f"s3://{BUCKET}/blob.bin") as f:
+                assert read_all(f) == (root / BUCKET / "blob.bin").read_bytes()
+            steps = [d for _, d in fx.depth_history]
+        assert max(steps) > 2, steps  # measured latency and rate asked for more than the start
+    finally:
+        proxy.stop()
+    proxy = ShapingProxy(server.endpoint, every=1, kinds=("slowdown",)).start()
+    try:
+        # big parts: few requests, each answered SlowDown once
+        with fetcher(proxy.endpoint, part_size=512 << 10, memory_budget=16 << 20, initial_in_flight=8,
+                     adaptive=False) as fx:
+            with fx.open(f"s3://{BUCKET}/blob.bin") as f:
+                assert read_all(f) == (root / BUCKET / "blob.bin").read_bytes()
+            assert fx.depth < 8 and fx.stats["fail_SlowDown"] >= 1
+    finally:
+        proxy.stop()
+
+
+def test_missing_object_and_wrong_keys_fail_at_once_naming_the_url(server, monkeypatch):
+    with fetcher(server.endpoint) as fx:
+        start = time.perf_counter()
+        with pytest.raises(FileNotFoundError, match=f"s3://{BUCKET}/nope.tar"):
+            with fx.open(f"s3://{BUCKET}/nope.tar") as f:
+                f.read(1)
+        with pytest.raises(FileNotFoundError, match=f"s3://{BUCKET}/nope.tar"):
+            with fx.open(f"s3://{BUCKET}/nope.tar", size=1000) as f:  # size known: no HEAD, the GET says it
+                f.read(1)
+        assert time.perf_counter() - start < 5
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+    with fetcher(server.endpoint) as fx:
+        with pytest.raises(PermissionError, match=f"s3://{BUCKET}/blob.bin: access denied.*AWS_ACCESS_KEY_ID"):
+            with fx.open(f"s3://{BUCKET}/blob.bin") as f:
+                f.read(1)
+
+
+def test_credentials_in_options_are_refused():
+    with pytest.raises(ValueError, match="credential options"):
+        s3fetch.ShardFetcher({"endpoint_url": "http://127.0.0.1:9", "secret": "x"})

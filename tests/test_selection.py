@@ -1,0 +1,184 @@
+"""Which shards a run embeds (wdsembed.plan.find_shards / plan_shards): a folder, recursive folders, brace patterns,
+one .tar, list files; and that every shard gets an output of its own that caching, the manifest and validation
+agree on. Local here; the same against an S3 server in tests/test_s3.py."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from wdsembed import output, plan
+from wdsembed.config import EmbedConfig
+from wdsembed.synthetic import ShardSample, encode_image, make_image, write_shard
+
+TINY_MODEL = "test_resnet.r160_in1k"
+
+
+def shard(folder: Path, stem: str, n: int = 2, seed: int = 0) -> Path:
+    images = [ShardSample(encode_image(make_image(32, 24, seed=seed * 100 + i), "bmp"), ext="bmp") for i in range(n)]
+    return write_shard(folder, stem, images, shard_id=seed).tar
+
+
+def config(input, out, **kw) -> EmbedConfig:
+    return EmbedConfig(input=str(input), output=str(out), model_name=TINY_MODEL, pretrained=False, device="cpu",
+                       batch_size=4, num_threads_per_worker=1, **kw)
+
+
+def stems(plans) -> list[str]:
+    return [p.stem for p in plans]
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    """data/00000..00003.tar at the top, data/train/00000.tar and data/val/00000.tar (same names, other folders),
+    data/train/deep/00007.tar, and a hidden data/.cache/00009.tar."""
+    data = tmp_path / "data"
+    for i in range(4):
+        shard(data, f"{i:05d}", seed=i)
+    shard(data / "train", "00000", seed=10)
+    shard(data / "val", "00000", seed=20)
+    shard(data / "train" / "deep", "00007", seed=30)
+    shard(data / ".cache", "00009", seed=40)
+    return data
+
+
+def test_input_kinds():
+    assert plan.input_kind("/data") == "folder"
+    assert plan.input_kind("s3://b/p/{00000..00009}.tar") == "pattern"
+    assert plan.input_kind("/data/{a,b}/00000.tar") == "pattern"
+    assert plan.input_kind("/data/00000.tar") == "tar"
+    assert plan.input_kind("/data/shards.txt") == "list"
+    assert plan.input_folder("s3://b/p/{00000..00009}.tar") == "s3://b/p"
+    assert plan.input_folder("/data/shard-{0..9}.tar") == "/data"
+    assert plan.input_folder("/data/{train,val}/00000.tar") == "/data"
+    assert plan.input_folder("/data/shards.txt") == "/data"
+
+
+def test_folder_alone_takes_its_own_shards_and_recursive_the_subfolders(tree, tmp_path):
+    out = tmp_path / "out"
+    assert stems(plan.plan_shards(config(tree, out))) == ["00000", "00001", "00002", "00003"]
+    plans = plan.plan_shards(config(tree, out, recursive=True))
+    # hidden folders are skipped; same-named shards of two folders get two outputs that mirror the folders
+    assert stems(plans) == ["00000", "00001", "00002", "00003", "train/00000", "train/deep/00007", "val/00000"]
+    by_stem = {p.stem: p for p in plans}
+    assert by_stem["train/00000"].output == str(out / "train" / "00000.parquet")
+    assert by_stem["val/00000"].output == str(out / "val" / "00000.parquet")
+    assert by_stem["train/00000"].rows == str(tree / "train" / "00000.parquet")  # its own img2dataset sibling
+    assert by_stem["train/deep/00007"].expected_samples == 2
+    assert len({p.output for p in plans}) == len(plans)
+
+
+def test_a_folder_whose_shards_are_in_subfolders_says_recursive(tmp_path):
+    data = tmp_path / "data"
+    shard(data / "a", "00000")
+    shard(data / "b", "00000")
+    with pytest.raises(plan.InputError, match=r"holds no \*\.tar shards directly, but its subfolders hold 2 "
+                                              r"\(e\.g\. a/00000\.tar\): pass recursive=True \(--recursive\)"):
+        plan.plan_shards(config(data, tmp_path / "out"))
+    assert stems(plan.plan_shards(config(data, tmp_path / "out", recursive=True))) == ["a/00000", "b/00000"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(plan.InputError, match=r"holds no \*\.tar shards$"):
+        plan.plan_shards(config(tmp_path / "empty", tmp_path / "out"))
+
+
+def test_brace_patterns(tree, tmp_path):
+    out = tmp_path / "out"
+    plans = plan.plan_shards(config(f"{tree}/{{00001..00003}}.tar", out))
+    assert stems(plans) == ["00001", "00002", "00003"]
+    assert plans[0].rows == str(tree / "00001.parquet") and plans[0].output == str(out / "00001.parquet")
+    plans = plan.plan_shards(config(f"{tree}/{{train,val}}/00000.tar", out))
+    assert stems(plans) == ["train/00000", "val/00000"]
+    assert [p.output for p in plans] == [str(out / "train" / "00000.parquet"), str(out / "val" / "00000.parquet")]
+    with pytest.raises(plan.InputError, match=r"2 of the 6 shard\(s\) that input .* names do not exist: "
+                                              rf"{tree}/00004\.tar, {tree}/00005\.tar$"):
+        plan.plan_shards(config(f"{tree}/{{00000..00005}}.tar", out))
+    with pytest.raises(plan.InputError, match="unbalanced braces"):
+        plan.plan_shards(config(f"{tree}/{{00000..00005.tar", out))
+    with pytest.raises(plan.InputError, match="which is not a .tar shard"):
+        plan.plan_shards(config(f"{tree}/{{train,val}}", out))
+
+
+def test_one_tar(tree, tmp_path):
+    [p] = plan.plan_shards(config(tree / "train" / "00000.tar", tmp_path / "out"))
+    assert p.stem == "00000" and p.rows == str(tree / "train" / "00000.parquet")
+
+
+def test_list_file(tree, tmp_path):
+    listing = tree / "train" / "shards.txt"
+    listing.write_text("# the shards of this run\n"
+                       "00000.tar\n"                                 # relative to the list file's folder
+                       "\n"
+                       f"{tree}/val/00000.tar\n"                     # absolute
+                       f"  {tree}/{{00001..00002}}.tar  \n"          # a pattern, spaces around
+                       "deep/00007.tar\n"
+                       "00000.tar\n")                                # named twice: embedded once
+    plans = plan.plan_shards(config(listing, tmp_path / "out"))
+    # stems are relative to the deepest folder holding them all
+    assert stems(plans) == ["00001", "00002", "train/00000", "train/deep/00007", "val/00000"]
+    listing.write_text("00000.tar\n00000.parquet\n")
+    with pytest.raises(plan.InputError, match=r"shards\.txt line 2: '.*00000\.parquet' is not a \.tar shard"):
+        plan.plan_shards(config(listing, tmp_path / "out"))
+    listing.write_text("# nothing\n")
+    with pytest.raises(plan.InputError, match="names no shards"):
+        plan.plan_shards(config(listing, tmp_path / "out"))
+    with pytest.raises(plan.InputError, match="does not exist: pass a folder of"):
+        plan.plan_shards(config(tree / "nope.txt", tmp_path / "out"))
+
+
+def test_outputs_never_collide(tmp_path):
+    data = tmp_path / "data"
+    shard(data, "x")
+    os.rename(data / "x.tar", data / "x.TAR")
+    shard(data, "x", seed=1)
+    with pytest.raises(plan.InputError, match=r"would both write OUTPUT/x\.parquet: rename one"):
+        plan.plan_shards(config(data, tmp_path / "out"))
+    other = tmp_path / "other"
+    shard(other / output.EMBEDDINGS_FOLDER, "00000")
+    with pytest.raises(plan.InputError, match="inside a folder OUTPUT keeps for itself"):
+        plan.plan_shards(config(other, tmp_path / "out", recursive=True))
+
+
+def test_check_config_knows_every_kind(tree, tmp_path):
+    plan.check_config(config(f"{tree}/{{00000..00003}}.tar", tmp_path / "out"))
+    plan.check_config(config(tree, tmp_path / "out", recursive=True))
+    with pytest.raises(plan.InputError, match="names do not exist"):
+        plan.check_config(config(f"{tree}/{{00000..00009}}.tar", tmp_path / "out"))
+    with pytest.raises(plan.InputError, match="is inside input"):
+        plan.check_config(config(f"{tree}/{{00000..00003}}.tar", tree / "emb"))
+    shard(tmp_path / "nest" / "a", "00000")
+    with pytest.raises(plan.InputError, match="pass recursive=True"):
+        plan.check_config(config(tmp_path / "nest", tmp_path / "out"))
+
+
+def test_recursive_run_outputs_caching_manifest_and_views_agree(tree, tmp_path):
+    """Two 00000.tar in different folders: two outputs, two views, two manifest entries; a second run finds them
+    all finished; a deleted view comes back without re-embedding; validation checks each with its view."""
+    pytest.importorskip("nvidia.dali")
+    from wdsembed.api import TimmImageEmbedder
+    from wdsembed.validate import validate_output
+
+    data = tmp_path / "two"
+    shard(data / "train", "00000", n=3, seed=1)
+    shard(data / "val", "00000", n=2, seed=2)
+    out = tmp_path / "out"
+    embed = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                              recursive=True)
+    first = embed(str(data), str(out))
+    assert sorted((r.stem, r.embedded, r.cached) for r in first) == [("train/00000", 3, False),
+                                                                     ("val/00000", 2, False)]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert sorted(manifest["shards"]) == ["train/00000", "val/00000"]
+    for r in first:
+        assert r.output == str(out / f"{r.stem}.parquet")
+        assert pq.read_table(out / output.EMBEDDINGS_FOLDER / f"{r.stem}.parquet").num_rows == r.embedded
+        assert validate_output(embed.config(str(data), str(out)), r.output, dim=r.dim, expected_rows=r.rows,
+                               expected_embedded=r.embedded).ok
+    (out / output.EMBEDDINGS_FOLDER / "val" / "00000.parquet").unlink()
+    check = validate_output(embed.config(str(data), str(out)), str(out / "val" / "00000.parquet"), dim=first[0].dim)
+    assert check.problems == ["kNN view _embeddings/val/00000.parquet is missing"]
+    second = embed(str(data), str(out))
+    assert all(r.cached for r in second)
+    assert pq.read_table(out / output.EMBEDDINGS_FOLDER / "val" / "00000.parquet").num_rows == 2  # rebuilt

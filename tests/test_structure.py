@@ -1,0 +1,106 @@
+"""The code's shape: no import loops, a core that never imports Prefect, cache keys from declared versions."""
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_MODEL
+from wdsembed import output, preprocess, shard
+from wdsembed.config import EmbedConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("wdsembed", "tasks", "flows")
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Project module -> the project modules it imports (at any depth of its code: lazy imports count too)."""
+    modules = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).glob("*.py"):
+            name = f"{package}.{path.stem}" if path.stem != "__init__" else package
+            modules[name] = path
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # `from wdsembed import shard` imports the module shard, not (for this graph) the package's face
+                submodules = {f"{node.module}.{a.name}" for a in node.names} & set(modules)
+                found |= submodules or {node.module}
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _module_imports()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []
+
+
+def test_core_never_imports_prefect():
+    for path in (ROOT / "wdsembed").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n.split(".")[0] in ("prefect", "prefect_dask", "flows", "tasks")], path
+
+
+@pytest.fixture
+def plan(tmp_path):
+    tar = tmp_path / "00000.tar"
+    tar.write_bytes(b"x")
+    return shard.ShardPlan(shard=str(tar), stem="00000", fingerprint="1:2", rows=None, index=None,
+                           output=str(tmp_path / "out" / "00000.parquet"))
+
+
+def _config(tmp_path) -> EmbedConfig:
+    return EmbedConfig(input=str(tmp_path), output=str(tmp_path / "out"), model_name=TINY_MODEL, pretrained=False)
+
+
+def test_reformatting_a_core_module_changes_no_cache_key(tmp_path, plan):
+    """A copy of the package with a core module reformatted (comments, blank lines) gives the same key."""
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT / "wdsembed", copy / "wdsembed", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("shard.py", "pipeline.py", "output.py"):
+        path = copy / "wdsembed" / name
+        path.write_text("# reformatted\n\n" + path.read_text().replace("\n\n\n", "\n\n\n# --\n\n"))
+    code = ("import sys; from wdsembed import shard; from wdsembed.config import EmbedConfig; "
+            f"c = EmbedConfig(input={str(tmp_path)!r}, output={str(tmp_path / 'out')!r}, model_name={TINY_MODEL!r}, "
+            "pretrained=False); "
+            f"p = shard.ShardPlan(shard={plan.shard!r}, stem='00000', fingerprint='1:2', rows=None, index=None, "
+            f"output={plan.output!r}); print(shard.cache_key(c, p))")
+    keys = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env=os.environ | {"PYTHONPATH": str(where)}).stdout.strip() for where in (copy, ROOT)]
+    assert keys[0] == keys[1] == shard.cache_key(_config(tmp_path), plan)
+
+
+def test_declared_versions_change_every_key(tmp_path, plan, monkeypatch):
+    config = _config(tmp_path)
+    before = shard.cache_key(config, plan)
+    monkeypatch.setattr(preprocess, "RECIPE_IMPL_VERSION", preprocess.RECIPE_IMPL_VERSION + 1)
+    after_recipe = shard.cache_key(config, plan)
+    monkeypatch.setattr(output, "OUTPUT_FORMAT_VERSION", output.OUTPUT_FORMAT_VERSION + 1)
+    after_format = shard.cache_key(config, plan)
+    assert len({before, after_recipe, after_format}) == 3

@@ -1,0 +1,364 @@
+"""One shard, start to end, in plain Python: what the flow's task, the Python API and the bench all run.
+
+    process_shard(config, plan) -> ShardResult
+        a finished output with this cache key exists  -> its result, cached
+        rows     = read_metadata(config, plan)        # the img2dataset parquet, if any
+        tar      = TarRead(config, plan)               # (key, bytes) in archive order; damage, repeats, stale .idx
+        embedded = worker.embed(tar.images())          # DALI + model; a bad image costs only itself
+        table    = join_rows(rows, embedded, tar)      # every row by key, embedded or with its reason
+        problems = validate_table(table)              # rows, dimension, finite, norms: before anything is written
+        write_output(table, plan, key)                # whole or not at all, the cache key in its footer
+
+`process_shards` runs a group of shards and raises one `ShardsFailed` for those that failed. Nothing here imports
+Prefect.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Optional
+
+from wdsembed import faults, output, preprocess, shards, storage
+from wdsembed.config import EmbedConfig
+from wdsembed.validate import validate_table
+from wdsembed.versions import package_versions
+from wdsembed.worker import Worker
+
+log = logging.getLogger("wdsembed")
+
+# The libraries whose versions decide the numbers in an output.
+_KEYED_PACKAGES = ("timm", "torch", "nvidia-dali-cuda120")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One shard to embed: where it is, what it is (fingerprint), where its output goes. Small and picklable."""
+
+    shard: str  # URL or path of the tar
+    stem: str  # "00000"
+    fingerprint: str  # size + mtime/etag of the tar (and its parquet): changes when the shard is rewritten
+    rows: Optional[str]  # the img2dataset parquet beside it, if any
+    index: Optional[str]  # the .idx found or written for it, if use_index_files
+    output: str  # OUTPUT/<stem>.parquet
+    expected_samples: Optional[int] = None  # from <stem>_stats.json "successes", when present
+
+
+@dataclass
+class ShardResult:
+    """What a shard's processing returns: counts and where the output is, never arrays."""
+
+    shard: str
+    stem: str
+    output: str
+    rows: int = 0  # rows in the output parquet
+    samples: int = 0  # samples found in the tar
+    embedded: int = 0
+    failed: int = 0  # rows without embedding (bad images, failed downloads, missing from tar)
+    cached: bool = False
+    seconds: float = 0.0
+    dim: int = 0
+    cache_key: str = ""
+    errors: list[tuple[str, str]] = field(default_factory=list)  # a few (key, reason) examples
+    model: dict = field(default_factory=dict)  # name, weights, embedding, dim, preprocessing
+    # What was wrong with the shard itself, though its output was written: a damaged tar (every intact sample is
+    # embedded, the rest named in the error column), an unreadable parquet, repeated keys, a stale .idx rebuilt.
+    warnings: list[str] = field(default_factory=list)
+    batch_size: int = 0  # the model batch size this shard ran with
+    # Wall-clock times (epoch s) and the worker process: when the shard began, when it got the worker's pipeline
+    # and released it, when it ended. Shows waits between shards and overlap (or its absence) per worker.
+    timeline: dict = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 and not self.cached else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"images_per_second": round(self.images_per_second, 1)}
+
+
+class ShardsFailed(RuntimeError):
+    """Some shards failed; every other shard's output is written. `failures`: stem -> reason; `results`: the
+    finished shards' results (ShardResult or their dicts); `transient`: some failure may pass on a retry (the
+    finished shards are then found done, not redone); `manifest`: the run's manifest, where one was written."""
+
+    def __init__(self, failures: dict, results: list = (), transient: bool = False,
+                 manifest: Optional[dict] = None, total: Optional[int] = None) -> None:
+        failures, results = dict(failures), list(results)
+        of = f" of {total}" if total else ""
+        message = f"{len(failures)}{of} shard(s) failed: " + "; ".join(
+            f"{stem}: {reason}" for stem, reason in sorted(failures.items()))
+        super().__init__(message)
+        self.failures, self.results, self.transient, self.manifest, self.total = (failures, results, transient,
+                                                                                  manifest, total)
+
+    def __reduce__(self):  # crosses from Dask workers to the flow with every field
+        return type(self), (self.failures, self.results, self.transient, self.manifest, self.total)
+
+
+# --------------------------------------------------------------------------------------------------- cache key
+
+
+def cache_key(config: EmbedConfig, plan: ShardPlan) -> str:
+    """Everything that decides a shard's output bytes: its content, the model and weights, the embedding options,
+    the output schema options, the declared versions of the preprocessing recipe and the output format, and the
+    versions of the libraries doing the maths. Not a hash of source files: reformatting code recomputes nothing;
+    a change that alters outputs bumps preprocess.RECIPE_IMPL_VERSION or output.OUTPUT_FORMAT_VERSION."""
+    parts = {
+        "shard": plan.fingerprint,
+        "model": config.model_key(),
+        "checkpoint": _file_fingerprint(config.checkpoint, config.storage_options) if config.checkpoint else None,
+        "columns": [config.id_column, config.embedding_column, config.error_column],
+        "extensions": list(config.image_extensions),
+        "max_image_pixels": config.max_image_pixels or None,
+        "recipe": preprocess.RECIPE_IMPL_VERSION,
+        "format": output.OUTPUT_FORMAT_VERSION,
+        "packages": {k: v for k, v in package_versions().items() if k in _KEYED_PACKAGES},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _file_fingerprint(url: str, storage_options: dict) -> str:
+    fs, path = storage.filesystem(url, storage_options)
+    info = fs.info(path)
+    return f"{info.get('size')}:{info.get('mtime') or info.get('LastModified') or info.get('ETag')}"
+
+
+def finished_output(config: EmbedConfig, plan: ShardPlan, key: str) -> Optional[dict]:
+    """The footer metadata of a complete output made with the same cache key, else None (missing, damaged,
+    or made from other inputs): a deleted or damaged output is recomputed, never reported as cached."""
+    fs, path = storage.filesystem(plan.output, config.storage_options)
+    meta = output.read_output_metadata(path, fs)
+    if meta and meta.get("cache_key") == key:
+        output.ensure_embeddings_view(config, plan.stem, plan.output)  # a deleted kNN view is rebuilt, not re-embedded
+        return meta
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- one shard
+
+
+def process_shard(
+    config: EmbedConfig, plan: ShardPlan, *, on_progress: Callable[[int], None] = lambda n: None
+) -> ShardResult:
+    """Embed one shard and write OUTPUT/<stem>.parquet whole, or find it already done (same cache key)."""
+    start = time.perf_counter()
+    timeline = {"worker": f"{socket.gethostname()}:{os.getpid()}", "start": time.time()}
+    key = cache_key(config, plan)
+    if not config.force:
+        meta = finished_output(config, plan, key)
+        if meta is not None:
+            return ShardResult(**meta["result"], cached=True, seconds=time.perf_counter() - start)
+
+    faults.maybe_inject(plan.stem)  # opt-in (WDSEMBED_FAULTS); a no-op otherwise
+    worker = Worker.for_config(config)
+    rows, warnings = read_metadata(config, plan)
+    tar = TarRead(config, plan)
+    # From an object store, the shard starts arriving now, while another shard may still hold the pipeline.
+    storage.prefetch_shards([plan.shard], config.storage_options)
+    with worker.lock:
+        timeline["embed_start"] = time.time()
+        keys, embeddings, failures = worker.embed(
+            tar.images(), autocast=config.autocast, normalize=config.normalize_embeddings,
+            on_batch=faults.batch_hook(plan.stem, on_progress),
+        )
+        timeline["embed_end"] = time.time()
+    warnings += tar.finish()
+    table = output.build_output_table(
+        rows=rows,
+        keys=keys,
+        embeddings=embeddings,
+        errors={**tar.errors, **failures},
+        dim=worker.loaded.dim,
+        id_column=config.id_column,
+        embedding_column=config.embedding_column,
+        error_column=config.error_column,
+        missing_reason=tar.missing_reason,
+    )
+    problems = validate_table(config, table, dim=worker.loaded.dim, expected_embedded=len(keys))
+    if problems:
+        raise ValueError(f"shard {plan.shard}: output not written, it fails validation: " + "; ".join(problems))
+    n_embedded = len(keys)
+    result = ShardResult(
+        shard=plan.shard,
+        stem=plan.stem,
+        output=plan.output,
+        rows=table.num_rows,
+        samples=tar.n_samples,
+        embedded=n_embedded,
+        failed=table.num_rows - n_embedded,
+        dim=worker.loaded.dim,
+        cache_key=key,
+        errors=sorted({**tar.errors, **failures}.items())[:20],
+        model=worker.info,
+        warnings=warnings,
+        batch_size=config.batch_size,
+        timeline=timeline,
+    )
+    write_output(config, plan, table, key, result)
+    result.seconds = time.perf_counter() - start
+    timeline["end"] = time.time()
+    return result
+
+
+def process_shards(
+    config: EmbedConfig, plans: list[ShardPlan], *, on_progress: Callable[[int], None] = lambda n: None
+) -> list[ShardResult]:
+    """Every shard of a group, each tried; raises one ShardsFailed naming those that failed (with the results of
+    those that did not)."""
+    results, failures, transient = [], {}, False
+    for i, plan in enumerate(plans):
+        storage.prefetch_shards([p.shard for p in plans[i + 1:i + 3]], config.storage_options)  # the next ones
+        try:
+            results.append(process_shard(config, plan, on_progress=on_progress))
+        except Exception as exc:  # noqa: BLE001 - every shard's outcome is reported; one failure stops no other
+            failures[plan.stem] = f"{type(exc).__name__}: {exc}"
+            transient = transient or faults.is_transient(exc)
+            log.error("shard %s failed: %s", plan.stem, failures[plan.stem])
+    if failures:
+        raise ShardsFailed(failures, [r.to_dict() for r in results], transient, total=len(plans))
+    return results
+
+
+# --------------------------------------------------------------------------------------------------- the steps
+
+
+def read_metadata(config: EmbedConfig, plan: ShardPlan):
+    """The shard's img2dataset parquet rows (None without one), and a warning where it cannot be read."""
+    if not plan.rows:
+        return None, []
+    fs, path = storage.filesystem(plan.rows, config.storage_options)
+    try:
+        return shards.read_rows(path, fs), []
+    except shards.MetadataFileError as exc:
+        # The tar's samples are still embedded (one row each, keyed); the parquet's columns are missing until it is
+        # fixed, which changes the shard's fingerprint, so the next run redoes the shard with them.
+        warning = f"{exc}; the output holds the tar's samples only (no img2dataset columns)"
+        log.warning("shard %s: %s", plan.stem, warning)
+        return None, [warning]
+
+
+class TarRead:
+    """One pass over a shard's tar in archive order: the images to embed, and what the pass found on the way
+    (samples without an image, repeated keys, damage, a stale .idx). A shard on an object store without an index
+    gets one from this same pass, and so does a shard whose index turns out stale."""
+
+    def __init__(self, config: EmbedConfig, plan: ShardPlan) -> None:
+        self.config, self.plan = config, plan
+        self.fs, self.path = storage.filesystem(plan.shard, config.storage_options)
+        self.index = self._read_index()
+        self.builder = (shards.IndexBuilder() if config.use_index_files
+                        and (self.index is not None or not storage.is_local(self.fs)) else None)
+        self.errors: dict[str, str] = {}  # key -> why it has no image
+        self.duplicates: dict[str, int] = {}
+        self.damage: list[shards.ShardReadError] = []
+        self.stale: list[shards.StaleIndexError] = []
+        self.n_samples = 0
+        self.read_to_end = False
+
+    def images(self) -> Iterator[tuple[str, bytes]]:
+        """(key, image bytes) of every sample with an image, first sample of a key only."""
+        seen: set[str] = set()
+        # Object stores: large ranges fetched ahead in the background, overlapping download with embedding.
+        with storage.open_sequential(self.fs, self.path) as f:
+            samples = shards.iter_samples(f, extensions=self.config.image_extensions, shard=self.plan.shard,
+                                          index=self.index, index_builder=self.builder,
+                                          on_stale_index=self.stale.append)
+            try:
+                for sample in samples:
+                    self.n_samples += 1
+                    if sample.key in seen:
+                        # The key's first sample owns its row (embedded or failed); a repeat is counted, not joined.
+                        self.duplicates[sample.key] = self.duplicates.get(sample.key, 0) + 1
+                        continue
+                    seen.add(sample.key)
+                    if sample.error:
+                        self.errors[sample.key] = sample.error
+                    else:
+                        yield sample.key, sample.image
+            except shards.ShardReadError as exc:
+                # A truncated or corrupt tar: every sample before the damage is embedded; the one being read is
+                # named, and parquet rows not reached say so (the shard is not failed: retrying changes nothing).
+                self.damage.append(exc)
+                if exc.key is not None and exc.key not in seen:
+                    self.errors[exc.key] = f"tar damaged inside this sample: {exc.reason} at byte {exc.offset}"
+                return
+        self.read_to_end = True
+
+    @property
+    def missing_reason(self) -> str:
+        """Why a parquet row whose key was not found in the tar has no embedding."""
+        if self.damage:
+            exc = self.damage[0]
+            return f"not in the readable part of the tar (damaged at byte {exc.offset}: {exc.reason})"
+        return output.NOT_IN_TAR
+
+    def finish(self) -> list[str]:
+        """After the pass: fail a file that is not a tar at all, save a built index, and say what was wrong."""
+        if self.damage and self.n_samples == 0 and self.damage[0].offset == 0:
+            # Not a tar at all: an output of "not in the tar" rows would pass for a finished shard. Failed instead
+            # (not retried); the run names it, and the next run tries it again once it is replaced.
+            raise self._not_a_tar(self.damage[0])
+        if self.builder is not None and self.read_to_end and (self.index is None or self.stale):
+            self._save_built_index()
+        warnings = []
+        if self.stale:
+            warnings.append(f"stale .idx ignored and rebuilt ({self.stale[0]})")
+        if self.duplicates:
+            first = sorted(self.duplicates)[:3]
+            warnings.append(f"{sum(self.duplicates.values())} sample(s) repeat an earlier key ({len(self.duplicates)} "
+                            f"key(s), e.g. {', '.join(map(repr, first))}): the first sample of a key is its row, "
+                            "repeats are skipped")
+        if self.damage:
+            exc = self.damage[0]
+            warnings.append(f"tar damaged at byte {exc.offset}: {exc.reason}; {self.n_samples} sample(s) before it read")
+        for warning in warnings:
+            log.warning("shard %s: %s", self.plan.stem, warning)
+        return warnings
+
+    def _read_index(self) -> Optional[shards.ShardIndex]:
+        """The shard's .idx as planned; rebuilt here when this worker cannot reach it (a cache on another node)."""
+        if not self.plan.index:
+            return None
+        idx_fs, idx_path = storage.filesystem(self.plan.index, self.config.storage_options)
+        try:
+            return shards.ShardIndex.parse(idx_fs.cat_file(idx_path).decode())
+        except FileNotFoundError:
+            # on an object store: None, and the index comes out of the embedding pass instead of a second download
+            return shards.ensure_index(self.path, self.fs, self.config.index_cache(), build=storage.is_local(self.fs))
+
+    def _save_built_index(self) -> None:
+        """Write back the index built during the read (beside the shard where the bucket allows, else the local
+        cache). Best effort: the shard's output does not depend on it."""
+        try:
+            shards.save_index(self.path, self.fs, self.builder.index(), self.config.index_cache())
+        except (OSError, shards.IndexFormatError) as exc:
+            log.warning("shard %s: index not saved (%s)", storage.to_url(self.fs, self.path), exc)
+
+    def _not_a_tar(self, exc: shards.ShardReadError) -> shards.MalformedShardError:
+        try:
+            head = self.fs.cat_file(self.path, start=0, end=16)
+        except OSError:
+            head = b""
+        what = "an empty file (0 bytes)" if not head else f"its bytes start with {head!r}"
+        return shards.MalformedShardError(self.plan.shard, 0, f"not a tar file, {what}: {exc.reason}")
+
+
+def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: ShardResult) -> None:
+    """OUTPUT/<stem>.parquet, whole or not at all, with the cache key and the result in its footer."""
+    fs, path = storage.filesystem(plan.output, config.storage_options)
+    if storage.is_local(fs):  # object stores have no folders (and s3fs's makedirs would create a bucket)
+        fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    run_only = ("cached", "seconds", "images_per_second", "timeline")  # this run's, not the output's
+    stored = {k: v for k, v in result.to_dict().items() if k not in run_only}
+    try:
+        output.write_embeddings_view(table, config, plan.stem, cache_key=key)  # first: a finished shard has its view
+        output.write_parquet_atomic(
+            table, path, fs, metadata={"cache_key": key, "normalized": config.normalize_embeddings, "result": stored},
+        )
+    except PermissionError as exc:  # s3fs says only "Access Denied"; not retried (faults.is_transient)
+        raise PermissionError(f"cannot write {plan.output}: {exc}") from exc
