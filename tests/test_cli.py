@@ -175,21 +175,33 @@ def test_api_validates_without_placeholder_paths():
 
 
 def test_command_starts():
+    """The installed command is flows.command:main (the core package never imports the flow); it answers --help
+    without a Prefect import."""
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"wdsembed": "flows.command:main"}
     env = os.environ | {"PYTHONPATH": str(ROOT)}
-    for argv in (["-m", "wdsembed.cli", "--help"], ["-m", "wdsembed", "--help"]):
-        done = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.startswith("usage: wdsembed ") and "--image-extensions" in done.stdout
-    # the installed entry point (pyproject: wdsembed = "wdsembed.cli:main") calls main() with no argument
+    done = subprocess.run([sys.executable, "-c", "import sys; from flows.command import main; main(['--help'])"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: ") and "--image-extensions" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "flows.command", "--help"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage: wdsembed "), done.stderr
+    # an installed script exists (after `pip install -e .` it calls flows.command:main)
     script = Path(sys.executable).parent / "wdsembed"
-    assert script.exists() and "from wdsembed.cli import main" in script.read_text()
+    assert script.exists() and "import main" in script.read_text()
     import inspect
 
-    assert all(p.default is not inspect.Parameter.empty for p in inspect.signature(cli.main).parameters.values())
+    from flows import command
+
+    assert all(p.default is not inspect.Parameter.empty for p in inspect.signature(command.main).parameters.values())
 
 
-def test_main_runs_the_flow_by_default(shards, tmp_path, monkeypatch, capsys):
+def test_command_runs_the_flow(shards, tmp_path, monkeypatch, capsys):
     import flows.embed
+    from flows import command
 
     calls = []
 
@@ -198,12 +210,17 @@ def test_main_runs_the_flow_by_default(shards, tmp_path, monkeypatch, capsys):
         raise RuntimeError("stopped before any shard")
 
     monkeypatch.setattr(flows.embed, "run", fake_run)
-    code = cli.main(argv=[str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained"])
+    code = command.main([str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained"])
     err = capsys.readouterr().err
     assert code == 1 and len(calls) == 1 and calls[0].model_name == TINY_MODEL
     # nothing finished: no claim that finished shards are anywhere
     assert "run failed: stopped before any shard" in err and "finished shard(s) are in" not in err
     assert "no shard finished" in err
+
+
+def test_stale_script_says_reinstall(shards, tmp_path, capsys):
+    code = cli.main(argv=[str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained"])
+    assert code == 2 and "reinstall the package (pip install -e .)" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------- task D
@@ -357,7 +374,7 @@ def test_command_end_to_end_terminal_and_rerun(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "WDSEMBED_"))}
     env |= {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1",
             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-    argv = [sys.executable, "-m", "wdsembed.cli", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model",
+    argv = [sys.executable, "-m", "flows.command", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model",
             TINY_MODEL, "--no-pretrained", "--device", "cpu", "--batch-size", "4", "--num-threads", "1",
             "--n-workers", "1"]
     manifests, texts = [], []

@@ -177,17 +177,9 @@ def refuse_unusable(config: EmbedConfig) -> None:
     preflight.check_weights(config)
 
 
-def _default_run() -> Callable[..., dict]:
-    # The Prefect flow, imported only when a run starts (Prefect's import costs seconds; --help and refusals
-    # should not wait for it). `flows` ships with the package.
-    import flows.embed
-
-    return flows.embed.run
-
-
 def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]] = None) -> int:
-    """The `wdsembed` command (and `python flows/embed.py`). `run(config, on_shard_done=...)` does the work:
-    the Prefect flow by default."""
+    """The command line. `run(config, on_shard_done=...)` does the work: the Prefect flow, given by the installed
+    `wdsembed` command (flows.command:main) and by `python flows/embed.py` (this package never imports the flow)."""
     values = values_from_args(build_parser().parse_args(argv))
     if values.get("input") is None:
         prepare_demo(values)
@@ -207,9 +199,13 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    if run is None:  # a `wdsembed` script installed before the command moved to flows.command:main
+        print("error: this wdsembed script is out of date: reinstall the package (pip install -e .), or run "
+              "python flows/embed.py", file=sys.stderr)
+        return 2
+
     from wdsembed.decoderlog import decoder_messages_to_log
 
-    run = run or _default_run()
     progress = _Progress()
     try:
         # The decoder's own stderr lines (a bad JPEG's, repeated) go to the log: the worker processes that the run

@@ -38,14 +38,14 @@ def get_client(
     scheduler_address: Optional[str] = None,
     scheduler_file: Optional[str] = None,
     n_workers: Optional[int] = None,
-    threads_per_worker: int = 1,
+    threads_per_worker: Optional[int] = None,
     **cluster_kwargs: Any,
 ):
     """A `distributed.Client`, made current: to an existing scheduler (`scheduler_address` or `scheduler_file`),
     else to a cluster started on this machine:
 
-    * "gpu": one worker per visible GPU (dask_cuda.LocalCUDACluster), each declaring the resource GPU=1 so that
-      every shard task takes a whole GPU. Where no GPU is visible, or dask-cuda is not installed, a CPU cluster
+    * "gpu": one worker per visible GPU (dask_cuda.LocalCUDACluster), each declaring the resource GPU=1; a shard
+      task takes half of it, so a worker holds two shards, one in its pipeline at a time. Where no GPU is visible, or dask-cuda is not installed, a CPU cluster
       instead (with a warning in the log).
     * "cpu": `n_workers` worker processes (default 2: each loads the model) splitting the cores between them.
 
@@ -66,7 +66,9 @@ def get_client(
         if reason is None:
             from dask_cuda import LocalCUDACluster
 
-            options = {"threads_per_worker": threads_per_worker, "resources": {"GPU": 1}} | cluster_kwargs
+            # Two threads: a shard's reading and writing overlap another's time in the GPU pipeline (each shard
+            # task asks for half the GPU resource, as the flow's do).
+            options = {"threads_per_worker": threads_per_worker or 2, "resources": {"GPU": 1}} | cluster_kwargs
             if n_workers:
                 options["n_workers"] = n_workers
             return Client(LocalCUDACluster(**options))
@@ -76,7 +78,7 @@ def get_client(
     n_workers = n_workers or 2
     options = {
         "n_workers": n_workers,
-        "threads_per_worker": threads_per_worker,
+        "threads_per_worker": threads_per_worker or 1,
         "processes": True,
         # torch's thread pools share the cores instead of each taking all of them
         "env": {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n_workers))},
