@@ -1,16 +1,19 @@
 """Embed WebDataset image shards with any timm model: DALI preprocessing, Prefect + Dask-CUDA orchestration."""
 
-__all__ = ["EmbedConfig", "TimmImageEmbedder"]
+__all__ = ["EmbedConfig", "TimmImageEmbedder", "ImageTextPairDataset", "get_client"]
+
+# name -> module: imported on first use, so that importing the package pulls in neither torch, timm nor DALI.
+_EXPORTS = {
+    "EmbedConfig": "wdsembed.config",
+    "TimmImageEmbedder": "wdsembed.api",
+    "ImageTextPairDataset": "wdsembed.nemo",
+    "get_client": "wdsembed.nemo",
+}
 
 
 def __getattr__(name: str):
-    # Lazy: importing the package must not pull in torch, timm or DALI.
-    if name == "EmbedConfig":
-        from wdsembed.config import EmbedConfig
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'wdsembed' has no attribute {name!r}")
+    import importlib
 
-        return EmbedConfig
-    if name == "TimmImageEmbedder":
-        from wdsembed.api import TimmImageEmbedder
-
-        return TimmImageEmbedder
-    raise AttributeError(name)
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

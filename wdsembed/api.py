@@ -2,36 +2,62 @@
 
     from wdsembed import TimmImageEmbedder
     embedder = TimmImageEmbedder("vit_large_patch14_clip_quickgelu_224.openai", batch_size=512)
-    results = embedder("/data/shards", "/data/embeddings")
+    results = embedder("/data/shards", "/data/embeddings")        # one ShardResult per shard
 
-Runs in this process on this machine's GPU (or CPU), shard after shard, with no Prefect server or Dask cluster;
-the flow in flows/embed.py runs the same code across workers.
+or, as NeMo Curator code reads (wdsembed.nemo has get_client and ImageTextPairDataset):
+
+    dataset = ImageTextPairDataset.from_webdataset("/data/shards", id_col="key")
+    embedded = embedder(dataset)                                  # into /data/shards_embeddings/
+    embedded.save_metadata()
+
+Where a Dask client is current (`get_client()`, or any `distributed.Client`), the shards run on its workers, one
+task per shard, each taking a share of a GPU where the workers declare GPU resources; otherwise they run in this process, one
+after the other, with no Prefect server or Dask cluster. Every default and rule is EmbedConfig's.
 """
 from __future__ import annotations
 
+import logging
 import time
-from typing import Optional
+import uuid
+from typing import Any, Optional
 
-from wdsembed import report
-from wdsembed.config import DEFAULT_MODEL, EmbedConfig
+from wdsembed import report, shard
+from wdsembed.config import EmbedConfig, EmbedSettings, field_default
 from wdsembed.plan import plan_shards
-from wdsembed.shard import ShardResult, ShardsFailed, process_shard
+from wdsembed.shard import ShardPlan, ShardResult, ShardsFailed
+
+log = logging.getLogger("wdsembed")
+
+# NeMo Curator's names for our fields.
+REFERENCE_NAMES = {"image_embedding_column": "embedding_column", "id_col": "id_column"}
 
 
 class TimmImageEmbedder:
     def __init__(
         self,
-        model_name: str = DEFAULT_MODEL,
-        pretrained: bool = True,
-        batch_size: int = 256,
-        num_threads_per_worker: int = 4,
-        normalize_embeddings: bool = True,
-        autocast: bool = True,
-        use_index_files: bool = True,
-        **options,
+        model_name: str = field_default("model_name"),
+        pretrained: bool = field_default("pretrained"),
+        batch_size: int = field_default("batch_size"),
+        num_threads_per_worker: int = field_default("num_threads_per_worker"),
+        normalize_embeddings: bool = field_default("normalize_embeddings"),
+        autocast: bool = field_default("autocast"),
+        use_index_files: bool = field_default("use_index_files"),
+        **options: Any,
     ) -> None:
-        """`options` takes any other EmbedConfig field (checkpoint, embedding, id_column, storage_options...)."""
-        self.settings = dict(
+        """`options`: any other EmbedConfig field (checkpoint, embedding, id_column, storage_options...), or
+        NeMo Curator's names image_embedding_column and id_col. NeMo Curator's `classifiers` is accepted empty
+        only (run classifiers on the saved embeddings)."""
+        if options.pop("classifiers", None):
+            raise ValueError("classifiers are not supported: embed here, then score the saved embeddings")
+        for name in ("input", "output"):
+            if name in options:
+                raise TypeError(f"{name} is given to the call, not the constructor: embedder(input, output)")
+        for theirs, ours in REFERENCE_NAMES.items():
+            if theirs in options:
+                if ours in options:
+                    raise TypeError(f"give {ours} or {theirs}, not both")
+                options[ours] = options.pop(theirs)
+        settings = dict(
             model_name=model_name,
             pretrained=pretrained,
             batch_size=batch_size,
@@ -41,32 +67,117 @@ class TimmImageEmbedder:
             use_index_files=use_index_files,
             **options,
         )
-        # Validate now, so a wrong parameter fails at construction, not at the first shard.
-        EmbedConfig(input=".", output="./out", **self.settings)
+        # Checked now with EmbedConfig's own rules, so a wrong parameter fails here, not at the first shard.
+        EmbedSettings.model_validate(settings)
+        self.settings = settings
 
-    def config(self, input: str, output: str) -> EmbedConfig:
-        return EmbedConfig(input=input, output=output, **self.settings)
+    def config(self, input: str, output: str, **overrides: Any) -> EmbedConfig:
+        return EmbedConfig(**(self.settings | overrides | {"input": input, "output": output}))
 
-    def __call__(self, input: str, output: str, *, force: Optional[bool] = None) -> list[ShardResult]:
-        """Embed every shard under `input` into `output`; returns one ShardResult per shard."""
-        config = self.config(input, output)
-        if force is not None:
-            config = config.model_copy(update={"force": force})
-        started = time.perf_counter()
-        results, failures = [], {}
-        for plan in plan_shards(config):
-            try:
-                results.append(process_shard(config, plan))
-            except Exception as exc:  # noqa: BLE001 - one shard's failure stops no other; all are reported at the end
-                failures[plan.stem] = f"{type(exc).__name__}: {exc}"
-        dicts = [r.to_dict() for r in results]
-        try:
-            report.write_manifest(config, report.build_manifest(config, dicts, failures, time.perf_counter() - started))
-        except OSError as exc:
-            if not failures:
-                raise
-            # The shards' own failures (often the same cause, e.g. a full disk) are the news; keep them first.
-            raise ShardsFailed(failures | {"_manifest.json": f"{type(exc).__name__}: {exc}"}, results) from exc
-        if failures:
-            raise ShardsFailed(failures, results)
+    def __call__(self, data, output: Optional[str] = None, *, force: Optional[bool] = None):
+        """Embed every shard of `data` into `output`.
+
+        `data` a folder or URL of shards: returns one ShardResult per shard (`output` required).
+        `data` an ImageTextPairDataset: returns the dataset with its embeddings (`save_metadata()` writes them
+        where you say); `output` defaults to the folder beside the dataset's, `<path>_embeddings`."""
+        from wdsembed.nemo import ImageTextPairDataset
+
+        overrides: dict[str, Any] = {} if force is None else {"force": force}
+        if isinstance(data, ImageTextPairDataset):
+            overrides["id_column"] = data.id_col
+            if data.storage_options:
+                overrides["storage_options"] = {**self.settings.get("storage_options", {}), **data.storage_options}
+            config = self.config(data.path, output or data.default_embeddings_path(), **overrides)
+        else:
+            if output is None:
+                raise TypeError("output is required: embedder(input, output)")
+            config = self.config(data, output, **overrides)
+        results = run_shards(config)
+        if isinstance(data, ImageTextPairDataset):
+            return data.with_embeddings(config.output, results)
         return results
+
+
+def run_shards(config: EmbedConfig) -> list[ShardResult]:
+    """Embed every shard of the config, on the current Dask client if any, else here; write the manifest.
+    Raises ShardsFailed (after every other shard is written and the manifest too) when any shard failed."""
+    started = time.perf_counter()
+    plans = plan_shards(config)
+    client = _current_dask_client()
+    if client is None:
+        results, failures = _run_here(config, plans)
+    else:
+        results, failures = _run_on_dask(client, config, plans)
+    results.sort(key=lambda r: r.stem)
+    dicts = [r.to_dict() for r in results]
+    try:
+        report.write_manifest(config, report.build_manifest(config, dicts, failures, time.perf_counter() - started))
+    except OSError as exc:
+        if not failures:
+            raise
+        # The shards' own failures (often the same cause, e.g. a full disk) are the news; keep them first.
+        raise ShardsFailed(failures | {"_manifest.json": f"{type(exc).__name__}: {exc}"}, results) from exc
+    if failures:
+        raise ShardsFailed(failures, results)
+    return results
+
+
+def embed_here(config: EmbedConfig, plan: ShardPlan) -> ShardResult:
+    """One shard, in this process (a Dask worker's or the caller's): the one place this module calls the core."""
+    from wdsembed.decoderlog import decoder_messages_to_log
+
+    with decoder_messages_to_log():
+        return shard.process_shard(config, plan)
+
+
+def _run_here(config: EmbedConfig, plans: list) -> tuple[list, dict]:
+    results, failures = [], {}
+    for plan in plans:
+        try:
+            results.append(embed_here(config, plan))
+        except Exception as exc:  # noqa: BLE001 - one shard's failure stops no other; all are reported at the end
+            failures[plan.stem] = f"{type(exc).__name__}: {exc}"
+    return results, failures
+
+
+def _run_on_dask(client, config: EmbedConfig, plans: list) -> tuple[list, dict]:
+    """One task per shard on the client's workers; each takes a share of a GPU where the workers declare GPU
+    resources, else any free worker thread."""
+    from distributed import as_completed
+
+    from wdsembed.cluster import GPU_SHARE_PER_SHARD, gpu_slots_declared
+
+    # As in the flow: a share of a GPU per shard, so a worker's second thread overlaps one shard's reading and
+    # writing with another's time in the pipeline (the worker's lock keeps the pipeline to one shard).
+    resources = {"GPU": GPU_SHARE_PER_SHARD} if gpu_slots_declared(client) else None
+    run_id = uuid.uuid4().hex[:8]
+    futures = {
+        client.submit(embed_here, config, plan, key=f"wdsembed-{plan.stem}-{run_id}", resources=resources,
+                      pure=False): plan
+        for plan in plans
+    }
+    log.info("%d shard(s) submitted to Dask (%s)%s", len(plans), client.scheduler.address,
+             ", one GPU each" if resources else "")
+    results, failures = [], {}
+    for future in as_completed(futures):
+        plan = futures[future]
+        try:
+            results.append(future.result())
+        except Exception as exc:  # noqa: BLE001 - a shard's error, or its worker lost for good (KilledWorker)
+            failures[plan.stem] = f"{type(exc).__name__}: {exc}"
+        finally:
+            future.release()
+    return results, failures
+
+
+def _current_dask_client():
+    """The Dask client this process made current (get_client(), distributed.Client(...)), if one is running."""
+    try:
+        from distributed import default_client
+    except ImportError:
+        return None
+    try:
+        client = default_client()
+    except ValueError:
+        return None
+    return client if client.status == "running" else None

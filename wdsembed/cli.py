@@ -1,147 +1,229 @@
-"""Command line: arguments -> EmbedConfig -> a run function (the Prefect flow), with a progress bar and summary."""
+"""Command line: arguments -> EmbedConfig -> a run function (the Prefect flow), with a progress bar and summary.
+
+The options are generated from EmbedConfig's fields: a field's flag is its name with dashes (`--batch-size`), its
+help is the field's description, its choices come from a Literal type, and a new field gets a flag without any
+change here. FLAG_NAMES keeps the shorter names the command had before (`--model`, `--num-threads`); the field's
+own name works as well.
+"""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 import time
-from typing import Callable, Optional, Sequence
+import types
+import typing
+from typing import Any, Callable, Optional, Sequence
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
-from wdsembed.config import DEFAULT_MODEL, EmbedConfig
+from wdsembed.config import EmbedConfig, field_default
+from wdsembed.report import failure_reasons
 
 DEMO_MODEL = "vit_base_patch16_clip_224.openai"
 DEMO_INPUT = "demo-data"
 DEMO_OUTPUT = "demo-output"
 
+# Flags whose name is not the field's. For a switch, the name after --no- (or --); the field's own name works too.
+FLAG_NAMES = {
+    "model_name": "model",
+    "num_threads_per_worker": "num-threads",
+    "normalize_embeddings": "normalize",
+    "use_index_files": "index-files",
+    "storage_options": "storage-option",
+}
+SHORT_FLAGS = {"output": "-o"}
+METAVARS = {
+    "output": "OUTPUT", "model_name": "NAME", "checkpoint": "FILE", "index_cache_dir": "DIR", "dask_address": "URL",
+    "result_storage": "URL", "id_column": "NAME", "embedding_column": "NAME", "error_column": "NAME",
+    "storage_options": "KEY=VALUE", "image_extensions": "EXT[,EXT...]",
+}
 
-def build_parser() -> argparse.ArgumentParser:
-    fields = EmbedConfig.model_fields
 
-    def doc(name: str) -> str:
-        return fields[name].description or ""
+def _prog() -> str:
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python flows/embed.py" if name == "embed.py" else "wdsembed"
 
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    # SUPPRESS: only the options given appear in the namespace; every default is EmbedConfig's own.
     p = argparse.ArgumentParser(
-        prog="python flows/embed.py",
+        prog=prog or _prog(),
         description="Embed WebDataset image shards with a timm model; one parquet per shard with an embedding "
         "column. Without INPUT, runs a built-in demo on generated shards.",
+        argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("input", nargs="?", help=doc("input") + " Omit to run the demo.")
-    p.add_argument("--output", "-o", help=doc("output"))
-    p.add_argument("--model", default=None, help=f"{doc('model_name')} Default: {DEFAULT_MODEL}.")
-    p.add_argument("--no-pretrained", action="store_true", help="Random weights (no download).")
-    p.add_argument("--checkpoint", help=doc("checkpoint"))
-    p.add_argument("--batch-size", type=int, default=fields["batch_size"].default, help=doc("batch_size"))
-    p.add_argument("--num-threads", type=int, default=fields["num_threads_per_worker"].default,
-                   help=doc("num_threads_per_worker"))
-    p.add_argument("--no-normalize", action="store_true", help="Keep the embeddings' norms as the model gives them.")
-    p.add_argument("--no-autocast", action="store_true", help="Run the model in float32 on the GPU too.")
-    p.add_argument("--no-index-files", action="store_true", help="Read shards without DALI .idx files.")
-    p.add_argument("--index-cache-dir", help=doc("index_cache_dir"))
-    p.add_argument("--id-column", default=fields["id_column"].default, help=doc("id_column"))
-    p.add_argument("--embedding-column", default=fields["embedding_column"].default, help=doc("embedding_column"))
-    p.add_argument("--embedding", choices=["auto", "head", "pooled"], default="auto", help=doc("embedding"))
-    p.add_argument("--max-image-pixels", type=int, default=fields["max_image_pixels"].default,
-                   help=doc("max_image_pixels"))
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help=doc("device"))
-    p.add_argument("--force", action="store_true", help=doc("force"))
-    p.add_argument("--dask-address", help=doc("dask_address"))
-    p.add_argument("--n-workers", type=int, help=doc("n_workers"))
-    p.add_argument("--shards-per-task", type=int, default=fields["shards_per_task"].default,
-                   help=doc("shards_per_task"))
-    p.add_argument("--result-storage", help=doc("result_storage"))
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec option for INPUT/OUTPUT, repeatable (endpoint_url=http://127.0.0.1:9000).")
+    for name, field in EmbedConfig.model_fields.items():
+        _add_option(p, name, field)
     return p
 
 
+def flag_names(name: str) -> list[str]:
+    """The option strings of a field, as the parser has them (none for the positional INPUT)."""
+    if name == "input":
+        return []
+    field = EmbedConfig.model_fields[name]
+    own = name.replace("_", "-")
+    names = list(dict.fromkeys([FLAG_NAMES.get(name, own), own]))
+    if _unwrap_optional(field.annotation) is bool:
+        prefix = "--no-" if field.default is True else "--"
+        return [prefix + n for n in names]
+    return ["--" + n for n in names] + ([SHORT_FLAGS[name]] if name in SHORT_FLAGS else [])
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    """X for Optional[X], else the annotation itself."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _help(field: FieldInfo, default: Any = None) -> str:
+    text = field.description or ""
+    # Shown unless the description already says it (max_image_pixels explains its default in words).
+    if default not in (None, {}, ()) and not field.is_required() and "default" not in text.lower():
+        text += f" Default: {','.join(default) if isinstance(default, tuple) else default}."
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _add_option(p: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
+    annotation = _unwrap_optional(field.annotation)
+    origin = typing.get_origin(annotation)
+    default = None if field.is_required() else field_default(name)
+    if name == "input":
+        p.add_argument("input", nargs="?", default=None, help=_help(field) + " Omit it to run the demo.")
+        return
+    flags = flag_names(name)
+    common = dict(dest=name, metavar=METAVARS.get(name))
+    if annotation is bool:
+        if default is True:
+            p.add_argument(*flags, dest=name, action="store_false", help="Turn off (default on): " + _help(field))
+        else:
+            p.add_argument(*flags, dest=name, action="store_true", help=_help(field))
+    elif origin is typing.Literal:
+        p.add_argument(*flags, dest=name, choices=typing.get_args(annotation), help=_help(field, default))
+    elif origin is tuple:
+        p.add_argument(*flags, **common, type=_comma_list, action="extend",
+                       help=_help(field, default) + " Comma-separated or repeated; replaces the default.")
+    elif origin is dict:
+        p.add_argument(*flags, **common, type=_key_value, action="append",
+                       help=_help(field) + " One KEY=VALUE per flag; repeat it for more.")
+    elif annotation in (str, int, float):
+        metavar = common["metavar"] or ("N" if annotation in (int, float) else None)
+        p.add_argument(*flags, dest=name, metavar=metavar, type=annotation, help=_help(field, default))
+    else:
+        raise TypeError(f"EmbedConfig.{name}: no command-line form for {field.annotation!r}; add one to cli.py")
+
+
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"takes KEY=VALUE, got {text!r}")
+    return key.strip(), value
+
+
+def values_from_args(args: argparse.Namespace) -> dict:
+    """The EmbedConfig fields given on the command line, in the model's types (absent ones keep their default)."""
+    values = {}
+    for name, field in EmbedConfig.model_fields.items():
+        if getattr(args, name, None) is None:
+            continue
+        value = getattr(args, name)
+        origin = typing.get_origin(_unwrap_optional(field.annotation))
+        if origin is tuple:
+            value = tuple(value)
+        elif origin is dict:
+            value = dict(value)
+        values[name] = value
+    return values
+
+
 def config_from_args(args: argparse.Namespace) -> EmbedConfig:
-    storage_options = {}
-    for item in args.storage_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--storage-option takes KEY=VALUE, got {item!r}")
-        storage_options[key] = value
-    values = dict(
-        input=args.input,
-        output=args.output,
-        pretrained=not args.no_pretrained,
-        checkpoint=args.checkpoint,
-        batch_size=args.batch_size,
-        num_threads_per_worker=args.num_threads,
-        normalize_embeddings=not args.no_normalize,
-        autocast=not args.no_autocast,
-        use_index_files=not args.no_index_files,
-        index_cache_dir=args.index_cache_dir,
-        id_column=args.id_column,
-        embedding_column=args.embedding_column,
-        embedding=args.embedding,
-        device=args.device,
-        max_image_pixels=args.max_image_pixels,
-        force=args.force,
-        dask_address=args.dask_address,
-        n_workers=args.n_workers,
-        shards_per_task=args.shards_per_task,
-        result_storage=args.result_storage,
-        storage_options=storage_options,
-    )
-    if args.model:
-        values["model_name"] = args.model
-    return EmbedConfig(**values)
+    return EmbedConfig(**values_from_args(args))
 
 
-def prepare_demo(args: argparse.Namespace) -> None:
+def prepare_demo(values: dict) -> None:
     """Write a few small shards of generated images and point the run at them, offline."""
     from wdsembed.synthetic import write_demo_dataset
 
-    args.input = os.path.abspath(DEMO_INPUT)
-    args.output = args.output or os.path.abspath(DEMO_OUTPUT)
-    if not args.model:
-        args.model = DEMO_MODEL
+    values["input"] = os.path.abspath(DEMO_INPUT)
+    values.setdefault("output", os.path.abspath(DEMO_OUTPUT))
+    values.setdefault("model_name", DEMO_MODEL)
     # No network here is assumed: the demo's model runs on random weights unless a checkpoint is given.
-    if not args.checkpoint:
-        args.no_pretrained = True
+    if not values.get("checkpoint"):
+        values["pretrained"] = False
     # A few dozen images: one worker loads one model, instead of two competing for a small machine's cores.
-    if args.n_workers is None:
-        args.n_workers = 1
-    write_demo_dataset(args.input)
-    print(f"demo: wrote generated shards to {args.input}; model {args.model} "
-          f"({'checkpoint ' + args.checkpoint if args.checkpoint else 'random weights, offline'})")
+    values.setdefault("n_workers", 1)
+    write_demo_dataset(values["input"])
+    weights = "checkpoint " + values["checkpoint"] if values.get("checkpoint") else "random weights, offline"
+    print(f"demo: wrote generated shards to {values['input']}; model {values['model_name']} ({weights})")
 
 
-def main(run: Callable[..., dict], argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.input is None:
-        prepare_demo(args)
-    elif not args.output:
+def refuse_unusable(config: EmbedConfig) -> None:
+    """Every check that needs no work, cheapest and most basic first; raises ValueError saying what to change."""
+    from wdsembed import preflight
+    from wdsembed.plan import check_config
+
+    preflight.check_storage_options(config)  # before anything builds a filesystem from them
+    preflight.check_output_writable(config)  # needs no torch import: refused in about a second
+    check_config(config)
+    preflight.check_weights(config)
+
+
+def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]] = None) -> int:
+    """The command line. `run(config, on_shard_done=...)` does the work: the Prefect flow, given by the installed
+    `wdsembed` command (flows.command:main) and by `python flows/embed.py` (this package never imports the flow)."""
+    values = values_from_args(build_parser().parse_args(argv))
+    if values.get("input") is None:
+        prepare_demo(values)
+    elif not values.get("output"):
         print("error: --output is required with INPUT", file=sys.stderr)
         return 2
     try:
-        config = config_from_args(args)
+        config = EmbedConfig(**values)
     except ValidationError as exc:
         print("error: invalid parameters:", file=sys.stderr)
         for err in exc.errors():
             print(f"  {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
         return 2
-
-    from wdsembed.plan import check_config
-
     try:
-        check_config(config)
+        refuse_unusable(config)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    if run is None:  # a `wdsembed` script installed before the command moved to flows.command:main
+        print("error: this wdsembed script is out of date: reinstall the package (pip install -e .), or run "
+              "python flows/embed.py", file=sys.stderr)
+        return 2
+
+    from wdsembed.decoderlog import decoder_messages_to_log
+
     progress = _Progress()
     try:
-        with progress:
+        # The decoder's own stderr lines (a bad JPEG's, repeated) go to the log: the worker processes that the run
+        # starts inherit this, and every bad image's reason is in its row and the summary.
+        with decoder_messages_to_log(), progress:
             manifest = run(config, on_shard_done=progress.update)
     except Exception as exc:  # noqa: BLE001 - a failed run prints its reason, not a traceback wall
-        if isinstance(getattr(exc, "manifest", None), dict):  # some shards failed: the rest are done
-            print_summary(exc.manifest)
-        print(f"\nrun failed: {exc or repr(exc)}", file=sys.stderr)
-        _print_manifest_hint(config)
+        manifest = getattr(exc, "manifest", None)
+        if isinstance(manifest, dict):  # some shards failed; the summary lists each reason once, with its shards
+            print_summary(manifest)
+            failed = len(manifest.get("failed_shards") or {})
+            total = failed + len(manifest.get("shards") or {})
+            print(f"\nrun failed: {failed} of {total} shard(s) failed (reasons above)", file=sys.stderr)
+            finished = len(manifest.get("shards") or {})
+        else:
+            print(f"\nrun failed: {exc or repr(exc)}", file=sys.stderr)
+            finished = progress.finished
+        _print_manifest_hint(config, finished)
         return 1
     print_summary(manifest)
     return 0
@@ -155,6 +237,7 @@ class _Progress:
 
         self.started = time.perf_counter()
         self.images = 0
+        self.finished = 0  # shards whose output is written (this run or before)
         self.bar = Progress(
             TextColumn("shards"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[images]} images"),
             TextColumn("{task.fields[rate]} images/s"), TimeElapsedColumn(),
@@ -166,6 +249,8 @@ class _Progress:
         return self
 
     def update(self, result: Optional[dict], done: int, total: int) -> None:
+        if result:
+            self.finished += 1
         if result and not result.get("cached"):
             self.images += result["embedded"]
         rate = self.images / max(time.perf_counter() - self.started, 1e-9)
@@ -178,20 +263,29 @@ class _Progress:
 def print_summary(manifest: dict) -> None:
     from rich.console import Console
     from rich.table import Table
-    from rich.text import Text
 
     console = Console()
     t = manifest["totals"]
     model = manifest.get("model") or {}
-    table = Table(title=f"{t['shards']} shard(s): {t['computed']} computed, {t['cached']} cached")
+    reasons = failure_reasons(manifest.get("failed_shards") or {})  # reason -> its shards
+    table = Table(title=f"{t['shards']} shard(s): {t['computed']} computed, {t['cached']} cached"
+                  + (f", {sum(len(s) for s in reasons.values())} failed" if reasons else ""),
+                  caption="images/s: embedding only (model loading and writing excluded)")
     for name in ("shard", "rows", "embedded", "failed", "status", "images/s"):
         table.add_column(name, justify="right" if name not in ("shard", "status") else "left")
     for stem, s in sorted(manifest["shards"].items()):
+        rate = s.get("images_per_second")
         table.add_row(stem, str(s["rows"]), str(s["embedded"]), str(s["failed"]), s.get("status", ""),
-                      str(s.get("images_per_second", "")))
-    for stem, reason in sorted((manifest.get("failed_shards") or {}).items()):
-        table.add_row(stem, "-", "-", "-", Text(f"FAILED: {reason}"), "-")  # Text: a reason is not markup
+                      "-" if rate is None else f"{rate:,.1f}")
+    numbers = {reason: n for n, reason in enumerate(reasons, 1)}
+    for reason, stems in reasons.items():
+        for stem in stems:
+            table.add_row(stem, "-", "-", "-", f"FAILED ({numbers[reason]})", "-")
     console.print(table)
+    for reason, stems in reasons.items():
+        # A reason is not markup: printed as it is, once, with every shard it stopped.
+        console.print(f"({numbers[reason]}) {len(stems)} shard(s) failed ({_shard_list(stems)}): {reason}",
+                      markup=False, highlight=False, soft_wrap=True)  # whole, so it can be searched and copied
     console.print(
         f"model {model.get('name')} ({model.get('weights')}), {model.get('embedding')} embedding, "
         f"{model.get('dim')} dims | {t['embedded']} of {t['rows']} rows embedded | "
@@ -200,9 +294,21 @@ def print_summary(manifest: dict) -> None:
     for stem, s in sorted(manifest["shards"].items()):
         for warning in s.get("warnings") or []:
             console.print(f"warning: shard {stem}: {warning}", markup=False)
-    console.print(f"output: {manifest['output']}  (manifest: {manifest.get('path')})")
+    console.print(f"output: {manifest['output']}  (manifest: {manifest.get('path')})", markup=False)
 
 
-def _print_manifest_hint(config: EmbedConfig) -> None:
-    print(f"finished shards are in {config.output}; run the same command again to finish the rest "
-          "(finished shards are not recomputed)", file=sys.stderr)
+def _shard_list(stems: list[str], shown: int = 5) -> str:
+    return ", ".join(stems[:shown]) + (f" and {len(stems) - shown} more" if len(stems) > shown else "")
+
+
+def _print_manifest_hint(config: EmbedConfig, finished: int) -> None:
+    """Where the finished work is, and that re-running finishes the rest; said only when some shard finished."""
+    if finished:
+        print(f"{finished} finished shard(s) are in {config.output}; run the same command again to finish the rest "
+              "(finished shards are not recomputed)", file=sys.stderr)
+    else:
+        print("no shard finished; run the same command again once the cause is fixed", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from wdsembed.storage import CREDENTIALS_HINT, SECRET_OPTION_PATTERN, secret_options, url_has_password
 
@@ -165,3 +165,19 @@ class EmbedConfig(BaseModel):
             "normalize_embeddings": self.normalize_embeddings,
             "autocast": self.autocast,
         }
+
+
+# Every field with the same rules, but `input` and `output` not required: the Python API checks its settings with it
+# when it is built, before it knows where a run reads and writes (no placeholder paths, so none in any message).
+EmbedSettings = create_model(
+    "EmbedSettings",
+    __base__=EmbedConfig,
+    __doc__="An EmbedConfig's settings without (yet) its input and output.",
+    input=(Optional[str], None),
+    output=(Optional[str], None),
+)
+
+
+def field_default(name: str):
+    """The default of an EmbedConfig field, as the model declares it (the CLI's help and the API's signature show it)."""
+    return EmbedConfig.model_fields[name].get_default(call_default_factory=True)

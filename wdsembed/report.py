@@ -13,19 +13,69 @@ from wdsembed.versions import code_version, package_versions
 TABLE_COLUMNS = ("shard", "rows", "embedded", "failed", "status", "seconds", "images_per_second")
 
 
-def shard_rows(results: Iterable[dict], failures: dict[str, str]) -> list[dict]:
-    """One row per shard, finished or failed, for the table artifact and the CLI summary."""
+def shard_rows(results: Iterable[dict], failures: dict[str, str], manifest: Optional[dict] = None) -> list[dict]:
+    """One row per shard, finished or failed, for the table artifact and the CLI summary. With the run's
+    `manifest`, a finished shard's seconds and images/s are the manifest's (embedding-only rate; a cached shard
+    keeps those of the run that computed it)."""
+    figures = (manifest or {}).get("shards") or {}
     rows = []
     for r in results:
+        shard = figures.get(r["stem"]) or {}
+        seconds = shard.get("seconds", r.get("seconds", 0.0))
         rows.append({
             "shard": r["stem"], "rows": r["rows"], "embedded": r["embedded"], "failed": r["failed"],
-            "status": "cached" if r.get("cached") else "computed", "seconds": round(r.get("seconds", 0.0), 2),
-            "images_per_second": r.get("images_per_second", 0.0),
+            "status": "cached" if r.get("cached") else "computed",
+            "seconds": None if seconds is None else round(seconds, 2),
+            "images_per_second": shard.get("images_per_second", r.get("images_per_second", 0.0)),
         })
     for stem, reason in sorted(failures.items()):
         rows.append({"shard": stem, "rows": 0, "embedded": 0, "failed": 0, "status": f"FAILED: {reason}",
                      "seconds": 0.0, "images_per_second": 0.0})
     return sorted(rows, key=lambda row: row["shard"])
+
+
+def embedding_seconds(result: dict) -> Optional[float]:
+    """Seconds the shard spent embedding (DALI and the model), without the worker's model load before it or the
+    write after it; None where its timeline does not say."""
+    timeline = result.get("timeline") or {}
+    start, end = timeline.get("embed_start"), timeline.get("embed_end")
+    if start is None or end is None or end < start:
+        return None
+    return end - start
+
+
+def shard_figures(config: EmbedConfig, results: list[dict]) -> dict[str, dict]:
+    """Per shard: seconds (the whole task, the first shard of a worker including its model load), embed_seconds
+    and images_per_second (embedded images over embed_seconds), timeline. A cached shard did no work in this run:
+    it keeps the figures of the run that computed it, from the previous manifest when its cache key matches
+    there, else null (unknown), never 0."""
+    previous = _previous_shards(config) if any(r.get("cached") for r in results) else {}
+    figures = {}
+    for r in results:
+        before = previous.get(r["stem"]) or {}
+        if r.get("cached"):
+            if before.get("cache_key") and before.get("cache_key") == r.get("cache_key"):
+                figures[r["stem"]] = {k: before.get(k) for k in ("seconds", "embed_seconds", "images_per_second",
+                                                                "timeline")}
+            else:
+                figures[r["stem"]] = {"seconds": None, "embed_seconds": None, "images_per_second": None,
+                                      "timeline": r.get("timeline")}
+            continue
+        embed = embedding_seconds(r)
+        rate = (round(r["embedded"] / embed, 1) if embed else 0.0) if embed is not None \
+            else r.get("images_per_second", 0.0)
+        figures[r["stem"]] = {"seconds": r.get("seconds"), "embed_seconds": None if embed is None else round(embed, 3),
+                              "images_per_second": rate, "timeline": r.get("timeline")}
+    return figures
+
+
+def _previous_shards(config: EmbedConfig) -> dict:
+    """The shards of the manifest this output holds from an earlier run (best effort: none if unreadable)."""
+    try:
+        fs, root = storage.filesystem(config.output, config.storage_options)
+        return (output.read_manifest(root, fs) or {}).get("shards") or {}
+    except Exception:  # noqa: BLE001 - a missing or damaged old manifest only means no figures to carry over
+        return {}
 
 
 def totals(results: list[dict], wall_seconds: float) -> dict:
@@ -47,6 +97,7 @@ def totals(results: list[dict], wall_seconds: float) -> dict:
 
 def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str, str], wall_seconds: float) -> dict:
     model = next((r.get("model") for r in results if r.get("model")), None)
+    figures = shard_figures(config, results)
     return {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "input": config.input,
@@ -58,7 +109,8 @@ def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str,
         "totals": totals(results, wall_seconds),
         "shards": {
             r["stem"]: {k: r.get(k) for k in ("output", "rows", "samples", "embedded", "failed", "cache_key",
-                                              "seconds", "images_per_second", "batch_size", "timeline")}
+                                              "batch_size")}
+            | figures[r["stem"]]
             | {"warnings": r.get("warnings") or []}
             | {"status": "cached" if r.get("cached") else "computed"}
             for r in results
@@ -81,16 +133,26 @@ def markdown_summary(manifest: dict, rows: list[dict]) -> str:
         f"- model: `{model.get('name', '?')}` ({model.get('weights', '?')}), {model.get('embedding', '?')} "
         f"embedding, {model.get('dim', '?')} dimensions",
         f"- rows: {t['rows']}, embedded: {t['embedded']}, without embedding: {t['failed_rows']}",
-        f"- this run: {t['embedded_this_run']} images in {t['wall_seconds']} s ({t['images_per_second']} images/s)",
+        f"- this run: {t['embedded_this_run']} images in {t['wall_seconds']} s ({t['images_per_second']} images/s "
+        "overall; the table's images/s count embedding time only, without model loading)",
         f"- output: `{manifest['output']}`",
     ]
     if manifest["failed_shards"]:
         lines += ["", "### Failed shards", ""]
-        lines += [f"- `{stem}`: {reason}" for stem, reason in sorted(manifest["failed_shards"].items())]
+        lines += [f"- {len(stems)} shard(s) ({', '.join(f'`{stem}`' for stem in stems)}): {reason}"
+                  for reason, stems in failure_reasons(manifest["failed_shards"]).items()]
     warned = {stem: s["warnings"] for stem, s in manifest["shards"].items() if s.get("warnings")}
     if warned:
         lines += ["", "### Shards with warnings (output written)", ""]
         lines += [f"- `{stem}`: {'; '.join(w)}" for stem, w in sorted(warned.items())]
     lines += ["", "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(str(row[c]) for c in TABLE_COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join("-" if row[c] is None else str(row[c]) for c in TABLE_COLUMNS) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def failure_reasons(failed_shards: dict[str, str]) -> dict[str, list[str]]:
+    """reason -> the shards it failed, most shards first: a cause shared by many shards is said once."""
+    by_reason: dict[str, list[str]] = {}
+    for stem, reason in sorted(failed_shards.items()):
+        by_reason.setdefault(reason, []).append(stem)
+    return dict(sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[1][0])))

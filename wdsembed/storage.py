@@ -85,6 +85,8 @@ def fsspec_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[
     for name in _S3_FLOAT_OPTIONS:
         if isinstance(options.get(name), str):
             options[name] = float(options[name])
+    if "region_name" in options:  # s3fs would hand it to botocore's session, which refuses it: the client takes it
+        options["client_kwargs"] = {**(options.get("client_kwargs") or {}), "region_name": options.pop("region_name")}
     botocore = {name: options.pop(name, default) for name, default in S3_DEFAULTS.items()}
     config = dict(options.pop("config_kwargs", None) or {})
     config.setdefault("connect_timeout", botocore["connect_timeout"])

@@ -1,0 +1,391 @@
+"""The command line: every EmbedConfig field has a flag (and reaches the API and the deployment form), the installed
+command starts, mistakes are refused in seconds with exit code 2 before any work, and a failed run says what it did.
+
+None of these tests starts a Prefect server: the run function handed to `main` records its calls instead.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import typing
+from pathlib import Path
+
+import pytest
+
+from conftest import CANNOT_DROP_OVERRIDE, TINY_MODEL, without_file_permission_override
+from wdsembed import cli
+from wdsembed.config import EmbedConfig, field_default
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def sample_value(name: str):
+    """A valid value of the field that differs from its default, derived from the field's type."""
+    field = EmbedConfig.model_fields[name]
+    annotation = cli._unwrap_optional(field.annotation)
+    default = None if field.is_required() else field_default(name)
+    if annotation is bool:
+        return not default
+    if typing.get_origin(annotation) is typing.Literal:
+        return next(choice for choice in typing.get_args(annotation) if choice != default)
+    if typing.get_origin(annotation) is tuple:
+        return ("png", "gif")
+    if typing.get_origin(annotation) is dict:
+        return {"auto_mkdir": "true"}  # an option local folders take
+    if annotation is int:
+        return 7 if default != 7 else 8
+    if annotation is float:
+        return 0.5
+    if annotation is str:
+        return f"/tmp/{name}-value"
+    raise AssertionError(f"no sample for {name}: {field.annotation!r}")
+
+
+def cli_argv(name: str, value) -> list[str]:
+    if name == "input":
+        return [value]
+    flag = cli.flag_names(name)[0]
+    if isinstance(value, bool):
+        return [flag]
+    if isinstance(value, tuple):
+        return [flag, ",".join(value)]
+    if isinstance(value, dict):
+        return [arg for k, v in value.items() for arg in (flag, f"{k}={v}")]
+    return [flag, str(value)]
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, list, float]:
+    """cli.main in this process with a run function that records whether any work was started."""
+    started = []
+    begin = time.monotonic()
+    code = cli.main(lambda config, on_shard_done=None: started.append(config) or {}, argv)
+    return code, capsys.readouterr().err, started, time.monotonic() - begin
+
+
+@pytest.fixture
+def shards(tmp_path) -> Path:
+    from wdsembed.synthetic import ShardSample, encode_image, make_image, write_shard
+
+    write_shard(tmp_path / "in", "00000", [ShardSample(encode_image(make_image(32, 24, seed=i), "bmp"), ext="bmp")
+                                           for i in range(2)])
+    return tmp_path / "in"
+
+
+# --------------------------------------------------------------------------------------------------- task A
+
+
+def test_every_field_reachable_from_cli_api_and_form():
+    """Generated from EmbedConfig.model_fields: a field added later is checked with no change here."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.deployed import embed
+    from wdsembed.api import TimmImageEmbedder
+
+    schema = parameter_schema(embed.fn).model_dump()
+    form_fields = schema["definitions"]["EmbedConfig"]["properties"]
+    parser = cli.build_parser()
+    base = {"input": "/tmp/in", "output": "/tmp/out"}
+    for name in EmbedConfig.model_fields:
+        value = sample_value(name)
+        # CLI: the flag exists and sets exactly this field
+        argv = cli_argv(name, value) + (["/tmp/in"] if name != "input" else []) \
+            + (["--output", "/tmp/out"] if name != "output" else [])
+        config = EmbedConfig(**cli.values_from_args(parser.parse_args(argv)))
+        assert getattr(config, name) == value, (name, argv)
+        # API: any field by keyword (input and output go to the call)
+        if name in base:
+            assert getattr(TimmImageEmbedder().config(**(base | {name: value})), name) == value
+        else:
+            assert getattr(TimmImageEmbedder(**{name: value}).config(**base), name) == value, name
+        # deployment form: the field is in the run form, described
+        assert name in form_fields and form_fields[name].get("description"), name
+
+
+def test_existing_flags_keep_working(shards, tmp_path):
+    argv = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained", "--checkpoint", "w.pth",
+            "--batch-size", "4", "--num-threads", "2", "--no-normalize", "--no-autocast", "--no-index-files",
+            "--max-image-pixels", "0", "--index-cache-dir", "/tmp/idx", "--id-column", "id",
+            "--embedding-column", "emb", "--embedding", "pooled", "--device", "cpu", "--force",
+            "--dask-address", "tcp://h:8786", "--n-workers", "3", "--storage-option", "anon=true",
+            "--storage-option", "endpoint_url=http://127.0.0.1:9000", "--shards-per-task", "5",
+            "--result-storage", "/tmp/results", "--error-column", "why", "--image-extensions", "jpg,png",
+            "--image-extensions", "webp"]
+    config = cli.config_from_args(cli.build_parser().parse_args(argv))
+    assert config.model_dump() == {
+        "input": str(shards), "output": str(tmp_path / "out"), "model_name": TINY_MODEL, "pretrained": False,
+        "checkpoint": "w.pth", "embedding": "pooled", "batch_size": 4, "num_threads_per_worker": 2,
+        "normalize_embeddings": False, "autocast": False, "use_index_files": False, "index_cache_dir": "/tmp/idx",
+        "id_column": "id", "embedding_column": "emb", "error_column": "why", "image_extensions": ("jpg", "png", "webp"),
+        "max_image_pixels": 0, "device": "cpu", "force": True,
+        "storage_options": {"anon": "true", "endpoint_url": "http://127.0.0.1:9000"}, "result_storage": "/tmp/results",
+        "dask_address": "tcp://h:8786", "n_workers": 3, "shards_per_task": 5,
+    } | {k: getattr(config, k) for k in EmbedConfig.model_fields if k not in (
+        "input output model_name pretrained checkpoint embedding batch_size num_threads_per_worker "
+        "normalize_embeddings autocast use_index_files index_cache_dir id_column embedding_column error_column "
+        "image_extensions max_image_pixels device force storage_options result_storage dask_address n_workers "
+        "shards_per_task").split()}  # fields added since keep their defaults
+    # the long names work too, and no flag means EmbedConfig's default
+    long = cli.config_from_args(cli.build_parser().parse_args(
+        ["in", "-o", "out", "--model-name", "m", "--num-threads-per-worker", "3", "--no-normalize-embeddings"]))
+    assert (long.model_name, long.num_threads_per_worker, long.normalize_embeddings) == ("m", 3, False)
+    assert cli.config_from_args(cli.build_parser().parse_args(["in", "-o", "out"])) == EmbedConfig(input="in",
+                                                                                                   output="out")
+
+
+def test_malformed_storage_option_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args(["in", "-o", "out", "--storage-option", "endpoint_url"])
+    assert exit_.value.code == 2
+    assert "takes KEY=VALUE, got 'endpoint_url'" in capsys.readouterr().err
+
+
+def test_api_defaults_are_the_models():
+    import inspect
+
+    from wdsembed.api import TimmImageEmbedder
+
+    params = inspect.signature(TimmImageEmbedder).parameters
+    assert list(params)[:7] == ["model_name", "pretrained", "batch_size", "num_threads_per_worker",
+                                "normalize_embeddings", "autocast", "use_index_files"]
+    for name in list(params)[:7]:
+        assert params[name].default == field_default(name), name
+
+
+def test_api_validates_without_placeholder_paths():
+    from pydantic import ValidationError
+
+    from wdsembed.api import TimmImageEmbedder
+
+    with pytest.raises(ValidationError) as err:
+        TimmImageEmbedder(batch_size=0, storage_options={"endpoint_url": "http://x"})
+    text = str(err.value)
+    assert "batch_size" in text and "input" not in text and "output" not in text and "./out" not in text
+    with pytest.raises(ValidationError, match="embedding"):
+        TimmImageEmbedder(embedding="logits")
+    with pytest.raises(TypeError, match="given to the call"):
+        TimmImageEmbedder(output="/tmp/out")
+
+
+# --------------------------------------------------------------------------------------------------- task B
+
+
+def test_command_starts():
+    """The installed command is flows.command:main (the core package never imports the flow); it answers --help
+    without a Prefect import."""
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"wdsembed": "flows.command:main"}
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", "import sys; from flows.command import main; main(['--help'])"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: ") and "--image-extensions" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "flows.command", "--help"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage: wdsembed "), done.stderr
+    # an installed script exists (after `pip install -e .` it calls flows.command:main)
+    script = Path(sys.executable).parent / "wdsembed"
+    assert script.exists() and "import main" in script.read_text()
+    import inspect
+
+    from flows import command
+
+    assert all(p.default is not inspect.Parameter.empty for p in inspect.signature(command.main).parameters.values())
+
+
+def test_command_runs_the_flow(shards, tmp_path, monkeypatch, capsys):
+    import flows.embed
+    from flows import command
+
+    calls = []
+
+    def fake_run(config, on_shard_done=None):
+        calls.append(config)
+        raise RuntimeError("stopped before any shard")
+
+    monkeypatch.setattr(flows.embed, "run", fake_run)
+    code = command.main([str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(calls) == 1 and calls[0].model_name == TINY_MODEL
+    # nothing finished: no claim that finished shards are anywhere
+    assert "run failed: stopped before any shard" in err and "finished shard(s) are in" not in err
+    assert "no shard finished" in err
+
+
+def test_stale_script_says_reinstall(shards, tmp_path, capsys):
+    code = cli.main(argv=[str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained"])
+    assert code == 2 and "reinstall the package (pip install -e .)" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------- task D
+
+
+def refused(capsys, argv: list[str]) -> tuple[str, float]:
+    code, err, started, seconds = run_main(argv, capsys)
+    assert code == 2 and not started, (code, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0], seconds
+
+
+def test_weights_neither_cached_nor_reachable(shards, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err, seconds = refused(capsys, [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--device", "cpu"])
+    assert f"cannot load pretrained weights for '{TINY_MODEL}'" in err and "HF_HUB_OFFLINE is set" in err
+    assert "--no-pretrained" in err and "--checkpoint" in err
+    assert not (tmp_path / "out").exists()
+    print(f"missing weights refused in {seconds:.2f} s (in-process)")
+    # no network at all: the probe gives up within seconds
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.delenv("HTTP_PROXY", raising=False)
+    monkeypatch.delenv("http_proxy", raising=False)
+    err, seconds = refused(capsys, [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--device", "cpu"])
+    assert "is not in the cache and http://127.0.0.1:9 is unreachable" in err and "--no-pretrained" in err
+    assert seconds < 30
+    print(f"unreachable weights refused in {seconds:.2f} s (in-process)")
+
+
+def test_output_that_cannot_be_written(shards, tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    err, seconds = refused(capsys, [str(shards), "-o", str(a_file / "out"), "--model", TINY_MODEL, "--no-pretrained"])
+    assert err == (f"error: output '{a_file / 'out'}' cannot be created: '{a_file}' is a file, not a folder; "
+                   "pass --output a folder path")
+    err, _ = refused(capsys, [str(shards), "-o", str(a_file), "--model", TINY_MODEL, "--no-pretrained"])
+    assert err == f"error: output '{a_file}' is a file, not a folder: pass --output a folder"
+    print(f"output under a file refused in {seconds:.2f} s (in-process)")
+
+
+def test_output_in_a_read_only_folder(shards, tmp_path):
+    """Through the command, in its own process without root's permission override: a folder it may not write."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o555)
+    code = ("import sys; from wdsembed.cli import main; "
+            "sys.exit(main(lambda config, on_shard_done=None: sys.exit(99), sys.argv[1:]))")
+    try:
+        begin = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", code, str(shards), "-o", str(locked / "out"), "--model",
+                               TINY_MODEL, "--no-pretrained"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env=os.environ | {"PYTHONPATH": str(ROOT)},
+                              preexec_fn=without_file_permission_override if os.geteuid() == 0 else None)
+        seconds = time.monotonic() - begin
+    finally:
+        os.chmod(locked, 0o755)
+    if done.returncode == CANNOT_DROP_OVERRIDE:
+        pytest.skip("cannot drop root's permission override here")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (f"error: output '{locked / 'out'}' cannot be created by this user ('{locked}' does "
+                                   "not let this user create folders): Permission denied; pass --output a folder you "
+                                   "can write, or give this user write permission")
+    assert list(locked.iterdir()) == []
+    print(f"read-only output refused in {seconds:.2f} s (whole process, imports included)")
+
+
+def test_bad_storage_options(shards, tmp_path, capsys):
+    base = [str(shards), "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu"]
+    s3 = base + ["-o", "s3://some-bucket/out"]
+    err, seconds = refused(capsys, s3 + ["--storage-option", "endpont_url=http://127.0.0.1:9"])
+    assert err == "error: --storage-option endpont_url: not an option of s3://. Did you mean: endpoint_url?"
+    print(f"unknown storage option refused in {seconds:.2f} s (in-process)")
+    err, _ = refused(capsys, base + ["-o", str(tmp_path / "out"), "--storage-option", "endpoint_url=http://x:9000"])
+    assert err == "error: --storage-option endpoint_url: not an option of local folders."
+    # the same options go to every store: a local folder's option breaks S3 (botocore's session refuses it)
+    err, _ = refused(capsys, s3 + ["--storage-option", "auto_mkdir=true"])
+    assert err == "error: --storage-option auto_mkdir: not an option of s3://."
+    err, _ = refused(capsys, s3 + ["--storage-option", "anon=maybe"])
+    assert err == "error: --storage-option anon=maybe: takes true or false"
+    err, _ = refused(capsys, s3 + ["--storage-option", "endpoint_url=127.0.0.1:9000"])
+    assert err == "error: --storage-option endpoint_url=127.0.0.1:9000: not an http(s)://host[:port] URL"
+    err, seconds = refused(capsys, s3 + ["--storage-option", "read_timeout=soon"])
+    assert err == "error: --storage-option read_timeout=soon: takes a number (float)"
+    print(f"malformed storage option value refused in {seconds:.2f} s (in-process)")
+    err, _ = refused(capsys, s3 + ["--storage-option", "default_block_size=big"])
+    assert err == "error: --storage-option default_block_size=big: takes a number (int)"
+    err, _ = refused(capsys, s3 + ["--storage-option", "profile=no-such-profile"])
+    assert err.startswith("error: --storage-option for output s3://some-bucket/out: the store refuses these options "
+                          "(ProfileNotFound: The config profile (no-such-profile) could not be found")
+
+
+def test_good_storage_options_pass():
+    from wdsembed import preflight
+
+    for options in ({"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu-west-1", "anon": "false",
+                     "read_timeout": "30", "max_attempts": "3", "use_listings_cache": "false"}, {}):
+        # builds the S3 client from the options, sends nothing
+        preflight.check_storage_options(EmbedConfig(input="/data", output="s3://bucket/out", storage_options=options))
+    preflight.check_storage_options(EmbedConfig(input="/data", output="/out", storage_options={"auto_mkdir": "true"}))
+
+
+# --------------------------------------------------------------------------------------------------- failed runs
+
+
+class _Failed(RuntimeError):
+    def __init__(self, manifest):
+        super().__init__("3 of 4 shard(s) failed: ...")
+        self.manifest = manifest
+
+
+def test_failed_run_names_each_reason_once(shards, tmp_path, capsys):
+    disk_full = "OSError: [Errno 28] No space left on device"
+    manifest = {
+        "output": str(tmp_path / "out"), "path": str(tmp_path / "out" / "_manifest.json"),
+        "totals": {"shards": 1, "computed": 1, "cached": 0, "rows": 2, "embedded": 2, "embedded_this_run": 2,
+                   "images_per_second": 1.0},
+        "model": {"name": TINY_MODEL},
+        "shards": {"00003": {"rows": 2, "embedded": 2, "failed": 0, "status": "computed", "images_per_second": 5.0}},
+        "failed_shards": {"00000": disk_full, "00001": disk_full, "00002": "KilledWorker: worker died"},
+    }
+
+    def failing_run(config, on_shard_done=None):
+        raise _Failed(manifest)
+
+    code = cli.main(failing_run, [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained"])
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert code == 1
+    assert text.count(disk_full) == 1 and text.count("worker died") == 1
+    assert "2 shard(s) failed (00000, 00001): " + disk_full in text
+    assert "1 shard(s) failed (00002): KilledWorker: worker died" in text
+    assert "run failed: 3 of 4 shard(s) failed (reasons above)" in captured.err
+    assert f"1 finished shard(s) are in {tmp_path / 'out'}" in captured.err
+
+
+# --------------------------------------------------------------------------------------------------- task E, whole
+
+
+@pytest.mark.slow
+def test_command_end_to_end_terminal_and_rerun(tmp_path):
+    """The real command (temporary Prefect server, one Dask worker) on a shard with a truncated JPEG: DALI's decoder
+    line stays off the terminal; the re-run finds the shard cached and keeps the computing run's figures."""
+    import json
+
+    from wdsembed.synthetic import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "in", n_shards=1, per_shard=6, corrupt_per_shard=1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "WDSEMBED_"))}
+    env |= {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    argv = [sys.executable, "-m", "flows.command", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model",
+            TINY_MODEL, "--no-pretrained", "--device", "cpu", "--batch-size", "4", "--num-threads", "1",
+            "--n-workers", "1"]
+    manifests, texts = [], []
+    for _ in range(2):
+        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        texts.append(done.stdout + done.stderr)
+        assert done.returncode == 0, texts[-1][-4000:]
+        manifests.append(json.loads((tmp_path / "out" / "_manifest.json").read_text()))
+    assert "libjpeg_turbo_decoder" not in texts[0] and "[ERROR]" not in texts[0]
+    assert "images/s: embedding only" in texts[0]
+    computed, cached = manifests[0]["shards"]["00000"], manifests[1]["shards"]["00000"]
+    assert computed["status"] == "computed" and cached["status"] == "cached"
+    assert computed["images_per_second"] > 0 and computed["embed_seconds"] > 0
+    assert (cached["seconds"], cached["images_per_second"]) == (computed["seconds"], computed["images_per_second"])

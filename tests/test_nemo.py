@@ -1,0 +1,189 @@
+"""NeMo Curator users' code, with only its import changed, runs here; the decoder's own stderr lines go to the log.
+
+The reference script and the API runs are real: separate Python processes, DALI on the CPU, the tiny timm test
+model, a Dask cluster started by get_client.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import TINY_MODEL
+
+ROOT = Path(__file__).resolve().parents[1]
+
+REFERENCE_SCRIPT = f'''
+from wdsembed import get_client, ImageTextPairDataset, TimmImageEmbedder
+
+if __name__ == "__main__":
+    client = get_client(cluster_type="gpu")
+    dataset = ImageTextPairDataset.from_webdataset(path="dataset", id_col="key")
+    embedding_model = TimmImageEmbedder("{TINY_MODEL}", pretrained=False,
+                                        batch_size=4, num_threads_per_worker=1, normalize_embeddings=True)
+    dataset_with_embeddings = embedding_model(dataset)
+    dataset_with_embeddings.save_metadata()
+'''
+
+
+def env() -> dict:
+    return os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                         "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.slow
+def test_reference_usage_runs_unchanged(tmp_path):
+    from wdsembed.synthetic import write_demo_dataset
+
+    # the demo data, with one truncated JPEG per shard: its decoder line must not reach the terminal
+    written = write_demo_dataset(tmp_path / "dataset", corrupt_per_shard=1)
+    inputs_before = {p.name: p.read_bytes() for p in (tmp_path / "dataset").glob("*.parquet")}
+    (tmp_path / "reference.py").write_text(REFERENCE_SCRIPT)
+    script = subprocess.Popen([sys.executable, "reference.py"], cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = script.communicate(timeout=850)
+    finally:
+        script.kill()
+    done = subprocess.CompletedProcess(script.args, script.returncode, stdout, stderr)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "no GPU is visible; starting a CPU cluster instead" in done.stderr  # this machine: the CPU fallback
+    assert "libjpeg_turbo_decoder" not in done.stdout + done.stderr
+
+    out = tmp_path / "dataset_embeddings"  # beside the dataset; its own parquets untouched
+    assert {p.name: p.read_bytes() for p in (tmp_path / "dataset").glob("*.parquet")} == inputs_before
+    manifest = json.loads((out / "_manifest.json").read_text())
+    workers = {s["timeline"]["worker"] for s in manifest["shards"].values()}
+    assert workers and all(int(w.rsplit(":", 1)[1]) != script.pid for w in workers)  # on the Dask workers
+    for shard in written:
+        table = pq.read_table(out / f"{Path(shard.tar).stem}.parquet").to_pylist()
+        assert len(table) == len(shard.parquet_keys)
+        for row in table:
+            good = row["status"] == "success" and not (row["caption"] or "").startswith("corrupt image")
+            assert (row["image_embedding"] is not None) == good, row
+            if good:
+                assert len(row["image_embedding"]) > 0 and row["embedding_error"] is None
+
+
+def test_embedder_takes_reference_names():
+    from wdsembed import TimmImageEmbedder
+
+    embedder = TimmImageEmbedder(TINY_MODEL, pretrained=False, image_embedding_column="emb", id_col="id",
+                                 classifiers=[])
+    config = embedder.config("in", "out")
+    assert (config.embedding_column, config.id_column) == ("emb", "id")
+    with pytest.raises(ValueError, match="classifiers are not supported"):
+        TimmImageEmbedder(classifiers=["aesthetic"])
+    with pytest.raises(TypeError, match="not both"):
+        TimmImageEmbedder(embedding_column="a", image_embedding_column="b")
+
+
+def _embedded_dataset(tmp_path):
+    """A dataset as the embedder leaves it: tars and img2dataset parquets in `dataset`, outputs beside."""
+    from wdsembed import output
+    from wdsembed.nemo import ImageTextPairDataset
+
+    data, out = tmp_path / "dataset", tmp_path / "dataset_embeddings"
+    data.mkdir()
+    out.mkdir()
+    for stem in ("00000", "00001"):
+        (data / f"{stem}.tar").write_bytes(b"")
+        pq.write_table(pa.table({"key": [f"{stem}1"], "caption": ["a cat"]}), data / f"{stem}.parquet")
+        table = pa.table({"key": [f"{stem}1"], "caption": ["a cat"], "image_embedding": [[0.6, 0.8]],
+                          "embedding_error": pa.array([None], pa.string())})
+        output.write_parquet_atomic(table, str(out / f"{stem}.parquet"), __import__("fsspec").filesystem("file"),
+                                    metadata={"cache_key": "k"})
+    dataset = ImageTextPairDataset.from_webdataset(str(data), id_col="key")
+    assert dataset.default_embeddings_path() == str(out)
+    return dataset.with_embeddings(str(out), []), data, out
+
+
+def test_save_metadata_never_overwrites_the_dataset(tmp_path):
+    from wdsembed import output
+
+    embedded, data, out = _embedded_dataset(tmp_path)
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    assert embedded.save_metadata() == str(out)  # already there: nothing written
+    with pytest.raises(ValueError, match="would overwrite the dataset's own metadata"):
+        embedded.save_metadata(str(data))
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+
+    copy = embedded.save_metadata(str(tmp_path / "copy"), columns=["key", "image_embedding"])
+    table = pq.read_table(Path(copy) / "00001.parquet")
+    assert table.column_names == ["key", "image_embedding"] and table.column("image_embedding").to_pylist() == [[0.6, 0.8]]
+    meta = output.read_output_metadata(str(Path(copy) / "00001.parquet"), __import__("fsspec").filesystem("file"))
+    assert "cache_key" not in meta  # a copy is never taken for a finished output
+    assert embedded.metadata.compute().shape == (2, 4)
+    with pytest.raises(KeyError, match="no column"):
+        embedded.save_metadata(str(tmp_path / "copy2"), columns=["nope"])
+
+
+def test_default_output_needs_a_parent():
+    from wdsembed.nemo import ImageTextPairDataset
+
+    with pytest.raises(ValueError, match="no parent folder"):
+        ImageTextPairDataset(path="s3://bucket", tar_files=["s3://bucket/00000.tar"]).default_embeddings_path()
+    assert ImageTextPairDataset(path="s3://bucket/shards", tar_files=[]).default_embeddings_path() \
+        == "s3://bucket/shards_embeddings"
+
+
+ROUTER_CHILD = r'''
+import logging, subprocess, sys
+logging.basicConfig(filename=sys.argv[1], level=logging.DEBUG)
+from wdsembed.decoderlog import decoder_messages_to_log
+print("before", file=sys.stderr)
+with decoder_messages_to_log():
+    print("python line", file=sys.stderr)
+    subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write("
+                    "'\x1b[0;31m[ERROR] \x1b[0m[libjpeg_turbo_decoder] Could not decode\\n' 'child line\\n')"])
+    sys.stderr.write("partial")
+print(" after", file=sys.stderr)
+'''
+
+
+def test_router_logs_decoder_lines_and_passes_the_rest(tmp_path):
+    log = tmp_path / "log.txt"
+    done = subprocess.run([sys.executable, "-c", ROUTER_CHILD, str(log)], env=env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "before\npython line\nchild line\npartial after\n"
+    assert "DEBUG:wdsembed.decoder:ERROR libjpeg_turbo_decoder: Could not decode" in log.read_text()
+
+
+API_RUN = textwrap.dedent(f'''
+    import json, logging, sys
+    logging.basicConfig(filename=sys.argv[3], level=logging.DEBUG)
+    from wdsembed import TimmImageEmbedder
+    embedder = TimmImageEmbedder("{TINY_MODEL}", pretrained=False, batch_size=4, num_threads_per_worker=1,
+                                 device="cpu")
+    results = embedder(sys.argv[1], sys.argv[2])
+    print(json.dumps([r.errors for r in results]))
+''')
+
+
+@pytest.mark.slow
+def test_api_run_keeps_decoder_lines_off_the_terminal(tmp_path):
+    from wdsembed.synthetic import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "in", n_shards=1, per_shard=6, corrupt_per_shard=1)
+    runs = []
+    for i in (1, 2):  # the second run finds the shard done
+        done = subprocess.run([sys.executable, "-c", API_RUN, str(tmp_path / "in"), str(tmp_path / "out"),
+                               str(tmp_path / f"log{i}.txt")], env=env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append((done, json.loads((tmp_path / "out" / "_manifest.json").read_text())))
+    first, second = runs
+    assert "libjpeg_turbo_decoder" not in first[0].stderr + first[0].stdout
+    assert "libjpeg_turbo_decoder" in (tmp_path / "log1.txt").read_text()
+    assert "truncated JPEG" in first[0].stdout  # the reason is on the row
+    # the cached re-run keeps the computing run's figures
+    computed, cached = first[1]["shards"]["00000"], second[1]["shards"]["00000"]
+    assert cached["status"] == "cached" and computed["status"] == "computed"
+    assert cached["seconds"] == computed["seconds"] > 0 and cached["images_per_second"] == computed["images_per_second"] > 0

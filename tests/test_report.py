@@ -1,0 +1,63 @@
+"""The manifest's per-shard figures: images/s over embedding time only, and a cached re-run that keeps them."""
+from __future__ import annotations
+
+import json
+
+from wdsembed import report
+from wdsembed.config import EmbedConfig
+
+
+def shard(stem: str, *, cached: bool = False, key: str = "key-a", seconds: float = 100.0) -> dict:
+    # 50 images embedded in 2 s of a 100 s task whose first 97 s loaded the model
+    start = 1_000_000.0
+    return {"stem": stem, "output": f"out/{stem}.parquet", "rows": 52, "samples": 50, "embedded": 50, "failed": 2,
+            "cache_key": key, "cached": cached, "seconds": 0.0 if cached else seconds,
+            "images_per_second": 0.0 if cached else 0.5, "batch_size": 4, "warnings": [],
+            "timeline": {"start": start, "embed_start": start + 97, "embed_end": start + 99, "end": start + seconds}}
+
+
+def test_rate_counts_embedding_time_only(tmp_path):
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    manifest = report.build_manifest(config, [shard("00000")], {}, 100.0)
+    figures = manifest["shards"]["00000"]
+    assert figures["seconds"] == 100.0 and figures["embed_seconds"] == 2.0
+    assert figures["images_per_second"] == 25.0  # not 0.5: the model load is not embedding
+    # without a timeline (an older result): the whole task's rate, as before
+    old = shard("00001") | {"timeline": {}}
+    assert report.build_manifest(config, [old], {}, 1.0)["shards"]["00001"]["images_per_second"] == 0.5
+
+
+def test_cached_rerun_keeps_the_figures_of_the_run_that_computed(tmp_path):
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+    first = report.build_manifest(config, [shard("00000"), shard("00001")], {}, 100.0)
+    report.write_manifest(config, first)
+
+    again = [shard("00000", cached=True), shard("00001", cached=True, key="key-b")]  # 00001: other inputs since
+    second = report.build_manifest(config, again, {}, 0.5)
+    assert {k: second["shards"]["00000"][k] for k in ("seconds", "embed_seconds", "images_per_second", "status")} \
+        == {"seconds": 100.0, "embed_seconds": 2.0, "images_per_second": 25.0, "status": "cached"}
+    assert second["shards"]["00000"]["timeline"] == first["shards"]["00000"]["timeline"]
+    # no figures known for it: null, never a made-up 0
+    assert second["shards"]["00001"]["seconds"] is None and second["shards"]["00001"]["images_per_second"] is None
+    assert second["totals"]["embedded_this_run"] == 0  # this run embedded nothing, and says so
+    json.dumps(second)
+
+    # a third run, cached again, still has them (carried from a manifest that itself carried them)
+    report.write_manifest(config, second)
+    third = report.build_manifest(config, [shard("00000", cached=True)], {}, 0.5)
+    assert third["shards"]["00000"]["images_per_second"] == 25.0
+
+    rows = report.shard_rows(again, {}, second)
+    assert [(r["seconds"], r["images_per_second"]) for r in rows] == [(100.0, 25.0), (None, None)]
+    text = report.markdown_summary(second, rows)
+    assert "| 00000 | 52 | 50 | 2 | cached | 100.0 | 25.0 |" in text and "| 00001 | 52 | 50 | 2 | cached | - | - |" in text
+
+
+def test_failures_grouped_by_reason(tmp_path):
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    failures = {"00000": "OSError: disk full", "00002": "OSError: disk full", "00001": "KilledWorker: gone"}
+    manifest = report.build_manifest(config, [], failures, 1.0)
+    text = report.markdown_summary(manifest, report.shard_rows([], failures))
+    assert "- 2 shard(s) (`00000`, `00002`): OSError: disk full" in text
+    assert "- 1 shard(s) (`00001`): KilledWorker: gone" in text

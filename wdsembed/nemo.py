@@ -1,0 +1,204 @@
+"""NeMo Curator's entry points for image embedding, so that its users' code runs with only its imports changed:
+
+    from wdsembed import get_client, ImageTextPairDataset, TimmImageEmbedder
+
+    client = get_client(cluster_type="gpu")
+    dataset = ImageTextPairDataset.from_webdataset(path="/path/to/dataset", id_col="key")
+    embedding_model = TimmImageEmbedder("vit_large_patch14_clip_quickgelu_224.openai", pretrained=True,
+                                        batch_size=1024, num_threads_per_worker=16, normalize_embeddings=True)
+    dataset_with_embeddings = embedding_model(dataset)
+    dataset_with_embeddings.save_metadata()
+
+Where it differs (docs/nemo.md): the embeddings are computed when the embedder is called, into
+`<path>_embeddings/<shard>.parquet` (or `embedding_model(dataset, output)`), never over the dataset's own parquet
+files; `save_metadata()` with no path leaves them there, and with a path copies them (or the columns asked for).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional, Sequence
+
+from wdsembed import storage
+
+log = logging.getLogger("wdsembed")
+
+# NeMo Curator's get_client options that set up RAPIDS memory and cuDF for its own GPU dataframes; nothing here
+# uses cuDF or RMM, so they are accepted and left out.
+_CUDF_RMM_ONLY = ("nvlink_only", "enable_spilling", "set_torch_to_use_rmm")
+# Options of a GPU cluster (dask_cuda.LocalCUDACluster) that a CPU cluster does not take.
+_GPU_CLUSTER_ONLY = ("protocol", "rmm_pool_size", "rmm_async", "rmm_maximum_pool_size", "rmm_managed_memory",
+                     "rmm_release_threshold")
+
+
+def get_client(
+    cluster_type: str = "cpu",
+    scheduler_address: Optional[str] = None,
+    scheduler_file: Optional[str] = None,
+    n_workers: Optional[int] = None,
+    threads_per_worker: Optional[int] = None,
+    **cluster_kwargs: Any,
+):
+    """A `distributed.Client`, made current: to an existing scheduler (`scheduler_address` or `scheduler_file`),
+    else to a cluster started on this machine:
+
+    * "gpu": one worker per visible GPU (dask_cuda.LocalCUDACluster), each declaring the resource GPU=1; a shard
+      task takes half of it, so a worker holds two shards, one in its pipeline at a time. Where no GPU is visible, or dask-cuda is not installed, a CPU cluster
+      instead (with a warning in the log).
+    * "cpu": `n_workers` worker processes (default 2: each loads the model) splitting the cores between them.
+
+    Other keyword arguments go to the cluster class. In a script, start it under `if __name__ == "__main__":`
+    (worker processes import the script again; this holds for any Dask local cluster)."""
+    from distributed import Client, LocalCluster
+
+    if cluster_type not in ("cpu", "gpu"):
+        raise ValueError(f"cluster_type must be 'cpu' or 'gpu', not {cluster_type!r}")
+    if scheduler_address and scheduler_file:
+        raise ValueError("give scheduler_address or scheduler_file, not both")
+    if scheduler_address or scheduler_file:
+        return Client(address=scheduler_address, scheduler_file=scheduler_file, timeout="30s")
+    for name in _CUDF_RMM_ONLY:
+        cluster_kwargs.pop(name, None)
+    if cluster_type == "gpu":
+        reason = _why_no_gpu_cluster()
+        if reason is None:
+            from dask_cuda import LocalCUDACluster
+
+            # Two threads: a shard's reading and writing overlap another's time in the GPU pipeline (each shard
+            # task asks for half the GPU resource, as the flow's do).
+            options = {"threads_per_worker": threads_per_worker or 2, "resources": {"GPU": 1}} | cluster_kwargs
+            if n_workers:
+                options["n_workers"] = n_workers
+            return Client(LocalCUDACluster(**options))
+        log.warning("get_client(cluster_type='gpu'): %s; starting a CPU cluster instead", reason)
+    for name in _GPU_CLUSTER_ONLY:
+        cluster_kwargs.pop(name, None)
+    n_workers = n_workers or 2
+    options = {
+        "n_workers": n_workers,
+        "threads_per_worker": threads_per_worker or 1,
+        "processes": True,
+        # torch's thread pools share the cores instead of each taking all of them
+        "env": {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n_workers))},
+    } | cluster_kwargs
+    return Client(LocalCluster(**options))
+
+
+def _why_no_gpu_cluster() -> Optional[str]:
+    from wdsembed.cluster import visible_gpus
+
+    if not visible_gpus():
+        return "no GPU is visible"
+    if importlib.util.find_spec("dask_cuda") is None:
+        return "dask-cuda is not installed (pip install 'wdsembed[gpu]')"
+    return None
+
+
+@dataclass(frozen=True)
+class ImageTextPairDataset:
+    """WebDataset shards (`<path>/*.tar`) with their per-shard metadata (`<stem>.parquet`, one row per sample,
+    keyed by `id_col`): the dataset's own img2dataset parquets, or after embedding, the embedded copies.
+
+    `path`: the shards' folder or URL. `tar_files`: the shards. `metadata_path`: the folder of the metadata
+    parquets (the dataset's own folder until it is embedded). `results`: after embedding, one ShardResult per
+    shard."""
+
+    path: str
+    tar_files: list[str]
+    id_col: str = "key"
+    storage_options: dict = field(default_factory=dict)
+    metadata_path: Optional[str] = None
+    results: list = field(default_factory=list, repr=False)
+
+    @classmethod
+    def from_webdataset(cls, path: str, id_col: str = "key", storage_options: Optional[dict] = None):
+        """The dataset of the shards in `path` (a folder or fsspec URL); `id_col` names the sample key column."""
+        options = dict(storage_options or {})
+        path = path.rstrip("/") or "/"
+        fs, root = storage.filesystem(path, options)
+        from wdsembed.shards import list_shards
+
+        tars = [storage.to_url(fs, t) for t in list_shards(root, fs)]
+        if not tars:
+            raise ValueError(f"{path!r} holds no *.tar shards")
+        return cls(path=path, tar_files=tars, id_col=id_col, storage_options=options, metadata_path=path)
+
+    @property
+    def stems(self) -> list[str]:
+        return [os.path.basename(t)[: -len(".tar")] for t in self.tar_files]
+
+    def metadata_files(self) -> list[str]:
+        """The metadata parquet of every shard that has one."""
+        if self.metadata_path is None:
+            return []
+        fs, root = storage.filesystem(self.metadata_path, self.storage_options)
+        paths = [storage.join(root, f"{stem}.parquet") for stem in self.stems]
+        return [storage.to_url(fs, p) for p in paths if fs.exists(p)]
+
+    @property
+    def metadata(self):
+        """The metadata as a (lazy) dask DataFrame, one partition per shard; None where there is none."""
+        files = self.metadata_files()
+        if not files:
+            return None
+        import dask.dataframe as dd
+
+        return dd.read_parquet(files, storage_options=self.storage_options or None)
+
+    def default_embeddings_path(self) -> str:
+        """Where the embedder writes by default: the folder beside the dataset's, `<path>_embeddings`."""
+        fs, root = storage.filesystem(self.path, self.storage_options)
+        parent = os.path.dirname(root.rstrip("/"))
+        if not parent or parent == root.rstrip("/") or (not storage.is_local(fs) and "/" not in root.strip("/")):
+            raise ValueError(f"{self.path!r} has no parent folder to put {os.path.basename(root)}_embeddings in: "
+                             "pass the output, embedding_model(dataset, output)")
+        return self.path.rstrip("/") + "_embeddings"
+
+    def with_embeddings(self, metadata_path: str, results: Sequence) -> "ImageTextPairDataset":
+        return replace(self, metadata_path=metadata_path, results=list(results))
+
+    def save_metadata(self, path: Optional[str] = None, columns: Optional[list[str]] = None) -> str:
+        """Write the metadata parquets (`<stem>.parquet`), with only `columns` if given, into `path`; returns it.
+
+        Default `path`: where the metadata already is. For an embedded dataset that is its embeddings folder, so
+        with no columns there is nothing to write. Never the dataset's own folder: its parquets are img2dataset's
+        (each sample's URL, caption, status), and the next run reads them as the shards' rows."""
+        target = (path or self.metadata_path or self.path).rstrip("/")
+        source = self.metadata_path
+        if source is None:
+            raise ValueError("this dataset has no metadata yet: embed it first, embedding_model(dataset)")
+        if target == self.path.rstrip("/") and (columns is not None or source.rstrip("/") != target):
+            raise ValueError(f"save_metadata would overwrite the dataset's own metadata in {target!r} (the shards' "
+                             f"img2dataset parquets, read by every run): pass another folder, e.g. "
+                             f"save_metadata({self.default_embeddings_path()!r})")
+        if target == source.rstrip("/") and columns is None:
+            log.info("metadata with embeddings is in %s", target)
+            return target
+        self._copy_metadata(target, columns)
+        return target
+
+    def _copy_metadata(self, target: str, columns: Optional[list[str]]) -> None:
+        import pyarrow.parquet as pq
+
+        from wdsembed import output
+
+        out_fs, out_root = storage.filesystem(target, self.storage_options)
+        if storage.is_local(out_fs):
+            out_fs.makedirs(out_root, exist_ok=True)
+        for url in self.metadata_files():
+            fs, src = storage.filesystem(url, self.storage_options)
+            with fs.open(src, "rb") as f:
+                table = pq.read_table(f)
+            if columns is not None:
+                missing = [c for c in columns if c not in table.column_names]
+                if missing:
+                    raise KeyError(f"{url} has no column(s) {missing}; it has {table.column_names}")
+                table = table.select(columns)
+            # The footer no longer carries the finished-shard key: a saved copy, or a subset written in place, is
+            # never taken for a finished output (a run into this folder recomputes it).
+            schema_meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != output.FOOTER_KEY}
+            table = table.replace_schema_metadata(schema_meta)
+            output.write_parquet_atomic(table, storage.join(out_root, os.path.basename(src)), out_fs,
+                                        metadata={"saved_from": url, "columns": columns})

@@ -1,0 +1,250 @@
+"""Mistakes refused before any work starts, each in seconds and in one line that says what to change.
+
+Plain functions over an EmbedConfig; each raises PreflightError (a ValueError) or returns None. They read, never
+write (a write check makes a folder and removes it at once), and never download:
+
+* check_storage_options: every --storage-option is an option of a store this run uses, and its value is one the
+  store accepts (the filesystems are built with them, as the run will build them).
+* check_weights: pretrained weights are in the local cache, or the place they come from answers.
+* check_output_writable: a local output folder can be created or written by this user.
+
+They complement `plan.check_config` (model name, checkpoint file, input folder, buckets): run
+check_storage_options before it (every later check builds filesystems from those options), the others after it.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+import tempfile
+from typing import Optional
+from urllib.parse import urlsplit
+
+from wdsembed import storage
+from wdsembed.config import EmbedConfig
+
+
+class PreflightError(ValueError):
+    """The run cannot work as asked; the message says what to change."""
+
+
+# ------------------------------------------------------------------------------------------------- storage options
+
+# fsspec's base class takes these through **kwargs for every store (instance and listings caches).
+_FSSPEC_COMMON_OPTIONS = {"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths"}
+# Read by wdsembed.storage.fsspec_options for S3 and handed on to botocore or the client.
+_OUR_S3_OPTIONS = set(storage.S3_DEFAULTS) | {"region_name"}
+# The S3 options that storage.fsspec_options turns from the command line's strings into numbers.
+_S3_NUMBERS = dict.fromkeys(storage._S3_INT_OPTIONS, int) | dict.fromkeys(storage._S3_FLOAT_OPTIONS, float)
+
+
+def _locations(config: EmbedConfig) -> list[tuple[str, str]]:
+    """(what, url) of every place this run opens with storage_options."""
+    places = [("input", config.input), ("output", config.output)]
+    if config.result_storage:
+        places.append(("result storage", config.result_storage))
+    if config.checkpoint:
+        places.append(("checkpoint", config.checkpoint))
+    return places
+
+
+def _init_parameters(cls) -> dict[str, inspect.Parameter]:
+    """Named keyword parameters of a filesystem class's constructors, along its class hierarchy."""
+    params: dict[str, inspect.Parameter] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            signature = inspect.signature(init)
+        except (TypeError, ValueError):
+            continue
+        for p in signature.parameters.values():
+            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                params[p.name] = p
+    return params
+
+
+def _store_options(protocol: str) -> dict[str, Optional[inspect.Parameter]]:
+    """The option names a store of this protocol takes (None where we know the name but not its parameter)."""
+    import fsspec
+
+    cls = fsspec.get_filesystem_class(protocol)
+    options: dict[str, Optional[inspect.Parameter]] = dict.fromkeys(_FSSPEC_COMMON_OPTIONS)
+    options.update(_init_parameters(cls))
+    if protocol in ("s3", "s3a"):
+        # s3fs hands its remaining keyword arguments to the botocore session (profile=...).
+        from aiobotocore.session import AioSession
+
+        options.update(_init_parameters(AioSession))
+        options.update(dict.fromkeys(_OUR_S3_OPTIONS))
+    for internal in ("args", "kwargs", "loop", "asynchronous", "session"):
+        options.pop(internal, None)
+    return options
+
+
+def check_storage_options(config: EmbedConfig) -> None:
+    """Refuse a storage option that no store of this run takes (a typo, or a local path where an s3:// URL was
+    meant) or a value its store refuses (`read_timeout=abc`, `anon=maybe`, a malformed endpoint_url)."""
+    options = config.storage_options
+    if not options:
+        return
+    places = _locations(config)
+    by_protocol: dict[str, dict[str, Optional[inspect.Parameter]]] = {}
+    for what, url in places:
+        protocol = storage.protocol(url)
+        if protocol not in by_protocol:
+            try:
+                by_protocol[protocol] = _store_options(protocol)
+            except (ValueError, ImportError) as exc:
+                raise PreflightError(f"{what} {url!r}: no filesystem for {protocol}:// ({exc})") from None
+    # Every store of the run gets the same options. Local folders ignore what they do not take; s3fs hands what
+    # it does not take to botocore's session, which raises TypeError at the first request.
+    strict = [p for p in by_protocol if p != "file"] or ["file"]
+    for name in sorted(options):
+        refusing = [p for p in strict if name not in by_protocol[p]]
+        if refusing:
+            known = sorted({n for p in refusing for n in by_protocol[p]})
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            stores = " and ".join(f"{p}://" if p != "file" else "local folders" for p in refusing)
+            raise PreflightError(f"--storage-option {name}: not an option of {stores}.{hint}")
+    for name, value in options.items():
+        for protocol, names in by_protocol.items():
+            problem = _bad_value(names.get(name), value)
+            if protocol in ("s3", "s3a") and name in _S3_NUMBERS:
+                problem = _not_a(_S3_NUMBERS[name], value)
+            if problem:
+                raise PreflightError(f"--storage-option {name}={value}: {problem}")
+    endpoint = options.get("endpoint_url")
+    if endpoint is not None:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise PreflightError(f"--storage-option endpoint_url={endpoint}: not an http(s)://host[:port] URL")
+    for what, url in places:
+        try:
+            fs, _ = storage.filesystem(url, options)  # as the run will build it: converted values included
+            if storage.protocol(url) in ("s3", "s3a"):
+                fs.connect()  # builds the botocore session and client from the options; sends no request
+        except Exception as exc:  # noqa: BLE001 - any refusal of the options by the store is this mistake
+            raise PreflightError(f"--storage-option for {what} {url}: the store refuses these options "
+                                 f"({type(exc).__name__}: {exc})") from None
+
+
+def _bad_value(param: Optional[inspect.Parameter], value: str) -> Optional[str]:
+    """Why a string value cannot be what a parameter's default shows it wants (bool, int, float), else None."""
+    if param is None or param.default is inspect.Parameter.empty or param.default is None:
+        return None
+    return _not_a(type(param.default), value)
+
+
+def _not_a(wanted: type, value: str) -> Optional[str]:
+    if wanted is bool:
+        return None if value.lower() in ("true", "false") else "takes true or false"
+    if wanted in (int, float):
+        try:
+            wanted(value)
+        except ValueError:
+            return f"takes a number ({wanted.__name__})"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- weights
+
+
+def check_weights(config: EmbedConfig) -> None:
+    """Pretrained weights must be in the local cache (timm's Hugging Face cache or torch hub's) or reachable:
+    refused at once when they are neither, naming --no-pretrained and --checkpoint. Downloads nothing; the
+    reachability probe takes at most a few seconds, and none with HF_HUB_OFFLINE set."""
+    if config.checkpoint or not config.pretrained:
+        return
+    # The model module's own rules for where weights come from (wdsembed.model.load_model), minus the download.
+    from wdsembed.model import (
+        _env_offline,
+        _hub_cache_dir,
+        _hub_endpoint,
+        _hub_filenames,
+        _hub_reachable,
+        _no_weights_message,
+    )
+
+    name = config.model_name
+    if name.startswith("local-dir:"):
+        return  # timm reads the folder itself
+    if ":" in name:  # hf-hub:org/repo: timm reads its config and weights from that repository
+        hub_id = name.split(":", 1)[1]
+        filenames = ["open_clip_model.safetensors", "model.safetensors", "open_clip_pytorch_model.bin",
+                     "pytorch_model.bin"]
+        url = None
+    else:
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name)
+        if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+            raise PreflightError(f"timm has no pretrained weights for {name!r}: pass --checkpoint FILE (a local "
+                                 "weights file) or --no-pretrained (random weights)")
+        if cfg.file:
+            return
+        hub_id, filenames, url = cfg.hf_hub_id, (_hub_filenames(cfg) if cfg.hf_hub_id else []), cfg.url
+    if hub_id and _in_hub_cache(hub_id, filenames, _hub_cache_dir()):
+        return
+    if not hub_id and url and os.path.isfile(_torch_hub_file(url)):
+        return
+    source = hub_id or url
+    if _env_offline():
+        raise PreflightError(_no_weights_message(name, f"{source} is not in the cache and HF_HUB_OFFLINE is set",
+                                                 hub_id or None))
+    endpoint = _hub_endpoint() if hub_id else url
+    if not _hub_reachable(endpoint):
+        raise PreflightError(_no_weights_message(
+            name, f"{source} is not in the cache and {endpoint} is unreachable", hub_id or None))
+
+
+def _in_hub_cache(hub_id: str, filenames: list[str], cache_dir: str) -> bool:
+    import huggingface_hub
+
+    repo, _, revision = hub_id.partition("@")
+    return any(isinstance(huggingface_hub.try_to_load_from_cache(repo, fn, cache_dir=cache_dir,
+                                                                 revision=revision or None), str)
+               for fn in filenames)
+
+
+def _torch_hub_file(url: str) -> str:
+    import torch
+
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlsplit(url).path))
+
+
+# ------------------------------------------------------------------------------------------------- output
+
+
+def check_output_writable(config: EmbedConfig) -> None:
+    """A local output (and a local result storage) must be a folder this user can write, or one it can create.
+    Object stores are checked by storage.check_output (bucket there and readable, with these credentials)."""
+    _check_local_folder("output", config.output, config)
+    if config.result_storage:
+        _check_local_folder("result storage", config.result_storage, config)
+
+
+def _check_local_folder(what: str, url: str, config: EmbedConfig) -> None:
+    fs, root = storage.filesystem(url, config.storage_options)
+    if not storage.is_local(fs):
+        return
+    path = os.path.abspath(root)
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    flag = "--output" if what == "output" else "--result-storage"
+    if existing == path and not os.path.isdir(path):
+        raise PreflightError(f"{what} {url!r} is a file, not a folder: pass {flag} a folder")
+    if existing != path and not os.path.isdir(existing):
+        raise PreflightError(f"{what} {url!r} cannot be created: {existing!r} is a file, not a folder; "
+                             f"pass {flag} a folder path")
+    try:
+        # A real attempt, not os.access: it also sees read-only mounts, and root's override where it applies.
+        os.rmdir(tempfile.mkdtemp(prefix=".wdsembed-write-check-", dir=existing))
+    except OSError as exc:
+        verb = "written" if existing == path else "created"
+        where = "" if existing == path else f" ({existing!r} does not let this user create folders)"
+        raise PreflightError(f"{what} {url!r} cannot be {verb} by this user{where}: {exc.strerror}; pass {flag} "
+                             "a folder you can write, or give this user write permission") from None
