@@ -144,9 +144,7 @@ def _mark_cached(result: dict, future, finished: set[str]) -> dict:
     the task found the output done, and it was done before this run. An output found done that this run made (an
     attempt lost with its worker, or a group's retry) counts as computed."""
     cached = future.state.name == "Cached" or (result.get("cached") and result["stem"] in finished)
-    if cached:
-        return {**result, "cached": True, "seconds": 0.0, "images_per_second": 0.0}
-    return {**result, "cached": False}
+    return {**result, "cached": bool(cached)}  # the report carries a cached shard's figures from when it was made
 
 
 def _record_lost_run(future, reason: str) -> None:

@@ -9,7 +9,7 @@ def write_report(config: EmbedConfig, results: list[dict], failures: dict[str, s
     """Write OUTPUT/_manifest.json last, and put the per-shard table and the summary on the flow run."""
     manifest = core.build_manifest(config, results, failures, wall_seconds)
     manifest["path"] = core.write_manifest(config, manifest)
-    rows = core.shard_rows(results, failures)
+    rows = core.shard_rows(results, failures, manifest)
     create_table_artifact(rows, key="shards", description="One row per shard")
     create_markdown_artifact(core.markdown_summary(manifest, rows), key="summary", description="Run summary")
     return manifest

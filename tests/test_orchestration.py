@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import TINY_MODEL
-from wdsembed import caching, cluster, faults, storage
+from wdsembed import caching, cluster, faults, storage, storeoptions
 from wdsembed.config import EmbedConfig
 from wdsembed.output import read_output_metadata
 from wdsembed.validate import validate_output
@@ -470,7 +470,7 @@ def test_result_storage(tmp_path):
     assert block.basepath == "s3://bucket/embeddings/_prefect_results"
     saved = Block.load(f"remote-file-system/{block._block_document_name}")
     assert saved.settings["endpoint_url"] == "http://127.0.0.1:9"
-    assert storage.secret_options(saved.settings) == []
+    assert storeoptions.secret_options(saved.settings) == []
 
 
 # --------------------------------------------------------------------------------------------------- one shard per pipeline

@@ -168,13 +168,9 @@ def prepare_demo(values: dict) -> None:
 
 def refuse_unusable(config: EmbedConfig) -> None:
     """Every check that needs no work, cheapest and most basic first; raises ValueError saying what to change."""
-    from wdsembed import preflight
     from wdsembed.plan import check_config
 
-    preflight.check_storage_options(config)  # before anything builds a filesystem from them
-    preflight.check_output_writable(config)  # needs no torch import: refused in about a second
     check_config(config)
-    preflight.check_weights(config)
 
 
 def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]] = None) -> int:

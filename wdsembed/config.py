@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from wdsembed.storage import CREDENTIALS_HINT, SECRET_OPTION_PATTERN, secret_options, url_has_password
+from wdsembed.storeoptions import CREDENTIALS_HINT, SECRET_OPTION_PATTERN, secret_options, url_has_password
 
 DEFAULT_MODEL = "vit_large_patch14_clip_quickgelu_224.openai"
 DEFAULT_INDEX_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "wdsembed", "idx")

@@ -94,6 +94,21 @@ def sniff_image(data: bytes | memoryview) -> Optional[str]:
     return f"not an image (starts with {head[:8]!r})"
 
 
+def cut_short(data: bytes | memoryview) -> Optional[str]:
+    """Why a JPEG must not be decoded because it was cut short (a partial download), else None. nvJPEG decodes such
+    a file without complaint, filling the missing part with gray, where libjpeg-turbo (the CPU path) and PIL fail:
+    refused here, both paths give the same row. Entropy-coded data never holds FF D9 (an FF there is followed by
+    00 or a restart marker), so the first FF D9 after the first start-of-scan is the end of the image; an EXIF
+    thumbnail's comes before it, and bytes appended after it (motion photos) are not looked at."""
+    if not bytes(data[:3]) == b"\xff\xd8\xff":
+        return None
+    buf = data if isinstance(data, bytes) else bytes(data)
+    scan = buf.find(b"\xff\xda", 2)
+    if scan < 0 or buf.rfind(b"\xff\xd9", max(scan, len(buf) - 64)) >= 0 or buf.find(b"\xff\xd9", scan) >= 0:
+        return None  # ends as it should (the usual case, decided from its last bytes); or no scan to judge
+    return f"truncated JPEG (no end-of-image marker, {len(buf)} bytes): not decoded (a partial decode is not the image)"
+
+
 def explain_decode_failure(data: bytes | memoryview, reason: str) -> str:
     """DALI's reason for one undecodable image, prefixed with what its bytes show where that is plain (a JPEG
     without its end-of-image marker, a PNG without its IEND chunk: a file cut short, e.g. a partial download)."""
@@ -422,6 +437,10 @@ class ImagePipeline:
                 continue
             if limit is not None and h * w > limit:  # decompression-bomb guard: never fed, never decoded
                 rejected.append((key, f"image too large: {w}x{h} pixels > max_pixels={limit}"))
+                continue
+            why = cut_short(data)
+            if why is not None:
+                rejected.append((key, why))
                 continue
             keys.append(key)
             datas.append(data)

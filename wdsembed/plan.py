@@ -36,8 +36,13 @@ class InputError(ValueError):
 
 
 def check_config(config: EmbedConfig) -> None:
-    """Refuse a run that cannot work, before any work starts, saying what to change."""
+    """Refuse a run that cannot work, before any work starts, saying what to change: every check that needs no
+    work, cheapest and most basic first (the CLI, the deployed flow and the Python API all call it)."""
+    from wdsembed import preflight
     from wdsembed.model import ModelLoadError, check_model_name
+
+    preflight.check_storage_options(config)  # before anything builds a filesystem from them
+    preflight.check_output_writable(config)  # needs no torch import: refused in about a second
 
     try:
         check_model_name(config.model_name)  # the architecture and its pretrained tag, with suggestions
@@ -62,6 +67,7 @@ def check_config(config: EmbedConfig) -> None:
     if in_fs.protocol == out_fs.protocol and (out_root == in_root or out_root.startswith(in_root.rstrip("/") + "/")):
         raise InputError(f"output {config.output!r} is inside input {config.input!r}: choose a folder outside it, "
                          "so outputs are never read as shards")
+    preflight.check_weights(config)  # last: needs timm
 
 
 def _check_local_input(config: EmbedConfig) -> None:

@@ -20,7 +20,7 @@ import tempfile
 from typing import Optional
 from urllib.parse import urlsplit
 
-from wdsembed import storage
+from wdsembed import storage, storeoptions
 from wdsembed.config import EmbedConfig
 
 
@@ -33,9 +33,9 @@ class PreflightError(ValueError):
 # fsspec's base class takes these through **kwargs for every store (instance and listings caches).
 _FSSPEC_COMMON_OPTIONS = {"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths"}
 # Read by wdsembed.storage.fsspec_options for S3 and handed on to botocore or the client.
-_OUR_S3_OPTIONS = set(storage.S3_DEFAULTS) | {"region_name"}
+_OUR_S3_OPTIONS = set(storeoptions.S3_DEFAULTS) | {"region_name"}
 # The S3 options that storage.fsspec_options turns from the command line's strings into numbers.
-_S3_NUMBERS = dict.fromkeys(storage._S3_INT_OPTIONS, int) | dict.fromkeys(storage._S3_FLOAT_OPTIONS, float)
+_S3_NUMBERS = dict.fromkeys(storeoptions._S3_INT_OPTIONS, int) | dict.fromkeys(storeoptions._S3_FLOAT_OPTIONS, float)
 
 
 def _locations(config: EmbedConfig) -> list[tuple[str, str]]:

@@ -83,7 +83,7 @@ def _client_from_options(storage_options: Optional[Mapping[str, Any]], pool: int
     import botocore
     import botocore.config
 
-    from wdsembed.storage import fsspec_options, secret_options
+    from wdsembed.storeoptions import fsspec_options, secret_options
 
     opts = dict(storage_options or {})
     if secret_options(opts):
@@ -564,11 +564,11 @@ class ShardFetcher:
             return FileNotFoundError(f"{shard.url}: not found ({fail.kind}{rid})")
         if fail.kind in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403") \
                 or fail.status == 403:
-            from wdsembed.storage import CREDENTIALS_HINT
+            from wdsembed.storeoptions import CREDENTIALS_HINT
 
             return PermissionError(f"{shard.url}: access denied ({fail.kind}{rid}); {CREDENTIALS_HINT}")
         if fail.kind == "NoCredentials":
-            from wdsembed.storage import CREDENTIALS_HINT
+            from wdsembed.storeoptions import CREDENTIALS_HINT
 
             return PermissionError(f"{shard.url}: no usable credentials; {CREDENTIALS_HINT}")
         return FetchError(f"{shard.url}{what}: {fail.kind}{rid} after {self.retries} tries"

@@ -8,92 +8,17 @@ AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE or `profile=`, ~/.aws, in
 from __future__ import annotations
 
 import posixpath
-import re
 from contextlib import contextmanager
 from typing import Any, BinaryIO, Iterable, Iterator, Mapping
-from urllib.parse import urlsplit
 
 import fsspec
-from fsspec.core import split_protocol, url_to_fs
+from fsspec.core import url_to_fs
 
-# storage_options names that carry credentials (s3fs key/secret/token, adlfs account_key/sas_token, passwords...)
-SECRET_OPTION_PATTERN = r"(^|_)(key|secret|token|password|passwd|pwd|credential|credentials|connection_string|sas)(_|$)"
-
-_SECRET_OPTION = re.compile(SECRET_OPTION_PATTERN, re.IGNORECASE)
-CREDENTIALS_HINT = (
-    "credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), "
-    "an AWS profile (AWS_PROFILE or --storage-option profile=NAME) or the store's own credential files"
-)
-
-_S3_PROTOCOLS = ("s3", "s3a")
-# Strings from the CLI (`--storage-option read_timeout=30`) that s3fs wants as numbers.
-_S3_INT_OPTIONS = ("default_block_size", "max_concurrency", "max_attempts")
-_S3_FLOAT_OPTIONS = ("connect_timeout", "read_timeout", "listings_expiry_time")
-# botocore settings accepted as top-level options here (connect_timeout, read_timeout, max_attempts, retry_mode),
-# passed on in s3fs's `config_kwargs`, with these defaults.
-# Transient store errors (timeouts, 5xx, SlowDown, dropped connections) are retried by botocore (these attempts,
-# with backoff) and again by s3fs around each call and body read; 403/404 are never retried, so a missing bucket
-# or wrong credentials fail at once.
-S3_DEFAULTS = {"max_attempts": 8, "retry_mode": "standard", "connect_timeout": 10.0, "read_timeout": 60.0}
+from wdsembed.storeoptions import _S3_PROTOCOLS, CREDENTIALS_HINT, fsspec_options, protocol
 
 
 class StoreError(ValueError):
     """A store location cannot be used (missing bucket, access denied, no credentials); names the URL."""
-
-
-def secret_options(storage_options: Mapping[str, Any]) -> list[str]:
-    """The option names (or names whose URL values) that would carry credentials."""
-    bad = []
-    for name, value in storage_options.items():
-        if _SECRET_OPTION.search(name):
-            bad.append(name)
-        elif isinstance(value, str) and "://" in value and _url_password(value):
-            bad.append(name)
-    return bad
-
-
-def url_has_password(url: str) -> bool:
-    return "://" in url and _url_password(url)
-
-
-def _url_password(url: str) -> bool:
-    try:
-        return urlsplit(url).password is not None
-    except ValueError:
-        return False
-
-
-def protocol(url: str) -> str:
-    """'s3' for s3://bucket/x, 'file' for local paths; the outermost protocol of chained URLs."""
-    proto, _ = split_protocol(url.split("::", 1)[-1] if "::" in url else url)
-    return proto or "file"
-
-
-def fsspec_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The keyword arguments for the filesystem of `url`: CLI strings turned into the types the back end wants,
-    and, for S3, retry and timeout defaults."""
-    options: dict[str, Any] = {}
-    for name, value in dict(storage_options or {}).items():
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            value = value.lower() == "true"
-        options[name] = value
-    if protocol(url) not in _S3_PROTOCOLS:
-        return options
-    for name in _S3_INT_OPTIONS:
-        if isinstance(options.get(name), str):
-            options[name] = int(options[name])
-    for name in _S3_FLOAT_OPTIONS:
-        if isinstance(options.get(name), str):
-            options[name] = float(options[name])
-    if "region_name" in options:  # s3fs would hand it to botocore's session, which refuses it: the client takes it
-        options["client_kwargs"] = {**(options.get("client_kwargs") or {}), "region_name": options.pop("region_name")}
-    botocore = {name: options.pop(name, default) for name, default in S3_DEFAULTS.items()}
-    config = dict(options.pop("config_kwargs", None) or {})
-    config.setdefault("connect_timeout", botocore["connect_timeout"])
-    config.setdefault("read_timeout", botocore["read_timeout"])
-    config.setdefault("retries", {"max_attempts": botocore["max_attempts"], "mode": botocore["retry_mode"]})
-    options["config_kwargs"] = config
-    return options
 
 
 def filesystem(url: str, storage_options: Mapping[str, str] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
