@@ -228,7 +228,7 @@ def mean_diff(t: dict, a: str, b: str) -> float:
 
 REFUSED_IMAGES = {
     "img-truncated-jpeg": ("a JPEG cut at 4000 bytes (a partial download), in a shard with good images",
-                           "truncated JPEG (no end-of-image marker, 4000 bytes): decoders.image: failed to decode"),
+                           "truncated JPEG (no end-of-image marker, 4000 bytes): not decoded (a partial decode is not the image)"),
     "img-empty": ("a 0-byte .jpg member", "empty image member"),
     "img-random": ("4096 random bytes as .jpg", "not an image (starts with b'"),
     "img-html": ("an HTML 404 page saved as .jpg", "not an image (starts with b'<!DOCTYP')"),
