@@ -59,7 +59,7 @@ def build_shards(folder: str, n_shards: int, per_shard: int, unique: int, seed: 
 
     import fsspec
 
-    from wdsembed import shards
+    from wdsembed import shardindex
 
     os.makedirs(folder, exist_ok=True)
     for s in range(n_shards):
@@ -71,7 +71,7 @@ def build_shards(folder: str, n_shards: int, per_shard: int, unique: int, seed: 
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
         # Written now, as the first run over a dataset does once: (c) measures the steady state, not indexing.
-        shards.ensure_index(path, fsspec.filesystem("file"))
+        shardindex.ensure_index(path, fsspec.filesystem("file"))
     return n_shards * per_shard
 
 

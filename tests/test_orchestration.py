@@ -286,7 +286,7 @@ def test_transient_fault_is_retried_and_a_deterministic_failure_fails_at_once(tm
 
 def test_failure_classes():
     from wdsembed.model import ModelLoadError
-    from wdsembed.shards import ShardReadError
+    from wdsembed.tarstream import ShardReadError
 
     assert faults.is_transient(faults.TransientError("throttled"))
     assert faults.is_transient(ConnectionResetError("reset"))

@@ -39,7 +39,7 @@ pytest.importorskip("nvidia.dali")
 
 import reliability_table as table  # noqa: E402
 from conftest import CANNOT_DROP_OVERRIDE, TINY_MODEL, without_file_permission_override  # noqa: E402
-from wdsembed import output, shards  # noqa: E402
+from wdsembed import output, shardindex, tarstream  # noqa: E402
 from wdsembed.worker import Worker  # noqa: E402
 from wdsembed.api import TimmImageEmbedder  # noqa: E402
 from wdsembed.shard import ShardsFailed  # noqa: E402
@@ -340,7 +340,7 @@ def run_shard(tmp_path: Path, name: str = "run", expect_failure: bool = False):
 
 def member_offsets(tar: Path) -> dict[str, int]:
     with open(tar, "rb") as f:
-        return {m.name: m.offset for m in shards.build_index(f).members()}
+        return {m.name: m.offset for m in shardindex.build_index(f).members()}
 
 
 def test_truncated_tar_keeps_every_intact_sample(tmp_path):
@@ -462,7 +462,7 @@ def test_a_file_that_is_not_a_tar_fails_its_shard(tmp_path):
     }
     from wdsembed import faults
 
-    assert not faults.is_transient(shards.MalformedShardError("x.tar", 0, "not a tar file"))  # never retried
+    assert not faults.is_transient(tarstream.MalformedShardError("x.tar", 0, "not a tar file"))  # never retried
     assert read(out / "00000.parquet").num_rows == 3
     assert not (out / "00001.parquet").exists() and not (out / "00002.parquet").exists()
     manifest = json.loads((out / "_manifest.json").read_text())
@@ -545,7 +545,7 @@ def test_stale_index_is_detected_and_rebuilt(tmp_path):
     w = write_shard(tmp_path / "in", "00000", s)
     (tmp_path / "in" / "00000.idx").write_text(old_idx)
     with open(w.tar, "rb") as f:
-        fresh = shards.build_index(f).render()
+        fresh = shardindex.build_index(f).render()
     assert fresh != old_idx and fresh.splitlines()[-1] == old_idx.splitlines()[-1]
     [second], out2 = run_shard(tmp_path, "second")
     e1, e2 = by_key(read(out1 / "00000.parquet")), by_key(read(out2 / "00000.parquet"))
@@ -558,7 +558,7 @@ def test_stale_index_is_detected_and_rebuilt(tmp_path):
     (tmp_path / "in" / "00000.idx").write_text(fresh)
     [third], _ = run_shard(tmp_path, "third")
     with open(w.tar, "rb") as f:
-        assert (tmp_path / "in" / "00000.idx").read_text() == shards.build_index(f).render()
+        assert (tmp_path / "in" / "00000.idx").read_text() == shardindex.build_index(f).render()
     assert third.embedded == 5 and not third.warnings
     table.record("shard-stale-idx",
                  done="(1) tar rewritten with two images swapped, old .idx kept (its last entry still fits); "
@@ -599,7 +599,7 @@ def test_hard_link_members_are_embedded_from_their_targets(tmp_path):
     reason = rows["000000004"][1]
     assert reason == "hard link to 'not-in-this-tar.bmp', which is no earlier file of this tar"
     with open(tmp_path / "in" / "00000.tar", "rb") as f:
-        assert shards.build_index(f).num_samples == 3  # links stay out of the .idx, as wds2idx leaves them out
+        assert shardindex.build_index(f).num_samples == 3  # links stay out of the .idx, as wds2idx leaves them out
     table.record("shard-hard-links",
                  done="a tar (no parquet) with 2 images, 2 hard links to the first (one through the other), and a "
                       "hard link to a name the tar lacks",

@@ -19,7 +19,7 @@ import pytest
 from pydantic import ValidationError
 
 from s3server import MotoS3, FaultProxy
-from wdsembed import output, plan, prefetch, s3fetch, shard, shards, storage
+from wdsembed import output, plan, prefetch, s3fetch, shard, shardindex, shards, storage
 from wdsembed.config import EmbedConfig
 from wdsembed.synthetic import write_demo_dataset
 
@@ -165,7 +165,7 @@ def test_listing_and_fingerprints(server, dataset):
     fs, root = storage.filesystem(url, options(server.endpoint))
     tars = shards.list_shards(root, fs)
     assert [os.path.basename(t) for t in tars] == ["00000.tar", "00001.tar"]
-    fp = shards.fingerprint(tars[0], fs)
+    fp = shardindex.fingerprint(tars[0], fs)
     assert fp.size == (dataset / "00000.tar").stat().st_size
     assert fp.etag and fp.mtime
 
@@ -175,7 +175,7 @@ def test_listing_and_fingerprints(server, dataset):
     bucket, key = tars[0].split("/", 1)
     server.boto().put_object(Bucket=bucket, Key=key, Body=bytes(data))
     fs.invalidate_cache()
-    assert shards.fingerprint(tars[0], fs).etag != fp.etag
+    assert shardindex.fingerprint(tars[0], fs).etag != fp.etag
 
 
 def test_a_new_shard_is_seen_by_a_long_lived_process(server, dataset):
@@ -204,7 +204,7 @@ def test_brace_patterns_and_recursive_folders_on_s3(server, dataset):
                                         "nested/b/00000": "00001"})
     out = f"s3://{OUT_BUCKET}/sel"
 
-    def planned(input: str, **kw) -> list[runner.ShardPlan]:
+    def planned(input: str, **kw) -> list[shard.ShardPlan]:
         return plan.plan_shards(config_for(input, out, server.endpoint, use_index_files=False, **kw))
 
     plans = planned(f"{url}/{{00000..00001}}.tar")
@@ -268,8 +268,8 @@ def test_tar_streamed_from_s3_reads_as_the_local_file_and_yields_its_index(serve
     with open(local, "rb") as f:
         expected = list(shards.iter_samples(f, extensions=EXTS, shard=str(local)))
         f.seek(0)
-        expected_index = shards.build_index(f)
-    builder = shards.IndexBuilder()
+        expected_index = shardindex.build_index(f)
+    builder = shardindex.IndexBuilder()
     with storage.open_sequential(fs, f"{root}/00000.tar") as f:
         assert isinstance(f, s3fetch.ShardReader)  # S3 shards come through the process's shard fetcher
         got = list(shards.iter_samples(f, extensions=EXTS, shard=url, index_builder=builder))
@@ -285,17 +285,17 @@ def test_tar_streamed_from_s3_reads_as_the_local_file_and_yields_its_index(serve
 def test_index_is_written_back_beside_the_shard(server, dataset, tmp_path, monkeypatch):
     url = upload(server, dataset)
     fs, root = storage.filesystem(url, options(server.endpoint))
-    idx = shards.ensure_index(f"{root}/00000.tar", fs, tmp_path / "cache")
+    idx = shardindex.ensure_index(f"{root}/00000.tar", fs, tmp_path / "cache")
     assert idx.path == f"{root}/00000.idx"
     bucket, prefix = root.split("/", 1)
     with open(dataset / "00000.tar", "rb") as f:
-        expected = shards.build_index(f).render()
+        expected = shardindex.build_index(f).render()
     assert server.boto().get_object(Bucket=bucket, Key=f"{prefix}/00000.idx")["Body"].read().decode() == expected
     assert not (tmp_path / "cache").exists()
     assert [k for k in server.keys(bucket) if k.startswith(prefix) and ".tmp" in k] == []  # no temp objects
 
     # found again by the plan, without reading the tar, and read by the worker from the bucket
-    monkeypatch.setattr(shards, "build_index", lambda *a, **k: pytest.fail("rebuilt an index that exists"))
+    monkeypatch.setattr(shardindex, "build_index", lambda *a, **k: pytest.fail("rebuilt an index that exists"))
     plans = plan.plan_shards(config_for(url, f"s3://{OUT_BUCKET}/x", server.endpoint,
                                         index_cache_dir=str(tmp_path / "cache")))
     assert plans[0].index == f"{url}/00000.idx"
@@ -308,10 +308,10 @@ def test_index_goes_to_the_local_cache_when_the_bucket_refuses_writes(server, da
     fs, root = storage.filesystem(url, options(server.endpoint))
     with pytest.raises(PermissionError):
         fs.pipe_file(f"{root}/probe", b"x")
-    idx = shards.ensure_index(f"{root}/00000.tar", fs, tmp_path / "cache")
+    idx = shardindex.ensure_index(f"{root}/00000.tar", fs, tmp_path / "cache")
     assert idx.path and Path(idx.path).parent == tmp_path / "cache"
     with open(dataset / "00000.tar", "rb") as f:
-        assert Path(idx.path).read_text() == shards.build_index(f).render()
+        assert Path(idx.path).read_text() == shardindex.build_index(f).render()
     bucket, prefix = root.split("/", 1)
     assert [k.rsplit("/", 1)[1] for k in server.keys(bucket) if k.startswith(prefix + "/")] == [
         "00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar", "00001_stats.json"]
@@ -530,7 +530,7 @@ def test_flow_on_s3_matches_a_local_run(server, dataset, local_run, tmp_path):
     # indexes built during the embedding read were written back beside the shards
     in_bucket, in_prefix = url[len("s3://"):].split("/", 1)
     with open(dataset / "00000.tar", "rb") as f:
-        expected_idx = shards.build_index(f).render()
+        expected_idx = shardindex.build_index(f).render()
     assert s3.get_object(Bucket=in_bucket, Key=f"{in_prefix}/00000.idx")["Body"].read().decode() == expected_idx
     assert not (tmp_path / "idx").exists()
     assert_no_secret_anywhere(server.admin[1], server.endpoint, objects)

@@ -1,4 +1,4 @@
-"""wdsembed.shards: keys, streaming reads, truncation, DALI .idx files, img2dataset siblings.
+"""wdsembed.shards, .shardindex and .tarstream: keys, streaming reads, truncation, DALI .idx files, img2dataset siblings.
 
 Tars are written here with Python's tarfile (and GNU tar where noted) so the reader is checked against
 independent writers; `.idx` files are checked against DALI's own wds2idx.
@@ -18,17 +18,10 @@ import fsspec
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from wdsembed import shards
-from wdsembed.shards import (
-    Sample,
-    ShardIndex,
-    ShardReadError,
-    StaleIndexError,
-    build_index,
-    ensure_index,
-    iter_samples,
-    split_member_name,
-)
+from wdsembed import shardindex, shards, tarstream
+from wdsembed.shards import Sample, iter_samples, split_member_name
+from wdsembed.tarstream import ShardReadError
+from wdsembed.shardindex import ShardIndex, StaleIndexError, build_index, ensure_index
 from wdsembed.synthetic import ShardSample, write_shard
 
 EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -484,22 +477,22 @@ def test_whitespace_names_cannot_be_indexed(tmp_path):
     tar = make_tar(tmp_path / "sp.tar", [("a b.jpg", b"1"), ("c.jpg", b"2")])
     ref = wds2idx_text(tar, tmp_path)
     assert "jpg 512 1 a b.jpg" in ref  # wds2idx writes a line DALI cannot split back
-    with pytest.raises(shards.IndexFormatError, match="whitespace"):
+    with pytest.raises(shardindex.IndexFormatError, match="whitespace"):
         ShardIndex.parse(ref)
     with open(tar, "rb") as f:
         idx = build_index(f)
-    with pytest.raises(shards.IndexFormatError, match="a b.jpg"):
+    with pytest.raises(shardindex.IndexFormatError, match="a b.jpg"):
         idx.render()
     # reading without an index is fine
     assert [s.key for s in samples_of(tar)] == ["a b", "c"]
 
 
 def test_parse_rejects_other_formats():
-    with pytest.raises(shards.IndexFormatError, match="v1.2"):
+    with pytest.raises(shardindex.IndexFormatError, match="v1.2"):
         ShardIndex.parse("v1.1 1\njpg 512 3\n")
-    with pytest.raises(shards.IndexFormatError, match="2 samples"):
+    with pytest.raises(shardindex.IndexFormatError, match="2 samples"):
         ShardIndex.parse("v1.2 2\njpg 512 3 a.jpg\n")
-    with pytest.raises(shards.IndexFormatError, match="integers"):
+    with pytest.raises(shardindex.IndexFormatError, match="integers"):
         ShardIndex.parse("v1.2 1\njpg x 3 a.jpg\n")
 
 
@@ -533,13 +526,13 @@ def test_ensure_index_writes_beside_then_reuses(tmp_path, monkeypatch):
     fs = fsspec.filesystem("file")
     idx = ensure_index(str(tar), fs, cache_dir=tmp_path / "cache")
     beside = tmp_path / "00000.idx"
-    assert idx.path == str(beside) == shards.index_path_for(str(tar))
+    assert idx.path == str(beside) == shardindex.index_path_for(str(tar))
     assert beside.read_text() == wds2idx_text(tar, tmp_path)
     assert not (tmp_path / "cache").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
     # the existing file is used, not rebuilt: building is made impossible
-    monkeypatch.setattr(shards, "build_index", lambda *a, **k: pytest.fail("rebuilt a valid index"))
+    monkeypatch.setattr(shardindex, "build_index", lambda *a, **k: pytest.fail("rebuilt a valid index"))
     again = ensure_index(str(tar), fs, cache_dir=tmp_path / "cache")
     assert again == idx and again.path == str(beside)
     assert samples_of(tar, index=again) == samples_of(tar)
@@ -548,7 +541,7 @@ def test_ensure_index_writes_beside_then_reuses(tmp_path, monkeypatch):
 def test_ensure_index_uses_an_existing_wds2idx_file(tmp_path, monkeypatch):
     tar = multi_ext_shard(tmp_path)
     (tmp_path / "00000.idx").write_text(wds2idx_text(tar, tmp_path))
-    monkeypatch.setattr(shards, "build_index", lambda *a, **k: pytest.fail("rebuilt a valid index"))
+    monkeypatch.setattr(shardindex, "build_index", lambda *a, **k: pytest.fail("rebuilt a valid index"))
     idx = ensure_index(str(tar), fsspec.filesystem("file"))
     assert samples_of(tar, index=idx) == samples_of(tar)
 
@@ -624,7 +617,7 @@ def _check_cached(tar: Path, fs, cache: Path, tmp_path: Path, monkeypatch):
     assert sorted(p.name for p in tar.parent.iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
     # the cached copy is found again without rebuilding
     with monkeypatch.context() as m:
-        m.setattr(shards, "build_index", lambda *a, **k: pytest.fail("rebuilt a cached index"))
+        m.setattr(shardindex, "build_index", lambda *a, **k: pytest.fail("rebuilt a cached index"))
         assert ensure_index(str(tar), fs, cache_dir=cache).path == idx.path
     return idx
 
@@ -654,7 +647,7 @@ def test_read_only_folder_by_chmod(tmp_path):
 
     data, cache = tmp_path / "data", tmp_path / "cache"
     tar = multi_ext_shard(data)
-    child = ("import sys, fsspec\nfrom wdsembed.shards import ensure_index\n"
+    child = ("import sys, fsspec\nfrom wdsembed.shardindex import ensure_index\n"
              "print(ensure_index(sys.argv[1], fsspec.filesystem('file'), cache_dir=sys.argv[2]).path)")
     data.chmod(0o555)
     try:
@@ -671,15 +664,15 @@ def test_read_only_folder_by_chmod(tmp_path):
 
 
 def test_index_path_for(tmp_path):
-    assert shards.index_path_for("/d/00001.tar") == "/d/00001.idx"
-    assert shards.index_path_for("s3://b/p/00001.tar") == "s3://b/p/00001.idx"
-    fp1, fp2 = shards.ShardFingerprint(10, 1.5), shards.ShardFingerprint(11, 1.5)
-    a = shards.index_path_for("s3://b/p/00001.tar", tmp_path, fp1)
+    assert shardindex.index_path_for("/d/00001.tar") == "/d/00001.idx"
+    assert shardindex.index_path_for("s3://b/p/00001.tar") == "s3://b/p/00001.idx"
+    fp1, fp2 = shardindex.ShardFingerprint(10, 1.5), shardindex.ShardFingerprint(11, 1.5)
+    a = shardindex.index_path_for("s3://b/p/00001.tar", tmp_path, fp1)
     assert a.startswith(str(tmp_path) + os.sep + "00001-") and a.endswith(".idx")
-    assert a != shards.index_path_for("s3://b/p/00001.tar", tmp_path, fp2)
-    assert a != shards.index_path_for("s3://b/q/00001.tar", tmp_path, fp1)
+    assert a != shardindex.index_path_for("s3://b/p/00001.tar", tmp_path, fp2)
+    assert a != shardindex.index_path_for("s3://b/q/00001.tar", tmp_path, fp1)
     with pytest.raises(TypeError):
-        shards.index_path_for("/d/00001.tar", tmp_path)
+        shardindex.index_path_for("/d/00001.tar", tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -696,19 +689,19 @@ def test_list_shards_and_fingerprint(tmp_path):
     assert shards.list_shards(str(tmp_path), fs) == [str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")]
     assert shards.list_shards(f"file://{tmp_path}", fs) == [f"file://{tmp_path}/00000.tar",
                                                             f"file://{tmp_path}/00001.tar"]
-    fp = shards.fingerprint(str(tmp_path / "00000.tar"), fs)
+    fp = shardindex.fingerprint(str(tmp_path / "00000.tar"), fs)
     st = os.stat(tmp_path / "00000.tar")
     assert (fp.size, fp.mtime, fp.etag) == (3, st.st_mtime, None)
     os.utime(tmp_path / "00000.tar", (st.st_atime, st.st_mtime + 5))
-    assert shards.fingerprint(str(tmp_path / "00000.tar"), fs).token != fp.token
+    assert shardindex.fingerprint(str(tmp_path / "00000.tar"), fs).token != fp.token
 
 
 def test_fingerprint_from_object_store_info():
     import datetime as dt
 
     info = {"size": 42, "ETag": '"abc123"', "LastModified": dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)}
-    fp = shards._fingerprint_from_info(info)
-    assert fp == shards.ShardFingerprint(42, dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc).timestamp(), "abc123")
+    fp = shardindex._fingerprint_from_info(info)
+    assert fp == shardindex.ShardFingerprint(42, dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc).timestamp(), "abc123")
 
 
 def test_read_rows_and_stats(tmp_path):
@@ -742,8 +735,8 @@ def test_shard_errors_survive_pickling():
     """They cross process boundaries (a Dask worker's exception, a Prefect result): their fields come through."""
     import pickle
 
-    for exc in (shards.ShardReadError("/d/00001.tar", 1536, "bad tar header checksum", member="a.jpg", key="a"),
-                shards.MalformedShardError("/d/00002.tar", 0, "not a tar file, an empty file (0 bytes)")):
+    for exc in (tarstream.ShardReadError("/d/00001.tar", 1536, "bad tar header checksum", member="a.jpg", key="a"),
+                tarstream.MalformedShardError("/d/00002.tar", 0, "not a tar file, an empty file (0 bytes)")):
         back = pickle.loads(pickle.dumps(exc))
         assert type(back) is type(exc) and str(back) == str(exc)
         assert (back.shard, back.offset, back.reason, back.member, back.key) == (

@@ -11,7 +11,7 @@ import json
 import os
 from typing import Callable, Optional
 
-from wdsembed import shards
+from wdsembed import shardindex, tarstream
 
 
 class TransientError(IOError):
@@ -21,7 +21,7 @@ class TransientError(IOError):
 def is_transient(exc: BaseException) -> bool:
     """Retry only what can pass: I/O and network errors and CUDA out-of-memory, never a malformed shard, a
     missing file or a missing model."""
-    if isinstance(exc, (shards.ShardReadError, shards.StaleIndexError, FileNotFoundError, PermissionError)):
+    if isinstance(exc, (tarstream.ShardReadError, shardindex.StaleIndexError, FileNotFoundError, PermissionError)):
         return False
     if is_disk_full(exc):
         return False  # a full or read-only disk does not clear itself between retries; the re-run finishes the job

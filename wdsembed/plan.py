@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from wdsembed import output, shards, storage
+from wdsembed import output, shardindex, shards, storage, tarstream
 from wdsembed.config import EmbedConfig
 from wdsembed.shard import ShardPlan
 
@@ -339,22 +339,22 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8) -> list[ShardPlan]
         base = tar[: -len(".tar")]
         rows = base + ".parquet" if base + ".parquet" in siblings else None
         stats_path = base + "_stats.json" if base + "_stats.json" in siblings else None
-        fingerprint = shards.fingerprint(tar, fs).token
+        fingerprint = shardindex.fingerprint(tar, fs).token
         if rows:
-            fingerprint += "|" + shards.fingerprint(rows, fs).token
+            fingerprint += "|" + shardindex.fingerprint(rows, fs).token
         index = None
         if config.use_index_files:
             try:
                 # On object stores a missing index is built by the worker during its one read of the tar
                 # (shard.process_shard), not here: that would download every shard twice, serially, up front.
-                found = shards.ensure_index(tar, fs, cache_dir, build=storage.is_local(fs))
+                found = shardindex.ensure_index(tar, fs, cache_dir, build=storage.is_local(fs))
                 index = found.path if found else None
-                if index is not None and index == shards.index_path_for(tar):
+                if index is not None and index == shardindex.index_path_for(tar):
                     index = storage.to_url(fs, index)  # beside the shard: s3://bucket/.../00000.idx
-            except shards.IndexFormatError as exc:
+            except shardindex.IndexFormatError as exc:
                 # Member names that the .idx format cannot hold (spaces): the shard is read without one.
                 log.warning("shard %s: no .idx (%s); reading it without one", tar, exc)
-            except shards.ShardReadError as exc:
+            except tarstream.ShardReadError as exc:
                 # A truncated or corrupt tar: its task embeds the samples before the damage and names the rest
                 # (shard.process_shard); it never stops the planning of every other shard.
                 if exc.offset == 0:  # not a tar at all: its task fails, naming it (shard.process_shard)

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 log = logging.getLogger("wdsembed")
 
-BLOCK_SIZE = 8 << 20  # one ranged GET; equal to shards.CHUNK_SIZE so the tar reader's reads take whole blocks
+BLOCK_SIZE = 8 << 20  # one ranged GET; equal to tarstream.CHUNK_SIZE so the tar reader's reads take whole blocks
 DEPTH = 4  # blocks fetched ahead (and parallel GETs): 32 MiB in flight per shard being read
 RETRIES = 4  # per block, on top of botocore's and s3fs's own retries (covers short or dropped bodies)
 

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 log = logging.getLogger("wdsembed")
 
-PART_SIZE = 8 << 20  # one ranged GET; equal to shards.CHUNK_SIZE, so the tar reader takes whole parts, no copy
+PART_SIZE = 8 << 20  # one ranged GET; equal to tarstream.CHUNK_SIZE, so the tar reader takes whole parts, no copy
 MEMORY_BUDGET = 1_200_000_000  # bytes per worker process: in flight plus fetched and not yet read
 TARGET_RATE = 1e9  # bytes/s: what one GPU worker can embed
 MAX_IN_FLIGHT = 64

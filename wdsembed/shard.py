@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Optional
 
-from wdsembed import faults, output, preprocess, shards, storage
+from wdsembed import faults, output, preprocess, shardindex, shards, storage, tarstream
 from wdsembed.config import EmbedConfig
 from wdsembed.validate import validate_table
 from wdsembed.versions import package_versions
@@ -251,12 +251,12 @@ class TarRead:
         self.config, self.plan = config, plan
         self.fs, self.path = storage.filesystem(plan.shard, config.storage_options)
         self.index = self._read_index()
-        self.builder = (shards.IndexBuilder() if config.use_index_files
+        self.builder = (shardindex.IndexBuilder() if config.use_index_files
                         and (self.index is not None or not storage.is_local(self.fs)) else None)
         self.errors: dict[str, str] = {}  # key -> why it has no image
         self.duplicates: dict[str, int] = {}
-        self.damage: list[shards.ShardReadError] = []
-        self.stale: list[shards.StaleIndexError] = []
+        self.damage: list[tarstream.ShardReadError] = []
+        self.stale: list[shardindex.StaleIndexError] = []
         self.n_samples = 0
         self.read_to_end = False
 
@@ -280,7 +280,7 @@ class TarRead:
                         self.errors[sample.key] = sample.error
                     else:
                         yield sample.key, sample.image
-            except shards.ShardReadError as exc:
+            except tarstream.ShardReadError as exc:
                 # A truncated or corrupt tar: every sample before the damage is embedded; the one being read is
                 # named, and parquet rows not reached say so (the shard is not failed: retrying changes nothing).
                 self.damage.append(exc)
@@ -320,32 +320,32 @@ class TarRead:
             log.warning("shard %s: %s", self.plan.stem, warning)
         return warnings
 
-    def _read_index(self) -> Optional[shards.ShardIndex]:
+    def _read_index(self) -> Optional[shardindex.ShardIndex]:
         """The shard's .idx as planned; rebuilt here when this worker cannot reach it (a cache on another node)."""
         if not self.plan.index:
             return None
         idx_fs, idx_path = storage.filesystem(self.plan.index, self.config.storage_options)
         try:
-            return shards.ShardIndex.parse(idx_fs.cat_file(idx_path).decode())
+            return shardindex.ShardIndex.parse(idx_fs.cat_file(idx_path).decode())
         except FileNotFoundError:
             # on an object store: None, and the index comes out of the embedding pass instead of a second download
-            return shards.ensure_index(self.path, self.fs, self.config.index_cache(), build=storage.is_local(self.fs))
+            return shardindex.ensure_index(self.path, self.fs, self.config.index_cache(), build=storage.is_local(self.fs))
 
     def _save_built_index(self) -> None:
         """Write back the index built during the read (beside the shard where the bucket allows, else the local
         cache). Best effort: the shard's output does not depend on it."""
         try:
-            shards.save_index(self.path, self.fs, self.builder.index(), self.config.index_cache())
-        except (OSError, shards.IndexFormatError) as exc:
+            shardindex.save_index(self.path, self.fs, self.builder.index(), self.config.index_cache())
+        except (OSError, shardindex.IndexFormatError) as exc:
             log.warning("shard %s: index not saved (%s)", storage.to_url(self.fs, self.path), exc)
 
-    def _not_a_tar(self, exc: shards.ShardReadError) -> shards.MalformedShardError:
+    def _not_a_tar(self, exc: tarstream.ShardReadError) -> tarstream.MalformedShardError:
         try:
             head = self.fs.cat_file(self.path, start=0, end=16)
         except OSError:
             head = b""
         what = "an empty file (0 bytes)" if not head else f"its bytes start with {head!r}"
-        return shards.MalformedShardError(self.plan.shard, 0, f"not a tar file, {what}: {exc.reason}")
+        return tarstream.MalformedShardError(self.plan.shard, 0, f"not a tar file, {what}: {exc.reason}")
 
 
 def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: ShardResult) -> None:

@@ -1,0 +1,390 @@
+"""DALI's `.idx` files for WebDataset shards: the v1.2 format, building one from a tar, and where one is kept (beside
+the shard, or in a local cache where the shard's folder is read-only), checked against the tar before it is trusted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import logging
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Iterator, NamedTuple, Optional
+
+from wdsembed import tarstream
+
+log = logging.getLogger(__name__)
+
+IDX_VERSION = "v1.2"
+
+
+class StaleIndexError(ValueError):
+    """An .idx file no longer matches its tar."""
+
+
+class IndexFormatError(ValueError):
+    """An index that the v1.2 text format cannot hold (or text that is not a v1.2 index)."""
+
+
+class IndexMember(NamedTuple):
+    ext: str  # as wds2idx writes it: everything after the first dot of the last path part, case kept
+    offset: int  # byte offset of the member's data (a multiple of 512)
+    size: int
+    name: str  # member name as GNU tar prints it (backslashes and control characters escaped)
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """A parsed DALI `.idx` (format v1.2)."""
+
+    samples: tuple  # per sample: tuple of IndexMember(ext, data_offset, size, member_name)
+    path: Optional[str] = field(default=None, compare=False)  # where ensure_index read or wrote it
+
+    @classmethod
+    def parse(cls, text: str) -> "ShardIndex":
+        lines = text.split("\n")
+        if lines[-1] == "":  # the final newline
+            lines.pop()
+        head = lines[0].split() if lines else []
+        if len(head) != 2 or head[0] != IDX_VERSION or not head[1].isdigit():
+            first = lines[0][:80] if lines else ""
+            raise IndexFormatError(f"not a {IDX_VERSION} index: first line is {first!r}")
+        n = int(head[1])
+        body = lines[1:]
+        if len(body) != n:
+            raise IndexFormatError(f"index header says {n} samples, the body has {len(body)} lines")
+        samples = []
+        for i, line in enumerate(body, start=2):
+            tok = line.split()
+            if not tok or len(tok) % 4:
+                raise IndexFormatError(
+                    f"index line {i}: {len(tok)} fields, not groups of 4 (ext offset size name); "
+                    "a member name with whitespace breaks the v1.2 format"
+                )
+            group = []
+            for j in range(0, len(tok), 4):
+                ext, off, size, name = tok[j : j + 4]
+                if not (off.isdigit() and size.isdigit()):
+                    raise IndexFormatError(f"index line {i}: offset/size {off!r} {size!r} are not integers")
+                group.append(IndexMember(ext, int(off), int(size), name))
+            samples.append(tuple(group))
+        return cls(tuple(samples))
+
+    def render(self) -> str:
+        """The file's text, byte for byte what DALI's wds2idx writes."""
+        out = [f"{IDX_VERSION} {len(self.samples)}\n"]
+        for group in self.samples:
+            for m in group:
+                if not m.name or any(c.isspace() for c in m.name + m.ext):
+                    raise IndexFormatError(
+                        f"member {m.name!r}: a name with whitespace cannot be written to a v1.2 .idx "
+                        "(wds2idx writes it anyway and DALI then misreads the line); read this shard without an index"
+                    )
+            out.append(" ".join(f"{m.ext} {m.offset} {m.size} {m.name}" for m in group) + "\n")
+        return "".join(out)
+
+    def members(self) -> Iterator[IndexMember]:
+        for group in self.samples:
+            yield from group
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.samples)
+
+    @property
+    def end(self) -> int:
+        """Byte offset just past the last member's data (0 for an empty index)."""
+        return max((m.offset + m.size for m in self.members()), default=0)
+
+
+def build_index(f: BinaryIO, *, chunk_size: int = tarstream.CHUNK_SIZE, allow_seek: bool = False) -> ShardIndex:
+    """Scan a tar once and build its index, as wds2idx does.
+
+    Same members (regular files, hidden files left out), same grouping (consecutive members with wds2idx's
+    basename), same text. One deliberate difference: offsets are the true data offsets read from the headers;
+    wds2idx takes `tar --block-number`, which points at a GNU longname ('L') header rather than the member, so its
+    offsets are wrong for names longer than 100 bytes in GNU-format tars. `allow_seek` skips member data by
+    seeking (worth it for local files only; on object stores a seek is a new request).
+    """
+    r = tarstream.Reader(f, chunk_size, allow_seek=allow_seek)
+    builder = IndexBuilder()
+    try:
+        for m in tarstream.iter_members(r):
+            tarstream.skip_data(r, m)
+            if m.typeflag not in tarstream.REGULAR or not tarstream.indexed(m.name):
+                continue
+            builder.add(m.name, m.data_offset, m.size)
+    except tarstream.TarCorrupt as e:
+        raise tarstream.ShardReadError(getattr(f, "name", "<tar>"), e.offset, e.reason, e.member) from None
+    return builder.index()
+
+
+class IndexBuilder:
+    """Groups indexed members into samples the way wds2idx does; fed by build_index or by iter_samples."""
+
+    def __init__(self) -> None:
+        self._samples: list[list[IndexMember]] = []
+        self._last_base: Optional[str] = None
+
+    def add(self, name: str, data_offset: int, size: int) -> None:
+        quoted = tarstream.tar_quote(name)
+        base, ext = tarstream.wds2idx_split(quoted)
+        entry = IndexMember(ext, data_offset, size, quoted)
+        if base != self._last_base:
+            self._samples.append([entry])
+            self._last_base = base
+        else:
+            self._samples[-1].append(entry)
+
+    def index(self) -> ShardIndex:
+        return ShardIndex(tuple(tuple(g) for g in self._samples))
+
+
+@dataclass(frozen=True)
+class ShardFingerprint:
+    """What identifies one version of a shard for cache keys: its size and its mtime or ETag."""
+
+    size: int
+    mtime: Optional[float] = None  # seconds since the epoch, where the store has it
+    etag: Optional[str] = None  # object stores' content tag (S3 ETag, GCS md5), quotes stripped
+
+    @property
+    def token(self) -> str:
+        """A short stable string for cache keys."""
+        return f"{self.size}-{self.etag or ''}-{'' if self.mtime is None else repr(float(self.mtime))}"
+
+
+def _fingerprint_from_info(info: dict[str, Any]) -> ShardFingerprint:
+    mtime: Any = None
+    for k in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        if info.get(k) is not None:
+            mtime = info[k]
+            break
+    if isinstance(mtime, _dt.datetime):
+        mtime = mtime.timestamp()
+    elif isinstance(mtime, str):
+        try:
+            mtime = _dt.datetime.fromisoformat(mtime.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            mtime = None
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    return ShardFingerprint(
+        size=int(info["size"]),
+        mtime=None if mtime is None else float(mtime),
+        etag=None if etag is None else str(etag).strip('"'),
+    )
+
+
+def fingerprint(path: str, fs: Any) -> ShardFingerprint:
+    """(size, mtime or ETag) of a shard, from one `fs.info` call."""
+    return _fingerprint_from_info(fs.info(path))
+
+
+def stem_path(shard_path: str) -> str:
+    return shard_path[:-4] if shard_path.lower().endswith(".tar") else shard_path
+
+
+def index_path_for(
+    shard_path: str, cache_dir: Optional[str | os.PathLike] = None, fp: Optional[ShardFingerprint] = None
+) -> str:
+    """Where a shard's `.idx` lives: beside it (`00000.tar` -> `00000.idx`) when `cache_dir` is None; else a file
+    under `cache_dir` named from the shard's URL + size + mtime/ETag (`fp`), so a changed shard gets a new one."""
+    if cache_dir is None:
+        return stem_path(shard_path) + ".idx"
+    if fp is None:
+        raise TypeError("index_path_for: a cache path needs the shard's fingerprint")
+    digest = hashlib.sha256(f"{shard_path}\x00{fp.token}".encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    stem = os.path.basename(stem_path(shard_path.rstrip("/"))) or "shard"
+    return os.path.join(os.fspath(cache_dir), f"{stem}-{digest}.idx")
+
+
+def _is_local(fs: Any) -> bool:
+    proto = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in proto or "local" in proto
+
+
+def _header_matches(block: bytes, entry: IndexMember) -> bool:
+    """Cheap check of the 512-byte header in front of an indexed member (checksum, type, size, name)."""
+    if len(block) != tarstream.BLOCK or block == tarstream.ZERO_BLOCK:
+        return False
+    try:
+        if tarstream.parse_number(block[148:156]) != sum(block[:148]) + sum(block[156:]) + 8 * 32:
+            return False
+        size = tarstream.parse_number(block[124:136])
+    except ValueError:
+        return False
+    if block[156:157] not in tarstream.REGULAR or size != entry.size:
+        return False
+    name_raw = block[:100].split(b"\x00", 1)[0]
+    if block[257:263] == b"ustar\x00":
+        prefix = block[345:500].split(b"\x00", 1)[0]
+        if prefix:
+            name_raw = prefix + b"/" + name_raw
+    name = tarstream.tar_quote(tarstream.decode_name(name_raw))
+    if name == entry.name:
+        return True
+    # long or non-ASCII names live in an extended header before this one; the ustar field holds a truncation
+    return len(entry.name.encode("utf-8", "surrogateescape")) > 100 or not entry.name.isascii()
+
+
+def _load_valid_index(
+    idx_fs: Any, idx_path: str, shard_fs: Any, shard_path: str, shard_size: int
+) -> Optional[ShardIndex]:
+    """The index at `idx_path` if it exists and still fits the shard, else None (missing, unreadable or stale).
+
+    Cheap (two 512-byte reads): the last member must end inside the tar, its header must be where the index
+    says, and no indexable member may follow it (a tar rewritten with more samples appended)."""
+    try:
+        if not idx_fs.exists(idx_path):
+            return None
+        idx = ShardIndex.parse(idx_fs.cat_file(idx_path).decode("utf-8", "surrogateescape"))
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable index %s: %s", idx_path, e)
+        return None
+    if idx.num_samples == 0:
+        return dataclasses.replace(idx, path=idx_path)
+    last = max(idx.members(), key=lambda m: m.offset)
+    if last.offset < tarstream.BLOCK or last.offset % tarstream.BLOCK or last.offset + last.size > shard_size:
+        log.info("stale index %s: last member ends at byte %d, shard has %d bytes", idx_path, idx.end, shard_size)
+        return None
+    after = last.offset + last.size + (-last.size % tarstream.BLOCK)
+    # two ranged reads of 512 bytes (an fsspec file on an object store would fetch a whole block per seek)
+    block = shard_fs.cat_file(shard_path, start=last.offset - tarstream.BLOCK, end=last.offset)
+    next_block = shard_fs.cat_file(shard_path, start=after, end=min(after + tarstream.BLOCK, shard_size)) if after < shard_size else b""
+    if not _header_matches(block, last):
+        log.info("stale index %s: no header for %r at byte %d", idx_path, last.name, last.offset - tarstream.BLOCK)
+        return None
+    if _starts_indexed_member(next_block):
+        log.info("stale index %s: the tar has members after the last indexed one (byte %d)", idx_path, after)
+        return None
+    return dataclasses.replace(idx, path=idx_path)
+
+
+def _starts_indexed_member(block: bytes) -> bool:
+    """Is this block the header of a member wds2idx would index (i.e. one an index ending before it lacks)?
+    Zero blocks (end of archive), end of file, directories and hidden files are not."""
+    if len(block) != tarstream.BLOCK or block == tarstream.ZERO_BLOCK:
+        return False
+    try:
+        if tarstream.parse_number(block[148:156]) != sum(block[:148]) + sum(block[156:]) + 8 * 32:
+            return False
+    except ValueError:
+        return False
+    typeflag = block[156:157]
+    if typeflag in (tarstream.GNU_LONGNAME, tarstream.PAX):
+        return True  # extended headers precede a real member; assume it is one (worst case: a needless rebuild)
+    name = tarstream.decode_name(block[:100].split(b"\x00", 1)[0])
+    return typeflag in tarstream.REGULAR and not name.endswith("/") and tarstream.indexed(name)
+
+
+def _write_beside(fs: Any, path: str, data: bytes) -> None:
+    """Atomic write through fsspec. Object stores: one PUT, which is atomic per object (a temp object + mv would
+    be a copy and a delete). Elsewhere: a temp name beside the target, then a rename. The failing write is how an
+    unwritable folder or bucket shows itself (PermissionError, also from s3fs for AccessDenied)."""
+    if not _is_local(fs):
+        fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
+        return
+    folder, base = path.rsplit("/", 1) if "/" in path else ("", path)
+    tmp = f"{folder}/.{base}.{uuid.uuid4().hex[:12]}.tmp" if folder else f".{base}.{uuid.uuid4().hex[:12]}.tmp"
+    fs.pipe_file(tmp, data)
+    try:
+        fs.mv(tmp, path)
+    except BaseException:
+        try:
+            fs.rm(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _write_local_atomic(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".idx-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def ensure_index(
+    shard_path_or_url: str, fs: Any, cache_dir: Optional[str | os.PathLike] = None, *, build: bool = True
+) -> Optional[ShardIndex]:
+    """The shard's DALI index, read or built, with `.path` saying where its file is.
+
+    Order: `<stem>.idx` beside the shard if it still fits the tar (the last member must end inside the tar and
+    its header must be there); else a copy under `cache_dir` for this exact shard version; else build it by
+    reading the tar once and write it beside the shard (temp file + rename; one PUT on object stores), or under
+    `cache_dir` when the shard's folder refuses writes. With no `cache_dir` and an unwritable folder the index is
+    returned with `path=None`. With `build=False` a missing index gives None instead of a read of the tar (the
+    caller builds it during its own pass: iter_samples(index_builder=...) and save_index). Raises
+    IndexFormatError for shards whose member names the v1.2 format cannot hold (whitespace), tarstream.ShardReadError for
+    a damaged tar. An empty tar gives an index of 0 samples (wds2idx refuses those).
+    For an s3:// shard the returned path may be an s3:// URL: DALI reads index files from local paths only.
+    """
+    shard = shard_path_or_url
+    fp = fingerprint(shard, fs)
+    beside = index_path_for(shard)
+    idx = _load_valid_index(fs, beside, fs, shard, fp.size)
+    if idx is not None:
+        return idx
+    cached = _cache_path(shard, fs, cache_dir, fp)
+    if cached is not None:
+        import fsspec
+
+        idx = _load_valid_index(fsspec.filesystem("file"), cached, fs, shard, fp.size)
+        if idx is not None:
+            return idx
+    if not build:
+        return None
+
+    if _is_local(fs):
+        opened = fs.open(shard, "rb")
+    else:
+        from wdsembed.storage import open_sequential  # read-ahead of large ranges, several in flight
+
+        opened = open_sequential(fs, shard, size=fp.size)
+    with opened as f:
+        try:
+            idx = build_index(f, allow_seek=_is_local(fs))
+        except tarstream.ShardReadError as e:
+            raise tarstream.ShardReadError(shard, e.offset, e.reason, e.member) from None
+    return save_index(shard, fs, idx, cache_dir, fp)
+
+
+def _cache_path(shard: str, fs: Any, cache_dir: Optional[str | os.PathLike], fp: ShardFingerprint) -> Optional[str]:
+    if cache_dir is None:
+        return None
+    # named from the shard's full URL (s3://bucket/...), so shards of two stores never share an entry
+    url = os.path.abspath(shard) if _is_local(fs) else (shard if "://" in shard else fs.unstrip_protocol(shard))
+    return index_path_for(url, cache_dir, fp)
+
+
+def save_index(
+    shard: str,
+    fs: Any,
+    idx: ShardIndex,
+    cache_dir: Optional[str | os.PathLike] = None,
+    fp: Optional[ShardFingerprint] = None,
+) -> ShardIndex:
+    """Store a freshly built index beside the shard (written back to the bucket where it allows writes), else
+    under `cache_dir`; returns it with `.path` set (None where neither could take it)."""
+    data = idx.render().encode("utf-8", "surrogateescape")
+    beside = index_path_for(shard)
+    try:
+        _write_beside(fs, beside, data)
+        return dataclasses.replace(idx, path=beside)
+    except OSError as e:  # PermissionError locally and from s3fs (AccessDenied); read-only file systems
+        log.info("cannot write %s (%s); using the index cache", beside, e)
+    cached = _cache_path(shard, fs, cache_dir, fp or fingerprint(shard, fs))
+    if cached is None:
+        return idx
+    _write_local_atomic(cached, data)
+    return dataclasses.replace(idx, path=cached)
