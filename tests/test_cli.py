@@ -364,13 +364,13 @@ def test_failed_run_names_each_reason_once(shards, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_command_end_to_end_terminal_and_rerun(tmp_path):
-    """The real command (temporary Prefect server, one Dask worker) on a shard with a truncated JPEG: DALI's decoder
+    """The real command (temporary Prefect server, one Dask worker) on a shard with a truncated PNG: DALI's decoder
     line stays off the terminal; the re-run finds the shard cached and keeps the computing run's figures."""
     import json
 
     from wdsembed.synthetic import write_demo_dataset
 
-    write_demo_dataset(tmp_path / "in", n_shards=1, per_shard=6, corrupt_per_shard=1)
+    write_demo_dataset(tmp_path / "in", n_shards=1, per_shard=6, corrupt_per_shard=2)  # a cut JPEG and a cut PNG
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "WDSEMBED_"))}
     env |= {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1",
             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
@@ -383,7 +383,7 @@ def test_command_end_to_end_terminal_and_rerun(tmp_path):
         texts.append(done.stdout + done.stderr)
         assert done.returncode == 0, texts[-1][-4000:]
         manifests.append(json.loads((tmp_path / "out" / "_manifest.json").read_text()))
-    assert "libjpeg_turbo_decoder" not in texts[0] and "[ERROR]" not in texts[0]
+    assert "png_parser" not in texts[0] and "[ERROR]" not in texts[0]
     assert "images/s: embedding only" in texts[0]
     computed, cached = manifests[0]["shards"]["00000"], manifests[1]["shards"]["00000"]
     assert computed["status"] == "computed" and cached["status"] == "cached"

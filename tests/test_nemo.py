@@ -42,8 +42,9 @@ def env() -> dict:
 def test_reference_usage_runs_unchanged(tmp_path):
     from wdsembed.synthetic import write_demo_dataset
 
-    # the demo data, with one truncated JPEG per shard: its decoder line must not reach the terminal
-    written = write_demo_dataset(tmp_path / "dataset", corrupt_per_shard=1)
+    # the demo data, with a truncated JPEG and a truncated PNG per shard: the PNG decoder's line must not reach the
+    # terminal
+    written = write_demo_dataset(tmp_path / "dataset", corrupt_per_shard=2)
     inputs_before = {p.name: p.read_bytes() for p in (tmp_path / "dataset").glob("*.parquet")}
     (tmp_path / "reference.py").write_text(REFERENCE_SCRIPT)
     script = subprocess.Popen([sys.executable, "reference.py"], cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
@@ -55,7 +56,7 @@ def test_reference_usage_runs_unchanged(tmp_path):
     done = subprocess.CompletedProcess(script.args, script.returncode, stdout, stderr)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "no GPU is visible; starting a CPU cluster instead" in done.stderr  # this machine: the CPU fallback
-    assert "libjpeg_turbo_decoder" not in done.stdout + done.stderr
+    assert "png_parser" not in done.stdout + done.stderr and "[ERROR]" not in done.stdout + done.stderr
 
     out = tmp_path / "dataset_embeddings"  # beside the dataset; its own parquets untouched
     assert {p.name: p.read_bytes() for p in (tmp_path / "dataset").glob("*.parquet")} == inputs_before
@@ -172,7 +173,7 @@ API_RUN = textwrap.dedent(f'''
 def test_api_run_keeps_decoder_lines_off_the_terminal(tmp_path):
     from wdsembed.synthetic import write_demo_dataset
 
-    write_demo_dataset(tmp_path / "in", n_shards=1, per_shard=6, corrupt_per_shard=1)
+    write_demo_dataset(tmp_path / "in", n_shards=1, per_shard=6, corrupt_per_shard=2)  # a cut JPEG and a cut PNG
     runs = []
     for i in (1, 2):  # the second run finds the shard done
         done = subprocess.run([sys.executable, "-c", API_RUN, str(tmp_path / "in"), str(tmp_path / "out"),
@@ -180,8 +181,8 @@ def test_api_run_keeps_decoder_lines_off_the_terminal(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         runs.append((done, json.loads((tmp_path / "out" / "_manifest.json").read_text())))
     first, second = runs
-    assert "libjpeg_turbo_decoder" not in first[0].stderr + first[0].stdout
-    assert "libjpeg_turbo_decoder" in (tmp_path / "log1.txt").read_text()
+    assert "png_parser" not in first[0].stderr + first[0].stdout  # the decoder's own line, for the cut PNG
+    assert "png_parser" in (tmp_path / "log1.txt").read_text()
     assert "truncated JPEG" in first[0].stdout  # the reason is on the row
     # the cached re-run keeps the computing run's figures
     computed, cached = first[1]["shards"]["00000"], second[1]["shards"]["00000"]

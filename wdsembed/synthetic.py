@@ -151,14 +151,17 @@ def photo_images(
     return out
 
 
-CorruptKind = Literal["truncated", "empty", "random", "text", "header_only"]
+CorruptKind = Literal["truncated", "truncated_png", "empty", "random", "text", "header_only"]
 
 
 def corrupt_image_bytes(kind: CorruptKind, *, seed: int = 0) -> bytes:
-    """Bytes that are named like an image but do not decode: a JPEG cut in half, an empty file, random bytes,
-    a text file, or a bare JPEG start-of-image marker."""
+    """Bytes that are named like an image but do not decode: a JPEG or a PNG cut in half, an empty file, random
+    bytes, a text file, or a bare JPEG start-of-image marker."""
     if kind == "truncated":
         full = encode_image(make_image(128, 96, seed=seed), "jpeg")
+        return full[: len(full) // 2]
+    if kind == "truncated_png":  # reaches the decoder (a JPEG cut short is refused before it), which fails on it
+        full = encode_image(make_image(128, 96, seed=seed), "png")
         return full[: len(full) // 2]
     if kind == "empty":
         return b""
@@ -343,14 +346,14 @@ def write_demo_dataset(
 ) -> list[WrittenShard]:
     """A small img2dataset-style dataset: real photographs (when scikit-image is installed) mixed with synthetic
     images of varied sizes and formats, tar order shuffled, a few failed downloads per shard, and optionally
-    corrupt image members (truncated JPEG, random bytes, text named .jpg)."""
+    corrupt image members (truncated JPEG, truncated PNG, random bytes, text, empty; all named .jpg)."""
     try:
         import skimage.data  # noqa: F401
 
         have_photos = True
     except ImportError:
         have_photos = False
-    kinds: tuple[CorruptKind, ...] = ("truncated", "random", "text", "empty")
+    kinds: tuple[CorruptKind, ...] = ("truncated", "truncated_png", "random", "text", "empty")
     shards = []
     for s in range(n_shards):
         n_photos = per_shard // 2 if have_photos else 0
