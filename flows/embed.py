@@ -183,6 +183,7 @@ def run(config: EmbedConfig, on_shard_done=None) -> dict:
         # A local scheduler hands a worker thread one shard at a time: a shard queued behind a long one would wait
         # there while another worker idles, and would die with it if that worker's process did.
         with _api_for_workers(), dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+            _check_api_access()
             return embed_flow.with_options(task_runner=runner)(config)
     except (TimeoutError, asyncio.CancelledError) as exc:
         # Every shard finished and the manifest is written; only the local Dask cluster's shutdown ran out of time
@@ -195,6 +196,36 @@ def run(config: EmbedConfig, on_shard_done=None) -> dict:
     finally:
         _on_shard_done = None
         _reported.clear()
+
+
+class APIAccessError(RuntimeError):
+    """The Prefect API cannot be used by this client; the message says what to set."""
+
+
+def _check_api_access() -> None:
+    """Ask the Prefect API once before the flow starts, so that a server that refuses this client (basic auth,
+    PREFECT_SERVER_API_AUTH_STRING) or cannot be reached is one line naming the setting, not a traceback wall from
+    deep in the flow engine. The credential itself reaches local Dask workers with the run's settings (inherited
+    environment and the settings context Prefect sends with each task)."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    try:
+        with get_client(sync_client=True) as client:
+            client.hello()  # behind the server's auth check, unlike /health
+    except httpx.HTTPStatusError as exc:
+        code = exc.response.status_code
+        if code in (401, 403):
+            raise APIAccessError(
+                f"the Prefect API at {url} refused this client ({code} {exc.response.reason_phrase}): set "
+                "PREFECT_API_AUTH_STRING to the user:password of the server's PREFECT_SERVER_API_AUTH_STRING"
+            ) from None
+        raise APIAccessError(f"the Prefect API at {url} answered {code} {exc.response.reason_phrase}") from None
+    except httpx.TransportError as exc:
+        raise APIAccessError(f"cannot reach the Prefect API at {url} ({type(exc).__name__}: {exc}): check "
+                             "PREFECT_API_URL") from None
 
 
 # The manifest of the flow run that just ended in this process (the flow runs in-process): kept by run() when only

@@ -51,6 +51,8 @@ def gpu_slots_declared(client, *, wait_s: float = 30.0) -> bool:
 def task_runner_kwargs(config: EmbedConfig) -> dict:
     """Keyword arguments of DaskTaskRunner for this run."""
     if config.dask_address:
+        # No security passed: distributed.Client(address) builds Security() from Dask's configuration
+        # (distributed.comm.tls.*, require-encryption), which is where a tls:// address's certificates are set.
         return {"address": config.dask_address}
     gpus = visible_gpus() if config.device != "cpu" else 0
     if gpus:

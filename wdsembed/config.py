@@ -101,7 +101,8 @@ class EmbedConfig(BaseModel):
         "results (the task cache); default OUTPUT/_prefect_results. Uses storage_options; never credentials.",
     )
     dask_address: Optional[str] = Field(
-        None, description="Address of an existing Dask scheduler (tcp://host:8786); default starts a local cluster."
+        None, description="Address of an existing Dask scheduler (tcp://host:8786, or tls://host:8786 with the TLS "
+        "certificates in Dask's configuration); default starts a local cluster."
     )
     n_workers: Optional[int] = Field(
         None, ge=1, description="Local workers: default one per visible GPU, or 2 on a CPU-only machine."

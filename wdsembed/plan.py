@@ -43,6 +43,7 @@ def check_config(config: EmbedConfig) -> None:
 
     preflight.check_storage_options(config)  # before anything builds a filesystem from them
     preflight.check_output_writable(config)  # needs no torch import: refused in about a second
+    preflight.check_dask_security(config)
 
     try:
         check_model_name(config.model_name)  # the architecture and its pretrained tag, with suggestions

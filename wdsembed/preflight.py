@@ -7,6 +7,7 @@ write (a write check makes a folder and removes it at once), and never download:
   store accepts (the filesystems are built with them, as the run will build them).
 * check_weights: pretrained weights are in the local cache, or the place they come from answers.
 * check_output_writable: a local output folder can be created or written by this user.
+* check_dask_security: a tls:// --dask-address has Dask's TLS configuration (CA, client certificate) to use.
 
 They complement `plan.check_config` (model name, checkpoint file, input folder, buckets): run
 check_storage_options before it (every later check builds filesystems from those options), the others after it.
@@ -248,3 +249,40 @@ def _check_local_folder(what: str, url: str, config: EmbedConfig) -> None:
         where = "" if existing == path else f" ({existing!r} does not let this user create folders)"
         raise PreflightError(f"{what} {url!r} cannot be {verb} by this user{where}: {exc.strerror}; pass {flag} "
                              "a folder you can write, or give this user write permission") from None
+
+
+# ------------------------------------------------------------------------------------------------- dask security
+
+_TLS_KEYS = {  # Dask's configuration key -> its environment variable
+    "distributed.comm.tls.ca-file": "DASK_DISTRIBUTED__COMM__TLS__CA_FILE",
+    "distributed.comm.tls.client.cert": "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT",
+    "distributed.comm.tls.client.key": "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY",
+}
+
+
+def check_dask_security(config: EmbedConfig) -> None:
+    """A tls:// scheduler needs this client to present a certificate that the cluster's CA signed (Dask's TLS is
+    mutual), read from Dask's configuration as distributed.Client reads it; a plain tcp:// address is refused when
+    that configuration requires encryption. Said here in one line instead of a handshake error later."""
+    address = config.dask_address
+    if not address:
+        return
+    import dask
+
+    scheme = address.split("://", 1)[0].lower() if "://" in address else "tcp"
+    if scheme != "tls":
+        if dask.config.get("distributed.comm.require-encryption", None):
+            raise PreflightError(f"--dask-address {address} is not encrypted, but Dask's configuration sets "
+                                 "distributed.comm.require-encryption: use the scheduler's tls:// address")
+        return
+    values = {key: dask.config.get(key, None) for key in _TLS_KEYS}
+    missing = [key for key in ("distributed.comm.tls.ca-file", "distributed.comm.tls.client.cert") if not values[key]]
+    if missing:
+        raise PreflightError(
+            f"--dask-address {address} uses TLS, but Dask's configuration has no {' or '.join(missing)}: set "
+            + ", ".join(f"{_TLS_KEYS[k]}" for k in _TLS_KEYS)
+            + " (or the keys in a Dask config file) to the cluster's CA file and a client certificate and key it signed")
+    for key, value in values.items():
+        # A value holding a newline is the PEM itself (Dask accepts that too), not a path.
+        if value and "\n" not in str(value) and not os.path.isfile(value):
+            raise PreflightError(f"Dask's {key} ({_TLS_KEYS[key]}) is {value!r}, which is not a file")
