@@ -70,6 +70,8 @@ class Worker:
         # One shard at a time through the pipeline: the threads of one Dask worker can be handed two embedding
         # tasks at once (a scheduler whose workers declare no GPU resource), and the second waits here.
         self.lock = threading.RLock()
+        self._reference = None  # built on first use (fidelity check)
+        self._reference_lock = threading.Lock()
         self.info = {
             "name": self.loaded.name,
             "weights": self.loaded.weights,
@@ -79,6 +81,27 @@ class Worker:
             "preprocessing": self.recipe.describe(),
             "device": self.device,
         }
+
+    def reference(self):
+        """The fidelity check's reference: timm's own eval transform, the model in float32, and the lock to hold
+        while using it. The model itself where it is float32 (its lock then keeps it to one shard at a time), else
+        a float32 copy on the CPU, made once (a few dozen images per shard)."""
+        import copy
+
+        import timm
+        import torch
+
+        with self._reference_lock:
+            if self._reference is None:
+                transform = timm.data.create_transform(**self.loaded.data_config)
+                if self.loaded.dtype == torch.float32:
+                    self._reference = (transform, self.loaded, self.lock)
+                else:
+                    cpu = copy.copy(self.loaded)
+                    cpu.model = copy.deepcopy(self.loaded.model).float().cpu().eval()
+                    cpu.device, cpu.dtype, cpu.channels_last = torch.device("cpu"), torch.float32, False
+                    self._reference = (transform, cpu, threading.Lock())
+            return self._reference
 
     @classmethod
     def for_config(cls, config: EmbedConfig) -> "Worker":
