@@ -115,6 +115,17 @@ class SampleCollector:
 # --------------------------------------------------------------------------------------------------- one shard
 
 
+def _pil_rgb(im):
+    """Pillow's convert("RGB"), except for 16-bit gray: Pillow clips its values to 255 (a near-white image), the
+    pipeline takes the top 8 bits (docs/reliability.md), and the reference does the same, so the check measures the
+    preprocessing rather than that documented choice."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        from PIL import Image
+
+        im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8))
+    return im.convert("RGB")
+
+
 def reference_embeddings(worker, chosen: list, max_pixels: Optional[int]) -> tuple[dict, dict]:
     """timm's eval transform on PIL + the float32 model: key -> embedding (normalized), and key -> why PIL could
     not give one."""
@@ -131,7 +142,7 @@ def reference_embeddings(worker, chosen: list, max_pixels: Optional[int]) -> tup
                 if max_pixels and im.size[0] * im.size[1] > max_pixels:
                     refused[key] = f"PIL: {im.size[0]}x{im.size[1]} is above max_image_pixels, not decoded"
                     continue
-                tensors.append(transform(ImageOps.exif_transpose(im).convert("RGB")))
+                tensors.append(transform(_pil_rgb(ImageOps.exif_transpose(im))))
                 keys.append(key)
         except Exception as exc:  # noqa: BLE001 - reported in the record, not skipped
             refused[key] = f"PIL: {type(exc).__name__}: {exc}"[:300]
