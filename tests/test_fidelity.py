@@ -75,6 +75,27 @@ def test_sample_collector_keeps_quota_and_prefers_special():
     assert special_kind(jpegs[0][1]) is None and special_kind(b"not an image") == "unreadable-by-pil"
 
 
+def test_special_kinds_from_the_header():
+    import io
+
+    from PIL import Image
+
+    from wdsembed.synthetic import make_image
+
+    def jpeg(im, **kw):
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", **kw)
+        return buf.getvalue()
+
+    im = make_image(64, 48)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert special_kind(jpeg(im.convert("L"))) == "grayscale"
+    assert special_kind(jpeg(im.convert("CMYK"))) == "cmyk"
+    assert special_kind(jpeg(im, exif=exif.tobytes())) == "exif-rotated"
+    assert special_kind(jpeg(im)) is None
+
+
 def test_wrong_preprocessing_fails_the_run_naming_keys_and_a_lower_threshold_rechecks_cached(
         shards, tmp_path, monkeypatch):
     real = preprocess.PreprocessRecipe.from_data_config.__func__
@@ -93,6 +114,8 @@ def test_wrong_preprocessing_fails_the_run_naming_keys_and_a_lower_threshold_rec
     assert os.path.exists(os.path.join(out, "00000.parquet")) and os.path.exists(os.path.join(out, "_manifest.json"))
 
     monkeypatch.undo()  # the right recipe again: a re-run that embedded anew would now pass at the default
+    for worker in Worker._current.values():
+        worker.close()
     Worker._current.clear()
     lower = check["min_cosine"] - 0.01
     results = TimmImageEmbedder(TINY_MODEL, min_fidelity=lower, **SETTINGS)(shards, out)

@@ -20,6 +20,8 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from wdsembed.config import EmbedConfig
+# imagesize's JPEG marker tables: the same header reading as the size check before decoding
+from wdsembed.imagesize import _MARKER_AND_LENGTH, _MARKER_KIND, _SOF_FIELDS, _exif_orientation
 
 GPU_THRESHOLD = 0.999  # bfloat16 weights on a GPU against float32 on PIL input (docs/benchmarks.md)
 CPU_THRESHOLD = 0.9999  # float32 both sides: only the decoder and resize implementations differ
@@ -54,11 +56,51 @@ def _rank(key: str) -> int:
 
 
 def special_kind(data: bytes) -> Optional[str]:
-    """What makes an image worth checking first (EXIF-rotated, grayscale, CMYK, PNG), from its header only."""
+    """What makes an image worth checking first (EXIF-rotated, grayscale, CMYK, PNG), from its header only. Runs on
+    every image of the run as it streams past: JPEG and PNG (nearly all images) are read from their first bytes
+    in a few microseconds; only other formats are opened with Pillow (lazily, header only)."""
+    head = bytes(data[:8])
+    if head == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:2] == b"\xff\xd8":
+        return _jpeg_kind(data)
+    return _pil_kind(data)
+
+
+def _jpeg_kind(d: bytes) -> Optional[str]:
+    """Components (1: gray, 4: CMYK/YCCK) and EXIF orientation, from the segments before the first scan."""
+    pos, n, components, orientation = 2, len(d), None, None
+    try:
+        while pos + 4 <= n:
+            marker, size = _MARKER_AND_LENGTH(d, pos)
+            kind = _MARKER_KIND[marker]
+            if kind == 4:  # a fill byte
+                pos += 1
+                continue
+            if kind in (3, 5, 6) or size < 2:  # start of scan, or not a marker where one should be
+                break
+            if kind == 1 and pos + 10 <= n:  # SOF
+                components = _SOF_FIELDS(d, pos + 5)[2]
+            elif kind == 2 and d[pos + 4:pos + 10] == b"Exif\x00\x00":  # APP1
+                ok, o = _exif_orientation(bytes(d[pos + 10:pos + 2 + size]))
+                orientation = o if o is not None else orientation
+            pos += 2 + size
+    except Exception:  # noqa: BLE001 - a header the decoders may read differently: worth checking
+        return "broken-header"
+    if components is None:
+        return "unreadable-by-pil"  # no frame header: neither side should decode it; check they agree
+    if components == 4:
+        return "cmyk"
+    if components == 1:
+        return "grayscale"
+    if orientation not in (None, 1):
+        return "exif-rotated"
+    return None
+
+
+def _pil_kind(data: bytes) -> Optional[str]:
     from PIL import Image
 
-    if bytes(data[:8]) == b"\x89PNG\r\n\x1a\n":
-        return "png"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -79,7 +121,7 @@ def special_kind(data: bytes) -> Optional[str]:
 
 # Images PIL cannot open (or whose EXIF it cannot read) come after the format specials: they test whether both
 # sides refuse the same images, but should not crowd out the images that test the preprocessing.
-_ODD = ("unreadable-by-pil", "broken-exif")
+_ODD = ("unreadable-by-pil", "broken-exif", "broken-header")
 
 
 class SampleCollector:
