@@ -217,8 +217,9 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
             total = failed + len(manifest.get("shards") or {})
             if failed:
                 print(f"\nrun failed: {failed} of {total} shard(s) failed (reasons above)", file=sys.stderr)
-            else:  # every shard written, but the run failed as a whole (its fidelity check)
+            else:  # every shard written, but the run failed as a whole (its fidelity check, which names the fix)
                 print(f"\nrun failed: {exc}", file=sys.stderr)
+                return 1
             finished = len(manifest.get("shards") or {})
         else:
             print(f"\nrun failed: {exc or repr(exc)}", file=sys.stderr)

@@ -14,7 +14,9 @@ import hashlib
 import heapq
 import io
 import math
+import threading
 import warnings
+from concurrent.futures import Future
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
@@ -197,13 +199,29 @@ def reference_embeddings(worker, chosen: list, max_pixels: Optional[int]) -> tup
     return dict(zip(keys, out)), refused
 
 
+def start_reference(worker, chosen: list, max_pixels: Optional[int]) -> Future:
+    """reference_embeddings in a thread of its own, so it overlaps the shard's table building and validation."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(reference_embeddings(worker, chosen, max_pixels) if chosen else ({}, {}))
+        except BaseException as exc:  # noqa: BLE001 - raised where the result is taken
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="wdsembed-fidelity", daemon=True).start()
+    return future
+
+
 def check_sample(worker, chosen: list, keys: list[str], embeddings: np.ndarray, failures: dict[str, str],
-                 max_pixels: Optional[int]) -> dict:
-    """The shard's fidelity record: cosine per checked key, and every sampled image only one side could embed."""
+                 max_pixels: Optional[int], reference: Optional[Future] = None) -> dict:
+    """The shard's fidelity record: cosine per checked key, and every sampled image only one side could embed.
+    `reference`: a start_reference future for these images, else computed here."""
     if not chosen:
         return {}
     row = {k: i for i, k in enumerate(keys)}
-    reference, refused = reference_embeddings(worker, chosen, max_pixels)
+    reference, refused = (reference.result() if reference is not None
+                          else reference_embeddings(worker, chosen, max_pixels))
     cosines, mismatches, both_refused = {}, {}, []
     for key, _, _ in chosen:
         ours = row.get(key)

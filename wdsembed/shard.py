@@ -173,6 +173,10 @@ def process_shard(
             on_batch=faults.batch_hook(plan.stem, on_progress),
         )
         timeline["embed_end"] = time.time()
+    # The reference runs beside the table building and validation below, after the pipeline is released (another
+    # shard may use it meanwhile; on a GPU the reference is the worker's float32 host copy of the model).
+    chosen = sample.chosen()
+    reference = fidelity.start_reference(worker, chosen, config.max_image_pixels or None)
     warnings += tar.finish()
     table = output.build_output_table(
         rows=rows,
@@ -189,9 +193,8 @@ def process_shard(
     if problems:
         raise ValueError(f"shard {plan.shard}: output not written, it fails validation: " + "; ".join(problems))
     n_embedded = len(keys)
-    # After the pipeline is released: another shard may use it meanwhile (the reference has its own model copy).
-    record = fidelity.check_sample(worker, sample.chosen(), keys, embeddings, failures,
-                                   config.max_image_pixels or None)
+    record = fidelity.check_sample(worker, chosen, keys, embeddings, failures, config.max_image_pixels or None,
+                                   reference)
     result = ShardResult(
         shard=plan.shard,
         stem=plan.stem,
