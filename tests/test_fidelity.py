@@ -45,9 +45,18 @@ def manifest_of(output: str) -> dict:
         return json.load(f)
 
 
-def test_cpu_path_matches_timm_on_photographs(shards, tmp_path):
+def test_cpu_path_matches_timm_on_photographs(shards, tmp_path, capsys):
+    from wdsembed import cli, report
+
     results = TimmImageEmbedder(TINY_MODEL, **SETTINGS)(shards, str(tmp_path / "out"))
-    check = manifest_of(str(tmp_path / "out"))["fidelity"]
+    manifest = manifest_of(str(tmp_path / "out"))
+    check = manifest["fidelity"]
+    # in the summary artifact and the CLI summary too, with the worst key
+    rows = report.shard_rows([r.to_dict() for r in results], {}, manifest)
+    assert "fidelity vs timm: 20 images" in report.markdown_summary(manifest, rows)
+    cli.print_summary(manifest)
+    assert "fidelity vs timm" in capsys.readouterr().out.replace("\n", " ")
+    assert check["worst"][0]["key"] in report.markdown_summary(manifest, rows)
     assert check["passed"] and check["threshold"] == 0.9999
     assert check["images"] == 20 and check["min_cosine"] >= 0.9999  # fewer images than the sample: all of them
     assert not check["mismatches"] and len(check["worst"]) == 3
