@@ -35,7 +35,7 @@ from prefect_dask import DaskTaskRunner  # noqa: E402
 from tasks.embed import embed_shards, result_storage_for  # noqa: E402
 from tasks.index import index_shards  # noqa: E402
 from tasks.report import report  # noqa: E402
-from wdsembed import caching, cluster  # noqa: E402
+from wdsembed import caching, cluster, fidelity  # noqa: E402
 from wdsembed.config import EmbedConfig  # noqa: E402
 from wdsembed.plan import plan_shards  # noqa: E402
 from wdsembed.shard import ShardsFailed  # noqa: E402
@@ -97,6 +97,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
     manifest = report(config, results, failures, time.perf_counter() - started)
     if failures:
         raise ShardsFailed(failures, results, manifest=manifest, total=len(plans))
+    fidelity.check(manifest)  # below the threshold the run ends Failed, its outputs and manifest kept
     _reported["manifest"] = manifest  # only a run without failed shards
     return manifest
 

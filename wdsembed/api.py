@@ -21,7 +21,7 @@ import time
 import uuid
 from typing import Any, Optional
 
-from wdsembed import report, shard
+from wdsembed import fidelity, report, shard
 from wdsembed.config import EmbedConfig, EmbedSettings, field_default
 from wdsembed.plan import plan_shards
 from wdsembed.shard import ShardPlan, ShardResult, ShardsFailed
@@ -100,7 +100,8 @@ class TimmImageEmbedder:
 
 def run_shards(config: EmbedConfig) -> list[ShardResult]:
     """Embed every shard of the config, on the current Dask client if any, else here; write the manifest.
-    Raises ShardsFailed (after every other shard is written and the manifest too) when any shard failed."""
+    Raises ShardsFailed (after every other shard is written and the manifest too) when any shard failed, and
+    fidelity.FidelityError (outputs and manifest written) when the run's fidelity check is below its threshold."""
     started = time.perf_counter()
     plans = plan_shards(config)
     client = _current_dask_client()
@@ -110,8 +111,9 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
         results, failures = _run_on_dask(client, config, plans)
     results.sort(key=lambda r: r.stem)
     dicts = [r.to_dict() for r in results]
+    manifest = report.build_manifest(config, dicts, failures, time.perf_counter() - started)
     try:
-        report.write_manifest(config, report.build_manifest(config, dicts, failures, time.perf_counter() - started))
+        manifest["path"] = report.write_manifest(config, manifest)
     except OSError as exc:
         if not failures:
             raise
@@ -119,6 +121,7 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
         raise ShardsFailed(failures | {"_manifest.json": f"{type(exc).__name__}: {exc}"}, results) from exc
     if failures:
         raise ShardsFailed(failures, results)
+    fidelity.check(manifest)  # outputs and manifest are written; the run still fails below the threshold
     return results
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
+from wdsembed import fidelity
 from wdsembed.config import EmbedConfig, field_default
 from wdsembed.report import failure_reasons
 
@@ -214,7 +215,11 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
             print_summary(manifest)
             failed = len(manifest.get("failed_shards") or {})
             total = failed + len(manifest.get("shards") or {})
-            print(f"\nrun failed: {failed} of {total} shard(s) failed (reasons above)", file=sys.stderr)
+            if failed:
+                print(f"\nrun failed: {failed} of {total} shard(s) failed (reasons above)", file=sys.stderr)
+            else:  # every shard written, but the run failed as a whole (its fidelity check, which names the fix)
+                print(f"\nrun failed: {exc}", file=sys.stderr)
+                return 1
             finished = len(manifest.get("shards") or {})
         else:
             print(f"\nrun failed: {exc or repr(exc)}", file=sys.stderr)
@@ -290,6 +295,9 @@ def print_summary(manifest: dict) -> None:
     for stem, s in sorted(manifest["shards"].items()):
         for warning in s.get("warnings") or []:
             console.print(f"warning: shard {stem}: {warning}", markup=False)
+    check = fidelity.describe(manifest.get("fidelity"))
+    if check:
+        console.print(check, markup=False, highlight=False, soft_wrap=True)
     console.print(f"output: {manifest['output']}  (manifest: {manifest.get('path')})", markup=False)
 
 

@@ -119,6 +119,18 @@ class EmbedConfig(BaseModel):
         "in different folders never share an output. Input may also be a brace pattern "
         "(/data/{00000..00999}.tar), one .tar, or a .txt file listing one shard per line.",
     )
+    fidelity_sample: int = Field(
+        32, ge=0, le=100_000,
+        description="Images of the run (spread over its shards; EXIF-rotated, grayscale, CMYK and PNG ones first) "
+        "embedded again with timm's own eval transform on PIL and the float32 model, and compared (cosine) with what "
+        "the run wrote; min/mean cosine and the worst keys go to the manifest and summaries. 0: no check.",
+    )
+    min_fidelity: Optional[float] = Field(
+        None, ge=-1.0, le=1.0,
+        description="The run fails (outputs kept) when a checked image's cosine is below this. Default: 0.999 on "
+        "the GPU path (bfloat16 weights), 0.9999 on the CPU path. Not part of the cache key: a re-run with another "
+        "threshold re-checks the stored cosines without re-embedding.",
+    )
 
     @field_validator("image_extensions")
     @classmethod

@@ -17,6 +17,7 @@ caching, validation).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import posixpath
@@ -374,7 +375,8 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8) -> list[ShardPlan]
         )
 
     with ThreadPoolExecutor(max_workers) as pool:
-        return list(pool.map(plan_one, tars))
+        plans = list(pool.map(plan_one, tars))
+    return [dataclasses.replace(p, run_shards=len(plans)) for p in plans]
 
 
 def _successes(stats_path: Optional[str], fs) -> Optional[int]:

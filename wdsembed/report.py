@@ -6,7 +6,7 @@ import json
 import os
 from typing import Iterable, Optional
 
-from wdsembed import output, storage
+from wdsembed import fidelity, output, storage
 from wdsembed.config import EmbedConfig
 from wdsembed.versions import code_version, package_versions
 
@@ -116,6 +116,8 @@ def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str,
             for r in results
         },
         "failed_shards": failures,
+        # Cached shards count with the cosines stored in their outputs, against this run's threshold.
+        "fidelity": fidelity.summarize(config, results),
     }
 
 
@@ -137,6 +139,9 @@ def markdown_summary(manifest: dict, rows: list[dict]) -> str:
         "overall; the table's images/s count embedding time only, without model loading)",
         f"- output: `{manifest['output']}`",
     ]
+    check = fidelity.describe(manifest.get("fidelity"))
+    if check:
+        lines.append(f"- {check}")
     if manifest["failed_shards"]:
         lines += ["", "### Failed shards", ""]
         lines += [f"- {len(stems)} shard(s) ({', '.join(f'`{stem}`' for stem in stems)}): {reason}"

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Optional
 
-from wdsembed import faults, output, preprocess, shardindex, shards, storage, tarstream
+from wdsembed import faults, fidelity, output, preprocess, shardindex, shards, storage, tarstream
 from wdsembed.config import EmbedConfig
 from wdsembed.validate import validate_table
 from wdsembed.versions import package_versions
@@ -46,6 +46,7 @@ class ShardPlan:
     index: Optional[str]  # the .idx found or written for it, if use_index_files
     output: str  # OUTPUT/<stem>.parquet
     expected_samples: Optional[int] = None  # from <stem>_stats.json "successes", when present
+    run_shards: Optional[int] = None  # shards in the run: spreads its fidelity sample over them
 
 
 @dataclass
@@ -72,6 +73,9 @@ class ShardResult:
     # Wall-clock times (epoch s) and the worker process: when the shard began, when it got the worker's pipeline
     # and released it, when it ended. Shows waits between shards and overlap (or its absence) per worker.
     timeline: dict = field(default_factory=dict)
+    # The fidelity check's record (wdsembed.fidelity.check_sample): cosine per sampled key against timm's own
+    # preprocessing, and images only one side could embed. Stored in the footer: a cached shard is re-checked.
+    fidelity: dict = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -160,13 +164,19 @@ def process_shard(
     tar = TarRead(config, plan)
     # From an object store, the shard starts arriving now, while another shard may still hold the pipeline.
     storage.prefetch_shards([plan.shard], config.storage_options)
+    # The fidelity sample is picked as the images stream past (a few kept, never the shard).
+    sample = fidelity.SampleCollector(fidelity.shard_quota(config.fidelity_sample, plan.run_shards))
     with worker.lock:
         timeline["embed_start"] = time.time()
         keys, embeddings, failures = worker.embed(
-            tar.images(), autocast=config.autocast, normalize=config.normalize_embeddings,
+            sample.wrap(tar.images()), autocast=config.autocast, normalize=config.normalize_embeddings,
             on_batch=faults.batch_hook(plan.stem, on_progress),
         )
         timeline["embed_end"] = time.time()
+    # The reference runs beside the table building and validation below, after the pipeline is released (another
+    # shard may use it meanwhile; on a GPU the reference is the worker's float32 host copy of the model).
+    chosen = sample.chosen()
+    reference = fidelity.start_reference(worker, chosen, config.max_image_pixels or None)
     warnings += tar.finish()
     table = output.build_output_table(
         rows=rows,
@@ -183,6 +193,8 @@ def process_shard(
     if problems:
         raise ValueError(f"shard {plan.shard}: output not written, it fails validation: " + "; ".join(problems))
     n_embedded = len(keys)
+    record = fidelity.check_sample(worker, chosen, keys, embeddings, failures, config.max_image_pixels or None,
+                                   reference)
     result = ShardResult(
         shard=plan.shard,
         stem=plan.stem,
@@ -198,6 +210,7 @@ def process_shard(
         warnings=warnings,
         batch_size=config.batch_size,
         timeline=timeline,
+        fidelity=record,
     )
     write_output(config, plan, table, key, result)
     result.seconds = time.perf_counter() - start

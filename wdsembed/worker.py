@@ -50,6 +50,9 @@ class Worker:
             embedding=config.embedding,
             device=self.device,
         )
+        # The fidelity check's reference needs the weights as loaded, in float32: copied to the host before they
+        # become bfloat16 (one host copy per worker; the GPU holds only the bfloat16 model).
+        self._float32_host = _float32_host_copy(self.loaded) if config.autocast and self.device != "cpu" else None
         if config.autocast:
             # On a GPU, bfloat16 weights: faster than autocast over float32 weights, within the fidelity target
             # (docs/benchmarks.md). autocast=False keeps float32.
@@ -70,6 +73,8 @@ class Worker:
         # One shard at a time through the pipeline: the threads of one Dask worker can be handed two embedding
         # tasks at once (a scheduler whose workers declare no GPU resource), and the second waits here.
         self.lock = threading.RLock()
+        self._reference = None  # built on first use (fidelity check)
+        self._reference_lock = threading.Lock()
         self.info = {
             "name": self.loaded.name,
             "weights": self.loaded.weights,
@@ -79,6 +84,22 @@ class Worker:
             "preprocessing": self.recipe.describe(),
             "device": self.device,
         }
+
+    def reference(self):
+        """The fidelity check's reference: timm's own eval transform, the model in float32, and the lock to hold
+        while using it. The model itself where it is float32 (its lock then keeps it to one shard at a time), else
+        the float32 copy on the host taken before the weights became bfloat16 (a few dozen images per shard)."""
+        import timm
+        import torch
+
+        with self._reference_lock:
+            if self._reference is None:
+                transform = timm.data.create_transform(**self.loaded.data_config)
+                if self.loaded.dtype == torch.float32:
+                    self._reference = (transform, self.loaded, self.lock)
+                else:
+                    self._reference = (transform, self._float32_host, threading.Lock())
+            return self._reference
 
     @classmethod
     def for_config(cls, config: EmbedConfig) -> "Worker":
@@ -147,3 +168,22 @@ class Worker:
                     len(images) - half)
         return torch.cat([self._model(part, autocast=autocast, normalize=normalize)
                           for part in (images[:half], images[half:])])
+
+
+def _float32_host_copy(loaded):
+    """The model as a float32 copy in host memory, made without a second copy on the GPU: each weight is copied to
+    the host as the module is deep-copied."""
+    import copy
+
+    import torch
+
+    model = loaded.model
+    memo = {}
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        host = tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype, copy=True)
+        memo[id(tensor)] = torch.nn.Parameter(host, requires_grad=False) if isinstance(
+            tensor, torch.nn.Parameter) else host
+    cpu = copy.copy(loaded)
+    cpu.model = copy.deepcopy(model, memo).eval()
+    cpu.device, cpu.dtype, cpu.channels_last = torch.device("cpu"), torch.float32, False
+    return cpu

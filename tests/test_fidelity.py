@@ -1,0 +1,176 @@
+"""The built-in fidelity check: a run compares a sample of its own embeddings with timm's own preprocessing."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from conftest import TINY_MODEL
+from wdsembed import TimmImageEmbedder, preprocess
+from wdsembed.fidelity import FidelityError, SampleCollector, special_kind
+from wdsembed.synthetic import from_encoded, photo_images, synthetic_images, write_shard
+from wdsembed.worker import Worker
+
+SETTINGS = dict(pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1)
+
+
+@pytest.fixture(autouse=True)
+def fresh_workers():
+    """A worker is kept per process and config: each test builds its own (one patches the recipe)."""
+    def drop():
+        for worker in Worker._current.values():
+            worker.close()
+        Worker._current.clear()
+
+    drop()
+    yield
+    drop()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    # Photographs, with a PNG and a grayscale image per shard among them (checked first).
+    for s in range(2):
+        images = photo_images(6, seed=s) + photo_images(1, seed=s, fmt="png")
+        images += synthetic_images(3, seed=s, grayscale_every=1)
+        write_shard(folder, f"{s:05d}", from_encoded(images), seed=s)
+    return str(folder)
+
+
+def manifest_of(output: str) -> dict:
+    with open(os.path.join(output, "_manifest.json")) as f:
+        return json.load(f)
+
+
+def test_cpu_path_matches_timm_on_photographs(shards, tmp_path, capsys):
+    from wdsembed import cli, report
+
+    results = TimmImageEmbedder(TINY_MODEL, **SETTINGS)(shards, str(tmp_path / "out"))
+    manifest = manifest_of(str(tmp_path / "out"))
+    check = manifest["fidelity"]
+    # in the summary artifact and the CLI summary too, with the worst key
+    rows = report.shard_rows([r.to_dict() for r in results], {}, manifest)
+    assert "fidelity vs timm: 20 images" in report.markdown_summary(manifest, rows)
+    cli.print_summary(manifest)
+    assert "fidelity vs timm" in capsys.readouterr().out.replace("\n", " ")
+    assert check["worst"][0]["key"] in report.markdown_summary(manifest, rows)
+    assert check["passed"] and check["threshold"] == 0.9999
+    assert check["images"] == 20 and check["min_cosine"] >= 0.9999  # fewer images than the sample: all of them
+    assert not check["mismatches"] and len(check["worst"]) == 3
+    assert all(r.fidelity["special"] for r in results)  # the PNG and grayscale images were among them
+
+
+def test_sample_is_deterministic_spread_and_special_first(shards, tmp_path):
+    embedder = TimmImageEmbedder(TINY_MODEL, fidelity_sample=4, **SETTINGS)
+    first = embedder(shards, str(tmp_path / "a"))
+    second = embedder(shards, str(tmp_path / "b"))
+    picked = [sorted(r.fidelity["cosines"]) for r in first]
+    assert picked == [sorted(r.fidelity["cosines"]) for r in second]
+    assert [len(keys) for keys in picked] == [2, 2]  # 4 over 2 shards
+    for r in first:  # each shard has a PNG and grayscale images: those come before plain JPEGs
+        assert set(r.fidelity["special"]) == set(r.fidelity["cosines"])
+
+
+def test_sample_collector_keeps_quota_and_prefers_special():
+    jpegs = [(f"j{i}", im.data) for i, im in enumerate(photo_images(5))]
+    png = [("p0", photo_images(1, fmt="png")[0].data)]
+    collector = SampleCollector(3)
+    assert [k for k, _ in collector.wrap(iter(jpegs + png))] == [k for k, _ in jpegs + png]  # passes all through
+    chosen = collector.chosen()
+    assert len(chosen) == 3 and chosen[0][0] == "p0" and chosen[0][2] == "png"
+    assert special_kind(jpegs[0][1]) is None and special_kind(b"not an image") == "unreadable-by-pil"
+
+
+def test_special_kinds_from_the_header():
+    import io
+
+    from PIL import Image
+
+    from wdsembed.synthetic import make_image
+
+    def jpeg(im, **kw):
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", **kw)
+        return buf.getvalue()
+
+    im = make_image(64, 48)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert special_kind(jpeg(im.convert("L"))) == "grayscale"
+    assert special_kind(jpeg(im.convert("CMYK"))) == "cmyk"
+    assert special_kind(jpeg(im, exif=exif.tobytes())) == "exif-rotated"
+    assert special_kind(jpeg(im)) is None
+
+
+def test_wrong_preprocessing_fails_the_run_naming_keys_and_a_lower_threshold_rechecks_cached(
+        shards, tmp_path, monkeypatch):
+    real = preprocess.PreprocessRecipe.from_data_config.__func__
+
+    def wrong_numbers(cls, data_config):  # the pipeline normalizes with the wrong mean/std; timm's reference not
+        return dataclasses.replace(real(cls, data_config), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+    monkeypatch.setattr(preprocess.PreprocessRecipe, "from_data_config", classmethod(wrong_numbers))
+    out = str(tmp_path / "out")
+    with pytest.raises(FidelityError) as failed:
+        TimmImageEmbedder(TINY_MODEL, **SETTINGS)(shards, out)
+    check = failed.value.manifest["fidelity"]
+    assert not check["passed"] and check["min_cosine"] < 0.9999
+    for worst in check["worst"]:
+        assert worst["key"] in str(failed.value)
+    assert os.path.exists(os.path.join(out, "00000.parquet")) and os.path.exists(os.path.join(out, "_manifest.json"))
+
+    monkeypatch.undo()  # the right recipe again: a re-run that embedded anew would now pass at the default
+    for worker in Worker._current.values():
+        worker.close()
+    Worker._current.clear()
+    lower = check["min_cosine"] - 0.01
+    results = TimmImageEmbedder(TINY_MODEL, min_fidelity=lower, **SETTINGS)(shards, out)
+    assert all(r.cached for r in results)  # nothing re-embedded
+    again = manifest_of(out)["fidelity"]
+    assert again["passed"] and again["threshold"] == lower
+    assert again["min_cosine"] == check["min_cosine"] and again["worst"] == check["worst"]  # the stored cosines
+    with pytest.raises(FidelityError):  # and at the default threshold, still failed, still from the cache
+        TimmImageEmbedder(TINY_MODEL, **SETTINGS)(shards, out)
+    assert manifest_of(out)["totals"]["computed"] == 0
+
+
+def test_zero_turns_the_check_off(shards, tmp_path):
+    results = TimmImageEmbedder(TINY_MODEL, fidelity_sample=0, **SETTINGS)(shards, str(tmp_path / "out"))
+    assert all(not r.fidelity for r in results)
+    assert manifest_of(str(tmp_path / "out"))["fidelity"] == {"enabled": False}
+
+
+def test_an_image_only_one_side_embeds_is_reported(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from wdsembed.synthetic import corrupt_image_bytes
+
+    samples = from_encoded(photo_images(3))
+    samples[1].image = corrupt_image_bytes("truncated")  # the pipeline refuses a JPEG cut short
+    written = write_shard(tmp_path / "in", "00000", samples)
+    # PIL told to decode it anyway (gray-filled): the reference embeds what the pipeline failed.
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    TimmImageEmbedder(TINY_MODEL, **SETTINGS)(str(tmp_path / "in"), str(tmp_path / "out"))
+    check = manifest_of(str(tmp_path / "out"))["fidelity"]
+    assert check["passed"] and check["images"] == 2 and len(check["mismatches"]) == 1
+    mismatch = check["mismatches"][0]
+    assert mismatch["key"] == written.parquet_keys[1] and "pipeline failed it" in mismatch["reason"]
+    assert "truncated JPEG" in mismatch["reason"]  # the pipeline's own reason, with it
+
+
+def test_float32_host_copy_is_a_separate_equal_model():
+    import torch
+
+    from wdsembed.model import embed_batch, load_model
+    from wdsembed.worker import _float32_host_copy
+
+    loaded = load_model(TINY_MODEL, pretrained=False, device="cpu")
+    copy = _float32_host_copy(loaded)
+    assert copy.model is not loaded.model
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(copy.model.parameters(), loaded.model.parameters()))
+    x = torch.rand(2, 3, 160, 160)
+    assert torch.equal(embed_batch(copy, x, autocast=False, normalize=True),
+                       embed_batch(loaded, x, autocast=False, normalize=True))

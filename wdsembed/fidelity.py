@@ -1,0 +1,317 @@
+"""Every run proves its embeddings: a small deterministic sample of its own images is embedded again with timm's own
+eval transform (PIL) and the same weights in float32, and compared (cosine) with what the run wrote.
+
+    collector = SampleCollector(quota)                    # wraps the shard's (key, bytes) stream; keeps a few
+    record = check_sample(worker, collector.chosen(), keys, embeddings, failures, max_pixels)   # per shard
+    summary = summarize(config, results)                  # over the run's shards (cached ones: their stored record)
+    check(manifest)                                       # raises FidelityError below the threshold
+
+Nothing here imports Prefect.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import io
+import math
+import threading
+import warnings
+from concurrent.futures import Future
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+
+from wdsembed.config import EmbedConfig
+# imagesize's JPEG marker tables: the same header reading as the size check before decoding
+from wdsembed.imagesize import _MARKER_AND_LENGTH, _MARKER_KIND, _SOF_FIELDS, _exif_orientation
+
+GPU_THRESHOLD = 0.999  # bfloat16 weights on a GPU against float32 on PIL input (docs/benchmarks.md)
+CPU_THRESHOLD = 0.9999  # float32 both sides: only the decoder and resize implementations differ
+WORST_SHOWN = 3
+
+
+class FidelityError(RuntimeError):
+    """The run's embeddings differ from timm's own preprocessing beyond the threshold. Outputs and the manifest
+    are written; `manifest` is the run's."""
+
+    def __init__(self, message: str, manifest: Optional[dict] = None) -> None:
+        super().__init__(message)
+        self.manifest = manifest
+
+    def __reduce__(self):
+        return type(self), (str(self), self.manifest)
+
+
+# --------------------------------------------------------------------------------------------------- the sample
+
+
+def shard_quota(sample: int, run_shards: Optional[int]) -> int:
+    """Images checked in one shard: the run's sample spread over its shards (at least one each)."""
+    if sample <= 0:
+        return 0
+    return max(1, math.ceil(sample / run_shards)) if run_shards else sample
+
+
+def _rank(key: str) -> int:
+    # A stable hash of the key: the same keys are picked on every run and every machine (not Python's hash()).
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+
+
+def special_kind(data: bytes) -> Optional[str]:
+    """What makes an image worth checking first (EXIF-rotated, grayscale, CMYK, PNG), from its header only. Runs on
+    every image of the run as it streams past: JPEG and PNG (nearly all images) are read from their first bytes
+    in a few microseconds; only other formats are opened with Pillow (lazily, header only)."""
+    head = bytes(data[:8])
+    if head == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:2] == b"\xff\xd8":
+        return _jpeg_kind(data)
+    return _pil_kind(data)
+
+
+def _jpeg_kind(d: bytes) -> Optional[str]:
+    """Components (1: gray, 4: CMYK/YCCK) and EXIF orientation, from the segments before the first scan."""
+    pos, n, components, orientation = 2, len(d), None, None
+    try:
+        while pos + 4 <= n:
+            marker, size = _MARKER_AND_LENGTH(d, pos)
+            kind = _MARKER_KIND[marker]
+            if kind == 4:  # a fill byte
+                pos += 1
+                continue
+            if kind in (3, 5, 6) or size < 2:  # start of scan, or not a marker where one should be
+                break
+            if kind == 1 and pos + 10 <= n:  # SOF
+                components = _SOF_FIELDS(d, pos + 5)[2]
+            elif kind == 2 and d[pos + 4:pos + 10] == b"Exif\x00\x00":  # APP1
+                ok, o = _exif_orientation(bytes(d[pos + 10:pos + 2 + size]))
+                orientation = o if o is not None else orientation
+            pos += 2 + size
+    except Exception:  # noqa: BLE001 - a header the decoders may read differently: worth checking
+        return "broken-header"
+    if components is None:
+        return "unreadable-by-pil"  # no frame header: neither side should decode it; check they agree
+    if components == 4:
+        return "cmyk"
+    if components == 1:
+        return "grayscale"
+    if orientation not in (None, 1):
+        return "exif-rotated"
+    return None
+
+
+def _pil_kind(data: bytes) -> Optional[str]:
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with Image.open(io.BytesIO(data)) as im:  # lazy: reads the header, decodes nothing
+                if im.mode == "CMYK":
+                    return "cmyk"
+                if im.mode in ("L", "LA", "I", "I;16", "1"):
+                    return "grayscale"
+                try:
+                    if im.getexif().get(0x0112, 1) not in (1, None):
+                        return "exif-rotated"
+                except Exception:  # noqa: BLE001 - broken EXIF: DALI and PIL may disagree, check it
+                    return "broken-exif"
+        except Exception:  # noqa: BLE001 - PIL cannot open it: worth checking whether DALI could
+            return "unreadable-by-pil"
+    return None
+
+
+# Images PIL cannot open (or whose EXIF it cannot read) come after the format specials: they test whether both
+# sides refuse the same images, but should not crowd out the images that test the preprocessing.
+_ODD = ("unreadable-by-pil", "broken-exif", "broken-header")
+
+
+class SampleCollector:
+    """Keeps `quota` images of a stream as it passes: special ones first (EXIF-rotated, grayscale, CMYK, PNG), then
+    ones PIL cannot read, then the others; by the lowest key hashes within each. Holds at most 3 x quota images'
+    bytes, never the shard's."""
+
+    def __init__(self, quota: int) -> None:
+        self.quota = quota
+        self._tiers: tuple[list, list, list] = ([], [], [])  # max-heaps on rank, as (-rank, key, bytes, kind)
+
+    def wrap(self, samples: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:
+        for key, data in samples:
+            if self.quota:
+                self.offer(key, data)
+            yield key, data
+
+    def offer(self, key: str, data: bytes) -> None:
+        rank = _rank(key)
+        kind = special_kind(data)
+        heap = self._tiers[2 if kind is None else 1 if kind in _ODD else 0]
+        if len(heap) < self.quota:
+            heapq.heappush(heap, (-rank, key, bytes(data), kind))
+        elif -heap[0][0] > rank:
+            heapq.heapreplace(heap, (-rank, key, bytes(data), kind))
+
+    def chosen(self) -> list[tuple[str, bytes, Optional[str]]]:
+        """(key, bytes, special kind or None): tier by tier, each by rank, `quota` in all."""
+        ordered = [item for heap in self._tiers for item in sorted(heap, reverse=True)]
+        return [(key, data, kind) for _, key, data, kind in ordered[:self.quota]]
+
+
+# --------------------------------------------------------------------------------------------------- one shard
+
+
+def _pil_rgb(im):
+    """Pillow's convert("RGB"), except for 16-bit gray: Pillow clips its values to 255 (a near-white image), the
+    pipeline takes the top 8 bits (docs/reliability.md), and the reference does the same, so the check measures the
+    preprocessing rather than that documented choice."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        from PIL import Image
+
+        im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8))
+    return im.convert("RGB")
+
+
+def reference_embeddings(worker, chosen: list, max_pixels: Optional[int]) -> tuple[dict, dict]:
+    """timm's eval transform on PIL + the float32 model: key -> embedding (normalized), and key -> why PIL could
+    not give one."""
+    import torch
+    from PIL import Image, ImageOps
+
+    transform, loaded, lock = worker.reference()
+    tensors, keys, refused = [], [], {}
+    for key, data, _ in chosen:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                im = Image.open(io.BytesIO(data))
+                if max_pixels and im.size[0] * im.size[1] > max_pixels:
+                    refused[key] = f"PIL: {im.size[0]}x{im.size[1]} is above max_image_pixels, not decoded"
+                    continue
+                tensors.append(transform(_pil_rgb(ImageOps.exif_transpose(im))))
+                keys.append(key)
+        except Exception as exc:  # noqa: BLE001 - reported in the record, not skipped
+            refused[key] = f"PIL: {type(exc).__name__}: {exc}"[:300]
+    if not keys:
+        return {}, refused
+    from wdsembed.model import embed_batch
+
+    with lock:
+        out = embed_batch(loaded, torch.stack(tensors), autocast=False, normalize=True).float().cpu().numpy()
+    return dict(zip(keys, out)), refused
+
+
+def start_reference(worker, chosen: list, max_pixels: Optional[int]) -> Future:
+    """reference_embeddings in a thread of its own, so it overlaps the shard's table building and validation."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(reference_embeddings(worker, chosen, max_pixels) if chosen else ({}, {}))
+        except BaseException as exc:  # noqa: BLE001 - raised where the result is taken
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="wdsembed-fidelity", daemon=True).start()
+    return future
+
+
+def check_sample(worker, chosen: list, keys: list[str], embeddings: np.ndarray, failures: dict[str, str],
+                 max_pixels: Optional[int], reference: Optional[Future] = None) -> dict:
+    """The shard's fidelity record: cosine per checked key, and every sampled image only one side could embed.
+    `reference`: a start_reference future for these images, else computed here."""
+    if not chosen:
+        return {}
+    row = {k: i for i, k in enumerate(keys)}
+    reference, refused = (reference.result() if reference is not None
+                          else reference_embeddings(worker, chosen, max_pixels))
+    cosines, mismatches, both_refused = {}, {}, []
+    for key, _, _ in chosen:
+        ours = row.get(key)
+        if ours is not None and key in reference:
+            a, b = embeddings[ours].astype(np.float64), reference[key].astype(np.float64)
+            denom = np.linalg.norm(a) * np.linalg.norm(b)
+            cosines[key] = round(float(a @ b / denom), 7) if denom > 0 else 0.0
+        elif ours is not None:
+            mismatches[key] = f"embedded by the pipeline, but the reference could not: {refused.get(key)}"
+        elif key in reference:
+            mismatches[key] = f"PIL/timm embedded it, but the pipeline failed it: {failures.get(key, 'no row')}"
+        else:
+            both_refused.append(key)
+    return {"sampled": len(chosen), "cosines": cosines, "mismatches": mismatches, "both_refused": both_refused,
+            "special": {key: kind for key, _, kind in chosen if kind}}
+
+
+# --------------------------------------------------------------------------------------------------- the run
+
+
+def threshold(config: EmbedConfig, results: list[dict]) -> float:
+    """min_fidelity, or the default of the path the shards ran on (the GPU's where any shard ran on one)."""
+    if config.min_fidelity is not None:
+        return config.min_fidelity
+    devices = {str((r.get("model") or {}).get("device", "cpu")) for r in results}
+    return GPU_THRESHOLD if any(d.startswith("cuda") for d in devices) else CPU_THRESHOLD
+
+
+def summarize(config: EmbedConfig, results: list[dict]) -> dict:
+    """The run's fidelity over its shards' records (a cached shard's from its output footer), against this run's
+    threshold."""
+    if config.fidelity_sample <= 0:
+        return {"enabled": False}
+    limit = threshold(config, results)
+    cos = [(c, r["stem"], k) for r in results for k, c in ((r.get("fidelity") or {}).get("cosines") or {}).items()]
+    mismatches = [{"shard": r["stem"], "key": k, "reason": why} for r in results
+                  for k, why in ((r.get("fidelity") or {}).get("mismatches") or {}).items()]
+    unchecked = sorted(r["stem"] for r in results if not r.get("fidelity") and r.get("embedded"))
+    cos.sort()
+    summary = {
+        "enabled": True,
+        "threshold": limit,
+        "images": len(cos),
+        "min_cosine": cos[0][0] if cos else None,
+        "mean_cosine": round(sum(c for c, _, _ in cos) / len(cos), 7) if cos else None,
+        "worst": [{"shard": stem, "key": key, "cosine": c} for c, stem, key in cos[:WORST_SHOWN]],
+        "below_threshold": sum(1 for c, _, _ in cos if c < limit),
+        "mismatches": mismatches,
+        "both_refused": sum(len((r.get("fidelity") or {}).get("both_refused") or []) for r in results),
+        # Outputs written before this check existed, or with fidelity_sample=0: nothing stored to compare.
+        "shards_unchecked": unchecked,
+    }
+    summary["passed"] = summary["below_threshold"] == 0
+    return summary
+
+
+def failure_message(summary: dict) -> Optional[str]:
+    """Why the run fails its fidelity check, naming the worst keys; None when it passes (or is off)."""
+    if not summary.get("enabled") or summary.get("passed", True):
+        return None
+    worst = ", ".join(f"{w['key']} ({w['shard']}): {w['cosine']:.7f}" for w in summary["worst"])
+    return (f"fidelity check failed: {summary['below_threshold']} of {summary['images']} sampled image(s) below "
+            f"cosine {summary['threshold']} against timm's own preprocessing; worst: {worst}. The outputs are "
+            "written; re-run with a lower min_fidelity to accept them (nothing is re-embedded)")
+
+
+def describe(summary: Optional[dict]) -> Optional[str]:
+    """One line for the summaries."""
+    if not summary or not summary.get("enabled"):
+        return "fidelity check: off" if summary else None
+    if not summary["images"]:
+        text = "fidelity check: no image compared"
+    else:
+        worst = ", ".join(f"{w['key']} {w['cosine']:.7f}" for w in summary["worst"])
+        text = (f"fidelity vs timm: {summary['images']} images, min cosine {summary['min_cosine']:.7f}, mean "
+                f"{summary['mean_cosine']:.7f} (threshold {summary['threshold']}: "
+                f"{'passed' if summary['passed'] else 'FAILED'}); worst: {worst}")
+    if summary["mismatches"]:
+        text += "; only one side could embed: " + "; ".join(
+            f"{m['key']} ({m['shard']}): {m['reason']}" for m in summary["mismatches"][:5])
+    if summary["both_refused"]:
+        text += f"; {summary['both_refused']} sampled image(s) refused by both (not compared)"
+    if summary["shards_unchecked"]:
+        text += f"; {len(summary['shards_unchecked'])} shard(s) without a stored check"
+    return text
+
+
+def check(manifest: dict) -> None:
+    """Raise FidelityError when the run's manifest says its fidelity check failed (the flow and the API call this
+    after the manifest is written)."""
+    message = failure_message(manifest.get("fidelity") or {})
+    if message:
+        raise FidelityError(message, manifest)
