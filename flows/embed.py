@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 import time
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 # `python flows/embed.py` puts flows/ on the path, not the project root that holds `tasks`.
@@ -41,9 +43,18 @@ from wdsembed.plan import plan_shards  # noqa: E402
 from wdsembed.shard import ShardsFailed  # noqa: E402
 
 
-# Called in the flow's process as each shard ends (the CLI's progress bar); not a flow parameter, since
-# parameters travel to the Prefect API.
-_on_shard_done: Optional[Callable[[Optional[dict], int, int], None]] = None
+@dataclass
+class _RunInProcess:
+    """What one run() shares with its flow, which runs in this process: the caller's callback as each shard ends
+    (the CLI's progress bar; not a flow parameter, since parameters travel to the Prefect API), and the manifest,
+    kept in case only the task runner's shutdown fails after it."""
+
+    on_shard_done: Optional[Callable[[Optional[dict], int, int], None]] = None
+    manifest: Optional[dict] = None
+
+
+# Scoped to the run() that set it (and the flow run it starts), not to the module: two runs never share one.
+_this_run: ContextVar[Optional[_RunInProcess]] = ContextVar("wdsembed_run", default=None)
 
 
 def embed_dataset(config: EmbedConfig) -> dict:
@@ -52,6 +63,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
     index the shards -> one embedding task per group of `shards_per_task` shards (each shard embedded, validated
     and written whole by `wdsembed.shard.process_shard` on a Dask worker) -> report (manifest and artifacts)."""
     logger = get_run_logger()
+    hooks = _this_run.get() or _RunInProcess()
     started = time.perf_counter()
     plans = index_shards(config)
     logger.info("%d shard(s) under %s", len(plans), config.input)
@@ -88,8 +100,8 @@ def embed_dataset(config: EmbedConfig) -> dict:
         results.extend(finished_now)
         for result in finished_now + [None] * len(failed_now):
             done += 1
-            if _on_shard_done:
-                _on_shard_done(result, done, len(plans))
+            if hooks.on_shard_done:
+                hooks.on_shard_done(result, done, len(plans))
         if done == len(plans) or done / len(plans) * 100 - shown >= 1:  # one API call per percent at most
             shown = done / len(plans) * 100
             update_progress_artifact(progress, shown)
@@ -98,7 +110,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
     if failures:
         raise ShardsFailed(failures, results, manifest=manifest, total=len(plans))
     fidelity.check(manifest)  # below the threshold the run ends Failed, its outputs and manifest kept
-    _reported["manifest"] = manifest  # only a run without failed shards
+    hooks.manifest = manifest  # only a run without failed shards
     return manifest
 
 
@@ -171,15 +183,14 @@ def _record_lost_run(future, reason: str) -> None:
 
 def run(config: EmbedConfig, on_shard_done=None) -> dict:
     """Run the flow with the Dask task runner this config asks for (local GPUs, CPU workers, or a scheduler)."""
-    global _on_shard_done
     if _nothing_to_compute(config):
         # Every shard's output is finished: the flow run still records each shard (its task run Cached, from the
         # task cache, in threads of this process), but no Dask cluster starts and no model loads.
         runner = ThreadPoolTaskRunner()
     else:
         runner = DaskTaskRunner(**cluster.task_runner_kwargs(config))
-    _on_shard_done = on_shard_done
-    _reported.clear()
+    hooks = _RunInProcess(on_shard_done)
+    token = _this_run.set(hooks)
     try:
         # A local scheduler hands a worker thread one shard at a time: a shard queued behind a long one would wait
         # there while another worker idles, and would die with it if that worker's process did.
@@ -189,14 +200,13 @@ def run(config: EmbedConfig, on_shard_done=None) -> dict:
     except (TimeoutError, asyncio.CancelledError) as exc:
         # Every shard finished and the manifest is written; only the local Dask cluster's shutdown ran out of time
         # (seen on a loaded 2-core machine). The run's work is whole: report it, not a failed run.
-        if "manifest" not in _reported:
+        if hooks.manifest is None:
             raise
         logging.getLogger("wdsembed").warning("the run completed, but its Dask cluster did not shut down in time "
                                               "(%r); outputs and manifest are complete", exc)
-        return _reported["manifest"]
+        return hooks.manifest
     finally:
-        _on_shard_done = None
-        _reported.clear()
+        _this_run.reset(token)
 
 
 class APIAccessError(RuntimeError):
@@ -227,11 +237,6 @@ def _check_api_access() -> None:
     except httpx.TransportError as exc:
         raise APIAccessError(f"cannot reach the Prefect API at {url} ({type(exc).__name__}: {exc}): check "
                              "PREFECT_API_URL") from None
-
-
-# The manifest of the flow run that just ended in this process (the flow runs in-process): kept by run() when only
-# the task runner's shutdown fails after it.
-_reported: dict = {}
 
 
 def _api_for_workers():
