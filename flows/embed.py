@@ -16,8 +16,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-# `python flows/embed.py` puts flows/ on the path, not the project root that holds `tasks`.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":
+    # `python flows/embed.py` from a checkout that is not installed puts flows/ on the path, not the project root
+    # that holds `tasks` (imported as a module, flows.embed changes no path).
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Without PREFECT_API_URL, Prefect starts a temporary local server; on a busy 2-core machine that can take
 # longer than its 20 s default.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
