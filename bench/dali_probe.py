@@ -15,6 +15,7 @@ Each line is images/s for one variant, so that one run says which change matters
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -31,10 +32,15 @@ def main() -> int:
     p.add_argument("--model", default="vit_base_patch16_clip_224.openai")
     p.add_argument("--geometry-only", action="store_true",
                    help="CPU, no decoding: peek_image_shape vs the host geometry vs the old in-graph geometry")
-    p.add_argument("--repeats", type=int, default=9, help="--geometry-only: interleaved passes per variant")
+    p.add_argument("--repeats", type=int, default=9, help="--geometry-only, --ladder: interleaved passes per variant")
+    p.add_argument("--worker-only", action="store_true", help="--ladder: only the rungs from L8 on, and the model")
+    p.add_argument("--ladder", action="store_true",
+                   help="from a bare external source to ImagePipeline fed by the tar reader, one step at a time")
     args = p.parse_args()
     if args.geometry_only:
         return geometry_only(args)
+    if args.ladder:
+        return ladder(args)
 
     import torch
     from nvidia.dali import fn, pipeline_def, types
@@ -169,6 +175,215 @@ def main() -> int:
     worker.stream = own
     print(f"{'sequential bound 1/(1/a+1/b)':60s} {bound:9,.0f} img/s; min(a, b) "
           f"{min(rates[f'{args.model} model only'], rates['dali']):,.0f}", flush=True)
+    return 0
+
+
+def ladder(args: argparse.Namespace) -> int:
+    """From the bare external-source graph (the probe's fastest line) to ImagePipeline fed by the tar reader in a
+    background thread (as Worker.embed runs it, without the model), adding one thing per rung. The rungs take turns,
+    pass after pass, so the machine's swings hit them alike; the first rung that drops names the cost.
+
+    L0  bare graph (bytes + geometry sources, our recipe), numpy bytes fed, outputs() synchronised with the host
+    L1  the same, bytes fed as TensorCPU views (as ImagePipeline feeds them)
+    L2  ImagePipeline's own graph (define_pipeline: + the ids source and output)
+    L3  + outputs bound to a CUDA stream of our own (no host synchronisation)
+    L4  + the DLPack hand-over to torch and the ids check (ImagePipeline._collect's work)
+    L5  + the per-sample host work in the loop (sniff, header size, cut-short check, TensorCPU, NumPy geometry)
+    L6  ImagePipeline.process(samples) as it is, current stream
+    L7  ImagePipeline.process(samples, cuda_stream=own stream)
+    L8  L7 fed by the tar reader (shards.iter_samples over the shards, in memory)
+    L9  L8 in a background thread (wdsembed.threads.in_background), the consumer dropping each batch
+    Also: the tar reader and the host checks alone, no DALI, microseconds per image on this CPU.
+    """
+    import io
+    import statistics
+
+    import numpy as np
+    import torch
+    from nvidia.dali import pipeline_def
+    from nvidia.dali.tensors import TensorCPU
+
+    from wdsembed import shards
+    from wdsembed.imagesize import image_size
+    from wdsembed.pipeline import ImagePipeline, cut_short, define_pipeline, sniff_image
+    from wdsembed.preprocess import dali_preprocess, feed_geometry, geometry_inputs
+    from wdsembed.threads import in_background
+
+    tars, samples = photographs(args.images)
+    B, T = args.batch_size, args.threads
+    gpu = torch.cuda.is_available()
+    device_id, decode = (0, "mixed") if gpu else (None, "cpu")
+    recipe = clip_recipe()
+    steps = len(samples) // B
+    samples = samples[: steps * B]
+    datas = [[d for _, d in samples[i * B:(i + 1) * B]] for i in range(steps)]
+    arrays = [[np.frombuffer(d, np.uint8) for d in batch] for batch in datas]
+    views = [[TensorCPU(a) for a in batch] for batch in arrays]
+    sizes = [np.array([image_size(d) for d in batch], dtype=np.int64) for batch in datas]
+    geometries = [recipe.geometry(s[:, 0], s[:, 1]) for s in sizes]
+    tar_bytes = []
+    for tar in tars:
+        with open(tar, "rb") as f:
+            tar_bytes.append((tar, f.read()))
+    stream = torch.cuda.Stream() if gpu else None
+
+    @pipeline_def(batch_size=B, num_threads=T, device_id=device_id, prefetch_queue_depth=2, exec_dynamic=True)
+    def bare():
+        from nvidia.dali import fn, types
+
+        enc = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        return dali_preprocess(enc, recipe, decode, geometry=geometry_inputs())
+
+    def fed_loop(pipe, feed, collect):
+        def run():
+            for i in range(steps):  # two in flight, as ImagePipeline keeps them
+                feed(pipe, i)
+                pipe.schedule_run()
+                if i >= 1:
+                    collect(pipe, i - 1)
+            collect(pipe, steps - 1)
+            return steps * B
+        feed(pipe, 0)
+        feed(pipe, 1)  # the first schedule_run prefetches two iterations
+        pipe.schedule_run()
+        collect(pipe, 0), collect(pipe, 1)
+        return run
+
+    def feed_np(pipe, i):
+        pipe.feed_input("encoded", arrays[i])
+        feed_geometry(pipe, geometries[i])
+
+    def feed_views(pipe, i):
+        pipe.feed_input("encoded", views[i])
+        feed_geometry(pipe, geometries[i])
+
+    next_id = [0]
+
+    def feed_ids(pipe, i):
+        feed_views(pipe, i)
+        pipe.feed_input("ids", np.arange(next_id[0], next_id[0] + B, dtype=np.int64))
+        next_id[0] += B
+
+    def feed_host(pipe, i):  # what ImagePipeline._batches and _feed do per batch
+        tensors, hw = [], []
+        for d in datas[i]:
+            if sniff_image(d) is None and cut_short(d) is None:
+                hw.append(image_size(d))
+                tensors.append(TensorCPU(d))
+        s = np.array(hw, dtype=np.int64)
+        g = recipe.geometry(s[:, 0], s[:, 1])
+        pipe.feed_input("encoded", tensors)
+        pipe.feed_input("ids", np.arange(next_id[0], next_id[0] + B, dtype=np.int64))
+        next_id[0] += B
+        feed_geometry(pipe, g)
+
+    def collect_sync(pipe, i):
+        pipe.outputs()
+
+    def collect_stream(pipe, i):
+        pipe.outputs(cuda_stream=stream)
+
+    def collect_torch(pipe, i):
+        images, ids = pipe.outputs(cuda_stream=stream)
+        np.asarray(ids.as_tensor())
+        with torch.cuda.stream(stream) if gpu else contextlib.nullcontext():
+            torch.from_dlpack(images.as_tensor())
+
+    def full():
+        pipe = define_pipeline(recipe, batch_size=B, num_threads=T, device_id=device_id)
+        pipe.build()
+        return pipe
+
+    runs = {}
+    pipes = []
+    for name, make, feed, collect in (("L0", bare, feed_np, collect_sync), ("L1", bare, feed_views, collect_sync),
+                                      ("L2", full, feed_ids, collect_sync), ("L3", full, feed_ids, collect_stream),
+                                      ("L4", full, feed_ids, collect_torch), ("L5", full, feed_host, collect_torch)):
+        pipe = make()
+        if make is bare:
+            pipe.build()
+        pipes.append(pipe)
+        runs[name] = fed_loop(pipe, feed, collect)
+
+    image_pipe = ImagePipeline(recipe, batch_size=B, num_threads=T, device_id=device_id)
+
+    def from_tars():
+        for tar, data in tar_bytes:
+            for s in shards.iter_samples(io.BytesIO(data), extensions=("jpg",), shard=tar):
+                yield s.key, s.image
+
+    runs["L6"] = lambda: sum(len(b.keys) for b in image_pipe.process(samples))
+    runs["L7"] = lambda: sum(len(b.keys) for b in image_pipe.process(samples, cuda_stream=stream))
+    runs["L8"] = lambda: sum(len(b.keys) for b in image_pipe.process(from_tars(), cuda_stream=stream))
+    runs["L9"] = lambda: sum(len(b.keys) for b in in_background(image_pipe.process(from_tars(), cuda_stream=stream)))
+
+    def host_only():
+        n = 0
+        for key, d in from_tars():
+            if sniff_image(d) is None and cut_short(d) is None:
+                image_size(d)
+                TensorCPU(d)
+            n += 1
+        return n
+
+    def tar_only():
+        return sum(1 for _ in from_tars())
+
+    runs["tar reader alone"] = tar_only
+    runs["tar reader + host checks, no DALI"] = host_only
+
+    # The model joins: Worker.embed as the flow runs it, fed by the tar reader, at Python's default GIL switch
+    # interval (5 ms) and at a short one; and the model alone on resident tensors, as Worker.embed runs it.
+    from wdsembed.config import EmbedConfig
+    from wdsembed.model import embed_batch
+    from wdsembed.worker import Worker
+
+    config = EmbedConfig(input="x", output="y", model_name=args.model, pretrained=False, batch_size=B,
+                         num_threads_per_worker=T)
+    worker = Worker(config)  # its own pipeline, with the model's own recipe
+    x = torch.randn(B, *worker.recipe.input_size, device=worker.device)
+
+    def model_only():
+        with torch.cuda.stream(worker.stream) if gpu else contextlib.nullcontext():
+            for _ in range(steps):
+                embed_batch(worker.loaded, x, autocast=True, normalize=True)
+        return steps * B
+
+    def embed(interval):
+        def run():
+            default = sys.getswitchinterval()
+            sys.setswitchinterval(interval or default)
+            try:
+                return len(worker.embed(from_tars(), autocast=True, normalize=True)[0])
+            finally:
+                sys.setswitchinterval(default)
+        return run
+
+    runs[f"model only ({args.model})"] = model_only
+    runs["L10 Worker.embed from the tar reader"] = embed(None)
+    runs["L10 + GIL switch interval 0.2 ms"] = embed(0.0002)
+    if args.worker_only:
+        runs = {k: v for k, v in runs.items() if k.split()[0] not in {"L0", "L1", "L2", "L3", "L4", "L5", "L6", "L7"}}
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    counts = {}
+    for name, run in runs.items():
+        counts[name] = run()  # warm-up
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            sync()
+            t = time.perf_counter()
+            run()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    print(f"ladder: {steps * B} photographs, batch {B}, {T} threads, {args.repeats} interleaved passes; "
+          f"{'GPU (mixed decoding)' if gpu else 'CPU'}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:40s} {counts[name] / med:9,.0f} img/s (best {counts[name] / min(ts):,.0f}); "
+              f"{1e6 * med / counts[name]:.1f} us/img", flush=True)
+    image_pipe.close()
+    worker.close()
     return 0
 
 
