@@ -65,6 +65,9 @@ class Worker:
             num_threads=config.num_threads_per_worker,
             device_id=device_id,
             max_pixels=config.max_image_pixels or None,  # decompression-bomb guard; 0/None: off
+            # batches come out as the model takes them: its dtype and memory format, no second conversion
+            output_dtype=self.loaded.dtype,
+            channels_last=self.loaded.channels_last,
         )
         # The model runs on a stream of its own, not the legacy default stream: that one waits for (and holds up)
         # every blocking stream and synchronous copy in the process, the decoder's included, which would
