@@ -18,6 +18,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -149,8 +150,11 @@ def bench_dali(model_name: str, folder: str, device: str, batch_size: int, threa
 
 
 def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device: str, batch_size: int,
-               threads: int, n_gpus: int) -> dict:
-    """(c) the full flow (Prefect + Dask, tar to parquet) on warm workers of a cluster started here."""
+               threads: int, n_gpus: int, repeats: int = 1, **options) -> dict:
+    """(c) the full flow (Prefect + Dask, tar to parquet) on warm workers of a cluster started here. `options` are
+    more EmbedConfig fields (storage options for an S3 input, fidelity_sample=0 to leave the check out). With
+    `repeats`, every option set in `options["variants"]` (a dict of name -> fields) is run in turn, `repeats` times
+    each, on the same warm cluster: their rates as medians, under the same swings of the machine."""
     from distributed import Client, LocalCluster
 
     import flows.embed as fe
@@ -166,33 +170,67 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
         cluster = LocalCluster(n_workers=n_gpus, threads_per_worker=1, processes=True)
     client = Client(cluster)
     try:
-        def config(inp: str, force: bool) -> EmbedConfig:
+        variants = options.pop("variants", None) or {"": {}}
+
+        def config(inp: str, force: bool, **more) -> EmbedConfig:
             return EmbedConfig(
                 input=inp, output=out, model_name=model_name, pretrained=False, batch_size=batch_size,
                 num_threads_per_worker=threads, device="auto" if device.startswith("cuda") else "cpu",
-                dask_address=cluster.scheduler_address, force=force,
+                dask_address=cluster.scheduler_address, force=force, **{**options, **more},
             )
 
         # Warm-up: every worker loads the model and builds its pipeline once (as in any long run).
         fe.run(config(warm_folder, True))
         client.run(_reset_peaks)
-        start = time.perf_counter()
-        manifest = fe.run(config(folder, True))
-        wall = time.perf_counter() - start
+        runs: dict[str, list[dict]] = {name: [] for name in variants}
+        for _ in range(repeats):
+            for name, more in variants.items():
+                start = time.perf_counter()
+                manifest = fe.run(config(folder, True, **more))
+                wall = time.perf_counter() - start
+                embedded = manifest["totals"]["embedded_this_run"]
+                runs[name].append({"images_per_second": round(embedded / wall, 1), "images": embedded,
+                                   "wall_seconds": round(wall, 2), "gpu_idle_fraction": idle_fraction(manifest),
+                                   "fidelity": _fidelity_record(manifest.get("fidelity"))})
         peaks = client.run(_peaks)
-        embedded = manifest["totals"]["embedded_this_run"]
-        return {
-            "images_per_second": round(embedded / wall, 1),
-            "images": embedded,
-            "wall_seconds": round(wall, 2),
-            "gpus": n_gpus,
-            "peak_gpu_memory_gib": round(max(p["gpu"] for p in peaks.values()), 2),
-            "peak_host_rss_gib": round(max(p["rss"] for p in peaks.values()), 2),
-            "gpu_idle_fraction": idle_fraction(manifest),
-        }
+        memory = {"gpus": n_gpus,
+                  "peak_gpu_memory_gib": round(max(p["gpu"] for p in peaks.values()), 2),
+                  "peak_host_rss_gib": round(max(p["rss"] for p in peaks.values()), 2)}
+        results = {}
+        for name, rs in runs.items():
+            median = statistics.median(r["images_per_second"] for r in rs)
+            results[name] = {**rs[-1], "images_per_second": round(median, 1), "runs": [r["images_per_second"] for r in rs],
+                             **memory}
+        return results[""] if list(results) == [""] else results
     finally:
         client.close()
         cluster.close()
+
+
+def _fidelity_record(record) -> dict | None:
+    """The run's own fidelity check (issue #12) as the manifest records it, without the per-shard detail."""
+    if not record:
+        return None
+    return {k: record[k] for k in ("images", "min_cosine", "mean_cosine", "threshold", "passed", "worst")
+            if k in record}
+
+
+def s3_flow(name: str, work: str, data: str, warm: str, out: str, device: str, batch_size: int, threads: int) -> dict:
+    """The full flow reading the same shards from an S3-compatible server on loopback (tests/s3fast.py, in a child
+    process) against reading them from local disk, back to back on one warm cluster each: issue #16's GPU-host
+    ratio. Outputs go to local disk in both."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import s3fast
+
+    os.environ.update(AWS_ACCESS_KEY_ID="AKIABENCHBENCHBENCH0", AWS_SECRET_ACCESS_KEY="bench-not-a-secret",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    local = bench_flow(name, data, warm, out + "-local", device, batch_size, threads, 1)
+    with s3fast.spawn_server(work) as server:  # s3://<folder name>/ is the folder under `work`
+        remote = bench_flow(name, f"s3://{os.path.basename(data)}", f"s3://{os.path.basename(warm)}", out + "-s3",
+                            device, batch_size, threads, 1, storage_options={"endpoint_url": server.endpoint})
+    same = compare_outputs(out + "-local", out + "-s3")
+    return {"model": name, "local": local, "s3": remote, "outputs_identical": same["identical"],
+            "s3_to_local_ratio": round(remote["images_per_second"] / local["images_per_second"], 3)}
 
 
 def idle_fraction(manifest: dict) -> float:
@@ -332,12 +370,12 @@ def fidelity(model_name: str, folder: str, device: str, n_images: int = 64, form
             "mean_cosine": round(float(cos.mean()), 6), "reference": "timm create_transform on PIL + fp32 model"}
 
 
-def _stage(fn, *args) -> dict:
+def _stage(fn, *args, **kwargs) -> dict:
     """One measurement; a failure is recorded with its traceback and the others still run."""
     import traceback
 
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001
         traceback.print_exc()
         return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
@@ -357,6 +395,10 @@ def main() -> int:
     p.add_argument("--variants", action="store_true", help="also time DALI under several decoder settings")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--workdir", help="where shards are built (default: a temp folder)")
+    p.add_argument("--fidelity-cost", type=int, metavar="REPEATS",
+                   help="run the full flow with the fidelity check on and off, in turn, REPEATS times each (issue #12)")
+    p.add_argument("--s3", action="store_true",
+                   help="the full flow from a loopback S3 server against local disk (issue #16; ViT-B/16 on a GPU)")
     args = p.parse_args()
     # Set here, not at import: the tests import this module's helpers into their own process.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -399,11 +441,27 @@ def main() -> int:
         if "dali" not in args.skip:
             row["dali_only"] = _stage(bench_dali, name, data, device, batch_size, threads)
             print(f"{name}: (b) DALI only {row['dali_only'].get('images_per_second', 0):,.0f} img/s", flush=True)
-        if "flow" not in args.skip:
+        if "flow" not in args.skip and args.fidelity_cost:
+            shutil.rmtree(out, ignore_errors=True)
+            both = _stage(bench_flow, name, data, warm, out, device, batch_size, threads, 1, args.fidelity_cost,
+                          variants={"check_on": {}, "check_off": {"fidelity_sample": 0}})
+            if "error" in both:
+                row["full_flow"] = both
+            else:
+                row["full_flow"], row["full_flow_no_check"] = both["check_on"], both["check_off"]
+                row["fidelity_cost"] = round(1 - both["check_on"]["images_per_second"]
+                                             / both["check_off"]["images_per_second"], 4)
+                print(f"{name}: (c) full flow, check on {both['check_on']['runs']}, off {both['check_off']['runs']} "
+                      f"img/s: the check costs {row['fidelity_cost']:.1%}", flush=True)
+            print(f"{name}: (c) full flow {row['full_flow']}", flush=True)
+        elif "flow" not in args.skip:
             shutil.rmtree(out, ignore_errors=True)
             row["full_flow"] = _stage(bench_flow, name, data, warm, out, device, batch_size, threads, 1)
             print(f"{name}: (c) full flow {row['full_flow']}", flush=True)
-        row = {k: v for k, v in row.items() if "error" not in v} | {"errors": [v["error"] for v in row.values() if "error" in v]}
+        if isinstance(row.get("full_flow"), dict) and row["full_flow"].get("fidelity"):
+            row["flow_fidelity"] = row["full_flow"]["fidelity"]
+        failed = {k for k, v in row.items() if isinstance(v, dict) and "error" in v}
+        row = {k: v for k, v in row.items() if k not in failed} | {"errors": [row[k]["error"] for k in failed]}
         if {"model_only", "dali_only", "full_flow"} <= row.keys():
             limit = min(row["model_only"]["images_per_second"], row["dali_only"]["images_per_second"])
             row["ratio"] = round(row["full_flow"]["images_per_second"] / limit, 3)
@@ -442,6 +500,11 @@ def main() -> int:
                 r["outputs_vs_first"] = compare_outputs(outs[base_n], outs[n])
                 print(f"outputs on {n} {unit} vs {base_n}: {r['outputs_vs_first']}", flush=True)
         print("speedups:", {n: r["speedup_vs_1"] for n, r in results["scaling"].items()}, flush=True)
+
+    if args.s3:
+        name = "vit_base_patch16_clip_224.openai" if gpu else models[0]
+        results["s3"] = _stage(s3_flow, name, work, data, warm, out, device, batch_size, threads)
+        print(f"S3 against local disk: {results['s3']}", flush=True)
 
     if "fidelity" not in args.skip:
         results["fidelity"] = _stage(fidelity, models[min(1, len(models) - 1)], data, device)
