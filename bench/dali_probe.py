@@ -190,7 +190,7 @@ def ladder(args: argparse.Namespace) -> int:
     L4  + the DLPack hand-over to torch and the ids check (ImagePipeline._collect's work)
     L5  + the per-sample host work in the loop (sniff, header size, cut-short check, TensorCPU, NumPy geometry)
     L6  ImagePipeline.process(samples) as it is, current stream
-    L7  ImagePipeline.process(samples, cuda_stream=own stream)
+    L7  ImagePipeline.process(samples, cuda_stream=own stream); and with three batches in flight instead of two
     L8  L7 fed by the tar reader (shards.iter_samples over the shards, in memory)
     L9  L8 in a background thread (wdsembed.threads.in_background), the consumer dropping each batch
     Also: the tar reader and the host checks alone, no DALI, microseconds per image on this CPU.
@@ -314,6 +314,8 @@ def ladder(args: argparse.Namespace) -> int:
 
     runs["L6"] = lambda: sum(len(b.keys) for b in image_pipe.process(samples))
     runs["L7"] = lambda: sum(len(b.keys) for b in image_pipe.process(samples, cuda_stream=stream))
+    deeper = ImagePipeline(recipe, batch_size=B, num_threads=T, device_id=device_id, prefetch=3)
+    runs["L7 prefetch 3"] = lambda: sum(len(b.keys) for b in deeper.process(samples, cuda_stream=stream))
     runs["L8"] = lambda: sum(len(b.keys) for b in image_pipe.process(from_tars(), cuda_stream=stream))
     runs["L9"] = lambda: sum(len(b.keys) for b in in_background(image_pipe.process(from_tars(), cuda_stream=stream)))
 
@@ -383,6 +385,7 @@ def ladder(args: argparse.Namespace) -> int:
         print(f"{name:40s} {counts[name] / med:9,.0f} img/s (best {counts[name] / min(ts):,.0f}); "
               f"{1e6 * med / counts[name]:.1f} us/img", flush=True)
     image_pipe.close()
+    deeper.close()
     worker.close()
     return 0
 

@@ -164,7 +164,9 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
         from dask_cuda import LocalCUDACluster
 
         # As the flow's own runner builds it (wdsembed/cluster.py), started here once so workers stay warm.
-        cluster = LocalCUDACluster(n_workers=n_gpus, threads_per_worker=2, resources={"GPU": 1},
+        from wdsembed.cluster import SHARDS_PER_GPU
+
+        cluster = LocalCUDACluster(n_workers=n_gpus, threads_per_worker=SHARDS_PER_GPU, resources={"GPU": 1},
                                    CUDA_VISIBLE_DEVICES=list(range(n_gpus)))
     else:  # the CPU stand-in: one worker process per "GPU"
         cluster = LocalCluster(n_workers=n_gpus, threads_per_worker=1, processes=True)

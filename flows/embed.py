@@ -79,8 +79,8 @@ def embed_dataset(config: EmbedConfig) -> dict:
     cached_task = embed_shards.with_options(result_storage=result_storage_for(config))
     fresh_task = cached_task.with_options(refresh_cache=True)
 
-    # Where the workers declare GPUs, each embedding task takes a share of one: two shards per GPU worker at a time,
-    # one in its pipeline, the other's bookkeeping and writing overlapping it (cluster.GPU_SHARE_PER_SHARD). Asked of
+    # Where the workers declare GPUs, each embedding task takes a share of one: a few shards per GPU worker at a
+    # time, one in its pipeline, the others' bookkeeping and writing overlapping it (cluster.SHARDS_PER_GPU). Asked of
     # this run's own Dask client (its cluster starts here if it has not yet), before anything is submitted.
     gpu_share = {"GPU": cluster.GPU_SHARE_PER_SHARD}
     annotations = {"resources": gpu_share} if cluster.gpu_slots_declared(_dask_client()) else {}

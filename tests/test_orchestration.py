@@ -509,11 +509,14 @@ def _pairs(manifest: dict, start: str, end: str):
 
 @pytest.fixture
 def one_worker_cluster(request):
-    """One worker process with three threads, declaring the resources the test asks for; started here, so the run
-    connects to it cold, with no Dask client of its own yet (as a first run on a GPU host does)."""
+    """One worker process with one thread more than a GPU's shards (cluster.SHARDS_PER_GPU), declaring the resources
+    the test asks for; started here, so the run connects to it cold, with no Dask client of its own yet (as a first
+    run on a GPU host does)."""
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=3, processes=True, dashboard_address=None,
+    from wdsembed.cluster import SHARDS_PER_GPU
+
+    with LocalCluster(n_workers=1, threads_per_worker=SHARDS_PER_GPU + 1, processes=True, dashboard_address=None,
                       resources=request.param, env={"OMP_NUM_THREADS": "1"}) as cluster:
         yield cluster
 
@@ -521,15 +524,17 @@ def one_worker_cluster(request):
 @pytest.mark.parametrize("one_worker_cluster", [{"GPU": 1}], indirect=True)
 def test_gpu_resource_keeps_two_shards_off_one_worker(tmp_path, one_worker_cluster):
     """Workers that declare a GPU: every embedding task asks for its share of it from the first run on, so the
-    worker holds at most two shards (of its three threads' worth), and its pipeline one at a time."""
-    data = make_dataset(tmp_path / "in", n_shards=4)
+    worker holds at most SHARDS_PER_GPU shards (one thread fewer than it has), and its pipeline one at a time."""
+    from wdsembed.cluster import SHARDS_PER_GPU
+
+    data = make_dataset(tmp_path / "in", n_shards=4)  # one more than a GPU worker may hold
     config = make_config(data, tmp_path / "out", dask_address=one_worker_cluster.scheduler_address, n_workers=None)
     manifest, _ = embed(config)
     assert isinstance(manifest, dict), manifest
     assert manifest["totals"]["computed"] == 4 and not manifest["failed_shards"]
     assert len({s["timeline"]["worker"] for s in manifest["shards"].values()}) == 1
-    # Whole task bodies, waits included: with the resource, the scheduler hands the worker two shards at most.
-    assert _most_at_once(manifest, "start", "end") <= 2
+    # Whole task bodies, waits included: with the resource, the scheduler hands the worker SHARDS_PER_GPU at most.
+    assert _most_at_once(manifest, "start", "end") <= SHARDS_PER_GPU
     assert _overlaps(manifest, "embed_start", "embed_end") == []  # the pipeline served one shard at a time
     check_outputs(config, STEMS4)
 
