@@ -33,6 +33,7 @@ def main() -> int:
     p.add_argument("--geometry-only", action="store_true",
                    help="CPU, no decoding: peek_image_shape vs the host geometry vs the old in-graph geometry")
     p.add_argument("--repeats", type=int, default=9, help="--geometry-only, --ladder: interleaved passes per variant")
+    p.add_argument("--rungs", nargs="+", help="--ladder: only these rungs (L0 ... L10), and the model alone")
     p.add_argument("--worker-only", action="store_true", help="--ladder: only the rungs from L8 on, and the model")
     p.add_argument("--ladder", action="store_true",
                    help="from a bare external source to ImagePipeline fed by the tar reader, one step at a time")
@@ -189,7 +190,7 @@ def ladder(args: argparse.Namespace) -> int:
     L3  + outputs bound to a CUDA stream of our own (no host synchronisation)
     L4  + the DLPack hand-over to torch and the ids check (ImagePipeline._collect's work)
     L5  + the per-sample host work in the loop (sniff, header size, cut-short check, TensorCPU, NumPy geometry)
-    L6  ImagePipeline.process(samples) as it is, current stream
+    L6  ImagePipeline.process(samples) as it is, current stream; and warmed up with batches of one image (as before)
     L7  ImagePipeline.process(samples, cuda_stream=own stream); and with three batches in flight instead of two
     L8  L7 fed by the tar reader (shards.iter_samples over the shards, in memory)
     L9  L8 in a background thread (wdsembed.threads.in_background), the consumer dropping each batch
@@ -312,7 +313,19 @@ def ladder(args: argparse.Namespace) -> int:
             for s in shards.iter_samples(io.BytesIO(data), extensions=("jpg",), shard=tar):
                 yield s.key, s.image
 
+    class OneImageWarmup(ImagePipeline):
+        """ImagePipeline as it was warmed up before: batches of one image."""
+
+        def _warmup(self):
+            n, self.batch_size = self.batch_size, 1
+            try:
+                super()._warmup()
+            finally:
+                self.batch_size = n
+
+    one_image = OneImageWarmup(recipe, batch_size=B, num_threads=T, device_id=device_id)
     runs["L6"] = lambda: sum(len(b.keys) for b in image_pipe.process(samples))
+    runs["L6 warmed up with batches of one image"] = lambda: sum(len(b.keys) for b in one_image.process(samples))
     runs["L7"] = lambda: sum(len(b.keys) for b in image_pipe.process(samples, cuda_stream=stream))
     deeper = ImagePipeline(recipe, batch_size=B, num_threads=T, device_id=device_id, prefetch=3)
     runs["L7 prefetch 3"] = lambda: sum(len(b.keys) for b in deeper.process(samples, cuda_stream=stream))
@@ -364,6 +377,8 @@ def ladder(args: argparse.Namespace) -> int:
     runs[f"model only ({args.model})"] = model_only
     runs["L10 Worker.embed from the tar reader"] = embed(None)
     runs["L10 + GIL switch interval 0.2 ms"] = embed(0.0002)
+    if args.rungs:
+        runs = {k: v for k, v in runs.items() if k.split()[0] in args.rungs or k.startswith("model only")}
     if args.worker_only:
         runs = {k: v for k, v in runs.items() if k.split()[0] not in {"L0", "L1", "L2", "L3", "L4", "L5", "L6", "L7"}}
     sync = torch.cuda.synchronize if gpu else (lambda: None)
@@ -386,6 +401,7 @@ def ladder(args: argparse.Namespace) -> int:
               f"{1e6 * med / counts[name]:.1f} us/img", flush=True)
     image_pipe.close()
     deeper.close()
+    one_image.close()
     worker.close()
     return 0
 

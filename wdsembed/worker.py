@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 from typing import Callable, ClassVar, Iterator, Optional
 
@@ -43,6 +44,8 @@ class Worker:
         from wdsembed.preprocess import PreprocessRecipe
 
         self.device = device or resolve_device(config.device)
+        if self.device.startswith("cuda"):
+            _leave_cores_to_dali(config.num_threads_per_worker)
         self.loaded = load_model(
             config.model_name,
             pretrained=config.pretrained,
@@ -171,6 +174,17 @@ class Worker:
                     len(images) - half)
         return torch.cat([self._model(part, autocast=autocast, normalize=normalize)
                           for part in (images[:half], images[half:])])
+
+
+def _leave_cores_to_dali(dali_threads: int) -> None:
+    """On a GPU worker, torch's CPU ops (the fidelity check's float32 reference) get the cores that the DALI
+    pipelines of this host's GPU workers leave free, not torch's default of every core: oversubscribed, they would
+    slow the decoding of the shard in the pipeline."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    gpus = max(1, torch.cuda.device_count())
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), (cores - dali_threads * gpus) // gpus)))
 
 
 def _float32_host_copy(loaded):
