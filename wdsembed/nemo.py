@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 from wdsembed import storage
+from wdsembed.cluster import SHARDS_PER_GPU
 
 log = logging.getLogger("wdsembed")
 
@@ -45,7 +46,7 @@ def get_client(
     else to a cluster started on this machine:
 
     * "gpu": one worker per visible GPU (dask_cuda.LocalCUDACluster), each declaring the resource GPU=1; a shard
-      task takes half of it, so a worker holds two shards, one in its pipeline at a time. Where no GPU is visible, or dask-cuda is not installed, a CPU cluster
+      task takes a third of it (cluster.GPU_SHARE_PER_SHARD), so a worker holds three shards, one in its pipeline at a time. Where no GPU is visible, or dask-cuda is not installed, a CPU cluster
       instead (with a warning in the log).
     * "cpu": `n_workers` worker processes (default 2: each loads the model) splitting the cores between them.
 
@@ -68,7 +69,7 @@ def get_client(
 
             # Two threads: a shard's reading and writing overlap another's time in the GPU pipeline (each shard
             # task asks for half the GPU resource, as the flow's do).
-            options = {"threads_per_worker": threads_per_worker or 2, "resources": {"GPU": 1}} | cluster_kwargs
+            options = {"threads_per_worker": threads_per_worker or SHARDS_PER_GPU, "resources": {"GPU": 1}} | cluster_kwargs
             if n_workers:
                 options["n_workers"] = n_workers
             return Client(LocalCUDACluster(**options))
