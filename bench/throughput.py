@@ -193,6 +193,7 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
                 embedded = manifest["totals"]["embedded_this_run"]
                 runs[name].append({"images_per_second": round(embedded / wall, 1), "images": embedded,
                                    "wall_seconds": round(wall, 2), "gpu_idle_fraction": idle_fraction(manifest),
+                                   **embedding_spans(manifest, wall),
                                    "fidelity": _fidelity_record(manifest.get("fidelity"))})
         peaks = client.run(_peaks)
         memory = {"gpus": n_gpus,
@@ -233,6 +234,25 @@ def s3_flow(name: str, work: str, data: str, warm: str, out: str, device: str, b
     same = compare_outputs(out + "-local", out + "-s3")
     return {"model": name, "local": local, "s3": remote, "outputs_identical": same["identical"],
             "s3_to_local_ratio": round(remote["images_per_second"] / local["images_per_second"], 3)}
+
+
+def embedding_spans(manifest: dict, wall: float) -> dict:
+    """Where a run's wall time went: the rate while shards stream through the pipelines (images over the summed
+    embedding times of the shards, per worker: a worker embeds one shard at a time), and the seconds of the run
+    outside every worker's embedding span (flow start, indexing, the last shards' bookkeeping, the report)."""
+    shards = [s for s in manifest["shards"].values() if "embed_start" in (s.get("timeline") or {})]
+    if not shards:
+        return {}
+    per_worker: dict[str, list[float]] = {}  # worker -> [images, seconds embedding]
+    for s in shards:
+        t = s["timeline"]
+        acc = per_worker.setdefault(t["worker"], [0.0, 0.0])
+        acc[0] += s.get("embedded", 0)
+        acc[1] += t["embed_end"] - t["embed_start"]
+    first = min(s["timeline"]["embed_start"] for s in shards)
+    last = max(s["timeline"]["embed_end"] for s in shards)
+    return {"in_shard_images_per_second": round(sum(n / t for n, t in per_worker.values() if t > 0), 1),
+            "seconds_outside_embedding": round(wall - (last - first), 2)}
 
 
 def idle_fraction(manifest: dict) -> float:
