@@ -747,7 +747,11 @@ class ShardReader(BlockStream):
 
 
 _FETCHERS: dict[int, tuple[Any, ShardFetcher]] = {}  # id(fs) -> (weak reference to fs, its fetcher)
-_FETCHERS_LOCK = threading.Lock()
+# Reentrant: _forget runs from weakref.finalize, i.e. inside whatever garbage collection frees an old s3fs
+# instance, and a collection can start at any allocation, also in a thread that holds this lock (fetcher_for
+# building a boto3 client, configure, _close_all). With a plain Lock that thread waited on itself forever: a
+# test_s3 run hung so, intermittently, in fetcher_for (the moment depends on when collections happen to run).
+_FETCHERS_LOCK = threading.RLock()
 _DEFAULTS: dict[str, Any] = {}
 
 
@@ -757,7 +761,7 @@ def configure(**kwargs: Any) -> None:
     with _FETCHERS_LOCK:
         _DEFAULTS.clear()
         _DEFAULTS.update(kwargs)
-        for _, f in _FETCHERS.values():
+        for _, f in list(_FETCHERS.values()):  # a copy: _forget may remove entries meanwhile (see the lock)
             f.close()
         _FETCHERS.clear()
 
@@ -766,7 +770,7 @@ def configure(**kwargs: Any) -> None:
 def _close_all() -> None:
     # requests in flight for shards nobody will read must not hold the interpreter's exit
     with _FETCHERS_LOCK:
-        for _, f in _FETCHERS.values():
+        for _, f in list(_FETCHERS.values()):  # a copy: _forget may remove entries meanwhile (see the lock)
             f.close()
         _FETCHERS.clear()
 
@@ -789,7 +793,7 @@ def fetcher_for(fs: Any) -> ShardFetcher:
 def _after_fork() -> None:
     # a forked child has none of the parent's threads: its fetchers are dead, start afresh
     global _FETCHERS_LOCK
-    _FETCHERS_LOCK = threading.Lock()
+    _FETCHERS_LOCK = threading.RLock()
     _FETCHERS.clear()
 
 
