@@ -25,6 +25,7 @@ from prefect.deployments.runner import RunnerDeployment  # noqa: E402
 from prefect.schedules import Schedule  # noqa: E402
 from prefect.utilities.templating import apply_values, resolve_variables  # noqa: E402
 
+from flows import prefect_env  # noqa: E402
 from flows.deployed import embed  # noqa: E402
 
 ENTRYPOINT = "flows/deployed.py:embed"
@@ -59,5 +60,6 @@ def to_deployments(specs: list[dict]) -> list[RunnerDeployment]:
 
 if __name__ == "__main__":
     os.chdir(ROOT)  # flow runs load the entrypoint relative to the project folder
+    prefect_env.set_defaults()  # the flow runs are subprocesses of this one: they inherit its environment
     # One run at a time in this process: each run takes every GPU of the host (the work pool's limit, here).
     serve(*to_deployments(deployment_specs()), limit=1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
+from flows import prefect_env
 from wdsembed import cli
 
 
@@ -19,6 +20,7 @@ def run_flow(config, on_shard_done=None) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    prefect_env.set_defaults()  # before Prefect's first import (at the first run): it reads its settings then
     return cli.main(run_flow, argv)
 
 

@@ -20,14 +20,9 @@ if __name__ == "__main__":
     # `python flows/embed.py` from a checkout that is not installed puts flows/ on the path, not the project root
     # that holds `tasks` (imported as a module, flows.embed changes no path).
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Without PREFECT_API_URL, Prefect starts a temporary local server; on a busy 2-core machine that can take
-# longer than its 20 s default.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-# Its telemetry only logs errors on the offline GPU hosts this often runs on; set it to "true" to send it.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# The package's own log lines (a damaged tar, an index rebuilt) go to the task run's logs in the UI too; local
-# Dask workers inherit this (workers on other nodes: export it there).
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "wdsembed")
+    from flows import prefect_env
+
+    prefect_env.set_defaults()  # before Prefect's first import, below: it reads its settings then
 
 import dask  # noqa: E402
 from prefect import flow, get_run_logger  # noqa: E402
@@ -36,6 +31,7 @@ from prefect.futures import as_completed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from prefect_dask import DaskTaskRunner  # noqa: E402
 
+from flows import prefect_env  # noqa: E402
 from tasks.embed import embed_shards, result_storage_for  # noqa: E402
 from tasks.index import index_shards  # noqa: E402
 from tasks.report import report  # noqa: E402
@@ -185,6 +181,7 @@ def _record_lost_run(future, reason: str) -> None:
 
 def run(config: EmbedConfig, on_shard_done=None) -> dict:
     """Run the flow with the Dask task runner this config asks for (local GPUs, CPU workers, or a scheduler)."""
+    prefect_env.set_defaults()  # for the processes this run starts (Dask workers, a temporary API server)
     if _nothing_to_compute(config):
         # Every shard's output is finished: the flow run still records each shard (its task run Cached, from the
         # task cache, in threads of this process), but no Dask cluster starts and no model loads.
@@ -253,7 +250,9 @@ def _api_for_workers():
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
-    server.start()
+    # The timeout as the environment has it now (prefect_env's default, or the user's): Prefect's own settings
+    # were read when it was imported, maybe before the default was set.
+    server.start(timeout=float(os.environ[prefect_env.EPHEMERAL_STARTUP_TIMEOUT]))
     return temporary_settings(updates={PREFECT_API_URL: server.api_url})
 
 

@@ -359,3 +359,28 @@ def test_embedding_reader_reads_the_view_of_shards_with_failed_rows(knn_output):
     assert vectors.dtype == np.float32 and vectors.shape == (6, DIM)
     for key, vector, stem in zip(got_keys, vectors, shards_seen):
         assert np.array_equal(vector, want[key][0]) and stem == want[key][1]
+
+
+def test_other_filesystems_write_a_temp_name_then_move(tmp_path, monkeypatch):
+    """Neither local nor an object store (here fsspec's DirFileSystem, protocol "dir"): a temp name through the
+    filesystem, then fs.mv; a failed write leaves the previous file and no temp file."""
+    from fsspec.implementations.dirfs import DirFileSystem
+
+    from wdsembed import storage
+
+    fs = DirFileSystem(str(tmp_path), fs=fsspec.filesystem("file"))
+    assert not storage.is_local(fs)
+    moves = []
+    real_mv = fs.mv
+    monkeypatch.setattr(fs, "mv", lambda a, b, **kw: (moves.append((a, b)), real_mv(a, b, **kw))[1])
+    write_manifest("", fs, {"run": 1})
+    assert os.listdir(tmp_path) == ["_manifest.json"] and read_manifest("", fs) == {"run": 1}
+    assert len(moves) == 1 and moves[0][1] == "/_manifest.json" and ".tmp-" in moves[0][0]
+
+    def half_written(f):
+        f.write(b"{half")
+        raise OSError("connection lost")
+
+    with pytest.raises(OSError, match="connection lost"):
+        storage.write_atomic(fs, "_manifest.json", half_written)
+    assert os.listdir(tmp_path) == ["_manifest.json"] and read_manifest("", fs) == {"run": 1}

@@ -258,3 +258,37 @@ def test_missing_object_and_wrong_keys_fail_at_once_naming_the_url(server, monke
 def test_credentials_in_options_are_refused():
     with pytest.raises(ValueError, match="credential options"):
         s3fetch.ShardFetcher({"endpoint_url": "http://127.0.0.1:9", "secret": "x"})
+
+
+def test_a_fetcher_forgotten_by_a_garbage_collection_inside_fetcher_for(monkeypatch):
+    """An s3fs instance's fetcher is closed by weakref.finalize, which runs inside whatever garbage collection frees
+    the instance: also one that starts in fetcher_for while it holds the registry lock, building another fetcher
+    (this hung test_s3 now and then). Done here on purpose, in a thread that must come back."""
+    import threading
+
+    class FakeFs:  # what fetcher_for reads of an s3fs instance
+        storage_options: dict = {}
+
+    old_fs, new_fs = FakeFs(), FakeFs()
+    s3fetch.configure(client=object())  # no boto3 client is built
+    old = s3fetch.fetcher_for(old_fs)
+    collected = []
+
+    def collect_old_fs():  # called while ShardFetcher.__init__ runs inside fetcher_for
+        if not collected:
+            collected.append(True)
+            s3fetch._forget(id(old_fs), old)
+
+    monkeypatch.setattr(s3fetch, "_quiet_botocore", collect_old_fs)
+    got = []
+    worker = threading.Thread(target=lambda: got.append(s3fetch.fetcher_for(new_fs)), daemon=True)
+    worker.start()
+    worker.join(30)
+    try:
+        assert not worker.is_alive(), "fetcher_for deadlocked on its own lock"
+        assert collected and old._closed and got and not got[0]._closed
+        assert s3fetch.fetcher_for(new_fs) is got[0] and id(old_fs) not in s3fetch._FETCHERS
+    finally:
+        if worker.is_alive():  # the stuck thread keeps the registry's lock: give the module a new one
+            s3fetch._FETCHERS_LOCK = threading.RLock()
+        s3fetch.configure()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import TINY_MODEL
 from wdsembed import output, preprocess, shard
@@ -104,3 +105,33 @@ def test_declared_versions_change_every_key(tmp_path, plan, monkeypatch):
     monkeypatch.setattr(output, "OUTPUT_FORMAT_VERSION", output.OUTPUT_FORMAT_VERSION + 1)
     after_format = shard.cache_key(config, plan)
     assert len({before, after_recipe, after_format}) == 3
+
+
+PREFECT_DEFAULTS = ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PREFECT_SERVER_ANALYTICS_ENABLED",
+                    "PREFECT_LOGGING_EXTRA_LOGGERS")
+
+
+def _python(code: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in PREFECT_DEFAULTS} | {"PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                          cwd=ROOT, timeout=300).stdout.strip()
+
+
+def test_prefect_defaults_are_set_by_the_entry_points_not_on_import():
+    """Importing the flow modules sets no environment variable; flows/prefect_env.set_defaults, called before
+    Prefect's first import (as `python flows/embed.py` and the `wdsembed` command do), reaches Prefect's settings
+    and its logging; called after, it reaches only processes started later (hence prefect.yaml's job variables)."""
+    from flows import prefect_env
+
+    assert set(prefect_env.DEFAULTS) == set(PREFECT_DEFAULTS)
+    assert _python("import os, flows.embed, flows.deployed, flows.command\n"
+                   f"print([k for k in {PREFECT_DEFAULTS!r} if k in os.environ])") == "[]"
+    probe = ("import logging\nfrom prefect.settings import get_current_settings as s\n"
+             "print(s().logging.extra_loggers, s().server.ephemeral.startup_timeout_seconds, "
+             "[type(h).__name__ for h in logging.getLogger('wdsembed').handlers])")
+    before = _python("from flows import prefect_env\nprefect_env.set_defaults()\nimport prefect.main\n" + probe)
+    assert before == "['wdsembed'] 120 ['APILogHandler']"
+    after = _python("import prefect.main\nfrom flows import prefect_env\nprefect_env.set_defaults()\n" + probe)
+    assert after == "[] 20 []"
+    job_env = yaml.safe_load((ROOT / "prefect.yaml").read_text())["definitions"]["work_pool"]["job_variables"]["env"]
+    assert job_env["PREFECT_LOGGING_EXTRA_LOGGERS"] == prefect_env.DEFAULTS["PREFECT_LOGGING_EXTRA_LOGGERS"]

@@ -16,18 +16,16 @@ the field's metadata (``dim``) and in the footer metadata instead.
 """
 from __future__ import annotations
 
-import errno
 import json
-import os
-import tempfile
-import uuid
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from wdsembed import storage
 
 if TYPE_CHECKING:
     from wdsembed.config import EmbedConfig
@@ -259,8 +257,6 @@ def write_embeddings_view(table: pa.Table, config: "EmbedConfig", stem: str, *, 
     """Write the shard's kNN view (embeddings_view) to OUTPUT/_embeddings/<stem>.parquet, whole or not at all
     (write_parquet_atomic); returns its row count. Call it before writing the shard's full table: the full table
     is what marks a shard finished, so a finished shard always has its view."""
-    from wdsembed import storage
-
     view = embeddings_view(table, id_column=config.id_column, embedding_column=config.embedding_column, shard=stem)
     fs, root = storage.filesystem(config.output, config.storage_options)
     write_parquet_atomic(view, embeddings_view_url(root, stem), fs, {"cache_key": cache_key, "shard": stem})
@@ -270,8 +266,6 @@ def write_embeddings_view(table: pa.Table, config: "EmbedConfig", stem: str, *, 
 def ensure_embeddings_view(config: "EmbedConfig", stem: str, output_url: str) -> bool:
     """Rebuild a finished shard's view from its full table where the view is missing (deleted, or the output is
     from before views existed); True when it was rebuilt. One existence check otherwise."""
-    from wdsembed import storage
-
     fs, root = storage.filesystem(config.output, config.storage_options)
     url = embeddings_view_url(root, stem)
     if fs.exists(url):
@@ -342,51 +336,9 @@ def summarize_table(
 # --------------------------------------------------------------------------------------------------- atomic writes
 
 
-def _is_local(fs: Any) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
-
-
-def _atomic_write(url: str, fs: Any, write: Callable[[Any], None]) -> None:
-    """Make `url` appear whole or not at all. write(f) fills a binary file object.
-
-    Local files: written beside the target under a hidden temp name, fsynced, then renamed over it (rename is atomic
-    within a folder). Object stores: written to a local temp file, then uploaded in one put, which is atomic per
-    object; no temp object is ever visible in the output prefix.
-    """
-    if _is_local(fs):
-        path = fs._strip_protocol(url)
-        folder, name = os.path.split(path)
-        os.makedirs(folder or ".", exist_ok=True)
-        tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
-        try:
-            with open(tmp, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as exc:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                # The errno stays (faults.is_disk_full); the message names the output, not the temp file.
-                raise OSError(exc.errno, f"{exc.strerror}: cannot write {path} (nothing partial is left; free "
-                                         "space there and run again: finished outputs are kept)") from exc
-            raise
-        return
-    fd, tmp = tempfile.mkstemp(prefix="wdsembed-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        fs.put_file(tmp, url)
-    finally:
-        os.unlink(tmp)
-
-
 def write_parquet_atomic(table: pa.Table, url: str, fs: Any, metadata: Mapping[str, Any]) -> None:
-    """Write `table` to `url` (a path on fsspec filesystem `fs`) atomically, `metadata` as JSON in the footer.
+    """Write `table` to `url` (a path on fsspec filesystem `fs`) whole or not at all (storage.write_atomic),
+    `metadata` as JSON in the footer.
 
     The JSON goes under the footer key ``wdsembed``; read it back cheaply with read_output_metadata.
     """
@@ -396,7 +348,7 @@ def write_parquet_atomic(table: pa.Table, url: str, fs: Any, metadata: Mapping[s
     # Dictionary encoding never pays off for float embeddings; keep it for the (often repetitive) other columns.
     list_cols = {f.name for f in table.schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)}
     use_dictionary = [c for c in table.column_names if c not in list_cols]
-    _atomic_write(url, fs, lambda f: pq.write_table(table, f, use_dictionary=use_dictionary))
+    storage.write_atomic(fs, url, lambda f: pq.write_table(table, f, use_dictionary=use_dictionary))
 
 
 def read_output_metadata(url: str, fs: Any) -> Optional[dict]:
@@ -418,7 +370,7 @@ def write_manifest(url: str, fs: Any, manifest: Mapping[str, Any]) -> str:
     """Write `manifest` as JSON to `<url>/_manifest.json` (url = the output folder) atomically; returns its path."""
     path = url.rstrip("/") + "/" + MANIFEST_NAME
     data = (json.dumps(dict(manifest), indent=2, sort_keys=True, default=str) + "\n").encode()
-    _atomic_write(path, fs, lambda f: f.write(data))
+    storage.write_atomic(fs, path, data)
     return path
 
 

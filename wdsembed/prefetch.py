@@ -36,7 +36,73 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, TimeoutError, ConnectionError)) or "Timeout" in type(exc).__name__
 
 
-class ReadAhead:
+class BlockStream:
+    """A read-only, forward-only binary file served from whole blocks that arrive in order: the part shared by
+    ReadAhead and s3fetch.ShardReader. A mixin, with no __init__ and no lock of its own: the class sets `closed`,
+    `size` (bytes, or None while unknown), `_buf` (the current block), `_pos` (next unread byte of it) and
+    `_offset` (absolute offset of the next unread byte), and defines `_next_block()` (drop the current block, make
+    the next one current, False at the end; it does its own waiting and locking) and `close()`. A block read whole
+    from its start is handed out as it is, without a copy (the tar reader reads in block-sized chunks)."""
+
+    closed: bool
+    size: Optional[int]
+    _buf: bytes
+    _pos: int
+    _offset: int
+
+    def _next_block(self) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def read(self, n: int = -1) -> bytes:
+        """Exactly n bytes (all the rest for n < 0), fewer only at the end of the object."""
+        if self.closed:
+            raise ValueError(f"read of a closed {type(self).__name__}")
+        if n is None or n < 0:
+            n = self.size - self._offset if self.size is not None else 1 << 62
+        if n == 0:
+            return b""
+        if self._pos == len(self._buf) and not self._next_block():
+            return b""
+        avail = len(self._buf) - self._pos
+        if n <= avail:
+            if self._pos == 0 and n == avail:  # exactly the fresh block: hand it out, no copy
+                out, self._buf = self._buf, b""
+            else:
+                out = self._buf[self._pos : self._pos + n]
+                self._pos += n
+            self._offset += n
+            return out
+        parts = [self._buf[self._pos :]]
+        got = avail
+        self._buf, self._pos = b"", 0
+        while got < n and self._next_block():
+            take = self._buf[: n - got]
+            self._pos = len(take)
+            parts.append(take)
+            got += len(take)
+        self._offset += got
+        return b"".join(parts)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self._offset
+
+    def __enter__(self) -> "BlockStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class ReadAhead(BlockStream):
     """A read-only, forward-only binary file over `path` on fsspec filesystem `fs`."""
 
     def __init__(
@@ -103,39 +169,9 @@ class ReadAhead:
         """The same error, saying which object (s3fs's own says only "Access Denied" or "Not Found")."""
         return type(exc)(f"{self.name}: {exc}")
 
-    # -- file object
+    # -- file object (read, tell... from BlockStream)
 
-    def read(self, n: int = -1) -> bytes:
-        """Exactly n bytes (all the rest for n < 0), fewer only at the end of the object."""
-        if self.closed:
-            raise ValueError("read of a closed ReadAhead")
-        if n is None or n < 0:
-            n = self.size - self._offset
-        if n == 0:
-            return b""
-        if self._pos == len(self._buf) and not self._advance():
-            return b""
-        avail = len(self._buf) - self._pos
-        if n <= avail:
-            if self._pos == 0 and n == avail:  # exactly the fresh block: hand it out, no copy
-                out, self._buf = self._buf, b""
-            else:
-                out = self._buf[self._pos : self._pos + n]
-                self._pos += n
-            self._offset += n
-            return out
-        parts = [self._buf[self._pos :]]
-        got = avail
-        self._buf, self._pos = b"", 0
-        while got < n and self._advance():
-            take = self._buf[: n - got]
-            self._pos = len(take)
-            parts.append(take)
-            got += len(take)
-        self._offset += got
-        return b"".join(parts)
-
-    def _advance(self) -> bool:
+    def _next_block(self) -> bool:
         """Make the next block current; False at the end of the object."""
         self._buf, self._pos = b"", 0  # drop the old block before waiting on the next
         if not self._pending:
@@ -144,15 +180,6 @@ class ReadAhead:
         self._request_next()
         self._buf = future.result()
         return True
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def tell(self) -> int:
-        return self._offset
 
     def close(self) -> None:
         if self.closed:
@@ -163,12 +190,6 @@ class ReadAhead:
         self._pending.clear()
         self._buf = b""
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def __enter__(self) -> "ReadAhead":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     def __del__(self) -> None:  # pragma: no cover - a safety net for callers that forget close()
         try:

@@ -37,6 +37,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Mapping, Optional
 
+from wdsembed.prefetch import BlockStream
+
 log = logging.getLogger("wdsembed")
 
 PART_SIZE = 8 << 20  # one ranged GET; equal to tarstream.CHUNK_SIZE, so the tar reader takes whole parts, no copy
@@ -685,8 +687,9 @@ def _close_quietly(body: Any) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class ShardReader:
-    """Forward-only binary file over one shard of a ShardFetcher; `read(n)` waits for the parts it needs."""
+class ShardReader(BlockStream):
+    """Forward-only binary file over one shard of a ShardFetcher; `read(n)` waits for the parts it needs (its
+    blocks are the fetcher's parts)."""
 
     def __init__(self, fetcher: ShardFetcher, shard: _Shard) -> None:
         self._f, self._shard = fetcher, shard
@@ -701,7 +704,7 @@ class ShardReader:
     def size(self) -> Optional[int]:
         return self._shard.size
 
-    def _take(self) -> bool:
+    def _next_block(self) -> bool:
         """Make the next part current; False at the end of the shard."""
         f, shard = self._f, self._shard
         self._buf, self._pos = b"", 0
@@ -725,45 +728,6 @@ class ShardReader:
         self._buf = data
         return True
 
-    def read(self, n: int = -1) -> bytes:
-        """Exactly n bytes (all the rest for n < 0), fewer only at the end of the shard."""
-        if self.closed:
-            raise ValueError("read of a closed ShardReader")
-        if n is None or n < 0:
-            n = (self._shard.size or 0) - self._offset if self._shard.size is not None else 1 << 62
-        if n == 0:
-            return b""
-        if self._pos == len(self._buf) and not self._take():
-            return b""
-        avail = len(self._buf) - self._pos
-        if n <= avail:
-            if self._pos == 0 and n == avail:  # exactly the fresh part: hand it out, no copy
-                out, self._buf = self._buf, b""
-            else:
-                out = self._buf[self._pos : self._pos + n]
-                self._pos += n
-            self._offset += n
-            return out
-        parts = [self._buf[self._pos :]]
-        got = avail
-        self._buf, self._pos = b"", 0
-        while got < n and self._take():
-            take = self._buf[: n - got]
-            self._pos = len(take)
-            parts.append(take)
-            got += len(take)
-        self._offset += got
-        return b"".join(parts)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def tell(self) -> int:
-        return self._offset
-
     def close(self) -> None:
         if self.closed:
             return
@@ -776,11 +740,6 @@ class ShardReader:
                 f._open.remove(self._shard)
             f._pump()
 
-    def __enter__(self) -> "ShardReader":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -788,7 +747,11 @@ class ShardReader:
 
 
 _FETCHERS: dict[int, tuple[Any, ShardFetcher]] = {}  # id(fs) -> (weak reference to fs, its fetcher)
-_FETCHERS_LOCK = threading.Lock()
+# Reentrant: _forget runs from weakref.finalize, i.e. inside whatever garbage collection frees an old s3fs
+# instance, and a collection can start at any allocation, also in a thread that holds this lock (fetcher_for
+# building a boto3 client, configure, _close_all). With a plain Lock that thread waited on itself forever: a
+# test_s3 run hung so, intermittently, in fetcher_for (the moment depends on when collections happen to run).
+_FETCHERS_LOCK = threading.RLock()
 _DEFAULTS: dict[str, Any] = {}
 
 
@@ -798,7 +761,7 @@ def configure(**kwargs: Any) -> None:
     with _FETCHERS_LOCK:
         _DEFAULTS.clear()
         _DEFAULTS.update(kwargs)
-        for _, f in _FETCHERS.values():
+        for _, f in list(_FETCHERS.values()):  # a copy: _forget may remove entries meanwhile (see the lock)
             f.close()
         _FETCHERS.clear()
 
@@ -807,7 +770,7 @@ def configure(**kwargs: Any) -> None:
 def _close_all() -> None:
     # requests in flight for shards nobody will read must not hold the interpreter's exit
     with _FETCHERS_LOCK:
-        for _, f in _FETCHERS.values():
+        for _, f in list(_FETCHERS.values()):  # a copy: _forget may remove entries meanwhile (see the lock)
             f.close()
         _FETCHERS.clear()
 
@@ -830,7 +793,7 @@ def fetcher_for(fs: Any) -> ShardFetcher:
 def _after_fork() -> None:
     # a forked child has none of the parent's threads: its fetchers are dead, start afresh
     global _FETCHERS_LOCK
-    _FETCHERS_LOCK = threading.Lock()
+    _FETCHERS_LOCK = threading.RLock()
     _FETCHERS.clear()
 
 

@@ -8,12 +8,12 @@ import datetime as _dt
 import hashlib
 import logging
 import os
-import tempfile
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator, NamedTuple, Optional
 
-from wdsembed import tarstream
+import fsspec
+
+from wdsembed import storage, tarstream
 
 log = logging.getLogger(__name__)
 
@@ -200,11 +200,6 @@ def index_path_for(
     return os.path.join(os.fspath(cache_dir), f"{stem}-{digest}.idx")
 
 
-def _is_local(fs: Any) -> bool:
-    proto = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in proto or "local" in proto
-
-
 def _header_matches(block: bytes, entry: IndexMember) -> bool:
     """Cheap check of the 512-byte header in front of an indexed member (checksum, type, size, name)."""
     if len(block) != tarstream.BLOCK or block == tarstream.ZERO_BLOCK:
@@ -279,41 +274,6 @@ def _starts_indexed_member(block: bytes) -> bool:
     return typeflag in tarstream.REGULAR and not name.endswith("/") and tarstream.indexed(name)
 
 
-def _write_beside(fs: Any, path: str, data: bytes) -> None:
-    """Atomic write through fsspec. Object stores: one PUT, which is atomic per object (a temp object + mv would
-    be a copy and a delete). Elsewhere: a temp name beside the target, then a rename. The failing write is how an
-    unwritable folder or bucket shows itself (PermissionError, also from s3fs for AccessDenied)."""
-    if not _is_local(fs):
-        fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
-        return
-    folder, base = path.rsplit("/", 1) if "/" in path else ("", path)
-    tmp = f"{folder}/.{base}.{uuid.uuid4().hex[:12]}.tmp" if folder else f".{base}.{uuid.uuid4().hex[:12]}.tmp"
-    fs.pipe_file(tmp, data)
-    try:
-        fs.mv(tmp, path)
-    except BaseException:
-        try:
-            fs.rm(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _write_local_atomic(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".idx-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def ensure_index(
     shard_path_or_url: str, fs: Any, cache_dir: Optional[str | os.PathLike] = None, *, build: bool = True
 ) -> Optional[ShardIndex]:
@@ -337,23 +297,15 @@ def ensure_index(
         return idx
     cached = _cache_path(shard, fs, cache_dir, fp)
     if cached is not None:
-        import fsspec
-
         idx = _load_valid_index(fsspec.filesystem("file"), cached, fs, shard, fp.size)
         if idx is not None:
             return idx
     if not build:
         return None
 
-    if _is_local(fs):
-        opened = fs.open(shard, "rb")
-    else:
-        from wdsembed.storage import open_sequential  # read-ahead of large ranges, several in flight
-
-        opened = open_sequential(fs, shard, size=fp.size)
-    with opened as f:
+    with storage.open_sequential(fs, shard, size=fp.size) as f:  # object stores: large ranges read ahead
         try:
-            idx = build_index(f, allow_seek=_is_local(fs))
+            idx = build_index(f, allow_seek=storage.is_local(fs))
         except tarstream.ShardReadError as e:
             raise tarstream.ShardReadError(shard, e.offset, e.reason, e.member) from None
     return save_index(shard, fs, idx, cache_dir, fp)
@@ -363,7 +315,7 @@ def _cache_path(shard: str, fs: Any, cache_dir: Optional[str | os.PathLike], fp:
     if cache_dir is None:
         return None
     # named from the shard's full URL (s3://bucket/...), so shards of two stores never share an entry
-    url = os.path.abspath(shard) if _is_local(fs) else (shard if "://" in shard else fs.unstrip_protocol(shard))
+    url = os.path.abspath(shard) if storage.is_local(fs) else (shard if "://" in shard else fs.unstrip_protocol(shard))
     return index_path_for(url, cache_dir, fp)
 
 
@@ -379,12 +331,14 @@ def save_index(
     data = idx.render().encode("utf-8", "surrogateescape")
     beside = index_path_for(shard)
     try:
-        _write_beside(fs, beside, data)
+        # through `fs`: a folder or bucket that refuses writes refuses them here (PermissionError, also from s3fs
+        # for AccessDenied), and the index goes to the cache instead
+        storage.write_atomic(fs, beside, data)
         return dataclasses.replace(idx, path=beside)
     except OSError as e:  # PermissionError locally and from s3fs (AccessDenied); read-only file systems
         log.info("cannot write %s (%s); using the index cache", beside, e)
     cached = _cache_path(shard, fs, cache_dir, fp or fingerprint(shard, fs))
     if cached is None:
         return idx
-    _write_local_atomic(cached, data)
+    storage.write_atomic(fsspec.filesystem("file"), cached, data)  # a local folder, whatever the shard's store
     return dataclasses.replace(idx, path=cached)

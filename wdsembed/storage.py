@@ -7,9 +7,13 @@ AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE or `profile=`, ~/.aws, in
 """
 from __future__ import annotations
 
+import errno
+import os
 import posixpath
+import tempfile
+import uuid
 from contextlib import contextmanager
-from typing import Any, BinaryIO, Iterable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Union
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -35,12 +39,24 @@ def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path) if not is_local(fs) else path
 
 
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple:
+    return tuple(fs.protocol) if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    """Whether `fs` is the local disk: paths are OS paths, reads may seek, a rename within a folder is atomic.
+
+    fsspec's LocalFileSystem (and its subclasses, such as the tests' read-only one) names itself ("file", "local").
+    This was three functions: this one looked for "file" only (storage, shard, plan, nemo, preflight), output.py's
+    and shardindex.py's for "file" or "local", and in a list as well as a tuple. No caller needs the narrower rule:
+    every filesystem that declares either name is the local disk, and each caller's local branch (plain paths,
+    seeking reads, os-level atomic writes) is right for it; so the wider rule serves all of them.
+    """
+    return any(p in ("file", "local") for p in _protocols(fs))
 
 
 def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
-    return any(p in _S3_PROTOCOLS for p in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)))
+    return any(p in _S3_PROTOCOLS for p in _protocols(fs))
 
 
 @contextmanager
@@ -77,6 +93,88 @@ def prefetch_shards(urls: Iterable[str], storage_options: Mapping[str, Any] | No
 
     fs, _ = filesystem(urls[0], storage_options)
     s3fetch.fetcher_for(fs).prefetch(urls)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole or not at all
+
+# Stores where one PUT makes an object appear whole or not at all, so a temp object renamed after would only add a
+# copy and a delete (and a moment where a temp object is listed). fsspec's "memory" store also keeps a file only
+# when it is closed; the tests use it as an object store.
+_WHOLE_OBJECT_PROTOCOLS = frozenset({*_S3_PROTOCOLS, "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"})
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: Union[bytes, Callable[[BinaryIO], None]]) -> None:
+    """Make `path` on `fs` appear whole or not at all: after a failure it holds what it held before (or nothing),
+    never a part, and no temp file is left. `data` is the content, or a function that writes it to a binary file.
+
+    * Local disk: a hidden temp file beside the target (``.<name>.tmp-<random>``), opened through `fs.open` so that
+      a filesystem's own refusals apply (a read-only one raises PermissionError here), fsynced, then renamed over
+      the target with os.replace (atomic within a folder). Missing folders are created. A full disk raises OSError
+      with the same errno, naming `path` rather than the temp file.
+    * Object stores (S3, GCS, Azure, memory): one PUT, atomic per object; a writer function writes to a local temp
+      file first, which is then uploaded (put_file), so a large output is never held in memory.
+    * Other fsspec filesystems (SFTP, HDFS, ...), where a file being written is visible: a temp name beside the
+      target through `fs.open`, then `fs.mv` over it.
+    The failing write is how an unwritable folder or bucket shows itself (PermissionError, also from s3fs for
+    AccessDenied).
+    """
+    write = data if callable(data) else (lambda f: f.write(data))
+    if is_local(fs):
+        _write_local(fs, fs._strip_protocol(path), write)
+    elif any(p in _WHOLE_OBJECT_PROTOCOLS for p in _protocols(fs)):
+        if not callable(data):
+            fs.pipe_file(path, data)
+            return
+        fd, tmp = tempfile.mkstemp(prefix="wdsembed-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            fs.put_file(tmp, path)
+        finally:
+            os.unlink(tmp)
+    else:
+        tmp = _temp_name(path)
+        try:
+            with fs.open(tmp, "wb") as f:
+                write(f)
+            fs.mv(tmp, path)
+        except BaseException:
+            _remove_quietly(fs, tmp)
+            raise
+
+
+def _temp_name(path: str) -> str:
+    folder, name = posixpath.split(path)
+    return posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+
+
+def _remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    try:
+        fs.rm_file(path)
+    except OSError:  # never written, or already gone
+        pass
+
+
+def _write_local(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[BinaryIO], None]) -> None:
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        fs.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, os.path.basename(_temp_name(path)))
+    try:
+        with fs.open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        _remove_quietly(fs, tmp)
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            # The errno stays (faults.is_disk_full); the message names the target, not the temp file.
+            raise OSError(exc.errno, f"{exc.strerror}: cannot write {path} (nothing partial is left; free "
+                                     "space there and run again: finished outputs are kept)") from exc
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------
