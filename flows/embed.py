@@ -41,7 +41,7 @@ from tasks.index import index_shards  # noqa: E402
 from tasks.report import report  # noqa: E402
 from wdsembed import caching, cluster, fidelity  # noqa: E402
 from wdsembed.config import EmbedConfig  # noqa: E402
-from wdsembed.plan import plan_shards  # noqa: E402
+from wdsembed.plan import nothing_to_compute  # noqa: E402
 from wdsembed.shard import ShardsFailed  # noqa: E402
 
 
@@ -129,17 +129,6 @@ def _dask_client():
     return runner.client if isinstance(runner, DaskTaskRunner) else None
 
 
-def _nothing_to_compute(config: EmbedConfig) -> bool:
-    """Whether every shard's output is finished with this run's cache key (read from the outputs' footers)."""
-    if config.force:
-        return False
-    try:
-        plans = plan_shards(config)
-    except Exception:  # noqa: BLE001 - the flow's own indexing reports it, in the flow run
-        return False
-    return bool(plans) and len(caching.finished_stems(config, plans)) == len(plans)
-
-
 def _outcome(future, group, finished: set[str]) -> tuple[list[dict], dict[str, str]]:
     """The finished shards' results (cached as this run saw it) and the failed shards' reasons, of one task."""
     try:
@@ -185,7 +174,7 @@ def _record_lost_run(future, reason: str) -> None:
 
 def run(config: EmbedConfig, on_shard_done=None) -> dict:
     """Run the flow with the Dask task runner this config asks for (local GPUs, CPU workers, or a scheduler)."""
-    if _nothing_to_compute(config):
+    if nothing_to_compute(config):
         # Every shard's output is finished: the flow run still records each shard (its task run Cached, from the
         # task cache, in threads of this process), but no Dask cluster starts and no model loads.
         runner = ThreadPoolTaskRunner()
