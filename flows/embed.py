@@ -20,19 +20,13 @@ if __name__ == "__main__":
     # `python flows/embed.py` from a checkout that is not installed puts flows/ on the path, not the project root
     # that holds `tasks` (imported as a module, flows.embed changes no path).
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Without PREFECT_API_URL, Prefect starts a temporary local server; on a busy 2-core machine that can take
-# longer than its 20 s default.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-# Its telemetry only logs errors on the offline GPU hosts this often runs on; set it to "true" to send it.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# The package's own log lines (a damaged tar, an index rebuilt) go to the task run's logs in the UI too; local
-# Dask workers inherit this (workers on other nodes: export it there).
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "wdsembed")
+from flows import apiserver  # noqa: E402 - first: it sets the Prefect settings this package runs with
 
 import dask  # noqa: E402
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_progress_artifact, update_progress_artifact  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
+from prefect.settings import temporary_settings  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from prefect_dask import DaskTaskRunner  # noqa: E402
 
@@ -178,16 +172,21 @@ def run(config: EmbedConfig, on_shard_done=None) -> dict:
         # Every shard's output is finished: the flow run still records each shard (its task run Cached, from the
         # task cache, in threads of this process), but no Dask cluster starts and no model loads.
         runner = ThreadPoolTaskRunner()
+        # Such a flow run lasts about a second and needs no heartbeats (crash detection), whose thread the flow
+        # waits for as it ends: up to a second, as it sleeps in one-second steps.
+        settings = temporary_settings(updates={"flows.heartbeat_frequency": None})
     else:
         runner = DaskTaskRunner(**cluster.task_runner_kwargs(config))
+        settings = contextlib.nullcontext()
     hooks = _RunInProcess(on_shard_done)
     token = _this_run.set(hooks)
     try:
         # A local scheduler hands a worker thread one shard at a time: a shard queued behind a long one would wait
         # there while another worker idles, and would die with it if that worker's process did.
-        with _api_for_workers(), dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+        with _api_for_workers(), settings, dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+            flow_with_runner = embed_flow.with_options(task_runner=runner)  # while a temporary server boots
             _check_api_access()
-            return embed_flow.with_options(task_runner=runner)(config)
+            return flow_with_runner(config)
     except (TimeoutError, asyncio.CancelledError) as exc:
         # Every shard finished and the manifest is written; only the local Dask cluster's shutdown ran out of time
         # (seen on a loaded 2-core machine). The run's work is whole: report it, not a failed run.
@@ -214,6 +213,7 @@ def _check_api_access() -> None:
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
+    apiserver.wait(url)  # where it is this run's temporary server, until it answers
     try:
         with get_client(sync_client=True) as client:
             client.hello()  # behind the server's auth check, unlike /health
@@ -231,19 +231,16 @@ def _check_api_access() -> None:
 
 
 def _api_for_workers():
-    """Without PREFECT_API_URL, Prefect starts a temporary API server for this process, and each Dask worker
-    process, not knowing it, would start one of its own on the same SQLite file (slow, "database is locked").
-    Start it here and give its URL to the workers with the run's settings. Workers on other nodes cannot reach it:
-    with --dask-address, set PREFECT_API_URL to a server every node reaches."""
+    """Without PREFECT_API_URL, this process needs a temporary API server (the one the command started in the
+    background, or one started now: flows.apiserver), and each Dask worker process, not knowing it, would start
+    one of its own on the same SQLite file (slow, "database is locked"). Give its URL to this run's client and to
+    the workers with the run's settings (it may still be booting: apiserver.wait). Workers on other nodes cannot
+    reach it: with --dask-address, set PREFECT_API_URL to a server every node reaches."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
         return contextlib.nullcontext()
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start()
-    return temporary_settings(updates={PREFECT_API_URL: server.api_url})
+    return temporary_settings(updates={PREFECT_API_URL: apiserver.api_url()})
 
 
 if __name__ == "__main__":
@@ -252,4 +249,4 @@ if __name__ == "__main__":
 
     from wdsembed.cli import main
 
-    sys.exit(main(flows.embed.run))
+    sys.exit(main(flows.embed.run, on_checked=apiserver.start))
