@@ -23,7 +23,6 @@ from __future__ import annotations
 import atexit
 import gc
 import http.client
-import logging
 import os
 import socket
 import subprocess
@@ -31,8 +30,6 @@ import sys
 import threading
 import time
 from typing import Optional
-
-log = logging.getLogger("wdsembed")
 
 # The settings every run of this package uses, in the environment so that the server's process and local Dask
 # worker processes inherit them too (set before Prefect reads its settings).
