@@ -28,16 +28,17 @@ import dask  # noqa: E402
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_progress_artifact, update_progress_artifact  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
+from prefect.settings import temporary_settings  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from prefect_dask import DaskTaskRunner  # noqa: E402
 
-from flows import prefect_env  # noqa: E402
+from flows import apiserver, prefect_env  # noqa: E402
 from tasks.embed import embed_shards, result_storage_for  # noqa: E402
 from tasks.index import index_shards  # noqa: E402
 from tasks.report import report  # noqa: E402
 from wdsembed import caching, cluster, fidelity  # noqa: E402
 from wdsembed.config import EmbedConfig  # noqa: E402
-from wdsembed.plan import plan_shards  # noqa: E402
+from wdsembed.plan import nothing_to_compute  # noqa: E402
 from wdsembed.shard import ShardsFailed  # noqa: E402
 
 
@@ -125,17 +126,6 @@ def _dask_client():
     return runner.client if isinstance(runner, DaskTaskRunner) else None
 
 
-def _nothing_to_compute(config: EmbedConfig) -> bool:
-    """Whether every shard's output is finished with this run's cache key (read from the outputs' footers)."""
-    if config.force:
-        return False
-    try:
-        plans = plan_shards(config)
-    except Exception:  # noqa: BLE001 - the flow's own indexing reports it, in the flow run
-        return False
-    return bool(plans) and len(caching.finished_stems(config, plans)) == len(plans)
-
-
 def _outcome(future, group, finished: set[str]) -> tuple[list[dict], dict[str, str]]:
     """The finished shards' results (cached as this run saw it) and the failed shards' reasons, of one task."""
     try:
@@ -182,20 +172,25 @@ def _record_lost_run(future, reason: str) -> None:
 def run(config: EmbedConfig, on_shard_done=None) -> dict:
     """Run the flow with the Dask task runner this config asks for (local GPUs, CPU workers, or a scheduler)."""
     prefect_env.set_defaults()  # for the processes this run starts (Dask workers, a temporary API server)
-    if _nothing_to_compute(config):
+    if nothing_to_compute(config):
         # Every shard's output is finished: the flow run still records each shard (its task run Cached, from the
         # task cache, in threads of this process), but no Dask cluster starts and no model loads.
         runner = ThreadPoolTaskRunner()
+        # Such a flow run lasts about a second and needs no heartbeats (crash detection), whose thread the flow
+        # waits for as it ends: up to a second, as it sleeps in one-second steps.
+        settings = temporary_settings(updates={"flows.heartbeat_frequency": None})
     else:
         runner = DaskTaskRunner(**cluster.task_runner_kwargs(config))
+        settings = contextlib.nullcontext()
     hooks = _RunInProcess(on_shard_done)
     token = _this_run.set(hooks)
     try:
         # A local scheduler hands a worker thread one shard at a time: a shard queued behind a long one would wait
         # there while another worker idles, and would die with it if that worker's process did.
-        with _api_for_workers(), dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+        with _api_for_workers(), settings, dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+            flow_with_runner = embed_flow.with_options(task_runner=runner)  # while a temporary server boots
             _check_api_access()
-            return embed_flow.with_options(task_runner=runner)(config)
+            return flow_with_runner(config)
     except (TimeoutError, asyncio.CancelledError) as exc:
         # Every shard finished and the manifest is written; only the local Dask cluster's shutdown ran out of time
         # (seen on a loaded 2-core machine). The run's work is whole: report it, not a failed run.
@@ -222,6 +217,7 @@ def _check_api_access() -> None:
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
+    apiserver.wait(url)  # where it is this run's temporary server, until it answers
     try:
         with get_client(sync_client=True) as client:
             client.hello()  # behind the server's auth check, unlike /health
@@ -239,21 +235,16 @@ def _check_api_access() -> None:
 
 
 def _api_for_workers():
-    """Without PREFECT_API_URL, Prefect starts a temporary API server for this process, and each Dask worker
-    process, not knowing it, would start one of its own on the same SQLite file (slow, "database is locked").
-    Start it here and give its URL to the workers with the run's settings. Workers on other nodes cannot reach it:
-    with --dask-address, set PREFECT_API_URL to a server every node reaches."""
+    """Without PREFECT_API_URL, this process needs a temporary API server (the one the command started in the
+    background, or one started now: flows.apiserver), and each Dask worker process, not knowing it, would start
+    one of its own on the same SQLite file (slow, "database is locked"). Give its URL to this run's client and to
+    the workers with the run's settings (it may still be booting: apiserver.wait). Workers on other nodes cannot
+    reach it: with --dask-address, set PREFECT_API_URL to a server every node reaches."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
         return contextlib.nullcontext()
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    # The timeout as the environment has it now (prefect_env's default, or the user's): Prefect's own settings
-    # were read when it was imported, maybe before the default was set.
-    server.start(timeout=float(os.environ[prefect_env.EPHEMERAL_STARTUP_TIMEOUT]))
-    return temporary_settings(updates={PREFECT_API_URL: server.api_url})
+    return temporary_settings(updates={PREFECT_API_URL: apiserver.api_url()})
 
 
 if __name__ == "__main__":
@@ -262,4 +253,4 @@ if __name__ == "__main__":
 
     from wdsembed.cli import main
 
-    sys.exit(main(flows.embed.run))
+    sys.exit(main(flows.embed.run, on_checked=apiserver.start))

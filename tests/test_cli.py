@@ -203,6 +203,8 @@ def test_command_runs_the_flow(shards, tmp_path, monkeypatch, capsys):
     import flows.embed
     from flows import command
 
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # the run is faked: no temporary server
+
     calls = []
 
     def fake_run(config, on_shard_done=None):
@@ -290,6 +292,26 @@ def test_output_in_a_read_only_folder(shards, tmp_path):
     print(f"read-only output refused in {seconds:.2f} s (whole process, imports included)")
 
 
+def test_refused_command_starts_no_server(shards, tmp_path):
+    """The installed command's temporary Prefect server loads while the checks run: a refused run still ends with
+    one line, and its server neither opened a database nor outlived the command."""
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(home)}
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    command = subprocess.Popen([sys.executable, "-m", "flows.command", str(shards), "-o", str(a_file), "--model",
+                                TINY_MODEL, "--no-pretrained"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    _, err = command.communicate(timeout=120)
+    assert command.returncode == 2 and err.strip() == (
+        f"error: output '{a_file}' is a file, not a folder: pass --output a folder"), err
+    assert not list(home.glob("*.db*"))
+    # the server's process is `python .../flows/apiserver.py FD PARENT_PID`
+    processes = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True).stdout.splitlines()
+    assert not [p for p in processes if "flows/apiserver.py" in p and p.endswith(f" {command.pid}")]
+
+
 def test_bad_storage_options(shards, tmp_path, capsys):
     base = [str(shards), "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu"]
     s3 = base + ["-o", "s3://some-bucket/out"]
@@ -362,10 +384,39 @@ def test_failed_run_names_each_reason_once(shards, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------- task E, whole
 
 
+# The command, run so that it reports at exit which of the libraries that only a model needs it imported.
+COMMAND_REPORTING_IMPORTS = (
+    "import atexit, sys; "
+    "atexit.register(lambda: print('imported:', sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm', "
+    "'nvidia'}))); "
+    "from flows.command import main; sys.exit(main())")
+
+# Reads back, from the database the command's temporary server used (PREFECT_HOME), every flow run of the flow
+# and its task runs' states; prints them as JSON, oldest run first.
+READ_FLOW_RUNS = """
+import json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from flows import apiserver
+
+with temporary_settings(updates={PREFECT_API_URL: apiserver.api_url()}):
+    apiserver.wait(PREFECT_API_URL.value())
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_ASC)
+        print(json.dumps([{"flow": client.read_flow(r.flow_id).name, "state": r.state.name, "tasks": {
+            t.name: t.state.name for t in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id])))}} for r in runs]))
+"""
+
+
 @pytest.mark.slow
 def test_command_end_to_end_terminal_and_rerun(tmp_path):
     """The real command (temporary Prefect server, one Dask worker) on a shard with a truncated PNG: DALI's decoder
-    line stays off the terminal; the re-run finds the shard cached and keeps the computing run's figures."""
+    line stays off the terminal. The re-run, with nothing to compute, imports no torch, timm or DALI, starts no
+    Dask cluster, keeps the computing run's figures, and is still recorded: a Completed flow run whose
+    embedding task run is Cached."""
     import json
 
     from wdsembed.synthetic import write_demo_dataset
@@ -374,12 +425,12 @@ def test_command_end_to_end_terminal_and_rerun(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "WDSEMBED_"))}
     env |= {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1",
             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-    argv = [sys.executable, "-m", "flows.command", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model",
-            TINY_MODEL, "--no-pretrained", "--device", "cpu", "--batch-size", "4", "--num-threads", "1",
-            "--n-workers", "1"]
+    args = [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained", "--device",
+            "cpu", "--batch-size", "4", "--num-threads", "1", "--n-workers", "1"]
     manifests, texts = [], []
-    for _ in range(2):
-        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    for command in (["-m", "flows.command"], ["-c", COMMAND_REPORTING_IMPORTS]):
+        done = subprocess.run([sys.executable, *command, *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
         texts.append(done.stdout + done.stderr)
         assert done.returncode == 0, texts[-1][-4000:]
         manifests.append(json.loads((tmp_path / "out" / "_manifest.json").read_text()))
@@ -388,4 +439,16 @@ def test_command_end_to_end_terminal_and_rerun(tmp_path):
     computed, cached = manifests[0]["shards"]["00000"], manifests[1]["shards"]["00000"]
     assert computed["status"] == "computed" and cached["status"] == "cached"
     assert computed["images_per_second"] > 0 and computed["embed_seconds"] > 0
-    assert (cached["seconds"], cached["images_per_second"]) == (computed["seconds"], computed["images_per_second"])
+    assert {k: v for k, v in cached.items() if k != "status"} == {k: v for k, v in computed.items() if k != "status"}
+    assert "imported: []" in texts[1]
+    assert "distributed." not in texts[1]  # no scheduler, nanny or worker logged a line
+    assert "1 shard(s): 0 computed, 1 cached" in texts[1]
+
+    done = subprocess.run([sys.executable, "-c", READ_FLOW_RUNS], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    runs = [r for r in json.loads(done.stdout.strip().splitlines()[-1]) if r["flow"] == "embed-shards"]
+    assert [r["state"] for r in runs] == ["Completed", "Completed"]
+    tasks = runs[1]["tasks"]
+    assert tasks.pop("embed-00000") == "Cached"
+    assert set(tasks.values()) == {"Completed"} and len(tasks) == 2  # indexing and the report

@@ -102,6 +102,13 @@ def task_runs(flow_run_id: str, expected: int, timeout: float = 60.0) -> dict:
         time.sleep(0.5)
 
 
+def flow_run_state(flow_run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state.name
+
+
 def embed_states(flow_run_id: str, stems, prefix: str = "embed-") -> dict[str, str]:
     runs = task_runs(flow_run_id, expected=len(stems))
     return {s: runs[prefix + s].state.name for s in stems}
@@ -201,12 +208,47 @@ def test_second_run_is_all_cached_and_embeds_nothing(first_run, monkeypatch):
     assert isinstance(manifest, dict), manifest
     assert [tripwire.attempts(s) for s in STEMS4] == [0, 0, 0, 0]
     assert embed_states(run_id, STEMS4) == {s: "Cached" for s in STEMS4}
+    assert flow_run_state(run_id) == "Completed"
     assert manifest["totals"]["cached"] == 4 and manifest["totals"]["computed"] == 0
     assert manifest["totals"]["embedded_this_run"] == 0
+    # each shard keeps the figures of the run that computed it
+    first = first_run["manifest"]["shards"]
+    assert {s: {k: v for k, v in manifest["shards"][s].items() if k != "status"} for s in STEMS4} == {
+        s: {k: v for k, v in first[s].items() if k != "status"} for s in STEMS4}
     assert {s: identity(Path(config.output) / f"{s}.parquet") for s in STEMS4} == before
     rows = table_rows(run_id)
     assert {r["status"] for r in rows.values()} == {"cached"}
     assert sum(r["embedded"] for r in rows.values()) == 4 * EMBEDDED
+
+
+def test_nothing_to_compute_reads_and_writes_nothing(first_run):
+    """The pre-flight's question (plan.nothing_to_compute): yes only when every output carries this run's cache key;
+    asking builds no index and rewrites no kNN view (the run's own planning does)."""
+    from wdsembed import plan
+    from wdsembed.output import EMBEDDINGS_FOLDER
+
+    config = first_run["config"]
+    out, data = Path(config.output), Path(config.input)
+    assert plan.nothing_to_compute(config)
+    assert not plan.nothing_to_compute(config.model_copy(update={"force": True}))
+    assert not plan.nothing_to_compute(config.model_copy(update={"model_name": "test_efficientnet.r160_in1k"}))
+    assert not plan.nothing_to_compute(config.model_copy(update={"output": str(first_run["root"] / "elsewhere")}))
+    view, index = out / EMBEDDINGS_FOLDER / "00003.parquet", data / "00003.idx"
+    kept = view.read_bytes(), index.read_bytes()
+    view.unlink()
+    index.unlink()
+    try:
+        assert plan.nothing_to_compute(config)  # the view is not part of the answer; the full table is
+        assert not view.exists() and not index.exists()
+    finally:
+        view.write_bytes(kept[0])
+        index.write_bytes(kept[1])
+    hidden = out / "00003.parquet.away"
+    (out / "00003.parquet").rename(hidden)
+    try:
+        assert not plan.nothing_to_compute(config)
+    finally:
+        hidden.rename(out / "00003.parquet")
 
 
 def test_changes_recompute_only_what_changed(first_run, monkeypatch):

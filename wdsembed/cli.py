@@ -174,9 +174,12 @@ def refuse_unusable(config: EmbedConfig) -> None:
     check_config(config)
 
 
-def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]] = None) -> int:
+def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]] = None, *,
+         on_checked: Optional[Callable[[], None]] = None) -> int:
     """The command line. `run(config, on_shard_done=...)` does the work: the Prefect flow, given by the installed
-    `wdsembed` command (flows.command:main) and by `python flows/embed.py` (this package never imports the flow)."""
+    `wdsembed` command (flows.command:main) and by `python flows/embed.py` (this package never imports the flow).
+    `on_checked()` is called once every check has passed, before `run` is imported and called: the command starts
+    its Prefect API server there, in the background, so that it boots while the flow's modules are imported."""
     values = values_from_args(build_parser().parse_args(argv))
     if values.get("input") is None:
         prepare_demo(values)
@@ -200,6 +203,8 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
         print("error: this wdsembed script is out of date: reinstall the package (pip install -e .), or run "
               "python flows/embed.py", file=sys.stderr)
         return 2
+    if on_checked is not None:
+        on_checked()
 
     from wdsembed.decoderlog import decoder_messages_to_log
 

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from wdsembed import output, shardindex, shards, storage, tarstream
+from wdsembed import output, shard, shardindex, shards, storage, tarstream
 from wdsembed.config import EmbedConfig
 from wdsembed.shard import ShardPlan
 
@@ -40,22 +40,28 @@ def check_config(config: EmbedConfig) -> None:
     """Refuse a run that cannot work, before any work starts, saying what to change: every check that needs no
     work, cheapest and most basic first (the CLI, the deployed flow and the Python API all call it)."""
     from wdsembed import preflight
-    from wdsembed.model import ModelLoadError, check_model_name
 
     preflight.check_storage_options(config)  # before anything builds a filesystem from them
     preflight.check_output_writable(config)  # needs no torch import: refused in about a second
     preflight.check_dask_security(config)
 
-    try:
-        check_model_name(config.model_name)  # the architecture and its pretrained tag, with suggestions
-    except ModelLoadError as exc:
-        raise InputError(f"{exc} Pass --model a name from timm.list_models() / timm.list_pretrained().") from None
+    # A re-run whose every output already carries this run's cache key loads no model: those outputs prove that the
+    # model name, its weights and the checkpoint were usable, so the checks that import torch and timm (seconds,
+    # most of such a run) are left out. Every other check still runs.
+    needs_model = not nothing_to_compute(config)
+    if needs_model:
+        from wdsembed.model import ModelLoadError, check_model_name  # imports torch
+
+        try:
+            check_model_name(config.model_name)  # the architecture and its pretrained tag, with suggestions
+        except ModelLoadError as exc:
+            raise InputError(f"{exc} Pass --model a name from timm.list_models() / timm.list_pretrained().") from None
     if config.checkpoint:
         fs, path = storage.filesystem(config.checkpoint, config.storage_options)
         if not fs.isfile(path):
             raise InputError(f"checkpoint {config.checkpoint!r} is not a file: pass the path of a weights file "
                              "(.safetensors, .pth, .bin), or leave --checkpoint out")
-        if storage.is_local(fs):
+        if storage.is_local(fs) and needs_model:
             _check_checkpoint_fits(config)
     if input_kind(config.input) == "folder":
         _check_local_input(config)
@@ -69,7 +75,35 @@ def check_config(config: EmbedConfig) -> None:
     if in_fs.protocol == out_fs.protocol and (out_root == in_root or out_root.startswith(in_root.rstrip("/") + "/")):
         raise InputError(f"output {config.output!r} is inside input {config.input!r}: choose a folder outside it, "
                          "so outputs are never read as shards")
-    preflight.check_weights(config)  # last: needs timm
+    if needs_model:
+        preflight.check_weights(config)  # last: needs timm
+
+
+def nothing_to_compute(config: EmbedConfig) -> bool:
+    """Whether every shard's output is already finished with this run's cache key (never with --force). Only reads:
+    no index is built and no kNN view rewritten here (the flow's own planning does that). Any doubt, a refused
+    input included, answers False: the run then goes through every check."""
+    if config.force:
+        return False
+    try:
+        check_storage(config)
+        found = find_shards(config)
+        # One listing of OUTPUT first: a run with any output still to write (every first run) needs no more.
+        out_fs, out_root = storage.filesystem(config.output, config.storage_options)
+        written = set(out_fs.find(out_root, withdirs=False))
+        if any(storage.join(out_root, found.stem(t) + ".parquet") not in written for t in found.tars):
+            return False
+        # The cache key needs each shard's fingerprint, not its index.
+        plans = plan_shards(config.model_copy(update={"use_index_files": False}), found=found)
+
+        def finished(plan: ShardPlan) -> bool:
+            key = shard.cache_key(config, plan)
+            return shard.finished_output(config, plan, key, repair_view=False) is not None
+
+        with ThreadPoolExecutor(max(1, min(16, len(plans)))) as pool:
+            return bool(plans) and all(pool.map(finished, plans))
+    except Exception:  # noqa: BLE001 - quietly: the checks that follow say what is wrong, the flow what is not
+        return False
 
 
 def _check_local_input(config: EmbedConfig) -> None:
@@ -326,12 +360,14 @@ def _check_stems(config: EmbedConfig, found: FoundShards) -> None:
                              f"folder OUTPUT keeps for itself: rename its folder")
 
 
-def plan_shards(config: EmbedConfig, *, max_workers: int = 8) -> list[ShardPlan]:
-    """List the shards that config.input names (find_shards) and prepare each: fingerprint, parquet/stats
-    siblings, .idx (written where missing when use_index_files), output path. Cheap per shard except a first-time
-    index."""
-    check_storage(config)
-    listed = find_shards(config)
+def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[FoundShards] = None) -> list[ShardPlan]:
+    """List the shards that config.input names (find_shards, unless `found` is that listing) and prepare each:
+    fingerprint, parquet/stats siblings, .idx (written where missing when use_index_files), output path. Cheap per
+    shard except a first-time index."""
+    if found is None:
+        check_storage(config)
+        found = find_shards(config)
+    listed = found
     fs, tars, siblings = listed.fs, listed.tars, listed.files
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
     cache_dir = config.index_cache()

@@ -132,13 +132,15 @@ def _file_fingerprint(url: str, storage_options: dict) -> str:
     return f"{info.get('size')}:{info.get('mtime') or info.get('LastModified') or info.get('ETag')}"
 
 
-def finished_output(config: EmbedConfig, plan: ShardPlan, key: str) -> Optional[dict]:
+def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_view: bool = True) -> Optional[dict]:
     """The footer metadata of a complete output made with the same cache key, else None (missing, damaged,
-    or made from other inputs): a deleted or damaged output is recomputed, never reported as cached."""
+    or made from other inputs): a deleted or damaged output is recomputed, never reported as cached.
+    `repair_view=False` only reads (the pre-flight's question), writing no missing kNN view."""
     fs, path = storage.filesystem(plan.output, config.storage_options)
     meta = output.read_output_metadata(path, fs)
     if meta and meta.get("cache_key") == key:
-        output.ensure_embeddings_view(config, plan.stem, plan.output)  # a deleted kNN view is rebuilt, not re-embedded
+        if repair_view:
+            output.ensure_embeddings_view(config, plan.stem, plan.output)  # a deleted view is rebuilt, not re-embedded
         return meta
     return None
 

@@ -1,0 +1,198 @@
+"""The temporary Prefect API server of a run when PREFECT_API_URL names none, booted in the background.
+
+Prefect would start one itself (SubprocessASGIServer, what its client does without PREFECT_API_URL), but only after
+importing the whole server into the calling process too (about 4 s on 2 cores), and then it waits for the server's
+process to boot (about 8 s): one after the other. Here this process imports nothing of the server, and the server's
+process does its slow part, loading Prefect's server code and building the app, while the command does its own
+checks. It waits there, having touched no database and answered nothing, until the checks pass:
+
+    prepare()   the command begins: the process starts and loads the server code
+    start()     every check passed: it starts serving (database, services); returns at once
+    api_url()   its URL, for the run's settings, before it answers
+    wait(url)   before the first request: until it answers
+
+A refused run never tells it to go on: the process exits as the command does, and the refusal is still one line
+with nothing written and no server started. It is the same server: Prefect's app (`create_app`, ephemeral: no UI,
+the services an ephemeral server runs) on the profile's database, listening on 127.0.0.1, stopped when this process
+exits. The socket is bound here and handed over, so no other process can take its port in between.
+
+This module imports nothing of Prefect at import time.
+"""
+from __future__ import annotations
+
+import atexit
+import gc
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Optional
+
+from flows import prefect_env
+
+_GO = b"serve\n"
+
+
+class TemporaryServer:
+    """One Prefect API server process on a socket bound here; it serves once told to (`go`)."""
+
+    def __init__(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        self.port = sock.getsockname()[1]
+        self.process: Optional[subprocess.Popen] = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), str(sock.fileno()), str(os.getpid())],
+            pass_fds=[sock.fileno()], stdin=subprocess.PIPE,
+        )
+        sock.close()  # the server's process holds it now
+        self.told = self.ready = False
+        atexit.register(self.stop)  # after Prefect's own exit hooks, which send the run's last events and logs
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def go(self) -> None:
+        if self.told or self.process is None:
+            return
+        self.told = True
+        try:
+            self.process.stdin.write(_GO)
+            self.process.stdin.close()
+        except BrokenPipeError:  # it has exited: wait() says so
+            pass
+
+    def wait(self, timeout: float) -> str:
+        """The API URL once the server answers; RuntimeError if its process ends or `timeout` passes first."""
+        self.go()
+        deadline = time.monotonic() + timeout
+        while not self.ready:
+            if self.process is None or self.process.poll() is not None:
+                code = None if self.process is None else self.process.returncode
+                raise RuntimeError(f"the temporary Prefect API server exited (code {code}) before answering: "
+                                   "its messages are above; or set PREFECT_API_URL to a running server")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the temporary Prefect API server did not answer within {timeout:.0f} s "
+                                   "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); or set PREFECT_API_URL "
+                                   "to a running server")
+            self.ready = _healthy(self.port)
+            if not self.ready:
+                time.sleep(0.1)
+        return self.api_url
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.stdin and not self.process.stdin.closed:
+            self.process.stdin.close()  # never told to serve: it exits at once
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+def _healthy(port: int) -> bool:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+    try:
+        connection.request("GET", "/api/health")
+        return connection.getresponse().status == 200
+    except OSError:  # refused, reset, or no answer yet (the socket queues connections while the server boots)
+        return False
+    finally:
+        connection.close()
+
+
+_server: Optional[TemporaryServer] = None
+_lock = threading.Lock()
+
+
+def _api_url_setting() -> bool:
+    """Whether PREFECT_API_URL names an API: from Prefect's settings where they are loaded already, else from the
+    environment alone (loading them takes a second; the server's process reads the profile and exits if it names
+    one)."""
+    if "prefect.settings" in sys.modules:
+        from prefect.settings import PREFECT_API_URL
+
+        return bool(PREFECT_API_URL.value())
+    return bool(os.environ.get("PREFECT_API_URL"))
+
+
+def prepare() -> None:
+    """Start the server's process, which loads the server and waits for start(); returns at once. Nothing where
+    PREFECT_API_URL names an API or a server is prepared already."""
+    global _server
+    if _api_url_setting():
+        return
+    prefect_env.set_defaults()  # the server's process reads its settings from the environment it inherits
+    with _lock:
+        if _server is None or _server.process is None:
+            _server = TemporaryServer()
+
+
+def start() -> None:
+    """Let the prepared server serve (preparing it now if it was not); returns at once."""
+    prepare()
+    with _lock:
+        if _server is not None:
+            _server.go()
+
+
+def api_url() -> str:
+    """The temporary server's API URL, known before it answers (prepared and started now where that was not done):
+    a client can be set up with it while the server boots; `wait(url)` before the first request."""
+    global _server
+    prefect_env.set_defaults()  # the server's process reads its settings from the environment it inherits
+    with _lock:
+        if _server is None or _server.process is None:
+            _server = TemporaryServer()
+        _server.go()
+        return _server.api_url
+
+
+def wait(url: Optional[str]) -> None:
+    """Return once the temporary server answers, where `url` is its API URL (at once for any other); RuntimeError
+    if it cannot."""
+    with _lock:
+        server = _server
+    if server is not None and server.process is not None and url == server.api_url:
+        server.wait(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
+
+
+def _serve(fd: int, parent: int) -> None:
+    """The server's process: load the server and build the app, then, once told to, serve on the socket it was
+    handed until terminated or orphaned."""
+    # Booting is mostly imports that make objects which live as long as the server: collecting garbage among them
+    # is wasted time (about a tenth of the boot), and so is scanning them again later.
+    gc.disable()
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():  # a Prefect profile names the API (prepare() saw only the environment)
+        return
+    import uvicorn
+    from prefect.server.api.server import create_app
+
+    app = create_app(ephemeral=True, final=True)  # builds the routes; opens no database
+    if sys.stdin.buffer.readline() != _GO:  # the command ended before its checks passed, or was killed
+        return
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
+    gc.freeze()
+    gc.enable()
+
+    def stop_when_orphaned() -> None:  # a parent killed outright (SIGKILL) leaves no server behind
+        while os.getppid() == parent:
+            time.sleep(1)
+        server.should_exit = True
+
+    threading.Thread(target=stop_when_orphaned, daemon=True).start()
+    server.run(sockets=[socket.socket(fileno=fd)])
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]), int(sys.argv[2]))
