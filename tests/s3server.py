@@ -135,6 +135,7 @@ class FaultProxy:
         self.enabled = True
         self._seen: set = set()
         self._distinct = 0
+        self._owed_truncate = False
         self._lock = threading.Lock()
         self._httpd: Optional[ThreadingHTTPServer] = None
         self.endpoint = ""
@@ -169,11 +170,18 @@ class FaultProxy:
                 return None
             self._seen.add(signature)
             self._distinct += 1
+            if self._owed_truncate and method == "GET":
+                # a truncate that fell on a request without a body, served now: every kind asked for is served
+                # however the client's requests happen to be ordered
+                self._owed_truncate = False
+                self.injected["truncate"] += 1
+                return "truncate"
             if self._distinct % self.every:
                 return None
             kind = self.kinds[(self._distinct // self.every - 1) % len(self.kinds)]
             if kind == "truncate" and method != "GET":
-                kind = "slowdown"  # only a body can be cut short
+                kind = "slowdown"  # only a body can be cut short: this one gets another fault, the next GET it
+                self._owed_truncate = True
             if kind == "stall" and not self.stall_seconds:
                 kind = "internal"
             self.injected[kind] += 1
