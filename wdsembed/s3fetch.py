@@ -47,9 +47,14 @@ TARGET_RATE = 1e9  # bytes/s: what one GPU worker can embed
 MAX_IN_FLIGHT = 64
 SHARDS_AHEAD = 2
 RETRIES = 8  # tries per part (botocore's own retries are off for these requests: these are logged)
-# Before anything is measured: S3's typical first byte and per-connection rate (tens of ms, 50-90 MB/s).
+# Before anything is measured: S3's typical first byte (tens of ms), and a per-connection rate at the low end of
+# what stores give (S3 50-90 MB/s, AWS's CRT plans for 50; distant or busy S3-compatible stores less). Starting
+# deeper than needed costs nothing (the parts are the shard's own, within the memory budget); starting too shallow
+# costs the first shard its rate, since a shard of 30-50 parts is fetched before the depth has adapted. Through a
+# 100 ms / 20 MB/s proxy here, a prior of 60 MB/s gave a fresh fetcher 0.77 of a plain 32-in-flight fetch, 30 MB/s
+# gave 1.01 (bench/s3.py, docs/benchmarks/s3.json).
 PRIOR_FIRST_BYTE = 0.05
-PRIOR_STREAM_RATE = 60e6
+PRIOR_STREAM_RATE = 30e6
 
 _S3_SCHEMES = ("s3://", "s3a://")
 
