@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import TINY_MODEL
+from processes import start as start_process, stop as stop_process
 from wdsembed import caching, cluster, faults, storage, storeoptions
 from wdsembed.config import EmbedConfig
 from wdsembed.output import read_output_metadata
@@ -442,21 +441,6 @@ def test_shards_grouped_per_task(tmp_path, monkeypatch):
     check_outputs(config, stems)
 
 
-def _start(args: list[str], log: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                            start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
 def test_existing_scheduler_with_two_workers(tmp_path):
     """As on several nodes: `dask scheduler`, then a `dask worker` per node (here two, on loopback)."""
     from distributed import Client
@@ -467,7 +451,7 @@ def test_existing_scheduler_with_two_workers(tmp_path):
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                         "PREFECT_LOGGING_LEVEL": "INFO"}
     env.pop("WDSEMBED_FAULTS", None)
-    procs = [_start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+    procs = [start_process([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
                      "--scheduler-file", str(scheduler_file)], tmp_path / "scheduler.log", env)]
     try:
         deadline = time.monotonic() + 60
@@ -476,7 +460,7 @@ def test_existing_scheduler_with_two_workers(tmp_path):
             time.sleep(0.2)
         address = json.loads(scheduler_file.read_text())["address"]
         for i in range(2):
-            procs.append(_start([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
+            procs.append(start_process([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
                                  "--no-dashboard", "--name", f"node{i}"], tmp_path / f"worker{i}.log", env))
         with Client(address, timeout=60) as client:
             client.wait_for_workers(2, timeout=120)
@@ -491,7 +475,7 @@ def test_existing_scheduler_with_two_workers(tmp_path):
             assert len(client.scheduler_info()["workers"]) == 2
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process(proc)
     worked = [i for i in range(2) if "embed-" in (tmp_path / f"worker{i}.log").read_text()]
     assert worked == [0, 1], "every worker should have embedded a shard"
 

@@ -10,7 +10,6 @@ import base64
 import datetime
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_MODEL
+from processes import start as start_process, stop as stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -36,21 +36,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _start(args: list, log: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([str(a) for a in args], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
-                            cwd=ROOT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 def _base_env(home: Path) -> dict:
@@ -100,7 +85,7 @@ def auth_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-server")
     port = _free_port()
     env = _base_env(home) | {"PREFECT_SERVER_API_AUTH_STRING": AUTH, "PREFECT_UI_ENABLED": "false"}
-    proc = _start([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", port], home / "server.log",
+    proc = start_process([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", port], home / "server.log",
                   env)
     url = f"http://127.0.0.1:{port}/api"
     try:
@@ -115,7 +100,7 @@ def auth_server(tmp_path_factory):
             time.sleep(1)
         yield url
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def _cert(subject: str, key, issuer_name, issuer_key, ca: bool):
@@ -234,7 +219,7 @@ def test_dask_scheduler_over_tls(tmp_path, auth_server):
     env = _base_env(tmp_path / "home") | {"PREFECT_API_URL": auth_server, "PREFECT_API_AUTH_STRING": AUTH,
                                           "PREFECT_LOGGING_LEVEL": "INFO"}
     scheduler_file = tmp_path / "scheduler.json"
-    procs = [_start([BIN / "dask", "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", "0",
+    procs = [start_process([BIN / "dask", "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", "0",
                      "--no-dashboard", "--scheduler-file", scheduler_file, *flags], tmp_path / "scheduler.log", env)]
     try:
         deadline = time.monotonic() + 60
@@ -243,7 +228,7 @@ def test_dask_scheduler_over_tls(tmp_path, auth_server):
             time.sleep(0.2)
         address = json.loads(scheduler_file.read_text())["address"]
         assert address.startswith("tls://127.0.0.1:")
-        procs.append(_start([BIN / "dask", "worker", address, "--nthreads", "1", "--nworkers", "1", "--no-dashboard",
+        procs.append(start_process([BIN / "dask", "worker", address, "--nthreads", "1", "--nworkers", "1", "--no-dashboard",
                              *flags], tmp_path / "worker.log", env))
         security = Security(tls_ca_file=str(tls["ca"]), tls_client_cert=str(tls["cert"]),
                             tls_client_key=str(tls["key"]), require_encryption=True)
@@ -277,5 +262,5 @@ def test_dask_scheduler_over_tls(tmp_path, auth_server):
         check_outputs(tmp_path / "out")
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process(proc)
     assert "embed-" in (tmp_path / "worker.log").read_text(), "the TLS worker should have embedded the shards"
