@@ -23,3 +23,16 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def scheduler_address(proc: subprocess.Popen, scheduler_file: Path, log: Path, timeout: float = 60) -> str:
+    """The address a `dask scheduler --scheduler-file` process writes, once it has; fails with its log if it dies
+    or takes longer than `timeout`."""
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not scheduler_file.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+        time.sleep(0.2)
+    return json.loads(scheduler_file.read_text())["address"]

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import TINY_MODEL
-from processes import start as start_process, stop as stop_process
+from processes import scheduler_address, start as start_process, stop as stop_process
 from wdsembed import caching, cluster, faults, storage, storeoptions
 from wdsembed.config import EmbedConfig
 from wdsembed.output import read_output_metadata
@@ -452,16 +452,12 @@ def test_existing_scheduler_with_two_workers(tmp_path):
                         "PREFECT_LOGGING_LEVEL": "INFO"}
     env.pop("WDSEMBED_FAULTS", None)
     procs = [start_process([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                     "--scheduler-file", str(scheduler_file)], tmp_path / "scheduler.log", env)]
+                            "--scheduler-file", str(scheduler_file)], tmp_path / "scheduler.log", env)]
     try:
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists():
-            assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "scheduler.log").read_text()
-            time.sleep(0.2)
-        address = json.loads(scheduler_file.read_text())["address"]
+        address = scheduler_address(procs[0], scheduler_file, tmp_path / "scheduler.log")
         for i in range(2):
             procs.append(start_process([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
-                                 "--no-dashboard", "--name", f"node{i}"], tmp_path / f"worker{i}.log", env))
+                                        "--no-dashboard", "--name", f"node{i}"], tmp_path / f"worker{i}.log", env))
         with Client(address, timeout=60) as client:
             client.wait_for_workers(2, timeout=120)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import datetime
-import json
 import os
 import socket
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_MODEL
-from processes import start as start_process, stop as stop_process
+from processes import scheduler_address, start as start_process, stop as stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -85,8 +84,8 @@ def auth_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-server")
     port = _free_port()
     env = _base_env(home) | {"PREFECT_SERVER_API_AUTH_STRING": AUTH, "PREFECT_UI_ENABLED": "false"}
-    proc = start_process([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", port], home / "server.log",
-                  env)
+    proc = start_process([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
+                         home / "server.log", env)
     url = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + 180
@@ -220,16 +219,13 @@ def test_dask_scheduler_over_tls(tmp_path, auth_server):
                                           "PREFECT_LOGGING_LEVEL": "INFO"}
     scheduler_file = tmp_path / "scheduler.json"
     procs = [start_process([BIN / "dask", "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", "0",
-                     "--no-dashboard", "--scheduler-file", scheduler_file, *flags], tmp_path / "scheduler.log", env)]
+                            "--no-dashboard", "--scheduler-file", scheduler_file, *flags],
+                           tmp_path / "scheduler.log", env)]
     try:
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists():
-            assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "scheduler.log").read_text()
-            time.sleep(0.2)
-        address = json.loads(scheduler_file.read_text())["address"]
+        address = scheduler_address(procs[0], scheduler_file, tmp_path / "scheduler.log")
         assert address.startswith("tls://127.0.0.1:")
-        procs.append(start_process([BIN / "dask", "worker", address, "--nthreads", "1", "--nworkers", "1", "--no-dashboard",
-                             *flags], tmp_path / "worker.log", env))
+        procs.append(start_process([BIN / "dask", "worker", address, "--nthreads", "1", "--nworkers", "1",
+                                    "--no-dashboard", *flags], tmp_path / "worker.log", env))
         security = Security(tls_ca_file=str(tls["ca"]), tls_client_cert=str(tls["cert"]),
                             tls_client_key=str(tls["key"]), require_encryption=True)
         with Client(address, security=security, timeout=60) as client:
