@@ -298,9 +298,9 @@ class ImagePipeline:
         iterations at once, after which each schedule_run runs exactly one, which is what the feeding loop relies
         on. Also checks the pipeline works before the first shard and preallocates.
 
-        Full batches, not one image each: with batches of one image first, the GPU path stayed at half its rate
-        for good (an H200 ran ImagePipeline at 15,000 images/s, the same graph warmed up with full batches at
-        31,700: `bench/dali_probe.py --ladder`)."""
+        Full batches, not one image each: warmed up with batches of one image, the GPU path stayed at a lower rate
+        for good (one H200 run of `bench/dali_probe.py --ladder`: 14,152 images/s against 19,186 with full
+        batches)."""
         from nvidia.dali.tensors import TensorCPU
 
         data = _warmup_image()
