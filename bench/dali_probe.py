@@ -35,6 +35,9 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=9, help="--geometry-only, --ladder: interleaved passes per variant")
     p.add_argument("--rungs", nargs="+", help="--ladder: only these rungs (L0 ... L10), and the model alone")
     p.add_argument("--worker-only", action="store_true", help="--ladder: only the rungs from L8 on, and the model")
+    p.add_argument("--kernels", action="store_true",
+                   help="Worker.embed fed by the tar reader under torch.profiler: GPU time per kernel, DALI's and the "
+                        "model's, and the GPU's busy share of the wall time (a chrome trace goes to $OUT)")
     p.add_argument("--ladder", action="store_true",
                    help="from a bare external source to ImagePipeline fed by the tar reader, one step at a time")
     args = p.parse_args()
@@ -42,6 +45,8 @@ def main() -> int:
         return geometry_only(args)
     if args.ladder:
         return ladder(args)
+    if args.kernels:
+        return kernels(args)
 
     import torch
     from nvidia.dali import fn, pipeline_def, types
@@ -194,6 +199,9 @@ def ladder(args: argparse.Namespace) -> int:
     L7  ImagePipeline.process(samples, cuda_stream=own stream); and with three batches in flight instead of two
     L8  L7 fed by the tar reader (shards.iter_samples over the shards, in memory)
     L9  L8 in a background thread (wdsembed.threads.in_background), the consumer dropping each batch
+    L10 Worker.embed (the model) fed by the tar reader; on the GPU also with the model on a high-priority stream,
+        and with every JPEG sent to the hardware decoder
+    L11 process_shard, three shards at a time in threads, as a GPU worker runs them (no Dask, no Prefect)
     Also: the tar reader and the host checks alone, no DALI, microseconds per image on this CPU.
     """
     import io
@@ -374,9 +382,30 @@ def ladder(args: argparse.Namespace) -> int:
                 sys.setswitchinterval(default)
         return run
 
+    def swapped(run, **attrs):
+        """`run` with some of the worker's attributes replaced for its duration (a variant of L10)."""
+        def variant():
+            saved = {name: getattr(worker, name) for name in attrs}
+            for name, value in attrs.items():
+                setattr(worker, name, value)
+            try:
+                return run()
+            finally:
+                for name, value in saved.items():
+                    setattr(worker, name, value)
+        return variant
+
     runs[f"model only ({args.model})"] = model_only
     runs["L10 Worker.embed from the tar reader"] = embed(None)
     runs["L10 + GIL switch interval 0.2 ms"] = embed(0.0002)
+    if gpu:
+        # The GPU's block scheduler favours a high-priority stream: the model's kernels first, DALI's in the gaps.
+        runs["L10 model on a high-priority stream"] = swapped(embed(None), stream=torch.cuda.Stream(priority=-1))
+        # All JPEGs to the hardware decoder (the default sends 0.9): fewer decoding kernels on the model's SMs.
+        full_hw = ImagePipeline(worker.recipe, batch_size=B, num_threads=T, device_id=device_id, hw_decoder_load=1.0,
+                                output_dtype=worker.loaded.dtype, channels_last=worker.loaded.channels_last)
+        runs["L10 hw_decoder_load 1.0"] = swapped(embed(None), pipeline=full_hw)
+    runs["L11 process_shard, 3 shards at a time"] = shards_at_a_time(config, tars, 3)
     if args.rungs:
         runs = {k: v for k, v in runs.items() if k.split()[0] in args.rungs or k.startswith("model only")}
     if args.worker_only:
@@ -402,6 +431,93 @@ def ladder(args: argparse.Namespace) -> int:
     image_pipe.close()
     deeper.close()
     one_image.close()
+    worker.close()
+    return 0
+
+
+def shards_at_a_time(config, tars: list[str], at_once: int):
+    """L11: `wdsembed.shard.process_shard` over the tars, `at_once` shards in threads of one process, as a GPU
+    worker's Dask threads run them (cluster.SHARDS_PER_GPU), without Dask or Prefect: reading, embedding, the
+    table, validation, the fidelity reference and the parquet write, per shard."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wdsembed.config import EmbedConfig
+
+    from wdsembed.plan import plan_shards
+    from wdsembed.shard import process_shard
+
+    out = tempfile.mkdtemp()
+    shard_config = EmbedConfig(**{**config.model_dump(), "input": os.path.dirname(tars[0]), "output": out, "force": True})
+    plans = plan_shards(shard_config)
+
+    def run():
+        with ThreadPoolExecutor(at_once) as pool:
+            return sum(r.embedded for r in pool.map(lambda plan: process_shard(shard_config, plan), plans))
+    return run
+
+
+def kernels(args: argparse.Namespace) -> int:
+    """Where the GPU's time goes while Worker.embed streams the photographs: every kernel of the process (DALI's
+    decoding and resizing, the model's layers, the copies) from CUPTI, summed by name, and the union of their
+    intervals against the wall time: a GPU busy all the time is shared, a GPU with gaps is starved."""
+    import io
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from wdsembed import shards
+    from wdsembed.config import EmbedConfig
+    from wdsembed.worker import Worker
+
+    tars, _ = photographs(args.images)
+    blobs = [(tar, open(tar, "rb").read()) for tar in tars]
+
+    def from_tars():
+        for tar, data in blobs:
+            for s in shards.iter_samples(io.BytesIO(data), extensions=("jpg",), shard=tar):
+                yield s.key, s.image
+
+    config = EmbedConfig(input="x", output="y", model_name=args.model, pretrained=False, batch_size=args.batch_size,
+                         num_threads_per_worker=args.threads)
+    worker = Worker(config)
+    gpu = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    worker.embed(from_tars(), autocast=True, normalize=True)  # warm
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA] if gpu else [ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        n = len(worker.embed(from_tars(), autocast=True, normalize=True)[0])
+        sync()
+        wall = time.perf_counter() - t
+    intervals, by_name = [], {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0:
+            intervals.append((e.time_range.start, e.time_range.end))
+            total, count = by_name.get(e.name, (0.0, 0))
+            by_name[e.name] = (total + e.time_range.elapsed_us(), count + 1)
+    intervals.sort()
+    busy, end = 0.0, None
+    for a, b in intervals:  # union of the kernels' intervals, all streams
+        if end is None or a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    span = (intervals[-1][1] - intervals[0][0]) if intervals else 0.0
+    if not intervals:
+        print(f"kernels: {n} photographs in {wall:.2f} s; no GPU kernels recorded (CPU only?)")
+        return 0
+    summed = sum(t for t, _ in by_name.values())
+    print(f"kernels: {n} photographs in {wall:.2f} s ({n / wall:,.0f} img/s, under the profiler); GPU busy "
+          f"{busy / 1e6:.2f} s of the kernels' span {span / 1e6:.2f} s ({busy / span:.1%}); kernel time summed over "
+          f"streams {summed / 1e6:.2f} s ({summed / max(busy, 1):.2f}x the busy time: overlap)")
+    print(f"{'us per image':>12} {'calls':>7}  kernel")
+    for name, (total, count) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:30]:
+        print(f"{total / n:12.2f} {count:7d}  {name[:150]}")
+    out = os.environ.get("OUT")
+    if out:
+        prof.export_chrome_trace(os.path.join(out, f"kernels-{args.model}.json"))
     worker.close()
     return 0
 

@@ -154,7 +154,8 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
     """(c) the full flow (Prefect + Dask, tar to parquet) on warm workers of a cluster started here. `options` are
     more EmbedConfig fields (storage options for an S3 input, fidelity_sample=0 to leave the check out). With
     `repeats`, every option set in `options["variants"]` (a dict of name -> fields) is run in turn, `repeats` times
-    each, on the same warm cluster: their rates as medians, under the same swings of the machine."""
+    each, on the same warm cluster: their rates as medians, under the same swings of the machine. A variant's
+    `through="api"` runs it through wdsembed.api.run_shards (the same Dask workers, no Prefect) instead of the flow."""
     from distributed import Client, LocalCluster
 
     import flows.embed as fe
@@ -187,8 +188,16 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
         runs: dict[str, list[dict]] = {name: [] for name in variants}
         for _ in range(repeats):
             for name, more in variants.items():
+                more = dict(more)
+                through = more.pop("through", "flow")
                 start = time.perf_counter()
-                manifest = fe.run(config(folder, True, **more))
+                if through == "flow":
+                    manifest = fe.run(config(folder, True, **more))
+                else:  # the same shards on the same cluster through the Python API: Dask, no Prefect
+                    from wdsembed.api import run_shards
+
+                    manifest = {"shards": {r.stem: r.to_dict() for r in run_shards(config(folder, True, **more))}}
+                    manifest["totals"] = {"embedded_this_run": sum(r["embedded"] for r in manifest["shards"].values())}
                 wall = time.perf_counter() - start
                 embedded = manifest["totals"]["embedded_this_run"]
                 runs[name].append({"images_per_second": round(embedded / wall, 1), "images": embedded,
@@ -251,8 +260,16 @@ def embedding_spans(manifest: dict, wall: float) -> dict:
         acc[1] += t["embed_end"] - t["embed_start"]
     first = min(s["timeline"]["embed_start"] for s in shards)
     last = max(s["timeline"]["embed_end"] for s in shards)
+    # The median seconds of each step of a shard after its embedding (wdsembed.shard.process_shard's timeline).
+    steps = {}
+    for name, (a, b) in {"table": ("embed_end", "table"), "validate": ("table", "validated"),
+                         "fidelity": ("validated", "checked"), "write": ("checked", "end")}.items():
+        spans = [s["timeline"][b] - s["timeline"][a] for s in shards if a in s["timeline"] and b in s["timeline"]]
+        if spans:
+            steps[name] = round(statistics.median(spans), 3)
     return {"in_shard_images_per_second": round(sum(n / t for n, t in per_worker.values() if t > 0), 1),
-            "seconds_outside_embedding": round(wall - (last - first), 2)}
+            "seconds_outside_embedding": round(wall - (last - first), 2),
+            "seconds_per_shard_after_embedding": steps}
 
 
 def idle_fraction(manifest: dict) -> float:
@@ -419,6 +436,9 @@ def main() -> int:
     p.add_argument("--workdir", help="where shards are built (default: a temp folder)")
     p.add_argument("--fidelity-cost", type=int, metavar="REPEATS",
                    help="run the full flow with the fidelity check on and off, in turn, REPEATS times each (issue #12)")
+    p.add_argument("--layers", type=int, metavar="REPEATS",
+                   help="run the full flow and the Python API (same Dask workers, no Prefect) in turn, REPEATS times "
+                        "each: what Prefect's layer costs")
     p.add_argument("--s3", action="store_true",
                    help="the full flow from a loopback S3 server against local disk (issue #16; ViT-B/16 on a GPU)")
     args = p.parse_args()
@@ -475,6 +495,20 @@ def main() -> int:
                                              / both["check_off"]["images_per_second"], 4)
                 print(f"{name}: (c) full flow, check on {both['check_on']['runs']}, off {both['check_off']['runs']} "
                       f"img/s: the check costs {row['fidelity_cost']:.1%}", flush=True)
+            print(f"{name}: (c) full flow {row['full_flow']}", flush=True)
+        elif "flow" not in args.skip and args.layers:
+            shutil.rmtree(out, ignore_errors=True)
+            both = _stage(bench_flow, name, data, warm, out, device, batch_size, threads, 1, args.layers,
+                          variants={"flow": {}, "api": {"through": "api"}})
+            if "error" in both:
+                row["full_flow"] = both
+            else:
+                row["full_flow"], row["api_no_prefect"] = both["flow"], both["api"]
+                row["prefect_cost"] = round(1 - both["flow"]["images_per_second"]
+                                            / both["api"]["images_per_second"], 4)
+                print(f"{name}: (c) full flow {both['flow']['runs']} img/s (in shards "
+                      f"{both['flow']['in_shard_images_per_second']:,.0f}), the API on the same Dask workers "
+                      f"{both['api']['runs']} (in shards {both['api']['in_shard_images_per_second']:,.0f})", flush=True)
             print(f"{name}: (c) full flow {row['full_flow']}", flush=True)
         elif "flow" not in args.skip:
             shutil.rmtree(out, ignore_errors=True)

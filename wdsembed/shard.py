@@ -191,12 +191,15 @@ def process_shard(
         error_column=config.error_column,
         missing_reason=tar.missing_reason,
     )
+    timeline["table"] = time.time()
     problems = validate_table(config, table, dim=worker.loaded.dim, expected_embedded=len(keys))
+    timeline["validated"] = time.time()
     if problems:
         raise ValueError(f"shard {plan.shard}: output not written, it fails validation: " + "; ".join(problems))
     n_embedded = len(keys)
     record = fidelity.check_sample(worker, chosen, keys, embeddings, failures, config.max_image_pixels or None,
                                    reference)
+    timeline["checked"] = time.time()
     result = ShardResult(
         shard=plan.shard,
         stem=plan.stem,
