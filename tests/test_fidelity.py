@@ -161,14 +161,14 @@ def test_an_image_only_one_side_embeds_is_reported(tmp_path, monkeypatch):
     assert "truncated JPEG" in mismatch["reason"]  # the pipeline's own reason, with it
 
 
-def test_float32_host_copy_is_a_separate_equal_model():
+def test_float32_copy_is_a_separate_equal_model():
     import torch
 
     from wdsembed.model import embed_batch, load_model
-    from wdsembed.worker import _float32_host_copy
+    from wdsembed.worker import _float32_copy
 
     loaded = load_model(TINY_MODEL, pretrained=False, device="cpu")
-    copy = _float32_host_copy(loaded)
+    copy = _float32_copy(loaded)
     assert copy.model is not loaded.model
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(copy.model.parameters(), loaded.model.parameters()))
     x = torch.rand(2, 3, 160, 160)

@@ -10,6 +10,7 @@ Nothing here imports Prefect.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import io
@@ -194,7 +195,10 @@ def reference_embeddings(worker, chosen: list, max_pixels: Optional[int]) -> tup
         return {}, refused
     from wdsembed.model import embed_batch
 
-    with lock:
+    # On a GPU, a stream of its own: the legacy default stream would wait for the decoder's and the model's work.
+    on_stream = (torch.cuda.stream(torch.cuda.Stream(loaded.device)) if loaded.device.type == "cuda"
+                 else contextlib.nullcontext())
+    with lock, on_stream:
         out = embed_batch(loaded, torch.stack(tensors), autocast=False, normalize=True).float().cpu().numpy()
     return dict(zip(keys, out)), refused
 

@@ -176,7 +176,7 @@ def process_shard(
         )
         timeline["embed_end"] = time.time()
     # The reference runs beside the table building and validation below, after the pipeline is released (another
-    # shard may use it meanwhile; on a GPU the reference is the worker's float32 host copy of the model).
+    # shard may use it meanwhile; on a GPU the reference is the worker's float32 copy of the model, beside it).
     chosen = sample.chosen()
     reference = fidelity.start_reference(worker, chosen, config.max_image_pixels or None)
     warnings += tar.finish()
