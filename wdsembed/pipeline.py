@@ -145,9 +145,6 @@ class PreprocessedBatch:
     keys: list[str]  # keys of the rows of `images`, in order
     images: "torch.Tensor"  # (N, C, H, W) float32, normalized; on the GPU for device_id != None
     failures: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of samples that failed here
-    # On a GPU: recorded on the stream the outputs are bound to once `images` is copied out of DALI. A consumer on
-    # another stream waits for this event (not for everything on that stream, which may hold later batches).
-    ready: Optional["torch.cuda.Event"] = None
 
 
 @dataclass
@@ -500,13 +497,9 @@ class ImagePipeline:
             self._broken = f"DALI outputs out of step with inputs: expected ids {batch.ids[:4]}..., got {got[:4]}..."
             raise PipelineBroken(self._broken)
         # The DLPack hand-over is queued on the stream the outputs are bound to.
-        ready = None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             images = self._to_torch(images_tl)
-            if stream is not None:
-                ready = torch.cuda.Event()
-                ready.record(stream)
-        return PreprocessedBatch(batch.keys, images, ready=ready)
+        return PreprocessedBatch(batch.keys, images)
 
     def _to_torch(self, tl: Any) -> "torch.Tensor":
         import torch

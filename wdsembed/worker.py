@@ -77,9 +77,6 @@ class Worker:
         # every blocking stream and synchronous copy in the process, the decoder's included, which would
         # serialize decoding with the model instead of overlapping them.
         self.stream = torch.cuda.Stream(torch.device(self.device)) if device_id is not None else None
-        # Batches are copied out of DALI on a stream of their own, not the model's: a copy queued behind the model's
-        # earlier batches would hold DALI's output buffer (and so DALI's next iterations) until the model got there.
-        self.copy_stream = torch.cuda.Stream(torch.device(self.device)) if device_id is not None else None
         # On a GPU, full batches run as one CUDA graph (one launch, not hundreds): captured here, before any shard
         # streams through this process. None on the CPU, or where the model cannot be captured (it runs eagerly).
         self.graphed = GraphedEmbedding.capture(
@@ -152,13 +149,9 @@ class Worker:
         failures: dict[str, str] = {}
         on_stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         # Reading and DALI run a batch or two ahead in their own thread while the model works on this one.
-        out_stream = self.copy_stream or self.stream
         with self.lock, on_stream:
-            for batch in in_background(self.pipeline.process(samples, cuda_stream=out_stream), depth=2):
+            for batch in in_background(self.pipeline.process(samples, cuda_stream=self.stream), depth=2):
                 failures.update(batch.failures)
-                if batch.keys and out_stream is not self.stream:
-                    self.stream.wait_event(batch.ready)  # this batch's copy, not the later ones queued after it
-                    batch.images.record_stream(self.stream)  # its memory is reused only once the model is done
                 if batch.keys:
                     # Stays on the device until the shard ends: one copy back, no sync per batch.
                     chunks.append(self._model(batch.images, autocast=autocast, normalize=normalize))
