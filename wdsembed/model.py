@@ -524,60 +524,6 @@ def embed_batch(loaded: LoadedModel, images: "torch.Tensor", *, autocast: bool, 
     return out
 
 
-class GraphedEmbedding:
-    """`embed_batch` for full batches on a GPU as one CUDA graph: a single launch per batch instead of a few hundred.
-
-    Eager, the model's Python thread launches every kernel itself, and it shares the GIL with the thread that reads
-    the tar and feeds DALI: under that load the launches fall behind the GPU, which then idles between its small
-    kernels (layer norms, activations). A profile of ViT-B/16 fed by DALI showed the GPU busy 79% of the time.
-    The graph replays the same kernels on the same weights, so the embeddings are those of the eager model.
-
-    Other batch sizes (a shard's last, partial batch; the halves of a batch retried out of memory) run eagerly.
-    Built for one (autocast, normalize) pair, the worker's; `capture` returns None where the graph cannot be
-    captured, and the caller stays eager."""
-
-    def __init__(self, loaded: LoadedModel, static_in: "torch.Tensor", static_out: "torch.Tensor", graph,
-                 autocast: bool, normalize: bool) -> None:
-        self.loaded, self.static_in, self.static_out, self.graph = loaded, static_in, static_out, graph
-        self.autocast, self.normalize = autocast, normalize
-
-    @classmethod
-    def capture(cls, loaded: LoadedModel, batch_size: int, *, autocast: bool, normalize: bool,
-                stream: Optional["torch.cuda.Stream"] = None) -> Optional["GraphedEmbedding"]:
-        if loaded.device.type != "cuda":
-            return None
-        c, h, w = loaded.data_config["input_size"]
-        static_in = torch.zeros((batch_size, c, h, w), dtype=loaded.dtype, device=loaded.device)
-        if loaded.channels_last:
-            static_in = static_in.contiguous(memory_format=torch.channels_last)
-        side = stream or torch.cuda.Stream(loaded.device)
-        try:
-            side.wait_stream(torch.cuda.current_stream(loaded.device))
-            with torch.cuda.stream(side):
-                for _ in range(3):  # libraries' handles, autotuning and lazy buffers, before the capture
-                    embed_batch(loaded, static_in, autocast=autocast, normalize=normalize)
-            side.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: DALI's threads in this process may call CUDA (allocations, syncs) during the capture.
-            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                static_out = embed_batch(loaded, static_in, autocast=autocast, normalize=normalize)
-            side.synchronize()
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-            _logger.warning("the model runs eagerly: its CUDA graph could not be captured (%s)", _short(exc, 300))
-            torch.cuda.empty_cache()
-            return None
-        return cls(loaded, static_in, static_out, graph, autocast, normalize)
-
-    def __call__(self, images: "torch.Tensor", *, autocast: bool, normalize: bool) -> "torch.Tensor":
-        """As embed_batch, on the current stream; a clone of the graph's output (the next replay overwrites it)."""
-        if images.shape != self.static_in.shape or (autocast, normalize) != (self.autocast, self.normalize):
-            return embed_batch(self.loaded, images, autocast=autocast, normalize=normalize)
-        with torch.inference_mode():
-            self.static_in.copy_(images, non_blocking=True)
-            self.graph.replay()
-            return self.static_out.clone()
-
-
 # --------------------------------------------------------------------------------------------------- fingerprint
 
 _SAMPLES_PER_TENSOR = 4096
