@@ -405,6 +405,11 @@ def ladder(args: argparse.Namespace) -> int:
         shallow = ImagePipeline(worker.recipe, batch_size=B, num_threads=T, device_id=device_id, prefetch=2,
                                 output_dtype=worker.loaded.dtype, channels_last=worker.loaded.channels_last)
         runs["L10 prefetch 2"] = swapped(embed(None), pipeline=shallow)
+        # Fewer DALI threads: on a 16-core host, DALI's, the feeder's and the model's threads may oversubscribe it.
+        fewer = ImagePipeline(worker.recipe, batch_size=B, num_threads=max(1, T * 2 // 3), device_id=device_id,
+                              prefetch=worker.pipeline.prefetch, output_dtype=worker.loaded.dtype,
+                              channels_last=worker.loaded.channels_last)
+        runs[f"L10 {max(1, T * 2 // 3)} DALI threads"] = swapped(embed(None), pipeline=fewer)
     runs["L11 process_shard, 3 shards at a time"] = shards_at_a_time(config, tars, 3)
     if args.rungs:
         runs = {k: v for k, v in runs.items() if k.split()[0] in args.rungs or k.startswith("model only")}
