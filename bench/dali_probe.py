@@ -462,9 +462,10 @@ def shards_at_a_time(config, tars: list[str], at_once: int):
 
 
 def kernels(args: argparse.Namespace) -> int:
-    """Where the GPU's time goes while Worker.embed streams the photographs: every kernel of the process (DALI's
-    decoding and resizing, the model's layers, the copies) from CUPTI, summed by name, and the union of their
-    intervals against the wall time: a GPU busy all the time is shared, a GPU with gaps is starved."""
+    """Where the time goes while Worker.embed streams the photographs. First each thread's time per batch
+    (host_timeline), then every kernel of the process (DALI's decoding and resizing, the model's layers, the copies)
+    from CUPTI, summed by name, and the union of their intervals against the wall time: a GPU busy all the time is
+    shared, a GPU with gaps is starved."""
     import io
 
     import torch
@@ -489,6 +490,7 @@ def kernels(args: argparse.Namespace) -> int:
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     worker.embed(from_tars(), autocast=True, normalize=True)  # warm
     sync()
+    host_timeline(worker, from_tars, sync)
     with profile(activities=[ProfilerActivity.CUDA] if gpu else [ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()
         n = len(worker.embed(from_tars(), autocast=True, normalize=True)[0])
@@ -525,6 +527,66 @@ def kernels(args: argparse.Namespace) -> int:
         prof.export_chrome_trace(os.path.join(out, f"kernels-{args.model}.json"))
     worker.close()
     return 0
+
+
+def host_timeline(worker, samples, sync) -> None:
+    """Where each thread of Worker.embed spends its time, per batch, in one pass without the profiler: the producer
+    thread (reading the tar with the host checks, feeding DALI, scheduling, waiting for DALI's outputs, the copy
+    out) and the consumer (waiting for a batch, the model's launches). Each step is timed by wrapping it on these
+    instances only."""
+    import collections
+
+    spent: dict[str, float] = collections.defaultdict(float)
+    pipe = worker.pipeline
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - t
+        return wrapper
+
+    def timed_batches(source):
+        batches = pipe_batches(source)
+        while True:
+            t = time.perf_counter()
+            item = next(batches, None)
+            spent["producer: tar reader + host checks"] += time.perf_counter() - t
+            if item is None:
+                return
+            yield item
+
+    pipe_batches = pipe._batches
+    saved = {name: getattr(pipe, name) for name in ("_batches", "_feed", "_to_torch")}
+    dali = pipe._pipe
+    dali_saved = {name: getattr(dali, name) for name in ("schedule_run", "outputs")}
+    model_saved = worker._model
+    pipe._batches = timed_batches
+    pipe._feed = timed("producer: feed_input", pipe._feed)
+    pipe._to_torch = timed("producer: copy out of DALI", pipe._to_torch)
+    dali.schedule_run = timed("producer: schedule_run", dali.schedule_run)
+    dali.outputs = timed("producer: outputs() (waiting for DALI)", dali.outputs)
+    worker._model = timed("consumer: the model's launches", worker._model)
+    try:
+        t = time.perf_counter()
+        n = len(worker.embed(samples(), autocast=True, normalize=True)[0])
+        sync()
+        wall = time.perf_counter() - t
+    finally:
+        for name, fn in saved.items():
+            setattr(pipe, name, fn)
+        for name, fn in dali_saved.items():
+            setattr(dali, name, fn)
+        worker._model = model_saved
+    batches = max(1, n // pipe.batch_size)
+    print(f"host timeline: {n} photographs in {wall:.2f} s ({n / wall:,.0f} img/s), {batches} batches; ms per batch:")
+    producer = sum(v for k, v in spent.items() if k.startswith("producer"))
+    for name, seconds in sorted(spent.items()):
+        print(f"  {1e3 * seconds / batches:8.2f}  {name}")
+    print(f"  {1e3 * producer / batches:8.2f}  producer, all of it ({producer / wall:.0%} of the wall time)")
+    print(f"  {1e3 * wall / batches:8.2f}  wall")
 
 
 def clip_recipe():
