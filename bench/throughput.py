@@ -86,11 +86,11 @@ def sync(device: str) -> None:
 
 def bench_model(model_name: str, device: str, batch_size: int, seconds: float, form: str = "bf16") -> dict:
     """(a) the model alone on resident tensors, through embed_batch as the flow calls it. form "bf16": bfloat16
-    weights (channels_last for convnets); "graph": those, one CUDA graph per batch, as the flow runs it with
-    autocast=True on a GPU; "autocast": float32 weights under bfloat16 autocast."""
-    import torch
-
+    weights (channels_last for convnets), as the flow runs it with autocast=True on a GPU; "graph": those, one CUDA
+    graph per batch (a GPU only); "autocast": float32 weights under bfloat16 autocast."""
     from functools import partial
+
+    import torch
 
     from wdsembed.model import embed_batch, load_model, to_bfloat16
 
