@@ -524,32 +524,24 @@ def main() -> int:
         if "dali" not in args.skip:
             row["dali_only"] = _stage(bench_dali, name, data, device, batch_size, threads)
             print(f"{name}: (b) DALI only {row['dali_only'].get('images_per_second', 0):,.0f} img/s", flush=True)
-        if "flow" not in args.skip and args.fidelity_cost:
+        if "flow" not in args.skip and (args.fidelity_cost or args.layers):
             shutil.rmtree(out, ignore_errors=True)
-            both = _stage(bench_flow, name, data, warm, out, device, batch_size, threads, 1, args.fidelity_cost,
-                          variants={"check_on": {}, "check_off": {"fidelity_sample": 0}})
+            if args.fidelity_cost:  # issue #12: the check's cost
+                pair = ({"check_on": {}, "check_off": {"fidelity_sample": 0}}, "full_flow_no_check", "fidelity_cost")
+            else:  # Prefect's layer: the same shards through the Python API on the same Dask workers
+                pair = ({"flow": {}, "api": {"through": "api"}}, "api_no_prefect", "prefect_cost")
+            variants, other_key, cost_key = pair
+            both = _stage(bench_flow, name, data, warm, out, device, batch_size, threads, 1,
+                          args.fidelity_cost or args.layers, variants=variants)
             if "error" in both:
                 row["full_flow"] = both
             else:
-                row["full_flow"], row["full_flow_no_check"] = both["check_on"], both["check_off"]
-                row["fidelity_cost"] = round(1 - both["check_on"]["images_per_second"]
-                                             / both["check_off"]["images_per_second"], 4)
-                print(f"{name}: (c) full flow, check on {both['check_on']['runs']}, off {both['check_off']['runs']} "
-                      f"img/s: the check costs {row['fidelity_cost']:.1%}", flush=True)
-            print(f"{name}: (c) full flow {row['full_flow']}", flush=True)
-        elif "flow" not in args.skip and args.layers:
-            shutil.rmtree(out, ignore_errors=True)
-            both = _stage(bench_flow, name, data, warm, out, device, batch_size, threads, 1, args.layers,
-                          variants={"flow": {}, "api": {"through": "api"}})
-            if "error" in both:
-                row["full_flow"] = both
-            else:
-                row["full_flow"], row["api_no_prefect"] = both["flow"], both["api"]
-                row["prefect_cost"] = round(1 - both["flow"]["images_per_second"]
-                                            / both["api"]["images_per_second"], 4)
-                print(f"{name}: (c) full flow {both['flow']['runs']} img/s (in shards "
-                      f"{both['flow']['in_shard_images_per_second']:,.0f}), the API on the same Dask workers "
-                      f"{both['api']['runs']} (in shards {both['api']['in_shard_images_per_second']:,.0f})", flush=True)
+                first, second = variants
+                row["full_flow"], row[other_key] = both[first], both[second]
+                row[cost_key] = round(1 - both[first]["images_per_second"] / both[second]["images_per_second"], 4)
+                print(f"{name}: (c) " + ", ".join(
+                    f"{v} {both[v]['runs']} img/s (in shards {both[v].get('in_shard_images_per_second', 0):,.0f})"
+                    for v in variants) + f": {cost_key} {row[cost_key]:.1%}", flush=True)
             print(f"{name}: (c) full flow {row['full_flow']}", flush=True)
         elif "flow" not in args.skip:
             shutil.rmtree(out, ignore_errors=True)
