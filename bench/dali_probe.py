@@ -200,7 +200,9 @@ def ladder(args: argparse.Namespace) -> int:
     L8  L7 fed by the tar reader (shards.iter_samples over the shards, in memory)
     L9  L8 in a background thread (wdsembed.threads.in_background), the consumer dropping each batch
     L10 Worker.embed (the model) fed by the tar reader; on the GPU also with DALI two iterations deep instead of
-        four. Measured once and dropped, with no effect (ViT-B/16, nvidia-h200, about 7,350 images/s each): the
+        four, with two thirds of the DALI threads, and with the model held to two batches ahead of the GPU. Run it
+        again under CUDA_DEVICE_MAX_CONNECTIONS=32 (a variable read when the process creates its CUDA context) to
+        see whether streams sharing the GPU's 8 default hardware queues hold DALI behind the model. Measured once and dropped, with no effect (ViT-B/16, nvidia-h200, about 7,350 images/s each): the
         model on a high-priority stream, every JPEG to the hardware decoder, the model as one CUDA graph, and the
         batches copied out of DALI on a stream of their own instead of the model's.
     L11 process_shard, three shards at a time in threads, as a GPU worker runs them (no Dask, no Prefect)
@@ -410,6 +412,24 @@ def ladder(args: argparse.Namespace) -> int:
                               prefetch=worker.pipeline.prefetch, output_dtype=worker.loaded.dtype,
                               channels_last=worker.loaded.channels_last)
         runs[f"L10 {max(1, T * 2 // 3)} DALI threads"] = swapped(embed(None), pipeline=fewer)
+
+        # The model at most two batches ahead of the GPU: with more streams than the GPU has hardware queues
+        # (CUDA_DEVICE_MAX_CONNECTIONS, 8 by default), a DALI stream that shares the model's queue waits behind
+        # every batch the model has queued.
+        def model_two_ahead():
+            done: list = []
+            model = worker._model
+
+            def bounded(images, **kw):
+                if len(done) >= 2:
+                    done.pop(0).synchronize()
+                out = model(images, **kw)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream())
+                done.append(event)
+                return out
+            return swapped(embed(None), _model=bounded)()
+        runs["L10 model at most two batches ahead"] = model_two_ahead
     runs["L11 process_shard, 3 shards at a time"] = shards_at_a_time(config, tars, 3)
     if args.rungs:
         runs = {k: v for k, v in runs.items() if k.split()[0] in args.rungs or k.startswith("model only")}
