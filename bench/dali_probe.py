@@ -204,8 +204,10 @@ def ladder(args: argparse.Namespace) -> int:
         again under CUDA_DEVICE_MAX_CONNECTIONS=32 (a variable read when the process creates its CUDA context) to
         see whether streams sharing the GPU's 8 default hardware queues hold DALI behind the model. Measured once and dropped, with no effect (ViT-B/16, nvidia-h200, about 7,350 images/s each): the
         model on a high-priority stream, every JPEG to the hardware decoder, the model as one CUDA graph, and the
-        batches copied out of DALI on a stream of their own instead of the model's.
-    L11 process_shard, three shards at a time in threads, as a GPU worker runs them (no Dask, no Prefect)
+        batches copied out of DALI on a stream of their own instead of the model's. And L10 as one Worker.embed
+        call per shard, back to back: what a shard boundary costs (the pipeline drained and filled again).
+    L11 process_shard, one shard at a time, and three at a time in threads as a GPU worker runs them (no Dask, no
+        Prefect); each with its last pass's timeline: pipeline time in shards, idle between them, step medians.
     Also: the tar reader and the host checks alone, no DALI, microseconds per image on this CPU.
     """
     import io
@@ -367,7 +369,8 @@ def ladder(args: argparse.Namespace) -> int:
 
     config = EmbedConfig(input="x", output="y", model_name=args.model, pretrained=False, batch_size=B,
                          num_threads_per_worker=T)
-    worker = Worker(config)  # its own pipeline, with the model's own recipe
+    # its own pipeline, with the model's own recipe; the same Worker process_shard finds (L11)
+    worker = Worker.for_config(config)
     x = torch.randn(B, *worker.recipe.input_size, device=worker.device)
 
     def model_only():
@@ -430,7 +433,19 @@ def ladder(args: argparse.Namespace) -> int:
                 return out
             return swapped(embed(None), _model=bounded)()
         runs["L10 model at most two batches ahead"] = model_two_ahead
-    runs["L11 process_shard, 3 shards at a time"] = shards_at_a_time(config, tars, 3)
+    def one_call_per_shard():
+        # L10 as separate Worker.embed calls, one per tar, back to back: what a shard boundary costs the pipeline
+        # (DALI and the model drained at each end, filled again at each start), with nothing else running.
+        n = 0
+        for tar, data in tar_bytes:
+            samples_ = ((s.key, s.image) for s in shards.iter_samples(io.BytesIO(data), extensions=("jpg",), shard=tar))
+            n += len(worker.embed(samples_, autocast=True, normalize=True)[0])
+        return n
+    runs["L10 one call per shard"] = one_call_per_shard
+    timelines: dict[str, list] = {}
+    for at_once in (1, 3):
+        name = f"L11 process_shard, {at_once} shard{'s' if at_once > 1 else ''} at a time"
+        runs[name] = shards_at_a_time(config, tars, at_once, timelines.setdefault(name, []))
     if args.rungs:
         runs = {k: v for k, v in runs.items() if k.split()[0] in args.rungs or k.startswith("model only")}
     if args.worker_only:
@@ -453,6 +468,9 @@ def ladder(args: argparse.Namespace) -> int:
         med = statistics.median(ts)
         print(f"{name:40s} {counts[name] / med:9,.0f} img/s (best {counts[name] / min(ts):,.0f}); "
               f"{1e6 * med / counts[name]:.1f} us/img", flush=True)
+    for name, results in timelines.items():
+        if name in runs and results:
+            print(shard_times(name, results[-1]), flush=True)
     image_pipe.close()
     deeper.close()
     one_image.close()
@@ -460,10 +478,11 @@ def ladder(args: argparse.Namespace) -> int:
     return 0
 
 
-def shards_at_a_time(config, tars: list[str], at_once: int):
+def shards_at_a_time(config, tars: list[str], at_once: int, timelines: list):
     """L11: `wdsembed.shard.process_shard` over the tars, `at_once` shards in threads of one process, as a GPU
     worker's Dask threads run them (cluster.SHARDS_PER_GPU), without Dask or Prefect: reading, embedding, the
-    table, validation, the fidelity reference and the parquet write, per shard."""
+    table, validation, the fidelity reference and the parquet write, per shard. Each pass appends its shards'
+    timelines to `timelines`."""
     from concurrent.futures import ThreadPoolExecutor
 
     from wdsembed.config import EmbedConfig
@@ -477,8 +496,27 @@ def shards_at_a_time(config, tars: list[str], at_once: int):
 
     def run():
         with ThreadPoolExecutor(at_once) as pool:
-            return sum(r.embedded for r in pool.map(lambda plan: process_shard(shard_config, plan), plans))
+            results = list(pool.map(lambda plan: process_shard(shard_config, plan), plans))
+        timelines.append([r.timeline for r in results])
+        return sum(r.embedded for r in results)
     return run
+
+
+def shard_times(name: str, timelines: list[dict]) -> str:
+    """One pass of L11 in seconds: the pass's wall time, the pipeline's time in shards (embed_start to embed_end,
+    summed), the pipeline's idle time between them, and each step's median per shard."""
+    import statistics
+
+    spans = sorted((t["embed_start"], t["embed_end"]) for t in timelines)
+    wall = max(t["end"] for t in timelines) - min(t["start"] for t in timelines)
+    inside = sum(b - a for a, b in spans)
+    idle = sum(max(0.0, spans[i + 1][0] - spans[i][1]) for i in range(len(spans) - 1))
+    steps = [("start", "embed_start"), ("embed_start", "embed_end"), ("embed_end", "table"), ("table", "validated"),
+             ("validated", "checked"), ("checked", "end")]
+    medians = ", ".join(f"{b} {statistics.median(t[b] - t[a] for t in timelines):.3f}" for a, b in steps
+                        if all(a in t and b in t for t in timelines))
+    return (f"{name}: wall {wall:.2f} s, pipeline in shards {inside:.2f} s, idle between shards {idle:.2f} s; "
+            f"median per shard, up to: {medians}")
 
 
 def kernels(args: argparse.Namespace) -> int:
