@@ -681,7 +681,7 @@ def geometry_only(args: argparse.Namespace) -> int:
 
     E    the encoded bytes alone (and their shapes): the floor under every other line
     A    + fn.peek_image_shape(adjust_orientation=True): what the old graph needed before any geometry
-    B    + the host geometry: header sizes (wdsembed.imagesize) and PreprocessRecipe.geometry (NumPy) for the batch,
+    B    + the host geometry: header sizes (wdsembed.imagesize.image_sizes) and PreprocessRecipe.geometry (NumPy) for the batch,
          computed in the feeding loop, and fed to the three argument external sources that fn.resize takes in the
          real graph (here returned as outputs: no pixels are made)
     old  + peek_image_shape and the old in-graph geometry subgraph (bench/old_geometry.py), its six arguments
@@ -700,7 +700,7 @@ def geometry_only(args: argparse.Namespace) -> int:
     from nvidia.dali.tensors import TensorCPU
 
     from bench.old_geometry import old_geometry_from_bytes
-    from wdsembed.imagesize import image_size
+    from wdsembed.imagesize import image_size, image_sizes
     from wdsembed.preprocess import PreprocessRecipe, feed_geometry, geometry_inputs
 
     _, samples = photographs(args.images)
@@ -750,7 +750,7 @@ def geometry_only(args: argparse.Namespace) -> int:
         pipe.feed_input("enc", views[i])
 
     def feed_b(pipe, i):
-        sizes = np.array([image_size(d) for d in datas[i]], dtype=np.int64)
+        sizes, _ = image_sizes(datas[i])  # a batch at a time, as ImagePipeline's feeding loop reads them
         geometry = recipe.geometry(sizes[:, 0], sizes[:, 1])
         pipe.feed_input("enc", views[i])
         feed_geometry(pipe, geometry)
@@ -792,16 +792,20 @@ def geometry_only(args: argparse.Namespace) -> int:
         for name in variants:
             times[name].append(one_pass(name))
 
-    # The host part of B alone, no DALI: header parse, then the NumPy geometry.
-    parse, numpy_t = [], []
+    # The host part of B alone, no DALI: header sizes for the batch, then the NumPy geometry; and the headers read
+    # one image at a time, as before.
+    parse, numpy_t, one_by_one = [], [], []
     for _ in range(args.repeats):
         for batch in datas:
             t0 = time.perf_counter()
-            sizes = np.array([image_size(d) for d in batch], dtype=np.int64)
+            sizes, _ = image_sizes(batch)
             t1 = time.perf_counter()
             recipe.geometry(sizes[:, 0], sizes[:, 1])
+            t2 = time.perf_counter()
+            np.array([image_size(d) for d in batch], dtype=np.int64)
             parse.append(t1 - t0)
-            numpy_t.append(time.perf_counter() - t1)
+            numpy_t.append(t2 - t1)
+            one_by_one.append(time.perf_counter() - t2)
 
     images = steps * B
     print(f"{len(samples)} photographs ({steps} batches of {B}) per pass, {args.repeats} passes per variant, "
@@ -815,7 +819,8 @@ def geometry_only(args: argparse.Namespace) -> int:
         cpu = statistics.median(1e3 * c / steps for _, c in ts)
         print(f"{name:4s} {rate[name]:9,.0f} {best[name]:9,.0f}                     {statistics.median(per_batch):6.2f} "
               f"({min(per_batch):.2f}-{max(per_batch):.2f})                {cpu:6.2f}", flush=True)
-    print(f"host part of B alone: header sizes {1e6 * statistics.median(parse) / B:.2f} us/image, NumPy geometry "
+    print(f"host part of B alone: header sizes {1e6 * statistics.median(parse) / B:.2f} us/image (one image at a "
+          f"time: {1e6 * statistics.median(one_by_one) / B:.2f}), NumPy geometry "
           f"{1e3 * statistics.median(numpy_t):.3f} ms/batch (medians)")
     for label, r in (("medians", rate), ("best passes", best)):
         print(f"{label}: B / A = {r['B'] / r['A']:.2f}   old / A = {r['old'] / r['A']:.2f}   "

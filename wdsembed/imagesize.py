@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import io
 import struct
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
 
 Bytes = Union[bytes, bytearray, memoryview]
 
@@ -50,6 +52,110 @@ def image_size(data: Bytes) -> tuple[int, int]:
     if h < 1 or w < 1:
         raise UnreadableImage(f"{fmt} header gives a size of {w}x{h} pixels")
     return hw
+
+
+def image_sizes(datas: Sequence[Bytes]) -> tuple[np.ndarray, dict[int, str]]:
+    """`image_size` for a batch: an (N, 2) int64 array of (height, width), and the reason for each image that has
+    none, by index (its row is (0, 0)). The same sizes and reasons as `image_size` one image at a time, at a fraction
+    of its cost for a batch of JPEGs: their segment headers are walked for the whole batch at once in NumPy, over a
+    copy of each image's first bytes, and only what that walk cannot settle (EXIF orientation, headers longer than
+    the copy, anything unusual) goes through `image_size` itself."""
+    n = len(datas)
+    sizes = np.zeros((n, 2), dtype=np.int64)
+    errors: dict[int, str] = {}
+    settled = _jpeg_batch(datas, sizes) if n else np.zeros(0, dtype=bool)
+    for i in np.flatnonzero(~settled).tolist():
+        try:
+            sizes[i] = image_size(datas[i])
+        except UnreadableImage as e:
+            errors[i] = str(e)
+    return sizes, errors
+
+
+_LAYOUTS_PER_BATCH = 3  # header layouts tried per batch before the rest go one image at a time
+_EXIF_MARK = b"Exif\x00\x00"
+
+
+def _jpeg_batch(datas: Sequence[Bytes], sizes: np.ndarray) -> np.ndarray:
+    """Fill `sizes` for the JPEGs whose header has the same layout as another image of the batch; returns which rows
+    it settled. Encoders write one layout for all their images (the same segments, in the same order, of the same
+    lengths; only the frame size differs), so one image's header is walked as `_jpeg` walks it, and every image with
+    the same marker and length at each of its segment positions is walked the same way: its size is read at the
+    frame header's position, for the whole batch at once. Layouts with an EXIF block (which may turn the image) are
+    left to `image_size`."""
+    n = len(datas)
+    settled = np.zeros(n, dtype=bool)
+    todo = np.arange(n)
+    block = lengths = None  # every image's first bytes, one row each (zero-padded), made once the first layout is known
+    for _ in range(_LAYOUTS_PER_BATCH):
+        layout = None
+        while layout is None and todo.size:
+            first, todo = int(todo[0]), todo[1:]
+            layout = _jpeg_layout(datas[first])
+        if layout is None:
+            break
+        segments, frame, end = layout
+        sizes[first], settled[first] = _SOF_FIELDS(datas[first], frame + 5)[:2], True
+        if not todo.size:
+            break
+        if block is None:
+            block, lengths = _heads(datas, max(end, _HEAD_BYTES))
+        if end > block.shape[1]:
+            continue  # a header longer than the others' copies: its images go one at a time
+        template = block[first, segments]
+        rows = todo[lengths[todo] >= end]
+        same = rows[np.all(block[rows][:, segments] == template, axis=1)]
+        fields = block[same, frame + 5 : frame + 10].astype(np.int64)
+        h, w = (fields[:, 0] << 8) | fields[:, 1], (fields[:, 2] << 8) | fields[:, 3]
+        fine = (fields[:, 4] <= 4) & (h >= 1) & (w >= 1)  # else image_size says why
+        sizes[same[fine], 0], sizes[same[fine], 1] = h[fine], w[fine]
+        settled[same[fine]] = True
+        todo = todo[~settled[todo]]
+    return settled
+
+
+_HEAD_BYTES = 1024  # bytes copied per image for the batch walk: a re-encoded JPEG's header (JFIF, DQT, SOF, DHT)
+
+
+def _heads(datas: Sequence[Bytes], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's first `size` bytes as the rows of one array (shorter images zero-padded), and their lengths."""
+    heads = [d[:size] for d in datas]
+    lengths = np.fromiter(map(len, heads), dtype=np.int64, count=len(heads))
+    for i in np.flatnonzero(lengths < size).tolist():
+        heads[i] = bytes(heads[i]).ljust(size, b"\0")
+    return np.frombuffer(b"".join(heads), dtype=np.uint8).reshape(len(heads), size), lengths
+
+
+def _jpeg_layout(d: Bytes) -> Optional[tuple[np.ndarray, int, int]]:
+    """A JPEG header walked as `_jpeg` walks it, where it meets nothing but segments to skip, frame headers and the
+    start of scan: the byte positions every image of the same layout must match (SOI, then each segment's marker
+    and length), the last frame header's position, and the end of the scan's marker and length. None otherwise
+    (EXIF, fill bytes, anything wrong, no usable frame header: `image_size` decides)."""
+    n = len(d)
+    if n < 3 or d[0] != 0xFF or d[1] != 0xD8:
+        return None
+    pos, frame, at = 2, None, [0, 1]
+    while pos + 4 <= n:
+        marker, size = _MARKER_AND_LENGTH(d, pos)
+        kind = _MARKER_KIND[marker]
+        at += (pos, pos + 1, pos + 2, pos + 3)
+        if kind == _SOS:
+            if frame is None:
+                return None
+            h, w, ncomp = _SOF_FIELDS(d, frame + 5)
+            return (np.asarray(at), frame, pos + 4) if ncomp <= 4 and h >= 1 and w >= 1 else None
+        if size < 2 or kind not in (_SKIP, _SOF, _APP1):
+            return None
+        if kind == _SOF:
+            if pos + 10 > n or frame is not None:  # `_jpeg` checks every frame header; a layout holds one
+                return None
+            frame = pos
+        elif kind == _APP1:
+            if d[pos + 4 : pos + 10] == _EXIF_MARK:
+                return None
+            at += range(pos + 4, pos + 10)  # not EXIF in every image of the layout either
+        pos += 2 + size
+    return None
 
 
 def _parser_for(d: Bytes, n: int) -> tuple[Optional[Callable[[Bytes, int], tuple[int, int]]], str]:

@@ -211,10 +211,10 @@ def geometry_inputs() -> dict[str, Any]:
 
 def feed_geometry(pipe: Any, geometry: dict[str, np.ndarray]) -> None:
     """Feed one batch's `PreprocessRecipe.geometry` to a pipeline built with `dali_preprocess`."""
-    from nvidia.dali.tensors import TensorListCPU
-
-    for name in GEOMETRY_INPUTS:  # wrapped here: feed_input's own checks of a numpy array cost more
-        pipe.feed_input(name, TensorListCPU(np.ascontiguousarray(geometry[name])))
+    # Each (N, 2) array as it is, one row per sample: feed_input takes a dense NumPy batch faster than a
+    # TensorListCPU made from it (about 46 against 30 + 76 us per input, DALI 2.4, on the 2-core CI machine).
+    for name in GEOMETRY_INPUTS:
+        pipe.feed_input(name, np.ascontiguousarray(geometry[name]))
 
 
 def dali_preprocess(
