@@ -1,5 +1,9 @@
-"""The worker's model step: out of GPU memory, a batch runs again in halves in the same process."""
+"""The worker: out of GPU memory, a batch runs again in halves in the same process; calls from several threads
+share one stream, each getting what it would get alone."""
 from __future__ import annotations
+
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -51,3 +55,144 @@ def test_out_of_memory_on_one_image_is_raised(worker, monkeypatch):
     samples = [(f"k{i}", im.data) for i, im in enumerate(photo_images(2))]
     with pytest.raises(torch.cuda.OutOfMemoryError):
         worker.embed(iter(samples), autocast=True, normalize=True)
+
+
+# --------------------------------------------------------------------------------------------------- the stream
+
+
+def _calls(n_calls: int, per_call: int, seed: int = 1) -> list[list[tuple[str, bytes]]]:
+    images = photo_images(n_calls * per_call, seed=seed, short_sides=(64, 96))
+    return [[(f"c{c}-{i}", images[c * per_call + i].data) for i in range(per_call)] for c in range(n_calls)]
+
+
+def _embed_in_threads(worker, calls, make_samples=lambda i, call: iter(call), **kw) -> list:
+    """Each call's embed() in a thread of its own, all at once; returns each call's outcome in order: its result
+    (keys, embeddings, failures, batch sizes seen, timeline) or the exception it raised."""
+    outcomes: list = [None] * len(calls)
+
+    def run(i: int) -> None:
+        sizes, timeline = [], {}
+        try:
+            keys, emb, failures = worker.embed(make_samples(i, calls[i]), autocast=True,
+                                               normalize=kw.get("normalize", True), on_batch=sizes.append,
+                                               timeline=timeline)
+            outcomes[i] = (keys, emb, failures, sizes, timeline)
+        except Exception as exc:  # noqa: BLE001 - the outcome under test
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return outcomes
+
+
+def test_calls_at_once_share_the_stream_and_each_gets_what_it_would_alone(worker):
+    """Three shards' calls from three threads (as a GPU worker's Dask threads make them): each gets its own keys
+    in order, the embeddings it gets alone (the same batches: 8, 8, 4 for 20 images), its own failures."""
+    calls = _calls(3, 20)
+    calls[1][5] = ("c1-bad", b"not an image at all")
+    alone = [worker.embed(iter(c), autocast=True, normalize=True) for c in calls]
+    outcomes = _embed_in_threads(worker, calls)
+    for i, ((keys, emb, failures), (keys2, emb2, failures2, sizes, _)) in enumerate(zip(alone, outcomes)):
+        assert keys2 == keys and failures2 == failures
+        np.testing.assert_array_equal(emb2, emb)
+        # progress counts every sample once; a sample refused before DALI is counted with whichever batch is next
+        assert sum(sizes) == 20 and (i == 1 or sizes == [8, 8, 4])
+    assert set(outcomes[1][2]) == {"c1-bad"} and "c1-bad" not in outcomes[1][0]
+
+
+def test_the_next_call_is_fed_before_the_previous_one_is_done(worker):
+    """The point of the stream: the next shard's samples enter it while the previous shard's last batch is still
+    in the pipeline and the model, instead of after it drained."""
+    calls = _calls(2, 12)
+
+    def samples(i, call):
+        for n, item in enumerate(call):
+            if i == 0 and n == len(call) - 1:
+                deadline = time.monotonic() + 60
+                while not worker._pending and time.monotonic() < deadline:  # the second call is waiting
+                    time.sleep(0.01)
+            yield item
+
+    outcomes = _embed_in_threads(worker, calls, make_samples=samples)
+    first, second = (o[4] for o in outcomes)
+    assert second["embed_start"] < first["embed_end"]
+    assert [o[0] for o in outcomes] == [[k for k, _ in c] for c in calls]
+
+
+def test_a_call_that_fails_fails_alone(worker):
+    """One call's samples raise midway (an unreadable shard) and another's progress callback raises (a fault
+    mid-shard): those two raise; the calls beside them finish whole, and the worker goes on."""
+    calls = _calls(4, 10)
+
+    def samples(i, call):
+        for n, item in enumerate(call):
+            if i == 1 and n == 6:
+                raise OSError("the shard's store went away")
+            yield item
+
+    outcomes: list = [None] * 4
+
+    def run(i):
+        def on_batch(n):
+            if i == 2:
+                raise RuntimeError("injected fault after a batch")
+        try:
+            outcomes[i] = worker.embed(samples(i, calls[i]), autocast=True, normalize=True, on_batch=on_batch)
+        except Exception as exc:  # noqa: BLE001
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert isinstance(outcomes[1], OSError) and "went away" in str(outcomes[1])
+    assert isinstance(outcomes[2], RuntimeError)
+    for i in (0, 3):
+        keys, emb, failures = outcomes[i]
+        assert keys == [k for k, _ in calls[i]] and emb.shape[0] == 10 and not failures
+    keys, emb, _ = worker.embed(iter(calls[2]), autocast=True, normalize=True)
+    assert keys == [k for k, _ in calls[2]]
+
+
+def test_calls_with_other_options_wait_for_a_stream_of_their_own(worker):
+    """A call that does not normalize, queued behind calls that do, is run in its own pass over the pipeline."""
+    calls = _calls(3, 9)
+    kinds = [True, False, True]
+    outcomes: list = [None] * 3
+
+    def run(i):
+        outcomes[i] = worker.embed(iter(calls[i]), autocast=True, normalize=kinds[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for i, (keys, emb, _) in enumerate(outcomes):
+        norms = np.linalg.norm(emb, axis=1)
+        assert keys == [k for k, _ in calls[i]]
+        assert np.allclose(norms, 1.0, atol=1e-5) == kinds[i]
+
+
+def test_close_finishes_the_waiting_calls_and_refuses_new_ones(tmp_path):
+    config = EmbedConfig(input=str(tmp_path), output=str(tmp_path), model_name=TINY_MODEL, pretrained=False,
+                         device="cpu", batch_size=4, num_threads_per_worker=1)
+    own = Worker(config)
+    calls = _calls(2, 6)
+    outcomes: list = [None] * 2
+    threads = [threading.Thread(target=lambda i=i: outcomes.__setitem__(i, own.embed(iter(calls[i]), autocast=True,
+                                                                                          normalize=True)))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    own.close()
+    for t in threads:
+        t.join(timeout=300)
+    assert [o[0] for o in outcomes] == [[k for k, _ in c] for c in calls]
+    with pytest.raises(RuntimeError, match="closed"):
+        own.embed(iter(calls[0]), autocast=True, normalize=True)

@@ -29,8 +29,8 @@ def visible_gpus() -> int:
 # through the worker's pipeline and model while the others do what needs no GPU (Prefect's state and cache calls,
 # reading metadata, joining, validating and writing tables, the fidelity reference), so the GPU does not wait for
 # that work between shards. Three, not two: for a fast model (ResNet-50 embeds a 10,000-image shard in under a
-# second on an H200) one shard's bookkeeping takes longer than the next one's embedding. The worker's lock
-# (wdsembed.worker.Worker.lock) keeps the pipeline to one shard at a time.
+# second on an H200) one shard's bookkeeping takes longer than the next one's embedding. The worker's stream
+# (wdsembed.worker.Worker.embed) takes the shards' samples one shard after the other, the next right behind.
 SHARDS_PER_GPU = 3
 GPU_SHARE_PER_SHARD = 0.33  # not 1/3: three of those can add up to a hair over 1.0 in Dask's resource accounting
 

@@ -147,6 +147,12 @@ class PreprocessedBatch:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of samples that failed here
 
 
+# A key that ends the current batch where it appears in `ImagePipeline.process`'s samples, (BATCH_END, None):
+# what is gathered so far is fed as a short batch. It keeps a batch to one caller's samples where several callers'
+# samples follow each other in one stream (wdsembed.worker), so each caller's batches are the ones it would get alone.
+BATCH_END = object()
+
+
 @dataclass
 class _Batch:
     keys: list[str]
@@ -334,6 +340,7 @@ class ImagePipeline:
         iterates): ready for work queued on it, and given back to DALI in its order once released.
 
         Batches come out in input order except that the parts of a batch that had a bad image come out later.
+        Keys are opaque here (any hashable). A (BATCH_END, None) pair ends the batch being gathered (see BATCH_END).
         The byte buffers must stay unmodified until the batch holding them has come out (a batch with a bad image
         is fed again from them; with copy_inputs=False DALI also reads them in place).
         """
@@ -470,6 +477,13 @@ class ImagePipeline:
             return _Batch(keys, datas, tensors, np.concatenate(sizes) if sizes else np.zeros((0, 2), np.int64))
 
         for key, data in samples:
+            if key is BATCH_END:  # the stream asks for a batch boundary here: the batch so far goes out short
+                if sniffed:
+                    settle()
+                if keys or rejected:
+                    yield batch(), rejected
+                    keys, datas, tensors, sizes, rejected = [], [], [], [], []
+                continue
             why = "no image data" if data is None else sniff_image(data)
             if why is not None:
                 rejected.append((key, why))

@@ -168,15 +168,13 @@ def process_shard(
     storage.prefetch_shards([plan.shard], config.storage_options)
     # The fidelity sample is picked as the images stream past (a few kept, never the shard).
     sample = fidelity.SampleCollector(fidelity.shard_quota(config.fidelity_sample, plan.run_shards))
-    with worker.lock:
-        timeline["embed_start"] = time.time()
-        keys, embeddings, failures = worker.embed(
-            sample.wrap(tar.images()), autocast=config.autocast, normalize=config.normalize_embeddings,
-            on_batch=faults.batch_hook(plan.stem, on_progress),
-        )
-        timeline["embed_end"] = time.time()
-    # The reference runs beside the table building and validation below, after the pipeline is released (another
-    # shard may use it meanwhile; on a GPU the reference is the worker's float32 copy of the model, beside it).
+    # The worker's stream takes this shard's samples right behind those of the shard before it (another thread's).
+    keys, embeddings, failures = worker.embed(
+        sample.wrap(tar.images()), autocast=config.autocast, normalize=config.normalize_embeddings,
+        on_batch=faults.batch_hook(plan.stem, on_progress), timeline=timeline,
+    )
+    # The reference runs beside the table building and validation below, while the stream goes on with the next
+    # shard (on a GPU the reference is the worker's float32 copy of the model, beside it).
     chosen = sample.chosen()
     reference = fidelity.start_reference(worker, chosen, config.max_image_pixels or None)
     warnings += tar.finish()

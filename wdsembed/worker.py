@@ -2,15 +2,25 @@
 
 Nothing here imports Prefect. One `Worker` per process and configuration (`Worker.for_config`); a Dask worker
 keeps it for its whole life, so the model loads once per GPU, not once per shard.
+
+The shards a process is handed at once (a GPU worker's Dask threads hold SHARDS_PER_GPU of them) go through one
+stream: a thread of the Worker runs the model over the pipeline's batches, and each shard's samples are fed right
+behind the previous shard's, so DALI and the model stay busy across shard boundaries instead of draining at the end
+of each shard and filling again at the start of the next.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import contextvars
+import itertools
 import json
 import logging
 import os
+import queue
 import threading
-from typing import Callable, ClassVar, Iterator, Optional
+import time
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import numpy as np
 
@@ -83,9 +93,15 @@ class Worker:
         # every blocking stream and synchronous copy in the process, the decoder's included, which would
         # serialize decoding with the model instead of overlapping them.
         self.stream = torch.cuda.Stream(torch.device(self.device)) if device_id is not None else None
-        # One shard at a time through the pipeline: the threads of one Dask worker can be handed two embedding
-        # tasks at once (a scheduler whose workers declare no GPU resource), and the second waits here.
-        self.lock = threading.RLock()
+        # Each call's embeddings leave the GPU on a stream of their own, so that the copy waits for that call's
+        # batches only, not for the next call's, queued behind them on the model's stream.
+        self._copy_stream = torch.cuda.Stream(torch.device(self.device)) if device_id is not None else None
+        # The calls waiting for the stream, in order (None: close), and the thread that runs it (started on first use).
+        self._pending: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._streamer: Optional[threading.Thread] = None
+        self._closed = False
+        self._model_lock = threading.Lock()  # the model, between the stream and a float32 fidelity reference
         self._reference = None  # built on first use (fidelity check)
         self._reference_lock = threading.Lock()
         self.info = {
@@ -110,7 +126,7 @@ class Worker:
             if self._reference is None:
                 transform = timm.data.create_transform(**self.loaded.data_config)
                 if self.loaded.dtype == torch.float32:
-                    self._reference = (transform, self.loaded, self.lock)
+                    self._reference = (transform, self.loaded, self._model_lock)
                 else:
                     self._reference = (transform, self._float32_copy, threading.Lock())
             return self._reference
@@ -134,35 +150,180 @@ class Worker:
             return worker
 
     def close(self) -> None:
-        """Give the pipeline's memory back (the model goes with the last reference)."""
-        with self.lock:
-            self.pipeline.close()
+        """Finish the calls already waiting, stop the stream, and give the pipeline's memory back (the model goes
+        with the last reference)."""
+        with self._cv:
+            if not self._closed:
+                self._closed = True
+                self._pending.append(None)
+                self._cv.notify_all()
+        if self._streamer is not None and self._streamer is not threading.current_thread():
+            self._streamer.join()
+        self.pipeline.close()
 
     def embed(
         self, samples: Iterator[tuple[str, bytes]], *, autocast: bool, normalize: bool,
-        on_batch: Callable[[int], None] = lambda n: None,
+        on_batch: Callable[[int], None] = lambda n: None, timeline: Optional[dict] = None,
     ) -> tuple[list[str], np.ndarray, dict[str, str]]:
-        """Stream (key, bytes) through DALI and the model; returns keys, their (N, dim) embeddings, and failures."""
+        """Stream (key, bytes) through DALI and the model; returns keys, their (N, dim) embeddings, and failures.
+
+        Calls from several threads share the Worker's stream, in the order they come: each call's samples are fed
+        right behind the previous call's (the same autocast and normalize), and its batches hold only its own
+        samples, cut as they would be if it were alone. `on_batch(n)` runs in this thread, once per batch, with the
+        number of its samples that came out (embedded or failed). `timeline` (a dict), where given, gets
+        "embed_start" and "embed_end": when the stream began reading the samples and when their last batch was
+        done.
+        """
+        job = _Job(iter(samples), (autocast, normalize))
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("this Worker is closed")
+            if self._streamer is None:
+                self._streamer = threading.Thread(target=self._stream_calls, name="wdsembed-stream", daemon=True)
+                self._streamer.start()
+            self._pending.append(job)
+            self._cv.notify_all()
+        try:
+            while True:
+                kind, value = job.events.get()
+                if kind == "progress":
+                    on_batch(value)
+                elif kind == "error":
+                    raise value
+                else:
+                    break
+        except BaseException:
+            job.cancelled = True  # the stream stops reading its samples and drops what is still in flight of it
+            raise
+        finally:
+            if timeline is not None:
+                timeline["embed_start"] = job.started or time.time()
+                timeline["embed_end"] = job.ended or time.time()
+        return job.keys, self._to_host(job.result), job.failures
+
+    # -- the stream ----------------------------------------------------------------------------------------------
+
+    def _stream_calls(self) -> None:
+        """The stream's thread: the waiting calls, run back to back until close()."""
+        while True:
+            with self._cv:
+                while not self._pending:
+                    self._cv.wait()
+                first = self._pending.popleft()
+            if first is None:
+                return
+            self._run(first)
+
+    def _next_call(self, flags: tuple) -> Optional["_Job"]:
+        """The next waiting call, where it can join the running stream (same autocast and normalize); else None,
+        and the stream ends once what is in it is done."""
+        with self._cv:
+            if self._pending and self._pending[0] is not None and self._pending[0].flags == flags:
+                return self._pending.popleft()
+        return None
+
+    def _run(self, first: "_Job") -> None:
+        """One pass of the pipeline over `first` and the calls that come while it runs; each call finishes as soon
+        as its own last batch is done."""
         import torch
 
-        keys: list[str] = []
-        chunks: list = []
-        failures: dict[str, str] = {}
+        from wdsembed.pipeline import BATCH_END
+
+        flags = first.flags
+        live: dict[int, _Job] = {}  # calls with samples in the stream, by the number their keys are tagged with
+        numbers = itertools.count()
+
+        def tagged_samples() -> Iterator[tuple[Any, Any]]:  # runs in the pipeline's feeding thread
+            job: Optional[_Job] = first
+            while job is not None:
+                number = next(numbers)
+                live[number] = job
+                job.started = time.time()
+                try:
+                    for key, data in job.samples:
+                        if job.cancelled:
+                            break
+                        job.fed += 1
+                        yield (number, key), data
+                except GeneratorExit:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - the call's own samples failed (an unreadable shard)
+                    job.fail(exc)
+                job.fed_all = True
+                yield BATCH_END, None  # the next call's samples start a batch of their own
+                job = self._next_call(flags)
+
         on_stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
-        # Reading and DALI run a batch or two ahead in their own thread while the model works on this one.
-        with self.lock, on_stream:
-            for batch in in_background(self.pipeline.process(samples, cuda_stream=self.stream), depth=2):
-                failures.update(batch.failures)
-                if batch.keys:
-                    # Stays on the device until the shard ends: one copy back, no sync per batch.
-                    chunks.append(self._model(batch.images, autocast=autocast, normalize=normalize))
-                    keys.extend(batch.keys)
-                on_batch(len(batch.keys) + len(batch.failures))
-            if chunks:
-                embeddings = torch.cat(chunks).float().cpu().numpy()
-            else:
-                embeddings = np.zeros((0, self.loaded.dim), dtype=np.float32)
-        return keys, embeddings, failures
+        try:
+            with on_stream:
+                for batch in in_background(self.pipeline.process(tagged_samples(), cuda_stream=self.stream), depth=2):
+                    self._take(batch, live, flags)
+                    self._finish_done(live)
+        except BaseException as exc:  # noqa: BLE001 - the pipeline broke: every call in it fails with the reason
+            for job in live.values():
+                job.fail(exc)
+            live.clear()
+        self._finish_done(live)
+        for job in live.values():  # cannot happen: every sample comes out of the pipeline once
+            job.fail(RuntimeError(f"{job.fed - job.out} samples did not come out of the pipeline"))
+
+    def _take(self, batch, live: dict, flags: tuple) -> None:
+        """Route one batch of the pipeline's output to its call: the model on its images, the failures by key."""
+        counts: collections.Counter = collections.Counter()
+        for (number, key), reason in batch.failures:
+            live[number].failures[key] = reason
+            counts[number] += 1
+        if batch.keys:
+            number = batch.keys[0][0]
+            if batch.keys[-1][0] != number:  # BATCH_END keeps a batch to one call; rows must never change hands
+                raise RuntimeError("a batch holds the samples of two calls")
+            job = live[number]
+            if not job.closed:
+                try:
+                    with self._model_lock:
+                        # in the call's own context: its log lines (out of memory) go to its task run's logs
+                        out = job.context.run(self._model, batch.images, autocast=flags[0], normalize=flags[1])
+                except Exception as exc:  # noqa: BLE001 - that call fails; the others go on
+                    job.fail(exc)
+                else:
+                    job.chunks.append(out)  # stays on the device until the call's last batch: one copy back
+                    job.keys.extend(key for _, key in batch.keys)
+            counts[number] += len(batch.keys)
+        for number, n in counts.items():
+            job = live[number]
+            job.out += n
+            if not job.closed:
+                job.events.put(("progress", n))
+
+    def _finish_done(self, live: dict) -> None:
+        """Finish the calls whose samples have all been read and have all come out."""
+        import torch
+
+        for number, job in list(live.items()):
+            if job.fed_all and job.out >= job.fed:
+                del live[number]
+                if job.closed:
+                    continue
+                embeddings = torch.cat(job.chunks).float() if job.chunks else None
+                ready = None
+                if embeddings is not None and self.stream is not None:
+                    ready = torch.cuda.Event()
+                    ready.record(self.stream)
+                job.chunks = []
+                job.finish((embeddings, ready))
+
+    def _to_host(self, result: tuple) -> np.ndarray:
+        """A call's embeddings as float32 NumPy, copied once its own batches are done (in the caller's thread)."""
+        import torch
+
+        embeddings, ready = result
+        if embeddings is None:
+            return np.zeros((0, self.loaded.dim), dtype=np.float32)
+        if ready is None:
+            return embeddings.numpy()
+        ready.synchronize()
+        with torch.cuda.stream(self._copy_stream):
+            return embeddings.cpu().numpy()
 
     def _model(self, images: "torch.Tensor", *, autocast: bool, normalize: bool) -> "torch.Tensor":
         """The model on one batch. Out of GPU memory, the batch is run again in halves (and those in halves, down to
@@ -182,6 +343,37 @@ class Worker:
                     len(images) - half)
         return torch.cat([self._model(part, autocast=autocast, normalize=normalize)
                           for part in (images[:half], images[half:])])
+
+
+class _Job:
+    """One `Worker.embed` call in the stream: its samples, what has come out for it, and the queue its caller waits
+    on: ("progress", n) per batch, then ("done", None) or ("error", exception)."""
+
+    def __init__(self, samples: Iterator[tuple[str, bytes]], flags: tuple) -> None:
+        self.samples = samples
+        self.flags = flags  # (autocast, normalize)
+        self.context = contextvars.copy_context()  # the caller's: a Prefect task run's, where there is one
+        self.events: queue.Queue = queue.Queue()
+        self.keys: list[str] = []
+        self.chunks: list = []
+        self.failures: dict[str, str] = {}
+        self.result: tuple = (None, None)  # (embeddings on the device, the event after which they are ready)
+        self.fed = 0  # samples handed to the pipeline
+        self.out = 0  # samples come out of it, embedded or failed
+        self.fed_all = False
+        self.closed = False  # finished or failed: what still comes out of it is dropped
+        self.cancelled = False  # its caller stopped waiting
+        self.started: Optional[float] = None
+        self.ended: Optional[float] = None
+
+    def finish(self, result: tuple) -> None:
+        self.result, self.closed, self.ended = result, True, time.time()
+        self.events.put(("done", None))
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.closed:
+            self.closed, self.ended, self.chunks = True, time.time(), []
+            self.events.put(("error", exc))
 
 
 def _leave_cores_to_dali(dali_threads: int) -> None:
