@@ -205,7 +205,8 @@ def ladder(args: argparse.Namespace) -> int:
         see whether streams sharing the GPU's 8 default hardware queues hold DALI behind the model. Measured once and dropped, with no effect (ViT-B/16, nvidia-h200, about 7,350 images/s each): the
         model on a high-priority stream, every JPEG to the hardware decoder, the model as one CUDA graph, and the
         batches copied out of DALI on a stream of their own instead of the model's. And L10 as one Worker.embed
-        call per shard, back to back: what a shard boundary costs (the pipeline drained and filled again).
+        call per shard, back to back: what a shard boundary costs (the pipeline drained and filled again); and
+        from three threads at once, where the worker's stream feeds each shard right behind the previous one.
     L11 process_shard, one shard at a time, and three at a time in threads as a GPU worker runs them (no Dask, no
         Prefect); each with its last pass's timeline: pipeline time in shards, idle between them, step medians.
     Also: the tar reader and the host checks alone, no DALI, microseconds per image on this CPU.
@@ -442,6 +443,22 @@ def ladder(args: argparse.Namespace) -> int:
             n += len(worker.embed(samples_, autocast=True, normalize=True)[0])
         return n
     runs["L10 one call per shard"] = one_call_per_shard
+
+    def calls_at_once(at_once: int):
+        # L10 as one Worker.embed call per shard from `at_once` threads, as a GPU worker's Dask threads make them:
+        # the worker's stream feeds each shard right behind the previous one (no drain at the boundaries).
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(item):
+            tar, data = item
+            samples_ = ((s.key, s.image) for s in shards.iter_samples(io.BytesIO(data), extensions=("jpg",), shard=tar))
+            return len(worker.embed(samples_, autocast=True, normalize=True)[0])
+
+        def run():
+            with ThreadPoolExecutor(at_once) as pool:
+                return sum(pool.map(one, tar_bytes))
+        return run
+    runs["L10 one call per shard, 3 threads"] = calls_at_once(3)
     timelines: dict[str, list] = {}
     for at_once in (1, 3):
         name = f"L11 process_shard, {at_once} shard{'s' if at_once > 1 else ''} at a time"
@@ -507,10 +524,12 @@ def shard_times(name: str, timelines: list[dict]) -> str:
     summed), the pipeline's idle time between them, and each step's median per shard."""
     import statistics
 
-    spans = sorted((t["embed_start"], t["embed_end"]) for t in timelines)
+    from bench.throughput import merged
+
+    spans = merged([(t["embed_start"], t["embed_end"]) for t in timelines])  # the next shard's starts in the last's
     wall = max(t["end"] for t in timelines) - min(t["start"] for t in timelines)
     inside = sum(b - a for a, b in spans)
-    idle = sum(max(0.0, spans[i + 1][0] - spans[i][1]) for i in range(len(spans) - 1))
+    idle = sum(b[0] - a[1] for a, b in zip(spans, spans[1:]))
     steps = [("start", "embed_start"), ("embed_start", "embed_end"), ("embed_end", "table"), ("table", "validated"),
              ("validated", "checked"), ("checked", "end")]
     medians = ", ".join(f"{b} {statistics.median(t[b] - t[a] for t in timelines):.3f}" for a, b in steps

@@ -276,18 +276,20 @@ def s3_flow(name: str, work: str, data: str, warm: str, out: str, device: str, b
 
 
 def embedding_spans(manifest: dict, wall: float, started: Optional[float] = None) -> dict:
-    """Where a run's wall time went: the rate while shards stream through the pipelines (images over the summed
-    embedding times of the shards, per worker: a worker embeds one shard at a time), and the seconds of the run
+    """Where a run's wall time went: the rate while shards stream through the pipelines (images over the time
+    covered by the shards' embedding spans, per worker: a worker's stream takes its shards one behind the other, the
+    next one's span starting while the previous one's last batches finish), and the seconds of the run
     outside every worker's embedding span (flow start, indexing, the last shards' bookkeeping, the report)."""
     shards = [s for s in manifest["shards"].values() if "embed_start" in (s.get("timeline") or {})]
     if not shards:
         return {}
-    per_worker: dict[str, list[float]] = {}  # worker -> [images, seconds embedding]
+    per_worker: dict[str, list] = {}  # worker -> [images, its shards' embedding spans]
     for s in shards:
         t = s["timeline"]
-        acc = per_worker.setdefault(t["worker"], [0.0, 0.0])
+        acc = per_worker.setdefault(t["worker"], [0.0, []])
         acc[0] += s.get("embedded", 0)
-        acc[1] += t["embed_end"] - t["embed_start"]
+        acc[1].append((t["embed_start"], t["embed_end"]))
+    per_worker = {w: (n, sum(b - a for a, b in merged(spans))) for w, (n, spans) in per_worker.items()}
     first = min(s["timeline"]["embed_start"] for s in shards)
     last = max(s["timeline"]["embed_end"] for s in shards)
     # The median seconds of each step of a shard after its embedding (wdsembed.shard.process_shard's timeline).
@@ -316,10 +318,21 @@ def idle_fraction(manifest: dict) -> float:
             spans.setdefault(t["worker"], []).append((t["embed_start"], t["embed_end"]))
     total = idle = 0.0
     for intervals in spans.values():
-        intervals.sort()
-        total += intervals[-1][1] - intervals[0][0]
-        idle += sum(max(0.0, b[0] - a[1]) for a, b in zip(intervals, intervals[1:]))
+        covered = merged(intervals)
+        total += covered[-1][1] - covered[0][0]
+        idle += sum(b[0] - a[1] for a, b in zip(covered, covered[1:]))
     return round(idle / total, 4) if total > 0 else 0.0
+
+
+def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of [start, end] intervals, as sorted disjoint intervals (spans that overlap count once)."""
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def compare_outputs(reference: str, other: str, embedding_column: str = "image_embedding") -> dict:

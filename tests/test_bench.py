@@ -50,3 +50,19 @@ def test_output_comparison_sees_one_changed_embedding(tmp_path):
     assert compare_outputs(str(tmp_path / "x"), str(tmp_path / "y"))["identical"]
     changed = compare_outputs(str(tmp_path / "x"), str(tmp_path / "z"))
     assert not changed["identical"] and changed["max_abs_embedding_difference"] == 0.25
+
+
+def test_idle_time_counts_the_gaps_no_shard_covers():
+    """A worker's stream starts the next shard while the previous one's last batches finish: the spans overlap,
+    and only time that no span covers is idle (a span inside another hides no gap)."""
+    sys.path.insert(0, ROOT)
+    from bench.throughput import embedding_spans, idle_fraction, merged
+
+    assert merged([(5, 6), (0, 10), (1, 2), (12, 13), (12.5, 14)]) == [(0, 10), (12, 14)]
+    shard = lambda w, a, b: {"embedded": 100, "timeline": {"worker": w, "embed_start": a, "embed_end": b}}  # noqa: E731
+    manifest = {"shards": {"a": shard("w1", 0, 10), "b": shard("w1", 1, 2), "c": shard("w1", 5, 6),
+                           "d": shard("w1", 12, 14), "e": shard("w2", 0, 4)}}
+    # w1: covered 0-10 and 12-14 (2 s idle of 14); w2: 4 s, no gap
+    assert idle_fraction(manifest) == round(2 / 18, 4)
+    # images over covered seconds: w1 400 / 12, w2 100 / 4
+    assert embedding_spans(manifest, wall=20.0)["in_shard_images_per_second"] == round(400 / 12 + 100 / 4, 1)

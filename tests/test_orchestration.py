@@ -546,7 +546,7 @@ def one_worker_cluster(request):
 @pytest.mark.parametrize("one_worker_cluster", [{"GPU": 1}], indirect=True)
 def test_gpu_resource_keeps_two_shards_off_one_worker(tmp_path, one_worker_cluster):
     """Workers that declare a GPU: every embedding task asks for its share of it from the first run on, so the
-    worker holds at most SHARDS_PER_GPU shards (one thread fewer than it has), and its pipeline one at a time."""
+    worker holds at most SHARDS_PER_GPU shards (one thread fewer than it has), and its stream reads one at a time."""
     from wdsembed.cluster import SHARDS_PER_GPU
 
     data = make_dataset(tmp_path / "in", n_shards=4)  # one more than a GPU worker may hold
@@ -557,19 +557,20 @@ def test_gpu_resource_keeps_two_shards_off_one_worker(tmp_path, one_worker_clust
     assert len({s["timeline"]["worker"] for s in manifest["shards"].values()}) == 1
     # Whole task bodies, waits included: with the resource, the scheduler hands the worker SHARDS_PER_GPU at most.
     assert _most_at_once(manifest, "start", "end") <= SHARDS_PER_GPU
-    assert _overlaps(manifest, "embed_start", "embed_end") == []  # the pipeline served one shard at a time
+    # the worker's stream read one shard at a time, each right behind the previous one
+    assert _overlaps(manifest, "embed_start", "embed_fed") == []
     check_outputs(config, STEMS4)
 
 
 @pytest.mark.parametrize("one_worker_cluster", [None], indirect=True)
 def test_worker_serialises_shards_where_no_resource_is_declared(tmp_path, one_worker_cluster):
     """Workers that declare nothing (any external scheduler): several shards can reach one worker's threads at
-    once; each waits for the pipeline instead of failing."""
+    once; each waits for its turn in the worker's stream instead of failing."""
     data = make_dataset(tmp_path / "in", n_shards=4)
     config = make_config(data, tmp_path / "out", dask_address=one_worker_cluster.scheduler_address, n_workers=None)
     manifest, _ = embed(config)
     assert isinstance(manifest, dict), manifest
     assert manifest["totals"]["computed"] == 4 and not manifest["failed_shards"]
-    assert _overlaps(manifest, "embed_start", "embed_end") == []  # the pipeline served one shard at a time
+    assert _overlaps(manifest, "embed_start", "embed_fed") == []  # the stream read one shard at a time
     assert _overlaps(manifest, "start", "end"), "the threads should have been handed shards together"
     check_outputs(config, STEMS4)

@@ -171,8 +171,8 @@ class Worker:
         right behind the previous call's (the same autocast and normalize), and its batches hold only its own
         samples, cut as they would be if it were alone. `on_batch(n)` runs in this thread, once per batch, with the
         number of its samples that came out (embedded or failed). `timeline` (a dict), where given, gets
-        "embed_start" and "embed_end": when the stream began reading the samples and when their last batch was
-        done.
+        "embed_start", "embed_fed" and "embed_end": when the stream began reading the samples, when it had read
+        them all, and when their last batch was done (the next call's samples are read from "embed_fed" on).
         """
         job = _Job(iter(samples), (autocast, normalize))
         with self._cv:
@@ -197,8 +197,8 @@ class Worker:
             raise
         finally:
             if timeline is not None:
-                timeline["embed_start"] = job.started or time.time()
-                timeline["embed_end"] = job.ended or time.time()
+                now = time.time()
+                timeline.update(embed_start=job.started or now, embed_fed=job.fed_at or now, embed_end=job.ended or now)
         return job.keys, self._to_host(job.result), job.failures
 
     # -- the stream ----------------------------------------------------------------------------------------------
@@ -212,7 +212,11 @@ class Worker:
                 first = self._pending.popleft()
             if first is None:
                 return
-            self._run(first)
+            try:
+                self._run(first)
+            except BaseException as exc:  # noqa: BLE001 - a fault of the stream itself: fail its call, keep serving
+                log.exception("the embedding stream failed")
+                first.fail(exc)
 
     def _next_call(self, flags: tuple) -> Optional["_Job"]:
         """The next waiting call, where it can join the running stream (same autocast and normalize); else None,
@@ -249,7 +253,7 @@ class Worker:
                     raise
                 except BaseException as exc:  # noqa: BLE001 - the call's own samples failed (an unreadable shard)
                     job.fail(exc)
-                job.fed_all = True
+                job.fed_at, job.fed_all = time.time(), True
                 yield BATCH_END, None  # the next call's samples start a batch of their own
                 job = self._next_call(flags)
 
@@ -259,11 +263,11 @@ class Worker:
                 for batch in in_background(self.pipeline.process(tagged_samples(), cuda_stream=self.stream), depth=2):
                     self._take(batch, live, flags)
                     self._finish_done(live)
+                self._finish_done(live)
         except BaseException as exc:  # noqa: BLE001 - the pipeline broke: every call in it fails with the reason
             for job in live.values():
                 job.fail(exc)
             live.clear()
-        self._finish_done(live)
         for job in live.values():  # cannot happen: every sample comes out of the pipeline once
             job.fail(RuntimeError(f"{job.fed - job.out} samples did not come out of the pipeline"))
 
@@ -304,11 +308,15 @@ class Worker:
                 del live[number]
                 if job.closed:
                     continue
-                embeddings = torch.cat(job.chunks).float() if job.chunks else None
-                ready = None
-                if embeddings is not None and self.stream is not None:
-                    ready = torch.cuda.Event()
-                    ready.record(self.stream)
+                try:
+                    embeddings = torch.cat(job.chunks).float() if job.chunks else None
+                    ready = None
+                    if embeddings is not None and self.stream is not None:
+                        ready = torch.cuda.Event()
+                        ready.record(self.stream)
+                except Exception as exc:  # noqa: BLE001 - e.g. out of memory joining a large shard: that call fails
+                    job.fail(exc)
+                    continue
                 job.chunks = []
                 job.finish((embeddings, ready))
 
@@ -363,8 +371,9 @@ class _Job:
         self.fed_all = False
         self.closed = False  # finished or failed: what still comes out of it is dropped
         self.cancelled = False  # its caller stopped waiting
-        self.started: Optional[float] = None
-        self.ended: Optional[float] = None
+        self.started: Optional[float] = None  # time.time() when the stream began reading its samples
+        self.fed_at: Optional[float] = None  # ... when it had read them all
+        self.ended: Optional[float] = None  # ... when their last batch was done
 
     def finish(self, result: tuple) -> None:
         self.result, self.closed, self.ended = result, True, time.time()
