@@ -105,6 +105,35 @@ def test_special_kinds_from_the_header():
     assert special_kind(jpeg(im)) is None
 
 
+def test_special_kinds_of_a_batch_are_those_of_each_image():
+    """The collector reads a batch's headers at once (JPEGs of one layout in one step): the same kinds as one image
+    at a time, for gray and CMYK layouts among colour ones, EXIF turns, PNGs, damage and non-images."""
+    import io
+    import random
+
+    from PIL import Image
+
+    from wdsembed.fidelity import special_kinds
+    from wdsembed.synthetic import make_image
+
+    def jpeg(im, **kw):
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", **kw)
+        return buf.getvalue()
+
+    rng = random.Random(4)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    sized = [make_image(rng.randint(8, 200), rng.randint(8, 200)) for _ in range(30)]
+    batch = [jpeg(im) for im in sized]
+    batch += [jpeg(im.convert("L")) for im in sized[:5]] + [jpeg(im.convert("CMYK")) for im in sized[:5]]
+    batch += [jpeg(sized[0], exif=exif.tobytes()), photo_images(1, fmt="png")[0].data, batch[0][:40], b"", b"junk"]
+    rng.shuffle(batch)
+    kinds = special_kinds(batch)
+    assert kinds == [special_kind(d) for d in batch]
+    assert {"grayscale", "cmyk", "exif-rotated", "png", None} <= set(kinds)
+
+
 def test_wrong_preprocessing_fails_the_run_naming_keys_and_a_lower_threshold_rechecks_cached(
         shards, tmp_path, monkeypatch):
     real = preprocess.PreprocessRecipe.from_data_config.__func__

@@ -388,8 +388,8 @@ def test_a_batch_of_one_layout_is_read_in_one_step():
 
     same, odd = _same_layout_batch()
     batch = odd[:3] + same + odd[3:]
-    settled = imagesize._jpeg_batch(batch, np.zeros((len(batch), 2), dtype=np.int64))
-    assert settled[3:3 + len(same)].all()
+    settled, _, components = imagesize.jpeg_frames(batch)
+    assert settled[3:3 + len(same)].all() and (components[3:3 + len(same)] == 3).all()
     # of the odd ones, only the two that make a layout of their own (no EXIF, nothing wrong) are settled: the one
     # with its own Huffman tables, and the one with an XMP block
     odd_rows = [0, 1, 2, *range(3 + len(same), len(batch))]

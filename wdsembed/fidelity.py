@@ -18,7 +18,7 @@ import math
 import threading
 import warnings
 from concurrent.futures import Future
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -68,6 +68,23 @@ def special_kind(data: bytes) -> Optional[str]:
     if head[:2] == b"\xff\xd8":
         return _jpeg_kind(data)
     return _pil_kind(data)
+
+
+_UNKNOWN = object()
+_OFFERED_AT_ONCE = 256
+
+
+def special_kinds(datas: list[bytes]) -> list[Optional[str]]:
+    """special_kind of each image: the JPEGs of one header layout from their frame headers, read for the batch in
+    one step (those hold no EXIF block: gray, CMYK or nothing special), the others one by one."""
+    from wdsembed.imagesize import jpeg_frames
+
+    settled, _, components = jpeg_frames(datas)
+    return [_BY_COMPONENTS.get(c) if ok else special_kind(d)
+            for d, ok, c in zip(datas, settled.tolist(), components.tolist())]
+
+
+_BY_COMPONENTS = {1: "grayscale", 4: "cmyk"}
 
 
 def _jpeg_kind(d: bytes) -> Optional[str]:
@@ -137,14 +154,32 @@ class SampleCollector:
         self._tiers: tuple[list, list, list] = ([], [], [])  # max-heaps on rank, as (-rank, key, bytes, kind)
 
     def wrap(self, samples: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:
-        for key, data in samples:
-            if self.quota:
-                self.offer(key, data)
-            yield key, data
+        """`samples` as they are, each offered on the way: a batch of them at a time, so that the headers of a
+        batch's JPEGs are read in one step (this runs in the thread that feeds DALI)."""
+        if not self.quota:
+            yield from samples
+            return
+        chunk: list[tuple[str, bytes]] = []
+        for item in samples:
+            chunk.append(item)
+            if len(chunk) == _OFFERED_AT_ONCE:
+                self._offer_all(chunk)
+                yield from chunk
+                chunk = []
+        if chunk:
+            self._offer_all(chunk)
+            yield from chunk
 
-    def offer(self, key: str, data: bytes) -> None:
+    def _offer_all(self, items: list[tuple[str, bytes]]) -> None:
+        for (key, data), kind in zip(items, special_kinds([data for _, data in items])):
+            self.offer(key, data, kind)
+
+    def offer(self, key: str, data: bytes, kind: Any = _UNKNOWN) -> None:
+        """Keep the image if it ranks among the `quota` best of its tier so far; `kind` is its special_kind where
+        the caller knows it."""
         rank = _rank(key)
-        kind = special_kind(data)
+        if kind is _UNKNOWN:
+            kind = special_kind(data)
         heap = self._tiers[2 if kind is None else 1 if kind in _ODD else 0]
         if len(heap) < self.quota:
             heapq.heappush(heap, (-rank, key, bytes(data), kind))

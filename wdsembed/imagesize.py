@@ -63,7 +63,7 @@ def image_sizes(datas: Sequence[Bytes]) -> tuple[np.ndarray, dict[int, str]]:
     n = len(datas)
     sizes = np.zeros((n, 2), dtype=np.int64)
     errors: dict[int, str] = {}
-    settled = _jpeg_batch(datas, sizes) if n else np.zeros(0, dtype=bool)
+    settled, sizes, _ = jpeg_frames(datas)
     for i in np.flatnonzero(~settled).tolist():
         try:
             sizes[i] = image_size(datas[i])
@@ -76,15 +76,20 @@ _LAYOUTS_PER_BATCH = 3  # header layouts tried per batch before the rest go one 
 _EXIF_MARK = b"Exif\x00\x00"
 
 
-def _jpeg_batch(datas: Sequence[Bytes], sizes: np.ndarray) -> np.ndarray:
-    """Fill `sizes` for the JPEGs whose header has the same layout as another image of the batch; returns which rows
-    it settled. Encoders write one layout for all their images (the same segments, in the same order, of the same
-    lengths; only the frame size differs), so one image's header is walked as `_jpeg` walks it, and every image with
-    the same marker and length at each of its segment positions is walked the same way: its size is read at the
-    frame header's position, for the whole batch at once. Layouts with an EXIF block (which may turn the image) are
-    left to `image_size`."""
+def jpeg_frames(datas: Sequence[Bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The frame header of each JPEG whose header has the same layout as another image of the batch: which rows it
+    settled (N bools), their (height, width) (N, 2) and their colour components (N: 1 gray, 3 YCbCr, 4 CMYK/YCCK),
+    zeros where not settled. Settled images hold no EXIF block, so their size is the decoded one.
+
+    Encoders write one layout for all their images (the same segments, in the same order, of the same lengths; only
+    the frame size differs), so one image's header is walked as `_jpeg` walks it, and every image with the same
+    marker and length at each of its segment positions is walked the same way: its frame header is read at the same
+    position, for the whole batch at once. Layouts with an EXIF block (which may turn the image) are left to
+    `image_size`."""
     n = len(datas)
     settled = np.zeros(n, dtype=bool)
+    sizes = np.zeros((n, 2), dtype=np.int64)
+    components = np.zeros(n, dtype=np.int64)
     todo = np.arange(n)
     block = lengths = None  # every image's first bytes, one row each (zero-padded), made once the first layout is known
     for _ in range(_LAYOUTS_PER_BATCH):
@@ -95,7 +100,8 @@ def _jpeg_batch(datas: Sequence[Bytes], sizes: np.ndarray) -> np.ndarray:
         if layout is None:
             break
         segments, frame, end = layout
-        sizes[first], settled[first] = _SOF_FIELDS(datas[first], frame + 5)[:2], True
+        h, w, ncomp = _SOF_FIELDS(datas[first], frame + 5)
+        sizes[first], components[first], settled[first] = (h, w), ncomp, True
         if not todo.size:
             break
         if block is None:
@@ -109,9 +115,10 @@ def _jpeg_batch(datas: Sequence[Bytes], sizes: np.ndarray) -> np.ndarray:
         h, w = (fields[:, 0] << 8) | fields[:, 1], (fields[:, 2] << 8) | fields[:, 3]
         fine = (fields[:, 4] <= 4) & (h >= 1) & (w >= 1)  # else image_size says why
         sizes[same[fine], 0], sizes[same[fine], 1] = h[fine], w[fine]
+        components[same[fine]] = fields[fine, 4]
         settled[same[fine]] = True
         todo = todo[~settled[todo]]
-    return settled
+    return settled, sizes, components
 
 
 _HEAD_BYTES = 1024  # bytes copied per image for the batch walk: a re-encoded JPEG's header (JFIF, DQT, SOF, DHT)
