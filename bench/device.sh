@@ -4,6 +4,8 @@
 #   bash bench/device.sh probe [probe args...]   -> $OUT/probe.log (bench/dali_probe.py: where the GPU time goes)
 #   bash bench/device.sh smoke [smoke args...]   -> $OUT/smoke-1gpu.json (+ smoke-2gpu.json with two GPUs): the CLI
 #                                                  cold on small mixed shards, every row checked (bench/smoke.py)
+#   bash bench/device.sh first                   -> a fresh machine's first command (about 5 minutes): the smoke run
+#                                                  with one model, then the ladder's L10 and L11 rungs ($OUT/probe.log)
 set -u
 export PYTHONPATH=/tmp/site:$PWD
 export PREFECT_HOME=/tmp/prefect-home PREFECT_SERVER_ANALYTICS_ENABLED=false
@@ -13,6 +15,12 @@ if [ "${1:-}" = "probe" ]; then
   shift
   python bench/dali_probe.py "$@" 2>&1 | tee "${OUT:-/tmp}/probe.log"
   exit "${PIPESTATUS[0]}"
+fi
+if [ "${1:-}" = "first" ]; then
+  bash "$0" smoke --models resnet18.a1_in1k
+  rc=$?
+  bash "$0" probe --ladder --images 16000 --repeats 2 --rungs L10 L11
+  exit $((rc | $?))
 fi
 if [ "${1:-}" = "smoke" ]; then
   shift
