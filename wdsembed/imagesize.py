@@ -57,11 +57,8 @@ def image_size(data: Bytes) -> tuple[int, int]:
 def image_sizes(datas: Sequence[Bytes]) -> tuple[np.ndarray, dict[int, str]]:
     """`image_size` for a batch: an (N, 2) int64 array of (height, width), and the reason for each image that has
     none, by index (its row is (0, 0)). The same sizes and reasons as `image_size` one image at a time, at a fraction
-    of its cost for a batch of JPEGs: their segment headers are walked for the whole batch at once in NumPy, over a
-    copy of each image's first bytes, and only what that walk cannot settle (EXIF orientation, headers longer than
-    the copy, anything unusual) goes through `image_size` itself."""
-    n = len(datas)
-    sizes = np.zeros((n, 2), dtype=np.int64)
+    of its cost for a batch of JPEGs from one encoder (`jpeg_frames`); what that cannot settle (EXIF orientation,
+    long headers, other formats, anything unusual) goes through `image_size` itself."""
     errors: dict[int, str] = {}
     settled, sizes, _ = jpeg_frames(datas)
     for i in np.flatnonzero(~settled).tolist():
@@ -77,7 +74,7 @@ _EXIF_MARK = b"Exif\x00\x00"
 
 
 def jpeg_frames(datas: Sequence[Bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The frame header of each JPEG whose header has the same layout as another image of the batch: which rows it
+    """The frame header of the batch's JPEGs that share a header layout (up to three layouts): which rows it
     settled (N bools), their (height, width) (N, 2) and their colour components (N: 1 gray, 3 YCbCr, 4 CMYK/YCCK),
     zeros where not settled. Settled images hold no EXIF block, so their size is the decoded one.
 

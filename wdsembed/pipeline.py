@@ -440,7 +440,7 @@ class ImagePipeline:
 
         # Per-sample work is kept to a sniff, an end-of-image check and a zero-copy TensorCPU view (~1.5 us): DALI's
         # feed_input would otherwise inspect and wrap each numpy array in Python, about twice as slow. The header
-        # sizes are read for a batch at once (imagesize.image_sizes: a fraction of a microsecond per JPEG).
+        # sizes are read for a batch at once (imagesize.image_sizes: about a microsecond per JPEG of one encoder).
         keys: list[str] = []
         datas: list[bytes | memoryview] = []
         tensors: list[Any] = []
@@ -455,7 +455,7 @@ class ImagePipeline:
             too_large = (hw[:, 0] * hw[:, 1] > limit) if limit is not None else np.zeros(len(sniffed), dtype=bool)
             kept = []
             for i, (key, data) in enumerate(sniffed):
-                if unreadable and i in unreadable:
+                if i in unreadable:
                     rejected.append((key, explain_decode_failure(data, unreadable[i])))
                     continue
                 if too_large[i]:  # decompression-bomb guard: never fed, never decoded
@@ -473,16 +473,19 @@ class ImagePipeline:
             sizes.append(hw[kept])
             sniffed.clear()
 
-        def batch() -> _Batch:
-            return _Batch(keys, datas, tensors, np.concatenate(sizes) if sizes else np.zeros((0, 2), np.int64))
+        def take() -> tuple[_Batch, list[tuple[str, str]]]:
+            """The batch gathered so far and the samples refused on the way; the next one starts empty."""
+            nonlocal keys, datas, tensors, sizes, rejected
+            out = _Batch(keys, datas, tensors, np.concatenate(sizes) if sizes else np.zeros((0, 2), np.int64)), rejected
+            keys, datas, tensors, sizes, rejected = [], [], [], [], []
+            return out
 
         for key, data in samples:
             if key is BATCH_END:  # the stream asks for a batch boundary here: the batch so far goes out short
                 if sniffed:
                     settle()
                 if keys or rejected:
-                    yield batch(), rejected
-                    keys, datas, tensors, sizes, rejected = [], [], [], [], []
+                    yield take()
                 continue
             why = "no image data" if data is None else sniff_image(data)
             if why is not None:
@@ -492,12 +495,11 @@ class ImagePipeline:
             if len(keys) + len(sniffed) == self.batch_size:
                 settle()
                 if len(keys) == self.batch_size:
-                    yield batch(), rejected
-                    keys, datas, tensors, sizes, rejected = [], [], [], [], []
+                    yield take()
         if sniffed:
             settle()
         if keys or rejected:
-            yield batch(), rejected
+            yield take()
 
     def _feed(self, batch: _Batch) -> None:
         geometry = self.recipe.geometry(batch.sizes[:, 0], batch.sizes[:, 1])  # before any input is fed

@@ -253,7 +253,7 @@ class Worker:
                     raise
                 except BaseException as exc:  # noqa: BLE001 - the call's own samples failed (an unreadable shard)
                     job.fail(exc)
-                job.fed_at, job.fed_all = time.time(), True
+                job.fed_at = time.time()
                 yield BATCH_END, None  # the next call's samples start a batch of their own
                 job = self._next_call(flags)
 
@@ -304,7 +304,7 @@ class Worker:
         import torch
 
         for number, job in list(live.items()):
-            if job.fed_all and job.out >= job.fed:
+            if job.fed_at is not None and job.out >= job.fed:
                 del live[number]
                 if job.closed:
                     continue
@@ -368,11 +368,10 @@ class _Job:
         self.result: tuple = (None, None)  # (embeddings on the device, the event after which they are ready)
         self.fed = 0  # samples handed to the pipeline
         self.out = 0  # samples come out of it, embedded or failed
-        self.fed_all = False
         self.closed = False  # finished or failed: what still comes out of it is dropped
         self.cancelled = False  # its caller stopped waiting
         self.started: Optional[float] = None  # time.time() when the stream began reading its samples
-        self.fed_at: Optional[float] = None  # ... when it had read them all
+        self.fed_at: Optional[float] = None  # ... when it had read them all (then `fed` is final)
         self.ended: Optional[float] = None  # ... when their last batch was done
 
     def finish(self, result: tuple) -> None:
