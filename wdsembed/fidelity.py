@@ -18,7 +18,7 @@ import math
 import threading
 import warnings
 from concurrent.futures import Future
-from typing import Any, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -70,7 +70,6 @@ def special_kind(data: bytes) -> Optional[str]:
     return _pil_kind(data)
 
 
-_UNKNOWN = object()
 _OFFERED_AT_ONCE = 256
 
 
@@ -174,12 +173,9 @@ class SampleCollector:
         for (key, data), kind in zip(items, special_kinds([data for _, data in items])):
             self.offer(key, data, kind)
 
-    def offer(self, key: str, data: bytes, kind: Any = _UNKNOWN) -> None:
-        """Keep the image if it ranks among the `quota` best of its tier so far; `kind` is its special_kind where
-        the caller knows it."""
+    def offer(self, key: str, data: bytes, kind: Optional[str]) -> None:
+        """Keep the image if it ranks among the `quota` best of its tier (by its special_kind) so far."""
         rank = _rank(key)
-        if kind is _UNKNOWN:
-            kind = special_kind(data)
         heap = self._tiers[2 if kind is None else 1 if kind in _ODD else 0]
         if len(heap) < self.quota:
             heapq.heappush(heap, (-rank, key, bytes(data), kind))
