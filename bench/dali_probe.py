@@ -463,6 +463,9 @@ def ladder(args: argparse.Namespace) -> int:
     for at_once in (1, 3):
         name = f"L11 process_shard, {at_once} shard{'s' if at_once > 1 else ''} at a time"
         runs[name] = shards_at_a_time(config, tars, at_once, timelines.setdefault(name, []))
+    closing = []
+    if gpu:
+        closing = contention_rungs(runs, worker, image_pipe, from_tars, stream, embed, swapped, B, T, device_id)
     if args.rungs:
         runs = {k: v for k, v in runs.items() if k.split()[0] in args.rungs or k.startswith("model only")}
     if args.worker_only:
@@ -491,6 +494,8 @@ def ladder(args: argparse.Namespace) -> int:
     image_pipe.close()
     deeper.close()
     one_image.close()
+    for pipe in closing:
+        pipe.close()
     worker.close()
     return 0
 
@@ -517,6 +522,93 @@ def shards_at_a_time(config, tars: list[str], at_once: int, timelines: list):
         timelines.append([r.timeline for r in results])
         return sum(r.embedded for r in results)
     return run
+
+
+def contention_rungs(runs, worker, image_pipe, from_tars, stream, embed, swapped, B, T, device_id) -> list:
+    """L12 (a GPU only): does the model slow DALI down on the GPU itself, and what undoes it?
+
+    - DALI alone (as L9), and the same while the model, captured as one CUDA graph (no launches to speak of, so
+      hardly any GIL), replays back to back in another thread: the drop is the GPU's own contention.
+    - Worker.embed with the model as a CUDA graph: the model's launches out of the GIL's way.
+    - Worker.embed with fewer JPEGs to the hardware decoder (its per-image colour conversion kernels queue behind
+      the model's kernels) and DALI alone that way (the CPU's Huffman decoding on the DALI threads).
+    Returns what to close at the end."""
+    import collections
+    import threading
+
+    import torch
+
+    from wdsembed.model import embed_batch
+    from wdsembed.pipeline import ImagePipeline
+    from wdsembed.threads import in_background
+
+    loaded = worker.loaded
+    layout = torch.channels_last if loaded.channels_last else torch.contiguous_format
+    static = torch.zeros(B, *worker.recipe.input_size, dtype=loaded.dtype, device=worker.device).contiguous(
+        memory_format=layout)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # handles, autotuning and lazy buffers before the capture
+            embed_batch(loaded, static, autocast=True, normalize=True)
+    side.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        static_out = embed_batch(loaded, static, autocast=True, normalize=True)
+    eager = worker._model
+
+    def graphed(images, *, autocast, normalize):
+        if images.shape != static.shape or not images.is_contiguous(memory_format=layout):
+            return eager(images, autocast=autocast, normalize=normalize)  # a shard's last, short batch
+        static.copy_(images)
+        graph.replay()
+        return static_out.clone()
+
+    def dali(pipe):
+        def run():
+            return sum(len(b.keys) for b in in_background(pipe.process(from_tars(), cuda_stream=stream)))
+        return run
+
+    def dali_beside_model():
+        stop, done = threading.Event(), [0]
+        hammer_stream = torch.cuda.Stream()
+
+        def hammer():
+            in_flight: collections.deque = collections.deque()
+            with torch.cuda.stream(hammer_stream):
+                while not stop.is_set():
+                    graph.replay()
+                    event = torch.cuda.Event()
+                    event.record(hammer_stream)
+                    in_flight.append(event)
+                    done[0] += B
+                    if len(in_flight) > 2:
+                        in_flight.popleft().synchronize()
+            hammer_stream.synchronize()
+
+        thread = threading.Thread(target=hammer, daemon=True)
+        start = time.perf_counter()
+        thread.start()
+        try:
+            return dali(image_pipe)()
+        finally:
+            stop.set()
+            thread.join()
+            print(f"  (the model beside DALI: {done[0] / (time.perf_counter() - start):,.0f} img/s)", flush=True)
+
+    def with_hw_load(load):
+        return ImagePipeline(worker.recipe, batch_size=B, num_threads=T, device_id=device_id,
+                             prefetch=worker.pipeline.prefetch, output_dtype=loaded.dtype,
+                             channels_last=loaded.channels_last, hw_decoder_load=load)
+
+    no_hw, half_hw = with_hw_load(0.0), with_hw_load(0.5)
+    runs["L12 DALI alone (L9)"] = dali(image_pipe)
+    runs["L12 DALI beside the model (a graph, another thread)"] = dali_beside_model
+    runs["L12 Worker.embed, the model as a CUDA graph"] = swapped(embed(None), _model=graphed)
+    runs["L12 Worker.embed, hw_decoder_load 0"] = swapped(embed(None), pipeline=no_hw)
+    runs["L12 Worker.embed, hw_decoder_load 0.5"] = swapped(embed(None), pipeline=half_hw)
+    runs["L12 DALI alone, hw_decoder_load 0"] = dali(no_hw)
+    return [no_hw, half_hw]
 
 
 def shard_times(name: str, timelines: list[dict]) -> str:

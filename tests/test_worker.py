@@ -196,3 +196,19 @@ def test_close_finishes_the_waiting_calls_and_refuses_new_ones(tmp_path):
     assert [o[0] for o in outcomes] == [[k for k, _ in c] for c in calls]
     with pytest.raises(RuntimeError, match="closed"):
         own.embed(iter(calls[0]), autocast=True, normalize=True)
+
+
+def test_gpu_processes_ask_for_every_hardware_queue_unless_the_user_chose(monkeypatch):
+    import subprocess
+    import sys
+
+    from wdsembed.worker import GPU_HARDWARE_QUEUES, use_all_hardware_queues
+
+    child = [sys.executable, "-c", "import os; print(os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS'))"]
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    use_all_hardware_queues()
+    # the GPU workers are processes started after it: CUDA reads the variable when their context is created
+    assert subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip() == str(GPU_HARDWARE_QUEUES)
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
+    use_all_hardware_queues()
+    assert subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip() == "8"

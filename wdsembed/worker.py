@@ -42,6 +42,20 @@ def resolve_device(device: str) -> str:
 
 GPU_PREFETCH = 4  # DALI iterations in flight on a GPU worker
 
+# CUDA's hardware work queues per process (CUDA_DEVICE_MAX_CONNECTIONS: 8 by default, 32 at most). A GPU worker runs
+# a dozen streams or more (the model's, DALI's, nvJPEG's, the copies'); with 8 queues several share one, and a DALI
+# kernel then waits behind every model kernel queued before it there. On one H200 (ViT-B/16, bench/dali_probe.py
+# --ladder), Worker.embed went from 8,100 to 9,238 images/s with 32, and DALI beside a model that never paused fell
+# from 22,983 to 401 images/s with 8 (docs/benchmarks.md).
+GPU_HARDWARE_QUEUES = 32
+
+
+def use_all_hardware_queues() -> None:
+    """Ask CUDA for GPU_HARDWARE_QUEUES hardware queues in this process and the processes it starts, unless the user
+    has set CUDA_DEVICE_MAX_CONNECTIONS. CUDA reads it when it creates a process's context, so this runs before any
+    CUDA work: where the GPU workers are started (they inherit it), and when a Worker is built in its own process."""
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", str(GPU_HARDWARE_QUEUES))
+
 
 class Worker:
     """The model and the DALI pipeline of one worker process, built once and reused for every shard."""
@@ -56,6 +70,8 @@ class Worker:
         from wdsembed.pipeline import ImagePipeline
         from wdsembed.preprocess import PreprocessRecipe
 
+        if config.device != "cpu":
+            use_all_hardware_queues()  # before the first CUDA call of this process creates its context
         self.device = device or resolve_device(config.device)
         if self.device.startswith("cuda"):
             _leave_cores_to_dali(config.num_threads_per_worker)
