@@ -196,7 +196,9 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
 
         # As the flow's own runner builds it (wdsembed/cluster.py), started here once so workers stay warm.
         from wdsembed.cluster import SHARDS_PER_GPU
+        from wdsembed.worker import use_all_hardware_queues
 
+        use_all_hardware_queues()  # inherited by the workers, as task_runner_kwargs does it for the flow
         cluster = LocalCUDACluster(n_workers=n_gpus, threads_per_worker=SHARDS_PER_GPU, resources={"GPU": 1},
                                    CUDA_VISIBLE_DEVICES=list(range(n_gpus)))
     else:  # the CPU stand-in: one worker process per "GPU"
