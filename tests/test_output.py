@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 
 import fsspec
 import numpy as np
@@ -384,3 +385,50 @@ def test_other_filesystems_write_a_temp_name_then_move(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="connection lost"):
         storage.write_atomic(fs, "_manifest.json", half_written)
     assert os.listdir(tmp_path) == ["_manifest.json"] and read_manifest("", fs) == {"run": 1}
+
+
+@pytest.mark.parametrize("where", ["file", "memory"])
+def test_what_must_exist_first_finishes_before_the_file_appears(tmp_path, where):
+    """before_commit runs after the content is written and before the file appears; where it fails, the file
+    keeps what it held, and no temp file is left."""
+    fs = fsspec.filesystem(where)
+    folder = str(tmp_path) if where == "file" else "memory://bucket/commit"
+    url = f"{folder}/00000.parquet"
+    write_parquet_atomic(_table(), url, fs, {"run": 1})
+    seen = []
+    write_parquet_atomic(_table().slice(0, 2), url, fs, {"run": 2},
+                         before_commit=lambda: seen.append(read_output_metadata(url, fs)))
+    assert seen == [{"run": 1}] and read_output_metadata(url, fs) == {"run": 2}
+
+    def view_failed():
+        raise OSError("the view could not be written")
+
+    with pytest.raises(OSError, match="view"):
+        write_parquet_atomic(_table(), url, fs, {"run": 3}, before_commit=view_failed)
+    assert read_output_metadata(url, fs) == {"run": 2}
+    assert [posixpath.basename(p) for p in fs.ls(folder, detail=False)] == ["00000.parquet"]
+
+
+def test_a_shard_whose_view_cannot_be_written_is_not_finished(tmp_path):
+    """The shard's table marks it finished and is written beside its kNN view, in parallel: it must never appear
+    without the view."""
+    from wdsembed.config import EmbedConfig
+    from wdsembed.output import EMBEDDINGS_FOLDER, embeddings_view_url
+    from wdsembed.shard import ShardPlan, ShardResult, write_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(out))
+    plan = ShardPlan(shard=str(tmp_path / "in" / "00001.tar"), stem="00001", fingerprint="f", rows=None,
+                     index=None, output=str(out / "00001.parquet"), expected_samples=None)
+    full = _shard_with_failures(1)
+    result = ShardResult(shard=plan.shard, stem="00001", output=plan.output, rows=6, embedded=3, dim=DIM)
+    (out / EMBEDDINGS_FOLDER).write_text("a file where the views' folder should be")
+    with pytest.raises(OSError):
+        write_output(config, plan, full, "k", result)
+    assert sorted(os.listdir(out)) == [EMBEDDINGS_FOLDER]  # no table, no temp file
+    (out / EMBEDDINGS_FOLDER).unlink()
+    write_output(config, plan, full, "k", result)
+    view = pq.read_table(embeddings_view_url(str(out), "00001"))
+    assert view.column("key").to_pylist() == ["1000000", "1000003", "1000005"]
+    assert pq.read_table(out / "00001.parquet").num_rows == 6

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -336,9 +336,10 @@ def summarize_table(
 # --------------------------------------------------------------------------------------------------- atomic writes
 
 
-def write_parquet_atomic(table: pa.Table, url: str, fs: Any, metadata: Mapping[str, Any]) -> None:
-    """Write `table` to `url` (a path on fsspec filesystem `fs`) whole or not at all (storage.write_atomic),
-    `metadata` as JSON in the footer.
+def write_parquet_atomic(table: pa.Table, url: str, fs: Any, metadata: Mapping[str, Any],
+                         before_commit: Callable[[], None] = lambda: None) -> None:
+    """Write `table` to `url` (a path on fsspec filesystem `fs`) whole or not at all (storage.write_atomic, which
+    runs `before_commit` just before the table appears), `metadata` as JSON in the footer.
 
     The JSON goes under the footer key ``wdsembed``; read it back cheaply with read_output_metadata.
     """
@@ -348,7 +349,7 @@ def write_parquet_atomic(table: pa.Table, url: str, fs: Any, metadata: Mapping[s
     # Dictionary encoding never pays off for float embeddings; keep it for the (often repetitive) other columns.
     list_cols = {f.name for f in table.schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)}
     use_dictionary = [c for c in table.column_names if c not in list_cols]
-    storage.write_atomic(fs, url, lambda f: pq.write_table(table, f, use_dictionary=use_dictionary))
+    storage.write_atomic(fs, url, lambda f: pq.write_table(table, f, use_dictionary=use_dictionary), before_commit)
 
 
 def read_output_metadata(url: str, fs: Any) -> Optional[dict]:

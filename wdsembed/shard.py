@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -372,9 +373,14 @@ def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: 
     run_only = ("cached", "seconds", "images_per_second", "timeline")  # this run's, not the output's
     stored = {k: v for k, v in result.to_dict().items() if k not in run_only}
     try:
-        output.write_embeddings_view(table, config, plan.stem, cache_key=key)  # first: a finished shard has its view
-        output.write_parquet_atomic(
-            table, path, fs, metadata={"cache_key": key, "normalized": config.normalize_embeddings, "result": stored},
-        )
+        # The kNN view is written in a thread while the table is (two large files: half the time), and the table,
+        # which marks the shard finished, appears only once its view has: a finished shard always has its view.
+        with ThreadPoolExecutor(1, thread_name_prefix="wdsembed-view") as pool:
+            view = pool.submit(output.write_embeddings_view, table, config, plan.stem, cache_key=key)
+            output.write_parquet_atomic(
+                table, path, fs, metadata={"cache_key": key, "normalized": config.normalize_embeddings,
+                                           "result": stored},
+                before_commit=view.result,
+            )
     except PermissionError as exc:  # s3fs says only "Access Denied"; not retried (faults.is_transient)
         raise PermissionError(f"cannot write {plan.output}: {exc}") from exc

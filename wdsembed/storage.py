@@ -105,9 +105,12 @@ _WHOLE_OBJECT_PROTOCOLS = frozenset({*_S3_PROTOCOLS, "gs", "gcs", "az", "abfs", 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: Union[bytes, Callable[[BinaryIO], None]]) -> None:
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: Union[bytes, Callable[[BinaryIO], None]],
+                 before_commit: Callable[[], None] = lambda: None) -> None:
     """Make `path` on `fs` appear whole or not at all: after a failure it holds what it held before (or nothing),
     never a part, and no temp file is left. `data` is the content, or a function that writes it to a binary file.
+    `before_commit` runs once the content is written, just before it appears at `path` (the rename or the PUT): what
+    must exist before `path` does can finish meanwhile; if it raises, `path` is left as it was.
 
     * Local disk: a hidden temp file beside the target (``.<name>.tmp-<random>``), opened through `fs.open` so that
       a filesystem's own refusals apply (a read-only one raises PermissionError here), fsynced, then renamed over
@@ -122,15 +125,17 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: Union[bytes, Ca
     """
     write = data if callable(data) else (lambda f: f.write(data))
     if is_local(fs):
-        _write_local(fs, fs._strip_protocol(path), write)
+        _write_local(fs, fs._strip_protocol(path), write, before_commit)
     elif any(p in _WHOLE_OBJECT_PROTOCOLS for p in _protocols(fs)):
         if not callable(data):
+            before_commit()
             fs.pipe_file(path, data)
             return
         fd, tmp = tempfile.mkstemp(prefix="wdsembed-", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)
+            before_commit()
             fs.put_file(tmp, path)
         finally:
             os.unlink(tmp)
@@ -139,6 +144,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: Union[bytes, Ca
         try:
             with fs.open(tmp, "wb") as f:
                 write(f)
+            before_commit()
             fs.mv(tmp, path)
         except BaseException:
             _remove_quietly(fs, tmp)
@@ -157,7 +163,8 @@ def _remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
         pass
 
 
-def _write_local(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[BinaryIO], None]) -> None:
+def _write_local(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[BinaryIO], None],
+                 before_commit: Callable[[], None]) -> None:
     folder = os.path.dirname(path) or "."
     if not os.path.isdir(folder):
         fs.makedirs(folder, exist_ok=True)
@@ -167,6 +174,7 @@ def _write_local(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Bina
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        before_commit()
         os.replace(tmp, path)
     except BaseException as exc:
         _remove_quietly(fs, tmp)
