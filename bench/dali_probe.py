@@ -538,7 +538,7 @@ def contention_rungs(runs, worker, image_pipe, from_tars, stream, embed, swapped
 
     import torch
 
-    from wdsembed.model import embed_batch
+    from bench.throughput import _cuda_graph
     from wdsembed.pipeline import ImagePipeline
     from wdsembed.threads import in_background
 
@@ -546,23 +546,14 @@ def contention_rungs(runs, worker, image_pipe, from_tars, stream, embed, swapped
     layout = torch.channels_last if loaded.channels_last else torch.contiguous_format
     static = torch.zeros(B, *worker.recipe.input_size, dtype=loaded.dtype, device=worker.device).contiguous(
         memory_format=layout)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # handles, autotuning and lazy buffers before the capture
-            embed_batch(loaded, static, autocast=True, normalize=True)
-    side.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
-        static_out = embed_batch(loaded, static, autocast=True, normalize=True)
+    replay = _cuda_graph(loaded, static)
     eager = worker._model
 
     def graphed(images, *, autocast, normalize):
         if images.shape != static.shape or not images.is_contiguous(memory_format=layout):
             return eager(images, autocast=autocast, normalize=normalize)  # a shard's last, short batch
         static.copy_(images)
-        graph.replay()
-        return static_out.clone()
+        return replay(static).clone()
 
     def dali(pipe):
         def run():
@@ -577,7 +568,7 @@ def contention_rungs(runs, worker, image_pipe, from_tars, stream, embed, swapped
             in_flight: collections.deque = collections.deque()
             with torch.cuda.stream(hammer_stream):
                 while not stop.is_set():
-                    graph.replay()
+                    replay(static)
                     event = torch.cuda.Event()
                     event.record(hammer_stream)
                     in_flight.append(event)

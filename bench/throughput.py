@@ -121,7 +121,8 @@ def bench_model(model_name: str, device: str, batch_size: int, seconds: float, f
 
 def _cuda_graph(loaded, static_in):
     """embed_batch on `static_in` captured as one CUDA graph: (a)'s "graph" form, a single launch per batch. The
-    flow runs eagerly: fed by DALI, the graph gained nothing (docs/benchmarks.md)."""
+    flow runs eagerly: fed by DALI, the graph gained nothing (docs/benchmarks.md). The replay returns the graph's
+    output tensor, which the next replay overwrites."""
     import torch
 
     from wdsembed.model import embed_batch
@@ -134,10 +135,11 @@ def _cuda_graph(loaded, static_in):
     side.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=side):
-        embed_batch(loaded, static_in, autocast=True, normalize=True)
+        static_out = embed_batch(loaded, static_in, autocast=True, normalize=True)
 
     def replay(x, **_):
         graph.replay()
+        return static_out
     return replay
 
 
