@@ -43,6 +43,9 @@ def main() -> int:
     args = p.parse_args()
     if args.geometry_only:
         return geometry_only(args)
+    from wdsembed.worker import use_all_hardware_queues
+
+    use_all_hardware_queues()  # as the flow's GPU workers run, before this process's first CUDA call
     if args.ladder:
         return ladder(args)
     if args.kernels:
@@ -201,8 +204,9 @@ def ladder(args: argparse.Namespace) -> int:
     L9  L8 in a background thread (wdsembed.threads.in_background), the consumer dropping each batch
     L10 Worker.embed (the model) fed by the tar reader; on the GPU also with DALI two iterations deep instead of
         four, with two thirds of the DALI threads, and with the model held to two batches ahead of the GPU. Run it
-        again under CUDA_DEVICE_MAX_CONNECTIONS=32 (a variable read when the process creates its CUDA context) to
-        see whether streams sharing the GPU's 8 default hardware queues hold DALI behind the model. Measured once and dropped, with no effect (ViT-B/16, nvidia-h200, about 7,350 images/s each): the
+        under CUDA_DEVICE_MAX_CONNECTIONS=8 (a variable read when the process creates its CUDA context; the probe
+        otherwise takes the 32 hardware queues the flow's GPU workers run with) to see streams sharing the GPU's 8
+        default hardware queues hold DALI behind the model. Measured once and dropped, with no effect (ViT-B/16, nvidia-h200, about 7,350 images/s each): the
         model on a high-priority stream, every JPEG to the hardware decoder, the model as one CUDA graph, and the
         batches copied out of DALI on a stream of their own instead of the model's. And L10 as one Worker.embed
         call per shard, back to back: what a shard boundary costs (the pipeline drained and filled again); and

@@ -296,6 +296,7 @@ def embedding_spans(manifest: dict, wall: float, started: Optional[float] = None
     per_worker = {w: (n, sum(b - a for a, b in merged(spans))) for w, (n, spans) in per_worker.items()}
     first = min(s["timeline"]["embed_start"] for s in shards)
     last = max(s["timeline"]["embed_end"] for s in shards)
+    bodies = [(s["timeline"]["start"], s["timeline"]["end"]) for s in shards if {"start", "end"} <= s["timeline"].keys()]
     # The median seconds of each step of a shard after its embedding (wdsembed.shard.process_shard's timeline).
     steps = {}
     for name, (a, b) in {"table": ("embed_end", "table"), "validate": ("table", "validated"),
@@ -305,9 +306,14 @@ def embedding_spans(manifest: dict, wall: float, started: Optional[float] = None
             steps[name] = round(statistics.median(spans), 3)
     return {"in_shard_images_per_second": round(sum(n / t for n, t in per_worker.values() if t > 0), 1),
             "seconds_outside_embedding": round(wall - (last - first), 2),
-            # of which: from the run's start to the first shard's embedding, and after the last one's
+            # of which: from the run's start to the first shard's embedding, and after the last one's; and within
+            # those, the orchestration's part: until the first task's body starts (flow run, plan, submit, the task
+            # run's start on the worker), and after the last task's body ends (its end, the report, the run's end)
             **({"seconds_before_embedding": round(first - started, 2),
                 "seconds_after_embedding": round(started + wall - last, 2)} if started else {}),
+            **({"seconds_before_first_task": round(min(a for a, _ in bodies) - started, 2),
+                "seconds_after_last_task": round(started + wall - max(b for _, b in bodies), 2)}
+               if started and bodies else {}),
             "seconds_per_shard_after_embedding": steps}
 
 
@@ -496,6 +502,9 @@ def main() -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from wdsembed.worker import use_all_hardware_queues
+
+    use_all_hardware_queues()  # (a) and (b) on a GPU as the flow's workers run (c), before the first CUDA call
 
     import torch
 
@@ -566,6 +575,7 @@ def main() -> int:
             print(f"{name}: (c) full flow {row['full_flow']}", flush=True)
         if isinstance(row.get("full_flow"), dict) and row["full_flow"].get("fidelity"):
             row["flow_fidelity"] = row["full_flow"]["fidelity"]
+            row["min_cosine"] = row["flow_fidelity"].get("min_cosine")  # the run's own check (below: 64 more images)
         failed = {k for k, v in row.items() if isinstance(v, dict) and "error" in v}
         row = {k: v for k, v in row.items() if k not in failed} | {"errors": [row[k]["error"] for k in failed]}
         if {"model_only", "dali_only", "full_flow"} <= row.keys():

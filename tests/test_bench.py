@@ -66,3 +66,10 @@ def test_idle_time_counts_the_gaps_no_shard_covers():
     assert idle_fraction(manifest) == round(2 / 18, 4)
     # images over covered seconds: w1 400 / 12, w2 100 / 4
     assert embedding_spans(manifest, wall=20.0)["in_shard_images_per_second"] == round(400 / 12 + 100 / 4, 1)
+    # Where each task's body ran (process_shard's start and end), the orchestration's share of the fixed time: the
+    # run started at -3, its first task body at -1 (2 s before it), the last body ended at 15, the run at 17.
+    for stem, (a, b) in {"a": (-1, 11), "b": (0, 3), "c": (4, 7), "d": (11, 15), "e": (-0.5, 5)}.items():
+        manifest["shards"][stem]["timeline"].update(start=a, end=b)
+    spans = embedding_spans(manifest, wall=20.0, started=-3.0)
+    assert (spans["seconds_before_embedding"], spans["seconds_after_embedding"]) == (3.0, 3.0)
+    assert (spans["seconds_before_first_task"], spans["seconds_after_last_task"]) == (2.0, 2.0)
