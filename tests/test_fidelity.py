@@ -84,6 +84,24 @@ def test_sample_collector_keeps_quota_and_prefers_special():
     assert special_kind(jpegs[0][1]) is None and special_kind(b"not an image") == "unreadable-by-pil"
 
 
+def test_sample_collector_keeps_the_lowest_ranks_whatever_the_batching():
+    """The collector ranks a batch of keys at once and offers only those that can still be kept: it must keep what
+    offering every image one by one keeps, and a key's rank must not depend on the keys batched with it."""
+    from wdsembed import fidelity
+
+    data = photo_images(1)[0].data
+    keys = [f"{i:09d}" for i in range(1000)] + ["a", "", "é-unicode", "x" * 40]
+    assert [int(fidelity._ranks([k])[0]) for k in keys] == fidelity._ranks(keys).tolist()
+    assert len(set(fidelity._ranks(keys).tolist())) == len(keys)
+    for quota in (1, 5, 300):
+        batched, one_by_one = SampleCollector(quota), SampleCollector(quota)
+        list(batched.wrap(iter((k, data) for k in keys)))
+        for k in keys:
+            one_by_one.offer(k, data, None)
+        assert [c[0] for c in batched.chosen()] == [c[0] for c in one_by_one.chosen()]
+        assert len(batched.chosen()) == quota
+
+
 def test_special_kinds_from_the_header():
     import io
 

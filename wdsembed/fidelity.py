@@ -11,7 +11,6 @@ Nothing here imports Prefect.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import heapq
 import io
 import math
@@ -53,9 +52,24 @@ def shard_quota(sample: int, run_shards: Optional[int]) -> int:
     return max(1, math.ceil(sample / run_shards)) if run_shards else sample
 
 
-def _rank(key: str) -> int:
-    # A stable hash of the key: the same keys are picked on every run and every machine (not Python's hash()).
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+def _ranks(keys: list[str]) -> np.ndarray:
+    """A stable 64-bit hash of each key, a batch at once (this runs on every image, in the thread that feeds DALI):
+    the same keys are picked on every run and every machine (not Python's hash()). FNV-1a over the key's code
+    points, each key's own length only, then splitmix64's finalizer so that neighbouring keys land far apart."""
+    codes = np.array(keys, dtype=str)
+    width = codes.dtype.itemsize // 4
+    h = np.full(len(keys), 0xCBF29CE484222325, dtype=np.uint64)
+    if width:
+        points = codes.view(np.uint32).reshape(len(keys), width).astype(np.uint64)
+        lengths = np.char.str_len(codes)
+        for i in range(width):
+            h = np.where(lengths > i, (h ^ points[:, i]) * _FNV_PRIME, h)
+    for shift, factor in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        h = (h ^ (h >> np.uint64(shift))) * np.uint64(factor)
+    return h ^ (h >> np.uint64(31))
+
+
+_FNV_PRIME = np.uint64(0x100000001B3)
 
 
 def special_kind(data: bytes) -> Optional[str]:
@@ -170,12 +184,20 @@ class SampleCollector:
             yield from chunk
 
     def _offer_all(self, items: list[tuple[str, bytes]]) -> None:
-        for (key, data), kind in zip(items, special_kinds([data for _, data in items])):
-            self.offer(key, data, kind)
+        kinds = special_kinds([data for _, data in items])
+        ranks = _ranks([key for key, _ in items])
+        # Plain images (nearly all) need offering only where they rank below the worst one kept so far: after the
+        # first batch, a handful per shard. Special ones are rare and all offered.
+        plain = self._tiers[2]
+        offered = (range(len(items)) if len(plain) < self.quota else
+                   sorted({*np.flatnonzero(ranks < np.uint64(-plain[0][0])).tolist(),
+                           *(i for i, kind in enumerate(kinds) if kind is not None)}))
+        for i in offered:
+            self.offer(*items[i], kinds[i], int(ranks[i]))
 
-    def offer(self, key: str, data: bytes, kind: Optional[str]) -> None:
+    def offer(self, key: str, data: bytes, kind: Optional[str], rank: Optional[int] = None) -> None:
         """Keep the image if it ranks among the `quota` best of its tier (by its special_kind) so far."""
-        rank = _rank(key)
+        rank = int(_ranks([key])[0]) if rank is None else rank
         heap = self._tiers[2 if kind is None else 1 if kind in _ODD else 0]
         if len(heap) < self.quota:
             heapq.heappush(heap, (-rank, key, bytes(data), kind))
