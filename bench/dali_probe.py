@@ -535,7 +535,8 @@ def contention_rungs(runs, worker, image_pipe, from_tars, stream, embed, swapped
       hardly any GIL), replays back to back in another thread: the drop is the GPU's own contention.
     - Worker.embed with the model as a CUDA graph: the model's launches out of the GIL's way.
     - Worker.embed with fewer JPEGs to the hardware decoder (its per-image colour conversion kernels queue behind
-      the model's kernels) and DALI alone that way (the CPU's Huffman decoding on the DALI threads).
+      the model's kernels) and DALI alone that way (the CPU's Huffman decoding on the DALI threads); and with every
+      JPEG to it (no CUDA decoding kernels beside the model's at all).
     Returns what to close at the end."""
     import collections
     import threading
@@ -596,14 +597,15 @@ def contention_rungs(runs, worker, image_pipe, from_tars, stream, embed, swapped
                              prefetch=worker.pipeline.prefetch, output_dtype=loaded.dtype,
                              channels_last=loaded.channels_last, hw_decoder_load=load)
 
-    no_hw, half_hw = with_hw_load(0.0), with_hw_load(0.5)
+    no_hw, half_hw, all_hw = with_hw_load(0.0), with_hw_load(0.5), with_hw_load(1.0)
     runs["L12 DALI alone (L9)"] = dali(image_pipe)
     runs["L12 DALI beside the model (a graph, another thread)"] = dali_beside_model
     runs["L12 Worker.embed, the model as a CUDA graph"] = swapped(embed(None), _model=graphed)
     runs["L12 Worker.embed, hw_decoder_load 0"] = swapped(embed(None), pipeline=no_hw)
     runs["L12 Worker.embed, hw_decoder_load 0.5"] = swapped(embed(None), pipeline=half_hw)
+    runs["L12 Worker.embed, hw_decoder_load 1"] = swapped(embed(None), pipeline=all_hw)
     runs["L12 DALI alone, hw_decoder_load 0"] = dali(no_hw)
-    return [no_hw, half_hw]
+    return [no_hw, half_hw, all_hw]
 
 
 def shard_times(name: str, timelines: list[dict]) -> str:

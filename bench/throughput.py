@@ -296,7 +296,8 @@ def embedding_spans(manifest: dict, wall: float, started: Optional[float] = None
     per_worker = {w: (n, sum(b - a for a, b in merged(spans))) for w, (n, spans) in per_worker.items()}
     first = min(s["timeline"]["embed_start"] for s in shards)
     last = max(s["timeline"]["embed_end"] for s in shards)
-    bodies = [(s["timeline"]["start"], s["timeline"]["end"]) for s in shards if {"start", "end"} <= s["timeline"].keys()]
+    bodies = [(s["timeline"]["start"], s["timeline"]["end"]) for s in shards
+              if {"start", "end"} <= s["timeline"].keys()]
     # The median seconds of each step of a shard after its embedding (wdsembed.shard.process_shard's timeline).
     steps = {}
     for name, (a, b) in {"table": ("embed_end", "table"), "validate": ("table", "validated"),
@@ -565,9 +566,14 @@ def main() -> int:
                 first, second = variants
                 row["full_flow"], row[other_key] = both[first], both[second]
                 row[cost_key] = round(1 - both[first]["images_per_second"] / both[second]["images_per_second"], 4)
+                # Each pair ran back to back: the median of the pairs' own costs is not moved by a slow spell that
+                # spans a pair (the machine's swing is as large as a few percent).
+                row[cost_key + "_paired"] = round(statistics.median(
+                    1 - a / b for a, b in zip(both[first]["runs"], both[second]["runs"])), 4)
                 print(f"{name}: (c) " + ", ".join(
                     f"{v} {both[v]['runs']} img/s (in shards {both[v].get('in_shard_images_per_second', 0):,.0f})"
-                    for v in variants) + f": {cost_key} {row[cost_key]:.1%}", flush=True)
+                    for v in variants) + f": {cost_key} {row[cost_key]:.1%} (paired {row[cost_key + '_paired']:.1%})",
+                    flush=True)
             print(f"{name}: (c) full flow {row['full_flow']}", flush=True)
         elif "flow" not in args.skip:
             shutil.rmtree(out, ignore_errors=True)
