@@ -546,6 +546,37 @@ def test_ensure_index_uses_an_existing_wds2idx_file(tmp_path, monkeypatch):
     assert samples_of(tar, index=idx) == samples_of(tar)
 
 
+def test_the_planner_reads_an_index_head_and_tail_and_the_worker_all_of_it(tmp_path, monkeypatch):
+    """Planning checks every shard's index before any work starts: it parses the header and the last line only
+    (the last member must still fit the tar), so a line damaged in the middle passes there, and the worker, which
+    parses the whole index for its pass, rebuilds it from the tar instead of failing the shard."""
+    from wdsembed.config import EmbedConfig
+    from wdsembed.plan import plan_shards
+    from wdsembed.shard import TarRead
+
+    tar = multi_ext_shard(tmp_path / "in", n=8)
+    good = wds2idx_text(tar, tmp_path)
+    lines = good.split("\n")
+    lines[3] = lines[3].replace(" ", "  x ", 1)  # five fields: not a v1.2 line
+    (tmp_path / "in" / "00000.idx").write_text("\n".join(lines))
+    parsed = []
+    monkeypatch.setattr(ShardIndex, "parse", classmethod(lambda cls, text: parsed.append(text) or pytest.fail("parsed")))
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model_name="resnet18")
+    (plan,) = plan_shards(config)
+    assert plan.index == str(tmp_path / "in" / "00000.idx") and parsed == []
+    monkeypatch.undo()
+
+    with pytest.raises(shardindex.IndexFormatError, match="line 4"):
+        ShardIndex.parse((tmp_path / "in" / "00000.idx").read_text())
+    read = TarRead(config, plan)
+    assert samples_of(tar, index=read.index) == samples_of(tar)
+    assert (tmp_path / "in" / "00000.idx").read_text() == good  # rebuilt, as wds2idx writes it
+    # and a stale last line is still caught at planning: that index is rebuilt there
+    (tmp_path / "in" / "00000.idx").write_text(good.replace(lines[-2], lines[-2].replace(" ", " 9", 2)))
+    (plan,) = plan_shards(config)
+    assert (tmp_path / "in" / "00000.idx").read_text() == good
+
+
 @pytest.mark.parametrize("change", ["shorter", "same_size_renamed", "appended"])
 def test_ensure_index_rebuilds_a_stale_file(tmp_path, change):
     fs = fsspec.filesystem("file")

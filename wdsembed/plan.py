@@ -385,8 +385,7 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
             try:
                 # On object stores a missing index is built by the worker during its one read of the tar
                 # (shard.process_shard), not here: that would download every shard twice, serially, up front.
-                found = shardindex.ensure_index(tar, fs, cache_dir, build=storage.is_local(fs))
-                index = found.path if found else None
+                index = shardindex.index_file(tar, fs, cache_dir, build=storage.is_local(fs))
                 if index is not None and index == shardindex.index_path_for(tar):
                     index = storage.to_url(fs, index)  # beside the shard: s3://bucket/.../00000.idx
             except shardindex.IndexFormatError as exc:
