@@ -241,6 +241,7 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
         peaks = client.run(_peaks)
         memory = {"gpus": n_gpus,
                   "peak_gpu_memory_gib": round(max(p["gpu"] for p in peaks.values()), 2),
+                  "gpu_memory_of": next(iter(peaks.values()))["gpu_source"],
                   "peak_host_rss_gib": round(max(p["rss"] for p in peaks.values()), 2)}
         results = {}
         for name, rs in runs.items():
@@ -391,13 +392,33 @@ def _reset_peaks() -> None:
 def _peaks() -> dict:
     import torch
 
-    gpu = 0.0
+    gpu, source = 0.0, None
     if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
-        # DALI's pools are outside torch's allocator: report what the process holds on the device.
-        gpu = max(torch.cuda.max_memory_reserved(), total - free) / 2**30
+        # DALI's pools are outside torch's allocator (and never shrink): what this process holds on the device, as
+        # the driver counts it. Where the driver does not say (another PID namespace), the device's whole use,
+        # which also counts the bench's own process and its models.
+        mine = _process_gpu_bytes()
+        if mine is not None:
+            gpu, source = max(torch.cuda.max_memory_reserved(), mine) / 2**30, "this worker process (NVML)"
+        else:
+            free, total = torch.cuda.mem_get_info()
+            gpu, source = max(torch.cuda.max_memory_reserved(), total - free) / 2**30, "the whole device"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    return {"gpu": gpu, "rss": rss}
+    return {"gpu": gpu, "gpu_source": source, "rss": rss}
+
+
+def _process_gpu_bytes() -> Optional[int]:
+    """Device memory held by this process on every GPU, from NVML (None where it lists no process of this PID)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        used = [p.usedGpuMemory or 0 for i in range(pynvml.nvmlDeviceGetCount())
+                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(i))
+                if p.pid == os.getpid()]
+    except Exception:  # noqa: BLE001 - no NVML here: the caller falls back
+        return None
+    return sum(used) if used else None
 
 
 def bench_reading(folder: str) -> dict:
