@@ -129,24 +129,31 @@ def build_index(f: BinaryIO, *, chunk_size: int = tarstream.CHUNK_SIZE, allow_se
 
 
 class IndexBuilder:
-    """Groups indexed members into samples the way wds2idx does; fed by build_index or by iter_samples."""
+    """Groups indexed members into samples the way wds2idx does; fed by build_index or by iter_samples.
+
+    `add` only records the member: it runs for every member in the thread that feeds the decoder, and the index
+    is most often not needed (a pass over a shard whose index proved current). Names are quoted and grouped when
+    `index()` is asked for."""
 
     def __init__(self) -> None:
-        self._samples: list[list[IndexMember]] = []
-        self._last_base: Optional[str] = None
+        self._members: list[tuple[str, int, int]] = []
 
     def add(self, name: str, data_offset: int, size: int) -> None:
-        quoted = tarstream.tar_quote(name)
-        base, ext = tarstream.wds2idx_split(quoted)
-        entry = IndexMember(ext, data_offset, size, quoted)
-        if base != self._last_base:
-            self._samples.append([entry])
-            self._last_base = base
-        else:
-            self._samples[-1].append(entry)
+        self._members.append((name, data_offset, size))
 
     def index(self) -> ShardIndex:
-        return ShardIndex(tuple(tuple(g) for g in self._samples))
+        samples: list[list[IndexMember]] = []
+        last_base: Optional[str] = None
+        for name, data_offset, size in self._members:
+            quoted = tarstream.tar_quote(name)
+            base, ext = tarstream.wds2idx_split(quoted)
+            entry = IndexMember(ext, data_offset, size, quoted)
+            if base != last_base:
+                samples.append([entry])
+                last_base = base
+            else:
+                samples[-1].append(entry)
+        return ShardIndex(tuple(tuple(g) for g in samples))
 
 
 @dataclass(frozen=True)
