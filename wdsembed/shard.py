@@ -344,12 +344,10 @@ class TarRead:
         idx_fs, idx_path = storage.filesystem(self.plan.index, self.config.storage_options)
         try:
             return shardindex.ShardIndex.parse(idx_fs.cat_file(idx_path).decode())
-        except (FileNotFoundError, shardindex.IndexFormatError) as exc:
-            # Gone (a cache on another node), or damaged past its last line (the planner reads no more than that):
-            # rebuilt here from the tar where it is local; on an object store, None, and the index comes out of
-            # the embedding pass instead of a second download.
-            if isinstance(exc, shardindex.IndexFormatError):
-                log.warning("shard %s: ignoring unreadable index %s: %s", self.plan.stem, self.plan.index, exc)
+        except (FileNotFoundError, shardindex.IndexFormatError):
+            # Gone (a cache on another node), or damaged past its last line (the planner reads no more than that;
+            # ensure_index logs it): rebuilt here from the tar where it is local; on an object store, None, and the
+            # index comes out of the embedding pass instead of a second download.
             return shardindex.ensure_index(self.path, self.fs, self.config.index_cache(), build=storage.is_local(self.fs))
 
     def _save_built_index(self) -> None:
