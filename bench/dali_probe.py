@@ -533,7 +533,7 @@ def contention_rungs(runs, worker, image_pipe, from_tars, stream, embed, swapped
 
     - DALI alone (as L9), and the same while the model, captured as one CUDA graph (no launches to speak of, so
       hardly any GIL), replays back to back in another thread: the drop is the GPU's own contention.
-    - Worker.embed with the model as a CUDA graph: the model's launches out of the GIL's way.
+    - Worker.embed with the model eager, not the CUDA graph it runs as: its launches in the GIL's way.
     - Worker.embed with fewer JPEGs to the hardware decoder (its per-image colour conversion kernels queue behind
       the model's kernels) and DALI alone that way (the CPU's Huffman decoding on the DALI threads); and with every
       JPEG to it (no CUDA decoding kernels beside the model's at all).
@@ -543,22 +543,12 @@ def contention_rungs(runs, worker, image_pipe, from_tars, stream, embed, swapped
 
     import torch
 
-    from bench.throughput import _cuda_graph
+    from wdsembed.model import BatchGraph
     from wdsembed.pipeline import ImagePipeline
     from wdsembed.threads import in_background
 
     loaded = worker.loaded
-    layout = torch.channels_last if loaded.channels_last else torch.contiguous_format
-    static = torch.zeros(B, *worker.recipe.input_size, dtype=loaded.dtype, device=worker.device).contiguous(
-        memory_format=layout)
-    replay = _cuda_graph(loaded, static)
-    eager = worker._model
-
-    def graphed(images, *, autocast, normalize):
-        if images.shape != static.shape or not images.is_contiguous(memory_format=layout):
-            return eager(images, autocast=autocast, normalize=normalize)  # a shard's last, short batch
-        static.copy_(images)
-        return replay(static).clone()
+    graph = worker._graph or BatchGraph(loaded, (B, *worker.recipe.input_size), autocast=True, normalize=True)
 
     def dali(pipe):
         def run():
@@ -573,7 +563,7 @@ def contention_rungs(runs, worker, image_pipe, from_tars, stream, embed, swapped
             in_flight: collections.deque = collections.deque()
             with torch.cuda.stream(hammer_stream):
                 while not stop.is_set():
-                    replay(static)
+                    graph.graph.replay()
                     event = torch.cuda.Event()
                     event.record(hammer_stream)
                     in_flight.append(event)
@@ -600,7 +590,7 @@ def contention_rungs(runs, worker, image_pipe, from_tars, stream, embed, swapped
     no_hw, half_hw, all_hw = with_hw_load(0.0), with_hw_load(0.5), with_hw_load(1.0)
     runs["L12 DALI alone (L9)"] = dali(image_pipe)
     runs["L12 DALI beside the model (a graph, another thread)"] = dali_beside_model
-    runs["L12 Worker.embed, the model as a CUDA graph"] = swapped(embed(None), _model=graphed)
+    runs["L12 Worker.embed, the model eager (no CUDA graph)"] = swapped(embed(None), _graph=None)
     runs["L12 Worker.embed, hw_decoder_load 0"] = swapped(embed(None), pipeline=no_hw)
     runs["L12 Worker.embed, hw_decoder_load 0.5"] = swapped(embed(None), pipeline=half_hw)
     runs["L12 Worker.embed, hw_decoder_load 1"] = swapped(embed(None), pipeline=all_hw)

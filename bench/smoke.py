@@ -9,7 +9,8 @@ The data: several small img2dataset shards of real photographs in mixed formats 
 EXIF-rotated) with a corrupt image and a failed download in some. The weights: random, saved to a checkpoint, so the
 reference below uses the very same ones without a download. Checks, per shard: one output row per parquet row;
 every good image embedded, the corrupt one and the failed download with a reason; and every embedding against
-timm's own eval transform on PIL (EXIF applied) with the fp32 model, at a minimum cosine of --min-cosine.
+timm's own eval transform on PIL (EXIF applied) with the fp32 model, at a minimum cosine of --min-cosine; on a GPU,
+the model's full batches ran as a CUDA graph.
 Exit status 0 only if every check passes; a JSON report goes to --json.
 """
 from __future__ import annotations
@@ -194,6 +195,11 @@ def main() -> int:
         else:
             reference = reference_embeddings(model_name, checkpoint, data, ref_device)
             report.update(check(model_name, data, out, expected, reference, args.min_cosine))
+            with open(os.path.join(out, "_manifest.json")) as f:
+                report["cuda_graph"] = json.load(f)["model"].get("cuda_graph")
+            if args.device == "cuda" and not report["cuda_graph"]:  # the full batches must have run as a graph
+                report["ok"] = False
+                report["problems"].append("the model did not run as a CUDA graph")
         reports.append(report)
         print(json.dumps(report), flush=True)
     summary = {"device": args.device, "n_workers": args.n_workers, "runs": reports,

@@ -86,8 +86,9 @@ def sync(device: str) -> None:
 
 def bench_model(model_name: str, device: str, batch_size: int, seconds: float, form: str = "bf16") -> dict:
     """(a) the model alone on resident tensors, through embed_batch as the flow calls it. form "bf16": bfloat16
-    weights (channels_last for convnets), as the flow runs it with autocast=True on a GPU; "graph": those, one CUDA
-    graph per batch (a GPU only); "autocast": float32 weights under bfloat16 autocast."""
+    weights (channels_last for convnets), run eagerly; "graph": those, one CUDA graph per batch (wdsembed.model.BatchGraph,
+    a GPU only), as the flow runs it with autocast=True on a GPU; "autocast": float32 weights under bfloat16
+    autocast."""
     from functools import partial
 
     import torch
@@ -101,9 +102,13 @@ def bench_model(model_name: str, device: str, batch_size: int, seconds: float, f
     x = torch.randn(batch_size, 3, h, w, device=device)
     run = partial(embed_batch, loaded)
     if form == "graph":
+        from wdsembed.model import BatchGraph
+
+        # batches as DALI hands them to the GPU worker: the model's dtype and memory format
         x = x.to(loaded.dtype).contiguous(memory_format=torch.channels_last if loaded.channels_last
                                           else torch.contiguous_format)
-        run = _cuda_graph(loaded, x)
+        graph = BatchGraph(loaded, tuple(x.shape), autocast=True, normalize=True)
+        run = lambda images, **_: graph(images)  # noqa: E731
     for _ in range(3):
         run(x, autocast=True, normalize=True)
     sync(device)
@@ -117,31 +122,6 @@ def bench_model(model_name: str, device: str, batch_size: int, seconds: float, f
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {"images_per_second": round(rate, 1), "dim_input": [h, w], "form": form}
-
-
-def _cuda_graph(loaded, static_in):
-    """embed_batch on `static_in` captured as one CUDA graph: (a)'s "graph" form, a single launch per batch. The
-    flow runs eagerly: fed by DALI, the graph gained nothing for ViT-B/16; for ResNet-50 one probe pass ran 25-30%
-    faster with it, not yet tried in the flow (docs/benchmarks.md). The replay returns the graph's output tensor,
-    which the next replay overwrites."""
-    import torch
-
-    from wdsembed.model import embed_batch
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # handles, autotuning and lazy buffers before the capture
-            embed_batch(loaded, static_in, autocast=True, normalize=True)
-    side.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
-        static_out = embed_batch(loaded, static_in, autocast=True, normalize=True)
-
-    def replay(x, **_):
-        graph.replay()
-        return static_out
-    return replay
 
 
 def bench_dali(model_name: str, folder: str, device: str, batch_size: int, threads: int, **pipeline_options) -> dict:

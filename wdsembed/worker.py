@@ -49,6 +49,8 @@ GPU_PREFETCH = 4  # DALI iterations in flight on a GPU worker
 # from 22,983 to 401 images/s with 8 (docs/benchmarks.md).
 GPU_HARDWARE_QUEUES = 32
 
+CUDA_GRAPH_ENV = "WDSEMBED_CUDA_GRAPH"  # "0": the model runs eagerly on a GPU too (should a model misbehave as a graph)
+
 
 def use_all_hardware_queues() -> None:
     """Ask CUDA for GPU_HARDWARE_QUEUES hardware queues in this process and the processes it starts, unless the user
@@ -66,7 +68,7 @@ class Worker:
     def __init__(self, config: EmbedConfig, device: Optional[str] = None) -> None:
         import torch
 
-        from wdsembed.model import load_model, to_bfloat16
+        from wdsembed.model import capture_batch_graph, load_model, to_bfloat16
         from wdsembed.pipeline import ImagePipeline
         from wdsembed.preprocess import PreprocessRecipe
 
@@ -92,6 +94,12 @@ class Worker:
             to_bfloat16(self.loaded)
         self.recipe = PreprocessRecipe.from_data_config(self.loaded.data_config)
         device_id = (torch.device(self.device).index or 0) if self.device.startswith("cuda") else None
+        # On a GPU, full batches run as one CUDA graph (model.BatchGraph says why); a shard's short last batch, and
+        # every batch where the model cannot be captured or WDSEMBED_CUDA_GRAPH=0, eagerly. Captured before the
+        # pipeline exists: capturing synchronises the device.
+        self._graph = (capture_batch_graph(self.loaded, (config.batch_size, *self.recipe.input_size),
+                                           autocast=config.autocast, normalize=config.normalize_embeddings)
+                       if device_id is not None and os.environ.get(CUDA_GRAPH_ENV, "1") != "0" else None)
         self.pipeline = ImagePipeline(
             self.recipe,
             batch_size=config.batch_size,
@@ -126,6 +134,7 @@ class Worker:
             "embedding": self.loaded.embedding,
             "dim": self.loaded.dim,
             "precision": str(self.loaded.dtype).replace("torch.", ""),
+            "cuda_graph": self._graph is not None,
             "preprocessing": self.recipe.describe(),
             "device": self.device,
         }
@@ -176,6 +185,7 @@ class Worker:
         if self._streamer is not None and self._streamer is not threading.current_thread():
             self._streamer.join()
         self.pipeline.close()
+        self._graph = None  # its memory pool goes now, not with the Worker object
 
     def embed(
         self, samples: Iterator[tuple[str, bytes]], *, autocast: bool, normalize: bool,
@@ -357,6 +367,8 @@ class Worker:
         from wdsembed.model import embed_batch
 
         try:
+            if self._graph is not None and self._graph.fits(images, autocast=autocast, normalize=normalize):
+                return self._graph(images)
             return embed_batch(self.loaded, images, autocast=autocast, normalize=normalize)
         except torch.cuda.OutOfMemoryError:
             if len(images) == 1:
