@@ -584,6 +584,9 @@ class BatchGraph:
         # thread_local: other threads of the process (DALI's, a fidelity reference) may use CUDA meanwhile.
         with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
             self.static_out = embed_batch(loaded, self.static_in, autocast=autocast, normalize=normalize)
+        # The warm-ups' activations stay cached otherwise, beside the graph's own: on one H200 the ViT-B/16 worker
+        # held 8.45 GiB with the graph against 7.10 eager.
+        torch.cuda.empty_cache()
 
     def fits(self, images: "torch.Tensor", *, autocast: bool, normalize: bool) -> bool:
         """Whether a batch can be replayed: the captured shape, dtype and device, and the captured flags."""
