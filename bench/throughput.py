@@ -6,9 +6,10 @@
     python bench/throughput.py --small --gpus 1 2    # CPU: the scaling runs on 1 and 2 worker processes
 
 It builds its own shards of real photographs (scikit-image's samples, re-encoded as JPEG at 300-640 px), then for
-each model prints images/s for (a) the model alone on resident tensors (bf16 autocast, as the flow runs it),
-(b) DALI reading + decoding + preprocessing alone, (c) the full flow through Prefect and Dask from tar to parquet
-with warm workers, the ratio (c) / min(a, b), and the peak GPU and host memory of (c). Writes JSON with --json.
+each model prints images/s for (a) the model alone on resident tensors (bf16 autocast; bfloat16 weights; and on a
+GPU those as one CUDA graph, as the flow runs it), (b) DALI reading + decoding + preprocessing alone, (c) the full
+flow through Prefect and Dask from tar to parquet with warm workers, the ratio of (c) to the fastest (a) (to
+min(a, b) where (b) ran), and the peak GPU and host memory of (c). Writes JSON with --json.
 The scaling runs (--gpus) also check that every run's outputs equal the first run's, embedding for embedding.
 """
 from __future__ import annotations
@@ -86,9 +87,9 @@ def sync(device: str) -> None:
 
 def bench_model(model_name: str, device: str, batch_size: int, seconds: float, form: str = "bf16") -> dict:
     """(a) the model alone on resident tensors, through embed_batch as the flow calls it. form "bf16": bfloat16
-    weights (channels_last for convnets), run eagerly; "graph": those, one CUDA graph per batch (wdsembed.model.BatchGraph,
-    a GPU only), as the flow runs it with autocast=True on a GPU; "autocast": float32 weights under bfloat16
-    autocast."""
+    weights (channels_last for convnets), run eagerly; "graph": those, one CUDA graph per batch
+    (wdsembed.model.BatchGraph, a GPU only), as the flow runs it with autocast=True on a GPU; "autocast": float32
+    weights under bfloat16 autocast."""
     from functools import partial
 
     import torch
