@@ -91,6 +91,22 @@ def test_schema_types():
     assert lengths == [DIM]
 
 
+def test_validation_counts_only_the_rows_with_an_embedding():
+    from wdsembed.config import EmbedConfig
+    from wdsembed.validate import validate_table
+
+    config = EmbedConfig(input="/in", output="/out")
+    unit = {k: _emb(k) / np.linalg.norm(_emb(k)) for k in ("1", "3", "4")}
+    # in the tar's order (no gather), then out of it (gathered): a row without embedding between embedded ones
+    for keys, rows in ((["1", "3", "4"], None), (["4", "1", "3"], pa.table({"key": ["1", "2", "3", "4"]}))):
+        table = build_output_table(rows=rows, keys=keys, embeddings=np.stack([unit[k] for k in keys]),
+                                   errors={"2": "bad image"}, dim=DIM)
+        got = {k: r["image_embedding"] for k, r in _by_key(table).items()}
+        assert got["2"] is None and all(np.allclose(got[k], v) for k, v in unit.items())
+        assert validate_table(config, table, dim=DIM, expected_embedded=3) == []
+        assert validate_table(config, table, dim=2 * DIM) == [f"embedding lengths [{DIM}], expected {2 * DIM}"]
+
+
 def test_integer_key_column_keeps_its_type():
     rows = _img2dataset_rows(pa.int64())
     keys = ["000005", "000000", "000077"]  # the tar's zero-padded strings

@@ -52,7 +52,11 @@ SHARD_COLUMN = "shard"  # in the view: the shard's stem, i.e. which OUTPUT/<stem
 def _embedding_array(embeddings: np.ndarray, src: np.ndarray, dim: int) -> pa.ListArray:
     """Output row i gets embeddings[src[i]], or null where src[i] < 0. Vectorised: one gather, no per-row Python."""
     valid = src >= 0
-    values = np.ascontiguousarray(embeddings[src[valid]], dtype=np.float32).reshape(-1)
+    rows = src[valid]
+    if len(rows) == len(embeddings) and np.array_equal(rows, np.arange(len(rows))):
+        values = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1)  # rows in the tar's order: no gather
+    else:
+        values = np.ascontiguousarray(embeddings[rows], dtype=np.float32).reshape(-1)
     if values.size >= 2**31:
         raise ValueError(f"{values.size} embedding values exceed one parquet list column chunk; split the shard")
     offsets = np.zeros(len(src) + 1, dtype=np.int32)
@@ -346,10 +350,12 @@ def write_parquet_atomic(table: pa.Table, url: str, fs: Any, metadata: Mapping[s
     meta = dict(table.schema.metadata or {})
     meta[FOOTER_KEY] = json.dumps(dict(metadata), sort_keys=True, default=str).encode()
     table = table.replace_schema_metadata(meta)
-    # Dictionary encoding never pays off for float embeddings; keep it for the (often repetitive) other columns.
+    # Dictionary encoding never pays off for float embeddings, nor do min/max statistics over their values (no
+    # reader prunes on them; 15% of a 2,048-d table's write); both stay for the other columns.
     list_cols = {f.name for f in table.schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)}
-    use_dictionary = [c for c in table.column_names if c not in list_cols]
-    storage.write_atomic(fs, url, lambda f: pq.write_table(table, f, use_dictionary=use_dictionary), before_commit)
+    others = [c for c in table.column_names if c not in list_cols]
+    storage.write_atomic(fs, url, lambda f: pq.write_table(table, f, use_dictionary=others, write_statistics=others),
+                         before_commit)
 
 
 def read_output_metadata(url: str, fs: Any) -> Optional[dict]:

@@ -60,7 +60,8 @@ def validate_table(
     if np.any(valid & errors_valid) or np.any(~valid & ~errors_valid):
         problems.append("every row must have exactly one of an embedding and an error")
     if valid.any():
-        lengths = pc.list_value_length(column.filter(pc.is_valid(column))).to_numpy(zero_copy_only=False)
+        # the lengths of the non-null rows, from the offsets: filtering the column first would copy every value
+        lengths = pc.list_value_length(column).drop_null().to_numpy(zero_copy_only=False)
         if np.any(lengths != dim):
             problems.append(f"embedding lengths {sorted(set(lengths.tolist()))[:5]}, expected {dim}")
         else:
