@@ -562,10 +562,11 @@ class BatchGraph:
     """`embed_batch` on batches of one shape, captured once as a CUDA graph and replayed: one launch per batch instead
     of one per kernel, the same kernels on the same inputs.
 
-    Why: fed by DALI, a model's eager launches (hundreds per batch for a convnet) hold the GIL that the thread feeding
-    the pipeline also needs; on one H200, ResNet-50 in the worker's stream ran 25-30% faster as a graph
-    (docs/benchmarks.md). Build it before the pipeline runs: capturing synchronises the device. Memory: the graph
-    keeps one batch's activations in a pool of its own.
+    Why: fed by DALI, a model's eager launches (hundreds per batch for a convnet) hold the GIL that the threads
+    feeding the pipeline also need. On one H200 the full flow ran 11% (ViT-B/16) and 15% (ResNet-50) faster with the
+    graph than eagerly (docs/benchmarks.md, seventh session). Build it before the pipeline runs: capturing
+    synchronises the device. Memory: the graph keeps one batch's activations in a pool of its own (ViT-B/16's worker
+    held 1.35 GiB more GPU memory).
     """
 
     def __init__(self, loaded: LoadedModel, shape: tuple[int, ...], *, autocast: bool, normalize: bool) -> None:
@@ -584,9 +585,7 @@ class BatchGraph:
         # thread_local: other threads of the process (DALI's, a fidelity reference) may use CUDA meanwhile.
         with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
             self.static_out = embed_batch(loaded, self.static_in, autocast=autocast, normalize=normalize)
-        # The warm-ups' activations stay cached otherwise, beside the graph's own: on one H200 the ViT-B/16 worker
-        # held 8.45 GiB with the graph against 7.10 eager.
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the warm-ups' activations would stay cached beside the graph's own pool
 
     def fits(self, images: "torch.Tensor", *, autocast: bool, normalize: bool) -> bool:
         """Whether a batch can be replayed: the captured shape, dtype and device, and the captured flags."""
