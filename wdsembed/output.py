@@ -50,7 +50,8 @@ SHARD_COLUMN = "shard"  # in the view: the shard's stem, i.e. which OUTPUT/<stem
 
 
 def _embedding_array(embeddings: np.ndarray, src: np.ndarray, dim: int) -> pa.ListArray:
-    """Output row i gets embeddings[src[i]], or null where src[i] < 0. Vectorised: one gather, no per-row Python."""
+    """Output row i gets embeddings[src[i]], or null where src[i] < 0. Vectorised: one gather, no per-row Python,
+    and no gather at all where the embedded rows come in the embeddings' own order (the usual img2dataset shard)."""
     valid = src >= 0
     rows = src[valid]
     if len(rows) == len(embeddings) and np.array_equal(rows, np.arange(len(rows))):
