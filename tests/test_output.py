@@ -1,6 +1,7 @@
 """wdsembed.output: the key join, the schema, atomic writes, footer metadata and the manifest."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
@@ -421,6 +422,19 @@ def test_what_must_exist_first_finishes_before_the_file_appears(tmp_path, where)
 
     with pytest.raises(OSError, match="view"):
         write_parquet_atomic(_table(), url, fs, {"run": 3}, before_commit=view_failed)
+    assert read_output_metadata(url, fs) == {"run": 2}
+    assert [posixpath.basename(p) for p in fs.ls(folder, detail=False)] == ["00000.parquet"]
+
+    # The view's own full disk, already explained where it happened, comes out as it is: not explained twice, and
+    # not as this file's.
+    explained = OSError(errno.ENOSPC, "No space left on device: cannot write VIEW (nothing partial is left)")
+
+    def view_disk_full():
+        raise explained
+
+    with pytest.raises(OSError) as raised:
+        write_parquet_atomic(_table(), url, fs, {"run": 4}, before_commit=view_disk_full)
+    assert raised.value is explained and str(raised.value).count("cannot write") == 1
     assert read_output_metadata(url, fs) == {"run": 2}
     assert [posixpath.basename(p) for p in fs.ls(folder, detail=False)] == ["00000.parquet"]
 

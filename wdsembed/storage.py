@@ -174,14 +174,20 @@ def _write_local(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Bina
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        before_commit()
-        os.replace(tmp, path)
     except BaseException as exc:
         _remove_quietly(fs, tmp)
         if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
             # The errno stays (faults.is_disk_full); the message names the target, not the temp file.
             raise OSError(exc.errno, f"{exc.strerror}: cannot write {path} (nothing partial is left; free "
                                      "space there and run again: finished outputs are kept)") from exc
+        raise
+    try:
+        # What before_commit raises is its own, passed on as it is: a kNN view's full disk, written in a thread
+        # beside this file, already names the view and says what to do.
+        before_commit()
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(fs, tmp)
         raise
 
 
