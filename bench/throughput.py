@@ -298,7 +298,22 @@ def embedding_spans(manifest: dict, wall: float, started: Optional[float] = None
             **({"seconds_before_first_task": round(min(a for a, _ in bodies) - started, 2),
                 "seconds_after_last_task": round(started + wall - max(b for _, b in bodies), 2)}
                if started and bodies else {}),
+            **({"orchestration_seconds": orchestration(manifest["timeline"], started, wall, bodies)}
+               if started and bodies and {"start", "collected", "report"} <= (manifest.get("timeline") or {}).keys()
+               else {}),
             "seconds_per_shard_after_embedding": steps}
+
+
+def orchestration(run: dict, started: float, wall: float, bodies: list[tuple[float, float]]) -> dict:
+    """The run's own steps (the manifest's timeline) around its task bodies: until the flow's body starts, the
+    planning and submitting, until the first task's body starts on a worker, from the last task's body end until
+    its result is back in the flow, and from the report's start until the run has returned."""
+    first, last = min(a for a, _ in bodies), max(b for _, b in bodies)
+    submitted = run.get("submitted", run.get("planned", run["start"]))
+    return {name: round(value, 3) for name, value in {
+        "to_flow_start": run["start"] - started, "plan_and_submit": submitted - run["start"],
+        "to_first_task": first - submitted, "last_task_to_flow": run["collected"] - last,
+        "to_report": run["report"] - run["collected"], "report_and_end": started + wall - run["report"]}.items()}
 
 
 def idle_fraction(manifest: dict) -> float:

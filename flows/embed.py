@@ -64,6 +64,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
     logger = get_run_logger()
     hooks = _this_run.get() or _RunInProcess()
     started = time.perf_counter()
+    timeline = {"start": time.time()}  # the run's own steps, in the manifest beside each shard's
     plans = index_shards(config)
     logger.info("%d shard(s) under %s", len(plans), config.input)
     progress = create_progress_artifact(0.0, key="embedding-progress", description="Shards finished")
@@ -82,15 +83,18 @@ def embed_dataset(config: EmbedConfig) -> dict:
     gpu_share = {"GPU": cluster.GPU_SHARE_PER_SHARD}
     annotations = {"resources": gpu_share} if cluster.gpu_slots_declared(_dask_client()) else {}
     groups = [plans[i:i + config.shards_per_task] for i in range(0, len(plans), config.shards_per_task)]
+    timeline["planned"] = time.time()
     with dask.annotate(**annotations):
         futures = {(cached_task if all(p.stem in finished for p in group) else fresh_task).submit(config, group):
                    group for group in groups}
+    timeline["submitted"] = time.time()
 
     results, failures = [], {}
     done, shown = 0, 0.0
     for future in as_completed(list(futures)):
         group = futures[future]
         finished_now, failed_now = _outcome(future, group, finished)
+        timeline["collected"] = time.time()
         for stem, reason in failed_now.items():
             failures[stem] = reason
             logger.error("shard %s failed: %s", stem, reason)
@@ -105,7 +109,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
             shown = done / len(plans) * 100
             update_progress_artifact(progress, shown)
 
-    manifest = report(config, results, failures, time.perf_counter() - started)
+    manifest = report(config, results, failures, time.perf_counter() - started, timeline)
     if failures:
         raise ShardsFailed(failures, results, manifest=manifest, total=len(plans))
     fidelity.check(manifest)  # below the threshold the run ends Failed, its outputs and manifest kept

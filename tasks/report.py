@@ -1,3 +1,5 @@
+from typing import Optional
+
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -5,9 +7,10 @@ from wdsembed import report as core
 from wdsembed.config import EmbedConfig
 
 
-def write_report(config: EmbedConfig, results: list[dict], failures: dict[str, str], wall_seconds: float) -> dict:
+def write_report(config: EmbedConfig, results: list[dict], failures: dict[str, str], wall_seconds: float,
+                 timeline: Optional[dict] = None) -> dict:
     """Write OUTPUT/_manifest.json last, and put the per-shard table and the summary on the flow run."""
-    manifest = core.build_manifest(config, results, failures, wall_seconds)
+    manifest = core.build_manifest(config, results, failures, wall_seconds, timeline)
     manifest["path"] = core.write_manifest(config, manifest)
     rows = core.shard_rows(results, failures, manifest)
     create_table_artifact(rows, key="shards", description="One row per shard")

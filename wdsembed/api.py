@@ -103,15 +103,18 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
     Raises ShardsFailed (after every other shard is written and the manifest too) when any shard failed, and
     fidelity.FidelityError (outputs and manifest written) when the run's fidelity check is below its threshold."""
     started = time.perf_counter()
+    timeline = {"start": time.time()}  # the run's own steps, in the manifest beside each shard's
     plans = plan_shards(config)
+    timeline["planned"] = time.time()
     client = _current_dask_client()
     if client is None:
         results, failures = _run_here(config, plans)
     else:
         results, failures = _run_on_dask(client, config, plans)
+    timeline["collected"] = time.time()
     results.sort(key=lambda r: r.stem)
     dicts = [r.to_dict() for r in results]
-    manifest = report.build_manifest(config, dicts, failures, time.perf_counter() - started)
+    manifest = report.build_manifest(config, dicts, failures, time.perf_counter() - started, timeline)
     try:
         manifest["path"] = report.write_manifest(config, manifest)
     except OSError as exc:

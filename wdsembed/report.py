@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import time
 from typing import Iterable, Optional
 
 from wdsembed import fidelity, output, storage
@@ -95,7 +96,11 @@ def totals(results: list[dict], wall_seconds: float) -> dict:
     }
 
 
-def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str, str], wall_seconds: float) -> dict:
+def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str, str], wall_seconds: float,
+                   timeline: Optional[dict] = None) -> dict:
+    """The run's manifest. `timeline`: the run's own steps as epoch seconds (start, planned, submitted, collected:
+    the last shard's result back), to which the report's start is added; with each shard's own timeline, it shows
+    where a run spends the time outside its shards."""
     model = next((r.get("model") for r in results if r.get("model")), None)
     figures = shard_figures(config, results)
     return {
@@ -118,6 +123,7 @@ def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str,
         "failed_shards": failures,
         # Cached shards count with the cosines stored in their outputs, against this run's threshold.
         "fidelity": fidelity.summarize(config, results),
+        "timeline": {**(timeline or {}), "report": time.time()},
     }
 
 

@@ -7,6 +7,7 @@ local files and fsspec stores (s3://) go through the same code.
 from __future__ import annotations
 
 import os
+import zlib
 from typing import BinaryIO, Iterator, NamedTuple, Optional
 
 CHUNK_SIZE = 8 << 20  # bytes per read from the underlying file (one S3 range request's worth)
@@ -170,11 +171,21 @@ def decode_name(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+def byte_sum(block: bytes) -> int:
+    """The sum of a 512-byte header's bytes, in C: adler32 keeps the sum of its bytes modulo 65,521 in its low 16
+    bits, which is exact for 256 bytes (at most 65,280). A third of sum()'s time, for every member of a shard."""
+    return (zlib.adler32(block[:256], 0) & 0xFFFF) + (zlib.adler32(block[256:], 0) & 0xFFFF)
+
+
 def parse_number(field_: bytes) -> int:
     if field_[:1] and field_[0] & 0x80:  # GNU base-256 (sizes >= 8 GiB)
         if field_[0] == 0xFF:
             raise ValueError("negative number")
         return int.from_bytes(bytes([field_[0] & 0x7F]) + field_[1:], "big")
+    try:  # the usual field: octal digits, then NULs or spaces
+        return int(field_.rstrip(b"\x00 "), 8)
+    except ValueError:  # empty, or more after a NUL (ignored, as tar does)
+        pass
     text = field_.split(b"\x00", 1)[0].strip(b" ")
     return int(text, 8) if text else 0
 
@@ -215,7 +226,7 @@ def iter_members(r: Reader) -> Iterator[Member]:
                 raise TarCorrupt(hoff, "end-of-archive block right after an extended header")
             return
         stored = block[148:156]
-        computed = sum(block[:148]) + sum(block[156:]) + 8 * 32
+        computed = byte_sum(block) - sum(stored) + 8 * 32  # the checksum field counts as eight spaces
         try:
             checksum = parse_number(stored)
         except ValueError:
