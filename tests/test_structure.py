@@ -135,3 +135,60 @@ def test_prefect_defaults_are_set_by_the_entry_points_not_on_import():
     assert after == "[] 20 []"
     job_env = yaml.safe_load((ROOT / "prefect.yaml").read_text())["definitions"]["work_pool"]["job_variables"]["env"]
     assert job_env["PREFECT_LOGGING_EXTRA_LOGGERS"] == prefect_env.DEFAULTS["PREFECT_LOGGING_EXTRA_LOGGERS"]
+
+
+def _optional_imports(tree: ast.AST) -> set[int]:
+    """ids of the import nodes inside a `try` that catches ImportError: optional by design (scikit-image's photos)."""
+    optional = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+                isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                for h in node.handlers):
+            optional |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return optional
+
+
+def test_every_library_the_code_imports_is_a_declared_dependency():
+    """What wdsembed, tasks and flows import (lazy imports too) is installed by `pip install .` (or its `gpu` extra),
+    unless the import is guarded as optional: a library that only the test extra brings works in CI and fails for
+    a user (boto3, the S3 fetcher's client, was one)."""
+    import importlib.metadata as md
+    import re
+    import tomllib
+
+    def name_of(spec: str) -> str:
+        return re.split(r"[\[<>=~ ;(!]", spec, maxsplit=1)[0].lower().replace("_", "-")
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {name_of(spec) for spec in project["dependencies"] + project["optional-dependencies"]["gpu"]}
+    # what a declared package requires is installed with it (httpx with prefect, botocore with s3fs)
+    installed_with, todo = set(), list(declared)
+    while todo:
+        name = todo.pop()
+        if name in installed_with:
+            continue
+        installed_with.add(name)
+        try:
+            todo += [name_of(req) for req in md.requires(name) or [] if "extra ==" not in req]
+        except md.PackageNotFoundError:  # the gpu extra, on a machine without a GPU
+            pass
+    distributions = md.packages_distributions()
+    missing = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).glob("*.py"):
+            tree = ast.parse(path.read_text())
+            optional = _optional_imports(tree)
+            for node in ast.walk(tree):
+                if id(node) in optional:
+                    continue
+                if isinstance(node, ast.Import):
+                    tops = {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    tops = {node.module.split(".")[0]}
+                else:
+                    continue
+                for top in tops - set(sys.stdlib_module_names) - set(PACKAGES):
+                    dists = {name_of(d) for d in distributions.get(top, [top])}
+                    if not dists & installed_with:
+                        missing.setdefault(top, set()).add(f"{package}/{path.name}")
+    assert not missing, f"imported but not declared in pyproject.toml's dependencies: {missing}"
