@@ -196,10 +196,17 @@ def main() -> int:
             reference = reference_embeddings(model_name, checkpoint, data, ref_device)
             report.update(check(model_name, data, out, expected, reference, args.min_cosine))
             with open(os.path.join(out, "_manifest.json")) as f:
-                report["cuda_graph"] = json.load(f)["model"].get("cuda_graph")
+                manifest = json.load(f)
+            report["cuda_graph"] = manifest["model"].get("cuda_graph")
+            metered = [s for s in manifest["shards"].values() if "model_busy_s" in (s.get("timeline") or {})]
+            report["model_busy_s"] = round(sum(s["timeline"]["model_busy_s"] for s in metered), 4)
             if args.device == "cuda" and not report["cuda_graph"]:  # the full batches must have run as a graph
                 report["ok"] = False
                 report["problems"].append("the model did not run as a CUDA graph")
+            if args.device == "cuda" and (len(metered) != len(manifest["shards"]) or report["model_busy_s"] <= 0):
+                report["ok"] = False  # every shard's batches timed on the model's stream (worker.StreamMeter)
+                report["problems"].append(f"the model's stream was timed in {len(metered)} of "
+                                          f"{len(manifest['shards'])} shards")
         reports.append(report)
         print(json.dumps(report), flush=True)
     summary = {"device": args.device, "n_workers": args.n_workers, "runs": reports,

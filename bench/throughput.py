@@ -224,7 +224,8 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
         memory = {"gpus": n_gpus,
                   "peak_gpu_memory_gib": round(max(p["gpu"] for p in peaks.values()), 2),
                   "gpu_memory_of": next(iter(peaks.values()))["gpu_source"],
-                  "peak_host_rss_gib": round(max(p["rss"] for p in peaks.values()), 2)}
+                  "peak_host_rss_gib": round(max(p["rss"] for p in peaks.values()), 2),
+                  "worker_gc": next(iter(peaks.values()))["gc"]}
         results = {}
         for name, rs in runs.items():
             median = statistics.median(r["images_per_second"] for r in rs)
@@ -298,20 +299,44 @@ def embedding_spans(manifest: dict, wall: float, started: Optional[float] = None
             **({"seconds_before_first_task": round(min(a for a, _ in bodies) - started, 2),
                 "seconds_after_last_task": round(started + wall - max(b for _, b in bodies), 2)}
                if started and bodies else {}),
+            **({"model_stream": model_stream(shards)} if any("model_busy_s" in s["timeline"] for s in shards) else {}),
             **({"orchestration_seconds": orchestration(manifest["timeline"], started, wall, bodies)}
                if started and bodies and {"start", "collected", "report"} <= (manifest.get("timeline") or {}).keys()
                else {}),
             "seconds_per_shard_after_embedding": steps}
 
 
+def model_stream(shards: list[dict]) -> dict:
+    """The GPU's model stream over the run, from each shard's StreamMeter figures (wdsembed.worker): its busy
+    seconds, the seconds it stood still between batches of a shard and before a shard's first batch (the stream's
+    stalls at shard boundaries; each worker's first shard is left out, its wait being the time since the last run),
+    and the idle share of the two."""
+    timed = [s["timeline"] for s in shards if "model_busy_s" in s["timeline"]]
+    first = {}
+    for t in timed:
+        if t["worker"] not in first or t["embed_start"] < first[t["worker"]]["embed_start"]:
+            first[t["worker"]] = t
+    busy = sum(t["model_busy_s"] for t in timed)
+    within = sum(t["model_idle_s"] for t in timed)
+    at_start = [t["model_wait_before_s"] or 0.0 for t in timed if t is not first[t["worker"]]]
+    idle = within + sum(at_start)
+    return {"busy_s": round(busy, 3), "idle_within_shards_s": round(within, 3),
+            "idle_at_shard_starts_s": round(sum(at_start), 3),
+            "longest_idle_at_a_shard_start_s": round(max(at_start, default=0.0), 3),
+            "longest_idle_within_a_shard_s": round(max(t["model_longest_idle_s"] for t in timed), 3),
+            "idle_fraction": round(idle / (busy + idle), 4) if busy + idle > 0 else 0.0}
+
+
 def orchestration(run: dict, started: float, wall: float, bodies: list[tuple[float, float]]) -> dict:
     """The run's own steps (the manifest's timeline) around its task bodies: until the flow's body starts, the
-    planning and submitting, until the first task's body starts on a worker, from the last task's body end until
+    planning (indexing, finding finished outputs), the submitting, from the last submit until the first task's body
+    starts on a worker (negative where the first task began before the last was submitted), from the last task's body end until
     its result is back in the flow, and from the report's start until the run has returned."""
     first, last = min(a for a, _ in bodies), max(b for _, b in bodies)
-    submitted = run.get("submitted", run.get("planned", run["start"]))
+    planned = run.get("planned", run["start"])
+    submitted = run.get("submitted", planned)
     return {name: round(value, 3) for name, value in {
-        "to_flow_start": run["start"] - started, "plan_and_submit": submitted - run["start"],
+        "to_flow_start": run["start"] - started, "plan": planned - run["start"], "submit": submitted - planned,
         "to_first_task": first - submitted, "last_task_to_flow": run["collected"] - last,
         "to_report": run["report"] - run["collected"], "report_and_end": started + wall - run["report"]}.items()}
 
@@ -379,11 +404,36 @@ def compare_outputs(reference: str, other: str, embedding_column: str = "image_e
             "identical": not missing and differing_rows == 0 and max_diff == 0.0}
 
 
+# The worker's garbage collections during the timed runs, by generation: a full one walks every object of the
+# process (torch, timm, Prefect, Dask: over half a million) with the GIL held, stalling the stream meanwhile.
+def _gc_state() -> dict:
+    """The GC figures of this process. Kept on the gc module: these functions reach the workers pickled by value
+    (the bench runs as __main__), so a global of this module would be a fresh copy in each call."""
+    import gc
+
+    if not hasattr(gc, "wdsembed_bench"):
+        state = {"count": [0, 0, 0], "seconds": [0.0, 0.0, 0.0], "longest": 0.0, "began": 0.0}
+
+        def timer(phase: str, info: dict) -> None:
+            if phase == "start":
+                state["began"] = time.perf_counter()
+            else:
+                took = time.perf_counter() - state["began"]
+                state["count"][info["generation"]] += 1
+                state["seconds"][info["generation"]] += took
+                state["longest"] = max(state["longest"], took)
+
+        gc.callbacks.append(timer)
+        gc.wdsembed_bench = state
+    return gc.wdsembed_bench
+
+
 def _reset_peaks() -> None:
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    _gc_state().update(count=[0, 0, 0], seconds=[0.0, 0.0, 0.0], longest=0.0)
 
 
 def _peaks() -> dict:
@@ -401,7 +451,10 @@ def _peaks() -> dict:
             free, total = torch.cuda.mem_get_info()
             gpu, source = max(torch.cuda.max_memory_reserved(), total - free) / 2**30, "the whole device"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    return {"gpu": gpu, "gpu_source": source, "rss": rss}
+    return {"gpu": gpu, "gpu_source": source, "rss": rss,
+            "gc": {"collections": list(_gc_state()["count"]),
+                   "seconds": [round(x, 3) for x in _gc_state()["seconds"]],
+                   "longest_s": round(_gc_state()["longest"], 4)}}
 
 
 def _process_gpu_bytes() -> Optional[int]:

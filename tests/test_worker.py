@@ -212,3 +212,42 @@ def test_gpu_processes_ask_for_every_hardware_queue_unless_the_user_chose(monkey
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
     use_all_hardware_queues()
     assert subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip() == "8"
+
+
+class _ClockEvent:
+    """A stand-in for a CUDA timing event (there is no GPU here): the moment, in ms, at which the stream reached it."""
+
+    def __init__(self, ms: float) -> None:
+        self.ms = ms
+
+    def elapsed_time(self, other: "_ClockEvent") -> float:
+        return other.ms - self.ms
+
+
+def test_stream_meter_splits_busy_idle_and_the_wait_before_a_call():
+    from wdsembed.worker import StreamMeter
+
+    meter = StreamMeter()
+    before = _ClockEvent(0.0)  # the previous call's last batch ended at 0 ms
+    # three batches: 10-30 ms, 35-55 ms, 95-115 ms: 60 ms busy, 5 + 40 ms idle between them, 10 ms before the first
+    edges = [(10, 30), (35, 55), (95, 115)]
+    previous = before
+    for a, b in edges:
+        end = _ClockEvent(b)
+        meter.batches.append((previous, _ClockEvent(a), end))
+        previous = end
+    assert meter.seconds() == {"model_busy_s": 0.06, "model_idle_s": 0.045, "model_longest_idle_s": 0.04,
+                               "model_wait_before_s": 0.01}
+    assert meter.seconds() == {}  # read once
+    # the stream's first call ever has no previous batch, and nothing is timed on the CPU
+    meter.batches.append((None, _ClockEvent(0), _ClockEvent(7)))
+    assert meter.seconds()["model_wait_before_s"] is None
+    assert meter.start(None) is None and meter.end(None, None, None) is None and meter.batches == []
+
+
+def test_a_cpu_worker_reports_no_stream_times(worker):
+    timeline = {}
+    samples = [(f"k{i}", im.data) for i, im in enumerate(photo_images(4))]
+    worker.embed(iter(samples), autocast=True, normalize=True, timeline=timeline)
+    assert {"embed_start", "embed_fed", "embed_end"} <= timeline.keys()
+    assert not any(k.startswith("model_") for k in timeline)

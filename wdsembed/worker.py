@@ -126,6 +126,7 @@ class Worker:
         self._streamer: Optional[threading.Thread] = None
         self._closed = False
         self._model_lock = threading.Lock()  # the model, between the stream and a float32 fidelity reference
+        self._last_batch_end = None  # on a GPU: the event after the stream's last model batch (StreamMeter)
         self._reference = None  # built on first use (fidelity check)
         self._reference_lock = threading.Lock()
         self.info = {
@@ -198,7 +199,10 @@ class Worker:
         samples, cut as they would be if it were alone. `on_batch(n)` runs in this thread, once per batch, with the
         number of its samples that came out (embedded or failed). `timeline` (a dict), where given, gets
         "embed_start", "embed_fed" and "embed_end": when the stream began reading the samples, when it had read
-        them all, and when their last batch was done (the next call's samples are read from "embed_fed" on).
+        them all, and when their last batch was done (the next call's samples are read from "embed_fed" on). On a
+        GPU it also gets "model_busy_s", "model_idle_s", "model_longest_idle_s" and "model_wait_before_s"
+        (StreamMeter): the GPU time of the call's batches on the model's stream, the time that stream stood still
+        between them, and before the first of them.
         """
         job = _Job(iter(samples), (autocast, normalize))
         with self._cv:
@@ -225,7 +229,10 @@ class Worker:
             if timeline is not None:
                 now = time.time()
                 timeline.update(embed_start=job.started or now, embed_fed=job.fed_at or now, embed_end=job.ended or now)
-        return job.keys, self._to_host(job.result), job.failures
+        host = self._to_host(job.result)
+        if timeline is not None:
+            timeline.update(job.meter.seconds())  # its events are done: the copy above waited for its last batch
+        return job.keys, host, job.failures
 
     # -- the stream ----------------------------------------------------------------------------------------------
 
@@ -311,8 +318,10 @@ class Worker:
             if not job.closed:
                 try:
                     with self._model_lock:
+                        start = job.meter.start(self.stream)
                         # in the call's own context: its log lines (out of memory) go to its task run's logs
                         out = job.context.run(self._model, batch.images, autocast=flags[0], normalize=flags[1])
+                        self._last_batch_end = job.meter.end(self.stream, start, self._last_batch_end)
                 except Exception as exc:  # noqa: BLE001 - that call fails; the others go on
                     job.fail(exc)
                 else:
@@ -381,6 +390,50 @@ class Worker:
                           for part in (images[:half], images[half:])])
 
 
+class StreamMeter:
+    """Where the model's CUDA stream spent one call's time: timing events around each of its batches, read once
+    the call's last batch is done. Busy: from each batch's start to its end. Idle: from the end of the stream's
+    previous batch to this batch's start, how long the GPU's model work waited for the CPU (the feed, DALI's
+    output, the Python thread) at that point. The wait before the call's first batch is kept apart: at a shard
+    boundary it is a stall of the stream, before a run's first shard it is only the time since the last run. No
+    events on the CPU."""
+
+    def __init__(self) -> None:
+        self.batches: list = []  # (the previous batch's end event or None, start event, end event)
+
+    def start(self, stream):
+        if stream is None:
+            return None
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event
+
+    def end(self, stream, start, previous_end):
+        """Record the batch's end; returns it (the next batch's `previous_end`)."""
+        if start is None:
+            return None
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        self.batches.append((previous_end, start, event))
+        return event
+
+    def seconds(self) -> dict:
+        if not self.batches:
+            return {}
+        busy = sum(start.elapsed_time(end) for _, start, end in self.batches) / 1000
+        gaps = [max(0.0, previous.elapsed_time(start)) / 1000 if previous is not None else None
+                for previous, start, _ in self.batches]
+        within = [g for g in gaps[1:] if g is not None]
+        self.batches = []
+        return {"model_busy_s": round(busy, 4), "model_idle_s": round(sum(within), 4),
+                "model_longest_idle_s": round(max(within, default=0.0), 4),
+                "model_wait_before_s": round(gaps[0], 4) if gaps[0] is not None else None}
+
+
 class _Job:
     """One `Worker.embed` call in the stream: its samples, what has come out for it, and the queue its caller waits
     on: ("progress", n) per batch, then ("done", None) or ("error", exception)."""
@@ -401,6 +454,7 @@ class _Job:
         self.started: Optional[float] = None  # time.time() when the stream began reading its samples
         self.fed_at: Optional[float] = None  # ... when it had read them all (then `fed` is final)
         self.ended: Optional[float] = None  # ... when their last batch was done
+        self.meter = StreamMeter()
 
     def finish(self, result: tuple) -> None:
         self.result, self.closed, self.ended = result, True, time.time()
