@@ -251,3 +251,20 @@ def test_a_cpu_worker_reports_no_stream_times(worker):
     worker.embed(iter(samples), autocast=True, normalize=True, timeline=timeline)
     assert {"embed_start", "embed_fed", "embed_end"} <= timeline.keys()
     assert not any(k.startswith("model_") for k in timeline)
+
+
+def test_a_worker_keeps_the_long_lived_objects_out_of_full_collections(tmp_path):
+    """Built, a Worker freezes what is alive (the libraries, the model): a full collection then walks only what
+    the shards made. Closed, it gives them back to the collector."""
+    import gc
+
+    config = EmbedConfig(input=str(tmp_path), output=str(tmp_path / "out"), model_name=TINY_MODEL,
+                         pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1)
+    gc.unfreeze()
+    built = Worker(config)
+    try:
+        assert gc.get_freeze_count() > 10_000  # torch alone is more than that
+        assert len(gc.get_objects()) < gc.get_freeze_count()  # what a full pass walks is the minority
+    finally:
+        built.close()
+    assert gc.get_freeze_count() == 0
