@@ -169,7 +169,8 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
     more EmbedConfig fields (storage options for an S3 input, fidelity_sample=0 to leave the check out). With
     `repeats`, every option set in `options["variants"]` (a dict of name -> fields) is run in turn, `repeats` times
     each, on the same warm cluster: their rates as medians, under the same swings of the machine. A variant's
-    `through="api"` runs it through wdsembed.api.run_shards (the same Dask workers, no Prefect) instead of the flow."""
+    `through="api"` runs it through wdsembed.api.run_shards (the same Dask workers, no Prefect) instead of the flow,
+    and its `switch_interval` sets the workers' GIL switch interval for it (Python's default, 5 ms, otherwise)."""
     from distributed import Client, LocalCluster
 
     import flows.embed as fe
@@ -206,6 +207,8 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
             for name, more in variants.items():
                 more = dict(more)
                 through = more.pop("through", "flow")
+                # the workers' GIL switch interval for this variant (sys.setswitchinterval; Python's default 5 ms)
+                client.run(sys.setswitchinterval, more.pop("switch_interval", 0.005))
                 start, started = time.perf_counter(), time.time()
                 if through == "flow":
                     manifest = fe.run(config(folder, True, **more))
@@ -567,6 +570,9 @@ def main() -> int:
     p.add_argument("--layers", type=int, metavar="REPEATS",
                    help="run the full flow and the Python API (same Dask workers, no Prefect) in turn, REPEATS times "
                         "each: what Prefect's layer costs")
+    p.add_argument("--switch-interval", type=float, nargs=2, metavar=("REPEATS", "SECONDS"),
+                   help="run the full flow with the workers' GIL switch interval at Python's 5 ms and at SECONDS, in "
+                        "turn, REPEATS times each: how long the model's thread waits to get the GIL back")
     p.add_argument("--s3", action="store_true",
                    help="the full flow from a loopback S3 server against local disk (issue #16; ViT-B/16 on a GPU)")
     args = p.parse_args()
@@ -622,15 +628,18 @@ def main() -> int:
         if "dali" not in args.skip:
             row["dali_only"] = _stage(bench_dali, name, data, device, batch_size, threads)
             print(f"{name}: (b) DALI only {row['dali_only'].get('images_per_second', 0):,.0f} img/s", flush=True)
-        if "flow" not in args.skip and (args.fidelity_cost or args.layers):
+        if "flow" not in args.skip and (args.fidelity_cost or args.layers or args.switch_interval):
             shutil.rmtree(out, ignore_errors=True)
             if args.fidelity_cost:  # issue #12: the check's cost
                 pair = ({"check_on": {}, "check_off": {"fidelity_sample": 0}}, "full_flow_no_check", "fidelity_cost")
+            elif args.switch_interval:  # the GIL's hand-over latency: Python's 5 ms against a shorter interval
+                pair = ({"switch_5ms": {}, "switch_short": {"switch_interval": args.switch_interval[1]}},
+                        "full_flow_short_switch", "default_switch_cost")
             else:  # Prefect's layer: the same shards through the Python API on the same Dask workers
                 pair = ({"flow": {}, "api": {"through": "api"}}, "api_no_prefect", "prefect_cost")
             variants, other_key, cost_key = pair
             both = _stage(bench_flow, name, data, warm, out, device, batch_size, threads, 1,
-                          args.fidelity_cost or args.layers, variants=variants)
+                          args.fidelity_cost or args.layers or int(args.switch_interval[0]), variants=variants)
             if "error" in both:
                 row["full_flow"] = both
             else:
