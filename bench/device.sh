@@ -24,6 +24,8 @@ if [ "${1:-}" = "first" ]; then
 fi
 if [ "${1:-}" = "smoke" ]; then
   shift
+  # with the model's stream timed (wdsembed.worker.StreamMeter, off by default), so that its GPU path runs too
+  export WDSEMBED_STREAM_METER=1
   CUDA_VISIBLE_DEVICES=0 python bench/smoke.py --device cuda --json "${OUT:-/tmp}/smoke-1gpu.json" "$@" 2>&1 | tee "${OUT:-/tmp}/smoke.log"
   rc=${PIPESTATUS[0]}
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then

@@ -573,9 +573,13 @@ def main() -> int:
     p.add_argument("--switch-interval", type=float, nargs=2, metavar=("REPEATS", "SECONDS"),
                    help="run the full flow with the workers' GIL switch interval at Python's 5 ms and at SECONDS, in "
                         "turn, REPEATS times each: how long the model's thread waits to get the GIL back")
+    p.add_argument("--stream-meter", action="store_true",
+                   help="time the model's stream in every shard (WDSEMBED_STREAM_METER=1: model_stream in the results)")
     p.add_argument("--s3", action="store_true",
                    help="the full flow from a loopback S3 server against local disk (issue #16; ViT-B/16 on a GPU)")
     args = p.parse_args()
+    if args.stream_meter:  # before any cluster starts: its workers inherit it
+        os.environ["WDSEMBED_STREAM_METER"] = "1"
     # Set here, not at import: the tests import this module's helpers into their own process.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

@@ -51,6 +51,9 @@ GPU_PREFETCH = 4  # DALI iterations in flight on a GPU worker
 GPU_HARDWARE_QUEUES = 32
 
 CUDA_GRAPH_ENV = "WDSEMBED_CUDA_GRAPH"  # "0": the model runs eagerly on a GPU too (should a model misbehave as a graph)
+# "1": time the model's stream per shard (StreamMeter), a diagnostic. Off by default: each timing event's record lets
+# the GIL go, and the model's thread may then wait up to Python's switch interval to get it back (two per batch).
+STREAM_METER_ENV = "WDSEMBED_STREAM_METER"
 
 
 def use_all_hardware_queues() -> None:
@@ -128,6 +131,7 @@ class Worker:
         self._closed = False
         self._model_lock = threading.Lock()  # the model, between the stream and a float32 fidelity reference
         self._last_batch_end = None  # on a GPU: the event after the stream's last model batch (StreamMeter)
+        self._metered = self.stream if os.environ.get(STREAM_METER_ENV) == "1" else None  # the stream it times
         self._reference = None  # built on first use (fidelity check)
         self._reference_lock = threading.Lock()
         self.info = {
@@ -208,7 +212,7 @@ class Worker:
         number of its samples that came out (embedded or failed). `timeline` (a dict), where given, gets
         "embed_start", "embed_fed" and "embed_end": when the stream began reading the samples, when it had read
         them all, and when their last batch was done (the next call's samples are read from "embed_fed" on). On a
-        GPU it also gets "model_busy_s", "model_idle_s", "model_longest_idle_s" and "model_wait_before_s"
+        GPU with WDSEMBED_STREAM_METER=1 it also gets "model_busy_s", "model_idle_s", "model_longest_idle_s" and "model_wait_before_s"
         (StreamMeter): the GPU time of the call's batches on the model's stream, the time that stream stood still
         between them, and before the first of them.
         """
@@ -326,10 +330,10 @@ class Worker:
             if not job.closed:
                 try:
                     with self._model_lock:
-                        start = job.meter.start(self.stream)
+                        start = job.meter.start(self._metered)
                         # in the call's own context: its log lines (out of memory) go to its task run's logs
                         out = job.context.run(self._model, batch.images, autocast=flags[0], normalize=flags[1])
-                        self._last_batch_end = job.meter.end(self.stream, start, self._last_batch_end)
+                        self._last_batch_end = job.meter.end(self._metered, start, self._last_batch_end)
                 except Exception as exc:  # noqa: BLE001 - that call fails; the others go on
                     job.fail(exc)
                 else:
