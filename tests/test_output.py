@@ -308,6 +308,14 @@ def test_embeddings_view_keeps_only_embedded_rows():
                               errors={}, dim=DIM)
     empty = embeddings_view(none, id_column="key", embedding_column="image_embedding", shard="x")
     assert empty.num_rows == 0 and empty.schema == view.schema
+    # every row embedded: the view is the table's own columns, its embeddings not copied
+    keys = [f"{i:07d}" for i in range(4)]
+    whole = build_output_table(rows=None, keys=keys, embeddings=np.stack([_emb(k) for k in keys]), errors={}, dim=DIM)
+    same = embeddings_view(whole, id_column="key", embedding_column="image_embedding", shard="y")
+    assert same.column("key").to_pylist() == keys and same.schema == view.schema
+    assert same.column("image_embedding").to_pylist() == [_emb(k).tolist() for k in keys]
+    values = [t.column("image_embedding").chunk(0).values.buffers()[1].address for t in (whole, same)]
+    assert values[0] == values[1]
 
 
 def test_view_written_atomically_beside_the_outputs_and_out_of_dataset_readers(tmp_path):

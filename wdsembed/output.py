@@ -245,8 +245,11 @@ def embeddings_view(table: pa.Table, *, id_column: str, embedding_column: str, s
     embedding column (never null here, same type and `dim` metadata) and `shard` (the stem), which names the
     full table the row comes from where ids repeat across shards. A shard with no embedded row gives 0 rows with
     the same schema (embedding-reader skips such files)."""
-    embedded = table.filter(pc.is_valid(table.column(embedding_column)))
-    view = embedded.select([id_column, embedding_column])
+    view = table.select([id_column, embedding_column])
+    if view.column(embedding_column).null_count:
+        # Arrow's filter copies every row, even when it keeps all of them: a shard of 10,000 x 2,048 floats cost
+        # 0.29 s and 78 MB that way on the 2-core machine. Most shards have every row embedded.
+        view = view.filter(pc.is_valid(view.column(embedding_column)))
     if SHARD_COLUMN not in (id_column, embedding_column):
         view = view.append_column(pa.field(SHARD_COLUMN, pa.string()),
                                   pa.array([shard] * view.num_rows, type=pa.string()))
