@@ -115,8 +115,8 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: Union[bytes, Ca
 
     * Local disk: a hidden temp file beside the target (``.<name>.tmp-<random>``), created through `fs.open` so that
       a filesystem's own refusals apply (a read-only one raises PermissionError here), written as Arrow's own file
-      (no GIL per write), fsynced, then renamed over the target with os.replace (atomic within a folder). Missing folders are created. A full disk raises OSError
-      with the same errno, naming `path` rather than the temp file.
+      (no GIL per write), fsynced, then renamed over the target with os.replace (atomic within a folder). Missing
+      folders are created. A full disk raises OSError with the same errno, naming `path` rather than the temp file.
     * Object stores (S3, GCS, Azure, memory): one PUT, atomic per object; a writer function writes to a local temp
       file first, which is then uploaded (put_file), so a large output is never held in memory.
     * Other fsspec filesystems (SFTP, HDFS, ...), where a file being written is visible: a temp name beside the

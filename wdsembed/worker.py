@@ -212,9 +212,9 @@ class Worker:
         number of its samples that came out (embedded or failed). `timeline` (a dict), where given, gets
         "embed_start", "embed_fed" and "embed_end": when the stream began reading the samples, when it had read
         them all, and when their last batch was done (the next call's samples are read from "embed_fed" on). On a
-        GPU with WDSEMBED_STREAM_METER=1 it also gets "model_busy_s", "model_idle_s", "model_longest_idle_s" and "model_wait_before_s"
-        (StreamMeter): the GPU time of the call's batches on the model's stream, the time that stream stood still
-        between them, and before the first of them.
+        GPU with WDSEMBED_STREAM_METER=1 it also gets "model_busy_s", "model_idle_s", "model_longest_idle_s" and
+        "model_wait_before_s" (StreamMeter): the GPU time of the call's batches on the model's stream, the time that
+        stream stood still between them, and before the first of them.
         """
         job = _Job(iter(samples), (autocast, normalize))
         with self._cv:
@@ -404,11 +404,12 @@ class Worker:
 
 class StreamMeter:
     """Where the model's CUDA stream spent one call's time: timing events around each of its batches, read once
-    the call's last batch is done. Busy: from each batch's start to its end. Idle: from the end of the stream's
-    previous batch to this batch's start, how long the GPU's model work waited for the CPU (the feed, DALI's
-    output, the Python thread) at that point. The wait before the call's first batch is kept apart: at a shard
-    boundary it is a stall of the stream, before a run's first shard it is only the time since the last run. No
-    events on the CPU."""
+    the call's last batch is done. Busy: from each batch's start to its end (where the launching thread waits
+    between the start event and the batch's own kernels, the stream stands still, but that counts as busy). Idle:
+    from the end of the stream's previous batch to this batch's start, how long the GPU's model work waited for the
+    CPU (the feed, DALI's output, the Python thread) at that point. The wait before the call's first batch is kept
+    apart: at a shard boundary it is a stall of the stream, before a run's first shard it is only the time since
+    the last run. No events on the CPU."""
 
     def __init__(self) -> None:
         self.batches: list = []  # (the previous batch's end event or None, start event, end event)
