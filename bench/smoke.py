@@ -198,12 +198,13 @@ def main() -> int:
             with open(os.path.join(out, "_manifest.json")) as f:
                 manifest = json.load(f)
             report["cuda_graph"] = manifest["model"].get("cuda_graph")
+            from wdsembed.worker import STREAM_METER_ENV
             metered = [s for s in manifest["shards"].values() if "model_busy_s" in (s.get("timeline") or {})]
             report["model_busy_s"] = round(sum(s["timeline"]["model_busy_s"] for s in metered), 4)
             if args.device == "cuda" and not report["cuda_graph"]:  # the full batches must have run as a graph
                 report["ok"] = False
                 report["problems"].append("the model did not run as a CUDA graph")
-            if (args.device == "cuda" and os.environ.get("WDSEMBED_STREAM_METER") == "1"
+            if (args.device == "cuda" and os.environ.get(STREAM_METER_ENV) == "1"
                     and (len(metered) != len(manifest["shards"]) or report["model_busy_s"] <= 0)):
                 report["ok"] = False  # asked for, every shard's batches are timed on the model's stream
                 report["problems"].append(f"the model's stream was timed in {len(metered)} of "

@@ -333,8 +333,8 @@ def model_stream(shards: list[dict]) -> dict:
 def orchestration(run: dict, started: float, wall: float, bodies: list[tuple[float, float]]) -> dict:
     """The run's own steps (the manifest's timeline) around its task bodies: until the flow's body starts, the
     planning (indexing, finding finished outputs), the submitting, from the last submit until the first task's body
-    starts on a worker (negative where the first task began before the last was submitted), from the last task's body end until
-    its result is back in the flow, and from the report's start until the run has returned."""
+    starts on a worker (negative where the first task began before the last was submitted), from the last task's
+    body end until its result is back in the flow, and from the report's start until the run has returned."""
     first, last = min(a for a, _ in bodies), max(b for _, b in bodies)
     planned = run.get("planned", run["start"])
     submitted = run.get("submitted", planned)
@@ -454,10 +454,10 @@ def _peaks() -> dict:
             free, total = torch.cuda.mem_get_info()
             gpu, source = max(torch.cuda.max_memory_reserved(), total - free) / 2**30, "the whole device"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    collector = _gc_state()
     return {"gpu": gpu, "gpu_source": source, "rss": rss,
-            "gc": {"collections": list(_gc_state()["count"]),
-                   "seconds": [round(x, 3) for x in _gc_state()["seconds"]],
-                   "longest_s": round(_gc_state()["longest"], 4)}}
+            "gc": {"collections": list(collector["count"]), "seconds": [round(x, 3) for x in collector["seconds"]],
+                   "longest_s": round(collector["longest"], 4)}}
 
 
 def _process_gpu_bytes() -> Optional[int]:
@@ -579,7 +579,9 @@ def main() -> int:
                    help="the full flow from a loopback S3 server against local disk (issue #16; ViT-B/16 on a GPU)")
     args = p.parse_args()
     if args.stream_meter:  # before any cluster starts: its workers inherit it
-        os.environ["WDSEMBED_STREAM_METER"] = "1"
+        from wdsembed.worker import STREAM_METER_ENV
+
+        os.environ[STREAM_METER_ENV] = "1"
     # Set here, not at import: the tests import this module's helpers into their own process.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
