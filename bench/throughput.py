@@ -170,7 +170,9 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
     `repeats`, every option set in `options["variants"]` (a dict of name -> fields) is run in turn, `repeats` times
     each, on the same warm cluster: their rates as medians, under the same swings of the machine. A variant's
     `through="api"` runs it through wdsembed.api.run_shards (the same Dask workers, no Prefect) instead of the flow,
-    and its `switch_interval` sets the workers' GIL switch interval for it (Python's default, 5 ms, otherwise)."""
+    its `switch_interval` sets the workers' GIL switch interval for it (else it stays as it is: Python's 5 ms
+    unless an earlier variant changed it), and its `worker_env` (name -> value, None to unset) the workers'
+    environment variables."""
     from distributed import Client, LocalCluster
 
     import flows.embed as fe
@@ -207,8 +209,11 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
             for name, more in variants.items():
                 more = dict(more)
                 through = more.pop("through", "flow")
-                # the workers' GIL switch interval for this variant (sys.setswitchinterval; Python's default 5 ms)
-                client.run(sys.setswitchinterval, more.pop("switch_interval", 0.005))
+                if "switch_interval" in more:  # the workers' GIL switch interval for this variant
+                    client.run(sys.setswitchinterval, more.pop("switch_interval"))
+                if "worker_env" in more:  # environment variables the Worker reads per run (None: unset)
+                    client.run(_set_env, more.pop("worker_env"))
+                switch = next(iter(client.run(sys.getswitchinterval).values()))
                 start, started = time.perf_counter(), time.time()
                 if through == "flow":
                     manifest = fe.run(config(folder, True, **more))
@@ -221,7 +226,7 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
                 embedded = manifest["totals"]["embedded_this_run"]
                 runs[name].append({"images_per_second": round(embedded / wall, 1), "images": embedded,
                                    "wall_seconds": round(wall, 2), "gpu_idle_fraction": idle_fraction(manifest),
-                                   **embedding_spans(manifest, wall, started),
+                                   "switch_interval_s": switch, **embedding_spans(manifest, wall, started),
                                    "fidelity": _fidelity_record(manifest.get("fidelity"))})
         peaks = client.run(_peaks)
         memory = {"gpus": n_gpus,
@@ -238,6 +243,14 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
     finally:
         client.close()
         cluster.close()
+
+
+def _set_env(env: dict) -> None:
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def _fidelity_record(record) -> dict | None:
@@ -573,6 +586,9 @@ def main() -> int:
     p.add_argument("--switch-interval", type=float, nargs=2, metavar=("REPEATS", "SECONDS"),
                    help="run the full flow with the workers' GIL switch interval at Python's 5 ms and at SECONDS, in "
                         "turn, REPEATS times each: how long the model's thread waits to get the GIL back")
+    p.add_argument("--worker-env", nargs=3, metavar=("REPEATS", "NAME", "VALUE"),
+                   help="run the full flow with the workers' environment variable NAME unset and set to VALUE, in "
+                        "turn, REPEATS times each (a Worker setting read per run, such as WDSEMBED_READ_AHEAD)")
     p.add_argument("--stream-meter", action="store_true",
                    help="time the model's stream in every shard (WDSEMBED_STREAM_METER=1: model_stream in the results)")
     p.add_argument("--s3", action="store_true",
@@ -634,18 +650,24 @@ def main() -> int:
         if "dali" not in args.skip:
             row["dali_only"] = _stage(bench_dali, name, data, device, batch_size, threads)
             print(f"{name}: (b) DALI only {row['dali_only'].get('images_per_second', 0):,.0f} img/s", flush=True)
-        if "flow" not in args.skip and (args.fidelity_cost or args.layers or args.switch_interval):
+        if "flow" not in args.skip and (args.fidelity_cost or args.layers or args.switch_interval or args.worker_env):
             shutil.rmtree(out, ignore_errors=True)
             if args.fidelity_cost:  # issue #12: the check's cost
                 pair = ({"check_on": {}, "check_off": {"fidelity_sample": 0}}, "full_flow_no_check", "fidelity_cost")
+            elif args.worker_env:  # a Worker setting read from the environment, at its default and at VALUE
+                repeats, var, value = args.worker_env
+                pair = ({"env_default": {"worker_env": {var: None}}, "env_set": {"worker_env": {var: value}}},
+                        "full_flow_env_set", "env_default_cost")
             elif args.switch_interval:  # the GIL's hand-over latency: Python's 5 ms against a shorter interval
-                pair = ({"switch_5ms": {}, "switch_short": {"switch_interval": args.switch_interval[1]}},
+                pair = ({"switch_5ms": {"switch_interval": 0.005},
+                         "switch_short": {"switch_interval": args.switch_interval[1]}},
                         "full_flow_short_switch", "default_switch_cost")
             else:  # Prefect's layer: the same shards through the Python API on the same Dask workers
                 pair = ({"flow": {}, "api": {"through": "api"}}, "api_no_prefect", "prefect_cost")
             variants, other_key, cost_key = pair
             both = _stage(bench_flow, name, data, warm, out, device, batch_size, threads, 1,
-                          args.fidelity_cost or args.layers or int(args.switch_interval[0]), variants=variants)
+                          args.fidelity_cost or args.layers
+                          or int((args.switch_interval or args.worker_env)[0]), variants=variants)
             if "error" in both:
                 row["full_flow"] = both
             else:
