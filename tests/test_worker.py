@@ -268,3 +268,53 @@ def test_a_worker_keeps_the_long_lived_objects_out_of_full_collections(tmp_path)
     finally:
         built.close()
     assert gc.get_freeze_count() == 0
+
+
+def test_a_calls_tar_is_read_ahead_of_the_thread_that_feeds_dali(worker, monkeypatch):
+    """The samples are read in a thread of their own (threads.read_ahead), and the embeddings are the same as
+    when they are read in the feeding thread (WDSEMBED_READ_AHEAD=0, a diagnostic)."""
+    from wdsembed.worker import READ_AHEAD_ENV
+
+    (call,) = _calls(1, 20, seed=5)
+
+    def reading(where: set):
+        for key, data in call:
+            where.add(threading.current_thread().name)
+            yield key, data
+
+    ahead, inline = set(), set()
+    monkeypatch.delenv(READ_AHEAD_ENV, raising=False)
+    keys, emb, failures = worker.embed(reading(ahead), autocast=True, normalize=True)
+    monkeypatch.setenv(READ_AHEAD_ENV, "0")
+    keys2, emb2, failures2 = worker.embed(reading(inline), autocast=True, normalize=True)
+    assert ahead == {"wdsembed-reader"} and inline == {"wdsembed-producer"}
+    assert keys == keys2 == [k for k, _ in call] and not failures and not failures2
+    np.testing.assert_array_equal(emb, emb2)
+
+
+def test_a_cancelled_call_stops_its_reader(worker):
+    """A caller that stops waiting (its task was cancelled) stops the reading of its samples: the reader's thread
+    ends and the source is closed, and the next call is served."""
+    (call,) = _calls(1, 16, seed=6)
+    closed = threading.Event()
+
+    def endless():
+        try:
+            while True:
+                for item in call:
+                    yield item
+        finally:
+            closed.set()
+
+    def stop_after_first_batch(n):
+        raise KeyboardInterrupt  # as a cancelled task's thread sees it
+
+    with pytest.raises(KeyboardInterrupt):
+        worker.embed(endless(), autocast=True, normalize=True, on_batch=stop_after_first_batch)
+    assert closed.wait(timeout=60)
+    deadline = time.time() + 60
+    while any(t.name == "wdsembed-reader" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "wdsembed-reader" for t in threading.enumerate())
+    keys, _, _ = worker.embed(iter(call), autocast=True, normalize=True)
+    assert keys == [k for k, _ in call]

@@ -1,9 +1,10 @@
 """Running a producer ahead of its consumer in a background thread, with a bounded queue between them."""
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
-from typing import Iterator, TypeVar
+from typing import Iterator, Optional, TypeVar
 
 T = TypeVar("T")
 _DONE = object()
@@ -59,3 +60,36 @@ def in_background(items: Iterator[T], depth: int = 2, name: str = "wdsembed-prod
     finally:
         stop.set()
         thread.join()
+
+
+def read_ahead(items: Iterator[T], chunk: int = 64, depth: int = 4, name: str = "wdsembed-reader") -> Iterator[T]:
+    """Yield what `items` yields, computed up to `chunk * depth` items ahead in one background thread, handed over
+    `chunk` at a time (one queue hand-over per chunk, not per item: a hand-over costs as much as parsing a small
+    tar member). An exception in `items` is raised here after the items that came before it; closing this
+    generator stops and closes `items`.
+
+    Why a thread: the one that feeds DALI waits for each batch's outputs with the GIL released; a parser running
+    beside it fills those waits with the next samples instead of parsing after each wait."""
+
+    def chunks() -> Iterator[tuple[list, Optional[BaseException]]]:
+        it = iter(items)
+        try:
+            while True:
+                part: list = []
+                try:
+                    part.extend(itertools.islice(it, chunk))
+                except Exception as exc:  # noqa: BLE001 - raised to the consumer once the items before it are out
+                    yield part, exc
+                    return
+                if not part:
+                    return
+                yield part, None
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    for part, exc in in_background(chunks(), depth=depth, name=name):
+        yield from part
+        if exc is not None:
+            raise exc

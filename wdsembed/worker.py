@@ -26,7 +26,7 @@ from typing import Any, Callable, ClassVar, Iterator, Optional
 import numpy as np
 
 from wdsembed.config import EmbedConfig
-from wdsembed.threads import in_background
+from wdsembed.threads import in_background, read_ahead
 
 log = logging.getLogger("wdsembed")
 
@@ -54,6 +54,9 @@ CUDA_GRAPH_ENV = "WDSEMBED_CUDA_GRAPH"  # "0": the model runs eagerly on a GPU t
 # "1": time the model's stream per shard (StreamMeter), a diagnostic. Off by default: each timing event's record lets
 # the GIL go, and the model's thread may then wait up to Python's switch interval to get it back (two per batch).
 STREAM_METER_ENV = "WDSEMBED_STREAM_METER"
+# "0": a call's tar is read in the thread that feeds DALI, not ahead of it in a thread of its own (a diagnostic).
+READ_AHEAD_ENV = "WDSEMBED_READ_AHEAD"
+READ_AHEAD_CHUNK, READ_AHEAD_DEPTH = 64, 4  # samples per hand-over, hand-overs queued: 256 samples (~10 MB) ahead
 
 
 def use_all_hardware_queues() -> None:
@@ -288,8 +291,12 @@ class Worker:
                 number = next(numbers)
                 live[number] = job
                 job.started = time.time()
+                # The call's samples (reading and parsing its tar) are read in a thread of their own, ahead of this
+                # one, which also feeds DALI and waits for its outputs (threads.read_ahead).
+                samples = (job.samples if os.environ.get(READ_AHEAD_ENV) == "0"
+                           else read_ahead(job.samples, chunk=READ_AHEAD_CHUNK, depth=READ_AHEAD_DEPTH))
                 try:
-                    for key, data in job.samples:
+                    for key, data in samples:
                         if job.cancelled:
                             break
                         job.fed += 1
@@ -298,6 +305,10 @@ class Worker:
                     raise
                 except BaseException as exc:  # noqa: BLE001 - the call's own samples failed (an unreadable shard)
                     job.fail(exc)
+                finally:
+                    close = getattr(samples, "close", None)
+                    if close is not None:
+                        close()  # stops the reader's thread where the call was cancelled or the stream stopped
                 job.fed_at = time.time()
                 yield BATCH_END, None  # the next call's samples start a batch of their own
                 job = self._next_call(flags)
