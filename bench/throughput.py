@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -589,6 +590,9 @@ def main() -> int:
     p.add_argument("--worker-env", nargs=3, metavar=("REPEATS", "NAME", "VALUE"),
                    help="run the full flow with the workers' environment variable NAME unset and set to VALUE, in "
                         "turn, REPEATS times each (a Worker setting read per run, such as WDSEMBED_READ_AHEAD)")
+    p.add_argument("--shards-per-gpu", type=int, metavar="N",
+                   help="shards each GPU worker holds at once (default: wdsembed.cluster.SHARDS_PER_GPU): one in its "
+                        "pipeline, the others' bookkeeping and writes overlapping it")
     p.add_argument("--stream-meter", action="store_true",
                    help="time the model's stream in every shard (WDSEMBED_STREAM_METER=1: model_stream in the results)")
     p.add_argument("--s3", action="store_true",
@@ -605,6 +609,11 @@ def main() -> int:
     from wdsembed.worker import use_all_hardware_queues
 
     use_all_hardware_queues()  # (a) and (b) on a GPU as the flow's workers run (c), before the first CUDA call
+    import wdsembed.cluster
+
+    if args.shards_per_gpu:  # the GPU workers' threads and each task's GPU share, read when a cluster or run starts
+        wdsembed.cluster.SHARDS_PER_GPU = args.shards_per_gpu
+        wdsembed.cluster.GPU_SHARE_PER_SHARD = math.floor(100 / args.shards_per_gpu) / 100
 
     import torch
 
@@ -627,7 +636,7 @@ def main() -> int:
 
     results = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "gpus_visible": torch.cuda.device_count(),
                "shards": n_shards, "per_shard": per_shard, "batch_size": batch_size, "threads": threads,
-               "models": {}, "scaling": {}, "fidelity": None}
+               "shards_per_gpu": wdsembed.cluster.SHARDS_PER_GPU, "models": {}, "scaling": {}, "fidelity": None}
     results["reading_only"] = bench_reading(data)
     print(f"reading the tars alone: {results['reading_only']['images_per_second']:,.0f} img/s", flush=True)
     if args.variants:
