@@ -63,7 +63,8 @@ def in_background(items: Iterator[T], depth: int = 2, name: str = "wdsembed-prod
 
 
 def read_ahead(items: Iterator[T], chunk: int = 64, depth: int = 4, name: str = "wdsembed-reader") -> Iterator[T]:
-    """Yield what `items` yields, computed up to `chunk * depth` items ahead in one background thread, handed over
+    """Yield what `items` yields, computed ahead in one background thread (the `depth` chunks queued, the one being
+    made and the one being taken: at most `chunk * (depth + 2)` items in hand), handed over
     `chunk` at a time (one queue hand-over per chunk, not per item: a hand-over costs as much as parsing a small
     tar member). An exception in `items` is raised here after the items that came before it; closing this
     generator stops and closes `items`.

@@ -56,7 +56,7 @@ CUDA_GRAPH_ENV = "WDSEMBED_CUDA_GRAPH"  # "0": the model runs eagerly on a GPU t
 STREAM_METER_ENV = "WDSEMBED_STREAM_METER"
 # "0": a call's tar is read in the thread that feeds DALI, not ahead of it in a thread of its own (a diagnostic).
 READ_AHEAD_ENV = "WDSEMBED_READ_AHEAD"
-READ_AHEAD_CHUNK, READ_AHEAD_DEPTH = 64, 4  # samples per hand-over, hand-overs queued: 256 samples (~10 MB) ahead
+READ_AHEAD_CHUNK, READ_AHEAD_DEPTH = 64, 4  # samples per hand-over, hand-overs queued: 256-384 samples (10-15 MB)
 
 
 def use_all_hardware_queues() -> None:
