@@ -664,7 +664,7 @@ def main() -> int:
             if args.fidelity_cost:  # issue #12: the check's cost
                 pair = ({"check_on": {}, "check_off": {"fidelity_sample": 0}}, "full_flow_no_check", "fidelity_cost")
             elif args.worker_env:  # a Worker setting read from the environment, at its default and at VALUE
-                repeats, var, value = args.worker_env
+                _, var, value = args.worker_env
                 pair = ({"env_default": {"worker_env": {var: None}}, "env_set": {"worker_env": {var: value}}},
                         "full_flow_env_set", "env_default_cost")
             elif args.switch_interval:  # the GIL's hand-over latency: Python's 5 ms against a shorter interval
