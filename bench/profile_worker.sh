@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Which Python code of the GPU worker holds the GIL while the flow runs (py-spy, on the GPU host).
+#
+#   bash bench/profile_worker.sh SECONDS [bench/device.sh args...]
+#
+# Runs bench/device.sh with the given args (with --skip model fidelity). Once a process holds more than 2 GiB of GPU
+# memory (the Dask GPU worker with its model, graph and pipeline built: the warm-up flow has started), py-spy
+# records that process for SECONDS: only samples where a thread holds the GIL (--gil), without pausing it
+# (--nonblocking), stacks per thread. Writes $OUT/gil.txt (collapsed stacks) and $OUT/gil-summary.txt
+# (bench/gil_summary.py). py-spy comes from the bundle's wheels (pip install --target /tmp/site .whl/py_spy*).
+set -u
+seconds=$1
+shift
+(
+  for _ in $(seq 600); do
+    # the process holding the most GPU memory, once it holds over 2 GiB: the worker (the bench, --skip model, holds little)
+    pid=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits 2>/dev/null |
+          sort -t, -k2 -n -r | awk -F', ' '$2 > 2048 {print $1; exit}')
+    if [ -z "$pid" ] && [ "$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)" -gt 2048 ] &&
+       [ -z "$(nvidia-smi --query-compute-apps=pid --format=csv,noheader)" ]; then
+      # a container that hides the GPU's processes: the spawned process with the largest RSS
+      pid=$(ps -eo pid=,rss=,args= | grep "multiprocessing" | grep -v grep | sort -k2 -n -r | awk '{print $1; exit}')
+    fi
+    if [ -n "$pid" ]; then
+      echo "profiling GPU worker pid $pid for ${seconds}s" >&2
+      /tmp/site/bin/py-spy record --gil --nonblocking --threads -r 250 -d "$seconds" -f raw \
+        -o "${OUT:-/tmp}/gil.txt" -p "$pid" > /tmp/py-spy.log 2>&1
+      python bench/gil_summary.py "${OUT:-/tmp}/gil.txt" > "${OUT:-/tmp}/gil-summary.txt" 2>&1
+      exit 0
+    fi
+    sleep 1
+  done
+) &
+profiler=$!
+bash bench/device.sh "$@"
+rc=$?
+wait "$profiler"
+exit "$rc"
