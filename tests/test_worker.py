@@ -318,3 +318,24 @@ def test_a_cancelled_call_stops_its_reader(worker):
     assert not any(t.name == "wdsembed-reader" for t in threading.enumerate())
     keys, _, _ = worker.embed(iter(call), autocast=True, normalize=True)
     assert keys == [k for k, _ in call]
+
+
+def test_a_fixed_size_runner_takes_any_number_of_images():
+    """The fidelity reference's graph takes batches of one size: fewer images are filled up, more are cut into
+    batches, and only the images' own outputs come back, in order."""
+    from wdsembed.worker import in_fixed_batches
+
+    seen = []
+
+    def run(batch):  # a per-row function, like a model in eval mode
+        seen.append(len(batch))
+        return batch.flatten(1).sum(1, keepdim=True) * 2
+
+    for n in (1, 7, 8, 9, 17):
+        seen.clear()
+        images = torch.arange(n * 12, dtype=torch.float32).reshape(n, 3, 2, 2)
+        out = in_fixed_batches(run, 8, images)
+        assert torch.equal(out, images.flatten(1).sum(1, keepdim=True) * 2)
+        assert seen == [8] * -(-n // 8)
+    with pytest.raises(ValueError):
+        in_fixed_batches(run, 8, torch.zeros(0, 3, 2, 2))

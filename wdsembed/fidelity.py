@@ -230,7 +230,7 @@ def reference_embeddings(worker, chosen: list, max_pixels: Optional[int]) -> tup
     import torch
     from PIL import Image, ImageOps
 
-    transform, loaded, lock = worker.reference()
+    transform, forward, lock = worker.reference()
     tensors, keys, refused = [], [], {}
     for key, data, _ in chosen:
         try:
@@ -246,13 +246,11 @@ def reference_embeddings(worker, chosen: list, max_pixels: Optional[int]) -> tup
             refused[key] = f"PIL: {type(exc).__name__}: {exc}"[:300]
     if not keys:
         return {}, refused
-    from wdsembed.model import embed_batch
-
+    device = worker.reference_device
     # On a GPU, a stream of its own: the legacy default stream would wait for the decoder's and the model's work.
-    on_stream = (torch.cuda.stream(torch.cuda.Stream(loaded.device)) if loaded.device.type == "cuda"
-                 else contextlib.nullcontext())
+    on_stream = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()
     with lock, on_stream:
-        out = embed_batch(loaded, torch.stack(tensors), autocast=False, normalize=True).float().cpu().numpy()
+        out = forward(torch.stack(tensors)).float().cpu().numpy()
     return dict(zip(keys, out)), refused
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import functools
 import gc
 import itertools
 import json
@@ -107,6 +108,13 @@ class Worker:
         self._graph = (capture_batch_graph(self.loaded, (config.batch_size, *self.recipe.input_size),
                                            autocast=config.autocast, normalize=config.normalize_embeddings)
                        if device_id is not None and os.environ.get(CUDA_GRAPH_ENV, "1") != "0" else None)
+        # The fidelity check's float32 reference on the GPU, as a graph too: eagerly, its few hundred launches per
+        # shard each waited for the GIL behind the stream's threads (0.33 s per ResNet-50 shard on one H200, while
+        # the stream's next shards waited on that task), against one replay per REFERENCE_BATCH images.
+        self._reference_graph = (capture_batch_graph(self._float32_copy, (REFERENCE_BATCH, *self.recipe.input_size),
+                                                     autocast=False, normalize=True)
+                                 if self._graph is not None and self._float32_copy is not None
+                                 and self._float32_copy.device.type == "cuda" else None)
         self.pipeline = ImagePipeline(
             self.recipe,
             batch_size=config.batch_size,
@@ -155,21 +163,35 @@ class Worker:
         gc.freeze()
 
     def reference(self):
-        """The fidelity check's reference: timm's own eval transform, the model in float32, and the lock to hold
-        while using it. The model itself where it is float32 (its lock then keeps it to one shard at a time), else
-        the float32 copy taken before the weights became bfloat16 (a few images per shard): on the GPU it takes a
-        few milliseconds there, on a stream of its own, and no CPU core from DALI."""
+        """The fidelity check's reference: timm's own eval transform, the float32 model as a function of a batch
+        of images (normalized embeddings on its device), and the lock to hold while using it. The model itself
+        where it is float32 (its lock then keeps it to one shard at a time), else the float32 copy taken before the
+        weights became bfloat16 (a few images per shard): on the GPU it runs there, as a CUDA graph where the
+        worker's model is one, on a stream of its own, and takes no CPU core from DALI."""
         import timm
         import torch
+
+        from wdsembed.model import embed_batch
 
         with self._reference_lock:
             if self._reference is None:
                 transform = timm.data.create_transform(**self.loaded.data_config)
                 if self.loaded.dtype == torch.float32:
-                    self._reference = (transform, self.loaded, self._model_lock)
+                    model, lock = self.loaded, self._model_lock
                 else:
-                    self._reference = (transform, self._float32_copy, threading.Lock())
+                    model, lock = self._float32_copy, threading.Lock()
+                graph = self._reference_graph
+                if graph is not None:
+                    forward = functools.partial(in_fixed_batches, graph, REFERENCE_BATCH)
+                else:
+                    forward = functools.partial(embed_batch, model, autocast=False, normalize=True)
+                self._reference = (transform, forward, lock)
             return self._reference
+
+    @property
+    def reference_device(self) -> "torch.device":
+        """Where the fidelity reference's model runs (reference())."""
+        return (self._float32_copy if self._float32_copy is not None else self.loaded).device
 
     @classmethod
     def for_config(cls, config: EmbedConfig) -> "Worker":
@@ -200,7 +222,7 @@ class Worker:
         if self._streamer is not None and self._streamer is not threading.current_thread():
             self._streamer.join()
         self.pipeline.close()
-        self._graph = None  # its memory pool goes now, not with the Worker object
+        self._graph = self._reference_graph = self._reference = None  # their memory pools go now, not with the Worker
         gc.unfreeze()  # this Worker's objects can be collected again once dropped
 
     def embed(
@@ -499,6 +521,27 @@ def _leave_cores_to_dali(dali_threads: int) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     gpus = max(1, torch.cuda.device_count())
     torch.set_num_threads(max(1, min(torch.get_num_threads(), (cores - dali_threads * gpus) // gpus)))
+
+
+REFERENCE_BATCH = 8  # images per replay of the fidelity reference's graph (a shard checks a few)
+
+
+def in_fixed_batches(run: Callable[["torch.Tensor"], "torch.Tensor"], size: int,
+                     images: "torch.Tensor") -> "torch.Tensor":
+    """`run` (which takes batches of exactly `size` images, such as a BatchGraph) over any number of images: in
+    batches of `size`, the last one filled up with copies of its last image, whose outputs are dropped."""
+    import torch
+
+    if len(images) == 0:
+        raise ValueError("no images")
+    device = getattr(getattr(run, "static_in", None), "device", images.device)
+    outs = []
+    for part in images.to(device).split(size):
+        n = len(part)
+        if n < size:
+            part = torch.cat([part, part[-1:].expand(size - n, *part.shape[1:])])
+        outs.append(run(part)[:n])
+    return torch.cat(outs)
 
 
 # The float32 reference copy goes to the GPU when its weights take at most this share of the GPU's memory (an H200
