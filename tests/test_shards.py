@@ -707,6 +707,469 @@ def test_index_path_for(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the fast path for indexed tars: the same samples, errors, index checks and built index as the general parser
+
+
+def _tar_of(tmp_path: Path, name: str, members: list, fmt: int = tarfile.PAX_FORMAT) -> Path:
+    return make_tar(tmp_path / f"{name}.tar", members, fmt)
+
+
+def _index_of(tar: Path) -> ShardIndex:
+    with open(tar, "rb") as f:
+        return build_index(f)
+
+
+def _rewritten(tar: Path, name: str, change) -> Path:
+    """A copy of `tar` with its bytes passed through change(bytearray)."""
+    data = bytearray(tar.read_bytes())
+    change(data)
+    out = tar.with_name(f"{name}.tar")
+    out.write_bytes(bytes(data))
+    return out
+
+
+def _patch_header(data: bytearray, at: int, *, signed: bool = False, **fields: bytes) -> None:
+    """Set fields of the header at byte `at` and write a checksum for it (of signed chars with `signed`)."""
+    where = {"name": (0, 100), "size": (124, 12), "typeflag": (156, 1), "prefix": (345, 155)}
+    for field_, value in fields.items():
+        start, width = where[field_]
+        data[at + start : at + start + width] = value.ljust(width, b"\x00")
+    block = bytearray(data[at : at + 512])
+    block[148:156] = b" " * 8
+    total = sum(b - 256 if signed and b >= 128 else b for b in block)
+    data[at + 148 : at + 156] = b"%06o\x00 " % total
+
+
+def _plain(n: int = 12, start: int = 0) -> list:
+    return [(f"{i:03d}.jpg", bytes([65 + i % 26]) * (100 + 300 * i)) for i in range(start, start + n)]
+
+
+def _img2dataset(n: int = 14) -> list:
+    out = []
+    for i in range(n):
+        out += [(f"{i:09d}.jpg", bytes([i]) * (50 + 97 * i)), (f"{i:09d}.json", b'{"k": %d}' % i),
+                (f"{i:09d}.txt", b"caption %d" % i)]
+    return out
+
+
+def _with_index_of(tar: Path) -> tuple[Path, ShardIndex]:
+    return tar, _index_of(tar)
+
+
+def _case_plain(tmp_path):
+    return _with_index_of(_tar_of(tmp_path, "plain", _plain()))
+
+
+def _case_img2dataset_pax(tmp_path):
+    """As webdataset's TarWriter writes them: a pax header (float mtime) before every member."""
+    samples = [ShardSample(image=bytes([i]) * (40 + 131 * i), caption=f"c{i}") for i in range(14)]
+    return _with_index_of(Path(write_shard(tmp_path / "pax", "00000", samples, parquet=False, stats=False).tar))
+
+
+def _case_img2dataset_gnu(tmp_path):
+    return _with_index_of(_tar_of(tmp_path, "gnu", _img2dataset(), tarfile.GNU_FORMAT))
+
+
+def _case_img2dataset_ustar(tmp_path):
+    return _with_index_of(_tar_of(tmp_path, "ustar", _img2dataset(), tarfile.USTAR_FORMAT))
+
+
+def _case_multi_ext(tmp_path):
+    return _with_index_of(multi_ext_shard(tmp_path / "multi", n=9))
+
+
+def _case_several_images(tmp_path):
+    return _with_index_of(_tar_of(tmp_path, "several", [
+        ("a.png", b"PNG-a"), ("a.jpg", b"JPG-a"), ("a.txt", b"t"),
+        ("b.jpg", b"JPG-b"), ("b.png", b"PNG-b"),
+        ("c.webp", b"W"), ("c.jpeg", b"JPEG-c"), ("c.png", b"PNG-c"),
+        ("d.png", b"P1"), ("d.seg.png", b"P2"), ("e.jpg", b"E"),
+    ]))
+
+
+def _case_upper_case(tmp_path):
+    return _with_index_of(_tar_of(tmp_path, "upper", [
+        ("X.JPG", b"1"), ("X.TXT", b"t"), ("y.Png", b"2"), ("z.JpEg", b"3"), ("w.x.BMP", b"4"), ("v.jpg", b"5")]))
+
+
+def _case_duplicate_key(tmp_path):
+    return _with_index_of(_tar_of(tmp_path, "dup", [
+        *_plain(4), ("001.png", b"again"), ("001.txt", b"t"), *_plain(3, start=4), ("000.jpg", b"again")]))
+
+
+def _case_no_image(tmp_path):
+    return _with_index_of(_tar_of(tmp_path, "noimage", [
+        *_plain(3), ("n.json", b"{}"), ("n.txt", b"no image"), ("n.cls", b"1"), *_plain(3, start=3)]))
+
+
+def _case_empty_members(tmp_path):
+    return _with_index_of(_tar_of(tmp_path, "empty", [
+        *_plain(3), ("e.jpg", b""), ("e.txt", b""), ("f.txt", b""), ("f.png", b"F"), *_plain(2, start=3),
+        ("g.jpg", b"")]))
+
+
+def _case_dir_and_hidden(tmp_path):
+    return _with_index_of(_tar_of(tmp_path, "dirhidden", [
+        *_plain(3), ("d", "dir"), ("d/k.jpg", b"K" * 600), (".x", b"hidden"), ("d/.y.jpg", b"h"),
+        *_plain(3, start=3)]))
+
+
+def _long_names(tmp_path, fmt: int, name: str):
+    long = "d" * 70 + "/" + "e" * 50
+    return _with_index_of(_tar_of(tmp_path, name, [
+        *_plain(3), (f"{long}.jpg", b"L" * 700), (f"{long}.txt", b"t"), ("x" * 96 + ".jpg", b"100 bytes"),
+        *_plain(3, start=3)], fmt))
+
+
+def _case_long_names_gnu(tmp_path):
+    return _long_names(tmp_path, tarfile.GNU_FORMAT, "longgnu")
+
+
+def _case_long_names_pax(tmp_path):
+    return _long_names(tmp_path, tarfile.PAX_FORMAT, "longpax")
+
+
+def _case_long_names_ustar(tmp_path):
+    return _long_names(tmp_path, tarfile.USTAR_FORMAT, "longustar")
+
+
+def _case_hard_links(tmp_path):
+    """One link to a member the fast path passed, one to a member after the hand-over, one dangling."""
+    return _with_index_of(_tar_of(tmp_path, "hard", [
+        *_plain(6), ("link1.jpg", ("hardlink", "002.jpg")), ("late.jpg", b"LATE"),
+        ("link2.jpg", ("hardlink", "late.jpg")), ("link3.jpg", ("hardlink", "nowhere.jpg")), *_plain(2, start=6)]))
+
+
+def _case_symlink(tmp_path):
+    return _with_index_of(_tar_of(tmp_path, "sym", [
+        *_plain(3), ("s.jpg", ("symlink", "000.jpg")), ("s.txt", b"t"), *_plain(3, start=3),
+        ("002.png", ("symlink", "x"))]))
+
+
+def _case_trailing_members(tmp_path):
+    """Members after the last indexed one: a symlink of the last sample's key, a hidden file, a directory."""
+    return _with_index_of(_tar_of(tmp_path, "trailing", [
+        *_plain(4), ("003.png", ("symlink", "000.jpg")), (".z", b"h"), ("dir", "dir")]))
+
+
+def _truncated(tmp_path, name: str, where) -> tuple[Path, ShardIndex]:
+    full = _tar_of(tmp_path, "full-" + name, _img2dataset())
+    cut = where(full)
+    return _rewritten(full, name, lambda data: data.__delitem__(slice(cut, None))), _index_of(full)
+
+
+def _case_truncated_in_data(tmp_path):
+    return _truncated(tmp_path, "cutdata", lambda tar: data_offsets(tar)["000000007.jpg"] + 300)
+
+
+def _case_truncated_in_header(tmp_path):
+    return _truncated(tmp_path, "cuthdr", lambda tar: header_offsets(tar)["000000009.json"] + 200)
+
+
+def _case_truncated_before_end(tmp_path):
+    return _truncated(tmp_path, "cutend", lambda tar: data_offsets(tar)["000000013.txt"] + 512)
+
+
+def _case_bad_checksum(tmp_path):
+    tar = _tar_of(tmp_path, "good", _img2dataset())
+    at = header_offsets(tar)["000000005.txt"]
+    return _rewritten(tar, "badsum", lambda data: data.__setitem__(slice(at + 148, at + 154), b"777777")), _index_of(tar)
+
+
+def _stale(tmp_path, name: str, members: list) -> tuple[Path, ShardIndex]:
+    old = _tar_of(tmp_path, "old-" + name, _img2dataset())
+    return _tar_of(tmp_path, name, members), _index_of(old)
+
+
+def _case_stale_size(tmp_path):
+    members = _img2dataset()
+    members[16] = (members[16][0], members[16][1] + b"longer")
+    return _stale(tmp_path, "size", members)
+
+
+def _case_stale_renamed(tmp_path):
+    members = _img2dataset()
+    members[20] = ("000000006.cls", members[20][1])
+    return _stale(tmp_path, "renamed", members)
+
+
+def _case_stale_added(tmp_path):
+    return _stale(tmp_path, "added", [*_img2dataset(), ("extra.jpg", b"new")])
+
+
+def _case_stale_removed(tmp_path):
+    return _stale(tmp_path, "removed", _img2dataset()[:-1])
+
+
+def _case_stale_removed_middle(tmp_path):
+    members = _img2dataset()
+    return _stale(tmp_path, "removedmiddle", members[:10] + members[11:])
+
+
+def _case_non_ascii_gnu(tmp_path):
+    return _with_index_of(_tar_of(tmp_path, "utf8gnu", [
+        *_plain(2), ("é.jpg", b"e"), ("ü/ß.png", b"s"), ("日本.jpg", b"j" * 600), ("日本.txt", b"t"), ("x.ÄRM", b"arm"),
+        *_plain(2, start=2)], tarfile.GNU_FORMAT))
+
+
+def _case_non_ascii_pax(tmp_path):
+    return _with_index_of(_tar_of(tmp_path, "utf8pax", [*_plain(2), ("é.jpg", b"e"), *_plain(2, start=2)]))
+
+
+def _case_backslash(tmp_path):
+    return _with_index_of(_tar_of(tmp_path, "backslash", [
+        *_plain(2), ("back\\slash.jpg", b"b"), *_plain(2, start=2)], tarfile.GNU_FORMAT))
+
+
+def _case_pax_records(tmp_path):
+    """pax headers of other kinds: several records (parse_pax decides), a comment, and a path that repeats the
+    name (the fast path leaves that one to the general parser)."""
+    path = tmp_path / "paxrecords.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i, pax in enumerate([{}, {"comment": "x"}, {"comment": "y" * 300, "uname": "u"}, {"comment": "w" * 600},
+                                 {}, {"path": "005.jpg"}, {"comment": "z"}]):
+            info = tarfile.TarInfo(f"{i:03d}.jpg")
+            info.size, info.mtime, info.pax_headers = 10 + i, 1_700_000_000.5, pax
+            tar.addfile(info, io.BytesIO(bytes([48 + i]) * (10 + i)))
+    return _with_index_of(path)
+
+
+def _case_pax_path(tmp_path):
+    """A pax path record renames a member whose header field has the name the index has: the index is stale."""
+    path = tmp_path / "paxpath.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(6):
+            info = tarfile.TarInfo(f"{i:03d}.jpg")
+            info.size, info.pax_headers = 10 + i, {"path": "other/003.jpg"} if i == 3 else {}
+            tar.addfile(info, io.BytesIO(bytes([48 + i]) * (10 + i)))
+    samples = [tuple(m._replace(name="003.jpg") if m.name == "other/003.jpg" else m for m in group)
+               for group in _index_of(path).samples]
+    return path, ShardIndex(tuple(samples))
+
+
+def _case_bad_pax_record(tmp_path):
+    tar = Path(write_shard(tmp_path / "badpax", "00000", [ShardSample(image=b"i" * 99)] * 6, parquet=False,
+                           stats=False).tar)
+    at = header_offsets(tar)["000000003.jpg"] + 512  # the data of its pax header: "NN mtime=..."
+    return _rewritten(tar, "badpax2", lambda data: data.__setitem__(slice(at, at + 2), b"3x")), _index_of(tar)
+
+
+def _case_odd_first_members(tmp_path):
+    """The fast path has nothing to take: the first name is one it cannot check from a header."""
+    return _with_index_of(_tar_of(tmp_path, "oddfirst", [("back\\slash.jpg", b"b"), *_plain(3)], tarfile.GNU_FORMAT))
+
+
+def _case_no_extension_first(tmp_path):
+    return _with_index_of(_tar_of(tmp_path, "noextfirst", [("README", b"r"), *_plain(3)]))
+
+
+def _case_dir_first(tmp_path):
+    return _with_index_of(_tar_of(tmp_path, "dirfirst", [("d", "dir"), *_plain(3)]))
+
+
+def _case_index_first_offset(tmp_path):
+    tar = _tar_of(tmp_path, "firstoffset", _plain(3))
+    idx = _index_of(tar)
+    first = idx.samples[0][0]
+    return tar, ShardIndex(((first._replace(offset=first.offset + 100),), *idx.samples[1:]))
+
+
+def _case_old_regular_typeflag(tmp_path):
+    members = _plain(6)
+    tar = _tar_of(tmp_path, "typeflag", members, tarfile.GNU_FORMAT)
+    at = header_offsets(tar)["002.jpg"]
+    return _with_index_of(_rewritten(tar, "typeflag0", lambda data: _patch_header(data, at, typeflag=b"\x00")))
+
+
+def _case_other_number_forms(tmp_path):
+    """A size in spaces and octal (read by both), one in base-256 (the general parser's), a signed checksum."""
+    members = [*_plain(3), ("é1.jpg", b"s" * 77), *_plain(3, start=3), ("é2.jpg", b"b" * 40), *_plain(2, start=6)]
+    tar = _tar_of(tmp_path, "numbers", members, tarfile.GNU_FORMAT)
+    offs = header_offsets(tar)
+
+    def change(data):
+        _patch_header(data, offs["001.jpg"], size=b"      %o " % 400)
+        _patch_header(data, offs["é1.jpg"], signed=True)
+        _patch_header(data, offs["004.jpg"], size=b"\x80" + (1300).to_bytes(11, "big"))
+        _patch_header(data, offs["é2.jpg"], signed=True)
+    return _rewritten(tar, "numbers2", change), _index_of(tar)
+
+
+def _case_ustar_prefix(tmp_path):
+    """A POSIX header whose prefix field holds a folder: the member is `dir/003.jpg`, not the index's `003.jpg`."""
+    tar = _tar_of(tmp_path, "prefix", _plain(6), tarfile.USTAR_FORMAT)
+    at = header_offsets(tar)["003.jpg"]
+    return _rewritten(tar, "prefix2", lambda data: _patch_header(data, at, prefix=b"dir")), _index_of(tar)
+
+
+def _case_big_member(tmp_path):
+    return _with_index_of(_tar_of(tmp_path, "big", [*_plain(3), ("big.jpg", b"B" * 200_000), *_plain(3, start=3)]))
+
+
+def _case_index_lines_differ(tmp_path):
+    """Index lines that split one key's members or join two keys: samples follow the names either way."""
+    tar = _tar_of(tmp_path, "lines", _img2dataset(6))
+    members = list(_index_of(tar).members())
+    samples = [tuple(members[:2]), (members[2],), tuple(members[3:9]), *[(m,) for m in members[9:]]]
+    return tar, ShardIndex(tuple(samples))
+
+
+def _case_index_absurd_numbers(tmp_path):
+    tar = _tar_of(tmp_path, "absurd", _plain(3))
+    idx = _index_of(tar)
+    first = idx.samples[0][0]
+    return tar, ShardIndex(((first._replace(size=1 << 70),), *idx.samples[1:]))
+
+
+def _case_index_other_offsets(tmp_path):
+    tar = _tar_of(tmp_path, "offsets", _plain(5))
+    idx = _index_of(tar)
+    third = idx.samples[2][0]
+    return tar, ShardIndex((*idx.samples[:2], (third._replace(offset=third.offset + 512),), *idx.samples[3:]))
+
+
+def _case_empty_tar(tmp_path):
+    return _with_index_of(_tar_of(tmp_path, "nothing", []))
+
+
+def _case_one_sample(tmp_path):
+    return _with_index_of(_tar_of(tmp_path, "single", [("only.jpg", b"1" * 900), ("only.txt", b"t")]))
+
+
+FAST_PATH_CASES = {name[len("_case_"):]: case for name, case in list(globals().items()) if name.startswith("_case_")}
+
+
+def _outcome(tar: Path, index: ShardIndex, *, fast: bool, extensions, chunk_size: int, forward_only: bool,
+             tolerate_stale: bool):
+    """Every field of every sample (image bytes compared as bytes), the error that ended the read, the
+    on_stale_index calls and the index built on the way."""
+    stale: list[str] = []
+    builder = shardindex.IndexBuilder()
+    got, error = [], None
+    with open(tar, "rb") as raw:
+        f = ForwardOnlyFile(raw) if forward_only else raw
+        try:
+            for s in iter_samples(f, extensions=extensions, shard="shard.tar", index=index, chunk_size=chunk_size,
+                                  index_builder=builder, fast=fast,
+                                  on_stale_index=(lambda e: stale.append(str(e))) if tolerate_stale else None):
+                assert type(s) is Sample and type(s.offset) in (int, type(None))
+                got.append((s.key, None if s.image is None else bytes(s.image), s.image_ext, s.error, s.member,
+                            s.offset))
+        except (ShardReadError, StaleIndexError) as e:
+            error = (type(e), str(e), getattr(e, "offset", None), getattr(e, "reason", None),
+                     getattr(e, "member", None), getattr(e, "key", None))
+    return got, error, stale, builder.index()
+
+
+@pytest.mark.parametrize("case", sorted(FAST_PATH_CASES))
+def test_fast_path_reads_what_the_general_parser_reads(tmp_path, case):
+    tar, index = FAST_PATH_CASES[case](tmp_path)
+    for extensions in (EXTS, ("png", "jpg", "ärm")):
+        for chunk_size in (1024, 1500, 4096, 64 * 1024):
+            for forward_only in (False, True):
+                for tolerate_stale in (False, True):
+                    kw = dict(extensions=extensions, chunk_size=chunk_size, forward_only=forward_only,
+                              tolerate_stale=tolerate_stale)
+                    assert _outcome(tar, index, fast=True, **kw) == _outcome(tar, index, fast=False, **kw), kw
+
+
+def _general_parser_members(monkeypatch) -> list[str]:
+    """The names of the members tarstream.iter_members yields from now on (the general parser's)."""
+    names: list[str] = []
+    original = tarstream.iter_members
+
+    def counting(r):
+        for m in original(r):
+            names.append(m.name)
+            yield m
+    monkeypatch.setattr(tarstream, "iter_members", counting)
+    return names
+
+
+@pytest.mark.parametrize("case", ["plain", "img2dataset_pax", "img2dataset_gnu", "img2dataset_ustar", "multi_ext",
+                                  "several_images", "non_ascii_gnu", "index_lines_differ"])
+def test_fast_path_runs(tmp_path, monkeypatch, case):
+    """The fast path takes every sample of a clean indexed tar but the last (whose end only the general parser
+    can tell): images come out as views of one read, and no other member passes through iter_members."""
+    tar, index = FAST_PATH_CASES[case](tmp_path)
+    parsed = _general_parser_members(monkeypatch)
+    with open(tar, "rb") as f:
+        got = list(iter_samples(f, extensions=EXTS, shard="s", index=index))
+    names = [m.name for m in index.members()]
+    last_key = split_member_name(names[-1])[0]
+    assert parsed == [n for n in names if split_member_name(n)[0] == last_key]
+    views = [s.image for s in got[:-1] if s.image is not None]
+    assert views and all(isinstance(v, memoryview) and v.readonly for v in views)
+    assert len({id(v.obj) for v in views}) == 1
+    # and without an index, or with fast=False, every member goes through the general parser
+    parsed.clear()
+    with open(tar, "rb") as f:
+        assert list(iter_samples(f, extensions=EXTS, shard="s", index=index, fast=False)) == got
+    assert len(parsed) == len(list(index.members()))
+
+
+def test_fast_path_hands_over_at_the_sample_before_a_mismatch(tmp_path, monkeypatch):
+    """The sample whose next member does not check out is the general parser's: the tar could hold more of it
+    (here a member the index lacks, named like that sample)."""
+    members = _plain(6)
+    tar = _tar_of(tmp_path, "more", [*members[:3], ("002.png", b"more of 002"), *members[3:]])
+    index = _index_of(_tar_of(tmp_path, "less", members))
+    parsed = _general_parser_members(monkeypatch)
+    stale = []
+    with open(tar, "rb") as f:
+        got = list(iter_samples(f, extensions=("png", "jpg"), shard="s", index=index, on_stale_index=stale.append))
+    assert parsed[:2] == ["002.jpg", "002.png"]
+    assert [(s.key, s.image_ext) for s in got[:4]] == [("000", "jpg"), ("001", "jpg"), ("002", "png"), ("003", "jpg")]
+    assert len(stale) == 1 and "002.png" in str(stale[0])
+
+
+def test_fast_path_through_a_read_ahead_stream(tmp_path):
+    """Object stores stream through prefetch.ReadAhead: reads of its block size at block boundaries take whole
+    blocks without a copy, and the images are views of those very blocks (but for the sample pending at the end
+    of a read, which is copied with what follows it, and a member across two reads)."""
+    from wdsembed.prefetch import ReadAhead
+
+    samples = [ShardSample(image=bytes([i]) * (300 + 7 * i), txt=False) for i in range(80)]
+    tar = Path(write_shard(tmp_path, "00000", samples, parquet=False, stats=False).tar)
+    index = _index_of(tar)
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/bucket/00000.tar", tar.read_bytes())
+    block = 16 * 1024
+    with ReadAhead(fs, "/bucket/00000.tar", block_size=block) as f:
+        got = list(iter_samples(f, extensions=EXTS, shard="s", index=index, chunk_size=block))
+    with open(tar, "rb") as f:
+        assert got == list(iter_samples(f, extensions=EXTS, shard="s", index=index, fast=False))
+    blocks = [s.image.obj for s in got[:-1] if len(s.image.obj) == block]
+    assert len(blocks) > len(got) / 2 and len({id(b) for b in blocks}) > 1
+
+
+def test_fast_path_reads_forward_in_whole_chunks(tmp_path):
+    """Requests of exactly the chunk size (the last one shorter), every byte once, no seek; a sample's image stays
+    valid after later reads; the memory held grows with the index, not with the images (a chunk per sample kept
+    at most)."""
+    chunk = 64 * 1024
+    peaks = []
+    for image_size in (1000, 20_000):
+        tar = _tar_of(tmp_path, f"chunks{image_size}", [
+            m for i in range(300)
+            for m in ((f"{i:05d}.jpg", bytes([i % 251]) * (image_size + 37 * i)), (f"{i:05d}.txt", b"t"))])
+        index = _index_of(tar)
+        with open(tar, "rb") as raw:
+            f = ForwardOnlyFile(raw)
+            tracemalloc.start()
+            kept = []
+            for s in iter_samples(f, extensions=EXTS, shard="s", index=index, chunk_size=chunk):
+                kept = [*kept[-1:], s]
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+        assert set(f.reads[:-1]) == {chunk} and f.reads[-1] <= chunk
+        assert f.total == tar.stat().st_size
+        assert [bytes(s.image[:1]) for s in kept] == [bytes([298 % 251]), bytes([299 % 251])]
+    assert peaks[1] < peaks[0] + 2 * chunk + 2 * 20_000, peaks
+    assert peaks[1] < tar.stat().st_size / 8, peaks
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # listing, fingerprints, img2dataset siblings
 
 

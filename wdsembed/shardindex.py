@@ -9,7 +9,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Iterator, NamedTuple, Optional
+from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple, Optional
 
 import fsspec
 
@@ -140,6 +140,10 @@ class IndexBuilder:
 
     def add(self, name: str, data_offset: int, size: int) -> None:
         self._members.append((name, data_offset, size))
+
+    def extend(self, members: Iterable[tuple[str, int, int]]) -> None:
+        """`add` for each (name, data_offset, size), in order."""
+        self._members.extend(members)
 
     def index(self) -> ShardIndex:
         samples: list[list[IndexMember]] = []

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, Iterator, Optional, Sequence
+from itertools import chain
+from operator import itemgetter
+from typing import Any, BinaryIO, Callable, Generator, Iterator, Optional, Sequence
+
+import numpy as np
 
 from wdsembed import shardindex, tarstream
 
@@ -55,6 +59,7 @@ def iter_samples(
     chunk_size: int = tarstream.CHUNK_SIZE,
     index_builder: Optional["shardindex.IndexBuilder"] = None,
     on_stale_index: Optional[Callable[["shardindex.StaleIndexError"], None]] = None,
+    fast: bool = True,
 ) -> Iterator[Sample]:
     """Stream the samples of a tar in file order with memory bounded by one read chunk plus one member.
 
@@ -85,14 +90,51 @@ def iter_samples(
     (used for shards on object stores, where a separate indexing pass would download the tar twice).
     `on_stale_index`: instead of raising shardindex.StaleIndexError, call it once and read on without the index (samples
     come from the tar's own headers either way, so a stale index never changes what is read), e.g. to rebuild it.
+
+    Fast path (with `index`, unless `fast=False`): where the tar is laid out exactly as the index says (each
+    member right after the previous one, behind one header and at most one harmless pax header), the headers of
+    a whole chunk are checked at once against the index (NumPy), and images come out as read-only memoryviews
+    of the chunk, with no per-member parsing. The first sample that is not shown to be such (a header that
+    differs or is in another form, a link, a long name, damage, the last sample) is read from its first header
+    on by the general parser, which then reads the rest of the tar: the samples, errors and index checks are
+    the same either way. A chunk stays alive while a sample taken from it does. A sample of more than one chunk
+    ends the fast path.
     """
     rank = {e.lower().lstrip("."): i for i, e in reversed(list(enumerate(extensions)))}
-    expected = iter(index.members()) if index is not None else None
-    r = tarstream.Reader(f, chunk_size)
     seen: set[str] = set()
+    plan = _plan_index(index, rank, max(int(chunk_size), tarstream.BLOCK)) if index is not None and fast else None
+    if plan is None:
+        expected = iter(index.members()) if index is not None else None
+        yield from _parse_tar(tarstream.Reader(f, chunk_size), f, rank=rank, shard=shard, seen=seen, passed=None,
+                              expected=expected, index_builder=index_builder, on_stale_index=on_stale_index)
+        return
+    unread, offset, first = yield from _fast_samples(f, plan, seen)
+    passed = plan.names[:first], plan.offsets[:first].tolist(), plan.sizes[:first].tolist()
+    if index_builder is not None:
+        index_builder.extend(zip(*passed))
+    yield from _parse_tar(tarstream.Reader(f, chunk_size, buffered=unread, offset=offset), f, rank=rank,
+                          shard=shard, seen=seen, passed=passed, expected=iter(plan.members[first:]),
+                          index_builder=index_builder, on_stale_index=on_stale_index)
 
-    targets: dict[str, tuple[int, int]] = {}  # regular member (or resolved hard link) -> (data offset, size)
+
+def _parse_tar(
+    r: tarstream.Reader,
+    f: BinaryIO,
+    *,
+    rank: dict[str, int],
+    shard: str,
+    seen: set[str],
+    passed: Optional[tuple[list[str], list[int], list[int]]],
+    expected: Optional[Iterator["shardindex.IndexMember"]],
+    index_builder: Optional["shardindex.IndexBuilder"],
+    on_stale_index: Optional[Callable[["shardindex.StaleIndexError"], None]],
+) -> Iterator[Sample]:
+    """iter_samples' general parser: every header through tarstream.iter_members, from `r`'s position (the start
+    of the tar, or the first header of a sample the fast path left) to the end. `seen`: keys already yielded;
+    `passed`: the regular members before `r`'s position (names, data offsets, sizes), which hard links may
+    name; `expected`: the index members from `r`'s position on (None: no index check)."""
     read_back = _read_back(f)
+    targets: dict[str, tuple[int, int]] = {}  # regular member (or resolved hard link) -> (data offset, size)
 
     key: Optional[str] = None
     found: list[str] = []
@@ -107,8 +149,7 @@ def iter_samples(
         if best is None and unread is not None:
             return Sample(key, None, error=unread)
         if best is None:
-            shown = ", ".join(dict.fromkeys(e or "(no extension)" for e in found))
-            return Sample(key, None, error=f"no image member (found: {shown})")
+            return Sample(key, None, error=_no_image(found))
         _, data, ext, member, offset = best
         if len(data) == 0:
             return Sample(key, None, image_ext=ext, error="empty image member", member=member, offset=offset)
@@ -123,6 +164,9 @@ def iter_samples(
             if regular:
                 targets[m.name] = (m.data_offset, m.size)
             elif m.typeflag == tarstream.HARD_LINK:
+                if passed is not None:  # the members passed before, mapped only now: most tars have no hard link
+                    targets = {**dict(zip(passed[0], zip(passed[1], passed[2]))), **targets}
+                    passed = None
                 target = targets.get(m.linkname)
                 if target is not None:
                     targets[m.name] = target  # a link to this link is a link to the same file
@@ -193,6 +237,266 @@ def iter_samples(
             on_stale_index(stale)
     if key is not None:
         yield finish()
+
+
+def _no_image(found: list[str]) -> str:
+    shown = ", ".join(dict.fromkeys(e or "(no extension)" for e in found))
+    return f"no image member (found: {shown})"
+
+
+@dataclass(frozen=True, eq=False)
+class _IndexPlan:
+    """What an index says about its tar, worked out once for the fast path. Members [0, limit) are the ones the
+    fast path may take: laid out exactly as iter_members would find them if the index is right, with names it
+    can check from the header alone, in samples of at most one chunk. Per sample (consecutive members of one
+    key): its key, first member, image member (-1: none) and that member's data offset, size, name and image_ext."""
+
+    members: tuple  # IndexMember, in index order
+    chunk_size: int
+    limit: int
+    names: list[str]
+    offsets: np.ndarray
+    sizes: np.ndarray
+    header_at: np.ndarray  # offset of each member's header (its data offset - 512)
+    starts: np.ndarray  # offset of each member's first header (a pax header's, where it has one)
+    ends: np.ndarray  # offset just past each member's data padding
+    pax_room: np.ndarray  # bytes of pax header and data before the member's header (0: none)
+    templates: np.ndarray  # tarstream.header_templates of each member
+    group_start: list[int]
+    group_end: np.ndarray  # one past each sample's last member
+    group_key: list[str]
+    group_image: list[int]
+    image_offset: list[int]
+    image_size: list[int]
+    image_member: list[str]
+    image_ext: list[Optional[str]]
+
+
+def _plan_index(index: "shardindex.ShardIndex", rank: dict[str, int], chunk_size: int) -> Optional[_IndexPlan]:
+    members = tuple(chain.from_iterable(index.samples))
+    n = len(members)
+    if not n:
+        return None
+    try:
+        offsets = np.fromiter(map(itemgetter(1), members), dtype=np.int64, count=n)
+        sizes = np.fromiter(map(itemgetter(2), members), dtype=np.int64, count=n)
+    except OverflowError:  # numbers no tar here holds: left to the general parser to report
+        return None
+    ends = offsets + sizes + (-sizes % tarstream.BLOCK)
+    starts = np.concatenate(([0], ends[:-1]))
+    pax_room = offsets - tarstream.BLOCK - starts
+    laid_out = ((pax_room == 0) | ((pax_room >= tarstream.BLOCK) & (pax_room % tarstream.BLOCK == 0))
+                & (offsets < 1 << 48) & (sizes < 1 << 48))
+    limit = _first_false(laid_out)
+    if not limit:
+        return None
+
+    # Names iter_members reads back as they are (tar_quote leaves them unchanged: printable, no backslash), of
+    # at most 100 UTF-8 bytes (longer ones live in an extended header), split into key and extension as
+    # split_member_name does, found in the names' bytes joined by backslashes ('/' and '.' are never part of a
+    # longer UTF-8 sequence).
+    names = list(map(itemgetter(3), members[:limit]))
+    joined = "\\".join(names)
+    encoded = joined.encode("utf-8", "surrogateescape")
+    text = np.frombuffer(encoded, dtype=np.uint8)
+    separators = np.flatnonzero(text == 0x5C)
+    printable = not ((text < 0x20) | (text == 0x7F)).any() if joined.isascii() else joined.isprintable()
+    if not printable or len(separators) != limit - 1:
+        limit = next(i for i, name in enumerate(names) if not name.isprintable() or "\\" in name)
+        if not limit:
+            return None
+        joined = "\\".join(names[:limit])
+        encoded = joined.encode()
+        text = np.frombuffer(encoded, dtype=np.uint8)
+        separators = np.flatnonzero(text == 0x5C)
+    name_start = np.concatenate(([0], separators + 1))
+    name_end = np.append(separators, len(text))
+    dots, slashes = np.flatnonzero(text == 0x2E), np.append(np.flatnonzero(text == 0x2F), -1)
+    slash_before = slashes[np.searchsorted(slashes[:-1], name_end) - 1]  # -1 (the appended one) where none
+    last_slash = np.where(slash_before >= name_start, slash_before, name_start - 1)
+    first_dot = np.append(dots, len(text))[np.searchsorted(dots, last_slash + 1)]  # after the last slash
+    # an extension, and a key whose last part is not empty (tarstream.indexed: not a hidden file)
+    limit = _first_false((name_end - name_start <= 100) & (first_dot < name_end) & (first_dot > last_slash + 1))
+    if not limit:
+        return None
+    name_start, name_end, first_dot = name_start[:limit], name_end[:limit], first_dot[:limit]
+    key_len = first_dot - name_start
+    width = 4 * -(-int((name_end - name_start).max()) // 4)  # the longest name, in whole 32-bit words
+    name_bytes = np.array(encoded.split(b"\\", limit)[:limit], dtype=f"S{width}").view(np.uint8).reshape(limit, width)
+    key_width = -int(-key_len.max() // 4)  # in 32-bit words
+    key_words = name_bytes.view(np.uint32)[:, :key_width] & _KEY_MASKS[key_len, :key_width]
+    same_key = (key_words[1:] == key_words[:-1]).all(axis=1) & (key_len[1:] == key_len[:-1])
+    group_start = np.flatnonzero(np.concatenate(([True], ~same_key)))
+    group_end = np.append(group_start[1:], limit)
+    # a sample is taken only whole from at most two reads: one that spans more ends the fast path
+    too_big = ends[group_end - 1] - starts[group_start] > chunk_size
+    if too_big.any():
+        g = int(too_big.argmax())
+        if g == 0:
+            return None
+        limit = int(group_start[g])
+        group_start, group_end = group_start[:g], group_end[:g]
+
+    last_dot = dots[np.searchsorted(dots, name_end[:limit]) - 1]
+    ranks = _member_ranks(text, encoded, first_dot[:limit], last_dot, name_end[:limit], names, rank)
+    no_image = max(rank.values(), default=0) + 1
+    best = np.minimum.reduceat(ranks * limit + np.arange(limit), group_start)
+    best_rank, image = best // limit, best % limit
+    sizes = sizes[:limit]
+    key_start = name_start[group_start].tolist()
+    return _IndexPlan(
+        members=members, chunk_size=chunk_size, limit=limit, names=names[:limit], offsets=offsets[:limit],
+        sizes=sizes, header_at=offsets[:limit] - tarstream.BLOCK, starts=starts[:limit], ends=ends[:limit],
+        pax_room=pax_room[:limit], templates=tarstream.header_templates(name_bytes[:limit], sizes),
+        group_start=group_start.tolist(), group_end=group_end,
+        group_key=_keys(joined, encoded, key_start, first_dot[group_start].tolist()),
+        group_image=np.where(best_rank < no_image, image, -1).tolist(),
+        image_offset=offsets[image].tolist(), image_size=sizes[image].tolist(),
+        image_member=list(map(names.__getitem__, image.tolist())),
+        image_ext=list(map({r: e for e, r in rank.items()}.get, best_rank.tolist())),
+    )
+
+
+def _keys(joined: str, encoded: bytes, start: list[int], end: list[int]) -> list[str]:
+    """The names' substrings at these byte offsets of their UTF-8 form."""
+    if joined.isascii():
+        return list(map(joined.__getitem__, map(slice, start, end)))
+    return list(map(bytes.decode, map(encoded.__getitem__, map(slice, start, end))))
+
+
+# Per key length (0 to 100 bytes): which bits of a 100-byte name, as 25 32-bit words, belong to the key.
+_KEY_MASKS = np.where(np.arange(100) < np.arange(101)[:, None], 0xFF, 0).astype(np.uint8).view(np.uint32)
+
+
+def _member_ranks(text: np.ndarray, encoded: bytes, first_dot: np.ndarray, last_dot: np.ndarray,
+                  name_end: np.ndarray, names: list[str], rank: dict[str, int]) -> np.ndarray:
+    """Each member's rank: its extension (split_member_name's), lowercased, its last dot-part looked up in `rank`;
+    one more than the worst rank where it is none. Positions are in `text`, the names' bytes. ASCII extensions
+    are lowercased here byte by byte; others the way the general parser does it."""
+    no_image = max(rank.values(), default=0) + 1
+    ranks = np.full(len(first_dot), no_image, dtype=np.int64)
+    last_len = name_end - last_dot - 1
+    for ext, r in rank.items():
+        if not ext.isascii() or "." in ext:
+            continue  # never an ASCII last dot-part
+        wanted = np.frombuffer(ext.encode(), dtype=np.uint8)
+        part = text[np.minimum(last_dot[:, None] + 1 + np.arange(len(wanted)), len(text) - 1)]
+        lower = np.where((part >= 0x41) & (part <= 0x5A), part | 0x20, part)
+        ranks[(last_len == len(wanted)) & (lower == wanted).all(axis=1)] = r
+    if not encoded.isascii():
+        high = np.flatnonzero(text >= 0x80)
+        member = np.searchsorted(name_end, high)  # the name each byte is in (name_end: its separator)
+        in_ext = high > first_dot[np.minimum(member, len(first_dot) - 1)]
+        for i in np.unique(member[in_ext & (member < len(first_dot))]).tolist():
+            ranks[i] = rank.get(_last_ext(split_member_name(names[i])[1]), no_image)
+    return ranks
+
+
+def _first_false(ok: np.ndarray) -> int:
+    return len(ok) if ok.all() else int(ok.argmin())
+
+
+_Run = tuple[int, memoryview, int]  # (first member, bytes holding it and the next ones checked, their offset)
+_new_object = object.__new__
+
+
+def _fast_samples(f: BinaryIO, plan: _IndexPlan, seen: set[str]) -> Generator[Sample, None, tuple[bytes, int, int]]:
+    """iter_samples' fast path: yields the samples of the members that check out against the index, reading `f`
+    in whole chunks (at multiples of the chunk size: prefetch.BlockStream hands each block out without a copy).
+    A sample is yielded only once the member after it checks out too (so the tar has no more of it): the last
+    sample of the index is always the general parser's. Returns where the general parser takes over: the first
+    header of the first sample not yielded, as (the bytes read from there on, its offset, its index member)."""
+    chunk_size, limit = plan.chunk_size, plan.limit
+    # Bytes read from the first header of the first sample not yielded to the end of the previous read: a copy,
+    # so that the read it comes from goes when its samples do.
+    tail, tail_at = b"", 0
+    runs: list[_Run] = []  # where the checked members lie: the tail, the reads, a copy of each member across two
+    checked = done = 0  # members checked, samples yielded
+    while True:
+        data = f.read(chunk_size)
+        base = tail_at + len(tail)
+        fit = min(int(np.searchsorted(plan.ends, base + len(data), side="right")), limit)
+        pieces = []  # (bytes, their offset, members [lo, hi) inside)
+        lo = checked
+        if lo < fit and plan.starts[lo] < base:  # begins in the previous read: checked in a copy of its own
+            start, end = int(plan.starts[lo]), int(plan.ends[lo])
+            pieces.append((b"".join((memoryview(tail)[start - tail_at :], memoryview(data)[: end - base])), start,
+                           lo, lo + 1))
+            lo += 1
+        if lo < fit:
+            pieces.append((data, base, lo, fit))
+        if pieces:
+            checked += _checked(plan, pieces)
+            runs.extend((first, memoryview(buf).toreadonly(), at) for buf, at, first, _ in pieces)
+        upto = int(np.searchsorted(plan.group_end, checked))  # samples whose next member has checked out
+        yield from _group_samples(plan, runs, seen, done, upto)
+        done = upto
+        keep = plan.group_start[done]
+        keep_at = int(plan.starts[keep])
+        if keep_at >= base:
+            tail = data[keep_at - base :]
+        else:
+            tail = b"".join((memoryview(tail)[keep_at - tail_at :], data))
+        tail_at = keep_at
+        if checked < fit or len(data) < chunk_size or checked == limit:
+            return tail, keep_at, keep
+        runs = [(keep, memoryview(tail), keep_at)]
+
+
+def _checked(plan: _IndexPlan, pieces: list[tuple[bytes, int, int, int]]) -> int:
+    """How many members in a row, from the first of `pieces` on, check out against the index: `pieces` are
+    (bytes, their offset in the tar, members [lo, hi) that lie whole inside), in member order."""
+    lo, hi = pieces[0][2], pieces[-1][3]
+    ok = tarstream.regular_headers_match(_blocks(pieces, plan.header_at), plan.templates[lo:hi], plan.sizes[lo:hi])
+    room = plan.pax_room[lo:hi]
+    pax = room > 0
+    if pax.any():
+        ok[pax] &= tarstream.pax_headers_harmless(_blocks(pieces, plan.starts, pax),
+                                                  _blocks(pieces, plan.starts + tarstream.BLOCK, pax),
+                                                  room[pax] - tarstream.BLOCK)
+    return _first_false(ok)
+
+
+def _blocks(pieces: list[tuple[bytes, int, int, int]], at: np.ndarray, only: Optional[np.ndarray] = None
+            ) -> np.ndarray:
+    """The 512-byte blocks at tar offsets at[lo:hi] of each piece's members (those of them `only` marks, a mask
+    over all the pieces' members), as rows."""
+    parts, first = [], pieces[0][2]
+    for buf, base, lo, hi in pieces:
+        offsets = at[lo:hi] if only is None else at[lo:hi][only[lo - first : hi - first]]
+        parts.append(tarstream.blocks_at(buf, offsets - base))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _group_samples(plan: _IndexPlan, runs: list[_Run], seen: set[str], first: int, stop: int) -> Iterator[Sample]:
+    """The samples of groups [first, stop) of the plan, their members checked and found in `runs`."""
+    if first == stop:
+        return
+    last_first, last_buf, last_base = runs[-1]
+    for g, key, image, offset, size, member, image_ext in zip(
+            range(first, stop), plan.group_key[first:stop], plan.group_image[first:stop],
+            plan.image_offset[first:stop], plan.image_size[first:stop], plan.image_member[first:stop],
+            plan.image_ext[first:stop]):
+        if key in seen:
+            yield Sample(key, None, error="duplicate key")
+            continue
+        seen.add(key)
+        if image < 0:
+            found = [split_member_name(n)[1] for n in plan.names[plan.group_start[g] : int(plan.group_end[g])]]
+            yield Sample(key, None, error=_no_image(found))
+        elif not size:
+            yield Sample(key, None, image_ext=image_ext, error="empty image member", member=member, offset=offset)
+        else:
+            if image >= last_first:
+                buf, base = last_buf, last_base
+            else:
+                _, buf, base = next(run for run in reversed(runs) if run[0] <= image)
+            # Sample(key, buf[...], image_ext, member=member, offset=offset), without the frozen dataclass's
+            # __init__: it sets the six fields one object.__setattr__ call each, the most a sample costs here
+            sample = _new_object(Sample)
+            sample.__dict__.update(key=key, image=buf[offset - base : offset - base + size], image_ext=image_ext,
+                                   error=None, member=member, offset=offset)
+            yield sample
 
 
 def _shown(name: str, limit: int = 200) -> str:

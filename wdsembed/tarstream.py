@@ -2,13 +2,16 @@
 
 Parsed here rather than with `tarfile`: `tarfile` seeks per member and is slow, and the callers need the exact byte
 offsets (for DALI's `.idx`) and exact failure positions (for truncated uploads). Reads through any file object, so
-local files and fsspec stores (s3://) go through the same code.
+local files and fsspec stores (s3://) go through the same code. Also: many headers checked at once against the
+names and sizes an index gives (NumPy), for reads that know where each member is.
 """
 from __future__ import annotations
 
 import os
 import zlib
 from typing import BinaryIO, Iterator, NamedTuple, Optional
+
+import numpy as np
 
 CHUNK_SIZE = 8 << 20  # bytes per read from the underlying file (one S3 range request's worth)
 
@@ -68,16 +71,18 @@ class Reader:
     """Sequential reads from a binary file through one bounded buffer, tracking the absolute byte offset.
 
     Members bigger than the buffer are read straight into their own bytearray, so peak memory is one chunk plus
-    the member being returned.
+    the member being returned. `buffered`: bytes already read from `f` that come first (they start at absolute
+    offset `offset`), for a reader that takes over from another one.
     """
 
-    def __init__(self, f: BinaryIO, chunk_size: int, allow_seek: bool = False):
+    def __init__(self, f: BinaryIO, chunk_size: int, allow_seek: bool = False, *, buffered: bytes = b"",
+                 offset: int = 0):
         self.f = f
         self.chunk_size = max(int(chunk_size), BLOCK)
         self.allow_seek = allow_seek
-        self.buf = b""
+        self.buf = buffered
         self.pos = 0  # next unread byte in buf
-        self.offset = 0  # absolute offset of the next unread byte
+        self.offset = offset  # absolute offset of the next unread byte
 
     def _fill(self) -> None:
         self.buf, self.pos = b"", 0  # drop the old chunk before reading the next: one chunk alive, not two
@@ -302,6 +307,147 @@ def read_data(r: Reader, m: Member) -> bytes | bytearray:
     if len(data) < m.size or r.skip(pad) < pad:
         raise TarCorrupt(m.data_offset, f"unexpected end of file inside member data ({m.size} bytes)", m.name)
     return data
+
+
+# Many headers checked at once (shards.iter_samples' fast path for indexed tars): each function answers, per
+# header, whether iter_members would read it exactly as the caller expects. False means "not shown", never
+# "corrupt": the caller hands such members to iter_members, which has the last word.
+
+_MAGIC_MASK = np.uint64(int.from_bytes(b"\x00" + b"\xff" * 6 + b"\x00", "little"))
+_POSIX_MAGIC = np.uint64(int.from_bytes(b"\x00ustar\x00\x00", "little"))
+_PATH, _SIZE = np.frombuffer(b"path", np.uint8), np.frombuffer(b"size", np.uint8)
+
+
+def blocks_at(buf: bytes | bytearray | memoryview, at: np.ndarray) -> np.ndarray:
+    """Copies of the 512-byte blocks of `buf` that start at the offsets `at`, as rows of a (len(at), 512) array."""
+    windows = np.ndarray((max(len(buf) - BLOCK + 1, 0), BLOCK), np.uint8, buf, 0, (1, 1))  # a view, no copy
+    return windows[at]
+
+
+def _plain_octal(fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The values of number fields (rows of a (k, width) array), and which rows are plain: optional leading spaces,
+    octal digits, then NULs and spaces only. parse_number gives every plain field the same value; other forms
+    (base-256, signs, bytes after a NUL) are left to it."""
+    digit = (fields >= 0x30) & (fields <= 0x37)
+    space = fields == 0x20
+    lead = np.logical_and.accumulate(space, axis=1)
+    body = np.logical_and.accumulate(digit | lead, axis=1) & ~lead
+    plain = (body | space | (fields == 0)).all(axis=1)
+    later_digits = np.cumsum(body[:, ::-1], axis=1)[:, ::-1] - body
+    values = (np.where(body, fields - 0x30, 0).astype(np.int64) << (3 * later_digits)).sum(axis=1)
+    return values, plain
+
+
+def _written(values: np.ndarray, width: int, tail: bytes) -> np.ndarray:
+    """Number fields as tarfile and GNU tar write them: zero-padded octal digits, then `tail` (rows of bytes).
+    Values too big for the digits come out as 0xFF bytes, which no field holds in that form."""
+    digits = width - len(tail)
+    out = np.empty((len(values), width), dtype=np.uint8)
+    out[:, :digits] = ((values[:, None] >> (3 * np.arange(digits - 1, -1, -1))) & 7) + 0x30
+    out[values >= 8 ** digits, :digits] = 0xFF
+    out[:, digits:] = np.frombuffer(tail, dtype=np.uint8)
+    return out
+
+
+def _numbers_held(fields: np.ndarray, values: np.ndarray, tail: bytes) -> np.ndarray:
+    """Which number fields (rows, a multiple of 4 bytes wide) hold these values: compared whole with the form
+    tarfile and GNU tar write, and read as plain octal where they differ."""
+    written = _written(values, fields.shape[1], tail)
+    held = (fields.view(np.uint32) == written.view(np.uint32)).all(axis=1)
+    other = np.flatnonzero(~held)
+    if len(other):
+        read, plain = _plain_octal(fields[other])
+        held[other] = plain & (read == values[other])
+    return held
+
+
+def _checksums_held(blocks: np.ndarray) -> np.ndarray:
+    """Which headers (rows; their checksum fields are overwritten here) hold the checksum of their own bytes,
+    summed unsigned (the signed-char variant that iter_members also accepts counts as not shown)."""
+    field = blocks[:, 148:156].copy()
+    blocks[:, 148:156] = 0x20  # the field itself counts as spaces
+    # sums of 256 bytes fit in 16 bits
+    total = blocks.reshape(-1, 256).sum(axis=1, dtype=np.uint16).reshape(-1, 2).sum(axis=1, dtype=np.int64)
+    return _numbers_held(field, total, b"\x00 ")
+
+
+# The first 160 bytes of a regular member's header, as 32-bit words, where header_templates fills them in: the
+# name, the size and the typeflag. The rest (mode, owner, mtime, checksum) is the writer's.
+_TEMPLATE_WORDS = 40
+_TEMPLATE_MASK = np.zeros(_TEMPLATE_WORDS * 4, dtype=np.uint8)
+_TEMPLATE_MASK[:100] = _TEMPLATE_MASK[124:136] = _TEMPLATE_MASK[156] = 0xFF
+_TEMPLATE_MASK = _TEMPLATE_MASK.view(np.uint32)
+
+
+def header_templates(names: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """What the headers of regular members of these names (rows of at most 100 bytes, UTF-8 padded with NULs)
+    and sizes hold where tarfile or GNU tar write them, for regular_headers_match: (len(sizes), 40) 32-bit words."""
+    template = np.zeros((len(sizes), _TEMPLATE_WORDS * 4), dtype=np.uint8)
+    template[:, : names.shape[1]] = names
+    template[:, 124:136] = _written(sizes, 12, b"\x00")
+    template[:, 156] = REGULAR[0][0]
+    return template.view(np.uint32)
+
+
+def regular_headers_match(blocks: np.ndarray, templates: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Which headers (rows of 512 bytes; changed here) are regular files of these sizes and names (`templates`:
+    header_templates of them), read from the header alone: checksum, size, typeflag, the name field, and an
+    empty prefix field where the header is POSIX ustar. Most rows are settled by one masked comparison with
+    their template; the others field by field (an old-style NUL typeflag, numbers in another plain form)."""
+    ok = ((blocks.view(np.uint32)[:, :_TEMPLATE_WORDS] & _TEMPLATE_MASK) == templates).all(axis=1)
+    other = np.flatnonzero(~ok)
+    if len(other):
+        rows, names = blocks[other], templates[other].view(np.uint8)[:, :100]
+        ok[other] = ((rows[:, :100] == names).all(axis=1) & np.isin(rows[:, 156], (REGULAR[0][0], REGULAR[1][0]))
+                     & _numbers_held(rows[:, 124:136], sizes[other], b"\x00"))
+    posix = (blocks[:, 256:264].view(np.uint64)[:, 0] & _MAGIC_MASK) == _POSIX_MAGIC  # magic at bytes 257-262
+    ok &= ~posix | (blocks[:, 345] == 0)
+    return ok & _checksums_held(blocks)
+
+
+_PAX_RECORD_MAX = 64  # a pax record longer than this (an mtime record is about 30 bytes) goes through parse_pax
+
+
+def pax_headers_harmless(headers: np.ndarray, data: np.ndarray, room: np.ndarray) -> np.ndarray:
+    """Which headers (rows of 512 bytes; changed here) are pax extended headers ('x') of at most one block of
+    data (`data`: the block after each), padded to `room` bytes, whose records change nothing iter_samples
+    reads: no `path`, no `size`. Python's tarfile writes one before every member whose mtime is a float
+    (webdataset's TarWriter, so img2dataset): one record, `NN mtime=...`, checked here in one go; other
+    layouts go through parse_pax."""
+    pax = (headers[:, 156] == PAX[0]) & _checksums_held(headers)
+    length, one_record = _one_harmless_record(data[:, :_PAX_RECORD_MAX])
+    harmless = (pax & one_record & (length + (-length % BLOCK) == room)
+                & _numbers_held(headers[:, 124:136], length, b"\x00"))
+    for i in np.flatnonzero(pax & ~harmless).tolist():
+        size, plain = _plain_octal(headers[i : i + 1, 124:136])
+        size = int(size[0])
+        if not plain[0] or size > BLOCK or size + (-size % BLOCK) != room[i]:
+            continue
+        try:
+            records = parse_pax(data[i, :size].tobytes())
+        except ValueError:
+            continue
+        harmless[i] = "path" not in records and "size" not in records
+    return harmless
+
+
+def _one_harmless_record(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The length of the first pax record in each row of data, and whether it is a whole record of that row,
+    `N key=value\n`, as parse_pax reads it, its key neither `path` nor `size`."""
+    rows, width = np.arange(len(data)), data.shape[1]
+    digit = (data[:, :4] >= 0x30) & (data[:, :4] <= 0x39)
+    n = np.logical_and.accumulate(digit, axis=1).sum(axis=1)  # a record of at most 512 bytes: 1 to 3 digits
+    d = data[:, :3].astype(np.int64) - 0x30
+    length = np.select([n == 1, n == 2], [d[:, 0], 10 * d[:, 0] + d[:, 1]], 100 * d[:, 0] + 10 * d[:, 1] + d[:, 2])
+    spaced = (n >= 1) & (n <= 3) & (data[rows, np.minimum(n, 3)] == 0x20)
+    fits = spaced & (length >= n + 3) & (length <= width)  # at least "=" and a newline after the space
+    newline = data[rows, np.clip(length - 1, 0, width - 1)] == 0x0A
+    equals = data == 0x3D
+    key_end = equals.argmax(axis=1)  # the first "=": digits and the space come before it
+    keyed = equals[rows, key_end] & (key_end < length - 1)
+    key = data[rows[:, None], (n + 1)[:, None] + np.arange(4)]
+    named = (key_end == n + 5) & ((key == _PATH).all(axis=1) | (key == _SIZE).all(axis=1))
+    return np.where(fits, length, -1), fits & newline & keyed & ~named
 
 
 def wds2idx_split(name: str) -> tuple[str, str]:
