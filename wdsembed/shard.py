@@ -32,6 +32,9 @@ from wdsembed.worker import Worker
 
 log = logging.getLogger("wdsembed")
 
+# "0": every tar header parsed one by one, even where the .idx allows the fast path (shards.iter_samples): a diagnostic.
+TAR_FAST_PATH_ENV = "WDSEMBED_TAR_FAST_PATH"
+
 # The libraries whose versions decide the numbers in an output.
 _KEYED_PACKAGES = ("timm", "torch", "nvidia-dali-cuda120")
 
@@ -284,7 +287,8 @@ class TarRead:
         with storage.open_sequential(self.fs, self.path) as f:
             samples = shards.iter_samples(f, extensions=self.config.image_extensions, shard=self.plan.shard,
                                           index=self.index, index_builder=self.builder,
-                                          on_stale_index=self.stale.append)
+                                          on_stale_index=self.stale.append,
+                                          fast=os.environ.get(TAR_FAST_PATH_ENV) != "0")
             try:
                 for sample in samples:
                     self.n_samples += 1
