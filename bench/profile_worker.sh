@@ -7,8 +7,13 @@
 # memory (the Dask GPU worker with its model, graph and pipeline built: the warm-up flow has started), py-spy
 # records that process for SECONDS: only samples where a thread holds the GIL (--gil), without pausing it
 # (--nonblocking), stacks per thread. Writes $OUT/gil.txt (collapsed stacks) and $OUT/gil-summary.txt
-# (bench/gil_summary.py). py-spy comes from the bundle's wheels (pip install --target /tmp/site .whl/py_spy*).
+# (bench/gil_summary.py). py-spy: carry .whl (../shared/device/bundle does not fetch it; `pip download py-spy`) and
+#   python -m pip install --no-deps --no-index --target /tmp/pyspy .whl/py_spy*.whl
+# in the same command (a later command may no longer have .whl; /tmp/site/bin already exists, so --target
+# /tmp/site would skip the binary).
 set -u
+spy=$(command -v py-spy || ls /tmp/pyspy/bin/py-spy /tmp/site/bin/py-spy 2>/dev/null | head -1)
+if [ -z "$spy" ]; then echo "py-spy not found (see the header of $0)" >&2; exit 2; fi
 seconds=$1
 shift
 (
@@ -23,7 +28,7 @@ shift
     fi
     if [ -n "$pid" ]; then
       echo "profiling GPU worker pid $pid for ${seconds}s" >&2
-      /tmp/site/bin/py-spy record --gil --nonblocking --threads -r 250 -d "$seconds" -f raw \
+      "$spy" record --gil --nonblocking --threads -r 250 -d "$seconds" -f raw \
         -o "${OUT:-/tmp}/gil.txt" -p "$pid" > /tmp/py-spy.log 2>&1
       python bench/gil_summary.py "${OUT:-/tmp}/gil.txt" > "${OUT:-/tmp}/gil-summary.txt" 2>&1
       exit 0
