@@ -230,7 +230,7 @@ def reference_embeddings(worker, chosen: list, max_pixels: Optional[int]) -> tup
     import torch
     from PIL import Image, ImageOps
 
-    transform, forward, lock = worker.reference()
+    transform, forward, lock, device = worker.reference()
     tensors, keys, refused = [], [], {}
     for key, data, _ in chosen:
         try:
@@ -246,11 +246,10 @@ def reference_embeddings(worker, chosen: list, max_pixels: Optional[int]) -> tup
             refused[key] = f"PIL: {type(exc).__name__}: {exc}"[:300]
     if not keys:
         return {}, refused
-    device = worker.reference_device
     # On a GPU, a stream of its own: the legacy default stream would wait for the decoder's and the model's work.
     on_stream = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()
     with lock, on_stream:
-        out = forward(torch.stack(tensors)).float().cpu().numpy()
+        out = forward(torch.stack(tensors).to(device)).float().cpu().numpy()
     return dict(zip(keys, out)), refused
 
 

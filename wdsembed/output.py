@@ -363,7 +363,8 @@ def write_parquet_atomic(table: pa.Table, url: str, fs: Any, metadata: Mapping[s
     # reader prunes on them; 15% of a 2,048-d table's write); both stay for the other columns.
     list_cols = {f.name for f in table.schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)}
     others = [c for c in table.column_names if c not in list_cols]
-    compression = "snappy" if compress_embeddings else {c: "snappy" if c in others else "none" for c in table.column_names}
+    compression = ("snappy" if compress_embeddings
+                   else {c: "snappy" if c in others else "none" for c in table.column_names})
     storage.write_atomic(fs, url, lambda f: pq.write_table(table, f, use_dictionary=others, write_statistics=others,
                                                            compression=compression), before_commit)
 

@@ -164,10 +164,10 @@ class Worker:
 
     def reference(self):
         """The fidelity check's reference: timm's own eval transform, the float32 model as a function of a batch
-        of images (normalized embeddings on its device), and the lock to hold while using it. The model itself
-        where it is float32 (its lock then keeps it to one shard at a time), else the float32 copy taken before the
-        weights became bfloat16 (a few images per shard): on the GPU it runs there, as a CUDA graph where the
-        worker's model is one, on a stream of its own, and takes no CPU core from DALI."""
+        of images on its device (normalized embeddings), the lock to hold while using it, and that device. The
+        model itself where it is float32 (its lock then keeps it to one shard at a time), else the float32 copy
+        taken before the weights became bfloat16 (a few images per shard): on the GPU it runs there, as a CUDA
+        graph where the worker's model is one, on a stream of its own, and takes no CPU core from DALI."""
         import timm
         import torch
 
@@ -185,13 +185,8 @@ class Worker:
                     forward = functools.partial(in_fixed_batches, graph, REFERENCE_BATCH)
                 else:
                     forward = functools.partial(embed_batch, model, autocast=False, normalize=True)
-                self._reference = (transform, forward, lock)
+                self._reference = (transform, forward, lock, model.device)
             return self._reference
-
-    @property
-    def reference_device(self) -> "torch.device":
-        """Where the fidelity reference's model runs (reference())."""
-        return (self._float32_copy if self._float32_copy is not None else self.loaded).device
 
     @classmethod
     def for_config(cls, config: EmbedConfig) -> "Worker":
@@ -528,15 +523,14 @@ REFERENCE_BATCH = 8  # images per replay of the fidelity reference's graph (a sh
 
 def in_fixed_batches(run: Callable[["torch.Tensor"], "torch.Tensor"], size: int,
                      images: "torch.Tensor") -> "torch.Tensor":
-    """`run` (which takes batches of exactly `size` images, such as a BatchGraph) over any number of images: in
-    batches of `size`, the last one filled up with copies of its last image, whose outputs are dropped."""
+    """`run` (which takes batches of exactly `size` images, such as a BatchGraph) over any number of images (on its
+    device): in batches of `size`, the last one filled up with copies of its last image, whose outputs are dropped."""
     import torch
 
     if len(images) == 0:
         raise ValueError("no images")
-    device = getattr(getattr(run, "static_in", None), "device", images.device)
     outs = []
-    for part in images.to(device).split(size):
+    for part in images.split(size):
         n = len(part)
         if n < size:
             part = torch.cat([part, part[-1:].expand(size - n, *part.shape[1:])])
