@@ -203,7 +203,8 @@ def ladder(args: argparse.Namespace) -> int:
     L8  L7 fed by the tar reader (shards.iter_samples over the shards, in memory)
     L9  L8 in a background thread (wdsembed.threads.in_background), the consumer dropping each batch
     L10 Worker.embed (the model) fed by the tar reader; on the GPU also with DALI two iterations deep instead of
-        four, with two thirds of the DALI threads, and with the model held to two batches ahead of the GPU. Run it
+        four, with two thirds of the DALI threads, with the other copy_inputs (the encoded bytes copied into DALI's
+        buffers as they are fed, or read in place), and with the model held to two batches ahead of the GPU. Run it
         under CUDA_DEVICE_MAX_CONNECTIONS=8 (a variable read when the process creates its CUDA context; the probe
         otherwise takes the 32 hardware queues the flow's GPU workers run with) to see streams sharing the GPU's 8
         default hardware queues hold DALI behind the model. Measured once and dropped, with no effect (ViT-B/16, nvidia-h200, about 7,350 images/s each): the
@@ -410,6 +411,12 @@ def ladder(args: argparse.Namespace) -> int:
     runs[f"model only ({args.model})"] = model_only
     runs["L10 Worker.embed from the tar reader"] = embed(None)
     runs["L10 + GIL switch interval 0.2 ms"] = embed(0.0002)
+    # The encoded bytes read in place instead of copied into DALI's buffers as they are fed (the copy holds the
+    # GIL; in place, a GPU decoder stages them into pinned memory in its own threads).
+    in_place = ImagePipeline(worker.recipe, batch_size=B, num_threads=T, device_id=device_id,
+                             prefetch=worker.pipeline.prefetch, copy_inputs=not worker.pipeline.copy_inputs,
+                             output_dtype=worker.loaded.dtype, channels_last=worker.loaded.channels_last)
+    runs[f"L10 copy_inputs={in_place.copy_inputs}"] = swapped(embed(None), pipeline=in_place)
     if gpu:
         # As before: two iterations in DALI at once (the GPU worker now keeps four).
         shallow = ImagePipeline(worker.recipe, batch_size=B, num_threads=T, device_id=device_id, prefetch=2,

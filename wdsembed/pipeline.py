@@ -456,7 +456,8 @@ class ImagePipeline:
         def settle() -> None:
             """Read the sniffed images' sizes; keep those fit to feed, reject the others with their reason."""
             hw, unreadable = image_sizes([data for _, data in sniffed])
-            too_large = (hw[:, 0] * hw[:, 1] > limit) if limit is not None else np.zeros(len(sniffed), dtype=bool)
+            # a list: indexing a NumPy array one element at a time costs more than the check itself
+            too_large = (hw[:, 0] * hw[:, 1] > limit).tolist() if limit is not None else [False] * len(sniffed)
             kept = []
             for i, (key, data) in enumerate(sniffed):
                 if i in unreadable:

@@ -57,6 +57,9 @@ CUDA_GRAPH_ENV = "WDSEMBED_CUDA_GRAPH"  # "0": the model runs eagerly on a GPU t
 STREAM_METER_ENV = "WDSEMBED_STREAM_METER"
 # "0": a call's tar is read in the thread that feeds DALI, not ahead of it in a thread of its own (a diagnostic).
 READ_AHEAD_ENV = "WDSEMBED_READ_AHEAD"
+# "0": DALI reads each batch's encoded images in place on a GPU too, instead of copying them into its own buffers as
+# they are fed (a copy that holds the GIL: about 3 ms per batch of 256 on one H200's host).
+COPY_INPUTS_ENV = "WDSEMBED_COPY_INPUTS"
 READ_AHEAD_CHUNK, READ_AHEAD_DEPTH = 64, 4  # samples per hand-over, hand-overs queued: 256-384 samples (10-15 MB)
 
 
@@ -124,6 +127,7 @@ class Worker:
             # On a GPU, DALI four iterations ahead, not two: with the model sharing the GPU, Worker.embed went from
             # 7,355 to 7,833 images/s (ViT-B/16, one H200, bench/dali_probe.py --ladder).
             prefetch=GPU_PREFETCH if device_id is not None else 2,
+            copy_inputs=os.environ.get(COPY_INPUTS_ENV, "1") != "0",
             # batches come out as the model takes them: its dtype and memory format, no second conversion
             output_dtype=self.loaded.dtype,
             channels_last=self.loaded.channels_last,
