@@ -188,6 +188,48 @@ def _table() -> pa.Table:
     )
 
 
+def _codecs(url: str) -> dict[str, tuple[str, tuple]]:
+    meta = pq.ParquetFile(url).metadata
+    return {meta.schema.column(i).path: (meta.row_group(0).column(i).compression,
+                                         meta.row_group(0).column(i).encodings) for i in range(meta.num_columns)}
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_bfloat16_valued_embeddings_are_split_into_byte_streams_and_zstd_compressed(tmp_path, compress):
+    """A bfloat16 model's float32 values (low 16 bits zero) are stored byte-stream-split and zstd-compressed, in
+    the full table and the kNN view alike, and read back bit for bit; float32 values keep snappy (full table) or
+    no compression (view); other columns, nested lists included, keep snappy."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    fs = fsspec.filesystem("file")
+    n, dim = 300, 64
+    fp32 = rng.standard_normal((n, dim)).astype(np.float32)
+    bf16 = torch.from_numpy(fp32).to(torch.bfloat16).float().numpy()
+    sizes = {}
+    for name, values in (("bf16", bf16), ("fp32", fp32)):
+        table = pa.table({
+            "key": [f"{i:06d}" for i in range(n)],
+            "tags": [[["a", "b"]]] * n,  # a user's nested list column
+            "image_embedding": pa.ListArray.from_arrays(pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)),
+                                                        pa.array(values.reshape(-1))),
+        })
+        url = str(tmp_path / f"{name}.parquet")
+        write_parquet_atomic(table, url, fs, {"v": 1}, compress_embeddings=compress)
+        back = pq.read_table(url)
+        got = np.asarray(back.column("image_embedding").combine_chunks().values).reshape(n, dim)
+        assert got.view(np.uint32).tolist() == values.view(np.uint32).tolist()  # bit for bit
+        assert back.column("tags").to_pylist() == table.column("tags").to_pylist()
+        codecs, sizes[name] = _codecs(url), os.path.getsize(url)
+        assert codecs["key"][0] == codecs["tags.list.element.list.element"][0] == "SNAPPY"
+        codec, encodings = codecs["image_embedding.list.element"]
+        if name == "bf16":
+            assert codec == "ZSTD" and "BYTE_STREAM_SPLIT" in encodings
+        else:
+            assert codec == ("SNAPPY" if compress else "UNCOMPRESSED") and "BYTE_STREAM_SPLIT" not in encodings
+    assert sizes["bf16"] < 0.6 * sizes["fp32"]
+
+
 def test_atomic_write_roundtrip(tmp_path):
     fs = fsspec.filesystem("file")
     url = str(tmp_path / "out" / "00000.parquet")

@@ -267,9 +267,9 @@ def write_embeddings_view(table: pa.Table, config: "EmbedConfig", stem: str, *, 
     is what marks a shard finished, so a finished shard always has its view."""
     view = embeddings_view(table, id_column=config.id_column, embedding_column=config.embedding_column, shard=stem)
     fs, root = storage.filesystem(config.output, config.storage_options)
-    # Uncompressed: the view repeats the full table's embeddings for kNN tools, and snappy, which saves about a
-    # third of a bfloat16 model's float32 values, was half of the CPU time of a shard's two writes, beside the next
-    # shards' decoding in a GPU worker. The full table stays compressed.
+    # Float32 embeddings uncompressed: the view repeats the full table's for kNN tools, and snappy, which saves
+    # little of them, is CPU time beside the next shards' decoding in a GPU worker. A bfloat16 model's values are
+    # compressed as in the full table (write_parquet_atomic): that is faster than none, and a third of the size.
     write_parquet_atomic(view, embeddings_view_url(root, stem), fs, {"cache_key": cache_key, "shard": stem},
                          compress_embeddings=False)
     return view.num_rows
@@ -351,8 +351,12 @@ def summarize_table(
 def write_parquet_atomic(table: pa.Table, url: str, fs: Any, metadata: Mapping[str, Any],
                          before_commit: Callable[[], None] = lambda: None, *, compress_embeddings: bool = True) -> None:
     """Write `table` to `url` (a path on fsspec filesystem `fs`) whole or not at all (storage.write_atomic, which
-    runs `before_commit` just before the table appears), `metadata` as JSON in the footer. Every column is
-    snappy-compressed (parquet's default), except list columns (the embeddings) with `compress_embeddings=False`.
+    runs `before_commit` just before the table appears), `metadata` as JSON in the footer.
+
+    Columns other than the embeddings are snappy-compressed (parquet's default). The float32 embeddings (list
+    columns) are encoded by what their values are (_embedding_encoding): bfloat16 values (a bfloat16 model's, the
+    default on a GPU) byte-stream-split and zstd-compressed, float32 ones snappy-compressed, or, with
+    `compress_embeddings=False`, not compressed.
 
     The JSON goes under the footer key ``wdsembed``; read it back cheaply with read_output_metadata.
     """
@@ -361,12 +365,55 @@ def write_parquet_atomic(table: pa.Table, url: str, fs: Any, metadata: Mapping[s
     table = table.replace_schema_metadata(meta)
     # Dictionary encoding never pays off for float embeddings, nor do min/max statistics over their values (no
     # reader prunes on them; 15% of a 2,048-d table's write); both stay for the other columns.
-    list_cols = {f.name for f in table.schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)}
+    list_cols = [f.name for f in table.schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)]
     others = [c for c in table.column_names if c not in list_cols]
-    compression = ("snappy" if compress_embeddings
-                   else {c: "snappy" if c in others else "none" for c in table.column_names})
-    storage.write_atomic(fs, url, lambda f: pq.write_table(table, f, use_dictionary=others, write_statistics=others,
-                                                           compression=compression), before_commit)
+    # Codecs per parquet leaf column (a dict applies to the leaves it names, and leaves others uncompressed).
+    compression = {leaf: "snappy" for f in table.schema if f.name in others for leaf in _parquet_leaves(f)}
+    levels: dict[str, int] = {}
+    split: list[str] = []
+    for name in list_cols:
+        codec = _embedding_encoding(table.column(name), compress_embeddings)
+        for leaf in _parquet_leaves(table.schema.field(name)):
+            compression[leaf] = codec
+            if codec == "zstd":
+                levels[leaf] = 1
+                split.append(leaf)
+    storage.write_atomic(fs, url, lambda f: pq.write_table(
+        table, f, use_dictionary=others, write_statistics=others, compression=compression,
+        compression_level=levels or None, use_byte_stream_split=split or False), before_commit)
+
+
+def _parquet_leaves(field: pa.Field, prefix: str = "") -> list[str]:
+    """The parquet paths of an arrow field's leaf columns, as pyarrow writes them (compliant nested names)."""
+    path, t = prefix + field.name, field.type
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _parquet_leaves(pa.field("element", t.value_type), path + ".list.")
+    if pa.types.is_map(t):
+        return (_parquet_leaves(pa.field("key", t.key_type), path + ".key_value.")
+                + _parquet_leaves(pa.field("value", t.item_type), path + ".key_value."))
+    if pa.types.is_struct(t):
+        return [leaf for i in range(t.num_fields) for leaf in _parquet_leaves(t.field(i), path + ".")]
+    return [path]
+
+
+def _embedding_encoding(column: pa.ChunkedArray, compress: bool) -> str:
+    """How to store a list column: for float32 embeddings, "zstd" (byte stream split, then zstd level 1) where
+    the values are bfloat16 values held as float32 (the low 16 bits of each are zero), else "snappy" or, with
+    `compress` False, "none"; any other list column "snappy".
+
+    Split into byte streams, a bfloat16 value's two zero bytes compress to almost nothing: a 10,000 x 2,048 shard
+    took 28 MB in 0.53 s instead of 57 MB in 0.88 s with snappy (2-core machine), and reads back faster. Float32
+    values gain little that way (69-75 MB of 82) and write slower than with snappy, which leaves them almost as
+    they are. Judged on the first values only: the choice changes the bytes on disk, never the values."""
+    if not pa.types.is_float32(column.type.value_type):
+        return "snappy"  # not embeddings: some other list column of the shard's metadata
+    values = next((c.values for c in column.chunks if len(c.values)), None)
+    if values is None or values.null_count:
+        return "snappy" if compress else "none"
+    head = np.asarray(values.slice(0, 65536)).view(np.uint32)
+    if not (head & 0xFFFF).any():
+        return "zstd"
+    return "snappy" if compress else "none"
 
 
 def read_output_metadata(url: str, fs: Any) -> Optional[dict]:
