@@ -146,10 +146,11 @@ class S3Folder(_LoopThread):
     `requests` counts requests by method, `ranges` lists the (key, Range) of every GET."""
 
     def __init__(self, root: str | os.PathLike, *, access_key: Optional[str] = None,
-                 ignore_if_match: bool = False) -> None:
+                 ignore_if_match: bool = False, ignore_range: bool = False) -> None:
         self.root = Path(root)
         self.access_key = access_key
         self.ignore_if_match = ignore_if_match  # as some S3-compatible stores do: the client must compare ETags
+        self.ignore_range = ignore_range  # a store (or proxy) that answers every GET with the whole object
         self.requests: collections.Counter = collections.Counter()  # by method
         self.ranges: list[tuple[str, Optional[str]]] = []
 
@@ -233,7 +234,7 @@ class S3Folder(_LoopThread):
             common = [("ETag", etag), ("Last-Modified", email.utils.formatdate(st.st_mtime, usegmt=True)),
                       ("Accept-Ranges", "bytes"), ("Content-Type", "application/octet-stream"),
                       ("x-amz-request-id", uuid.uuid4().hex[:16].upper())]
-            if "range" in headers and method == "GET":
+            if "range" in headers and method == "GET" and not self.ignore_range:
                 rng = _parse_range(headers["range"], size)
                 if rng is None:
                     return await self._error(writer, method, 416, "InvalidRange",

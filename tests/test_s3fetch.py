@@ -186,6 +186,23 @@ def test_a_changed_etag_is_caught_where_the_store_ignores_if_match(root, tmp_pat
         path.unlink()
 
 
+def test_a_store_that_ignores_range_fails_naming_the_url_instead_of_mixing_parts(root):
+    """A GET answered with the whole object instead of the part asked for (no Content-Range) must not pass for
+    that part: the read stops with an error that names the shard, and is not retried."""
+    srv = S3Folder(root, access_key=KEY_ID, ignore_range=True).start()
+    path = root / BUCKET / "whole.bin"
+    path.write_bytes(os.urandom(5 * PART))
+    try:
+        with fetcher(srv.endpoint, initial_in_flight=1) as fx:
+            with fx.open(f"s3://{BUCKET}/whole.bin") as f:
+                with pytest.raises(OSError, match="whole.bin.*LongBody"):
+                    read_all(f)
+        assert srv.requests["GET"] < 5 * s3fetch.RETRIES  # given up at once, not after every retry
+    finally:
+        srv.stop()
+        path.unlink()
+
+
 def test_memory_stays_within_the_budget_with_shards_ahead(server, root):
     budget = 6 * PART
     with fetcher(server.endpoint, memory_budget=budget, initial_in_flight=8) as fx:
