@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from itertools import chain
-from operator import itemgetter
 from typing import Any, BinaryIO, Callable, Generator, Iterator, Optional, Sequence
 
 import numpy as np
@@ -113,7 +111,7 @@ def iter_samples(
     if index_builder is not None:
         index_builder.extend(zip(*passed))
     yield from _parse_tar(tarstream.Reader(f, chunk_size, buffered=unread, offset=offset), f, rank=rank,
-                          shard=shard, seen=seen, passed=passed, expected=iter(plan.members[first:]),
+                          shard=shard, seen=seen, passed=passed, expected=plan.index.members_from(first),
                           index_builder=index_builder, on_stale_index=on_stale_index)
 
 
@@ -251,7 +249,7 @@ class _IndexPlan:
     can check from the header alone, in samples of at most one chunk. Per sample (consecutive members of one
     key): its key, first member, image member (-1: none) and that member's data offset, size, name and image_ext."""
 
-    members: tuple  # IndexMember, in index order
+    index: "shardindex.ShardIndex"
     chunk_size: int
     limit: int
     names: list[str]
@@ -273,15 +271,13 @@ class _IndexPlan:
 
 
 def _plan_index(index: "shardindex.ShardIndex", rank: dict[str, int], chunk_size: int) -> Optional[_IndexPlan]:
-    members = tuple(chain.from_iterable(index.samples))
-    n = len(members)
+    columns = index.columns()
+    if columns is None:  # numbers no tar here holds: left to the general parser to report
+        return None
+    n = len(columns.names)
     if not n:
         return None
-    try:
-        offsets = np.fromiter(map(itemgetter(1), members), dtype=np.int64, count=n)
-        sizes = np.fromiter(map(itemgetter(2), members), dtype=np.int64, count=n)
-    except OverflowError:  # numbers no tar here holds: left to the general parser to report
-        return None
+    offsets, sizes = columns.offsets, columns.sizes
     ends = offsets + sizes + (-sizes % tarstream.BLOCK)
     starts = np.concatenate(([0], ends[:-1]))
     pax_room = offsets - tarstream.BLOCK - starts
@@ -295,7 +291,7 @@ def _plan_index(index: "shardindex.ShardIndex", rank: dict[str, int], chunk_size
     # at most 100 UTF-8 bytes (longer ones live in an extended header), split into key and extension as
     # split_member_name does, found in the names' bytes joined by backslashes ('/' and '.' are never part of a
     # longer UTF-8 sequence).
-    names = list(map(itemgetter(3), members[:limit]))
+    names = columns.names[:limit]
     joined = "\\".join(names)
     encoded = joined.encode("utf-8", "surrogateescape")
     text = np.frombuffer(encoded, dtype=np.uint8)
@@ -345,7 +341,7 @@ def _plan_index(index: "shardindex.ShardIndex", rank: dict[str, int], chunk_size
     sizes = sizes[:limit]
     key_start = name_start[group_start].tolist()
     return _IndexPlan(
-        members=members, chunk_size=chunk_size, limit=limit, names=names[:limit], offsets=offsets[:limit],
+        index=index, chunk_size=chunk_size, limit=limit, names=names[:limit], offsets=offsets[:limit],
         sizes=sizes, header_at=offsets[:limit] - tarstream.BLOCK, starts=starts[:limit], ends=ends[:limit],
         pax_room=pax_room[:limit], templates=tarstream.header_templates(name_bytes[:limit], sizes),
         group_start=group_start.tolist(), group_end=group_end,
