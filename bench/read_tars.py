@@ -9,7 +9,8 @@ member; "pax" tars have a pax header before each (a float mtime), as webdataset'
 them. Each shard is indexed (shardindex.ensure_index), then read whole with each variant in turn, `--passes`
 times, from the page cache. Printed per shard and variant: the best pass in microseconds per sample, all of it
 and without the time spent inside f.read (local reads let the GIL go, so that part is what a GPU worker's other
-threads wait for), and the fast/general ratio of each.
+threads wait for), and the fast/general ratio of each. Then what comes before the read: the shard's .idx parsed
+and the fast path planned, read line by line (IndexMember tuples) and as columns (what a worker does now).
 """
 from __future__ import annotations
 
@@ -79,6 +80,28 @@ def one_pass(path: str, index: shardindex.ShardIndex, fast: bool) -> tuple[float
     return total, total - f.read_seconds, n
 
 
+def index_costs(idx_path: str, passes: int) -> tuple[float, float]:
+    """Best times in ms of what a worker does with a shard's .idx before reading the tar: parse it and plan the
+    fast path, with the line-by-line reading (IndexMember tuples) and with the columnar one (ShardIndex.parse)."""
+    with open(idx_path, encoding="utf-8", errors="surrogateescape") as f:
+        text = f.read()
+    rank = {"jpg": 0}
+
+    def line_by_line(text: str) -> shardindex.ShardIndex:
+        body = shardindex._body_lines(text)
+        return shardindex.ShardIndex(tuple(shardindex._parse_line(line, i) for i, line in enumerate(body, start=2)))
+
+    best = {}
+    for name, parse in (("lines", line_by_line), ("columns", shardindex.ShardIndex.parse)):
+        times = []
+        for _ in range(passes):
+            start = time.perf_counter()
+            shards._plan_index(parse(text), rank, 8 << 20)
+            times.append(time.perf_counter() - start)
+        best[name] = min(times) * 1e3
+    return best["lines"], best["columns"]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=10_000)
@@ -105,6 +128,9 @@ def main(argv=None) -> None:
                       f"{best[fast][1]:9.2f}")
             print(f"{'':10s} {'':6s}  {'ratio':8s} {best[True][0] / best[False][0]:10.2f} "
                   f"{best[True][1] / best[False][1]:9.2f}")
+            lines, columns = index_costs(index.path, args.passes)
+            print(f"{'':10s} {'':6s}  index parse + fast-path plan, ms: line by line {lines:.1f}, as columns "
+                  f"{columns:.1f} (ratio {columns / lines:.2f})")
 
 
 if __name__ == "__main__":
