@@ -268,8 +268,9 @@ def write_embeddings_view(table: pa.Table, config: "EmbedConfig", stem: str, *, 
     view = embeddings_view(table, id_column=config.id_column, embedding_column=config.embedding_column, shard=stem)
     fs, root = storage.filesystem(config.output, config.storage_options)
     # Float32 embeddings uncompressed: the view repeats the full table's for kNN tools, and snappy, which saves
-    # little of them, is CPU time beside the next shards' decoding in a GPU worker. A bfloat16 model's values are
-    # compressed as in the full table (write_parquet_atomic): that is faster than none, and a third of the size.
+    # little of them, is CPU time beside the next shards' decoding in a GPU worker. bfloat16 values are encoded as
+    # in the full table (write_parquet_atomic): about as long as the full table's write, which it runs beside, for
+    # a third of the bytes.
     write_parquet_atomic(view, embeddings_view_url(root, stem), fs, {"cache_key": cache_key, "shard": stem},
                          compress_embeddings=False)
     return view.num_rows
@@ -355,8 +356,8 @@ def write_parquet_atomic(table: pa.Table, url: str, fs: Any, metadata: Mapping[s
 
     Columns other than the embeddings are snappy-compressed (parquet's default). The float32 embeddings (list
     columns) are encoded by what their values are (_embedding_encoding): bfloat16 values (a bfloat16 model's, the
-    default on a GPU) byte-stream-split and zstd-compressed, float32 ones snappy-compressed, or, with
-    `compress_embeddings=False`, not compressed.
+    default on a GPU, when not normalized) byte-stream-split and zstd-compressed, float32 ones snappy-compressed,
+    or, with `compress_embeddings=False`, not compressed.
 
     The JSON goes under the footer key ``wdsembed``; read it back cheaply with read_output_metadata.
     """
