@@ -57,7 +57,7 @@ def main() -> int:
     from wdsembed.config import EmbedConfig
     from wdsembed.pipeline import ImagePipeline
     from wdsembed.imagesize import image_size
-    from wdsembed.preprocess import GEOMETRY_INPUTS, dali_preprocess, feed_geometry
+    from wdsembed.preprocess import dali_preprocess, feed_geometry, split_geometry, stack_geometry
 
     tars, samples = photographs(args.images)
     B, T = args.batch_size, args.threads
@@ -115,10 +115,9 @@ def main() -> int:
 
             def next_geometry():
                 g = geometry_of(next(batches))
-                return tuple(g[k] for k in GEOMETRY_INPUTS)
+                return stack_geometry(g)
 
-            nodes = fn.external_source(source=next_geometry, num_outputs=len(GEOMETRY_INPUTS), dtype=types.FLOAT)
-            geometry = dict(zip(GEOMETRY_INPUTS, nodes))
+            geometry = split_geometry(fn.external_source(source=next_geometry, dtype=types.FLOAT, ndim=2))
         return dali_preprocess(jpg, recipe, decode, geometry=geometry)
 
     for source in ("reader", "external copy", "external in place"):

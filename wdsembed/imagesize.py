@@ -87,34 +87,36 @@ def jpeg_frames(datas: Sequence[Bytes]) -> tuple[np.ndarray, np.ndarray, np.ndar
     settled = np.zeros(n, dtype=bool)
     sizes = np.zeros((n, 2), dtype=np.int64)
     components = np.zeros(n, dtype=np.int64)
-    todo = np.arange(n)
+    open_ = np.ones(n, dtype=bool)  # neither settled nor tried as a layout's first image
     block = lengths = None  # every image's first bytes, one row each (zero-padded), made once the first layout is known
+    # Whole-batch masks and column gathers, never row copies: this runs on the feeding thread for every batch.
     for _ in range(_LAYOUTS_PER_BATCH):
         layout = None
-        while layout is None and todo.size:
-            first, todo = int(todo[0]), todo[1:]
+        for first in np.flatnonzero(open_).tolist():
+            open_[first] = False
             layout = _jpeg_layout(datas[first])
+            if layout is not None:
+                break
         if layout is None:
             break
         segments, frame, end = layout
         h, w, ncomp = _SOF_FIELDS(datas[first], frame + 5)
         sizes[first], components[first], settled[first] = (h, w), ncomp, True
-        if not todo.size:
+        if not open_.any():
             break
         if block is None:
             block, lengths = _heads(datas, max(end, _HEAD_BYTES))
         if end > block.shape[1]:
             continue  # a header longer than the others' copies: its images go one at a time
-        template = block[first, segments]
-        rows = todo[lengths[todo] >= end]
-        same = rows[np.all(block[rows][:, segments] == template, axis=1)]
-        fields = block[same, frame + 5 : frame + 10].astype(np.int64)
+        marks = block[:, segments]
+        same = open_ & (lengths >= end) & (marks == marks[first]).all(axis=1)
+        fields = block[:, frame + 5 : frame + 10].astype(np.int64)
         h, w = (fields[:, 0] << 8) | fields[:, 1], (fields[:, 2] << 8) | fields[:, 3]
-        fine = (fields[:, 4] <= 4) & (h >= 1) & (w >= 1)  # else image_size says why
-        sizes[same[fine], 0], sizes[same[fine], 1] = h[fine], w[fine]
-        components[same[fine]] = fields[fine, 4]
-        settled[same[fine]] = True
-        todo = todo[~settled[todo]]
+        fine = same & (fields[:, 4] <= 4) & (h >= 1) & (w >= 1)  # else image_size says why
+        sizes[fine, 0], sizes[fine, 1] = h[fine], w[fine]
+        components[fine] = fields[fine, 4]
+        settled |= fine
+        open_ &= ~fine
     return settled, sizes, components
 
 

@@ -117,16 +117,19 @@ class PreprocessRecipe:
         by the external source names of `dali_preprocess`: the resize and crop fused into `fn.resize`'s output size
         and region of interest, as [y, x] float32 rows. (The padding anchor needs no per-sample argument: see
         `pad_crop_pos`.)"""
-        h = np.asarray(heights, dtype=np.int64)
-        w = np.asarray(widths, dtype=np.int64)
-        rh, rw = resized_size(h, w, self)
-        ch, cw = self.crop_size
-        y0, y1, out_h = _axis_roi(h, rh, ch)
-        x0, x1, out_w = _axis_roi(w, rw, cw)
+        # Both axes at once, as (N, 2) [y, x] rows of integer-valued float64 (exact: every size is far below 2**53):
+        # a few NumPy calls per batch on the feeding thread, and the rows come out in the form fn.resize takes.
+        hw = np.empty((len(heights), 2))
+        hw[:, 0], hw[:, 1] = heights, widths
+        resized = _resized(hw, self)
+        crop = np.asarray(self.crop_size, dtype=np.float64)
+        start = np.rint(np.maximum(resized - crop, 0) * 0.5)  # crop_anchor where the crop fits, else 0 (pad later)
+        out_len = np.minimum(resized, crop)  # the crop, or the whole axis where it is shorter
+        scale = hw / resized
         return {
-            "resize_size": np.stack([out_h, out_w], axis=1).astype(np.float32),
-            "roi_start": np.stack([y0, x0], axis=1),
-            "roi_end": np.stack([y1, x1], axis=1),
+            "resize_size": out_len.astype(np.float32),
+            "roi_start": (start * scale).astype(np.float32),
+            "roi_end": ((start + out_len) * scale).astype(np.float32),
         }
 
     @property
@@ -159,22 +162,26 @@ class PreprocessRecipe:
 
 def resized_size(h: np.ndarray, w: np.ndarray, recipe: PreprocessRecipe) -> tuple[np.ndarray, np.ndarray]:
     """(height, width) after timm's resize step for images of h x w (int64 arrays)."""
-    sh, sw = recipe.scale_size
+    resized = _resized(np.stack([h, w], axis=1).astype(np.float64), recipe).astype(np.int64)
+    return resized[:, 0], resized[:, 1]
+
+
+def _resized(hw: np.ndarray, recipe: PreprocessRecipe) -> np.ndarray:
+    """`resized_size` on (N, 2) [height, width] rows of integer-valued float64, in the same form."""
+    scale = np.asarray(recipe.scale_size, dtype=np.float64)
     if recipe.crop_mode == "squash":
-        return np.full_like(h, sh), np.full_like(w, sw)
-    if recipe.crop_mode == "center" and sh == sw:
-        # torchvision Resize(int): short side = s, long side = int(s * long / short); the float64 quotient of two
-        # integers this small never crosses an integer, so the exact integer floor is the same number.
-        portrait = w <= h
-        short = np.where(portrait, w, h)
-        new_long = (np.where(portrait, h, w) * sh) // short
-        return np.where(portrait, new_long, sh), np.where(portrait, sw, new_long)
+        return np.broadcast_to(scale, hw.shape).copy()
+    if recipe.crop_mode == "center" and scale[0] == scale[1]:
+        # torchvision Resize(int): short side = s, long side = int(s * long / short). The float64 quotient of two
+        # integers this small is never rounded across an integer, so its floor is the exact integer floor; on the
+        # short axis it is s itself, so one division gives both axes.
+        return np.floor(hw * scale[0] / hw.min(axis=1, keepdims=True))
     # timm ResizeKeepRatio: ratio = max (border) or min (center) of h/sh, w/sw in float64, size = round(dim / ratio)
     # (half to even, as Python's round of a float)
-    rh, rw = h / float(sh), w / float(sw)
-    ratio = np.maximum(rh, rw) if recipe.crop_mode == "border" else np.minimum(rh, rw)
+    rows = hw / scale
+    ratio = rows.max(axis=1, keepdims=True) if recipe.crop_mode == "border" else rows.min(axis=1, keepdims=True)
     # at least one pixel: timm itself fails on the zero-size resize of an extreme aspect ratio
-    return np.maximum(np.rint(h / ratio), 1).astype(np.int64), np.maximum(np.rint(w / ratio), 1).astype(np.int64)
+    return np.maximum(np.rint(hw / ratio), 1)
 
 
 def crop_anchor(size: np.ndarray, crop: int) -> np.ndarray:
@@ -184,37 +191,36 @@ def crop_anchor(size: np.ndarray, crop: int) -> np.ndarray:
     return np.where(d >= 0, np.rint(d / 2.0).astype(np.int64), -((-d) // 2))
 
 
-def _axis_roi(length: np.ndarray, resized: np.ndarray, crop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Resize and crop fused along one axis: the input interval that maps onto the crop window of the resized
-    image, and the output length. Same scale (length / resized) and same sample positions as resizing the whole
-    image and cropping it, without materialising the resized image (an extreme aspect ratio can make that huge).
-    Where the crop is larger than the resized image the whole axis is resized and crop_mirror_normalize pads."""
-    fits = resized >= crop
-    start = np.where(fits, crop_anchor(resized, crop), 0)  # in resized pixels
-    out_len = np.where(fits, crop, resized)
-    scale = length / resized.astype(np.float64)
-    return (start * scale).astype(np.float32), ((start + out_len) * scale).astype(np.float32), out_len
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# DALI graph. The geometry arrives through external sources, one per argument, fed per batch with feed_geometry.
+# DALI graph. The geometry arrives through one external source, fed per batch with feed_geometry.
 
-GEOMETRY_INPUTS = ("resize_size", "roi_start", "roi_end")  # [y, x] float32 per sample
+GEOMETRY_INPUTS = ("resize_size", "roi_start", "roi_end")  # [y, x] float32 per sample, in this row order
+GEOMETRY_SOURCE = "geometry"  # the external source that takes them, as one (3, 2) sample per image
 
 
 def geometry_inputs() -> dict[str, Any]:
-    """External sources for the per-sample arguments, named as the keys of `PreprocessRecipe.geometry`."""
+    """The per-sample argument nodes, keyed as `PreprocessRecipe.geometry`: rows of one external source."""
     from nvidia.dali import fn, types
 
-    return {name: fn.external_source(name=name, dtype=types.FLOAT, ndim=1) for name in GEOMETRY_INPUTS}
+    return split_geometry(fn.external_source(name=GEOMETRY_SOURCE, dtype=types.FLOAT, ndim=2))
+
+
+def split_geometry(node: Any) -> dict[str, Any]:
+    """The argument nodes of a node whose samples are `stack_geometry`'s (3, 2) rows."""
+    # One fed input and three subscripts cost less than three fed inputs: each feed_input call makes and copies a
+    # whole batch of samples in Python-facing code on the feeding thread, where a subscript runs in DALI's threads.
+    return {name: node[i] for i, name in enumerate(GEOMETRY_INPUTS)}
+
+
+def stack_geometry(geometry: dict[str, np.ndarray]) -> np.ndarray:
+    """One batch's `PreprocessRecipe.geometry` as the (N, 3, 2) float32 array that `geometry_inputs` is fed."""
+    return np.stack([geometry[name] for name in GEOMETRY_INPUTS], axis=1)
 
 
 def feed_geometry(pipe: Any, geometry: dict[str, np.ndarray]) -> None:
     """Feed one batch's `PreprocessRecipe.geometry` to a pipeline built with `dali_preprocess`."""
-    # Each (N, 2) array as it is, one row per sample: feed_input takes a dense NumPy batch faster than a
-    # TensorListCPU made from it (about 46 against 30 + 76 us per input, DALI 2.4, on the 2-core CI machine).
-    for name in GEOMETRY_INPUTS:
-        pipe.feed_input(name, np.ascontiguousarray(geometry[name]))
+    # A dense NumPy batch: feed_input takes it faster than a TensorListCPU made from it (DALI 2.4).
+    pipe.feed_input(GEOMETRY_SOURCE, stack_geometry(geometry))
 
 
 def dali_preprocess(
