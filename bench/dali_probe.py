@@ -1,5 +1,5 @@
 """Where the GPU time goes: our ImagePipeline against DALI's own webdataset reader on the same photos, then
-DALI and a model together on the legacy default stream and on a stream of their own.
+DALI and a model together, as the flow's Worker runs them (the model on a CUDA stream of its own).
 
     python bench/dali_probe.py [--images 16000] [--batch-size 256] [--threads 12] [--model vit_base_patch16_clip_224.openai]
     python bench/dali_probe.py --geometry-only [--images 2560] [--repeats 9] [--threads 1]   # CPU, no decoding
@@ -176,11 +176,8 @@ def main() -> int:
     rates["dali"] = rates["ImagePipeline copy_inputs=True + max_pixels guard (the flow)"]
     bound = 1 / (1 / rates[f"{args.model} model only"] + 1 / rates["dali"])
     embed = lambda: len(worker.embed(iter(samples), autocast=True, normalize=True, on_batch=lambda n: None)[0])  # noqa: E731
+    # (The Worker always runs its model on a stream of its own on a GPU; the legacy default stream is gone.)
     timed("Worker.embed, own stream (the flow)", embed)
-    own = worker.stream
-    worker.stream = None
-    timed("Worker.embed, legacy default stream", embed)
-    worker.stream = own
     print(f"{'sequential bound 1/(1/a+1/b)':60s} {bound:9,.0f} img/s; min(a, b) "
           f"{min(rates[f'{args.model} model only'], rates['dali']):,.0f}", flush=True)
     return 0
