@@ -117,6 +117,10 @@ class PreprocessRecipe:
         by the external source names of `dali_preprocess`: the resize and crop fused into `fn.resize`'s output size
         and region of interest, as [y, x] float32 rows. (The padding anchor needs no per-sample argument: see
         `pad_crop_pos`.)"""
+        # Resize and crop fused, per axis: the input interval that maps onto the crop window of the resized image,
+        # and the output length. Same scale (length / resized) and same sample positions as resizing the whole image
+        # and cropping it, without making the resized image (an extreme aspect ratio can make that huge). Where the
+        # crop is longer than the resized axis, the whole axis is resized and crop_mirror_normalize pads.
         # Both axes at once, as (N, 2) [y, x] rows of integer-valued float64 (exact: every size is far below 2**53):
         # a few NumPy calls per batch on the feeding thread, and the rows come out in the form fn.resize takes.
         hw = np.empty((len(heights), 2))
@@ -207,8 +211,9 @@ def geometry_inputs() -> dict[str, Any]:
 
 def split_geometry(node: Any) -> dict[str, Any]:
     """The argument nodes of a node whose samples are `stack_geometry`'s (3, 2) rows."""
-    # One fed input and three subscripts cost less than three fed inputs: each feed_input call makes and copies a
-    # whole batch of samples in Python-facing code on the feeding thread, where a subscript runs in DALI's threads.
+    # One fed input instead of three: each feed_input call makes and copies a whole batch of samples on the feeding
+    # thread, holding the GIL, while the subscripts run in DALI's own threads. (On the 2-core machine, with one DALI
+    # thread, the two forms took the same wall time per batch.)
     return {name: node[i] for i, name in enumerate(GEOMETRY_INPUTS)}
 
 
