@@ -783,8 +783,8 @@ def geometry_only(args: argparse.Namespace) -> int:
     E    the encoded bytes alone (and their shapes): the floor under every other line
     A    + fn.peek_image_shape(adjust_orientation=True): what the old graph needed before any geometry
     B    + the host geometry: header sizes (wdsembed.imagesize.image_sizes) and PreprocessRecipe.geometry (NumPy) for the batch,
-         computed in the feeding loop, and fed to the three argument external sources that fn.resize takes in the
-         real graph (here returned as outputs: no pixels are made)
+         computed in the feeding loop, and fed to the geometry source whose three rows fn.resize takes in the real
+         graph (preprocess.geometry_inputs; here the rows are returned as outputs: no pixels are made)
     old  + peek_image_shape and the old in-graph geometry subgraph (bench/old_geometry.py), its six arguments
          returned as outputs
     rsz  + the argument inputs consumed by fn.resize on 1x1 stand-in images, 2x2 out (the per-sample cost of the
