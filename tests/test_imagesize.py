@@ -381,6 +381,21 @@ def test_a_batch_gets_the_sizes_and_reasons_of_one_image_at_a_time():
         assert _as_a_batch(batch) == _one_at_a_time(batch)
 
 
+def test_a_second_layout_with_a_longer_header_is_read_in_one_step_too():
+    """The batch copies each image's first bytes as far as the first layout's header reaches; a later layout whose
+    header reaches further (here an XMP block of a few KB) gets a longer copy, not the one-at-a-time parser."""
+    from wdsembed import imagesize
+
+    same, _ = _same_layout_batch()
+    xmp = _app1(b"http://ns.adobe.com/xap/1.0/\0" + b"<x:xmpmeta/>" * 300)
+    longer = [_jpeg_segments(jpeg, after_soi=xmp) for jpeg in same[20:30]]
+    batch = same[:20] + longer
+    assert imagesize._jpeg_layout(longer[0])[2] > imagesize._jpeg_layout(same[0])[2] + 3000
+    settled, sizes, _ = imagesize.jpeg_frames(batch)
+    assert settled.all()
+    assert [tuple(s) for s in sizes.tolist()] == [imagesize.image_size(d) for d in batch]
+
+
 def test_a_batch_of_one_layout_is_read_in_one_step():
     """The batch walk settles every image of the shared layout itself (the odd ones go one at a time), so the
     feeding loop pays NumPy's cost per batch, not the parser's per image (bench/dali_probe.py --geometry-only)."""

@@ -58,7 +58,7 @@ def image_sizes(datas: Sequence[Bytes]) -> tuple[np.ndarray, dict[int, str]]:
     """`image_size` for a batch: an (N, 2) int64 array of (height, width), and the reason for each image that has
     none, by index (its row is (0, 0)). The same sizes and reasons as `image_size` one image at a time, at a fraction
     of its cost for a batch of JPEGs from one encoder (`jpeg_frames`); what that cannot settle (EXIF orientation,
-    long headers, other formats, anything unusual) goes through `image_size` itself."""
+    other formats, anything unusual) goes through `image_size` itself."""
     errors: dict[int, str] = {}
     settled, sizes, _ = jpeg_frames(datas)
     for i in np.flatnonzero(~settled).tolist():
@@ -88,7 +88,7 @@ def jpeg_frames(datas: Sequence[Bytes]) -> tuple[np.ndarray, np.ndarray, np.ndar
     sizes = np.zeros((n, 2), dtype=np.int64)
     components = np.zeros(n, dtype=np.int64)
     open_ = np.ones(n, dtype=bool)  # neither settled nor tried as a layout's first image
-    block = lengths = None  # every image's first bytes, one row each (zero-padded), made once the first layout is known
+    block = lengths = None  # every image's first bytes, one row each (zero-padded), as far as a layout needs
     # Whole-batch masks and column gathers, never row copies: this runs on the feeding thread for every batch.
     for _ in range(_LAYOUTS_PER_BATCH):
         layout = None
@@ -104,28 +104,31 @@ def jpeg_frames(datas: Sequence[Bytes]) -> tuple[np.ndarray, np.ndarray, np.ndar
         sizes[first], components[first], settled[first] = (h, w), ncomp, True
         if not open_.any():
             break
-        if block is None:
-            block, lengths = _heads(datas, max(end, _HEAD_BYTES))
-        if end > block.shape[1]:
-            continue  # a header longer than the others' copies: its images go one at a time
-        marks = block[:, segments]
-        same = open_ & (lengths >= end) & (marks == marks[first]).all(axis=1)
-        fields = block[:, frame + 5 : frame + 10].astype(np.int64)
+        if block is None or end > block.shape[1]:  # copied as far as this layout's header reaches
+            block, lengths = _heads(datas, end)
+        # One gather of the bytes that matter: each segment's marker and length, then the frame's size fields.
+        cols = block[:, np.concatenate([segments, np.arange(frame + 5, frame + 10)])]
+        marks, fields = cols[:, : len(segments)], cols[:, len(segments) :].astype(np.int64)
+        same = open_ & (marks == marks[first]).all(axis=1)
+        if lengths is not None:  # some images are shorter than the copies (zero-padded)
+            same &= lengths >= end
         h, w = (fields[:, 0] << 8) | fields[:, 1], (fields[:, 2] << 8) | fields[:, 3]
         fine = same & (fields[:, 4] <= 4) & (h >= 1) & (w >= 1)  # else image_size says why
-        sizes[fine, 0], sizes[fine, 1] = h[fine], w[fine]
-        components[fine] = fields[fine, 4]
+        np.copyto(sizes[:, 0], h, where=fine)
+        np.copyto(sizes[:, 1], w, where=fine)
+        np.copyto(components, fields[:, 4], where=fine)
         settled |= fine
         open_ &= ~fine
     return settled, sizes, components
 
 
-_HEAD_BYTES = 1024  # bytes copied per image for the batch walk: a re-encoded JPEG's header (JFIF, DQT, SOF, DHT)
-
-
-def _heads(datas: Sequence[Bytes], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each image's first `size` bytes as the rows of one array (shorter images zero-padded), and their lengths."""
+def _heads(datas: Sequence[Bytes], size: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Each image's first `size` bytes as the rows of one array (shorter images zero-padded), and their lengths;
+    None for the lengths when every image has `size` bytes or more (the usual batch)."""
     heads = [d[:size] for d in datas]
+    joined = b"".join(heads)
+    if len(joined) == len(heads) * size:
+        return np.frombuffer(joined, dtype=np.uint8).reshape(len(heads), size), None
     lengths = np.fromiter(map(len, heads), dtype=np.int64, count=len(heads))
     for i in np.flatnonzero(lengths < size).tolist():
         heads[i] = bytes(heads[i]).ljust(size, b"\0")
