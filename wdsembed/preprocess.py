@@ -127,7 +127,7 @@ class PreprocessRecipe:
         hw[:, 0], hw[:, 1] = heights, widths
         resized = _resized(hw, self)
         crop = np.asarray(self.crop_size, dtype=np.float64)
-        start = np.rint(np.maximum(resized - crop, 0) * 0.5)  # crop_anchor where the crop fits, else 0 (pad later)
+        start = np.where(resized >= crop, crop_anchor(resized, crop), 0)  # in resized pixels; 0 where it pads
         out_len = np.minimum(resized, crop)  # the crop, or the whole axis where it is shorter
         scale = hw / resized
         return {
@@ -188,8 +188,9 @@ def _resized(hw: np.ndarray, recipe: PreprocessRecipe) -> np.ndarray:
     return np.maximum(np.rint(hw / ratio), 1)
 
 
-def crop_anchor(size: np.ndarray, crop: int) -> np.ndarray:
-    """torchvision's CenterCrop/timm's CenterCropOrPad anchor along one axis of length `size` (int64 array):
+def crop_anchor(size: np.ndarray, crop: Any) -> np.ndarray:
+    """torchvision's CenterCrop/timm's CenterCropOrPad anchor on an axis of length `size` (an array of integer
+    values; `crop` an int, or one per column of `size` for both axes at once):
     `int(round((size - crop) / 2))` (half to even) when the crop fits, else `-((crop - size) // 2)` (left pad)."""
     d = size - crop
     return np.where(d >= 0, np.rint(d / 2.0).astype(np.int64), -((-d) // 2))
