@@ -8,7 +8,9 @@
 # records that process for SECONDS: only samples where a thread holds the GIL (--gil), without pausing it
 # (--nonblocking), stacks per thread. Writes $OUT/gil.txt (collapsed stacks) and $OUT/gil-summary.txt
 # (bench/gil_summary.py). PROFILE_WORKER=N profiles the Nth GPU worker process the bench starts instead of the
-# first (with --s3 the bench starts one for local disk, then one for S3: PROFILE_WORKER=2 profiles the S3 run). py-spy: carry .whl (../shared/device/bundle does not fetch it; `pip download py-spy`) and
+# first: with --s3 the bench starts one for the model's full flow, one for the local-disk side of the pair, then
+# one for S3, so PROFILE_WORKER=3 profiles the S3-fed worker. py-spy: carry .whl (../shared/device/bundle does not
+# fetch it; `pip download py-spy`) and
 #   python -m pip install --no-deps --no-index --target /tmp/pyspy .whl/py_spy*.whl
 # in the same command (a later command may no longer have .whl; /tmp/site/bin already exists, so --target
 # /tmp/site would skip the binary).
