@@ -233,6 +233,7 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
         memory = {"gpus": n_gpus,
                   "peak_gpu_memory_gib": round(max(p["gpu"] for p in peaks.values()), 2),
                   "gpu_memory_of": next(iter(peaks.values()))["gpu_source"],
+                  "gpu_memory_split": next(iter(peaks.values()))["gpu_split"],
                   "peak_host_rss_gib": round(max(p["rss"] for p in peaks.values()), 2),
                   "worker_gc": next(iter(peaks.values()))["gc"]}
         results = {}
@@ -456,7 +457,7 @@ def _reset_peaks() -> None:
 def _peaks() -> dict:
     import torch
 
-    gpu, source = 0.0, None
+    gpu, source, split = 0.0, None, None
     if torch.cuda.is_available():
         # DALI's pools are outside torch's allocator (and never shrink): what this process holds on the device, as
         # the driver counts it. Where the driver does not say (another PID namespace), the device's whole use,
@@ -467,9 +468,16 @@ def _peaks() -> dict:
         else:
             free, total = torch.cuda.mem_get_info()
             gpu, source = max(torch.cuda.max_memory_reserved(), total - free) / 2**30, "the whole device"
+        # Where the bytes go: torch's allocator (weights, activations, the CUDA graphs' pools), and the rest of what
+        # the driver counts for this process now (DALI's pools, nvJPEG, the CUDA context itself).
+        reserved = torch.cuda.memory_reserved()
+        split = {"torch_peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                 "torch_peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+                 "torch_reserved_now_gib": round(reserved / 2**30, 2),
+                 "outside_torch_now_gib": round((mine - reserved) / 2**30, 2) if mine is not None else None}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     collector = _gc_state()
-    return {"gpu": gpu, "gpu_source": source, "rss": rss,
+    return {"gpu": gpu, "gpu_source": source, "gpu_split": split, "rss": rss,
             "gc": {"collections": list(collector["count"]), "seconds": [round(x, 3) for x in collector["seconds"]],
                    "longest_s": round(collector["longest"], 4)}}
 
