@@ -43,6 +43,9 @@ def resolve_device(device: str) -> str:
 
 
 GPU_PREFETCH = 4  # DALI iterations in flight on a GPU worker
+# An integer: DALI iterations in flight on a GPU worker instead of GPU_PREFETCH (a diagnostic: each one holds a batch
+# of decoded images in DALI's device memory).
+GPU_PREFETCH_ENV = "WDSEMBED_GPU_PREFETCH"
 
 # CUDA's hardware work queues per process (CUDA_DEVICE_MAX_CONNECTIONS: 8 by default, 32 at most). A GPU worker runs
 # a dozen streams or more (the model's, DALI's, nvJPEG's, the copies'); with 8 queues several share one, and a DALI
@@ -126,7 +129,7 @@ class Worker:
             max_pixels=config.max_image_pixels or None,  # decompression-bomb guard; 0/None: off
             # On a GPU, DALI four iterations ahead, not two: with the model sharing the GPU, Worker.embed went from
             # 7,355 to 7,833 images/s (ViT-B/16, one H200, bench/dali_probe.py --ladder).
-            prefetch=GPU_PREFETCH if device_id is not None else 2,
+            prefetch=int(os.environ.get(GPU_PREFETCH_ENV, GPU_PREFETCH)) if device_id is not None else 2,
             copy_inputs=os.environ.get(COPY_INPUTS_ENV, "1") != "0",
             # batches come out as the model takes them: its dtype and memory format, no second conversion
             output_dtype=self.loaded.dtype,
