@@ -53,8 +53,9 @@ if [ "${1:-}" = "smoke" ]; then
   fi
   exit "$rc"
 fi
-# The GPUs' utilisation each second beside the bench's log (SM %, memory %, NVJPG %): starved or saturated.
-nvidia-smi dmon -s u -o T > "${OUT:-/tmp}/dmon.log" 2>&1 &
+# The GPUs' utilisation and memory each second beside the bench's log (SM %, NVJPG %, framebuffer MB): starved or
+# saturated, and the whole device's memory over the run.
+nvidia-smi dmon -s um -o T > "${OUT:-/tmp}/dmon.log" 2>&1 &
 dmon=$!
 python bench/throughput.py --json "${OUT:-/tmp}/bench.json" --workdir /tmp/bench-work "$@" 2>&1 | tee "${OUT:-/tmp}/bench.log" | grep -v "distributed\.\|^\s*$"
 rc=${PIPESTATUS[0]}

@@ -206,6 +206,7 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
         fe.run(config(warm_folder, True))
         client.run(_reset_peaks)
         runs: dict[str, list[dict]] = {name: [] for name in variants}
+        sampler = GpuMemorySampler(list(client.run(os.getpid).values()))
         for _ in range(repeats):
             for name, more in variants.items():
                 more = dict(more)
@@ -216,12 +217,14 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
                     client.run(_set_env, more.pop("worker_env"))
                 switch = next(iter(client.run(sys.getswitchinterval).values()))
                 start, started = time.perf_counter(), time.time()
-                if through == "flow":
-                    manifest = fe.run(config(folder, True, **more))
-                else:  # the same shards on the same cluster through the Python API: Dask, no Prefect
-                    from wdsembed.api import run_shards
+                with sampler:
+                    if through == "flow":
+                        manifest = fe.run(config(folder, True, **more))
+                    else:  # the same shards on the same cluster through the Python API: Dask, no Prefect
+                        from wdsembed.api import run_shards
 
-                    manifest = {"shards": {r.stem: r.to_dict() for r in run_shards(config(folder, True, **more))}}
+                        manifest = {"shards": {r.stem: r.to_dict()
+                                               for r in run_shards(config(folder, True, **more))}}
                     manifest["totals"] = {"embedded_this_run": sum(r["embedded"] for r in manifest["shards"].values())}
                 wall = time.perf_counter() - start
                 embedded = manifest["totals"]["embedded_this_run"]
@@ -230,8 +233,11 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
                                    "switch_interval_s": switch, **embedding_spans(manifest, wall, started),
                                    "fidelity": _fidelity_record(manifest.get("fidelity"))})
         peaks = client.run(_peaks)
+        sampled = sampler.peak_bytes()  # None where NVML lists no worker process (another PID namespace)
         memory = {"gpus": n_gpus,
-                  "peak_gpu_memory_gib": round(max(p["gpu"] for p in peaks.values()), 2),
+                  "peak_gpu_memory_gib": round(max([p["gpu"] for p in peaks.values()]
+                                                   + ([sampled / 2**30] if sampled else [])), 2),
+                  "sampled_gpu_memory_gib": round(sampled / 2**30, 2) if sampled else None,
                   "gpu_memory_of": next(iter(peaks.values()))["gpu_source"],
                   "gpu_memory_split": next(iter(peaks.values()))["gpu_split"],
                   "peak_host_rss_gib": round(max(p["rss"] for p in peaks.values()), 2),
@@ -480,6 +486,50 @@ def _peaks() -> dict:
     return {"gpu": gpu, "gpu_source": source, "gpu_split": split, "rss": rss,
             "gc": {"collections": list(collector["count"]), "seconds": [round(x, 3) for x in collector["seconds"]],
                    "longest_s": round(collector["longest"], 4)}}
+
+
+class GpuMemorySampler:
+    """The device memory each of `pids` holds, as NVML counts it, sampled every `interval` seconds from a thread of
+    this process while inside `with sampler:` (the worker itself is not disturbed). A pool that gives memory back
+    between batches (cudaMallocAsync's) peaks during a run, not after it, where the workers' own figure is read."""
+
+    def __init__(self, pids: list[int], interval: float = 0.05) -> None:
+        self.pids, self.interval, self.peaks = set(pids), interval, {}
+        self._stop = None
+        self._thread = None
+
+    def __enter__(self) -> "GpuMemorySampler":
+        import threading
+
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # noqa: BLE001 - no NVML (a CPU machine): nothing to sample
+            return self
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                for h in handles:
+                    for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
+                        if proc.pid in self.pids and proc.usedGpuMemory:
+                            self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), proc.usedGpuMemory)
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=sample, name="gpu-memory-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def peak_bytes(self) -> Optional[int]:
+        return max(self.peaks.values()) if self.peaks else None
 
 
 def _process_gpu_bytes() -> Optional[int]:
