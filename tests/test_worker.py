@@ -214,6 +214,19 @@ def test_gpu_processes_ask_for_every_hardware_queue_unless_the_user_chose(monkey
     assert subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip() == "8"
 
 
+def test_gpu_prefetch_is_four_unless_the_diagnostic_variable_says_otherwise(monkeypatch):
+    from wdsembed.worker import GPU_PREFETCH, GPU_PREFETCH_ENV, gpu_prefetch
+
+    monkeypatch.delenv(GPU_PREFETCH_ENV, raising=False)
+    assert gpu_prefetch() == GPU_PREFETCH == 4
+    monkeypatch.setenv(GPU_PREFETCH_ENV, "2")
+    assert gpu_prefetch() == 2
+    for bad in ("0", "-1", "two", "2.5", ""):
+        monkeypatch.setenv(GPU_PREFETCH_ENV, bad)
+        with pytest.raises(ValueError, match=f"{GPU_PREFETCH_ENV}=.*positive integer"):
+            gpu_prefetch()
+
+
 class _ClockEvent:
     """A stand-in for a CUDA timing event (there is no GPU here): the moment, in ms, at which the stream reached it."""
 

@@ -73,6 +73,17 @@ def use_all_hardware_queues() -> None:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", str(GPU_HARDWARE_QUEUES))
 
 
+def gpu_prefetch() -> int:
+    """DALI iterations in flight on a GPU worker: GPU_PREFETCH, or WDSEMBED_GPU_PREFETCH where it is set."""
+    value = os.environ.get(GPU_PREFETCH_ENV)
+    if value is None:
+        return GPU_PREFETCH
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"{GPU_PREFETCH_ENV}={value!r}: expected a positive integer, the DALI iterations a GPU "
+                         f"worker keeps in flight (default {GPU_PREFETCH}); unset it for the default")
+    return int(value)
+
+
 class Worker:
     """The model and the DALI pipeline of one worker process, built once and reused for every shard."""
 
@@ -129,7 +140,7 @@ class Worker:
             max_pixels=config.max_image_pixels or None,  # decompression-bomb guard; 0/None: off
             # On a GPU, DALI four iterations ahead, not two: with the model sharing the GPU, Worker.embed went from
             # 7,355 to 7,833 images/s (ViT-B/16, one H200, bench/dali_probe.py --ladder).
-            prefetch=int(os.environ.get(GPU_PREFETCH_ENV, GPU_PREFETCH)) if device_id is not None else 2,
+            prefetch=gpu_prefetch() if device_id is not None else 2,
             copy_inputs=os.environ.get(COPY_INPUTS_ENV, "1") != "0",
             # batches come out as the model takes them: its dtype and memory format, no second conversion
             output_dtype=self.loaded.dtype,
