@@ -225,7 +225,8 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
 
                         manifest = {"shards": {r.stem: r.to_dict()
                                                for r in run_shards(config(folder, True, **more))}}
-                    manifest["totals"] = {"embedded_this_run": sum(r["embedded"] for r in manifest["shards"].values())}
+                        manifest["totals"] = {"embedded_this_run": sum(r["embedded"]
+                                                                       for r in manifest["shards"].values())}
                 wall = time.perf_counter() - start
                 embedded = manifest["totals"]["embedded_this_run"]
                 runs[name].append({"images_per_second": round(embedded / wall, 1), "images": embedded,
