@@ -32,6 +32,24 @@ def test_cpu_benchmark_measures_all_three_the_ratio_and_scaling(tmp_path):
     assert result["fidelity"]["min_cosine"] > 0.9999
 
 
+def test_layers_run_the_flow_and_the_api_in_turn_each_counting_its_own_images(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"))
+    proc = subprocess.run(
+        [sys.executable, "bench/throughput.py", "--small", "--json", str(out), "--skip", "model", "dali", "fidelity",
+         "--layers", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = json.loads(out.read_text())["models"]["test_resnet.r160_in1k"]
+    flow, api = row["full_flow"], row["api_no_prefect"]
+    assert flow["images"] == api["images"] == 32
+    assert flow["orchestration_seconds"]["submit"] >= 0 and "orchestration_seconds" not in api  # only the flow's
+    # No GPU here: no device memory to split or sample, and the JSON says so rather than inventing a figure.
+    assert flow["gpu_memory_split"] is None and flow["sampled_gpu_memory_gib"] is None
+    assert flow["peak_gpu_memory_gib"] == 0.0 and flow["peak_host_rss_gib"] > 0
+
+
 def test_output_comparison_sees_one_changed_embedding(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
