@@ -502,21 +502,15 @@ class GpuMemorySampler:
     def __enter__(self) -> "GpuMemorySampler":
         import threading
 
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        except Exception:  # noqa: BLE001 - no NVML (a CPU machine): nothing to sample
+        if _gpu_bytes_by_pid() is None:  # no NVML (a CPU machine): nothing to sample
             return self
         self._stop = threading.Event()
 
         def sample() -> None:
             while not self._stop.is_set():
-                for h in handles:
-                    for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
-                        if proc.pid in self.pids and proc.usedGpuMemory:
-                            self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), proc.usedGpuMemory)
+                for pid, used in (_gpu_bytes_by_pid() or {}).items():
+                    if pid in self.pids:
+                        self.peaks[pid] = max(self.peaks.get(pid, 0), used)
                 self._stop.wait(self.interval)
 
         self._thread = threading.Thread(target=sample, name="gpu-memory-sampler", daemon=True)
@@ -533,18 +527,24 @@ class GpuMemorySampler:
         return max(self.peaks.values()) if self.peaks else None
 
 
-def _process_gpu_bytes() -> Optional[int]:
-    """Device memory held by this process on every GPU, from NVML (None where it lists no process of this PID)."""
+def _gpu_bytes_by_pid() -> Optional[dict[int, int]]:
+    """Device memory per process on every GPU, from NVML (None where NVML cannot be used)."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        used = [p.usedGpuMemory or 0 for i in range(pynvml.nvmlDeviceGetCount())
-                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(i))
-                if p.pid == os.getpid()]
-    except Exception:  # noqa: BLE001 - no NVML here: the caller falls back
+        used: dict[int, int] = {}
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(i)):
+                used[p.pid] = used.get(p.pid, 0) + (p.usedGpuMemory or 0)
+    except Exception:  # noqa: BLE001 - no NVML here: the callers fall back
         return None
-    return sum(used) if used else None
+    return used
+
+
+def _process_gpu_bytes() -> Optional[int]:
+    """Device memory held by this process on every GPU, from NVML (None where it lists no process of this PID)."""
+    return (_gpu_bytes_by_pid() or {}).get(os.getpid())
 
 
 def bench_reading(folder: str) -> dict:
