@@ -110,7 +110,7 @@ class EmbedConfig(BaseModel):
     shards_per_task: int = Field(
         1, ge=1, le=10000,
         description="Shards embedded and validated by one task run (one cache entry per group). 1: a task run per "
-        "shard (plus its validation). Raise it for runs of thousands of shards, so the Prefect API sees fewer runs."
+        "shard. Raise it for runs of thousands of shards, so the Prefect API sees fewer runs."
     )
     recursive: bool = Field(
         False,
