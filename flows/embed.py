@@ -38,7 +38,7 @@ from tasks.index import index_shards  # noqa: E402
 from tasks.report import report  # noqa: E402
 from wdsembed import caching, cluster, fidelity  # noqa: E402
 from wdsembed.config import EmbedConfig  # noqa: E402
-from wdsembed.plan import nothing_to_compute  # noqa: E402
+from wdsembed.plan import nothing_to_compute, shard_groups  # noqa: E402
 from wdsembed.shard import ShardsFailed  # noqa: E402
 
 
@@ -59,7 +59,7 @@ _this_run: ContextVar[Optional[_RunInProcess]] = ContextVar("wdsembed_run", defa
 def embed_dataset(config: EmbedConfig) -> dict:
     """Embed every WebDataset shard under `config.input` into `config.output`/<shard>.parquet.
 
-    index the shards -> one embedding task per group of `shards_per_task` shards (each shard embedded, validated
+    index the shards -> one embedding task per group of shards (plan.shard_groups; each shard embedded, validated
     and written whole by `wdsembed.shard.process_shard` on a Dask worker) -> report (manifest and artifacts)."""
     logger = get_run_logger()
     hooks = _this_run.get() or _RunInProcess()
@@ -82,7 +82,9 @@ def embed_dataset(config: EmbedConfig) -> dict:
     # this run's own Dask client (its cluster starts here if it has not yet), before anything is submitted.
     gpu_share = {"GPU": cluster.GPU_SHARE_PER_SHARD}
     annotations = {"resources": gpu_share} if cluster.gpu_slots_declared(_dask_client()) else {}
-    groups = [plans[i:i + config.shards_per_task] for i in range(0, len(plans), config.shards_per_task)]
+    groups = shard_groups(plans, config.shards_per_task)
+    if len(groups) < len(plans):
+        logger.info("%d task runs of up to %d shards each", len(groups), len(groups[0]))
     timeline["planned"] = time.time()
     with dask.annotate(**annotations):
         futures = {(cached_task if all(p.stem in finished for p in group) else fresh_task).submit(config, group):

@@ -412,6 +412,37 @@ def test_killed_worker_fails_the_shard_and_the_next_run_resumes(tmp_path, monkey
 # --------------------------------------------------------------------------------------------------- scale-out
 
 
+def test_shard_groups_keep_a_run_within_a_thousand_task_runs_unless_the_size_is_set():
+    from wdsembed.plan import TASK_RUNS_PER_RUN, shard_groups
+
+    assert TASK_RUNS_PER_RUN == 1000
+
+    def sizes(n, per_task=None):
+        groups = shard_groups(list(range(n)), per_task)
+        assert [x for g in groups for x in g] == list(range(n))  # every shard once, in order
+        return [len(g) for g in groups]
+
+    assert sizes(0) == [] and sizes(16) == [1] * 16 and sizes(1000) == [1] * 1000
+    assert sizes(1001) == [2] * 500 + [1]  # the fewest per group that keep it within 1,000 task runs
+    assert sizes(20_000) == [20] * 1000 and len(sizes(41_407)) == 986
+    assert sizes(12, 5) == [5, 5, 2] and sizes(5000, 1) == [1] * 5000  # set: taken as it is
+
+
+def test_a_run_over_the_task_run_limit_groups_its_shards_by_default(tmp_path, monkeypatch):
+    from wdsembed import plan
+
+    monkeypatch.setattr(plan, "TASK_RUNS_PER_RUN", 2)  # three shards: two task runs, of two shards and one
+    data = make_dataset(tmp_path / "in")
+    config = make_config(data, tmp_path / "out")
+    assert config.shards_per_task is None
+    manifest, run_id = embed(config)
+    assert isinstance(manifest, dict), manifest
+    assert manifest["totals"]["computed"] == 3
+    runs = task_runs(run_id, expected=2)
+    assert {name for name in runs if name.startswith("embed-")} == {"embed-00000..00001", "embed-00002"}
+    check_outputs(config, ["00000", "00001", "00002"])
+
+
 def test_shards_grouped_per_task(tmp_path, monkeypatch):
     data = make_dataset(tmp_path / "in")
     config = make_config(data, tmp_path / "out", shards_per_task=2)

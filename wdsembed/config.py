@@ -107,10 +107,11 @@ class EmbedConfig(BaseModel):
     n_workers: Optional[int] = Field(
         None, ge=1, description="Local workers: default one per visible GPU, or 2 on a CPU-only machine."
     )
-    shards_per_task: int = Field(
-        1, ge=1, le=10000,
-        description="Shards embedded and validated by one task run (one cache entry per group). 1: a task run per "
-        "shard. Raise it for runs of thousands of shards, so the Prefect API sees fewer runs."
+    shards_per_task: Optional[int] = Field(
+        None, ge=1, le=10000,
+        description="Shards embedded and validated by one task run (one cache entry per group). Default: one shard "
+        "per task run for runs of up to 1,000 shards, and beyond that as many per task run as keep the run at 1,000 "
+        "task runs (each is recorded by the Prefect API). 1: a task run per shard, however many."
     )
     recursive: bool = Field(
         False,

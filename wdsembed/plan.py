@@ -414,6 +414,19 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
     return [dataclasses.replace(p, run_shards=len(plans)) for p in plans]
 
 
+# The most task runs a run makes when shards_per_task is left to it: the Prefect API records every one (on the default
+# SQLite server about 0.09 CPU-seconds each), and the flow spends 35-65 ms submitting each (README: Thousands of shards).
+TASK_RUNS_PER_RUN = 1000
+
+
+def shard_groups(plans: list[ShardPlan], shards_per_task: Optional[int]) -> list[list[ShardPlan]]:
+    """The run's shards in the groups its embedding task runs take, in order: `shards_per_task` shards each where it
+    is set; else one shard per task run up to TASK_RUNS_PER_RUN shards, and beyond that the fewest shards per group
+    that keep the run within TASK_RUNS_PER_RUN task runs."""
+    size = shards_per_task or -(-len(plans) // TASK_RUNS_PER_RUN) or 1
+    return [plans[i:i + size] for i in range(0, len(plans), size)]
+
+
 def _successes(stats_path: Optional[str], fs) -> Optional[int]:
     if not stats_path:
         return None
