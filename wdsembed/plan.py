@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
@@ -423,7 +424,7 @@ def shard_groups(plans: list[ShardPlan], shards_per_task: Optional[int]) -> list
     """The run's shards in the groups its embedding task runs take, in order: `shards_per_task` shards each where it
     is set; else one shard per task run up to TASK_RUNS_PER_RUN shards, and beyond that the fewest shards per group
     that keep the run within TASK_RUNS_PER_RUN task runs."""
-    size = shards_per_task or -(-len(plans) // TASK_RUNS_PER_RUN) or 1
+    size = shards_per_task or max(1, math.ceil(len(plans) / TASK_RUNS_PER_RUN))
     return [plans[i:i + size] for i in range(0, len(plans), size)]
 
 
