@@ -3,6 +3,7 @@ DALI and a model together, as the flow's Worker runs them (the model on a CUDA s
 
     python bench/dali_probe.py [--images 16000] [--batch-size 256] [--threads 12] [--model vit_base_patch16_clip_224.openai]
     python bench/dali_probe.py --geometry-only [--images 2560] [--repeats 9] [--threads 1]   # CPU, no decoding
+    python bench/dali_probe.py --memory [--images 16000] [--model resnet50.a1_in1k]          # GPU memory per setting
 
 Each line is images/s for one variant, so that one run says which change matters:
 - how the bytes reach DALI: copied into DALI's (pinned) buffers, or read in place from ours;
@@ -11,6 +12,7 @@ Each line is images/s for one variant, so that one run says which change matters
 - DALI and the model overlapped (Worker.embed) or not, against the sequential bound 1 / (1/a + 1/b).
 
 --geometry-only times what sizes the resize and crop, with decoding left out, on the CPU (see geometry_only()).
+--memory: a GPU worker's peak device memory under DALI's memory settings, each in a fresh process (see memory()).
 """
 from __future__ import annotations
 
@@ -40,12 +42,21 @@ def main() -> int:
                         "model's, and the GPU's busy share of the wall time (a chrome trace goes to $OUT)")
     p.add_argument("--ladder", action="store_true",
                    help="from a bare external source to ImagePipeline fed by the tar reader, one step at a time")
+    p.add_argument("--memory", action="store_true",
+                   help="a GPU worker's peak device memory (DALI alone, then Worker.embed) under DALI's memory "
+                        "settings, each variant in a fresh process")
+    p.add_argument("--only", nargs="+", default=[], help="--memory: only the variants whose name holds one of these")
+    p.add_argument("--memory-run", help=argparse.SUPPRESS)  # one variant of --memory, in its own process (JSON)
     args = p.parse_args()
     if args.geometry_only:
         return geometry_only(args)
-    from wdsembed.worker import use_all_hardware_queues
+    if args.memory_run:
+        return memory_run(args)
+    if args.memory:
+        return memory(args)
+    from wdsembed.worker import set_gpu_process_environment
 
-    use_all_hardware_queues()  # as the flow's GPU workers run, before this process's first CUDA call
+    set_gpu_process_environment()  # as the flow's GPU workers run, before this process's first CUDA call
     if args.ladder:
         return ladder(args)
     if args.kernels:
@@ -759,17 +770,122 @@ def clip_recipe():
 def photographs(n: int) -> tuple[list[str], list[tuple[str, bytes]]]:
     """Shards of n re-encoded photographs (1000 distinct at most, 300-640 px JPEGs), and their (key, bytes)."""
     from bench.throughput import build_shards
-    from wdsembed import shards
 
     work = tempfile.mkdtemp()
     per = min(2000, n)
     build_shards(work, max(1, n // per), per, unique=min(1000, n))
     tars = sorted(os.path.join(work, f) for f in os.listdir(work) if f.endswith(".tar"))
+    return tars, read_samples(tars)  # n rounded down to whole shards of 2000
+
+
+def read_samples(tars: list[str]) -> list[tuple[str, bytes]]:
+    from wdsembed import shards
+
     samples = []
     for tar in tars:
         with open(tar, "rb") as f:
             samples += [(s.key, bytes(s.image)) for s in shards.iter_samples(f, extensions=("jpg",), shard=tar)]
-    return tars, samples  # n rounded down to whole shards of 2000
+    return samples
+
+
+# Each variant of --memory: what runs (DALI's pipeline alone, or Worker.embed: the model and DALI as a GPU worker
+# runs them), the environment it starts with, and ImagePipeline's keyword arguments (DALI alone).
+MEMORY_VARIANTS = {
+    "dali, its pool (DALI_USE_CUDA_MALLOC_ASYNC=0)": ("dali", {"DALI_USE_CUDA_MALLOC_ASYNC": "0"}, {}),
+    "dali, cudaMallocAsync (default)": ("dali", {}, {}),
+    "dali, cudaMallocAsync, prefetch 2": ("dali", {}, {"prefetch": 2}),
+    "dali, cudaMallocAsync, no nvJPEG padding": ("dali", {}, {"device_memory_padding": 0, "host_memory_padding": 0}),
+    "dali, cudaMallocAsync, no hardware decoder": ("dali", {}, {"hw_decoder_load": 0.0}),
+    "worker, its pool (DALI_USE_CUDA_MALLOC_ASYNC=0)": ("worker", {"DALI_USE_CUDA_MALLOC_ASYNC": "0"}, {}),
+    "worker, cudaMallocAsync (default)": ("worker", {}, {}),
+    "worker, cudaMallocAsync, prefetch 2": ("worker", {"WDSEMBED_GPU_PREFETCH": "2"}, {}),
+    "worker, cudaMallocAsync, model eager": ("worker", {"WDSEMBED_CUDA_GRAPH": "0"}, {}),
+}
+
+
+def memory(args: argparse.Namespace) -> int:
+    """Where a GPU worker's device memory goes: each variant of MEMORY_VARIANTS in a fresh process (DALI reads its
+    memory settings once per process, and its pool keeps its high-water mark), the same photographs twice through
+    it. The peak is NVML's figure for that process, sampled every 20 ms while the photographs stream; "after" is the
+    figure once they have. DALI alone runs ImagePipeline as a GPU worker builds it (prefetch 4, the bomb guard);
+    the worker runs Worker.embed with --model."""
+    import json
+    import subprocess
+
+    tars, _ = photographs(args.images)
+    print(f"{args.images} photographs, batch {args.batch_size}, {args.threads} DALI threads, model {args.model}")
+    print(f"{'variant':52s} {'peak GiB':>8s} {'after':>6s} {'torch':>6s} {'img/s':>8s}")
+    for name, (what, env, opts) in MEMORY_VARIANTS.items():
+        if args.only and not any(part in name for part in args.only):
+            continue
+        spec = json.dumps({"what": what, "opts": opts, "tars": tars})
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--memory-run", spec, "--batch-size", str(args.batch_size),
+             "--threads", str(args.threads), "--model", args.model],
+            env={**os.environ, **env}, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{name:52s} failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{name:52s} {r['peak_gib']:8.2f} {r['after_gib']:6.2f} {r['torch_reserved_gib']:6.2f} "
+              f"{r['images_per_second']:8,.0f}", flush=True)
+        print("    after each step (NVML GiB, torch reserved GiB): "
+              + ", ".join(f"{k} {v[0]:.2f}/{v[1]:.2f}" for k, v in r["stages"].items()), flush=True)
+    return 0
+
+
+def memory_run(args: argparse.Namespace) -> int:
+    """One variant of --memory, in this process: prints one JSON line."""
+    import json
+
+    from bench.throughput import GpuMemorySampler, _process_gpu_bytes
+    from wdsembed.worker import set_gpu_process_environment
+
+    set_gpu_process_environment()  # as a GPU worker's process, unless the variant's environment set DALI's
+    import torch
+
+    from wdsembed.config import EmbedConfig
+    from wdsembed.pipeline import ImagePipeline
+    from wdsembed.worker import Worker
+
+    spec = json.loads(args.memory_run)
+    samples = read_samples(spec["tars"])
+    config = EmbedConfig(input="x", output="y", model_name=args.model, pretrained=False, batch_size=args.batch_size,
+                         num_threads_per_worker=args.threads)
+    stages = {}  # NVML's figure for this process and torch's reserved bytes, after each step (GiB)
+
+    def stage(name: str) -> None:
+        torch.cuda.synchronize()
+        stages[name] = [round((_process_gpu_bytes() or 0) / 2**30, 2), round(torch.cuda.memory_reserved() / 2**30, 2)]
+
+    torch.zeros(1, device="cuda")
+    stage("cuda context")
+    if spec["what"] == "worker":
+        worker = Worker(config)
+        stage("worker built")
+
+        def one_pass() -> int:
+            return len(worker.embed(iter(samples), autocast=True, normalize=True, on_batch=lambda n: None)[0])
+    else:
+        pipe = ImagePipeline(clip_recipe(), batch_size=args.batch_size, num_threads=args.threads, device_id=0,
+                             max_pixels=config.max_image_pixels, **{"prefetch": 4, **spec["opts"]})
+        stage("pipeline built")
+
+        def one_pass() -> int:
+            return sum(len(b.keys) for b in pipe.process(samples))
+    sampler = GpuMemorySampler([os.getpid()], interval=0.02)
+    with sampler:
+        one_pass()  # warm-up: DALI's and torch's pools grow to what the stream needs
+        stage("first pass")
+        start = time.perf_counter()
+        n = one_pass()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    stage("second pass")
+    print(json.dumps({"peak_gib": (sampler.peak_bytes() or 0) / 2**30, "after_gib": (_process_gpu_bytes() or 0) / 2**30,
+                      "torch_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+                      "images_per_second": n / seconds, "stages": stages}))
+    return 0
 
 
 def geometry_only(args: argparse.Namespace) -> int:

@@ -184,9 +184,9 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
 
         # As the flow's own runner builds it (wdsembed/cluster.py), started here once so workers stay warm.
         from wdsembed.cluster import SHARDS_PER_GPU
-        from wdsembed.worker import use_all_hardware_queues
+        from wdsembed.worker import set_gpu_process_environment
 
-        use_all_hardware_queues()  # inherited by the workers, as task_runner_kwargs does it for the flow
+        set_gpu_process_environment()  # inherited by the workers, as task_runner_kwargs does it for the flow
         cluster = LocalCUDACluster(n_workers=n_gpus, threads_per_worker=SHARDS_PER_GPU, resources={"GPU": 1},
                                    CUDA_VISIBLE_DEVICES=list(range(n_gpus)))
     else:  # the CPU stand-in: one worker process per "GPU"
@@ -241,6 +241,7 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
                   "sampled_gpu_memory_gib": round(sampled / 2**30, 2) if sampled else None,
                   "gpu_memory_of": next(iter(peaks.values()))["gpu_source"],
                   "gpu_memory_split": next(iter(peaks.values()))["gpu_split"],
+                  "dali_memory_env": next(iter(client.run(_dali_memory_env).values())),
                   "peak_host_rss_gib": round(max(p["rss"] for p in peaks.values()), 2),
                   "worker_gc": next(iter(peaks.values()))["gc"]}
         results = {}
@@ -252,6 +253,13 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
     finally:
         client.close()
         cluster.close()
+
+
+def _dali_memory_env() -> dict:
+    """A worker's DALI device memory settings (DALI's defaults where None: its own pool)."""
+    from wdsembed.worker import DALI_MEMORY_SETTINGS
+
+    return {name: os.environ.get(name) for name in DALI_MEMORY_SETTINGS}
 
 
 def _set_env(env: dict) -> None:
@@ -665,9 +673,10 @@ def main() -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from wdsembed.worker import use_all_hardware_queues
+    from wdsembed.worker import set_gpu_process_environment
 
-    use_all_hardware_queues()  # (a) and (b) on a GPU as the flow's workers run (c), before the first CUDA call
+    if not args.small:  # (a) and (b) on a GPU as the flow's workers run (c), before the first CUDA call
+        set_gpu_process_environment()
     import wdsembed.cluster
 
     if args.shards_per_gpu:  # the GPU workers' threads and each task's GPU share, read when a cluster or run starts

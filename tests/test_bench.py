@@ -48,6 +48,10 @@ def test_layers_run_the_flow_and_the_api_in_turn_each_counting_its_own_images(tm
     # No GPU here: no device memory to split or sample, and the JSON says so rather than inventing a figure.
     assert flow["gpu_memory_split"] is None and flow["sampled_gpu_memory_gib"] is None
     assert flow["peak_gpu_memory_gib"] == 0.0 and flow["peak_host_rss_gib"] > 0
+    # CPU workers are left DALI's defaults: the allocator set for GPU workers (worker.set_gpu_process_environment)
+    # is not theirs.
+    assert flow["dali_memory_env"] == dict.fromkeys(("DALI_USE_CUDA_MALLOC_ASYNC", "DALI_USE_VMM",
+                                                     "DALI_USE_DEVICE_MEM_POOL"))
 
 
 def test_output_comparison_sees_one_changed_embedding(tmp_path):

@@ -2,6 +2,7 @@
 share one stream, each getting what it would get alone."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -198,20 +199,33 @@ def test_close_finishes_the_waiting_calls_and_refuses_new_ones(tmp_path):
         own.embed(iter(calls[0]), autocast=True, normalize=True)
 
 
-def test_gpu_processes_ask_for_every_hardware_queue_unless_the_user_chose(monkeypatch):
+def test_gpu_processes_ask_for_every_hardware_queue_and_dalis_async_allocator_unless_the_user_chose(monkeypatch):
     import subprocess
     import sys
 
-    from wdsembed.worker import GPU_HARDWARE_QUEUES, use_all_hardware_queues
+    from wdsembed.worker import DALI_MEMORY_SETTINGS, GPU_HARDWARE_QUEUES, set_gpu_process_environment
 
-    child = [sys.executable, "-c", "import os; print(os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS'))"]
-    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
-    use_all_hardware_queues()
-    # the GPU workers are processes started after it: CUDA reads the variable when their context is created
-    assert subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip() == str(GPU_HARDWARE_QUEUES)
+    names = ("CUDA_DEVICE_MAX_CONNECTIONS", *DALI_MEMORY_SETTINGS)
+    child = [sys.executable, "-c", f"import os; print(*(os.environ.get(n) for n in {names!r}))"]
+
+    def in_a_child():  # the GPU workers are processes started after it: CUDA and DALI read the variables there
+        return subprocess.run(child, capture_output=True, text=True, check=True).stdout.split()
+
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    set_gpu_process_environment()
+    assert in_a_child() == [str(GPU_HARDWARE_QUEUES), "1", "None", "None"]
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
-    use_all_hardware_queues()
-    assert subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip() == "8"
+    monkeypatch.setenv("DALI_USE_CUDA_MALLOC_ASYNC", "0")  # DALI's own pool, as the user asked
+    set_gpu_process_environment()
+    assert in_a_child() == ["8", "0", "None", "None"]
+    # DALI refuses cudaMallocAsync beside either of these: a user who set one gets DALI's own default for the rest
+    for other, value in (("DALI_USE_VMM", "1"), ("DALI_USE_DEVICE_MEM_POOL", "0")):
+        monkeypatch.delenv("DALI_USE_CUDA_MALLOC_ASYNC", raising=False)
+        monkeypatch.setenv(other, value)
+        set_gpu_process_environment()
+        assert "DALI_USE_CUDA_MALLOC_ASYNC" not in os.environ
+        monkeypatch.delenv(other)
 
 
 def test_gpu_prefetch_is_four_unless_the_diagnostic_variable_says_otherwise(monkeypatch):

@@ -9,7 +9,7 @@ import importlib.util
 import os
 
 from wdsembed.config import EmbedConfig
-from wdsembed.worker import use_all_hardware_queues
+from wdsembed.worker import set_gpu_process_environment
 
 
 def visible_gpus() -> int:
@@ -62,7 +62,7 @@ def task_runner_kwargs(config: EmbedConfig) -> dict:
     if gpus:
         if importlib.util.find_spec("dask_cuda") is None:
             raise RuntimeError("GPUs are visible but dask-cuda is not installed: pip install 'wdsembed[gpu]'")
-        use_all_hardware_queues()  # the GPU workers inherit this process's environment (LocalCUDACluster's `env`
+        set_gpu_process_environment()  # the GPU workers inherit this process's environment (LocalCUDACluster's `env`
         # holds only CUDA_VISIBLE_DEVICES)
         return {
             "cluster_class": "dask_cuda.LocalCUDACluster",

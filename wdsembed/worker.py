@@ -54,6 +54,15 @@ GPU_PREFETCH_ENV = "WDSEMBED_GPU_PREFETCH"
 # from 22,983 to 401 images/s with 8 (docs/benchmarks.md).
 GPU_HARDWARE_QUEUES = 32
 
+# DALI's device memory from cudaMallocAsync rather than its own pool on CUDA's virtual memory functions, which grows
+# to its high-water mark and keeps it. On one H200 (16 shards of 10,000 photos, sampled every 50 ms during the runs)
+# a GPU worker's peak was a little lower (ViT-B/16 7.74-7.78 GiB against 7.99, ResNet-50 8.82-9.00 against 9.06), it
+# held 2.2-3.1 GiB less after each run, and the rate was the same (docs/benchmarks.md, fourteenth session). Left
+# alone where the user set any of DALI's device memory variables (DALI_USE_CUDA_MALLOC_ASYNC=0 keeps the pool); DALI
+# refuses the allocator together with DALI_USE_DEVICE_MEM_POOL=0 or DALI_USE_VMM=1.
+DALI_MEMORY_ENV = {"DALI_USE_CUDA_MALLOC_ASYNC": "1"}
+DALI_MEMORY_SETTINGS = ("DALI_USE_CUDA_MALLOC_ASYNC", "DALI_USE_VMM", "DALI_USE_DEVICE_MEM_POOL")
+
 CUDA_GRAPH_ENV = "WDSEMBED_CUDA_GRAPH"  # "0": the model runs eagerly on a GPU too (should a model misbehave as a graph)
 # "1": time the model's stream per shard (StreamMeter), a diagnostic. Off by default: each timing event's record lets
 # the GIL go, and the model's thread may then wait up to Python's switch interval to get it back (two per batch).
@@ -66,11 +75,14 @@ COPY_INPUTS_ENV = "WDSEMBED_COPY_INPUTS"
 READ_AHEAD_CHUNK, READ_AHEAD_DEPTH = 64, 4  # samples per hand-over, hand-overs queued: 256-384 samples (10-15 MB)
 
 
-def use_all_hardware_queues() -> None:
-    """Ask CUDA for GPU_HARDWARE_QUEUES hardware queues in this process and the processes it starts, unless the user
-    has set CUDA_DEVICE_MAX_CONNECTIONS. CUDA reads it when it creates a process's context, so this runs before any
-    CUDA work: where the GPU workers are started (they inherit it), and when a Worker is built in its own process."""
+def set_gpu_process_environment() -> None:
+    """What a GPU worker process asks of CUDA and DALI through its environment, unless the user set it: every hardware
+    queue (GPU_HARDWARE_QUEUES), and DALI's device memory from CUDA's stream-ordered allocator (DALI_MEMORY_ENV). CUDA
+    and DALI read these when they first need them, so this runs before any CUDA work: where the GPU workers are started
+    (they inherit it), and when a Worker is built in its own process."""
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", str(GPU_HARDWARE_QUEUES))
+    if not any(name in os.environ for name in DALI_MEMORY_SETTINGS):
+        os.environ.update(DALI_MEMORY_ENV)
 
 
 def gpu_prefetch() -> int:
@@ -98,7 +110,7 @@ class Worker:
         from wdsembed.preprocess import PreprocessRecipe
 
         if config.device != "cpu":
-            use_all_hardware_queues()  # before the first CUDA call of this process creates its context
+            set_gpu_process_environment()  # before this process's first CUDA call creates its context
         self.device = device or resolve_device(config.device)
         if self.device.startswith("cuda"):
             _leave_cores_to_dali(config.num_threads_per_worker)
