@@ -1,6 +1,7 @@
 """The benchmark's CPU path, so CI keeps it working (figures come from GPU runs: docs/benchmarks.md)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -95,3 +96,17 @@ def test_idle_time_counts_the_gaps_no_shard_covers():
     spans = embedding_spans(manifest, wall=20.0, started=-3.0)
     assert (spans["seconds_before_embedding"], spans["seconds_after_embedding"]) == (3.0, 3.0)
     assert (spans["seconds_before_first_task"], spans["seconds_after_last_task"]) == (2.0, 2.0)
+
+
+def test_first_task_bench_times_each_way_of_submitting(tmp_path):
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"))
+    env.pop("PREFECT_API_URL", None)  # the bench starts its own server for itself and its worker
+    proc = subprocess.run([sys.executable, "bench/first_task.py", "--tasks", "4", "--seconds", "0.05", "--repeats", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if "task(s)" in line]
+    assert [line.split("  ")[0] for line in lines] == ["1 task(s)", "3 task(s)", "4 task(s)",
+                                                       "4 task(s), the first alone"]
+    for line in lines:  # seconds from the flow body's start: each task's body after it, the first before the last
+        first, last = (float(re.search(rf"{name} ([0-9.]+) s", line).group(1)) for name in ("first", "last"))
+        assert 0 < first <= last
