@@ -800,6 +800,10 @@ MEMORY_VARIANTS = {
     "worker, cudaMallocAsync (default)": ("worker", {}, {}),
     "worker, cudaMallocAsync, prefetch 2": ("worker", {"WDSEMBED_GPU_PREFETCH": "2"}, {}),
     "worker, cudaMallocAsync, model eager": ("worker", {"WDSEMBED_CUDA_GRAPH": "0"}, {}),
+    # The worker's model alone on one resident batch, as many batches as the photographs make: is the transient
+    # beside the graph the graph's own, or DALI's beside it?
+    "model alone (as a graph)": ("model", {}, {}),
+    "model alone, eager": ("model", {"WDSEMBED_CUDA_GRAPH": "0"}, {}),
 }
 
 
@@ -808,7 +812,7 @@ def memory(args: argparse.Namespace) -> int:
     memory settings once per process, and its pool keeps its high-water mark), the same photographs twice through
     it. The peak is NVML's figure for that process, sampled every 20 ms while the photographs stream; "after" is the
     figure once they have. DALI alone runs ImagePipeline as a GPU worker builds it (prefetch 4, the bomb guard);
-    the worker runs Worker.embed with --model."""
+    the worker runs Worker.embed with --model; the model alone runs that worker's model on one resident batch."""
     import json
     import subprocess
 
@@ -866,6 +870,19 @@ def memory_run(args: argparse.Namespace) -> int:
 
         def one_pass() -> int:
             return len(worker.embed(iter(samples), autocast=True, normalize=True, on_batch=lambda n: None)[0])
+    elif spec["what"] == "model":
+        worker = Worker(config)
+        stage("worker built")
+        layout = torch.channels_last if worker.loaded.channels_last else torch.contiguous_format
+        x = torch.randn(args.batch_size, *worker.recipe.input_size, device=worker.device,
+                        dtype=worker.loaded.dtype).contiguous(memory_format=layout)  # as the graph's input
+
+        def one_pass() -> int:
+            batches = len(samples) // args.batch_size
+            with torch.cuda.stream(worker.stream):  # the worker's model stream, as Worker.embed runs it
+                for _ in range(batches):
+                    worker._model(x, autocast=True, normalize=True)
+            return batches * args.batch_size
     else:
         pipe = ImagePipeline(clip_recipe(), batch_size=args.batch_size, num_threads=args.threads, device_id=0,
                              max_pixels=config.max_image_pixels, **{"prefetch": 4, **spec["opts"]})
