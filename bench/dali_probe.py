@@ -864,15 +864,13 @@ def memory_run(args: argparse.Namespace) -> int:
 
     torch.zeros(1, device="cuda")
     stage("cuda context")
-    if spec["what"] == "worker":
+    if spec["what"] in ("worker", "model"):
         worker = Worker(config)
         stage("worker built")
-
+    if spec["what"] == "worker":
         def one_pass() -> int:
             return len(worker.embed(iter(samples), autocast=True, normalize=True, on_batch=lambda n: None)[0])
     elif spec["what"] == "model":
-        worker = Worker(config)
-        stage("worker built")
         layout = torch.channels_last if worker.loaded.channels_last else torch.contiguous_format
         x = torch.randn(args.batch_size, *worker.recipe.input_size, device=worker.device,
                         dtype=worker.loaded.dtype).contiguous(memory_format=layout)  # as the graph's input
