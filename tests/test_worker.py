@@ -241,6 +241,60 @@ def test_gpu_prefetch_is_four_unless_the_diagnostic_variable_says_otherwise(monk
             gpu_prefetch()
 
 
+def test_the_model_queue_has_no_limit_unless_the_variable_sets_one(monkeypatch):
+    from wdsembed.worker import GPU_QUEUED_BATCHES, GPU_QUEUED_BATCHES_ENV, gpu_queued_batches
+
+    monkeypatch.delenv(GPU_QUEUED_BATCHES_ENV, raising=False)
+    assert gpu_queued_batches() == GPU_QUEUED_BATCHES == 0
+    for value in ("0", "2", "12"):
+        monkeypatch.setenv(GPU_QUEUED_BATCHES_ENV, value)
+        assert gpu_queued_batches() == int(value)
+    for bad in ("-1", "three", "2.5", ""):
+        monkeypatch.setenv(GPU_QUEUED_BATCHES_ENV, bad)
+        with pytest.raises(ValueError, match=f"{GPU_QUEUED_BATCHES_ENV}=.*0 or more"):
+            gpu_queued_batches()
+
+
+class _OrderedEvent:
+    """A stand-in for a CUDA event (no GPU here) that logs when it is recorded and waited for, numbered in the order
+    the events were made."""
+
+    def __init__(self, log: list, numbers) -> None:
+        self.log, self.n = log, next(numbers)
+
+    def record(self, stream) -> None:
+        self.log.append(("record", self.n))
+
+    def synchronize(self) -> None:
+        self.log.append(("wait", self.n))
+
+
+def test_the_host_waits_for_the_oldest_batch_once_the_stream_holds_more_than_the_limit():
+    import itertools
+
+    from wdsembed.worker import QueueBound
+
+    log: list = []
+    numbers = itertools.count()
+    bound = QueueBound(3, lambda: _OrderedEvent(log, numbers))
+    for _ in range(6):
+        bound.after_batch("stream")
+    # Batches 0-2 queue freely; from the fourth on, each new batch waits for the one three places before it.
+    assert log == [("record", 0), ("record", 1), ("record", 2),
+                   ("record", 3), ("wait", 0), ("record", 4), ("wait", 1), ("record", 5), ("wait", 2)]
+
+    log.clear()
+    bound.limit = 1  # a smaller limit (a new pass of the stream) waits down to it at once
+    bound.after_batch("stream")
+    assert log == [("record", 6), ("wait", 3), ("wait", 4), ("wait", 5)]
+
+    log.clear()
+    unbounded = QueueBound(0, lambda: _OrderedEvent(log, numbers))
+    for _ in range(10):
+        unbounded.after_batch("stream")
+    assert log == []  # no limit: no event, no wait (the CPU path, and WDSEMBED_GPU_QUEUED_BATCHES=0)
+
+
 class _ClockEvent:
     """A stand-in for a CUDA timing event (there is no GPU here): the moment, in ms, at which the stream reached it."""
 

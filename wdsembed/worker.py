@@ -63,6 +63,18 @@ GPU_HARDWARE_QUEUES = 32
 DALI_MEMORY_ENV = {"DALI_USE_CUDA_MALLOC_ASYNC": "1"}
 DALI_MEMORY_SETTINGS = ("DALI_USE_CUDA_MALLOC_ASYNC", "DALI_USE_VMM", "DALI_USE_DEVICE_MEM_POOL")
 
+# Batches the model's stream may hold queued on a GPU worker (the one running included) before the stream's thread
+# waits for the oldest; 0: no limit, the default. With the model as a CUDA graph, one launch per batch, the host runs
+# ahead of the model, and every batch it has taken keeps DALI's device buffers until the model reaches it (DALI frees
+# them in the model stream's order): that is the 3.3-5.3 GiB a worker peaks above what it holds at rest. A limit of 3
+# took ResNet-50's peak from 9.4-9.7 GiB to 6.0, ViT-B/16's from 7.7-8.2 to 6.3 and ViT-L/14's from 9.0 to 8.6, at
+# the same rate for ViT-B/16 and in the probe; but ResNet-50's flow ran at 9,300-11,300 images/s in 6 of its 10 runs
+# with it, and at 12,100 in all 6 without it (one H200, docs/benchmarks.md, fifteenth session). Speed first: off
+# unless set.
+GPU_QUEUED_BATCHES = 0
+# An integer: the limit instead (WDSEMBED_GPU_QUEUED_BATCHES=3 for a worker that shares its GPU and needs the memory).
+GPU_QUEUED_BATCHES_ENV = "WDSEMBED_GPU_QUEUED_BATCHES"
+
 CUDA_GRAPH_ENV = "WDSEMBED_CUDA_GRAPH"  # "0": the model runs eagerly on a GPU too (should a model misbehave as a graph)
 # "1": time the model's stream per shard (StreamMeter), a diagnostic. Off by default: each timing event's record lets
 # the GIL go, and the model's thread may then wait up to Python's switch interval to get it back (two per batch).
@@ -87,12 +99,23 @@ def set_gpu_process_environment() -> None:
 
 def gpu_prefetch() -> int:
     """DALI iterations in flight on a GPU worker: GPU_PREFETCH, or WDSEMBED_GPU_PREFETCH where it is set."""
-    value = os.environ.get(GPU_PREFETCH_ENV)
+    return _env_count(GPU_PREFETCH_ENV, GPU_PREFETCH, 1, "the DALI iterations a GPU worker keeps in flight")
+
+
+def gpu_queued_batches() -> int:
+    """Batches the model's stream may hold queued on a GPU worker (0: no limit): GPU_QUEUED_BATCHES (no limit), or
+    WDSEMBED_GPU_QUEUED_BATCHES where it is set."""
+    return _env_count(GPU_QUEUED_BATCHES_ENV, GPU_QUEUED_BATCHES, 0,
+                      "the batches a GPU worker's model stream may hold queued, 0 for no limit")
+
+
+def _env_count(name: str, default: int, least: int, meaning: str) -> int:
+    value = os.environ.get(name)
     if value is None:
-        return GPU_PREFETCH
-    if not value.strip().isdigit() or int(value) < 1:
-        raise ValueError(f"{GPU_PREFETCH_ENV}={value!r}: expected a positive integer, the DALI iterations a GPU "
-                         f"worker keeps in flight (default {GPU_PREFETCH}); unset it for the default")
+        return default
+    if not value.strip().isdigit() or int(value) < least:
+        kind = "a positive integer" if least > 0 else "an integer of 0 or more"
+        raise ValueError(f"{name}={value!r}: expected {kind}, {meaning} (default {default}); unset it for the default")
     return int(value)
 
 
@@ -165,6 +188,9 @@ class Worker:
         # Each call's embeddings leave the GPU on a stream of their own, so that the copy waits for that call's
         # batches only, not for the next call's, queued behind them on the model's stream.
         self._copy_stream = torch.cuda.Stream(torch.device(self.device)) if device_id is not None else None
+        # How many batches the model's stream may hold queued (GPU_QUEUED_BATCHES; its limit is read as each pass
+        # of the stream starts, so that a diagnostic can change it).
+        self._queue = QueueBound(0, _cuda_event)
         # The calls waiting for the stream, in order (None: close), and the thread that runs it (started on first use).
         self._pending: collections.deque = collections.deque()
         self._cv = threading.Condition()
@@ -330,6 +356,7 @@ class Worker:
 
         flags = first.flags
         live: dict[int, _Job] = {}  # calls with samples in the stream, by the number their keys are tagged with
+        self._queue.limit = gpu_queued_batches() if self.stream is not None else 0
         numbers = itertools.count()
 
         def tagged_samples() -> Iterator[tuple[Any, Any]]:  # runs in the pipeline's feeding thread
@@ -397,6 +424,7 @@ class Worker:
                 else:
                     job.chunks.append(out)  # stays on the device until the call's last batch: one copy back
                     job.keys.extend(key for _, key in batch.keys)
+                    self._queue.after_batch(self.stream)  # waits, where the stream holds too many
             counts[number] += len(batch.keys)
         for number, n in counts.items():
             job = live[number]
@@ -458,6 +486,32 @@ class Worker:
                     len(images) - half)
         return torch.cat([self._model(part, autocast=autocast, normalize=normalize)
                           for part in (images[:half], images[half:])])
+
+
+class QueueBound:
+    """Holds the host back to at most `limit` batches queued on a CUDA stream (0: no limit). After each batch is
+    queued, an event is recorded behind it; once more than `limit` are outstanding, the oldest is waited for
+    (`synchronize` lets the GIL go). `new_event` makes an event: an object with record(stream) and synchronize()."""
+
+    def __init__(self, limit: int, new_event: Callable[[], Any]) -> None:
+        self.limit = limit
+        self._new_event = new_event
+        self._events: collections.deque = collections.deque()
+
+    def after_batch(self, stream) -> None:
+        if not self.limit:
+            return
+        event = self._new_event()
+        event.record(stream)
+        self._events.append(event)
+        while len(self._events) > self.limit:
+            self._events.popleft().synchronize()
+
+
+def _cuda_event():
+    import torch
+
+    return torch.cuda.Event()
 
 
 class StreamMeter:
