@@ -491,27 +491,33 @@ class Worker:
 class QueueBound:
     """Holds the host back to at most `limit` batches queued on a CUDA stream (0: no limit). After each batch is
     queued, an event is recorded behind it; once more than `limit` are outstanding, the oldest is waited for
-    (`synchronize` lets the GIL go). `new_event` makes an event: an object with record(stream) and synchronize()."""
+    (`synchronize` lets the GIL go). `new_event` makes an event: an object with record(stream) and synchronize().
+    Events are made once and recorded again once waited for: at most `limit` + 1 of them, none made per batch."""
 
     def __init__(self, limit: int, new_event: Callable[[], Any]) -> None:
         self.limit = limit
         self._new_event = new_event
         self._events: collections.deque = collections.deque()
+        self._spare: list = []
 
     def after_batch(self, stream) -> None:
         if not self.limit:
             return
-        event = self._new_event()
+        event = self._spare.pop() if self._spare else self._new_event()
         event.record(stream)
         self._events.append(event)
         while len(self._events) > self.limit:
-            self._events.popleft().synchronize()
+            oldest = self._events.popleft()
+            oldest.synchronize()
+            self._spare.append(oldest)
 
 
 def _cuda_event():
     import torch
 
-    return torch.cuda.Event()
+    # Blocking: the waiting thread sleeps until the batch is done instead of spinning a core that DALI's threads
+    # and the feeding thread need (a CUDA event spins by default where the machine has cores to spare).
+    return torch.cuda.Event(blocking=True)
 
 
 class StreamMeter:
