@@ -800,8 +800,8 @@ MEMORY_VARIANTS = {
     "worker, cudaMallocAsync (default)": ("worker", {}, {}),
     "worker, cudaMallocAsync, prefetch 2": ("worker", {"WDSEMBED_GPU_PREFETCH": "2"}, {}),
     "worker, cudaMallocAsync, model eager": ("worker", {"WDSEMBED_CUDA_GRAPH": "0"}, {}),
-    # The model's stream held to a few queued batches (wdsembed.worker.GPU_QUEUED_BATCHES; no limit by default).
-    "worker, cudaMallocAsync, model queue 2": ("worker", {"WDSEMBED_GPU_QUEUED_BATCHES": "2"}, {}),
+    # The model's stream held to a few queued batches (wdsembed.worker.GPU_QUEUED_BATCHES: 2 by default), or not.
+    "worker, cudaMallocAsync, no model queue limit": ("worker", {"WDSEMBED_GPU_QUEUED_BATCHES": "0"}, {}),
     "worker, cudaMallocAsync, model queue 3": ("worker", {"WDSEMBED_GPU_QUEUED_BATCHES": "3"}, {}),
     "worker, cudaMallocAsync, model queue 6": ("worker", {"WDSEMBED_GPU_QUEUED_BATCHES": "6"}, {}),
     "worker, its pool, model queue 3": ("worker", {"DALI_USE_CUDA_MALLOC_ASYNC": "0",

@@ -241,12 +241,12 @@ def test_gpu_prefetch_is_four_unless_the_diagnostic_variable_says_otherwise(monk
             gpu_prefetch()
 
 
-def test_the_model_queue_has_no_limit_unless_the_variable_sets_one(monkeypatch):
+def test_the_model_queue_holds_two_batches_unless_the_variable_sets_another_limit_or_none(monkeypatch):
     from wdsembed.worker import GPU_QUEUED_BATCHES, GPU_QUEUED_BATCHES_ENV, gpu_queued_batches
 
     monkeypatch.delenv(GPU_QUEUED_BATCHES_ENV, raising=False)
-    assert gpu_queued_batches() == GPU_QUEUED_BATCHES == 0
-    for value in ("0", "2", "12"):
+    assert gpu_queued_batches() == GPU_QUEUED_BATCHES == 2
+    for value in ("0", "3", "12"):
         monkeypatch.setenv(GPU_QUEUED_BATCHES_ENV, value)
         assert gpu_queued_batches() == int(value)
     for bad in ("-1", "three", "2.5", ""):

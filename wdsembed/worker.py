@@ -64,15 +64,15 @@ DALI_MEMORY_ENV = {"DALI_USE_CUDA_MALLOC_ASYNC": "1"}
 DALI_MEMORY_SETTINGS = ("DALI_USE_CUDA_MALLOC_ASYNC", "DALI_USE_VMM", "DALI_USE_DEVICE_MEM_POOL")
 
 # Batches the model's stream may hold queued on a GPU worker (the one running included) before the stream's thread
-# waits for the oldest; 0: no limit, the default. With the model as a CUDA graph, one launch per batch, the host runs
-# ahead of the model, and every batch it has taken keeps DALI's device buffers until the model reaches it (DALI frees
-# them in the model stream's order): that is the 3.3-5.3 GiB a worker peaks above what it holds at rest. A limit of 3
-# took ResNet-50's peak from 9.4-9.7 GiB to 6.0, ViT-B/16's from 7.7-8.2 to 6.3 and ViT-L/14's from 9.0 to 8.6, at
-# the same rate for ViT-B/16 and in the probe; but ResNet-50's flow ran at 9,300-11,300 images/s in 6 of its 10 runs
-# with it, and at 12,100 in all 6 without it (one H200, docs/benchmarks.md, fifteenth session). Speed first: off
-# unless set.
-GPU_QUEUED_BATCHES = 0
-# An integer: the limit instead (WDSEMBED_GPU_QUEUED_BATCHES=3 for a worker that shares its GPU and needs the memory).
+# waits for the oldest (QueueBound). With the model as a CUDA graph, one launch per batch, the host runs ahead of the
+# model, and every batch it has taken keeps DALI's device buffers until the model reaches it (DALI frees them in the
+# model stream's order): that is the 3.3-5.3 GiB a worker peaked above what it holds at rest. With 2, a 16-shard flow
+# on one H200 peaked at 5.5 GiB for ResNet-50 (9.2-9.4 without a limit), 5.9 for ViT-B/16 (7.8-8.0) and 8.4 for
+# ViT-L/14 (9.0), and ResNet-50's flow ran at the same rate in six paired runs (12,020-12,153 images/s against
+# 11,292-12,166; docs/benchmarks.md, sixteenth session). An earlier form of the wait, a new event per batch that spun
+# a core while it waited, slowed ResNet-50's flow in 6 of 10 runs (fifteenth session).
+GPU_QUEUED_BATCHES = 2
+# An integer: the limit instead; 0 for none (a GPU of its own, memory to spare, the host free to run ahead).
 GPU_QUEUED_BATCHES_ENV = "WDSEMBED_GPU_QUEUED_BATCHES"
 
 CUDA_GRAPH_ENV = "WDSEMBED_CUDA_GRAPH"  # "0": the model runs eagerly on a GPU too (should a model misbehave as a graph)
@@ -103,7 +103,7 @@ def gpu_prefetch() -> int:
 
 
 def gpu_queued_batches() -> int:
-    """Batches the model's stream may hold queued on a GPU worker (0: no limit): GPU_QUEUED_BATCHES (no limit), or
+    """Batches the model's stream may hold queued on a GPU worker (0: no limit): GPU_QUEUED_BATCHES, or
     WDSEMBED_GPU_QUEUED_BATCHES where it is set."""
     return _env_count(GPU_QUEUED_BATCHES_ENV, GPU_QUEUED_BATCHES, 0,
                       "the batches a GPU worker's model stream may hold queued, 0 for no limit")
