@@ -492,7 +492,7 @@ class QueueBound:
     """Holds the host back to at most `limit` batches queued on a CUDA stream (0: no limit). After each batch is
     queued, an event is recorded behind it; once more than `limit` are outstanding, the oldest is waited for
     (`synchronize` lets the GIL go). `new_event` makes an event: an object with record(stream) and synchronize().
-    Events are made once and recorded again once waited for: at most `limit` + 1 of them, none made per batch."""
+    Events are made once and recorded again once waited for: one more than the largest limit set, none per batch."""
 
     def __init__(self, limit: int, new_event: Callable[[], Any]) -> None:
         self.limit = limit
