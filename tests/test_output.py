@@ -246,6 +246,33 @@ def test_atomic_write_roundtrip(tmp_path):
     assert os.listdir(tmp_path / "out") == ["00000.parquet"]
 
 
+def test_row_groups_hold_a_bounded_share_of_the_embeddings_whatever_the_shard_size(tmp_path, monkeypatch):
+    """The writer builds a row group's list levels at once (as many bytes as its float32 values): a long shard is
+    written in row groups of about ROW_GROUP_LIST_BYTES of embeddings each, and reads back the same, in order; a
+    table without list values keeps one group."""
+    import wdsembed.output as output
+
+    monkeypatch.setattr(output, "ROW_GROUP_LIST_BYTES", 64 << 10)  # 64 KiB: 16 rows of 1,024 floats (plus offsets)
+    fs = fsspec.filesystem("file")
+    n, dim = 100, 1024
+    values = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    table = pa.table({"key": [f"{i:06d}" for i in range(n)],
+                      "image_embedding": pa.ListArray.from_arrays(
+                          pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), pa.array(values.reshape(-1)))})
+    url = str(tmp_path / "00000.parquet")
+    write_parquet_atomic(table, url, fs, {"v": 1})
+    meta = pq.ParquetFile(url).metadata
+    rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    assert sum(rows) == n and len(rows) == 7 and max(rows) == 15  # 64 KiB / (4,096 value + 4 offset bytes a row)
+    back = pq.read_table(url)
+    assert back.column("key").to_pylist() == table.column("key").to_pylist()
+    assert np.array_equal(np.stack(back.column("image_embedding").to_numpy(zero_copy_only=False)), values)
+    assert read_output_metadata(url, fs) == {"v": 1}
+
+    write_parquet_atomic(table.select(["key"]), url, fs, {"v": 2})
+    assert pq.ParquetFile(url).metadata.num_row_groups == 1
+
+
 def test_crash_mid_write_leaves_nothing(tmp_path, monkeypatch):
     fs = fsspec.filesystem("file")
     url = str(tmp_path / "00000.parquet")
