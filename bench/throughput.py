@@ -35,9 +35,20 @@ CPU_MODELS = ["test_resnet.r160_in1k"]
 
 def build_shards(folder: str, n_shards: int, per_shard: int, unique: int, seed: int = 0) -> int:
     """Shards of re-encoded photographs; `unique` distinct images are repeated under new keys (decode cost is the
-    same for a repeat, and building stays fast)."""
+    same for a repeat, and building stays fast). A folder already built with the same arguments is kept as it is
+    (the GPU machine's runs in one session share --workdir: half a minute each); any other is built afresh."""
     import io
     import random
+
+    recipe = {"shards": n_shards, "per_shard": per_shard, "unique": unique, "seed": seed}
+    marker = os.path.join(folder, ".built.json")
+    try:
+        with open(marker) as f:
+            if json.load(f) == recipe:
+                return n_shards * per_shard
+    except (OSError, ValueError):
+        pass
+    shutil.rmtree(folder, ignore_errors=True)  # no shard of an earlier, larger build left behind
 
     from PIL import Image
 
@@ -76,6 +87,8 @@ def build_shards(folder: str, n_shards: int, per_shard: int, unique: int, seed: 
                 tar.addfile(info, io.BytesIO(data))
         # Written now, as the first run over a dataset does once: (c) measures the steady state, not indexing.
         shardindex.ensure_index(path, fsspec.filesystem("file"))
+    with open(marker, "w") as f:  # last: an interrupted build is built again
+        json.dump(recipe, f)
     return n_shards * per_shard
 
 

@@ -75,6 +75,20 @@ def test_output_comparison_sees_one_changed_embedding(tmp_path):
     assert not changed["identical"] and changed["max_abs_embedding_difference"] == 0.25
 
 
+def test_shards_built_with_the_same_arguments_are_kept_and_others_replace_them_whole(tmp_path):
+    sys.path.insert(0, ROOT)
+    from bench.throughput import build_shards
+
+    folder = tmp_path / "shards"
+    assert build_shards(str(folder), 3, 4, unique=4) == 12
+    first = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert {"00000.tar", "00002.tar", "00002.idx"} <= first.keys()
+    assert build_shards(str(folder), 3, 4, unique=4) == 12
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == first  # nothing written again
+    build_shards(str(folder), 2, 4, unique=4)  # fewer shards: the third does not linger as input
+    assert sorted(p.name for p in folder.glob("*.tar")) == ["00000.tar", "00001.tar"]
+
+
 def test_idle_time_counts_the_gaps_no_shard_covers():
     """A worker's stream starts the next shard while the previous one's last batches finish: the spans overlap,
     and only time that no span covers is idle (a span inside another hides no gap)."""
