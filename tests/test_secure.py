@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import gc
 import os
 import socket
 import subprocess
@@ -232,16 +233,21 @@ def test_dask_scheduler_over_tls(tmp_path, auth_server):
             client.wait_for_workers(1, timeout=120)
 
         # Refused: a plain-TCP client, a client with no TLS configuration, and one whose certificate another CA
-        # signed (Dask's TLS is mutual).
+        # signed (Dask's TLS is mutual). Each refused Client is finalised at once (gc.collect): left to the
+        # collector, its __del__ could run inside the next Client's start, and distributed deadlocks there (its
+        # loop runner's lock, taken twice by one thread; seen once in the full suite).
         with pytest.raises(Exception):
             Client(address.replace("tls://", "tcp://"), timeout=5)
+        gc.collect()
         with pytest.raises(Exception):
             Client(address, security=Security(), timeout=5)
+        gc.collect()
         stranger = make_tls_files(tmp_path / "tls", "stranger")
         with pytest.raises(Exception):
             Client(address, timeout=5, security=Security(
                 tls_ca_file=str(tls["ca"]), tls_client_cert=str(stranger["cert"]),
                 tls_client_key=str(stranger["key"]), require_encryption=True))
+        gc.collect()
 
         # The command line without Dask's TLS configuration: refused in one line naming the settings.
         plain = cli(data, tmp_path / "plain", env, "--dask-address", address)
