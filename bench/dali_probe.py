@@ -126,9 +126,9 @@ def main() -> int:
 
             def next_geometry():
                 g = geometry_of(next(batches))
-                return stack_geometry(g)
+                return stack_geometry(g, recipe)
 
-            geometry = split_geometry(fn.external_source(source=next_geometry, dtype=types.FLOAT, ndim=2))
+            geometry = split_geometry(fn.external_source(source=next_geometry, dtype=types.FLOAT, ndim=2), recipe)
         return dali_preprocess(jpg, recipe, decode, geometry=geometry)
 
     for source in ("reader", "external copy", "external in place"):
@@ -151,7 +151,7 @@ def main() -> int:
                 def feed(i):
                     pipe.feed_input("enc", batches[i])
                     if graph_fn is ours:
-                        feed_geometry(pipe, geometries[i])
+                        feed_geometry(pipe, geometries[i], recipe)
 
                 def run_fed():
                     for i in range(len(batches)):  # two in flight, as ImagePipeline keeps them
@@ -260,7 +260,7 @@ def ladder(args: argparse.Namespace) -> int:
         from nvidia.dali import fn, types
 
         enc = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        return dali_preprocess(enc, recipe, decode, geometry=geometry_inputs())
+        return dali_preprocess(enc, recipe, decode, geometry=geometry_inputs(recipe))
 
     def fed_loop(pipe, feed, collect):
         def run():
@@ -279,11 +279,11 @@ def ladder(args: argparse.Namespace) -> int:
 
     def feed_np(pipe, i):
         pipe.feed_input("encoded", arrays[i])
-        feed_geometry(pipe, geometries[i])
+        feed_geometry(pipe, geometries[i], recipe)
 
     def feed_views(pipe, i):
         pipe.feed_input("encoded", views[i])
-        feed_geometry(pipe, geometries[i])
+        feed_geometry(pipe, geometries[i], recipe)
 
     next_id = [0]
 
@@ -303,7 +303,7 @@ def ladder(args: argparse.Namespace) -> int:
         pipe.feed_input("encoded", tensors)
         pipe.feed_input("ids", np.arange(next_id[0], next_id[0] + B, dtype=np.int64))
         next_id[0] += B
-        feed_geometry(pipe, g)
+        feed_geometry(pipe, g, recipe)
 
     def collect_sync(pipe, i):
         pipe.outputs()
@@ -920,8 +920,9 @@ def geometry_only(args: argparse.Namespace) -> int:
     E    the encoded bytes alone (and their shapes): the floor under every other line
     A    + fn.peek_image_shape(adjust_orientation=True): what the old graph needed before any geometry
     B    + the host geometry: header sizes (wdsembed.imagesize.image_sizes) and PreprocessRecipe.geometry (NumPy) for the batch,
-         computed in the feeding loop, and fed to the geometry source whose three rows fn.resize takes in the real
-         graph (preprocess.geometry_inputs; here the rows are returned as outputs: no pixels are made)
+         computed in the feeding loop, and fed to the geometry source whose rows fn.resize takes in the real graph
+         (preprocess.geometry_inputs: the region of interest, and the output size where it varies; here the rows
+         are returned as outputs: no pixels are made)
     old  + peek_image_shape and the old in-graph geometry subgraph (bench/old_geometry.py), its six arguments
          returned as outputs
     rsz  + the argument inputs consumed by fn.resize on 1x1 stand-in images, 2x2 out (the per-sample cost of the
@@ -964,13 +965,13 @@ def geometry_only(args: argparse.Namespace) -> int:
         return fn.peek_image_shape(encoded(), adjust_orientation=True)
 
     def graph_b():
-        return (encoded().shape(), *geometry_inputs().values())
+        return (encoded().shape(), *(v for v in geometry_inputs(recipe).values() if not isinstance(v, list)))
 
     def graph_old():
         return tuple(old_geometry_from_bytes(encoded(), recipe).values())
 
     def stand_in_resize():
-        geo = geometry_inputs()
+        geo = geometry_inputs(tiny)
         stand_in = fn.constant(idata=[0, 0, 0], shape=[1, 1, 3], dtype=types.UINT8, layout="HWC")
         return fn.resize(stand_in, size=geo["resize_size"], roi_start=geo["roi_start"], roi_end=geo["roi_end"],
                          interp_type=types.INTERP_CUBIC, antialias=True, subpixel_scale=False)
@@ -991,11 +992,11 @@ def geometry_only(args: argparse.Namespace) -> int:
         sizes, _ = image_sizes(datas[i])  # a batch at a time, as ImagePipeline's feeding loop reads them
         geometry = recipe.geometry(sizes[:, 0], sizes[:, 1])
         pipe.feed_input("enc", views[i])
-        feed_geometry(pipe, geometry)
+        feed_geometry(pipe, geometry, recipe)
 
     def feed_ops(pipe, i):
         pipe.feed_input("enc", views[i])
-        feed_geometry(pipe, tiny_geometry)
+        feed_geometry(pipe, tiny_geometry, tiny)
 
     variants = {"E": (graph_e, feed_e), "A": (graph_a, feed_e), "B": (graph_b, feed_b),
                 "old": (graph_old, feed_e), "rsz": (graph_rsz, feed_ops), "ops": (graph_ops, feed_ops)}

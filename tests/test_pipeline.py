@@ -304,19 +304,21 @@ def test_batch_split_carries_each_samples_size():
 def test_the_graph_holds_no_per_sample_scalar_arithmetic():
     """Sizes come from the headers on the host: no peek_image_shape, no arithmetic or conditional operators (each
     ran one after the other per batch and capped the input path, issue #11), with or without max_pixels. The only
-    subscripts take the rows of the one geometry source, one per argument of fn.resize."""
-    from wdsembed.preprocess import GEOMETRY_INPUTS, GEOMETRY_SOURCE
+    subscripts take the rows of the one geometry source, one per per-sample argument of fn.resize: the region of
+    interest, and the output size only where it is not the same for every image."""
+    from wdsembed.preprocess import GEOMETRY_SOURCE
 
-    for max_pixels in (None, 1000):
-        with ImagePipeline(recipe_of(), batch_size=2, num_threads=1, device_id=None, max_pixels=max_pixels) as pipe:
-            graph = pipe._pipe.serialize()
-            inputs = {op.name: [i.name for i in op.inputs] for op in pipe._pipe._ops}
-        assert b"CropMirrorNormalize" in graph and b"Resize" in graph
-        for op in (b"PeekImageShape", b"ArithmeticGenericOp", b"Cast_", b"Split_", b"Merge_"):
-            assert op not in graph, op
-        subscripts = {name: read for name, read in inputs.items() if "TensorSubscript" in name}
-        assert len(subscripts) == len(GEOMETRY_INPUTS)
-        assert all(read == [GEOMETRY_SOURCE] for read in subscripts.values()), subscripts
+    for recipe, rows in ((recipe_of(), 2), (recipe_of(crop_mode="border"), 3)):
+        for max_pixels in (None, 1000):
+            with ImagePipeline(recipe, batch_size=2, num_threads=1, device_id=None, max_pixels=max_pixels) as pipe:
+                graph = pipe._pipe.serialize()
+                inputs = {op.name: [i.name for i in op.inputs] for op in pipe._pipe._ops}
+            assert b"CropMirrorNormalize" in graph and b"Resize" in graph
+            for op in (b"PeekImageShape", b"ArithmeticGenericOp", b"Cast_", b"Split_", b"Merge_"):
+                assert op not in graph, op
+            subscripts = {name: read for name, read in inputs.items() if "TensorSubscript" in name}
+            assert len(subscripts) == rows
+            assert all(read == [GEOMETRY_SOURCE] for read in subscripts.values()), subscripts
 
 
 def test_headers_decide_before_dali(clean_rows):

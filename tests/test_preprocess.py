@@ -18,6 +18,7 @@ from wdsembed.preprocess import (
     crop_anchor,
     dali_preprocess,
     feed_geometry,
+    geometry_rows,
     resized_size,
 )
 
@@ -89,7 +90,7 @@ def run_graph(recipe: PreprocessRecipe, encoded: list[bytes], *, old: bool = Fal
     pipe.feed_input("enc", [np.frombuffer(b, np.uint8) for b in encoded])
     if not old:
         sizes = np.array([image_size(b) for b in encoded])
-        feed_geometry(pipe, recipe.geometry(sizes[:, 0], sizes[:, 1]))
+        feed_geometry(pipe, recipe.geometry(sizes[:, 0], sizes[:, 1]), recipe)
     (out,) = pipe.run()
     return np.array(out.as_tensor())
 
@@ -226,6 +227,26 @@ def test_geometry_arguments_match_a_scalar_reimplementation(config):
         assert got == expected, f"{hh}x{ww}"
 
 
+FIXED_OUTPUT = {"center_square", "center_pct1", "center_nonsquare", "squash", "squash_nonsquare"}
+
+
+@pytest.mark.parametrize("config", sorted(GEOMETRY_CONFIGS))
+def test_a_fixed_output_size_is_every_images_size(config):
+    """Where the recipe says fn.resize's output size is a constant of the graph, it is every image's, whatever its
+    size or aspect ratio; where it does not, images of some sizes get others (they are padded)."""
+    recipe = _recipe(config)
+    h, w = np.array(_sizes()).T
+    sizes = recipe.geometry(h, w)["resize_size"]
+    fixed = recipe.fixed_output_size
+    assert (fixed is not None) == (config in FIXED_OUTPUT)
+    if fixed is not None:
+        assert np.array_equal(sizes, np.broadcast_to(np.float32(fixed), sizes.shape))
+        assert geometry_rows(recipe) == ("roi_start", "roi_end")
+    else:
+        assert len(np.unique(sizes, axis=0)) > 1
+        assert geometry_rows(recipe) == ("resize_size", "roi_start", "roi_end")
+
+
 def _dali_anchor(pos, size, crop) -> np.ndarray:
     """crop_mirror_normalize's anchor: std::roundf(float pos * (size - crop)), float32 product."""
     x = (np.float32(pos) * np.asarray(size - crop, dtype=np.float32)).astype(np.float64)
@@ -317,8 +338,11 @@ def test_pixels_match_timm_create_transform(config):
     assert np.mean(list(mads.values())) < 0.005, mads
 
 
-@pytest.mark.parametrize("config", ["center_bicubic_pct0.95", "center_pct1.15_zero_pad", "border_nonsquare_pct0.9"])
+@pytest.mark.parametrize("config", ["center_bicubic_pct0.95", "center_pct1.15_zero_pad", "squash_pct0.9",
+                                    "border_nonsquare_pct0.9"])
 def test_pixels_are_the_old_graphs_bit_for_bit(config):
+    """The old graph computed every argument per sample, so this also holds the constant output size (center
+    crop_pct <= 1, squash) to the per-sample one."""
     name, overrides = PARITY_CONFIGS[config]
     recipe = PreprocessRecipe.from_data_config(data_config_of(name, **overrides))
     imgs = list(photos().values())

@@ -513,7 +513,7 @@ class ImagePipeline:
         self._next_id += n
         self._pipe.feed_input("encoded", batch.tensors)
         self._pipe.feed_input("ids", batch.ids)
-        feed_geometry(self._pipe, geometry)
+        feed_geometry(self._pipe, geometry, self.recipe)
 
     def _collect(self, batch: _Batch) -> PreprocessedBatch:
         """Take the outputs of the oldest iteration in flight, which must be `batch`'s."""

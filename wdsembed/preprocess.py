@@ -137,6 +137,20 @@ class PreprocessRecipe:
         }
 
     @property
+    def fixed_output_size(self) -> Optional[tuple[int, int]]:
+        """fn.resize's output size, (H, W), where it is the same for every image, else None. It is then a constant of
+        the graph rather than a per-sample input: one DALI operator per sample fewer. The output is min(resized,
+        crop) per axis: the crop itself wherever the resize never falls short of it (center mode with crop_pct <= 1:
+        the resized image covers the scale size, which covers the crop), min(scale, crop) where the resize is the
+        same for every image (squash). Border mode can fall short by an amount that depends on the image."""
+        scale, crop = self.scale_size, self.crop_size
+        if self.crop_mode == "squash":
+            return min(scale[0], crop[0]), min(scale[1], crop[1])
+        if self.crop_mode == "center" and scale[0] >= crop[0] and scale[1] >= crop[1]:
+            return crop
+        return None
+
+    @property
     def pad_crop_pos(self) -> float:
         """crop_mirror_normalize's relative anchor, one for every sample and both axes. Its input is, per axis,
         either exactly the crop (anchor 0 whatever the position) or the whole resized axis of length r < crop, to be
@@ -200,33 +214,45 @@ def crop_anchor(size: np.ndarray, crop: Any) -> np.ndarray:
 # DALI graph. The geometry arrives through one external source, fed per batch with feed_geometry.
 
 GEOMETRY_INPUTS = ("resize_size", "roi_start", "roi_end")  # [y, x] float32 per sample, in this row order
-GEOMETRY_SOURCE = "geometry"  # the external source that takes them, as one (3, 2) sample per image
+GEOMETRY_SOURCE = "geometry"  # the external source that takes them, as one (rows, 2) sample per image
 
 
-def geometry_inputs() -> dict[str, Any]:
-    """The per-sample argument nodes, keyed as `PreprocessRecipe.geometry`: rows of one external source."""
+def geometry_rows(recipe: PreprocessRecipe) -> tuple[str, ...]:
+    """The rows of `PreprocessRecipe.geometry` that the graph takes per sample, in order: all of GEOMETRY_INPUTS,
+    or the region of interest alone where the output size is a constant (`PreprocessRecipe.fixed_output_size`)."""
+    return GEOMETRY_INPUTS[1:] if recipe.fixed_output_size else GEOMETRY_INPUTS
+
+
+def geometry_inputs(recipe: PreprocessRecipe) -> dict[str, Any]:
+    """fn.resize's geometry arguments, keyed as `PreprocessRecipe.geometry`: rows of one external source, and the
+    output size as a constant where it is one."""
     from nvidia.dali import fn, types
 
-    return split_geometry(fn.external_source(name=GEOMETRY_SOURCE, dtype=types.FLOAT, ndim=2))
+    return split_geometry(fn.external_source(name=GEOMETRY_SOURCE, dtype=types.FLOAT, ndim=2), recipe)
 
 
-def split_geometry(node: Any) -> dict[str, Any]:
-    """The argument nodes of a node whose samples are `stack_geometry`'s (3, 2) rows."""
-    # One fed input instead of three: each feed_input call makes and copies a whole batch of samples on the feeding
-    # thread, holding the GIL, while the subscripts run in DALI's own threads. (On the 2-core machine, with one DALI
-    # thread, the two forms took the same wall time per batch.)
-    return {name: node[i] for i, name in enumerate(GEOMETRY_INPUTS)}
+def split_geometry(node: Any, recipe: PreprocessRecipe) -> dict[str, Any]:
+    """The argument nodes of a node whose samples are `stack_geometry`'s rows (and the constant output size)."""
+    # One fed input instead of one per row: each feed_input call makes and copies a whole batch of samples on the
+    # feeding thread, holding the GIL, while the subscripts run in DALI's own threads. (On the 2-core machine, with
+    # one DALI thread, the two forms took the same wall time per batch.) Each subscript is one more operator per
+    # sample, hence none for a constant size: two rows took 0.4 ms less per batch of 256 than three (same machine).
+    arguments: dict[str, Any] = {name: node[i] for i, name in enumerate(geometry_rows(recipe))}
+    fixed = recipe.fixed_output_size
+    if fixed:
+        arguments["resize_size"] = [float(fixed[0]), float(fixed[1])]
+    return arguments
 
 
-def stack_geometry(geometry: dict[str, np.ndarray]) -> np.ndarray:
-    """One batch's `PreprocessRecipe.geometry` as the (N, 3, 2) float32 array that `geometry_inputs` is fed."""
-    return np.stack([geometry[name] for name in GEOMETRY_INPUTS], axis=1)
+def stack_geometry(geometry: dict[str, np.ndarray], recipe: PreprocessRecipe) -> np.ndarray:
+    """One batch's `PreprocessRecipe.geometry` as the (N, rows, 2) float32 array that `geometry_inputs` is fed."""
+    return np.stack([geometry[name] for name in geometry_rows(recipe)], axis=1)
 
 
-def feed_geometry(pipe: Any, geometry: dict[str, np.ndarray]) -> None:
-    """Feed one batch's `PreprocessRecipe.geometry` to a pipeline built with `dali_preprocess`."""
+def feed_geometry(pipe: Any, geometry: dict[str, np.ndarray], recipe: PreprocessRecipe) -> None:
+    """Feed one batch's `PreprocessRecipe.geometry` to a pipeline built with `dali_preprocess` for `recipe`."""
     # A dense NumPy batch: feed_input takes it faster than a TensorListCPU made from it (DALI 2.4).
-    pipe.feed_input(GEOMETRY_SOURCE, stack_geometry(geometry))
+    pipe.feed_input(GEOMETRY_SOURCE, stack_geometry(geometry, recipe))
 
 
 def dali_preprocess(
@@ -243,9 +269,9 @@ def dali_preprocess(
     """Encoded image bytes (a CPU uint8 node) -> normalized float32 CHW images, on the GPU for decode_device="mixed".
 
     Decoding applies EXIF orientation and yields 3-channel RGB for gray, RGBA (alpha dropped, as PIL's
-    convert("RGB")), palette and CMYK inputs. `geometry` holds the per-sample argument nodes (default: the external
-    sources of `geometry_inputs()`, to be fed with `feed_geometry(pipe, recipe.geometry(heights, widths))` for the
-    (EXIF-oriented) header sizes of the same batch, from `wdsembed.imagesize.image_size`)."""
+    convert("RGB")), palette and CMYK inputs. `geometry` holds fn.resize's geometry arguments (default:
+    `geometry_inputs(recipe)`, an external source to be fed with `feed_geometry(pipe, recipe.geometry(heights,
+    widths), recipe)` for the (EXIF-oriented) header sizes of the same batch, from `wdsembed.imagesize`)."""
     from nvidia.dali import fn, types
 
     decoder_args: dict[str, Any] = dict(device=decode_device, output_type=types.RGB)
@@ -261,7 +287,7 @@ def dali_preprocess(
             jpeg_fancy_upsampling=jpeg_fancy_upsampling,
         )
     if geometry is None:
-        geometry = geometry_inputs()
+        geometry = geometry_inputs(recipe)
     images = fn.decoders.image(encoded, **decoder_args)
     images = fn.resize(
         images,
