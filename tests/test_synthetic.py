@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -179,3 +180,26 @@ def test_demo_dataset(tmp_path):
     with open(shards[0].tar, "rb") as f:
         first_photo = next(s for s in iter_samples(f, extensions=EXTS, shard="x") if s.key.endswith("0000"))
     assert min(decode(bytes(first_photo.image)).size) in (256, 320, 480)
+
+
+def test_a_refreshed_demo_dataset_keeps_the_files_it_would_write_the_same(tmp_path):
+    """The demo's shards are written again on every demo run: identical files stay as they are, modification time
+    included (a shard's fingerprint), so the second run finds its outputs finished; a damaged or missing file is
+    written again, and no temporary folder is left."""
+    first = syn.refresh_demo_dataset(tmp_path, n_shards=2, per_shard=4)
+    assert sorted(os.path.basename(p) for p in first) == [
+        f"{s}{suffix}" for s in ("00000", "00001") for suffix in (".parquet", ".tar", "_stats.json")]
+    for p in first:
+        os.utime(p, ns=(10**18, 10**18))  # a mark that any rewrite would replace
+    assert syn.refresh_demo_dataset(tmp_path, n_shards=2, per_shard=4) == []
+    assert all(os.stat(p).st_mtime_ns == 10**18 for p in first)
+
+    tar, parquet = str(tmp_path / "00001.tar"), str(tmp_path / "00000.parquet")
+    intact = open(tar, "rb").read()
+    with open(tar, "r+b") as f:
+        f.truncate(len(intact) // 2)
+    os.remove(parquet)
+    assert sorted(syn.refresh_demo_dataset(tmp_path, n_shards=2, per_shard=4)) == sorted([parquet, tar])
+    assert open(tar, "rb").read() == intact
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in first)
+    assert os.stat(str(tmp_path / "00000.tar")).st_mtime_ns == 10**18

@@ -152,7 +152,7 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
 
 def prepare_demo(values: dict) -> None:
     """Write a few small shards of generated images and point the run at them, offline."""
-    from wdsembed.synthetic import write_demo_dataset
+    from wdsembed.synthetic import refresh_demo_dataset
 
     values["input"] = os.path.abspath(DEMO_INPUT)
     values.setdefault("output", os.path.abspath(DEMO_OUTPUT))
@@ -162,7 +162,7 @@ def prepare_demo(values: dict) -> None:
         values["pretrained"] = False
     # A few dozen images: one worker loads one model, instead of two competing for a small machine's cores.
     values.setdefault("n_workers", 1)
-    write_demo_dataset(values["input"])
+    refresh_demo_dataset(values["input"])  # unchanged shards kept as they are: a second demo run resumes
     weights = "checkpoint " + values["checkpoint"] if values.get("checkpoint") else "random weights, offline"
     print(f"demo: wrote generated shards to {values['input']}; model {values['model_name']} ({weights})")
 

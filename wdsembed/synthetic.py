@@ -5,12 +5,13 @@ Real photographs come from scikit-image's bundled samples (the `test` extra); no
 """
 from __future__ import annotations
 
+import filecmp
 import io
 import json
 import os
 import random
 import tarfile
-import time
+import tempfile
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Optional, Sequence
 
@@ -229,6 +230,9 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None
     tar.addfile(info, io.BytesIO(data))
 
 
+_WRITTEN_AT = 1_700_000_000.25  # the tar members' mtime and the stats' end time: the same call writes the same bytes
+
+
 def write_shard(
     folder: str | os.PathLike,
     stem: str,
@@ -285,7 +289,7 @@ def write_shard(
 
     fmt = {"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT, "ustar": tarfile.USTAR_FORMAT}[tar_format]
     tar_path = os.path.join(folder, f"{stem}.tar")
-    mtime = 1_700_000_000.25  # fixed, so the same call writes the same bytes
+    mtime = _WRITTEN_AT  # fixed, so the same call writes the same bytes
     with tarfile.open(tar_path, "w", format=fmt) as tar:
         for key, s in tar_entries:
             members: dict[str, bytes] = dict(s.extra)
@@ -313,7 +317,7 @@ def write_shard(
         pq.write_table(table, parquet_path)
     if stats:
         successes = sum(1 for r in rows if r["status"] == "success")
-        now = time.time()
+        now = _WRITTEN_AT
         stats_doc = {
             "count": len(rows),  # the parquet's rows, as in img2dataset (a tar-only sample is not counted)
             "successes": successes,
@@ -333,6 +337,25 @@ def write_shard(
         keys=tuple(k for k, _ in tar_entries), parquet_keys=tuple(r["key"] for r in rows),
         failed_keys=tuple(failed_keys),
     )
+
+
+def refresh_demo_dataset(folder: str | os.PathLike, **options) -> list[str]:
+    """`write_demo_dataset(folder, **options)`, leaving every file that already holds the same bytes as it is, its
+    modification time included; returns the paths written. A shard's fingerprint is its files' size and mtime, so
+    rewriting identical shards would make a second demo run recompute everything instead of finding its outputs
+    finished."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    with tempfile.TemporaryDirectory(prefix=".demo-", dir=folder) as fresh:  # same filesystem: os.replace moves
+        write_demo_dataset(fresh, **options)
+        for name in sorted(os.listdir(fresh)):
+            new, old = os.path.join(fresh, name), os.path.join(folder, name)
+            if os.path.isfile(old) and filecmp.cmp(new, old, shallow=False):
+                continue
+            os.replace(new, old)
+            written.append(old)
+    return written
 
 
 def write_demo_dataset(
