@@ -289,7 +289,6 @@ def write_shard(
 
     fmt = {"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT, "ustar": tarfile.USTAR_FORMAT}[tar_format]
     tar_path = os.path.join(folder, f"{stem}.tar")
-    mtime = _WRITTEN_AT  # fixed, so the same call writes the same bytes
     with tarfile.open(tar_path, "w", format=fmt) as tar:
         for key, s in tar_entries:
             members: dict[str, bytes] = dict(s.extra)
@@ -302,7 +301,7 @@ def write_shard(
                             status="success", error_message=None, width=s.width, height=s.height)
                 members["json"] = json.dumps(meta).encode()
             for ext in sorted(members):
-                _tar_add(tar, f"{key}.{ext}", members[ext], mtime)
+                _tar_add(tar, f"{key}.{ext}", members[ext], _WRITTEN_AT)
 
     parquet_path = stats_path = None
     if parquet:
@@ -317,15 +316,14 @@ def write_shard(
         pq.write_table(table, parquet_path)
     if stats:
         successes = sum(1 for r in rows if r["status"] == "success")
-        now = _WRITTEN_AT
         stats_doc = {
             "count": len(rows),  # the parquet's rows, as in img2dataset (a tar-only sample is not counted)
             "successes": successes,
             "failed_to_download": failed_rows,
             "failed_to_resize": 0,
             "duration": 1.0,
-            "start_time": now - 1.0,
-            "end_time": now,
+            "start_time": _WRITTEN_AT - 1.0,
+            "end_time": _WRITTEN_AT,
             "status_dict": {"success": successes,
                             **({"HTTP Error 404: Not Found": failed_rows} if failed_rows else {})},
         }
