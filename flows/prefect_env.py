@@ -1,4 +1,5 @@
-"""The Prefect settings that this project's entry points default, and why they are set where they are.
+"""The Prefect settings (and one Dask setting) that this project's entry points default, and why they are set where
+they are.
 
 Prefect reads its settings from the environment once per process, when it is first imported: `import prefect`
 builds the global settings context (prefect.context.GLOBAL_SETTINGS_CONTEXT, which get_current_settings() returns
@@ -23,6 +24,7 @@ from __future__ import annotations
 import os
 
 EPHEMERAL_STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+DASK_LOGGING = "DASK_DISTRIBUTED__LOGGING"  # distributed.logging: logger name -> level
 
 DEFAULTS = {
     # Without PREFECT_API_URL, a run starts a temporary local server; on a busy 2-core machine that can take
@@ -33,6 +35,11 @@ DEFAULTS = {
     # The package's own log lines (a damaged tar, an index rebuilt) go to the run's logs in the UI too; local Dask
     # workers inherit this (workers on other nodes: export it there).
     "PREFECT_LOGGING_EXTRA_LOGGERS": "wdsembed",
+    # Dask logs every cluster's start and stop at INFO (about forty lines per run: ports, plugins, each connection),
+    # through Prefect's console handler. Its warnings and errors still show, and so do the nanny's lines, which say
+    # why a worker process died ("exited with status 137": killed, often for memory). Read by Dask, as a Python
+    # literal, when `distributed` is first imported, as the variables above are by Prefect.
+    DASK_LOGGING: "{'distributed': 'warning', 'distributed.nanny': 'info'}",
 }
 
 

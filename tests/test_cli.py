@@ -6,6 +6,7 @@ None of these tests starts a Prefect server: the run function handed to `main` r
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -312,6 +313,19 @@ def test_refused_command_starts_no_server(shards, tmp_path):
     assert not [p for p in processes if "flows/apiserver.py" in p and p.endswith(f" {command.pid}")]
 
 
+def test_progress_rate_never_reads_zero():
+    """The bar's images/s: one decimal below 10 (a CPU run of a few images would read 0), whole numbers above."""
+    with cli._Progress() as progress:
+        progress.started -= 100.0  # as if the run had lasted 100 s
+        progress.update({"embedded": 48}, done=1, total=3)
+        slow = progress.bar.tasks[0].fields["rate"]
+        progress.started = time.perf_counter() - 0.01
+        progress.update({"embedded": 20_000}, done=2, total=3)
+        fast = progress.bar.tasks[0].fields["rate"]
+    assert slow == "0.5"
+    assert "." not in fast and int(fast.replace(",", "")) > 1000
+
+
 def test_bad_storage_options(shards, tmp_path, capsys):
     base = [str(shards), "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu"]
     s3 = base + ["-o", "s3://some-bucket/out"]
@@ -414,15 +428,15 @@ with temporary_settings(updates={PREFECT_API_URL: apiserver.api_url()}):
 @pytest.mark.slow
 def test_command_end_to_end_terminal_and_rerun(tmp_path):
     """The real command (temporary Prefect server, one Dask worker) on a shard with a truncated PNG: DALI's decoder
-    line stays off the terminal. The re-run, with nothing to compute, imports no torch, timm or DALI, starts no
-    Dask cluster, keeps the computing run's figures, and is still recorded: a Completed flow run whose
-    embedding task run is Cached."""
+    line stays off the terminal, and so do Dask's INFO lines (a cluster's start and stop) but the nanny's. The
+    re-run, with nothing to compute, imports no torch, timm or DALI, starts no Dask cluster, keeps the computing
+    run's figures, and is still recorded: a Completed flow run whose embedding task run is Cached."""
     import json
 
     from wdsembed.synthetic import write_demo_dataset
 
     write_demo_dataset(tmp_path / "in", n_shards=1, per_shard=6, corrupt_per_shard=2)  # a cut JPEG and a cut PNG
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "WDSEMBED_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "WDSEMBED_", "DASK_"))}
     env |= {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1",
             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     args = [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained", "--device",
@@ -436,6 +450,8 @@ def test_command_end_to_end_terminal_and_rerun(tmp_path):
         manifests.append(json.loads((tmp_path / "out" / "_manifest.json").read_text()))
     assert "png_parser" not in texts[0] and "[ERROR]" not in texts[0]
     assert "images/s: embedding only" in texts[0]
+    assert "Creating a new Dask cluster" in texts[0]
+    assert set(re.findall(r"\| INFO +\| (distributed\.\w+)", texts[0])) <= {"distributed.nanny"}  # a death's reason
     computed, cached = manifests[0]["shards"]["00000"], manifests[1]["shards"]["00000"]
     assert computed["status"] == "computed" and cached["status"] == "cached"
     assert computed["images_per_second"] > 0 and computed["embed_seconds"] > 0

@@ -108,7 +108,7 @@ def test_declared_versions_change_every_key(tmp_path, plan, monkeypatch):
 
 
 PREFECT_DEFAULTS = ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PREFECT_SERVER_ANALYTICS_ENABLED",
-                    "PREFECT_LOGGING_EXTRA_LOGGERS")
+                    "PREFECT_LOGGING_EXTRA_LOGGERS", "DASK_DISTRIBUTED__LOGGING")
 
 
 def _python(code: str) -> str:
