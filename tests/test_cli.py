@@ -313,6 +313,21 @@ def test_refused_command_starts_no_server(shards, tmp_path):
     assert not [p for p in processes if "flows/apiserver.py" in p and p.endswith(f" {command.pid}")]
 
 
+def test_missing_input_is_refused_before_torch_is_imported(tmp_path):
+    """A mistyped input folder is the commonest mistake: refused by the checks before the model's (which import
+    torch and timm, seconds of a run that would stop anyway)."""
+    code = ("import sys\nfrom wdsembed.config import EmbedConfig\nfrom wdsembed.plan import InputError, check_config\n"
+            "try:\n    check_config(EmbedConfig(input=sys.argv[1], output=sys.argv[2], model_name=sys.argv[3], "
+            "pretrained=False))\nexcept InputError as exc:\n    print(exc)\nprint(sorted({'torch', 'timm'} & "
+            "set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "no-such-folder"), str(tmp_path / "out"),
+                           TINY_MODEL], cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    refusal, imported = done.stdout.strip().splitlines()
+    assert refusal.endswith("does not exist: pass the folder that holds the *.tar shards") and imported == "[]"
+
+
 def test_progress_rate_never_reads_zero():
     """The bar's images/s: one decimal below 10 (a CPU run of a few images would read 0), whole numbers above."""
     with cli._Progress() as progress:

@@ -45,6 +45,8 @@ def check_config(config: EmbedConfig) -> None:
     preflight.check_storage_options(config)  # before anything builds a filesystem from them
     preflight.check_output_writable(config)  # needs no torch import: refused in about a second
     preflight.check_dask_security(config)
+    if input_kind(config.input) == "folder":  # a mistyped path is refused in a second, before torch is imported
+        _check_local_input(config)
 
     # A re-run whose every output already carries this run's cache key loads no model: those outputs prove that the
     # model name, its weights and the checkpoint were usable, so the checks that import torch and timm (seconds,
@@ -64,8 +66,6 @@ def check_config(config: EmbedConfig) -> None:
                              "(.safetensors, .pth, .bin), or leave --checkpoint out")
         if storage.is_local(fs) and needs_model:
             _check_checkpoint_fits(config)
-    if input_kind(config.input) == "folder":
-        _check_local_input(config)
     check_storage(config)
     found = find_shards(config)  # a missing shard of a pattern or list, or a folder with none, is refused here
     _check_readable(config, found)
