@@ -329,15 +329,18 @@ def test_missing_input_is_refused_before_torch_is_imported(tmp_path):
 
 
 def test_progress_rate_never_reads_zero():
-    """The bar's images/s: one decimal below 10 (a CPU run of a few images would read 0), whole numbers above."""
+    """The bar's images/s: one decimal below 10 (a CPU run of a few images would read 0), whole numbers above, and
+    none while nothing was embedded (a shard found finished)."""
     with cli._Progress() as progress:
         progress.started -= 100.0  # as if the run had lasted 100 s
+        progress.update({"embedded": 18, "cached": True}, done=0, total=3)
+        nothing = progress.bar.tasks[0].fields["rate"]
         progress.update({"embedded": 48}, done=1, total=3)
         slow = progress.bar.tasks[0].fields["rate"]
         progress.started = time.perf_counter() - 0.01
         progress.update({"embedded": 20_000}, done=2, total=3)
         fast = progress.bar.tasks[0].fields["rate"]
-    assert slow == "0.5"
+    assert nothing == "-" and slow == "0.5"
     assert "." not in fast and int(fast.replace(",", "")) > 1000
 
 

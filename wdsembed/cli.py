@@ -260,9 +260,10 @@ class _Progress:
         if result and not result.get("cached"):
             self.images += result["embedded"]
         rate = self.images / max(time.perf_counter() - self.started, 1e-9)
-        # One decimal below 10 images/s (a CPU run, a first shard's model load), where whole numbers would read 0.
-        self.bar.update(self.task, completed=done, total=total, images=self.images,
-                        rate=f"{rate:,.1f}" if rate < 10 else f"{rate:,.0f}")
+        # One decimal below 10 images/s (a CPU run, a first shard's model load), where whole numbers would read 0;
+        # none while nothing was embedded (a run that finds every output finished).
+        text = "-" if not self.images else f"{rate:,.1f}" if rate < 10 else f"{rate:,.0f}"
+        self.bar.update(self.task, completed=done, total=total, images=self.images, rate=text)
 
     def __exit__(self, *exc):
         self.bar.__exit__(*exc)
