@@ -947,7 +947,9 @@ def geometry_only(args: argparse.Namespace) -> int:
     steps = len(samples) // B
     if steps < 3:
         raise SystemExit(f"--images {args.images} gives {steps} batches of {B}: need at least 3")
-    datas = [[d for _, d in samples[i * B:(i + 1) * B]] for i in range(steps)]
+    # Read-only memoryviews, the form in which the flow's reader (an indexed shard's fast path) hands ImagePipeline
+    # its images: slicing their headers costs a third of slicing bytes objects.
+    datas = [[memoryview(d).toreadonly() for _, d in samples[i * B:(i + 1) * B]] for i in range(steps)]
     views = [[TensorCPU(np.frombuffer(d, np.uint8)) for d in batch] for batch in datas]  # as ImagePipeline's
     recipe = clip_recipe()
     tiny = PreprocessRecipe(input_size=(3, 2, 2), interpolation="bicubic", crop_pct=1.0, crop_mode="center",
