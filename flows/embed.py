@@ -20,9 +20,17 @@ if __name__ == "__main__":
     # `python flows/embed.py` from a checkout that is not installed puts flows/ on the path, not the project root
     # that holds `tasks` (imported as a module, flows.embed changes no path).
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from flows import prefect_env
+    # The `wdsembed` command's start (flows.launch), before the imports below: Prefect is imported only once the
+    # checks have passed, and the flow runs from the importable module flows.embed, not from __main__ (Dask pickles
+    # tasks by reference to their module).
+    from flows.launch import launch
 
-    prefect_env.set_defaults()  # before Prefect's first import, below: it reads its settings then
+    def run_flow(config, on_shard_done=None) -> dict:
+        import flows.embed
+
+        return flows.embed.run(config, on_shard_done=on_shard_done)
+
+    sys.exit(launch(run_flow))
 
 import dask  # noqa: E402
 from prefect import flow, get_run_logger  # noqa: E402
@@ -251,12 +259,3 @@ def _api_for_workers():
     if PREFECT_API_URL.value():
         return contextlib.nullcontext()
     return temporary_settings(updates={PREFECT_API_URL: apiserver.api_url()})
-
-
-if __name__ == "__main__":
-    # Run through the importable module, not __main__: Dask pickles tasks by reference to their module.
-    import flows.embed
-
-    from wdsembed.cli import main
-
-    sys.exit(main(flows.embed.run, on_checked=apiserver.start))

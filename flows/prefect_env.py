@@ -10,7 +10,7 @@ inherit: local Dask workers, the temporary API server (its environment is os.env
 work pool or of deployments/serve.py.
 
 So `set_defaults()` is called, explicitly, where each process begins:
-* `python flows/embed.py` and the `wdsembed` command (flows/command.py): before Prefect's first import, so it
+* `python flows/embed.py` and the `wdsembed` command (flows/launch.py): before Prefect's first import, so it
   applies to that process and to everything it starts;
 * flows.embed.run (every run, the deployed flow's included): before it starts Dask workers and the temporary API
   server, for callers that imported Prefect first (a deployment's flow-run process, tests, Python callers).

@@ -190,6 +190,15 @@ def test_command_starts():
     done = subprocess.run([sys.executable, "-m", "flows.command", "--help"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("usage: wdsembed "), done.stderr
+    # `python flows/embed.py` runs the same command, from its first lines: Prefect is not imported for --help
+    as_script = ("import atexit, runpy, sys\n"
+                 "atexit.register(lambda: print('prefect imported:', 'prefect' in sys.modules))\n"
+                 "sys.argv = ['flows/embed.py', '--help']\nrunpy.run_path('flows/embed.py', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", as_script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: ") and "--image-extensions" in done.stdout
+    assert done.stdout.rstrip().endswith("prefect imported: False")
     # an installed script exists (after `pip install -e .` it calls flows.command:main)
     script = Path(sys.executable).parent / "wdsembed"
     assert script.exists() and "import main" in script.read_text()
@@ -413,6 +422,27 @@ def test_failed_run_names_each_reason_once(shards, tmp_path, capsys):
     assert f"1 finished shard(s) are in {tmp_path / 'out'}" in captured.err
 
 
+def test_summary_of_a_run_with_nothing_to_embed_says_so(tmp_path, capsys):
+    """A re-run that finds every output finished says so, instead of a rate of 0.0 images/s; a run that computed
+    shards keeps its count and rate, even when none of their images could be embedded."""
+    shard = {"rows": 2, "embedded": 2, "failed": 0, "status": "cached", "images_per_second": 5.0}
+    manifest = {
+        "output": str(tmp_path), "path": str(tmp_path / "_manifest.json"), "model": {"name": TINY_MODEL},
+        "totals": {"shards": 1, "computed": 0, "cached": 1, "rows": 2, "embedded": 2, "embedded_this_run": 0,
+                   "images_per_second": 0.0},
+        "shards": {"00000": shard},
+    }
+    cli.print_summary(manifest)
+    out = capsys.readouterr().out
+    assert "nothing to embed this run: every output was already finished" in out
+    assert "images this run" not in out
+    manifest["totals"] |= {"computed": 1, "cached": 0}
+    manifest["shards"]["00000"] = shard | {"status": "computed", "embedded": 0, "failed": 2}
+    cli.print_summary(manifest)
+    out = capsys.readouterr().out
+    assert "0 images this run at 0.0 images/s" in out and "nothing to embed" not in out
+
+
 # --------------------------------------------------------------------------------------------------- task E, whole
 
 
@@ -477,6 +507,7 @@ def test_command_end_to_end_terminal_and_rerun(tmp_path):
     assert "imported: []" in texts[1]
     assert "distributed." not in texts[1]  # no scheduler, nanny or worker logged a line
     assert "1 shard(s): 0 computed, 1 cached" in texts[1]
+    assert "nothing to embed this run: every output was already finished" in texts[1]
 
     done = subprocess.run([sys.executable, "-c", READ_FLOW_RUNS], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)

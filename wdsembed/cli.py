@@ -295,10 +295,14 @@ def print_summary(manifest: dict) -> None:
         # A reason is not markup: printed as it is, once, with every shard it stopped.
         console.print(f"({numbers[reason]}) {len(stems)} shard(s) failed ({_shard_list(stems)}): {reason}",
                       markup=False, highlight=False, soft_wrap=True)  # whole, so it can be searched and copied
+    if t["computed"] or reasons:
+        this_run = f"{t['embedded_this_run']} images this run at {t['images_per_second']} images/s"
+    else:  # a re-run that found every output finished: a rate of 0.0 would read as a fault
+        this_run = "nothing to embed this run: every output was already finished"
     console.print(
         f"model {model.get('name')} ({model.get('weights')}), {model.get('embedding')} embedding, "
-        f"{model.get('dim')} dims | {t['embedded']} of {t['rows']} rows embedded | "
-        f"{t['embedded_this_run']} images this run at {t['images_per_second']} images/s"
+        f"{model.get('dim')} dims | {t['embedded']} of {t['rows']} rows embedded | {this_run}",
+        soft_wrap=True,  # one line, as the terminal wraps it, not cut where rich would
     )
     for stem, s in sorted(manifest["shards"].items()):
         for warning in s.get("warnings") or []:
