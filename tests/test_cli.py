@@ -453,15 +453,20 @@ COMMAND_REPORTING_IMPORTS = (
     "'nvidia'}))); "
     "from flows.command import main; sys.exit(main())")
 
-# Reads back, from the database the command's temporary server used (PREFECT_HOME), every flow run of the flow
-# and its task runs' states; prints them as JSON, oldest run first.
+# Reads back, from the database the command's temporary server used (PREFECT_HOME), every flow run of the flow,
+# its task runs' states and how many heartbeat events it sent; prints them as JSON, oldest run first.
 READ_FLOW_RUNS = """
 import json
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import FlowRunSort
+from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows import apiserver
+
+def heartbeats(client, run):
+    return client.read_events(EventFilter(event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                                          resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"])), limit=1).total
 
 with temporary_settings(updates={PREFECT_API_URL: apiserver.api_url()}):
     apiserver.wait(PREFECT_API_URL.value())
@@ -469,7 +474,8 @@ with temporary_settings(updates={PREFECT_API_URL: apiserver.api_url()}):
         runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_ASC)
         print(json.dumps([{"flow": client.read_flow(r.flow_id).name, "state": r.state.name, "tasks": {
             t.name: t.state.name for t in client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id])))}} for r in runs]))
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id])))},
+            "heartbeats": heartbeats(client, r)} for r in runs]))
 """
 
 
@@ -514,6 +520,8 @@ def test_command_end_to_end_terminal_and_rerun(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     runs = [r for r in json.loads(done.stdout.strip().splitlines()[-1]) if r["flow"] == "embed-shards"]
     assert [r["state"] for r in runs] == ["Completed", "Completed"]
+    # Its temporary server stopped with the command: no heartbeats, whose thread the run's end would wait for.
+    assert [r["heartbeats"] for r in runs] == [0, 0]
     tasks = runs[1]["tasks"]
     assert tasks.pop("embed-00000") == "Cached"
     assert set(tasks.values()) == {"Completed"} and len(tasks) == 2  # indexing and the report

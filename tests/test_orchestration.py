@@ -108,6 +108,23 @@ def flow_run_state(flow_run_id: str) -> str:
         return client.read_flow_run(flow_run_id).state.name
 
 
+def heartbeats(flow_run_id: str, wait_for: int = 0, timeout: float = 60.0) -> int:
+    """How many heartbeat events of the flow run the server has recorded; with `wait_for`, once that many are (the
+    server persists events in batches, a moment later), or at `timeout`."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    only_its_heartbeats = EventFilter(event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                                      resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"]))
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            count = client.read_events(only_its_heartbeats, limit=1).total  # the total counts them all
+        if count >= wait_for or time.monotonic() > deadline:
+            return count
+        time.sleep(0.5)
+
+
 def embed_states(flow_run_id: str, stems, prefix: str = "embed-") -> dict[str, str]:
     runs = task_runs(flow_run_id, expected=len(stems))
     return {s: runs[prefix + s].state.name for s in stems}
@@ -218,6 +235,10 @@ def test_second_run_is_all_cached_and_embeds_nothing(first_run, monkeypatch):
     rows = table_rows(run_id)
     assert {r["status"] for r in rows.values()} == {"cached"}
     assert sum(r["embedded"] for r in rows.values()) == 4 * EMBEDDED
+    # Heartbeats (crash detection) with a server that outlives the process: the computing run sent them, the
+    # run with nothing to compute (about a second) did not.
+    assert heartbeats(first_run["run_id"], wait_for=1) >= 1
+    assert heartbeats(run_id) == 0
 
 
 def test_nothing_to_compute_reads_and_writes_nothing(first_run):
