@@ -85,9 +85,9 @@ def embed(config: EmbedConfig):
     return outcome, seen.pop()
 
 
-def task_runs(flow_run_id: str, expected: int, timeout: float = 60.0) -> dict:
-    """The flow run's task runs by name, once `expected` of them are in a final state (task-run states reach the
-    server as events, recorded a moment later)."""
+def task_runs(flow_run_id: str, expected: int, timeout: float = 60.0, names=()) -> dict:
+    """The flow run's task runs by name, once `expected` of them, and every one in `names`, are in a final state
+    (task-run states reach the server as events, recorded a moment later and not in order)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -95,8 +95,8 @@ def task_runs(flow_run_id: str, expected: int, timeout: float = 60.0) -> dict:
     while True:
         with get_client(sync_client=True) as client:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        final = [r for r in runs if r.state and r.state.is_final()]
-        if len(final) >= expected or time.monotonic() > deadline:
+        final = [r.name for r in runs if r.state and r.state.is_final()]
+        if (len(final) >= expected and set(names) <= set(final)) or time.monotonic() > deadline:
             return {r.name: r for r in runs}
         time.sleep(0.5)
 
@@ -126,7 +126,8 @@ def heartbeats(flow_run_id: str, wait_for: int = 0, timeout: float = 60.0) -> in
 
 
 def embed_states(flow_run_id: str, stems, prefix: str = "embed-") -> dict[str, str]:
-    runs = task_runs(flow_run_id, expected=len(stems))
+    # The indexing and report task runs count as final too: wait for these shards' own.
+    runs = task_runs(flow_run_id, expected=len(stems), names=[prefix + s for s in stems])
     return {s: runs[prefix + s].state.name for s in stems}
 
 
