@@ -186,20 +186,16 @@ def _record_lost_run(future, reason: str) -> None:
 def run(config: EmbedConfig, on_shard_done=None) -> dict:
     """Run the flow with the Dask task runner this config asks for (local GPUs, CPU workers, or a scheduler)."""
     prefect_env.set_defaults()  # for the processes this run starts (Dask workers, a temporary API server)
-    nothing_to_do = nothing_to_compute(config)
-    if nothing_to_do:
+    if nothing_to_compute(config):
         # Every shard's output is finished: the flow run still records each shard (its task run Cached, from the
         # task cache, in threads of this process), but no Dask cluster starts and no model loads.
         runner = ThreadPoolTaskRunner()
+        # Such a flow run lasts about a second and needs no heartbeats (crash detection), whose thread the flow
+        # waits for as it ends: up to a second, as it sleeps in one-second steps.
+        settings = temporary_settings(updates={"flows.heartbeat_frequency": None})
     else:
         runner = DaskTaskRunner(**cluster.task_runner_kwargs(config))
-    # Flow-run heartbeats let a server that outlives this process mark the run Crashed should the process die. The
-    # temporary server a run starts without PREFECT_API_URL stops with this process, so none would ever be missed
-    # there; and a run with nothing to compute lasts about a second. In both, leave them off: the flow run's end
-    # waits for their thread, which sleeps in one-second steps (up to a second per run, half on average).
-    heartbeats_needed = bool(PREFECT_API_URL.value()) and not nothing_to_do
-    settings = contextlib.nullcontext() if heartbeats_needed else temporary_settings(
-        updates={"flows.heartbeat_frequency": None})
+        settings = contextlib.nullcontext()
     hooks = _RunInProcess(on_shard_done)
     token = _this_run.set(hooks)
     try:
@@ -232,6 +228,7 @@ def _check_api_access() -> None:
     environment and the settings context Prefect sends with each task)."""
     import httpx
     from prefect.client.orchestration import get_client
+
     url = PREFECT_API_URL.value()
     apiserver.wait(url)  # where it is this run's temporary server, until it answers
     try:
@@ -255,7 +252,11 @@ def _api_for_workers():
     background, or one started now: flows.apiserver), and each Dask worker process, not knowing it, would start
     one of its own on the same SQLite file (slow, "database is locked"). Give its URL to this run's client and to
     the workers with the run's settings (it may still be booting: apiserver.wait). Workers on other nodes cannot
-    reach it: with --dask-address, set PREFECT_API_URL to a server every node reaches."""
+    reach it: with --dask-address, set PREFECT_API_URL to a server every node reaches.
+
+    Flow-run heartbeats stay off there: they let a server that outlives this process mark the run Crashed should
+    the process die, and this one stops with it, so none could be missed; the flow run's end would wait for their
+    thread, which sleeps in one-second steps (up to a second per run)."""
     if PREFECT_API_URL.value():
         return contextlib.nullcontext()
-    return temporary_settings(updates={PREFECT_API_URL: apiserver.api_url()})
+    return temporary_settings(updates={PREFECT_API_URL: apiserver.api_url(), "flows.heartbeat_frequency": None})
