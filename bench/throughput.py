@@ -187,7 +187,7 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
     its `switch_interval` sets the workers' GIL switch interval for it (else it stays as it is: Python's 5 ms
     unless an earlier variant changed it), and its `worker_env` (name -> value, None to unset) the workers'
     environment variables."""
-    from distributed import Client, LocalCluster
+    from distributed import Client, LocalCluster, get_task_stream
 
     import flows.embed as fe
     from wdsembed.config import EmbedConfig
@@ -228,9 +228,11 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
                     client.run(sys.setswitchinterval, more.pop("switch_interval"))
                 if "worker_env" in more:  # environment variables the Worker reads per run (None: unset)
                     client.run(_set_env, more.pop("worker_env"))
+                if "flow_env" in more:  # environment variables the flow reads per run, in this process
+                    _set_env(more.pop("flow_env"))
                 switch = next(iter(client.run(sys.getswitchinterval).values()))
                 start, started = time.perf_counter(), time.time()
-                with sampler:
+                with sampler, get_task_stream(client) as stream:
                     if through == "flow":
                         manifest = fe.run(config(folder, True, **more))
                     else:  # the same shards on the same cluster through the Python API: Dask, no Prefect
@@ -241,11 +243,16 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
                         manifest["totals"] = {"embedded_this_run": sum(r["embedded"]
                                                                        for r in manifest["shards"].values())}
                 wall = time.perf_counter() - start
+                # When each embedding task's function (Prefect's task engine, then the body) began on its worker.
+                computes = sorted(ss["start"] for t in stream.data if "embed_and_log" in str(t.get("key"))
+                                  for ss in t.get("startstops", ()) if ss.get("action") == "compute")
                 embedded = manifest["totals"]["embedded_this_run"]
                 runs[name].append({"images_per_second": round(embedded / wall, 1), "images": embedded,
                                    "wall_seconds": round(wall, 2), "gpu_idle_fraction": idle_fraction(manifest),
                                    "switch_interval_s": switch, **embedding_spans(manifest, wall, started),
-                                   "fidelity": _fidelity_record(manifest.get("fidelity"))})
+                                   "fidelity": _fidelity_record(manifest.get("fidelity")),
+                                   **({"task_computes_s": [round(c - started, 3) for c in computes[:4]]}
+                                      if computes else {})})
         peaks = client.run(_peaks)
         sampled = sampler.peak_bytes()  # None where NVML lists no worker process (another PID namespace)
         memory = {"gpus": n_gpus,
@@ -377,14 +384,16 @@ def orchestration(run: dict, started: float, wall: float, bodies: list[tuple[flo
     """The run's own steps (the manifest's timeline) around its task bodies: until the flow's body starts, the
     planning (indexing, finding finished outputs), the submitting, from the last submit until the first task's body
     starts on a worker (negative where the first task began before the last was submitted), from the last task's
-    body end until its result is back in the flow, and from the report's start until the run has returned."""
+    body end until its result is back in the flow, and from the report's start until the run has returned; and
+    where the flow let its first task start alone (flows.embed._head_start), how long that took from the planning."""
     first, last = min(a for a, _ in bodies), max(b for _, b in bodies)
     planned = run.get("planned", run["start"])
     submitted = run.get("submitted", planned)
     return {name: round(value, 3) for name, value in {
         "to_flow_start": run["start"] - started, "plan": planned - run["start"], "submit": submitted - planned,
         "to_first_task": first - submitted, "last_task_to_flow": run["collected"] - last,
-        "to_report": run["report"] - run["collected"], "report_and_end": started + wall - run["report"]}.items()}
+        "to_report": run["report"] - run["collected"], "report_and_end": started + wall - run["report"],
+        **({"head_start": run["first_started"] - planned} if "first_started" in run else {})}.items()}
 
 
 def idle_fraction(manifest: dict) -> float:
@@ -670,6 +679,8 @@ def main() -> int:
     p.add_argument("--worker-env", nargs=3, metavar=("REPEATS", "NAME", "VALUE"),
                    help="run the full flow with the workers' environment variable NAME unset and set to VALUE, in "
                         "turn, REPEATS times each (a Worker setting read per run, such as WDSEMBED_READ_AHEAD)")
+    p.add_argument("--flow-env", nargs=3, metavar=("REPEATS", "NAME", "VALUE"),
+                   help="as --worker-env, for a variable the flow reads in this process")
     p.add_argument("--shards-per-gpu", type=int, metavar="N",
                    help="shards each GPU worker holds at once (default: wdsembed.cluster.SHARDS_PER_GPU): one in its "
                         "pipeline, the others' bookkeeping and writes overlapping it")
@@ -740,13 +751,18 @@ def main() -> int:
         if "dali" not in args.skip:
             row["dali_only"] = _stage(bench_dali, name, data, device, batch_size, threads)
             print(f"{name}: (b) DALI only {row['dali_only'].get('images_per_second', 0):,.0f} img/s", flush=True)
-        if "flow" not in args.skip and (args.fidelity_cost or args.layers or args.switch_interval or args.worker_env):
+        if "flow" not in args.skip and (args.fidelity_cost or args.layers or args.switch_interval or args.worker_env
+                                         or args.flow_env):
             shutil.rmtree(out, ignore_errors=True)
             if args.fidelity_cost:  # issue #12: the check's cost
                 pair = ({"check_on": {}, "check_off": {"fidelity_sample": 0}}, "full_flow_no_check", "fidelity_cost")
             elif args.worker_env:  # a Worker setting read from the environment, at its default and at VALUE
                 _, var, value = args.worker_env
                 pair = ({"env_default": {"worker_env": {var: None}}, "env_set": {"worker_env": {var: value}}},
+                        "full_flow_env_set", "env_default_cost")
+            elif args.flow_env:  # a setting the flow reads from the environment, at its default and at VALUE
+                _, var, value = args.flow_env
+                pair = ({"env_default": {"flow_env": {var: None}}, "env_set": {"flow_env": {var: value}}},
                         "full_flow_env_set", "env_default_cost")
             elif args.switch_interval:  # the GIL's hand-over latency: Python's 5 ms against a shorter interval
                 pair = ({"switch_5ms": {"switch_interval": 0.005},
@@ -757,7 +773,7 @@ def main() -> int:
             variants, other_key, cost_key = pair
             both = _stage(bench_flow, name, data, warm, out, device, batch_size, threads, 1,
                           args.fidelity_cost or args.layers
-                          or int((args.switch_interval or args.worker_env)[0]), variants=variants)
+                          or int((args.switch_interval or args.worker_env or args.flow_env)[0]), variants=variants)
             if "error" in both:
                 row["full_flow"] = both
             else:

@@ -89,14 +89,20 @@ def embed_dataset(config: EmbedConfig) -> dict:
     # time, one in its pipeline, the others' bookkeeping and writing overlapping it (cluster.SHARDS_PER_GPU). Asked of
     # this run's own Dask client (its cluster starts here if it has not yet), before anything is submitted.
     gpu_share = {"GPU": cluster.GPU_SHARE_PER_SHARD}
-    annotations = {"resources": gpu_share} if cluster.gpu_slots_declared(_dask_client()) else {}
+    client = _dask_client()
+    annotations = {"resources": gpu_share} if cluster.gpu_slots_declared(client) else {}
     groups = shard_groups(plans, config.shards_per_task)
     if len(groups) < len(plans):
         logger.info("%d task runs of up to %d shards each", len(groups), len(groups[0]))
     timeline["planned"] = time.time()
-    with dask.annotate(**annotations):
-        futures = {(cached_task if all(p.stem in finished for p in group) else fresh_task).submit(config, group):
-                   group for group in groups}
+    with dask.annotate(**annotations), _task_starts(client) as starts:
+        futures = {}
+        for group in groups:
+            future = (cached_task if all(p.stem in finished for p in group) else fresh_task).submit(config, group)
+            futures[future] = group
+            if starts and len(futures) == 1 and len(groups) > 1:  # the first task starts alone, then the others
+                starts.wait(group[0].stem, FIRST_TASK_HEAD_START_S, done=future.wrapped_future.done)
+                timeline["first_started"] = time.time()
     timeline["submitted"] = time.time()
 
     results, failures = [], {}
@@ -130,6 +136,22 @@ def embed_dataset(config: EmbedConfig) -> dict:
 # Built as flow(...)(function), like the tasks: Dask pickles the run context, which holds the flow, and a
 # function shadowed by its Flow object could only be pickled by value, with every global it reads.
 embed_flow = flow(name="embed-shards", log_prints=True)(embed_dataset)
+
+
+# The longest the first embedding task is let to start alone before the others are submitted (seconds). Submitted
+# together, the others' submits hold this process's GIL (Prefect serializes its whole context for each one) while
+# Dask's scheduler, on a thread of this same process, hands the first task out, and the worker starts their task
+# engines beside the first one's: the GPU waits for all of it. Let to start alone (until its body announces its
+# start, wdsembed.cluster.TaskStarts), 16-shard runs on an H200 were 2-4% faster in paired runs
+# (docs/benchmarks.md, twenty-third session); the others still start long before the first shard ends.
+FIRST_TASK_HEAD_START_S = 2.0
+
+
+def _task_starts(client) -> contextlib.AbstractContextManager:
+    """The task starts that this run's Dask workers announce (nothing to hear without Dask)."""
+    from prefect.runtime import flow_run
+
+    return cluster.TaskStarts(client, str(flow_run.id)) if client is not None else contextlib.nullcontext()
 
 
 def _dask_client():

@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import task
 from prefect.context import TaskRunContext
 
-from wdsembed import caching, faults, shard, storage
+from wdsembed import caching, cluster, faults, shard, storage
 from wdsembed.config import EmbedConfig
 from wdsembed.shard import ShardPlan, ShardsFailed
 
@@ -50,6 +50,7 @@ def retry_if_transient(task_, task_run, state) -> bool:
 def embed_and_log(config: EmbedConfig, plans: list[ShardPlan]) -> list[dict]:
     """Embed, validate and write the group's shards on this worker's GPU (or CPU); a line per shard in the task
     run's log."""
+    _announce_start(plans)
     log = _run_logger()
     try:
         results = shard.process_shards(config, plans)
@@ -61,6 +62,14 @@ def embed_and_log(config: EmbedConfig, plans: list[ShardPlan]) -> list[dict]:
     for result in dicts:
         _log_result(log, result)
     return dicts
+
+
+def _announce_start(plans: list[ShardPlan]) -> None:
+    """The flow run waits for its first task's start before it submits the others (flows.embed)."""
+    from prefect.runtime import flow_run
+
+    if flow_run.id and plans:
+        cluster.announce_task_start(str(flow_run.id), plans[0].stem)
 
 
 def _log_result(log, r: dict) -> None:

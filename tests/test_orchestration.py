@@ -616,6 +616,27 @@ def test_gpu_resource_keeps_two_shards_off_one_worker(tmp_path, one_worker_clust
     check_outputs(config, STEMS4)
 
 
+@pytest.mark.parametrize("one_worker_cluster", [{"GPU": 1}], indirect=True)
+def test_first_task_starts_alone_before_the_rest_are_submitted(tmp_path, one_worker_cluster):
+    """The flow lets its first embedding task start on the worker before it submits the others (flows.embed.
+    _head_start): their submits and task engines would otherwise delay the first shard's start. The worker has a
+    thread for each of them, so without the head start their task runs begin beside the first one's."""
+    data = make_dataset(tmp_path / "in", n_shards=4)
+    config = make_config(data, tmp_path / "out", dask_address=one_worker_cluster.scheduler_address, n_workers=None)
+    manifest, flow_run_id = embed(config)
+    assert isinstance(manifest, dict), manifest
+    assert manifest["totals"]["computed"] == 4 and not manifest["failed_shards"]
+    runs = task_runs(flow_run_id, expected=4, names=[f"embed-{s}" for s in STEMS4])
+    first = runs[f"embed-{STEMS4[0]}"]
+    # Every other task run began (Pending, on the worker) after the first one was Running, its body under way.
+    for stem in STEMS4[1:]:
+        assert runs[f"embed-{stem}"].expected_start_time > first.start_time, (stem, runs[f"embed-{stem}"], first)
+    timeline = manifest["timeline"]
+    assert timeline["planned"] < timeline["first_started"] <= timeline["submitted"]
+    assert manifest["shards"][STEMS4[0]]["timeline"]["start"] <= timeline["submitted"]
+    check_outputs(config, STEMS4)
+
+
 @pytest.mark.parametrize("one_worker_cluster", [None], indirect=True)
 def test_worker_serialises_shards_where_no_resource_is_declared(tmp_path, one_worker_cluster):
     """Workers that declare nothing (any external scheduler): several shards can reach one worker's threads at

@@ -85,3 +85,62 @@ def task_runner_kwargs(config: EmbedConfig) -> dict:
             "env": {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n_workers))},
         },
     }
+
+
+# Workers announce each embedding task's start on this Dask topic (the scheduler keeps a bounded log per topic), so
+# that a run can let its first task start alone before it submits the others (flows.embed).
+TASK_STARTED_TOPIC = "wdsembed-task-started"
+
+
+def announce_task_start(run_id: str, stem: str) -> None:
+    """On a Dask worker, tell the scheduler, and the clients listening (TaskStarts), that the task of run `run_id`
+    whose first shard is `stem` has begun; nothing elsewhere. One message on the worker's open connection: no
+    client, no round trip."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):  # not in a Dask task
+        return
+    worker.log_event(TASK_STARTED_TOPIC, {"run": run_id, "stem": stem})
+
+
+class TaskStarts:
+    """The task starts that workers announce for run `run_id` (announce_task_start), heard through `client`'s
+    subscription to the topic while in the `with` block; `wait` blocks until a given one is heard."""
+
+    def __init__(self, client, run_id: str):
+        import threading
+
+        self.client, self.run_id = client, run_id
+        self._heard: set[str] = set()
+        self._changed = threading.Condition()
+
+    def __enter__(self) -> "TaskStarts":
+        # Sent ahead of any task submitted after it, on the same connection: no start can be missed.
+        self.client.subscribe_topic(TASK_STARTED_TOPIC, self._on_event)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.client.unsubscribe_topic(TASK_STARTED_TOPIC)
+
+    def _on_event(self, event) -> None:  # on the client's event loop
+        _, msg = event
+        if isinstance(msg, dict) and msg.get("run") == self.run_id:
+            with self._changed:
+                self._heard.add(msg.get("stem"))
+                self._changed.notify_all()
+
+    def wait(self, stem: str, timeout: float, done=lambda: False, poll: float = 0.05) -> bool:
+        """Whether the task whose first shard is `stem` started within `timeout` seconds; gives up early once
+        `done()` (a task that ends without running its body, e.g. from Prefect's cache, announces nothing)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while stem not in self._heard:
+                left = deadline - time.monotonic()
+                if left <= 0 or done():
+                    return False
+                self._changed.wait(min(left, poll))
+            return True

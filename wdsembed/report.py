@@ -98,9 +98,9 @@ def totals(results: list[dict], wall_seconds: float) -> dict:
 
 def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str, str], wall_seconds: float,
                    timeline: Optional[dict] = None) -> dict:
-    """The run's manifest. `timeline`: the run's own steps as epoch seconds (start, planned, submitted, collected:
-    the last shard's result back), to which the report's start is added; with each shard's own timeline, it shows
-    where a run spends the time outside its shards."""
+    """The run's manifest. `timeline`: the run's own steps as epoch seconds (start, planned, first_started: the
+    first task let to start alone, submitted, collected: the last shard's result back), to which the report's start
+    is added; with each shard's own timeline, it shows where a run spends the time outside its shards."""
     model = next((r.get("model") for r in results if r.get("model")), None)
     figures = shard_figures(config, results)
     return {
