@@ -618,9 +618,9 @@ def test_gpu_resource_keeps_two_shards_off_one_worker(tmp_path, one_worker_clust
 
 @pytest.mark.parametrize("one_worker_cluster", [{"GPU": 1}], indirect=True)
 def test_first_task_starts_alone_before_the_rest_are_submitted(tmp_path, one_worker_cluster):
-    """The flow lets its first embedding task start on the worker before it submits the others (flows.embed.
-    _head_start): their submits and task engines would otherwise delay the first shard's start. The worker has a
-    thread for each of them, so without the head start their task runs begin beside the first one's."""
+    """The flow lets its first embedding task start on the worker before it submits the others (flows.embed,
+    FIRST_TASK_HEAD_START_S): their submits and task engines would otherwise delay the first shard's start. The
+    worker has a thread for each of them; with the wait at 0 the first shard's body began after the last submit."""
     data = make_dataset(tmp_path / "in", n_shards=4)
     config = make_config(data, tmp_path / "out", dask_address=one_worker_cluster.scheduler_address, n_workers=None)
     manifest, flow_run_id = embed(config)
@@ -635,6 +635,26 @@ def test_first_task_starts_alone_before_the_rest_are_submitted(tmp_path, one_wor
     assert timeline["planned"] < timeline["first_started"] <= timeline["submitted"]
     assert manifest["shards"][STEMS4[0]]["timeline"]["start"] <= timeline["submitted"]
     check_outputs(config, STEMS4)
+
+
+def test_task_starts_are_heard_per_run_and_shard():
+    """What the head start waits on (wdsembed.cluster): a worker process announces a task's start on a Dask topic, and
+    a client hears those of its own run only; a wait gives up at its timeout, or at once when `done()` says the task
+    ended without announcing anything (a cached one). Outside a Dask worker an announcement is a no-op."""
+    from distributed import Client, LocalCluster
+
+    from wdsembed import cluster
+
+    cluster.announce_task_start("run-a", "00000")  # not on a worker: nothing to tell, no error
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as dask_cluster, \
+            Client(dask_cluster) as client, cluster.TaskStarts(client, "run-a") as starts:
+        client.submit(cluster.announce_task_start, "run-b", "00001", pure=False).result()
+        client.submit(cluster.announce_task_start, "run-a", "00002", pure=False).result()
+        assert starts.wait("00002", timeout=30)
+        assert not starts.wait("00001", timeout=0.5)  # another run's
+        began = time.monotonic()
+        assert not starts.wait("00003", timeout=30, done=lambda: True)
+        assert time.monotonic() - began < 5
 
 
 @pytest.mark.parametrize("one_worker_cluster", [None], indirect=True)
