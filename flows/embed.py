@@ -94,14 +94,18 @@ def embed_dataset(config: EmbedConfig) -> dict:
     groups = shard_groups(plans, config.shards_per_task)
     if len(groups) < len(plans):
         logger.info("%d task runs of up to %d shards each", len(groups), len(groups[0]))
+    # One task per worker first (Dask hands them to idle workers, one each), then the others once those began.
+    heads = cluster.worker_count(client) if client is not None else 0
     timeline["planned"] = time.time()
     with dask.annotate(**annotations), _task_starts(client) as starts:
         futures = {}
         for group in groups:
             future = (cached_task if all(p.stem in finished for p in group) else fresh_task).submit(config, group)
             futures[future] = group
-            if starts and len(futures) == 1 and len(groups) > 1:  # the first task starts alone, then the others
-                starts.wait(group[0].stem, FIRST_TASK_HEAD_START_S, done=future.wrapped_future.done)
+            if starts and len(futures) == heads < len(groups):
+                deadline = time.monotonic() + FIRST_TASK_HEAD_START_S
+                for first, first_group in futures.items():
+                    starts.wait(first_group[0].stem, deadline - time.monotonic(), done=first.wrapped_future.done)
                 timeline["first_started"] = time.time()
     timeline["submitted"] = time.time()
 
@@ -138,13 +142,14 @@ def embed_dataset(config: EmbedConfig) -> dict:
 embed_flow = flow(name="embed-shards", log_prints=True)(embed_dataset)
 
 
-# The longest the first embedding task is let to start alone before the others are submitted (seconds). Submitted
-# together, the others' submits hold this process's GIL (Prefect serializes its whole context for each one) while
-# Dask's scheduler, on a thread of this same process, hands the first task out, and the worker starts their task
-# engines beside the first one's: the GPU waits for all of it. Let to start alone (until its body announces its
-# start, wdsembed.cluster.TaskStarts), 16-shard runs on an H200 were 2-4% faster in paired runs
-# (docs/benchmarks.md, twenty-third session); the others still start long before the first shard ends.
-FIRST_TASK_HEAD_START_S = 2.0
+# The longest the first embedding tasks, one per worker, are let to start alone before the others are submitted
+# (seconds). Submitted together, the others' submits hold this process's GIL (Prefect serializes its whole context
+# for each one) while Dask's scheduler, on a thread of this same process, hands the first task out, and the worker
+# starts their task engines beside the first one's: the GPU waits for all of it. Let to start alone (until its body
+# announces its start, wdsembed.cluster.TaskStarts), 16-shard runs on an H200 were 2-4% faster in paired runs
+# (docs/benchmarks.md, twenty-third session); the others still start long before the first shard ends. The bound
+# is for cold workers, whose first task waits seconds for its imports (as would the others, on the same imports).
+FIRST_TASK_HEAD_START_S = 10.0
 
 
 def _task_starts(client) -> contextlib.AbstractContextManager:

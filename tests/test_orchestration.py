@@ -521,6 +521,10 @@ def test_existing_scheduler_with_two_workers(tmp_path):
         assert manifest["totals"]["computed"] == 3 and manifest["totals"]["embedded"] == 3 * EMBEDDED
         assert set(embed_states(run_id, ["00000", "00001", "00002"]).values()) == {"Completed"}
         check_outputs(config, ["00000", "00001", "00002"])
+        # One task per worker first (the head start), each on a worker of its own, then the third.
+        timeline = manifest["timeline"]
+        assert timeline["planned"] < timeline["first_started"] <= timeline["submitted"]
+        assert manifest["shards"]["00000"]["timeline"]["worker"] != manifest["shards"]["00001"]["timeline"]["worker"]
         with Client(address, timeout=60) as client:  # both workers still there, and both were used
             assert len(client.scheduler_info()["workers"]) == 2
     finally:

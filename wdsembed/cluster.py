@@ -52,6 +52,11 @@ def gpu_slots_declared(client, *, wait_s: float = 30.0) -> bool:
     return bool(workers) and all("GPU" in (w.get("resources") or {}) for w in workers)
 
 
+def worker_count(client) -> int:
+    """How many workers the Dask scheduler of `client` has now."""
+    return len(client.scheduler_info(n_workers=-1)["workers"])
+
+
 def task_runner_kwargs(config: EmbedConfig) -> dict:
     """Keyword arguments of DaskTaskRunner for this run."""
     if config.dask_address:
