@@ -1,12 +1,15 @@
 """Which Dask cluster runs the shard tasks: one worker per visible GPU, CPU worker processes, or a given scheduler.
 
 Returns plain keyword arguments for `prefect_dask.DaskTaskRunner`; nothing here imports Prefect or CUDA libraries,
-so a CPU-only machine never needs dask-cuda.
+so a CPU-only machine never needs dask-cuda. Also the workers' announcements of a task's start, which a run waits on
+to let its first tasks start alone (announce_task_start, TaskStarts).
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import threading
+import time
 
 from wdsembed.config import EmbedConfig
 from wdsembed.worker import set_gpu_process_environment
@@ -115,8 +118,6 @@ class TaskStarts:
     subscription to the topic while in the `with` block; `wait` blocks until a given one is heard."""
 
     def __init__(self, client, run_id: str):
-        import threading
-
         self.client, self.run_id = client, run_id
         self._heard: set[str] = set()
         self._changed = threading.Condition()
@@ -139,8 +140,6 @@ class TaskStarts:
     def wait(self, stem: str, timeout: float, done=lambda: False, poll: float = 0.05) -> bool:
         """Whether the task whose first shard is `stem` started within `timeout` seconds; gives up early once
         `done()` (a task that ends without running its body, e.g. from Prefect's cache, announces nothing)."""
-        import time
-
         deadline = time.monotonic() + timeout
         with self._changed:
             while stem not in self._heard:
