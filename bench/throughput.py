@@ -190,6 +190,7 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
     from distributed import Client, LocalCluster, get_task_stream
 
     import flows.embed as fe
+    from tasks.embed import embed_and_log
     from wdsembed.config import EmbedConfig
 
     if device.startswith("cuda"):
@@ -244,7 +245,7 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
                                                                        for r in manifest["shards"].values())}
                 wall = time.perf_counter() - start
                 # When each embedding task's function (Prefect's task engine, then the body) began on its worker.
-                computes = sorted(ss["start"] for t in stream.data if "embed_and_log" in str(t.get("key"))
+                computes = sorted(ss["start"] for t in stream.data if embed_and_log.__name__ in str(t.get("key"))
                                   for ss in t.get("startstops", ()) if ss.get("action") == "compute")
                 embedded = manifest["totals"]["embedded_this_run"]
                 runs[name].append({"images_per_second": round(embedded / wall, 1), "images": embedded,
@@ -385,7 +386,8 @@ def orchestration(run: dict, started: float, wall: float, bodies: list[tuple[flo
     planning (indexing, finding finished outputs), the submitting, from the last submit until the first task's body
     starts on a worker (negative where the first task began before the last was submitted), from the last task's
     body end until its result is back in the flow, and from the report's start until the run has returned; and
-    where the flow let its first task start alone (flows.embed._head_start), how long that took from the planning."""
+    where the flow let its first tasks start alone (flows.embed, FIRST_TASK_HEAD_START_S), how long that took from
+    the planning."""
     first, last = min(a for a, _ in bodies), max(b for _, b in bodies)
     planned = run.get("planned", run["start"])
     submitted = run.get("submitted", planned)
@@ -756,13 +758,11 @@ def main() -> int:
             shutil.rmtree(out, ignore_errors=True)
             if args.fidelity_cost:  # issue #12: the check's cost
                 pair = ({"check_on": {}, "check_off": {"fidelity_sample": 0}}, "full_flow_no_check", "fidelity_cost")
-            elif args.worker_env:  # a Worker setting read from the environment, at its default and at VALUE
-                _, var, value = args.worker_env
-                pair = ({"env_default": {"worker_env": {var: None}}, "env_set": {"worker_env": {var: value}}},
-                        "full_flow_env_set", "env_default_cost")
-            elif args.flow_env:  # a setting the flow reads from the environment, at its default and at VALUE
-                _, var, value = args.flow_env
-                pair = ({"env_default": {"flow_env": {var: None}}, "env_set": {"flow_env": {var: value}}},
+            elif args.worker_env or args.flow_env:  # a setting read from the environment (the workers' or the
+                # flow's), at its default and at VALUE
+                where = "worker_env" if args.worker_env else "flow_env"
+                _, var, value = args.worker_env or args.flow_env
+                pair = ({"env_default": {where: {var: None}}, "env_set": {where: {var: value}}},
                         "full_flow_env_set", "env_default_cost")
             elif args.switch_interval:  # the GIL's hand-over latency: Python's 5 ms against a shorter interval
                 pair = ({"switch_5ms": {"switch_interval": 0.005},
