@@ -337,12 +337,17 @@ def embedding_spans(manifest: dict, wall: float, started: Optional[float] = None
     bodies = [(s["timeline"]["start"], s["timeline"]["end"]) for s in shards
               if {"start", "end"} <= s["timeline"].keys()]
     # The median seconds of each step of a shard after its embedding (wdsembed.shard.process_shard's timeline).
+    # (the validation runs beside the writes: its span is part of theirs)
+    step_bounds = {"table": ("embed_end", "table"), "fidelity": ("table", "checked"),
+                   "validate": ("checked", "validated"), "write": ("checked", "end")}
     steps = {}
-    for name, (a, b) in {"table": ("embed_end", "table"), "validate": ("table", "validated"),
-                         "fidelity": ("validated", "checked"), "write": ("checked", "end")}.items():
+    for name, (a, b) in step_bounds.items():
         spans = [s["timeline"][b] - s["timeline"][a] for s in shards if a in s["timeline"] and b in s["timeline"]]
         if spans:
             steps[name] = round(statistics.median(spans), 3)
+    # The shard whose embedding ended last: its steps are the run's tail, which no other shard's stream overlaps.
+    tail = max(shards, key=lambda s: s["timeline"]["embed_end"])["timeline"]
+    last_steps = {name: round(tail[b] - tail[a], 3) for name, (a, b) in step_bounds.items() if {a, b} <= tail.keys()}
     return {"in_shard_images_per_second": round(sum(n / t for n, t in per_worker.values() if t > 0), 1),
             "seconds_outside_embedding": round(wall - (last - first), 2),
             # of which: from the run's start to the first shard's embedding, and after the last one's; and within
@@ -357,7 +362,8 @@ def embedding_spans(manifest: dict, wall: float, started: Optional[float] = None
             **({"orchestration_seconds": orchestration(manifest["timeline"], started, wall, bodies)}
                if started and bodies and {"start", "collected", "report"} <= (manifest.get("timeline") or {}).keys()
                else {}),
-            "seconds_per_shard_after_embedding": steps}
+            "seconds_per_shard_after_embedding": steps,
+            "last_shard_after_embedding": last_steps}
 
 
 def model_stream(shards: list[dict]) -> dict:

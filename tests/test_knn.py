@@ -71,17 +71,17 @@ def test_full_tables_keep_every_row_and_the_view_only_embedded_ones(run):
     assert len(embedded_rows(run)) == 10
 
 
-def test_the_view_stores_embeddings_uncompressed_and_the_full_table_compressed(run):
-    """The view's embeddings are written as they are (cheaper to write in a GPU worker, and to read); the full
-    table keeps snappy for every column."""
+def test_float32_embeddings_are_stored_uncompressed_in_the_view_and_the_full_table(run):
+    """Normalized (float32) embeddings are written as they are, in the view and the full table alike (cheaper to
+    write in a GPU worker, and to read); every other column keeps snappy."""
     def codecs(path):
         meta = pq.ParquetFile(path).metadata
         return {meta.schema.column(i).path.split(".")[0]: meta.row_group(0).column(i).compression
                 for i in range(meta.num_columns)}
 
     view, full = codecs(run / "_embeddings" / "00000.parquet"), codecs(run / "00000.parquet")
-    assert view[EMB] == "UNCOMPRESSED" and view["key"] == "SNAPPY"
-    assert set(full.values()) == {"SNAPPY"}
+    assert view[EMB] == full[EMB] == "UNCOMPRESSED" and view["key"] == "SNAPPY"
+    assert {name for name, codec in full.items() if codec != "SNAPPY"} == {EMB}
 
 
 def test_embedding_reader_reads_a_runs_output(run):

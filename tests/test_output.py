@@ -194,11 +194,9 @@ def _codecs(url: str) -> dict[str, tuple[str, tuple]]:
                                          meta.row_group(0).column(i).encodings) for i in range(meta.num_columns)}
 
 
-@pytest.mark.parametrize("compress", [True, False])
-def test_bfloat16_valued_embeddings_are_split_into_byte_streams_and_zstd_compressed(tmp_path, compress):
-    """A bfloat16 model's float32 values (low 16 bits zero) are stored byte-stream-split and zstd-compressed, in
-    the full table and the kNN view alike, and read back bit for bit; float32 values keep snappy (full table) or
-    no compression (view); other columns, nested lists included, keep snappy."""
+def test_bfloat16_valued_embeddings_are_split_into_byte_streams_and_zstd_compressed(tmp_path):
+    """A bfloat16 model's float32 values (low 16 bits zero) are stored byte-stream-split and zstd-compressed and
+    read back bit for bit; float32 values are not compressed; other columns, nested lists included, keep snappy."""
     import torch
 
     rng = np.random.default_rng(0)
@@ -215,7 +213,7 @@ def test_bfloat16_valued_embeddings_are_split_into_byte_streams_and_zstd_compres
                                                         pa.array(values.reshape(-1))),
         })
         url = str(tmp_path / f"{name}.parquet")
-        write_parquet_atomic(table, url, fs, {"v": 1}, compress_embeddings=compress)
+        write_parquet_atomic(table, url, fs, {"v": 1})
         back = pq.read_table(url)
         got = np.asarray(back.column("image_embedding").combine_chunks().values).reshape(n, dim)
         assert got.view(np.uint32).tolist() == values.view(np.uint32).tolist()  # bit for bit
@@ -226,7 +224,7 @@ def test_bfloat16_valued_embeddings_are_split_into_byte_streams_and_zstd_compres
         if name == "bf16":
             assert codec == "ZSTD" and "BYTE_STREAM_SPLIT" in encodings
         else:
-            assert codec == ("SNAPPY" if compress else "UNCOMPRESSED") and "BYTE_STREAM_SPLIT" not in encodings
+            assert codec == "UNCOMPRESSED" and "BYTE_STREAM_SPLIT" not in encodings
     assert sizes["bf16"] < 0.6 * sizes["fp32"]
 
 
@@ -539,6 +537,46 @@ def test_a_shard_whose_view_cannot_be_written_is_not_finished(tmp_path):
     view = pq.read_table(embeddings_view_url(str(out), "00001"))
     assert view.column("key").to_pylist() == ["1000000", "1000003", "1000005"]
     assert pq.read_table(out / "00001.parquet").num_rows == 6
+
+
+def test_a_table_that_fails_validation_appears_nowhere(tmp_path):
+    """The validation runs while the table and its kNN view are written; where it fails, neither file appears, no
+    temp file is left, and its error is what is raised. A valid table written the same way appears with its view."""
+    import time
+
+    from wdsembed.config import EmbedConfig
+    from wdsembed.output import EMBEDDINGS_FOLDER, embeddings_view_url
+    from wdsembed.shard import ShardPlan, ShardResult, write_output
+    from wdsembed.validate import validate_table
+
+    out = tmp_path / "out"
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(out))  # normalizing: unit norms expected
+    plan = ShardPlan(shard=str(tmp_path / "in" / "00001.tar"), stem="00001", fingerprint="f", rows=None,
+                     index=None, output=str(out / "00001.parquet"), expected_samples=None)
+    full = _shard_with_failures(1)
+    result = ShardResult(shard=plan.shard, stem="00001", output=plan.output, rows=6, embedded=3, dim=DIM)
+    problems = validate_table(config, full, dim=DIM)
+    assert problems and "L2 norm" in problems[0]  # the test rows' embeddings are not unit vectors
+
+    def temp_files() -> list[str]:
+        return sorted(p.name for p in out.rglob(".*.tmp-*"))
+
+    seen = {}
+
+    def check() -> None:
+        deadline = time.monotonic() + 60
+        while len(temp_files()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        seen["writing"] = temp_files()  # both files begun, neither in place: the check runs beside them
+        raise ValueError("shard 00001: output not written, it fails validation: " + "; ".join(problems))
+
+    with pytest.raises(ValueError, match="fails validation: L2 norm"):
+        write_output(config, plan, full, "k", result, check)
+    assert [name.split(".tmp-")[0] for name in seen["writing"]] == [".00001.parquet"] * 2  # the table's, the view's
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [EMBEDDINGS_FOLDER]  # nothing, no temp files
+    write_output(config, plan, full, "k", result, lambda: None)
+    assert pq.read_table(out / "00001.parquet").num_rows == 6
+    assert pq.read_table(embeddings_view_url(str(out), "00001")).num_rows == 3
 
 
 @pytest.mark.parametrize("where", ["file", "memory"])

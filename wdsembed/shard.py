@@ -6,8 +6,9 @@
         tar      = TarRead(config, plan)               # (key, bytes) in archive order; damage, repeats, stale .idx
         embedded = worker.embed(tar.images())          # DALI + model; a bad image costs only itself
         table    = join_rows(rows, embedded, tar)      # every row by key, embedded or with its reason
-        problems = validate_table(table)              # rows, dimension, finite, norms: before anything is written
-        write_output(table, plan, key)                # whole or not at all, the cache key in its footer
+        write_output(table, plan, key, check)         # whole or not at all, the cache key in its footer; the
+                                                      # validation (rows, dimension, finite, norms) runs beside
+                                                      # the writes, and nothing appears unless it passes
 
 `process_shards` runs a group of shards and raises one `ShardsFailed` for those that failed. Nothing here imports
 Prefect.
@@ -194,10 +195,13 @@ def process_shard(
         missing_reason=tar.missing_reason,
     )
     timeline["table"] = time.time()
-    problems = validate_table(config, table, dim=worker.loaded.dim, expected_embedded=len(keys))
-    timeline["validated"] = time.time()
-    if problems:
-        raise ValueError(f"shard {plan.shard}: output not written, it fails validation: " + "; ".join(problems))
+
+    def check() -> None:
+        problems = validate_table(config, table, dim=worker.loaded.dim, expected_embedded=len(keys))
+        timeline["validated"] = time.time()
+        if problems:
+            raise ValueError(f"shard {plan.shard}: output not written, it fails validation: " + "; ".join(problems))
+
     n_embedded = len(keys)
     record = fidelity.check_sample(worker, chosen, keys, embeddings, failures, config.max_image_pixels or None,
                                    reference)
@@ -219,7 +223,7 @@ def process_shard(
         timeline=timeline,
         fidelity=record,
     )
-    write_output(config, plan, table, key, result)
+    write_output(config, plan, table, key, result, check)
     result.seconds = time.perf_counter() - start
     timeline["end"] = time.time()
     return result
@@ -371,22 +375,28 @@ class TarRead:
         return tarstream.MalformedShardError(self.plan.shard, 0, f"not a tar file, {what}: {exc.reason}")
 
 
-def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: ShardResult) -> None:
-    """OUTPUT/<stem>.parquet, whole or not at all, with the cache key and the result in its footer."""
+def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: ShardResult,
+                 check: Callable[[], None] = lambda: None) -> None:
+    """OUTPUT/<stem>.parquet and its kNN view, whole or not at all, with the cache key and the result in the
+    table's footer. `check` (the table's validation) runs while both are written; where it raises, neither
+    appears and its error is raised."""
     fs, path = storage.filesystem(plan.output, config.storage_options)
     if storage.is_local(fs):  # object stores have no folders (and s3fs's makedirs would create a bucket)
         fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     run_only = ("cached", "seconds", "images_per_second", "timeline")  # this run's, not the output's
     stored = {k: v for k, v in result.to_dict().items() if k not in run_only}
     try:
-        # The kNN view is written in a thread while the table is (two large files: half the time), and the table,
-        # which marks the shard finished, appears only once its view has: a finished shard always has its view.
-        with ThreadPoolExecutor(1, thread_name_prefix="wdsembed-view") as pool:
-            view = pool.submit(output.write_embeddings_view, table, config, plan.stem, cache_key=key)
+        # Three threads: the check, the kNN view and the table (two large files: half the time). Each file appears
+        # only once the check has passed, and the table, which marks the shard finished, only once its view has: a
+        # finished shard always has its view. At the run's end the last shard's check and writes are its tail.
+        with ThreadPoolExecutor(2, thread_name_prefix="wdsembed-write") as pool:
+            checked = pool.submit(check)
+            view = pool.submit(output.write_embeddings_view, table, config, plan.stem, cache_key=key,
+                               before_commit=checked.result)
             output.write_parquet_atomic(
                 table, path, fs, metadata={"cache_key": key, "normalized": config.normalize_embeddings,
                                            "result": stored},
-                before_commit=view.result,
+                before_commit=lambda: (checked.result(), view.result()),
             )
     except PermissionError as exc:  # s3fs says only "Access Denied"; not retried (faults.is_transient)
         raise PermissionError(f"cannot write {plan.output}: {exc}") from exc
