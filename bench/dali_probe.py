@@ -68,7 +68,7 @@ def main() -> int:
     from wdsembed.config import EmbedConfig
     from wdsembed.pipeline import ImagePipeline
     from wdsembed.imagesize import image_size
-    from wdsembed.preprocess import dali_preprocess, feed_geometry, split_geometry, stack_geometry
+    from wdsembed.preprocess import dali_preprocess, feed_geometry, split_geometry
 
     tars, samples = photographs(args.images)
     B, T = args.batch_size, args.threads
@@ -108,8 +108,7 @@ def main() -> int:
     n_samples = len(samples)
 
     def geometry_of(i):  # batch i of a stream that wraps around the samples, as the reader does
-        idx = np.arange(i * B, (i + 1) * B) % n_samples
-        return recipe.geometry(sizes[idx, 0], sizes[idx, 1])
+        return recipe.source_geometry(sizes[np.arange(i * B, (i + 1) * B) % n_samples])
 
     geometries = [geometry_of(i) for i in range(steps)]
 
@@ -125,8 +124,7 @@ def main() -> int:
             batches = iter(range(1 << 62))
 
             def next_geometry():
-                g = geometry_of(next(batches))
-                return stack_geometry(g, recipe)
+                return geometry_of(next(batches))
 
             geometry = split_geometry(fn.external_source(source=next_geometry, dtype=types.FLOAT, ndim=2), recipe)
         return dali_preprocess(jpg, recipe, decode, geometry=geometry)
@@ -151,7 +149,7 @@ def main() -> int:
                 def feed(i):
                     pipe.feed_input("enc", batches[i])
                     if graph_fn is ours:
-                        feed_geometry(pipe, geometries[i], recipe)
+                        feed_geometry(pipe, geometries[i])
 
                 def run_fed():
                     for i in range(len(batches)):  # two in flight, as ImagePipeline keeps them
@@ -248,7 +246,7 @@ def ladder(args: argparse.Namespace) -> int:
     arrays = [[np.frombuffer(d, np.uint8) for d in batch] for batch in datas]
     views = [[TensorCPU(a) for a in batch] for batch in arrays]
     sizes = [np.array([image_size(d) for d in batch], dtype=np.int64) for batch in datas]
-    geometries = [recipe.geometry(s[:, 0], s[:, 1]) for s in sizes]
+    geometries = [recipe.source_geometry(s) for s in sizes]
     tar_bytes = []
     for tar in tars:
         with open(tar, "rb") as f:
@@ -279,11 +277,11 @@ def ladder(args: argparse.Namespace) -> int:
 
     def feed_np(pipe, i):
         pipe.feed_input("encoded", arrays[i])
-        feed_geometry(pipe, geometries[i], recipe)
+        feed_geometry(pipe, geometries[i])
 
     def feed_views(pipe, i):
         pipe.feed_input("encoded", views[i])
-        feed_geometry(pipe, geometries[i], recipe)
+        feed_geometry(pipe, geometries[i])
 
     next_id = [0]
 
@@ -298,12 +296,11 @@ def ladder(args: argparse.Namespace) -> int:
             if sniff_image(d) is None and cut_short(d) is None:
                 hw.append(image_size(d))
                 tensors.append(TensorCPU(d))
-        s = np.array(hw, dtype=np.int64)
-        g = recipe.geometry(s[:, 0], s[:, 1])
+        g = recipe.source_geometry(np.array(hw, dtype=np.int64))
         pipe.feed_input("encoded", tensors)
         pipe.feed_input("ids", np.arange(next_id[0], next_id[0] + B, dtype=np.int64))
         next_id[0] += B
-        feed_geometry(pipe, g, recipe)
+        feed_geometry(pipe, g)
 
     def collect_sync(pipe, i):
         pipe.outputs()
@@ -919,8 +916,8 @@ def geometry_only(args: argparse.Namespace) -> int:
 
     E    the encoded bytes alone (and their shapes): the floor under every other line
     A    + fn.peek_image_shape(adjust_orientation=True): what the old graph needed before any geometry
-    B    + the host geometry: header sizes (wdsembed.imagesize.image_sizes) and PreprocessRecipe.geometry (NumPy) for the batch,
-         computed in the feeding loop, and fed to the geometry source whose rows fn.resize takes in the real graph
+    B    + the host geometry: header sizes (wdsembed.imagesize.image_sizes) and PreprocessRecipe.source_geometry
+         (NumPy) for the batch, computed in the feeding loop, and fed to the geometry source whose rows fn.resize takes in the real graph
          (preprocess.geometry_inputs: the region of interest, and the output size where it varies; here the rows
          are returned as outputs: no pixels are made)
     old  + peek_image_shape and the old in-graph geometry subgraph (bench/old_geometry.py), its six arguments
@@ -954,8 +951,7 @@ def geometry_only(args: argparse.Namespace) -> int:
     recipe = clip_recipe()
     tiny = PreprocessRecipe(input_size=(3, 2, 2), interpolation="bicubic", crop_pct=1.0, crop_mode="center",
                             mean=recipe.mean, std=recipe.std)
-    ones = np.ones(B, np.int64)
-    tiny_geometry = tiny.geometry(ones, ones)
+    tiny_geometry = tiny.source_geometry(np.ones((B, 2), np.int64))
 
     def encoded():
         return fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
@@ -992,13 +988,13 @@ def geometry_only(args: argparse.Namespace) -> int:
 
     def feed_b(pipe, i):
         sizes, _ = image_sizes(datas[i])  # a batch at a time, as ImagePipeline's feeding loop reads them
-        geometry = recipe.geometry(sizes[:, 0], sizes[:, 1])
+        geometry = recipe.source_geometry(sizes)
         pipe.feed_input("enc", views[i])
-        feed_geometry(pipe, geometry, recipe)
+        feed_geometry(pipe, geometry)
 
     def feed_ops(pipe, i):
         pipe.feed_input("enc", views[i])
-        feed_geometry(pipe, tiny_geometry, tiny)
+        feed_geometry(pipe, tiny_geometry)
 
     variants = {"E": (graph_e, feed_e), "A": (graph_a, feed_e), "B": (graph_b, feed_b),
                 "old": (graph_old, feed_e), "rsz": (graph_rsz, feed_ops), "ops": (graph_ops, feed_ops)}
@@ -1041,7 +1037,7 @@ def geometry_only(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             sizes, _ = image_sizes(batch)
             t1 = time.perf_counter()
-            recipe.geometry(sizes[:, 0], sizes[:, 1])
+            recipe.source_geometry(sizes)
             t2 = time.perf_counter()
             np.array([image_size(d) for d in batch], dtype=np.int64)
             parse.append(t1 - t0)

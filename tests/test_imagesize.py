@@ -377,7 +377,9 @@ def test_a_batch_gets_the_sizes_and_reasons_of_one_image_at_a_time():
         damaged.append(bytes(b))
     same, odd = _same_layout_batch()
     spliced = same[:10] + odd[:6] + same[10:30] + odd[6:] + same[30:]
-    for batch in (images, damaged, spliced, [memoryview(d) for d in spliced], same[:1], []):
+    batches = (images, damaged, spliced, [memoryview(d) for d in spliced], same, [memoryview(d) for d in same],
+               same + odd[6:7], odd[2:3] + same, same[:1], [])  # one layout throughout: settled in one pass
+    for batch in batches:
         assert _as_a_batch(batch) == _one_at_a_time(batch)
 
 

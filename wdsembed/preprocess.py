@@ -136,6 +136,31 @@ class PreprocessRecipe:
             "roi_end": ((start + out_len) * scale).astype(np.float32),
         }
 
+    def source_geometry(self, sizes: np.ndarray) -> np.ndarray:
+        """`geometry` for a batch of (N, 2) [height, width] sizes, as the (N, rows, 2) float32 array that the graph's
+        geometry source takes (`geometry_rows`; `feed_geometry` feeds it). The same values, bit for bit."""
+        scale, crop = self.scale_size, self.crop_size
+        if not (self.crop_mode == "center" and scale[0] == scale[1] and scale[0] >= crop[0] and scale[1] >= crop[1]):
+            return stack_geometry(self.geometry(sizes[:, 0], sizes[:, 1]), self)
+        # The usual recipe (center crop from a square scale no smaller than the crop): the resized image always
+        # covers the crop, so the output size is the crop, the anchor never pads, and only the region of interest
+        # is fed. The arithmetic of `geometry` with nothing it cannot need: 12 NumPy calls instead of about 30, on
+        # the feeding thread for every batch (20 against 34 us per batch of 256 on the 2-core machine).
+        hw = sizes.astype(np.float64)
+        resized = hw * float(scale[0])
+        resized /= np.minimum(hw[:, :1], hw[:, 1:])
+        np.floor(resized, out=resized)  # `_resized`: short side = scale, long side truncated
+        crop64 = np.asarray(crop, dtype=np.float64)
+        start = resized - crop64
+        start *= 0.5
+        np.rint(start, out=start)  # `crop_anchor` where the crop fits (always, here): half to even
+        input_per_output = np.divide(hw, resized, out=hw)
+        rows = np.empty((len(hw), 2, 2), np.float32)
+        np.multiply(start, input_per_output, out=rows[:, 0])  # roi_start, computed in float64 as `geometry`'s
+        start += crop64
+        np.multiply(start, input_per_output, out=rows[:, 1])  # roi_end
+        return rows
+
     @property
     def fixed_output_size(self) -> Optional[tuple[int, int]]:
         """fn.resize's output size, (H, W), where it is the same for every image, else None. It is then a constant of
@@ -249,10 +274,13 @@ def stack_geometry(geometry: dict[str, np.ndarray], recipe: PreprocessRecipe) ->
     return np.stack([geometry[name] for name in geometry_rows(recipe)], axis=1)
 
 
-def feed_geometry(pipe: Any, geometry: dict[str, np.ndarray], recipe: PreprocessRecipe) -> None:
-    """Feed one batch's `PreprocessRecipe.geometry` to a pipeline built with `dali_preprocess` for `recipe`."""
-    # A dense NumPy batch: feed_input takes it faster than a TensorListCPU made from it (DALI 2.4).
-    pipe.feed_input(GEOMETRY_SOURCE, stack_geometry(geometry, recipe))
+def feed_geometry(pipe: Any, rows: np.ndarray) -> None:
+    """Feed one batch's `PreprocessRecipe.source_geometry` to a pipeline built with `dali_preprocess`."""
+    from nvidia.dali.tensors import TensorListCPU
+
+    # Wrapped first: feed_input then skips its checks of a NumPy batch (DALI 2.4, 2-core machine: 12 + 16 us
+    # against 56 us per batch of 256 fed as the array itself).
+    pipe.feed_input(GEOMETRY_SOURCE, TensorListCPU(rows))
 
 
 def dali_preprocess(
@@ -270,8 +298,8 @@ def dali_preprocess(
 
     Decoding applies EXIF orientation and yields 3-channel RGB for gray, RGBA (alpha dropped, as PIL's
     convert("RGB")), palette and CMYK inputs. `geometry` holds fn.resize's geometry arguments (default:
-    `geometry_inputs(recipe)`, an external source to be fed with `feed_geometry(pipe, recipe.geometry(heights,
-    widths), recipe)` for the (EXIF-oriented) header sizes of the same batch, from `wdsembed.imagesize`)."""
+    `geometry_inputs(recipe)`, an external source to be fed with `feed_geometry(pipe, recipe.source_geometry(sizes))`
+    for the (EXIF-oriented) header sizes of the same batch, from `wdsembed.imagesize`)."""
     from nvidia.dali import fn, types
 
     decoder_args: dict[str, Any] = dict(device=decode_device, output_type=types.RGB)
