@@ -673,3 +673,19 @@ def test_worker_serialises_shards_where_no_resource_is_declared(tmp_path, one_wo
     assert _overlaps(manifest, "embed_start", "embed_fed") == []  # the stream read one shard at a time
     assert _overlaps(manifest, "start", "end"), "the threads should have been handed shards together"
     check_outputs(config, STEMS4)
+    # The worker's task engines shared one TLS context for their API clients (tasks.prefect_tls, installed as the
+    # worker imported tasks.embed): a task run's start makes two clients.
+    from distributed import Client
+
+    with Client(one_worker_cluster) as client:
+        (shared,) = client.run(_shared_tls).values()
+    assert shared["installed"] and shared["contexts"] == 1 and shared["served"] >= 2 * 4, shared
+
+
+def _shared_tls() -> dict:
+    import prefect.client.orchestration
+
+    from tasks import prefect_tls
+
+    return {"installed": isinstance(prefect.client.orchestration.ssl, prefect_tls._SharedTLS),
+            "contexts": len(prefect_tls._contexts), "served": prefect_tls.served}
