@@ -232,6 +232,7 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
                 if "flow_env" in more:  # environment variables the flow reads per run, in this process
                     _set_env(more.pop("flow_env"))
                 switch = next(iter(client.run(sys.getswitchinterval).values()))
+                _reset_gc()  # this process's own (the flow's, and Dask's scheduler's): see flow_process_gc
                 start, started = time.perf_counter(), time.time()
                 with sampler, get_task_stream(client) as stream:
                     if through == "flow":
@@ -252,6 +253,8 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
                                    "wall_seconds": round(wall, 2), "gpu_idle_fraction": idle_fraction(manifest),
                                    "switch_interval_s": switch, **embedding_spans(manifest, wall, started),
                                    "fidelity": _fidelity_record(manifest.get("fidelity")),
+                                   # a full collection here may explain a slow start (to_flow_start)
+                                   "flow_process_gc": _gc_summary(started),
                                    **({"task_computes_s": [round(c - started, 3) for c in computes[:4]]}
                                       if computes else {})})
         peaks = client.run(_peaks)
@@ -475,7 +478,7 @@ def _gc_state() -> dict:
     import gc
 
     if not hasattr(gc, "wdsembed_bench"):
-        state = {"count": [0, 0, 0], "seconds": [0.0, 0.0, 0.0], "longest": 0.0, "began": 0.0}
+        state = {"count": [0, 0, 0], "seconds": [0.0, 0.0, 0.0], "longest": 0.0, "began": 0.0, "full": []}
 
         def timer(phase: str, info: dict) -> None:
             if phase == "start":
@@ -485,6 +488,8 @@ def _gc_state() -> dict:
                 state["count"][info["generation"]] += 1
                 state["seconds"][info["generation"]] += took
                 state["longest"] = max(state["longest"], took)
+                if info["generation"] == 2:  # when each full one began (epoch seconds), and how long it took
+                    state["full"].append((time.time() - took, took))
 
         gc.callbacks.append(timer)
         gc.wdsembed_bench = state
@@ -496,7 +501,20 @@ def _reset_peaks() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    _gc_state().update(count=[0, 0, 0], seconds=[0.0, 0.0, 0.0], longest=0.0)
+    _reset_gc()
+
+
+def _reset_gc() -> None:
+    _gc_state().update(count=[0, 0, 0], seconds=[0.0, 0.0, 0.0], longest=0.0, full=[])
+
+
+def _gc_summary(started: float) -> dict:
+    """This process's garbage collections since _reset_gc(), with when each full one began (seconds from
+    `started`, epoch) and how long it took."""
+    collector = _gc_state()
+    return {"collections": list(collector["count"]), "seconds": [round(x, 3) for x in collector["seconds"]],
+            "longest_s": round(collector["longest"], 4),
+            "full_at_s": [[round(at - started, 3), round(took, 4)] for at, took in collector["full"]]}
 
 
 def _peaks() -> dict:
@@ -521,10 +539,9 @@ def _peaks() -> dict:
                  "torch_reserved_now_gib": round(reserved / 2**30, 2),
                  "outside_torch_now_gib": round((mine - reserved) / 2**30, 2) if mine is not None else None}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    collector = _gc_state()
-    return {"gpu": gpu, "gpu_source": source, "gpu_split": split, "rss": rss,
-            "gc": {"collections": list(collector["count"]), "seconds": [round(x, 3) for x in collector["seconds"]],
-                   "longest_s": round(collector["longest"], 4)}}
+    gc_figures = _gc_summary(0.0)
+    del gc_figures["full_at_s"]
+    return {"gpu": gpu, "gpu_source": source, "gpu_split": split, "rss": rss, "gc": gc_figures}
 
 
 class GpuMemorySampler:

@@ -46,6 +46,11 @@ def test_layers_run_the_flow_and_the_api_in_turn_each_counting_its_own_images(tm
     flow, api = row["full_flow"], row["api_no_prefect"]
     assert flow["images"] == api["images"] == 32
     assert flow["orchestration_seconds"]["submit"] >= 0 and "orchestration_seconds" not in api  # only the flow's
+    # The bench process's own collections during each run (the flow and Dask's scheduler run there), each full one
+    # with when it began within the run.
+    collected = flow["flow_process_gc"]
+    assert len(collected["collections"]) == 3 and len(collected["full_at_s"]) == collected["collections"][2]
+    assert all(0 <= at <= flow["wall_seconds"] + 1 and took >= 0 for at, took in collected["full_at_s"])
     # No GPU here: no device memory to split or sample, and the JSON says so rather than inventing a figure.
     assert flow["gpu_memory_split"] is None and flow["sampled_gpu_memory_gib"] is None
     assert flow["peak_gpu_memory_gib"] == 0.0 and flow["peak_host_rss_gib"] > 0
