@@ -32,7 +32,7 @@ def main() -> int:
     if not os.environ.get("PREFECT_API_URL"):  # one API server for this process and the worker, as the flow's run()
         os.environ["PREFECT_API_URL"] = apiserver.api_url()  # the worker inherits it
         apiserver.wait(os.environ["PREFECT_API_URL"])
-    from distributed import LocalCluster
+    from distributed import Client, LocalCluster
     from prefect import flow, task
     from prefect_dask import DaskTaskRunner
 
@@ -54,7 +54,13 @@ def main() -> int:
             return t0, sorted(f.result() for f in futures)
         return run
 
+    from tasks.prefect_tls import share_api_tls_contexts
+
     with LocalCluster(n_workers=1, threads_per_worker=3, processes=True) as cluster:
+        # As in the flow, whose workers install it by importing tasks.embed (these tasks live in __main__).
+        share_api_tls_contexts()
+        with Client(cluster) as client:
+            client.run(share_api_tls_contexts)
         make(1, False).with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))()  # warm-up
         for _ in range(args.repeats):
             for n, first_alone in ((1, False), (3, False), (args.tasks, False), (args.tasks, True)):
