@@ -508,13 +508,15 @@ def _reset_gc() -> None:
     _gc_state().update(count=[0, 0, 0], seconds=[0.0, 0.0, 0.0], longest=0.0, full=[])
 
 
-def _gc_summary(started: float) -> dict:
-    """This process's garbage collections since _reset_gc(), with when each full one began (seconds from
-    `started`, epoch) and how long it took."""
+def _gc_summary(started: float | None = None) -> dict:
+    """This process's garbage collections since _reset_gc(); given the run's start (epoch seconds), also when each
+    full one began within the run and how long it took."""
     collector = _gc_state()
-    return {"collections": list(collector["count"]), "seconds": [round(x, 3) for x in collector["seconds"]],
-            "longest_s": round(collector["longest"], 4),
-            "full_at_s": [[round(at - started, 3), round(took, 4)] for at, took in collector["full"]]}
+    summary = {"collections": list(collector["count"]), "seconds": [round(x, 3) for x in collector["seconds"]],
+               "longest_s": round(collector["longest"], 4)}
+    if started is not None:
+        summary["full_at_s"] = [[round(at - started, 3), round(took, 4)] for at, took in collector["full"]]
+    return summary
 
 
 def _peaks() -> dict:
@@ -539,9 +541,7 @@ def _peaks() -> dict:
                  "torch_reserved_now_gib": round(reserved / 2**30, 2),
                  "outside_torch_now_gib": round((mine - reserved) / 2**30, 2) if mine is not None else None}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    gc_figures = _gc_summary(0.0)
-    del gc_figures["full_at_s"]
-    return {"gpu": gpu, "gpu_source": source, "gpu_split": split, "rss": rss, "gc": gc_figures}
+    return {"gpu": gpu, "gpu_source": source, "gpu_split": split, "rss": rss, "gc": _gc_summary()}
 
 
 class GpuMemorySampler:

@@ -140,7 +140,7 @@ class PreprocessRecipe:
         """`geometry` for a batch of (N, 2) [height, width] sizes, as the (N, rows, 2) float32 array that the graph's
         geometry source takes (`geometry_rows`; `feed_geometry` feeds it). The same values, bit for bit."""
         scale, crop = self.scale_size, self.crop_size
-        if not (self.crop_mode == "center" and scale[0] == scale[1] and scale[0] >= crop[0] and scale[1] >= crop[1]):
+        if not (self.crop_mode == "center" and scale[0] == scale[1] and self.fixed_output_size):
             return stack_geometry(self.geometry(sizes[:, 0], sizes[:, 1]), self)
         # The usual recipe (center crop from a square scale no smaller than the crop): the resized image always
         # covers the crop, so the output size is the crop, the anchor never pads, and only the region of interest
