@@ -74,7 +74,7 @@ def data_config_of(name: str, **overrides) -> dict:
     return cfg
 
 
-def run_graph(recipe: PreprocessRecipe, encoded: list[bytes], *, old: bool = False) -> np.ndarray:
+def run_graph(recipe: PreprocessRecipe, encoded: list[bytes], *, old: bool = False, half: bool = False) -> np.ndarray:
     """The graph on a batch, its geometry from the headers (or, old=True, the graph before issue #11, geometry
     computed inside it from peek_image_shape)."""
     from nvidia.dali import fn, pipeline_def, types
@@ -84,7 +84,7 @@ def run_graph(recipe: PreprocessRecipe, encoded: list[bytes], *, old: bool = Fal
     @pipeline_def(batch_size=len(encoded), num_threads=2, device_id=None, prefetch_queue_depth=1)
     def graph():
         enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
-        return old_dali_preprocess(enc, recipe, "cpu") if old else dali_preprocess(enc, recipe, "cpu")
+        return old_dali_preprocess(enc, recipe, "cpu") if old else dali_preprocess(enc, recipe, "cpu", half=half)
 
     pipe = graph()
     pipe.build()
@@ -360,6 +360,17 @@ def test_pixels_are_the_old_graphs_bit_for_bit(config):
     recipe = PreprocessRecipe.from_data_config(data_config_of(name, **overrides))
     imgs = list(photos().values())
     assert np.array_equal(run_graph(recipe, imgs), run_graph(recipe, imgs, old=True))
+
+
+@pytest.mark.parametrize("config", ["center_bicubic_pct0.95", "center_pct1.15_zero_pad", "squash_pct0.9"])
+def test_half_output_is_the_float32_output_rounded_once(config):
+    """What a GPU worker with a 16-bit model is fed: every value the float32 one, rounded to nearest (padding too)."""
+    name, overrides = PARITY_CONFIGS[config]
+    recipe = PreprocessRecipe.from_data_config(data_config_of(name, **overrides))
+    imgs = list(photos().values())
+    full, half = run_graph(recipe, imgs), run_graph(recipe, imgs, half=True)
+    assert half.dtype == np.float16 and half.shape == full.shape
+    assert np.array_equal(half.view(np.uint16), full.astype(np.float16).view(np.uint16))
 
 
 def test_gray_comes_out_as_three_equal_channels():

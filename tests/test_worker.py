@@ -211,8 +211,9 @@ def test_gpu_processes_ask_for_every_hardware_queue_and_dalis_async_allocator_un
     def in_a_child():  # the GPU workers are processes started after it: CUDA and DALI read the variables there
         return subprocess.run(child, capture_output=True, text=True, check=True).stdout.split()
 
-    for name in names:
-        monkeypatch.delenv(name, raising=False)
+    for name in names:  # set first, so that what set_gpu_process_environment writes is undone afterwards too
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     set_gpu_process_environment()
     assert in_a_child() == [str(GPU_HARDWARE_QUEUES), "1", "None", "None"]
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")

@@ -293,8 +293,10 @@ def dali_preprocess(
     device_memory_padding: int = 32 << 20,
     host_memory_padding: int = 16 << 20,
     jpeg_fancy_upsampling: bool = False,
+    half: bool = False,
 ) -> Any:
-    """Encoded image bytes (a CPU uint8 node) -> normalized float32 CHW images, on the GPU for decode_device="mixed".
+    """Encoded image bytes (a CPU uint8 node) -> normalized float32 CHW images, on the GPU for decode_device="mixed";
+    float16 with `half` (computed in float32 and rounded once, for a model that runs in 16 bits).
 
     Decoding applies EXIF orientation and yields 3-channel RGB for gray, RGBA (alpha dropped, as PIL's
     convert("RGB")), palette and CMYK inputs. `geometry` holds fn.resize's geometry arguments (default:
@@ -340,6 +342,6 @@ def dali_preprocess(
         fill_values=fill,
         mean=mean,
         std=std,
-        dtype=types.FLOAT,
+        dtype=types.FLOAT16 if half else types.FLOAT,
         output_layout="CHW",
     )

@@ -84,6 +84,8 @@ READ_AHEAD_ENV = "WDSEMBED_READ_AHEAD"
 # "0": DALI reads each batch's encoded images in place on a GPU too, instead of copying them into its own buffers as
 # they are fed (a copy that holds the GIL: about 3 ms per batch of 256 on one H200's host).
 COPY_INPUTS_ENV = "WDSEMBED_COPY_INPUTS"
+# "0": a model in bfloat16 is fed from DALI's float32 output, not its float16 one (a diagnostic: memory, fidelity).
+DALI_FLOAT16_ENV = "WDSEMBED_DALI_FLOAT16"
 READ_AHEAD_CHUNK, READ_AHEAD_DEPTH = 64, 4  # samples per hand-over, hand-overs queued: 256-384 samples (10-15 MB)
 
 
@@ -180,6 +182,7 @@ class Worker:
             # batches come out as the model takes them: its dtype and memory format, no second conversion
             output_dtype=self.loaded.dtype,
             channels_last=self.loaded.channels_last,
+            half_from_dali=os.environ.get(DALI_FLOAT16_ENV, "1") != "0",
         )
         # The model runs on a stream of its own, not the legacy default stream: that one waits for (and holds up)
         # every blocking stream and synchronous copy in the process, the decoder's included, which would
