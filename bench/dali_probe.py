@@ -431,6 +431,11 @@ def ladder(args: argparse.Namespace) -> int:
                               prefetch=worker.pipeline.prefetch, output_dtype=worker.loaded.dtype,
                               channels_last=worker.loaded.channels_last)
         runs[f"L10 {max(1, T * 2 // 3)} DALI threads"] = swapped(embed(None), pipeline=fewer)
+        # A bfloat16 model fed from DALI's float32 output, as before the twenty-sixth session, not its float16 one.
+        float32_out = ImagePipeline(worker.recipe, batch_size=B, num_threads=T, device_id=device_id,
+                                    prefetch=worker.pipeline.prefetch, output_dtype=worker.loaded.dtype,
+                                    channels_last=worker.loaded.channels_last, half_from_dali=False)
+        runs["L10 float32 from DALI"] = swapped(embed(None), pipeline=float32_out)
 
         # The model at most two batches ahead of the GPU: with more streams than the GPU has hardware queues
         # (CUDA_DEVICE_MAX_CONNECTIONS, 8 by default), a DALI stream that shares the model's queue waits behind
