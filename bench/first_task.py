@@ -3,6 +3,7 @@ and with the first one let to start alone before the rest are submitted (the GPU
 start a Prefect task engine at once, and the engines share the worker's GIL).
 
     python bench/first_task.py [--tasks 16] [--seconds 0.3] [--repeats 3]     # CPU, a local Dask worker
+    python bench/first_task.py --each-task-validates-settings                 # without tasks.prefect_settings
 
 Each line: when the first task's body started, the third's and the last's, and the whole flow run, in seconds from
 the flow body's start (the run's total from the flow call).
@@ -23,6 +24,8 @@ def main() -> int:
     p.add_argument("--tasks", type=int, default=16)
     p.add_argument("--seconds", type=float, default=0.3, help="each task's body (a shard's work)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--each-task-validates-settings", action="store_true",
+                   help="leave out tasks.prefect_settings: every task run validates the flow's settings anew")
     args = p.parse_args()
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # PrefectFuture.state, read on purpose
@@ -54,13 +57,19 @@ def main() -> int:
             return t0, sorted(f.result() for f in futures)
         return run
 
+    from tasks.prefect_settings import share_hydrated_settings
     from tasks.prefect_tls import share_api_tls_contexts
 
-    with LocalCluster(n_workers=1, threads_per_worker=3, processes=True) as cluster:
-        # As in the flow, whose workers install it by importing tasks.embed (these tasks live in __main__).
+    def as_the_flows_processes() -> None:
         share_api_tls_contexts()
+        if not args.each_task_validates_settings:
+            share_hydrated_settings()
+
+    with LocalCluster(n_workers=1, threads_per_worker=3, processes=True) as cluster:
+        # As in the flow, whose workers install these by importing tasks.embed (these tasks live in __main__).
+        as_the_flows_processes()
         with Client(cluster) as client:
-            client.run(share_api_tls_contexts)
+            client.run(as_the_flows_processes)
         make(1, False).with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))()  # warm-up
         for _ in range(args.repeats):
             for n, first_alone in ((1, False), (3, False), (args.tasks, False), (args.tasks, True)):

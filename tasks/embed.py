@@ -10,12 +10,15 @@ from pathlib import Path
 from prefect import task
 from prefect.context import TaskRunContext
 
+from tasks.prefect_settings import share_hydrated_settings
 from tasks.prefect_tls import share_api_tls_contexts
 from wdsembed import caching, cluster, faults, shard, storage
 from wdsembed.config import EmbedConfig
 from wdsembed.shard import ShardPlan, ShardsFailed
 
-share_api_tls_contexts()  # on import: the one hook a Dask worker runs before Prefect's task engine (see the module)
+# On import: the one hook a Dask worker runs before Prefect's task engine (see the modules).
+share_api_tls_contexts()
+share_hydrated_settings()
 
 
 def result_storage_for(config: EmbedConfig):

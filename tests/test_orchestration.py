@@ -677,9 +677,22 @@ def test_worker_serialises_shards_where_no_resource_is_declared(tmp_path, one_wo
     # worker imported tasks.embed): a task run's start makes two clients.
     from distributed import Client
 
+    # And their hydrated settings (tasks.prefect_settings): validated as the first task runs start (several threads
+    # may start together), then reused.
     with Client(one_worker_cluster) as client:
         (shared,) = client.run(_shared_tls).values()
+        (settings,) = client.run(_shared_settings).values()
     assert shared["installed"] and shared["contexts"] == 1 and shared["served"] >= 2 * 4, shared
+    assert settings["installed"] and settings["shared"] >= 1 and settings["validated"] + settings["shared"] >= 4, settings
+
+
+def _shared_settings() -> dict:
+    import prefect.context
+
+    from tasks import prefect_settings
+
+    return {"installed": getattr(prefect.context.SettingsContext, "_shares_validated_settings", False),
+            "validated": prefect_settings.validated, "shared": prefect_settings.shared}
 
 
 def _shared_tls() -> dict:
