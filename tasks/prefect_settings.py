@@ -7,10 +7,12 @@ A Dask worker rebuilds the flow's settings for every task run it starts: Prefect
 
 Here a SettingsContext made from the same serialized dict, in the same environment and working directory, reuses
 the profile and settings validated the first time; each context is still an object of its own (a context holds its
-own token while entered, and several task runs enter theirs at once). Contexts made from anything but plain dicts
-(Prefect's own `temporary_settings`, `use_profile`) are built as before. The files that Prefect's settings read (a
-`.env` or `prefect.toml` in the working directory, the profiles file) are read again only when the environment
-changes, so an edit to one of them reaches a worker's later task runs only with a new worker.
+own token while entered, and several task runs enter theirs at once). Sharing a settings object is what Prefect
+already does for all the threads of a process (its global settings context): nothing in it changes one in place.
+Contexts made from anything but plain dicts (Prefect's own `temporary_settings`, `use_profile`) are built as before.
+The files that Prefect's settings read (a `.env` or `prefect.toml` in the working directory, the profiles file) are
+read again only when the environment changes, so an edit to one of them reaches a worker's later task runs only
+with a new worker.
 
 Installed by importing `tasks.embed`, like `tasks.prefect_tls` and for the same reason: it is the one hook a Dask
 worker runs before Prefect's task engine.
