@@ -422,10 +422,11 @@ def ladder(args: argparse.Namespace) -> int:
                              output_dtype=worker.loaded.dtype, channels_last=worker.loaded.channels_last)
     runs[f"L10 copy_inputs={in_place.copy_inputs}"] = swapped(embed(None), pipeline=in_place)
     if gpu:
-        # As before: two iterations in DALI at once (the GPU worker now keeps four).
-        shallow = ImagePipeline(worker.recipe, batch_size=B, num_threads=T, device_id=device_id, prefetch=2,
-                                output_dtype=worker.loaded.dtype, channels_last=worker.loaded.channels_last)
-        runs["L10 prefetch 2"] = swapped(embed(None), pipeline=shallow)
+        # As from the seventh to the twenty-sixth session: four iterations in DALI at once (a GPU worker now keeps
+        # two).
+        deep = ImagePipeline(worker.recipe, batch_size=B, num_threads=T, device_id=device_id, prefetch=4,
+                             output_dtype=worker.loaded.dtype, channels_last=worker.loaded.channels_last)
+        runs["L10 prefetch 4"] = swapped(embed(None), pipeline=deep)
         # Fewer DALI threads: on a 16-core host, DALI's, the feeder's and the model's threads may oversubscribe it.
         fewer = ImagePipeline(worker.recipe, batch_size=B, num_threads=max(1, T * 2 // 3), device_id=device_id,
                               prefetch=worker.pipeline.prefetch, output_dtype=worker.loaded.dtype,
@@ -795,12 +796,12 @@ def read_samples(tars: list[str]) -> list[tuple[str, bytes]]:
 MEMORY_VARIANTS = {
     "dali, its pool (DALI_USE_CUDA_MALLOC_ASYNC=0)": ("dali", {"DALI_USE_CUDA_MALLOC_ASYNC": "0"}, {}),
     "dali, cudaMallocAsync (default)": ("dali", {}, {}),
-    "dali, cudaMallocAsync, prefetch 2": ("dali", {}, {"prefetch": 2}),
+    "dali, cudaMallocAsync, prefetch 4": ("dali", {}, {"prefetch": 4}),
     "dali, cudaMallocAsync, no nvJPEG padding": ("dali", {}, {"device_memory_padding": 0, "host_memory_padding": 0}),
     "dali, cudaMallocAsync, no hardware decoder": ("dali", {}, {"hw_decoder_load": 0.0}),
     "worker, its pool (DALI_USE_CUDA_MALLOC_ASYNC=0)": ("worker", {"DALI_USE_CUDA_MALLOC_ASYNC": "0"}, {}),
     "worker, cudaMallocAsync (default)": ("worker", {}, {}),
-    "worker, cudaMallocAsync, prefetch 2": ("worker", {"WDSEMBED_GPU_PREFETCH": "2"}, {}),
+    "worker, cudaMallocAsync, prefetch 4": ("worker", {"WDSEMBED_GPU_PREFETCH": "4"}, {}),
     "worker, cudaMallocAsync, model eager": ("worker", {"WDSEMBED_CUDA_GRAPH": "0"}, {}),
     # A bfloat16 model fed from DALI's float32 output (as before the twenty-sixth session), not its float16 one.
     "worker, cudaMallocAsync, float32 from DALI": ("worker", {"WDSEMBED_DALI_FLOAT16": "0"}, {}),
@@ -821,7 +822,7 @@ def memory(args: argparse.Namespace) -> int:
     """Where a GPU worker's device memory goes: each variant of MEMORY_VARIANTS in a fresh process (DALI reads its
     memory settings once per process, and its pool keeps its high-water mark), the same photographs twice through
     it. The peak is NVML's figure for that process, sampled every 20 ms while the photographs stream; "after" is the
-    figure once they have. DALI alone runs ImagePipeline as a GPU worker builds it (prefetch 4, the bomb guard);
+    figure once they have. DALI alone runs ImagePipeline as a GPU worker builds it (GPU_PREFETCH, the bomb guard);
     the worker runs Worker.embed with --model; the model alone runs that worker's model on one resident batch."""
     import json
     import subprocess
@@ -860,7 +861,7 @@ def memory_run(args: argparse.Namespace) -> int:
 
     from wdsembed.config import EmbedConfig
     from wdsembed.pipeline import ImagePipeline
-    from wdsembed.worker import Worker
+    from wdsembed.worker import GPU_PREFETCH, Worker
 
     spec = json.loads(args.memory_run)
     samples = read_samples(spec["tars"])
@@ -893,7 +894,7 @@ def memory_run(args: argparse.Namespace) -> int:
             return batches * args.batch_size
     else:
         pipe = ImagePipeline(clip_recipe(), batch_size=args.batch_size, num_threads=args.threads, device_id=0,
-                             max_pixels=config.max_image_pixels, **{"prefetch": 4, **spec["opts"]})
+                             max_pixels=config.max_image_pixels, **{"prefetch": GPU_PREFETCH, **spec["opts"]})
         stage("pipeline built")
 
         def one_pass() -> int:
@@ -1079,6 +1080,12 @@ def geometry_only(args: argparse.Namespace) -> int:
     for label, r in (("medians", rate), ("best passes", best)):
         print(f"{label}: B / A = {r['B'] / r['A']:.2f}   Bs / A = {r['Bs'] / r['A']:.2f}   "
               f"old / A = {r['old'] / r['A']:.2f}   B / old = {r['B'] / r['old']:.2f}")
+    # Each round runs every variant once, back to back: the ratio within a round compares passes that met the same
+    # load from other processes, which the medians of separate passes do not.
+    paired = {name: sorted(a[0] / b[0] for a, b in zip(times["A"], times[name])) for name in ("B", "Bs")}
+    print("paired rounds: " + "   ".join(
+        f"{name} / A median {statistics.median(ratios):.2f} (quartiles {ratios[len(ratios) // 4]:.2f}-"
+        f"{ratios[(3 * len(ratios)) // 4]:.2f})" for name, ratios in paired.items()))
     return 0
 
 

@@ -151,7 +151,7 @@ def test_embeddings_match_timm(name, overlay):
 
 
 # copy_inputs=False: DALI reads our buffers in place, and the re-fed parts of a failed batch must still be valid.
-# prefetch 4: as GPU workers run it (wdsembed.worker.GPU_PREFETCH), more batches in flight than the stream holds.
+# prefetch 4: as GPU workers ran it until the twenty-seventh session, more batches in flight than the stream holds.
 @pytest.mark.parametrize("prefetch,copy_inputs", [(1, True), (2, True), (3, True), (4, True), (2, False)])
 def test_bad_samples_fail_alone_and_good_ones_keep_their_key(prefetch, copy_inputs, clean_rows):
     good, bad = photos(), corrupt()

@@ -229,13 +229,13 @@ def test_gpu_processes_ask_for_every_hardware_queue_and_dalis_async_allocator_un
         monkeypatch.delenv(other)
 
 
-def test_gpu_prefetch_is_four_unless_the_diagnostic_variable_says_otherwise(monkeypatch):
+def test_gpu_prefetch_is_two_unless_the_diagnostic_variable_says_otherwise(monkeypatch):
     from wdsembed.worker import GPU_PREFETCH, GPU_PREFETCH_ENV, gpu_prefetch
 
     monkeypatch.delenv(GPU_PREFETCH_ENV, raising=False)
-    assert gpu_prefetch() == GPU_PREFETCH == 4
-    monkeypatch.setenv(GPU_PREFETCH_ENV, "2")
-    assert gpu_prefetch() == 2
+    assert gpu_prefetch() == GPU_PREFETCH == 2
+    monkeypatch.setenv(GPU_PREFETCH_ENV, "4")
+    assert gpu_prefetch() == 4
     for bad in ("0", "-1", "two", "2.5", ""):
         monkeypatch.setenv(GPU_PREFETCH_ENV, bad)
         with pytest.raises(ValueError, match=f"{GPU_PREFETCH_ENV}=.*positive integer"):

@@ -42,7 +42,7 @@ def resolve_device(device: str) -> str:
     return f"cuda:{torch.cuda.current_device()}"
 
 
-GPU_PREFETCH = 4  # DALI iterations in flight on a GPU worker
+GPU_PREFETCH = 2  # DALI iterations in flight on a GPU worker
 # An integer: DALI iterations in flight on a GPU worker instead of GPU_PREFETCH (a diagnostic: each one holds a batch
 # of decoded images in DALI's device memory).
 GPU_PREFETCH_ENV = "WDSEMBED_GPU_PREFETCH"
@@ -175,8 +175,9 @@ class Worker:
             num_threads=config.num_threads_per_worker,
             device_id=device_id,
             max_pixels=config.max_image_pixels or None,  # decompression-bomb guard; 0/None: off
-            # On a GPU, DALI four iterations ahead, not two: with the model sharing the GPU, Worker.embed went from
-            # 7,355 to 7,833 images/s (ViT-B/16, one H200, bench/dali_probe.py --ladder).
+            # Two iterations in flight on a GPU too. Four once ran Worker.embed faster (the seventh session); on the
+            # landed code, in ten alternated flows on one H200 (twenty-seventh session), four ran at the same rate
+            # as two (ViT-B/16 and ResNet-50) and held 0.1-0.9 GiB more device memory.
             prefetch=gpu_prefetch() if device_id is not None else 2,
             copy_inputs=os.environ.get(COPY_INPUTS_ENV, "1") != "0",
             # batches come out as the model takes them: its dtype and memory format, no second conversion
