@@ -1090,7 +1090,8 @@ def geometry_only(args: argparse.Namespace) -> int:
           f"{1e3 * statistics.median(numpy_t):.3f} ms/batch (medians)")
     for label, r in (("medians", rate), ("best passes", best)):
         print(f"{label}: B / A = {r['B'] / r['A']:.2f}   Bs / A = {r['Bs'] / r['A']:.2f}   "
-              f"old / A = {r['old'] / r['A']:.2f}   pyf / A = {r['pyf'] / r['A']:.2f}   B / old = {r['B'] / r['old']:.2f}")
+              f"old / A = {r['old'] / r['A']:.2f}   pyf / A = {r['pyf'] / r['A']:.2f}   "
+              f"B / old = {r['B'] / r['old']:.2f}")
     # Each round runs every variant once, back to back: the ratio within a round compares passes that met the same
     # load from other processes, which the medians of separate passes do not.
     paired = {name: sorted(a[0] / b[0] for a, b in zip(times["A"], times[name])) for name in ("B", "Bs")}
