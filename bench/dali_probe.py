@@ -199,7 +199,7 @@ def ladder(args: argparse.Namespace) -> int:
 
     L0  bare graph (bytes + geometry sources, our recipe), numpy bytes fed, outputs() synchronised with the host
     L1  the same, bytes fed as TensorCPU views (as ImagePipeline feeds them)
-    L2  ImagePipeline's own graph (define_pipeline: + the ids source and output)
+    L2  ImagePipeline's own graph (define_pipeline: + the ids, in the geometry rows, and those rows as an output)
     L3  + outputs bound to a CUDA stream of our own (no host synchronisation)
     L4  + the DLPack hand-over to torch and the ids check (ImagePipeline._collect's work)
     L5  + the per-sample host work in the loop (sniff, header size, cut-short check, TensorCPU, NumPy geometry)
@@ -232,7 +232,7 @@ def ladder(args: argparse.Namespace) -> int:
     from wdsembed import shards
     from wdsembed.imagesize import image_size
     from wdsembed.pipeline import ImagePipeline, cut_short, define_pipeline, sniff_image
-    from wdsembed.preprocess import dali_preprocess, feed_geometry, geometry_inputs
+    from wdsembed.preprocess import dali_preprocess, feed_geometry, geometry_inputs, put_ids, read_ids
     from wdsembed.threads import in_background
 
     tars, samples = photographs(args.images)
@@ -285,10 +285,16 @@ def ladder(args: argparse.Namespace) -> int:
 
     next_id = [0]
 
-    def feed_ids(pipe, i):
-        feed_views(pipe, i)
-        pipe.feed_input("ids", np.arange(next_id[0], next_id[0] + B, dtype=np.int64))
+    def next_ids():
         next_id[0] += B
+        return np.arange(next_id[0] - B, next_id[0], dtype=np.int64)
+
+    with_ids = [recipe.source_geometry(s, np.zeros(len(s), np.int64)) for s in sizes]  # a row for the ids
+
+    def feed_ids(pipe, i):
+        pipe.feed_input("encoded", views[i])
+        put_ids(with_ids[i], next_ids())  # in place: the last feed copied it
+        feed_geometry(pipe, with_ids[i])
 
     def feed_host(pipe, i):  # what ImagePipeline._batches and _feed do per batch
         tensors, hw = [], []
@@ -296,10 +302,8 @@ def ladder(args: argparse.Namespace) -> int:
             if sniff_image(d) is None and cut_short(d) is None:
                 hw.append(image_size(d))
                 tensors.append(TensorCPU(d))
-        g = recipe.source_geometry(np.array(hw, dtype=np.int64))
+        g = recipe.source_geometry(np.array(hw, dtype=np.int64), next_ids())
         pipe.feed_input("encoded", tensors)
-        pipe.feed_input("ids", np.arange(next_id[0], next_id[0] + B, dtype=np.int64))
-        next_id[0] += B
         feed_geometry(pipe, g)
 
     def collect_sync(pipe, i):
@@ -309,8 +313,8 @@ def ladder(args: argparse.Namespace) -> int:
         pipe.outputs(cuda_stream=stream)
 
     def collect_torch(pipe, i):
-        images, ids = pipe.outputs(cuda_stream=stream)
-        np.asarray(ids.as_tensor())
+        images, geometry = pipe.outputs(cuda_stream=stream)
+        read_ids(np.asarray(geometry.as_tensor()))
         with torch.cuda.stream(stream) if gpu else contextlib.nullcontext():
             torch.from_dlpack(images.as_tensor())
 
@@ -919,8 +923,11 @@ def geometry_only(args: argparse.Namespace) -> int:
     batches of real photographs (an external source of the encoded bytes, copied into DALI's buffers, as
     ImagePipeline feeds them), two iterations in flight as ImagePipeline keeps them, and returns its small outputs
     (never the bytes themselves: returning 10 MB of ragged bytes costs milliseconds, and no real graph does; where
-    nothing else reads them, their shapes are taken so that they are fed and copied all the same). The variants take
-    turns, pass after pass, so that load from other processes hits them alike:
+    nothing else reads them, their shapes are taken so that they are fed and copied all the same). Each also feeds
+    and returns the images' ids, as ImagePipeline's graph must for its check that outputs and inputs are in step: a
+    source of their own where no geometry is fed (as the graph of peek_image_shape had), the geometry rows' last
+    row where it is (as the graph has now, preprocess.put_ids). The variants take turns, pass after pass, so that
+    load from other processes hits them alike:
 
     E    the encoded bytes alone (and their shapes): the floor under every other line
     A    + fn.peek_image_shape(adjust_orientation=True): what the old graph needed before any geometry
@@ -950,7 +957,7 @@ def geometry_only(args: argparse.Namespace) -> int:
 
     from bench.old_geometry import old_geometry_from_bytes
     from wdsembed.imagesize import image_size, image_sizes
-    from wdsembed.preprocess import PreprocessRecipe, feed_geometry, geometry_inputs
+    from wdsembed.preprocess import PreprocessRecipe, feed_geometry, geometry_source, put_ids, split_geometry
 
     _, samples = photographs(args.images)
     B, T = args.batch_size, args.threads
@@ -964,37 +971,43 @@ def geometry_only(args: argparse.Namespace) -> int:
     recipe = clip_recipe()
     tiny = PreprocessRecipe(input_size=(3, 2, 2), interpolation="bicubic", crop_pct=1.0, crop_mode="center",
                             mean=recipe.mean, std=recipe.std)
-    tiny_geometry = tiny.source_geometry(np.ones((B, 2), np.int64))
+    tiny_geometry = tiny.source_geometry(np.ones((B, 2), np.int64), np.zeros(B, np.int64))
 
     def encoded():
         return fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
 
+    def ids():
+        return fn.external_source(name="ids", dtype=types.INT64, ndim=0)
+
     def graph_e():
-        return encoded().shape()
+        return encoded().shape(), ids()
 
     def graph_a():
-        return fn.peek_image_shape(encoded(), adjust_orientation=True)
+        return fn.peek_image_shape(encoded(), adjust_orientation=True), ids()
 
-    def graph_b():
-        return (encoded().shape(), *(v for v in geometry_inputs(recipe).values() if not isinstance(v, list)))
+    def graph_b():  # the rows fn.resize takes, and the rows themselves (the ids' output)
+        rows = geometry_source()
+        geometry = split_geometry(rows, recipe)
+        return (encoded().shape(), *(v for v in geometry.values() if not isinstance(v, list)), rows)
 
     def graph_old():
-        return tuple(old_geometry_from_bytes(encoded(), recipe).values())
+        return (*old_geometry_from_bytes(encoded(), recipe).values(), ids())
 
     def stand_in_resize():
-        geo = geometry_inputs(tiny)
+        rows = geometry_source()
+        geo = split_geometry(rows, tiny)
         stand_in = fn.constant(idata=[0, 0, 0], shape=[1, 1, 3], dtype=types.UINT8, layout="HWC")
         return fn.resize(stand_in, size=geo["resize_size"], roi_start=geo["roi_start"], roi_end=geo["roi_end"],
-                         interp_type=types.INTERP_CUBIC, antialias=True, subpixel_scale=False)
+                         interp_type=types.INTERP_CUBIC, antialias=True, subpixel_scale=False), rows
 
     def graph_rsz():
-        return encoded().shape(), stand_in_resize()
+        return encoded().shape(), *stand_in_resize()
 
     def graph_ops():
-        enc, images = encoded().shape(), stand_in_resize()
+        enc, (images, rows) = encoded().shape(), stand_in_resize()
         out = fn.crop_mirror_normalize(images, crop=(2, 2), crop_pos_x=tiny.pad_crop_pos, crop_pos_y=tiny.pad_crop_pos,
                                        out_of_bounds_policy="pad", dtype=types.FLOAT, output_layout="CHW")
-        return enc, out
+        return enc, out, rows
 
     def geometry_of_shapes(shapes):  # one call per batch; the rows B feeds, from the peeked (H, W, C) shapes
         return list(recipe.source_geometry(np.stack(shapes)[:, :2].astype(np.int64)))
@@ -1002,26 +1015,34 @@ def geometry_only(args: argparse.Namespace) -> int:
     def graph_pyf():
         shapes = fn.peek_image_shape(encoded(), adjust_orientation=True)
         rows = fn.python_function(shapes, function=geometry_of_shapes, batch_processing=True)
-        return rows[0], rows[1]
+        return rows[0], rows[1], ids()
+
+    next_id = [0]
+
+    def next_ids():
+        next_id[0] += B
+        return np.arange(next_id[0] - B, next_id[0], dtype=np.int64)
 
     def feed_e(pipe, i):
         pipe.feed_input("enc", views[i])
+        pipe.feed_input("ids", next_ids())
 
     def feed_b(pipe, i):
         sizes, _ = image_sizes(datas[i])  # a batch at a time, as ImagePipeline's feeding loop reads them
-        geometry = recipe.source_geometry(sizes)
+        geometry = recipe.source_geometry(sizes, next_ids())
         pipe.feed_input("enc", views[i])
         feed_geometry(pipe, geometry)
 
     read_ahead = [image_sizes(batch)[0] for batch in datas]
 
     def feed_bs(pipe, i):
-        geometry = recipe.source_geometry(read_ahead[i])
+        geometry = recipe.source_geometry(read_ahead[i], next_ids())
         pipe.feed_input("enc", views[i])
         feed_geometry(pipe, geometry)
 
     def feed_ops(pipe, i):
         pipe.feed_input("enc", views[i])
+        put_ids(tiny_geometry, next_ids())  # in place: the last feed copied it
         feed_geometry(pipe, tiny_geometry)
 
     variants = {"E": (graph_e, feed_e), "A": (graph_a, feed_e), "B": (graph_b, feed_b), "Bs": (graph_b, feed_bs),
@@ -1066,7 +1087,7 @@ def geometry_only(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             sizes, _ = image_sizes(batch)
             t1 = time.perf_counter()
-            recipe.source_geometry(sizes)
+            recipe.source_geometry(sizes, next_ids())
             t2 = time.perf_counter()
             np.array([image_size(d) for d in batch], dtype=np.int64)
             parse.append(t1 - t0)

@@ -305,7 +305,8 @@ def test_the_graph_holds_no_per_sample_scalar_arithmetic():
     """Sizes come from the headers on the host: no peek_image_shape, no arithmetic or conditional operators (each
     ran one after the other per batch and capped the input path, issue #11), with or without max_pixels. The only
     subscripts take the rows of the one geometry source, one per per-sample argument of fn.resize: the region of
-    interest, and the output size only where it is not the same for every image."""
+    interest, and the output size only where it is not the same for every image. Two sources are fed per batch: the
+    bytes, and the geometry with the ids in it."""
     from wdsembed.preprocess import GEOMETRY_SOURCE
 
     for recipe, rows in ((recipe_of(), 2), (recipe_of(crop_mode="border"), 3)):
@@ -314,6 +315,7 @@ def test_the_graph_holds_no_per_sample_scalar_arithmetic():
                 graph = pipe._pipe.serialize()
                 inputs = {op.name: [i.name for i in op.inputs] for op in pipe._pipe._ops}
             assert b"CropMirrorNormalize" in graph and b"Resize" in graph
+            assert graph.count(b"ExternalSource") == 2
             for op in (b"PeekImageShape", b"ArithmeticGenericOp", b"Cast_", b"Split_", b"Merge_"):
                 assert op not in graph, op
             subscripts = {name: read for name, read in inputs.items() if "TensorSubscript" in name}

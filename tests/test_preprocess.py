@@ -19,6 +19,7 @@ from wdsembed.preprocess import (
     dali_preprocess,
     feed_geometry,
     geometry_rows,
+    read_ids,
     resized_size,
     stack_geometry,
 )
@@ -238,6 +239,22 @@ def test_the_fed_geometry_is_the_geometrys_rows_bit_for_bit(config):
     got = recipe.source_geometry(sizes)
     assert got.dtype == np.float32 and got.shape == expected.shape == (len(sizes), len(geometry_rows(recipe)), 2)
     assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("config", sorted(GEOMETRY_CONFIGS))
+def test_ids_ride_in_a_last_row_and_come_back_exactly(config):
+    """With ids, the geometry rows are the same to the last bit and one row longer; the ids read back exactly,
+    across the float32 halves' boundary and up to the largest id the rows can carry."""
+    recipe = _recipe(config)
+    sizes = np.array(_sizes(), dtype=np.int64)
+    n = len(sizes)
+    ids = np.array([0, 1, 2**24 - 1, 2**24, 2**24 + 1, 2**40 + 12345, 2**48 - 1] * n, dtype=np.int64)[:n]
+    plain = recipe.source_geometry(sizes)
+    for got in (recipe.source_geometry(sizes, ids), stack_geometry(recipe.geometry(sizes[:, 0], sizes[:, 1]), recipe,
+                                                                     ids)):
+        assert got.dtype == np.float32 and got.shape == (n, plain.shape[1] + 1, 2)
+        assert np.array_equal(got[:, :-1].view(np.uint32), plain.view(np.uint32))
+        assert read_ids(got).tolist() == ids.tolist()
 
 
 FIXED_OUTPUT = {"center_square", "center_pct1", "center_nonsquare", "squash", "squash_nonsquare"}

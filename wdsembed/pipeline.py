@@ -33,7 +33,14 @@ from typing import Any, Iterable, Iterator, Optional
 import numpy as np
 
 from wdsembed.imagesize import image_size, image_sizes
-from wdsembed.preprocess import PreprocessRecipe, dali_preprocess, feed_geometry
+from wdsembed.preprocess import (
+    PreprocessRecipe,
+    dali_preprocess,
+    feed_geometry,
+    geometry_source,
+    read_ids,
+    split_geometry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +212,9 @@ def define_pipeline(
 ) -> Any:
     """The DALI pipeline behind ImagePipeline, defined but not built (building a GPU one needs a GPU).
 
-    Inputs: external sources "encoded" (uint8 bytes per sample), "ids" (int64 per sample) and the per-sample
-    geometry of `dali_preprocess` (fed with `feed_geometry`). Outputs: images (N, C, H, W), float32 (float16 with
-    `half`), and ids."""
+    Inputs: external sources "encoded" (uint8 bytes per sample) and the per-sample geometry of `dali_preprocess`,
+    with each image's id in its last row (fed with `feed_geometry(pipe, recipe.source_geometry(sizes, ids))`).
+    Outputs: images (N, C, H, W), float32 (float16 with `half`), and the geometry rows (`read_ids` gives the ids)."""
     from nvidia.dali import fn, pipeline_def, types
 
     decode_device = "cpu" if device_id is None else "mixed"
@@ -224,8 +231,12 @@ def define_pipeline(
         # nvJPEG reads them directly. Without the copy it reads our pageable buffers in place and has to stage
         # them into pinned memory itself, inside the decoder's own time.
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=not copy_inputs)
-        ids = fn.external_source(name="ids", dtype=types.INT64, ndim=0)
-        return dali_preprocess(encoded, recipe, decode_device, **graph_args), ids
+        # The ids ride in the geometry rows, which come back as an output: one feed per batch fewer than a source
+        # of their own (preprocess.put_ids).
+        geometry = geometry_source()
+        images = dali_preprocess(encoded, recipe, decode_device, geometry=split_geometry(geometry, recipe),
+                                 **graph_args)
+        return images, geometry
 
     return graph()
 
@@ -516,12 +527,11 @@ class ImagePipeline:
             yield take()
 
     def _feed(self, batch: _Batch) -> None:
-        geometry = self.recipe.source_geometry(batch.sizes)  # before any input is fed
         n = len(batch.keys)
         batch.ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
         self._next_id += n
+        geometry = self.recipe.source_geometry(batch.sizes, batch.ids)  # before any input is fed
         self._pipe.feed_input("encoded", batch.tensors)
-        self._pipe.feed_input("ids", batch.ids)
         feed_geometry(self._pipe, geometry)
 
     def _collect(self, batch: _Batch) -> PreprocessedBatch:
@@ -540,8 +550,8 @@ class ImagePipeline:
                 raise PipelineBroken(self._broken) from e
             hint = re.search(r"Failed to decode sample #(\d+)", message)
             raise _BatchFailed(failure_reason(message), int(hint.group(1)) if hint else None) from None
-        images_tl, ids_tl = outs
-        got = np.asarray(ids_tl.as_tensor())
+        images_tl, geometry_tl = outs
+        got = read_ids(np.asarray(geometry_tl.as_tensor()))
         if not np.array_equal(got, batch.ids):
             self._broken = f"DALI outputs out of step with inputs: expected ids {batch.ids[:4]}..., got {got[:4]}..."
             raise PipelineBroken(self._broken)
