@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (after ../shared/device/install.sh unpacked the bundle into /tmp/site):
-#   bash bench/device.sh [bench args...]         -> $OUT/bench.json, $OUT/bench.log, $OUT/dmon.log (GPU use each s)
+#   bash bench/device.sh [bench args...]         -> $OUT/bench.json, $OUT/bench.log, $OUT/dmon.log (GPU use, clocks each s)
 #   bash bench/device.sh probe [probe args...]   -> $OUT/probe.log (bench/dali_probe.py: where the GPU time goes)
 #   bash bench/device.sh smoke [smoke args...]   -> $OUT/smoke-1gpu.json (+ smoke-2gpu.json with two GPUs): the CLI
 #                                                  cold on small mixed shards, every row checked (bench/smoke.py)
@@ -60,9 +60,9 @@ if [ "${1:-}" = "smoke" ]; then
   fi
   exit "$rc"
 fi
-# The GPUs' utilisation and memory each second beside the bench's log (SM %, NVJPG %, framebuffer MB): starved or
-# saturated, and the whole device's memory over the run.
-nvidia-smi dmon -s um -o T > "${OUT:-/tmp}/dmon.log" 2>&1 &
+# The GPUs' power, temperature, utilisation, clocks and memory each second beside the bench's log (W, C, SM %, NVJPG
+# %, SM and memory MHz, framebuffer MB): starved, saturated or throttled, and the whole device's memory over the run.
+nvidia-smi dmon -s pucm -o T > "${OUT:-/tmp}/dmon.log" 2>&1 &
 dmon=$!
 python bench/throughput.py --json "${OUT:-/tmp}/bench.json" --workdir /tmp/bench-work "$@" 2>&1 | tee "${OUT:-/tmp}/bench.log" | grep -v "distributed\.\|^\s*$"
 rc=${PIPESTATUS[0]}
