@@ -214,12 +214,13 @@ def ladder(args: argparse.Namespace) -> int:
         buffers as they are fed, or read in place), and with the model held to two batches ahead of the GPU. Run it
         under CUDA_DEVICE_MAX_CONNECTIONS=8 (a variable read when the process creates its CUDA context; the probe
         otherwise takes the 32 hardware queues the flow's GPU workers run with) to see streams sharing the GPU's 8
-        default hardware queues hold DALI behind the model. Measured once and dropped, with no effect (ViT-B/16, nvidia-h200, about 7,350 images/s each): the
-        model on a high-priority stream, every JPEG to the hardware decoder, the model as one CUDA graph, and the
-        batches copied out of DALI on a stream of their own instead of the model's. The high-priority stream again
-        in the thirty-third session, with ResNet-50 the bottleneck: 12,681 against 12,803 images/s. And L10 as one Worker.embed
-        call per shard, back to back: what a shard boundary costs (the pipeline drained and filled again); and
-        from three threads at once, where the worker's stream feeds each shard right behind the previous one.
+        default hardware queues hold DALI behind the model. Measured once and dropped, with no effect (ViT-B/16,
+        nvidia-h200, about 7,350 images/s each): the model on a high-priority stream, every JPEG to the hardware
+        decoder, the model as one CUDA graph, and the batches copied out of DALI on a stream of their own instead of
+        the model's. The high-priority stream again in the thirty-third session, with ResNet-50 the bottleneck:
+        12,681 against 12,803 images/s. And L10 as one Worker.embed call per shard, back to back: what a shard
+        boundary costs (the pipeline drained and filled again); and from three threads at once, where the worker's
+        stream feeds each shard right behind the previous one.
     L11 process_shard, one shard at a time, and three at a time in threads as a GPU worker runs them (no Dask, no
         Prefect); each with its last pass's timeline: pipeline time in shards, idle between them, step medians.
     Also: the tar reader and the host checks alone, no DALI, microseconds per image on this CPU.

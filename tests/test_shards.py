@@ -304,11 +304,11 @@ class ForwardOnlyFile:
         raise AssertionError("iter_samples asked for the position")
 
 
-def _traced_read(tar: str, chunk: int, indexed: bool, sizes: "list[int] | None" = None) -> dict:
-    """Reads `tar` through iter_samples on a ForwardOnlyFile, keeping the last two samples, with tracemalloc on;
-    returns the peak of Python allocations, the reads, and what was kept. Run in a process of its own (_in_own_process):
-    tracemalloc counts every thread's allocations, and in the test session other threads (Prefect's clients, earlier
-    tests' leftovers) allocate meanwhile."""
+def _traced_read(tar: str, chunk: int, indexed: bool, keep: int, sizes: list[int] | None = None) -> dict:
+    """Reads `tar` through iter_samples on a ForwardOnlyFile, the caller holding the last `keep` samples and no other,
+    with tracemalloc on; returns the peak of Python allocations, the reads, and what was kept. Run in a process of its
+    own (_in_own_process): tracemalloc counts every thread's allocations, and in the test session other threads
+    (Prefect's clients, earlier tests' leftovers) allocate meanwhile."""
     index = _index_of(Path(tar)) if indexed else None
     with open(tar, "rb") as raw:
         f = ForwardOnlyFile(raw)
@@ -319,7 +319,8 @@ def _traced_read(tar: str, chunk: int, indexed: bool, sizes: "list[int] | None" 
                 i = int(s.key)
                 assert len(s.image) == sizes[i] and bytes(s.image[:1]) == bytes([i % 251])
             keys.append(s.key)
-            kept = [*kept[-1:], s]
+            kept.append(s)
+            del kept[:max(0, len(kept) - keep)], s
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
     return {"peak": peak, "reads": f.reads, "total": f.total, "keys": keys,
@@ -345,12 +346,12 @@ def test_streaming_bounded_reads_and_memory(tmp_path):
     tar_size = tar.stat().st_size
     assert tar_size > 30 * chunk
 
-    read = _in_own_process(_traced_read, str(tar), chunk, False, sizes)
+    read = _in_own_process(_traced_read, str(tar), chunk, False, 0, sizes)
     peak = read["peak"]
     assert read["keys"] == [f"{i:04d}" for i in range(len(sizes))]
     assert max(read["reads"]) <= chunk  # every request bounded by the chunk size
     assert read["total"] == tar_size  # everything read exactly once, front to back
-    # one chunk buffer + the two members the caller still holds, with slack: far below the tar
+    # one chunk buffer + the member being returned + the one the caller still holds, with slack: far below the tar
     assert peak < 2 * chunk + 2 * max(sizes) + 64 * 1024, peak
     assert peak < tar_size / 4
 
@@ -1174,7 +1175,7 @@ def test_fast_path_reads_forward_in_whole_chunks(tmp_path):
         tar = _tar_of(tmp_path, f"chunks{image_size}", [
             m for i in range(300)
             for m in ((f"{i:05d}.jpg", bytes([i % 251]) * (image_size + 37 * i)), (f"{i:05d}.txt", b"t"))])
-        read = _in_own_process(_traced_read, str(tar), chunk, True)
+        read = _in_own_process(_traced_read, str(tar), chunk, True, 2)
         peaks.append(read["peak"])
         assert set(read["reads"][:-1]) == {chunk} and read["reads"][-1] <= chunk
         assert read["total"] == tar.stat().st_size
