@@ -1,11 +1,13 @@
 """Where the GPU time goes: our ImagePipeline against DALI's own webdataset reader on the same photos, then
 DALI and a model together, as the flow's Worker runs them (the model on a CUDA stream of its own).
 
-    python bench/dali_probe.py [--images 16000] [--batch-size 256] [--threads 12] [--model vit_base_patch16_clip_224.openai]
+    python bench/dali_probe.py [--images 16000] [--batch-size 256] [--threads 12] [--repeats 9] [--model vit_base_patch16_clip_224.openai]
     python bench/dali_probe.py --geometry-only [--images 2560] [--repeats 9] [--threads 1] [--only E B Bs]   # CPU, no decoding
     python bench/dali_probe.py --memory [--images 16000] [--model resnet50.a1_in1k]          # GPU memory per setting
 
-Each line is images/s for one variant, so that one run says which change matters:
+Each line is images/s for one variant, so that one run says which change matters. The lines take turns, pass after
+pass (--repeats rounds), and each gives the median of its passes: a single short pass (16,000 images take 0.6 s at
+25,000 images/s) swung by a third between runs on the same machine.
 - how the bytes reach DALI: copied into DALI's (pinned) buffers, or read in place from ours;
 - our preprocessing recipe (header-sized resize, per-sample crop) against a plain resize + crop;
 - the decompression-bomb guard (header sizes checked on the host) on or off;
@@ -22,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,7 +37,7 @@ def main() -> int:
     p.add_argument("--model", default="vit_base_patch16_clip_224.openai")
     p.add_argument("--geometry-only", action="store_true",
                    help="CPU, no decoding: peek_image_shape vs the host geometry vs the old in-graph geometry")
-    p.add_argument("--repeats", type=int, default=9, help="--geometry-only, --ladder: interleaved passes per variant")
+    p.add_argument("--repeats", type=int, default=9, help="interleaved passes per variant (line, rung)")
     p.add_argument("--rungs", nargs="+", help="--ladder: only these rungs (L0 ... L10), and the model alone")
     p.add_argument("--worker-only", action="store_true", help="--ladder: only the rungs from L8 on, and the model")
     p.add_argument("--kernels", action="store_true",
@@ -64,47 +67,40 @@ def main() -> int:
     if args.kernels:
         return kernels(args)
 
+    import statistics
+
+    import numpy as np
     import torch
     from nvidia.dali import fn, pipeline_def, types
 
     from wdsembed.config import EmbedConfig
-    from wdsembed.pipeline import ImagePipeline
     from wdsembed.imagesize import image_size
+    from wdsembed.model import embed_batch
+    from wdsembed.pipeline import ImagePipeline
     from wdsembed.preprocess import dali_preprocess, feed_geometry, split_geometry
+    from wdsembed.worker import Worker
 
     tars, samples = photographs(args.images)
     B, T = args.batch_size, args.threads
     gpu = torch.cuda.is_available()  # without one, the same variants on the CPU path: a smoke test of this script
     device_id, decode = (0, "mixed") if gpu else (None, "cpu")
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
     recipe = clip_recipe()
-    rates: dict[str, float] = {}
-
-    def timed(name, run):
-        run()  # warm-up pass
-        sync()
-        t = time.perf_counter()
-        n = run()
-        sync()
-        rates[name] = n / (time.perf_counter() - t)
-        print(f"{name:60s} {rates[name]:9,.0f} img/s", flush=True)
+    runs: dict[str, Callable[[], int]] = {}
+    closing: list = []
 
     # 1. ImagePipeline as the flow builds it, and with each suspect changed.
     bomb_guard = EmbedConfig(input="x", output="y").max_image_pixels
     for label, opts in (("copy_inputs=True (default)", {}),
                         ("copy_inputs=False (read in place)", {"copy_inputs": False}),
-                        ("copy_inputs=True + max_pixels guard (the flow)", {"max_pixels": bomb_guard}),
+                        (FLOW_LINE, {"max_pixels": bomb_guard}),
                         ("copy_inputs=True prefetch=4", {"prefetch": 4})):
         pipe = ImagePipeline(recipe, batch_size=B, num_threads=T, device_id=device_id, **opts)
-        timed(f"ImagePipeline {label}", lambda: sum(len(b.keys) for b in pipe.process(samples)))
-        pipe.close()
-        del pipe
+        closing.append(pipe)
+        runs[f"ImagePipeline {label}"] = lambda pipe=pipe: sum(len(b.keys) for b in pipe.process(samples))
 
     # 2. Bare DALI graphs: reader or external source, our recipe or a plain one; no Python logic of ours. Our
     # recipe's geometry (header sizes + NumPy) is computed ahead, outside the timing (ImagePipeline's numbers above
     # include it), and fed per batch; the reader gets it in its own (file) order from a source callback.
-    import numpy as np
-
     steps = len(samples) // B
     sizes = np.array([image_size(d) for _, d in samples])
     n_samples = len(samples)
@@ -113,6 +109,7 @@ def main() -> int:
         return recipe.source_geometry(sizes[np.arange(i * B, (i + 1) * B) % n_samples])
 
     geometries = [geometry_of(i) for i in range(steps)]
+    batches = [[np.frombuffer(d, np.uint8) for _, d in samples[i * B:(i + 1) * B]] for i in range(steps)]
 
     def plain(jpg, source):
         images = fn.decoders.image(jpg, device=decode, output_type=types.RGB,
@@ -123,75 +120,118 @@ def main() -> int:
     def ours(jpg, source):
         geometry = None  # external sources, fed with the bytes
         if source == "reader":
-            batches = iter(range(1 << 62))
+            batch_numbers = iter(range(1 << 62))
 
             def next_geometry():
-                return geometry_of(next(batches))
+                return geometry_of(next(batch_numbers))
 
             geometry = split_geometry(fn.external_source(source=next_geometry, dtype=types.FLOAT, ndim=2), recipe)
         return dali_preprocess(jpg, recipe, decode, geometry=geometry)
 
-    for source in ("reader", "external copy", "external in place"):
-        for name, graph_fn in (("plain resize", plain), ("our recipe", ours)):
-            @pipeline_def(batch_size=B, num_threads=T, device_id=device_id, prefetch_queue_depth=2, exec_dynamic=True)
-            def graph():
-                if source == "reader":
-                    jpg = fn.readers.webdataset(paths=tars, ext=["jpg"], missing_component_behavior="skip")
-                else:
-                    jpg = fn.external_source(name="enc", dtype=types.UINT8, ndim=1, no_copy=source.endswith("place"))
-                return graph_fn(jpg, source)
-
-            pipe = graph()
-            pipe.build()
+    def bare(source, graph_fn):
+        @pipeline_def(batch_size=B, num_threads=T, device_id=device_id, prefetch_queue_depth=2, exec_dynamic=True)
+        def graph():
             if source == "reader":
-                timed(f"bare {source}: {name}", lambda: sum(B for _ in range(steps) if pipe.run()))
+                jpg = fn.readers.webdataset(paths=tars, ext=["jpg"], missing_component_behavior="skip")
             else:
-                batches = [[np.frombuffer(d, np.uint8) for _, d in samples[i * B:(i + 1) * B]] for i in range(steps)]
+                jpg = fn.external_source(name="enc", dtype=types.UINT8, ndim=1, no_copy=source.endswith("place"))
+            return graph_fn(jpg, source)
 
-                def feed(i):
-                    pipe.feed_input("enc", batches[i])
-                    if graph_fn is ours:
-                        feed_geometry(pipe, geometries[i])
+        pipe = graph()
+        pipe.build()
+        if source == "reader":
+            return lambda: sum(B for _ in range(steps) if pipe.run())
 
-                def run_fed():
-                    for i in range(len(batches)):  # two in flight, as ImagePipeline keeps them
-                        feed(i)
-                        pipe.schedule_run()
-                        if i >= 1:
-                            pipe.outputs()
-                    pipe.outputs()
-                    return len(batches) * B
+        def feed(pipe, i):
+            pipe.feed_input("enc", batches[i])
+            if graph_fn is ours:
+                feed_geometry(pipe, geometries[i])
+        return fed_loop(pipe, feed, lambda pipe, i: pipe.outputs(), steps, B)
 
-                feed(0)  # the first schedule_run prefetches two iterations
-                feed(1)
-                pipe.schedule_run()
-                pipe.outputs(), pipe.outputs()
-                timed(f"bare {source}: {name}", run_fed)
-            del pipe
+    for source in BARE_SOURCES:
+        for name, graph_fn in ((PLAIN, plain), (OURS, ours)):
+            runs[f"bare {source}: {name}"] = bare(source, graph_fn)
 
-    # 3. DALI and the model together, as Worker.embed runs them, on the default stream and on their own.
-    from wdsembed.model import embed_batch
-    from wdsembed.worker import Worker
-
+    # 3. DALI and the model together, as Worker.embed runs them (the model on a stream of its own on a GPU).
     config = EmbedConfig(input="x", output="y", model_name=args.model, pretrained=False, batch_size=B,
                          num_threads_per_worker=T)
     worker = Worker(config)
     x = torch.randn(B, *worker.recipe.input_size, device=worker.device)
 
     def model_only():
-        for _ in range(len(samples) // B):
+        for _ in range(steps):
             embed_batch(worker.loaded, x, autocast=True, normalize=True)
-        return len(samples) // B * B
+        return steps * B
 
-    timed(f"{args.model} model only", model_only)
-    rates["dali"] = rates["ImagePipeline copy_inputs=True + max_pixels guard (the flow)"]
-    bound = 1 / (1 / rates[f"{args.model} model only"] + 1 / rates["dali"])
-    embed = lambda: len(worker.embed(iter(samples), autocast=True, normalize=True, on_batch=lambda n: None)[0])  # noqa: E731
-    # (The Worker always runs its model on a stream of its own on a GPU; the legacy default stream is gone.)
-    timed("Worker.embed, own stream (the flow)", embed)
+    model_line = f"{args.model} model only"
+    runs[model_line] = model_only
+    runs["Worker.embed, own stream (the flow)"] = \
+        lambda: len(worker.embed(iter(samples), autocast=True, normalize=True, on_batch=lambda n: None)[0])
+
+    counts, times = interleaved(runs, args.repeats, torch.cuda.synchronize if gpu else (lambda: None))
+    print(f"probe: {len(samples)} photographs, batch {B}, {T} threads, {args.repeats} interleaved passes per line; "
+          f"{'GPU (mixed decoding)' if gpu else 'CPU'}. img/s: median of the passes (slowest-fastest)")
+    rates = {}
+    for name, ts in times.items():
+        per_pass = sorted(counts[name] / t for t in ts)
+        rates[name] = statistics.median(per_pass)
+        print(f"{name:60s} {rates[name]:9,.0f} img/s ({per_pass[0]:,.0f}-{per_pass[-1]:,.0f})", flush=True)
+    # Each round runs every line once, back to back: a ratio within a round compares passes that met the same load
+    # from other processes, which the medians of separate passes do not.
+    for source in BARE_SOURCES:
+        ours_line, plain_line = f"bare {source}: {OURS}", f"bare {source}: {PLAIN}"
+        paired = sorted(p / o for o, p in zip(times[ours_line], times[plain_line]))  # time ratio = rate ratio
+        print(f"{OURS} / {PLAIN}, bare {source}: {rates[ours_line] / rates[plain_line]:.2f} on medians; paired "
+              f"rounds {statistics.median(paired):.2f} ({paired[0]:.2f}-{paired[-1]:.2f})", flush=True)
+    dali_rate = rates[f"ImagePipeline {FLOW_LINE}"]
+    bound = 1 / (1 / rates[model_line] + 1 / dali_rate)
     print(f"{'sequential bound 1/(1/a+1/b)':60s} {bound:9,.0f} img/s; min(a, b) "
-          f"{min(rates[f'{args.model} model only'], rates['dali']):,.0f}", flush=True)
+          f"{min(rates[model_line], dali_rate):,.0f}", flush=True)
+    for pipe in closing:
+        pipe.close()
+    worker.close()
     return 0
+
+
+# The main probe's lines, by name: the flow's own, and the bare graphs' sources and recipes.
+FLOW_LINE = "copy_inputs=True + max_pixels guard (the flow)"
+BARE_SOURCES = ("reader", "external copy", "external in place")
+PLAIN, OURS = "plain resize", "our recipe"
+
+
+def interleaved(runs: dict[str, Callable[[], int]], repeats: int, sync: Callable[[], None]
+                ) -> tuple[dict[str, int], dict[str, list[float]]]:
+    """Each run once to warm up (its count of images), then `repeats` rounds of every run once, back to back, so that
+    the machine's swings hit them alike: the images each counts, and its wall time per round."""
+    counts = {name: run() for name, run in runs.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            sync()
+            t = time.perf_counter()
+            run()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    return counts, times
+
+
+def fed_loop(pipe, feed, collect, steps: int, batch_size: int) -> Callable[[], int]:
+    """A pass over `steps` batches through an external-source pipeline, two iterations in flight as ImagePipeline
+    keeps them: `feed(pipe, i)` feeds batch i, `collect(pipe, i)` takes its outputs. The pipeline is primed here
+    (its first schedule_run prefetches two iterations); the pass returns the images it ran."""
+    def run():
+        for i in range(steps):
+            feed(pipe, i)
+            pipe.schedule_run()
+            if i >= 1:
+                collect(pipe, i - 1)
+        collect(pipe, steps - 1)
+        return steps * batch_size
+    feed(pipe, 0)
+    feed(pipe, 1)
+    pipe.schedule_run()
+    collect(pipe, 0), collect(pipe, 1)
+    return run
 
 
 def ladder(args: argparse.Namespace) -> int:
@@ -264,21 +304,6 @@ def ladder(args: argparse.Namespace) -> int:
         enc = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         return dali_preprocess(enc, recipe, decode, geometry=geometry_inputs(recipe))
 
-    def fed_loop(pipe, feed, collect):
-        def run():
-            for i in range(steps):  # two in flight, as ImagePipeline keeps them
-                feed(pipe, i)
-                pipe.schedule_run()
-                if i >= 1:
-                    collect(pipe, i - 1)
-            collect(pipe, steps - 1)
-            return steps * B
-        feed(pipe, 0)
-        feed(pipe, 1)  # the first schedule_run prefetches two iterations
-        pipe.schedule_run()
-        collect(pipe, 0), collect(pipe, 1)
-        return run
-
     def feed_np(pipe, i):
         pipe.feed_input("encoded", arrays[i])
         feed_geometry(pipe, geometries[i])
@@ -336,7 +361,7 @@ def ladder(args: argparse.Namespace) -> int:
         if make is bare:
             pipe.build()
         pipes.append(pipe)
-        runs[name] = fed_loop(pipe, feed, collect)
+        runs[name] = fed_loop(pipe, feed, collect, steps, B)
 
     image_pipe = ImagePipeline(recipe, batch_size=B, num_threads=T, device_id=device_id)
 
@@ -500,17 +525,7 @@ def ladder(args: argparse.Namespace) -> int:
     if args.worker_only:
         runs = {k: v for k, v in runs.items() if k.split()[0] not in {"L0", "L1", "L2", "L3", "L4", "L5", "L6", "L7"}}
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    counts = {}
-    for name, run in runs.items():
-        counts[name] = run()  # warm-up
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            sync()
-            t = time.perf_counter()
-            run()
-            sync()
-            times[name].append(time.perf_counter() - t)
+    counts, times = interleaved(runs, args.repeats, sync)
     print(f"ladder: {steps * B} photographs, batch {B}, {T} threads, {args.repeats} interleaved passes; "
           f"{'GPU (mixed decoding)' if gpu else 'CPU'}")
     for name, ts in times.items():
