@@ -1076,31 +1076,20 @@ def geometry_only(args: argparse.Namespace) -> int:
         raise SystemExit(f"--only {' '.join(sorted(unknown))}: the variants are {' '.join(variants)}")
     if args.only:  # the slow variants (old, pyf) change the machine's state for the quick ones: they can be left out
         variants = {name: v for name, v in variants.items() if name == "A" or name in args.only}
-    pipes = {}
-    for name, (graph_fn, _) in variants.items():
+    passes = {}  # a pass of each variant, two iterations in flight as ImagePipeline keeps them
+    for name, (graph_fn, feed) in variants.items():
         pipe = pipeline_def(graph_fn, batch_size=B, num_threads=T, device_id=None, prefetch_queue_depth=2,
                             exec_dynamic=True)()
         pipe.build()
-        pipes[name] = pipe
+        passes[name] = fed_loop(pipe, feed, lambda pipe, i: pipe.outputs(), steps, B)
 
     def one_pass(name) -> tuple[float, float]:
         """Wall time and CPU time of the whole process (all threads, DALI's included) for one pass."""
-        pipe, feed = pipes[name], variants[name][1]
         t, c = time.perf_counter(), time.process_time()
-        for i in range(steps):  # two in flight, as ImagePipeline keeps them
-            feed(pipe, i)
-            pipe.schedule_run()
-            if i >= 1:
-                pipe.outputs()
-        pipe.outputs()
+        passes[name]()
         return time.perf_counter() - t, time.process_time() - c
 
-    for name, pipe in pipes.items():  # the first schedule_run of a pipeline prefetches two iterations
-        feed = variants[name][1]
-        feed(pipe, 0)
-        feed(pipe, 1)
-        pipe.schedule_run()
-        pipe.outputs(), pipe.outputs()
+    for name in passes:
         one_pass(name)  # warm-up
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for _ in range(args.repeats):
