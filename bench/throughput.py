@@ -186,7 +186,8 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
     `through="api"` runs it through wdsembed.api.run_shards (the same Dask workers, no Prefect) instead of the flow,
     its `switch_interval` sets the workers' GIL switch interval for it (else it stays as it is: Python's 5 ms
     unless an earlier variant changed it), and its `worker_env` (name -> value, None to unset) the workers'
-    environment variables."""
+    environment variables, followed by the warm-up run again (untimed), in which a worker builds its Worker anew
+    where a variable it reads as it is built changed."""
     from distributed import Client, LocalCluster, get_task_stream
 
     import flows.embed as fe
@@ -227,8 +228,11 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
                 through = more.pop("through", "flow")
                 if "switch_interval" in more:  # the workers' GIL switch interval for this variant
                     client.run(sys.setswitchinterval, more.pop("switch_interval"))
-                if "worker_env" in more:  # environment variables the Worker reads per run (None: unset)
+                if "worker_env" in more:  # environment variables the workers read (None: unset)
                     client.run(_set_env, more.pop("worker_env"))
+                    # One the Worker reads as it is built (wdsembed.worker.BUILD_ENV) makes each worker build a new
+                    # one on its next shard: here, on the warm-up shard, not inside the timed run.
+                    fe.run(config(warm_folder, True))
                 if "flow_env" in more:  # environment variables the flow reads per run, in this process
                     _set_env(more.pop("flow_env"))
                 switch = next(iter(client.run(sys.getswitchinterval).values()))
@@ -256,7 +260,11 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
                                    # a full collection here may explain a slow start (to_flow_start)
                                    "flow_process_gc": _gc_summary(started),
                                    **({"task_computes_s": [round(c - started, 3) for c in computes[:4]]}
-                                      if computes else {})})
+                                      if computes else {}),
+                                   # the build-time settings the workers' Worker ran with (a --worker-env check)
+                                   "worker_built_with": [json.loads(w) for w in sorted(
+                                       {json.dumps(w, sort_keys=True) for ws in client.run(_worker_built_with).values()
+                                        for w in ws})]})
         peaks = client.run(_peaks)
         sampled = sampler.peak_bytes()  # None where NVML lists no worker process (another PID namespace)
         memory = {"gpus": n_gpus,
@@ -277,6 +285,13 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
     finally:
         client.close()
         cluster.close()
+
+
+def _worker_built_with() -> list[dict]:
+    """The BUILD_ENV settings of this worker process's Worker(s) (wdsembed.worker.Worker.built_with)."""
+    from wdsembed.worker import Worker
+
+    return [w.built_with for w in Worker._current.values()]
 
 
 def _dali_memory_env() -> dict:
@@ -703,7 +718,8 @@ def main() -> int:
                         "turn, REPEATS times each: how long the model's thread waits to get the GIL back")
     p.add_argument("--worker-env", nargs=3, metavar=("REPEATS", "NAME", "VALUE"),
                    help="run the full flow with the workers' environment variable NAME unset and set to VALUE, in "
-                        "turn, REPEATS times each (a Worker setting read per run, such as WDSEMBED_READ_AHEAD)")
+                        "turn, REPEATS times each (a Worker setting: read per run, such as WDSEMBED_READ_AHEAD, or as "
+                        "the Worker is built, such as WDSEMBED_COPY_INPUTS, which then builds it again, untimed)")
     p.add_argument("--flow-env", nargs=3, metavar=("REPEATS", "NAME", "VALUE"),
                    help="as --worker-env, for a variable the flow reads in this process")
     p.add_argument("--shards-per-gpu", type=int, metavar="N",

@@ -60,6 +60,24 @@ def test_layers_run_the_flow_and_the_api_in_turn_each_counting_its_own_images(tm
                                                      "DALI_USE_DEVICE_MEM_POOL"))
 
 
+def test_a_worker_setting_read_at_build_time_is_really_switched_between_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"))
+    env.pop("WDSEMBED_COPY_INPUTS", None)
+    proc = subprocess.run(
+        [sys.executable, "bench/throughput.py", "--small", "--json", str(out), "--skip", "model", "dali", "fidelity",
+         "--worker-env", "1", "WDSEMBED_COPY_INPUTS", "0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = json.loads(out.read_text())["models"]["test_resnet.r160_in1k"]
+    default, changed = row["full_flow"], row["full_flow_env_set"]
+    assert default["images"] == changed["images"] == 32
+    # The workers' Worker is built once and kept: each run must have run with its own setting, not the warm-up's.
+    assert [w["WDSEMBED_COPY_INPUTS"] for w in default["worker_built_with"]] == [None]
+    assert [w["WDSEMBED_COPY_INPUTS"] for w in changed["worker_built_with"]] == ["0"]
+
+
 def test_output_comparison_sees_one_changed_embedding(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

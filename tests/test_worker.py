@@ -199,6 +199,35 @@ def test_close_finishes_the_waiting_calls_and_refuses_new_ones(tmp_path):
         own.embed(iter(calls[0]), autocast=True, normalize=True)
 
 
+def test_a_long_lived_process_builds_a_new_worker_when_a_setting_read_at_build_time_changes(tmp_path, monkeypatch):
+    from wdsembed.worker import BUILD_ENV, COPY_INPUTS_ENV, READ_AHEAD_ENV
+
+    for name in BUILD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    config = EmbedConfig(input=str(tmp_path), output=str(tmp_path), model_name=TINY_MODEL, pretrained=False,
+                         device="cpu", batch_size=4, num_threads_per_worker=1)
+    samples = [(f"k{i}", im.data) for i, im in enumerate(photo_images(3))]
+    try:
+        first = Worker.for_config(config)
+        assert first.pipeline.copy_inputs
+        monkeypatch.setenv(READ_AHEAD_ENV, "0")  # read per call: the same Worker goes on
+        assert Worker.for_config(config) is first
+        monkeypatch.setenv(COPY_INPUTS_ENV, "0")  # read as it is built: a new one, the old one closed
+        second = Worker.for_config(config)
+        assert second is not first and not second.pipeline.copy_inputs
+        with pytest.raises(RuntimeError, match="closed"):
+            first.embed(iter(samples), autocast=True, normalize=True)
+        keys, _, failures = second.embed(iter(samples), autocast=True, normalize=True)
+        assert keys == [k for k, _ in samples] and not failures
+        assert Worker.for_config(config) is second
+        monkeypatch.delenv(COPY_INPUTS_ENV)
+        assert Worker.for_config(config).pipeline.copy_inputs
+    finally:
+        for worker in Worker._current.values():
+            worker.close()
+        Worker._current.clear()
+
+
 def test_gpu_processes_ask_for_every_hardware_queue_and_dalis_async_allocator_unless_the_user_chose(monkeypatch):
     import subprocess
     import sys

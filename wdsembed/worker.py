@@ -86,6 +86,15 @@ READ_AHEAD_ENV = "WDSEMBED_READ_AHEAD"
 COPY_INPUTS_ENV = "WDSEMBED_COPY_INPUTS"
 # "0": a model in bfloat16 is fed from DALI's float32 output, not its float16 one (a diagnostic: memory, fidelity).
 DALI_FLOAT16_ENV = "WDSEMBED_DALI_FLOAT16"
+# The variables above that a Worker reads once, as it is built (the others are read per call or per pass). They are
+# part of its identity in for_config: a long-lived worker process that sees one changed builds a new Worker, instead
+# of going on with the old setting (the bench's --worker-env changes them between runs on warm workers).
+BUILD_ENV = (CUDA_GRAPH_ENV, GPU_PREFETCH_ENV, STREAM_METER_ENV, COPY_INPUTS_ENV, DALI_FLOAT16_ENV)
+
+
+def build_env() -> dict[str, Optional[str]]:
+    """The BUILD_ENV variables as they are now (None: unset)."""
+    return {name: os.environ.get(name) for name in BUILD_ENV}
 READ_AHEAD_CHUNK, READ_AHEAD_DEPTH = 64, 4  # samples per hand-over, hand-overs queued: 256-384 samples (10-15 MB)
 
 
@@ -134,6 +143,7 @@ class Worker:
         from wdsembed.pipeline import ImagePipeline
         from wdsembed.preprocess import PreprocessRecipe
 
+        self.built_with = build_env()  # read below; for_config builds a new Worker when they change
         if config.device != "cpu":
             set_gpu_process_environment()  # before this process's first CUDA call creates its context
         self.device = device or resolve_device(config.device)
@@ -250,10 +260,11 @@ class Worker:
 
     @classmethod
     def for_config(cls, config: EmbedConfig) -> "Worker":
-        """This process's Worker for the config's model and pipeline settings (built on first use)."""
+        """This process's Worker for the config's model and pipeline settings and the BUILD_ENV variables as they
+        are now (built on first use)."""
         ident = json.dumps(
             [config.model_key(), config.checkpoint, config.batch_size, config.num_threads_per_worker, config.device,
-             config.max_image_pixels or None],
+             config.max_image_pixels or None, build_env()],
             sort_keys=True,
         )
         with cls._building:
