@@ -86,7 +86,8 @@ READ_AHEAD_ENV = "WDSEMBED_READ_AHEAD"
 COPY_INPUTS_ENV = "WDSEMBED_COPY_INPUTS"
 # "0": a model in bfloat16 is fed from DALI's float32 output, not its float16 one (a diagnostic: memory, fidelity).
 DALI_FLOAT16_ENV = "WDSEMBED_DALI_FLOAT16"
-# The variables above that a Worker reads once, as it is built (the others are read per call or per pass). They are
+READ_AHEAD_CHUNK, READ_AHEAD_DEPTH = 64, 4  # samples per hand-over, hand-overs queued: 256-384 samples (10-15 MB)
+# Of the variables above, those a Worker reads once, as it is built (the others are read per call or per pass). They are
 # part of its identity in for_config: a long-lived worker process that sees one changed builds a new Worker, instead
 # of going on with the old setting (the bench's --worker-env changes them between runs on warm workers).
 BUILD_ENV = (CUDA_GRAPH_ENV, GPU_PREFETCH_ENV, STREAM_METER_ENV, COPY_INPUTS_ENV, DALI_FLOAT16_ENV)
@@ -95,7 +96,6 @@ BUILD_ENV = (CUDA_GRAPH_ENV, GPU_PREFETCH_ENV, STREAM_METER_ENV, COPY_INPUTS_ENV
 def build_env() -> dict[str, Optional[str]]:
     """The BUILD_ENV variables as they are now (None: unset)."""
     return {name: os.environ.get(name) for name in BUILD_ENV}
-READ_AHEAD_CHUNK, READ_AHEAD_DEPTH = 64, 4  # samples per hand-over, hand-overs queued: 256-384 samples (10-15 MB)
 
 
 def set_gpu_process_environment() -> None:
