@@ -198,12 +198,16 @@ def main() -> int:
             with open(os.path.join(out, "_manifest.json")) as f:
                 manifest = json.load(f)
             report["cuda_graph"] = manifest["model"].get("cuda_graph")
-            from wdsembed.worker import STREAM_METER_ENV
+            report["compiled"] = manifest["model"].get("compiled")
+            from wdsembed.worker import COMPILE_ENV, STREAM_METER_ENV
             metered = [s for s in manifest["shards"].values() if "model_busy_s" in (s.get("timeline") or {})]
             report["model_busy_s"] = round(sum(s["timeline"]["model_busy_s"] for s in metered), 4)
             if args.device == "cuda" and not report["cuda_graph"]:  # the full batches must have run as a graph
                 report["ok"] = False
                 report["problems"].append("the model did not run as a CUDA graph")
+            if args.device == "cuda" and os.environ.get(COMPILE_ENV, "1") != "0" and not report["compiled"]:
+                report["ok"] = False  # the default: that graph of torch.compile's kernels
+                report["problems"].append("the model's graph was not compiled")
             if (args.device == "cuda" and os.environ.get(STREAM_METER_ENV) == "1"
                     and (len(metered) != len(manifest["shards"]) or report["model_busy_s"] <= 0)):
                 report["ok"] = False  # asked for, every shard's batches are timed on the model's stream

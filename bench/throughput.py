@@ -7,7 +7,7 @@
 
 It builds its own shards of real photographs (scikit-image's samples, re-encoded as JPEG at 300-640 px), then for
 each model prints images/s for (a) the model alone on resident tensors (bf16 autocast; bfloat16 weights; and on a
-GPU those as one CUDA graph, as the flow runs it), (b) DALI reading + decoding + preprocessing alone, (c) the full
+GPU those as one CUDA graph, eager and torch.compile's kernels, the second as the flow runs it), (b) DALI reading + decoding + preprocessing alone, (c) the full
 flow through Prefect and Dask from tar to parquet with warm workers, the ratio of (c) to the fastest (a) (to
 min(a, b) where (b) ran), and the peak GPU and host memory of (c). Writes JSON with --json.
 The scaling runs (--gpus) also check that every run's outputs equal the first run's, embedding for embedding.
@@ -102,8 +102,11 @@ def sync(device: str) -> None:
 def bench_model(model_name: str, device: str, batch_size: int, seconds: float, form: str = "bf16") -> dict:
     """(a) the model alone on resident tensors, through embed_batch as the flow calls it. form "bf16": bfloat16
     weights (channels_last for convnets), run eagerly; "graph": those, one CUDA graph per batch
-    (wdsembed.model.BatchGraph, a GPU only), as the flow runs it with autocast=True on a GPU; "autocast": float32
-    weights under bfloat16 autocast."""
+    (wdsembed.model.BatchGraph, a GPU only), as the flow runs it with autocast=True on a GPU; "compiled": the same
+    graph of torch.compile's kernels (wdsembed.model.compile_embedding), as the flow runs it by default on a GPU (the
+    compile is not timed); "autocast": float32 weights under bfloat16 autocast. For the bfloat16 forms, min_cosine_vs_float32:
+    their embeddings of the first 64 inputs against the float32 model's (random weights on random inputs: a
+    comparison between forms, not the fidelity target, which is measured on photographs)."""
     from functools import partial
 
     import torch
@@ -111,19 +114,27 @@ def bench_model(model_name: str, device: str, batch_size: int, seconds: float, f
     from wdsembed.model import embed_batch, load_model, to_bfloat16
 
     loaded = load_model(model_name, pretrained=False, device=device)
-    if form in ("bf16", "graph"):
-        to_bfloat16(loaded)
     _, h, w = loaded.data_config["input_size"]
     x = torch.randn(batch_size, 3, h, w, device=device)
+    reference = None
+    if form in ("bf16", "graph", "compiled"):
+        reference = embed_batch(loaded, x[:64], autocast=False, normalize=True)
+        to_bfloat16(loaded)
     run = partial(embed_batch, loaded)
-    if form == "graph":
+    extra = {}
+    if form in ("graph", "compiled"):
         from wdsembed.model import BatchGraph
 
         # batches as DALI hands them to the GPU worker: the model's dtype and memory format
         x = x.to(loaded.dtype).contiguous(memory_format=torch.channels_last if loaded.channels_last
                                           else torch.contiguous_format)
-        graph = BatchGraph(loaded, tuple(x.shape), autocast=True, normalize=True)
+        start = time.perf_counter()
+        graph = BatchGraph(loaded, tuple(x.shape), autocast=True, normalize=True, compiled=form == "compiled")
+        extra["capture_seconds"] = round(time.perf_counter() - start, 1)
         run = lambda images, **_: graph(images)  # noqa: E731
+    if reference is not None:
+        out = run(x, autocast=True, normalize=True)[:64].float()
+        extra["min_cosine_vs_float32"] = round(float(torch.nn.functional.cosine_similarity(out, reference).min()), 7)
     for _ in range(3):
         run(x, autocast=True, normalize=True)
     sync(device)
@@ -136,7 +147,7 @@ def bench_model(model_name: str, device: str, batch_size: int, seconds: float, f
     del loaded, x
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return {"images_per_second": round(rate, 1), "dim_input": [h, w], "form": form}
+    return {"images_per_second": round(rate, 1), "dim_input": [h, w], "form": form, **extra}
 
 
 def bench_dali(model_name: str, folder: str, device: str, batch_size: int, threads: int, **pipeline_options) -> dict:
@@ -782,13 +793,16 @@ def main() -> int:
             forms = [row["bf16_model_only"]]
             if gpu:
                 row["graph_model_only"] = _stage(bench_model, name, device, batch_size, model_seconds, "graph")
-                forms.append(row["graph_model_only"])
+                row["compiled_model_only"] = _stage(bench_model, name, device, batch_size, model_seconds,
+                                                    "compiled")
+                forms += [row["graph_model_only"], row["compiled_model_only"]]
             # The fastest form measured: the bar the full flow is held to.
             row["fastest_model_only"] = max(forms, key=lambda r: r.get("images_per_second", 0))
             print(f"{name}: (a) model only {row['model_only'].get('images_per_second', 0):,.0f} img/s (autocast), "
                   f"{row['bf16_model_only'].get('images_per_second', 0):,.0f} img/s (bf16 weights)"
-                  + (f", {row['graph_model_only'].get('images_per_second', 0):,.0f} img/s (bf16, CUDA graph)"
-                     if gpu else ""), flush=True)
+                  + (f", {row['graph_model_only'].get('images_per_second', 0):,.0f} img/s (bf16, CUDA graph), "
+                     f"{row['compiled_model_only'].get('images_per_second', 0):,.0f} img/s (bf16, torch.compile, "
+                     "CUDA graph)" if gpu else ""), flush=True)
         if "dali" not in args.skip:
             row["dali_only"] = _stage(bench_dali, name, data, device, batch_size, threads)
             print(f"{name}: (b) DALI only {row['dali_only'].get('images_per_second', 0):,.0f} img/s", flush=True)

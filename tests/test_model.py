@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import pytest
@@ -311,3 +312,23 @@ def test_fingerprint_is_memoised_and_sensitive_to_one_tensor(resnet18):
     assert model_fingerprint(clone) == before  # memoised on the LoadedModel
     clone._fingerprint = None
     assert model_fingerprint(clone) != before
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile's CPU backend needs a C compiler")
+@pytest.mark.parametrize("embedding", ["pooled", "head"])
+def test_the_compiled_forward_gives_the_eager_embeddings(embedding):
+    """compile_embedding (what WDSEMBED_COMPILE=1 captures in a GPU worker's CUDA graph) is the same function as
+    embed_batch: the same rows, for the pooled features and for the head, normalized or not."""
+    from wdsembed.model import compile_embedding
+
+    loaded = load_model("test_vit.r160_in1k", pretrained=False, device="cpu", embedding=embedding)
+    x = _batch(loaded, n=3)
+    for normalize in (True, False):
+        eager = embed_batch(loaded, x, autocast=False, normalize=normalize)
+        with torch.inference_mode():
+            compiled = compile_embedding(loaded, normalize=normalize)(x)
+        assert compiled.dtype == torch.float32 and compiled.shape == eager.shape == (3, loaded.dim)
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(embed_batch(loaded, x, autocast=False, normalize=True),
+                              embed_batch(loaded, x, autocast=False, normalize=False))

@@ -306,7 +306,8 @@ def test_changes_recompute_only_what_changed(first_run, monkeypatch):
     assert manifest["totals"]["computed"] == 4
     assert set(embed_states(run_id, STEMS4).values()) == {"Completed"}
     assert manifest["model"]["name"] == "test_efficientnet.r160_in1k"
-    assert manifest["model"]["cuda_graph"] is False  # the CPU path runs eagerly
+    assert manifest["model"]["cuda_graph"] is False  # the CPU path runs eagerly, uncompiled
+    assert manifest["model"]["compiled"] is False
     dims = {read_output_metadata(str(out / f"{s}.parquet"), storage.filesystem(str(out))[0])["result"]["dim"]
             for s in STEMS4}
     assert dims == {manifest["model"]["dim"]}

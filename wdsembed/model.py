@@ -25,7 +25,7 @@ import threading
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -524,6 +524,22 @@ def embed_batch(loaded: LoadedModel, images: "torch.Tensor", *, autocast: bool, 
     return out
 
 
+def compile_embedding(loaded: LoadedModel, *, normalize: bool) -> Callable[["torch.Tensor"], "torch.Tensor"]:
+    """`embed_batch` for a model in bfloat16 (or float32 without autocast) through torch.compile: inductor, with the
+    weights frozen in as constants, so that it can fuse the model's elementwise work (norms, activations, residual
+    adds) into fewer kernels. The first call compiles (tens of seconds for a ResNet-50 or a ViT-B/16); the result
+    is a function of a batch already in the model's dtype, device and memory format, to run in inference mode."""
+    model = loaded.model
+    head = loaded.embedding == "head"
+
+    def forward(x: "torch.Tensor") -> "torch.Tensor":
+        out = model(x) if head else model.forward_head(model.forward_features(x), pre_logits=True)
+        out = out.float()
+        return torch.nn.functional.normalize(out, p=2.0, dim=1, eps=1e-12) if normalize else out
+
+    return torch.compile(forward, options={"freezing": True})
+
+
 # --------------------------------------------------------------------------------------------------- fingerprint
 
 _SAMPLES_PER_TENSOR = 4096
@@ -566,25 +582,39 @@ class BatchGraph:
     feeding the pipeline also need. On one H200 the full flow ran 11% (ViT-B/16) and 15% (ResNet-50) faster with the
     graph than eagerly (docs/benchmarks.md, seventh session). Build it before the pipeline runs: capturing
     synchronises the device. Memory: the graph keeps one batch's activations in a pool of its own (ViT-B/16's worker
-    held 1.35 GiB more GPU memory).
+    held 1.35 GiB more GPU memory). compiled: the graph of compile_embedding's kernels, which the GPU worker captures
+    by default (ResNet-50's flow ran 26% faster that way, ViT-B/16's 6%: docs/benchmarks.md, thirty-sixth session).
     """
 
-    def __init__(self, loaded: LoadedModel, shape: tuple[int, ...], *, autocast: bool, normalize: bool) -> None:
+    def __init__(self, loaded: LoadedModel, shape: tuple[int, ...], *, autocast: bool, normalize: bool,
+                 compiled: bool = False) -> None:
         if loaded.device.type != "cuda":
             raise ValueError("a CUDA graph needs the model on a GPU")
         layout = torch.channels_last if loaded.channels_last else torch.contiguous_format
         self.flags = (autocast, normalize)
+        self.compiled = compiled
         self.static_in = torch.zeros(shape, dtype=loaded.dtype, device=loaded.device).contiguous(memory_format=layout)
+        if compiled:  # compile_embedding's kernels captured instead of the eager ones
+            if autocast and loaded.dtype == torch.float32:
+                raise ValueError("compile_embedding runs the weights' own dtype: autocast over float32 is not compiled")
+            fn = compile_embedding(loaded, normalize=normalize)
+
+            def forward() -> "torch.Tensor":
+                with torch.inference_mode():
+                    return fn(self.static_in)
+        else:
+            def forward() -> "torch.Tensor":
+                return embed_batch(loaded, self.static_in, autocast=autocast, normalize=normalize)
         side = torch.cuda.Stream(loaded.device)
         side.wait_stream(torch.cuda.current_stream(loaded.device))
         with torch.cuda.stream(side):
-            for _ in range(3):  # cuBLAS/cuDNN handles, autotuning and lazy buffers, outside the capture
-                embed_batch(loaded, self.static_in, autocast=autocast, normalize=normalize)
+            for _ in range(3):  # cuBLAS/cuDNN handles, autotuning and lazy buffers (and compiling), outside the capture
+                forward()
         side.synchronize()
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: other threads of the process (DALI's, a fidelity reference) may use CUDA meanwhile.
         with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
-            self.static_out = embed_batch(loaded, self.static_in, autocast=autocast, normalize=normalize)
+            self.static_out = forward()
         torch.cuda.empty_cache()  # the warm-ups' activations would stay cached beside the graph's own pool
 
     def fits(self, images: "torch.Tensor", *, autocast: bool, normalize: bool) -> bool:
@@ -602,11 +632,19 @@ class BatchGraph:
 
 
 def capture_batch_graph(loaded: LoadedModel, shape: tuple[int, ...], *, autocast: bool,
-                        normalize: bool) -> Optional[BatchGraph]:
+                        normalize: bool, compiled: bool = False) -> Optional[BatchGraph]:
     """A BatchGraph of the model for batches of `shape`, or None (the model then runs eagerly) on the CPU, or where
-    the model cannot be captured (a forward that syncs with the host, out of memory): logged, never fatal."""
+    the model cannot be captured (a forward that syncs with the host, out of memory): logged, never fatal.
+    compiled: of compile_embedding's kernels, falling back to the eager ones where compiling fails."""
     if loaded.device.type != "cuda":
         return None
+    if compiled:
+        try:
+            return BatchGraph(loaded, shape, autocast=autocast, normalize=normalize, compiled=True)
+        except Exception as e:  # noqa: BLE001 - no compiler, an operator inductor cannot lower: the eager kernels
+            _logger.warning("%s is captured uncompiled: torch.compile failed (%s)", loaded.name, _short(e, 300))
+            torch.cuda.synchronize(loaded.device)
+            torch.cuda.empty_cache()
     try:
         return BatchGraph(loaded, shape, autocast=autocast, normalize=normalize)
     except Exception as e:  # noqa: BLE001 - whatever stops the capture, the eager forward still works

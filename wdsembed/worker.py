@@ -86,11 +86,15 @@ READ_AHEAD_ENV = "WDSEMBED_READ_AHEAD"
 COPY_INPUTS_ENV = "WDSEMBED_COPY_INPUTS"
 # "0": a model in bfloat16 is fed from DALI's float32 output, not its float16 one (a diagnostic: memory, fidelity).
 DALI_FLOAT16_ENV = "WDSEMBED_DALI_FLOAT16"
+# "0": the model's CUDA graph captures its eager kernels, not torch.compile's (model.compile_embedding). Compiled, the
+# flow ran 26% faster with ResNet-50 and 6% with ViT-B/16 on one H200, with the same or closer fidelity (36th
+# session, docs/benchmarks.md); the price is one compile per worker process as its Worker is built, 7-25 s there.
+COMPILE_ENV = "WDSEMBED_COMPILE"
 READ_AHEAD_CHUNK, READ_AHEAD_DEPTH = 64, 4  # samples per hand-over, hand-overs queued: 256-384 samples (10-15 MB)
 # Of the variables above, those a Worker reads once, as it is built (the others are read per call or per pass). They are
 # part of its identity in for_config: a long-lived worker process that sees one changed builds a new Worker, instead
 # of going on with the old setting (the bench's --worker-env changes them between runs on warm workers).
-BUILD_ENV = (CUDA_GRAPH_ENV, GPU_PREFETCH_ENV, STREAM_METER_ENV, COPY_INPUTS_ENV, DALI_FLOAT16_ENV)
+BUILD_ENV = (CUDA_GRAPH_ENV, GPU_PREFETCH_ENV, STREAM_METER_ENV, COPY_INPUTS_ENV, DALI_FLOAT16_ENV, COMPILE_ENV)
 
 
 def build_env() -> dict[str, Optional[str]]:
@@ -170,7 +174,8 @@ class Worker:
         # every batch where the model cannot be captured or WDSEMBED_CUDA_GRAPH=0, eagerly. Captured before the
         # pipeline exists: capturing synchronises the device.
         self._graph = (capture_batch_graph(self.loaded, (config.batch_size, *self.recipe.input_size),
-                                           autocast=config.autocast, normalize=config.normalize_embeddings)
+                                           autocast=config.autocast, normalize=config.normalize_embeddings,
+                                           compiled=os.environ.get(COMPILE_ENV, "1") != "0")
                        if device_id is not None and os.environ.get(CUDA_GRAPH_ENV, "1") != "0" else None)
         # The fidelity check's float32 reference on the GPU, as a graph too: eagerly, its few hundred launches per
         # shard each waited for the GIL behind the stream's threads (0.33 s per ResNet-50 shard on one H200, while
@@ -222,6 +227,7 @@ class Worker:
             "dim": self.loaded.dim,
             "precision": str(self.loaded.dtype).replace("torch.", ""),
             "cuda_graph": self._graph is not None,
+            "compiled": self._graph is not None and self._graph.compiled,
             "preprocessing": self.recipe.describe(),
             "device": self.device,
         }
