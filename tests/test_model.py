@@ -332,3 +332,21 @@ def test_the_compiled_forward_gives_the_eager_embeddings(embedding):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(embed_batch(loaded, x, autocast=False, normalize=True),
                               embed_batch(loaded, x, autocast=False, normalize=False))
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile's CPU backend needs a C compiler")
+def test_each_model_compiled_in_one_process_keeps_its_own_weights():
+    """A long-lived worker process builds a new Worker (and compiles anew) when the model changes: the weights are
+    frozen into each compiled function, so none may run another's. Eleven in a row, past dynamo's recompile limit."""
+    from wdsembed.model import compile_embedding
+
+    x = torch.randn(2, 8)
+    for seed in range(11):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(8, 4)).eval()
+        loaded = LoadedModel(model=model, name=f"m{seed}", weights="random-init", embedding="head", dim=4,
+                             data_config={}, device=torch.device("cpu"))
+        with torch.inference_mode():
+            compiled = compile_embedding(loaded, normalize=False)(x)
+        torch.testing.assert_close(compiled, embed_batch(loaded, x, autocast=False, normalize=False))
