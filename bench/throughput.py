@@ -7,9 +7,10 @@
 
 It builds its own shards of real photographs (scikit-image's samples, re-encoded as JPEG at 300-640 px), then for
 each model prints images/s for (a) the model alone on resident tensors (bf16 autocast; bfloat16 weights; and on a
-GPU those as one CUDA graph, eager and torch.compile's kernels, the second as the flow runs it), (b) DALI reading + decoding + preprocessing alone, (c) the full
-flow through Prefect and Dask from tar to parquet with warm workers, the ratio of (c) to the fastest (a) (to
-min(a, b) where (b) ran), and the peak GPU and host memory of (c). Writes JSON with --json.
+GPU those as one CUDA graph of the eager kernels, and of torch.compile's as the flow runs it), (b) DALI reading +
+decoding + preprocessing alone, (c) the full flow through Prefect and Dask from tar to parquet with warm workers,
+the ratio of (c) to the fastest (a) (to min(a, b) where (b) ran), and the peak GPU and host memory of (c). Writes
+JSON with --json.
 The scaling runs (--gpus) also check that every run's outputs equal the first run's, embedding for embedding.
 """
 from __future__ import annotations
@@ -102,11 +103,12 @@ def sync(device: str) -> None:
 def bench_model(model_name: str, device: str, batch_size: int, seconds: float, form: str = "bf16") -> dict:
     """(a) the model alone on resident tensors, through embed_batch as the flow calls it. form "bf16": bfloat16
     weights (channels_last for convnets), run eagerly; "graph": those, one CUDA graph per batch
-    (wdsembed.model.BatchGraph, a GPU only), as the flow runs it with autocast=True on a GPU; "compiled": the same
-    graph of torch.compile's kernels (wdsembed.model.compile_embedding), as the flow runs it by default on a GPU (the
-    compile is not timed); "autocast": float32 weights under bfloat16 autocast. For the bfloat16 forms, min_cosine_vs_float32:
-    their embeddings of the first 64 inputs against the float32 model's (random weights on random inputs: a
-    comparison between forms, not the fidelity target, which is measured on photographs)."""
+    (wdsembed.model.BatchGraph, a GPU only), as the flow ran it with autocast=True on a GPU until the thirty-sixth
+    session; "compiled": that graph of torch.compile's kernels (wdsembed.model.compile_embedding), as the flow runs it
+    by default on a GPU (the compile is not timed); "autocast": float32 weights under bfloat16 autocast. For the
+    bfloat16 forms, min_cosine_vs_float32: their embeddings of the first 64 inputs against the float32 model's
+    (random weights on random inputs: a comparison between forms, not the fidelity target, which is measured on
+    photographs)."""
     from functools import partial
 
     import torch

@@ -318,7 +318,7 @@ def test_fingerprint_is_memoised_and_sensitive_to_one_tensor(resnet18):
                     reason="torch.compile's CPU backend needs a C compiler")
 @pytest.mark.parametrize("embedding", ["pooled", "head"])
 def test_the_compiled_forward_gives_the_eager_embeddings(embedding):
-    """compile_embedding (what WDSEMBED_COMPILE=1 captures in a GPU worker's CUDA graph) is the same function as
+    """compile_embedding (what a GPU worker captures in its CUDA graph by default) is the same function as
     embed_batch: the same rows, for the pooled features and for the head, normalized or not."""
     from wdsembed.model import compile_embedding
 
