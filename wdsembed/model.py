@@ -507,21 +507,23 @@ def embed_batch(loaded: LoadedModel, images: "torch.Tensor", *, autocast: bool, 
     autocast: bfloat16 autocast on CUDA only; on the CPU the model runs float32 regardless (CPU bf16 is slower on
     most CPUs and changes values). normalize: L2 over dim, in float32; an all-zero row stays zero. No host sync.
     """
-    model = loaded.model
     x = images.to(device=loaded.device, dtype=loaded.dtype, non_blocking=True)
     if loaded.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     use_amp = autocast and loaded.device.type == "cuda" and loaded.dtype == torch.float32
     amp_device = "cpu" if loaded.device.type == "meta" else loaded.device.type  # meta: load_model's shape check
     with torch.inference_mode(), torch.autocast(device_type=amp_device, dtype=torch.bfloat16, enabled=use_amp):
-        if loaded.embedding == "head":
-            out = model(x)
-        else:
-            out = model.forward_head(model.forward_features(x), pre_logits=True)
+        out = _model_output(loaded, x)
     out = out.float()
     if normalize:
         out = torch.nn.functional.normalize(out, p=2.0, dim=1, eps=1e-12)
     return out
+
+
+def _model_output(loaded: LoadedModel, x: "torch.Tensor") -> "torch.Tensor":
+    """The model's output that is the embedding (resolve_embedding's choice), before any cast or normalization."""
+    model = loaded.model
+    return model(x) if loaded.embedding == "head" else model.forward_head(model.forward_features(x), pre_logits=True)
 
 
 def compile_embedding(loaded: LoadedModel, *, normalize: bool) -> Callable[["torch.Tensor"], "torch.Tensor"]:
@@ -529,12 +531,8 @@ def compile_embedding(loaded: LoadedModel, *, normalize: bool) -> Callable[["tor
     weights frozen in as constants, so that it can fuse the model's elementwise work (norms, activations, residual
     adds) into fewer kernels. The first call compiles (tens of seconds for a ResNet-50 or a ViT-B/16); the result
     is a function of a batch already in the model's dtype, device and memory format, to run in inference mode."""
-    model = loaded.model
-    head = loaded.embedding == "head"
-
     def forward(x: "torch.Tensor") -> "torch.Tensor":
-        out = model(x) if head else model.forward_head(model.forward_features(x), pre_logits=True)
-        out = out.float()
+        out = _model_output(loaded, x).float()
         return torch.nn.functional.normalize(out, p=2.0, dim=1, eps=1e-12) if normalize else out
 
     return torch.compile(forward, options={"freezing": True})
