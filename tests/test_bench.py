@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+from conftest import TINY_MODEL
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -147,3 +149,16 @@ def test_first_task_bench_times_each_way_of_submitting(tmp_path):
     for line in lines:  # seconds from the flow body's start: each task's body after it, the first before the last
         first, last = (float(re.search(rf"{name} ([0-9.]+) s", line).group(1)) for name in ("first", "last"))
         assert 0 < first <= last
+
+
+def test_gpu_share_times_one_process_and_several_over_the_same_images(tmp_path):
+    out = tmp_path / "share.json"
+    proc = subprocess.run([sys.executable, "bench/gpu_share.py", "--model", TINY_MODEL, "--processes", "2",
+                           "--passes", "2", "--images", "48", "--batch-size", "8", "--threads", "1",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    # every process embedded all 48 images in every pass (the script refuses otherwise), timed alone and together
+    assert run["images_per_pass"] == 48 and run["processes"] == 2
+    assert len(run["one_process"]) == len(run["all_processes"]) == 2
+    assert all(rate > 0 for rate in run["one_process"] + run["all_processes"]) and run["ratio_of_medians"] > 0
