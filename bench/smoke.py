@@ -2,6 +2,7 @@
 
     python bench/smoke.py --device cuda                  # one GPU (set CUDA_VISIBLE_DEVICES to pick it)
     python bench/smoke.py --device cuda --n-workers 2    # two GPUs, one worker each
+    python bench/smoke.py --device cuda --workers-per-gpu 2 --models resnet18.a1_in1k   # two workers on one GPU
     python bench/smoke.py --device cpu                   # the same checks on the CPU path
 
 A fresh Prefect home, no server and no Dask cluster running: `python flows/embed.py` starts both, as on a first run.
@@ -163,6 +164,7 @@ def main() -> int:
     p.add_argument("--models", nargs="*", default=MODELS)
     p.add_argument("--shards", type=int, default=6)
     p.add_argument("--n-workers", type=int, default=None)
+    p.add_argument("--workers-per-gpu", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--min-cosine", type=float, default=0.999)
     p.add_argument("--workdir", default=None)
@@ -186,6 +188,8 @@ def main() -> int:
                "--checkpoint", checkpoint, "--batch-size", str(args.batch_size), "--device", args.device]
         if args.n_workers:
             cmd += ["--n-workers", str(args.n_workers)]
+        if args.workers_per_gpu > 1:
+            cmd += ["--workers-per-gpu", str(args.workers_per_gpu)]
         started = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         seconds = round(time.perf_counter() - started, 1)
@@ -208,6 +212,12 @@ def main() -> int:
             if args.device == "cuda" and os.environ.get(COMPILE_ENV, "1") != "0" and not report["compiled"]:
                 report["ok"] = False  # the default: that graph of torch.compile's kernels
                 report["problems"].append("the model's graph was not compiled")
+            workers = {(s.get("timeline") or {}).get("worker") for s in manifest["shards"].values()} - {None}
+            report["workers"] = len(workers)
+            if args.device == "cuda" and len(workers) < args.workers_per_gpu * (args.n_workers or 1):
+                report["ok"] = False  # every worker embeds the first shards it is given alone (flows.embed)
+                report["problems"].append(f"{len(workers)} worker processes embedded shards, not "
+                                          f"{args.workers_per_gpu * (args.n_workers or 1)}")
             if (args.device == "cuda" and os.environ.get(STREAM_METER_ENV) == "1"
                     and (len(metered) != len(manifest["shards"]) or report["model_busy_s"] <= 0)):
                 report["ok"] = False  # asked for, every shard's batches are timed on the model's stream
@@ -215,7 +225,8 @@ def main() -> int:
                                           f"{len(manifest['shards'])} shards")
         reports.append(report)
         print(json.dumps(report), flush=True)
-    summary = {"device": args.device, "n_workers": args.n_workers, "runs": reports,
+    summary = {"device": args.device, "n_workers": args.n_workers, "workers_per_gpu": args.workers_per_gpu,
+               "runs": reports,
                "ok": all(r["ok"] for r in reports)}
     if args.json:
         with open(args.json, "w") as f:

@@ -208,15 +208,16 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
     from wdsembed.config import EmbedConfig
 
     if device.startswith("cuda"):
-        from dask_cuda import LocalCUDACluster
+        import importlib
 
         # As the flow's own runner builds it (wdsembed/cluster.py), started here once so workers stay warm.
-        from wdsembed.cluster import SHARDS_PER_GPU
+        from wdsembed.cluster import gpu_cluster
         from wdsembed.worker import set_gpu_process_environment
 
         set_gpu_process_environment()  # inherited by the workers, as task_runner_kwargs does it for the flow
-        cluster = LocalCUDACluster(n_workers=n_gpus, threads_per_worker=SHARDS_PER_GPU, resources={"GPU": 1},
-                                   CUDA_VISIBLE_DEVICES=list(range(n_gpus)))
+        spec = gpu_cluster(n_gpus, options.get("workers_per_gpu", 1))
+        module, name = spec["cluster_class"].rsplit(".", 1)
+        cluster = getattr(importlib.import_module(module), name)(**spec["cluster_kwargs"])
     else:  # the CPU stand-in: one worker process per "GPU"
         cluster = LocalCluster(n_workers=n_gpus, threads_per_worker=1, processes=True)
     client = Client(cluster)
@@ -738,6 +739,8 @@ def main() -> int:
     p.add_argument("--shards-per-gpu", type=int, metavar="N",
                    help="shards each GPU worker holds at once (default: wdsembed.cluster.SHARDS_PER_GPU): one in its "
                         "pipeline, the others' bookkeeping and writes overlapping it")
+    p.add_argument("--workers-per-gpu", type=int, default=1, metavar="N",
+                   help="(c) on a cluster with N worker processes on each GPU (EmbedConfig.workers_per_gpu)")
     p.add_argument("--stream-meter", action="store_true",
                    help="time the model's stream in every shard (WDSEMBED_STREAM_METER=1: model_stream in the results)")
     p.add_argument("--s3", action="store_true",
@@ -776,13 +779,16 @@ def main() -> int:
     data, warm, out = (os.path.join(work, d) for d in ("shards", "warm", "out"))
     t = time.perf_counter()
     total = build_shards(data, n_shards, per_shard, unique=min(n_shards * per_shard, 1000))
-    build_shards(warm, 1 if not args.gpus else max(args.gpus), min(per_shard, 64), unique=64, seed=1)
+    # one warm-up shard per worker: each builds its pipeline and model there, not in a timed run
+    build_shards(warm, (max(args.gpus) if args.gpus else 1) * args.workers_per_gpu, min(per_shard, 64), unique=64,
+                 seed=1)
     print(f"built {n_shards} shards x {per_shard} photos ({total} images) in {time.perf_counter() - t:.1f} s; "
           f"device {torch.cuda.get_device_name(0) if gpu else 'cpu'}", flush=True)
 
     results = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "gpus_visible": torch.cuda.device_count(),
                "shards": n_shards, "per_shard": per_shard, "batch_size": batch_size, "threads": threads,
-               "shards_per_gpu": wdsembed.cluster.SHARDS_PER_GPU, "models": {}, "scaling": {}, "fidelity": None}
+               "shards_per_gpu": wdsembed.cluster.SHARDS_PER_GPU, "workers_per_gpu": args.workers_per_gpu,
+               "models": {}, "scaling": {}, "fidelity": None}
     results["reading_only"] = bench_reading(data)
     print(f"reading the tars alone: {results['reading_only']['images_per_second']:,.0f} img/s", flush=True)
     if args.variants:
@@ -828,7 +834,8 @@ def main() -> int:
             variants, other_key, cost_key = pair
             both = _stage(bench_flow, name, data, warm, out, device, batch_size, threads, 1,
                           args.fidelity_cost or args.layers
-                          or int((args.switch_interval or args.worker_env or args.flow_env)[0]), variants=variants)
+                          or int((args.switch_interval or args.worker_env or args.flow_env)[0]), variants=variants,
+                          workers_per_gpu=args.workers_per_gpu)
             if "error" in both:
                 row["full_flow"] = both
             else:
@@ -846,7 +853,8 @@ def main() -> int:
             print(f"{name}: (c) full flow {row['full_flow']}", flush=True)
         elif "flow" not in args.skip:
             shutil.rmtree(out, ignore_errors=True)
-            row["full_flow"] = _stage(bench_flow, name, data, warm, out, device, batch_size, threads, 1)
+            row["full_flow"] = _stage(bench_flow, name, data, warm, out, device, batch_size, threads, 1,
+                                      workers_per_gpu=args.workers_per_gpu)
             print(f"{name}: (c) full flow {row['full_flow']}", flush=True)
         if isinstance(row.get("full_flow"), dict) and row["full_flow"].get("fidelity"):
             row["flow_fidelity"] = row["full_flow"]["fidelity"]

@@ -594,6 +594,30 @@ def _pairs(manifest: dict, start: str, end: str):
         yield from zip(spans, spans[1:])
 
 
+def test_gpu_cluster_puts_workers_per_gpu_processes_on_each_gpu():
+    one = cluster.gpu_cluster(2)
+    assert one == {"cluster_class": "dask_cuda.LocalCUDACluster",
+                   "cluster_kwargs": {"n_workers": 2, "threads_per_worker": cluster.SHARDS_PER_GPU,
+                                      "resources": {"GPU": 1}}}
+    two = cluster.gpu_cluster(2, workers_per_gpu=2)
+    assert two["cluster_class"] == "wdsembed.gpucluster.SharedGPUCluster"
+    assert two["cluster_kwargs"] == one["cluster_kwargs"] | {"n_workers": 4, "workers_per_gpu": 2}
+    # a run's config reaches the same cluster (with dask_address none is started, whatever workers_per_gpu says)
+    config = EmbedConfig(input="in", output="out", workers_per_gpu=3, dask_address="tcp://h:8786")
+    assert cluster.task_runner_kwargs(config) == {"address": "tcp://h:8786"}
+    with pytest.raises(ValueError, match="workers_per_gpu"):
+        EmbedConfig(input="in", output="out", workers_per_gpu=0)
+
+
+def test_shared_gpu_worker_names_keep_their_device():
+    # round 0 keeps dask-cuda's own names (the device); later rounds are told apart, UUIDs included
+    for device in (0, 3, "GPU-5c1f3a2e-8b0d-4c1e-9f4e-1a2b3c4d5e6f"):
+        for round_ in range(3):
+            name = cluster.worker_name(device, round_)
+            assert (cluster.device_of(name), cluster.round_of(name)) == (device, round_)
+    assert cluster.worker_name(1, 0) == 1 and cluster.worker_name(1, 2) == "1#2"
+
+
 @pytest.fixture
 def one_worker_cluster(request):
     """One worker process with one thread more than a GPU's shards (cluster.SHARDS_PER_GPU), declaring the resources

@@ -60,6 +60,42 @@ def worker_count(client) -> int:
     return len(client.scheduler_info(n_workers=-1)["workers"])
 
 
+# Worker names on a cluster with several workers per GPU (wdsembed.gpucluster.SharedGPUCluster). Here, not there,
+# so that they are tested where dask-cuda is not installed.
+def worker_name(device, round_: int):
+    """The Dask name of a GPU's worker in round `round_`: the device itself in round 0, as dask-cuda names it."""
+    return device if round_ == 0 else f"{device}#{round_}"
+
+
+def round_of(name) -> int:
+    """The round of a worker named by `worker_name`."""
+    return int(name.rsplit("#", 1)[1]) if isinstance(name, str) and "#" in name else 0
+
+
+def device_of(name):
+    """The device of a worker named by `worker_name`, as dask-cuda parsed it (an int, or a GPU's UUID)."""
+    if round_of(name) == 0:
+        return name
+    device = name.rsplit("#", 1)[0]
+    return int(device) if device.isdigit() else device
+
+
+def gpu_cluster(gpus: int, workers_per_gpu: int = 1) -> dict:
+    """DaskTaskRunner's cluster_class and cluster_kwargs for a local cluster on the first `gpus` visible GPUs, with
+    `workers_per_gpu` worker processes on each (wdsembed.gpucluster.SharedGPUCluster where more than one)."""
+    kwargs = {
+        # Workers that declare their GPU as a resource; each embedding task takes GPU_SHARE_PER_SHARD of it, so a
+        # worker's threads hold SHARDS_PER_GPU shards, one in its pipeline at a time.
+        "n_workers": gpus * workers_per_gpu,
+        "threads_per_worker": SHARDS_PER_GPU,
+        "resources": {"GPU": 1},
+    }
+    if workers_per_gpu == 1:
+        return {"cluster_class": "dask_cuda.LocalCUDACluster", "cluster_kwargs": kwargs}
+    return {"cluster_class": "wdsembed.gpucluster.SharedGPUCluster",
+            "cluster_kwargs": kwargs | {"workers_per_gpu": workers_per_gpu}}
+
+
 def task_runner_kwargs(config: EmbedConfig) -> dict:
     """Keyword arguments of DaskTaskRunner for this run."""
     if config.dask_address:
@@ -72,16 +108,7 @@ def task_runner_kwargs(config: EmbedConfig) -> dict:
             raise RuntimeError("GPUs are visible but dask-cuda is not installed: pip install 'wdsembed[gpu]'")
         set_gpu_process_environment()  # the GPU workers inherit this process's environment (LocalCUDACluster's `env`
         # holds only CUDA_VISIBLE_DEVICES)
-        return {
-            "cluster_class": "dask_cuda.LocalCUDACluster",
-            # One worker per GPU that declares the GPU as a resource; each embedding task takes GPU_SHARE_PER_SHARD
-            # of it, so the worker's threads hold SHARDS_PER_GPU shards, one in the pipeline at a time.
-            "cluster_kwargs": {
-                "n_workers": min(config.n_workers or gpus, gpus),
-                "threads_per_worker": SHARDS_PER_GPU,
-                "resources": {"GPU": 1},
-            },
-        }
+        return gpu_cluster(min(config.n_workers or gpus, gpus), config.workers_per_gpu)
     n_workers = config.n_workers or 2
     return {
         "cluster_class": "distributed.LocalCluster",
