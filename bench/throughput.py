@@ -208,16 +208,12 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
     from wdsembed.config import EmbedConfig
 
     if device.startswith("cuda"):
-        import importlib
-
         # As the flow's own runner builds it (wdsembed/cluster.py), started here once so workers stay warm.
-        from wdsembed.cluster import gpu_cluster
+        from wdsembed.cluster import start_gpu_cluster
         from wdsembed.worker import set_gpu_process_environment
 
         set_gpu_process_environment()  # inherited by the workers, as task_runner_kwargs does it for the flow
-        spec = gpu_cluster(n_gpus, options.get("workers_per_gpu", 1))
-        module, name = spec["cluster_class"].rsplit(".", 1)
-        cluster = getattr(importlib.import_module(module), name)(**spec["cluster_kwargs"])
+        cluster = start_gpu_cluster(n_gpus, options.get("workers_per_gpu", 1))
     else:  # the CPU stand-in: one worker process per "GPU"
         cluster = LocalCluster(n_workers=n_gpus, threads_per_worker=1, processes=True)
     client = Client(cluster)

@@ -40,14 +40,17 @@ def get_client(
     scheduler_file: Optional[str] = None,
     n_workers: Optional[int] = None,
     threads_per_worker: Optional[int] = None,
+    workers_per_gpu: int = 1,
     **cluster_kwargs: Any,
 ):
     """A `distributed.Client`, made current: to an existing scheduler (`scheduler_address` or `scheduler_file`),
     else to a cluster started on this machine:
 
-    * "gpu": one worker per visible GPU (dask_cuda.LocalCUDACluster), each declaring the resource GPU=1; a shard
-      task takes a third of it (cluster.GPU_SHARE_PER_SHARD), so a worker holds three shards, one in its pipeline at a time. Where no GPU is visible, or dask-cuda is not installed, a CPU cluster
-      instead (with a warning in the log).
+    * "gpu": one worker per visible GPU (dask_cuda.LocalCUDACluster; `n_workers` GPUs if given), each declaring the
+      resource GPU=1; a shard task takes a third of it (cluster.GPU_SHARE_PER_SHARD), so a worker holds three
+      shards, one in its pipeline at a time. `workers_per_gpu` worker processes on each GPU where more than one
+      (EmbedConfig.workers_per_gpu says when that pays). Where no GPU is visible, or dask-cuda is not installed, a
+      CPU cluster instead (with a warning in the log).
     * "cpu": `n_workers` worker processes (default 2: each loads the model) splitting the cores between them.
 
     Other keyword arguments go to the cluster class. In a script, start it under `if __name__ == "__main__":`
@@ -65,14 +68,12 @@ def get_client(
     if cluster_type == "gpu":
         reason = _why_no_gpu_cluster()
         if reason is None:
-            from dask_cuda import LocalCUDACluster
+            from wdsembed.cluster import start_gpu_cluster, visible_gpus
 
-            # Two threads: a shard's reading and writing overlap another's time in the GPU pipeline (each shard
-            # task asks for half the GPU resource, as the flow's do).
-            options = {"threads_per_worker": threads_per_worker or SHARDS_PER_GPU, "resources": {"GPU": 1}} | cluster_kwargs
-            if n_workers:
-                options["n_workers"] = n_workers
-            return Client(LocalCUDACluster(**options))
+            # As the flow's runner starts it: SHARDS_PER_GPU threads, so that a shard's reading and writing overlap
+            # another's time in the GPU pipeline (each shard task asks for a share of the GPU resource).
+            options = {"threads_per_worker": threads_per_worker or SHARDS_PER_GPU} | cluster_kwargs
+            return Client(start_gpu_cluster(n_workers or visible_gpus(), workers_per_gpu, **options))
         log.warning("get_client(cluster_type='gpu'): %s; starting a CPU cluster instead", reason)
     for name in _GPU_CLUSTER_ONLY:
         cluster_kwargs.pop(name, None)
