@@ -594,7 +594,7 @@ def _pairs(manifest: dict, start: str, end: str):
         yield from zip(spans, spans[1:])
 
 
-def test_gpu_cluster_puts_workers_per_gpu_processes_on_each_gpu():
+def test_gpu_cluster_puts_workers_per_gpu_processes_on_each_gpu(caplog):
     one = cluster.gpu_cluster(2)
     assert one == {"cluster_class": "dask_cuda.LocalCUDACluster",
                    "cluster_kwargs": {"n_workers": 2, "threads_per_worker": cluster.SHARDS_PER_GPU,
@@ -604,7 +604,15 @@ def test_gpu_cluster_puts_workers_per_gpu_processes_on_each_gpu():
     assert two["cluster_kwargs"] == one["cluster_kwargs"] | {"n_workers": 4, "workers_per_gpu": 2}
     # a run's config reaches the same cluster (with dask_address none is started, whatever workers_per_gpu says)
     config = EmbedConfig(input="in", output="out", workers_per_gpu=3, dask_address="tcp://h:8786")
-    assert cluster.task_runner_kwargs(config) == {"address": "tcp://h:8786"}
+    with caplog.at_level("WARNING", logger="wdsembed"):
+        assert cluster.task_runner_kwargs(config) == {"address": "tcp://h:8786"}
+        assert "workers_per_gpu=3" in caplog.text and "tcp://h:8786" in caplog.text  # said where it does nothing
+        caplog.clear()
+        cpu = cluster.task_runner_kwargs(EmbedConfig(input="in", output="out", workers_per_gpu=2, device="cpu"))
+        assert cpu["cluster_class"] == "distributed.LocalCluster" and "has no GPU" in caplog.text
+        caplog.clear()
+        cluster.task_runner_kwargs(EmbedConfig(input="in", output="out", device="cpu"))
+        assert "workers_per_gpu" not in caplog.text
     with pytest.raises(ValueError, match="workers_per_gpu"):
         EmbedConfig(input="in", output="out", workers_per_gpu=0)
 

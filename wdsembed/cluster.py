@@ -7,6 +7,7 @@ to let its first tasks start alone (announce_task_start, TaskStarts).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import threading
 import time
@@ -108,11 +109,17 @@ def start_gpu_cluster(gpus: int, workers_per_gpu: int = 1, **overrides):
 
 def task_runner_kwargs(config: EmbedConfig) -> dict:
     """Keyword arguments of DaskTaskRunner for this run."""
+    gpus = visible_gpus() if config.device != "cpu" and not config.dask_address else 0
+    if config.workers_per_gpu > 1 and not gpus:
+        # said, not refused: the same config may run on a GPU host another time
+        logging.getLogger("wdsembed").warning(
+            "workers_per_gpu=%d is for a local cluster on GPUs; this run %s, so it has no effect",
+            config.workers_per_gpu, "uses the Dask scheduler at " + config.dask_address if config.dask_address
+            else "has no GPU")
     if config.dask_address:
         # No security passed: distributed.Client(address) builds Security() from Dask's configuration
         # (distributed.comm.tls.*, require-encryption), which is where a tls:// address's certificates are set.
         return {"address": config.dask_address}
-    gpus = visible_gpus() if config.device != "cpu" else 0
     if gpus:
         if importlib.util.find_spec("dask_cuda") is None:
             raise RuntimeError("GPUs are visible but dask-cuda is not installed: pip install 'wdsembed[gpu]'")
