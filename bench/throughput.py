@@ -214,8 +214,9 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
 
         set_gpu_process_environment()  # inherited by the workers, as task_runner_kwargs does it for the flow
         cluster = start_gpu_cluster(n_gpus, options.get("workers_per_gpu", 1))
-    else:  # the CPU stand-in: one worker process per "GPU"
-        cluster = LocalCluster(n_workers=n_gpus, threads_per_worker=1, processes=True)
+    else:  # the CPU stand-in: workers_per_gpu worker processes per "GPU"
+        cluster = LocalCluster(n_workers=n_gpus * options.get("workers_per_gpu", 1), threads_per_worker=1,
+                               processes=True)
     client = Client(cluster)
     try:
         variants = options.pop("variants", None) or {"": {}}
@@ -230,6 +231,9 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
         # Warm-up: every worker loads the model and builds its pipeline once (as in any long run).
         fe.run(config(warm_folder, True))
         client.run(_reset_peaks)
+        # Each worker's GPU (the first of its CUDA_VISIBLE_DEVICES, as dask-cuda orders them), so that workers
+        # sharing one count as one GPU in the idle time.
+        gpu_of = dict(client.run(_worker_gpu).values())
         runs: dict[str, list[dict]] = {name: [] for name in variants}
         sampler = GpuMemorySampler(list(client.run(os.getpid).values()))
         for _ in range(repeats):
@@ -264,7 +268,10 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
                                   for ss in t.get("startstops", ()) if ss.get("action") == "compute")
                 embedded = manifest["totals"]["embedded_this_run"]
                 runs[name].append({"images_per_second": round(embedded / wall, 1), "images": embedded,
-                                   "wall_seconds": round(wall, 2), "gpu_idle_fraction": idle_fraction(manifest),
+                                   "wall_seconds": round(wall, 2), "gpu_idle_fraction": idle_fraction(manifest, gpu_of),
+                                   "workers_that_embedded": len({s["timeline"]["worker"]
+                                                                 for s in manifest["shards"].values()
+                                                                 if "embed_start" in (s.get("timeline") or {})}),
                                    "switch_interval_s": switch, **embedding_spans(manifest, wall, started),
                                    "fidelity": _fidelity_record(manifest.get("fidelity")),
                                    # a full collection here may explain a slow start (to_flow_start)
@@ -277,7 +284,7 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
                                         for w in ws})]})
         peaks = client.run(_peaks)
         sampled = sampler.peak_bytes()  # None where NVML lists no worker process (another PID namespace)
-        memory = {"gpus": n_gpus,
+        memory = {"gpus": n_gpus, "worker_processes": len(gpu_of),
                   "peak_gpu_memory_gib": round(max([p["gpu"] for p in peaks.values()]
                                                    + ([sampled / 2**30] if sampled else [])), 2),
                   "sampled_gpu_memory_gib": round(sampled / 2**30, 2) if sampled else None,
@@ -295,6 +302,14 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
     finally:
         client.close()
         cluster.close()
+
+
+def _worker_gpu() -> tuple[str, str]:
+    """This worker process as the shards' timelines name it (wdsembed.shard), and its GPU."""
+    import socket
+
+    pid = f"{socket.gethostname()}:{os.getpid()}"
+    return pid, os.environ.get("CUDA_VISIBLE_DEVICES", pid).split(",")[0]
 
 
 def _worker_built_with() -> list[dict]:
@@ -432,15 +447,18 @@ def orchestration(run: dict, started: float, wall: float, bodies: list[tuple[flo
         **({"head_start": run["first_started"] - planned} if "first_started" in run else {})}.items()}
 
 
-def idle_fraction(manifest: dict) -> float:
-    """The share of each worker's span (its first shard's embedding start to its last one's end) spent between
+def idle_fraction(manifest: dict, gpu_of: Optional[dict] = None) -> float:
+    """The share of each GPU's span (its first shard's embedding start to its last one's end) spent between
     shards, with no shard streaming through its pipeline and model: per-task overhead (Prefect states, cache
-    records, the parquet write, validation) that did not overlap the next shard."""
+    records, the parquet write, validation) that did not overlap the next shard. `gpu_of` maps a timeline's worker
+    (host:pid) to its GPU, where several worker processes share one (EmbedConfig.workers_per_gpu): a GPU is idle
+    only while none of its workers streams a shard. Without it, each worker counts as a GPU of its own."""
     spans: dict[str, list[tuple[float, float]]] = {}
     for shard in manifest["shards"].values():
         t = shard.get("timeline") or {}
         if "embed_start" in t:
-            spans.setdefault(t["worker"], []).append((t["embed_start"], t["embed_end"]))
+            gpu = (gpu_of or {}).get(t["worker"], t["worker"])
+            spans.setdefault(gpu, []).append((t["embed_start"], t["embed_end"]))
     total = idle = 0.0
     for intervals in spans.values():
         covered = merged(intervals)
@@ -704,6 +722,57 @@ def _stage(fn, *args, **kwargs) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
 
 
+def flow_stage(args, name: str, data: str, warm: str, out: str, device: str, batch_size: int, threads: int,
+               workers_per_gpu: int) -> dict:
+    """(c) for one model on a cluster with `workers_per_gpu` worker processes per GPU: the row's full_flow, and with
+    a paired option (--fidelity-cost, --layers, --switch-interval, --worker-env, --flow-env) the other half of
+    each pair and the cost between them."""
+    row: dict = {}
+    if "flow" not in args.skip and (args.fidelity_cost or args.layers or args.switch_interval or args.worker_env
+                                     or args.flow_env):
+        shutil.rmtree(out, ignore_errors=True)
+        if args.fidelity_cost:  # issue #12: the check's cost
+            pair = ({"check_on": {}, "check_off": {"fidelity_sample": 0}}, "full_flow_no_check", "fidelity_cost")
+        elif args.worker_env or args.flow_env:  # a setting read from the environment (the workers' or the
+            # flow's), at its default and at VALUE
+            where = "worker_env" if args.worker_env else "flow_env"
+            _, var, value = args.worker_env or args.flow_env
+            pair = ({"env_default": {where: {var: None}}, "env_set": {where: {var: value}}},
+                    "full_flow_env_set", "env_default_cost")
+        elif args.switch_interval:  # the GIL's hand-over latency: Python's 5 ms against a shorter interval
+            pair = ({"switch_5ms": {"switch_interval": 0.005},
+                     "switch_short": {"switch_interval": args.switch_interval[1]}},
+                    "full_flow_short_switch", "default_switch_cost")
+        else:  # Prefect's layer: the same shards through the Python API on the same Dask workers
+            pair = ({"flow": {}, "api": {"through": "api"}}, "api_no_prefect", "prefect_cost")
+        variants, other_key, cost_key = pair
+        both = _stage(bench_flow, name, data, warm, out, device, batch_size, threads, 1,
+                      args.fidelity_cost or args.layers
+                      or int((args.switch_interval or args.worker_env or args.flow_env)[0]), variants=variants,
+                      workers_per_gpu=workers_per_gpu)
+        if "error" in both:
+            row["full_flow"] = both
+        else:
+            first, second = variants
+            row["full_flow"], row[other_key] = both[first], both[second]
+            row[cost_key] = round(1 - both[first]["images_per_second"] / both[second]["images_per_second"], 4)
+            # Each pair ran back to back: the median of the pairs' own costs is not moved by a slow spell that
+            # spans a pair (the machine's swing is as large as a few percent).
+            row[cost_key + "_paired"] = round(statistics.median(
+                1 - a / b for a, b in zip(both[first]["runs"], both[second]["runs"])), 4)
+            print(f"{name}: (c) " + ", ".join(
+                f"{v} {both[v]['runs']} img/s (in shards {both[v].get('in_shard_images_per_second', 0):,.0f})"
+                for v in variants) + f": {cost_key} {row[cost_key]:.1%} (paired {row[cost_key + '_paired']:.1%})",
+                flush=True)
+        print(f"{name}: (c) full flow {row['full_flow']}", flush=True)
+    elif "flow" not in args.skip:
+        shutil.rmtree(out, ignore_errors=True)
+        row["full_flow"] = _stage(bench_flow, name, data, warm, out, device, batch_size, threads, 1,
+                                  args.repeats, workers_per_gpu=workers_per_gpu)
+        print(f"{name}: (c) full flow {row['full_flow']}", flush=True)
+    return row
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+")
@@ -735,8 +804,12 @@ def main() -> int:
     p.add_argument("--shards-per-gpu", type=int, metavar="N",
                    help="shards each GPU worker holds at once (default: wdsembed.cluster.SHARDS_PER_GPU): one in its "
                         "pipeline, the others' bookkeeping and writes overlapping it")
-    p.add_argument("--workers-per-gpu", type=int, default=1, metavar="N",
-                   help="(c) on a cluster with N worker processes on each GPU (EmbedConfig.workers_per_gpu)")
+    p.add_argument("--workers-per-gpu", type=int, nargs="+", default=[1], metavar="N",
+                   help="(c) on a cluster with N worker processes on each GPU (EmbedConfig.workers_per_gpu); with "
+                        "several values, on one cluster of each size in turn (by_workers_per_gpu, each with its "
+                        "ratio to the fastest model only); the row's own full_flow is the first's")
+    p.add_argument("--repeats", type=int, default=1, metavar="R",
+                   help="time the full flow R times on its warm cluster and report the median (runs: each one)")
     p.add_argument("--stream-meter", action="store_true",
                    help="time the model's stream in every shard (WDSEMBED_STREAM_METER=1: model_stream in the results)")
     p.add_argument("--s3", action="store_true",
@@ -776,8 +849,8 @@ def main() -> int:
     t = time.perf_counter()
     total = build_shards(data, n_shards, per_shard, unique=min(n_shards * per_shard, 1000))
     # one warm-up shard per worker: each builds its pipeline and model there, not in a timed run
-    build_shards(warm, (max(args.gpus) if args.gpus else 1) * args.workers_per_gpu, min(per_shard, 64), unique=64,
-                 seed=1)
+    build_shards(warm, (max(args.gpus) if args.gpus else 1) * max(args.workers_per_gpu), min(per_shard, 64),
+                 unique=64, seed=1)
     print(f"built {n_shards} shards x {per_shard} photos ({total} images) in {time.perf_counter() - t:.1f} s; "
           f"device {torch.cuda.get_device_name(0) if gpu else 'cpu'}", flush=True)
 
@@ -810,48 +883,12 @@ def main() -> int:
         if "dali" not in args.skip:
             row["dali_only"] = _stage(bench_dali, name, data, device, batch_size, threads)
             print(f"{name}: (b) DALI only {row['dali_only'].get('images_per_second', 0):,.0f} img/s", flush=True)
-        if "flow" not in args.skip and (args.fidelity_cost or args.layers or args.switch_interval or args.worker_env
-                                         or args.flow_env):
-            shutil.rmtree(out, ignore_errors=True)
-            if args.fidelity_cost:  # issue #12: the check's cost
-                pair = ({"check_on": {}, "check_off": {"fidelity_sample": 0}}, "full_flow_no_check", "fidelity_cost")
-            elif args.worker_env or args.flow_env:  # a setting read from the environment (the workers' or the
-                # flow's), at its default and at VALUE
-                where = "worker_env" if args.worker_env else "flow_env"
-                _, var, value = args.worker_env or args.flow_env
-                pair = ({"env_default": {where: {var: None}}, "env_set": {where: {var: value}}},
-                        "full_flow_env_set", "env_default_cost")
-            elif args.switch_interval:  # the GIL's hand-over latency: Python's 5 ms against a shorter interval
-                pair = ({"switch_5ms": {"switch_interval": 0.005},
-                         "switch_short": {"switch_interval": args.switch_interval[1]}},
-                        "full_flow_short_switch", "default_switch_cost")
-            else:  # Prefect's layer: the same shards through the Python API on the same Dask workers
-                pair = ({"flow": {}, "api": {"through": "api"}}, "api_no_prefect", "prefect_cost")
-            variants, other_key, cost_key = pair
-            both = _stage(bench_flow, name, data, warm, out, device, batch_size, threads, 1,
-                          args.fidelity_cost or args.layers
-                          or int((args.switch_interval or args.worker_env or args.flow_env)[0]), variants=variants,
-                          workers_per_gpu=args.workers_per_gpu)
-            if "error" in both:
-                row["full_flow"] = both
-            else:
-                first, second = variants
-                row["full_flow"], row[other_key] = both[first], both[second]
-                row[cost_key] = round(1 - both[first]["images_per_second"] / both[second]["images_per_second"], 4)
-                # Each pair ran back to back: the median of the pairs' own costs is not moved by a slow spell that
-                # spans a pair (the machine's swing is as large as a few percent).
-                row[cost_key + "_paired"] = round(statistics.median(
-                    1 - a / b for a, b in zip(both[first]["runs"], both[second]["runs"])), 4)
-                print(f"{name}: (c) " + ", ".join(
-                    f"{v} {both[v]['runs']} img/s (in shards {both[v].get('in_shard_images_per_second', 0):,.0f})"
-                    for v in variants) + f": {cost_key} {row[cost_key]:.1%} (paired {row[cost_key + '_paired']:.1%})",
-                    flush=True)
-            print(f"{name}: (c) full flow {row['full_flow']}", flush=True)
-        elif "flow" not in args.skip:
-            shutil.rmtree(out, ignore_errors=True)
-            row["full_flow"] = _stage(bench_flow, name, data, warm, out, device, batch_size, threads, 1,
-                                      workers_per_gpu=args.workers_per_gpu)
-            print(f"{name}: (c) full flow {row['full_flow']}", flush=True)
+        for n in args.workers_per_gpu:  # (c), on a cluster of each size in turn
+            part = flow_stage(args, name, data, warm, out, device, batch_size, threads, n)
+            if n == args.workers_per_gpu[0]:  # the row's own (c): the first size given
+                row.update(part)
+            if len(args.workers_per_gpu) > 1:
+                row.setdefault("by_workers_per_gpu", {})[str(n)] = part.get("full_flow")
         if isinstance(row.get("full_flow"), dict) and row["full_flow"].get("fidelity"):
             row["flow_fidelity"] = row["full_flow"]["fidelity"]
             row["min_cosine"] = row["flow_fidelity"].get("min_cosine")  # the run's own check (below: 64 more images)
@@ -867,6 +904,12 @@ def main() -> int:
             row["gpu_idle_fraction"] = row["full_flow"]["gpu_idle_fraction"]
             print(f"{name}: (c) / fastest (a) = {row['ratio_to_fastest']}; idle between shards "
                   f"{row['gpu_idle_fraction']:.1%}", flush=True)
+            for n, flow in row.get("by_workers_per_gpu", {}).items():
+                if isinstance(flow, dict) and "images_per_second" in flow:
+                    flow["ratio_to_fastest"] = round(flow["images_per_second"] / fastest, 3)
+                    print(f"{name}: {n} worker(s) per GPU: {flow['images_per_second']:,.0f} img/s {flow['runs']}, "
+                          f"(c) / fastest (a) = {flow['ratio_to_fastest']}; idle between shards "
+                          f"{flow['gpu_idle_fraction']:.1%}", flush=True)
         if "fidelity" not in args.skip and gpu:
             for form in ("bf16", "autocast"):
                 row[f"fidelity_{form}"] = _stage(fidelity, name, data, device, 64, form)

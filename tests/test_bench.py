@@ -137,6 +137,41 @@ def test_idle_time_counts_the_gaps_no_shard_covers():
     assert (spans["seconds_before_first_task"], spans["seconds_after_last_task"]) == (2.0, 2.0)
 
 
+def test_a_gpu_shared_by_two_workers_is_idle_only_while_neither_streams():
+    """With two worker processes on one GPU (EmbedConfig.workers_per_gpu), one worker's gap between shards is not
+    the GPU's when the other streams through it."""
+    sys.path.insert(0, ROOT)
+    from bench.throughput import idle_fraction
+
+    shard = lambda w, a, b: {"timeline": {"worker": w, "embed_start": a, "embed_end": b}}  # noqa: E731
+    # w1 streams 0-4 and 6-10, w2 3-7: each worker alone has a gap, the GPU has none; w3 on GPU 1 has 2 s of 10.
+    manifest = {"shards": {"a": shard("w1", 0, 4), "b": shard("w1", 6, 10), "c": shard("w2", 3, 7),
+                           "d": shard("w3", 0, 4), "e": shard("w3", 6, 10)}}
+    assert idle_fraction(manifest) == round((2 + 0 + 2) / (10 + 4 + 10), 4)  # per worker, as if each had a GPU
+    assert idle_fraction(manifest, {"w1": "0", "w2": "0", "w3": "1"}) == round(2 / 20, 4)
+
+
+def test_the_flow_runs_on_clusters_of_each_size_given_each_with_its_own_workers(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"))
+    proc = subprocess.run(
+        [sys.executable, "bench/throughput.py", "--small", "--json", str(out), "--skip", "dali", "fidelity",
+         "--model-seconds", "0.5", "--workers-per-gpu", "1", "2", "--repeats", "2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = json.loads(out.read_text())["models"]["test_resnet.r160_in1k"]
+    by = row["by_workers_per_gpu"]
+    assert sorted(by) == ["1", "2"]
+    assert [by[n]["worker_processes"] for n in ("1", "2")] == [1, 2]
+    for n, flow in by.items():
+        assert flow["images"] == 32 and len(flow["runs"]) == 2  # each run embedded every image, timed twice
+        assert 1 <= flow["workers_that_embedded"] <= flow["worker_processes"]
+        fastest = max(row["fastest_model_only"]["images_per_second"], row["model_only"]["images_per_second"])
+        assert flow["ratio_to_fastest"] == round(flow["images_per_second"] / fastest, 3)
+    assert row["full_flow"]["worker_processes"] == 1  # the row's own (c) is the first size's
+
+
 def test_first_task_bench_times_each_way_of_submitting(tmp_path):
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"))
     env.pop("PREFECT_API_URL", None)  # the bench starts its own server for itself and its worker

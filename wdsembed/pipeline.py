@@ -255,7 +255,7 @@ class ImagePipeline:
     to `output_dtype` and, with `channels_last`, to that memory format: the form the model takes, made in one
     device copy (about 0.1 ms for 256 images) instead of a conversion in the model step, and DALI's buffer goes
     straight back instead of waiting in the consumer's queue. Where `output_dtype` is a 16-bit float, DALI writes
-    float16 (`half_from_dali=False`: float32).
+    float16 (`half_from_dali=False`: float32). `decode_ycbcr`: see `dali_preprocess`.
 
     >>> pipe = ImagePipeline(PreprocessRecipe.from_model(model), batch_size=256, num_threads=4, device_id=0)
     >>> for batch in pipe.process((s.key, s.image) for s in samples):
@@ -279,6 +279,7 @@ class ImagePipeline:
         output_dtype: Optional["torch.dtype"] = None,
         channels_last: bool = False,
         half_from_dali: bool = True,
+        decode_ycbcr: bool = False,
     ) -> None:
         if batch_size < 1 or num_threads < 1 or prefetch < 1:
             raise ValueError("batch_size, num_threads and prefetch must be >= 1")
@@ -306,6 +307,7 @@ class ImagePipeline:
             device_memory_padding=device_memory_padding,
             host_memory_padding=host_memory_padding,
             jpeg_fancy_upsampling=jpeg_fancy_upsampling,
+            decode_ycbcr=decode_ycbcr,
         )
         self._warmup()
 

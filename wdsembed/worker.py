@@ -90,11 +90,14 @@ DALI_FLOAT16_ENV = "WDSEMBED_DALI_FLOAT16"
 # flow ran 26% faster with ResNet-50 and 6% with ViT-B/16 on one H200, with the same or closer fidelity (36th
 # session, docs/benchmarks.md); the price is one compile per worker process as its Worker is built, 7-25 s there.
 COMPILE_ENV = "WDSEMBED_COMPILE"
+# "1": DALI decodes to YCbCr and converts to RGB after the resize (preprocess.dali_preprocess; a diagnostic).
+DECODE_YCBCR_ENV = "WDSEMBED_DECODE_YCBCR"
 READ_AHEAD_CHUNK, READ_AHEAD_DEPTH = 64, 4  # samples per hand-over, hand-overs queued: 256-384 samples (10-15 MB)
 # Of the variables above, those a Worker reads once, as it is built (the others are read per call or per pass). They are
 # part of its identity in for_config: a long-lived worker process that sees one changed builds a new Worker, instead
 # of going on with the old setting (the bench's --worker-env changes them between runs on warm workers).
-BUILD_ENV = (CUDA_GRAPH_ENV, GPU_PREFETCH_ENV, STREAM_METER_ENV, COPY_INPUTS_ENV, DALI_FLOAT16_ENV, COMPILE_ENV)
+BUILD_ENV = (CUDA_GRAPH_ENV, GPU_PREFETCH_ENV, STREAM_METER_ENV, COPY_INPUTS_ENV, DALI_FLOAT16_ENV, COMPILE_ENV,
+             DECODE_YCBCR_ENV)
 
 
 def build_env() -> dict[str, Optional[str]]:
@@ -199,6 +202,7 @@ class Worker:
             output_dtype=self.loaded.dtype,
             channels_last=self.loaded.channels_last,
             half_from_dali=os.environ.get(DALI_FLOAT16_ENV, "1") != "0",
+            decode_ycbcr=os.environ.get(DECODE_YCBCR_ENV) == "1",
         )
         # The model runs on a stream of its own, not the legacy default stream: that one waits for (and holds up)
         # every blocking stream and synchronous copy in the process, the decoder's included, which would
