@@ -102,19 +102,17 @@ def clean_rows() -> dict[str, torch.Tensor]:
 # embeddings: DALI tensors through the model vs model(timm transform(PIL image))
 
 EMBED_MODELS = [
-    pytest.param(RESNET, None, False, id="center_crop_pct0.95"),
-    pytest.param("mambaout_femto.in1k", None, False, id="center_crop_pct1.0"),
-    pytest.param("tf_efficientnetv2_b3.in21k_ft_in1k", None, False, id="squash_crop_pct0.9"),
+    pytest.param(RESNET, None, id="center_crop_pct0.95"),
+    pytest.param("mambaout_femto.in1k", None, id="center_crop_pct1.0"),
+    pytest.param("tf_efficientnetv2_b3.in21k_ft_in1k", None, id="squash_crop_pct0.9"),
     # border mode natively only exists on a 412M-parameter ViT (its config is checked pixel-wise in
     # test_preprocess); here the same mode on a small network
-    pytest.param(RESNET, {"crop_mode": "border", "crop_pct": 1.0}, False, id="border_crop_pct1.0"),
-    # decoded to YCbCr, resized, then converted to RGB (dali_preprocess's decode_ycbcr): one rounding more
-    pytest.param(RESNET, None, True, id="center_crop_pct0.95_ycbcr"),
+    pytest.param(RESNET, {"crop_mode": "border", "crop_pct": 1.0}, id="border_crop_pct1.0"),
 ]
 
 
-@pytest.mark.parametrize("name,overlay,decode_ycbcr", EMBED_MODELS)
-def test_embeddings_match_timm(name, overlay, decode_ycbcr):
+@pytest.mark.parametrize("name,overlay", EMBED_MODELS)
+def test_embeddings_match_timm(name, overlay):
     import timm
     from timm.data import create_transform, resolve_model_data_config
 
@@ -126,8 +124,7 @@ def test_embeddings_match_timm(name, overlay, decode_ycbcr):
         assert all(data_config[k] == v for k, v in overlay.items())
     transform = create_transform(**data_config)
     imgs = photos()
-    with ImagePipeline(PreprocessRecipe.from_model(model), batch_size=4, num_threads=2, device_id=None,
-                       decode_ycbcr=decode_ycbcr) as pipe:
+    with ImagePipeline(PreprocessRecipe.from_model(model), batch_size=4, num_threads=2, device_id=None) as pipe:
         rows, failed, sizes = run_all(pipe, imgs.items())
     assert not failed and sizes == [4, 3]  # the last batch of the stream is short
     keys = list(imgs)
@@ -135,9 +132,7 @@ def test_embeddings_match_timm(name, overlay, decode_ycbcr):
     pil = [ImageOps.exif_transpose(Image.open(io.BytesIO(imgs[k]))).convert("RGB") for k in keys]
     ref = torch.stack([transform(img) for img in pil])
     mad = (ours - ref).abs().flatten(1).mean(1)
-    # (through YCbCr, DALI's conversion takes uint8 only: the resized image is rounded once more, about 0.6 of a
-    # level on average, with no bias)
-    assert mad.max() < (0.015 if decode_ycbcr else 0.01), mad
+    assert mad.max() < 0.01, mad
 
     def embed(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -327,7 +327,6 @@ def dali_preprocess(
     host_memory_padding: int = 16 << 20,
     jpeg_fancy_upsampling: bool = False,
     half: bool = False,
-    decode_ycbcr: bool = False,
 ) -> Any:
     """Encoded image bytes (a CPU uint8 node) -> normalized float32 CHW images, on the GPU for decode_device="mixed";
     float16 with `half` (computed in float32 and rounded once, for a model that runs in 16 bits).
@@ -335,14 +334,10 @@ def dali_preprocess(
     Decoding applies EXIF orientation and yields 3-channel RGB for gray, RGBA (alpha dropped, as PIL's
     convert("RGB")), palette and CMYK inputs. `geometry` holds fn.resize's geometry arguments (default:
     `geometry_inputs(recipe)`, an external source to be fed with `feed_geometry(pipe, recipe.source_geometry(sizes))`
-    for the (EXIF-oriented) header sizes of the same batch, from `wdsembed.imagesize`).
-
-    `decode_ycbcr` decodes to YCbCr, resizes in that space and converts the resized image to RGB: on a GPU the
-    hardware JPEG decoder's output then skips nvJPEG's conversion kernel, launched once per image at full size
-    (a diagnostic: the conversion commutes with the resampling up to one rounding)."""
+    for the (EXIF-oriented) header sizes of the same batch, from `wdsembed.imagesize`)."""
     from nvidia.dali import fn, types
 
-    decoder_args: dict[str, Any] = dict(device=decode_device, output_type=types.YCbCr if decode_ycbcr else types.RGB)
+    decoder_args: dict[str, Any] = dict(device=decode_device, output_type=types.RGB)
     if decode_device == "mixed":
         decoder_args.update(
             hw_decoder_load=hw_decoder_load,
@@ -366,8 +361,6 @@ def dali_preprocess(
         antialias=True,
         subpixel_scale=False,
     )
-    if decode_ycbcr:
-        images = fn.color_space_conversion(images, image_type=types.YCbCr, output_type=types.RGB)
     ch, cw = recipe.crop_size
     mean = [255.0 * m for m in recipe.mean]
     std = [255.0 * s for s in recipe.std]

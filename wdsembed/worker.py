@@ -81,8 +81,9 @@ CUDA_GRAPH_ENV = "WDSEMBED_CUDA_GRAPH"  # "0": the model runs eagerly on a GPU t
 STREAM_METER_ENV = "WDSEMBED_STREAM_METER"
 # "0": a call's tar is read in the thread that feeds DALI, not ahead of it in a thread of its own (a diagnostic).
 READ_AHEAD_ENV = "WDSEMBED_READ_AHEAD"
-# "0": DALI reads each batch's encoded images in place on a GPU too, instead of copying them into its own buffers as
-# they are fed (a copy that holds the GIL: about 3 ms per batch of 256 on one H200's host).
+# "1": DALI copies each batch's encoded images into its own (pinned) buffers as they are fed, on a GPU too; "0": it
+# reads them in place on the CPU too. By default a GPU worker has them read in place (since the thirty-ninth session:
+# the copy holds the GIL on the thread that feeds DALI) and a CPU worker has them copied.
 COPY_INPUTS_ENV = "WDSEMBED_COPY_INPUTS"
 # "0": a model in bfloat16 is fed from DALI's float32 output, not its float16 one (a diagnostic: memory, fidelity).
 DALI_FLOAT16_ENV = "WDSEMBED_DALI_FLOAT16"
@@ -90,14 +91,11 @@ DALI_FLOAT16_ENV = "WDSEMBED_DALI_FLOAT16"
 # flow ran 26% faster with ResNet-50 and 6% with ViT-B/16 on one H200, with the same or closer fidelity (36th
 # session, docs/benchmarks.md); the price is one compile per worker process as its Worker is built, 7-25 s there.
 COMPILE_ENV = "WDSEMBED_COMPILE"
-# "1": DALI decodes to YCbCr and converts to RGB after the resize (preprocess.dali_preprocess; a diagnostic).
-DECODE_YCBCR_ENV = "WDSEMBED_DECODE_YCBCR"
 READ_AHEAD_CHUNK, READ_AHEAD_DEPTH = 64, 4  # samples per hand-over, hand-overs queued: 256-384 samples (10-15 MB)
 # Of the variables above, those a Worker reads once, as it is built (the others are read per call or per pass). They are
 # part of its identity in for_config: a long-lived worker process that sees one changed builds a new Worker, instead
 # of going on with the old setting (the bench's --worker-env changes them between runs on warm workers).
-BUILD_ENV = (CUDA_GRAPH_ENV, GPU_PREFETCH_ENV, STREAM_METER_ENV, COPY_INPUTS_ENV, DALI_FLOAT16_ENV, COMPILE_ENV,
-             DECODE_YCBCR_ENV)
+BUILD_ENV = (CUDA_GRAPH_ENV, GPU_PREFETCH_ENV, STREAM_METER_ENV, COPY_INPUTS_ENV, DALI_FLOAT16_ENV, COMPILE_ENV)
 
 
 def build_env() -> dict[str, Optional[str]]:
@@ -197,12 +195,13 @@ class Worker:
             # landed code, in ten alternated flows on one H200 (twenty-seventh session), four ran at the same rate
             # as two (ViT-B/16 and ResNet-50) and held 0.1-0.9 GiB more device memory.
             prefetch=gpu_prefetch() if device_id is not None else 2,
-            copy_inputs=os.environ.get(COPY_INPUTS_ENV, "1") != "0",
+            # On a GPU, DALI reads each batch's encoded images where they lie: its copy into pinned buffers held the
+            # GIL for 8.3 ms of each batch of 256 on one H200 (2.6 ms in place), on the one thread that feeds DALI.
+            copy_inputs=os.environ.get(COPY_INPUTS_ENV, "1" if device_id is None else "0") != "0",
             # batches come out as the model takes them: its dtype and memory format, no second conversion
             output_dtype=self.loaded.dtype,
             channels_last=self.loaded.channels_last,
             half_from_dali=os.environ.get(DALI_FLOAT16_ENV, "1") != "0",
-            decode_ycbcr=os.environ.get(DECODE_YCBCR_ENV) == "1",
         )
         # The model runs on a stream of its own, not the legacy default stream: that one waits for (and holds up)
         # every blocking stream and synchronous copy in the process, the decoder's included, which would
