@@ -12,6 +12,7 @@ pytest.importorskip("nvidia.dali")
 skimage_data = pytest.importorskip("skimage.data")
 
 from wdsembed.pipeline import (  # noqa: E402
+    cut_short,
     ImagePipeline,
     PipelineBroken,
     _Batch,
@@ -274,6 +275,21 @@ def test_sniff_image():
     assert sniff_image(b"") == "empty image data (0 bytes)"
     assert sniff_image(_encode(Image.new("RGB", (8, 8)), "GIF")) == "unsupported image format: gif"
     assert sniff_image(b"<html>").startswith("not an image")
+
+
+def test_cut_short_judges_a_jpeg_by_its_end_of_image_marker_after_the_scan():
+    jpg = photos()["coffee_640x427.jpg"]
+    assert jpg.endswith(b"\xff\xd9") and cut_short(jpg) is None and cut_short(memoryview(jpg)) is None
+    assert cut_short(jpg + b"motion photo video bytes" * 10) is None  # bytes appended after the image
+    for cut in (len(jpg) - 1, len(jpg) - 2, len(jpg) // 2):  # a partial download: no marker after the scan
+        assert cut_short(jpg[:cut]).startswith(f"truncated JPEG (no end-of-image marker, {cut} bytes)"), cut
+    # An EXIF thumbnail's end-of-image marker comes before the main image's scan: it does not count.
+    thumb = _encode(Image.new("RGB", (8, 8), (9, 9, 9)), "JPEG")
+    exif = b"\xff\xe1" + (len(thumb) + 2).to_bytes(2, "big") + thumb
+    with_thumb = jpg[:2] + exif + jpg[2:]
+    assert cut_short(with_thumb) is None
+    assert cut_short(with_thumb[: len(with_thumb) // 2]).startswith("truncated JPEG")
+    assert cut_short(b"\x89PNG\r\n\x1a\n") is None and cut_short(b"\xff\xd8") is None  # not judged here
 
 
 def test_failure_reason():

@@ -250,6 +250,25 @@ _MARKER_AND_LENGTH = struct.Struct(">HH").unpack_from
 _SOF_FIELDS = struct.Struct(">HHB").unpack_from  # height, width, components (after the precision byte)
 
 
+def jpeg_scan_start(d: Bytes) -> Optional[int]:
+    """The byte position of a JPEG's start-of-scan marker, found by walking its header segment by segment, so that
+    the markers inside a segment (an EXIF thumbnail's own scan and end of image) are never taken for it. None where
+    the header ends first or holds anything but segments and fill bytes."""
+    n, pos = len(d), 2
+    while pos + 4 <= n:
+        marker, size = _MARKER_AND_LENGTH(d, pos)
+        kind = _MARKER_KIND[marker]
+        if kind == _SOS:
+            return pos
+        if kind == _FILL:
+            pos += 1
+            continue
+        if kind in (_NOT_A_MARKER, _INVALID) or size < 2:
+            return None
+        pos += 2 + size
+    return None
+
+
 def _jpeg(d: Bytes, n: int) -> Optional[tuple[int, int]]:
     pos = 2
     hw = None

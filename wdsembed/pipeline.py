@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
-from wdsembed.imagesize import image_size, image_sizes
+from wdsembed.imagesize import image_size, image_sizes, jpeg_scan_start
 from wdsembed.preprocess import (
     PreprocessRecipe,
     dali_preprocess,
@@ -85,6 +85,8 @@ def sniff_image(data: bytes | memoryview) -> Optional[str]:
     """None when the bytes start like an image DALI can decode; otherwise a short reason why they can't be one."""
     if len(data) == 0:
         return "empty image data (0 bytes)"
+    if len(data) >= 3 and data[0] == 0xFF and data[1] == 0xD8 and data[2] == 0xFF:
+        return None  # JPEG, nearly every image of a web dataset: told from three bytes, without copying a head
     head = bytes(data[:16])
     for magic, _ in _SUPPORTED_MAGIC:
         if head.startswith(magic):
@@ -105,16 +107,22 @@ def cut_short(data: bytes | memoryview) -> Optional[str]:
     """Why a JPEG must not be decoded because it was cut short (a partial download), else None. nvJPEG decodes such
     a file without complaint, filling the missing part with gray, where libjpeg-turbo (the CPU path) and PIL fail:
     refused here, both paths give the same row. Entropy-coded data never holds FF D9 (an FF there is followed by
-    00 or a restart marker), so the first FF D9 after the first start-of-scan is the end of the image; an EXIF
-    thumbnail's comes before it, and bytes appended after it (motion photos) are not looked at."""
-    if not bytes(data[:3]) == b"\xff\xd8\xff":
+    00 or a restart marker), so the first FF D9 after the image's start of scan is its end. That start is found by
+    walking the header's segments: an EXIF thumbnail inside one has a scan and an end marker of its own, which must
+    not count. Bytes appended after the end (motion photos) are not looked at."""
+    n = len(data)
+    if n < 3 or not (data[0] == 0xFF and data[1] == 0xD8 and data[2] == 0xFF):
         return None
-    # Searched with re, which reads a memoryview (the tar reader's images) in place: no copy of the image.
-    scan = _START_OF_SCAN.search(data, 2)
-    if scan is None or _END_OF_IMAGE.search(data, max(scan.start(), len(data) - 64)) or _END_OF_IMAGE.search(
-            data, scan.start()):
-        return None  # ends as it should (the usual case, decided from its last bytes); or no scan to judge
-    return f"truncated JPEG (no end-of-image marker, {len(data)} bytes): not decoded (a partial decode is not the image)"
+    if data[n - 2] == 0xFF and data[n - 1] == 0xD9:
+        return None  # ends with its end-of-image marker, which no start-of-scan can follow: the usual case
+    scan = jpeg_scan_start(data)
+    if scan is None:  # a header the walk cannot follow (or cut inside it): the first start-of-scan bytes, if any
+        # Searched with re, which reads a memoryview (the tar reader's images) in place: no copy of the image.
+        found = _START_OF_SCAN.search(data, 2)
+        scan = found.start() if found is not None else None
+    if scan is None or _END_OF_IMAGE.search(data, max(scan, n - 64)) or _END_OF_IMAGE.search(data, scan):
+        return None  # ends as it should (decided from its last bytes first); or no scan to judge
+    return f"truncated JPEG (no end-of-image marker, {n} bytes): not decoded (a partial decode is not the image)"
 
 
 _START_OF_SCAN, _END_OF_IMAGE = re.compile(b"\xff\xda"), re.compile(b"\xff\xd9")
