@@ -120,8 +120,8 @@ def cut_short(data: bytes | memoryview) -> Optional[str]:
         # Searched with re, which reads a memoryview (the tar reader's images) in place: no copy of the image.
         found = _START_OF_SCAN.search(data, 2)
         scan = found.start() if found is not None else None
-    if scan is None or _END_OF_IMAGE.search(data, max(scan, n - 64)) or _END_OF_IMAGE.search(data, scan):
-        return None  # ends as it should (decided from its last bytes first); or no scan to judge
+    if scan is None or _END_OF_IMAGE.search(data, scan):
+        return None  # its end marker, then bytes appended after it; or no scan to judge
     return f"truncated JPEG (no end-of-image marker, {n} bytes): not decoded (a partial decode is not the image)"
 
 
