@@ -100,8 +100,6 @@ def gpu_cluster(gpus: int, workers_per_gpu: int = 1) -> dict:
 def start_gpu_cluster(gpus: int, workers_per_gpu: int = 1, **overrides):
     """A local cluster on `gpus` GPUs as a run's task runner starts it (gpu_cluster), started here, with `overrides`
     on top of its keyword arguments (for a Dask client of one's own: the bench, wdsembed.nemo.get_client)."""
-    import importlib
-
     spec = gpu_cluster(gpus, workers_per_gpu)
     module, name = spec["cluster_class"].rsplit(".", 1)
     return getattr(importlib.import_module(module), name)(**(spec["cluster_kwargs"] | overrides))

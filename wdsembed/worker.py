@@ -82,8 +82,7 @@ STREAM_METER_ENV = "WDSEMBED_STREAM_METER"
 # "0": a call's tar is read in the thread that feeds DALI, not ahead of it in a thread of its own (a diagnostic).
 READ_AHEAD_ENV = "WDSEMBED_READ_AHEAD"
 # "1": DALI copies each batch's encoded images into its own (pinned) buffers as they are fed, on a GPU too; "0": it
-# reads them in place on the CPU too. By default a GPU worker has them read in place (since the thirty-ninth session:
-# the copy holds the GIL on the thread that feeds DALI) and a CPU worker has them copied.
+# reads them in place on the CPU too. By default only a CPU worker has them copied (Worker.__init__ says why).
 COPY_INPUTS_ENV = "WDSEMBED_COPY_INPUTS"
 # "0": a model in bfloat16 is fed from DALI's float32 output, not its float16 one (a diagnostic: memory, fidelity).
 DALI_FLOAT16_ENV = "WDSEMBED_DALI_FLOAT16"
