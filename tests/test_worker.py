@@ -258,6 +258,19 @@ def test_gpu_processes_ask_for_every_hardware_queue_and_dalis_async_allocator_un
         monkeypatch.delenv(other)
 
 
+def test_hw_decoder_load_is_the_default_unless_the_diagnostic_variable_says_otherwise(monkeypatch):
+    from wdsembed.worker import HW_DECODER_LOAD, HW_DECODER_LOAD_ENV, hw_decoder_load
+
+    monkeypatch.delenv(HW_DECODER_LOAD_ENV, raising=False)
+    assert hw_decoder_load() == HW_DECODER_LOAD == 0.9
+    monkeypatch.setenv(HW_DECODER_LOAD_ENV, "0.5")
+    assert hw_decoder_load() == 0.5
+    for bad in ("", "half", "1.5", "-0.1", "nan"):
+        monkeypatch.setenv(HW_DECODER_LOAD_ENV, bad)
+        with pytest.raises(ValueError, match=f"{HW_DECODER_LOAD_ENV}=.*from 0 to 1"):
+            hw_decoder_load()
+
+
 def test_gpu_prefetch_is_two_unless_the_diagnostic_variable_says_otherwise(monkeypatch):
     from wdsembed.worker import GPU_PREFETCH, GPU_PREFETCH_ENV, gpu_prefetch
 

@@ -90,11 +90,16 @@ DALI_FLOAT16_ENV = "WDSEMBED_DALI_FLOAT16"
 # flow ran 26% faster with ResNet-50 and 6% with ViT-B/16 on one H200, with the same or closer fidelity (36th
 # session, docs/benchmarks.md); the price is one compile per worker process as its Worker is built, 7-25 s there.
 COMPILE_ENV = "WDSEMBED_COMPILE"
+# A number in [0, 1]: the share of JPEGs a GPU worker's DALI sends to the hardware decoder instead of HW_DECODER_LOAD (a
+# diagnostic; the others are Huffman-decoded in DALI's threads and finished by CUDA kernels).
+HW_DECODER_LOAD_ENV = "WDSEMBED_HW_DECODER_LOAD"
+HW_DECODER_LOAD = 0.9
 READ_AHEAD_CHUNK, READ_AHEAD_DEPTH = 64, 4  # samples per hand-over, hand-overs queued: 256-384 samples (10-15 MB)
 # Of the variables above, those a Worker reads once, as it is built (the others are read per call or per pass). They are
 # part of its identity in for_config: a long-lived worker process that sees one changed builds a new Worker, instead
 # of going on with the old setting (the bench's --worker-env changes them between runs on warm workers).
-BUILD_ENV = (CUDA_GRAPH_ENV, GPU_PREFETCH_ENV, STREAM_METER_ENV, COPY_INPUTS_ENV, DALI_FLOAT16_ENV, COMPILE_ENV)
+BUILD_ENV = (CUDA_GRAPH_ENV, GPU_PREFETCH_ENV, STREAM_METER_ENV, COPY_INPUTS_ENV, DALI_FLOAT16_ENV, COMPILE_ENV,
+             HW_DECODER_LOAD_ENV)
 
 
 def build_env() -> dict[str, Optional[str]]:
@@ -122,6 +127,21 @@ def gpu_queued_batches() -> int:
     WDSEMBED_GPU_QUEUED_BATCHES where it is set."""
     return _env_count(GPU_QUEUED_BATCHES_ENV, GPU_QUEUED_BATCHES, 0,
                       "the batches a GPU worker's model stream may hold queued, 0 for no limit")
+
+
+def hw_decoder_load() -> float:
+    """The share of JPEGs for the hardware decoder on a GPU worker: HW_DECODER_LOAD, or WDSEMBED_HW_DECODER_LOAD."""
+    value = os.environ.get(HW_DECODER_LOAD_ENV)
+    if value is None:
+        return HW_DECODER_LOAD
+    try:
+        share = float(value)
+    except ValueError:
+        share = -1.0
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"{HW_DECODER_LOAD_ENV}={value!r}: expected a number from 0 to 1, the share of JPEGs for the "
+                         f"GPU's hardware decoder (default {HW_DECODER_LOAD}); unset it for the default")
+    return share
 
 
 def _env_count(name: str, default: int, least: int, meaning: str) -> int:
@@ -194,6 +214,7 @@ class Worker:
             # landed code, in ten alternated flows on one H200 (twenty-seventh session), four ran at the same rate
             # as two (ViT-B/16 and ResNet-50) and held 0.1-0.9 GiB more device memory.
             prefetch=gpu_prefetch() if device_id is not None else 2,
+            hw_decoder_load=hw_decoder_load() if device_id is not None else HW_DECODER_LOAD,
             # On a GPU, DALI reads each batch's encoded images where they lie: its copy into pinned buffers held the
             # GIL for 8.3 ms of each batch of 256 on one H200 (2.6 ms in place), on the one thread that feeds DALI.
             copy_inputs=os.environ.get(COPY_INPUTS_ENV, "1" if device_id is None else "0") != "0",
