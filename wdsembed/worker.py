@@ -90,8 +90,9 @@ DALI_FLOAT16_ENV = "WDSEMBED_DALI_FLOAT16"
 # flow ran 26% faster with ResNet-50 and 6% with ViT-B/16 on one H200, with the same or closer fidelity (36th
 # session, docs/benchmarks.md); the price is one compile per worker process as its Worker is built, 7-25 s there.
 COMPILE_ENV = "WDSEMBED_COMPILE"
-# A number in [0, 1]: the share of JPEGs a GPU worker's DALI sends to the hardware decoder instead of HW_DECODER_LOAD (a
-# diagnostic; the others are Huffman-decoded in DALI's threads and finished by CUDA kernels).
+# A number from 0 to 1 (a diagnostic): the share of JPEGs that a GPU worker's DALI sends to the hardware decoder, instead
+# of HW_DECODER_LOAD; the others are Huffman-decoded in DALI's threads and finished by CUDA kernels. On one H200, 1 ran
+# ResNet-50's flow 4% slower than 0.9, and 0.5 within the runs' spread (fortieth session, docs/benchmarks.md).
 HW_DECODER_LOAD_ENV = "WDSEMBED_HW_DECODER_LOAD"
 HW_DECODER_LOAD = 0.9
 READ_AHEAD_CHUNK, READ_AHEAD_DEPTH = 64, 4  # samples per hand-over, hand-overs queued: 256-384 samples (10-15 MB)
