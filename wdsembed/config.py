@@ -110,10 +110,10 @@ class EmbedConfig(BaseModel):
     )
     workers_per_gpu: int = Field(
         1, ge=1, le=8,
-        description="Worker processes on each GPU of a local cluster. Each worker feeds DALI from one Python thread, "
-        "which caps a worker near 13,000-15,000 images/s on a 16-core H200 host; a model faster than that (ResNet-50) "
-        "gains from 2 (1.17-1.33x in bench/gpu_share.py), while one that already fills the GPU loses a little "
-        "(ViT-B/16: 0.94x). Each worker holds its own model and DALI buffers in GPU memory.",
+        description="Worker processes on each GPU of a local cluster. Each feeds DALI from a Python thread of its "
+        "own. A model that needs not much more of the GPU per image than DALI does (ResNet-50) gains from 2: its flow "
+        "ran 1.08-1.11x as fast on one H200. One that already fills the GPU loses a little (ViT-B/16: 0.94x). Each "
+        "worker holds its own model and DALI buffers in GPU memory.",
     )
     shards_per_task: Optional[int] = Field(
         None, ge=1, le=10000,
