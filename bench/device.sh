@@ -11,14 +11,35 @@
 #                                                  $OUT/smoke-1gpu.json; about 8.5 minutes with the bundle's install)
 #   bash bench/device.sh s3                      -> the flow from a loopback S3 server against local disk, ViT-B/16
 #                                                  ($OUT/round-s3.json; about 3.5 minutes)
+#   bash bench/device.sh share [share args...]   -> $OUT/share.json (bench/gpu_share.py: one worker process on the
+#                                                  GPU against several, taking turns pass after pass)
+#   bash bench/device.sh mps [any of the above]  -> the same with CUDA's Multi-Process Service on for the command
+#                                                  ($OUT/mps-control.log beside its own files)
 set -u
 export PYTHONPATH=/tmp/site:$PWD
 export PREFECT_HOME=/tmp/prefect-home PREFECT_SERVER_ANALYTICS_ENABLED=false
+if [ "${1:-}" = "mps" ]; then
+  shift
+  # Without MPS, worker processes on one GPU take turns on it (time-slicing): while one runs only DALI's small
+  # kernels, the other's model waits. Under MPS their kernels run side by side, as two streams of one process do.
+  # Pair a run with the same command without `mps`; the bench's JSON says which it was ("cuda_mps").
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/wdsembed-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/wdsembed-mps/log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d || { echo "the MPS control daemon did not start (nvidia-cuda-mps-control -d)"; exit 1; }
+  trap 'echo quit | nvidia-cuda-mps-control; cp "$CUDA_MPS_LOG_DIRECTORY/control.log" "${OUT:-/tmp}/mps-control.log"' EXIT
+  bash "$0" "$@"
+  exit $?
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import nvidia.dali, timm, torch, prefect, dask_cuda; print('dali', nvidia.dali.__version__, 'timm', timm.__version__, 'torch', torch.__version__, 'prefect', prefect.__version__, 'dask_cuda', dask_cuda.__version__)"
 if [ "${1:-}" = "probe" ]; then
   shift
   python bench/dali_probe.py "$@" 2>&1 | tee "${OUT:-/tmp}/probe.log"
+  exit "${PIPESTATUS[0]}"
+fi
+if [ "${1:-}" = "share" ]; then
+  shift
+  python bench/gpu_share.py --json "${OUT:-/tmp}/share.json" "$@" 2>&1 | tee "${OUT:-/tmp}/share.log"
   exit "${PIPESTATUS[0]}"
 fi
 if [ "${1:-}" = "first" ]; then

@@ -2,12 +2,14 @@
 
 A GPU worker feeds DALI from one Python thread, which holds the GIL for the tar reader, the host checks and
 `feed_input`; for ResNet-50 on an H200 that thread, not the GPU, was the limit (docs/benchmarks.md, thirty-eighth
-session). On a machine without a GPU the same runs on the CPU path (a check of this script, not a measurement). Two processes have two GILs but
-share the GPU by time-slicing (no MPS). This measures it: `--processes` worker processes on GPU 0, each with its own
-`Worker` (the model compiled as the flow runs it) over the same in-memory shards, taking turns pass after pass:
+session). On a machine without a GPU the same runs on the CPU path (a check of this script, not a measurement).
+Two processes have two GILs but share the GPU by time-slicing, unless CUDA's Multi-Process Service runs
+(`bash bench/device.sh mps share ...`). This measures it: `--processes` worker processes on GPU 0, each with its
+own `Worker` (the model compiled as the flow runs it) over the same in-memory shards, taking turns pass after pass:
 one process alone, then all of them at once, so the machine's swings hit both alike.
 
     python bench/gpu_share.py --model resnet50.a1_in1k --processes 2 --passes 4 --images 16000 --threads 12 6
+    bash bench/device.sh mps share --model resnet50.a1_in1k --processes 2 --passes 3 --images 16000 --threads 4
 """
 from __future__ import annotations
 
@@ -107,7 +109,7 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "images": args.images, "batch_size": args.batch_size,
-                       "runs": report}, f, indent=1)
+                       "cuda_mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")), "runs": report}, f, indent=1)
     return 0
 
 

@@ -857,7 +857,9 @@ def main() -> int:
     results = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "gpus_visible": torch.cuda.device_count(),
                "shards": n_shards, "per_shard": per_shard, "batch_size": batch_size, "threads": threads,
                "shards_per_gpu": wdsembed.cluster.SHARDS_PER_GPU, "workers_per_gpu": args.workers_per_gpu,
-               "models": {}, "scaling": {}, "fidelity": None}
+               "models": {}, "scaling": {}, "fidelity": None,
+               # bench/device.sh mps: the run's processes were clients of CUDA's Multi-Process Service
+               "cuda_mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))}
     results["reading_only"] = bench_reading(data)
     print(f"reading the tars alone: {results['reading_only']['images_per_second']:,.0f} img/s", flush=True)
     if args.variants:

@@ -33,18 +33,23 @@ def test_cpu_benchmark_measures_all_three_the_ratio_and_scaling(tmp_path):
     assert two["outputs_vs_first"]["identical"], two["outputs_vs_first"]
     # The CPU path's embeddings equal timm's own preprocessing + model.
     assert result["fidelity"]["min_cosine"] > 0.9999
+    assert result["cuda_mps"] is False  # no MPS pipe named: the processes took turns on any GPU
 
 
 def test_layers_run_the_flow_and_the_api_in_turn_each_counting_its_own_images(tmp_path):
     out = tmp_path / "bench.json"
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"))
+    # An MPS pipe named, as `bench/device.sh mps` names it: the JSON says the run was under MPS (on the CPU path
+    # the variable changes nothing else).
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), CUDA_MPS_PIPE_DIRECTORY=str(tmp_path / "mps"))
     proc = subprocess.run(
         [sys.executable, "bench/throughput.py", "--small", "--json", str(out), "--skip", "model", "dali", "fidelity",
          "--layers", "1"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    row = json.loads(out.read_text())["models"]["test_resnet.r160_in1k"]
+    result = json.loads(out.read_text())
+    assert result["cuda_mps"] is True
+    row = result["models"]["test_resnet.r160_in1k"]
     flow, api = row["full_flow"], row["api_no_prefect"]
     assert flow["images"] == api["images"] == 32
     assert flow["orchestration_seconds"]["submit"] >= 0 and "orchestration_seconds" not in api  # only the flow's
@@ -192,7 +197,9 @@ def test_gpu_share_times_one_process_and_several_over_the_same_images(tmp_path):
                            "--passes", "2", "--images", "48", "--batch-size", "8", "--threads", "1",
                            "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    (run,) = json.loads(out.read_text())["runs"]
+    result = json.loads(out.read_text())
+    assert result["cuda_mps"] is False  # run without `bench/device.sh mps`
+    (run,) = result["runs"]
     # every process embedded all 48 images in every pass (the script refuses otherwise), timed alone and together
     assert run["images_per_pass"] == 48 and run["processes"] == 2
     assert len(run["one_process"]) == len(run["all_processes"]) == 2
