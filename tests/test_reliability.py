@@ -897,6 +897,10 @@ def refused(tmp_path: Path, capsys, *extra: str, data: Path | None = None, out: 
 def test_unknown_model(tmp_path, capsys):
     err = refused(tmp_path, capsys, "--model", "resnet5000", "--no-pretrained")
     assert err.startswith("error: unknown timm model 'resnet5000'. Did you mean: resnet50") and "timm.list_models()" in err
+    # nothing close to suggest: where to look is said once
+    err3 = refused(tmp_path, capsys, "--model", "qqqqzzzzxxxx", "--no-pretrained")
+    assert err3 == ("error: unknown timm model 'qqqqzzzzxxxx'. "
+                    "Pass --model a name from timm.list_models() / timm.list_pretrained()."), err3
     err2 = refused(tmp_path, capsys, "--model", "resnet50.nonexistent_tag", "--no-pretrained")
     assert "'resnet50' exists but has no pretrained tag 'nonexistent_tag'" in err2
     table.record("param-unknown-model", done="--model resnet5000; --model resnet50.nonexistent_tag",

@@ -58,7 +58,10 @@ def check_config(config: EmbedConfig) -> None:
         try:
             check_model_name(config.model_name)  # the architecture and its pretrained tag, with suggestions
         except ModelLoadError as exc:
-            raise InputError(f"{exc} Pass --model a name from timm.list_models() / timm.list_pretrained().") from None
+            # Without close names the error already ends "See timm.list_models() / ...": say it once, as advice.
+            message = str(exc).replace(" See timm.list_models() / timm.list_pretrained().", "")
+            raise InputError(f"{message} Pass --model a name from timm.list_models() / timm.list_pretrained().") \
+                from None
     if config.checkpoint:
         fs, path = storage.filesystem(config.checkpoint, config.storage_options)
         if not fs.isfile(path):
