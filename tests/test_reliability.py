@@ -314,13 +314,15 @@ def test_decompression_bomb_is_refused_without_decoding(image_run):
     size = len(image_run["cases"]["img-bomb"][0])
     assert emb is None
     assert reason == "image too large: 20000x20000 pixels > max_pixels=178956970", reason
-    # decoding it would take 400 MB (gray) to 1.2 GB (RGB): the process's peak memory did not move by that much
-    assert image_run["rss_growth_mb"] < 100, image_run["rss_growth_mb"]
+    # decoding it would take 400 MB (gray) to 1.2 GB (RGB): the process's peak memory did not move by that much.
+    # Embedding the shard's other images moves it by itself: 85-101 MB on the 2-core machine (101.3 failed a limit
+    # of 100 once in six runs), so the limit is half the smallest decode.
+    assert image_run["rss_growth_mb"] < 200, image_run["rss_growth_mb"]
     assert EmbedConfig(input=".", output="o").max_image_pixels == 178_956_970  # on by default
     assert size < 1_000_000
     table.record("img-bomb", done="a valid PNG of under 1 MB with 20000x20000 pixels (400 MB decoded, 1.2 GB as RGB)",
                  did=f"not decoded (size read from the header): {q(reason)}; peak memory of the process grew "
-                     "< 100 MB while embedding the shard; limit is max_image_pixels (default Pillow's 178,956,970; 0 turns it off)",
+                     "< 200 MB while embedding the shard; limit is max_image_pixels (default Pillow's 178,956,970; 0 turns it off)",
                  lost="its embedding, by choice (raise max_image_pixels to embed such images)")
 
 
@@ -907,6 +909,33 @@ def test_unknown_model(tmp_path, capsys):
                  did=f"exit 2 before any work, nothing written: {q(err.split(' Did you mean')[0] + ' Did you mean: ...')}, "
                      "ending 'Pass --model a name from timm.list_models() / timm.list_pretrained().'; for the tag: "
                      "\"'resnet50' exists but has no pretrained tag 'nonexistent_tag'\" with the tags it has",
+                 lost="nothing (no work started)")
+
+
+def test_device_cuda_where_no_gpu_is_visible(tmp_path, capsys, monkeypatch):
+    from wdsembed import cluster, preflight
+    from wdsembed.config import EmbedConfig
+
+    if not cluster.visible_gpus():  # this machine itself (CI's has no GPU)
+        err = refused(tmp_path / "plain", capsys, "--device", "cuda", "--model", TINY_MODEL, "--no-pretrained")
+        assert err.startswith("error: --device cuda, but no GPU is visible here (torch "), err
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden, as on any machine
+    err = refused(tmp_path / "hidden", capsys, "--device", "cuda", "--model", TINY_MODEL, "--no-pretrained")
+    assert err == ("error: --device cuda, but no GPU is visible here (CUDA_VISIBLE_DEVICES is ''): run it on a GPU "
+                   "host, or pass --device auto (the CPU where no GPU is visible) or cpu, or --dask-address a "
+                   "scheduler whose workers have GPUs"), err
+    # The check itself (the deployed flow's too): on a scheduler the GPUs are the workers', and auto falls back.
+    config = EmbedConfig(input=str(tmp_path / "hidden" / "in"), output=str(tmp_path / "o"), model_name=TINY_MODEL,
+                         pretrained=False, device="cuda")
+    with pytest.raises(preflight.PreflightError, match="no GPU is visible here"):
+        preflight.check_device(config)
+    preflight.check_device(config.model_copy(update={"dask_address": "tcp://127.0.0.1:8786"}))
+    preflight.check_device(config.model_copy(update={"device": "auto"}))
+    table.record("param-device-cuda-no-gpu", done="--device cuda with CUDA_VISIBLE_DEVICES='' (and, on a machine "
+                 "without a GPU, with it unset)",
+                 did=f"exit 2 before any work, nothing written: {q(err.removeprefix('error: '))}; where no GPU exists "
+                     "the cause names torch instead; with --dask-address nothing is checked here (the GPUs are the "
+                     "workers')",
                  lost="nothing (no work started)")
 
 

@@ -39,7 +39,8 @@ class InputError(ValueError):
 
 def check_config(config: EmbedConfig) -> None:
     """Refuse a run that cannot work, before any work starts, saying what to change: every check that needs no
-    work, cheapest and most basic first (the CLI, the deployed flow and the Python API all call it)."""
+    work, cheapest and most basic first (the CLI and the deployed flow call it before Prefect starts; a Python
+    caller of run_shards may too, which itself leaves each shard to fail with its own reason)."""
     from wdsembed import preflight
 
     preflight.check_storage_options(config)  # before anything builds a filesystem from them
@@ -62,6 +63,7 @@ def check_config(config: EmbedConfig) -> None:
             message = str(exc).replace(" See timm.list_models() / timm.list_pretrained().", "")
             raise InputError(f"{message} Pass --model a name from timm.list_models() / timm.list_pretrained().") \
                 from None
+        preflight.check_device(config)  # torch is imported by now
     if config.checkpoint:
         fs, path = storage.filesystem(config.checkpoint, config.storage_options)
         if not fs.isfile(path):

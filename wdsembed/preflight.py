@@ -8,6 +8,7 @@ write (a write check makes a folder and removes it at once), and never download:
 * check_weights: pretrained weights are in the local cache, or the place they come from answers.
 * check_output_writable: a local output folder can be created or written by this user.
 * check_dask_security: a tls:// --dask-address has Dask's TLS configuration (CA, client certificate) to use.
+* check_device: --device cuda on a local cluster has a GPU to run on.
 
 They complement `plan.check_config` (model name, checkpoint file, input folder, buckets): run
 check_storage_options before it (every later check builds filesystems from those options), the others after it.
@@ -286,3 +287,27 @@ def check_dask_security(config: EmbedConfig) -> None:
         # A value holding a newline is the PEM itself (Dask accepts that too), not a path.
         if value and "\n" not in str(value) and not os.path.isfile(value):
             raise PreflightError(f"Dask's {key} ({_TLS_KEYS[key]}) is {value!r}, which is not a file")
+
+
+# ----------------------------------------------------------------------------------------------------------- device
+
+
+def check_device(config: EmbedConfig) -> None:
+    """--device cuda on a local cluster needs a GPU that this process can see: without one, every shard would fail
+    on its worker after Prefect and Dask had started. With --dask-address the GPUs are the workers', wherever they
+    run, so nothing is checked here. Imports torch (seconds): call it where the run loads a model anyway."""
+    if config.device != "cuda" or config.dask_address:
+        return
+    from wdsembed.cluster import visible_gpus
+
+    if visible_gpus():
+        return
+    import torch
+
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    why = (f"CUDA_VISIBLE_DEVICES is {hidden!r}" if hidden is not None and hidden.strip() in ("", "-1")
+           else f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
+           else "torch finds no CUDA device")
+    raise PreflightError(f"--device cuda, but no GPU is visible here ({why}): run it on a GPU host, or pass --device "
+                         "auto (the CPU where no GPU is visible) or cpu, or --dask-address a scheduler whose workers "
+                         "have GPUs")
