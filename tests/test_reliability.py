@@ -929,12 +929,18 @@ def test_device_cuda_where_no_gpu_is_visible(tmp_path, capsys, monkeypatch):
                          pretrained=False, device="cuda")
     with pytest.raises(preflight.PreflightError, match="no GPU is visible here"):
         preflight.check_device(config)
+    # The API running the shards in this process says it once too, before planning or writing anything.
+    api = TimmImageEmbedder(TINY_MODEL, **(SETTINGS | {"device": "cuda"}))
+    with pytest.raises(preflight.PreflightError, match="no GPU is visible here"):
+        api(str(dataset(tmp_path / "api" / "in", 1)), str(tmp_path / "api" / "out"))
+    assert not (tmp_path / "api" / "out").exists()
     preflight.check_device(config.model_copy(update={"dask_address": "tcp://127.0.0.1:8786"}))
     preflight.check_device(config.model_copy(update={"device": "auto"}))
     table.record("param-device-cuda-no-gpu", done="--device cuda with CUDA_VISIBLE_DEVICES='' (and, on a machine "
                  "without a GPU, with it unset)",
                  did=f"exit 2 before any work, nothing written: {q(err.removeprefix('error: '))}; where no GPU exists "
-                     "the cause names torch instead; with --dask-address nothing is checked here (the GPUs are the "
+                     "the cause names torch instead; the API raises the same PreflightError before planning, where "
+                     "no Dask client is current; with --dask-address nothing is checked here (the GPUs are the "
                      "workers')",
                  lost="nothing (no work started)")
 

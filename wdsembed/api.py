@@ -21,7 +21,7 @@ import time
 import uuid
 from typing import Any, Optional
 
-from wdsembed import fidelity, report, shard
+from wdsembed import fidelity, preflight, report, shard
 from wdsembed.config import EmbedConfig, EmbedSettings, field_default
 from wdsembed.plan import plan_shards
 from wdsembed.shard import ShardPlan, ShardResult, ShardsFailed
@@ -104,9 +104,12 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
     fidelity.FidelityError (outputs and manifest written) when the run's fidelity check is below its threshold."""
     started = time.perf_counter()
     timeline = {"start": time.time()}  # the run's own steps, in the manifest beside each shard's
+    client = _current_dask_client()
+    if client is None:
+        # Run here: device="cuda" needs a GPU here, said once instead of by every shard (preflight.PreflightError).
+        preflight.check_device(config)
     plans = plan_shards(config)
     timeline["planned"] = time.time()
-    client = _current_dask_client()
     if client is None:
         results, failures = _run_here(config, plans)
     else:
