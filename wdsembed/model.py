@@ -259,6 +259,10 @@ def _hub_offline_mode(enabled: bool) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------- names
 
 
+# Where to look for a model name, when no close name can be suggested.
+LIST_HINT = " See timm.list_models() / timm.list_pretrained()."
+
+
 def _suggest(model_name: str) -> str:
     import timm
 
@@ -271,7 +275,7 @@ def _suggest(model_name: str) -> str:
         pool = timm.list_models() + timm.list_pretrained()
     close = difflib.get_close_matches(model_name, pool, n=5, cutoff=0.6)
     names = list(dict.fromkeys(close + options))[:8]
-    return f" Did you mean: {', '.join(names)}?" if names else " See timm.list_models() / timm.list_pretrained()."
+    return f" Did you mean: {', '.join(names)}?" if names else LIST_HINT
 
 
 def check_model_name(model_name: str) -> None:

@@ -39,8 +39,8 @@ class InputError(ValueError):
 
 def check_config(config: EmbedConfig) -> None:
     """Refuse a run that cannot work, before any work starts, saying what to change: every check that needs no
-    work, cheapest and most basic first (the CLI and the deployed flow call it before Prefect starts; a Python
-    caller of run_shards may too, which itself leaves each shard to fail with its own reason)."""
+    work, cheapest and most basic first. The CLI and the deployed flow call it before Prefect starts; the Python
+    API (api.run_shards) checks only the device before it plans, and leaves the rest to each shard's own reason."""
     from wdsembed import preflight
 
     preflight.check_storage_options(config)  # before anything builds a filesystem from them
@@ -54,15 +54,14 @@ def check_config(config: EmbedConfig) -> None:
     # most of such a run) are left out. Every other check still runs.
     needs_model = not nothing_to_compute(config)
     if needs_model:
-        from wdsembed.model import ModelLoadError, check_model_name  # imports torch
+        from wdsembed.model import LIST_HINT, ModelLoadError, check_model_name  # imports torch
 
         try:
             check_model_name(config.model_name)  # the architecture and its pretrained tag, with suggestions
         except ModelLoadError as exc:
-            # Without close names the error already ends "See timm.list_models() / ...": say it once, as advice.
-            message = str(exc).replace(" See timm.list_models() / timm.list_pretrained().", "")
-            raise InputError(f"{message} Pass --model a name from timm.list_models() / timm.list_pretrained().") \
-                from None
+            # Where to look is said once, as the command line's advice.
+            raise InputError(f"{str(exc).removesuffix(LIST_HINT)} Pass --model a name from timm.list_models() / "
+                             "timm.list_pretrained().") from None
         preflight.check_device(config)  # torch is imported by now
     if config.checkpoint:
         fs, path = storage.filesystem(config.checkpoint, config.storage_options)
