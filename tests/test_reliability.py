@@ -914,7 +914,6 @@ def test_unknown_model(tmp_path, capsys):
 
 def test_device_cuda_where_no_gpu_is_visible(tmp_path, capsys, monkeypatch):
     from wdsembed import cluster, preflight
-    from wdsembed.config import EmbedConfig
 
     if not cluster.visible_gpus():  # this machine itself (CI's has no GPU)
         err = refused(tmp_path / "plain", capsys, "--device", "cuda", "--model", TINY_MODEL, "--no-pretrained")
