@@ -25,6 +25,7 @@ pytest.importorskip("nvidia.dali")
 from conftest import TINY_MODEL  # noqa: E402
 from wdsembed.api import TimmImageEmbedder  # noqa: E402
 from wdsembed.synthetic import ShardSample, corrupt_image_bytes, encode_image, make_image, write_shard  # noqa: E402
+from wdsembed.validate import validate_output  # noqa: E402
 
 EMB = "image_embedding"
 
@@ -124,3 +125,43 @@ def test_autofaiss_builds_an_index_from_a_runs_output(run, tmp_path):
     got = subprocess.run([python, "-c", check, str(index), str(ids)], capture_output=True, text=True, timeout=300)
     assert got.returncode == 0, got.stderr[-3000:]
     assert json.loads(got.stdout) == want
+
+
+def test_without_the_view_each_embedding_is_stored_once_and_a_later_run_adds_the_views(tmp_path):
+    """knn_view=False: no OUTPUT/_embeddings at all, the full tables as with it. A later run with views on computes
+    nothing and writes each shard's view from its full table; a shard embedded again without views loses its old
+    view, which held the embeddings its new table replaces."""
+    er = pytest.importorskip("embedding_reader")
+    write_shard(tmp_path / "in", "00000", [_image(i) for i in range(5)], failed_rows=1)
+    write_shard(tmp_path / "in", "00001", [_image(10 + i) for i in range(4)], shard_id=1)
+    out = tmp_path / "out"
+
+    def embedder(**kw):
+        return TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4,
+                                 num_threads_per_worker=1, **kw)
+
+    bare = embedder(knn_view=False)(str(tmp_path / "in"), str(out))
+    assert sorted((r.stem, r.rows, r.embedded, r.cached) for r in bare) == [
+        ("00000", 6, 5, False), ("00001", 4, 4, False)]
+    assert not (out / "_embeddings").exists()
+    want = embedded_rows(out)
+    assert len(want) == 9
+    first = bare[0]
+    config = embedder(knn_view=False).config(str(tmp_path / "in"), str(out))
+    assert validate_output(config, first.output, dim=first.dim, expected_rows=6, expected_embedded=5).ok
+    missing = validate_output(config.model_copy(update={"knn_view": True}), first.output, dim=first.dim)
+    assert missing.problems == ["kNN view _embeddings/00000.parquet is missing"]
+
+    viewed = embedder()(str(tmp_path / "in"), str(out))
+    assert [r.cached for r in viewed] == [True, True]
+    reader = er.EmbeddingReader(str(out / "_embeddings"), file_format="parquet", embedding_column=EMB,
+                                meta_columns=["key", "shard"])
+    seen = {(key, stem): vector for vectors, meta in reader(batch_size=4, show_progress=False)
+            for vector, key, stem in zip(vectors, meta["key"], meta["shard"])}
+    assert seen.keys() == want.keys()
+    assert all(np.array_equal(seen[k], want[k]) for k in want)
+
+    again = embedder(knn_view=False, force=True)(str(tmp_path / "in"), str(out))
+    assert [r.cached for r in again] == [False, False]
+    assert sorted(p.name for p in (out / "_embeddings").iterdir()) == []
+    assert embedded_rows(out).keys() == want.keys()

@@ -273,6 +273,30 @@ def test_nothing_to_compute_reads_and_writes_nothing(first_run):
         hidden.rename(out / "00003.parquet")
 
 
+def test_a_run_without_kNN_views_writes_none_and_one_with_them_adds_them_embedding_nothing(first_run, monkeypatch):
+    """knn_view is not part of the cache key: turning it on or off embeds nothing again. Off, a finished shard's
+    missing view stays missing; on, the flow's planning writes it from the full table."""
+    import shutil
+
+    from wdsembed.output import EMBEDDINGS_FOLDER
+
+    config, root = first_run["config"], first_run["root"]
+    views = Path(config.output) / EMBEDDINGS_FOLDER
+    kept = {p.name: pq.read_table(p) for p in views.glob("*.parquet")}
+    assert sorted(kept) == [f"{s}.parquet" for s in STEMS4]
+    shutil.rmtree(views)
+    tripwire = Faults(root, monkeypatch, fail_if_run(STEMS4))
+    for knn_view in (False, True):
+        manifest, run_id = embed(config.model_copy(update={"knn_view": knn_view}))
+        assert isinstance(manifest, dict), manifest
+        assert embed_states(run_id, STEMS4) == {s: "Cached" for s in STEMS4}
+        assert views.exists() == knn_view
+    assert [tripwire.attempts(s) for s in STEMS4] == [0, 0, 0, 0]
+    assert {p.name: pq.read_table(p).select(["key", "image_embedding", "shard"]) for p in views.glob("*.parquet")} \
+        == {name: t.select(["key", "image_embedding", "shard"]) for name, t in kept.items()}
+    check_outputs(config, STEMS4)
+
+
 def test_changes_recompute_only_what_changed(first_run, monkeypatch):
     from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
 

@@ -362,6 +362,22 @@ def test_output_put_whole_through_store_errors(server):
     assert output.read_output_metadata(f"{OUT_BUCKET}/puts/00000.parquet", s3fs_direct) == {"cache_key": "k"}
 
 
+def test_a_shards_view_is_removed_from_a_bucket(server):
+    """What a run without kNN views does to a shard it embeds again (output.remove_embeddings_view), on S3: the
+    view's object goes, nothing else does, and a second removal finds nothing."""
+    config = config_for(f"s3://{IN_BUCKET}", f"s3://{OUT_BUCKET}/views", server.endpoint)
+    full = _table(6)
+    assert output.write_embeddings_view(full, config, "sub/00000", cache_key="k") == 6
+    output.write_embeddings_view(full, config, "sub/00001", cache_key="k")
+    def views() -> list[str]:  # the bucket is the module's: other tests' objects are in it too
+        return [k for k in server.keys(OUT_BUCKET) if k.startswith("views/")]
+
+    assert views() == ["views/_embeddings/sub/00000.parquet", "views/_embeddings/sub/00001.parquet"]
+    assert output.remove_embeddings_view(config, "sub/00000")
+    assert views() == ["views/_embeddings/sub/00001.parquet"]
+    assert not output.remove_embeddings_view(config, "sub/00000")
+
+
 def test_output_never_creates_a_bucket(server):
     config = config_for(f"s3://{IN_BUCKET}", "s3://no-such-out-bucket/emb", server.endpoint)
     with pytest.raises(plan.InputError, match="s3://no-such-out-bucket/emb.*bucket does not exist"):

@@ -74,6 +74,14 @@ class EmbedConfig(BaseModel):
     error_column: str = Field(
         "embedding_error", min_length=1, description="Name of the column that says why a row has no embedding."
     )
+    knn_view: bool = Field(
+        True,
+        description="Also write OUTPUT/_embeddings/<shard>.parquet: the embedded rows only (id, embedding, shard), "
+        "which kNN tools (embedding-reader, autofaiss) read as they are, where the full tables' failed rows stop "
+        "them. Off: each embedding is stored once, in the full table, half the space; an earlier view of a shard "
+        "embedded again is removed, and a later run with it on writes the missing views from the full tables "
+        "without embedding again.",
+    )
     image_extensions: tuple[str, ...] = Field(
         IMAGE_EXTENSIONS, description="Member extensions read as the sample's image, any letter case, in order of preference."
     )

@@ -274,6 +274,19 @@ def write_embeddings_view(table: pa.Table, config: "EmbedConfig", stem: str, *, 
     return view.num_rows
 
 
+def remove_embeddings_view(config: "EmbedConfig", stem: str) -> bool:
+    """Remove the shard's view where one exists (a run without views embeds the shard again); True when removed."""
+    fs, root = storage.filesystem(config.output, config.storage_options)
+    url = embeddings_view_url(root, stem)
+    if not fs.exists(url):
+        return False
+    try:
+        fs.rm_file(url)
+    except FileNotFoundError:  # removed meanwhile
+        return False
+    return True
+
+
 def ensure_embeddings_view(config: "EmbedConfig", stem: str, output_url: str) -> bool:
     """Rebuild a finished shard's view from its full table where the view is missing (deleted, or the output is
     from before views existed); True when it was rebuilt. One existence check otherwise."""

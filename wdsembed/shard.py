@@ -144,7 +144,7 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_vi
     fs, path = storage.filesystem(plan.output, config.storage_options)
     meta = output.read_output_metadata(path, fs)
     if meta and meta.get("cache_key") == key:
-        if repair_view:
+        if repair_view and config.knn_view:
             output.ensure_embeddings_view(config, plan.stem, plan.output)  # a deleted view is rebuilt, not re-embedded
         return meta
     return None
@@ -377,9 +377,10 @@ class TarRead:
 
 def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: ShardResult,
                  check: Callable[[], None] = lambda: None) -> None:
-    """OUTPUT/<stem>.parquet and its kNN view, whole or not at all, with the cache key and the result in the
-    table's footer. `check` (the table's validation) runs while both are written; where it raises, neither
-    appears and its error is raised."""
+    """OUTPUT/<stem>.parquet and its kNN view (with `config.knn_view`), whole or not at all, with the cache key and
+    the result in the table's footer. `check` (the table's validation) runs while both are written; where it
+    raises, neither appears and its error is raised. Without a view, the view an earlier run wrote for this shard is
+    removed before the table appears: it holds the embeddings this table replaces."""
     fs, path = storage.filesystem(plan.output, config.storage_options)
     if storage.is_local(fs):  # object stores have no folders (and s3fs's makedirs would create a bucket)
         fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -391,8 +392,9 @@ def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: 
         # finished shard always has its view. At the run's end the last shard's check and writes are its tail.
         with ThreadPoolExecutor(2, thread_name_prefix="wdsembed-write") as pool:
             checked = pool.submit(check)
-            view = pool.submit(output.write_embeddings_view, table, config, plan.stem, cache_key=key,
-                               before_commit=checked.result)
+            view = (pool.submit(output.write_embeddings_view, table, config, plan.stem, cache_key=key,
+                                before_commit=checked.result) if config.knn_view
+                    else pool.submit(output.remove_embeddings_view, config, plan.stem))
             output.write_parquet_atomic(
                 table, path, fs, metadata={"cache_key": key, "normalized": config.normalize_embeddings,
                                            "result": stored},

@@ -37,7 +37,7 @@ def validate_output(
     problems = validate_table(config, table, dim=dim, expected_rows=expected_rows,
                               expected_embedded=expected_embedded)
     embedded = int(table.column(config.embedding_column).is_valid().to_numpy(zero_copy_only=False).sum())
-    view_problem = _check_view(config, output_url, embedded)
+    view_problem = _check_view(config, output_url, embedded) if config.knn_view else None
     if view_problem:
         problems.append(view_problem)
     return Validation(output_url, not problems, problems)
