@@ -2,7 +2,7 @@
 while other threads of the process run Python, as a GPU worker's do (the tar parser, the DALI feed, the model's
 launches, Dask, Prefect). Prints the median seconds per write with 0, 1 and 3 busy threads.
 
-    python bench/writes.py [--rows 10000] [--dim 2048] [--repeats 5] [--folder /tmp]
+    python bench/writes.py [--rows 10000] [--dim 2048] [--repeats 5] [--folder /tmp] [--dtype float32 float16]
 """
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wdsembed import storage  # noqa: E402
-from wdsembed.output import write_parquet_atomic  # noqa: E402
+from wdsembed.output import build_output_table, write_parquet_atomic  # noqa: E402
 
 
-def table(rows: int, dim: int) -> pa.Table:
+def table(rows: int, dim: int, dtype: str = "float32") -> pa.Table:
+    """A shard's output as build_output_table makes it: normalized embeddings, stored as `embedding_dtype`."""
     x = np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    embeddings = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * dim + 1, dim, dtype=np.int32)),
-                                          pa.array(x.ravel()))
-    return pa.table({"key": [f"{i:09d}" for i in range(rows)], "image_embedding": embeddings})
+    return build_output_table(rows=None, keys=[f"{i:09d}" for i in range(rows)], embeddings=x, errors={}, dim=dim,
+                              embedding_dtype=dtype)
 
 
 def busy(stop: threading.Event) -> None:
@@ -61,12 +61,15 @@ def main() -> int:
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--folder", default=None, help="where to write (default: a temp folder)")
+    ap.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float16"],
+                    help="embedding_dtype of the table, one line each (default: float32)")
     args = ap.parse_args()
-    t = table(args.rows, args.dim)
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
-        for n in (0, 1, 3):
-            print(f"{n} busy thread(s): {seconds_per_write(t, folder, n, args.repeats):.3f} s per write "
-                  f"({t.nbytes / 2**20:.0f} MiB table)", flush=True)
+        for dtype in args.dtype:
+            t = table(args.rows, args.dim, dtype)
+            for n in (0, 1, 3):
+                print(f"{dtype}, {n} busy thread(s): {seconds_per_write(t, folder, n, args.repeats):.3f} s per "
+                      f"write ({t.nbytes / 2**20:.0f} MiB table)", flush=True)
     return 0
 
 

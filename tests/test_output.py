@@ -228,6 +228,53 @@ def test_bfloat16_valued_embeddings_are_split_into_byte_streams_and_zstd_compres
     assert sizes["bf16"] < 0.6 * sizes["fp32"]
 
 
+def test_float16_embeddings_are_stored_as_half_floats_plain_and_read_back_as_stored(tmp_path):
+    """embedding_dtype "float16": list<halffloat>, nulls where rows have no embedding, values as NumPy rounds them,
+    stored plain (no codec, no byte stream split) in half the bytes; validation asks for the type the config names."""
+    from wdsembed.config import EmbedConfig
+    from wdsembed.validate import validate_table
+
+    rng = np.random.default_rng(1)
+    n, dim = 200, 64
+    unit = rng.standard_normal((n, dim)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    keys = [f"{i:06d}" for i in range(n)]
+    fs = fsspec.filesystem("file")
+    sizes, tables = {}, {}
+    for dtype in ("float32", "float16"):
+        table = build_output_table(rows=None, keys=keys[1:], embeddings=unit[1:], errors={keys[0]: "bad image"},
+                                   dim=dim, embedding_dtype=dtype)
+        url = str(tmp_path / f"{dtype}.parquet")
+        write_parquet_atomic(table, url, fs, {"v": 1})
+        tables[dtype], sizes[dtype] = pq.read_table(url), os.path.getsize(url)
+        config = EmbedConfig(input="/in", output="/out", embedding_dtype=dtype)
+        assert validate_table(config, tables[dtype], dim=dim, expected_embedded=n - 1) == []
+    half = tables["float16"]
+    assert half.schema.field("image_embedding").type == pa.list_(pa.float16())
+    rows = _by_key(half)
+    assert rows[keys[0]]["image_embedding"] is None and rows[keys[0]]["embedding_error"] == "bad image"
+    got = np.stack([np.asarray(rows[k]["image_embedding"], dtype=np.float16) for k in keys[1:]])
+    assert got.tobytes() == unit[1:].astype(np.float16).tobytes()
+    codec, encodings = _codecs(str(tmp_path / "float16.parquet"))["image_embedding.list.element"]
+    assert codec == "UNCOMPRESSED" and "PLAIN" in encodings and "BYTE_STREAM_SPLIT" not in encodings
+    assert sizes["float16"] < 0.6 * sizes["float32"]
+    as_float32 = EmbedConfig(input="/in", output="/out")
+    assert validate_table(as_float32, half, dim=dim) == ["embedding values are halffloat, expected float"]
+
+
+def test_values_beyond_float16_are_refused_naming_the_shard_and_key():
+    from wdsembed.output import as_stored
+
+    embeddings = np.array([[1.0, -2.0], [3.0, -70000.0], [5.0, 6.0]], dtype=np.float32)
+    keys = ["a", "b", "c"]
+    with pytest.raises(ValueError, match=r"shard s3://b/00007.tar: key 'b' has an embedding value of 70000, beyond "
+                                         r"float16's largest \(65504\): store these embeddings as float32"):
+        as_stored(embeddings, keys, "float16", "s3://b/00007.tar")
+    assert as_stored(embeddings, keys, "float32", "x").dtype == np.float32  # float32 has room for any of them
+    assert as_stored(embeddings[[0, 2]], ["a", "c"], "float16", "x").dtype == np.float16
+    assert as_stored(np.zeros((0, 2), np.float32), [], "float16", "x").shape == (0, 2)
+
+
 def test_atomic_write_roundtrip(tmp_path):
     fs = fsspec.filesystem("file")
     url = str(tmp_path / "out" / "00000.parquet")

@@ -71,6 +71,13 @@ class EmbedConfig(BaseModel):
     )
     id_column: str = Field("key", min_length=1, description="Parquet column that holds the sample key.")
     embedding_column: str = Field("image_embedding", min_length=1, description="Name of the embedding column.")
+    embedding_dtype: Literal["float32", "float16"] = Field(
+        "float32",
+        description="Type of the stored embedding values. float16 halves their space (LAION's released embeddings "
+        "are float16), within 0.9999 cosine of the float32 values; it refuses, naming the shard, values beyond "
+        "float16's range (65504), which only unnormalized embeddings can reach. pyarrow, pandas and "
+        "embedding-reader read parquet's FLOAT16 type; readers older than it (2023) cannot.",
+    )
     error_column: str = Field(
         "embedding_error", min_length=1, description="Name of the column that says why a row has no embedding."
     )

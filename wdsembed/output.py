@@ -49,22 +49,43 @@ SHARD_COLUMN = "shard"  # in the view: the shard's stem, i.e. which OUTPUT/<stem
 # --------------------------------------------------------------------------------------------------- key join
 
 
-def _embedding_array(embeddings: np.ndarray, src: np.ndarray, dim: int) -> pa.ListArray:
+# The types `embedding_dtype` names: NumPy's and Arrow's.
+EMBEDDING_TYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
+
+
+def _embedding_array(embeddings: np.ndarray, src: np.ndarray, dim: int, dtype: str = "float32") -> pa.ListArray:
     """Output row i gets embeddings[src[i]], or null where src[i] < 0. Vectorised: one gather, no per-row Python,
     and no gather at all where the embedded rows come in the embeddings' own order (the usual img2dataset shard)."""
+    np_type, arrow_type = EMBEDDING_TYPES[dtype]
     valid = src >= 0
     rows = src[valid]
     if len(rows) == len(embeddings) and np.array_equal(rows, np.arange(len(rows))):
-        values = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1)  # rows in the tar's order: no gather
+        values = np.ascontiguousarray(embeddings, dtype=np_type).reshape(-1)  # rows in the tar's order: no gather
     else:
-        values = np.ascontiguousarray(embeddings[rows], dtype=np.float32).reshape(-1)
+        values = np.ascontiguousarray(embeddings[rows], dtype=np_type).reshape(-1)
     if values.size >= 2**31:
         raise ValueError(f"{values.size} embedding values exceed one parquet list column chunk; split the shard")
     offsets = np.zeros(len(src) + 1, dtype=np.int32)
     offsets[1:] = np.cumsum(np.where(valid, dim, 0), dtype=np.int64)  # fits: checked above
     return pa.ListArray.from_arrays(
-        pa.array(offsets, type=pa.int32()), pa.array(values, type=pa.float32()), mask=pa.array(~valid)
+        pa.array(offsets, type=pa.int32()), pa.array(values, type=arrow_type), mask=pa.array(~valid)
     )
+
+
+def as_stored(embeddings: np.ndarray, keys: Sequence[str], dtype: str, shard: str) -> np.ndarray:
+    """The embeddings in the type they are stored in (`embedding_dtype`), so that the checks after it (the fidelity
+    check, validation) see what is written. A value beyond float16's range would be stored as infinite: refused,
+    naming the shard and the key that holds it."""
+    np_type = EMBEDDING_TYPES[dtype][0]
+    if np_type is np.float32 or not len(embeddings):
+        return np.asarray(embeddings, dtype=np_type)
+    limit = float(np.finfo(np_type).max)
+    peaks = np.max(np.abs(embeddings), axis=1)
+    worst = int(np.argmax(peaks))
+    if peaks[worst] > limit:  # NaN compares false: left to validation, which names it as such
+        raise ValueError(f"shard {shard}: key {keys[worst]!r} has an embedding value of {float(peaks[worst]):.6g}, "
+                         f"beyond {dtype}'s largest ({limit:g}): store these embeddings as float32, or normalize them")
+    return np.asarray(embeddings, dtype=np_type)
 
 
 def _canonical_tar_keys(keys: Sequence[str], id_type: pa.DataType) -> list[str]:
@@ -119,6 +140,7 @@ def build_output_table(
     embedding_column: str = "image_embedding",
     error_column: str = "embedding_error",
     missing_reason: str = NOT_IN_TAR,
+    embedding_dtype: str = "float32",
 ) -> "pa.Table":
     """Join embeddings onto a shard's rows by key, never by position.
 
@@ -127,7 +149,8 @@ def build_output_table(
     Every row of `rows` is kept with all its columns; rows whose key is in neither keys nor errors get a null
     embedding and a reason (their img2dataset status/error_message, or "not in tar"); tar samples missing from
     `rows` are appended (id column set, other columns null). Without `rows`, one row per sample with `id_column`.
-    The embedding column is list<float32> (fixed `dim` values or null); the error column is a nullable string.
+    The embedding column is list<float32> (list<halffloat> with embedding_dtype "float16"; fixed `dim` values or
+    null); the error column is a nullable string.
 
     Details:
     * Keys match on their string form. A string id column matches exactly; an integer id column (some users convert
@@ -145,7 +168,7 @@ def build_output_table(
     * `missing_reason` replaces "not in tar" for successful rows the tar lacks (e.g. a damaged tar's unread part).
     """
     keys = list(keys)
-    emb = np.asarray(embeddings, dtype=np.float32)
+    emb = np.asarray(embeddings, dtype=EMBEDDING_TYPES[embedding_dtype][0])
     if emb.size == 0 and not keys:
         emb = emb.reshape(0, dim)
     if emb.ndim != 2 or emb.shape != (len(keys), dim):
@@ -230,8 +253,8 @@ def build_output_table(
     src = np.concatenate([row_embedded, extra_src]).astype(np.int64)
     reasons = pa.concat_arrays([row_reason, extra_reason])
 
-    emb_field = pa.field(embedding_column, pa.list_(pa.float32()), metadata={"dim": str(dim)})
-    table = table.append_column(emb_field, _embedding_array(emb, src, dim))
+    emb_field = pa.field(embedding_column, pa.list_(EMBEDDING_TYPES[embedding_dtype][1]), metadata={"dim": str(dim)})
+    table = table.append_column(emb_field, _embedding_array(emb, src, dim, embedding_dtype))
     table = table.append_column(pa.field(error_column, pa.string()), reasons)
     meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}
     return table.replace_schema_metadata(meta or None)
@@ -435,7 +458,10 @@ def _embedding_encoding(column: pa.ChunkedArray) -> str:
     values (normalized embeddings, the default) gain little from any codec: snappy saved 2.6% of a normalized
     10,000 x 2,048 shard and took half again the write's CPU time (0.25 against 0.17 s on an H200 host), on the
     write that ends the run; split and zstd saved 16% in twice the time. Judged on the first values only: the
-    choice changes the bytes on disk, never the values."""
+    choice changes the bytes on disk, never the values. Float16 embeddings are stored plain, uncompressed: split
+    and zstd saved 15% of a normalized shard, but readers must then know both float16 and split fixed-size bytes."""
+    if pa.types.is_float16(column.type.value_type):
+        return "none"
     if not pa.types.is_float32(column.type.value_type):
         return "snappy"  # not embeddings: some other list column of the shard's metadata
     values = next((c.values for c in column.chunks if len(c.values)), None)

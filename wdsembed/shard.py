@@ -128,6 +128,8 @@ def cache_key(config: EmbedConfig, plan: ShardPlan) -> str:
         "format": output.OUTPUT_FORMAT_VERSION,
         "packages": {k: v for k, v in package_versions().items() if k in _KEYED_PACKAGES},
     }
+    if config.embedding_dtype != "float32":  # only then: the keys of float32 outputs made before it stay as they were
+        parts["dtype"] = config.embedding_dtype
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -178,6 +180,7 @@ def process_shard(
         sample.wrap(tar.images()), autocast=config.autocast, normalize=config.normalize_embeddings,
         on_batch=faults.batch_hook(plan.stem, on_progress), timeline=timeline,
     )
+    embeddings = output.as_stored(embeddings, keys, config.embedding_dtype, plan.shard)
     # The reference runs beside the table building and validation below, while the stream goes on with the next
     # shard (on a GPU the reference is the worker's float32 copy of the model, beside it).
     chosen = sample.chosen()
@@ -193,6 +196,7 @@ def process_shard(
         embedding_column=config.embedding_column,
         error_column=config.error_column,
         missing_reason=tar.missing_reason,
+        embedding_dtype=config.embedding_dtype,
     )
     timeline["table"] = time.time()
 

@@ -59,6 +59,9 @@ def validate_table(
     errors_valid = table.column(config.error_column).is_valid().to_numpy(zero_copy_only=False)
     if np.any(valid & errors_valid) or np.any(~valid & ~errors_valid):
         problems.append("every row must have exactly one of an embedding and an error")
+    stored = column.type.value_type if pa.types.is_list(column.type) else column.type
+    if stored != output.EMBEDDING_TYPES[config.embedding_dtype][1]:
+        problems.append(f"embedding values are {stored}, expected {output.EMBEDDING_TYPES[config.embedding_dtype][1]}")
     if valid.any():
         # the lengths of the non-null rows, from the offsets: filtering the column first would copy every value
         lengths = pc.list_value_length(column).drop_null().to_numpy(zero_copy_only=False)
