@@ -969,6 +969,44 @@ def test_wrong_checkpoint(tmp_path, capsys):
                  lost="nothing (no work started)")
 
 
+def test_id_column_not_in_the_parquets(tmp_path, capsys, monkeypatch):
+    """--id-column naming no column of the shards' parquets: refused before any work from the first shard's footer;
+    a later shard whose parquet lacks it fails before it is embedded, naming itself, while the others are embedded."""
+    err = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", "--id-column", "uid")
+    assert err == ("error: id column 'uid' is not in 00000.parquet (columns: key, caption, url, status, "
+                   "error_message, width, height): pass --id-column one of them (the key of each row), or leave it "
+                   "out for 'key'"), err
+    # The API checks each shard as it starts: 00001's parquet lacks the column that 00000's has.
+    data = dataset(tmp_path / "mixed", 2)
+    first = data / "00000.parquet"
+    pq.write_table(read(first).append_column("uid", pc.binary_join_element_wise(read(first).column("key"), "-u", "")),
+                   first)
+    embedded = []
+    real_embed = Worker.embed
+
+    def counted(self, samples, **kw):  # the real Worker.embed, counted
+        keys, embeddings, failures = real_embed(self, samples, **kw)
+        embedded.append(len(keys))
+        return keys, embeddings, failures
+
+    monkeypatch.setattr(Worker, "embed", counted)
+    with pytest.raises(ShardsFailed) as failed:
+        embedder(id_column="uid")(str(data), str(tmp_path / "mixed-out"))
+    reason = failed.value.failures["00001"]
+    assert reason.startswith(f"ValueError: shard {data / '00001.tar'}: id column 'uid' is not in "
+                             f"{data / '00001.parquet'} (columns: key, "), reason
+    assert embedded == [PER_SHARD]  # 00000 only: 00001 was refused before its embedding
+    assert read(tmp_path / "mixed-out" / "00000.parquet").column("uid").null_count == 0
+    assert not (tmp_path / "mixed-out" / "00001.parquet").exists()
+    table.record("param-id-column-missing",
+                 done="--id-column uid, a column no shard's parquet has; then (API) a run where 00000's parquet has "
+                      "it and 00001's does not",
+                 did=f"exit 2 before any work, nothing written: {q(err.removeprefix('error: '))} (read from the "
+                     "first shard's parquet footer); a later shard lacking it fails before it is embedded, with the "
+                     "same words after 'shard <tar>: ', and the other shards are embedded",
+                 lost="nothing: no shard is embedded and then thrown away")
+
+
 def test_batch_size_zero(tmp_path, capsys):
     err = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", "--batch-size", "0")
     assert err == "error: invalid parameters:\n  batch_size: Input should be greater than or equal to 1"

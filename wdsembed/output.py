@@ -72,6 +72,12 @@ def _embedding_array(embeddings: np.ndarray, src: np.ndarray, dim: int, dtype: s
     )
 
 
+def missing_id_column(id_column: str, parquet: str, columns: Sequence[str]) -> str:
+    """What to say when a shard's parquet lacks the id column (the pre-flight, each shard and the join alike)."""
+    return (f"id column {id_column!r} is not in {parquet} (columns: {', '.join(columns)}): pass --id-column one of "
+            "them (the key of each row), or leave it out for 'key'")
+
+
 def as_stored(embeddings: np.ndarray, keys: Sequence[str], dtype: str, shard: str) -> np.ndarray:
     """The embeddings in the type they are stored in (`embedding_dtype`), so that the checks after it (the fidelity
     check, validation) see what is written. A value beyond float16's range would be stored as infinite: refused,
@@ -189,7 +195,7 @@ def build_output_table(
         base = pa.table({id_column: pa.array([], type=pa.string())})
     else:
         if id_column not in rows.column_names:
-            raise ValueError(f"id column {id_column!r} is not in the shard's parquet (columns: {rows.column_names})")
+            raise ValueError(missing_id_column(id_column, "the shard's parquet", rows.column_names))
         base = _without_pickled_types(
             rows.drop_columns([c for c in (embedding_column, error_column) if c in rows.column_names])
         )

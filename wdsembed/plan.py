@@ -73,6 +73,7 @@ def check_config(config: EmbedConfig) -> None:
     check_storage(config)
     found = find_shards(config)  # a missing shard of a pattern or list, or a folder with none, is refused here
     _check_readable(config, found)
+    _check_id_column(config, found)
     in_fs, in_root = found.fs, found.root
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
     if storage.is_local(in_fs) and storage.is_local(out_fs):  # through symlinks too
@@ -138,6 +139,26 @@ def _check_readable(config: EmbedConfig, found: "FoundShards") -> None:
         shown = ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
         raise InputError(f"{len(unreadable)} shard(s) under {config.input!r} cannot be read by this user ({shown}): "
                          "give them read permission (chmod a+r) or run as a user who can read them")
+
+
+def _check_id_column(config: EmbedConfig, found: "FoundShards") -> None:
+    """The first shard's img2dataset parquet, where it has one, must hold the id column: otherwise every shard
+    would be embedded and then fail at the join. Its footer only (one small read); each shard checks its own
+    before embedding (shard.process_shard)."""
+    first = next((t[: -len(".tar")] + ".parquet" for t in found.tars if t[: -len(".tar")] + ".parquet" in found.files),
+                 None)
+    if first is None:
+        return
+    import pyarrow.parquet as pq
+
+    try:
+        with found.fs.open(first, "rb") as f:
+            names = pq.read_schema(f).names
+    except Exception:  # noqa: BLE001 - an unreadable parquet is the shard's own warning (shard.read_metadata)
+        return
+    if config.id_column not in names:
+        shown = posixpath.relpath(first, found.root) if found.root else first
+        raise InputError(output.missing_id_column(config.id_column, shown, names))
 
 
 def _check_checkpoint_fits(config: EmbedConfig) -> None:
