@@ -61,3 +61,20 @@ def test_failures_grouped_by_reason(tmp_path):
     text = report.markdown_summary(manifest, report.shard_rows([], failures))
     assert "- 2 shard(s) (`00000`, `00002`): OSError: disk full" in text
     assert "- 1 shard(s) (`00001`): KilledWorker: gone" in text
+
+
+def test_a_run_where_no_shard_finished_names_its_model_without_nones(tmp_path, capsys):
+    """Every shard failed: no shard recorded the model, so the summaries name the model the run was given and say
+    why nothing more is known (they used to print "model None (None), None embedding, None dims")."""
+    from wdsembed.cli import print_summary
+
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model_name="resnet18.a1_in1k")
+    manifest = report.build_manifest(config, [], {"00000": "ValueError: bad"}, 1.0) | {"path": "m.json"}
+    said = "resnet18.a1_in1k (no shard finished: weights, embedding and dimensions unknown)"
+    assert f"- model: `resnet18.a1_in1k` (no shard finished" in report.markdown_summary(manifest, [])
+    print_summary(manifest)
+    out = capsys.readouterr().out
+    assert f"model {said} | 0 of 0 rows embedded" in " ".join(out.split()) and "None" not in out
+    finished = report.build_manifest(config, [shard("00000") | {"model": {
+        "name": "resnet18.a1_in1k", "weights": "random-init", "embedding": "pooled", "dim": 512}}], {}, 1.0)
+    assert report.describe_model(finished) == "resnet18.a1_in1k (random-init), pooled embedding, 512 dimensions"

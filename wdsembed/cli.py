@@ -20,7 +20,7 @@ from pydantic.fields import FieldInfo
 
 from wdsembed import fidelity
 from wdsembed.config import EmbedConfig, field_default
-from wdsembed.report import failure_reasons
+from wdsembed.report import describe_model, failure_reasons
 
 DEMO_MODEL = "vit_base_patch16_clip_224.openai"
 DEMO_INPUT = "demo-data"
@@ -275,7 +275,6 @@ def print_summary(manifest: dict) -> None:
 
     console = Console()
     t = manifest["totals"]
-    model = manifest.get("model") or {}
     reasons = failure_reasons(manifest.get("failed_shards") or {})  # reason -> its shards
     table = Table(title=f"{t['shards']} shard(s): {t['computed']} computed, {t['cached']} cached"
                   + (f", {sum(len(s) for s in reasons.values())} failed" if reasons else ""),
@@ -300,8 +299,7 @@ def print_summary(manifest: dict) -> None:
     else:  # a re-run that found every output finished: a rate of 0.0 would read as a fault
         this_run = "nothing to embed this run: every output was already finished"
     console.print(
-        f"model {model.get('name')} ({model.get('weights')}), {model.get('embedding')} embedding, "
-        f"{model.get('dim')} dims | {t['embedded']} of {t['rows']} rows embedded | {this_run}",
+        f"model {describe_model(manifest)} | {t['embedded']} of {t['rows']} rows embedded | {this_run}",
         soft_wrap=True,  # one line, as the terminal wraps it, not cut where rich would
     )
     for stem, s in sorted(manifest["shards"].items()):

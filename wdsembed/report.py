@@ -132,14 +132,23 @@ def write_manifest(config: EmbedConfig, manifest: dict) -> str:
     return storage.to_url(fs, output.write_manifest(root, fs, manifest))
 
 
+def describe_model(manifest: dict, code: str = "") -> str:
+    """The model as the finished shards recorded it; where none finished, the name the run was given and that no
+    shard says more (rather than a line of Nones). `code` wraps the name (the markdown summary's backquote)."""
+    model = manifest.get("model")
+    if not model:
+        name = (manifest.get("config") or {}).get("model_name", "?")
+        return f"{code}{name}{code} (no shard finished: weights, embedding and dimensions unknown)"
+    return (f"{code}{model.get('name', '?')}{code} ({model.get('weights', '?')}), {model.get('embedding', '?')} "
+            f"embedding, {model.get('dim', '?')} dimensions")
+
+
 def markdown_summary(manifest: dict, rows: list[dict]) -> str:
     t = manifest["totals"]
-    model = manifest.get("model") or {}
     lines = [
         f"## Embedded {t['shards']} shard(s): {t['computed']} computed, {t['cached']} cached",
         "",
-        f"- model: `{model.get('name', '?')}` ({model.get('weights', '?')}), {model.get('embedding', '?')} "
-        f"embedding, {model.get('dim', '?')} dimensions",
+        f"- model: {describe_model(manifest, code='`')}",
         f"- rows: {t['rows']}, embedded: {t['embedded']}, without embedding: {t['failed_rows']}",
         f"- this run: {t['embedded_this_run']} images in {t['wall_seconds']} s ({t['images_per_second']} images/s "
         "overall; the table's images/s count embedding time only, without model loading)",
