@@ -145,8 +145,8 @@ def _check_id_column(config: EmbedConfig, found: "FoundShards") -> None:
     """The first shard's img2dataset parquet, where it has one, must hold the id column: otherwise every shard
     would be embedded and then fail at the join. Its footer only (one small read); each shard checks its own
     before embedding (shard.process_shard)."""
-    first = next((t[: -len(".tar")] + ".parquet" for t in found.tars if t[: -len(".tar")] + ".parquet" in found.files),
-                 None)
+    siblings = (t[: -len(".tar")] + ".parquet" for t in found.tars)
+    first = next((p for p in siblings if p in found.files), None)
     if first is None:
         return
     import pyarrow.parquet as pq

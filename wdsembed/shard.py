@@ -168,11 +168,11 @@ def process_shard(
             return ShardResult(**meta["result"], cached=True, seconds=time.perf_counter() - start)
 
     faults.maybe_inject(plan.stem)  # opt-in (WDSEMBED_FAULTS); a no-op otherwise
-    worker = Worker.for_config(config)
     rows, warnings = read_metadata(config, plan)
     if rows is not None and config.id_column not in rows.column_names:  # found now, not after embedding the shard
-        raise ValueError(f"shard {plan.shard}: "
-                         + output.missing_id_column(config.id_column, plan.rows or "", rows.column_names))
+        raise ValueError(f"shard {plan.shard}: " + output.missing_id_column(config.id_column, plan.rows,
+                                                                            rows.column_names))
+    worker = Worker.for_config(config)
     tar = TarRead(config, plan)
     # From an object store, the shard starts arriving now, while another shard may still hold the pipeline.
     storage.prefetch_shards([plan.shard], config.storage_options)
