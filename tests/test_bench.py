@@ -204,3 +204,20 @@ def test_gpu_share_times_one_process_and_several_over_the_same_images(tmp_path):
     assert run["images_per_pass"] == 48 and run["processes"] == 2
     assert len(run["one_process"]) == len(run["all_processes"]) == 2
     assert all(rate > 0 for rate in run["one_process"] + run["all_processes"]) and run["ratio_of_medians"] > 0
+
+
+def test_geometry_probe_times_each_variant_fed_alone_and_behind_the_reader_thread():
+    """`dali_probe.py --geometry-only` (issue #11's CPU measurement) runs every quick variant, the ones behind the
+    flow's reader thread included, and prints the ratios the issue names."""
+    variants = ["E", "B", "Bs", "rsz", "ops", "Ar", "Br"]
+    proc = subprocess.run([sys.executable, "bench/dali_probe.py", "--geometry-only", "--images", "2048", "--repeats",
+                           "1", "--threads", "1", "--only", *variants], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rates = {m.group(1): float(m.group(2).replace(",", ""))
+             for m in re.finditer(r"^(\w+)\s+([0-9,]+)\s+[0-9,]+\s", proc.stdout, re.MULTILINE)}
+    assert set(rates) == {"A", *variants} and all(rate > 0 for rate in rates.values()), proc.stdout
+    medians = next(line for line in proc.stdout.splitlines() if line.startswith("medians:"))
+    for name, base in (("B", "A"), ("Bs", "A"), ("Ar", "A"), ("Br", "Ar")):
+        ratio = float(re.search(rf"\b{name} / {base} = ([0-9.]+)", medians).group(1))
+        assert abs(ratio - rates[name] / rates[base]) < 0.006  # printed to two places, from unrounded rates
