@@ -130,9 +130,9 @@ class EmbedConfig(BaseModel):
         1, ge=1, le=8,
         description="Worker processes on each GPU of a local cluster. Each feeds DALI from a Python thread of its "
         "own. A fast model can gain from 2 on a slow host: ResNet-50 (about 24,000 images/s alone on an H200) ran "
-        "its flow 1.04-1.11x as fast on some H200 hosts, but 0.91x on the fastest, where one process keeps the GPU "
-        "busy. One that already fills the GPU loses a little (ViT-B/16: 0.94x). Each worker holds its own model and "
-        "DALI buffers in GPU memory.",
+        "its flow 1.39x as fast on the slowest H200 host measured, 1.00-1.11x on others, but 0.91x on the fastest, "
+        "where one process keeps the GPU busy. One that already fills the GPU loses a little (ViT-B/16: "
+        "0.92-0.94x). Each worker holds its own model and DALI buffers in GPU memory.",
     )
     shards_per_task: Optional[int] = Field(
         None, ge=1, le=10000,
