@@ -1158,8 +1158,8 @@ def geometry_only(args: argparse.Namespace) -> int:
           f"time: {1e6 * statistics.median(one_by_one) / B:.2f}), NumPy geometry "
           f"{1e3 * statistics.median(numpy_t):.3f} ms/batch (medians)")
     if in_loop:  # each pass copies every image into DALI: once the images outgrow the cache, B reads cold headers
-        print(f"header sizes in B's feeding loop: {1e6 * statistics.median(in_loop) / B:.2f} us/image (median), "
-              f"against {1e6 * statistics.median(parse) / B:.2f} above on headers left in cache")
+        print(f"header sizes in B's (and Br's) feeding loop: {1e6 * statistics.median(in_loop) / B:.2f} us/image "
+              f"(median), against {1e6 * statistics.median(parse) / B:.2f} above on headers left in cache")
     for reader in readers.values():
         reader.close()
     pairs = [(x, "A") for x in ("B", "Bs", "old", "pyf", "Ar")] + [("B", "old"), ("Br", "Ar")]
