@@ -218,6 +218,17 @@ def main() -> int:
                 report["ok"] = False  # every worker embeds the first shards it is given alone (flows.embed)
                 report["problems"].append(f"{len(workers)} worker processes embedded shards, not "
                                           f"{args.workers_per_gpu * (args.n_workers or 1)}")
+            # Each worker times its model alone as it starts (a CUDA graph): every shard's timeline carries the
+            # figure, and with one worker per GPU the manifest sets it against the rate the shards fed the model.
+            alone = [(s.get("timeline") or {}).get("model_alone_images_per_second")
+                     for s in manifest["shards"].values()]
+            report["model_alone_images_per_second"] = sorted({a for a in alone if a})
+            report["gpu_use"] = manifest.get("gpu_use")
+            if args.device == "cuda" and report["cuda_graph"] and (not all(alone) or (
+                    args.workers_per_gpu == 1 and (manifest.get("gpu_use") or {}).get("ratio") is None)):
+                report["ok"] = False
+                report["problems"].append(f"the model's own rate is missing: {alone}, gpu_use "
+                                          f"{manifest.get('gpu_use')}")
             if (args.device == "cuda" and os.environ.get(STREAM_METER_ENV) == "1"
                     and (len(metered) != len(manifest["shards"]) or report["model_busy_s"] <= 0)):
                 report["ok"] = False  # asked for, every shard's batches are timed on the model's stream

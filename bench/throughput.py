@@ -30,6 +30,8 @@ from typing import Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from wdsembed.report import merged  # noqa: E402  (bench.dali_probe and the tests take it from here too)
+
 GPU_MODELS = ["vit_large_patch14_clip_224.openai", "vit_base_patch16_clip_224.openai", "resnet50.a1_in1k"]
 CPU_MODELS = ["test_resnet.r160_in1k"]
 
@@ -274,6 +276,8 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
                                                                  if "embed_start" in (s.get("timeline") or {})}),
                                    "switch_interval_s": switch, **embedding_spans(manifest, wall, started),
                                    "fidelity": _fidelity_record(manifest.get("fidelity")),
+                                   # the workers' own timing of the model as they started, against the shards' rate
+                                   **({"gpu_use": manifest["gpu_use"]} if manifest.get("gpu_use") else {}),
                                    # a full collection here may explain a slow start (to_flow_start)
                                    "flow_process_gc": _gc_summary(started),
                                    **({"task_computes_s": [round(c - started, 3) for c in computes[:4]]}
@@ -465,17 +469,6 @@ def idle_fraction(manifest: dict, gpu_of: Optional[dict] = None) -> float:
         total += covered[-1][1] - covered[0][0]
         idle += sum(b[0] - a[1] for a, b in zip(covered, covered[1:]))
     return round(idle / total, 4) if total > 0 else 0.0
-
-
-def merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The union of [start, end] intervals, as sorted disjoint intervals (spans that overlap count once)."""
-    out: list[tuple[float, float]] = []
-    for a, b in sorted(intervals):
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
 
 
 def compare_outputs(reference: str, other: str, embedding_column: str = "image_embedding") -> dict:

@@ -78,3 +78,54 @@ def test_a_run_where_no_shard_finished_names_its_model_without_nones(tmp_path, c
     finished = report.build_manifest(config, [shard("00000") | {"model": {
         "name": "resnet18.a1_in1k", "weights": "random-init", "embedding": "pooled", "dim": 512}}], {}, 1.0)
     assert report.describe_model(finished) == "resnet18.a1_in1k (random-init), pooled embedding, 512 dimensions"
+
+
+def gpu_shard(stem: str, worker: str, gpu: str, start: float, end: float, embedded: int, alone: float) -> dict:
+    t = {"worker": worker, "gpu": gpu, "model_alone_images_per_second": alone, "start": start - 1,
+         "embed_start": start, "embed_end": end, "end": end + 1}
+    return shard(stem) | {"embedded": embedded, "timeline": t}
+
+
+def test_gpu_use_sets_the_rate_the_shards_fed_the_model_against_its_own_and_advises_where_the_input_held_it_back(
+        tmp_path, capsys):
+    """Per worker, its images over the union of its shards' embedding spans (they overlap at shard boundaries),
+    summed over the GPUs, against the model's own rate on each; the summaries say it, and where the input held the
+    model back, what may help."""
+    from wdsembed.cli import print_summary
+
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    # worker a: 3 shards of 10,000 in 0-12 s (the second's span begins inside the first's) at 2,500/s of 4,000 alone;
+    # worker b on another GPU: 20,000 in 10-20 s, 2,000/s of 4,000
+    results = [gpu_shard("00000", "h:1", "GPU-a", 0, 5, 10_000, 4000),
+               gpu_shard("00001", "h:1", "GPU-a", 4, 8, 10_000, 4000),
+               gpu_shard("00002", "h:1", "GPU-a", 8, 12, 10_000, 4000),
+               gpu_shard("00003", "h:2", "GPU-b", 10, 20, 20_000, 4000),
+               shard("00004", cached=True)]
+    manifest = report.build_manifest(config, results, {}, 25.0) | {"path": "m.json"}
+    assert manifest["gpu_use"] == {"gpus": 2, "model_alone_images_per_second": 8000, "fed_images_per_second": 4500,
+                                   "ratio": 0.562, "embedding_seconds": 10}
+    line = report.describe_gpu_use(manifest)
+    assert line.startswith("GPU use: the shards fed the model 4,500 images/s, 0.56 of the 8,000 it runs alone "
+                           "on 2 GPUs")
+    assert "held the model back" in line and "--workers-per-gpu 2" in line
+    assert f"- {line}" in report.markdown_summary(manifest, report.shard_rows(results, {}, manifest))
+    print_summary(manifest)
+    assert line in " ".join(capsys.readouterr().out.split())
+    json.dumps(manifest)
+
+    # already two workers per GPU in the config: the figure, no advice to do what the run did
+    two = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), workers_per_gpu=2)
+    line = report.describe_gpu_use(report.build_manifest(two, results, {}, 25.0))
+    assert "held the model back" in line and "workers-per-gpu" not in line
+    # fed at 0.9 of the model's rate: said, nothing to advise
+    fast = [gpu_shard("00000", "h:1", "GPU-a", 0, 10, 36_000, 4000)]
+    assert report.describe_gpu_use(report.build_manifest(config, fast, {}, 11.0)) == (
+        "GPU use: the shards fed the model 3,600 images/s, 0.90 of the 4,000 it runs alone on its GPU")
+    # too short a span to tell the host from the pipeline's start: in the manifest, not in the summary
+    short = report.build_manifest(config, [gpu_shard("00000", "h:1", "GPU-a", 0, 2, 1_000, 4000)], {}, 3.0)
+    assert short["gpu_use"]["embedding_seconds"] == 2 and report.describe_gpu_use(short) is None
+    # two workers on one GPU timed the model while sharing it: nothing said; nor on the CPU (no figures)
+    shared = [gpu_shard("00000", "h:1", "GPU-a", 0, 10, 10_000, 4000),
+              gpu_shard("00001", "h:2", "GPU-a", 0, 10, 10_000, 2100)]
+    assert report.build_manifest(config, shared, {}, 11.0)["gpu_use"] is None
+    assert report.build_manifest(config, [shard("00000")], {}, 100.0)["gpu_use"] is None

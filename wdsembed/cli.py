@@ -20,7 +20,7 @@ from pydantic.fields import FieldInfo
 
 from wdsembed import fidelity
 from wdsembed.config import EmbedConfig, field_default
-from wdsembed.report import describe_model, failure_reasons
+from wdsembed.report import describe_gpu_use, describe_model, failure_reasons
 
 DEMO_MODEL = "vit_base_patch16_clip_224.openai"
 DEMO_INPUT = "demo-data"
@@ -305,9 +305,9 @@ def print_summary(manifest: dict) -> None:
     for stem, s in sorted(manifest["shards"].items()):
         for warning in s.get("warnings") or []:
             console.print(f"warning: shard {stem}: {warning}", markup=False)
-    check = fidelity.describe(manifest.get("fidelity"))
-    if check:
-        console.print(check, markup=False, highlight=False, soft_wrap=True)
+    for line in (fidelity.describe(manifest.get("fidelity")), describe_gpu_use(manifest)):
+        if line:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(f"output: {manifest['output']}  (manifest: {manifest.get('path')})", markup=False)
 
 

@@ -22,6 +22,7 @@ import os
 import re
 import socket
 import threading
+import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -618,6 +619,30 @@ class BatchGraph:
         with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
             self.static_out = forward()
         torch.cuda.empty_cache()  # the warm-ups' activations would stay cached beside the graph's own pool
+
+    def images_per_second(self, seconds: float = 0.2, least: int = 3) -> float:
+        """The model's own rate as this graph runs it: replays of whole batches, as the worker makes them, on a
+        resident batch, back to back and timed on the GPU (at least `least`, about `seconds` in all). What the
+        GPU could embed with nothing in front of it, against which a run's rate tells whether the input held it
+        back (wdsembed.report.gpu_use)."""
+        device = self.static_in.device
+        batch = torch.zeros_like(self.static_in)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            once = time.perf_counter()
+            self(batch)
+            stream.synchronize()
+            # as many as fill `seconds` at the rate of one (not a loop on the clock: replays queue up far faster
+            # than they run)
+            n = max(least, min(100, round(seconds / max(time.perf_counter() - once, 1e-4))))
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            for _ in range(n):
+                self(batch)
+            end.record(stream)
+        end.synchronize()
+        return n * batch.shape[0] / (start.elapsed_time(end) / 1000)
 
     def fits(self, images: "torch.Tensor", *, autocast: bool, normalize: bool) -> bool:
         """Whether a batch can be replayed: the captured shape, dtype and device, and the captured flags."""

@@ -79,6 +79,71 @@ def _previous_shards(config: EmbedConfig) -> dict:
         return {}
 
 
+# The span of embedding per GPU below which the report leaves a GPU's use unsaid: on a shorter one, a worker's first
+# batches (its pipeline filling) and its last shard's tail weigh too much for the rate to say anything of the host.
+GPU_USE_MIN_SECONDS = 5.0
+# The share of the model's own rate below which the report says that the input path held the GPU back. On one H200,
+# shards fed ResNet-50 at 0.92 of its rate on a fast host and 0.76 on a slow one, ViT-B/16 at 0.95 on that slow one
+# (docs/benchmarks.md, forty-fifth and forty-sixth sessions).
+GPU_HELD_BACK_BELOW = 0.85
+
+
+def merged(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of [start, end] intervals, as sorted disjoint intervals (spans that overlap count once)."""
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def gpu_use(results: list[dict]) -> Optional[dict]:
+    """How fast this run's shards fed the model on its GPUs, against the model's own rate there (timed by each
+    worker as it started: wdsembed.worker). Per worker, its images over the union of its shards' embedding spans
+    (a worker's stream takes its shards one behind the other, overlapping at their edges). None where no computed
+    shard has the figures (the CPU, a model not run as a CUDA graph), or where some GPU ran several workers: they
+    timed the model while sharing the GPU, so its own rate is not known."""
+    per_worker: dict[str, list] = {}  # worker -> [gpu, its model rate, images, embedding spans]
+    for r in results:
+        t = r.get("timeline") or {}
+        if r.get("cached") or not {"gpu", "model_alone_images_per_second", "embed_start", "embed_end",
+                                   "worker"} <= t.keys():
+            continue
+        acc = per_worker.setdefault(t["worker"], [t["gpu"], t["model_alone_images_per_second"], 0, []])
+        acc[2] += r.get("embedded", 0)
+        acc[3].append((t["embed_start"], t["embed_end"]))
+    gpus = [gpu for gpu, *_ in per_worker.values()]
+    if not gpus or len(set(gpus)) < len(gpus):
+        return None
+    seconds = {w: sum(b - a for a, b in merged(spans)) for w, (_, _, _, spans) in per_worker.items()}
+    fed = sum(n / seconds[w] for w, (_, _, n, _) in per_worker.items() if seconds[w] > 0)
+    alone = sum(rate for _, rate, _, _ in per_worker.values())
+    return {"gpus": len(gpus), "model_alone_images_per_second": round(alone, 1),
+            "fed_images_per_second": round(fed, 1), "ratio": round(fed / alone, 3) if alone > 0 else None,
+            "embedding_seconds": round(min(seconds.values()), 2)}
+
+
+def describe_gpu_use(manifest: dict) -> Optional[str]:
+    """One line on how fully the run used its GPUs' model, with advice where the input held it back; None where
+    there is nothing sure to say (no figures, or too short a run)."""
+    use = manifest.get("gpu_use")
+    if not use or use.get("ratio") is None or use["embedding_seconds"] < GPU_USE_MIN_SECONDS:
+        return None
+    gpus = f"{use['gpus']} GPUs" if use["gpus"] > 1 else "its GPU"
+    line = (f"GPU use: the shards fed the model {use['fed_images_per_second']:,.0f} images/s, {use['ratio']:.2f} "
+            f"of the {use['model_alone_images_per_second']:,.0f} it runs alone on {gpus}")
+    if use["ratio"] >= GPU_HELD_BACK_BELOW:
+        return line
+    line += (": the input path (reading the tars and feeding DALI, one Python thread per worker, or decoding) held "
+             "the model back")
+    if ((manifest.get("config") or {}).get("workers_per_gpu") or 1) == 1:
+        line += ("; with a model this fast on this host, two workers per GPU may run faster (workers_per_gpu=2, "
+                 "--workers-per-gpu 2)")
+    return line
+
+
 def totals(results: list[dict], wall_seconds: float) -> dict:
     computed = [r for r in results if not r.get("cached")]
     embedded_now = sum(r["embedded"] for r in computed)
@@ -123,6 +188,7 @@ def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str,
         "failed_shards": failures,
         # Cached shards count with the cosines stored in their outputs, against this run's threshold.
         "fidelity": fidelity.summarize(config, results),
+        "gpu_use": gpu_use(results),
         "timeline": {**(timeline or {}), "report": time.time()},
     }
 
@@ -154,9 +220,9 @@ def markdown_summary(manifest: dict, rows: list[dict]) -> str:
         "overall; the table's images/s count embedding time only, without model loading)",
         f"- output: `{manifest['output']}`",
     ]
-    check = fidelity.describe(manifest.get("fidelity"))
-    if check:
-        lines.append(f"- {check}")
+    for line in (fidelity.describe(manifest.get("fidelity")), describe_gpu_use(manifest)):
+        if line:
+            lines.append(f"- {line}")
     if manifest["failed_shards"]:
         lines += ["", "### Failed shards", ""]
         lines += [f"- {len(stems)} shard(s) ({', '.join(f'`{stem}`' for stem in stems)}): {reason}"

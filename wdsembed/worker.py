@@ -205,6 +205,10 @@ class Worker:
                                                      autocast=False, normalize=True)
                                  if self._graph is not None and self._float32_copy is not None
                                  and self._float32_copy.device.type == "cuda" else None)
+        # The model's own rate on this GPU, timed here in a fraction of a second (before the pipeline, which would
+        # share the GPU): every shard's timeline carries it, so that the run's report can say whether the input
+        # path, not the GPU, bounded the run (wdsembed.report.gpu_use).
+        self.gpu_figures = _model_alone(self._graph, device_id) if self._graph is not None else {}
         self.pipeline = ImagePipeline(
             self.recipe,
             batch_size=config.batch_size,
@@ -332,7 +336,9 @@ class Worker:
         samples, cut as they would be if it were alone. `on_batch(n)` runs in this thread, once per batch, with the
         number of its samples that came out (embedded or failed). `timeline` (a dict), where given, gets
         "embed_start", "embed_fed" and "embed_end": when the stream began reading the samples, when it had read
-        them all, and when their last batch was done (the next call's samples are read from "embed_fed" on). On a
+        them all, and when their last batch was done (the next call's samples are read from "embed_fed" on). Where
+        the model runs as a CUDA graph it also gets "gpu" (its UUID) and "model_alone_images_per_second", the
+        model's own rate timed as the Worker was built. On a
         GPU with WDSEMBED_STREAM_METER=1 it also gets "model_busy_s", "model_idle_s", "model_longest_idle_s" and
         "model_wait_before_s" (StreamMeter): the GPU time of the call's batches on the model's stream, the time that
         stream stood still between them, and before the first of them.
@@ -361,7 +367,8 @@ class Worker:
         finally:
             if timeline is not None:
                 now = time.time()
-                timeline.update(embed_start=job.started or now, embed_fed=job.fed_at or now, embed_end=job.ended or now)
+                timeline.update(embed_start=job.started or now, embed_fed=job.fed_at or now, embed_end=job.ended or now,
+                                **self.gpu_figures)
         host = self._to_host(job.result)
         if timeline is not None:
             timeline.update(job.meter.seconds())  # its events are done: the copy above waited for its last batch
@@ -640,6 +647,20 @@ class _Job:
         if not self.closed:
             self.closed, self.ended, self.chunks = True, time.time(), []
             self.events.put(("error", exc))
+
+
+def _model_alone(graph, device_id: int) -> dict:
+    """The GPU's identity and the model's own rate on it (BatchGraph.images_per_second); {} where it cannot be
+    timed (a diagnostic figure: never fatal)."""
+    import torch
+
+    try:
+        rate = graph.images_per_second()
+        gpu = str(torch.cuda.get_device_properties(device_id).uuid)
+    except Exception as e:  # noqa: BLE001 - the run does not need the figure
+        log.info("could not time the model alone on the GPU: %s", e)
+        return {}
+    return {"gpu": gpu, "model_alone_images_per_second": round(rate, 1)}
 
 
 def _leave_cores_to_dali(dali_threads: int) -> None:
