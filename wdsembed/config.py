@@ -132,7 +132,8 @@ class EmbedConfig(BaseModel):
         "own. A fast model can gain from 2 on a slow host: ResNet-50 (about 24,000 images/s alone on an H200) ran "
         "its flow 1.39x as fast on the slowest H200 host measured, 1.00-1.11x on others, but 0.91x on the fastest, "
         "where one process keeps the GPU busy. One that already fills the GPU loses a little (ViT-B/16: "
-        "0.92-0.94x). Each worker holds its own model and DALI buffers in GPU memory.",
+        "0.92-0.94x). Each worker holds its own model and DALI buffers in GPU memory. A GPU run's summary says "
+        "when the input held its GPU's model back (GPU use), which is when 2 may help.",
     )
     shards_per_task: Optional[int] = Field(
         None, ge=1, le=10000,
