@@ -102,8 +102,8 @@ def test_gpu_use_sets_the_rate_the_shards_fed_the_model_against_its_own_and_advi
                gpu_shard("00003", "h:2", "GPU-b", 10, 20, 20_000, 4000),
                shard("00004", cached=True)]
     manifest = report.build_manifest(config, results, {}, 25.0) | {"path": "m.json"}
-    assert manifest["gpu_use"] == {"gpus": 2, "model_alone_images_per_second": 8000, "fed_images_per_second": 4500,
-                                   "ratio": 0.562, "embedding_seconds": 10}
+    assert manifest["gpu_use"] == {"gpus": 2, "workers": 2, "model_alone_images_per_second": 8000,
+                                   "fed_images_per_second": 4500, "ratio": 0.562, "embedding_seconds": 10}
     line = report.describe_gpu_use(manifest)
     assert line.startswith("GPU use: the shards fed the model 4,500 images/s, 0.56 of the 8,000 it runs alone "
                            "on 2 GPUs")
@@ -124,8 +124,18 @@ def test_gpu_use_sets_the_rate_the_shards_fed_the_model_against_its_own_and_advi
     # too short a span to tell the host from the pipeline's start: in the manifest, not in the summary
     short = report.build_manifest(config, [gpu_shard("00000", "h:1", "GPU-a", 0, 2, 1_000, 4000)], {}, 3.0)
     assert short["gpu_use"]["embedding_seconds"] == 2 and report.describe_gpu_use(short) is None
-    # two workers on one GPU timed the model while sharing it: nothing said; nor on the CPU (no figures)
+    # two workers on one GPU timed the model while sharing it: the rate they fed it together, without a ratio
     shared = [gpu_shard("00000", "h:1", "GPU-a", 0, 10, 10_000, 4000),
               gpu_shard("00001", "h:2", "GPU-a", 0, 10, 10_000, 2100)]
-    assert report.build_manifest(config, shared, {}, 11.0)["gpu_use"] is None
+    both = report.build_manifest(two, shared, {}, 11.0)
+    assert both["gpu_use"] == {"gpus": 1, "workers": 2, "model_alone_images_per_second": None,
+                               "fed_images_per_second": 2000, "ratio": None, "embedding_seconds": 10}
+    assert report.describe_gpu_use(both) == ("GPU use: the shards fed the model 2,000 images/s on its GPU, from 2 "
+                                             "workers (the model's own rate is not timed where workers share a GPU)")
+    four = shared + [gpu_shard("00002", "h:3", "GPU-b", 0, 10, 10_000, 4000),
+                     gpu_shard("00003", "h:4", "GPU-b", 0, 10, 10_000, 4000)]
+    assert report.describe_gpu_use(report.build_manifest(two, four, {}, 11.0)) == (
+        "GPU use: the shards fed the model 4,000 images/s on 2 GPUs, 2 workers on each (the model's own rate is not "
+        "timed where workers share a GPU)")
+    # the CPU (no figures): nothing
     assert report.build_manifest(config, [shard("00000")], {}, 100.0)["gpu_use"] is None

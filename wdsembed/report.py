@@ -103,9 +103,10 @@ def merged(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]
 def gpu_use(results: list[dict]) -> Optional[dict]:
     """How fast this run's shards fed the model on its GPUs, against the model's own rate there (timed by each
     worker as it started: wdsembed.worker). Per worker, its images over the union of its shards' embedding spans
-    (a worker's stream takes its shards one behind the other, overlapping at their edges). None where no computed
-    shard has the figures (the CPU, a model not run as a CUDA graph), or where some GPU ran several workers: they
-    timed the model while sharing the GPU, so its own rate is not known."""
+    (a worker's stream takes its shards one behind the other, overlapping at their edges), summed over the workers.
+    The model's own rate, and the ratio, only where each GPU ran one worker: workers that share a GPU timed the model
+    beside each other, so its own rate there is not known. None where no computed shard has the figures (the CPU, a
+    model not run as a CUDA graph)."""
     per_worker: dict[str, list] = {}  # worker -> [gpu, its model rate, images, embedding spans]
     for r in results:
         t = r.get("timeline") or {}
@@ -115,14 +116,15 @@ def gpu_use(results: list[dict]) -> Optional[dict]:
         acc = per_worker.setdefault(t["worker"], [t["gpu"], t["model_alone_images_per_second"], 0, []])
         acc[2] += r.get("embedded", 0)
         acc[3].append((t["embed_start"], t["embed_end"]))
-    gpus = [gpu for gpu, *_ in per_worker.values()]
-    if not gpus or len(set(gpus)) < len(gpus):
+    if not per_worker:
         return None
     seconds = {w: sum(b - a for a, b in merged(spans)) for w, (_, _, _, spans) in per_worker.items()}
     fed = sum(n / seconds[w] for w, (_, _, n, _) in per_worker.items() if seconds[w] > 0)
-    alone = sum(rate for _, rate, _, _ in per_worker.values())
-    return {"gpus": len(gpus), "model_alone_images_per_second": round(alone, 1),
-            "fed_images_per_second": round(fed, 1), "ratio": round(fed / alone, 3) if alone > 0 else None,
+    gpus = len({gpu for gpu, *_ in per_worker.values()})
+    alone = sum(rate for _, rate, _, _ in per_worker.values()) if gpus == len(per_worker) else None
+    return {"gpus": gpus, "workers": len(per_worker),
+            "model_alone_images_per_second": None if alone is None else round(alone, 1),
+            "fed_images_per_second": round(fed, 1), "ratio": round(fed / alone, 3) if alone else None,
             "embedding_seconds": round(min(seconds.values()), 2)}
 
 
@@ -130,11 +132,15 @@ def describe_gpu_use(manifest: dict) -> Optional[str]:
     """One line on how fully the run used its GPUs' model, with advice where the input held it back; None where
     there is nothing sure to say (no figures, or too short a run)."""
     use = manifest.get("gpu_use")
-    if not use or use.get("ratio") is None or use["embedding_seconds"] < GPU_USE_MIN_SECONDS:
+    if not use or use["embedding_seconds"] < GPU_USE_MIN_SECONDS:
         return None
-    gpus = f"{use['gpus']} GPUs" if use["gpus"] > 1 else "its GPU"
-    line = (f"GPU use: the shards fed the model {use['fed_images_per_second']:,.0f} images/s, {use['ratio']:.2f} "
-            f"of the {use['model_alone_images_per_second']:,.0f} it runs alone on {gpus}")
+    on = f"{use['gpus']} GPUs" if use["gpus"] > 1 else "its GPU"
+    fed = f"GPU use: the shards fed the model {use['fed_images_per_second']:,.0f} images/s"
+    if use.get("ratio") is None:  # workers shared a GPU: the rate they fed it, to set beside a one-worker run's
+        workers = (f"from {use['workers']} workers" if use["gpus"] == 1
+                   else f"{use['workers'] / use['gpus']:g} workers on each")
+        return f"{fed} on {on}, {workers} (the model's own rate is not timed where workers share a GPU)"
+    line = f"{fed}, {use['ratio']:.2f} of the {use['model_alone_images_per_second']:,.0f} it runs alone on {on}"
     if use["ratio"] >= GPU_HELD_BACK_BELOW:
         return line
     line += (": the input path (reading the tars and feeding DALI, one Python thread per worker, or decoding) held "
