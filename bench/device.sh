@@ -9,6 +9,9 @@
 #   bash bench/device.sh round                   -> smoke, then the flow for the three models against their fastest
 #                                                  forms in one bench run ($OUT/round-models.json,
 #                                                  $OUT/smoke-1gpu.json; about 8.5 minutes with the bundle's install)
+#   bash bench/device.sh host                    -> what bounds ResNet-50 on this host: DALI alone and the flow at 4
+#                                                  and 12 threads, all JPEGs on the hardware decoder or 9 in 10
+#                                                  ($OUT/host-4.json, $OUT/host-12.json; about 5 minutes)
 #   bash bench/device.sh s3                      -> the flow from a loopback S3 server against local disk, ViT-B/16
 #                                                  ($OUT/round-s3.json; about 3.5 minutes)
 #   bash bench/device.sh share [share args...]   -> $OUT/share.json (bench/gpu_share.py: one worker process on the
@@ -59,6 +62,21 @@ if [ "${1:-}" = "round" ]; then
   rc=$((rc | $?))
   mv "${OUT:-/tmp}/bench.json" "${OUT:-/tmp}/round-models.json" 2>/dev/null
   rm -f "${OUT:-/tmp}/bench.log" "${OUT:-/tmp}/dmon.log" "${OUT:-/tmp}/smoke.log"
+  exit "$rc"
+fi
+if [ "${1:-}" = "host" ]; then
+  # What bounds a fast convnet on this host (about 5 minutes after the round's shards are built): DALI alone (b) and
+  # the flow, ResNet-50, at 4 DALI threads (the default) with 9 JPEGs in 10 on the hardware decoder (the default)
+  # and with all of them, in turn; then (b) and the flow at 12 threads. Each flow run's gpu_use sets the shards'
+  # rate against the worker's own timing of the model ($OUT/host-4.json, $OUT/host-12.json).
+  bash "$0" --threads 4 --model-seconds 2 --models resnet50.a1_in1k --worker-env 2 WDSEMBED_HW_DECODER_LOAD 1.0 \
+    --skip fidelity > /dev/null
+  rc=$?
+  mv "${OUT:-/tmp}/bench.json" "${OUT:-/tmp}/host-4.json" 2>/dev/null
+  bash "$0" --threads 12 --models resnet50.a1_in1k --repeats 2 --skip model fidelity > /dev/null
+  rc=$((rc | $?))
+  mv "${OUT:-/tmp}/bench.json" "${OUT:-/tmp}/host-12.json" 2>/dev/null
+  rm -f "${OUT:-/tmp}/bench.log" "${OUT:-/tmp}/dmon.log"
   exit "$rc"
 fi
 if [ "${1:-}" = "s3" ]; then
