@@ -79,13 +79,15 @@ def _previous_shards(config: EmbedConfig) -> dict:
         return {}
 
 
-# The span of embedding per GPU below which the report leaves a GPU's use unsaid: on a shorter one, a worker's first
-# batches (its pipeline filling) and its last shard's tail weigh too much for the rate to say anything of the host.
+# The embedding span, per worker, below which the summaries leave the GPU use unsaid: on a shorter one, a worker's
+# first batches (its pipeline filling) and its last shard's tail weigh too much for the rate to say anything of the
+# host.
 GPU_USE_MIN_SECONDS = 5.0
 # The share of the model's own rate below which the report says that the input path held the GPU back. On one H200
 # with a slow host, the shards fed ViT-L/14 at 0.957 of the worker's own timing, ViT-B/16 at 0.905 and ResNet-50 at
-# 0.68-0.75, where two workers then ran ResNet-50 1.04x as fast (1.39x on another such host); on a fast host,
-# ResNet-50's shards ran at 0.92 of the bench's timing of the model (docs/benchmarks.md, forty-sixth session).
+# 0.68-0.75, where two workers then ran ResNet-50 1.04x as fast (docs/benchmarks.md, forty-sixth session; 1.39x on
+# another such host, forty-fifth). On a fast host, ResNet-50's shards ran at 0.92 of the bench's timing of the model
+# (round S, docs/benchmarks/h200.json).
 GPU_HELD_BACK_BELOW = 0.85
 
 

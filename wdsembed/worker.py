@@ -338,10 +338,10 @@ class Worker:
         "embed_start", "embed_fed" and "embed_end": when the stream began reading the samples, when it had read
         them all, and when their last batch was done (the next call's samples are read from "embed_fed" on). Where
         the model runs as a CUDA graph it also gets "gpu" (its UUID) and "model_alone_images_per_second", the
-        model's own rate timed as the Worker was built. On a
-        GPU with WDSEMBED_STREAM_METER=1 it also gets "model_busy_s", "model_idle_s", "model_longest_idle_s" and
-        "model_wait_before_s" (StreamMeter): the GPU time of the call's batches on the model's stream, the time that
-        stream stood still between them, and before the first of them.
+        model's own rate timed as the Worker was built. On a GPU with WDSEMBED_STREAM_METER=1 it also gets
+        "model_busy_s", "model_idle_s", "model_longest_idle_s" and "model_wait_before_s" (StreamMeter): the GPU time
+        of the call's batches on the model's stream, the time that stream stood still between them, and before the
+        first of them.
         """
         job = _Job(iter(samples), (autocast, normalize))
         with self._cv:
