@@ -30,7 +30,8 @@ from typing import Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from wdsembed.report import merged  # noqa: E402  (bench.dali_probe and the tests take it from here too)
+# (bench.dali_probe and the tests take merged from here)
+from wdsembed.report import embedding_by_worker, merged  # noqa: E402
 
 GPU_MODELS = ["vit_large_patch14_clip_224.openai", "vit_base_patch16_clip_224.openai", "resnet50.a1_in1k"]
 CPU_MODELS = ["test_resnet.r160_in1k"]
@@ -372,13 +373,7 @@ def embedding_spans(manifest: dict, wall: float, started: Optional[float] = None
     shards = [s for s in manifest["shards"].values() if "embed_start" in (s.get("timeline") or {})]
     if not shards:
         return {}
-    per_worker: dict[str, list] = {}  # worker -> [images, its shards' embedding spans]
-    for s in shards:
-        t = s["timeline"]
-        acc = per_worker.setdefault(t["worker"], [0.0, []])
-        acc[0] += s.get("embedded", 0)
-        acc[1].append((t["embed_start"], t["embed_end"]))
-    per_worker = {w: (n, sum(b - a for a, b in merged(spans))) for w, (n, spans) in per_worker.items()}
+    per_worker = embedding_by_worker(shards)  # worker -> (images, seconds its embedding spans cover)
     first = min(s["timeline"]["embed_start"] for s in shards)
     last = max(s["timeline"]["embed_end"] for s in shards)
     bodies = [(s["timeline"]["start"], s["timeline"]["end"]) for s in shards

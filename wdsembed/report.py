@@ -102,32 +102,40 @@ def merged(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]
     return out
 
 
+def embedding_by_worker(shards: Iterable[dict]) -> dict[str, tuple[int, float]]:
+    """Per worker process: the images its shards embedded, and the seconds their embedding spans cover together (a
+    worker's stream takes its shards one behind the other, the next one's span starting while the previous one's
+    last batches finish: the spans are merged, not summed). Shards whose timeline has no span are left out."""
+    found: dict[str, list] = {}  # worker -> [images, its shards' embedding spans]
+    for s in shards:
+        t = s.get("timeline") or {}
+        if {"worker", "embed_start", "embed_end"} <= t.keys():
+            acc = found.setdefault(t["worker"], [0, []])
+            acc[0] += s.get("embedded", 0)
+            acc[1].append((t["embed_start"], t["embed_end"]))
+    return {w: (n, sum(b - a for a, b in merged(spans))) for w, (n, spans) in found.items()}
+
+
 def gpu_use(results: list[dict]) -> Optional[dict]:
-    """How fast this run's shards fed the model on its GPUs, against the model's own rate there (timed by each
-    worker as it started: wdsembed.worker). Per worker, its images over the union of its shards' embedding spans
-    (a worker's stream takes its shards one behind the other, overlapping at their edges), summed over the workers.
+    """How fast this run's shards fed the model on its GPUs (each worker's images over its embedding time, summed
+    over the workers), against the model's own rate there (timed by each worker as it started: wdsembed.worker).
     The model's own rate, and the ratio, only where each GPU ran one worker: workers that share a GPU timed the model
     beside each other, so its own rate there is not known. None where no computed shard has the figures (the CPU, a
     model not run as a CUDA graph)."""
-    per_worker: dict[str, list] = {}  # worker -> [gpu, its model rate, images, embedding spans]
-    for r in results:
-        t = r.get("timeline") or {}
-        if r.get("cached") or not {"gpu", "model_alone_images_per_second", "embed_start", "embed_end",
-                                   "worker"} <= t.keys():
-            continue
-        acc = per_worker.setdefault(t["worker"], [t["gpu"], t["model_alone_images_per_second"], 0, []])
-        acc[2] += r.get("embedded", 0)
-        acc[3].append((t["embed_start"], t["embed_end"]))
-    if not per_worker:
+    timed = [r for r in results if not r.get("cached")
+             and {"gpu", "model_alone_images_per_second"} <= (r.get("timeline") or {}).keys()]
+    by_worker = embedding_by_worker(timed)
+    if not by_worker:
         return None
-    seconds = {w: sum(b - a for a, b in merged(spans)) for w, (_, _, _, spans) in per_worker.items()}
-    fed = sum(n / seconds[w] for w, (_, _, n, _) in per_worker.items() if seconds[w] > 0)
-    gpus = len({gpu for gpu, *_ in per_worker.values()})
-    alone = sum(rate for _, rate, _, _ in per_worker.values()) if gpus == len(per_worker) else None
-    return {"gpus": gpus, "workers": len(per_worker),
+    figures = {r["timeline"]["worker"]: (r["timeline"]["gpu"], r["timeline"]["model_alone_images_per_second"])
+               for r in timed}  # worker -> (its GPU, its timing of the model)
+    fed = sum(n / seconds for n, seconds in by_worker.values() if seconds > 0)
+    gpus = len({figures[w][0] for w in by_worker})
+    alone = sum(figures[w][1] for w in by_worker) if gpus == len(by_worker) else None
+    return {"gpus": gpus, "workers": len(by_worker),
             "model_alone_images_per_second": None if alone is None else round(alone, 1),
             "fed_images_per_second": round(fed, 1), "ratio": round(fed / alone, 3) if alone else None,
-            "embedding_seconds": round(min(seconds.values()), 2)}
+            "embedding_seconds": round(min(seconds for _, seconds in by_worker.values()), 2)}
 
 
 def describe_gpu_use(manifest: dict) -> Optional[str]:
