@@ -10,8 +10,9 @@
 #                                                  forms in one bench run ($OUT/round-models.json,
 #                                                  $OUT/smoke-1gpu.json; about 8.5 minutes with the bundle's install)
 #   bash bench/device.sh host                    -> what bounds ResNet-50 on this host: DALI alone and the flow at 4
-#                                                  and 12 threads, all JPEGs on the hardware decoder or 9 in 10
-#                                                  ($OUT/host-4.json, $OUT/host-12.json; about 5 minutes)
+#                                                  and 12 threads, all JPEGs on the hardware decoder or 9 in 10, then
+#                                                  the feeding thread's time per batch ($OUT/host-4.json,
+#                                                  $OUT/host-12.json, $OUT/host-kernels.log; about 6.5 minutes)
 #   bash bench/device.sh s3                      -> the flow from a loopback S3 server against local disk, ViT-B/16
 #                                                  ($OUT/round-s3.json; about 3.5 minutes)
 #   bash bench/device.sh share [share args...]   -> $OUT/share.json (bench/gpu_share.py: one worker process on the
@@ -77,6 +78,12 @@ if [ "${1:-}" = "host" ]; then
   rc=$((rc | $?))
   mv "${OUT:-/tmp}/bench.json" "${OUT:-/tmp}/host-12.json" 2>/dev/null
   rm -f "${OUT:-/tmp}/bench.log" "${OUT:-/tmp}/dmon.log"
+  # Where the feeding thread's time goes per batch at the default 4 threads (the tar reader and host checks,
+  # feed_input, waiting for DALI's outputs, the copy out) and the GPU's busy share: Python or DALI?
+  bash "$0" probe --kernels --images 8000 --threads 4 --model resnet50.a1_in1k > /dev/null
+  rc=$((rc | $?))
+  mv "${OUT:-/tmp}/probe.log" "${OUT:-/tmp}/host-kernels.log" 2>/dev/null
+  rm -f "${OUT:-/tmp}"/kernels-*.json
   exit "$rc"
 fi
 if [ "${1:-}" = "s3" ]; then
