@@ -123,12 +123,49 @@ def test_integer_key_column_keeps_its_type():
 
 
 def test_duplicate_parquet_keys_each_get_the_embedding():
+    from wdsembed.config import EmbedConfig
+    from wdsembed.output import join_embeddings
+    from wdsembed.validate import validate_table
+
     rows = pa.table({"key": ["000001", "000002", "000001"], "n": [1, 2, 3]})
-    t = build_output_table(
+    joined = join_embeddings(
         rows=rows, keys=["000001", "000002"], embeddings=np.stack([_emb("1"), _emb("2")]), errors={}, dim=DIM
     )
+    t = joined.table
     assert t.column("n").to_pylist() == [1, 2, 3]
     assert t.column("image_embedding").to_pylist() == [_emb("1").tolist(), _emb("2").tolist(), _emb("1").tolist()]
+    # two samples embedded, on three rows: what the shard's validation expects is the join's row count
+    assert (joined.embedded, joined.embedded_rows, joined.errors) == (2, 3, {})
+    config = EmbedConfig(input="/in", output="/out", normalize_embeddings=False)
+    assert validate_table(config, t, dim=DIM, expected_embedded=joined.embedded_rows) == []
+
+
+def test_tar_keys_without_an_integer_id_of_their_own_get_an_error_row_not_another_rows_embedding():
+    """An integer id column: a tar key that is no integer, and one whose integer an earlier key has ('0' after
+    '000000'), each get a row of their own with an error naming the key; the join says which embedded samples it
+    turned into errors, so that the shard's counts and validation agree with the table."""
+    from wdsembed.output import join_embeddings
+
+    rows = pa.table({"key": pa.array([0, 1], type=pa.int64()), "n": [10, 11]})
+    keys = ["000000", "000001", "extra-a", "0", "000009", "9"]
+    emb = np.stack([_emb(str(i)) for i in range(len(keys))])
+    joined = join_embeddings(rows=rows, keys=keys, embeddings=emb, errors={"00001": "bad image"}, dim=DIM)
+    got = joined.table.to_pylist()
+    assert [r["key"] for r in got] == [0, 1, None, 0, 9, 9, 1]
+    assert [r["n"] for r in got] == [10, 11, None, None, None, None, None]
+    assert [r["image_embedding"] is not None for r in got] == [True, True, False, False, True, False, False]
+    assert got[0]["image_embedding"] == _emb("0").tolist() and got[4]["image_embedding"] == _emb("4").tolist()
+    assert [r["embedding_error"] for r in got] == [
+        None, None,
+        "key 'extra-a' is not in the parquet and not an integer",
+        "key '0' has the same integer id as key '000000', which owns its row",
+        None,
+        "key '9' has the same integer id as key '000009', which owns its row",
+        "bad image",  # an error sample whose id is taken gets its own error
+    ]
+    assert (joined.embedded, joined.embedded_rows) == (3, 3)
+    assert joined.errors == {"extra-a": got[2]["embedding_error"], "0": got[3]["embedding_error"],
+                             "9": got[5]["embedding_error"]}
 
 
 def test_without_parquet():

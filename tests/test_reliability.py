@@ -516,6 +516,52 @@ def test_parquet_key_of_another_type(tmp_path):
                  lost="nothing")
 
 
+def test_integer_parquet_keys_and_tar_keys_without_an_integer_of_their_own(tmp_path):
+    odd = samples(6, seed=1)
+    w = write_shard(tmp_path / "in", "00000", samples(3) + [
+        ShardSample(odd[0].image, ext="bmp", key="extra-a", in_parquet=False),  # no integer
+        ShardSample(odd[1].image, ext="bmp", key="0", in_parquet=False),  # the integer of 000000000
+        ShardSample(odd[2].image, ext="bmp", key="000000007", in_parquet=False),  # a new integer
+    ])
+    t = pq.read_table(w.parquet)
+    pq.write_table(t.set_column(0, "key", t.column("key").cast(pa.int64())), w.parquet)
+    [r], out = run_shard(tmp_path)
+    o = read(out / "00000.parquet")
+    assert_accounted(o, [0, 1, 2, 7])
+    got = list(zip(o.column("key").to_pylist(), [e is not None for e in o.column(EMB).to_pylist()],
+                   o.column(ERR).to_pylist()))
+    assert got == [(0, True, None), (1, True, None), (2, True, None),
+                   (None, False, "key 'extra-a' is not in the parquet and not an integer"),
+                   (0, False, "key '0' has the same integer id as key '000000000', which owns its row"),
+                   (7, True, None)]
+    assert (r.rows, r.embedded, r.failed) == (6, 4, 2)
+    assert dict(r.errors) == {"extra-a": got[3][2], "0": got[4][2]}
+    embedded = dict(zip(o.column("key").to_pylist()[:3], o.column(EMB).to_pylist()[:3]))
+    assert all(not np.allclose(embedded[0], e) for e in o.column(EMB).to_pylist()[5:])  # 000000007's own
+    table.record("shard-parquet-int-key-odd-tar-keys",
+                 done="parquet key column int64 (rows 0-2); the tar also has keys 'extra-a', '0' and '000000007'",
+                 did="rows 0-2 embedded from their own samples ('0' never takes row 0); '000000007' appended as 7 "
+                     f"and embedded; 'extra-a' and '0' appended with {q(got[3][2])} and {q(got[4][2])}",
+                 lost="the embeddings of 'extra-a' and '0' (no id of their own to store them under; the rows name "
+                      "them)")
+
+
+def test_parquet_that_repeats_a_key(tmp_path):
+    w = write_shard(tmp_path / "in", "00000", samples(3))
+    t = pq.read_table(w.parquet)
+    pq.write_table(pa.concat_tables([t, t.slice(1, 1)]), w.parquet)  # 000000001 twice
+    [r], out = run_shard(tmp_path)
+    o = read(out / "00000.parquet")
+    keys, embs = o.column("key").to_pylist(), o.column(EMB).to_pylist()
+    assert keys == ["000000000", "000000001", "000000002", "000000001"] and embs[1] == embs[3]
+    assert (r.rows, r.embedded, r.failed) == (4, 3, 0) and o.column(ERR).null_count == 4
+    view = read(out / output.EMBEDDINGS_FOLDER / "00000.parquet")
+    assert view.column("key").to_pylist() == keys  # kNN tools see each of the parquet's rows
+    table.record("shard-parquet-duplicate-keys", done="a parquet of 4 rows for 3 samples: key 000000001 twice",
+                 did="4 rows, each repeat with its key's embedding; 3 images embedded once each",
+                 lost="nothing")
+
+
 def test_parquet_that_is_not_parquet(tmp_path):
     w = write_shard(tmp_path / "in", "00000", samples(3))
     Path(w.parquet).write_bytes(b"<html>this was supposed to be a parquet file</html>")
@@ -871,6 +917,44 @@ def test_disk_full_while_writing_outputs(tmp_path):
                      "no temp file left; not retried by the flow (a full disk does not clear itself); the re-run "
                      "kept the written shards (cached) and wrote the rest",
                  lost="nothing; no partial output")
+
+
+def test_a_rerun_that_dies_between_a_shards_view_and_its_table(tmp_path, monkeypatch):
+    """The view is written before the table (a finished table always has its view), so a run that dies between
+    the two leaves the table of the run before it beside a view of its own. A later run of the table's settings
+    finds the table finished and must not keep that view: kNN tools read it."""
+    from wdsembed.validate import validate_output
+
+    data = dataset(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    [a] = embedder()(str(data), str(out))
+    view_path = out / output.EMBEDDINGS_FOLDER / "00000.parquet"
+
+    def embeddings(path):
+        return np.array(read(path).column(EMB).to_pylist())
+
+    spec = tmp_path / "faults.json"
+    spec.write_text(json.dumps({"00000": {"error": "fatal", "where": "commit"}}))
+    monkeypatch.setenv("WDSEMBED_FAULTS", str(spec))
+    with pytest.raises(ShardsFailed, match="injected deterministic failure"):
+        embedder(normalize_embeddings=False)(str(data), str(out))  # dies once its view is written
+    monkeypatch.delenv("WDSEMBED_FAULTS")
+    assert output.read_output_metadata(str(out / "00000.parquet"), fsspec.filesystem("file"))["cache_key"] == a.cache_key
+    assert not np.allclose(embeddings(view_path), embeddings(out / "00000.parquet"))  # the other run's view
+    check = validate_output(config(data, out), str(out / "00000.parquet"), dim=a.dim)
+    assert not check.ok and check.problems[0].startswith("kNN view _embeddings/00000.parquet was made by another run")
+    [again] = embedder()(str(data), str(out))
+    assert again.cached
+    assert np.array_equal(embeddings(view_path), embeddings(out / "00000.parquet"))
+    assert validate_output(config(data, out), str(out / "00000.parquet"), dim=a.dim).ok
+    table.record("fault-between-view-and-table",
+                 done="an API run of 1 shard; the same call with normalize_embeddings=False, made to fail once its "
+                      "shard's kNN view was written, before its table (WDSEMBED_FAULTS, where 'commit'); then the "
+                      "first call again",
+                 did="the failed run left the first run's table and its own view; validation names the view "
+                     f"{q(check.problems[0].split(' (')[0])}; the third call found the table finished and rebuilt "
+                     "the view from it",
+                 lost="nothing; the view matches its table again")
 
 
 # --------------------------------------------------------------------------------------------------- bad parameters

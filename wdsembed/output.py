@@ -135,7 +135,22 @@ def _without_pickled_types(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(table.columns, schema=pa.schema(fields, metadata=table.schema.metadata))
 
 
-def build_output_table(
+@dataclass
+class JoinedOutput:
+    """A shard's output table (join_embeddings) and what the join did with the embedded samples."""
+
+    table: pa.Table
+    embedded: int  # embedded samples whose embedding is in the table (on one row, or on each row of a repeated key)
+    embedded_rows: int  # rows with an embedding: `embedded` plus the parquet's repeats of embedded keys
+    errors: dict[str, str]  # embedded samples the join gave an error instead (no usable id): key -> reason
+
+
+def build_output_table(**kwargs: Any) -> pa.Table:
+    """The output table of join_embeddings(**kwargs)."""
+    return join_embeddings(**kwargs).table
+
+
+def join_embeddings(
     *,
     rows: "Optional[pa.Table]",
     keys: Sequence[str],
@@ -147,7 +162,7 @@ def build_output_table(
     error_column: str = "embedding_error",
     missing_reason: str = NOT_IN_TAR,
     embedding_dtype: str = "float32",
-) -> "pa.Table":
+) -> JoinedOutput:
     """Join embeddings onto a shard's rows by key, never by position.
 
     rows: the img2dataset parquet of the shard (every input row, failed downloads included) or None.
@@ -168,6 +183,10 @@ def build_output_table(
       Without `rows` the same sample order.
     * An appended sample whose key is not an integer, for an integer id column, gets a null id and an error that
       names the key (the column keeps its type so all shards share one schema).
+    * Two tar keys with one integer value (`000123` and `123`, for an integer id column): the first owns the id's
+      row; the other is appended with its id and an error naming both keys, not joined to a row that is not its.
+    * Every embedded sample ends up on a row, with its embedding or with an error from one of the two rules above
+      (`JoinedOutput.errors`); anything else is a fault of the join and raises.
     * Columns of `rows` named like the embedding or error column are replaced; pandas metadata is dropped (the
       row count and columns changed), and so is field metadata naming a pickled extension type
       (``arrow.py_extension_type``: a pickle that old pyarrow versions would run on reading the output).
@@ -202,7 +221,17 @@ def build_output_table(
         id_type = base.schema.field(id_column).type
     row_ids = _id_strings(base.column(id_column), id_column).combine_chunks()
 
-    sample_canon = pa.array(_canonical_tar_keys(sample_keys, id_type), type=pa.string())
+    canon = _canonical_tar_keys(sample_keys, id_type)
+    sample_canon = pa.array(canon, type=pa.string())
+    # Tar keys that repeat an earlier key's integer id (only an integer id column makes two keys one id).
+    collided: dict[int, str] = {}  # sample -> its error
+    if pa.types.is_integer(id_type):
+        first_of: dict[str, int] = {}
+        for i, c in enumerate(canon):
+            first = first_of.setdefault(c, i)
+            if first != i:
+                collided[i] = (f"key {sample_keys[i]!r} has the same integer id as key {sample_keys[first]!r}, "
+                               "which owns its row")
 
     # Rows of the parquet: which tar sample (if any) each one is, vectorised.
     null_str = pa.scalar(None, pa.string())
@@ -221,10 +250,21 @@ def build_output_table(
     # Not embedded, no tar error, not a failed download: the tar lacks it.
     row_reason = pc.if_else(pa.array(row_embedded >= 0), null_str, pc.coalesce(row_reason, pa.scalar(missing_reason)))
 
-    # Tar samples the parquet lacks: appended after, in sample order.
-    extra = np.flatnonzero(np.asarray(pc.invert(pc.is_in(sample_canon, value_set=row_ids)), dtype=bool))
+    # Tar samples the parquet lacks, and those whose integer id an earlier key owns: appended after, in sample order.
+    extra_mask = np.asarray(pc.invert(pc.is_in(sample_canon, value_set=row_ids)), dtype=bool)
+    extra_mask[list(collided)] = True  # never on the first key's row (index_in above picks the first)
+    extra = np.flatnonzero(extra_mask)
     extra_reason = sample_errors.take(pa.array(extra, type=pa.int64()))
     extra_src = np.where(extra < len(keys), extra, -1)
+    dropped: dict[str, str] = {}  # embedded samples turned into errors here
+    if collided:
+        note = pa.array([collided.get(int(i)) for i in extra], type=pa.string())
+        extra_reason = pc.coalesce(extra_reason, note)
+        for j, i in enumerate(extra):
+            if int(i) in collided:
+                if i < len(keys):
+                    dropped[sample_keys[i]] = collided[int(i)]
+                extra_src[j] = -1
     if pa.types.is_integer(id_type):
         extra_ids, bad = [], []
         for i in extra:
@@ -237,13 +277,11 @@ def build_output_table(
                 bad.append(True)
         extra_id_array = pa.array(extra_ids, type=id_type)
         if any(bad):
-            note = pa.array(
-                [f"key {sample_keys[i]!r} is not in the parquet and not an integer" if b else None
-                 for i, b in zip(extra, bad)],
-                type=pa.string(),
-            )
-            extra_reason = pc.coalesce(extra_reason, note)
+            notes = [f"key {sample_keys[i]!r} is not in the parquet and not an integer" if b else None
+                     for i, b in zip(extra, bad)]
+            extra_reason = pc.coalesce(extra_reason, pa.array(notes, type=pa.string()))
             extra_src[np.asarray(bad)] = -1  # an embedding without its key is of no use; the error names the key
+            dropped.update((sample_keys[i], note) for i, note in zip(extra, notes) if note and i < len(keys))
     else:
         extra_id_array = pa.array([sample_keys[i] for i in extra], type=pa.string()).cast(id_type)
 
@@ -263,7 +301,13 @@ def build_output_table(
     table = table.append_column(emb_field, _embedding_array(emb, src, dim, embedding_dtype))
     table = table.append_column(pa.field(error_column, pa.string()), reasons)
     meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}
-    return table.replace_schema_metadata(meta or None)
+    placed = np.zeros(len(keys), dtype=bool)
+    placed[src[src >= 0]] = True
+    lost = [k for k, p in zip(keys, placed) if not p and k not in dropped]
+    if lost:
+        raise ValueError(f"the key join placed {len(lost)} embedded samples on no row, e.g. key {lost[0]!r}")
+    return JoinedOutput(table.replace_schema_metadata(meta or None), embedded=int(placed.sum()),
+                        embedded_rows=int((src >= 0).sum()), errors=dropped)
 
 
 # --------------------------------------------------------------------------------------------------- kNN view
@@ -316,18 +360,18 @@ def remove_embeddings_view(config: "EmbedConfig", stem: str) -> bool:
     return True
 
 
-def ensure_embeddings_view(config: "EmbedConfig", stem: str, output_url: str) -> bool:
-    """Rebuild a finished shard's view from its full table where the view is missing (deleted, or the output is
-    from before views existed); True when it was rebuilt. One existence check otherwise."""
+def ensure_embeddings_view(config: "EmbedConfig", stem: str, output_url: str, cache_key: str) -> bool:
+    """Rebuild a finished shard's view from its full table (made with `cache_key`) where the view is missing
+    (deleted, or the output is from before views existed) or was made with another cache key (a run that crashed
+    between writing its view and its table); True when it was rebuilt. One footer read otherwise."""
     fs, root = storage.filesystem(config.output, config.storage_options)
     url = embeddings_view_url(root, stem)
-    if fs.exists(url):
+    if (read_output_metadata(url, fs) or {}).get("cache_key") == cache_key:
         return False
     out_fs, out_path = storage.filesystem(output_url, config.storage_options)
     with out_fs.open(out_path, "rb") as f:
         table = pq.read_table(f, columns=[config.id_column, config.embedding_column])
-    meta = read_output_metadata(out_path, out_fs) or {}
-    write_embeddings_view(table, config, stem, cache_key=str(meta.get("cache_key", "")))
+    write_embeddings_view(table, config, stem, cache_key=cache_key)
     return True
 
 
@@ -485,9 +529,18 @@ def read_output_metadata(url: str, fs: Any) -> Optional[dict]:
     """
     try:
         with fs.open(url, "rb") as f:
-            meta = pq.read_metadata(f).metadata or {}
-        value = json.loads(meta[FOOTER_KEY])
-    except (FileNotFoundError, KeyError, pa.ArrowException, ValueError):  # JSONDecodeError is a ValueError
+            meta = pq.read_metadata(f).metadata
+    except (FileNotFoundError, pa.ArrowException, ValueError):
+        return None
+    return footer_metadata(meta)
+
+
+def footer_metadata(key_values: Optional[Mapping[bytes, bytes]]) -> Optional[dict]:
+    """Our JSON metadata among a parquet file's key-value metadata (a footer's, or the schema metadata of a table
+    read from it), or None where it is absent or not a JSON object."""
+    try:
+        value = json.loads((key_values or {})[FOOTER_KEY])
+    except (KeyError, ValueError):  # JSONDecodeError is a ValueError
         return None
     return value if isinstance(value, dict) else None
 

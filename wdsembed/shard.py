@@ -147,7 +147,8 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_vi
     meta = output.read_output_metadata(path, fs)
     if meta and meta.get("cache_key") == key:
         if repair_view and config.knn_view:
-            output.ensure_embeddings_view(config, plan.stem, plan.output)  # a deleted view is rebuilt, not re-embedded
+            # a deleted or stale view is rebuilt from the table, not re-embedded
+            output.ensure_embeddings_view(config, plan.stem, plan.output, key)
         return meta
     return None
 
@@ -189,7 +190,7 @@ def process_shard(
     chosen = sample.chosen()
     reference = fidelity.start_reference(worker, chosen, config.max_image_pixels or None)
     warnings += tar.finish()
-    table = output.build_output_table(
+    joined = output.join_embeddings(
         rows=rows,
         keys=keys,
         embeddings=embeddings,
@@ -201,15 +202,15 @@ def process_shard(
         missing_reason=tar.missing_reason,
         embedding_dtype=config.embedding_dtype,
     )
+    table = joined.table
     timeline["table"] = time.time()
 
     def check() -> None:
-        problems = validate_table(config, table, dim=worker.loaded.dim, expected_embedded=len(keys))
+        problems = validate_table(config, table, dim=worker.loaded.dim, expected_embedded=joined.embedded_rows)
         timeline["validated"] = time.time()
         if problems:
             raise ValueError(f"shard {plan.shard}: output not written, it fails validation: " + "; ".join(problems))
 
-    n_embedded = len(keys)
     record = fidelity.check_sample(worker, chosen, keys, embeddings, failures, config.max_image_pixels or None,
                                    reference)
     timeline["checked"] = time.time()
@@ -219,11 +220,11 @@ def process_shard(
         output=plan.output,
         rows=table.num_rows,
         samples=tar.n_samples,
-        embedded=n_embedded,
-        failed=table.num_rows - n_embedded,
+        embedded=joined.embedded,
+        failed=table.num_rows - joined.embedded_rows,  # rows without an embedding
         dim=worker.loaded.dim,
         cache_key=key,
-        errors=sorted({**tar.errors, **failures}.items())[:20],
+        errors=sorted({**tar.errors, **failures, **joined.errors}.items())[:20],
         model=worker.info,
         warnings=warnings,
         batch_size=config.batch_size,
@@ -405,7 +406,7 @@ def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: 
             output.write_parquet_atomic(
                 table, path, fs, metadata={"cache_key": key, "normalized": config.normalize_embeddings,
                                            "result": stored},
-                before_commit=lambda: (checked.result(), view.result()),
+                before_commit=lambda: (checked.result(), view.result(), faults.maybe_inject(plan.stem, "commit")),
             )
     except PermissionError as exc:  # s3fs says only "Access Denied"; not retried (faults.is_transient)
         raise PermissionError(f"cannot write {plan.output}: {exc}") from exc

@@ -37,7 +37,8 @@ def validate_output(
     problems = validate_table(config, table, dim=dim, expected_rows=expected_rows,
                               expected_embedded=expected_embedded)
     embedded = int(table.column(config.embedding_column).is_valid().to_numpy(zero_copy_only=False).sum())
-    view_problem = _check_view(config, output_url, embedded) if config.knn_view else None
+    cache_key = (output.footer_metadata(table.schema.metadata) or {}).get("cache_key")
+    view_problem = _check_view(config, output_url, embedded, cache_key) if config.knn_view else None
     if view_problem:
         problems.append(view_problem)
     return Validation(output_url, not problems, problems)
@@ -81,9 +82,10 @@ def validate_table(
     return problems
 
 
-def _check_view(config: EmbedConfig, output_url: str, embedded: int) -> Optional[str]:
-    """The shard's kNN view must exist and hold exactly its embedded rows. Checked for outputs under
-    config.output only (their stem is the path below it); reads the view's footer only."""
+def _check_view(config: EmbedConfig, output_url: str, embedded: int, cache_key: Optional[str]) -> Optional[str]:
+    """The shard's kNN view must exist, hold exactly its embedded rows and come from the same run (the output's
+    `cache_key`, where it has one). Checked for outputs under config.output only (their stem is the path below it);
+    reads the view's footer only."""
     fs, root = storage.filesystem(config.output, config.storage_options)
     path = storage.filesystem(output_url, config.storage_options)[1]
     prefix = root.rstrip("/") + "/"
@@ -94,11 +96,15 @@ def _check_view(config: EmbedConfig, output_url: str, embedded: int) -> Optional
     shown = f"{output.EMBEDDINGS_FOLDER}/{stem}.parquet"
     try:
         with fs.open(view, "rb") as f:
-            rows = pq.read_metadata(f).num_rows
+            footer = pq.read_metadata(f)
     except FileNotFoundError:
         return f"kNN view {shown} is missing"
     except Exception as exc:  # noqa: BLE001 - unreadable is a validation failure, said plainly
         return f"kNN view {shown} cannot be read: {exc}"
-    if rows != embedded:
-        return f"kNN view {shown} holds {rows} rows, the output {embedded} embeddings"
+    if footer.num_rows != embedded:
+        return f"kNN view {shown} holds {footer.num_rows} rows, the output {embedded} embeddings"
+    made_with = (output.footer_metadata(footer.metadata) or {}).get("cache_key")
+    if cache_key and made_with != cache_key:
+        return (f"kNN view {shown} was made by another run (cache key {made_with}) than the output ({cache_key}): "
+                "run again to rebuild it from the output")
     return None
