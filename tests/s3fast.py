@@ -4,6 +4,7 @@
     proxy = ShapingProxy(server.endpoint, first_byte=0.05, rate=40e6).start()
     ... endpoint_url=proxy.endpoint ...
     proxy.injected                            # Counter of the faults actually served, by kind
+    proxy.stalling                            # stalled bodies it holds silent right now
 
 Only what a shard reader needs: HEAD object, GET object (Range, If-Match), HEAD bucket, ListObjectsV2. ETags
 come from the file's (inode, size, mtime), so replacing a file (os.replace) gives new requests a new ETag while
@@ -296,7 +297,8 @@ class ShapingProxy(_LoopThread):
     """An HTTP/1.1 proxy in front of `target` that waits `first_byte` seconds before each answer, sends at most
     `rate` bytes/s per client connection (0: no cap), and fails the first try of every `every`-th distinct
     (method, path, Range) among `methods`, cycling through `kinds` (see the module's doc). `stall_seconds` is how
-    long a stalled body stays silent before the connection is closed."""
+    long a stalled body stays silent before the connection is closed; `stalling` counts those silent now (a client
+    that gives up on one closes its end, which the proxy notices only when the stall ends)."""
 
     CHUNK = 256 << 10  # bytes per write: few enough wake-ups at hundreds of MB/s
 
@@ -312,6 +314,7 @@ class ShapingProxy(_LoopThread):
         self.stall_seconds = float(stall_seconds)
         self.methods = tuple(methods)
         self.injected: collections.Counter = collections.Counter()
+        self.stalling = 0
         self.requests = 0
         self.connections = 0
         self.max_connections_open = 0
@@ -389,7 +392,11 @@ class ShapingProxy(_LoopThread):
                     return
                 if fault == "stall":
                     await writer.drain()
-                    await asyncio.sleep(self.stall_seconds)
+                    self.stalling += 1
+                    try:
+                        await asyncio.sleep(self.stall_seconds)
+                    finally:
+                        self.stalling -= 1
                     _reset(writer)
                     return
                 await writer.drain()

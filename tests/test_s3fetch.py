@@ -156,6 +156,79 @@ def test_nothing_lost_under_faults_and_no_secret_in_the_logs(server, root, caplo
     assert logging.getLogger("botocore").getEffectiveLevel() >= logging.WARNING
 
 
+
+STALL = 30  # seconds a stalled body stays silent: far longer than any of these tests takes with nobody waiting on it
+
+
+def test_a_duplicate_that_wins_does_not_wait_for_the_stalled_twin(server, root):
+    """The stalled GET's duplicate wins and stops its twin at once: the read ends while the proxy still holds the
+    stalled body (closing the twin's body used to wait for its read, i.e. for the stall, read_timeout in production)."""
+    path = root / BUCKET / "stalled.bin"
+    data = os.urandom(4 * PART)
+    path.write_bytes(data)
+    proxy = ShapingProxy(server.endpoint, every=4, kinds=("stall",), stall_seconds=STALL).start()
+    try:
+        with fetcher(proxy.endpoint) as fx:
+            with fx.open(f"s3://{BUCKET}/stalled.bin") as f:
+                assert read_all(f) == data
+            assert fx.stats["duplicate_wins"] == 1
+            assert proxy.stalling == 1, "the read waited for the stalled twin"
+    finally:
+        proxy.stop()
+        path.unlink()
+
+
+def test_closing_a_reader_early_stops_its_stalled_requests(server, root):
+    """A reader closed early (the consumer gives up) neither waits for its shard's stalled requests nor leaves them
+    holding the fetcher's threads: both are done while the proxy still holds the stalled bodies."""
+    path = root / BUCKET / "early.bin"
+    data = os.urandom(8 * PART)
+    path.write_bytes(data)
+    proxy = ShapingProxy(server.endpoint, every=2, kinds=("stall",), stall_seconds=STALL).start()
+    try:
+        with fetcher(proxy.endpoint) as fx:
+            f = fx.open(f"s3://{BUCKET}/early.bin")
+            assert f.read(PART) == data[:PART]
+            assert until(lambda: proxy.stalling >= 1)
+            f.close()
+            assert proxy.stalling >= 1, "close() waited for a stalled request"
+            assert until(lambda: fx.snapshot()["in_flight"] == 0)  # the stalled reads ended with the close
+            assert proxy.stalling >= 1
+    finally:
+        proxy.stop()
+        path.unlink()
+
+
+def test_a_process_exit_does_not_wait_for_stalled_requests(server, root):
+    """Shards fetched ahead for nobody must not hold the interpreter's exit: the fetchers are closed before
+    concurrent.futures joins its threads, and the monitor says nothing meanwhile."""
+    import subprocess
+    import sys
+
+    path = root / BUCKET / "exiting.bin"
+    path.write_bytes(os.urandom(8 * PART))
+    proxy = ShapingProxy(server.endpoint, every=2, kinds=("stall",), stall_seconds=STALL).start()
+    child = f"""
+import sys
+from wdsembed import s3fetch, storage
+s3fetch.configure(part_size={PART}, memory_budget={64 * PART})
+storage.prefetch_shards(["s3://{BUCKET}/exiting.bin"], {{"endpoint_url": "{proxy.endpoint}"}})
+sys.stdin.readline()  # the test says when: once the proxy holds a stalled request
+"""
+    repo = str(Path(s3fetch.__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-c", child], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": repo}, text=True)
+    try:
+        assert until(lambda: proxy.stalling >= 1, 60)
+        _, err = proc.communicate("\n", timeout=120)
+        assert proc.returncode == 0, err
+        assert proxy.stalling >= 1, "the exit waited for the stalled request"
+        assert "Exception" not in err and "cannot schedule new futures" not in err, err
+    finally:
+        proc.kill()
+        proxy.stop()
+        path.unlink()
+
 def test_a_shard_rewritten_mid_read_is_detected(server, root, tmp_path):
     path = root / BUCKET / "rewritten.bin"
     old = os.urandom(40 * PART)

@@ -18,7 +18,8 @@ Correctness: every part is checked for its length, its Content-Range and the obj
 once known, and compared on every answer), so a shard rewritten mid-read raises ShardChangedError naming the URL
 instead of mixing two versions. 5xx, SlowDown, resets, short bodies and timeouts are retried with jittered
 backoff; a request much slower than its peers (a stall, a straggler) gets a duplicate, and the first complete
-answer wins. Logs carry bucket, key, range and request id only; botocore's own debug logging is kept off.
+answer wins; the loser's socket is shut at once, so that nobody waits for a stalled body. Logs carry bucket, key,
+range and request id only; botocore's own debug logging is kept off.
 
 Client: boto3 in a thread pool (measured against s3fs's `_cat_file` on its event loop and obstore, see
 docs/s3.md): the reads are blocking socket reads that release the GIL, and the code stays plain.
@@ -34,6 +35,7 @@ import random
 import re
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Mapping, Optional
 
@@ -244,6 +246,7 @@ class ShardFetcher:
         self._open: list[_Shard] = []  # being read, in open order (first = first served)
         self._ahead: list[_Shard] = []  # named by prefetch(), in order
         self._closed = False
+        self._stopping = threading.Event()  # set by close(): cuts retry backoffs short
         # accounting
         self.reserved = 0  # bytes reserved for requests in flight and parts fetched but not yet read
         self.peak_bytes = 0
@@ -259,6 +262,7 @@ class ShardFetcher:
         self._ctl = {"window": None, "last_rate": None, "grew_from": None, "ceiling": self.cap, "ceiling_at": 0.0}
         self._monitor = threading.Thread(target=self._watch, daemon=True, name="wdsembed-s3fetch-monitor")
         self._monitor.start()
+        _LIVE.add(self)
 
     # -- public API
 
@@ -278,42 +282,51 @@ class ShardFetcher:
         """A file object over the shard at `url` (s3://bucket/key or bucket/key). Shards named by prefetch()
         before this one are dropped: the caller went past them."""
         url = self._url(url)
-        with self._cv:
-            if self._closed:
-                raise ValueError("open on a closed ShardFetcher")
-            shard = None
-            for i, s in enumerate(self._ahead):
-                if s.url == url:
-                    shard = s
-                    for skipped in self._ahead[:i]:
-                        self._drop(skipped)
-                    del self._ahead[: i + 1]
-                    break
-            if shard is None:
-                bucket, key = _split(url)
-                shard = _Shard(url, bucket, key, size, etag)
-            if size is not None and shard.size is not None and shard.size != size:
-                self._drop(shard)
-                raise ShardChangedError(f"{url}: expected {size} bytes, the object has {shard.size}")
-            if shard.size is None and size is not None:
-                shard.size = int(size)
-            if etag and shard.etag is None:
-                shard.etag = etag
-            shard.opened = True
-            self._open.append(shard)
-            self._pump()
+        stale: list = []  # bodies of the dropped shards' requests, stopped once the lock is let go
+        try:
+            with self._cv:
+                if self._closed:
+                    raise ValueError("open on a closed ShardFetcher")
+                shard = None
+                for i, s in enumerate(self._ahead):
+                    if s.url == url:
+                        shard = s
+                        for skipped in self._ahead[:i]:
+                            stale += self._drop(skipped)
+                        del self._ahead[: i + 1]
+                        break
+                if shard is None:
+                    bucket, key = _split(url)
+                    shard = _Shard(url, bucket, key, size, etag)
+                if size is not None and shard.size is not None and shard.size != size:
+                    stale += self._drop(shard)
+                    raise ShardChangedError(f"{url}: expected {size} bytes, the object has {shard.size}")
+                if shard.size is None and size is not None:
+                    shard.size = int(size)
+                if etag and shard.etag is None:
+                    shard.etag = etag
+                shard.opened = True
+                self._open.append(shard)
+                self._pump()
+        finally:
+            _stop_bodies(stale)
         return ShardReader(self, shard)
 
     def close(self) -> None:
+        """Stop every request at once (stalled ones included) and end the readers' waits."""
+        stale: list = []
         with self._cv:
             if self._closed:
                 return
             self._closed = True
+            self._stopping.set()
             for shard in self._open + self._ahead:
-                self._drop(shard)
+                stale += self._drop(shard)
             self._open, self._ahead = [], []
             self._cv.notify_all()
+        _stop_bodies(stale)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        _LIVE.discard(self)
 
     def __enter__(self) -> "ShardFetcher":
         return self
@@ -344,18 +357,20 @@ class ShardFetcher:
     def _release(self, n: int) -> None:
         self.reserved -= n
 
-    def _drop(self, shard: _Shard) -> None:
-        """Forget a shard: its fetched parts go, requests in flight finish into nothing."""
+    def _drop(self, shard: _Shard) -> list:
+        """Forget a shard: its fetched parts go, requests in flight finish into nothing. Returns the bodies of those
+        requests, for the caller to stop (_stop_bodies) once it has let go of the lock."""
         shard.dropped = True
+        bodies = []
         for part in shard.parts:
             if part.state == "done":
                 self._release(part.size)
                 part.data = None
-            for body in list(part.bodies):
-                _close_quietly(body)
+            bodies += part.bodies
             if part.state != "flight":
                 part.state = "read"
         shard.next_todo = len(shard.parts)
+        return bodies
 
     def _pump(self) -> None:
         """Send requests while in flight is under the depth and the budget allows, in priority order."""
@@ -464,6 +479,7 @@ class ShardFetcher:
                             shard.error = shard.error or self._error_for(shard, part, fail)
                             self._cv.notify_all()
                     return
+                twins: list = []
                 with self._cv:
                     if part.state == "flight" and not shard.dropped:
                         part.state, part.data = "done", data
@@ -471,10 +487,10 @@ class ShardFetcher:
                         winner = True
                         if duplicate:
                             self.stats["duplicate_wins"] += 1
-                        for body in list(part.bodies):
-                            _close_quietly(body)  # a straggling twin stops now
+                        twins = list(part.bodies)
                         self.in_flight -= 1
                         self._cv.notify_all()
+                _stop_bodies(twins)  # a straggling twin stops now
                 return
         finally:
             with self._cv:
@@ -501,8 +517,13 @@ class ShardFetcher:
         rid = resp.get("ResponseMetadata", {}).get("RequestId", "")
         body = resp["Body"]
         with self._cv:
-            part.bodies.add(body)
+            superseded = part.state != "flight" or shard.dropped  # a twin won (or nobody wants it) meanwhile
+            if not superseded:
+                part.bodies.add(body)  # from now on a winning twin or a drop stops it
             self._first_byte = _ewma(self._first_byte, headers_at - sent)
+        if superseded:
+            _close_quietly(body)
+            raise _Failure("Superseded", False, rid)
         try:
             got_etag = resp.get("ETag")
             total = _content_range_total(resp.get("ContentRange"))
@@ -563,8 +584,7 @@ class ShardFetcher:
                     shard.bucket, shard.key, what, fail.kind, fail.request_id or "-", attempt + 1, delay)
         if part is not None:
             part.progress = time.monotonic() + delay  # a backoff is not a stall
-        time.sleep(delay)
-        return True
+        return not self._stopping.wait(delay)  # close() ends the wait: a process exit joins these threads
 
     def _error_for(self, shard: _Shard, part: Optional[_Part], fail: _Failure) -> OSError:
         what = f" bytes {part.start}-{part.end - 1}" if part else ""
@@ -696,6 +716,21 @@ def _close_quietly(body: Any) -> None:
         pass
 
 
+def _stop_bodies(bodies: Iterable[Any]) -> None:
+    """Stop response bodies that other threads may be reading, at once. close() alone waits for such a read (it
+    needs http.client's buffered-reader lock, held by the blocked read): a stalled body held the closing thread, and
+    with it the fetcher, until read_timeout. Shutting the socket's read side first (urllib3 2's
+    HTTPResponse.shutdown(), under botocore's StreamingBody) makes the blocked read return now. A body read to its
+    end has given its connection back to urllib3's pool: shutdown() refuses it, and close() leaves the connection
+    alone. Call it without holding the fetcher's lock."""
+    for body in bodies:
+        try:
+            body._raw_stream.shutdown()
+        except Exception:  # noqa: BLE001 - its connection went back to the pool, or not a urllib3 2 response
+            pass
+        _close_quietly(body)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -747,10 +782,11 @@ class ShardReader(BlockStream):
         self._buf = b""
         f = self._f
         with f._cv:
-            f._drop(self._shard)
+            stale = f._drop(self._shard)
             if self._shard in f._open:
                 f._open.remove(self._shard)
             f._pump()
+        _stop_bodies(stale)  # its requests still in flight (stalled ones too) end now
 
 
 
@@ -778,13 +814,22 @@ def configure(**kwargs: Any) -> None:
         _FETCHERS.clear()
 
 
-@atexit.register
+_LIVE: "weakref.WeakSet[ShardFetcher]" = weakref.WeakSet()  # the process's fetchers not closed yet
+
+
 def _close_all() -> None:
     # requests in flight for shards nobody will read must not hold the interpreter's exit
     with _FETCHERS_LOCK:
-        for _, f in list(_FETCHERS.values()):  # a copy: _forget may remove entries meanwhile (see the lock)
+        for f in list(_LIVE):  # a copy: _forget may close some meanwhile (see the lock)
             f.close()
         _FETCHERS.clear()
+
+
+# Run before concurrent.futures joins its pools' threads at exit (threading's exit hooks run before atexit's, the
+# latest registered first; concurrent.futures registers its own this way): an atexit hook ran only after that join,
+# so an exit waited for every request in flight, stalled ones to their read_timeout, and meanwhile the monitor
+# thread, still duplicating stragglers, logged "cannot schedule new futures after shutdown".
+getattr(threading, "_register_atexit", atexit.register)(_close_all)
 
 
 def fetcher_for(fs: Any) -> ShardFetcher:
@@ -807,6 +852,7 @@ def _after_fork() -> None:
     global _FETCHERS_LOCK
     _FETCHERS_LOCK = threading.RLock()
     _FETCHERS.clear()
+    _LIVE.clear()  # closing them at exit would take locks that the parent's threads may have held
 
 
 os.register_at_fork(after_in_child=_after_fork)
