@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -311,6 +312,41 @@ def test_opening_another_shard_takes_the_budget_from_shards_ahead(server, root):
             assert read_all(f) == local.read()  # 00001 was skipped: dropped, its memory freed
         assert fx.reserved == 0
 
+
+
+def test_a_group_of_shards_downloads_each_shard_once(root, tmp_path):
+    """A task's group of shards (shard.process_shards, used above 1,000 shards) fetches each tar once. It named the
+    next two shards before each shard, and opening a shard drops every shard named before it: each look-ahead was
+    thrown away and downloaded again (shard k of a group k+1 times)."""
+    import s3fs
+
+    from conftest import TINY_MODEL
+    from wdsembed import plan, shard
+    from wdsembed.config import EmbedConfig
+
+    names = ["00000.tar", "00001.tar", "00002.tar"]
+    (tmp_path / "group").mkdir()
+    for name in names:
+        shutil.copy(root / BUCKET / name, tmp_path / "group" / name)
+    srv = S3Folder(tmp_path, access_key=KEY_ID).start()  # its own server: `ranges` holds this test's GETs only
+    s3fetch.configure(part_size=PART, memory_budget=64 * PART)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        config = EmbedConfig(input="s3://group", output=str(tmp_path / "out"), model_name=TINY_MODEL,
+                             pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                             use_index_files=False, storage_options={"endpoint_url": srv.endpoint})
+        results = shard.process_shards(config, plan.plan_shards(config))
+        fetched = {name: 0 for name in names}
+        for key, rng in srv.ranges:
+            if key in fetched:
+                first, last = map(int, re.fullmatch(r"bytes=(\d+)-(\d+)", rng).groups())
+                fetched[key] += last - first + 1
+        assert fetched == {name: (tmp_path / "group" / name).stat().st_size for name in names}
+        assert [(r.stem, r.embedded, r.failed) for r in results] == [(n[:-4], 24, 0) for n in names]
+        assert sorted(p.name for p in (tmp_path / "out").glob("*.parquet")) == [n[:-4] + ".parquet" for n in names]
+    finally:
+        s3fetch.configure()
+        srv.stop()
 
 def test_in_flight_grows_with_latency_and_halves_on_slowdown(server, root):
     proxy = ShapingProxy(server.endpoint, first_byte=0.1, rate=4e6).start()

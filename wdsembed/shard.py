@@ -241,10 +241,14 @@ def process_shards(
     config: EmbedConfig, plans: list[ShardPlan], *, on_progress: Callable[[int], None] = lambda n: None
 ) -> list[ShardResult]:
     """Every shard of a group, each tried; raises one ShardsFailed naming those that failed (with the results of
-    those that did not)."""
+    those that did not).
+
+    No look-ahead over the group: process_shard names its own shard to the S3 fetcher once its cache check has
+    passed, as in a one-shard task, and it downloads while the worker's other task threads embed theirs. Shards
+    named here ahead of that were downloaded twice or more: opening a shard drops every shard named before it
+    (storage.prefetch_shards), which were this group's next ones, or another group's in the same worker."""
     results, failures, transient = [], {}, False
-    for i, plan in enumerate(plans):
-        storage.prefetch_shards([p.shard for p in plans[i + 1:i + 3]], config.storage_options)  # the next ones
+    for plan in plans:
         try:
             results.append(process_shard(config, plan, on_progress=on_progress))
         except Exception as exc:  # noqa: BLE001 - every shard's outcome is reported; one failure stops no other

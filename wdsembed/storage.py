@@ -84,9 +84,10 @@ def open_sequential(fs: fsspec.AbstractFileSystem, path: str, *, size: int | Non
 
 
 def prefetch_shards(urls: Iterable[str], storage_options: Mapping[str, Any] | None = None) -> None:
-    """Start fetching the S3 shards that this process will open next (in order), so that the next shard's first
-    bytes are in memory when the current one ends. No-op for local and non-S3 URLs. Call it with the shards that
-    come after the one about to be read; the same process's open_sequential then finds them."""
+    """Start fetching the S3 shards that this process will open next (in order), so that a shard's first bytes
+    are in memory when its turn comes. No-op for local and non-S3 URLs. The same process's open_sequential then
+    finds them. Opening a shard drops every shard named before it (the caller went past them): where several
+    threads open shards, each names only its own, just before it waits for its turn (shard.process_shard does)."""
     urls = [u for u in urls if protocol(u) in _S3_PROTOCOLS]
     if not urls:
         return
