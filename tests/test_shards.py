@@ -259,6 +259,48 @@ def test_hard_links_through_a_forward_only_store_stream(tmp_path):
         "hard2": "hard link to 'hard1.jpg': this stream of the tar cannot read back to that member's data"}
 
 
+def test_hard_links_in_an_s3_shard_read_back_the_version_being_read(tmp_path, monkeypatch):
+    """S3 shards stream through s3fetch.ShardReader, forward only: a hard link's target comes back with one ranged
+    read of the object version being read (If-Match on its ETag), the rows as from the local file. A shard that was
+    replaced meanwhile (here by the very same bytes: a new object all the same) fails naming it, instead of
+    mixing two versions. The reader had no way back before: the links' rows said so, unlike a local read."""
+    import s3fs
+
+    from s3fast import S3Folder
+    from wdsembed import s3fetch, storage
+
+    key_id = "AKIASHARDSTESTKEY001"
+    nowhere = str(tmp_path / "no-aws-config")
+    for name, value in {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": "shards-test-secret-value",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+                        "AWS_CONFIG_FILE": nowhere, "AWS_SHARED_CREDENTIALS_FILE": nowhere}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    tar = _links_tar(tmp_path)
+    (tmp_path / "s3" / "b").mkdir(parents=True)
+    shutil.copy(tar, tmp_path / "s3" / "b" / "links.tar")
+    srv = S3Folder(tmp_path / "s3", access_key=key_id).start()
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        fs, path = storage.filesystem("s3://b/links.tar", {"endpoint_url": srv.endpoint})
+        with storage.open_sequential(fs, path) as f:  # as shard.TarRead reads a shard
+            assert isinstance(f, s3fetch.ShardReader)
+            assert _rows(list(iter_samples(f, extensions=EXTS, shard="s3://b/links.tar"))) == {
+                "good1": b"G" * 700, **LINK_ROWS}
+        assert s3fetch.fetcher_for(fs).stats["read_backs"] == 2  # hard1 and hard2, one ranged read each
+
+        with storage.open_sequential(fs, path) as f:
+            samples = iter_samples(f, extensions=EXTS, shard="s3://b/links.tar")
+            assert next(samples).key == "good1"  # the whole tar (one part) is in hand
+            shutil.copy(tar, tmp_path / "replaced.tar")
+            os.replace(tmp_path / "replaced.tar", tmp_path / "s3" / "b" / "links.tar")
+            with pytest.raises(s3fetch.ShardChangedError, match="s3://b/links.tar changed"):
+                list(samples)
+    finally:
+        srv.stop()
+        s3fetch.configure()  # the fetcher of this test's s3fs instance goes
+
 @pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar not installed")
 def test_gnu_tar_hard_links(tmp_path):
     """GNU tar archives a file with two names once, then as a hard link ('1') to the first name."""

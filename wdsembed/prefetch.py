@@ -165,6 +165,11 @@ class ReadAhead(BlockStream):
                 time.sleep(min(0.2 * 2**attempt, 5.0))
         raise AssertionError("unreachable")
 
+    def read_range(self, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of the object, wherever the forward read is (a hard link's target, which the
+        read has passed): one ranged read."""
+        return self.fs.cat_file(self.path, start=offset, end=offset + size)
+
     def _named(self, exc: OSError) -> OSError:
         """The same error, saying which object (s3fs's own says only "Access Denied" or "Not Found")."""
         return type(exc)(f"{self.name}: {exc}")

@@ -506,7 +506,24 @@ class ShardFetcher:
                         shard.next_todo = min(shard.next_todo, part.index)
                 self._pump()
 
-    def _get(self, shard: _Shard, part: _Part) -> bytes:
+    def _read_range(self, shard: _Shard, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the shard's object, of the version being read (If-Match on its ETag), fetched now
+        for a read back (a hard link's target, which the reader has passed). Outside the depth and the budget (one
+        member's bytes, handed straight to the caller) and out of the measurements that size them."""
+        part = _Part(shard, -1, start, end)
+        part.state = "flight"
+        attempt = 0
+        while True:
+            try:
+                return self._get(shard, part, measure=False)
+            except BaseException as exc:  # noqa: BLE001 - classified
+                fail = _classify(exc)
+                if not self._may_retry(shard, part, fail, attempt):
+                    raise self._error_for(shard, part, fail) from None
+                attempt += 1
+
+    def _get(self, shard: _Shard, part: _Part, *, measure: bool = True) -> bytes:
+        """One GET of the part's bytes. `measure`: count it in the latency and rate that size in flight."""
         kwargs = {"Bucket": shard.bucket, "Key": shard.key, "Range": f"bytes={part.start}-{part.end - 1}"}
         etag = shard.etag
         if etag:
@@ -520,7 +537,8 @@ class ShardFetcher:
             superseded = part.state != "flight" or shard.dropped  # a twin won (or nobody wants it) meanwhile
             if not superseded:
                 part.bodies.add(body)  # from now on a winning twin or a drop stops it
-            self._first_byte = _ewma(self._first_byte, headers_at - sent)
+            if measure:
+                self._first_byte = _ewma(self._first_byte, headers_at - sent)
         if superseded:
             _close_quietly(body)
             raise _Failure("Superseded", False, rid)
@@ -549,6 +567,9 @@ class ShardFetcher:
                 raise _Failure("ShortRead", True, rid, f"{n} of {part.size} bytes")
             done = time.monotonic()
             with self._cv:
+                if not measure:
+                    self.stats["read_backs"] += 1
+                    return data
                 self._received += n
                 self._part_time = _ewma(self._part_time, done - sent)
                 if done > headers_at:
@@ -750,6 +771,12 @@ class ShardReader(BlockStream):
     @property
     def size(self) -> Optional[int]:
         return self._shard.size
+
+    def read_range(self, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of the shard, wherever the forward read is: one ranged GET of the same object
+        version (If-Match on its ETag), so a shard rewritten meanwhile raises ShardChangedError. For a hard link's
+        target (shards.iter_samples), which the reader has already passed and handed over."""
+        return self._f._read_range(self._shard, offset, offset + size)
 
     def _next_block(self) -> bool:
         """Make the next part current; False at the end of the shard."""

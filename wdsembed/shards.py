@@ -73,10 +73,10 @@ def iter_samples(
     skipped without ending the current sample.
     A hard link member (legal tar: the same file archived twice) counts as the file it links to, an earlier
     regular member of this tar: its image bytes are that member's, read back from the data offset remembered for
-    every regular member (a seek and read where `f` is seekable, a ranged read where `f` is a prefetch.ReadAhead;
-    elsewhere the sample gets an error saying so). Only a hard link costs a read back; the map of offsets costs
-    about 200 bytes per member, never image bytes. A hard link to a name that is no earlier regular member gets
-    an error.
+    every regular member (a seek and read where `f` is seekable, a ranged read where `f` has `read_range`, as
+    prefetch.ReadAhead and s3fetch.ShardReader do; elsewhere the sample gets an error saying so). Only a hard
+    link costs a read back; the map of offsets costs about 200 bytes per member, never image bytes. A hard link to
+    a name that is no earlier regular member gets an error.
     A symbolic link, device or FIFO member is never followed or read: where it is named like an image and its
     sample has no real image member, the sample gets an error saying so ("symbolic link member, not followed").
     An image member of 0 bytes yields error "empty image member" (DALI's decoder would only say
@@ -502,8 +502,9 @@ def _shown(name: str, limit: int = 200) -> str:
 
 def _read_back(f: BinaryIO) -> Optional[Callable[[int, int], bytes]]:
     """How to read bytes [offset, offset+size) of the tar that `f` has already passed, without disturbing the
-    forward read: seek and come back on a seekable file; a ranged read of the same object for prefetch.ReadAhead
-    (forward-only, but it names its filesystem and path); None for other streams."""
+    forward read: seek and come back on a seekable file; `f.read_range(offset, size)` where the stream has one, a
+    ranged read of the same object (prefetch.ReadAhead; s3fetch.ShardReader, of the same version); None for other
+    streams."""
     try:
         seekable = bool(f.seekable())
     except (AttributeError, OSError, ValueError):
@@ -517,10 +518,8 @@ def _read_back(f: BinaryIO) -> Optional[Callable[[int, int], bytes]]:
             finally:
                 f.seek(here)
         return read
-    fs, path = getattr(f, "fs", None), getattr(f, "path", None)
-    if fs is not None and isinstance(path, str) and hasattr(fs, "cat_file"):
-        return lambda offset, size: fs.cat_file(path, start=offset, end=offset + size)
-    return None
+    read_range = getattr(f, "read_range", None)
+    return read_range if callable(read_range) else None
 
 
 def _check_against_index(shard: str, m: tarstream.Member, entry: Optional["shardindex.IndexMember"]) -> None:
