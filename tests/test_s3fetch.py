@@ -200,6 +200,39 @@ def test_closing_a_reader_early_stops_its_stalled_requests(server, root):
         path.unlink()
 
 
+
+def test_a_read_waiting_in_another_thread_ends_when_the_reader_is_closed(server, root):
+    """read() blocked on a part that does not come (stalled; a budget of one part leaves no room for a duplicate)
+    raises once another thread closes the reader, instead of waiting for parts that its shard, dropped, will never
+    get."""
+    import threading
+
+    path = root / BUCKET / "waiting.bin"
+    path.write_bytes(os.urandom(4 * PART))
+    proxy = ShapingProxy(server.endpoint, every=1, kinds=("stall",), stall_seconds=STALL).start()
+    try:
+        with fetcher(proxy.endpoint, memory_budget=PART, initial_in_flight=1) as fx:
+            f = fx.open(f"s3://{BUCKET}/waiting.bin")
+            outcome = []
+
+            def read() -> None:
+                try:
+                    outcome.append(f.read())
+                except ValueError as exc:
+                    outcome.append(exc)
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            assert until(lambda: proxy.stalling == 1)
+            f.close()
+            assert until(lambda: not reader.is_alive()), "read() still waits on a closed reader"
+            assert proxy.stalling == 1  # it ended for the close, not because the part came
+            assert len(outcome) == 1 and isinstance(outcome[0], ValueError)
+            assert f"s3://{BUCKET}/waiting.bin" in str(outcome[0]) and "closed" in str(outcome[0])
+    finally:
+        proxy.stop()
+        path.unlink()
+
 def test_a_process_exit_does_not_wait_for_stalled_requests(server, root):
     """Shards fetched ahead for nobody must not hold the interpreter's exit: the fetchers are closed before
     concurrent.futures joins its threads, and the monitor says nothing meanwhile."""

@@ -757,7 +757,8 @@ def _stop_bodies(bodies: Iterable[Any]) -> None:
 
 class ShardReader(BlockStream):
     """Forward-only binary file over one shard of a ShardFetcher; `read(n)` waits for the parts it needs (its
-    blocks are the fetcher's parts)."""
+    blocks are the fetcher's parts). Closing it, or its fetcher, from another thread makes a waiting read() raise
+    ValueError: its shard is dropped, and no part of it will come."""
 
     def __init__(self, fetcher: ShardFetcher, shard: _Shard) -> None:
         self._f, self._shard = fetcher, shard
@@ -784,10 +785,14 @@ class ShardReader(BlockStream):
         self._buf, self._pos = b"", 0
         with f._cv:
             while True:
+                if self.closed:  # by another thread while this one waited
+                    raise ValueError(f"{shard.url}: read of a closed ShardReader")
                 if shard.error is not None:
                     raise shard.error
                 if f._closed:
                     raise ValueError(f"{shard.url}: the fetcher was closed")
+                if shard.dropped:  # no part of it will come
+                    raise ValueError(f"{shard.url}: the fetcher dropped this shard")
                 if shard.size is not None:
                     if self._next >= len(shard.parts) and (shard.parts or shard.size == 0):
                         return False
@@ -813,6 +818,7 @@ class ShardReader(BlockStream):
             if self._shard in f._open:
                 f._open.remove(self._shard)
             f._pump()
+            f._cv.notify_all()  # a read() waiting in another thread raises now
         _stop_bodies(stale)  # its requests still in flight (stalled ones too) end now
 
 
