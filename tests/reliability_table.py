@@ -35,6 +35,7 @@ CASES: list[tuple[str, str, str]] = [
     ("img-palette", "Images", "Palette PNG with transparency (GIF converted to PNG)"),
     ("img-progressive", "Images", "Progressive JPEG"),
     ("img-exif", "Images", "EXIF-rotated JPEG (orientation 6)"),
+    ("img-exif-disagree", "Images", "JPEG whose two EXIF blocks disagree on a quarter turn (orientation 6, then 3)"),
     ("img-1x1", "Images", "1x1 pixel"),
     ("img-bomb", "Images", "20000x20000 PNG (decompression bomb)"),
     ("img-animated-webp", "Images", "Animated WebP (3 frames)"),

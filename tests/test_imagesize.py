@@ -158,25 +158,35 @@ def corpus() -> dict[str, bytes]:
     out["exif_jpeg_after_sof"] = _jpeg_segments(plain_jpeg, before_sos=_app1(b"Exif\0\0" + blocks["ok6"]))
     out["exif_jpeg_two_blocks"] = _jpeg_segments(
         plain_jpeg, after_soi=_app1(b"Exif\0\0" + blocks["ok6"]), before_sos=_app1(b"Exif\0\0" + _ifd([_orient(3)])))
+    out["exif_jpeg_two_blocks_agree"] = _jpeg_segments(
+        plain_jpeg, after_soi=_app1(b"Exif\0\0" + blocks["ok6"]), before_sos=_app1(b"Exif\0\0" + _ifd([_orient(8)])))
     out["exif_jpeg_second_block_bad"] = _jpeg_segments(
         plain_jpeg, after_soi=_app1(b"Exif\0\0" + blocks["ok6"]), before_sos=_app1(b"Exif\0\0" + blocks["wrong_mark"]))
     out["exif_jpeg_fill_bytes"] = _jpeg_segments(plain_jpeg, after_soi=b"\xff\xff" + _app1(b"Exif\0\0" + blocks["ok6"]))
     out["exif_png_after_idat"] = _png_with(plain_png, _png_chunk(b"eXIf", blocks["ok6"]), at_end=True)
     out["exif_png_two_chunks"] = _png_with(_png_with(plain_png, _png_chunk(b"eXIf", blocks["ok6"])),
                                            _png_chunk(b"eXIf", _ifd([_orient(3)])), at_end=True)
+    out["exif_png_two_chunks_agree"] = _png_with(_png_with(plain_png, _png_chunk(b"eXIf", blocks["ok6"])),
+                                                 _png_chunk(b"eXIf", _ifd([_orient(8)])), at_end=True)
+    out["exif_png_no_orientation_then_turned"] = _png_with(
+        _png_with(plain_png, _png_chunk(b"eXIf", blocks["no_orientation"])), _png_chunk(b"eXIf", blocks["ok6"]),
+        at_end=True)
     out["exif_webp_flag_off"] = _webp_vp8x(lossy, 61, 37, blocks["ok6"], flags=0)
     out["exif_webp_with_prefix"] = _webp_vp8x(lossy, 61, 37, b"Exif\0\0" + blocks["ok6"])
     return out
 
 
-# PNGs whose eXIf chunk DALI's CPU decoder reads as turned while its shape says unturned: decoding one corrupts
-# the heap and kills the process (DALI 2.4), so image_size refuses them and they are never decoded here.
-CRASHES_DALI = ("exif_png_bad_string_after", "exif_png_bad_rational", "exif_png_cut_in_entry")
+# Images that DALI's CPU decoder turns otherwise than their shape says: a PNG eXIf chunk with a quarter turn that
+# DALI's EXIF reader rejects, EXIF blocks or chunks that disagree on a quarter turn. Decoding one corrupts the heap
+# and kills the process, or scrambles the pixels (DALI 2.4), so image_size refuses them and they are never decoded
+# here (test_pipeline decodes them, each in a process of its own).
+MISDECODED_BY_DALI = ("exif_png_bad_string_after", "exif_png_bad_rational", "exif_png_cut_in_entry",
+                      "exif_jpeg_two_blocks", "exif_png_two_chunks", "exif_png_no_orientation_then_turned")
 
 
 def dali_shapes(images: dict[str, bytes]) -> dict[str, tuple]:
     """name -> (peek_image_shape[:2], decoded shape[:2] or None) from DALI. The crafted EXIF cases are only
-    peeked (see CRASHES_DALI); the shapes of decoded images are checked on every real one."""
+    peeked (see MISDECODED_BY_DALI); the shapes of decoded images are checked on every real one."""
     from nvidia.dali import fn, pipeline_def, types
 
     def run(names: list[str], decode: bool) -> list:
@@ -206,7 +216,7 @@ def test_sizes_match_dali_peek_image_shape_and_decoder():
         peek, decoded = dali[name]
         if decoded is not None:
             assert peek == decoded, name
-        if name in CRASHES_DALI:
+        if name in MISDECODED_BY_DALI:
             with pytest.raises(UnreadableImage, match="refused, DALI's decoder crashes on it"):
                 image_size(data)
             continue
@@ -221,7 +231,7 @@ def test_what_dali_rotates():
     """The cases above, spelled out: which EXIF blocks turn the image (61x37 stored) for DALI and so for us."""
     images = corpus()
     turned = {n for n, data in images.items()
-              if n.startswith("exif_") and n not in CRASHES_DALI and image_size(data) == (61, 37)}
+              if n.startswith("exif_") and n not in MISDECODED_BY_DALI and image_size(data) == (61, 37)}
     for fmt in ("jpeg", "png", "webp"):
         # "IM": byte orders that disagree are read big-endian
         for case in ("ok6", "ok6_be", "short_string_ok", "good_rational", "two_orientations", "mixed_byte_order"):
@@ -232,8 +242,9 @@ def test_what_dali_rotates():
     # an entry DALI's EXIF reader cannot read voids the whole block for JPEG (and PNG), not for WebP
     assert "exif_jpeg_bad_string_after" not in turned
     assert "exif_webp_bad_string_after" in turned
-    # the last block (JPEG) or chunk (PNG) with an orientation wins; WebP reads its first EXIF chunk only
-    assert "exif_jpeg_two_blocks" not in turned and "exif_png_two_chunks" not in turned
+    # the last readable block (JPEG) or chunk (PNG) with an orientation wins (where they disagree on a quarter turn,
+    # the image is refused: MISDECODED_BY_DALI); WebP reads its first EXIF chunk only
+    assert "exif_jpeg_two_blocks_agree" in turned and "exif_png_two_chunks_agree" in turned
     assert "exif_jpeg_second_block_bad" in turned and "exif_jpeg_after_sof" in turned
 
 

@@ -2,6 +2,13 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -342,9 +349,6 @@ def test_the_graph_holds_no_per_sample_scalar_arithmetic():
 def test_headers_decide_before_dali(clean_rows):
     """What the header reader refuses never reaches DALI, and the batch around it is unaffected: a header with no
     size, a decompression bomb, and a PNG whose eXIf chunk crashes DALI's decoder (the process, not the batch)."""
-    import struct
-    import zlib
-
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -367,6 +371,78 @@ def test_headers_decide_before_dali(clean_rows):
     }
     assert sizes == [3, 3, 1]  # batches filled with the good images only
     assert all(torch.equal(rows[k], clean_rows[k]) for k in rows) and len(rows) == len(good)
+
+
+def _exif(orientation: Optional[int], readable: bool = True) -> bytes:
+    """A little-endian EXIF (TIFF) block whose IFD0 holds an orientation tag (None: only a resolution unit). Not
+    `readable`: a Make string follows whose offset lies outside the block, so that DALI's EXIF reader rejects the
+    block, though it has read the orientation tag by then."""
+    tag, value = (0x0112, orientation) if orientation is not None else (0x0128, 2)
+    entries = struct.pack("<HHIH2x", tag, 3, 1, value)  # one SHORT, in the entry's 4-byte value field
+    if not readable:
+        entries += struct.pack("<HHII", 0x010F, 2, 40, 5000)
+    return b"II*\x00" + struct.pack("<IH", 8, 1 + (not readable)) + entries + b"\x00" * 4
+
+
+def _jpeg_with_exif(jpeg: bytes, *blocks: bytes) -> bytes:
+    """`jpeg` with an EXIF APP1 segment per block after its start-of-image marker."""
+    app1 = b"".join(b"\xff\xe1" + struct.pack(">H", len(b) + 8) + b"Exif\0\0" + b for b in blocks)
+    return jpeg[:2] + app1 + jpeg[2:]
+
+
+def _png_with_exif(png: bytes, *blocks: bytes) -> bytes:
+    """`png` with an eXIf chunk per block after its IHDR chunk."""
+    chunks = b"".join(struct.pack(">I", len(b)) + b"eXIf" + b + struct.pack(">I", zlib.crc32(b"eXIf" + b))
+                      for b in blocks)
+    return png[:33] + chunks + png[33:]
+
+
+def exif_disagreements() -> dict[str, bytes]:
+    """Images whose EXIF blocks disagree on a quarter turn (orientations 5-8 against 1-4). DALI 2.4's CPU decoder
+    turns each by its first block but sizes it by its last readable one: it kills the process decoding those that
+    it turns while their size says not, and scrambles the pixels of the others."""
+    jpeg = photos()["coffee_640x427.jpg"]
+    png = _encode(Image.fromarray(skimage_data.coffee()).resize((300, 200)), "PNG")  # not square: a turn shows
+    return {
+        "jpeg_6_then_3.jpg": _jpeg_with_exif(jpeg, _exif(6), _exif(3)),  # crashes
+        "jpeg_1_then_6.jpg": _jpeg_with_exif(jpeg, _exif(1), _exif(6)),  # scrambled
+        "jpeg_unreadable_6_then_3.jpg": _jpeg_with_exif(jpeg, _exif(6, readable=False), _exif(3)),  # crashes
+        "png_6_then_1.png": _png_with_exif(png, _exif(6), _exif(1)),  # crashes
+        "png_no_orientation_then_6.png": _png_with_exif(png, _exif(None), _exif(6)),  # scrambled
+    }
+
+
+# Run in a process of its own, as a crash there kills the process: the photos of test_pipeline with one crafted
+# image among them (argv[1]) through one pipeline, in batches of 4; saves the rows (argv[2]), prints the failures.
+_DECODE_AMONG_PHOTOS = """
+import json, sys, torch
+from test_pipeline import ImagePipeline, photos, recipe_of, run_all
+good = list(photos().items())
+samples = good[:2] + [("crafted", open(sys.argv[1], "rb").read())] + good[2:]
+with ImagePipeline(recipe_of(), batch_size=4, num_threads=1, device_id=None) as pipe:
+    rows, failed, _ = run_all(pipe, samples)
+torch.save(rows, sys.argv[2])
+print(json.dumps(failed))
+"""
+
+
+@pytest.mark.parametrize("case", list(exif_disagreements()))
+def test_exif_blocks_that_disagree_cost_only_their_image(case, tmp_path, clean_rows):
+    """Decoded for real, each in a process of its own: refused on the host with its reason, never fed to DALI,
+    and every photo of its batch is still embedded as it is alone."""
+    image, rows_file = tmp_path / case, tmp_path / "rows.pt"
+    image.write_bytes(exif_disagreements()[case])
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests])}
+    done = subprocess.run([sys.executable, "-c", _DECODE_AMONG_PHOTOS, str(image), str(rows_file)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"the process decoding {case} died ({done.returncode}): {done.stderr[-2000:]}"
+    kind, blocks = ("JPEG", "APP1 blocks") if case.startswith("jpeg") else ("PNG", "eXIf chunks")
+    assert json.loads(done.stdout.splitlines()[-1]) == {
+        "crafted": f"{kind} EXIF {blocks} disagree on whether the image is turned a quarter (orientations 5-8 "
+                   "against 1-4): refused, DALI's decoder crashes on it or scrambles it"}
+    rows = torch.load(rows_file)
+    assert set(rows) == set(photos()) and all(torch.equal(rows[k], clean_rows[k]) for k in rows)
 
 
 def test_gpu_graph_is_well_formed():

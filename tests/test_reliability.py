@@ -154,6 +154,14 @@ def _photo() -> Image.Image:
         return make_image(300, 200, seed=7)
 
 
+def exif_app1(orientation: int) -> bytes:
+    """A JPEG APP1 segment holding an EXIF block with this orientation."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    block = exif.tobytes()  # b"Exif\0\0" and the TIFF block
+    return b"\xff\xe1" + struct.pack(">H", len(block) + 2) + block
+
+
 def image_cases() -> dict[str, tuple[bytes, str]]:
     """key -> (bytes, member extension). Keys are the image case ids of the table (one shard holds them all)."""
     photo = _photo()
@@ -181,6 +189,7 @@ def image_cases() -> dict[str, tuple[bytes, str]]:
                         "png"),
         "img-progressive": (_enc(photo, "JPEG", quality=90, progressive=True), "jpg"),
         "img-exif": (_enc(photo, "JPEG", quality=90, exif=exif.tobytes()), "jpg"),
+        "img-exif-disagree": (full_jpeg[:2] + exif_app1(6) + exif_app1(3) + full_jpeg[2:], "jpg"),
         "img-1x1": (_enc(Image.new("RGB", (1, 1), (200, 30, 30)), "PNG"), "png"),
         "img-bomb": (png_bomb(), "png"),
         "img-animated-webp": (webp.getvalue(), "webp"),
@@ -204,7 +213,7 @@ def image_run(tmp_path_factory):
     std = torch.tensor(worker.recipe.std).view(3, 1, 1) * 255  # model input back in 0..255 units
     pairs = []
     for key, (b, _) in cases.items():
-        if key in ("img-truncated-jpeg", "img-empty", "img-random", "img-html", "img-bomb"):
+        if key in ("img-truncated-jpeg", "img-empty", "img-random", "img-html", "img-exif-disagree", "img-bomb"):
             continue
         pairs += [(key, b), (key + "#pil", _enc(pil_reference(b), "PNG"))]
     frames = [make_image(64, 48, seed=s) for s in range(3)]
@@ -296,6 +305,21 @@ def test_exif_rotated(image_run):
                  did="embedded upright: model input within 1/255 of Pillow's exif_transpose, unlike the stored "
                      "pixel order",
                  lost="nothing")
+
+
+def test_exif_blocks_that_disagree(image_run):
+    """DALI's decoder would turn it by the first block and size it by the last: it crashes the process or scrambles
+    the pixels (tests/test_pipeline.py decodes such images, each in a process of its own). Refused on the host."""
+    rows, result = by_key(image_run["table"]), image_run["result"]
+    emb, reason = rows["img-exif-disagree"]
+    assert emb is None and reason == ("JPEG EXIF APP1 blocks disagree on whether the image is turned a quarter "
+                                      "(orientations 5-8 against 1-4): refused, DALI's decoder crashes on it or "
+                                      "scrambles it"), reason
+    assert rows["control"][0] is not None
+    table.record("img-exif-disagree", done="a 300x200 JPEG with two EXIF APP1 blocks, orientation 6 then 3",
+                 did=f"not decoded (read from the header): row kept without embedding, reason {q(reason)}; the other "
+                     f"images of the shard embedded ({result.embedded} of {result.rows})",
+                 lost="its embedding (Pillow turns it by its first block, DALI cannot decode it safely)")
 
 
 def test_animated_webp(image_run):

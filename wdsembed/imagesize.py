@@ -9,7 +9,9 @@ including where they read EXIF orientation (JPEG APP1, PNG eXIf, WebP EXIF, TIFF
 (OpenCV's) accepts or rejects a block. Orientations 5-8 (a quarter turn) swap height and width. They are lenient
 where nvImageCodec is strict about bytes that do not change the size (a stream cut short after its header): such
 an image is fed to DALI, whose decoder then names what is wrong with it. What no parser here can read is tried with
-Pillow (`Image.open` reads the header only); what that cannot read either raises `UnreadableImage`.
+Pillow (`Image.open` reads the header only); what that cannot read either raises `UnreadableImage`, as does an image
+that DALI's decoder would turn otherwise than it sizes it (EXIF blocks that disagree on a quarter turn), which
+crashes the process that decodes it.
 """
 from __future__ import annotations
 
@@ -273,6 +275,7 @@ def _jpeg(d: Bytes, n: int) -> Optional[tuple[int, int]]:
     pos = 2
     hw = None
     orientation = None
+    turns = set()  # whether each EXIF block's orientation tag is a quarter turn, the block readable or not
     marker_and_length, kinds = _MARKER_AND_LENGTH, _MARKER_KIND  # this loop is the per-image cost: lean
     while pos + 4 <= n:
         marker, size = marker_and_length(d, pos)
@@ -303,12 +306,25 @@ def _jpeg(d: Bytes, n: int) -> Optional[tuple[int, int]]:
             if len(block) != size - 8:  # cut short inside EXIF: DALI fails it; the decoder will say so
                 break
             ok, o = _exif_orientation(block)
-            if ok and o is not None:
-                orientation = o
+            if o is not None:
+                turns.add(o in _QUARTER_TURN)
+                if ok:
+                    orientation = o
         pos += 2 + size
     if hw is None:
         raise _Bad("no frame header (SOF) before the image data")
+    if len(turns) > 1:
+        raise UnreadableImage(_TURNS_DISAGREE.format("JPEG", "APP1 blocks"))
     return _oriented(hw[0], hw[1], orientation)
+
+
+# DALI 2.4's CPU decoder turns an image by its first EXIF block (JPEG: the first that names an orientation, readable
+# or not; PNG: the first eXIf chunk) but sizes it by the last readable one, as fn.peek_image_shape and `image_size`
+# do. Where one is a quarter turn and the other not, it writes past its output (the process dies) or scrambles the
+# pixels. Refused wherever the blocks disagree, also where DALI happens to decode it (a last block of orientation 1):
+# such an image has no one upright to embed.
+_TURNS_DISAGREE = ("{} EXIF {} disagree on whether the image is turned a quarter (orientations 5-8 against 1-4): "
+                   "refused, DALI's decoder crashes on it or scrambles it")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,6 +342,7 @@ def _png(d: Bytes, n: int) -> tuple[int, int]:
         raise _Bad(f"bit depth {depth} with color type {color}")
     pos = 33
     orientation = None
+    turns = set()  # whether each eXIf chunk turns the image a quarter: one without an orientation tag does not
     while pos + 8 <= n:
         length = _be32(d, pos)
         kind = d[pos + 4 : pos + 8]
@@ -336,6 +353,7 @@ def _png(d: Bytes, n: int) -> tuple[int, int]:
             if len(chunk) != length:
                 break
             ok, o = _exif_orientation(chunk)
+            turns.add(o in _QUARTER_TURN)
             if ok and o is not None:
                 orientation = o
             elif o in _QUARTER_TURN:
@@ -346,6 +364,8 @@ def _png(d: Bytes, n: int) -> tuple[int, int]:
                     "decoder crashes on it"
                 )
         pos += 12 + length
+    if len(turns) > 1:
+        raise UnreadableImage(_TURNS_DISAGREE.format("PNG", "eXIf chunks"))
     return _oriented(h, w, orientation)
 
 
