@@ -265,6 +265,33 @@ def test_weights_neither_cached_nor_reachable(shards, tmp_path, monkeypatch, cap
     print(f"unreachable weights refused in {seconds:.2f} s (in-process)")
 
 
+def test_checkpoint_is_a_local_path_or_file_url(shards, tmp_path, capsys):
+    """Each worker loads the checkpoint from its own disk: a file:// URL is taken as its path everywhere (it was
+    found by the checks, then missed by every worker), and another store's URL is refused at once (it passed the
+    checks, then failed every shard)."""
+    import timm
+    import torch
+
+    from wdsembed.api import TimmImageEmbedder
+    from wdsembed.model import load_model
+
+    weights = tmp_path / "w.pth"
+    torch.save(timm.create_model(TINY_MODEL, pretrained=False).state_dict(), weights)
+    argv = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--device", "cpu"]
+    config = cli.config_from_args(cli.build_parser().parse_args(argv + ["--checkpoint", weights.as_uri()]))
+    assert config.checkpoint == str(weights)
+    cli.refuse_unusable(config)  # the checks load it into the model on the meta device
+    assert load_model(config.model_name, checkpoint=config.checkpoint).weights == f"checkpoint:{weights}"
+
+    why = ("must be a local path or file:// URL, not a URL of another store (s3://): each worker loads it from its "
+           "own disk; copy it to a local path on every worker and pass that")
+    code, err, started, _ = run_main(argv + ["--checkpoint", "s3://bucket/weights/w.pth"], capsys)
+    assert code == 2 and not started and err == f"error: invalid parameters:\n  checkpoint: {why}\n", err
+    with pytest.raises(ValueError, match=re.escape(why)):
+        TimmImageEmbedder(TINY_MODEL, checkpoint="s3://bucket/weights/w.pth")
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_that_cannot_be_written(shards, tmp_path, capsys):
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")

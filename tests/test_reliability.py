@@ -1063,17 +1063,22 @@ def test_wrong_checkpoint(tmp_path, capsys):
     other = tmp_path / "vit.safetensors"
     save_file(timm.create_model("test_vit.r160_in1k", pretrained=False).state_dict(), str(other))
     wrong = refused(tmp_path, capsys, "--model", TINY_MODEL, "--checkpoint", str(other))
+    # each worker loads it from its own disk: another store's URL passed the checks, then failed every shard
+    remote = refused(tmp_path, capsys, "--model", TINY_MODEL, "--checkpoint", "s3://weights/vit.safetensors")
     assert "is not a file: pass the path of a weights file" in missing
     assert "cannot be read" in unreadable and "pass --checkpoint a weights file of" in unreadable
     assert "does not fit 'test_resnet.r160_in1k'" in wrong and "Missing key(s) in state_dict" in wrong
     assert "pass --checkpoint a weights file of" in wrong
+    assert remote.startswith("error: invalid parameters:\n  checkpoint: must be a local path or file:// URL, not a "
+                             "URL of another store (s3://)"), remote
     table.record("param-checkpoint",
                  done="--checkpoint: a missing path; an HTML page saved as .pth; the weights of another model "
-                      "(test_vit) for test_resnet",
+                      "(test_vit) for test_resnet; an s3:// URL",
                  did="exit 2 before any work, nothing written: 'is not a file: pass the path of a weights file "
                      "(.safetensors, .pth, .bin)'; 'cannot be read'; 'does not fit 'test_resnet.r160_in1k': ... "
                      "Missing key(s) in state_dict', each ending 'pass --checkpoint a weights file of <model>' (the "
-                     "file is loaded into the model built on the meta device: no memory, no download)",
+                     "file is loaded into the model built on the meta device: no memory, no download); "
+                     f"{q(remote.splitlines()[-1].strip())} (a file:// URL is taken as its path)",
                  lost="nothing (no work started)")
 
 

@@ -191,7 +191,9 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
     except ValidationError as exc:
         print("error: invalid parameters:", file=sys.stderr)
         for err in exc.errors():
-            print(f"  {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+            where = ".".join(map(str, err["loc"]))  # none for a rule over several fields
+            message = err["msg"].removeprefix("Value error, ")  # pydantic's words for a validator's own message
+            print(f"  {where}: {message}" if where else f"  {message}", file=sys.stderr)
         return 2
     try:
         refuse_unusable(config)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 from typing import Literal, Optional
 
+from fsspec.core import split_protocol
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from wdsembed.storeoptions import CREDENTIALS_HINT, SECRET_OPTION_PATTERN, secret_options, url_has_password
+from wdsembed.storeoptions import CREDENTIALS_HINT, SECRET_OPTION_PATTERN, protocol, secret_options, url_has_password
 
 DEFAULT_MODEL = "vit_large_patch14_clip_quickgelu_224.openai"
 DEFAULT_INDEX_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "wdsembed", "idx")
@@ -41,7 +42,9 @@ class EmbedConfig(BaseModel):
         True, description="Load pretrained weights (from --checkpoint, the local timm/Hugging Face cache, or the Hub)."
     )
     checkpoint: Optional[str] = Field(
-        None, description="Local weights file (.safetensors, .pth, .bin) to load instead of downloading."
+        None, description="Local weights file (.safetensors, .pth, .bin) to load instead of downloading: a path or a "
+        "file:// URL, at the same place on every worker. A URL of another store is refused: copy the file to each "
+        "worker first.",
     )
     embedding: Literal["auto", "head", "pooled"] = Field(
         "auto",
@@ -185,6 +188,19 @@ class EmbedConfig(BaseModel):
         if value and url_has_password(value):
             raise ValueError(f"the URL holds a password, which would be logged and stored; {CREDENTIALS_HINT}")
         return value
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _local_checkpoint(cls, value: Optional[str]) -> Optional[str]:
+        # Each worker loads it from its own disk (torch, safetensors): a file:// URL is its path; another store's
+        # would pass the checks (which can list it) and then fail every shard.
+        if not value:
+            return value
+        store = value.split("::")[0] + "::" if "::" in value else protocol(value) + "://"
+        if store not in ("file://", "local://"):
+            raise ValueError(f"must be a local path or file:// URL, not a URL of another store ({store}): each "
+                             "worker loads it from its own disk; copy it to a local path on every worker and pass that")
+        return split_protocol(value)[1]
 
     @field_validator("input", "output")
     @classmethod

@@ -63,12 +63,11 @@ def check_config(config: EmbedConfig) -> None:
             raise InputError(f"{str(exc).removesuffix(LIST_HINT)} Pass --model a name from timm.list_models() / "
                              "timm.list_pretrained().") from None
         preflight.check_device(config)  # torch is imported by now
-    if config.checkpoint:
-        fs, path = storage.filesystem(config.checkpoint, config.storage_options)
-        if not fs.isfile(path):
+    if config.checkpoint:  # a local path: EmbedConfig refuses other stores, which no worker could load from
+        if not os.path.isfile(os.path.expanduser(config.checkpoint)):
             raise InputError(f"checkpoint {config.checkpoint!r} is not a file: pass the path of a weights file "
                              "(.safetensors, .pth, .bin), or leave --checkpoint out")
-        if storage.is_local(fs) and needs_model:
+        if needs_model:
             _check_checkpoint_fits(config)
     check_storage(config)
     found = find_shards(config)  # a missing shard of a pattern or list, or a folder with none, is refused here
