@@ -292,6 +292,28 @@ def test_checkpoint_is_a_local_path_or_file_url(shards, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_output_columns_of_one_name_are_refused(shards, tmp_path, capsys):
+    """The id, embedding and error columns share the output table: two of one name were found only after every
+    shard was embedded (each then failed its join). Refused by EmbedConfig: the CLI and the API alike."""
+    from pydantic import ValidationError
+
+    from wdsembed.api import TimmImageEmbedder
+
+    argv = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained"]
+    for flags, why in (
+        (["--embedding-column", "key"], "id_column and embedding_column are both 'key'"),
+        (["--error-column", "image_embedding"], "embedding_column and error_column are both 'image_embedding'"),
+        (["--id-column", "uid", "--error-column", "uid"], "id_column and error_column are both 'uid'"),
+    ):
+        code, err, started, _ = run_main(argv + flags, capsys)
+        assert code == 2 and not started, (code, err)
+        assert err == (f"error: invalid parameters:\n  {why}: the output's id, embedding and error columns need "
+                       "three different names\n"), err
+    with pytest.raises(ValidationError, match="id_column and embedding_column are both 'key'"):
+        TimmImageEmbedder(TINY_MODEL, embedding_column="key")
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_that_cannot_be_written(shards, tmp_path, capsys):
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")

@@ -86,6 +86,26 @@ def test_embedder_takes_reference_names():
         TimmImageEmbedder(embedding_column="a", image_embedding_column="b")
 
 
+def test_id_col_that_is_the_embedding_column_is_refused_before_any_work(tmp_path):
+    """The dataset's id_col and the embedder's image_embedding_column name one column of the output: refused when
+    the embedder is called, before a shard is read (it was found after every shard was embedded)."""
+    from pydantic import ValidationError
+
+    from wdsembed import ImageTextPairDataset, TimmImageEmbedder
+    from wdsembed.synthetic import ShardSample, encode_image, make_image, write_shard
+
+    image = encode_image(make_image(32, 24, seed=0), "bmp")
+    write_shard(tmp_path / "dataset", "00000", [ShardSample(image, ext="bmp")])
+    dataset = ImageTextPairDataset.from_webdataset(str(tmp_path / "dataset"), id_col="uid")
+    embedder = TimmImageEmbedder(TINY_MODEL, pretrained=False, image_embedding_column="uid")
+    with pytest.raises(ValidationError, match="id_column and embedding_column are both 'uid': the output's id, "
+                                              "embedding and error columns need three different names"):
+        embedder(dataset)
+    assert not (tmp_path / "dataset_embeddings").exists()
+    with pytest.raises(ValidationError, match="id_column and embedding_column are both 'uid'"):
+        TimmImageEmbedder(TINY_MODEL, pretrained=False, image_embedding_column="uid", id_col="uid")
+
+
 def _embedded_dataset(tmp_path):
     """A dataset as the embedder leaves it: tars and img2dataset parquets in `dataset`, outputs beside."""
     from wdsembed import output

@@ -6,11 +6,12 @@ form and the API validates it before a run starts) and the Python API's keyword 
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Literal, Optional
 
 from fsspec.core import split_protocol
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from wdsembed.storeoptions import CREDENTIALS_HINT, SECRET_OPTION_PATTERN, protocol, secret_options, url_has_password
 
@@ -208,6 +209,17 @@ class EmbedConfig(BaseModel):
         if not value.strip():
             raise ValueError("must not be empty")
         return value.rstrip("/") or "/"
+
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> "EmbedConfig":
+        # Three columns of one output table: with two of one name, every shard is embedded and then fails its join.
+        columns = {"id_column": self.id_column, "embedding_column": self.embedding_column,
+                   "error_column": self.error_column}
+        for first, second in itertools.combinations(columns, 2):
+            if columns[first] == columns[second]:
+                raise ValueError(f"{first} and {second} are both {columns[first]!r}: the output's id, embedding and "
+                                 "error columns need three different names")
+        return self
 
     def index_cache(self) -> str:
         """Where .idx files go when a shard's own folder cannot hold them."""
