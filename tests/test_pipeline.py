@@ -24,6 +24,7 @@ from wdsembed.pipeline import (  # noqa: E402
     PipelineBroken,
     _Batch,
     define_pipeline,
+    explain_decode_failure,
     failure_reason,
     sniff_image,
 )
@@ -297,6 +298,27 @@ def test_cut_short_judges_a_jpeg_by_its_end_of_image_marker_after_the_scan():
     assert cut_short(with_thumb) is None
     assert cut_short(with_thumb[: len(with_thumb) // 2]).startswith("truncated JPEG")
     assert cut_short(b"\x89PNG\r\n\x1a\n") is None and cut_short(b"\xff\xd8") is None  # not judged here
+
+
+def test_an_undecodable_jpeg_with_bytes_after_its_end_is_not_called_truncated(clean_rows):
+    """A JPEG that DALI fails for another reason than a cut (its scan names a component its frame lacks) keeps
+    DALI's reason with bytes appended after its end marker (motion photos), as without them: it was called
+    "truncated (no end-of-image marker)" because its last bytes were not the marker."""
+    jpg = photos()["coffee_640x427.jpg"]
+    sos = jpg.index(b"\xff\xda")
+    bad = jpg[: sos + 5] + b"\x09" + jpg[sos + 6 :]  # the scan's first component id: 9, which the frame lacks
+    trailer = b"MotionPhoto_Data" + bytes(range(256)) * 4  # no end-of-image marker in it
+    samples = [("coffee_640x427.jpg", jpg), ("bad.jpg", bad), ("bad_with_trailer.jpg", bad + trailer),
+               ("with_trailer.jpg", jpg + trailer)]
+    with ImagePipeline(recipe_of(), batch_size=4, num_threads=1, device_id=None) as pipe:
+        rows, failed, _ = run_all(pipe, samples)
+    assert set(failed) == {"bad.jpg", "bad_with_trailer.jpg"}
+    assert failed["bad_with_trailer.jpg"] == failed["bad.jpg"] and not failed["bad.jpg"].startswith("truncated")
+    assert torch.equal(rows["with_trailer.jpg"], clean_rows["coffee_640x427.jpg"])
+    # a JPEG cut short is still called so, also through a memoryview, and one cut inside its header
+    for cut in (bad[: len(bad) // 2], memoryview(bad[: len(bad) // 2]), bad[:300]):
+        assert explain_decode_failure(cut, "why") == f"truncated JPEG (no end-of-image marker, {len(cut)} bytes): why"
+    assert explain_decode_failure(memoryview(bad + trailer), "why") == "why"
 
 
 def test_failure_reason():

@@ -113,16 +113,25 @@ def cut_short(data: bytes | memoryview) -> Optional[str]:
     n = len(data)
     if n < 3 or not (data[0] == 0xFF and data[1] == 0xD8 and data[2] == 0xFF):
         return None
+    if _end_of_image_missing(data):
+        return f"truncated JPEG (no end-of-image marker, {n} bytes): not decoded (a partial decode is not the image)"
+    return None
+
+
+def _end_of_image_missing(data: bytes | memoryview) -> Optional[bool]:
+    """For a JPEG: whether no end-of-image marker follows its start of scan (bytes appended after the marker, as
+    motion photos carry, do not hide it); None where there is no start of scan to judge by."""
+    n = len(data)
     if data[n - 2] == 0xFF and data[n - 1] == 0xD9:
-        return None  # ends with its end-of-image marker, which no start-of-scan can follow: the usual case
+        return False  # ends with its end-of-image marker, which no start-of-scan can follow: the usual case
     scan = jpeg_scan_start(data)
     if scan is None:  # a header the walk cannot follow (or cut inside it): the first start-of-scan bytes, if any
         # Searched with re, which reads a memoryview (the tar reader's images) in place: no copy of the image.
         found = _START_OF_SCAN.search(data, 2)
-        scan = found.start() if found is not None else None
-    if scan is None or _END_OF_IMAGE.search(data, scan):
-        return None  # its end marker, then bytes appended after it; or no scan to judge
-    return f"truncated JPEG (no end-of-image marker, {n} bytes): not decoded (a partial decode is not the image)"
+        if found is None:
+            return None
+        scan = found.start()
+    return _END_OF_IMAGE.search(data, scan) is None
 
 
 _START_OF_SCAN, _END_OF_IMAGE = re.compile(b"\xff\xda"), re.compile(b"\xff\xd9")
@@ -130,10 +139,14 @@ _START_OF_SCAN, _END_OF_IMAGE = re.compile(b"\xff\xda"), re.compile(b"\xff\xd9")
 
 def explain_decode_failure(data: bytes | memoryview, reason: str) -> str:
     """DALI's reason for one undecodable image, prefixed with what its bytes show where that is plain (a JPEG
-    without its end-of-image marker, a PNG without its IEND chunk: a file cut short, e.g. a partial download)."""
+    without its end-of-image marker, a PNG without its IEND chunk: a file cut short, e.g. a partial download). A
+    JPEG is judged as `cut_short` judges it, by the marker after its start of scan, so that bytes appended after
+    the marker (motion photos) do not make it look cut short; one without a scan, by its last bytes."""
     head, tail = bytes(data[:8]), bytes(data[-16:]).rstrip(b"\x00")
-    if head.startswith(b"\xff\xd8\xff") and not tail.endswith(b"\xff\xd9"):
-        return f"truncated JPEG (no end-of-image marker, {len(data)} bytes): {reason}"
+    if head.startswith(b"\xff\xd8\xff"):
+        if _end_of_image_missing(data) is not False:
+            return f"truncated JPEG (no end-of-image marker, {len(data)} bytes): {reason}"
+        return reason
     if head.startswith(b"\x89PNG") and b"IEND" not in tail:
         return f"truncated PNG (no IEND chunk, {len(data)} bytes): {reason}"
     return reason
