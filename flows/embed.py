@@ -113,7 +113,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
     done, shown = 0, 0.0
     for future in as_completed(list(futures)):
         group = futures[future]
-        finished_now, failed_now = _outcome(future, group, finished)
+        finished_now, failed_now = _outcome(future, group, finished, config)
         timeline["collected"] = time.time()
         for stem, reason in failed_now.items():
             failures[stem] = reason
@@ -167,7 +167,7 @@ def _dask_client():
     return runner.client if isinstance(runner, DaskTaskRunner) else None
 
 
-def _outcome(future, group, finished: set[str]) -> tuple[list[dict], dict[str, str]]:
+def _outcome(future, group, finished: set[str], config: EmbedConfig) -> tuple[list[dict], dict[str, str]]:
     """The finished shards' results (cached as this run saw it) and the failed shards' reasons, of one task."""
     try:
         outcome = future.result(raise_on_failure=False)
@@ -178,7 +178,12 @@ def _outcome(future, group, finished: set[str]) -> tuple[list[dict], dict[str, s
     if isinstance(outcome, ShardsFailed):
         return [_mark_cached(r, future, finished) for r in outcome.results], dict(outcome.failures)
     reason = f"{type(outcome).__name__}: {outcome}" if isinstance(outcome, BaseException) else str(outcome)
-    return [], {p.stem: reason for p in group}
+    # The task was lost (its worker died for good): the shards of its group that it had written whole before that
+    # are finished all the same, as their outputs' footers say.
+    written = caching.written_results(config, group)
+    done = {r["stem"] for r in written}
+    return ([{**r, "cached": r["stem"] in finished} for r in written],
+            {p.stem: reason for p in group if p.stem not in done})
 
 
 def _mark_cached(result: dict, future, finished: set[str]) -> dict:

@@ -42,7 +42,9 @@ def result_storage_for(config: EmbedConfig):
 
 
 def group_cache_key(context: TaskRunContext, parameters: dict) -> str:
-    keys = [shard.cache_key(parameters["config"], plan) for plan in parameters["plans"]]
+    # Each shard's cache key and its output: a stored result names its shard and output, and must come back only
+    # for them (two shards of one size and mtime have one key; one result storage may serve several outputs).
+    keys = [f"{plan.output}\x00{shard.cache_key(parameters['config'], plan)}" for plan in parameters["plans"]]
     return "embed-" + hashlib.sha256(" ".join(keys).encode()).hexdigest()[:32]
 
 

@@ -458,6 +458,23 @@ def test_killed_worker_fails_the_shard_and_the_next_run_resumes(tmp_path, monkey
     check_outputs(config, ["00000", "00001", "00002"])
 
 
+def test_a_lost_worker_does_not_fail_the_shards_its_group_had_written(tmp_path, monkeypatch):
+    """A group's task lost with its worker (KilledWorker) fails the shards it had not written; a shard of the group
+    written whole before the death is reported finished, as its output is."""
+    import flows.embed
+
+    data = make_dataset(tmp_path / "in")
+    config = make_config(data, tmp_path / "out", shards_per_task=2, n_workers=2)  # groups 00000..00001 and 00002
+    Faults(tmp_path, monkeypatch, {"00001": {"fail_attempts": 1, "error": "kill", "where": "batch"}})
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):  # as after Dask's last reschedule
+        outcome, _ = embed(config)
+    assert isinstance(outcome, flows.embed.ShardsFailed), outcome
+    assert sorted(outcome.failures) == ["00001"] and "KilledWorker" in outcome.failures["00001"]
+    assert sorted(outcome.manifest["shards"]) == ["00000", "00002"]
+    assert outcome.manifest["shards"]["00000"]["status"] == "computed"
+    check_outputs(config, ["00000", "00002"])
+
+
 # --------------------------------------------------------------------------------------------------- scale-out
 
 
@@ -765,3 +782,50 @@ def _shared_tls() -> dict:
 
     return {"installed": isinstance(prefect.client.orchestration.ssl, prefect_tls._SharedTLS),
             "contexts": len(prefect_tls._contexts), "served": prefect_tls.served}
+
+
+# --------------------------------------------------------------------------------------------------- the task cache
+
+
+def _same_size_and_mtime_shards(folder: Path) -> None:
+    """Two shards of other images whose tars have one size and one whole-second mtime (unpacked from an archive,
+    copied with rsync -a): their fingerprints, and so their cache keys, are the same."""
+    from wdsembed.synthetic import EncodedImage, from_encoded, make_image, write_shard
+
+    def bmp(seed: int) -> EncodedImage:
+        import io
+
+        buf = io.BytesIO()
+        make_image(64, 48, seed=seed).save(buf, format="BMP")
+        return EncodedImage(data=buf.getvalue(), ext="bmp", width=64, height=48, mode="RGB")
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, stem in enumerate(["00000", "00001"]):
+        write_shard(folder, stem, from_encoded([bmp(10 * i + j) for j in range(4)]), parquet=False, stats=False)
+    tars = [folder / "00000.tar", folder / "00001.tar"]
+    assert tars[0].stat().st_size == tars[1].stat().st_size and tars[0].read_bytes() != tars[1].read_bytes()
+    for tar in tars:
+        os.utime(tar, (1_700_000_000, 1_700_000_000))
+
+
+def test_cached_task_results_come_back_for_their_own_shard_and_output(tmp_path):
+    """Prefect's stored result names its shard and output: it must come back only for them. Two shards with one
+    fingerprint are each reported as themselves, and a result storage shared by two outputs reports each run's
+    own output."""
+    data, out = tmp_path / "in", tmp_path / "out"
+    _same_size_and_mtime_shards(data)
+    config = make_config(data, out)
+    embed(config)
+    again, _ = embed(config)
+    assert {s: v["status"] for s, v in again["shards"].items()} == {"00000": "cached", "00001": "cached"}
+    assert {s: v["output"] for s, v in again["shards"].items()} == {s: str(out / f"{s}.parquet")
+                                                                     for s in ("00000", "00001")}
+
+    shared = str(tmp_path / "results")
+    one = make_config(data, tmp_path / "out1", result_storage=shared)
+    two = make_config(data, tmp_path / "out2", result_storage=shared)
+    embed(one)
+    embed(two)
+    third, _ = embed(one)
+    assert third["shards"]["00000"]["status"] == "cached"
+    assert third["shards"]["00000"]["output"] == str(tmp_path / "out1" / "00000.parquet")

@@ -42,3 +42,18 @@ def finished_stems(config: EmbedConfig, plans: Iterable[shard.ShardPlan], *, max
 
     with ThreadPoolExecutor(max(1, min(max_workers, len(plans)))) as pool:
         return {plan.stem for plan, ok in zip(plans, pool.map(done, plans)) if ok}
+
+
+def written_results(config: EmbedConfig, plans: Iterable[shard.ShardPlan]) -> list[dict]:
+    """The results stored with the plans' outputs that exist whole with this run's cache key (reads only footers):
+    what a task whose worker was lost for good had written before it died."""
+    results = []
+    for plan in plans:
+        try:
+            meta = shard.finished_output(config, plan, shard.cache_key(config, plan), repair_view=False)
+        except Exception as exc:  # noqa: BLE001 - unknown counts as not written: the shard is reported failed
+            log.warning("shard %s: cannot read its output's footer (%s)", plan.stem, exc)
+            continue
+        if meta is not None:
+            results.append(shard.ShardResult(**meta["result"]).to_dict())
+    return results
