@@ -208,6 +208,32 @@ def test_an_image_only_one_side_embeds_is_reported(tmp_path, monkeypatch):
     assert "truncated JPEG" in mismatch["reason"]  # the pipeline's own reason, with it
 
 
+def test_the_reference_runs_a_large_sample_in_chunks(tmp_path):
+    """A shard's fidelity sample can hold thousands of images: the reference transforms and embeds them
+    REFERENCE_CHUNK at a time, never as one batch, and gives the same embeddings as one image at a time."""
+    import numpy as np
+
+    from wdsembed.config import EmbedConfig
+    from wdsembed.fidelity import REFERENCE_CHUNK, reference_embeddings
+
+    worker = Worker.for_config(EmbedConfig(input=str(tmp_path), output=str(tmp_path), model_name=TINY_MODEL,
+                                           pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1))
+    images = [im.data for im in photo_images(10, short_sides=(64,))]
+    chosen = [(f"k{i}", images[i % 10], None) for i in range(2 * REFERENCE_CHUNK + 5)]
+    first_layer = next(m for m in worker.loaded.model.modules() if not list(m.children()))
+    batches = []
+    hook = first_layer.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))  # observes
+    try:
+        embedded, refused = reference_embeddings(worker, chosen, None)
+    finally:
+        hook.remove()
+    assert batches == [REFERENCE_CHUNK, REFERENCE_CHUNK, 5] and not refused
+    alone, _ = reference_embeddings(worker, chosen[:10], None)
+    assert sorted(embedded) == sorted(k for k, _, _ in chosen)
+    for i in range(len(chosen)):
+        assert np.allclose(embedded[f"k{i}"], alone[f"k{i % 10}"], atol=1e-5)
+
+
 def test_float32_copy_is_a_separate_equal_model():
     import torch
 

@@ -465,3 +465,41 @@ def test_a_fixed_size_runner_takes_any_number_of_images():
         assert seen == [8] * -(-n // 8)
     with pytest.raises(ValueError):
         in_fixed_batches(run, 8, torch.zeros(0, 3, 2, 2))
+
+
+def test_a_leased_worker_is_not_closed_for_another_runs_settings_until_its_lease_ends(tmp_path):
+    """Two runs on one Dask worker, with other settings: the second run's task waits for the first run's lease to
+    end instead of closing its Worker mid-shard; then it gets a Worker of its own (one model at a time)."""
+    import threading
+
+    def config(**kw) -> EmbedConfig:
+        return EmbedConfig(input=str(tmp_path), output=str(tmp_path), model_name=TINY_MODEL, pretrained=False,
+                           device="cpu", batch_size=4, num_threads_per_worker=1, **kw)
+
+    samples = [(f"k{i}", im.data) for i, im in enumerate(photo_images(3))]
+    other, got = threading.Event(), {}
+
+    def other_run() -> None:
+        other.set()
+        with Worker.lease(config(max_image_pixels=1_000_000)) as worker:
+            got["worker"] = worker
+            got["keys"] = worker.embed(iter(samples), autocast=True, normalize=True)[0]
+
+    try:
+        with Worker.lease(config()) as mine:
+            thread = threading.Thread(target=other_run)
+            thread.start()
+            other.wait()
+            thread.join(timeout=2)
+            assert thread.is_alive() and "worker" not in got  # waiting for this lease, not closing this Worker
+            keys, _, failures = mine.embed(iter(samples), autocast=True, normalize=True)
+            assert keys == [k for k, _ in samples] and not failures
+        thread.join(timeout=300)
+        assert got["keys"] == [k for k, _ in samples] and got["worker"] is not mine
+        assert list(Worker._current.values()) == [got["worker"]]
+        with pytest.raises(RuntimeError, match="closed"):  # the first run's Worker went once its lease ended
+            mine.embed(iter(samples), autocast=True, normalize=True)
+    finally:
+        for worker in Worker._current.values():
+            worker.close()
+        Worker._current.clear()

@@ -224,33 +224,50 @@ def _pil_rgb(im):
     return im.convert("RGB")
 
 
+# Images per pass of the reference (PIL transform, then the float32 model): a shard's sample can hold thousands
+# (fidelity_sample up to 100,000 over few shards), and one batch of all of them would take gigabytes.
+REFERENCE_CHUNK = 64
+
+
 def reference_embeddings(worker, chosen: list, max_pixels: Optional[int]) -> tuple[dict, dict]:
     """timm's eval transform on PIL + the float32 model: key -> embedding (normalized), and key -> why PIL could
-    not give one."""
+    not give one. REFERENCE_CHUNK images at a time."""
     import torch
-    from PIL import Image, ImageOps
 
     transform, forward, lock, device = worker.reference()
-    tensors, keys, refused = [], [], {}
-    for key, data, _ in chosen:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                im = Image.open(io.BytesIO(data))
-                if max_pixels and im.size[0] * im.size[1] > max_pixels:
-                    refused[key] = f"PIL: {im.size[0]}x{im.size[1]} is above max_image_pixels, not decoded"
-                    continue
-                tensors.append(transform(_pil_rgb(ImageOps.exif_transpose(im))))
-                keys.append(key)
-        except Exception as exc:  # noqa: BLE001 - reported in the record, not skipped
-            refused[key] = f"PIL: {type(exc).__name__}: {exc}"[:300]
-    if not keys:
-        return {}, refused
     # On a GPU, a stream of its own: the legacy default stream would wait for the decoder's and the model's work.
-    on_stream = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()
-    with lock, on_stream:
-        out = forward(torch.stack(tensors).to(device)).float().cpu().numpy()
-    return dict(zip(keys, out)), refused
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    embedded, refused = {}, {}
+    for first in range(0, len(chosen), REFERENCE_CHUNK):
+        tensors, keys = [], []
+        for key, data, _ in chosen[first:first + REFERENCE_CHUNK]:
+            tensor, why = _reference_input(transform, data, max_pixels)
+            if why is not None:
+                refused[key] = why
+            else:
+                tensors.append(tensor)
+                keys.append(key)
+        if not keys:
+            continue
+        with lock, torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            out = forward(torch.stack(tensors).to(device)).float().cpu().numpy()
+        embedded.update(zip(keys, out))
+    return embedded, refused
+
+
+def _reference_input(transform, data: bytes, max_pixels: Optional[int]):
+    """One image through PIL (EXIF applied) and timm's eval transform: (tensor, None), or (None, why not)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im = Image.open(io.BytesIO(data))
+            if max_pixels and im.size[0] * im.size[1] > max_pixels:
+                return None, f"PIL: {im.size[0]}x{im.size[1]} is above max_image_pixels, not decoded"
+            return transform(_pil_rgb(ImageOps.exif_transpose(im))), None
+    except Exception as exc:  # noqa: BLE001 - reported in the record, not skipped
+        return None, f"PIL: {type(exc).__name__}: {exc}"[:300]
 
 
 def start_reference(worker, chosen: list, max_pixels: Optional[int]) -> Future:

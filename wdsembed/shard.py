@@ -173,65 +173,69 @@ def process_shard(
     if rows is not None and config.id_column not in rows.column_names:  # found now, not after embedding the shard
         raise ValueError(f"shard {plan.shard}: " + output.missing_id_column(config.id_column, plan.rows,
                                                                             rows.column_names))
-    worker = Worker.for_config(config)
-    tar = TarRead(config, plan)
-    # From an object store, the shard starts arriving now, while another shard may still hold the pipeline.
-    storage.prefetch_shards([plan.shard], config.storage_options)
-    # The fidelity sample is picked as the images stream past (a few kept, never the shard).
-    sample = fidelity.SampleCollector(fidelity.shard_quota(config.fidelity_sample, plan.run_shards))
-    # The worker's stream takes this shard's samples right behind those of the shard before it (another thread's).
-    keys, embeddings, failures = worker.embed(
-        sample.wrap(tar.images()), autocast=config.autocast, normalize=config.normalize_embeddings,
-        on_batch=faults.batch_hook(plan.stem, on_progress), timeline=timeline,
-    )
-    embeddings = output.as_stored(embeddings, keys, config.embedding_dtype, plan.shard)
-    # The reference runs beside the table building and validation below, while the stream goes on with the next
-    # shard (on a GPU the reference is the worker's float32 copy of the model, beside it).
-    chosen = sample.chosen()
-    reference = fidelity.start_reference(worker, chosen, config.max_image_pixels or None)
-    warnings += tar.finish()
-    joined = output.join_embeddings(
-        rows=rows,
-        keys=keys,
-        embeddings=embeddings,
-        errors={**tar.errors, **failures},
-        dim=worker.loaded.dim,
-        id_column=config.id_column,
-        embedding_column=config.embedding_column,
-        error_column=config.error_column,
-        missing_reason=tar.missing_reason,
-        embedding_dtype=config.embedding_dtype,
-    )
-    table = joined.table
-    timeline["table"] = time.time()
+    # Held until the shard is written: another run's task on this Dask worker, with other settings, waits for it
+    # instead of closing this Worker under it (Worker.lease).
+    with Worker.lease(config) as worker:
+        tar = TarRead(config, plan)
+        # From an object store, the shard starts arriving now, while another shard may still hold the pipeline.
+        storage.prefetch_shards([plan.shard], config.storage_options)
+        # The fidelity sample is picked as the images stream past (a few kept, never the shard).
+        sample = fidelity.SampleCollector(fidelity.shard_quota(config.fidelity_sample, plan.run_shards))
+        # The worker's stream takes this shard's samples right behind those of the shard before it (another
+        # thread's).
+        keys, embeddings, failures = worker.embed(
+            sample.wrap(tar.images()), autocast=config.autocast, normalize=config.normalize_embeddings,
+            on_batch=faults.batch_hook(plan.stem, on_progress), timeline=timeline,
+        )
+        embeddings = output.as_stored(embeddings, keys, config.embedding_dtype, plan.shard)
+        # The reference runs beside the table building and validation below, while the stream goes on with the next
+        # shard (on a GPU the reference is the worker's float32 copy of the model, beside it).
+        chosen = sample.chosen()
+        reference = fidelity.start_reference(worker, chosen, config.max_image_pixels or None)
+        warnings += tar.finish()
+        joined = output.join_embeddings(
+            rows=rows,
+            keys=keys,
+            embeddings=embeddings,
+            errors={**tar.errors, **failures},
+            dim=worker.loaded.dim,
+            id_column=config.id_column,
+            embedding_column=config.embedding_column,
+            error_column=config.error_column,
+            missing_reason=tar.missing_reason,
+            embedding_dtype=config.embedding_dtype,
+        )
+        table = joined.table
+        timeline["table"] = time.time()
 
-    def check() -> None:
-        problems = validate_table(config, table, dim=worker.loaded.dim, expected_embedded=joined.embedded_rows)
-        timeline["validated"] = time.time()
-        if problems:
-            raise ValueError(f"shard {plan.shard}: output not written, it fails validation: " + "; ".join(problems))
+        def check() -> None:
+            problems = validate_table(config, table, dim=worker.loaded.dim, expected_embedded=joined.embedded_rows)
+            timeline["validated"] = time.time()
+            if problems:
+                raise ValueError(f"shard {plan.shard}: output not written, it fails validation: "
+                                 + "; ".join(problems))
 
-    record = fidelity.check_sample(worker, chosen, keys, embeddings, failures, config.max_image_pixels or None,
-                                   reference)
-    timeline["checked"] = time.time()
-    result = ShardResult(
-        shard=plan.shard,
-        stem=plan.stem,
-        output=plan.output,
-        rows=table.num_rows,
-        samples=tar.n_samples,
-        embedded=joined.embedded,
-        failed=table.num_rows - joined.embedded_rows,  # rows without an embedding
-        dim=worker.loaded.dim,
-        cache_key=key,
-        errors=sorted({**tar.errors, **failures, **joined.errors}.items())[:20],
-        model=worker.info,
-        warnings=warnings,
-        batch_size=config.batch_size,
-        timeline=timeline,
-        fidelity=record,
-    )
-    write_output(config, plan, table, key, result, check)
+        record = fidelity.check_sample(worker, chosen, keys, embeddings, failures, config.max_image_pixels or None,
+                                       reference)
+        timeline["checked"] = time.time()
+        result = ShardResult(
+            shard=plan.shard,
+            stem=plan.stem,
+            output=plan.output,
+            rows=table.num_rows,
+            samples=tar.n_samples,
+            embedded=joined.embedded,
+            failed=table.num_rows - joined.embedded_rows,  # rows without an embedding
+            dim=worker.loaded.dim,
+            cache_key=key,
+            errors=sorted({**tar.errors, **failures, **joined.errors}.items())[:20],
+            model=worker.info,
+            warnings=warnings,
+            batch_size=config.batch_size,
+            timeline=timeline,
+            fidelity=record,
+        )
+        write_output(config, plan, table, key, result, check)
     result.seconds = time.perf_counter() - start
     timeline["end"] = time.time()
     return result

@@ -159,7 +159,7 @@ class Worker:
     """The model and the DALI pipeline of one worker process, built once and reused for every shard."""
 
     _current: ClassVar[dict[str, "Worker"]] = {}
-    _building: ClassVar[threading.Lock] = threading.Lock()
+    _building: ClassVar[threading.Condition] = threading.Condition()  # guards _current and every Worker's _leases
 
     def __init__(self, config: EmbedConfig, device: Optional[str] = None) -> None:
         import torch
@@ -247,6 +247,7 @@ class Worker:
         self._last_batch_end = None  # on a GPU: the event after the stream's last model batch (StreamMeter)
         self._metered = self.stream if os.environ.get(STREAM_METER_ENV) == "1" else None  # the stream it times
         self._reference = None  # built on first use (fidelity check)
+        self._leases = 0  # callers holding it (Worker.lease): it is not closed for another config before they end
         self._reference_lock = threading.Lock()
         self.info = {
             "name": self.loaded.name,
@@ -295,21 +296,47 @@ class Worker:
     @classmethod
     def for_config(cls, config: EmbedConfig) -> "Worker":
         """This process's Worker for the config's model and pipeline settings and the BUILD_ENV variables as they
-        are now (built on first use)."""
+        are now (built on first use). Use `lease` where other threads may ask for other settings meanwhile."""
+        with cls._building:
+            return cls._built_for(config)
+
+    @classmethod
+    @contextlib.contextmanager
+    def lease(cls, config: EmbedConfig) -> Iterator["Worker"]:
+        """for_config's Worker, held for the block: a Worker for other settings (another run's task on the same Dask
+        worker) is built only once every lease of this one has ended, so that neither run's Worker is closed under
+        it and the process holds one model at a time; the other run's tasks wait for it meanwhile."""
+        with cls._building:
+            worker = cls._built_for(config)
+            worker._leases += 1
+        try:
+            yield worker
+        finally:
+            with cls._building:
+                worker._leases -= 1
+                cls._building.notify_all()
+
+    @classmethod
+    def _built_for(cls, config: EmbedConfig) -> "Worker":
+        """The Worker for `config`, built where there is none (called holding _building)."""
         ident = json.dumps(
             [config.model_key(), config.checkpoint, config.batch_size, config.num_threads_per_worker, config.device,
              config.max_image_pixels or None, build_env()],
             sort_keys=True,
         )
-        with cls._building:
+        while True:
             worker = cls._current.get(ident)
-            if worker is None:
-                # One model per process: drop others first so a long-lived worker never holds two on the GPU.
-                for old in cls._current.values():
-                    old.close()
-                cls._current.clear()
-                worker = cls._current[ident] = cls(config)
-            return worker
+            if worker is not None:
+                return worker
+            if not any(old._leases for old in cls._current.values()):
+                break
+            cls._building.wait()  # a Worker for other settings is in use: its callers end first
+        # One model per process: drop others first so a long-lived worker never holds two on the GPU.
+        for old in cls._current.values():
+            old.close()
+        cls._current.clear()
+        worker = cls._current[ident] = cls(config)
+        return worker
 
     def close(self) -> None:
         """Finish the calls already waiting, stop the stream, and give the pipeline's memory back (the model goes
