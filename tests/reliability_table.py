@@ -56,6 +56,7 @@ CASES: list[tuple[str, str, str]] = [
     ("shard-stale-idx", "Shards", "Stale .idx (the tar was rewritten)"),
     ("shard-hard-links", "Shards", "Hard link members (one file archived under two names)"),
     ("shard-special-members", "Shards", "Symbolic link, device and FIFO members named like images"),
+    ("shard-sparse-members", "Shards", "Sparse file members (GNU tar --sparse)"),
     ("fault-worker-killed", "Faults", "Worker process killed mid-shard"),
     ("fault-oom", "Faults", "GPU out of memory at the configured batch size"),
     ("fault-flow-killed", "Faults", "Whole flow killed mid-run, then started again"),

@@ -320,6 +320,134 @@ def test_gnu_tar_hard_links(tmp_path):
         assert idx.render() == wds2idx_text(tar, tmp_path) and idx.num_samples == 1
 
 
+SPARSE = "sparse file member (GNU tar --sparse), not read"
+SPARSE_FORMATS = [("gnu", None), ("pax", "0.0"), ("pax", "0.1"), ("pax", "1.0")]
+
+
+def _write_sparse(path: Path, regions: int) -> bytes:
+    """A file of `regions` 4 KiB data regions with a 60 KiB hole after each one; returns its bytes."""
+    with open(path, "wb") as f:
+        for i in range(regions):
+            f.seek(i * 65536)
+            f.write(b"BM%d" % i * 1000 + b"." * 1096)
+        f.truncate(regions * 65536)
+    return path.read_bytes()
+
+
+def _sparse_tar(tmp_path: Path, fmt: str, version, names: list[str]) -> tuple[Path, dict[str, bytes]]:
+    """A tar written by GNU tar --sparse of 000.bmp (6 data regions: the gnu format needs an extension block for
+    the map), 002.png (2 regions: its map fits the header), and regular members; skipped where the file system
+    keeps no holes (GNU tar then stores the files whole)."""
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    files = {"000.bmp": _write_sparse(src / "000.bmp", 6), "002.png": _write_sparse(src / "002.png", 2)}
+    for name in names:
+        if name not in files:
+            files[name] = name.encode() * 50
+            (src / name).write_bytes(files[name])
+    tar = tmp_path / f"{fmt}-{version}.tar"
+    subprocess.run(["tar", "--sparse", f"--format={fmt}", *([f"--sparse-version={version}"] if version else []),
+                    "-C", str(src), "-cf", str(tar), *names], check=True)
+    with tarfile.open(tar) as t:
+        if not t.getmember("000.bmp").issparse():
+            pytest.skip("this file system keeps no holes: GNU tar stored the file whole")
+        assert t.extractfile("000.bmp").read() == files["000.bmp"]  # a valid archive: tarfile rebuilds the file
+    return tar, files
+
+
+def _index_with_stored_sparse_bytes(tar: Path) -> ShardIndex:
+    """The index built before sparse files were known, for a pax tar: each sparse member listed as a regular file,
+    under its header's name (`./GNUSparseFile.NNN/000.bmp`; `000.bmp` in format 0.0) with its stored bytes."""
+    data = tar.read_bytes()
+    members = [(m.name, m.offset, m.size) for m in _index_of(tar).members()]
+    at = 0
+    while data[at : at + 512] != bytes(512):
+        size = int(data[at + 124 : at + 136].rstrip(b"\0 "), 8)
+        if data[at + 156 : at + 157] == b"x" and b"GNU.sparse." in data[at + 512 : at + 512 + size]:
+            header = at + 512 + -(-size // 512) * 512
+            members.append((data[header : header + 100].rstrip(b"\0").decode(), header + 512,
+                            int(data[header + 124 : header + 136].rstrip(b"\0 "), 8)))
+        at += 512 + -(-size // 512) * 512
+    builder = shardindex.IndexBuilder()
+    builder.extend(sorted(members, key=lambda m: m[1]))
+    return builder.index()
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar not installed")
+@pytest.mark.parametrize("fmt, version", SPARSE_FORMATS)
+def test_sparse_members_are_named_and_every_other_sample_read(tmp_path, fmt, version):
+    """GNU tar --sparse stores a file with holes as its data regions only (and, in pax 1.0, a map of them first):
+    those bytes are not the image. Such a member is never read; its sample says so, and the samples after it are
+    read as usual (the old GNU format's map continues in extension blocks after the header, which are passed)."""
+    names = ["000.bmp", "000.txt", "001.jpg", "001.txt", "002.png", "003.jpg"]
+    tar, files = _sparse_tar(tmp_path, fmt, version, names)
+    got = samples_of(tar)
+    offs = data_offsets(tar)
+    assert got == [
+        Sample("000", None, error=SPARSE),
+        Sample("001", files["001.jpg"], "jpg", member="001.jpg", offset=offs["001.jpg"]),
+        Sample("002", None, error=SPARSE),
+        Sample("003", files["003.jpg"], "jpg", member="003.jpg", offset=offs["003.jpg"]),
+    ]
+    # the index leaves sparse members out; wds2idx lists them with the whole file's size from where their stored
+    # bytes start (DALI would read those and the headers after them): every other entry is the same as its
+    with open(tar, "rb") as f:
+        idx = build_index(f)
+    assert [m.name for m in idx.members()] == ["000.txt", "001.jpg", "001.txt", "003.jpg"]
+    ref = [[" ".join(line.split()[i : i + 4]) for i in range(0, len(line.split()), 4)]
+           for line in wds2idx_text(tar, tmp_path).splitlines()[1:]]
+    ref = [line for line in ([e for e in entries if e.split()[3] not in ("000.bmp", "002.png")] for entries in ref)
+           if line]
+    assert idx.render() == f"v1.2 {len(ref)}\n" + "".join(" ".join(line) + "\n" for line in ref)
+    assert samples_of(tar, index=idx) == samples_of(tar, index=idx, fast=False) == got
+    if fmt == "pax":
+        # an index from before, listing the stored bytes as a file: never read through, on either path
+        old = _index_with_stored_sparse_bytes(tar)
+        assert len(list(old.members())) == 6
+        for fast in (True, False):
+            stale = []
+            assert samples_of(tar, index=old, fast=fast, on_stale_index=stale.append) == got
+            assert len(stale) == 1
+    else:
+        cut = tmp_path / "cut.tar"
+        cut.write_bytes(tar.read_bytes()[:1000])  # inside the extension block
+        with pytest.raises(ShardReadError, match="inside a sparse file's map at byte 0 .member '000.bmp'"):
+            samples_of(cut)
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar not installed")
+@pytest.mark.parametrize("fmt, version", SPARSE_FORMATS)
+def test_an_index_before_a_last_sparse_member_is_kept(tmp_path, monkeypatch, fmt, version):
+    """A sparse member after the last indexed one is no member that index lacks: it is not rebuilt every run."""
+    tar, _ = _sparse_tar(tmp_path, fmt, version, ["001.jpg", "001.txt", "000.bmp"])
+    fs = fsspec.filesystem("file")
+    idx = ensure_index(str(tar), fs)
+    assert [m.name for m in idx.members()] == ["001.jpg", "001.txt"]
+    monkeypatch.setattr(shardindex, "build_index", lambda *a, **k: pytest.fail("rebuilt a valid index"))
+    assert ensure_index(str(tar), fs) == idx
+
+
+def test_a_pax_sparse_record_on_its_own_is_not_read_through_the_fast_path(tmp_path):
+    """A pax header of one GNU.sparse record marks a sparse file for iter_members; the fast path's check of
+    one-record pax headers refuses it too, so an index that lists the member changes nothing."""
+    path = tmp_path / "onerecord.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(6):
+            info = tarfile.TarInfo(f"{i:03d}.jpg")
+            info.size, info.pax_headers = 10 + i, {"GNU.sparse.name": "003.jpg"} if i == 3 else {}
+            tar.addfile(info, io.BytesIO(bytes([48 + i]) * (10 + i)))
+    builder = shardindex.IndexBuilder()
+    builder.extend((name, offset, 13 if name == "003.jpg" else 10 + int(name[:3]))
+                   for name, offset in sorted(data_offsets(path).items()))
+    listing_it = builder.index()
+    for fast in (True, False):
+        stale = []
+        got = samples_of(path, index=listing_it, fast=fast, on_stale_index=stale.append)
+        assert [(s.key, s.error or bytes(s.image)) for s in got] == [
+            (f"{i:03d}", SPARSE if i == 3 else bytes([48 + i]) * (10 + i)) for i in range(6)]
+        assert len(stale) == 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # streaming
 

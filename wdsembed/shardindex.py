@@ -223,10 +223,13 @@ def build_index(f: BinaryIO, *, chunk_size: int = tarstream.CHUNK_SIZE, allow_se
     """Scan a tar once and build its index, as wds2idx does.
 
     Same members (regular files, hidden files left out), same grouping (consecutive members with wds2idx's
-    basename), same text. One deliberate difference: offsets are the true data offsets read from the headers;
+    basename), same text. Two deliberate differences: offsets are the true data offsets read from the headers;
     wds2idx takes `tar --block-number`, which points at a GNU longname ('L') header rather than the member, so its
-    offsets are wrong for names longer than 100 bytes in GNU-format tars. `allow_seek` skips member data by
-    seeking (worth it for local files only; on object stores a seek is a new request).
+    offsets are wrong for names longer than 100 bytes in GNU-format tars. And GNU sparse files (`tar --sparse`)
+    are left out, as links are: wds2idx lists one with the size of the whole file at the start of its stored
+    bytes (the file without its holes, after a sparse map in some formats), which DALI would read as the image
+    together with the headers after it. `allow_seek` skips member data by seeking (worth it for local files only;
+    on object stores a seek is a new request).
     """
     r = tarstream.Reader(f, chunk_size, allow_seek=allow_seek)
     builder = IndexBuilder()
@@ -360,12 +363,13 @@ def _load_valid_index(
 ) -> Optional[ShardIndex]:
     """The index at `idx_path` if it exists and still fits the shard, else None (missing, unreadable or stale).
 
-    Cheap (two 512-byte reads): the last member must end inside the tar, its header must be where the index
-    says, and no indexable member may follow it (a tar rewritten with more samples appended). With `whole=False`
-    only the header and the last line are parsed, and the index comes back with no samples, its `path` set: what
-    the planner needs for every shard of a run before any work starts (a 10,000-line index takes tens of
-    milliseconds to parse, in the interpreter's one lock). Indexes list their members in archive order (wds2idx's
-    and ours do); a worker reads the whole index and checks it sample by sample as it reads the tar."""
+    Cheap (two reads, of 512 and 1,024 bytes): the last member must end inside the tar, its header must be where
+    the index says, and no indexable member may follow it (a tar rewritten with more samples appended; a sparse
+    file, which no index lists, may). With `whole=False` only the header and the last line are parsed, and the
+    index comes back with no samples, its `path` set: what the planner needs for every shard of a run before any
+    work starts (a 10,000-line index takes tens of milliseconds to parse, in the interpreter's one lock). Indexes
+    list their members in archive order (wds2idx's and ours do); a worker reads the whole index and checks it
+    sample by sample as it reads the tar."""
     try:
         if not idx_fs.exists(idx_path):
             return None
@@ -387,21 +391,24 @@ def _load_valid_index(
                  last.offset + last.size, shard_size)
         return None
     after = last.offset + last.size + (-last.size % tarstream.BLOCK)
-    # two ranged reads of 512 bytes (an fsspec file on an object store would fetch a whole block per seek)
+    # two small ranged reads (an fsspec file on an object store would fetch a whole block per seek): the header,
+    # and the next header with the block after it (a pax header's records)
     block = shard_fs.cat_file(shard_path, start=last.offset - tarstream.BLOCK, end=last.offset)
-    next_block = shard_fs.cat_file(shard_path, start=after, end=min(after + tarstream.BLOCK, shard_size)) if after < shard_size else b""
+    next_blocks = (shard_fs.cat_file(shard_path, start=after, end=min(after + 2 * tarstream.BLOCK, shard_size))
+                   if after < shard_size else b"")
     if not _header_matches(block, last):
         log.info("stale index %s: no header for %r at byte %d", idx_path, last.name, last.offset - tarstream.BLOCK)
         return None
-    if _starts_indexed_member(next_block):
+    if _starts_indexed_member(next_blocks):
         log.info("stale index %s: the tar has members after the last indexed one (byte %d)", idx_path, after)
         return None
     return dataclasses.replace(idx, path=idx_path)
 
 
-def _starts_indexed_member(block: bytes) -> bool:
-    """Is this block the header of a member wds2idx would index (i.e. one an index ending before it lacks)?
-    Zero blocks (end of archive), end of file, directories and hidden files are not."""
+def _starts_indexed_member(blocks: bytes) -> bool:
+    """Does a member that an index lists start here, in these (up to) two blocks (i.e. one an index ending before
+    it lacks)? Zero blocks (end of archive), end of file, directories, hidden files and sparse files are not."""
+    block = blocks[: tarstream.BLOCK]
     if len(block) != tarstream.BLOCK or block == tarstream.ZERO_BLOCK:
         return False
     try:
@@ -410,10 +417,23 @@ def _starts_indexed_member(block: bytes) -> bool:
     except ValueError:
         return False
     typeflag = block[156:157]
+    if typeflag == tarstream.PAX and _pax_marks_sparse(block, blocks[tarstream.BLOCK :]):
+        return False  # a sparse file is never indexed: else an index ending before one would be rebuilt every run
     if typeflag in (tarstream.GNU_LONGNAME, tarstream.PAX):
         return True  # extended headers precede a real member; assume it is one (worst case: a needless rebuild)
     name = tarstream.decode_name(block[:100].split(b"\x00", 1)[0])
     return typeflag in tarstream.REGULAR and not name.endswith("/") and tarstream.indexed(name)
+
+
+def _pax_marks_sparse(header: bytes, data: bytes) -> bool:
+    """Do the records of this pax header mark a GNU sparse file, as far as `data` (the block after the header)
+    holds them? GNU tar writes the GNU.sparse.* records first; format 0.0's run past one block."""
+    try:
+        size = tarstream.parse_number(header[124:136])
+        records = data[:size] if size <= len(data) else data[: data.rfind(b"\n") + 1]  # the whole records there
+        return tarstream.marks_sparse(tarstream.parse_pax(records))
+    except ValueError:
+        return False
 
 
 def ensure_index(

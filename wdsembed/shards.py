@@ -69,20 +69,22 @@ def iter_samples(
 
     `f` must be positioned at the start of the tar; it is read forward, in requests of at most `chunk_size`
     bytes (no seeks, also with an index), except for hard links (below). Hidden files (`.x`, `dir/.x`, which
-    wds2idx leaves out of the index), directories, and links, devices and FIFOs not named like an image are
-    skipped without ending the current sample.
+    wds2idx leaves out of the index), directories, and links, devices, FIFOs and sparse files not named like an
+    image are skipped without ending the current sample.
     A hard link member (legal tar: the same file archived twice) counts as the file it links to, an earlier
     regular member of this tar: its image bytes are that member's, read back from the data offset remembered for
     every regular member (a seek and read where `f` is seekable, a ranged read where `f` has `read_range`, as
     prefetch.ReadAhead and s3fetch.ShardReader do; elsewhere the sample gets an error saying so). Only a hard
     link costs a read back; the map of offsets costs about 200 bytes per member, never image bytes. A hard link to
     a name that is no earlier regular member gets an error.
-    A symbolic link, device or FIFO member is never followed or read: where it is named like an image and its
-    sample has no real image member, the sample gets an error saying so ("symbolic link member, not followed").
+    A symbolic link, device or FIFO member is never followed or read, nor is a GNU sparse file (`tar --sparse`:
+    its stored bytes are the file without its holes, so never handed on as the image): where it is named like an
+    image and its sample has no real image member, the sample gets an error saying so ("symbolic link member, not
+    followed", "sparse file member (GNU tar --sparse), not read"); the tar's other samples are read as usual.
     An image member of 0 bytes yields error "empty image member" (DALI's decoder would only say
     "nvImageCodec failure"). The index check is strict: every indexed member must appear in index order with
     the index's name, size and data offset, and the tar may hold no indexable member the index lacks (links are
-    not indexed, as wds2idx leaves them out too).
+    not indexed, as wds2idx leaves them out too; nor are sparse files, see shardindex.build_index).
     Memory: one chunk, the member being read and, while a sample has several image members, the best so far.
     `index_builder` receives every member the .idx lists, so that a full pass also yields the shard's index
     (used for shards on object stores, where a separate indexing pass would download the tar twice).
@@ -93,10 +95,10 @@ def iter_samples(
     member right after the previous one, behind one header and at most one harmless pax header), the headers of
     a whole chunk are checked at once against the index (NumPy), and images come out as read-only memoryviews
     of the chunk, with no per-member parsing. The first sample that is not shown to be such (a header that
-    differs or is in another form, a link, a long name, damage, the last sample) is read from its first header
-    on by the general parser, which then reads the rest of the tar: the samples, errors and index checks are
-    the same either way. A chunk stays alive while a sample taken from it does. A sample of more than one chunk
-    ends the fast path.
+    differs or is in another form, a link, a sparse file, a long name, damage, the last sample) is read from its
+    first header on by the general parser, which then reads the rest of the tar: the samples, errors and index
+    checks are the same either way. A chunk stays alive while a sample taken from it does. A sample of more than
+    one chunk ends the fast path.
     """
     rank = {e.lower().lstrip("."): i for i, e in reversed(list(enumerate(extensions)))}
     seen: set[str] = set()
@@ -170,8 +172,8 @@ def _parse_tar(
                     targets[m.name] = target  # a link to this link is a link to the same file
             k, ext = split_member_name(m.name)
             mrank = rank.get(_last_ext(ext))
-            # Links, devices and FIFOs count only where their name makes them (part of) an image sample; hard links
-            # always do (each is a file, like a regular member).
+            # Links, devices, FIFOs and sparse files count only where their name makes them (part of) an image
+            # sample; hard links always do (each is a file, like a regular member).
             takes_part = regular or m.typeflag == tarstream.HARD_LINK or (m.typeflag in tarstream.NOT_READ and mrank is not None)
             if not takes_part or not tarstream.indexed(m.name):
                 tarstream.skip_data(r, m)
@@ -200,7 +202,7 @@ def _parse_tar(
                 best = None  # drop the worse candidate before reading the better one
                 best = (mrank, tarstream.read_data(r, m), _last_ext(ext), m.name, m.data_offset)
                 continue
-            tarstream.skip_data(r, m)  # links, devices, FIFOs: no data in the tar
+            tarstream.skip_data(r, m)  # links, devices, FIFOs: no data in the tar; sparse files: not the file
             if m.typeflag != tarstream.HARD_LINK:
                 unread = unread or tarstream.NOT_READ[m.typeflag]
             elif target is None:

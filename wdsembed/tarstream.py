@@ -33,12 +33,19 @@ NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
 HARD_LINK, SYMLINK = b"1", b"2"
 
 
+# A GNU sparse file (tar --sparse): the old GNU format's typeflag, and the typeflag iter_members gives a pax member
+# whose GNU.sparse.* records mark it as one (its header says '0'). Its data is the file with the holes left out
+# (pax 1.0: after a map of them), never the file itself.
+SPARSE = b"S"
+
+
 # members never followed or read: where one is named like an image, its sample gets this reason instead
 NOT_READ = {
     SYMLINK: "symbolic link member, not followed",
     b"3": "character device member, not read",
     b"4": "block device member, not read",
     b"6": "FIFO member, not read",
+    SPARSE: "sparse file member (GNU tar --sparse), not read",
 }
 
 
@@ -212,9 +219,22 @@ def parse_pax(data: bytes) -> dict[str, str]:
     return records
 
 
+SPARSE_RECORD = "GNU.sparse."
+
+
+def marks_sparse(records: dict[str, str]) -> bool:
+    """Do these pax records make their member a GNU sparse file (formats 0.0, 0.1 and 1.0 all write GNU.sparse.*
+    records)? Any such record counts: the stored bytes are then not the file."""
+    return any(k.startswith(SPARSE_RECORD) for k in records)
+
+
 def iter_members(r: Reader) -> Iterator[Member]:
     """Yield every member in file order; the caller must consume (read or skip) `member.size` data bytes before
-    asking for the next one. Ends at the end-of-archive block; raises TarCorrupt on damage."""
+    asking for the next one. Ends at the end-of-archive block; raises TarCorrupt on damage.
+
+    A GNU sparse file comes out with typeflag SPARSE, under its own name (pax: GNU.sparse.name, not the
+    `GNUSparseFile.NNN/` one of the header), its size the bytes stored (which the caller skips like any other
+    member's); the old GNU format's extension blocks of the sparse map are passed here."""
     longname: Optional[str] = None
     longlink: Optional[str] = None
     pax: dict[str, str] = {}
@@ -284,6 +304,12 @@ def iter_members(r: Reader) -> Iterator[Member]:
                 raise TarCorrupt(hoff, "bad pax size") from None
         if typeflag == b"\x00" and name.endswith("/"):  # old tars mark directories this way
             typeflag = b"5"
+        data_offset = hoff + BLOCK
+        if pax and typeflag in REGULAR and marks_sparse(pax):
+            typeflag = SPARSE
+            name = pax.get("GNU.sparse.name") or name  # formats 0.1 and 1.0 keep the real name here
+        elif typeflag == SPARSE and block[482]:  # more of the old GNU sparse map follows, in blocks of its own
+            data_offset = _skip_sparse_extensions(r, hoff, name)
         if typeflag in NO_DATA:
             size = 0
         if size < 0:
@@ -291,8 +317,19 @@ def iter_members(r: Reader) -> Iterator[Member]:
         linkname = ""
         if typeflag in (HARD_LINK, SYMLINK):
             linkname = pax.get("linkpath") or longlink or decode_name(block[157:257].split(b"\x00", 1)[0])
-        yield Member(name, size, first_header, hoff + BLOCK, typeflag, linkname)
+        yield Member(name, size, first_header, data_offset, typeflag, linkname)
         longname, longlink, pax, first_header = None, None, {}, None
+
+
+def _skip_sparse_extensions(r: Reader, hoff: int, name: str) -> int:
+    """Pass the extension blocks after an old GNU sparse header (each one's byte 504 says whether another
+    follows); returns the offset of the member's data."""
+    while True:
+        block = r.read(BLOCK)
+        if len(block) < BLOCK:
+            raise TarCorrupt(hoff, "unexpected end of file inside a sparse file's map", name)
+        if not block[504]:
+            return r.offset
 
 
 def skip_data(r: Reader, m: Member) -> None:
@@ -316,6 +353,7 @@ def read_data(r: Reader, m: Member) -> bytes | bytearray:
 _MAGIC_MASK = np.uint64(int.from_bytes(b"\x00" + b"\xff" * 6 + b"\x00", "little"))
 _POSIX_MAGIC = np.uint64(int.from_bytes(b"\x00ustar\x00\x00", "little"))
 _PATH, _SIZE = np.frombuffer(b"path", np.uint8), np.frombuffer(b"size", np.uint8)
+_SPARSE_KEY = np.frombuffer(SPARSE_RECORD.encode(), np.uint8)
 
 
 def blocks_at(buf: bytes | bytearray | memoryview, at: np.ndarray) -> np.ndarray:
@@ -411,9 +449,9 @@ _PAX_RECORD_MAX = 64  # a pax record longer than this (an mtime record is about 
 def pax_headers_harmless(headers: np.ndarray, data: np.ndarray, room: np.ndarray) -> np.ndarray:
     """Which headers (rows of 512 bytes; changed here) are pax extended headers ('x') of at most one block of
     data (`data`: the block after each), padded to `room` bytes, whose records change nothing iter_samples
-    reads: no `path`, no `size`. Python's tarfile writes one before every member whose mtime is a float
-    (webdataset's TarWriter, so img2dataset): one record, `NN mtime=...`, checked here in one go; other
-    layouts go through parse_pax."""
+    reads: no `path`, no `size`, no `GNU.sparse.*` (a sparse file, never read). Python's tarfile writes one
+    before every member whose mtime is a float (webdataset's TarWriter, so img2dataset): one record,
+    `NN mtime=...`, checked here in one go; other layouts go through parse_pax."""
     pax = (headers[:, 156] == PAX[0]) & _checksums_held(headers)
     length, one_record = _one_harmless_record(data[:, :_PAX_RECORD_MAX])
     harmless = (pax & one_record & (length + (-length % BLOCK) == room)
@@ -427,13 +465,13 @@ def pax_headers_harmless(headers: np.ndarray, data: np.ndarray, room: np.ndarray
             records = parse_pax(data[i, :size].tobytes())
         except ValueError:
             continue
-        harmless[i] = "path" not in records and "size" not in records
+        harmless[i] = "path" not in records and "size" not in records and not marks_sparse(records)
     return harmless
 
 
 def _one_harmless_record(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The length of the first pax record in each row of data, and whether it is a whole record of that row,
-    `N key=value\n`, as parse_pax reads it, its key neither `path` nor `size`."""
+    `N key=value\n`, as parse_pax reads it, its key neither `path` nor `size` nor `GNU.sparse.*`."""
     rows, width = np.arange(len(data)), data.shape[1]
     digit = (data[:, :4] >= 0x30) & (data[:, :4] <= 0x39)
     n = np.logical_and.accumulate(digit, axis=1).sum(axis=1)  # a record of at most 512 bytes: 1 to 3 digits
@@ -447,7 +485,8 @@ def _one_harmless_record(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     keyed = equals[rows, key_end] & (key_end < length - 1)
     key = data[rows[:, None], (n + 1)[:, None] + np.arange(4)]
     named = (key_end == n + 5) & ((key == _PATH).all(axis=1) | (key == _SIZE).all(axis=1))
-    return np.where(fits, length, -1), fits & newline & keyed & ~named
+    sparse = (data[rows[:, None], (n + 1)[:, None] + np.arange(len(_SPARSE_KEY))] == _SPARSE_KEY).all(axis=1)
+    return np.where(fits, length, -1), fits & newline & keyed & ~named & ~sparse
 
 
 def wds2idx_split(name: str) -> tuple[str, str]:
