@@ -128,6 +128,30 @@ def test_list_file(tree, tmp_path):
         plan.plan_shards(config(tree / "nope.txt", tmp_path / "out"))
 
 
+def test_local_paths_spelled_with_double_slashes_or_dot_parts_name_the_listed_files(tree, tmp_path):
+    """A folder's listing spells its files plainly: a pattern or .tar path with `//` (ROOT=/data/ then
+    "$ROOT/{00000..00001}.tar"), `./` or `x/..` names those same files, and the shards are spelled as listed."""
+    out = tmp_path / "out"
+    for spelled in (f"{tree}//{{00000..00001}}.tar", f"{tree}/./{{00000..00001}}.tar",
+                    f"{tree}/train/../{{00000..00001}}.tar"):
+        plans = plan.plan_shards(config(spelled, out))
+        assert stems(plans) == ["00000", "00001"], spelled
+        assert [p.shard for p in plans] == [str(tree / "00000.tar"), str(tree / "00001.tar")], spelled
+        assert plans[0].rows == str(tree / "00000.parquet") and plans[0].output == str(out / "00000.parquet")
+    [p] = plan.plan_shards(config(f"{tree}//train//00000.tar", out))
+    assert (p.shard, p.stem) == (str(tree / "train" / "00000.tar"), "00000")
+    assert p.rows == str(tree / "train" / "00000.parquet")
+
+
+def test_a_shard_named_twice_in_two_spellings_is_embedded_once(tree, tmp_path):
+    listing = tree / "shards.txt"
+    listing.write_text("00000.tar\n./00000.tar\n"  # e.g. a list merged from `ls` and `find .`
+                       f"train/../00000.tar\n{tree}//00000.tar\n00001.tar\n")
+    plans = plan.plan_shards(config(listing, tmp_path / "out"))
+    assert stems(plans) == ["00000", "00001"]
+    assert [p.shard for p in plans] == [str(tree / "00000.tar"), str(tree / "00001.tar")]
+
+
 def test_outputs_never_collide(tmp_path):
     data = tmp_path / "data"
     shard(data, "x")

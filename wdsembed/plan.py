@@ -9,6 +9,9 @@ What INPUT may be (find_shards):
 * a list file, `*.txt`: one shard per line (a path, a URL, or a brace pattern; relative paths are relative to the
   list file's folder; blank lines and `#` comments are skipped).
 
+A local path is taken as its folder's listing spells it (`/data//00000.tar`, `/data/./00000.tar` are
+`/data/00000.tar`), and a shard named twice, in any spelling, is embedded once.
+
 Each shard's output is `OUTPUT/<stem>.parquet`, where the stem is the shard's path relative to the input's root
 folder without `.tar`: the folder itself, the folder before a pattern's first brace, or the deepest folder holding
 every shard of a list file. Shards of subfolders keep their subfolder (`OUTPUT/train/00000.parquet`), so two
@@ -338,7 +341,9 @@ def _find_named(config: EmbedConfig, urls: list[str], kind: str) -> FoundShards:
     if bad:
         raise InputError(f"input {config.input!r} names {bad[0]!r}, which is not a .tar shard")
     fs, _ = storage.filesystem(urls[0], config.storage_options)
-    tars = sorted(dict.fromkeys(fs._strip_protocol(u) for u in urls))  # a shard named twice is embedded once
+    spelled = _local_spelling if storage.is_local(fs) else str
+    # a shard named twice is embedded once, also where two spellings name it (`00000.tar`, `./00000.tar`)
+    tars = sorted(dict.fromkeys(spelled(fs._strip_protocol(u)) for u in urls))
     folders = sorted({posixpath.dirname(t) for t in tars})
 
     def listing(folder: str) -> set[str]:
@@ -363,12 +368,19 @@ def _find_named(config: EmbedConfig, urls: list[str], kind: str) -> FoundShards:
         raise InputError(f"{len(missing)} of the {len(tars)} shard(s) that input {config.input!r} names do not "
                          f"exist: {shown}{more}")
     if kind == "pattern":
-        root = fs._strip_protocol(input_folder(config.input))
+        root = spelled(fs._strip_protocol(input_folder(config.input)))
     elif kind == "tar":
         root = posixpath.dirname(tars[0])
     else:  # the deepest folder holding every listed shard ("" when they share none: other buckets)
         root = posixpath.commonpath(folders)
     return FoundShards(fs, root, tars, files)
+
+
+def _local_spelling(path: str) -> str:
+    """A local path as a folder's listing spells it: `a//b`, `a/./b` and `a/x/../b` are `a/b` (`x/..` is dropped
+    as text, even where x is a link). Object stores keep their keys as given: there `a//b` is a key of its own."""
+    path = posixpath.normpath(path)
+    return "/" + path.lstrip("/") if path.startswith("//") else path  # POSIX keeps a leading `//`; Linux reads `/`
 
 
 def _check_stems(config: EmbedConfig, found: FoundShards) -> None:
