@@ -84,6 +84,21 @@ def test_a_folder_whose_shards_are_in_subfolders_says_recursive(tmp_path):
         plan.plan_shards(config(tmp_path / "empty", tmp_path / "out"))
 
 
+def test_hidden_tars_are_skipped_with_and_without_recursive(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    shard(data, "00000")
+    apple_double = b"\x00\x05\x16\x07" + bytes(4092)  # the ._ file macOS writes beside each file it copies
+    (data / "._00000.tar").write_bytes(apple_double)
+    assert stems(plan.plan_shards(config(data, out))) == ["00000"]
+    assert stems(plan.plan_shards(config(data, out, recursive=True))) == ["00000"]
+    # hidden ones only: no shards, and no advice to pass --recursive for the hidden subfolder's
+    only = tmp_path / "only"
+    shard(only / ".cache", "00001")
+    (only / "._00001.tar").write_bytes(apple_double)
+    with pytest.raises(plan.InputError, match=r"holds no \*\.tar shards$"):
+        plan.plan_shards(config(only, out))
+
+
 def test_brace_patterns(tree, tmp_path):
     out = tmp_path / "out"
     plans = plan.plan_shards(config(f"{tree}/{{00001..00003}}.tar", out))

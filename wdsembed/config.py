@@ -148,8 +148,8 @@ class EmbedConfig(BaseModel):
     recursive: bool = Field(
         False,
         description="When input is a folder, also embed the *.tar shards of its subfolders, at any depth (hidden "
-        "folders excepted). Outputs mirror the subfolders (OUTPUT/train/00000.parquet), so shards of the same name "
-        "in different folders never share an output. Input may also be a brace pattern "
+        "files and folders excepted, as without it). Outputs mirror the subfolders (OUTPUT/train/00000.parquet), so "
+        "shards of the same name in different folders never share an output. Input may also be a brace pattern "
         "(/data/{00000..00999}.tar), one .tar, or a .txt file listing one shard per line.",
     )
     fidelity_sample: int = Field(

@@ -2,7 +2,8 @@
 
 What INPUT may be (find_shards):
 
-* a folder: its `*.tar` files; with `recursive`, also those of its subfolders at any depth (hidden ones excepted);
+* a folder: its `*.tar` files; with `recursive`, also those of its subfolders at any depth (hidden files and
+  folders excepted, either way: macOS's `._00000.tar` is no shard);
 * a brace pattern as WebDataset users write it: `/data/{00000..00999}.tar`, `s3://b/p/{00000..00009}.tar`,
   `/data/{train,val}/{0000..0099}.tar` (every shard it names must exist);
 * one `.tar` file;
@@ -275,15 +276,15 @@ def _find_in_folder(config: EmbedConfig) -> FoundShards:
         except PermissionError as exc:
             raise InputError(f"a subfolder of input {config.input!r} cannot be read by this user ({exc}): give it "
                              "read and execute permission (chmod a+rx) or run as a user who can read it") from None
-        tars = sorted(p for p in files if _is_tar(p) and not _hidden(posixpath.relpath(p, root)))
+        tars = sorted(p for p in files if _is_shard(p, root))
         if not tars:
             raise InputError(f"input {config.input!r} holds no *.tar shards, in no subfolder either")
         return FoundShards(fs, root, tars, files)
     entries = fs.ls(root, detail=True)
     files = {e["name"] for e in entries if e.get("type") == "file"}
-    tars = sorted(p for p in files if _is_tar(p))
+    tars = sorted(p for p in files if _is_shard(p, root))
     if not tars:
-        nested = sorted(p for p in fs.find(root, withdirs=False) if _is_tar(p))
+        nested = sorted(p for p in fs.find(root, withdirs=False) if _is_shard(p, root))
         if nested:
             example = posixpath.relpath(nested[0], root)
             raise InputError(f"input {config.input!r} holds no *.tar shards directly, but its subfolders hold "
@@ -297,8 +298,10 @@ def _is_tar(path: str) -> bool:
     return path.lower().endswith(".tar")
 
 
-def _hidden(relative: str) -> bool:
-    return any(part.startswith(".") for part in relative.split("/"))
+def _is_shard(path: str, root: str) -> bool:
+    """A `*.tar` of a folder input, hidden ones (`.x.tar`, macOS's `._00000.tar`, any under `.cache/`) left out
+    alike with and without `recursive`."""
+    return _is_tar(path) and not any(part.startswith(".") for part in posixpath.relpath(path, root).split("/"))
 
 
 def _list_file_entries(config: EmbedConfig) -> list[str]:
