@@ -6,6 +6,7 @@ independent writers; `.idx` files are checked against DALI's own wds2idx.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import subprocess
@@ -677,6 +678,36 @@ def test_whitespace_names_cannot_be_indexed(tmp_path):
         idx.render()
     # reading without an index is fine
     assert [s.key for s in samples_of(tar)] == ["a b", "c"]
+
+
+def test_a_name_ending_in_its_first_dot_is_read_without_an_index(tmp_path, caplog):
+    """`b.` has an empty extension: wds2idx writes its entry as three fields (` 1536 1 b.`), and a line whose
+    fields come in no groups of four, which DALI and ShardIndex.parse refuse, so such an index was rebuilt, broken again, on every run. Rendering refuses it
+    instead: planning warns once per run and writes no index, and the shard's pass yields every sample."""
+    from wdsembed.config import EmbedConfig
+    from wdsembed.plan import plan_shards
+    from wdsembed.shard import TarRead
+
+    (tmp_path / "in").mkdir()
+    tar = make_tar(tmp_path / "in" / "00000.tar", [("a.jpg", b"A"), ("b.", b"B"), ("b.jpg", b"BB"), ("c.jpg", b"C")],
+                   fmt=tarfile.GNU_FORMAT)
+    ref = wds2idx_text(tar, tmp_path)
+    assert "jpg 512 1 a.jpg\n 1536 1 b. jpg 2560 2 b.jpg\n" in ref
+    with pytest.raises(shardindex.IndexFormatError, match="line 3: 7 fields, not groups of 4"):
+        ShardIndex.parse(ref)
+    with pytest.raises(shardindex.IndexFormatError, match="member 'b.': a name that ends in its first dot"):
+        _index_of(tar).render()
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model_name="resnet18")
+    for _ in range(2):  # and the same on the next run
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            (plan,) = plan_shards(config)
+            read = TarRead(config, plan)
+            assert [key for key, _ in read.images()] == ["a", "b", "c"] and read.errors == {}
+            assert read.finish() == []
+        assert plan.index is None and not (tmp_path / "in" / "00000.idx").exists()
+        [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert warning.startswith(f"shard {tar}: no .idx (member 'b.': ") and "reading it without one" in warning
 
 
 def test_parse_rejects_other_formats():

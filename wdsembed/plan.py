@@ -429,7 +429,7 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
                 if index is not None and index == shardindex.index_path_for(tar):
                     index = storage.to_url(fs, index)  # beside the shard: s3://bucket/.../00000.idx
             except shardindex.IndexFormatError as exc:
-                # Member names that the .idx format cannot hold (spaces): the shard is read without one.
+                # Member names that the .idx format cannot hold (spaces, `b.`): the shard is read without one.
                 log.warning("shard %s: no .idx (%s); reading it without one", tar, exc)
             except tarstream.ShardReadError as exc:
                 # A truncated or corrupt tar: its task embeds the samples before the damage and names the rest

@@ -92,6 +92,12 @@ class ShardIndex:
                         f"member {m.name!r}: a name with whitespace cannot be written to a v1.2 .idx "
                         "(wds2idx writes it anyway and DALI then misreads the line); read this shard without an index"
                     )
+                if not m.ext:
+                    raise IndexFormatError(
+                        f"member {m.name!r}: a name that ends in its first dot has an empty extension, which a v1.2 "
+                        ".idx line cannot hold (wds2idx writes three fields, which DALI and this reader refuse); "
+                        "read this shard without an index"
+                    )
             out.append(" ".join(f"{m.ext} {m.offset} {m.size} {m.name}" for m in group) + "\n")
         return "".join(out)
 
@@ -447,8 +453,8 @@ def ensure_index(
     `cache_dir` when the shard's folder refuses writes. With no `cache_dir` and an unwritable folder the index is
     returned with `path=None`. With `build=False` a missing index gives None instead of a read of the tar (the
     caller builds it during its own pass: iter_samples(index_builder=...) and save_index). Raises
-    IndexFormatError for shards whose member names the v1.2 format cannot hold (whitespace), tarstream.ShardReadError for
-    a damaged tar. An empty tar gives an index of 0 samples (wds2idx refuses those).
+    IndexFormatError for shards whose member names the v1.2 format cannot hold (whitespace, a name ending in its
+    first dot: `b.`), tarstream.ShardReadError for a damaged tar. An empty tar gives an index of 0 samples (wds2idx refuses those).
     For an s3:// shard the returned path may be an s3:// URL: DALI reads index files from local paths only.
     """
     return _ensure(shard_path_or_url, fs, cache_dir, build=build, whole=True)
