@@ -239,6 +239,37 @@ def test_a_failing_source_raises_and_the_pipeline_stays_usable(clean_rows):
     assert not failed and all(torch.equal(rows[k], clean_rows[k]) for k, _ in good[:3])
 
 
+def test_samples_not_read_yet_hold_up_no_batch_already_in_dali(clean_rows):
+    """The source says its next samples are not read yet, (NOT_READY, wait), until wait() is called: the batches
+    DALI holds and the failures found so far come out first; wait() is called only once nothing is left to give,
+    and every key still comes out once, in batches cut as without it."""
+    from wdsembed.pipeline import NOT_READY
+
+    good = list(photos().items())[:5]
+    jpg = photos()["coffee_640x427.jpg"]
+    sos = jpg.index(b"\xff\xda")
+    bad = ("bad", jpg[: sos + 5] + b"\x09" + jpg[sos + 6 :])  # a scan component the frame lacks: fails in DALI
+    seen: list = []
+    at_wait: list = []
+
+    def wait():
+        at_wait.append(({k for b in seen for k in b.keys}, {k for b in seen for k, _ in b.failures}))
+
+    def source():
+        yield from [*good[:3], bad, good[3]]  # batches (0, 1) and (2, bad) fed, key 3 gathered
+        while not at_wait:
+            yield NOT_READY, wait
+        yield good[4]
+
+    with ImagePipeline(recipe_of(), batch_size=2, num_threads=1, device_id=None, prefetch=3) as pipe:
+        for batch in pipe.process(source()):
+            seen.append(batch)
+    assert at_wait == [({k for k, _ in good[:3]}, {"bad"})]
+    assert [len(b.keys) for b in seen if b.keys] == [2, 1, 2]
+    assert sorted(k for b in seen for k in b.keys) == sorted(k for k, _ in good)
+    assert all(torch.equal(img, clean_rows[k]) for b in seen for k, img in zip(b.keys, b.images))
+
+
 def test_memoryview_inputs(clean_rows):
     good = photos()
     samples = [(k, memoryview(bytearray(v)).toreadonly()) for k, v in good.items()]

@@ -51,3 +51,42 @@ def test_read_ahead_stays_within_its_depth_and_stops_when_closed():
     ahead.close()
     assert log["closed_in"] is log["thread"]  # the source was closed, in its own thread
     assert threading.active_count() == before - 1
+
+
+def test_read_ahead_says_when_the_next_chunk_is_not_in_and_waits_when_asked():
+    """With `not_ready`, a chunk still being made gives (not_ready, wait) instead of a wait; wait() returns once it
+    is in, and every item still comes out once, in order. The error of a late chunk still comes after its items."""
+    NOT_READY = object()
+    release = threading.Event()
+
+    def slow(n: int, fail_at: int | None = None):
+        for i in range(n):
+            if i == 4:
+                assert release.wait(timeout=30)
+            if i == fail_at:
+                raise OSError(f"unreadable at {i}")
+            yield i
+
+    ahead = read_ahead(slow(10), chunk=4, depth=2, not_ready=NOT_READY)
+    got, markers = [], 0
+    for item in ahead:
+        if isinstance(item, tuple) and item[0] is NOT_READY:
+            markers += 1
+            if markers == 3:  # the consumer has nothing else to do: it waits
+                release.set()
+                item[1]()
+            continue
+        got.append(item)
+    assert got == list(range(10))
+    assert markers >= 3  # asked again without waiting, it said so again instead of blocking
+
+    release.clear()
+    got = []
+    with pytest.raises(OSError, match="unreadable at 5"):
+        for item in read_ahead(slow(10, fail_at=5), chunk=4, depth=2, not_ready=NOT_READY):
+            if isinstance(item, tuple) and item[0] is NOT_READY:
+                release.set()
+                item[1]()
+                continue
+            got.append(item)
+    assert got == [0, 1, 2, 3, 4]

@@ -123,6 +123,40 @@ def test_the_next_call_is_fed_before_the_previous_one_is_done(worker):
     assert [o[0] for o in outcomes] == [[k for k, _ in c] for c in calls]
 
 
+def test_a_call_whose_samples_are_all_in_finishes_while_the_next_calls_tar_is_still_on_its_way(worker):
+    """The next call's samples do not come (its shard's store stalls): the call before it still gets its last
+    batches and returns, instead of waiting for the next call's first samples."""
+    calls = _calls(2, 12, seed=7)
+    first_started, first_done = threading.Event(), threading.Event()
+    outcomes: list = [None, None]
+
+    def first_samples():
+        first_started.set()
+        for n, item in enumerate(calls[0]):
+            if n == len(calls[0]) - 1:
+                deadline = time.monotonic() + 60
+                while not worker._pending and time.monotonic() < deadline:  # the second call is waiting
+                    time.sleep(0.01)
+            yield item
+
+    def stalled_samples():
+        outcomes[1] = first_done.wait(timeout=30)  # True: the first call returned while this one was stalled
+        yield from calls[1]
+
+    def first() -> None:
+        outcomes[0] = worker.embed(first_samples(), autocast=True, normalize=True)
+        first_done.set()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert first_started.wait(timeout=60)
+    keys, _, failures = worker.embed(stalled_samples(), autocast=True, normalize=True)
+    thread.join(timeout=60)
+    assert outcomes[1] is True
+    assert outcomes[0][0] == [k for k, _ in calls[0]] and not outcomes[0][2]
+    assert keys == [k for k, _ in calls[1]] and not failures
+
+
 def test_a_call_that_fails_fails_alone(worker):
     """One call's samples raise midway (an unreadable shard) and another's progress callback raises (a fault
     mid-shard): those two raise; the calls beside them finish whole, and the worker goes on."""

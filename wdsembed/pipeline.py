@@ -28,7 +28,7 @@ import logging
 import re
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -183,6 +183,11 @@ class PreprocessedBatch:
 # what is gathered so far is fed as a short batch. It keeps a batch to one caller's samples where several callers'
 # samples follow each other in one stream (wdsembed.worker), so each caller's batches are the ones it would get alone.
 BATCH_END = object()
+
+# A key that says the next samples are not read yet, (NOT_READY, wait): `ImagePipeline.process` takes out the batches
+# DALI holds in the meantime, and calls wait() (which returns once samples are in) only when it holds none. So a
+# caller's last batches come out while the next caller's samples are still on their way (threads.read_ahead).
+NOT_READY = object()
 
 
 @dataclass
@@ -386,7 +391,8 @@ class ImagePipeline:
         iterates): ready for work queued on it, and given back to DALI in its order once released.
 
         Batches come out in input order except that the parts of a batch that had a bad image come out later.
-        Keys are opaque here (any hashable). A (BATCH_END, None) pair ends the batch being gathered (see BATCH_END).
+        Keys are opaque here (any hashable). A (BATCH_END, None) pair ends the batch being gathered (see BATCH_END);
+        a (NOT_READY, wait) pair says the next samples are on their way (see NOT_READY).
         The byte buffers must stay unmodified until the batch holding them has come out (a batch with a bad image
         is fed again from them; with copy_inputs=False DALI also reads them in place).
         """
@@ -402,7 +408,9 @@ class ImagePipeline:
         failures: list[tuple[str, str]] = []
         source_done = False
 
-        def fill() -> None:
+        def fill() -> Optional[Callable[[], None]]:
+            """Feed DALI up to `prefetch` batches, as far as samples are read; where the next ones are not, return
+            the function that waits for them."""
             nonlocal source_done
             while len(pending) < self.prefetch:
                 if retry:
@@ -413,11 +421,13 @@ class ImagePipeline:
                         source_done = True
                         continue
                     batch, rejected = got
+                    if batch is NOT_READY:
+                        return rejected  # here, the wait function
                     failures.extend(rejected)
                     if not batch.keys:
                         continue
                 else:
-                    return
+                    return None
                 try:
                     self._feed(batch)
                     self._pipe.schedule_run()
@@ -425,10 +435,20 @@ class ImagePipeline:
                     self._broken = f"feeding DALI failed: {e}"[:500]
                     raise PipelineBroken(self._broken) from e
                 pending.append(batch)
+            return None
 
         try:
-            fill()
-            while pending:
+            while True:
+                if not pending:
+                    wait = fill()
+                    if not pending:
+                        if wait is None:
+                            break
+                        if failures:  # nothing in DALI, the next samples on their way: the refused need not wait
+                            yield PreprocessedBatch([], self._empty(), failures)
+                            failures = []
+                        wait()
+                        continue
                 batch = pending.popleft()
                 try:
                     result = self._collect(batch)
@@ -528,6 +548,9 @@ class ImagePipeline:
             return out
 
         for key, data in samples:
+            if key is NOT_READY:  # passed up as it is: the batch so far stays gathered
+                yield key, data
+                continue
             if key is BATCH_END:  # the stream asks for a batch boundary here: the batch so far goes out short
                 if sniffed:
                     settle()

@@ -4,15 +4,69 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from typing import Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
 _DONE = object()
+_NOTHING = object()
 
 
 class _Raised:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
+
+
+class _Background:
+    """`items` iterated in a thread of its own, at most `depth` items ahead of `get()`."""
+
+    def __init__(self, items: Iterator[Any], depth: int, name: str) -> None:
+        self._out: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._held: Any = _NOTHING  # an item wait() took from the queue, for the next get()
+        self._thread = threading.Thread(target=self._produce, args=(items,), name=name, daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, items: Iterator[Any]) -> None:
+        try:
+            for item in items:
+                if not self._put(item):
+                    break
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put(_Raised(exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # a generator's cleanup (draining DALI) runs here, in the producer's own thread
+            self._put(_DONE)
+
+    def ready(self) -> bool:
+        """Whether get() returns at once."""
+        return self._held is not _NOTHING or not self._out.empty()
+
+    def wait(self) -> None:
+        """Return once get() would return at once."""
+        if self._held is _NOTHING:
+            self._held = self._out.get()
+
+    def get(self) -> Any:
+        """The next item, or _DONE after the last; raises what the producer raised."""
+        item, self._held = (self._out.get() if self._held is _NOTHING else self._held), _NOTHING
+        if isinstance(item, _Raised):
+            raise item.exc
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def in_background(items: Iterator[T], depth: int = 2, name: str = "wdsembed-producer") -> Iterator[T]:
@@ -22,52 +76,26 @@ def in_background(items: Iterator[T], depth: int = 2, name: str = "wdsembed-prod
     thread-unsafe producer stays single-threaded, while the consumer (the model) works on the previous item.
     An exception in the producer is raised here; a consumer that stops early stops and closes the producer.
     """
-    out: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    break
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            put(_Raised(exc))
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()  # a generator's cleanup (draining DALI) runs here, in the producer's own thread
-            put(_DONE)
-
-    thread = threading.Thread(target=produce, name=name, daemon=True)
-    thread.start()
+    producer = _Background(items, depth, name)
     try:
-        while True:
-            item = out.get()
-            if item is _DONE:
-                return
-            if isinstance(item, _Raised):
-                raise item.exc
+        while (item := producer.get()) is not _DONE:
             yield item
     finally:
-        stop.set()
-        thread.join()
+        producer.close()
 
 
-def read_ahead(items: Iterator[T], chunk: int = 64, depth: int = 4, name: str = "wdsembed-reader") -> Iterator[T]:
+def read_ahead(items: Iterator[T], chunk: int = 64, depth: int = 4, name: str = "wdsembed-reader",
+               not_ready: Optional[object] = None) -> Iterator[Any]:
     """Yield what `items` yields, computed ahead in one background thread (the `depth` chunks queued, the one being
     made and the one being taken: at most `chunk * (depth + 2)` items in hand), handed over
     `chunk` at a time (one queue hand-over per chunk, not per item: a hand-over costs as much as parsing a small
     tar member). An exception in `items` is raised here after the items that came before it; closing this
     generator stops and closes `items`.
+
+    With `not_ready` given, where the next chunk is not made yet this yields `(not_ready, wait)` instead of
+    waiting for it: the consumer can do other work first, and calls `wait()` (which returns once the chunk is in)
+    before it asks again when it has none. Asked again without `wait()`, it yields the same pair until the chunk
+    is in.
 
     Why a thread: the one that feeds DALI waits for each batch's outputs with the GIL released; a parser running
     beside it fills those waits with the next samples instead of parsing after each wait."""
@@ -90,7 +118,19 @@ def read_ahead(items: Iterator[T], chunk: int = 64, depth: int = 4, name: str = 
             if close is not None:
                 close()
 
-    for part, exc in in_background(chunks(), depth=depth, name=name):
-        yield from part
-        if exc is not None:
-            raise exc
+    producer = _Background(chunks(), depth, name)
+    wait: Callable[[], None] = producer.wait
+    try:
+        while True:
+            if not_ready is not None and not producer.ready():
+                yield not_ready, wait
+                continue
+            got = producer.get()
+            if got is _DONE:
+                return
+            part, exc = got
+            yield from part
+            if exc is not None:
+                raise exc
+    finally:
+        producer.close()

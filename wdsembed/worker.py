@@ -431,7 +431,7 @@ class Worker:
         as its own last batch is done."""
         import torch
 
-        from wdsembed.pipeline import BATCH_END
+        from wdsembed.pipeline import BATCH_END, NOT_READY
 
         flags = first.flags
         live: dict[int, _Job] = {}  # calls with samples in the stream, by the number their keys are tagged with
@@ -446,12 +446,18 @@ class Worker:
                 job.started = time.time()
                 # The call's samples (reading and parsing its tar) are read in a thread of their own, ahead of this
                 # one, which also feeds DALI and waits for its outputs (threads.read_ahead).
+                # Where they are not read yet, the reader says so (NOT_READY) instead of holding up the batches in
+                # DALI: the previous call's last ones then come out while this call's tar is still on its way.
                 samples = (job.samples if os.environ.get(READ_AHEAD_ENV) == "0"
-                           else read_ahead(job.samples, chunk=READ_AHEAD_CHUNK, depth=READ_AHEAD_DEPTH))
+                           else read_ahead(job.samples, chunk=READ_AHEAD_CHUNK, depth=READ_AHEAD_DEPTH,
+                                           not_ready=NOT_READY))
                 try:
                     for key, data in samples:
                         if job.cancelled:
                             break
+                        if key is NOT_READY:
+                            yield key, data
+                            continue
                         job.fed += 1
                         yield (number, key), data
                 except GeneratorExit:
