@@ -136,15 +136,36 @@ def test_plain_options_pass_and_stay_out_of_repr():
     assert "storage_options" not in repr(c) and "127.0.0.1:9000" not in str(c)
 
 
-def test_json_schema_refuses_secret_option_names():
-    """Runs started from the Prefect UI/API are validated against the JSON schema before they are stored."""
-    import jsonschema
+@pytest.mark.parametrize("values", [
+    *({"storage_options": {name: "x"}} for name in ("key", "secret", "token", "aws_secret_access_key",
+                                                    "AWS_SECRET_ACCESS_KEY", "Secret", "Account_Key")),
+    {"storage_options": {"endpoint_url": "http://minio:hunter2@127.0.0.1:9000"}},
+    {"input": "s3://user:hunter2@bucket/shards"},
+    {"output": "ftp://me:@host/out"},  # an empty password is one too
+    {"checkpoint": "file://me:pw@host/w.pth"},
+    {"result_storage": "s3://a@b:pw@bucket/x"},
+    {"image_extensions": []},
+], ids=lambda v: next(iter(v)))
+def test_the_run_form_refuses_what_embedconfig_refuses(values):
+    """Runs started from the Prefect UI/API are checked against the flow's JSON schema before their parameters are
+    stored and shown: a credential EmbedConfig refuses (any letter case, a password in any URL) never gets that
+    far. The same validate() as Prefect's server, on the deployed flow's parameter schema."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import ValidationError as FormError
+    from prefect.utilities.schema_tools import validate
 
-    schema = EmbedConfig.model_json_schema()["properties"]["storage_options"]
-    jsonschema.validate({"endpoint_url": "http://x"}, schema)
-    for name in ("key", "secret", "token", "aws_secret_access_key"):
-        with pytest.raises(jsonschema.ValidationError):
-            jsonschema.validate({name: "x"}, schema)
+    from flows.deployed import embed
+
+    schema = parameter_schema(embed).model_dump()
+    config = {"input": "s3://b/in", "output": "s3://b/out"} | values
+    with pytest.raises(ValueError):
+        EmbedConfig(**config)
+    with pytest.raises(FormError):
+        validate({"config": config}, schema, raise_on_error=True)
+    plain = {"input": "s3://b/in", "output": "http://host:9000/out?a=b:c@d", "result_storage": "s3://user@b/r",
+             "storage_options": {"endpoint_url": "http://127.0.0.1:9000", "profile": "keyring", "monkey": "1"}}
+    EmbedConfig(**plain)
+    validate({"config": plain}, schema, raise_on_error=True)
 
 
 def test_cli_strings_become_s3fs_types():

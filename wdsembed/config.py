@@ -13,13 +13,33 @@ from typing import Literal, Optional
 from fsspec.core import split_protocol
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from wdsembed.storeoptions import CREDENTIALS_HINT, SECRET_OPTION_PATTERN, protocol, secret_options, url_has_password
+from wdsembed.storeoptions import (
+    CREDENTIALS_HINT,
+    SECRET_OPTION_PATTERN,
+    URL_PASSWORD_PATTERN,
+    protocol,
+    secret_options,
+    url_has_password,
+)
 
 DEFAULT_MODEL = "vit_large_patch14_clip_quickgelu_224.openai"
 DEFAULT_INDEX_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "wdsembed", "idx")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 # Pillow's DecompressionBombError threshold (2 * Image.MAX_IMAGE_PIXELS): 20000 x 20000 is refused, 12000 x 12000 not.
 MAX_IMAGE_PIXELS = 2 * 89_478_485
+
+
+def _any_case(pattern: str) -> str:
+    """A regular expression that matches any letter case without flags: JSON schema patterns (ECMA 262, as Prefect
+    checks a run's parameters) have none."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in pattern)
+
+
+# The rules of the validators below, also in the JSON schema: runs started from the Prefect UI/API are checked
+# against it before their parameters are stored (and shown), so a credential is refused before it is kept.
+_NO_URL_PASSWORD = {"not": {"pattern": URL_PASSWORD_PATTERN}}
+_NO_SECRET_OPTIONS = {"propertyNames": {"not": {"pattern": _any_case(SECRET_OPTION_PATTERN)}},
+                      "additionalProperties": {"type": "string", **_NO_URL_PASSWORD}}
 
 
 class EmbedConfig(BaseModel):
@@ -29,10 +49,12 @@ class EmbedConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     input: str = Field(
+        json_schema_extra=_NO_URL_PASSWORD,
         description="Folder or fsspec URL (s3://bucket/prefix) holding the WebDataset shards (*.tar), "
         "optionally with img2dataset siblings (00000.parquet, 00000_stats.json).",
     )
     output: str = Field(
+        json_schema_extra=_NO_URL_PASSWORD,
         description="Folder or fsspec URL that receives one <shard>.parquet per shard and _manifest.json.",
     )
     model_name: str = Field(
@@ -43,7 +65,7 @@ class EmbedConfig(BaseModel):
         True, description="Load pretrained weights (from --checkpoint, the local timm/Hugging Face cache, or the Hub)."
     )
     checkpoint: Optional[str] = Field(
-        None, description="Local weights file (.safetensors, .pth, .bin) to load instead of downloading: a path or a "
+        None, json_schema_extra=_NO_URL_PASSWORD, description="Local weights file (.safetensors, .pth, .bin) to load instead of downloading: a path or a "
         "file:// URL, at the same place on every worker. A URL of another store is refused: copy the file to each "
         "worker first.",
     )
@@ -94,7 +116,7 @@ class EmbedConfig(BaseModel):
         "without embedding again.",
     )
     image_extensions: tuple[str, ...] = Field(
-        IMAGE_EXTENSIONS, description="Member extensions read as the sample's image, any letter case, in order of preference."
+        IMAGE_EXTENSIONS, json_schema_extra={"minItems": 1}, description="Member extensions read as the sample's image, any letter case, in order of preference."
     )
     max_image_pixels: Optional[int] = Field(
         MAX_IMAGE_PIXELS,
@@ -110,15 +132,14 @@ class EmbedConfig(BaseModel):
     storage_options: dict[str, str] = Field(
         default_factory=dict,
         repr=False,
-        # The same rule for runs started from the Prefect UI/API, whose parameters are checked against the JSON
-        # schema before they are stored (fsspec option names are lower case).
-        json_schema_extra={"propertyNames": {"not": {"pattern": SECRET_OPTION_PATTERN}}},
+        json_schema_extra=_NO_SECRET_OPTIONS,
         description="fsspec options for INPUT/OUTPUT (endpoint_url=..., profile=..., region_name=..., "
         "read_timeout=...). No credentials: these are stored with the run's parameters; keys come from the "
         "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), an AWS profile or the store's credential files.",
     )
     result_storage: Optional[str] = Field(
         None,
+        json_schema_extra=_NO_URL_PASSWORD,
         description="Folder or fsspec URL, reachable by every worker, where Prefect keeps the embedding tasks' "
         "results (the task cache); default OUTPUT/_prefect_results. Uses storage_options; never credentials.",
     )

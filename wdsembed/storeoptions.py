@@ -14,6 +14,9 @@ from fsspec.core import split_protocol
 SECRET_OPTION_PATTERN = r"(^|_)(key|secret|token|password|passwd|pwd|credential|credentials|connection_string|sas)(_|$)"
 
 _SECRET_OPTION = re.compile(SECRET_OPTION_PATTERN, re.IGNORECASE)
+# A URL with a password (scheme://user:password@host): a ':' before an '@' of its host part. The JSON schema's form
+# of url_has_password, for the Prefect run form.
+URL_PASSWORD_PATTERN = r"://[^/?#]*:[^/?#]*@"
 CREDENTIALS_HINT = (
     "credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), "
     "an AWS profile (AWS_PROFILE or --storage-option profile=NAME) or the store's own credential files"
