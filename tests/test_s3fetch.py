@@ -342,14 +342,15 @@ def test_opening_another_shard_takes_the_budget_from_shards_ahead(server, root):
             assert read_all(f) == (root / BUCKET / "blob.bin").read_bytes()
         assert fx.stats["evicted"] >= 1 and fx.peak_bytes <= budget
         with fx.open(f"s3://{BUCKET}/00002.tar") as f, open(root / BUCKET / "00002.tar", "rb") as local:
-            assert read_all(f) == local.read()  # 00001 was skipped: dropped, its memory freed
-        assert fx.reserved == 0
+            assert read_all(f) == local.read()
+        fx.forget([f"s3://{BUCKET}/00001.tar"])  # never to be opened: its memory goes back
+        assert until(lambda: fx.reserved == 0)
 
 
 
 def test_a_group_of_shards_downloads_each_shard_once(root, tmp_path):
     """A task's group of shards (shard.process_shards, used above 1,000 shards) fetches each tar once. It named the
-    next two shards before each shard, and opening a shard drops every shard named before it: each look-ahead was
+    next two shards before each shard, and opening a shard dropped every shard named before it: each look-ahead was
     thrown away and downloaded again (shard k of a group k+1 times)."""
     import s3fs
 
@@ -380,6 +381,37 @@ def test_a_group_of_shards_downloads_each_shard_once(root, tmp_path):
     finally:
         s3fetch.configure()
         srv.stop()
+
+def test_a_shard_named_by_another_thread_stays_named_until_opened_or_forgotten(root):
+    """Each task thread names its own shard (shard.process_shard) and the worker's stream opens them in the order
+    their calls reach it: opening one keeps the others, so each downloads once whichever comes first. A shard its
+    caller will not open (its task stopped first) is forgotten: its memory goes back."""
+    names = ("00000.tar", "00001.tar", "00002.tar")
+    a, b, c = (f"s3://{BUCKET}/{n}" for n in names)
+    srv = S3Folder(root, access_key=KEY_ID).start()  # its own server: `ranges` holds this test's GETs only
+    try:
+        with fetcher(srv.endpoint) as fx:
+            fx.prefetch([a])  # one task thread
+            fx.prefetch([b])  # another
+            size_a = (root / BUCKET / names[0]).stat().st_size
+            assert until(lambda: fx.reserved >= size_a)  # a is in memory
+            for url, name in ((b, names[1]), (a, names[0])):  # the second thread's call reached the stream first
+                with fx.open(url) as f:
+                    assert read_all(f) == (root / BUCKET / name).read_bytes()
+            assert fx.reserved == 0
+            fx.prefetch([c])
+            assert until(lambda: fx.reserved > 0)
+            fx.forget([c])
+            assert until(lambda: fx.reserved == 0 and fx.in_flight == 0)
+        fetched = dict.fromkeys(names[:2], 0)
+        for key, rng in srv.ranges:
+            if key in fetched:
+                first, last = map(int, re.fullmatch(r"bytes=(\d+)-(\d+)", rng).groups())
+                fetched[key] += last - first + 1
+        assert fetched == {name: (root / BUCKET / name).stat().st_size for name in names[:2]}
+    finally:
+        srv.stop()
+
 
 def test_in_flight_grows_with_latency_and_halves_on_slowdown(server, root):
     proxy = ShapingProxy(server.endpoint, first_byte=0.1, rate=4e6).start()

@@ -278,11 +278,24 @@ class ShardFetcher:
                     known.add(url)
             self._pump()
 
-    def open(self, url: str, *, size: Optional[int] = None, etag: Optional[str] = None) -> "ShardReader":
-        """A file object over the shard at `url` (s3://bucket/key or bucket/key). Shards named by prefetch()
-        before this one are dropped: the caller went past them."""
-        url = self._url(url)
+    def forget(self, urls: Iterable[str]) -> None:
+        """Drop the shards named by prefetch() that will not be opened (their caller stopped first): their memory
+        goes back, their requests stop. Shards already opened are not touched."""
+        names = {self._url(url) for url in urls}
         stale: list = []  # bodies of the dropped shards' requests, stopped once the lock is let go
+        with self._cv:
+            for shard in [s for s in self._ahead if s.url in names]:
+                stale += self._drop(shard)
+                self._ahead.remove(shard)
+            self._pump()
+        _stop_bodies(stale)
+
+    def open(self, url: str, *, size: Optional[int] = None, etag: Optional[str] = None) -> "ShardReader":
+        """A file object over the shard at `url` (s3://bucket/key or bucket/key). The other shards named by
+        prefetch() stay named, whatever their order: several threads name shards, and one reader opens them in
+        its own order (forget() drops those that will not be opened)."""
+        url = self._url(url)
+        stale: list = []  # bodies of a changed shard's requests, stopped once the lock is let go
         try:
             with self._cv:
                 if self._closed:
@@ -291,9 +304,7 @@ class ShardFetcher:
                 for i, s in enumerate(self._ahead):
                     if s.url == url:
                         shard = s
-                        for skipped in self._ahead[:i]:
-                            stale += self._drop(skipped)
-                        del self._ahead[: i + 1]
+                        del self._ahead[i]
                         break
                 if shard is None:
                     bucket, key = _split(url)

@@ -183,10 +183,13 @@ def process_shard(
         sample = fidelity.SampleCollector(fidelity.shard_quota(config.fidelity_sample, plan.run_shards))
         # The worker's stream takes this shard's samples right behind those of the shard before it (another
         # thread's).
-        keys, embeddings, failures = worker.embed(
-            sample.wrap(tar.images()), autocast=config.autocast, normalize=config.normalize_embeddings,
-            on_batch=faults.batch_hook(plan.stem, on_progress), timeline=timeline,
-        )
+        try:
+            keys, embeddings, failures = worker.embed(
+                sample.wrap(tar.images()), autocast=config.autocast, normalize=config.normalize_embeddings,
+                on_batch=faults.batch_hook(plan.stem, on_progress), timeline=timeline,
+            )
+        finally:  # a call stopped before the stream reached its shard never opened it: its bytes go back
+            storage.forget_shards([plan.shard], config.storage_options)
         embeddings = output.as_stored(embeddings, keys, config.embedding_dtype, plan.shard)
         # The reference runs beside the table building and validation below, while the stream goes on with the next
         # shard (on a GPU the reference is the worker's float32 copy of the model, beside it).
@@ -248,9 +251,8 @@ def process_shards(
     those that did not).
 
     No look-ahead over the group: process_shard names its own shard to the S3 fetcher once its cache check has
-    passed, as in a one-shard task, and it downloads while the worker's other task threads embed theirs. Shards
-    named here ahead of that were downloaded twice or more: opening a shard drops every shard named before it
-    (storage.prefetch_shards), which were this group's next ones, or another group's in the same worker."""
+    passed, as in a one-shard task, and it downloads while the worker's other task threads embed theirs; a
+    look-ahead would hold memory for shards whose cached outputs mean they are never opened."""
     results, failures, transient = [], {}, False
     for plan in plans:
         try:

@@ -86,8 +86,7 @@ def open_sequential(fs: fsspec.AbstractFileSystem, path: str, *, size: int | Non
 def prefetch_shards(urls: Iterable[str], storage_options: Mapping[str, Any] | None = None) -> None:
     """Start fetching the S3 shards that this process will open next (in order), so that a shard's first bytes
     are in memory when its turn comes. No-op for local and non-S3 URLs. The same process's open_sequential then
-    finds them. Opening a shard drops every shard named before it (the caller went past them): where several
-    threads open shards, each names only its own, just before it waits for its turn (shard.process_shard does)."""
+    finds them. A shard named here and then not opened holds memory until `forget_shards` names it."""
     urls = [u for u in urls if protocol(u) in _S3_PROTOCOLS]
     if not urls:
         return
@@ -95,6 +94,18 @@ def prefetch_shards(urls: Iterable[str], storage_options: Mapping[str, Any] | No
 
     fs, _ = filesystem(urls[0], storage_options)
     s3fetch.fetcher_for(fs).prefetch(urls)
+
+
+def forget_shards(urls: Iterable[str], storage_options: Mapping[str, Any] | None = None) -> None:
+    """The shards named by `prefetch_shards` that will not be opened after all: their memory goes back. Those
+    opened already are not touched. No-op for local and non-S3 URLs."""
+    urls = [u for u in urls if protocol(u) in _S3_PROTOCOLS]
+    if not urls:
+        return
+    from wdsembed import s3fetch
+
+    fs, _ = filesystem(urls[0], storage_options)
+    s3fetch.fetcher_for(fs).forget(urls)
 
 
 # ---------------------------------------------------------------------------------------------------------------
