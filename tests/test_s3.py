@@ -424,6 +424,28 @@ def test_missing_input_prefix(server):
         plan.plan_shards(config)
 
 
+# s3fs's FileNotFoundError names the path: whether the bucket exists is asked of the store, not read in that text.
+
+
+def test_a_new_output_prefix_of_a_bucket_named_bucket_is_accepted(server):
+    server.boto().create_bucket(Bucket="team-bucket")
+    server.boto().put_object(Bucket="team-bucket", Key="shards/00000.tar", Body=b"x" * 10)
+    storage.check_output("s3://team-bucket/shards", options(server.endpoint))  # an existing prefix
+    storage.check_output("s3://team-bucket/embeddings", options(server.endpoint))  # a new one: a first run
+
+
+def test_a_new_output_prefix_named_bucket_is_accepted(server):
+    server.boto().create_bucket(Bucket="ml-data")
+    storage.check_output("s3://ml-data/bucketed/embeddings", options(server.endpoint))
+
+
+def test_missing_input_prefix_of_a_bucket_named_bucket_is_not_a_missing_bucket(server):
+    server.boto().create_bucket(Bucket="input-bucket")
+    with pytest.raises(storage.StoreError) as err:
+        storage.check_input("s3://input-bucket/nothing-here", options(server.endpoint))
+    assert str(err.value) == "input s3://input-bucket/nothing-here does not exist"
+
+
 def test_wrong_credentials_fail_at_once_and_write_nothing(server, dataset, monkeypatch, tmp_path):
     url = upload(server, dataset)
     before = (server.keys(IN_BUCKET), server.keys(OUT_BUCKET))

@@ -218,11 +218,14 @@ def _write_local(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Bina
 # Preflight: fail at once, naming the URL, where a store cannot be used at all
 
 
+# Stores whose paths start with a bucket (or container), which a run never creates: a path missing there may be a
+# missing bucket rather than a new prefix.
+_BUCKET_PROTOCOLS = frozenset({*_S3_PROTOCOLS, "gs", "gcs", "az", "abfs", "abfss", "oss"})
+
+
 def _explain(url: str, exc: BaseException, action: str) -> StoreError:
     name = type(exc).__name__
     text = str(exc) or name
-    if isinstance(exc, FileNotFoundError) and "bucket" in text.lower():
-        return StoreError(f"cannot {action} {url}: the bucket does not exist ({text})")
     if isinstance(exc, PermissionError):
         return StoreError(f"cannot {action} {url}: access denied ({text}); check the credentials: {CREDENTIALS_HINT}")
     if "credential" in name.lower() or "credential" in text.lower():
@@ -230,15 +233,32 @@ def _explain(url: str, exc: BaseException, action: str) -> StoreError:
     return StoreError(f"cannot {action} {url}: {name}: {text}")
 
 
+def _check_bucket(fs: fsspec.AbstractFileSystem, path: str, url: str, action: str) -> None:
+    """Raise StoreError naming `url` if the bucket of `path` (a missing path) does not exist or cannot be asked
+    about. The store is asked about the bucket itself (HEAD bucket on S3): the error that said `path` is missing
+    names the path, whose bucket or prefix may well have "bucket" in its name. Stores without buckets pass."""
+    if not any(p in _BUCKET_PROTOCOLS for p in _protocols(fs)):
+        return
+    bucket = fs._strip_protocol(path).strip("/").split("/", 1)[0]
+    try:
+        fs.info(bucket, refresh=True)  # not from a cached list of buckets, which holds only the user's own
+    except FileNotFoundError:
+        raise StoreError(f"cannot {action} {url}: the bucket {bucket} does not exist") from None
+    except Exception as exc:  # noqa: BLE001 - any other failure to ask is reported with the URL
+        raise _explain(url, exc, action) from None
+
+
 def check_input(url: str, storage_options: Mapping[str, str] | None = None) -> None:
     """Raise StoreError naming `url` unless it can be listed (one LIST request on object stores)."""
     try:
         fs, path = filesystem(url, storage_options)
+    except Exception as exc:  # noqa: BLE001
+        raise _explain(url, exc, "read input") from None
+    try:
         fs.invalidate_cache(path)  # a long-lived process must see shards added since its last listing
         fs.ls(path, detail=False)
-    except FileNotFoundError as exc:
-        if "bucket" in str(exc).lower():
-            raise _explain(url, exc, "read input") from None
+    except FileNotFoundError:
+        _check_bucket(fs, path, url, "read input")
         raise StoreError(f"input {url} does not exist") from None
     except NotADirectoryError:
         raise StoreError(f"input {url} is not a folder of *.tar shards") from None
@@ -258,11 +278,8 @@ def check_output(url: str, storage_options: Mapping[str, str] | None = None) -> 
         return  # created on first write; a read-only folder shows at that write, naming the file
     try:
         fs.info(path)
-    except FileNotFoundError as exc:
-        bucket = path.strip("/").split("/", 1)[0]
-        if "bucket" in str(exc).lower() or path.strip("/") == bucket:
-            raise _explain(url, FileNotFoundError(f"The specified bucket does not exist: {bucket}"),
-                           "write output") from None
+    except FileNotFoundError:
+        _check_bucket(fs, path, url, "write output")  # else a new prefix
     except Exception as exc:  # noqa: BLE001
         raise _explain(url, exc, "write output") from None
     finally:
