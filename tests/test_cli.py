@@ -437,6 +437,21 @@ def test_good_storage_options_pass():
     preflight.check_storage_options(EmbedConfig(input="/data", output="/out", storage_options={"auto_mkdir": "true"}))
 
 
+def test_storage_option_max_paths_becomes_a_number_for_every_store(tmp_path):
+    """fsspec's listings cache takes max_paths from every store's options and computes `max_paths + 1`."""
+    from wdsembed import preflight, storage
+
+    options = {"endpoint_url": "http://127.0.0.1:9", "max_paths": "1000"}
+    config = EmbedConfig(input="s3://b/in", output="s3://b/out", storage_options=options)
+    preflight.check_storage_options(config)  # builds the S3 client, sends nothing
+    assert storage.filesystem("s3://b/in", options)[0].dircache.max_paths == 1000
+    preflight.check_storage_options(EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                                                storage_options={"max_paths": "1000"}))
+    with pytest.raises(preflight.PreflightError, match=r"^--storage-option max_paths=many: takes a number \(int\)$"):
+        preflight.check_storage_options(EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                                                    storage_options={"max_paths": "many"}))
+
+
 # --------------------------------------------------------------------------------------------------- failed runs
 
 

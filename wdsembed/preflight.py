@@ -36,7 +36,10 @@ class PreflightError(ValueError):
 _FSSPEC_COMMON_OPTIONS = {"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths"}
 # Read by wdsembed.storage.fsspec_options for S3 and handed on to botocore or the client.
 _OUR_S3_OPTIONS = set(storeoptions.S3_DEFAULTS) | {"region_name"}
-# The S3 options that storage.fsspec_options turns from the command line's strings into numbers.
+# The options that storage.fsspec_options turns from the command line's strings into numbers: for every store,
+# and for S3 only.
+_NUMBERS = (dict.fromkeys(storeoptions._FSSPEC_INT_OPTIONS, int)
+            | dict.fromkeys(storeoptions._FSSPEC_FLOAT_OPTIONS, float))
 _S3_NUMBERS = dict.fromkeys(storeoptions._S3_INT_OPTIONS, int) | dict.fromkeys(storeoptions._S3_FLOAT_OPTIONS, float)
 
 
@@ -114,8 +117,9 @@ def check_storage_options(config: EmbedConfig) -> None:
     for name, value in options.items():
         for protocol, names in by_protocol.items():
             problem = _bad_value(names.get(name), value)
-            if protocol in ("s3", "s3a") and name in _S3_NUMBERS:
-                problem = _not_a(_S3_NUMBERS[name], value)
+            numbers = _NUMBERS | (_S3_NUMBERS if protocol in ("s3", "s3a") else {})
+            if name in numbers:
+                problem = _not_a(numbers[name], value)
             if problem:
                 raise PreflightError(f"--storage-option {name}={value}: {problem}")
     endpoint = options.get("endpoint_url")

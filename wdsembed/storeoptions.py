@@ -23,9 +23,13 @@ CREDENTIALS_HINT = (
 )
 
 _S3_PROTOCOLS = ("s3", "s3a")
+# Strings from the CLI (`--storage-option max_paths=1000`) that fsspec's listings cache, which every store has,
+# wants as numbers (it computes `max_paths + 1`).
+_FSSPEC_INT_OPTIONS = ("max_paths",)
+_FSSPEC_FLOAT_OPTIONS = ("listings_expiry_time",)
 # Strings from the CLI (`--storage-option read_timeout=30`) that s3fs wants as numbers.
 _S3_INT_OPTIONS = ("default_block_size", "max_concurrency", "max_attempts")
-_S3_FLOAT_OPTIONS = ("connect_timeout", "read_timeout", "listings_expiry_time")
+_S3_FLOAT_OPTIONS = ("connect_timeout", "read_timeout")
 # botocore settings accepted as top-level options here (connect_timeout, read_timeout, max_attempts, retry_mode),
 # passed on in s3fs's `config_kwargs`, with these defaults.
 # Transient store errors (timeouts, 5xx, SlowDown, dropped connections) are retried by botocore (these attempts,
@@ -70,14 +74,10 @@ def fsspec_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[
         if isinstance(value, str) and value.lower() in ("true", "false"):
             value = value.lower() == "true"
         options[name] = value
+    _to_numbers(options, _FSSPEC_INT_OPTIONS, _FSSPEC_FLOAT_OPTIONS)
     if protocol(url) not in _S3_PROTOCOLS:
         return options
-    for name in _S3_INT_OPTIONS:
-        if isinstance(options.get(name), str):
-            options[name] = int(options[name])
-    for name in _S3_FLOAT_OPTIONS:
-        if isinstance(options.get(name), str):
-            options[name] = float(options[name])
+    _to_numbers(options, _S3_INT_OPTIONS, _S3_FLOAT_OPTIONS)
     if "region_name" in options:  # s3fs would hand it to botocore's session, which refuses it: the client takes it
         options["client_kwargs"] = {**(options.get("client_kwargs") or {}), "region_name": options.pop("region_name")}
     botocore = {name: options.pop(name, default) for name, default in S3_DEFAULTS.items()}
@@ -87,3 +87,10 @@ def fsspec_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[
     config.setdefault("retries", {"max_attempts": botocore["max_attempts"], "mode": botocore["retry_mode"]})
     options["config_kwargs"] = config
     return options
+
+
+def _to_numbers(options: dict[str, Any], ints: tuple[str, ...], floats: tuple[str, ...]) -> None:
+    for names, kind in ((ints, int), (floats, float)):
+        for name in names:
+            if isinstance(options.get(name), str):
+                options[name] = kind(options[name])
