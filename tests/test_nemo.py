@@ -178,6 +178,30 @@ def test_router_logs_decoder_lines_and_passes_the_rest(tmp_path):
     assert "DEBUG:wdsembed.decoder:ERROR libjpeg_turbo_decoder: Could not decode" in log.read_text()
 
 
+ROUTER_OWN_LOG = r'''
+import logging, sys, time
+logging.basicConfig(stream=sys.stderr, level=sys.argv[1], format=sys.argv[2])
+from wdsembed.decoderlog import decoder_messages_to_log
+with decoder_messages_to_log():
+    logging.getLogger("wdsembed").warning("shard 00000: 3 images failed")
+    time.sleep(0.5)
+'''
+BRACKETED = "[%(levelname)s] [%(name)s] %(message)s"
+COLOURED_LIKE_THE_DECODER = "\x1b[0;33m[%(levelname)s] \x1b[0m[%(name)s] %(message)s"
+
+
+@pytest.mark.parametrize("level, fmt", [("INFO", BRACKETED), ("DEBUG", BRACKETED),
+                                        ("DEBUG", COLOURED_LIKE_THE_DECODER)])
+def test_own_log_lines_in_a_bracketed_format_pass_unchanged_and_never_loop(level, fmt):
+    """A warning must reach the terminal, not the decoder's DEBUG log; at DEBUG, a line that the decoder logger
+    wrote must never be routed again (each turn would log it once more, for as long as the run lasts)."""
+    done = subprocess.run([sys.executable, "-c", ROUTER_OWN_LOG, level, fmt], env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == (fmt % {"levelname": "WARNING", "name": "wdsembed",
+                                  "message": "shard 00000: 3 images failed"}) + "\n", done.stderr[:300]
+
+
 API_RUN = textwrap.dedent(f'''
     import json, logging, sys
     logging.basicConfig(filename=sys.argv[3], level=logging.DEBUG)

@@ -28,10 +28,11 @@ from typing import Iterator, Optional
 
 log = logging.getLogger("wdsembed.decoder")
 
-# nvImageCodec's default messenger: "<colour>[SEVERITY] <reset>[codec or plugin name] message". Lines we log
-# ourselves never start this way, so routing can never feed on its own output.
+# nvImageCodec's default messenger: "<colour>[SEVERITY] <reset>[codec or plugin name] message", the colour and the
+# reset always written (to a file or a pipe too). A plain "[%(levelname)s] [%(name)s] %(message)s" log format
+# never matches; a coloured one shaped the same way is told apart by its name (_route).
 DECODER_LINE = re.compile(
-    rb"^(?:\x1b\[[0-9;]*m)?\[(FATAL ERROR|ERROR|WARNING|INFO|DEBUG|TRACE)\] (?:\x1b\[[0-9;]*m)?\[([\w.-]+)\] ?(.*)$"
+    rb"^\x1b\[[0-9;]*m\[(FATAL ERROR|ERROR|WARNING|INFO|DEBUG|TRACE)\] \x1b\[0m\[([\w.-]+)\] (.*)$"
 )
 
 
@@ -96,7 +97,7 @@ class _Fd2Router:
             for line in lines:
                 self._route(line + b"\n")
             # A partial line that cannot be a decoder line goes on at once (a prompt, a crash message).
-            if pending and not pending.startswith((b"\x1b", b"[", _FLUSH_MARKER[:1])):
+            if pending and not pending.startswith((b"\x1b", _FLUSH_MARKER[:1])):
                 self._forward(pending)
                 pending = b""
         if pending:
@@ -119,6 +120,11 @@ class _Fd2Router:
             self._forward(line)
             return
         severity, source, text = (part.decode("utf-8", "replace") for part in match.groups())
+        if source in logging.Logger.manager.loggerDict:
+            # A Python logger's line in a coloured format, not a codec's: re-logged, it would be hidden at DEBUG,
+            # and the line of our own logger (wdsembed.decoder) would match again, forever.
+            self._forward(line)
+            return
         self.records.put((severity, source, text))
 
     def _forward(self, data: bytes) -> None:
