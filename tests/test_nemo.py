@@ -132,8 +132,10 @@ def test_save_metadata_never_overwrites_the_dataset(tmp_path):
     embedded, data, out = _embedded_dataset(tmp_path)
     before = {p.name: p.read_bytes() for p in data.iterdir()}
     assert embedded.save_metadata() == str(out)  # already there: nothing written
-    with pytest.raises(ValueError, match="would overwrite the dataset's own metadata"):
+    with pytest.raises(ValueError, match="would write into the dataset's own folder"):
         embedded.save_metadata(str(data))
+    with pytest.raises(ValueError, match="would write into the dataset's own folder"):
+        embedded.save_metadata(str(data / "copy"))
     assert {p.name: p.read_bytes() for p in data.iterdir()} == before
 
     copy = embedded.save_metadata(str(tmp_path / "copy"), columns=["key", "image_embedding"])
@@ -153,6 +155,60 @@ def test_default_output_needs_a_parent():
         ImageTextPairDataset(path="s3://bucket", tar_files=["s3://bucket/00000.tar"]).default_embeddings_path()
     assert ImageTextPairDataset(path="s3://bucket/shards", tar_files=[]).default_embeddings_path() \
         == "s3://bucket/shards_embeddings"
+
+
+def _image(i: int):
+    from wdsembed.synthetic import ShardSample, encode_image, make_image
+
+    return ShardSample(encode_image(make_image(40, 30, seed=i), "bmp"), ext="bmp", caption=f"image {i}")
+
+
+def _embedder():
+    from wdsembed import TimmImageEmbedder
+
+    return TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                             fidelity_sample=0)
+
+
+def _parquets(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.parquet"))}
+
+
+def test_save_metadata_refuses_the_datasets_folder_however_it_is_spelled(tmp_path, monkeypatch):
+    """The dataset opened as "dataset" (relative, as the reference script writes it) and saved to its absolute path
+    or to "./dataset": one folder, refused; img2dataset's parquets are the shards' rows in every later run."""
+    pytest.importorskip("nvidia.dali")
+    from wdsembed import ImageTextPairDataset
+    from wdsembed.synthetic import write_shard
+
+    write_shard(tmp_path / "dataset", "00000", [_image(i) for i in range(3)], failed_rows=1)
+    monkeypatch.chdir(tmp_path)
+    before = _parquets(tmp_path / "dataset")
+    embedded = _embedder()(ImageTextPairDataset.from_webdataset(path="dataset", id_col="key"))
+    for spelling in (str(tmp_path / "dataset"), "./dataset", "dataset/", str(tmp_path / "dataset" / "sub")):
+        with pytest.raises(ValueError, match="would write into the dataset's own folder"):
+            embedded.save_metadata(spelling)
+        assert _parquets(tmp_path / "dataset") == before, spelling
+        assert not (tmp_path / "dataset" / "sub").exists()
+
+
+def test_save_metadata_onto_the_embeddings_folder_by_another_spelling_writes_nothing(tmp_path, monkeypatch):
+    """The embeddings folder named by its absolute path is where they already are: nothing is rewritten, so their
+    footers keep the finished-shard key and the next run of the same script recomputes nothing."""
+    pytest.importorskip("nvidia.dali")
+    from wdsembed import ImageTextPairDataset
+    from wdsembed.synthetic import write_shard
+
+    write_shard(tmp_path / "dataset", "00000", [_image(i) for i in range(3)], failed_rows=1)
+    monkeypatch.chdir(tmp_path)
+    dataset = ImageTextPairDataset.from_webdataset(path="dataset", id_col="key")
+    embedder = _embedder()
+    embedded = embedder(dataset)
+    written = _parquets(tmp_path / "dataset_embeddings")
+    for spelling in (str(tmp_path / "dataset_embeddings"), "./dataset_embeddings/"):
+        assert embedded.save_metadata(spelling) == spelling.rstrip("/")
+    assert _parquets(tmp_path / "dataset_embeddings") == written
+    assert [r.cached for r in embedder(dataset).results] == [True]
 
 
 ROUTER_CHILD = r'''

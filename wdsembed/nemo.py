@@ -165,17 +165,22 @@ class ImageTextPairDataset:
         """Write the metadata parquets (`<stem>.parquet`), with only `columns` if given, into `path`; returns it.
 
         Default `path`: where the metadata already is. For an embedded dataset that is its embeddings folder, so
-        with no columns there is nothing to write. Never the dataset's own folder: its parquets are img2dataset's
-        (each sample's URL, caption, status), and the next run reads them as the shards' rows."""
+        with no columns there is nothing to write. Never the dataset's own folder nor one inside it: its parquets are
+        img2dataset's (each sample's URL, caption, status), and the next run reads them as the shards' rows."""
         target = (path or self.metadata_path or self.path).rstrip("/")
         source = self.metadata_path
         if source is None:
             raise ValueError("this dataset has no metadata yet: embed it first, embedding_model(dataset)")
-        if target == self.path.rstrip("/") and (columns is not None or source.rstrip("/") != target):
-            raise ValueError(f"save_metadata would overwrite the dataset's own metadata in {target!r} (the shards' "
-                             f"img2dataset parquets, read by every run): pass another folder, e.g. "
-                             f"save_metadata({self.default_embeddings_path()!r})")
-        if target == source.rstrip("/") and columns is None:
+        # Places, not strings: "dataset", "./dataset" and its absolute path are one folder.
+        where = storage.location(target, self.storage_options)
+        in_place = where == storage.location(source, self.storage_options)
+        dataset = storage.location(self.path, self.storage_options)
+        if storage.within(where, dataset) and not (in_place and columns is None):
+            raise ValueError(f"save_metadata({target!r}) would write into the dataset's own folder {self.path!r} "
+                             "(its parquets are the shards' img2dataset rows, read by every run): pass a folder "
+                             f"outside it, e.g. save_metadata({self.default_embeddings_path()!r})")
+        if in_place and columns is None:
+            # Rewriting them would strip their finished-shard keys: the next run would embed every shard again.
             log.info("metadata with embeddings is in %s", target)
             return target
         self._copy_metadata(target, columns)

@@ -60,6 +60,25 @@ def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
     return any(p in _S3_PROTOCOLS for p in _protocols(fs))
 
 
+def place(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, str]:
+    """`path` of `fs` spelled one way per place, for comparing where things are: (store, path without a trailing
+    slash); a local path absolute, with its links resolved (`data`, `./data/`, `/home/me/data` and a link to it are
+    one place)."""
+    if is_local(fs):
+        return "file", os.path.realpath(path)
+    return _protocols(fs)[0], path.rstrip("/")
+
+
+def location(url: str, storage_options: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """The place (see `place`) that `url` names."""
+    return place(*filesystem(url, storage_options))
+
+
+def within(inner: tuple[str, str], outer: tuple[str, str]) -> bool:
+    """Whether place `inner` is place `outer` or below it."""
+    return inner[0] == outer[0] and (inner[1] == outer[1] or inner[1].startswith(outer[1].rstrip("/") + "/"))
+
+
 @contextmanager
 def open_sequential(fs: fsspec.AbstractFileSystem, path: str, *, size: int | None = None) -> Iterator[BinaryIO]:
     """A file object for one front-to-back pass over `path` (a tar). Local files are plain files (the OS reads
