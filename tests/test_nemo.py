@@ -157,6 +157,21 @@ def test_default_output_needs_a_parent():
         == "s3://bucket/shards_embeddings"
 
 
+def test_default_embeddings_folder_of_the_current_folder_is_beside_it(tmp_path, monkeypatch):
+    """A script run from inside the dataset, from_webdataset(path="."), gets `<dataset>_embeddings` beside it,
+    not "._embeddings", a hidden folder inside the dataset."""
+    from wdsembed.nemo import ImageTextPairDataset
+
+    (tmp_path / "dataset" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "dataset" / "sub")
+    for spelled in ("..", "../", "../.", str(tmp_path / "dataset") + "/"):
+        target = ImageTextPairDataset(path=spelled, tar_files=[]).default_embeddings_path()
+        assert target == str(tmp_path / "dataset_embeddings"), spelled
+    monkeypatch.chdir(tmp_path / "dataset")
+    target = ImageTextPairDataset(path=".", tar_files=[]).default_embeddings_path()
+    assert target == str(tmp_path / "dataset_embeddings")
+
+
 def _image(i: int):
     from wdsembed.synthetic import ShardSample, encode_image, make_image
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import posixpath
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
@@ -150,13 +151,15 @@ class ImageTextPairDataset:
         return dd.read_parquet(files, storage_options=self.storage_options or None)
 
     def default_embeddings_path(self) -> str:
-        """Where the embedder writes by default: the folder beside the dataset's, `<path>_embeddings`."""
+        """Where the embedder writes by default: the folder beside the dataset's, `<path>_embeddings`, named from
+        the folder itself (for "." or "data/", from its absolute path: never a folder inside the dataset)."""
         fs, root = storage.filesystem(self.path, self.storage_options)
-        parent = os.path.dirname(root.rstrip("/"))
-        if not parent or parent == root.rstrip("/") or (not storage.is_local(fs) and "/" not in root.strip("/")):
-            raise ValueError(f"{self.path!r} has no parent folder to put {os.path.basename(root)}_embeddings in: "
+        root = os.path.abspath(root) if storage.is_local(fs) else root.rstrip("/")
+        parent, name = posixpath.split(root)
+        if not name or (not storage.is_local(fs) and not parent):
+            raise ValueError(f"{self.path!r} has no parent folder to put {name}_embeddings in: "
                              "pass the output, embedding_model(dataset, output)")
-        return self.path.rstrip("/") + "_embeddings"
+        return storage.to_url(fs, posixpath.join(parent, name + "_embeddings"))
 
     def with_embeddings(self, metadata_path: str, results: Sequence) -> "ImageTextPairDataset":
         return replace(self, metadata_path=metadata_path, results=list(results))
