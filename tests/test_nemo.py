@@ -207,6 +207,26 @@ def test_save_metadata_refuses_the_datasets_folder_however_it_is_spelled(tmp_pat
         assert not (tmp_path / "dataset" / "sub").exists()
 
 
+def test_embedding_into_the_datasets_own_folder_is_refused_before_any_work(tmp_path):
+    """embedding_model(dataset, dataset.path), the reference's layout asked for directly, and the plain API's
+    embedder(IN, IN) would write OUTPUT/<stem>.parquet over img2dataset's INPUT/<stem>.parquet (and every later run
+    would recompute, its parquet changed): refused, as the CLI refuses it, before a shard is read."""
+    pytest.importorskip("nvidia.dali")
+    from wdsembed import ImageTextPairDataset
+    from wdsembed.plan import InputError
+    from wdsembed.synthetic import write_shard
+
+    data = tmp_path / "dataset"
+    write_shard(data, "00000", [_image(i) for i in range(3)], failed_rows=1)
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    dataset = ImageTextPairDataset.from_webdataset(path=str(data), id_col="key")
+    for call in (lambda: _embedder()(dataset, str(data)), lambda: _embedder()(dataset, f"{data}/./emb"),
+                 lambda: _embedder()(str(data), str(data))):
+        with pytest.raises(InputError, match="is inside input"):
+            call()
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before  # no .idx, no manifest either
+
+
 def test_save_metadata_onto_the_embeddings_folder_by_another_spelling_writes_nothing(tmp_path, monkeypatch):
     """The embeddings folder named by its absolute path is where they already are: nothing is rewritten, so their
     footers keep the finished-shard key and the next run of the same script recomputes nothing."""

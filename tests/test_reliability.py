@@ -1185,6 +1185,8 @@ def test_batch_size_zero(tmp_path, capsys):
 
 
 def test_output_inside_input(tmp_path, capsys):
+    from wdsembed.plan import InputError
+
     data = dataset(tmp_path / "in", 1)
     err = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", data=data, out=data / "embeddings")
     assert err.startswith("error: output ") and "is inside input " in err
@@ -1193,9 +1195,23 @@ def test_output_inside_input(tmp_path, capsys):
     err2 = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", data=data,
                    out=tmp_path / "link" / "embeddings")
     assert "is inside input" in err2
-    table.record("param-output-in-input", done="--output INPUT/embeddings, also through a symlink to INPUT",
+    before = sorted(p.name for p in data.iterdir())
+    with pytest.raises(InputError, match="is inside input"):  # the API (and the NeMo drop-in) as the CLI
+        embedder()(str(data), str(data / "embeddings"))
+    # shards named one by one read only what they name: refused only in one of their own folders
+    listing = tmp_path / "shards.txt"
+    listing.write_text(f"{data}/00000.tar\n")
+    code, err3, started = cli_main([str(listing), "--output", str(data), "--device", "cpu", "--model", TINY_MODEL,
+                                    "--no-pretrained"], capsys)
+    assert code == 2 and not started and "a folder of the shards that input" in err3, err3
+    assert sorted(p.name for p in data.iterdir()) == before and not (data / "embeddings").exists()
+    table.record("param-output-in-input",
+                 done="--output INPUT/embeddings, also through a symlink to INPUT, and the same through the API; "
+                      "a list file's shards' own folder as --output",
                  did="exit 2 before any work, nothing written: 'output ... is inside input: choose a folder outside "
-                     "it, so outputs are never read as shards'",
+                     "it, so outputs are never read as shards' (the API and the NeMo drop-in raise the same); shards "
+                     "named one by one (pattern, .tar, list file) refuse only an output in their own folders: "
+                     "'output ... would write into ..., a folder of the shards that input ... names'",
                  lost="nothing (no work started)")
 
 

@@ -185,11 +185,69 @@ def test_check_config_knows_every_kind(tree, tmp_path):
     plan.check_config(config(tree, tmp_path / "out", recursive=True))
     with pytest.raises(plan.InputError, match="names do not exist"):
         plan.check_config(config(f"{tree}/{{00000..00009}}.tar", tmp_path / "out"))
-    with pytest.raises(plan.InputError, match="is inside input"):
-        plan.check_config(config(f"{tree}/{{00000..00003}}.tar", tree / "emb"))
+    with pytest.raises(plan.InputError, match="a folder of the shards that input"):
+        plan.check_config(config(f"{tree}/{{00000..00003}}.tar", tree))
     shard(tmp_path / "nest" / "a", "00000")
     with pytest.raises(plan.InputError, match="pass recursive=True"):
         plan.check_config(config(tmp_path / "nest", tmp_path / "out"))
+
+
+def test_output_is_refused_where_it_could_be_read_as_shards_or_overwrite_their_parquets(tree, tmp_path):
+    """A folder input refuses OUTPUT inside it (a later or recursive run would read the outputs); shards named one
+    by one read only what they name, so only OUTPUT in one of their folders is refused (below one too, with
+    recursive), or one that puts a shard's OUTPUT/<stem>.parquet there. plan_shards (the API, the NeMo drop-in)
+    refuses as check_config (the CLI, the flow) does, before any .idx is written."""
+    (tmp_path / "link").symlink_to(tree)
+    for out in (tree, tree / "emb", tmp_path / "link" / "emb", f"{tree}/./emb/"):
+        for recursive in (False, True):
+            with pytest.raises(plan.InputError, match=r"is inside input .*: choose a folder outside it"):
+                plan.check_config(config(tree, out, recursive=recursive))
+    both = f"{tree}/{{train,val}}/00000.tar"  # stems train/00000 and val/00000
+    for out in (tree, tree / "train", tmp_path / "link" / "val"):
+        with pytest.raises(plan.InputError, match=r"would write into .*, a folder of the shards that input"):
+            plan.check_config(config(both, out))
+    with pytest.raises(plan.InputError, match=r"would write into .*/train, a folder of the shards that input"):
+        plan.check_config(config(both, tree / "train" / "emb", recursive=True))
+    for out in (tree / "emb", tree / "train" / "emb", tree / "train" / "deep", tmp_path / "out"):
+        plan.check_config(config(both, out))
+    for input in (tree / "00000.tar", tree / "train/{00000..00000}.tar"):
+        with pytest.raises(plan.InputError, match="a folder of the shards"):
+            plan.plan_shards(config(input, Path(str(input)).parent))
+    with pytest.raises(plan.InputError, match="is inside input"):
+        plan.plan_shards(config(tree, tree / "emb"))
+    assert not list(tree.rglob("*.idx")) and not (tree / "emb").exists()
+
+
+def test_list_input_output_beside_the_list_is_not_inside_the_input(tmp_path):
+    """A list file naming shards of two folders (a/, b/): an output folder beside them and beside the list file
+    is accepted; their common parent is no input folder (a list input never lists one)."""
+    from wdsembed.synthetic import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "a", n_shards=1, per_shard=2)
+    write_demo_dataset(tmp_path / "b", n_shards=2, per_shard=2)
+    (tmp_path / "b" / "00000.tar").unlink()
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tmp_path}/a/00000.tar\n{tmp_path}/b/00001.tar\n")
+    plan.check_config(config(listing, tmp_path / "emb"))
+
+
+def test_list_input_over_two_top_level_folders_leaves_some_output_folder(tmp_path):
+    """Shards on two disks (/tmp/... and /var/tmp/...) share only "/": an output folder of neither is accepted."""
+    import shutil
+    import tempfile
+
+    from wdsembed.synthetic import write_demo_dataset
+
+    other = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    try:
+        write_demo_dataset(tmp_path / "a", n_shards=1, per_shard=2)
+        write_demo_dataset(other, n_shards=2, per_shard=2)
+        (other / "00000.tar").unlink()
+        listing = tmp_path / "list.txt"
+        listing.write_text(f"{tmp_path}/a/00000.tar\n{other}/00001.tar\n")
+        plan.check_config(config(listing, tmp_path / "emb"))
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
 
 
 def test_recursive_run_outputs_caching_manifest_and_views_agree(tree, tmp_path):

@@ -44,7 +44,8 @@ class InputError(ValueError):
 def check_config(config: EmbedConfig) -> None:
     """Refuse a run that cannot work, before any work starts, saying what to change: every check that needs no
     work, cheapest and most basic first. The CLI and the deployed flow call it before Prefect starts; the Python
-    API (api.run_shards) checks only the device before it plans, and leaves the rest to each shard's own reason."""
+    API (api.run_shards) checks only the device before it plans, and the output's place as it plans
+    (plan_shards), leaving the rest to each shard's own reason."""
     from wdsembed import preflight
 
     preflight.check_storage_options(config)  # before anything builds a filesystem from them
@@ -77,15 +78,46 @@ def check_config(config: EmbedConfig) -> None:
     found = find_shards(config)  # a missing shard of a pattern or list, or a folder with none, is refused here
     _check_readable(config, found)
     _check_id_column(config, found)
-    in_fs, in_root = found.fs, found.root
-    out_fs, out_root = storage.filesystem(config.output, config.storage_options)
-    if storage.is_local(in_fs) and storage.is_local(out_fs):  # through symlinks too
-        in_root, out_root = os.path.realpath(in_root), os.path.realpath(out_root)
-    if in_fs.protocol == out_fs.protocol and (out_root == in_root or out_root.startswith(in_root.rstrip("/") + "/")):
-        raise InputError(f"output {config.output!r} is inside input {config.input!r}: choose a folder outside it, "
-                         "so outputs are never read as shards")
+    check_output_location(config, found)
     if needs_model:
         preflight.check_weights(config)  # last: needs timm
+
+
+def check_output_location(config: EmbedConfig, found: "FoundShards") -> None:
+    """OUTPUT must be nowhere its files could be read back as shards or overwrite the shards' own parquets: for a
+    folder input (recursive or not), not inside the folder; for shards named one by one (a pattern, one .tar, a
+    list file), which read only what they name, not one of the shards' folders (nor below one, with recursive),
+    and no shard's OUTPUT/<stem>.parquet in one. Every entry point runs it before any work: check_config (CLI, flow)
+    and plan_shards (API, NeMo drop-in, the flow's own planning)."""
+    out_fs, out_root = storage.filesystem(config.output, config.storage_options)
+    out = storage.place(out_fs, out_root)  # through symlinks too
+    if input_kind(config.input) == "folder":
+        if storage.within(out, storage.place(found.fs, found.root)):
+            raise InputError(f"output {config.output!r} is inside input {config.input!r}: choose a folder outside "
+                             "it, so outputs are never read as shards")
+        return
+    folders = {storage.place(found.fs, f): f for f in {posixpath.dirname(t) for t in found.tars}}
+    # OUTPUT itself, and each folder a shard's output goes to (OUTPUT/train for a stem train/00000)
+    stem_folders = {posixpath.dirname(found.stem(t)) for t in found.tars}
+    writes = {out} | {storage.place(out_fs, storage.join(out_root, f)) for f in stem_folders if f}
+    for where in sorted(writes):
+        ancestors = [where] + ([(where[0], p) for p in _parents(where[1])] if config.recursive else [])
+        hit = next((folders[a] for a in ancestors if a in folders), None)
+        if hit is not None:
+            raise InputError(f"output {config.output!r} would write into {storage.to_url(found.fs, hit)}, a folder of "
+                             f"the shards that input {config.input!r} names: choose a folder outside the shards' "
+                             "folders, so outputs never overwrite their img2dataset parquets nor are read as shards")
+
+
+def _parents(path: str) -> list[str]:
+    """`a/b/c`'s folders above it: `a/b`, `a` (and `/` for an absolute path)."""
+    parents = []
+    while True:
+        parent = posixpath.dirname(path)
+        if not parent or parent == path:
+            return parents
+        parents.append(parent)
+        path = parent
 
 
 def nothing_to_compute(config: EmbedConfig) -> bool:
@@ -407,6 +439,7 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
     if found is None:
         check_storage(config)
         found = find_shards(config)
+    check_output_location(config, found)  # before any index is written
     listed = found
     fs, tars, siblings = listed.fs, listed.tars, listed.files
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
