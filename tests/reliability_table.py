@@ -46,6 +46,8 @@ CASES: list[tuple[str, str, str]] = [
     ("shard-sample-without-image", "Shards", "A sample without an image"),
     ("shard-empty-tar", "Shards", "Empty tar"),
     ("shard-not-a-tar", "Shards", "A .tar that is not a tar (0 bytes, an HTML page)"),
+    ("shard-skipped-output-name", "Shards",
+     "Shard path with a part that dataset readers skip (`_extra/`, `_x.tar`)"),
     ("shard-parquet-missing-rows", "Shards", "Parquet lacks rows the tar has"),
     ("shard-parquet-extra-rows", "Shards", "Parquet has rows the tar lacks"),
     ("shard-parquet-key-type", "Shards", "Parquet key column of another type (int64)"),

@@ -1039,6 +1039,24 @@ def test_a_rerun_that_dies_between_a_shards_view_and_its_table(tmp_path, monkeyp
 # --------------------------------------------------------------------------------------------------- bad parameters
 
 
+def test_shards_whose_outputs_dataset_readers_skip_are_refused(tmp_path, capsys):
+    data = dataset(tmp_path / "in", 1)
+    write_shard(data / "_extra", "00001", samples(2, seed=1))
+    err = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", "--recursive", data=data)
+    assert err.startswith("error: shard ") and err.endswith("rename its folder '_extra' to a name that does not "
+                                                             "start with '_'"), err
+    flat = tmp_path / "flat"
+    write_shard(flat, "_00001", samples(2))
+    err2 = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", data=flat)
+    assert err2.endswith("rename the shard '_00001.tar' to a name that does not start with '_'"), err2
+    shown = err.removeprefix("error: ")
+    table.record("shard-skipped-output-name",
+                 done="with --recursive, a shard in a subfolder '_extra/'; a folder holding '_00001.tar'",
+                 did=f"exit 2 before any work, nothing written: {q(shown)}; for the file: 'rename the shard "
+                     "'_00001.tar' ...'",
+                 lost="nothing (no work started)")
+
+
 def cli_main(argv: list[str], capsys) -> tuple[int, str, list]:
     """The CLI's main() in this process, with a run function that records whether any work was started."""
     from wdsembed.cli import main

@@ -180,6 +180,37 @@ def test_outputs_never_collide(tmp_path):
         plan.plan_shards(config(other, tmp_path / "out", recursive=True))
 
 
+def test_shards_whose_outputs_dataset_readers_would_skip_are_refused_naming_them(tmp_path):
+    """pyarrow.dataset, pandas.read_parquet and Spark skip every file or folder under OUTPUT whose name starts with
+    '_' or '.': a shard written there would vanish from OUTPUT read as one dataset. Refused before any work, naming
+    the shard and what to rename; only the path below the input's folder counts."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    shard(data, "00000")
+    shard(data / "_extra", "00001", seed=1)
+    assert stems(plan.plan_shards(config(data, out))) == ["00000"]  # without recursive, the subfolder is not read
+    for input, kw in ((data, {"recursive": True}), (f"{data}/{{00000,_extra/00001}}.tar", {})):
+        with pytest.raises(plan.InputError, match=rf"^shard {data}/_extra/00001\.tar would write "
+                                                  r"OUTPUT/_extra/00001\.parquet, which pyarrow\.dataset, "
+                                                  r"pandas\.read_parquet and Spark skip .*: its rows would vanish "
+                                                  r"from OUTPUT read as a dataset; rename its folder '_extra' to a "
+                                                  r"name that does not start with '_'$"):
+            plan.check_config(config(input, out, **kw))
+    shard(tmp_path / "flat", "_00002", seed=2)
+    with pytest.raises(plan.InputError, match=r"rename the shard '_00002\.tar' to a name that does not start "
+                                              r"with '_'$"):
+        plan.plan_shards(config(tmp_path / "flat", out))
+    listing = tmp_path / "named.txt"
+    listing.write_text(f"{data}/00000.tar\n{data}/.x.tar\n")
+    (data / ".x.tar").write_bytes((data / "00000.tar").read_bytes())
+    with pytest.raises(plan.InputError, match=r"rename the shard '\.x\.tar' to a name that does not start with "
+                                              r"'\.'$"):
+        plan.plan_shards(config(listing, out))
+    assert sorted(p.name for p in tmp_path.rglob("*.idx")) == ["00000.idx"]  # of the first, accepted, run only
+    assert not out.exists()
+    # named from inside `_extra`, its shard's path below the input's folder is 00001: read by every reader
+    assert stems(plan.plan_shards(config(data / "_extra" / "00001.tar", out))) == ["00001"]
+
+
 def test_check_config_knows_every_kind(tree, tmp_path):
     plan.check_config(config(f"{tree}/{{00000..00003}}.tar", tmp_path / "out"))
     plan.check_config(config(tree, tmp_path / "out", recursive=True))
@@ -268,6 +299,11 @@ def test_recursive_run_outputs_caching_manifest_and_views_agree(tree, tmp_path):
                                                                      ("val/00000", 2, False)]
     manifest = json.loads((out / "_manifest.json").read_text())
     assert sorted(manifest["shards"]) == ["train/00000", "val/00000"]
+    # OUTPUT read as one dataset gives every shard's full table (the kNN views under _embeddings/ left out)
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    assert ds.dataset(str(out), format="parquet").count_rows() == len(pd.read_parquet(out)) == 5
     for r in first:
         assert r.output == str(out / f"{r.stem}.parquet")
         assert pq.read_table(out / output.EMBEDDINGS_FOLDER / f"{r.stem}.parquet").num_rows == r.embedded

@@ -227,6 +227,9 @@ def check_storage(config: EmbedConfig) -> None:
 LIST_SUFFIX = ".txt"
 # Names under OUTPUT that are not shard outputs: a shard whose stem starts with one would collide with them.
 RESERVED_OUTPUT_NAMES = ("_prefect_results", output.EMBEDDINGS_FOLDER)
+# What readers of OUTPUT as one dataset (pyarrow.dataset, pandas.read_parquet, Spark) skip: every file or folder
+# whose name starts with one of these. A shard output there would silently vanish from the dataset read.
+SKIPPED_PREFIXES = ("_", ".")
 
 
 def input_kind(url: str) -> str:
@@ -419,7 +422,8 @@ def _local_spelling(path: str) -> str:
 
 
 def _check_stems(config: EmbedConfig, found: FoundShards) -> None:
-    """Two shards must never share an output (`x.tar` and `x.TAR`), nor take a name OUTPUT uses for itself."""
+    """Two shards must never share an output (`x.tar` and `x.TAR`), nor take a name OUTPUT uses for itself, nor
+    one that dataset readers skip."""
     seen: dict[str, str] = {}
     for tar in found.tars:
         stem = found.stem(tar)
@@ -427,9 +431,18 @@ def _check_stems(config: EmbedConfig, found: FoundShards) -> None:
             raise InputError(f"shards {storage.to_url(found.fs, seen[stem])} and {storage.to_url(found.fs, tar)} "
                              f"would both write OUTPUT/{stem}.parquet: rename one")
         seen[stem] = tar
-        if "/" in stem and stem.split("/", 1)[0] in RESERVED_OUTPUT_NAMES:
+        parts = stem.split("/")
+        if len(parts) > 1 and parts[0] in RESERVED_OUTPUT_NAMES:
             raise InputError(f"shard {storage.to_url(found.fs, tar)} would write OUTPUT/{stem}.parquet, inside a "
                              f"folder OUTPUT keeps for itself: rename its folder")
+        skipped = next((i for i, part in enumerate(parts) if part.startswith(SKIPPED_PREFIXES)), None)
+        if skipped is not None:
+            name = posixpath.basename(tar) if skipped == len(parts) - 1 else parts[skipped]
+            what = "the shard" if skipped == len(parts) - 1 else "its folder"
+            raise InputError(f"shard {storage.to_url(found.fs, tar)} would write OUTPUT/{stem}.parquet, which "
+                             "pyarrow.dataset, pandas.read_parquet and Spark skip (as they skip every name starting "
+                             f"with '_' or '.'): its rows would vanish from OUTPUT read as a dataset; rename {what} "
+                             f"{name!r} to a name that does not start with {name[0]!r}")
 
 
 def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[FoundShards] = None) -> list[ShardPlan]:
