@@ -73,6 +73,21 @@ def test_reference_usage_runs_unchanged(tmp_path):
                 assert len(row["image_embedding"]) > 0 and row["embedding_error"] is None
 
 
+def test_doc_states_get_clients_thread_default_and_each_tasks_share_of_a_gpu():
+    """docs/nemo.md gives get_client's signature with its defaults (threads_per_worker=None: SHARDS_PER_GPU threads
+    on a GPU cluster, 1 on a CPU one) and each shard task's share of a GPU (GPU_SHARE_PER_SHARD, a third)."""
+    import inspect
+
+    from wdsembed.cluster import GPU_SHARE_PER_SHARD, SHARDS_PER_GPU
+    from wdsembed.nemo import get_client
+
+    doc = (ROOT / "docs" / "nemo.md").read_text()
+    default = inspect.signature(get_client).parameters["threads_per_worker"].default
+    assert f"threads_per_worker={default}," in doc
+    assert (SHARDS_PER_GPU, GPU_SHARE_PER_SHARD) == (3, 0.33)
+    assert "asks for a third of a `GPU` (0.33)" in doc and "half a `GPU`" not in doc
+
+
 def test_embedder_takes_reference_names():
     from wdsembed import TimmImageEmbedder
 
