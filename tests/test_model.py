@@ -1,6 +1,7 @@
 """wdsembed.model against real timm models (random weights; no Hub access needed or made)."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -216,6 +217,25 @@ def test_finetuned_classifier_checkpoint_with_other_classes(tmp_path):
     with torch.inference_mode():
         expected = source.forward_head(source.forward_features(x), pre_logits=True)
     torch.testing.assert_close(embed_batch(loaded, x, autocast=False, normalize=False), expected)
+
+
+def test_clip_checkpoint_finetuned_on_its_own_classes_gives_pooled_features_not_class_logits(tmp_path, caplog):
+    # the tag still names CLIP pretraining, but the checkpoint's 10-class head is a classifier now
+    name = "vit_xsmall_patch16_clip_224.tinyclip_yfcc15m"
+    source = _seeded_model(name, seed=3, num_classes=10)
+    path = tmp_path / "clip_ft10.pth"
+    torch.save(source.state_dict(), path)
+    loaded = load_model(name, checkpoint=str(path))
+    assert (loaded.embedding, loaded.dim) == ("pooled", source.num_features)
+    x = _batch(loaded)
+    with torch.inference_mode():
+        expected = source.forward_head(source.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(embed_batch(loaded, x, autocast=False, normalize=False), expected)
+    # asked for by name, the head is given, as on any classifier, with the warning that it is class logits
+    with caplog.at_level(logging.WARNING, logger="wdsembed.model"):
+        logits = load_model(name, checkpoint=str(path), embedding="head")
+    assert (logits.embedding, logits.dim) == ("head", 10)
+    assert "class logits" in caplog.text
 
 
 def test_checkpoint_missing(tmp_path):

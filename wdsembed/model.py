@@ -67,7 +67,7 @@ class LoadedModel:
 # --------------------------------------------------------------------------------------------------- embedding rule
 
 
-def resolve_embedding(model: nn.Module, requested: str) -> Literal["head", "pooled"]:
+def resolve_embedding(model: nn.Module, requested: str, *, classifier: bool = False) -> Literal["head", "pooled"]:
     """Which output is the embedding.
 
     auto -> "head" when all hold, else "pooled":
@@ -78,6 +78,9 @@ def resolve_embedding(model: nn.Module, requested: str) -> Literal["head", "pool
     So vit_large_patch14_clip_quickgelu_224.openai -> head (768, the CLIP projection), its .openai_ft_in1k ->
     pooled, convnext_base.clip_laion2b -> head (640), resnet50 -> pooled (2048), SigLIP/DINOv2 (no head) -> pooled.
     A head is never taken on a guess: "pooled" is the safe default, it can't return class logits.
+
+    classifier=True: the head is a classifier whatever the tag says (a checkpoint replaced the pretrained head with
+    its own classes, e.g. a CLIP tower fine-tuned on the user's labels), as if rule 3 failed.
 
     head on a model without a head falls back to pooled (same values: an Identity head returns the pooled
     features), with a log line. head on a classifier is honoured (class logits), with a warning.
@@ -91,13 +94,13 @@ def resolve_embedding(model: nn.Module, requested: str) -> Literal["head", "pool
         if not has_head:
             _logger.info("%s has no head (num_classes=0); its head output is the pooled embedding", _arch_tag(model))
             return "pooled"
-        if not _is_projection_head(model):
+        if classifier or not _is_projection_head(model):
             _logger.warning(
                 "embedding='head' on %s: its head looks like a classifier, the embedding will be class logits",
                 _arch_tag(model),
             )
         return "head"
-    return "head" if has_head and _is_projection_head(model) else "pooled"
+    return "head" if has_head and not classifier and _is_projection_head(model) else "pooled"
 
 
 def _has_head(model: nn.Module) -> bool:
@@ -388,6 +391,7 @@ def load_model(
     dev = _resolve_device(device)
     kwargs: dict[str, Any] = {}
     sd: Optional[dict] = None
+    replaced_head = False
     sourced = ":" in model_name  # hf-hub:org/name or local-dir:path: timm reads its config (and weights) there
     hub_name = sourced and model_name.split(":", 1)[0].lower() in ("hf-hub", "hf_hub")
     cfg = None if sourced else get_pretrained_cfg(model_name)
@@ -411,6 +415,8 @@ def load_model(
                 _logger.info("checkpoint %s has a %d-class head; building %s with it", path, n, model_name)
                 overlay["num_classes"] = n
                 kwargs["num_classes"] = n
+                # its own classes: a classifier now, even where the pretrained tag names a CLIP projection
+                replaced_head = True
         want_pretrained = True
     elif pretrained:
         if sourced:
@@ -469,7 +475,7 @@ def load_model(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     data_config = timm.data.resolve_model_data_config(model)
-    resolved = resolve_embedding(model, embedding)
+    resolved = resolve_embedding(model, embedding, classifier=replaced_head)
     loaded = LoadedModel(
         model=model,
         name=model_name,
