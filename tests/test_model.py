@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 
@@ -236,6 +237,57 @@ def test_clip_checkpoint_finetuned_on_its_own_classes_gives_pooled_features_not_
         logits = load_model(name, checkpoint=str(path), embedding="head")
     assert (logits.embedding, logits.dim) == ("head", 10)
     assert "class logits" in caplog.text
+
+
+def test_checkpoint_saved_without_a_head_gives_the_pooled_features(tmp_path):
+    # a feature extractor's weights (num_classes=0, as self-supervised training leaves them): loaded without the head
+    source = _seeded_model("resnet18.a1_in1k", seed=5, num_classes=0)
+    path = tmp_path / "features.pth"
+    torch.save(source.state_dict(), path)
+    loaded = load_model("resnet18.a1_in1k", checkpoint=str(path))
+    assert (loaded.embedding, loaded.dim) == ("pooled", 512)
+    x = _batch(loaded)
+    with torch.inference_mode():
+        expected = source(x)
+    torch.testing.assert_close(embed_batch(loaded, x, autocast=False, normalize=False), expected)
+    # the head it does not have is refused, not replaced by a random one or silently by the pooled features
+    with pytest.raises(ModelLoadError, match=r"features.pth.*has no head.*--embedding pooled"):
+        load_model("resnet18.a1_in1k", checkpoint=str(path), embedding="head")
+
+
+def _openai_clip_layout(state_dict: dict) -> dict:
+    """A timm CLIP ViT's weights as OpenAI's CLIP names them: the inverse of timm's _convert_openai_clip."""
+    out = {}
+    for k, v in state_dict.items():
+        if k == "head.bias":  # OpenAI's projection has none
+            continue
+        special = {"head.weight": ("proj", lambda t: t.t()), "cls_token": ("class_embedding", lambda t: t[0, 0]),
+                   "pos_embed": ("positional_embedding", lambda t: t[0])}
+        if k in special:
+            k, v = special[k][0], special[k][1](v).contiguous()
+        else:
+            k = re.sub(r"^norm\.", "ln_post.", k)
+            for timm_name, openai_name in [("patch_embed.proj", "conv1"), ("norm_pre", "ln_pre"),
+                                           ("blocks.", "transformer.resblocks."), (".norm", ".ln_"),
+                                           ("attn.qkv.", "attn.in_proj_"), ("attn.proj", "attn.out_proj"),
+                                           ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]:
+                k = k.replace(timm_name, openai_name)
+        out[f"visual.{k}"] = v
+    return out
+
+
+def test_clip_checkpoint_in_openai_layout_keeps_its_projection(tmp_path):
+    # it has none of timm's head keys either (timm's conversion makes them): it must not be taken for a headless one
+    name = "vit_xsmall_patch16_clip_224.tinyclip_yfcc15m"
+    source = _seeded_model(name, seed=11)
+    path = tmp_path / "openai_clip.pth"
+    torch.save(_openai_clip_layout(source.state_dict()), path)
+    loaded = load_model(name, checkpoint=str(path))
+    assert (loaded.embedding, loaded.dim) == ("head", source.num_classes)
+    x = _batch(loaded)
+    with torch.inference_mode():
+        expected = source(x)
+    torch.testing.assert_close(embed_batch(loaded, x, autocast=False, normalize=False), expected)
 
 
 def test_checkpoint_missing(tmp_path):

@@ -321,19 +321,43 @@ def _read_checkpoint(path: str, model_name: str) -> dict:
         raise ModelLoadError(f"checkpoint {path!r} for {model_name!r} cannot be read: {_short(e)}") from e
 
 
+def _classifier_names(pretrained_cfg: Any) -> tuple[str, ...]:
+    """The modules of the model's head, as timm names them in a state dict ("fc", "head.fc", ("head", "head_dist"))."""
+    classifiers = pretrained_cfg.classifier
+    if not classifiers:
+        return ()
+    return (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+
+
 def _classifier_override(state_dict: dict, pretrained_cfg: Any) -> Optional[int]:
     """num_classes of a fine-tuned classifier checkpoint whose head differs from the pretrained cfg's, else None.
 
     Without it timm would refuse the checkpoint (size mismatch) although the pooled features are what we want.
     """
-    classifiers = pretrained_cfg.classifier
-    if not classifiers:
-        return None
-    for name in (classifiers,) if isinstance(classifiers, str) else classifiers:
+    for name in _classifier_names(pretrained_cfg):
         w = state_dict.get(f"{name}.weight")
         if isinstance(w, torch.Tensor) and w.ndim >= 1 and w.shape[0] != pretrained_cfg.num_classes:
             return int(w.shape[0])
     return None
+
+
+def _is_headless(state_dict: dict, model_name: str, pretrained_cfg: Any) -> bool:
+    """Whether the checkpoint holds the model's weights less its head: saved from num_classes=0 (a feature
+    extractor, the output of self-supervised training), so that a strict load would refuse it for the missing head.
+
+    Judged key for key against the model built without a head, on the meta device (no memory, no init): a checkpoint
+    in a foreign layout that timm converts (an OpenAI CLIP state dict) lacks timm's head keys too, yet has a head.
+    """
+    import timm
+
+    names = _classifier_names(pretrained_cfg)
+    if not names or not pretrained_cfg.num_classes:
+        return False  # the model has no head to leave out
+    if any(k.startswith(f"{name}.") for name in names for k in state_dict):
+        return False
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        headless = timm.create_model(model_name, pretrained=False, num_classes=0)
+    return set(state_dict) == set(headless.state_dict())
 
 
 def _short(e: BaseException, limit: int = 600) -> str:
@@ -417,6 +441,18 @@ def load_model(
                 kwargs["num_classes"] = n
                 # its own classes: a classifier now, even where the pretrained tag names a CLIP projection
                 replaced_head = True
+            elif cfg is not None and _is_headless(sd, model_name, cfg):
+                if embedding == "head":
+                    raise ModelLoadError(
+                        f"checkpoint {checkpoint!r} has no head for {model_name!r} (none of the weights of "
+                        f"{' / '.join(_classifier_names(cfg))}: a feature extractor's, saved with num_classes=0), "
+                        f"so embedding='head' cannot be had. Pass --embedding pooled or auto: both give its pooled "
+                        f"features."
+                    )
+                _logger.info("checkpoint %s has no head; building %s without one (pooled features)", path, model_name)
+                # timm then loads it strictly: every other key must be there; no label offset to cut from a head
+                overlay.update(num_classes=0, label_offset=0)
+                kwargs["num_classes"] = 0
         want_pretrained = True
     elif pretrained:
         if sourced:
