@@ -152,6 +152,66 @@ def test_special_kinds_of_a_batch_are_those_of_each_image():
     assert {"grayscale", "cmyk", "exif-rotated", "png", None} <= set(kinds)
 
 
+def _png16(samples, color_type: int) -> bytes:
+    """A 16-bit PNG of `samples` (H, W, channels) of this color type (Pillow writes no 48-bit RGB or gray+alpha PNG),
+    row y filtered with PNG filter y % 5, so that the reader's unfiltering by the pixel's byte count is tested too."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    h, w, c = samples.shape
+    rows = np.frombuffer(samples.astype(">u2").tobytes(), np.uint8).reshape(h, w * c * 2).astype(np.int64)
+    bpp = 2 * c
+    up = np.vstack([np.zeros_like(rows[:1]), rows[:-1]])
+    left, up_left = (np.pad(a, ((0, 0), (bpp, 0)))[:, :-bpp] for a in (rows, up))
+    p = left + up - up_left
+    paeth = np.where((abs(p - left) <= abs(p - up)) & (abs(p - left) <= abs(p - up_left)), left,
+                     np.where(abs(p - up) <= abs(p - up_left), up, up_left))
+    predictions = [0 * rows, left, up, (left + up) // 2, paeth]
+    raw = b"".join(bytes([y % 5]) + ((rows[y] - predictions[y % 5][y]) % 256).astype(np.uint8).tobytes()
+                   for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("color_type,channels", [(0, 1), (2, 3), (4, 2), (6, 4)],
+                         ids=["gray", "rgb", "gray-alpha", "rgba"])
+def test_the_reference_reduces_16_bit_pngs_as_the_pipeline_decoder_does(color_type, channels):
+    """DALI's decoder rounds v * 255 / 65535 to nearest; Pillow clips 16-bit gray to 255 and keeps the top byte of
+    the others' samples (one level off for a quarter of the values). The reference reduces as DALI does."""
+    import io
+
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+    from PIL import Image
+
+    from wdsembed.fidelity import _pil_rgb
+
+    if color_type == 0:  # every 16-bit value
+        samples = np.arange(65536, dtype=np.uint16).reshape(256, 256, 1)
+    else:
+        samples = np.random.default_rng(color_type).integers(0, 65536, (48, 80, channels)).astype(np.uint16)
+    data = _png16(samples, color_type)
+    color = samples[..., :3] if channels >= 3 else samples[..., :1]
+    expected = np.broadcast_to((color.astype(np.uint32) * 255 + 32767) // 65535, (*samples.shape[:2], 3))
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    def decode():
+        return fn.decoders.image(fn.external_source(name="enc", dtype=types.UINT8, ndim=1), device="cpu",
+                                 output_type=types.RGB)
+
+    pipe = decode()
+    pipe.build()
+    pipe.feed_input("enc", [np.frombuffer(data, np.uint8)])
+    assert np.array_equal(np.array(pipe.run()[0].as_tensor())[0], expected)  # what the reference must match
+    assert np.array_equal(np.asarray(_pil_rgb(Image.open(io.BytesIO(data)))), expected)
+
+
 def test_wrong_preprocessing_fails_the_run_naming_keys_and_a_lower_threshold_rechecks_cached(
         shards, tmp_path, monkeypatch):
     real = preprocess.PreprocessRecipe.from_data_config.__func__

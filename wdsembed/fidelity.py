@@ -214,14 +214,51 @@ class SampleCollector:
 
 
 def _pil_rgb(im):
-    """Pillow's convert("RGB"), except for 16-bit gray: Pillow clips its values to 255 (a near-white image), the
-    pipeline takes the top 8 bits (docs/reliability.md), and the reference does the same, so the check measures the
-    preprocessing rather than that documented choice."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        from PIL import Image
+    """Pillow's convert("RGB") of a freshly opened image, except that 16-bit samples are reduced to 8 bits as the
+    pipeline's decoder (nvImageCodec, in DALI) reduces them: v * 255 / 65535 rounded to nearest, so that the check
+    measures the preprocessing rather than the two decoders' reductions. Pillow itself clips 16-bit gray to 255 (a
+    near-white image) and keeps the top byte of each sample of 48-bit RGB, 64-bit RGBA and 32-bit gray+alpha PNGs
+    (one level off for a quarter of the values). The image's info (its EXIF) stays, for exif_transpose."""
+    from PIL import Image
 
-        im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8))
-    return im.convert("RGB")
+    samples = _samples16(im)
+    if samples is None:
+        return im.convert("RGB")
+    reduced = Image.fromarray(((samples * 255 + 32767) // 65535).astype(np.uint8))
+    reduced.info = dict(im.info)
+    return reduced.convert("RGB")
+
+
+# Pillow opens 16-bit RGB and RGBA PNGs at 8 bits a sample, unpacking the top byte of each (rawmode "RGB;16B"):
+# decoded again with the unpacker of little-endian samples, which takes each sample's second byte, they give the
+# bottom bytes. Gray+alpha ("LA;16B") fits RGBA whole: decoded once so, L's two bytes land in R and G.
+_PNG16_BOTTOM = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L"}
+
+
+def _samples16(im) -> Optional[np.ndarray]:
+    """The 16-bit values of a freshly opened (not yet loaded) image's color samples, (H, W) or (H, W, 3) uint32, or
+    None for an image of 8 bits a sample or fewer."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return np.clip(np.asarray(im, dtype=np.int64), 0, 65535).astype(np.uint32)
+    rawmode = im.tile[0][3] if im.format == "PNG" and im.tile else None
+    if rawmode == "LA;16B":
+        la = _decoded_as(im, "RGBA").astype(np.uint32)
+        im.load()  # for its info: an eXIf chunk after the image data is read with the data
+        return la[..., 0] << 8 | la[..., 1]
+    if rawmode in _PNG16_BOTTOM:
+        bottom = _decoded_as(im, _PNG16_BOTTOM[rawmode])
+        return (np.asarray(im).astype(np.uint32) << 8 | bottom)[..., :3]
+    return None
+
+
+def _decoded_as(im, rawmode: str) -> np.ndarray:
+    """The pixels of a not yet loaded PNG, decoded again from its file with its samples unpacked by `rawmode`."""
+    from PIL import Image
+
+    im.fp.seek(0)
+    twin = Image.open(io.BytesIO(im.fp.read()))
+    twin.tile = [(*t[:3], rawmode) for t in twin.tile]
+    return np.asarray(twin)
 
 
 # Images per pass of the reference (PIL transform, then the float32 model): a shard's sample can hold thousands
@@ -265,7 +302,7 @@ def _reference_input(transform, data: bytes, max_pixels: Optional[int]):
             im = Image.open(io.BytesIO(data))
             if max_pixels and im.size[0] * im.size[1] > max_pixels:
                 return None, f"PIL: {im.size[0]}x{im.size[1]} is above max_image_pixels, not decoded"
-            return transform(_pil_rgb(ImageOps.exif_transpose(im))), None
+            return transform(ImageOps.exif_transpose(_pil_rgb(im))), None
     except Exception as exc:  # noqa: BLE001 - reported in the record, not skipped
         return None, f"PIL: {type(exc).__name__}: {exc}"[:300]
 
