@@ -259,10 +259,14 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
                     if through == "flow":
                         manifest = fe.run(config(folder, True, **more))
                     else:  # the same shards on the same cluster through the Python API: Dask, no Prefect
-                        from wdsembed.api import run_shards
+                        from wdsembed.api import FLOW_ONLY, run_shards
+                        from wdsembed.config import field_default
 
-                        manifest = {"shards": {r.stem: r.to_dict()
-                                               for r in run_shards(config(folder, True, **more))}}
+                        # the cluster is this one, already started: the fields that size the flow's own are the API's
+                        # to refuse (wdsembed.api.FLOW_ONLY)
+                        api_config = config(folder, True, **more).model_copy(
+                            update={name: field_default(name) for name in FLOW_ONLY})
+                        manifest = {"shards": {r.stem: r.to_dict() for r in run_shards(api_config)}}
                         manifest["totals"] = {"embedded_this_run": sum(r["embedded"]
                                                                        for r in manifest["shards"].values())}
                 wall = time.perf_counter() - start

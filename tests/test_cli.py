@@ -85,7 +85,7 @@ def test_every_field_reachable_from_cli_api_and_form():
     from prefect.utilities.callables import parameter_schema
 
     from flows.deployed import embed
-    from wdsembed.api import TimmImageEmbedder
+    from wdsembed.api import FLOW_ONLY, TimmImageEmbedder
 
     schema = parameter_schema(embed.fn).model_dump()
     form_fields = schema["definitions"]["EmbedConfig"]["properties"]
@@ -98,9 +98,13 @@ def test_every_field_reachable_from_cli_api_and_form():
             + (["--output", "/tmp/out"] if name != "output" else [])
         config = EmbedConfig(**cli.values_from_args(parser.parse_args(argv)))
         assert getattr(config, name) == value, (name, argv)
-        # API: any field by keyword (input and output go to the call)
+        # API: any field by keyword (input and output go to the call), but those of the flow's own cluster and
+        # task runs, which it refuses (test_api_refuses_the_flows_cluster_fields)
         if name in base:
             assert getattr(TimmImageEmbedder().config(**(base | {name: value})), name) == value
+        elif name in FLOW_ONLY:
+            with pytest.raises(ValueError, match=name):
+                TimmImageEmbedder(**{name: value})
         else:
             assert getattr(TimmImageEmbedder(**{name: value}).config(**base), name) == value, name
         # deployment form: the field is in the run form, described
@@ -170,6 +174,21 @@ def test_api_validates_without_placeholder_paths():
         TimmImageEmbedder(embedding="logits")
     with pytest.raises(TypeError, match="given to the call"):
         TimmImageEmbedder(output="/tmp/out")
+
+
+@pytest.mark.parametrize("name, value", [("n_workers", 2), ("workers_per_gpu", 2), ("shards_per_task", 4)])
+def test_api_refuses_the_flows_cluster_fields(name, value, shards, tmp_path):
+    """The API starts no Dask cluster and makes no Prefect task runs: a field that only shapes those is refused,
+    when the embedder is built and by run_shards, saying where it applies, never taken and ignored."""
+    from wdsembed.api import TimmImageEmbedder, run_shards
+
+    with pytest.raises(ValueError, match=f"{name}={value}.*(get_client|the flow)"):
+        TimmImageEmbedder(TINY_MODEL, **{name: value})
+    config = EmbedConfig(input=str(shards), output=str(tmp_path / "out"), **{name: value})
+    with pytest.raises(ValueError, match=name):
+        run_shards(config)
+    assert not (tmp_path / "out").exists()  # refused before any work
+    TimmImageEmbedder(TINY_MODEL, **{name: field_default(name)})  # its default is no request
 
 
 # --------------------------------------------------------------------------------------------------- task B

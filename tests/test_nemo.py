@@ -121,6 +121,59 @@ def test_id_col_that_is_the_embedding_column_is_refused_before_any_work(tmp_path
         TimmImageEmbedder(TINY_MODEL, pretrained=False, image_embedding_column="uid", id_col="uid")
 
 
+def _one_shard(folder: Path) -> Path:
+    from wdsembed.synthetic import ShardSample, encode_image, make_image, write_shard
+
+    write_shard(folder, "00000", [ShardSample(encode_image(make_image(32, 24, seed=i), "bmp"), ext="bmp")
+                                  for i in range(2)])
+    return folder
+
+
+def test_api_runs_on_the_scheduler_at_dask_address_and_leaves_the_current_client(tmp_path, monkeypatch):
+    """dask_address, as for the CLI and the flow: the shards run on that scheduler's workers, through a client of
+    the call's own (closed after), never in the calling process, and a client the caller made current stays so."""
+    from distributed import Client, LocalCluster, default_client
+
+    from wdsembed import api
+
+    monkeypatch.setattr(api, "_run_here", lambda config, plans: pytest.fail("shards ran in the calling process"))
+    shards = _one_shard(tmp_path / "in")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as there, \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as mine, \
+            Client(mine) as current:
+        embedder = _embedder_with(dask_address=there.scheduler_address)
+        results = embedder(str(shards), str(tmp_path / "out"))
+        assert [r.stem for r in results] == ["00000"] and results[0].embedded == 2
+        assert any(str(entry[0]).startswith("wdsembed-00000-") for entry in there.scheduler.transition_log)
+        assert not mine.scheduler.transition_log  # nothing went to the current client's cluster
+        assert default_client() is current
+        assert len(there.scheduler.clients) == 1  # the call's client is closed (the scheduler's own remains)
+
+
+def test_api_with_an_unreachable_dask_address_fails_naming_it_and_runs_nothing_here(tmp_path, monkeypatch):
+    """dask_address is never ignored: nothing listens at the address, so the call fails naming it, and no shard
+    runs in the calling process instead."""
+    import dask
+
+    from wdsembed import api
+
+    ran_here = []
+    monkeypatch.setattr(api, "_run_here", lambda config, plans: ran_here.append(plans) or ([], {}))
+    shards = _one_shard(tmp_path / "in")
+    embedder = _embedder_with(dask_address="tcp://127.0.0.1:9")  # the discard port: nothing listens
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}), \
+            pytest.raises(OSError, match="dask_address tcp://127.0.0.1:9: cannot connect to the Dask scheduler"):
+        embedder(str(shards), str(tmp_path / "out"))
+    assert ran_here == []
+
+
+def _embedder_with(**options):
+    from wdsembed import TimmImageEmbedder
+
+    return TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=2, num_threads_per_worker=1,
+                             fidelity_sample=0, **options)
+
+
 def _embedded_dataset(tmp_path):
     """A dataset as the embedder leaves it: tars and img2dataset parquets in `dataset`, outputs beside."""
     from wdsembed import output

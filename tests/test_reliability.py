@@ -1128,8 +1128,8 @@ def test_device_cuda_where_no_gpu_is_visible(tmp_path, capsys, monkeypatch):
                  "without a GPU, with it unset)",
                  did=f"exit 2 before any work, nothing written: {q(err.removeprefix('error: '))}; where no GPU exists "
                      "the cause names torch instead; the API raises the same PreflightError before planning, where "
-                     "no Dask client is current; with --dask-address nothing is checked here (the GPUs are the "
-                     "workers')",
+                     "it runs the shards itself (no dask_address, no current Dask client); with --dask-address "
+                     "nothing is checked here (the GPUs are the workers')",
                  lost="nothing (no work started)")
 
 

@@ -10,12 +10,15 @@ or, as NeMo Curator code reads (wdsembed.nemo has get_client and ImageTextPairDa
     embedded = embedder(dataset)                                  # into /data/shards_embeddings/
     embedded.save_metadata()
 
-Where a Dask client is current (`get_client()`, or any `distributed.Client`), the shards run on its workers, one
-task per shard, each taking a share of a GPU where the workers declare GPU resources; otherwise they run in this process, one
-after the other, with no Prefect server or Dask cluster. Every default and rule is EmbedConfig's.
+With `dask_address`, the shards run on that Dask scheduler's workers (connected for the call); else where a Dask
+client is current (`get_client()`, or any `distributed.Client`), on its workers: one task per shard, each taking a
+share of a GPU where the workers declare GPU resources. Otherwise they run in this process, one after the other, with
+no Prefect server or Dask cluster. Every default and rule is EmbedConfig's, except the fields that shape the cluster
+and the task runs the flow starts (FLOW_ONLY), which are refused: the API starts neither.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -30,6 +33,17 @@ log = logging.getLogger("wdsembed")
 
 # NeMo Curator's names for our fields.
 REFERENCE_NAMES = {"image_embedding_column": "embedding_column", "id_col": "id_column"}
+
+# EmbedConfig fields for the Dask cluster and the Prefect task runs that the flow makes, and the API never does:
+# refused rather than ignored, saying where each applies.
+_CLUSTER = ("the Python API starts no cluster: start one with get_client(n_workers=..., workers_per_gpu=...) and "
+            "call the embedder with it current (or pass dask_address), or run the flow (the wdsembed command)")
+FLOW_ONLY = {
+    "n_workers": "sizes the local Dask cluster that the flow starts; " + _CLUSTER,
+    "workers_per_gpu": "sets the worker processes per GPU of the local Dask cluster that the flow starts; " + _CLUSTER,
+    "shards_per_task": "groups shards into the flow's Prefect task runs; the Python API runs one Dask task per "
+                       "shard: run the flow (the wdsembed command) to group them",
+}
 
 
 class TimmImageEmbedder:
@@ -68,7 +82,7 @@ class TimmImageEmbedder:
             **options,
         )
         # Checked now with EmbedConfig's own rules, so a wrong parameter fails here, not at the first shard.
-        EmbedSettings.model_validate(settings)
+        refuse_flow_only(EmbedSettings.model_validate(settings))
         self.settings = settings
 
     def config(self, input: str, output: str, **overrides: Any) -> EmbedConfig:
@@ -98,22 +112,32 @@ class TimmImageEmbedder:
         return results
 
 
+def refuse_flow_only(config: EmbedConfig) -> None:
+    """ValueError for a FLOW_ONLY field set to other than its default."""
+    for name, why in FLOW_ONLY.items():
+        if getattr(config, name) != field_default(name):
+            raise ValueError(f"{name}={getattr(config, name)!r} {why}")
+
+
 def run_shards(config: EmbedConfig) -> list[ShardResult]:
-    """Embed every shard of the config, on the current Dask client if any, else here; write the manifest.
-    Raises ShardsFailed (after every other shard is written and the manifest too) when any shard failed, and
-    fidelity.FidelityError (outputs and manifest written) when the run's fidelity check is below its threshold."""
+    """Embed every shard of the config, on the Dask scheduler at config.dask_address, else on the current Dask
+    client if any, else here; write the manifest. Raises ShardsFailed (after every other shard is written and the
+    manifest too) when any shard failed, and fidelity.FidelityError (outputs and manifest written) when the run's
+    fidelity check is below its threshold."""
+    refuse_flow_only(config)
     started = time.perf_counter()
     timeline = {"start": time.time()}  # the run's own steps, in the manifest beside each shard's
-    client = _current_dask_client()
-    if client is None:
-        # Run here: device="cuda" needs a GPU here, said once instead of by every shard (preflight.PreflightError).
-        preflight.check_device(config)
-    plans = plan_shards(config)
-    timeline["planned"] = time.time()
-    if client is None:
-        results, failures = _run_here(config, plans)
-    else:
-        results, failures = _run_on_dask(client, config, plans)
+    with _dask_client(config) as client:
+        if client is None:
+            # Run here: device="cuda" needs a GPU here, said once instead of by every shard
+            # (preflight.PreflightError).
+            preflight.check_device(config)
+        plans = plan_shards(config)
+        timeline["planned"] = time.time()
+        if client is None:
+            results, failures = _run_here(config, plans)
+        else:
+            results, failures = _run_on_dask(client, config, plans)
     timeline["collected"] = time.time()
     results.sort(key=lambda r: r.stem)
     dicts = [r.to_dict() for r in results]
@@ -177,6 +201,37 @@ def _run_on_dask(client, config: EmbedConfig, plans: list) -> tuple[list, dict]:
         finally:
             future.release()
     return results, failures
+
+
+@contextlib.contextmanager
+def _dask_client(config: EmbedConfig):
+    """The Dask client the shards run on: with config.dask_address, one connected to that scheduler for this call
+    and closed after (the current client, where it is that scheduler's); else the current client; else None."""
+    current = _current_dask_client()
+    address = config.dask_address
+    if not address or (current is not None and _same_address(current.scheduler.address, address)):
+        yield current
+        return
+    from distributed import Client
+
+    preflight.check_dask_security(config)  # a missing TLS setting in one line, not a handshake error
+    try:
+        # Not made current: the caller's own client, if any, stays the default after the call.
+        client = Client(address, set_as_default=False)
+    except OSError as exc:
+        raise OSError(f"dask_address {address}: cannot connect to the Dask scheduler there ({exc})") from None
+    with client:
+        yield client
+
+
+def _same_address(a: str, b: str) -> bool:
+    """Whether two scheduler addresses are one (`127.0.0.1:8786` is `tcp://127.0.0.1:8786`)."""
+    from distributed.comm.addressing import normalize_address
+
+    try:
+        return normalize_address(a) == normalize_address(b)
+    except ValueError:
+        return a == b
 
 
 def _current_dask_client():
