@@ -73,14 +73,12 @@ def embed_dataset(config: EmbedConfig) -> dict:
     hooks = _this_run.get() or _RunInProcess()
     started = time.perf_counter()
     timeline = {"start": time.time()}  # the run's own steps, in the manifest beside each shard's
-    plans = index_shards(config)
+    # Resume: Prefect's task cache (results under config.result_storage) skips finished shards, but a cached
+    # result says nothing of the output itself. Every output's footer is read as the run is planned; a shard whose
+    # output is missing, damaged or made from other inputs recomputes (refresh_cache), and --force recomputes all.
+    plans, finished = index_shards(config)
     logger.info("%d shard(s) under %s", len(plans), config.input)
     progress = create_progress_artifact(0.0, key="embedding-progress", description="Shards finished")
-
-    # Resume: Prefect's task cache (results under config.result_storage) skips finished shards, but a cached
-    # result says nothing of the output itself. Every output's footer is read here; a shard whose output is missing,
-    # damaged or made from other inputs recomputes (refresh_cache), and --force recomputes all.
-    finished = set() if config.force else caching.finished_stems(config, plans)
     logger.info("%d shard(s) with a finished output, %d to compute", len(finished), len(plans) - len(finished))
     cached_task = embed_shards.with_options(result_storage=result_storage_for(config))
     fresh_task = cached_task.with_options(refresh_cache=True)

@@ -2,13 +2,14 @@ from prefect import task
 
 from wdsembed import faults
 from wdsembed.config import EmbedConfig
-from wdsembed.plan import plan_shards
+from wdsembed.plan import plan_run
 from wdsembed.shard import ShardPlan
 
 
-def list_and_index_shards(config: EmbedConfig) -> list[ShardPlan]:
-    """List the shards, fingerprint them, and write DALI .idx files where missing."""
-    return plan_shards(config)
+def list_and_index_shards(config: EmbedConfig) -> tuple[list[ShardPlan], set[str]]:
+    """List the shards, fingerprint them, find those whose output is finished (their stems), and write DALI .idx
+    files where missing for the others."""
+    return plan_run(config)
 
 
 def retry_if_transient(task, task_run, state) -> bool:

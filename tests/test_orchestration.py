@@ -245,7 +245,7 @@ def test_second_run_is_all_cached_and_embeds_nothing(first_run, monkeypatch):
 
 def test_nothing_to_compute_reads_and_writes_nothing(first_run):
     """The pre-flight's question (plan.nothing_to_compute): yes only when every output carries this run's cache key;
-    asking builds no index and rewrites no kNN view (the run's own planning does)."""
+    asking builds no index and rewrites no kNN view (the run's own planning rewrites the view)."""
     from wdsembed import plan
     from wdsembed.output import EMBEDDINGS_FOLDER
 
@@ -271,6 +271,59 @@ def test_nothing_to_compute_reads_and_writes_nothing(first_run):
         assert not plan.nothing_to_compute(config)
     finally:
         hidden.rename(out / "00003.parquet")
+
+
+@pytest.fixture(scope="module")
+def finished_by_api(tmp_path_factory):
+    """Two shards embedded once through the Python API (in this process): 00000 with an .idx, 00001 with member
+    names that a v1.2 .idx cannot hold (whitespace), read without one; and the command line that runs them again."""
+    from wdsembed.api import TimmImageEmbedder
+    from wdsembed.synthetic import ShardSample, encode_image, make_image, write_shard
+
+    root = tmp_path_factory.mktemp("rerun")
+    write_shard(root / "in", "00000", [ShardSample(encode_image(make_image(32, 24, seed=i), "bmp"), ext="bmp")
+                                       for i in range(2)])
+    write_shard(root / "in", "00001", [ShardSample(encode_image(make_image(32, 24, seed=5 + i), "bmp"), ext="bmp",
+                                                   key=f"a b{i}") for i in range(2)], parquet=False, stats=False)
+    TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=2, num_threads_per_worker=1,
+                      fidelity_sample=0)(str(root / "in"), str(root / "out"))
+    assert (root / "in" / "00000.idx").exists() and not (root / "in" / "00001.idx").exists()
+    argv = [str(root / "in"), "-o", str(root / "out"), "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu",
+            "--batch-size", "2", "--num-threads", "1", "--n-workers", "1", "--fidelity-sample", "0"]
+    return root, argv
+
+
+def _calls(monkeypatch, module, name: str) -> list:
+    """The arguments of every call of module.name from now on (it still runs)."""
+    calls = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def _rerun_totals(root: Path, argv: list[str]) -> dict:
+    from flows.command import run_flow
+    from wdsembed import cli
+
+    assert cli.main(run_flow, argv) == 0
+    return json.loads((root / "out" / "_manifest.json").read_text())["totals"]
+
+
+def test_a_rerun_with_nothing_to_compute_reads_no_tar(finished_by_api, monkeypatch):
+    """The flow's planning builds a missing .idx only for the shards it will compute: a finished shard is never
+    read, so one that cannot hold an .idx (or a damaged one) is not read to its end again on every re-run."""
+    from wdsembed import shardindex
+
+    root, argv = finished_by_api
+    built = _calls(monkeypatch, shardindex, "build_index")
+    assert _rerun_totals(root, argv)["cached"] == 2  # nothing computed
+    assert built == [], f"a re-run with nothing to compute read {len(built)} tar(s) to index them"
+    assert not (root / "in" / "00001.idx").exists()
 
 
 def test_a_run_without_kNN_views_writes_none_and_one_with_them_adds_them_embedding_nothing(first_run, monkeypatch):

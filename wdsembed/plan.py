@@ -28,9 +28,9 @@ import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
-from wdsembed import output, shard, shardindex, shards, storage, tarstream
+from wdsembed import caching, output, shard, shardindex, shards, storage, tarstream
 from wdsembed.config import EmbedConfig
 from wdsembed.shard import ShardPlan
 
@@ -122,8 +122,8 @@ def _parents(path: str) -> list[str]:
 
 def nothing_to_compute(config: EmbedConfig) -> bool:
     """Whether every shard's output is already finished with this run's cache key (never with --force). Only reads:
-    no index is built and no kNN view rewritten here (the flow's own planning does that). Any doubt, a refused
-    input included, answers False: the run then goes through every check."""
+    no index is built and no kNN view rewritten here (the flow's own planning rewrites a missing view). Any doubt,
+    a refused input included, answers False: the run then goes through every check."""
     if config.force:
         return False
     try:
@@ -135,7 +135,7 @@ def nothing_to_compute(config: EmbedConfig) -> bool:
         if any(storage.join(out_root, found.stem(t) + ".parquet") not in written for t in found.tars):
             return False
         # The cache key needs each shard's fingerprint, not its index.
-        plans = plan_shards(config.model_copy(update={"use_index_files": False}), found=found)
+        plans = plan_shards(config, found=found, indexes=False)
 
         def finished(plan: ShardPlan) -> bool:
             key = shard.cache_key(config, plan)
@@ -445,10 +445,11 @@ def _check_stems(config: EmbedConfig, found: FoundShards) -> None:
                              f"{name!r} to a name that does not start with {name[0]!r}")
 
 
-def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[FoundShards] = None) -> list[ShardPlan]:
+def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[FoundShards] = None,
+                indexes: bool = True) -> list[ShardPlan]:
     """List the shards that config.input names (find_shards, unless `found` is that listing) and prepare each:
-    fingerprint, parquet/stats siblings, .idx (written where missing when use_index_files), output path. Cheap per
-    shard except a first-time index."""
+    fingerprint, parquet/stats siblings, output path, and (with `indexes`, when use_index_files) .idx, written
+    where missing (with_indexes). Cheap per shard except a first-time index."""
     if found is None:
         check_storage(config)
         found = find_shards(config)
@@ -456,7 +457,6 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
     listed = found
     fs, tars, siblings = listed.fs, listed.tars, listed.files
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
-    cache_dir = config.index_cache()
 
     def plan_one(tar: str) -> ShardPlan:
         stem = listed.stem(tar)  # "00000", or "train/00000" for a shard in a subfolder
@@ -466,38 +466,66 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
         fingerprint = shardindex.fingerprint(tar, fs).token
         if rows:
             fingerprint += "|" + shardindex.fingerprint(rows, fs).token
-        index = None
-        if config.use_index_files:
-            try:
-                # On object stores a missing index is built by the worker during its one read of the tar
-                # (shard.process_shard), not here: that would download every shard twice, serially, up front.
-                index = shardindex.index_file(tar, fs, cache_dir, build=storage.is_local(fs))
-                if index is not None and index == shardindex.index_path_for(tar):
-                    index = storage.to_url(fs, index)  # beside the shard: s3://bucket/.../00000.idx
-            except shardindex.IndexFormatError as exc:
-                # Member names that the .idx format cannot hold (spaces, `b.`): the shard is read without one.
-                log.warning("shard %s: no .idx (%s); reading it without one", tar, exc)
-            except tarstream.ShardReadError as exc:
-                # A truncated or corrupt tar: its task embeds the samples before the damage and names the rest
-                # (shard.process_shard); it never stops the planning of every other shard.
-                if exc.offset == 0:  # not a tar at all: its task fails, naming it (shard.process_shard)
-                    log.warning("shard %s is not a readable tar (%s)", tar, exc)
-                else:
-                    log.warning("shard %s cannot be indexed (%s); its intact samples are read without an index",
-                                tar, exc)
         return ShardPlan(
             shard=storage.to_url(fs, tar),
             stem=stem,
             fingerprint=fingerprint,
             rows=storage.to_url(fs, rows) if rows else None,
-            index=index,
+            index=None,
             output=storage.to_url(out_fs, storage.join(out_root, stem + ".parquet")),
             expected_samples=_successes(stats_path, fs),
         )
 
     with ThreadPoolExecutor(max_workers) as pool:
         plans = list(pool.map(plan_one, tars))
-    return [dataclasses.replace(p, run_shards=len(plans)) for p in plans]
+    plans = [dataclasses.replace(p, run_shards=len(plans)) for p in plans]
+    return with_indexes(config, plans, max_workers=max_workers) if indexes else plans
+
+
+def plan_run(config: EmbedConfig) -> tuple[list[ShardPlan], set[str]]:
+    """The flow's planning: every shard's plan, and the stems of those whose output is already finished with this
+    run's cache key (none with force), from their footers. Only the others get a .idx: a finished shard is never
+    read, so a re-run with nothing to compute reads no tar (not even one that no .idx can be written for)."""
+    plans = plan_shards(config, indexes=False)
+    finished = set() if config.force else caching.finished_stems(config, plans)
+    return with_indexes(config, plans, skip=finished), finished
+
+
+def with_indexes(config: EmbedConfig, plans: list[ShardPlan], *, skip: Collection[str] = (),
+                 max_workers: int = 8) -> list[ShardPlan]:
+    """The plans with their shard's DALI .idx where use_index_files (found, or written where missing for local
+    shards), but for the stems in `skip`."""
+    if not config.use_index_files:
+        return plans
+    cache_dir = config.index_cache()
+
+    def index_one(plan: ShardPlan) -> ShardPlan:
+        if plan.stem in skip:
+            return plan
+        fs, tar = storage.filesystem(plan.shard, config.storage_options)
+        try:
+            # On object stores a missing index is built by the worker during its one read of the tar
+            # (shard.process_shard), not here: that would download every shard twice, serially, up front.
+            index = shardindex.index_file(tar, fs, cache_dir, build=storage.is_local(fs))
+        except shardindex.IndexFormatError as exc:
+            # Member names that the .idx format cannot hold (spaces, `b.`): the shard is read without one.
+            log.warning("shard %s: no .idx (%s); reading it without one", tar, exc)
+            return plan
+        except tarstream.ShardReadError as exc:
+            # A truncated or corrupt tar: its task embeds the samples before the damage and names the rest
+            # (shard.process_shard); it never stops the planning of every other shard.
+            if exc.offset == 0:  # not a tar at all: its task fails, naming it (shard.process_shard)
+                log.warning("shard %s is not a readable tar (%s)", tar, exc)
+            else:
+                log.warning("shard %s cannot be indexed (%s); its intact samples are read without an index",
+                            tar, exc)
+            return plan
+        if index is not None and index == shardindex.index_path_for(tar):
+            index = storage.to_url(fs, index)  # beside the shard: s3://bucket/.../00000.idx
+        return dataclasses.replace(plan, index=index)
+
+    with ThreadPoolExecutor(max_workers) as pool:
+        return list(pool.map(index_one, plans))
 
 
 # The most task runs a run makes when shards_per_task is left to it: the Prefect API records every one (on the default
