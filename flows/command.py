@@ -13,11 +13,11 @@ from typing import Optional, Sequence
 from flows.launch import launch
 
 
-def run_flow(config, on_shard_done=None) -> dict:
+def run_flow(config, **options) -> dict:
     """flows.embed.run, imported when the first run starts."""
     from flows.embed import run
 
-    return run(config, on_shard_done=on_shard_done)
+    return run(config, **options)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

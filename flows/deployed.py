@@ -19,5 +19,5 @@ def embed(config: EmbedConfig) -> dict:
     Shards whose finished output exists are not recomputed (they come back cached)."""
     # Fail in seconds, naming what to change (unknown model, missing folder, output inside input), before a
     # Dask cluster starts. Field bounds (batch_size >= 1, ...) were checked by the API when the run was created.
-    check_config(config)
-    return run(config)
+    # Its answer (is every output finished?) goes on to the run, which would otherwise ask again.
+    return run(config, all_finished=check_config(config))

@@ -25,10 +25,10 @@ if __name__ == "__main__":
     # tasks by reference to their module).
     from flows.launch import launch
 
-    def run_flow(config, on_shard_done=None) -> dict:
+    def run_flow(config, **options) -> dict:
         import flows.embed
 
-        return flows.embed.run(config, on_shard_done=on_shard_done)
+        return flows.embed.run(config, **options)
 
     sys.exit(launch(run_flow))
 
@@ -213,10 +213,13 @@ def _record_lost_run(future, reason: str) -> None:
         get_run_logger().warning("could not mark task run %s crashed: %s", future.task_run_id, exc)
 
 
-def run(config: EmbedConfig, on_shard_done=None) -> dict:
-    """Run the flow with the Dask task runner this config asks for (local GPUs, CPU workers, or a scheduler)."""
+def run(config: EmbedConfig, on_shard_done=None, *, all_finished: Optional[bool] = None) -> dict:
+    """Run the flow with the Dask task runner this config asks for (local GPUs, CPU workers, or a scheduler).
+    `all_finished`: plan.check_config's answer, whether every output is already finished; asked here when None."""
     prefect_env.set_defaults()  # for the processes this run starts (Dask workers, a temporary API server)
-    if nothing_to_compute(config):
+    if all_finished is None:
+        all_finished = nothing_to_compute(config)
+    if all_finished:
         # Every shard's output is finished: the flow run still records each shard (its task run Cached, from the
         # task cache, in threads of this process), but no Dask cluster starts and no model loads.
         runner = ThreadPoolTaskRunner()

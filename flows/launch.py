@@ -15,8 +15,8 @@ from flows import prefect_env
 
 
 def launch(run_flow: Callable[..., dict], argv: Optional[Sequence[str]] = None) -> int:
-    """wdsembed.cli.main with `run_flow(config, on_shard_done=...)` running the flow; argv None: this process's
-    own command line (and this process ends after it)."""
+    """wdsembed.cli.main with `run_flow(config, on_shard_done=..., all_finished=...)` running the flow; argv None:
+    this process's own command line (and this process ends after it)."""
     prefect_env.set_defaults()  # before Prefect's first import (at the first run): it reads its settings then
     from flows import apiserver  # imports nothing of Prefect
 

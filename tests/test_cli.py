@@ -64,7 +64,7 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, list, float]:
     """cli.main in this process with a run function that records whether any work was started."""
     started = []
     begin = time.monotonic()
-    code = cli.main(lambda config, on_shard_done=None: started.append(config) or {}, argv)
+    code = cli.main(lambda config, on_shard_done=None, all_finished=None: started.append(config) or {}, argv)
     return code, capsys.readouterr().err, started, time.monotonic() - begin
 
 
@@ -236,14 +236,15 @@ def test_command_runs_the_flow(shards, tmp_path, monkeypatch, capsys):
 
     calls = []
 
-    def fake_run(config, on_shard_done=None):
-        calls.append(config)
+    def fake_run(config, on_shard_done=None, all_finished=None):
+        calls.append((config, all_finished))
         raise RuntimeError("stopped before any shard")
 
     monkeypatch.setattr(flows.embed, "run", fake_run)
     code = command.main([str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained"])
     err = capsys.readouterr().err
-    assert code == 1 and len(calls) == 1 and calls[0].model_name == TINY_MODEL
+    assert code == 1 and len(calls) == 1 and calls[0][0].model_name == TINY_MODEL
+    assert calls[0][1] is False  # the checks' answer (nothing is written yet), passed on, not asked again
     # nothing finished: no claim that finished shards are anywhere
     assert "run failed: stopped before any shard" in err and "finished shard(s) are in" not in err
     assert "no shard finished" in err
@@ -350,7 +351,7 @@ def test_output_in_a_read_only_folder(shards, tmp_path):
     locked.mkdir()
     os.chmod(locked, 0o555)
     code = ("import sys; from wdsembed.cli import main; "
-            "sys.exit(main(lambda config, on_shard_done=None: sys.exit(99), sys.argv[1:]))")
+            "sys.exit(main(lambda config, on_shard_done=None, all_finished=None: sys.exit(99), sys.argv[1:]))")
     try:
         begin = time.monotonic()
         done = subprocess.run([sys.executable, "-c", code, str(shards), "-o", str(locked / "out"), "--model",
@@ -491,7 +492,7 @@ def test_failed_run_names_each_reason_once(shards, tmp_path, capsys):
         "failed_shards": {"00000": disk_full, "00001": disk_full, "00002": "KilledWorker: worker died"},
     }
 
-    def failing_run(config, on_shard_done=None):
+    def failing_run(config, on_shard_done=None, all_finished=None):
         raise _Failed(manifest)
 
     code = cli.main(failing_run, [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained"])

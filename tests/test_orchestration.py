@@ -326,6 +326,33 @@ def test_a_rerun_with_nothing_to_compute_reads_no_tar(finished_by_api, monkeypat
     assert not (root / "in" / "00001.idx").exists()
 
 
+@pytest.mark.parametrize("entry", ["command", "deployed-flow"])
+def test_a_rerun_with_nothing_to_compute_asks_once_and_reads_each_footer_twice(finished_by_api, monkeypatch, entry):
+    """Is every output finished? The checks ask once (plan.check_config: nothing_to_compute, listing the input and
+    the output and reading every footer) and pass the answer to the run, in the command and in the deployed flow;
+    the flow's planning reads each footer once more, for the shards' own state. It was asked twice and every footer
+    read three times: on an object store, three rounds of GETs per shard for a run that computes nothing."""
+    import flows.embed
+    from wdsembed import cli, plan, shard
+
+    root, argv = finished_by_api
+    footers = _calls(monkeypatch, shard, "finished_output")
+    asked = _calls(monkeypatch, plan, "nothing_to_compute")
+    monkeypatch.setattr(flows.embed, "nothing_to_compute", plan.nothing_to_compute)  # imported by name there
+    if entry == "command":
+        assert _rerun_totals(root, argv)["cached"] == 2  # nothing computed
+    else:
+        from flows.deployed import embed as deployed
+
+        config = cli.config_from_args(cli.build_parser().parse_args(argv))
+        assert deployed(config)["totals"]["cached"] == 2
+    assert len(asked) == 1
+    per_shard = {}
+    for args in footers:
+        per_shard[args[1].stem] = per_shard.get(args[1].stem, 0) + 1
+    assert per_shard == {"00000": 2, "00001": 2}
+
+
 def test_a_run_without_kNN_views_writes_none_and_one_with_them_adds_them_embedding_nothing(first_run, monkeypatch):
     """knn_view is not part of the cache key: turning it on or off embeds nothing again. Off, a finished shard's
     missing view stays missing; on, the flow's planning writes it from the full table."""

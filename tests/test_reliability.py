@@ -1070,7 +1070,7 @@ def cli_main(argv: list[str], capsys) -> tuple[int, str, list]:
     from wdsembed.cli import main
 
     started = []
-    code = main(lambda config, on_shard_done=None: started.append(config) or {}, argv)
+    code = main(lambda config, on_shard_done=None, all_finished=None: started.append(config) or {}, argv)
     return code, capsys.readouterr().err, started
 
 

@@ -167,16 +167,18 @@ def prepare_demo(values: dict) -> None:
     print(f"demo: wrote generated shards to {values['input']}; model {values['model_name']} ({weights})")
 
 
-def refuse_unusable(config: EmbedConfig) -> None:
-    """Every check that needs no work, cheapest and most basic first; raises ValueError saying what to change."""
+def refuse_unusable(config: EmbedConfig) -> bool:
+    """Every check that needs no work, cheapest and most basic first; raises ValueError saying what to change.
+    Returns whether every output is already finished (plan.check_config)."""
     from wdsembed.plan import check_config
 
-    check_config(config)
+    return check_config(config)
 
 
 def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]] = None, *,
          on_checked: Optional[Callable[[], None]] = None) -> int:
-    """The command line. `run(config, on_shard_done=...)` does the work: the Prefect flow, given by the installed
+    """The command line. `run(config, on_shard_done=..., all_finished=...)` does the work (`all_finished`: the
+    checks' answer, whether every output is already finished): the Prefect flow, given by the installed
     `wdsembed` command (flows.command:main) and by `python flows/embed.py` (this package never imports the flow).
     `on_checked()` is called once every check has passed, before `run` is imported and called: the command starts
     its Prefect API server there, in the background, so that it boots while the flow's modules are imported."""
@@ -196,7 +198,7 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
             print(f"  {where}: {message}" if where else f"  {message}", file=sys.stderr)
         return 2
     try:
-        refuse_unusable(config)
+        all_finished = refuse_unusable(config)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -215,7 +217,7 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
         # The decoder's own stderr lines (a bad JPEG's, repeated) go to the log: the worker processes that the run
         # starts inherit this, and every bad image's reason is in its row and the summary.
         with decoder_messages_to_log(), progress:
-            manifest = run(config, on_shard_done=progress.update)
+            manifest = run(config, on_shard_done=progress.update, all_finished=all_finished)
     except Exception as exc:  # noqa: BLE001 - a failed run prints its reason, not a traceback wall
         manifest = getattr(exc, "manifest", None)
         if isinstance(manifest, dict):  # some shards failed; the summary lists each reason once, with its shards

@@ -41,11 +41,14 @@ class InputError(ValueError):
     """The run's input cannot be used; says what to change."""
 
 
-def check_config(config: EmbedConfig) -> None:
+def check_config(config: EmbedConfig) -> bool:
     """Refuse a run that cannot work, before any work starts, saying what to change: every check that needs no
     work, cheapest and most basic first. The CLI and the deployed flow call it before Prefect starts; the Python
     API (api.run_shards) checks only the device before it plans, and the output's place as it plans
-    (plan_shards), leaving the rest to each shard's own reason."""
+    (plan_shards), leaving the rest to each shard's own reason.
+
+    Returns whether every output is already finished (nothing_to_compute), for the run to take as it is: asked
+    again, it would list the input and the output and read every footer again (GETs, on an object store)."""
     from wdsembed import preflight
 
     preflight.check_storage_options(config)  # before anything builds a filesystem from them
@@ -81,6 +84,7 @@ def check_config(config: EmbedConfig) -> None:
     check_output_location(config, found)
     if needs_model:
         preflight.check_weights(config)  # last: needs timm
+    return not needs_model
 
 
 def check_output_location(config: EmbedConfig, found: "FoundShards") -> None:
