@@ -107,6 +107,19 @@ def test_declared_versions_change_every_key(tmp_path, plan, monkeypatch):
     assert len({before, after_recipe, after_format}) == 3
 
 
+def test_the_new_rule_for_a_checkpoints_own_head_recomputes_only_the_runs_it_changes(tmp_path, plan):
+    """A checkpoint whose class head replaces a CLIP projection now gives pooled features with embedding=auto
+    (it gave the class logits): those runs' keys change, so their old outputs recompute; no other run's key does."""
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"weights")
+    base = _config(tmp_path).model_dump()
+    parts = lambda **kw: shard.cache_key_parts(EmbedConfig(**(base | kw)), plan)  # noqa: E731
+    assert parts(checkpoint=str(weights))["checkpoint_head_rule"] == 2
+    for other in (parts(), parts(checkpoint=str(weights), embedding="pooled"),
+                  parts(checkpoint=str(weights), embedding="head")):
+        assert "checkpoint_head_rule" not in other
+
+
 PREFECT_DEFAULTS = ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PREFECT_SERVER_ANALYTICS_ENABLED",
                     "PREFECT_LOGGING_EXTRA_LOGGERS", "DASK_DISTRIBUTED__LOGGING")
 

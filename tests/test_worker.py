@@ -157,6 +157,76 @@ def test_a_call_whose_samples_are_all_in_finishes_while_the_next_calls_tar_is_st
     assert keys == [k for k, _ in calls[1]] and not failures
 
 
+def test_a_call_with_no_samples_returns_while_the_next_calls_tar_is_on_its_way(worker):
+    """A call with no image at all (an img2dataset shard whose every download failed holds an empty tar) has no
+    batch in DALI and no failure to give: it still returns while the next call's samples are on their way."""
+    images = [(f"b{i}", im.data) for i, im in enumerate(photo_images(3, seed=3, short_sides=(64,)))]
+    first_done = threading.Event()
+    outcomes: dict = {}
+
+    started = threading.Event()
+
+    def no_samples():
+        started.set()  # the stream has taken this call
+        deadline = time.monotonic() + 60
+        while not worker._pending and time.monotonic() < deadline:  # the next call is queued behind this one
+            time.sleep(0.01)
+        return
+        yield
+
+    def stalled_samples():
+        outcomes["first returned meanwhile"] = first_done.wait(timeout=8)
+        yield from images
+
+    def first() -> None:
+        outcomes["first"] = worker.embed(no_samples(), autocast=True, normalize=True)
+        first_done.set()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert started.wait(timeout=60)
+    keys, _, failures = worker.embed(stalled_samples(), autocast=True, normalize=True)
+    thread.join(timeout=60)
+    assert keys == [k for k, _ in images] and outcomes["first"][0] == []
+    assert outcomes["first returned meanwhile"] is True, \
+        "the call with no samples returned only after the next call's samples came"
+
+
+def test_a_call_whose_last_batch_is_out_returns_while_its_reader_ends_and_the_next_tar_is_on_its_way(worker):
+    """64 samples (a whole read-ahead chunk, and whole batches of 8) whose reader takes a moment after the last of
+    them to reach the tar's end-of-archive (on S3, the last part still on its way): the last batch is out before
+    the reader is done, and the call still returns while the next call's samples are on their way."""
+    images = [(f"a{i}", im.data) for i, im in enumerate(photo_images(64, seed=4, short_sides=(64,)))]
+    later = [(f"b{i}", im.data) for i, im in enumerate(photo_images(2, seed=5, short_sides=(64,)))]
+    started, first_done = threading.Event(), threading.Event()
+    outcomes: dict = {}
+
+    def samples():
+        started.set()
+        yield from images
+        deadline = time.monotonic() + 60
+        while not worker._pending and time.monotonic() < deadline:  # the next call is queued behind this one
+            time.sleep(0.01)
+        time.sleep(1.0)  # the reader reaches the end-of-archive marker
+
+    def stalled_samples():
+        outcomes["first returned meanwhile"] = first_done.wait(timeout=10)
+        yield from later
+
+    def first() -> None:
+        outcomes["first"] = worker.embed(samples(), autocast=True, normalize=True)
+        first_done.set()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert started.wait(timeout=60)
+    keys, _, _ = worker.embed(stalled_samples(), autocast=True, normalize=True)
+    thread.join(timeout=60)
+    assert keys == [k for k, _ in later] and outcomes["first"][0] == [k for k, _ in images]
+    assert outcomes["first returned meanwhile"] is True, \
+        "the call returned only after the next call's samples came"
+
+
 def test_a_call_that_fails_fails_alone(worker):
     """One call's samples raise midway (an unreadable shard) and another's progress callback raises (a fault
     mid-shard): those two raise; the calls beside them finish whole, and the worker goes on."""

@@ -185,8 +185,9 @@ class PreprocessedBatch:
 BATCH_END = object()
 
 # A key that says the next samples are not read yet, (NOT_READY, wait): `ImagePipeline.process` takes out the batches
-# DALI holds in the meantime, and calls wait() (which returns once samples are in) only when it holds none. So a
-# caller's last batches come out while the next caller's samples are still on their way (threads.read_ahead).
+# DALI holds in the meantime, and calls wait() (which returns once samples are in) only when it holds none, after
+# an empty batch (the failures found so far, if any). So a caller's last batches come out, and the caller can
+# finish, while the next caller's samples are still on their way (threads.read_ahead).
 NOT_READY = object()
 
 
@@ -444,9 +445,12 @@ class ImagePipeline:
                     if not pending:
                         if wait is None:
                             break
-                        if failures:  # nothing in DALI, the next samples on their way: the refused need not wait
-                            yield PreprocessedBatch([], self._empty(), failures)
-                            failures = []
+                        # Nothing in DALI, the next samples on their way: what is known so far goes out first, the
+                        # failures and, even where there are none, a turn of the consumer's, which may finish a
+                        # caller whose samples are all out (an empty shard, one whose reader ended after its last
+                        # batch).
+                        yield PreprocessedBatch([], self._empty(), failures)
+                        failures = []
                         wait()
                         continue
                 batch = pending.popleft()

@@ -113,10 +113,16 @@ class ShardsFailed(RuntimeError):
 
 
 def cache_key(config: EmbedConfig, plan: ShardPlan) -> str:
+    """Everything that decides a shard's output bytes (cache_key_parts), hashed."""
+    return hashlib.sha256(json.dumps(cache_key_parts(config, plan), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cache_key_parts(config: EmbedConfig, plan: ShardPlan) -> dict:
     """Everything that decides a shard's output bytes: its content, the model and weights, the embedding options,
     the output schema options, the declared versions of the preprocessing recipe and the output format, and the
     versions of the libraries doing the maths. Not a hash of source files: reformatting code recomputes nothing;
-    a change that alters outputs bumps preprocess.RECIPE_IMPL_VERSION or output.OUTPUT_FORMAT_VERSION."""
+    a change that alters outputs bumps preprocess.RECIPE_IMPL_VERSION or output.OUTPUT_FORMAT_VERSION, or, where
+    it alters only some runs' outputs, adds a part to those runs' keys alone."""
     parts = {
         "shard": plan.fingerprint,
         "model": config.model_key(),
@@ -130,7 +136,12 @@ def cache_key(config: EmbedConfig, plan: ShardPlan) -> str:
     }
     if config.embedding_dtype != "float32":  # only then: the keys of float32 outputs made before it stay as they were
         parts["dtype"] = config.embedding_dtype
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+    if config.checkpoint and config.embedding == "auto":
+        # Since 2026-12-05 a checkpoint's own class head makes the model a classifier (pooled features, not its
+        # logits) even where the pretrained tag names a CLIP projection: outputs of the old rule recompute. Only
+        # here, so that no other run's outputs do.
+        parts["checkpoint_head_rule"] = 2
+    return parts
 
 
 def _file_fingerprint(url: str, storage_options: dict) -> str:

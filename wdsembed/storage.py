@@ -254,7 +254,7 @@ def _explain(url: str, exc: BaseException, action: str) -> StoreError:
 
 def _check_bucket(fs: fsspec.AbstractFileSystem, path: str, url: str, action: str) -> None:
     """Raise StoreError naming `url` if the bucket of `path` (a missing path) does not exist or cannot be asked
-    about. The store is asked about the bucket itself (HEAD bucket on S3): the error that said `path` is missing
+    about (other than by a refusal: a policy may allow a prefix and not the bucket). The store is asked about the bucket itself (HEAD bucket on S3): the error that said `path` is missing
     names the path, whose bucket or prefix may well have "bucket" in its name. Stores without buckets pass."""
     if not any(p in _BUCKET_PROTOCOLS for p in _protocols(fs)):
         return
@@ -263,6 +263,8 @@ def _check_bucket(fs: fsspec.AbstractFileSystem, path: str, url: str, action: st
         fs.info(bucket, refresh=True)  # not from a cached list of buckets, which holds only the user's own
     except FileNotFoundError:
         raise StoreError(f"cannot {action} {url}: the bucket {bucket} does not exist") from None
+    except PermissionError:
+        return  # a user allowed only a prefix of a shared bucket may not ask about the bucket: the path's answer stands
     except Exception as exc:  # noqa: BLE001 - any other failure to ask is reported with the URL
         raise _explain(url, exc, action) from None
 
