@@ -550,6 +550,29 @@ def test_a_cancelled_call_stops_its_reader(worker):
     assert keys == [k for k, _ in call]
 
 
+def test_a_call_cancelled_before_its_turn_never_reads_its_samples(worker):
+    """A call whose caller stopped waiting while it was still queued (its task was cancelled) is passed over: its
+    shard is never opened (on S3, never downloaded again after process_shard forgot it), and the calls behind it
+    are served."""
+    from wdsembed.worker import _Job
+
+    (call,) = _calls(1, 10, seed=8)
+    opened = []
+
+    def never_read():
+        opened.append(True)
+        yield from call
+
+    worker.embed(iter(call[:1]), autocast=True, normalize=True)  # the stream's thread is up
+    cancelled = _Job(never_read(), (True, True))
+    cancelled.cancelled = True
+    with worker._cv:
+        worker._pending.append(cancelled)
+    keys, _, failures = worker.embed(iter(call), autocast=True, normalize=True)
+    assert keys == [k for k, _ in call] and not failures
+    assert opened == []
+
+
 def test_a_fixed_size_runner_takes_any_number_of_images():
     """The fidelity reference's graph takes batches of one size: fewer images are filled up, more are cut into
     batches, and only the images' own outputs come back, in order."""

@@ -444,6 +444,10 @@ class Worker:
                 number = next(numbers)
                 live[number] = job
                 job.started = time.time()
+                if job.cancelled:  # its caller stopped waiting before its turn: its shard is never opened
+                    job.fed_at = job.started
+                    job = self._next_call(flags)
+                    continue
                 # The call's samples (reading and parsing its tar) are read in a thread of their own, ahead of this
                 # one, which also feeds DALI and waits for its outputs (threads.read_ahead).
                 # Where they are not read yet, the reader says so (NOT_READY) instead of holding up the batches in
