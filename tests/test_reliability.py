@@ -1241,6 +1241,29 @@ def test_output_inside_input(tmp_path, capsys):
                  lost="nothing (no work started)")
 
 
+def test_output_holding_another_models_embeddings(tmp_path, capsys):
+    """A partial re-run with another model into the same OUTPUT would leave two embedding spaces side by side."""
+    from wdsembed.plan import InputError
+
+    data, out = dataset(tmp_path / "in", 2), tmp_path / "out"
+    embedder()(str(data), str(out))
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    code, err, started = cli_main([str(data / "00000.tar"), "--output", str(out), "--device", "cpu", "--model",
+                                   "test_vit.r160_in1k", "--no-pretrained"], capsys)
+    assert code == 2 and not started, (code, err)
+    assert "already holds embeddings made otherwise" in err and "00001.parquet (model test_resnet.r160_in1k)" in err
+    with pytest.raises(InputError, match="already holds embeddings made otherwise"):  # the API as the CLI
+        TimmImageEmbedder("test_vit.r160_in1k", **SETTINGS)(str(data / "00000.tar"), str(out))
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    table.record("param-output-of-another-model",
+                 done="embed 2 shards into OUTPUT, then 1 of them with another model into the same OUTPUT (CLI, API)",
+                 did="exit 2 before any work: 'output ... already holds embeddings made otherwise, of shards this "
+                     "run does not name: 00001.parquet (model test_resnet.r160_in1k). ... Choose another output "
+                     "folder, name those shards in this run too (they are then recomputed), or remove their "
+                     "outputs.' (also for other weights, head or normalization; the API raises the same)",
+                 lost="nothing (no work started, every output as it was)")
+
+
 def test_unreadable_input(tmp_path, capsys):
     # through the real command line, in its own process: refused before Prefect or Dask start anything
     data = dataset(tmp_path / "in", 1)

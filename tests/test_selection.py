@@ -281,6 +281,45 @@ def test_list_input_over_two_top_level_folders_leaves_some_output_folder(tmp_pat
         shutil.rmtree(other, ignore_errors=True)
 
 
+def _written_by(out: Path, stem: str, model: str, *, weights: str = "random-init", embedding: str = "pooled",
+                normalized: bool = True) -> None:
+    """An output as a run of `model` leaves it (only its footer matters here)."""
+    import fsspec
+    import pyarrow as pa
+
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"model": {"name": model, "weights": weights, "embedding": embedding, "dim": 8}}
+    output.write_parquet_atomic(pa.table({"key": ["a"]}), str(out / f"{stem}.parquet"), fsspec.filesystem("file"),
+                                metadata={"cache_key": "k", "normalized": normalized, "result": result})
+
+
+def test_outputs_of_another_model_beside_this_runs_are_refused_naming_them(tree, tmp_path):
+    """OUTPUT holds outputs of shards this run does not name, made by another model (or the same one otherwise
+    set): they would stay beside this run's, two embedding spaces in one folder and one kNN view. The run is refused
+    before any work, naming them; outputs this run names (rewritten) and outputs of the same settings never count."""
+    out = tmp_path / "out"
+    one = config(tree / "00000.tar", out, embedding="pooled")
+    _written_by(out, "00001", TINY_MODEL)  # this run's settings: fine
+    _written_by(out, "00000", "test_vit.r160_in1k")  # another model, but rewritten by this run: fine
+    (out / "notes.parquet").write_bytes(b"not ours")  # not an output of ours: not judged
+    plan.check_config(one)
+    plan.plan_shards(one, indexes=False)
+    for stem, kind in (("00002", dict(model="test_vit.r160_in1k")), ("train/00000", dict(normalized=False)),
+                       ("00003", dict(weights="pretrained:timm/x")), ("val/00000", dict(embedding="head"))):
+        _written_by(out, stem, kind.pop("model", TINY_MODEL), **kind)
+    with pytest.raises(plan.InputError) as err:
+        plan.check_config(one)
+    text = str(err.value)
+    assert "00002.parquet (model test_vit.r160_in1k)" in text and "00003.parquet (weights pretrained:timm/x)" in text
+    assert "and 1 more" in text and "another output folder" in text and "00001" not in text
+    with pytest.raises(plan.InputError):
+        plan.plan_shards(one, indexes=False)  # the Python API's and the flow's planning too
+    # 'auto' is only resolved once the model loads: a head output is not judged against it
+    for stem in ("00002", "train/00000", "00003"):
+        (out / f"{stem}.parquet").unlink()
+    plan.check_config(one.model_copy(update={"embedding": "auto"}))
+
+
 def test_recursive_run_outputs_caching_manifest_and_views_agree(tree, tmp_path):
     """Two 00000.tar in different folders: two outputs, two views, two manifest entries; a second run finds them
     all finished; a deleted view comes back without re-embedding; validation checks each with its view."""

@@ -82,6 +82,7 @@ def check_config(config: EmbedConfig) -> bool:
     _check_readable(config, found)
     _check_id_column(config, found)
     check_output_location(config, found)
+    check_outputs_beside(config, found)
     if needs_model:
         preflight.check_weights(config)  # last: needs timm
     return not needs_model
@@ -111,6 +112,58 @@ def check_output_location(config: EmbedConfig, found: "FoundShards") -> None:
             raise InputError(f"output {config.output!r} would write into {storage.to_url(found.fs, hit)}, a folder of "
                              f"the shards that input {config.input!r} names: choose a folder outside the shards' "
                              "folders, so outputs never overwrite their img2dataset parquets nor are read as shards")
+
+
+def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
+    """Refuse a run whose OUTPUT already holds outputs of shards it does not name, made by another model (or the
+    same model otherwise set: its weights, its head, normalized or not): they would stay beside this run's, two
+    embedding spaces in one folder and one kNN view, which kNN tools read as one (or fail on, where the sizes
+    differ). Outputs this run names are rewritten, so they never count. One listing of OUTPUT, and a footer read
+    for each output that this run does not name."""
+    out_fs, out_root = storage.filesystem(config.output, config.storage_options)
+    try:
+        files = out_fs.find(out_root, withdirs=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    mine = {found.stem(t) for t in found.tars}
+    root = out_root.rstrip("/") + "/"
+    others = []
+    for path in files:
+        stem = path[len(root):-len(".parquet")] if path.startswith(root) and path.endswith(".parquet") else None
+        if stem and stem not in mine and not any(part.startswith(("_", ".")) for part in stem.split("/")):
+            others.append(path)
+    if not others:
+        return
+
+    def differs(path: str) -> Optional[str]:
+        meta = output.read_output_metadata(path, out_fs)
+        model = ((meta or {}).get("result") or {}).get("model") or {}
+        if not model:
+            return None  # not one of ours
+        weights = str(model.get("weights", ""))
+        reasons = []
+        if model.get("name") != config.model_name:
+            reasons.append(f"model {model.get('name')}")
+        if weights.startswith("checkpoint:") != bool(config.checkpoint):
+            reasons.append(f"weights {weights}")
+        elif not config.checkpoint and (weights == "random-init") == config.pretrained:
+            reasons.append(f"weights {weights}")
+        if config.embedding != "auto" and model.get("embedding") != config.embedding:
+            reasons.append(f"embedding {model.get('embedding')}")
+        if meta.get("normalized") is not None and meta.get("normalized") != config.normalize_embeddings:
+            reasons.append("normalized" if meta.get("normalized") else "not normalized")
+        return f"{path[len(root):]} ({', '.join(reasons)})" if reasons else None
+
+    with ThreadPoolExecutor(max(1, min(16, len(others)))) as pool:
+        mixed = [d for d in pool.map(differs, others) if d]
+    if mixed:
+        more = f" and {len(mixed) - 3} more" if len(mixed) > 3 else ""
+        raise InputError(
+            f"output {config.output!r} already holds embeddings made otherwise, of shards this run does not name: "
+            f"{'; '.join(mixed[:3])}{more}. This run ({config.model_name}) would leave two embedding spaces in one "
+            "folder and one kNN view. Choose another output folder, name those shards in this run too (they are "
+            "then recomputed), or remove their outputs."
+        )
 
 
 def _parents(path: str) -> list[str]:
@@ -458,6 +511,7 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
         check_storage(config)
         found = find_shards(config)
     check_output_location(config, found)  # before any index is written
+    check_outputs_beside(config, found)
     listed = found
     fs, tars, siblings = listed.fs, listed.tars, listed.files
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
