@@ -200,3 +200,24 @@ def test_float16_embeddings_take_half_the_space_keep_their_direction_and_read_as
     again = run("f32", embedding_dtype="float16")
     assert [r.cached for r in again] == [False, False]
     assert pq.read_schema(tmp_path / "f32" / "00001.parquet").field(EMB).type == pa.list_(pa.float16())
+
+
+def test_the_readmes_merged_schema_reads_every_column_when_the_first_shard_had_no_parquet(tmp_path):
+    """pyarrow and pandas take a dataset's columns from its first file: where the first shard had no img2dataset
+    parquet, its output lacks caption/url/status, and reading OUTPUT dropped them from every shard. The README's
+    snippet (run as written, on this output) reads every column of every shard."""
+    import re
+
+    for s in range(2):
+        write_shard(tmp_path / "in", f"{s:05d}", [_image(10 * s + i) for i in range(3)], parquet=s != 0,
+                    stats=s != 0, shard_id=s)
+    out = tmp_path / "out"
+    TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                      fidelity_sample=0)(str(tmp_path / "in"), str(out))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "unify_schemas" in b)
+    scope: dict = {}
+    exec("import pyarrow as pa, pyarrow.dataset as ds\n" + snippet.replace('"demo-output"', repr(str(out))), scope)
+    table = scope["table"]
+    assert table.num_rows == 6 and {"key", "caption", "url", "status", "image_embedding"} <= set(table.column_names)
+    assert sum(c is not None for c in table.column("caption").to_pylist()) == 3  # the second shard's captions
