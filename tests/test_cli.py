@@ -255,6 +255,19 @@ def test_stale_script_says_reinstall(shards, tmp_path, capsys):
     assert code == 2 and "reinstall the package (pip install -e .)" in capsys.readouterr().err
 
 
+def test_output_without_input_is_refused_not_the_demo(tmp_path, monkeypatch, capsys):
+    """`wdsembed $DATA -o /data/emb` with $DATA empty: refused like INPUT without --output, never the demo (generated
+    images, random weights) written into the user's output folder."""
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    code = cli.main(lambda config, **kw: runs.append(config), ["-o", str(tmp_path / "my-embeddings"), "--model",
+                                                               TINY_MODEL])
+    assert code == 2 and not runs
+    assert capsys.readouterr().err.strip() == (
+        "error: INPUT is required with --output (the demo runs only when neither is given)")
+    assert list(tmp_path.iterdir()) == []  # no demo-data/ written
+
+
 # --------------------------------------------------------------------------------------------------- task D
 
 

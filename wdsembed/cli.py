@@ -52,7 +52,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog or _prog(),
         description="Embed WebDataset image shards with a timm model; one parquet per shard with an embedding "
-        "column. Without INPUT, runs a built-in demo on generated shards.",
+        "column. Without INPUT and --output, runs a built-in demo on generated shards.",
         argument_default=argparse.SUPPRESS,
     )
     for name, field in EmbedConfig.model_fields.items():
@@ -95,7 +95,7 @@ def _add_option(p: argparse.ArgumentParser, name: str, field: FieldInfo) -> None
     origin = typing.get_origin(annotation)
     default = None if field.is_required() else field_default(name)
     if name == "input":
-        p.add_argument("input", nargs="?", default=None, help=_help(field) + " Omit it to run the demo.")
+        p.add_argument("input", nargs="?", default=None, help=_help(field) + " Omit it and --output to run the demo.")
         return
     flags = flag_names(name)
     common = dict(dest=name, metavar=METAVARS.get(name))
@@ -183,8 +183,11 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
     `on_checked()` is called once every check has passed, before `run` is imported and called: the command starts
     its Prefect API server there, in the background, so that it boots while the flow's modules are imported."""
     values = values_from_args(build_parser().parse_args(argv))
-    if values.get("input") is None:
+    if values.get("input") is None and not values.get("output"):
         prepare_demo(values)
+    elif values.get("input") is None:  # an empty $DATA, say: never the demo into the user's own folder
+        print("error: INPUT is required with --output (the demo runs only when neither is given)", file=sys.stderr)
+        return 2
     elif not values.get("output"):
         print("error: --output is required with INPUT", file=sys.stderr)
         return 2
