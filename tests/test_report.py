@@ -63,6 +63,21 @@ def test_failures_grouped_by_reason(tmp_path):
     assert "- 1 shard(s) (`00001`): KilledWorker: gone" in text
 
 
+def test_summary_title_counts_the_failed_shards_too(tmp_path, capsys):
+    """Its table has a row per shard, failed ones included: so has its title's total (it read '2 shard(s): 2
+    computed, 0 cached, 1 failed' above 3 rows)."""
+    from wdsembed.cli import print_summary
+
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    failures = {"00001": "MalformedShardError: 00001.tar: not a tar file"}
+    manifest = report.build_manifest(config, [shard("00000"), shard("00002")], failures, 1.0) | {"path": "m.json"}
+    print_summary(manifest)
+    said = capsys.readouterr().out
+    assert "3 shard(s): 2 computed, 0 cached, 1 failed" in said, said
+    print_summary(report.build_manifest(config, [shard("00000")], {}, 1.0) | {"path": "m.json"})
+    assert capsys.readouterr().out.splitlines()[0].strip() == "1 shard(s): 1 computed, 0 cached"  # none failed
+
+
 def test_a_run_where_no_shard_finished_names_its_model_without_nones(tmp_path, capsys):
     """Every shard failed: no shard recorded the model, so the summaries name the model the run was given and say
     why nothing more is known (they used to print "model None (None), None embedding, None dims")."""

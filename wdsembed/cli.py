@@ -282,9 +282,11 @@ def print_summary(manifest: dict) -> None:
 
     console = Console()
     t = manifest["totals"]
-    reasons = failure_reasons(manifest.get("failed_shards") or {})  # reason -> its shards
-    table = Table(title=f"{t['shards']} shard(s): {t['computed']} computed, {t['cached']} cached"
-                  + (f", {sum(len(s) for s in reasons.values())} failed" if reasons else ""),
+    failed = manifest.get("failed_shards") or {}
+    reasons = failure_reasons(failed)  # reason -> its shards
+    # totals count the finished shards only; the table has a row for each failed one too
+    table = Table(title=f"{t['shards'] + len(failed)} shard(s): {t['computed']} computed, {t['cached']} cached"
+                  + (f", {len(failed)} failed" if failed else ""),
                   caption="images/s: embedding only (model loading and writing excluded)")
     for name in ("shard", "rows", "embedded", "failed", "status", "images/s"):
         table.add_column(name, justify="right" if name not in ("shard", "status") else "left")
