@@ -74,6 +74,35 @@ def test_sample_is_deterministic_spread_and_special_first(shards, tmp_path):
         assert set(r.fidelity["special"]) == set(r.fidelity["cosines"])
 
 
+def test_shard_shares_add_up_to_the_sample_asked():
+    """Each shard's task works out its own share from its place in the run; the shares differ by one at most and
+    add up to the sample (rounding each share up checked 33 images of --fidelity-sample 32 over 3 shards)."""
+    from wdsembed.fidelity import shard_quota
+
+    assert [shard_quota(32, 3, i) for i in range(3)] == [10, 11, 11]
+    for sample in (1, 2, 31, 32, 33, 100):
+        for shards_in_run in (1, 2, 3, 7, 64):
+            shares = [shard_quota(sample, shards_in_run, i) for i in range(shards_in_run)]
+            assert sum(shares) == sample and max(shares) - min(shares) <= 1, (sample, shares)
+    assert shard_quota(32, None) == 32 and shard_quota(0, 3, 1) == 0
+
+
+def test_the_run_checks_as_many_images_as_asked(tmp_path):
+    """3 shards of 12 images: --fidelity-sample 32 checks 32 (not 33); 2 checks 2, and the shard with no share is
+    not listed among outputs without a stored check."""
+    from wdsembed import fidelity
+
+    for s in range(3):
+        write_shard(tmp_path / "in", f"{s:05d}", from_encoded(synthetic_images(12, seed=s, formats=("jpeg",))),
+                    seed=s)
+    for sample in (32, 2):
+        out = str(tmp_path / f"out-{sample}")
+        TimmImageEmbedder(TINY_MODEL, fidelity_sample=sample, **SETTINGS)(str(tmp_path / "in"), out)
+        check = manifest_of(out)["fidelity"]
+        assert check["images"] == sample and check["shards_unchecked"] == [], check
+        assert "without a stored check" not in fidelity.describe(check)
+
+
 def test_sample_collector_keeps_quota_and_prefers_special():
     jpegs = [(f"j{i}", im.data) for i, im in enumerate(photo_images(5))]
     png = [("p0", photo_images(1, fmt="png")[0].data)]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import heapq
 import io
-import math
 import threading
 import warnings
 from concurrent.futures import Future
@@ -45,11 +44,15 @@ class FidelityError(RuntimeError):
 # --------------------------------------------------------------------------------------------------- the sample
 
 
-def shard_quota(sample: int, run_shards: Optional[int]) -> int:
-    """Images checked in one shard: the run's sample spread over its shards (at least one each)."""
+def shard_quota(sample: int, run_shards: Optional[int], run_index: int = 0) -> int:
+    """Images checked in the `run_index`-th of the run's `run_shards` shards: the run's sample spread evenly over
+    them (shares differ by one at most; with fewer images asked than shards, one every few shards), the shares
+    adding up to the sample. Each shard's task works out its own share from its place alone."""
     if sample <= 0:
         return 0
-    return max(1, math.ceil(sample / run_shards)) if run_shards else sample
+    if not run_shards:
+        return sample
+    return (run_index + 1) * sample // run_shards - run_index * sample // run_shards
 
 
 def _ranks(keys: list[str]) -> np.ndarray:

@@ -536,7 +536,7 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
 
     with ThreadPoolExecutor(max_workers) as pool:
         plans = list(pool.map(plan_one, tars))
-    plans = [dataclasses.replace(p, run_shards=len(plans)) for p in plans]
+    plans = [dataclasses.replace(p, run_shards=len(plans), run_index=i) for i, p in enumerate(plans)]
     return with_indexes(config, plans, max_workers=max_workers) if indexes else plans
 
 

@@ -52,6 +52,7 @@ class ShardPlan:
     output: str  # OUTPUT/<stem>.parquet
     expected_samples: Optional[int] = None  # from <stem>_stats.json "successes", when present
     run_shards: Optional[int] = None  # shards in the run: spreads its fidelity sample over them
+    run_index: int = 0  # this shard's place among them: its share of that sample
 
 
 @dataclass
@@ -191,7 +192,8 @@ def process_shard(
         # From an object store, the shard starts arriving now, while another shard may still hold the pipeline.
         storage.prefetch_shards([plan.shard], config.storage_options)
         # The fidelity sample is picked as the images stream past (a few kept, never the shard).
-        sample = fidelity.SampleCollector(fidelity.shard_quota(config.fidelity_sample, plan.run_shards))
+        quota = fidelity.shard_quota(config.fidelity_sample, plan.run_shards, plan.run_index)
+        sample = fidelity.SampleCollector(quota)
         # The worker's stream takes this shard's samples right behind those of the shard before it (another
         # thread's).
         try:
@@ -231,6 +233,8 @@ def process_shard(
 
         record = fidelity.check_sample(worker, chosen, keys, embeddings, failures, config.max_image_pixels or None,
                                        reference)
+        if config.fidelity_sample and not quota:  # fewer images asked than shards: none of this one's, by design
+            record = {"sampled": 0}  # not "without a stored check" (no record: the check was off, or predates it)
         timeline["checked"] = time.time()
         result = ShardResult(
             shard=plan.shard,
