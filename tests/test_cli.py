@@ -622,3 +622,38 @@ def test_command_end_to_end_terminal_and_rerun(tmp_path):
     tasks = runs[1]["tasks"]
     assert tasks.pop("embed-00000") == "Cached"
     assert set(tasks.values()) == {"Completed"} and len(tasks) == 2  # indexing and the report
+
+
+def _command_env(tmp_path: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "WDSEMBED_", "DASK_"))}
+    return env | {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1",
+                  "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+
+
+@pytest.fixture(scope="module")
+def failed_command(tmp_path_factory) -> subprocess.CompletedProcess:
+    """`python flows/embed.py` on 3 shards: a good one, a truncated tar (written, with a warning), an HTML page saved
+    as .tar (failed)."""
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    tmp = tmp_path_factory.mktemp("failed-command")
+    for s in range(3):
+        write_shard(tmp / "in", f"{s:05d}", from_encoded(synthetic_images(8, seed=s, formats=("jpeg",))), seed=s)
+    tar = tmp / "in" / "00001.tar"
+    with open(tar, "r+b") as fh:
+        fh.truncate(tar.stat().st_size // 2)
+    (tmp / "in" / "00002.tar").write_bytes(b"<!DOCTYPE html><html>404</html>")
+    return subprocess.run([sys.executable, str(ROOT / "flows/embed.py"), str(tmp / "in"), "-o", str(tmp / "out"),
+                           "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu", "--n-workers", "1",
+                           "--num-threads", "1"], cwd=tmp, env=_command_env(tmp), capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_command_with_a_failed_shard_prints_no_prefect_internals(failed_command):
+    """Indexing the damaged tars logs from the planning's own threads, outside the flow run's context: no Python
+    UserWarning about Prefect's settings ('attempted to send logs to the API without a flow run id')."""
+    said = failed_command.stdout + failed_command.stderr
+    assert failed_command.returncode == 1, said[-3000:]
+    assert "not a readable tar" in said  # the line itself still shows
+    assert "without a flow run id" not in said and "UserWarning" not in said, said[-3000:]

@@ -121,7 +121,8 @@ def test_the_new_rule_for_a_checkpoints_own_head_recomputes_only_the_runs_it_cha
 
 
 PREFECT_DEFAULTS = ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PREFECT_SERVER_ANALYTICS_ENABLED",
-                    "PREFECT_LOGGING_EXTRA_LOGGERS", "DASK_DISTRIBUTED__LOGGING")
+                    "PREFECT_LOGGING_EXTRA_LOGGERS", "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW",
+                    "DASK_DISTRIBUTED__LOGGING")
 
 
 def _python(code: str) -> str:
@@ -141,11 +142,16 @@ def test_prefect_defaults_are_set_by_the_entry_points_not_on_import():
                    f"print([k for k in {PREFECT_DEFAULTS!r} if k in os.environ])") == "[]"
     probe = ("import logging\nfrom prefect.settings import get_current_settings as s\n"
              "print(s().logging.extra_loggers, s().server.ephemeral.startup_timeout_seconds, "
+             "s().logging.to_api.when_missing_flow, "
              "[type(h).__name__ for h in logging.getLogger('wdsembed').handlers])")
     before = _python("from flows import prefect_env\nprefect_env.set_defaults()\nimport prefect.main\n" + probe)
-    assert before == "['wdsembed'] 120 ['APILogHandler']"
+    assert before == "['wdsembed'] 120 ignore ['APILogHandler']"
     after = _python("import prefect.main\nfrom flows import prefect_env\nprefect_env.set_defaults()\n" + probe)
-    assert after == "[] 20 []"
+    assert after == "[] 20 warn []"
+    # a value the user exported wins
+    own = _python("import os\nos.environ['PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW'] = 'error'\n"
+                  "from flows import prefect_env\nprefect_env.set_defaults()\nimport prefect.main\n" + probe)
+    assert own == "['wdsembed'] 120 error ['APILogHandler']"
     job_env = yaml.safe_load((ROOT / "prefect.yaml").read_text())["definitions"]["work_pool"]["job_variables"]["env"]
     assert job_env["PREFECT_LOGGING_EXTRA_LOGGERS"] == prefect_env.DEFAULTS["PREFECT_LOGGING_EXTRA_LOGGERS"]
 
