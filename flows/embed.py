@@ -44,7 +44,7 @@ from flows import apiserver, prefect_env  # noqa: E402
 from tasks.embed import embed_shards, result_storage_for  # noqa: E402
 from tasks.index import index_shards  # noqa: E402
 from tasks.report import report  # noqa: E402
-from wdsembed import caching, cluster, fidelity  # noqa: E402
+from wdsembed import caching, cluster, faults, fidelity  # noqa: E402
 from wdsembed.config import EmbedConfig  # noqa: E402
 from wdsembed.plan import nothing_to_compute, shard_groups  # noqa: E402
 from wdsembed.shard import ShardsFailed  # noqa: E402
@@ -107,11 +107,12 @@ def embed_dataset(config: EmbedConfig) -> dict:
                 timeline["first_started"] = time.time()
     timeline["submitted"] = time.time()
 
-    results, failures = [], {}
+    results, failures, transient = [], {}, set()
     done, shown = 0, 0.0
     for future in as_completed(list(futures)):
         group = futures[future]
-        finished_now, failed_now = _outcome(future, group, finished, config)
+        finished_now, failed_now, transient_now = _outcome(future, group, finished, config)
+        transient |= transient_now
         timeline["collected"] = time.time()
         for stem, reason in failed_now.items():
             failures[stem] = reason
@@ -129,7 +130,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
 
     manifest = report(config, results, failures, time.perf_counter() - started, timeline)
     if failures:
-        raise ShardsFailed(failures, results, manifest=manifest, total=len(plans))
+        raise ShardsFailed(failures, results, transient, manifest=manifest, total=len(plans))
     fidelity.check(manifest)  # below the threshold the run ends Failed, its outputs and manifest kept
     hooks.manifest = manifest  # only a run without failed shards
     return manifest
@@ -165,23 +166,27 @@ def _dask_client():
     return runner.client if isinstance(runner, DaskTaskRunner) else None
 
 
-def _outcome(future, group, finished: set[str], config: EmbedConfig) -> tuple[list[dict], dict[str, str]]:
-    """The finished shards' results (cached as this run saw it) and the failed shards' reasons, of one task."""
+def _outcome(future, group, finished: set[str],
+             config: EmbedConfig) -> tuple[list[dict], dict[str, str], set[str]]:
+    """The finished shards' results (cached as this run saw it), the failed shards' reasons, and those of the failed
+    shards whose failure may pass on a retry (faults.is_transient), of one task."""
     try:
         outcome = future.result(raise_on_failure=False)
     except Exception as exc:  # noqa: BLE001 - a worker lost for good (KilledWorker) raises here
         outcome = exc
     if isinstance(outcome, list):
-        return [_mark_cached(r, future, finished) for r in outcome], {}
+        return [_mark_cached(r, future, finished) for r in outcome], {}, set()
     if isinstance(outcome, ShardsFailed):
-        return [_mark_cached(r, future, finished) for r in outcome.results], dict(outcome.failures)
+        return ([_mark_cached(r, future, finished) for r in outcome.results], dict(outcome.failures),
+                set(outcome.transient))
     reason = f"{type(outcome).__name__}: {outcome}" if isinstance(outcome, BaseException) else str(outcome)
     # The task was lost (its worker died for good): the shards of its group that it had written whole before that
     # are finished all the same, as their outputs' footers say.
     written = caching.written_results(config, group)
     done = {r["stem"] for r in written}
-    return ([{**r, "cached": r["stem"] in finished} for r in written],
-            {p.stem: reason for p in group if p.stem not in done})
+    lost = {p.stem: reason for p in group if p.stem not in done}
+    may_pass = isinstance(outcome, BaseException) and faults.is_transient(outcome)
+    return [{**r, "cached": r["stem"] in finished} for r in written], lost, set(lost) if may_pass else set()
 
 
 def _mark_cached(result: dict, future, finished: set[str]) -> dict:
@@ -213,10 +218,30 @@ def _record_lost_run(future, reason: str) -> None:
         get_run_logger().warning("could not mark task run %s crashed: %s", future.task_run_id, exc)
 
 
+class _ExpectedEndWithoutTraceback(logging.Filter):
+    """Prefect's flow engine logs the exception that ends a flow run with its traceback ("Encountered exception
+    during execution: ..."). For the run's expected ends (shards failed; the fidelity check below its threshold),
+    whose message names every reason and whose summary follows, the line stays and the traceback, of the raise in
+    embed_dataset, goes: on the terminal and in the UI alike. Any other exception keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (ShardsFailed, fidelity.FidelityError)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _log_expected_ends_without_traceback() -> None:
+    """On the flow engine's run logger, as Prefect adds its own filters to its loggers; once per process."""
+    logger = logging.getLogger("prefect.flow_runs")
+    if not any(isinstance(f, _ExpectedEndWithoutTraceback) for f in logger.filters):
+        logger.addFilter(_ExpectedEndWithoutTraceback())
+
+
 def run(config: EmbedConfig, on_shard_done=None, *, all_finished: Optional[bool] = None) -> dict:
     """Run the flow with the Dask task runner this config asks for (local GPUs, CPU workers, or a scheduler).
     `all_finished`: plan.check_config's answer, whether every output is already finished; asked here when None."""
     prefect_env.set_defaults()  # for the processes this run starts (Dask workers, a temporary API server)
+    _log_expected_ends_without_traceback()
     if all_finished is None:
         all_finished = nothing_to_compute(config)
     if all_finished:

@@ -51,7 +51,7 @@ def group_cache_key(context: TaskRunContext, parameters: dict) -> str:
 def retry_if_transient(task_, task_run, state) -> bool:
     exc = state.result(raise_on_failure=False)
     if isinstance(exc, ShardsFailed):
-        return exc.transient
+        return bool(exc.transient)
     return isinstance(exc, BaseException) and faults.is_transient(exc)
 
 

@@ -517,6 +517,40 @@ def test_failed_run_names_each_reason_once(shards, tmp_path, capsys):
     assert "1 shard(s) failed (00002): KilledWorker: worker died" in text
     assert "run failed: 3 of 4 shard(s) failed (reasons above)" in captured.err
     assert f"1 finished shard(s) are in {tmp_path / 'out'}" in captured.err
+    # not known which may pass: never a promise that the same command finishes them
+    assert "to retry the 3 failed shard(s): one that failed for its data fails again until its file is replaced" \
+        in captured.err and "finish the rest" not in captured.err
+
+
+def test_failed_run_says_which_failed_shards_a_rerun_cannot_finish(shards, tmp_path, capsys):
+    """A re-run retries the failed shards; it finishes those whose failure may pass (faults.is_transient), and not
+    one that failed for its data (a .tar that is not a tar): the closing line promised to "finish the rest"."""
+    from wdsembed.shard import ShardsFailed
+
+    failures = {"00000": "MalformedShardError: 00000.tar: not a tar file", "00001": "ConnectionError: reset",
+                "00002": "MalformedShardError: 00002.tar: not a tar file"}
+    manifest = {
+        "output": str(tmp_path / "out"), "path": str(tmp_path / "out" / "_manifest.json"),
+        "totals": {"shards": 1, "computed": 1, "cached": 0, "rows": 2, "embedded": 2, "embedded_this_run": 2,
+                   "images_per_second": 1.0},
+        "model": {"name": TINY_MODEL},
+        "shards": {"00003": {"rows": 2, "embedded": 2, "failed": 0, "status": "computed", "images_per_second": 5.0}},
+        "failed_shards": failures,
+    }
+    said = {}
+    for case, transient in [("some pass", ["00001"]), ("all pass", ["00000", "00001", "00002"])]:
+        def failing_run(config, on_shard_done=None, all_finished=None):
+            raise ShardsFailed(failures, transient=transient, manifest=manifest, total=4)
+
+        code = cli.main(failing_run, [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL,
+                                      "--no-pretrained"])
+        assert code == 1
+        said[case] = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said["some pass"] == (
+        f"1 finished shard(s) are in {tmp_path / 'out'} (not recomputed); run the same command again to retry the 3 "
+        "failed shard(s): 00000, 00002 will fail again until the reason above is fixed (a file that is not a tar: "
+        "replace it)")
+    assert said["all pass"].endswith("to retry the 3 failed shard(s): their errors may pass")
 
 
 def test_summary_of_a_run_with_nothing_to_embed_says_so(tmp_path, capsys):
@@ -657,3 +691,16 @@ def test_command_with_a_failed_shard_prints_no_prefect_internals(failed_command)
     assert failed_command.returncode == 1, said[-3000:]
     assert "not a readable tar" in said  # the line itself still shows
     assert "without a flow run id" not in said and "UserWarning" not in said, said[-3000:]
+
+
+@pytest.mark.slow
+def test_command_with_a_failed_shard_says_why_without_a_traceback(failed_command):
+    """A failed shard is an expected end: its reason once in the summary, Prefect's line that the flow run ended on
+    the exception without its traceback, and a closing line that does not promise a re-run would finish it."""
+    said = failed_command.stdout + failed_command.stderr
+    assert "1 shard(s) failed (00002): MalformedShardError" in said, said[-3000:]
+    assert "Encountered exception during execution: ShardsFailed(" in said  # the line stays, in the UI too
+    assert "Traceback (most recent call last)" not in said, said[-3000:]
+    assert failed_command.stderr.rstrip().endswith(
+        "(not recomputed); run the same command again to retry the 1 failed shard(s): 00002 will fail again until "
+        "the reason above is fixed (a file that is not a tar: replace it)"), failed_command.stderr[-2000:]

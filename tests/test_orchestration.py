@@ -436,6 +436,7 @@ def test_transient_fault_is_retried_and_a_deterministic_failure_fails_at_once(tm
     assert "00000" not in str(outcome) and "00002" not in str(outcome)
     assert injected.attempts("00000") == 2  # failed once, retried once
     assert injected.attempts("00001") == 1  # never retried
+    assert outcome.transient == []  # the one failure left cannot pass on a re-run (the command says so)
 
     runs = task_runs(run_id, expected=3, names=["embed-00000", "embed-00001", "embed-00002"])
     assert runs["embed-00000"].state.name == "Completed" and runs["embed-00000"].run_count == 2
@@ -466,6 +467,19 @@ def test_failure_classes():
     assert not faults.is_transient(ModelLoadError("no weights for x"))
     assert not faults.is_transient(FileNotFoundError("/d/00000.tar"))
     assert not faults.is_transient(ValueError("malformed"))
+
+
+def test_a_group_names_the_failed_shards_whose_failure_may_pass(tmp_path, monkeypatch):
+    """Prefect retries a task whose group has one (tasks.embed), and the command tells them from the others."""
+    from wdsembed import plan, shard
+
+    data = make_dataset(tmp_path / "in", 2)
+    config = make_config(data, tmp_path / "out")
+    Faults(tmp_path, monkeypatch, {"00000": {"fail_attempts": 1000, "error": "io"},
+                                   "00001": {"fail_attempts": 1000, "error": "fatal"}})
+    with pytest.raises(shard.ShardsFailed) as failed:
+        shard.process_shards(config, plan.plan_shards(config))
+    assert sorted(failed.value.failures) == ["00000", "00001"] and failed.value.transient == ["00000"]
 
 
 def test_validation_names_each_problem(tmp_path):

@@ -13,7 +13,7 @@ import sys
 import time
 import types
 import typing
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Collection, Optional, Sequence
 
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
@@ -225,18 +225,17 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
         manifest = getattr(exc, "manifest", None)
         if isinstance(manifest, dict):  # some shards failed; the summary lists each reason once, with its shards
             print_summary(manifest)
-            failed = len(manifest.get("failed_shards") or {})
-            total = failed + len(manifest.get("shards") or {})
-            if failed:
-                print(f"\nrun failed: {failed} of {total} shard(s) failed (reasons above)", file=sys.stderr)
-            else:  # every shard written, but the run failed as a whole (its fidelity check, which names the fix)
+            failed, finished = manifest.get("failed_shards") or {}, len(manifest.get("shards") or {})
+            if not failed:  # every shard written, but the run failed as a whole (its fidelity check names the fix)
                 print(f"\nrun failed: {exc}", file=sys.stderr)
                 return 1
-            finished = len(manifest.get("shards") or {})
-        else:
-            print(f"\nrun failed: {exc or repr(exc)}", file=sys.stderr)
-            finished = progress.finished
-        _print_manifest_hint(config, finished)
+            print(f"\nrun failed: {len(failed)} of {len(failed) + finished} shard(s) failed (reasons above)",
+                  file=sys.stderr)
+            # ShardsFailed says which failures may pass on a retry; None: not known
+            _print_manifest_hint(config, finished, failed, getattr(exc, "transient", None))
+            return 1
+        print(f"\nrun failed: {exc or repr(exc)}", file=sys.stderr)
+        _print_manifest_hint(config, progress.finished)
         return 1
     print_summary(manifest)
     return 0
@@ -324,13 +323,28 @@ def _shard_list(stems: list[str], shown: int = 5) -> str:
     return ", ".join(stems[:shown]) + (f" and {len(stems) - shown} more" if len(stems) > shown else "")
 
 
-def _print_manifest_hint(config: EmbedConfig, finished: int) -> None:
-    """Where the finished work is, and that re-running finishes the rest; said only when some shard finished."""
-    if finished:
-        print(f"{finished} finished shard(s) are in {config.output}; run the same command again to finish the rest "
-              "(finished shards are not recomputed)", file=sys.stderr)
+def _print_manifest_hint(config: EmbedConfig, finished: int, failed: Collection[str] = (),
+                         transient: Optional[Collection[str]] = None) -> None:
+    """Where the finished work is (said only when some shard finished), and what the same command does again: it
+    finishes the rest, and retries the `failed` shards, of which those not `transient` (their failure cannot pass on
+    a retry: a file that is not a tar, say) fail again until their cause is fixed. `transient` None: not known."""
+    if not failed:
+        if finished:
+            print(f"{finished} finished shard(s) are in {config.output}; run the same command again to finish the "
+                  "rest (finished shards are not recomputed)", file=sys.stderr)
+        else:
+            print("no shard finished; run the same command again once the cause is fixed", file=sys.stderr)
+        return
+    where = f"{finished} finished shard(s) are in {config.output} (not recomputed)" if finished else "no shard finished"
+    lasting = sorted(set(failed) - set(transient or ()))
+    if transient is None:
+        why = "one that failed for its data fails again until its file is replaced"
+    elif lasting:
+        why = (f"{_shard_list(lasting)} will fail again until the reason above is fixed (a file that is not a tar: "
+               "replace it)")
     else:
-        print("no shard finished; run the same command again once the cause is fixed", file=sys.stderr)
+        why = "their errors may pass"
+    print(f"{where}; run the same command again to retry the {len(failed)} failed shard(s): {why}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Collection, Iterator, Optional
 
 from wdsembed import faults, fidelity, output, preprocess, shardindex, shards, storage, tarstream
 from wdsembed.config import EmbedConfig
@@ -93,12 +93,13 @@ class ShardResult:
 
 class ShardsFailed(RuntimeError):
     """Some shards failed; every other shard's output is written. `failures`: stem -> reason; `results`: the
-    finished shards' results (ShardResult or their dicts); `transient`: some failure may pass on a retry (the
-    finished shards are then found done, not redone); `manifest`: the run's manifest, where one was written."""
+    finished shards' results (ShardResult or their dicts); `transient`: the failed shards whose failure may pass on
+    a retry (faults.is_transient; the finished shards are then found done, not redone), the others fail again until
+    their cause is fixed; `manifest`: the run's manifest, where one was written."""
 
-    def __init__(self, failures: dict, results: list = (), transient: bool = False,
+    def __init__(self, failures: dict, results: list = (), transient: Collection[str] = (),
                  manifest: Optional[dict] = None, total: Optional[int] = None) -> None:
-        failures, results = dict(failures), list(results)
+        failures, results, transient = dict(failures), list(results), sorted(transient)
         of = f" of {total}" if total else ""
         message = f"{len(failures)}{of} shard(s) failed: " + "; ".join(
             f"{stem}: {reason}" for stem, reason in sorted(failures.items()))
@@ -268,13 +269,14 @@ def process_shards(
     No look-ahead over the group: process_shard names its own shard to the S3 fetcher once its cache check has
     passed, as in a one-shard task, and it downloads while the worker's other task threads embed theirs; a
     look-ahead would hold memory for shards whose cached outputs mean they are never opened."""
-    results, failures, transient = [], {}, False
+    results, failures, transient = [], {}, []
     for plan in plans:
         try:
             results.append(process_shard(config, plan, on_progress=on_progress))
         except Exception as exc:  # noqa: BLE001 - every shard's outcome is reported; one failure stops no other
             failures[plan.stem] = f"{type(exc).__name__}: {exc}"
-            transient = transient or faults.is_transient(exc)
+            if faults.is_transient(exc):
+                transient.append(plan.stem)
             log.error("shard %s failed: %s", plan.stem, failures[plan.stem])
     if failures:
         raise ShardsFailed(failures, [r.to_dict() for r in results], transient, total=len(plans))
