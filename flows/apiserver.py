@@ -47,6 +47,9 @@ class TemporaryServer:
         self.process: Optional[subprocess.Popen] = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), str(sock.fileno()), str(os.getpid())],
             pass_fds=[sock.fileno()], stdin=subprocess.PIPE,
+            # Out of the terminal's process group: a Ctrl-C stops the command, which then still reports its flow
+            # run's end to this server, and stops it (stop(), or it sees itself orphaned).
+            start_new_session=True,
         )
         sock.close()  # the server's process holds it now
         self.told = self.ready = False

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -553,6 +554,19 @@ def test_failed_run_says_which_failed_shards_a_rerun_cannot_finish(shards, tmp_p
     assert said["all pass"].endswith("to retry the 3 failed shard(s): their errors may pass")
 
 
+def test_ctrl_c_says_where_the_finished_shards_are_in_one_line(shards, tmp_path, capsys):
+    def interrupted_run(config, on_shard_done=None, all_finished=None):
+        on_shard_done({"stem": "00000", "embedded": 2, "cached": False}, 1, 3)
+        raise KeyboardInterrupt
+
+    code = cli.main(interrupted_run, [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL,
+                                      "--no-pretrained"])
+    assert code == 130  # as a shell reports a command ended by SIGINT
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"run interrupted: the shards finished so far are in {tmp_path / 'out'}; run the same command again to "
+        "finish the rest (finished shards are not recomputed)")
+
+
 def test_summary_of_a_run_with_nothing_to_embed_says_so(tmp_path, capsys):
     """A re-run that finds every output finished says so, instead of a rate of 0.0 images/s; a run that computed
     shards keeps its count and rate, even when none of their images could be embedded."""
@@ -704,3 +718,45 @@ def test_command_with_a_failed_shard_says_why_without_a_traceback(failed_command
     assert failed_command.stderr.rstrip().endswith(
         "(not recomputed); run the same command again to retry the 1 failed shard(s): 00002 will fail again until "
         "the reason above is fixed (a file that is not a tar: replace it)"), failed_command.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ["command", "process group"])
+def test_ctrl_c_mid_run(to, tmp_path):
+    """SIGINT mid-run: to the command alone, no traceback (it printed a KeyboardInterrupt's, ~50 lines, and no
+    hint), the line that says where the finished shards are, exit 130. To its process group, as a terminal's Ctrl-C
+    is sent: the same end within seconds (the temporary API server got it too and died, and the flow run's end was
+    retried against it for over a minute); the local Dask worker process may still print its own traceback."""
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    data, out = tmp_path / "in", tmp_path / "out"
+    for s in range(12):
+        write_shard(data, f"{s:05d}", from_encoded(synthetic_images(16, seed=s, formats=("jpeg",))), seed=s)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "flows/embed.py"), str(data), "-o", str(out), "--model",
+                             TINY_MODEL, "--no-pretrained", "--device", "cpu", "--n-workers", "1", "--num-threads",
+                             "1", "--batch-size", "1", "--fidelity-sample", "0"], cwd=tmp_path,
+                            env=_command_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # SIGINT's default disposition (a background job's is to ignore it), a group of its own
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and not list(out.glob("0*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        interrupted = time.monotonic()
+        if to == "command":
+            proc.send_signal(signal.SIGINT)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    said = stdout + stderr
+    assert proc.returncode == 130, said[-3000:]
+    assert time.monotonic() - interrupted < 30, said[-3000:]
+    assert stderr.rstrip().endswith(
+        f"run interrupted: the shards finished so far are in {out}; run the same command again to finish the rest "
+        "(finished shards are not recomputed)"), said[-3000:]
+    if to == "command":
+        assert "Traceback (most recent call last)" not in said, said[-3000:]

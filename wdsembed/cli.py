@@ -25,6 +25,8 @@ from wdsembed.report import describe_gpu_use, describe_model, failure_reasons
 DEMO_MODEL = "vit_base_patch16_clip_224.openai"
 DEMO_INPUT = "demo-data"
 DEMO_OUTPUT = "demo-output"
+# What the same command does again after a run that stopped: outputs are written whole, and found finished.
+RESUME = "run the same command again to finish the rest (finished shards are not recomputed)"
 
 # Flags whose name is not the field's. For a switch, the name after --no- (or --); the field's own name works too.
 FLAG_NAMES = {
@@ -221,6 +223,10 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
         # starts inherit this, and every bad image's reason is in its row and the summary.
         with decoder_messages_to_log(), progress:
             manifest = run(config, on_shard_done=progress.update, all_finished=all_finished)
+    except KeyboardInterrupt:  # Ctrl-C: every output written so far is whole, and the same command goes on from it
+        # Not counted: a shard can still finish as the run stops, after the progress bar's last update.
+        print(f"\nrun interrupted: the shards finished so far are in {config.output}; {RESUME}", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001 - a failed run prints its reason, not a traceback wall
         manifest = getattr(exc, "manifest", None)
         if isinstance(manifest, dict):  # some shards failed; the summary lists each reason once, with its shards
@@ -329,11 +335,8 @@ def _print_manifest_hint(config: EmbedConfig, finished: int, failed: Collection[
     finishes the rest, and retries the `failed` shards, of which those not `transient` (their failure cannot pass on
     a retry: a file that is not a tar, say) fail again until their cause is fixed. `transient` None: not known."""
     if not failed:
-        if finished:
-            print(f"{finished} finished shard(s) are in {config.output}; run the same command again to finish the "
-                  "rest (finished shards are not recomputed)", file=sys.stderr)
-        else:
-            print("no shard finished; run the same command again once the cause is fixed", file=sys.stderr)
+        print(f"{finished} finished shard(s) are in {config.output}; {RESUME}" if finished else
+              "no shard finished; run the same command again once the cause is fixed", file=sys.stderr)
         return
     where = f"{finished} finished shard(s) are in {config.output} (not recomputed)" if finished else "no shard finished"
     lasting = sorted(set(failed) - set(transient or ()))
