@@ -495,16 +495,22 @@ class _Failed(RuntimeError):
         self.manifest = manifest
 
 
-def test_failed_run_names_each_reason_once(shards, tmp_path, capsys):
-    disk_full = "OSError: [Errno 28] No space left on device"
-    manifest = {
-        "output": str(tmp_path / "out"), "path": str(tmp_path / "out" / "_manifest.json"),
+def _failed_run_manifest(out, failed_shards: dict) -> dict:
+    """The manifest of a run in which shard 00003 was embedded and `failed_shards` failed."""
+    return {
+        "output": str(out), "path": str(out / "_manifest.json"),
         "totals": {"shards": 1, "computed": 1, "cached": 0, "rows": 2, "embedded": 2, "embedded_this_run": 2,
                    "images_per_second": 1.0},
         "model": {"name": TINY_MODEL},
         "shards": {"00003": {"rows": 2, "embedded": 2, "failed": 0, "status": "computed", "images_per_second": 5.0}},
-        "failed_shards": {"00000": disk_full, "00001": disk_full, "00002": "KilledWorker: worker died"},
+        "failed_shards": failed_shards,
     }
+
+
+def test_failed_run_names_each_reason_once(shards, tmp_path, capsys):
+    disk_full = "OSError: [Errno 28] No space left on device"
+    manifest = _failed_run_manifest(tmp_path / "out", {"00000": disk_full, "00001": disk_full,
+                                                       "00002": "KilledWorker: worker died"})
 
     def failing_run(config, on_shard_done=None, all_finished=None):
         raise _Failed(manifest)
@@ -530,14 +536,7 @@ def test_failed_run_says_which_failed_shards_a_rerun_cannot_finish(shards, tmp_p
 
     failures = {"00000": "MalformedShardError: 00000.tar: not a tar file", "00001": "ConnectionError: reset",
                 "00002": "MalformedShardError: 00002.tar: not a tar file"}
-    manifest = {
-        "output": str(tmp_path / "out"), "path": str(tmp_path / "out" / "_manifest.json"),
-        "totals": {"shards": 1, "computed": 1, "cached": 0, "rows": 2, "embedded": 2, "embedded_this_run": 2,
-                   "images_per_second": 1.0},
-        "model": {"name": TINY_MODEL},
-        "shards": {"00003": {"rows": 2, "embedded": 2, "failed": 0, "status": "computed", "images_per_second": 5.0}},
-        "failed_shards": failures,
-    }
+    manifest = _failed_run_manifest(tmp_path / "out", failures)
     said = {}
     for case, transient in [("some pass", ["00001"]), ("all pass", ["00000", "00001", "00002"])]:
         def failing_run(config, on_shard_done=None, all_finished=None):

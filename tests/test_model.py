@@ -42,6 +42,22 @@ def _seeded_model(name: str, seed: int, **kwargs) -> nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs).eval()
 
 
+def _loads_from_checkpoint(tmp_path, name: str, source: nn.Module, file: str, expected, **kw) -> LoadedModel:
+    """`source`'s weights saved to `file` and loaded by name: its embeddings must be `expected(source, x)`."""
+    path = tmp_path / file
+    torch.save(source.state_dict(), path)
+    loaded = load_model(name, checkpoint=str(path), **kw)
+    x = _batch(loaded)
+    with torch.inference_mode():
+        want = expected(source, x)
+    torch.testing.assert_close(embed_batch(loaded, x, autocast=False, normalize=False), want)
+    return loaded
+
+
+def _pooled(source: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return source.forward_head(source.forward_features(x), pre_logits=True)
+
+
 @pytest.fixture(scope="module")
 def clip_b16() -> LoadedModel:
     return load_model("vit_base_patch16_clip_224.openai", pretrained=False)
@@ -198,40 +214,24 @@ def test_checkpoint_loads_those_weights(tmp_path, resnet18, fmt):
 
 def test_checkpoint_of_a_clip_tower_keeps_its_projection(tmp_path, clip_b16):
     source = _seeded_model("vit_base_patch16_clip_224.openai", seed=7)
-    path = tmp_path / "clip.pth"
-    torch.save(source.state_dict(), path)
-    loaded = load_model("vit_base_patch16_clip_224.openai", checkpoint=str(path))
+    loaded = _loads_from_checkpoint(tmp_path, "vit_base_patch16_clip_224.openai", source, "clip.pth",
+                                    lambda m, x: m(x))
     assert (loaded.embedding, loaded.dim) == ("head", 512)
-    x = _batch(loaded)
-    with torch.inference_mode():
-        expected = source(x)
-    torch.testing.assert_close(embed_batch(loaded, x, autocast=False, normalize=False), expected)
 
 
 def test_finetuned_classifier_checkpoint_with_other_classes(tmp_path):
     source = _seeded_model("resnet18", seed=5, num_classes=10)
-    path = tmp_path / "ft10.pth"
-    torch.save(source.state_dict(), path)
-    loaded = load_model("resnet18", checkpoint=str(path))
+    loaded = _loads_from_checkpoint(tmp_path, "resnet18", source, "ft10.pth", _pooled)
     assert (loaded.embedding, loaded.dim) == ("pooled", 512)
-    x = _batch(loaded)
-    with torch.inference_mode():
-        expected = source.forward_head(source.forward_features(x), pre_logits=True)
-    torch.testing.assert_close(embed_batch(loaded, x, autocast=False, normalize=False), expected)
 
 
 def test_clip_checkpoint_finetuned_on_its_own_classes_gives_pooled_features_not_class_logits(tmp_path, caplog):
     # the tag still names CLIP pretraining, but the checkpoint's 10-class head is a classifier now
     name = "vit_xsmall_patch16_clip_224.tinyclip_yfcc15m"
     source = _seeded_model(name, seed=3, num_classes=10)
-    path = tmp_path / "clip_ft10.pth"
-    torch.save(source.state_dict(), path)
-    loaded = load_model(name, checkpoint=str(path))
+    loaded = _loads_from_checkpoint(tmp_path, name, source, "clip_ft10.pth", _pooled)
     assert (loaded.embedding, loaded.dim) == ("pooled", source.num_features)
-    x = _batch(loaded)
-    with torch.inference_mode():
-        expected = source.forward_head(source.forward_features(x), pre_logits=True)
-    torch.testing.assert_close(embed_batch(loaded, x, autocast=False, normalize=False), expected)
+    path = tmp_path / "clip_ft10.pth"
     # asked for by name, the head is given, as on any classifier, with the warning that it is class logits
     with caplog.at_level(logging.WARNING, logger="wdsembed.model"):
         logits = load_model(name, checkpoint=str(path), embedding="head")
@@ -242,14 +242,9 @@ def test_clip_checkpoint_finetuned_on_its_own_classes_gives_pooled_features_not_
 def test_checkpoint_saved_without_a_head_gives_the_pooled_features(tmp_path):
     # a feature extractor's weights (num_classes=0, as self-supervised training leaves them): loaded without the head
     source = _seeded_model("resnet18.a1_in1k", seed=5, num_classes=0)
-    path = tmp_path / "features.pth"
-    torch.save(source.state_dict(), path)
-    loaded = load_model("resnet18.a1_in1k", checkpoint=str(path))
+    loaded = _loads_from_checkpoint(tmp_path, "resnet18.a1_in1k", source, "features.pth", lambda m, x: m(x))
     assert (loaded.embedding, loaded.dim) == ("pooled", 512)
-    x = _batch(loaded)
-    with torch.inference_mode():
-        expected = source(x)
-    torch.testing.assert_close(embed_batch(loaded, x, autocast=False, normalize=False), expected)
+    path = tmp_path / "features.pth"
     # the head it does not have is refused, not replaced by a random one or silently by the pooled features
     with pytest.raises(ModelLoadError, match=r"features.pth.*has no head.*--embedding pooled"):
         load_model("resnet18.a1_in1k", checkpoint=str(path), embedding="head")

@@ -123,94 +123,28 @@ def test_the_next_call_is_fed_before_the_previous_one_is_done(worker):
     assert [o[0] for o in outcomes] == [[k for k, _ in c] for c in calls]
 
 
-def test_a_call_whose_samples_are_all_in_finishes_while_the_next_calls_tar_is_still_on_its_way(worker):
+@pytest.mark.parametrize("n, linger", [(12, 0.0), (0, 0.0), (64, 1.0)], ids=["ordinary", "empty", "reader-ends-late"])
+def test_a_call_whose_samples_are_all_in_returns_while_the_next_calls_tar_is_still_on_its_way(worker, n, linger):
     """The next call's samples do not come (its shard's store stalls): the call before it still gets its last
-    batches and returns, instead of waiting for the next call's first samples."""
-    calls = _calls(2, 12, seed=7)
-    first_started, first_done = threading.Event(), threading.Event()
-    outcomes: list = [None, None]
-
-    def first_samples():
-        first_started.set()
-        for n, item in enumerate(calls[0]):
-            if n == len(calls[0]) - 1:
-                deadline = time.monotonic() + 60
-                while not worker._pending and time.monotonic() < deadline:  # the second call is waiting
-                    time.sleep(0.01)
-            yield item
-
-    def stalled_samples():
-        outcomes[1] = first_done.wait(timeout=30)  # True: the first call returned while this one was stalled
-        yield from calls[1]
-
-    def first() -> None:
-        outcomes[0] = worker.embed(first_samples(), autocast=True, normalize=True)
-        first_done.set()
-
-    thread = threading.Thread(target=first)
-    thread.start()
-    assert first_started.wait(timeout=60)
-    keys, _, failures = worker.embed(stalled_samples(), autocast=True, normalize=True)
-    thread.join(timeout=60)
-    assert outcomes[1] is True
-    assert outcomes[0][0] == [k for k, _ in calls[0]] and not outcomes[0][2]
-    assert keys == [k for k, _ in calls[1]] and not failures
-
-
-def test_a_call_with_no_samples_returns_while_the_next_calls_tar_is_on_its_way(worker):
-    """A call with no image at all (an img2dataset shard whose every download failed holds an empty tar) has no
-    batch in DALI and no failure to give: it still returns while the next call's samples are on their way."""
-    images = [(f"b{i}", im.data) for i, im in enumerate(photo_images(3, seed=3, short_sides=(64,)))]
-    first_done = threading.Event()
-    outcomes: dict = {}
-
-    started = threading.Event()
-
-    def no_samples():
-        started.set()  # the stream has taken this call
-        deadline = time.monotonic() + 60
-        while not worker._pending and time.monotonic() < deadline:  # the next call is queued behind this one
-            time.sleep(0.01)
-        return
-        yield
-
-    def stalled_samples():
-        outcomes["first returned meanwhile"] = first_done.wait(timeout=8)
-        yield from images
-
-    def first() -> None:
-        outcomes["first"] = worker.embed(no_samples(), autocast=True, normalize=True)
-        first_done.set()
-
-    thread = threading.Thread(target=first)
-    thread.start()
-    assert started.wait(timeout=60)
-    keys, _, failures = worker.embed(stalled_samples(), autocast=True, normalize=True)
-    thread.join(timeout=60)
-    assert keys == [k for k, _ in images] and outcomes["first"][0] == []
-    assert outcomes["first returned meanwhile"] is True, \
-        "the call with no samples returned only after the next call's samples came"
-
-
-def test_a_call_whose_last_batch_is_out_returns_while_its_reader_ends_and_the_next_tar_is_on_its_way(worker):
-    """64 samples (a whole read-ahead chunk, and whole batches of 8) whose reader takes a moment after the last of
-    them to reach the tar's end-of-archive (on S3, the last part still on its way): the last batch is out before
-    the reader is done, and the call still returns while the next call's samples are on their way."""
-    images = [(f"a{i}", im.data) for i, im in enumerate(photo_images(64, seed=4, short_sides=(64,)))]
+    batches and returns, instead of waiting for the next call's first samples. Also a call with no image at all
+    (an img2dataset shard whose every download failed), and one of 64 samples (a whole read-ahead chunk, whole
+    batches of 8) whose reader takes a moment after the last of them to reach the end of its tar (on S3, the last
+    part still on its way): its last batch is out before its reader is done."""
+    images = [(f"a{i}", im.data) for i, im in enumerate(photo_images(n, seed=4, short_sides=(64,)))]
     later = [(f"b{i}", im.data) for i, im in enumerate(photo_images(2, seed=5, short_sides=(64,)))]
     started, first_done = threading.Event(), threading.Event()
     outcomes: dict = {}
 
     def samples():
-        started.set()
+        started.set()  # the stream has taken this call
         yield from images
         deadline = time.monotonic() + 60
         while not worker._pending and time.monotonic() < deadline:  # the next call is queued behind this one
             time.sleep(0.01)
-        time.sleep(1.0)  # the reader reaches the end-of-archive marker
+        time.sleep(linger)
 
     def stalled_samples():
-        outcomes["first returned meanwhile"] = first_done.wait(timeout=10)
+        outcomes["first returned meanwhile"] = first_done.wait(timeout=15)
         yield from later
 
     def first() -> None:
@@ -220,11 +154,11 @@ def test_a_call_whose_last_batch_is_out_returns_while_its_reader_ends_and_the_ne
     thread = threading.Thread(target=first)
     thread.start()
     assert started.wait(timeout=60)
-    keys, _, _ = worker.embed(stalled_samples(), autocast=True, normalize=True)
+    keys, _, failures = worker.embed(stalled_samples(), autocast=True, normalize=True)
     thread.join(timeout=60)
-    assert keys == [k for k, _ in later] and outcomes["first"][0] == [k for k, _ in images]
-    assert outcomes["first returned meanwhile"] is True, \
-        "the call returned only after the next call's samples came"
+    assert keys == [k for k, _ in later] and not failures
+    assert outcomes["first"][0] == [k for k, _ in images] and not outcomes["first"][2]
+    assert outcomes["first returned meanwhile"] is True, "the call returned only after the next call's samples came"
 
 
 def test_a_call_that_fails_fails_alone(worker):
