@@ -169,7 +169,8 @@ def test_on_demand_deployment_runs_on_a_process_worker(server: Server, deployed:
     assert on_demand["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
     # The flow-run process reads PREFECT_LOGGING_EXTRA_LOGGERS when it imports Prefect, before the flow's code:
     # the package's log lines reach the run's logs only through the pool's job variables (flows/prefect_env.py).
-    assert on_demand["job_variables"]["env"] == {"PREFECT_LOGGING_EXTRA_LOGGERS": "wdsembed"}
+    assert on_demand["job_variables"]["env"] == {"PREFECT_LOGGING_EXTRA_LOGGERS": "wdsembed",
+                                                 "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore"}
     out = server.home / "on-demand-output"
     config = dict(input=str(server.data), output=str(out), **RUN_CONFIG)
 
