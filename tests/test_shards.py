@@ -428,15 +428,20 @@ def test_an_index_before_a_last_sparse_member_is_kept(tmp_path, monkeypatch, fmt
     assert ensure_index(str(tar), fs) == idx
 
 
-def test_a_pax_sparse_record_on_its_own_is_not_read_through_the_fast_path(tmp_path):
-    """A pax header of one GNU.sparse record marks a sparse file for iter_members; the fast path's check of
-    one-record pax headers refuses it too, so an index that lists the member changes nothing."""
-    path = tmp_path / "onerecord.tar"
+def _pax_tar(path, pax_of_003: dict):
+    """A pax tar of members 000.jpg..005.jpg (10+i bytes each), 003.jpg with the pax records `pax_of_003`."""
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         for i in range(6):
             info = tarfile.TarInfo(f"{i:03d}.jpg")
-            info.size, info.pax_headers = 10 + i, {"GNU.sparse.name": "003.jpg"} if i == 3 else {}
+            info.size, info.pax_headers = 10 + i, pax_of_003 if i == 3 else {}
             tar.addfile(info, io.BytesIO(bytes([48 + i]) * (10 + i)))
+    return path
+
+
+def test_a_pax_sparse_record_on_its_own_is_not_read_through_the_fast_path(tmp_path):
+    """A pax header of one GNU.sparse record marks a sparse file for iter_members; the fast path's check of
+    one-record pax headers refuses it too, so an index that lists the member changes nothing."""
+    path = _pax_tar(tmp_path / "onerecord.tar", {"GNU.sparse.name": "003.jpg"})
     builder = shardindex.IndexBuilder()
     builder.extend((name, offset, 13 if name == "003.jpg" else 10 + int(name[:3]))
                    for name, offset in sorted(data_offsets(path).items()))
@@ -1159,12 +1164,7 @@ def _case_pax_records(tmp_path):
 
 def _case_pax_path(tmp_path):
     """A pax path record renames a member whose header field has the name the index has: the index is stale."""
-    path = tmp_path / "paxpath.tar"
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for i in range(6):
-            info = tarfile.TarInfo(f"{i:03d}.jpg")
-            info.size, info.pax_headers = 10 + i, {"path": "other/003.jpg"} if i == 3 else {}
-            tar.addfile(info, io.BytesIO(bytes([48 + i]) * (10 + i)))
+    path = _pax_tar(tmp_path / "paxpath.tar", {"path": "other/003.jpg"})
     samples = [tuple(m._replace(name="003.jpg") if m.name == "other/003.jpg" else m for m in group)
                for group in _index_of(path).samples]
     return path, ShardIndex(tuple(samples))
