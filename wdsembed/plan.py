@@ -192,7 +192,7 @@ def nothing_to_compute(config: EmbedConfig) -> bool:
         if any(storage.join(out_root, found.stem(t) + ".parquet") not in written for t in found.tars):
             return False
         # The cache key needs each shard's fingerprint, not its index.
-        plans = plan_shards(config, found=found, indexes=False)
+        plans = plan_shards(config, found=found, indexes=False, checks=False)  # check_config runs them next
 
         def finished(plan: ShardPlan) -> bool:
             key = shard.cache_key(config, plan)
@@ -503,15 +503,17 @@ def _check_stems(config: EmbedConfig, found: FoundShards) -> None:
 
 
 def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[FoundShards] = None,
-                indexes: bool = True) -> list[ShardPlan]:
+                indexes: bool = True, checks: bool = True) -> list[ShardPlan]:
     """List the shards that config.input names (find_shards, unless `found` is that listing) and prepare each:
     fingerprint, parquet/stats siblings, output path, and (with `indexes`, when use_index_files) .idx, written
-    where missing (with_indexes). Cheap per shard except a first-time index."""
+    where missing (with_indexes). Cheap per shard except a first-time index. With `checks`, it first refuses an
+    output where it must not go (check_output_location, check_outputs_beside)."""
     if found is None:
         check_storage(config)
         found = find_shards(config)
-    check_output_location(config, found)  # before any index is written
-    check_outputs_beside(config, found)
+    if checks:  # the output's place, before any index is written
+        check_output_location(config, found)
+        check_outputs_beside(config, found)
     listed = found
     fs, tars, siblings = listed.fs, listed.tars, listed.files
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
