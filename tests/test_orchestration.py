@@ -314,14 +314,23 @@ def _rerun_totals(root: Path, argv: list[str]) -> dict:
     return json.loads((root / "out" / "_manifest.json").read_text())["totals"]
 
 
-def test_a_rerun_with_nothing_to_compute_reads_no_tar(finished_by_api, monkeypatch):
-    """The flow's planning builds a missing .idx only for the shards it will compute: a finished shard is never
-    read, so one that cannot hold an .idx (or a damaged one) is not read to its end again on every re-run."""
+@pytest.mark.parametrize("entry", ["command", "api"])
+def test_a_rerun_with_nothing_to_compute_reads_no_tar(finished_by_api, monkeypatch, entry):
+    """The planning (the flow's and the API's) builds a missing .idx only for the shards it will compute: a finished
+    shard is never read, so one that cannot hold an .idx (or a damaged one) is not read to its end again on every
+    re-run."""
     from wdsembed import shardindex
 
     root, argv = finished_by_api
     built = _calls(monkeypatch, shardindex, "build_index")
-    assert _rerun_totals(root, argv)["cached"] == 2  # nothing computed
+    if entry == "command":
+        assert _rerun_totals(root, argv)["cached"] == 2  # nothing computed
+    else:
+        from wdsembed.api import TimmImageEmbedder
+
+        results = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=2,
+                                    num_threads_per_worker=1, fidelity_sample=0)(str(root / "in"), str(root / "out"))
+        assert sorted(r.cached for r in results) == [True, True]  # nothing computed
     assert built == [], f"a re-run with nothing to compute read {len(built)} tar(s) to index them"
     assert not (root / "in" / "00001.idx").exists()
 

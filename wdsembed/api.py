@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from wdsembed import fidelity, preflight, report, shard
 from wdsembed.config import EmbedConfig, EmbedSettings, field_default
-from wdsembed.plan import plan_shards
+from wdsembed.plan import plan_run
 from wdsembed.shard import ShardPlan, ShardResult, ShardsFailed
 
 log = logging.getLogger("wdsembed")
@@ -132,7 +132,8 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
             # Run here: device="cuda" needs a GPU here, said once instead of by every shard
             # (preflight.PreflightError).
             preflight.check_device(config)
-        plans = plan_shards(config)
+        # A .idx only for shards it will compute: a finished shard's tar is never read (as in the flow).
+        plans, _finished = plan_run(config)
         timeline["planned"] = time.time()
         if client is None:
             results, failures = _run_here(config, plans)
