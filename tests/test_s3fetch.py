@@ -370,11 +370,7 @@ def test_a_group_of_shards_downloads_each_shard_once(root, tmp_path):
                              pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
                              use_index_files=False, storage_options={"endpoint_url": srv.endpoint})
         results = shard.process_shards(config, plan.plan_shards(config))
-        fetched = {name: 0 for name in names}
-        for key, rng in srv.ranges:
-            if key in fetched:
-                first, last = map(int, re.fullmatch(r"bytes=(\d+)-(\d+)", rng).groups())
-                fetched[key] += last - first + 1
+        fetched = {name: _bytes_fetched(srv, name) for name in names}
         assert fetched == {name: (tmp_path / "group" / name).stat().st_size for name in names}
         assert [(r.stem, r.embedded, r.failed) for r in results] == [(n[:-4], 24, 0) for n in names]
         assert sorted(p.name for p in (tmp_path / "out").glob("*.parquet")) == [n[:-4] + ".parquet" for n in names]
@@ -403,14 +399,46 @@ def test_a_shard_named_by_another_thread_stays_named_until_opened_or_forgotten(r
             assert until(lambda: fx.reserved > 0)
             fx.forget([c])
             assert until(lambda: fx.reserved == 0 and fx.in_flight == 0)
-        fetched = dict.fromkeys(names[:2], 0)
-        for key, rng in srv.ranges:
-            if key in fetched:
-                first, last = map(int, re.fullmatch(r"bytes=(\d+)-(\d+)", rng).groups())
-                fetched[key] += last - first + 1
+        fetched = {name: _bytes_fetched(srv, name) for name in names[:2]}
         assert fetched == {name: (root / BUCKET / name).stat().st_size for name in names[:2]}
     finally:
         srv.stop()
+
+
+def test_a_shard_named_by_two_callers_stays_named_until_both_forget_it(root):
+    """Two runs' tasks on one worker name the same shard; the one that stops first forgets it, and the other still
+    reads it from memory, downloaded once. Forgotten by both, its memory goes back."""
+    url = f"s3://{BUCKET}/00000.tar"
+    data = (root / BUCKET / "00000.tar").read_bytes()
+    srv = S3Folder(root, access_key=KEY_ID).start()  # its own server: `ranges` holds this test's GETs only
+    try:
+        with fetcher(srv.endpoint) as fx:
+            fx.prefetch([url])  # one run's task
+            fx.prefetch([url])  # another run's, same shard
+            assert until(lambda: fx.reserved >= len(data))  # in memory
+            fx.forget([url])  # the first task stopped before its stream reached the shard
+            with fx.open(url) as f:
+                assert read_all(f) == data
+            assert fx.reserved == 0
+            assert _bytes_fetched(srv, "00000.tar") == len(data)  # once: the open found it in memory
+            fx.forget([url])  # the second's own forget, after its open: nothing left to drop
+            fx.prefetch([url])
+            fx.prefetch([url])
+            assert until(lambda: fx.reserved > 0)
+            fx.forget([url])
+            fx.forget([url])
+            assert until(lambda: fx.reserved == 0 and fx.in_flight == 0)
+    finally:
+        srv.stop()
+
+
+def _bytes_fetched(srv, name: str) -> int:
+    fetched = 0
+    for key, rng in list(srv.ranges):
+        if key == name:
+            first, last = map(int, re.fullmatch(r"bytes=(\d+)-(\d+)", rng).groups())
+            fetched += last - first + 1
+    return fetched
 
 
 def test_in_flight_grows_with_latency_and_halves_on_slowdown(server, root):

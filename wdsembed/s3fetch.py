@@ -191,6 +191,7 @@ class _Shard:
         self.size, self.etag = size, etag
         self.parts: list[_Part] = []
         self.opened = False
+        self.named = 1  # calls of prefetch() that named it and did not forget it yet
         self.head_sent = False
         self.error: Optional[BaseException] = None
         self.dropped = False
@@ -269,22 +270,28 @@ class ShardFetcher:
     def prefetch(self, urls: Iterable[str], sizes: Optional[Mapping[str, int]] = None) -> None:
         """Name the shards that will be opened next, in order; they are fetched as the budget allows."""
         with self._cv:
-            known = {s.url for s in self._open + self._ahead}
-            for url in urls:
-                url = self._url(url)
-                if url not in known:
+            ahead = {s.url: s for s in self._ahead}
+            known = {s.url for s in self._open}
+            for url in dict.fromkeys(self._url(url) for url in urls):
+                if url in ahead:
+                    ahead[url].named += 1  # another caller's look-ahead too: one forget() does not drop it
+                elif url not in known:
                     bucket, key = _split(url)
-                    self._ahead.append(_Shard(url, bucket, key, (sizes or {}).get(url), None))
-                    known.add(url)
+                    ahead[url] = _Shard(url, bucket, key, (sizes or {}).get(url), None)
+                    self._ahead.append(ahead[url])
             self._pump()
 
     def forget(self, urls: Iterable[str]) -> None:
         """Drop the shards named by prefetch() that will not be opened (their caller stopped first): their memory
-        goes back, their requests stop. Shards already opened are not touched."""
+        goes back, their requests stop. Shards already opened are not touched, nor those that another prefetch()
+        call named as well and did not forget (two runs' tasks on one worker reading the same shard)."""
         names = {self._url(url) for url in urls}
         stale: list = []  # bodies of the dropped shards' requests, stopped once the lock is let go
         with self._cv:
             for shard in [s for s in self._ahead if s.url in names]:
+                shard.named -= 1
+                if shard.named > 0:
+                    continue
                 stale += self._drop(shard)
                 self._ahead.remove(shard)
             self._pump()
