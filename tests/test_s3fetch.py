@@ -302,16 +302,21 @@ def test_a_changed_etag_is_caught_where_the_store_ignores_if_match(root, tmp_pat
 
 def test_a_store_that_ignores_range_fails_naming_the_url_instead_of_mixing_parts(root):
     """A GET answered with the whole object instead of the part asked for (no Content-Range) must not pass for
-    that part: the read stops with an error that names the shard, and is not retried."""
+    that part: the read stops with an error that names the shard, and is not retried, here or by the flow's task
+    retries (asking again gets the same answer), nor does its message speak of tries that never happened."""
+    from wdsembed import faults
+
     srv = S3Folder(root, access_key=KEY_ID, ignore_range=True).start()
     path = root / BUCKET / "whole.bin"
     path.write_bytes(os.urandom(5 * PART))
     try:
         with fetcher(srv.endpoint, initial_in_flight=1) as fx:
             with fx.open(f"s3://{BUCKET}/whole.bin") as f:
-                with pytest.raises(OSError, match="whole.bin.*LongBody"):
+                with pytest.raises(OSError, match="whole.bin.*LongBody") as caught:
                     read_all(f)
         assert srv.requests["GET"] < 5 * s3fetch.RETRIES  # given up at once, not after every retry
+        assert not faults.is_transient(caught.value), caught.value
+        assert "tries" not in str(caught.value) and "not retried" in str(caught.value)
     finally:
         srv.stop()
         path.unlink()

@@ -13,6 +13,7 @@ import os
 from typing import Callable, Optional
 
 from wdsembed import shardindex, tarstream
+from wdsembed.s3fetch import FetchRefusedError
 
 
 class TransientError(IOError):
@@ -22,7 +23,8 @@ class TransientError(IOError):
 def is_transient(exc: BaseException) -> bool:
     """Retry only what can pass: I/O and network errors and CUDA out-of-memory, never a malformed shard, a
     missing file or a missing model."""
-    if isinstance(exc, (tarstream.ShardReadError, shardindex.StaleIndexError, FileNotFoundError, PermissionError)):
+    if isinstance(exc, (tarstream.ShardReadError, shardindex.StaleIndexError, FileNotFoundError, PermissionError,
+                        FetchRefusedError)):
         return False
     if is_disk_full(exc):
         return False  # a full or read-only disk does not clear itself between retries; the re-run finishes the job

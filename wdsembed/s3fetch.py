@@ -69,6 +69,11 @@ class FetchError(IOError):
     """A part could not be fetched after all retries."""
 
 
+class FetchRefusedError(FetchError):
+    """The store answered in a way that asking again cannot change (a store that ignores Range, a 400, an archived
+    object): not retried here, nor by the flow's task retries (faults.is_transient)."""
+
+
 def _split(url: str) -> tuple[str, str]:
     for scheme in _S3_SCHEMES:
         if url.startswith(scheme):
@@ -644,8 +649,11 @@ class ShardFetcher:
             from wdsembed.storeoptions import CREDENTIALS_HINT
 
             return PermissionError(f"{shard.url}: no usable credentials; {CREDENTIALS_HINT}")
-        return FetchError(f"{shard.url}{what}: {fail.kind}{rid} after {self.retries} tries"
-                          + (f" ({fail.detail})" if fail.detail else ""))
+        detail = f" ({fail.detail})" if fail.detail else ""
+        if not fail.retry:
+            return FetchRefusedError(f"{shard.url}{what}: {fail.kind}{rid}{detail}; not retried: asking again "
+                                     "cannot change this answer")
+        return FetchError(f"{shard.url}{what}: {fail.kind}{rid} after {self.retries} tries{detail}")
 
     # -- adaptation and stragglers (monitor thread)
 
