@@ -167,6 +167,56 @@ def test_without_the_view_each_embedding_is_stored_once_and_a_later_run_adds_the
     assert embedded_rows(out).keys() == want.keys()
 
 
+def test_validate_output_notices_a_view_whose_rows_are_not_the_shards(run, tmp_path):
+    """docs/knn.md: validate_output checks that the view holds exactly the shard's embedded rows. A run's views
+    pass (the empty one too); a view with the right row count and footer but other keys and zero vectors, one
+    embedding value changed, or its rows in another order, fails, naming the view and the row."""
+    embedder = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                                 recursive=True)
+    config = embedder.config(str(run.parent / "in"), str(run))
+    dim = len(next(iter(embedded_rows(run).values())))
+    for stem in ("00000", "more/00001", "more/00002"):
+        assert validate_output(config, str(run / f"{stem}.parquet"), dim=dim).problems == [], stem
+
+    write_shard(tmp_path / "in", "00000", [_image(i) for i in range(5)], failed_rows=1)
+    out = tmp_path / "out"
+    embedder = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1)
+    [result] = embedder(str(tmp_path / "in"), str(out))
+    config = embedder.config(str(tmp_path / "in"), str(out))
+    url = str(out / "00000.parquet")
+    assert validate_output(config, url, dim=result.dim).ok
+    view_path = out / "_embeddings" / "00000.parquet"
+    view = pq.read_table(view_path)
+    assert view.num_rows == 5
+    vectors = view.column(EMB).combine_chunks()
+    values = np.asarray(vectors.values).copy()
+    values[3 * result.dim + 2] += np.float32(1e-3)  # row 3, value 2
+    zeros = [np.zeros(result.dim, np.float32).tolist()] * view.num_rows
+    tampered = {
+        "other keys, zero vectors": view.set_column(0, "key", pa.array(["not-a-key-of-this-shard"] * view.num_rows))
+                                        .set_column(1, view.schema.field(EMB), pa.array(zeros, vectors.type)),
+        "one value": view.set_column(1, view.schema.field(EMB),
+                                     pa.ListArray.from_arrays(vectors.offsets, pa.array(values, pa.float32()))),
+        "reordered": view.take(pa.array([0, 1, 3, 2, 4])),
+    }
+    keys = view.column("key").to_pylist()
+    expected = {
+        "other keys, zero vectors": f"kNN view _embeddings/00000.parquet row 0 has key 'not-a-key-of-this-shard', "
+                                    f"the output's embedded row 0 {keys[0]!r}",
+        "one value": f"kNN view _embeddings/00000.parquet row 3 (key {keys[3]!r}) has another embedding than the "
+                     "output's: value 2 is ",
+        "reordered": f"kNN view _embeddings/00000.parquet row 2 has key {keys[3]!r}, the output's embedded row 2 "
+                     f"{keys[2]!r}",
+    }
+    for how, table in tampered.items():
+        pq.write_table(table.replace_schema_metadata(view.schema.metadata), view_path)  # same rows count, same footer
+        check = validate_output(config, url, dim=result.dim)
+        assert not check.ok, f"a view with {how} passes validate_output"
+        assert len(check.problems) == 1 and check.problems[0].startswith(expected[how]), (how, check.problems)
+    pq.write_table(view, view_path)
+    assert validate_output(config, url, dim=result.dim).ok
+
+
 def test_float16_embeddings_take_half_the_space_keep_their_direction_and_read_as_the_float32_ones(tmp_path):
     """embedding_dtype="float16" against the same run in float32: the same rows, each embedding within 0.9999 cosine,
     the view about half the size and read by embedding-reader; the dtype is part of the cache key, so an output

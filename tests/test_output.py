@@ -538,6 +538,85 @@ def test_embedding_reader_reads_the_view_of_shards_with_failed_rows(knn_output):
         assert np.array_equal(vector, want[key][0]) and stem == want[key][1]
 
 
+def _tampered(view: pa.Table, how: str, config) -> pa.Table:
+    """The view as read, changed in one way, its footer kept (same row count, same cache key)."""
+    emb, key = config.embedding_column, config.id_column
+    if how == "one value":  # one bit of one value of the last row
+        vectors = view.column(emb).combine_chunks()
+        values = np.asarray(vectors.values).copy()
+        bits = values.view(f"u{values.itemsize}")
+        bits[-1] ^= 1
+        flat = pa.ListArray.from_arrays(vectors.offsets, pa.array(values, vectors.type.value_type))
+        return view.set_column(1, view.schema.field(emb), flat)
+    if how == "negative zero":  # equal as floats, not as the output's bits
+        vectors = view.column(emb).combine_chunks()
+        values = np.asarray(vectors.values).copy()
+        assert values[0] == 0 and not np.signbit(values[0])
+        values[0] = -values[0]
+        flat = pa.ListArray.from_arrays(vectors.offsets, pa.array(values, vectors.type.value_type))
+        return view.set_column(1, view.schema.field(emb), flat)
+    if how == "reordered":
+        return view.take(pa.array(list(range(1, view.num_rows)) + [0]))
+    if how == "other key":
+        keys = view.column(key).to_pylist()
+        keys[1] = keys[1] + 7 if isinstance(keys[1], int) else keys[1] + "x"
+        return view.set_column(0, view.schema.field(key), pa.array(keys, view.schema.field(key).type))
+    if how == "other shard":
+        return view.set_column(2, view.schema.field("shard"), pa.array(["00009"] * view.num_rows))
+    if how == "float32 values":
+        return view.set_column(1, pa.field(emb, pa.list_(pa.float32()), metadata=view.schema.field(emb).metadata),
+                               view.column(emb).cast(pa.list_(pa.float32())))
+    if how == "extra column":
+        return view.append_column("extra", pa.array([1] * view.num_rows))
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("id_type", ["string", "int64", "custom name"])
+def test_validate_output_compares_the_view_with_the_outputs_embedded_rows(tmp_path, dtype, id_type):
+    """The view must be exactly the output's embedded rows, in its order: the same ids, the same embeddings bit for
+    bit, the stem in `shard`, the same columns and types. A view changed in any one way, with its row count and its
+    footer (cache key) kept, fails validate_output, which names the view and the first row that differs."""
+    from wdsembed.output import write_embeddings_view
+    from wdsembed.validate import validate_output
+
+    out = tmp_path / "out"
+    key = "id" if id_type == "custom name" else "key"
+    config = _view_config(out).model_copy(update={"normalize_embeddings": False, "embedding_dtype": dtype,
+                                                  "id_column": key})
+    rows = _img2dataset_rows(pa.int64() if id_type == "int64" else pa.string()).rename_columns(
+        [key, "url", "caption", "status", "error_message", "width"])
+    keys = ["000000", "000003", "000005"]
+    embeddings = np.stack([_emb(k) for k in keys])
+    embeddings[0, 0] = 0.0  # a zero, to turn into -0.0
+    full = build_output_table(rows=rows, keys=keys, embeddings=embeddings, errors={"000002": "decoder error"},
+                              dim=DIM, id_column=key, embedding_column=config.embedding_column,
+                              embedding_dtype=dtype)
+    fs = fsspec.filesystem("file")
+    write_embeddings_view(full, config, "00001", cache_key="k")
+    write_parquet_atomic(full, str(out / "00001.parquet"), fs, {"cache_key": "k"})
+    url, view_path = str(out / "00001.parquet"), out / "_embeddings" / "00001.parquet"
+    assert validate_output(config, url, dim=DIM, expected_rows=6, expected_embedded=3).problems == []
+    view = pq.read_table(view_path)
+    shown = "kNN view _embeddings/00001.parquet"
+    first = {"string": "'000003'", "int64": "3", "custom name": "'000003'"}[id_type]
+    expected = {
+        "one value": f"{shown} row 2 ({key} ", "negative zero": f"{shown} row 0 ({key} ",
+        "reordered": f"{shown} row 0 has {key} {first}", "other key": f"{shown} row 1 has {key} ",
+        "other shard": f"{shown} row 0 ({key} ", "float32 values": f"{shown} has the columns",
+        "extra column": f"{shown} has the columns"}
+    if dtype == "float32":
+        del expected["float32 values"]
+    for how, start in expected.items():
+        pq.write_table(_tampered(view, how, config).replace_schema_metadata(view.schema.metadata), view_path)
+        assert pq.read_metadata(view_path).num_rows == 3
+        check = validate_output(config, url, dim=DIM, expected_rows=6, expected_embedded=3)
+        assert not check.ok and len(check.problems) == 1, (how, check.problems)
+        assert check.problems[0].startswith(start), (how, check.problems)
+    pq.write_table(view, view_path)  # as written: sound again
+    assert validate_output(config, url, dim=DIM).ok
+
+
 def test_other_filesystems_write_a_temp_name_then_move(tmp_path, monkeypatch):
     """Neither local nor an object store (here fsspec's DirFileSystem, protocol "dir"): a temp name through the
     filesystem, then fs.mv; a failed write leaves the previous file and no temp file."""
