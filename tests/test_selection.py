@@ -282,13 +282,14 @@ def test_list_input_over_two_top_level_folders_leaves_some_output_folder(tmp_pat
 
 
 def _written_by(out: Path, stem: str, model: str, *, weights: str = "random-init", embedding: str = "pooled",
-                normalized: bool = True) -> None:
-    """An output as a run of `model` leaves it (only its footer matters here)."""
+                normalized: bool = True, **recorded) -> None:
+    """An output as a run of `model` leaves it (only its footer matters here); `recorded`: more of the footer's
+    model record (embedding_forms, checkpoint)."""
     import fsspec
     import pyarrow as pa
 
     out.mkdir(parents=True, exist_ok=True)
-    result = {"model": {"name": model, "weights": weights, "embedding": embedding, "dim": 8}}
+    result = {"model": {"name": model, "weights": weights, "embedding": embedding, "dim": 8, **recorded}}
     output.write_parquet_atomic(pa.table({"key": ["a"]}), str(out / f"{stem}.parquet"), fsspec.filesystem("file"),
                                 metadata={"cache_key": "k", "normalized": normalized, "result": result})
 
@@ -318,6 +319,138 @@ def test_outputs_of_another_model_beside_this_runs_are_refused_naming_them(tree,
     for stem in ("00002", "train/00000", "00003"):
         (out / f"{stem}.parquet").unlink()
     plan.check_config(one.model_copy(update={"embedding": "auto"}))
+
+
+def test_outputs_of_another_checkpoint_file_are_told_from_the_same_one_spelled_otherwise(tree, tmp_path,
+                                                                                          monkeypatch):
+    """Outputs made with a checkpoint: another file (or the same file rewritten since) is refused; the same file
+    named otherwise (relative, through a link) is not. Footers from before the checkpoint's record are judged by
+    the path in their weights alone."""
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"weights")
+    (tmp_path / "link.safetensors").symlink_to(weights)
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    one = config(tree / "00000.tar", out, embedding="pooled", checkpoint="./w.safetensors")
+    found = plan.find_shards(one)
+    same = {"path": str(weights), "fingerprint": output_fingerprint(weights)}
+    _written_by(out, "00001", TINY_MODEL, weights=f"checkpoint:{weights}")  # an older footer: no record
+    _written_by(out, "00002", TINY_MODEL, weights=f"checkpoint:{tmp_path / 'link.safetensors'}", checkpoint=same)
+    plan.check_outputs_beside(one, found)
+    plan.check_outputs_beside(one.model_copy(update={"checkpoint": str(tmp_path / "link.safetensors")}), found)
+    _written_by(out, "00003", TINY_MODEL, weights=f"checkpoint:{tmp_path / 'other.safetensors'}")
+    _written_by(out, "train/00000", TINY_MODEL, weights=f"checkpoint:{weights}",
+                checkpoint={"path": str(weights), "fingerprint": "7:1.0"})  # the file was rewritten since
+    with pytest.raises(plan.InputError) as err:
+        plan.check_outputs_beside(one, found)
+    text = str(err.value)
+    assert f"00003.parquet (weights checkpoint:{tmp_path / 'other.safetensors'} (another file))" in text
+    assert "train/00000.parquet (weights checkpoint:" in text and "(the file has changed since)" in text
+    assert "00001" not in text and "00002" not in text
+
+
+def output_fingerprint(path: Path) -> str:
+    from wdsembed import storage
+
+    return storage.file_fingerprint(str(path))
+
+
+def test_embedding_forms_recorded_with_outputs_judge_auto(tree, tmp_path):
+    """An output that records what each request resolves to on its model is judged against this run's request,
+    'auto' included; one without that record only against an explicit request."""
+    out = tmp_path / "out"
+    auto = config(tree / "00000.tar", out)
+    found = plan.find_shards(auto)
+    forms = {"auto": "pooled", "head": "head", "pooled": "pooled"}  # a classifier
+    _written_by(out, "00001", TINY_MODEL, embedding="pooled", embedding_forms=forms)
+    _written_by(out, "00002", TINY_MODEL, embedding="head")  # no record: 'auto' cannot be judged against it
+    plan.check_outputs_beside(auto, found)
+    with pytest.raises(plan.InputError, match=r"00001.parquet \(embedding pooled\)"):
+        plan.check_outputs_beside(auto.model_copy(update={"embedding": "head"}), found)
+    _written_by(out, "00003", TINY_MODEL, embedding="head", embedding_forms=forms)
+    with pytest.raises(plan.InputError, match=r"00003.parquet \(embedding head\)") as err:
+        plan.check_outputs_beside(auto, found)
+    assert "00001" not in str(err.value) and "00002" not in str(err.value)
+    headless = {"auto": "pooled", "head": "pooled", "pooled": "pooled"}  # head on a model without one is pooled
+    (out / "00003.parquet").unlink()
+    (out / "00002.parquet").unlink()
+    _written_by(out, "00004", TINY_MODEL, embedding="pooled", embedding_forms=headless)
+    plan.check_outputs_beside(auto, found)
+
+
+SETTINGS = dict(device="cpu", batch_size=4, num_threads_per_worker=1)
+
+
+def _footer_model(path) -> dict:
+    return json.loads(pq.read_schema(path).metadata[b"wdsembed"])["result"]["model"]
+
+
+def test_other_checkpoint_weights_are_refused_beside_earlier_outputs(tmp_path, monkeypatch):
+    pytest.importorskip("nvidia.dali")
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from wdsembed.api import TimmImageEmbedder
+
+    data = tmp_path / "in"
+    for s in range(2):
+        shard(data, f"{s:05d}", n=3, seed=s)
+    weights = []
+    for seed in (1, 2):  # two different weights files of the same architecture
+        torch.manual_seed(seed)
+        path = tmp_path / f"w{seed}.safetensors"
+        save_file(timm.create_model(TINY_MODEL, pretrained=False).state_dict(), str(path))
+        weights.append(str(path))
+    out = tmp_path / "out"
+    TimmImageEmbedder(TINY_MODEL, checkpoint=weights[0], **SETTINGS)(str(data), str(out))
+    assert _footer_model(out / "00001.parquet")["checkpoint"] == {"path": weights[0],
+                                                                  "fingerprint": output_fingerprint(Path(weights[0]))}
+    with pytest.raises(plan.InputError, match="already holds embeddings made otherwise"):
+        # only 00000 is named: 00001 keeps w1's embeddings, 00000 gets w2's, one kNN view holds both spaces
+        TimmImageEmbedder(TINY_MODEL, checkpoint=weights[1], **SETTINGS)(str(data / "00000.tar"), str(out))
+    monkeypatch.chdir(tmp_path)  # the same file, named relatively: the same weights
+    [result] = TimmImageEmbedder(TINY_MODEL, checkpoint="./w1.safetensors", **SETTINGS)(str(data / "00000.tar"),
+                                                                                      str(out))
+    assert result.embedded == 3  # not refused (recomputed: the checkpoint as given is part of the cache key)
+
+
+def test_other_head_is_refused_beside_earlier_outputs(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from wdsembed.api import TimmImageEmbedder
+
+    data = tmp_path / "in"
+    for s in range(2):
+        shard(data, f"{s:05d}", n=3, seed=s)
+    out = tmp_path / "out"
+    TimmImageEmbedder(TINY_MODEL, pretrained=False, embedding="head", **SETTINGS)(str(data), str(out))
+    try:
+        # embedding="auto" resolves to 'pooled' for this classifier: another space (and another dimension)
+        TimmImageEmbedder(TINY_MODEL, pretrained=False, **SETTINGS)(str(data / "00000.tar"), str(out))
+    except plan.InputError as exc:
+        assert "already holds embeddings made otherwise" in str(exc)
+        assert "00001.parquet (embedding head)" in str(exc)
+        return
+    kinds = {s: (_footer_model(out / f"{s}.parquet")["embedding"], _footer_model(out / f"{s}.parquet")["dim"])
+             for s in ("00000", "00001")}
+    pytest.fail(f"not refused: OUTPUT now mixes embedding kinds/dims {kinds}")
+
+
+def test_auto_after_the_explicit_form_it_resolves_to_is_not_refused(tmp_path):
+    """Outputs made with embedding='pooled' on a classifier, then a run with 'auto' (pooled there too) naming some
+    of the shards: the same space, not refused."""
+    pytest.importorskip("nvidia.dali")
+    from wdsembed.api import TimmImageEmbedder
+
+    data = tmp_path / "in"
+    for s in range(2):
+        shard(data, f"{s:05d}", n=3, seed=s)
+    out = tmp_path / "out"
+    TimmImageEmbedder(TINY_MODEL, pretrained=False, embedding="pooled", **SETTINGS)(str(data), str(out))
+    assert _footer_model(out / "00001.parquet")["embedding_forms"] == {"auto": "pooled", "head": "head",
+                                                                       "pooled": "pooled"}
+    [result] = TimmImageEmbedder(TINY_MODEL, pretrained=False, **SETTINGS)(str(data / "00000.tar"), str(out))
+    assert result.embedded == 3
 
 
 def test_recursive_run_outputs_caching_manifest_and_views_agree(tree, tmp_path):

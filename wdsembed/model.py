@@ -62,6 +62,8 @@ class LoadedModel:
     channels_last: bool = False  # inputs are converted to channels_last (convnets on CUDA)
     dtype: "torch.dtype" = torch.float32  # of the weights: bfloat16 once `to_bfloat16` ran
     _fingerprint: Optional[str] = field(default=None, repr=False)
+    # what each requested embedding resolves to on this model (embedding_forms); empty where not measured
+    embedding_forms: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------- embedding rule
@@ -85,22 +87,38 @@ def resolve_embedding(model: nn.Module, requested: str, *, classifier: bool = Fa
     head on a model without a head falls back to pooled (same values: an Identity head returns the pooled
     features), with a log line. head on a classifier is honoured (class logits), with a warning.
     """
+    resolved, why = _embedding_choice(model, requested, classifier)
+    if why == "no head":
+        _logger.info("%s has no head (num_classes=0); its head output is the pooled embedding", _arch_tag(model))
+    elif why == "classifier":
+        _logger.warning(
+            "embedding='head' on %s: its head looks like a classifier, the embedding will be class logits",
+            _arch_tag(model),
+        )
+    return resolved
+
+
+def embedding_forms(model: nn.Module, *, classifier: bool = False) -> dict[str, Literal["head", "pooled"]]:
+    """What each requested embedding resolves to on this model ({"auto": ..., "head": ..., "pooled": "pooled"}):
+    resolve_embedding's choice for each, without its log lines. Recorded with each output, so that a later run with
+    another request can be told, before any model loads, whether it gives the same embedding."""
+    return {requested: _embedding_choice(model, requested, classifier)[0] for requested in ("auto", "head", "pooled")}
+
+
+def _embedding_choice(model: nn.Module, requested: str,
+                      classifier: bool) -> tuple[Literal["head", "pooled"], Optional[str]]:
+    """resolve_embedding's decision, and what it has to say about it: "no head" (head asked of a model without
+    one), "classifier" (head asked of a classifier: class logits), else None."""
     if requested not in ("auto", "head", "pooled"):
         raise ValueError(f"embedding must be 'auto', 'head' or 'pooled', not {requested!r}")
     has_head = _has_head(model)
     if requested == "pooled":
-        return "pooled"
+        return "pooled", None
     if requested == "head":
         if not has_head:
-            _logger.info("%s has no head (num_classes=0); its head output is the pooled embedding", _arch_tag(model))
-            return "pooled"
-        if classifier or not _is_projection_head(model):
-            _logger.warning(
-                "embedding='head' on %s: its head looks like a classifier, the embedding will be class logits",
-                _arch_tag(model),
-            )
-        return "head"
-    return "head" if has_head and not classifier and _is_projection_head(model) else "pooled"
+            return "pooled", "no head"
+        return "head", ("classifier" if classifier or not _is_projection_head(model) else None)
+    return ("head" if has_head and not classifier and _is_projection_head(model) else "pooled"), None
 
 
 def _has_head(model: nn.Module) -> bool:
@@ -513,6 +531,7 @@ def load_model(
     data_config = timm.data.resolve_model_data_config(model)
     resolved = resolve_embedding(model, embedding, classifier=replaced_head)
     loaded = LoadedModel(
+        embedding_forms=embedding_forms(model, classifier=replaced_head),
         model=model,
         name=model_name,
         weights=weights,

@@ -135,6 +135,11 @@ def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
     if not others:
         return
 
+    try:  # this run's checkpoint's identity, as its outputs will record it
+        fingerprint = storage.file_fingerprint(config.checkpoint, config.storage_options) if config.checkpoint else None
+    except OSError:
+        fingerprint = None
+
     def differs(path: str) -> Optional[str]:
         meta = output.read_output_metadata(path, out_fs)
         model = ((meta or {}).get("result") or {}).get("model") or {}
@@ -146,9 +151,22 @@ def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
             reasons.append(f"model {model.get('name')}")
         if weights.startswith("checkpoint:") != bool(config.checkpoint):
             reasons.append(f"weights {weights}")
-        elif not config.checkpoint and (weights == "random-init") == config.pretrained:
+        elif config.checkpoint:
+            recorded = model.get("checkpoint") if isinstance(model.get("checkpoint"), dict) else {}
+            if not _same_file(weights[len("checkpoint:"):], config.checkpoint):
+                reasons.append(f"weights {weights} (another file)")
+            elif recorded.get("fingerprint") and recorded["fingerprint"] != fingerprint:
+                reasons.append(f"weights {weights} (the file has changed since)")
+        elif (weights == "random-init") == config.pretrained:
             reasons.append(f"weights {weights}")
-        if config.embedding != "auto" and model.get("embedding") != config.embedding:
+        # What this run's request resolves to on this model, where the output recorded it (the same model and
+        # weights: otherwise the reasons above speak); else only an explicit request can be judged ('auto' is
+        # resolved once the model loads).
+        forms = model.get("embedding_forms") if not reasons else None
+        if isinstance(forms, dict) and config.embedding in forms:
+            if model.get("embedding") != forms[config.embedding]:
+                reasons.append(f"embedding {model.get('embedding')}")
+        elif config.embedding != "auto" and model.get("embedding") != config.embedding:
             reasons.append(f"embedding {model.get('embedding')}")
         if meta.get("normalized") is not None and meta.get("normalized") != config.normalize_embeddings:
             reasons.append("normalized" if meta.get("normalized") else "not normalized")
@@ -164,6 +182,20 @@ def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
             "folder and one kNN view. Choose another output folder, name those shards in this run too (they are "
             "then recomputed), or remove their outputs."
         )
+
+
+def _same_file(recorded: str, given: str) -> bool:
+    """Whether an output's recorded checkpoint path (absolute, as the worker loaded it) and this run's (as given:
+    relative, with ~, through a link) name one file."""
+    def norm(p: str) -> str:
+        return os.path.realpath(os.path.abspath(os.path.expanduser(p)))
+
+    if norm(recorded) == norm(given):
+        return True
+    try:
+        return os.path.samefile(os.path.expanduser(recorded), os.path.expanduser(given))
+    except OSError:
+        return False
 
 
 def _parents(path: str) -> list[str]:

@@ -128,7 +128,8 @@ def cache_key_parts(config: EmbedConfig, plan: ShardPlan) -> dict:
     parts = {
         "shard": plan.fingerprint,
         "model": config.model_key(),
-        "checkpoint": _file_fingerprint(config.checkpoint, config.storage_options) if config.checkpoint else None,
+        "checkpoint": (storage.file_fingerprint(config.checkpoint, config.storage_options) if config.checkpoint
+                       else None),
         "columns": [config.id_column, config.embedding_column, config.error_column],
         "extensions": list(config.image_extensions),
         "max_image_pixels": config.max_image_pixels or None,
@@ -144,12 +145,6 @@ def cache_key_parts(config: EmbedConfig, plan: ShardPlan) -> dict:
         # here, so that no other run's outputs do.
         parts["checkpoint_head_rule"] = 2
     return parts
-
-
-def _file_fingerprint(url: str, storage_options: dict) -> str:
-    fs, path = storage.filesystem(url, storage_options)
-    info = fs.info(path)
-    return f"{info.get('size')}:{info.get('mtime') or info.get('LastModified') or info.get('ETag')}"
 
 
 def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_view: bool = True) -> Optional[dict]:

@@ -31,6 +31,13 @@ def filesystem(url: str, storage_options: Mapping[str, str] | None = None) -> tu
     return url_to_fs(url, **fsspec_options(url, storage_options))
 
 
+def file_fingerprint(url: str, storage_options: Mapping[str, str] | None = None) -> str:
+    """A file's identity for caching: its size and modification time (ETag where a store gives no time)."""
+    fs, path = filesystem(url, storage_options)
+    info = fs.info(path)
+    return f"{info.get('size')}:{info.get('mtime') or info.get('LastModified') or info.get('ETag')}"
+
+
 def join(base: str, name: str) -> str:
     return posixpath.join(base, name)
 

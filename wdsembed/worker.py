@@ -26,6 +26,7 @@ from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import numpy as np
 
+from wdsembed import storage
 from wdsembed.config import EmbedConfig
 from wdsembed.threads import in_background, read_ahead
 
@@ -174,6 +175,11 @@ class Worker:
         self.device = device or resolve_device(config.device)
         if self.device.startswith("cuda"):
             _leave_cores_to_dali(config.num_threads_per_worker)
+        # The checkpoint's identity as loaded (the cache key's fingerprint of it), recorded with each output: a
+        # later run with another file of the same name, or the same file rewritten, is told apart from this one.
+        checkpoint = ({"path": config.checkpoint,
+                       "fingerprint": storage.file_fingerprint(config.checkpoint, config.storage_options)}
+                      if config.checkpoint else None)
         self.loaded = load_model(
             config.model_name,
             pretrained=config.pretrained,
@@ -253,6 +259,10 @@ class Worker:
             "name": self.loaded.name,
             "weights": self.loaded.weights,
             "embedding": self.loaded.embedding,
+            # what auto, head and pooled resolve to on this model: a later run's request is judged against
+            # `embedding` before it loads the model (plan.check_outputs_beside)
+            "embedding_forms": dict(self.loaded.embedding_forms),
+            "checkpoint": checkpoint,
             "dim": self.loaded.dim,
             "precision": str(self.loaded.dtype).replace("torch.", ""),
             "cuda_graph": self._graph is not None,
