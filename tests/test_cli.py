@@ -5,9 +5,11 @@ None of these tests starts a Prefect server: the run function handed to `main` r
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -690,20 +692,29 @@ def failed_command(tmp_path_factory) -> subprocess.CompletedProcess:
     with open(tar, "r+b") as fh:
         fh.truncate(tar.stat().st_size // 2)
     (tmp / "in" / "00002.tar").write_bytes(b"<!DOCTYPE html><html>404</html>")
-    return subprocess.run([sys.executable, str(ROOT / "flows/embed.py"), str(tmp / "in"), "-o", str(tmp / "out"),
-                           "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu", "--n-workers", "1",
-                           "--num-threads", "1"], cwd=tmp, env=_command_env(tmp), capture_output=True, text=True,
-                          timeout=600)
+    # Port 8787 taken, as by another run's or a notebook's cluster: the dashboard moves without a UserWarning.
+    with contextlib.closing(socket.socket()) as holder:
+        try:
+            holder.bind(("", 8787))
+            holder.listen()
+        except OSError:
+            pass  # taken already
+        return subprocess.run([sys.executable, str(ROOT / "flows/embed.py"), str(tmp / "in"), "-o", str(tmp / "out"),
+                               "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu", "--n-workers", "1",
+                               "--num-threads", "1"], cwd=tmp, env=_command_env(tmp), capture_output=True, text=True,
+                              timeout=600)
 
 
 @pytest.mark.slow
 def test_command_with_a_failed_shard_prints_no_prefect_internals(failed_command):
     """Indexing the damaged tars logs from the planning's own threads, outside the flow run's context: no Python
-    UserWarning about Prefect's settings ('attempted to send logs to the API without a flow run id')."""
+    UserWarning about Prefect's settings ('attempted to send logs to the API without a flow run id'), nor Dask's
+    about the dashboard's port 8787 being taken (the log names the port it took)."""
     said = failed_command.stdout + failed_command.stderr
     assert failed_command.returncode == 1, said[-3000:]
     assert "not a readable tar" in said  # the line itself still shows
     assert "without a flow run id" not in said and "UserWarning" not in said, said[-3000:]
+    assert re.search(r"The Dask dashboard is available at http://\S+:(?!8787\b)\d+/status", said), said[-3000:]
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import warnings
 import threading
 import time
 
@@ -105,6 +106,13 @@ def start_gpu_cluster(gpus: int, workers_per_gpu: int = 1, **overrides):
     return getattr(importlib.import_module(module), name)(**(spec["cluster_kwargs"] | overrides))
 
 
+def _quiet_dashboard_port_warning() -> None:
+    """A local cluster's dashboard takes another port where 8787 is taken (another run, a notebook's cluster), and
+    Dask says so with a UserWarning and its traceback-like source line; the run's log already names the dashboard's
+    address (prefect-dask's "The Dask dashboard is available at ..."), so the warning adds only noise."""
+    warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
+
+
 def task_runner_kwargs(config: EmbedConfig) -> dict:
     """Keyword arguments of DaskTaskRunner for this run."""
     gpus = visible_gpus() if config.device != "cpu" and not config.dask_address else 0
@@ -114,6 +122,8 @@ def task_runner_kwargs(config: EmbedConfig) -> dict:
             "workers_per_gpu=%d is for a local cluster on GPUs; this run %s, so it has no effect",
             config.workers_per_gpu, "uses the Dask scheduler at " + config.dask_address if config.dask_address
             else "has no GPU")
+    if not config.dask_address:
+        _quiet_dashboard_port_warning()
     if config.dask_address:
         # No security passed: distributed.Client(address) builds Security() from Dask's configuration
         # (distributed.comm.tls.*, require-encryption), which is where a tls:// address's certificates are set.
