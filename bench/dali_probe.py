@@ -961,8 +961,9 @@ def geometry_only(args: argparse.Namespace) -> int:
          since the last pass: in the flow they come from the reader thread, just read)
     old  + peek_image_shape and the old in-graph geometry subgraph (bench/old_geometry.py), its six arguments
          returned as outputs
-    rsz  + the argument inputs consumed by fn.resize on 1x1 stand-in images, 2x2 out (the per-sample cost of the
-         operator itself; pixel work negligible). A stand-in smaller than the real images' regions of interest is
+    rsz  + the argument inputs consumed by the resize (preprocess.resize_passes: two fn.resize for a bicubic
+         recipe) on 1x1 stand-in images, 2x2 out (the per-sample cost of the operators themselves; pixel work
+         negligible). A stand-in smaller than the real images' regions of interest is
          not an option: fn.resize with a ROI outside its input crashes DALI 2.4 (segfault)
     ops  rsz + crop_mirror_normalize (2x2 crop, normalize to float CHW), as the real graph follows resize
     pyf  + peek_image_shape and the host geometry in one batch-level operator (fn.python_function,
@@ -982,7 +983,14 @@ def geometry_only(args: argparse.Namespace) -> int:
 
     from bench.old_geometry import old_geometry_from_bytes
     from wdsembed.imagesize import image_size, image_sizes
-    from wdsembed.preprocess import PreprocessRecipe, feed_geometry, geometry_source, put_ids, split_geometry
+    from wdsembed.preprocess import (
+        PreprocessRecipe,
+        feed_geometry,
+        geometry_source,
+        put_ids,
+        resize_passes,
+        split_geometry,
+    )
     from wdsembed.threads import read_ahead as reader_thread
     from wdsembed.worker import READ_AHEAD_CHUNK, READ_AHEAD_DEPTH
 
@@ -1024,8 +1032,7 @@ def geometry_only(args: argparse.Namespace) -> int:
         rows = geometry_source()
         geo = split_geometry(rows, tiny)
         stand_in = fn.constant(idata=[0, 0, 0], shape=[1, 1, 3], dtype=types.UINT8, layout="HWC")
-        return fn.resize(stand_in, size=geo["resize_size"], roi_start=geo["roi_start"], roi_end=geo["roi_end"],
-                         interp_type=types.INTERP_CUBIC, antialias=True, subpixel_scale=False), rows
+        return resize_passes(stand_in, tiny, geo), rows
 
     def graph_rsz():
         return encoded().shape(), *stand_in_resize()

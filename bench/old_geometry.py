@@ -1,7 +1,8 @@
 """The per-sample geometry as it was computed inside the DALI graph before issue #11 (wdsembed/preprocess.py up to
 commit e2f7501): ~80 scalar DALI arithmetic operators fed by `fn.peek_image_shape`. Kept only to time it against the
-host-side NumPy geometry (bench/dali_probe.py --geometry-only) and to check that both give bit-identical arguments
-(tests/test_preprocess.py). Nothing in wdsembed uses it.
+host-side NumPy geometry (bench/dali_probe.py --geometry-only) and to check that both give bit-identical arguments,
+and the same pixels where the graph still resizes in one pass (bilinear; tests/test_preprocess.py). Nothing in
+wdsembed uses it.
 """
 from __future__ import annotations
 

@@ -380,12 +380,15 @@ def test_batch_split_carries_each_samples_size():
 def test_the_graph_holds_no_per_sample_scalar_arithmetic():
     """Sizes come from the headers on the host: no peek_image_shape, no arithmetic or conditional operators (each
     ran one after the other per batch and capped the input path, issue #11), with or without max_pixels. The only
-    subscripts take the rows of the one geometry source, one per per-sample argument of fn.resize: the region of
-    interest, and the output size only where it is not the same for every image. Two sources are fed per batch: the
-    bytes, and the geometry with the ids in it."""
+    subscripts take the rows of the one geometry source, one per per-sample argument of the resize pass(es): the
+    region(s) of interest, and the output size(s) only where they are not the same for every image. Two sources are
+    fed per batch: the bytes, and the geometry with the ids in it."""
     from wdsembed.preprocess import GEOMETRY_SOURCE
 
-    for recipe, rows in ((recipe_of(), 2), (recipe_of(crop_mode="border"), 3)):
+    # bicubic: two passes (two regions, two sizes); bilinear: one (one region, one size)
+    cases = ((recipe_of(), 4), (recipe_of(crop_mode="border"), 6), (recipe_of(interpolation="bilinear"), 2),
+             (recipe_of(interpolation="bilinear", crop_mode="border"), 3))
+    for recipe, rows in cases:
         for max_pixels in (None, 1000):
             with ImagePipeline(recipe, batch_size=2, num_threads=1, device_id=None, max_pixels=max_pixels) as pipe:
                 graph = pipe._pipe.serialize()

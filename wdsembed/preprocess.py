@@ -16,7 +16,15 @@ timm/torchvision. The crop is folded into `resize` as a region of interest (same
 full-size intermediate) and `crop_mirror_normalize` only pads where the crop is larger than the image, then
 normalizes to CHW float32.
 
-The geometry is computed on the host for a whole batch at once (`PreprocessRecipe.geometry`, NumPy) from each
+PIL (torchvision's Resize of a PIL image) resizes in two passes, the width first, into an 8-bit image (rounded and
+clipped to 0..255), then the height. A bicubic filter overshoots at a sharp edge and PIL clips the overshoot between
+its passes; resized in one pass in float, black-and-white graphics (QR codes, 1-bit scans, thin lines) agreed with
+timm only to 0.998-0.999 cosine. So a bicubic recipe resizes in two fn.resize calls as PIL does (width to uint8,
+then height: `resize_passes`), with the crop's region split between them; a bilinear one, which does not
+overshoot, in one (`PreprocessRecipe.two_passes`). What is left differs at an image's own edges: where the filter
+reaches past them, PIL leaves those taps out (and rescales the others), DALI repeats the edge pixel.
+
+The geometry is computed on the host for a whole batch at once (`PreprocessRecipe.pass_geometry`, NumPy) from each
 image's header size (`wdsembed.imagesize`: EXIF-oriented, as DALI decodes it), and reaches the graph as per-sample
 argument inputs through external sources. Computed inside the graph instead (about 80 scalar DALI operators per
 batch, each run one after the other), it capped the GPU input path near 5,000 images/s (issue #11).
@@ -30,7 +38,8 @@ from typing import Any, Optional
 import numpy as np
 
 # Bumped whenever the DALI graph changes the numbers it produces; part of `describe()` and so of cache keys.
-RECIPE_IMPL_VERSION = 1
+# 2: bicubic resizes in PIL's two passes, 8 bits between them (bilinear's numbers are version 1's).
+RECIPE_IMPL_VERSION = 2
 
 DEFAULT_CROP_PCT = 0.875  # timm.data.constants.DEFAULT_CROP_PCT
 CROP_MODES = ("center", "squash", "border")
@@ -112,11 +121,31 @@ class PreprocessRecipe:
             return tuple(float(round(255 * m)) for m in self.mean)  # type: ignore[return-value]
         return (0.0, 0.0, 0.0)
 
+    @property
+    def two_passes(self) -> bool:
+        """Whether the graph resizes as PIL does, in two passes with 8 bits between them (bicubic), or in one
+        (bilinear). PIL clips a bicubic filter's overshoot at hard edges between its passes, which moves values by
+        up to a third of the range on black-and-white graphics; a bilinear filter does not overshoot, and PIL's
+        rounding between the passes moves none by more than half a level. Two passes cost more: on the CPU, three
+        to four times the resize's time (`resize_passes`), bilinear's as much as bicubic's."""
+        return self.interpolation == "bicubic"
+
     def geometry(self, heights: Any, widths: Any) -> dict[str, np.ndarray]:
-        """Per-sample DALI arguments for a batch of images of heights x widths (as decoded: EXIF-oriented), keyed
-        by the external source names of `dali_preprocess`: the resize and crop fused into `fn.resize`'s output size
-        and region of interest, as [y, x] float32 rows. (The padding anchor needs no per-sample argument: see
-        `pad_crop_pos`.)"""
+        """The resize and crop of a batch of images of heights x widths (as decoded: EXIF-oriented), fused, as
+        [y, x] float32 rows: the output size ("resize_size", the crop, or the whole resized axis where that is
+        shorter) and the input region that maps onto it ("roi_start", "roi_end"). These are the arguments of a
+        one-pass graph; `pass_geometry` splits them between two passes. (The padding anchor needs no per-sample
+        argument: see `pad_crop_pos`.)"""
+        out_len, start, end, _, _ = self._fused(heights, widths)
+        return {
+            "resize_size": out_len.astype(np.float32),
+            "roi_start": start.astype(np.float32),
+            "roi_end": end.astype(np.float32),
+        }
+
+    def _fused(self, heights: Any, widths: Any) -> tuple[np.ndarray, ...]:
+        """`geometry` in float64, then the [height, width] sizes as float64 rows and the input pixels per output
+        pixel of each axis."""
         # Resize and crop fused, per axis: the input interval that maps onto the crop window of the resized image,
         # and the output length. Same scale (length / resized) and same sample positions as resizing the whole image
         # and cropping it, without making the resized image (an extreme aspect ratio can make that huge). Where the
@@ -130,23 +159,53 @@ class PreprocessRecipe:
         start = np.where(resized >= crop, crop_anchor(resized, crop), 0)  # in resized pixels; 0 where it pads
         out_len = np.minimum(resized, crop)  # the crop, or the whole axis where it is shorter
         scale = hw / resized
+        return out_len, start * scale, (start + out_len) * scale, hw, scale
+
+    def pass_geometry(self, heights: Any, widths: Any) -> dict[str, np.ndarray]:
+        """Per-sample arguments of the graph's resize (`resize_passes`), keyed by `pass_inputs`, as [y, x] float32
+        rows: in one pass, `geometry`; in two (`two_passes`), `geometry`'s region split by axis, as PIL resizes
+        (width first, to 8 bits, then height):
+
+        - Pass 1 resizes the width: size "horizontal_size" ([0, output width]: mode "stretch" leaves the height
+          as the region's), region "horizontal_roi_start"/"horizontal_roi_end": `geometry`'s columns, and whole
+          rows [first_row, last_row) at scale 1 (copied as they are).
+        - Pass 2 resizes the height of pass 1's output: size "resize_size", region "vertical_roi_start"/
+          "vertical_roi_end": `geometry`'s rows, counted from first_row, and all of pass 1's columns at scale 1.
+
+        The rows are those that pass 2's filter reaches (Keys cubic: 2 output pixels either side, widened by the
+        scale where it downscales; 2 more to spare), so that pass 1 never resizes rows that are not needed (an
+        image much taller than wide would make pass 1's output huge). Where they stop short of the image, pass 2's
+        filter does not reach the edge of its input, so its own edge handling never applies there."""
+        if not self.two_passes:
+            return self.geometry(heights, widths)
+        out_len, start, end, hw, scale = self._fused(heights, widths)
+        first, last = _needed_rows(start[:, 0], end[:, 0], scale[:, 0], hw[:, 0])
+        n = len(hw)
+        zeros = np.zeros(n)
         return {
-            "resize_size": out_len.astype(np.float32),
-            "roi_start": (start * scale).astype(np.float32),
-            "roi_end": ((start + out_len) * scale).astype(np.float32),
+            name: np.stack(columns, axis=1).astype(np.float32)
+            for name, columns in (
+                ("horizontal_size", (zeros, out_len[:, 1])),
+                ("resize_size", (out_len[:, 0], out_len[:, 1])),
+                ("horizontal_roi_start", (first, start[:, 1])),
+                ("horizontal_roi_end", (last, end[:, 1])),
+                ("vertical_roi_start", (start[:, 0] - first, zeros)),
+                ("vertical_roi_end", (end[:, 0] - first, out_len[:, 1])),
+            )
         }
 
     def source_geometry(self, sizes: np.ndarray, ids: Optional[np.ndarray] = None) -> np.ndarray:
-        """`geometry` for a batch of (N, 2) [height, width] sizes, as the (N, rows, 2) float32 array that the graph's
-        geometry source takes (`geometry_rows`; `feed_geometry` feeds it). The same values, bit for bit. With `ids`
-        (one int64 per image), a last row carries them (`put_ids`; `read_ids` reads them back)."""
+        """`pass_geometry` for a batch of (N, 2) [height, width] sizes, as the (N, rows, 2) float32 array that the
+        graph's geometry source takes (`geometry_rows`; `feed_geometry` feeds it). The same values, bit for bit. With
+        `ids` (one int64 per image), a last row carries them (`put_ids`; `read_ids` reads them back)."""
         scale, crop = self.scale_size, self.crop_size
         if not (self.crop_mode == "center" and scale[0] == scale[1] and self.fixed_output_size):
-            return stack_geometry(self.geometry(sizes[:, 0], sizes[:, 1]), self, ids)
+            return stack_geometry(self.pass_geometry(sizes[:, 0], sizes[:, 1]), self, ids)
         # The usual recipe (center crop from a square scale no smaller than the crop): the resized image always
-        # covers the crop, so the output size is the crop, the anchor never pads, and only the region of interest
-        # is fed. The arithmetic of `geometry` with nothing it cannot need: 12 NumPy calls instead of about 30, on
-        # the feeding thread for every batch (13 against 34 us per batch of 256 on the 2-core machine).
+        # covers the crop, so the output size is the crop, the anchor never pads, and only the regions of interest
+        # are fed. The arithmetic of `pass_geometry` with nothing it cannot need, in place where it can be: on the
+        # feeding thread for every batch (about 30 NumPy calls, 31 us per batch of 256 on the 2-core machine under
+        # load, where one pass's 12 took 21 us).
         hw = sizes.astype(np.float64)
         resized = hw * float(scale[0])
         resized /= np.minimum(hw[:, :1], hw[:, 1:])
@@ -155,11 +214,27 @@ class PreprocessRecipe:
         start = resized - crop64
         start *= 0.5
         np.rint(start, out=start)  # `crop_anchor` where the crop fits (always, here): half to even
-        input_per_output = np.divide(hw, resized, out=hw)
-        rows = np.empty((len(hw), 2 if ids is None else 3, 2), np.float32)
-        np.multiply(start, input_per_output, out=rows[:, 0])  # roi_start, computed in float64 as `geometry`'s
+        input_per_output = np.divide(hw, resized, out=resized)
+        lo = start * input_per_output  # the region of interest, computed in float64 as `geometry`'s
         start += crop64
-        np.multiply(start, input_per_output, out=rows[:, 1])  # roi_end
+        hi = np.multiply(start, input_per_output, out=start)
+        if not self.two_passes:
+            rows = np.empty((len(hw), 2 if ids is None else 3, 2), np.float32)
+            rows[:, 0] = lo  # roi_start
+            rows[:, 1] = hi  # roi_end
+            if ids is not None:
+                put_ids(rows, ids)
+            return rows
+        first, last = _needed_rows(lo[:, 0], hi[:, 0], input_per_output[:, 0], hw[:, 0])
+        rows = np.empty((len(hw), 4 if ids is None else 5, 2), np.float32)
+        rows[:, 0, 0] = first  # horizontal_roi_start
+        rows[:, 0, 1] = lo[:, 1]
+        rows[:, 1, 0] = last  # horizontal_roi_end
+        rows[:, 1, 1] = hi[:, 1]
+        np.subtract(lo[:, 0], first, out=rows[:, 2, 0])  # vertical_roi_start
+        rows[:, 2, 1] = 0.0
+        np.subtract(hi[:, 0], first, out=rows[:, 3, 0])  # vertical_roi_end
+        rows[:, 3, 1] = crop64[1]
         if ids is not None:
             put_ids(rows, ids)
         return rows
@@ -238,18 +313,48 @@ def crop_anchor(size: np.ndarray, crop: Any) -> np.ndarray:
     return np.where(d >= 0, np.rint(d / 2.0).astype(np.int64), -((-d) // 2))
 
 
+def _needed_rows(start: np.ndarray, end: np.ndarray, input_per_output: np.ndarray,
+                 height: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The whole input rows [first, last) that the vertical pass reads for the input region [start, end) of each
+    image of `height` rows (float64, one value per image): the region widened by the filter's reach, 2 output
+    pixels (Keys cubic; bilinear reaches 1) in input pixels where it downscales, and 2 rows to spare; clipped to
+    the image."""
+    reach = np.maximum(input_per_output, 1.0)
+    reach *= 2.0
+    reach += 2.0
+    first = start - reach
+    np.floor(first, out=first)
+    np.maximum(first, 0.0, out=first)
+    last = np.add(end, reach, out=reach)
+    np.ceil(last, out=last)
+    np.minimum(last, height, out=last)
+    return first, last
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # DALI graph. The geometry arrives through one external source, fed per batch with feed_geometry.
 
-GEOMETRY_INPUTS = ("resize_size", "roi_start", "roi_end")  # [y, x] float32 per sample, in this row order
+# `PreprocessRecipe.pass_geometry`'s rows, [y, x] float32 per sample, in this order: the output size(s), then the
+# region(s) of interest; for one pass, and for two (`PreprocessRecipe.two_passes`)
+ONE_PASS_INPUTS = ("resize_size", "roi_start", "roi_end")
+TWO_PASS_INPUTS = ("horizontal_size", "resize_size", "horizontal_roi_start", "horizontal_roi_end",
+                   "vertical_roi_start", "vertical_roi_end")
 GEOMETRY_SOURCE = "geometry"  # the external source that takes them, as one (rows, 2) sample per image
 _ID_BITS = 24  # float32 holds every integer below 2**24 exactly: an id is two such halves
 
 
 def geometry_rows(recipe: PreprocessRecipe) -> tuple[str, ...]:
-    """The rows of `PreprocessRecipe.geometry` that the graph takes per sample, in order: all of GEOMETRY_INPUTS,
-    or the region of interest alone where the output size is a constant (`PreprocessRecipe.fixed_output_size`)."""
-    return GEOMETRY_INPUTS[1:] if recipe.fixed_output_size else GEOMETRY_INPUTS
+    """The rows of `PreprocessRecipe.pass_geometry` that the graph takes per sample, in order: all of its
+    `pass_inputs`, or the regions of interest alone where the output size is a constant
+    (`PreprocessRecipe.fixed_output_size`)."""
+    names = pass_inputs(recipe)
+    sizes = 2 if recipe.two_passes else 1  # the rows before the regions of interest
+    return names[sizes:] if recipe.fixed_output_size else names
+
+
+def pass_inputs(recipe: PreprocessRecipe) -> tuple[str, ...]:
+    """The keys of `PreprocessRecipe.pass_geometry`, in the order of the graph's geometry rows."""
+    return TWO_PASS_INPUTS if recipe.two_passes else ONE_PASS_INPUTS
 
 
 def geometry_source() -> Any:
@@ -260,13 +365,13 @@ def geometry_source() -> Any:
 
 
 def geometry_inputs(recipe: PreprocessRecipe) -> dict[str, Any]:
-    """fn.resize's geometry arguments, keyed as `PreprocessRecipe.geometry`: rows of one external source, and the
-    output size as a constant where it is one."""
+    """The resize passes' geometry arguments, keyed as `PreprocessRecipe.pass_geometry`: rows of one external
+    source, and the output sizes as constants where they are."""
     return split_geometry(geometry_source(), recipe)
 
 
 def split_geometry(node: Any, recipe: PreprocessRecipe) -> dict[str, Any]:
-    """The argument nodes of a node whose samples are `stack_geometry`'s rows (and the constant output size)."""
+    """The argument nodes of a node whose samples are `stack_geometry`'s rows (and the constant output sizes)."""
     # One fed input instead of one per row: each feed_input call makes and copies a whole batch of samples on the
     # feeding thread, holding the GIL, while the subscripts run in DALI's own threads. (On the 2-core machine, with
     # one DALI thread, the two forms took the same wall time per batch.) Each subscript is one more operator per
@@ -275,13 +380,15 @@ def split_geometry(node: Any, recipe: PreprocessRecipe) -> dict[str, Any]:
     fixed = recipe.fixed_output_size
     if fixed:
         arguments["resize_size"] = [float(fixed[0]), float(fixed[1])]
+        if recipe.two_passes:
+            arguments["horizontal_size"] = [0.0, float(fixed[1])]
     return arguments
 
 
 def stack_geometry(geometry: dict[str, np.ndarray], recipe: PreprocessRecipe,
                    ids: Optional[np.ndarray] = None) -> np.ndarray:
-    """One batch's `PreprocessRecipe.geometry` as the (N, rows, 2) float32 array that `geometry_inputs` is fed (and
-    a last row of `ids`, as `put_ids` writes them, where given)."""
+    """One batch's `PreprocessRecipe.pass_geometry` as the (N, rows, 2) float32 array that `geometry_inputs` is fed
+    (and a last row of `ids`, as `put_ids` writes them, where given)."""
     names = geometry_rows(recipe)
     rows = np.empty((len(geometry[names[0]]), len(names) + (ids is not None), 2), np.float32)
     for i, name in enumerate(names):
@@ -332,7 +439,7 @@ def dali_preprocess(
     float16 with `half` (computed in float32 and rounded once, for a model that runs in 16 bits).
 
     Decoding applies EXIF orientation and yields 3-channel RGB for gray, RGBA (alpha dropped, as PIL's
-    convert("RGB")), palette and CMYK inputs. `geometry` holds fn.resize's geometry arguments (default:
+    convert("RGB")), palette and CMYK inputs. `geometry` holds the resize passes' geometry arguments (default:
     `geometry_inputs(recipe)`, an external source to be fed with `feed_geometry(pipe, recipe.source_geometry(sizes))`
     for the (EXIF-oriented) header sizes of the same batch, from `wdsembed.imagesize`)."""
     from nvidia.dali import fn, types
@@ -352,15 +459,51 @@ def dali_preprocess(
     if geometry is None:
         geometry = geometry_inputs(recipe)
     images = fn.decoders.image(encoded, **decoder_args)
+    return crop_normalize(resize_passes(images, recipe, geometry), recipe, half=half)
+
+
+def resize_passes(images: Any, recipe: PreprocessRecipe, geometry: dict[str, Any]) -> Any:
+    """Decoded uint8 HWC images -> the recipe's resize and crop, uint8 (padding left to `crop_normalize`), with
+    the geometry arguments of `geometry_inputs`: in one fn.resize, or in two (`PreprocessRecipe.two_passes`).
+
+    Two passes cost more than one. On the CPU, DALI's horizontal pass is the slow one (a scalar loop per output
+    pixel; the vertical one runs along whole rows): one pass resizes the height first and then the width of the
+    output's rows only, PIL's order resizes the width of every input row that it needs. And DALI has no shortcut for
+    a pass's axis at scale 1: it runs its filter over it all the same. Batches of 256 photographs (short side
+    256-480) to 224 x 224, on the 2-core machine (bench/resize_passes.py, CPU time): bicubic took 1.3 ms per image
+    in one pass and 4.6 in two, bilinear 0.66 and 2.0, where decoding took 0.7.
+    """
+    from nvidia.dali import fn, types
+
+    resampling = dict(interp_type=getattr(types, INTERPOLATIONS[recipe.interpolation]), antialias=True,
+                      subpixel_scale=False)
+    if not recipe.two_passes:
+        # The resize and the crop in one pass, in float (DALI picks the order of its axes), rounded once to 8 bits.
+        return fn.resize(images, size=geometry["resize_size"], roi_start=geometry["roi_start"],
+                         roi_end=geometry["roi_end"], **resampling)
+    # PIL's two passes: the width first, to 8 bits (rounded and clipped, as PIL's intermediate image), then the
+    # height. Each pass's other axis is whole pixels at scale 1, which DALI's filters copy exactly (tested).
     images = fn.resize(
         images,
-        size=geometry["resize_size"],
-        roi_start=geometry["roi_start"],
-        roi_end=geometry["roi_end"],
-        interp_type=getattr(types, INTERPOLATIONS[recipe.interpolation]),
-        antialias=True,
-        subpixel_scale=False,
+        size=geometry["horizontal_size"],
+        mode="stretch",  # the height is 0 in the size: the region's rows, not resized
+        roi_start=geometry["horizontal_roi_start"],
+        roi_end=geometry["horizontal_roi_end"],
+        **resampling,
     )
+    return fn.resize(
+        images,
+        size=geometry["resize_size"],
+        roi_start=geometry["vertical_roi_start"],
+        roi_end=geometry["vertical_roi_end"],
+        **resampling,
+    )
+
+
+def crop_normalize(images: Any, recipe: PreprocessRecipe, *, half: bool = False) -> Any:
+    """Resized uint8 HWC images -> the recipe's crop size (padded where an image is smaller), normalized, CHW."""
+    from nvidia.dali import fn, types
+
     ch, cw = recipe.crop_size
     mean = [255.0 * m for m in recipe.mean]
     std = [255.0 * s for s in recipe.std]
