@@ -82,6 +82,14 @@ def device_of(name):
     return int(device) if device.isdigit() else device
 
 
+def local_nanny() -> type:
+    """The worker class of every local cluster started here: worker processes that leave Ctrl-C to the process that
+    started them, which closes the cluster (wdsembed.localworkers). Imported when a cluster is, not with this module."""
+    from wdsembed.localworkers import Nanny
+
+    return Nanny
+
+
 def gpu_cluster(gpus: int, workers_per_gpu: int = 1) -> dict:
     """DaskTaskRunner's cluster_class and cluster_kwargs for a local cluster on the first `gpus` visible GPUs, with
     `workers_per_gpu` worker processes on each (wdsembed.gpucluster.SharedGPUCluster where more than one)."""
@@ -91,6 +99,7 @@ def gpu_cluster(gpus: int, workers_per_gpu: int = 1) -> dict:
         "n_workers": gpus * workers_per_gpu,
         "threads_per_worker": SHARDS_PER_GPU,
         "resources": {"GPU": 1},
+        "worker_class": local_nanny(),
     }
     if workers_per_gpu == 1:
         return {"cluster_class": "dask_cuda.LocalCUDACluster", "cluster_kwargs": kwargs}
@@ -141,6 +150,7 @@ def task_runner_kwargs(config: EmbedConfig) -> dict:
             "n_workers": n_workers,
             "threads_per_worker": 1,
             "processes": True,
+            "worker_class": local_nanny(),
             # Split the cores between the workers' torch thread pools, so they never oversubscribe the machine.
             "env": {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n_workers))},
         },

@@ -5,11 +5,13 @@ Injection is off unless WDSEMBED_FAULTS names a JSON file: {"<shard stem>": {"fa
 the shard's task starts, "batch" after a batch went through the model (mid-shard), "commit" once the shard's kNN
 view is written and before its table is (a run dying between the two files). Attempts are counted in a file beside it
 (<spec>.<stem>.attempts), so they survive retries and worker restarts; a spec with "fail_attempts": 0 only counts.
+"hold_s": S makes each counted attempt wait S seconds first (a shard held mid-embedding, for a test to interrupt).
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Callable, Optional
 
 from wdsembed import shardindex, tarstream
@@ -69,6 +71,7 @@ def maybe_inject(stem: str, where: str = "start") -> None:
     attempts = int(open(counter).read()) if os.path.exists(counter) else 0
     with open(counter, "w") as f:
         f.write(str(attempts + 1))
+    time.sleep(float(spec.get("hold_s", 0)))
     if attempts >= int(spec.get("fail_attempts", 1)):
         return
     error = spec.get("error", "io")

@@ -78,6 +78,8 @@ def get_client(
         log.warning("get_client(cluster_type='gpu'): %s; starting a CPU cluster instead", reason)
     for name in _GPU_CLUSTER_ONLY:
         cluster_kwargs.pop(name, None)
+    from wdsembed.cluster import local_nanny
+
     n_workers = n_workers or 2
     options = {
         "n_workers": n_workers,
@@ -86,6 +88,8 @@ def get_client(
         # torch's thread pools share the cores instead of each taking all of them
         "env": {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n_workers))},
     } | cluster_kwargs
+    if options["processes"]:  # worker processes that leave Ctrl-C to this one (wdsembed.localworkers)
+        options.setdefault("worker_class", local_nanny())
     return Client(LocalCluster(**options))
 
 

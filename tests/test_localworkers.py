@@ -1,0 +1,151 @@
+"""The worker processes of the local clusters a run starts leave Ctrl-C to the process that started them
+(wdsembed.localworkers): they ignore SIGINT from their first instant, the starting process keeps its own Ctrl-C,
+closing the cluster still stops a busy worker within seconds, and workers started any other way are untouched.
+The whole command under a terminal's Ctrl-C: tests/test_cli.py (test_ctrl_c_to_the_process_group_while_workers_embed).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import dask
+import psutil
+import pytest
+
+from wdsembed import cluster, localworkers
+from wdsembed.config import EmbedConfig
+
+pytestmark = pytest.mark.slow  # each starts a Dask cluster with a worker process
+
+
+def ignores_sigint() -> bool:
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_runs_and_the_gpu_clusters_use_these_workers():
+    cpu = cluster.task_runner_kwargs(EmbedConfig(input="in", output="out", device="cpu"))
+    assert cpu["cluster_kwargs"]["worker_class"] is localworkers.Nanny
+    for workers_per_gpu in (1, 2):
+        assert cluster.gpu_cluster(2, workers_per_gpu)["cluster_kwargs"]["worker_class"] is localworkers.Nanny
+
+
+def test_configured_preloads_stay():
+    this = localworkers.PRELOAD
+    assert localworkers.with_this_preload(None, None) == ([this], [])
+    assert localworkers.with_this_preload("mine", ["--x"]) == (["mine", this], ["--x"])  # one argv for all
+    assert localworkers.with_this_preload(["mine"], [["--x"]]) == (["mine", this], [["--x"], []])
+    assert localworkers.with_this_preload(["dask_cuda.initialize", this], ["--a"]) == (
+        ["dask_cuda.initialize", this], ["--a"])
+    with dask.config.set({"distributed.worker.preload": ["mine"], "distributed.worker.preload-argv": [["--y"]]}):
+        assert localworkers.with_this_preload(None, None) == (["mine", this], [["--y"], []])
+
+
+def test_workers_ignore_sigint_and_this_process_keeps_it():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, worker_class=localworkers.Nanny,
+                      dashboard_address=None) as ours, Client(ours, set_as_default=False) as client:
+        assert list(client.run(ignores_sigint).values()) == [True]
+        assert list(client.run(lambda: signal.pthread_sigmask(signal.SIG_BLOCK, [])).values()) == [set()]
+        assert list(client.run(quiet_once_closing, "distributed.worker").values()) == [True]
+        assert list(client.run(quiet_once_closing, "distributed.worker.state_machine").values()) == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    localworkers.dask_setup(None)  # as for a worker in this very process (processes=False): nothing changes
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def quiet_once_closing(logger: str) -> bool:
+    import logging
+
+    return any(isinstance(f, localworkers._QuietOnceClosing) for f in logging.getLogger(logger).filters)
+
+
+def test_a_closing_worker_keeps_distributeds_lines_to_itself():
+    """What a worker closed with a task still running logs (the run was stopped) stays in its process; what it logs
+    before, and anything critical, still shows."""
+    import logging
+
+    from distributed.core import Status
+
+    class Worker:
+        status = Status.running
+
+    worker = Worker()
+    quiet = localworkers._QuietOnceClosing(worker)
+
+    def record(level: int) -> logging.LogRecord:
+        return logging.LogRecord("distributed.worker", level, __file__, 1, "Failed to communicate with scheduler "
+                                 "during heartbeat.", None, None)
+
+    assert quiet.filter(record(logging.ERROR))
+    for worker.status in (Status.closing, Status.closed):
+        assert not quiet.filter(record(logging.ERROR)) and not quiet.filter(record(logging.WARNING))
+        assert quiet.filter(record(logging.CRITICAL))
+
+
+def test_workers_started_otherwise_keep_sigint():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as theirs, \
+            Client(theirs, set_as_default=False) as client:
+        assert list(client.run(ignores_sigint).values()) == [False]
+        assert list(client.run(quiet_once_closing, "distributed.worker").values()) == [False]
+
+
+def test_a_ctrl_c_while_a_worker_process_starts_is_held_for_it():
+    """The worker process gets a SIGINT as soon as it exists, long before its preload runs (Python starting, its
+    imports): it survives it, and ignores SIGINT once started. Without the mask inherited at its spawn it died
+    there (KeyboardInterrupt in an import, or killed outright), and the cluster failed to start."""
+    from distributed import Client, LocalCluster
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    made: dict = {}
+
+    def start():
+        try:
+            made["cluster"] = LocalCluster(n_workers=1, threads_per_worker=1, worker_class=localworkers.Nanny,
+                                           dashboard_address=None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            made["error"] = exc
+
+    starting = threading.Thread(target=start)
+    starting.start()
+    deadline = time.monotonic() + 60
+    worker = None
+    while worker is None:
+        assert time.monotonic() < deadline and starting.is_alive(), made
+        for p in me.children(recursive=True):
+            try:
+                if p.pid not in before and "spawn_main" in " ".join(p.cmdline()):
+                    worker = p
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.005)
+    os.kill(worker.pid, signal.SIGINT)
+    starting.join(120)
+    assert "cluster" in made, made
+    with made["cluster"] as ours, Client(ours, set_as_default=False) as client:
+        assert list(client.run(os.getpid).values()) == [worker.pid]
+        assert list(client.run(ignores_sigint).values()) == [True]
+
+
+def test_closing_the_cluster_stops_a_busy_worker_within_seconds():
+    """What the command's Ctrl-C relies on: the cluster's close stops a worker still running a task (its nanny kills
+    it after 4 s: distributed's Nanny.kill), SIGINT ignored or not."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, worker_class=localworkers.Nanny,
+                      dashboard_address=None) as ours, Client(ours, set_as_default=False) as client:
+        (pid,) = client.run(os.getpid).values()
+        busy = client.submit(time.sleep, 300)
+        while not client.processing()[next(iter(client.processing()))]:
+            time.sleep(0.05)
+        closing = time.monotonic()
+        client.close()
+        ours.close()
+        assert time.monotonic() - closing < 15
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    del busy

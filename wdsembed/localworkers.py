@@ -1,0 +1,113 @@
+"""Worker processes of the Dask clusters that wdsembed starts on this machine, which leave Ctrl-C to the process that
+started them.
+
+A terminal sends Ctrl-C's SIGINT to its whole foreground process group: to the command, and to the worker processes
+that its local cluster spawned. A worker that got it closed itself, and one that was idle ended on a KeyboardInterrupt
+traceback of its own, printed among the command's lines (cli.main prints one: where the finished shards are; exit
+130), while the command, which got the same signal, closes the cluster anyway. These workers ignore SIGINT: the
+command alone handles it, and closes its cluster, whose nannies stop the workers (one still busy with a shard is
+killed within seconds: distributed's Nanny.kill). Outputs stay whole or absent, as for any stop.
+
+Two steps, so that no moment is left uncovered while a worker process starts (seconds: it imports the run's
+modules again):
+* Nanny (in the starting process) spawns each worker process from a thread that blocks SIGINT, a mask the new
+  process inherits: a Ctrl-C during its start is held pending, not delivered;
+* dask_setup (a worker preload, in the worker process) ignores SIGINT, which discards one pending, and lets the
+  signal through again.
+
+A worker started any other way (`dask worker`, another program's cluster) is not touched: only a cluster given this
+Nanny as its worker class (wdsembed.cluster) loads the preload.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+import weakref
+
+import dask
+import distributed
+from distributed.core import Status
+
+PRELOAD = __name__
+
+
+class Nanny(distributed.Nanny):
+    """distributed.Nanny whose worker process ignores SIGINT from its birth (see the module)."""
+
+    def __init__(self, *args, preload=None, preload_argv=None, **kwargs):
+        preload, preload_argv = with_this_preload(preload, preload_argv)
+        super().__init__(*args, preload=preload, preload_argv=preload_argv, **kwargs)
+
+    async def instantiate(self):
+        _hold_sigint_in_this_thread()
+        return await super().instantiate()
+
+
+def with_this_preload(preload, preload_argv) -> tuple[list, list]:
+    """A worker's preloads and their arguments as distributed.Nanny takes them (None: the configured ones,
+    distributed.worker.preload and preload-argv), with this module's after them."""
+    preload = dask.config.get("distributed.worker.preload") if preload is None else preload
+    preload = [preload] if isinstance(preload, str) else list(preload)
+    argv = dask.config.get("distributed.worker.preload-argv") if preload_argv is None else preload_argv
+    argv = list(argv or [])
+    if PRELOAD not in preload:
+        preload.append(PRELOAD)
+        if argv and not isinstance(argv[0], str):  # one list of arguments per preload: none for this one
+            argv.append([])
+        # else: one list shared by every preload, or none; dask_setup below takes no arguments
+    return preload, argv
+
+
+def _hold_sigint_in_this_thread() -> None:
+    """Block SIGINT in the thread that runs the nanny, unless it is the main thread: the threads that it then
+    creates inherit the mask (distributed's AsyncProcess starts the worker process from one of them), and so does
+    the worker process. Python runs signal handlers in the main thread only, so nothing else in this process
+    changes: the kernel delivers a SIGINT to a thread that does not block it. Not on the main thread, whose Ctrl-C
+    would wait (a nanny of a cluster started with asynchronous=True in the main thread's event loop): there only
+    the preload protects the worker, once it runs."""
+    if threading.current_thread() is threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        return
+    # The worker's queues start multiprocessing's resource tracker the first time, and its launch unblocks SIGINT in
+    # the launching thread (it blocks the signal for its own process, then unblocks rather than restores): started
+    # first, it is left running, and the mask below stays.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def dask_setup(worker) -> None:
+    """The preload, in the worker process as its Worker starts: ignore SIGINT (a pending one is discarded), then
+    unblock it; and distributed's lines from the worker's close go (_QuietOnceClosing). Nothing in a worker that runs
+    in the starting process itself (processes=False), whose Ctrl-C must stay."""
+    if multiprocessing.parent_process() is None or threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    quiet = _QuietOnceClosing(worker)
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if (name == "distributed" or name.startswith("distributed.")) and isinstance(logger, logging.Logger):
+            logger.addFilter(quiet)
+
+
+class _QuietOnceClosing(logging.Filter):
+    """Nothing below CRITICAL from distributed once this process's worker is closing. Its nanny closes it when the
+    run ends, and when a Ctrl-C stopped the run while it still ran a shard, its close logs what that leaves undone:
+    a warning per task cancelled ("Async instruction for <Task cancelled ...> ended with CancelledError"), an error
+    with a traceback for a heartbeat in flight that finds the scheduler gone, each printed among the command's lines.
+    The command has said where the finished shards are; the nanny, in the command's process, still says when a
+    worker had to be killed. What a worker logs before its close begins (why it closes) is kept."""
+
+    def __init__(self, worker):
+        super().__init__()
+        self.worker = weakref.ref(worker)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        worker = self.worker()
+        return record.levelno >= logging.CRITICAL or (worker is not None and worker.status not in _CLOSING)
+
+
+_CLOSING = (Status.closing, Status.closed)
