@@ -150,6 +150,27 @@ def test_api_runs_on_the_scheduler_at_dask_address_and_leaves_the_current_client
         assert len(there.scheduler.clients) == 1  # the call's client is closed (the scheduler's own remains)
 
 
+def test_api_at_dask_address_runs_where_no_client_is_current(tmp_path, monkeypatch):
+    """dask_address from a plain script, where no Dask client is current: the call's own client (never made
+    current) collects the shards' results and the manifest is written. Waiting on its futures once asked for the
+    current client, and failed ("No clients found") after every shard was written, with no manifest."""
+    import fsspec
+    from distributed import LocalCluster
+    from distributed.client import _get_global_client
+
+    from wdsembed import api
+    from wdsembed.output import read_manifest
+
+    monkeypatch.setattr(api, "_run_here", lambda config, plans: pytest.fail("shards ran in the calling process"))
+    shards = _one_shard(tmp_path / "in")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as there:
+        assert _get_global_client() is None
+        results = _embedder_with(dask_address=there.scheduler_address)(str(shards), str(tmp_path / "out"))
+        assert _get_global_client() is None
+    assert [r.stem for r in results] == ["00000"] and results[0].embedded == 2
+    assert read_manifest(str(tmp_path / "out"), fsspec.filesystem("file"))["shards"].keys() == {"00000"}
+
+
 def test_api_with_an_unreachable_dask_address_fails_naming_it_and_runs_nothing_here(tmp_path, monkeypatch):
     """dask_address is never ignored: nothing listens at the address, so the call fails naming it, and no shard
     runs in the calling process instead."""

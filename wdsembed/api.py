@@ -193,7 +193,9 @@ def _run_on_dask(client, config: EmbedConfig, plans: list) -> tuple[list, dict]:
     log.info("%d shard(s) submitted to Dask (%s)%s", len(plans), client.scheduler.address,
              ", one GPU each" if resources else "")
     results, failures = [], {}
-    for future in as_completed(futures):
+    # On this client's loop: as_completed() without one asks for the current client, and the call's own client
+    # (dask_address) is never made current, nor is there any in a plain script.
+    for future in as_completed(futures, loop=client.loop):
         plan = futures[future]
         try:
             results.append(future.result())
