@@ -41,6 +41,7 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from prefect_dask import DaskTaskRunner  # noqa: E402
 
 from flows import apiserver, prefect_env  # noqa: E402
+from tasks import prefect_events  # noqa: E402
 from tasks.embed import embed_shards, result_storage_for  # noqa: E402
 from tasks.index import index_shards  # noqa: E402
 from tasks.report import report  # noqa: E402
@@ -127,6 +128,8 @@ def embed_dataset(config: EmbedConfig) -> dict:
         if done == len(plans) or done / len(plans) * 100 - shown >= 1:  # one API call per percent at most
             shown = done / len(plans) * 100
             update_progress_artifact(progress, shown)
+    if config.dask_address:
+        _worker_reports_sent(client)
 
     manifest = report(config, results, failures, time.perf_counter() - started, timeline)
     if failures:
@@ -149,6 +152,30 @@ embed_flow = flow(name="embed-shards", log_prints=True)(embed_dataset)
 # (docs/benchmarks.md, twenty-third session); the others still start long before the first shard ends. The bound
 # is for cold workers, whose first task waits seconds for its imports (as would the others, on the same imports).
 FIRST_TASK_HEAD_START_S = 10.0
+
+
+# The longest the run waits at its end for the workers of a shared cluster to send its task runs' events and logs.
+WORKER_REPORTS_TIMEOUT_S = 30.0
+
+
+def _worker_reports_sent(client) -> None:
+    """Workers of a shared cluster (--dask-address) outlive the run, and send its task runs' events and logs (their
+    ends) to its API in the background, after the tasks returned: wait until they have, before the run ends and its
+    API (a temporary server, without PREFECT_API_URL) may stop (tasks.prefect_events)."""
+    url = PREFECT_API_URL.value()
+    if client is None or not url:
+        return
+    logger = get_run_logger()
+    try:
+        pending = client.run(prefect_events.sent_to, url, WORKER_REPORTS_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - the outputs are written; the record of them is what may be short
+        logger.warning("could not ask the Dask workers whether they sent this run's task-run events and logs "
+                       "(%s: %s)", type(exc).__name__, exc)
+        return
+    left = sum(pending.values())
+    if left:
+        logger.warning("%d task-run event(s) and log line(s) of this run were still unsent on the Dask workers "
+                       "after %.0f s", left, WORKER_REPORTS_TIMEOUT_S)
 
 
 def _task_starts(client) -> contextlib.AbstractContextManager:
@@ -309,8 +336,10 @@ def _api_for_workers():
     """Without PREFECT_API_URL, this process needs a temporary API server (the one the command started in the
     background, or one started now: flows.apiserver), and each Dask worker process, not knowing it, would start
     one of its own on the same SQLite file (slow, "database is locked"). Give its URL to this run's client and to
-    the workers with the run's settings (it may still be booting: apiserver.wait). Workers on other nodes cannot
-    reach it: with --dask-address, set PREFECT_API_URL to a server every node reaches.
+    the workers with the run's settings (it may still be booting: apiserver.wait): each task run enters them on its
+    worker and sends its events and logs to that URL, also on the workers of a shared cluster, which outlive the
+    run and serve others, each with a server of its own (tasks.prefect_events). Workers on other nodes cannot reach
+    it: with --dask-address, set PREFECT_API_URL to a server every node reaches.
 
     Flow-run heartbeats stay off there: they let a server that outlives this process mark the run Crashed should
     the process die, and this one stops with it, so none could be missed; the flow run's end would wait for their

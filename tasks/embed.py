@@ -10,6 +10,7 @@ from pathlib import Path
 from prefect import task
 from prefect.context import TaskRunContext
 
+from tasks.prefect_events import count_api_logs, route_events_by_api_url
 from tasks.prefect_settings import share_hydrated_settings
 from tasks.prefect_tls import share_api_tls_contexts
 from wdsembed import caching, cluster, faults, shard, storage
@@ -19,6 +20,8 @@ from wdsembed.shard import ShardPlan, ShardsFailed
 # On import: the one hook a Dask worker runs before Prefect's task engine (see the modules).
 share_api_tls_contexts()
 share_hydrated_settings()
+route_events_by_api_url()
+count_api_logs()
 
 
 def result_storage_for(config: EmbedConfig):

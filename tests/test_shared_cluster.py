@@ -1,0 +1,152 @@
+"""Runs of the `wdsembed` command on a long-lived Dask cluster (`--dask-address`: a scheduler and two worker
+processes started here, which outlive every run), each run without PREFECT_API_URL, so with a temporary Prefect API
+server of its own: each run's task runs and their logs must reach its own API, whatever runs came before it on
+those workers, or run beside it.
+
+Each run is a process of its own (the command, then a look at its API before the process, and the server with it,
+ends), with its own Prefect home (database), so whatever one API holds was sent to it. Small on purpose (2 shared
+cores): 3 shards of 4 images, the tiny timm test model with random weights, one single-threaded CPU worker each.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_MODEL
+from processes import scheduler_address, start as start_process, stop as stop_process
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STEMS = ["00000", "00001", "00002"]
+
+# The command, then its flow run's task runs and their logs, read from the API the run used (its temporary server,
+# still up until this process exits), once the embedding task runs are final or a minute has passed.
+RUN_AND_READ = '''
+import json, sys, time
+from flows.command import main
+
+code = main(sys.argv[1:])
+from flows import apiserver
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+url = apiserver.api_url()
+deadline = time.monotonic() + 60
+with temporary_settings(updates={PREFECT_API_URL: url}):
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs()
+            embeds = [r for r in runs if r.name.startswith("embed-")]
+            if (len(embeds) >= 3 and all(r.state and r.state.is_final() for r in embeds)) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        flow_runs = client.read_flow_runs()
+        logs = client.read_logs()
+ids = {str(r.id): r.name for r in embeds}
+print(json.dumps({"code": code, "api": url, "flow_runs": len(flow_runs),
+                  "embed_runs": sorted([r.name, r.state.name if r.state else None] for r in embeds),
+                  "shard_logs": sorted(ids[str(l.task_run_id)] for l in logs
+                                       if str(l.task_run_id) in ids and l.message.startswith("shard "))}))
+'''
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory):
+    """A `dask scheduler` and two `dask worker` processes on loopback, up for the module's runs; their logs."""
+    from distributed import Client
+
+    root = tmp_path_factory.mktemp("shared-cluster")
+    env = _env(root / "workers-prefect")
+    scheduler_file = root / "scheduler.json"
+    procs = [start_process([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                            "--scheduler-file", scheduler_file], root / "scheduler.log", env)]
+    logs = [root / f"worker{i}.log" for i in range(2)]
+    try:
+        address = scheduler_address(procs[0], scheduler_file, root / "scheduler.log")
+        for i, log in enumerate(logs):
+            procs.append(start_process([BIN / "dask", "worker", address, "--nthreads", "1", "--nworkers", "1",
+                                        "--no-dashboard", "--name", f"node{i}"], log, env))
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        yield address, logs
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)
+
+
+def _env(prefect_home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "WDSEMBED_FAULTS"}
+    return env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                  "PREFECT_HOME": str(prefect_home)}
+
+
+def _data(folder: Path) -> Path:
+    from wdsembed.synthetic import write_demo_dataset
+
+    if not folder.exists():
+        write_demo_dataset(folder, n_shards=len(STEMS), per_shard=4, failed_per_shard=1)
+    return folder
+
+
+def _start_run(root: Path, name: str, address: str) -> subprocess.Popen:
+    script = root / "run_and_read.py"
+    script.write_text(RUN_AND_READ)
+    argv = [sys.executable, script, _data(root / f"in-{name}"), "-o", root / f"out-{name}", "--model", TINY_MODEL,
+            "--no-pretrained", "--device", "cpu", "--num-threads", "1", "--batch-size", "4", "--dask-address", address]
+    return subprocess.Popen([str(a) for a in argv], cwd=root, env=_env(root / f"prefect-{name}"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(run: subprocess.Popen) -> dict:
+    try:
+        stdout, stderr = run.communicate(timeout=420)
+    finally:
+        run.kill()
+    assert run.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    seen = json.loads(stdout.strip().splitlines()[-1])
+    assert seen["code"] == 0, stderr[-3000:]
+    return seen
+
+
+def _assert_own_task_runs(seen: dict) -> None:
+    """The run's API holds its one flow run, its three embedding task runs Completed (no other run's: the shards
+    of every run here have the same names), and the shard line each logged on its worker."""
+    assert seen["flow_runs"] == 1, seen
+    assert seen["embed_runs"] == [[f"embed-{s}", "Completed"] for s in STEMS], seen
+    assert seen["shard_logs"] == [f"embed-{s}" for s in STEMS], seen
+
+
+def _api_errors(logs: list[Path]) -> list[str]:
+    return [line for log in logs for line in log.read_text(errors="replace").splitlines()
+            if "Unable to connect to 'ws://" in line or "Error logging to API" in line]
+
+
+def test_each_run_on_long_lived_workers_reports_to_its_own_temporary_api(tmp_path, shared_cluster):
+    """A second run on the workers of a first: its task runs reach its own API (they went to the first run's
+    server, gone by then, and the second run's API showed none of them)."""
+    address, worker_logs = shared_cluster
+    first = _finish(_start_run(tmp_path, "first", address))
+    _assert_own_task_runs(first)
+    second = _finish(_start_run(tmp_path, "second", address))
+    assert second["api"] != first["api"]
+    _assert_own_task_runs(second)
+    assert not _api_errors(worker_logs)
+
+
+def test_two_runs_at_once_on_the_same_workers_each_report_to_their_own_api(tmp_path, shared_cluster):
+    """Two runs at the same time, on the same two workers, each with its own temporary API: each run's task runs
+    and logs reach its API, and none of the other's."""
+    address, worker_logs = shared_cluster
+    runs = [_start_run(tmp_path, name, address) for name in ("a", "b")]
+    seen = [_finish(run) for run in runs]
+    assert seen[0]["api"] != seen[1]["api"]
+    for one in seen:
+        _assert_own_task_runs(one)
+    assert not _api_errors(worker_logs)
