@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -413,6 +414,46 @@ def test_other_checkpoint_weights_are_refused_beside_earlier_outputs(tmp_path, m
     [result] = TimmImageEmbedder(TINY_MODEL, checkpoint="./w1.safetensors", **SETTINGS)(str(data / "00000.tar"),
                                                                                       str(out))
     assert result.embedded == 3  # not refused (recomputed: the checkpoint as given is part of the cache key)
+
+
+def test_a_checkpoint_rewritten_at_its_path_is_loaded_again_in_the_same_process(tmp_path):
+    """In one process (the API; a shared Dask worker likewise) a checkpoint file rewritten at the same path between
+    two runs changes the cache key, so the shards are recomputed; the process's Worker must be built again for it,
+    not serve the old weights under the new key and the new file's record."""
+    pytest.importorskip("nvidia.dali")
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from wdsembed import storage
+    from wdsembed.api import TimmImageEmbedder
+
+    shard(tmp_path / "in", "00000", n=3)
+    weights = tmp_path / "w.safetensors"
+    tables = []
+    for seed, out in ((1, "one"), (2, "two")):
+        torch.manual_seed(seed)
+        save_file(timm.create_model(TINY_MODEL, pretrained=False).state_dict(), str(weights))
+        later = time.time() + 5 * seed  # a new mtime, whatever the file system's time resolution
+        os.utime(weights, (later, later))
+        TimmImageEmbedder(TINY_MODEL, checkpoint=str(weights), **SETTINGS)(str(tmp_path / "in"), str(tmp_path / out))
+        tables.append(pq.read_table(tmp_path / out / "00000.parquet"))
+        assert _footer_model(tmp_path / out / "00000.parquet")["checkpoint"]["fingerprint"] \
+            == storage.file_fingerprint(str(weights))
+    assert tables[0].column("image_embedding") != tables[1].column("image_embedding"), \
+        "the second run embedded with the first run's weights"
+
+
+def test_a_missing_checkpoint_is_said_missing_not_rewritten(tree, tmp_path):
+    """The check of outputs beside a run's own reads this run's checkpoint first: a missing file is named as such,
+    not taken for another file that made every output beside."""
+    weights = tmp_path / "w.safetensors"
+    out = tmp_path / "out"
+    _written_by(out, "00001", TINY_MODEL, weights=f"checkpoint:{weights}",
+                checkpoint={"path": str(weights), "fingerprint": "7:1.0"})
+    one = config(tree / "00000.tar", out, embedding="pooled", checkpoint=str(weights))
+    with pytest.raises(plan.InputError, match=r"checkpoint .*w\.safetensors.* cannot be read: FileNotFoundError"):
+        plan.check_outputs_beside(one, plan.find_shards(one))
 
 
 def test_other_head_is_refused_beside_earlier_outputs(tmp_path):

@@ -137,8 +137,9 @@ def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
 
     try:  # this run's checkpoint's identity, as its outputs will record it
         fingerprint = storage.file_fingerprint(config.checkpoint, config.storage_options) if config.checkpoint else None
-    except OSError:
-        fingerprint = None
+    except OSError as exc:
+        # Said here, as the cause: unread, every output beside made with this path would look made by another file.
+        raise InputError(f"checkpoint {config.checkpoint!r} cannot be read: {type(exc).__name__}: {exc}") from exc
 
     def differs(path: str) -> Optional[str]:
         meta = output.read_output_metadata(path, out_fs)

@@ -156,6 +156,18 @@ def _env_count(name: str, default: int, least: int, meaning: str) -> int:
     return int(value)
 
 
+def _checkpoint_fingerprint(config: EmbedConfig) -> Optional[str]:
+    """The checkpoint file's identity now (as in the cache key): a file rewritten at the same path between two runs
+    in one process (the API, a shared Dask worker) builds its Worker again instead of serving the old weights under
+    the new file's cache key. None without a checkpoint, or where it cannot be read (the build then says why)."""
+    if not config.checkpoint:
+        return None
+    try:
+        return storage.file_fingerprint(config.checkpoint, config.storage_options)
+    except OSError:
+        return None
+
+
 class Worker:
     """The model and the DALI pipeline of one worker process, built once and reused for every shard."""
 
@@ -330,8 +342,8 @@ class Worker:
     def _built_for(cls, config: EmbedConfig) -> "Worker":
         """The Worker for `config`, built where there is none (called holding _building)."""
         ident = json.dumps(
-            [config.model_key(), config.checkpoint, config.batch_size, config.num_threads_per_worker, config.device,
-             config.max_image_pixels or None, build_env()],
+            [config.model_key(), config.checkpoint, _checkpoint_fingerprint(config), config.batch_size,
+             config.num_threads_per_worker, config.device, config.max_image_pixels or None, build_env()],
             sort_keys=True,
         )
         while True:
