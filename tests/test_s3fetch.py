@@ -322,6 +322,35 @@ def test_a_store_that_ignores_range_fails_naming_the_url_instead_of_mixing_parts
         path.unlink()
 
 
+@pytest.mark.parametrize("fail, refused", [
+    (s3fetch._Failure("LongBody", False, "rid", "more than the bytes asked for"), True),
+    (s3fetch._Failure("AccessDenied", False, "rid", "", 403), None),  # a PermissionError, as before
+    (s3fetch._Failure("InvalidObjectState", False, "rid", "The operation is not valid for the object's class", 400), True),
+    (s3fetch._Failure("Superseded", False, "rid"), False),  # the fetcher closed under the read
+    (s3fetch._Failure("ValueError", False, detail="unclassified"), False),
+    (s3fetch._Failure("InternalError", True, "rid", "", 500), False),
+])
+def test_only_the_stores_final_answers_are_refused_for_good(fail, refused):
+    """What the task's retries may not retry (faults.is_transient): an answer asking again cannot change (a store
+    that ignores Range, a 4xx). A read cut short by the fetcher's own close, or an error nobody classified, stays
+    retryable; only retried failures speak of tries."""
+    from wdsembed import faults
+
+    fx = s3fetch.ShardFetcher({"endpoint_url": "http://127.0.0.1:9"})
+    try:
+        shard = s3fetch._Shard(f"s3://{BUCKET}/00000.tar", BUCKET, "00000.tar", 4 * PART, '"etag"')
+        shard.layout(PART)
+        error = fx._error_for(shard, shard.parts[0], fail)
+    finally:
+        fx.close()
+    if refused is None:
+        assert isinstance(error, PermissionError)
+        return
+    assert isinstance(error, s3fetch.FetchRefusedError) == refused, error
+    assert faults.is_transient(error) != refused
+    assert ("tries" in str(error)) == fail.retry, error
+
+
 def test_memory_stays_within_the_budget_with_shards_ahead(server, root):
     budget = 6 * PART
     with fetcher(server.endpoint, memory_budget=budget, initial_in_flight=8) as fx:

@@ -650,10 +650,13 @@ class ShardFetcher:
 
             return PermissionError(f"{shard.url}: no usable credentials; {CREDENTIALS_HINT}")
         detail = f" ({fail.detail})" if fail.detail else ""
-        if not fail.retry:
+        if fail.kind == "LongBody" or (not fail.retry and 400 <= fail.status < 500):
+            # Only the store's own final answers: a read cut short by the fetcher's close ("Superseded") or an error
+            # nobody classified stays a FetchError, which the task's retries may clear.
             return FetchRefusedError(f"{shard.url}{what}: {fail.kind}{rid}{detail}; not retried: asking again "
                                      "cannot change this answer")
-        return FetchError(f"{shard.url}{what}: {fail.kind}{rid} after {self.retries} tries{detail}")
+        tries = f" after {self.retries} tries" if fail.retry else ""
+        return FetchError(f"{shard.url}{what}: {fail.kind}{rid}{tries}{detail}")
 
     # -- adaptation and stragglers (monitor thread)
 
