@@ -159,6 +159,13 @@ def api_url() -> str:
         return _server.api_url
 
 
+def serves(url: Optional[str]) -> bool:
+    """Whether `url` is this process's temporary server's API URL (which stops with the process)."""
+    with _lock:
+        server = _server
+    return server is not None and server.process is not None and url == server.api_url
+
+
 def wait(url: Optional[str]) -> None:
     """Return once the temporary server answers, where `url` is its API URL (at once for any other); RuntimeError
     if it cannot."""

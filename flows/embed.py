@@ -160,10 +160,12 @@ WORKER_REPORTS_TIMEOUT_S = 30.0
 
 def _worker_reports_sent(client) -> None:
     """Workers of a shared cluster (--dask-address) outlive the run, and send its task runs' events and logs (their
-    ends) to its API in the background, after the tasks returned: wait until they have, before the run ends and its
-    API (a temporary server, without PREFECT_API_URL) may stop (tasks.prefect_events)."""
+    ends) to its API in the background, after the tasks returned: where that API is this process's temporary server
+    (no PREFECT_API_URL), which stops with the run, wait until they have (tasks.prefect_events). A server that
+    outlives the run gets them anyway; there the wait would also count the events of other runs on the same
+    workers and the same URL, and could hold this run's end for nothing."""
     url = PREFECT_API_URL.value()
-    if client is None or not url:
+    if client is None or not url or not apiserver.serves(url):
         return
     logger = get_run_logger()
     try:
