@@ -20,6 +20,16 @@ from wdsembed.config import EmbedConfig
 pytestmark = pytest.mark.slow  # each starts a Dask cluster with a worker process
 
 
+@pytest.fixture(autouse=True)
+def interactive_sigint():
+    """This process with Python's own Ctrl-C handler, as a command run from a terminal has it. A test run started in
+    the background of a non-interactive shell (`cmd &` in a script, as CI runners may) inherits SIGINT ignored, and
+    so would every worker process it spawns, whatever the worker class."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def ignores_sigint() -> bool:
     return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
