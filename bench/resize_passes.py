@@ -1,5 +1,5 @@
-"""What PIL's two resize passes cost in the DALI graph: `preprocess.resize_passes` (width to 8 bits, then height,
-RECIPE_IMPL_VERSION 2) against the one fused resize it replaced (version 1, `one_pass` below), side by side on the
+"""What PIL's two resize passes cost in the DALI graph: `preprocess.resize_passes` (one axis to 8 bits, then the
+other, in PIL's order per image: RECIPE_IMPL_VERSION 3) against the one fused resize it replaced (version 1, `one_pass` below), side by side on the
 same batch of real photographs, on the CPU or on one GPU.
 
 Variants, each a pipeline of its own, taking turns round after round. Printed per variant: the median wall time per

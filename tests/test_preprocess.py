@@ -22,6 +22,7 @@ from wdsembed.preprocess import (
     feed_geometry,
     geometry_rows,
     pass_inputs,
+    pillow_resizes_height_first,
     read_ids,
     resized_size,
     stack_geometry,
@@ -167,6 +168,13 @@ GEOMETRY_CONFIGS = {
 }
 
 
+# tf_efficientnetv2_b3.in21k_ft_in1k's and resnet18.a1_in1k's data configs (timm 1.0.31), as literals
+SQUASH = dict(input_size=(3, 240, 240), interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+              crop_pct=0.9, crop_mode="squash")
+CENTER = dict(input_size=(3, 224, 224), interpolation="bicubic", mean=(0.485, 0.456, 0.406),
+              std=(0.229, 0.224, 0.225), crop_pct=0.95, crop_mode="center")
+
+
 def _recipe(config: str) -> PreprocessRecipe:
     kw = dict(GEOMETRY_CONFIGS[config])
     return PreprocessRecipe.from_data_config(data_config_of(kw.pop("name"), **kw))
@@ -242,6 +250,10 @@ def test_the_fed_geometry_is_the_geometrys_rows_bit_for_bit(config):
     sizes = np.array(_sizes(), dtype=np.int64)
     expected = stack_geometry(recipe.pass_geometry(sizes[:, 0], sizes[:, 1]), recipe)
     got = recipe.source_geometry(sizes)
+    if recipe.two_passes:  # both of PIL's orders are in the batch, side by side
+        rh, rw = resized_size(sizes[:, 0], sizes[:, 1], recipe)
+        height_first = pillow_resizes_height_first(sizes[:, 0], sizes[:, 1], rh, rw)
+        assert 0 < height_first.sum() < len(sizes) and (np.diff(height_first.astype(int)) != 0).sum() > 10
     assert got.dtype == np.float32 and got.shape == expected.shape == (len(sizes), len(geometry_rows(recipe)), 2)
     assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
 
@@ -275,13 +287,11 @@ def test_a_fixed_output_size_is_every_images_size(config):
     sizes = g["resize_size"]
     fixed = recipe.fixed_output_size
     assert (fixed is not None) == (config in FIXED_OUTPUT)
-    regions = ("horizontal_roi_start", "horizontal_roi_end", "vertical_roi_start", "vertical_roi_end")
+    regions = ("pass1_size", "pass1_roi_start", "pass1_roi_end", "pass2_roi_start", "pass2_roi_end")
     if not recipe.two_passes:
         regions = ("roi_start", "roi_end")
     if fixed is not None:
         assert np.array_equal(sizes, np.broadcast_to(np.float32(fixed), sizes.shape))
-        if recipe.two_passes:
-            assert np.array_equal(g["horizontal_size"], np.broadcast_to(np.float32([0, fixed[1]]), sizes.shape))
         assert geometry_rows(recipe) == regions
     else:
         assert len(np.unique(sizes, axis=0)) > 1
@@ -290,10 +300,11 @@ def test_a_fixed_output_size_is_every_images_size(config):
 
 @pytest.mark.parametrize("config", sorted(GEOMETRY_CONFIGS))
 def test_two_passes_split_the_fused_region_by_axis(config):
-    """Pass 1 resizes the fused region's columns, over whole rows that cover what pass 2's filter reaches (2 output
-    pixels either side, in input pixels where it downscales) and stay in the image; pass 2 resizes the region's rows,
-    counted from pass 1's first row, over all of pass 1's columns. A bilinear recipe resizes in one pass, with the
-    fused region itself."""
+    """Pass 1 resizes the fused region on the axis PIL resizes first (the width, or the height where Pillow goes
+    height first), over a band of whole pixels of the other axis that covers what pass 2's filter reaches (2 output
+    pixels either side, in input pixels where it downscales) and stays in the image; pass 2 resizes the region on
+    the other axis, counted from the band's first pixel, over all of pass 1's output on the first. A bilinear recipe
+    resizes in one pass, with the fused region itself."""
     recipe = _recipe(config)
     hw = np.array(_sizes(), dtype=np.int64)
     h, w = hw.T
@@ -304,24 +315,102 @@ def test_two_passes_split_the_fused_region_by_axis(config):
         assert all(np.array_equal(g[k].view(np.uint32), fused[k].view(np.uint32)) for k in fused)
         return
     assert all(a.dtype == np.float32 and a.shape == (len(hw), 2) for a in g.values())
-    for a, b in (("horizontal_roi_start", "roi_start"), ("horizontal_roi_end", "roi_end")):
-        assert np.array_equal(g[a][:, 1].view(np.uint32), fused[b][:, 1].view(np.uint32))
-    first, last = g["horizontal_roi_start"][:, 0].astype(np.float64), g["horizontal_roi_end"][:, 0].astype(np.float64)
-    assert np.array_equal(first, np.floor(first)) and np.array_equal(last, np.floor(last))
-    assert (0 <= first).all() and (first < last).all() and (last <= h).all()
-    start = g["vertical_roi_start"][:, 0] + first
-    end = g["vertical_roi_end"][:, 0] + first
-    assert np.allclose(start, fused["roi_start"][:, 0], rtol=2e-7, atol=1e-5)
-    assert np.allclose(end, fused["roi_end"][:, 0], rtol=2e-7, atol=1e-5)
-    rh, _ = resized_size(h, w, recipe)
-    reach = 2 * np.maximum(h / rh, 1)
-    assert ((first <= start - reach) | (first == 0)).all()
-    assert ((last >= end + reach) | (last == h)).all()
-    assert (last - first <= end - start + 2 * reach + 6).all()  # no more rows than that
-    assert np.array_equal(g["horizontal_size"], np.stack([np.zeros(len(hw)), fused["resize_size"][:, 1]], 1))
-    assert (g["vertical_roi_start"][:, 1] == 0).all()
-    assert np.array_equal(g["vertical_roi_end"][:, 1], fused["resize_size"][:, 1])
     assert np.array_equal(g["resize_size"], fused["resize_size"])
+    rh, rw = resized_size(h, w, recipe)
+    resized = np.stack([rh, rw], 1)
+    height_first = pillow_resizes_height_first(h, w, rh, rw)
+    assert height_first.any() and not height_first.all()
+    for first_axis, which in ((1, ~height_first), (0, height_first)):  # width first, then height first
+        band_axis = 1 - first_axis
+        size1, start1, end1 = (g[k][which] for k in ("pass1_size", "pass1_roi_start", "pass1_roi_end"))
+        start2, end2 = g["pass2_roi_start"][which], g["pass2_roi_end"][which]
+        length, out = hw[which], fused["resize_size"][which]
+        # the first axis: the fused region and output length in pass 1, then all of it at scale 1 in pass 2
+        for a, b in ((start1, "roi_start"), (end1, "roi_end"), (size1, "resize_size")):
+            assert np.array_equal(a[:, first_axis].view(np.uint32), fused[b][which][:, first_axis].view(np.uint32))
+        assert (start2[:, first_axis] == 0).all() and np.array_equal(end2[:, first_axis], out[:, first_axis])
+        # the other axis: a band of whole pixels in pass 1, copied (size = its length), the region in pass 2
+        first, last = start1[:, band_axis].astype(np.float64), end1[:, band_axis].astype(np.float64)
+        assert np.array_equal(size1[:, band_axis], last - first)
+        assert np.array_equal(first, np.floor(first)) and np.array_equal(last, np.floor(last))
+        n = length[:, band_axis]
+        assert (0 <= first).all() and (first < last).all() and (last <= n).all()
+        start = start2[:, band_axis] + first
+        end = end2[:, band_axis] + first
+        assert np.allclose(start, fused["roi_start"][which][:, band_axis], rtol=2e-7, atol=1e-5)
+        assert np.allclose(end, fused["roi_end"][which][:, band_axis], rtol=2e-7, atol=1e-5)
+        reach = 2 * np.maximum(n / resized[which][:, band_axis], 1)
+        assert ((first <= start - reach) | (first == 0)).all()
+        assert ((last >= end + reach) | (last == n)).all()
+        assert (last - first <= end - start + 2 * reach + 6).all()  # no more than that
+
+
+@pytest.mark.parametrize("config", sorted(GEOMETRY_CONFIGS))
+def test_pass_one_makes_no_intermediate_far_larger_than_the_image_or_the_output(config):
+    """PIL's order keeps pass 1's output (its size, pixels) within a few times the image's own size or the output's,
+    whatever the shape: width first, the band of rows is never more than the image's and the width shrinks or the
+    rows are few; height first (where the height shrinks most: tall narrow images, squashed), the columns are never
+    widened before the height has shrunk. Always widening first, a 1 x 1,000,000 image squashed to 266 x 266 made
+    pass 1 write 240 million pixels."""
+    recipe = _recipe(config)
+    rng = np.random.default_rng(3)
+    hw = np.array(_sizes() + [(1_000_000, 1), (179_000_000, 1), (1, 179_000_000), (100_000, 3), (3, 100_000),
+                              (40_000, 200), (200, 40_000), (30_000, 30_000)], dtype=np.int64)
+    hw = np.concatenate([hw, rng.integers(1, 20_000, size=(2000, 2))])
+    h, w = hw.T
+    g = recipe.pass_geometry(h, w)
+    pass1 = g.get("pass1_size", g["resize_size"]).astype(np.float64).prod(axis=1)
+    ch, cw = recipe.crop_size
+    bound = 4 * np.maximum(h * w, ch * cw)
+    worst = np.argmax(pass1 / bound)
+    assert (pass1 <= bound).all(), f"pass 1 writes {pass1[worst]:.3g} pixels for a {h[worst]}x{w[worst]} image"
+
+
+def test_squash_pass_one_makes_no_intermediate_far_larger_than_the_image():
+    """Squashed, every row of the image is needed: width first, pass 1 widened each of them to the crop width, and a
+    1 x 1,000,000 image (a 17 kB deflate TIFF of 4,000,000 rows: 2.5 GB of extra RSS and 27 s on the CPU; 1 x 179M
+    is within max_image_pixels: ~130 GB) was a decompression bomb. Pillow resizes such an image height first, and so
+    does the graph."""
+    recipe = PreprocessRecipe.from_data_config(SQUASH)
+    h, w = 1_000_000, 1
+    g = recipe.pass_geometry(np.array([h]), np.array([w]))
+    pass1_pixels = float(np.prod(g["pass1_size"][0].astype(np.float64)))
+    ch, cw = recipe.crop_size
+    assert pass1_pixels <= 4 * max(h * w, ch * cw), f"pass 1 writes {pass1_pixels:.3g} pixels for a {h * w}-pixel image"
+
+
+def _pillow_pass_order(img: Image.Image, size: tuple[int, int]) -> str:
+    """Which order Pillow's own resize of `img` to (w, h) ran its passes in: 'width first' or 'height first'."""
+    w, h = img.size
+    once = np.asarray(img.resize(size, Image.BICUBIC))
+    width_first = np.asarray(img.resize((size[0], h), Image.BICUBIC).resize(size, Image.BICUBIC))
+    height_first = np.asarray(img.resize((w, size[1]), Image.BICUBIC).resize(size, Image.BICUBIC))
+    return {(True, False): "width first", (False, True): "height first"}.get(
+        (np.array_equal(once, width_first), np.array_equal(once, height_first)), "neither/both")
+
+
+def test_pillows_order_of_the_passes_is_the_installed_pillows():
+    """`pillow_resizes_height_first` against the installed Pillow itself: on a random black-and-white image (where
+    the 8-bit intermediate of the two orders differs), PIL's one-call resize equals exactly one of its own two-call
+    resizes, width then height or height then width, and the rule names that one. A Pillow that decides otherwise
+    fails here."""
+    rng = np.random.default_rng(7)
+    checked = {True: 0, False: 0}
+    shapes = [(500, 375, 266, 266), (1000, 300, 783, 235), (375, 500, 266, 266), (300, 1000, 235, 783),
+              (100, 40, 30, 20), (100, 40, 30, 5)]
+    for _ in range(300):
+        in_h, in_w = (int(x) for x in rng.integers(2, 300, size=2))
+        out_h, out_w = (int(x) for x in rng.integers(2, 300, size=2))
+        shapes.append((in_h, in_w, out_h, out_w))
+    for in_h, in_w, out_h, out_w in shapes:
+        if in_h == out_h or in_w == out_w:
+            continue  # Pillow then runs one pass: no order to tell
+        img = Image.fromarray(np.uint8(255 * rng.integers(0, 2, (in_h, in_w)))).convert("RGB")
+        order = _pillow_pass_order(img, (out_w, out_h))
+        expected = bool(pillow_resizes_height_first(in_h, in_w, out_h, out_w))
+        assert order == ("height first" if expected else "width first"), (in_h, in_w, out_h, out_w, order)
+        checked[expected] += 1
+    assert min(checked.values()) > 30, checked  # both orders seen, many times
 
 
 def _dali_anchor(pos, size, crop) -> np.ndarray:
@@ -421,7 +510,7 @@ def graphics() -> dict[str, bytes]:
     where a resampler's overshoot is largest, and where PIL clips it (to 8 bits, between its two passes)."""
     rng = np.random.default_rng(0)
     out = {}
-    for w, h in ((500, 375), (97, 131), (1000, 300)):
+    for w, h in ((500, 375), (97, 131), (1000, 300), (375, 500), (300, 1000)):  # the last two: PIL height first
         yy, xx = np.mgrid[0:h, 0:w]
         cell = max(2, min(w, h) // 25)
         blocks = np.kron(rng.integers(0, 2, (h // cell + 1, w // cell + 1)), np.ones((cell, cell)))[:h, :w]
@@ -447,10 +536,10 @@ def graphics() -> dict[str, bytes]:
 
 @pytest.mark.parametrize("config", sorted(PARITY_CONFIGS))
 def test_hard_edges_match_timm_create_transform(config):
-    """Bicubic overshoots at a black-and-white edge; PIL resizes the width, rounds and clips to 8 bits, then
-    resizes the height, and the graph does the same. Resized in one pass in float, the overshoot kept, these
-    agreed to 0.998-0.999 cosine; in two, to 0.99997 and better. Bilinear does not overshoot, and one pass
-    agrees to 0.99998 and better."""
+    """Bicubic overshoots at a black-and-white edge; PIL resizes one axis, rounds and clips to 8 bits, then
+    resizes the other (the width first, or the height for some portrait graphics here), and the graph does the
+    same. Resized in one pass in float, the overshoot kept, these agreed to 0.998-0.999 cosine; in two, to 0.99997
+    and better. Bilinear does not overshoot, and one pass agrees to 0.99998 and better."""
     name, overrides = PARITY_CONFIGS[config]
     data_config = data_config_of(name, **overrides)
     recipe = PreprocessRecipe.from_data_config(data_config)
@@ -464,6 +553,43 @@ def test_hard_edges_match_timm_create_transform(config):
         mads[key] = float(np.abs(got - ref).mean())
     assert min(cosines.values()) >= 0.9999, cosines
     assert max(mads.values()) < 0.004, mads
+
+
+def _lines(h: int, w: int) -> Image.Image:
+    """`graphics()`'s 1-px lines in a white frame."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    lines = (yy % 5 == 2) | (xx % 4 == 2)
+    quiet = max(w, h) // 20
+    lines[:quiet], lines[-quiet:], lines[:, :quiet], lines[:, -quiet:] = 1, 1, 1, 1
+    return Image.fromarray(np.uint8(255 * lines)).convert("RGB")
+
+
+def _dithered(h: int, w: int) -> Image.Image:
+    yy, xx = np.mgrid[0:h, 0:w]
+    wave = 0.5 + 0.5 * np.sin(yy / 17.0) * np.cos(xx / 11.0)
+    return Image.fromarray(np.uint8(255 * wave)).convert("1")
+
+
+@pytest.mark.parametrize(
+    "cfg,img,resized",
+    [
+        # squash: a 375 x 500 portrait graphic, resized to 266 x 266 (then cropped to 240): Pillow height first
+        pytest.param(SQUASH, _lines(500, 375), (266, 266), id="squash_lines_375x500"),
+        # center: a 300 x 1000 portrait 1-bit graphic, resized to 235 x 783 (then cropped to 224): Pillow height first
+        pytest.param(CENTER, _dithered(1000, 300), (235, 783), id="center_dithered_300x1000"),
+    ],
+)
+def test_portrait_hard_edges_match_timm_where_pillow_resizes_the_height_first(cfg, img, resized):
+    """Pillow 13 resizes these portrait images height first (checked here). Resized width first, as the graph did
+    for every image, the 8-bit intermediate was not PIL's: cosine 0.9958 (squash) and 0.9983 (center), max |diff|
+    0.18 and 0.33 in normalized units, worse than one pass in float (0.9988 and 0.9987)."""
+    data = _encode(img, "PNG")
+    assert _pillow_pass_order(img.convert("RGB"), resized) == "height first"
+    recipe = PreprocessRecipe.from_data_config(cfg)
+    got = run_graph(recipe, [data])[0].ravel().astype(np.float64)
+    ref = timm_reference(data, cfg).numpy().ravel().astype(np.float64)
+    cos = float(got @ ref / np.linalg.norm(got) / np.linalg.norm(ref))
+    assert cos >= 0.9999, (cos, float(np.abs(got - ref).max()))
 
 
 @pytest.mark.parametrize("config", ["center_bicubic_pct0.95", "squash_pct0.9", "center_bilinear_pct0.875"])
@@ -493,9 +619,10 @@ def test_bilinear_pixels_are_the_one_pass_graphs_bit_for_bit(config):
 
 @pytest.mark.parametrize("interpolation", sorted(INTERPOLATIONS))
 def test_an_axis_at_scale_one_is_copied_exactly(interpolation):
-    """A pass leaves its other axis at scale 1 over whole pixels: pass 1 takes whole rows (a size of 0 with mode
-    "stretch": the region's rows), pass 2 all of pass 1's columns. DALI filters such an axis all the same (it has no
-    shortcut for it), and the filter's weights at whole-pixel offsets copy each pixel exactly."""
+    """A pass leaves its other axis at scale 1 over whole pixels: pass 1 takes a band of whole rows (width first) or
+    of whole columns (height first), its size the band's length, pass 2 all of pass 1's output on that axis. DALI
+    filters such an axis all the same (it has no shortcut for it), and the filter's weights at whole-pixel offsets
+    copy each pixel exactly, rows or columns."""
     from nvidia.dali import fn, pipeline_def, types
 
     rng = np.random.default_rng(1)
@@ -521,24 +648,41 @@ def test_an_axis_at_scale_one_is_copied_exactly(interpolation):
     for out in pipe.run():
         for i, ((r0, r1), im) in enumerate(zip(rows, imgs)):
             assert np.array_equal(np.array(out[i]), im[r0:r1])
+    # the same with bands of columns: the images transposed
+    imgs = [np.ascontiguousarray(im.transpose(1, 0, 2)) for im in imgs]
+    pipe = graph()
+    pipe.build()
+    pipe.feed_input("x", imgs)
+    pipe.feed_input("start", [np.float32([0, c0]) for c0, _ in rows])
+    pipe.feed_input("end", [np.float32([im.shape[0], c1]) for (_, c1), im in zip(rows, imgs)])
+    pipe.feed_input("size", [np.float32([im.shape[0], c1 - c0]) for (c0, c1), im in zip(rows, imgs)])
+    _, out = pipe.run()
+    for i, ((c0, c1), im) in enumerate(zip(rows, imgs)):
+        assert np.array_equal(np.array(out[i]), im[:, c0:c1])
 
 
 @pytest.mark.parametrize("config", ["center_bicubic_pct0.875", "center_pct1.15_zero_pad", "squash_pct0.9",
                                     "border_nonsquare_pct0.9"])
 def test_pass_one_resizes_only_the_rows_that_pass_two_reads(config):
-    """Pass 1 resizing every row of the image gives the same pixels, but for float32 rounding of the region's start
-    and end (now counted from row 0), which moves a rounding tie here and there by one 8-bit level. Rows too few
-    for pass 2's filter would change pixels by several levels near the crop's top and bottom."""
+    """Pass 1 resizing every row (width first) or every column (height first) of the image gives the same pixels,
+    but for float32 rounding of the region's start and end (now counted from pixel 0), which moves a rounding tie
+    here and there by one 8-bit level. A band too narrow for pass 2's filter would change pixels by several levels
+    near the crop's edges."""
     name, overrides = PARITY_CONFIGS[config]
     recipe = PreprocessRecipe.from_data_config(data_config_of(name, **overrides))
     imgs = list(photos().values()) + list(graphics().values())
     sizes = np.array([image_size(b) for b in imgs])
     fused = recipe.geometry(sizes[:, 0], sizes[:, 1])
     g = recipe.pass_geometry(sizes[:, 0], sizes[:, 1])
-    g["horizontal_roi_start"][:, 0] = 0
-    g["horizontal_roi_end"][:, 0] = sizes[:, 0]
-    g["vertical_roi_start"][:, 0] = fused["roi_start"][:, 0]
-    g["vertical_roi_end"][:, 0] = fused["roi_end"][:, 0]
+    rh, rw = resized_size(sizes[:, 0], sizes[:, 1], recipe)
+    band = np.where(pillow_resizes_height_first(sizes[:, 0], sizes[:, 1], rh, rw), 1, 0)  # the banded axis
+    assert band.sum() > 0 or config == "center_pct1.15_zero_pad"  # that one upscales: width first throughout
+    i = np.arange(len(sizes))
+    g["pass1_roi_start"][i, band] = 0
+    g["pass1_roi_end"][i, band] = sizes[i, band]
+    g["pass1_size"][i, band] = sizes[i, band]
+    g["pass2_roi_start"][i, band] = fused["roi_start"][i, band]
+    g["pass2_roi_end"][i, band] = fused["roi_end"][i, band]
     restricted, whole = run_graph(recipe, imgs), run_graph(recipe, imgs, rows=stack_geometry(g, recipe))
     level = 1 / 255 / min(recipe.std)
     assert np.abs(restricted - whole).max() <= level * 1.001

@@ -16,13 +16,17 @@ timm/torchvision. The crop is folded into `resize` as a region of interest (same
 full-size intermediate) and `crop_mirror_normalize` only pads where the crop is larger than the image, then
 normalizes to CHW float32.
 
-PIL (torchvision's Resize of a PIL image) resizes in two passes, the width first, into an 8-bit image (rounded and
-clipped to 0..255), then the height. A bicubic filter overshoots at a sharp edge and PIL clips the overshoot between
-its passes; resized in one pass in float, black-and-white graphics (QR codes, 1-bit scans, thin lines) agreed with
-timm only to 0.998-0.999 cosine. So a bicubic recipe resizes in two fn.resize calls as PIL does (width to uint8,
-then height: `resize_passes`), with the crop's region split between them; a bilinear one, which does not
-overshoot, in one (`PreprocessRecipe.two_passes`). What is left differs at an image's own edges: where the filter
-reaches past them, PIL leaves those taps out (and rescales the others), DALI repeats the edge pixel.
+PIL (torchvision's Resize of a PIL image) resizes in two passes, one axis into an 8-bit image (rounded and clipped
+to 0..255), then the other. Which axis goes first it decides per image, from the image's size and the whole resized
+size (Pillow 13: `pillow_resizes_height_first`): the width first, unless the height shrinks by more than twice as
+many pixels as the width does (tall images, portrait ones among them). A bicubic filter overshoots at a sharp edge
+and PIL clips the overshoot between its passes; resized in one pass in float, black-and-white graphics (QR codes,
+1-bit scans, thin lines) agreed with timm only to 0.998-0.999 cosine, and in two passes in the order other than
+PIL's, worse still (0.996). So a bicubic recipe resizes in two fn.resize calls as PIL does, in PIL's order per
+image (first axis to uint8, then the other: `resize_passes`), with the crop's region split between them; a bilinear
+one, which does not overshoot, in one (`PreprocessRecipe.two_passes`). What is left differs at an image's own
+edges: where the filter reaches past them, PIL leaves those taps out (and rescales the others), DALI repeats the
+edge pixel.
 
 The geometry is computed on the host for a whole batch at once (`PreprocessRecipe.pass_geometry`, NumPy) from each
 image's header size (`wdsembed.imagesize`: EXIF-oriented, as DALI decodes it), and reaches the graph as per-sample
@@ -38,8 +42,10 @@ from typing import Any, Optional
 import numpy as np
 
 # Bumped whenever the DALI graph changes the numbers it produces; part of `describe()` and so of cache keys.
-# 2: bicubic resizes in PIL's two passes, 8 bits between them (bilinear's numbers are version 1's).
-RECIPE_IMPL_VERSION = 2
+# 2: bicubic resizes in PIL's two passes, 8 bits between them, always the width first (bilinear's numbers are
+#    version 1's).
+# 3: bicubic passes in Pillow 13's order per image (the height first for some tall images).
+RECIPE_IMPL_VERSION = 3
 
 DEFAULT_CROP_PCT = 0.875  # timm.data.constants.DEFAULT_CROP_PCT
 CROP_MODES = ("center", "squash", "border")
@@ -123,10 +129,11 @@ class PreprocessRecipe:
 
     @property
     def two_passes(self) -> bool:
-        """Whether the graph resizes as PIL does, in two passes with 8 bits between them (bicubic), or in one
-        (bilinear). PIL clips a bicubic filter's overshoot at hard edges between its passes, which moves values by
-        up to a third of the range on black-and-white graphics; a bilinear filter does not overshoot, and PIL's
-        rounding between the passes moves none by more than half a level. Two passes cost more: on the CPU, three
+        """Whether the graph resizes as PIL does, in two passes with 8 bits between them, in PIL's order of the axes
+        for each image (`pillow_resizes_height_first`) (bicubic), or in one (bilinear). PIL clips a bicubic
+        filter's overshoot at hard edges between its passes, which moves values by up to a third of the range on
+        black-and-white graphics; a bilinear filter does not overshoot, and PIL's rounding between the passes moves
+        none by more than half a level. Two passes cost more: on the CPU, three
         to four times the resize's time (`resize_passes`), bilinear's as much as bicubic's."""
         return self.interpolation == "bicubic"
 
@@ -136,7 +143,7 @@ class PreprocessRecipe:
         shorter) and the input region that maps onto it ("roi_start", "roi_end"). These are the arguments of a
         one-pass graph; `pass_geometry` splits them between two passes. (The padding anchor needs no per-sample
         argument: see `pad_crop_pos`.)"""
-        out_len, start, end, _, _ = self._fused(heights, widths)
+        out_len, start, end, _, _, _ = self._fused(heights, widths)
         return {
             "resize_size": out_len.astype(np.float32),
             "roi_start": start.astype(np.float32),
@@ -144,8 +151,8 @@ class PreprocessRecipe:
         }
 
     def _fused(self, heights: Any, widths: Any) -> tuple[np.ndarray, ...]:
-        """`geometry` in float64, then the [height, width] sizes as float64 rows and the input pixels per output
-        pixel of each axis."""
+        """`geometry` in float64, then the [height, width] sizes as float64 rows, the input pixels per output
+        pixel of each axis, and the whole resized size."""
         # Resize and crop fused, per axis: the input interval that maps onto the crop window of the resized image,
         # and the output length. Same scale (length / resized) and same sample positions as resizing the whole image
         # and cropping it, without making the resized image (an extreme aspect ratio can make that huge). Where the
@@ -159,40 +166,32 @@ class PreprocessRecipe:
         start = np.where(resized >= crop, crop_anchor(resized, crop), 0)  # in resized pixels; 0 where it pads
         out_len = np.minimum(resized, crop)  # the crop, or the whole axis where it is shorter
         scale = hw / resized
-        return out_len, start * scale, (start + out_len) * scale, hw, scale
+        return out_len, start * scale, (start + out_len) * scale, hw, scale, resized
 
     def pass_geometry(self, heights: Any, widths: Any) -> dict[str, np.ndarray]:
         """Per-sample arguments of the graph's resize (`resize_passes`), keyed by `pass_inputs`, as [y, x] float32
-        rows: in one pass, `geometry`; in two (`two_passes`), `geometry`'s region split by axis, as PIL resizes
-        (width first, to 8 bits, then height):
+        rows: in one pass, `geometry`; in two (`two_passes`), `geometry`'s region split by axis, as PIL resizes:
+        one axis first, to 8 bits, then the other, in the order Pillow picks for the image
+        (`pillow_resizes_height_first`, from its size and the whole resized size):
 
-        - Pass 1 resizes the width: size "horizontal_size" ([0, output width]: mode "stretch" leaves the height
-          as the region's), region "horizontal_roi_start"/"horizontal_roi_end": `geometry`'s columns, and whole
-          rows [first_row, last_row) at scale 1 (copied as they are).
-        - Pass 2 resizes the height of pass 1's output: size "resize_size", region "vertical_roi_start"/
-          "vertical_roi_end": `geometry`'s rows, counted from first_row, and all of pass 1's columns at scale 1.
+        - Pass 1 ("pass1_size", "pass1_roi_start"/"pass1_roi_end") resizes the first axis: `geometry`'s region and
+          output length on it, and on the other axis a band of whole pixels [first, last) at scale 1 (copied as they
+          are; size last - first). Width first: the width, over a band of rows; height first: the height, over a
+          band of columns.
+        - Pass 2 ("resize_size", "pass2_roi_start"/"pass2_roi_end") resizes the other axis of pass 1's output:
+          `geometry`'s region on it, counted from the band's first pixel, and all of pass 1's output on the first
+          axis at scale 1.
 
-        The rows are those that pass 2's filter reaches (Keys cubic: 2 output pixels either side, widened by the
-        scale where it downscales; 2 more to spare), so that pass 1 never resizes rows that are not needed (an
-        image much taller than wide would make pass 1's output huge). Where they stop short of the image, pass 2's
-        filter does not reach the edge of its input, so its own edge handling never applies there."""
+        The band holds the pixels that pass 2's filter reaches (Keys cubic: 2 output pixels either side, widened by
+        the scale where it downscales; 2 more to spare: `_needed_span`), so pass 1 never resizes rows or columns that
+        are not needed. Where the band stops short of the image, pass 2's filter does not reach the edge of its
+        input, so its own edge handling never applies there. PIL's order also keeps pass 1's output within about
+        the image's size or the output's (an image much taller than wide, squashed, goes height first: its rows are
+        never widened)."""
         if not self.two_passes:
             return self.geometry(heights, widths)
-        out_len, start, end, hw, scale = self._fused(heights, widths)
-        first, last = _needed_rows(start[:, 0], end[:, 0], scale[:, 0], hw[:, 0])
-        n = len(hw)
-        zeros = np.zeros(n)
-        return {
-            name: np.stack(columns, axis=1).astype(np.float32)
-            for name, columns in (
-                ("horizontal_size", (zeros, out_len[:, 1])),
-                ("resize_size", (out_len[:, 0], out_len[:, 1])),
-                ("horizontal_roi_start", (first, start[:, 1])),
-                ("horizontal_roi_end", (last, end[:, 1])),
-                ("vertical_roi_start", (start[:, 0] - first, zeros)),
-                ("vertical_roi_end", (end[:, 0] - first, out_len[:, 1])),
-            )
-        }
+        out_len, start, end, hw, scale, resized = self._fused(heights, widths)
+        return _split_passes(out_len, start, end, hw, scale, resized)
 
     def source_geometry(self, sizes: np.ndarray, ids: Optional[np.ndarray] = None) -> np.ndarray:
         """`pass_geometry` for a batch of (N, 2) [height, width] sizes, as the (N, rows, 2) float32 array that the
@@ -202,14 +201,17 @@ class PreprocessRecipe:
         if not (self.crop_mode == "center" and scale[0] == scale[1] and self.fixed_output_size):
             return stack_geometry(self.pass_geometry(sizes[:, 0], sizes[:, 1]), self, ids)
         # The usual recipe (center crop from a square scale no smaller than the crop): the resized image always
-        # covers the crop, so the output size is the crop, the anchor never pads, and only the regions of interest
-        # are fed. The arithmetic of `pass_geometry` with nothing it cannot need, in place where it can be: on the
-        # feeding thread for every batch (about 30 NumPy calls, 31 us per batch of 256 on the 2-core machine under
-        # load, where one pass's 12 took 21 us).
+        # covers the crop, so the output size is the crop, the anchor never pads, and only pass 1's size and the
+        # regions of interest are fed. The arithmetic of `pass_geometry` with nothing it cannot need, in place where
+        # it can be: on the feeding thread for every batch (two passes in PIL's order per image: 47-58 us per batch
+        # of 256 on the 2-core machine beside a test run, where always width first took 29-30 us and, earlier and
+        # under another load, one pass 21 us).
         hw = sizes.astype(np.float64)
         resized = hw * float(scale[0])
         resized /= np.minimum(hw[:, :1], hw[:, 1:])
         np.floor(resized, out=resized)  # `_resized`: short side = scale, long side truncated
+        if self.two_passes:  # from the whole resized size, before it is overwritten below
+            height_first = pillow_resizes_height_first(hw[:, 0], hw[:, 1], resized[:, 0], resized[:, 1])
         crop64 = np.asarray(crop, dtype=np.float64)
         start = resized - crop64
         start *= 0.5
@@ -225,16 +227,11 @@ class PreprocessRecipe:
             if ids is not None:
                 put_ids(rows, ids)
             return rows
-        first, last = _needed_rows(lo[:, 0], hi[:, 0], input_per_output[:, 0], hw[:, 0])
-        rows = np.empty((len(hw), 4 if ids is None else 5, 2), np.float32)
-        rows[:, 0, 0] = first  # horizontal_roi_start
-        rows[:, 0, 1] = lo[:, 1]
-        rows[:, 1, 0] = last  # horizontal_roi_end
-        rows[:, 1, 1] = hi[:, 1]
-        np.subtract(lo[:, 0], first, out=rows[:, 2, 0])  # vertical_roi_start
-        rows[:, 2, 1] = 0.0
-        np.subtract(hi[:, 0], first, out=rows[:, 3, 0])  # vertical_roi_end
-        rows[:, 3, 1] = crop64[1]
+        # `_split_passes`, with the same operations on the same values (so the same bits), written into the rows
+        rows = np.empty((len(hw), 5 if ids is None else 6, 2), np.float32)
+        # geometry_rows: pass1_size, pass1_roi_start, pass1_roi_end, pass2_roi_start, pass2_roi_end
+        for i, row in enumerate(_pass_regions(crop64, lo, hi, hw, input_per_output, height_first)):
+            rows[:, i] = row
         if ids is not None:
             put_ids(rows, ids)
         return rows
@@ -313,12 +310,22 @@ def crop_anchor(size: np.ndarray, crop: Any) -> np.ndarray:
     return np.where(d >= 0, np.rint(d / 2.0).astype(np.int64), -((-d) // 2))
 
 
-def _needed_rows(start: np.ndarray, end: np.ndarray, input_per_output: np.ndarray,
-                 height: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The whole input rows [first, last) that the vertical pass reads for the input region [start, end) of each
-    image of `height` rows (float64, one value per image): the region widened by the filter's reach, 2 output
-    pixels (Keys cubic; bilinear reaches 1) in input pixels where it downscales, and 2 rows to spare; clipped to
-    the image."""
+def pillow_resizes_height_first(in_h: Any, in_w: Any, out_h: Any, out_w: Any) -> np.ndarray:
+    """Whether Pillow (13.0, src/libImaging/Resample.c, ImagingResampleInner) resizes an image of in_h x in_w to
+    out_h x out_w height first (else width first): where the height shrinks, and by more than twice as many pixels
+    as the width does. (Where an axis keeps its size Pillow skips its pass, and the order makes no difference.)
+    torchvision's Resize resizes the whole image, so out_* is the whole resized size, not the crop's. Elementwise,
+    on arrays or scalars of integer values (float64 holds them exactly)."""
+    shrink_h = np.subtract(in_h, out_h)
+    return (shrink_h > 0) & (shrink_h > 2 * np.subtract(in_w, out_w))
+
+
+def _needed_span(start: np.ndarray, end: np.ndarray, input_per_output: np.ndarray,
+                 length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The whole input pixels [first, last) along an axis that a resize of that axis reads for the input region
+    [start, end) of an image `length` pixels long (float64, elementwise: one value per image, or [y, x] rows for
+    both axes): the region widened by the filter's reach, 2 output pixels (Keys cubic; bilinear reaches 1) in input
+    pixels where it downscales, and 2 pixels to spare; clipped to the image."""
     reach = np.maximum(input_per_output, 1.0)
     reach *= 2.0
     reach += 2.0
@@ -327,8 +334,37 @@ def _needed_rows(start: np.ndarray, end: np.ndarray, input_per_output: np.ndarra
     np.maximum(first, 0.0, out=first)
     last = np.add(end, reach, out=reach)
     np.ceil(last, out=last)
-    np.minimum(last, height, out=last)
+    np.minimum(last, length, out=last)
     return first, last
+
+
+def _pass_regions(out_len: np.ndarray, start: np.ndarray, end: np.ndarray, hw: np.ndarray,
+                  input_per_output: np.ndarray, height_first: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The two passes' [y, x] float64 rows (N, 2): pass 1's size, region start and end, pass 2's region start and
+    end (`PreprocessRecipe.pass_geometry`), from the fused region [start, end) of the images' hw, its output length
+    and scale per axis, and Pillow's order per image. Pass 1 takes a band of whole pixels at scale 1 on the axis
+    that pass 2 resizes (rows where the width goes first, columns where the height does)."""
+    band = np.empty(hw.shape, bool)  # per [y, x]: the axis pass 2 resizes, banded in pass 1
+    band[:, 0] = ~height_first
+    band[:, 1] = height_first
+    first, last = _needed_span(start, end, input_per_output, hw)
+    return (
+        np.where(band, last - first, out_len),  # pass1_size
+        np.where(band, first, start),  # pass1_roi_start
+        np.where(band, last, end),  # pass1_roi_end
+        np.where(band, start - first, 0.0),  # pass2_roi_start
+        np.where(band, end - first, out_len),  # pass2_roi_end
+    )
+
+
+def _split_passes(out_len: np.ndarray, start: np.ndarray, end: np.ndarray, hw: np.ndarray, scale: np.ndarray,
+                  resized: np.ndarray) -> dict[str, np.ndarray]:
+    """`PreprocessRecipe.pass_geometry` of two passes from `PreprocessRecipe._fused`'s values."""
+    height_first = pillow_resizes_height_first(hw[:, 0], hw[:, 1], resized[:, 0], resized[:, 1])
+    regions = _pass_regions(out_len, start, end, hw, scale, height_first)
+    geometry = {name: row.astype(np.float32) for name, row in zip(TWO_PASS_INPUTS[1:], regions)}
+    geometry["resize_size"] = out_len.astype(np.float32)
+    return geometry
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -337,19 +373,18 @@ def _needed_rows(start: np.ndarray, end: np.ndarray, input_per_output: np.ndarra
 # `PreprocessRecipe.pass_geometry`'s rows, [y, x] float32 per sample, in this order: the output size(s), then the
 # region(s) of interest; for one pass, and for two (`PreprocessRecipe.two_passes`)
 ONE_PASS_INPUTS = ("resize_size", "roi_start", "roi_end")
-TWO_PASS_INPUTS = ("horizontal_size", "resize_size", "horizontal_roi_start", "horizontal_roi_end",
-                   "vertical_roi_start", "vertical_roi_end")
+TWO_PASS_INPUTS = ("resize_size", "pass1_size", "pass1_roi_start", "pass1_roi_end", "pass2_roi_start",
+                   "pass2_roi_end")
 GEOMETRY_SOURCE = "geometry"  # the external source that takes them, as one (rows, 2) sample per image
 _ID_BITS = 24  # float32 holds every integer below 2**24 exactly: an id is two such halves
 
 
 def geometry_rows(recipe: PreprocessRecipe) -> tuple[str, ...]:
     """The rows of `PreprocessRecipe.pass_geometry` that the graph takes per sample, in order: all of its
-    `pass_inputs`, or the regions of interest alone where the output size is a constant
-    (`PreprocessRecipe.fixed_output_size`)."""
+    `pass_inputs`, or all but the output size where that is a constant (`PreprocessRecipe.fixed_output_size`).
+    Pass 1's size is always fed: its band's length varies per image, and so does which axis it is on."""
     names = pass_inputs(recipe)
-    sizes = 2 if recipe.two_passes else 1  # the rows before the regions of interest
-    return names[sizes:] if recipe.fixed_output_size else names
+    return names[1:] if recipe.fixed_output_size else names
 
 
 def pass_inputs(recipe: PreprocessRecipe) -> tuple[str, ...]:
@@ -380,8 +415,6 @@ def split_geometry(node: Any, recipe: PreprocessRecipe) -> dict[str, Any]:
     fixed = recipe.fixed_output_size
     if fixed:
         arguments["resize_size"] = [float(fixed[0]), float(fixed[1])]
-        if recipe.two_passes:
-            arguments["horizontal_size"] = [0.0, float(fixed[1])]
     return arguments
 
 
@@ -468,10 +501,11 @@ def resize_passes(images: Any, recipe: PreprocessRecipe, geometry: dict[str, Any
 
     Two passes cost more than one. On the CPU, DALI's horizontal pass is the slow one (a scalar loop per output
     pixel; the vertical one runs along whole rows): one pass resizes the height first and then the width of the
-    output's rows only, PIL's order resizes the width of every input row that it needs. And DALI has no shortcut for
-    a pass's axis at scale 1: it runs its filter over it all the same. Batches of 256 photographs (short side
-    256-480) to 224 x 224, on the 2-core machine (bench/resize_passes.py, CPU time): bicubic took 1.3 ms per image
-    in one pass and 4.6 in two, bilinear 0.66 and 2.0, where decoding took 0.7.
+    output's rows only, PIL's width-first order (most images') resizes the width of every input row that it needs.
+    And DALI has no shortcut for a pass's axis at scale 1: it runs its filter over it all the same. Batches of 256
+    photographs (short side 256-480) to 224 x 224, on the 2-core machine (bench/resize_passes.py, CPU time, every
+    image width first): bicubic took 1.3 ms per image in one pass and 4.6 in two, bilinear 0.66 and 2.0, where
+    decoding took 0.7.
     """
     from nvidia.dali import fn, types
 
@@ -481,21 +515,21 @@ def resize_passes(images: Any, recipe: PreprocessRecipe, geometry: dict[str, Any
         # The resize and the crop in one pass, in float (DALI picks the order of its axes), rounded once to 8 bits.
         return fn.resize(images, size=geometry["resize_size"], roi_start=geometry["roi_start"],
                          roi_end=geometry["roi_end"], **resampling)
-    # PIL's two passes: the width first, to 8 bits (rounded and clipped, as PIL's intermediate image), then the
-    # height. Each pass's other axis is whole pixels at scale 1, which DALI's filters copy exactly (tested).
+    # PIL's two passes: one axis first, to 8 bits (rounded and clipped, as PIL's intermediate image), then the
+    # other, in PIL's order per image. The order is in the geometry, not in the graph: each pass resizes both axes,
+    # one of them whole pixels at scale 1 (a band of rows or of columns), which DALI's filters copy exactly (tested).
     images = fn.resize(
         images,
-        size=geometry["horizontal_size"],
-        mode="stretch",  # the height is 0 in the size: the region's rows, not resized
-        roi_start=geometry["horizontal_roi_start"],
-        roi_end=geometry["horizontal_roi_end"],
+        size=geometry["pass1_size"],
+        roi_start=geometry["pass1_roi_start"],
+        roi_end=geometry["pass1_roi_end"],
         **resampling,
     )
     return fn.resize(
         images,
         size=geometry["resize_size"],
-        roi_start=geometry["vertical_roi_start"],
-        roi_end=geometry["vertical_roi_end"],
+        roi_start=geometry["pass2_roi_start"],
+        roi_end=geometry["pass2_roi_end"],
         **resampling,
     )
 
