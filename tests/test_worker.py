@@ -2,6 +2,7 @@
 share one stream, each getting what it would get alone."""
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
@@ -226,9 +227,18 @@ def test_close_finishes_the_waiting_calls_and_refuses_new_ones(tmp_path):
     threads = [threading.Thread(target=lambda i=i: outcomes.__setitem__(i, own.embed(iter(calls[i]), autocast=True,
                                                                                           normalize=True)))
                for i in range(2)]
+    accepted = threading.Semaphore(0)
+
+    class Pending(collections.deque):  # the calls the Worker took in, as it takes them
+        def append(self, job):
+            super().append(job)
+            accepted.release()
+
+    own._pending = Pending()
     for t in threads:
         t.start()
-    time.sleep(0.2)
+    for _ in threads:  # both calls are waiting (a fixed sleep raced a busy machine: a call came after the close)
+        assert accepted.acquire(timeout=300)
     own.close()
     for t in threads:
         t.join(timeout=300)
