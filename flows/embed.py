@@ -45,9 +45,9 @@ from tasks import prefect_events  # noqa: E402
 from tasks.embed import embed_shards, result_storage_for  # noqa: E402
 from tasks.index import index_shards  # noqa: E402
 from tasks.report import report  # noqa: E402
-from wdsembed import caching, cluster, faults, fidelity  # noqa: E402
+from wdsembed import caching, cluster, faults, fidelity, outputclaim  # noqa: E402
 from wdsembed.config import EmbedConfig  # noqa: E402
-from wdsembed.plan import nothing_to_compute, shard_groups  # noqa: E402
+from wdsembed.plan import check_storage, nothing_to_compute, shard_groups  # noqa: E402
 from wdsembed.shard import ShardsFailed  # noqa: E402
 
 
@@ -271,8 +271,17 @@ def run(config: EmbedConfig, on_shard_done=None, *, all_finished: Optional[bool]
     `all_finished`: plan.check_config's answer, whether every output is already finished; asked here when None."""
     prefect_env.set_defaults()  # for the processes this run starts (Dask workers, a temporary API server)
     _log_expected_ends_without_traceback()
-    if all_finished is None:
+    if all_finished is None:  # called without the checks (plan.check_config): the stores' own, before the claim
+        check_storage(config)  # a missing bucket or denied access, said naming the URL
         all_finished = nothing_to_compute(config)
+    # One run writes to an output at a time (wdsembed.outputclaim): refused here, before a cluster starts, where
+    # another run holds it; held until this run ends, however it ends. A run with nothing to compute claims it too:
+    # it writes the manifest, and a missing kNN view.
+    with outputclaim.held(config):
+        return _run_claimed(config, on_shard_done, all_finished)
+
+
+def _run_claimed(config: EmbedConfig, on_shard_done, all_finished: bool) -> dict:
     if all_finished:
         # Every shard's output is finished: the flow run still records each shard (its task run Cached, from the
         # task cache, in threads of this process), but no Dask cluster starts and no model loads.

@@ -36,3 +36,28 @@ def scheduler_address(proc: subprocess.Popen, scheduler_file: Path, log: Path, t
         assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
         time.sleep(0.2)
     return json.loads(scheduler_file.read_text())["address"]
+
+
+def held_api_run(data: Path, out: Path, folder: Path, hold_s: float, model: str, settings: dict,
+                 timeout: float = 240) -> tuple[subprocess.Popen, Path]:
+    """An API run (TimmImageEmbedder(model, **settings)(data, out)) in a process of its own, held `hold_s` seconds
+    as its first shard 00000 starts (WDSEMBED_FAULTS hold_s): returns (the process, its log) once it is there, by
+    then holding its output's claim."""
+    import json
+    import sys
+    import time
+
+    spec = folder / "hold.json"
+    spec.write_text(json.dumps({"00000": {"fail_attempts": 0, "hold_s": hold_s}}))
+    held = Path(f"{spec}.00000.attempts")
+    held.unlink(missing_ok=True)
+    call = (f"from wdsembed.api import TimmImageEmbedder as T; "
+            f"r = T({model!r}, **{settings!r})({str(data)!r}, {str(out)!r}); print(len(r), 'shards')")
+    log = folder / "held.log"
+    proc = subprocess.Popen([sys.executable, "-c", call], cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "WDSEMBED_FAULTS": str(spec), "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + timeout
+    while not held.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    return proc, log

@@ -28,8 +28,13 @@ class MotoS3:
     keys of a user made here: `admin` may do anything, `reader` may read everything and write only to the
     buckets named in `writable`. Any other key gets 403 InvalidAccessKeyId, as AWS answers."""
 
-    def __init__(self, writable: Sequence[str] = ()) -> None:
+    def __init__(self, writable: Sequence[str] = (), *, serial: bool = False) -> None:
         self.writable = tuple(writable)
+        # One request at a time. moto checks a conditional PUT's If-None-Match / If-Match and then writes, with
+        # nothing held between the two, on one thread per request: two such PUTs at once can both pass, where AWS
+        # lets one through. Served one at a time, its answers are as atomic as AWS's (for tests of what relies on
+        # them), and slower.
+        self.serial = serial
         self.endpoint = ""
         self.admin: tuple[str, str] = ("", "")
         self.reader: tuple[str, str] = ("", "")
@@ -39,7 +44,8 @@ class MotoS3:
         from moto.server import ThreadedMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server = (_SerialMotoServer if self.serial else ThreadedMotoServer)(ip_address="127.0.0.1", port=0,
+                                                                                  verbose=False)
         self._server.start()
         host, port = self._server.get_host_and_port()
         self.endpoint = f"http://{host}:{port}"
@@ -93,6 +99,22 @@ class MotoS3:
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
             out += [o["Key"] for o in page.get("Contents", [])]
         return sorted(out)
+
+
+def _SerialMotoServer(**kwargs):
+    """moto's server on werkzeug's single-threaded server: one request at a time."""
+    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    class SerialMotoServer(ThreadedMotoServer):
+        def _server_entry(self) -> None:
+            app = DomainDispatcherApplication(create_backend_app)
+            self._server = make_server(self._ip_address, self._port, app, False, request_handler=MotoRequestHandler)
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    return SerialMotoServer(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------

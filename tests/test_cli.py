@@ -770,6 +770,7 @@ def test_ctrl_c_mid_run(to, tmp_path):
         f"run interrupted: the shards finished so far are in {out}; run the same command again to finish the rest "
         "(finished shards are not recomputed)"), said[-3000:]
     assert "Traceback (most recent call last)" not in said, said[-3000:]
+    assert not (out / "_claim.json").exists()  # the run's claim on its output is released (wdsembed.outputclaim)
 
 
 @pytest.mark.slow
@@ -829,6 +830,7 @@ def test_ctrl_c_to_the_process_group_while_workers_embed(tmp_path):
     assert not [p for p in psutil.process_iter() if _pgid(p.pid) == proc.pid and _running(p)]
 
     assert not [p.name for p in out.rglob("*.tmp*")]
+    assert not (out / "_claim.json").exists()  # released: the same command goes on at once
     finished = sorted(p.stem for p in out.glob("*.parquet"))
     assert "00000" not in finished  # held mid-embedding: never written, not even in part
     for stem in finished:

@@ -10,6 +10,7 @@ worker processes), and the bad-parameter cases start one CLI process.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -19,6 +20,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -47,6 +49,8 @@ from wdsembed.api import TimmImageEmbedder  # noqa: E402
 from wdsembed.shard import ShardsFailed  # noqa: E402
 from wdsembed.config import EmbedConfig  # noqa: E402
 from wdsembed.synthetic import ShardSample, corrupt_image_bytes, encode_image, make_image, write_shard  # noqa: E402
+from wdsembed.outputclaim import CLAIM_NAME  # noqa: E402
+from processes import held_api_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = dict(pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1)
@@ -59,6 +63,10 @@ EMB, ERR = "image_embedding", "embedding_error"
 def embedder(**options) -> TimmImageEmbedder:
     """The API with the test settings: every call shares this process's one Worker (model + DALI pipeline)."""
     return TimmImageEmbedder(TINY_MODEL, **SETTINGS, **options)
+
+
+def embedder_of(model: str, **options) -> TimmImageEmbedder:
+    return TimmImageEmbedder(model, **SETTINGS, **options)
 
 
 def config(input: Path | str, out: Path | str, **kw) -> EmbedConfig:
@@ -883,6 +891,8 @@ def cluster_faults(tmp_path_factory, prefect_api):
     }
     assert_outputs_whole(out, at_kill["finished"])  # raises if anything at the kill was partial
 
+    at_kill["claim"] = json.loads((out / CLAIM_NAME).read_text())  # the killed run's, left behind
+
     runs = [start_cli(cli_args(data, out), env, base / f"run{i}.log") for i in (2, 3)]
     try:
         codes = [p.wait(timeout=600) for p in runs]
@@ -890,8 +900,9 @@ def cluster_faults(tmp_path_factory, prefect_api):
         for p in runs:
             stop(p)
     logs = [(base / f"run{i}.log").read_text(errors="replace") for i in (2, 3)]
-    assert codes == [0, 0], [log[-4000:] for log in logs]
-    return dict(out=out, faults=faults, at_kill=at_kill, logs=logs,
+    assert sorted(codes) == [0, 2], [log[-4000:] for log in logs]  # one ran, the other was refused
+    ran, refused = (logs[0], logs[1]) if codes[0] == 0 else (logs[1], logs[0])
+    return dict(out=out, faults=faults, at_kill=at_kill, ran=ran, refused=refused,
                 manifest=json.loads((out / "_manifest.json").read_text()))
 
 
@@ -938,12 +949,18 @@ def test_flow_killed_mid_run_and_started_again(cluster_faults):
     assert sorted(status) == stems and manifest["failed_shards"] == {}
     assert {s for s in finished if status[s] != "cached"} == set(), status  # finished shards were not redone
     assert manifest["totals"]["embedded"] == N_FLOW_SHARDS * PER_SHARD
+    dead = at_kill["claim"]
+    assert f"took over the claim of run {dead['run']} (pid {dead['pid']} on host" in cluster_faults["ran"]
+    assert f"its process (pid {dead['pid']} on this host) is gone" in cluster_faults["ran"]
+    assert not (out / CLAIM_NAME).exists()
     table.record("fault-flow-killed",
                  done="that run (6 shards) killed with SIGKILL to its process group (flow, scheduler, worker) as "
                       "soon as 2 shards' outputs existed; then the same command again",
-                 did="at the kill: only whole outputs (each readable, 8 of 8 rows), no manifest; the re-run exited 0, "
-                     "found the finished shards done (cached, not recomputed), the rest computed (by it or by the run "
-                     "started beside it, next row): 6 of 6 shards, 48 of 48 embedded",
+                 did="at the kill: only whole outputs (each readable, 8 of 8 rows), no manifest, and the run's claim "
+                     f"on OUTPUT ({CLAIM_NAME}) left behind; the re-run took that claim over at once (its process "
+                     "gone, on this host), with a warning, exited 0, found the finished shards done (cached, not "
+                     "recomputed) and computed the rest: 6 of 6 shards, 48 of 48 embedded; its claim removed as it "
+                     "ended",
                  lost="nothing; no partial or duplicate output")
 
 
@@ -953,15 +970,95 @@ def test_two_runs_at_once_on_the_same_output(cluster_faults):
     stems = [f"{i:05d}" for i in range(N_FLOW_SHARDS)]
     assert_outputs_whole(out, stems)  # one file per shard, 8 rows, unique keys
     assert not no_temp_files(out)
-    assert manifest["totals"]["shards"] == N_FLOW_SHARDS  # whole JSON: written by one run or the other
-    for log in cluster_faults["logs"]:
-        assert "6 shard(s):" in log
+    assert manifest["totals"]["shards"] == N_FLOW_SHARDS  # whole JSON: written by the run that ran
+    assert "6 shard(s):" in cluster_faults["ran"]
+    refusal = cluster_faults["refused"].strip().splitlines()[-1]
+    assert refusal.startswith(f"error: output {str(out)!r} is being written by another run "), refusal
+    assert "wait for that run to finish, or choose another output folder" in refusal, refusal
+    assert "6 shard(s):" not in cluster_faults["refused"] and "Dask" not in cluster_faults["refused"]
     table.record("fault-concurrent-runs",
                  done="that re-run and a second identical run started at the same moment on the same output (one "
                       "Prefect server, each run with its own Dask worker)",
-                 did="both exited 0; every output written whole by an atomic rename (a later write replaces an "
-                     "earlier one whole); manifest whole; no temp file left",
+                 did="one ran and exited 0; the other was refused at once, exit 2 before any work (no cluster "
+                     f"started): {q(claim_refusal(refusal))}; every output written whole; manifest whole; no temp "
+                     "file left",
                  lost="nothing; no duplicate rows or files (one <shard>.parquet each, 8 of 8 rows)")
+
+
+def claim_refusal(message: str) -> str:
+    """A refusal by another run's claim (wdsembed.outputclaim) as the table shows it, up to what to do: no paths,
+    ids, pids, times."""
+    message = re.sub(r"output '[^']*' is being", "output OUTPUT is being", message)
+    message = message[:message.index(" or choose another output folder") + len(" or choose another output folder")]
+    return re.sub(r"another run [0-9a-f]+ \(pid \d+ on host [^,]+, since [^,]+, model (.*?), last heartbeat \d+ s "
+                  r"ago\)", r"another run <run id> (pid <pid> on host <host>, since <start time>, model \1, last "
+                  r"heartbeat <n> s ago)", message)
+
+
+def test_two_runs_with_other_models_at_once_on_one_output(tmp_path):
+    """A run holds OUTPUT (an API run in its own process, held in its first shard). Another run on the same OUTPUT,
+    with another model, is refused at once, writing nothing and naming the first run (its pid and host, since when,
+    its model) and what to do: through the API, the command (refused with the checks, exit 2) and the flow's own
+    run (its atomic claim, as where two runs pass the checks at once). Once the first run ends, its outputs are all
+    of its model, the claim is gone, and the other run goes through. Before, both runs succeeded and the folder
+    could end up with both models' shards side by side and a manifest naming one of them."""
+    # Imported before the first run holds the output, so that its refusals take a second or two; and not under
+    # capsys: Prefect's console log handler keeps the stderr it finds at its first import, for the whole session.
+    import flows.embed
+    from wdsembed.cli import main
+    from wdsembed.outputclaim import OutputClaimedError
+
+    other = "test_efficientnet.r160_in1k"
+    data, out = dataset(tmp_path / "in", 2), tmp_path / "out"
+    first, log = held_api_run(data, out, tmp_path, 30, TINY_MODEL, SETTINGS)
+    try:
+        holder = json.loads((out / CLAIM_NAME).read_text())
+        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+        expected = [f"output {str(out)!r} is being written by another run {holder['run']} (pid {first.pid} on host "
+                    f"{socket.gethostname()}, since {holder['started']}, model {TINY_MODEL} (random weights, "
+                    "normalized), last heartbeat ",
+                    "wait for that run to finish, or choose another output folder"]
+
+        start = time.monotonic()
+        with pytest.raises(OutputClaimedError) as api_err:
+            embedder_of(other)(str(data), str(out))
+        assert time.monotonic() - start < 15
+        assert all(part in str(api_err.value) for part in expected), str(api_err.value)
+
+        started, said = [], io.StringIO()
+        with contextlib.redirect_stderr(said):
+            code = main(lambda config, **_: started.append(config) or {},
+                        [str(data), "-o", str(out), "--model", other, "--no-pretrained", "--device", "cpu",
+                         "--n-workers", "1", "--num-threads", "1"])
+        err = said.getvalue()
+        assert code == 2 and not started, err  # refused by the checks: no run started
+        assert err.startswith("error: output ") and all(p in err for p in expected), err
+
+        with pytest.raises(OutputClaimedError) as flow_err:  # past the checks: the run's own claim refuses it
+            flows.embed.run(config(data, out).model_copy(update={"model_name": other}), all_finished=False)
+        assert all(part in str(flow_err.value) for part in expected), str(flow_err.value)
+        assert json.loads((out / CLAIM_NAME).read_text())["run"] == holder["run"]  # left as it was
+
+        assert first.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert not (out / CLAIM_NAME).exists()
+    fs = fsspec.filesystem("file")
+    models = {output.read_output_metadata(str(p), fs)["result"]["model"]["name"] for p in out.glob("*.parquet")}
+    assert models == {TINY_MODEL} and len(list(out.glob("*.parquet"))) == 2
+    results = embedder_of(other)(str(data), str(out))  # free again: the other run goes through
+    assert [r.cached for r in results] == [False, False] and not (out / CLAIM_NAME).exists()
+    table.record("fault-concurrent-other-model",
+                 done="an API run of 2 shards with test_resnet.r160_in1k holding OUTPUT (in its own process, held in "
+                      "its first shard); meanwhile the same shards into the same OUTPUT with "
+                      "test_efficientnet.r160_in1k, through the API, the command, and the flow's run past the checks",
+                 did=f"each refused at once, before any work: {q(claim_refusal(str(api_err.value)))} (the command: "
+                     "exit 2); the first run finished with every output of its model and removed its claim; the "
+                     "other model's run then went through",
+                 lost="nothing; never two models' embeddings in one output (each run claims OUTPUT for its "
+                      "duration, OUTPUT/_claim.json)")
 
 
 def _mount_tmpfs(where: Path, size: str) -> bool:
@@ -1042,6 +1139,41 @@ def test_a_rerun_that_dies_between_a_shards_view_and_its_table(tmp_path, monkeyp
                      f"{q(check.problems[0].split(' (')[0])}; the third call found the table finished and rebuilt "
                      "the view from it",
                  lost="nothing; the view matches its table again")
+
+
+def test_a_rerun_after_a_process_killed_between_write_and_rename_leaves_no_temp_file(tmp_path):
+    """A process killed (SIGKILL, the OOM killer) after a shard's table is written to its temp file and before the
+    rename (WDSEMBED_FAULTS "kill" at "commit" stands for it) leaves OUTPUT/.<stem>.parquet.tmp-<hex>, a full-size
+    copy of the output, hidden by its leading dot; nothing removed it, not a re-run, not --force. The run that next
+    claims OUTPUT removes it before any work."""
+    data = dataset(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    spec = tmp_path / "faults.json"
+    spec.write_text(json.dumps({"00000": {"fail_attempts": 1, "error": "kill", "where": "commit"}}))
+    call = (f"from wdsembed.api import TimmImageEmbedder as T; T({TINY_MODEL!r}, **{SETTINGS!r})"
+            f"({str(data)!r}, {str(out)!r})")
+    env = {**os.environ, "WDSEMBED_FAULTS": str(spec), "PYTHONPATH": str(ROOT)}
+    died = subprocess.run([sys.executable, "-c", call], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=240)
+    assert died.returncode == 137, died.stderr[-2000:]
+    left = [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert [p.name.split(".tmp-")[0] for p in left] == [".00000.parquet"], left
+    size = left[0].stat().st_size
+    assert size > 1000 and (out / CLAIM_NAME).exists()
+    results = embedder()(str(data), str(out), force=True)  # the re-run, forced even
+    assert [r.stem for r in results] == ["00000"] and not results[0].cached
+    leftovers = [p.relative_to(out).as_posix() for p in out.rglob("*") if ".tmp-" in p.name]
+    assert not leftovers, f"temp files left in the output after a successful re-run: {leftovers}"
+    assert not (out / CLAIM_NAME).exists()
+    assert_outputs_whole(out, ["00000"])
+    table.record("fault-killed-before-rename",
+                 done="an API run of 1 shard killed (exit 137) once its table was written to its temp file, before "
+                      "the rename into place (injected: WDSEMBED_FAULTS kill, where 'commit'); then the same call "
+                      "with force=True",
+                 did="the killed run left OUTPUT/.00000.parquet.tmp-<hex> (a full-size table) and its claim on "
+                     "OUTPUT; the re-run took the claim over (its process gone, on this host), removed the temp file "
+                     "before any work, with a warning naming it, and wrote the shard",
+                 lost="nothing; no temp file left (before, each such kill left one output's worth of disk for good)")
 
 
 # --------------------------------------------------------------------------------------------------- bad parameters

@@ -24,9 +24,9 @@ import time
 import uuid
 from typing import Any, Optional
 
-from wdsembed import fidelity, preflight, report, shard
+from wdsembed import fidelity, outputclaim, preflight, report, shard
 from wdsembed.config import EmbedConfig, EmbedSettings, field_default
-from wdsembed.plan import plan_run
+from wdsembed.plan import check_output_location, check_storage, find_shards, plan_run
 from wdsembed.shard import ShardPlan, ShardResult, ShardsFailed
 
 log = logging.getLogger("wdsembed")
@@ -123,7 +123,8 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
     """Embed every shard of the config, on the Dask scheduler at config.dask_address, else on the current Dask
     client if any, else here; write the manifest. Raises ShardsFailed (after every other shard is written and the
     manifest too) when any shard failed, and fidelity.FidelityError (outputs and manifest written) when the run's
-    fidelity check is below its threshold."""
+    fidelity check is below its threshold. The output is claimed for the run (wdsembed.outputclaim): where another
+    run is writing to it, this one fails at once with outputclaim.OutputClaimedError, naming that run."""
     refuse_flow_only(config)
     started = time.perf_counter()
     timeline = {"start": time.time()}  # the run's own steps, in the manifest beside each shard's
@@ -132,24 +133,31 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
             # Run here: device="cuda" needs a GPU here, said once instead of by every shard
             # (preflight.PreflightError).
             preflight.check_device(config)
-        # A .idx only for shards it will compute: a finished shard's tar is never read (as in the flow).
-        plans, _finished = plan_run(config)
-        timeline["planned"] = time.time()
-        if client is None:
-            results, failures = _run_here(config, plans)
-        else:
-            results, failures = _run_on_dask(client, config, plans)
-    timeline["collected"] = time.time()
-    results.sort(key=lambda r: r.stem)
-    dicts = [r.to_dict() for r in results]
-    manifest = report.build_manifest(config, dicts, failures, time.perf_counter() - started, timeline)
-    try:
-        manifest["path"] = report.write_manifest(config, manifest)
-    except OSError as exc:
-        if not failures:
-            raise
-        # The shards' own failures (often the same cause, e.g. a full disk) are the news; keep them first.
-        raise ShardsFailed(failures | {"_manifest.json": f"{type(exc).__name__}: {exc}"}, results) from exc
+        # The shards, and the output's place (never inside the input), before the output is claimed.
+        check_storage(config)
+        found = find_shards(config)
+        check_output_location(config, found)
+        # One run writes to an output at a time: refused here, naming the other run, where one is writing to it.
+        with outputclaim.held(config):
+            # A .idx only for shards it will compute: a finished shard's tar is never read (as in the flow). The
+            # output's other shards are checked for another model's embeddings now that no other run can add any.
+            plans, _finished = plan_run(config, found=found)
+            timeline["planned"] = time.time()
+            if client is None:
+                results, failures = _run_here(config, plans)
+            else:
+                results, failures = _run_on_dask(client, config, plans)
+            timeline["collected"] = time.time()
+            results.sort(key=lambda r: r.stem)
+            dicts = [r.to_dict() for r in results]
+            manifest = report.build_manifest(config, dicts, failures, time.perf_counter() - started, timeline)
+            try:
+                manifest["path"] = report.write_manifest(config, manifest)
+            except OSError as exc:
+                if not failures:
+                    raise
+                # The shards' own failures (often the same cause, e.g. a full disk) are the news; keep them first.
+                raise ShardsFailed(failures | {"_manifest.json": f"{type(exc).__name__}: {exc}"}, results) from exc
     if failures:
         raise ShardsFailed(failures, results)
     fidelity.check(manifest)  # outputs and manifest are written; the run still fails below the threshold

@@ -228,6 +228,11 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
         print(f"\nrun interrupted: the shards finished so far are in {config.output}; {RESUME}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a failed run prints its reason, not a traceback wall
+        from wdsembed.outputclaim import OutputClaimedError
+
+        if isinstance(exc, OutputClaimedError):  # another run took the output since the checks: refused as they do
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         manifest = getattr(exc, "manifest", None)
         if isinstance(manifest, dict):  # some shards failed; the summary lists each reason once, with its shards
             print_summary(manifest)

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Collection, Optional
 
-from wdsembed import caching, output, shard, shardindex, shards, storage, tarstream
+from wdsembed import caching, output, outputclaim, shard, shardindex, shards, storage, tarstream
 from wdsembed.config import EmbedConfig
 from wdsembed.shard import ShardPlan
 
@@ -44,8 +44,10 @@ class InputError(ValueError):
 def check_config(config: EmbedConfig) -> bool:
     """Refuse a run that cannot work, before any work starts, saying what to change: every check that needs no
     work, cheapest and most basic first. The CLI and the deployed flow call it before Prefect starts; the Python
-    API (api.run_shards) checks only the device before it plans, and the output's place as it plans
-    (plan_shards), leaving the rest to each shard's own reason.
+    API (api.run_shards) checks only the device, the stores and the output's place before it claims the output
+    (outputclaim), and the output's other shards as it plans (plan_shards), leaving the rest to each shard's own
+    reason. Another run holding the output is refused here too (outputclaim.check_free); the run's own claim, taken
+    as it starts, is what decides.
 
     Returns whether every output is already finished (nothing_to_compute), for the run to take as it is: asked
     again, it would list the input and the output and read every footer again (GETs, on an object store)."""
@@ -78,6 +80,8 @@ def check_config(config: EmbedConfig) -> bool:
         if needs_model:
             _check_checkpoint_fits(config)
     check_storage(config)
+    # Another run writing to OUTPUT now: refused here, in a second; the run's own claim (outputclaim.take) decides.
+    outputclaim.check_free(config)
     found = find_shards(config)  # a missing shard of a pattern or list, or a folder with none, is refused here
     _check_readable(config, found)
     _check_id_column(config, found)
@@ -575,11 +579,12 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
     return with_indexes(config, plans, max_workers=max_workers) if indexes else plans
 
 
-def plan_run(config: EmbedConfig) -> tuple[list[ShardPlan], set[str]]:
+def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None) -> tuple[list[ShardPlan], set[str]]:
     """The flow's planning: every shard's plan, and the stems of those whose output is already finished with this
     run's cache key (none with force), from their footers. Only the others get a .idx: a finished shard is never
-    read, so a re-run with nothing to compute reads no tar (not even one that no .idx can be written for)."""
-    plans = plan_shards(config, indexes=False)
+    read, so a re-run with nothing to compute reads no tar (not even one that no .idx can be written for).
+    `found`: find_shards' answer, where the caller has it."""
+    plans = plan_shards(config, indexes=False, found=found)
     finished = set() if config.force else caching.finished_stems(config, plans)
     return with_indexes(config, plans, skip=finished), finished
 

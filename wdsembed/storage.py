@@ -165,7 +165,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: Union[bytes, Ca
     write = data if callable(data) else (lambda f: f.write(data))
     if is_local(fs):
         _write_local(fs, fs._strip_protocol(path), write, before_commit)
-    elif any(p in _WHOLE_OBJECT_PROTOCOLS for p in _protocols(fs)):
+    elif writes_whole_objects(fs):
         if not callable(data):
             before_commit()
             fs.pipe_file(path, data)
@@ -180,7 +180,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: Union[bytes, Ca
         finally:
             os.unlink(tmp)
     else:
-        tmp = _temp_name(path)
+        tmp = temp_name(path)
         try:
             with fs.open(tmp, "wb") as f:
                 write(f)
@@ -191,7 +191,14 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: Union[bytes, Ca
             raise
 
 
-def _temp_name(path: str) -> str:
+def writes_whole_objects(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether `fs` is an object store where one PUT makes an object appear whole (no temp name in the folder)."""
+    return any(p in _WHOLE_OBJECT_PROTOCOLS for p in _protocols(fs))
+
+
+def temp_name(path: str) -> str:
+    """A temp file's name beside `path`: `.<name>.tmp-<32 hex>` (outputclaim.TEMP_FILE finds those that runs killed
+    mid-write left behind)."""
     folder, name = posixpath.split(path)
     return posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
 
@@ -216,7 +223,7 @@ def _write_local(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Bina
     folder = os.path.dirname(path) or "."
     if not os.path.isdir(folder):
         fs.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, os.path.basename(_temp_name(path)))
+    tmp = os.path.join(folder, os.path.basename(temp_name(path)))
     try:
         with fs.open(tmp, "wb"):  # created through the filesystem, so that its own refusals apply
             pass

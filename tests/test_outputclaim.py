@@ -1,0 +1,316 @@
+"""One run writes to an OUTPUT at a time (wdsembed.outputclaim): real processes, real runs, and a real S3 server
+(moto, on loopback); nothing mocked."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_MODEL
+from processes import held_api_run
+from wdsembed import outputclaim, storage
+from wdsembed.config import EmbedConfig
+from wdsembed.outputclaim import CLAIM_NAME, OutputClaimedError
+
+ROOT = Path(__file__).resolve().parents[1]
+OTHER_MODEL = "test_efficientnet.r160_in1k"
+SETTINGS = dict(pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1, fidelity_sample=0)
+
+
+def _shards(folder: Path, n_shards: int = 2, per_shard: int = 2) -> Path:
+    from wdsembed.synthetic import ShardSample, encode_image, make_image, write_shard
+
+    for s in range(n_shards):
+        write_shard(folder, f"{s:05d}", [ShardSample(encode_image(make_image(32, 24, seed=10 * s + i), "bmp"),
+                                                     ext="bmp") for i in range(per_shard)])
+    return folder
+
+
+def _config(data: Path | str, out: Path | str, model: str = TINY_MODEL, **kw) -> EmbedConfig:
+    return EmbedConfig(input=str(data), output=str(out), model_name=model, **(SETTINGS | kw))
+
+
+def _embedder(model: str = TINY_MODEL, **kw):
+    from wdsembed.api import TimmImageEmbedder
+
+    return TimmImageEmbedder(model, **(SETTINGS | kw))
+
+
+def _claim(out: Path) -> dict:
+    return json.loads((out / CLAIM_NAME).read_text())
+
+
+def _foreign_claim(config: EmbedConfig, **changes) -> bytes:
+    """A claim as another run would have written it."""
+    return json.dumps({**outputclaim.new_record(config), **changes}).encode()
+
+
+# --------------------------------------------------------------------------------------------------- stale claims
+
+
+def test_a_claim_left_by_a_killed_process_is_taken_over_and_its_temp_files_removed(tmp_path, caplog):
+    """A process that claimed OUTPUT is killed (SIGKILL) while writing a file (its temp file written, not yet
+    renamed): the claim and the temp file stay. The next run takes the claim over at once (the process is gone, on
+    this host), with a warning, removes the temp file before any work, and ends with no claim left."""
+    data, out = _shards(tmp_path / "in", n_shards=1), tmp_path / "out"
+    config = _config(data, out)
+    child = ("import os, signal; from wdsembed import outputclaim, storage; from wdsembed.config import EmbedConfig; "
+             f"c = EmbedConfig.model_validate_json({config.model_dump_json()!r}); outputclaim.take(c); "
+             f"storage.write_atomic(storage.filesystem({str(out)!r})[0], {str(out / '00000.parquet')!r}, "
+             "b'x' * 4096, before_commit=lambda: os.kill(os.getpid(), signal.SIGKILL))")
+    died = subprocess.run([sys.executable, "-c", child], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
+    left = sorted(p.name for p in out.iterdir())
+    assert left[0] == ".00000.parquet.tmp-" + left[0].rsplit("-", 1)[1] and left[1:] == [CLAIM_NAME], left
+    dead = _claim(out)
+
+    with caplog.at_level(logging.WARNING, logger="wdsembed"):
+        [result] = _embedder()(str(data), str(out))
+    assert not result.cached
+    said = caplog.text
+    assert (f"took over the claim of run {dead['run']} (pid {dead['pid']} on host {socket.gethostname()}" in said
+            and f"its process (pid {dead['pid']} on this host) is gone" in said), said
+    assert f"removed 1 temp file(s) that runs killed mid-write had left: {left[0]}" in said, said
+    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "_embeddings", "_manifest.json"]
+
+
+def test_a_claim_is_taken_over_once_its_heartbeat_is_stale_and_not_before(tmp_path, caplog):
+    """On another host (its process cannot be looked up from here) a claim holds while its heartbeat is fresh, and
+    is taken over once the heartbeat is older than STALE_S: its run is gone, and a killed run must not block the
+    output for ever."""
+    out = tmp_path / "out"
+    out.mkdir()
+    config = _config(tmp_path / "in", out)
+    now = time.time()
+    (out / CLAIM_NAME).write_bytes(_foreign_claim(config, host="another-host", pid=1,
+                                                  heartbeat=outputclaim._iso(now - 60)))
+    with pytest.raises(OutputClaimedError, match=r"pid 1 on host another-host.*last heartbeat 6\d s ago"):
+        outputclaim.take(config)
+    with pytest.raises(OutputClaimedError):
+        outputclaim.check_free(config)  # the checks' early answer agrees
+    (out / CLAIM_NAME).write_bytes(_foreign_claim(config, host="another-host", pid=1,
+                                                  heartbeat=outputclaim._iso(now - outputclaim.STALE_S - 60)))
+    outputclaim.check_free(config)
+    with caplog.at_level(logging.WARNING, logger="wdsembed"):
+        claim = outputclaim.take(config)
+    try:
+        assert _claim(out)["run"] == claim.run and _claim(out)["host"] == socket.gethostname()
+        assert "its last heartbeat is 24" in claim.took_over and "s old (more than 180 s)" in claim.took_over
+        assert "took over the claim of run" in caplog.text
+    finally:
+        claim.release()
+    assert not (out / CLAIM_NAME).exists()
+
+
+def test_the_heartbeat_is_refreshed_and_a_claim_taken_over_meanwhile_stays(tmp_path, monkeypatch, caplog):
+    """The holder's daemon thread refreshes the heartbeat. Where another run has taken the claim over meanwhile
+    (this run's heartbeats had stopped), the holder says so and never removes the other run's claim."""
+    monkeypatch.setattr(outputclaim, "HEARTBEAT_S", 0.2)
+    out = tmp_path / "out"
+    config = _config(tmp_path / "in", out)
+    claim = outputclaim.take(config)
+    try:
+        first = _claim(out)["heartbeat"]
+        deadline = time.monotonic() + 10
+        while _claim(out)["heartbeat"] == first and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _claim(out)["heartbeat"] > first and _claim(out)["run"] == claim.run
+        other = _foreign_claim(config, run="0123456789abcdef", host="another-host")
+        with caplog.at_level(logging.ERROR, logger="wdsembed"):
+            (out / CLAIM_NAME).write_bytes(other)
+            deadline = time.monotonic() + 10
+            while not claim.lost and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert claim.lost
+        assert "this run's claim was taken over by run 0123456789abcdef (pid" in caplog.text
+    finally:
+        claim.release()
+    assert (out / CLAIM_NAME).read_bytes() == other  # not this run's to remove
+
+
+# --------------------------------------------------------------------------------------------------- release
+
+
+def test_the_claim_is_released_after_success_failure_and_ctrl_c(tmp_path):
+    """Every way a run ends removes its claim: success; a failed shard (the run raises ShardsFailed); a refusal in
+    its planning (the output holds another model's shards); Ctrl-C (SIGINT to an API run in its own process, held
+    in a shard). The command's Ctrl-C: tests/test_cli.py."""
+    from wdsembed.plan import InputError
+    from wdsembed.shard import ShardsFailed
+
+    data, out = _shards(tmp_path / "in"), tmp_path / "out"
+    _embedder()(str(data), str(out))
+    assert not (out / CLAIM_NAME).exists()
+
+    broken = tmp_path / "broken"
+    _shards(broken, n_shards=1)
+    (broken / "00001.tar").write_bytes(b"<html>not a tar</html>")
+    with pytest.raises(ShardsFailed):
+        _embedder()(str(broken), str(tmp_path / "out2"))
+    assert (tmp_path / "out2" / "00000.parquet").exists() and not (tmp_path / "out2" / CLAIM_NAME).exists()
+
+    one = tmp_path / "one"
+    _shards(one, n_shards=1)
+    with pytest.raises(InputError, match="already holds embeddings made otherwise"):
+        _embedder(OTHER_MODEL)(str(one), str(out))  # 00001 of the first run stays beside it: refused as it plans
+    assert not (out / CLAIM_NAME).exists()
+
+    held, log = held_api_run(data, tmp_path / "out3", tmp_path, 60, TINY_MODEL, SETTINGS)
+    try:
+        assert (tmp_path / "out3" / CLAIM_NAME).exists()
+        held.send_signal(signal.SIGINT)
+        held.wait(timeout=60)
+    finally:
+        if held.poll() is None:
+            held.kill()
+            held.wait()
+    assert "KeyboardInterrupt" in log.read_text(), log.read_text()[-3000:]
+    assert not (tmp_path / "out3" / CLAIM_NAME).exists()
+
+
+# --------------------------------------------------------------------------------------------------- S3
+
+
+@pytest.fixture(scope="module")
+def serial_s3():
+    """moto served one request at a time (s3server.MotoS3 `serial`): its conditional PUTs are then atomic, as
+    AWS's are."""
+    from s3server import MotoS3
+
+    server = MotoS3(serial=True).start()
+    server.boto().create_bucket(Bucket="claims")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(monkeypatch, tmp_path, serial_s3):
+    nowhere = str(tmp_path / "none")
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", nowhere)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", serial_s3.admin[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", serial_s3.admin[1])
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield serial_s3
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _race(config: EmbedConfig, takers: int = 8) -> tuple[list, list[str]]:
+    """`takers` threads claiming one output at the same moment: (the claims taken, the refusals' messages)."""
+    barrier = threading.Barrier(takers)
+    won, refused = [], []
+
+    def take() -> None:
+        barrier.wait()
+        try:
+            won.append(outputclaim.take(config))
+        except OutputClaimedError as exc:
+            refused.append(str(exc))
+
+    threads = [threading.Thread(target=take) for _ in range(takers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return won, refused
+
+
+def test_an_s3_claim_is_atomic_against_concurrent_takers(s3_env, tmp_path):
+    """On S3 the claim is a conditional PUT (If-None-Match: *), a stale claim is replaced only while it is the one
+    judged stale (If-Match: its ETag), and the heartbeat only while the claim is this run's own: of 8 runs claiming
+    one output at once exactly one gets it, the others are refused naming it; of 8 taking over one stale claim at
+    once, one; a claim replaced under its holder is never removed by it. (A look-then-write gives all 8 the claim
+    on the same server.)"""
+    server = s3_env
+    config = _config(tmp_path / "in", "s3://claims/emb", storage_options={"endpoint_url": server.endpoint})
+    won, refused = _race(config)
+    try:
+        assert len(won) == 1 and len(refused) == 7, (len(won), refused[:2])
+        assert all(f"by another run {won[0].run} (pid {os.getpid()}" in r for r in refused), refused[0]
+        stored = json.loads(server.boto().get_object(Bucket="claims", Key=f"emb/{CLAIM_NAME}")["Body"].read())
+        assert stored["run"] == won[0].run
+        won[0].heartbeat()
+        assert not won[0].lost
+    finally:
+        for claim in won:
+            claim.release()
+    assert [k for k in server.keys("claims") if k.startswith("emb/")] == []
+
+    stale = _foreign_claim(config, host="another-host", heartbeat=outputclaim._iso(time.time() - 3600))
+    server.boto().put_object(Bucket="claims", Key=f"emb/{CLAIM_NAME}", Body=stale)
+    won, refused = _race(config)
+    try:
+        assert len(won) == 1 and len(refused) == 7, (len(won), refused[:2])
+        assert "its last heartbeat is 36" in won[0].took_over
+        other = _foreign_claim(config, run="fedcba9876543210", host="another-host")
+        server.boto().put_object(Bucket="claims", Key=f"emb/{CLAIM_NAME}", Body=other)
+        won[0].heartbeat()  # If-Match on its own ETag: refused by the store
+        assert won[0].lost
+    finally:
+        for claim in won:
+            claim.release()
+    assert server.boto().get_object(Bucket="claims", Key=f"emb/{CLAIM_NAME}")["Body"].read() == other
+
+
+def test_an_api_run_on_s3_claims_its_output_and_leaves_no_claim(s3_env, tmp_path):
+    """An API run writing to S3, while another run's fresh claim is there, is refused naming it; once that claim
+    is gone it runs, and leaves its outputs and no claim."""
+    server = s3_env
+    data = _shards(tmp_path / "in", n_shards=1)
+    opts = {"endpoint_url": server.endpoint}
+    config = _config(data, "s3://claims/api", storage_options=opts)
+    other = _foreign_claim(config, run="00000000feedbeef", host="another-host")
+    server.boto().put_object(Bucket="claims", Key=f"api/{CLAIM_NAME}", Body=other)
+    with pytest.raises(OutputClaimedError, match="another run 00000000feedbeef .* on host another-host"):
+        _embedder(storage_options=opts)(str(data), "s3://claims/api")
+    assert [k for k in server.keys("claims") if k.startswith("api/")] == [f"api/{CLAIM_NAME}"]
+    server.boto().delete_object(Bucket="claims", Key=f"api/{CLAIM_NAME}")
+    [result] = _embedder(storage_options=opts)(str(data), "s3://claims/api")
+    assert not result.cached
+    assert [k for k in server.keys("claims") if k.startswith("api/")] == [
+        "api/00000.parquet", "api/_embeddings/00000.parquet", "api/_manifest.json"]
+
+
+def test_temp_files_are_found_where_atomic_writes_leave_them():
+    """The names storage.write_atomic gives its temp files are what the cleanup removes, and nothing else."""
+    for path in ("out/00000.parquet", "out/_embeddings/train/00000.parquet", "out/_manifest.json"):
+        assert outputclaim.TEMP_FILE.match(os.path.basename(storage.temp_name(path)))
+    for name in ("00000.parquet", ".00000.parquet", "00000.parquet.tmp-" + "a" * 32, ".x.tmp-" + "a" * 31,
+                 ".x.tmp-" + "g" * 32, CLAIM_NAME):
+        assert not outputclaim.TEMP_FILE.match(name), name
+
+
+def test_runs_claiming_one_local_output_at_once_are_refused_but_one(tmp_path):
+    """Of 8 runs claiming one local output at the same moment exactly one gets it and the others are refused naming
+    it, also as the one that got it removes dead runs' temp files: the claim's own temp files, those of the runs
+    being refused, are not among them."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / (".00000.parquet.tmp-" + "c" * 32)).write_bytes(b"left by a killed run")
+    config = _config(tmp_path / "in", out)
+    for _ in range(3):
+        won, refused = _race(config)
+        try:
+            assert len(won) == 1 and len(refused) == 7, (len(won), refused[:2])
+            assert all(f"by another run {won[0].run} (pid {os.getpid()}" in r for r in refused), refused[0]
+        finally:
+            for claim in won:
+                claim.release()
+    assert sorted(p.name for p in out.iterdir()) == []

@@ -1,0 +1,646 @@
+"""One run writes to an OUTPUT at a time: the run's claim on it, `OUTPUT/_claim.json`.
+
+    claim = outputclaim.take(config)     # refused at once (OutputClaimedError) where another live run holds OUTPUT
+    try:
+        ...                              # plan, embed, write, report
+    finally:
+        claim.release()
+
+or `with outputclaim.held(config): ...`. The process that orchestrates a run takes it (flows.embed.run for the
+command, `python flows/embed.py` and the deployed flow; api.run_shards for the Python API and the NeMo drop-in),
+after the checks that need no work and before any shard's, and releases it as the run ends however it ends
+(success, failure, Ctrl-C). Workers never touch it. Two runs on one OUTPUT with different models would otherwise
+both succeed and leave two embedding spaces side by side, a manifest naming one of them, and (between a shard's two
+files) one run's table beside the other's kNN view.
+
+The claim is a small JSON object: the run's id, host, pid, start time, model and settings, and a heartbeat time that
+a daemon thread refreshes every HEARTBEAT_S seconds. Its name starts with `_`, so dataset readers of OUTPUT (pyarrow,
+pandas, Spark) skip it, as do the checks that list OUTPUT (plan.check_outputs_beside looks at `*.parquet` only).
+
+Taking it is one atomic step on the store, never a look followed by a write:
+
+* local disk (and NFS): the JSON written to a temp file, then hard-linked to `_claim.json` (os.link fails where the
+  name exists: atomic, and a reader never sees a half-written claim); where a filesystem has no hard links,
+  os.open(O_CREAT | O_EXCL) instead.
+* S3: a PUT with `If-None-Match: *` (conditional writes, on AWS since August 2024): S3 answers 412 to every PUT
+  but one. A stale claim is replaced with `If-Match: <its ETag>`, the heartbeat likewise with the claim's own ETag,
+  so that of two runs taking over one stale claim one wins, and a run whose claim was taken over learns it. An
+  S3-compatible store that ignores these headers makes the claim a best effort only (a look, then a write).
+* other fsspec stores: `pipe_file(mode="create")`, which is atomic where the store's fsspec implementation makes it
+  so (gcsfs, adlfs) and a look-then-write otherwise; a stale claim is removed, then created again.
+
+A claim found in place is the other run's, and the new run is refused, naming OUTPUT, that run (id, host, pid,
+since when, model) and what to do. Unless it is stale: its heartbeat is older than STALE_S (its process was killed,
+or its host lost), or it was taken on this host (same host name and pid namespace: containers with host networking
+share a name, not their pids) by a process that is gone (pid not running, a zombie, or another process since). A stale claim is taken over with a warning line: a killed run never blocks the next one for long.
+Heartbeats are compared across hosts by their clocks: hosts sharing an OUTPUT must agree on the time within a
+minute or so (NTP).
+
+With the claim held, `remove_stale_temp_files` removes what dead runs left in OUTPUT: the temp files of atomic
+writes (`.<name>.tmp-<32 hex>`, storage.write_atomic) of a process killed between a file's write and its rename.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+from wdsembed import storage, storeoptions
+from wdsembed.config import EmbedConfig
+
+log = logging.getLogger("wdsembed")
+
+CLAIM_NAME = "_claim.json"
+HEARTBEAT_S = 30.0  # how often the holder refreshes its heartbeat
+STALE_S = 180.0  # a claim whose heartbeat is older than this is taken over (its run is gone)
+# What storage.write_atomic names its temp files: `.<name>.tmp-<uuid4 hex>`, beside the target.
+TEMP_FILE = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
+# Folders of OUTPUT that hold none of our atomic writes and may hold many files: not walked for temp files.
+_NOT_WALKED = ("_prefect_results",)
+
+
+class OutputClaimedError(ValueError):
+    """Another run is writing to this OUTPUT; the message names it and says what to do."""
+
+
+# --------------------------------------------------------------------------------------------------- the record
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _epoch(text: Any) -> Optional[float]:
+    try:
+        return dt.datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _proc_stat(pid: int) -> Optional[list[str]]:
+    """The fields of /proc/<pid>/stat after the command name (state first, start time at [19]); None where there
+    is none (not Linux, or no such process)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+        return stat[stat.rindex(")") + 2:].split()
+    except (OSError, ValueError):
+        return None
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """When process `pid` started, in clock ticks since boot, to tell it from a later process that got its pid."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
+
+
+def _pid_namespace() -> Optional[str]:
+    """This process's pid namespace (`pid:[4026531836]`): containers that share a host name (host networking) each
+    have their own, and a pid means something only within one."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _same_host(record: dict) -> bool:
+    """Whether the claim's pid can be looked up here: same host name, same pid namespace."""
+    return record.get("host") == socket.gethostname() and record.get("pid_namespace") == _pid_namespace()
+
+
+def _process_gone(pid: Any, started: Any) -> bool:
+    """Whether process `pid` of this host has ended (or its pid now names another process, or a zombie)."""
+    try:
+        pid = int(pid)
+    except (TypeError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    except OSError:
+        return False
+    fields = _proc_stat(pid)
+    if fields and fields[0] == "Z":
+        return True  # killed, not yet reaped by its parent
+    now_started = fields[19] if fields and len(fields) > 19 else None
+    return bool(started and now_started and str(started) != now_started)
+
+
+def describe_model(config: EmbedConfig) -> str:
+    """The run's model in a few words: name, weights, and the settings that change its embeddings."""
+    weights = (f"checkpoint {config.checkpoint}" if config.checkpoint
+               else "pretrained" if config.pretrained else "random weights")
+    parts = [weights]
+    if config.embedding != "auto":
+        parts.append(f"embedding {config.embedding}")
+    parts.append("normalized" if config.normalize_embeddings else "not normalized")
+    if config.embedding_dtype != "float32":
+        parts.append(config.embedding_dtype)
+    return f"{config.model_name} ({', '.join(parts)})"
+
+
+def new_record(config: EmbedConfig) -> dict:
+    now = _now()
+    return {
+        "run": uuid.uuid4().hex[:16],
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_started": _process_start(os.getpid()),
+        "pid_namespace": _pid_namespace(),
+        "started": _iso(now),
+        "heartbeat": _iso(now),
+        "model": describe_model(config),
+        "settings": {**config.model_key(), "embedding_dtype": config.embedding_dtype},
+        "output": config.output,
+    }
+
+
+def _encode(record: dict) -> bytes:
+    return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _decode(raw: bytes) -> Optional[dict]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def stale_reason(record: Optional[dict], written: Optional[float], now: Optional[float] = None) -> Optional[str]:
+    """Why the claim `record` (None: unreadable; `written`: when its file was last written) no longer holds
+    anything, or None while its run may be alive."""
+    now = _now() if now is None else now
+    if record is None:
+        if written is not None and now - written > STALE_S:
+            return f"an unreadable claim, last written {now - written:.0f} s ago"
+        return None
+    if _same_host(record) and _process_gone(record.get("pid"), record.get("pid_started")):
+        return f"its process (pid {record.get('pid')} on this host) is gone"
+    beat = _epoch(record.get("heartbeat"))
+    if beat is None:
+        beat = written
+    if beat is not None and now - beat > STALE_S:
+        return f"its last heartbeat is {now - beat:.0f} s old (more than {STALE_S:.0f} s)"
+    return None
+
+
+def describe_holder(record: Optional[dict], now: Optional[float] = None) -> str:
+    if record is None:
+        return "a run whose claim cannot be read"
+    now = _now() if now is None else now
+    beat = _epoch(record.get("heartbeat"))
+    ago = f", last heartbeat {max(0.0, now - beat):.0f} s ago" if beat is not None else ""
+    return (f"run {record.get('run')} (pid {record.get('pid')} on host {record.get('host')}, since "
+            f"{record.get('started')}, model {record.get('model')}{ago})")
+
+
+def busy_message(output: str, record: Optional[dict]) -> str:
+    return (f"output {output!r} is being written by another {describe_holder(record)}: wait for that run to "
+            "finish, or choose another output folder. Two runs writing one output would mix their outputs. If that "
+            f"run is gone, its claim ({CLAIM_NAME} in the output) is taken over once its heartbeat is "
+            f"{STALE_S / 60:.0f} minutes old, or at once on its own host once its process has ended")
+
+
+# --------------------------------------------------------------------------------------------------- the stores
+
+
+@dataclass
+class _Found:
+    record: Optional[dict]  # None: unreadable
+    token: Any  # what a conditional replace compares with (the bytes locally, the ETag on S3)
+    written: Optional[float]  # when the claim was last written (epoch), where known
+
+
+class _LocalStore:
+    """The claim on a local (or network-mounted) folder."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def create(self, data: bytes) -> Optional[Any]:
+        folder = os.path.dirname(self.path) or "."
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, os.path.basename(storage.temp_name(self.path)))
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, self.path)  # fails where the claim exists: atomic, and never seen half-written
+                return data
+            except (FileExistsError, FileNotFoundError):  # the latter: the temp file gone (removed by hand)
+                return None  # the caller looks again
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV, errno.EMLINK):
+                    raise
+            try:  # a filesystem without hard links
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return None
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return data
+        finally:
+            _unlink_quietly(tmp)
+
+    def read(self) -> Optional[_Found]:
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read()
+                written = os.fstat(f.fileno()).st_mtime
+        except FileNotFoundError:
+            return None
+        return _Found(_decode(raw), raw, written)
+
+    def take_over(self, found: _Found, data: bytes) -> Optional[Any]:
+        """Move the stale claim `found` aside (a rename: of two takers only one gets it), then create ours. Where
+        what was moved aside is not `found` (another run took over first), it is put back and None returned."""
+        grabbed = os.path.join(os.path.dirname(self.path) or ".", os.path.basename(storage.temp_name(self.path)))
+        try:
+            os.rename(self.path, grabbed)
+        except FileNotFoundError:
+            return None
+        try:
+            with open(grabbed, "rb") as f:
+                moved = f.read()
+            if moved != found.token:
+                try:
+                    os.link(grabbed, self.path)  # a claim that is not the stale one: put it back
+                except OSError:
+                    pass  # another claim is in place by now: it stands
+                return None
+        finally:
+            _unlink_quietly(grabbed)
+        return self.create(data)
+
+    def refresh(self, token: Any, data: bytes, run: str) -> Optional[Any]:
+        """Our claim with a new heartbeat, where it is still ours; None where another run's is in its place."""
+        found = self.read()
+        if found is None:
+            return self.create(data)  # removed by hand meanwhile: this run still holds the output
+        if (found.record or {}).get("run") != run:
+            return None
+        storage.write_atomic(storage.filesystem(self.path)[0], self.path, data)  # whole, never half-written
+        return data
+
+    def release(self, token: Any, run: str) -> None:
+        found = self.read()
+        if found is not None and (found.record or {}).get("run") == run:
+            _unlink_quietly(self.path)
+
+
+class _ObjectStore:
+    """The claim on an object store (or another fsspec filesystem): S3's conditional PUTs where it is S3."""
+
+    def __init__(self, fs: Any, path: str) -> None:
+        self.fs, self.path = fs, path
+        self.s3 = storage.is_s3(fs)
+
+    def _put(self, data: bytes, **condition: str) -> Any:
+        """PUT `data`; returns the new token (the ETag on S3)."""
+        out = self.fs.pipe_file(self.path, data, **condition)
+        if self.s3:
+            etag = (out or {}).get("ETag") if isinstance(out, dict) else None
+            return etag or self._etag()
+        return data
+
+    def _etag(self) -> Optional[str]:
+        self.fs.invalidate_cache(self.path)
+        try:
+            return self.fs.info(self.path).get("ETag")
+        except FileNotFoundError:
+            return None
+
+    def create(self, data: bytes) -> Optional[Any]:
+        for _ in range(5):
+            try:
+                return self._put(data, mode="create")  # S3: If-None-Match: *
+            except FileExistsError:
+                return None
+            except OSError as exc:
+                if _conflict(exc):  # 409: a conditional write raced another; S3 says to try again
+                    time.sleep(0.2)
+                    continue
+                if _precondition_failed(exc):
+                    return None
+                raise
+        return None
+
+    def read(self) -> Optional[_Found]:
+        self.fs.invalidate_cache(self.path)
+        try:
+            info = self.fs.info(self.path)
+            raw = self.fs.cat_file(self.path)
+        except FileNotFoundError:
+            return None
+        modified = info.get("LastModified") or info.get("mtime") or info.get("created")
+        written = modified.timestamp() if isinstance(modified, dt.datetime) else (
+            float(modified) if isinstance(modified, (int, float)) else None)
+        # On S3 the ETag of what was read: a change between the two requests fails the conditional write later.
+        return _Found(_decode(raw), info.get("ETag") if self.s3 else raw, written)
+
+    def take_over(self, found: _Found, data: bytes) -> Optional[Any]:
+        if self.s3 and found.token:
+            try:
+                return self._put(data, IfMatch=found.token)  # replaced only while it is the stale claim
+            except OSError as exc:
+                if _precondition_failed(exc) or _conflict(exc) or isinstance(exc, FileNotFoundError):
+                    return None  # another run took it over first, or it is gone: try again from the start
+                raise
+        # No compare-and-swap here: removed, then created again (another taker's create fails).
+        try:
+            self.fs.rm_file(self.path)
+        except FileNotFoundError:
+            pass
+        return self.create(data)
+
+    def refresh(self, token: Any, data: bytes, run: str) -> Optional[Any]:
+        if self.s3 and token:
+            try:
+                return self._put(data, IfMatch=token)
+            except OSError as exc:
+                if not (_precondition_failed(exc) or isinstance(exc, FileNotFoundError)):
+                    raise
+            found = self.read()  # changed or gone: whose is it now?
+            if found is None:
+                return self.create(data)
+            return found.token if (found.record or {}).get("run") == run else None
+        found = self.read()
+        if found is None:
+            return self.create(data)
+        if (found.record or {}).get("run") != run:
+            return None
+        return self._put(data)
+
+    def release(self, token: Any, run: str) -> None:
+        found = self.read()
+        if found is not None and (found.record or {}).get("run") == run:
+            try:
+                self.fs.rm_file(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """S3's 412 (If-None-Match or If-Match not met), as s3fs raises it (FileExistsError, or OSError EINVAL)."""
+    if isinstance(exc, FileExistsError):
+        return True
+    code = _s3_code(exc)
+    return code in ("PreconditionFailed", "412") or "PreconditionFailed" in str(exc)
+
+
+def _conflict(exc: BaseException) -> bool:
+    code = _s3_code(exc)
+    return code in ("ConditionalRequestConflict", "409") or "ConditionalRequestConflict" in str(exc)
+
+
+def _s3_code(exc: BaseException) -> Optional[str]:
+    for e in (exc, exc.__cause__, exc.__context__):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            return str((response.get("Error") or {}).get("Code"))
+    return None
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def claim_url(config: EmbedConfig) -> tuple[Any, str]:
+    """(filesystem, path) of OUTPUT's claim."""
+    fs, root = storage.filesystem(config.output, config.storage_options)
+    return fs, storage.join(root.rstrip("/") or "/", CLAIM_NAME)
+
+
+def _store(config: EmbedConfig):
+    fs, path = claim_url(config)
+    return _LocalStore(os.path.abspath(path)) if storage.is_local(fs) else _ObjectStore(fs, path)
+
+
+# --------------------------------------------------------------------------------------------------- the claim
+
+
+@dataclass
+class Claim:
+    """This run's claim on `output`, held until release()."""
+
+    output: str
+    record: dict
+    store: Any = field(repr=False)
+    token: Any = field(repr=False)
+    took_over: Optional[str] = None  # the holder whose stale claim was taken over, described
+    removed: list[str] = field(default_factory=list)  # stale temp files removed from OUTPUT
+    lost: bool = False  # another run took the claim over meanwhile (this run's heartbeats had stopped)
+    released: bool = False
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: Optional[threading.Thread] = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def run(self) -> str:
+        return self.record["run"]
+
+    def start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="wdsembed-claim-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            self.heartbeat()
+            if self.lost or self.released:
+                return
+
+    def heartbeat(self) -> None:
+        """Refresh the heartbeat now (the daemon thread does it every HEARTBEAT_S seconds)."""
+        with self._lock:
+            if self.lost or self.released:
+                return
+            record = {**self.record, "heartbeat": _iso(_now())}
+            try:
+                token = self.store.refresh(self.token, _encode(record), self.run)
+            except Exception as exc:  # noqa: BLE001 - a store hiccup: the next beat tries again
+                log.warning("output %s: could not refresh this run's claim (%s: %s); trying again in %.0f s",
+                            self.output, type(exc).__name__, exc, HEARTBEAT_S)
+                return
+            if token is None:
+                self.lost = True
+                found = self.store.read()
+                log.error("output %s: this run's claim was taken over by %s (this run's heartbeats had stopped for "
+                          "over %.0f s, or the claim was replaced by hand); two runs may now be writing to it: check "
+                          "its outputs once both end", self.output, describe_holder(found.record if found else None),
+                          STALE_S)
+                return
+            self.record, self.token = record, token
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the claim, where it is still this run's. Never raises: a run's own
+        outcome is what its caller needs to hear."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        with self._lock:
+            if self.lost or self.released:
+                return
+            self.released = True
+            try:
+                self.store.release(self.token, self.run)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("output %s: could not remove this run's claim %s (%s: %s); the next run takes it over "
+                            "once its heartbeat is %.0f s old", self.output, CLAIM_NAME, type(exc).__name__, exc,
+                            STALE_S)
+
+
+def holder(config: EmbedConfig) -> Optional[dict]:
+    """The live claim on OUTPUT (its record; {} where unreadable), or None where OUTPUT is free or its claim is
+    stale. Reads only."""
+    found = _store(config).read()
+    if found is None or stale_reason(found.record, found.written):
+        return None
+    return found.record if found.record is not None else {}
+
+
+def check_free(config: EmbedConfig) -> None:
+    """Refuse (OutputClaimedError) where another live run holds OUTPUT: the checks' early answer, which writes
+    nothing. The run's own take() decides, atomically."""
+    try:
+        record = holder(config)
+    except (OSError, ValueError):
+        return  # unreadable here: take() says what is wrong, where it matters
+    if record is not None:
+        raise OutputClaimedError(busy_message(config.output, record or None))
+
+
+def take(config: EmbedConfig) -> Claim:
+    """Claim OUTPUT for this run, atomically, or raise OutputClaimedError naming the run that holds it. A stale
+    claim is taken over, with a warning. Then the temp files that dead runs left in OUTPUT are removed, and the
+    heartbeat starts."""
+    store = _store(config)
+    record = new_record(config)
+    data = _encode(record)
+    took_over = None
+    try:
+        for _ in range(10):
+            token = store.create(data)
+            if token is not None:
+                break
+            found = store.read()
+            if found is None:
+                continue  # released meanwhile
+            why = stale_reason(found.record, found.written)
+            if why is None:
+                raise OutputClaimedError(busy_message(config.output, found.record))
+            token = store.take_over(found, data)
+            if token is not None:
+                took_over = f"{describe_holder(found.record)}: {why}"
+                break
+        else:
+            raise OutputClaimedError(f"output {config.output!r}: could not claim it, other runs keep taking it; "
+                                     "wait for them to finish, or choose another output folder")
+    except PermissionError as exc:  # a read-only folder, a bucket these keys may not write
+        hint = "" if isinstance(store, _LocalStore) else f"; check the credentials: {storeoptions.CREDENTIALS_HINT}"
+        raise PermissionError(f"cannot write output {config.output} (its claim {CLAIM_NAME}): access denied "
+                              f"({exc}){hint}") from exc
+    except OSError as exc:  # the errno stays (faults.is_disk_full); the message names the output
+        said = f"cannot claim output {config.output} ({CLAIM_NAME}): {exc}"
+        raise (OSError(exc.errno, said) if exc.errno else OSError(said)) from exc
+    claim = Claim(config.output, record, store, token, took_over)
+    if took_over:
+        log.warning("output %s: took over the claim of %s", config.output, took_over)
+    try:
+        claim.removed = remove_stale_temp_files(config)
+    except Exception:
+        claim.release()
+        raise
+    if claim.removed:
+        log.warning("output %s: removed %d temp file(s) that runs killed mid-write had left: %s", config.output,
+                    len(claim.removed), ", ".join(claim.removed[:5]) + (" ..." if len(claim.removed) > 5 else ""))
+    claim.start_heartbeat()
+    return claim
+
+
+@contextmanager
+def held(config: EmbedConfig) -> Iterator[Claim]:
+    """take(config) for the block, released as it ends, however it ends."""
+    claim = take(config)
+    try:
+        yield claim
+    finally:
+        claim.release()
+
+
+# --------------------------------------------------------------------------------------------------- temp files
+
+
+def remove_stale_temp_files(config: EmbedConfig) -> list[str]:
+    """Remove the temp files of atomic writes (storage.write_atomic: `.<name>.tmp-<32 hex>`) under OUTPUT, left by
+    processes killed between a file's write and its rename; their paths relative to OUTPUT. Call it only with the
+    claim held: no live run of ours is writing there then, but other runs may be trying to claim it (and are about
+    to be refused): the claim's own temp files are left to them unless older than STALE_S. Object stores hold none
+    (one PUT per object)."""
+    fs, root = storage.filesystem(config.output, config.storage_options)
+    if storage.is_local(fs):
+        return _remove_local(os.path.abspath(root))
+    if storage.writes_whole_objects(fs):
+        return []
+    try:
+        files = fs.find(root, withdirs=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    prefix = root.rstrip("/") + "/"
+    removed = []
+    for path in files:
+        rel = path[len(prefix):] if path.startswith(prefix) else path
+        if rel.split("/", 1)[0] in _NOT_WALKED or not TEMP_FILE.match(rel.rsplit("/", 1)[-1]):
+            continue
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            continue
+        removed.append(rel)
+    return sorted(removed)
+
+
+def _remove_local(root: str) -> list[str]:
+    removed = []
+    for folder, dirs, files in os.walk(root):
+        if folder == root:
+            dirs[:] = [d for d in dirs if d not in _NOT_WALKED]
+        for name in files:
+            if not TEMP_FILE.match(name):
+                continue
+            path = os.path.join(folder, name)
+            try:
+                if folder == root and name.startswith(f".{CLAIM_NAME}.") and \
+                        time.time() - os.stat(path).st_mtime <= STALE_S:
+                    continue  # the claim's own, of a run claiming OUTPUT right now (to be refused): it removes it
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            removed.append(os.path.relpath(path, root))
+    return sorted(removed)
