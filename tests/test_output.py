@@ -763,3 +763,66 @@ def test_writers_get_an_arrow_file_that_needs_no_gil(tmp_path, where):
         assert pq.read_table(f).equals(_table())
     write_parquet_atomic(_table(), url, fs, {"run": 5})
     assert read_output_metadata(url, fs) == {"run": 5}
+
+
+def test_two_writers_of_one_shard_leave_its_table_beside_its_own_kNN_view(tmp_path, monkeypatch):
+    """Two writers of one shard's output at once, with other settings (two threads of one worker process here,
+    sharing its Worker; runs cannot, since each claims its output: wdsembed.outputclaim). Each commits its kNN
+    view, then its table, two files one after the other: where writer A's table lands after writer B's view and
+    table (A paused between its two commits; on S3 the window is the whole table's PUT), OUTPUT held A's table
+    beside B's view, both writers having succeeded, and validation said the view 'was made by another run'. Now the
+    writer whose table is in place finds another's view beside it and writes its own again.
+
+    The pause is put at the project's own commit hook (faults.maybe_inject(stem, "commit"), between the view's
+    commit and the table's); nothing else is changed."""
+    pytest.importorskip("nvidia.dali")
+    import threading
+
+    from conftest import TINY_MODEL
+    from wdsembed import faults, shard
+    from wdsembed.config import EmbedConfig
+    from wdsembed.plan import plan_run
+    from wdsembed.synthetic import ShardSample, encode_image, make_image, write_shard
+    from wdsembed.validate import validate_output
+
+    shards = tmp_path / "in"
+    write_shard(shards, "00000", [ShardSample(encode_image(make_image(32, 24, seed=i), "bmp"), ext="bmp")
+                                  for i in range(3)])
+    out = tmp_path / "out"
+    common = dict(input=str(shards), output=str(out), model_name=TINY_MODEL, pretrained=False, batch_size=4,
+                  num_threads_per_worker=1, device="cpu")
+    config_a = EmbedConfig(**common)
+    config_b = EmbedConfig(**common, embedding_dtype="float16")
+    (plan_a,), _ = plan_run(config_a)
+    (plan_b,), _ = plan_run(config_b)
+    b_done = threading.Event()
+    real = faults.maybe_inject
+
+    def paused_commit(stem, where="start"):
+        if where == "commit" and threading.current_thread().name == "run-A":
+            assert b_done.wait(120)
+        return real(stem, where)
+
+    monkeypatch.setattr(faults, "maybe_inject", paused_commit)
+    results, errors = {}, {}
+
+    def run(name, config, plan):
+        try:
+            results[name] = shard.process_shard(config, plan)
+        except BaseException as exc:  # noqa: BLE001
+            errors[name] = exc
+        finally:
+            if name == "B":
+                b_done.set()
+
+    threads = [threading.Thread(target=run, args=("A", config_a, plan_a), name="run-A"),
+               threading.Thread(target=run, args=("B", config_b, plan_b), name="run-B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    assert not errors and set(results) == {"A", "B"}  # both writers succeed
+    fs = fsspec.filesystem("file")
+    assert read_output_metadata(str(out / "00000.parquet"), fs)["cache_key"] == results["A"].cache_key  # A's, last
+    check = validate_output(config_a, str(out / "00000.parquet"), dim=results["A"].dim)
+    assert check.ok, check.problems  # and its own view beside it

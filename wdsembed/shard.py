@@ -430,5 +430,24 @@ def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: 
                                            "result": stored},
                 before_commit=lambda: (checked.result(), view.result(), faults.maybe_inject(plan.stem, "commit")),
             )
+        if config.knn_view:
+            _keep_view_beside_table(config, plan, fs, path, table, key)
     except PermissionError as exc:  # s3fs says only "Access Denied"; not retried (faults.is_transient)
         raise PermissionError(f"cannot write {plan.output}: {exc}") from exc
+
+
+def _keep_view_beside_table(config: EmbedConfig, plan: ShardPlan, fs, path: str, table, key: str) -> None:
+    """The view and the table are two files, each written whole, one after the other: a writer of the same shard
+    with other settings, committing between the two (a run that does not claim the output: outputclaim), would
+    leave its view beside this table. Where the view in place is not this table's while the table in place is
+    this one, the view is written again from the table (one footer read when nothing is amiss). Where the table
+    in place is another writer's, that writer does the same for its own."""
+    fs_view, root = storage.filesystem(config.output, config.storage_options)
+    made_with = (output.read_output_metadata(output.embeddings_view_url(root, plan.stem), fs_view) or {})
+    if made_with.get("cache_key") == key:
+        return
+    if (output.read_output_metadata(path, fs) or {}).get("cache_key") != key:
+        return
+    log.warning("shard %s: its kNN view was replaced by another writer's between this run's view and table; "
+                "writing it again from the table", plan.stem)
+    output.write_embeddings_view(table, config, plan.stem, cache_key=key)
