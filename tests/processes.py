@@ -54,8 +54,11 @@ def held_api_run(data: Path, out: Path, folder: Path, hold_s: float, model: str,
     call = (f"from wdsembed.api import TimmImageEmbedder as T; "
             f"r = T({model!r}, **{settings!r})({str(data)!r}, {str(out)!r}); print(len(r), 'shards')")
     log = folder / "held.log"
+    # SIGINT's default disposition, as a script run from a terminal has it (the caller may interrupt this run): a
+    # test run in the background of a script (`cmd &`, as CI runners may) would pass it on ignored.
     proc = subprocess.Popen([sys.executable, "-c", call], cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "WDSEMBED_FAULTS": str(spec), "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "WDSEMBED_FAULTS": str(spec), "PYTHONPATH": str(ROOT)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout
     while not held.exists():
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
