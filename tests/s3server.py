@@ -101,6 +101,22 @@ class MotoS3:
         return sorted(out)
 
 
+def aws_from_environment_only(monkeypatch, nowhere: str, keys: Optional[tuple[str, str]] = None) -> None:
+    """AWS credentials and settings from this test's environment only: nothing from this machine's ~/.aws, no
+    profile, endpoint or session token from outside, no instance metadata; `keys` (id, secret) where given.
+    `nowhere` is a path that does not exist."""
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", nowhere)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    if keys is not None:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", keys[0])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", keys[1])
+
+
 def _SerialMotoServer(**kwargs):
     """moto's server on werkzeug's single-threaded server: one request at a time."""
     from moto.moto_server.threaded_moto_server import ThreadedMotoServer

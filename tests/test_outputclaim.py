@@ -17,6 +17,7 @@ import pytest
 
 from conftest import TINY_MODEL
 from processes import held_api_run
+from s3server import aws_from_environment_only
 from wdsembed import outputclaim, storage
 from wdsembed.config import EmbedConfig
 from wdsembed.outputclaim import CLAIM_NAME, OutputClaimedError
@@ -196,15 +197,7 @@ def serial_s3():
 @pytest.fixture
 def s3_env(monkeypatch, tmp_path, serial_s3):
     nowhere = str(tmp_path / "none")
-    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                 "AWS_ENDPOINT_URL_S3", "AWS_SECURITY_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", nowhere)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", serial_s3.admin[0])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", serial_s3.admin[1])
+    aws_from_environment_only(monkeypatch, nowhere, serial_s3.admin)
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()

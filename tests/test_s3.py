@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from s3server import MotoS3, FaultProxy
+from s3server import FaultProxy, MotoS3, aws_from_environment_only
 from wdsembed import output, plan, prefetch, s3fetch, shard, shardindex, shards, storage
 from wdsembed.config import EmbedConfig
 from wdsembed.synthetic import write_demo_dataset
@@ -52,13 +52,7 @@ def _clear_s3fs_cache():
 def aws_env(monkeypatch, tmp_path_factory, server):
     """Credentials only from the environment (the admin's keys), nothing from this machine's ~/.aws."""
     nowhere = str(tmp_path_factory.mktemp("aws") / "none")
-    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                 "AWS_ENDPOINT_URL_S3", "AWS_SECURITY_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", nowhere)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    aws_from_environment_only(monkeypatch, nowhere)
     use_keys(monkeypatch, server.admin)
     yield
     _clear_s3fs_cache()

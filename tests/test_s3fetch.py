@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from s3fast import S3Folder, ShapingProxy
+from s3server import aws_from_environment_only
 from wdsembed import s3fetch, shards, storage
 from wdsembed.synthetic import write_demo_dataset
 
@@ -26,15 +27,7 @@ PART = 64 << 10
 def aws_env(monkeypatch, tmp_path_factory):
     """Credentials only from the environment; nothing from this machine's ~/.aws."""
     nowhere = str(tmp_path_factory.mktemp("aws") / "none")
-    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                 "AWS_ENDPOINT_URL_S3", "AWS_SECURITY_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", nowhere)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    aws_from_environment_only(monkeypatch, nowhere, (KEY_ID, SECRET))
 
 
 @pytest.fixture(scope="module")
