@@ -169,7 +169,7 @@ def _worker_reports_sent(client) -> None:
         return
     logger = get_run_logger()
     try:
-        pending = client.run(prefect_events.sent_to, url, WORKER_REPORTS_TIMEOUT_S)
+        pending = client.run(prefect_events.done_with, url, WORKER_REPORTS_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - the outputs are written; the record of them is what may be short
         logger.warning("could not ask the Dask workers whether they sent this run's task-run events and logs "
                        "(%s: %s)", type(exc).__name__, exc)

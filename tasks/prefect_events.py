@@ -11,8 +11,9 @@ keyed by it too, so each task run's events go to the API of its run's settings, 
 worker (the flow's serialized SettingsContext), and two runs at once on the same workers each reach their own.
 
 A run's end does not wait for its workers to send what they have queued: a worker's events and logs go out
-asynchronously, and a temporary server stops with its run. `sent_to` waits on a worker until those queued for one API
-have gone (flows.embed asks each worker of a shared cluster before its report). Log batches are counted as they are
+asynchronously, and a temporary server stops with its run. `done_with` waits on a worker until those queued for one
+API have gone, then stops the workers for that API, which a shared worker would otherwise keep, one per run (flows.embed
+asks each worker of a shared cluster before its report). Log batches are counted as they are
 queued and handled, as Prefect's batched queue says nothing of the batch it holds.
 
 Installed by importing `tasks.embed`, like `tasks.prefect_tls` and for the same reason: it is the one hook a Dask
@@ -58,7 +59,7 @@ def route_events_by_api_url() -> bool:
 
 
 def count_api_logs() -> bool:
-    """Count the logs each APILogWorker was given and has handled (sent, or failed to send), for `sent_to`."""
+    """Count the logs each APILogWorker was given and has handled (sent, or failed to send), for `done_with`."""
     from prefect.logging.handlers import APILogWorker
 
     if getattr(APILogWorker.send, "_counted", False):
@@ -90,39 +91,60 @@ def count_api_logs() -> bool:
     return True
 
 
-def _same_api(a: Any, b: str) -> bool:
-    return a is not None and str(a).rstrip("/") == b.rstrip("/")
-
-
-def _pending(api_url: str) -> int:
-    """Events and logs that this process has queued for `api_url` and not yet handled."""
-    from prefect._internal.concurrency.services import _QueueServiceBase
+def _api_url(service: Any) -> Optional[str]:
+    """The API URL an events or log worker sends to (None for other services)."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
-    pending = 0
+    if isinstance(service, EventsWorker):
+        url = dict(service.client_options).get("api_url")
+    elif isinstance(service, APILogWorker):
+        url = getattr(getattr(service, "_client", None), "api_url", None)
+    else:
+        return None
+    return str(url).rstrip("/") if url else None
+
+
+def _running_services() -> list:
+    from prefect._internal.concurrency.services import _QueueServiceBase
+
     with _QueueServiceBase._instance_cache_lock:
         services = list(_QueueServiceBase._instances.values())
-    for service in services:
-        if service._stopped:
-            continue  # drained on its own
-        if isinstance(service, EventsWorker):
-            if _same_api(dict(service.client_options).get("api_url"), api_url):
-                pending += service._queue.unfinished_tasks
-        elif isinstance(service, APILogWorker):
-            client = getattr(service, "_client", None)
-            if _same_api(getattr(client, "api_url", None), api_url):
-                with _counts_lock:
-                    pending += max(getattr(service, "_logs_queued", 0) - getattr(service, "_logs_handled", 0), 0)
-    return pending
+    return [service for service in services if not service._stopped]  # a stopped one has drained on its own
 
 
-async def sent_to(api_url: str, timeout: float = 30.0) -> int:
-    """Wait (on a Dask worker's event loop: `client.run(sent_to, url)`) until this process has handled every event
-    and log it queued for the API at `api_url`, or `timeout` seconds have passed; the number still pending."""
+def _services_for(api_url: str) -> list:
+    """This process's running events and log workers that send to the API at `api_url`."""
+    return [service for service in _running_services() if _api_url(service) == api_url.rstrip("/")]
+
+
+def _pending(service: Any) -> int:
+    """Events or logs that `service` was given and has not yet handled."""
+    from prefect.events.worker import EventsWorker
+
+    if isinstance(service, EventsWorker):
+        return service._queue.unfinished_tasks
+    with _counts_lock:
+        return max(getattr(service, "_logs_queued", 0) - getattr(service, "_logs_handled", 0), 0)
+
+
+def api_urls_served() -> list[str]:
+    """The API URLs this process has running events or log workers for."""
+    return sorted({url for url in map(_api_url, _running_services()) if url})
+
+
+async def done_with(api_url: str, timeout: float = 30.0) -> int:
+    """On a Dask worker's event loop (`client.run(done_with, url)`), for a run whose API at `api_url` stops with
+    it: wait until this process has handled every event and log it queued for that API, or `timeout` seconds have
+    passed, then stop its events and log workers for that API, which a worker serving many runs would otherwise
+    keep, one per run, for good (a later run at the same URL gets new ones). Returns the number left unsent."""
     deadline = time.monotonic() + timeout
     while True:
-        pending = _pending(api_url)
+        services = _services_for(api_url)
+        pending = sum(_pending(service) for service in services)
         if not pending or time.monotonic() >= deadline:
-            return pending
+            break
         await asyncio.sleep(0.05)
+    for service in services:
+        service._stop()  # no wait: its queue is empty, or its server is going with the run
+    return pending

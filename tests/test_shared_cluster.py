@@ -138,6 +138,20 @@ def test_each_run_on_long_lived_workers_reports_to_its_own_temporary_api(tmp_pat
     assert second["api"] != first["api"]
     _assert_own_task_runs(second)
     assert not _api_errors(worker_logs)
+    # Nor do the workers keep an events or log worker for either run's API, gone with its run: one per run, for
+    # good, on workers that serve runs for weeks.
+    assert not _served_apis(address) & {first["api"].rstrip("/"), second["api"].rstrip("/")}
+
+
+def _served_apis(address: str) -> set[str]:
+    """The API URLs the cluster's workers still hold events or log workers for."""
+    from distributed import Client
+
+    from tasks import prefect_events
+
+    with Client(address, timeout=60) as client:
+        served = client.run(prefect_events.api_urls_served)
+    return {url for urls in served.values() for url in urls}
 
 
 def test_two_runs_at_once_on_the_same_workers_each_report_to_their_own_api(tmp_path, shared_cluster):
