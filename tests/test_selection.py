@@ -341,7 +341,7 @@ def test_outputs_of_another_checkpoint_file_are_told_from_the_same_one_spelled_o
     plan.check_outputs_beside(one.model_copy(update={"checkpoint": str(tmp_path / "link.safetensors")}), found)
     _written_by(out, "00003", TINY_MODEL, weights=f"checkpoint:{tmp_path / 'other.safetensors'}")
     _written_by(out, "train/00000", TINY_MODEL, weights=f"checkpoint:{weights}",
-                checkpoint={"path": str(weights), "fingerprint": "7:1.0"})  # the file was rewritten since
+                checkpoint={"path": str(weights), "fingerprint": "sha256:" + "0" * 64})  # the file was rewritten since
     with pytest.raises(plan.InputError) as err:
         plan.check_outputs_beside(one, found)
     text = str(err.value)
@@ -350,10 +350,131 @@ def test_outputs_of_another_checkpoint_file_are_told_from_the_same_one_spelled_o
     assert "00001" not in text and "00002" not in text
 
 
+def _recorded_identity(weights: Path) -> str:
+    """The checkpoint's identity as a run's cache key holds it, and so as its outputs' footers record it (the worker
+    records what the key holds)."""
+    from wdsembed.shard import ShardPlan, cache_key_parts
+
+    one = config(weights.parent / "00000.tar", weights.parent / "out", checkpoint=str(weights))
+    any_shard = ShardPlan(shard="00000.tar", stem="00000", fingerprint="1:2", rows=None, index=None, output="o")
+    return cache_key_parts(one, any_shard)["checkpoint"]
+
+
+def _copy_as_another_host_has_it(original: Path, at: Path, *, mtime: float) -> None:
+    """`original`'s bytes at `at`, with another mtime and inode: a copy made on another host, by `cp` without -p or
+    by a second download."""
+    staged = at.with_name(at.name + ".part")
+    staged.write_bytes(original.read_bytes())
+    os.utime(staged, (mtime, mtime))
+    os.replace(staged, at)
+
+
+def test_a_copy_of_the_checkpoint_made_with_another_mtime_is_the_same_weights(tree, tmp_path):
+    """A checkpoint is its bytes: copied again at its path with another mtime (another host's copy, a re-download,
+    `cp` without -p), it has the same identity, so the same cache keys, and a later partial run with the copy
+    accepts the outputs beside it that the original made. A copy at another path is the same weights too."""
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(os.urandom(1 << 20))
+    out = tmp_path / "out"
+    one = config(tree / "00000.tar", out, embedding="pooled", checkpoint=str(weights))
+    found = plan.find_shards(one)
+    made_with = _recorded_identity(weights)
+    _written_by(out, "00001", TINY_MODEL, weights=f"checkpoint:{weights}",
+                checkpoint={"path": str(weights), "fingerprint": made_with})
+    plan.check_outputs_beside(one, found)
+
+    _copy_as_another_host_has_it(weights, weights, mtime=weights.stat().st_mtime - 3600)
+    assert _recorded_identity(weights) == made_with
+    plan.check_outputs_beside(one, found)  # not "the file has changed since"
+
+    elsewhere = tmp_path / "mounted" / "w.safetensors"
+    elsewhere.parent.mkdir()
+    _copy_as_another_host_has_it(weights, elsewhere, mtime=1_000_000_000)
+    assert _recorded_identity(elsewhere) == made_with
+    plan.check_outputs_beside(one.model_copy(update={"checkpoint": str(elsewhere)}), found)
+
+
+def test_a_same_size_rewrite_of_the_checkpoint_is_other_weights_whatever_its_mtime(tree, tmp_path):
+    """Other bytes of the same size written over the checkpoint, its mtime then set back (or within the file
+    system's time resolution), are other weights: another identity, and the outputs the old bytes made are refused
+    beside a run with the new ones. Also within one process that has already read the old bytes."""
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"a" * (1 << 20))
+    before = weights.stat()
+    out = tmp_path / "out"
+    one = config(tree / "00000.tar", out, embedding="pooled", checkpoint=str(weights))
+    made_with = _recorded_identity(weights)
+    _written_by(out, "00001", TINY_MODEL, weights=f"checkpoint:{weights}",
+                checkpoint={"path": str(weights), "fingerprint": made_with})
+
+    with open(weights, "r+b") as f:  # in place: the same inode
+        f.write(b"b")
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns, weights.stat().st_ino) == \
+        (before.st_size, before.st_mtime_ns, before.st_ino)
+    assert _recorded_identity(weights) != made_with
+    with pytest.raises(plan.InputError, match=r"00001\.parquet \(weights checkpoint:.*\(the file has changed since\)"):
+        plan.check_outputs_beside(one, plan.find_shards(one))
+
+
+def _bytes_read_by_this_process() -> int:
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_the_checkpoint_is_read_once_per_process_until_it_changes(tmp_path):
+    """Hashing a checkpoint reads all of it (a ViT-L's is 1.2 GB): once per process, remembered by the file's stat,
+    so that every shard's cache key and every Worker lease costs a stat. A changed stat reads it again. Counted in
+    the bytes this process reads through read() (Linux's /proc/self/io)."""
+    if not os.path.exists("/proc/self/io"):
+        pytest.skip("needs Linux's /proc/self/io")
+    from wdsembed import storage
+
+    weights = tmp_path / "w.safetensors"
+    size = 16 << 20
+    weights.write_bytes(os.urandom(size))
+
+    def identity_and_bytes_read() -> tuple[str, int]:
+        start = _bytes_read_by_this_process()
+        identity = storage.checkpoint_identity(str(weights))
+        return identity, _bytes_read_by_this_process() - start
+
+    first, read = identity_and_bytes_read()
+    assert first.startswith("sha256:") and len(first) == len("sha256:") + 64
+    assert read >= size
+    again, read = identity_and_bytes_read()
+    assert (again, read < size // 4) == (first, True)  # a stat, not a read
+    later = weights.stat().st_mtime + 60
+    os.utime(weights, (later, later))  # touched: read again, the same bytes
+    touched, read = identity_and_bytes_read()
+    assert (touched, read >= size) == (first, True)
+
+
+def test_outputs_recorded_with_the_old_checkpoint_fingerprint_are_judged_by_it(tree, tmp_path):
+    """Footers written before a checkpoint's identity was its content record its size and mtime ("size:mtime"):
+    judged by that rule still, they are accepted while the file's size and mtime are those recorded, and refused
+    as changed otherwise, never taken for the content's identity nor failing the check. (Their cache key, which
+    held the same old fingerprint, no longer matches: such a shard is recomputed once when a run names it.)"""
+    from wdsembed import storage
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"weights")
+    out = tmp_path / "out"
+    one = config(tree / "00000.tar", out, embedding="pooled", checkpoint=str(weights))
+    found = plan.find_shards(one)
+    old_record = {"path": str(weights), "fingerprint": storage.file_fingerprint(str(weights))}
+    _written_by(out, "00001", TINY_MODEL, weights=f"checkpoint:{weights}", checkpoint=old_record)
+    plan.check_outputs_beside(one, found)
+    later = weights.stat().st_mtime + 60
+    os.utime(weights, (later, later))
+    with pytest.raises(plan.InputError, match=r"00001\.parquet \(weights checkpoint:.*\(the file has changed since\)"):
+        plan.check_outputs_beside(one, found)
+
+
 def output_fingerprint(path: Path) -> str:
     from wdsembed import storage
 
-    return storage.file_fingerprint(str(path))
+    return storage.checkpoint_identity(str(path))
 
 
 def test_embedding_forms_recorded_with_outputs_judge_auto(tree, tmp_path):
@@ -439,7 +560,7 @@ def test_a_checkpoint_rewritten_at_its_path_is_loaded_again_in_the_same_process(
         TimmImageEmbedder(TINY_MODEL, checkpoint=str(weights), **SETTINGS)(str(tmp_path / "in"), str(tmp_path / out))
         tables.append(pq.read_table(tmp_path / out / "00000.parquet"))
         assert _footer_model(tmp_path / out / "00000.parquet")["checkpoint"]["fingerprint"] \
-            == storage.file_fingerprint(str(weights))
+            == storage.checkpoint_identity(str(weights))
     assert tables[0].column("image_embedding") != tables[1].column("image_embedding"), \
         "the second run embedded with the first run's weights"
 

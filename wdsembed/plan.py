@@ -139,8 +139,10 @@ def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
     if not others:
         return
 
-    try:  # this run's checkpoint's identity, as its outputs will record it
-        fingerprint = storage.file_fingerprint(config.checkpoint, config.storage_options) if config.checkpoint else None
+    try:  # this run's checkpoint's identity, as its outputs will record it; and as footers recorded it before
+        identity = storage.checkpoint_identity(config.checkpoint, config.storage_options) if config.checkpoint else None
+        size_and_mtime = (storage.file_fingerprint(config.checkpoint, config.storage_options) if config.checkpoint
+                          else None)
     except OSError as exc:
         # Said here, as the cause: unread, every output beside made with this path would look made by another file.
         raise InputError(f"checkpoint {config.checkpoint!r} cannot be read: {type(exc).__name__}: {exc}") from exc
@@ -158,9 +160,18 @@ def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
             reasons.append(f"weights {weights}")
         elif config.checkpoint:
             recorded = model.get("checkpoint") if isinstance(model.get("checkpoint"), dict) else {}
-            if not _same_file(weights[len("checkpoint:"):], config.checkpoint):
+            made_with = str(recorded.get("fingerprint") or "")
+            same_file = _same_file(weights[len("checkpoint:"):], config.checkpoint)
+            if made_with.startswith(storage.CONTENT_IDENTITY_PREFIX):
+                # The weights' content: the same bytes are the same weights, whatever their path or mtime.
+                if made_with != identity:
+                    why = "the file has changed since" if same_file else "another file"
+                    reasons.append(f"weights {weights} ({why})")
+            elif not same_file:
                 reasons.append(f"weights {weights} (another file)")
-            elif recorded.get("fingerprint") and recorded["fingerprint"] != fingerprint:
+            elif made_with and made_with != size_and_mtime:
+                # Footers from before the content's hash record "size:mtime", judged by that rule: a copy of the same
+                # weights with another mtime is refused until those outputs are remade, other weights always are.
                 reasons.append(f"weights {weights} (the file has changed since)")
         elif (weights == "random-init") == config.pretrained:
             reasons.append(f"weights {weights}")

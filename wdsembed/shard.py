@@ -128,7 +128,9 @@ def cache_key_parts(config: EmbedConfig, plan: ShardPlan) -> dict:
     parts = {
         "shard": plan.fingerprint,
         "model": config.model_key(),
-        "checkpoint": (storage.file_fingerprint(config.checkpoint, config.storage_options) if config.checkpoint
+        # Its content's hash: since 2026-12-05 (before, its size and mtime), so outputs made with a checkpoint before
+        # then recompute once.
+        "checkpoint": (storage.checkpoint_identity(config.checkpoint, config.storage_options) if config.checkpoint
                        else None),
         "columns": [config.id_column, config.embedding_column, config.error_column],
         "extensions": list(config.image_extensions),

@@ -8,9 +8,11 @@ AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE or `profile=`, ~/.aws, in
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import posixpath
 import tempfile
+import threading
 import uuid
 from contextlib import contextmanager
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Union
@@ -32,10 +34,58 @@ def filesystem(url: str, storage_options: Mapping[str, str] | None = None) -> tu
 
 
 def file_fingerprint(url: str, storage_options: Mapping[str, str] | None = None) -> str:
-    """A file's identity for caching: its size and modification time (ETag where a store gives no time)."""
+    """A file's size and modification time (ETag where a store gives no time), "size:mtime". A checkpoint's identity
+    was this until its content became it (checkpoint_identity): footers written before record it, and are judged by
+    it still (plan.check_outputs_beside)."""
     fs, path = filesystem(url, storage_options)
     info = fs.info(path)
     return f"{info.get('size')}:{info.get('mtime') or info.get('LastModified') or info.get('ETag')}"
+
+
+CONTENT_IDENTITY_PREFIX = "sha256:"
+_HASH_BLOCK = 8 << 20
+# path -> (the stat it was hashed at, its identity): one entry per path, replaced when the file changes.
+_checkpoint_digests: dict[str, tuple[tuple, str]] = {}
+# Held while hashing: threads asking at once (planning's pool, a worker's shards) wait for one read, not do their own.
+_checkpoint_digests_lock = threading.Lock()
+
+
+def checkpoint_identity(url: str, storage_options: Mapping[str, str] | None = None) -> str:
+    """A weights file's identity: "sha256:<hex>" of its bytes. Copies of one file (on several hosts, re-downloaded,
+    copied without keeping mtime) are the same weights; a rewrite of the same size, however close in time, is not.
+
+    Hashing reads the whole file (about 1 s per GB on one core), so it is done once per process and remembered by the
+    file's stat: the inode, size, mtime and ctime (which, unlike mtime, no one can set back: a rewrite in place with
+    the old mtime restored is still seen; only one within the clock tick of the hashing itself could be missed by
+    this process). Local files only: EmbedConfig admits no other store for a checkpoint,
+    which every worker loads from its own disk. A missing or unreadable file raises OSError."""
+    fs, path = filesystem(url, storage_options)
+    if not is_local(fs):
+        raise StoreError(f"checkpoint {url!r}: only a local file's content is hashed (each worker loads it from its "
+                         "own disk)")
+    path = os.path.realpath(path)
+    with _checkpoint_digests_lock:
+        stat = _stat_version(os.stat(path))
+        known = _checkpoint_digests.get(path)
+        if known is not None and known[0] == stat:
+            return known[1]
+        with open(path, "rb", buffering=0) as f:
+            opened = _stat_version(os.fstat(f.fileno()))
+            digest = hashlib.sha256()
+            block = bytearray(_HASH_BLOCK)
+            view = memoryview(block)
+            while n := f.readinto(block):
+                digest.update(view[:n])
+        identity = CONTENT_IDENTITY_PREFIX + digest.hexdigest()
+        # Remembered only if the file was the same one, unchanged, from the stat to the end of the read: a file
+        # being rewritten meanwhile is hashed again on the next call.
+        if opened == stat == _stat_version(os.stat(path)):
+            _checkpoint_digests[path] = (stat, identity)
+        return identity
+
+
+def _stat_version(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def join(base: str, name: str) -> str:

@@ -156,14 +156,15 @@ def _env_count(name: str, default: int, least: int, meaning: str) -> int:
     return int(value)
 
 
-def _checkpoint_fingerprint(config: EmbedConfig) -> Optional[str]:
-    """The checkpoint file's identity now (as in the cache key): a file rewritten at the same path between two runs
-    in one process (the API, a shared Dask worker) builds its Worker again instead of serving the old weights under
-    the new file's cache key. None without a checkpoint, or where it cannot be read (the build then says why)."""
+def _checkpoint_identity(config: EmbedConfig) -> Optional[str]:
+    """The checkpoint file's identity now (its content's hash, as in the cache key; a stat once hashed): a file
+    rewritten at the same path between two runs in one process (the API, a shared Dask worker) builds its Worker
+    again instead of serving the old weights under the new file's cache key. None without a checkpoint, or where it
+    cannot be read (the build then says why)."""
     if not config.checkpoint:
         return None
     try:
-        return storage.file_fingerprint(config.checkpoint, config.storage_options)
+        return storage.checkpoint_identity(config.checkpoint, config.storage_options)
     except OSError:
         return None
 
@@ -187,10 +188,11 @@ class Worker:
         self.device = device or resolve_device(config.device)
         if self.device.startswith("cuda"):
             _leave_cores_to_dali(config.num_threads_per_worker)
-        # The checkpoint's identity as loaded (the cache key's fingerprint of it), recorded with each output: a
-        # later run with another file of the same name, or the same file rewritten, is told apart from this one.
+        # The checkpoint's identity as loaded (the cache key's "sha256:<hex>" of its content), recorded with each
+        # output: a later run with other weights, at this path or another, is told apart from this one; a copy of
+        # the same bytes is not.
         checkpoint = ({"path": config.checkpoint,
-                       "fingerprint": storage.file_fingerprint(config.checkpoint, config.storage_options)}
+                       "fingerprint": storage.checkpoint_identity(config.checkpoint, config.storage_options)}
                       if config.checkpoint else None)
         self.loaded = load_model(
             config.model_name,
@@ -342,7 +344,7 @@ class Worker:
     def _built_for(cls, config: EmbedConfig) -> "Worker":
         """The Worker for `config`, built where there is none (called holding _building)."""
         ident = json.dumps(
-            [config.model_key(), config.checkpoint, _checkpoint_fingerprint(config), config.batch_size,
+            [config.model_key(), config.checkpoint, _checkpoint_identity(config), config.batch_size,
              config.num_threads_per_worker, config.device, config.max_image_pixels or None, build_env()],
             sort_keys=True,
         )
