@@ -54,10 +54,12 @@ from wdsembed.shard import ShardsFailed  # noqa: E402
 @dataclass
 class _RunInProcess:
     """What one run() shares with its flow, which runs in this process: the caller's callback as each shard ends
-    (the CLI's progress bar; not a flow parameter, since parameters travel to the Prefect API), and the manifest,
-    kept in case only the task runner's shutdown fails after it."""
+    (the CLI's progress bar; not a flow parameter, since parameters travel to the Prefect API), the id of the run's
+    claim on OUTPUT (not a flow parameter either: no user sets it), and the manifest, kept in case only the task
+    runner's shutdown fails after it."""
 
     on_shard_done: Optional[Callable[[Optional[dict], int, int], None]] = None
+    claim_run: Optional[str] = None  # outputclaim.Claim.run: the tasks write their shards only while it holds OUTPUT
     manifest: Optional[dict] = None
 
 
@@ -99,7 +101,8 @@ def embed_dataset(config: EmbedConfig) -> dict:
     with dask.annotate(**annotations), _task_starts(client) as starts:
         futures = {}
         for group in groups:
-            future = (cached_task if all(p.stem in finished for p in group) else fresh_task).submit(config, group)
+            task = cached_task if all(p.stem in finished for p in group) else fresh_task
+            future = task.submit(config, group, claim_run=hooks.claim_run)
             futures[future] = group
             if starts and len(futures) == heads < len(groups):
                 deadline = time.monotonic() + FIRST_TASK_HEAD_START_S
@@ -277,11 +280,11 @@ def run(config: EmbedConfig, on_shard_done=None, *, all_finished: Optional[bool]
     # One run writes to an output at a time (wdsembed.outputclaim): refused here, before a cluster starts, where
     # another run holds it; held until this run ends, however it ends. A run with nothing to compute claims it too:
     # it writes the manifest, and a missing kNN view.
-    with outputclaim.held(config):
-        return _run_claimed(config, on_shard_done, all_finished)
+    with outputclaim.held(config) as claim:
+        return _run_claimed(config, on_shard_done, all_finished, claim.run)
 
 
-def _run_claimed(config: EmbedConfig, on_shard_done, all_finished: bool) -> dict:
+def _run_claimed(config: EmbedConfig, on_shard_done, all_finished: bool, claim_run: str) -> dict:
     if all_finished:
         # Every shard's output is finished: the flow run still records each shard (its task run Cached, from the
         # task cache, in threads of this process), but no Dask cluster starts and no model loads.
@@ -292,7 +295,7 @@ def _run_claimed(config: EmbedConfig, on_shard_done, all_finished: bool) -> dict
     else:
         runner = DaskTaskRunner(**cluster.task_runner_kwargs(config))
         settings = contextlib.nullcontext()
-    hooks = _RunInProcess(on_shard_done)
+    hooks = _RunInProcess(on_shard_done, claim_run)
     token = _this_run.set(hooks)
     try:
         # A local scheduler hands a worker thread one shard at a time: a shard queued behind a long one would wait

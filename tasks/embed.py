@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 from prefect import task
 from prefect.context import TaskRunContext
@@ -58,13 +59,14 @@ def retry_if_transient(task_, task_run, state) -> bool:
     return isinstance(exc, BaseException) and faults.is_transient(exc)
 
 
-def embed_and_log(config: EmbedConfig, plans: list[ShardPlan]) -> list[dict]:
+def embed_and_log(config: EmbedConfig, plans: list[ShardPlan], claim_run: Optional[str] = None) -> list[dict]:
     """Embed, validate and write the group's shards on this worker's GPU (or CPU); a line per shard in the task
-    run's log."""
+    run's log. `claim_run`: the id of the flow run's claim on OUTPUT, under which the shards are written (in no
+    cache key: group_cache_key reads only the config and the plans)."""
     _announce_start(plans)
     log = _run_logger()
     try:
-        results = shard.process_shards(config, plans)
+        results = shard.process_shards(config, plans, claim_run=claim_run)
     except ShardsFailed as exc:
         for result in exc.results:
             _log_result(log, result)

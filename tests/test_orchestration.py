@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -466,6 +467,7 @@ def test_transient_fault_is_retried_and_a_deterministic_failure_fails_at_once(tm
 
 def test_failure_classes():
     from wdsembed.model import ModelLoadError
+    from wdsembed.outputclaim import OutputClaimLostError
     from wdsembed.tarstream import ShardReadError
 
     assert faults.is_transient(faults.TransientError("throttled"))
@@ -476,6 +478,7 @@ def test_failure_classes():
     assert not faults.is_transient(ModelLoadError("no weights for x"))
     assert not faults.is_transient(FileNotFoundError("/d/00000.tar"))
     assert not faults.is_transient(ValueError("malformed"))
+    assert not faults.is_transient(OutputClaimLostError("shard /d/00000.tar: not written to output '/o'"))
 
 
 def test_a_group_names_the_failed_shards_whose_failure_may_pass(tmp_path, monkeypatch):
@@ -489,6 +492,43 @@ def test_a_group_names_the_failed_shards_whose_failure_may_pass(tmp_path, monkey
     with pytest.raises(shard.ShardsFailed) as failed:
         shard.process_shards(config, plan.plan_shards(config))
     assert sorted(failed.value.failures) == ["00000", "00001"] and failed.value.transient == ["00000"]
+
+
+def test_a_task_whose_run_lost_its_claim_puts_none_of_its_shards_in_place(tmp_path, monkeypatch):
+    """The flow gives each embedding task its claim's run id (no flow parameter, in no cache key). Another run takes
+    OUTPUT's claim over while the run's shard is embedded (held at its start on the worker): the task puts none of
+    the shard's files in place and fails it naming that run, and Prefect does not retry it."""
+    import flows.embed
+    from wdsembed import outputclaim
+
+    data = make_dataset(tmp_path / "in", n_shards=1)
+    config = make_config(data, tmp_path / "out")
+    held = Faults(tmp_path, monkeypatch, {"00000": {"fail_attempts": 0, "hold_s": 3}})
+    claim = Path(config.output) / outputclaim.CLAIM_NAME
+    other = json.dumps({**outputclaim.new_record(config), "run": "0123456789abcdef", "host": "another-host"})
+
+    def take_over_once_the_shard_started() -> None:
+        deadline = time.monotonic() + 240
+        while not held.attempts("00000") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        storage.write_atomic(storage.filesystem(str(claim))[0], str(claim), other.encode())
+
+    taker = threading.Thread(target=take_over_once_the_shard_started)
+    taker.start()
+    try:
+        outcome, run_id = embed(config)
+    finally:
+        taker.join(250)
+    assert isinstance(outcome, flows.embed.ShardsFailed), outcome
+    assert "00000: OutputClaimLostError: shard " in str(outcome), str(outcome)
+    assert "it is now held by run 0123456789abcdef" in str(outcome), str(outcome)
+    assert outcome.transient == [] and held.attempts("00000") == 1
+    runs = task_runs(run_id, expected=1, names=["embed-00000"])
+    assert runs["embed-00000"].state.is_failed() and runs["embed-00000"].run_count == 1
+    out = Path(config.output)
+    assert not (out / "00000.parquet").exists() and not (out / "_embeddings" / "00000.parquet").exists()
+    assert not list(out.rglob(".*.tmp-*"))
+    assert claim.read_text() == other  # the other run's, left to it
 
 
 def test_validation_names_each_problem(tmp_path):

@@ -179,6 +179,97 @@ def test_the_claim_is_released_after_success_failure_and_ctrl_c(tmp_path):
     assert not (tmp_path / "out3" / CLAIM_NAME).exists()
 
 
+# --------------------------------------------------------------------------------------------------- workers
+
+
+def _in_output(out: Path) -> list[str]:
+    """Every file and folder under OUTPUT, hidden temp files included."""
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+
+
+def test_a_shard_is_put_in_place_only_while_its_run_holds_the_claim(tmp_path):
+    """A task that outlives its run (on a shared Dask cluster, its orchestrating process gone) puts a shard's files
+    in place only while OUTPUT's claim is its run's, asked just before the first of them appears. Once the claim is
+    another run's (here: the run released it, and a run with another model took it) or gone, the shard fails at
+    once, never retried, naming the shard, OUTPUT and the run that holds it now; nothing of it lands in OUTPUT (no
+    table, no kNN view, no temp file), and without a view, the view an earlier run wrote stays."""
+    from wdsembed import faults, shard
+    from wdsembed.outputclaim import OutputClaimLostError
+    from wdsembed.plan import plan_shards
+
+    data, out = _shards(tmp_path / "in", n_shards=3), tmp_path / "out"
+    config = _config(data, out)
+    plans = {p.stem: p for p in plan_shards(config)}
+    claim = outputclaim.take(config)
+    try:
+        assert not shard.process_shard(config, plans["00000"], claim_run=claim.run).cached
+    finally:
+        claim.release()
+    written = {name: (out / name).read_bytes() for name in ("00000.parquet", "_embeddings/00000.parquet")}
+    assert _in_output(out) == ["00000.parquet", "_embeddings", "_embeddings/00000.parquet"]
+
+    newer = outputclaim.take(_config(data, out, OTHER_MODEL))
+    try:
+        with pytest.raises(OutputClaimLostError) as lost:
+            shard.process_shard(config, plans["00001"], claim_run=claim.run)
+        said = str(lost.value)
+        assert said.startswith(f"shard {plans['00001'].shard}: not written to output {str(out)!r}: this run "
+                               f"({claim.run}) no longer holds the output's claim ({CLAIM_NAME}): it is now held by "
+                               f"run {newer.run} (pid {os.getpid()} on host {socket.gethostname()}"), said
+        assert f"model {OTHER_MODEL} (random weights, normalized)" in said, said
+        assert not faults.is_transient(lost.value)
+        # A run without kNN views removes a shard's earlier view as it writes the shard: not this one.
+        with pytest.raises(OutputClaimLostError, match=f"it is now held by run {newer.run}"):
+            shard.process_shard(_config(data, out, force=True, knn_view=False), plans["00000"],
+                                claim_run=claim.run)
+        assert _in_output(out) == ["00000.parquet", CLAIM_NAME, "_embeddings", "_embeddings/00000.parquet"]
+    finally:
+        newer.release()
+
+    with pytest.raises(shard.ShardsFailed) as failed:
+        shard.process_shards(config, [plans["00002"]], claim_run=claim.run)
+    assert failed.value.transient == []  # the task's retries leave it: the claim never comes back to this run
+    assert failed.value.failures["00002"].startswith(
+        f"OutputClaimLostError: shard {plans['00002'].shard}: not written to output {str(out)!r}: this run "
+        f"({claim.run}) no longer holds the output's claim ({CLAIM_NAME}): the claim is gone"), failed.value.failures
+    assert _in_output(out) == ["00000.parquet", "_embeddings", "_embeddings/00000.parquet"]
+    assert {name: (out / name).read_bytes() for name in written} == written
+
+
+def test_an_api_run_whose_claim_is_taken_over_mid_shard_puts_none_of_it_in_place(tmp_path, monkeypatch):
+    """The run's id reaches its shards through the Python API: another run takes the claim over while the API
+    run's shard is being embedded (held at its start, as WDSEMBED_FAULTS allows), and the shard fails naming that
+    run; its files never appear, and the other run's claim stays."""
+    from wdsembed.shard import ShardsFailed
+
+    data, out = _shards(tmp_path / "in", n_shards=1), tmp_path / "out"
+    spec = tmp_path / "faults.json"
+    spec.write_text(json.dumps({"00000": {"fail_attempts": 0, "hold_s": 2}}))
+    monkeypatch.setenv("WDSEMBED_FAULTS", str(spec))
+    other = _foreign_claim(_config(data, out, OTHER_MODEL), run="0123456789abcdef", host="another-host")
+
+    def take_over_once_the_shard_started() -> None:
+        counter = Path(f"{spec}.00000.attempts")
+        deadline = time.monotonic() + 120
+        while not counter.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        storage.write_atomic(storage.filesystem(str(out))[0], str(out / CLAIM_NAME), other)  # whole, as a takeover
+
+    taker = threading.Thread(target=take_over_once_the_shard_started)
+    taker.start()
+    try:
+        with pytest.raises(ShardsFailed) as failed:
+            _embedder()(str(data), str(out))
+    finally:
+        taker.join(130)
+    reason = failed.value.failures["00000"]
+    assert reason.startswith("OutputClaimLostError: shard ") and \
+        "it is now held by run 0123456789abcdef (pid" in reason and "on host another-host" in reason, reason
+    assert not (out / "00000.parquet").exists() and not (out / "_embeddings" / "00000.parquet").exists()
+    assert not [p for p in out.rglob(".*.tmp-*")]
+    assert (out / CLAIM_NAME).read_bytes() == other
+
+
 # --------------------------------------------------------------------------------------------------- S3
 
 
@@ -279,6 +370,35 @@ def test_an_api_run_on_s3_claims_its_output_and_leaves_no_claim(s3_env, tmp_path
     assert not result.cached
     assert [k for k in server.keys("claims") if k.startswith("api/")] == [
         "api/00000.parquet", "api/_embeddings/00000.parquet", "api/_manifest.json"]
+
+
+def test_a_shard_on_s3_is_put_in_place_only_while_its_run_holds_the_claim(s3_env, tmp_path):
+    """On S3 the worker's look at the claim is one GET, before the shard's first PUT: under its run's claim a shard
+    is written; once another run (another host) has taken the claim over, a shard of the old run's fails naming it,
+    and no object of it appears."""
+    from wdsembed import shard
+    from wdsembed.outputclaim import OutputClaimLostError
+    from wdsembed.plan import plan_shards
+
+    server = s3_env
+    data = _shards(tmp_path / "in")
+    config = _config(data, "s3://claims/lost", storage_options={"endpoint_url": server.endpoint})
+    plans = {p.stem: p for p in plan_shards(config)}
+
+    def stored() -> list[str]:
+        return sorted(k for k in server.keys("claims") if k.startswith("lost/"))
+
+    claim = outputclaim.take(config)
+    try:
+        assert not shard.process_shard(config, plans["00000"], claim_run=claim.run).cached
+        other = _foreign_claim(config, run="fedcba9876543210", host="another-host")
+        server.boto().put_object(Bucket="claims", Key=f"lost/{CLAIM_NAME}", Body=other)
+        with pytest.raises(OutputClaimLostError, match="now held by run fedcba9876543210 .* on host another-host"):
+            shard.process_shard(config, plans["00001"], claim_run=claim.run)
+        assert stored() == ["lost/00000.parquet", f"lost/{CLAIM_NAME}", "lost/_embeddings/00000.parquet"]
+    finally:
+        claim.release()
+        server.boto().delete_object(Bucket="claims", Key=f"lost/{CLAIM_NAME}")
 
 
 def test_temp_files_are_found_where_atomic_writes_leave_them():

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import uuid
 from typing import Any, Optional
 
 from wdsembed import fidelity, outputclaim, preflight, report, shard
@@ -138,15 +137,15 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
         found = find_shards(config)
         check_output_location(config, found)
         # One run writes to an output at a time: refused here, naming the other run, where one is writing to it.
-        with outputclaim.held(config):
+        with outputclaim.held(config) as claim:
             # A .idx only for shards it will compute: a finished shard's tar is never read (as in the flow). The
             # output's other shards are checked for another model's embeddings now that no other run can add any.
             plans, _finished = plan_run(config, found=found)
             timeline["planned"] = time.time()
             if client is None:
-                results, failures = _run_here(config, plans)
+                results, failures = _run_here(config, plans, claim.run)
             else:
-                results, failures = _run_on_dask(client, config, plans)
+                results, failures = _run_on_dask(client, config, plans, claim.run)
             timeline["collected"] = time.time()
             results.sort(key=lambda r: r.stem)
             dicts = [r.to_dict() for r in results]
@@ -164,25 +163,26 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
     return results
 
 
-def embed_here(config: EmbedConfig, plan: ShardPlan) -> ShardResult:
-    """One shard, in this process (a Dask worker's or the caller's): the one place this module calls the core."""
+def embed_here(config: EmbedConfig, plan: ShardPlan, claim_run: Optional[str] = None) -> ShardResult:
+    """One shard, in this process (a Dask worker's or the caller's): the one place this module calls the core.
+    `claim_run`: the id of the run's claim on OUTPUT, which the shard is written under (shard.process_shard)."""
     from wdsembed.decoderlog import decoder_messages_to_log
 
     with decoder_messages_to_log():
-        return shard.process_shard(config, plan)
+        return shard.process_shard(config, plan, claim_run=claim_run)
 
 
-def _run_here(config: EmbedConfig, plans: list) -> tuple[list, dict]:
+def _run_here(config: EmbedConfig, plans: list, claim_run: str) -> tuple[list, dict]:
     results, failures = [], {}
     for plan in plans:
         try:
-            results.append(embed_here(config, plan))
+            results.append(embed_here(config, plan, claim_run))
         except Exception as exc:  # noqa: BLE001 - one shard's failure stops no other; all are reported at the end
             failures[plan.stem] = f"{type(exc).__name__}: {exc}"
     return results, failures
 
 
-def _run_on_dask(client, config: EmbedConfig, plans: list) -> tuple[list, dict]:
+def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str) -> tuple[list, dict]:
     """One task per shard on the client's workers; each takes a share of a GPU where the workers declare GPU
     resources, else any free worker thread."""
     from distributed import as_completed
@@ -192,10 +192,9 @@ def _run_on_dask(client, config: EmbedConfig, plans: list) -> tuple[list, dict]:
     # As in the flow: a share of a GPU per shard, so a worker's second thread overlaps one shard's reading and
     # writing with another's time in the pipeline (the worker's lock keeps the pipeline to one shard).
     resources = {"GPU": GPU_SHARE_PER_SHARD} if gpu_slots_declared(client) else None
-    run_id = uuid.uuid4().hex[:8]
-    futures = {
-        client.submit(embed_here, config, plan, key=f"wdsembed-{plan.stem}-{run_id}", resources=resources,
-                      pure=False): plan
+    futures = {  # keyed by this run (its claim's id): Dask never takes another run's task for one of these
+        client.submit(embed_here, config, plan, claim_run, key=f"wdsembed-{plan.stem}-{claim_run}",
+                      resources=resources, pure=False): plan
         for plan in plans
     }
     log.info("%d shard(s) submitted to Dask (%s)%s", len(plans), client.scheduler.address,

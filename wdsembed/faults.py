@@ -15,6 +15,7 @@ import time
 from typing import Callable, Optional
 
 from wdsembed import shardindex, tarstream
+from wdsembed.outputclaim import OutputClaimLostError
 from wdsembed.s3fetch import FetchRefusedError
 
 
@@ -24,9 +25,9 @@ class TransientError(IOError):
 
 def is_transient(exc: BaseException) -> bool:
     """Retry only what can pass: I/O and network errors and CUDA out-of-memory, never a malformed shard, a
-    missing file or a missing model."""
+    missing file, a missing model, or an output whose claim this run has lost (it never comes back to it)."""
     if isinstance(exc, (tarstream.ShardReadError, shardindex.StaleIndexError, FileNotFoundError, PermissionError,
-                        FetchRefusedError)):
+                        FetchRefusedError, OutputClaimLostError)):
         return False
     if is_disk_full(exc):
         return False  # a full or read-only disk does not clear itself between retries; the re-run finishes the job

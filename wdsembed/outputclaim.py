@@ -9,9 +9,9 @@
 or `with outputclaim.held(config): ...`. The process that orchestrates a run takes it (flows.embed.run for the
 command, `python flows/embed.py` and the deployed flow; api.run_shards for the Python API and the NeMo drop-in),
 after the checks that need no work and before any shard's, and releases it as the run ends however it ends
-(success, failure, Ctrl-C). Workers never touch it. Two runs on one OUTPUT with different models would otherwise
-both succeed and leave two embedding spaces side by side, a manifest naming one of them, and (between a shard's two
-files) one run's table beside the other's kNN view.
+(success, failure, Ctrl-C). Workers only read it (check_still_held, below). Two runs on one OUTPUT with different
+models would otherwise both succeed and leave two embedding spaces side by side, a manifest naming one of them, and
+(between a shard's two files) one run's table beside the other's kNN view.
 
 The claim is a small JSON object: the run's id, host, pid, start time, model and settings, and a heartbeat time that
 a daemon thread refreshes every HEARTBEAT_S seconds. Its name starts with `_`, so dataset readers of OUTPUT (pyarrow,
@@ -38,6 +38,19 @@ minute or so (NTP).
 
 With the claim held, `remove_stale_temp_files` removes what dead runs left in OUTPUT: the temp files of atomic
 writes (`.<name>.tmp-<32 hex>`, storage.write_atomic) of a process killed between a file's write and its rename.
+
+The workers of a cluster the run did not start (`--dask-address`) outlive the process that claimed OUTPUT: should it
+die, or lose its claim (its heartbeats stopped), its tasks still running there would write their shards after the
+claim was released or taken over by the next run, possibly one with another model. So each task gets its run's id
+(shard.process_shard's `claim_run`), and just before a shard's first change to OUTPUT (shard.write_output: its kNN
+view's rename or PUT; without views, the removal of an earlier one) `check_still_held` reads the claim once (a file
+read; one GET on S3): where it is gone or another run's, neither of the shard's files is put in place, their temp
+files are removed, and the shard fails with OutputClaimLostError naming the shard, OUTPUT and the run that holds it
+now, never retried (faults.is_transient). Shards written without a claim (unit-level calls of the shard functions)
+pass no run id and check nothing. What remains is the time between that read and the shard's last commit: the view's
+rename (on S3 its upload), the rest of the table's write, then its rename or upload. A takeover within those seconds
+(the claim is taken over only once its run is gone or 3 minutes silent) still lands that one shard's files; every
+shard the old run's tasks commit after it is refused.
 """
 from __future__ import annotations
 
@@ -71,6 +84,11 @@ _NOT_WALKED = ("_prefect_results",)
 
 class OutputClaimedError(ValueError):
     """Another run is writing to this OUTPUT; the message names it and says what to do."""
+
+
+class OutputClaimLostError(RuntimeError):
+    """A shard's outputs were not put in place: its run no longer holds OUTPUT's claim (released, or taken over by
+    another run). Never retried (faults.is_transient): only a run holding the claim may write there."""
 
 
 # --------------------------------------------------------------------------------------------------- the record
@@ -534,6 +552,27 @@ def check_free(config: EmbedConfig) -> None:
         return  # unreadable here: take() says what is wrong, where it matters
     if record is not None:
         raise OutputClaimedError(busy_message(config.output, record or None))
+
+
+def check_still_held(config: EmbedConfig, run: Optional[str], shard: str) -> None:
+    """Raise OutputClaimLostError, naming `shard`, OUTPUT and the run that holds it now, unless OUTPUT's claim is
+    still run `run`'s; a worker asks just before a shard's first file appears (shard.write_output). One small read,
+    never a write. `run` None (a shard written without a claim) checks nothing."""
+    if run is None:
+        return
+    fs, path = claim_url(config)
+    try:
+        record = _decode(fs.cat_file(path))  # the content only: one GET on S3, no HEAD
+    except FileNotFoundError:
+        now = "the claim is gone (this run ended, or its claim was removed)"
+    else:
+        if record is not None and record.get("run") == run:
+            return
+        now = f"it is now held by {describe_holder(record)}"
+    raise OutputClaimLostError(
+        f"shard {shard}: not written to output {config.output!r}: this run ({run}) no longer holds the output's "
+        f"claim ({CLAIM_NAME}): {now}. Neither of the shard's files was put in place: a run writes to its output "
+        "only while it holds the claim, so that two runs' outputs never mix")
 
 
 def take(config: EmbedConfig) -> Claim:

@@ -8,7 +8,8 @@
         table    = join_rows(rows, embedded, tar)      # every row by key, embedded or with its reason
         write_output(table, plan, key, check)         # whole or not at all, the cache key in its footer; the
                                                       # validation (rows, dimension, finite, norms) runs beside
-                                                      # the writes, and nothing appears unless it passes
+                                                      # the writes, and nothing appears unless it passes and
+                                                      # OUTPUT is still claimed by this run (claim_run)
 
 `process_shards` runs a group of shards and raises one `ShardsFailed` for those that failed. Nothing here imports
 Prefect.
@@ -25,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Collection, Iterator, Optional
 
-from wdsembed import faults, fidelity, output, preprocess, shardindex, shards, storage, tarstream
+from wdsembed import faults, fidelity, output, outputclaim, preprocess, shardindex, shards, storage, tarstream
 from wdsembed.config import EmbedConfig
 from wdsembed.validate import validate_table
 from wdsembed.versions import package_versions
@@ -167,9 +168,12 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_vi
 
 
 def process_shard(
-    config: EmbedConfig, plan: ShardPlan, *, on_progress: Callable[[int], None] = lambda n: None
+    config: EmbedConfig, plan: ShardPlan, *, on_progress: Callable[[int], None] = lambda n: None,
+    claim_run: Optional[str] = None,
 ) -> ShardResult:
-    """Embed one shard and write OUTPUT/<stem>.parquet whole, or find it already done (same cache key)."""
+    """Embed one shard and write OUTPUT/<stem>.parquet whole, or find it already done (same cache key).
+    `claim_run`: the id of the run whose claim on OUTPUT this shard is written under (outputclaim.Claim.run); its
+    files are put in place only while that run still holds it (write_output). None: written without a claim."""
     start = time.perf_counter()
     timeline = {"worker": f"{socket.gethostname()}:{os.getpid()}", "start": time.time()}
     key = cache_key(config, plan)
@@ -251,17 +255,18 @@ def process_shard(
             timeline=timeline,
             fidelity=record,
         )
-        write_output(config, plan, table, key, result, check)
+        write_output(config, plan, table, key, result, check, claim_run=claim_run)
     result.seconds = time.perf_counter() - start
     timeline["end"] = time.time()
     return result
 
 
 def process_shards(
-    config: EmbedConfig, plans: list[ShardPlan], *, on_progress: Callable[[int], None] = lambda n: None
+    config: EmbedConfig, plans: list[ShardPlan], *, on_progress: Callable[[int], None] = lambda n: None,
+    claim_run: Optional[str] = None,
 ) -> list[ShardResult]:
-    """Every shard of a group, each tried; raises one ShardsFailed naming those that failed (with the results of
-    those that did not).
+    """Every shard of a group, each tried (process_shard, with `claim_run`); raises one ShardsFailed naming those
+    that failed (with the results of those that did not).
 
     No look-ahead over the group: process_shard names its own shard to the S3 fetcher once its cache check has
     passed, as in a one-shard task, and it downloads while the worker's other task threads embed theirs; a
@@ -269,7 +274,7 @@ def process_shards(
     results, failures, transient = [], {}, []
     for plan in plans:
         try:
-            results.append(process_shard(config, plan, on_progress=on_progress))
+            results.append(process_shard(config, plan, on_progress=on_progress, claim_run=claim_run))
         except Exception as exc:  # noqa: BLE001 - every shard's outcome is reported; one failure stops no other
             failures[plan.stem] = f"{type(exc).__name__}: {exc}"
             if faults.is_transient(exc):
@@ -408,11 +413,13 @@ class TarRead:
 
 
 def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: ShardResult,
-                 check: Callable[[], None] = lambda: None) -> None:
+                 check: Callable[[], None] = lambda: None, *, claim_run: Optional[str] = None) -> None:
     """OUTPUT/<stem>.parquet and its kNN view (with `config.knn_view`), whole or not at all, with the cache key and
     the result in the table's footer. `check` (the table's validation) runs while both are written; where it
-    raises, neither appears and its error is raised. Without a view, the view an earlier run wrote for this shard is
-    removed before the table appears: it holds the embeddings this table replaces."""
+    raises, neither appears and its error is raised. Likewise where OUTPUT's claim is no longer run `claim_run`'s
+    (outputclaim.check_still_held, asked once, just before the first file appears; None: not asked). Without a
+    view, the view an earlier run wrote for this shard is removed before the table appears, once the check has
+    passed and the claim is still this run's: it holds the embeddings this table replaces."""
     fs, path = storage.filesystem(plan.output, config.storage_options)
     if storage.is_local(fs):  # object stores have no folders (and s3fs's makedirs would create a bucket)
         fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -420,13 +427,23 @@ def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: 
     stored = {k: v for k, v in result.to_dict().items() if k not in run_only}
     try:
         # Three threads: the check, the kNN view and the table (two large files: half the time). Each file appears
-        # only once the check has passed, and the table, which marks the shard finished, only once its view has: a
+        # only once the check has passed and OUTPUT is still this run's (asked once, in the view's thread, whose end
+        # the table's commit waits for), and the table, which marks the shard finished, only once its view has: a
         # finished shard always has its view. At the run's end the last shard's check and writes are its tail.
         with ThreadPoolExecutor(2, thread_name_prefix="wdsembed-write") as pool:
             checked = pool.submit(check)
+
+            def before_first_change() -> None:
+                checked.result()
+                outputclaim.check_still_held(config, claim_run, plan.shard)
+
+            def remove_view() -> bool:
+                before_first_change()
+                return output.remove_embeddings_view(config, plan.stem)
+
             view = (pool.submit(output.write_embeddings_view, table, config, plan.stem, cache_key=key,
-                                before_commit=checked.result) if config.knn_view
-                    else pool.submit(output.remove_embeddings_view, config, plan.stem))
+                                before_commit=before_first_change) if config.knn_view
+                    else pool.submit(remove_view))
             output.write_parquet_atomic(
                 table, path, fs, metadata={"cache_key": key, "normalized": config.normalize_embeddings,
                                            "result": stored},
