@@ -336,3 +336,22 @@ def test_float32_copy_is_a_separate_equal_model():
     x = torch.rand(2, 3, 160, 160)
     assert torch.equal(embed_batch(copy, x, autocast=False, normalize=True),
                        embed_batch(loaded, x, autocast=False, normalize=True))
+
+
+def test_a_shard_that_fails_after_embedding_leaves_no_reference_thread_running(tmp_path, monkeypatch):
+    """The reference runs in a thread beside the shard's table building. A shard that fails there (WDSEMBED_FAULTS
+    at "table": once its images went through the model) must stop and wait for it before the call returns: a
+    thread still in torch as a script's interpreter exits aborts the process ('terminate called without an active
+    exception', status 134) instead of letting it report the ShardsFailed it caught."""
+    import threading
+
+    from wdsembed.shard import ShardsFailed
+
+    write_shard(tmp_path / "in", "00000", from_encoded(photo_images(64, short_sides=(480,))))
+    spec = tmp_path / "faults.json"
+    spec.write_text(json.dumps({"00000": {"error": "fatal", "where": "table"}}))
+    monkeypatch.setenv("WDSEMBED_FAULTS", str(spec))
+    with pytest.raises(ShardsFailed, match="injected deterministic failure"):
+        TimmImageEmbedder(TINY_MODEL, fidelity_sample=64, **SETTINGS)(str(tmp_path / "in"), str(tmp_path / "out"))
+    running = [t.name for t in threading.enumerate() if t.name.startswith("wdsembed-fidelity")]
+    assert not running, f"the failed shard's fidelity reference still runs: {running}"

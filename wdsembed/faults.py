@@ -1,8 +1,9 @@
 """Failure classes of a shard, and opt-in fault injection for tests and chaos drills.
 
 Injection is off unless WDSEMBED_FAULTS names a JSON file: {"<shard stem>": {"fail_attempts": N,
-"error": "io" | "oom" | "fatal" | "kill", "where": "start" | "batch" | "commit"}}: "start" (the default) fails as
-the shard's task starts, "batch" after a batch went through the model (mid-shard), "commit" once the shard's kNN
+"error": "io" | "oom" | "fatal" | "kill", "where": "start" | "batch" | "table" | "commit"}}: "start" (the default)
+fails as the shard's task starts, "batch" after a batch went through the model (mid-shard), "table" once every image
+went through it and before its output table is built (its fidelity reference running), "commit" once the shard's kNN
 view is written and before its table is (a run dying between the two files). Attempts are counted in a file beside it
 (<spec>.<stem>.attempts), so they survive retries and worker restarts; a spec with "fail_attempts": 0 only counts.
 "hold_s": S makes each counted attempt wait S seconds first (a shard held mid-embedding, for a test to interrupt).

@@ -15,7 +15,7 @@ import heapq
 import io
 import threading
 import warnings
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
@@ -269,10 +269,16 @@ def _decoded_as(im, rawmode: str) -> np.ndarray:
 REFERENCE_CHUNK = 64
 
 
-def reference_embeddings(worker, chosen: list, max_pixels: Optional[int]) -> tuple[dict, dict]:
+def reference_embeddings(worker, chosen: list, max_pixels: Optional[int],
+                         stop: Optional[threading.Event] = None) -> tuple[dict, dict]:
     """timm's eval transform on PIL + the float32 model: key -> embedding (normalized), and key -> why PIL could
-    not give one. REFERENCE_CHUNK images at a time."""
+    not give one. REFERENCE_CHUNK images at a time. Once `stop` is set, raises CancelledError before the next image
+    or batch."""
     import torch
+
+    def go_on() -> None:
+        if stop is not None and stop.is_set():
+            raise CancelledError("fidelity reference stopped: its shard ended without it")
 
     transform, forward, lock, device = worker.reference()
     # On a GPU, a stream of its own: the legacy default stream would wait for the decoder's and the model's work.
@@ -281,6 +287,7 @@ def reference_embeddings(worker, chosen: list, max_pixels: Optional[int]) -> tup
     for first in range(0, len(chosen), REFERENCE_CHUNK):
         tensors, keys = [], []
         for key, data, _ in chosen[first:first + REFERENCE_CHUNK]:
+            go_on()
             tensor, why = _reference_input(transform, data, max_pixels)
             if why is not None:
                 refused[key] = why
@@ -289,6 +296,7 @@ def reference_embeddings(worker, chosen: list, max_pixels: Optional[int]) -> tup
                 keys.append(key)
         if not keys:
             continue
+        go_on()
         with lock, torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             out = forward(torch.stack(tensors).to(device)).float().cpu().numpy()
         embedded.update(zip(keys, out))
@@ -310,24 +318,34 @@ def _reference_input(transform, data: bytes, max_pixels: Optional[int]):
         return None, f"PIL: {type(exc).__name__}: {exc}"[:300]
 
 
-def start_reference(worker, chosen: list, max_pixels: Optional[int]) -> Future:
-    """reference_embeddings in a thread of its own, so it overlaps the shard's table building and validation."""
+@contextlib.contextmanager
+def reference_beside(worker, chosen: list, max_pixels: Optional[int]) -> Iterator[Future]:
+    """reference_embeddings in a thread of its own, so that it overlaps the shard's table building: the block gets
+    its future (for check_sample). However the block ends (done, an error, Ctrl-C), the thread is stopped between
+    images and waited for: a shard that fails leaves no thread running the model, and a process exiting with one
+    still in torch aborts ('terminate called without an active exception')."""
     future: Future = Future()
+    stop = threading.Event()
 
     def run() -> None:
         try:
-            future.set_result(reference_embeddings(worker, chosen, max_pixels) if chosen else ({}, {}))
+            future.set_result(reference_embeddings(worker, chosen, max_pixels, stop) if chosen else ({}, {}))
         except BaseException as exc:  # noqa: BLE001 - raised where the result is taken
             future.set_exception(exc)
 
-    threading.Thread(target=run, name="wdsembed-fidelity", daemon=True).start()
-    return future
+    thread = threading.Thread(target=run, name="wdsembed-fidelity", daemon=True)
+    thread.start()
+    try:
+        yield future
+    finally:
+        stop.set()  # a no-op where the block took the result: the thread has ended
+        thread.join()
 
 
 def check_sample(worker, chosen: list, keys: list[str], embeddings: np.ndarray, failures: dict[str, str],
                  max_pixels: Optional[int], reference: Optional[Future] = None) -> dict:
     """The shard's fidelity record: cosine per checked key, and every sampled image only one side could embed.
-    `reference`: a start_reference future for these images, else computed here."""
+    `reference`: a reference_beside future for these images, else computed here."""
     if not chosen:
         return {}
     row = {k: i for i, k in enumerate(keys)}

@@ -206,25 +206,29 @@ def process_shard(
         finally:  # a call stopped before the stream reached its shard never opened it: its bytes go back
             storage.forget_shards([plan.shard], config.storage_options)
         embeddings = output.as_stored(embeddings, keys, config.embedding_dtype, plan.shard)
-        # The reference runs beside the table building and validation below, while the stream goes on with the next
-        # shard (on a GPU the reference is the worker's float32 copy of the model, beside it).
+        # The reference runs beside the table building below, while the stream goes on with the next shard (on a
+        # GPU the reference is the worker's float32 copy of the model, beside it); stopped and waited for where the
+        # block raises.
         chosen = sample.chosen()
-        reference = fidelity.start_reference(worker, chosen, config.max_image_pixels or None)
-        warnings += tar.finish()
-        joined = output.join_embeddings(
-            rows=rows,
-            keys=keys,
-            embeddings=embeddings,
-            errors={**tar.errors, **failures},
-            dim=worker.loaded.dim,
-            id_column=config.id_column,
-            embedding_column=config.embedding_column,
-            error_column=config.error_column,
-            missing_reason=tar.missing_reason,
-            embedding_dtype=config.embedding_dtype,
-        )
+        with fidelity.reference_beside(worker, chosen, config.max_image_pixels or None) as reference:
+            faults.maybe_inject(plan.stem, "table")
+            warnings += tar.finish()
+            joined = output.join_embeddings(
+                rows=rows,
+                keys=keys,
+                embeddings=embeddings,
+                errors={**tar.errors, **failures},
+                dim=worker.loaded.dim,
+                id_column=config.id_column,
+                embedding_column=config.embedding_column,
+                error_column=config.error_column,
+                missing_reason=tar.missing_reason,
+                embedding_dtype=config.embedding_dtype,
+            )
+            timeline["table"] = time.time()
+            record = fidelity.check_sample(worker, chosen, keys, embeddings, failures,
+                                           config.max_image_pixels or None, reference)
         table = joined.table
-        timeline["table"] = time.time()
 
         def check() -> None:
             problems = validate_table(config, table, dim=worker.loaded.dim, expected_embedded=joined.embedded_rows)
@@ -233,8 +237,6 @@ def process_shard(
                 raise ValueError(f"shard {plan.shard}: output not written, it fails validation: "
                                  + "; ".join(problems))
 
-        record = fidelity.check_sample(worker, chosen, keys, embeddings, failures, config.max_image_pixels or None,
-                                       reference)
         if config.fidelity_sample and not quota:  # fewer images asked than shards: none of this one's, by design
             record = {"sampled": 0}  # not "without a stored check" (no record: the check was off, or predates it)
         timeline["checked"] = time.time()
