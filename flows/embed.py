@@ -78,7 +78,8 @@ def embed_dataset(config: EmbedConfig) -> dict:
     timeline = {"start": time.time()}  # the run's own steps, in the manifest beside each shard's
     # Resume: Prefect's task cache (results under config.result_storage) skips finished shards, but a cached
     # result says nothing of the output itself. Every output's footer is read as the run is planned; a shard whose
-    # output is missing, damaged or made from other inputs recomputes (refresh_cache), and --force recomputes all.
+    # output is missing, unreadable (shard.finished_output) or made from other inputs recomputes (refresh_cache), and
+    # --force recomputes all.
     plans, finished = index_shards(config)
     logger.info("%d shard(s) under %s", len(plans), config.input)
     progress = create_progress_artifact(0.0, key="embedding-progress", description="Shards finished")

@@ -408,6 +408,12 @@ def test_metadata_of_missing_damaged_or_foreign_files(tmp_path):
     empty = tmp_path / "empty.parquet"
     empty.write_bytes(b"")
     assert read_output_metadata(str(empty), fs) is None
+    # A footer damaged at its start: pyarrow's bare OSError ("Couldn't deserialize thrift"), not an ArrowException.
+    whole = open(url, "rb").read()
+    footer_start = len(whole) - 8 - int.from_bytes(whole[-8:-4], "little")
+    damaged = tmp_path / "damaged_footer.parquet"
+    damaged.write_bytes(whole[:footer_start + 10] + b"\xff" * 20 + whole[footer_start + 30:])
+    assert read_output_metadata(str(damaged), fs) is None
     foreign = tmp_path / "foreign.parquet"
     pq.write_table(pa.table({"a": [1]}), foreign)
     assert read_output_metadata(str(foreign), fs) is None

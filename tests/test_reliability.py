@@ -14,6 +14,7 @@ import contextlib
 import errno
 import io
 import json
+import logging
 import os
 import pickle
 import re
@@ -1141,6 +1142,54 @@ def test_a_rerun_that_dies_between_a_shards_view_and_its_table(tmp_path, monkeyp
                  lost="nothing; the view matches its table again")
 
 
+def damage_first_page(path: Path) -> None:
+    """Overwrite the first page header of a parquet file's first column chunk: its footer stays intact (footer
+    readers see a sound file), its data cannot be read (pyarrow raises a bare OSError)."""
+    column = pq.ParquetFile(path).metadata.row_group(0).column(0)
+    with open(path, "r+b") as f:
+        f.seek(column.dictionary_page_offset or column.data_page_offset)
+        f.write(b"\xff" * 20)
+    pq.read_metadata(path)
+    with pytest.raises(OSError):
+        pq.read_table(path)
+
+
+def test_an_output_damaged_below_its_footer(tmp_path, caplog):
+    """An output whose footer is sound and whose data is damaged (bit rot, a bad copy; an atomic write never leaves
+    one). A re-run reads only footers: with its kNN view in place, the output counts as finished (reading every
+    output whole would make a re-run with nothing to do slow), and validate_output is what finds it. With its view
+    gone, the re-run reads the table to rebuild the view: it must then recompute the shard, saying why, where it
+    failed it on every re-run with pyarrow's bare OSError ("Couldn't deserialize thrift ..."), naming no file and
+    retried as transient."""
+    from wdsembed.validate import validate_output
+
+    data = dataset(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    [first] = embedder()(str(data), str(out))
+    damage_first_page(out / "00000.parquet")
+    found = validate_output(config(data, out), str(out / "00000.parquet"), dim=first.dim)
+    assert not found.ok and found.problems[0].startswith("output cannot be read: "), found.problems
+    [kept] = embedder()(str(data), str(out))
+    assert kept.cached
+    (out / output.EMBEDDINGS_FOLDER / "00000.parquet").unlink()
+    with caplog.at_level(logging.WARNING, logger="wdsembed"):
+        [again] = embedder()(str(data), str(out))
+    assert not again.cached and again.embedded == PER_SHARD
+    assert_outputs_whole(out, ["00000"])
+    assert validate_output(config(data, out), str(out / "00000.parquet"), dim=first.dim).ok
+    [warning] = {r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()}
+    assert f"{out / '00000.parquet'} is damaged" in warning and warning.endswith("; recomputing it"), warning
+    table.record("fault-output-damaged-below-footer",
+                 done="an API run of 1 shard; the first page header of its output overwritten (the footer intact); "
+                      "the same call again; then its kNN view deleted and the same call again",
+                 did="validate_output named it ('output cannot be read: ...'); the second call, reading footers "
+                     "only, found the shard finished (cached); the third, reading the table to rebuild the view, "
+                     "recomputed the shard with a warning "
+                     f"{q(warning.split(': ', 1)[1].replace(str(out), 'OUTPUT').split(' (')[0])}",
+                 lost="nothing once recomputed; until then the damaged table stays (a re-run whose view is in place "
+                      "does not read it)")
+
+
 def test_a_rerun_after_a_process_killed_between_write_and_rename_leaves_no_temp_file(tmp_path):
     """A process killed (SIGKILL, the OOM killer) after a shard's table is written to its temp file and before the
     rename (WDSEMBED_FAULTS "kill" at "commit" stands for it) leaves OUTPUT/.<stem>.parquet.tmp-<hex>, a full-size
@@ -1534,8 +1583,6 @@ def test_member_names_cannot_escape(tmp_path):
 
 
 def test_credentials_stay_out(tmp_path, monkeypatch, caplog, capfd):
-    import logging
-
     from pydantic import ValidationError
 
     pytest.importorskip("moto")

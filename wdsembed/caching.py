@@ -6,8 +6,9 @@ preprocessing and embedding options, the declared recipe and output-format versi
 * Prefect's task cache: the embedding task's result (a small JSON dict) is persisted under that key in
   `result_storage`, so a finished shard's task run ends "Cached" without running on a worker.
 * The output's parquet footer holds the same key. The flow reads every planned output's footer before submitting
-  and sends the shards whose output is missing, damaged or made from other inputs with `refresh_cache=True`:
-  a deleted output is recomputed, never reported as cached from a stale task result.
+  and sends the shards whose output is missing, cut short, unreadable at its footer (or below it, where its kNN view
+  must be rebuilt from it: shard.finished_output) or made from other inputs with `refresh_cache=True`: a deleted
+  output is recomputed, never reported as cached from a stale task result.
 
 Nothing here imports Prefect or CUDA libraries (tasks.embed.result_storage_for makes the Prefect storage).
 """

@@ -360,17 +360,28 @@ def remove_embeddings_view(config: "EmbedConfig", stem: str) -> bool:
     return True
 
 
+class DamagedOutputError(ValueError):
+    """An output whose footer reads but whose data does not (bit rot, a bad copy): not finished work."""
+
+
 def ensure_embeddings_view(config: "EmbedConfig", stem: str, output_url: str, cache_key: str) -> bool:
     """Rebuild a finished shard's view from its full table (made with `cache_key`) where the view is missing
     (deleted, or the output is from before views existed) or was made with another cache key (a run that crashed
-    between writing its view and its table); True when it was rebuilt. One footer read otherwise."""
+    between writing its view and its table); True when it was rebuilt. One footer read otherwise. Raises
+    DamagedOutputError, naming the output, where its table cannot be decoded."""
     fs, root = storage.filesystem(config.output, config.storage_options)
     url = embeddings_view_url(root, stem)
     if (read_output_metadata(url, fs) or {}).get("cache_key") == cache_key:
         return False
     out_fs, out_path = storage.filesystem(output_url, config.storage_options)
-    with out_fs.open(out_path, "rb") as f:
-        table = pq.read_table(f, columns=[config.id_column, config.embedding_column])
+    try:
+        with out_fs.open(out_path, "rb") as f:
+            table = pq.read_table(f, columns=[config.id_column, config.embedding_column])
+    except (pa.ArrowException, OSError) as exc:
+        if not undecodable(exc):
+            raise
+        raise DamagedOutputError(f"output {output_url} is damaged: its footer reads, its data does not "
+                                 f"({type(exc).__name__}: {exc})") from exc
     write_embeddings_view(table, config, stem, cache_key=cache_key)
     return True
 
@@ -524,15 +535,27 @@ def _embedding_encoding(column: pa.ChunkedArray) -> str:
 def read_output_metadata(url: str, fs: Any) -> Optional[dict]:
     """The JSON metadata of an output written by write_parquet_atomic, reading only the footer.
 
-    None where the file is missing, is not a readable parquet file, or lacks our metadata. Other errors (permissions,
-    network) propagate: they are not a reason to think the shard needs redoing.
+    None where the file is missing, is not a readable parquet file (cut short, a damaged footer), or lacks our
+    metadata. Other errors (permissions, network) propagate: they are not a reason to think the shard needs redoing.
     """
     try:
         with fs.open(url, "rb") as f:
             meta = pq.read_metadata(f).metadata
     except (FileNotFoundError, pa.ArrowException, ValueError):
         return None
+    except OSError as exc:
+        if undecodable(exc):
+            return None
+        raise
     return footer_metadata(meta)
+
+
+def undecodable(exc: BaseException) -> bool:
+    """Whether pyarrow raised `exc` because a file's bytes are not sound parquet, not because they could not be
+    read: its own errors (ArrowInvalid, ...), or the bare OSError of its IOError status, without an errno ("Couldn't
+    deserialize thrift" for a damaged footer or page header). A failed read of the file itself (denied, the
+    network) reaches the caller as its own exception (PermissionError, ConnectionError, s3fs's OSError with errno)."""
+    return isinstance(exc, pa.ArrowException) or (type(exc) is OSError and exc.errno is None)
 
 
 def footer_metadata(key_values: Optional[Mapping[bytes, bytes]]) -> Optional[dict]:

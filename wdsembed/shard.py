@@ -151,15 +151,21 @@ def cache_key_parts(config: EmbedConfig, plan: ShardPlan) -> dict:
 
 
 def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_view: bool = True) -> Optional[dict]:
-    """The footer metadata of a complete output made with the same cache key, else None (missing, damaged,
-    or made from other inputs): a deleted or damaged output is recomputed, never reported as cached.
-    `repair_view=False` only reads (the pre-flight's question), writing no missing kNN view."""
+    """The footer metadata of a complete output made with the same cache key, else None (missing, cut short, its
+    footer unreadable, or made from other inputs): such an output is recomputed, never reported as cached. Only the
+    footer is read, but where the kNN view must be rebuilt from the table and the table turns out damaged, the
+    output is not finished either (a warning names it). `repair_view=False` only reads (the pre-flight's question),
+    writing no missing kNN view."""
     fs, path = storage.filesystem(plan.output, config.storage_options)
     meta = output.read_output_metadata(path, fs)
     if meta and meta.get("cache_key") == key:
         if repair_view and config.knn_view:
             # a deleted or stale view is rebuilt from the table, not re-embedded
-            output.ensure_embeddings_view(config, plan.stem, plan.output, key)
+            try:
+                output.ensure_embeddings_view(config, plan.stem, plan.output, key)
+            except output.DamagedOutputError as exc:
+                log.warning("shard %s: %s; recomputing it", plan.stem, exc)
+                return None
         return meta
     return None
 
