@@ -48,6 +48,7 @@ from tasks.report import report  # noqa: E402
 from wdsembed import caching, cluster, faults, fidelity, outputclaim  # noqa: E402
 from wdsembed.config import EmbedConfig  # noqa: E402
 from wdsembed.plan import check_storage, nothing_to_compute, shard_groups  # noqa: E402
+from wdsembed.report import retire_manifest  # noqa: E402
 from wdsembed.shard import ShardsFailed  # noqa: E402
 
 
@@ -81,6 +82,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
     # output is missing, unreadable (shard.finished_output) or made from other inputs recomputes (refresh_cache), and
     # --force recomputes all.
     plans, finished = index_shards(config)
+    previous = retire_manifest(config, plans, finished)  # before the first shard is written
     logger.info("%d shard(s) under %s", len(plans), config.input)
     progress = create_progress_artifact(0.0, key="embedding-progress", description="Shards finished")
     logger.info("%d shard(s) with a finished output, %d to compute", len(finished), len(plans) - len(finished))
@@ -135,7 +137,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
     if config.dask_address:
         _worker_reports_sent(client)
 
-    manifest = report(config, results, failures, time.perf_counter() - started, timeline)
+    manifest = report(config, results, failures, time.perf_counter() - started, timeline, previous)
     if failures:
         raise ShardsFailed(failures, results, transient, manifest=manifest, total=len(plans))
     fidelity.check(manifest)  # below the threshold the run ends Failed, its outputs and manifest kept

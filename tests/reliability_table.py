@@ -69,6 +69,7 @@ CASES: list[tuple[str, str, str]] = [
      "A re-run with other settings dies between a shard's kNN view and its table"),
     ("fault-killed-before-rename", "Faults", "Process killed between writing a shard's table and renaming it"),
     ("fault-output-damaged-below-footer", "Faults", "An output damaged below its intact footer (bit rot, a bad copy)"),
+    ("fault-rerun-killed-midway", "Faults", "A re-run with other settings killed midway"),
     ("param-unknown-model", "Bad parameters", "Unknown model"),
     ("param-checkpoint", "Bad parameters", "Wrong checkpoint file"),
     ("param-batch-size-0", "Bad parameters", "Batch size 0"),

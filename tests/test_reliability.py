@@ -1225,6 +1225,45 @@ def test_a_rerun_after_a_process_killed_between_write_and_rename_leaves_no_temp_
                  lost="nothing; no temp file left (before, each such kill left one output's worth of disk for good)")
 
 
+def test_a_rerun_killed_midway_leaves_no_manifest_describing_outputs_it_replaced(tmp_path):
+    """A run of 2 shards writes its manifest; a re-run with other settings (normalize_embeddings=False) dies (exit
+    137, SIGKILL or the OOM killer; injected with WDSEMBED_FAULTS "kill") once it rewrote 00000. The first run's
+    _manifest.json stayed, saying every shard is normalized, with a cache key for 00000 that was no longer its
+    output's. A run that writes shards removes the manifest before its first write and writes its own at its end:
+    killed between, it leaves none, as a first run killed does."""
+    data = dataset(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    embedder()(str(data), str(out))
+    manifest_path = out / output.MANIFEST_NAME
+    assert manifest_path.exists()
+    spec = tmp_path / "faults.json"
+    spec.write_text(json.dumps({"00001": {"error": "kill", "where": "start"}}))
+    call = (f"from wdsembed.api import TimmImageEmbedder as T; T({TINY_MODEL!r}, normalize_embeddings=False, "
+            f"**{SETTINGS!r})({str(data)!r}, {str(out)!r})")
+    env = {**os.environ, "WDSEMBED_FAULTS": str(spec), "PYTHONPATH": str(ROOT)}
+    died = subprocess.run([sys.executable, "-c", call], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert died.returncode == 137, died.stderr[-2000:]
+
+    def footers() -> dict:
+        return {s: output.footer_metadata(pq.read_metadata(out / f"{s}.parquet").metadata) for s in ("00000", "00001")}
+
+    assert [f["normalized"] for f in footers().values()] == [False, True]  # 00000 rewritten, 00001 not reached
+    assert not manifest_path.exists(), json.loads(manifest_path.read_text())["shards"]
+    results = embedder(normalize_embeddings=False)(str(data), str(out))  # the same call again finishes the run
+    assert [r.cached for r in results] == [True, False]
+    shards = json.loads(manifest_path.read_text())["shards"]
+    assert {s: v["cache_key"] for s, v in shards.items()} == {s: f["cache_key"] for s, f in footers().items()}
+    assert shards["00000"]["seconds"] is None  # the killed run computed it: its figures went with it
+    table.record("fault-rerun-killed-midway",
+                 done="an API run of 2 shards; the same call with normalize_embeddings=False killed (exit 137) once "
+                      "it rewrote 00000, as 00001 started (injected: WDSEMBED_FAULTS kill); then that call again",
+                 did="the killed run had removed the first run's _manifest.json before its first write: none left "
+                     "to describe 00000 as it was before (as after a killed first run); the call again found 00000 "
+                     "finished (cached), computed 00001 and wrote a manifest whose cache keys are the outputs' own",
+                 lost="nothing; 00000's figures from the killed run (seconds, images/s) are null in the manifest")
+
+
 # --------------------------------------------------------------------------------------------------- bad parameters
 
 

@@ -54,6 +54,33 @@ def test_cached_rerun_keeps_the_figures_of_the_run_that_computed(tmp_path):
     assert "| 00000 | 52 | 50 | 2 | cached | 100.0 | 25.0 |" in text and "| 00001 | 52 | 50 | 2 | cached | - | - |" in text
 
 
+def test_a_run_that_writes_shards_removes_the_previous_manifest_first_and_keeps_its_figures(tmp_path):
+    """A run that will write any shard removes the manifest before its first write (a run killed after it would
+    otherwise leave one describing outputs it replaced); the shards of the removed manifest still give the cached
+    shards their figures. A run that writes nothing keeps it."""
+    from wdsembed.shard import ShardPlan
+
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+    manifest_path = tmp_path / "out" / "_manifest.json"
+    first = report.build_manifest(config, [shard("00000"), shard("00001")], {}, 100.0)
+    report.write_manifest(config, first)
+    plans = [ShardPlan(shard=f"in/{s}.tar", stem=s, fingerprint="f", rows=None, index=None, output=f"out/{s}.parquet")
+             for s in ("00000", "00001")]
+
+    assert report.retire_manifest(config, plans, {"00000", "00001"}) == first["shards"]  # nothing to write
+    assert manifest_path.exists()
+    previous = report.retire_manifest(config, plans, {"00000"})  # 00001 will be written
+    assert previous == first["shards"] and not manifest_path.exists()
+    second = report.build_manifest(config, [shard("00000", cached=True), shard("00001")], {}, 100.0, None,
+                                   previous)
+    assert second["shards"]["00000"]["images_per_second"] == 25.0  # carried, though the file is gone
+    report.write_manifest(config, second)
+    forced = EmbedConfig(input=config.input, output=config.output, force=True)
+    assert report.retire_manifest(forced, plans, set()) == second["shards"] and not manifest_path.exists()
+    assert report.retire_manifest(config, plans, set()) == {}  # none left: nothing to carry, nothing to remove
+
+
 def test_failures_grouped_by_reason(tmp_path):
     config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
     failures = {"00000": "OSError: disk full", "00002": "OSError: disk full", "00001": "KilledWorker: gone"}

@@ -140,7 +140,8 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
         with outputclaim.held(config) as claim:
             # A .idx only for shards it will compute: a finished shard's tar is never read (as in the flow). The
             # output's other shards are checked for another model's embeddings now that no other run can add any.
-            plans, _finished = plan_run(config, found=found)
+            plans, finished = plan_run(config, found=found)
+            previous = report.retire_manifest(config, plans, finished)  # before the first shard is written
             timeline["planned"] = time.time()
             if client is None:
                 results, failures = _run_here(config, plans, claim.run)
@@ -149,7 +150,8 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
             timeline["collected"] = time.time()
             results.sort(key=lambda r: r.stem)
             dicts = [r.to_dict() for r in results]
-            manifest = report.build_manifest(config, dicts, failures, time.perf_counter() - started, timeline)
+            manifest = report.build_manifest(config, dicts, failures, time.perf_counter() - started, timeline,
+                                             previous)
             try:
                 manifest["path"] = report.write_manifest(config, manifest)
             except OSError as exc:

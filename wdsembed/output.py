@@ -576,6 +576,14 @@ def write_manifest(url: str, fs: Any, manifest: Mapping[str, Any]) -> str:
     return path
 
 
+def remove_manifest(url: str, fs: Any) -> None:
+    """Remove `<url>/_manifest.json` where there is one (one delete: never half removed)."""
+    try:
+        fs.rm_file(url.rstrip("/") + "/" + MANIFEST_NAME)
+    except FileNotFoundError:
+        pass
+
+
 def read_manifest(url: str, fs: Any) -> Optional[dict]:
     """The manifest under output folder `url`, or None where it is missing or not valid JSON."""
     try:

@@ -5,7 +5,7 @@ import datetime as dt
 import json
 import os
 import time
-from typing import Iterable, Optional
+from typing import Collection, Iterable, Optional
 
 from wdsembed import fidelity, output, storage
 from wdsembed.config import EmbedConfig
@@ -45,12 +45,14 @@ def embedding_seconds(result: dict) -> Optional[float]:
     return end - start
 
 
-def shard_figures(config: EmbedConfig, results: list[dict]) -> dict[str, dict]:
+def shard_figures(config: EmbedConfig, results: list[dict], previous: Optional[dict] = None) -> dict[str, dict]:
     """Per shard: seconds (the whole task, the first shard of a worker including its model load), embed_seconds
     and images_per_second (embedded images over embed_seconds), timeline. A cached shard did no work in this run:
-    it keeps the figures of the run that computed it, from the previous manifest when its cache key matches
-    there, else null (unknown), never 0."""
-    previous = _previous_shards(config) if any(r.get("cached") for r in results) else {}
+    it keeps the figures of the run that computed it, from the previous manifest's shards (`previous`, as
+    retire_manifest gave them; None: read from OUTPUT now) when its cache key matches there, else null (unknown),
+    never 0."""
+    if previous is None:
+        previous = _previous_shards(config) if any(r.get("cached") for r in results) else {}
     figures = {}
     for r in results:
         before = previous.get(r["stem"]) or {}
@@ -68,6 +70,19 @@ def shard_figures(config: EmbedConfig, results: list[dict]) -> dict[str, dict]:
         figures[r["stem"]] = {"seconds": r.get("seconds"), "embed_seconds": None if embed is None else round(embed, 3),
                               "images_per_second": rate, "timeline": r.get("timeline")}
     return figures
+
+
+def retire_manifest(config: EmbedConfig, plans: Iterable, finished: Collection[str]) -> dict:
+    """The shards of the manifest OUTPUT holds from an earlier run ({} where none can be read), for build_manifest.
+    A run that will write any shard (a plan whose stem is not `finished`, or any with force) removes that manifest
+    here, holding OUTPUT's claim and before its first write, and writes its own at its end: a run that dies between
+    leaves no manifest, as a first run killed does, never one that describes outputs it has since replaced. A run
+    that writes no shard keeps it until its own replaces it."""
+    previous = _previous_shards(config)
+    if config.force or any(plan.stem not in finished for plan in plans):
+        fs, root = storage.filesystem(config.output, config.storage_options)
+        output.remove_manifest(root, fs)
+    return previous
 
 
 def _previous_shards(config: EmbedConfig) -> dict:
@@ -179,12 +194,13 @@ def totals(results: list[dict], wall_seconds: float) -> dict:
 
 
 def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str, str], wall_seconds: float,
-                   timeline: Optional[dict] = None) -> dict:
+                   timeline: Optional[dict] = None, previous: Optional[dict] = None) -> dict:
     """The run's manifest. `timeline`: the run's own steps as epoch seconds (start, planned, first_started: the
     first task let to start alone, submitted, collected: the last shard's result back), to which the report's start
-    is added; with each shard's own timeline, it shows where a run spends the time outside its shards."""
+    is added; with each shard's own timeline, it shows where a run spends the time outside its shards. `previous`:
+    the earlier manifest's shards, as retire_manifest gave them (shard_figures)."""
     model = next((r.get("model") for r in results if r.get("model")), None)
-    figures = shard_figures(config, results)
+    figures = shard_figures(config, results, previous)
     return {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "input": config.input,
