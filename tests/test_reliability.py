@@ -624,6 +624,29 @@ def test_parquet_that_is_not_parquet(tmp_path):
                  lost="nothing from the tar; the img2dataset columns until the parquet is fixed")
 
 
+def test_stats_json_that_cannot_be_read(tmp_path, caplog):
+    """img2dataset's <stem>_stats.json holds its counts only: an empty one (its writer killed, a full disk) or one
+    whose count is NaN made the planning of the whole run raise, and no shard was embedded. Now each costs one
+    warning naming the file, and every shard is embedded."""
+    import logging
+
+    for i in range(3):
+        write_shard(tmp_path / "in", f"{i:05d}", samples(3, seed=i))
+    (tmp_path / "in" / "00001_stats.json").write_bytes(b"")
+    (tmp_path / "in" / "00002_stats.json").write_text('{"successes": NaN}')
+    with caplog.at_level(logging.WARNING, logger="wdsembed"):
+        results, out = run_shard(tmp_path)
+    assert [(r.stem, r.embedded) for r in results] == [("00000", 3), ("00001", 3), ("00002", 3)]
+    said = [r.getMessage() for r in caplog.records if "_stats.json" in r.getMessage()]
+    assert len(said) == 2 and "00001_stats.json: an empty file, not JSON; ignored" in said[0], said
+    assert "00002_stats.json: 'successes' is nan, not a count; ignored" in said[1], said
+    table.record("shard-stats-unreadable",
+                 done="3 shards: 00001_stats.json empty (0 bytes), 00002_stats.json's 'successes' NaN",
+                 did=f"3 of 3 shards embedded; one warning each at planning, naming the file: {q(said[0])}; "
+                     f"{q(said[1])}",
+                 lost="nothing (the file holds img2dataset's counts only)")
+
+
 def test_stale_index_is_detected_and_rebuilt(tmp_path):
     # (1) same size, members reordered in place: the index's last entry still fits, only a full read can tell
     s = samples(4)

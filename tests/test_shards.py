@@ -1433,6 +1433,9 @@ def test_not_parquet_or_not_json_is_a_clear_error(tmp_path):
     with pytest.raises(shards.MetadataFileError, match=r"00000\.parquet.*parquet"):
         shards.read_rows(str(bad), fs)
     bad_stats = tmp_path / "00000_stats.json"
+    bad_stats.write_bytes(b"")
+    with pytest.raises(shards.MetadataFileError, match=r"00000_stats\.json: an empty file, not JSON"):
+        shards.read_stats(str(bad_stats), fs)
     bad_stats.write_text("{not json")
     with pytest.raises(shards.MetadataFileError, match=r"00000_stats\.json"):
         shards.read_stats(str(bad_stats), fs)

@@ -651,8 +651,19 @@ def shard_groups(plans: list[ShardPlan], shards_per_task: Optional[int]) -> list
 
 
 def _successes(stats_path: Optional[str], fs) -> Optional[int]:
+    """img2dataset's count of the samples it wrote, from `<stem>_stats.json`, or None. The file is advisory (the
+    shard is read from its tar and parquet; nothing is decided by this count): one that cannot be read (empty, not
+    JSON, unreadable, a count that is no whole number) costs a warning naming it, never the run's planning."""
     if not stats_path:
         return None
-    stats = shards.read_stats(stats_path, fs)
-    value = (stats or {}).get("successes")
+    url = storage.to_url(fs, stats_path)
+    try:
+        value = (shards.read_stats(url, fs) or {}).get("successes")
+        if isinstance(value, float) and not value.is_integer():  # NaN, inf, 2.5
+            raise shards.MetadataFileError(f"{url}: 'successes' is {value!r}, not a count")
+    except (shards.MetadataFileError, OSError) as exc:
+        why = str(exc) if isinstance(exc, shards.MetadataFileError) else f"{url}: {exc}"
+        log.warning("%s; ignored (it holds img2dataset's counts only: the shard is read from its tar and parquet)",
+                    why)
+        return None
     return int(value) if isinstance(value, (int, float)) else None

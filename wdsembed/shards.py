@@ -580,7 +580,9 @@ def read_stats(stats_url: str, fs: Any) -> Optional[dict]:
         stats = json.loads(raw)
     except FileNotFoundError:
         return None
-    except (ValueError, UnicodeDecodeError) as e:
+    except ValueError as e:  # UnicodeDecodeError too
+        if not raw.strip():  # its writer stopped before writing it (img2dataset killed, a full disk)
+            raise MetadataFileError(f"{stats_url}: an empty file, not JSON") from e
         raise MetadataFileError(f"{stats_url}: not JSON: {e}") from e
     if not isinstance(stats, dict):
         raise MetadataFileError(f"{stats_url}: expected a JSON object, found {type(stats).__name__}")
