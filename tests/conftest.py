@@ -30,3 +30,15 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def damage_first_parquet_page(path) -> None:
+    """Overwrite the header of the first page of a parquet file's first column chunk, as bit rot or a bad copy
+    would: its footer stays sound (footer readers see a good file), its data cannot be read (pyarrow raises a plain
+    OSError, "Couldn't deserialize thrift ... Deserializing page header failed")."""
+    import pyarrow.parquet as pq
+
+    column = pq.ParquetFile(path).metadata.row_group(0).column(0)
+    with open(path, "r+b") as f:
+        f.seek(column.dictionary_page_offset or column.data_page_offset)
+        f.write(b"\xff" * 20)

@@ -55,6 +55,7 @@ CASES: list[tuple[str, str, str]] = [
      "Integer parquet key column, tar keys that are no integer or repeat one ('0' after '000000000')"),
     ("shard-parquet-duplicate-keys", "Shards", "Parquet repeats a key"),
     ("shard-not-parquet", "Shards", "A .parquet that is not parquet"),
+    ("shard-parquet-damaged-page", "Shards", "A .parquet with a damaged page (its footer sound)"),
     ("shard-stats-unreadable", "Shards", "A _stats.json that cannot be read (empty, a count that is NaN)"),
     ("shard-stale-idx", "Shards", "Stale .idx (the tar was rewritten)"),
     ("shard-hard-links", "Shards", "Hard link members (one file archived under two names)"),

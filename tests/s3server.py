@@ -156,14 +156,16 @@ class FaultProxy:
     truncate: a GET answered with its full Content-Length but only half the body, then the connection closed;
     stall: no answer for `stall_seconds` (longer than the client's read timeout), then the real one.
 
-    Retries of the same request pass (its signature has been seen), so a client that retries loses nothing.
+    Retries of the same request pass (its signature has been seen), so a client that retries loses nothing; with
+    `outlast_retries`, they fail too (a fault that lasts longer than the client's retries).
     `injected` counts the faults served, by kind; `requests` counts everything that came through.
     """
 
     def __init__(self, target: str, *, every: int = 2, kinds: Sequence[str] = ("slowdown", "internal", "reset",
                  "truncate"), stall_seconds: float = 0.0, methods: Sequence[str] = ("GET", "PUT", "HEAD", "POST",
-                 "DELETE")) -> None:
+                 "DELETE"), outlast_retries: bool = False) -> None:
         self.target = urlsplit(target)
+        self.outlast_retries = outlast_retries
         self.every = max(int(every), 1)
         self.kinds = tuple(kinds)
         self.stall_seconds = stall_seconds
@@ -204,7 +206,8 @@ class FaultProxy:
         signature = (method, parsed.path, urlencode(query), range_)
         with self._lock:
             self.requests += 1
-            if not self.enabled or method not in self.methods or signature in self._seen:
+            if not self.enabled or method not in self.methods or (signature in self._seen
+                                                                   and not self.outlast_retries):
                 return None
             self._seen.add(signature)
             self._distinct += 1

@@ -42,7 +42,8 @@ from PIL import Image, ImageOps
 pytest.importorskip("nvidia.dali")
 
 import reliability_table as table  # noqa: E402
-from conftest import CANNOT_DROP_OVERRIDE, TINY_MODEL, without_file_permission_override  # noqa: E402
+from conftest import (CANNOT_DROP_OVERRIDE, TINY_MODEL, damage_first_parquet_page,  # noqa: E402
+                      without_file_permission_override)
 from wdsembed import output, shardindex, tarstream  # noqa: E402
 from wdsembed.fidelity import _pil_rgb  # noqa: E402
 from wdsembed.worker import Worker  # noqa: E402
@@ -621,6 +622,26 @@ def test_parquet_that_is_not_parquet(tmp_path):
                  did="the tar's 3 samples embedded (key column only) with a manifest warning naming the file and "
                      "'Parquet magic bytes not found'; once the parquet is fixed the next run redoes the shard with "
                      "its columns",
+                 lost="nothing from the tar; the img2dataset columns until the parquet is fixed")
+
+
+def test_parquet_with_a_damaged_page(tmp_path):
+    """A sound footer over a damaged data page (bit rot, a bad copy): pyarrow raises a plain OSError, which failed
+    the shard naming no file, and as an OSError it was retried as if the store had dropped a connection. It is the
+    file's, like a .parquet that is not parquet: a warning naming it, and the tar's samples embedded."""
+    w = write_shard(tmp_path / "in", "00000", samples(3))
+    damage_first_parquet_page(w.parquet)
+    [r], out = run_shard(tmp_path)
+    t = read(out / "00000.parquet")
+    assert t.column_names == ["key", EMB, ERR] and r.embedded == 3
+    [warning] = r.warnings
+    assert warning == (f"{w.parquet}: cannot read as parquet: Couldn't deserialize thrift: don't know what type: "
+                       "Deserializing page header failed.; the output holds the tar's samples only (no img2dataset "
+                       "columns)")
+    table.record("shard-parquet-damaged-page",
+                 done="00000.parquet with its footer intact and the header of its first data page overwritten",
+                 did=f"as for a .parquet that is not parquet, the shard not failed: the tar's 3 samples embedded "
+                     f"(key column only) with the manifest warning {q(warning)}",
                  lost="nothing from the tar; the img2dataset columns until the parquet is fixed")
 
 

@@ -19,7 +19,7 @@ import pytest
 from pydantic import ValidationError
 
 from s3server import FaultProxy, MotoS3, aws_from_environment_only
-from wdsembed import output, plan, prefetch, s3fetch, shard, shardindex, shards, storage
+from wdsembed import faults, output, plan, prefetch, s3fetch, shard, shardindex, shards, storage
 from wdsembed.config import EmbedConfig
 from wdsembed.synthetic import write_demo_dataset
 
@@ -291,6 +291,22 @@ def test_tar_streamed_from_s3_reads_as_the_local_file_and_yields_its_index(serve
     assert [(s.key, bytes(s.image) if s.image is not None else None, s.error) for s in got] == \
         [(s.key, bytes(s.image) if s.image is not None else None, s.error) for s in expected]
     assert builder.index().render() == expected_index.render()
+
+
+def test_a_parquet_the_store_fails_to_deliver_is_a_store_error_not_a_bad_file(server, dataset):
+    """read_rows takes every error of decoding a parquet as the file's (MetadataFileError: the shard is embedded
+    without its columns, never retried). An error of the store delivering its bytes must stay what it is (retried
+    by the flow's tasks): the store answering 500 on every try, past the client's retries, is not a bad file."""
+    url = upload(server, dataset)
+    proxy = FaultProxy(server.endpoint, every=1, kinds=("internal",), methods=("GET",), outlast_retries=True).start()
+    try:
+        fs, root = storage.filesystem(url, options(proxy.endpoint, max_attempts="1"))
+        with pytest.raises(OSError) as caught:
+            shards.read_rows(f"{root}/00000.parquet", fs)
+    finally:
+        proxy.stop()
+    assert proxy.injected["internal"] >= 1 and not isinstance(caught.value, shards.MetadataFileError)
+    assert faults.is_transient(caught.value), caught.value
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,10 +16,13 @@ import tracemalloc
 from pathlib import Path
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from wdsembed import shardindex, shards, tarstream
+from conftest import damage_first_parquet_page
+from wdsembed import faults, shardindex, shards, tarstream
 from wdsembed.shards import Sample, iter_samples, split_member_name
 from wdsembed.tarstream import ShardReadError
 from wdsembed.shardindex import ShardIndex, StaleIndexError, build_index, ensure_index
@@ -1432,6 +1435,16 @@ def test_not_parquet_or_not_json_is_a_clear_error(tmp_path):
     bad.write_text("key,caption\n1,hello\n")
     with pytest.raises(shards.MetadataFileError, match=r"00000\.parquet.*parquet"):
         shards.read_rows(str(bad), fs)
+    # a sound footer over a damaged page: pyarrow says it with a plain OSError, which is the file's, not the store's
+    damaged = tmp_path / "00001.parquet"
+    pq.write_table(pa.table({"key": ["000000000", "000000001"]}), damaged)
+    damage_first_parquet_page(damaged)
+    pq.read_metadata(damaged)  # its footer still reads
+    with pytest.raises(shards.MetadataFileError) as caught:
+        shards.read_rows(str(damaged), fs)
+    assert str(caught.value) == (f"{damaged}: cannot read as parquet: Couldn't deserialize thrift: don't know what "
+                                 "type: Deserializing page header failed.")
+    assert not faults.is_transient(caught.value)  # never retried: the same bytes fail the same way
     bad_stats = tmp_path / "00000_stats.json"
     bad_stats.write_bytes(b"")
     with pytest.raises(shards.MetadataFileError, match=r"00000_stats\.json: an empty file, not JSON"):

@@ -558,17 +558,25 @@ def stats_path_for(shard_path: str) -> str:
 
 def read_rows(parquet_url: str, fs: Any, columns: Optional[Sequence[str]] = None):
     """The shard's img2dataset row table (every input row, failed downloads included), or None when there is no
-    parquet. A file that is not parquet raises MetadataFileError naming it."""
+    parquet. A file that cannot be decoded as parquet (not parquet at all, a truncated footer, a damaged page)
+    raises MetadataFileError naming it.
+
+    The file's bytes are read whole first and decoded from memory: pyarrow says a damaged page with a plain OSError
+    ("Couldn't deserialize thrift"), as an I/O error of its source would be said. Read apart, an error fetching the
+    bytes (a connection reset: may pass on a retry) stays what it is, and every error of the decoding is the
+    file's."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if not fs.exists(parquet_url):
+    try:
+        raw = fs.cat_file(parquet_url)
+    except FileNotFoundError:
         return None
     try:
-        with fs.open(parquet_url, "rb") as f:
-            return pq.read_table(f, columns=list(columns) if columns is not None else None)
-    except pa.ArrowException as e:  # ArrowInvalid: "Parquet magic bytes not found", truncated footers
-        raise MetadataFileError(f"{parquet_url}: cannot read as parquet: {e}") from e
+        return pq.read_table(pa.BufferReader(raw), columns=list(columns) if columns is not None else None)
+    except (pa.ArrowException, OSError) as e:  # "Parquet magic bytes not found", truncated footers, damaged pages
+        said = " ".join("".join(c if c.isprintable() else " " for c in str(e)).split())  # one line, as shown
+        raise MetadataFileError(f"{parquet_url}: cannot read as parquet: {said}") from e
 
 
 def read_stats(stats_url: str, fs: Any) -> Optional[dict]:
