@@ -474,6 +474,13 @@ def test_failure_classes():
     assert faults.is_transient(ConnectionResetError("reset"))
     assert faults.is_transient(TimeoutError("slow"))
     assert faults.is_transient(MemoryError("CUDA out of memory"))
+    import aiohttp
+    import botocore.exceptions as bex
+
+    assert faults.is_transient(bex.ConnectionClosedError(endpoint_url="http://s3"))
+    assert faults.is_transient(bex.EndpointConnectionError(endpoint_url="http://s3"))
+    assert faults.is_transient(aiohttp.ServerDisconnectedError())
+    assert not faults.is_transient(bex.NoCredentialsError())
     assert not faults.is_transient(ShardReadError("/d/00000.tar", 512, "bad tar header checksum"))
     assert not faults.is_transient(ModelLoadError("no weights for x"))
     assert not faults.is_transient(FileNotFoundError("/d/00000.tar"))

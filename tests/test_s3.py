@@ -309,6 +309,21 @@ def test_a_parquet_the_store_fails_to_deliver_is_a_store_error_not_a_bad_file(se
     assert faults.is_transient(caught.value), caught.value
 
 
+def test_a_body_cut_short_past_the_clients_retries_is_retried_by_the_tasks(server, dataset):
+    """s3fs retries a GET whose body was cut short, and then raises aiohttp's ClientPayloadError (botocore a
+    ConnectionClosedError for a dropped connection): neither is an OSError, and the tasks did not retry them."""
+    url = upload(server, dataset)
+    proxy = FaultProxy(server.endpoint, every=1, kinds=("truncate",), methods=("GET",), outlast_retries=True).start()
+    try:
+        fs, root = storage.filesystem(url, options(proxy.endpoint, max_attempts="1"))
+        with pytest.raises(Exception) as caught:
+            shards.read_rows(f"{root}/00000.parquet", fs)
+    finally:
+        proxy.stop()
+    assert proxy.injected["truncate"] >= 1 and not isinstance(caught.value, shards.MetadataFileError)
+    assert type(caught.value).__name__ == "ClientPayloadError" and faults.is_transient(caught.value), caught.value
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # .idx files: beside the shard when present, written back where the bucket allows, else cached locally
 

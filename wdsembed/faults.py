@@ -34,7 +34,17 @@ def is_transient(exc: BaseException) -> bool:
         return False  # a full or read-only disk does not clear itself between retries; the re-run finishes the job
     if is_out_of_memory(exc):
         return True
-    return isinstance(exc, (TransientError, TimeoutError, ConnectionError, OSError))
+    return isinstance(exc, (TransientError, TimeoutError, ConnectionError, OSError)) or is_transport_error(exc)
+
+
+def is_transport_error(exc: BaseException) -> bool:
+    """A store's connection refused, dropped or timed out, or a body cut short, after the client's own retries:
+    botocore and aiohttp (under s3fs) raise these as their own types, not as OSError."""
+    import aiohttp
+    import botocore.exceptions as bex
+
+    return isinstance(exc, (bex.ConnectionError, bex.HTTPClientError, bex.IncompleteReadError,
+                            aiohttp.ClientConnectionError, aiohttp.ClientPayloadError))
 
 
 def is_disk_full(exc: BaseException) -> bool:
