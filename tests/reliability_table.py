@@ -51,6 +51,7 @@ CASES: list[tuple[str, str, str]] = [
     ("shard-parquet-missing-rows", "Shards", "Parquet lacks rows the tar has"),
     ("shard-parquet-extra-rows", "Shards", "Parquet has rows the tar lacks"),
     ("shard-parquet-key-type", "Shards", "Parquet key column of another type (int64)"),
+    ("shard-parquet-key-float", "Shards", "Parquet key column of a type the join refuses (float64)"),
     ("shard-parquet-int-key-odd-tar-keys", "Shards",
      "Integer parquet key column, tar keys that are no integer or repeat one ('0' after '000000000')"),
     ("shard-parquet-duplicate-keys", "Shards", "Parquet repeats a key"),

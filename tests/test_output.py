@@ -200,6 +200,27 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="idx"):
         build_output_table(rows=pa.table({"key": ["a"]}), keys=[], embeddings=np.zeros((0, DIM)), errors={},
                            dim=DIM, id_column="idx")
+    with pytest.raises(ValueError, match="has type double; the key join matches a string or integer column"):
+        build_output_table(rows=pa.table({"key": [1.0]}), keys=[], embeddings=np.zeros((0, DIM)), errors={}, dim=DIM)
+
+
+def test_id_column_types_the_join_takes_and_those_it_refuses():
+    """Asked of each shard's parquet schema before it is embedded (and of the first shard's before the run starts):
+    strings, integers and dictionaries of either join; a float key column is said to be a broken export."""
+    from wdsembed.output import id_column_problem
+
+    for t in (pa.string(), pa.large_string(), pa.int64(), pa.uint16(), pa.dictionary(pa.int32(), pa.string())):
+        assert id_column_problem("key", "00000.parquet", pa.schema([("key", t)])) is None, t
+    assert id_column_problem("key", "00000.parquet", pa.schema([("key", pa.float64())])) == (
+        "id column 'key' of 00000.parquet has type double; the key join matches a string or integer column. Float "
+        "keys come from a broken export (pandas writes an integer column that holds a null as float64; "
+        "img2dataset's keys are strings such as '000010012'): write the column as strings, or integers, and run "
+        "again")
+    assert id_column_problem("key", "00000.parquet", pa.schema([("key", pa.binary())])) == (
+        "id column 'key' of 00000.parquet has type binary; the key join matches a string or integer column: pass "
+        "--id-column the column that holds each row's key")
+    assert id_column_problem("uid", "00000.parquet", pa.schema([("key", pa.string())])).startswith(
+        "id column 'uid' is not in 00000.parquet (columns: key): ")
 
 
 def test_parquet_without_rows_but_tar_samples():

@@ -559,6 +559,48 @@ def test_parquet_key_of_another_type(tmp_path):
                  lost="nothing")
 
 
+def test_parquet_key_column_of_a_type_the_join_refuses(tmp_path, capsys, monkeypatch):
+    """Float keys (pandas writes an integer column that holds a null as float64): the join refuses them, and used to
+    say so only once the whole shard was embedded, naming no file. Now the command refuses them from the first
+    shard's footer, and each shard before it is embedded, naming its parquet."""
+    def float_keys(parquet: Path) -> None:
+        t = read(parquet)
+        pq.write_table(t.set_column(0, "key", t.column("key").cast(pa.int64()).cast(pa.float64())), parquet)
+
+    data = dataset(tmp_path / "in", 2)
+    float_keys(data / "00000.parquet")
+    err = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", data=data)
+    assert err.startswith("error: id column 'key' of 00000.parquet has type double; the key join matches a string "
+                          "or integer column. Float keys come from a broken export"), err
+    # The API checks each shard as it starts: 00001's keys are floats, 00000's strings.
+    data = dataset(tmp_path / "mixed", 2)
+    float_keys(data / "00001.parquet")
+    embedded = []
+    real_embed = Worker.embed
+
+    def counted(self, samples, **kw):  # the real Worker.embed, counted
+        keys, embeddings, failures = real_embed(self, samples, **kw)
+        embedded.append(len(keys))
+        return keys, embeddings, failures
+
+    monkeypatch.setattr(Worker, "embed", counted)
+    with pytest.raises(ShardsFailed) as failed:
+        embedder()(str(data), str(tmp_path / "mixed-out"))
+    reason = failed.value.failures["00001"]
+    said = err.removeprefix("error: ").replace("00000.parquet", str(data / "00001.parquet"))
+    assert reason == f"ValueError: shard {data / '00001.tar'}: {said}", reason
+    assert embedded == [PER_SHARD] and not failed.value.transient  # 00000 only; 00001 is not retried
+    assert not (tmp_path / "mixed-out" / "00001.parquet").exists()
+    table.record("shard-parquet-key-float",
+                 done="the parquet's key column written as float64 (as pandas writes an integer column with a null): "
+                      "in the first shard (the command), then in the second only (API)",
+                 did=f"exit 2 before any work, nothing written: {q(err.removeprefix('error: '))}; where a later shard "
+                     "has them, it fails before it is embedded, with the same words after 'shard <tar>: ', not "
+                     "retried, and the other shards are embedded",
+                 lost="the shard's embeddings until its parquet's keys are written as strings or integers; no shard "
+                      "is embedded and then thrown away")
+
+
 def test_integer_parquet_keys_and_tar_keys_without_an_integer_of_their_own(tmp_path):
     odd = samples(6, seed=1)
     w = write_shard(tmp_path / "in", "00000", samples(3) + [

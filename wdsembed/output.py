@@ -72,10 +72,34 @@ def _embedding_array(embeddings: np.ndarray, src: np.ndarray, dim: int, dtype: s
     )
 
 
-def missing_id_column(id_column: str, parquet: str, columns: Sequence[str]) -> str:
-    """What to say when a shard's parquet lacks the id column (the pre-flight, each shard and the join alike)."""
-    return (f"id column {id_column!r} is not in {parquet} (columns: {', '.join(columns)}): pass --id-column one of "
-            "them (the key of each row), or leave it out for 'key'")
+def id_column_problem(id_column: str, parquet: str, schema: pa.Schema) -> Optional[str]:
+    """What keeps a shard's parquet from the key join, said naming the file, or None: no id column, or one of a type
+    the join refuses. Asked before anything is embedded (the pre-flight of the first shard, each shard as it
+    starts), so that no shard is embedded and then thrown away, and by the join itself."""
+    if id_column not in schema.names:
+        return (f"id column {id_column!r} is not in {parquet} (columns: {', '.join(schema.names)}): pass "
+                "--id-column one of them (the key of each row), or leave it out for 'key'")
+    t = schema.field(id_column).type
+    if _joins(t):
+        return None
+    said = f"id column {id_column!r} of {parquet} has type {t}; the key join matches a string or integer column"
+    if pa.types.is_floating(_id_value_type(t)):
+        # Not joined by value, though whole floats could be: past 2**53 a float is no longer the key it was, and a
+        # float id column would give this shard's output a key type that the others' outputs do not have.
+        return (f"{said}. Float keys come from a broken export (pandas writes an integer column that holds a null "
+                "as float64; img2dataset's keys are strings such as '000010012'): write the column as strings, or "
+                "integers, and run again")
+    return f"{said}: pass --id-column the column that holds each row's key"
+
+
+def _id_value_type(t: pa.DataType) -> pa.DataType:
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def _joins(t: pa.DataType) -> bool:
+    """Whether the key join takes an id column of type `t`: strings, integers, or a dictionary of either."""
+    t = _id_value_type(t)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
 
 
 def as_stored(embeddings: np.ndarray, keys: Sequence[str], dtype: str, shard: str) -> np.ndarray:
@@ -107,14 +131,11 @@ def _canonical_tar_keys(keys: Sequence[str], id_type: pa.DataType) -> list[str]:
     return out
 
 
-def _id_strings(column: pa.ChunkedArray, id_column: str) -> pa.ChunkedArray:
-    t = column.type
-    if pa.types.is_dictionary(t):
-        column = column.cast(t.value_type)
-        t = t.value_type
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t):
-        return column.cast(pa.string())
-    raise ValueError(f"id column {id_column!r} has type {t}; expected a string or integer column")
+def _id_strings(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """An id column the join takes (id_column_problem), as strings."""
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    return column.cast(pa.string())
 
 
 _PICKLED_EXTENSION = b"arrow.py_extension_type"
@@ -213,13 +234,14 @@ def join_embeddings(
         id_type = pa.string()
         base = pa.table({id_column: pa.array([], type=pa.string())})
     else:
-        if id_column not in rows.column_names:
-            raise ValueError(missing_id_column(id_column, "the shard's parquet", rows.column_names))
+        problem = id_column_problem(id_column, "the shard's parquet", rows.schema)
+        if problem:
+            raise ValueError(problem)
         base = _without_pickled_types(
             rows.drop_columns([c for c in (embedding_column, error_column) if c in rows.column_names])
         )
         id_type = base.schema.field(id_column).type
-    row_ids = _id_strings(base.column(id_column), id_column).combine_chunks()
+    row_ids = _id_strings(base.column(id_column)).combine_chunks()
 
     canon = _canonical_tar_keys(sample_keys, id_type)
     sample_canon = pa.array(canon, type=pa.string())

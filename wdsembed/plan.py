@@ -282,9 +282,9 @@ def _check_readable(config: EmbedConfig, found: "FoundShards") -> None:
 
 
 def _check_id_column(config: EmbedConfig, found: "FoundShards") -> None:
-    """The first shard's img2dataset parquet, where it has one, must hold the id column: otherwise every shard
-    would be embedded and then fail at the join. Its footer only (one small read); each shard checks its own
-    before embedding (shard.process_shard)."""
+    """The first shard's img2dataset parquet, where it has one, must hold the id column, of a type the key join
+    takes: otherwise every shard would be embedded and then fail at the join. Its footer only (one small read);
+    each shard checks its own before embedding (shard.process_shard)."""
     siblings = (t[: -len(".tar")] + ".parquet" for t in found.tars)
     first = next((p for p in siblings if p in found.files), None)
     if first is None:
@@ -293,12 +293,13 @@ def _check_id_column(config: EmbedConfig, found: "FoundShards") -> None:
 
     try:
         with found.fs.open(first, "rb") as f:
-            names = pq.read_schema(f).names
+            schema = pq.read_schema(f)
     except Exception:  # noqa: BLE001 - an unreadable parquet is the shard's own warning (shard.read_metadata)
         return
-    if config.id_column not in names:
-        shown = posixpath.relpath(first, found.root) if found.root else first
-        raise InputError(output.missing_id_column(config.id_column, shown, names))
+    shown = posixpath.relpath(first, found.root) if found.root else first
+    problem = output.id_column_problem(config.id_column, shown, schema)
+    if problem:
+        raise InputError(problem)
 
 
 def _check_checkpoint_fits(config: EmbedConfig) -> None:

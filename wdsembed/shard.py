@@ -190,9 +190,10 @@ def process_shard(
 
     faults.maybe_inject(plan.stem)  # opt-in (WDSEMBED_FAULTS); a no-op otherwise
     rows, warnings = read_metadata(config, plan)
-    if rows is not None and config.id_column not in rows.column_names:  # found now, not after embedding the shard
-        raise ValueError(f"shard {plan.shard}: " + output.missing_id_column(config.id_column, plan.rows,
-                                                                            rows.column_names))
+    # found now, not after embedding the shard: no id column, or one the join refuses (float keys)
+    problem = output.id_column_problem(config.id_column, plan.rows, rows.schema) if rows is not None else None
+    if problem:
+        raise ValueError(f"shard {plan.shard}: {problem}")
     # Held until the shard is written: another run's task on this Dask worker, with other settings, waits for it
     # instead of closing this Worker under it (Worker.lease).
     with Worker.lease(config) as worker:
