@@ -168,6 +168,18 @@ def test_tar_keys_without_an_integer_id_of_their_own_get_an_error_row_not_anothe
                              "9": got[5]["embedding_error"]}
 
 
+def test_a_row_without_a_key_is_said_to_have_none_not_to_be_missing_from_the_tar():
+    """A parquet row whose id is null can match no sample: 'not in tar' would say the tar was searched for its key.
+    A failed download keeps img2dataset's own reason, as any row does."""
+    for id_type, ids in ((pa.string(), ["000001", None, "000002", None]), (pa.int64(), [1, None, 2, None])):
+        rows = pa.table({"id": pa.array(ids, type=id_type), "status": ["success", "success", "success", "failed"],
+                         "error_message": [None, None, None, "HTTP Error 404"]})
+        t = build_output_table(rows=rows, keys=["000001"], embeddings=_emb("1")[None], errors={}, dim=DIM,
+                               id_column="id")
+        assert t.column("embedding_error").to_pylist() == [None, "no key (its 'id' is null)", NOT_IN_TAR,
+                                                          "HTTP Error 404"], id_type
+
+
 def test_without_parquet():
     keys = ["000003", "000001"]
     t = build_output_table(

@@ -199,7 +199,8 @@ def join_embeddings(
       img2dataset's zero-padded keys) matches the tar key's integer value and keeps its integer type.
     * Duplicate keys in `rows`: every such row is kept and each gets the embedding (or error) of that key.
     * The reason for a row without embedding, first that applies: the tar's error for the key; the img2dataset
-      `error_message` (or, where empty, its `status`) for rows whose status is not "success"; "not in tar".
+      `error_message` (or, where empty, its `status`) for rows whose status is not "success"; "no key (its
+      '<id_column>' is null)" for a row whose id is null (it can match no sample); "not in tar".
     * Order: `rows`' order, then appended samples in the order of `keys` followed by the remaining `errors` keys.
       Without `rows` the same sample order.
     * An appended sample whose key is not an integer, for an integer id column, gets a null id and an error that
@@ -269,8 +270,10 @@ def join_embeddings(
         failed = pc.fill_null(pc.not_equal(status, SUCCESS), False)
         row_reason = pc.coalesce(row_reason, pc.if_else(failed, download_reason, null_str))
     row_embedded = np.where(sample_idx < len(keys), sample_idx, -1)  # samples with an error have no embedding
-    # Not embedded, no tar error, not a failed download: the tar lacks it.
-    row_reason = pc.if_else(pa.array(row_embedded >= 0), null_str, pc.coalesce(row_reason, pa.scalar(missing_reason)))
+    # Not embedded, no tar error, not a failed download: a row without a key matches no sample; else the tar lacks it.
+    unmatched = pc.if_else(pc.is_null(row_ids), pa.scalar(f"no key (its {id_column!r} is null)"),
+                           pa.scalar(missing_reason))
+    row_reason = pc.if_else(pa.array(row_embedded >= 0), null_str, pc.coalesce(row_reason, unmatched))
 
     # Tar samples the parquet lacks, and those whose integer id an earlier key owns: appended after, in sample order.
     extra_mask = np.asarray(pc.invert(pc.is_in(sample_canon, value_set=row_ids)), dtype=bool)
