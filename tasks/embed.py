@@ -14,7 +14,7 @@ from prefect.context import TaskRunContext
 from tasks.prefect_events import count_api_logs, route_events_by_api_url
 from tasks.prefect_settings import share_hydrated_settings
 from tasks.prefect_tls import share_api_tls_contexts
-from wdsembed import caching, cluster, faults, shard, storage
+from wdsembed import caching, cluster, faults, report, shard, storage
 from wdsembed.config import EmbedConfig
 from wdsembed.shard import ShardPlan, ShardsFailed
 
@@ -87,7 +87,7 @@ def _announce_start(plans: list[ShardPlan]) -> None:
 
 def _log_result(log, r: dict) -> None:
     log.info("shard %s: %s, %d rows, %d embedded, %d without embedding, %.1f s", r["stem"],
-             "output already done" if r["cached"] else "embedded", r["rows"], r["embedded"], r["failed"],
+             "output already done" if r["cached"] else "embedded", r["rows"], report.embedded_rows(r), r["failed"],
              r["seconds"])
 
 

@@ -501,8 +501,8 @@ def _failed_run_manifest(out, failed_shards: dict) -> dict:
     """The manifest of a run in which shard 00003 was embedded and `failed_shards` failed."""
     return {
         "output": str(out), "path": str(out / "_manifest.json"),
-        "totals": {"shards": 1, "computed": 1, "cached": 0, "rows": 2, "embedded": 2, "embedded_this_run": 2,
-                   "images_per_second": 1.0},
+        "totals": {"shards": 1, "computed": 1, "cached": 0, "rows": 2, "embedded": 2, "embedded_rows": 2,
+                   "embedded_this_run": 2, "images_per_second": 1.0},
         "model": {"name": TINY_MODEL},
         "shards": {"00003": {"rows": 2, "embedded": 2, "failed": 0, "status": "computed", "images_per_second": 5.0}},
         "failed_shards": failed_shards,
@@ -574,8 +574,8 @@ def test_summary_of_a_run_with_nothing_to_embed_says_so(tmp_path, capsys):
     shard = {"rows": 2, "embedded": 2, "failed": 0, "status": "cached", "images_per_second": 5.0}
     manifest = {
         "output": str(tmp_path), "path": str(tmp_path / "_manifest.json"), "model": {"name": TINY_MODEL},
-        "totals": {"shards": 1, "computed": 0, "cached": 1, "rows": 2, "embedded": 2, "embedded_this_run": 0,
-                   "images_per_second": 0.0},
+        "totals": {"shards": 1, "computed": 0, "cached": 1, "rows": 2, "embedded": 2, "embedded_rows": 2,
+                   "embedded_this_run": 0, "images_per_second": 0.0},
         "shards": {"00000": shard},
     }
     cli.print_summary(manifest)

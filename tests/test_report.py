@@ -122,6 +122,28 @@ def test_a_run_where_no_shard_finished_names_its_model_without_nones(tmp_path, c
     assert report.describe_model(finished) == "resnet18.a1_in1k (random-init), pooled embedding, 512 dimensions"
 
 
+def test_rows_with_an_embedding_are_counted_as_rows_and_images_as_images(tmp_path, capsys):
+    """A parquet that repeats a key: its 4 rows all have an embedding, from 3 images (a real shard's figures:
+    tests/test_reliability.py, test_parquet_that_repeats_a_key). The summaries said '3 of 4 rows embedded' and the
+    totals rows 4, embedded 3, failed_rows 0: images over rows."""
+    from wdsembed.cli import print_summary
+
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    repeats = shard("00000") | {"rows": 4, "samples": 3, "embedded": 3, "failed": 0}
+    manifest = report.build_manifest(config, [repeats, shard("00001")], {}, 2.0) | {"path": "m.json"}
+    print_summary(manifest)
+    said = " ".join(capsys.readouterr().out.split())
+    assert "| 54 of 56 rows embedded | 53 images this run" in said, said
+    assert "│ 00000 │ 4 │ 4 │ 0 │ computed │" in said, said
+    rows = report.shard_rows([repeats], {}, manifest)
+    assert (rows[0]["rows"], rows[0]["embedded"], rows[0]["failed"]) == (4, 4, 0)
+    text = report.markdown_summary(manifest, rows)
+    assert "- rows: 56, embedded: 54, without embedding: 2" in text and "- this run: 53 images in" in text
+    t = manifest["totals"]
+    assert (t["rows"], t["embedded_rows"], t["failed_rows"]) == (56, 54, 2)  # rows = with + without an embedding
+    assert (t["embedded"], t["embedded_this_run"]) == (53, 53)  # images
+
+
 def gpu_shard(stem: str, worker: str, gpu: str, start: float, end: float, embedded: int, alone: float) -> dict:
     t = {"worker": worker, "gpu": gpu, "model_alone_images_per_second": alone, "start": start - 1,
          "embed_start": start, "embed_end": end, "end": end + 1}

@@ -20,7 +20,7 @@ from pydantic.fields import FieldInfo
 
 from wdsembed import fidelity
 from wdsembed.config import EmbedConfig, field_default
-from wdsembed.report import describe_gpu_use, describe_model, failure_reasons
+from wdsembed.report import describe_gpu_use, describe_model, embedded_rows, failure_reasons
 
 DEMO_MODEL = "vit_base_patch16_clip_224.openai"
 DEMO_INPUT = "demo-data"
@@ -302,7 +302,7 @@ def print_summary(manifest: dict) -> None:
         table.add_column(name, justify="right" if name not in ("shard", "status") else "left")
     for stem, s in sorted(manifest["shards"].items()):
         rate = s.get("images_per_second")
-        table.add_row(stem, str(s["rows"]), str(s["embedded"]), str(s["failed"]), s.get("status", ""),
+        table.add_row(stem, str(s["rows"]), str(embedded_rows(s)), str(s["failed"]), s.get("status", ""),
                       "-" if rate is None else f"{rate:,.1f}")
     numbers = {reason: n for n, reason in enumerate(reasons, 1)}
     for reason, stems in reasons.items():
@@ -318,7 +318,7 @@ def print_summary(manifest: dict) -> None:
     else:  # a re-run that found every output finished: a rate of 0.0 would read as a fault
         this_run = "nothing to embed this run: every output was already finished"
     console.print(
-        f"model {describe_model(manifest)} | {t['embedded']} of {t['rows']} rows embedded | {this_run}",
+        f"model {describe_model(manifest)} | {t['embedded_rows']} of {t['rows']} rows embedded | {this_run}",
         soft_wrap=True,  # one line, as the terminal wraps it, not cut where rich would
     )
     for stem, s in sorted(manifest["shards"].items()):

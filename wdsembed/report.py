@@ -14,17 +14,23 @@ from wdsembed.versions import code_version, package_versions
 TABLE_COLUMNS = ("shard", "rows", "embedded", "failed", "status", "seconds", "images_per_second")
 
 
+def embedded_rows(result: dict) -> int:
+    """A shard's rows with an embedding. Not its `embedded`, the images embedded: a key the parquet repeats has
+    its one image's embedding on each of its rows (`failed` counts the rows without one)."""
+    return result["rows"] - result["failed"]
+
+
 def shard_rows(results: Iterable[dict], failures: dict[str, str], manifest: Optional[dict] = None) -> list[dict]:
-    """One row per shard, finished or failed, for the table artifact and the CLI summary. With the run's
-    `manifest`, a finished shard's seconds and images/s are the manifest's (embedding-only rate; a cached shard
-    keeps those of the run that computed it)."""
+    """One row per shard, finished or failed, for the table artifact: its rows, those with an embedding and those
+    without. With the run's `manifest`, a finished shard's seconds and images/s are the manifest's (embedding-only
+    rate; a cached shard keeps those of the run that computed it)."""
     figures = (manifest or {}).get("shards") or {}
     rows = []
     for r in results:
         shard = figures.get(r["stem"]) or {}
         seconds = shard.get("seconds", r.get("seconds", 0.0))
         rows.append({
-            "shard": r["stem"], "rows": r["rows"], "embedded": r["embedded"], "failed": r["failed"],
+            "shard": r["stem"], "rows": r["rows"], "embedded": embedded_rows(r), "failed": r["failed"],
             "status": "cached" if r.get("cached") else "computed",
             "seconds": None if seconds is None else round(seconds, 2),
             "images_per_second": shard.get("images_per_second", r.get("images_per_second", 0.0)),
@@ -184,7 +190,8 @@ def totals(results: list[dict], wall_seconds: float) -> dict:
         "computed": len(computed),
         "cached": len(results) - len(computed),
         "rows": sum(r["rows"] for r in results),
-        "embedded": sum(r["embedded"] for r in results),
+        "embedded": sum(r["embedded"] for r in results),  # images; a key the parquet repeats is one image, not two
+        "embedded_rows": sum(embedded_rows(r) for r in results),  # rows = embedded_rows + failed_rows
         "failed_rows": sum(r["failed"] for r in results),
         "shards_with_warnings": sum(1 for r in results if r.get("warnings")),
         "embedded_this_run": embedded_now,
@@ -248,7 +255,7 @@ def markdown_summary(manifest: dict, rows: list[dict]) -> str:
         f"## Embedded {t['shards']} shard(s): {t['computed']} computed, {t['cached']} cached",
         "",
         f"- model: {describe_model(manifest, code='`')}",
-        f"- rows: {t['rows']}, embedded: {t['embedded']}, without embedding: {t['failed_rows']}",
+        f"- rows: {t['rows']}, embedded: {t['embedded_rows']}, without embedding: {t['failed_rows']}",
         f"- this run: {t['embedded_this_run']} images in {t['wall_seconds']} s ({t['images_per_second']} images/s "
         "overall; the table's images/s count embedding time only, without model loading)",
         f"- output: `{manifest['output']}`",
