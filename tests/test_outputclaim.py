@@ -113,6 +113,32 @@ def test_a_claim_is_taken_over_once_its_heartbeat_is_stale_and_not_before(tmp_pa
     assert not (out / CLAIM_NAME).exists()
 
 
+def test_an_unreadable_claim_is_described_in_plain_words_and_taken_over_once_old(tmp_path):
+    """An empty claim file (its writer died between O_CREAT|O_EXCL and its write, where hard links are not
+    supported) names no run and no process: the refusal says the file cannot be read, that it is taken over once
+    it is STALE_S old by its modification time, and that it may be removed by hand; and it is, once that old."""
+    out = tmp_path / "out"
+    out.mkdir()
+    config = _config(tmp_path / "in", out)
+    (out / CLAIM_NAME).write_bytes(b"")
+    with pytest.raises(OutputClaimedError) as refused:
+        outputclaim.check_free(config)
+    said = str(refused.value)
+    assert "another a run" not in said and "once its process has ended" not in said, said
+    assert (f"its claim file ({CLAIM_NAME} in the output) cannot be read (empty or not JSON" in said
+            and "taken over once the file is 3 minutes old (by its modification time)" in said
+            and "remove it by hand" in said), said
+    with pytest.raises(OutputClaimedError, match="cannot be read"):
+        outputclaim.take(config)  # the run's own answer says the same
+    old = time.time() - outputclaim.STALE_S - 60
+    os.utime(out / CLAIM_NAME, (old, old))
+    claim = outputclaim.take(config)
+    try:
+        assert "cannot be read" in claim.took_over and "an unreadable claim, last written 24" in claim.took_over
+    finally:
+        claim.release()
+
+
 def test_the_heartbeat_is_refreshed_and_a_claim_taken_over_meanwhile_stays(tmp_path, monkeypatch, caplog):
     """The holder's daemon thread refreshes the heartbeat. Where another run has taken the claim over meanwhile
     (this run's heartbeats had stopped), the holder says so and never removes the other run's claim."""

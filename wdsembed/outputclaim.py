@@ -224,7 +224,7 @@ def stale_reason(record: Optional[dict], written: Optional[float], now: Optional
 
 def describe_holder(record: Optional[dict], now: Optional[float] = None) -> str:
     if record is None:
-        return "a run whose claim cannot be read"
+        return "an unknown run (its claim file cannot be read: empty or not JSON)"
     now = _now() if now is None else now
     beat = _epoch(record.get("heartbeat"))
     ago = f", last heartbeat {max(0.0, now - beat):.0f} s ago" if beat is not None else ""
@@ -233,6 +233,11 @@ def describe_holder(record: Optional[dict], now: Optional[float] = None) -> str:
 
 
 def busy_message(output: str, record: Optional[dict]) -> str:
+    if record is None:  # names no run nor process: only its file's age can tell that its writer is gone
+        return (f"output {output!r} is claimed, but its claim file ({CLAIM_NAME} in the output) cannot be read "
+                "(empty or not JSON: a run may have died while writing it, or be writing it now). It is taken over "
+                f"once the file is {STALE_S / 60:.0f} minutes old (by its modification time); if no run is writing "
+                "to this output, remove it by hand, or choose another output folder")
     return (f"output {output!r} is being written by another {describe_holder(record)}: wait for that run to "
             "finish, or choose another output folder. Two runs writing one output would mix their outputs. If that "
             f"run is gone, its claim ({CLAIM_NAME} in the output) is taken over once its heartbeat is "
