@@ -43,12 +43,13 @@ from prefect_dask import DaskTaskRunner  # noqa: E402
 from flows import apiserver, prefect_env  # noqa: E402
 from tasks import prefect_events  # noqa: E402
 from tasks.embed import embed_shards, result_storage_for  # noqa: E402
+from tasks.expected_ends import log_expected_ends_without_traceback  # noqa: E402
 from tasks.index import index_shards  # noqa: E402
 from tasks.report import report  # noqa: E402
 from wdsembed import caching, cluster, faults, fidelity, outputclaim  # noqa: E402
 from wdsembed.config import EmbedConfig  # noqa: E402
 from wdsembed.plan import check_storage, nothing_to_compute, shard_groups  # noqa: E402
-from wdsembed.report import retire_manifest  # noqa: E402
+from wdsembed.report import ManifestNotWritten, retire_manifest, with_manifest_failure  # noqa: E402
 from wdsembed.shard import ShardsFailed  # noqa: E402
 
 
@@ -137,7 +138,13 @@ def embed_dataset(config: EmbedConfig) -> dict:
     if config.dask_address:
         _worker_reports_sent(client)
 
-    manifest = report(config, results, failures, time.perf_counter() - started, timeline, previous)
+    try:
+        manifest = report(config, results, failures, time.perf_counter() - started, timeline, previous)
+    except ManifestNotWritten as exc:
+        if not failures:
+            raise  # the run's end, in one line (tasks.expected_ends), after its summary (exc.manifest)
+        raise ShardsFailed(with_manifest_failure(failures, exc), results, transient, manifest=exc.manifest,
+                           total=len(plans)) from exc
     if failures:
         raise ShardsFailed(failures, results, transient, manifest=manifest, total=len(plans))
     fidelity.check(manifest)  # below the threshold the run ends Failed, its outputs and manifest kept
@@ -253,30 +260,11 @@ def _record_lost_run(future, reason: str) -> None:
         get_run_logger().warning("could not mark task run %s crashed: %s", future.task_run_id, exc)
 
 
-class _ExpectedEndWithoutTraceback(logging.Filter):
-    """Prefect's flow engine logs the exception that ends a flow run with its traceback ("Encountered exception
-    during execution: ..."). For the run's expected ends (shards failed; the fidelity check below its threshold),
-    whose message names every reason and whose summary follows, the line stays and the traceback, of the raise in
-    embed_dataset, goes: on the terminal and in the UI alike. Any other exception keeps its traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], (ShardsFailed, fidelity.FidelityError)):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def _log_expected_ends_without_traceback() -> None:
-    """On the flow engine's run logger, as Prefect adds its own filters to its loggers; once per process."""
-    logger = logging.getLogger("prefect.flow_runs")
-    if not any(isinstance(f, _ExpectedEndWithoutTraceback) for f in logger.filters):
-        logger.addFilter(_ExpectedEndWithoutTraceback())
-
-
 def run(config: EmbedConfig, on_shard_done=None, *, all_finished: Optional[bool] = None) -> dict:
     """Run the flow with the Dask task runner this config asks for (local GPUs, CPU workers, or a scheduler).
     `all_finished`: plan.check_config's answer, whether every output is already finished; asked here when None."""
     prefect_env.set_defaults()  # for the processes this run starts (Dask workers, a temporary API server)
-    _log_expected_ends_without_traceback()
+    log_expected_ends_without_traceback()
     if all_finished is None:  # called without the checks (plan.check_config): the stores' own, before the claim
         check_storage(config)  # a missing bucket or denied access, said naming the URL
         all_finished = nothing_to_compute(config)

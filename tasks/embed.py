@@ -11,6 +11,7 @@ from typing import Optional
 from prefect import task
 from prefect.context import TaskRunContext
 
+from tasks.expected_ends import log_expected_ends_without_traceback
 from tasks.prefect_events import count_api_logs, route_events_by_api_url
 from tasks.prefect_settings import share_hydrated_settings
 from tasks.prefect_tls import share_api_tls_contexts
@@ -23,6 +24,7 @@ share_api_tls_contexts()
 share_hydrated_settings()
 route_events_by_api_url()
 count_api_logs()
+log_expected_ends_without_traceback()
 
 
 def result_storage_for(config: EmbedConfig):

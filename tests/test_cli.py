@@ -555,6 +555,74 @@ def test_failed_run_says_which_failed_shards_a_rerun_cannot_finish(shards, tmp_p
     assert said["all pass"].endswith("to retry the 3 failed shard(s): their errors may pass")
 
 
+def test_a_manifest_that_cannot_be_written_is_said_after_the_failed_shards(shards, tmp_path, capsys):
+    """A full disk fails shards, then the manifest (the same disk): the summary names each failed shard with its
+    reason, and the closing lines add the manifest's failure; where only the manifest failed, its one line follows
+    the summary. The flow ended on the manifest's error alone, and the command said nothing of the failed shards."""
+    import errno
+
+    from wdsembed.report import ManifestNotWritten, with_manifest_failure
+    from wdsembed.shard import ShardsFailed
+
+    out = tmp_path / "out"
+    disk_full = f"OSError: [Errno 28] No space left on device: cannot write {out / '00000.parquet'}"
+    not_written = ManifestNotWritten(errno.ENOSPC, f"No space left on device: cannot write {out / '_manifest.json'}")
+    argv = [str(shards), "-o", str(out), "--model", TINY_MODEL, "--no-pretrained"]
+    said = {}
+    for case, failures in [("with shards", {"00000": disk_full}), ("alone", {})]:
+        not_written.manifest = {k: v for k, v in _failed_run_manifest(out, failures).items() if k != "path"}
+
+        def failing_run(config, on_shard_done=None, all_finished=None):
+            if failures:
+                raise ShardsFailed(with_manifest_failure(failures, not_written), manifest=not_written.manifest,
+                                   total=2) from not_written
+            raise not_written
+
+        assert cli.main(failing_run, argv) == 1
+        said[case] = capsys.readouterr()
+    summary, closing = said["with shards"].out, said["with shards"].err.strip().splitlines()
+    assert f"1 shard(s) failed (00000): {disk_full}" in summary and "(manifest: not written)" in summary
+    assert closing[-3:] == [
+        "run failed: 1 of 2 shard(s) failed (reasons above)",
+        f"and the manifest was not written: [Errno 28] No space left on device: cannot write {out / '_manifest.json'}",
+        f"1 finished shard(s) are in {out} (not recomputed); run the same command again to retry the 1 failed "
+        "shard(s): 00000 will fail again until the reason above is fixed (a file that is not a tar: replace it)"]
+    assert "(manifest: not written)" in said["alone"].out
+    assert said["alone"].err.strip().splitlines()[-2:] == [
+        f"run failed: [Errno 28] No space left on device: cannot write {out / '_manifest.json'}",
+        f"1 finished shard(s) are in {out}; run the same command again to finish the rest (finished shards are not "
+        "recomputed)"]
+
+
+def test_prefect_logs_a_runs_expected_ends_without_their_traceback():
+    """Prefect's engines log the exception that ends a task or flow run with its traceback, and a task's cached
+    result that a full disk kept from being written ('An error was encountered while committing transaction') on
+    the worker: for the run's expected ends the line stays, naming the error, and the traceback goes."""
+    import errno
+    import logging
+
+    from tasks.expected_ends import ExpectedEndWithoutTraceback
+    from wdsembed.report import ManifestNotWritten
+
+    def logged(message: str, exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            record = logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, message, (), sys.exc_info())
+        ExpectedEndWithoutTraceback().filter(record)
+        return record
+
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    record = logged("An error was encountered while committing transaction 'embed-1'", disk_full)
+    assert record.exc_info is None
+    assert record.getMessage() == ("An error was encountered while committing transaction 'embed-1': OSError: "
+                                   "[Errno 28] No space left on device")
+    manifest = ManifestNotWritten(errno.ENOSPC, "No space left on device: cannot write out/_manifest.json")
+    record = logged(f"Task run failed with exception: {manifest!r}", manifest)
+    assert record.exc_info is None and record.getMessage() == f"Task run failed with exception: {manifest!r}"
+    assert logged("Task run failed with exception", ValueError("a bug")).exc_info is not None  # kept
+
+
 def test_ctrl_c_says_where_the_finished_shards_are_in_one_line(shards, tmp_path, capsys):
     def interrupted_run(config, on_shard_done=None, all_finished=None):
         on_shard_done({"stem": "00000", "embedded": 2, "cached": False}, 1, 3)

@@ -1192,6 +1192,48 @@ def test_disk_full_while_writing_outputs(tmp_path):
                  lost="nothing; no partial output")
 
 
+@pytest.mark.slow
+def test_the_command_on_a_full_disk_names_the_failed_shards_without_a_traceback(tmp_path):
+    """`python flows/embed.py` with OUTPUT on a 40 KB tmpfs: some shards' writes fail with ENOSPC, then so does the
+    manifest's. The report's failure ended the run before its shards' failures were raised: Prefect's traceback of
+    it, twice, and a closing line naming the manifest alone. The failed shards and their reasons come first, then
+    the manifest's failure, with no traceback."""
+    data = dataset(tmp_path / "in", 4)
+    small = tmp_path / "small"
+    small.mkdir()
+    if not _mount_tmpfs(small, "40k"):
+        pytest.skip("needs root to mount a small tmpfs (a real full disk)")
+    try:
+        out = small / "out"
+        done = subprocess.run(cli_args(data, out), cwd=ROOT, env=_cli_env(tmp_path) | {"COLUMNS": "200"},
+                              capture_output=True, text=True, timeout=600)
+        written = sorted(p.stem for p in out.glob("*.parquet"))
+        manifest_written = (out / output.MANIFEST_NAME).exists()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+    said = done.stdout + done.stderr
+    failed = sorted(set(f"{i:05d}" for i in range(4)) - set(written))
+    assert done.returncode == 1 and failed, said[-4000:]
+    assert "Traceback (most recent call last)" not in said, said[-6000:]
+    for stem in failed:  # each failed shard with its reason, in the summary
+        assert re.search(rf"\({stem}\): OSError: \[Errno 28\] No space left on device: cannot write \S*{stem}"
+                         r"\.parquet", done.stdout), done.stdout[-3000:]
+    closing = done.stderr[done.stderr.rindex("run failed"):].splitlines()
+    assert closing[0] == f"run failed: {len(failed)} of 4 shard(s) failed (reasons above)", closing
+    assert not manifest_written  # the disk is as full for it as for the shards that failed
+    assert closing[1].startswith("and the manifest was not written: [Errno 28] No space left on device: "
+                                 f"cannot write {out / output.MANIFEST_NAME}"), closing
+    assert "(manifest: not written)" in done.stdout
+    table.record("fault-disk-full-command",
+                 done="`python flows/embed.py` on 4 shards with OUTPUT on a 40 KB tmpfs (a real full disk)",
+                 did="the shards that fit written whole; the summary lists each failed shard with its reason "
+                     "('OSError: [Errno 28] No space left on device: cannot write OUTPUT/<shard>.parquet ...'); "
+                     "then 'run failed: <n> of 4 shard(s) failed (reasons above)', 'and the manifest was not written: "
+                     "[Errno 28] No space left on device: cannot write OUTPUT/_manifest.json ...' and how to go on; "
+                     "exit 1, no traceback",
+                 lost="nothing; no partial output")
+
+
 def test_a_rerun_that_dies_between_a_shards_view_and_its_table(tmp_path, monkeypatch):
     """The view is written before the table (a finished table always has its view), so a run that dies between
     the two leaves the table of the run before it beside a view of its own. A later run of the table's settings

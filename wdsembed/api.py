@@ -154,11 +154,10 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
                                              previous)
             try:
                 manifest["path"] = report.write_manifest(config, manifest)
-            except OSError as exc:
+            except report.ManifestNotWritten as exc:
                 if not failures:
                     raise
-                # The shards' own failures (often the same cause, e.g. a full disk) are the news; keep them first.
-                raise ShardsFailed(failures | {"_manifest.json": f"{type(exc).__name__}: {exc}"}, results) from exc
+                raise ShardsFailed(report.with_manifest_failure(failures, exc), results) from exc
     if failures:
         raise ShardsFailed(failures, results)
     fidelity.check(manifest)  # outputs and manifest are written; the run still fails below the threshold

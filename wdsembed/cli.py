@@ -20,7 +20,8 @@ from pydantic.fields import FieldInfo
 
 from wdsembed import fidelity
 from wdsembed.config import EmbedConfig, field_default
-from wdsembed.report import describe_gpu_use, describe_model, embedded_rows, failure_reasons
+from wdsembed.output import MANIFEST_NAME
+from wdsembed.report import ManifestNotWritten, describe_gpu_use, describe_model, embedded_rows, failure_reasons
 
 DEMO_MODEL = "vit_base_patch16_clip_224.openai"
 DEMO_INPUT = "demo-data"
@@ -237,11 +238,16 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
         if isinstance(manifest, dict):  # some shards failed; the summary lists each reason once, with its shards
             print_summary(manifest)
             failed, finished = manifest.get("failed_shards") or {}, len(manifest.get("shards") or {})
-            if not failed:  # every shard written, but the run failed as a whole (its fidelity check names the fix)
+            if not failed:  # every shard written, but the run failed as a whole: its fidelity check, or its manifest
                 print(f"\nrun failed: {exc}", file=sys.stderr)
+                if isinstance(exc, ManifestNotWritten):  # the same command writes it
+                    _print_manifest_hint(config, finished)
                 return 1
             print(f"\nrun failed: {len(failed)} of {len(failed) + finished} shard(s) failed (reasons above)",
                   file=sys.stderr)
+            manifest_failure = (getattr(exc, "failures", None) or {}).get(MANIFEST_NAME)
+            if manifest_failure:  # after the shards' (often of the same cause: a full disk)
+                print(f"and the manifest was not written: {manifest_failure}", file=sys.stderr)
             # ShardsFailed says which failures may pass on a retry; None: not known
             _print_manifest_hint(config, finished, failed, getattr(exc, "transient", None))
             return 1
@@ -327,7 +333,8 @@ def print_summary(manifest: dict) -> None:
     for line in (fidelity.describe(manifest.get("fidelity")), describe_gpu_use(manifest)):
         if line:
             console.print(line, markup=False, highlight=False, soft_wrap=True)
-    console.print(f"output: {manifest['output']}  (manifest: {manifest.get('path')})", markup=False)
+    written = manifest.get("path") or "not written"
+    console.print(f"output: {manifest['output']}  (manifest: {written})", markup=False)
 
 
 def _shard_list(stems: list[str], shown: int = 5) -> str:

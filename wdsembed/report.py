@@ -233,9 +233,32 @@ def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str,
     }
 
 
+class ManifestNotWritten(OSError):
+    """OUTPUT/_manifest.json could not be written (a full disk, a store refusing it): the shards' outputs stand, the
+    run's record of them does not. The OSError's errno and words as they were (faults.is_disk_full reads the one;
+    the other names the file and the cause); `manifest`: the one not written, which the run still reports."""
+
+    manifest: Optional[dict] = None
+
+
 def write_manifest(config: EmbedConfig, manifest: dict) -> str:
+    """Write the run's manifest; its path. Raises ManifestNotWritten where it cannot be written: a run's expected
+    end, said in one line after the shards' own failures (with_manifest_failure), never a traceback."""
     fs, root = storage.filesystem(config.output, config.storage_options)
-    return storage.to_url(fs, output.write_manifest(root, fs, manifest))
+    try:
+        return storage.to_url(fs, output.write_manifest(root, fs, manifest))
+    except OSError as exc:
+        said = str(exc)  # its words, with the file names it has
+        error = (ManifestNotWritten(exc.errno, said.removeprefix(f"[Errno {exc.errno}] ")) if exc.errno
+                 else ManifestNotWritten(said))
+        error.manifest = manifest
+        raise error from exc
+
+
+def with_manifest_failure(failures: dict[str, str], error: ManifestNotWritten) -> dict[str, str]:
+    """The failed shards' reasons, then the manifest's (under its file name): the shards' own are the news, often of
+    the same cause (a full disk), so they come first."""
+    return failures | {output.MANIFEST_NAME: str(error)}
 
 
 def describe_model(manifest: dict, code: str = "") -> str:

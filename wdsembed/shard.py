@@ -93,17 +93,20 @@ class ShardResult:
 
 
 class ShardsFailed(RuntimeError):
-    """Some shards failed; every other shard's output is written. `failures`: stem -> reason; `results`: the
-    finished shards' results (ShardResult or their dicts); `transient`: the failed shards whose failure may pass on
-    a retry (faults.is_transient; the finished shards are then found done, not redone), the others fail again until
-    their cause is fixed; `manifest`: the run's manifest, where one was written."""
+    """Some shards failed; every other shard's output is written. `failures`: stem -> reason, and where the manifest
+    could not be written either, its file name (output.MANIFEST_NAME) -> reason; `results`: the finished shards'
+    results (ShardResult or their dicts); `transient`: the failed shards whose failure may pass on a retry
+    (faults.is_transient; the finished shards are then found done, not redone), the others fail again until their
+    cause is fixed; `manifest`: the run's manifest (written unless `failures` names it)."""
 
     def __init__(self, failures: dict, results: list = (), transient: Collection[str] = (),
                  manifest: Optional[dict] = None, total: Optional[int] = None) -> None:
         failures, results, transient = dict(failures), list(results), sorted(transient)
         of = f" of {total}" if total else ""
-        message = f"{len(failures)}{of} shard(s) failed: " + "; ".join(
-            f"{stem}: {reason}" for stem, reason in sorted(failures.items()))
+        # The manifest's failure (report.with_manifest_failure) is named last and counted as no shard.
+        shards = sorted(stem for stem in failures if stem != output.MANIFEST_NAME)
+        message = f"{len(shards)}{of} shard(s) failed: " + "; ".join(
+            f"{stem}: {failures[stem]}" for stem in shards + sorted(set(failures) - set(shards)))
         super().__init__(message)
         self.failures, self.results, self.transient, self.manifest, self.total = (failures, results, transient,
                                                                                   manifest, total)

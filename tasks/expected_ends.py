@@ -1,0 +1,40 @@
+"""A run's expected ends in Prefect's logs: one line each, without the traceback.
+
+Prefect's engines log the exception that ends a flow run or a task run with its traceback ("Encountered exception
+during execution: ...", "Task run failed with exception: ...", "An error was encountered while committing
+transaction ...": a task's cached result not written). For the ends that a run expects and says itself, the line
+stays and the traceback goes, on the terminal and in the UI alike: shards failed, the fidelity check below its
+threshold, the manifest not written, each named with every reason in the run's summary; and a full disk (or a
+read-only one), whose one line names the file and what to do. Any other exception keeps its traceback.
+
+Installed in the flow's process by flows.embed.run and in each Dask worker by importing `tasks.embed` (the one hook a
+worker runs before Prefect's task engine), on Prefect's run loggers: Prefect adds its own filters to them.
+"""
+from __future__ import annotations
+
+import logging
+
+from wdsembed import faults, fidelity
+from wdsembed.report import ManifestNotWritten
+from wdsembed.shard import ShardsFailed
+
+_SAID_IN_THE_SUMMARY = (ShardsFailed, fidelity.FidelityError, ManifestNotWritten)
+
+
+class ExpectedEndWithoutTraceback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, _SAID_IN_THE_SUMMARY) or faults.is_disk_full(exc):
+            said = record.getMessage()
+            if str(exc) not in said and repr(exc) not in said:  # the traceback was the only place naming it
+                record.msg, record.args = f"{said}: {type(exc).__name__}: {exc}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def log_expected_ends_without_traceback() -> None:
+    """Once per process; idempotent."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, ExpectedEndWithoutTraceback) for f in logger.filters):
+            logger.addFilter(ExpectedEndWithoutTraceback())
