@@ -14,6 +14,7 @@ import sys
 import tarfile
 import tracemalloc
 from pathlib import Path
+from typing import Optional
 
 import fsspec
 import pyarrow as pa
@@ -626,6 +627,108 @@ def test_garbage_header_is_reported(tmp_path):
     assert got == ["s0", "s1"] and err.offset == hdr and "checksum" in err.reason
 
 
+def _read_past_damage(tar: Path, chunk_size: int = 1500) -> tuple[list[Sample], list[ShardReadError], list[str],
+                                                                     ForwardOnlyFile]:
+    """The samples of `tar` read with on_damage, forward only: the samples, the damaged parts read past, the
+    regular members read (their names, from the index built on the way) and the stream (its reads)."""
+    damage: list[ShardReadError] = []
+    builder = shardindex.IndexBuilder()
+    with open(tar, "rb") as raw:
+        f = ForwardOnlyFile(raw)
+        got = list(iter_samples(f, extensions=EXTS, shard=str(tar), chunk_size=chunk_size, on_damage=damage.append,
+                                index_builder=builder))
+    return got, damage, [m.name for m in builder.index().members()], f
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+def test_a_damaged_header_is_read_past_as_gnu_tar_does(tmp_path):
+    """One bit flipped in a member's header (its checksum then fails): GNU tar skips to the next header and lists
+    every member after it; so does iter_samples with on_damage, forward only through its bounded reads, naming the
+    damaged part once. The sample whose image header was hit says so; without on_damage the read still ends there,
+    and build_index still refuses the tar (a damaged tar gets no index, read either way)."""
+    tar, _ = _case_header_bit_flipped(tmp_path)
+    listed = subprocess.run(["tar", "tf", str(tar)], capture_output=True, text=True)
+    assert "Skipping to next header" in listed.stderr, listed.stderr
+    got, damage, members, f = _read_past_damage(tar)
+    assert members == listed.stdout.split()
+    intact = header_offsets(tmp_path / "intact-flipname.tar")  # Python's tarfile stops at the damaged header
+    hit = intact["000000005.jpg"]
+    [part] = damage
+    assert (part.offset, part.resumed, part.shard) == (hit, intact["000000005.json"], str(tar))
+    assert f"bad tar header checksum (not a tar, or corrupt) at byte {hit}, read on from the next header at byte " \
+        f"{part.resumed}" in str(part)
+    assert [s.key for s in got] == [f"{i:09d}" for i in range(14)]
+    assert {s.key: s.error for s in got if s.error} == {
+        "000000005": "no image member (found: json, txt) after the tar's damaged part (bad tar header checksum "
+                     f"(not a tar, or corrupt) at byte {hit})"}
+    assert max(f.reads) <= 1500
+    with pytest.raises(ShardReadError, match=f"checksum .* at byte {hit}"):
+        samples_of(tar)
+    with pytest.raises(ShardReadError), open(tar, "rb") as raw:
+        build_index(raw)
+
+
+@pytest.mark.parametrize("case, lost, errors", [
+    # the image's header hit: its sample's other members are read after it
+    ("size_bit_flipped_gnu", [], {"000000004": "no image member (found: json, txt) after"}),
+    # a size whose checksum holds runs over the sample's json and txt: the image comes with bytes after it
+    ("size_past_the_next_header", [], {}),
+    # headers and data of three samples overwritten: they are lost, the next sample's image too
+    ("garbage_over_several_members", ["000000004", "000000005", "000000006"],
+     {"000000007": "no image member (found: json, txt) after"}),
+    ("first_header_damaged", [], {"000000000": "no image member (found: json, txt) after"}),
+    ("last_sample_damaged", [], {}),  # a json header: the sample's image was read before it
+    ("header_zeroed", [], {}),  # a txt header zeroed: one zero block alone is not the end of the archive
+    ("pax_header_damaged", [], {}),  # the member's own header follows its pax header
+])
+def test_every_sample_after_a_damaged_header_is_read(tmp_path, case, lost, errors):
+    tar, index = FAST_PATH_CASES[case](tmp_path)
+    keys = list(dict.fromkeys(split_member_name(m.name)[0] for m in index.members()))
+    got, damage, _, _ = _read_past_damage(tar)
+    assert len(damage) == 1 and damage[0].resumed > damage[0].offset
+    assert [s.key for s in got] == [k for k in keys if k not in lost]
+    assert {s.key: s.error[: len(errors.get(s.key, ""))] for s in got if s.error} == errors
+
+
+def test_a_shard_damaged_in_many_places_is_read_whole_and_said_in_a_few_lines(tmp_path):
+    """A shard's pass (shard.TarRead) over a tar with 7 damaged headers: every sample is read, a warning names
+    each of the first 5 damaged parts and counts the others, the reason of a row not found names the first; and
+    no .idx is made for it (the planner's build_index refuses a damaged tar)."""
+    from wdsembed.config import EmbedConfig
+    from wdsembed.plan import plan_shards
+    from wdsembed.shard import TarRead
+
+    intact = _tar_of(tmp_path, "intact", _img2dataset())
+    at = header_offsets(intact)
+    bad = [at[f"{i:09d}.json"] for i in range(7)]
+    (tmp_path / "in").mkdir()
+    tar = tmp_path / "in" / "00000.tar"
+    _rewritten(intact, "damaged", lambda data: [data.__setitem__(h + 1, 0x7F) for h in bad]).rename(tar)
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model_name="resnet18")
+    (plan,) = plan_shards(config)
+    read = TarRead(config, plan)
+    assert [key for key, _ in read.images()] == [f"{i:09d}" for i in range(14)] and read.errors == {}
+    warnings = read.finish()
+    assert [w.split(":")[0] for w in warnings[:5]] == [f"tar damaged at byte {h}" for h in bad[:5]]
+    assert warnings[0].endswith(f"read on from the next intact header, at byte {at['000000000.txt']}")
+    assert warnings[5:] == ["and 2 more damaged part(s) of the tar"]
+    assert read.missing_reason == (f"not in the readable part of the tar (damaged at byte {bad[0]}: bad tar header "
+                                   "checksum (not a tar, or corrupt); and 6 more damaged part(s))")
+    assert plan.index is None and not tar.with_suffix(".idx").exists()
+
+
+def test_a_file_that_is_no_tar_is_still_refused_when_damage_is_read_past(tmp_path):
+    """No intact header anywhere after the first block: the read ends there, as it always did."""
+    page = tmp_path / "page.tar"
+    page.write_bytes(b"<!DOCTYPE html><html>" + b"not found " * 300 + b"</html>")
+    damage: list[ShardReadError] = []
+    with pytest.raises(ShardReadError) as ei, open(page, "rb") as f:
+        list(iter_samples(f, extensions=EXTS, shard="page.tar", on_damage=damage.append))
+    not_a_tar = (0, "bad tar header checksum (not a tar, or corrupt)", None)
+    assert (ei.value.offset, ei.value.reason, ei.value.resumed) == not_a_tar
+    assert not damage
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # .idx
 
@@ -1107,6 +1210,60 @@ def _case_bad_checksum(tmp_path):
     return _rewritten(tar, "badsum", lambda data: data.__setitem__(slice(at + 148, at + 154), b"777777")), _index_of(tar)
 
 
+def _damaged(tmp_path, name: str, change, members: Optional[list] = None, fmt: int = tarfile.PAX_FORMAT
+             ) -> tuple[Path, ShardIndex]:
+    """A copy of an img2dataset-like tar passed through change(data, header offsets), with the intact tar's index
+    (made before the damage, as a shard's .idx would be)."""
+    tar = _tar_of(tmp_path, "intact-" + name, members or _img2dataset(), fmt)
+    at = header_offsets(tar)
+    return _rewritten(tar, name, lambda data: change(data, at)), _index_of(tar)
+
+
+def _case_header_bit_flipped(tmp_path):
+    return _damaged(tmp_path, "flipname", lambda data, at: data.__setitem__(at["000000005.jpg"] + 5,
+                                                                              data[at["000000005.jpg"] + 5] ^ 1))
+
+
+def _case_size_bit_flipped_gnu(tmp_path):
+    return _damaged(tmp_path, "flipsize", lambda data, at: data.__setitem__(at["000000004.jpg"] + 133,
+                                                                              data[at["000000004.jpg"] + 133] ^ 4),
+                    fmt=tarfile.GNU_FORMAT)
+
+
+def _case_size_past_the_next_header(tmp_path):
+    """A size that holds its checksum but runs over the next members: the block after its data is no header."""
+    return _damaged(tmp_path, "sizeover", lambda data, at: _patch_header(data, at["000000006.jpg"],
+                                                                         size=b"%011o" % 1500))
+
+
+def _case_garbage_over_several_members(tmp_path):
+    return _damaged(tmp_path, "garbage", lambda data, at: data.__setitem__(
+        slice(at["000000003.json"] + 7, at["000000007.jpg"] + 300), b"\x17" * (at["000000007.jpg"] + 293
+                                                                                  - at["000000003.json"])))
+
+
+def _case_first_header_damaged(tmp_path):
+    return _damaged(tmp_path, "firstbad", lambda data, at: data.__setitem__(slice(0, 100), b"\xff" * 100))
+
+
+def _case_last_sample_damaged(tmp_path):
+    return _damaged(tmp_path, "lastbad", lambda data, at: data.__setitem__(at["000000013.json"] + 1, 0x7F))
+
+
+def _case_header_zeroed(tmp_path):
+    """A header all zeros (a zeroed sector) is one zero block alone, not the end of the archive (two)."""
+    return _damaged(tmp_path, "zeroed", lambda data, at: data.__setitem__(slice(at["000000008.txt"],
+                                                                                at["000000008.txt"] + 512),
+                                                                          bytes(512)))
+
+
+def _case_pax_header_damaged(tmp_path):
+    tar = Path(write_shard(tmp_path / "paxbad", "00000", [ShardSample(image=b"i" * (99 + 400 * i), caption=str(i))
+                                                          for i in range(8)], parquet=False, stats=False).tar)
+    at = header_offsets(tar)["000000004.jpg"]  # its pax header ('x', a float mtime) comes first
+    return _rewritten(tar, "paxbad2", lambda data: data.__setitem__(at + 3, 0x41)), _index_of(tar)
+
+
 def _stale(tmp_path, name: str, members: list) -> tuple[Path, ShardIndex]:
     old = _tar_of(tmp_path, "old-" + name, _img2dataset())
     return _tar_of(tmp_path, name, members), _index_of(old)
@@ -1266,10 +1423,11 @@ FAST_PATH_CASES = {name[len("_case_"):]: case for name, case in list(globals().i
 
 
 def _outcome(tar: Path, index: ShardIndex, *, fast: bool, extensions, chunk_size: int, forward_only: bool,
-             tolerate_stale: bool):
+             tolerant: bool):
     """Every field of every sample (image bytes compared as bytes), the error that ended the read, the
-    on_stale_index calls and the index built on the way."""
+    on_stale_index and on_damage calls (`tolerant`: both given) and the index built on the way."""
     stale: list[str] = []
+    damaged: list[tuple] = []
     builder = shardindex.IndexBuilder()
     got, error = [], None
     with open(tar, "rb") as raw:
@@ -1277,14 +1435,16 @@ def _outcome(tar: Path, index: ShardIndex, *, fast: bool, extensions, chunk_size
         try:
             for s in iter_samples(f, extensions=extensions, shard="shard.tar", index=index, chunk_size=chunk_size,
                                   index_builder=builder, fast=fast,
-                                  on_stale_index=(lambda e: stale.append(str(e))) if tolerate_stale else None):
+                                  on_stale_index=(lambda e: stale.append(str(e))) if tolerant else None,
+                                  on_damage=(lambda e: damaged.append((str(e), e.offset, e.resumed, e.key)))
+                                  if tolerant else None):
                 assert type(s) is Sample and type(s.offset) in (int, type(None))
                 got.append((s.key, None if s.image is None else bytes(s.image), s.image_ext, s.error, s.member,
                             s.offset))
         except (ShardReadError, StaleIndexError) as e:
             error = (type(e), str(e), getattr(e, "offset", None), getattr(e, "reason", None),
                      getattr(e, "member", None), getattr(e, "key", None))
-    return got, error, stale, builder.index()
+    return got, error, stale, damaged, builder.index()
 
 
 @pytest.mark.parametrize("case", sorted(FAST_PATH_CASES))
@@ -1293,9 +1453,9 @@ def test_fast_path_reads_what_the_general_parser_reads(tmp_path, case):
     for extensions in (EXTS, ("png", "jpg", "ärm")):
         for chunk_size in (1024, 1500, 4096, 64 * 1024):
             for forward_only in (False, True):
-                for tolerate_stale in (False, True):
+                for tolerant in (False, True):
                     kw = dict(extensions=extensions, chunk_size=chunk_size, forward_only=forward_only,
-                              tolerate_stale=tolerate_stale)
+                              tolerant=tolerant)
                     assert _outcome(tar, index, fast=True, **kw) == _outcome(tar, index, fast=False, **kw), kw
 
 

@@ -315,6 +315,9 @@ def read_metadata(config: EmbedConfig, plan: ShardPlan):
         return None, [warning]
 
 
+MAX_DAMAGE_WARNINGS = 5  # a tar damaged in many places gets this many warnings naming a damaged part, then a count
+
+
 class TarRead:
     """One pass over a shard's tar in archive order: the images to embed, and what the pass found on the way
     (samples without an image, repeated keys, damage, a stale .idx). A shard on an object store without an index
@@ -340,7 +343,7 @@ class TarRead:
         with storage.open_sequential(self.fs, self.path) as f:
             samples = shards.iter_samples(f, extensions=self.config.image_extensions, shard=self.plan.shard,
                                           index=self.index, index_builder=self.builder,
-                                          on_stale_index=self.stale.append,
+                                          on_stale_index=self.stale.append, on_damage=self.damage.append,
                                           fast=os.environ.get(TAR_FAST_PATH_ENV) != "0")
             try:
                 for sample in samples:
@@ -355,20 +358,23 @@ class TarRead:
                     else:
                         yield sample.key, sample.image
             except tarstream.ShardReadError as exc:
-                # A truncated or corrupt tar: every sample before the damage is embedded; the one being read is
-                # named, and parquet rows not reached say so (the shard is not failed: retrying changes nothing).
+                # A truncated tar (or no intact header after a damaged one): every sample before the damage is
+                # embedded; the one being read is named, and parquet rows not reached say so (the shard is not
+                # failed: retrying changes nothing). A damaged header read past is in self.damage already.
                 self.damage.append(exc)
                 if exc.key is not None and exc.key not in seen:
-                    self.errors[exc.key] = f"tar damaged inside this sample: {exc.reason} at byte {exc.offset}"
+                    self.errors[exc.key] = shards.damaged_sample_reason(exc)
                 return
         self.read_to_end = True
 
     @property
     def missing_reason(self) -> str:
-        """Why a parquet row whose key was not found in the tar has no embedding."""
+        """Why a parquet row whose key was not found in the tar has no embedding: where the tar is damaged, its
+        sample may have been in a damaged part (which cannot say what it held)."""
         if self.damage:
             exc = self.damage[0]
-            return f"not in the readable part of the tar (damaged at byte {exc.offset}: {exc.reason})"
+            more = f"; and {len(self.damage) - 1} more damaged part(s)" if len(self.damage) > 1 else ""
+            return f"not in the readable part of the tar (damaged at byte {exc.offset}: {exc.reason}{more})"
         return output.NOT_IN_TAR
 
     def finish(self) -> list[str]:
@@ -377,7 +383,9 @@ class TarRead:
             # Not a tar at all: an output of "not in the tar" rows would pass for a finished shard. Failed instead
             # (not retried); the run names it, and the next run tries it again once it is replaced.
             raise self._not_a_tar(self.damage[0])
-        if self.builder is not None and self.read_to_end and (self.index is None or self.stale):
+        # Not for a damaged tar, whose index (that of the members read past the damage) would differ from what
+        # build_index makes of the same file: it refuses one, so that a local shard and one on a store agree.
+        if self.builder is not None and self.read_to_end and not self.damage and (self.index is None or self.stale):
             self._save_built_index()
         warnings = []
         if self.stale:
@@ -387,9 +395,15 @@ class TarRead:
             warnings.append(f"{sum(self.duplicates.values())} sample(s) repeat an earlier key ({len(self.duplicates)} "
                             f"key(s), e.g. {', '.join(map(repr, first))}): the first sample of a key is its row, "
                             "repeats are skipped")
-        if self.damage:
-            exc = self.damage[0]
-            warnings.append(f"tar damaged at byte {exc.offset}: {exc.reason}; {self.n_samples} sample(s) before it read")
+        for exc in self.damage[:MAX_DAMAGE_WARNINGS]:
+            if exc.resumed is not None:
+                warnings.append(f"tar damaged at byte {exc.offset}: {exc.reason}; read on from the next intact header, "
+                                f"at byte {exc.resumed}")
+            else:
+                warnings.append(f"tar damaged at byte {exc.offset}: {exc.reason}; {self.n_samples} sample(s) before "
+                                "it read")
+        if len(self.damage) > MAX_DAMAGE_WARNINGS:
+            warnings.append(f"and {len(self.damage) - MAX_DAMAGE_WARNINGS} more damaged part(s) of the tar")
         for warning in warnings:
             log.warning("shard %s: %s", self.plan.stem, warning)
         return warnings

@@ -235,7 +235,9 @@ def build_index(f: BinaryIO, *, chunk_size: int = tarstream.CHUNK_SIZE, allow_se
     are left out, as links are: wds2idx lists one with the size of the whole file at the start of its stored
     bytes (the file without its holes, after a sparse map in some formats), which DALI would read as the image
     together with the headers after it. `allow_seek` skips member data by seeking (worth it for local files only;
-    on object stores a seek is a new request).
+    on object stores a seek is a new request). A damaged tar raises tarstream.ShardReadError at its first damage,
+    also where the reads go on past a damaged header (iter_samples' on_damage): no index is made for one, here or
+    from a read (shard.TarRead), so a damaged shard is read the same way wherever it lies.
     """
     r = tarstream.Reader(f, chunk_size, allow_seek=allow_seek)
     builder = IndexBuilder()

@@ -6,6 +6,7 @@ Knows nothing of DALI pipelines, models or Prefect. The tar format is in `tarstr
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Generator, Iterator, Optional, Sequence
@@ -57,6 +58,7 @@ def iter_samples(
     chunk_size: int = tarstream.CHUNK_SIZE,
     index_builder: Optional["shardindex.IndexBuilder"] = None,
     on_stale_index: Optional[Callable[["shardindex.StaleIndexError"], None]] = None,
+    on_damage: Optional[Callable[[tarstream.ShardReadError], None]] = None,
     fast: bool = True,
 ) -> Iterator[Sample]:
     """Stream the samples of a tar in file order with memory bounded by one read chunk plus one member.
@@ -65,7 +67,8 @@ def iter_samples(
     (the last dot-part) is in `extensions`, tried in that order of preference. A key seen again later in the tar
     yields a Sample with error "duplicate key". With `index`, members are located through it and each member's
     tar header is checked against it; a mismatch raises shardindex.StaleIndexError. A truncated or corrupt tar raises
-    tarstream.ShardReadError naming `shard` after yielding every sample read intact before the damage.
+    tarstream.ShardReadError naming `shard` after yielding every sample read intact before the damage; with
+    `on_damage`, a damaged header is read past instead (below).
 
     `f` must be positioned at the start of the tar; it is read forward, in requests of at most `chunk_size`
     bytes (no seeks, also with an index), except for hard links (below). Hidden files (`.x`, `dir/.x`, which
@@ -90,6 +93,14 @@ def iter_samples(
     (used for shards on object stores, where a separate indexing pass would download the tar twice).
     `on_stale_index`: instead of raising shardindex.StaleIndexError, call it once and read on without the index (samples
     come from the tar's own headers either way, so a stale index never changes what is read), e.g. to rebuild it.
+    `on_damage`: where a header cannot be read (its checksum fails, as after a flipped bit; an impossible size; bad
+    extended-header records) and bytes follow it, read on from the next intact header, as GNU tar does ("Skipping
+    to next header"), and call `on_damage` once per damaged part with a ShardReadError naming `shard`, the damaged
+    header's offset and the next header's (`resumed`). The blocks between are passed one by one, forward, through
+    the read buffer (tarstream.next_header); the members whose headers were there are lost, and a sample left
+    without its image by the damage gets an error saying so. A header whose size is wrong but whose checksum holds
+    shows itself at the next header, which is then not one: read on from there too. The end of the file, or no
+    intact header after the damage, still ends the read with ShardReadError.
 
     Fast path (with `index`, unless `fast=False`): where the tar is laid out exactly as the index says (each
     member right after the previous one, behind one header and at most one harmless pax header), the headers of
@@ -106,7 +117,8 @@ def iter_samples(
     if plan is None:
         expected = iter(index.members()) if index is not None else None
         yield from _parse_tar(tarstream.Reader(f, chunk_size), f, rank=rank, shard=shard, seen=seen, passed=None,
-                              expected=expected, index_builder=index_builder, on_stale_index=on_stale_index)
+                              expected=expected, index_builder=index_builder, on_stale_index=on_stale_index,
+                              on_damage=on_damage)
         return
     unread, offset, first = yield from _fast_samples(f, plan, seen)
     passed = plan.names[:first], plan.offsets[:first].tolist(), plan.sizes[:first].tolist()
@@ -114,7 +126,7 @@ def iter_samples(
         index_builder.extend(zip(*passed))
     yield from _parse_tar(tarstream.Reader(f, chunk_size, buffered=unread, offset=offset), f, rank=rank,
                           shard=shard, seen=seen, passed=passed, expected=plan.index.members_from(first),
-                          index_builder=index_builder, on_stale_index=on_stale_index)
+                          index_builder=index_builder, on_stale_index=on_stale_index, on_damage=on_damage)
 
 
 def _parse_tar(
@@ -128,6 +140,7 @@ def _parse_tar(
     expected: Optional[Iterator["shardindex.IndexMember"]],
     index_builder: Optional["shardindex.IndexBuilder"],
     on_stale_index: Optional[Callable[["shardindex.StaleIndexError"], None]],
+    on_damage: Optional[Callable[[tarstream.ShardReadError], None]],
 ) -> Iterator[Sample]:
     """iter_samples' general parser: every header through tarstream.iter_members, from `r`'s position (the start
     of the tar, or the first header of a sample the fast path left) to the end. `seen`: keys already yielded;
@@ -141,11 +154,19 @@ def _parse_tar(
     best: Optional[tuple[int, bytes | bytearray, str, str, int]] = None  # (rank, data, ext, member, offset)
     unread: Optional[str] = None  # why an image-named member of the sample gave no bytes (links, devices)
     duplicate = False
+    damaged: Optional[tarstream.ShardReadError] = None  # a damaged header read past while this sample was open
+    follows: Optional[tarstream.ShardReadError] = None  # the damaged part right before this sample's first member
+    read_past: Optional[tarstream.ShardReadError] = None  # the last damaged part read past
 
     def finish() -> Sample:
         assert key is not None
         if duplicate:
             return Sample(key, None, error="duplicate key")
+        if best is None and damaged is not None:
+            return Sample(key, None, error=damaged_sample_reason(damaged))
+        if best is None and follows is not None:
+            return Sample(key, None, error=f"{_no_image(found)} after the tar's damaged part "
+                                           f"({tarstream.describe_damage(follows.offset, follows.reason)})")
         if best is None and unread is not None:
             return Sample(key, None, error=unread)
         if best is None:
@@ -157,76 +178,90 @@ def _parse_tar(
             data = memoryview(data).toreadonly()
         return Sample(key, data, image_ext=ext, member=member, offset=offset)
 
-    try:
-        for m in tarstream.iter_members(r):
-            regular = m.typeflag in tarstream.REGULAR
-            target = None
-            if regular:
-                targets[m.name] = (m.data_offset, m.size)
-            elif m.typeflag == tarstream.HARD_LINK:
-                if passed is not None:  # the members passed before, mapped only now: most tars have no hard link
-                    targets = {**dict(zip(passed[0], zip(passed[1], passed[2]))), **targets}
-                    passed = None
-                target = targets.get(m.linkname)
-                if target is not None:
-                    targets[m.name] = target  # a link to this link is a link to the same file
-            k, ext = split_member_name(m.name)
-            mrank = rank.get(_last_ext(ext))
-            # Links, devices, FIFOs and sparse files count only where their name makes them (part of) an image
-            # sample; hard links always do (each is a file, like a regular member).
-            takes_part = regular or m.typeflag == tarstream.HARD_LINK or (m.typeflag in tarstream.NOT_READ and mrank is not None)
-            if not takes_part or not tarstream.indexed(m.name):
-                tarstream.skip_data(r, m)
-                continue
-            if regular and index_builder is not None:
-                index_builder.add(m.name, m.data_offset, m.size)
-            if regular and expected is not None:
-                try:
-                    _check_against_index(shard, m, next(expected, None))
-                except shardindex.StaleIndexError as stale:
-                    if on_stale_index is None:
-                        raise
-                    on_stale_index(stale)
-                    expected = None
-            if k != key:
-                if key is not None:
+    while True:  # once, and again from the next intact header after each damaged one read past (on_damage)
+        try:
+            for m in tarstream.iter_members(r):
+                regular = m.typeflag in tarstream.REGULAR
+                target = None
+                if regular:
+                    targets[m.name] = (m.data_offset, m.size)
+                elif m.typeflag == tarstream.HARD_LINK:
+                    if passed is not None:  # the members passed before, mapped only now: most tars have none
+                        targets = {**dict(zip(passed[0], zip(passed[1], passed[2]))), **targets}
+                        passed = None
+                    target = targets.get(m.linkname)
+                    if target is not None:
+                        targets[m.name] = target  # a link to this link is a link to the same file
+                k, ext = split_member_name(m.name)
+                mrank = rank.get(_last_ext(ext))
+                # Links, devices, FIFOs and sparse files count only where their name makes them (part of) an image
+                # sample; hard links always do (each is a file, like a regular member).
+                takes_part = (regular or m.typeflag == tarstream.HARD_LINK
+                              or (m.typeflag in tarstream.NOT_READ and mrank is not None))
+                if not takes_part or not tarstream.indexed(m.name):
+                    tarstream.skip_data(r, m)
+                    continue
+                if regular and index_builder is not None:
+                    index_builder.add(m.name, m.data_offset, m.size)
+                if regular and expected is not None:
+                    try:
+                        _check_against_index(shard, m, next(expected, None))
+                    except shardindex.StaleIndexError as stale:
+                        if on_stale_index is None:
+                            raise
+                        on_stale_index(stale)
+                        expected = None
+                if k != key:
+                    if key is not None:
+                        yield finish()
+                    key, found, best, unread = k, [], None, None
+                    duplicate = k in seen
+                    seen.add(k)
+                    damaged = None
+                    follows = read_past if read_past is not None and m.header_offset == read_past.resumed else None
+                found.append(ext)
+                if duplicate or mrank is None or (best is not None and mrank >= best[0]):
+                    tarstream.skip_data(r, m)
+                    continue
+                if regular:
+                    best = None  # drop the worse candidate before reading the better one
+                    best = (mrank, tarstream.read_data(r, m), _last_ext(ext), m.name, m.data_offset)
+                    continue
+                tarstream.skip_data(r, m)  # links, devices, FIFOs: no data in the tar; sparse files: not the file
+                if m.typeflag != tarstream.HARD_LINK:
+                    unread = unread or tarstream.NOT_READ[m.typeflag]
+                elif target is None:
+                    unread = unread or f"hard link to {_shown(m.linkname)}, which is no earlier file of this tar"
+                elif read_back is None and target[1] > 0:
+                    unread = unread or (f"hard link to {_shown(m.linkname)}: this stream of the tar cannot read "
+                                        "back to that member's data")
+                else:
+                    offset, size = target
+                    data = read_back(offset, size) if size and read_back else b""
+                    if len(data) == size:
+                        best = None
+                        best = (mrank, data, _last_ext(ext), m.name, offset)
+                    else:  # the file changed under us: this sample's loss, not the shard's
+                        unread = unread or (f"hard link to {_shown(m.linkname)}: its data read back as "
+                                            f"{len(data)} of {size} bytes")
+            break
+        except tarstream.TarCorrupt as e:
+            resumed = (tarstream.next_header(r) if on_damage is not None and isinstance(e, tarstream.BadHeader)
+                       else None)
+            if resumed is None:
+                # The pending sample's image, when it was read whole before the damage, is still good: yield it (its
+                # other members may continue past the damage). Otherwise the error names it as lost.
+                lost = key
+                if key is not None and best is not None and not duplicate:
+                    lost = None
                     yield finish()
-                key, found, best, unread = k, [], None, None
-                duplicate = k in seen
-                seen.add(k)
-            found.append(ext)
-            if duplicate or mrank is None or (best is not None and mrank >= best[0]):
-                tarstream.skip_data(r, m)
-                continue
-            if regular:
-                best = None  # drop the worse candidate before reading the better one
-                best = (mrank, tarstream.read_data(r, m), _last_ext(ext), m.name, m.data_offset)
-                continue
-            tarstream.skip_data(r, m)  # links, devices, FIFOs: no data in the tar; sparse files: not the file
-            if m.typeflag != tarstream.HARD_LINK:
-                unread = unread or tarstream.NOT_READ[m.typeflag]
-            elif target is None:
-                unread = unread or f"hard link to {_shown(m.linkname)}, which is no earlier file of this tar"
-            elif read_back is None and target[1] > 0:
-                unread = unread or (f"hard link to {_shown(m.linkname)}: this stream of the tar cannot read back "
-                                    "to that member's data")
-            else:
-                offset, size = target
-                data = read_back(offset, size) if size and read_back else b""
-                if len(data) == size:
-                    best = None
-                    best = (mrank, data, _last_ext(ext), m.name, offset)
-                else:  # the file changed under us: this sample's loss, not the shard's
-                    unread = unread or (f"hard link to {_shown(m.linkname)}: its data read back as {len(data)} "
-                                        f"of {size} bytes")
-    except tarstream.TarCorrupt as e:
-        # The pending sample's image, when it was read whole before the damage, is still good: yield it (its other
-        # members may continue past the damage). Otherwise the error names it as lost.
-        lost = key
-        if key is not None and best is not None and not duplicate:
-            lost = None
-            yield finish()
-        raise tarstream.ShardReadError(shard, e.offset, e.reason, e.member, key=lost) from None
+                raise tarstream.ShardReadError(shard, e.offset, e.reason, e.member, key=lost) from None
+            read_past = tarstream.ShardReadError(shard, e.offset, e.reason, e.member, resumed=resumed)
+            on_damage(read_past)
+            if key is not None:
+                damaged = damaged or read_past
+            if expected is not None:  # the index's members whose headers were in the damaged part are lost too
+                expected = itertools.dropwhile(lambda entry, at=resumed: entry.offset < at, expected)
     if expected is not None:
         left = next(expected, None)
         if left is not None:
@@ -237,6 +272,11 @@ def _parse_tar(
             on_stale_index(stale)
     if key is not None:
         yield finish()
+
+
+def damaged_sample_reason(damage: tarstream.ShardReadError) -> str:
+    """Why a sample that was being read when the tar's damage came has no image."""
+    return f"tar damaged inside this sample: {tarstream.describe_damage(damage.offset, damage.reason)}"
 
 
 def _no_image(found: list[str]) -> str:

@@ -56,17 +56,26 @@ MAX_EXT_HEADER = 1 << 20  # a longname/pax header bigger than this is corruption
 
 
 class ShardReadError(IOError):
-    """The tar itself cannot be read past some point; says which shard, where and why."""
+    """The tar itself cannot be read past some point; says which shard, where and why. `resumed`: where a damaged
+    header was read past (iter_samples' on_damage), the offset of the next intact header, at which reading went on;
+    None where the damage ended the read."""
 
     def __init__(self, shard: str, offset: int, reason: str, member: Optional[str] = None,
-                 key: Optional[str] = None):
+                 key: Optional[str] = None, resumed: Optional[int] = None):
         self.shard, self.offset, self.reason, self.member = shard, offset, reason, member
         self.key = key  # the sample being read when the damage came (iter_samples), if any: it is not yielded
+        self.resumed = resumed
         where = f" (member {member!r})" if member is not None else ""
-        super().__init__(f"{shard}: {reason} at byte {offset}{where}")
+        super().__init__(f"{shard}: {describe_damage(offset, reason, resumed)}{where}")
 
     def __reduce__(self):  # pickled with its own arguments: it crosses process boundaries (Dask, Prefect results)
-        return type(self), (self.shard, self.offset, self.reason, self.member, self.key)
+        return type(self), (self.shard, self.offset, self.reason, self.member, self.key, self.resumed)
+
+
+def describe_damage(offset: int, reason: str, resumed: Optional[int] = None) -> str:
+    """'<reason> at byte <offset>', and where reading went on past it, if it did."""
+    return f"{reason} at byte {offset}" + (f", read on from the next header at byte {resumed}" if resumed is not None
+                                           else "")
 
 
 class MalformedShardError(ShardReadError):
@@ -90,6 +99,7 @@ class Reader:
         self.buf = buffered
         self.pos = 0  # next unread byte in buf
         self.offset = offset  # absolute offset of the next unread byte
+        self.ustar: Optional[bool] = None  # whether the tar's headers carry the "ustar" magic (iter_members: its first)
 
     def _fill(self) -> None:
         self.buf, self.pos = b"", 0  # drop the old chunk before reading the next: one chunk alive, not two
@@ -133,6 +143,14 @@ class Reader:
                 del out[got:]
         self.offset += len(out)
         return out
+
+    def unread(self, data: bytes | bytearray) -> None:
+        """Put back the bytes just read, to be read again next."""
+        if self.pos >= len(data):  # they came whole from the buffer, which still holds them
+            self.pos -= len(data)
+        else:
+            self.buf, self.pos = bytes(data) + self.buf[self.pos :], 0
+        self.offset -= len(data)
 
     def skip(self, n: int) -> int:
         """Discard n bytes; returns how many were there (fewer only at end of file)."""
@@ -178,9 +196,41 @@ class TarCorrupt(Exception):
         self.offset, self.reason, self.member = offset, reason, member
 
 
+class BadHeader(TarCorrupt):
+    """A header that cannot be read (its checksum, its size, an extended header's records), with bytes after it:
+    unlike the end of the file, such damage may spare the members after it (next_header finds the next one)."""
+
+
 def decode_name(raw: bytes) -> str:
     # surrogateescape keeps odd bytes round-trippable (and quotable the way GNU tar prints them)
     return raw.decode("utf-8", "surrogateescape")
+
+
+def checksum_held(block: bytes | bytearray) -> bool:
+    """Does this 512-byte block hold the checksum of its own bytes, as a tar header does? The field counts as eight
+    spaces; some old writers summed signed chars."""
+    stored = block[148:156]
+    computed = byte_sum(block) - sum(stored) + 8 * 32
+    try:
+        checksum = parse_number(stored)
+    except ValueError:
+        return False
+    return checksum == computed or checksum == computed - 2 * sum(b for b in block if b >= 128)
+
+
+def next_header(r: Reader) -> Optional[int]:
+    """After a BadHeader: pass the blocks from `r`'s position (a block boundary) to the next one that is a tar header
+    (its checksum held, and the tar's "ustar" magic where its headers carry one), leave `r` at it and return its
+    offset; None at the end of the file. Forward only, through the reader's own bounded buffer; zero blocks are
+    passed too (a member's data may hold them; the end-of-archive blocks are followed by the end of the file)."""
+    while True:
+        at = r.offset
+        block = r.read(BLOCK)
+        if len(block) < BLOCK:
+            return None
+        if block != ZERO_BLOCK and checksum_held(block) and (not r.ustar or block[257:262] == b"ustar"):
+            r.unread(block)
+            return at
 
 
 def byte_sum(block: bytes) -> int:
@@ -239,6 +289,7 @@ def iter_members(r: Reader) -> Iterator[Member]:
     longlink: Optional[str] = None
     pax: dict[str, str] = {}
     first_header: Optional[int] = None
+    ustar = r.ustar
     while True:
         hoff = r.offset
         block = r.read(BLOCK)
@@ -248,29 +299,27 @@ def iter_members(r: Reader) -> Iterator[Member]:
             raise TarCorrupt(hoff, f"unexpected end of file inside a tar header ({len(block)} of 512 bytes)")
         if block == ZERO_BLOCK:
             if first_header is not None:
-                raise TarCorrupt(hoff, "end-of-archive block right after an extended header")
+                raise BadHeader(hoff, "end-of-archive block right after an extended header")
+            after = r.read(BLOCK)  # the end of the archive is two zero blocks: one alone is a header zeroed
+            if len(after) == BLOCK and after != ZERO_BLOCK:
+                r.unread(after)
+                raise BadHeader(hoff, "a lone zero block where a tar header should be")
             return
-        stored = block[148:156]
-        computed = byte_sum(block) - sum(stored) + 8 * 32  # the checksum field counts as eight spaces
-        try:
-            checksum = parse_number(stored)
-        except ValueError:
-            checksum = -1
-        # some old writers summed signed chars
-        signed = computed - 2 * sum(b for b in block if b >= 128) if checksum != computed else computed
-        if checksum not in (computed, signed):
-            raise TarCorrupt(hoff, "bad tar header checksum (not a tar, or corrupt)")
+        if not checksum_held(block):
+            raise BadHeader(hoff, "bad tar header checksum (not a tar, or corrupt)")
+        if ustar is None:  # the first header: the others of this tar carry its magic, or none (next_header)
+            ustar = r.ustar = block[257:262] == b"ustar"
         try:
             size = parse_number(block[124:136])
         except ValueError:
-            raise TarCorrupt(hoff, "bad size field in tar header") from None
+            raise BadHeader(hoff, "bad size field in tar header") from None
         typeflag = block[156:157]
         if first_header is None:
             first_header = hoff
 
         if typeflag in (GNU_LONGNAME, GNU_LONGLINK, PAX, PAX_GLOBAL):
             if size > MAX_EXT_HEADER:
-                raise TarCorrupt(hoff, f"extended header of {size} bytes")
+                raise BadHeader(hoff, f"extended header of {size} bytes")
             data = r.read(size)
             if len(data) < size:
                 raise TarCorrupt(hoff, "unexpected end of file inside an extended header")
@@ -284,7 +333,7 @@ def iter_members(r: Reader) -> Iterator[Member]:
                 try:
                     pax = parse_pax(bytes(data))
                 except ValueError:
-                    raise TarCorrupt(hoff, "bad pax extended header") from None
+                    raise BadHeader(hoff, "bad pax extended header") from None
             continue  # 'g' (global defaults) changes nothing we use
 
         name_raw = block[:100].split(b"\x00", 1)[0]
@@ -301,7 +350,7 @@ def iter_members(r: Reader) -> Iterator[Member]:
             try:
                 size = int(pax["size"])
             except ValueError:
-                raise TarCorrupt(hoff, "bad pax size") from None
+                raise BadHeader(hoff, "bad pax size") from None
         if typeflag == b"\x00" and name.endswith("/"):  # old tars mark directories this way
             typeflag = b"5"
         data_offset = hoff + BLOCK
@@ -313,7 +362,7 @@ def iter_members(r: Reader) -> Iterator[Member]:
         if typeflag in NO_DATA:
             size = 0
         if size < 0:
-            raise TarCorrupt(hoff, "negative member size")
+            raise BadHeader(hoff, "negative member size")
         linkname = ""
         if typeflag in (HARD_LINK, SYMLINK):
             linkname = pax.get("linkpath") or longlink or decode_name(block[157:257].split(b"\x00", 1)[0])
