@@ -450,9 +450,9 @@ def test_a_tar_with_one_corrupt_header_keeps_the_intact_samples_after_it(tmp_pat
                  done="a tar of 8 samples with one bit flipped in the name field of the 3rd sample's image header "
                       "(its checksum then fails); parquet lists all 8; the same with the shard's .idx made before "
                       "the damage",
-                 did=f"shard written, not failed: 7 samples embedded (the damaged header read past, as GNU tar "
-                     f"skips to the next header); the 3rd {q(lost)}; a warning {q(warning)}; with the .idx: the same "
-                     "rows, the .idx kept (not called stale)",
+                 did=f"shard written, not failed: 7 samples embedded (the damaged header's member passed by the "
+                     f"size its header still holds, reading goes on at the header after it); the 3rd {q(lost)}; a "
+                     f"warning {q(warning)}; with the .idx: the same rows, the .idx kept (not called stale)",
                  lost="the one image whose header was damaged")
 
 

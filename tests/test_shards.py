@@ -680,6 +680,7 @@ def test_a_damaged_header_is_read_past_as_gnu_tar_does(tmp_path):
     ("last_sample_damaged", [], {}),  # a json header: the sample's image was read before it
     ("header_zeroed", [], {}),  # a txt header zeroed: one zero block alone is not the end of the archive
     ("pax_header_damaged", [], {}),  # the member's own header follows its pax header
+    ("sample_header_overwritten", [], {"000000005": "no image member (found: json, txt) after"}),
 ])
 def test_every_sample_after_a_damaged_header_is_read(tmp_path, case, lost, errors):
     tar, index = FAST_PATH_CASES[case](tmp_path)
@@ -715,6 +716,26 @@ def test_a_shard_damaged_in_many_places_is_read_whole_and_said_in_a_few_lines(tm
     assert read.missing_reason == (f"not in the readable part of the tar (damaged at byte {bad[0]}: bad tar header "
                                    "checksum (not a tar, or corrupt); and 6 more damaged part(s))")
     assert plan.index is None and not tar.with_suffix(".idx").exists()
+
+
+def test_a_damaged_header_before_a_member_that_is_a_tar_never_gives_a_key_that_tars_bytes(tmp_path):
+    """A sample holds a member that is itself a tar (000000002.tar, whose member is 000000004.jpg). One bit flipped
+    in the name of that member's header fails its checksum, but its size field still reads and the block after its
+    data is a header of this tar: the member is passed whole, lost, and reading goes on at that header. (A scan
+    for the next header finds the inner tar's: key 000000004 got the inner tar's image, and the inner tar's end
+    ended the read, losing the samples after it.) Every key gets its own image or none; no index for the tar."""
+    tar, _ = _case_header_before_a_tar_member(tmp_path)
+    intact = tmp_path / "intact-beforetar.tar"
+    own = {split_member_name(m.name)[0]: t.extractfile(m).read()
+           for t in [tarfile.open(intact)] for m in t.getmembers() if m.name.endswith(".jpg")}
+    at = data_offsets(intact)
+    got, damage, members, _ = _read_past_damage(tar)
+    [part] = damage
+    assert (part.offset, part.resumed) == (at["000000002.tar"] - 512, at["000000003.jpg"] - 512)
+    assert {s.key: bytes(s.image) for s in got} == own
+    assert members == [m for m in header_offsets(intact) if not m.endswith(".tar")][::-1]
+    with pytest.raises(ShardReadError), open(tar, "rb") as raw:
+        build_index(raw)
 
 
 def test_a_file_that_is_no_tar_is_still_refused_when_damage_is_read_past(tmp_path):
@@ -1262,6 +1283,41 @@ def _case_pax_header_damaged(tmp_path):
                                                           for i in range(8)], parquet=False, stats=False).tar)
     at = header_offsets(tar)["000000004.jpg"]  # its pax header ('x', a float mtime) comes first
     return _rewritten(tar, "paxbad2", lambda data: data.__setitem__(at + 3, 0x41)), _index_of(tar)
+
+
+def _case_sample_header_overwritten(tmp_path):
+    """The header of a sample's first member overwritten whole (its size too), in a tar of one header a member:
+    the fast path hands over at that header, and the general parser scans on from it as if it had read the tar
+    from its start (it knows the tar's magic)."""
+    return _damaged(tmp_path, "overwritten", lambda data, at: data.__setitem__(
+        slice(at["000000005.jpg"], at["000000005.jpg"] + 512), b"\x17" * 512), fmt=tarfile.GNU_FORMAT)
+
+
+def _case_header_overwritten_magic_mixed(tmp_path):
+    """As sample_header_overwritten, in a tar whose first header carries another magic than the others (GNU's, the
+    others POSIX): a scan past the damage looks for headers of the first one's, for the fast path as for the general
+    parser (which read it), and finds none."""
+    def change(data, at):
+        data[257:265] = b"ustar  \x00"
+        _patch_header(data, 0)
+        data[at["000000005.jpg"] : at["000000005.jpg"] + 512] = b"\x17" * 512
+    return _damaged(tmp_path, "mixedmagic", change, fmt=tarfile.USTAR_FORMAT)
+
+
+def _with_a_tar_member(tmp_path) -> list:
+    """_img2dataset's members, with one more in sample 2 that is itself a tar (of the same format) of a sample whose
+    key is one of the shard's own."""
+    inner = _tar_of(tmp_path, "inner", [("000000004.jpg", b"INNER IMAGE " * 40), ("000000004.json", b"{}")])
+    members = _img2dataset()
+    return [*members[:9], ("000000002.tar", inner.read_bytes()), *members[9:]]
+
+
+def _case_header_before_a_tar_member(tmp_path):
+    """One bit flipped in the name field of the header of a member that is a tar: its checksum fails, its size
+    field still reads."""
+    return _damaged(tmp_path, "beforetar", lambda data, at: data.__setitem__(at["000000002.tar"] + 5,
+                                                                               data[at["000000002.tar"] + 5] ^ 1),
+                    _with_a_tar_member(tmp_path))
 
 
 def _stale(tmp_path, name: str, members: list) -> tuple[Path, ShardIndex]:

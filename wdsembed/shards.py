@@ -94,13 +94,14 @@ def iter_samples(
     `on_stale_index`: instead of raising shardindex.StaleIndexError, call it once and read on without the index (samples
     come from the tar's own headers either way, so a stale index never changes what is read), e.g. to rebuild it.
     `on_damage`: where a header cannot be read (its checksum fails, as after a flipped bit; an impossible size; bad
-    extended-header records) and bytes follow it, read on from the next intact header, as GNU tar does ("Skipping
-    to next header"), and call `on_damage` once per damaged part with a ShardReadError naming `shard`, the damaged
-    header's offset and the next header's (`resumed`). The blocks between are passed one by one, forward, through
-    the read buffer (tarstream.next_header); the members whose headers were there are lost, and a sample left
-    without its image by the damage gets an error saying so. A header whose size is wrong but whose checksum holds
-    shows itself at the next header, which is then not one: read on from there too. The end of the file, or no
-    intact header after the damage, still ends the read with ShardReadError.
+    extended-header records) and bytes follow it, read on from the next intact header, and call `on_damage` once
+    per damaged part with a ShardReadError naming `shard`, the damaged header's offset and the next header's
+    (`resumed`). tarstream.next_header finds it, forward, through the read buffer: after the member the damaged
+    header's own size says it heads, where a header is there; else the first header of the tar in the blocks after
+    the damaged one, as GNU tar does ("Skipping to next header"). The members whose headers were in the damaged
+    part are lost, and a sample left without its image by the damage gets an error saying so. A header whose size
+    is wrong but whose checksum holds shows itself at the next header, which is then not one: read on from there
+    too. The end of the file, or no intact header after the damage, still ends the read with ShardReadError.
 
     Fast path (with `index`, unless `fast=False`): where the tar is laid out exactly as the index says (each
     member right after the previous one, behind one header and at most one harmless pax header), the headers of
@@ -120,12 +121,12 @@ def iter_samples(
                               expected=expected, index_builder=index_builder, on_stale_index=on_stale_index,
                               on_damage=on_damage)
         return
-    unread, offset, first = yield from _fast_samples(f, plan, seen)
+    unread, offset, first, magic = yield from _fast_samples(f, plan, seen)
     passed = plan.names[:first], plan.offsets[:first].tolist(), plan.sizes[:first].tolist()
     if index_builder is not None:
         index_builder.extend(zip(*passed))
-    yield from _parse_tar(tarstream.Reader(f, chunk_size, buffered=unread, offset=offset), f, rank=rank,
-                          shard=shard, seen=seen, passed=passed, expected=plan.index.members_from(first),
+    yield from _parse_tar(tarstream.Reader(f, chunk_size, buffered=unread, offset=offset, magic=magic), f,
+                          rank=rank, shard=shard, seen=seen, passed=passed, expected=plan.index.members_from(first),
                           index_builder=index_builder, on_stale_index=on_stale_index, on_damage=on_damage)
 
 
@@ -246,16 +247,18 @@ def _parse_tar(
                                             f"{len(data)} of {size} bytes")
             break
         except tarstream.TarCorrupt as e:
-            resumed = (tarstream.next_header(r) if on_damage is not None and isinstance(e, tarstream.BadHeader)
-                       else None)
-            if resumed is None:
+            try:
+                if on_damage is None or not isinstance(e, tarstream.BadHeader):
+                    raise
+                resumed = tarstream.next_header(r, e)
+            except tarstream.TarCorrupt as end:
                 # The pending sample's image, when it was read whole before the damage, is still good: yield it (its
                 # other members may continue past the damage). Otherwise the error names it as lost.
                 lost = key
                 if key is not None and best is not None and not duplicate:
                     lost = None
                     yield finish()
-                raise tarstream.ShardReadError(shard, e.offset, e.reason, e.member, key=lost) from None
+                raise tarstream.ShardReadError(shard, end.offset, end.reason, end.member, key=lost) from None
             read_past = tarstream.ShardReadError(shard, e.offset, e.reason, e.member, resumed=resumed)
             on_damage(read_past)
             if key is not None:
@@ -438,13 +441,16 @@ _Run = tuple[int, memoryview, int]  # (first member, bytes holding it and the ne
 _new_object = object.__new__
 
 
-def _fast_samples(f: BinaryIO, plan: _IndexPlan, seen: set[str]) -> Generator[Sample, None, tuple[bytes, int, int]]:
+def _fast_samples(f: BinaryIO, plan: _IndexPlan, seen: set[str]
+                  ) -> Generator[Sample, None, tuple[bytes, int, int, Optional[bytes]]]:
     """iter_samples' fast path: yields the samples of the members that check out against the index, reading `f`
     in whole chunks (at multiples of the chunk size: prefetch.BlockStream hands each block out without a copy).
     A sample is yielded only once the member after it checks out too (so the tar has no more of it): the last
     sample of the index is always the general parser's. Returns where the general parser takes over: the first
-    header of the first sample not yielded, as (the bytes read from there on, its offset, its index member)."""
+    header of the first sample not yielded, as (the bytes read from there on, its offset, its index member, and
+    the tar's magic where headers were passed: that of the first, at byte 0, as iter_members would have read it)."""
     chunk_size, limit = plan.chunk_size, plan.limit
+    magic: Optional[bytes] = None
     # Bytes read from the first header of the first sample not yielded to the end of the previous read: a copy,
     # so that the read it comes from goes when its samples do.
     tail, tail_at = b"", 0
@@ -452,6 +458,8 @@ def _fast_samples(f: BinaryIO, plan: _IndexPlan, seen: set[str]) -> Generator[Sa
     checked = done = 0  # members checked, samples yielded
     while True:
         data = f.read(chunk_size)
+        if magic is None:
+            magic = bytes(data[257:265])
         base = tail_at + len(tail)
         fit = min(int(np.searchsorted(plan.ends, base + len(data), side="right")), limit)
         pieces = []  # (bytes, their offset, members [lo, hi) inside)
@@ -477,7 +485,7 @@ def _fast_samples(f: BinaryIO, plan: _IndexPlan, seen: set[str]) -> Generator[Sa
             tail = b"".join((memoryview(tail)[keep_at - tail_at :], data))
         tail_at = keep_at
         if checked < fit or len(data) < chunk_size or checked == limit:
-            return tail, keep_at, keep
+            return tail, keep_at, keep, magic if keep else None
         runs = [(keep, memoryview(tail), keep_at)]
 
 

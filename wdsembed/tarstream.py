@@ -55,6 +55,12 @@ GNU_LONGNAME, GNU_LONGLINK, PAX, PAX_GLOBAL = b"L", b"K", b"x", b"g"
 MAX_EXT_HEADER = 1 << 20  # a longname/pax header bigger than this is corruption, not a name
 
 
+# The most of a member whose header is damaged that is held in memory (as a member being read is) until the header
+# after it checks out (next_header): a size beyond it is not trusted. More than an image member of a WebDataset
+# shard is.
+RESYNC_LIMIT = 64 << 20
+
+
 class ShardReadError(IOError):
     """The tar itself cannot be read past some point; says which shard, where and why. `resumed`: where a damaged
     header was read past (iter_samples' on_damage), the offset of the next intact header, at which reading went on;
@@ -88,18 +94,20 @@ class Reader:
 
     Members bigger than the buffer are read straight into their own bytearray, so peak memory is one chunk plus
     the member being returned. `buffered`: bytes already read from `f` that come first (they start at absolute
-    offset `offset`), for a reader that takes over from another one.
+    offset `offset`), for a reader that takes over from another one (`magic`: that of the headers it read).
     """
 
     def __init__(self, f: BinaryIO, chunk_size: int, allow_seek: bool = False, *, buffered: bytes = b"",
-                 offset: int = 0):
+                 offset: int = 0, magic: Optional[bytes] = None):
         self.f = f
         self.chunk_size = max(int(chunk_size), BLOCK)
         self.allow_seek = allow_seek
         self.buf = buffered
         self.pos = 0  # next unread byte in buf
         self.offset = offset  # absolute offset of the next unread byte
-        self.ustar: Optional[bool] = None  # whether the tar's headers carry the "ustar" magic (iter_members: its first)
+        # bytes 257-265 (magic and version) of the tar's first intact header (iter_members): every header of a tar
+        # carries the same, and a header found past damage must too (next_header)
+        self.magic: Optional[bytes] = magic
 
     def _fill(self) -> None:
         self.buf, self.pos = b"", 0  # drop the old chunk before reading the next: one chunk alive, not two
@@ -197,8 +205,13 @@ class TarCorrupt(Exception):
 
 
 class BadHeader(TarCorrupt):
-    """A header that cannot be read (its checksum, its size, an extended header's records), with bytes after it:
-    unlike the end of the file, such damage may spare the members after it (next_header finds the next one)."""
+    """A header that cannot be read (its checksum, its size, an extended header's records, a lone zero block), with
+    bytes after it: unlike the end of the file, such damage may spare the members after it (next_header finds the
+    next one). `header`: the block, where its checksum failed (its size field may still be right)."""
+
+    def __init__(self, offset: int, reason: str, member: Optional[str] = None, header: Optional[bytes] = None):
+        super().__init__(offset, reason, member)
+        self.header = header
 
 
 def decode_name(raw: bytes) -> str:
@@ -218,19 +231,71 @@ def checksum_held(block: bytes | bytearray) -> bool:
     return checksum == computed or checksum == computed - 2 * sum(b for b in block if b >= 128)
 
 
-def next_header(r: Reader) -> Optional[int]:
-    """After a BadHeader: pass the blocks from `r`'s position (a block boundary) to the next one that is a tar header
-    (its checksum held, and the tar's "ustar" magic where its headers carry one), leave `r` at it and return its
-    offset; None at the end of the file. Forward only, through the reader's own bounded buffer; zero blocks are
-    passed too (a member's data may hold them; the end-of-archive blocks are followed by the end of the file)."""
+def next_header(r: Reader, damage: BadHeader) -> int:
+    """After `damage`, with `r` right after the damaged block(s): leave `r` at the next header of this tar and return
+    its offset, or raise `damage` where reading cannot go on past it.
+
+    A header whose checksum failed but that still reads as one of this tar's (its magic the tar's, its size field
+    octal digits) is trusted for its size first: the member it heads is passed (lost: its name may be the damaged
+    part), and reading goes on right after it where a header of this tar is there. Unlike a scan, that does not
+    stop inside the member's data, which may hold anything, a tar of the same format too. Otherwise (no header
+    there, the size unreadable, a zeroed header, garbage over several members) the blocks after the damaged header
+    are passed one by one to the first header of this tar (find_header), as GNU tar does. Left: where the size
+    field is damaged too (unreadable, or read wrong) and the member is a tar of the same format, its headers may be
+    taken for the shard's."""
+    header = damage.header
+    if header is not None:
+        size = _size_still_said(header, r.magic)
+        if size is not None:
+            span = size + (-size % BLOCK)
+            if span <= RESYNC_LIMIT:
+                data = r.read(span + BLOCK)
+                if len(data) == span + BLOCK and _of_this_tar(data[span:], r.magic or header[257:265]):
+                    r.unread(data[span:])
+                    return r.offset
+                r.unread(data)  # no header there (its size is wrong too, or that header is damaged): scan
+    at = find_header(r)
+    if at is None:  # the end of the file
+        raise damage
+    return at
+
+
+def find_header(r: Reader) -> Optional[int]:
+    """Pass the blocks from `r`'s position (a block boundary) to the first header of this tar (_of_this_tar), leave
+    `r` at it and return its offset; None at the end of the file. Forward only, through the reader's own bounded
+    buffer."""
+    magic = r.magic
     while True:
-        at = r.offset
         block = r.read(BLOCK)
         if len(block) < BLOCK:
             return None
-        if block != ZERO_BLOCK and checksum_held(block) and (not r.ustar or block[257:262] == b"ustar"):
+        if _of_this_tar(block, magic):
             r.unread(block)
-            return at
+            return r.offset
+
+
+def _of_this_tar(block: bytes | bytearray, magic: Optional[bytes]) -> bool:
+    """Is this block a header of the tar whose headers carry `magic`: its checksum held (_carries_magic)?"""
+    return _carries_magic(block, magic) and block != ZERO_BLOCK and checksum_held(block)
+
+
+def _carries_magic(block: bytes | bytearray, magic: Optional[bytes]) -> bool:
+    """Does this block carry `magic` (bytes 257-265, a tar's magic and version), or, where no header of the tar was
+    read (None), a ustar magic (as GNU tar, bsdtar and Python's tarfile write)?"""
+    own = block[257:265]
+    return own == magic if magic is not None else own[:5] == b"ustar"
+
+
+def _size_still_said(header: bytes, magic: Optional[bytes]) -> Optional[int]:
+    """The size a header whose checksum failed says, where it still reads as a header of this tar: its magic the
+    tar's (a ustar magic, where no header of the tar was read), its size field octal digits (leading spaces, then
+    NULs or spaces after, as writers pad it). None otherwise: a size worth nothing."""
+    if not _carries_magic(header, magic):
+        return None
+    digits = header[124:136].lstrip(b" ").rstrip(b"\x00 ")
+    if not digits or digits.translate(None, b"01234567"):
+        return None
+    return int(digits, 8)
 
 
 def byte_sum(block: bytes) -> int:
@@ -289,7 +354,7 @@ def iter_members(r: Reader) -> Iterator[Member]:
     longlink: Optional[str] = None
     pax: dict[str, str] = {}
     first_header: Optional[int] = None
-    ustar = r.ustar
+    magic = r.magic
     while True:
         hoff = r.offset
         block = r.read(BLOCK)
@@ -306,9 +371,9 @@ def iter_members(r: Reader) -> Iterator[Member]:
                 raise BadHeader(hoff, "a lone zero block where a tar header should be")
             return
         if not checksum_held(block):
-            raise BadHeader(hoff, "bad tar header checksum (not a tar, or corrupt)")
-        if ustar is None:  # the first header: the others of this tar carry its magic, or none (next_header)
-            ustar = r.ustar = block[257:262] == b"ustar"
+            raise BadHeader(hoff, "bad tar header checksum (not a tar, or corrupt)", header=bytes(block))
+        if magic is None:  # the first header: the others of this tar carry its magic too (next_header)
+            magic = r.magic = bytes(block[257:265])
         try:
             size = parse_number(block[124:136])
         except ValueError:
