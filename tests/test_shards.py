@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -736,6 +737,40 @@ def test_a_damaged_header_before_a_member_that_is_a_tar_never_gives_a_key_that_t
     assert members == [m for m in header_offsets(intact) if not m.endswith(".tar")][::-1]
     with pytest.raises(ShardReadError), open(tar, "rb") as raw:
         build_index(raw)
+
+
+def test_a_file_that_is_no_tar_is_refused_after_its_first_read_however_large(tmp_path):
+    """A gzip stream saved as .tar: its first block is no tar header, and nothing of a tar was read before it, so
+    no block after it is looked at (a scan for a header read the whole file, on a store a download of it): refused
+    at byte 0 after one read, as without on_damage."""
+    path = tmp_path / "00000.tar"
+    path.write_bytes(b"\x1f\x8b\x08\x00" + random.Random(0).randbytes((48 << 20) - 4))
+    damage: list[ShardReadError] = []
+    with pytest.raises(ShardReadError) as ei, open(path, "rb") as raw:
+        f = ForwardOnlyFile(raw)
+        list(iter_samples(f, extensions=EXTS, shard=str(path), chunk_size=1 << 20, on_damage=damage.append))
+    assert (ei.value.offset, ei.value.reason) == (0, "bad tar header checksum (not a tar, or corrupt)")
+    assert f.reads == [1 << 20] and not damage
+
+
+def test_a_scan_for_the_next_header_gives_up_after_the_resync_limit(tmp_path, monkeypatch):
+    """A header overwritten whole (its size too) is read past by a scan for the next header, through the rest of
+    its member: for tarstream.RESYNC_LIMIT bytes at most, a bound on what a long damaged region costs. Past it, the
+    read ends at the damage, saying so (the rest is lost); within it, reading goes on."""
+    members = _img2dataset(6)
+    members[9] = ("000000003.jpg", b"3" * (3 << 20))
+    tar, _ = _damaged(tmp_path, "bigmember", lambda data, at: data.__setitem__(
+        slice(at["000000003.jpg"], at["000000003.jpg"] + 512), b"\x17" * 512), members)
+    damaged = header_offsets(tmp_path / "intact-bigmember.tar")["000000003.jpg"]
+    monkeypatch.setattr(tarstream, "RESYNC_LIMIT", 2 << 20)
+    with pytest.raises(ShardReadError) as ei:
+        _read_past_damage(tar)
+    assert (ei.value.offset, ei.value.reason) == (damaged, "bad tar header checksum (not a tar, or corrupt); no "
+                                                            "tar header in the 2 MiB after it")
+    monkeypatch.setattr(tarstream, "RESYNC_LIMIT", 4 << 20)
+    got, [part], _, _ = _read_past_damage(tar)
+    assert part.offset == damaged and [s.key for s in got] == [f"{i:09d}" for i in range(6)]
+    assert got[3].error.startswith("no image member (found: json, txt) after the tar's damaged part")
 
 
 def test_a_file_that_is_no_tar_is_still_refused_when_damage_is_read_past(tmp_path):

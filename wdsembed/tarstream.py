@@ -55,9 +55,11 @@ GNU_LONGNAME, GNU_LONGLINK, PAX, PAX_GLOBAL = b"L", b"K", b"x", b"g"
 MAX_EXT_HEADER = 1 << 20  # a longname/pax header bigger than this is corruption, not a name
 
 
-# The most of a member whose header is damaged that is held in memory (as a member being read is) until the header
-# after it checks out (next_header): a size beyond it is not trusted. More than an image member of a WebDataset
-# shard is.
+# The most a damaged part is read past by (next_header): the member a damaged header's own size says it heads,
+# held in memory (as a member being read is) until the header after it checks out; or the blocks scanned for the
+# next header (about 1 ms a MiB, the magic compared first). More than an image member of a WebDataset shard is,
+# since a scan passes the rest of the member whose header was lost; a bound on memory and on what a damaged region
+# or a file that is no tar costs. Past it, the read ends at the damage (the rest is reported lost).
 RESYNC_LIMIT = 64 << 20
 
 
@@ -242,7 +244,9 @@ def next_header(r: Reader, damage: BadHeader) -> int:
     there, the size unreadable, a zeroed header, garbage over several members) the blocks after the damaged header
     are passed one by one to the first header of this tar (find_header), as GNU tar does. Left: where the size
     field is damaged too (unreadable, or read wrong) and the member is a tar of the same format, its headers may be
-    taken for the shard's."""
+    taken for the shard's. No scan where nothing of a tar has been read yet and the damaged block is no header at
+    all (a .tar that is a gzip stream, an HTML page): that file is refused at once. A scan gives up after
+    RESYNC_LIMIT bytes."""
     header = damage.header
     if header is not None:
         size = _size_still_said(header, r.magic)
@@ -254,24 +258,32 @@ def next_header(r: Reader, damage: BadHeader) -> int:
                     r.unread(data[span:])
                     return r.offset
                 r.unread(data)  # no header there (its size is wrong too, or that header is damaged): scan
+        if r.magic is None:  # the file's first block is no header: it may be no tar at all, which a scan reads whole
+            raise damage
+    start = r.offset
     at = find_header(r)
-    if at is None:  # the end of the file
+    if at is not None:
+        return at
+    if r.offset - start < RESYNC_LIMIT:  # the end of the file
         raise damage
-    return at
+    raise TarCorrupt(damage.offset, f"{damage.reason}; no tar header in the {RESYNC_LIMIT >> 20} MiB after it",
+                     damage.member)
 
 
 def find_header(r: Reader) -> Optional[int]:
     """Pass the blocks from `r`'s position (a block boundary) to the first header of this tar (_of_this_tar), leave
-    `r` at it and return its offset; None at the end of the file. Forward only, through the reader's own bounded
-    buffer."""
+    `r` at it and return its offset; None at the end of the file or after RESYNC_LIMIT bytes without one. Forward
+    only, through the reader's own bounded buffer."""
     magic = r.magic
-    while True:
+    stop = r.offset + RESYNC_LIMIT
+    while r.offset < stop:
         block = r.read(BLOCK)
         if len(block) < BLOCK:
             return None
         if _of_this_tar(block, magic):
             r.unread(block)
             return r.offset
+    return None
 
 
 def _of_this_tar(block: bytes | bytearray, magic: Optional[bytes]) -> bool:
