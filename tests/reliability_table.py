@@ -41,6 +41,7 @@ CASES: list[tuple[str, str, str]] = [
     ("img-animated-webp", "Images", "Animated WebP (3 frames)"),
     ("shard-truncated", "Shards", "Truncated tar"),
     ("shard-corrupt-header", "Shards", "Tar with one corrupt header in the middle"),
+    ("shard-zeroed-page", "Shards", "Tar with a zeroed 4 KiB page in the middle"),
     ("shard-no-image", "Shards", "Tar with members of non-image extensions only"),
     ("shard-duplicate-keys", "Shards", "Duplicate keys in one tar"),
     ("shard-odd-keys", "Shards", "Keys with spaces or several dots"),

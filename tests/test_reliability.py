@@ -456,6 +456,39 @@ def test_a_tar_with_one_corrupt_header_keeps_the_intact_samples_after_it(tmp_pat
                  lost="the one image whose header was damaged")
 
 
+def test_a_tar_with_a_zeroed_page_keeps_the_intact_samples_after_it(tmp_path):
+    """4 KiB of a tar zeroed from the 3rd sample's first header on (a lost write, a zeroed page): its zero blocks,
+    where a header should be, read as the archive's end (two zero blocks), so the read ended there cleanly: the 6
+    intact samples after it got 'not in tar' with no warning, and planning saved an .idx of the part before it.
+    Zero blocks with headers of the tar after them are damage: said, and read past to the next header; the tar
+    gets no .idx (build_index refuses it, as it refuses other damaged tars)."""
+    w = write_shard(tmp_path / "in", "00000", samples(8))
+    with tarfile.open(w.tar) as t:
+        zeroed = t.getmember("000000002.bmp").offset  # the sample's first header (a pax header)
+    data = bytearray(Path(w.tar).read_bytes())
+    data[zeroed : zeroed + 4096] = bytes(4096)
+    Path(w.tar).write_bytes(bytes(data))
+    [r], out = run_shard(tmp_path)
+    t = read(out / "00000.parquet")
+    rows = by_key(t)
+    assert_accounted(t, w.parquet_keys)
+    assert [k for k, (e, _) in rows.items() if e is None] == ["000000002"]
+    lost = rows["000000002"][1]
+    assert lost == ("no image member (found: json, txt) after the tar's damaged part (zero blocks where a tar header "
+                    f"should be (tar headers follow them) at byte {zeroed})")
+    [warning] = r.warnings
+    assert warning.startswith(f"tar damaged at byte {zeroed}: zero blocks where a tar header should be (tar headers "
+                              "follow them); read on from the next intact header, at byte "), warning
+    assert json.loads((out / "_manifest.json").read_text())["failed_shards"] == {}
+    assert not list(tmp_path.rglob("*.idx"))
+    table.record("shard-zeroed-page",
+                 done="a tar of 8 samples with 4 KiB zeroed from the 3rd sample's first header on (a lost write); "
+                      "parquet lists all 8",
+                 did=f"shard written, not failed: 7 samples embedded (the zero blocks, followed by more of the tar, "
+                     f"are not taken for its end); the 3rd {q(lost)}; a warning {q(warning)}; no .idx made for it",
+                 lost="the one image whose headers were zeroed")
+
+
 def test_tar_with_no_image_members(tmp_path):
     s = samples(3)
     for x in s:

@@ -682,6 +682,8 @@ def test_a_damaged_header_is_read_past_as_gnu_tar_does(tmp_path):
     ("header_zeroed", [], {}),  # a txt header zeroed: one zero block alone is not the end of the archive
     ("pax_header_damaged", [], {}),  # the member's own header follows its pax header
     ("sample_header_overwritten", [], {"000000005": "no image member (found: json, txt) after"}),
+    # more zero blocks than an end has, headers after them: sample 6 in them, and the header of sample 7's image
+    ("page_zeroed", ["000000006"], {"000000007": "no image member (found: json, txt) after"}),
 ])
 def test_every_sample_after_a_damaged_header_is_read(tmp_path, case, lost, errors):
     tar, index = FAST_PATH_CASES[case](tmp_path)
@@ -771,6 +773,20 @@ def test_a_scan_for_the_next_header_gives_up_after_the_resync_limit(tmp_path, mo
     got, [part], _, _ = _read_past_damage(tar)
     assert part.offset == damaged and [s.key for s in got] == [f"{i:09d}" for i in range(6)]
     assert got[3].error.startswith("no image member (found: json, txt) after the tar's damaged part")
+
+
+def test_the_end_of_a_tar_is_not_damage_whatever_follows_it_that_holds_no_header_of_it(tmp_path):
+    """After a tar's two zero blocks the file is looked at to its end for a header of the tar (zeroed blocks in
+    the middle of a tar look like an end): a healthy tar's padding, or garbage with no header of the tar in it, is
+    neither damage nor samples; the samples and index are those of the tar alone."""
+    tar, index = _case_garbage_after_the_end(tmp_path)
+    alone = tmp_path / "garbageafter.tar"
+    assert tar.stat().st_size > alone.stat().st_size + 50_000
+    for path in (alone, tar):
+        got, damage, members, _ = _read_past_damage(path)
+        assert not damage and got == samples_of(alone) and members == [m.name for m in index.members()]
+        with open(path, "rb") as raw:
+            assert build_index(raw) == index
 
 
 def test_a_file_that_is_no_tar_is_still_refused_when_damage_is_read_past(tmp_path):
@@ -1353,6 +1369,20 @@ def _case_header_before_a_tar_member(tmp_path):
     return _damaged(tmp_path, "beforetar", lambda data, at: data.__setitem__(at["000000002.tar"] + 5,
                                                                                data[at["000000002.tar"] + 5] ^ 1),
                     _with_a_tar_member(tmp_path))
+
+
+def _case_page_zeroed(tmp_path):
+    """A zeroed 4 KiB page (a lost write) from a header on: more zero blocks than the archive's end has, with the
+    tar's headers after them (here sample 6, and the header of sample 7's image)."""
+    return _damaged(tmp_path, "pagezeroed", lambda data, at: data.__setitem__(
+        slice(at["000000006.jpg"], at["000000006.jpg"] + 4096), bytes(4096)))
+
+
+def _case_garbage_after_the_end(tmp_path):
+    """Bytes after the archive's end (its two zero blocks and padding) that hold no header of it."""
+    tar = _tar_of(tmp_path, "garbageafter", _img2dataset())
+    garbage = random.Random(0).randbytes(50_000) + bytes(3000) + random.Random(1).randbytes(700)
+    return _rewritten(tar, "garbageafter2", lambda data: data.extend(garbage)), _index_of(tar)
 
 
 def _stale(tmp_path, name: str, members: list) -> tuple[Path, ShardIndex]:

@@ -55,11 +55,12 @@ GNU_LONGNAME, GNU_LONGLINK, PAX, PAX_GLOBAL = b"L", b"K", b"x", b"g"
 MAX_EXT_HEADER = 1 << 20  # a longname/pax header bigger than this is corruption, not a name
 
 
-# The most a damaged part is read past by (next_header): the member a damaged header's own size says it heads,
-# held in memory (as a member being read is) until the header after it checks out; or the blocks scanned for the
-# next header (about 1 ms a MiB, the magic compared first). More than an image member of a WebDataset shard is,
-# since a scan passes the rest of the member whose header was lost; a bound on memory and on what a damaged region
-# or a file that is no tar costs. Past it, the read ends at the damage (the rest is reported lost).
+# The most a damaged part is read past by (next_header), and looked past after the end-of-archive blocks
+# (iter_members): the member a damaged header's own size says it heads, held in memory (as a member being read is)
+# until the header after it checks out; or the blocks scanned for the next header (about 1 ms a MiB, the magic
+# compared first). More than an image member of a WebDataset shard is, since a scan passes the rest of the member
+# whose header was lost; a bound on memory and on what a damaged region or a file that is no tar costs. Past it,
+# the read ends at the damage (the rest is reported lost), and what follows a tar's end is not looked at.
 RESYNC_LIMIT = 64 << 20
 
 
@@ -207,9 +208,10 @@ class TarCorrupt(Exception):
 
 
 class BadHeader(TarCorrupt):
-    """A header that cannot be read (its checksum, its size, an extended header's records, a lone zero block), with
-    bytes after it: unlike the end of the file, such damage may spare the members after it (next_header finds the
-    next one). `header`: the block, where its checksum failed (its size field may still be right)."""
+    """A header that cannot be read (its checksum, its size, an extended header's records, zero blocks where it
+    should be), with bytes after it: unlike the end of the file, such damage may spare the members after it
+    (next_header finds the next one). `header`: the block, where its checksum failed (its size field may still be
+    right)."""
 
     def __init__(self, offset: int, reason: str, member: Optional[str] = None, header: Optional[bytes] = None):
         super().__init__(offset, reason, member)
@@ -357,7 +359,8 @@ def marks_sparse(records: dict[str, str]) -> bool:
 
 def iter_members(r: Reader) -> Iterator[Member]:
     """Yield every member in file order; the caller must consume (read or skip) `member.size` data bytes before
-    asking for the next one. Ends at the end-of-archive block; raises TarCorrupt on damage.
+    asking for the next one. Ends at the end-of-archive blocks; raises TarCorrupt on damage (BadHeader, leaving `r`
+    after the damaged block or, for zero blocks with headers of the tar after them, at the first such header).
 
     A GNU sparse file comes out with typeflag SPARSE, under its own name (pax: GNU.sparse.name, not the
     `GNUSparseFile.NNN/` one of the header), its size the bytes stored (which the caller skips like any other
@@ -381,6 +384,12 @@ def iter_members(r: Reader) -> Iterator[Member]:
             if len(after) == BLOCK and after != ZERO_BLOCK:
                 r.unread(after)
                 raise BadHeader(hoff, "a lone zero block where a tar header should be")
+            # Two or more zero blocks are the end of the archive, unless a header of this tar comes after them: then
+            # they are zeroed headers and data (a lost write, a zeroed page), and the members after them are the
+            # tar's. Looked for to the end of the file (a healthy tar's padding: a record, 10 KiB, at most) or for
+            # RESYNC_LIMIT bytes; bytes after a tar's end that hold no header of it (garbage) are not part of it.
+            if len(after) == BLOCK and find_header(r) is not None:
+                raise BadHeader(hoff, "zero blocks where a tar header should be (tar headers follow them)")
             return
         if not checksum_held(block):
             raise BadHeader(hoff, "bad tar header checksum (not a tar, or corrupt)", header=bytes(block))
