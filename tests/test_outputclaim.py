@@ -262,6 +262,94 @@ def test_a_shard_is_put_in_place_only_while_its_run_holds_the_claim(tmp_path):
     assert {name: (out / name).read_bytes() for name in written} == written
 
 
+def test_a_task_whose_run_lost_the_claim_does_not_rebuild_a_kNN_view(tmp_path):
+    """A finished shard whose kNN view is missing is found finished by its task, which rebuilds the view from the
+    table: only while its run still holds OUTPUT's claim. A task of a run that has lost it (another run, with
+    another model, holds it now) fails the shard, naming it, OUTPUT and that run, and writes no view; under its
+    run's claim the view is rebuilt and the shard comes back cached."""
+    from wdsembed import shard
+    from wdsembed.outputclaim import OutputClaimLostError
+    from wdsembed.plan import plan_shards
+
+    data, out = _shards(tmp_path / "in", n_shards=1), tmp_path / "out"
+    config = _config(data, out)
+    [plan] = plan_shards(config)
+    claim = outputclaim.take(config)
+    try:
+        assert not shard.process_shard(config, plan, claim_run=claim.run).cached
+    finally:
+        claim.release()
+    view = out / "_embeddings" / "00000.parquet"
+    view.unlink()
+
+    newer = outputclaim.take(_config(data, out, OTHER_MODEL))
+    try:
+        with pytest.raises(OutputClaimLostError) as lost:
+            shard.process_shard(config, plan, claim_run=claim.run)
+        said = str(lost.value)
+        assert said.startswith(f"shard {plan.shard}: not written to output {str(out)!r}: this run ({claim.run}) "
+                               f"no longer holds the output's claim ({CLAIM_NAME}): it is now held by run "
+                               f"{newer.run} "), said
+        assert "Its missing or stale kNN view was not rebuilt from its table" in said, said
+        assert _in_output(out) == ["00000.parquet", CLAIM_NAME, "_embeddings"]
+    finally:
+        newer.release()
+
+    again = outputclaim.take(config)
+    try:
+        assert shard.process_shard(config, plan, claim_run=again.run).cached
+    finally:
+        again.release()
+    assert _in_output(out) == ["00000.parquet", "_embeddings", "_embeddings/00000.parquet"]
+
+
+def test_a_task_whose_run_lost_the_claim_leaves_the_kNN_view_of_the_run_that_took_it(tmp_path, monkeypatch):
+    """A task writes its shard's view, then its table; where another writer's view replaced its own between the two,
+    it writes the view again from its table: only while its run still holds OUTPUT's claim. Here another run takes
+    the claim over and writes its view of the shard while the task's table is about to land (held there, as
+    WDSEMBED_FAULTS allows): the table lands (the window outputclaim's docstring names), but the other run's view
+    stays, and the shard fails saying so."""
+    import pyarrow as pa
+
+    from wdsembed import output, shard
+    from wdsembed.outputclaim import OutputClaimLostError
+    from wdsembed.plan import plan_shards
+
+    data, out = _shards(tmp_path / "in", n_shards=1), tmp_path / "out"
+    config = _config(data, out)
+    [plan] = plan_shards(config)
+    spec = tmp_path / "faults.json"
+    spec.write_text(json.dumps({"00000": {"fail_attempts": 0, "hold_s": 2, "where": "commit"}}))
+    monkeypatch.setenv("WDSEMBED_FAULTS", str(spec))
+    fs = storage.filesystem(str(out))[0]
+    view = out / "_embeddings" / "00000.parquet"
+
+    def take_over_and_write_a_view() -> None:
+        counter = Path(f"{spec}.00000.attempts")
+        deadline = time.monotonic() + 120
+        while not counter.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        storage.write_atomic(fs, str(out / CLAIM_NAME), _foreign_claim(config, run="0123456789abcdef"))
+        output.write_parquet_atomic(pa.table({"key": ["x"]}), str(view), fs, {"cache_key": "theirs"})
+
+    claim = outputclaim.take(config)
+    taker = threading.Thread(target=take_over_and_write_a_view)
+    taker.start()
+    try:
+        with pytest.raises(OutputClaimLostError) as lost:
+            shard.process_shard(config, plan, claim_run=claim.run)
+    finally:
+        taker.join(130)
+        claim.release()  # not this run's any more: left as it is
+    said = str(lost.value)
+    assert "it is now held by run 0123456789abcdef" in said and "Its table was put in place, but its kNN view, " \
+        "which another writer replaced meanwhile, was not written again from it" in said, said
+    assert output.read_output_metadata(str(view), fs) == {"cache_key": "theirs"}
+    assert (output.read_output_metadata(str(out / "00000.parquet"), fs) or {}).get("cache_key") == \
+        shard.cache_key(config, plan)
+    assert not list(out.rglob(".*.tmp-*"))
+
+
 def test_an_api_run_whose_claim_is_taken_over_mid_shard_puts_none_of_it_in_place(tmp_path, monkeypatch):
     """The run's id reaches its shards through the Python API: another run takes the claim over while the API
     run's shard is being embedded (held at its start, as WDSEMBED_FAULTS allows), and the shard fails naming that

@@ -389,11 +389,13 @@ class DamagedOutputError(ValueError):
     """An output whose footer reads but whose data does not (bit rot, a bad copy): not finished work."""
 
 
-def ensure_embeddings_view(config: "EmbedConfig", stem: str, output_url: str, cache_key: str) -> bool:
+def ensure_embeddings_view(config: "EmbedConfig", stem: str, output_url: str, cache_key: str,
+                           before_commit: Callable[[], None] = lambda: None) -> bool:
     """Rebuild a finished shard's view from its full table (made with `cache_key`) where the view is missing
     (deleted, or the output is from before views existed) or was made with another cache key (a run that crashed
     between writing its view and its table); True when it was rebuilt. One footer read otherwise. Raises
-    DamagedOutputError, naming the output, where its table cannot be decoded."""
+    DamagedOutputError, naming the output, where its table cannot be decoded. `before_commit` runs just before a
+    rebuilt view appears; where it raises, none does."""
     fs, root = storage.filesystem(config.output, config.storage_options)
     url = embeddings_view_url(root, stem)
     if (read_output_metadata(url, fs) or {}).get("cache_key") == cache_key:
@@ -407,7 +409,7 @@ def ensure_embeddings_view(config: "EmbedConfig", stem: str, output_url: str, ca
             raise
         raise DamagedOutputError(f"output {output_url} is damaged: its footer reads, its data does not "
                                  f"({type(exc).__name__}: {exc})") from exc
-    write_embeddings_view(table, config, stem, cache_key=cache_key)
+    write_embeddings_view(table, config, stem, cache_key=cache_key, before_commit=before_commit)
     return True
 
 

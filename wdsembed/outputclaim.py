@@ -42,12 +42,15 @@ writes (`.<name>.tmp-<32 hex>`, storage.write_atomic) of a process killed betwee
 The workers of a cluster the run did not start (`--dask-address`) outlive the process that claimed OUTPUT: should it
 die, or lose its claim (its heartbeats stopped), its tasks still running there would write their shards after the
 claim was released or taken over by the next run, possibly one with another model. So each task gets its run's id
-(shard.process_shard's `claim_run`), and just before a shard's first change to OUTPUT (shard.write_output: its kNN
-view's rename or PUT; without views, the removal of an earlier one) `check_still_held` reads the claim once (a file
-read; one GET on S3): where it is gone or another run's, neither of the shard's files is put in place, their temp
-files are removed, and the shard fails with OutputClaimLostError naming the shard, OUTPUT and the run that holds it
-now, never retried (faults.is_transient). Shards written without a claim (unit-level calls of the shard functions)
-pass no run id and check nothing. What remains is the time between that read and the shard's last commit: the view's
+(shard.process_shard's `claim_run`), and just before each change it makes to OUTPUT `check_still_held` reads the claim
+(a file read; one GET on S3): before a shard's first file (shard.write_output: its kNN view's rename or PUT; without
+views, the removal of an earlier one), before a finished shard's missing or stale view is rebuilt from its table
+(shard.finished_output), and before a view that another writer replaced is written again after the table
+(shard.write_output). Where the claim is gone or another run's, nothing of it is put in place, the temp files are
+removed, and the shard fails with OutputClaimLostError naming the shard, OUTPUT, the run that holds it now and what
+was not done, never retried (faults.is_transient). Shards written without a claim (unit-level calls of the shard
+functions) pass no run id and check nothing; nor does the orchestrating process's own planning, which repairs views
+after taking the claim (plan.plan_run). What remains is the time between that read and the shard's last commit: the view's
 rename (on S3 its upload), the rest of the table's write, then its rename or upload. A takeover within those seconds
 (the claim is taken over only once its run is gone or 3 minutes silent) still lands that one shard's files; every
 shard the old run's tasks commit after it is refused.
@@ -559,10 +562,12 @@ def check_free(config: EmbedConfig) -> None:
         raise OutputClaimedError(busy_message(config.output, record or None))
 
 
-def check_still_held(config: EmbedConfig, run: Optional[str], shard: str) -> None:
-    """Raise OutputClaimLostError, naming `shard`, OUTPUT and the run that holds it now, unless OUTPUT's claim is
-    still run `run`'s; a worker asks just before a shard's first file appears (shard.write_output). One small read,
-    never a write. `run` None (a shard written without a claim) checks nothing."""
+def check_still_held(config: EmbedConfig, run: Optional[str], shard: str,
+                     not_done: str = "Neither of the shard's files was put in place") -> None:
+    """Raise OutputClaimLostError, naming `shard`, OUTPUT, the run that holds it now and what was `not_done`, unless
+    OUTPUT's claim is still run `run`'s; a worker asks just before each change it makes to OUTPUT (shard.write_output,
+    shard.finished_output's view repair). One small read, never a write. `run` None (a shard written without a
+    claim, or by the process that holds it) checks nothing."""
     if run is None:
         return
     fs, path = claim_url(config)
@@ -576,8 +581,8 @@ def check_still_held(config: EmbedConfig, run: Optional[str], shard: str) -> Non
         now = f"it is now held by {describe_holder(record)}"
     raise OutputClaimLostError(
         f"shard {shard}: not written to output {config.output!r}: this run ({run}) no longer holds the output's "
-        f"claim ({CLAIM_NAME}): {now}. Neither of the shard's files was put in place: a run writes to its output "
-        "only while it holds the claim, so that two runs' outputs never mix")
+        f"claim ({CLAIM_NAME}): {now}. {not_done}: a run writes to its output only while it holds the claim, so "
+        "that two runs' outputs never mix")
 
 
 def take(config: EmbedConfig) -> Claim:

@@ -153,19 +153,24 @@ def cache_key_parts(config: EmbedConfig, plan: ShardPlan) -> dict:
     return parts
 
 
-def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_view: bool = True) -> Optional[dict]:
+def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_view: bool = True,
+                    claim_run: Optional[str] = None) -> Optional[dict]:
     """The footer metadata of a complete output made with the same cache key, else None (missing, cut short, its
     footer unreadable, or made from other inputs): such an output is recomputed, never reported as cached. Only the
     footer is read, but where the kNN view must be rebuilt from the table and the table turns out damaged, the
     output is not finished either (a warning names it). `repair_view=False` only reads (the pre-flight's question),
-    writing no missing kNN view."""
+    writing no missing kNN view. A view is rebuilt only while OUTPUT's claim is still run `claim_run`'s (a task's;
+    None: the planning's, in the process that holds it), else OutputClaimLostError (outputclaim.check_still_held)."""
     fs, path = storage.filesystem(plan.output, config.storage_options)
     meta = output.read_output_metadata(path, fs)
     if meta and meta.get("cache_key") == key:
         if repair_view and config.knn_view:
             # a deleted or stale view is rebuilt from the table, not re-embedded
             try:
-                output.ensure_embeddings_view(config, plan.stem, plan.output, key)
+                output.ensure_embeddings_view(
+                    config, plan.stem, plan.output, key,
+                    before_commit=lambda: outputclaim.check_still_held(
+                        config, claim_run, plan.shard, "Its missing or stale kNN view was not rebuilt from its table"))
             except output.DamagedOutputError as exc:
                 log.warning("shard %s: %s; recomputing it", plan.stem, exc)
                 return None
@@ -187,7 +192,7 @@ def process_shard(
     timeline = {"worker": f"{socket.gethostname()}:{os.getpid()}", "start": time.time()}
     key = cache_key(config, plan)
     if not config.force:
-        meta = finished_output(config, plan, key)
+        meta = finished_output(config, plan, key, claim_run=claim_run)
         if meta is not None:
             return ShardResult(**meta["result"], cached=True, seconds=time.perf_counter() - start)
 
@@ -476,17 +481,19 @@ def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: 
                 before_commit=lambda: (checked.result(), view.result(), faults.maybe_inject(plan.stem, "commit")),
             )
         if config.knn_view:
-            _keep_view_beside_table(config, plan, fs, path, table, key)
+            _keep_view_beside_table(config, plan, fs, path, table, key, claim_run)
     except PermissionError as exc:  # s3fs says only "Access Denied"; not retried (faults.is_transient)
         raise PermissionError(f"cannot write {plan.output}: {exc}") from exc
 
 
-def _keep_view_beside_table(config: EmbedConfig, plan: ShardPlan, fs, path: str, table, key: str) -> None:
+def _keep_view_beside_table(config: EmbedConfig, plan: ShardPlan, fs, path: str, table, key: str,
+                            claim_run: Optional[str]) -> None:
     """The view and the table are two files, each written whole, one after the other: a writer of the same shard
     with other settings, committing between the two (a run that does not claim the output: outputclaim), would
     leave its view beside this table. Where the view in place is not this table's while the table in place is
-    this one, the view is written again from the table (one footer read when nothing is amiss). Where the table
-    in place is another writer's, that writer does the same for its own."""
+    this one, the view is written again from the table (one footer read when nothing is amiss), while OUTPUT's
+    claim is still run `claim_run`'s: else the view is the claim holder's, and the shard fails saying so. Where the
+    table in place is another writer's, that writer does the same for its own."""
     fs_view, root = storage.filesystem(config.output, config.storage_options)
     made_with = (output.read_output_metadata(output.embeddings_view_url(root, plan.stem), fs_view) or {})
     if made_with.get("cache_key") == key:
@@ -495,4 +502,9 @@ def _keep_view_beside_table(config: EmbedConfig, plan: ShardPlan, fs, path: str,
         return
     log.warning("shard %s: its kNN view was replaced by another writer's between this run's view and table; "
                 "writing it again from the table", plan.stem)
-    output.write_embeddings_view(table, config, plan.stem, cache_key=key)
+    output.write_embeddings_view(
+        table, config, plan.stem, cache_key=key,
+        before_commit=lambda: outputclaim.check_still_held(
+            config, claim_run, plan.shard,
+            "Its table was put in place, but its kNN view, which another writer replaced meanwhile, was not "
+            "written again from it"))
