@@ -10,9 +10,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start(args: list, log: Path, env: dict) -> subprocess.Popen:
+def start(args: list, log: Path, env: dict, cwd: Path = ROOT) -> subprocess.Popen:
     return subprocess.Popen([str(a) for a in args], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
-                            cwd=ROOT, start_new_session=True)
+                            cwd=cwd, start_new_session=True)
 
 
 def stop(proc: subprocess.Popen) -> None:

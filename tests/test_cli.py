@@ -126,7 +126,7 @@ def test_existing_flags_keep_working(shards, tmp_path):
     config = cli.config_from_args(cli.build_parser().parse_args(argv))
     assert config.model_dump() == {
         "input": str(shards), "output": str(tmp_path / "out"), "model_name": TINY_MODEL, "pretrained": False,
-        "checkpoint": "w.pth", "embedding": "pooled", "batch_size": 4, "num_threads_per_worker": 2,
+        "checkpoint": os.path.abspath("w.pth"), "embedding": "pooled", "batch_size": 4, "num_threads_per_worker": 2,
         "normalize_embeddings": False, "autocast": False, "use_index_files": False, "index_cache_dir": "/tmp/idx",
         "id_column": "id", "embedding_column": "emb", "error_column": "why", "image_extensions": ("jpg", "png", "webp"),
         "max_image_pixels": 0, "device": "cpu", "force": True,

@@ -350,6 +350,44 @@ def test_outputs_of_another_checkpoint_file_are_told_from_the_same_one_spelled_o
     assert "00001" not in text and "00002" not in text
 
 
+def test_local_paths_are_made_absolute_where_the_config_is_made(tmp_path, monkeypatch):
+    """A run's tasks may run on Dask workers started in another folder, or as another user (a shared cluster's
+    `dask worker`): INPUT, OUTPUT, the checkpoint, the .idx cache and the result storage, given relative or with
+    `~`, are made absolute where the config is made, from that process's folder and home. Absolute paths and other
+    stores' URLs stay as given, a brace pattern's braces unnormalized. A relative checkpoint's cache key holds its
+    absolute path (keys made with the checkpoint's size and mtime, before its content's hash, recompute once anyway),
+    and is the same where a flow validates the config again and where a worker, in another folder, computes it."""
+    import pickle
+
+    from pydantic import BaseModel
+
+    from wdsembed import shard as core
+
+    shard(tmp_path / "data", "00000")
+    (tmp_path / "w.safetensors").write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    made = config("data", "./out/", checkpoint="w.safetensors", index_cache_dir="~/idx", result_storage="results")
+    assert [made.input, made.output, made.checkpoint, made.index_cache_dir, made.result_storage] == [
+        str(tmp_path / p) for p in ("data", "out", "w.safetensors", "home/idx", "results")]
+    assert config("file://data/{00000..00001}.tar", "file://out").model_dump(include={"input", "output"}) == {
+        "input": f"{tmp_path}/data/{{00000..00001}}.tar", "output": str(tmp_path / "out")}
+    kept = config("s3://bucket/data", "/abs/out", result_storage="memory://results", checkpoint="file:///w.pth")
+    assert [kept.input, kept.output, kept.result_storage, kept.checkpoint] == [
+        "s3://bucket/data", "/abs/out", "memory://results", "/w.pth"]
+
+    [planned] = plan.plan_shards(made, indexes=False, checks=False)
+    key = core.cache_key(made, planned)
+    assert core.cache_key_parts(made, planned)["model"]["checkpoint"] == str(tmp_path / "w.safetensors")
+
+    class FlowParameters(BaseModel):  # as a Prefect flow validates its parameter again
+        config: EmbedConfig
+
+    assert FlowParameters.model_validate({"config": made}).config is made and core.cache_key(made, planned) == key
+    monkeypatch.chdir(tmp_path / "data")  # a worker's folder
+    assert core.cache_key(pickle.loads(pickle.dumps(made)), planned) == key
+
+
 def _recorded_identity(weights: Path) -> str:
     """The checkpoint's identity as a run's cache key holds it, and so as its outputs' footers record it (the worker
     records what the key holds)."""

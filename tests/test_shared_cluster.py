@@ -59,23 +59,26 @@ print(json.dumps({"code": code, "api": url, "flow_runs": len(flow_runs),
 
 @pytest.fixture(scope="module")
 def shared_cluster(tmp_path_factory):
-    """A `dask scheduler` and two `dask worker` processes on loopback, up for the module's runs; their logs."""
+    """A `dask scheduler` and two `dask worker` processes on loopback, up for the module's runs, started in a folder
+    of their own (as on a cluster, not the command's); their address, logs and that folder."""
     from distributed import Client
 
     root = tmp_path_factory.mktemp("shared-cluster")
     env = _env(root / "workers-prefect")
+    workdir = root / "workers-cwd"
+    workdir.mkdir()
     scheduler_file = root / "scheduler.json"
     procs = [start_process([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                            "--scheduler-file", scheduler_file], root / "scheduler.log", env)]
+                            "--scheduler-file", scheduler_file], root / "scheduler.log", env, cwd=workdir)]
     logs = [root / f"worker{i}.log" for i in range(2)]
     try:
         address = scheduler_address(procs[0], scheduler_file, root / "scheduler.log")
         for i, log in enumerate(logs):
             procs.append(start_process([BIN / "dask", "worker", address, "--nthreads", "1", "--nworkers", "1",
-                                        "--no-dashboard", "--name", f"node{i}"], log, env))
+                                        "--no-dashboard", "--name", f"node{i}"], log, env, cwd=workdir))
         with Client(address, timeout=60) as client:
             client.wait_for_workers(2, timeout=120)
-        yield address, logs
+        yield address, logs, workdir
     finally:
         for proc in reversed(procs):
             stop_process(proc)
@@ -95,10 +98,15 @@ def _data(folder: Path) -> Path:
     return folder
 
 
-def _start_run(root: Path, name: str, address: str) -> subprocess.Popen:
+def _start_run(root: Path, name: str, address: str, *, relative: bool = False) -> subprocess.Popen:
+    """The command in `root`, on the shards of in-<name>, into out-<name>: both named by their absolute paths, or
+    relative to `root` (`relative`)."""
     script = root / "run_and_read.py"
     script.write_text(RUN_AND_READ)
-    argv = [sys.executable, script, _data(root / f"in-{name}"), "-o", root / f"out-{name}", "--model", TINY_MODEL,
+    data, out = _data(root / f"in-{name}"), root / f"out-{name}"
+    if relative:
+        data, out = data.relative_to(root), out.relative_to(root)
+    argv = [sys.executable, script, data, "-o", out, "--model", TINY_MODEL,
             "--no-pretrained", "--device", "cpu", "--num-threads", "1", "--batch-size", "4", "--dask-address", address]
     return subprocess.Popen([str(a) for a in argv], cwd=root, env=_env(root / f"prefect-{name}"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -131,7 +139,7 @@ def _api_errors(logs: list[Path]) -> list[str]:
 def test_each_run_on_long_lived_workers_reports_to_its_own_temporary_api(tmp_path, shared_cluster):
     """A second run on the workers of a first: its task runs reach its own API (they went to the first run's
     server, gone by then, and the second run's API showed none of them)."""
-    address, worker_logs = shared_cluster
+    address, worker_logs, _ = shared_cluster
     first = _finish(_start_run(tmp_path, "first", address))
     _assert_own_task_runs(first)
     second = _finish(_start_run(tmp_path, "second", address))
@@ -157,10 +165,34 @@ def _served_apis(address: str) -> set[str]:
 def test_two_runs_at_once_on_the_same_workers_each_report_to_their_own_api(tmp_path, shared_cluster):
     """Two runs at the same time, on the same two workers, each with its own temporary API: each run's task runs
     and logs reach its API, and none of the other's."""
-    address, worker_logs = shared_cluster
+    address, worker_logs, _ = shared_cluster
     runs = [_start_run(tmp_path, name, address) for name in ("a", "b")]
     seen = [_finish(run) for run in runs]
     assert seen[0]["api"] != seen[1]["api"]
     for one in seen:
         _assert_own_task_runs(one)
     assert not _api_errors(worker_logs)
+
+
+def test_relative_input_and_output_name_the_commands_folders_not_the_workers(tmp_path, shared_cluster):
+    """INPUT and OUTPUT named relative to the command's folder, on workers started in another: every shard's table,
+    kNN view, the manifest and the claim the workers check before writing are under the command's OUTPUT, and
+    nothing appears in the workers' folder (there the claim was looked for, missing, and every shard failed; the
+    kNN views went there before the claim was checked). The same command again finds every shard cached."""
+    address, worker_logs, workdir = shared_cluster
+    first = _finish(_start_run(tmp_path, "rel", address, relative=True))
+    _assert_own_task_runs(first)
+    out = tmp_path / "out-rel"
+    names = sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet") if "_prefect_results" not in p.parts)
+    assert names == [f"{s}.parquet" for s in STEMS] + [f"_embeddings/{s}.parquet" for s in STEMS], names
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["output"] == str(out) and manifest["input"] == str(tmp_path / "in-rel")
+    assert {s["status"] for s in manifest["shards"].values()} == {"computed"}
+    assert list(workdir.iterdir()) == []
+    assert not _api_errors(worker_logs)
+
+    again = _finish(_start_run(tmp_path, "rel", address, relative=True))
+    assert again["code"] == 0
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert {stem: s["status"] for stem, s in manifest["shards"].items()} == {s: "cached" for s in STEMS}
+    assert list(workdir.iterdir()) == []

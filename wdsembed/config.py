@@ -42,6 +42,28 @@ _NO_SECRET_OPTIONS = {"propertyNames": {"not": {"pattern": _any_case(SECRET_OPTI
                       "additionalProperties": {"type": "string", **_NO_URL_PASSWORD}}
 
 
+# The fields that may name local paths (or file:// URLs), made absolute where the config is made: in the process
+# that orchestrates the run (the command, the API's caller, a deployment's flow run). Its tasks run on Dask workers
+# whose working directory (a shared cluster's `dask worker` started elsewhere) or home may differ, where a relative
+# path or `~` would name another place: another OUTPUT for the kNN views and the claim, another checkpoint.
+LOCAL_PATH_FIELDS = ("input", "output", "checkpoint", "index_cache_dir", "result_storage")
+
+
+def absolute_local_path(value: Optional[str]) -> Optional[str]:
+    """A relative local path (or file:// URL), or one starting with `~`, as an absolute path of this process's
+    working directory and user; anything else (an absolute path, another store's URL, a chained URL) as it is. A
+    brace pattern is not normalized, so that `..` within its braces keeps its meaning."""
+    if not value or "::" in value or protocol(value) not in ("file", "local"):
+        return value
+    path = split_protocol(value)[1]
+    if os.path.isabs(path) and not path.startswith("~"):
+        return value
+    path = os.path.expanduser(path)
+    if "{" in path:
+        return os.path.join(os.getcwd(), path)
+    return os.path.abspath(path)
+
+
 class EmbedConfig(BaseModel):
     """What to embed, with which model, and how."""
 
@@ -230,6 +252,13 @@ class EmbedConfig(BaseModel):
         if not value.strip():
             raise ValueError("must not be empty")
         return value.rstrip("/") or "/"
+
+    @model_validator(mode="after")
+    def _absolute_local_paths(self) -> "EmbedConfig":
+        for name in LOCAL_PATH_FIELDS:
+            # Frozen: set here, while the config is being made.
+            object.__setattr__(self, name, absolute_local_path(getattr(self, name)))
+        return self
 
     @model_validator(mode="after")
     def _distinct_columns(self) -> "EmbedConfig":
