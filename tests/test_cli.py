@@ -550,8 +550,7 @@ def test_failed_run_says_which_failed_shards_a_rerun_cannot_finish(shards, tmp_p
         said[case] = capsys.readouterr().err.strip().splitlines()[-1]
     assert said["some pass"] == (
         f"1 finished shard(s) are in {tmp_path / 'out'} (not recomputed); run the same command again to retry the 3 "
-        "failed shard(s): 00000, 00002 will fail again until the reason above is fixed (a file that is not a tar: "
-        "replace it)")
+        "failed shard(s): 00000, 00002 will fail again until the reason above is fixed")
     assert said["all pass"].endswith("to retry the 3 failed shard(s): their errors may pass")
 
 
@@ -586,7 +585,7 @@ def test_a_manifest_that_cannot_be_written_is_said_after_the_failed_shards(shard
         "run failed: 1 of 2 shard(s) failed (reasons above)",
         f"and the manifest was not written: [Errno 28] No space left on device: cannot write {out / '_manifest.json'}",
         f"1 finished shard(s) are in {out} (not recomputed); run the same command again to retry the 1 failed "
-        "shard(s): 00000 will fail again until the reason above is fixed (a file that is not a tar: replace it)"]
+        "shard(s): 00000 will fail again until the reason above is fixed"]
     assert "(manifest: not written)" in said["alone"].out
     assert said["alone"].err.strip().splitlines()[-2:] == [
         f"run failed: [Errno 28] No space left on device: cannot write {out / '_manifest.json'}",
@@ -795,7 +794,7 @@ def test_command_with_a_failed_shard_says_why_without_a_traceback(failed_command
     assert "Traceback (most recent call last)" not in said, said[-3000:]
     assert failed_command.stderr.rstrip().endswith(
         "(not recomputed); run the same command again to retry the 1 failed shard(s): 00002 will fail again until "
-        "the reason above is fixed (a file that is not a tar: replace it)"), failed_command.stderr[-2000:]
+        "the reason above is fixed"), failed_command.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -355,8 +355,8 @@ def _print_manifest_hint(config: EmbedConfig, finished: int, failed: Collection[
     if transient is None:
         why = "one that failed for its data fails again until its file is replaced"
     elif lasting:
-        why = (f"{_shard_list(lasting)} will fail again until the reason above is fixed (a file that is not a tar: "
-               "replace it)")
+        # No example of a cause: these range from a file that is not a tar to a full disk or another run's claim.
+        why = f"{_shard_list(lasting)} will fail again until the reason above is fixed"
     else:
         why = "their errors may pass"
     print(f"{where}; run the same command again to retry the {len(failed)} failed shard(s): {why}", file=sys.stderr)
