@@ -741,6 +741,22 @@ def test_a_damaged_header_before_a_member_that_is_a_tar_never_gives_a_key_that_t
         build_index(raw)
 
 
+def test_a_damaged_header_of_the_last_member_that_is_a_tar_never_gives_a_key_that_tars_bytes(tmp_path):
+    """As above, where the member that is a tar is the tar's last: the archive's end (its zero blocks) right after
+    the member confirms the size its damaged header still says, as a header there would. (Only a header did: the
+    scan found the inner tar's header, and key 000000004 got the inner tar's image.)"""
+    tar, _ = _case_last_member_a_tar_damaged(tmp_path)
+    intact = tmp_path / "intact-lasttar.tar"
+    own = {split_member_name(m.name)[0]: t.extractfile(m).read()
+           for t in [tarfile.open(intact)] for m in t.getmembers() if m.name.endswith(".jpg")}
+    got, damage, _, _ = _read_past_damage(tar)
+    [part] = damage
+    member = tarfile.open(intact).getmember("000000013.tar")
+    assert (part.offset, part.resumed) == (member.offset, member.offset_data + member.size + (-member.size % 512))
+    assert {s.key: bytes(s.image) for s in got if s.image is not None} == own
+    assert [s.key for s in got] == [f"{i:09d}" for i in range(14)]
+
+
 def test_a_file_that_is_no_tar_is_refused_after_its_first_read_however_large(tmp_path):
     """A gzip stream saved as .tar: its first block is no tar header, and nothing of a tar was read before it, so
     no block after it is looked at (a scan for a header read the whole file, on a store a download of it): refused
@@ -1369,6 +1385,14 @@ def _case_header_before_a_tar_member(tmp_path):
     return _damaged(tmp_path, "beforetar", lambda data, at: data.__setitem__(at["000000002.tar"] + 5,
                                                                                data[at["000000002.tar"] + 5] ^ 1),
                     _with_a_tar_member(tmp_path))
+
+
+def _case_last_member_a_tar_damaged(tmp_path):
+    """As header_before_a_tar_member, where that member is the tar's last: the archive's end follows it."""
+    inner = _tar_of(tmp_path, "innerlast", [("000000004.jpg", b"INNER IMAGE " * 40), ("000000004.json", b"{}")])
+    return _damaged(tmp_path, "lasttar", lambda data, at: data.__setitem__(at["000000013.tar"] + 5,
+                                                                             data[at["000000013.tar"] + 5] ^ 1),
+                    [*_img2dataset(), ("000000013.tar", inner.read_bytes())])
 
 
 def _case_page_zeroed(tmp_path):

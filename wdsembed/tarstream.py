@@ -236,30 +236,31 @@ def checksum_held(block: bytes | bytearray) -> bool:
 
 
 def next_header(r: Reader, damage: BadHeader) -> int:
-    """After `damage`, with `r` right after the damaged block(s): leave `r` at the next header of this tar and return
-    its offset, or raise `damage` where reading cannot go on past it.
+    """After `damage`, with `r` right after the damaged block(s): leave `r` at the next header of this tar (or the
+    archive's end) and return its offset, or raise `damage` where reading cannot go on past it.
 
     A header whose checksum failed but that still reads as one of this tar's (its magic the tar's, its size field
     octal digits) is trusted for its size first: the member it heads is passed (lost: its name may be the damaged
-    part), and reading goes on right after it where a header of this tar is there. Unlike a scan, that does not
-    stop inside the member's data, which may hold anything, a tar of the same format too. Otherwise (no header
-    there, the size unreadable, a zeroed header, garbage over several members) the blocks after the damaged header
-    are passed one by one to the first header of this tar (find_header), as GNU tar does. Left: where the size
-    field is damaged too (unreadable, or read wrong) and the member is a tar of the same format, its headers may be
-    taken for the shard's. No scan where nothing of a tar has been read yet and the damaged block is no header at
-    all (a .tar that is a gzip stream, an HTML page): that file is refused at once. A scan gives up after
-    RESYNC_LIMIT bytes."""
+    part), and reading goes on right after it where the member ends there (_ends_member: a header of this tar, or
+    the archive's end). Unlike a scan, that does not stop inside the member's data, which may hold anything, a tar
+    of the same format too. Otherwise (no such end there, the size unreadable, a zeroed header, garbage over several
+    members) the blocks after the damaged header are passed one by one to the first header of this tar
+    (find_header), as GNU tar does. Left: where the size field is damaged too (unreadable, or read wrong) and the
+    member is a tar of the same format, its headers may be taken for the shard's. No scan where nothing of a tar has
+    been read yet and the damaged block is no header at all (a .tar that is a gzip stream, an HTML page): that file
+    is refused at once. A scan gives up after RESYNC_LIMIT bytes."""
     header = damage.header
     if header is not None:
         size = _size_still_said(header, r.magic)
         if size is not None:
+            magic = r.magic or header[257:265]
             span = size + (-size % BLOCK)
             if span <= RESYNC_LIMIT:
-                data = r.read(span + BLOCK)
-                if len(data) == span + BLOCK and _of_this_tar(data[span:], r.magic or header[257:265]):
+                data = r.read(span + 2 * BLOCK)
+                if len(data) >= span and _ends_member(data[span:], magic):
                     r.unread(data[span:])
                     return r.offset
-                r.unread(data)  # no header there (its size is wrong too, or that header is damaged): scan
+                r.unread(data)  # it does not end there (its size is wrong too, or that header is damaged): scan
         if r.magic is None:  # the file's first block is no header: it may be no tar at all, which a scan reads whole
             raise damage
     start = r.offset
@@ -270,6 +271,16 @@ def next_header(r: Reader, damage: BadHeader) -> int:
         raise damage
     raise TarCorrupt(damage.offset, f"{damage.reason}; no tar header in the {RESYNC_LIMIT >> 20} MiB after it",
                      damage.member)
+
+
+def _ends_member(after: bytes | bytearray, magic: bytes) -> bool:
+    """Do these bytes (the two blocks after a member's data, fewer at the end of the file) show that the member ends
+    there: a header of this tar, or the archive's end (zero blocks, padding, the end of the file)? One zero block
+    with other bytes after it is no end (a zeroed header, or zeros inside a member's data, where a wrong size may
+    land)."""
+    if len(after) >= BLOCK and _of_this_tar(after[:BLOCK], magic):
+        return True
+    return after == bytes(len(after))
 
 
 def find_header(r: Reader) -> Optional[int]:
