@@ -791,6 +791,34 @@ def test_a_scan_for_the_next_header_gives_up_after_the_resync_limit(tmp_path, mo
     assert got[3].error.startswith("no image member (found: json, txt) after the tar's damaged part")
 
 
+@pytest.mark.parametrize("size", [None, 5 << 19])
+def test_a_damaged_header_of_a_member_over_the_resync_limit_is_passed_unread(tmp_path, monkeypatch, size):
+    """A damaged header whose size field still reads, heading a member bigger than tarstream.RESYNC_LIMIT: the
+    member is passed unread (never held: memory stays bounded) and reading goes on at the header after it. (Its
+    size was dropped as too big to hold, and the scan gave up inside the member: every sample after it was lost.)
+    Where that size is wrong too (`size`, short of the member's end), the scan starts after the bytes passed."""
+    members = _img2dataset(6)
+    members[9] = ("000000003.jpg", b"3" * (3 << 20))
+
+    def change(data, at):
+        data[at["000000003.jpg"] + 5] ^= 1
+        if size is not None:
+            data[at["000000003.jpg"] + 124 : at["000000003.jpg"] + 136] = b"%011o\x00" % size
+    tar, _ = _damaged(tmp_path, "bigflip", change, members)
+    at = header_offsets(tmp_path / "intact-bigflip.tar")
+    monkeypatch.setattr(tarstream, "RESYNC_LIMIT", 1 << 20)
+    tracemalloc.start()
+    try:
+        got, [part], _, _ = _read_past_damage(tar)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (part.offset, part.resumed) == (at["000000003.jpg"], at["000000003.json"])
+    assert [s.key for s in got] == [f"{i:09d}" for i in range(6)]
+    assert got[3].error.startswith("no image member (found: json, txt) after the tar's damaged part")
+    assert peak < 1 << 20
+
+
 def test_the_end_of_a_tar_is_not_damage_whatever_follows_it_that_holds_no_header_of_it(tmp_path):
     """After a tar's two zero blocks the file is looked at to its end for a header of the tar (zeroed blocks in
     the middle of a tar look like an end): a healthy tar's padding, or garbage with no header of the tar in it, is

@@ -57,10 +57,11 @@ MAX_EXT_HEADER = 1 << 20  # a longname/pax header bigger than this is corruption
 
 # The most a damaged part is read past by (next_header), and looked past after the end-of-archive blocks
 # (iter_members): the member a damaged header's own size says it heads, held in memory (as a member being read is)
-# until the header after it checks out; or the blocks scanned for the next header (about 1 ms a MiB, the magic
-# compared first). More than an image member of a WebDataset shard is, since a scan passes the rest of the member
-# whose header was lost; a bound on memory and on what a damaged region or a file that is no tar costs. Past it,
-# the read ends at the damage (the rest is reported lost), and what follows a tar's end is not looked at.
+# until its end checks out (a bigger one is passed unread, never scanned); or the blocks scanned for the next
+# header (about 1 ms a MiB, the magic compared first). More than an image member of a WebDataset shard is, since a
+# scan passes the rest of the member whose header was lost; a bound on memory and on what a damaged region or a
+# file that is no tar costs. Past it, the read ends at the damage (the rest is reported lost), and what follows a
+# tar's end is not looked at.
 RESYNC_LIMIT = 64 << 20
 
 
@@ -243,12 +244,14 @@ def next_header(r: Reader, damage: BadHeader) -> int:
     octal digits) is trusted for its size first: the member it heads is passed (lost: its name may be the damaged
     part), and reading goes on right after it where the member ends there (_ends_member: a header of this tar, or
     the archive's end). Unlike a scan, that does not stop inside the member's data, which may hold anything, a tar
-    of the same format too. Otherwise (no such end there, the size unreadable, a zeroed header, garbage over several
-    members) the blocks after the damaged header are passed one by one to the first header of this tar
-    (find_header), as GNU tar does. Left: where the size field is damaged too (unreadable, or read wrong) and the
-    member is a tar of the same format, its headers may be taken for the shard's. No scan where nothing of a tar has
-    been read yet and the damaged block is no header at all (a .tar that is a gzip stream, an HTML page): that file
-    is refused at once. A scan gives up after RESYNC_LIMIT bytes."""
+    of the same format too. A member of up to RESYNC_LIMIT bytes is held until that checks out, so that a scan can
+    go over it where it does not; a bigger one is passed unread (memory stays bounded), and where it does not end
+    there, the scan starts after it: its bytes are lost with it. Otherwise (no such end there, the size unreadable,
+    a zeroed header, garbage over several members) the blocks after the damaged header are passed one by one to the
+    first header of this tar (find_header), as GNU tar does. Left: where the size field is damaged too (unreadable,
+    or read wrong) and the member is a tar of the same format, its headers may be taken for the shard's. No scan
+    where nothing of a tar has been read yet and the damaged block is no header at all (a .tar that is a gzip
+    stream, an HTML page): that file is refused at once. A scan gives up after RESYNC_LIMIT bytes."""
     header = damage.header
     if header is not None:
         size = _size_still_said(header, r.magic)
@@ -261,6 +264,12 @@ def next_header(r: Reader, damage: BadHeader) -> int:
                     r.unread(data[span:])
                     return r.offset
                 r.unread(data)  # it does not end there (its size is wrong too, or that header is damaged): scan
+            else:  # too big to hold: passed unread, and where it does not end there, scanned on from after it
+                passed = r.skip(span)
+                after = r.read(2 * BLOCK)
+                r.unread(after)
+                if passed == span and _ends_member(after, magic):
+                    return r.offset
         if r.magic is None:  # the file's first block is no header: it may be no tar at all, which a scan reads whole
             raise damage
     start = r.offset
