@@ -833,6 +833,48 @@ def test_the_end_of_a_tar_is_not_damage_whatever_follows_it_that_holds_no_header
             assert build_index(raw) == index
 
 
+@pytest.mark.parametrize("writer", ["pax", "gnu", "gnu_tar"])
+def test_tars_concatenated_are_read_whole_not_as_damage(tmp_path, writer):
+    """`cat a.tar b.tar` (Python's tarfile, PAX or GNU; GNU tar's own records, -b 20): b's members come after a's
+    end-of-archive blocks and padding, zeros only. They are the tar's own: read on with no damage reported (they
+    were read, but as damage, and build_index refused the tar), and indexed, each at its offset in the file (where
+    DALI reads it); a read with that index (the fast path) gives what the general parser gives."""
+    if writer == "gnu_tar":
+        if shutil.which("tar") is None:
+            pytest.skip("needs GNU tar")
+        src = tmp_path / "src"
+        src.mkdir()
+        members = _img2dataset(9)
+        for name, data in members:
+            (src / name).write_bytes(data)
+        parts = [tmp_path / "a.tar", tmp_path / "b.tar"]
+        for part, names in zip(parts, ([n for n, _ in members[:15]], [n for n, _ in members[15:]])):
+            subprocess.run(["tar", "--format=gnu", "-b", "20", "-C", str(src), "-cf", str(part), *names], check=True)
+        tar = tmp_path / "cat.tar"
+        tar.write_bytes(parts[0].read_bytes() + parts[1].read_bytes())
+        index = _index_of(tar)
+    else:
+        tar, index = FAST_PATH_CASES[f"concatenated_{writer}"](tmp_path)
+        members = _img2dataset(9)
+    got, damage, names, _ = _read_past_damage(tar)
+    assert not damage and [s.key for s in got] == [f"{i:09d}" for i in range(9)]
+    assert names == [name for name, _ in members]
+    raw = tar.read_bytes()
+    assert [(m.name, raw[m.offset : m.offset + m.size]) for m in index.members()] == members
+    assert samples_of(tar) == got == samples_of(tar, index=index) == samples_of(tar, index=index, fast=False)
+
+
+def test_a_page_zeroed_exactly_up_to_a_header_reads_as_tars_concatenated(tmp_path):
+    """Zeros from sample 6's first header up to sample 7's: nothing tells them from one tar's end and another's
+    start. Sample 6 is lost without a damage report (its row says it is not in the tar); the scan past the zeros
+    passes zero blocks only, so it can take nothing else for a header; every other sample is read, and indexed."""
+    tar, _ = _case_page_zeroed_up_to_a_header(tmp_path)
+    got, damage, names, _ = _read_past_damage(tar)
+    kept = [f"{i:09d}" for i in range(14) if i != 6]
+    assert not damage and [s.key for s in got] == kept and not any(s.error for s in got)
+    assert [split_member_name(m.name)[0] for m in _index_of(tar).members()][::3] == kept
+
+
 def test_a_file_that_is_no_tar_is_still_refused_when_damage_is_read_past(tmp_path):
     """No intact header anywhere after the first block: the read ends there, as it always did."""
     page = tmp_path / "page.tar"
@@ -1430,11 +1472,34 @@ def _case_page_zeroed(tmp_path):
         slice(at["000000006.jpg"], at["000000006.jpg"] + 4096), bytes(4096)))
 
 
+def _case_page_zeroed_up_to_a_header(tmp_path):
+    """Zeros from one header exactly up to the next sample's (sample 6's three members)."""
+    return _damaged(tmp_path, "zeroedtoheader", lambda data, at: data.__setitem__(
+        slice(at["000000006.jpg"], at["000000007.jpg"]), bytes(at["000000007.jpg"] - at["000000006.jpg"])))
+
+
 def _case_garbage_after_the_end(tmp_path):
     """Bytes after the archive's end (its two zero blocks and padding) that hold no header of it."""
     tar = _tar_of(tmp_path, "garbageafter", _img2dataset())
     garbage = random.Random(0).randbytes(50_000) + bytes(3000) + random.Random(1).randbytes(700)
     return _rewritten(tar, "garbageafter2", lambda data: data.extend(garbage)), _index_of(tar)
+
+
+def _concatenated(tmp_path, name: str, fmt: int) -> tuple[Path, ShardIndex]:
+    """Two healthy tars, one after the other (`cat a.tar b.tar`): samples 0-4, then 5-8."""
+    members = _img2dataset(9)
+    a, b = _tar_of(tmp_path, f"{name}-a", members[:15], fmt), _tar_of(tmp_path, f"{name}-b", members[15:], fmt)
+    tar = tmp_path / f"{name}.tar"
+    tar.write_bytes(a.read_bytes() + b.read_bytes())
+    return _with_index_of(tar)
+
+
+def _case_concatenated_pax(tmp_path):
+    return _concatenated(tmp_path, "catpax", tarfile.PAX_FORMAT)
+
+
+def _case_concatenated_gnu(tmp_path):
+    return _concatenated(tmp_path, "catgnu", tarfile.GNU_FORMAT)
 
 
 def _stale(tmp_path, name: str, members: list) -> tuple[Path, ShardIndex]:

@@ -94,16 +94,17 @@ def iter_samples(
     `on_stale_index`: instead of raising shardindex.StaleIndexError, call it once and read on without the index (samples
     come from the tar's own headers either way, so a stale index never changes what is read), e.g. to rebuild it.
     `on_damage`: where a header cannot be read (its checksum fails, as after a flipped bit; an impossible size; bad
-    extended-header records; zero blocks with more of the tar after them, as a zeroed page leaves) and bytes follow
-    it, read on from the next intact header, and call `on_damage` once per damaged part with a ShardReadError naming
-    `shard`, the damaged header's offset and the next header's (`resumed`). tarstream.next_header finds it, forward,
-    through the read buffer: after the member the damaged header's own size says it heads, where a header or the
-    archive's end is there; else the first header of the tar in the blocks after the damaged one, as GNU tar does
-    ("Skipping to next header"), within tarstream.RESYNC_LIMIT bytes. The members whose headers were in the damaged
-    part are lost, and a sample left without its image by the damage gets an error saying so. A header whose size
-    is wrong but whose checksum holds shows itself at the next header, which is then not one: read on from there
-    too. The end of the file, no intact header after the damage, or a first block that is no header at all (nothing
-    of a tar read: a file that is no tar is not scanned) still end the read with ShardReadError.
+    extended-header records; zero blocks with other bytes and then more of the tar after them, as a zeroed page
+    leaves) and bytes follow it, read on from the next intact header, and call `on_damage` once per damaged part
+    with a ShardReadError naming `shard`, the damaged header's offset and the next header's (`resumed`).
+    tarstream.next_header finds it, forward, through the read buffer: after the member the damaged header's own size
+    says it heads, where a header or the archive's end is there; else the first header of the tar in the blocks
+    after the damaged one, as GNU tar does ("Skipping to next header"), within tarstream.RESYNC_LIMIT bytes. The
+    members whose headers were in the damaged part are lost, and a sample left without its image by the damage gets
+    an error saying so. A header whose size is wrong but whose checksum holds shows itself at the next header, which
+    is then not one: read on from there too. The end of the file, no intact header after the damage, or a first
+    block that is no header at all (nothing of a tar read: a file that is no tar is not scanned) still end the read
+    with ShardReadError.
 
     Fast path (with `index`, unless `fast=False`): where the tar is laid out exactly as the index says (each
     member right after the previous one, behind one header and at most one harmless pax header), the headers of

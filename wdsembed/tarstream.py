@@ -308,6 +308,19 @@ def find_header(r: Reader) -> Optional[int]:
     return None
 
 
+def _past_zeros(r: Reader) -> Optional[bytes | bytearray]:
+    """Pass the zero blocks from `r`'s position and return the first other block (read: the caller puts it back);
+    None at the end of the file or after RESYNC_LIMIT bytes of zeros."""
+    stop = r.offset + RESYNC_LIMIT
+    while r.offset < stop:
+        block = r.read(BLOCK)
+        if len(block) < BLOCK:
+            return None
+        if block != ZERO_BLOCK:
+            return block
+    return None
+
+
 def _of_this_tar(block: bytes | bytearray, magic: Optional[bytes]) -> bool:
     """Is this block a header of the tar whose headers carry `magic`: its checksum held (_carries_magic)?"""
     return _carries_magic(block, magic) and block != ZERO_BLOCK and checksum_held(block)
@@ -379,8 +392,9 @@ def marks_sparse(records: dict[str, str]) -> bool:
 
 def iter_members(r: Reader) -> Iterator[Member]:
     """Yield every member in file order; the caller must consume (read or skip) `member.size` data bytes before
-    asking for the next one. Ends at the end-of-archive blocks; raises TarCorrupt on damage (BadHeader, leaving `r`
-    after the damaged block or, for zero blocks with headers of the tar after them, at the first such header).
+    asking for the next one. Ends at the end-of-archive blocks, unless more of this tar follows them (tars
+    concatenated are read as one); raises TarCorrupt on damage (BadHeader, leaving `r` after the damaged block or,
+    for zero blocks with other bytes and then headers of the tar after them, at the first such header).
 
     A GNU sparse file comes out with typeflag SPARSE, under its own name (pax: GNU.sparse.name, not the
     `GNUSparseFile.NNN/` one of the header), its size the bytes stored (which the caller skips like any other
@@ -404,12 +418,20 @@ def iter_members(r: Reader) -> Iterator[Member]:
             if len(after) == BLOCK and after != ZERO_BLOCK:
                 r.unread(after)
                 raise BadHeader(hoff, "a lone zero block where a tar header should be")
-            # Two or more zero blocks are the end of the archive, unless a header of this tar comes after them: then
-            # they are zeroed headers and data (a lost write, a zeroed page), and the members after them are the
-            # tar's. Looked for to the end of the file (a healthy tar's padding: a record, 10 KiB, at most) or for
-            # RESYNC_LIMIT bytes; bytes after a tar's end that hold no header of it (garbage) are not part of it.
-            if len(after) == BLOCK and find_header(r) is not None:
-                raise BadHeader(hoff, "zero blocks where a tar header should be (tar headers follow them)")
+            # Two or more zero blocks are the end of the archive, unless a header of this tar comes after them.
+            # Right after zeros (padding), it starts another tar appended to this one (`cat a.tar b.tar`): its
+            # members are read on as this tar's, no damage. After other bytes (the rest of a member whose header a
+            # zeroed page took), the zeros are damage, read past to it. Looked for to the end of the file (a healthy
+            # tar's padding: a record, 10 KiB, at most) or for RESYNC_LIMIT bytes; bytes after a tar's end that
+            # hold no header of it (garbage) are not part of it.
+            if len(after) == BLOCK:
+                block = _past_zeros(r)
+                if block is not None:
+                    r.unread(block)
+                    if _of_this_tar(block, r.magic):
+                        continue
+                    if find_header(r) is not None:
+                        raise BadHeader(hoff, "zero blocks where a tar header should be (tar headers follow them)")
             return
         if not checksum_held(block):
             raise BadHeader(hoff, "bad tar header checksum (not a tar, or corrupt)", header=bytes(block))
