@@ -414,6 +414,24 @@ def test_truncated_tar_keeps_every_intact_sample(tmp_path):
                  lost="nothing readable (the 4 unreadable samples keep their rows, with the reason)")
 
 
+def _read_past_damage(tmp_path: Path, w, at: int, why: str) -> tuple:
+    """Embed the damaged shard 00000 under tmp_path/in: written, not failed, every row accounted for, only the 3rd
+    sample's image lost (its reason naming the damage `why` at byte `at`), one warning saying where reading went on.
+    The shard's result, its rows by key, the lost row's reason and the warning."""
+    [r], out = run_shard(tmp_path)
+    t = read(out / "00000.parquet")
+    rows = by_key(t)
+    assert_accounted(t, w.parquet_keys)
+    assert [k for k, (e, _) in rows.items() if e is None] == ["000000002"]
+    lost = rows["000000002"][1]
+    assert lost == f"no image member (found: json, txt) after the tar's damaged part ({why} at byte {at})"
+    [warning] = r.warnings
+    said = f"tar damaged at byte {at}: {why}; read on from the next intact header, at byte "
+    assert warning.startswith(said), warning
+    assert json.loads((out / "_manifest.json").read_text())["failed_shards"] == {}
+    return r, rows, lost, warning
+
+
 def test_a_tar_with_one_corrupt_header_keeps_the_intact_samples_after_it(tmp_path):
     """One bit flipped in the name of the 3rd image's header (its checksum then fails) lost that sample and every
     one after it ('not in the readable part of the tar'), though their headers and bytes were intact; GNU tar
@@ -428,18 +446,7 @@ def test_a_tar_with_one_corrupt_header_keeps_the_intact_samples_after_it(tmp_pat
         data = bytearray(tar.read_bytes())
         data[header + 5] ^= 0x01
         tar.write_bytes(bytes(data))
-    [r], out = run_shard(tmp_path)
-    t = read(out / "00000.parquet")
-    rows = by_key(t)
-    assert_accounted(t, w.parquet_keys)
-    assert [k for k, (e, _) in rows.items() if e is None] == ["000000002"]
-    lost = rows["000000002"][1]
-    assert lost == ("no image member (found: json, txt) after the tar's damaged part (bad tar header checksum (not "
-                    f"a tar, or corrupt) at byte {header})")
-    [warning] = r.warnings
-    assert warning.startswith(f"tar damaged at byte {header}: bad tar header checksum (not a tar, or corrupt); read "
-                              "on from the next intact header, at byte "), warning
-    assert json.loads((out / "_manifest.json").read_text())["failed_shards"] == {}
+    r, rows, lost, warning = _read_past_damage(tmp_path, w, header, "bad tar header checksum (not a tar, or corrupt)")
 
     (tmp_path / "in").rename(tmp_path / "plain")
     (tmp_path / "indexed").rename(tmp_path / "in")
@@ -468,18 +475,8 @@ def test_a_tar_with_a_zeroed_page_keeps_the_intact_samples_after_it(tmp_path):
     data = bytearray(Path(w.tar).read_bytes())
     data[zeroed : zeroed + 4096] = bytes(4096)
     Path(w.tar).write_bytes(bytes(data))
-    [r], out = run_shard(tmp_path)
-    t = read(out / "00000.parquet")
-    rows = by_key(t)
-    assert_accounted(t, w.parquet_keys)
-    assert [k for k, (e, _) in rows.items() if e is None] == ["000000002"]
-    lost = rows["000000002"][1]
-    assert lost == ("no image member (found: json, txt) after the tar's damaged part (zero blocks where a tar header "
-                    f"should be (tar headers follow them) at byte {zeroed})")
-    [warning] = r.warnings
-    assert warning.startswith(f"tar damaged at byte {zeroed}: zero blocks where a tar header should be (tar headers "
-                              "follow them); read on from the next intact header, at byte "), warning
-    assert json.loads((out / "_manifest.json").read_text())["failed_shards"] == {}
+    _, _, lost, warning = _read_past_damage(tmp_path, w, zeroed,
+                                            "zero blocks where a tar header should be (tar headers follow them)")
     assert not list(tmp_path.rglob("*.idx"))
     table.record("shard-zeroed-page",
                  done="a tar of 8 samples with 4 KiB zeroed from the 3rd sample's first header on (a lost write); "

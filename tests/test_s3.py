@@ -293,35 +293,24 @@ def test_tar_streamed_from_s3_reads_as_the_local_file_and_yields_its_index(serve
     assert builder.index().render() == expected_index.render()
 
 
-def test_a_parquet_the_store_fails_to_deliver_is_a_store_error_not_a_bad_file(server, dataset):
+@pytest.mark.parametrize("kind, raised", [("internal", None), ("truncate", "ClientPayloadError")])
+def test_a_parquet_the_store_fails_to_deliver_is_a_store_error_not_a_bad_file(server, dataset, kind, raised):
     """read_rows takes every error of decoding a parquet as the file's (MetadataFileError: the shard is embedded
-    without its columns, never retried). An error of the store delivering its bytes must stay what it is (retried
-    by the flow's tasks): the store answering 500 on every try, past the client's retries, is not a bad file."""
+    without its columns, never retried). An error of the store delivering its bytes must stay what it is, retried by
+    the flow's tasks: the store answering 500 on every try, past the client's retries, is not a bad file; nor a body
+    cut short past s3fs's retries, which raises aiohttp's ClientPayloadError (botocore a ConnectionClosedError for a
+    dropped connection): neither is an OSError, and the tasks did not retry them."""
     url = upload(server, dataset)
-    proxy = FaultProxy(server.endpoint, every=1, kinds=("internal",), methods=("GET",), outlast_retries=True).start()
-    try:
-        fs, root = storage.filesystem(url, options(proxy.endpoint, max_attempts="1"))
-        with pytest.raises(OSError) as caught:
-            shards.read_rows(f"{root}/00000.parquet", fs)
-    finally:
-        proxy.stop()
-    assert proxy.injected["internal"] >= 1 and not isinstance(caught.value, shards.MetadataFileError)
-    assert faults.is_transient(caught.value), caught.value
-
-
-def test_a_body_cut_short_past_the_clients_retries_is_retried_by_the_tasks(server, dataset):
-    """s3fs retries a GET whose body was cut short, and then raises aiohttp's ClientPayloadError (botocore a
-    ConnectionClosedError for a dropped connection): neither is an OSError, and the tasks did not retry them."""
-    url = upload(server, dataset)
-    proxy = FaultProxy(server.endpoint, every=1, kinds=("truncate",), methods=("GET",), outlast_retries=True).start()
+    proxy = FaultProxy(server.endpoint, every=1, kinds=(kind,), methods=("GET",), outlast_retries=True).start()
     try:
         fs, root = storage.filesystem(url, options(proxy.endpoint, max_attempts="1"))
         with pytest.raises(Exception) as caught:
             shards.read_rows(f"{root}/00000.parquet", fs)
     finally:
         proxy.stop()
-    assert proxy.injected["truncate"] >= 1 and not isinstance(caught.value, shards.MetadataFileError)
-    assert type(caught.value).__name__ == "ClientPayloadError" and faults.is_transient(caught.value), caught.value
+    assert proxy.injected[kind] >= 1 and not isinstance(caught.value, shards.MetadataFileError)
+    assert isinstance(caught.value, OSError) if raised is None else type(caught.value).__name__ == raised, caught.value
+    assert faults.is_transient(caught.value), caught.value
 
 
 # ---------------------------------------------------------------------------------------------------------------
