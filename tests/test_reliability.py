@@ -631,6 +631,20 @@ def test_parquet_key_of_another_type(tmp_path):
                  lost="nothing")
 
 
+def _count_embedded(monkeypatch) -> list:
+    """The number of keys each call of the real Worker.embed returns, appended as the calls come."""
+    embedded = []
+    real_embed = Worker.embed
+
+    def counted(self, samples, **kw):  # the real Worker.embed, counted
+        keys, embeddings, failures = real_embed(self, samples, **kw)
+        embedded.append(len(keys))
+        return keys, embeddings, failures
+
+    monkeypatch.setattr(Worker, "embed", counted)
+    return embedded
+
+
 def test_parquet_key_column_of_a_type_the_join_refuses(tmp_path, capsys, monkeypatch):
     """Float keys (pandas writes an integer column that holds a null as float64): the join refuses them, and used to
     say so only once the whole shard was embedded, naming no file. Now the command refuses them from the first
@@ -647,15 +661,7 @@ def test_parquet_key_column_of_a_type_the_join_refuses(tmp_path, capsys, monkeyp
     # The API checks each shard as it starts: 00001's keys are floats, 00000's strings.
     data = dataset(tmp_path / "mixed", 2)
     float_keys(data / "00001.parquet")
-    embedded = []
-    real_embed = Worker.embed
-
-    def counted(self, samples, **kw):  # the real Worker.embed, counted
-        keys, embeddings, failures = real_embed(self, samples, **kw)
-        embedded.append(len(keys))
-        return keys, embeddings, failures
-
-    monkeypatch.setattr(Worker, "embed", counted)
+    embedded = _count_embedded(monkeypatch)
     with pytest.raises(ShardsFailed) as failed:
         embedder()(str(data), str(tmp_path / "mixed-out"))
     reason = failed.value.failures["00001"]
@@ -1597,15 +1603,7 @@ def test_id_column_not_in_the_parquets(tmp_path, capsys, monkeypatch):
     first = data / "00000.parquet"
     pq.write_table(read(first).append_column("uid", pc.binary_join_element_wise(read(first).column("key"), "-u", "")),
                    first)
-    embedded = []
-    real_embed = Worker.embed
-
-    def counted(self, samples, **kw):  # the real Worker.embed, counted
-        keys, embeddings, failures = real_embed(self, samples, **kw)
-        embedded.append(len(keys))
-        return keys, embeddings, failures
-
-    monkeypatch.setattr(Worker, "embed", counted)
+    embedded = _count_embedded(monkeypatch)
     with pytest.raises(ShardsFailed) as failed:
         embedder(id_column="uid")(str(data), str(tmp_path / "mixed-out"))
     reason = failed.value.failures["00001"]
