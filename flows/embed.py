@@ -139,7 +139,8 @@ def embed_dataset(config: EmbedConfig) -> dict:
         _worker_reports_sent(client)
 
     try:
-        manifest = report(config, results, failures, time.perf_counter() - started, timeline, previous)
+        manifest = report(config, results, failures, time.perf_counter() - started, timeline, previous,
+                          claim_run=hooks.claim_run)
     except ManifestNotWritten as exc:
         if not failures:
             raise  # the run's end, in one line (tasks.expected_ends), after its summary (exc.manifest)

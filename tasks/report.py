@@ -8,11 +8,13 @@ from wdsembed.config import EmbedConfig
 
 
 def write_report(config: EmbedConfig, results: list[dict], failures: dict[str, str], wall_seconds: float,
-                 timeline: Optional[dict] = None, previous: Optional[dict] = None) -> dict:
-    """Write OUTPUT/_manifest.json last, and put the per-shard table and the summary on the flow run. `previous`:
-    the earlier manifest's shards (wdsembed.report.retire_manifest)."""
+                 timeline: Optional[dict] = None, previous: Optional[dict] = None,
+                 claim_run: Optional[str] = None) -> dict:
+    """Write OUTPUT/_manifest.json last, while the run still holds OUTPUT's claim `claim_run`, and put the per-shard
+    table and the summary on the flow run. `previous`: the earlier manifest's shards
+    (wdsembed.report.retire_manifest)."""
     manifest = core.build_manifest(config, results, failures, wall_seconds, timeline, previous)
-    manifest["path"] = core.write_manifest(config, manifest)
+    manifest["path"] = core.write_manifest(config, manifest, claim_run)
     rows = core.shard_rows(results, failures, manifest)
     create_table_artifact(rows, key="shards", description="One row per shard")
     create_markdown_artifact(core.markdown_summary(manifest, rows), key="summary", description="Run summary")

@@ -504,7 +504,8 @@ def test_a_group_names_the_failed_shards_whose_failure_may_pass(tmp_path, monkey
 def test_a_task_whose_run_lost_its_claim_puts_none_of_its_shards_in_place(tmp_path, monkeypatch):
     """The flow gives each embedding task its claim's run id (no flow parameter, in no cache key). Another run takes
     OUTPUT's claim over while the run's shard is embedded (held at its start on the worker): the task puts none of
-    the shard's files in place and fails it naming that run, and Prefect does not retry it."""
+    the shard's files in place and fails it naming that run, and Prefect does not retry it; nor does the flow
+    replace the other run's manifest with its own."""
     import flows.embed
     from wdsembed import outputclaim
 
@@ -519,7 +520,9 @@ def test_a_task_whose_run_lost_its_claim_puts_none_of_its_shards_in_place(tmp_pa
         while not held.attempts("00000") and time.monotonic() < deadline:
             time.sleep(0.02)
         storage.write_atomic(storage.filesystem(str(claim))[0], str(claim), other.encode())
+        manifest.write_text('{"run": "0123456789abcdef"}')
 
+    manifest = Path(config.output) / "_manifest.json"
     taker = threading.Thread(target=take_over_once_the_shard_started)
     taker.start()
     try:
@@ -536,6 +539,8 @@ def test_a_task_whose_run_lost_its_claim_puts_none_of_its_shards_in_place(tmp_pa
     assert not (out / "00000.parquet").exists() and not (out / "_embeddings" / "00000.parquet").exists()
     assert not list(out.rglob(".*.tmp-*"))
     assert claim.read_text() == other  # the other run's, left to it
+    assert manifest.read_text() == '{"run": "0123456789abcdef"}'
+    assert "_manifest.json: this run's manifest: not written to output" in str(outcome), str(outcome)
 
 
 def test_validation_names_each_problem(tmp_path):

@@ -154,7 +154,8 @@ def test_the_heartbeat_is_refreshed_and_a_claim_taken_over_meanwhile_stays(tmp_p
         assert _claim(out)["heartbeat"] > first and _claim(out)["run"] == claim.run
         other = _foreign_claim(config, run="0123456789abcdef", host="another-host")
         with caplog.at_level(logging.ERROR, logger="wdsembed"):
-            (out / CLAIM_NAME).write_bytes(other)
+            # whole, as a takeover writes it: a heartbeat reading a half-written file would see no run in it
+            storage.write_atomic(storage.filesystem(str(out))[0], str(out / CLAIM_NAME), other)
             deadline = time.monotonic() + 10
             while not claim.lost and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -353,7 +354,7 @@ def test_a_task_whose_run_lost_the_claim_leaves_the_kNN_view_of_the_run_that_too
 def test_an_api_run_whose_claim_is_taken_over_mid_shard_puts_none_of_it_in_place(tmp_path, monkeypatch):
     """The run's id reaches its shards through the Python API: another run takes the claim over while the API
     run's shard is being embedded (held at its start, as WDSEMBED_FAULTS allows), and the shard fails naming that
-    run; its files never appear, and the other run's claim stays."""
+    run; its files never appear, and the other run's claim and manifest stay."""
     from wdsembed.shard import ShardsFailed
 
     data, out = _shards(tmp_path / "in", n_shards=1), tmp_path / "out"
@@ -368,6 +369,7 @@ def test_an_api_run_whose_claim_is_taken_over_mid_shard_puts_none_of_it_in_place
         while not counter.exists() and time.monotonic() < deadline:
             time.sleep(0.01)
         storage.write_atomic(storage.filesystem(str(out))[0], str(out / CLAIM_NAME), other)  # whole, as a takeover
+        (out / "_manifest.json").write_text('{"run": "0123456789abcdef"}')
 
     taker = threading.Thread(target=take_over_once_the_shard_started)
     taker.start()
@@ -382,6 +384,9 @@ def test_an_api_run_whose_claim_is_taken_over_mid_shard_puts_none_of_it_in_place
     assert not (out / "00000.parquet").exists() and not (out / "_embeddings" / "00000.parquet").exists()
     assert not [p for p in out.rglob(".*.tmp-*")]
     assert (out / CLAIM_NAME).read_bytes() == other
+    assert (out / "_manifest.json").read_text() == '{"run": "0123456789abcdef"}'
+    assert failed.value.failures["_manifest.json"].startswith("this run's manifest: not written to output "), \
+        failed.value.failures
 
 
 # --------------------------------------------------------------------------------------------------- S3

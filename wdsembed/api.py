@@ -153,7 +153,7 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
             manifest = report.build_manifest(config, dicts, failures, time.perf_counter() - started, timeline,
                                              previous)
             try:
-                manifest["path"] = report.write_manifest(config, manifest)
+                manifest["path"] = report.write_manifest(config, manifest, claim.run)
             except report.ManifestNotWritten as exc:
                 if not failures:
                     raise

@@ -53,7 +53,9 @@ functions) pass no run id and check nothing; nor does the orchestrating process'
 after taking the claim (plan.plan_run). What remains is the time between that read and the shard's last commit: the view's
 rename (on S3 its upload), the rest of the table's write, then its rename or upload. A takeover within those seconds
 (the claim is taken over only once its run is gone or 3 minutes silent) still lands that one shard's files; every
-shard the old run's tasks commit after it is refused.
+shard the old run's tasks commit after it is refused. The orchestrating process reads the claim in the same way
+before it writes the run's manifest (report.write_manifest): a run whose claim was taken over while it ran (its
+heartbeats stopped: a suspended host, a cut network) leaves the manifest to the run that took it.
 """
 from __future__ import annotations
 
@@ -562,12 +564,13 @@ def check_free(config: EmbedConfig) -> None:
         raise OutputClaimedError(busy_message(config.output, record or None))
 
 
-def check_still_held(config: EmbedConfig, run: Optional[str], shard: str,
+def check_still_held(config: EmbedConfig, run: Optional[str], subject: str,
                      not_done: str = "Neither of the shard's files was put in place") -> None:
-    """Raise OutputClaimLostError, naming `shard`, OUTPUT, the run that holds it now and what was `not_done`, unless
-    OUTPUT's claim is still run `run`'s; a worker asks just before each change it makes to OUTPUT (shard.write_output,
-    shard.finished_output's view repair). One small read, never a write. `run` None (a shard written without a
-    claim, or by the process that holds it) checks nothing."""
+    """Raise OutputClaimLostError, naming `subject` (`shard 00012`, the manifest's name), OUTPUT, the run that holds
+    it now and what was `not_done`, unless OUTPUT's claim is still run `run`'s. A worker asks just before each
+    change it makes to OUTPUT (shard.write_output, shard.finished_output's view repair), the orchestrating process
+    before its manifest (report.write_manifest). One small read, never a write. `run` None (a shard written without
+    a claim) checks nothing."""
     if run is None:
         return
     fs, path = claim_url(config)
@@ -580,7 +583,7 @@ def check_still_held(config: EmbedConfig, run: Optional[str], shard: str,
             return
         now = f"it is now held by {describe_holder(record)}"
     raise OutputClaimLostError(
-        f"shard {shard}: not written to output {config.output!r}: this run ({run}) no longer holds the output's "
+        f"{subject}: not written to output {config.output!r}: this run ({run}) no longer holds the output's "
         f"claim ({CLAIM_NAME}): {now}. {not_done}: a run writes to its output only while it holds the claim, so "
         "that two runs' outputs never mix")
 

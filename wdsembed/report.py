@@ -7,7 +7,7 @@ import os
 import time
 from typing import Collection, Iterable, Optional
 
-from wdsembed import fidelity, output, storage
+from wdsembed import fidelity, output, outputclaim, storage
 from wdsembed.config import EmbedConfig
 from wdsembed.versions import code_version, package_versions
 
@@ -241,10 +241,19 @@ class ManifestNotWritten(OSError):
     manifest: Optional[dict] = None
 
 
-def write_manifest(config: EmbedConfig, manifest: dict) -> str:
+def write_manifest(config: EmbedConfig, manifest: dict, claim_run: Optional[str] = None) -> str:
     """Write the run's manifest; its path. Raises ManifestNotWritten where it cannot be written: a run's expected
-    end, said in one line after the shards' own failures (with_manifest_failure), never a traceback."""
+    end, said in one line after the shards' own failures (with_manifest_failure), never a traceback. `claim_run`:
+    the run's claim on OUTPUT (outputclaim.Claim.run), which must still be its own: a run whose claim was taken
+    over (its heartbeats stopped for minutes) leaves the manifest to the run that took it."""
     fs, root = storage.filesystem(config.output, config.storage_options)
+    try:
+        outputclaim.check_still_held(config, claim_run, "this run's manifest",
+                                     "The shards it wrote stay, without its record of them")
+    except outputclaim.OutputClaimLostError as exc:
+        error = ManifestNotWritten(str(exc))
+        error.manifest = manifest
+        raise error from exc
     try:
         return storage.to_url(fs, output.write_manifest(root, fs, manifest))
     except OSError as exc:

@@ -170,7 +170,8 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_vi
                 output.ensure_embeddings_view(
                     config, plan.stem, plan.output, key,
                     before_commit=lambda: outputclaim.check_still_held(
-                        config, claim_run, plan.shard, "Its missing or stale kNN view was not rebuilt from its table"))
+                        config, claim_run, f"shard {plan.shard}",
+                        "Its missing or stale kNN view was not rebuilt from its table"))
             except output.DamagedOutputError as exc:
                 log.warning("shard %s: %s; recomputing it", plan.stem, exc)
                 return None
@@ -466,7 +467,7 @@ def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: 
 
             def before_first_change() -> None:
                 checked.result()
-                outputclaim.check_still_held(config, claim_run, plan.shard)
+                outputclaim.check_still_held(config, claim_run, f"shard {plan.shard}")
 
             def remove_view() -> bool:
                 before_first_change()
@@ -505,6 +506,6 @@ def _keep_view_beside_table(config: EmbedConfig, plan: ShardPlan, fs, path: str,
     output.write_embeddings_view(
         table, config, plan.stem, cache_key=key,
         before_commit=lambda: outputclaim.check_still_held(
-            config, claim_run, plan.shard,
+            config, claim_run, f"shard {plan.shard}",
             "Its table was put in place, but its kNN view, which another writer replaced meanwhile, was not "
             "written again from it"))
