@@ -181,6 +181,10 @@ def test_gpu_use_sets_the_rate_the_shards_fed_the_model_against_its_own_and_advi
     two = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), workers_per_gpu=2)
     line = report.describe_gpu_use(report.build_manifest(two, results, {}, 25.0))
     assert "held the model back" in line and "workers-per-gpu" not in line
+    # on a cluster the run did not start, workers_per_gpu does nothing: the advice is for the cluster
+    shared = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), dask_address="tcp://h:8786")
+    line = report.describe_gpu_use(report.build_manifest(shared, results, {}, 25.0))
+    assert "workers-per-gpu" not in line and "`dask cuda worker` started twice on each node" in line, line
     # fed at 0.9 of the model's rate: said, nothing to advise
     fast = [gpu_shard("00000", "h:1", "GPU-a", 0, 10, 36_000, 4000)]
     assert report.describe_gpu_use(report.build_manifest(config, fast, {}, 11.0)) == (

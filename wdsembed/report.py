@@ -176,10 +176,14 @@ def describe_gpu_use(manifest: dict) -> Optional[str]:
         return line
     line += (": the input path (reading the tars and feeding DALI, one Python thread per worker, or decoding) held "
              "the model back")
-    if ((manifest.get("config") or {}).get("workers_per_gpu") or 1) == 1:
-        line += ("; with a model this fast on this host, two workers per GPU may run faster (workers_per_gpu=2, "
-                 "--workers-per-gpu 2)")
-    return line
+    config = manifest.get("config") or {}
+    if (config.get("workers_per_gpu") or 1) > 1:
+        return line
+    if config.get("dask_address"):  # workers_per_gpu shapes only the cluster a run starts itself
+        return line + ("; with a model this fast on this host, two worker processes per GPU may run faster (on a "
+                       "cluster of your own: `dask cuda worker` started twice on each node)")
+    return line + ("; with a model this fast on this host, two workers per GPU may run faster (workers_per_gpu=2, "
+                   "--workers-per-gpu 2)")
 
 
 def totals(results: list[dict], wall_seconds: float) -> dict:
