@@ -139,11 +139,15 @@ def test_plain_options_pass_and_stay_out_of_repr():
     {"checkpoint": "file://me:pw@host/w.pth"},
     {"result_storage": "s3://a@b:pw@bucket/x"},
     {"image_extensions": []},
+    {"input": ""},
+    {"output": "  "},
+    {"model_name": ""},
 ], ids=lambda v: next(iter(v)))
 def test_the_run_form_refuses_what_embedconfig_refuses(values):
     """Runs started from the Prefect UI/API are checked against the flow's JSON schema before their parameters are
     stored and shown: a credential EmbedConfig refuses (any letter case, a password in any URL) never gets that
-    far. The same validate() as Prefect's server, on the deployed flow's parameter schema."""
+    far; nor does an empty input, output or model name. What EmbedConfig takes, the form takes, nulls included. The
+    same validate() as Prefect's server, on the deployed flow's parameter schema."""
     from prefect.utilities.callables import parameter_schema
     from prefect.utilities.schema_tools import ValidationError as FormError
     from prefect.utilities.schema_tools import validate
@@ -160,6 +164,11 @@ def test_the_run_form_refuses_what_embedconfig_refuses(values):
              "storage_options": {"endpoint_url": "http://127.0.0.1:9000", "profile": "keyring", "monkey": "1"}}
     EmbedConfig(**plain)
     validate({"config": plain}, schema, raise_on_error=True)
+    # a whole config as pydantic dumps it, every optional field null (run_deployment(parameters={"config": ...}),
+    # a client sending null for a field left unset), is a valid run too
+    whole = EmbedConfig(**plain).model_dump(mode="json")
+    assert whole["checkpoint"] is None and whole["index_cache_dir"] is None and whole["dask_address"] is None
+    validate({"config": whole}, schema, raise_on_error=True)
 
 
 def test_cli_strings_become_s3fs_types():

@@ -37,7 +37,11 @@ def _any_case(pattern: str) -> str:
 
 # The rules of the validators below, also in the JSON schema: runs started from the Prefect UI/API are checked
 # against it before their parameters are stored (and shown), so a credential is refused before it is kept.
-_NO_URL_PASSWORD = {"not": {"pattern": URL_PASSWORD_PATTERN}}
+# `"type": "string"` inside the `not`: a pattern holds for every value that is not a string, so without it the
+# `not` would refuse null, the default of the optional fields.
+_NO_URL_PASSWORD = {"not": {"type": "string", "pattern": URL_PASSWORD_PATTERN}}
+# Not empty, nor blanks only (the validators' "must not be empty"), in the form too.
+_NOT_BLANK = {"pattern": r"\S"}
 _NO_SECRET_OPTIONS = {"propertyNames": {"not": {"pattern": _any_case(SECRET_OPTION_PATTERN)}},
                       "additionalProperties": {"type": "string", **_NO_URL_PASSWORD}}
 
@@ -71,16 +75,17 @@ class EmbedConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     input: str = Field(
-        json_schema_extra=_NO_URL_PASSWORD,
+        json_schema_extra=_NO_URL_PASSWORD | _NOT_BLANK,
         description="Folder or fsspec URL (s3://bucket/prefix) holding the WebDataset shards (*.tar), "
         "optionally with img2dataset siblings (00000.parquet, 00000_stats.json).",
     )
     output: str = Field(
-        json_schema_extra=_NO_URL_PASSWORD,
+        json_schema_extra=_NO_URL_PASSWORD | _NOT_BLANK,
         description="Folder or fsspec URL that receives one <shard>.parquet per shard and _manifest.json.",
     )
     model_name: str = Field(
         DEFAULT_MODEL,
+        json_schema_extra=_NOT_BLANK,
         description="Any timm model name, with an optional pretrained tag (resnet50.a1_in1k).",
     )
     pretrained: bool = Field(
@@ -246,11 +251,16 @@ class EmbedConfig(BaseModel):
                              "worker loads it from its own disk; copy it to a local path on every worker and pass that")
         return split_protocol(value)[1]
 
+    @field_validator("input", "output", "model_name")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
     @field_validator("input", "output")
     @classmethod
     def _strip_trailing_slash(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
         return value.rstrip("/") or "/"
 
     @model_validator(mode="after")
