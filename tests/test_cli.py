@@ -361,6 +361,21 @@ def test_output_that_cannot_be_written(shards, tmp_path, capsys):
     print(f"output under a file refused in {seconds:.2f} s (in-process)")
 
 
+def test_a_dask_address_mistyped_or_not_answering_is_refused_before_any_work(shards, tmp_path, capsys):
+    """A scheduler address without its port, or one where nothing listens (the discard port), is refused by the
+    checks, naming the flag: not after the model's checks and Dask's 30 s connect timeout, as a failed run."""
+    base = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained", "--dask-address"]
+    code, err, started, _ = run_main(base + ["nonsense"], capsys)
+    assert code == 2 and not started and err.strip().splitlines() == [
+        "error: invalid parameters:",
+        "  dask_address: must be a Dask scheduler's address with its port: tcp://HOST:8786, tls://HOST:8786 or "
+        "HOST:8786"], err
+    err, _ = refused(capsys, base + ["tcp://127.0.0.1:9"])
+    assert err.startswith("error: --dask-address tcp://127.0.0.1:9: no Dask scheduler answers there ("), err
+    assert err.endswith("): start the scheduler, or pass the address it printed as it started"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_in_a_read_only_folder(shards, tmp_path):
     """Through the command, in its own process without root's permission override: a folder it may not write."""
     locked = tmp_path / "locked"

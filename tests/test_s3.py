@@ -142,6 +142,7 @@ def test_plain_options_pass_and_stay_out_of_repr():
     {"input": ""},
     {"output": "  "},
     {"model_name": ""},
+    {"dask_address": "scheduler"},  # no port
 ], ids=lambda v: next(iter(v)))
 def test_the_run_form_refuses_what_embedconfig_refuses(values):
     """Runs started from the Prefect UI/API are checked against the flow's JSON schema before their parameters are
@@ -161,13 +162,14 @@ def test_the_run_form_refuses_what_embedconfig_refuses(values):
     with pytest.raises(FormError):
         validate({"config": config}, schema, raise_on_error=True)
     plain = {"input": "s3://b/in", "output": "http://host:9000/out?a=b:c@d", "result_storage": "s3://user@b/r",
+             "dask_address": "tls://[fd00::1]:8786",
              "storage_options": {"endpoint_url": "http://127.0.0.1:9000", "profile": "keyring", "monkey": "1"}}
     EmbedConfig(**plain)
     validate({"config": plain}, schema, raise_on_error=True)
     # a whole config as pydantic dumps it, every optional field null (run_deployment(parameters={"config": ...}),
     # a client sending null for a field left unset), is a valid run too
     whole = EmbedConfig(**plain).model_dump(mode="json")
-    assert whole["checkpoint"] is None and whole["index_cache_dir"] is None and whole["dask_address"] is None
+    assert whole["checkpoint"] is None and whole["index_cache_dir"] is None and whole["n_workers"] is None
     validate({"config": whole}, schema, raise_on_error=True)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from typing import Literal, Optional
 
 from fsspec.core import split_protocol
@@ -42,6 +43,9 @@ def _any_case(pattern: str) -> str:
 _NO_URL_PASSWORD = {"not": {"type": "string", "pattern": URL_PASSWORD_PATTERN}}
 # Not empty, nor blanks only (the validators' "must not be empty"), in the form too.
 _NOT_BLANK = {"pattern": r"\S"}
+# A Dask scheduler's address: an optional scheme (tcp://, tls://), a host or [IPv6 address], and its port; or
+# empty, which is none (a cleared form field).
+DASK_ADDRESS_PATTERN = r"^(([A-Za-z][A-Za-z0-9+.-]*://)?(\[[0-9A-Fa-f:.]+\]|[^\s/:@\[\]]+):[0-9]{1,5})?$"
 _NO_SECRET_OPTIONS = {"propertyNames": {"not": {"pattern": _any_case(SECRET_OPTION_PATTERN)}},
                       "additionalProperties": {"type": "string", **_NO_URL_PASSWORD}}
 
@@ -171,7 +175,7 @@ class EmbedConfig(BaseModel):
         "results (the task cache); default OUTPUT/_prefect_results. Uses storage_options; never credentials.",
     )
     dask_address: Optional[str] = Field(
-        None, description="Address of an existing Dask scheduler (tcp://host:8786, or tls://host:8786 with the TLS "
+        None, json_schema_extra={"pattern": DASK_ADDRESS_PATTERN}, description="Address of an existing Dask scheduler (tcp://host:8786, or tls://host:8786 with the TLS "
         "certificates in Dask's configuration); default starts a local cluster."
     )
     n_workers: Optional[int] = Field(
@@ -256,6 +260,14 @@ class EmbedConfig(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("dask_address")
+    @classmethod
+    def _dask_address_form(cls, value: Optional[str]) -> Optional[str]:
+        if value and not re.fullmatch(DASK_ADDRESS_PATTERN, value):
+            raise ValueError("must be a Dask scheduler's address with its port: tcp://HOST:8786, tls://HOST:8786 or "
+                             "HOST:8786")
         return value
 
     @field_validator("input", "output")

@@ -56,6 +56,7 @@ def check_config(config: EmbedConfig) -> bool:
     preflight.check_storage_options(config)  # before anything builds a filesystem from them
     preflight.check_output_writable(config)  # needs no torch import: refused in about a second
     preflight.check_dask_security(config)
+    preflight.check_dask_reachable(config)
     if input_kind(config.input) == "folder":  # a mistyped path is refused in a second, before torch is imported
         _check_local_input(config)
 

@@ -8,6 +8,7 @@ write (a write check makes a folder and removes it at once), and never download:
 * check_weights: pretrained weights are in the local cache, or the place they come from answers.
 * check_output_writable: a local output folder can be created or written by this user.
 * check_dask_security: a tls:// --dask-address has Dask's TLS configuration (CA, client certificate) to use.
+* check_dask_reachable: something listens at --dask-address (a TCP connection, no Dask handshake).
 * check_device: --device cuda on a local cluster has a GPU to run on.
 
 They complement `plan.check_config` (model name, checkpoint file, input folder, buckets): run
@@ -291,6 +292,34 @@ def check_dask_security(config: EmbedConfig) -> None:
         # A value holding a newline is the PEM itself (Dask accepts that too), not a path.
         if value and "\n" not in str(value) and not os.path.isfile(value):
             raise PreflightError(f"Dask's {key} ({_TLS_KEYS[key]}) is {value!r}, which is not a file")
+
+
+# How long the check waits for a scheduler's port to answer: a dropped packet (a firewall, a host down) waits this
+# long, a refused connection not at all.
+DASK_CONNECT_TIMEOUT_S = 5.0
+_TCP_SCHEMES = ("tcp", "tls", "ws", "wss")  # Dask's backends that listen on a TCP port
+
+
+def check_dask_reachable(config: EmbedConfig) -> None:
+    """Something answers at the scheduler's address: a mistyped host or port, or a scheduler not started, refused in
+    seconds, before the model's checks import torch, instead of after them and Dask's own 30 s connect timeout. A
+    TCP connection, closed at once (no Dask handshake: check_dask_security checks its TLS settings); other backends
+    (ucx://) are left to Dask."""
+    import socket
+
+    address = config.dask_address
+    if not address:
+        return
+    scheme, _, rest = address.rpartition("://")
+    if (scheme or "tcp").lower() not in _TCP_SCHEMES:
+        return
+    host, _, port = rest.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=DASK_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc) or type(exc).__name__)
+        raise PreflightError(f"--dask-address {address}: no Dask scheduler answers there ({why}): start the "
+                             "scheduler, or pass the address it printed as it started") from None
 
 
 # ----------------------------------------------------------------------------------------------------------- device
