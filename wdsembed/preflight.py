@@ -8,7 +8,7 @@ write (a write check makes a folder and removes it at once), and never download:
 * check_weights: pretrained weights are in the local cache, or the place they come from answers.
 * check_output_writable: a local output folder can be created or written by this user.
 * check_dask_security: a tls:// --dask-address has Dask's TLS configuration (CA, client certificate) to use.
-* check_dask_reachable: something listens at --dask-address (a TCP connection, no Dask handshake).
+* check_dask_reachable: a Dask scheduler answers at --dask-address (one connection, closed at once).
 * check_device: --device cuda on a local cluster has a GPU to run on.
 
 They complement `plan.check_config` (model name, checkpoint file, input folder, buckets): run
@@ -294,32 +294,53 @@ def check_dask_security(config: EmbedConfig) -> None:
             raise PreflightError(f"Dask's {key} ({_TLS_KEYS[key]}) is {value!r}, which is not a file")
 
 
-# How long the check waits for a scheduler's port to answer: a dropped packet (a firewall, a host down) waits this
-# long, a refused connection not at all.
+# How long the check tries to reach the scheduler (Dask's own connect timeout is 30 s).
 DASK_CONNECT_TIMEOUT_S = 5.0
-_TCP_SCHEMES = ("tcp", "tls", "ws", "wss")  # Dask's backends that listen on a TCP port
 
 
 def check_dask_reachable(config: EmbedConfig) -> None:
-    """Something answers at the scheduler's address: a mistyped host or port, or a scheduler not started, refused in
-    seconds, before the model's checks import torch, instead of after them and Dask's own 30 s connect timeout. A
-    TCP connection, closed at once (no Dask handshake: check_dask_security checks its TLS settings); other backends
-    (ucx://) are left to Dask."""
-    import socket
-
+    """A scheduler answers at --dask-address: a mistyped host or port, or a scheduler not started, refused in
+    seconds, before the model's checks import torch, instead of after them and Dask's 30 s connect timeout. One
+    connection as distributed.Client makes it (its handshake, and TLS with Dask's configured certificates), closed
+    at once: a bare TCP probe would leave a warning in the scheduler's log at every run."""
     address = config.dask_address
     if not address:
         return
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distributed.comm import connect
+    from distributed.security import Security
+
+    async def probe() -> None:
+        # bounded here too: Dask's own timeout does not cover a listener that never answers its handshake
+        comm = await asyncio.wait_for(connect(address, timeout=DASK_CONNECT_TIMEOUT_S,
+                                              **Security().get_connection_args("client")), DASK_CONNECT_TIMEOUT_S)
+        await comm.close()
+
+    with ThreadPoolExecutor(1) as pool:  # a thread of its own: the caller's may run an event loop (a flow's)
+        try:
+            pool.submit(asyncio.run, probe()).result()
+        except (OSError, ValueError) as exc:  # TimeoutError is an OSError
+            raise PreflightError(f"--dask-address {address}: no Dask scheduler answers there "
+                                 f"({_why_unreachable(address, exc)}): start the scheduler, or pass the address it "
+                                 "printed as it started") from None
+
+
+def _why_unreachable(address: str, failed: Exception) -> str:
+    """Dask's connect says only that it timed out, after retrying: the cause, from one plain TCP connection."""
+    import socket
+
     scheme, _, rest = address.rpartition("://")
-    if (scheme or "tcp").lower() not in _TCP_SCHEMES:
-        return
     host, _, port = rest.rpartition(":")
+    if (scheme or "tcp").lower() not in ("tcp", "tls"):
+        return str(failed)
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=DASK_CONNECT_TIMEOUT_S).close()
     except OSError as exc:
-        why = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc) or type(exc).__name__)
-        raise PreflightError(f"--dask-address {address}: no Dask scheduler answers there ({why}): start the "
-                             "scheduler, or pass the address it printed as it started") from None
+        return "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc) or type(exc).__name__)
+    return (f"its port is open, but what listens there did not answer as a Dask scheduler in "
+            f"{DASK_CONNECT_TIMEOUT_S:.0f} s")
 
 
 # ----------------------------------------------------------------------------------------------------------- device
