@@ -5,7 +5,9 @@
 Registers the same deployments as `prefect deploy --all` (names, schedules, parameters, concurrency) and runs
 their flow runs as subprocesses of this process, one at a time, until stopped; stopping pauses the schedules.
 They are read from prefect.yaml, so the two ways to deploy cannot drift apart. Serving takes the deployment
-names over from a work pool (and `prefect deploy` takes them back): use one way per Prefect server.
+names over from a work pool (and `prefect deploy` takes them back): use one way per Prefect server. It refuses
+to start while a deployment of the same name is still registered to a work pool: serving would leave it on the
+pool without the pool's pull steps, so the pool's worker would take its runs and each would crash.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python deployments/serve.py` puts deployments/ on the path, not the project
 
-from prefect import serve  # noqa: E402
+from prefect import get_client, serve  # noqa: E402
 from prefect.client.schemas.objects import ConcurrencyLimitConfig  # noqa: E402
 from prefect.deployments.runner import RunnerDeployment  # noqa: E402
 from prefect.schedules import Schedule  # noqa: E402
@@ -58,8 +60,38 @@ def to_deployments(specs: list[dict]) -> list[RunnerDeployment]:
     return deployments
 
 
+async def _on_work_pools(names: list[str]) -> dict[str, str]:
+    """Of these deployment names, those registered to a work pool (by `prefect deploy`), with the pool's name."""
+    from prefect.exceptions import ObjectNotFound
+
+    found = {}
+    async with get_client() as client:
+        for name in names:
+            try:
+                deployment = await client.read_deployment_by_name(f"{embed.name}/{name}")
+            except ObjectNotFound:
+                continue
+            if deployment.work_pool_name:
+                found[name] = deployment.work_pool_name
+    return found
+
+
+def refuse_pool_deployments(deployments: list[RunnerDeployment]) -> None:
+    """Exit 2, saying what to delete, where a deployment of these names is still a work pool's."""
+    on_pools = asyncio.run(_on_work_pools([d.name for d in deployments]))
+    if on_pools:
+        listed = ", ".join(f"{embed.name}/{name} (work pool {pool!r})" for name, pool in on_pools.items())
+        deletes = "; ".join(f"prefect deployment delete {embed.name}/{name}" for name in on_pools)
+        print(f"error: already deployed to a work pool by `prefect deploy`: {listed}. Served from here too, their "
+              f"runs would go to the pool's worker and crash there. Delete them first ({deletes}), then start "
+              "serve.py again", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     os.chdir(ROOT)  # flow runs load the entrypoint relative to the project folder
     prefect_env.set_defaults()  # the flow runs are subprocesses of this one: they inherit its environment
+    deployments = to_deployments(deployment_specs())
+    refuse_pool_deployments(deployments)
     # One run at a time in this process: each run takes every GPU of the host (the work pool's limit, here).
-    serve(*to_deployments(deployment_specs()), limit=1)
+    serve(*deployments, limit=1)

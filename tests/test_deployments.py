@@ -252,6 +252,15 @@ def test_schedule_and_serve_register_the_same_deployments(server: Server, deploy
         assert set(fields) == set(EmbedConfig.model_fields)
         assert all(f.get("description") for f in fields.values()), [n for n, f in fields.items() if not f.get("description")]
 
+    # While `prefect deploy`'s deployments are in place, serve.py refuses to take them over from their pool.
+    refused = subprocess.run([sys.executable, str(ROOT / "deployments/serve.py")], cwd=server.home, env=server.env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert refused.stderr.startswith("error: already deployed to a work pool by `prefect deploy`: "
+                                     f"{FLOW}/nightly (work pool '{POOL}')"), refused.stderr
+    assert f"prefect deployment delete {FLOW}/on-demand" in refused.stderr, refused.stderr
+    assert all(deployment(server, name)["work_pool_name"] == POOL for name in SPECS)  # left as they were
+
     # serve.py must register these deployments itself: remove them first.
     before = {name: _summary(d) for name, d in deployed.items()}
     for d in deployed.values():
