@@ -43,9 +43,11 @@ def _any_case(pattern: str) -> str:
 _NO_URL_PASSWORD = {"not": {"type": "string", "pattern": URL_PASSWORD_PATTERN}}
 # Not empty, nor blanks only (the validators' "must not be empty"), in the form too.
 _NOT_BLANK = {"pattern": r"\S"}
-# A Dask scheduler's address: an optional scheme (tcp://, tls://), a host or [IPv6 address], and its port; or
-# empty, which is none (a cleared form field).
-DASK_ADDRESS_PATTERN = r"^(([A-Za-z][A-Za-z0-9+.-]*://)?(\[[0-9A-Fa-f:.]+\]|[^\s/:@\[\]]+):[0-9]{1,5})?$"
+# A Dask scheduler's address: an optional scheme (tcp://, tls://), a host or [IPv6 address], and its port; an
+# in-process one (inproc://, a LocalCluster(processes=False) of the API's caller); or empty, which is none (a
+# cleared form field).
+DASK_ADDRESS_PATTERN = (r"^(([A-Za-z][A-Za-z0-9+.-]*://)?(\[[0-9A-Fa-f:.]+\]|[^\s/:@\[\]]+):[0-9]{1,5}"
+                        r"|inproc://\S+)?$")
 _NO_SECRET_OPTIONS = {"propertyNames": {"not": {"pattern": _any_case(SECRET_OPTION_PATTERN)}},
                       "additionalProperties": {"type": "string", **_NO_URL_PASSWORD}}
 
