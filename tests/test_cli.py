@@ -45,6 +45,8 @@ def sample_value(name: str):
         return 7 if default != 7 else 8
     if annotation is float:
         return 0.5
+    if name == "dask_address":  # a string of a form: a scheduler's address with its port
+        return "tcp://scheduler:8786"
     if annotation is str:
         return f"/tmp/{name}-value"
     raise AssertionError(f"no sample for {name}: {field.annotation!r}")
