@@ -1601,8 +1601,7 @@ def test_id_column_not_in_the_parquets(tmp_path, capsys, monkeypatch):
     # The API checks each shard as it starts: 00001's parquet lacks the column that 00000's has.
     data = dataset(tmp_path / "mixed", 2)
     first = data / "00000.parquet"
-    pq.write_table(read(first).append_column("uid", pc.binary_join_element_wise(read(first).column("key"), "-u", "")),
-                   first)
+    pq.write_table(read(first).append_column("uid", read(first).column("key")), first)  # the keys, under its name
     embedded = _count_embedded(monkeypatch)
     with pytest.raises(ShardsFailed) as failed:
         embedder(id_column="uid")(str(data), str(tmp_path / "mixed-out"))
@@ -1610,7 +1609,7 @@ def test_id_column_not_in_the_parquets(tmp_path, capsys, monkeypatch):
     assert reason.startswith(f"ValueError: shard {data / '00001.tar'}: id column 'uid' is not in "
                              f"{data / '00001.parquet'} (columns: key, "), reason
     assert embedded == [PER_SHARD]  # 00000 only: 00001 was refused before its embedding
-    assert read(tmp_path / "mixed-out" / "00000.parquet").column("uid").null_count == 0
+    assert read(tmp_path / "mixed-out" / "00000.parquet").column(EMB).null_count == 0  # joined on uid
     assert not (tmp_path / "mixed-out" / "00001.parquet").exists()
     table.record("param-id-column-missing",
                  done="--id-column uid, a column no shard's parquet has; then (API) a run where 00000's parquet has "
@@ -1619,6 +1618,43 @@ def test_id_column_not_in_the_parquets(tmp_path, capsys, monkeypatch):
                      "first shard's parquet footer); a later shard lacking it fails before it is embedded, with the "
                      "same words after 'shard <tar>: ', and the other shards are embedded",
                  lost="nothing: no shard is embedded and then thrown away")
+
+
+def test_id_column_that_matches_no_key(tmp_path, capsys, monkeypatch):
+    """A valid --id-column of the wrong column (`width`, integers) matches no tar key: joined, every parquet row
+    would be "not in tar" and every sample a row of its own with the key in `width`, the run reporting success.
+    Refused before any work from the first shard's first keys; a later shard whose parquet holds none of its tar's
+    keys fails, not retried, naming what to check, while the others are embedded."""
+    from wdsembed import faults
+
+    err = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", "--id-column", "width")
+    assert err == (f"error: not one of the first {PER_SHARD} sample key(s) of 00000.tar is in id column 'width' of "
+                   "00000.parquet (keys such as '000000000', '000000001'; 'width' holds '40'): check that "
+                   "--id-column names the column holding each sample's key (img2dataset's is 'key') and that this "
+                   "parquet is the tar's own"), err
+    data = dataset(tmp_path / "mixed", 2)
+    other = data / "00001.parquet"  # another shard's rows: keys of another tar
+    pq.write_table(read(other).set_column(0, "key", pc.binary_join_element_wise("x", read(other).column("key"), "")),
+                   other)
+    with pytest.raises(ShardsFailed) as failed:
+        embedder()(str(data), str(tmp_path / "mixed-out"))
+    reason = failed.value.failures["00001"]
+    assert reason == (f"ValueError: shard {data / '00001.tar'}: not one of the tar's {PER_SHARD} sample key(s) is "
+                      f"in id column 'key' of {other} (keys such as '000010000', '000010001'; 'key' holds "
+                      "'x000010000', 'x000010001'): check that --id-column names the column holding each sample's "
+                      "key (img2dataset's is 'key') and that this parquet is the tar's own"), reason
+    assert failed.value.transient == []  # never retried: the same keys match nothing again
+    assert read(tmp_path / "mixed-out" / "00000.parquet").column(EMB).null_count == 0
+    assert not (tmp_path / "mixed-out" / "00001.parquet").exists()
+    table.record("param-id-column-matches-no-key",
+                 done="--id-column width (an integer column of img2dataset's parquet, not the key); then (API) a run "
+                      "where 00001's parquet holds keys of another tar",
+                 did=f"exit 2 before any work, nothing written: {q(err.removeprefix('error: '))} (the first shard's "
+                     "first keys, read from its tar headers, against its parquet's column); a later shard whose "
+                     "parquet holds none of its tar's keys fails once embedded, not retried, with the same words "
+                     "over all its keys after 'shard <tar>: ', and the other shards are written (a parquet with rows "
+                     "the tar lacks, img2dataset's failed downloads, is joined as before)",
+                 lost="nothing: no table of unjoined rows is written")
 
 
 def test_batch_size_zero(tmp_path, capsys):

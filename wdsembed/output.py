@@ -92,6 +92,26 @@ def id_column_problem(id_column: str, parquet: str, schema: pa.Schema) -> Option
     return f"{said}: pass --id-column the column that holds each row's key"
 
 
+def unmatched_keys_problem(ids: pa.ChunkedArray, keys: Sequence[str], id_column: str, parquet: str,
+                           keys_said: str) -> Optional[str]:
+    """Where a shard's parquet has rows and its tar has samples but not one sample key is an id of the parquet
+    (`ids`, its id column), what to check, naming the parquet and a few values of each side; else None. Many
+    parquet rows without a sample are usual (img2dataset's failed downloads), but not one match is a wrong
+    --id-column, or a parquet of another tar: joined, every row would be "not in tar" and every sample a row of
+    its own with the other columns null. `keys_said`: which keys these are ("the tar's 6 sample keys")."""
+    if not len(ids) or not len(keys):
+        return None
+    canon = pa.array(_canonical_tar_keys(keys, ids.type), type=pa.string())
+    row_ids = _id_strings(ids).combine_chunks()
+    if pc.any(pc.is_in(canon, value_set=row_ids)).as_py():
+        return None
+    values = pc.unique(row_ids.drop_null())
+    shown = ", ".join(repr(v) for v in values.slice(0, 2).to_pylist()) if len(values) else "all null"
+    return (f"not one of {keys_said} is in id column {id_column!r} of {parquet} (keys such as "
+            f"{', '.join(repr(k) for k in keys[:2])}; {id_column!r} holds {shown}): check that --id-column names the "
+            "column holding each sample's key (img2dataset's is 'key') and that this parquet is the tar's own")
+
+
 def _id_value_type(t: pa.DataType) -> pa.DataType:
     return t.value_type if pa.types.is_dictionary(t) else t
 

@@ -282,12 +282,18 @@ def _check_readable(config: EmbedConfig, found: "FoundShards") -> None:
                          "give them read permission (chmod a+r) or run as a user who can read them")
 
 
+# How many of the first shard's sample keys the pre-flight looks up in its parquet's id column.
+FIRST_KEYS = 8
+
+
 def _check_id_column(config: EmbedConfig, found: "FoundShards") -> None:
     """The first shard's img2dataset parquet, where it has one, must hold the id column, of a type the key join
-    takes: otherwise every shard would be embedded and then fail at the join. Its footer only (one small read);
-    each shard checks its own before embedding (shard.process_shard)."""
-    siblings = (t[: -len(".tar")] + ".parquet" for t in found.tars)
-    first = next((p for p in siblings if p in found.files), None)
+    takes: otherwise every shard would be embedded and then fail at the join. Its footer first (one small read);
+    each shard checks its own before embedding (shard.process_shard). Then the column must hold one of the tar's
+    first sample keys (its headers, and the id column alone): a wrong but valid --id-column (`width`) matches none,
+    and every shard would fail once embedded (shard.process_shard checks every key of its own)."""
+    siblings = ((t, t[: -len(".tar")] + ".parquet") for t in found.tars)
+    tar, first = next(((t, p) for t, p in siblings if p in found.files), (None, None))
     if first is None:
         return
     import pyarrow.parquet as pq
@@ -301,6 +307,16 @@ def _check_id_column(config: EmbedConfig, found: "FoundShards") -> None:
     problem = output.id_column_problem(config.id_column, shown, schema)
     if problem:
         raise InputError(problem)
+    try:
+        keys = shards.first_keys(tar, found.fs, FIRST_KEYS)
+        ids = shards.read_rows(first, found.fs, columns=[config.id_column]).column(config.id_column) if keys else None
+    except Exception:  # noqa: BLE001 - an unreadable tar or parquet is the shard's own failure or warning
+        return
+    if keys:
+        problem = output.unmatched_keys_problem(ids, keys, config.id_column, shown,
+                                                f"the first {len(keys)} sample key(s) of {posixpath.basename(tar)}")
+        if problem:
+            raise InputError(problem)
 
 
 def _check_checkpoint_fits(config: EmbedConfig) -> None:

@@ -229,6 +229,12 @@ def process_shard(
         with fidelity.reference_beside(worker, chosen, config.max_image_pixels or None) as reference:
             faults.maybe_inject(plan.stem, "table")
             warnings += tar.finish()
+            if rows is not None:  # a wrong --id-column matches no key: refused, not joined into a table of nulls
+                samples = list(dict.fromkeys([*keys, *tar.errors, *failures]))
+                problem = output.unmatched_keys_problem(rows.column(config.id_column), samples, config.id_column,
+                                                        plan.rows, f"the tar's {len(samples)} sample key(s)")
+                if problem:
+                    raise ValueError(f"shard {plan.shard}: {problem}")
             joined = output.join_embeddings(
                 rows=rows,
                 keys=keys,

@@ -607,6 +607,26 @@ def stats_path_for(shard_path: str) -> str:
     return shardindex.stem_path(shard_path) + "_stats.json"
 
 
+def first_keys(tar_url: str, fs: Any, n: int, *, max_members: int = 256) -> list[str]:
+    """The keys of a tar's first `n` samples, from its headers only (member data is skipped, seeked past where
+    it is large): a look at a shard before any work. Fewer where the tar holds fewer, or is damaged (the keys
+    before the damage)."""
+    keys: dict[str, None] = {}
+    # A small block: the headers of the first samples, not the object store's default 50 MB read-ahead.
+    with fs.open(tar_url, "rb", block_size=1 << 20) as f:
+        r = tarstream.Reader(f, 64 << 10, allow_seek=True)
+        try:
+            for i, m in enumerate(tarstream.iter_members(r)):
+                if m.typeflag != tarstream.DIRECTORY:
+                    keys.setdefault(split_member_name(m.name)[0])
+                if len(keys) > n or i >= max_members:  # one more key: the n-th sample is whole
+                    break
+                tarstream.skip_data(r, m)
+        except tarstream.TarCorrupt:
+            pass
+    return list(keys)[:n]
+
+
 def read_rows(parquet_url: str, fs: Any, columns: Optional[Sequence[str]] = None):
     """The shard's img2dataset row table (every input row, failed downloads included), or None when there is no
     parquet. A file that cannot be decoded as parquet (not parquet at all, a truncated footer, a damaged page)

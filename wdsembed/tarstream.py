@@ -31,6 +31,7 @@ NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
 
 
 HARD_LINK, SYMLINK = b"1", b"2"
+DIRECTORY = b"5"
 
 
 # A GNU sparse file (tar --sparse): the old GNU format's typeflag, and the typeflag iter_members gives a pax member
@@ -480,7 +481,7 @@ def iter_members(r: Reader) -> Iterator[Member]:
             except ValueError:
                 raise BadHeader(hoff, "bad pax size") from None
         if typeflag == b"\x00" and name.endswith("/"):  # old tars mark directories this way
-            typeflag = b"5"
+            typeflag = DIRECTORY
         data_offset = hoff + BLOCK
         if pax and typeflag in REGULAR and marks_sparse(pax):
             typeflag = SPARSE
