@@ -85,6 +85,7 @@ CASES: list[tuple[str, str, str]] = [
     ("param-device-cuda-no-gpu", "Bad parameters", "--device cuda where no GPU is visible"),
     ("param-id-column-missing", "Bad parameters", "--id-column that the shards' parquets lack"),
     ("param-id-column-matches-no-key", "Bad parameters", "--id-column of a column that holds no sample's key"),
+    ("param-column-clash", "Bad parameters", "Parquet column named like the embedding or error column"),
     ("sec-no-code-from-inputs", "Security", "Shards and parquet are data, never code"),
     ("sec-member-names", "Security", "Member names that try to escape (../, absolute, links)"),
     ("sec-credentials", "Security", "Credentials never in logs, artifacts or outputs"),

@@ -193,15 +193,28 @@ def test_without_parquet():
     ]
 
 
-def test_custom_column_names_and_replaced_columns():
-    rows = pa.table({"id": ["a", "b"], "emb": [[1.0], [2.0]]})
+def test_custom_column_names_and_columns_never_replaced():
+    rows = pa.table({"id": ["a", "b"], "caption": ["x", "y"]})
     t = build_output_table(
         rows=rows, keys=["b"], embeddings=_emb("2")[None], errors={}, dim=DIM,
         id_column="id", embedding_column="emb", error_column="why",
     )
-    assert t.column_names == ["id", "emb", "why"]
+    assert t.column_names == ["id", "caption", "emb", "why"]
     assert t.column("emb").to_pylist() == [None, _emb("2").tolist()]
     assert t.column("why").to_pylist() == [NOT_IN_TAR, None]
+    # A column of the parquet named like the embedding or error column is the user's data: never replaced.
+    for names, clash in (({"embedding_column": "caption"}, "'caption'"),
+                         ({"error_column": "caption"}, "'caption'"),
+                         ({"embedding_column": "caption", "error_column": "id2"}, "'caption', 'id2'")):
+        with pytest.raises(ValueError) as refused:
+            build_output_table(rows=rows.append_column("id2", rows.column("id")), keys=["b"],
+                               embeddings=_emb("2")[None], errors={}, dim=DIM, id_column="id", **names)
+        flags = " and ".join(f"--{flag} another name" for flag, field in (("embedding-column", "embedding_column"),
+                                                                          ("error-column", "error_column"))
+                             if field in names)
+        assert str(refused.value) == (f"the shard's parquet already has column(s) {clash}, which the output would "
+                                      f"replace with its own: pass {flags}, so that every column of the parquet is "
+                                      "kept")
 
 
 def test_bad_inputs():

@@ -1657,6 +1657,35 @@ def test_id_column_that_matches_no_key(tmp_path, capsys, monkeypatch):
                  lost="nothing: no table of unjoined rows is written")
 
 
+def test_parquet_column_named_like_the_output_columns(tmp_path, capsys):
+    """Every column of the input parquet is kept: one named like the embedding or error column (a caption column
+    passed as --embedding-column, a parquet that already carries an image_embedding) is refused, never replaced."""
+    err = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", "--embedding-column", "caption")
+    assert err == ("error: 00000.parquet already has column(s) 'caption', which the output would replace with its "
+                   "own: pass --embedding-column another name, so that every column of the parquet is kept"), err
+    data = dataset(tmp_path / "mixed", 2)
+    other = data / "00001.parquet"
+    rows = read(other)
+    pq.write_table(rows.append_column(EMB, pa.array([[0.5, 0.5]] * rows.num_rows, pa.list_(pa.float32()))), other)
+    with pytest.raises(ShardsFailed) as failed:
+        embedder()(str(data), str(tmp_path / "mixed-out"))
+    reason = failed.value.failures["00001"]
+    assert reason == (f"ValueError: shard {data / '00001.tar'}: {other} already has column(s) '{EMB}', which the "
+                      "output would replace with its own: pass --embedding-column another name, so that every column "
+                      "of the parquet is kept"), reason
+    assert failed.value.transient == []
+    assert read(tmp_path / "mixed-out" / "00000.parquet").column(EMB).null_count == 0
+    assert not (tmp_path / "mixed-out" / "00001.parquet").exists()
+    table.record("param-column-clash",
+                 done="--embedding-column caption (a column of img2dataset's parquet); then (API) a run where "
+                      "00001's parquet already has an image_embedding column",
+                 did=f"exit 2 before any work, nothing written: {q(err.removeprefix('error: '))} (read from the "
+                     "first shard's parquet footer, as is --error-column); a later shard whose parquet has such a "
+                     "column fails before it is embedded, with the same words after 'shard <tar>: ', and the other "
+                     "shards are embedded",
+                 lost="nothing: no column of the parquet is replaced")
+
+
 def test_batch_size_zero(tmp_path, capsys):
     err = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", "--batch-size", "0")
     assert err == "error: invalid parameters:\n  batch_size: Input should be greater than or equal to 1"

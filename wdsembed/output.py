@@ -92,6 +92,20 @@ def id_column_problem(id_column: str, parquet: str, schema: pa.Schema) -> Option
     return f"{said}: pass --id-column the column that holds each row's key"
 
 
+def column_clash_problem(parquet: str, schema: pa.Schema, embedding_column: str, error_column: str) -> Optional[str]:
+    """Where a shard's parquet already has a column named like the embedding or error column, what to pass, naming
+    the file; else None. Every column of the parquet is kept: one of the same name would be replaced, its data lost
+    from the output (`--embedding-column caption` would replace the captions). Asked before anything is embedded
+    (the pre-flight of the first shard, each shard as it starts), and by the join itself."""
+    clash = [c for c in (embedding_column, error_column) if c in schema.names]
+    if not clash:
+        return None
+    flags = " and ".join(f"--{flag} another name" for flag, c in (("embedding-column", embedding_column),
+                                                                  ("error-column", error_column)) if c in clash)
+    return (f"{parquet} already has column(s) {', '.join(map(repr, clash))}, which the output would replace with "
+            f"its own: pass {flags}, so that every column of the parquet is kept")
+
+
 def unmatched_keys_problem(ids: pa.ChunkedArray, keys: Sequence[str], id_column: str, parquet: str,
                            keys_said: str) -> Optional[str]:
     """Where a shard's parquet has rows and its tar has samples but not one sample key is an id of the parquet
@@ -229,8 +243,9 @@ def join_embeddings(
       row; the other is appended with its id and an error naming both keys, not joined to a row that is not its.
     * Every embedded sample ends up on a row, with its embedding or with an error from one of the two rules above
       (`JoinedOutput.errors`); anything else is a fault of the join and raises.
-    * Columns of `rows` named like the embedding or error column are replaced; pandas metadata is dropped (the
-      row count and columns changed), and so is field metadata naming a pickled extension type
+    * Columns of `rows` named like the embedding or error column are refused (column_clash_problem), never
+      replaced; pandas metadata is dropped (the row count and columns changed), and so is field metadata naming a
+      pickled extension type
       (``arrow.py_extension_type``: a pickle that old pyarrow versions would run on reading the output).
     * `missing_reason` replaces "not in tar" for successful rows the tar lacks (e.g. a damaged tar's unread part).
     """
@@ -255,12 +270,11 @@ def join_embeddings(
         id_type = pa.string()
         base = pa.table({id_column: pa.array([], type=pa.string())})
     else:
-        problem = id_column_problem(id_column, "the shard's parquet", rows.schema)
+        problem = (id_column_problem(id_column, "the shard's parquet", rows.schema)
+                   or column_clash_problem("the shard's parquet", rows.schema, embedding_column, error_column))
         if problem:
             raise ValueError(problem)
-        base = _without_pickled_types(
-            rows.drop_columns([c for c in (embedding_column, error_column) if c in rows.column_names])
-        )
+        base = _without_pickled_types(rows)
         id_type = base.schema.field(id_column).type
     row_ids = _id_strings(base.column(id_column)).combine_chunks()
 

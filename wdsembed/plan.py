@@ -288,7 +288,8 @@ FIRST_KEYS = 8
 
 def _check_id_column(config: EmbedConfig, found: "FoundShards") -> None:
     """The first shard's img2dataset parquet, where it has one, must hold the id column, of a type the key join
-    takes: otherwise every shard would be embedded and then fail at the join. Its footer first (one small read);
+    takes, and no column the output's own would replace (the embedding and error columns): otherwise every shard
+    would be embedded and then fail at the join, or lose that column. Its footer first (one small read);
     each shard checks its own before embedding (shard.process_shard). Then the column must hold one of the tar's
     first sample keys (its headers, and the id column alone): a wrong but valid --id-column (`width`) matches none,
     and every shard would fail once embedded (shard.process_shard checks every key of its own)."""
@@ -304,7 +305,8 @@ def _check_id_column(config: EmbedConfig, found: "FoundShards") -> None:
     except Exception:  # noqa: BLE001 - an unreadable parquet is the shard's own warning (shard.read_metadata)
         return
     shown = posixpath.relpath(first, found.root) if found.root else first
-    problem = output.id_column_problem(config.id_column, shown, schema)
+    problem = (output.id_column_problem(config.id_column, shown, schema)
+               or output.column_clash_problem(shown, schema, config.embedding_column, config.error_column))
     if problem:
         raise InputError(problem)
     try:

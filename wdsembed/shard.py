@@ -199,8 +199,11 @@ def process_shard(
 
     faults.maybe_inject(plan.stem)  # opt-in (WDSEMBED_FAULTS); a no-op otherwise
     rows, warnings = read_metadata(config, plan)
-    # found now, not after embedding the shard: no id column, or one the join refuses (float keys)
-    problem = output.id_column_problem(config.id_column, plan.rows, rows.schema) if rows is not None else None
+    # found now, not after embedding the shard: no id column, one the join refuses (float keys), or a column the
+    # output's own would replace
+    problem = (output.id_column_problem(config.id_column, plan.rows, rows.schema)
+               or output.column_clash_problem(plan.rows, rows.schema, config.embedding_column, config.error_column)
+               if rows is not None else None)
     if problem:
         raise ValueError(f"shard {plan.shard}: {problem}")
     # Held until the shard is written: another run's task on this Dask worker, with other settings, waits for it
