@@ -81,6 +81,7 @@ CASES: list[tuple[str, str, str]] = [
     ("param-batch-size-0", "Bad parameters", "Batch size 0"),
     ("param-output-in-input", "Bad parameters", "Output inside input"),
     ("param-output-of-another-model", "Bad parameters", "Output already holding another model's embeddings"),
+    ("param-output-foreign-file", "Bad parameters", "Output already holding a parquet that wdsembed did not write"),
     ("param-unreadable-input", "Bad parameters", "Unreadable input"),
     ("param-device-cuda-no-gpu", "Bad parameters", "--device cuda where no GPU is visible"),
     ("param-id-column-missing", "Bad parameters", "--id-column that the shards' parquets lack"),

@@ -1749,6 +1749,36 @@ def test_output_holding_another_models_embeddings(tmp_path, capsys):
                  lost="nothing (no work started, every output as it was)")
 
 
+def test_output_holding_a_parquet_wdsembed_did_not_write(tmp_path, capsys):
+    """A user's own parquet at a shard's output path (OUTPUT/00000.parquet, no footer of ours) is never overwritten:
+    refused before any work, by the CLI and the API, with --force too. Outputs of ours are rewritten as before."""
+    data, out = dataset(tmp_path / "in", 2), tmp_path / "out"
+    out.mkdir()
+    shutil.copy(data / "00000.parquet", out / "00000.parquet")
+    mine = (out / "00000.parquet").read_bytes()
+    code, err, started = cli_main([str(data), "--output", str(out), "--device", "cpu", "--model", TINY_MODEL,
+                                   "--no-pretrained"], capsys)
+    assert code == 2 and not started, (code, err)
+    assert err.strip() == (f"error: output {str(out)!r} already holds 1 parquet file(s) that wdsembed did not write, "
+                           "where this run writes its shards' outputs: 00000.parquet. They are never overwritten: "
+                           "choose another output folder, or move them out of it"), err
+    for force in (False, True):  # the API: from the footers its planning reads, or (force) read for this alone
+        with pytest.raises(output.ForeignOutputError, match=r"already holds 1 parquet file\(s\) .*: 00000.parquet\."):
+            embedder(force=force)(str(data), str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet"] and (out / "00000.parquet").read_bytes() == mine
+    (out / "00000.parquet").unlink()
+    embedder()(str(data), str(out))  # moved away: the run writes its outputs, which later runs rewrite
+    embedder(force=True)(str(data), str(out))
+    table.record("param-output-foreign-file",
+                 done="a copy of the shard's own 00000.parquet put in OUTPUT (no wdsembed footer), then a run into "
+                      "that OUTPUT (CLI; API, with and without force)",
+                 did=f"exit 2 before any work: {q(err.strip().removeprefix('error: ').replace(str(out), 'OUTPUT'))} "
+                     "(the API raises the same, "
+                     "with or without force; an output of wdsembed's own, of any model, damaged below its footer "
+                     "or with a footer that cannot be read, is rewritten as before)",
+                 lost="nothing: the file is as it was")
+
+
 def test_unreadable_input(tmp_path, capsys):
     # through the real command line, in its own process: refused before Prefect or Dask start anything
     data = dataset(tmp_path / "in", 1)

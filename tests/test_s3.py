@@ -381,6 +381,23 @@ def test_plan_does_not_download_shards_to_index_them(server, dataset, tmp_path):
     assert "s3://" in plans[0].shard and plans[0].rows.endswith("00000.parquet") and plans[0].expected_samples == 6
 
 
+def test_a_parquet_wdsembed_did_not_write_at_an_output_key_is_refused_by_the_planning(server, dataset, tmp_path):
+    """A user's own parquet at OUTPUT/00000.parquet on a store: the planning's footer reads (with force, read for
+    this alone) refuse the run before any shard could overwrite it."""
+    url = upload(server, dataset)
+    prefix = f"foreign-{uuid.uuid4().hex[:8]}"
+    server.boto().upload_file(str(dataset / "00000.parquet"), OUT_BUCKET, f"{prefix}/00000.parquet")
+    try:
+        for force in (False, True):
+            config = config_for(url, f"s3://{OUT_BUCKET}/{prefix}", server.endpoint, force=force,
+                                index_cache_dir=str(tmp_path / "cache"))
+            with pytest.raises(output.ForeignOutputError, match=r"holds 1 parquet file\(s\) that wdsembed did not"):
+                plan.plan_run(config)
+        assert [k for k in server.keys(OUT_BUCKET) if k.startswith(prefix + "/")] == [f"{prefix}/00000.parquet"]
+    finally:  # the bucket is the module's: other tests list it whole
+        server.boto().delete_object(Bucket=OUT_BUCKET, Key=f"{prefix}/00000.parquet")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # writes: whole objects only
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
+from typing import Iterable, Optional
 
-from wdsembed import shard, storage
+from wdsembed import output, shard, storage
 from wdsembed.config import EmbedConfig
 
 log = logging.getLogger("wdsembed")
@@ -31,18 +31,26 @@ def result_storage_url(config: EmbedConfig) -> str:
 
 
 def finished_stems(config: EmbedConfig, plans: Iterable[shard.ShardPlan], *, max_workers: int = 16) -> set[str]:
-    """Stems whose output exists, is readable and carries this run's cache key (reads only footers)."""
+    """Stems whose output exists, is readable and carries this run's cache key (reads only footers). Raises
+    output.ForeignOutputError naming every planned output path that holds a parquet wdsembed did not write: the
+    footers read here are what tells them apart, so the run is refused before any shard overwrites one."""
     plans = list(plans)
 
-    def done(plan: shard.ShardPlan) -> bool:
+    def done(plan: shard.ShardPlan) -> Optional[bool]:  # None: a file not ours
         try:
             return shard.finished_output(config, plan, shard.cache_key(config, plan)) is not None
+        except output.ForeignOutputError:
+            return None
         except Exception as exc:  # noqa: BLE001 - unknown means "recompute", never "cached"
             log.warning("shard %s: cannot read its output's footer (%s); recomputing it", plan.stem, exc)
             return False
 
     with ThreadPoolExecutor(max(1, min(max_workers, len(plans)))) as pool:
-        return {plan.stem for plan, ok in zip(plans, pool.map(done, plans)) if ok}
+        states = list(pool.map(done, plans))
+    foreign = [f"{plan.stem}.parquet" for plan, ok in zip(plans, states) if ok is None]
+    if foreign:
+        raise output.ForeignOutputError(foreign, config.output)
+    return {plan.stem for plan, ok in zip(plans, states) if ok}
 
 
 def written_results(config: EmbedConfig, plans: Iterable[shard.ShardPlan]) -> list[dict]:

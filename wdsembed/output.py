@@ -593,11 +593,30 @@ def _embedding_encoding(column: pa.ChunkedArray) -> str:
     return "none" if (head & 0xFFFF).any() else "zstd"
 
 
-def read_output_metadata(url: str, fs: Any) -> Optional[dict]:
+class ForeignOutputError(ValueError):
+    """Parquet files where this run writes shard outputs that wdsembed did not write (their footers read, and hold
+    no metadata of ours): the user's own files, never overwritten. `files`: their names under `output` (or URLs)."""
+
+    def __init__(self, files: Sequence[str], output: Optional[str] = None) -> None:
+        files = list(files)
+        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+        where = f"output {output!r} already holds" if output else "there are"
+        super().__init__(f"{where} {len(files)} parquet file(s) that wdsembed did not write, where this run writes "
+                         f"its shards' outputs: {', '.join(files[:3])}{more}. They are never overwritten: choose "
+                         "another output folder, or move them out of it")
+        self.files, self.output = files, output
+
+    def __reduce__(self):  # crosses from Dask workers to the caller with its fields
+        return type(self), (self.files, self.output)
+
+
+def read_output_metadata(url: str, fs: Any, *, refuse_foreign: bool = False) -> Optional[dict]:
     """The JSON metadata of an output written by write_parquet_atomic, reading only the footer.
 
     None where the file is missing, is not a readable parquet file (cut short, a damaged footer), or lacks our
     metadata. Other errors (permissions, network) propagate: they are not a reason to think the shard needs redoing.
+    With `refuse_foreign`, a readable parquet without our footer key raises ForeignOutputError instead: it is no
+    output of ours (an unreadable footer may be one, damaged, and is None as above).
     """
     try:
         with fs.open(url, "rb") as f:
@@ -608,6 +627,8 @@ def read_output_metadata(url: str, fs: Any) -> Optional[dict]:
         if undecodable(exc):
             return None
         raise
+    if refuse_foreign and FOOTER_KEY not in (meta or {}):
+        raise ForeignOutputError([url])
     return footer_metadata(meta)
 
 

@@ -88,6 +88,11 @@ def check_config(config: EmbedConfig) -> bool:
     _check_id_column(config, found)
     check_output_location(config, found)
     check_outputs_beside(config, found)
+    # Where every output is finished with this run's key, nothing_to_compute read each footer: all are ours. On an
+    # object store the flow's planning reads those footers anyway (plan_run) and refuses there, before any shard:
+    # read here too, each would cost its requests twice.
+    if needs_model and storage.is_local(storage.filesystem(config.output, config.storage_options)[0]):
+        check_own_outputs(config, [found.stem(t) for t in found.tars])
     if needs_model:
         preflight.check_weights(config)  # last: needs timm
     return not needs_model
@@ -199,6 +204,32 @@ def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
             "folder and one kNN view. Choose another output folder, name those shards in this run too (they are "
             "then recomputed), or remove their outputs."
         )
+
+
+def check_own_outputs(config: EmbedConfig, stems: Collection[str]) -> None:
+    """Refuse a run where a shard's OUTPUT/<stem>.parquet is a readable parquet that wdsembed did not write (no
+    footer of ours: the user's own file, copied there): it would be overwritten. An output of ours, of any model or
+    damaged below its footer, is rewritten as before, and so is a file whose footer cannot be read (an output of
+    ours cut short or damaged looks the same). One listing of OUTPUT, and a footer read for each of these outputs
+    that exists. Raises output.ForeignOutputError naming them."""
+    out_fs, out_root = storage.filesystem(config.output, config.storage_options)
+    try:
+        files = set(out_fs.find(out_root, withdirs=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    existing = [stem for stem in stems if storage.join(out_root, stem + ".parquet") in files]
+
+    def foreign(stem: str) -> bool:
+        try:
+            output.read_output_metadata(storage.join(out_root, stem + ".parquet"), out_fs, refuse_foreign=True)
+        except output.ForeignOutputError:
+            return True
+        return False
+
+    with ThreadPoolExecutor(max(1, min(16, len(existing)))) as pool:
+        found = [f"{stem}.parquet" for stem, bad in zip(existing, pool.map(foreign, existing)) if bad]
+    if found:
+        raise output.ForeignOutputError(found, config.output)
 
 
 def _same_file(recorded: str, given: str) -> bool:
@@ -612,10 +643,15 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
 
 def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None) -> tuple[list[ShardPlan], set[str]]:
     """The flow's planning: every shard's plan, and the stems of those whose output is already finished with this
-    run's cache key (none with force), from their footers. Only the others get a .idx: a finished shard is never
+    run's cache key (none with force), from their footers; output.ForeignOutputError where one of their output
+    paths holds a parquet that wdsembed did not write (check_own_outputs). Only the others get a .idx: a finished shard is never
     read, so a re-run with nothing to compute reads no tar (not even one that no .idx can be written for).
     `found`: find_shards' answer, where the caller has it."""
     plans = plan_shards(config, indexes=False, found=found)
+    # A parquet that wdsembed did not write, where a shard's output goes, is refused before any shard overwrites it:
+    # from the footers the cache check reads anyway (caching.finished_stems); with force, read for this alone.
+    if config.force:
+        check_own_outputs(config, [p.stem for p in plans])
     finished = set() if config.force else caching.finished_stems(config, plans)
     return with_indexes(config, plans, skip=finished), finished
 

@@ -156,13 +156,14 @@ def cache_key_parts(config: EmbedConfig, plan: ShardPlan) -> dict:
 def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_view: bool = True,
                     claim_run: Optional[str] = None) -> Optional[dict]:
     """The footer metadata of a complete output made with the same cache key, else None (missing, cut short, its
-    footer unreadable, or made from other inputs): such an output is recomputed, never reported as cached. Only the
+    footer unreadable, or made from other inputs): such an output is recomputed, never reported as cached; a readable
+    parquet there that wdsembed did not write raises output.ForeignOutputError, and is never overwritten. Only the
     footer is read, but where the kNN view must be rebuilt from the table and the table turns out damaged, the
     output is not finished either (a warning names it). `repair_view=False` only reads (the pre-flight's question),
     writing no missing kNN view. A view is rebuilt only while OUTPUT's claim is still run `claim_run`'s (a task's;
     None: the planning's, in the process that holds it), else OutputClaimLostError (outputclaim.check_still_held)."""
     fs, path = storage.filesystem(plan.output, config.storage_options)
-    meta = output.read_output_metadata(path, fs)
+    meta = output.read_output_metadata(path, fs, refuse_foreign=True)
     if meta and meta.get("cache_key") == key:
         if repair_view and config.knn_view:
             # a deleted or stale view is rebuilt from the table, not re-embedded
