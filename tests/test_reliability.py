@@ -1626,9 +1626,10 @@ def test_id_column_that_matches_no_key(tmp_path, capsys, monkeypatch):
     Refused before any work from the first shard's first keys; a later shard whose parquet holds none of its tar's
     keys fails, not retried, naming what to check, while the others are embedded."""
     from wdsembed import faults
+    from wdsembed.plan import FIRST_KEYS, check_config
 
     err = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", "--id-column", "width")
-    assert err == (f"error: not one of the first {PER_SHARD} sample key(s) of 00000.tar is in id column 'width' of "
+    assert err == (f"error: not one of the {PER_SHARD} sample key(s) of 00000.tar is in id column 'width' of "
                    "00000.parquet (keys such as '000000000', '000000001'; 'width' holds '40'): check that "
                    "--id-column names the column holding each sample's key (img2dataset's is 'key') and that this "
                    "parquet is the tar's own"), err
@@ -1646,11 +1647,19 @@ def test_id_column_that_matches_no_key(tmp_path, capsys, monkeypatch):
     assert failed.value.transient == []  # never retried: the same keys match nothing again
     assert read(tmp_path / "mixed-out" / "00000.parquet").column(EMB).null_count == 0
     assert not (tmp_path / "mixed-out" / "00001.parquet").exists()
+    # a parquet filtered down to rows past the tar's first keys (curated rows) is the right column: not refused
+    curated = tmp_path / "curated"
+    write_shard(curated, "00000", samples(FIRST_KEYS + 4))
+    rows = read(curated / "00000.parquet")
+    pq.write_table(rows.slice(FIRST_KEYS + 2), curated / "00000.parquet")
+    check_config(config(curated, tmp_path / "curated-out"))
     table.record("param-id-column-matches-no-key",
                  done="--id-column width (an integer column of img2dataset's parquet, not the key); then (API) a run "
                       "where 00001's parquet holds keys of another tar",
                  did=f"exit 2 before any work, nothing written: {q(err.removeprefix('error: '))} (the first shard's "
-                     "first keys, read from its tar headers, against its parquet's column); a later shard whose "
+                     "keys, read from its tar headers, against its parquet's column: the first 8, then, where none "
+                     "matches, all of them, so that a parquet filtered down to later rows is not refused); a later "
+                     "shard whose "
                      "parquet holds none of its tar's keys fails once embedded, not retried, with the same words "
                      "over all its keys after 'shard <tar>: ', and the other shards are written (a parquet with rows "
                      "the tar lacks, img2dataset's failed downloads, is joined as before)",

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import posixpath
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Collection, Optional
@@ -313,7 +314,7 @@ def _check_readable(config: EmbedConfig, found: "FoundShards") -> None:
                          "give them read permission (chmod a+r) or run as a user who can read them")
 
 
-# How many of the first shard's sample keys the pre-flight looks up in its parquet's id column.
+# How many of the first shard's sample keys the pre-flight looks up in its parquet's id column, before all of them.
 FIRST_KEYS = 8
 
 
@@ -345,11 +346,22 @@ def _check_id_column(config: EmbedConfig, found: "FoundShards") -> None:
         ids = shards.read_rows(first, found.fs, columns=[config.id_column]).column(config.id_column) if keys else None
     except Exception:  # noqa: BLE001 - an unreadable tar or parquet is the shard's own failure or warning
         return
-    if keys:
-        problem = output.unmatched_keys_problem(ids, keys, config.id_column, shown,
-                                                f"the first {len(keys)} sample key(s) of {posixpath.basename(tar)}")
-        if problem:
-            raise InputError(problem)
+    if not keys or not output.unmatched_keys_problem(ids, keys, config.id_column, shown, ""):
+        return
+    # None of the first keys: a wrong column, or a parquet filtered down (curated rows; the tar's other samples
+    # join as rows of their own). Only every key of the tar tells them apart: its headers, read through on a local
+    # disk in a fraction of a second; on an object store that would be the whole tar, so each shard's own check
+    # (shard.process_shard, every key) says it there.
+    if not storage.is_local(found.fs):
+        return
+    try:
+        keys = shards.first_keys(tar, found.fs, n=sys.maxsize, max_members=sys.maxsize)
+    except Exception:  # noqa: BLE001 - as above
+        return
+    problem = output.unmatched_keys_problem(ids, keys, config.id_column, shown,
+                                            f"the {len(keys)} sample key(s) of {posixpath.basename(tar)}")
+    if problem:
+        raise InputError(problem)
 
 
 def _check_checkpoint_fits(config: EmbedConfig) -> None:
