@@ -122,10 +122,15 @@ def embed_dataset(config: EmbedConfig) -> dict:
         finished_now, failed_now, transient_now = _outcome(future, group, finished, config)
         transient |= transient_now
         timeline["collected"] = time.time()
-        for stem, reason in failed_now.items():
-            failures[stem] = reason
-            logger.error("shard %s failed: %s", stem, reason)
-        if failed_now:
+        failures.update(failed_now)
+        lost = bool(failed_now) and _task_lost(future)
+        if lost or (failed_now and config.dask_address):
+            # Said here as it comes back only where the task run's own end (its ShardsFailed: the reasons, by cause)
+            # is not on this terminal: its worker died before it could end, or it ran on the workers of a cluster
+            # this run did not start. The workers of the run's own cluster print it here; the summary says it again.
+            for stem, reason in failed_now.items():
+                logger.error("shard %s failed: %s", stem, reason)
+        if lost:
             _record_lost_run(future, "; ".join(sorted(set(failed_now.values()))))
         results.extend(finished_now)
         for result in finished_now + [None] * len(failed_now):
@@ -240,6 +245,13 @@ def _mark_cached(result: dict, future, finished: set[str]) -> dict:
     return {**result, "cached": bool(cached)}  # the report carries a cached shard's figures from when it was made
 
 
+def _task_lost(future) -> bool:
+    """Whether the task run never ended by itself: Dask gave up on it (its worker process died: KilledWorker), where
+    the task engine would have returned a state."""
+    wrapped = getattr(future, "wrapped_future", None)
+    return wrapped is not None and wrapped.status == "error"
+
+
 def _record_lost_run(future, reason: str) -> None:
     """A task run whose worker process died (Dask gave up on it: KilledWorker) stays Running in the API, as nothing
     was left to report its end: mark it Crashed, with the reason, so the UI tells the truth."""
@@ -247,9 +259,6 @@ def _record_lost_run(future, reason: str) -> None:
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
-    wrapped = getattr(future, "wrapped_future", None)
-    if wrapped is None or wrapped.status != "error":  # the task engine returned a state: nothing was lost
-        return
     try:
         with get_client(sync_client=True) as client:
             state = client.read_task_run(future.task_run_id).state

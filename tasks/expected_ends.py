@@ -4,7 +4,7 @@ Prefect's engines log the exception that ends a flow run or a task run with its 
 during execution: ...", "Task run failed with exception: ...", "An error was encountered while committing
 transaction ...": a task's cached result not written). For the ends that a run expects and says itself, the line
 stays and the traceback goes, on the terminal and in the UI alike: shards failed, the fidelity check below its
-threshold, the manifest not written, each named with every reason in the run's summary; and a full disk (or a
+threshold, the manifest not written, each said in the run's summary (the reasons by cause); and a full disk (or a
 read-only one), whose one line names the file and what to do. Any other exception keeps its traceback.
 
 Installed in the flow's process by flows.embed.run and in each Dask worker by importing `tasks.embed` (the one hook a

@@ -765,8 +765,8 @@ def _command_env(tmp_path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def failed_command(tmp_path_factory) -> subprocess.CompletedProcess:
-    """`python flows/embed.py` on 3 shards: a good one, a truncated tar (written, with a warning), an HTML page saved
-    as .tar (failed)."""
+    """`python flows/embed.py` on 5 shards: a good one, a truncated tar (written, with a warning), and three HTML
+    pages saved as .tar (failed, for one cause)."""
     from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
 
     tmp = tmp_path_factory.mktemp("failed-command")
@@ -775,7 +775,8 @@ def failed_command(tmp_path_factory) -> subprocess.CompletedProcess:
     tar = tmp / "in" / "00001.tar"
     with open(tar, "r+b") as fh:
         fh.truncate(tar.stat().st_size // 2)
-    (tmp / "in" / "00002.tar").write_bytes(b"<!DOCTYPE html><html>404</html>")
+    for s in range(2, 5):
+        (tmp / "in" / f"{s:05d}.tar").write_bytes(b"<!DOCTYPE html><html>404</html>")
     # Port 8787 taken, as by another run's or a notebook's cluster: the dashboard moves without a UserWarning.
     with contextlib.closing(socket.socket()) as holder:
         try:
@@ -806,12 +807,27 @@ def test_command_with_a_failed_shard_says_why_without_a_traceback(failed_command
     """A failed shard is an expected end: its reason once in the summary, Prefect's line that the flow run ended on
     the exception without its traceback, and a closing line that does not promise a re-run would finish it."""
     said = failed_command.stdout + failed_command.stderr
-    assert "1 shard(s) failed (00002): MalformedShardError" in said, said[-3000:]
+    assert "(1) 3 shard(s) failed (00002, 00003, 00004): e.g. 00002: MalformedShardError" in said, said[-3000:]
     assert "Encountered exception during execution: ShardsFailed(" in said  # the line stays, in the UI too
     assert "Traceback (most recent call last)" not in said, said[-3000:]
     assert failed_command.stderr.rstrip().endswith(
-        "(not recomputed); run the same command again to retry the 1 failed shard(s): 00002 will fail again until "
-        "the reason above is fixed"), failed_command.stderr[-2000:]
+        "(not recomputed); run the same command again to retry the 3 failed shard(s): 00002, 00003, 00004 will fail "
+        "again until the reason above is fixed"), failed_command.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_command_says_each_failed_shard_a_bounded_number_of_times(failed_command):
+    """Each failure was said on the terminal once per logger (the worker's, its task run's end, the flow's) and
+    again in the flow run's two closing lines, each of which joined every reason into one: 18 times in 14 lines here
+    for 3 shards of one cause. Now its task run's end says it, and the summary and the closing lines say each cause
+    once, with a few of its shards' names."""
+    said = failed_command.stdout + failed_command.stderr
+    failed = ["00002", "00003", "00004"]
+    reasons = [line for line in said.splitlines() if "not a tar file" in line]
+    # one task-run end per shard; Prefect's two lines of the flow run's end; the summary
+    assert len(reasons) <= len(failed) + 3, "\n".join(reasons)
+    assert all(line.count("not a tar file") == 1 for line in reasons), "\n".join(reasons)
+    assert sum(line.startswith("(") and "shard(s) failed" in line for line in failed_command.stdout.splitlines()) == 1
 
 
 @pytest.mark.slow

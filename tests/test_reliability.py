@@ -1293,9 +1293,13 @@ def test_the_command_on_a_full_disk_names_the_failed_shards_without_a_traceback(
     failed = sorted(set(f"{i:05d}" for i in range(4)) - set(written))
     assert done.returncode == 1 and failed, said[-4000:]
     assert "Traceback (most recent call last)" not in said, said[-6000:]
-    for stem in failed:  # each failed shard with its reason, in the summary
-        assert re.search(rf"\({stem}\): OSError: \[Errno 28\] No space left on device: cannot write \S*{stem}"
-                         r"\.parquet", done.stdout), done.stdout[-3000:]
+    # the failed shards by cause in the summary (4 shards at most: each named), each cause with its (first) reason
+    causes = re.findall(r"^\(\d+\) \d+ shard\(s\) failed \(([^)]*)\): (?:e\.g\. \S+: )?(.*)$", done.stdout, re.M)
+    assert sorted(stem for named, _ in causes for stem in named.split(", ")) == failed, done.stdout[-3000:]
+    for named, reason in causes:
+        first = named.split(", ")[0]
+        assert re.match(rf"OSError: \[Errno 28\] No space left on device: cannot write \S*{first}\.parquet", reason), \
+            reason
     closing = done.stderr[done.stderr.rindex("run failed"):].splitlines()
     assert closing[0] == f"run failed: {len(failed)} of 4 shard(s) failed (reasons above)", closing
     assert not manifest_written  # the disk is as full for it as for the shards that failed
@@ -1304,8 +1308,9 @@ def test_the_command_on_a_full_disk_names_the_failed_shards_without_a_traceback(
     assert "(manifest: not written)" in done.stdout
     table.record("fault-disk-full-command",
                  done="`python flows/embed.py` on 4 shards with OUTPUT on a 40 KB tmpfs (a real full disk)",
-                 did="the shards that fit written whole; the summary lists each failed shard with its reason "
-                     "('OSError: [Errno 28] No space left on device: cannot write OUTPUT/<shard>.parquet ...'); "
+                 did="the shards that fit written whole; the summary names the failed shards by cause, with the "
+                     "first one's reason ('OSError: [Errno 28] No space left on device: cannot write "
+                     "OUTPUT/<shard>.parquet ...'); "
                      "then 'run failed: <n> of 4 shard(s) failed (reasons above)', 'and the manifest was not written: "
                      "[Errno 28] No space left on device: cannot write OUTPUT/_manifest.json ...' and how to go on; "
                      "exit 1, no traceback",

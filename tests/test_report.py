@@ -90,6 +90,67 @@ def test_failures_grouped_by_reason(tmp_path):
     assert "- 1 shard(s) (`00001`): KilledWorker: gone" in text
 
 
+def test_a_cause_shared_by_many_shards_is_said_once_though_each_reason_names_its_shard(tmp_path, capsys):
+    """A reason names its own shard (its paths, a key, a value): 5,000 shards that failed for one cause were 5,000
+    causes, each a line of the summaries and a part of the failed run's one-line message. Grouped now: one line
+    with a count, a few of the shards, and the first shard's own words as the example."""
+    from wdsembed.cli import print_summary
+    from wdsembed.shard import ShardsFailed
+
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    failures = {f"{i:05d}": f"ValueError: shard /in/{i:05d}.tar: key '{i:05d}0002' has an embedding value of "
+                            f"{1.2e6 + i:g}, beyond float16's largest (65504)" for i in range(1, 5001)}
+    failures |= {"99998": "KilledWorker: worker died", "99999": "KilledWorker: worker died"}
+    manifest = report.build_manifest(config, [shard("00000")], failures, 1.0) | {"path": "m.json"}
+    example = failures["00001"]
+
+    print_summary(manifest)
+    said = capsys.readouterr().out
+    assert said.count("shard(s) failed (") == 2, said
+    assert f"(1) 5000 shard(s) failed (00001, 00002, 00003, 00004, 00005 and 4,995 more): e.g. 00001: {example}" \
+        in said, said
+    assert "(2) 2 shard(s) failed (99998, 99999): KilledWorker: worker died" in said  # equal words: no example
+    text = report.markdown_summary(manifest, report.shard_rows([], failures))
+    assert f"- 5000 shard(s) (`00001`, `00002`, `00003`, `00004`, `00005` and 4,995 more): e.g. `00001`: {example}" \
+        in text, text[:3000]
+    message = str(ShardsFailed(failures, total=5003))
+    assert message == (f"5002 of 5003 shard(s) failed: 00001, 00002, 00003, 00004, 00005 and 4,995 more: e.g. 00001: "
+                       f"{example}; 99998, 99999: KilledWorker: worker died")
+    # Reasons of another shape stay causes of their own.
+    assert len(report.failure_causes({"00001": "ValueError: id column 'key' is not in /in/00001.parquet",
+                                      "00002": "ValueError: id column 'uid' is not in /in/00002.parquet"})) == 2
+
+
+def test_the_summaries_of_a_run_of_thousands_of_shards_fit_one_screen(tmp_path, capsys):
+    """2,000 shards printed 2,000 table rows; as many causes of failure, a line each. The terminal's summary and the
+    markdown artifact list the first shards and causes, then say how many more and where every one is (the
+    manifest; the table artifact, which keeps a row per shard)."""
+    from wdsembed.cli import print_summary
+
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    results = [shard(f"{i:05d}") | {"warnings": [f"damaged at byte {i}"] * (i < 30)} for i in range(2000)]
+    failures = {f"{i:05d}": f"Error{'x' * i}: broken" for i in range(2000, 2040)}  # 40 causes of their own
+    manifest = report.build_manifest(config, results, failures, 1.0) | {"path": "OUT/_manifest.json"}
+
+    print_summary(manifest)
+    said = capsys.readouterr().out.splitlines()
+    assert len(said) <= 50, "\n".join(said)
+    everywhere = "OUT/_manifest.json and the flow run's 'shards' table artifact"
+    assert f"... and 2,020 more shard(s): every one is in {everywhere}" in said, said
+    assert sum(line.startswith("│ 0") for line in said) == report.SUMMARY_ROWS
+    assert f"... and 35 more cause(s), of 35 shard(s): every shard's reason is in {everywhere}" in said, said
+    assert "warning: 30 shard(s) (00000, 00001, 00002, 00003, 00004 and 25 more): e.g. 00000: damaged at byte 0" \
+        in said, said
+
+    rows = report.shard_rows(results, failures, manifest)
+    assert len(rows) == 2040  # the table artifact: every shard
+    text = report.markdown_summary(manifest, rows).splitlines()
+    assert len(text) <= 50, "\n".join(text)
+    assert "... and 2,020 more shard(s): every one is in the `shards` table artifact and `_manifest.json`" in text
+    assert "- ... and 35 more cause(s), of 35 shard(s): every shard's reason is in the `shards` table artifact and " \
+        "`_manifest.json`" in text, text
+
+
 def test_summary_title_counts_the_failed_shards_too(tmp_path, capsys):
     """Its table has a row per shard, failed ones included: so has its title's total (it read '2 shard(s): 2
     computed, 0 cached, 1 failed' above 3 rows)."""

@@ -18,10 +18,10 @@ from typing import Any, Callable, Collection, Optional, Sequence
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from wdsembed import fidelity
+from wdsembed import fidelity, report
 from wdsembed.config import EmbedConfig, field_default
 from wdsembed.output import MANIFEST_NAME
-from wdsembed.report import ManifestNotWritten, describe_gpu_use, describe_model, embedded_rows, failure_reasons
+from wdsembed.report import ManifestNotWritten, describe_gpu_use, describe_model, embedded_rows
 
 DEMO_MODEL = "vit_base_patch16_clip_224.openai"
 DEMO_INPUT = "demo-data"
@@ -293,33 +293,48 @@ class _Progress:
 
 
 def print_summary(manifest: dict) -> None:
+    """The run's summary, one screen at any scale: the table, the failures' causes and the warnings' are listed up to
+    report.SUMMARY_ROWS and SUMMARY_CAUSES, then counted; every shard is in the manifest (the full record)."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     t = manifest["totals"]
     failed = manifest.get("failed_shards") or {}
-    reasons = failure_reasons(failed)  # reason -> its shards
+    causes = report.failure_causes(failed)
+    # A failed shard's row gives the number of its cause, where its cause is listed below.
+    cause_of = {stem: f" ({n})" for n, cause in enumerate(causes[:report.SUMMARY_CAUSES], 1) for stem in cause.shards}
+    written = manifest.get("path")
+    everywhere = (f"{written} and the flow run's 'shards' table artifact" if written else
+                  "the run's log (the manifest was not written)")
     # totals count the finished shards only; the table has a row for each failed one too
     table = Table(title=f"{t['shards'] + len(failed)} shard(s): {t['computed']} computed, {t['cached']} cached"
                   + (f", {len(failed)} failed" if failed else ""),
                   caption="images/s: embedding only (model loading and writing excluded)")
     for name in ("shard", "rows", "embedded", "failed", "status", "images/s"):
         table.add_column(name, justify="right" if name not in ("shard", "status") else "left")
-    for stem, s in sorted(manifest["shards"].items()):
+    stems = sorted({**manifest["shards"], **failed})
+    for stem in stems[:report.SUMMARY_ROWS]:
+        s = manifest["shards"].get(stem)
+        if s is None:
+            table.add_row(stem, "-", "-", "-", f"FAILED{cause_of.get(stem, '')}", "-")
+            continue
         rate = s.get("images_per_second")
         table.add_row(stem, str(s["rows"]), str(embedded_rows(s)), str(s["failed"]), s.get("status", ""),
                       "-" if rate is None else f"{rate:,.1f}")
-    numbers = {reason: n for n, reason in enumerate(reasons, 1)}
-    for reason, stems in reasons.items():
-        for stem in stems:
-            table.add_row(stem, "-", "-", "-", f"FAILED ({numbers[reason]})", "-")
     console.print(table)
-    for reason, stems in reasons.items():
-        # A reason is not markup: printed as it is, once, with every shard it stopped.
-        console.print(f"({numbers[reason]}) {len(stems)} shard(s) failed ({_shard_list(stems)}): {reason}",
+    if len(stems) > report.SUMMARY_ROWS:
+        console.print(f"... and {len(stems) - report.SUMMARY_ROWS:,} more shard(s): every one is in {everywhere}",
+                      markup=False, highlight=False, soft_wrap=True)
+    for n, cause in enumerate(causes[:report.SUMMARY_CAUSES], 1):
+        # A reason is not markup: printed as it is, once, with a few of the shards it stopped.
+        console.print(f"({n}) {len(cause.shards)} shard(s) failed ({report.name_shards(cause.shards)}): "
+                      f"{cause.words()}",
                       markup=False, highlight=False, soft_wrap=True)  # whole, so it can be searched and copied
-    if t["computed"] or reasons:
+    if len(causes) > report.SUMMARY_CAUSES:
+        console.print(f"{report.more_causes(causes)}: every shard's reason is in {everywhere}",
+                      markup=False, highlight=False, soft_wrap=True)
+    if t["computed"] or causes:
         this_run = f"{t['embedded_this_run']} images this run at {t['images_per_second']} images/s"
     else:  # a re-run that found every output finished: a rate of 0.0 would read as a fault
         this_run = "nothing to embed this run: every output was already finished"
@@ -327,18 +342,16 @@ def print_summary(manifest: dict) -> None:
         f"model {describe_model(manifest)} | {t['embedded_rows']} of {t['rows']} rows embedded | {this_run}",
         soft_wrap=True,  # one line, as the terminal wraps it, not cut where rich would
     )
-    for stem, s in sorted(manifest["shards"].items()):
-        for warning in s.get("warnings") or []:
-            console.print(f"warning: shard {stem}: {warning}", markup=False)
+    warned = report.warning_causes(manifest["shards"])
+    for cause in warned[:report.SUMMARY_CAUSES]:
+        console.print(f"warning: {report.describe_warning(cause)}", markup=False, highlight=False, soft_wrap=True)
+    if len(warned) > report.SUMMARY_CAUSES:
+        console.print(f"warning: {report.more_causes(warned)}: every shard's warnings are in {everywhere}",
+                      markup=False, highlight=False, soft_wrap=True)
     for line in (fidelity.describe(manifest.get("fidelity")), describe_gpu_use(manifest)):
         if line:
             console.print(line, markup=False, highlight=False, soft_wrap=True)
-    written = manifest.get("path") or "not written"
-    console.print(f"output: {manifest['output']}  (manifest: {written})", markup=False)
-
-
-def _shard_list(stems: list[str], shown: int = 5) -> str:
-    return ", ".join(stems[:shown]) + (f" and {len(stems) - shown} more" if len(stems) > shown else "")
+    console.print(f"output: {manifest['output']}  (manifest: {written or 'not written'})", markup=False)
 
 
 def _print_manifest_hint(config: EmbedConfig, finished: int, failed: Collection[str] = (),
@@ -356,7 +369,7 @@ def _print_manifest_hint(config: EmbedConfig, finished: int, failed: Collection[
         why = "one that failed for its data fails again until its file is replaced"
     elif lasting:
         # No example of a cause: these range from a file that is not a tar to a full disk or another run's claim.
-        why = f"{_shard_list(lasting)} will fail again until the reason above is fixed"
+        why = f"{report.name_shards(lasting)} will fail again until the reason above is fixed"
     else:
         why = "their errors may pass"
     print(f"{where}; run the same command again to retry the {len(failed)} failed shard(s): {why}", file=sys.stderr)

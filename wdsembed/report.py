@@ -4,7 +4,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import time
+from dataclasses import dataclass
 from typing import Collection, Iterable, Optional
 
 from wdsembed import fidelity, output, outputclaim, storage
@@ -12,6 +14,13 @@ from wdsembed.config import EmbedConfig
 from wdsembed.versions import code_version, package_versions
 
 TABLE_COLUMNS = ("shard", "rows", "embedded", "failed", "status", "seconds", "images_per_second")
+
+# The most the summaries (the terminal's, the markdown artifact, a failed run's message) list, so that a run of
+# 10,000 shards still ends in one screen: shards in the table, causes of failures or warnings, shards named for each.
+# Every shard is in OUTPUT/_manifest.json and in the flow run's `shards` table artifact.
+SUMMARY_ROWS = 20
+SUMMARY_CAUSES = 5
+SHARDS_NAMED = 5
 
 
 def embedded_rows(result: dict) -> int:
@@ -286,6 +295,8 @@ def describe_model(manifest: dict, code: str = "") -> str:
 
 
 def markdown_summary(manifest: dict, rows: list[dict]) -> str:
+    """The flow run's summary artifact, bounded as the terminal's is (SUMMARY_ROWS, SUMMARY_CAUSES): every shard is
+    in the `shards` table artifact and the manifest."""
     t = manifest["totals"]
     lines = [
         f"## Embedded {t['shards']} shard(s): {t['computed']} computed, {t['cached']} cached",
@@ -299,22 +310,97 @@ def markdown_summary(manifest: dict, rows: list[dict]) -> str:
     for line in (fidelity.describe(manifest.get("fidelity")), describe_gpu_use(manifest)):
         if line:
             lines.append(f"- {line}")
-    if manifest["failed_shards"]:
+    everywhere = "the `shards` table artifact and `_manifest.json`"
+    causes = failure_causes(manifest["failed_shards"])
+    if causes:
         lines += ["", "### Failed shards", ""]
-        lines += [f"- {len(stems)} shard(s) ({', '.join(f'`{stem}`' for stem in stems)}): {reason}"
-                  for reason, stems in failure_reasons(manifest["failed_shards"]).items()]
-    warned = {stem: s["warnings"] for stem, s in manifest["shards"].items() if s.get("warnings")}
+        lines += [f"- {len(c.shards)} shard(s) ({name_shards(c.shards, '`')}): {c.words('`')}"
+                  for c in causes[:SUMMARY_CAUSES]]
+        if len(causes) > SUMMARY_CAUSES:
+            lines.append(f"- {more_causes(causes)}: every shard's reason is in {everywhere}")
+    warned = warning_causes(manifest["shards"])
     if warned:
         lines += ["", "### Shards with warnings (output written)", ""]
-        lines += [f"- `{stem}`: {'; '.join(w)}" for stem, w in sorted(warned.items())]
+        lines += [f"- {describe_warning(c, '`')}" for c in warned[:SUMMARY_CAUSES]]
+        if len(warned) > SUMMARY_CAUSES:
+            lines.append(f"- {more_causes(warned)}: every shard's warnings are in `_manifest.json`")
     lines += ["", "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join("-" if row[c] is None else str(row[c]) for c in TABLE_COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join("-" if row[c] is None else str(row[c]) for c in TABLE_COLUMNS) + " |"
+              for row in rows[:SUMMARY_ROWS]]
+    if len(rows) > SUMMARY_ROWS:
+        lines += ["", f"... and {len(rows) - SUMMARY_ROWS:,} more shard(s): every one is in {everywhere}"]
     return "\n".join(lines)
 
 
-def failure_reasons(failed_shards: dict[str, str]) -> dict[str, list[str]]:
-    """reason -> the shards it failed, most shards first: a cause shared by many shards is said once."""
-    by_reason: dict[str, list[str]] = {}
-    for stem, reason in sorted(failed_shards.items()):
-        by_reason.setdefault(reason, []).append(stem)
-    return dict(sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[1][0])))
+@dataclass
+class Cause:
+    """One cause over the shards it hit, most often a failure's: `reason` in the first shard's own words; `alike`:
+    another shard's words differ from these, in what names that shard alone (its name, in its paths; numbers: a
+    key, a byte offset, a value)."""
+
+    shards: list[str]
+    reason: str
+    alike: bool = False
+
+    def words(self, code: str = "") -> str:
+        """The reason; where the shards' words differ, said as the first shard's: 'e.g. 00001: ...'."""
+        return f"e.g. {code}{self.shards[0]}{code}: {self.reason}" if self.alike else self.reason
+
+
+# A number: a key, a count, a byte offset, a value (1.3091e+06).
+_NUMBER = re.compile(r"\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
+
+
+def _without_shard(stem: str, reason: str) -> str:
+    """The reason without what names its one shard: the shard's name where it stands as a name (in its paths, not
+    inside a longer name) and every number. Two shards whose reasons are equal so are one cause."""
+    named = re.sub(rf"(?<![A-Za-z0-9_.-]){re.escape(stem)}(?![A-Za-z0-9-])", "<shard>", reason)
+    return _NUMBER.sub("#", named)
+
+
+def by_cause(said: Iterable[tuple[str, str]]) -> list[Cause]:
+    """(shard, reason) pairs grouped by cause (_without_shard), most shards first: a cause shared by many shards
+    is said once, with a count and a few of its shards' names."""
+    causes: dict[str, Cause] = {}
+    for stem, reason in sorted(said):
+        cause = causes.setdefault(_without_shard(stem, reason), Cause([], reason))
+        if stem not in cause.shards:  # a shard's own alike warnings (damage at two offsets) count it once
+            cause.shards.append(stem)
+            cause.alike |= reason != cause.reason
+    return sorted(causes.values(), key=lambda c: (-len(c.shards), c.shards[0]))
+
+
+def failure_causes(failed_shards: dict[str, str]) -> list[Cause]:
+    """The failed shards' reasons, by cause (by_cause), most shards first."""
+    return by_cause(failed_shards.items())
+
+
+def warning_causes(shards: dict[str, dict]) -> list[Cause]:
+    """The finished shards' warnings (their outputs written), by cause, most shards first."""
+    return by_cause((stem, warning) for stem, s in shards.items() for warning in s.get("warnings") or [])
+
+
+def describe_warning(cause: Cause, code: str = "") -> str:
+    if len(cause.shards) == 1:
+        return f"shard {code}{cause.shards[0]}{code}: {cause.reason}"
+    return f"{len(cause.shards)} shard(s) ({name_shards(cause.shards, code)}): {cause.words(code)}"
+
+
+def name_shards(stems: list[str], code: str = "", shown: int = SHARDS_NAMED) -> str:
+    """A few shards by name, then how many more: 'a, b, c, d, e and 95 more'."""
+    named = ", ".join(f"{code}{stem}{code}" for stem in stems[:shown])
+    return named + (f" and {len(stems) - shown:,} more" if len(stems) > shown else "")
+
+
+def more_causes(causes: list[Cause], shown: int = SUMMARY_CAUSES) -> str:
+    """What the summaries leave out past their first `shown` causes: '... and 3 more cause(s), of 12 shard(s)'."""
+    left = causes[shown:]
+    return f"... and {len(left):,} more cause(s), of {len({s for c in left for s in c.shards}):,} shard(s)"
+
+
+def describe_failures(failed_shards: dict[str, str], shown: int = SUMMARY_CAUSES) -> str:
+    """The failed shards' reasons in one line, by cause and bounded (a failed run's message, which Prefect logs and
+    shows): '00000, 00001: reason; 00002: e.g. ...'."""
+    causes = failure_causes(failed_shards)
+    said = "; ".join(f"{name_shards(c.shards)}: {c.words()}" for c in causes[:shown])
+    return said + (f"; {more_causes(causes, shown)}" if len(causes) > shown else "")

@@ -26,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Collection, Iterator, Optional
 
-from wdsembed import faults, fidelity, output, outputclaim, preprocess, shardindex, shards, storage, tarstream
+from wdsembed import (faults, fidelity, output, outputclaim, preprocess, report, shardindex, shards, storage,
+                      tarstream)
 from wdsembed.config import EmbedConfig
 from wdsembed.validate import validate_table
 from wdsembed.versions import package_versions
@@ -103,10 +104,12 @@ class ShardsFailed(RuntimeError):
                  manifest: Optional[dict] = None, total: Optional[int] = None) -> None:
         failures, results, transient = dict(failures), list(results), sorted(transient)
         of = f" of {total}" if total else ""
-        # The manifest's failure (report.with_manifest_failure) is named last and counted as no shard.
-        shards = sorted(stem for stem in failures if stem != output.MANIFEST_NAME)
-        message = f"{len(shards)}{of} shard(s) failed: " + "; ".join(
-            f"{stem}: {failures[stem]}" for stem in shards + sorted(set(failures) - set(shards)))
+        # The manifest's failure (report.with_manifest_failure) is named last and counted as no shard. The shards'
+        # reasons by cause and bounded: Prefect logs this message and shows it as the run's state, at any scale.
+        failed = {stem: reason for stem, reason in failures.items() if stem != output.MANIFEST_NAME}
+        said = [report.describe_failures(failed)] if failed else []
+        said += [f"{name}: {failures[name]}" for name in sorted(set(failures) - set(failed))]
+        message = f"{len(failed)}{of} shard(s) failed: " + "; ".join(said)
         super().__init__(message)
         self.failures, self.results, self.transient, self.manifest, self.total = (failures, results, transient,
                                                                                   manifest, total)
@@ -307,7 +310,7 @@ def process_shards(
             failures[plan.stem] = f"{type(exc).__name__}: {exc}"
             if faults.is_transient(exc):
                 transient.append(plan.stem)
-            log.error("shard %s failed: %s", plan.stem, failures[plan.stem])
+    # Not logged here: the task run's end says each reason (this ShardsFailed), and the run's summary again.
     if failures:
         raise ShardsFailed(failures, [r.to_dict() for r in results], transient, total=len(plans))
     return results
