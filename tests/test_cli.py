@@ -303,6 +303,46 @@ def test_weights_neither_cached_nor_reachable(shards, tmp_path, monkeypatch, cap
     print(f"unreachable weights refused in {seconds:.2f} s (in-process)")
 
 
+def test_the_api_refuses_what_the_command_refuses_before_claiming_the_output(shards, tmp_path, monkeypatch, capsys):
+    """The Python API runs the command's checks (plan.check_config) before it claims OUTPUT: each mistake is one
+    exception, the command's own words, and a finished OUTPUT stays as it was. It ran a few of them only, and failed
+    every shard for the others (one reason per shard), replacing the finished run's manifest with an all-failed one."""
+    import timm
+    from safetensors.torch import save_file
+
+    from wdsembed.api import TimmImageEmbedder
+    from wdsembed.shard import ShardsFailed
+
+    settings = dict(pretrained=False, device="cpu", batch_size=2, num_threads_per_worker=1, fidelity_sample=0)
+    out = tmp_path / "out"
+    TimmImageEmbedder(TINY_MODEL, **settings)(str(shards), str(out))
+    finished = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    headless, vit = tmp_path / "headless.safetensors", tmp_path / "vit.safetensors"
+    save_file(timm.create_model(TINY_MODEL, pretrained=False, num_classes=0).state_dict(), headless)
+    save_file(timm.create_model("test_vit.r160_in1k", pretrained=False).state_dict(), vit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))  # the tiny model's weights not cached
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = [str(shards), "-o", str(out), "--model", TINY_MODEL, "--device", "cpu"]
+    for options, flags, said in [
+        ({"id_column": "Key"}, ["--no-pretrained", "--id-column", "Key"], "pass --id-column (id_column=) one of them"),
+        ({"storage_options": {"auto_mkdirs": "true"}}, ["--no-pretrained", "--storage-option", "auto_mkdirs=true"],
+         "storage option auto_mkdirs: not an option of local folders. Did you mean: auto_mkdir"),
+        ({"pretrained": True}, [], "Pass --checkpoint (checkpoint=) a local weights file, --no-pretrained "
+                                   "(pretrained=False) for random weights"),
+        ({"checkpoint": str(vit)}, ["--checkpoint", str(vit)], f"does not fit {TINY_MODEL!r}"),
+        ({"checkpoint": str(headless), "embedding": "head"}, ["--checkpoint", str(headless), "--embedding", "head"],
+         "Pass --embedding (embedding=) pooled or auto"),
+    ]:
+        with pytest.raises(ValueError) as refusal:
+            TimmImageEmbedder(TINY_MODEL, **(settings | options))(str(shards), str(out))
+        assert not isinstance(refusal.value, ShardsFailed) and said in str(refusal.value), str(refusal.value)
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == finished, options
+        code, err, started, _ = run_main(argv + flags, capsys)
+        assert code == 2 and not started and err.startswith(f"error: {refusal.value}"), (err, str(refusal.value))
+    # Right again, the run goes through: every output is finished.
+    assert [r.cached for r in TimmImageEmbedder(TINY_MODEL, **settings)(str(shards), str(out))] == [True]
+
+
 def test_checkpoint_is_a_local_path_or_file_url(shards, tmp_path, capsys):
     """Each worker loads the checkpoint from its own disk: a file:// URL is taken as its path everywhere (it was
     found by the checks, then missed by every worker), and another store's URL is refused at once (it passed the
@@ -357,9 +397,9 @@ def test_output_that_cannot_be_written(shards, tmp_path, capsys):
     a_file.write_text("not a folder")
     err, seconds = refused(capsys, [str(shards), "-o", str(a_file / "out"), "--model", TINY_MODEL, "--no-pretrained"])
     assert err == (f"error: output '{a_file / 'out'}' cannot be created: '{a_file}' is a file, not a folder; "
-                   "pass --output a folder path")
+                   "pass --output (output=) a folder path")
     err, _ = refused(capsys, [str(shards), "-o", str(a_file), "--model", TINY_MODEL, "--no-pretrained"])
-    assert err == f"error: output '{a_file}' is a file, not a folder: pass --output a folder"
+    assert err == f"error: output '{a_file}' is a file, not a folder: pass --output (output=) a folder"
     print(f"output under a file refused in {seconds:.2f} s (in-process)")
 
 
@@ -373,7 +413,7 @@ def test_a_dask_address_mistyped_or_not_answering_is_refused_before_any_work(sha
         "  dask_address: must be a Dask scheduler's address with its port: tcp://HOST:8786, tls://HOST:8786 or "
         "HOST:8786"], err
     err, _ = refused(capsys, base + ["tcp://127.0.0.1:9"])
-    assert err.startswith("error: --dask-address tcp://127.0.0.1:9: no Dask scheduler answers there ("), err
+    assert err.startswith("error: Dask address tcp://127.0.0.1:9: no Dask scheduler answers there ("), err
     assert err.endswith("): start the scheduler, or pass the address it printed as it started"), err
     assert not (tmp_path / "out").exists()
 
@@ -398,7 +438,7 @@ def test_output_in_a_read_only_folder(shards, tmp_path):
         pytest.skip("cannot drop root's permission override here")
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == (f"error: output '{locked / 'out'}' cannot be created by this user ('{locked}' does "
-                                   "not let this user create folders): Permission denied; pass --output a folder you "
+                                   "not let this user create folders): Permission denied; pass --output (output=) a folder you "
                                    "can write, or give this user write permission")
     assert list(locked.iterdir()) == []
     print(f"read-only output refused in {seconds:.2f} s (whole process, imports included)")
@@ -417,7 +457,7 @@ def test_refused_command_starts_no_server(shards, tmp_path):
                                stderr=subprocess.PIPE, text=True)
     _, err = command.communicate(timeout=120)
     assert command.returncode == 2 and err.strip() == (
-        f"error: output '{a_file}' is a file, not a folder: pass --output a folder"), err
+        f"error: output '{a_file}' is a file, not a folder: pass --output (output=) a folder"), err
     assert not list(home.glob("*.db*"))
     # the server's process is `python .../flows/apiserver.py FD PARENT_PID`
     processes = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True).stdout.splitlines()
@@ -459,24 +499,24 @@ def test_bad_storage_options(shards, tmp_path, capsys):
     base = [str(shards), "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu"]
     s3 = base + ["-o", "s3://some-bucket/out"]
     err, seconds = refused(capsys, s3 + ["--storage-option", "endpont_url=http://127.0.0.1:9"])
-    assert err == "error: --storage-option endpont_url: not an option of s3://. Did you mean: endpoint_url?"
+    assert err == "error: storage option endpont_url: not an option of s3://. Did you mean: endpoint_url?"
     print(f"unknown storage option refused in {seconds:.2f} s (in-process)")
     err, _ = refused(capsys, base + ["-o", str(tmp_path / "out"), "--storage-option", "endpoint_url=http://x:9000"])
-    assert err == "error: --storage-option endpoint_url: not an option of local folders."
+    assert err == "error: storage option endpoint_url: not an option of local folders."
     # the same options go to every store: a local folder's option breaks S3 (botocore's session refuses it)
     err, _ = refused(capsys, s3 + ["--storage-option", "auto_mkdir=true"])
-    assert err == "error: --storage-option auto_mkdir: not an option of s3://."
+    assert err == "error: storage option auto_mkdir: not an option of s3://."
     err, _ = refused(capsys, s3 + ["--storage-option", "anon=maybe"])
-    assert err == "error: --storage-option anon=maybe: takes true or false"
+    assert err == "error: storage option anon=maybe: takes true or false"
     err, _ = refused(capsys, s3 + ["--storage-option", "endpoint_url=127.0.0.1:9000"])
-    assert err == "error: --storage-option endpoint_url=127.0.0.1:9000: not an http(s)://host[:port] URL"
+    assert err == "error: storage option endpoint_url=127.0.0.1:9000: not an http(s)://host[:port] URL"
     err, seconds = refused(capsys, s3 + ["--storage-option", "read_timeout=soon"])
-    assert err == "error: --storage-option read_timeout=soon: takes a number (float)"
+    assert err == "error: storage option read_timeout=soon: takes a number (float)"
     print(f"malformed storage option value refused in {seconds:.2f} s (in-process)")
     err, _ = refused(capsys, s3 + ["--storage-option", "default_block_size=big"])
-    assert err == "error: --storage-option default_block_size=big: takes a number (int)"
+    assert err == "error: storage option default_block_size=big: takes a number (int)"
     err, _ = refused(capsys, s3 + ["--storage-option", "profile=no-such-profile"])
-    assert err.startswith("error: --storage-option for output s3://some-bucket/out: the store refuses these options "
+    assert err.startswith("error: storage options for output s3://some-bucket/out: the store refuses them "
                           "(ProfileNotFound: The config profile (no-such-profile) could not be found")
 
 
@@ -500,7 +540,7 @@ def test_storage_option_max_paths_becomes_a_number_for_every_store(tmp_path):
     assert storage.filesystem("s3://b/in", options)[0].dircache.max_paths == 1000
     preflight.check_storage_options(EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
                                                 storage_options={"max_paths": "1000"}))
-    with pytest.raises(preflight.PreflightError, match=r"^--storage-option max_paths=many: takes a number \(int\)$"):
+    with pytest.raises(preflight.PreflightError, match=r"^storage option max_paths=many: takes a number \(int\)$"):
         preflight.check_storage_options(EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
                                                     storage_options={"max_paths": "many"}))
 

@@ -1524,12 +1524,12 @@ def test_unknown_model(tmp_path, capsys):
     # nothing close to suggest: where to look is said once
     err3 = refused(tmp_path, capsys, "--model", "qqqqzzzzxxxx", "--no-pretrained")
     assert err3 == ("error: unknown timm model 'qqqqzzzzxxxx'. "
-                    "Pass --model a name from timm.list_models() / timm.list_pretrained()."), err3
+                    "Pass --model (model_name=) a name from timm.list_models() / timm.list_pretrained()."), err3
     err2 = refused(tmp_path, capsys, "--model", "resnet50.nonexistent_tag", "--no-pretrained")
     assert "'resnet50' exists but has no pretrained tag 'nonexistent_tag'" in err2
     table.record("param-unknown-model", done="--model resnet5000; --model resnet50.nonexistent_tag",
                  did=f"exit 2 before any work, nothing written: {q(err.split(' Did you mean')[0] + ' Did you mean: ...')}, "
-                     "ending 'Pass --model a name from timm.list_models() / timm.list_pretrained().'; for the tag: "
+                     "ending 'Pass --model (model_name=) a name from timm.list_models() / timm.list_pretrained().'; for the tag: "
                      "\"'resnet50' exists but has no pretrained tag 'nonexistent_tag'\" with the tags it has",
                  lost="nothing (no work started)")
 
@@ -1539,12 +1539,12 @@ def test_device_cuda_where_no_gpu_is_visible(tmp_path, capsys, monkeypatch):
 
     if not cluster.visible_gpus():  # this machine itself (CI's has no GPU)
         err = refused(tmp_path / "plain", capsys, "--device", "cuda", "--model", TINY_MODEL, "--no-pretrained")
-        assert err.startswith("error: --device cuda, but no GPU is visible here (torch "), err
+        assert err.startswith("error: device cuda, but no GPU is visible here (torch "), err
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden, as on any machine
     err = refused(tmp_path / "hidden", capsys, "--device", "cuda", "--model", TINY_MODEL, "--no-pretrained")
-    assert err == ("error: --device cuda, but no GPU is visible here (CUDA_VISIBLE_DEVICES is ''): run it on a GPU "
-                   "host, or pass --device auto (the CPU where no GPU is visible) or cpu, or --dask-address a "
-                   "scheduler whose workers have GPUs"), err
+    assert err == ("error: device cuda, but no GPU is visible here (CUDA_VISIBLE_DEVICES is ''): run it on a GPU "
+                   "host, or pass --device (device=) auto (the CPU where no GPU is visible) or cpu, or --dask-address "
+                   "(dask_address=) a scheduler whose workers have GPUs"), err
     # The check itself (the deployed flow's too): on a scheduler the GPUs are the workers', and auto falls back.
     config = EmbedConfig(input=str(tmp_path / "hidden" / "in"), output=str(tmp_path / "o"), model_name=TINY_MODEL,
                          pretrained=False, device="cuda")
@@ -1580,9 +1580,9 @@ def test_wrong_checkpoint(tmp_path, capsys):
     # each worker loads it from its own disk: another store's URL passed the checks, then failed every shard
     remote = refused(tmp_path, capsys, "--model", TINY_MODEL, "--checkpoint", "s3://weights/vit.safetensors")
     assert "is not a file: pass the path of a weights file" in missing
-    assert "cannot be read" in unreadable and "pass --checkpoint a weights file of" in unreadable
+    assert "cannot be read" in unreadable and "pass --checkpoint (checkpoint=) a weights file of" in unreadable
     assert "does not fit 'test_resnet.r160_in1k'" in wrong and "Missing key(s) in state_dict" in wrong
-    assert "pass --checkpoint a weights file of" in wrong
+    assert "pass --checkpoint (checkpoint=) a weights file of" in wrong
     assert remote.startswith("error: invalid parameters:\n  checkpoint: must be a local path or file:// URL, not a "
                              "URL of another store (s3://)"), remote
     table.record("param-checkpoint",
@@ -1590,7 +1590,7 @@ def test_wrong_checkpoint(tmp_path, capsys):
                       "(test_vit) for test_resnet; an s3:// URL",
                  did="exit 2 before any work, nothing written: 'is not a file: pass the path of a weights file "
                      "(.safetensors, .pth, .bin)'; 'cannot be read'; 'does not fit 'test_resnet.r160_in1k': ... "
-                     "Missing key(s) in state_dict', each ending 'pass --checkpoint a weights file of <model>' (the "
+                     "Missing key(s) in state_dict', each ending 'pass --checkpoint (checkpoint=) a weights file of <model>' (the "
                      "file is loaded into the model built on the meta device: no memory, no download); "
                      f"{q(remote.splitlines()[-1].strip())} (a file:// URL is taken as its path)",
                  lost="nothing (no work started)")
@@ -1601,7 +1601,7 @@ def test_id_column_not_in_the_parquets(tmp_path, capsys, monkeypatch):
     a later shard whose parquet lacks it fails before it is embedded, naming itself, while the others are embedded."""
     err = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", "--id-column", "uid")
     assert err == ("error: id column 'uid' is not in 00000.parquet (columns: key, caption, url, status, "
-                   "error_message, width, height): pass --id-column one of them (the key of each row), or leave it "
+                   "error_message, width, height): pass --id-column (id_column=) one of them (the key of each row), or leave it "
                    "out for 'key'"), err
     # The API checks each shard as it starts: 00001's parquet lacks the column that 00000's has.
     data = dataset(tmp_path / "mixed", 2)

@@ -246,7 +246,7 @@ def test_brace_patterns_and_recursive_folders_on_s3(server, dataset):
     assert [p.stem for p in planned(url, recursive=True)] == ["00000", "00001", "nested/a/00000", "nested/b/00000",
                                                             "train/00000", "val/00000", "val/deep/00003"]
     with pytest.raises(plan.InputError, match=r"holds no \*\.tar shards directly, but its subfolders hold 2 "
-                                              r"\(e\.g\. a/00000\.tar\): pass recursive=True"):
+                                              r"\(e\.g\. a/00000\.tar\): pass --recursive \(recursive=True\)"):
         planned(f"{url}/nested")
     assert [p.stem for p in planned(f"{url}/nested", recursive=True)] == ["a/00000", "b/00000"]
     assert [p.stem for p in planned(f"{url}/val", recursive=True)] == ["00000", "deep/00003"]

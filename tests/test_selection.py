@@ -77,7 +77,7 @@ def test_a_folder_whose_shards_are_in_subfolders_says_recursive(tmp_path):
     shard(data / "a", "00000")
     shard(data / "b", "00000")
     with pytest.raises(plan.InputError, match=r"holds no \*\.tar shards directly, but its subfolders hold 2 "
-                                              r"\(e\.g\. a/00000\.tar\): pass recursive=True \(--recursive\)"):
+                                              r"\(e\.g\. a/00000\.tar\): pass --recursive \(recursive=True\)"):
         plan.plan_shards(config(data, tmp_path / "out"))
     assert stems(plan.plan_shards(config(data, tmp_path / "out", recursive=True))) == ["a/00000", "b/00000"]
     (tmp_path / "empty").mkdir()
@@ -220,7 +220,7 @@ def test_check_config_knows_every_kind(tree, tmp_path):
     with pytest.raises(plan.InputError, match="a folder of the shards that input"):
         plan.check_config(config(f"{tree}/{{00000..00003}}.tar", tree))
     shard(tmp_path / "nest" / "a", "00000")
-    with pytest.raises(plan.InputError, match="pass recursive=True"):
+    with pytest.raises(plan.InputError, match=r"pass --recursive \(recursive=True\)"):
         plan.check_config(config(tmp_path / "nest", tmp_path / "out"))
 
 

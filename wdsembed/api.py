@@ -23,9 +23,9 @@ import logging
 import time
 from typing import Any, Optional
 
-from wdsembed import fidelity, outputclaim, preflight, report, shard
+from wdsembed import fidelity, outputclaim, report, shard
 from wdsembed.config import EmbedConfig, EmbedSettings, field_default
-from wdsembed.plan import check_output_location, check_storage, find_shards, plan_run
+from wdsembed.plan import check_config, plan_run
 from wdsembed.shard import ShardPlan, ShardResult, ShardsFailed
 
 log = logging.getLogger("wdsembed")
@@ -120,27 +120,25 @@ def refuse_flow_only(config: EmbedConfig) -> None:
 
 def run_shards(config: EmbedConfig) -> list[ShardResult]:
     """Embed every shard of the config, on the Dask scheduler at config.dask_address, else on the current Dask
-    client if any, else here; write the manifest. Raises ShardsFailed (after every other shard is written and the
+    client if any, else here; write the manifest. A run that cannot work is refused first, by the command's own
+    checks (plan.check_config: InputError or preflight.PreflightError, ValueErrors that say what to change), before
+    the output is claimed or anything in it touched. Raises ShardsFailed (after every other shard is written and the
     manifest too) when any shard failed, and fidelity.FidelityError (outputs and manifest written) when the run's
     fidelity check is below its threshold. The output is claimed for the run (wdsembed.outputclaim): where another
     run is writing to it, this one fails at once with outputclaim.OutputClaimedError, naming that run."""
     refuse_flow_only(config)
     started = time.perf_counter()
     timeline = {"start": time.time()}  # the run's own steps, in the manifest beside each shard's
+    # The command's own checks, before the output is claimed or a scheduler connected to. The shards of a current
+    # Dask client run on its workers, whose GPUs this process cannot see.
+    check_config(config, on_current_client=_current_dask_client() is not None)
     with _dask_client(config) as client:
-        if client is None:
-            # Run here: device="cuda" needs a GPU here, said once instead of by every shard
-            # (preflight.PreflightError).
-            preflight.check_device(config)
-        # The shards, and the output's place (never inside the input), before the output is claimed.
-        check_storage(config)
-        found = find_shards(config)
-        check_output_location(config, found)
         # One run writes to an output at a time: refused here, naming the other run, where one is writing to it.
         with outputclaim.held(config) as claim:
             # A .idx only for shards it will compute: a finished shard's tar is never read (as in the flow). The
-            # output's other shards are checked for another model's embeddings now that no other run can add any.
-            plans, finished = plan_run(config, found=found)
+            # output's other shards are checked for another model's embeddings again now that no other run can add
+            # any.
+            plans, finished = plan_run(config)
             previous = report.retire_manifest(config, plans, finished)  # before the first shard is written
             timeline["planned"] = time.time()
             if client is None:
@@ -225,7 +223,6 @@ def _dask_client(config: EmbedConfig):
         return
     from distributed import Client
 
-    preflight.check_dask_security(config)  # a missing TLS setting in one line, not a handshake error
     try:
         # Not made current: the caller's own client, if any, stays the default after the call.
         client = Client(address, set_as_default=False)

@@ -2,8 +2,8 @@
 
 The options are generated from EmbedConfig's fields: a field's flag is its name with dashes (`--batch-size`), its
 help is the field's description, its choices come from a Literal type, and a new field gets a flag without any
-change here. FLAG_NAMES keeps the shorter names the command had before (`--model`, `--num-threads`); the field's
-own name works as well.
+change here. FLAG_NAMES (wdsembed.config: messages name flags through it too) keeps the shorter names the command
+had before (`--model`, `--num-threads`); the field's own name works as well.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from wdsembed import fidelity, report
-from wdsembed.config import EmbedConfig, field_default
+from wdsembed.config import FLAG_NAMES, EmbedConfig, field_default
 from wdsembed.output import MANIFEST_NAME
 from wdsembed.report import ManifestNotWritten, describe_gpu_use, describe_model, embedded_rows
 
@@ -29,14 +29,6 @@ DEMO_OUTPUT = "demo-output"
 # What the same command does again after a run that stopped: outputs are written whole, and found finished.
 RESUME = "run the same command again to finish the rest (finished shards are not recomputed)"
 
-# Flags whose name is not the field's. For a switch, the name after --no- (or --); the field's own name works too.
-FLAG_NAMES = {
-    "model_name": "model",
-    "num_threads_per_worker": "num-threads",
-    "normalize_embeddings": "normalize",
-    "use_index_files": "index-files",
-    "storage_options": "storage-option",
-}
 SHORT_FLAGS = {"output": "-o"}
 METAVARS = {
     "output": "OUTPUT", "model_name": "NAME", "checkpoint": "FILE", "index_cache_dir": "DIR", "dask_address": "URL",

@@ -325,3 +325,24 @@ EmbedSettings = create_model(
 def field_default(name: str):
     """The default of an EmbedConfig field, as the model declares it (the CLI's help and the API's signature show it)."""
     return EmbedConfig.model_fields[name].get_default(call_default_factory=True)
+
+
+# The command's flags whose name is not their field's (wdsembed.cli); for a switch, the name after --no- (or --).
+FLAG_NAMES = {
+    "model_name": "model",
+    "num_threads_per_worker": "num-threads",
+    "normalize_embeddings": "normalize",
+    "use_index_files": "index-files",
+    "storage_options": "storage-option",
+}
+
+
+def option(name: str) -> str:
+    """A field as both its users set it, for the advice of a message that the command and the Python API both raise:
+    the command's flag, then the API's keyword (`--id-column (id_column=)`, `--model (model_name=)`); a switch as it
+    turns from its default (`--no-pretrained (pretrained=False)`, `--recursive (recursive=True)`)."""
+    flag = FLAG_NAMES.get(name, name.replace("_", "-"))
+    default = field_default(name)
+    if isinstance(default, bool):
+        return f"--{'no-' if default else ''}{flag} ({name}={not default})"
+    return f"--{flag} ({name}=)"

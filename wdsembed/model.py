@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterator, Literal, Optional, Union
 import torch
 from torch import nn
 
+from wdsembed.config import option
+
 _logger = logging.getLogger(__name__)
 
 HUB_PROBE_TIMEOUT_S = 3.0  # how long the Hub may take to accept a TCP connection before we call it unreachable
@@ -219,9 +221,9 @@ def _hub_filenames(pretrained_cfg: Any) -> list[str]:
 def _no_weights_message(model_name: str, why: str, hub_id: Optional[str] = None) -> str:
     fill = f" (e.g. `hf download {hub_id.split('@')[0]}` with the same HF_HOME)" if hub_id else ""
     return (
-        f"cannot load pretrained weights for {model_name!r}: {why}. Pass --checkpoint FILE (a local weights file), "
-        f"--no-pretrained (random weights), or fill the Hugging Face cache ({_hub_cache_dir()}) where the Hub "
-        f"is reachable{fill}."
+        f"cannot load pretrained weights for {model_name!r}: {why}. Pass {option('checkpoint')} a local weights "
+        f"file, {option('pretrained')} for random weights, or fill the Hugging Face cache ({_hub_cache_dir()}) "
+        f"where the Hub is reachable{fill}."
     )
 
 
@@ -464,8 +466,8 @@ def load_model(
                     raise ModelLoadError(
                         f"checkpoint {checkpoint!r} has no head for {model_name!r} (none of the weights of "
                         f"{' / '.join(_classifier_names(cfg))}: a feature extractor's, saved with num_classes=0), "
-                        f"so embedding='head' cannot be had. Pass --embedding pooled or auto: both give its pooled "
-                        f"features."
+                        f"so embedding='head' cannot be had. Pass {option('embedding')} pooled or auto: both give "
+                        "its pooled features."
                     )
                 _logger.info("checkpoint %s has no head; building %s without one (pooled features)", path, model_name)
                 # timm then loads it strictly: every other key must be there; no label offset to cut from a head
@@ -479,7 +481,8 @@ def load_model(
         else:
             if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
                 raise ModelLoadError(
-                    f"timm has no pretrained weights for {model_name!r}. Pass --checkpoint FILE or --no-pretrained."
+                    f"timm has no pretrained weights for {model_name!r}. Pass {option('checkpoint')} a local "
+                    f"weights file or {option('pretrained')}."
                 )
             if cfg.hf_hub_id:
                 local = _fetch_hub_weights(model_name, cfg.hf_hub_id, _hub_filenames(cfg))

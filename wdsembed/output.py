@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from wdsembed import storage
+from wdsembed.config import option
 
 if TYPE_CHECKING:
     from wdsembed.config import EmbedConfig
@@ -78,7 +79,7 @@ def id_column_problem(id_column: str, parquet: str, schema: pa.Schema) -> Option
     starts), so that no shard is embedded and then thrown away, and by the join itself."""
     if id_column not in schema.names:
         return (f"id column {id_column!r} is not in {parquet} (columns: {', '.join(schema.names)}): pass "
-                "--id-column one of them (the key of each row), or leave it out for 'key'")
+                f"{option('id_column')} one of them (the key of each row), or leave it out for 'key'")
     t = schema.field(id_column).type
     if _joins(t):
         return None
@@ -89,7 +90,7 @@ def id_column_problem(id_column: str, parquet: str, schema: pa.Schema) -> Option
         return (f"{said}. Float keys come from a broken export (pandas writes an integer column that holds a null "
                 "as float64; img2dataset's keys are strings such as '000010012'): write the column as strings, or "
                 "integers, and run again")
-    return f"{said}: pass --id-column the column that holds each row's key"
+    return f"{said}: pass {option('id_column')} the column that holds each row's key"
 
 
 def column_clash_problem(parquet: str, schema: pa.Schema, embedding_column: str, error_column: str) -> Optional[str]:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Collection, Optional
 
 from wdsembed import caching, output, outputclaim, shard, shardindex, shards, storage, tarstream
-from wdsembed.config import EmbedConfig
+from wdsembed.config import EmbedConfig, option
 from wdsembed.shard import ShardPlan
 
 log = logging.getLogger("wdsembed")
@@ -42,13 +42,15 @@ class InputError(ValueError):
     """The run's input cannot be used; says what to change."""
 
 
-def check_config(config: EmbedConfig) -> bool:
+def check_config(config: EmbedConfig, *, on_current_client: bool = False) -> bool:
     """Refuse a run that cannot work, before any work starts, saying what to change: every check that needs no
-    work, cheapest and most basic first. The CLI and the deployed flow call it before Prefect starts; the Python
-    API (api.run_shards) checks only the device, the stores and the output's place before it claims the output
-    (outputclaim), and the output's other shards as it plans (plan_shards), leaving the rest to each shard's own
-    reason. Another run holding the output is refused here too (outputclaim.check_free); the run's own claim, taken
-    as it starts, is what decides.
+    work, cheapest and most basic first. Every entry point calls it before it claims the output: the CLI and the
+    deployed flow before Prefect starts, the Python API (api.run_shards, the NeMo drop-in) before it connects to a
+    Dask scheduler. Another run holding the output is refused here too (outputclaim.check_free); the run's own claim,
+    taken as it starts, is what decides.
+
+    `on_current_client`: the shards run on the caller's current Dask client (the Python API's), whose workers may be
+    on other hosts: as with --dask-address, their GPUs are not this process's to check (preflight.check_device).
 
     Returns whether every output is already finished (nothing_to_compute), for the run to take as it is: asked
     again, it would list the input and the output and read every footer again (GETs, on an object store)."""
@@ -72,13 +74,14 @@ def check_config(config: EmbedConfig) -> bool:
             check_model_name(config.model_name)  # the architecture and its pretrained tag, with suggestions
         except ModelLoadError as exc:
             # Where to look is said once, as the command line's advice.
-            raise InputError(f"{str(exc).removesuffix(LIST_HINT)} Pass --model a name from timm.list_models() / "
-                             "timm.list_pretrained().") from None
-        preflight.check_device(config)  # torch is imported by now
+            raise InputError(f"{str(exc).removesuffix(LIST_HINT)} Pass {option('model_name')} a name from "
+                             "timm.list_models() / timm.list_pretrained().") from None
+        if not on_current_client:
+            preflight.check_device(config)  # torch is imported by now
     if config.checkpoint:  # a local path: EmbedConfig refuses other stores, which no worker could load from
         if not os.path.isfile(os.path.expanduser(config.checkpoint)):
             raise InputError(f"checkpoint {config.checkpoint!r} is not a file: pass the path of a weights file "
-                             "(.safetensors, .pth, .bin), or leave --checkpoint out")
+                             f"(.safetensors, .pth, .bin), or leave {option('checkpoint')} out")
         if needs_model:
             _check_checkpoint_fits(config)
     check_storage(config)
@@ -103,8 +106,8 @@ def check_output_location(config: EmbedConfig, found: "FoundShards") -> None:
     """OUTPUT must be nowhere its files could be read back as shards or overwrite the shards' own parquets: for a
     folder input (recursive or not), not inside the folder; for shards named one by one (a pattern, one .tar, a
     list file), which read only what they name, not one of the shards' folders (nor below one, with recursive),
-    and no shard's OUTPUT/<stem>.parquet in one. Every entry point runs it before any work: check_config (CLI, flow)
-    and plan_shards (API, NeMo drop-in, the flow's own planning)."""
+    and no shard's OUTPUT/<stem>.parquet in one. Every entry point runs it before any work (check_config), and its
+    planning again (plan_shards)."""
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
     out = storage.place(out_fs, out_root)  # through symlinks too
     if input_kind(config.input) == "folder":
@@ -373,8 +376,9 @@ def _check_checkpoint_fits(config: EmbedConfig) -> None:
         load_model(config.model_name, pretrained=config.pretrained, checkpoint=config.checkpoint,
                    embedding=config.embedding, device="meta")
     except ModelLoadError as exc:
-        raise InputError(f"{exc}\n  pass --checkpoint a weights file of {config.model_name!r} (a timm/PyTorch state "
-                         "dict in .safetensors, .pth or .bin), or the --model it was trained as") from None
+        raise InputError(f"{exc}\n  pass {option('checkpoint')} a weights file of {config.model_name!r} (a "
+                         "timm/PyTorch state dict in .safetensors, .pth or .bin), or the "
+                         f"{option('model_name')} it was trained as") from None
 
 
 def check_storage(config: EmbedConfig) -> None:
@@ -491,7 +495,7 @@ def _find_in_folder(config: EmbedConfig) -> FoundShards:
         if nested:
             example = posixpath.relpath(nested[0], root)
             raise InputError(f"input {config.input!r} holds no *.tar shards directly, but its subfolders hold "
-                             f"{len(nested)} (e.g. {example}): pass recursive=True (--recursive) to embed them, "
+                             f"{len(nested)} (e.g. {example}): pass {option('recursive')} to embed them, "
                              "or a brace pattern or list file naming them")
         raise InputError(f"input {config.input!r} holds no *.tar shards")
     return FoundShards(fs, root, tars, files)

@@ -24,7 +24,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from wdsembed import storage, storeoptions
-from wdsembed.config import EmbedConfig
+from wdsembed.config import EmbedConfig, option
 
 
 class PreflightError(ValueError):
@@ -114,7 +114,7 @@ def check_storage_options(config: EmbedConfig) -> None:
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             stores = " and ".join(f"{p}://" if p != "file" else "local folders" for p in refusing)
-            raise PreflightError(f"--storage-option {name}: not an option of {stores}.{hint}")
+            raise PreflightError(f"storage option {name}: not an option of {stores}.{hint}")
     for name, value in options.items():
         for protocol, names in by_protocol.items():
             problem = _bad_value(names.get(name), value)
@@ -122,19 +122,19 @@ def check_storage_options(config: EmbedConfig) -> None:
             if name in numbers:
                 problem = _not_a(numbers[name], value)
             if problem:
-                raise PreflightError(f"--storage-option {name}={value}: {problem}")
+                raise PreflightError(f"storage option {name}={value}: {problem}")
     endpoint = options.get("endpoint_url")
     if endpoint is not None:
         parts = urlsplit(endpoint)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise PreflightError(f"--storage-option endpoint_url={endpoint}: not an http(s)://host[:port] URL")
+            raise PreflightError(f"storage option endpoint_url={endpoint}: not an http(s)://host[:port] URL")
     for what, url in places:
         try:
             fs, _ = storage.filesystem(url, options)  # as the run will build it: converted values included
             if storage.protocol(url) in ("s3", "s3a"):
                 fs.connect()  # builds the botocore session and client from the options; sends no request
         except Exception as exc:  # noqa: BLE001 - any refusal of the options by the store is this mistake
-            raise PreflightError(f"--storage-option for {what} {url}: the store refuses these options "
+            raise PreflightError(f"storage options for {what} {url}: the store refuses them "
                                  f"({type(exc).__name__}: {exc})") from None
 
 
@@ -188,8 +188,8 @@ def check_weights(config: EmbedConfig) -> None:
 
         cfg = get_pretrained_cfg(name)
         if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
-            raise PreflightError(f"timm has no pretrained weights for {name!r}: pass --checkpoint FILE (a local "
-                                 "weights file) or --no-pretrained (random weights)")
+            raise PreflightError(f"timm has no pretrained weights for {name!r}: pass {option('checkpoint')} a local "
+                                 f"weights file, or {option('pretrained')} for random weights")
         if cfg.file:
             return
         hub_id, filenames, url = cfg.hf_hub_id, (_hub_filenames(cfg) if cfg.hf_hub_id else []), cfg.url
@@ -241,7 +241,7 @@ def _check_local_folder(what: str, url: str, config: EmbedConfig) -> None:
     existing = path
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
-    flag = "--output" if what == "output" else "--result-storage"
+    flag = option("output" if what == "output" else "result_storage")
     if existing == path and not os.path.isdir(path):
         raise PreflightError(f"{what} {url!r} is a file, not a folder: pass {flag} a folder")
     if existing != path and not os.path.isdir(existing):
@@ -278,14 +278,14 @@ def check_dask_security(config: EmbedConfig) -> None:
     scheme = address.split("://", 1)[0].lower() if "://" in address else "tcp"
     if scheme != "tls":
         if dask.config.get("distributed.comm.require-encryption", None):
-            raise PreflightError(f"--dask-address {address} is not encrypted, but Dask's configuration sets "
+            raise PreflightError(f"Dask address {address} is not encrypted, but Dask's configuration sets "
                                  "distributed.comm.require-encryption: use the scheduler's tls:// address")
         return
     values = {key: dask.config.get(key, None) for key in _TLS_KEYS}
     missing = [key for key in ("distributed.comm.tls.ca-file", "distributed.comm.tls.client.cert") if not values[key]]
     if missing:
         raise PreflightError(
-            f"--dask-address {address} uses TLS, but Dask's configuration has no {' or '.join(missing)}: set "
+            f"Dask address {address} uses TLS, but Dask's configuration has no {' or '.join(missing)}: set "
             + ", ".join(f"{_TLS_KEYS[k]}" for k in _TLS_KEYS)
             + " (or the keys in a Dask config file) to the cluster's CA file and a client certificate and key it signed")
     for key, value in values.items():
@@ -322,7 +322,7 @@ def check_dask_reachable(config: EmbedConfig) -> None:
         try:
             pool.submit(asyncio.run, probe()).result()
         except (OSError, ValueError) as exc:  # TimeoutError is an OSError
-            raise PreflightError(f"--dask-address {address}: no Dask scheduler answers there "
+            raise PreflightError(f"Dask address {address}: no Dask scheduler answers there "
                                  f"({_why_unreachable(address, exc)}): start the scheduler, or pass the address it "
                                  "printed as it started") from None
 
@@ -362,6 +362,6 @@ def check_device(config: EmbedConfig) -> None:
     why = (f"CUDA_VISIBLE_DEVICES is {hidden!r}" if hidden is not None and hidden.strip() in ("", "-1")
            else f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
            else "torch finds no CUDA device")
-    raise PreflightError(f"--device cuda, but no GPU is visible here ({why}): run it on a GPU host, or pass --device "
-                         "auto (the CPU where no GPU is visible) or cpu, or --dask-address a scheduler whose workers "
-                         "have GPUs")
+    raise PreflightError(f"device cuda, but no GPU is visible here ({why}): run it on a GPU host, or pass "
+                         f"{option('device')} auto (the CPU where no GPU is visible) or cpu, or "
+                         f"{option('dask_address')} a scheduler whose workers have GPUs")
