@@ -1577,22 +1577,36 @@ def test_wrong_checkpoint(tmp_path, capsys):
     other = tmp_path / "vit.safetensors"
     save_file(timm.create_model("test_vit.r160_in1k", pretrained=False).state_dict(), str(other))
     wrong = refused(tmp_path, capsys, "--model", TINY_MODEL, "--checkpoint", str(other))
+    headless = tmp_path / "features.safetensors"  # fits the model, but has no head to give
+    save_file(timm.create_model(TINY_MODEL, pretrained=False, num_classes=0).state_dict(), str(headless))
+    no_head = refused(tmp_path, capsys, "--model", TINY_MODEL, "--checkpoint", str(headless), "--embedding", "head")
     # each worker loads it from its own disk: another store's URL passed the checks, then failed every shard
     remote = refused(tmp_path, capsys, "--model", TINY_MODEL, "--checkpoint", "s3://weights/vit.safetensors")
     assert "is not a file: pass the path of a weights file" in missing
-    assert "cannot be read" in unreadable and "pass --checkpoint (checkpoint=) a weights file of" in unreadable
-    assert "does not fit 'test_resnet.r160_in1k'" in wrong and "Missing key(s) in state_dict" in wrong
-    assert "pass --checkpoint (checkpoint=) a weights file of" in wrong
+    assert unreadable.startswith(f"error: checkpoint '{junk}' for '{TINY_MODEL}' cannot be read: "), unreadable
+    assert unreadable.endswith("; pass --checkpoint (checkpoint=) a timm/PyTorch state dict (.safetensors, .pth or "
+                               ".bin)"), unreadable
+    assert wrong == (f"error: checkpoint '{other}' does not fit '{TINY_MODEL}': 77 of the model's weights missing "
+                     "(conv1.0.weight, conv1.1.weight, conv1.1.bias, ...); 80 in the file that the model has no place "
+                     "for (blocks.0.attn.proj.bias, blocks.0.attn.proj.weight, blocks.0.attn.qkv.bias, ...). Pass --checkpoint (checkpoint=) a "
+                     f"weights file of '{TINY_MODEL}', or --model (model_name=) the model the file was trained as"), wrong
+    # the file fits the model: the advice is about the embedding asked for, not about another file
+    assert no_head == (f"error: checkpoint '{headless}' has no head for '{TINY_MODEL}' (none of the weights of fc: a "
+                       "feature extractor's, saved with num_classes=0), so embedding='head' cannot be had. Pass "
+                       "--embedding (embedding=) pooled or auto: both give its pooled features."), no_head
     assert remote.startswith("error: invalid parameters:\n  checkpoint: must be a local path or file:// URL, not a "
                              "URL of another store (s3://)"), remote
     table.record("param-checkpoint",
                  done="--checkpoint: a missing path; an HTML page saved as .pth; the weights of another model "
-                      "(test_vit) for test_resnet; an s3:// URL",
-                 did="exit 2 before any work, nothing written: 'is not a file: pass the path of a weights file "
-                     "(.safetensors, .pth, .bin)'; 'cannot be read'; 'does not fit 'test_resnet.r160_in1k': ... "
-                     "Missing key(s) in state_dict', each ending 'pass --checkpoint (checkpoint=) a weights file of <model>' (the "
-                     "file is loaded into the model built on the meta device: no memory, no download); "
-                     f"{q(remote.splitlines()[-1].strip())} (a file:// URL is taken as its path)",
+                      "(test_vit) for test_resnet; a feature extractor's (saved without a head) with --embedding head; "
+                      "an s3:// URL",
+                 did="exit 2 before any work, nothing written, in one line: 'is not a file: pass the path of a weights "
+                     "file (.safetensors, .pth, .bin)'; 'cannot be read: ...; pass --checkpoint (checkpoint=) a "
+                     f"timm/PyTorch state dict (.safetensors, .pth or .bin)'; "
+                     f"{q(wrong.removeprefix('error: ').replace(str(tmp_path) + '/', ''))}; "
+                     "'has no head for <model> ... Pass --embedding (embedding=) pooled or auto: both give its pooled "
+                     "features.' (the file is loaded into the model built on the meta device: no memory, no "
+                     f"download); {q(remote.splitlines()[-1].strip())} (a file:// URL is taken as its path)",
                  lost="nothing (no work started)")
 
 

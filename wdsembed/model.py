@@ -338,7 +338,8 @@ def _read_checkpoint(path: str, model_name: str) -> dict:
                 return {k: v for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
             except Exception:  # noqa: BLE001
                 pass
-        raise ModelLoadError(f"checkpoint {path!r} for {model_name!r} cannot be read: {_short(e)}") from e
+        raise ModelLoadError(f"checkpoint {path!r} for {model_name!r} cannot be read: {_short(e)}; pass "
+                             f"{option('checkpoint')} a timm/PyTorch state dict (.safetensors, .pth or .bin)") from e
 
 
 def _classifier_names(pretrained_cfg: Any) -> tuple[str, ...]:
@@ -383,6 +384,40 @@ def _is_headless(state_dict: dict, model_name: str, pretrained_cfg: Any) -> bool
 def _short(e: BaseException, limit: int = 600) -> str:
     text = f"{type(e).__name__}: {e}".strip()
     return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _misfit(e: BaseException) -> str:
+    """What a strict load of a checkpoint into the model found, in a few words: how many of the model's weights the
+    file lacks, how many of its own the model has no place for, how many have another shape, each with the first
+    names. torch's message lists every key: thousands of characters, on several lines, for a ViT. Any other error
+    (a conversion of timm's that failed), shortened."""
+    missing: list[str] = []
+    unexpected: list[str] = []
+    reshaped: list[str] = []
+    for line in str(e).splitlines():
+        keys = re.match(r"\s*(Missing|Unexpected) key\(s\) in state_dict: (.*)", line)
+        if keys:
+            (missing if keys[1] == "Missing" else unexpected).extend(re.findall(r'"([^"]*)"', keys[2]))
+        shape = re.match(r"\s*size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) from "
+                         r"checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)", line)
+        if shape:
+            reshaped.append(f"{shape[1]} {shape[2]} for {shape[3]}")
+    if not (missing or unexpected or reshaped):
+        return _short(e)
+
+    def first(names: list[str]) -> str:
+        # weights rather than BatchNorm's step counters, which tell nothing of the architecture
+        shown = [n for n in names if not n.endswith("num_batches_tracked")] or names
+        return ", ".join(shown[:3]) + (", ..." if len(names) > 3 else "")
+
+    said = []
+    if missing:
+        said.append(f"{len(missing)} of the model's weights missing ({first(missing)})")
+    if unexpected:
+        said.append(f"{len(unexpected)} in the file that the model has no place for ({first(unexpected)})")
+    if reshaped:
+        said.append(f"{len(reshaped)} of another shape ({first(reshaped)})")
+    return "; ".join(said)
 
 
 # --------------------------------------------------------------------------------------------------- load
@@ -516,7 +551,10 @@ def load_model(
         raise
     except Exception as e:  # noqa: BLE001 - everything timm/torch raise here means "cannot build these weights"
         if checkpoint:
-            raise ModelLoadError(f"checkpoint {checkpoint!r} does not fit {model_name!r}: {_short(e)}") from e
+            raise ModelLoadError(
+                f"checkpoint {checkpoint!r} does not fit {model_name!r}: {_misfit(e)}. Pass {option('checkpoint')} "
+                f"a weights file of {model_name!r}, or {option('model_name')} the model the file was trained as"
+            ) from e
         if offline:
             why = f"its config/weights are not in the cache and the Hub is offline ({_short(e, 160)})"
             raise ModelLoadError(_no_weights_message(model_name, why)) from e

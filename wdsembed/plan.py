@@ -376,9 +376,7 @@ def _check_checkpoint_fits(config: EmbedConfig) -> None:
         load_model(config.model_name, pretrained=config.pretrained, checkpoint=config.checkpoint,
                    embedding=config.embedding, device="meta")
     except ModelLoadError as exc:
-        raise InputError(f"{exc}\n  pass {option('checkpoint')} a weights file of {config.model_name!r} (a "
-                         "timm/PyTorch state dict in .safetensors, .pth or .bin), or the "
-                         f"{option('model_name')} it was trained as") from None
+        raise InputError(str(exc)) from None  # each says what to pass for its own cause
 
 
 def check_storage(config: EmbedConfig) -> None:
