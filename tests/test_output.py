@@ -209,8 +209,9 @@ def test_custom_column_names_and_columns_never_replaced():
         with pytest.raises(ValueError) as refused:
             build_output_table(rows=rows.append_column("id2", rows.column("id")), keys=["b"],
                                embeddings=_emb("2")[None], errors={}, dim=DIM, id_column="id", **names)
-        flags = " and ".join(f"--{flag} another name" for flag, field in (("embedding-column", "embedding_column"),
-                                                                          ("error-column", "error_column"))
+        flags = " and ".join(f"--{flag} ({field}=) another name" for flag, field in (("embedding-column",
+                                                                                       "embedding_column"),
+                                                                                      ("error-column", "error_column"))
                              if field in names)
         assert str(refused.value) == (f"the shard's parquet already has column(s) {clash}, which the output would "
                                       f"replace with its own: pass {flags}, so that every column of the parquet is "
@@ -243,7 +244,7 @@ def test_id_column_types_the_join_takes_and_those_it_refuses():
         "again")
     assert id_column_problem("key", "00000.parquet", pa.schema([("key", pa.binary())])) == (
         "id column 'key' of 00000.parquet has type binary; the key join matches a string or integer column: pass "
-        "--id-column the column that holds each row's key")
+        "--id-column (id_column=) the column that holds each row's key")
     assert id_column_problem("uid", "00000.parquet", pa.schema([("key", pa.string())])).startswith(
         "id column 'uid' is not in 00000.parquet (columns: key): ")
 

@@ -1650,8 +1650,8 @@ def test_id_column_that_matches_no_key(tmp_path, capsys, monkeypatch):
     err = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", "--id-column", "width")
     assert err == (f"error: not one of the {PER_SHARD} sample key(s) of 00000.tar is in id column 'width' of "
                    "00000.parquet (keys such as '000000000', '000000001'; 'width' holds '40'): check that "
-                   "--id-column names the column holding each sample's key (img2dataset's is 'key') and that this "
-                   "parquet is the tar's own"), err
+                   "--id-column (id_column=) names the column holding each sample's key (img2dataset's is 'key') "
+                   "and that this parquet is the tar's own"), err
     data = dataset(tmp_path / "mixed", 2)
     other = data / "00001.parquet"  # another shard's rows: keys of another tar
     pq.write_table(read(other).set_column(0, "key", pc.binary_join_element_wise("x", read(other).column("key"), "")),
@@ -1661,8 +1661,8 @@ def test_id_column_that_matches_no_key(tmp_path, capsys, monkeypatch):
     reason = failed.value.failures["00001"]
     assert reason == (f"ValueError: shard {data / '00001.tar'}: not one of the tar's {PER_SHARD} sample key(s) is "
                       f"in id column 'key' of {other} (keys such as '000010000', '000010001'; 'key' holds "
-                      "'x000010000', 'x000010001'): check that --id-column names the column holding each sample's "
-                      "key (img2dataset's is 'key') and that this parquet is the tar's own"), reason
+                      "'x000010000', 'x000010001'): check that --id-column (id_column=) names the column holding "
+                      "each sample's key (img2dataset's is 'key') and that this parquet is the tar's own"), reason
     assert failed.value.transient == []  # never retried: the same keys match nothing again
     assert read(tmp_path / "mixed-out" / "00000.parquet").column(EMB).null_count == 0
     assert not (tmp_path / "mixed-out" / "00001.parquet").exists()
@@ -1690,7 +1690,7 @@ def test_parquet_column_named_like_the_output_columns(tmp_path, capsys):
     passed as --embedding-column, a parquet that already carries an image_embedding) is refused, never replaced."""
     err = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", "--embedding-column", "caption")
     assert err == ("error: 00000.parquet already has column(s) 'caption', which the output would replace with its "
-                   "own: pass --embedding-column another name, so that every column of the parquet is kept"), err
+                   "own: pass --embedding-column (embedding_column=) another name, so that every column of the parquet is kept"), err
     data = dataset(tmp_path / "mixed", 2)
     other = data / "00001.parquet"
     rows = read(other)
@@ -1699,7 +1699,7 @@ def test_parquet_column_named_like_the_output_columns(tmp_path, capsys):
         embedder()(str(data), str(tmp_path / "mixed-out"))
     reason = failed.value.failures["00001"]
     assert reason == (f"ValueError: shard {data / '00001.tar'}: {other} already has column(s) '{EMB}', which the "
-                      "output would replace with its own: pass --embedding-column another name, so that every column "
+                      "output would replace with its own: pass --embedding-column (embedding_column=) another name, so that every column "
                       "of the parquet is kept"), reason
     assert failed.value.transient == []
     assert read(tmp_path / "mixed-out" / "00000.parquet").column(EMB).null_count == 0

@@ -101,8 +101,8 @@ def column_clash_problem(parquet: str, schema: pa.Schema, embedding_column: str,
     clash = [c for c in (embedding_column, error_column) if c in schema.names]
     if not clash:
         return None
-    flags = " and ".join(f"--{flag} another name" for flag, c in (("embedding-column", embedding_column),
-                                                                  ("error-column", error_column)) if c in clash)
+    flags = " and ".join(f"{option(name)} another name" for name, c in (("embedding_column", embedding_column),
+                                                                        ("error_column", error_column)) if c in clash)
     return (f"{parquet} already has column(s) {', '.join(map(repr, clash))}, which the output would replace with "
             f"its own: pass {flags}, so that every column of the parquet is kept")
 
@@ -123,8 +123,8 @@ def unmatched_keys_problem(ids: pa.ChunkedArray, keys: Sequence[str], id_column:
     values = pc.unique(row_ids.drop_null())
     shown = ", ".join(repr(v) for v in values.slice(0, 2).to_pylist()) if len(values) else "all null"
     return (f"not one of {keys_said} is in id column {id_column!r} of {parquet} (keys such as "
-            f"{', '.join(repr(k) for k in keys[:2])}; {id_column!r} holds {shown}): check that --id-column names the "
-            "column holding each sample's key (img2dataset's is 'key') and that this parquet is the tar's own")
+            f"{', '.join(repr(k) for k in keys[:2])}; {id_column!r} holds {shown}): check that {option('id_column')} "
+            "names the column holding each sample's key (img2dataset's is 'key') and that this parquet is the tar's own")
 
 
 def _id_value_type(t: pa.DataType) -> pa.DataType:
