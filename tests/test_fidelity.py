@@ -89,7 +89,8 @@ def test_shard_shares_add_up_to_the_sample_asked():
 
 def test_the_run_checks_as_many_images_as_asked(tmp_path):
     """3 shards of 12 images: --fidelity-sample 32 checks 32 (not 33); 2 checks 2, and the shard with no share is
-    not listed among outputs without a stored check."""
+    not listed among outputs without a stored check. A re-run asking for more keeps the finished shards' checks, and
+    says so."""
     from wdsembed import fidelity
 
     for s in range(3):
@@ -101,6 +102,14 @@ def test_the_run_checks_as_many_images_as_asked(tmp_path):
         check = manifest_of(out)["fidelity"]
         assert check["images"] == sample and check["shards_unchecked"] == [], check
         assert "without a stored check" not in fidelity.describe(check)
+        assert check["shards_reused"] == [] and "finished shard(s)" not in fidelity.describe(check)
+    out = str(tmp_path / "out-2")
+    TimmImageEmbedder(TINY_MODEL, fidelity_sample=32, **SETTINGS)(str(tmp_path / "in"), out)  # nothing to compute
+    check = manifest_of(out)["fidelity"]
+    assert check["images"] == 2 and check["shards_reused"] == ["00000", "00001", "00002"], check
+    assert fidelity.describe(check).endswith(
+        "; the checks of 3 finished shard(s) are those of the runs that computed them (a run's --fidelity-sample "
+        "samples the shards it computes)"), fidelity.describe(check)
 
 
 def test_sample_collector_keeps_quota_and_prefers_special():

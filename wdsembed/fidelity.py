@@ -402,6 +402,8 @@ def summarize(config: EmbedConfig, results: list[dict]) -> dict:
         "both_refused": sum(len((r.get("fidelity") or {}).get("both_refused") or []) for r in results),
         # Outputs written before this check existed, or with fidelity_sample=0: nothing stored to compare.
         "shards_unchecked": unchecked,
+        # Finished shards keep the check of the run that computed them, made with that run's fidelity_sample.
+        "shards_reused": sorted(r["stem"] for r in results if r.get("cached") and r.get("fidelity")),
     }
     summary["passed"] = summary["below_threshold"] == 0
     return summary
@@ -435,6 +437,9 @@ def describe(summary: Optional[dict]) -> Optional[str]:
         text += f"; {summary['both_refused']} sampled image(s) refused by both (not compared)"
     if summary["shards_unchecked"]:
         text += f"; {len(summary['shards_unchecked'])} shard(s) without a stored check"
+    if summary.get("shards_reused"):  # not in manifests written before it was recorded
+        text += (f"; the checks of {len(summary['shards_reused'])} finished shard(s) are those of the runs that "
+                 "computed them (a run's --fidelity-sample samples the shards it computes)")
     return text
 
 
