@@ -157,7 +157,8 @@ def test_the_heartbeat_is_refreshed_and_a_claim_taken_over_meanwhile_stays(tmp_p
             # whole, as a takeover writes it: a heartbeat reading a half-written file would see no run in it
             storage.write_atomic(storage.filesystem(str(out))[0], str(out / CLAIM_NAME), other)
             deadline = time.monotonic() + 10
-            while not claim.lost and time.monotonic() < deadline:
+            # the heartbeat's thread marks the claim lost, then reads the new holder and says so: wait for both
+            while not (claim.lost and "taken over" in caplog.text) and time.monotonic() < deadline:
                 time.sleep(0.05)
         assert claim.lost
         assert "this run's claim was taken over by run 0123456789abcdef (pid" in caplog.text
