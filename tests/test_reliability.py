@@ -1699,8 +1699,8 @@ def test_parquet_column_named_like_the_output_columns(tmp_path, capsys):
         embedder()(str(data), str(tmp_path / "mixed-out"))
     reason = failed.value.failures["00001"]
     assert reason == (f"ValueError: shard {data / '00001.tar'}: {other} already has column(s) '{EMB}', which the "
-                      "output would replace with its own: pass --embedding-column (embedding_column=) another name, so that every column "
-                      "of the parquet is kept"), reason
+                      "output would replace with its own: pass --embedding-column (embedding_column=) another name, so "
+                      "that every column of the parquet is kept"), reason
     assert failed.value.transient == []
     assert read(tmp_path / "mixed-out" / "00000.parquet").column(EMB).null_count == 0
     assert not (tmp_path / "mixed-out" / "00001.parquet").exists()
