@@ -477,6 +477,19 @@ def test_manifest(tmp_path):
     assert read_manifest(str(tmp_path / "nowhere"), fs) is None
 
 
+def test_the_names_wdsembed_writes_under_output_and_no_others():
+    """What a run may clean up as its own under OUTPUT (outputclaim.abort_stale_uploads): the shards' tables, their
+    kNN views and the manifest; not the claim, Prefect's results, temp names or a user's files."""
+    from wdsembed.output import is_output_name
+
+    for rel in ("00000.parquet", "train/00001.parquet", "_embeddings/00000.parquet",
+                "_embeddings/train/00001.parquet", "_manifest.json"):
+        assert is_output_name(rel), rel
+    for rel in ("_claim.json", "_prefect_results/x.parquet", ".00000.parquet.tmp-" + "a" * 32, "backup/00000.tar",
+                "_embeddings", "_embeddings/_x.parquet", "_other/00000.parquet", "train/_manifest.json", "a//b.parquet"):
+        assert not is_output_name(rel), rel
+
+
 # --------------------------------------------------------------------------------------------------- kNN view
 
 

@@ -7,6 +7,7 @@ tiny timm test model, and compare the S3 outputs with a local run of the same sh
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -439,6 +440,75 @@ def test_a_shards_view_is_removed_from_a_bucket(server):
     assert output.remove_embeddings_view(config, "sub/00000")
     assert views() == ["views/_embeddings/sub/00001.parquet"]
     assert not output.remove_embeddings_view(config, "sub/00000")
+
+
+def _incomplete_upload(server: MotoS3, key: str) -> None:
+    """An upload of `key` to the output bucket as a process killed mid-upload leaves it: a part stored, never
+    completed (so in no listing of objects)."""
+    s3 = server.boto()
+    upload = s3.create_multipart_upload(Bucket=OUT_BUCKET, Key=key)["UploadId"]
+    s3.upload_part(Bucket=OUT_BUCKET, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
+
+
+def _incomplete_uploads(server: MotoS3, prefix: str) -> list[str]:
+    uploads = server.boto().list_multipart_uploads(Bucket=OUT_BUCKET, Prefix=prefix).get("Uploads", [])
+    return sorted(u["Key"] for u in uploads)
+
+
+def test_a_run_aborts_the_incomplete_uploads_of_its_outputs_that_killed_runs_left(server, dataset, tmp_path,
+                                                                                 monkeypatch, caplog):
+    """Incomplete multipart uploads under OUTPUT with the names of wdsembed's outputs (a table, a kNN view), left by
+    runs killed mid-upload, are aborted by the next run once it holds the claim, with a line saying how many; one
+    of a name wdsembed never writes under OUTPUT, and one outside OUTPUT (beside it, sharing its name's start), stay.
+    Keys that may not list uploads (s3:ListBucketMultipartUploads) leave them, with a line, and the run succeeds."""
+    from wdsembed.api import TimmImageEmbedder
+
+    url = upload(server, dataset)
+    out = f"emb-{uuid.uuid4().hex[:8]}"
+    own = [f"{out}/00000.parquet", f"{out}/_embeddings/00001.parquet"]
+    others = [f"{out}-old/00000.parquet", f"{out}/backup/00000.tar"]
+    for key in own + others:
+        _incomplete_upload(server, key)
+    embedder = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                                 fidelity_sample=0, index_cache_dir=str(tmp_path / "idx"),
+                                 storage_options=options(server.endpoint))
+    try:
+        use_keys(monkeypatch, server.reader)  # may write the output bucket, not list nor abort its uploads
+        with caplog.at_level(logging.WARNING, logger="wdsembed"):
+            assert len(embedder(url, f"s3://{OUT_BUCKET}/{out}")) == 2
+        said = [r.getMessage() for r in caplog.records if "multipart" in r.getMessage()]
+        assert len(said) == 1, said
+        assert said[0].startswith(f"output s3://{OUT_BUCKET}/{out}: could not abort the incomplete multipart uploads")
+        assert f"(PermissionError: listing the uploads under s3://{OUT_BUCKET}/{out}/: Access Denied)" in said[0]
+        assert "AbortIncompleteMultipartUpload" in said[0]
+        assert _incomplete_uploads(server, out) == sorted(own + others)
+
+        use_keys(monkeypatch, server.admin)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="wdsembed"):
+            assert all(r.cached for r in embedder(url, f"s3://{OUT_BUCKET}/{out}"))  # a re-run claims OUTPUT too
+        said = [r.getMessage() for r in caplog.records if "multipart" in r.getMessage()]
+        assert said == [f"output s3://{OUT_BUCKET}/{out}: aborted 2 incomplete multipart upload(s) that runs killed "
+                        "mid-upload had left: 00000.parquet, _embeddings/00001.parquet"], said
+        assert _incomplete_uploads(server, out) == sorted(others)
+    finally:  # the bucket is the module's
+        s3 = server.boto()
+        for u in s3.list_multipart_uploads(Bucket=OUT_BUCKET).get("Uploads", []):
+            s3.abort_multipart_upload(Bucket=OUT_BUCKET, Key=u["Key"], UploadId=u["UploadId"])
+
+
+def test_an_upload_begun_since_the_cutoff_is_a_live_writers_and_kept(server):
+    """storage.abort_incomplete_uploads aborts only uploads initiated before its cutoff (the claim's time): one begun
+    at or after it is kept, and aborted once the cutoff is past it."""
+    key = f"live-{uuid.uuid4().hex[:8]}/00000.parquet"
+    _incomplete_upload(server, key)
+    [listed] = server.boto().list_multipart_uploads(Bucket=OUT_BUCKET, Prefix=key)["Uploads"]
+    begun = listed["Initiated"].timestamp()  # by the store's clock
+    fs, root = storage.filesystem(f"s3://{OUT_BUCKET}/{key.split('/')[0]}", options(server.endpoint))
+    assert storage.abort_incomplete_uploads(fs, root, output.is_output_name, begun) == []
+    assert _incomplete_uploads(server, key) == [key]
+    assert storage.abort_incomplete_uploads(fs, root, output.is_output_name, begun + 1) == ["00000.parquet"]
+    assert _incomplete_uploads(server, key) == []
 
 
 def test_output_never_creates_a_bucket(server):

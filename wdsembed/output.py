@@ -394,6 +394,18 @@ def embeddings_view_url(output_root: str, stem: str) -> str:
     return f"{output_root.rstrip('/')}/{EMBEDDINGS_FOLDER}/{stem}.parquet"
 
 
+def is_output_name(rel: str) -> bool:
+    """Whether `rel`, a path relative to OUTPUT, names a file that wdsembed writes there: a shard's table
+    (`<stem>.parquet`), its kNN view (`_embeddings/<stem>.parquet`) or the manifest. A stem's parts never start with
+    `_` or `.` (plan refuses such shards), so Prefect's results, the claim and temp names are not among them."""
+    if rel == MANIFEST_NAME:
+        return True
+    parts = rel.split("/")
+    if parts[0] == EMBEDDINGS_FOLDER and len(parts) > 1:
+        parts = parts[1:]
+    return parts[-1].endswith(".parquet") and not any(not part or part.startswith(("_", ".")) for part in parts)
+
+
 def write_embeddings_view(table: pa.Table, config: "EmbedConfig", stem: str, *, cache_key: str = "",
                           before_commit: Callable[[], None] = lambda: None) -> int:
     """Write the shard's kNN view (embeddings_view) to OUTPUT/_embeddings/<stem>.parquet, whole or not at all

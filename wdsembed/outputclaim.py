@@ -37,7 +37,10 @@ Heartbeats are compared across hosts by their clocks: hosts sharing an OUTPUT mu
 minute or so (NTP).
 
 With the claim held, `remove_stale_temp_files` removes what dead runs left in OUTPUT: the temp files of atomic
-writes (`.<name>.tmp-<32 hex>`, storage.write_atomic) of a process killed between a file's write and its rename.
+writes (`.<name>.tmp-<32 hex>`, storage.write_atomic) of a process killed between a file's write and its rename;
+and on S3 `abort_stale_uploads` aborts the incomplete multipart uploads of a process killed while uploading an
+output (over 100 MB), of output names only (output.is_output_name) and begun before the claim: stored and billed,
+though no listing shows them. A store that refuses to list or abort them leaves them, with a warning line.
 
 The workers of a cluster the run did not start (`--dask-address`) outlive the process that claimed OUTPUT: should it
 die, or lose its claim (its heartbeats stopped), its tasks still running there would write their shards after the
@@ -75,6 +78,7 @@ from typing import Any, Iterator, Optional
 
 from wdsembed import storage, storeoptions
 from wdsembed.config import EmbedConfig
+from wdsembed.output import is_output_name
 
 log = logging.getLogger("wdsembed")
 
@@ -484,6 +488,7 @@ class Claim:
     token: Any = field(repr=False)
     took_over: Optional[str] = None  # the holder whose stale claim was taken over, described
     removed: list[str] = field(default_factory=list)  # stale temp files removed from OUTPUT
+    aborted_uploads: list[str] = field(default_factory=list)  # dead runs' incomplete multipart uploads, aborted
     lost: bool = False  # another run took the claim over meanwhile (this run's heartbeats had stopped)
     released: bool = False
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -590,8 +595,8 @@ def check_still_held(config: EmbedConfig, run: Optional[str], subject: str,
 
 def take(config: EmbedConfig) -> Claim:
     """Claim OUTPUT for this run, atomically, or raise OutputClaimedError naming the run that holds it. A stale
-    claim is taken over, with a warning. Then the temp files that dead runs left in OUTPUT are removed, and the
-    heartbeat starts."""
+    claim is taken over, with a warning. Then the temp files that dead runs left in OUTPUT are removed, the
+    heartbeat starts, and the incomplete multipart uploads of dead runs' outputs are aborted."""
     store = _store(config)
     record = new_record(config)
     data = _encode(record)
@@ -633,6 +638,11 @@ def take(config: EmbedConfig) -> Claim:
         log.warning("output %s: removed %d temp file(s) that runs killed mid-write had left: %s", config.output,
                     len(claim.removed), ", ".join(claim.removed[:5]) + (" ..." if len(claim.removed) > 5 else ""))
     claim.start_heartbeat()
+    try:  # beating already: a bucket with many uploads to abort must not let the claim look stale meanwhile
+        claim.aborted_uploads = abort_stale_uploads(config, claim)
+    except BaseException:  # Ctrl-C: the caller never gets the claim to release
+        claim.release()
+        raise
     return claim
 
 
@@ -646,7 +656,28 @@ def held(config: EmbedConfig) -> Iterator[Claim]:
         claim.release()
 
 
-# --------------------------------------------------------------------------------------------------- temp files
+# --------------------------------------------------------------------------------------------------- leftovers
+
+
+def abort_stale_uploads(config: EmbedConfig, claim: Claim) -> list[str]:
+    """Abort the incomplete multipart uploads of wdsembed's own outputs under OUTPUT (output.is_output_name) that
+    were initiated before `claim` was taken: what runs killed mid-upload left, stored and billed though no listing
+    shows them. An upload begun since is a live writer's, and kept. Their paths relative to OUTPUT, logged. Never
+    raises: where the store refuses (a policy without s3:ListBucketMultipartUploads or s3:AbortMultipartUpload),
+    one line says what stays, and the run goes on."""
+    taken = _epoch(claim.record["started"])  # whole seconds, rounded down: never after the claim
+    try:
+        fs, root = storage.filesystem(config.output, config.storage_options)
+        aborted = storage.abort_incomplete_uploads(fs, root, is_output_name, taken)
+    except Exception as exc:  # noqa: BLE001 - a cleanup: the run's own work does not depend on it
+        log.warning("output %s: could not abort the incomplete multipart uploads that runs killed mid-upload may "
+                    "have left there (%s: %s); their parts stay stored, and billed, until a bucket lifecycle rule "
+                    "AbortIncompleteMultipartUpload clears them", config.output, type(exc).__name__, exc)
+        return []
+    if aborted:
+        log.warning("output %s: aborted %d incomplete multipart upload(s) that runs killed mid-upload had left: %s",
+                    config.output, len(aborted), ", ".join(aborted[:5]) + (" ..." if len(aborted) > 5 else ""))
+    return aborted
 
 
 def remove_stale_temp_files(config: EmbedConfig) -> list[str]:

@@ -298,6 +298,53 @@ def _write_local(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Bina
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# What a killed upload leaves
+
+
+def abort_incomplete_uploads(fs: fsspec.AbstractFileSystem, root: str, names: Callable[[str], bool],
+                             initiated_before: float) -> list[str]:
+    """Abort the incomplete multipart uploads under folder `root` of an S3 store whose key, relative to `root`,
+    `names` accepts and that were initiated before `initiated_before` (epoch seconds); their paths relative to
+    `root`. A process killed during a large upload (s3fs uploads files over 100 MB in parts) leaves one: in no
+    listing, yet its parts are stored, and billed, until it is aborted. Other stores: []. A refusal to list or abort
+    (a policy without s3:ListBucketMultipartUploads or s3:AbortMultipartUpload) raises as s3fs raises it
+    (PermissionError)."""
+    if not is_s3(fs):
+        return []
+    bucket, key, _ = fs.split_path(root)
+    prefix = key.strip("/") + "/" if key.strip("/") else ""
+    stale, page_marks = [], {}
+    while True:  # s3fs's list_multipart_uploads asks for the whole bucket, one page only
+        page = _call_s3(fs, f"listing the uploads under s3://{bucket}/{prefix}", "list_multipart_uploads",
+                        Bucket=bucket, Prefix=prefix, **page_marks)
+        for upload in page.get("Uploads") or []:
+            initiated = upload.get("Initiated")
+            if (upload["Key"].startswith(prefix) and names(upload["Key"][len(prefix):])
+                    and initiated is not None and initiated.timestamp() < initiated_before):
+                stale.append((upload["Key"], upload["UploadId"]))
+        if not page.get("IsTruncated"):
+            break
+        page_marks = {"KeyMarker": page.get("NextKeyMarker", ""), "UploadIdMarker": page.get("NextUploadIdMarker", "")}
+    aborted = []
+    for upload_key, upload_id in stale:
+        try:
+            _call_s3(fs, f"aborting the upload of s3://{bucket}/{upload_key}", "abort_multipart_upload",
+                     Bucket=bucket, Key=upload_key, UploadId=upload_id)
+        except FileNotFoundError:  # NoSuchUpload: completed or aborted meanwhile
+            continue
+        aborted.append(upload_key[len(prefix):])
+    return sorted(aborted)
+
+
+def _call_s3(fs: fsspec.AbstractFileSystem, doing: str, operation: str, **kwargs: Any) -> dict:
+    """s3fs's `call_s3`, its errors saying what was being done (s3fs's say "Access Denied" and no more)."""
+    try:
+        return fs.call_s3(operation, **kwargs)
+    except OSError as exc:
+        raise type(exc)(f"{doing}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Preflight: fail at once, naming the URL, where a store cannot be used at all
 
 
