@@ -194,16 +194,18 @@ def bench_dali(model_name: str, folder: str, device: str, batch_size: int, threa
 
 
 def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device: str, batch_size: int,
-               threads: int, n_gpus: int, repeats: int = 1, **options) -> dict:
-    """(c) the full flow (Prefect + Dask, tar to parquet) on warm workers of a cluster started here. `options` are
-    more EmbedConfig fields (storage options for an S3 input, fidelity_sample=0 to leave the check out). With
-    `repeats`, every option set in `options["variants"]` (a dict of name -> fields) is run in turn, `repeats` times
-    each, on the same warm cluster: their rates as medians, under the same swings of the machine. A variant's
-    `through="api"` runs it through wdsembed.api.run_shards (the same Dask workers, no Prefect) instead of the flow,
-    its `switch_interval` sets the workers' GIL switch interval for it (else it stays as it is: Python's 5 ms
-    unless an earlier variant changed it), and its `worker_env` (name -> value, None to unset) the workers'
-    environment variables, followed by the warm-up run again (untimed), in which a worker builds its Worker anew
-    where a variable it reads as it is built changed."""
+               threads: int, n_gpus: int, repeats: int = 1, workers_per_gpu: int = 1, **options) -> dict:
+    """(c) the full flow (Prefect + Dask, tar to parquet) on warm workers of a cluster started here, with
+    `workers_per_gpu` worker processes on each of its `n_gpus` GPUs. That sizes the cluster only: the runs reach it
+    by its address (dask_address), where EmbedConfig.workers_per_gpu does nothing (the flow would log a warning
+    saying so), so it is not theirs. `options` are more EmbedConfig fields (storage options for an S3 input,
+    fidelity_sample=0 to leave the check out). With `repeats`, every option set in `options["variants"]` (a dict of
+    name -> fields) is run in turn, `repeats` times each, on the same warm cluster: their rates as medians, under the
+    same swings of the machine. A variant's `through="api"` runs it through wdsembed.api.run_shards (the same Dask
+    workers, no Prefect) instead of the flow, its `switch_interval` sets the workers' GIL switch interval for it
+    (else it stays as it is: Python's 5 ms unless an earlier variant changed it), and its `worker_env` (name ->
+    value, None to unset) the workers' environment variables, followed by the warm-up run again (untimed), in which
+    a worker builds its Worker anew where a variable it reads as it is built changed."""
     from distributed import Client, LocalCluster, get_task_stream
 
     import flows.embed as fe
@@ -216,10 +218,9 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
         from wdsembed.worker import set_gpu_process_environment
 
         set_gpu_process_environment()  # inherited by the workers, as task_runner_kwargs does it for the flow
-        cluster = start_gpu_cluster(n_gpus, options.get("workers_per_gpu", 1))
+        cluster = start_gpu_cluster(n_gpus, workers_per_gpu)
     else:  # the CPU stand-in: workers_per_gpu worker processes per "GPU"
-        cluster = LocalCluster(n_workers=n_gpus * options.get("workers_per_gpu", 1), threads_per_worker=1,
-                               processes=True)
+        cluster = LocalCluster(n_workers=n_gpus * workers_per_gpu, threads_per_worker=1, processes=True)
     client = Client(cluster)
     try:
         variants = options.pop("variants", None) or {"": {}}
