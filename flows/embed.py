@@ -48,7 +48,9 @@ from tasks.index import index_shards  # noqa: E402
 from tasks.report import report  # noqa: E402
 from wdsembed import caching, cluster, faults, fidelity, outputclaim  # noqa: E402
 from wdsembed.config import EmbedConfig  # noqa: E402
-from wdsembed.plan import check_storage, nothing_to_compute, shard_groups  # noqa: E402
+from wdsembed.plan import (  # noqa: E402
+    check_storage, nothing_to_compute, remove_failed_outputs_made_otherwise, shard_groups,
+)
 from wdsembed.report import ManifestNotWritten, retire_manifest, with_manifest_failure  # noqa: E402
 from wdsembed.shard import ShardsFailed  # noqa: E402
 
@@ -142,6 +144,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
             update_progress_artifact(progress, shown)
     if config.dask_address:
         _worker_reports_sent(client)
+    remove_failed_outputs_made_otherwise(config, failures)
 
     try:
         manifest = report(config, results, failures, time.perf_counter() - started, timeline, previous,

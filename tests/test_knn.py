@@ -271,3 +271,37 @@ def test_the_readmes_merged_schema_reads_every_column_when_the_first_shard_had_n
     table = scope["table"]
     assert table.num_rows == 6 and {"key", "caption", "url", "status", "image_embedding"} <= set(table.column_names)
     assert sum(c is not None for c in table.column("caption").to_pylist()) == 3  # the second shard's captions
+
+
+def test_a_shard_that_fails_under_a_new_model_leaves_no_output_of_the_old_one(tmp_path):
+    """A run with another model rewrites every shard it names; one of them failing kept its earlier output and view,
+    of the old model: two embedding spaces (here of 96 and 64 dimensions) in OUTPUT and in the kNN view, beside a
+    manifest naming the new model. The failed shard's earlier output goes, with its view; an earlier output of the
+    run's own settings stays where the shard fails again."""
+    from wdsembed.shard import ShardsFailed
+
+    data, out = tmp_path / "in", tmp_path / "out"
+    for s in range(2):
+        write_shard(data, f"{s:05d}", [_image(10 * s + i) for i in range(3)], shard_id=s)
+    own = (data / "00001.parquet").read_bytes()
+
+    def embedder(model):
+        return TimmImageEmbedder(model, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                                 fidelity_sample=0)
+
+    embedder(TINY_MODEL)(str(data), str(out))
+    (data / "00001.parquet").write_bytes((data / "00000.parquet").read_bytes())  # another tar's rows: it fails
+    with pytest.raises(ShardsFailed, match="00001"):
+        embedder("test_vit.r160_in1k")(str(data), str(out))
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet")) == [
+        "00000.parquet", "_embeddings/00000.parquet"]
+    assert {len(v) for v in pq.read_table(out / "_embeddings").column(EMB).to_pylist()} == {64}
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["model"]["name"] == "test_vit.r160_in1k" and list(manifest["failed_shards"]) == ["00001"]
+
+    (data / "00001.parquet").write_bytes(own)
+    embedder("test_vit.r160_in1k")(str(data), str(out))
+    (data / "00001.parquet").write_bytes((data / "00000.parquet").read_bytes())
+    with pytest.raises(ShardsFailed, match="00001"):  # the same model: its earlier output is of the same space
+        embedder("test_vit.r160_in1k")(str(data), str(out))
+    assert (out / "00001.parquet").exists() and (out / "_embeddings" / "00001.parquet").exists()

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from wdsembed import fidelity, outputclaim, report, shard
 from wdsembed.config import EmbedConfig, EmbedSettings, field_default
-from wdsembed.plan import check_config, plan_run
+from wdsembed.plan import check_config, plan_run, remove_failed_outputs_made_otherwise
 from wdsembed.shard import ShardPlan, ShardResult, ShardsFailed
 
 log = logging.getLogger("wdsembed")
@@ -146,6 +146,7 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
             else:
                 results, failures = _run_on_dask(client, config, plans, claim.run)
             timeline["collected"] = time.time()
+            remove_failed_outputs_made_otherwise(config, failures)
             results.sort(key=lambda r: r.stem)
             dicts = [r.to_dict() for r in results]
             manifest = report.build_manifest(config, dicts, failures, time.perf_counter() - started, timeline,

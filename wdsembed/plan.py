@@ -149,19 +149,47 @@ def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
     if not others:
         return
 
-    try:  # this run's checkpoint's identity, as its outputs will record it; and as footers recorded it before
-        identity = storage.checkpoint_identity(config.checkpoint, config.storage_options) if config.checkpoint else None
-        size_and_mtime = (storage.file_fingerprint(config.checkpoint, config.storage_options) if config.checkpoint
-                          else None)
-    except OSError as exc:
-        # Said here, as the cause: unread, every output beside made with this path would look made by another file.
-        raise InputError(f"checkpoint {config.checkpoint!r} cannot be read: {type(exc).__name__}: {exc}") from exc
+    judge = OtherSpace(config)
 
     def differs(path: str) -> Optional[str]:
-        meta = output.read_output_metadata(path, out_fs)
+        reasons = judge.reasons(output.read_output_metadata(path, out_fs))
+        return f"{path[len(root):]} ({', '.join(reasons)})" if reasons else None
+
+    with ThreadPoolExecutor(max(1, min(16, len(others)))) as pool:
+        mixed = [d for d in pool.map(differs, others) if d]
+    if mixed:
+        more = f" and {len(mixed) - 3} more" if len(mixed) > 3 else ""
+        raise InputError(
+            f"output {config.output!r} already holds embeddings made otherwise, of shards this run does not name: "
+            f"{'; '.join(mixed[:3])}{more}. This run ({config.model_name}) would leave two embedding spaces in one "
+            "folder and one kNN view. Choose another output folder, name those shards in this run too (they are "
+            "then recomputed), or remove their outputs."
+        )
+
+
+class OtherSpace:
+    """Tells outputs made by another model than a run's (or the same model otherwise set: its weights, its head,
+    normalized or not), whose embeddings are of another space, from its footers. The run's checkpoint, where it has
+    one, is read once, as this is made."""
+
+    def __init__(self, config: EmbedConfig) -> None:
+        self.config = config
+        try:  # this run's checkpoint's identity, as its outputs will record it; and as footers recorded it before
+            self.identity = (storage.checkpoint_identity(config.checkpoint, config.storage_options)
+                             if config.checkpoint else None)
+            self.size_and_mtime = (storage.file_fingerprint(config.checkpoint, config.storage_options)
+                                   if config.checkpoint else None)
+        except OSError as exc:
+            # Said here, as the cause: unread, every output made with this path would look made by another file.
+            raise InputError(f"checkpoint {config.checkpoint!r} cannot be read: {type(exc).__name__}: {exc}") from exc
+
+    def reasons(self, meta: Optional[dict]) -> list[str]:
+        """How the output whose footer metadata is `meta` was made otherwise (`model X`, `weights Y`, ...); none
+        where it was made as this run makes its own, or is not one of ours."""
         model = ((meta or {}).get("result") or {}).get("model") or {}
         if not model:
-            return None  # not one of ours
+            return []  # not one of ours
+        config, identity, size_and_mtime = self.config, self.identity, self.size_and_mtime
         weights = str(model.get("weights", ""))
         reasons = []
         if model.get("name") != config.model_name:
@@ -196,18 +224,40 @@ def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
             reasons.append(f"embedding {model.get('embedding')}")
         if meta.get("normalized") is not None and meta.get("normalized") != config.normalize_embeddings:
             reasons.append("normalized" if meta.get("normalized") else "not normalized")
-        return f"{path[len(root):]} ({', '.join(reasons)})" if reasons else None
+        return reasons
 
-    with ThreadPoolExecutor(max(1, min(16, len(others)))) as pool:
-        mixed = [d for d in pool.map(differs, others) if d]
-    if mixed:
-        more = f" and {len(mixed) - 3} more" if len(mixed) > 3 else ""
-        raise InputError(
-            f"output {config.output!r} already holds embeddings made otherwise, of shards this run does not name: "
-            f"{'; '.join(mixed[:3])}{more}. This run ({config.model_name}) would leave two embedding spaces in one "
-            "folder and one kNN view. Choose another output folder, name those shards in this run too (they are "
-            "then recomputed), or remove their outputs."
-        )
+
+def remove_failed_outputs_made_otherwise(config: EmbedConfig, failed: Collection[str]) -> list[str]:
+    """Remove the earlier outputs (full table and kNN view) of this run's failed shards where another model made
+    them (OtherSpace): the run was to rewrite them, and left as they are they would be the one shard of another
+    embedding space in OUTPUT and its kNN view, which kNN tools read as one (check_outputs_beside refuses the same
+    for shards a run does not name). An earlier output of this run's own settings stays. Call it holding OUTPUT's
+    claim, once every shard has ended; returns each removed output, as `00001.parquet (model X)`."""
+    if not failed:
+        return []
+    out_fs, out_root = storage.filesystem(config.output, config.storage_options)
+    try:
+        judge = OtherSpace(config)
+    except InputError as exc:  # the workers read it meanwhile; judged by nothing, nothing is removed
+        log.warning("earlier outputs of the failed shards not looked at: %s", exc)
+        return []
+    removed = []
+    for stem in sorted(failed):
+        path = storage.join(out_root, stem + ".parquet")
+        try:
+            # None, so no reasons, for the user's own file (no footer of ours): never removed
+            reasons = judge.reasons(output.read_output_metadata(path, out_fs))
+            if not reasons:
+                continue
+            out_fs.rm_file(path)  # first: a table gone is a shard not finished, whatever becomes of its view
+            output.remove_embeddings_view(config, stem)
+        except OSError as exc:  # the run's own failures are said first; this one goes to the log
+            log.warning("shard %s: its earlier output, of another model, could not be removed: %s", stem, exc)
+            continue
+        removed.append(f"{stem}.parquet ({', '.join(reasons)})")
+        log.warning("shard %s failed; its earlier output, made otherwise (%s), was removed with its kNN view: "
+                    "OUTPUT keeps one embedding space", stem, ", ".join(reasons))
+    return removed
 
 
 def check_own_outputs(config: EmbedConfig, stems: Collection[str]) -> None:
