@@ -235,6 +235,26 @@ def test_save_metadata_never_overwrites_the_dataset(tmp_path):
         embedded.save_metadata(str(tmp_path / "copy2"), columns=["nope"])
 
 
+def test_metadata_reads_every_shard_when_one_had_no_img2dataset_parquet(tmp_path):
+    """The output of a shard without an img2dataset parquet has only the key, embedding and error columns. Dask
+    took the columns from one file, and computing `metadata` then failed on that shard's partition (KeyError:
+    "['caption', ...] not in index"). Every shard is a partition, in shard order, with every column."""
+    from wdsembed import ImageTextPairDataset, TimmImageEmbedder
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    data = tmp_path / "dataset"
+    for s in range(3):
+        write_shard(data, f"{s:05d}", from_encoded(synthetic_images(2, seed=s)), parquet=s != 1, stats=s != 1)
+    embedder = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4,
+                                 num_threads_per_worker=1, fidelity_sample=0)
+    metadata = embedder(ImageTextPairDataset.from_webdataset(str(data), id_col="key")).metadata
+    assert metadata.npartitions == 3
+    frame = metadata.compute()
+    assert list(frame["key"]) == ["000000000", "000000001", "000010000", "000010001", "000020000", "000020001"]
+    assert frame["caption"].notna().tolist() == [True, True, False, False, True, True]
+    assert frame["image_embedding"].notna().all() and frame["embedding_error"].isna().all()
+
+
 def test_default_output_needs_a_parent():
     from wdsembed.nemo import ImageTextPairDataset
 

@@ -152,7 +152,34 @@ class ImageTextPairDataset:
             return None
         import dask.dataframe as dd
 
-        return dd.read_parquet(files, storage_options=self.storage_options or None)
+        # Dask takes the columns from one file and fails to compute a partition that lacks any of them: the output
+        # of a shard without an img2dataset parquet has only the key, embedding and error columns. Files of one
+        # schema are read together, each run of them in shard order, and the runs concatenated: every column of
+        # every shard, null where a shard has none.
+        parts = [dd.read_parquet(run, storage_options=self.storage_options or None)
+                 for run in self._runs_of_one_schema(files)]
+        return parts[0] if len(parts) == 1 else dd.concat(parts)
+
+    def _runs_of_one_schema(self, files: list[str]) -> list[list[str]]:
+        """`files` in order, cut where a file's columns differ from the one before it (one footer read each)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        import pyarrow.parquet as pq
+
+        def schema(url: str):
+            fs, path = storage.filesystem(url, self.storage_options)
+            with fs.open(path, "rb") as f:
+                return pq.read_schema(f).remove_metadata()
+
+        with ThreadPoolExecutor(max(1, min(16, len(files)))) as pool:
+            schemas = list(pool.map(schema, files))
+        runs: list[list[str]] = []
+        for i, url in enumerate(files):
+            if i and schemas[i] == schemas[i - 1]:
+                runs[-1].append(url)
+            else:
+                runs.append([url])
+        return runs
 
     def default_embeddings_path(self) -> str:
         """Where the embedder writes by default: the folder beside the dataset's, `<path>_embeddings`, named from
