@@ -501,6 +501,27 @@ def test_a_group_names_the_failed_shards_whose_failure_may_pass(tmp_path, monkey
     assert sorted(failed.value.failures) == ["00000", "00001"] and failed.value.transient == ["00000"]
 
 
+def test_the_apis_failed_run_says_what_the_flows_does(tmp_path, monkeypatch):
+    """ShardsFailed from the Python API carried neither the manifest it had written, nor the run's shard count, nor
+    which failures may pass on a retry (an empty `transient` said none would): it now carries all three, as the
+    flow's does."""
+    from wdsembed import shard
+    from wdsembed.api import run_shards
+
+    data = make_dataset(tmp_path / "in", 3)
+    config = make_config(data, tmp_path / "out", n_workers=None)  # the API starts no cluster
+    Faults(tmp_path, monkeypatch, {"00000": {"fail_attempts": 1000, "error": "io"},
+                                   "00001": {"fail_attempts": 1000, "error": "fatal"}})
+    with pytest.raises(shard.ShardsFailed) as failed:
+        run_shards(config)
+    exc = failed.value
+    assert sorted(exc.failures) == ["00000", "00001"] and exc.transient == ["00000"] and exc.total == 3
+    assert str(exc).startswith("2 of 3 shard(s) failed: ")
+    written = json.loads((Path(config.output) / "_manifest.json").read_text())
+    assert exc.manifest is not None and sorted(exc.manifest["failed_shards"]) == sorted(written["failed_shards"])
+    assert list(exc.manifest["shards"]) == list(written["shards"]) == ["00002"]
+
+
 def test_a_task_whose_run_lost_its_claim_puts_none_of_its_shards_in_place(tmp_path, monkeypatch):
     """The flow gives each embedding task its claim's run id (no flow parameter, in no cache key). Another run takes
     OUTPUT's claim over while the run's shard is embedded (held at its start on the worker): the task puts none of

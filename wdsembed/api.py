@@ -23,7 +23,7 @@ import logging
 import time
 from typing import Any, Optional
 
-from wdsembed import fidelity, outputclaim, report, shard
+from wdsembed import faults, fidelity, outputclaim, report, shard
 from wdsembed.config import EmbedConfig, EmbedSettings, field_default
 from wdsembed.plan import check_config, plan_run, remove_failed_outputs_made_otherwise
 from wdsembed.shard import ShardPlan, ShardResult, ShardsFailed
@@ -123,7 +123,8 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
     client if any, else here; write the manifest. A run that cannot work is refused first, by the command's own
     checks (plan.check_config: InputError or preflight.PreflightError, ValueErrors that say what to change), before
     the output is claimed or anything in it touched. Raises ShardsFailed (after every other shard is written and the
-    manifest too) when any shard failed, and fidelity.FidelityError (outputs and manifest written) when the run's
+    manifest too; carrying the manifest, the count of shards and which failures may pass on a retry, as the flow's
+    does) when any shard failed, and fidelity.FidelityError (outputs and manifest written) when the run's
     fidelity check is below its threshold. The output is claimed for the run (wdsembed.outputclaim): where another
     run is writing to it, this one fails at once with outputclaim.OutputClaimedError, naming that run."""
     refuse_flow_only(config)
@@ -142,9 +143,9 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
             previous = report.retire_manifest(config, plans, finished)  # before the first shard is written
             timeline["planned"] = time.time()
             if client is None:
-                results, failures = _run_here(config, plans, claim.run)
+                results, failures, transient = _run_here(config, plans, claim.run)
             else:
-                results, failures = _run_on_dask(client, config, plans, claim.run)
+                results, failures, transient = _run_on_dask(client, config, plans, claim.run)
             timeline["collected"] = time.time()
             remove_failed_outputs_made_otherwise(config, failures)
             results.sort(key=lambda r: r.stem)
@@ -156,9 +157,10 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
             except report.ManifestNotWritten as exc:
                 if not failures:
                     raise
-                raise ShardsFailed(report.with_manifest_failure(failures, exc), results) from exc
+                raise ShardsFailed(report.with_manifest_failure(failures, exc), results, transient,
+                                   manifest=exc.manifest, total=len(plans)) from exc
     if failures:
-        raise ShardsFailed(failures, results)
+        raise ShardsFailed(failures, results, transient, manifest=manifest, total=len(plans))
     fidelity.check(manifest)  # outputs and manifest are written; the run still fails below the threshold
     return results
 
@@ -172,17 +174,24 @@ def embed_here(config: EmbedConfig, plan: ShardPlan, claim_run: Optional[str] = 
         return shard.process_shard(config, plan, claim_run=claim_run)
 
 
-def _run_here(config: EmbedConfig, plans: list, claim_run: str) -> tuple[list, dict]:
-    results, failures = [], {}
+def _run_here(config: EmbedConfig, plans: list, claim_run: str) -> tuple[list, dict, list]:
+    """The shards' results, the failed ones' reasons, and which of those may pass on a retry (as _run_on_dask)."""
+    results, failures, transient = [], {}, []
     for plan in plans:
         try:
             results.append(embed_here(config, plan, claim_run))
         except Exception as exc:  # noqa: BLE001 - one shard's failure stops no other; all are reported at the end
-            failures[plan.stem] = f"{type(exc).__name__}: {exc}"
-    return results, failures
+            _failed(plan.stem, exc, failures, transient)
+    return results, failures, transient
 
 
-def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str) -> tuple[list, dict]:
+def _failed(stem: str, exc: BaseException, failures: dict, transient: list) -> None:
+    failures[stem] = f"{type(exc).__name__}: {exc}"
+    if faults.is_transient(exc):
+        transient.append(stem)
+
+
+def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str) -> tuple[list, dict, list]:
     """One task per shard on the client's workers; each takes a share of a GPU where the workers declare GPU
     resources, else any free worker thread."""
     from distributed import as_completed
@@ -199,7 +208,7 @@ def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str) -> tu
     }
     log.info("%d shard(s) submitted to Dask (%s)%s", len(plans), client.scheduler.address,
              ", one GPU each" if resources else "")
-    results, failures = [], {}
+    results, failures, transient = [], {}, []
     # On this client's loop: as_completed() without one asks for the current client, and the call's own client
     # (dask_address) is never made current, nor is there any in a plain script.
     for future in as_completed(futures, loop=client.loop):
@@ -207,10 +216,10 @@ def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str) -> tu
         try:
             results.append(future.result())
         except Exception as exc:  # noqa: BLE001 - a shard's error, or its worker lost for good (KilledWorker)
-            failures[plan.stem] = f"{type(exc).__name__}: {exc}"
+            _failed(plan.stem, exc, failures, transient)
         finally:
             future.release()
-    return results, failures
+    return results, failures, transient
 
 
 @contextlib.contextmanager
