@@ -322,6 +322,30 @@ def test_outputs_of_another_model_beside_this_runs_are_refused_naming_them(tree,
     plan.check_config(one.model_copy(update={"embedding": "auto"}))
 
 
+def test_outputs_beside_whose_views_name_their_columns_otherwise_are_refused(tree, tmp_path):
+    """Outputs of the same model, of shards this run does not name, whose kNN views hold another id or embedding
+    column (a run with another --id-column or --embedding-column): this run's views beside them were accepted, and
+    embedding-reader failed on the folder ('failed reading file .../_embeddings/00001.parquet'). Refused, naming
+    them; a run without views writes none beside them."""
+    import fsspec
+    import pyarrow as pa
+
+    out = tmp_path / "out"
+    one = config(tree / "00000.tar", out, embedding="pooled")
+    _written_by(out, "00001", TINY_MODEL)
+    (out / "_embeddings").mkdir()
+    view = pa.table({"key": ["a"], "image_embedding": [[1.0]], "shard": ["00001"]})
+    output.write_parquet_atomic(view, str(out / "_embeddings" / "00001.parquet"), fsspec.filesystem("file"),
+                                metadata={"cache_key": "k"})
+    plan.check_config(one)
+    refused = r"00001.parquet \(kNN view columns key, image_embedding\)"
+    with pytest.raises(plan.InputError, match=refused):
+        plan.check_config(one.model_copy(update={"embedding_column": "emb"}))
+    with pytest.raises(plan.InputError, match=refused):  # (the first shard's parquet has no 'uid': the check alone)
+        plan.check_outputs_beside(one.model_copy(update={"id_column": "uid"}), plan.find_shards(one))
+    plan.check_config(one.model_copy(update={"embedding_column": "emb", "knn_view": False}))
+
+
 def test_outputs_of_another_checkpoint_file_are_told_from_the_same_one_spelled_otherwise(tree, tmp_path,
                                                                                           monkeypatch):
     """Outputs made with a checkpoint: another file (or the same file rewritten since) is refused; the same file

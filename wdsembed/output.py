@@ -406,6 +406,15 @@ def is_output_name(rel: str) -> bool:
     return parts[-1].endswith(".parquet") and not any(not part or part.startswith(("_", ".")) for part in parts)
 
 
+def view_columns(fs: Any, url: str) -> Optional[list[str]]:
+    """The column names of the kNN view at `url`, from its footer; None where there is none, or it cannot be read."""
+    try:
+        with fs.open(url, "rb") as f:
+            return pq.read_schema(f).names
+    except (OSError, pa.ArrowException, ValueError):  # missing, cut short, unreadable: nothing to judge
+        return None
+
+
 def write_embeddings_view(table: pa.Table, config: "EmbedConfig", stem: str, *, cache_key: str = "",
                           before_commit: Callable[[], None] = lambda: None) -> int:
     """Write the shard's kNN view (embeddings_view) to OUTPUT/_embeddings/<stem>.parquet, whole or not at all

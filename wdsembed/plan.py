@@ -132,8 +132,9 @@ def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
     """Refuse a run whose OUTPUT already holds outputs of shards it does not name, made by another model (or the
     same model otherwise set: its weights, its head, normalized or not): they would stay beside this run's, two
     embedding spaces in one folder and one kNN view, which kNN tools read as one (or fail on, where the sizes
-    differ). Outputs this run names are rewritten, so they never count. One listing of OUTPUT, and a footer read
-    for each output that this run does not name."""
+    differ), and so are outputs of the same model whose kNN views name their id or embedding column otherwise.
+    Outputs this run names are rewritten, so they never count. One listing of OUTPUT, and a footer read for each
+    output that this run does not name (and for its view, where the run writes views)."""
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
     try:
         files = out_fs.find(out_root, withdirs=False)
@@ -153,6 +154,12 @@ def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
 
     def differs(path: str) -> Optional[str]:
         reasons = judge.reasons(output.read_output_metadata(path, out_fs))
+        if not reasons and config.knn_view:
+            # The same model, but its view's columns named otherwise (another --id-column or --embedding-column):
+            # kNN tools read the view's files with one column name, and fail on the others.
+            columns = output.view_columns(out_fs, output.embeddings_view_url(out_root, path[len(root):-8]))
+            if columns and columns[:2] != [config.id_column, config.embedding_column]:
+                reasons = [f"kNN view columns {', '.join(columns[:2])}"]
         return f"{path[len(root):]} ({', '.join(reasons)})" if reasons else None
 
     with ThreadPoolExecutor(max(1, min(16, len(others)))) as pool:
@@ -161,8 +168,8 @@ def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
         more = f" and {len(mixed) - 3} more" if len(mixed) > 3 else ""
         raise InputError(
             f"output {config.output!r} already holds embeddings made otherwise, of shards this run does not name: "
-            f"{'; '.join(mixed[:3])}{more}. This run ({config.model_name}) would leave two embedding spaces in one "
-            "folder and one kNN view. Choose another output folder, name those shards in this run too (they are "
+            f"{'; '.join(mixed[:3])}{more}. This run ({config.model_name}) would leave them beside its own in one "
+            "folder and one kNN view, which kNN tools read as one. Choose another output folder, name those shards in this run too (they are "
             "then recomputed), or remove their outputs."
         )
 
