@@ -1677,7 +1677,9 @@ def test_id_column_that_matches_no_key(tmp_path, capsys, monkeypatch):
                       "where 00001's parquet holds keys of another tar",
                  did=f"exit 2 before any work, nothing written: {q(err.removeprefix('error: '))} (the first shard's "
                      "keys, read from its tar headers, against its parquet's column: the first 8, then, where none "
-                     "matches, all of them, so that a parquet filtered down to later rows is not refused); a later "
+                     "matches, all of them, so that a parquet filtered down to later rows is not refused; on an "
+                     "object store all of them come from the shard's .idx, where a run has left one that fits the "
+                     "tar, tests/test_s3.py, and without one the shards say it); a later "
                      "shard whose "
                      "parquet holds none of its tar's keys fails once embedded, not retried, with the same words "
                      "over all its keys after 'shard <tar>: ', and the other shards are written (a parquet with rows "

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from s3server import FaultProxy, MotoS3, aws_from_environment_only
 from wdsembed import faults, output, plan, prefetch, s3fetch, shard, shardindex, shards, storage
 from wdsembed.config import EmbedConfig
-from wdsembed.synthetic import write_demo_dataset
+from wdsembed.synthetic import ShardSample, encode_image, make_image, write_demo_dataset, write_shard
 
 IN_BUCKET, OUT_BUCKET = "wds-in", "wds-out"
 EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -397,6 +397,87 @@ def test_a_parquet_wdsembed_did_not_write_at_an_output_key_is_refused_by_the_pla
         assert [k for k in server.keys(OUT_BUCKET) if k.startswith(prefix + "/")] == [f"{prefix}/00000.parquet"]
     finally:  # the bucket is the module's: other tests list it whole
         server.boto().delete_object(Bucket=OUT_BUCKET, Key=f"{prefix}/00000.parquet")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a wrong --id-column: refused before any work from the first shard's .idx
+
+
+def _shards_of(folder: Path, n_shards: int, per_shard: int, first: int = 0) -> Path:
+    """img2dataset shards `first`, `first` + 1, ... of small BMPs (width 40, height 30): no key of theirs is the
+    integer 40."""
+    for s in range(first, first + n_shards):
+        write_shard(folder, f"{s:05d}", [ShardSample(encode_image(make_image(40, 30, seed=100 * s + i), "bmp"),
+                                                     ext="bmp", caption=f"image {i}", width=40, height=30)
+                                         for i in range(per_shard)])
+    return folder
+
+
+def test_a_wrong_id_column_is_refused_before_any_work_once_a_run_has_indexed_the_shards(server, tmp_path, capsys):
+    """A valid --id-column of the wrong column (`width`) matches none of the first shard's first keys. On a local
+    disk every key of its tar is then read from its headers; on S3 that would be the whole tar, so the command went
+    on, and every shard was downloaded and embedded before failing at the key join. The .idx that a first run
+    writes beside each shard lists every key: read instead (a few small reads), the command refuses with exit 2
+    before Prefect starts, writing nothing."""
+    from wdsembed.api import TimmImageEmbedder
+    from wdsembed.cli import main
+
+    url = upload(server, _shards_of(tmp_path / "in", 2, 6))
+    cache = str(tmp_path / "idx")
+    settings = dict(pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1, index_cache_dir=cache,
+                    storage_options=options(server.endpoint))
+    TimmImageEmbedder(TINY_MODEL, **settings)(url, str(tmp_path / "first-out"))  # other tests list OUT_BUCKET whole
+    bucket, prefix = url[len("s3://"):].split("/", 1)
+    assert {f"{prefix}/00000.idx", f"{prefix}/00001.idx"} <= set(server.keys(bucket))  # the first run's
+
+    def run(config, **kw):  # the flow (Prefect starts here): never reached
+        pytest.fail("the run started: the checks let --id-column width through")
+
+    out_prefix = f"emb-{uuid.uuid4().hex[:8]}"
+    code = main(run, [url, "--output", f"s3://{OUT_BUCKET}/{out_prefix}", "--device", "cpu", "--model", TINY_MODEL,
+                      "--no-pretrained", "--id-column", "width", "--storage-option", f"endpoint_url={server.endpoint}",
+                      "--index-cache-dir", cache])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (code, err)
+    assert err == ("error: not one of the 6 sample key(s) of 00000.tar is in id column 'width' of 00000.parquet "
+                   "(keys such as '000000000', '000000001'; 'width' holds '40'): check that --id-column (id_column=) "
+                   "names the column holding each sample's key (img2dataset's is 'key') and that this parquet is the "
+                   "tar's own"), err
+    assert [k for k in server.keys(OUT_BUCKET) if k.startswith(out_prefix + "/")] == []
+
+
+def test_a_parquet_filtered_down_to_later_keys_on_s3_is_not_refused(server, tmp_path, monkeypatch):
+    """Rows only for keys past the tar's first ones (curated rows): the right column, which only every key of the
+    tar tells from a wrong one. With the shard's .idx (here in the local index cache: the bucket refuses this
+    user's writes) it is not refused, and `width` is. A stale .idx beside the shard (another tar's, whose last
+    member still ends inside this tar) is never read as this tar's keys; without a usable index nothing is refused
+    (each shard's own check says it)."""
+    data = _shards_of(tmp_path / "in", 1, plan.FIRST_KEYS + 4)
+    rows = pq.read_table(data / "00000.parquet")
+    pq.write_table(rows.slice(plan.FIRST_KEYS + 2), data / "00000.parquet")
+    url = upload(server, data)
+    config = config_for(url, f"s3://{OUT_BUCKET}/curated-{uuid.uuid4().hex[:8]}", server.endpoint,
+                        index_cache_dir=str(tmp_path / "idx"))
+    wrong = config.model_copy(update={"id_column": "width"})
+    plan.check_config(config)
+    plan.check_config(wrong)
+
+    other = _shards_of(tmp_path / "other", 1, 4, first=5) / "00005.tar"  # keys 000050000...: a smaller tar
+    with open(other, "rb") as f:
+        stale = shardindex.build_index(f).render().encode()
+    fs, root = storage.filesystem(url, options(server.endpoint))
+    fs.pipe_file(f"{root}/00000.idx", stale)
+    plan.check_config(config)
+    plan.check_config(wrong)
+
+    use_keys(monkeypatch, server.reader)  # may read the input bucket, not write it: the index goes to the cache
+    fs, root = storage.filesystem(url, options(server.endpoint))
+    assert Path(shardindex.ensure_index(f"{root}/00000.tar", fs, tmp_path / "idx").path).parent == tmp_path / "idx"
+    plan.check_config(config)
+    with pytest.raises(plan.InputError, match=r"^not one of the 12 sample key\(s\) of 00000.tar is in id column "
+                                              r"'width' of 00000.parquet \(keys such as '000000000', '000000001'; "
+                                              r"'width' holds '40'\)"):
+        plan.check_config(wrong)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -383,8 +383,9 @@ def _check_id_column(config: EmbedConfig, found: "FoundShards") -> None:
     takes, and no column the output's own would replace (the embedding and error columns): otherwise every shard
     would be embedded and then fail at the join, or lose that column. Its footer first (one small read);
     each shard checks its own before embedding (shard.process_shard). Then the column must hold one of the tar's
-    first sample keys (its headers, and the id column alone): a wrong but valid --id-column (`width`) matches none,
-    and every shard would fail once embedded (shard.process_shard checks every key of its own)."""
+    sample keys (its first ones from its headers, and the id column alone; where none matches, every one, as
+    _every_key can have them): a wrong but valid --id-column (`width`) matches none, and every shard would fail at
+    its key join (shard.process_shard checks every key of its own)."""
     siblings = ((t, t[: -len(".tar")] + ".parquet") for t in found.tars)
     tar, first = next(((t, p) for t, p in siblings if p in found.files), (None, None))
     if first is None:
@@ -409,19 +410,31 @@ def _check_id_column(config: EmbedConfig, found: "FoundShards") -> None:
     if not keys or not output.unmatched_keys_problem(ids, keys, config.id_column, shown, ""):
         return
     # None of the first keys: a wrong column, or a parquet filtered down (curated rows; the tar's other samples
-    # join as rows of their own). Only every key of the tar tells them apart: its headers, read through on a local
-    # disk in a fraction of a second; on an object store that would be the whole tar, so each shard's own check
-    # (shard.process_shard, every key) says it there.
-    if not storage.is_local(found.fs):
-        return
+    # join as rows of their own). Only every key of the tar tells them apart (_every_key).
     try:
-        keys = shards.first_keys(tar, found.fs, n=sys.maxsize, max_members=sys.maxsize)
+        keys = _every_key(config, found, tar)
     except Exception:  # noqa: BLE001 - as above
+        return
+    if keys is None:
         return
     problem = output.unmatched_keys_problem(ids, keys, config.id_column, shown,
                                             f"the {len(keys)} sample key(s) of {posixpath.basename(tar)}")
     if problem:
         raise InputError(problem)
+
+
+def _every_key(config: EmbedConfig, found: "FoundShards", tar: str) -> Optional[list[str]]:
+    """Every sample key of a shard, where they cost no download of its tar; else None. On a local disk from its
+    headers, read through in a fraction of a second. On an object store from its .idx (beside it, or in the local
+    index cache), which a run leaves there after its first pass, where it still fits the tar (a few small reads:
+    shardindex checks the tar's header at its last member, so a stale one is never taken for this tar's keys);
+    without one each shard's own check says it (shard.process_shard)."""
+    if storage.is_local(found.fs):
+        return shards.first_keys(tar, found.fs, n=sys.maxsize, max_members=sys.maxsize)
+    if not config.use_index_files:
+        return None
+    index = shardindex.ensure_index(tar, found.fs, config.index_cache(), build=False)
+    return shards.index_keys(index) if index is not None else None
 
 
 def _check_checkpoint_fits(config: EmbedConfig) -> None:

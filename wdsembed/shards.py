@@ -627,6 +627,15 @@ def first_keys(tar_url: str, fs: Any, n: int, *, max_members: int = 256) -> list
     return list(keys)[:n]
 
 
+def index_keys(index: "shardindex.ShardIndex") -> list[str]:
+    """The sample keys of the tar that `index` lists, in archive order, from its member names alone (no read of the
+    tar). A name the index holds quoted (tar_quote: a backslash or a control character) is left out: its key as the
+    tar reader sees it is not spelled in the index."""
+    columns = index.columns()
+    names = columns.names if columns is not None else [m.name for m in index.members()]
+    return list(dict.fromkeys(split_member_name(n)[0] for n in names if n.isprintable() and "\\" not in n))
+
+
 def read_rows(parquet_url: str, fs: Any, columns: Optional[Sequence[str]] = None):
     """The shard's img2dataset row table (every input row, failed downloads included), or None when there is no
     parquet. A file that cannot be decoded as parquet (not parquet at all, a truncated footer, a damaged page)
