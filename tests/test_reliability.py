@@ -1656,6 +1656,7 @@ def test_id_column_that_matches_no_key(tmp_path, capsys, monkeypatch):
     other = data / "00001.parquet"  # another shard's rows: keys of another tar
     pq.write_table(read(other).set_column(0, "key", pc.binary_join_element_wise("x", read(other).column("key"), "")),
                    other)
+    embedded = _count_embedded(monkeypatch)
     with pytest.raises(ShardsFailed) as failed:
         embedder()(str(data), str(tmp_path / "mixed-out"))
     reason = failed.value.failures["00001"]
@@ -1664,8 +1665,15 @@ def test_id_column_that_matches_no_key(tmp_path, capsys, monkeypatch):
                       "'x000010000', 'x000010001'): check that --id-column (id_column=) names the column holding "
                       "each sample's key (img2dataset's is 'key') and that this parquet is the tar's own"), reason
     assert failed.value.transient == []  # never retried: the same keys match nothing again
+    assert (data / "00001.idx").exists() and embedded == [PER_SHARD]  # 00001 failed from its .idx, not embedded
     assert read(tmp_path / "mixed-out" / "00000.parquet").column(EMB).null_count == 0
     assert not (tmp_path / "mixed-out" / "00001.parquet").exists()
+    # read without an index, a shard's keys are known once it is read: it fails the same way, once embedded
+    embedded.clear()
+    with pytest.raises(ShardsFailed) as unindexed:
+        embedder(use_index_files=False)(str(data), str(tmp_path / "unindexed-out"))
+    assert unindexed.value.failures == {"00001": reason} and not unindexed.value.transient
+    assert embedded == [PER_SHARD, PER_SHARD]
     # a parquet filtered down to rows past the tar's first keys (curated rows) is the right column: not refused
     curated = tmp_path / "curated"
     write_shard(curated, "00000", samples(FIRST_KEYS + 4))
@@ -1680,11 +1688,13 @@ def test_id_column_that_matches_no_key(tmp_path, capsys, monkeypatch):
                      "matches, all of them, so that a parquet filtered down to later rows is not refused; on an "
                      "object store all of them come from the shard's .idx, where a run has left one that fits the "
                      "tar, tests/test_s3.py, and without one the shards say it); a later "
-                     "shard whose "
-                     "parquet holds none of its tar's keys fails once embedded, not retried, with the same words "
-                     "over all its keys after 'shard <tar>: ', and the other shards are written (a parquet with rows "
-                     "the tar lacks, img2dataset's failed downloads, is joined as before)",
-                 lost="nothing: no table of unjoined rows is written")
+                     "shard whose parquet holds none of its tar's keys fails, not retried, with the same words over "
+                     "all its keys after 'shard <tar>: ': before it is embedded, from its .idx's keys (a shard without "
+                     "one, with --no-index-files or on an object store's first run, once embedded), and the other "
+                     "shards are written (a parquet with rows the tar lacks, img2dataset's failed downloads, is "
+                     "joined as before)",
+                 lost="nothing: no table of unjoined rows is written, and no shard with an .idx is embedded and then "
+                      "thrown away")
 
 
 def test_parquet_column_named_like_the_output_columns(tmp_path, capsys):

@@ -4,6 +4,8 @@
         a finished output with this cache key exists  -> its result, cached
         rows     = read_metadata(config, plan)        # the img2dataset parquet, if any
         tar      = TarRead(config, plan)               # (key, bytes) in archive order; damage, repeats, stale .idx
+        check_keys_join(config, plan, rows, keys)      # none of the keys in the rows: failed, from the .idx's keys
+                                                       # before embedding where there is one, else after it
         embedded = worker.embed(tar.images())          # DALI + model; a bad image costs only itself
         table    = join_rows(rows, embedded, tar)      # every row by key, embedded or with its reason
         write_output(table, plan, key, check)         # whole or not at all, the cache key in its footer; the
@@ -210,10 +212,14 @@ def process_shard(
                if rows is not None else None)
     if problem:
         raise ValueError(f"shard {plan.shard}: {problem}")
+    tar = TarRead(config, plan)
+    if rows is not None and tar.index is not None:
+        # The index lists every sample key: a parquet that holds none of them fails now, before the shard is
+        # downloaded and embedded, not after.
+        check_keys_join(config, plan, rows, shards.index_keys(tar.index))
     # Held until the shard is written: another run's task on this Dask worker, with other settings, waits for it
     # instead of closing this Worker under it (Worker.lease).
     with Worker.lease(config) as worker:
-        tar = TarRead(config, plan)
         # From an object store, the shard starts arriving now, while another shard may still hold the pipeline.
         storage.prefetch_shards([plan.shard], config.storage_options)
         # The fidelity sample is picked as the images stream past (a few kept, never the shard).
@@ -236,12 +242,8 @@ def process_shard(
         with fidelity.reference_beside(worker, chosen, config.max_image_pixels or None) as reference:
             faults.maybe_inject(plan.stem, "table")
             warnings += tar.finish()
-            if rows is not None:  # a wrong --id-column matches no key: refused, not joined into a table of nulls
-                samples = list(dict.fromkeys([*keys, *tar.errors, *failures]))
-                problem = output.unmatched_keys_problem(rows.column(config.id_column), samples, config.id_column,
-                                                        plan.rows, f"the tar's {len(samples)} sample key(s)")
-                if problem:
-                    raise ValueError(f"shard {plan.shard}: {problem}")
+            if rows is not None:  # the keys as read: a shard without an index is checked here only
+                check_keys_join(config, plan, rows, list(dict.fromkeys([*keys, *tar.errors, *failures])))
             joined = output.join_embeddings(
                 rows=rows,
                 keys=keys,
@@ -317,6 +319,16 @@ def process_shards(
 
 
 # --------------------------------------------------------------------------------------------------- the steps
+
+
+def check_keys_join(config: EmbedConfig, plan: ShardPlan, rows, keys: list[str]) -> None:
+    """A parquet whose id column holds none of the tar's sample keys (`keys`): a wrong --id-column, or a parquet of
+    another tar, refused rather than joined into a table of nulls; a ValueError, so not retried (the same keys
+    match nothing again)."""
+    problem = output.unmatched_keys_problem(rows.column(config.id_column), keys, config.id_column, plan.rows,
+                                            f"the tar's {len(keys)} sample key(s)")
+    if problem:
+        raise ValueError(f"shard {plan.shard}: {problem}")
 
 
 def read_metadata(config: EmbedConfig, plan: ShardPlan):
