@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import logging
 import os
 import re
@@ -63,7 +62,6 @@ class LoadedModel:
     device: "torch.device"
     channels_last: bool = False  # inputs are converted to channels_last (convnets on CUDA)
     dtype: "torch.dtype" = torch.float32  # of the weights: bfloat16 once `to_bfloat16` ran
-    _fingerprint: Optional[str] = field(default=None, repr=False)
     # what each requested embedding resolves to on this model (embedding_forms); empty where not measured
     embedding_forms: dict = field(default_factory=dict)
 
@@ -643,37 +641,6 @@ def compile_embedding(loaded: LoadedModel, *, normalize: bool) -> Callable[["tor
         return torch.nn.functional.normalize(out, p=2.0, dim=1, eps=1e-12) if normalize else out
 
     return torch.compile(forward, options={"freezing": True})
-
-
-# --------------------------------------------------------------------------------------------------- fingerprint
-
-_SAMPLES_PER_TENSOR = 4096
-
-
-def model_fingerprint(loaded: LoadedModel) -> str:
-    """sha256 (hex) of the model's weights: every state-dict entry's name, dtype and shape, and a deterministic
-    sample of its values (all values of small tensors, 4096 evenly spaced ones of larger).
-
-    Cheap for big models (a few MB hashed, not GBs) and the same for the same weights on any device or process;
-    any retraining or different checkpoint changes whole tensors and so the hash. Memoised on `loaded`.
-    """
-    if loaded._fingerprint is not None:
-        return loaded._fingerprint
-    h = hashlib.sha256()
-    with torch.inference_mode():
-        for name, t in sorted(loaded.model.state_dict().items()):
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-            flat = t.detach().reshape(-1)
-            n = flat.numel()
-            if n > _SAMPLES_PER_TENSOR:
-                # integer arithmetic: the same indices on every device (a float linspace is not)
-                idx = torch.arange(_SAMPLES_PER_TENSOR, dtype=torch.int64) * (n - 1) // (_SAMPLES_PER_TENSOR - 1)
-                flat = flat[idx.to(flat.device)]
-            if flat.is_floating_point():
-                flat = flat.float()
-            h.update(flat.contiguous().cpu().numpy().tobytes())
-    loaded._fingerprint = h.hexdigest()
-    return loaded._fingerprint
 
 
 # --------------------------------------------------------------------------------------------------- CUDA graph

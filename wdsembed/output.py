@@ -17,7 +17,7 @@ the field's metadata (``dim``) and in the footer metadata instead.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -470,58 +470,6 @@ def ensure_embeddings_view(config: "EmbedConfig", stem: str, output_url: str, ca
 
 
 # --------------------------------------------------------------------------------------------------- counts
-
-
-@dataclass
-class ShardSummary:
-    """Per-shard counts: small, JSON-able, returned by tasks and written into the manifest."""
-
-    shard: str
-    output: str
-    rows: int  # rows of the output parquet
-    embedded: int
-    failed_download: int  # img2dataset rows with status != success
-    failed_embedding: int  # tar samples that got no embedding (decode errors, missing image member, ...)
-    not_in_tar: int  # parquet rows the tar lacked although img2dataset reported no failure
-    seconds: float = 0.0
-    dim: Optional[int] = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def summarize_table(
-    table: pa.Table,
-    *,
-    shard: str,
-    output: str,
-    dim: Optional[int] = None,
-    seconds: float = 0.0,
-    embedding_column: str = "image_embedding",
-    error_column: str = "embedding_error",
-) -> ShardSummary:
-    """Counts from an output table (as built by build_output_table), by null checks and the known reasons."""
-    n = table.num_rows
-    emb_null = np.asarray(table.column(embedding_column).is_null(), dtype=bool)
-    error = table.column(error_column)
-    not_in_tar = np.asarray(pc.fill_null(pc.equal(error, NOT_IN_TAR), False), dtype=bool)
-    if STATUS_COLUMN in table.column_names:
-        status = table.column(STATUS_COLUMN).cast(pa.string())
-        dl_failed = np.asarray(pc.fill_null(pc.not_equal(status, SUCCESS), False), dtype=bool)
-    else:
-        dl_failed = np.zeros(n, dtype=bool)
-    dl_failed &= emb_null
-    return ShardSummary(
-        shard=shard,
-        output=output,
-        rows=n,
-        embedded=int((~emb_null).sum()),
-        failed_download=int(dl_failed.sum()),
-        failed_embedding=int((emb_null & ~dl_failed & ~not_in_tar).sum()),
-        not_in_tar=int((not_in_tar & ~dl_failed).sum()),
-        seconds=float(seconds),
-        dim=dim,
-    )
 
 
 # --------------------------------------------------------------------------------------------------- atomic writes
