@@ -168,6 +168,50 @@ def test_a_shard_named_twice_in_two_spellings_is_embedded_once(tree, tmp_path):
     assert [p.shard for p in plans] == [str(tree / "00000.tar"), str(tree / "00001.tar")]
 
 
+def test_symbolic_links_to_shards_and_their_parquets_are_the_files_they_name(tree, tmp_path):
+    """A folder of symbolic links to shards kept elsewhere (a subset picked from a dataset, another disk) is a folder
+    of those shards, in every kind of input, and a link to a shard's img2dataset parquet is its parquet. fsspec
+    lists a link as 'other', not 'file': such a folder was refused as holding no shards ('but its subfolders hold
+    2'), each link named by a pattern, .tar or list file was said not to exist, and a linked parquet beside a real
+    tar was passed over without a word, its columns (caption, url, ...) missing from the output. A dangling link
+    is still no shard."""
+    from wdsembed.nemo import ImageTextPairDataset
+
+    links, out = tmp_path / "links", tmp_path / "out"
+    links.mkdir()
+    os.utime(tree / "00000.tar", (1_700_000_000, 1_700_000_000))
+    for name in ("00000.tar", "00000.parquet", "00001.tar", "00001.parquet"):
+        (links / name).symlink_to(tree / name)
+    (links / "00002.tar").symlink_to(tree / "gone.tar")  # dangling
+    listing = tmp_path / "links.txt"
+    listing.write_text(f"{links}/00000.tar\n{links}/00001.tar\n")
+    for input in (links, f"{links}/{{00000..00001}}.tar", listing):
+        plans = plan.plan_shards(config(input, out))
+        assert stems(plans) == ["00000", "00001"], input
+        assert plans[0].shard == str(links / "00000.tar") and plans[0].rows == str(links / "00000.parquet"), input
+        # the cache key is the linked file's: rewriting it recomputes the shard
+        assert plans[0].fingerprint.split("|")[0] == f"{(tree / '00000.tar').stat().st_size}--1700000000.0", input
+    assert stems(plan.plan_shards(config(links, out, recursive=True))) == ["00000", "00001"]
+    [one] = plan.plan_shards(config(links / "00001.tar", out))
+    assert one.rows == str(links / "00001.parquet")
+    with pytest.raises(plan.InputError, match=r"1 of the 1 shard\(s\) .* do not exist"):
+        plan.plan_shards(config(links / "00002.tar", out))
+    dangling = tmp_path / "dangling"
+    dangling.mkdir()
+    (dangling / "00000.tar").symlink_to(tree / "gone.tar")
+    with pytest.raises(plan.InputError, match=r"holds no \*\.tar shards$"):
+        plan.plan_shards(config(dangling, out))
+    assert ImageTextPairDataset.from_webdataset(str(links)).tar_files == [str(links / "00000.tar"),
+                                                                         str(links / "00001.tar")]
+
+    mixed = tmp_path / "mixed"  # a real tar beside a link to its parquet
+    mixed.mkdir()
+    (mixed / "00000.tar").write_bytes((tree / "00000.tar").read_bytes())
+    (mixed / "00000.parquet").symlink_to(tree / "00000.parquet")
+    [p] = plan.plan_shards(config(mixed, out))
+    assert p.rows == str(mixed / "00000.parquet")
+
+
 def test_outputs_never_collide(tmp_path):
     data = tmp_path / "data"
     shard(data, "x")

@@ -547,7 +547,7 @@ def _find_in_folder(config: EmbedConfig) -> FoundShards:
             # locally, an unreadable subfolder must fail the listing, not vanish from it (fsspec's walk omits it by
             # default); object stores list a prefix flat and have no such option
             options = {"on_error": "raise"} if storage.is_local(fs) else {}
-            files = set(fs.find(root, withdirs=False, **options))
+            files = set(storage.listed_files(fs, fs.find(root, withdirs=False, detail=True, **options).values()))
         except PermissionError as exc:
             raise InputError(f"a subfolder of input {config.input!r} cannot be read by this user ({exc}): give it "
                              "read and execute permission (chmod a+rx) or run as a user who can read it") from None
@@ -555,11 +555,11 @@ def _find_in_folder(config: EmbedConfig) -> FoundShards:
         if not tars:
             raise InputError(f"input {config.input!r} holds no *.tar shards, in no subfolder either")
         return FoundShards(fs, root, tars, files)
-    entries = fs.ls(root, detail=True)
-    files = {e["name"] for e in entries if e.get("type") == "file"}
+    files = set(storage.listed_files(fs, fs.ls(root, detail=True)))
     tars = sorted(p for p in files if _is_shard(p, root))
     if not tars:
-        nested = sorted(p for p in fs.find(root, withdirs=False) if _is_shard(p, root))
+        nested = sorted(p for p in storage.listed_files(fs, fs.find(root, withdirs=False, detail=True).values())
+                        if _is_shard(p, root))
         if nested:
             example = posixpath.relpath(nested[0], root)
             raise InputError(f"input {config.input!r} holds no *.tar shards directly, but its subfolders hold "
@@ -627,7 +627,7 @@ def _find_named(config: EmbedConfig, urls: list[str], kind: str) -> FoundShards:
     def listing(folder: str) -> set[str]:
         fs.invalidate_cache(folder)
         try:
-            return {e["name"] for e in fs.ls(folder, detail=True) if e.get("type") == "file"}
+            return set(storage.listed_files(fs, fs.ls(folder, detail=True)))
         except FileNotFoundError:
             return set()
         except Exception:  # noqa: BLE001 - said with the URL and what to do (credentials, bucket)

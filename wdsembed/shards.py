@@ -13,7 +13,7 @@ from typing import Any, BinaryIO, Callable, Generator, Iterator, Optional, Seque
 
 import numpy as np
 
-from wdsembed import shardindex, tarstream
+from wdsembed import shardindex, storage, tarstream
 
 
 @dataclass(frozen=True)
@@ -588,10 +588,7 @@ def _check_against_index(shard: str, m: tarstream.Member, entry: Optional["shard
 def list_shards(url: str, fs: Any) -> list[str]:
     """The `*.tar` files directly under a folder (not recursive), sorted. URLs with a protocol come back with it
     (s3://bucket/x/00000.tar); local paths come back as the filesystem gives them (absolute)."""
-    entries = fs.ls(url, detail=True)
-    paths = sorted(
-        e["name"] for e in entries if e.get("type") == "file" and e["name"].lower().endswith(".tar")
-    )
+    paths = sorted(p for p in storage.listed_files(fs, fs.ls(url, detail=True)) if p.lower().endswith(".tar"))
     if "://" in url:
         paths = [fs.unstrip_protocol(p) for p in paths]
     return paths

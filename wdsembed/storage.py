@@ -113,6 +113,16 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return any(p in ("file", "local") for p in _protocols(fs))
 
 
+def listed_files(fs: fsspec.AbstractFileSystem, entries: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The names of the files among a detailed listing's entries (`fs.ls(path, detail=True)`, the values of
+    `fs.find(path, detail=True)`). Locally, a symbolic link to a file is that file: fsspec lists every link as
+    'other', and a folder of links to shards kept elsewhere is a folder of shards. A dangling link, or one to a
+    folder, is no file."""
+    local = is_local(fs)
+    return [e["name"] for e in entries
+            if e.get("type") == "file" or (local and e.get("islink") and os.path.isfile(e["name"]))]
+
+
 def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
     return any(p in _S3_PROTOCOLS for p in _protocols(fs))
 
