@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import posixpath
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -761,6 +762,56 @@ def test_a_shard_whose_view_cannot_be_written_is_not_finished(tmp_path):
     view = pq.read_table(embeddings_view_url(str(out), "00001"))
     assert view.column("key").to_pylist() == ["1000000", "1000003", "1000005"]
     assert pq.read_table(out / "00001.parquet").num_rows == 6
+
+
+def test_an_output_folder_this_user_may_not_write_is_one_cause_for_every_shard(tmp_path):
+    """OUTPUT made read-only mid-run: each shard's failure named the temp file it could not create
+    ('.00002.parquet.tmp-e1360694...'), random in every shard's words, so the summary and the run's closing message
+    told one cause as one per shard (at 2,000 shards: 5 of them, then '... and 1,995 more cause(s)'). Now the
+    reason names the file the shard writes, and the shards' reasons are one cause. Written in a process without
+    root's permission override, as any user's."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import CANNOT_DROP_OVERRIDE, without_file_permission_override
+    from wdsembed.report import failure_causes
+
+    out = tmp_path / "out"
+    out.mkdir()
+    code = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_output import _shard_with_failures
+from wdsembed.config import EmbedConfig
+from wdsembed.shard import ShardPlan, ShardResult, write_output
+config = EmbedConfig(input={str(tmp_path / "in")!r}, output={str(out)!r}, normalize_embeddings=False)
+reasons = {{}}
+for stem in ("00001", "00002"):
+    plan = ShardPlan(shard=f"{tmp_path}/in/{{stem}}.tar", stem=stem, fingerprint="f", rows=None, index=None,
+                     output=f"{out}/{{stem}}.parquet", expected_samples=None)
+    result = ShardResult(shard=plan.shard, stem=stem, output=plan.output, rows=6, embedded=3, dim=8)
+    try:
+        write_output(config, plan, _shard_with_failures(int(stem)), "k", result)
+    except OSError as exc:
+        reasons[stem] = f"{{type(exc).__name__}}: {{exc}}"
+print(json.dumps(reasons))
+"""
+    os.chmod(out, 0o555)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).parent.parent,
+                              preexec_fn=without_file_permission_override if os.geteuid() == 0 else None)
+    finally:
+        os.chmod(out, 0o755)
+    if done.returncode == CANNOT_DROP_OVERRIDE:
+        pytest.skip("cannot drop root's permission override here")
+    assert done.returncode == 0, done.stderr[-3000:]
+    reasons = json.loads(done.stdout)
+    assert reasons["00002"] == f"PermissionError: cannot write {out}/00002.parquet: Permission denied", reasons
+    [cause] = failure_causes(reasons)
+    assert cause.shards == ["00001", "00002"]
+    assert sorted(os.listdir(out)) == []
 
 
 def test_a_table_that_fails_validation_appears_nowhere(tmp_path):

@@ -509,6 +509,8 @@ def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: 
         if config.knn_view:
             _keep_view_beside_table(config, plan, fs, path, table, key, claim_run)
     except PermissionError as exc:  # s3fs says only "Access Denied"; not retried (faults.is_transient)
+        if exc.filename:  # locally, the file refused (the table, its view or their folder), never a temp file
+            raise PermissionError(f"cannot write {exc.filename}: {exc.strerror}") from exc
         raise PermissionError(f"cannot write {plan.output}: {exc}") from exc
 
 

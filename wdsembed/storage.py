@@ -214,7 +214,8 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: Union[bytes, Ca
     * Local disk: a hidden temp file beside the target (``.<name>.tmp-<random>``), created through `fs.open` so that
       a filesystem's own refusals apply (a read-only one raises PermissionError here), written as Arrow's own file
       (no GIL per write), fsynced, then renamed over the target with os.replace (atomic within a folder). Missing
-      folders are created. A full disk raises OSError with the same errno, naming `path` rather than the temp file.
+      folders are created. A full disk raises OSError with the same errno, and any error of the temp file (a folder
+      this user may not write) its own, naming `path` rather than the temp file.
     * Object stores (S3, GCS, Azure, memory): one PUT, atomic per object; a writer function writes to a local temp
       file first, which is then uploaded (put_file), so a large output is never held in memory.
     * Other fsspec filesystems (SFTP, HDFS, ...), where a file being written is visible: a temp name beside the
@@ -296,6 +297,10 @@ def _write_local(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Bina
             # The errno stays (faults.is_disk_full); the message names the target, not the temp file.
             raise OSError(exc.errno, f"{os.strerror(exc.errno)}: cannot write {path} (nothing partial is left; "
                                      "free space there and run again: finished outputs are kept)") from exc
+        if isinstance(exc, OSError) and exc.filename == tmp:
+            # Named as the target: the temp name is random, and in many shards' reasons would make one cause (a
+            # folder this user may not write) look like as many causes.
+            raise type(exc)(exc.errno, exc.strerror, path) from exc
         raise
     try:
         # What before_commit raises is its own, passed on as it is: a kNN view's full disk, written in a thread
