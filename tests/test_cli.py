@@ -907,15 +907,69 @@ def test_ctrl_c_mid_run(to, tmp_path):
     assert not (out / "_claim.json").exists()  # the run's claim on its output is released (wdsembed.outputclaim)
 
 
-def _ended_on_ctrl_c(proc, stdout: str, stderr: str, out, interrupted: float) -> str:
-    """A command's end on Ctrl-C: exit 130 within 30 s, one closing line with the resume hint, no traceback. Returns
-    all it said."""
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ["command", "process group"])
+def test_sigterm_mid_run_ends_as_ctrl_c_does(to, tmp_path):
+    """SIGTERM mid-run (kill PID; systemd, Kubernetes and Slurm's scancel send it, to the process group too) killed
+    the command on the spot, once Prefect had marked its flow run Crashed: exit -15, nothing said, and its claim on
+    OUTPUT left behind (another host waited 3 minutes to take it over). Now it ends as on Ctrl-C: its claim
+    released, no process of the run left, one line saying how to go on, exit 143; the same command then finishes
+    the rest without recomputing a finished shard."""
+    import json
+
+    import psutil
+
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    data, out = tmp_path / "in", tmp_path / "out"
+    for s in range(12):
+        write_shard(data, f"{s:05d}", from_encoded(synthetic_images(16, seed=s, formats=("jpeg",))), seed=s)
+    command = [sys.executable, str(ROOT / "flows/embed.py"), str(data), "-o", str(out), "--model", TINY_MODEL,
+               "--no-pretrained", "--device", "cpu", "--n-workers", "1", "--num-threads", "1", "--batch-size", "1",
+               "--fidelity-sample", "0"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=_command_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and not list(out.glob("0*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        started = psutil.Process(proc.pid).children(recursive=True)
+        interrupted = time.monotonic()
+        if to == "command":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    _ended_on_ctrl_c(proc, stdout, stderr, out, interrupted, code=128 + signal.SIGTERM, by=" by SIGTERM")
+    assert not (out / "_claim.json").exists()
+    _, alive = psutil.wait_procs(started, timeout=15)
+    assert not [p for p in alive if _running(p)], alive
+    assert not [p.name for p in out.rglob("*.tmp*")]
+    finished = {p.stem for p in out.glob("*.parquet")}
+
+    again = subprocess.run(command, cwd=tmp_path, env=_command_env(tmp_path), capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "took over the claim" not in again.stdout + again.stderr
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert len(manifest["shards"]) == 12
+    assert {stem for stem, s in manifest["shards"].items() if s["status"] == "cached"} == finished
+
+
+def _ended_on_ctrl_c(proc, stdout: str, stderr: str, out, interrupted: float, *, code: int = 130,
+                     by: str = "") -> str:
+    """A command's end on Ctrl-C (or, with `by` " by SIGTERM", on SIGTERM): exit `code` within 30 s, one closing
+    line with the resume hint, no traceback. Returns all it said."""
     said = stdout + stderr
-    assert proc.returncode == 130, said[-4000:]
+    assert proc.returncode == code, said[-4000:]
     assert time.monotonic() - interrupted < 30, said[-4000:]
     assert stderr.rstrip().endswith(
-        f"run interrupted: the shards finished so far are in {out}; run the same command again to finish the rest "
-        "(finished shards are not recomputed)"), said[-4000:]
+        f"run interrupted{by}: the shards finished so far are in {out}; run the same command again to finish the "
+        "rest (finished shards are not recomputed)"), said[-4000:]
     assert "Traceback (most recent call last)" not in said, said[-4000:]
     return said
 

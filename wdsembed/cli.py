@@ -8,7 +8,9 @@ had before (`--model`, `--num-threads`); the field's own name works as well.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import time
 import types
@@ -214,12 +216,14 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
     try:
         # The decoder's own stderr lines (a bad JPEG's, repeated) go to the log: the worker processes that the run
         # starts inherit this, and every bad image's reason is in its row and the summary.
-        with decoder_messages_to_log(), progress:
+        with decoder_messages_to_log(), progress, _sigterm_ends_as_ctrl_c():
             manifest = run(config, on_shard_done=progress.update, all_finished=all_finished)
-    except KeyboardInterrupt:  # Ctrl-C: every output written so far is whole, and the same command goes on from it
-        # Not counted: a shard can still finish as the run stops, after the progress bar's last update.
-        print(f"\nrun interrupted: the shards finished so far are in {config.output}; {RESUME}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: every output written so far is whole, and the same
+        # command goes on from it. Not counted: a shard can still finish as the run stops, after the progress bar's
+        # last update.
+        by = " by SIGTERM" if isinstance(exc, Terminated) else ""
+        print(f"\nrun interrupted{by}: the shards finished so far are in {config.output}; {RESUME}", file=sys.stderr)
+        return 128 + signal.SIGTERM if by else 130  # as a shell reports a command ended by the signal
     except Exception as exc:  # noqa: BLE001 - a failed run prints its reason, not a traceback wall
         from wdsembed.outputclaim import OutputClaimedError
 
@@ -248,6 +252,32 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
         return 1
     print_summary(manifest)
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill PID, systemd, Kubernetes, Slurm's scancel, `timeout`) raised where Ctrl-C raises
+    KeyboardInterrupt, so that the run ends as it does on Ctrl-C: its cluster closed, its claim on OUTPUT released,
+    one line saying how to go on."""
+
+
+@contextlib.contextmanager
+def _sigterm_ends_as_ctrl_c():
+    """SIGTERM's default kills the process on the spot: the run's claim on OUTPUT was left behind (another host
+    waited 3 minutes to take it over), and nothing said how to go on. Prefect's flow engine turns a SIGTERM into
+    its own exception, marks the flow run Crashed, then sends the signal again to the handler it found: this one,
+    which raises Terminated from there."""
+    def terminated(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminated)
+    except ValueError:  # not the main thread: no handler of ours, SIGTERM keeps its meaning
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Progress:
