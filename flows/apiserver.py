@@ -175,6 +175,16 @@ def wait(url: Optional[str]) -> None:
         server.wait(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
 
 
+def _quiet_from_now() -> None:
+    """The server is stopping: its Prefect services say nothing from now on. Their shutdown cancels a flush of the
+    task-run events still queued (a re-run of a few hundred finished shards sends one per shard as it ends), and
+    Prefect logged each cancelled flush with its traceback: about 150 lines on the command's terminal, after the
+    summary of a run that ended well. The run is over by then; nothing there is the user's to act on."""
+    import logging
+
+    logging.getLogger("prefect.server").setLevel(logging.CRITICAL)
+
+
 def _serve(fd: int, parent: int) -> None:
     """The server's process: load the server and build the app, then, once told to, serve on the socket it was
     handed until terminated or orphaned."""
@@ -192,12 +202,15 @@ def _serve(fd: int, parent: int) -> None:
     if sys.stdin.buffer.readline() != _GO:  # the command ended before its checks passed, or was killed
         return
     server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
+    handle_exit = server.handle_exit  # what uvicorn makes the handler of SIGTERM (stop()) as it starts serving
+    server.handle_exit = lambda sig, frame: (_quiet_from_now(), handle_exit(sig, frame))
     gc.freeze()
     gc.enable()
 
     def stop_when_orphaned() -> None:  # a parent killed outright (SIGKILL) leaves no server behind
         while os.getppid() == parent:
             time.sleep(1)
+        _quiet_from_now()
         server.should_exit = True
 
     threading.Thread(target=stop_when_orphaned, daemon=True).start()

@@ -797,6 +797,31 @@ def test_command_end_to_end_terminal_and_rerun(tmp_path):
     assert set(tasks.values()) == {"Completed"} and len(tasks) == 2  # indexing and the report
 
 
+@pytest.mark.slow
+def test_a_rerun_of_hundreds_of_finished_shards_ends_on_its_summary(tmp_path):
+    """A re-run with nothing to compute over 400 finished shards sends one task-run event per shard as it ends; its
+    temporary Prefect server, stopped with the command, cancelled their last flush, and Prefect logged each cancelled
+    flush with its traceback: four tracebacks, about 150 lines, on the terminal after the summary of a run that had
+    ended well (at 2,000 shards too). Now the server says nothing once it is told to stop."""
+    from wdsembed.api import run_shards
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    data, out = tmp_path / "in", tmp_path / "out"
+    images = from_encoded(synthetic_images(1, sizes=((32, 32),), formats=("jpeg",)))
+    for s in range(400):
+        write_shard(data, f"{s:05d}", images, shard_id=s)
+    run_shards(EmbedConfig(input=str(data), output=str(out), model_name=TINY_MODEL, pretrained=False, device="cpu",
+                           num_threads_per_worker=1, fidelity_sample=0))  # the outputs, without Prefect: faster
+    done = subprocess.run([sys.executable, str(ROOT / "flows/embed.py"), str(data), "-o", str(out), "--model",
+                           TINY_MODEL, "--no-pretrained", "--device", "cpu", "--fidelity-sample", "0"], cwd=tmp_path,
+                          env=_command_env(tmp_path), capture_output=True, text=True, timeout=600)
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said[-4000:]
+    assert "400 shard(s): 0 computed, 400 cached" in said, said[-4000:]
+    assert "Traceback" not in said and "| ERROR" not in said, said[-6000:]
+    assert done.stdout.rstrip().endswith(f"output: {out}  (manifest: {out}/_manifest.json)"), said[-4000:]
+
+
 def _command_env(tmp_path: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "WDSEMBED_", "DASK_"))}
     return env | {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1",
