@@ -273,6 +273,28 @@ def test_output_without_input_is_refused_not_the_demo(tmp_path, monkeypatch, cap
     assert list(tmp_path.iterdir()) == []  # no demo-data/ written
 
 
+def test_a_wildcard_the_shell_expanded_is_one_line_saying_so(shards, tmp_path, capsys):
+    """`wdsembed /data/*.tar -o out`, unquoted: the shell passes one argument per shard, and argparse refused them as
+    'unrecognized arguments', naming every one (a screenful at 2,000 shards) and saying nothing of why. Now one line
+    says what INPUT takes and what to pass instead; an unknown option is still argparse's error."""
+    import shutil
+
+    for stem in ("00001", "00002"):
+        shutil.copy(shards / "00000.tar", shards / f"{stem}.tar")
+    tars = sorted(str(p) for p in shards.glob("*.tar"))
+    runs = []
+    code = cli.main(lambda config, **kw: runs.append(config), [*tars, "-o", str(tmp_path / "out"), "--model",
+                                                               TINY_MODEL, "--no-pretrained"])
+    assert code == 2 and not runs
+    assert capsys.readouterr().err.strip() == (
+        f"error: INPUT is one folder, brace pattern, .tar or .txt list of shards, but {len(tars)} paths were given "
+        f"({tars[0]}, {tars[1]}, ...): a wildcard the shell expanded? Pass the folder that holds them ({shards}), "
+        f"or a brace pattern in quotes ('{shards}/{{00000..00099}}.tar')")
+    with pytest.raises(SystemExit) as raised:
+        cli.main(lambda config, **kw: runs.append(config), [str(shards), "-o", str(tmp_path / "out"), "--bogus"])
+    assert raised.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------- task D
 
 

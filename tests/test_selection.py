@@ -117,6 +117,21 @@ def test_brace_patterns(tree, tmp_path):
         plan.plan_shards(config(f"{tree}/{{train,val}}", out))
 
 
+def test_a_wildcard_is_refused_saying_so(tree, tmp_path):
+    """A quoted shell wildcard ('/data/*.tar'), as INPUT or a list file's line, was taken as the name of one shard,
+    and refused as '1 of the 1 shard(s) ... do not exist: /data/*.tar'. Now it is said to be a wildcard, with what
+    to pass instead."""
+    with pytest.raises(plan.InputError, match=rf"^input '{tree}/\*\.tar' is a wildcard pattern, which is not "
+                                              r"expanded: name the shards with a brace pattern "
+                                              rf"\('{tree}/\{{00000\.\.00099\}}\.tar'\), or pass the folder that "
+                                              rf"holds them \('{tree}'\)$"):
+        plan.check_config(config(f"{tree}/*.tar", tmp_path / "out"))
+    listing = tmp_path / "shards.txt"
+    listing.write_text("data/train/*.tar\n")
+    with pytest.raises(plan.InputError, match=r"shards\.txt line 1: 'data/train/\*\.tar' is a wildcard pattern"):
+        plan.plan_shards(config(listing, tmp_path / "out"))
+
+
 def test_one_tar(tree, tmp_path):
     [p] = plan.plan_shards(config(tree / "train" / "00000.tar", tmp_path / "out"))
     assert p.stem == "00000" and p.rows == str(tree / "train" / "00000.parquet")

@@ -179,7 +179,20 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
     `wdsembed` command (flows.command:main) and by `python flows/embed.py` (this package never imports the flow).
     `on_checked()` is called once every check has passed, before `run` is imported and called: the command starts
     its Prefect API server there, in the background, so that it boots while the flow's modules are imported."""
-    values = values_from_args(build_parser().parse_args(argv))
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.input is not None and not any(e.startswith("-") for e in extra):
+        # `wdsembed /data/*.tar -o out`: the shell expanded the wildcard into one argument per shard (argparse named
+        # every one of them, at 2,000 shards a screenful, as unrecognized)
+        folder = os.path.dirname(args.input) or "."
+        print(f"error: INPUT is one folder, brace pattern, .tar or .txt list of shards, but {1 + len(extra):,} paths "
+              f"were given ({args.input}, {extra[0]}{', ...' if len(extra) > 1 else ''}): a wildcard the shell "
+              f"expanded? Pass the folder that holds them ({folder}), or a brace pattern in quotes "
+              f"('{folder}/{{00000..00099}}.tar')", file=sys.stderr)
+        return 2
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    values = values_from_args(args)
     if values.get("input") is None and not values.get("output"):
         prepare_demo(values)
     elif values.get("input") is None:  # an empty $DATA, say: never the demo into the user's own folder

@@ -525,6 +525,7 @@ def find_shards(config: EmbedConfig) -> FoundShards:
     """The shards that config.input names (see the module docstring), or InputError saying what is wrong: a
     folder without shards (naming subfolders that hold some, for `recursive`), a shard of a pattern or list that
     does not exist, a list line that is not a .tar, two shards that would share an output."""
+    _refuse_wildcard(config.input, f"input {config.input!r}")
     kind = input_kind(config.input)
     if kind == "folder":
         found = _find_in_folder(config)
@@ -569,6 +570,15 @@ def _find_in_folder(config: EmbedConfig) -> FoundShards:
     return FoundShards(fs, root, tars, files)
 
 
+def _refuse_wildcard(url: str, what: str) -> None:
+    """A `*` is a shell's wildcard, which nothing here expands: said as such, not as a shard named '*.tar' that does
+    not exist."""
+    if "*" in url:
+        folder = posixpath.dirname(url[: url.index("*")]) or "."
+        raise InputError(f"{what} is a wildcard pattern, which is not expanded: name the shards with a brace pattern "
+                         f"('{folder}/{{00000..00099}}.tar'), or pass the folder that holds them ({folder!r})")
+
+
 def _is_tar(path: str) -> bool:
     return path.lower().endswith(".tar")
 
@@ -598,6 +608,7 @@ def _list_file_entries(config: EmbedConfig) -> list[str]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        _refuse_wildcard(line, f"{config.input} line {number}: {line!r}")
         if "://" not in line and not os.path.isabs(line):
             line = posixpath.join(base, line)
         for url in _expand(line, f"{config.input} line {number}"):
