@@ -1317,7 +1317,7 @@ def test_the_command_on_a_full_disk_names_the_failed_shards_without_a_traceback(
                  lost="nothing; no partial output")
 
 
-def test_a_rerun_that_dies_between_a_shards_view_and_its_table(tmp_path, monkeypatch):
+def test_a_rerun_that_dies_between_a_shards_view_and_its_table(tmp_path):
     """The view is written before the table (a finished table always has its view), so a run that dies between
     the two leaves the table of the run before it beside a view of its own. A later run of the table's settings
     finds the table finished and must not keep that view: kNN tools read it."""
@@ -1331,12 +1331,16 @@ def test_a_rerun_that_dies_between_a_shards_view_and_its_table(tmp_path, monkeyp
     def embeddings(path):
         return np.array(read(path).column(EMB).to_pylist())
 
+    # Killed outright once its view is written (SIGKILL, the OOM killer): a run that merely fails there removes the
+    # other settings' table and view itself (plan.remove_failed_outputs_made_otherwise), a killed one cannot.
     spec = tmp_path / "faults.json"
-    spec.write_text(json.dumps({"00000": {"error": "fatal", "where": "commit"}}))
-    monkeypatch.setenv("WDSEMBED_FAULTS", str(spec))
-    with pytest.raises(ShardsFailed, match="injected deterministic failure"):
-        embedder(normalize_embeddings=False)(str(data), str(out))  # dies once its view is written
-    monkeypatch.delenv("WDSEMBED_FAULTS")
+    spec.write_text(json.dumps({"00000": {"error": "kill", "where": "commit"}}))
+    call = (f"from wdsembed.api import TimmImageEmbedder as T; T({TINY_MODEL!r}, **{SETTINGS!r}, "
+            f"normalize_embeddings=False)({str(data)!r}, {str(out)!r})")
+    env = {**os.environ, "WDSEMBED_FAULTS": str(spec), "PYTHONPATH": str(ROOT)}
+    died = subprocess.run([sys.executable, "-c", call], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=240)
+    assert died.returncode == 137, died.stderr[-2000:]
     assert output.read_output_metadata(str(out / "00000.parquet"), fsspec.filesystem("file"))["cache_key"] == a.cache_key
     assert not np.allclose(embeddings(view_path), embeddings(out / "00000.parquet"))  # the other run's view
     check = validate_output(config(data, out), str(out / "00000.parquet"), dim=a.dim)
@@ -1346,10 +1350,10 @@ def test_a_rerun_that_dies_between_a_shards_view_and_its_table(tmp_path, monkeyp
     assert np.array_equal(embeddings(view_path), embeddings(out / "00000.parquet"))
     assert validate_output(config(data, out), str(out / "00000.parquet"), dim=a.dim).ok
     table.record("fault-between-view-and-table",
-                 done="an API run of 1 shard; the same call with normalize_embeddings=False, made to fail once its "
-                      "shard's kNN view was written, before its table (WDSEMBED_FAULTS, where 'commit'); then the "
-                      "first call again",
-                 did="the failed run left the first run's table and its own view; validation names the view "
+                 done="an API run of 1 shard; the same call with normalize_embeddings=False, killed (exit 137) once "
+                      "its shard's kNN view was written, before its table (WDSEMBED_FAULTS kill, where 'commit'); "
+                      "then the first call again",
+                 did="the killed run left the first run's table and its own view; validation names the view "
                      f"{q(check.problems[0].split(' (')[0])}; the third call found the table finished and rebuilt "
                      "the view from it",
                  lost="nothing; the view matches its table again")
