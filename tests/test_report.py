@@ -121,6 +121,18 @@ def test_a_cause_shared_by_many_shards_is_said_once_though_each_reason_names_its
                                       "00002": "ValueError: id column 'uid' is not in /in/00002.parquet"})) == 2
 
 
+def test_why_outputs_are_recomputed_is_said_by_cause_in_a_bounded_number_of_lines():
+    """2,000 touched tars and a few other causes: a line per cause, a few shards named in each, the rest counted."""
+    why = {f"{i:05d}": "their tars changed since (mtime)" for i in range(2000)}
+    why |= {f"9000{i}": f"their outputs were made with model_name={name} (now b)" for i, name in enumerate("cdefgh")}
+    lines = report.describe_recomputed(why)
+    assert lines[0] == ("2,000 shard(s) to recompute: their tars changed since (mtime): 00000, 00001, 00002, 00003, "
+                        "00004 and 1,995 more")
+    assert lines[1] == "1 shard(s) to recompute: their outputs were made with model_name=c (now b): 90000"
+    assert len(lines) == report.SUMMARY_CAUSES + 1
+    assert lines[-1] == "... and 2 more cause(s), of 2 shard(s) to recompute"
+
+
 def test_the_summaries_of_a_run_of_thousands_of_shards_fit_one_screen(tmp_path, capsys):
     """2,000 shards printed 2,000 table rows; as many causes of failure, a line each. The terminal's summary and the
     markdown artifact list the first shards and causes, then say how many more and where every one is (the

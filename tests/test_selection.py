@@ -4,10 +4,12 @@ agree on. Local here; the same against an S3 server in tests/test_s3.py."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
+import fsspec
 import pyarrow.parquet as pq
 import pytest
 
@@ -770,3 +772,85 @@ def test_recursive_run_outputs_caching_manifest_and_views_agree(tree, tmp_path):
     second = embed(str(data), str(out))
     assert all(r.cached for r in second)
     assert pq.read_table(out / output.EMBEDDINGS_FOLDER / "val" / "00000.parquet").num_rows == 2  # rebuilt
+
+
+# --------------------------------------------------------------------------------------------------- why recomputed
+
+
+def _api(**settings):
+    from wdsembed.api import TimmImageEmbedder
+
+    return TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                             **settings)
+
+
+def _recompute_lines(caplog, embed, data: Path, out: Path) -> list[str]:
+    """The lines a run of `embed` logs on why outputs already there are recomputed (its planning's, before any
+    work); the run itself must finish."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="wdsembed"):
+        embed(str(data), str(out))
+    return [r.getMessage() for r in caplog.records if "to recompute:" in r.getMessage()]
+
+
+def test_a_rerun_with_a_setting_changed_says_which_with_its_old_and_new_value(tmp_path, caplog):
+    """A re-run that recomputes outputs already there said only '0 shard(s) with a finished output, 3 to compute':
+    on thousands of shards, an intended change could not be told from an accident before the work. Each output's
+    footer records the cache key's parts; the planning says, per cause, what differs from this run's."""
+    pytest.importorskip("nvidia.dali")
+    data, out = tmp_path / "in", tmp_path / "out"
+    for i in range(3):
+        shard(data, f"{i:05d}", seed=i)
+    assert _recompute_lines(caplog, _api(), data, out) == []  # nothing there yet: to compute, not to recompute
+    assert _recompute_lines(caplog, _api(autocast=False), data, out) == [
+        "3 shard(s) to recompute: their outputs were made with autocast=True (now False): 00000, 00001, 00002"]
+    assert _recompute_lines(caplog, _api(autocast=False, embedding_dtype="float16"), data, out) == [
+        "3 shard(s) to recompute: their outputs were made with embedding_dtype=float32 (now float16): 00000, 00001, "
+        "00002"]
+    assert _recompute_lines(caplog, _api(autocast=False, embedding_dtype="float16", max_image_pixels=10_000,
+                                         normalize_embeddings=False), data, out) == [
+        "3 shard(s) to recompute: their outputs were made with normalize_embeddings=True (now False), "
+        "max_image_pixels=178956970 (now 10000): 00000, 00001, 00002"]
+    assert _recompute_lines(caplog, _api(autocast=False, embedding_dtype="float16", max_image_pixels=10_000,
+                                         normalize_embeddings=False), data, out) == []  # all finished
+
+
+def test_a_rerun_says_which_tars_changed_since_their_outputs(tmp_path, caplog):
+    """A rewritten tar (another size) and a touched one (its mtime alone) are two causes, each with its shards."""
+    pytest.importorskip("nvidia.dali")
+    data, out = tmp_path / "in", tmp_path / "out"
+    for i in range(4):
+        shard(data, f"{i:05d}", seed=i)
+    _recompute_lines(caplog, _api(), data, out)
+    shard(data, "00001", n=3, seed=9)  # rewritten, its parquet too: 3 images now
+    for stem in ("00002", "00003"):
+        os.utime(data / f"{stem}.tar", (time.time() + 60, time.time() + 60))  # touched
+    assert _recompute_lines(caplog, _api(), data, out) == [
+        "2 shard(s) to recompute: their tars changed since (mtime): 00002, 00003",
+        "1 shard(s) to recompute: their tars changed since (size/mtime); their img2dataset parquets changed since "
+        "(size/mtime): 00001"]
+
+
+def test_outputs_of_an_earlier_version_without_the_record_say_so_and_stay_finished_where_nothing_changed(
+        tmp_path, caplog):
+    """An output written before footers recorded the cache key's parts: where its key is this run's it is finished
+    as before (the record changed no key); where not, the line says what it can: an earlier version made it."""
+    pytest.importorskip("nvidia.dali")
+    data, out = tmp_path / "in", tmp_path / "out"
+    for i in range(2):
+        shard(data, f"{i:05d}", seed=i)
+    [first, _] = _api()(str(data), str(out))
+    fs = fsspec.filesystem("file")
+    for stem in ("00000", "00001"):  # each footer as an earlier version wrote it
+        path = out / f"{stem}.parquet"
+        meta = output.read_output_metadata(str(path), fs)
+        assert meta["cache_key_parts"]["model"]["autocast"] is True
+        table = pq.read_table(path)
+        table = table.replace_schema_metadata({k: v for k, v in table.schema.metadata.items()
+                                               if k != output.FOOTER_KEY})
+        output.write_parquet_atomic(table, str(path), fs, {k: v for k, v in meta.items() if k != "cache_key_parts"})
+    again = _api()(str(data), str(out))
+    assert all(r.cached for r in again) and again[0].cache_key == first.cache_key
+    assert _recompute_lines(caplog, _api(autocast=False), data, out) == [
+        "2 shard(s) to recompute: their outputs were made by an earlier wdsembed version, which did not record its "
+        "settings: 00000, 00001"]

@@ -120,6 +120,35 @@ def test_the_new_rule_for_a_checkpoints_own_head_recomputes_only_the_runs_it_cha
         assert "checkpoint_head_rule" not in other
 
 
+def test_every_part_of_the_key_that_differs_is_named_with_its_old_and_new_value(tmp_path, plan):
+    """A footer records the parts of its cache key; a later run with another key names each part that differs (any
+    part, present or added later, none left to a generic line), and the shard's files that changed since."""
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"weights")
+    now = shard.cache_key_parts(_config(tmp_path).model_copy(update={"checkpoint": str(weights),
+                                                                     "embedding_dtype": "float16"}), plan)
+    said = lambda **before: shard.why_recomputed({"cache_key": "k", "cache_key_parts": now | before}, now)  # noqa
+
+    assert said(packages=now["packages"] | {"timm": "0.0.1"}) == \
+        f"their outputs were made with timm=0.0.1 (now {now['packages']['timm']})"
+    assert said(columns=["id", "image_embedding", "embedding_error"]) == \
+        f"their outputs were made with id_column=id (now {now['columns'][0]})"
+    assert said(checkpoint="sha256:" + "0" * 64) == \
+        f"their outputs were made with checkpoint content=sha256:000000000000... (now {now['checkpoint'][:19]}...)"
+    for part, value in now.items():  # every part: named, never the line for a key computed otherwise
+        if part != "shard":
+            changed = value + 1 if isinstance(value, int) else {"x": 1} if isinstance(value, dict) else ["x"]
+            assert said(**{part: changed}).startswith("their outputs were made with "), part
+    del now["dtype"]  # absent: float32, as in the footers of float32 outputs
+    assert said(dtype="float16") == "their outputs were made with embedding_dtype=float16 (now float32)"
+    now["shard"] = "2048--1700000000.0|300--1700000000.0"  # ShardFingerprint tokens: the tar's, then its parquet's
+    assert said(shard="1024--1700000000.0|300--1700000000.0") == "their tars changed since (size)"
+    assert said(shard="2048--1700000000.0|300--1600000000.0") == \
+        "their img2dataset parquets changed since (mtime)"
+    assert said(shard="2048--1700000000.0") == "their img2dataset parquets appeared since"
+    assert said(shard="2048-abc-|300--1700000000.0") == "their tars changed since (ETag/mtime)"
+
+
 PREFECT_DEFAULTS = ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PREFECT_SERVER_ANALYTICS_ENABLED",
                     "PREFECT_LOGGING_EXTRA_LOGGERS", "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW",
                     "DASK_DISTRIBUTED__LOGGING")

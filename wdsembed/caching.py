@@ -5,10 +5,12 @@ preprocessing and embedding options, the declared recipe and output-format versi
 
 * Prefect's task cache: the embedding task's result (a small JSON dict) is persisted under that key in
   `result_storage`, so a finished shard's task run ends "Cached" without running on a worker.
-* The output's parquet footer holds the same key. The flow reads every planned output's footer before submitting
-  and sends the shards whose output is missing, cut short, unreadable at its footer (or below it, where its kNN view
-  must be rebuilt from it: shard.finished_output) or made from other inputs with `refresh_cache=True`: a deleted
-  output is recomputed, never reported as cached from a stale task result.
+* The output's parquet footer holds the same key, and the parts it hashes in readable form. The flow reads every
+  planned output's footer before submitting and sends the shards whose output is missing, cut short, unreadable at
+  its footer (or below it, where its kNN view must be rebuilt from it: shard.finished_output) or made from other
+  inputs with `refresh_cache=True`: a deleted output is recomputed, never reported as cached from a stale task
+  result. For those made from other inputs, the parts their footers recorded say what changed
+  (shard.why_recomputed), before any work: an upgrade or a touched tar is told from an intended change.
 
 Nothing here imports Prefect or CUDA libraries (tasks.embed.result_storage_for makes the Prefect storage).
 """
@@ -30,15 +32,22 @@ def result_storage_url(config: EmbedConfig) -> str:
     return config.result_storage or storage.join(config.output, RESULTS_FOLDER)
 
 
-def finished_stems(config: EmbedConfig, plans: Iterable[shard.ShardPlan], *, max_workers: int = 16) -> set[str]:
-    """Stems whose output exists, is readable and carries this run's cache key (reads only footers). Raises
+def planned_outputs(config: EmbedConfig, plans: Iterable[shard.ShardPlan], *,
+                    max_workers: int = 16) -> tuple[set[str], dict[str, str]]:
+    """Stems whose output exists, is readable and carries this run's cache key (reads only footers), and, for each
+    output of ours made under another key, why it is recomputed (shard.why_recomputed, from the same footer). Raises
     output.ForeignOutputError naming every planned output path that holds a parquet wdsembed did not write: the
     footers read here are what tells them apart, so the run is refused before any shard overwrites one."""
     plans = list(plans)
+    recompute: dict[str, str] = {}
+
+    def made_otherwise(plan: shard.ShardPlan, meta: dict) -> None:
+        recompute[plan.stem] = shard.why_recomputed(meta, shard.cache_key_parts(config, plan))
 
     def done(plan: shard.ShardPlan) -> Optional[bool]:  # None: a file not ours
         try:
-            return shard.finished_output(config, plan, shard.cache_key(config, plan)) is not None
+            return shard.finished_output(config, plan, shard.cache_key(config, plan),
+                                         made_otherwise=lambda meta: made_otherwise(plan, meta)) is not None
         except output.ForeignOutputError:
             return None
         except Exception as exc:  # noqa: BLE001 - unknown means "recompute", never "cached"
@@ -50,7 +59,7 @@ def finished_stems(config: EmbedConfig, plans: Iterable[shard.ShardPlan], *, max
     foreign = [f"{plan.stem}.parquet" for plan, ok in zip(plans, states) if ok is None]
     if foreign:
         raise output.ForeignOutputError(foreign, config.output)
-    return {plan.stem for plan, ok in zip(plans, states) if ok}
+    return {plan.stem for plan, ok in zip(plans, states) if ok}, recompute
 
 
 def written_results(config: EmbedConfig, plans: Iterable[shard.ShardPlan]) -> list[dict]:

@@ -37,7 +37,8 @@ ERROR_MESSAGE_COLUMN = "error_message"
 SUCCESS = "success"
 
 NOT_IN_TAR = "not in tar"
-# Part of every cache key: bumped whenever a change alters the tables written (columns, types, values, footer).
+# Part of every cache key: bumped whenever a change alters the tables written (columns, types, values, footer). Not
+# for a footer entry that is only read where present (cache_key_parts: outputs without it are finished all the same).
 OUTPUT_FORMAT_VERSION = 1
 FOOTER_KEY = b"wdsembed"  # the parquet footer key-value entry that holds our JSON metadata
 MANIFEST_NAME = "_manifest.json"

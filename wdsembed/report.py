@@ -398,6 +398,14 @@ def more_causes(causes: list[Cause], shown: int = SUMMARY_CAUSES) -> str:
     return f"... and {len(left):,} more cause(s), of {len({s for c in left for s in c.shards}):,} shard(s)"
 
 
+def describe_recomputed(why: dict[str, str], shown: int = SUMMARY_CAUSES) -> list[str]:
+    """Why outputs already there are recomputed (caching.planned_outputs), one line per cause, bounded as the
+    summaries are: '4 shard(s) to recompute: their outputs were made with autocast=True (now False): 00000, ...'."""
+    causes = by_cause(why.items())
+    lines = [f"{len(c.shards):,} shard(s) to recompute: {c.words()}: {name_shards(c.shards)}" for c in causes[:shown]]
+    return lines + ([f"{more_causes(causes, shown)} to recompute"] if len(causes) > shown else [])
+
+
 def describe_failures(failed_shards: dict[str, str], shown: int = SUMMARY_CAUSES) -> str:
     """The failed shards' reasons in one line, by cause and bounded (a failed run's message, which Prefect logs and
     shows): '00000, 00001: reason; 00002: e.g. ...'."""

@@ -8,10 +8,10 @@
                                                        # before embedding where there is one, else after it
         embedded = worker.embed(tar.images())          # DALI + model; a bad image costs only itself
         table    = join_rows(rows, embedded, tar)      # every row by key, embedded or with its reason
-        write_output(table, plan, key, check)         # whole or not at all, the cache key in its footer; the
-                                                      # validation (rows, dimension, finite, norms) runs beside
-                                                      # the writes, and nothing appears unless it passes and
-                                                      # OUTPUT is still claimed by this run (claim_run)
+        write_output(table, plan, key, check)         # whole or not at all, the cache key and its parts in its
+                                                      # footer; the validation (rows, dimension, finite, norms)
+                                                      # runs beside the writes, and nothing appears unless it
+                                                      # passes and OUTPUT is still claimed by this run (claim_run)
 
 `process_shards` runs a group of shards and raises one `ShardsFailed` for those that failed. Nothing here imports
 Prefect.
@@ -158,17 +158,95 @@ def cache_key_parts(config: EmbedConfig, plan: ShardPlan) -> dict:
     return parts
 
 
+# How a recorded part is said where it differs: by the EmbedConfig field it comes from, where there is one. Parts
+# absent from a footer take the value their absence stands for (cache_key_parts adds "dtype" and
+# "checkpoint_head_rule" only where they are not that value).
+_PART_NAMES = {"extensions": "image_extensions", "dtype": "embedding_dtype", "recipe": "preprocessing recipe version",
+               "format": "output format version", "checkpoint": "checkpoint content"}
+_PART_ABSENT = {"dtype": "float32", "checkpoint_head_rule": 1}
+_COLUMN_NAMES = ("id_column", "embedding_column", "error_column")  # the order of cache_key_parts' "columns"
+
+
+def why_recomputed(recorded: dict, now: dict) -> str:
+    """Why an output whose footer metadata is `recorded` is not finished for a run whose key parts
+    (cache_key_parts) are `now`, in words a user can act on: which of the shard's files changed since, and each
+    setting or version that differs, with its old and new value (`autocast=True (now False)`)."""
+    if "cache_key" not in recorded:
+        return "their files carry no cache key (copies saved from outputs, never taken for finished ones)"
+    before = recorded.get("cache_key_parts")
+    if not isinstance(before, dict):
+        return "their outputs were made by an earlier wdsembed version, which did not record its settings"
+    now = json.loads(json.dumps(now))  # as a footer holds it: lists, not tuples
+    said = _files_changed(str(before.get("shard", "")), str(now.get("shard", "")))
+    settings = []
+    for part in sorted(set(before) | set(now), key=lambda p: list(now).index(p) if p in now else len(now)):
+        if part == "shard":
+            continue
+        old, new = before.get(part, _PART_ABSENT.get(part)), now.get(part, _PART_ABSENT.get(part))
+        if part in ("model", "packages") and isinstance(old, dict) and isinstance(new, dict):
+            settings += [_changed(name, old.get(name), new.get(name)) for name in {**old, **new}
+                         if old.get(name) != new.get(name)]
+        elif part == "columns" and isinstance(old, list) and isinstance(new, list) and len(old) == len(new) == 3:
+            settings += [_changed(name, a, b) for name, a, b in zip(_COLUMN_NAMES, old, new) if a != b]
+        elif old != new:
+            settings.append(_changed(_PART_NAMES.get(part, part), old, new))
+    if settings:
+        said.append("their outputs were made with " + ", ".join(settings))
+    # Equal parts under another key: a key computed otherwise, by another version of this code.
+    return "; ".join(said) or "their outputs were made under another cache key, from the settings of this run"
+
+
+def _files_changed(before: str, now: str) -> list[str]:
+    """What changed in a shard's fingerprint (plan.plan_shards: the tar's, then its img2dataset parquet's)."""
+    (tar_before, *rows_before), (tar_now, *rows_now) = before.split("|"), now.split("|")
+    said = []
+    if tar_before != tar_now:
+        said.append(f"their tars changed since ({_what_changed(tar_before, tar_now)})")
+    if rows_before and rows_now and rows_before != rows_now:
+        said.append(f"their img2dataset parquets changed since ({_what_changed(rows_before[0], rows_now[0])})")
+    elif rows_before != rows_now:
+        said.append("their img2dataset parquets " + ("appeared since" if rows_now else "are gone since"))
+    return said
+
+
+def _what_changed(before: str, now: str) -> str:
+    """Which of a file's size, ETag and mtime differ, from two ShardFingerprint tokens (`size-etag-mtime`)."""
+    def fields(token: str) -> dict:
+        size, _, rest = token.partition("-")
+        etag, _, mtime = rest.rpartition("-")
+        return {"size": size, "ETag": etag, "mtime": mtime}
+
+    old, new = fields(before), fields(now)
+    return "/".join(name for name in old if old[name] != new[name]) or "size/mtime"
+
+
+def _changed(name: str, old, new) -> str:
+    def said(value) -> str:
+        if isinstance(value, list):
+            return ",".join(map(str, value))
+        if isinstance(value, str) and value.startswith(storage.CONTENT_IDENTITY_PREFIX):
+            return value[:len(storage.CONTENT_IDENTITY_PREFIX) + 12] + "..."  # a checkpoint's hash: its first digits
+        return str(value)
+
+    return f"{name}={said(old)} (now {said(new)})"
+
+
 def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_view: bool = True,
-                    claim_run: Optional[str] = None) -> Optional[dict]:
+                    claim_run: Optional[str] = None,
+                    made_otherwise: Callable[[dict], None] = lambda meta: None) -> Optional[dict]:
     """The footer metadata of a complete output made with the same cache key, else None (missing, cut short, its
     footer unreadable, or made from other inputs): such an output is recomputed, never reported as cached; a readable
     parquet there that wdsembed did not write raises output.ForeignOutputError, and is never overwritten. Only the
     footer is read, but where the kNN view must be rebuilt from the table and the table turns out damaged, the
     output is not finished either (a warning names it). `repair_view=False` only reads (the pre-flight's question),
     writing no missing kNN view. A view is rebuilt only while OUTPUT's claim is still run `claim_run`'s (a task's;
-    None: the planning's, in the process that holds it), else OutputClaimLostError (outputclaim.check_still_held)."""
+    None: the planning's, in the process that holds it), else OutputClaimLostError (outputclaim.check_still_held).
+    `made_otherwise` is called with the footer metadata of an output of ours made under another key (why_recomputed
+    says why, from the footer already read)."""
     fs, path = storage.filesystem(plan.output, config.storage_options)
     meta = output.read_output_metadata(path, fs, refuse_foreign=True)
+    if meta is not None and meta.get("cache_key") != key:
+        made_otherwise(meta)
     if meta and meta.get("cache_key") == key:
         if repair_view and config.knn_view:
             # a deleted or stale view is rebuilt from the table, not re-embedded
@@ -471,9 +549,10 @@ class TarRead:
 
 def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: ShardResult,
                  check: Callable[[], None] = lambda: None, *, claim_run: Optional[str] = None) -> None:
-    """OUTPUT/<stem>.parquet and its kNN view (with `config.knn_view`), whole or not at all, with the cache key and
-    the result in the table's footer. `check` (the table's validation) runs while both are written; where it
-    raises, neither appears and its error is raised. Likewise where OUTPUT's claim is no longer run `claim_run`'s
+    """OUTPUT/<stem>.parquet and its kNN view (with `config.knn_view`), whole or not at all, with the cache key, its
+    parts in readable form (a later run with another key says what changed: why_recomputed) and the result in the
+    table's footer. `check` (the table's validation) runs while both are written; where it raises, neither appears
+    and its error is raised. Likewise where OUTPUT's claim is no longer run `claim_run`'s
     (outputclaim.check_still_held, asked once, just before the first file appears; None: not asked). Without a
     view, the view an earlier run wrote for this shard is removed before the table appears, once the check has
     passed and the claim is still this run's: it holds the embeddings this table replaces."""
@@ -502,8 +581,8 @@ def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: 
                                 before_commit=before_first_change) if config.knn_view
                     else pool.submit(remove_view))
             output.write_parquet_atomic(
-                table, path, fs, metadata={"cache_key": key, "normalized": config.normalize_embeddings,
-                                           "result": stored},
+                table, path, fs, metadata={"cache_key": key, "cache_key_parts": cache_key_parts(config, plan),
+                                           "normalized": config.normalize_embeddings, "result": stored},
                 before_commit=lambda: (checked.result(), view.result(), faults.maybe_inject(plan.stem, "commit")),
             )
         if config.knn_view:
