@@ -178,6 +178,36 @@ def test_summary_title_counts_the_failed_shards_too(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0].strip() == "1 shard(s): 1 computed, 0 cached"  # none failed
 
 
+def test_the_summaries_list_this_runs_shards_and_say_what_output_holds_beside_them(tmp_path, capsys):
+    """A run that names some of OUTPUT's shards keeps the others' entries in its manifest (EARLIER_RUN); its
+    summaries still list and count its own shards, the failed ones included, and say in one line what OUTPUT holds
+    besides. An earlier run's warnings were said by that run, not again."""
+    from wdsembed.cli import print_summary
+
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+    first = report.build_manifest(config, [shard(f"{i:05d}") | {"warnings": ["damaged"] * (i == 3)}
+                                           for i in range(4)], {}, 100.0)
+    report.write_manifest(config, first)
+    for i in range(4):
+        (tmp_path / "out" / f"{i:05d}.parquet").touch()
+    previous = report.earlier_shards(config, {"00000", "00001"})
+    failures = {"00001": "MalformedShardError: 00001.tar: not a tar file"}
+    manifest = report.build_manifest(config, [shard("00000", cached=True)], failures, 1.0, None, previous) \
+        | {"path": "m.json"}
+    assert {s: e["status"] for s, e in manifest["shards"].items()} == {
+        "00000": "cached", "00002": report.EARLIER_RUN, "00003": report.EARLIER_RUN}
+    assert list(report.this_run_shards(manifest)) == ["00000"]
+
+    print_summary(manifest)
+    said = capsys.readouterr().out
+    assert "2 shard(s): 0 computed, 1 cached, 1 failed" in said and "00002" not in said and "damaged" not in said
+    line = "output holds 3 finished shard(s), 150 of 156 rows embedded: 2 of them from earlier runs"
+    assert line in " ".join(said.split()), said
+    text = report.markdown_summary(manifest, report.shard_rows([shard("00000", cached=True)], failures, manifest))
+    assert f"- {line}" in text and "00002" not in text and "damaged" not in text, text
+
+
 def test_a_run_where_no_shard_finished_names_its_model_without_nones(tmp_path, capsys):
     """Every shard failed: no shard recorded the model, so the summaries name the model the run was given and say
     why nothing more is known (they used to print "model None (None), None embedding, None dims")."""

@@ -854,3 +854,42 @@ def test_outputs_of_an_earlier_version_without_the_record_say_so_and_stay_finish
     assert _recompute_lines(caplog, _api(autocast=False), data, out) == [
         "2 shard(s) to recompute: their outputs were made by an earlier wdsembed version, which did not record its "
         "settings: 00000, 00001"]
+
+
+def test_a_rerun_naming_some_shards_keeps_the_others_finished_outputs_in_the_manifest(tree, tmp_path):
+    """A run over 00000..00003, then one naming 00000..00001 into the same OUTPUT: its manifest listed those two only,
+    though OUTPUT held four finished outputs of the same model. It keeps the earlier manifest's entries of the
+    shards it does not name whose outputs are still there, marked as an earlier run's (which one); its totals say
+    what it did and what OUTPUT holds. An entry carried on keeps the run that wrote it; a deleted output loses it."""
+    pytest.importorskip("nvidia.dali")
+    from wdsembed.api import TimmImageEmbedder
+    from wdsembed.report import EARLIER_RUN, markdown_summary, shard_rows
+
+    out = tmp_path / "out"
+    embed = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1)
+    embed(f"{tree}/{{00000..00003}}.tar", str(out))
+    first = json.loads((out / "_manifest.json").read_text())
+
+    again = embed(f"{tree}/{{00000..00001}}.tar", str(out))
+    assert all(r.cached for r in again)
+    second = json.loads((out / "_manifest.json").read_text())
+    assert sorted(second["shards"]) == ["00000", "00001", "00002", "00003"]
+    earlier = {"created": first["created"], "input": first["input"]}
+    for stem in ("00002", "00003"):
+        assert second["shards"][stem] == first["shards"][stem] | {"status": EARLIER_RUN, "from_run": earlier}
+    assert [second["shards"][s]["status"] for s in ("00000", "00001")] == ["cached", "cached"]
+    t = second["totals"]
+    assert (t["shards"], t["cached"], t["rows"], t["embedded_this_run"]) == (2, 2, 4, 0)  # this run's
+    assert t["in_output"] == {"shards": 4, EARLIER_RUN: 2, "rows": 8, "embedded": 8, "embedded_rows": 8,
+                              "failed_rows": 0}
+    text = markdown_summary(second, shard_rows([], {}))
+    assert "output holds 4 finished shard(s), 8 of 8 rows embedded: 2 of them from earlier runs" in text
+
+    (out / "00003.parquet").unlink()
+    embed(f"{tree}/00001.tar", str(out), force=True)
+    third = json.loads((out / "_manifest.json").read_text())
+    assert sorted(third["shards"]) == ["00000", "00001", "00002"]  # 00003's output is gone: no entry for it
+    assert third["shards"]["00001"]["status"] == "computed"
+    assert third["shards"]["00002"]["from_run"] == earlier  # the run that wrote it, not the one that carried it
+    assert third["shards"]["00000"]["from_run"] == {"created": second["created"], "input": second["input"]}
+    assert (third["totals"]["shards"], third["totals"]["in_output"]["shards"]) == (1, 3)

@@ -246,7 +246,7 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
         manifest = getattr(exc, "manifest", None)
         if isinstance(manifest, dict):  # some shards failed; the summary lists each reason once, with its shards
             print_summary(manifest)
-            failed, finished = manifest.get("failed_shards") or {}, len(manifest.get("shards") or {})
+            failed, finished = manifest.get("failed_shards") or {}, len(report.this_run_shards(manifest))
             if not failed:  # every shard written, but the run failed as a whole: its fidelity check, or its manifest
                 print(f"\nrun failed: {exc}", file=sys.stderr)
                 if isinstance(exc, ManifestNotWritten):  # the same command writes it
@@ -348,9 +348,10 @@ def print_summary(manifest: dict) -> None:
                   caption="images/s: embedding only (model loading and writing excluded)")
     for name in ("shard", "rows", "embedded", "failed", "status", "images/s"):
         table.add_column(name, justify="right" if name not in ("shard", "status") else "left")
-    stems = sorted({**manifest["shards"], **failed})
+    shards = report.this_run_shards(manifest)  # not those kept from earlier runs: said in one line below
+    stems = sorted({**shards, **failed})
     for stem in stems[:report.SUMMARY_ROWS]:
-        s = manifest["shards"].get(stem)
+        s = shards.get(stem)
         if s is None:
             table.add_row(stem, "-", "-", "-", f"FAILED{cause_of.get(stem, '')}", "-")
             continue
@@ -377,13 +378,14 @@ def print_summary(manifest: dict) -> None:
         f"model {describe_model(manifest)} | {t['embedded_rows']} of {t['rows']} rows embedded | {this_run}",
         soft_wrap=True,  # one line, as the terminal wraps it, not cut where rich would
     )
-    warned = report.warning_causes(manifest["shards"])
+    warned = report.warning_causes(shards)
     for cause in warned[:report.SUMMARY_CAUSES]:
         console.print(f"warning: {report.describe_warning(cause)}", markup=False, highlight=False, soft_wrap=True)
     if len(warned) > report.SUMMARY_CAUSES:
         console.print(f"warning: {report.more_causes(warned)}: every shard's warnings are in {everywhere}",
                       markup=False, highlight=False, soft_wrap=True)
-    for line in (fidelity.describe(manifest.get("fidelity")), describe_gpu_use(manifest)):
+    for line in (report.describe_earlier_runs(manifest), fidelity.describe(manifest.get("fidelity")),
+                 describe_gpu_use(manifest)):
         if line:
             console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(f"output: {manifest['output']}  (manifest: {written or 'not written'})", markup=False)

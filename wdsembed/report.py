@@ -60,14 +60,11 @@ def embedding_seconds(result: dict) -> Optional[float]:
     return end - start
 
 
-def shard_figures(config: EmbedConfig, results: list[dict], previous: Optional[dict] = None) -> dict[str, dict]:
+def shard_figures(results: list[dict], previous: dict) -> dict[str, dict]:
     """Per shard: seconds (the whole task, the first shard of a worker including its model load), embed_seconds
     and images_per_second (embedded images over embed_seconds), timeline. A cached shard did no work in this run:
     it keeps the figures of the run that computed it, from the previous manifest's shards (`previous`, as
-    retire_manifest gave them; None: read from OUTPUT now) when its cache key matches there, else null (unknown),
-    never 0."""
-    if previous is None:
-        previous = _previous_shards(config) if any(r.get("cached") for r in results) else {}
+    earlier_shards gave them) when its cache key matches there, else null (unknown), never 0."""
     figures = {}
     for r in results:
         before = previous.get(r["stem"]) or {}
@@ -87,26 +84,53 @@ def shard_figures(config: EmbedConfig, results: list[dict], previous: Optional[d
     return figures
 
 
+# A manifest's status for a shard this run did not name, whose output an earlier run wrote and OUTPUT still holds.
+EARLIER_RUN = "earlier_run"
+
+
 def retire_manifest(config: EmbedConfig, plans: Iterable, finished: Collection[str]) -> dict:
-    """The shards of the manifest OUTPUT holds from an earlier run ({} where none can be read), for build_manifest.
-    A run that will write any shard (a plan whose stem is not `finished`, or any with force) removes that manifest
-    here, holding OUTPUT's claim and before its first write, and writes its own at its end: a run that dies between
-    leaves no manifest, as a first run killed does, never one that describes outputs it has since replaced. A run
-    that writes no shard keeps it until its own replaces it."""
-    previous = _previous_shards(config)
+    """The shards of the manifest OUTPUT holds from an earlier run, as earlier_shards gives them, for
+    build_manifest. A run that will write any shard (a plan whose stem is not `finished`, or any with force)
+    removes that manifest here, holding OUTPUT's claim and before its first write, and writes its own at its end: a
+    run that dies between leaves no manifest, as a first run killed does, never one that describes outputs it has
+    since replaced. A run that writes no shard keeps it until its own replaces it."""
+    previous = earlier_shards(config, {plan.stem for plan in plans})
     if config.force or any(plan.stem not in finished for plan in plans):
         fs, root = storage.filesystem(config.output, config.storage_options)
         output.remove_manifest(root, fs)
     return previous
 
 
-def _previous_shards(config: EmbedConfig) -> dict:
-    """The shards of the manifest this output holds from an earlier run (best effort: none if unreadable)."""
+def earlier_shards(config: EmbedConfig, named: Collection[str]) -> dict:
+    """The shards of the manifest OUTPUT holds from an earlier run ({} where none can be read): those this run
+    names as that manifest has them (the figures of those cached now: shard_figures), and of the others those
+    whose output OUTPUT still holds, marked EARLIER_RUN with the run that described them (`from_run`: its
+    manifest's creation and input; the first such run's, for an entry carried on from manifest to manifest), which
+    the new manifest keeps. Those outputs are finished and of this run's settings: the planning refused a run
+    beside outputs of shards it does not name made otherwise (plan.check_outputs_beside), and a run that writes
+    any shard removes the manifest before its first write (retire_manifest), so a manifest there still describes
+    them. One listing of OUTPUT, only where the manifest has shards this run does not name."""
     try:
         fs, root = storage.filesystem(config.output, config.storage_options)
-        return (output.read_manifest(root, fs) or {}).get("shards") or {}
-    except Exception:  # noqa: BLE001 - a missing or damaged old manifest only means no figures to carry over
+        before = output.read_manifest(root, fs) or {}
+        shards = before.get("shards") or {}
+        others = [stem for stem in shards if stem not in named]
+        held = _outputs_held(fs, root) if others else set()
+    except Exception:  # noqa: BLE001 - a missing or damaged old manifest only means no figures or entries to keep
         return {}
+    run = {"created": before.get("created"), "input": before.get("input")}
+    kept = {stem: shards[stem] | {"status": EARLIER_RUN, "from_run": shards[stem].get("from_run") or run}
+            for stem in others if f"{stem}.parquet" in held}
+    return {stem: entry for stem, entry in shards.items() if stem in named} | kept
+
+
+def _outputs_held(fs, root: str) -> set[str]:
+    """The shards' output tables under OUTPUT, as paths relative to it (00000.parquet, train/00001.parquet)."""
+    prefix = root.rstrip("/") + "/"
+    try:
+        return {path[len(prefix):] for path in fs.find(root, withdirs=False) if path.startswith(prefix)}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
 
 
 # The embedding span, per worker, below which the summaries leave the GPU use unsaid: on a shorter one, a worker's
@@ -195,21 +219,33 @@ def describe_gpu_use(manifest: dict) -> Optional[str]:
                    "--workers-per-gpu 2)")
 
 
-def totals(results: list[dict], wall_seconds: float) -> dict:
+def totals(results: list[dict], wall_seconds: float, kept: Optional[dict] = None) -> dict:
+    """This run's shards: those it computed or found finished (`shards`, `computed`, `cached`), their rows and
+    images, and what it embedded; `in_output`: what OUTPUT holds after it, those shards and the ones `kept` from
+    earlier runs (EARLIER_RUN)."""
     computed = [r for r in results if not r.get("cached")]
     embedded_now = sum(r["embedded"] for r in computed)
     return {
         "shards": len(results),
         "computed": len(computed),
         "cached": len(results) - len(computed),
-        "rows": sum(r["rows"] for r in results),
-        "embedded": sum(r["embedded"] for r in results),  # images; a key the parquet repeats is one image, not two
-        "embedded_rows": sum(embedded_rows(r) for r in results),  # rows = embedded_rows + failed_rows
-        "failed_rows": sum(r["failed"] for r in results),
+        **counts(results),
         "shards_with_warnings": sum(1 for r in results if r.get("warnings")),
         "embedded_this_run": embedded_now,
         "wall_seconds": round(wall_seconds, 2),
         "images_per_second": round(embedded_now / wall_seconds, 1) if wall_seconds > 0 else 0.0,
+        "in_output": {"shards": len(results) + len(kept or {}), EARLIER_RUN: len(kept or {}),
+                      **counts([*results, *(kept or {}).values()])},
+    }
+
+
+def counts(shards: list[dict]) -> dict:
+    """The rows of finished shards (results or manifest entries), and their images embedded."""
+    return {
+        "rows": sum(r["rows"] for r in shards),
+        "embedded": sum(r["embedded"] for r in shards),  # images; a key the parquet repeats is one image, not two
+        "embedded_rows": sum(embedded_rows(r) for r in shards),  # rows = embedded_rows + failed_rows
+        "failed_rows": sum(r["failed"] for r in shards),
     }
 
 
@@ -218,9 +254,25 @@ def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str,
     """The run's manifest. `timeline`: the run's own steps as epoch seconds (start, planned, first_started: the
     first task let to start alone, submitted, collected: the last shard's result back), to which the report's start
     is added; with each shard's own timeline, it shows where a run spends the time outside its shards. `previous`:
-    the earlier manifest's shards, as retire_manifest gave them (shard_figures)."""
+    the earlier manifest's shards, as retire_manifest gave them (None: read from OUTPUT now): the figures of the
+    shards cached now (shard_figures), and the entries of the shards this run does not name whose outputs OUTPUT
+    still holds, kept as they were, marked EARLIER_RUN: the manifest describes every output in OUTPUT. Its size stays
+    that of one entry per shard: a kept entry is the earlier one, never a history of them."""
+    named = {r["stem"] for r in results} | set(failures)
+    if previous is None:
+        previous = earlier_shards(config, named)
+    kept = {stem: entry for stem, entry in previous.items()
+            if stem not in named and entry.get("status") == EARLIER_RUN}
     model = next((r.get("model") for r in results if r.get("model")), None)
-    figures = shard_figures(config, results, previous)
+    figures = shard_figures(results, previous)
+    shards = {
+        r["stem"]: {k: r.get(k) for k in ("output", "rows", "samples", "embedded", "failed", "cache_key",
+                                          "batch_size")}
+        | figures[r["stem"]]
+        | {"warnings": r.get("warnings") or []}
+        | {"status": "cached" if r.get("cached") else "computed"}
+        for r in results
+    }
     return {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "input": config.input,
@@ -229,21 +281,20 @@ def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str,
         "config": config.model_dump(exclude={"storage_options"}),
         "model": model,
         "versions": package_versions() | {"wdsembed-code": code_version()},
-        "totals": totals(results, wall_seconds),
-        "shards": {
-            r["stem"]: {k: r.get(k) for k in ("output", "rows", "samples", "embedded", "failed", "cache_key",
-                                              "batch_size")}
-            | figures[r["stem"]]
-            | {"warnings": r.get("warnings") or []}
-            | {"status": "cached" if r.get("cached") else "computed"}
-            for r in results
-        },
+        "totals": totals(results, wall_seconds, kept),
+        "shards": shards | kept,
         "failed_shards": failures,
         # Cached shards count with the cosines stored in their outputs, against this run's threshold.
         "fidelity": fidelity.summarize(config, results),
         "gpu_use": gpu_use(results),
         "timeline": {**(timeline or {}), "report": time.time()},
     }
+
+
+def this_run_shards(manifest: dict) -> dict[str, dict]:
+    """The manifest's shards that its run named and finished (computed or cached), without those kept from
+    earlier runs (EARLIER_RUN): what its summaries list."""
+    return {stem: s for stem, s in (manifest.get("shards") or {}).items() if s.get("status") != EARLIER_RUN}
 
 
 class ManifestNotWritten(OSError):
@@ -283,6 +334,17 @@ def with_manifest_failure(failures: dict[str, str], error: ManifestNotWritten) -
     return failures | {output.MANIFEST_NAME: str(error)}
 
 
+def describe_earlier_runs(manifest: dict) -> Optional[str]:
+    """One line on the finished outputs OUTPUT holds beyond this run's shards, those of earlier runs that this one
+    did not name (the manifest keeps their entries); None where there are none."""
+    held = (manifest.get("totals") or {}).get("in_output") or {}
+    if not held.get(EARLIER_RUN):
+        return None
+    return (f"output holds {held['shards']:,} finished shard(s), {held['embedded_rows']:,} of {held['rows']:,} rows "
+            f"embedded: {held[EARLIER_RUN]:,} of them from earlier runs, which this run did not name (in the manifest "
+            f"as {EARLIER_RUN})")
+
+
 def describe_model(manifest: dict, code: str = "") -> str:
     """The model as the finished shards recorded it; where none finished, the name the run was given and that no
     shard says more (rather than a line of Nones). `code` wraps the name (the markdown summary's backquote)."""
@@ -307,7 +369,8 @@ def markdown_summary(manifest: dict, rows: list[dict]) -> str:
         "overall; the table's images/s count embedding time only, without model loading)",
         f"- output: `{manifest['output']}`",
     ]
-    for line in (fidelity.describe(manifest.get("fidelity")), describe_gpu_use(manifest)):
+    for line in (describe_earlier_runs(manifest), fidelity.describe(manifest.get("fidelity")),
+                 describe_gpu_use(manifest)):
         if line:
             lines.append(f"- {line}")
     everywhere = "the `shards` table artifact and `_manifest.json`"
@@ -318,7 +381,7 @@ def markdown_summary(manifest: dict, rows: list[dict]) -> str:
                   for c in causes[:SUMMARY_CAUSES]]
         if len(causes) > SUMMARY_CAUSES:
             lines.append(f"- {more_causes(causes)}: every shard's reason is in {everywhere}")
-    warned = warning_causes(manifest["shards"])
+    warned = warning_causes(this_run_shards(manifest))
     if warned:
         lines += ["", "### Shards with warnings (output written)", ""]
         lines += [f"- {describe_warning(c, '`')}" for c in warned[:SUMMARY_CAUSES]]
