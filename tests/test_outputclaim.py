@@ -207,6 +207,45 @@ def test_the_claim_is_released_after_success_failure_and_ctrl_c(tmp_path):
     assert not (tmp_path / "out3" / CLAIM_NAME).exists()
 
 
+def test_a_claim_that_cannot_be_removed_says_when_the_next_run_takes_it_over(tmp_path):
+    """OUTPUT made read-only while a run holds it: the claim cannot be removed as the run ends. Its warning said the
+    next run takes it over once its heartbeat is 180 s old, where on this host the next run takes it over at once,
+    its process gone; it now says both, and that it takes a folder the next run can write. Run in a process without
+    root's permission override, as any user's."""
+    from conftest import CANNOT_DROP_OVERRIDE, without_file_permission_override
+
+    out = tmp_path / "out"
+    config = _config(tmp_path / "in", out)
+    child = ("import logging, os; from wdsembed import outputclaim; from wdsembed.config import EmbedConfig; "
+             "logging.basicConfig(level=logging.WARNING, format='%(message)s'); "
+             f"c = EmbedConfig.model_validate_json({config.model_dump_json()!r}); claim = outputclaim.take(c); "
+             f"os.chmod({str(out)!r}, 0o555); claim.release(); print(os.getpid())")
+    try:
+        done = subprocess.run([sys.executable, "-c", child], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              capture_output=True, text=True, timeout=120,
+                              preexec_fn=without_file_permission_override if os.geteuid() == 0 else None)
+    finally:
+        if out.exists():
+            os.chmod(out, 0o755)
+    if done.returncode == CANNOT_DROP_OVERRIDE:
+        pytest.skip("cannot drop root's permission override here")
+    assert done.returncode == 0, done.stderr[-3000:]
+    pid = int(done.stdout)
+    assert _claim(out)["pid"] == pid
+    said = " ".join(done.stderr.split())
+    assert (f"could not remove this run's claim {CLAIM_NAME} (PermissionError: [Errno 13] Permission denied: "
+            f"'{out / CLAIM_NAME}'); the next run takes it over once it can write to the output: on this host at "
+            f"once after this process (pid {pid}) has ended, from another host or from this process once the "
+            "claim's heartbeat is 180 s old") in said, said
+
+    claim = outputclaim.take(config)  # at once: the folder writable again, the process gone, on this host
+    try:
+        assert claim.took_over.endswith(f"its process (pid {pid} on this host) is gone"), claim.took_over
+    finally:
+        claim.release()
+    assert not (out / CLAIM_NAME).exists()
+
+
 # --------------------------------------------------------------------------------------------------- workers
 
 

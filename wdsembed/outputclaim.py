@@ -544,8 +544,12 @@ class Claim:
             try:
                 self.store.release(self.token, self.run)
             except Exception as exc:  # noqa: BLE001
+                # The rule of stale_reason: a claim of this host is stale once its process is gone; one of another
+                # host, or of a process still running (a notebook's run_shards), once its heartbeat is old.
                 log.warning("output %s: could not remove this run's claim %s (%s: %s); the next run takes it over "
-                            "once its heartbeat is %.0f s old", self.output, CLAIM_NAME, type(exc).__name__, exc,
+                            "once it can write to the output: on this host at once after this process (pid %s) "
+                            "has ended, from another host or from this process once the claim's heartbeat is %.0f "
+                            "s old", self.output, CLAIM_NAME, type(exc).__name__, exc, self.record.get("pid"),
                             STALE_S)
 
 
