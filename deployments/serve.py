@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -88,7 +90,26 @@ def refuse_pool_deployments(deployments: list[RunnerDeployment]) -> None:
         sys.exit(2)
 
 
+def stop_on_ctrl_c_as_on_sigterm() -> None:
+    """Ctrl-C stops serving as SIGTERM does: Prefect's runner then cancels the flow run in flight (state Cancelled,
+    its Dask workers stopped, its claim on OUTPUT released) before it exits. Left to themselves, the terminal's
+    SIGINT would reach the flow-run process and its Dask workers too (one process group), and serve's own
+    KeyboardInterrupt would end it before they did: the run left Running for good, holding the deployment's
+    concurrency slot and OUTPUT's claim. So SIGINT is blocked, in this process and in every process it starts (they
+    inherit the mask), and one thread here waits for it and sends this process SIGTERM (again at a second Ctrl-C,
+    which makes the runner exit at once)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # threads and processes started after this inherit it
+
+    def forward() -> None:
+        while True:
+            signal.sigwait({signal.SIGINT})
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=forward, name="ctrl-c-as-sigterm", daemon=True).start()
+
+
 if __name__ == "__main__":
+    stop_on_ctrl_c_as_on_sigterm()  # first: before any thread starts
     os.chdir(ROOT)  # flow runs load the entrypoint relative to the project folder
     prefect_env.set_defaults()  # the flow runs are subprocesses of this one: they inherit its environment
     deployments = to_deployments(deployment_specs())

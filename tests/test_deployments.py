@@ -298,3 +298,117 @@ def test_deployed_flow_refuses_an_unusable_config_before_starting_a_cluster(tmp_
         flows.deployed.embed.fn(config)
     with pytest.raises(InputError, match="unknown timm model"):
         flows.deployed.embed.fn(config.model_copy(update={"input": str(tmp_path), "model_name": "resnet5O"}))
+
+
+def _serve(server: Server, log: Path, **env: str) -> subprocess.Popen:
+    """deployments/serve.py in a session of its own (its flow runs and their Dask workers join it), once it has
+    registered the deployments."""
+    for name in SPECS:  # `prefect deploy`'s, to a work pool, would make serve.py refuse
+        if d := deployment(server, name):
+            api(server, "DELETE", f"/deployments/{d['id']}").raise_for_status()
+    with open(log, "w") as out:
+        serving = subprocess.Popen([sys.executable, str(ROOT / "deployments/serve.py")], cwd=server.home,
+                                   env={**server.env, **env}, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not ((d := deployment(server, "on-demand")) and d["work_pool_name"] is None and not d["paused"]):
+        if serving.poll() is not None or time.monotonic() > deadline:
+            _stop(serving)
+            pytest.fail(f"serve.py did not register its deployments:\n{_tail(log)}")
+        time.sleep(1)
+    return serving
+
+
+def _group_left(pgid: int, expected: int, settle_s: float = 15) -> list[str]:
+    """The command lines of the processes still running in process group `pgid`, once no more than `expected` are,
+    or those that are ending have had `settle_s` seconds to (zombies, ended and waiting for their parent, are not
+    counted)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        left = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and os.getpgid(int(proc.name)) == pgid and \
+                        (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    left.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except (ProcessLookupError, OSError, IndexError):
+                continue
+        if len(left) <= expected or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+def _final_state(server: Server, run_id: str, log: Path, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while (state := api(server, "GET", f"/flow_runs/{run_id}").json()["state"])["type"] in (
+            "SCHEDULED", "PENDING", "RUNNING", "CANCELLING"):
+        if time.monotonic() > deadline:
+            pytest.fail(f"flow run still {state['type']} after {timeout:.0f} s:\n{_tail(log)}")
+        time.sleep(1)
+    return state
+
+
+@pytest.mark.slow
+def test_a_served_run_cancelled_or_stopped_with_serve_releases_everything_and_resumes(server: Server):
+    """A served run cancelled from the UI (`prefect flow-run cancel`), or stopped by Ctrl-C on serve.py, ends
+    Cancelled with its Dask workers gone, OUTPUT's claim released and only whole outputs; the next run resumes."""
+    out = server.home / "cancelled-output"
+    config = dict(input=str(server.data), output=str(out), **RUN_CONFIG)
+    hold = server.home / "hold.json"  # shard 00001 held on its worker, so each run is stopped mid-run
+    hold.write_text(json.dumps({"00001": {"fail_attempts": 0, "hold_s": 120}}))
+    held = Path(f"{hold}.00001.attempts")
+    log = server.home / "serve-cancel.log"
+    serving = _serve(server, log, WDSEMBED_FAULTS=str(hold))
+
+    def held_run() -> str:
+        held.unlink(missing_ok=True)
+        d = deployment(server, "on-demand")
+        run = api(server, "POST", f"/deployments/{d['id']}/create_flow_run", json={"parameters": {"config": config}})
+        run.raise_for_status()
+        deadline = time.monotonic() + 180
+        while not held.exists():
+            if serving.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the run did not reach shard 00001:\n{_tail(log)}")
+            time.sleep(0.2)
+        assert (out / "_claim.json").exists()
+        return run.json()["id"]
+
+    def left_whole_and_free(state: dict) -> None:
+        assert state["type"] == "CANCELLED", f"{state['type']}: {state['message']}\n{_tail(log)}"
+        assert not (out / "_claim.json").exists(), (out / "_claim.json").read_text()  # the next run starts at once
+        assert sorted(p.name for p in out.glob("*.parquet")) == ["00000.parquet"]  # 00001 was held: not written
+        assert not [p for p in out.rglob(".*") if "tmp" in p.name]
+        assert pq.read_table(out / "00000.parquet").num_rows == 8
+
+    try:
+        # From the UI (its Cancel button sets the same state): the runner stops the flow-run process.
+        cancelled = held_run()
+        prefect(server, "flow-run", "cancel", cancelled)
+        left_whole_and_free(_final_state(server, cancelled, log))
+        assert len(left := _group_left(serving.pid, 1)) == 1, left  # serve.py alone: no flow-run process, Dask worker
+        assert serving.poll() is None
+
+        # Ctrl-C in serve.py's terminal reaches its whole process group: it stops as on SIGTERM, cancelling the run.
+        stopped = held_run()
+        os.killpg(serving.pid, signal.SIGINT)
+        serving.wait(timeout=90)
+        left_whole_and_free(_final_state(server, stopped, log))
+        assert _group_left(serving.pid, 0) == []  # no flow-run process, Dask worker or resource tracker left
+    finally:
+        _stop(serving)
+
+    # Served again, the same run resumes: 00000 comes back cached, the held shard is computed.
+    hold.write_text("{}")
+    serving = _serve(server, log)
+    try:
+        d = deployment(server, "on-demand")
+        run = api(server, "POST", f"/deployments/{d['id']}/create_flow_run", json={"parameters": {"config": config}})
+        state = _final_state(server, run.json()["id"], log, timeout=240)
+        assert state["type"] == "COMPLETED", f"{state['type']}: {state['message']}\n{_tail(log)}"
+    finally:
+        _stop(serving)
+        for name in SPECS:
+            if d := deployment(server, name):
+                api(server, "DELETE", f"/deployments/{d['id']}")
+    shards = json.loads((out / "_manifest.json").read_text())["shards"]
+    assert {stem: s["status"] for stem, s in shards.items()} == {"00000": "cached", "00001": "computed"}, shards
