@@ -7,13 +7,41 @@ one, then runs `embed-shards` as a subflow with the runner that config asks for 
 from __future__ import annotations
 
 from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterState,
+    TaskRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.states import Crashed
 
 from flows.embed import run
 from wdsembed.config import EmbedConfig
 from wdsembed.plan import check_config
 
+_NOT_ENDED = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING]
 
-@flow(name="wdsembed", log_prints=True)
+
+def crash_what_it_left_running(flow, flow_run, state) -> None:
+    """on_crashed: mark the crashed run's `embed-shards` subflow and task runs Crashed too. A flow-run process killed
+    outright (the OOM killer, `kill -9`) reports nothing; the worker or serve.py marks the run itself Crashed and runs
+    this hook, in its own process, but what ran inside it would otherwise stay Running in the UI for good."""
+    message = f"its flow run {flow_run.name} crashed: {state.message}"[:2000]
+    with get_client(sync_client=True) as client:
+        subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run.id])))
+        for subflow in subflows:
+            if subflow.state is not None and not subflow.state.is_final():
+                client.set_flow_run_state(subflow.id, Crashed(message=message), force=True)
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id, *(s.id for s in subflows)])),
+            task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=_NOT_ENDED))),
+        )
+        for task_run in task_runs:
+            client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+
+
+@flow(name="wdsembed", log_prints=True, on_crashed=[crash_what_it_left_running])
 def embed(config: EmbedConfig) -> dict:
     """Embed the WebDataset shards under `config.input` into one parquet per shard under `config.output`.
     Shards whose finished output exists are not recomputed (they come back cached)."""

@@ -412,3 +412,61 @@ def test_a_served_run_cancelled_or_stopped_with_serve_releases_everything_and_re
                 api(server, "DELETE", f"/deployments/{d['id']}")
     shards = json.loads((out / "_manifest.json").read_text())["shards"]
     assert {stem: s["status"] for stem, s in shards.items()} == {"00000": "cached", "00001": "computed"}, shards
+
+
+@pytest.mark.slow
+def test_a_served_run_killed_outright_ends_crashed_whole_and_the_next_run_takes_its_claim_over(server: Server):
+    """A flow-run process killed outright (SIGKILL: the OOM killer, `kill -9`) reports nothing: the run, its subflow
+    and its task runs end Crashed all the same, and the next run takes its claim on OUTPUT over, saying so."""
+    out = server.home / "killed-output"
+    config = dict(input=str(server.data), output=str(out), **RUN_CONFIG)
+    hold = server.home / "hold-kill.json"
+    hold.write_text(json.dumps({"00001": {"fail_attempts": 0, "hold_s": 120}}))
+    held = Path(f"{hold}.00001.attempts")
+    log = server.home / "serve-kill.log"
+    serving = _serve(server, log, WDSEMBED_FAULTS=str(hold))
+    try:
+        d = deployment(server, "on-demand")
+        killed = api(server, "POST", f"/deployments/{d['id']}/create_flow_run",
+                     json={"parameters": {"config": config}}).json()["id"]
+        deadline = time.monotonic() + 180
+        while not held.exists():
+            assert serving.poll() is None and time.monotonic() < deadline, _tail(log)
+            time.sleep(0.2)
+        claim = json.loads((out / "_claim.json").read_text())
+        os.kill(claim["pid"], signal.SIGKILL)  # the flow-run process, which holds the claim
+        state = _final_state(server, killed, log)
+        assert state["type"] == "CRASHED", f"{state['type']}: {state['message']}\n{_tail(log)}"
+        subflows = api(server, "POST", "/flow_runs/filter", json={
+            "flow_runs": {"parent_flow_run_id": {"any_": [killed]}}}).json()
+        assert subflows  # embed-shards ran
+        task_runs = api(server, "POST", "/task_runs/filter", json={
+            "flow_runs": {"id": {"any_": [killed, *(s["id"] for s in subflows)]}}}).json()
+        deadline = time.monotonic() + 30  # the hook runs as the run is marked Crashed: give it its moment
+        while (running := [(r["name"], r["state"]["type"]) for r in subflows + task_runs
+                           if r["state"]["type"] not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")]):
+            if time.monotonic() > deadline:
+                pytest.fail(f"still {running} after the run crashed:\n{_tail(log)}")
+            time.sleep(1)
+            subflows = api(server, "POST", "/flow_runs/filter", json={
+                "flow_runs": {"parent_flow_run_id": {"any_": [killed]}}}).json()
+            task_runs = api(server, "POST", "/task_runs/filter", json={
+                "flow_runs": {"id": {"any_": [killed, *(s["id"] for s in subflows)]}}}).json()
+        assert (out / "_claim.json").exists()  # nothing could remove it
+        assert sorted(p.name for p in out.glob("*.parquet")) == ["00000.parquet"]
+
+        # The next run starts at once on the same host, taking over the dead run's claim, with a line that says so.
+        hold.write_text("{}")
+        again = api(server, "POST", f"/deployments/{d['id']}/create_flow_run",
+                    json={"parameters": {"config": config}}).json()["id"]
+        state = _final_state(server, again, log, timeout=240)
+        assert state["type"] == "COMPLETED", f"{state['type']}: {state['message']}\n{_tail(log)}"
+        said = " ".join(_tail(log, 100_000).split())
+        assert (f"took over the claim of run {claim['run']} (pid {claim['pid']} on host {claim['host']}" in said
+                and f"its process (pid {claim['pid']} on this host) is gone" in said), said[-3000:]
+        assert not (out / "_claim.json").exists()
+    finally:
+        _stop(serving)
+        for name in SPECS:
+            if d := deployment(server, name):
+                api(server, "DELETE", f"/deployments/{d['id']}")
