@@ -962,25 +962,13 @@ def test_sigterm_mid_run_ends_as_ctrl_c_does(to, tmp_path):
     OUTPUT left behind (another host waited 3 minutes to take it over). Now it ends as on Ctrl-C: its claim
     released, no process of the run left, one line saying how to go on, exit 143; the same command then finishes
     the rest without recomputing a finished shard."""
-    import json
-
     import psutil
 
-    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
-
-    data, out = tmp_path / "in", tmp_path / "out"
-    for s in range(12):
-        write_shard(data, f"{s:05d}", from_encoded(synthetic_images(16, seed=s, formats=("jpeg",))), seed=s)
-    command = [sys.executable, str(ROOT / "flows/embed.py"), str(data), "-o", str(out), "--model", TINY_MODEL,
-               "--no-pretrained", "--device", "cpu", "--n-workers", "1", "--num-threads", "1", "--batch-size", "1",
-               "--fidelity-sample", "0"]
+    command, out = _a_run_to_stop(tmp_path)
     proc = subprocess.Popen(command, cwd=tmp_path, env=_command_env(tmp_path), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while proc.poll() is None and not list(out.glob("0*.parquet")) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert proc.poll() is None, "the run ended before it could be stopped"
+        _wait_for_a_finished_shard(proc, out)
         started = psutil.Process(proc.pid).children(recursive=True)
         interrupted = time.monotonic()
         if to == "command":
@@ -992,11 +980,107 @@ def test_sigterm_mid_run_ends_as_ctrl_c_does(to, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     _ended_on_ctrl_c(proc, stdout, stderr, out, interrupted, code=128 + signal.SIGTERM, by=" by SIGTERM")
+    _left_nothing_and_goes_on(command, tmp_path, out, started)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("output", ["terminal", "pipes"])
+def test_hangup_mid_run_ends_as_sigterm_does(output, tmp_path):
+    """SIGHUP mid-run, as an ssh session that drops or a terminal window that closes sends it to the command's
+    process group (started without nohup or tmux), its output gone: writing to its terminal fails from then on
+    (EIO), as it does to a pipe whose reader is gone (EPIPE). It killed the command on the spot, the claim on OUTPUT
+    left behind (another host waited 3 minutes to take it over). Now it ends as on SIGTERM: claim released, no
+    process of the run left, exit 129, though the progress bar and the closing line have nowhere to go. Where stderr
+    still goes somewhere (a file, stdout a closed pipe), the closing line is there, without a traceback (the
+    progress bar's console ended the process with exit 1 on its closed pipe, rich's own way), and without the
+    warning and tracebacks of a resource tracker that the hangup had killed. The same command then finishes the rest
+    without recomputing a finished shard."""
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    import psutil
+
+    command, out = _a_run_to_stop(tmp_path)
+    log = tmp_path / "stderr.log"
+    if output == "terminal":
+        reading, tty = pty.openpty()
+        proc = subprocess.Popen(command, cwd=tmp_path, env=_command_env(tmp_path), stdin=tty, stdout=tty, stderr=tty,
+                                start_new_session=True,
+                                # the pseudo-terminal is the session's controlling terminal, as a login's is
+                                preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(tty)
+    else:
+        with open(log, "w") as log_file:
+            proc = subprocess.Popen(command, cwd=tmp_path, env=_command_env(tmp_path), stdout=subprocess.PIPE,
+                                    stderr=log_file, start_new_session=True)
+        reading = os.dup(proc.stdout.fileno())
+        proc.stdout.close()
+    shown = bytearray()  # read as the run goes, as a terminal does: a full one would block the run's writes
+    try:
+        _wait_for_a_finished_shard(
+            proc, out, lambda: select.select([reading], [], [], 0)[0] and shown.extend(os.read(reading, 1 << 16)))
+        started = psutil.Process(proc.pid).children(recursive=True)
+        interrupted = time.monotonic()
+        os.close(reading)  # hung up: writes to it fail
+        reading = None
+        os.killpg(proc.pid, signal.SIGHUP)
+        proc.wait(timeout=120)
+    finally:
+        if reading is not None:
+            os.close(reading)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if output == "terminal":
+        assert b"shards" in shown, shown[-2000:]  # the progress bar was on the terminal
+        assert proc.returncode == 128 + signal.SIGHUP, proc.returncode
+        assert time.monotonic() - interrupted < 30
+    else:
+        said = _ended_on_ctrl_c(proc, shown.decode(), log.read_text(), out, interrupted, code=128 + signal.SIGHUP,
+                                by=" by SIGHUP")
+        assert "resource_tracker" not in said, said[-4000:]
+    _left_nothing_and_goes_on(command, tmp_path, out, started)
+
+
+def _a_run_to_stop(tmp_path: Path) -> tuple[list[str], Path]:
+    """The command and its OUTPUT for 12 shards of 16 images, embedded one image at a time by one worker: a run
+    slow enough to be stopped after its first shard, with most still to do."""
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    data, out = tmp_path / "in", tmp_path / "out"
+    for s in range(12):
+        write_shard(data, f"{s:05d}", from_encoded(synthetic_images(16, seed=s, formats=("jpeg",))), seed=s)
+    command = [sys.executable, str(ROOT / "flows/embed.py"), str(data), "-o", str(out), "--model", TINY_MODEL,
+               "--no-pretrained", "--device", "cpu", "--n-workers", "1", "--num-threads", "1", "--batch-size", "1",
+               "--fidelity-sample", "0"]
+    return command, out
+
+
+def _wait_for_a_finished_shard(proc, out: Path, meanwhile=lambda: None) -> None:
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and not list(out.glob("0*.parquet")) and time.monotonic() < deadline:
+        meanwhile()
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+
+
+def _left_nothing_and_goes_on(command: list[str], tmp_path: Path, out: Path, started: list) -> None:
+    """After a run stopped mid-way: its claim released, none of its processes (`started`) left, every output whole;
+    the same command then finishes the rest, finding exactly the finished shards cached."""
+    import json
+
+    import psutil
+    import pyarrow.parquet as pq
+
     assert not (out / "_claim.json").exists()
     _, alive = psutil.wait_procs(started, timeout=15)
     assert not [p for p in alive if _running(p)], alive
     assert not [p.name for p in out.rglob("*.tmp*")]
     finished = {p.stem for p in out.glob("*.parquet")}
+    for stem in finished:
+        table = pq.read_table(out / f"{stem}.parquet")
+        assert table.num_rows == 16 and table.column("image_embedding").null_count == 0, stem
 
     again = subprocess.run(command, cwd=tmp_path, env=_command_env(tmp_path), capture_output=True, text=True,
                            timeout=600)
@@ -1009,7 +1093,7 @@ def test_sigterm_mid_run_ends_as_ctrl_c_does(to, tmp_path):
 
 def _ended_on_ctrl_c(proc, stdout: str, stderr: str, out, interrupted: float, *, code: int = 130,
                      by: str = "") -> str:
-    """A command's end on Ctrl-C (or, with `by` " by SIGTERM", on SIGTERM): exit `code` within 30 s, one closing
+    """A command's end on Ctrl-C (or, with `by` " by SIGTERM" or " by SIGHUP", on that signal): exit `code` within 30 s, one closing
     line with the resume hint, no traceback. Returns all it said."""
     said = stdout + stderr
     assert proc.returncode == code, said[-4000:]

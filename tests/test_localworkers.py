@@ -1,7 +1,8 @@
-"""The worker processes of the local clusters a run starts leave Ctrl-C to the process that started them
-(wdsembed.localworkers): they ignore SIGINT from their first instant, the starting process keeps its own Ctrl-C,
+"""The worker processes of the local clusters a run starts leave Ctrl-C and a hangup to the process that started them
+(wdsembed.localworkers): they ignore SIGINT and SIGHUP from their first instant, the starting process keeps its own,
 closing the cluster still stops a busy worker within seconds, and workers started any other way are untouched.
-The whole command under a terminal's Ctrl-C: tests/test_cli.py (test_ctrl_c_to_the_process_group_while_workers_embed).
+The whole command under a terminal's Ctrl-C: tests/test_cli.py (test_ctrl_c_to_the_process_group_while_workers_embed);
+under a hangup: test_hangup_mid_run_ends_as_sigterm_does there.
 """
 from __future__ import annotations
 
@@ -21,17 +22,23 @@ pytestmark = pytest.mark.slow  # each starts a Dask cluster with a worker proces
 
 
 @pytest.fixture(autouse=True)
-def interactive_sigint():
-    """This process with Python's own Ctrl-C handler, as a command run from a terminal has it. A test run started in
-    the background of a non-interactive shell (`cmd &` in a script, as CI runners may) inherits SIGINT ignored, and
-    so would every worker process it spawns, whatever the worker class."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+def interactive_signals():
+    """This process with Python's own Ctrl-C handler and SIGHUP's default, as a command run from a terminal has
+    them. A test run started in the background of a non-interactive shell (`cmd &` in a script, as CI runners may)
+    inherits SIGINT ignored, one started with nohup SIGHUP, and so would every worker process it spawns, whatever
+    the worker class."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGHUP, signal.SIG_DFL)
     yield
-    signal.signal(signal.SIGINT, before)
+    signal.signal(signal.SIGINT, before[0])
+    signal.signal(signal.SIGHUP, before[1])
 
 
-def ignores_sigint() -> bool:
-    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+BOTH = {"SIGINT", "SIGHUP"}
+
+
+def ignored() -> set:
+    """Which of SIGINT (Ctrl-C) and SIGHUP (a hangup) this process ignores."""
+    return {name for name in BOTH if signal.getsignal(getattr(signal, name)) is signal.SIG_IGN}
 
 
 def test_runs_and_the_gpu_clusters_use_these_workers():
@@ -52,18 +59,21 @@ def test_configured_preloads_stay():
         assert localworkers.with_this_preload(None, None) == (["mine", this], [["--y"], []])
 
 
-def test_workers_ignore_sigint_and_this_process_keeps_it():
+def test_workers_ignore_sigint_and_sighup_and_this_process_keeps_them():
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=1, threads_per_worker=1, worker_class=localworkers.Nanny,
                       dashboard_address=None) as ours, Client(ours, set_as_default=False) as client:
-        assert list(client.run(ignores_sigint).values()) == [True]
+        assert list(client.run(ignored).values()) == [BOTH]
         assert list(client.run(lambda: signal.pthread_sigmask(signal.SIG_BLOCK, [])).values()) == [set()]
         assert list(client.run(quiet_once_closing, "distributed.worker").values()) == [True]
         assert list(client.run(quiet_once_closing, "distributed.worker.state_machine").values()) == [True]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
     localworkers.dask_setup(None)  # as for a worker in this very process (processes=False): nothing changes
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    assert not signal.pthread_sigmask(signal.SIG_BLOCK, [])  # nor in this thread
 
 
 def quiet_once_closing(logger: str) -> bool:
@@ -95,19 +105,20 @@ def test_a_closing_worker_keeps_distributeds_lines_to_itself():
         assert quiet.filter(record(logging.CRITICAL))
 
 
-def test_workers_started_otherwise_keep_sigint():
+def test_workers_started_otherwise_keep_sigint_and_sighup():
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as theirs, \
             Client(theirs, set_as_default=False) as client:
-        assert list(client.run(ignores_sigint).values()) == [False]
+        assert list(client.run(ignored).values()) == [set()]
         assert list(client.run(quiet_once_closing, "distributed.worker").values()) == [False]
 
 
-def test_a_ctrl_c_while_a_worker_process_starts_is_held_for_it():
-    """The worker process gets a SIGINT as soon as it exists, long before its preload runs (Python starting, its
-    imports): it survives it, and ignores SIGINT once started. Without the mask inherited at its spawn it died
-    there (KeyboardInterrupt in an import, or killed outright), and the cluster failed to start."""
+@pytest.mark.parametrize("name", ["SIGINT", "SIGHUP"])
+def test_a_ctrl_c_or_hangup_while_a_worker_process_starts_is_held_for_it(name):
+    """The worker process gets a SIGINT (or SIGHUP) as soon as it exists, long before its preload runs (Python
+    starting, its imports): it survives it, and ignores both once started. Without the mask inherited at its spawn
+    it died there (KeyboardInterrupt in an import, or killed outright), and the cluster failed to start."""
     from distributed import Client, LocalCluster
 
     me = psutil.Process()
@@ -134,17 +145,17 @@ def test_a_ctrl_c_while_a_worker_process_starts_is_held_for_it():
             except psutil.NoSuchProcess:
                 pass
         time.sleep(0.005)
-    os.kill(worker.pid, signal.SIGINT)
+    os.kill(worker.pid, getattr(signal, name))
     starting.join(120)
     assert "cluster" in made, made
     with made["cluster"] as ours, Client(ours, set_as_default=False) as client:
         assert list(client.run(os.getpid).values()) == [worker.pid]
-        assert list(client.run(ignores_sigint).values()) == [True]
+        assert list(client.run(ignored).values()) == [BOTH]
 
 
 def test_closing_the_cluster_stops_a_busy_worker_within_seconds():
     """What the command's Ctrl-C relies on: the cluster's close stops a worker still running a task (its nanny kills
-    it after 4 s: distributed's Nanny.kill), SIGINT ignored or not."""
+    it after 4 s: distributed's Nanny.kill), SIGINT and SIGHUP ignored or not."""
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=1, threads_per_worker=1, worker_class=localworkers.Nanny,

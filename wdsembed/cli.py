@@ -229,14 +229,14 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
     try:
         # The decoder's own stderr lines (a bad JPEG's, repeated) go to the log: the worker processes that the run
         # starts inherit this, and every bad image's reason is in its row and the summary.
-        with decoder_messages_to_log(), progress, _sigterm_ends_as_ctrl_c():
+        with decoder_messages_to_log(), progress, _stop_signals_end_as_ctrl_c():
             manifest = run(config, on_shard_done=progress.update, all_finished=all_finished)
-    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: every output written so far is whole, and the same
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: every output written so far is whole, and the same
         # command goes on from it. Not counted: a shard can still finish as the run stops, after the progress bar's
         # last update.
-        by = " by SIGTERM" if isinstance(exc, Terminated) else ""
-        print(f"\nrun interrupted{by}: the shards finished so far are in {config.output}; {RESUME}", file=sys.stderr)
-        return 128 + signal.SIGTERM if by else 130  # as a shell reports a command ended by the signal
+        by = f" by {exc.signal.name}" if isinstance(exc, Terminated) else ""
+        _say_last(f"\nrun interrupted{by}: the shards finished so far are in {config.output}; {RESUME}")
+        return 128 + exc.signal if by else 130  # as a shell reports a command ended by the signal
     except Exception as exc:  # noqa: BLE001 - a failed run prints its reason, not a traceback wall
         from wdsembed.outputclaim import OutputClaimedError
 
@@ -268,36 +268,60 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (kill PID, systemd, Kubernetes, Slurm's scancel, `timeout`) raised where Ctrl-C raises
-    KeyboardInterrupt, so that the run ends as it does on Ctrl-C: its cluster closed, its claim on OUTPUT released,
-    one line saying how to go on."""
+    """SIGTERM (kill PID, systemd, Kubernetes, Slurm's scancel, `timeout`) or SIGHUP (an ssh session dropped, a
+    terminal closed) raised where Ctrl-C raises KeyboardInterrupt, so that the run ends as it does on Ctrl-C: its
+    cluster closed, its claim on OUTPUT released, one line saying how to go on."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signal = signal.Signals(signum)
+
+
+# Their default kills the process on the spot: the run's claim on OUTPUT was left behind (another host waited
+# 3 minutes to take it over), and nothing said how to go on.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 @contextlib.contextmanager
-def _sigterm_ends_as_ctrl_c():
-    """SIGTERM's default kills the process on the spot: the run's claim on OUTPUT was left behind (another host
-    waited 3 minutes to take it over), and nothing said how to go on. Prefect's flow engine turns a SIGTERM into
-    its own exception, marks the flow run Crashed, then sends the signal again to the handler it found: this one,
-    which raises Terminated from there."""
+def _stop_signals_end_as_ctrl_c():
+    """Each of STOP_SIGNALS raises Terminated in the main thread. Prefect's flow engine turns a SIGTERM into its own
+    exception, marks the flow run Crashed, then sends the signal again to the handler it found: this one, which
+    raises Terminated from there. A SIGHUP reaches this handler directly, and the flow run ends as on Ctrl-C."""
     def terminated(signum, frame):
-        raise Terminated()
+        raise Terminated(signum)
 
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGTERM, terminated)
-    except ValueError:  # not the main thread: no handler of ours, SIGTERM keeps its meaning
-        yield
-        return
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, terminated)
+    except ValueError:  # not the main thread: no handler of ours, the signals keep their meaning
+        pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _say_last(line: str) -> None:
+    """`line` on stderr, where there is still somewhere to say it: after a hangup the terminal is gone and writing
+    there fails (EIO; a closed pipe: EPIPE), which must not turn the run's end into a traceback and exit 1."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
 
 
 class _Progress:
     """A terminal progress bar: shards, images, images/s."""
 
     def __enter__(self):
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        class QuietOnceItsPipeIsClosed(Console):
+            def on_broken_pipe(self) -> None:
+                # Rich's own ends the process (SystemExit 1) as the bar stops: a run whose stdout was a pipe that a
+                # hangup closed must still end as it does on SIGHUP, saying so where stderr still goes, exit 129.
+                self.quiet = True
 
         self.started = time.perf_counter()
         self.images = 0
@@ -306,7 +330,7 @@ class _Progress:
             TextColumn("shards"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[images]} images"),
             TextColumn("{task.fields[rate]} images/s"), TimeElapsedColumn(),
             # Rich's stdout proxy holds a lock that Dask would then try to pickle with every task.
-            redirect_stdout=False, redirect_stderr=False,
+            redirect_stdout=False, redirect_stderr=False, console=QuietOnceItsPipeIsClosed(),
         )
         self.bar.__enter__()
         self.task = self.bar.add_task("shards", total=None, images=0, rate="-")
@@ -324,7 +348,10 @@ class _Progress:
         self.bar.update(self.task, completed=done, total=total, images=self.images, rate=text)
 
     def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
+        try:
+            self.bar.__exit__(*exc)
+        except OSError:  # its terminal hung up as the bar stopped (EIO): the run's own end is what counts
+            pass
 
 
 def print_summary(manifest: dict) -> None:

@@ -1,5 +1,5 @@
-"""Worker processes of the Dask clusters that wdsembed starts on this machine, which leave Ctrl-C to the process that
-started them.
+"""Worker processes of the Dask clusters that wdsembed starts on this machine, which leave Ctrl-C and a hangup to the
+process that started them.
 
 A terminal sends Ctrl-C's SIGINT to its whole foreground process group: to the command, and to the worker processes
 that its local cluster spawned. A worker that got it closed itself, and one that was idle ended on a KeyboardInterrupt
@@ -8,12 +8,18 @@ traceback of its own, printed among the command's lines (cli.main prints one: wh
 command alone handles it, and closes its cluster, whose nannies stop the workers (one still busy with a shard is
 killed within seconds: distributed's Nanny.kill). Outputs stay whole or absent, as for any stop.
 
+A hangup (an ssh session dropped, a terminal closed, with the command started without nohup or tmux) sends SIGHUP
+to the whole group likewise (the shell passes it on to its jobs), whose default ended each worker on the spot, a
+shard mid-way, while the command closed its cluster (cli: it takes SIGHUP as it takes Ctrl-C). These workers
+ignore SIGHUP too, for the same reason; a worker whose starting process is killed outright still ends with it
+(distributed's worker process watches its parent).
+
 Two steps, so that no moment is left uncovered while a worker process starts (seconds: it imports the run's
 modules again):
-* Nanny (in the starting process) spawns each worker process from a thread that blocks SIGINT, a mask the new
-  process inherits: a Ctrl-C during its start is held pending, not delivered;
-* dask_setup (a worker preload, in the worker process) ignores SIGINT, which discards one pending, and lets the
-  signal through again.
+* Nanny (in the starting process) spawns each worker process from a thread that blocks these signals, a mask the
+  new process inherits: a Ctrl-C or a hangup during its start is held pending, not delivered;
+* dask_setup (a worker preload, in the worker process) ignores them, which discards one pending, and lets them
+  through again.
 
 A worker started any other way (`dask worker`, another program's cluster) is not touched: only a cluster given this
 Nanny as its worker class (wdsembed.cluster) loads the preload.
@@ -31,17 +37,19 @@ import distributed
 from distributed.core import Status
 
 PRELOAD = __name__
+# The signals that a terminal sends to its whole foreground process group, which the starting process handles alone.
+LEFT_TO_THE_STARTER = {getattr(signal, name) for name in ("SIGINT", "SIGHUP") if hasattr(signal, name)}
 
 
 class Nanny(distributed.Nanny):
-    """distributed.Nanny whose worker process ignores SIGINT from its birth (see the module)."""
+    """distributed.Nanny whose worker process ignores LEFT_TO_THE_STARTER from its birth (see the module)."""
 
     def __init__(self, *args, preload=None, preload_argv=None, **kwargs):
         preload, preload_argv = with_this_preload(preload, preload_argv)
         super().__init__(*args, preload=preload, preload_argv=preload_argv, **kwargs)
 
     async def instantiate(self):
-        _hold_sigint_in_this_thread()
+        _hold_signals_in_this_thread()
         return await super().instantiate()
 
 
@@ -60,33 +68,37 @@ def with_this_preload(preload, preload_argv) -> tuple[list, list]:
     return preload, argv
 
 
-def _hold_sigint_in_this_thread() -> None:
-    """Block SIGINT in the thread that runs the nanny, unless it is the main thread: the threads that it then
-    creates inherit the mask (distributed's AsyncProcess starts the worker process from one of them), and so does
-    the worker process. Python runs signal handlers in the main thread only, so nothing else in this process
-    changes: the kernel delivers a SIGINT to a thread that does not block it. Not on the main thread, whose Ctrl-C
-    would wait (a nanny of a cluster started with asynchronous=True in the main thread's event loop): there only
+def _hold_signals_in_this_thread() -> None:
+    """Block LEFT_TO_THE_STARTER in the thread that runs the nanny, unless it is the main thread: the threads that
+    it then creates inherit the mask (distributed's AsyncProcess starts the worker process from one of them), and so
+    does the worker process. Python runs signal handlers in the main thread only, so nothing else in this process
+    changes: the kernel delivers these signals to a thread that does not block them. Not on the main thread, whose
+    Ctrl-C would wait (a nanny of a cluster started with asynchronous=True in the main thread's event loop): there only
     the preload protects the worker, once it runs."""
     if threading.current_thread() is threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         return
     # The worker's queues start multiprocessing's resource tracker the first time, and its launch unblocks SIGINT in
     # the launching thread (it blocks the signal for its own process, then unblocks rather than restores): started
-    # first, it is left running, and the mask below stays.
+    # first, it is left running, and the mask below stays. It ignores SIGINT itself, not SIGHUP: launched with
+    # SIGHUP blocked, it keeps it blocked for good. A hangup killed it, and the one relaunched printed a warning and
+    # a traceback for every resource it did not know as the workers ended.
     from multiprocessing import resource_tracker
 
+    signal.pthread_sigmask(signal.SIG_BLOCK, LEFT_TO_THE_STARTER)
     resource_tracker.ensure_running()
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_BLOCK, LEFT_TO_THE_STARTER)
 
 
 def dask_setup(worker) -> None:
-    """The preload, in the worker process as its Worker starts: ignore SIGINT (a pending one is discarded), then
-    unblock it; and distributed's lines from the worker's close go (_QuietOnceClosing). Nothing in a worker that runs
-    in the starting process itself (processes=False), whose Ctrl-C must stay."""
+    """The preload, in the worker process as its Worker starts: ignore LEFT_TO_THE_STARTER (a pending one is
+    discarded), then unblock them; and distributed's lines from the worker's close go (_QuietOnceClosing). Nothing
+    in a worker that runs in the starting process itself (processes=False), whose Ctrl-C and hangup must stay."""
     if multiprocessing.parent_process() is None or threading.current_thread() is not threading.main_thread():
         return
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in LEFT_TO_THE_STARTER:
+        signal.signal(signum, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, LEFT_TO_THE_STARTER)
     quiet = _QuietOnceClosing(worker)
     for name, logger in list(logging.Logger.manager.loggerDict.items()):
         if (name == "distributed" or name.startswith("distributed.")) and isinstance(logger, logging.Logger):
