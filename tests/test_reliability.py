@@ -1333,14 +1333,8 @@ def test_a_rerun_that_dies_between_a_shards_view_and_its_table(tmp_path):
 
     # Killed outright once its view is written (SIGKILL, the OOM killer): a run that merely fails there removes the
     # other settings' table and view itself (plan.remove_failed_outputs_made_otherwise), a killed one cannot.
-    spec = tmp_path / "faults.json"
-    spec.write_text(json.dumps({"00000": {"error": "kill", "where": "commit"}}))
-    call = (f"from wdsembed.api import TimmImageEmbedder as T; T({TINY_MODEL!r}, **{SETTINGS!r}, "
-            f"normalize_embeddings=False)({str(data)!r}, {str(out)!r})")
-    env = {**os.environ, "WDSEMBED_FAULTS": str(spec), "PYTHONPATH": str(ROOT)}
-    died = subprocess.run([sys.executable, "-c", call], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=240)
-    assert died.returncode == 137, died.stderr[-2000:]
+    run_killed_by_a_fault(tmp_path, data, out, {"00000": {"error": "kill", "where": "commit"}},
+                          normalize_embeddings=False)
     assert output.read_output_metadata(str(out / "00000.parquet"), fsspec.filesystem("file"))["cache_key"] == a.cache_key
     assert not np.allclose(embeddings(view_path), embeddings(out / "00000.parquet"))  # the other run's view
     check = validate_output(config(data, out), str(out / "00000.parquet"), dim=a.dim)
@@ -1357,6 +1351,20 @@ def test_a_rerun_that_dies_between_a_shards_view_and_its_table(tmp_path):
                      f"{q(check.problems[0].split(' (')[0])}; the third call found the table finished and rebuilt "
                      "the view from it",
                  lost="nothing; the view matches its table again")
+
+
+def run_killed_by_a_fault(tmp_path: Path, data: Path, out: Path, faults: dict, **settings) -> None:
+    """An API run of `data` into `out` in a process of its own, with SETTINGS and `settings`, which WDSEMBED_FAULTS
+    `faults` kill outright (exit 137, as SIGKILL or the OOM killer would): what it leaves is what a killed run
+    leaves."""
+    spec = tmp_path / "faults.json"
+    spec.write_text(json.dumps(faults))
+    call = (f"from wdsembed.api import TimmImageEmbedder as T; T({TINY_MODEL!r}, **{{**{SETTINGS!r}, **{settings!r}}})"
+            f"({str(data)!r}, {str(out)!r})")
+    env = {**os.environ, "WDSEMBED_FAULTS": str(spec), "PYTHONPATH": str(ROOT)}
+    died = subprocess.run([sys.executable, "-c", call], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert died.returncode == 137, died.stderr[-2000:]
 
 
 def damage_first_page(path: Path) -> None:
@@ -1414,14 +1422,7 @@ def test_a_rerun_after_a_process_killed_between_write_and_rename_leaves_no_temp_
     claims OUTPUT removes it before any work."""
     data = dataset(tmp_path / "in", 1)
     out = tmp_path / "out"
-    spec = tmp_path / "faults.json"
-    spec.write_text(json.dumps({"00000": {"fail_attempts": 1, "error": "kill", "where": "commit"}}))
-    call = (f"from wdsembed.api import TimmImageEmbedder as T; T({TINY_MODEL!r}, **{SETTINGS!r})"
-            f"({str(data)!r}, {str(out)!r})")
-    env = {**os.environ, "WDSEMBED_FAULTS": str(spec), "PYTHONPATH": str(ROOT)}
-    died = subprocess.run([sys.executable, "-c", call], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=240)
-    assert died.returncode == 137, died.stderr[-2000:]
+    run_killed_by_a_fault(tmp_path, data, out, {"00000": {"fail_attempts": 1, "error": "kill", "where": "commit"}})
     left = [p for p in out.rglob("*") if ".tmp-" in p.name]
     assert [p.name.split(".tmp-")[0] for p in left] == [".00000.parquet"], left
     size = left[0].stat().st_size
@@ -1453,14 +1454,7 @@ def test_a_rerun_killed_midway_leaves_no_manifest_describing_outputs_it_replaced
     embedder()(str(data), str(out))
     manifest_path = out / output.MANIFEST_NAME
     assert manifest_path.exists()
-    spec = tmp_path / "faults.json"
-    spec.write_text(json.dumps({"00001": {"error": "kill", "where": "start"}}))
-    call = (f"from wdsembed.api import TimmImageEmbedder as T; T({TINY_MODEL!r}, normalize_embeddings=False, "
-            f"**{SETTINGS!r})({str(data)!r}, {str(out)!r})")
-    env = {**os.environ, "WDSEMBED_FAULTS": str(spec), "PYTHONPATH": str(ROOT)}
-    died = subprocess.run([sys.executable, "-c", call], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert died.returncode == 137, died.stderr[-2000:]
+    run_killed_by_a_fault(tmp_path, data, out, {"00001": {"error": "kill", "where": "start"}}, normalize_embeddings=False)
 
     def footers() -> dict:
         return {s: output.footer_metadata(pq.read_metadata(out / f"{s}.parquet").metadata) for s in ("00000", "00001")}
