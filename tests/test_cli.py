@@ -937,10 +937,7 @@ def test_ctrl_c_mid_run(to, tmp_path):
                             # SIGINT's default disposition (a background job's is to ignore it), a group of its own
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while proc.poll() is None and not list(out.glob("0*.parquet")) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert proc.poll() is None, "the run ended before it could be interrupted"
+        _wait_for_a_finished_shard(proc, out)
         interrupted = time.monotonic()
         if to == "command":
             proc.send_signal(signal.SIGINT)
