@@ -33,12 +33,16 @@ def crash_what_it_left_running(flow, flow_run, state) -> None:
         for subflow in subflows:
             if subflow.state is not None and not subflow.state.is_final():
                 client.set_flow_run_state(subflow.id, Crashed(message=message), force=True)
-        task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id, *(s.id for s in subflows)])),
-            task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=_NOT_ENDED))),
-        )
-        for task_run in task_runs:
-            client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+        runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id, *(s.id for s in subflows)]))
+        not_ended = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=_NOT_ENDED)))
+        marked: set = set()
+        # One page at a time (the API answers at most its default limit, 200): each page marked leaves the filter,
+        # so the next read brings the next ones, until none is left (or a page brings only runs already marked).
+        while pending := [t for t in client.read_task_runs(flow_run_filter=runs, task_run_filter=not_ended)
+                          if t.id not in marked]:
+            for task_run in pending:
+                client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+                marked.add(task_run.id)
 
 
 @flow(name="wdsembed", log_prints=True, on_crashed=[crash_what_it_left_running])

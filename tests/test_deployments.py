@@ -470,3 +470,26 @@ def test_a_served_run_killed_outright_ends_crashed_whole_and_the_next_run_takes_
         for name in SPECS:
             if d := deployment(server, name):
                 api(server, "DELETE", f"/deployments/{d['id']}")
+
+
+def test_the_crash_hook_marks_every_task_run_left_running_not_only_the_first_page(prefect_api):
+    """The API answers a filter with at most 200 runs; a crashed run of many shards leaves more task runs than that
+    Running, and each of them ends Crashed."""
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed, Running
+
+    from flows.deployed import crash_what_it_left_running
+
+    @flow(name="crashed-with-many-tasks")
+    def crashed() -> None: ...
+
+    @task(name="embed-shard")
+    def shard() -> None: ...
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.create_flow_run(crashed, state=Running())
+        ids = [client.create_task_run(shard, flow_run.id, dynamic_key=str(i), state=Running()).id for i in range(230)]
+        crash_what_it_left_running(crashed, flow_run, Crashed(message="killed outright"))
+        states = {client.read_task_run(i).state.type.value for i in ids}
+    assert states == {"CRASHED"}
