@@ -344,7 +344,7 @@ def _one_at_a_time(datas) -> list:
 
 
 def _as_a_batch(datas) -> list:
-    sizes, reasons = image_sizes(datas)
+    sizes, reasons, _ = image_sizes(datas)
     return [reasons[i] if i in reasons else tuple(sizes[i].tolist()) for i in range(len(datas))]
 
 

@@ -429,6 +429,36 @@ def test_headers_decide_before_dali(clean_rows):
     assert all(torch.equal(rows[k], clean_rows[k]) for k in rows) and len(rows) == len(good)
 
 
+def _without_adobe_marker(jpeg: bytes) -> bytes:
+    """`jpeg` without its Adobe APP14 segment, as metadata strippers (exiftool -all=) leave a CMYK JPEG."""
+    at = jpeg.index(b"\xff\xee")
+    return jpeg[:at] + jpeg[at + 2 + struct.unpack(">H", jpeg[at + 2:at + 4])[0]:]
+
+
+def test_a_cmyk_jpeg_without_its_adobe_marker_comes_out_as_pillow_decodes_it(clean_rows):
+    """Its ink is still stored inverted, as Pillow (the reference), browsers and OpenCV take every CMYK JPEG to be;
+    DALI's decoder takes it for plain CMYK without the marker, and its colours came out wrong (mean absolute
+    difference near 2 to timm's tensor). One of one encoder's layout, read by the batch walk, and one with EXIF,
+    read one image at a time; the photos of their batches are untouched."""
+    from timm.data import create_transform, resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    cmyk = Image.fromarray(skimage_data.coffee()).resize((320, 240)).convert("CMYK")
+    stripped = {"plain.jpg": _without_adobe_marker(_encode(cmyk, "JPEG")),
+                "turned.jpg": _without_adobe_marker(_jpeg_with_exif(_encode(cmyk, "JPEG"), _exif(6)))}
+    good = list(photos().items())
+    with ImagePipeline(recipe_of(), batch_size=3, num_threads=1, device_id=None) as pipe:
+        rows, failed, _ = run_all(pipe, list(stripped.items()) + good)
+    transform = create_transform(**resolve_data_config(pretrained_cfg=get_pretrained_cfg(RESNET).to_dict()))
+    levels = torch.tensor(recipe_of().std).view(3, 1, 1) * 255  # model input back in 0..255 units
+    for key, data in stripped.items():
+        pil = transform(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+        # within a level: DALI's decoder gives a turned CMYK JPEG one level lighter than an unturned one, marker
+        # or not (wrong colours were 100 levels off)
+        assert ((rows[key] - pil) * levels).abs().mean() <= 1.0, key
+    assert not failed and all(torch.equal(rows[k], clean_rows[k]) for k, _ in good)
+
+
 def _exif(orientation: Optional[int], readable: bool = True) -> bytes:
     """A little-endian EXIF (TIFF) block whose IFD0 holds an orientation tag (None: only a resolution unit). Not
     `readable`: a Make string follows whose offset lies outside the block, so that DALI's EXIF reader rejects the

@@ -57,19 +57,52 @@ def image_size(data: Bytes) -> tuple[int, int]:
     return hw
 
 
-def image_sizes(datas: Sequence[Bytes]) -> tuple[np.ndarray, dict[int, str]]:
-    """`image_size` for a batch: an (N, 2) int64 array of (height, width), and the reason for each image that has
-    none, by index (its row is (0, 0)). The same sizes and reasons as `image_size` one image at a time, at a fraction
-    of its cost for a batch of JPEGs from one encoder (`jpeg_frames`); what that cannot settle (EXIF orientation,
-    other formats, anything unusual) goes through `image_size` itself."""
+def image_sizes(datas: Sequence[Bytes]) -> tuple[np.ndarray, dict[int, str], set[int]]:
+    """`image_size` for a batch: an (N, 2) int64 array of (height, width), the reason for each image that has
+    none, by index (its row is (0, 0)), and the indices of the CMYK JPEGs without an Adobe marker
+    (`adobe_marker_missing`). The same sizes and reasons as `image_size` one image at a time, at a fraction of its
+    cost for a batch of JPEGs from one encoder (`jpeg_frames`); what that cannot settle (EXIF orientation, other
+    formats, anything unusual) goes through `image_size` itself."""
     errors: dict[int, str] = {}
-    settled, sizes, _ = jpeg_frames(datas)
+    settled, sizes, components = jpeg_frames(datas)
+    unmarked = {i for i in np.flatnonzero(components == 4).tolist() if adobe_marker_missing(datas[i])}
     for i in np.flatnonzero(~settled).tolist():
         try:
             sizes[i] = image_size(datas[i])
         except UnreadableImage as e:
             errors[i] = str(e)
-    return sizes, errors
+            continue
+        if adobe_marker_missing(datas[i]):
+            unmarked.add(i)
+    return sizes, errors, unmarked
+
+
+def adobe_marker_missing(d: Bytes) -> bool:
+    """Whether `d` is a CMYK JPEG (4 components) without the Adobe APP14 segment that says its ink is stored
+    inverted, as Photoshop stores it. Metadata strippers (exiftool -all=) remove that segment but not the
+    inversion; Pillow, browsers and OpenCV take every CMYK JPEG as inverted, DALI's decoder only one with the
+    segment (the colours of the others come out wrong). A segment as libjpeg accepts it: "Adobe" and at least 12
+    bytes."""
+    n = len(d)
+    if n < 3 or d[0] != 0xFF or d[1] != 0xD8:
+        return False
+    pos, components, adobe = 2, None, False
+    while pos + 4 <= n:
+        marker, size = _MARKER_AND_LENGTH(d, pos)
+        kind = _MARKER_KIND[marker]
+        if kind == _FILL:
+            pos += 1
+            continue
+        if kind in (_SOS, _NOT_A_MARKER, _INVALID) or size < 2:
+            break
+        if kind == _SOF and pos + 10 <= n:
+            components = _SOF_FIELDS(d, pos + 5)[2]
+            if components != 4:  # nearly every JPEG: the rest of its header need not be walked
+                return False
+        elif marker == 0xFFEE and size >= 14 and d[pos + 4 : pos + 9] == b"Adobe":
+            adobe = True
+        pos += 2 + size
+    return components == 4 and not adobe
 
 
 _LAYOUTS_PER_BATCH = 3  # header layouts tried per batch before the rest go one image at a time

@@ -137,6 +137,18 @@ def _end_of_image_missing(data: bytes | memoryview) -> Optional[bool]:
 _START_OF_SCAN, _END_OF_IMAGE = re.compile(b"\xff\xda"), re.compile(b"\xff\xd9")
 
 
+# Adobe's APP14 segment (version 100, no flags, transform 0: CMYK as stored), as libjpeg writes it for CMYK.
+_ADOBE_APP14 = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+
+
+def with_adobe_marker(data: bytes | memoryview) -> bytes:
+    """A CMYK JPEG that lacks Adobe's APP14 segment (`imagesize.adobe_marker_missing`), with one after its
+    start-of-image marker: DALI's decoder then reads its ink as inverted, as Pillow (the reference), browsers and
+    OpenCV read every CMYK JPEG, instead of giving its colours wrong. A copy of the image, made for these rare
+    ones only."""
+    return b"".join((data[:2], _ADOBE_APP14, data[2:]))
+
+
 def explain_decode_failure(data: bytes | memoryview, reason: str) -> str:
     """DALI's reason for one undecodable image, prefixed with what its bytes show where that is plain (a JPEG
     without its end-of-image marker, a PNG without its IEND chunk: a file cut short, e.g. a partial download). A
@@ -521,7 +533,7 @@ class ImagePipeline:
 
         def settle() -> None:
             """Read the sniffed images' sizes; keep those fit to feed, reject the others with their reason."""
-            hw, unreadable = image_sizes([data for _, data in sniffed])
+            hw, unreadable, unmarked = image_sizes([data for _, data in sniffed])
             # a list: indexing a NumPy array one element at a time costs more than the check itself
             too_large = (hw[:, 0] * hw[:, 1] > limit).tolist() if limit is not None else [False] * len(sniffed)
             kept = []
@@ -537,6 +549,8 @@ class ImagePipeline:
                 if why is not None:
                     rejected.append((key, why))
                     continue
+                if i in unmarked:
+                    data = with_adobe_marker(data)
                 keys.append(key)
                 datas.append(data)
                 tensors.append(TensorCPU(data))
