@@ -250,6 +250,40 @@ def test_the_reference_reduces_16_bit_pngs_as_the_pipeline_decoder_does(color_ty
     assert np.array_equal(np.asarray(_pil_rgb(Image.open(io.BytesIO(data)))), expected)
 
 
+def test_the_reference_turns_images_by_their_exif_only_as_the_decoder_does(tmp_path):
+    """Pillow's exif_transpose also turns an image by an XMP packet's tiff:Orientation and by a PNG's "Raw profile
+    type exif" text chunk (ImageMagick's); DALI's decoder and browsers turn by EXIF blocks only. A reference that
+    turned them failed the run, for images embedded as they are stored (cosine 0.9998 with this model)."""
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    from wdsembed.synthetic import ShardSample, load_photo
+
+    photo = load_photo("chelsea", (320, 240))  # not square: a turn shows
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    raw_profile = PngImagePlugin.PngInfo()
+    block = exif.tobytes()
+    raw_profile.add_text("Raw profile type exif", f"\nexif\n{len(block):8}\n{block.hex()}\n", zip=True)
+
+    def encode(fmt, **kw):
+        buf = io.BytesIO()
+        photo.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    images = {"xmp.jpg": encode("JPEG", quality=90, xmp=xmp), "xmp.webp": encode("WEBP", quality=90, xmp=xmp),
+              "raw_profile.png": encode("PNG", pnginfo=raw_profile)}
+    assert all(Image.open(io.BytesIO(b)).getexif().get(0x0112) == 6 for b in images.values())  # as Pillow sees it
+    write_shard(tmp_path / "in", "00000", [ShardSample(b, ext=name.split(".")[1], key=name.replace(".", "_"))
+                                           for name, b in images.items()])
+    TimmImageEmbedder(TINY_MODEL, **SETTINGS)(str(tmp_path / "in"), str(tmp_path / "out"))
+    check = manifest_of(str(tmp_path / "out"))["fidelity"]
+    assert check["images"] == 3 and check["passed"] and check["min_cosine"] >= 0.9999, check
+
+
 def test_wrong_preprocessing_fails_the_run_naming_keys_and_a_lower_threshold_rechecks_cached(
         shards, tmp_path, monkeypatch):
     real = preprocess.PreprocessRecipe.from_data_config.__func__

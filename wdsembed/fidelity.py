@@ -313,9 +313,22 @@ def _reference_input(transform, data: bytes, max_pixels: Optional[int]):
             im = Image.open(io.BytesIO(data))
             if max_pixels and im.size[0] * im.size[1] > max_pixels:
                 return None, f"PIL: {im.size[0]}x{im.size[1]} is above max_image_pixels, not decoded"
-            return transform(ImageOps.exif_transpose(_pil_rgb(im))), None
+            return transform(ImageOps.exif_transpose(_without_orientation_outside_exif(_pil_rgb(im)))), None
     except Exception as exc:  # noqa: BLE001 - reported in the record, not skipped
         return None, f"PIL: {type(exc).__name__}: {exc}"[:300]
+
+
+# Where Pillow's exif_transpose also finds an orientation, though no EXIF block holds it: an XMP packet's
+# tiff:Orientation (JPEG, WebP, PNG) and ImageMagick's "Raw profile type exif" PNG text chunk. DALI's decoder, like
+# browsers, turns an image by its EXIF blocks only, and the run embeds such an image as it is stored.
+_ORIENTATION_OUTSIDE_EXIF = ("xmp", "XML:com.adobe.xmp", "Raw profile type exif")
+
+
+def _without_orientation_outside_exif(im):
+    """`im` (a converted copy, its info its own) without the metadata that would turn it but is not EXIF."""
+    for key in _ORIENTATION_OUTSIDE_EXIF:
+        im.info.pop(key, None)
+    return im
 
 
 @contextlib.contextmanager
