@@ -1065,7 +1065,7 @@ def geometry_only(args: argparse.Namespace) -> int:
 
     def feed_b(pipe, i):
         t = time.perf_counter()
-        sizes, _ = image_sizes(datas[i])  # a batch at a time, as ImagePipeline's feeding loop reads them
+        sizes = image_sizes(datas[i])[0]  # a batch at a time, as ImagePipeline's feeding loop reads them
         in_loop.append(time.perf_counter() - t)
         geometry = recipe.source_geometry(sizes, next_ids())
         pipe.feed_input("enc", views[i])
@@ -1140,7 +1140,7 @@ def geometry_only(args: argparse.Namespace) -> int:
     for _ in range(args.repeats):
         for batch in datas:
             t0 = time.perf_counter()
-            sizes, _ = image_sizes(batch)
+            sizes = image_sizes(batch)[0]
             t1 = time.perf_counter()
             recipe.source_geometry(sizes, next_ids())
             t2 = time.perf_counter()
