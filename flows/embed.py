@@ -49,7 +49,8 @@ from tasks.report import report  # noqa: E402
 from wdsembed import caching, cluster, faults, fidelity, outputclaim  # noqa: E402
 from wdsembed.config import EmbedConfig  # noqa: E402
 from wdsembed.plan import (  # noqa: E402
-    check_storage, nothing_to_compute, remove_failed_outputs_made_otherwise, shard_groups,
+    check_storage, nothing_to_compute, remove_failed_outputs_made_otherwise, remove_views_without_tables,
+    shard_groups,
 )
 from wdsembed.report import ManifestNotWritten, retire_manifest, with_manifest_failure  # noqa: E402
 from wdsembed.shard import ShardsFailed  # noqa: E402
@@ -145,6 +146,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
     if config.dask_address:
         _worker_reports_sent(client)
     remove_failed_outputs_made_otherwise(config, failures)
+    remove_views_without_tables(config, hooks.claim_run)
 
     try:
         manifest = report(config, results, failures, time.perf_counter() - started, timeline, previous,

@@ -305,3 +305,40 @@ def test_a_shard_that_fails_under_a_new_model_leaves_no_output_of_the_old_one(tm
     with pytest.raises(ShardsFailed, match="00001"):  # the same model: its earlier output is of the same space
         embedder("test_vit.r160_in1k")(str(data), str(out))
     assert (out / "00001.parquet").exists() and (out / "_embeddings" / "00001.parquet").exists()
+
+
+def test_the_view_keeps_no_rows_of_a_shard_whose_table_is_not_in_output(tmp_path, monkeypatch, caplog):
+    """A growing dataset: a new shard failed between its view and its table (a full disk on the table, the claim
+    lost), and a shard dropped from INPUT had its table removed by hand. Both kept their views: kNN tools then
+    returned rows whose `shard` names no table in OUTPUT, beyond what the manifest counts. The run removes every
+    view without its table, saying so; the view then holds exactly the embedded rows of the tables."""
+    import logging
+
+    from wdsembed.shard import ShardsFailed
+
+    data, out = tmp_path / "in", tmp_path / "out"
+    for s in range(2):
+        write_shard(data, f"{s:05d}", [_image(10 * s + i) for i in range(3)], shard_id=s)
+    embed = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                              fidelity_sample=0)
+    embed(str(data), str(out))
+
+    write_shard(data, "00002", [_image(20 + i) for i in range(3)], shard_id=2)  # the next day's shard
+    spec = tmp_path / "faults.json"
+    spec.write_text(json.dumps({"00002": {"error": "io", "where": "commit"}}))  # its view written, not its table
+    monkeypatch.setenv("WDSEMBED_FAULTS", str(spec))
+    with caplog.at_level(logging.WARNING, logger="wdsembed"), pytest.raises(ShardsFailed, match="00002"):
+        embed(str(data), str(out))
+    monkeypatch.delenv("WDSEMBED_FAULTS")
+    assert not (out / "00002.parquet").exists()
+    assert sorted(p.name for p in (out / "_embeddings").iterdir()) == ["00000.parquet", "00001.parquet"]
+    [said] = [r.getMessage() for r in caplog.records if "_embeddings" in r.getMessage()]
+    assert "00002" in said and "no table" in said, said
+
+    (data / "00001.tar").unlink()  # dropped from the dataset, and its output with it
+    (out / "00001.parquet").unlink()
+    embed(str(data), str(out))
+    assert sorted(p.name for p in (out / "_embeddings").iterdir()) == ["00000.parquet", "00002.parquet"]
+    view = pq.read_table(out / "_embeddings")
+    assert view.num_rows == json.loads((out / "_manifest.json").read_text())["totals"]["in_output"]["embedded_rows"]
+    assert sorted(set(view.column("shard").to_pylist())) == ["00000", "00002"]

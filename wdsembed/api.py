@@ -25,7 +25,9 @@ from typing import Any, Optional
 
 from wdsembed import faults, fidelity, outputclaim, report, shard
 from wdsembed.config import EmbedConfig, EmbedSettings, field_default
-from wdsembed.plan import check_config, plan_run, remove_failed_outputs_made_otherwise
+from wdsembed.plan import (
+    check_config, plan_run, remove_failed_outputs_made_otherwise, remove_views_without_tables,
+)
 from wdsembed.shard import ShardPlan, ShardResult, ShardsFailed
 
 log = logging.getLogger("wdsembed")
@@ -148,6 +150,7 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
                 results, failures, transient = _run_on_dask(client, config, plans, claim.run)
             timeline["collected"] = time.time()
             remove_failed_outputs_made_otherwise(config, failures)
+            remove_views_without_tables(config, claim.run)
             results.sort(key=lambda r: r.stem)
             dicts = [r.to_dict() for r in results]
             manifest = report.build_manifest(config, dicts, failures, time.perf_counter() - started, timeline,

@@ -267,6 +267,47 @@ def remove_failed_outputs_made_otherwise(config: EmbedConfig, failed: Collection
     return removed
 
 
+def remove_views_without_tables(config: EmbedConfig, claim_run: Optional[str] = None) -> list[str]:
+    """Remove each kNN view (`_embeddings/<stem>.parquet`) whose shard has no table in OUTPUT: a shard that failed
+    between its view and its table (a full disk on the table, the claim lost, a process killed), or whose table
+    was removed by hand (a shard dropped from the dataset). kNN tools read every view, and such rows would name a
+    table that is not there, beyond what the manifest counts. Call it once every shard of the run has ended (a
+    shard in flight has its view before its table); views are removed only while OUTPUT's claim is still run
+    `claim_run`'s (a run that took it over may have shards in flight). One listing of OUTPUT. Returns the removed
+    views' stems."""
+    out_fs, out_root = storage.filesystem(config.output, config.storage_options)
+    root = out_root.rstrip("/") + "/"
+    try:
+        files = {path[len(root):] for path in out_fs.find(out_root, withdirs=False) if path.startswith(root)}
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:  # the shards' outputs are written; only this tidying is left for the next run
+        log.warning("could not list output %s to find kNN views without a table: %s", config.output, exc)
+        return []
+    views = output.EMBEDDINGS_FOLDER + "/"
+    orphans = sorted(rel[len(views):-len(".parquet")] for rel in files
+                     if rel.startswith(views) and output.is_output_name(rel) and rel[len(views):] not in files)
+    if not orphans:
+        return []
+    try:
+        outputclaim.check_still_held(config, claim_run, "kNN views without a table", "None was removed")
+    except outputclaim.OutputClaimLostError as exc:  # the manifest's write says it again, as the run's end
+        log.warning("%s", exc)
+        return []
+    removed = []
+    for stem in orphans:
+        try:
+            if output.remove_embeddings_view(config, stem):
+                removed.append(stem)
+        except OSError as exc:  # the run's own failures are said first; this one goes to the log
+            log.warning("the kNN view of %s, whose table OUTPUT does not hold, could not be removed: %s", stem, exc)
+    if removed:
+        log.warning("removed the kNN view (%s/) of %d shard(s) with no table in OUTPUT, so that kNN tools read only "
+                    "rows of its tables (a shard that failed between its view and its table, or whose table was "
+                    "removed): %s", output.EMBEDDINGS_FOLDER, len(removed), report.name_shards(removed))
+    return removed
+
+
 def check_own_outputs(config: EmbedConfig, stems: Collection[str]) -> None:
     """Refuse a run where a shard's OUTPUT/<stem>.parquet is a readable parquet that wdsembed did not write (no
     footer of ours: the user's own file, copied there): it would be overwritten. An output of ours, of any model or
