@@ -893,3 +893,33 @@ def test_a_rerun_naming_some_shards_keeps_the_others_finished_outputs_in_the_man
     assert third["shards"]["00002"]["from_run"] == earlier  # the run that wrote it, not the one that carried it
     assert third["shards"]["00000"]["from_run"] == {"created": second["created"], "input": second["input"]}
     assert (third["totals"]["shards"], third["totals"]["in_output"]["shards"]) == (1, 3)
+
+
+def test_a_manifest_after_a_run_that_left_none_still_describes_every_output(tree, tmp_path):
+    """A growing dataset: a shard dropped from INPUT keeps its output, an earlier run's entry in the manifest. A run
+    that writes removes the manifest first, so one killed before its end leaves none; the next run's manifest then
+    left that output out for good (its entry came from the manifest alone), though OUTPUT and its kNN view still
+    held it: the totals said 2 shards where OUTPUT held 3. An output no manifest describes gets its entry from its
+    own footer."""
+    pytest.importorskip("nvidia.dali")
+    from wdsembed.api import TimmImageEmbedder
+    from wdsembed.report import EARLIER_RUN
+
+    out = tmp_path / "out"
+    embed = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1)
+    [_, _, dropped] = embed(f"{tree}/{{00000..00002}}.tar", str(out))
+    embed(f"{tree}/{{00000..00001}}.tar", str(out))  # 00002 dropped from the dataset: an earlier run's entry
+    assert json.loads((out / "_manifest.json").read_text())["shards"]["00002"]["status"] == EARLIER_RUN
+
+    (out / "_manifest.json").unlink()  # what a run killed after its first write leaves
+    embed(f"{tree}/{{00000..00001}}.tar", str(out))
+    manifest = json.loads((out / "_manifest.json").read_text())
+    entry = manifest["shards"]["00002"]
+    assert entry["status"] == EARLIER_RUN and entry["from_run"] is None  # no manifest said which run wrote it
+    assert {k: entry[k] for k in ("rows", "embedded", "failed", "cache_key")} == {
+        "rows": dropped.rows, "embedded": dropped.embedded, "failed": dropped.failed, "cache_key": dropped.cache_key}
+    held = manifest["totals"]["in_output"]
+    assert (held["shards"], held[EARLIER_RUN]) == (3, 1)
+    assert held["embedded_rows"] == pq.read_table(out / output.EMBEDDINGS_FOLDER).num_rows
+    embed(f"{tree}/{{00000..00001}}.tar", str(out))  # carried on as it was
+    assert json.loads((out / "_manifest.json").read_text())["shards"]["00002"] == entry

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Collection, Iterable, Optional
 
@@ -14,6 +15,9 @@ from wdsembed.config import EmbedConfig
 from wdsembed.versions import code_version, package_versions
 
 TABLE_COLUMNS = ("shard", "rows", "embedded", "failed", "status", "seconds", "images_per_second")
+# A manifest's shard entry: what its output's footer records of it (its result), and the figures of its run.
+ENTRY_FIELDS = ("output", "rows", "samples", "embedded", "failed", "cache_key", "batch_size")
+FIGURES = ("seconds", "embed_seconds", "images_per_second", "timeline")
 
 # The most the summaries (the terminal's, the markdown artifact, a failed run's message) list, so that a run of
 # 10,000 shards still ends in one screen: shards in the table, causes of failures or warnings, shards named for each.
@@ -70,8 +74,7 @@ def shard_figures(results: list[dict], previous: dict) -> dict[str, dict]:
         before = previous.get(r["stem"]) or {}
         if r.get("cached"):
             if before.get("cache_key") and before.get("cache_key") == r.get("cache_key"):
-                figures[r["stem"]] = {k: before.get(k) for k in ("seconds", "embed_seconds", "images_per_second",
-                                                                "timeline")}
+                figures[r["stem"]] = {k: before.get(k) for k in FIGURES}
             else:
                 figures[r["stem"]] = {"seconds": None, "embed_seconds": None, "images_per_second": None,
                                       "timeline": r.get("timeline")}
@@ -102,26 +105,48 @@ def retire_manifest(config: EmbedConfig, plans: Iterable, finished: Collection[s
 
 
 def earlier_shards(config: EmbedConfig, named: Collection[str]) -> dict:
-    """The shards of the manifest OUTPUT holds from an earlier run ({} where none can be read): those this run
-    names as that manifest has them (the figures of those cached now: shard_figures), and of the others those
-    whose output OUTPUT still holds, marked EARLIER_RUN with the run that described them (`from_run`: its
-    manifest's creation and input; the first such run's, for an entry carried on from manifest to manifest), which
-    the new manifest keeps. Those outputs are finished and of this run's settings: the planning refused a run
-    beside outputs of shards it does not name made otherwise (plan.check_outputs_beside), and a run that writes
-    any shard removes the manifest before its first write (retire_manifest), so a manifest there still describes
-    them. One listing of OUTPUT, only where the manifest has shards this run does not name."""
+    """The shards of the manifest OUTPUT holds from an earlier run: those this run names as that manifest has them
+    (the figures of those cached now: shard_figures), and of the others those whose output OUTPUT still holds,
+    marked EARLIER_RUN with the run that described them (`from_run`: its manifest's creation and input; the first
+    such run's, for an entry carried on from manifest to manifest), which the new manifest keeps. An output of a
+    shard this run does not name that no manifest describes (a run that wrote it was killed before its manifest, or
+    it failed in that run and kept its earlier output) gets its entry from its own footer, `from_run` null. Those
+    outputs are finished and of this run's settings: the planning refused a run beside outputs of shards it does
+    not name made otherwise (plan.check_outputs_beside), and a run that writes any shard removes the manifest before
+    its first write (retire_manifest), so a manifest there still describes them. One listing of OUTPUT, only where
+    there is no manifest or it names shards this run does not."""
     try:
         fs, root = storage.filesystem(config.output, config.storage_options)
-        before = output.read_manifest(root, fs) or {}
-        shards = before.get("shards") or {}
+        before = output.read_manifest(root, fs)
+        shards = (before or {}).get("shards") or {}
         others = [stem for stem in shards if stem not in named]
-        held = _outputs_held(fs, root) if others else set()
+        unnamed = others or any(stem not in named for stem in (before or {}).get("failed_shards") or {})
+        held = _outputs_held(fs, root) if before is None or unnamed else set()
+        undescribed = _entries_from_footers(fs, root, held, set(named) | set(shards))
     except Exception:  # noqa: BLE001 - a missing or damaged old manifest only means no figures or entries to keep
         return {}
-    run = {"created": before.get("created"), "input": before.get("input")}
-    kept = {stem: shards[stem] | {"status": EARLIER_RUN, "from_run": shards[stem].get("from_run") or run}
+    run = {"created": (before or {}).get("created"), "input": (before or {}).get("input")}
+    # an entry carried on keeps its from_run, null for one that a footer gave
+    kept = {stem: shards[stem] | {"status": EARLIER_RUN, "from_run": shards[stem].get("from_run", run)}
             for stem in others if f"{stem}.parquet" in held}
-    return {stem: entry for stem, entry in shards.items() if stem in named} | kept
+    return {stem: entry for stem, entry in shards.items() if stem in named} | kept | undescribed
+
+
+def _entries_from_footers(fs, root: str, held: set[str], described: set[str]) -> dict:
+    """EARLIER_RUN entries, from their footers, of the shards' outputs among `held` (paths relative to OUTPUT) whose
+    stems are not `described`; a file without our footer is no output of a shard, and gets none."""
+    stems = [rel[:-len(".parquet")] for rel in sorted(held)
+             if rel != output.MANIFEST_NAME and not rel.startswith(output.EMBEDDINGS_FOLDER + "/")
+             and output.is_output_name(rel) and rel[:-len(".parquet")] not in described]
+    if not stems:
+        return {}
+    with ThreadPoolExecutor(max(1, min(16, len(stems)))) as pool:
+        footers = pool.map(lambda stem: output.read_output_metadata(storage.join(root, f"{stem}.parquet"), fs),
+                           stems)
+        results = {stem: (meta or {}).get("result") for stem, meta in zip(stems, footers)}
+    return {stem: {k: result.get(k) for k in ENTRY_FIELDS} | dict.fromkeys(FIGURES)
+            | {"warnings": result.get("warnings") or [], "status": EARLIER_RUN, "from_run": None}
+            for stem, result in results.items() if isinstance(result, dict)}
 
 
 def _outputs_held(fs, root: str) -> set[str]:
@@ -266,8 +291,7 @@ def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str,
     model = next((r.get("model") for r in results if r.get("model")), None)
     figures = shard_figures(results, previous)
     shards = {
-        r["stem"]: {k: r.get(k) for k in ("output", "rows", "samples", "embedded", "failed", "cache_key",
-                                          "batch_size")}
+        r["stem"]: {k: r.get(k) for k in ENTRY_FIELDS}
         | figures[r["stem"]]
         | {"warnings": r.get("warnings") or []}
         | {"status": "cached" if r.get("cached") else "computed"}
