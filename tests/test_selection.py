@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 import fsspec
 import pyarrow.parquet as pq
@@ -344,16 +345,19 @@ def test_list_input_over_two_top_level_folders_leaves_some_output_folder(tmp_pat
 
 
 def _written_by(out: Path, stem: str, model: str, *, weights: str = "random-init", embedding: str = "pooled",
-                normalized: bool = True, **recorded) -> None:
-    """An output as a run of `model` leaves it (only its footer matters here); `recorded`: more of the footer's
-    model record (embedding_forms, checkpoint)."""
+                normalized: bool = True, parts: Optional[dict] = None, **recorded) -> None:
+    """An output as a run of `model` leaves it (only its footer matters here); `parts`: its cache key's parts;
+    `recorded`: more of the footer's model record (embedding_forms, checkpoint)."""
     import fsspec
     import pyarrow as pa
 
     out.mkdir(parents=True, exist_ok=True)
     result = {"model": {"name": model, "weights": weights, "embedding": embedding, "dim": 8, **recorded}}
+    metadata = {"cache_key": "k", "normalized": normalized, "result": result}
+    if parts is not None:
+        metadata["cache_key_parts"] = parts
     output.write_parquet_atomic(pa.table({"key": ["a"]}), str(out / f"{stem}.parquet"), fsspec.filesystem("file"),
-                                metadata={"cache_key": "k", "normalized": normalized, "result": result})
+                                metadata=metadata)
 
 
 def test_outputs_of_another_model_beside_this_runs_are_refused_naming_them(tree, tmp_path):
@@ -405,6 +409,27 @@ def test_outputs_beside_whose_views_name_their_columns_otherwise_are_refused(tre
     with pytest.raises(plan.InputError, match=refused):  # (the first shard's parquet has no 'uid': the check alone)
         plan.check_outputs_beside(one.model_copy(update={"id_column": "uid"}), plan.find_shards(one))
     plan.check_config(one.model_copy(update={"embedding_column": "emb", "knn_view": False}))
+
+
+def test_outputs_beside_stored_in_another_embedding_dtype_are_refused(tree, tmp_path):
+    """A dataset that grows: its first shards embedded as float32, one of them dropped from INPUT since (its output
+    stays, an earlier run's), then a run with --embedding-dtype float16 over the shards still there. It was
+    accepted, and left list<float> and list<halffloat> embeddings in one folder and one kNN view: the README's
+    merged-schema read of OUTPUT failed ("Unable to merge: Field image_embedding has incompatible types"). Refused
+    like another model's outputs, naming them; outputs of the run's own dtype are fine, footers that record no key
+    parts (older versions) are not judged."""
+    out = tmp_path / "out"
+    half = config(tree / "00000.tar", out, embedding="pooled", embedding_dtype="float16")
+    _written_by(out, "00001", TINY_MODEL, parts={"dtype": "float16"})
+    _written_by(out, "00002", TINY_MODEL)  # no key parts recorded: not judged
+    plan.check_config(half)
+    _written_by(out, "00003", TINY_MODEL, parts={"shard": "x"})  # float32: a float32 key records no dtype
+    with pytest.raises(plan.InputError, match=r"00003.parquet \(embedding_dtype float32\)") as err:
+        plan.check_config(half)
+    assert "00001" not in str(err.value) and "00002" not in str(err.value)
+    with pytest.raises(plan.InputError, match=r"00001.parquet \(embedding_dtype float16\)") as err:
+        plan.check_config(half.model_copy(update={"embedding_dtype": "float32"}))
+    assert "00003" not in str(err.value)
 
 
 def test_outputs_of_another_checkpoint_file_are_told_from_the_same_one_spelled_otherwise(tree, tmp_path,

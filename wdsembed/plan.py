@@ -132,7 +132,8 @@ def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
     """Refuse a run whose OUTPUT already holds outputs of shards it does not name, made by another model (or the
     same model otherwise set: its weights, its head, normalized or not): they would stay beside this run's, two
     embedding spaces in one folder and one kNN view, which kNN tools read as one (or fail on, where the sizes
-    differ), and so are outputs of the same model whose kNN views name their id or embedding column otherwise.
+    differ), and so are outputs of the same model stored as another embedding_dtype (their schemas do not merge)
+    or whose kNN views name their id or embedding column otherwise.
     Outputs this run names are rewritten, so they never count. One listing of OUTPUT, and a footer read for each
     output that this run does not name (and for its view, where the run writes views)."""
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
@@ -153,7 +154,13 @@ def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
     judge = OtherSpace(config)
 
     def differs(path: str) -> Optional[str]:
-        reasons = judge.reasons(output.read_output_metadata(path, out_fs))
+        meta = output.read_output_metadata(path, out_fs)
+        reasons = judge.reasons(meta)
+        stored = _embedding_dtype(meta)
+        if not reasons and stored and stored != config.embedding_dtype:
+            # The same model, its embeddings stored as another type: the tables' and the views' embedding columns
+            # would not merge into one schema.
+            reasons = [f"embedding_dtype {stored}"]
         if not reasons and config.knn_view:
             # The same model, but its view's columns named otherwise (another --id-column or --embedding-column):
             # kNN tools read the view's files with one column name, and fail on the others.
@@ -172,6 +179,13 @@ def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
             "folder and one kNN view, which kNN tools read as one. Choose another output folder, name those shards in this run too (they are "
             "then recomputed), or remove their outputs."
         )
+
+
+def _embedding_dtype(meta: Optional[dict]) -> Optional[str]:
+    """The embedding_dtype an output was stored with, from its footer's cache key parts (shard.cache_key_parts
+    records it only where it is not float32); None where the footer records no parts (older versions)."""
+    parts = (meta or {}).get("cache_key_parts")
+    return parts.get("dtype", "float32") if isinstance(parts, dict) else None
 
 
 class OtherSpace:
