@@ -430,3 +430,27 @@ def test_api_run_keeps_decoder_lines_off_the_terminal(tmp_path):
     computed, cached = first[1]["shards"]["00000"], second[1]["shards"]["00000"]
     assert cached["status"] == "cached" and computed["status"] == "computed"
     assert cached["seconds"] == computed["seconds"] > 0 and cached["images_per_second"] == computed["images_per_second"] > 0
+
+
+def test_a_dataset_embedded_again_after_its_folder_grew_describes_the_shards_embedded(tmp_path):
+    """A dataset opened once and embedded every day, as its folder grows (a shard added, one removed): the
+    embedder embeds the folder as it is, but the dataset it returned kept the shards it was opened with. Its
+    `results` named 00001 and 00002 while its `metadata` read 00000 (gone from the dataset) and 00001, and
+    save_metadata() copied those, without the new shard's rows. It now describes the shards it embedded."""
+    from wdsembed import ImageTextPairDataset
+    from wdsembed.synthetic import write_shard
+
+    data = tmp_path / "dataset"
+    for s in range(2):
+        write_shard(data, f"{s:05d}", [_image(10 * s + i) for i in range(2)], shard_id=s)
+    dataset = ImageTextPairDataset.from_webdataset(str(data), id_col="key")
+    _embedder()(dataset)
+
+    write_shard(data, "00002", [_image(20 + i) for i in range(2)], shard_id=2)  # the next day's
+    (data / "00000.tar").unlink()
+    embedded = _embedder()(dataset)
+    assert [r.stem for r in embedded.results] == ["00001", "00002"]
+    assert embedded.stems == ["00001", "00002"]
+    assert sorted(embedded.metadata.compute()["key"]) == ["000010000", "000010001", "000020000", "000020001"]
+    copy = Path(embedded.save_metadata(str(tmp_path / "copy")))
+    assert sorted(p.name for p in copy.glob("*.parquet")) == ["00001.parquet", "00002.parquet"]

@@ -109,7 +109,8 @@ class TimmImageEmbedder:
             config = self.config(data, output, **overrides)
         results = run_shards(config)
         if isinstance(data, ImageTextPairDataset):
-            return data.with_embeddings(config.output, results)
+            # the folder's shards as the run found them: it may have grown or lost some since the dataset was opened
+            return data.with_embeddings(config.output, results, [r.shard for r in results])
         return results
 
 

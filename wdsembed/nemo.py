@@ -192,8 +192,12 @@ class ImageTextPairDataset:
                              "pass the output, embedding_model(dataset, output)")
         return storage.to_url(fs, posixpath.join(parent, name + "_embeddings"))
 
-    def with_embeddings(self, metadata_path: str, results: Sequence) -> "ImageTextPairDataset":
-        return replace(self, metadata_path=metadata_path, results=list(results))
+    def with_embeddings(self, metadata_path: str, results: Sequence,
+                        tar_files: Optional[list[str]] = None) -> "ImageTextPairDataset":
+        """The dataset with its embeddings in `metadata_path`. `tar_files`: the shards that were embedded, where the
+        folder no longer holds those it was opened with (shards added or removed since): its metadata is theirs."""
+        return replace(self, metadata_path=metadata_path, results=list(results),
+                       tar_files=self.tar_files if tar_files is None else list(tar_files))
 
     def save_metadata(self, path: Optional[str] = None, columns: Optional[list[str]] = None) -> str:
         """Write the metadata parquets (`<stem>.parquet`), with only `columns` if given, into `path`; returns it.
