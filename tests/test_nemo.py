@@ -186,6 +186,46 @@ def test_api_with_an_unreachable_dask_address_fails_naming_it_and_runs_nothing_h
     assert ran_here == [] and not (tmp_path / "out").exists()
 
 
+def test_interrupted_call_on_a_dask_client_leaves_none_of_its_shards_running_there(tmp_path):
+    """Ctrl-C in a notebook while the shards run on the current client's workers: the call's shards not yet done
+    are cancelled there. They ran on, kept alive by the traceback that the REPL keeps, each embedded and then
+    refused at its write (the call's claim is released as it ends) with a "Compute Failed" traceback, and the next
+    call's shards waited behind them."""
+    import _thread
+    import threading
+    import time
+
+    from distributed import Client, LocalCluster
+
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    data, out = tmp_path / "dataset", tmp_path / "out"
+    for s in range(6):
+        write_shard(data, f"{s:05d}", from_encoded(synthetic_images(6, seed=s)))
+
+    def ctrl_c_once_a_shard_is_written():
+        while not any(out.glob("*.parquet")):
+            time.sleep(0.02)
+        _thread.interrupt_main()
+
+    def tasks_left():
+        return [key for key in list(cluster.scheduler.tasks) if str(key).startswith("wdsembed-")]
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster):
+        embedder = _embedder_with()
+        threading.Thread(target=ctrl_c_once_a_shard_is_written, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt) as interrupted:  # its traceback kept, as a REPL keeps the last one
+            embedder(str(data), str(out))
+        deadline = time.monotonic() + 10
+        while tasks_left() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tasks_left() == [], [(key, cluster.scheduler.tasks[key].state) for key in tasks_left()]
+        assert interrupted.traceback  # still held
+        results = embedder(str(data), str(out))
+    assert sorted(r.stem for r in results) == [f"{s:05d}" for s in range(6)]
+
+
 def _embedder_with(**options):
     from wdsembed import TimmImageEmbedder
 

@@ -213,16 +213,23 @@ def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str) -> tu
     log.info("%d shard(s) submitted to Dask (%s)%s", len(plans), client.scheduler.address,
              ", one GPU each" if resources else "")
     results, failures, transient = [], {}, []
-    # On this client's loop: as_completed() without one asks for the current client, and the call's own client
-    # (dask_address) is never made current, nor is there any in a plain script.
-    for future in as_completed(futures, loop=client.loop):
-        plan = futures[future]
-        try:
-            results.append(future.result())
-        except Exception as exc:  # noqa: BLE001 - a shard's error, or its worker lost for good (KilledWorker)
-            _failed(plan.stem, exc, failures, transient)
-        finally:
-            future.release()
+    try:
+        # On this client's loop: as_completed() without one asks for the current client, and the call's own client
+        # (dask_address) is never made current, nor is there any in a plain script.
+        for future in as_completed(futures, loop=client.loop):
+            plan = futures[future]
+            try:
+                results.append(future.result())
+            except Exception as exc:  # noqa: BLE001 - a shard's error, or its worker lost for good (KilledWorker)
+                _failed(plan.stem, exc, failures, transient)
+            finally:
+                future.release()
+    except BaseException:
+        # Interrupted (Ctrl-C in a notebook): the shards not yet collected would run on, kept alive by the traceback
+        # that the REPL keeps, each embedded only to be refused at its write (the claim goes as this call ends),
+        # with the next call's shards queued behind them.
+        client.cancel(list(futures))
+        raise
     return results, failures, transient
 
 
