@@ -275,6 +275,35 @@ def test_save_metadata_never_overwrites_the_dataset(tmp_path):
         embedded.save_metadata(str(tmp_path / "copy2"), columns=["nope"])
 
 
+def test_changes_to_metadata_stay_and_save_metadata_writes_them(tmp_path):
+    """`metadata` is an attribute, as NeMo Curator's is: a column set on it (its tutorial's
+    `dataset.metadata["passes_aesthetic_check"] = ...`) and a frame assigned to it stay the dataset's metadata, and
+    save_metadata(path) writes them, each shard's rows to its file, in the file's column types. It was read anew at
+    each access: the column was lost without a word, the assignment raised FrozenInstanceError, and save_metadata
+    wrote the files as they were."""
+    embedded, data, out = _embedded_dataset(tmp_path)
+    written = _parquets(out)
+    metadata = embedded.metadata
+    metadata["long_caption"] = metadata["caption"].str.len() > 3
+    assert embedded.metadata is metadata and "long_caption" in embedded.metadata.columns
+    with pytest.raises(ValueError, match="the metadata was changed since it was read, and .* holds the embedder's "
+                                         "outputs, which the next run resumes from: pass another folder"):
+        embedded.save_metadata()  # the outputs' finished-shard keys would go: the next run would embed all again
+    assert _parquets(out) == written
+
+    embedded.metadata = embedded.metadata[embedded.metadata["key"] != "000011"]
+    saved = Path(embedded.save_metadata(str(tmp_path / "saved")))
+    first, second = (pq.read_table(saved / f"{stem}.parquet") for stem in ("00000", "00001"))
+    assert first.column("long_caption").to_pylist() == [True] and second.num_rows == 0
+    source = pq.read_schema(out / "00000.parquet").remove_metadata()
+    assert first.drop_columns(["long_caption"]).schema.remove_metadata() == source  # no large_string, no double
+    assert pq.read_table(saved / "00001.parquet", columns=["key"]).column("key").type == pa.string()
+
+    embedded.metadata = embedded.metadata.repartition(npartitions=1)
+    with pytest.raises(ValueError, match="1 partitions, not one per shard's metadata file"):
+        embedded.save_metadata(str(tmp_path / "saved2"))
+
+
 def test_metadata_reads_every_shard_when_one_had_no_img2dataset_parquet(tmp_path):
     """The output of a shard without an img2dataset parquet has only the key, embedding and error columns. Dask
     took the columns from one file, and computing `metadata` then failed on that shard's partition (KeyError:

@@ -103,7 +103,7 @@ def _why_no_gpu_cluster() -> Optional[str]:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass
 class ImageTextPairDataset:
     """WebDataset shards (`<path>/*.tar`) with their per-shard metadata (`<stem>.parquet`, one row per sample,
     keyed by `id_col`): the dataset's own img2dataset parquets, or after embedding, the embedded copies.
@@ -118,6 +118,9 @@ class ImageTextPairDataset:
     storage_options: dict = field(default_factory=dict)
     metadata_path: Optional[str] = None
     results: list = field(default_factory=list, repr=False)
+    # `metadata` as the caller left it, and the name of its Dask graph as read (see the property)
+    _metadata: Any = field(default=None, init=False, repr=False, compare=False)
+    _metadata_read_as: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_webdataset(cls, path: str, id_col: str = "key", storage_options: Optional[dict] = None):
@@ -146,7 +149,29 @@ class ImageTextPairDataset:
 
     @property
     def metadata(self):
-        """The metadata as a (lazy) dask DataFrame, one partition per shard; None where there is none."""
+        """The metadata as a (lazy) dask DataFrame, one partition per shard; None where there is none.
+
+        An attribute, as NeMo Curator's is: read once, then kept, so that a column set on it
+        (`dataset.metadata["score"] = ...`) or a frame assigned to it (`dataset.metadata = ...`) stays the dataset's
+        metadata, and save_metadata writes it."""
+        if self._metadata is None:
+            self._metadata = self._read_metadata()
+            self._metadata_read_as = getattr(self._metadata, "_name", None)
+        return self._metadata
+
+    @metadata.setter
+    def metadata(self, frame) -> None:
+        self._metadata = frame
+
+    def _edited_metadata(self):
+        """The metadata where the caller changed it since it was read (a column set, rows filtered, another frame
+        assigned: each gives it another Dask graph); else None."""
+        frame = self._metadata
+        if frame is None or getattr(frame, "_name", None) == self._metadata_read_as:
+            return None
+        return frame
+
+    def _read_metadata(self):
         files = self.metadata_files()
         if not files:
             return None
@@ -201,41 +226,46 @@ class ImageTextPairDataset:
 
     def save_metadata(self, path: Optional[str] = None, columns: Optional[list[str]] = None) -> str:
         """Write the metadata parquets (`<stem>.parquet`), with only `columns` if given, into `path`; returns it.
+        The metadata as it stands: where it was changed since it was read (a column set on it, rows filtered), each
+        shard's partition of it.
 
         Default `path`: where the metadata already is. For an embedded dataset that is its embeddings folder, so
-        with no columns there is nothing to write. Never the dataset's own folder nor one inside it: its parquets are
-        img2dataset's (each sample's URL, caption, status), and the next run reads them as the shards' rows."""
+        with no columns there is nothing to write, and metadata changed since is refused there: those files are the
+        embedder's outputs, which the next run resumes from. Never the dataset's own folder nor one inside it: its
+        parquets are img2dataset's (each sample's URL, caption, status), and the next run reads them as the shards'
+        rows."""
         target = (path or self.metadata_path or self.path).rstrip("/")
         source = self.metadata_path
         if source is None:
             raise ValueError("this dataset has no metadata yet: embed it first, embedding_model(dataset)")
+        edited = self._edited_metadata()
         # Places, not strings: "dataset", "./dataset" and its absolute path are one folder.
         where = storage.location(target, self.storage_options)
         in_place = where == storage.location(source, self.storage_options)
+        already_there = in_place and columns is None and edited is None
         dataset = storage.location(self.path, self.storage_options)
-        if storage.within(where, dataset) and not (in_place and columns is None):
+        if storage.within(where, dataset) and not already_there:
             raise ValueError(f"save_metadata({target!r}) would write into the dataset's own folder {self.path!r} "
                              "(its parquets are the shards' img2dataset rows, read by every run): pass a folder "
                              f"outside it, e.g. save_metadata({self.default_embeddings_path()!r})")
-        if in_place and columns is None:
+        if already_there:
             # Rewriting them would strip their finished-shard keys: the next run would embed every shard again.
             log.info("metadata with embeddings is in %s", target)
             return target
-        self._copy_metadata(target, columns)
+        if in_place and edited is not None:
+            raise ValueError(f"save_metadata({target!r}): the metadata was changed since it was read, and "
+                             f"{target!r} holds the embedder's outputs, which the next run resumes from: pass "
+                             "another folder, save_metadata(path)")
+        self._copy_metadata(target, columns, edited)
         return target
 
-    def _copy_metadata(self, target: str, columns: Optional[list[str]]) -> None:
-        import pyarrow.parquet as pq
-
+    def _copy_metadata(self, target: str, columns: Optional[list[str]], edited) -> None:
         from wdsembed import output
 
         out_fs, out_root = storage.filesystem(target, self.storage_options)
         if storage.is_local(out_fs):
             out_fs.makedirs(out_root, exist_ok=True)
-        for url in self.metadata_files():
-            fs, src = storage.filesystem(url, self.storage_options)
-            with fs.open(src, "rb") as f:
-                table = pq.read_table(f)
+        for url, table in self._shard_tables(edited):
             if columns is not None:
                 missing = [c for c in columns if c not in table.column_names]
                 if missing:
@@ -245,5 +275,43 @@ class ImageTextPairDataset:
             # never taken for a finished output (a run into this folder recomputes it).
             schema_meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != output.FOOTER_KEY}
             table = table.replace_schema_metadata(schema_meta)
-            output.write_parquet_atomic(table, storage.join(out_root, os.path.basename(src)), out_fs,
+            output.write_parquet_atomic(table, storage.join(out_root, posixpath.basename(url)), out_fs,
                                         metadata={"saved_from": url, "columns": columns})
+
+    def _shard_tables(self, edited):
+        """Each metadata file's URL and its rows: the file's, or where the metadata was changed in memory
+        (`edited`), that shard's partition of it, in the file's column types."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        files = self.metadata_files()
+        if edited is not None and edited.npartitions != len(files):
+            raise ValueError(f"the metadata has {edited.npartitions} partitions, not one per shard's metadata file "
+                             f"({len(files)}), so its rows cannot be written back shard by shard: write it with "
+                             "dataset.metadata.to_parquet(path)")
+        for i, url in enumerate(files):
+            fs, src = storage.filesystem(url, self.storage_options)
+            with fs.open(src, "rb") as f:
+                if edited is None:
+                    yield url, pq.read_table(f)
+                    continue
+                schema = pq.read_schema(f)
+            rows = pa.Table.from_pandas(edited.get_partition(i).compute(), preserve_index=False)
+            yield url, _in_types_of(schema, rows)
+
+
+def _in_types_of(schema, table):
+    """`table` with each column that `schema` has in its type and field metadata (the embedding's `dim`), where
+    its values fit: pandas made integers with nulls floats and strings large_string."""
+    import pyarrow as pa
+
+    columns, fields = [], []
+    for field_, column in zip(table.schema, table.columns):
+        if field_.name in schema.names:
+            try:
+                column, field_ = column.cast(schema.field(field_.name).type), schema.field(field_.name)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                pass  # changed in memory into values of another type: kept as they are
+        columns.append(column)
+        fields.append(field_)
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
