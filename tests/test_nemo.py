@@ -423,8 +423,10 @@ def test_save_metadata_onto_the_embeddings_folder_by_another_spelling_writes_not
 
 
 ROUTER_CHILD = r'''
-import logging, subprocess, sys
+import logging, subprocess, sys, time
 logging.basicConfig(filename=sys.argv[1], level=logging.DEBUG)
+if sys.argv[2] == "slow":  # a handler that takes its time (a loaded machine, a remote log): the process ends first
+    logging.getLogger().handlers[0].addFilter(lambda record: time.sleep(0.5) or True)
 from wdsembed.decoderlog import decoder_messages_to_log
 print("before", file=sys.stderr)
 with decoder_messages_to_log():
@@ -436,10 +438,12 @@ print(" after", file=sys.stderr)
 '''
 
 
-def test_router_logs_decoder_lines_and_passes_the_rest(tmp_path):
+@pytest.mark.parametrize("handler", ["quick", "slow"])
+def test_router_logs_decoder_lines_and_passes_the_rest(tmp_path, handler):
+    """Every decoder line is logged before the context ends, however slow the log's handler."""
     log = tmp_path / "log.txt"
-    done = subprocess.run([sys.executable, "-c", ROUTER_CHILD, str(log)], env=env(), capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-c", ROUTER_CHILD, str(log), handler], env=env(), capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr == "before\npython line\nchild line\npartial after\n"
     assert "DEBUG:wdsembed.decoder:ERROR libjpeg_turbo_decoder: Could not decode" in log.read_text()

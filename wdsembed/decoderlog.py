@@ -37,6 +37,7 @@ DECODER_LINE = re.compile(
 
 
 _FLUSH_MARKER = b"\x00wdsembed-stderr-flush\x00\n"
+_FLUSHED = ("", "", "")  # the logger thread's cue that the lines before the flush marker are logged
 
 
 class _Fd2Router:
@@ -45,10 +46,12 @@ class _Fd2Router:
     def __init__(self) -> None:
         self.original = os.dup(2)
         self.read_end, self.write_end = os.pipe()
-        self.flushed = threading.Event()  # the pump has handled everything up to the flush marker
+        # everything up to the flush marker is handled: forwarded, or logged (the logger thread is a daemon, and a
+        # process that ends right after close() would otherwise lose the last lines)
+        self.flushed = threading.Event()
         self.original_lock = threading.Lock()
         self.closed = False
-        self.records: "queue.SimpleQueue[Optional[tuple[str, str, str]]]" = queue.SimpleQueue()
+        self.records: "queue.SimpleQueue[Optional[tuple[str, str, str]]]" = queue.SimpleQueue()  # None: the end
         _flush_python_streams()
         os.dup2(self.write_end, 2)
         # Logging happens in a thread of its own: a handler that writes to stderr (fd 2, the pipe) must never
@@ -104,7 +107,6 @@ class _Fd2Router:
             self._route(pending)
         os.close(self.read_end)
         self.records.put(None)
-        self.flushed.set()
         with self.original_lock:
             if self.closed:
                 self._close_original()
@@ -113,7 +115,7 @@ class _Fd2Router:
         if line.endswith(_FLUSH_MARKER):  # after a partial line, if the last write had no newline
             if len(line) > len(_FLUSH_MARKER):
                 self._forward(line[: -len(_FLUSH_MARKER)])
-            self.flushed.set()
+            self.records.put(_FLUSHED)  # set once the lines before it are logged
             return
         match = DECODER_LINE.match(line.rstrip(b"\r\n"))
         if match is None:
@@ -139,8 +141,11 @@ class _Fd2Router:
     def _log_records(self) -> None:
         while True:
             record = self.records.get()
-            if record is None:
-                return
+            if record is None or record is _FLUSHED:
+                self.flushed.set()
+                if record is None:
+                    return
+                continue
             severity, source, text = record
             log.debug("%s %s: %s", severity, source, text)
 
