@@ -365,6 +365,42 @@ def test_the_api_refuses_what_the_command_refuses_before_claiming_the_output(sha
     assert [r.cached for r in TimmImageEmbedder(TINY_MODEL, **settings)(str(shards), str(out))] == [True]
 
 
+def test_a_model_the_run_cannot_embed_with_is_refused_before_any_work(shards, tmp_path, monkeypatch, capsys):
+    """What only building the model tells (no weights needed: it is built on the meta device) is refused before any
+    work, in one line saying why and what to pass. Each of these passed the checks, then failed every shard's task
+    after Prefect and the workers had started: a grayscale model (the pipeline feeds RGB), a local-dir: folder
+    without the config.json timm builds it from, an hf-hub: name whose config is not cached while the Hub is
+    offline (random weights too need its config; the shard's reason said to pass --no-pretrained, already passed),
+    and an encoder without a pooled output (timm's NotImplementedError from forward_head)."""
+    import timm
+    from timm.models import save_for_hf
+
+    from wdsembed.api import TimmImageEmbedder
+    from wdsembed.shard import ShardsFailed
+
+    gray = tmp_path / "gray"
+    save_for_hf(timm.create_model(TINY_MODEL, pretrained=False, in_chans=1), str(gray), model_args={"in_chans": 1})
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    for model, said in [
+        (f"local-dir:{gray}", "the model takes 1-channel input, and the run feeds it RGB images. Pass --model "
+                              "(model_name=) a model whose timm data config the pipeline reproduces: 3-channel"),
+        (f"local-dir:{tmp_path / 'nowhere'}", f"{str(tmp_path / 'nowhere')!r} has no config.json"),
+        (f"hf-hub:timm/{TINY_MODEL}", "its config.json (the architecture and preprocessing, needed whatever the "
+                                      "weights) is not in the Hugging Face cache"),
+        ("deepseek_vit_412m_enc", "forward_head raises NotImplementedError: DeepseekVitEncoder does not support "
+                                  "classification use cases"),
+    ]:
+        with pytest.raises(ValueError) as refusal:
+            TimmImageEmbedder(model, pretrained=False, device="cpu", batch_size=2, num_threads_per_worker=1)(
+                str(shards), str(out))
+        assert not isinstance(refusal.value, ShardsFailed) and said in str(refusal.value), str(refusal.value)
+        assert "\n" not in str(refusal.value) and not out.exists()
+        err, _ = refused(capsys, [str(shards), "-o", str(out), "--model", model, "--no-pretrained", "--device", "cpu"])
+        assert err == f"error: {refusal.value}", err
+
+
 def test_checkpoint_is_a_local_path_or_file_url(shards, tmp_path, capsys):
     """Each worker loads the checkpoint from its own disk: a file:// URL is taken as its path everywhere (it was
     found by the checks, then missed by every worker), and another store's URL is refused at once (it passed the

@@ -320,6 +320,35 @@ def _check_name(model_name: str) -> None:
         )
 
 
+def _require_source_config(model_name: str, offline: bool) -> None:
+    """The config.json that timm builds an hf-hub: or local-dir: model from (its architecture and preprocessing),
+    needed whatever the weights, random ones or a checkpoint's too: its absence is said here, naming where it was
+    looked for, rather than as the Hub client's or the file system's error from inside timm."""
+    source, _, where = model_name.partition(":")
+    if source.lower() == "local-dir":
+        if not os.path.isfile(os.path.join(where, "config.json")):  # timm joins it as it is (no ~ expanded)
+            raise ModelLoadError(
+                f"cannot create {model_name!r}: {where!r} has no config.json, which timm builds a local-dir: model "
+                "from (timm.models.save_for_hf writes one beside the weights). Pass "
+                f"{option('model_name')} local-dir: a folder with one, or the timm model name with "
+                f"{option('checkpoint')} its weights file"
+            )
+    elif offline:  # hf-hub: timm downloads the config, unless the cache holds it
+        import huggingface_hub
+
+        repo, _, revision = where.partition("@")
+        cached = huggingface_hub.try_to_load_from_cache(repo, "config.json", cache_dir=_hub_cache_dir(),
+                                                        revision=revision or None)
+        if not isinstance(cached, str):
+            why = "HF_HUB_OFFLINE is set" if _env_offline() else f"the Hub ({_hub_endpoint()}) is unreachable"
+            raise ModelLoadError(
+                f"cannot create {model_name!r}: its config.json (the architecture and preprocessing, needed whatever "
+                f"the weights) is not in the Hugging Face cache ({_hub_cache_dir()}) and {why}. Fill the cache where "
+                f"the Hub is reachable (e.g. `hf download {repo}` with the same HF_HOME), or pass "
+                f"{option('model_name')} the timm model name"
+            )
+
+
 # --------------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -474,6 +503,8 @@ def load_model(
     cfg = None if sourced else get_pretrained_cfg(model_name)
     # For hub names timm calls the Hub itself: where it is unreachable, make those calls cache-only.
     offline = hub_name and (_env_offline() or not _hub_reachable(_hub_endpoint()))
+    if sourced:
+        _require_source_config(model_name, offline)
 
     if checkpoint:
         path = os.path.abspath(os.path.expanduser(checkpoint))
@@ -582,7 +613,17 @@ def load_model(
     )
     # Measure, don't infer: the dim is whatever the forward we run per batch returns.
     probe = torch.zeros((1, *data_config["input_size"]), device=dev)
-    out = embed_batch(loaded, probe, autocast=False, normalize=False)
+    try:
+        out = embed_batch(loaded, probe, autocast=False, normalize=False)
+    except (torch.cuda.OutOfMemoryError, MemoryError):
+        raise  # the device's state, not the model's: a retry may pass
+    except Exception as e:  # noqa: BLE001 - the model's own: an encoder without a pooled output (timm raises
+        # NotImplementedError from its forward_head), whatever the device, so refused before a run (plan.check_model)
+        part = "forward" if resolved == "head" else "forward_head"
+        raise ModelLoadError(
+            f"{model_name!r} gives no embedding: its {part} raises {_short(e, 300).rstrip('.')}. "
+            f"Pass {option('model_name')} a model with a pooling head"
+        ) from e
     if out.ndim != 2:
         raise ModelLoadError(
             f"{model_name!r} with embedding={resolved!r} returns shape {tuple(out.shape)}, not (N, dim); "

@@ -82,8 +82,8 @@ def check_config(config: EmbedConfig, *, on_current_client: bool = False) -> boo
         if not os.path.isfile(os.path.expanduser(config.checkpoint)):
             raise InputError(f"checkpoint {config.checkpoint!r} is not a file: pass the path of a weights file "
                              f"(.safetensors, .pth, .bin), or leave {option('checkpoint')} out")
-        if needs_model:
-            _check_checkpoint_fits(config)
+    if needs_model:
+        check_model(config)
     check_storage(config)
     # Another run writing to OUTPUT now: refused here, in a second; the run's own claim (outputclaim.take) decides.
     outputclaim.check_free(config)
@@ -492,16 +492,27 @@ def _every_key(config: EmbedConfig, found: "FoundShards", tar: str) -> Optional[
     return shards.index_keys(index) if index is not None else None
 
 
-def _check_checkpoint_fits(config: EmbedConfig) -> None:
-    """Read the checkpoint and load it into the model built on the meta device (no memory, no forward pass): a
-    file that is not a state dict, or one of another model, is refused here rather than in every shard's task."""
+def check_model(config: EmbedConfig) -> None:
+    """Build the model as each worker will, on the meta device (no memory, no arithmetic, no weights downloaded:
+    random ones, or the checkpoint's read and loaded), and its preprocessing recipe: what only the model itself
+    tells is refused here rather than in every shard's task. A checkpoint that is not a state dict, or one of another
+    model; an hf-hub: or local-dir: model whose config cannot be had; a model without an embedding to take (an
+    encoder whose forward_head raises); a data config the pipeline cannot reproduce (a grayscale model). About a
+    second for a ViT-B/16, three for a ViT-L/14 on a busy 2-core machine; whether pretrained weights can be had is
+    preflight.check_weights's (it downloads nothing)."""
     from wdsembed.model import ModelLoadError, load_model
+    from wdsembed.preprocess import CROP_MODES, INTERPOLATIONS, PreprocessRecipe, UnsupportedRecipe
 
     try:
-        load_model(config.model_name, pretrained=config.pretrained, checkpoint=config.checkpoint,
-                   embedding=config.embedding, device="meta")
+        loaded = load_model(config.model_name, pretrained=False, checkpoint=config.checkpoint,
+                            embedding=config.embedding, device="meta")
+        PreprocessRecipe.from_data_config(loaded.data_config)
     except ModelLoadError as exc:
         raise InputError(str(exc)) from None  # each says what to pass for its own cause
+    except UnsupportedRecipe as exc:
+        raise InputError(f"{config.model_name!r} cannot be embedded here: {exc}. Pass {option('model_name')} a "
+                         "model whose timm data config the pipeline reproduces: 3-channel input, "
+                         f"{' or '.join(INTERPOLATIONS)} interpolation, crop_mode {', '.join(CROP_MODES)}") from None
 
 
 def check_storage(config: EmbedConfig) -> None:

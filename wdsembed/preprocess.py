@@ -72,7 +72,7 @@ class PreprocessRecipe:
     def __post_init__(self) -> None:
         c, h, w = self.input_size
         if c != 3:
-            raise UnsupportedRecipe(f"only 3-channel RGB input is supported, the model wants {c} channels")
+            raise UnsupportedRecipe(f"the model takes {c}-channel input, and the run feeds it RGB images")
         if h < 1 or w < 1:
             raise UnsupportedRecipe(f"bad input size {self.input_size}")
         if self.interpolation not in INTERPOLATIONS:
