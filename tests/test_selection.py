@@ -713,6 +713,33 @@ def test_a_checkpoint_rewritten_at_its_path_is_loaded_again_in_the_same_process(
         "the second run embedded with the first run's weights"
 
 
+def test_a_local_dir_model_exported_again_at_its_path_is_embedded_again(tmp_path):
+    """A `local-dir:` model is its folder's config.json and weights, as a checkpoint is its file: exported again at
+    the same path (retrained), a re-run into the same output embeds with the new weights. The cache key named only the
+    folder, so the re-run found every shard finished and kept the old weights' embeddings; in one process its Worker
+    would have served the old weights too."""
+    pytest.importorskip("nvidia.dali")
+    import timm
+    import torch
+    from timm.models import save_for_hf
+
+    from wdsembed.api import TimmImageEmbedder
+
+    shard(tmp_path / "in", "00000", n=3)
+    folder, out = tmp_path / "model", tmp_path / "out"
+    tables, cached = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        save_for_hf(timm.create_model(TINY_MODEL, pretrained=False), str(folder), safe_serialization=True)
+        settings = SETTINGS | {"pretrained": True}
+        cached += [r.cached for r in TimmImageEmbedder(f"local-dir:{folder}", **settings)(str(tmp_path / "in"),
+                                                                                           str(out))]
+        tables.append(pq.read_table(out / "00000.parquet"))
+    assert cached == [False, False], "the re-run took the old weights' output for finished"
+    assert tables[0].column("image_embedding") != tables[1].column("image_embedding"), \
+        "the second run embedded with the first run's weights"
+
+
 def test_a_missing_checkpoint_is_said_missing_not_rewritten(tree, tmp_path):
     """The check of outputs beside a run's own reads this run's checkpoint first: a missing file is named as such,
     not taken for another file that made every output beside."""

@@ -148,6 +148,9 @@ def cache_key_parts(config: EmbedConfig, plan: ShardPlan) -> dict:
         "format": output.OUTPUT_FORMAT_VERSION,
         "packages": {k: v for k, v in package_versions().items() if k in _KEYED_PACKAGES},
     }
+    folder = storage.model_folder_identity(config.model_name)
+    if folder:  # a local-dir: model's folder content; only there, so that no other run's keys change
+        parts["model_folder"] = folder
     if config.embedding_dtype != "float32":  # only then: the keys of float32 outputs made before it stay as they were
         parts["dtype"] = config.embedding_dtype
     if config.checkpoint and config.embedding == "auto":
@@ -162,7 +165,8 @@ def cache_key_parts(config: EmbedConfig, plan: ShardPlan) -> dict:
 # absent from a footer take the value their absence stands for (cache_key_parts adds "dtype" and
 # "checkpoint_head_rule" only where they are not that value).
 _PART_NAMES = {"extensions": "image_extensions", "dtype": "embedding_dtype", "recipe": "preprocessing recipe version",
-               "format": "output format version", "checkpoint": "checkpoint content"}
+               "format": "output format version", "checkpoint": "checkpoint content",
+               "model_folder": "local-dir folder content"}
 _PART_ABSENT = {"dtype": "float32", "checkpoint_head_rule": 1}
 _COLUMN_NAMES = ("id_column", "embedding_column", "error_column")  # the order of cache_key_parts' "columns"
 

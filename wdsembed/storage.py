@@ -84,6 +84,29 @@ def checkpoint_identity(url: str, storage_options: Mapping[str, str] | None = No
         return identity
 
 
+# The files of a `local-dir:` model's folder that timm builds it from: its config.json, and its weights (timm loads
+# the first of its preferred names there, else the first file of one of these suffixes: timm.models._hub)
+MODEL_FOLDER_WEIGHTS = (".safetensors", ".pth", ".pth.tar", ".bin")
+
+
+def model_folder_identity(model_name: str) -> str | None:
+    """A `local-dir:FOLDER` model's identity: "sha256:<hex>" over the names and content hashes
+    (`checkpoint_identity`) of the folder's config.json and weights files. The folder is the model, as a checkpoint
+    file is: exported again at the same path (retrained weights, another config), it is another model, whose
+    outputs a re-run must not take for finished ones. None for any other name, or where the folder or a file of it
+    cannot be read (loading the model then says why)."""
+    source, _, folder = model_name.partition(":")
+    if source.lower() != "local-dir":
+        return None
+    digest = hashlib.sha256()
+    try:
+        for name in sorted(n for n in os.listdir(folder) if n == "config.json" or n.endswith(MODEL_FOLDER_WEIGHTS)):
+            digest.update(f"{name}\0{checkpoint_identity(os.path.join(folder, name))}\0".encode())
+    except OSError:
+        return None
+    return CONTENT_IDENTITY_PREFIX + digest.hexdigest()
+
+
 def _stat_version(st: os.stat_result) -> tuple:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 

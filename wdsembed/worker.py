@@ -344,7 +344,8 @@ class Worker:
     def _built_for(cls, config: EmbedConfig) -> "Worker":
         """The Worker for `config`, built where there is none (called holding _building)."""
         ident = json.dumps(
-            [config.model_key(), config.checkpoint, _checkpoint_identity(config), config.batch_size,
+            [config.model_key(), config.checkpoint, _checkpoint_identity(config),
+             storage.model_folder_identity(config.model_name), config.batch_size,
              config.num_threads_per_worker, config.device, config.max_image_pixels or None, build_env()],
             sort_keys=True,
         )
