@@ -401,6 +401,32 @@ def test_a_model_the_run_cannot_embed_with_is_refused_before_any_work(shards, tm
         assert err == f"error: {refusal.value}", err
 
 
+def test_a_process_checks_each_model_once_and_a_rewritten_checkpoint_again(shards, tmp_path, monkeypatch):
+    """A process that runs again and again (a served deployment, a notebook) builds a model on the meta device for
+    its first run only; a checkpoint rewritten since is other weights, checked again, and refused where it no longer
+    fits the model."""
+    import timm
+    from safetensors.torch import save_file
+
+    import wdsembed.model
+    from wdsembed.plan import InputError, check_model
+
+    builds = []
+    load_model = wdsembed.model.load_model
+    monkeypatch.setattr(wdsembed.model, "load_model", lambda *a, **k: builds.append(a) or load_model(*a, **k))
+    weights = tmp_path / "weights.safetensors"
+    save_file(timm.create_model(TINY_MODEL, pretrained=False).state_dict(), weights)
+    config = EmbedConfig(input=str(shards), output=str(tmp_path / "out"), model_name=TINY_MODEL, pretrained=False,
+                         checkpoint=str(weights))
+    check_model(config)
+    check_model(config)
+    assert len(builds) == 1
+    save_file(timm.create_model("test_vit.r160_in1k", pretrained=False).state_dict(), weights)
+    with pytest.raises(InputError, match="checkpoint"):
+        check_model(config)
+    assert len(builds) == 2
+
+
 def test_checkpoint_is_a_local_path_or_file_url(shards, tmp_path, capsys):
     """Each worker loads the checkpoint from its own disk: a file:// URL is taken as its path everywhere (it was
     found by the checks, then missed by every worker), and another store's URL is refused at once (it passed the

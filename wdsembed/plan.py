@@ -492,6 +492,9 @@ def _every_key(config: EmbedConfig, found: "FoundShards", tar: str) -> Optional[
     return shards.index_keys(index) if index is not None else None
 
 
+_models_passed: set[tuple] = set()  # check_model's, in this process
+
+
 def check_model(config: EmbedConfig) -> None:
     """Build the model as each worker will, on the meta device (no memory, no arithmetic, no weights downloaded:
     random ones, or the checkpoint's read and loaded), and its preprocessing recipe: what only the model itself
@@ -503,10 +506,22 @@ def check_model(config: EmbedConfig) -> None:
     from wdsembed.model import ModelLoadError, load_model
     from wdsembed.preprocess import CROP_MODES, INTERPOLATIONS, PreprocessRecipe, UnsupportedRecipe
 
+    # A process that runs again and again (a served deployment, a notebook, the bench) builds each model once: the
+    # same name, the same weights' content and the same embedding passed already.
+    try:
+        weights = config.checkpoint and storage.checkpoint_identity(config.checkpoint)
+    except (OSError, storage.StoreError):
+        weights = False  # unreadable: loading it says why, every time
+    key = (config.model_name, config.checkpoint, weights, storage.model_folder_identity(config.model_name),
+           config.embedding)
+    if key in _models_passed:
+        return
     try:
         loaded = load_model(config.model_name, pretrained=False, checkpoint=config.checkpoint,
                             embedding=config.embedding, device="meta")
         PreprocessRecipe.from_data_config(loaded.data_config)
+        if weights is not False:
+            _models_passed.add(key)
     except ModelLoadError as exc:
         raise InputError(str(exc)) from None  # each says what to pass for its own cause
     except UnsupportedRecipe as exc:
