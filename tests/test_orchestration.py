@@ -244,6 +244,30 @@ def test_second_run_is_all_cached_and_embeds_nothing(first_run, monkeypatch):
     assert heartbeats(run_id) == 0
 
 
+def test_prefect_never_walks_the_shards_records_handed_to_the_report(first_run, monkeypatch):
+    """The report task takes every shard's result and the earlier manifest's entries: Prefect looks through a task's
+    parameters for futures and states, element by element, twice (about 30 s of the flow's process for 10,000
+    shards, on every run). Handed over quoted, they are never walked: the flow's thread, where the report task runs,
+    visits none of the shards' result dicts (each embedding task run looks at its own result, one level deep, in its
+    own thread or on its worker)."""
+    from prefect.utilities import collections as prefect_collections
+
+    visited_results = []
+    original = prefect_collections.visit_collection
+
+    def visit(expr, *args, **kwargs):  # the recursion's own calls, below each top-level one
+        if (threading.current_thread() is threading.main_thread() and isinstance(expr, dict)
+                and {"stem", "cache_key"} <= expr.keys()):
+            visited_results.append(expr["stem"])
+        return original(expr, *args, **kwargs)
+
+    monkeypatch.setattr(prefect_collections, "visit_collection", visit)
+    manifest, _ = embed(first_run["config"])  # in this thread, as the command runs it
+    assert isinstance(manifest, dict), manifest
+    assert set(manifest["shards"]) == set(STEMS4)
+    assert visited_results == []
+
+
 def test_nothing_to_compute_reads_and_writes_nothing(first_run):
     """The pre-flight's question (plan.nothing_to_compute): yes only when every output carries this run's cache key;
     asking builds no index and rewrites no kNN view (the run's own planning rewrites the view)."""
