@@ -343,11 +343,13 @@ def _rerun_totals(root: Path, argv: list[str]) -> dict:
 def test_a_rerun_with_nothing_to_compute_reads_no_tar(finished_by_api, monkeypatch, entry):
     """The planning (the flow's and the API's) builds a missing .idx only for the shards it will compute: a finished
     shard is never read, so one that cannot hold an .idx (or a damaged one) is not read to its end again on every
-    re-run."""
-    from wdsembed import shardindex
+    re-run. Nor is its _stats.json: read by the checks and again by the planning, that was two GETs per shard of an
+    object store for a run that computes nothing."""
+    from wdsembed import shardindex, shards
 
     root, argv = finished_by_api
     built = _calls(monkeypatch, shardindex, "build_index")
+    stats_read = _calls(monkeypatch, shards, "read_stats")
     if entry == "command":
         assert _rerun_totals(root, argv)["cached"] == 2  # nothing computed
     else:
@@ -357,6 +359,7 @@ def test_a_rerun_with_nothing_to_compute_reads_no_tar(finished_by_api, monkeypat
                                     num_threads_per_worker=1, fidelity_sample=0)(str(root / "in"), str(root / "out"))
         assert sorted(r.cached for r in results) == [True, True]  # nothing computed
     assert built == [], f"a re-run with nothing to compute read {len(built)} tar(s) to index them"
+    assert stats_read == [], f"a re-run with nothing to compute read {len(stats_read)} _stats.json file(s)"
     assert not (root / "in" / "00001.idx").exists()
 
 

@@ -387,8 +387,9 @@ def nothing_to_compute(config: EmbedConfig) -> bool:
         written = set(out_fs.find(out_root, withdirs=False))
         if any(storage.join(out_root, found.stem(t) + ".parquet") not in written for t in found.tars):
             return False
-        # The cache key needs each shard's fingerprint, not its index.
-        plans = plan_shards(config, found=found, indexes=False, checks=False)  # check_config runs them next
+        # The cache key needs each shard's fingerprint, not its index nor its count of samples. check_config runs
+        # the checks next.
+        plans = plan_shards(config, found=found, indexes=False, samples=False, checks=False)
 
         def finished(plan: ShardPlan) -> bool:
             key = shard.cache_key(config, plan)
@@ -778,9 +779,10 @@ def _check_stems(config: EmbedConfig, found: FoundShards) -> None:
 
 
 def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[FoundShards] = None,
-                indexes: bool = True, checks: bool = True) -> list[ShardPlan]:
+                indexes: bool = True, samples: bool = True, checks: bool = True) -> list[ShardPlan]:
     """List the shards that config.input names (find_shards, unless `found` is that listing) and prepare each:
-    fingerprint, parquet/stats siblings, output path, and (with `indexes`, when use_index_files) .idx, written
+    fingerprint, parquet/stats siblings, output path, (with `samples`) img2dataset's count of its samples
+    (with_expected_samples: one read of its _stats.json) and (with `indexes`, when use_index_files) .idx, written
     where missing (with_indexes). Cheap per shard except a first-time index. With `checks`, it first refuses an
     output where it must not go (check_output_location, check_outputs_beside)."""
     if found is None:
@@ -808,12 +810,14 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
             rows=storage.to_url(fs, rows) if rows else None,
             index=None,
             output=storage.to_url(out_fs, storage.join(out_root, stem + ".parquet")),
-            expected_samples=_successes(stats_path, fs),
+            stats=storage.to_url(fs, stats_path) if stats_path else None,
         )
 
     with ThreadPoolExecutor(max_workers) as pool:
         plans = list(pool.map(plan_one, tars))
     plans = [dataclasses.replace(p, run_shards=len(plans), run_index=i) for i, p in enumerate(plans)]
+    if samples:
+        plans = with_expected_samples(config, plans, max_workers=max_workers)
     return with_indexes(config, plans, max_workers=max_workers) if indexes else plans
 
 
@@ -821,10 +825,11 @@ def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None) -> tuple[
     """The planning of the flow and the Python API: every shard's plan, and the stems of those whose output is
     already finished with this run's cache key (none with force), from their footers; output.ForeignOutputError where
     one of their output paths holds a parquet that wdsembed did not write (check_own_outputs). Only the others get a
-    .idx: a finished shard is never read, so a re-run with nothing to compute reads no tar (not even one that no
-    .idx can be written for). Says why outputs already there are recomputed, by cause (report.describe_recomputed),
-    before any work. `found`: find_shards' answer, where the caller has it."""
-    plans = plan_shards(config, indexes=False, found=found)
+    .idx and a read of its _stats.json: a finished shard is never read, so a re-run with nothing to compute reads no
+    tar (not even one that no .idx can be written for) and no _stats.json. Says why outputs already there are
+    recomputed, by cause (report.describe_recomputed), before any work. `found`: find_shards' answer, where the
+    caller has it."""
+    plans = plan_shards(config, indexes=False, samples=False, found=found)
     # A parquet that wdsembed did not write, where a shard's output goes, is refused before any shard overwrites it:
     # from the footers the cache check reads anyway (caching.planned_outputs); with force, read for this alone.
     if config.force:
@@ -834,7 +839,21 @@ def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None) -> tuple[
     # touched) must show before the work, in the terminal and the flow run's logs, not only at INFO.
     for line in report.describe_recomputed(recompute):
         log.warning("%s", line)
-    return with_indexes(config, plans, skip=finished), finished
+    return with_indexes(config, with_expected_samples(config, plans, skip=finished), skip=finished), finished
+
+
+def with_expected_samples(config: EmbedConfig, plans: list[ShardPlan], *, skip: Collection[str] = (),
+                          max_workers: int = 8) -> list[ShardPlan]:
+    """The plans with img2dataset's count of their samples, from their _stats.json where they have one, but for the
+    stems in `skip` (on an object store, a GET each)."""
+
+    def count_one(plan: ShardPlan) -> ShardPlan:
+        if plan.stem in skip or not plan.stats:
+            return plan
+        return dataclasses.replace(plan, expected_samples=_successes(plan.stats, config))
+
+    with ThreadPoolExecutor(max_workers) as pool:
+        return list(pool.map(count_one, plans))
 
 
 def with_indexes(config: EmbedConfig, plans: list[ShardPlan], *, skip: Collection[str] = (),
@@ -887,14 +906,12 @@ def shard_groups(plans: list[ShardPlan], shards_per_task: Optional[int]) -> list
     return [plans[i:i + size] for i in range(0, len(plans), size)]
 
 
-def _successes(stats_path: Optional[str], fs) -> Optional[int]:
-    """img2dataset's count of the samples it wrote, from `<stem>_stats.json`, or None. The file is advisory (the
-    shard is read from its tar and parquet; nothing is decided by this count): one that cannot be read (empty, not
-    JSON, unreadable, a count that is no whole number) costs a warning naming it, never the run's planning."""
-    if not stats_path:
-        return None
-    url = storage.to_url(fs, stats_path)
+def _successes(url: str, config: EmbedConfig) -> Optional[int]:
+    """img2dataset's count of the samples it wrote, from `<stem>_stats.json` at `url`, or None. The file is advisory
+    (the shard is read from its tar and parquet; nothing is decided by this count): one that cannot be read (empty,
+    not JSON, unreadable, a count that is no whole number) costs a warning naming it, never the run's planning."""
     try:
+        fs, _ = storage.filesystem(url, config.storage_options)
         value = (shards.read_stats(url, fs) or {}).get("successes")
         if isinstance(value, float) and not value.is_integer():  # NaN, inf, 2.5
             raise shards.MetadataFileError(f"{url}: 'successes' is {value!r}, not a count")

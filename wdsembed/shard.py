@@ -55,6 +55,7 @@ class ShardPlan:
     index: Optional[str]  # the .idx found or written for it, if use_index_files
     output: str  # OUTPUT/<stem>.parquet
     expected_samples: Optional[int] = None  # from <stem>_stats.json "successes", when present
+    stats: Optional[str] = None  # the img2dataset <stem>_stats.json beside it, if any (expected_samples' source)
     run_shards: Optional[int] = None  # shards in the run: spreads its fidelity sample over them
     run_index: int = 0  # this shard's place among them: its share of that sample
 
