@@ -9,7 +9,8 @@ from wdsembed.shard import ShardPlan
 def list_and_index_shards(config: EmbedConfig) -> tuple[list[ShardPlan], set[str]]:
     """List the shards, fingerprint them, find those whose output is finished (their stems), and write DALI .idx
     files where missing for the others."""
-    return plan_run(config)
+    plans, finished = plan_run(config)
+    return plans, set(finished)  # the results their footers stored are not kept: the task cache gives each task's
 
 
 def retry_if_transient(task, task_run, state) -> bool:

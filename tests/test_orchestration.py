@@ -363,12 +363,14 @@ def test_a_rerun_with_nothing_to_compute_reads_no_tar(finished_by_api, monkeypat
     assert not (root / "in" / "00001.idx").exists()
 
 
-@pytest.mark.parametrize("entry", ["command", "deployed-flow"])
+@pytest.mark.parametrize("entry", ["command", "deployed-flow", "api"])
 def test_a_rerun_with_nothing_to_compute_asks_once_and_reads_each_footer_twice(finished_by_api, monkeypatch, entry):
     """Is every output finished? The checks ask once (plan.check_config: nothing_to_compute, listing the input and
     the output and reading every footer) and pass the answer to the run, in the command and in the deployed flow;
     the flow's planning reads each footer once more, for the shards' own state. It was asked twice and every footer
-    read three times: on an object store, three rounds of GETs per shard for a run that computes nothing."""
+    read three times: on an object store, three rounds of GETs per shard for a run that computes nothing. The Python
+    API's planning reads them likewise, and takes a finished shard's result from that read: it ran every finished
+    shard again (a task each on a Dask client), which read its footer a third time."""
     import flows.embed
     from wdsembed import cli, plan, shard
 
@@ -378,11 +380,17 @@ def test_a_rerun_with_nothing_to_compute_asks_once_and_reads_each_footer_twice(f
     monkeypatch.setattr(flows.embed, "nothing_to_compute", plan.nothing_to_compute)  # imported by name there
     if entry == "command":
         assert _rerun_totals(root, argv)["cached"] == 2  # nothing computed
-    else:
+    elif entry == "deployed-flow":
         from flows.deployed import embed as deployed
 
         config = cli.config_from_args(cli.build_parser().parse_args(argv))
         assert deployed(config)["totals"]["cached"] == 2
+    else:
+        from wdsembed.api import TimmImageEmbedder
+
+        results = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=2,
+                                    num_threads_per_worker=1, fidelity_sample=0)(str(root / "in"), str(root / "out"))
+        assert [(r.stem, r.cached, r.embedded) for r in results] == [("00000", True, 2), ("00001", True, 2)]
     assert len(asked) == 1
     per_shard = {}
     for args in footers:

@@ -145,10 +145,13 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
             plans, finished = plan_run(config)
             previous = report.retire_manifest(config, plans, finished)  # before the first shard is written
             timeline["planned"] = time.time()
+            # A finished shard is not run again: its result is the one its footer stored, which the planning read.
+            todo = [plan for plan in plans if plan.stem not in finished]
             if client is None:
-                results, failures, transient = _run_here(config, plans, claim.run)
+                results, failures, transient = _run_here(config, todo, claim.run)
             else:
-                results, failures, transient = _run_on_dask(client, config, plans, claim.run)
+                results, failures, transient = _run_on_dask(client, config, todo, claim.run)
+            results += [ShardResult(**finished[plan.stem], cached=True) for plan in plans if plan.stem in finished]
             timeline["collected"] = time.time()
             remove_failed_outputs_made_otherwise(config, failures)
             remove_views_without_tables(config, claim.run)

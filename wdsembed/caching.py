@@ -33,9 +33,10 @@ def result_storage_url(config: EmbedConfig) -> str:
 
 
 def planned_outputs(config: EmbedConfig, plans: Iterable[shard.ShardPlan], *,
-                    max_workers: int = 16) -> tuple[set[str], dict[str, str]]:
-    """Stems whose output exists, is readable and carries this run's cache key (reads only footers), and, for each
-    output of ours made under another key, why it is recomputed (shard.why_recomputed, from the same footer). Raises
+                    max_workers: int = 16) -> tuple[dict[str, dict], dict[str, str]]:
+    """The outputs that exist, are readable and carry this run's cache key (reads only footers), as stem -> the
+    shard's result stored in its footer (ShardResult's fields, but `cached` and `seconds`), and, for each output of
+    ours made under another key, why it is recomputed (shard.why_recomputed, from the same footer). Raises
     output.ForeignOutputError naming every planned output path that holds a parquet wdsembed did not write: the
     footers read here are what tells them apart, so the run is refused before any shard overwrites one."""
     plans = list(plans)
@@ -44,22 +45,23 @@ def planned_outputs(config: EmbedConfig, plans: Iterable[shard.ShardPlan], *,
     def made_otherwise(plan: shard.ShardPlan, meta: dict) -> None:
         recompute[plan.stem] = shard.why_recomputed(meta, shard.cache_key_parts(config, plan))
 
-    def done(plan: shard.ShardPlan) -> Optional[bool]:  # None: a file not ours
+    def done(plan: shard.ShardPlan) -> Optional[dict]:  # its footer metadata where finished, None: a file not ours
         try:
-            return shard.finished_output(config, plan, shard.cache_key(config, plan),
-                                         made_otherwise=lambda meta: made_otherwise(plan, meta)) is not None
+            meta = shard.finished_output(config, plan, shard.cache_key(config, plan),
+                                         made_otherwise=lambda meta: made_otherwise(plan, meta))
         except output.ForeignOutputError:
             return None
         except Exception as exc:  # noqa: BLE001 - unknown means "recompute", never "cached"
             log.warning("shard %s: cannot read its output's footer (%s); recomputing it", plan.stem, exc)
-            return False
+            return {}
+        return meta or {}
 
     with ThreadPoolExecutor(max(1, min(max_workers, len(plans)))) as pool:
         states = list(pool.map(done, plans))
-    foreign = [f"{plan.stem}.parquet" for plan, ok in zip(plans, states) if ok is None]
+    foreign = [f"{plan.stem}.parquet" for plan, meta in zip(plans, states) if meta is None]
     if foreign:
         raise output.ForeignOutputError(foreign, config.output)
-    return {plan.stem for plan, ok in zip(plans, states) if ok}, recompute
+    return {plan.stem: meta["result"] for plan, meta in zip(plans, states) if meta}, recompute
 
 
 def written_results(config: EmbedConfig, plans: Iterable[shard.ShardPlan]) -> list[dict]:

@@ -821,20 +821,20 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
     return with_indexes(config, plans, max_workers=max_workers) if indexes else plans
 
 
-def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None) -> tuple[list[ShardPlan], set[str]]:
-    """The planning of the flow and the Python API: every shard's plan, and the stems of those whose output is
-    already finished with this run's cache key (none with force), from their footers; output.ForeignOutputError where
-    one of their output paths holds a parquet that wdsembed did not write (check_own_outputs). Only the others get a
-    .idx and a read of its _stats.json: a finished shard is never read, so a re-run with nothing to compute reads no
-    tar (not even one that no .idx can be written for) and no _stats.json. Says why outputs already there are
-    recomputed, by cause (report.describe_recomputed), before any work. `found`: find_shards' answer, where the
-    caller has it."""
+def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None) -> tuple[list[ShardPlan], dict[str, dict]]:
+    """The planning of the flow and the Python API: every shard's plan, and those whose output is already finished
+    with this run's cache key (none with force), from their footers, as stem -> the shard's result stored there
+    (caching.planned_outputs); output.ForeignOutputError where one of their output paths holds a parquet that
+    wdsembed did not write (check_own_outputs). Only the others get a .idx and a read of its _stats.json: a
+    finished shard is never read, so a re-run with nothing to compute reads no tar (not even one that no .idx can be
+    written for) and no _stats.json. Says why outputs already there are recomputed, by cause
+    (report.describe_recomputed), before any work. `found`: find_shards' answer, where the caller has it."""
     plans = plan_shards(config, indexes=False, samples=False, found=found)
     # A parquet that wdsembed did not write, where a shard's output goes, is refused before any shard overwrites it:
     # from the footers the cache check reads anyway (caching.planned_outputs); with force, read for this alone.
     if config.force:
         check_own_outputs(config, [p.stem for p in plans])
-    finished, recompute = (set(), {}) if config.force else caching.planned_outputs(config, plans)
+    finished, recompute = ({}, {}) if config.force else caching.planned_outputs(config, plans)
     # A warning: outputs already there are about to be overwritten, and an accident (a package upgraded, tars
     # touched) must show before the work, in the terminal and the flow run's logs, not only at INFO.
     for line in report.describe_recomputed(recompute):
