@@ -10,7 +10,9 @@ def list_and_index_shards(config: EmbedConfig) -> tuple[list[ShardPlan], set[str
     """List the shards, fingerprint them, find those whose output is finished (their stems), and write DALI .idx
     files where missing for the others."""
     plans, finished = plan_run(config)
-    return plans, set(finished)  # the results their footers stored are not kept: the task cache gives each task's
+    # Only the stems: each finished shard's task comes back from Prefect's cache with its result, so the results
+    # their footers stored need not be carried through the flow.
+    return plans, set(finished)
 
 
 def retry_if_transient(task, task_run, state) -> bool:
