@@ -537,6 +537,29 @@ def test_streaming_bounded_reads_and_memory(tmp_path):
     assert peak < tar_size / 4
 
 
+@pytest.mark.parametrize("claimed", [256 << 20, 1 << 70])  # octal field; GNU base-256, far beyond any memory
+def test_a_member_claiming_more_bytes_than_the_tar_holds_costs_no_memory_for_them(tmp_path, claimed):
+    """A header's size is what the tar says, not what it holds: a crafted (or truncated) shard of 2 KB whose image
+    member claims gigabytes must cost the bytes that are there, not a buffer of the claimed size (allocated and
+    zeroed, that took the worker's memory, or raised MemoryError, which counts as a GPU's out of memory and is
+    retried)."""
+    tar = make_tar(tmp_path / "claims.tar", [("a.jpg", b"x" * 100)], fmt=tarfile.GNU_FORMAT)
+    head = tar.read_bytes()
+    info = tarfile.TarInfo("b.jpg")
+    info.size = claimed
+    crafted = head[: 2 * 512] + info.tobuf(format=tarfile.GNU_FORMAT) + b"y" * 600  # a.jpg, then b.jpg's 600 bytes
+    tracemalloc.start()
+    try:
+        (tmp_path / "crafted.tar").write_bytes(crafted)
+        got, err = _collect_until_error(tmp_path / "crafted.tar")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got == ["a"] and err.key == "b"
+    assert err.reason == f"unexpected end of file inside member data ({claimed} bytes)"
+    assert peak < 32 << 20, peak  # a chunk (8 MiB) and what was read: nothing near the claim
+
+
 def test_reads_through_an_fsspec_file(tmp_path):
     tar = multi_ext_shard(tmp_path)
     mem = fsspec.filesystem("memory")

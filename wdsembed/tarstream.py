@@ -141,19 +141,16 @@ class Reader:
                 need -= len(take)
             out = b"".join(parts)
         else:
-            # big member: one exact-size buffer, filled in chunk-sized reads (bounded per-request size)
-            out = bytearray(n)
-            out[: len(head)] = head
-            got = len(head)
+            # big member: one buffer, filled in chunk-sized reads (bounded per-request size) and grown as the bytes
+            # come, never sized from `n` up front: a header (or pax `size`) may claim gigabytes that a crafted or
+            # truncated tar of a few KB does not hold, and a buffer of that size would be allocated and zeroed.
+            out = bytearray(head)
             del head
-            while got < n:
-                data = self.f.read(min(self.chunk_size, n - got))
+            while len(out) < n:
+                data = self.f.read(min(self.chunk_size, n - len(out)))
                 if not data:
                     break
-                out[got : got + len(data)] = data
-                got += len(data)
-            if got < n:
-                del out[got:]
+                out += data
         self.offset += len(out)
         return out
 
