@@ -119,10 +119,18 @@ def test_credentials_in_storage_options_are_refused(opts):
     assert "AWS_ACCESS_KEY_ID" in text  # and says where credentials go instead
 
 
-def test_credentials_in_urls_are_refused():
+@pytest.mark.parametrize("url", [
+    "ftp://me:hunter2@host/shards",
+    "simplecache::ftp://me:hunter2@host/shards",  # a chained URL: the password is in its second link
+    "blockcache::s3://AKIA:hunter2@bucket/shards",
+    "s3://AKIA:hunter2@bu]cket/shards",  # one urlsplit cannot parse
+])
+def test_credentials_in_urls_are_refused(url):
     with pytest.raises(ValidationError) as err:
-        EmbedConfig(input="ftp://me:hunter2@host/shards", output="/tmp/out")
+        EmbedConfig(input=url, output="/tmp/out")
     assert "hunter2" not in str(err.value)
+    with pytest.raises(ValidationError):
+        EmbedConfig(input="/tmp/in", output="/tmp/out", storage_options={"endpoint_url": url})
 
 
 def test_plain_options_pass_and_stay_out_of_repr():
@@ -136,6 +144,7 @@ def test_plain_options_pass_and_stay_out_of_repr():
                                                     "AWS_SECRET_ACCESS_KEY", "Secret", "Account_Key")),
     {"storage_options": {"endpoint_url": "http://minio:hunter2@127.0.0.1:9000"}},
     {"input": "s3://user:hunter2@bucket/shards"},
+    {"input": "simplecache::s3://user:hunter2@bucket/shards"},
     {"output": "ftp://me:@host/out"},  # an empty password is one too
     {"checkpoint": "file://me:pw@host/w.pth"},
     {"result_storage": "s3://a@b:pw@bucket/x"},

@@ -162,6 +162,18 @@ def test_list_file(tree, tmp_path):
         plan.plan_shards(config(tree / "nope.txt", tmp_path / "out"))
 
 
+def test_a_list_file_line_with_a_password_is_refused_without_echoing_it(tree, tmp_path):
+    """INPUT and OUTPUT with a password are refused (tests/test_s3.py); a list file's lines are URLs too, each of
+    which goes to the log lines, the outputs' footers and the manifest: one with a password is refused before the
+    store is asked, by its line number, never echoed."""
+    listing = tree / "shards.txt"
+    listing.write_text("# from the web store\nhttp://me:hunter2@127.0.0.1:9/shards/00001.tar\n")
+    with pytest.raises(plan.InputError) as err:
+        plan.plan_shards(config(listing, tmp_path / "out"))
+    assert str(err.value).startswith(f"{listing} line 2: the URL holds a password, which would be logged and stored")
+    assert "hunter2" not in str(err.value)
+
+
 def test_local_paths_spelled_with_double_slashes_or_dot_parts_name_the_listed_files(tree, tmp_path):
     """A folder's listing spells its files plainly: a pattern or .tar path with `//` (ROOT=/data/ then
     "$ROOT/{00000..00001}.tar"), `./` or `x/..` names those same files, and the shards are spelled as listed."""

@@ -34,6 +34,7 @@ from typing import Any, Collection, Optional
 from wdsembed import caching, output, outputclaim, report, shard, shardindex, shards, storage, tarstream
 from wdsembed.config import EmbedConfig, option
 from wdsembed.shard import ShardPlan
+from wdsembed.storeoptions import CREDENTIALS_HINT, url_has_password
 
 log = logging.getLogger("wdsembed")
 
@@ -690,6 +691,9 @@ def _list_file_entries(config: EmbedConfig) -> list[str]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        if url_has_password(line):  # said without the line: each shard's URL goes to logs and outputs' footers
+            raise InputError(f"{config.input} line {number}: the URL holds a password, which would be logged and "
+                             f"stored; {CREDENTIALS_HINT}")
         _refuse_wildcard(line, f"{config.input} line {number}: {line!r}")
         if "://" not in line and not os.path.isabs(line):
             line = posixpath.join(base, line)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 from typing import Any, Mapping
-from urllib.parse import urlsplit
 
 from fsspec.core import split_protocol
 
@@ -14,9 +13,10 @@ from fsspec.core import split_protocol
 SECRET_OPTION_PATTERN = r"(^|_)(key|secret|token|password|passwd|pwd|credential|credentials|connection_string|sas)(_|$)"
 
 _SECRET_OPTION = re.compile(SECRET_OPTION_PATTERN, re.IGNORECASE)
-# A URL with a password (scheme://user:password@host): a ':' before an '@' of its host part. The JSON schema's form
-# of url_has_password, for the Prefect run form.
+# A URL with a password (scheme://user:password@host): a ':' before an '@' of its host part, in any link of a chained
+# URL (simplecache::s3://...). The rule of url_has_password, also the JSON schema's, for the Prefect run form.
 URL_PASSWORD_PATTERN = r"://[^/?#]*:[^/?#]*@"
+_URL_PASSWORD = re.compile(URL_PASSWORD_PATTERN)
 CREDENTIALS_HINT = (
     "credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), "
     "an AWS profile (AWS_PROFILE or --storage-option profile=NAME) or the store's own credential files"
@@ -44,20 +44,15 @@ def secret_options(storage_options: Mapping[str, Any]) -> list[str]:
     for name, value in storage_options.items():
         if _SECRET_OPTION.search(name):
             bad.append(name)
-        elif isinstance(value, str) and "://" in value and _url_password(value):
+        elif isinstance(value, str) and url_has_password(value):
             bad.append(name)
     return bad
 
 
 def url_has_password(url: str) -> bool:
-    return "://" in url and _url_password(url)
-
-
-def _url_password(url: str) -> bool:
-    try:
-        return urlsplit(url).password is not None
-    except ValueError:
-        return False
+    """Whether any link of `url` holds a password. Read as text, as the run form reads it, not parsed: urlsplit
+    sees none in a chained URL (its first link has no `//`) nor in one it cannot parse (a stray bracket)."""
+    return _URL_PASSWORD.search(url) is not None
 
 
 def protocol(url: str) -> str:
