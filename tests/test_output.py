@@ -371,6 +371,15 @@ def test_atomic_write_roundtrip(tmp_path):
     assert os.listdir(tmp_path / "out") == ["00000.parquet"]
 
 
+def test_an_output_named_as_long_as_a_file_name_may_be_is_written_through_a_temp_name_that_fits(tmp_path):
+    """The temp file beside the target carried its whole name, 38 bytes more: a shard whose output name took 218
+    bytes or more (a legal one) could never be written. The temp name now cuts the name it carries."""
+    fs = fsspec.filesystem("file")
+    url = str(tmp_path / "out" / ("ü" * 123 + "x.parquet"))  # 255 bytes
+    write_parquet_atomic(_table(), url, fs, {"v": 1})
+    assert os.listdir(tmp_path / "out") == [os.path.basename(url)] and read_output_metadata(url, fs) == {"v": 1}
+
+
 def test_row_groups_hold_a_bounded_share_of_the_embeddings_whatever_the_shard_size(tmp_path, monkeypatch):
     """The writer builds a row group's list levels at once (as many bytes as its float32 values): a long shard is
     written in row groups of about ROW_GROUP_LIST_BYTES of embeddings each, and reads back the same, in order; a

@@ -1209,6 +1209,24 @@ def test_read_only_folder_by_chmod(tmp_path):
     assert sorted(p.name for p in data.iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
 
 
+def test_a_shard_named_as_long_as_a_file_name_may_be_gets_its_index_beside_it_or_in_the_cache(tmp_path):
+    """A tar's name may take 255 bytes; its .idx beside it is no longer, but the temp file it was written through
+    (`.<name>.tmp-<32 hex>`) was 38 bytes longer, and the cache's copy (`<stem>-<24 hex>.idx`) 25: from 218 bytes
+    on (here 254, in two-byte letters) both failed with ENAMETOOLONG, which stopped the planning of the whole run.
+    The temp name and the cache name now cut the name they carry."""
+    stem = "é" * 125  # 250 bytes
+    (tmp_path / "data").mkdir()
+    tar = make_tar(tmp_path / "data" / f"{stem}.tar", [("a.jpg", b"x" * 100), ("a.txt", b"cap")])
+    idx = ensure_index(str(tar), fsspec.filesystem("file"))
+    assert idx.path == str(tmp_path / "data" / f"{stem}.idx") and idx.num_samples == 1
+    assert sorted(p.name for p in tar.parent.iterdir()) == sorted([tar.name, f"{stem}.idx"])  # no temp file left
+    Path(idx.path).unlink()
+    cache = tmp_path / "cache"
+    cached = ensure_index(str(tar), ReadOnlyFileSystem(str(tar.parent)), cache_dir=cache)
+    assert Path(cached.path).parent == cache and Path(cached.path).read_text() == idx.render()
+    assert [p.name for p in cache.iterdir()] == [os.path.basename(cached.path)]
+
+
 def test_index_path_for(tmp_path):
     assert shardindex.index_path_for("/d/00001.tar") == "/d/00001.idx"
     assert shardindex.index_path_for("s3://b/p/00001.tar") == "s3://b/p/00001.idx"

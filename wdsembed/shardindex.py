@@ -338,7 +338,9 @@ def index_path_for(
     if fp is None:
         raise TypeError("index_path_for: a cache path needs the shard's fingerprint")
     digest = hashlib.sha256(f"{shard_path}\x00{fp.token}".encode("utf-8", "surrogateescape")).hexdigest()[:24]
-    stem = os.path.basename(stem_path(shard_path.rstrip("/"))) or "shard"
+    # the stem only names the file for people; the digest identifies it, so a long one is cut (an object store's key
+    # may be 1,024 bytes, a file name 255)
+    stem = storage.shortened(os.path.basename(stem_path(shard_path.rstrip("/"))), 100) or "shard"
     return os.path.join(os.fspath(cache_dir), f"{stem}-{digest}.idx")
 
 

@@ -280,11 +280,24 @@ def writes_whole_objects(fs: fsspec.AbstractFileSystem) -> bool:
     return any(p in _WHOLE_OBJECT_PROTOCOLS for p in _protocols(fs))
 
 
+# The longest file name most filesystems take (NAME_MAX, in bytes), and what a temp name adds to the name it holds.
+NAME_MAX = 255
+_TEMP_NAME_EXTRA = len(".") + len(".tmp-") + 32
+
+
 def temp_name(path: str) -> str:
     """A temp file's name beside `path`: `.<name>.tmp-<32 hex>` (outputclaim.TEMP_FILE finds those that runs killed
-    mid-write left behind)."""
+    mid-write left behind), with `<name>` cut short where the whole would pass NAME_MAX: a shard of a name that
+    long (a legal one, of 218 bytes or more) otherwise got no .idx, no output, and aborted the run's planning."""
     folder, name = posixpath.split(path)
-    return posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+    return posixpath.join(folder, f".{shortened(name, NAME_MAX - _TEMP_NAME_EXTRA)}.tmp-{uuid.uuid4().hex}")
+
+
+def shortened(name: str, max_bytes: int) -> str:
+    """`name`, cut (by whole characters) to at most `max_bytes` bytes of the file name it spells."""
+    while len(name.encode("utf-8", "surrogateescape")) > max_bytes:
+        name = name[:-1]
+    return name
 
 
 def _remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
