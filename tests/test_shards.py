@@ -1053,6 +1053,32 @@ def test_ensure_index_writes_beside_then_reuses(tmp_path, monkeypatch):
     assert samples_of(tar, index=again) == samples_of(tar)
 
 
+def test_what_a_link_beside_a_shard_names_as_its_index_is_neither_echoed_nor_read_unbounded(tmp_path, caplog):
+    """A shard folder of untrusted input may hold `00000.idx` as a link to any file. It was read whole and, not
+    being an index, its first line went to a warning (a secret of ~/.netrc or an env file, in the run's logs); a
+    link to /dev/zero was read until memory ran out, a FIFO until a writer came. Now its text is never echoed, and
+    what cannot be an index of the shard (no plain file, or larger than the shard) is not read; the index is built
+    and written in the link's place (the link replaced, never what it names)."""
+    data = tmp_path / "data"
+    tar = multi_ext_shard(data)
+    secret = tmp_path / "secret.env"
+    secret.write_text("AWS_SECRET_ACCESS_KEY=hunter2\n")
+    fs = fsspec.filesystem("file")
+    beside = data / "00000.idx"
+    for target in (secret, Path("/dev/zero"), "fifo"):
+        if target == "fifo":
+            os.mkfifo(beside)
+        else:
+            beside.symlink_to(target)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="wdsembed"):
+            idx = ensure_index(str(tar), fs)
+        assert "hunter2" not in caplog.text and "ignoring" in caplog.text and str(beside) in caplog.text
+        assert idx.path == str(beside) and not beside.is_symlink() and beside.read_text() == idx.render()
+        assert secret.read_text() == "AWS_SECRET_ACCESS_KEY=hunter2\n"
+        beside.unlink()
+
+
 def test_ensure_index_uses_an_existing_wds2idx_file(tmp_path, monkeypatch):
     tar = multi_ext_shard(tmp_path)
     (tmp_path / "00000.idx").write_text(wds2idx_text(tar, tmp_path))

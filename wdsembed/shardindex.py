@@ -199,8 +199,8 @@ def _body_lines(text: str) -> list[str]:
         lines.pop()
     head = lines[0].split() if lines else []
     if len(head) != 2 or head[0] != IDX_VERSION or not head[1].isdigit():
-        first = lines[0][:80] if lines else ""
-        raise IndexFormatError(f"not a {IDX_VERSION} index: first line is {first!r}")
+        # what the file holds is not echoed: beside a shard of untrusted input, it may be a link to any file
+        raise IndexFormatError(f"not a {IDX_VERSION} index: its first line is not '{IDX_VERSION} <samples>'")
     n = int(head[1])
     body = lines[1:]
     if len(body) != n:
@@ -381,7 +381,15 @@ def _load_valid_index(
     list their members in archive order (wds2idx's and ours do); a worker reads the whole index and checks it
     sample by sample as it reads the tar."""
     try:
-        if not idx_fs.exists(idx_path):
+        try:
+            info = idx_fs.info(idx_path)
+        except FileNotFoundError:
+            return None
+        # An index lists each member in fewer bytes than its tar header takes: a bigger file, or no plain file (what a
+        # link beside the shard may name: /dev/zero, a FIFO, a folder), is no index of this shard, and is not read.
+        if info.get("type") != "file" or (info.get("size") or 0) > shard_size:
+            log.warning("ignoring %s: %s, not an index of this %d-byte shard", idx_path,
+                        "a larger file" if info.get("type") == "file" else "no plain file", shard_size)
             return None
         text = idx_fs.cat_file(idx_path).decode("utf-8", "surrogateescape")
         if whole:
