@@ -255,6 +255,23 @@ def test_outputs_never_collide(tmp_path):
         plan.plan_shards(config(other, tmp_path / "out", recursive=True))
 
 
+def test_a_shard_whose_output_name_no_file_system_takes_is_refused_before_any_work(tmp_path):
+    """A tar's name may take 255 bytes; its output's, `.parquet` for `.tar`, then takes 4 more. Such a shard failed
+    alone, after embedding, with messages about the earlier output it could not remove; it is now refused in the
+    planning, naming it. One of 255 bytes as an output is embedded."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    images = [ShardSample(encode_image(make_image(32, 24, seed=0), "bmp"), ext="bmp")]
+    # tars alone: img2dataset's <stem>_stats.json beside them would take 7 bytes more than the output's name
+    write_shard(data, "é" * 123 + "x", images, parquet=False, stats=False)  # 247 bytes: 255 with .parquet
+    assert [len(p.stem.encode()) for p in plan.plan_shards(config(data, out))] == [247]
+    longest = "é" * 125 + "x"  # 251 bytes: the tar's name is 255, the output's would be 259
+    write_shard(data, longest, images, parquet=False, stats=False)
+    with pytest.raises(plan.InputError, match=rf"^shard {data}/{longest}\.tar would write OUTPUT/{longest}\.parquet, "
+                                              r"a file name of 259 bytes, over the 255 a file system allows: rename "
+                                              r"the shard$"):
+        plan.check_config(config(data, out))
+
+
 def test_shards_whose_outputs_dataset_readers_would_skip_are_refused_naming_them(tmp_path):
     """pyarrow.dataset, pandas.read_parquet and Spark skip every file or folder under OUTPUT whose name starts with
     '_' or '.': a shard written there would vanish from OUTPUT read as one dataset. Refused before any work, naming

@@ -760,10 +760,17 @@ def _local_spelling(path: str) -> str:
 
 def _check_stems(config: EmbedConfig, found: FoundShards) -> None:
     """Two shards must never share an output (`x.tar` and `x.TAR`), nor take a name OUTPUT uses for itself, nor
-    one that dataset readers skip."""
+    one that dataset readers skip, nor (OUTPUT on a local disk) one too long for a file name."""
     seen: dict[str, str] = {}
+    local_output = storage.is_local(storage.filesystem(config.output, config.storage_options)[0])
     for tar in found.tars:
         stem = found.stem(tar)
+        name = f"{posixpath.basename(stem)}.parquet"
+        if local_output and len(name.encode()) > storage.NAME_MAX:
+            # the tar's own name fits, 3 bytes shorter; only its output's cannot be written
+            raise InputError(f"shard {storage.to_url(found.fs, tar)} would write OUTPUT/{stem}.parquet, a file name "
+                             f"of {len(name.encode())} bytes, over the {storage.NAME_MAX} a file system allows: "
+                             "rename the shard")
         if stem in seen:
             raise InputError(f"shards {storage.to_url(found.fs, seen[stem])} and {storage.to_url(found.fs, tar)} "
                              f"would both write OUTPUT/{stem}.parquet: rename one")
