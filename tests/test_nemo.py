@@ -186,7 +186,7 @@ def test_api_with_an_unreachable_dask_address_fails_naming_it_and_runs_nothing_h
     assert ran_here == [] and not (tmp_path / "out").exists()
 
 
-def test_interrupted_call_on_a_dask_client_leaves_none_of_its_shards_running_there(tmp_path):
+def test_interrupted_call_on_a_dask_client_leaves_none_of_its_shards_running_there(tmp_path, monkeypatch):
     """Ctrl-C in a notebook while the shards run on the current client's workers: the call's shards not yet done
     are cancelled there. They ran on, kept alive by the traceback that the REPL keeps, each embedded and then
     refused at its write (the call's claim is released as it ends) with a "Compute Failed" traceback, and the next
@@ -202,6 +202,11 @@ def test_interrupted_call_on_a_dask_client_leaves_none_of_its_shards_running_the
     data, out = tmp_path / "dataset", tmp_path / "out"
     for s in range(6):
         write_shard(data, f"{s:05d}", from_encoded(synthetic_images(6, seed=s)))
+    # The last shard held: the call cannot end before its Ctrl-C however late this thread runs on a loaded machine
+    # (the workers are threads of this process, which read the spec; the second call holds nothing).
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"00005": {"fail_attempts": 0, "hold_s": 8}}))
+    monkeypatch.setenv("WDSEMBED_FAULTS", str(faults))
 
     def ctrl_c_once_a_shard_is_written():
         while not any(out.glob("*.parquet")):
@@ -222,6 +227,7 @@ def test_interrupted_call_on_a_dask_client_leaves_none_of_its_shards_running_the
             time.sleep(0.05)
         assert tasks_left() == [], [(key, cluster.scheduler.tasks[key].state) for key in tasks_left()]
         assert interrupted.traceback  # still held
+        faults.write_text("{}")
         results = embedder(str(data), str(out))
     assert sorted(r.stem for r in results) == [f"{s:05d}" for s in range(6)]
 
