@@ -186,12 +186,12 @@ def test_api_with_an_unreachable_dask_address_fails_naming_it_and_runs_nothing_h
     assert ran_here == [] and not (tmp_path / "out").exists()
 
 
-def test_interrupted_call_on_a_dask_client_leaves_none_of_its_shards_running_there(tmp_path, monkeypatch):
+def test_interrupted_call_on_a_dask_client_leaves_none_of_its_shards_running_there(tmp_path, monkeypatch, request):
     """Ctrl-C in a notebook while the shards run on the current client's workers: the call's shards not yet done
     are cancelled there. They ran on, kept alive by the traceback that the REPL keeps, each embedded and then
     refused at its write (the call's claim is released as it ends) with a "Compute Failed" traceback, and the next
     call's shards waited behind them."""
-    import _thread
+    import signal
     import threading
     import time
 
@@ -207,11 +207,13 @@ def test_interrupted_call_on_a_dask_client_leaves_none_of_its_shards_running_the
     faults = tmp_path / "faults.json"
     faults.write_text(json.dumps({"00005": {"fail_attempts": 0, "hold_s": 8}}))
     monkeypatch.setenv("WDSEMBED_FAULTS", str(faults))
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a REPL has it, whatever ran here before
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, before))
 
     def ctrl_c_once_a_shard_is_written():
         while not any(out.glob("*.parquet")):
             time.sleep(0.02)
-        _thread.interrupt_main()
+        os.kill(os.getpid(), signal.SIGINT)  # a real one, as a terminal sends it: it wakes the main thread's wait
 
     def tasks_left():
         return [key for key in list(cluster.scheduler.tasks) if str(key).startswith("wdsembed-")]
