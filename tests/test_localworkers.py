@@ -170,3 +170,40 @@ def test_closing_the_cluster_stops_a_busy_worker_within_seconds():
         assert time.monotonic() - closing < 15
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     del busy
+
+
+def _refuses_a_client_without_its_certificate(address: str) -> None:
+    """Whether a stranger on this host (another user's process holding no certificate) is kept off the scheduler at
+    `address`: it would otherwise run any code as this user (client.run, client.submit)."""
+    from distributed import Client
+
+    assert address.startswith("tls://"), address
+    with pytest.raises((OSError, TypeError, ValueError)):  # refused: no certificate, or no TLS context to offer
+        Client(address.replace("tls://", "tcp://"), timeout="3s", set_as_default=False)
+    with pytest.raises((OSError, TypeError, ValueError)):
+        Client(address, timeout="3s", set_as_default=False)
+
+
+def test_a_runs_local_cluster_refuses_other_processes_on_this_host():
+    """The scheduler of the cluster a run starts listens on a loopback port that every user of a shared machine can
+    reach; over mutual TLS with certificates made for the run, only the run's own client and workers get in."""
+    from distributed import Client
+
+    made = cluster.task_runner_kwargs(EmbedConfig(input="in", output="out", device="cpu"))
+    module, name = made["cluster_class"].rsplit(".", 1)
+    kwargs = made["cluster_kwargs"] | {"n_workers": 1, "dashboard_address": None}
+    with getattr(__import__(module, fromlist=[name]), name)(**kwargs) as ours:
+        with Client(ours, set_as_default=False) as client:  # the run's own client gets the cluster's certificates
+            assert client.submit(sum, [1, 2]).result() == 3
+        _refuses_a_client_without_its_certificate(ours.scheduler_address)
+    for workers_per_gpu in (1, 2):
+        assert cluster.gpu_cluster(1, workers_per_gpu)["cluster_kwargs"]["security"] is True
+
+
+def test_the_apis_local_cluster_refuses_other_processes_on_this_host():
+    from wdsembed import nemo
+
+    with nemo.get_client("cpu", n_workers=1, dashboard_address=None) as client:
+        assert client.submit(sum, [1, 2]).result() == 3
+        _refuses_a_client_without_its_certificate(client.scheduler.address)
+        client.cluster.close()
