@@ -342,3 +342,44 @@ def test_the_view_keeps_no_rows_of_a_shard_whose_table_is_not_in_output(tmp_path
     view = pq.read_table(out / "_embeddings")
     assert view.num_rows == json.loads((out / "_manifest.json").read_text())["totals"]["in_output"]["embedded_rows"]
     assert sorted(set(view.column("shard").to_pylist())) == ["00000", "00002"]
+
+
+def test_an_id_column_named_shard_keeps_the_id_and_the_stem_in_the_view(tmp_path):
+    """--id-column shard (the user's key column is named `shard`): the view's stem column took that name too, so the
+    view held the ids and no stem, and kNN tools could not tell which table a row came from. The stem goes in
+    `shard_` then (docs/knn.md), every id kept; embedding-reader reads both, validate_output passes, and a view
+    written without the stem (an earlier version's) is rebuilt from the table by the next run, embedding nothing."""
+    er = pytest.importorskip("embedding_reader")
+    data, out = tmp_path / "in", tmp_path / "out"
+    for s in range(2):
+        write_shard(data / ("sub" if s else ""), f"{s:05d}", [_image(10 * s + i) for i in range(4)], failed_rows=1,
+                    shard_id=s)
+        parquet = data / ("sub" if s else "") / f"{s:05d}.parquet"
+        pq.write_table(pq.read_table(parquet).rename_columns(
+            ["shard" if c == "key" else c for c in pq.read_schema(parquet).names]), parquet)
+    embedder = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                                 fidelity_sample=0, recursive=True, id_column="shard")
+    results = embedder(str(data), str(out))
+    assert sorted((r.stem, r.embedded) for r in results) == [("00000", 4), ("sub/00001", 4)]
+    view = pq.read_table(out / "_embeddings" / "sub" / "00001.parquet")
+    assert view.column_names == ["shard", EMB, "shard_"]
+    full = pq.read_table(out / "sub" / "00001.parquet")
+    assert view.column("shard").to_pylist() == [k for k, e in zip(full.column("shard").to_pylist(),
+                                                                 full.column(EMB).to_pylist()) if e is not None]
+    assert set(view.column("shard_").to_pylist()) == {"sub/00001"}
+    config = embedder.config(str(data), str(out))
+    for r in results:
+        assert validate_output(config, r.output, dim=r.dim).problems == [], r.stem
+    reader = er.EmbeddingReader(str(out / "_embeddings"), file_format="parquet", embedding_column=EMB,
+                                meta_columns=["shard", "shard_"])
+    seen = {(key, stem) for _, meta in reader(batch_size=4, show_progress=False)
+            for key, stem in zip(meta["shard"], meta["shard_"])}
+    assert len(seen) == 8 and {stem for _, stem in seen} == {"00000", "sub/00001"}
+
+    # a view as an earlier version wrote it (no stem column; the same run's footer): rebuilt, nothing embedded
+    path = out / "_embeddings" / "00000.parquet"
+    old = pq.read_table(path)
+    pq.write_table(old.drop_columns(["shard_"]).replace_schema_metadata(old.schema.metadata), path)
+    assert validate_output(config, str(out / "00000.parquet"), dim=results[0].dim).problems
+    assert [r.cached for r in embedder(str(data), str(out))] == [True, True]
+    assert pq.read_table(path).equals(old)

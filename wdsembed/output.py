@@ -48,6 +48,15 @@ EMBEDDINGS_FOLDER = "_embeddings"
 SHARD_COLUMN = "shard"  # in the view: the shard's stem, i.e. which OUTPUT/<stem>.parquet the row comes from
 
 
+def view_shard_column(id_column: str, embedding_column: str) -> str:
+    """The name of the view's stem column: `shard`, with `_` appended while the id or embedding column has that
+    name (`--id-column shard` gives `shard_`), so that the view always holds the id and the stem."""
+    name = SHARD_COLUMN
+    while name in (id_column, embedding_column):
+        name += "_"
+    return name
+
+
 # --------------------------------------------------------------------------------------------------- key join
 
 
@@ -376,17 +385,16 @@ def join_embeddings(
 
 def embeddings_view(table: pa.Table, *, id_column: str, embedding_column: str, shard: str) -> pa.Table:
     """The embedded rows of an output table (as built by build_output_table), in its order: the id column, the
-    embedding column (never null here, same type and `dim` metadata) and `shard` (the stem), which names the
-    full table the row comes from where ids repeat across shards. A shard with no embedded row gives 0 rows with
-    the same schema (embedding-reader skips such files)."""
+    embedding column (never null here, same type and `dim` metadata) and `shard` (the stem; view_shard_column),
+    which names the full table the row comes from where ids repeat across shards. A shard with no embedded row gives
+    0 rows with the same schema (embedding-reader skips such files)."""
     view = table.select([id_column, embedding_column])
     if view.column(embedding_column).null_count:
         # Arrow's filter copies every row, even when it keeps all of them: a shard of 10,000 x 2,048 floats cost
         # 0.29 s and 78 MB that way on the 2-core machine. Most shards have every row embedded.
         view = view.filter(pc.is_valid(view.column(embedding_column)))
-    if SHARD_COLUMN not in (id_column, embedding_column):
-        view = view.append_column(pa.field(SHARD_COLUMN, pa.string()),
-                                  pa.array([shard] * view.num_rows, type=pa.string()))
+    view = view.append_column(pa.field(view_shard_column(id_column, embedding_column), pa.string()),
+                              pa.array([shard] * view.num_rows, type=pa.string()))
     return view.replace_schema_metadata(None)
 
 
@@ -449,14 +457,19 @@ class DamagedOutputError(ValueError):
 def ensure_embeddings_view(config: "EmbedConfig", stem: str, output_url: str, cache_key: str,
                            before_commit: Callable[[], None] = lambda: None) -> bool:
     """Rebuild a finished shard's view from its full table (made with `cache_key`) where the view is missing
-    (deleted, or the output is from before views existed) or was made with another cache key (a run that crashed
-    between writing its view and its table); True when it was rebuilt. One footer read otherwise. Raises
+    (deleted, or the output is from before views existed), was made with another cache key (a run that crashed
+    between writing its view and its table) or lacks a column this version writes (the stem, where an earlier one
+    named it as the id column); True when it was rebuilt. One footer read otherwise. Raises
     DamagedOutputError, naming the output, where its table cannot be decoded. `before_commit` runs just before a
     rebuilt view appears; where it raises, none does."""
     fs, root = storage.filesystem(config.output, config.storage_options)
     url = embeddings_view_url(root, stem)
-    if (read_output_metadata(url, fs) or {}).get("cache_key") == cache_key:
-        return False
+    footer = read_footer(url, fs)
+    if footer is not None and (footer_metadata(footer.metadata) or {}).get("cache_key") == cache_key:
+        columns = [config.id_column, config.embedding_column,
+                   view_shard_column(config.id_column, config.embedding_column)]
+        if footer.schema.to_arrow_schema().names == columns:
+            return False
     out_fs, out_path = storage.filesystem(output_url, config.storage_options)
     try:
         with out_fs.open(out_path, "rb") as f:
@@ -589,18 +602,25 @@ def read_output_metadata(url: str, fs: Any, *, refuse_foreign: bool = False) -> 
     With `refuse_foreign`, a readable parquet without our footer key raises ForeignOutputError instead: it is no
     output of ours (an unreadable footer may be one, damaged, and is None as above).
     """
+    footer = read_footer(url, fs)
+    meta = footer.metadata if footer is not None else None
+    if footer is not None and refuse_foreign and FOOTER_KEY not in (meta or {}):
+        raise ForeignOutputError([url])
+    return footer_metadata(meta)
+
+
+def read_footer(url: str, fs: Any) -> Optional[pq.FileMetaData]:
+    """A parquet file's footer (read_output_metadata's one read), or None where the file is missing or its footer
+    cannot be read; other errors (permissions, network) propagate."""
     try:
         with fs.open(url, "rb") as f:
-            meta = pq.read_metadata(f).metadata
+            return pq.read_metadata(f)
     except (FileNotFoundError, pa.ArrowException, ValueError):
         return None
     except OSError as exc:
         if undecodable(exc):
             return None
         raise
-    if refuse_foreign and FOOTER_KEY not in (meta or {}):
-        raise ForeignOutputError([url])
-    return footer_metadata(meta)
 
 
 def undecodable(exc: BaseException) -> bool:

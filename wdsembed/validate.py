@@ -155,13 +155,12 @@ def _view_differs(config: EmbedConfig, table: pa.Table, view: pa.Table, stem: st
         row = int(np.searchsorted(np.cumsum(lengths), first, side="right"))
         return (f"{shown} row {row} ({id_column} {ids[row].as_py()!r}) has another embedding than the output's: "
                 f"value {first - int(np.sum(lengths[:row]))} is {values[first]}, the output's {want_values[first]}")
-    if output.SHARD_COLUMN not in (id_column, embedding_column):  # the schema check above: the view has it
-        same = pc.fill_null(pc.equal(view.column(output.SHARD_COLUMN), pa.scalar(stem)), False)
-        same = same.to_numpy(zero_copy_only=False)
-        if not same.all():
-            row = int(np.flatnonzero(~same)[0])
-            return (f"{shown} row {row} ({id_column} {ids[row].as_py()!r}) names shard "
-                    f"{view.column(output.SHARD_COLUMN)[row].as_py()!r}, not {stem!r}")
+    stems = view.column(output.view_shard_column(id_column, embedding_column))  # the schema check above: it is there
+    same = pc.fill_null(pc.equal(stems, pa.scalar(stem)), False).to_numpy(zero_copy_only=False)
+    if not same.all():
+        row = int(np.flatnonzero(~same)[0])
+        return (f"{shown} row {row} ({id_column} {ids[row].as_py()!r}) names shard {stems[row].as_py()!r}, "
+                f"not {stem!r}")
     return None
 
 
