@@ -1383,6 +1383,23 @@ def damage_first_page(path: Path) -> None:
         pq.read_table(path)
 
 
+def flip_embedding_bit(path: Path) -> None:
+    """Flip one bit in the middle of the (uncompressed) embedding values: the file still reads whole, one value
+    differs."""
+    meta = pq.ParquetFile(path).metadata
+    column = next(meta.row_group(0).column(i) for i in range(meta.num_columns)
+                  if meta.row_group(0).column(i).path_in_schema.startswith(EMB))
+    where = column.data_page_offset + column.total_compressed_size // 2
+    before = pq.read_table(path)
+    with open(path, "r+b") as f:
+        f.seek(where)
+        byte = f.read(1)[0]
+        f.seek(where)
+        f.write(bytes([byte ^ 0x04]))
+    after = pq.read_table(path)
+    assert after.num_rows == before.num_rows and not after.column(EMB).equals(before.column(EMB))
+
+
 def test_an_output_damaged_below_its_footer(tmp_path, caplog):
     """An output whose footer is sound and whose data is damaged (bit rot, a bad copy; an atomic write never leaves
     one). A re-run reads only footers: with its kNN view in place, the output counts as finished (reading every
@@ -1408,15 +1425,41 @@ def test_an_output_damaged_below_its_footer(tmp_path, caplog):
     assert validate_output(config(data, out), str(out / "00000.parquet"), dim=first.dim).ok
     [warning] = {r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()}
     assert f"{out / '00000.parquet'} is damaged" in warning and warning.endswith("; recomputing it"), warning
+
+    # verify_outputs (--verify-outputs): each finished output is read whole, and compared with its view, first
+    caplog.clear()
+    damage_first_page(out / "00000.parquet")
+    with caplog.at_level(logging.WARNING, logger="wdsembed"):
+        [verified] = embedder(verify_outputs=True)(str(data), str(out))
+    assert not verified.cached and verified.embedded == PER_SHARD
+    assert validate_output(config(data, out), str(out / "00000.parquet"), dim=first.dim).ok
+    [unread] = {r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()}
+    assert "output cannot be read" in unread and unread.endswith("; recomputing it"), unread
+    # one bit of one embedding flipped: every page still decodes, only the view's copy tells
+    caplog.clear()
+    flip_embedding_bit(out / "00000.parquet")
+    assert embedder()(str(data), str(out))[0].cached
+    with caplog.at_level(logging.WARNING, logger="wdsembed"):
+        [verified] = embedder(verify_outputs=True)(str(data), str(out))
+    assert not verified.cached and validate_output(config(data, out), str(out / "00000.parquet"), dim=first.dim).ok
+    [flipped] = {r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()}
+    assert "has another embedding than the output's" in flipped, flipped
+    assert [r.cached for r in embedder(verify_outputs=True)(str(data), str(out))] == [True]  # sound: taken as it is
     table.record("fault-output-damaged-below-footer",
                  done="an API run of 1 shard; the first page header of its output overwritten (the footer intact); "
-                      "the same call again; then its kNN view deleted and the same call again",
+                      "the same call again; then its kNN view deleted and the same call again; then the page header "
+                      "overwritten again, and the call with verify_outputs=True; then one bit of one embedding "
+                      "flipped (every page still decodes), the call, and the call with verify_outputs=True",
                  did="validate_output named it ('output cannot be read: ...'); the second call, reading footers "
                      "only, found the shard finished (cached); the third, reading the table to rebuild the view, "
                      "recomputed the shard with a warning "
-                     f"{q(warning.split(': ', 1)[1].replace(str(out), 'OUTPUT').split(' (')[0])}",
-                 lost="nothing once recomputed; until then the damaged table stays (a re-run whose view is in place "
-                      "does not read it)")
+                     f"{q(warning.split(': ', 1)[1].replace(str(out), 'OUTPUT').split(' (')[0])}; with "
+                     "verify_outputs (--verify-outputs), which reads each finished output whole and compares it with "
+                     "its view, the shard was recomputed both times, the warning saying what is wrong ('output "
+                     "cannot be read: ...', '... has another embedding than the output's: ...'); without it the "
+                     "flipped bit was taken as finished",
+                 lost="nothing once recomputed; until then the damaged table stays where no verify_outputs run reads "
+                      "it (a re-run whose view is in place reads only footers, to stay fast)")
 
 
 def test_a_rerun_after_a_process_killed_between_write_and_rename_leaves_no_temp_file(tmp_path):

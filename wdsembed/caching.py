@@ -9,8 +9,9 @@ preprocessing and embedding options, the declared recipe and output-format versi
   planned output's footer before submitting and sends the shards whose output is missing, cut short, unreadable at
   its footer (or below it, where its kNN view must be rebuilt from it: shard.finished_output) or made from other
   inputs with `refresh_cache=True`: a deleted output is recomputed, never reported as cached from a stale task
-  result. For those made from other inputs, the parts their footers recorded say what changed
-  (shard.why_recomputed), before any work: an upgrade or a touched tar is told from an intended change.
+  result; with verify_outputs, so is one damaged below its footer (each output is then read whole). For those
+  made from other inputs, the parts their footers recorded say what changed (shard.why_recomputed), before any
+  work: an upgrade or a touched tar is told from an intended change.
 
 Nothing here imports Prefect or CUDA libraries (tasks.embed.result_storage_for makes the Prefect storage).
 """

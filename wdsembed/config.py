@@ -162,6 +162,14 @@ class EmbedConfig(BaseModel):
         "auto", description="'auto' uses a GPU where one is visible, else the CPU-only DALI pipeline."
     )
     force: bool = Field(False, description="Recompute every shard even where a finished output exists.")
+    verify_outputs: bool = Field(
+        False,
+        description="Before a finished output counts as done, read it whole (every column) and check it as "
+        "validate_output does, against its kNN view too: one damaged below its intact footer (bit rot, a bad copy) "
+        "is embedded again, with a warning naming what is wrong. Off: a re-run reads only footers, and finds such "
+        "damage only where it must rebuild a view from the table. On, a re-run reads every output and view whole "
+        "and starts its workers even where nothing is to compute.",
+    )
     storage_options: dict[str, str] = Field(
         default_factory=dict,
         repr=False,

@@ -377,8 +377,9 @@ def _parents(path: str) -> list[str]:
 def nothing_to_compute(config: EmbedConfig) -> bool:
     """Whether every shard's output is already finished with this run's cache key (never with --force). Only reads:
     no index is built and no kNN view rewritten here (the flow's own planning rewrites a missing view). Any doubt,
-    a refused input included, answers False: the run then goes through every check."""
-    if config.force:
+    a refused input included, answers False: the run then goes through every check. With verify_outputs, False:
+    the planning reads each output whole, and a damaged one needs the workers; read here too, each twice."""
+    if config.force or config.verify_outputs:
         return False
     try:
         check_storage(config)

@@ -31,7 +31,7 @@ from typing import Callable, Collection, Iterator, Optional
 from wdsembed import (faults, fidelity, output, outputclaim, preprocess, report, shardindex, shards, storage,
                       tarstream)
 from wdsembed.config import EmbedConfig
-from wdsembed.validate import validate_table
+from wdsembed.validate import validate_output, validate_table
 from wdsembed.versions import package_versions
 from wdsembed.worker import Worker
 
@@ -264,8 +264,25 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_vi
             except output.DamagedOutputError as exc:
                 log.warning("shard %s: %s; recomputing it", plan.stem, exc)
                 return None
+        if repair_view and config.verify_outputs:
+            damage = _damage(config, plan, meta)
+            if damage:
+                log.warning("shard %s: output %s is damaged: %s; recomputing it", plan.stem, plan.output, damage)
+                return None
         return meta
     return None
+
+
+def _damage(config: EmbedConfig, plan: ShardPlan, meta: dict) -> Optional[str]:
+    """What verify_outputs finds wrong with a finished output, read whole (every column, then its view), or None.
+    Overwritten bytes below an intact footer show only there: in a page that no longer decodes, or in values unlike
+    the view's copy of them (or not finite, or not of unit norm)."""
+    result = meta.get("result") or {}
+    rows, failed = result.get("rows"), result.get("failed")
+    check = validate_output(config, plan.output, dim=int(result.get("dim") or 0), expected_rows=rows,
+                            expected_embedded=rows - failed if rows is not None and failed is not None else None,
+                            every_column=True)
+    return "; ".join(check.problems) or None
 
 
 # --------------------------------------------------------------------------------------------------- one shard

@@ -26,15 +26,16 @@ class Validation:
 
 def validate_output(
     config: EmbedConfig, output_url: str, *, dim: int, expected_rows: Optional[int] = None,
-    expected_embedded: Optional[int] = None,
+    expected_embedded: Optional[int] = None, every_column: bool = False,
 ) -> Validation:
     """Re-read a written output and check what downstream users rely on. Reads the embedding and error columns,
-    and with `knn_view` the id column and the shard's view (each once)."""
+    and with `knn_view` the id column and the shard's view (each once); with `every_column`, every column of the
+    output, so that damage in any of them is found (verify_outputs)."""
     fs, path = storage.filesystem(output_url, config.storage_options)
     columns = [config.embedding_column, config.error_column] + ([config.id_column] if config.knn_view else [])
     try:
         with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=columns)
+            table = pq.read_table(f, columns=None if every_column else columns)
     except Exception as exc:  # noqa: BLE001 - any unreadable output is a validation failure, said plainly
         return Validation(output_url, False, [f"output cannot be read: {exc}"])
     problems = validate_table(config, table, dim=dim, expected_rows=expected_rows,
