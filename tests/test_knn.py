@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tarfile
 from pathlib import Path
@@ -383,3 +384,36 @@ def test_an_id_column_named_shard_keeps_the_id_and_the_stem_in_the_view(tmp_path
     assert validate_output(config, str(out / "00000.parquet"), dim=results[0].dim).problems
     assert [r.cached for r in embedder(str(data), str(out))] == [True, True]
     assert pq.read_table(path).equals(old)
+
+
+def test_a_batch_added_to_output_with_other_embedding_or_error_column_names_is_refused(tmp_path):
+    """A dataset that grows batch by batch into one OUTPUT: a second batch run with another --error-column (or,
+    without views, another --embedding-column) was accepted, and the README's merged read of OUTPUT then held two
+    error (or embedding) columns, each null in the other batch's rows: `df[df.embedding_error.isna()]` kept the new
+    batch's failed rows, with no embedding. Refused before any work, naming the outputs and the column; the same
+    names are fine, and the merged read then keeps only embedded rows."""
+    from wdsembed.plan import InputError
+
+    write_shard(tmp_path / "a", "00000", [_image(i) for i in range(4)], failed_rows=1)
+    write_shard(tmp_path / "b", "00001", [_image(10 + i) for i in range(4)], failed_rows=1, shard_id=1)
+    out = tmp_path / "out"
+
+    def embed(batch: str, **kw):
+        return TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                                 fidelity_sample=0, **kw)(str(tmp_path / batch), str(out))
+
+    embed("a")
+    for kw, said in ((dict(error_column="why"), "00000.parquet (error column embedding_error)"),
+                     (dict(knn_view=False, error_column="why"), "00000.parquet (error column embedding_error)"),
+                     (dict(knn_view=False, embedding_column="emb"), f"00000.parquet (embedding column {EMB})")):
+        with pytest.raises(InputError, match=re.escape(said)):
+            embed("b", **kw)
+        assert sorted(p.name for p in out.glob("*.parquet")) == ["00000.parquet"], kw
+    embed("b")
+    import pyarrow.dataset as ds
+
+    dataset = ds.dataset(str(out), format="parquet")
+    schema = pa.unify_schemas([f.physical_schema for f in dataset.get_fragments()])
+    df = ds.dataset(str(out), format="parquet", schema=schema).to_table().to_pandas()
+    ok = df[df.embedding_error.isna()]
+    assert len(df) == 10 and len(ok) == 8 and np.stack(ok[EMB].to_numpy()).shape[0] == 8

@@ -133,8 +133,9 @@ def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
     """Refuse a run whose OUTPUT already holds outputs of shards it does not name, made by another model (or the
     same model otherwise set: its weights, its head, normalized or not): they would stay beside this run's, two
     embedding spaces in one folder and one kNN view, which kNN tools read as one (or fail on, where the sizes
-    differ), and so are outputs of the same model stored as another embedding_dtype (their schemas do not merge)
-    or whose kNN views name their id or embedding column otherwise.
+    differ), and so are outputs of the same model stored as another embedding_dtype (their schemas do not merge),
+    whose embedding or error column is named otherwise (a dataset read of OUTPUT would hold two of each), or whose
+    kNN views name their id or embedding column otherwise.
     Outputs this run names are rewritten, so they never count. One listing of OUTPUT, and a footer read for each
     output that this run does not name (and for its view, where the run writes views)."""
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
@@ -162,6 +163,10 @@ def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
             # The same model, its embeddings stored as another type: the tables' and the views' embedding columns
             # would not merge into one schema.
             reasons = [f"embedding_dtype {stored}"]
+        if not reasons:
+            # The same model, its table's own columns named otherwise (another --embedding-column or
+            # --error-column): a dataset read of OUTPUT would hold two of each, each null in the other's rows.
+            reasons = _columns_otherwise(meta, config)
         if not reasons and config.knn_view:
             # The same model, but its view's columns named otherwise (another --id-column or --embedding-column):
             # kNN tools read the view's files with one column name, and fail on the others.
@@ -180,6 +185,17 @@ def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
             "folder and one kNN view, which kNN tools read as one. Choose another output folder, name those shards in this run too (they are "
             "then recomputed), or remove their outputs."
         )
+
+
+def _columns_otherwise(meta: Optional[dict], config: EmbedConfig) -> list[str]:
+    """The embedding and error columns of an output that its footer's cache key parts record under other names than
+    this run's (`embedding column image_embedding`); none where the footer records no parts (older versions)."""
+    parts = (meta or {}).get("cache_key_parts")
+    recorded = parts.get("columns") if isinstance(parts, dict) else None
+    if not (isinstance(recorded, list) and len(recorded) == 3):
+        return []
+    mine = {"embedding column": config.embedding_column, "error column": config.error_column}
+    return [f"{what} {theirs}" for (what, ours), theirs in zip(mine.items(), recorded[1:]) if theirs != ours]
 
 
 def _embedding_dtype(meta: Optional[dict]) -> Optional[str]:
