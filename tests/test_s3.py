@@ -455,6 +455,35 @@ def test_a_wrong_id_column_is_refused_before_any_work_once_a_run_has_indexed_the
     assert [k for k in server.keys(OUT_BUCKET) if k.startswith(out_prefix + "/")] == []
 
 
+@pytest.mark.parametrize("wrong, holds", [("width", "'40'"), ("caption", "'image 0', 'image 1'")])
+def test_a_wrong_id_column_is_refused_before_any_work_on_shards_never_indexed(server, tmp_path, capsys, wrong,
+                                                                              holds):
+    """A first run on S3 shards without .idx files: every key of a tar would be the whole tar, so a valid but wrong
+    --id-column (`width`, `caption`) went on to Prefect, and every shard was downloaded and embedded before failing
+    at its key join. The first shard's parquet tells it without the tar: another of its columns (`key`) holds the
+    tar's first keys, which the id column does not. Refused with exit 2 before Prefect starts, naming the column."""
+    from wdsembed.cli import main
+
+    url = upload(server, _shards_of(tmp_path / "in", 2, 6))
+    bucket, prefix = url[len("s3://"):].split("/", 1)
+    assert not [k for k in server.keys(bucket) if k.startswith(prefix + "/") and k.endswith(".idx")]
+
+    def run(config, **kw):  # the flow (Prefect starts here): never reached
+        pytest.fail(f"the run started: the checks let --id-column {wrong} through")
+
+    out_prefix = f"emb-{uuid.uuid4().hex[:8]}"
+    code = main(run, [url, "--output", f"s3://{OUT_BUCKET}/{out_prefix}", "--device", "cpu", "--model", TINY_MODEL,
+                      "--no-pretrained", "--id-column", wrong, "--storage-option", f"endpoint_url={server.endpoint}",
+                      "--index-cache-dir", str(tmp_path / "idx")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (code, err)
+    assert err == (f"error: not one of the first 6 sample key(s) of 00000.tar is in id column {wrong!r} of "
+                   f"00000.parquet (keys such as '000000000', '000000001'; {wrong!r} holds {holds}), but its column "
+                   "'key' holds them: pass --id-column (id_column=) key"), err
+    assert [k for k in server.keys(OUT_BUCKET) if k.startswith(out_prefix + "/")] == []
+    assert not [k for k in server.keys(bucket) if k.startswith(prefix + "/") and k.endswith(".idx")]
+
+
 def test_a_parquet_filtered_down_to_later_keys_on_s3_is_not_refused(server, tmp_path, monkeypatch):
     """Rows only for keys past the tar's first ones (curated rows): the right column, which only every key of the
     tar tells from a wrong one. With the shard's .idx (here in the local index cache: the bucket refuses this

@@ -118,12 +118,13 @@ def column_clash_problem(parquet: str, schema: pa.Schema, embedding_column: str,
 
 
 def unmatched_keys_problem(ids: pa.ChunkedArray, keys: Sequence[str], id_column: str, parquet: str,
-                           keys_said: str) -> Optional[str]:
+                           keys_said: str, *, advice: Optional[str] = None) -> Optional[str]:
     """Where a shard's parquet has rows and its tar has samples but not one sample key is an id of the parquet
     (`ids`, its id column), what to check, naming the parquet and a few values of each side; else None. Many
     parquet rows without a sample are usual (img2dataset's failed downloads), but not one match is a wrong
     --id-column, or a parquet of another tar: joined, every row would be "not in tar" and every sample a row of
-    its own with the other columns null. `keys_said`: which keys these are ("the tar's 6 sample keys")."""
+    its own with the other columns null. `keys_said`: which keys these are ("the tar's 6 sample keys");
+    `advice`: what to do, where the caller knows better than "check that"."""
     if not len(ids) or not len(keys):
         return None
     canon = pa.array(_canonical_tar_keys(keys, ids.type), type=pa.string())
@@ -132,9 +133,18 @@ def unmatched_keys_problem(ids: pa.ChunkedArray, keys: Sequence[str], id_column:
         return None
     values = pc.unique(row_ids.drop_null())
     shown = ", ".join(repr(v) for v in values.slice(0, 2).to_pylist()) if len(values) else "all null"
+    advice = advice or (f": check that {option('id_column')} names the column holding each sample's key "
+                        "(img2dataset's is 'key') and that this parquet is the tar's own")
     return (f"not one of {keys_said} is in id column {id_column!r} of {parquet} (keys such as "
-            f"{', '.join(repr(k) for k in keys[:2])}; {id_column!r} holds {shown}): check that {option('id_column')} "
-            "names the column holding each sample's key (img2dataset's is 'key') and that this parquet is the tar's own")
+            f"{', '.join(repr(k) for k in keys[:2])}; {id_column!r} holds {shown}){advice}")
+
+
+def columns_holding_keys(table: pa.Table, keys: Sequence[str], id_column: str) -> list[str]:
+    """The columns of a shard's parquet rows, but `id_column`, that the key join could take and that hold at least
+    one of the tar's sample `keys`, in the parquet's order."""
+    return [name for name in table.column_names
+            if name != id_column and _joins(table.schema.field(name).type)
+            and unmatched_keys_problem(table.column(name), keys, name, "", "") is None]
 
 
 def _id_value_type(t: pa.DataType) -> pa.DataType:

@@ -459,7 +459,9 @@ def _check_id_column(config: EmbedConfig, found: "FoundShards") -> None:
     each shard checks its own before embedding (shard.process_shard). Then the column must hold one of the tar's
     sample keys (its first ones from its headers, and the id column alone; where none matches, every one, as
     _every_key can have them): a wrong but valid --id-column (`width`) matches none, and every shard would fail at
-    its key join (shard.process_shard checks every key of its own)."""
+    its key join (shard.process_shard checks every key of its own). Where every key would cost the whole tar (an
+    object store without .idx), the parquet's other columns speak instead: one that holds the first keys is the
+    right one."""
     siblings = ((t, t[: -len(".tar")] + ".parquet") for t in found.tars)
     tar, first = next(((t, p) for t, p in siblings if p in found.files), (None, None))
     if first is None:
@@ -486,11 +488,26 @@ def _check_id_column(config: EmbedConfig, found: "FoundShards") -> None:
     # None of the first keys: a wrong column, or a parquet filtered down (curated rows; the tar's other samples
     # join as rows of their own). Only every key of the tar tells them apart (_every_key).
     try:
-        keys = _every_key(config, found, tar)
+        every = _every_key(config, found, tar)
     except Exception:  # noqa: BLE001 - as above
+        every = None
+    if every is None:
+        # Every key would cost the whole tar (an object store, no .idx yet: a first run). Where another column of
+        # the parquet holds those first keys, the id column is the wrong one, filtered rows or not.
+        try:
+            joinable = [n for n in schema.names
+                        if n != config.id_column and not output.id_column_problem(n, "", schema)]
+            rows = shards.read_rows(first, found.fs, columns=joinable) if joinable else None
+            holding = output.columns_holding_keys(rows, keys, config.id_column) if rows is not None else []
+        except Exception:  # noqa: BLE001 - as above
+            return
+        if holding:
+            raise InputError(output.unmatched_keys_problem(
+                ids, keys, config.id_column, shown,
+                f"the first {len(keys)} sample key(s) of {posixpath.basename(tar)}",
+                advice=f", but its column {holding[0]!r} holds them: pass {option('id_column')} {holding[0]}"))
         return
-    if keys is None:
-        return
+    keys = every
     problem = output.unmatched_keys_problem(ids, keys, config.id_column, shown,
                                             f"the {len(keys)} sample key(s) of {posixpath.basename(tar)}")
     if problem:
