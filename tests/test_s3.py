@@ -391,13 +391,31 @@ def test_plan_does_not_download_shards_to_index_them(server, dataset, tmp_path):
     assert "s3://" in plans[0].shard and plans[0].rows.endswith("00000.parquet") and plans[0].expected_samples == 6
 
 
-def test_a_parquet_wdsembed_did_not_write_at_an_output_key_is_refused_by_the_planning(server, dataset, tmp_path):
-    """A user's own parquet at OUTPUT/00000.parquet on a store: the planning's footer reads (with force, read for
-    this alone) refuse the run before any shard could overwrite it."""
+def test_a_parquet_wdsembed_did_not_write_at_an_output_key_is_refused_before_prefect_starts(server, dataset,
+                                                                                             tmp_path, capsys):
+    """A user's own parquet at OUTPUT/00000.parquet on a store: the command refuses it with exit 2 before Prefect
+    starts, in the words it uses for a local folder (it went on to Prefect, and its planning refused it there);
+    the planning's footer reads (with force, read for this alone) refuse the run too, before any shard could
+    overwrite it."""
+    from wdsembed.cli import main
+
     url = upload(server, dataset)
     prefix = f"foreign-{uuid.uuid4().hex[:8]}"
     server.boto().upload_file(str(dataset / "00000.parquet"), OUT_BUCKET, f"{prefix}/00000.parquet")
+
+    def run(config, **kw):  # the flow (Prefect starts here): never reached
+        pytest.fail("the run started: the checks let a parquet that wdsembed did not write through")
+
     try:
+        for force in ([], ["--force"]):
+            code = main(run, [url, "--output", f"s3://{OUT_BUCKET}/{prefix}", "--device", "cpu", "--model",
+                              TINY_MODEL, "--no-pretrained", "--storage-option", f"endpoint_url={server.endpoint}",
+                              "--index-cache-dir", str(tmp_path / "cache"), *force])
+            err = capsys.readouterr().err.strip()
+            assert code == 2, (code, err)
+            assert err == (f"error: output 's3://{OUT_BUCKET}/{prefix}' already holds 1 parquet file(s) that wdsembed "
+                           "did not write, where this run writes its shards' outputs: 00000.parquet. They are never "
+                           "overwritten: choose another output folder, or move them out of it"), err
         for force in (False, True):
             config = config_for(url, f"s3://{OUT_BUCKET}/{prefix}", server.endpoint, force=force,
                                 index_cache_dir=str(tmp_path / "cache"))

@@ -94,9 +94,9 @@ def check_config(config: EmbedConfig, *, on_current_client: bool = False) -> boo
     check_output_location(config, found)
     check_outputs_beside(config, found)
     # Where every output is finished with this run's key, nothing_to_compute read each footer: all are ours. On an
-    # object store the flow's planning reads those footers anyway (plan_run) and refuses there, before any shard:
-    # read here too, each would cost its requests twice.
-    if needs_model and storage.is_local(storage.filesystem(config.output, config.storage_options)[0]):
+    # object store the flow's planning reads these footers again (plan_run): a footer read more for each output
+    # already there, so that a user's own file is refused here, before Prefect starts, not in the flow run.
+    if needs_model:
         check_own_outputs(config, [found.stem(t) for t in found.tars])
     if needs_model:
         preflight.check_weights(config)  # last: needs timm
