@@ -454,6 +454,38 @@ def test_checkpoint_is_a_local_path_or_file_url(shards, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flag, url, why", [
+    ("-o", "s3://", "s3:// names no bucket: write s3://BUCKET/PREFIX"),
+    ("-o", "s3:///", "s3:// names no bucket: write s3://BUCKET/PREFIX"),
+    ("-o", "gs://", "gs:// names no bucket: write gs://BUCKET/PREFIX"),
+    ("-o", "s3:/bucket/emb", "starts with 's3:' but not 's3://', which makes it a local path: write "
+                             "s3://BUCKET/PREFIX, or start a local folder's path with ./"),
+    ("-o", "s3:bucket/emb", "starts with 's3:' but not 's3://', which makes it a local path: write "
+                            "s3://BUCKET/PREFIX, or start a local folder's path with ./"),
+    ("input", "s3://", "s3:// names no bucket: write s3://BUCKET/PREFIX"),
+    ("input", "S3:/bucket/shards", "starts with 'S3:' but not 'S3://', which makes it a local path: write "
+                                   "S3://BUCKET/PREFIX, or start a local folder's path with ./"),
+    ("--result-storage", "s3://", "s3:// names no bucket: write s3://BUCKET/PREFIX"),
+])
+def test_a_store_url_without_bucket_or_with_one_slash_is_refused(shards, tmp_path, capsys, monkeypatch, flag, url,
+                                                                 why):
+    """`-o s3://` lost its slashes to the trailing-slash rule and became a local folder `s3:` in the working
+    directory, and `s3:/bucket/emb` (a slash short) one of its subfolders: every check passed and the run wrote
+    there. Refused by EmbedConfig (the command, the API, a deployed run's parameters), naming the field and what
+    to write."""
+    from pydantic import ValidationError
+
+    monkeypatch.chdir(tmp_path)
+    argv = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu"]
+    field = {"-o": "output", "input": "input", "--result-storage": "result_storage"}[flag]
+    argv = [url, *argv[1:]] if flag == "input" else argv + [flag, url]
+    code, err, started, _ = run_main(argv, capsys)
+    assert code == 2 and not started and err == f"error: invalid parameters:\n  {field}: {why}\n", err
+    with pytest.raises(ValidationError, match=re.escape(why)):
+        EmbedConfig(**{"input": str(shards), "output": str(tmp_path / "out"), field: url})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
 def test_output_columns_of_one_name_are_refused(shards, tmp_path, capsys):
     """The id, embedding and error columns share the output table: two of one name were found only after every
     shard was embedded (each then failed its join). Refused by EmbedConfig: the CLI and the API alike."""

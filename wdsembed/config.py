@@ -15,6 +15,7 @@ from fsspec.core import split_protocol
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from wdsembed.storeoptions import (
+    BUCKET_PROTOCOLS,
     CREDENTIALS_HINT,
     SECRET_OPTION_PATTERN,
     URL_PASSWORD_PATTERN,
@@ -278,6 +279,29 @@ class EmbedConfig(BaseModel):
         if value and not re.fullmatch(DASK_ADDRESS_PATTERN, value):
             raise ValueError("must be a Dask scheduler's address with its port: tcp://HOST:8786, tls://HOST:8786 or "
                              "HOST:8786")
+        return value
+
+    @field_validator("input", "output", "result_storage")
+    @classmethod
+    def _store_url_form(cls, value: Optional[str]) -> Optional[str]:
+        # Before the trailing slashes go: `s3://` would become `s3:`, a local folder of the working directory, and
+        # `s3:/bucket/x` (a slash short) is one already: every check would pass and the run write there. The value
+        # stays out of the message, as in every error of this model.
+        if not value or "::" in value:
+            return value
+        scheme, colon, rest = value.partition(":")
+        if not colon or len(scheme) < 2 or scheme.lower() in ("file", "local"):
+            return value
+        if rest.startswith("//"):
+            if scheme.lower() in BUCKET_PROTOCOLS and not rest.strip("/"):
+                raise ValueError(f"{scheme}:// names no bucket: write {scheme}://BUCKET/PREFIX")
+            return value
+        from fsspec.registry import known_implementations
+
+        if scheme.lower() in known_implementations:
+            where = "BUCKET/PREFIX" if scheme.lower() in BUCKET_PROTOCOLS else "..."
+            raise ValueError(f"starts with '{scheme}:' but not '{scheme}://', which makes it a local path: write "
+                             f"{scheme}://{where}, or start a local folder's path with ./")
         return value
 
     @field_validator("input", "output")

@@ -21,7 +21,7 @@ import fsspec
 import pyarrow as pa
 from fsspec.core import url_to_fs
 
-from wdsembed.storeoptions import _S3_PROTOCOLS, CREDENTIALS_HINT, fsspec_options, protocol
+from wdsembed.storeoptions import _S3_PROTOCOLS, BUCKET_PROTOCOLS, CREDENTIALS_HINT, fsspec_options, protocol
 
 
 class StoreError(ValueError):
@@ -399,9 +399,8 @@ def _call_s3(fs: fsspec.AbstractFileSystem, doing: str, operation: str, **kwargs
 # Preflight: fail at once, naming the URL, where a store cannot be used at all
 
 
-# Stores whose paths start with a bucket (or container), which a run never creates: a path missing there may be a
-# missing bucket rather than a new prefix.
-_BUCKET_PROTOCOLS = frozenset({*_S3_PROTOCOLS, "gs", "gcs", "az", "abfs", "abfss", "oss"})
+# A path missing there may be a missing bucket rather than a new prefix.
+_BUCKET_PROTOCOLS = BUCKET_PROTOCOLS
 
 
 def _explain(url: str, exc: BaseException, action: str) -> StoreError:

@@ -23,6 +23,8 @@ CREDENTIALS_HINT = (
 )
 
 _S3_PROTOCOLS = ("s3", "s3a")
+# Stores whose paths start with a bucket (or container), which a run never creates.
+BUCKET_PROTOCOLS = frozenset({*_S3_PROTOCOLS, "gs", "gcs", "az", "abfs", "abfss", "oss"})
 # Strings from the CLI (`--storage-option max_paths=1000`) that fsspec's listings cache, which every store has,
 # wants as numbers (it computes `max_paths + 1`).
 _FSSPEC_INT_OPTIONS = ("max_paths",)
