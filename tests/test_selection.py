@@ -769,6 +769,33 @@ def test_a_local_dir_model_exported_again_at_its_path_is_embedded_again(tmp_path
         "the second run embedded with the first run's weights"
 
 
+def test_pretrained_beside_a_checkpoint_recomputes_nothing(tmp_path):
+    """A checkpoint's weights are loaded whatever `pretrained` says, so a re-run that only adds or drops
+    --no-pretrained beside the same --checkpoint gives the same embeddings: its shards are finished, not embedded
+    again (the key held `pretrained`, and every shard was recomputed for nothing)."""
+    pytest.importorskip("nvidia.dali")
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from wdsembed.api import TimmImageEmbedder
+
+    shard(tmp_path / "in", "00000", n=3)
+    torch.manual_seed(1)
+    weights = tmp_path / "w.safetensors"
+    save_file(timm.create_model(TINY_MODEL, pretrained=False).state_dict(), str(weights))
+    out = tmp_path / "out"
+    [first] = TimmImageEmbedder(TINY_MODEL, pretrained=True, checkpoint=str(weights), **SETTINGS)(
+        str(tmp_path / "in"), str(out))
+    assert not first.cached and first.embedded == 3
+    [again] = TimmImageEmbedder(TINY_MODEL, pretrained=False, checkpoint=str(weights), **SETTINGS)(
+        str(tmp_path / "in"), str(out))
+    assert again.cached and again.cache_key == first.cache_key
+    # without a checkpoint, pretrained decides the weights: still part of the key
+    plain = config(tmp_path / "in", out)
+    assert plain.model_key() != plain.model_copy(update={"pretrained": True}).model_key()
+
+
 def test_a_missing_checkpoint_is_said_missing_not_rewritten(tree, tmp_path):
     """The check of outputs beside a run's own reads this run's checkpoint first: a missing file is named as such,
     not taken for another file that made every output beside."""

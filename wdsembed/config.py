@@ -335,7 +335,9 @@ class EmbedConfig(BaseModel):
         """The parameters that decide the embedding values (model, weights, head, preprocessing, precision)."""
         return {
             "model_name": self.model_name,
-            "pretrained": self.pretrained,
+            # A checkpoint is loaded whatever `pretrained` says (model.load_model): True then, as by default, so
+            # that toggling it beside the same file recomputes nothing.
+            "pretrained": self.pretrained or bool(self.checkpoint),
             "checkpoint": self.checkpoint,
             "embedding": self.embedding,
             "normalize_embeddings": self.normalize_embeddings,
