@@ -32,7 +32,7 @@ from wdsembed import (faults, fidelity, output, outputclaim, preprocess, report,
                       tarstream)
 from wdsembed.config import EmbedConfig
 from wdsembed.validate import validate_output, validate_table
-from wdsembed.versions import package_versions
+from wdsembed.versions import code_version, package_versions
 from wdsembed.worker import Worker
 
 log = logging.getLogger("wdsembed")
@@ -604,7 +604,10 @@ def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: 
                     else pool.submit(remove_view))
             output.write_parquet_atomic(
                 table, path, fs, metadata={"cache_key": key, "cache_key_parts": cache_key_parts(config, plan),
-                                           "normalized": config.normalize_embeddings, "result": stored},
+                                           "normalized": config.normalize_embeddings, "result": stored,
+                                           # what wrote this file: the manifest's versions are its run's, which
+                                           # keeps outputs of an earlier wdsembed under the same key
+                                           "versions": package_versions() | {"wdsembed-code": code_version()}},
                 before_commit=lambda: (checked.result(), view.result(), faults.maybe_inject(plan.stem, "commit")),
             )
         if config.knn_view:
