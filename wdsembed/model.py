@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import logging
 import os
 import re
@@ -64,6 +65,8 @@ class LoadedModel:
     dtype: "torch.dtype" = torch.float32  # of the weights: bfloat16 once `to_bfloat16` ran
     # what each requested embedding resolves to on this model (embedding_forms); empty where not measured
     embedding_forms: dict = field(default_factory=dict)
+    # the local file that pretrained weights were loaded from (the Hub's cache, torch's hub cache), where known
+    weights_file: Optional[str] = None
 
 
 # --------------------------------------------------------------------------------------------------- embedding rule
@@ -276,6 +279,41 @@ def _hub_offline_mode(enabled: bool) -> Iterator[None]:
         yield
     finally:
         constants.HF_HUB_OFFLINE = old
+
+
+def _hub_weights_in_cache(model_name: str, model: nn.Module) -> Optional[str]:
+    """The cached file that timm loaded an hf-hub: model's weights from (it fetches them itself), or None."""
+    import huggingface_hub
+
+    repo, _, revision = model_name.split(":", 1)[1].partition("@")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    filenames = _hub_filenames(type("Cfg", (), {"hf_hub_filename": cfg.get("hf_hub_filename")}))
+    for fn in filenames:
+        hit = huggingface_hub.try_to_load_from_cache(repo, fn, cache_dir=_hub_cache_dir(), revision=revision or None)
+        if isinstance(hit, str):
+            return hit
+    return None
+
+
+_SHA256_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+def weights_file_record(path: str) -> dict:
+    """Which pretrained weights a file holds, for the outputs' provenance: its name, the Hub snapshot (commit) it
+    belongs to where it lies in the Hugging Face cache, and "sha256:<hex>" of its bytes. The cache stores a file
+    tracked by LFS (weights) under its SHA-256: that name is taken as it is, else the file is hashed."""
+    parent = os.path.dirname(path)
+    revision = (os.path.basename(parent) if os.path.basename(os.path.dirname(parent)) == "snapshots" else None)
+    blob = os.path.basename(os.path.realpath(path))
+    if _SHA256_NAME.fullmatch(blob):
+        digest = blob
+    else:
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(8 << 20):
+                sha.update(chunk)
+        digest = sha.hexdigest()
+    return {"file": os.path.basename(path), "revision": revision, "fingerprint": f"sha256:{digest}"}
 
 
 # --------------------------------------------------------------------------------------------------- names
@@ -506,6 +544,7 @@ def load_model(
     if sourced:
         _require_source_config(model_name, offline)
 
+    weights_file: Optional[str] = None
     if checkpoint:
         path = os.path.abspath(os.path.expanduser(checkpoint))
         if not os.path.isfile(path):
@@ -552,6 +591,7 @@ def load_model(
                 local = _fetch_hub_weights(model_name, cfg.hf_hub_id, _hub_filenames(cfg))
                 weights = f"pretrained:{cfg.hf_hub_id}"
                 overlay = dict(file=local, custom_load=cfg.custom_load == "hf")
+                weights_file = local
             else:
                 # Weights only at a URL: timm downloads them into the torch hub cache, or finds them there.
                 cached = os.path.join(
@@ -561,6 +601,7 @@ def load_model(
                     raise ModelLoadError(_no_weights_message(model_name, f"{cfg.url} is not in {cached} and offline"))
                 weights = f"pretrained:{cfg.url}"
                 overlay = {}
+                weights_file = cached
         want_pretrained = True
     else:
         weights, overlay, want_pretrained = "random-init", {}, False
@@ -602,6 +643,8 @@ def load_model(
     resolved = resolve_embedding(model, embedding, classifier=replaced_head)
     loaded = LoadedModel(
         embedding_forms=embedding_forms(model, classifier=replaced_head),
+        weights_file=weights_file or (_hub_weights_in_cache(model_name, model)
+                                      if hub_name and want_pretrained and not checkpoint else None),
         model=model,
         name=model_name,
         weights=weights,

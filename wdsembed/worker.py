@@ -169,6 +169,20 @@ def _checkpoint_identity(config: EmbedConfig) -> Optional[str]:
         return None
 
 
+def _pretrained_weights(loaded) -> Optional[dict]:
+    """model.weights_file_record of the file the pretrained weights came from; None without one (random weights,
+    a checkpoint: recorded as such) or where it cannot be read again."""
+    from wdsembed.model import weights_file_record
+
+    if not loaded.weights_file:
+        return None
+    try:
+        return weights_file_record(loaded.weights_file)
+    except OSError as exc:
+        log.warning("pretrained weights %s not recorded: %s", loaded.weights_file, exc)
+        return None
+
+
 class Worker:
     """The model and the DALI pipeline of one worker process, built once and reused for every shard."""
 
@@ -277,6 +291,8 @@ class Worker:
             # `embedding` before it loads the model (plan.check_outputs_beside)
             "embedding_forms": dict(self.loaded.embedding_forms),
             "checkpoint": checkpoint,
+            # the pretrained weights' snapshot and bytes: weights updated on the Hub under the same name differ here
+            "pretrained_weights": _pretrained_weights(self.loaded),
             "dim": self.loaded.dim,
             "precision": str(self.loaded.dtype).replace("torch.", ""),
             "cuda_graph": self._graph is not None,
