@@ -538,3 +538,101 @@ def test_gpu_graph_is_well_formed():
         recipe_of(), batch_size=8, num_threads=2, device_id=0, prefetch=2, hw_decoder_load=0.9, copy_inputs=True,
     )
     assert pipe.device_id == 0 and pipe.exec_dynamic
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JPEG processes DALI's decoder does not read, and damaged PNGs: a reason a user can act on
+
+
+def _jpeg_segment(marker: int, payload: bytes) -> bytes:
+    return struct.pack(">HH", marker, len(payload) + 2) + payload
+
+
+def _huffman_bits(symbols: list[tuple[int, int]]) -> bytes:
+    """(code, length) pairs packed MSB first, 0xFF stuffed, the last byte padded with ones."""
+    value, n = 0, 0
+    for code, length in symbols:
+        value, n = (value << length) | code, n + length
+    pad = -n % 8
+    raw = ((value << pad) | ((1 << pad) - 1)).to_bytes((n + pad) // 8, "big")
+    return raw.replace(b"\xff", b"\xff\x00")
+
+
+def _extra_bits(v: int) -> tuple[int, int]:
+    size = abs(v).bit_length()
+    return (v if v >= 0 else v - 1 + (1 << size)) & ((1 << size) - 1), size
+
+
+def _huffman_table(table: int, symbols: int, length: int) -> bytes:
+    counts = [0] * 16
+    counts[length - 1] = symbols
+    return _jpeg_segment(0xFFC4, bytes([table]) + bytes(counts) + bytes(range(symbols)))
+
+
+def gray_jpeg(pixels: np.ndarray, precision: int, sof: int) -> bytes:
+    """A grayscale JPEG of flat 8x8 blocks (each block's mean; DC coefficients only), for any frame marker and
+    precision: with SOF0 and 8 bits every decoder reads it, so the 12-bit SOF1 one is a 12-bit JPEG as written."""
+    h, w = pixels.shape
+    dcs = (8 * (pixels.reshape(h // 8, 8, w // 8, 8).mean(axis=(1, 3)).round().astype(int)
+                - (1 << (precision - 1)))).ravel().tolist()
+    bits, prev = [], 0
+    for dc in dcs:  # DC category (16 codes of 5 bits), its extra bits, then the AC table's one code: end of block
+        extra, size = _extra_bits(dc - prev)
+        bits += [(size, 5), (extra, size), (0, 1)]
+        prev = dc
+    return (b"\xff\xd8" + _jpeg_segment(0xFFDB, b"\x00" + b"\x01" * 64)
+            + _jpeg_segment(sof, struct.pack(">BHHB", precision, h, w, 1) + b"\x01\x11\x00")
+            + _huffman_table(0x00, 16, 5) + _huffman_table(0x10, 1, 1)
+            + _jpeg_segment(0xFFDA, b"\x01\x01\x00\x00\x3f\x00") + _huffman_bits(bits) + b"\xff\xd9")
+
+
+def lossless_jpeg(pixels: np.ndarray) -> bytes:
+    """An 8-bit grayscale lossless JPEG (SOF3, predictor 1: the left neighbour; the first column, the one above)."""
+    p = pixels.astype(int)
+    pred = np.empty_like(p)
+    pred[0, 0], pred[0, 1:], pred[1:, 0], pred[1:, 1:] = 128, p[0, :-1], p[:-1, 0], p[1:, :-1]
+    bits = []
+    for diff in (p - pred).ravel().tolist():
+        extra, size = _extra_bits(diff)
+        bits += [(size, 5), (extra, size)]
+    h, w = p.shape
+    return (b"\xff\xd8" + _jpeg_segment(0xFFC3, struct.pack(">BHHB", 8, h, w, 1) + b"\x01\x11\x00")
+            + _huffman_table(0x00, 17, 5)
+            + _jpeg_segment(0xFFDA, b"\x01\x01\x00\x01\x00\x00") + _huffman_bits(bits) + b"\xff\xd9")
+
+
+def test_jpeg_processes_the_decoder_lacks_and_damaged_pngs_are_named(clean_rows):
+    """A 12-bit JPEG (extended sequential, SOF1), a lossless one (SOF3) and a PNG whose image data fails its CRC
+    got DALI's bare "decoders.image: failed to decode" on their rows; Pillow reads the lossless JPEG and that PNG.
+    Now each row says what the image is and why it has no embedding; their batch's photos are untouched."""
+    gray = np.asarray(Image.fromarray(skimage_data.camera()).resize((128, 96)))
+    plain = gray_jpeg(gray, 8, 0xFFC0)
+    png = _encode(Image.fromarray(skimage_data.coffee()).resize((120, 80)), "PNG")
+    idat = png.index(b"IDAT")
+    crc_at = idat + 4 + struct.unpack(">I", png[idat - 4:idat])[0]
+    bad_crc = png[:crc_at] + bytes([png[crc_at] ^ 0xFF]) + png[crc_at + 1:]
+    crafted = {"plain.jpg": plain, "twelve_bit.jpg": gray_jpeg(gray.astype(int) * 16, 12, 0xFFC1),
+               "lossless.jpg": lossless_jpeg(gray), "bad_crc.png": bad_crc}
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(crafted["lossless.jpg"]))), gray)  # both encoders
+    good = list(photos().items())
+    with ImagePipeline(recipe_of(), batch_size=4, num_threads=1, device_id=None) as pipe:
+        rows, failed, _ = run_all(pipe, good[:2] + list(crafted.items()) + good[2:])
+    assert set(failed) == {"twelve_bit.jpg", "lossless.jpg", "bad_crc.png"}, failed
+    assert failed["twelve_bit.jpg"].startswith(
+        "12-bit JPEG (SOF1, precision 12), which DALI's decoder does not support: decoders.image: ")
+    assert failed["lossless.jpg"].startswith(
+        "lossless JPEG (SOF3), which DALI's decoder does not support: decoders.image: ")
+    assert failed["bad_crc.png"].startswith(
+        f"damaged PNG (its IDAT chunk at byte {idat - 4} fails its CRC check): decoders.image: ")
+    # the 8-bit twin decodes as Pillow reads it: the encoder writes real JPEGs
+    from timm.data import create_transform, resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    transform = create_transform(**resolve_data_config(pretrained_cfg=get_pretrained_cfg(RESNET).to_dict()))
+    reference = transform(Image.open(io.BytesIO(plain)).convert("RGB"))
+    assert (rows["plain.jpg"] - reference).abs().mean() < 0.01
+    assert all(torch.equal(rows[k], clean_rows[k]) for k, _ in good)
+    # one explanation per cause: a sound 12-bit JPEG that fails for another reason is still called 12-bit; a
+    # baseline JPEG or a sound PNG keeps DALI's reason as it is
+    assert explain_decode_failure(crafted["twelve_bit.jpg"], "why").startswith("12-bit JPEG")
+    assert explain_decode_failure(plain, "why") == "why" and explain_decode_failure(png, "why") == "why"

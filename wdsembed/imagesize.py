@@ -304,6 +304,24 @@ def jpeg_scan_start(d: Bytes) -> Optional[int]:
     return None
 
 
+def jpeg_frame(d: Bytes) -> Optional[tuple[int, int]]:
+    """The marker (0xFFC0-0xFFCF) and sample precision of a JPEG's last frame header before its first scan, as
+    `_jpeg` walks the header; None where there is none to read."""
+    n, pos, frame = len(d), 2, None
+    while pos + 4 <= n:
+        marker, size = _MARKER_AND_LENGTH(d, pos)
+        kind = _MARKER_KIND[marker]
+        if kind == _FILL:
+            pos += 1
+            continue
+        if kind in (_SOS, _NOT_A_MARKER, _INVALID) or size < 2:
+            break
+        if kind == _SOF and pos + 5 <= n:
+            frame = (marker, d[pos + 4])
+        pos += 2 + size
+    return frame
+
+
 def _jpeg(d: Bytes, n: int) -> Optional[tuple[int, int]]:
     pos = 2
     hw = None

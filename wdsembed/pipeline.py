@@ -26,13 +26,14 @@ import contextlib
 import io
 import logging
 import re
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from wdsembed.imagesize import image_size, image_sizes, jpeg_scan_start
+from wdsembed.imagesize import image_size, image_sizes, jpeg_frame, jpeg_scan_start
 from wdsembed.preprocess import (
     PreprocessRecipe,
     dali_preprocess,
@@ -151,17 +152,65 @@ def with_adobe_marker(data: bytes | memoryview) -> bytes:
 
 def explain_decode_failure(data: bytes | memoryview, reason: str) -> str:
     """DALI's reason for one undecodable image, prefixed with what its bytes show where that is plain (a JPEG
-    without its end-of-image marker, a PNG without its IEND chunk: a file cut short, e.g. a partial download). A
+    without its end-of-image marker, a PNG without its IEND chunk: a file cut short, e.g. a partial download; a
+    12-bit, lossless or hierarchical JPEG, which DALI's decoder does not read; a PNG chunk failing its CRC). A
     JPEG is judged as `cut_short` judges it, by the marker after its start of scan, so that bytes appended after
     the marker (motion photos) do not make it look cut short; one without a scan, by its last bytes."""
     head, tail = bytes(data[:8]), bytes(data[-16:]).rstrip(b"\x00")
     if head.startswith(b"\xff\xd8\xff"):
         if _end_of_image_missing(data) is not False:
             return f"truncated JPEG (no end-of-image marker, {len(data)} bytes): {reason}"
-        return reason
-    if head.startswith(b"\x89PNG") and b"IEND" not in tail:
-        return f"truncated PNG (no IEND chunk, {len(data)} bytes): {reason}"
+        process = _jpeg_process(data)
+        return f"{process}: {reason}" if process else reason
+    if head.startswith(b"\x89PNG"):
+        if b"IEND" not in tail:
+            return f"truncated PNG (no IEND chunk, {len(data)} bytes): {reason}"
+        damaged = _png_crc_error(data)
+        return f"damaged PNG ({damaged}): {reason}" if damaged else reason
     return reason
+
+
+# JPEG processes that DALI 2.4's CPU decoder (libjpeg-turbo) fails with a bare "failed to decode", by frame marker
+# (nvJPEG reads 8-bit baseline and progressive only). Arithmetic coding (SOF9, SOF10) it decodes.
+_JPEG_UNSUPPORTED = {0xFFC3: "lossless JPEG (SOF3)", 0xFFC5: "hierarchical JPEG (SOF5)",
+                     0xFFC6: "hierarchical JPEG (SOF6)", 0xFFC7: "hierarchical lossless JPEG (SOF7)",
+                     0xFFCB: "lossless arithmetic-coded JPEG (SOF11)", 0xFFCD: "hierarchical JPEG (SOF13)",
+                     0xFFCE: "hierarchical JPEG (SOF14)", 0xFFCF: "hierarchical lossless JPEG (SOF15)"}
+
+
+def _jpeg_process(data: bytes | memoryview) -> Optional[str]:
+    """What a JPEG's frame header shows that DALI's decoder cannot read (a precision other than 8 bits, a lossless
+    or hierarchical process), worded for its failure row; else, for arithmetic coding, just what it is."""
+    frame = jpeg_frame(data)
+    if frame is None:
+        return None
+    marker, precision = frame
+    sof = f"SOF{marker - 0xFFC0}"
+    if marker in _JPEG_UNSUPPORTED:
+        return f"{_JPEG_UNSUPPORTED[marker]}, which DALI's decoder does not support"
+    if precision != 8:
+        return f"{precision}-bit JPEG ({sof}, precision {precision}), which DALI's decoder does not support"
+    if marker in (0xFFC9, 0xFFCA):
+        return f"arithmetic-coded JPEG ({sof})"
+    return None
+
+
+def _png_crc_error(data: bytes | memoryview) -> Optional[str]:
+    """The first PNG chunk whose CRC does not match its bytes (a damaged file: Pillow skips the check on the
+    image data, DALI's libpng fails it), worded for its failure row; None where every chunk checks out."""
+    n, pos = len(data), 8
+    while pos + 12 <= n:
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        end = pos + 8 + length
+        if end + 4 > n:
+            return None
+        kind = bytes(data[pos + 4:pos + 8])
+        if zlib.crc32(data[pos + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
+            return f"its {kind.decode('latin-1')} chunk at byte {pos} fails its CRC check"
+        if kind == b"IEND":
+            return None
+        pos = end + 4
+    return None
 
 
 def failure_reason(message: str) -> str:
