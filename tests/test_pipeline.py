@@ -636,3 +636,33 @@ def test_jpeg_processes_the_decoder_lacks_and_damaged_pngs_are_named(clean_rows)
     # baseline JPEG or a sound PNG keeps DALI's reason as it is
     assert explain_decode_failure(crafted["twelve_bit.jpg"], "why").startswith("12-bit JPEG")
     assert explain_decode_failure(plain, "why") == "why" and explain_decode_failure(png, "why") == "why"
+
+
+def test_tiffs_that_dali_decodes_otherwise_than_pillow_are_refused(clean_rows):
+    """DALI's decoder read a gray+alpha TIFF's alpha as a colour (a green cast: 0.85 cosine to timm's embedding)
+    and scaled floating-point samples otherwise than Pillow (0.96), and embedded both without a word; it fails a
+    1-bit TIFF, which Pillow reads, with "nvImageCodec: bad codestream (#3)". Now the first two are refused from
+    their header, and the last says what it is; the photos of their batches are untouched."""
+    coffee = Image.fromarray(skimage_data.coffee()).resize((120, 80))
+    gray = np.asarray(coffee.convert("L"))
+    crafted = {"gray_alpha.tif": _encode(coffee.convert("LA"), "TIFF"),
+               "float.tif": _encode(Image.fromarray(gray.astype(np.float32) / 255), "TIFF"),
+               "bilevel.tif": _encode(coffee.convert("1"), "TIFF"),
+               "rgba.tif": _encode(coffee.convert("RGBA"), "TIFF"), "gray.tif": _encode(coffee.convert("L"), "TIFF")}
+    good = list(photos().items())
+    with ImagePipeline(recipe_of(), batch_size=4, num_threads=1, device_id=None) as pipe:
+        rows, failed, _ = run_all(pipe, good[:2] + list(crafted.items()) + good[2:])
+    assert set(failed) == {"gray_alpha.tif", "float.tif", "bilevel.tif"}, failed
+    assert failed["gray_alpha.tif"] == ("grayscale TIFF with 2 samples per pixel: refused, DALI's decoder reads "
+                                        "the extra samples as colours")
+    assert failed["float.tif"] == ("TIFF of floating-point samples: refused, DALI's decoder scales them "
+                                   "otherwise than Pillow")
+    assert failed["bilevel.tif"].startswith("TIFF of 1-bit samples, which DALI's decoder does not support: "
+                                            "decoders.image: ")
+    from timm.data import create_transform, resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    transform = create_transform(**resolve_data_config(pretrained_cfg=get_pretrained_cfg(RESNET).to_dict()))
+    for key in ("rgba.tif", "gray.tif"):  # the sound ones are embedded as Pillow reads them
+        assert (rows[key] - transform(Image.open(io.BytesIO(crafted[key])).convert("RGB"))).abs().mean() < 0.01
+    assert all(torch.equal(rows[k], clean_rows[k]) for k, _ in good)

@@ -525,7 +525,49 @@ def _tiff(d: Bytes, n: int) -> Optional[tuple[int, int]]:
             break
     if width is None or height is None:
         raise _Bad("no ImageWidth/ImageLength in the first directory")
+    samples = tiff_samples(d)
+    if samples is not None:
+        photometric, per_pixel, _, sample_format = samples
+        # DALI 2.4's CPU decoder gives both without an error, and not as Pillow (timm's reference) reads them
+        if sample_format == 3:
+            raise UnreadableImage("TIFF of floating-point samples: refused, DALI's decoder scales them otherwise "
+                                  "than Pillow")
+        if photometric in (0, 1) and per_pixel > 1:
+            raise UnreadableImage(f"grayscale TIFF with {per_pixel} samples per pixel: refused, DALI's decoder "
+                                  "reads the extra samples as colours")
     return _oriented(height, width, orientation)
+
+
+def tiff_samples(d: Bytes) -> Optional[tuple[Optional[int], int, int, int]]:
+    """A TIFF's first directory's PhotometricInterpretation (None where absent), SamplesPerPixel, BitsPerSample and
+    SampleFormat (1 unsigned, 2 signed, 3 float), the first value of each, with TIFF's defaults; None where the
+    directory cannot be read."""
+    n = len(d)
+    if n < 8 or bytes(d[:4]) not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return None
+    order = "little" if d[0] == 0x49 else "big"
+    big = d[2 if order == "little" else 3] == 43
+
+    def u(p: int, k: int) -> int:
+        if p + k > n:
+            raise _Bad("cut short")
+        return int.from_bytes(d[p : p + k], order)
+
+    fields = {262: None, 277: 1, 258: 1, 339: 1}
+    sizes = {1: 1, 3: 2, 4: 4, 16: 8}  # BYTE, SHORT, LONG, LONG8
+    try:
+        ifd, count_size, entry_size, count_field = (u(8, 8), 8, 20, 8) if big else (u(4, 4), 2, 12, 4)
+        for i in range(u(ifd, count_size)):
+            p = ifd + count_size + i * entry_size
+            tag, kind, num = u(p, 2), u(p + 2, 2), u(p + 4, count_field)
+            if tag in fields and kind in sizes and num >= 1:
+                at = p + 4 + count_field
+                if sizes[kind] * num > count_field:  # the values lie elsewhere; the first one is enough
+                    at = u(at, count_field)
+                fields[tag] = u(at, sizes[kind])
+    except _Bad:
+        return None
+    return fields[262], fields[277], fields[258], fields[339]
 
 
 # ---------------------------------------------------------------------------------------------------------------

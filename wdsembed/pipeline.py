@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from wdsembed.imagesize import image_size, image_sizes, jpeg_frame, jpeg_scan_start
+from wdsembed.imagesize import image_size, image_sizes, jpeg_frame, jpeg_scan_start, tiff_samples
 from wdsembed.preprocess import (
     PreprocessRecipe,
     dali_preprocess,
@@ -153,7 +153,8 @@ def with_adobe_marker(data: bytes | memoryview) -> bytes:
 def explain_decode_failure(data: bytes | memoryview, reason: str) -> str:
     """DALI's reason for one undecodable image, prefixed with what its bytes show where that is plain (a JPEG
     without its end-of-image marker, a PNG without its IEND chunk: a file cut short, e.g. a partial download; a
-    12-bit, lossless or hierarchical JPEG, which DALI's decoder does not read; a PNG chunk failing its CRC). A
+    12-bit, lossless or hierarchical JPEG, or a TIFF of samples other than 8 or 16-bit unsigned, which DALI's
+    decoder does not read; a PNG chunk failing its CRC). A
     JPEG is judged as `cut_short` judges it, by the marker after its start of scan, so that bytes appended after
     the marker (motion photos) do not make it look cut short; one without a scan, by its last bytes."""
     head, tail = bytes(data[:8]), bytes(data[-16:]).rstrip(b"\x00")
@@ -167,6 +168,13 @@ def explain_decode_failure(data: bytes | memoryview, reason: str) -> str:
             return f"truncated PNG (no IEND chunk, {len(data)} bytes): {reason}"
         damaged = _png_crc_error(data)
         return f"damaged PNG ({damaged}): {reason}" if damaged else reason
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        samples = tiff_samples(data)
+        # what DALI 2.4's CPU decoder fails ("bad codestream", "Invalid sample_type: 8198"): it reads 8 and 16-bit
+        # unsigned samples only (floating-point ones never reach it: imagesize refuses them)
+        if samples is not None and samples[3] != 3 and (samples[2] not in (8, 16) or samples[3] == 2):
+            signed = "signed integer " if samples[3] == 2 else ""
+            return f"TIFF of {samples[2]}-bit {signed}samples, which DALI's decoder does not support: {reason}"
     return reason
 
 
