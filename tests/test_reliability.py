@@ -1270,6 +1270,63 @@ def test_disk_full_while_writing_outputs(tmp_path):
                  lost="nothing; no partial output")
 
 
+def test_output_turned_read_only_mid_run_embeds_no_more_shards(tmp_path, monkeypatch):
+    """OUTPUT on a tmpfs remounted read-only (a real EROFS: root's permission override makes a chmod no test) once
+    the first shard's output is written, while the second is held at its start. Every later shard was embedded
+    whole, each only to fail at its write. Now the shard in flight fails at its write, and each later one at its
+    start, before its tar is read, saying OUTPUT can no longer be written."""
+    import threading
+
+    data = dataset(tmp_path / "in", 4)
+    small = tmp_path / "small"
+    small.mkdir()
+    if not _mount_tmpfs(small, "4m"):
+        pytest.skip("needs root to mount a tmpfs and remount it read-only")
+    faults = Faults(tmp_path, {"00001": {"fail_attempts": 0, "hold_s": 3},
+                               "00002": {"fail_attempts": 0}, "00003": {"fail_attempts": 0}})
+    monkeypatch.setenv("WDSEMBED_FAULTS", str(faults.path))
+    out = small / "out"
+    remounted = threading.Event()
+
+    def read_only_after_first_output() -> None:
+        deadline = time.monotonic() + 300
+        while not (out / "00000.parquet").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        subprocess.run(["mount", "-o", "remount,ro", str(small)], check=True)
+        remounted.set()
+
+    watcher = threading.Thread(target=read_only_after_first_output, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(ShardsFailed) as err:
+            embedder()(str(data), str(out))
+        watcher.join(10)
+        assert remounted.is_set()
+        failures = err.value.failures
+        assert sorted(p.stem for p in out.glob("*.parquet")) == ["00000"]
+        assert sorted(s for s in failures if s != "_manifest.json") == ["00001", "00002", "00003"], failures
+        assert failures["00001"].startswith("OSError: [Errno 30] Read-only file system: "), failures  # its write
+        for stem in ("00002", "00003"):
+            assert faults.calls(stem) == 0  # stopped before its start: never read, never embedded
+            assert failures[stem] == (
+                f"OSError: [Errno 30] Read-only file system: cannot write {out / stem}.parquet (OUTPUT refused a "
+                "test write before the shard was read; nothing of it was embedded: make OUTPUT writable and run "
+                "again, finished outputs are kept)"), failures[stem]
+        assert faults.calls("00001") == 1
+        assert_outputs_whole(out, ["00000"])
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+    table.record("fault-output-read-only-mid-run",
+                 done="an API run of 4 shards with OUTPUT on a tmpfs remounted read-only once the first shard's "
+                      "output was written (the second shard in flight)",
+                 did="the shard in flight failed at its write (EROFS); each later shard failed at its start, "
+                     "before its tar was read: 'OSError: [Errno 30] Read-only file system: cannot write "
+                     "OUTPUT/<shard>.parquet (OUTPUT refused a test write before the shard was read; nothing of it "
+                     "was embedded: ...)'; not retried",
+                 lost="nothing; the first shard's output whole (before, every later shard was embedded only to fail "
+                      "at its write)")
+
+
 @pytest.mark.slow
 def test_the_command_on_a_full_disk_names_the_failed_shards_without_a_traceback(tmp_path):
     """`python flows/embed.py` with OUTPUT on a 40 KB tmpfs: some shards' writes fail with ENOSPC, then so does the

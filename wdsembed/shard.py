@@ -18,11 +18,13 @@ Prefect.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import socket
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -303,6 +305,7 @@ def process_shard(
         if meta is not None:
             return ShardResult(**meta["result"], cached=True, seconds=time.perf_counter() - start)
 
+    check_output_writable(config, plan)
     faults.maybe_inject(plan.stem)  # opt-in (WDSEMBED_FAULTS); a no-op otherwise
     rows, warnings = read_metadata(config, plan)
     # found now, not after embedding the shard: no id column, one the join refuses (float keys), or a column the
@@ -567,6 +570,34 @@ class TarRead:
             head = b""
         what = "an empty file (0 bytes)" if not head else f"its bytes start with {head!r}"
         return tarstream.MalformedShardError(self.plan.shard, 0, f"not a tar file, {what}: {exc.reason}")
+
+
+def check_output_writable(config: EmbedConfig, plan: ShardPlan) -> None:
+    """Where the shard's local output folder (or the nearest one that exists) takes no file any more, an OSError
+    with its errno, before the shard is read: an OUTPUT turned read-only or full during a run (a remount, a
+    chmod, a full disk) fails each shard still to come at once, instead of after embedding it. A real write of one
+    byte, not os.access: it sees read-only mounts and a full disk. Object stores are not tried (a request per shard)."""
+    fs, path = storage.filesystem(plan.output, config.storage_options)
+    if not storage.is_local(fs):
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".wdsembed-write-check-", dir=folder)
+        try:
+            os.write(handle, b"\0")
+        finally:
+            os.close(handle)
+            os.unlink(probe)
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        then = ("free space there" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "make OUTPUT writable")
+        # OSError(errno, ...) is its subclass (PermissionError for EACCES): neither is retried (faults.is_transient)
+        raise OSError(exc.errno, f"{exc.strerror}: cannot write {plan.output} (OUTPUT refused a test write before "
+                                 f"the shard was read; nothing of it was embedded: {then} and run again, finished "
+                                 "outputs are kept)") from None
 
 
 def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: ShardResult,
