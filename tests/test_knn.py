@@ -274,6 +274,71 @@ def test_the_readmes_merged_schema_reads_every_column_when_the_first_shard_had_n
     assert sum(c is not None for c in table.column("caption").to_pylist()) == 3  # the second shard's captions
 
 
+def _readme_merged_read(out: Path) -> pa.Table:
+    """OUTPUT read as the README's snippet reads it (every file's schema merged), run as written."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "unify_schemas" in b)
+    scope: dict = {}
+    exec("import pyarrow as pa, pyarrow.dataset as ds\n" + snippet.replace('"demo-output"', repr(str(out))), scope)
+    return scope["table"]
+
+
+def test_a_shard_without_a_parquet_takes_the_integer_ids_of_the_others(tmp_path):
+    """Integer ids (the parquets' key column converted to int64) and one shard without a parquet: that shard's
+    output and kNN view had string keys (from its member names), so the README's merged read failed ('Field key has
+    incompatible types: int64 vs string') and pandas turned the strings into integers without a word. Its keys now
+    take the run's id type, from the other shards' parquets or, where the run names none, from the outputs already
+    in OUTPUT; a member name that is no integer is a failed row naming it, every other image embedded. With no
+    parquet anywhere, keys stay strings."""
+    import pandas as pd
+
+    def embed(input: Path, out: Path):
+        return TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                                 fidelity_sample=0)(str(input), str(out))
+
+    data = tmp_path / "in"
+    w = write_shard(data, "00000", [_image(i) for i in range(4)], failed_rows=1)
+    t = pq.read_table(w.parquet)
+    pq.write_table(t.set_column(0, "key", t.column("key").cast(pa.int64())), w.parquet)
+    write_shard(data, "00001", [_image(10 + i) for i in range(3)]
+                + [ShardSample(_image(13).image, ext="bmp", key="abc")], shard_id=1, parquet=False, stats=False)
+
+    def check(out: Path) -> None:
+        for f in sorted(out.rglob("*.parquet")):
+            assert pq.read_schema(f).field("key").type == pa.int64(), f
+        table = _readme_merged_read(out)
+        assert table.num_rows == 9 and table.schema.field("key").type == pa.int64()
+        got = {(k, e is not None, why) for k, e, why in zip(*(table.column(c).to_pylist()
+                                                           for c in ("key", EMB, "embedding_error")))}
+        assert {(k, True, None) for k in (0, 1, 2, 4, 10000, 10001, 10002)} <= got
+        assert (None, False, "key 'abc' is not an integer, as the run's ids (int64) are") in got
+        view = pd.read_parquet(out / "_embeddings")
+        assert sorted(view.key) == [0, 1, 2, 4, 10000, 10001, 10002]
+
+    [a, b] = embed(data, tmp_path / "out")
+    check(tmp_path / "out")
+    assert (b.embedded, b.failed) == (3, 1)
+    assert [r.cached for r in embed(data, tmp_path / "out")] == [True, True]
+    # The shard without a parquet alone, into an OUTPUT whose outputs hold integer ids: it takes theirs.
+    embed(data / "00000.tar", tmp_path / "alone")
+    embed(data / "00001.tar", tmp_path / "alone")
+    check(tmp_path / "alone")
+    # Alone in an OUTPUT that tells no type, its keys stay strings; named with the others later, it is remade.
+    embed(data / "00001.tar", tmp_path / "old")
+    assert pq.read_schema(tmp_path / "old" / "00001.parquet").field("key").type == pa.string()
+    assert [r.cached for r in embed(data, tmp_path / "old")] == [False, False]
+    check(tmp_path / "old")
+
+    # No parquet anywhere: the member names, as strings.
+    bare = tmp_path / "bare"
+    for s in range(2):
+        write_shard(bare, f"{s:05d}", [_image(10 * s + i) for i in range(2)], shard_id=s, parquet=False, stats=False)
+    embed(bare, tmp_path / "bare-out")
+    table = _readme_merged_read(tmp_path / "bare-out")
+    assert table.schema.field("key").type == pa.string()
+    assert sorted(table.column("key").to_pylist()) == ["000000000", "000000001", "000010000", "000010001"]
+
+
 def test_a_shard_that_fails_under_a_new_model_leaves_no_output_of_the_old_one(tmp_path):
     """A run with another model rewrites every shard it names; one of them failing kept its earlier output and view,
     of the old model: two embedding spaces (here of 96 and 64 dimensions) in OUTPUT and in the kNN view, beside a

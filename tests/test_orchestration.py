@@ -1041,3 +1041,26 @@ def test_cached_task_results_come_back_for_their_own_shard_and_output(tmp_path):
     third, _ = embed(one)
     assert third["shards"]["00000"]["status"] == "cached"
     assert third["shards"]["00000"]["output"] == str(tmp_path / "out1" / "00000.parquet")
+
+
+def test_the_flow_gives_a_shard_without_a_parquet_the_runs_integer_ids(tmp_path):
+    """Integer ids and one shard without a parquet: through the flow (its planning task, the plans sent to Dask
+    workers) that shard's output and kNN view had string keys, and OUTPUT read as one dataset (the README's merged
+    read) failed on 'Field key has incompatible types: int64 vs string'. Both now hold int64 keys."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    data = make_dataset(tmp_path / "in", n_shards=2)
+    t = pq.read_table(data / "00000.parquet")
+    pq.write_table(t.set_column(0, "key", t.column("key").cast(pa.int64())), data / "00000.parquet")
+    (data / "00001.parquet").unlink()
+    (data / "00001_stats.json").unlink()
+    config = make_config(data, tmp_path / "out")
+    manifest, _ = embed(config)
+    assert sorted(manifest["shards"]) == ["00000", "00001"], manifest
+    for name in ("00001.parquet", "_embeddings/00001.parquet"):
+        assert pq.read_schema(tmp_path / "out" / name).field("key").type == pa.int64(), name
+    dataset = ds.dataset(str(tmp_path / "out"), format="parquet")
+    schema = pa.unify_schemas([f.physical_schema for f in dataset.get_fragments()])
+    table = ds.dataset(str(tmp_path / "out"), format="parquet", schema=schema).to_table()
+    assert table.num_rows == ROWS + EMBEDDED and table.column("key").null_count == 0

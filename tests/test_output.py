@@ -189,6 +189,29 @@ def test_without_parquet():
     ]
 
 
+def test_without_parquet_the_keys_take_the_runs_id_type():
+    """A shard without a parquet in a run of integer ids: its keys take the run's type, so every output has one
+    schema; a key that is no integer (or one beyond the type) is a row of its own with an error naming it, every
+    other image embedded."""
+    from wdsembed.output import join_embeddings
+
+    keys = ["000003", "abc", "99999999999999999999", "000001"]
+    joined = join_embeddings(rows=None, keys=keys, embeddings=np.stack([_emb(str(i)) for i in range(4)]),
+                             errors={"000002": "no image"}, dim=DIM, id_type=pa.int64())
+    t = joined.table
+    assert t.schema.field("key").type == pa.int64()
+    assert t.column("key").to_pylist() == [3, None, None, 1, 2]
+    assert [e is not None for e in t.column("image_embedding").to_pylist()] == [True, False, False, True, False]
+    assert t.column("embedding_error").to_pylist() == [
+        None, "key 'abc' is not an integer, as the run's ids (int64) are",
+        "key '99999999999999999999' is an integer beyond int64, the id column's type", None, "no image"]
+    assert (joined.embedded, sorted(joined.errors)) == (2, ["99999999999999999999", "abc"])
+    # A string type (or none) keeps the keys as the tar names them.
+    t = build_output_table(rows=None, keys=keys[:1], embeddings=_emb("3")[None], errors={}, dim=DIM,
+                           id_type=pa.string())
+    assert t.schema.field("key").type == pa.string() and t.column("key").to_pylist() == ["000003"]
+
+
 def test_custom_column_names_and_columns_never_replaced():
     rows = pa.table({"id": ["a", "b"], "caption": ["x", "y"]})
     t = build_output_table(

@@ -238,6 +238,7 @@ def join_embeddings(
     error_column: str = "embedding_error",
     missing_reason: str = NOT_IN_TAR,
     embedding_dtype: str = "float32",
+    id_type: "Optional[pa.DataType]" = None,
 ) -> JoinedOutput:
     """Join embeddings onto a shard's rows by key, never by position.
 
@@ -269,6 +270,9 @@ def join_embeddings(
       pickled extension type
       (``arrow.py_extension_type``: a pickle that old pyarrow versions would run on reading the output).
     * `missing_reason` replaces "not in tar" for successful rows the tar lacks (e.g. a damaged tar's unread part).
+    * `id_type`, without `rows`: the run's id type (its other shards' parquets'), which the tar keys take, so that
+      every shard's output has one schema; a key that is not an integer, for an integer type, gets a null id and an
+      error naming it. Without it (or with `rows`), the keys are strings.
     """
     keys = list(keys)
     emb = np.asarray(embeddings, dtype=EMBEDDING_TYPES[embedding_dtype][0])
@@ -288,8 +292,8 @@ def join_embeddings(
     sample_errors = pa.array([None] * len(keys) + [str(errors[k]) for k in error_keys], type=pa.string())
 
     if rows is None:
-        id_type = pa.string()
-        base = pa.table({id_column: pa.array([], type=pa.string())})
+        id_type = id_type or pa.string()
+        base = pa.table({id_column: pa.array([], type=id_type)})
     else:
         problem = (id_column_problem(id_column, "the shard's parquet", rows.schema)
                    or column_clash_problem("the shard's parquet", rows.schema, embedding_column, error_column))
@@ -347,18 +351,23 @@ def join_embeddings(
                 extra_src[j] = -1
     if pa.types.is_integer(id_type):
         extra_ids, bad = [], []
+        limits = np.iinfo(id_type.to_pandas_dtype())
+        said = ("is not in the parquet and not an integer" if rows is not None
+                else f"is not an integer, as the run's ids ({id_type}) are")
         for i in extra:
             k = sample_keys[i]
             try:
-                extra_ids.append(int(k))
-                bad.append(False)
+                n = int(k)
             except ValueError:
-                extra_ids.append(None)
-                bad.append(True)
+                n, why = None, said
+            else:  # a long run of digits: its own row's error, not the shard's (pa.array would raise)
+                why = None if limits.min <= n <= limits.max else f"is an integer beyond {id_type}, the id column's type"
+            extra_ids.append(None if why else n)
+            bad.append(why)
         extra_id_array = pa.array(extra_ids, type=id_type)
         if any(bad):
-            notes = [f"key {sample_keys[i]!r} is not in the parquet and not an integer" if b else None
-                     for i, b in zip(extra, bad)]
+            notes = [f"key {sample_keys[i]!r} {why}" if why else None for i, why in zip(extra, bad)]
+            bad = [why is not None for why in bad]
             extra_reason = pc.coalesce(extra_reason, pa.array(notes, type=pa.string()))
             extra_src[np.asarray(bad)] = -1  # an embedding without its key is of no use; the error names the key
             dropped.update((sample_keys[i], note) for i, note in zip(extra, notes) if note and i < len(keys))

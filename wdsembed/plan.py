@@ -861,9 +861,65 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
     with ThreadPoolExecutor(max_workers) as pool:
         plans = list(pool.map(plan_one, tars))
     plans = [dataclasses.replace(p, run_shards=len(plans), run_index=i) for i, p in enumerate(plans)]
+    if any(p.rows is None for p in plans):
+        id_type = run_id_type(config, plans)
+        plans = [dataclasses.replace(p, id_type=id_type) if p.rows is None else p for p in plans]
     if samples:
         plans = with_expected_samples(config, plans, max_workers=max_workers)
     return with_indexes(config, plans, max_workers=max_workers) if indexes else plans
+
+
+# How many parquets (or earlier outputs) run_id_type reads the footer of, at most, before it settles for strings.
+ID_TYPE_READS = 3
+
+
+def run_id_type(config: EmbedConfig, plans: list[ShardPlan]) -> Optional[str]:
+    """The type of the run's id column, for the shards without a parquet (ShardPlan.id_type): their keys, from the
+    tar's member names, take it, so that every output and kNN view has one schema (a string key beside int64 ones
+    breaks a merged read of OUTPUT). From the first readable footer of the run's parquets; where the run has none,
+    from the outputs already in OUTPUT of shards it does not name (ours, by their footer), which stay beside its
+    own. None (strings) where neither says, or the type is none a key can take (id_column_problem refuses it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def usable(schema: pa.Schema) -> Optional[str]:
+        if output.id_column_problem(config.id_column, "", schema):
+            return None
+        t = schema.field(config.id_column).type
+        t = t.value_type if pa.types.is_dictionary(t) else t
+        return str(t) if pa.types.is_integer(t) or t == pa.large_string() else None
+
+    parquets = [p.rows for p in plans if p.rows][:ID_TYPE_READS]
+    for url in parquets:
+        try:
+            fs, path = storage.filesystem(url, config.storage_options)
+            with fs.open(path, "rb") as f:
+                schema = pq.read_schema(f)
+        except Exception:  # noqa: BLE001 - an unreadable parquet is its shard's own warning (shard.read_metadata)
+            continue
+        return usable(schema)
+    if parquets:
+        return None
+    out_fs, out_root = storage.filesystem(config.output, config.storage_options)
+    try:
+        files = out_fs.find(out_root, withdirs=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:  # said by the run's own checks of OUTPUT; the keys stay strings
+        log.warning("could not list output %s for its outputs' id type: %s", config.output, exc)
+        return None
+    mine, root = {p.stem for p in plans}, out_root.rstrip("/") + "/"
+    others = [path for path in files if path.startswith(root) and output.is_output_name(path[len(root):])
+              and path[len(root):-len(".parquet")] not in mine
+              and not any(part.startswith(("_", ".")) for part in path[len(root):].split("/"))]
+    for path in others[:ID_TYPE_READS]:
+        try:
+            footer = output.read_footer(path, out_fs)
+        except OSError:
+            continue
+        if footer is not None and output.footer_metadata(footer.metadata) is not None:
+            return usable(footer.schema.to_arrow_schema())
+    return None
 
 
 def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None) -> tuple[list[ShardPlan], dict[str, dict]]:

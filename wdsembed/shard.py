@@ -60,6 +60,9 @@ class ShardPlan:
     stats: Optional[str] = None  # the img2dataset <stem>_stats.json beside it, if any (expected_samples' source)
     run_shards: Optional[int] = None  # shards in the run: spreads its fidelity sample over them
     run_index: int = 0  # this shard's place among them: its share of that sample
+    # The run's id column type ("int64", from its parquets or OUTPUT's outputs: plan.run_id_type), which the tar's
+    # keys take where the shard has no parquet rows: every output and kNN view then has one schema. None: strings.
+    id_type: Optional[str] = None
 
 
 @dataclass
@@ -156,6 +159,8 @@ def cache_key_parts(config: EmbedConfig, plan: ShardPlan) -> dict:
         parts["model_folder"] = folder
     if config.embedding_dtype != "float32":  # only then: the keys of float32 outputs made before it stay as they were
         parts["dtype"] = config.embedding_dtype
+    if keys_typed(plan) is not None:  # only there: no other shard's key changes; a string-keyed one is remade
+        parts["id_type"] = plan.id_type
     if config.checkpoint and config.embedding == "auto":
         # Since 2026-12-05 a checkpoint's own class head makes the model a classifier (pooled features, not its
         # logits) even where the pretrained tag names a CLIP projection: outputs of the old rule recompute. Only
@@ -169,9 +174,19 @@ def cache_key_parts(config: EmbedConfig, plan: ShardPlan) -> dict:
 # "checkpoint_head_rule" only where they are not that value).
 _PART_NAMES = {"extensions": "image_extensions", "dtype": "embedding_dtype", "recipe": "preprocessing recipe version",
                "format": "output format version", "checkpoint": "checkpoint content",
-               "model_folder": "local-dir folder content"}
-_PART_ABSENT = {"dtype": "float32", "checkpoint_head_rule": 1}
+               "model_folder": "local-dir folder content", "id_type": "id type of its keys (no parquet)"}
+_PART_ABSENT = {"dtype": "float32", "checkpoint_head_rule": 1, "id_type": "string"}
 _COLUMN_NAMES = ("id_column", "embedding_column", "error_column")  # the order of cache_key_parts' "columns"
+
+
+def keys_typed(plan: ShardPlan):
+    """The type a shard without a parquet gives its tar keys (plan.id_type), where it is not string; else None."""
+    if plan.rows is not None or not plan.id_type:
+        return None
+    import pyarrow as pa
+
+    t = pa.type_for_alias(plan.id_type)
+    return None if t == pa.string() else t
 
 
 def why_recomputed(recorded: dict, now: dict) -> str:
@@ -358,6 +373,8 @@ def process_shard(
                 error_column=config.error_column,
                 missing_reason=tar.missing_reason,
                 embedding_dtype=config.embedding_dtype,
+                # a parquet that could not be read keeps its keys as strings, as before: its warning says so
+                id_type=keys_typed(plan),
             )
             timeline["table"] = time.time()
             record = fidelity.check_sample(worker, chosen, keys, embeddings, failures,
