@@ -574,3 +574,92 @@ def test_a_leased_worker_is_not_closed_for_another_runs_settings_until_its_lease
         for worker in Worker._current.values():
             worker.close()
         Worker._current.clear()
+
+
+# --------------------------------------------------------------------------------------------------- bad rows
+
+
+def _gray_png(level: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (level, level, level)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _zero_and_overflow_checkpoint(path) -> None:
+    """TINY_MODEL's random weights, changed so that its pooled embedding is all zeros for a mid-gray image
+    (128), infinite for a white one and ordinary for a light gray one (230). Up to its last block the network has
+    no biases (conv, then batch norm at its initial statistics, ReLU, pooling), so an image of constant level v
+    gives activations proportional to (v - 127.5): gray's are white's / 255, light's white's x 0.804. In the last
+    block, the shortcut's batch norm takes a threshold, ReLU(s - s_max / 16): zero for gray only; the residual
+    branch's first batch norm keeps each channel's part above 0.9 of white's maximum (zero for light and gray),
+    which its second scales by 3e38 (positive weights between): white's overflow float32."""
+    import timm
+
+    model = timm.create_model(TINY_MODEL, pretrained=False).eval()
+    block = model.layer4[0]
+    seen = {}
+    hooks = [block.downsample.register_forward_hook(lambda m, i, o: seen.update(s=o[0])),
+             block.conv1.register_forward_hook(lambda m, i, o: seen.update(r=o[0]))]
+    with torch.no_grad():
+        model(torch.ones(1, 3, *model.pretrained_cfg["input_size"][1:]))  # white: every input value 1
+    for hook in hooks:
+        hook.remove()
+    shortcut, branch = seen["s"].amax(dim=(1, 2)), seen["r"].amax(dim=(1, 2))
+    assert float(branch.max()) > 0
+    with torch.no_grad():
+        block.downsample[2].running_mean.copy_(shortcut.max() / 16)
+        block.bn1.running_mean.copy_(0.9 * branch.clamp(min=0))
+        block.bn1.weight.copy_((branch > 0) * 1e6)
+        block.conv2.weight.abs_()
+        block.bn2.weight.fill_(3e38)
+    torch.save(model.state_dict(), path)
+
+
+@pytest.mark.parametrize("normalize, dtype", [(True, "float32"), (False, "float32"), (False, "float16")])
+def test_an_all_zero_or_non_finite_embedding_costs_only_its_own_row(tmp_path, normalize, dtype):
+    """A model that gives one image an all-zero embedding and another a non-finite one (real weights, from a
+    checkpoint): each such row gets its reason, every other image of the shard is embedded, and the output is
+    written and valid. All zeros cannot be L2-normalized (with normalize on); unnormalized, zeros are a value. The
+    fidelity check (PIL and the float32 model) refuses the same images rather than comparing them."""
+    from wdsembed import shard
+    from wdsembed.plan import plan_run
+    from wdsembed.synthetic import ShardSample, write_shard
+    from wdsembed.validate import validate_output
+
+    weights = tmp_path / "w.pth"
+    _zero_and_overflow_checkpoint(weights)
+    levels = {"000000000": 255, "000000001": 128, "000000002": 230, "000000003": 231}
+    write_shard(tmp_path / "in", "00000", [ShardSample(_gray_png(v), ext="png", key=k) for k, v in levels.items()])
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model_name=TINY_MODEL,
+                         pretrained=False, checkpoint=str(weights), device="cpu", batch_size=4,
+                         num_threads_per_worker=1, normalize_embeddings=normalize, embedding_dtype=dtype,
+                         fidelity_sample=4)
+    (plan,), _ = plan_run(config)
+    result = shard.process_shard(config, plan)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(plan.output).to_pydict()
+    got = dict(zip(table["key"], zip(table["image_embedding"], table["embedding_error"])))
+    non_finite = "embedding holds NaN or infinite values"
+    zeros = "embedding is all zeros: cannot be L2-normalized"
+    assert got["000000000"] == (None, non_finite)
+    if normalize:
+        assert got["000000001"] == (None, zeros)
+    else:
+        assert got["000000001"][1] is None and not any(got["000000001"][0])
+    for key in ("000000002", "000000003"):
+        vector, error = got[key]
+        assert error is None and np.isfinite(vector).all() and np.any(vector)
+        if normalize:
+            assert abs(np.linalg.norm(vector) - 1) < 1e-3
+    assert (result.embedded, result.failed) == (4 - 1 - normalize, 1 + normalize)
+    assert dict(result.errors)["000000000"] == non_finite
+    assert validate_output(config, plan.output, dim=result.dim, expected_rows=4,
+                           expected_embedded=result.embedded).ok
+    fidelity = result.fidelity
+    assert set(fidelity["both_refused"]) == {"000000000"} | ({"000000001"} if normalize else set())
+    assert set(fidelity["cosines"]) == {"000000002", "000000003"}

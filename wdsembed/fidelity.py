@@ -23,6 +23,7 @@ import numpy as np
 from wdsembed.config import EmbedConfig
 # imagesize's JPEG marker tables: the same header reading as the size check before decoding
 from wdsembed.imagesize import _MARKER_AND_LENGTH, _MARKER_KIND, _SOF_FIELDS, _exif_orientation
+from wdsembed.validate import unusable_rows
 
 GPU_THRESHOLD = 0.999  # bfloat16 weights on a GPU against float32 on PIL input (docs/benchmarks.md)
 CPU_THRESHOLD = 0.9999  # float32 both sides: only the decoder and resize implementations differ
@@ -299,7 +300,9 @@ def reference_embeddings(worker, chosen: list, max_pixels: Optional[int],
         go_on()
         with lock, torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             out = forward(torch.stack(tensors).to(device)).float().cpu().numpy()
-        embedded.update(zip(keys, out))
+        bad = unusable_rows(out, normalized=True)  # as the run refuses them: no cosine with a NaN or a zero
+        refused.update({keys[i]: f"float32 model: {why}" for i, why in bad.items()})
+        embedded.update((key, row) for i, (key, row) in enumerate(zip(keys, out)) if i not in bad)
     return embedded, refused
 
 

@@ -15,6 +15,27 @@ from wdsembed import output, storage
 from wdsembed.config import EmbedConfig
 
 NORM_TOLERANCE = 1e-3
+NON_FINITE = "embedding holds NaN or infinite values"
+ALL_ZEROS = "embedding is all zeros: cannot be L2-normalized"
+TOO_SMALL = "embedding's L2 norm is below 1e-12: too small to L2-normalize"  # F.normalize's eps
+
+
+def unusable_rows(embeddings: np.ndarray, *, normalized: bool) -> dict[int, str]:
+    """The rows of a batch of embeddings, as the model gave them (L2-normalized with `normalized`), that no output
+    may hold, by position, with why: NaN or infinite values (a bfloat16 overflow, a broken checkpoint), and with
+    `normalized`, those that normalizing could not bring to unit norm (all zeros: a ReLU-pooled feature of a blank
+    image, a zero head). Each is one image's failure, not its shard's; validate_table still checks what is
+    written."""
+    if not len(embeddings):
+        return {}
+    finite = np.isfinite(embeddings).all(axis=1)
+    bad = {int(i): NON_FINITE for i in np.flatnonzero(~finite)}
+    if normalized:
+        values = np.where(finite[:, None], embeddings, 0).astype(np.float32, copy=False)
+        norms = np.sqrt(np.einsum("ij,ij->i", values, values, dtype=np.float32))
+        for i in np.flatnonzero(finite & (norms < 1.0 - NORM_TOLERANCE)):
+            bad[int(i)] = ALL_ZEROS if not values[i].any() else TOO_SMALL
+    return bad
 
 
 @dataclass

@@ -29,6 +29,7 @@ import numpy as np
 from wdsembed import storage
 from wdsembed.config import EmbedConfig
 from wdsembed.threads import in_background, read_ahead
+from wdsembed.validate import unusable_rows
 
 log = logging.getLogger("wdsembed")
 
@@ -440,7 +441,14 @@ class Worker:
         host = self._to_host(job.result)
         if timeline is not None:
             timeline.update(job.meter.seconds())  # its events are done: the copy above waited for its last batch
-        return job.keys, host, job.failures
+        # an embedding no output may hold (NaN, all zeros to normalize) fails its own image, not the shard
+        bad = unusable_rows(host, normalized=normalize)
+        if not bad:
+            return job.keys, host, job.failures
+        keep = np.ones(len(host), dtype=bool)
+        keep[list(bad)] = False
+        failures = {**job.failures, **{job.keys[i]: why for i, why in sorted(bad.items())}}
+        return [k for k, kept in zip(job.keys, keep) if kept], host[keep], failures
 
     # -- the stream ----------------------------------------------------------------------------------------------
 
