@@ -663,3 +663,61 @@ def test_an_all_zero_or_non_finite_embedding_costs_only_its_own_row(tmp_path, no
     fidelity = result.fidelity
     assert set(fidelity["both_refused"]) == {"000000000"} | ({"000000001"} if normalize else set())
     assert set(fidelity["cosines"]) == {"000000002", "000000003"}
+
+
+# --------------------------------------------------------------------------------------------------- precision
+
+
+def _one_shard(tmp_path, **settings) -> EmbedConfig:
+    from wdsembed.synthetic import ShardSample, encode_image, make_image, write_shard
+
+    write_shard(tmp_path / "in", "00000", [ShardSample(encode_image(make_image(32, 24, seed=i), "png"), ext="png")
+                                           for i in range(2)])
+    return EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model_name=TINY_MODEL,
+                       pretrained=False, batch_size=4, num_threads_per_worker=1, fidelity_sample=0, **settings)
+
+
+def test_autocast_on_the_cpu_changes_nothing_so_it_recomputes_nothing(tmp_path):
+    """The CPU runs float32 whatever autocast says: a re-run with --device cpu --no-autocast (or the reverse)
+    finds the outputs finished. On a GPU (or where the device is not fixed) autocast decides the precision, and
+    keys apart."""
+    from wdsembed import shard
+    from wdsembed.plan import plan_run
+
+    config = _one_shard(tmp_path, device="cpu")
+    (plan,), _ = plan_run(config)
+    first = shard.process_shard(config, plan)
+    assert not first.cached and first.model["precision"] == "float32"
+    other = config.model_copy(update={"autocast": False})
+    (plan,), finished = plan_run(other)
+    assert set(finished) == {"00000"}
+    assert shard.process_shard(other, plan).cached
+    for device in ("auto", "cuda"):
+        gpu = config.model_copy(update={"device": device})
+        assert shard.cache_key(gpu, plan) != shard.cache_key(gpu.model_copy(update={"autocast": False}), plan)
+
+
+def test_a_run_that_would_embed_in_another_precision_than_the_finished_outputs_is_refused(tmp_path):
+    """Outputs made on the CPU (float32), resumed where a GPU is visible with autocast (bfloat16 weights): the
+    finished ones would stay beside the new ones, two precisions in one OUTPUT. Refused at planning, naming them
+    and both precisions; the same run on the CPU, or with --force, goes on."""
+    from wdsembed import shard
+    from wdsembed.plan import InputError, check_finished_precision, plan_run, run_precision
+
+    config = _one_shard(tmp_path, device="cpu")
+    (plan,), _ = plan_run(config)
+    shard.process_shard(config, plan)
+    resumed = config.model_copy(update={"device": "auto"})
+    with pytest.raises(InputError, match=r"made in float32 on cpu \(00000\); .* in bfloat16 on a GPU") as refused:
+        plan_run(resumed, gpus=1)
+    assert "(--device (device=) cpu)" in str(refused.value) and "--force" in str(refused.value)
+    _, finished = plan_run(resumed, gpus=0)
+    assert set(finished) == {"00000"}  # the same key: autocast=True, as the CPU run's
+    (plan,), finished = plan_run(resumed.model_copy(update={"force": True}), gpus=1)
+    assert finished == {}  # all recomputed: one precision
+    check_finished_precision(resumed, finished, gpus=0)  # auto on a host without a GPU: the CPU, float32
+    check_finished_precision(resumed.model_copy(update={"autocast": False}), finished, gpus=1)
+    assert [run_precision(config.model_copy(update=u), gpus) for u, gpus in [
+        ({"device": "cpu"}, 1), ({"device": "auto"}, 0), ({"device": "auto"}, 2), ({"device": "cuda"}, 1),
+        ({"device": "cuda", "autocast": False}, 1), ({"device": "auto", "dask_address": "tcp://h:8786"}, 0),
+    ]] == ["float32", "float32", "bfloat16", "bfloat16", "float32", None]

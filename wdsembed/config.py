@@ -341,7 +341,9 @@ class EmbedConfig(BaseModel):
             "checkpoint": self.checkpoint,
             "embedding": self.embedding,
             "normalize_embeddings": self.normalize_embeddings,
-            "autocast": self.autocast,
+            # The CPU runs float32 whatever autocast says: True there, as by default, so that toggling it with
+            # device cpu recomputes nothing (plan.run_precision; a precision mixed in OUTPUT is refused there).
+            "autocast": self.autocast or self.device == "cpu",
         }
 
 

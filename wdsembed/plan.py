@@ -922,25 +922,73 @@ def run_id_type(config: EmbedConfig, plans: list[ShardPlan]) -> Optional[str]:
     return None
 
 
-def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None) -> tuple[list[ShardPlan], dict[str, dict]]:
+def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None, *,
+             gpus: Optional[int] = None) -> tuple[list[ShardPlan], dict[str, dict]]:
     """The planning of the flow and the Python API: every shard's plan, and those whose output is already finished
     with this run's cache key (none with force), from their footers, as stem -> the shard's result stored there
     (caching.planned_outputs); output.ForeignOutputError where one of their output paths holds a parquet that
     wdsembed did not write (check_own_outputs). Only the others get a .idx and a read of its _stats.json: a
     finished shard is never read, so a re-run with nothing to compute reads no tar (not even one that no .idx can be
     written for) and no _stats.json. Says why outputs already there are recomputed, by cause
-    (report.describe_recomputed), before any work. `found`: find_shards' answer, where the caller has it."""
+    (report.describe_recomputed), before any work. `found`: find_shards' answer, where the caller has it. Refuses
+    (check_finished_precision) a run that would keep finished outputs made in another precision than its own;
+    `gpus`: the GPUs its local workers see (None: those this process sees)."""
     plans = plan_shards(config, indexes=False, samples=False, found=found)
     # A parquet that wdsembed did not write, where a shard's output goes, is refused before any shard overwrites it:
     # from the footers the cache check reads anyway (caching.planned_outputs); with force, read for this alone.
     if config.force:
         check_own_outputs(config, [p.stem for p in plans])
     finished, recompute = ({}, {}) if config.force else caching.planned_outputs(config, plans)
+    check_finished_precision(config, finished, gpus)
     # A warning: outputs already there are about to be overwritten, and an accident (a package upgraded, tars
     # touched) must show before the work, in the terminal and the flow run's logs, not only at INFO.
     for line in report.describe_recomputed(recompute):
         log.warning("%s", line)
     return with_indexes(config, with_expected_samples(config, plans, skip=finished), skip=finished), finished
+
+
+def run_precision(config: EmbedConfig, gpus: int) -> Optional[str]:
+    """The precision the run's model computes in (the footers' `precision`), where planning can know it: float32 on
+    the CPU (device cpu, or auto where its local workers see no GPU, `gpus` 0), else bfloat16 with autocast and
+    float32 without. None with a Dask scheduler's workers (dask_address) and a device other than cpu: theirs decide."""
+    if config.device == "cpu":
+        return "float32"
+    if config.dask_address:
+        return None
+    if config.device == "auto" and not gpus:
+        return "float32"
+    return "bfloat16" if config.autocast else "float32"
+
+
+def check_finished_precision(config: EmbedConfig, finished: dict[str, dict], gpus: Optional[int] = None) -> None:
+    """Refuse a run that would keep `finished` outputs (plan_run's) made in another precision than it embeds the
+    others in: the cache key holds autocast, not the device, so a GPU run resumed on the CPU (or the reverse) finds
+    the other's outputs finished, and OUTPUT would mix bfloat16-made and float32-made embeddings without a word.
+    `gpus`: the GPUs the local workers see (None: this process's, looked up only where it matters)."""
+    if not finished:
+        return
+    if gpus is None:
+        from wdsembed.cluster import visible_gpus
+
+        gpus = visible_gpus() if config.device != "cpu" and not config.dask_address else 0
+    want = run_precision(config, gpus)
+    if want is None:
+        return
+    other = {stem: (result.get("model") or {}) for stem, result in sorted(finished.items())
+             if (result.get("model") or {}).get("precision") not in (None, want)}
+    if not other:
+        return
+    made = sorted({(str(m.get("precision")), str(m.get("device", "?")).split(":")[0]) for m in other.values()})
+    hints = {("float32", "cpu"): f"{option('device')} cpu", ("bfloat16", "cuda"): "on a GPU with autocast",
+             ("float32", "cuda"): f"on a GPU with {option('autocast')}"}
+    how = " or ".join(hints.get(pd, f"on {pd[1]}") for pd in made)
+    shown = ", ".join(list(other)[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+    where = "the CPU" if want == "float32" and (config.device == "cpu" or not gpus) else "a GPU"
+    raise InputError(
+        f"output {config.output!r} holds {len(other)} finished output(s) made in "
+        f"{' and '.join(f'{p} on {d}' for p, d in made)} ({shown}); this run would embed the others in {want} on "
+        f"{where} and keep those: two precisions in one OUTPUT. Run it as they were made ({how}), or pass "
+        f"{option('force')} to recompute every shard in one precision.")
 
 
 def with_expected_samples(config: EmbedConfig, plans: list[ShardPlan], *, skip: Collection[str] = (),
