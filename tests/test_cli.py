@@ -295,6 +295,17 @@ def test_a_wildcard_the_shell_expanded_is_one_line_saying_so(shards, tmp_path, c
     assert raised.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+def test_a_quoted_wildcard_without_tar_is_said_to_be_one(shards, tmp_path, capsys):
+    """'/data/*' or '/data/*.tgz' was refused as "does not exist" (the local folder check ran first); only a
+    wildcard ending in .tar got the wildcard message. Now every wildcard gets it, local or not."""
+    for pattern in (f"{shards}/*", f"{shards}/*.tgz", f"{shards}/0*0.tar", "s3://bucket/shards/*"):
+        folder = pattern[: pattern.index("*")].rsplit("/", 1)[0]
+        err, _ = refused(capsys, [pattern, "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained"])
+        assert err == (f"error: input {pattern!r} is a wildcard pattern, which is not expanded: name the shards with "
+                       f"a brace pattern ('{folder}/{{00000..00099}}.tar'), or pass the folder that holds them "
+                       f"({folder!r})"), err
+
+
 # --------------------------------------------------------------------------------------------------- task D
 
 

@@ -61,6 +61,8 @@ def check_config(config: EmbedConfig, *, on_current_client: bool = False) -> boo
     preflight.check_output_writable(config)  # needs no torch import: refused in about a second
     preflight.check_dask_security(config)
     preflight.check_dask_reachable(config)
+    # before the folder and store checks, which would call '/data/*' missing or ask for a bucket's credentials
+    _refuse_wildcard(config.input, f"input {config.input!r}")
     if input_kind(config.input) == "folder":  # a mistyped path is refused in a second, before torch is imported
         _check_local_input(config)
 
