@@ -300,6 +300,39 @@ def test_deployed_flow_refuses_an_unusable_config_before_starting_a_cluster(tmp_
         flows.deployed.embed.fn(config.model_copy(update={"input": str(tmp_path), "model_name": "resnet5O"}))
 
 
+BAD_STORE_URLS = ["s3://", "s3:///", "S3A://", "gs://", "s3:", "s3:/bucket/x", "GS:/bucket", "memory:x"]
+GOOD_STORE_URLS = ["/data/shards", "data/shards", "./s3:x", "/data/s3:/x", "s3://bucket/prefix", "s3://bucket",
+                   "S3://bucket/p", "gs://bucket/p", "gcs://b", "file:///data/x", "simplecache::s3://b/x",
+                   "C:/data", "memory://x", "https://host:9000/x"]
+
+
+@pytest.mark.parametrize("field", ["input", "output", "result_storage"])
+def test_the_run_form_refuses_a_store_url_without_a_bucket_or_its_slashes(field):
+    """EmbedConfig refuses an s3:// URL that names no bucket, or a store's scheme with one slash (s3:/bucket/x, a
+    local folder 's3:' otherwise); the deployed flow's run form took them, so a run started from the UI or API
+    was accepted and stored, and failed only in its flow run. The form's schema (the same validate() as Prefect's
+    server) now refuses what EmbedConfig refuses, and takes what it takes."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import ValidationError as FormError
+    from prefect.utilities.schema_tools import validate
+
+    from flows.deployed import embed
+
+    schema = parameter_schema(embed).model_dump()
+    base = {"input": "s3://b/in", "output": "s3://b/out"}
+    for url in BAD_STORE_URLS:
+        config = base | {field: url}
+        with pytest.raises(ValueError):
+            EmbedConfig(**config)
+        with pytest.raises(FormError):
+            validate({"config": config}, schema, raise_on_error=True)
+    for url in GOOD_STORE_URLS:
+        config = base | {field: url}
+        EmbedConfig(**config)
+        validate({"config": config}, schema, raise_on_error=True)
+    validate({"config": base | {"result_storage": None}}, schema, raise_on_error=True)
+
+
 def _serve(server: Server, log: Path, **env: str) -> subprocess.Popen:
     """deployments/serve.py in a session of its own (its flow runs and their Dask workers join it), once it has
     registered the deployments."""

@@ -49,6 +49,27 @@ _NOT_BLANK = {"pattern": r"\S"}
 # cleared form field).
 DASK_ADDRESS_PATTERN = (r"^(([A-Za-z][A-Za-z0-9+.-]*://)?(\[[0-9A-Fa-f:.]+\]|[^\s/:@\[\]]+):[0-9]{1,5}"
                         r"|inproc://\S+)?$")
+
+
+def _store_url_form_pattern() -> str:
+    """What EmbedConfig._store_url_form refuses, as one JSON schema pattern: a bucket store's URL that names no
+    bucket (`s3://`), or a known fsspec protocol and ':' without '//' (`s3:/bucket/x`, a local path otherwise); a
+    chained URL (`simplecache::s3://...`) never."""
+    from fsspec.registry import known_implementations
+
+    def spelled(name: str) -> str:  # any case; '.', '+', '-' in brackets: literal in ECMA 262 and Python alike
+        if not name.isascii():
+            return ""
+        return "".join(_any_case(c) if c.isalpha() else c if c.isalnum() or c == "_" else f"[{c}]" for c in name)
+
+    buckets = "|".join(sorted(filter(None, map(spelled, BUCKET_PROTOCOLS))))
+    known = "|".join(sorted(filter(None, (spelled(p) for p in known_implementations
+                                           if len(p) >= 2 and p.lower() not in ("file", "local")))))
+    return rf"^(?!.*::)((?:{buckets}):///*$|(?:{known}):(?!//))"
+
+
+# Input, output and result storage: neither a password in the URL nor a store URL in a form that names no place.
+_STORE_URL = {"not": {"type": "string", "pattern": f"{URL_PASSWORD_PATTERN}|{_store_url_form_pattern()}"}}
 _NO_SECRET_OPTIONS = {"propertyNames": {"not": {"pattern": _any_case(SECRET_OPTION_PATTERN)}},
                       "additionalProperties": {"type": "string", **_NO_URL_PASSWORD}}
 
@@ -82,12 +103,12 @@ class EmbedConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     input: str = Field(
-        json_schema_extra=_NO_URL_PASSWORD | _NOT_BLANK,
+        json_schema_extra=_STORE_URL | _NOT_BLANK,
         description="Folder or fsspec URL (s3://bucket/prefix) holding the WebDataset shards (*.tar), "
         "optionally with img2dataset siblings (00000.parquet, 00000_stats.json).",
     )
     output: str = Field(
-        json_schema_extra=_NO_URL_PASSWORD | _NOT_BLANK,
+        json_schema_extra=_STORE_URL | _NOT_BLANK,
         description="Folder or fsspec URL that receives one <shard>.parquet per shard and _manifest.json.",
     )
     model_name: str = Field(
@@ -181,7 +202,7 @@ class EmbedConfig(BaseModel):
     )
     result_storage: Optional[str] = Field(
         None,
-        json_schema_extra=_NO_URL_PASSWORD,
+        json_schema_extra=_STORE_URL,
         description="Folder or fsspec URL, reachable by every worker, where Prefect keeps the embedding tasks' "
         "results (the task cache); default OUTPUT/_prefect_results. Uses storage_options; never credentials.",
     )
