@@ -306,6 +306,47 @@ def test_a_quoted_wildcard_without_tar_is_said_to_be_one(shards, tmp_path, capsy
                        f"({folder!r})"), err
 
 
+def test_image_extensions_the_first_shard_has_no_member_of_are_refused(tmp_path, capsys):
+    """`--image-extensions gif` on shards of jpg and bmp images started the run, and every row then failed 'no
+    image member (found: ...)'. The first shard's member names (its .idx where it has one, else its first tar
+    headers) now refuse it before any work, naming the shard and the extensions there. Extensions that some of
+    its samples have are not refused: a sample without one fails on its own row, as before."""
+    import fsspec
+
+    from wdsembed import shardindex
+    from wdsembed.synthetic import ShardSample, encode_image, make_image, write_shard
+
+    folder = tmp_path / "in"
+    image = make_image(32, 24, seed=0)
+    write_shard(folder, "00000", [ShardSample(encode_image(image, "jpeg"), ext="jpg"),
+                                  ShardSample(encode_image(image, "bmp"), ext="bmp"),
+                                  ShardSample(None, extra={"json": b"{}"})])
+    tar = folder / "00000.tar"
+    base = [str(folder), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu",
+            "--index-cache-dir", str(tmp_path / "idx")]
+    advice = ("and every row would fail with 'no image member': pass the extensions of its images, e.g. "
+              "--image-extensions (image_extensions=) jpg,bmp")
+    err, _ = refused(capsys, base + ["--image-extensions", "gif"])
+    assert err == (f"error: --image-extensions (image_extensions=) gif: no member of shard {tar} has that extension "
+                   f"(its first 8 members have: jpg, json, txt, bmp), {advice}"), err
+    err, _ = refused(capsys, base + ["--image-extensions", "gif,TIFF"])
+    assert err.startswith(f"error: --image-extensions (image_extensions=) gif,tiff: no member of shard {tar} has "
+                          "those extensions"), err
+    assert shardindex.ensure_index(str(tar), fsspec.filesystem("file")).path == str(folder / "00000.idx")
+    err, _ = refused(capsys, base + ["--image-extensions", "gif"])
+    assert err == (f"error: --image-extensions (image_extensions=) gif: no member of shard {tar} has that extension "
+                   f"(its .idx lists: jpg, json, txt, bmp), {advice}"), err
+    started = []
+
+    def run(config, **kw):  # where Prefect would start
+        started.append(config.image_extensions)
+        raise RuntimeError("the checks passed")
+
+    for given in ("bmp", "png,jpg", "jpg"):  # some samples have it: their rows are embedded, the others fail
+        cli.main(run, base + ["--image-extensions", given])
+    assert started == [("bmp",), ("png", "jpg"), ("jpg",)], capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------- task D
 
 

@@ -502,6 +502,24 @@ def test_a_wrong_id_column_is_refused_before_any_work_on_shards_never_indexed(se
     assert not [k for k in server.keys(bucket) if k.startswith(prefix + "/") and k.endswith(".idx")]
 
 
+def test_image_extensions_no_member_of_the_first_shard_has_are_refused_on_s3(server, tmp_path):
+    """`--image-extensions gif` on shards of BMPs: refused before any work, from the first shard's first tar headers
+    (ranged reads of its start, not the whole tar), or from its .idx where one fits it; extensions it has pass."""
+    url = upload(server, _shards_of(tmp_path / "in", 2, 3))
+    config = config_for(url, f"s3://{OUT_BUCKET}/exts-{uuid.uuid4().hex[:8]}", server.endpoint,
+                        index_cache_dir=str(tmp_path / "idx"), image_extensions=("gif",))
+    said = (rf"^--image-extensions \(image_extensions=\) gif: no member of shard {url}/00000\.tar has that "
+            r"extension \(%s: bmp, json, txt\), and every row would fail with 'no image member': pass the "
+            r"extensions of its images, e\.g\. --image-extensions \(image_extensions=\) bmp$")
+    with pytest.raises(plan.InputError, match=said % "its first 9 members have"):
+        plan.check_config(config)
+    fs, root = storage.filesystem(url, options(server.endpoint))
+    assert shardindex.ensure_index(f"{root}/00000.tar", fs).path == f"{IN_BUCKET}/{root.split('/', 1)[1]}/00000.idx"
+    with pytest.raises(plan.InputError, match=said % r"its \.idx lists"):
+        plan.check_config(config)
+    plan.check_config(config.model_copy(update={"image_extensions": ("png", "bmp")}))
+
+
 def test_a_parquet_filtered_down_to_later_keys_on_s3_is_not_refused(server, tmp_path, monkeypatch):
     """Rows only for keys past the tar's first ones (curated rows): the right column, which only every key of the
     tar tells from a wrong one. With the shard's .idx (here in the local index cache: the bucket refuses this

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Collection, Optional
 
 from wdsembed import caching, output, outputclaim, report, shard, shardindex, shards, storage, tarstream
-from wdsembed.config import EmbedConfig, option
+from wdsembed.config import IMAGE_EXTENSIONS, EmbedConfig, option
 from wdsembed.shard import ShardPlan
 from wdsembed.storeoptions import CREDENTIALS_HINT, url_has_password
 
@@ -92,6 +92,7 @@ def check_config(config: EmbedConfig, *, on_current_client: bool = False) -> boo
     outputclaim.check_free(config)
     found = find_shards(config)  # a missing shard of a pattern or list, or a folder with none, is refused here
     _check_readable(config, found)
+    _check_image_extensions(config, found)
     _check_id_column(config, found)
     check_output_location(config, found)
     check_outputs_beside(config, found)
@@ -448,6 +449,45 @@ def _check_readable(config: EmbedConfig, found: "FoundShards") -> None:
         shown = ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
         raise InputError(f"{len(unreadable)} shard(s) under {config.input!r} cannot be read by this user ({shown}): "
                          "give them read permission (chmod a+r) or run as a user who can read them")
+
+
+# How many of the first shard's members the pre-flight reads the names of, where it has no .idx.
+FIRST_MEMBERS = 64
+# Extensions of images, beyond --image-extensions' defaults: a shard of these but none of the given ones has no
+# image that the run would read.
+KNOWN_IMAGE_EXTENSIONS = frozenset(IMAGE_EXTENSIONS) | {
+    "gif", "tif", "tiff", "jp2", "j2k", "jpx", "pbm", "pgm", "ppm", "pnm", "avif", "heic", "heif", "jxl", "ico"}
+
+
+def _check_image_extensions(config: EmbedConfig, found: "FoundShards") -> None:
+    """The first shard must have a member of one of --image-extensions where it has images of other extensions:
+    otherwise every row of every shard like it would fail 'no image member'. Its member names from its .idx where
+    one fits it (a few small reads), else from the headers of its first FIRST_MEMBERS members. A shard whose
+    samples only partly have the image is not refused (each such row fails on its own)."""
+    tar = found.tars[0]
+    try:
+        index = (shardindex.ensure_index(tar, found.fs, config.index_cache(), build=False)
+                 if config.use_index_files else None)
+        if index is not None:
+            columns = index.columns()
+            names, source = (columns.names if columns is not None else [m.name for m in index.members()]), \
+                "its .idx lists"
+        else:
+            names = shards.first_member_names(tar, found.fs, FIRST_MEMBERS)
+            source = f"its first {len(names)} members have"
+    except Exception:  # noqa: BLE001 - an unreadable tar or index is the shard's own failure
+        return
+    exts = list(dict.fromkeys(shards.split_member_name(n)[1].rsplit(".", 1)[-1] for n in names))
+    images = [e for e in exts if e in KNOWN_IMAGE_EXTENSIONS]
+    if not images or set(config.image_extensions) & set(exts):
+        return
+    given = ",".join(config.image_extensions)
+    shown = tar if storage.is_local(found.fs) else found.fs.unstrip_protocol(tar)
+    flag = option("image_extensions")
+    raise InputError(f"{flag} {given}: no member of shard {shown} has "
+                     f"{'that extension' if len(config.image_extensions) == 1 else 'those extensions'} ({source}: "
+                     f"{', '.join(e or '(no extension)' for e in exts)}), and every row would fail with 'no image "
+                     f"member': pass the extensions of its images, e.g. {flag} {','.join(images)}")
 
 
 # How many of the first shard's sample keys the pre-flight looks up in its parquet's id column, before all of them.
