@@ -46,6 +46,7 @@ CASES: list[tuple[str, str, str]] = [
     ("shard-duplicate-keys", "Shards", "Duplicate keys in one tar"),
     ("shard-odd-keys", "Shards", "Keys with spaces or several dots"),
     ("shard-sample-without-image", "Shards", "A sample without an image"),
+    ("shard-members-apart", "Shards", "A key's members apart (a folder tarred with `tar cf`)"),
     ("shard-empty-tar", "Shards", "Empty tar"),
     ("shard-not-a-tar", "Shards", "A .tar that is not a tar (0 bytes, an HTML page)"),
     ("shard-skipped-output-name", "Shards",

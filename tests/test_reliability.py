@@ -549,6 +549,31 @@ def test_sample_without_image(tmp_path):
                  did="4 embedded; the 3rd kept with reason 'no image member (found: json, txt)'", lost="nothing")
 
 
+def test_members_of_a_key_apart(tmp_path):
+    """`tar cf` of a folder writes files in directory order, not by key: a caption can come before its image with
+    other samples between them. Read as the first sample of its key only, that image was lost and its row said
+    the tar held none."""
+    (tmp_path / "in").mkdir()
+    with tarfile.open(tmp_path / "in" / "00000.tar", "w") as tar:
+        for name, data in [("imgs/0001.txt", b"a caption"), ("imgs/0004.bmp", bmp(4)), ("imgs/sub/0002.bmp", bmp(2)),
+                           ("imgs/0001.bmp", bmp(1)), ("imgs/0003.txt", b"no image")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    [r], out = run_shard(tmp_path)
+    rows = by_key(read(out / "00000.parquet"))
+    assert set(rows) == {"imgs/0001", "imgs/0004", "imgs/sub/0002", "imgs/0003"}
+    assert rows["imgs/0001"][1] is None and rows["imgs/0001"][0] is not None, rows["imgs/0001"]
+    assert rows["imgs/0003"] == (None, "no image member (found: txt)")
+    assert r.embedded == 3 and r.warnings == []
+    table.record("shard-members-apart", done="a tar whose members are 'imgs/0001.txt', 'imgs/0004.bmp', "
+                                             "'imgs/sub/0002.bmp', 'imgs/0001.bmp', 'imgs/0003.txt' (tar cf's order)",
+                 did="3 of 3 images embedded, 'imgs/0001' from the image after its caption (the first sample of "
+                     "a key with an image owns its row); 'imgs/0003' kept with reason 'no image member (found: "
+                     "txt)'; no warning",
+                 lost="nothing")
+
+
 def test_empty_tar(tmp_path):
     (tmp_path / "in").mkdir()
     with tarfile.open(tmp_path / "in" / "00000.tar", "w"):

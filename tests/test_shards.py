@@ -170,6 +170,26 @@ def test_grouping_preference_missing_duplicate_empty(tmp_path):
     assert bytes(samples_of(tar, extensions=("png", "jpg"))[0].image) == b"PNG"
 
 
+def test_a_key_whose_first_members_hold_no_image_gets_its_image_from_a_later_run_of_them(tmp_path):
+    """`tar cf` of a folder writes its files in directory order, so a key's caption can come long before its image:
+    the image is still that key's. The first sample of a key that has an image owns it; later ones are repeats."""
+    tar = make_tar(tmp_path / "apart.tar", [
+        ("imgs/1.txt", b"caption"), ("imgs/2.jpg", b"TWO"), ("imgs/1.jpg", b"ONE"), ("imgs/1.json", b"{}"),
+        ("imgs/2.png", b"AGAIN"), ("imgs/3.txt", b"none"), ("imgs/2.txt", b"t"), ("imgs/3.json", b"{}"),
+    ])
+    offs = data_offsets(tar)
+    for index in (None, _index_of(tar)):
+        assert samples_of(tar, index=index) == [
+            Sample("imgs/1", None, error="no image member (found: txt)"),
+            Sample("imgs/2", b"TWO", "jpg", member="imgs/2.jpg", offset=offs["imgs/2.jpg"]),
+            Sample("imgs/1", b"ONE", "jpg", member="imgs/1.jpg", offset=offs["imgs/1.jpg"]),
+            Sample("imgs/2", None, error="duplicate key"),
+            Sample("imgs/3", None, error="no image member (found: txt)"),
+            Sample("imgs/2", None, error="duplicate key"),
+            Sample("imgs/3", None, error="no image member (found: json)"),
+        ]
+
+
 @pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar not installed")
 def test_gnu_tar_written_archive(tmp_path):
     """An archive made by GNU tar itself: directory entries, a 150-byte name (GNU longname header), a symlink."""
@@ -1354,6 +1374,12 @@ def _case_upper_case(tmp_path):
 def _case_duplicate_key(tmp_path):
     return _with_index_of(_tar_of(tmp_path, "dup", [
         *_plain(4), ("001.png", b"again"), ("001.txt", b"t"), *_plain(3, start=4), ("000.jpg", b"again")]))
+
+
+def _case_image_after_its_caption(tmp_path):
+    return _with_index_of(_tar_of(tmp_path, "apart", [
+        *_plain(3), ("001.txt", b"t"), ("k.txt", b"t"), *_plain(3, start=3), ("k.jpg", b"K"), ("001.png", b"P"),
+        ("k.png", b"again")]))
 
 
 def _case_no_image(tmp_path):

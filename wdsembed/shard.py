@@ -488,8 +488,10 @@ class TarRead:
         self.read_to_end = False
 
     def images(self) -> Iterator[tuple[str, bytes]]:
-        """(key, image bytes) of every sample with an image, first sample of a key only."""
+        """(key, image bytes) of every sample with an image: the first sample of a key with an image member (a
+        sample of none, a caption before its image, gives the key its row only until one comes)."""
         seen: set[str] = set()
+        imageless: set[str] = set()  # keys seen so far only in samples without an image member
         # Object stores: large ranges fetched ahead in the background, overlapping download with embedding.
         with storage.open_sequential(self.fs, self.path) as f:
             samples = shards.iter_samples(f, extensions=self.config.image_extensions, shard=self.plan.shard,
@@ -499,11 +501,18 @@ class TarRead:
             try:
                 for sample in samples:
                     self.n_samples += 1
+                    no_image = shards.has_no_image_member(sample)
                     if sample.key in seen:
-                        # The key's first sample owns its row (embedded or failed); a repeat is counted, not joined.
-                        self.duplicates[sample.key] = self.duplicates.get(sample.key, 0) + 1
-                        continue
+                        if sample.key not in imageless or no_image:
+                            # The key's first sample with an image owns its row (embedded or failed); a repeat is
+                            # counted, not joined.
+                            self.duplicates[sample.key] = self.duplicates.get(sample.key, 0) + 1
+                            continue
+                        imageless.discard(sample.key)
+                        del self.errors[sample.key]
                     seen.add(sample.key)
+                    if no_image:
+                        imageless.add(sample.key)
                     if sample.error:
                         self.errors[sample.key] = sample.error
                     else:

@@ -65,7 +65,8 @@ def iter_samples(
 
     Consecutive members with one key form a sample; the image is the first member whose lowercased extension
     (the last dot-part) is in `extensions`, tried in that order of preference. A key seen again later in the tar
-    yields a Sample with error "duplicate key". With `index`, members are located through it and each member's
+    yields a Sample with error "duplicate key", unless no earlier sample of it had an image member (`tar cf` of a
+    folder can put a caption before its image, with other samples between): then it is read as any sample. With `index`, members are located through it and each member's
     tar header is checked against it; a mismatch raises shardindex.StaleIndexError. A truncated or corrupt tar raises
     tarstream.ShardReadError naming `shard` after yielding every sample read intact before the damage; with
     `on_damage`, a damaged header is read past instead (below).
@@ -166,6 +167,8 @@ def _parse_tar(
         assert key is not None
         if duplicate:
             return Sample(key, None, error="duplicate key")
+        if best is not None or unread is not None or damaged is not None:
+            seen.add(key)  # only a sample with an image member owns its key (see iter_samples)
         if best is None and damaged is not None:
             return Sample(key, None, error=damaged_sample_reason(damaged))
         if best is None and follows is not None:
@@ -220,7 +223,6 @@ def _parse_tar(
                         yield finish()
                     key, found, best, unread = k, [], None, None
                     duplicate = k in seen
-                    seen.add(k)
                     damaged = None
                     follows = read_past if read_past is not None and m.header_offset == read_past.resumed else None
                 found.append(ext)
@@ -285,9 +287,17 @@ def damaged_sample_reason(damage: tarstream.ShardReadError) -> str:
     return f"tar damaged inside this sample: {tarstream.describe_damage(damage.offset, damage.reason)}"
 
 
+NO_IMAGE = "no image member"
+
+
+def has_no_image_member(sample: Sample) -> bool:
+    """Whether `sample` had no member named like an image: a later sample of its key is then read as any sample."""
+    return sample.image is None and sample.image_ext is None and (sample.error or "").startswith(NO_IMAGE)
+
+
 def _no_image(found: list[str]) -> str:
     shown = ", ".join(dict.fromkeys(e or "(no extension)" for e in found))
-    return f"no image member (found: {shown})"
+    return f"{NO_IMAGE} (found: {shown})"
 
 
 @dataclass(frozen=True, eq=False)
@@ -529,11 +539,12 @@ def _group_samples(plan: _IndexPlan, runs: list[_Run], seen: set[str], first: in
         if key in seen:
             yield Sample(key, None, error="duplicate key")
             continue
-        seen.add(key)
         if image < 0:
             found = [split_member_name(n)[1] for n in plan.names[plan.group_start[g] : int(plan.group_end[g])]]
             yield Sample(key, None, error=_no_image(found))
-        elif not size:
+            continue
+        seen.add(key)  # only a sample with an image member owns its key (see iter_samples)
+        if not size:
             yield Sample(key, None, image_ext=image_ext, error="empty image member", member=member, offset=offset)
         else:
             if image >= last_first:
