@@ -666,3 +666,52 @@ def test_tiffs_that_dali_decodes_otherwise_than_pillow_are_refused(clean_rows):
     for key in ("rgba.tif", "gray.tif"):  # the sound ones are embedded as Pillow reads them
         assert (rows[key] - transform(Image.open(io.BytesIO(crafted[key])).convert("RGB"))).abs().mean() < 0.01
     assert all(torch.equal(rows[k], clean_rows[k]) for k, _ in good)
+_PEAK_OF_LARGE_IMAGES = r"""
+import io, json, sys
+from PIL import Image
+sys.path.insert(0, sys.argv[1])
+from test_pipeline import recipe_of, run_all
+from wdsembed.pipeline import ImagePipeline
+
+def vm(field):  # kB
+    return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(field + ":")))
+
+
+budget = json.loads(sys.argv[2])
+large = []
+for i in range(8):  # 12 Mpx each, 36 MB decoded as RGB, a few KB encoded
+    buf = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (30 * i, 20, 200 - 20 * i)).save(buf, "PNG")
+    large.append((f"large{i}", buf.getvalue()))
+with ImagePipeline(recipe_of(), batch_size=8, num_threads=1, device_id=None, prefetch=1,
+                   max_pixels_in_flight=budget) as pipe:
+    with open("/proc/self/clear_refs", "w") as f:  # VmHWM starts again from here (ru_maxrss keeps the parent's)
+        f.write("5")
+    before = vm("VmRSS")
+    rows, failed, sizes = run_all(pipe, large)
+    grew = (vm("VmHWM") - before) / 1024
+print(json.dumps({"sizes": sizes, "failed": failed, "rows": sorted(rows), "grew_mb": grew}))
+"""
+
+
+def test_batches_of_large_images_are_cut_to_the_decoded_pixels_allowed_in_flight():
+    """DALI decodes a whole batch before resizing it: 256 unresized 12-Mpx photos took 9 GB per batch in flight,
+    per worker. A batch whose header sizes add up to more than its share of max_pixels_in_flight goes out short;
+    the process's peak memory follows the share, not the batch size. In a fresh process, whose peak is its own."""
+
+    def run(budget):
+        done = subprocess.run([sys.executable, "-c", _PEAK_OF_LARGE_IMAGES, os.path.dirname(__file__),
+                               json.dumps(budget)], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    uncut = run(None)
+    assert uncut["sizes"] == [8]
+    got = run(25_000_000)  # two 12-Mpx images a batch
+    assert got["sizes"] == [2, 2, 2, 2] and not got["failed"] and got["rows"] == [f"large{i}" for i in range(8)]
+    alone = run(1_000_000)  # each image larger than the share: one a batch, none refused
+    assert alone["sizes"] == [1] * 8 and not alone["failed"]
+    # 8 x 36 MB decoded at once (311 MB of growth here), against two (164) or one (124)
+    assert got["grew_mb"] < uncut["grew_mb"] - 100 and alone["grew_mb"] < uncut["grew_mb"] - 150, \
+        (uncut["grew_mb"], got["grew_mb"], alone["grew_mb"])

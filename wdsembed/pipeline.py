@@ -248,6 +248,12 @@ class PreprocessedBatch:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of samples that failed here
 
 
+# Decoded pixels that the batches in flight may hold together (ImagePipeline's max_pixels_in_flight): DALI decodes
+# a batch whole before it resizes, so a batch of 256 unresized 12-Mpx photos took 9 GB, and two in flight twice that,
+# per worker; batches of larger images are cut short to fit (an image larger than a batch's share goes alone).
+# 2^30 pixels (3 GiB as RGB) leaves batches of 256 images of up to 2 Mpx each (with two in flight) uncut.
+MAX_PIXELS_IN_FLIGHT = 1 << 30
+
 # A key that ends the current batch where it appears in `ImagePipeline.process`'s samples, (BATCH_END, None):
 # what is gathered so far is fed as a short batch. It keeps a batch to one caller's samples where several callers'
 # samples follow each other in one stream (wdsembed.worker), so each caller's batches are the ones it would get alone.
@@ -347,6 +353,9 @@ class ImagePipeline:
     decoding overlaps whatever the consumer does with the previous batch. `copy_inputs` (default) copies each
     batch's encoded bytes into DALI's buffers, pinned where they feed the GPU decoder; False lets DALI read the
     caller's buffers in place. `max_pixels` refuses, unread, images whose header gives more pixels than that.
+    `max_pixels_in_flight` bounds the decoded pixels of the batches in flight: a batch whose images' header sizes
+    add up to more than its share (this divided by `prefetch`) is cut short, the rest starting the next batch; an
+    image larger than the share goes in a batch of its own. None: batches are cut by count only.
 
     On a GPU each batch's images are copied out of DALI's output buffer as the batch is taken, converted on the way
     to `output_dtype` and, with `channels_last`, to that memory format: the form the model takes, made in one
@@ -369,6 +378,7 @@ class ImagePipeline:
         prefetch: int = 2,
         hw_decoder_load: float = 0.9,
         max_pixels: Optional[int] = None,
+        max_pixels_in_flight: Optional[int] = MAX_PIXELS_IN_FLIGHT,
         device_memory_padding: int = 32 << 20,
         host_memory_padding: int = 16 << 20,
         jpeg_fancy_upsampling: bool = False,
@@ -384,6 +394,7 @@ class ImagePipeline:
         self.device_id = device_id
         self.prefetch = prefetch
         self.max_pixels = max_pixels
+        self.batch_pixels = None if max_pixels_in_flight is None else max(1, max_pixels_in_flight // prefetch)
         self.copy_inputs = copy_inputs
         self.output_dtype = output_dtype
         self.channels_last = channels_last
@@ -587,6 +598,7 @@ class ImagePipeline:
         rejected: list[tuple[str, str]] = []
         sniffed: list[tuple[str, bytes | memoryview]] = []  # images whose sizes are not read yet
         limit = self.max_pixels
+        budget = self.batch_pixels
 
         def settle() -> None:
             """Read the sniffed images' sizes; keep those fit to feed, reject the others with their reason."""
@@ -622,6 +634,20 @@ class ImagePipeline:
             keys, datas, tensors, sizes, rejected = [], [], [], [], []
             return out
 
+        def over_budget() -> Iterator[tuple[_Batch, list[tuple[str, str]]]]:
+            """Batches cut from the front of the images gathered while their decoded pixels pass the batch's share;
+            the rest stay gathered."""
+            nonlocal keys, datas, tensors, sizes, rejected
+            while budget is not None and keys:
+                hw = np.concatenate(sizes) if len(sizes) > 1 else sizes[0]
+                total = np.cumsum(hw[:, 0] * hw[:, 1])
+                if total[-1] <= budget:
+                    sizes = [hw]
+                    return
+                n = max(1, int(np.searchsorted(total, budget, side="right")))
+                yield _Batch(keys[:n], datas[:n], tensors[:n], hw[:n]), rejected
+                keys, datas, tensors, sizes, rejected = keys[n:], datas[n:], tensors[n:], [hw[n:]], []
+
         for key, data in samples:
             if key is NOT_READY:  # passed up as it is: the batch so far stays gathered
                 yield key, data
@@ -629,6 +655,7 @@ class ImagePipeline:
             if key is BATCH_END:  # the stream asks for a batch boundary here: the batch so far goes out short
                 if sniffed:
                     settle()
+                yield from over_budget()
                 if keys or rejected:
                     yield take()
                 continue
@@ -639,10 +666,12 @@ class ImagePipeline:
             sniffed.append((key, data))
             if len(keys) + len(sniffed) == self.batch_size:
                 settle()
+                yield from over_budget()
                 if len(keys) == self.batch_size:
                     yield take()
         if sniffed:
             settle()
+        yield from over_budget()
         if keys or rejected:
             yield take()
 
