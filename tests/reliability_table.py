@@ -38,6 +38,7 @@ CASES: list[tuple[str, str, str]] = [
     ("img-exif-disagree", "Images", "JPEG whose two EXIF blocks disagree on a quarter turn (orientation 6, then 3)"),
     ("img-1x1", "Images", "1x1 pixel"),
     ("img-bomb", "Images", "20000x20000 PNG (decompression bomb)"),
+    ("img-huge-non-image", "Images", "A 300 MB video named .jpg"),
     ("img-animated-webp", "Images", "Animated WebP (3 frames)"),
     ("shard-truncated", "Shards", "Truncated tar"),
     ("shard-corrupt-header", "Shards", "Tar with one corrupt header in the middle"),

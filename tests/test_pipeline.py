@@ -666,6 +666,8 @@ def test_tiffs_that_dali_decodes_otherwise_than_pillow_are_refused(clean_rows):
     for key in ("rgba.tif", "gray.tif"):  # the sound ones are embedded as Pillow reads them
         assert (rows[key] - transform(Image.open(io.BytesIO(crafted[key])).convert("RGB"))).abs().mean() < 0.01
     assert all(torch.equal(rows[k], clean_rows[k]) for k, _ in good)
+
+
 _PEAK_OF_LARGE_IMAGES = r"""
 import io, json, sys
 from PIL import Image
@@ -715,3 +717,14 @@ def test_batches_of_large_images_are_cut_to_the_decoded_pixels_allowed_in_flight
     # 8 x 36 MB decoded at once (311 MB of growth here), against two (164) or one (124)
     assert got["grew_mb"] < uncut["grew_mb"] - 100 and alone["grew_mb"] < uncut["grew_mb"] - 150, \
         (uncut["grew_mb"], got["grew_mb"], alone["grew_mb"])
+
+
+def test_refusal_from_head_refuses_only_what_the_first_bytes_show():
+    from wdsembed.pipeline import refusal_from_head
+
+    big = _encode(Image.new("RGB", (4000, 3000), (10, 20, 30)), "PNG")
+    assert refusal_from_head(big[:1024], 1_000_000) == "image too large: 4000x3000 pixels > max_pixels=1000000"
+    assert refusal_from_head(big[:1024], None) is None and refusal_from_head(big[:1024], 20_000_000) is None
+    assert refusal_from_head(b"\x00\x00\x00\x20ftypisom" + bytes(100), None).startswith("unsupported image format")
+    jpeg = _encode(Image.new("RGB", (64, 48)), "JPEG")
+    assert refusal_from_head(jpeg[:4], 1) is None  # its size is past the head: read whole, judged as any image

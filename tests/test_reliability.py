@@ -549,6 +549,35 @@ def test_sample_without_image(tmp_path):
                  did="4 embedded; the 3rd kept with reason 'no image member (found: json, txt)'", lost="nothing")
 
 
+def test_a_huge_video_named_jpg_is_not_held_in_memory(tmp_path):
+    """A web scrape's .jpg can be a video or an archive of any size. Its tar member was read whole into memory
+    before its first bytes said it was no image: a member of some GB took the worker down with the shard."""
+    import tracemalloc
+
+    from test_shards import write_tar_with_a_huge_member
+
+    (tmp_path / "in").mkdir()
+    good = [(f"00000000{i}.bmp", bmp(i)) for i in range(3)]
+    write_tar_with_a_huge_member(tmp_path / "in" / "00000.tar", "000000009.jpg", b"\x00\x00\x00\x20ftypisom",
+                                 300 << 20, before=good[:2], after=good[2:])
+    run_shard(tmp_path, "warm")  # this process's worker (model, pipeline) built outside the measure
+    tracemalloc.start()
+    try:
+        [r], out = run_shard(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    rows = by_key(read(out / "00000.parquet"))
+    reason = rows["000000009"][1]
+    assert reason == "unsupported image format: isom (HEIF/AVIF/MP4)" and r.embedded == 3
+    assert peak < 100 << 20, peak  # Python's allocations while the shard was read, embedded and written
+    table.record("img-huge-non-image", done="a 300 MB member '000000009.jpg' starting as an MP4 ('ftypisom'), "
+                                            "between 3 good images",
+                 did=f"judged by its first MiB and passed unread: row kept without embedding, reason {q(reason)}; "
+                     "the shard's Python allocations peaked under 100 MB; the other images embedded (3 of 3)",
+                 lost="nothing (it is no image)")
+
+
 def test_members_of_a_key_apart(tmp_path):
     """`tar cf` of a folder writes files in directory order, not by key: a caption can come before its image with
     other samples between them. Read as the first sample of its key only, that image was lost and its row said

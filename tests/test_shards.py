@@ -190,6 +190,64 @@ def test_a_key_whose_first_members_hold_no_image_gets_its_image_from_a_later_run
         ]
 
 
+def write_tar_with_a_huge_member(path: Path, name: str, head: bytes, size: int, before=(), after=()) -> None:
+    """A tar holding `before`, then a member of `size` bytes that starts with `head` (zeros after it, written in
+    pieces), then `after`."""
+    with open(path, "wb") as f:
+        for n, data in before:
+            f.write(_member_bytes(n, data))
+        info = tarfile.TarInfo(name)
+        info.size = size
+        f.write(info.tobuf(tarfile.PAX_FORMAT))
+        f.write(head)
+        zeros, left = bytes(8 << 20), size - len(head)
+        while left:
+            f.write(zeros[: min(left, len(zeros))])
+            left -= min(left, len(zeros))
+        f.write(bytes(-size % 512))
+        for n, data in after:
+            f.write(_member_bytes(n, data))
+        f.write(bytes(1024))
+
+
+def _member_bytes(name: str, data: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info.tobuf(tarfile.PAX_FORMAT) + data + bytes(-len(data) % 512)
+
+
+def _refuse_videos(head: bytes):
+    return f"not an image: a video ({len(head)} bytes judged)" if head[4:8] == b"ftyp" else None
+
+
+def _traced_huge_read(tar: str) -> dict:
+    """iter_samples over `tar` with _refuse_videos, tracemalloc on; run in a process of its own (_in_own_process)."""
+    tracemalloc.start()
+    with open(tar, "rb") as f:
+        got = [(s.key, s.error, None if s.image is None else bytes(s.image))
+               for s in iter_samples(f, extensions=EXTS, shard=tar, refuse_large=_refuse_videos)]
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {"samples": got, "peak": peak}
+
+
+def test_a_huge_member_that_is_no_image_is_passed_unread(tmp_path):
+    """A 200 MB video named .jpg: judged by its first bytes, passed without holding it; the samples after it are
+    read, and a huge member the check lets through (an image) is read whole as before."""
+    tar = tmp_path / "video.tar"
+    write_tar_with_a_huge_member(tar, "vid.jpg", b"\x00\x00\x00\x20ftypisom", 200 << 20,
+                                 before=[("a.jpg", b"A" * 600), ("vid.txt", b"a video")], after=[("b.jpg", b"B")])
+    read = _in_own_process(_traced_huge_read, str(tar))
+    assert read["samples"] == [("a", None, b"A" * 600),
+                               ("vid", f"not an image: a video ({shards.LARGE_MEMBER_HEAD} bytes judged)", None),
+                               ("b", None, b"B")]
+    assert read["peak"] < 40 << 20, read["peak"]  # a read chunk and the head, not the member
+    # let through: the member is the sample's image, whole
+    got = [(s.key, s.error, s.image) for s in
+           iter_samples(open(tar, "rb"), extensions=EXTS, shard=str(tar), refuse_large=lambda head: None)]
+    assert got[1][:2] == ("vid", None) and len(got[1][2]) == 200 << 20
+
+
 @pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar not installed")
 def test_gnu_tar_written_archive(tmp_path):
     """An archive made by GNU tar itself: directory entries, a 150-byte name (GNU longname header), a symlink."""

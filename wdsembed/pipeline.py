@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from wdsembed.imagesize import image_size, image_sizes, jpeg_frame, jpeg_scan_start, tiff_samples
+from wdsembed.imagesize import UnreadableImage, image_size, image_sizes, jpeg_frame, jpeg_scan_start, tiff_samples
 from wdsembed.preprocess import (
     PreprocessRecipe,
     dali_preprocess,
@@ -102,6 +102,23 @@ def sniff_image(data: bytes | memoryview) -> Optional[str]:
     if head[4:8] == b"ftyp":
         return f"unsupported image format: {head[8:12].decode('latin-1').strip() or 'iso-bmff'} (HEIF/AVIF/MP4)"
     return f"not an image (starts with {head[:8]!r})"
+
+
+def too_large_reason(h: int, w: int, limit: int) -> str:
+    return f"image too large: {w}x{h} pixels > max_pixels={limit}"
+
+
+def refusal_from_head(head: bytes, max_pixels: Optional[int]) -> Optional[str]:
+    """Why an image member that starts with `head` would be refused before decoding (not an image, more pixels
+    than `max_pixels`), where its first bytes tell; None where they do not (a header longer than `head`)."""
+    why = sniff_image(head)
+    if why is not None or max_pixels is None:
+        return why
+    try:
+        h, w = image_size(head)
+    except UnreadableImage:
+        return None
+    return too_large_reason(h, w, max_pixels) if h * w > max_pixels else None
 
 
 def cut_short(data: bytes | memoryview) -> Optional[str]:
@@ -612,7 +629,7 @@ class ImagePipeline:
                     continue
                 if too_large[i]:  # decompression-bomb guard: never fed, never decoded
                     h, w = hw[i].tolist()
-                    rejected.append((key, f"image too large: {w}x{h} pixels > max_pixels={limit}"))
+                    rejected.append((key, too_large_reason(h, w, limit)))
                     continue
                 why = cut_short(data)
                 if why is not None:

@@ -19,6 +19,7 @@ Prefect.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -30,8 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Collection, Iterator, Optional
 
-from wdsembed import (faults, fidelity, output, outputclaim, preprocess, report, shardindex, shards, storage,
-                      tarstream)
+from wdsembed import (faults, fidelity, output, outputclaim, pipeline, preprocess, report, shardindex, shards,
+                      storage, tarstream)
 from wdsembed.config import EmbedConfig
 from wdsembed.validate import validate_output, validate_table
 from wdsembed.versions import code_version, package_versions
@@ -497,7 +498,10 @@ class TarRead:
             samples = shards.iter_samples(f, extensions=self.config.image_extensions, shard=self.plan.shard,
                                           index=self.index, index_builder=self.builder,
                                           on_stale_index=self.stale.append, on_damage=self.damage.append,
-                                          fast=os.environ.get(TAR_FAST_PATH_ENV) != "0")
+                                          fast=os.environ.get(TAR_FAST_PATH_ENV) != "0",
+                                          refuse_large=functools.partial(pipeline.refusal_from_head,
+                                                                         max_pixels=self.config.max_image_pixels
+                                                                         or None))
             try:
                 for sample in samples:
                     self.n_samples += 1

@@ -60,6 +60,7 @@ def iter_samples(
     on_stale_index: Optional[Callable[["shardindex.StaleIndexError"], None]] = None,
     on_damage: Optional[Callable[[tarstream.ShardReadError], None]] = None,
     fast: bool = True,
+    refuse_large: Optional[Callable[[bytes], Optional[str]]] = None,
 ) -> Iterator[Sample]:
     """Stream the samples of a tar in file order with memory bounded by one read chunk plus one member.
 
@@ -90,6 +91,10 @@ def iter_samples(
     the index's name, size and data offset, and the tar may hold no indexable member the index lacks (links are
     not indexed, as wds2idx leaves them out too; nor are sparse files, see shardindex.build_index).
     Memory: one chunk, the member being read and, while a sample has several image members, the best so far.
+    `refuse_large`: for an image member of more than LARGE_MEMBER bytes, given its first LARGE_MEMBER_HEAD bytes,
+    the reason it is no image to read (not an image at all, too many pixels) or None; a member it refuses is passed
+    unread and its sample gets that reason where it has no other image: a video or archive named .jpg costs a
+    read, not its size in memory.
     `index_builder` receives every member the .idx lists, so that a full pass also yields the shard's index
     (used for shards on object stores, where a separate indexing pass would download the tar twice).
     `on_stale_index`: instead of raising shardindex.StaleIndexError, call it once and read on without the index (samples
@@ -123,7 +128,7 @@ def iter_samples(
         expected = iter(index.members()) if index is not None else None
         yield from _parse_tar(tarstream.Reader(f, chunk_size), f, rank=rank, shard=shard, seen=seen, passed=None,
                               expected=expected, index_builder=index_builder, on_stale_index=on_stale_index,
-                              on_damage=on_damage)
+                              on_damage=on_damage, refuse_large=refuse_large)
         return
     unread, offset, first, magic = yield from _fast_samples(f, plan, seen)
     passed = plan.names[:first], plan.offsets[:first].tolist(), plan.sizes[:first].tolist()
@@ -131,7 +136,8 @@ def iter_samples(
         index_builder.extend(zip(*passed))
     yield from _parse_tar(tarstream.Reader(f, chunk_size, buffered=unread, offset=offset, magic=magic), f,
                           rank=rank, shard=shard, seen=seen, passed=passed, expected=plan.index.members_from(first),
-                          index_builder=index_builder, on_stale_index=on_stale_index, on_damage=on_damage)
+                          index_builder=index_builder, on_stale_index=on_stale_index, on_damage=on_damage,
+                          refuse_large=refuse_large)
 
 
 def _parse_tar(
@@ -146,6 +152,7 @@ def _parse_tar(
     index_builder: Optional["shardindex.IndexBuilder"],
     on_stale_index: Optional[Callable[["shardindex.StaleIndexError"], None]],
     on_damage: Optional[Callable[[tarstream.ShardReadError], None]],
+    refuse_large: Optional[Callable[[bytes], Optional[str]]] = None,
 ) -> Iterator[Sample]:
     """iter_samples' general parser: every header through tarstream.iter_members, from `r`'s position (the start
     of the tar, or the first header of a sample the fast path left) to the end. `seen`: keys already yielded;
@@ -229,6 +236,15 @@ def _parse_tar(
                 if duplicate or mrank is None or (best is not None and mrank >= best[0]):
                     tarstream.skip_data(r, m)
                     continue
+                if regular and refuse_large is not None and m.size > LARGE_MEMBER:
+                    head = r.read(LARGE_MEMBER_HEAD)
+                    r.unread(head)
+                    why = refuse_large(bytes(head))
+                    del head
+                    if why is not None:
+                        tarstream.skip_data(r, m)
+                        unread = unread or why
+                        continue
                 if regular:
                     best = None  # drop the worse candidate before reading the better one
                     best = (mrank, tarstream.read_data(r, m), _last_ext(ext), m.name, m.data_offset)
@@ -280,6 +296,12 @@ def _parse_tar(
             on_stale_index(stale)
     if key is not None:
         yield finish()
+
+
+# Image members bigger than this are judged by their first LARGE_MEMBER_HEAD bytes before they are read
+# (iter_samples' refuse_large); no photograph is near it, a video or a disk image named .jpg may be gigabytes.
+LARGE_MEMBER = 64 << 20
+LARGE_MEMBER_HEAD = 1 << 20
 
 
 def damaged_sample_reason(damage: tarstream.ShardReadError) -> str:
