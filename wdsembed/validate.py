@@ -28,13 +28,15 @@ def unusable_rows(embeddings: np.ndarray, *, normalized: bool) -> dict[int, str]
     written."""
     if not len(embeddings):
         return {}
-    finite = np.isfinite(embeddings).all(axis=1)
-    bad = {int(i): NON_FINITE for i in np.flatnonzero(~finite)}
+    # One pass over the shard's embeddings (it runs for every shard, beside the GPU's next one): a row's sum of
+    # squares is finite unless a value is not, or a huge finite row overflows it (looked at value by value).
+    with np.errstate(over="ignore", invalid="ignore"):
+        squares = np.einsum("ij,ij->i", embeddings, embeddings, dtype=np.float32)
+    summed = np.isfinite(squares)
+    bad = {int(i): NON_FINITE for i in np.flatnonzero(~summed) if not np.isfinite(embeddings[i]).all()}
     if normalized:
-        values = np.where(finite[:, None], embeddings, 0).astype(np.float32, copy=False)
-        norms = np.sqrt(np.einsum("ij,ij->i", values, values, dtype=np.float32))
-        for i in np.flatnonzero(finite & (norms < 1.0 - NORM_TOLERANCE)):
-            bad[int(i)] = ALL_ZEROS if not values[i].any() else TOO_SMALL
+        for i in np.flatnonzero(summed & (squares < (1.0 - NORM_TOLERANCE) ** 2)):
+            bad[int(i)] = ALL_ZEROS if not embeddings[i].any() else TOO_SMALL
     return bad
 
 
