@@ -210,8 +210,11 @@ def write_tar_with_a_huge_member(path: Path, name: str, head: bytes, size: int, 
         f.write(bytes(1024))
 
 
-def _member_bytes(name: str, data: bytes) -> bytes:
+def _member_bytes(name: str, data) -> bytes:
     info = tarfile.TarInfo(name)
+    if isinstance(data, tuple):  # ("hardlink", target): a hard link member, no data of its own
+        info.type, info.linkname = tarfile.LNKTYPE, data[1]
+        return info.tobuf(tarfile.PAX_FORMAT)
     info.size = len(data)
     return info.tobuf(tarfile.PAX_FORMAT) + data + bytes(-len(data) % 512)
 
@@ -246,6 +249,20 @@ def test_a_huge_member_that_is_no_image_is_passed_unread(tmp_path):
     got = [(s.key, s.error, s.image) for s in
            iter_samples(open(tar, "rb"), extensions=EXTS, shard=str(tar), refuse_large=lambda head: None)]
     assert got[1][:2] == ("vid", None) and len(got[1][2]) == 200 << 20
+
+
+def test_a_hard_link_to_a_huge_member_that_is_no_image_is_passed_unread(tmp_path):
+    """The same video archived again as a hard link (legal tar): the link's read back is judged by its head too."""
+    tar = tmp_path / "video-linked.tar"
+    write_tar_with_a_huge_member(tar, "vid.jpg", b"\x00\x00\x00\x20ftypisom", 200 << 20,
+                                 after=[("copy.jpg", ("hardlink", "vid.jpg")), ("b.jpg", b"B")])
+    read = _in_own_process(_traced_huge_read, str(tar))
+    judged = f"not an image: a video ({shards.LARGE_MEMBER_HEAD} bytes judged)"
+    assert read["samples"] == [("vid", judged, None), ("copy", judged, None), ("b", None, b"B")]
+    assert read["peak"] < 40 << 20, read["peak"]  # the head, not the member read back
+    got = [(s.key, s.error, s.image) for s in
+           iter_samples(open(tar, "rb"), extensions=EXTS, shard=str(tar), refuse_large=lambda head: None)]
+    assert got[1][:2] == ("copy", None) and len(got[1][2]) == 200 << 20  # let through: read back whole
 
 
 @pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar not installed")

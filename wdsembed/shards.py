@@ -259,6 +259,11 @@ def _parse_tar(
                                         "back to that member's data")
                 else:
                     offset, size = target
+                    if refuse_large is not None and size > LARGE_MEMBER:  # judged by its head, as its file was
+                        why = refuse_large(bytes(read_back(offset, LARGE_MEMBER_HEAD)))
+                        if why is not None:
+                            unread = unread or why
+                            continue
                     data = read_back(offset, size) if size and read_back else b""
                     if len(data) == size:
                         best = None
