@@ -193,15 +193,6 @@ def bench_dali(model_name: str, folder: str, device: str, batch_size: int, threa
     return {"images_per_second": round(rate, 1), "images": n}
 
 
-def _client_tls_config(security) -> dict:
-    """Dask configuration under which a client made from an address alone (Client(address), as the flow's task runner
-    makes it) presents the certificates of `security` (distributed takes PEM text where it takes a file's path)."""
-    return {"distributed.comm.tls.ca-file": security.tls_ca_file,
-            "distributed.comm.tls.client.cert": security.tls_client_cert,
-            "distributed.comm.tls.client.key": security.tls_client_key,
-            "distributed.comm.require-encryption": security.require_encryption}
-
-
 def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device: str, batch_size: int,
                threads: int, n_gpus: int, repeats: int = 1, workers_per_gpu: int = 1, **options) -> dict:
     """(c) the full flow (Prefect + Dask, tar to parquet) on warm workers of a cluster started here, with
@@ -215,12 +206,10 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
     (else it stays as it is: Python's 5 ms unless an earlier variant changed it), and its `worker_env` (name ->
     value, None to unset) the workers' environment variables, followed by the warm-up run again (untimed), in which
     a worker builds its Worker anew where a variable it reads as it is built changed."""
-    import dask
     from distributed import Client, LocalCluster, get_task_stream
 
     import flows.embed as fe
     from tasks.embed import embed_and_log
-    from wdsembed.cluster import LOCAL_CLUSTER_SECURITY
     from wdsembed.config import EmbedConfig
 
     if device.startswith("cuda"):
@@ -231,12 +220,8 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
         set_gpu_process_environment()  # inherited by the workers, as task_runner_kwargs does it for the flow
         cluster = start_gpu_cluster(n_gpus, workers_per_gpu)
     else:  # the CPU stand-in: workers_per_gpu worker processes per "GPU"
-        cluster = LocalCluster(n_workers=n_gpus * workers_per_gpu, threads_per_worker=1, processes=True,
-                               **LOCAL_CLUSTER_SECURITY)
+        cluster = LocalCluster(n_workers=n_gpus * workers_per_gpu, threads_per_worker=1, processes=True)
     client = Client(cluster)
-    # The runs reach the cluster by its address, over the TLS that a run's own cluster speaks: their clients take its
-    # in-memory certificates from Dask's configuration, as a client of a tls:// scheduler takes files' paths.
-    tls = dask.config.set(_client_tls_config(cluster.security))
     try:
         variants = options.pop("variants", None) or {"": {}}
 
@@ -325,7 +310,6 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
                              **memory}
         return results[""] if list(results) == [""] else results
     finally:
-        tls.__exit__(None, None, None)
         client.close()
         cluster.close()
 

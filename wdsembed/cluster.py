@@ -82,13 +82,6 @@ def device_of(name):
     return int(device) if device.isdigit() else device
 
 
-# Every local cluster started here speaks mutual TLS with certificates made for it in memory (distributed's
-# Security.temporary): its scheduler listens on a loopback port that any user of a shared machine can reach, and a
-# client that gets in runs any code as this user (client.run). The run's own client takes the certificates from the
-# cluster object; nothing else has them. Costs a key pair per cluster (well under a second) and TLS on loopback.
-LOCAL_CLUSTER_SECURITY = {"security": True}
-
-
 def local_nanny() -> type:
     """The worker class of every local cluster started here: worker processes that leave Ctrl-C to the process that
     started them, which closes the cluster (wdsembed.localworkers). Imported when a cluster is, not with this module."""
@@ -107,7 +100,6 @@ def gpu_cluster(gpus: int, workers_per_gpu: int = 1) -> dict:
         "threads_per_worker": SHARDS_PER_GPU,
         "resources": {"GPU": 1},
         "worker_class": local_nanny(),
-        **LOCAL_CLUSTER_SECURITY,
     }
     if workers_per_gpu == 1:
         return {"cluster_class": "dask_cuda.LocalCUDACluster", "cluster_kwargs": kwargs}
@@ -159,7 +151,6 @@ def task_runner_kwargs(config: EmbedConfig) -> dict:
             "threads_per_worker": 1,
             "processes": True,
             "worker_class": local_nanny(),
-            **LOCAL_CLUSTER_SECURITY,
             # Split the cores between the workers' torch thread pools, so they never oversubscribe the machine.
             "env": {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n_workers))},
         },

@@ -78,14 +78,13 @@ def get_client(
         log.warning("get_client(cluster_type='gpu'): %s; starting a CPU cluster instead", reason)
     for name in _GPU_CLUSTER_ONLY:
         cluster_kwargs.pop(name, None)
-    from wdsembed.cluster import LOCAL_CLUSTER_SECURITY, local_nanny
+    from wdsembed.cluster import local_nanny
 
     n_workers = n_workers or 2
     options = {
         "n_workers": n_workers,
         "threads_per_worker": threads_per_worker or 1,
         "processes": True,
-        **LOCAL_CLUSTER_SECURITY,
         # torch's thread pools share the cores instead of each taking all of them
         "env": {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n_workers))},
     } | cluster_kwargs
