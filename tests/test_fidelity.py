@@ -112,6 +112,22 @@ def test_the_run_checks_as_many_images_as_asked(tmp_path):
         "samples the shards it computes)"), fidelity.describe(check)
 
 
+def test_a_rerun_spreads_its_sample_over_the_shards_it_computes(tmp_path):
+    """A re-run that computes one new shard beside finished ones (the nightly deployment's every run) checks the
+    images it asks for in that shard: its sample was spread over every shard of the input, the finished ones
+    included, so the new shard got only its share (2 of 4 here; of 32 over 1,000 shards, at most one image)."""
+    for s in range(2):
+        write_shard(tmp_path / "in", f"{s:05d}", from_encoded(synthetic_images(4, seed=s, formats=("jpeg",))),
+                    seed=s)
+    out = str(tmp_path / "out")
+    embedder = TimmImageEmbedder(TINY_MODEL, fidelity_sample=4, **SETTINGS)
+    embedder(str(tmp_path / "in"), out)
+    write_shard(tmp_path / "in", "00002", from_encoded(synthetic_images(4, seed=2, formats=("jpeg",))), seed=2)
+    results = {r.stem: r for r in embedder(str(tmp_path / "in"), out)}
+    assert [results[s].cached for s in ("00000", "00001", "00002")] == [True, True, False]
+    assert results["00002"].fidelity["sampled"] == 4, results["00002"].fidelity
+
+
 def test_sample_collector_keeps_quota_and_prefers_special():
     jpegs = [(f"j{i}", im.data) for i, im in enumerate(photo_images(5))]
     png = [("p0", photo_images(1, fmt="png")[0].data)]

@@ -238,9 +238,10 @@ class EmbedConfig(BaseModel):
     )
     fidelity_sample: int = Field(
         32, ge=0, le=100_000,
-        description="Images of the run (spread over its shards; EXIF-rotated, grayscale, CMYK and PNG ones first) "
-        "embedded again with timm's own eval transform on PIL and the float32 model, and compared (cosine) with what "
-        "the run wrote; min/mean cosine and the worst keys go to the manifest and summaries. 0: no check.",
+        description="Images of the run (spread over the shards it computes; EXIF-rotated, grayscale, CMYK and PNG "
+        "ones first) embedded again with timm's own eval transform on PIL and the float32 model, and compared "
+        "(cosine) with what the run wrote; min/mean cosine and the worst keys go to the manifest and summaries. 0: no "
+        "check.",
     )
     min_fidelity: Optional[float] = Field(
         None, ge=-1.0, le=1.0,

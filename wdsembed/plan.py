@@ -986,7 +986,18 @@ def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None, *,
     # touched) must show before the work, in the terminal and the flow run's logs, not only at INFO.
     for line in report.describe_recomputed(recompute):
         log.warning("%s", line)
+    plans = spread_over_computed(plans, finished)
     return with_indexes(config, with_expected_samples(config, plans, skip=finished), skip=finished), finished
+
+
+def spread_over_computed(plans: list[ShardPlan], finished: Collection[str]) -> list[ShardPlan]:
+    """The plans with the shards to compute numbered among themselves (run_shards, run_index), so that the run's
+    fidelity sample is spread over them alone: a finished shard keeps the check of the run that computed it, and
+    a re-run of a few new shards beside many finished ones would otherwise check only the new ones' shares."""
+    todo = [p.stem for p in plans if p.stem not in finished]
+    place = {stem: i for i, stem in enumerate(todo)}
+    return [dataclasses.replace(p, run_shards=len(todo), run_index=place[p.stem]) if p.stem in place else p
+            for p in plans]
 
 
 def run_precision(config: EmbedConfig, gpus: int) -> Optional[str]:
