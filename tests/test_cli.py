@@ -506,6 +506,25 @@ def test_checkpoint_is_a_local_path_or_file_url(shards, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_index_cache_dir_is_a_local_folder_or_file_url(shards, tmp_path, capsys):
+    """The index cache is a folder on each worker's own disk (shardindex writes it through the local file system):
+    an s3:// URL there made a folder named 's3:' in the worker's working directory, reported as the index's URL. It
+    is refused at once; a file:// URL is taken as its path."""
+    from wdsembed.api import TimmImageEmbedder
+
+    argv = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--device", "cpu"]
+    config = cli.config_from_args(cli.build_parser().parse_args(
+        argv + ["--index-cache-dir", (tmp_path / "idx").as_uri()]))
+    assert config.index_cache_dir == config.index_cache() == str(tmp_path / "idx")
+    why = ("must be a local folder or file:// URL, not a URL of another store (s3://): each worker keeps the .idx "
+           "files it cannot write beside their shards in a folder on its own disk")
+    code, err, started, _ = run_main(argv + ["--index-cache-dir", "s3://bucket/idx"], capsys)
+    assert code == 2 and not started and err == f"error: invalid parameters:\n  index_cache_dir: {why}\n", err
+    with pytest.raises(ValueError, match=re.escape(why)):
+        TimmImageEmbedder(TINY_MODEL, index_cache_dir="s3://bucket/idx")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("flag, url, why", [
     ("-o", "s3://", "s3:// names no bucket: write s3://BUCKET/PREFIX"),
     ("-o", "s3:///", "s3:// names no bucket: write s3://BUCKET/PREFIX"),

@@ -96,6 +96,17 @@ def absolute_local_path(value: Optional[str]) -> Optional[str]:
     return os.path.abspath(path)
 
 
+def _local_path(value: Optional[str], what: str, why: str) -> Optional[str]:
+    """A field that names a place on each worker's own disk: a file:// URL as its path; another store's URL refused
+    (ValueError saying `what` it must be and `why`)."""
+    if not value:
+        return value
+    store = value.split("::")[0] + "::" if "::" in value else protocol(value) + "://"
+    if store not in ("file://", "local://"):
+        raise ValueError(f"must be {what} or file:// URL, not a URL of another store ({store}): {why}")
+    return split_protocol(value)[1]
+
+
 class EmbedConfig(BaseModel):
     """What to embed, with which model, and how."""
 
@@ -148,7 +159,8 @@ class EmbedConfig(BaseModel):
         "either way; an existing .idx is checked against the tar's headers as it is read, and a stale one rebuilt.",
     )
     index_cache_dir: Optional[str] = Field(
-        None, description="Where .idx files go when the shard folder is not writable (default: ~/.cache/wdsembed/idx)."
+        None, description="Where .idx files go when the shard folder is not writable (default: ~/.cache/wdsembed/idx): "
+        "a local folder (or file:// URL) on each worker; another store's URL is refused."
     )
     id_column: str = Field("key", min_length=1, description="Parquet column that holds the sample key.")
     embedding_column: str = Field("image_embedding", min_length=1, description="Name of the embedding column.")
@@ -280,13 +292,16 @@ class EmbedConfig(BaseModel):
     def _local_checkpoint(cls, value: Optional[str]) -> Optional[str]:
         # Each worker loads it from its own disk (torch, safetensors): a file:// URL is its path; another store's
         # would pass the checks (which can list it) and then fail every shard.
-        if not value:
-            return value
-        store = value.split("::")[0] + "::" if "::" in value else protocol(value) + "://"
-        if store not in ("file://", "local://"):
-            raise ValueError(f"must be a local path or file:// URL, not a URL of another store ({store}): each "
-                             "worker loads it from its own disk; copy it to a local path on every worker and pass that")
-        return split_protocol(value)[1]
+        return _local_path(value, "a local path", "each worker loads it from its own disk; copy it to a local path "
+                                                  "on every worker and pass that")
+
+    @field_validator("index_cache_dir")
+    @classmethod
+    def _local_index_cache(cls, value: Optional[str]) -> Optional[str]:
+        # shardindex writes and reads the cache through the local file system: another store's URL became a folder
+        # named after its scheme ('s3:') in the worker's working directory.
+        return _local_path(value, "a local folder", "each worker keeps the .idx files it cannot write beside their "
+                                                    "shards in a folder on its own disk")
 
     @field_validator("input", "output", "model_name")
     @classmethod
