@@ -506,6 +506,22 @@ def test_checkpoint_is_a_local_path_or_file_url(shards, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_empty_checkpoint_is_no_checkpoint(shards, tmp_path):
+    """`--checkpoint "$CKPT"` with CKPT empty, or the run form's cleared field, loads no checkpoint, as leaving it
+    out does: it was kept as '' in the cache key, so a re-run without it recomputed every shard ('their outputs
+    were made with checkpoint= (now None)'), and the reverse."""
+    from wdsembed import plan, shard
+    from wdsembed.api import TimmImageEmbedder
+
+    argv = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--device", "cpu"]
+    plain = cli.config_from_args(cli.build_parser().parse_args(argv))
+    empty = cli.config_from_args(cli.build_parser().parse_args(argv + ["--checkpoint", ""]))
+    assert empty.checkpoint is None and empty == plain
+    assert TimmImageEmbedder(TINY_MODEL, checkpoint="").config(str(shards), str(tmp_path / "out")).checkpoint is None
+    first = plan.plan_shards(plain)[0]
+    assert shard.cache_key(empty, first) == shard.cache_key(plain, first)
+
+
 def test_index_cache_dir_is_a_local_folder_or_file_url(shards, tmp_path, capsys):
     """The index cache is a folder on each worker's own disk (shardindex writes it through the local file system):
     an s3:// URL there made a folder named 's3:' in the worker's working directory, reported as the index's URL. It

@@ -98,9 +98,10 @@ def absolute_local_path(value: Optional[str]) -> Optional[str]:
 
 def _local_path(value: Optional[str], what: str, why: str) -> Optional[str]:
     """A field that names a place on each worker's own disk: a file:// URL as its path; another store's URL refused
-    (ValueError saying `what` it must be and `why`)."""
+    (ValueError saying `what` it must be and `why`). Empty (an empty variable, a cleared form field): none, as left
+    out, which the cache key must not tell apart."""
     if not value:
-        return value
+        return None
     store = value.split("::")[0] + "::" if "::" in value else protocol(value) + "://"
     if store not in ("file://", "local://"):
         raise ValueError(f"must be {what} or file:// URL, not a URL of another store ({store}): {why}")
