@@ -347,6 +347,34 @@ def test_image_extensions_the_first_shard_has_no_member_of_are_refused(tmp_path,
     assert started == [("bmp",), ("png", "jpg"), ("jpg",)], capsys.readouterr().err
 
 
+def test_image_extensions_are_taken_as_the_command_takes_them_and_none_that_never_matches():
+    """The command strips blanks around each extension (`--image-extensions 'jpg, png'`); the Python API and the run
+    form kept them, and (' png') matched no member: every PNG sample failed 'no image member (found: png, ...)'
+    beside the embedded JPEGs, with no word before. An extension that no member's can be (a member's is the last
+    dot-part of its name: 'seg.png', '', 'jpg,png' as one item) is refused, naming the field, on every path."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import ValidationError as FormError
+    from prefect.utilities.schema_tools import validate
+    from pydantic import ValidationError
+
+    from flows.deployed import embed
+    from wdsembed.api import TimmImageEmbedder
+
+    base = {"input": "/tmp/in", "output": "/tmp/out"}
+    by_cli = cli.config_from_args(cli.build_parser().parse_args(["/tmp/in", "-o", "/tmp/out", "--image-extensions",
+                                                                 " JPG, .png ,jpg"]))
+    by_api = TimmImageEmbedder(image_extensions=[" JPG", ".png ", "jpg"]).config(**base)
+    assert by_cli.image_extensions == by_api.image_extensions == ("jpg", "png")
+    schema = parameter_schema(embed).model_dump()
+    validate({"config": base | {"image_extensions": [" JPG", ".png "]}}, schema, raise_on_error=True)
+    for bad in (["jpg", "seg.png"], ["jpg", ""], ["."], ["jpg,png"], ["j pg"]):
+        with pytest.raises(ValidationError, match="image_extensions") as refused_:
+            EmbedConfig(**base, image_extensions=bad)
+        assert "last dot" in str(refused_.value) or "empty" in str(refused_.value), refused_.value
+        with pytest.raises(FormError):
+            validate({"config": base | {"image_extensions": bad}}, schema, raise_on_error=True)
+
+
 # --------------------------------------------------------------------------------------------------- task D
 
 

@@ -68,6 +68,9 @@ def _store_url_form_pattern() -> str:
     return rf"^(?!.*::)((?:{buckets}):///*$|(?:{known}):(?!//))"
 
 
+# One image extension as a member's can be (the last dot-part of its name), with the blanks and leading dots that
+# EmbedConfig drops: also the run form's rule for each item.
+_EXTENSION = r"^\s*\.*[^.,/\s]+\s*$"
 # Input, output and result storage: neither a password in the URL nor a store URL in a form that names no place.
 _STORE_URL = {"not": {"type": "string", "pattern": f"{URL_PASSWORD_PATTERN}|{_store_url_form_pattern()}"}}
 _NO_SECRET_OPTIONS = {"propertyNames": {"not": {"pattern": _any_case(SECRET_OPTION_PATTERN)}},
@@ -184,7 +187,9 @@ class EmbedConfig(BaseModel):
         "without embedding again.",
     )
     image_extensions: tuple[str, ...] = Field(
-        IMAGE_EXTENSIONS, json_schema_extra={"minItems": 1}, description="Member extensions read as the sample's image, any letter case, in order of preference."
+        IMAGE_EXTENSIONS, json_schema_extra={"minItems": 1, "items": {"type": "string", "pattern": _EXTENSION}},
+        description="Member extensions read as the sample's image, any letter case, in order of preference: each the "
+        "part of a member's name after its last dot (png for 00001.seg.png)."
     )
     max_image_pixels: Optional[int] = Field(
         MAX_IMAGE_PIXELS,
@@ -266,9 +271,17 @@ class EmbedConfig(BaseModel):
     @field_validator("image_extensions")
     @classmethod
     def _lower_extensions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        exts = tuple(e.lower().lstrip(".") for e in value)
+        # As the command's comma list takes them (blanks around each dropped); a repeat adds nothing, nor a cache key.
+        exts = tuple(dict.fromkeys(e.strip().lower().lstrip(".") for e in value))
         if not exts:
             raise ValueError("image_extensions must name at least one extension")
+        for ext in exts:
+            # A member's extension is the last dot-part of its name (shards.iter_samples): one that holds a dot, a
+            # comma or a blank never matches, and every sample whose image has only it would fail 'no image member'.
+            if not re.fullmatch(_EXTENSION, ext):
+                raise ValueError(f"image_extensions holds {ext!r}, which no member's extension can be: it is the part "
+                                 "of the name after its last dot (00001.seg.png: png), one per item"
+                                 if ext else "image_extensions holds an empty extension")
         return exts
 
     @field_validator("storage_options")
