@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -119,6 +120,26 @@ def test_id_col_that_is_the_embedding_column_is_refused_before_any_work(tmp_path
     assert not (tmp_path / "dataset_embeddings").exists()
     with pytest.raises(ValidationError, match="id_column and embedding_column are both 'uid'"):
         TimmImageEmbedder(TINY_MODEL, pretrained=False, image_embedding_column="uid", id_col="uid")
+
+
+@pytest.mark.parametrize("name", ["id_column", "id_col"])
+def test_an_embedders_id_column_that_the_dataset_contradicts_is_refused_before_any_work(tmp_path, name):
+    """TimmImageEmbedder(id_column='uid') called on a dataset opened with id_col 'key' (from_webdataset's default)
+    ran with 'key': the embedder's own setting was dropped without a word. The two must agree; where they do, or
+    the embedder leaves it out, the dataset's is the run's."""
+    from wdsembed import ImageTextPairDataset, TimmImageEmbedder
+    from wdsembed.synthetic import ShardSample, encode_image, make_image, write_shard
+
+    write_shard(tmp_path / "dataset", "00000", [ShardSample(encode_image(make_image(32, 24, seed=0), "bmp"),
+                                                            ext="bmp")])
+    dataset = ImageTextPairDataset.from_webdataset(str(tmp_path / "dataset"))
+    with pytest.raises(ValueError, match=re.escape(
+            f"{name}='uid' and the dataset's id_col 'key' differ: give the id column once, "
+            "ImageTextPairDataset.from_webdataset(path, id_col='uid')")):
+        TimmImageEmbedder(TINY_MODEL, pretrained=False, **{name: "uid"})(dataset)
+    assert not (tmp_path / "dataset_embeddings").exists()
+    embedded = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", **{name: "key"})(dataset)
+    assert [r.embedded for r in embedded.results] == [1]
 
 
 def _one_shard(folder: Path) -> Path:

@@ -67,11 +67,14 @@ class TimmImageEmbedder:
         for name in ("input", "output"):
             if name in options:
                 raise TypeError(f"{name} is given to the call, not the constructor: embedder(input, output)")
+        # The names the caller used, for messages (id_col for id_column, say).
+        self.given_as = {ours: ours for ours in REFERENCE_NAMES.values() if ours in options}
         for theirs, ours in REFERENCE_NAMES.items():
             if theirs in options:
                 if ours in options:
                     raise TypeError(f"give {ours} or {theirs}, not both")
                 options[ours] = options.pop(theirs)
+                self.given_as[ours] = theirs
         settings = dict(
             model_name=model_name,
             pretrained=pretrained,
@@ -99,6 +102,11 @@ class TimmImageEmbedder:
 
         overrides: dict[str, Any] = {} if force is None else {"force": force}
         if isinstance(data, ImageTextPairDataset):
+            own = self.settings.get("id_column")
+            if own is not None and own != data.id_col:  # neither is dropped without a word
+                raise ValueError(f"{self.given_as['id_column']}={own!r} and the dataset's id_col {data.id_col!r} "
+                                 "differ: give the id column once, ImageTextPairDataset.from_webdataset(path, "
+                                 f"id_col={own!r})")
             overrides["id_column"] = data.id_col
             if data.storage_options:
                 overrides["storage_options"] = {**self.settings.get("storage_options", {}), **data.storage_options}
