@@ -869,6 +869,19 @@ def test_gpu_cluster_puts_workers_per_gpu_processes_on_each_gpu(caplog):
         EmbedConfig(input="in", output="out", workers_per_gpu=0)
 
 
+def test_n_workers_beside_a_dask_address_is_said_to_do_nothing(caplog):
+    """--n-workers sizes the local cluster a run starts; with --dask-address none starts, and the number was dropped
+    without a word (workers_per_gpu's said so): a user who meant to scale the shared cluster saw no sign."""
+    with caplog.at_level("WARNING", logger="wdsembed"):
+        config = EmbedConfig(input="in", output="out", n_workers=4, dask_address="tcp://h:8786")
+        assert cluster.task_runner_kwargs(config) == {"address": "tcp://h:8786"}
+        assert "n_workers=4" in caplog.text and "tcp://h:8786" in caplog.text, caplog.text
+        caplog.clear()
+        cluster.task_runner_kwargs(EmbedConfig(input="in", output="out", dask_address="tcp://h:8786"))
+        cluster.task_runner_kwargs(EmbedConfig(input="in", output="out", n_workers=1, device="cpu"))
+        assert "n_workers" not in caplog.text, caplog.text
+
+
 def test_shared_gpu_worker_names_keep_their_device():
     # round 0 keeps dask-cuda's own names (the device); later rounds are told apart, UUIDs included
     for device in (0, 3, "GPU-5c1f3a2e-8b0d-4c1e-9f4e-1a2b3c4d5e6f"):

@@ -134,6 +134,10 @@ def task_runner_kwargs(config: EmbedConfig) -> dict:
     if not config.dask_address:
         _quiet_dashboard_port_warning()
     if config.dask_address:
+        if config.n_workers is not None:  # said, as workers_per_gpu is: the scheduler's own workers run the shards
+            logging.getLogger("wdsembed").warning(
+                "n_workers=%d sizes a local cluster; this run uses the Dask scheduler at %s and its workers, so it "
+                "has no effect", config.n_workers, config.dask_address)
         # No security passed: distributed.Client(address) builds Security() from Dask's configuration
         # (distributed.comm.tls.*, require-encryption), which is where a tls:// address's certificates are set.
         return {"address": config.dask_address}
