@@ -339,6 +339,31 @@ def test_a_shard_without_a_parquet_takes_the_integer_ids_of_the_others(tmp_path)
     assert sorted(table.column("key").to_pylist()) == ["000000000", "000000001", "000010000", "000010001"]
 
 
+def _int64_ids(parquet) -> None:
+    t = pq.read_table(parquet)
+    pq.write_table(t.set_column(0, "key", t.column("key").cast(pa.int64())), parquet)
+
+
+def test_a_shard_whose_parquet_is_damaged_takes_the_integer_ids_of_the_others(tmp_path):
+    """Integer ids, and one shard whose img2dataset parquet cannot be read (cut short): that shard's tar samples
+    were still embedded, as they should be, but keyed as strings beside the others' int64 ids, so the README's
+    merged read of OUTPUT failed ('Field key has incompatible types'). Its keys now take the run's id type, as a
+    shard without a parquet's do; the warning still names the damaged parquet."""
+    data = tmp_path / "in"
+    _int64_ids(write_shard(data, "00000", [_image(i) for i in range(3)], failed_rows=1).parquet)
+    damaged = write_shard(data, "00001", [_image(10 + i) for i in range(3)], shard_id=1).parquet
+    _int64_ids(damaged)
+    Path(damaged).write_bytes(Path(damaged).read_bytes()[:-20])
+    [a, b] = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                               fidelity_sample=0)(str(data), str(tmp_path / "out"))
+    assert b.embedded == 3 and any("cannot read as parquet" in w for w in b.warnings), b.warnings
+    for f in sorted((tmp_path / "out").rglob("*.parquet")):
+        assert pq.read_schema(f).field("key").type == pa.int64(), f
+    table = _readme_merged_read(tmp_path / "out")
+    assert sorted(k for k, e in zip(table.column("key").to_pylist(), table.column(EMB).to_pylist())
+                  if e is not None) == [0, 1, 2, 10000, 10001, 10002]
+
+
 def test_a_shard_that_fails_under_a_new_model_leaves_no_output_of_the_old_one(tmp_path):
     """A run with another model rewrites every shard it names; one of them failing kept its earlier output and view,
     of the old model: two embedding spaces (here of 96 and 64 dimensions) in OUTPUT and in the kNN view, beside a

@@ -903,9 +903,9 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
     with ThreadPoolExecutor(max_workers) as pool:
         plans = list(pool.map(plan_one, tars))
     plans = [dataclasses.replace(p, run_shards=len(plans), run_index=i) for i, p in enumerate(plans)]
-    if any(p.rows is None for p in plans):
-        id_type = run_id_type(config, plans)
-        plans = [dataclasses.replace(p, id_type=id_type) if p.rows is None else p for p in plans]
+    # Every shard gets it: one whose parquet turns out unreadable keys its tar samples with it too (shard.py).
+    id_type = run_id_type(config, plans)
+    plans = [dataclasses.replace(p, id_type=id_type) for p in plans]
     if samples:
         plans = with_expected_samples(config, plans, max_workers=max_workers)
     return with_indexes(config, plans, max_workers=max_workers) if indexes else plans
@@ -916,8 +916,8 @@ ID_TYPE_READS = 3
 
 
 def run_id_type(config: EmbedConfig, plans: list[ShardPlan]) -> Optional[str]:
-    """The type of the run's id column, for the shards without a parquet (ShardPlan.id_type): their keys, from the
-    tar's member names, take it, so that every output and kNN view has one schema (a string key beside int64 ones
+    """The type of the run's id column, for the shards without a parquet, or whose parquet cannot be read
+    (ShardPlan.id_type): their keys, from the tar's member names, take it, so that every output and kNN view has one schema (a string key beside int64 ones
     breaks a merged read of OUTPUT). From the first readable footer of the run's parquets; where the run has none,
     from the outputs already in OUTPUT of shards it does not name (ours, by their footer), which stay beside its
     own. None (strings) where neither says, or the type is none a key can take (id_column_problem refuses it)."""

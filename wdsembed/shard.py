@@ -62,7 +62,8 @@ class ShardPlan:
     run_shards: Optional[int] = None  # shards in the run: spreads its fidelity sample over them
     run_index: int = 0  # this shard's place among them: its share of that sample
     # The run's id column type ("int64", from its parquets or OUTPUT's outputs: plan.run_id_type), which the tar's
-    # keys take where the shard has no parquet rows: every output and kNN view then has one schema. None: strings.
+    # keys take where the shard has no parquet rows (none, or one that cannot be read): every output and kNN view
+    # then has one schema. None: strings.
     id_type: Optional[str] = None
 
 
@@ -182,7 +183,13 @@ _COLUMN_NAMES = ("id_column", "embedding_column", "error_column")  # the order o
 
 def keys_typed(plan: ShardPlan):
     """The type a shard without a parquet gives its tar keys (plan.id_type), where it is not string; else None."""
-    if plan.rows is not None or not plan.id_type:
+    return tar_key_type(plan) if plan.rows is None else None
+
+
+def tar_key_type(plan: ShardPlan):
+    """The type the shard's tar keys take where it has no parquet rows to join (plan.id_type), where it is not
+    string; else None."""
+    if not plan.id_type:
         return None
     import pyarrow as pa
 
@@ -374,8 +381,8 @@ def process_shard(
                 error_column=config.error_column,
                 missing_reason=tar.missing_reason,
                 embedding_dtype=config.embedding_dtype,
-                # a parquet that could not be read keeps its keys as strings, as before: its warning says so
-                id_type=keys_typed(plan),
+                # without rows (no parquet, or one that cannot be read: its warning says so), the run's id type
+                id_type=tar_key_type(plan) if rows is None else None,
             )
             timeline["table"] = time.time()
             record = fidelity.check_sample(worker, chosen, keys, embeddings, failures,
