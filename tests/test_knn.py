@@ -364,6 +364,42 @@ def test_a_shard_whose_parquet_is_damaged_takes_the_integer_ids_of_the_others(tm
                   if e is not None) == [0, 1, 2, 10000, 10001, 10002]
 
 
+def test_parquets_whose_id_columns_differ_in_type_are_refused_before_the_run(tmp_path):
+    """One shard's parquet with int64 ids, another's with string ids (a partial conversion): each output took its
+    parquet's type, and OUTPUT then held two id types that no merged read, concat or kNN view takes. Refused before
+    any work, naming the types and the shards of each."""
+    data = tmp_path / "in"
+    _int64_ids(write_shard(data, "00000", [_image(i) for i in range(2)]).parquet)
+    write_shard(data, "00001", [_image(10 + i) for i in range(2)], shard_id=1)
+    _int64_ids(write_shard(data, "00002", [_image(20 + i) for i in range(2)], shard_id=2).parquet)
+    embed = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                              fidelity_sample=0)
+    with pytest.raises(ValueError, match=r"id column 'key'.*int64 in 00000\.parquet, 00002\.parquet; string in "
+                                         r"00001\.parquet"):
+        embed(str(data), str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "00000.parquet").exists()
+
+
+def test_a_shard_whose_parquet_ids_differ_from_the_runs_fails_alone(tmp_path):
+    """Where the pre-flight does not read every parquet (the shards' own planning, as on an object store), a shard
+    whose parquet's id type is not the run's fails before it is embedded, naming both types; the others are
+    written."""
+    from wdsembed import plan, shard
+    from wdsembed.config import EmbedConfig
+
+    data = tmp_path / "in"
+    _int64_ids(write_shard(data, "00000", [_image(i) for i in range(2)]).parquet)
+    write_shard(data, "00001", [_image(10 + i) for i in range(2)], shard_id=1)
+    config = EmbedConfig(input=str(data), output=str(tmp_path / "out"), model_name=TINY_MODEL, pretrained=False,
+                         device="cpu", batch_size=4, num_threads_per_worker=1, fidelity_sample=0)
+    with pytest.raises(shard.ShardsFailed) as err:
+        shard.process_shards(config, plan.plan_shards(config))
+    assert list(err.value.failures) == ["00001"]
+    assert re.search(r"id column 'key' is string.*the run's ids are int64", err.value.failures["00001"]), \
+        err.value.failures
+    assert (tmp_path / "out" / "00000.parquet").exists() and not (tmp_path / "out" / "00001.parquet").exists()
+
+
 def test_a_shard_that_fails_under_a_new_model_leaves_no_output_of_the_old_one(tmp_path):
     """A run with another model rewrites every shard it names; one of them failing kept its earlier output and view,
     of the old model: two embedding spaces (here of 96 and 64 dimensions) in OUTPUT and in the kNN view, beside a

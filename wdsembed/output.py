@@ -151,6 +151,14 @@ def _id_value_type(t: pa.DataType) -> pa.DataType:
     return t.value_type if pa.types.is_dictionary(t) else t
 
 
+def id_type_name(id_column: str, schema: pa.Schema) -> Optional[str]:
+    """The type of a parquet's id column as the outputs hold it ("int64", "string"; a dictionary's values), or None
+    where it has none the key join takes (id_column_problem says why)."""
+    if id_column not in schema.names or not _joins(schema.field(id_column).type):
+        return None
+    return str(_id_value_type(schema.field(id_column).type))
+
+
 def _joins(t: pa.DataType) -> bool:
     """Whether the key join takes an id column of type `t`: strings, integers, or a dictionary of either."""
     t = _id_value_type(t)

@@ -94,6 +94,7 @@ def check_config(config: EmbedConfig, *, on_current_client: bool = False) -> boo
     _check_readable(config, found)
     _check_image_extensions(config, found)
     _check_id_column(config, found)
+    _check_id_types(config, found)
     check_output_location(config, found)
     check_outputs_beside(config, found)
     # Where every output is finished with this run's key, nothing_to_compute read each footer: all are ours. On an
@@ -556,6 +557,46 @@ def _check_id_column(config: EmbedConfig, found: "FoundShards") -> None:
         raise InputError(problem)
 
 
+def _check_id_types(config: EmbedConfig, found: "FoundShards") -> None:
+    """Refuse shards whose parquets disagree on the id column's type (int64 in some, string in others: a partial
+    conversion): each output takes its parquet's type, and OUTPUT would hold two, which no merged read, concat or
+    kNN view takes. Every parquet's footer, on a local disk only (a fraction of a second for thousands); on an
+    object store (a GET or two each) each shard checks its own against the run's type as it starts
+    (shard.process_shard). Unreadable parquets and those without the column are their shards' own warning or
+    failure."""
+    if not storage.is_local(found.fs):
+        return
+    import pyarrow.parquet as pq
+
+    parquets = [p for p in (t[: -len(".tar")] + ".parquet" for t in found.tars) if p in found.files]
+    if len(parquets) < 2:
+        return
+
+    def type_of(path: str) -> Optional[str]:
+        try:
+            with found.fs.open(path, "rb") as f:
+                return output.id_type_name(config.id_column, pq.read_schema(f))
+        except Exception:  # noqa: BLE001 - as above
+            return None
+
+    by_type: dict[str, list[str]] = {}
+    with ThreadPoolExecutor(max(1, min(8, len(parquets)))) as pool:
+        for path, t in zip(parquets, pool.map(type_of, parquets)):
+            if t is not None:
+                by_type.setdefault(t, []).append(posixpath.relpath(path, found.root) if found.root else path)
+    if len(by_type) < 2:
+        return
+
+    def listed(paths: list[str]) -> str:
+        return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+    said = "; ".join(f"{t} in {listed(paths)}" for t, paths in by_type.items())
+    raise InputError(f"the shards' parquets disagree on the type of id column {config.id_column!r}: {said}. Each "
+                     "output would take its parquet's type, and OUTPUT would hold keys of two types, which a merged "
+                     "read, a concat or a kNN view of it refuses: write every parquet's "
+                     f"{config.id_column!r} as one type, or embed each kind into an output of its own")
+
+
 def _every_key(config: EmbedConfig, found: "FoundShards", tar: str) -> Optional[list[str]]:
     """Every sample key of a shard, where they cost no download of its tar; else None. On a local disk from its
     headers, read through in a fraction of a second. On an object store from its .idx (beside it, or in the local
@@ -918,18 +959,15 @@ ID_TYPE_READS = 3
 def run_id_type(config: EmbedConfig, plans: list[ShardPlan]) -> Optional[str]:
     """The type of the run's id column, for the shards without a parquet, or whose parquet cannot be read
     (ShardPlan.id_type): their keys, from the tar's member names, take it, so that every output and kNN view has one schema (a string key beside int64 ones
-    breaks a merged read of OUTPUT). From the first readable footer of the run's parquets; where the run has none,
-    from the outputs already in OUTPUT of shards it does not name (ours, by their footer), which stay beside its
-    own. None (strings) where neither says, or the type is none a key can take (id_column_problem refuses it)."""
+    breaks a merged read of OUTPUT); a shard whose parquet's id column is of another type fails (shard.py). From
+    the first readable footer of the run's parquets; where the run has none, from the outputs already in OUTPUT of
+    shards it does not name (ours, by their footer), which stay beside its own. None (strings, unchecked) where
+    neither says, or the type is none a key can take (id_column_problem refuses it)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     def usable(schema: pa.Schema) -> Optional[str]:
-        if output.id_column_problem(config.id_column, "", schema):
-            return None
-        t = schema.field(config.id_column).type
-        t = t.value_type if pa.types.is_dictionary(t) else t
-        return str(t) if pa.types.is_integer(t) or t == pa.large_string() else None
+        return output.id_type_name(config.id_column, schema)
 
     parquets = [p.rows for p in plans if p.rows][:ID_TYPE_READS]
     for url in parquets:

@@ -338,6 +338,8 @@ def process_shard(
                if rows is not None else None)
     if problem:
         raise ValueError(f"shard {plan.shard}: {problem}")
+    if rows is not None:
+        check_id_type(config, plan, rows.schema)
     tar = TarRead(config, plan)
     if rows is not None and tar.index is not None:
         # The index lists every sample key: a parquet that holds none of them fails now, before the shard is
@@ -457,6 +459,18 @@ def check_keys_join(config: EmbedConfig, plan: ShardPlan, rows, keys: list[str])
                                             f"the tar's {len(keys)} sample key(s)")
     if problem:
         raise ValueError(f"shard {plan.shard}: {problem}")
+
+
+def check_id_type(config: EmbedConfig, plan: ShardPlan, schema) -> None:
+    """A parquet whose id column is not of the run's type (plan.id_type, the first readable parquet's): its
+    output's keys would be of another type than the others', which no merged read, concat or kNN view of OUTPUT
+    takes. Refused before the shard is embedded; a ValueError, so not retried. The pre-flight names every such
+    shard of a local input (plan._check_id_types)."""
+    mine = output.id_type_name(config.id_column, schema)
+    if plan.id_type and mine and mine != plan.id_type:
+        raise ValueError(f"shard {plan.shard}: id column {config.id_column!r} is {mine} in {plan.rows}, but the run's "
+                         f"ids are {plan.id_type} (its first readable parquet's): outputs of two id types do not read "
+                         f"as one dataset nor one kNN view; write every parquet's {config.id_column!r} as one type")
 
 
 def read_metadata(config: EmbedConfig, plan: ShardPlan):
