@@ -400,6 +400,30 @@ def test_a_shard_whose_parquet_ids_differ_from_the_runs_fails_alone(tmp_path):
     assert (tmp_path / "out" / "00000.parquet").exists() and not (tmp_path / "out" / "00001.parquet").exists()
 
 
+def test_a_dictionary_encoded_id_column_merges_with_the_runs_other_keys(tmp_path):
+    """A parquet with a dictionary-encoded key column (strings) beside a shard without a parquet: the first output
+    and its view kept the dictionary type, the other plain strings, and the README's merged read of OUTPUT failed
+    ('Field key has incompatible types: dictionary<values=string, ...> vs string'). Both now hold strings, and each
+    embedding is on its own key's row."""
+    data = tmp_path / "in"
+    w = write_shard(data, "00000", [_image(i) for i in range(3)], failed_rows=1)
+    t = pq.read_table(w.parquet)
+    pq.write_table(t.set_column(0, "key", t.column("key").dictionary_encode()), w.parquet)
+    assert pa.types.is_dictionary(pq.read_schema(w.parquet).field("key").type)
+    write_shard(data, "00001", [_image(10 + i) for i in range(2)], shard_id=1, parquet=False, stats=False)
+    out = tmp_path / "out"
+    TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                      fidelity_sample=0)(str(data), str(out))
+    for f in sorted(out.rglob("*.parquet")):
+        assert pq.read_schema(f).field("key").type == pa.string(), f
+    table = _readme_merged_read(out)
+    assert sorted(k for k, e in zip(table.column("key").to_pylist(), table.column(EMB).to_pylist())
+                  if e is not None) == ["000000000", "000000001", "000000002", "000010000", "000010001"]
+    # each key's embedding is its own image's: the view's rows against the full tables'
+    view = {(r["key"], r["shard"]): r[EMB] for r in pq.read_table(out / "_embeddings").to_pylist()}
+    assert view == {k: v.tolist() for k, v in embedded_rows(out).items()}
+
+
 def test_a_shard_that_fails_under_a_new_model_leaves_no_output_of_the_old_one(tmp_path):
     """A run with another model rewrites every shard it names; one of them failing kept its earlier output and view,
     of the old model: two embedding spaces (here of 96 and 64 dimensions) in OUTPUT and in the kNN view, beside a

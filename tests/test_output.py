@@ -970,3 +970,26 @@ def test_two_writers_of_one_shard_leave_its_table_beside_its_own_kNN_view(tmp_pa
     assert read_output_metadata(str(out / "00000.parquet"), fs)["cache_key"] == results["A"].cache_key  # A's, last
     check = validate_output(config_a, str(out / "00000.parquet"), dim=results["A"].dim)
     assert check.ok, check.problems  # and its own view beside it
+
+
+def test_a_dictionary_encoded_id_column_is_written_as_its_values():
+    """A parquet whose id column is dictionary-encoded (pandas' category, some exporters' strings): its ids matched
+    their samples, but the output and its kNN view kept the dictionary type, beside plain string (or integer) keys
+    of the run's other outputs: a merged read of OUTPUT failed ('incompatible types: dictionary<values=string,
+    ...> vs string'). The ids are now written as their values, each on its own row."""
+    from wdsembed.output import embeddings_view
+
+    for values, ids, appended in ((pa.string(), ["000001", "000002", None, "000003"], "000009"),
+                                  (pa.int64(), [1, 2, None, 3], 9)):
+        rows = pa.table({"key": pa.array(ids, type=values).dictionary_encode(), "n": [10, 20, 30, 40]})
+        keys = ["000003", "000001", "000009"]
+        t = build_output_table(rows=rows, keys=keys, embeddings=np.stack([_emb(k) for k in keys]), errors={},
+                               dim=DIM)
+        assert t.schema.field("key").type == values
+        assert t.column("key").to_pylist() == ids + [appended]
+        assert t.column("n").to_pylist() == [10, 20, 30, 40, None]
+        emb = t.column("image_embedding").to_pylist()
+        assert [e == _emb(k).tolist() if e else None for e, k in zip(emb, ["000001", "", "", "000003", "000009"])] \
+            == [True, None, None, True, True]
+        view = embeddings_view(t, id_column="key", embedding_column="image_embedding", shard="00000")
+        assert view.schema.field("key").type == values

@@ -201,6 +201,17 @@ def _id_strings(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return column.cast(pa.string())
 
 
+def _ids_decoded(table: pa.Table, id_column: str) -> pa.Table:
+    """The table with a dictionary-encoded id column as its values: every output and kNN view then has the plain
+    id type that shards without a parquet, or with a plain one, have (a merged read refuses the two types side by
+    side), and an integer dictionary joins by value."""
+    i = table.schema.get_field_index(id_column)
+    f = table.schema.field(i)
+    if not pa.types.is_dictionary(f.type):
+        return table
+    return table.set_column(i, f.with_type(f.type.value_type), table.column(i).cast(f.type.value_type))
+
+
 _PICKLED_EXTENSION = b"arrow.py_extension_type"
 
 
@@ -277,6 +288,7 @@ def join_embeddings(
       replaced; pandas metadata is dropped (the row count and columns changed), and so is field metadata naming a
       pickled extension type
       (``arrow.py_extension_type``: a pickle that old pyarrow versions would run on reading the output).
+    * A dictionary-encoded id column is written as its values (the type every other shard's keys have).
     * `missing_reason` replaces "not in tar" for successful rows the tar lacks (e.g. a damaged tar's unread part).
     * `id_type`, without `rows`: the run's id type (its other shards' parquets'), which the tar keys take, so that
       every shard's output has one schema; a key that is not an integer, for an integer type, gets a null id and an
@@ -307,7 +319,7 @@ def join_embeddings(
                    or column_clash_problem("the shard's parquet", rows.schema, embedding_column, error_column))
         if problem:
             raise ValueError(problem)
-        base = _without_pickled_types(rows)
+        base = _ids_decoded(_without_pickled_types(rows), id_column)
         id_type = base.schema.field(id_column).type
     row_ids = _id_strings(base.column(id_column)).combine_chunks()
 
