@@ -719,5 +719,41 @@ def test_a_run_that_would_embed_in_another_precision_than_the_finished_outputs_i
     check_finished_precision(resumed.model_copy(update={"autocast": False}), finished, gpus=1)
     assert [run_precision(config.model_copy(update=u), gpus) for u, gpus in [
         ({"device": "cpu"}, 1), ({"device": "auto"}, 0), ({"device": "auto"}, 2), ({"device": "cuda"}, 1),
-        ({"device": "cuda", "autocast": False}, 1), ({"device": "auto", "dask_address": "tcp://h:8786"}, 0),
-    ]] == ["float32", "float32", "bfloat16", "bfloat16", "float32", None]
+        ({"device": "cuda", "autocast": False}, 1), ({"device": "auto", "dask_address": "tcp://h:8786"}, None),
+        ({"device": "auto", "dask_address": "tcp://h:8786"}, 0),
+        ({"device": "cuda", "dask_address": "tcp://h:8786"}, None),
+    ]] == ["float32", "float32", "bfloat16", "bfloat16", "float32", None, "float32", "bfloat16"]
+
+
+def test_a_resume_on_a_dask_schedulers_workers_in_another_precision_is_refused_too(tmp_path):
+    """With --dask-address the precision check was skipped: run_precision said 'unknown' for any device but cpu, so
+    a run on a scheduler's GPU workers kept outputs made on the CPU (float32) and embedded the rest in bfloat16, or
+    the reverse, without a word. --device cuda decides the precision wherever the workers are; --device auto asks
+    the scheduler's workers whether they see a GPU (this host's CPU-only worker here: float32)."""
+    import json
+
+    import pyarrow.parquet as pq
+    from distributed import LocalCluster
+
+    from wdsembed import shard
+    from wdsembed.output import FOOTER_KEY
+    from wdsembed.plan import InputError, plan_run
+
+    config = _one_shard(tmp_path, device="cpu")
+    (plan,), _ = plan_run(config)
+    shard.process_shard(config, plan)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        on_cluster = config.model_copy(update={"dask_address": cluster.scheduler_address})
+        with pytest.raises(InputError, match=r"made in float32 on cpu \(00000\); .* in bfloat16 on a GPU"):
+            plan_run(on_cluster.model_copy(update={"device": "cuda"}))
+        _, finished = plan_run(on_cluster.model_copy(update={"device": "auto"}))  # CPU workers: float32, as made
+        assert set(finished) == {"00000"}
+        # The same output as a GPU with autocast makes it (its footer says bfloat16 on cuda): auto on these CPU
+        # workers would embed the others in float32.
+        table = pq.read_table(plan.output)
+        meta = json.loads(table.schema.metadata[FOOTER_KEY])
+        meta["result"]["model"].update(precision="bfloat16", device="cuda:0")
+        pq.write_table(table.replace_schema_metadata({**table.schema.metadata, FOOTER_KEY: json.dumps(meta)}),
+                       plan.output)
+        with pytest.raises(InputError, match=r"made in bfloat16 on cuda \(00000\); .* in float32 on the CPU"):
+            plan_run(on_cluster.model_copy(update={"device": "auto"}))

@@ -150,7 +150,8 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
             # A .idx only for shards it will compute: a finished shard's tar is never read (as in the flow). The
             # output's other shards are checked for another model's embeddings again now that no other run can add
             # any.
-            plans, finished = plan_run(config)
+            # The precision check asks the workers the shards run on whether they see a GPU (device auto).
+            plans, finished = plan_run(config, client=client)
             previous = report.retire_manifest(config, plans, finished)  # before the first shard is written
             timeline["planned"] = time.time()
             # A finished shard is not run again: its result is the one its footer stored, which the planning read.

@@ -12,6 +12,7 @@ import os
 import warnings
 import threading
 import time
+from typing import Optional
 
 from wdsembed.config import EmbedConfig
 from wdsembed.worker import set_gpu_process_environment
@@ -29,6 +30,15 @@ def visible_gpus() -> int:
         return torch.cuda.device_count()
     except Exception:  # noqa: BLE001 - no usable CUDA is simply zero GPUs
         return 0
+
+
+def workers_gpus(client) -> Optional[int]:
+    """The GPUs the Dask client's workers see, each as visible_gpus says on it (a GPU worker of dask-cuda sees its
+    own); None where the scheduler has no worker yet, or some see a GPU and some none."""
+    seen = list(client.run(visible_gpus).values())
+    if not seen or (0 in seen and any(seen)):
+        return None
+    return sum(seen)
 
 
 # What one embedding task asks of a worker's GPU resource: three shards per GPU worker at a time. One streams

@@ -958,11 +958,12 @@ ID_TYPE_READS = 3
 
 def run_id_type(config: EmbedConfig, plans: list[ShardPlan]) -> Optional[str]:
     """The type of the run's id column, for the shards without a parquet, or whose parquet cannot be read
-    (ShardPlan.id_type): their keys, from the tar's member names, take it, so that every output and kNN view has one schema (a string key beside int64 ones
-    breaks a merged read of OUTPUT); a shard whose parquet's id column is of another type fails (shard.py). From
-    the first readable footer of the run's parquets; where the run has none, from the outputs already in OUTPUT of
-    shards it does not name (ours, by their footer), which stay beside its own. None (strings, unchecked) where
-    neither says, or the type is none a key can take (id_column_problem refuses it)."""
+    (ShardPlan.id_type): their keys, from the tar's member names, take it, so that every output and kNN view has
+    one schema (a string key beside int64 ones breaks a merged read of OUTPUT); a shard whose parquet's id column
+    is of another type fails (shard.py). From the first readable footer of the run's parquets; where the run has
+    none, from the outputs already in OUTPUT of shards it does not name (ours, by their footer), which stay beside
+    its own. None (strings, unchecked) where neither says, or the type is none a key can take (id_column_problem
+    refuses it)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -1002,8 +1003,8 @@ def run_id_type(config: EmbedConfig, plans: list[ShardPlan]) -> Optional[str]:
     return None
 
 
-def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None, *,
-             gpus: Optional[int] = None) -> tuple[list[ShardPlan], dict[str, dict]]:
+def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None, *, gpus: Optional[int] = None,
+             client: Any = None) -> tuple[list[ShardPlan], dict[str, dict]]:
     """The planning of the flow and the Python API: every shard's plan, and those whose output is already finished
     with this run's cache key (none with force), from their footers, as stem -> the shard's result stored there
     (caching.planned_outputs); output.ForeignOutputError where one of their output paths holds a parquet that
@@ -1012,14 +1013,15 @@ def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None, *,
     written for) and no _stats.json. Says why outputs already there are recomputed, by cause
     (report.describe_recomputed), before any work. `found`: find_shards' answer, where the caller has it. Refuses
     (check_finished_precision) a run that would keep finished outputs made in another precision than its own;
-    `gpus`: the GPUs its local workers see (None: those this process sees)."""
+    `gpus`: the GPUs its workers see (None: those of `client`'s workers, where the shards run on a Dask client the
+    caller holds, else of dask_address's, else this process's)."""
     plans = plan_shards(config, indexes=False, samples=False, found=found)
     # A parquet that wdsembed did not write, where a shard's output goes, is refused before any shard overwrites it:
     # from the footers the cache check reads anyway (caching.planned_outputs); with force, read for this alone.
     if config.force:
         check_own_outputs(config, [p.stem for p in plans])
     finished, recompute = ({}, {}) if config.force else caching.planned_outputs(config, plans)
-    check_finished_precision(config, finished, gpus)
+    check_finished_precision(config, finished, gpus, client)
     # A warning: outputs already there are about to be overwritten, and an accident (a package upgraded, tars
     # touched) must show before the work, in the terminal and the flow run's logs, not only at INFO.
     for line in report.describe_recomputed(recompute):
@@ -1038,30 +1040,52 @@ def spread_over_computed(plans: list[ShardPlan], finished: Collection[str]) -> l
             for p in plans]
 
 
-def run_precision(config: EmbedConfig, gpus: int) -> Optional[str]:
+def run_precision(config: EmbedConfig, gpus: Optional[int]) -> Optional[str]:
     """The precision the run's model computes in (the footers' `precision`), where planning can know it: float32 on
-    the CPU (device cpu, or auto where its local workers see no GPU, `gpus` 0), else bfloat16 with autocast and
-    float32 without. None with a Dask scheduler's workers (dask_address) and a device other than cpu: theirs decide."""
+    the CPU (device cpu, or auto where the run's workers see no GPU, `gpus` 0), else bfloat16 with autocast and
+    float32 without. `gpus`: the GPUs the run's workers see (those of its local cluster, or of a Dask scheduler's
+    workers: run_gpus); None where that is not known, and with device auto the precision then is not either."""
     if config.device == "cpu":
         return "float32"
-    if config.dask_address:
+    if config.device == "auto" and gpus is None:
         return None
     if config.device == "auto" and not gpus:
         return "float32"
     return "bfloat16" if config.autocast else "float32"
 
 
-def check_finished_precision(config: EmbedConfig, finished: dict[str, dict], gpus: Optional[int] = None) -> None:
+def run_gpus(config: EmbedConfig, client: Any = None) -> Optional[int]:
+    """The GPUs the run's workers see: those of the Dask scheduler's workers where the shards run there (`client`,
+    the caller's, or one connected to dask_address for the question), else this process's (its local cluster's
+    workers see what it sees). None where the scheduler's workers disagree (some see a GPU, some none) or it has none
+    yet."""
+    from wdsembed.cluster import visible_gpus, workers_gpus
+
+    if client is not None:
+        return workers_gpus(client)
+    if not config.dask_address:
+        return visible_gpus()
+    from distributed import Client
+
+    with Client(config.dask_address, set_as_default=False) as connected:
+        return workers_gpus(connected)
+
+
+def check_finished_precision(config: EmbedConfig, finished: dict[str, dict], gpus: Optional[int] = None,
+                             client: Any = None) -> None:
     """Refuse a run that would keep `finished` outputs (plan_run's) made in another precision than it embeds the
     others in: the cache key holds autocast, not the device, so a GPU run resumed on the CPU (or the reverse) finds
     the other's outputs finished, and OUTPUT would mix bfloat16-made and float32-made embeddings without a word.
-    `gpus`: the GPUs the local workers see (None: this process's, looked up only where it matters)."""
+    `gpus`: the GPUs the run's workers see (None: run_gpus, with `client` where the shards run on its workers;
+    looked up only where it matters: device auto). Where they cannot be known (the scheduler's workers disagree),
+    a warning says the check was not made."""
     if not finished:
         return
-    if gpus is None:
-        from wdsembed.cluster import visible_gpus
-
-        gpus = visible_gpus() if config.device != "cpu" and not config.dask_address else 0
+    if gpus is None and config.device == "auto":
+        gpus = run_gpus(config, client)
+        if gpus is None:
+            log.warning("the Dask scheduler's workers do not all see a GPU, or none is connected yet: whether the "
+                        "finished outputs in %s were made in this run's precision is not checked", config.output)
     want = run_precision(config, gpus)
     if want is None:
         return
@@ -1074,7 +1098,7 @@ def check_finished_precision(config: EmbedConfig, finished: dict[str, dict], gpu
              ("float32", "cuda"): f"on a GPU with {option('autocast')}"}
     how = " or ".join(hints.get(pd, f"on {pd[1]}") for pd in made)
     shown = ", ".join(list(other)[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
-    where = "the CPU" if want == "float32" and (config.device == "cpu" or not gpus) else "a GPU"
+    where = "the CPU" if config.device == "cpu" or (config.device == "auto" and not gpus) else "a GPU"
     raise InputError(
         f"output {config.output!r} holds {len(other)} finished output(s) made in "
         f"{' and '.join(f'{p} on {d}' for p, d in made)} ({shown}); this run would embed the others in {want} on "
