@@ -120,6 +120,28 @@ def test_normalize(resnet18):
     torch.testing.assert_close(unit, raw / raw.norm(dim=1, keepdim=True))
 
 
+def test_a_huge_but_finite_embedding_is_normalized_not_called_all_zeros():
+    """A model whose embedding values are huge but finite (about 1e25 here: a checkpoint's scaled norm layer): its
+    L2 norm overflowed float32 to infinity, normalizing divided every value by it, and the row came out all zeros,
+    which the run then refused as 'embedding is all zeros', the wrong cause. Such a row is now normalized to its
+    unit vector; any other row is normalized bit for bit as before."""
+    from wdsembed.validate import unusable_rows
+
+    loaded = load_model("resnet18", pretrained=False)
+    x = _batch(loaded)
+    ordinary = embed_batch(loaded, x, autocast=False, normalize=False)
+    assert torch.equal(embed_batch(loaded, x, autocast=False, normalize=True),
+                       torch.nn.functional.normalize(ordinary, p=2.0, dim=1, eps=1e-12))
+    with torch.no_grad():
+        loaded.model.layer4[1].bn2.weight.fill_(1e25)  # timm starts it at zero (zero_init_last)
+    raw = embed_batch(loaded, x, autocast=False, normalize=False)
+    assert torch.isfinite(raw).all() and torch.isinf(torch.linalg.vector_norm(raw, dim=1)).all()
+    unit = embed_batch(loaded, x, autocast=False, normalize=True)
+    want = raw.double() / torch.linalg.vector_norm(raw.double(), dim=1, keepdim=True)
+    torch.testing.assert_close(unit.double(), want, rtol=1e-5, atol=1e-7)
+    assert unusable_rows(unit.numpy(), normalized=True) == {}
+
+
 def test_autocast_is_ignored_on_cpu(resnet18):
     x = _batch(resnet18)
     a = embed_batch(resnet18, x, autocast=True, normalize=False)

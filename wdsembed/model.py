@@ -704,9 +704,18 @@ def embed_batch(loaded: LoadedModel, images: "torch.Tensor", *, autocast: bool, 
     with torch.inference_mode(), torch.autocast(device_type=amp_device, dtype=torch.bfloat16, enabled=use_amp):
         out = _model_output(loaded, x)
     out = out.float()
-    if normalize:
-        out = torch.nn.functional.normalize(out, p=2.0, dim=1, eps=1e-12)
-    return out
+    return l2_normalize(out) if normalize else out
+
+
+def l2_normalize(out: "torch.Tensor") -> "torch.Tensor":
+    """F.normalize over dim 1, but a row whose values are finite and whose L2 norm overflows float32 (values past
+    about 1e19) is divided by its largest magnitude first: else it was divided by an infinite norm and came out all
+    zeros. Every other row is divided by 1.0 there, so it is normalized bit for bit as F.normalize does; a row
+    holding NaN or infinity stays as F.normalize leaves it (non-finite). No host sync."""
+    peak = out.abs().amax(dim=1, keepdim=True)
+    overflows = torch.isinf(torch.linalg.vector_norm(out, dim=1, keepdim=True)) & torch.isfinite(peak)
+    out = out / torch.where(overflows, peak, torch.ones_like(peak))
+    return torch.nn.functional.normalize(out, p=2.0, dim=1, eps=1e-12)
 
 
 def _model_output(loaded: LoadedModel, x: "torch.Tensor") -> "torch.Tensor":
@@ -722,7 +731,7 @@ def compile_embedding(loaded: LoadedModel, *, normalize: bool) -> Callable[["tor
     is a function of a batch already in the model's dtype, device and memory format, to run in inference mode."""
     def forward(x: "torch.Tensor") -> "torch.Tensor":
         out = _model_output(loaded, x).float()
-        return torch.nn.functional.normalize(out, p=2.0, dim=1, eps=1e-12) if normalize else out
+        return l2_normalize(out) if normalize else out
 
     return torch.compile(forward, options={"freezing": True})
 
