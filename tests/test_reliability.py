@@ -1573,6 +1573,23 @@ def test_an_output_damaged_below_its_footer(tmp_path, caplog):
                       "it (a re-run whose view is in place reads only footers, to stay fast)")
 
 
+def test_verify_outputs_reads_a_damaged_output_once(tmp_path, caplog):
+    """With verify_outputs, the planning read a damaged output whole, found it damaged and sent its shard to be
+    computed; the shard's own cache check then read it whole again, found the same damage and said so a second
+    time (one warning per read). The shard now recomputes on the planning's word: one read, one warning. A sound
+    output that the planning verified is not read whole again either."""
+    data = dataset(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    embedder()(str(data), str(out))
+    damage_first_page(out / "00000.parquet")
+    with caplog.at_level(logging.WARNING, logger="wdsembed"):
+        results = embedder(verify_outputs=True)(str(data), str(out))
+    assert sorted((r.stem, r.cached) for r in results) == [("00000", False), ("00001", True)]
+    damaged = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(damaged) == 1 and "00000.parquet is damaged" in damaged[0], damaged
+    assert_outputs_whole(out, ["00000", "00001"])
+
+
 def test_a_rerun_after_a_process_killed_between_write_and_rename_leaves_no_temp_file(tmp_path):
     """A process killed (SIGKILL, the OOM killer) after a shard's table is written to its temp file and before the
     rename (WDSEMBED_FAULTS "kill" at "commit" stands for it) leaves OUTPUT/.<stem>.parquet.tmp-<hex>, a full-size

@@ -33,13 +33,15 @@ def result_storage_url(config: EmbedConfig) -> str:
     return config.result_storage or storage.join(config.output, RESULTS_FOLDER)
 
 
-def planned_outputs(config: EmbedConfig, plans: Iterable[shard.ShardPlan], *,
-                    max_workers: int = 16) -> tuple[dict[str, dict], dict[str, str]]:
+def planned_outputs(config: EmbedConfig, plans: Iterable[shard.ShardPlan], *, max_workers: int = 16,
+                    verified: Optional[dict] = None) -> tuple[dict[str, dict], dict[str, str]]:
     """The outputs that exist, are readable and carry this run's cache key (reads only footers), as stem -> the
     shard's result stored in its footer (ShardResult's fields, but `cached` and `seconds`), and, for each output of
     ours made under another key, why it is recomputed (shard.why_recomputed, from the same footer). Raises
     output.ForeignOutputError naming every planned output path that holds a parquet wdsembed did not write: the
-    footers read here are what tells them apart, so the run is refused before any shard overwrites one."""
+    footers read here are what tells them apart, so the run is refused before any shard overwrites one. With
+    verify_outputs, `verified` gets stem -> (fingerprint token, sound) of each output read whole
+    (ShardPlan.output_verified)."""
     plans = list(plans)
     recompute: dict[str, str] = {}
 
@@ -48,8 +50,10 @@ def planned_outputs(config: EmbedConfig, plans: Iterable[shard.ShardPlan], *,
 
     def done(plan: shard.ShardPlan) -> Optional[dict]:  # its footer metadata where finished, None: a file not ours
         try:
-            meta = shard.finished_output(config, plan, shard.cache_key(config, plan),
-                                         made_otherwise=lambda meta: made_otherwise(plan, meta))
+            meta = shard.finished_output(
+                config, plan, shard.cache_key(config, plan), made_otherwise=lambda meta: made_otherwise(plan, meta),
+                verified=lambda token, sound: verified.__setitem__(plan.stem, (token, sound))
+                if verified is not None else None)
         except output.ForeignOutputError:
             return None
         except Exception as exc:  # noqa: BLE001 - unknown means "recompute", never "cached"

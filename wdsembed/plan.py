@@ -1020,8 +1020,12 @@ def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None, *, gpus: 
     # from the footers the cache check reads anyway (caching.planned_outputs); with force, read for this alone.
     if config.force:
         check_own_outputs(config, [p.stem for p in plans])
-    finished, recompute = ({}, {}) if config.force else caching.planned_outputs(config, plans)
+    verified: dict[str, tuple[str, bool]] = {}
+    finished, recompute = ({}, {}) if config.force else caching.planned_outputs(config, plans, verified=verified)
     check_finished_precision(config, finished, gpus, client)
+    # verify_outputs: each shard's own check takes the planning's verdict on an output unchanged since; read whole
+    # twice, a damaged one was said to be twice.
+    plans = [dataclasses.replace(p, output_verified=verified[p.stem]) if p.stem in verified else p for p in plans]
     # A warning: outputs already there are about to be overwritten, and an accident (a package upgraded, tars
     # touched) must show before the work, in the terminal and the flow run's logs, not only at INFO.
     for line in report.describe_recomputed(recompute):

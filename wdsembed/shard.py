@@ -65,6 +65,9 @@ class ShardPlan:
     # keys take where the shard has no parquet rows (none, or one that cannot be read): every output and kNN view
     # then has one schema. None: strings.
     id_type: Optional[str] = None
+    # verify_outputs: what the planning found reading the output whole, as (the file's fingerprint token then,
+    # sound): the shard's own check takes it while the file is unchanged, instead of reading it whole again.
+    output_verified: Optional[tuple[str, bool]] = None
 
 
 @dataclass
@@ -263,7 +266,8 @@ def _changed(name: str, old, new) -> str:
 
 def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_view: bool = True,
                     claim_run: Optional[str] = None,
-                    made_otherwise: Callable[[dict], None] = lambda meta: None) -> Optional[dict]:
+                    made_otherwise: Callable[[dict], None] = lambda meta: None,
+                    verified: Callable[[str, bool], None] = lambda token, sound: None) -> Optional[dict]:
     """The footer metadata of a complete output made with the same cache key, else None (missing, cut short, its
     footer unreadable, or made from other inputs): such an output is recomputed, never reported as cached; a readable
     parquet there that wdsembed did not write raises output.ForeignOutputError, and is never overwritten. Only the
@@ -272,7 +276,9 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_vi
     writing no missing kNN view. A view is rebuilt only while OUTPUT's claim is still run `claim_run`'s (a task's;
     None: the planning's, in the process that holds it), else OutputClaimLostError (outputclaim.check_still_held).
     `made_otherwise` is called with the footer metadata of an output of ours made under another key (why_recomputed
-    says why, from the footer already read)."""
+    says why, from the footer already read). With verify_outputs, `verified` is called with the output's fingerprint
+    token and whether it was found sound, where it was read whole; where plan.output_verified holds the planning's
+    verdict on the same file, that is taken instead (and its warning not said again)."""
     fs, path = storage.filesystem(plan.output, config.storage_options)
     meta = output.read_output_metadata(path, fs, refuse_foreign=True)
     if meta is not None and meta.get("cache_key") != key:
@@ -290,12 +296,25 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_vi
                 log.warning("shard %s: %s; recomputing it", plan.stem, exc)
                 return None
         if repair_view and config.verify_outputs:
+            token = _output_token(fs, path)
+            if token is not None and plan.output_verified and plan.output_verified[0] == token:
+                return meta if plan.output_verified[1] else None  # read whole by the planning, which said why
             damage = _damage(config, plan, meta)
+            if token is not None:
+                verified(token, not damage)
             if damage:
                 log.warning("shard %s: output %s is damaged: %s; recomputing it", plan.stem, plan.output, damage)
                 return None
         return meta
     return None
+
+
+def _output_token(fs, path: str) -> Optional[str]:
+    """The output file's fingerprint (size, mtime or ETag), to tell whether it changed since it was verified."""
+    try:
+        return shardindex.fingerprint(path, fs).token
+    except OSError:
+        return None
 
 
 def _damage(config: EmbedConfig, plan: ShardPlan, meta: dict) -> Optional[str]:
