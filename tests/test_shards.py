@@ -190,6 +190,34 @@ def test_a_key_whose_first_members_hold_no_image_gets_its_image_from_a_later_run
         ]
 
 
+def test_an_image_named_key_dot_ext_is_the_samples_image_not_a_component_named_like_one(tmp_path):
+    """WebDataset's and DALI's extension is all after the name's first dot: `0001.mask.png` is component
+    `mask.png` of sample `0001`, not its `png`. A member named KEY.<image extension> is the image wherever it lies
+    in the tar (webdataset's TarWriter writes `output.png` before `png`); a sample with no such member takes its
+    one member whose last dot-part is an image extension, and one with several of them gets an error naming them
+    (keys with dots: `photo.2020.jpg` and `photo.2021.jpg` are both sample `photo`), never one of them silently."""
+    tar = make_tar(tmp_path / "parts.tar", [
+        ("0001.mask.png", b"MASK"), ("0001.png", b"IMAGE"), ("0001.txt", b"t"),
+        ("0002.output.png", b"OUT"), ("0002.jpg", b"JPG"),        # the plain one wins across preferences too
+        ("0003.seg.jpg", b"SEG"), ("0003.json", b"{}"),           # one candidate only: taken
+        ("photo.2020.jpg", b"A"), ("photo.2021.jpg", b"B"),       # two images, one key
+        ("0005.jpg", b"J"), ("0005.png", b"P"),                   # plain ones: --image-extensions' order
+    ])
+    offs = data_offsets(tar)
+    for index in (None, _index_of(tar)):
+        for fast in (True, False):
+            got = samples_of(tar, index=index, fast=fast)
+            assert got == [
+                Sample("0001", b"IMAGE", "png", member="0001.png", offset=offs["0001.png"]),
+                Sample("0002", b"JPG", "jpg", member="0002.jpg", offset=offs["0002.jpg"]),
+                Sample("0003", b"SEG", "jpg", member="0003.seg.jpg", offset=offs["0003.seg.jpg"]),
+                Sample("photo", None, error="2 image members and none named 'photo.<extension>', so no one of "
+                       "them is the image: 'photo.2020.jpg', 'photo.2021.jpg' (a key ends at its name's first dot, "
+                       "as WebDataset and DALI split names)"),
+                Sample("0005", b"J", "jpg", member="0005.jpg", offset=offs["0005.jpg"]),
+            ], (index is not None, fast)
+
+
 def write_tar_with_a_huge_member(path: Path, name: str, head: bytes, size: int, before=(), after=()) -> None:
     """A tar holding `before`, then a member of `size` bytes that starts with `head` (zeros after it, written in
     pieces), then `after`."""
@@ -1439,6 +1467,14 @@ def _case_several_images(tmp_path):
         ("c.webp", b"W"), ("c.jpeg", b"JPEG-c"), ("c.png", b"PNG-c"),
         ("d.png", b"P1"), ("d.seg.png", b"P2"), ("e.jpg", b"E"),
     ]))
+
+
+def _case_multi_part_names(tmp_path):
+    """Image members named after more than one dot: behind a plain one, taken alone, refused two at a time."""
+    return _with_index_of(_tar_of(tmp_path, "parts", [
+        *_plain(2), ("k.mask.png", b"M"), ("k.png", b"K"), ("m.output.PNG", b"O"), ("m.jpg", b"J"),
+        ("s.seg.jpg", b"S"), ("s.txt", b"t"), *_plain(2, start=2), ("p.2020.jpg", b"A"), ("p.2021.jpeg", b"B"),
+        *_plain(3, start=4), ("q.x.jpg", b"X"), ("q.y.jpg", b"Y")]))
 
 
 def _case_upper_case(tmp_path):

@@ -49,6 +49,28 @@ def _last_ext(ext: str) -> str:
     return ext.rsplit(".", 1)[-1]
 
 
+def _image_rank(rank: dict[str, int], ext: str) -> Optional[int]:
+    """A member's rank as the sample's image, from its extension (split_member_name's): that of its last dot-part
+    in `rank`; behind every plain one where the extension has more parts. WebDataset and DALI take all after the
+    first dot as the extension, so `0001.mask.png` is component `mask.png` of sample 0001, not its png: it is the
+    image only where the sample has no member named 0001.<image extension>."""
+    r = rank.get(_last_ext(ext))
+    if r is None or "." not in ext:
+        return r
+    return r + _rank_span(rank)
+
+
+def _rank_span(rank: dict[str, int]) -> int:
+    """The ranks of plain extensions are below this; those of multi-part ones (`mask.png`) below twice it."""
+    return max(rank.values(), default=0) + 1
+
+
+def _no_plain_image(key: str, parts: list[str], count: int) -> str:
+    shown = ", ".join(map(_shown, parts)) + (", ..." if count > len(parts) else "")
+    return (f"{count} image members and none named {key + '.<extension>'!r}, so no one of them is the image: "
+            f"{shown} (a key ends at its name's first dot, as WebDataset and DALI split names)")
+
+
 def iter_samples(
     f: BinaryIO,
     *,
@@ -65,7 +87,9 @@ def iter_samples(
     """Stream the samples of a tar in file order with memory bounded by one read chunk plus one member.
 
     Consecutive members with one key form a sample; the image is the first member whose lowercased extension
-    (the last dot-part) is in `extensions`, tried in that order of preference. A key seen again later in the tar
+    (the last dot-part) is in `extensions`, tried in that order of preference, those named KEY.<extension> before
+    those named after more dots (`KEY.mask.png`, WebDataset's component `mask.png`); a sample with two or more of
+    the latter and none of the former gets an error naming them (_image_rank). A key seen again later in the tar
     yields a Sample with error "duplicate key", unless no earlier sample of it had an image member (`tar cf` of a
     folder can put a caption before its image, with other samples between): then it is read as any sample. With `index`, members are located through it and each member's
     tar header is checked against it; a mismatch raises shardindex.StaleIndexError. A truncated or corrupt tar raises
@@ -164,6 +188,9 @@ def _parse_tar(
     key: Optional[str] = None
     found: list[str] = []
     best: Optional[tuple[int, bytes | bytearray, str, str, int]] = None  # (rank, data, ext, member, offset)
+    span = _rank_span(rank)
+    parts: list[str] = []  # the sample's first members named like an image after more than one dot (`a.mask.png`)
+    n_parts = 0
     unread: Optional[str] = None  # why an image-named member of the sample gave no bytes (links, devices)
     duplicate = False
     damaged: Optional[tarstream.ShardReadError] = None  # a damaged header read past while this sample was open
@@ -185,6 +212,8 @@ def _parse_tar(
             return Sample(key, None, error=unread)
         if best is None:
             return Sample(key, None, error=_no_image(found))
+        if best[0] >= span and n_parts > 1:
+            return Sample(key, None, error=_no_plain_image(key, parts, n_parts))
         _, data, ext, member, offset = best
         if len(data) == 0:
             return Sample(key, None, image_ext=ext, error="empty image member", member=member, offset=offset)
@@ -207,7 +236,7 @@ def _parse_tar(
                     if target is not None:
                         targets[m.name] = target  # a link to this link is a link to the same file
                 k, ext = split_member_name(m.name)
-                mrank = rank.get(_last_ext(ext))
+                mrank = _image_rank(rank, ext)
                 # Links, devices, FIFOs and sparse files count only where their name makes them (part of) an image
                 # sample; hard links always do (each is a file, like a regular member).
                 takes_part = (regular or m.typeflag == tarstream.HARD_LINK
@@ -228,11 +257,15 @@ def _parse_tar(
                 if k != key:
                     if key is not None:
                         yield finish()
-                    key, found, best, unread = k, [], None, None
+                    key, found, best, unread, parts, n_parts = k, [], None, None, [], 0
                     duplicate = k in seen
                     damaged = None
                     follows = read_past if read_past is not None and m.header_offset == read_past.resumed else None
                 found.append(ext)
+                if mrank is not None and mrank >= span:
+                    n_parts += 1
+                    if len(parts) < 3:
+                        parts.append(m.name)
                 if duplicate or mrank is None or (best is not None and mrank >= best[0]):
                     tarstream.skip_data(r, m)
                     continue
@@ -420,9 +453,19 @@ def _plan_index(index: "shardindex.ShardIndex", rank: dict[str, int], chunk_size
 
     last_dot = dots[np.searchsorted(dots, name_end[:limit]) - 1]
     ranks = _member_ranks(text, encoded, first_dot[:limit], last_dot, name_end[:limit], names, rank)
-    no_image = max(rank.values(), default=0) + 1
+    span = _rank_span(rank)
+    no_image = 2 * span
     best = np.minimum.reduceat(ranks * limit + np.arange(limit), group_start)
     best_rank, image = best // limit, best % limit
+    # a sample whose image members are all multi-part (`a.x.jpg`, `a.y.jpg`) has none: the general parser says so
+    parts = np.add.reduceat(((ranks >= span) & (ranks < no_image)).astype(np.int64), group_start)
+    unclear = (best_rank >= span) & (best_rank < no_image) & (parts > 1)
+    if unclear.any():
+        g = int(unclear.argmax())
+        if g == 0:
+            return None
+        limit = int(group_start[g])
+        group_start, group_end, best_rank, image = group_start[:g], group_end[:g], best_rank[:g], image[:g]
     sizes = sizes[:limit]
     key_start = name_start[group_start].tolist()
     return _IndexPlan(
@@ -434,7 +477,7 @@ def _plan_index(index: "shardindex.ShardIndex", rank: dict[str, int], chunk_size
         group_image=np.where(best_rank < no_image, image, -1).tolist(),
         image_offset=offsets[image].tolist(), image_size=sizes[image].tolist(),
         image_member=list(map(names.__getitem__, image.tolist())),
-        image_ext=list(map({r: e for e, r in rank.items()}.get, best_rank.tolist())),
+        image_ext=list(map({r + s: e for e, r in rank.items() for s in (0, span)}.get, best_rank.tolist())),
     )
 
 
@@ -451,10 +494,12 @@ _KEY_MASKS = np.where(np.arange(100) < np.arange(101)[:, None], 0xFF, 0).astype(
 
 def _member_ranks(text: np.ndarray, encoded: bytes, first_dot: np.ndarray, last_dot: np.ndarray,
                   name_end: np.ndarray, names: list[str], rank: dict[str, int]) -> np.ndarray:
-    """Each member's rank: its extension (split_member_name's), lowercased, its last dot-part looked up in `rank`;
-    one more than the worst rank where it is none. Positions are in `text`, the names' bytes. ASCII extensions
-    are lowercased here byte by byte; others the way the general parser does it."""
-    no_image = max(rank.values(), default=0) + 1
+    """Each member's rank (_image_rank's): its extension (split_member_name's), lowercased, its last dot-part
+    looked up in `rank`, behind every plain extension where it has more parts; 2 * _rank_span where it is none.
+    Positions are in `text`, the names' bytes. ASCII extensions are lowercased here byte by byte; others the way
+    the general parser does it."""
+    span = _rank_span(rank)
+    no_image = 2 * span
     ranks = np.full(len(first_dot), no_image, dtype=np.int64)
     last_len = name_end - last_dot - 1
     for ext, r in rank.items():
@@ -464,12 +509,14 @@ def _member_ranks(text: np.ndarray, encoded: bytes, first_dot: np.ndarray, last_
         part = text[np.minimum(last_dot[:, None] + 1 + np.arange(len(wanted)), len(text) - 1)]
         lower = np.where((part >= 0x41) & (part <= 0x5A), part | 0x20, part)
         ranks[(last_len == len(wanted)) & (lower == wanted).all(axis=1)] = r
+    ranks[(ranks < no_image) & (last_dot > first_dot)] += span
     if not encoded.isascii():
         high = np.flatnonzero(text >= 0x80)
         member = np.searchsorted(name_end, high)  # the name each byte is in (name_end: its separator)
         in_ext = high > first_dot[np.minimum(member, len(first_dot) - 1)]
         for i in np.unique(member[in_ext & (member < len(first_dot))]).tolist():
-            ranks[i] = rank.get(_last_ext(split_member_name(names[i])[1]), no_image)
+            r = _image_rank(rank, split_member_name(names[i])[1])
+            ranks[i] = no_image if r is None else r
     return ranks
 
 
