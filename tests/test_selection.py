@@ -527,6 +527,28 @@ def test_local_paths_are_made_absolute_where_the_config_is_made(tmp_path, monkey
     assert core.cache_key(pickle.loads(pickle.dumps(made)), planned) == key
 
 
+def test_file_urls_of_one_slash_or_of_localhost_name_their_absolute_path(tmp_path, monkeypatch):
+    """`file:/data/x` (how Java, Hadoop and Spark print a local path) and `file://localhost/data/x` (RFC 8089) are
+    /data/x, as fsspec reads the first: neither is a folder `file:` or `localhost` below the working directory,
+    where a run would have written its outputs without a word."""
+    shard(tmp_path / "data", "00000")
+    (tmp_path / "w.safetensors").write_bytes(b"weights")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for form in ("file:", "file://localhost", "FILE:", "local:"):
+        made = config(f"{form}{tmp_path}/data", f"{form}{tmp_path}/out/", checkpoint=f"{form}{tmp_path}/w.safetensors",
+                      index_cache_dir=f"{form}{tmp_path}/idx", result_storage=f"{form}{tmp_path}/results")
+        assert [made.input, made.output, made.checkpoint, made.index_cache_dir, made.result_storage] == [
+            f"file://{tmp_path}/data", f"file://{tmp_path}/out", str(tmp_path / "w.safetensors"),
+            f"file://{tmp_path}/idx", f"file://{tmp_path}/results"], form
+        [planned] = plan.plan_shards(made, indexes=False, checks=False)
+        assert planned.shard == str(tmp_path / "data" / "00000.tar")
+    made = config(f"file://localhost{tmp_path}/data/{{00000..00000}}.tar", tmp_path / "out")
+    assert made.input == f"file://{tmp_path}/data/{{00000..00000}}.tar"
+    assert not any(elsewhere.iterdir())
+
+
 def _recorded_identity(weights: Path) -> str:
     """The checkpoint's identity as a run's cache key holds it, and so as its outputs' footers record it (the worker
     records what the key holds)."""

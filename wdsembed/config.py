@@ -84,10 +84,23 @@ _NO_SECRET_OPTIONS = {"propertyNames": {"not": {"pattern": _any_case(SECRET_OPTI
 LOCAL_PATH_FIELDS = ("input", "output", "checkpoint", "index_cache_dir", "result_storage")
 
 
+# `file:/data/x` (Java's, Hadoop's and Spark's form of a local path) and `file://localhost/data/x` (RFC 8089): both
+# are /data/x, but fsspec reads the second, and the path handling here both, as relative paths (`./localhost/data/x`).
+_FILE_URL_OF_ABSOLUTE_PATH = re.compile(r"^(?:file|local):(?://localhost)?(?=/(?!/))", re.IGNORECASE)
+
+
+def canonical_file_url(value: Optional[str]) -> Optional[str]:
+    """`file:/data/x` and `file://localhost/data/x` (any letter case, or `local:`) as `file:///data/x`; anything
+    else as it is."""
+    return _FILE_URL_OF_ABSOLUTE_PATH.sub("file://", value, count=1) if value else value
+
+
 def absolute_local_path(value: Optional[str]) -> Optional[str]:
     """A relative local path (or file:// URL), or one starting with `~`, as an absolute path of this process's
     working directory and user; anything else (an absolute path, another store's URL, a chained URL) as it is. A
-    brace pattern is not normalized, so that `..` within its braces keeps its meaning."""
+    brace pattern is not normalized, so that `..` within its braces keeps its meaning. A file URL of an absolute
+    path in another form (canonical_file_url) becomes `file:///...`."""
+    value = canonical_file_url(value)
     if not value or "::" in value or protocol(value) not in ("file", "local"):
         return value
     path = split_protocol(value)[1]
@@ -105,6 +118,7 @@ def _local_path(value: Optional[str], what: str, why: str) -> Optional[str]:
     out, which the cache key must not tell apart."""
     if not value:
         return None
+    value = canonical_file_url(value)
     store = value.split("::")[0] + "::" if "::" in value else protocol(value) + "://"
     if store not in ("file://", "local://"):
         raise ValueError(f"must be {what} or file:// URL, not a URL of another store ({store}): {why}")
