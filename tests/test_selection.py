@@ -162,6 +162,19 @@ def test_list_file(tree, tmp_path):
         plan.plan_shards(config(tree / "nope.txt", tmp_path / "out"))
 
 
+def test_a_list_file_line_with_a_tilde_or_a_file_url_names_that_path(tree, tmp_path, monkeypatch):
+    """A local list file's line `~/data/00000.tar` is in the home folder, as INPUT's `~` is, not in a folder `~`
+    beside the list; `file:/data/00001.tar` and `file://localhost/data/00002.tar` are /data/..., as INPUT's are."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    listing = tree / "train" / "shards.txt"
+    listing.write_text(f"~/data/00000.tar\n~/data/val/{{00000..00000}}.tar\nfile:{tree}/00001.tar\n"
+                       f"file://localhost{tree}/00002.tar\n")
+    plans = plan.plan_shards(config(listing, tmp_path / "out"))
+    assert stems(plans) == ["00000", "00001", "00002", "val/00000"]
+    assert [p.shard for p in plans] == [str(tree / "00000.tar"), str(tree / "00001.tar"), str(tree / "00002.tar"),
+                                        str(tree / "val" / "00000.tar")]
+
+
 def test_a_list_file_line_with_a_password_is_refused_without_echoing_it(tree, tmp_path):
     """INPUT and OUTPUT with a password are refused (tests/test_s3.py); a list file's lines are URLs too, each of
     which goes to the log lines, the outputs' footers and the manifest: one with a password is refused before the
