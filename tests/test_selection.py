@@ -88,6 +88,34 @@ def test_a_folder_whose_shards_are_in_subfolders_says_recursive(tmp_path):
         plan.plan_shards(config(tmp_path / "empty", tmp_path / "out"))
 
 
+def test_compressed_shards_are_refused_by_name_never_left_out(tmp_path):
+    """WebDataset reads `.tar.gz` and `.tgz` shards; DALI's reader, and this run, plain tars only. A folder holding
+    some beside plain ones would lose their images without a word: refused, naming them and what to do. One whose
+    plain tar is there too (decompressed with `gunzip -k`) is no loss."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    shard(data, "00000")
+    shard(data, "00001")
+    (data / "00001.tar.gz").write_bytes(b"\x1f\x8b" + bytes(30))  # its plain tar is there: nothing is lost
+    (data / "00002.tgz").write_bytes(b"\x1f\x8b" + bytes(30))
+    shard(data / "sub", "00003")
+    (data / "sub" / "00004.TAR.GZ").write_bytes(b"\x1f\x8b" + bytes(30))
+    for recursive, named in ((False, "00002.tgz"), (True, "00002.tgz, sub/00004.TAR.GZ")):
+        with pytest.raises(plan.InputError) as err:
+            plan.plan_shards(config(data, out, recursive=recursive))
+        assert str(err.value) == (
+            f"input {str(data)!r} holds {named.count(',') + 1} compressed shard(s) that this run would not read: "
+            f"{named}. DALI reads plain *.tar only: decompress each beside itself (gzip -dc 00002.tgz > 00002.tar), "
+            "or name the *.tar shards alone with a brace pattern or a list file")
+    (data / "00002.tgz").unlink()
+    assert stems(plan.plan_shards(config(data, out))) == ["00000", "00001"]
+    with pytest.raises(plan.InputError, match=r"is a compressed shard, which this run does not read: DALI reads "
+                                              r"plain \*\.tar only: decompress it"):
+        plan.plan_shards(config(data / "00001.tar.gz", out))
+    with pytest.raises(plan.InputError, match=r"names '.*00000\.tar\.gz', which is not a \.tar shard; it is a "
+                                              r"compressed shard, .*\(gzip -dc 00000\.tar\.gz > 00000\.tar\)"):
+        plan.plan_shards(config(f"{data}/{{00000..00001}}.tar.gz", out))
+
+
 def test_hidden_tars_are_skipped_with_and_without_recursive(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
     shard(data, "00000")

@@ -432,7 +432,8 @@ def _check_local_input(config: EmbedConfig) -> None:
     if not os.path.exists(root):
         raise InputError(f"input {config.input!r} does not exist: pass the folder that holds the *.tar shards")
     if not os.path.isdir(root):
-        raise InputError(f"input {config.input!r} is not a folder: pass the folder that holds the *.tar shards")
+        raise InputError(f"input {config.input!r} is not a folder: pass the folder that holds the *.tar shards"
+                         + _compressed_file(root))
     try:
         os.listdir(root)
     except PermissionError as exc:
@@ -741,7 +742,7 @@ def _find_in_folder(config: EmbedConfig) -> FoundShards:
     if not fs.exists(root):
         raise InputError(f"input {config.input!r} does not exist")
     if not fs.isdir(root):
-        raise InputError(f"input {config.input!r} is not a folder of *.tar shards")
+        raise InputError(f"input {config.input!r} is not a folder of *.tar shards" + _compressed_file(root))
     if config.recursive:
         fs.invalidate_cache(root)  # a long-lived process must see shards added since its last listing
         try:
@@ -752,11 +753,13 @@ def _find_in_folder(config: EmbedConfig) -> FoundShards:
         except PermissionError as exc:
             raise InputError(f"a subfolder of input {config.input!r} cannot be read by this user ({exc}): give it "
                              "read and execute permission (chmod a+rx) or run as a user who can read it") from None
+        _refuse_compressed(config, root, files, recursive=True)
         tars = sorted(p for p in files if _is_shard(p, root))
         if not tars:
             raise InputError(f"input {config.input!r} holds no *.tar shards, in no subfolder either")
         return FoundShards(fs, root, tars, files)
     files = set(storage.listed_files(fs, fs.ls(root, detail=True)))
+    _refuse_compressed(config, root, files, recursive=False)
     tars = sorted(p for p in files if _is_shard(p, root))
     if not tars:
         nested = sorted(p for p in storage.listed_files(fs, fs.find(root, withdirs=False, detail=True).values())
@@ -781,6 +784,50 @@ def _refuse_wildcard(url: str, what: str) -> None:
 
 def _is_tar(path: str) -> bool:
     return path.lower().endswith(".tar")
+
+
+# Shards as webdataset reads them too (it decompresses by extension); DALI's reader and .idx take plain tars only.
+_COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tar.lz4")
+
+
+def _compressed_tar_stem(path: str) -> Optional[str]:
+    """`x/00001` for `x/00001.tar.gz` (any letter case), None for any other name."""
+    lower = path.lower()
+    return next((path[: -len(e)] for e in _COMPRESSED_TAR if lower.endswith(e)), None)
+
+
+_DECOMPRESS = {"gz": "gzip", "tgz": "gzip", "bz2": "bzip2", "tbz2": "bzip2", "xz": "xz", "txz": "xz", "zst": "zstd",
+               "lz4": "lz4"}
+
+
+def _decompress_example(path: str) -> str:
+    """How to decompress the compressed shard `path` beside itself, as a command line."""
+    name = posixpath.basename(path)
+    return f"{_DECOMPRESS[name.rsplit('.', 1)[-1].lower()]} -dc {name} > {_compressed_tar_stem(name)}.tar"
+
+
+def _compressed_file(path: str) -> str:
+    """What to add where INPUT is one compressed shard."""
+    if _compressed_tar_stem(path) is None:
+        return ""
+    return (f"; it is a compressed shard, which this run does not read: DALI reads plain *.tar only: decompress it "
+            f"({_decompress_example(path)}) and pass that .tar")
+
+
+def _refuse_compressed(config: EmbedConfig, root: str, files: set[str], recursive: bool) -> None:
+    """A folder input's compressed shards (its own, or its subfolders' with `recursive`) would be left out without
+    a word: refused, naming them, unless each has its plain tar beside it."""
+    lost = sorted(p for p in files
+                  if (stem := _compressed_tar_stem(p)) is not None and stem + ".tar" not in files
+                  and not any(part.startswith(".") for part in posixpath.relpath(p, root).split("/"))
+                  and (recursive or posixpath.dirname(p) == root.rstrip("/")))
+    if lost:
+        names = [posixpath.relpath(p, root) for p in lost]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise InputError(f"input {config.input!r} holds {len(names)} compressed shard(s) that this run would not "
+                         f"read: {shown}. DALI reads plain *.tar only: decompress each beside itself "
+                         f"({_decompress_example(names[0])}), or name the *.tar shards alone with a brace pattern or "
+                         "a list file")
 
 
 def _is_shard(path: str, root: str) -> bool:
@@ -819,7 +866,7 @@ def _list_file_entries(config: EmbedConfig) -> list[str]:
             line = posixpath.join(base, line)
         for url in _expand(line, f"{config.input} line {number}"):
             if not _is_tar(url):
-                raise InputError(f"{config.input} line {number}: {url!r} is not a .tar shard")
+                raise InputError(f"{config.input} line {number}: {url!r} is not a .tar shard" + _compressed_file(url))
             urls.append(url)
     if not urls:
         raise InputError(f"list file {config.input!r} names no shards (one .tar path or URL per line)")
@@ -834,7 +881,8 @@ def _find_named(config: EmbedConfig, urls: list[str], kind: str) -> FoundShards:
                          "run reads one store")
     bad = [u for u in urls if not _is_tar(u)]
     if bad:
-        raise InputError(f"input {config.input!r} names {bad[0]!r}, which is not a .tar shard")
+        raise InputError(f"input {config.input!r} names {bad[0]!r}, which is not a .tar shard"
+                         + _compressed_file(bad[0]))
     fs, _ = storage.filesystem(urls[0], config.storage_options)
     spelled = _local_spelling if storage.is_local(fs) else str
     # a shard named twice is embedded once, also where two spellings name it (`00000.tar`, `./00000.tar`)
