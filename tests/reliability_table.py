@@ -46,6 +46,7 @@ CASES: list[tuple[str, str, str]] = [
     ("shard-no-image", "Shards", "Tar with members of non-image extensions only"),
     ("shard-duplicate-keys", "Shards", "Duplicate keys in one tar"),
     ("shard-odd-keys", "Shards", "Keys with spaces or several dots"),
+    ("shard-non-utf8-names", "Shards", "Member names not in UTF-8 (a tar written in Latin-1)"),
     ("shard-sample-without-image", "Shards", "A sample without an image"),
     ("shard-members-apart", "Shards", "A key's members apart (a folder tarred with `tar cf`)"),
     ("shard-empty-tar", "Shards", "Empty tar"),

@@ -538,6 +538,26 @@ def test_keys_with_spaces_and_dots(tmp_path):
                  lost="nothing")
 
 
+def test_member_names_not_in_utf8(tmp_path):
+    (tmp_path / "in").mkdir()
+    with tarfile.open(tmp_path / "in" / "00000.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        for i, name in enumerate(("caf\u00e9.bmp", "caf\u00e9.txt", "na\u00efve.bmp", "plain.bmp")):
+            data = b"caption" if name.endswith(".txt") else bmp(i)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    [r], out = run_shard(tmp_path)
+    rows = by_key(read(out / "00000.parquet"))
+    assert set(rows) == {"caf\\351", "na\\357ve", "plain"} and r.embedded == 3 and r.failed == 0
+    assert all(e is not None and err is None for e, err in rows.values())
+    table.record("shard-non-utf8-names", done="a tar written in Latin-1 (GNU headers), no parquet: members "
+                                              "'caf\\xe9.bmp', 'caf\\xe9.txt', 'na\\xefve.bmp', 'plain.bmp'",
+                 did="3 of 3 embedded under keys 'caf\\351', 'na\\357ve', 'plain': each byte that is not UTF-8 as a "
+                     "backslash and three octal digits, as `tar tf` lists the names (before, the shard failed at "
+                     "its join: 'UnicodeEncodeError: ... surrogates not allowed', all its images lost)",
+                 lost="nothing")
+
+
 def test_sample_without_image(tmp_path):
     s = samples(5)
     s[2].image = None

@@ -218,6 +218,26 @@ def test_an_image_named_key_dot_ext_is_the_samples_image_not_a_component_named_l
             ], (index is not None, fast)
 
 
+def test_member_names_that_are_not_utf8_give_keys_as_tar_lists_them(tmp_path):
+    """A tar written in Latin-1 (GNU or ustar headers hold bytes, not text) names `caf\\xe9.jpg`: its key is
+    `caf\\351`, the name as `tar tf` lists it, which a parquet string column can hold (the raw name cannot: the
+    whole shard failed at its join); the sample keeps its image. Keys of UTF-8 names are as they were."""
+    path = tmp_path / "latin1.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        for name, data in [("caf\u00e9.jpg", b"IMG1"), ("caf\u00e9.txt", b"t"), ("na\u00efve.json", b"{}"),
+                           ("caf\u00e9.png", b"again"), ("plain.jpg", b"IMG2"), ("back\\slash.jpg", b"IMG3")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    offs = data_offsets(path)
+    got = samples_of(path)
+    assert [(s.key, s.error, s.image and bytes(s.image)) for s in got] == [
+        ("caf\\351", None, b"IMG1"), ("na\\357ve", "no image member (found: json)", None),
+        ("caf\\351", "duplicate key", None), ("plain", None, b"IMG2"), ("back\\slash", None, b"IMG3")]
+    assert got[0].offset == offs["caf\udce9.jpg"]  # tarfile decodes it as this process does
+    pa.array([s.key for s in got], type=pa.string())  # what the join makes of them
+
+
 def write_tar_with_a_huge_member(path: Path, name: str, head: bytes, size: int, before=(), after=()) -> None:
     """A tar holding `before`, then a member of `size` bytes that starts with `head` (zeros after it, written in
     pieces), then `after`."""

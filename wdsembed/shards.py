@@ -6,8 +6,10 @@ Knows nothing of DALI pipelines, models or Prefect. The tar format is in `tarstr
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Generator, Iterator, Optional, Sequence
 
@@ -39,6 +41,17 @@ def split_member_name(name: str) -> tuple[str, str]:
     if dot < 0:
         return name, ""
     return name[:dot], name[dot + 1 :].lower()
+
+
+# A byte of a member name that was not UTF-8, as tarstream.member_name decodes it (surrogateescape).
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def stored_key(key: str) -> str:
+    """A sample key as a parquet string can hold it: each byte of its member name that was not UTF-8 (a tar written
+    in Latin-1, `caf\\xe9.jpg`) as a backslash and its three octal digits, as `tar tf` lists it (`caf\\351`); other
+    keys as they are."""
+    return _NOT_UTF8.sub(lambda m: "\\%03o" % (ord(m.group()) - 0xDC00), key)
 
 
 class MetadataFileError(ValueError):
@@ -198,6 +211,13 @@ def _parse_tar(
     read_past: Optional[tarstream.ShardReadError] = None  # the last damaged part read past
 
     def finish() -> Sample:
+        assert key is not None
+        sample = _finish()
+        if not key.isprintable() and _NOT_UTF8.search(key):
+            sample = dataclasses.replace(sample, key=stored_key(key))
+        return sample
+
+    def _finish() -> Sample:
         assert key is not None
         if duplicate:
             return Sample(key, None, error="duplicate key")
