@@ -582,7 +582,7 @@ def test_file_urls_of_one_slash_or_of_localhost_name_their_absolute_path(tmp_pat
                       index_cache_dir=f"{form}{tmp_path}/idx", result_storage=f"{form}{tmp_path}/results")
         assert [made.input, made.output, made.checkpoint, made.index_cache_dir, made.result_storage] == [
             f"file://{tmp_path}/data", f"file://{tmp_path}/out", str(tmp_path / "w.safetensors"),
-            f"file://{tmp_path}/idx", f"file://{tmp_path}/results"], form
+            str(tmp_path / "idx"), f"file://{tmp_path}/results"], form
         [planned] = plan.plan_shards(made, indexes=False, checks=False)
         assert planned.shard == str(tmp_path / "data" / "00000.tar")
     made = config(f"file://localhost{tmp_path}/data/{{00000..00000}}.tar", tmp_path / "out")
