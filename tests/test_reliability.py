@@ -1892,6 +1892,33 @@ def test_id_column_that_matches_no_key(tmp_path, capsys, monkeypatch):
                       "thrown away")
 
 
+def test_id_column_with_no_parquet_anywhere_is_refused(tmp_path, capsys):
+    """DataComp shards without their NNNNN.parquet, each sample's .json holding its `uid`: --id-column uid wrote the
+    tar's member keys into a column named `uid` (the .json's uid never read), which a join on the real uids matches
+    nowhere. Refused before any work, saying what the output's id is and how to join; with the default (`key`) the
+    same shards run, keyed by the keys their .json files hold too."""
+    data = tmp_path / "in"
+    uids = [f"{i:032x}" for i in range(100, 100 + PER_SHARD)]
+    rows = [ShardSample(bmp(i), ext="bmp", json=False, extra={"json": json.dumps(
+        {"key": f"{i:09d}", "uid": uid, "url": f"https://example.invalid/{i}.bmp", "caption": f"image {i}",
+         "status": "success"}).encode()}) for i, uid in enumerate(uids)]
+    write_shard(data, "00000", rows, parquet=False)
+    write_shard(data, "00001", samples(PER_SHARD, seed=2), parquet=False)
+    err = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", "--id-column", "uid", data=data)
+    assert err == ("error: --id-column (id_column=) 'uid' names the column of the shards' img2dataset parquets "
+                   "(00000.parquet beside 00000.tar) that holds each sample's key, but none of the 2 shard(s) has "
+                   "one: the output's 'uid' would hold the tar's own sample keys (such as '000000000'), not a 'uid' "
+                   "read from anywhere (00000.tar's samples carry a 'uid' in their .json files, such as "
+                   f"'{uids[0]}', which is not read). Leave it out: each row is then keyed by 'key', the "
+                   "tar's sample key (the 'key' of each sample's .json file too), to join the .json files' 'uid' on; "
+                   "or put each shard's img2dataset parquet beside it, whose columns ('uid' among them) each output "
+                   "keeps"), err
+    results = embedder()(str(data), str(tmp_path / "out"))
+    assert sorted(r.embedded for r in results) == [PER_SHARD, PER_SHARD]
+    assert read(tmp_path / "out" / "00000.parquet").column("key").to_pylist() == [f"{i:09d}" for i in
+                                                                                  range(PER_SHARD)]
+
+
 def test_parquet_column_named_like_the_output_columns(tmp_path, capsys):
     """Every column of the input parquet is kept: one named like the embedding or error column (a caption column
     passed as --embedding-column, a parquet that already carries an image_embedding) is refused, never replaced."""

@@ -509,6 +509,7 @@ def _check_id_column(config: EmbedConfig, found: "FoundShards") -> None:
     siblings = ((t, t[: -len(".tar")] + ".parquet") for t in found.tars)
     tar, first = next(((t, p) for t, p in siblings if p in found.files), (None, None))
     if first is None:
+        _check_id_column_without_parquets(config, found)
         return
     import pyarrow.parquet as pq
 
@@ -556,6 +557,36 @@ def _check_id_column(config: EmbedConfig, found: "FoundShards") -> None:
                                             f"the {len(keys)} sample key(s) of {posixpath.basename(tar)}")
     if problem:
         raise InputError(problem)
+
+
+def _check_id_column_without_parquets(config: EmbedConfig, found: "FoundShards") -> None:
+    """Without a parquet anywhere, the output's id column holds the tar's own sample keys (output.join_embeddings):
+    an --id-column other than img2dataset's `key` would put them under a name they are not (DataComp's `uid`, which
+    its shards carry in each sample's .json), and a join on that name downstream would match nothing. Where a
+    parquet exists, its column is checked to hold those keys instead (_check_id_column)."""
+    default = EmbedConfig.model_fields["id_column"].default
+    if config.id_column == default:
+        return
+    tar = found.tars[0]
+    name = posixpath.basename(tar)
+    try:
+        keys = shards.first_keys(tar, found.fs, 1)
+        sidecar = shards.first_sidecar(tar, found.fs)
+    except Exception:  # noqa: BLE001 - an unreadable tar is its shard's own failure; the refusal stands without it
+        keys, sidecar = [], None
+    column = config.id_column
+    example = f" (such as {keys[0]!r})" if keys else ""
+    held = sidecar.get(column) if sidecar else None
+    said = (f" ({name}'s samples carry a {column!r} in their .json files, such as {str(held)!r}, which is not read)"
+            if held is not None else "")
+    raise InputError(
+        f"{option('id_column')} {column!r} names the column of the shards' img2dataset parquets "
+        f"({name[: -len('.tar')]}.parquet beside {name}) that holds each sample's key, but none of the "
+        f"{len(found.tars)} shard(s) has one: the output's {column!r} would hold the tar's own sample keys{example}, "
+        f"not a {column!r} read from anywhere{said}. Leave it out: each row is then keyed by {default!r}, "
+        f"the tar's sample key (the {default!r} of each sample's .json file too), to join the .json files' "
+        f"{column!r} on; or put each shard's img2dataset parquet beside it, whose columns ({column!r} among them) "
+        "each output keeps")
 
 
 def _check_id_types(config: EmbedConfig, found: "FoundShards") -> None:

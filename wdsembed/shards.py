@@ -748,6 +748,29 @@ def first_member_names(tar_url: str, fs: Any, max_members: int) -> list[str]:
     return names
 
 
+def first_sidecar(tar_url: str, fs: Any, max_members: int = 64, max_size: int = 1 << 20) -> Optional[dict]:
+    """The first sample's `.json` member (img2dataset's per-sample metadata: key, url, caption, status; DataComp
+    adds uid) among the tar's first `max_members`, as a dict; None where there is none, or it is no JSON object.
+    A look before any work: the embedding itself never reads these members."""
+    with fs.open(tar_url, "rb", block_size=1 << 20) as f:
+        r = tarstream.Reader(f, 64 << 10, allow_seek=True)
+        try:
+            for i, m in enumerate(tarstream.iter_members(r)):
+                if i >= max_members:
+                    break
+                if (m.typeflag in tarstream.REGULAR and m.size <= max_size
+                        and split_member_name(m.name)[1] == "json"):
+                    try:
+                        doc = json.loads(bytes(tarstream.read_data(r, m)))
+                    except ValueError:
+                        return None
+                    return doc if isinstance(doc, dict) else None
+                tarstream.skip_data(r, m)
+        except tarstream.TarCorrupt:
+            pass
+    return None
+
+
 def index_keys(index: "shardindex.ShardIndex") -> list[str]:
     """The sample keys of the tar that `index` lists, in archive order, from its member names alone (no read of the
     tar). A name the index holds quoted (tar_quote: a backslash or a control character) is left out: its key as the
