@@ -556,3 +556,18 @@ def test_a_dataset_embedded_again_after_its_folder_grew_describes_the_shards_emb
     assert sorted(embedded.metadata.compute()["key"]) == ["000010000", "000010001", "000020000", "000020001"]
     copy = Path(embedded.save_metadata(str(tmp_path / "copy")))
     assert sorted(p.name for p in copy.glob("*.parquet")) == ["00001.parquet", "00002.parquet"]
+
+
+def test_from_webdataset_lists_the_shards_the_embedder_embeds(tmp_path):
+    """A dataset copied from a Mac carries `._00000.tar` (a resource fork, no tar) beside each shard: the embedder
+    leaves hidden files out, as every folder input does, but from_webdataset listed them in tar_files (and stems),
+    so the dataset named a shard the embedding never had. Both list the same shards now."""
+    from wdsembed import ImageTextPairDataset, TimmImageEmbedder
+
+    data = _one_shard(tmp_path / "dataset")
+    (data / "._00000.tar").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # AppleDouble's magic
+    (data / ".partial.tar").write_bytes((data / "00000.tar").read_bytes())
+    dataset = ImageTextPairDataset.from_webdataset(str(data))
+    assert dataset.tar_files == [str(data / "00000.tar")] and dataset.stems == ["00000"]
+    embedded = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu")(dataset)
+    assert [r.shard for r in embedded.results] == dataset.tar_files == embedded.tar_files
