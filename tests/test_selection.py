@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -161,6 +162,41 @@ def test_a_wildcard_is_refused_saying_so(tree, tmp_path):
     listing.write_text("data/train/*.tar\n")
     with pytest.raises(plan.InputError, match=r"shards\.txt line 1: 'data/train/\*\.tar' is a wildcard pattern"):
         plan.plan_shards(config(listing, tmp_path / "out"))
+
+
+PIPE_SAID = ("is WebDataset's 'pipe:' form (a shell command whose output is read as the shard), which is not run "
+             "here: each worker opens its shards itself, through fsspec. Pass the path or URL that the command reads "
+             "(a local path, s3://BUCKET/PREFIX/00000.tar, https://HOST/00000.tar), with --storage-option "
+             "(storage_options=) for the store's settings")
+JOINED_SAID = ("joins shard lists with '::', as WebDataset does, but to fsspec '::' chains filesystems "
+               "(simplecache::s3://...): what it names is no shard. Write the shards of each, one path, URL or brace "
+               "pattern per line, in a .txt file and pass that file")
+
+
+def test_webdatasets_pipe_and_joined_lists_are_refused_saying_why(tree, tmp_path):
+    """WebDataset's `pipe:curl ...` URLs and its `a/{00000..00009}.tar::b/{00000..00009}.tar` lists were refused as
+    shards that do not exist ('input /work/pipe:cat /data does not exist', or 'Protocol not known: pipe:curl -s http'
+    from the store check): said now for what they are, with what to pass instead, as INPUT and as a list file's line.
+    fsspec's own chains (simplecache::file:///...) still run."""
+    from pydantic import ValidationError
+
+    a, b = tree / "00000.tar", tree / "00001.tar"
+    for given in (f"pipe:cat {a}", "pipe:curl -s http://127.0.0.1:9/00000.tar"):
+        with pytest.raises(ValidationError, match=re.escape(PIPE_SAID)):
+            config(given, tmp_path / "out")
+    with pytest.raises(ValidationError, match=re.escape(PIPE_SAID)):
+        config(tree, "pipe:aws s3 cp - s3://b/out")
+    for given in (f"{a}::{b}", f"{tree}/{{00000..00001}}.tar::{tree}/val/{{00000..00000}}.tar",
+                  f"file://{a}::file://{b}"):
+        with pytest.raises(ValidationError, match=re.escape(JOINED_SAID)):
+            config(given, tmp_path / "out")
+    listing = tmp_path / "shards.txt"
+    for line, said in ((f"pipe:cat {a}", PIPE_SAID), (f"{a}::{b}", JOINED_SAID)):
+        listing.write_text(f"{b}\n{line}\n")
+        with pytest.raises(plan.InputError, match=re.escape(f"{listing} line 2: {said}")):
+            plan.plan_shards(config(listing, tmp_path / "out"))
+    [p] = plan.plan_shards(config(f"simplecache::file://{a}", tmp_path / "out"))
+    assert p.stem == "00000"
 
 
 def test_one_tar(tree, tmp_path):

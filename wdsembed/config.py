@@ -95,6 +95,26 @@ def canonical_file_url(value: Optional[str]) -> Optional[str]:
     return _FILE_URL_OF_ABSOLUTE_PATH.sub("file://", value, count=1) if value else value
 
 
+def unsupported_url_form(value: Optional[str]) -> Optional[str]:
+    """Why `value` is one of WebDataset's URL forms that fsspec reads otherwise, or None: `pipe:CMD` (fsspec knows
+    no 'pipe' protocol; without one it is a relative path), and shard lists joined by '::' (fsspec's chain
+    separator: it reads the first link's path, not both lists)."""
+    if not value:
+        return None
+    links = [link.strip() for link in value.split("::")]
+    if any(link[:5].lower() == "pipe:" for link in links):
+        return ("is WebDataset's 'pipe:' form (a shell command whose output is read as the shard), which is not run "
+                "here: each worker opens its shards itself, through fsspec. Pass the path or URL that the command "
+                f"reads (a local path, s3://BUCKET/PREFIX/00000.tar, https://HOST/00000.tar), with "
+                f"{option('storage_options')} for the store's settings")
+    # A chain's links before the last are filesystems wrapping it (simplecache, zip://member): never shards.
+    if len(links) > 1 and sum(link.lower().endswith(".tar") or "{" in link for link in links) > 1:
+        return ("joins shard lists with '::', as WebDataset does, but to fsspec '::' chains filesystems "
+                "(simplecache::s3://...): what it names is no shard. Write the shards of each, one path, URL or "
+                "brace pattern per line, in a .txt file and pass that file")
+    return None
+
+
 def absolute_local_path(value: Optional[str]) -> Optional[str]:
     """A relative local path (or file:// URL), or one starting with `~`, as an absolute path of this process's
     working directory and user; anything else (an absolute path, another store's URL, a chained URL) as it is. A
@@ -352,6 +372,9 @@ class EmbedConfig(BaseModel):
         # Before the trailing slashes go: `s3://` would become `s3:`, a local folder of the working directory, and
         # `s3:/bucket/x` (a slash short) is one already: every check would pass and the run write there. The value
         # stays out of the message, as in every error of this model.
+        unsupported = unsupported_url_form(value)
+        if unsupported:
+            raise ValueError(unsupported)
         if not value or "::" in value:
             return value
         scheme, colon, rest = value.partition(":")

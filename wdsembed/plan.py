@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Collection, Optional
 
 from wdsembed import caching, output, outputclaim, report, shard, shardindex, shards, storage, tarstream
-from wdsembed.config import IMAGE_EXTENSIONS, EmbedConfig, canonical_file_url, option
+from wdsembed.config import IMAGE_EXTENSIONS, EmbedConfig, canonical_file_url, option, unsupported_url_form
 from wdsembed.shard import ShardPlan
 from wdsembed.storeoptions import CREDENTIALS_HINT, url_has_password
 
@@ -890,6 +890,9 @@ def _list_file_entries(config: EmbedConfig) -> list[str]:
             raise InputError(f"{config.input} line {number}: the URL holds a password, which would be logged and "
                              f"stored; {CREDENTIALS_HINT}")
         _refuse_wildcard(line, f"{config.input} line {number}: {line!r}")
+        unsupported = unsupported_url_form(line)
+        if unsupported:
+            raise InputError(f"{config.input} line {number}: {unsupported}")
         line = canonical_file_url(line)
         if line.startswith("~") and storage.protocol(base) in ("file", "local"):
             line = os.path.expanduser(line)  # as INPUT's own `~` (config.absolute_local_path)
