@@ -199,6 +199,36 @@ def test_webdatasets_pipe_and_joined_lists_are_refused_saying_why(tree, tmp_path
     assert p.stem == "00000"
 
 
+def test_a_percent_escaped_file_url_is_taken_as_fsspec_takes_it_or_refused_saying_so(tmp_path):
+    """`file:///data/my%20data` (a file manager's or a browser's copy of a path with a blank): fsspec keeps `%20`
+    as it is, and so does the run, whose workers read through fsspec. Where no such folder exists but `/data/my data`
+    does, the run said only 'does not exist'; an OUTPUT so spelled was a new folder `my%20out`, made without a word.
+    Both refused now before any work, naming the path meant; a folder really named `lit%20dir` is read as named."""
+    data = tmp_path / "my data"
+    shard(data, "00000")
+    escaped = f"file://{tmp_path}/my%20data"
+    for given, meant in ((escaped, data), (f"{escaped}/00000.tar", data / "00000.tar"),
+                         (f"{escaped}/{{00000..00000}}.tar", f"{data}/{{00000..00000}}.tar"),
+                         (f"{tmp_path}/my%20data", data)):
+        with pytest.raises(plan.InputError, match=re.escape(
+                f"input {given!r} does not exist: fsspec, which reads the shards, takes its %-escapes as they are "
+                f"written ('%20' as those three characters, not as what they encode), and {str(meant)!r}, what "
+                "they encode, exists: pass that path")):
+            plan.check_config(config(given, tmp_path / "out"))
+    out = f"file://{tmp_path}/out%20put"
+    with pytest.raises(plan.InputError, match=re.escape(
+            f"output {out!r} holds %-escapes, which fsspec writes as they are: the run would create a folder named "
+            f"{str(tmp_path / 'out%20put')!r}; pass the path meant, as it is spelled on disk "
+            f"({str(tmp_path / 'out put')!r}), or create that folder first to write there")):
+        plan.check_config(config(data, out))
+    assert not (tmp_path / "out%20put").exists() and not (tmp_path / "out put").exists()
+    literal = tmp_path / "lit%20dir"
+    shard(literal, "00000")
+    (tmp_path / "made%20out").mkdir()
+    [p] = plan.plan_shards(config(f"file://{literal}", f"file://{tmp_path}/made%20out"))
+    assert p.shard == str(literal / "00000.tar") and p.output == str(tmp_path / "made%20out" / "00000.parquet")
+
+
 def test_one_tar(tree, tmp_path):
     [p] = plan.plan_shards(config(tree / "train" / "00000.tar", tmp_path / "out"))
     assert p.stem == "00000" and p.rows == str(tree / "train" / "00000.parquet")

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import posixpath
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ def check_config(config: EmbedConfig, *, on_current_client: bool = False) -> boo
     preflight.check_dask_reachable(config)
     # before the folder and store checks, which would call '/data/*' missing or ask for a bucket's credentials
     _refuse_wildcard(config.input, f"input {config.input!r}")
+    _check_percent_escapes(config)
     if input_kind(config.input) == "folder":  # a mistyped path is refused in a second, before torch is imported
         _check_local_input(config)
 
@@ -421,6 +423,36 @@ def nothing_to_compute(config: EmbedConfig) -> bool:
             return bool(plans) and all(pool.map(finished, plans))
     except Exception:  # noqa: BLE001 - quietly: the checks that follow say what is wrong, the flow what is not
         return False
+
+
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def _check_percent_escapes(config: EmbedConfig) -> None:
+    """A local INPUT or OUTPUT with %-escapes (`file:///data/my%20data`, as file managers and browsers copy a path)
+    is read and written as fsspec takes it, escapes as written: a folder `my%20data`. Where that is not there, it is
+    refused saying what the escapes encode: an input whose decoded path exists, and a file:// OUTPUT, which would
+    otherwise be a new folder named with the escapes."""
+    from urllib.parse import unquote
+
+    def local(url: str) -> Optional[str]:
+        if not _PERCENT_ESCAPE.search(url):
+            return None
+        fs, path = storage.filesystem(url, config.storage_options)
+        return path if storage.is_local(fs) else None
+
+    path = local(config.input)
+    if path is not None:
+        there = path if input_kind(config.input) != "pattern" else local(input_folder(config.input)) or path
+        if not os.path.lexists(there) and os.path.exists(unquote(there)):
+            raise InputError(f"input {config.input!r} does not exist: fsspec, which reads the shards, takes its "
+                             "%-escapes as they are written ('%20' as those three characters, not as what they "
+                             f"encode), and {unquote(path)!r}, what they encode, exists: pass that path")
+    path = local(config.output)
+    if path is not None and config.output.lower().startswith(("file:", "local:")) and not os.path.lexists(path):
+        raise InputError(f"output {config.output!r} holds %-escapes, which fsspec writes as they are: the run would "
+                         f"create a folder named {path!r}; pass the path meant, as it is spelled on disk "
+                         f"({unquote(path)!r}), or create that folder first to write there")
 
 
 def _check_local_input(config: EmbedConfig) -> None:
