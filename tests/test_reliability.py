@@ -864,6 +864,23 @@ def test_stats_json_that_cannot_be_read(tmp_path, caplog):
                  lost="nothing (the file holds img2dataset's counts only)")
 
 
+def test_stats_json_counting_samples_the_tar_lacks_without_a_parquet(tmp_path):
+    """A shard without its parquet (DataComp and LAION copies often drop it) whose _stats.json counts more samples
+    than its tar holds (a tar rewritten or filtered after img2dataset wrote it): the missing samples have no row,
+    since no parquet names them, and the run said nothing. A warning on the shard now says how many; with a parquet,
+    its rows already say 'not in tar'."""
+    rows = samples(6)
+    for s in rows[1:3]:
+        s.in_tar = False
+    written = write_shard(tmp_path / "in", "00000", rows, parquet=False)
+    assert len(written.keys) == 4
+    assert json.loads((tmp_path / "in" / "00000_stats.json").read_text())["successes"] == 6
+    [result] = embedder()(str(tmp_path / "in"), str(tmp_path / "out"))
+    assert (result.samples, result.embedded) == (4, 4)
+    assert result.warnings == ["00000_stats.json counts 6 samples written (img2dataset's 'successes'), but the tar "
+                               "holds 4: 2 are missing from it, and without the shard's parquet no row names them"]
+
+
 def test_stale_index_is_detected_and_rebuilt(tmp_path):
     # (1) same size, members reordered in place: the index's last entry still fits, only a full read can tell
     s = samples(4)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import socket
 import tempfile
 import time
@@ -389,6 +390,12 @@ def process_shard(
         with fidelity.reference_beside(worker, chosen, config.max_image_pixels or None) as reference:
             faults.maybe_inject(plan.stem, "table")
             warnings += tar.finish()
+            if rows is None and plan.expected_samples is not None and tar.n_samples < plan.expected_samples:
+                # With a parquet, its rows of such samples say "not in tar"; without one, only this count tells.
+                warnings.append(f"{posixpath.basename(plan.stats)} counts {plan.expected_samples} samples written "
+                                f"(img2dataset's 'successes'), but the tar holds {tar.n_samples}: "
+                                f"{plan.expected_samples - tar.n_samples} are missing from it, and without the "
+                                "shard's parquet no row names them")
             if rows is not None:  # the keys as read: a shard without an index is checked here only
                 check_keys_join(config, plan, rows, list(dict.fromkeys([*keys, *tar.errors, *failures])))
             joined = output.join_embeddings(
