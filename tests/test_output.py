@@ -101,7 +101,15 @@ def test_validation_counts_only_the_rows_with_an_embedding():
         got = {k: r["image_embedding"] for k, r in _by_key(table).items()}
         assert got["2"] is None and all(np.allclose(got[k], v) for k, v in unit.items())
         assert validate_table(config, table, dim=DIM, expected_embedded=3) == []
+        # the count is checked: the row without embedding is not counted as one, and a missing one is said
+        assert validate_table(config, table, dim=DIM, expected_embedded=4) == ["3 embeddings, expected 4"]
         assert validate_table(config, table, dim=2 * DIM) == [f"embedding lengths [{DIM}], expected {2 * DIM}"]
+        # a row with neither an embedding nor an error, and one with both, are each a problem
+        for broken in (pa.array([None] * table.num_rows, pa.string()),
+                       pa.array(["x"] * table.num_rows, pa.string())):
+            t = table.set_column(table.schema.get_field_index("embedding_error"), "embedding_error", broken)
+            assert validate_table(config, t, dim=DIM, expected_embedded=3) == [
+                "every row must have exactly one of an embedding and an error"]
 
 
 def test_integer_key_column_keeps_its_type():
