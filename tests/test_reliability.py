@@ -1571,7 +1571,7 @@ def test_an_output_damaged_below_its_footer(tmp_path, caplog):
     assert not again.cached and again.embedded == PER_SHARD
     assert_outputs_whole(out, ["00000"])
     assert validate_output(config(data, out), str(out / "00000.parquet"), dim=first.dim).ok
-    [warning] = {r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()}
+    [warning] = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
     assert f"{out / '00000.parquet'} is damaged" in warning and warning.endswith("; recomputing it"), warning
 
     # verify_outputs (--verify-outputs): each finished output is read whole, and compared with its view, first
@@ -1581,7 +1581,7 @@ def test_an_output_damaged_below_its_footer(tmp_path, caplog):
         [verified] = embedder(verify_outputs=True)(str(data), str(out))
     assert not verified.cached and verified.embedded == PER_SHARD
     assert validate_output(config(data, out), str(out / "00000.parquet"), dim=first.dim).ok
-    [unread] = {r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()}
+    [unread] = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
     assert "output cannot be read" in unread and unread.endswith("; recomputing it"), unread
     # one bit of one embedding flipped: every page still decodes, only the view's copy tells
     caplog.clear()
@@ -1590,7 +1590,7 @@ def test_an_output_damaged_below_its_footer(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="wdsembed"):
         [verified] = embedder(verify_outputs=True)(str(data), str(out))
     assert not verified.cached and validate_output(config(data, out), str(out / "00000.parquet"), dim=first.dim).ok
-    [flipped] = {r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()}
+    [flipped] = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
     assert "has another embedding than the output's" in flipped, flipped
     assert [r.cached for r in embedder(verify_outputs=True)(str(data), str(out))] == [True]  # sound: taken as it is
     table.record("fault-output-damaged-below-footer",

@@ -39,9 +39,9 @@ def planned_outputs(config: EmbedConfig, plans: Iterable[shard.ShardPlan], *, ma
     shard's result stored in its footer (ShardResult's fields, but `cached` and `seconds`), and, for each output of
     ours made under another key, why it is recomputed (shard.why_recomputed, from the same footer). Raises
     output.ForeignOutputError naming every planned output path that holds a parquet wdsembed did not write: the
-    footers read here are what tells them apart, so the run is refused before any shard overwrites one. With
-    verify_outputs, `verified` gets stem -> (fingerprint token, sound) of each output read whole
-    (ShardPlan.output_verified)."""
+    footers read here are what tells them apart, so the run is refused before any shard overwrites one. `verified`
+    gets stem -> (fingerprint token, sound) of each output read whole (verify_outputs, or a kNN view rebuilt from a
+    damaged table) (ShardPlan.output_verified)."""
     plans = list(plans)
     recompute: dict[str, str] = {}
 

@@ -1140,8 +1140,8 @@ def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None, *, gpus: 
     verified: dict[str, tuple[str, bool]] = {}
     finished, recompute = ({}, {}) if config.force else caching.planned_outputs(config, plans, verified=verified)
     check_finished_precision(config, finished, gpus, client)
-    # verify_outputs: each shard's own check takes the planning's verdict on an output unchanged since; read whole
-    # twice, a damaged one was said to be twice.
+    # each shard's own check takes the planning's verdict on an output it read whole (verify_outputs, or a damaged
+    # table behind a missing kNN view), unchanged since: read whole twice, a damaged one was said to be twice.
     plans = [dataclasses.replace(p, output_verified=verified[p.stem]) if p.stem in verified else p for p in plans]
     # A warning: outputs already there are about to be overwritten, and an accident (a package upgraded, tars
     # touched) must show before the work, in the terminal and the flow run's logs, not only at INFO.

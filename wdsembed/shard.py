@@ -66,8 +66,9 @@ class ShardPlan:
     # keys take where the shard has no parquet rows (none, or one that cannot be read): every output and kNN view
     # then has one schema. None: strings.
     id_type: Optional[str] = None
-    # verify_outputs: what the planning found reading the output whole, as (the file's fingerprint token then,
-    # sound): the shard's own check takes it while the file is unchanged, instead of reading it whole again.
+    # What the planning found reading the output whole (verify_outputs, or rebuilding its kNN view), as (the file's
+    # fingerprint token then, sound): the shard's own check takes it while the file is unchanged, instead of reading
+    # it whole again.
     output_verified: Optional[tuple[str, bool]] = None
 
 
@@ -277,15 +278,19 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_vi
     writing no missing kNN view. A view is rebuilt only while OUTPUT's claim is still run `claim_run`'s (a task's;
     None: the planning's, in the process that holds it), else OutputClaimLostError (outputclaim.check_still_held).
     `made_otherwise` is called with the footer metadata of an output of ours made under another key (why_recomputed
-    says why, from the footer already read). With verify_outputs, `verified` is called with the output's fingerprint
-    token and whether it was found sound, where it was read whole; where plan.output_verified holds the planning's
-    verdict on the same file, that is taken instead (and its warning not said again)."""
+    says why, from the footer already read). `verified` is called with the output's fingerprint token and whether it
+    was found sound, where it was read whole (verify_outputs) or found damaged rebuilding its view; where
+    plan.output_verified holds the planning's verdict on the same file, that is taken instead (and its warning not
+    said again)."""
     fs, path = storage.filesystem(plan.output, config.storage_options)
     meta = output.read_output_metadata(path, fs, refuse_foreign=True)
     if meta is not None and meta.get("cache_key") != key:
         made_otherwise(meta)
     if meta and meta.get("cache_key") == key:
         if repair_view and config.knn_view:
+            if plan.output_verified and not plan.output_verified[1] and \
+                    plan.output_verified[0] == _output_token(fs, path):
+                return None  # found damaged by the planning, which said why: not read, nor said, again
             # a deleted or stale view is rebuilt from the table, not re-embedded
             try:
                 output.ensure_embeddings_view(
@@ -294,6 +299,9 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_vi
                         config, claim_run, f"shard {plan.shard}",
                         "Its missing or stale kNN view was not rebuilt from its table"))
             except output.DamagedOutputError as exc:
+                token = _output_token(fs, path)
+                if token is not None:
+                    verified(token, False)
                 log.warning("shard %s: %s; recomputing it", plan.stem, exc)
                 return None
         if repair_view and config.verify_outputs:
