@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from wdsembed.threads import read_ahead
+from wdsembed.threads import in_background, read_ahead
 
 
 def _source(n: int, log: dict, fail_at: int | None = None):
@@ -90,3 +90,23 @@ def test_read_ahead_says_when_the_next_chunk_is_not_in_and_waits_when_asked():
                 continue
             got.append(item)
     assert got == [0, 1, 2, 3, 4]
+
+
+def test_in_background_raises_what_the_producer_raised_and_closes_it_when_the_consumer_stops():
+    """The worker's pipeline runs through in_background: a pipeline that breaks must fail its calls with its own
+    error (not end the stream quietly), and a consumer that stops early stops and closes it, in its own thread."""
+    log: dict = {}
+    got = []
+    with pytest.raises(OSError, match="unreadable at 7"):
+        for item in in_background(_source(100, log, fail_at=7), depth=2):
+            got.append(item)
+    assert got == list(range(7))
+    assert log["thread"] is not threading.current_thread() and log["closed_in"] is log["thread"]
+
+    log = {}
+    before = threading.active_count()
+    ahead = in_background(_source(10_000, log), depth=2)
+    assert [next(ahead) for _ in range(3)] == [0, 1, 2]
+    ahead.close()
+    assert log["closed_in"] is log["thread"]  # closed by the producer's thread, which has ended
+    assert log["made"] < 10_000 and threading.active_count() == before
