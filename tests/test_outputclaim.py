@@ -113,6 +113,35 @@ def test_a_claim_is_taken_over_once_its_heartbeat_is_stale_and_not_before(tmp_pa
     assert not (out / CLAIM_NAME).exists()
 
 
+def test_a_claims_process_is_gone_when_ended_unreaped_or_its_pid_reused_and_looked_up_in_its_namespace_only(
+        tmp_path):
+    """A killed run's process that its parent has not reaped yet (a zombie) has ended; a pid that now names a
+    process started at another time is another process; a pid recorded in another pid namespace (another container
+    with the same host name) cannot be looked up here, and such a claim holds while its heartbeat is fresh."""
+    record = outputclaim.new_record(_config(tmp_path / "in", tmp_path / "out"))
+    gone = "its process (pid {} on this host) is gone"
+    assert outputclaim.stale_reason(record, written=time.time()) is None  # this process: alive
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        alive = record | {"pid": child.pid, "pid_started": outputclaim._process_start(child.pid)}
+        assert outputclaim.stale_reason(alive, written=time.time()) is None
+        child.kill()
+        deadline = time.monotonic() + 30
+        while outputclaim._proc_stat(child.pid)[0] != "Z" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.path.exists(f"/proc/{child.pid}")  # not reaped: the pid still answers os.kill(pid, 0)
+        assert outputclaim.stale_reason(alive, written=time.time()) == gone.format(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    reused = record | {"pid_started": str(int(record["pid_started"]) - 1)}  # this pid, another process's start
+    assert outputclaim.stale_reason(reused, written=time.time()) == gone.format(os.getpid())
+    elsewhere = record | {"pid": child.pid, "pid_namespace": "pid:[1]"}  # gone here, but not this namespace's pid
+    assert outputclaim.stale_reason(elsewhere, written=time.time()) is None
+    assert outputclaim.stale_reason(elsewhere | {"pid_namespace": record["pid_namespace"]},
+                                    written=time.time()) == gone.format(child.pid)
+
+
 def test_an_unreadable_claim_is_described_in_plain_words_and_taken_over_once_old(tmp_path):
     """An empty claim file (its writer died between O_CREAT|O_EXCL and its write, where hard links are not
     supported) names no run and no process: the refusal says the file cannot be read, that it is taken over once
