@@ -142,6 +142,28 @@ def test_a_claims_process_is_gone_when_ended_unreaped_or_its_pid_reused_and_look
                                     written=time.time()) == gone.format(child.pid)
 
 
+def test_a_stale_claim_another_run_took_over_first_is_left_to_it(tmp_path):
+    """Two runs find the same stale claim; the one that moves it aside second finds the first one's claim in its
+    place: it puts that back and takes nothing (one run writes to OUTPUT at a time)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    config = _config(tmp_path / "in", out)
+    (out / CLAIM_NAME).write_bytes(_foreign_claim(config, host="another-host", pid=1,
+                                                  heartbeat=outputclaim._iso(time.time() - outputclaim.STALE_S - 60)))
+    store = outputclaim._store(config)
+    found = store.read()  # the second run reads the stale claim...
+    assert outputclaim.stale_reason(found.record, found.written)
+    first = outputclaim.take(config)  # ...and the first run takes it over before the second moves it aside
+    try:
+        held = (out / CLAIM_NAME).read_bytes()
+        assert store.take_over(found, _foreign_claim(config, run="second-run")) is None
+        assert (out / CLAIM_NAME).read_bytes() == held and _claim(out)["run"] == first.run
+        assert sorted(p.name for p in out.iterdir()) == [CLAIM_NAME]  # nothing moved aside is left
+    finally:
+        first.release()
+    assert not (out / CLAIM_NAME).exists()
+
+
 def test_an_unreadable_claim_is_described_in_plain_words_and_taken_over_once_old(tmp_path):
     """An empty claim file (its writer died between O_CREAT|O_EXCL and its write, where hard links are not
     supported) names no run and no process: the refusal says the file cannot be read, that it is taken over once
