@@ -531,13 +531,34 @@ def test_exif_blocks_that_disagree_cost_only_their_image(case, tmp_path, clean_r
     assert set(rows) == set(photos()) and all(torch.equal(rows[k], clean_rows[k]) for k in rows)
 
 
+def _placement(pipe) -> dict[str, set[str]]:
+    """Where each kind of operator behind the pipeline's image output runs (pipeline_def traces the graph when the
+    pipeline is defined: its output nodes and their operators are known before any build)."""
+    found: dict[str, set[str]] = {}
+    todo, seen = [pipe._graph_out[0].source], set()
+    while todo:
+        op = todo.pop()
+        if id(op) not in seen:
+            seen.add(id(op))
+            found.setdefault(type(op._op).__name__, set()).add(op._op.device)
+            todo += [node.source for node in op.inputs]
+    return found
+
+
 def test_gpu_graph_is_well_formed():
     """The GPU ("mixed") graph can't run here, but defining it checks every operator argument against DALI's
-    schemas and the CPU/GPU placement of each node (building would need a GPU)."""
+    schemas and the CPU/GPU placement of each node (building would need a GPU): nvJPEG decodes ("mixed"), the
+    resize and the crop run on the GPU, and the images come out there."""
     pipe = define_pipeline(
         recipe_of(), batch_size=8, num_threads=2, device_id=0, prefetch=2, hw_decoder_load=0.9, copy_inputs=True,
     )
     assert pipe.device_id == 0 and pipe.exec_dynamic
+    placed = _placement(pipe)
+    assert placed["Image"] == {"mixed"} and placed["Resize"] == placed["CropMirrorNormalize"] == {"gpu"}, placed
+    assert pipe._graph_out[0].device == "gpu"
+    # and the CPU graph, which the tests run, is the CPU's throughout
+    cpu = define_pipeline(recipe_of(), batch_size=8, num_threads=2, device_id=None, prefetch=2, copy_inputs=True)
+    assert {device for devices in _placement(cpu).values() for device in devices} == {"cpu"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
