@@ -310,3 +310,17 @@ def test_gpu_use_sets_the_rate_the_shards_fed_the_model_against_its_own_and_advi
         "timed where workers share a GPU)")
     # the CPU (no figures): nothing
     assert report.build_manifest(config, [shard("00000")], {}, 100.0)["gpu_use"] is None
+
+
+def test_totals_split_computed_from_cached_and_count_the_shards_with_warnings():
+    warned = shard("00001") | {"warnings": ["00001: 2 rows name keys the tar lacks"]}
+    kept = {"00009": shard("00009") | {"rows": 10, "embedded": 10, "failed": 0}}
+    totals = report.totals([shard("00000"), warned, shard("00002", cached=True)], 4.0, kept)
+    assert (totals["shards"], totals["computed"], totals["cached"]) == (3, 2, 1)
+    assert totals["shards_with_warnings"] == 1
+    # the rate is this run's embedding over its wall time: a cached shard's images were embedded by another run
+    assert totals["embedded_this_run"] == 100 and totals["images_per_second"] == 25.0
+    assert (totals["rows"], totals["embedded"], totals["embedded_rows"], totals["failed_rows"]) == (156, 150, 150, 6)
+    assert totals["in_output"] == {"shards": 4, report.EARLIER_RUN: 1, "rows": 166, "embedded": 160,
+                                   "embedded_rows": 160, "failed_rows": 6}
+    assert report.totals([], 0.0)["images_per_second"] == 0.0
