@@ -1076,3 +1076,53 @@ def test_the_flow_gives_a_shard_without_a_parquet_the_runs_integer_ids(tmp_path)
     schema = pa.unify_schemas([f.physical_schema for f in dataset.get_fragments()])
     table = ds.dataset(str(tmp_path / "out"), format="parquet", schema=schema).to_table()
     assert table.num_rows == ROWS + EMBEDDED and table.column("key").null_count == 0
+
+
+# --------------------------------------------------------------------------------------------------- the UI's view
+
+
+def run_logs(flow_run_id: str, expected: str, timeout: float = 30.0) -> list[tuple[str, str]]:
+    """(task run name, or 'flow', message) of every log line the API holds for the flow run, once one of them holds
+    `expected` (lines reach the server in batches, a moment later), or at `timeout`."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            names = {r.id: r.name for r in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))}
+        said = [(names.get(line.task_run_id, "flow"), line.message) for line in logs]
+        if any(expected in message for _, message in said) or time.monotonic() > deadline:
+            return said
+        time.sleep(0.5)
+
+
+def test_the_plannings_warnings_show_in_the_index_task_runs_log(tmp_path, monkeypatch):
+    """The planning reads each shard's _stats.json and indexes its tar in threads of its own. Their warnings (a
+    _stats.json that is no JSON, a tar that cannot be indexed) reached the terminal only: the UI's user, who reads
+    the run's logs there, never saw them. They now show in the index task run's log."""
+    import logging
+
+    from prefect import flow
+    from prefect.runtime import flow_run
+    from tasks.index import index_shards
+
+    data = make_dataset(tmp_path / "in", n_shards=2)
+    (data / "00000_stats.json").write_text("garbage")
+    tar = data / "00001.tar"
+    os.truncate(tar, tar.stat().st_size // 2 + 100)  # cut inside a member: damaged after its start
+    # As PREFECT_LOGGING_EXTRA_LOGGERS=wdsembed does in a run's own process, where it is set before Prefect's import
+    monkeypatch.setattr(logging.getLogger("wdsembed"), "handlers", logging.getLogger("prefect.extra").handlers)
+
+    @flow(name="plan-only")
+    def plan_only(config: EmbedConfig) -> str:
+        index_shards(config)
+        return str(flow_run.id)
+
+    run_id = plan_only(make_config(data, tmp_path / "out"))
+    said = run_logs(run_id, "cannot be indexed")
+    index_lines = [message for name, message in said if name.startswith("index-shards")]
+    assert any("00000_stats.json" in line and "ignored" in line for line in index_lines), said
+    assert any("00001.tar cannot be indexed" in line for line in index_lines), said

@@ -18,11 +18,11 @@ Nothing here imports Prefect or CUDA libraries (tasks.embed.result_storage_for m
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Optional
 
 from wdsembed import output, shard, storage
 from wdsembed.config import EmbedConfig
+from wdsembed.threads import ContextThreadPool
 
 log = logging.getLogger("wdsembed")
 
@@ -61,7 +61,7 @@ def planned_outputs(config: EmbedConfig, plans: Iterable[shard.ShardPlan], *, ma
             return {}
         return meta or {}
 
-    with ThreadPoolExecutor(max(1, min(max_workers, len(plans)))) as pool:
+    with ContextThreadPool(max(1, min(max_workers, len(plans)))) as pool:
         states = list(pool.map(done, plans))
     foreign = [f"{plan.stem}.parquet" for plan, meta in zip(plans, states) if meta is None]
     if foreign:

@@ -28,7 +28,6 @@ import os
 import posixpath
 import re
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Collection, Optional
 
@@ -36,6 +35,7 @@ from wdsembed import caching, output, outputclaim, report, shard, shardindex, sh
 from wdsembed.config import IMAGE_EXTENSIONS, EmbedConfig, canonical_file_url, option, unsupported_url_form
 from wdsembed.shard import ShardPlan
 from wdsembed.storeoptions import CREDENTIALS_HINT, url_has_password
+from wdsembed.threads import ContextThreadPool
 
 log = logging.getLogger("wdsembed")
 
@@ -181,7 +181,7 @@ def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
                 reasons = [f"kNN view columns {', '.join(columns[:2])}"]
         return f"{path[len(root):]} ({', '.join(reasons)})" if reasons else None
 
-    with ThreadPoolExecutor(max(1, min(16, len(others)))) as pool:
+    with ContextThreadPool(max(1, min(16, len(others)))) as pool:
         mixed = [d for d in pool.map(differs, others) if d]
     if mixed:
         more = f" and {len(mixed) - 3} more" if len(mixed) > 3 else ""
@@ -365,7 +365,7 @@ def check_own_outputs(config: EmbedConfig, stems: Collection[str]) -> None:
             return True
         return False
 
-    with ThreadPoolExecutor(max(1, min(16, len(existing)))) as pool:
+    with ContextThreadPool(max(1, min(16, len(existing)))) as pool:
         found = [f"{stem}.parquet" for stem, bad in zip(existing, pool.map(foreign, existing)) if bad]
     if found:
         raise output.ForeignOutputError(found, config.output)
@@ -419,7 +419,7 @@ def nothing_to_compute(config: EmbedConfig) -> bool:
             key = shard.cache_key(config, plan)
             return shard.finished_output(config, plan, key, repair_view=False) is not None
 
-        with ThreadPoolExecutor(max(1, min(16, len(plans)))) as pool:
+        with ContextThreadPool(max(1, min(16, len(plans)))) as pool:
             return bool(plans) and all(pool.map(finished, plans))
     except Exception:  # noqa: BLE001 - quietly: the checks that follow say what is wrong, the flow what is not
         return False
@@ -968,7 +968,7 @@ def _find_named(config: EmbedConfig, urls: list[str], kind: str) -> FoundShards:
                 raise InputError(str(exc)) from None
             raise
 
-    with ThreadPoolExecutor(max(1, min(16, len(folders)))) as pool:
+    with ContextThreadPool(max(1, min(16, len(folders)))) as pool:
         files = set().union(*pool.map(listing, folders))
     missing = [t for t in tars if t not in files]
     if missing:
@@ -1058,7 +1058,7 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
             stats=storage.to_url(fs, stats_path) if stats_path else None,
         )
 
-    with ThreadPoolExecutor(max_workers) as pool:
+    with ContextThreadPool(max_workers) as pool:
         plans = list(pool.map(plan_one, tars))
     plans = [dataclasses.replace(p, run_shards=len(plans), run_index=i) for i, p in enumerate(plans)]
     # Every shard gets it: one whose parquet turns out unreadable keys its tar samples with it too (shard.py).
@@ -1237,7 +1237,7 @@ def with_expected_samples(config: EmbedConfig, plans: list[ShardPlan], *, skip: 
             return plan
         return dataclasses.replace(plan, expected_samples=_successes(plan.stats, config))
 
-    with ThreadPoolExecutor(max_workers) as pool:
+    with ContextThreadPool(max_workers) as pool:
         return list(pool.map(count_one, plans))
 
 
@@ -1274,7 +1274,7 @@ def with_indexes(config: EmbedConfig, plans: list[ShardPlan], *, skip: Collectio
             index = storage.to_url(fs, index)  # beside the shard: s3://bucket/.../00000.idx
         return dataclasses.replace(plan, index=index)
 
-    with ThreadPoolExecutor(max_workers) as pool:
+    with ContextThreadPool(max_workers) as pool:
         return list(pool.map(index_one, plans))
 
 

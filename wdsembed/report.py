@@ -6,12 +6,12 @@ import json
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Collection, Iterable, Optional
 
 from wdsembed import fidelity, output, outputclaim, storage
 from wdsembed.config import EmbedConfig
+from wdsembed.threads import ContextThreadPool
 from wdsembed.versions import code_version, package_versions
 
 TABLE_COLUMNS = ("shard", "rows", "embedded", "failed", "status", "seconds", "images_per_second")
@@ -140,7 +140,7 @@ def _entries_from_footers(fs, root: str, held: set[str], described: set[str]) ->
              and output.is_output_name(rel) and rel[:-len(".parquet")] not in described]
     if not stems:
         return {}
-    with ThreadPoolExecutor(max(1, min(16, len(stems)))) as pool:
+    with ContextThreadPool(max(1, min(16, len(stems)))) as pool:
         footers = pool.map(lambda stem: output.read_output_metadata(storage.join(root, f"{stem}.parquet"), fs),
                            stems)
         results = {stem: (meta or {}).get("result") for stem, meta in zip(stems, footers)}

@@ -1,14 +1,26 @@
-"""Running a producer ahead of its consumer in a background thread, with a bounded queue between them."""
+"""Running a producer ahead of its consumer in a background thread, with a bounded queue between them; thread pools
+whose calls run in their caller's context."""
 from __future__ import annotations
 
+import contextvars
 import itertools
 import queue
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
 _DONE = object()
 _NOTHING = object()
+
+
+class ContextThreadPool(ThreadPoolExecutor):
+    """A ThreadPoolExecutor whose calls run in a copy of the submitting thread's context (contextvars), as they would
+    called inline: their log lines keep the caller's run (a Prefect task run's lines reach its log in the UI only from
+    its context; from a bare pool thread they reached the terminal alone)."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future:
+        return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)
 
 
 class _Raised:
