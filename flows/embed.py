@@ -43,7 +43,7 @@ from prefect_dask import DaskTaskRunner  # noqa: E402
 
 from flows import apiserver, prefect_env  # noqa: E402
 from tasks import prefect_events  # noqa: E402
-from tasks.embed import embed_shards, result_storage_for  # noqa: E402
+from tasks.embed import embed_shards, result_storage_for, run_name  # noqa: E402
 from tasks.expected_ends import log_expected_ends_without_traceback  # noqa: E402
 from tasks.index import index_shards  # noqa: E402
 from tasks.report import report  # noqa: E402
@@ -53,7 +53,7 @@ from wdsembed.plan import (  # noqa: E402
     check_storage, nothing_to_compute, remove_failed_outputs_made_otherwise, remove_views_without_tables,
     shard_groups,
 )
-from wdsembed.report import ManifestNotWritten, retire_manifest, with_manifest_failure  # noqa: E402
+from wdsembed.report import ManifestNotWritten, name_shards, retire_manifest, with_manifest_failure  # noqa: E402
 from wdsembed.shard import ShardsFailed  # noqa: E402
 
 
@@ -135,7 +135,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
             for stem, reason in failed_now.items():
                 logger.error("shard %s failed: %s", stem, reason)
         if lost:
-            _record_lost_run(future, "; ".join(sorted(set(failed_now.values()))))
+            _record_lost_run(future, group, failed_now)
         results.extend(finished_now)
         for result in finished_now + [None] * len(failed_now):
             done += 1
@@ -260,18 +260,24 @@ def _task_lost(future) -> bool:
     return wrapped is not None and wrapped.status == "error"
 
 
-def _record_lost_run(future, reason: str) -> None:
+def _record_lost_run(future, group, failed: dict[str, str]) -> None:
     """A task run whose worker process died (Dask gave up on it: KilledWorker) stays Running in the API, as nothing
-    was left to report its end: mark it Crashed, with the reason, so the UI tells the truth."""
+    was left to report its end: mark it Crashed, naming the shards it lost and why, so the UI tells the truth. Its
+    name, which the task engine gives it on the worker, may have died there too (left as Prefect's embed-shards-xyz):
+    give it its shards' name."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
+    reason = "; ".join(sorted(set(failed.values())))  # Dask's words (KilledWorker) name no shard
+    message = f"shard(s) {name_shards(sorted(failed))} lost with their worker: {reason}"
     try:
         with get_client(sync_client=True) as client:
-            state = client.read_task_run(future.task_run_id).state
-            if state is None or not state.is_final():
-                client.set_task_run_state(future.task_run_id, Crashed(message=reason[:2000]), force=True)
+            task_run = client.read_task_run(future.task_run_id)
+            if task_run.name != run_name(group):
+                client.set_task_run_name(future.task_run_id, run_name(group))
+            if task_run.state is None or not task_run.state.is_final():
+                client.set_task_run_state(future.task_run_id, Crashed(message=message[:2000]), force=True)
     except ObjectNotFound:
         pass  # never started: no task run to mark
     except Exception as exc:  # noqa: BLE001 - the report matters more than this mark

@@ -104,11 +104,15 @@ def _run_logger() -> logging.Logger:
         return logging.getLogger("wdsembed")
 
 
+def run_name(plans: list[ShardPlan]) -> str:
+    """The name of the task run of a group of shards: embed-00000, or embed-00000..00009."""
+    return f"embed-{plans[0].stem}" + (f"..{plans[-1].stem}" if len(plans) > 1 else "")
+
+
 def _run_name() -> str:
     from prefect.runtime import task_run
 
-    plans = task_run.parameters["plans"]
-    return f"embed-{plans[0].stem}" + (f"..{plans[-1].stem}" if len(plans) > 1 else "")
+    return run_name(task_run.parameters["plans"])
 
 
 embed_shards = task(

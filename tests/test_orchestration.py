@@ -1126,3 +1126,21 @@ def test_the_plannings_warnings_show_in_the_index_task_runs_log(tmp_path, monkey
     index_lines = [message for name, message in said if name.startswith("index-shards")]
     assert any("00000_stats.json" in line and "ignored" in line for line in index_lines), said
     assert any("00001.tar cannot be indexed" in line for line in index_lines), said
+
+
+def test_a_task_run_lost_with_its_worker_is_named_for_its_shard_and_says_it_in_its_state(tmp_path, monkeypatch):
+    """A worker process killed as the shard's task began (the OOM killer): the task run's name, which the task engine
+    sets on the worker, died with it, and the run the flow then marked Crashed showed in the UI as 'embed-shards-28a',
+    its message Dask's KilledWorker words, which name no shard. It is now 'embed-00001', its message naming it."""
+    import flows.embed
+
+    data = make_dataset(tmp_path / "in", n_shards=2)
+    config = make_config(data, tmp_path / "out")
+    Faults(tmp_path, monkeypatch, {"00001": {"fail_attempts": 1, "error": "kill"}})
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):  # as after Dask's last reschedule
+        outcome, run_id = embed(config)
+    assert isinstance(outcome, flows.embed.ShardsFailed), outcome
+    runs = task_runs(run_id, expected=4, names=["embed-00000", "embed-00001"])
+    assert "embed-00001" in runs, sorted(runs)
+    crashed = runs["embed-00001"].state
+    assert crashed.name == "Crashed" and "00001" in crashed.message and "KilledWorker" in crashed.message, crashed
