@@ -136,6 +136,9 @@ def embed_dataset(config: EmbedConfig) -> dict:
                 logger.error("shard %s failed: %s", stem, reason)
         if lost:
             _record_lost_run(future, group, failed_now)
+        # Taken: Dask need keep it no longer. Kept, it stays on the worker that made it, and were that worker to die,
+        # Dask would run the task again to make it again (in the UI, a finished task run back to Running).
+        _release(future)
         results.extend(finished_now)
         for result in finished_now + [None] * len(failed_now):
             done += 1
@@ -258,6 +261,13 @@ def _task_lost(future) -> bool:
     the task engine would have returned a state."""
     wrapped = getattr(future, "wrapped_future", None)
     return wrapped is not None and wrapped.status == "error"
+
+
+def _release(future) -> None:
+    """Let Dask forget a task's result (a thread's future, of a run with nothing to compute, holds nothing there)."""
+    release = getattr(getattr(future, "wrapped_future", None), "release", None)
+    if release is not None:
+        release()
 
 
 def _record_lost_run(future, group, failed: dict[str, str]) -> None:

@@ -1144,3 +1144,26 @@ def test_a_task_run_lost_with_its_worker_is_named_for_its_shard_and_says_it_in_i
     assert "embed-00001" in runs, sorted(runs)
     crashed = runs["embed-00001"].state
     assert crashed.name == "Crashed" and "00001" in crashed.message and "KilledWorker" in crashed.message, crashed
+
+
+def test_a_worker_that_dies_does_not_run_again_the_tasks_it_had_finished(tmp_path, monkeypatch):
+    """The flow kept every task's Dask future to its end, so Dask kept each result on the worker that made it, and
+    a worker that died (here at 00001) lost them: Dask ran each of its finished task runs again, once per death, to
+    make them again. In the UI a finished shard's task run went back to Pending and Running and logged its shard
+    again (a run of thousands of shards: hundreds of them, per death). A result the flow has taken is released."""
+    import flows.embed
+
+    data = make_dataset(tmp_path / "in", n_shards=2)
+    config = make_config(data, tmp_path / "out")
+    # 00001 waits a moment first, so that the flow has taken 00000's result before its worker dies
+    counted = Faults(tmp_path, monkeypatch, {"00000": {"fail_attempts": 0},
+                                            "00001": {"fail_attempts": 1, "error": "kill", "hold_s": 3}})
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        outcome, run_id = embed(config)
+    assert isinstance(outcome, flows.embed.ShardsFailed) and sorted(outcome.failures) == ["00001"], outcome
+    assert counted.attempts("00000") == 1
+    from prefect.client.orchestration import get_client
+
+    finished = task_runs(run_id, expected=4, names=["embed-00000"])["embed-00000"]
+    with get_client(sync_client=True) as client:
+        assert [s.name for s in client.read_task_run_states(finished.id)] == ["Pending", "Running", "Completed"]
