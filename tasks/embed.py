@@ -88,9 +88,10 @@ def _announce_start(plans: list[ShardPlan]) -> None:
 
 
 def _log_result(log, r: dict) -> None:
-    log.info("shard %s: %s, %d rows, %d embedded, %d without embedding, %.1f s", r["stem"],
+    why = report.describe_row_causes(r) if r["failed"] else ""
+    log.info("shard %s: %s, %d rows, %d embedded, %d without embedding%s, %.1f s", r["stem"],
              "output already done" if r["cached"] else "embedded", r["rows"], report.embedded_rows(r), r["failed"],
-             r["seconds"])
+             f" ({why})" if why else "", r["seconds"])
 
 
 def _run_logger() -> logging.Logger:

@@ -213,6 +213,20 @@ def test_artifacts_of_the_run(first_run):
     assert "4 computed, 0 cached" in arts["markdown"].data
 
 
+def test_the_ui_says_why_rows_have_no_embedding(first_run):
+    """Each demo shard has a failed download. The UI said '1 without embedding' and no more: the shard's task run
+    log and the run's summary artifact now say why, with a key to look at."""
+    config = first_run["config"]
+    table = pq.read_table(Path(config.output) / "00000.parquet", columns=["key", "status"]).to_pylist()
+    failed = [row["key"] for row in table if row["status"] != "success"]
+    assert len(failed) == 1
+    summary = artifacts(first_run["run_id"])["markdown"].data
+    assert f"- 4 row(s) in 4 shard(s): HTTP Error 404: Not Found (e.g. shard `00000`, key `{failed[0]}`)" in summary
+    said = run_logs(first_run["run_id"], "HTTP Error 404")
+    assert (("embed-00000", f"shard 00000: embedded, 5 rows, 4 embedded, 1 without embedding (1: HTTP Error 404: "
+             f"Not Found ({failed[0]}))") in [(name, message.rsplit(",", 1)[0]) for name, message in said]), said
+
+
 def test_second_run_is_all_cached_and_embeds_nothing(first_run, monkeypatch):
     config, root = first_run["config"], first_run["root"]
     before = {s: identity(Path(config.output) / f"{s}.parquet") for s in STEMS4}

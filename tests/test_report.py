@@ -324,3 +324,39 @@ def test_totals_split_computed_from_cached_and_count_the_shards_with_warnings():
     assert totals["in_output"] == {"shards": 4, report.EARLIER_RUN: 1, "rows": 166, "embedded": 160,
                                    "embedded_rows": 160, "failed_rows": 6}
     assert report.totals([], 0.0)["images_per_second"] == 0.0
+
+
+def test_rows_without_an_embedding_are_said_by_cause_with_a_shard_and_key_to_look_at(tmp_path, capsys):
+    """A run's summary said how many rows had no embedding, never why: the reasons (failed downloads, cut images)
+    were in each output's error column alone. Each shard's result now keeps them by cause (alike but for their
+    numbers: sizes, codes), and the summary says them over the run, most rows first, with a shard and key to read."""
+    cut = "truncated JPEG (no end-of-image marker, {} bytes): not decoded"
+    causes = report.row_causes("00000", ["k1", "k2", "k3", "k4", 5],
+                               ["HTTP Error 404: Not Found", cut.format(2181), "HTTP Error 404: Not Found",
+                                cut.format(977), "HTTP Error 404: Not Found"])
+    assert causes == [{"reason": "HTTP Error 404: Not Found", "rows": 3, "keys": ["k1", "k3", "5"]},
+                      {"reason": cut.format(2181), "rows": 2, "keys": ["k2", "k4"]}]
+    assert report.describe_row_causes({"failed": 6, "error_causes": causes}, shown=1) == \
+        "3: HTTP Error 404: Not Found (k1, k3, 5); 3 of other causes"
+
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    results = [shard("00000") | {"failed": 5, "error_causes": causes},
+               shard("00001") | {"failed": 1, "error_causes": [{"reason": cut.format(12), "rows": 1, "keys": ["x"]}]},
+               shard("00002") | {"failed": 2}]  # an output of an earlier version: its causes unknown
+    manifest = report.build_manifest(config, results, {}, 1.0)
+    without = manifest["rows_without_embedding"]
+    assert [(c["rows"], c["shards"], c["example"]) for c in without["causes"]] == [
+        (3, 2, {"shard": "00000", "key": "k2"}), (3, 1, {"shard": "00000", "key": "k1"})]
+    assert without["unrecorded"] == 2
+    text = report.markdown_summary(manifest, report.shard_rows(results, {}, manifest))
+    assert "### Rows without embedding, by cause" in text
+    assert f"- 3 row(s) in 2 shard(s): {cut.format(2181)} (e.g. shard `00000`, key `k2`)" in text, text
+    assert "- 3 row(s) in 1 shard(s): HTTP Error 404: Not Found (e.g. shard `00000`, key `k1`)" in text, text
+    assert "- 2 row(s) whose causes their shards' results do not list" in text, text
+    assert "every row's reason is in its output's `embedding_error` column" in text
+
+    from wdsembed.cli import print_summary
+
+    print_summary(manifest)
+    assert f"without embedding: 3 row(s) in 2 shard(s): {cut.format(2181)} (e.g. shard 00000, key k2)" in \
+        capsys.readouterr().out.splitlines()

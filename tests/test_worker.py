@@ -658,6 +658,8 @@ def test_an_all_zero_or_non_finite_embedding_costs_only_its_own_row(tmp_path, no
             assert abs(np.linalg.norm(vector) - 1) < 1e-3
     assert (result.embedded, result.failed) == (4 - 1 - normalize, 1 + normalize)
     assert dict(result.errors)["000000000"] == non_finite
+    assert [(c["reason"], c["rows"], c["keys"]) for c in result.error_causes] == (
+        [(non_finite, 1, ["000000000"])] + ([(zeros, 1, ["000000001"])] if normalize else []))  # said in the UI
     assert validate_output(config, plan.output, dim=result.dim, expected_rows=4,
                            expected_embedded=result.embedded).ok
     fidelity = result.fidelity

@@ -405,6 +405,8 @@ def print_summary(manifest: dict) -> None:
         f"model {describe_model(manifest)} | {t['embedded_rows']} of {t['rows']} rows embedded | {this_run}",
         soft_wrap=True,  # one line, as the terminal wraps it, not cut where rich would
     )
+    for line in report.describe_rows_without_embedding(manifest):
+        console.print(f"without embedding: {line}", markup=False, highlight=False, soft_wrap=True)
     warned = report.warning_causes(shards)
     for cause in warned[:report.SUMMARY_CAUSES]:
         console.print(f"warning: {report.describe_warning(cause)}", markup=False, highlight=False, soft_wrap=True)

@@ -308,6 +308,7 @@ def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str,
         "totals": totals(results, wall_seconds, kept),
         "shards": shards | kept,
         "failed_shards": failures,
+        "rows_without_embedding": rows_without_embedding(results),
         # Cached shards count with the cosines stored in their outputs, against this run's threshold.
         "fidelity": fidelity.summarize(config, results),
         "gpu_use": gpu_use(results),
@@ -405,6 +406,9 @@ def markdown_summary(manifest: dict, rows: list[dict]) -> str:
                   for c in causes[:SUMMARY_CAUSES]]
         if len(causes) > SUMMARY_CAUSES:
             lines.append(f"- {more_causes(causes)}: every shard's reason is in {everywhere}")
+    without = describe_rows_without_embedding(manifest, "`")
+    if without:
+        lines += ["", "### Rows without embedding, by cause", ""] + [f"- {line}" for line in without]
     warned = warning_causes(this_run_shards(manifest))
     if warned:
         lines += ["", "### Shards with warnings (output written)", ""]
@@ -417,6 +421,26 @@ def markdown_summary(manifest: dict, rows: list[dict]) -> str:
     if len(rows) > SUMMARY_ROWS:
         lines += ["", f"... and {len(rows) - SUMMARY_ROWS:,} more shard(s): every one is in {everywhere}"]
     return "\n".join(lines)
+
+
+def describe_rows_without_embedding(manifest: dict, code: str = "") -> list[str]:
+    """The summaries' lines on why rows have no embedding (rows_without_embedding), bounded as theirs are; none where
+    every row has one."""
+    without = manifest.get("rows_without_embedding") or {}
+    if not (without.get("causes") or without.get("unrecorded")):
+        return []
+    lines = [f"{c['rows']:,} row(s) in {c['shards']:,} shard(s): {c['reason']} (e.g. shard "
+             f"{code}{c['example']['shard']}{code}, key {code}{c['example']['key']}{code})"
+             for c in without["causes"][:SUMMARY_CAUSES]]
+    left = without["causes"][SUMMARY_CAUSES:]
+    more = len(left) + without["other_causes"]["causes"]
+    if more:
+        rows = sum(c["rows"] for c in left) + without["other_causes"]["rows"]
+        lines.append(f"... and {more:,} more cause(s), of {rows:,} row(s)")
+    if without.get("unrecorded"):
+        lines.append(f"{without['unrecorded']:,} row(s) whose causes their shards' results do not list")
+    column = (manifest.get("config") or {}).get("error_column", "embedding_error")
+    return lines + [f"every row's reason is in its output's {code}{column}{code} column"]
 
 
 @dataclass
@@ -455,6 +479,55 @@ def by_cause(said: Iterable[tuple[str, str]]) -> list[Cause]:
             cause.shards.append(stem)
             cause.alike |= reason != cause.reason
     return sorted(causes.values(), key=lambda c: (-len(c.shards), c.shards[0]))
+
+
+# The most causes a shard's result keeps of its rows without an embedding, and the keys named for each.
+ROW_CAUSES_KEPT = 10
+ROW_KEYS_NAMED = 3
+
+
+def row_causes(stem: str, keys: list, reasons: list[str], kept: int = ROW_CAUSES_KEPT) -> list[dict]:
+    """Why a shard's rows have no embedding, by cause (reasons alike but for their numbers: a size, an HTTP code, an
+    offset), most rows first, the first `kept` of them: the first row's reason, how many rows, a few of their keys."""
+    causes: dict[str, dict] = {}
+    for key, reason in zip(keys, reasons):
+        cause = causes.setdefault(_without_shard(stem, reason), {"reason": reason, "rows": 0, "keys": []})
+        cause["rows"] += 1
+        if len(cause["keys"]) < ROW_KEYS_NAMED:
+            cause["keys"].append(None if key is None else str(key))
+    return sorted(causes.values(), key=lambda c: -c["rows"])[:kept]
+
+
+def describe_row_causes(result: dict, shown: int = 3) -> str:
+    """A shard's rows without an embedding, by cause, in a few words: '1: HTTP Error 404: Not Found (000000006); 2:
+    truncated JPEG ... (000000004, 000000005)', then how many rows other causes cost; '' where it has none."""
+    causes = result.get("error_causes") or []
+    said = [f"{c['rows']}: {c['reason']} ({', '.join(str(k) for k in c['keys'])})" for c in causes[:shown]]
+    others = result["failed"] - sum(c["rows"] for c in causes[:shown])
+    if others > 0:
+        said.append(f"{others} of other causes" if causes else f"{others} of causes not recorded")
+    return "; ".join(said)
+
+
+def rows_without_embedding(results: list[dict], kept: int = 20) -> dict:
+    """The rows without an embedding of this run's shards, by cause over all of them, most rows first (the first
+    `kept` causes): the first shard's reason, how many rows and shards, a shard and key to look at; `unrecorded`:
+    rows of shards whose outputs do not say why (written by earlier versions, or beyond the causes each keeps)."""
+    causes: dict[str, dict] = {}
+    unrecorded = 0
+    for r in sorted(results, key=lambda r: r["stem"]):
+        said = r.get("error_causes") or []
+        unrecorded += r.get("failed", 0) - sum(c["rows"] for c in said)
+        for c in said:
+            cause = causes.setdefault(_without_shard(r["stem"], c["reason"]),
+                                      {"reason": c["reason"], "rows": 0, "shards": 0, "example": None})
+            cause["rows"] += c["rows"]
+            cause["shards"] += 1
+            cause["example"] = cause["example"] or {"shard": r["stem"], "key": (c["keys"] or [None])[0]}
+    ranked = sorted(causes.values(), key=lambda c: (-c["rows"], -c["shards"]))
+    left = ranked[kept:]
+    return {"causes": ranked[:kept], "other_causes": {"causes": len(left), "rows": sum(c["rows"] for c in left)},
+            "unrecorded": unrecorded}
 
 
 def failure_causes(failed_shards: dict[str, str]) -> list[Cause]:

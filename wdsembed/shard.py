@@ -88,6 +88,9 @@ class ShardResult:
     dim: int = 0
     cache_key: str = ""
     errors: list[tuple[str, str]] = field(default_factory=list)  # a few (key, reason) examples
+    # Why its rows without an embedding have none, by cause, most rows first (report.row_causes): what the task run's
+    # log and the run's summary say of them. Failed downloads included, which `errors` leaves out.
+    error_causes: list[dict] = field(default_factory=list)
     model: dict = field(default_factory=dict)  # name, weights, embedding, dim, preprocessing
     # What was wrong with the shard itself, though its output was written: a damaged tar (every intact sample is
     # embedded, the rest named in the error column), an unreadable parquet, repeated keys, a stale .idx rebuilt.
@@ -446,6 +449,7 @@ def process_shard(
             dim=worker.loaded.dim,
             cache_key=key,
             errors=sorted({**tar.errors, **failures, **joined.errors}.items())[:20],
+            error_causes=_row_causes(config, plan, table),
             model=worker.info,
             warnings=warnings,
             batch_size=config.batch_size,
@@ -456,6 +460,18 @@ def process_shard(
     result.seconds = time.perf_counter() - start
     timeline["end"] = time.time()
     return result
+
+
+def _row_causes(config: EmbedConfig, plan: ShardPlan, table) -> list[dict]:
+    """The table's rows without an embedding, by cause (report.row_causes)."""
+    import pyarrow.compute as pc
+
+    reasons = table.column(config.error_column)
+    if reasons.null_count == len(reasons):  # every row embedded
+        return []
+    without = table.filter(pc.is_valid(reasons))
+    return report.row_causes(plan.stem, without.column(config.id_column).to_pylist(),
+                             without.column(config.error_column).to_pylist())
 
 
 def process_shards(
