@@ -245,7 +245,8 @@ def _outcome(future, group, finished: set[str],
     done = {r["stem"] for r in written}
     lost = {p.stem: reason for p in group if p.stem not in done}
     may_pass = isinstance(outcome, BaseException) and faults.is_transient(outcome)
-    return [{**r, "cached": r["stem"] in finished} for r in written], lost, set(lost) if may_pass else set()
+    kept = [{**r, "cached": True} if r["stem"] in finished else _made_by_an_earlier_attempt(r) for r in written]
+    return kept, lost, set(lost) if may_pass else set()
 
 
 def _mark_cached(result: dict, future, finished: set[str]) -> dict:
@@ -253,7 +254,15 @@ def _mark_cached(result: dict, future, finished: set[str]) -> dict:
     the task found the output done, and it was done before this run. An output found done that this run made (an
     attempt lost with its worker, or a group's retry) counts as computed."""
     cached = future.state.name == "Cached" or (result.get("cached") and result["stem"] in finished)
+    if result.get("cached") and not cached:
+        return _made_by_an_earlier_attempt(result)
     return {**result, "cached": bool(cached)}  # the report carries a cached shard's figures from when it was made
+
+
+def _made_by_an_earlier_attempt(result: dict) -> dict:
+    """A shard this run computed in an attempt whose result it never had (a retried group's, one lost with its
+    worker), found done after: computed, its time and speed unknown (None), not those of finding it done (0.0)."""
+    return {**result, "cached": False, "seconds": None, "images_per_second": None, "timeline": {}}
 
 
 def _task_lost(future) -> bool:

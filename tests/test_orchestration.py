@@ -1181,3 +1181,22 @@ def test_a_worker_that_dies_does_not_run_again_the_tasks_it_had_finished(tmp_pat
     finished = task_runs(run_id, expected=4, names=["embed-00000"])["embed-00000"]
     with get_client(sync_client=True) as client:
         assert [s.name for s in client.read_task_run_states(finished.id)] == ["Pending", "Running", "Completed"]
+
+
+def test_a_shard_its_groups_earlier_attempt_wrote_has_no_made_up_speed(tmp_path, monkeypatch):
+    """A group's task retried (00001's transient error): its retry found 00000, written by the attempt before, done,
+    in no time. The run counts it computed, as it is, and the UI's table gave it 0.0 s and 0.0 images/s, a speed
+    it never had. Its figures are unknown to the run: the table says so ('-' in the summary, null in the manifest)."""
+    data = make_dataset(tmp_path / "in", n_shards=2)
+    config = make_config(data, tmp_path / "out", shards_per_task=2)
+    Faults(tmp_path, monkeypatch, {"00001": {"fail_attempts": 1, "error": "io"}})
+    manifest, run_id = embed(config)
+    assert isinstance(manifest, dict), manifest
+    assert manifest["totals"]["computed"] == 2 and manifest["totals"]["embedded_this_run"] == 2 * EMBEDDED
+    figures = manifest["shards"]["00000"]
+    assert figures["status"] == "computed"
+    assert (figures["seconds"], figures["images_per_second"]) == (None, None), figures
+    row = table_rows(run_id)["00000"]
+    assert (row["seconds"], row["images_per_second"]) == (None, None), row
+    assert "| 00000 | 5 | 4 | 1 | computed | - | - |" in artifacts(run_id)["markdown"].data
+    assert manifest["shards"]["00001"]["images_per_second"] > 0  # its own attempt's figures
