@@ -49,6 +49,7 @@ from tasks.index import index_shards  # noqa: E402
 from tasks.report import report  # noqa: E402
 from wdsembed import caching, cluster, faults, fidelity, outputclaim  # noqa: E402
 from wdsembed.config import EmbedConfig  # noqa: E402
+from wdsembed.decoderlog import decoder_messages_to_log  # noqa: E402
 from wdsembed.plan import (  # noqa: E402
     check_storage, nothing_to_compute, remove_failed_outputs_made_otherwise, remove_views_without_tables,
     shard_groups,
@@ -314,7 +315,10 @@ def run(config: EmbedConfig, on_shard_done=None, *, all_finished: Optional[bool]
     # One run writes to an output at a time (wdsembed.outputclaim): refused here, before a cluster starts, where
     # another run holds it; held until this run ends, however it ends. A run with nothing to compute claims it too:
     # it writes the manifest, and a missing kNN view.
-    with outputclaim.held(config) as claim:
+    # DALI's decoder lines (twice per bad image, on the stderr of this process and of the local workers it starts,
+    # which inherit the routing) go to the log at DEBUG, for every caller (the command routes them itself too): a
+    # deployment's process worker would show thousands as its output. Each bad image's reason is on its row.
+    with decoder_messages_to_log(), outputclaim.held(config) as claim:
         return _run_claimed(config, on_shard_done, all_finished, claim.run)
 
 

@@ -300,6 +300,23 @@ def test_deployed_flow_refuses_an_unusable_config_before_starting_a_cluster(tmp_
         flows.deployed.embed.fn(config.model_copy(update={"input": str(tmp_path), "model_name": "resnet5O"}))
 
 
+@pytest.mark.slow
+def test_the_deployed_flow_keeps_the_decoders_lines_off_its_processes_stderr(tmp_path, capfd, prefect_api):
+    """A run from a deployment printed DALI's decoder lines ('[ERROR] [png_parser] ...', twice per bad image) on
+    the stderr of its flow-run process and Dask workers, which a process worker shows as its own output: thousands
+    of lines for a large run of bad images, whose reasons are on their rows and in the UI's summary. They now go to
+    the log at DEBUG, as the command's do."""
+    import flows.deployed
+    from wdsembed.synthetic import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "in", n_shards=1, per_shard=6, corrupt_per_shard=2)  # a cut JPEG and a cut PNG
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), **RUN_CONFIG)
+    manifest = flows.deployed.embed.fn(config)
+    assert any("truncated PNG" in c["reason"] for c in manifest["rows_without_embedding"]["causes"]), manifest
+    err = capfd.readouterr().err
+    assert "png_parser" not in err and "[ERROR]" not in err, err[-3000:]
+
+
 BAD_STORE_URLS = ["s3://", "s3:///", "S3A://", "gs://", "s3:", "s3:/bucket/x", "GS:/bucket", "memory:x"]
 GOOD_STORE_URLS = ["/data/shards", "data/shards", "./s3:x", "/data/s3:/x", "s3://bucket/prefix", "s3://bucket",
                    "S3://bucket/p", "gs://bucket/p", "gcs://b", "file:///data/x", "simplecache::s3://b/x",
