@@ -21,6 +21,7 @@ def retry_if_transient(task, task_run, state) -> bool:
     return isinstance(exc, BaseException) and faults.is_transient(exc)
 
 
+# A fixed run name: Prefect's default adds a random suffix (index-shards-572) that tells the UI's user nothing.
 index_shards = task(
-    name="index-shards", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_if_transient
+    name="index-shards", task_run_name="index-shards", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_if_transient
 )(list_and_index_shards)

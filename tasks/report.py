@@ -21,4 +21,4 @@ def write_report(config: EmbedConfig, results: list[dict], failures: dict[str, s
     return manifest
 
 
-report = task(name="report")(write_report)
+report = task(name="report", task_run_name="report")(write_report)  # no random suffix in the UI

@@ -749,6 +749,9 @@ def test_shards_grouped_per_task(tmp_path, monkeypatch):
     runs = task_runs(run_id, expected=2, names=GROUPED)
     embed_runs = {name: r.state.name for name, r in runs.items() if name.startswith("embed-")}
     assert embed_runs == {"embed-00000..00001": "Completed", "embed-00002": "Completed"}
+    # every task run is named for what it does, without Prefect's random suffix
+    assert set(task_runs(run_id, expected=4, names=["index-shards", "report"])) == {
+        "index-shards", "embed-00000..00001", "embed-00002", "report"}
     assert not [name for name in runs if name.startswith("validate-")]  # validated inside the group's task run
     assert [counted.attempts(s) for s in stems] == [1, 1, 1]
     check_outputs(config, stems)
