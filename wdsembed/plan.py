@@ -644,7 +644,7 @@ def _check_id_types(config: EmbedConfig, found: "FoundShards") -> None:
             return None
 
     by_type: dict[str, list[str]] = {}
-    with ThreadPoolExecutor(max(1, min(8, len(parquets)))) as pool:
+    with ContextThreadPool(max(1, min(8, len(parquets)))) as pool:
         for path, t in zip(parquets, pool.map(type_of, parquets)):
             if t is not None:
                 by_type.setdefault(t, []).append(posixpath.relpath(path, found.root) if found.root else path)
