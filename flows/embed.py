@@ -101,6 +101,10 @@ def embed_dataset(config: EmbedConfig) -> dict:
     gpu_share = {"GPU": cluster.GPU_SHARE_PER_SHARD}
     client = _dask_client()
     annotations = {"resources": gpu_share} if cluster.gpu_slots_declared(client) else {}
+    if config.dask_address and client is not None and len(finished) < len(plans):
+        # Workers of a cluster this run did not start: what they lack is said once, before any shard goes to them.
+        cluster.check_workers(client, config, next(p.shard for p in plans if p.stem not in finished),
+                              modules=("wdsembed.shard",), specs=("tasks.embed", "timm", "nvidia.dali"))
     groups = shard_groups(plans, config.shards_per_task)
     if len(groups) < len(plans):
         logger.info("%d task runs of up to %d shards each", len(groups), len(groups[0]))

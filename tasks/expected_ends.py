@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 
 from wdsembed import faults, fidelity
+from wdsembed.cluster import WorkersCannotRunError
 from wdsembed.report import ManifestNotWritten
 from wdsembed.shard import ShardsFailed
 
-_SAID_IN_THE_SUMMARY = (ShardsFailed, fidelity.FidelityError, ManifestNotWritten)
+# WorkersCannotRunError: said whole by the command's "run failed: ..." line (what the workers lack, what to do).
+_SAID_IN_THE_SUMMARY = (ShardsFailed, fidelity.FidelityError, ManifestNotWritten, WorkersCannotRunError)
 
 
 class ExpectedEndWithoutTraceback(logging.Filter):

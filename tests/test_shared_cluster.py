@@ -196,3 +196,74 @@ def test_relative_input_and_output_name_the_commands_folders_not_the_workers(tmp
     manifest = json.loads((out / "_manifest.json").read_text())
     assert {stem: s["status"] for stem, s in manifest["shards"].items()} == {s: "cached" for s in STEMS}
     assert list(workdir.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def foreign_cluster(tmp_path_factory):
+    """A `dask scheduler` with two workers that cannot run the shards, as on a cluster set up elsewhere: one whose
+    Python cannot import wdsembed (a package of that name that fails to import, first on its path), one that does
+    not see the folder holding INPUT and OUTPUT (an empty tmpfs mounted over it in a mount namespace of its own, as
+    on a node without the client's disk). Skipped where this process may not make mount namespaces (not root)."""
+    from distributed import Client
+
+    root = tmp_path_factory.mktemp("foreign-cluster")
+    hidden = root / "client-only"
+    hidden.mkdir()
+    if subprocess.run(["unshare", "-m", "--propagation", "private", "mount", "-t", "tmpfs", "none", str(hidden)],
+                      capture_output=True).returncode:
+        pytest.skip("needs root to give a worker a mount namespace of its own (a node without the client's disk)")
+    shadow = root / "shadow"
+    for name in ("wdsembed", "tasks"):
+        (shadow / name).mkdir(parents=True)
+        (shadow / name / "__init__.py").write_text(f"raise ModuleNotFoundError(\"No module named '{name}'\")\n")
+    env = _env(root / "workers-prefect")
+    scheduler_file = root / "scheduler.json"
+    procs = [start_process([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                            "--scheduler-file", scheduler_file], root / "scheduler.log", env, cwd=root)]
+    try:
+        address = scheduler_address(procs[0], scheduler_file, root / "scheduler.log")
+        worker = [BIN / "dask", "worker", address, "--nthreads", "1", "--no-dashboard"]
+        procs.append(start_process(worker + ["--name", "no-wdsembed"], root / "worker0.log",
+                                   env | {"PYTHONPATH": str(shadow)}, cwd=root))
+        masked = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                  'mount -t tmpfs none "$0" && exec "$@"', hidden]
+        procs.append(start_process(masked + worker + ["--name", "no-disk"], root / "worker1.log", env, cwd=root))
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        yield address, hidden
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)
+
+
+def test_workers_that_cannot_import_wdsembed_or_see_the_paths_are_said_before_any_shard(foreign_cluster):
+    """Workers lacking the package failed every shard with Dask's "Error during deserialization of the task
+    graph" (the missing module unsaid), and workers not seeing OUTPUT embedded every shard, then failed each with
+    "this run no longer holds the output's claim". Now the API and the command refuse before any shard is submitted,
+    naming each cause and its worker; the claim is released, no output is written."""
+    from wdsembed import TimmImageEmbedder
+    from wdsembed.cluster import WorkersCannotRunError
+
+    address, hidden = foreign_cluster
+    data, out = _data(hidden / "in"), hidden / "out-api"
+    with pytest.raises(WorkersCannotRunError) as raised:
+        TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                          dask_address=address)(str(data), str(out))
+    said = str(raised.value)
+    assert "cannot import wdsembed.api (ModuleNotFoundError: No module named 'wdsembed')" in said, said
+    assert f"does not see the first shard {data}/00000.tar on 1 worker(s)" in said, said
+    assert f"does not see OUTPUT's claim {out}/_claim.json on 1 worker(s)" in said, said
+    assert "install wdsembed" in said and "same paths as this process" in said, said
+    assert not list(out.rglob("*.parquet")) and not (out / "_claim.json").exists()
+
+    out = hidden / "out-cli"
+    argv = [sys.executable, ROOT / "flows" / "embed.py", data, "-o", out, "--model", TINY_MODEL, "--no-pretrained",
+            "--device", "cpu", "--num-threads", "1", "--batch-size", "4", "--dask-address", address]
+    done = subprocess.run([str(a) for a in argv], cwd=hidden, env=_env(hidden / "prefect-cli"), capture_output=True,
+                          text=True, timeout=420)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"run failed: the Dask workers at {address} cannot run this run's shards, so none was submitted" \
+        in done.stderr, done.stderr[-3000:]
+    assert "cannot import wdsembed.shard (ModuleNotFoundError: No module named 'wdsembed')" in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not list(out.rglob("*.parquet")) and not (out / "_claim.json").exists()

@@ -212,11 +212,13 @@ def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str) -> tu
     resources, else any free worker thread."""
     from distributed import as_completed
 
-    from wdsembed.cluster import GPU_SHARE_PER_SHARD, gpu_slots_declared
+    from wdsembed.cluster import GPU_SHARE_PER_SHARD, check_workers, gpu_slots_declared
 
     # As in the flow: a share of a GPU per shard, so a worker's second thread overlaps one shard's reading and
     # writing with another's time in the pipeline (the worker's lock keeps the pipeline to one shard).
     resources = {"GPU": GPU_SHARE_PER_SHARD} if gpu_slots_declared(client) else None
+    if plans:  # what the workers lack is said once, before any shard goes to them
+        check_workers(client, config, plans[0].shard, modules=("wdsembed.api",))
     futures = {  # keyed by this run (its claim's id): Dask never takes another run's task for one of these
         client.submit(embed_here, config, plan, claim_run, key=f"wdsembed-{plan.stem}-{claim_run}",
                       resources=resources, pure=False): plan

@@ -67,6 +67,75 @@ def gpu_slots_declared(client, *, wait_s: float = 30.0) -> bool:
     return bool(workers) and all("GPU" in (w.get("resources") or {}) for w in workers)
 
 
+class WorkersCannotRunError(RuntimeError):
+    """The workers of a Dask cluster that this run did not start cannot run its shards (a package they cannot
+    import, a path of the run they do not see); the message names the workers, the cause and what to do."""
+
+
+def _worker_probe():
+    """A function for client.run that says what a worker lacks to run the shards: the modules it cannot import
+    (`modules`: imported; `specs`: only found, not run: tasks.embed installs hooks as it is imported) and the
+    paths it does not see. Made here, not at module level, so that it is pickled by value: a worker that cannot
+    import wdsembed can still run it, and say so."""
+
+    def probe(modules, specs, paths):
+        import importlib
+        import importlib.util
+        import os
+
+        lacks = []
+        for name in list(modules) + list(specs):
+            try:
+                found = importlib.import_module(name) if name in modules else importlib.util.find_spec(name)
+                if found is None:
+                    raise ModuleNotFoundError(f"No module named {name!r}")
+            except Exception as exc:  # noqa: BLE001 - any import failure is what the worker lacks
+                lacks.append(f"cannot import {name} ({type(exc).__name__}: {exc})")
+        lacks += [f"does not see {what} {path}" for what, path in paths if not os.path.exists(path)]
+        return lacks
+
+    return probe
+
+
+def check_workers(client, config: EmbedConfig, first_shard: Optional[str], *,
+                  modules: tuple = ("wdsembed.shard",), specs: tuple = ("timm", "nvidia.dali")) -> None:
+    """Before the first shard goes to a Dask cluster that this run did not start (--dask-address, or the API's
+    current client), whose workers may run elsewhere, in another environment: ask each worker whether it imports
+    the modules the shards run with, and sees the first shard and OUTPUT's claim where they are local paths. A
+    worker that could not failed every task with "Error during deserialization of the task graph" (its cause left
+    out), and one that did not see OUTPUT embedded each shard, then refused its write as if the run had lost its
+    claim. Raises WorkersCannotRunError naming each cause once, with the workers it holds for."""
+    from wdsembed import outputclaim, storage
+
+    paths = []
+    if storage.is_local(storage.filesystem(config.output, config.storage_options)[0]):
+        paths.append(("OUTPUT's claim", os.path.abspath(outputclaim.claim_url(config)[1])))
+    if first_shard:
+        fs, path = storage.filesystem(first_shard, config.storage_options)
+        if storage.is_local(fs):
+            paths.insert(0, ("the first shard", os.path.abspath(path)))
+    try:
+        said = client.run(_worker_probe(), list(modules), list(specs), paths)
+    except Exception as exc:  # noqa: BLE001 - the probe is plain Python: its own failure says what is wrong
+        said = {"(every worker)": [f"cannot run Python sent by this process ({type(exc).__name__}: {exc})"]}
+    by_cause: dict[str, list[str]] = {}
+    for worker, lacks in said.items():
+        for lack in lacks:
+            by_cause.setdefault(lack, []).append(str(worker))
+    if not by_cause:
+        return
+    lines = [f"{lack} on {len(workers)} worker(s) ({', '.join(sorted(workers)[:3])}"
+             f"{', ...' if len(workers) > 3 else ''})" for lack, workers in by_cause.items()]
+    todo = []
+    if any(lack.startswith("cannot") for lack in by_cause):
+        todo.append("install wdsembed and its dependencies (the same versions as here) where the workers run")
+    if any(lack.startswith("does not see") for lack in by_cause):
+        todo.append("every worker must reach INPUT and OUTPUT at the same paths as this process (a shared file "
+                    "system), or pass URLs of an object store")
+    raise WorkersCannotRunError(f"the Dask workers at {client.scheduler.address} cannot run this run's shards, so none "
+                                f"was submitted: {'; '.join(lines)}. {'; '.join(todo)}")
+
+
 def worker_count(client) -> int:
     """How many workers the Dask scheduler of `client` has now."""
     return len(client.scheduler_info(n_workers=-1)["workers"])
