@@ -243,13 +243,15 @@ def _outcome(future, group, finished: set[str],
     if isinstance(outcome, ShardsFailed):
         return ([_mark_cached(r, future, finished) for r in outcome.results], dict(outcome.failures),
                 set(outcome.transient))
+    dask_loss = cluster.describe_lost_task(outcome, _dask_client()) if isinstance(outcome, BaseException) else None
     reason = f"{type(outcome).__name__}: {outcome}" if isinstance(outcome, BaseException) else str(outcome)
+    reason = dask_loss[0] if dask_loss else reason  # Dask's own loss (KilledWorker, a lost scheduler), in plain words
     # The task was lost (its worker died for good): the shards of its group that it had written whole before that
     # are finished all the same, as their outputs' footers say.
     written = caching.written_results(config, group)
     done = {r["stem"] for r in written}
     lost = {p.stem: reason for p in group if p.stem not in done}
-    may_pass = isinstance(outcome, BaseException) and faults.is_transient(outcome)
+    may_pass = dask_loss[1] if dask_loss else isinstance(outcome, BaseException) and faults.is_transient(outcome)
     kept = [{**r, "cached": True} if r["stem"] in finished else _made_by_an_earlier_attempt(r) for r in written]
     return kept, lost, set(lost) if may_pass else set()
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -267,3 +269,87 @@ def test_workers_that_cannot_import_wdsembed_or_see_the_paths_are_said_before_an
     assert "cannot import wdsembed.shard (ModuleNotFoundError: No module named 'wdsembed')" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr, done.stdout[-3000:] + done.stderr[-3000:]
     assert not list(out.rglob("*.parquet")) and not (out / "_claim.json").exists()
+
+
+def test_workers_restarted_for_their_memory_say_so_once_for_all_their_shards(tmp_path):
+    """A cluster of the user's own whose worker's memory limit is too small for the model: its nanny restarts the
+    worker as it passes distributed's terminate threshold, and Dask gives up on the shards (KilledWorker, here at the
+    first death). Each shard's reason was Dask's 'Attempted to run task ... Inspecting worker logs is often a good
+    next step', logs that a cluster run elsewhere keeps from its user; now the reason says the nanny restarted the
+    worker for its memory, how much it used, and what to change, in the same words for every shard (one cause in
+    the summary). No output is left, whole or partial, and the claim is released."""
+    import dask
+    from distributed import LocalCluster
+
+    from wdsembed import TimmImageEmbedder, report
+    from wdsembed.shard import ShardsFailed
+
+    data, out = _data(tmp_path / "in"), tmp_path / "out"
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit="700MB",
+                         dashboard_address=":0") as small:
+        with pytest.raises(ShardsFailed) as raised:
+            TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                              dask_address=small.scheduler_address)(str(data), str(out))
+    failures = raised.value.failures
+    assert failures, failures
+    for reason in failures.values():
+        assert "its Dask worker process died while running it" in reason, reason
+        assert "restarted by its nanny for using" in reason and "dask worker --memory-limit" in reason, reason
+        assert "Inspecting worker logs" not in reason, reason
+    assert len(report.failure_causes(failures)) == 1, failures
+    assert not [p for p in out.rglob("*") if p.is_file() and p.name != "_manifest.json"], list(out.rglob("*"))
+
+
+def test_a_scheduler_lost_mid_run_ends_the_run_saying_so_and_its_shards_may_pass(tmp_path):
+    """The `dask scheduler` of --dask-address killed while its worker embeds: the call ends (Dask's client gives
+    up on its scheduler), each shard's reason says the scheduler was lost, in the same words (one cause), and the
+    shards count as failures that may pass on a re-run. Dask's words named each task by its key and the run said
+    the shards would fail again until the reason was fixed."""
+    import json
+    import threading
+
+    from wdsembed import TimmImageEmbedder, report
+    from wdsembed.shard import ShardsFailed
+
+    data, out = _data(tmp_path / "in"), tmp_path / "out"
+    spec = tmp_path / "hold.json"
+    spec.write_text(json.dumps({s: {"fail_attempts": 0, "hold_s": 60} for s in STEMS}))
+    env = _env(tmp_path / "prefect") | {"WDSEMBED_FAULTS": str(spec)}
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler = start_process([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                               "--scheduler-file", scheduler_file], tmp_path / "scheduler.log", env, cwd=tmp_path)
+    worker = None
+    try:
+        address = scheduler_address(scheduler, scheduler_file, tmp_path / "scheduler.log")
+        worker = start_process([BIN / "dask", "worker", address, "--nthreads", "1", "--no-dashboard"],
+                               tmp_path / "worker.log", env, cwd=tmp_path)
+        ended = {}
+
+        def call():
+            try:
+                TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                                  dask_address=address)(str(data), str(out))
+            except BaseException as exc:  # noqa: BLE001 - what the call ended with is what is checked
+                ended["exc"] = exc
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        deadline = time.monotonic() + 180
+        while not list(tmp_path.glob("hold.json.*.attempts")):  # a shard held on the worker
+            assert time.monotonic() < deadline and caller.is_alive(), (tmp_path / "worker.log").read_text()[-3000:]
+            time.sleep(0.2)
+        os.killpg(scheduler.pid, signal.SIGKILL)
+        caller.join(180)
+        assert not caller.is_alive()
+    finally:
+        for proc in (worker, scheduler):
+            if proc is not None:
+                stop_process(proc)
+    exc = ended.get("exc")
+    assert isinstance(exc, ShardsFailed), repr(exc)
+    assert sorted(exc.failures) == STEMS, exc.failures
+    for reason in exc.failures.values():
+        assert f"the Dask scheduler at {address} was lost mid-run" in reason, reason
+    assert len(report.failure_causes(exc.failures)) == 1, exc.failures
+    assert sorted(exc.transient) == STEMS

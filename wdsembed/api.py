@@ -201,9 +201,12 @@ def _run_here(config: EmbedConfig, plans: list, claim_run: str) -> tuple[list, d
     return results, failures, transient
 
 
-def _failed(stem: str, exc: BaseException, failures: dict, transient: list) -> None:
-    failures[stem] = f"{type(exc).__name__}: {exc}"
-    if faults.is_transient(exc):
+def _failed(stem: str, exc: BaseException, failures: dict, transient: list, client=None) -> None:
+    from wdsembed.cluster import describe_lost_task
+
+    lost = describe_lost_task(exc, client) if client is not None else None  # Dask's own loss, in plain words
+    failures[stem] = lost[0] if lost else f"{type(exc).__name__}: {exc}"
+    if (lost[1] if lost else faults.is_transient(exc)):
         transient.append(stem)
 
 
@@ -235,7 +238,7 @@ def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str) -> tu
             try:
                 results.append(future.result())
             except Exception as exc:  # noqa: BLE001 - a shard's error, or its worker lost for good (KilledWorker)
-                _failed(plan.stem, exc, failures, transient)
+                _failed(plan.stem, exc, failures, transient, client)
             finally:
                 future.release()
     except BaseException:

@@ -136,6 +136,56 @@ def check_workers(client, config: EmbedConfig, first_shard: Optional[str], *,
                                 f"was submitted: {'; '.join(lines)}. {'; '.join(todo)}")
 
 
+def describe_lost_task(exc: BaseException, client=None) -> Optional[tuple[str, bool]]:
+    """A shard's reason, and whether it may pass on a re-run, where Dask itself lost its task: Dask gave up on it
+    after its workers died running it (KilledWorker), or cancelled it as the client lost its scheduler. Dask's
+    own words name the task by its opaque key (a hash per shard: a summary said each shard's as a cause of its
+    own) and leave out why the workers died, and a lost scheduler read as a failure that would come again. None
+    for any other exception. `client`: asked for the nannies' memory restarts (a scheduler's event log)."""
+    try:
+        from distributed.client import FutureCancelledError
+        from distributed.scheduler import KilledWorker
+    except ImportError:  # pragma: no cover - no Dask, no Dask loss
+        return None
+    if isinstance(exc, KilledWorker):
+        last = exc.last_worker
+        name = getattr(last, "name", None)
+        where = getattr(last, "address", str(last)) + (f" ({name})" if isinstance(name, str) and name else "")
+        why = _memory_restart(client, getattr(last, "address", None))
+        why = why or ("killed from outside (the system's out-of-memory killer, a SIGKILL) or crashed: the worker's "
+                      "log, or the kernel's (dmesg), says which")
+        return (f"its Dask worker process died while running it, on {exc.allowed_failures + 1} worker(s) in turn, "
+                f"so Dask gave up on it (KilledWorker); the last, {where}, was {why}"), False
+    if isinstance(exc, FutureCancelledError) and exc.reason == "scheduler-connection-lost":
+        address = getattr(getattr(client, "scheduler", None), "address", None) or "this run's"
+        return (f"the Dask scheduler at {address} was lost mid-run (its connection closed and did not come back), "
+                "and the shard's task with it (a worker still running it may yet write its output whole: a "
+                "re-run then finds it done)"), True
+    if isinstance(exc, FutureCancelledError):
+        return f"its Dask task was cancelled ({exc.reason}{': ' + exc.msg if exc.msg else ''})", True
+    return None
+
+
+def _memory_restart(client, address: Optional[str]) -> Optional[str]:
+    """What the scheduler's log says of a nanny that restarted the worker at `address` for its memory (distributed's
+    terminate threshold), if it did."""
+    if client is None or not address:
+        return None
+    try:
+        events = client.get_events("worker-restart-memory")
+    except Exception:  # noqa: BLE001 - a reason without it is still the reason
+        return None
+    for _, event in reversed(list(events or ())):
+        if isinstance(event, dict) and event.get("worker") == address:
+            import dask
+
+            fraction = dask.config.get("distributed.worker.memory.terminate")
+            return (f"restarted by its nanny for using {event.get('rss', 0) / 2**30:.2f} GiB, over "
+                    f"{fraction:.0%} of its memory limit (distributed.worker.memory.terminate): give the workers "
+                    "more memory (dask worker --memory-limit) or pass a smaller --batch-size")
+    return None
+
+
 def worker_count(client) -> int:
     """How many workers the Dask scheduler of `client` has now."""
     return len(client.scheduler_info(n_workers=-1)["workers"])
