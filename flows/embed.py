@@ -126,32 +126,37 @@ def embed_dataset(config: EmbedConfig) -> dict:
 
     results, failures, transient = [], {}, set()
     done, shown = 0, 0.0
-    for future in as_completed(list(futures)):
-        group = futures[future]
-        finished_now, failed_now, transient_now = _outcome(future, group, finished, config)
-        transient |= transient_now
-        timeline["collected"] = time.time()
-        failures.update(failed_now)
-        lost = bool(failed_now) and _task_lost(future)
-        if lost or (failed_now and config.dask_address):
-            # Said here as it comes back only where the task run's own end (its ShardsFailed: the reasons, by cause)
-            # is not on this terminal: its worker died before it could end, or it ran on the workers of a cluster
-            # this run did not start. The workers of the run's own cluster print it here; the summary says it again.
-            for stem, reason in failed_now.items():
-                logger.error("shard %s failed: %s", stem, reason)
-        if lost:
-            _record_lost_run(future, group, failed_now)
-        # Taken: Dask need keep it no longer. Kept, it stays on the worker that made it, and were that worker to die,
-        # Dask would run the task again to make it again (in the UI, a finished task run back to Running).
-        _release(future)
-        results.extend(finished_now)
-        for result in finished_now + [None] * len(failed_now):
-            done += 1
-            if hooks.on_shard_done:
-                hooks.on_shard_done(result, done, len(plans))
-        if done == len(plans) or done / len(plans) * 100 - shown >= 1:  # one API call per percent at most
-            shown = done / len(plans) * 100
-            update_progress_artifact(progress, shown)
+    # Workers all paused for their memory start no shard: said, then the shards not started fail (cluster).
+    watch = cluster.StallWatch(client, [f.wrapped_future for f in futures], logger.warning) if client is not None \
+        else contextlib.nullcontext()
+    with watch:
+        for future in as_completed(list(futures)):
+            group = futures[future]
+            finished_now, failed_now, transient_now = _outcome(future, group, finished, config)
+            transient |= transient_now
+            timeline["collected"] = time.time()
+            failures.update(failed_now)
+            lost = bool(failed_now) and _task_lost(future)
+            if lost or (failed_now and config.dask_address):
+                # Said here as it comes back only where the task run's own end (its ShardsFailed: the reasons, by
+                # cause) is not on this terminal: its worker died before it could end, or it ran on the workers of a
+                # cluster this run did not start. The workers of the run's own cluster print it here; the summary
+                # says it again.
+                for stem, reason in failed_now.items():
+                    logger.error("shard %s failed: %s", stem, reason)
+            if lost:
+                _record_lost_run(future, group, failed_now)
+            # Taken: Dask need keep it no longer. Kept, it stays on the worker that made it, and were that worker to
+            # die, Dask would run the task again to make it again (in the UI, a finished task run back to Running).
+            _release(future)
+            results.extend(finished_now)
+            for result in finished_now + [None] * len(failed_now):
+                done += 1
+                if hooks.on_shard_done:
+                    hooks.on_shard_done(result, done, len(plans))
+            if done == len(plans) or done / len(plans) * 100 - shown >= 1:  # one API call per percent at most
+                shown = done / len(plans) * 100
+                update_progress_artifact(progress, shown)
     if config.dask_address:
         _worker_reports_sent(client)
     remove_failed_outputs_made_otherwise(config, failures)

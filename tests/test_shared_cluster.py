@@ -353,3 +353,50 @@ def test_a_scheduler_lost_mid_run_ends_the_run_saying_so_and_its_shards_may_pass
         assert f"the Dask scheduler at {address} was lost mid-run" in reason, reason
     assert len(report.failure_causes(exc.failures)) == 1, exc.failures
     assert sorted(exc.transient) == STEMS
+
+
+def test_workers_all_paused_for_their_memory_end_the_run_saying_so(tmp_path, monkeypatch, caplog):
+    """A cluster of the user's own whose only worker is paused by Dask (its memory over
+    distributed.worker.memory.pause of its limit: here a ballast it holds, as a worker's model and pipeline hold
+    theirs) starts no task: the call waited for ever, without a word. Now it warns, then fails the shards it could
+    not start, saying why (the worker, its memory, its limit) and that they may pass; no output is written."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    from wdsembed import TimmImageEmbedder, cluster, report
+    from wdsembed.shard import ShardsFailed
+
+    monkeypatch.setattr(cluster, "STALL_WARN_S", 2.0)
+    monkeypatch.setattr(cluster, "STALL_S", 10.0)
+    data, out = _data(tmp_path / "in"), tmp_path / "out"
+
+    def hold(n: int) -> int:  # run on the worker: memory it keeps, as a loaded model is kept
+        import builtins
+
+        import psutil
+
+        builtins._wdsembed_test_ballast = b"x" * n
+        return psutil.Process().memory_info().rss
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit="2GB",
+                      dashboard_address=":0") as small, Client(small, set_as_default=False) as client:
+        rss = next(iter(client.run(hold, 0).values()))
+        client.run(hold, int(0.85 * 2e9) - rss)
+        deadline = time.monotonic() + 30
+        while next(iter(client.scheduler_info(n_workers=-1)["workers"].values()))["status"] != "paused":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        with caplog.at_level(logging.WARNING, logger="wdsembed"), pytest.raises(ShardsFailed) as raised:
+            TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                              dask_address=small.scheduler_address)(str(data), str(out))
+    failures = raised.value.failures
+    assert sorted(failures) == STEMS, failures
+    for reason in failures.values():
+        assert reason.startswith(f"not started in 10 s: every worker of the Dask cluster at {small.scheduler_address} (1) "
+                                 "is paused for its memory and runs no task"), reason
+        assert "GiB of its 1.86 GiB limit, over 80% (distributed.worker.memory.pause)" in reason, reason
+    assert len(report.failure_causes(failures)) == 1 and sorted(raised.value.transient) == STEMS
+    assert any("the shards not started fail in 8 s unless a worker resumes" in r.getMessage()
+               for r in caplog.records), caplog.text
+    assert not list(out.rglob("*.parquet"))

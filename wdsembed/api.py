@@ -215,7 +215,7 @@ def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str) -> tu
     resources, else any free worker thread."""
     from distributed import as_completed
 
-    from wdsembed.cluster import GPU_SHARE_PER_SHARD, check_workers, gpu_slots_declared
+    from wdsembed.cluster import GPU_SHARE_PER_SHARD, StallWatch, check_workers, gpu_slots_declared
 
     # As in the flow: a share of a GPU per shard, so a worker's second thread overlaps one shard's reading and
     # writing with another's time in the pipeline (the worker's lock keeps the pipeline to one shard).
@@ -233,14 +233,15 @@ def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str) -> tu
     try:
         # On this client's loop: as_completed() without one asks for the current client, and the call's own client
         # (dask_address) is never made current, nor is there any in a plain script.
-        for future in as_completed(futures, loop=client.loop):
-            plan = futures[future]
-            try:
-                results.append(future.result())
-            except Exception as exc:  # noqa: BLE001 - a shard's error, or its worker lost for good (KilledWorker)
-                _failed(plan.stem, exc, failures, transient, client)
-            finally:
-                future.release()
+        with StallWatch(client, futures, log.warning):  # workers all paused for their memory: said, then ended
+            for future in as_completed(futures, loop=client.loop):
+                plan = futures[future]
+                try:
+                    results.append(future.result())
+                except Exception as exc:  # noqa: BLE001 - a shard's error, or its worker lost (KilledWorker)
+                    _failed(plan.stem, exc, failures, transient, client)
+                finally:
+                    future.release()
     except BaseException:
         # Interrupted (Ctrl-C in a notebook): the shards not yet collected would run on, kept alive by the traceback
         # that the REPL keeps, each embedded only to be refused at its write (the claim goes as this call ends),

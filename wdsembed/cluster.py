@@ -161,6 +161,8 @@ def describe_lost_task(exc: BaseException, client=None) -> Optional[tuple[str, b
         return (f"the Dask scheduler at {address} was lost mid-run (its connection closed and did not come back), "
                 "and the shard's task with it (a worker still running it may yet write its output whole: a "
                 "re-run then finds it done)"), True
+    if isinstance(exc, FutureCancelledError) and exc.reason == STALLED and exc.msg:
+        return exc.msg, True  # StallWatch's words: the workers' memory, what to change
     if isinstance(exc, FutureCancelledError):
         return f"its Dask task was cancelled ({exc.reason}{': ' + exc.msg if exc.msg else ''})", True
     return None
@@ -184,6 +186,80 @@ def _memory_restart(client, address: Optional[str]) -> Optional[str]:
                     f"{fraction:.0%} of its memory limit (distributed.worker.memory.terminate): give the workers "
                     "more memory (dask worker --memory-limit) or pass a smaller --batch-size")
     return None
+
+
+# A worker paused for its memory (over distributed.worker.memory.pause of its limit) starts no task. Where every
+# worker is paused and none runs a task, nothing frees their memory (the model and pipeline a worker keeps are no
+# data Dask can spill), and a run waited on its unstarted shards for ever, without a word. Said after STALL_WARN_S;
+# after STALL_S, the unstarted shards fail with the reason (a worker that resumes, or joins, ends the count).
+STALL_WARN_S = 30.0
+STALL_S = 300.0
+STALLED = "wdsembed-workers-paused"  # the cancel reason of a shard given up on so (describe_lost_task)
+
+
+def stall_reason(client) -> Optional[str]:
+    """Why no worker of `client`'s cluster can start a task now: every one paused for its memory, none running a
+    task; None where one can (or there is no worker to judge)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    if not workers:
+        return None
+    for w in workers.values():
+        counts = (w.get("metrics") or {}).get("task_counts") or {}
+        if w.get("status") != "paused" or counts.get("executing") or counts.get("long-running"):
+            return None
+    import dask
+
+    def used(w) -> float:
+        return (w.get("metrics") or {}).get("memory", 0) / (w.get("memory_limit") or 1)
+
+    address, w = max(workers.items(), key=lambda item: used(item[1]))
+    fraction = dask.config.get("distributed.worker.memory.pause")
+    return (f"every worker of the Dask cluster at {client.scheduler.address} ({len(workers)}) is paused for its "
+            f"memory and runs no task, so none starts a shard: {address} uses "
+            f"{(w.get('metrics') or {}).get('memory', 0) / 2**30:.2f} GiB of its "
+            f"{(w.get('memory_limit') or 0) / 2**30:.2f} GiB limit, over {fraction:.0%} "
+            "(distributed.worker.memory.pause); give the workers more memory (dask worker --memory-limit)")
+
+
+class StallWatch:
+    """While a run waits on `futures` (Dask futures), watches its cluster from a thread: once no worker could start
+    a task (stall_reason) for STALL_WARN_S, `warn(reason)`; for STALL_S, cancels the futures not done, with
+    reason STALLED and the words as their message (their tasks never started). A `with` block."""
+
+    def __init__(self, client, futures, warn, poll_s: float = 2.0):
+        self.client, self.futures, self.warn, self.poll_s = client, list(futures), warn, poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="wdsembed-stall-watch", daemon=True)
+
+    def __enter__(self) -> "StallWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        since, warned = None, False
+        while not self._stop.wait(self.poll_s):
+            try:
+                reason = stall_reason(self.client)
+            except Exception:  # noqa: BLE001 - a scheduler gone ends the run by itself (describe_lost_task)
+                reason = None
+            if reason is None:
+                since, warned = None, False
+                continue
+            since = since or time.monotonic()
+            if not warned and time.monotonic() - since >= STALL_WARN_S:
+                warned = True
+                self.warn(f"{reason}; the shards not started fail in {STALL_S - STALL_WARN_S:.0f} s unless a "
+                          "worker resumes")
+            if time.monotonic() - since >= STALL_S:
+                undone = [f for f in self.futures if not f.done()]
+                if undone:
+                    self.client.cancel(undone, reason=STALLED,
+                                       msg=f"not started in {STALL_S:.0f} s: {reason}")
+                return
 
 
 def worker_count(client) -> int:
