@@ -157,6 +157,13 @@ def embed_dataset(config: EmbedConfig) -> dict:
             if done == len(plans) or done / len(plans) * 100 - shown >= 1:  # one API call per percent at most
                 shown = done / len(plans) * 100
                 update_progress_artifact(progress, shown)
+    if client is not None:  # a shard whose worker died under it, run again whole, says so
+        groups_of = {f.wrapped_future.key: g for f, g in futures.items()}
+        for key, workers in cluster.workers_lost_under(client, groups_of).items():
+            stems = {p.stem for p in groups_of[key]}
+            for result in results:
+                if result["stem"] in stems and not result.get("cached"):
+                    result["warnings"] = list(result.get("warnings") or []) + [cluster.rerun_warning(workers)]
     if config.dask_address:
         _worker_reports_sent(client)
     remove_failed_outputs_made_otherwise(config, failures)

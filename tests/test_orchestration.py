@@ -647,6 +647,10 @@ def test_worker_killed_mid_shard_leaves_no_partial_output(tmp_path, monkeypatch)
     assert isinstance(manifest, dict), manifest  # Dask ran the shard again on the restarted worker process
     assert killed.attempts("00001") == 2  # killed at the first batch, then one pass through
     assert manifest["totals"]["computed"] == 3 and not manifest["failed_shards"]
+    # Said in the manifest (and so the summary), not only in the nanny's log line: the shard was run again.
+    warned = [w for w in manifest["shards"]["00001"]["warnings"] if "its Dask worker died" in w]
+    assert len(warned) == 1 and "Dask ran it again from its start" in warned[0], manifest["shards"]["00001"]
+    assert not any("Dask worker died" in w for s in ("00000", "00002") for w in manifest["shards"][s]["warnings"])
     assert set(embed_states(run_id, ["00000", "00001", "00002"]).values()) == {"Completed"}
     check_outputs(config, ["00000", "00001", "00002"])
 

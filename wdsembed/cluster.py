@@ -262,6 +262,32 @@ class StallWatch:
                 return
 
 
+def workers_lost_under(client, keys) -> dict:
+    """For each of `keys` (Dask task keys), the workers that left the cluster unexpectedly (a process killed, by the
+    kernel's out-of-memory killer or a nanny's memory restart, or crashed) while it was given to them, from the
+    scheduler's event log: Dask ran such a task again elsewhere, and its shard came out whole, with no word of it
+    anywhere the run's user looks. Empty where the log cannot be read."""
+    keys = set(keys)
+    try:
+        events = client.get_events("all")
+    except Exception:  # noqa: BLE001 - a record of what happened, never a reason to fail the run
+        return {}
+    lost: dict = {}
+    for _, event in events or ():
+        if isinstance(event, dict) and event.get("action") == "remove-worker" and not event.get("expected"):
+            for key in event.get("processing-tasks") or ():
+                if key in keys:
+                    lost.setdefault(key, []).append(str(event.get("worker")))
+    return lost
+
+
+def rerun_warning(workers: list) -> str:
+    """A shard's warning where its task outlived workers_lost_under's workers."""
+    return (f"its Dask worker died before the shard was done ({len(workers)} time(s): {', '.join(workers[:3])}), "
+            "and Dask ran it again from its start; nothing of the lost attempt was kept (the worker's log, or the "
+            "kernel's, says why it died)")
+
+
 def worker_count(client) -> int:
     """How many workers the Dask scheduler of `client` has now."""
     return len(client.scheduler_info(n_workers=-1)["workers"])
