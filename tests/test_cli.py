@@ -923,6 +923,16 @@ def test_ctrl_c_says_where_the_finished_shards_are_in_one_line(shards, tmp_path,
         "finish the rest (finished shards are not recomputed)")
 
 
+def test_a_failure_without_a_message_is_named_by_its_type(shards, tmp_path, capsys):
+    """A run that failed on an exception with no message (a bare TimeoutError) said "run failed: " and nothing."""
+    def failed_run(config, on_shard_done=None, all_finished=None):
+        raise TimeoutError
+
+    code = cli.main(failed_run, [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained"])
+    assert code == 1
+    assert "\nrun failed: TimeoutError\n" in capsys.readouterr().err
+
+
 def test_summary_of_a_run_with_nothing_to_embed_says_so(tmp_path, capsys):
     """A re-run that finds every output finished says so, instead of a rate of 0.0 images/s; a run that computed
     shards keeps its count and rate, even when none of their images could be embedded."""
@@ -1186,6 +1196,40 @@ def test_sigterm_mid_run_ends_as_ctrl_c_does(to, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     _ended_on_ctrl_c(proc, stdout, stderr, out, interrupted, code=128 + signal.SIGTERM, by=" by SIGTERM")
+    _left_nothing_and_goes_on(command, tmp_path, out, started)
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_cluster_is_slow_to_close_still_ends_as_an_interruption(tmp_path):
+    """SIGTERM mid-run on a loaded machine, where the nanny's kill of its busy worker process took longer to reap
+    than distributed's 5 s (WDSEMBED_FAULTS gives it none): the cluster's close raised TimeoutError over the stop,
+    and the run ended as failed (exit 1, "run failed: " with no reason, "no shard finished" though one had), its flow
+    run left Running, and the exit waited 10 s more for the cluster. Now it ends as any SIGTERM does, with one line
+    saying the worker process had not ended; its flow run Crashed, as Prefect marks it on SIGTERM."""
+    import json
+    import sqlite3
+
+    import psutil
+
+    command, out = _a_run_to_stop(tmp_path)
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"worker_close": {"timeout_s": 0}}))
+    proc = subprocess.Popen(command, cwd=tmp_path, env=_command_env(tmp_path) | {"WDSEMBED_FAULTS": str(faults)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_a_finished_shard(proc, out)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        interrupted = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    said = _ended_on_ctrl_c(proc, stdout, stderr, out, interrupted, code=128 + signal.SIGTERM, by=" by SIGTERM")
+    assert "run failed" not in said and "TimeoutError" not in said, said[-4000:]
+    assert len([line for line in said.splitlines() if "had not ended" in line]) == 1, said[-4000:]
+    with contextlib.closing(sqlite3.connect(tmp_path / "prefect-home" / "prefect.db")) as db:
+        assert db.execute("SELECT state_type FROM flow_run").fetchall() == [("CRASHED",)]
     _left_nothing_and_goes_on(command, tmp_path, out, started)
 
 

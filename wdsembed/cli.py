@@ -248,7 +248,7 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
             print_summary(manifest)
             failed, finished = manifest.get("failed_shards") or {}, len(report.this_run_shards(manifest))
             if not failed:  # every shard written, but the run failed as a whole: its fidelity check, or its manifest
-                print(f"\nrun failed: {exc}", file=sys.stderr)
+                print(f"\nrun failed: {_reason(exc)}", file=sys.stderr)
                 if isinstance(exc, ManifestNotWritten):  # the same command writes it
                     _print_manifest_hint(config, finished)
                 return 1
@@ -260,11 +260,16 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
             # ShardsFailed says which failures may pass on a retry; None: not known
             _print_manifest_hint(config, finished, failed, getattr(exc, "transient", None))
             return 1
-        print(f"\nrun failed: {exc or repr(exc)}", file=sys.stderr)
+        print(f"\nrun failed: {_reason(exc)}", file=sys.stderr)
         _print_manifest_hint(config, progress.finished)
         return 1
     print_summary(manifest)
     return 0
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception's message, or its type's name where it has none (a bare TimeoutError said nothing)."""
+    return str(exc) or type(exc).__name__
 
 
 class Terminated(KeyboardInterrupt):

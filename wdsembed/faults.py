@@ -7,6 +7,9 @@ went through it and before its output table is built (its fidelity reference run
 view is written and before its table is (a run dying between the two files). Attempts are counted in a file beside it
 (<spec>.<stem>.attempts), so they survive retries and worker restarts; a spec with "fail_attempts": 0 only counts.
 "hold_s": S makes each counted attempt wait S seconds first (a shard held mid-embedding, for a test to interrupt).
+{"worker_close": {"timeout_s": S}} gives a local cluster's nanny S seconds, not distributed's 5, to see its worker
+process end as the cluster closes (worker_close_timeout): with 0, the process is killed and not yet reaped when that
+time is up, as on a loaded machine.
 """
 from __future__ import annotations
 
@@ -94,6 +97,12 @@ def maybe_inject(stem: str, where: str = "start") -> None:
     if error == "fatal":
         raise ValueError(f"injected deterministic failure on shard {stem}")
     raise TransientError(f"injected I/O error on shard {stem} (attempt {attempts + 1})")
+
+
+def worker_close_timeout(timeout: float) -> float:
+    """The seconds a closing nanny gives its worker process to end: `timeout`, unless WDSEMBED_FAULTS says."""
+    spec = _spec("worker_close")
+    return float(spec.get("timeout_s", timeout)) if spec else timeout
 
 
 def batch_hook(stem: str, on_batch: Callable[[int], None]) -> Callable[[int], None]:
