@@ -3,9 +3,12 @@ new session so that stopping it stops everything it started."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
+import time
 from pathlib import Path
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,6 +26,30 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+# In a command's environment: it dumps its threads' stacks to stderr on SIGUSR1 (wdsembed.cli).
+DUMP_STACKS = {"WDSEMBED_DUMP_STACKS_ON_SIGUSR1": "1"}
+
+
+def ended(proc: subprocess.Popen, timeout: float, said: Optional[Callable[[], str]] = None) -> tuple:
+    """proc.communicate(timeout=timeout) for a command told to stop (started with DUMP_STACKS); where it is still
+    running then, an AssertionError with its threads' stacks, which SIGUSR1 makes it write to its stderr: read from
+    its pipe, or with `said()` where stderr goes elsewhere. The caller kills it after."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    proc.send_signal(signal.SIGUSR1)
+    time.sleep(2)
+    try:
+        out = proc.communicate(timeout=1)[1] or ""
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stderr or b""
+    out = said() if said is not None else out.decode(errors="replace") if isinstance(out, bytes) else out
+    stacks = re.search(r"^(Current thread|Thread) 0x", out, re.M)
+    raise AssertionError(f"still running {timeout:.0f} s after it was stopped; its stacks:\n"
+                         f"{out[stacks.start():][:30000] if stacks else out[-6000:]}")
 
 
 def scheduler_address(proc: subprocess.Popen, scheduler_file: Path, log: Path, timeout: float = 60) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CANNOT_DROP_OVERRIDE, TINY_MODEL, without_file_permission_override
+from processes import DUMP_STACKS, ended
 from wdsembed import cli
 from wdsembed.config import EmbedConfig, field_default
 
@@ -1066,7 +1067,7 @@ def test_a_rerun_of_hundreds_of_finished_shards_ends_on_its_summary(tmp_path):
 def _command_env(tmp_path: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "WDSEMBED_", "DASK_"))}
     return env | {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1",
-                  "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+                  "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"} | DUMP_STACKS
 
 
 @pytest.fixture(scope="module")
@@ -1136,6 +1137,30 @@ def test_command_says_each_failed_shard_a_bounded_number_of_times(failed_command
     assert sum(line.startswith("(") and "shard(s) failed" in line for line in failed_command.stdout.splitlines()) == 1
 
 
+def test_a_command_still_running_after_its_stop_shows_its_stacks(shards, tmp_path):
+    """With WDSEMBED_DUMP_STACKS_ON_SIGUSR1 set, SIGUSR1 makes the command write its threads' stacks and go on: what
+    the tests below show of a command that has not ended in time after a signal (processes.ended)."""
+    running = tmp_path / "running"
+    call = ("import time; from wdsembed import cli; cli.main(lambda config, **_: (open("
+            f"{str(running)!r}, 'w').close(), time.sleep(600)), [{str(shards)!r}, '-o', {str(tmp_path / 'out')!r}, "
+            f"'--model', {TINY_MODEL!r}, '--no-pretrained'])")
+    proc = subprocess.Popen([sys.executable, "-c", call], cwd=ROOT, env=_command_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not running.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(AssertionError, match=r"still running 0 s after it was stopped; its stacks:\n(Current )?"
+                                                 r"[Tt]hread 0x(?s:.*)line 1 in <lambda>"):
+            ended(proc, 0.1)
+        assert proc.poll() is None  # it went on
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("to", ["command", "process group"])
 def test_ctrl_c_mid_run(to, tmp_path):
@@ -1162,7 +1187,7 @@ def test_ctrl_c_mid_run(to, tmp_path):
             proc.send_signal(signal.SIGINT)
         else:
             os.killpg(proc.pid, signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = ended(proc, 120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -1191,7 +1216,7 @@ def test_sigterm_mid_run_ends_as_ctrl_c_does(to, tmp_path):
             proc.send_signal(signal.SIGTERM)
         else:
             os.killpg(proc.pid, signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = ended(proc, 120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -1221,7 +1246,7 @@ def test_sigterm_while_the_cluster_is_slow_to_close_still_ends_as_an_interruptio
         started = psutil.Process(proc.pid).children(recursive=True)
         interrupted = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = ended(proc, 120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -1276,7 +1301,7 @@ def test_hangup_mid_run_ends_as_sigterm_does(output, tmp_path):
         os.close(reading)  # hung up: writes to it fail
         reading = None
         os.killpg(proc.pid, signal.SIGHUP)
-        proc.wait(timeout=120)
+        ended(proc, 120, said=lambda: log.read_text() if output == "pipes" else "(its terminal is gone)")
     finally:
         if reading is not None:
             os.close(reading)
@@ -1390,7 +1415,7 @@ def test_ctrl_c_to_the_process_group_while_workers_embed(tmp_path):
         started = psutil.Process(proc.pid).children(recursive=True)  # API server, resource tracker, two workers
         interrupted = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = ended(proc, 120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -179,6 +179,7 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
     `wdsembed` command (flows.command:main) and by `python flows/embed.py` (this package never imports the flow).
     `on_checked()` is called once every check has passed, before `run` is imported and called: the command starts
     its Prefect API server there, in the background, so that it boots while the flow's modules are imported."""
+    _dump_stacks_on_sigusr1()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.input is not None and not any(e.startswith("-") for e in extra):
@@ -265,6 +266,18 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
         return 1
     print_summary(manifest)
     return 0
+
+
+DUMP_STACKS = "WDSEMBED_DUMP_STACKS_ON_SIGUSR1"
+
+
+def _dump_stacks_on_sigusr1() -> None:
+    """With WDSEMBED_DUMP_STACKS_ON_SIGUSR1 set, SIGUSR1 writes every thread's stack to stderr and the command goes
+    on: where a run that does not end is stuck (the tests send it to a command that outlives its stop)."""
+    if os.environ.get(DUMP_STACKS) and hasattr(signal, "SIGUSR1"):
+        import faulthandler
+
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def _reason(exc: BaseException) -> str:
