@@ -303,6 +303,30 @@ def test_second_run_is_all_cached_and_embeds_nothing(first_run, monkeypatch):
     assert heartbeats(run_id) == 0
 
 
+def test_a_run_with_new_shards_keeps_the_groups_of_finished_ones_off_the_workers(tmp_path, monkeypatch):
+    """A nightly re-run with a few new shards beside many finished ones: each group of finished shards is still a
+    task run (Cached where the task cache holds that very group's result), but it runs in the flow's own threads,
+    never on a Dask worker. There, where the cache had no result for the group (a run of more shards groups them
+    otherwise; here, shards first embedded through the Python API), every such task run read its footers on a
+    worker: 674 of them took 75 s ahead of 20 new shards beside 2,000 finished ones."""
+    from wdsembed import shard
+    from wdsembed.api import run_shards
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    data = make_dataset(tmp_path / "in", n_shards=2)
+    config = make_config(data, tmp_path / "out", fidelity_sample=0)
+    # in this process, with no task cache (the API starts no cluster: n_workers left at its default)
+    first = config.model_copy(update={"n_workers": EmbedConfig.model_fields["n_workers"].default})
+    assert sorted(r.stem for r in run_shards(first)) == ["00000", "00001"]
+    write_shard(data, "00002", from_encoded(synthetic_images(2, seed=7)), shard_id=2)
+    ran_here = _calls(monkeypatch, shard, "process_shards")
+    manifest, run_id = embed(config)
+    assert isinstance(manifest, dict), manifest
+    assert (manifest["totals"]["computed"], manifest["totals"]["cached"]) == (1, 2)
+    assert sorted(plan.stem for args in ran_here for plan in args[1]) == ["00000", "00001"]  # not 00002
+    assert set(embed_states(run_id, ["00000", "00001", "00002"]).values()) == {"Completed"}
+
+
 def test_prefect_never_walks_the_shards_records_handed_to_the_report(first_run, monkeypatch):
     """The report task takes every shard's result and the earlier manifest's entries: Prefect looks through a task's
     parameters for futures and states, element by element, twice (about 30 s of the flow's process for 10,000
