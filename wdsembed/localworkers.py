@@ -69,6 +69,20 @@ class Nanny(distributed.Nanny):
                 raise
             logger.warning("Dask worker process %s was killed but had not ended %.1f s after it was asked to close; "
                            "the cluster closes without waiting for it", pid, timeout)
+            # Reaped later (at the latest by multiprocessing as the command exits), distributed then says its exit
+            # status "was already read": a line after the run's closing one that adds nothing to the line above.
+            logging.getLogger("distributed.process").addFilter(_AlreadyReaped(pid))
+
+
+class _AlreadyReaped(logging.Filter):
+    """Drops distributed's 'process PID exit status was already read' for one worker process said killed."""
+
+    def __init__(self, pid) -> None:
+        super().__init__()
+        self.said = f"process {pid!r} exit status was already read"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.said not in record.getMessage()
 
 
 def with_this_preload(preload, preload_argv) -> tuple[list, list]:
