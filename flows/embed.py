@@ -162,7 +162,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
                 for stem, reason in failed_now.items():
                     logger.error("shard %s failed: %s", stem, reason)
             if lost:
-                _record_lost_run(future, group, failed_now)
+                _record_lost_run(future, group, failed_now, fresh_task)
             # Taken: Dask need keep it no longer. Kept, it stays on the worker that made it, and were that worker to
             # die, Dask would run the task again to make it again (in the UI, a finished task run back to Running).
             _release(future)
@@ -342,26 +342,33 @@ def _release(future) -> None:
         release()
 
 
-def _record_lost_run(future, group, failed: dict[str, str]) -> None:
+def _record_lost_run(future, group, failed: dict[str, str], task) -> None:
     """A task run whose worker process died (Dask gave up on it: KilledWorker) stays Running in the API, as nothing
     was left to report its end: mark it Crashed, naming the shards it lost and why, so the UI tells the truth. Its
     name, which the task engine gives it on the worker, may have died there too (left as Prefect's embed-shards-xyz):
-    give it its shards' name."""
+    give it its shards' name. A worker killed as the task began may have sent nothing at all (the task engine's
+    states reach the API as events, sent from a thread of the worker process, which died before it sent them): the
+    task run is then made here, under the id its future has, so the UI shows the lost shards all the same (events
+    sent after all, older than this state, do not overwrite it)."""
     from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
     reason = "; ".join(sorted(set(failed.values())))  # Dask's words (KilledWorker) name no shard
-    message = f"shard(s) {name_shards(sorted(failed))} lost with their worker: {reason}"
+    crashed = Crashed(message=f"shard(s) {name_shards(sorted(failed))} lost with their worker: {reason}"[:2000])
     try:
         with get_client(sync_client=True) as client:
-            task_run = client.read_task_run(future.task_run_id)
+            try:
+                task_run = client.read_task_run(future.task_run_id)
+            except ObjectNotFound:
+                client.create_task_run(task, FlowRunContext.get().flow_run.id, dynamic_key=str(future.task_run_id),
+                                       id=future.task_run_id, name=run_name(group), state=crashed)
+                return
             if task_run.name != run_name(group):
                 client.set_task_run_name(future.task_run_id, run_name(group))
             if task_run.state is None or not task_run.state.is_final():
-                client.set_task_run_state(future.task_run_id, Crashed(message=message[:2000]), force=True)
-    except ObjectNotFound:
-        pass  # never started: no task run to mark
+                client.set_task_run_state(future.task_run_id, crashed, force=True)
     except Exception as exc:  # noqa: BLE001 - the report matters more than this mark
         get_run_logger().warning("could not mark task run %s crashed: %s", future.task_run_id, exc)
 

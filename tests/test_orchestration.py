@@ -1236,6 +1236,36 @@ def test_a_task_run_lost_with_its_worker_is_named_for_its_shard_and_says_it_in_i
     assert crashed.name == "Crashed" and "00001" in crashed.message and "KilledWorker" in crashed.message, crashed
 
 
+def test_a_task_run_whose_worker_died_before_it_said_anything_is_made_crashed_under_its_shards_name():
+    """A worker killed as the task began can die before its task engine sent a single state (they reach the API as
+    events, from a thread of the worker process): the flow found no task run to mark (ObjectNotFound), and the UI
+    showed nothing of the lost shard. (A fresh-clone CI run under load failed the test above on it.) The task run is
+    made under its future's id, named for its shard, Crashed with the reason."""
+    import uuid
+    from types import SimpleNamespace
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    import flows.embed
+    from tasks.embed import embed_shards
+
+    lost = SimpleNamespace(task_run_id=uuid.uuid4())  # a future whose task run the API never heard of
+    group = [SimpleNamespace(stem="00001")]
+
+    @flow
+    def a_run_that_lost_a_worker() -> None:
+        flows.embed._record_lost_run(lost, group, {"00001": "its Dask worker process died (KilledWorker)"},
+                                     embed_shards)
+
+    a_run_that_lost_a_worker()
+    with get_client(sync_client=True) as client:
+        task_run = client.read_task_run(lost.task_run_id)
+    assert task_run.name == "embed-00001", task_run.name
+    assert task_run.state.name == "Crashed" and "00001" in task_run.state.message, task_run.state
+    assert "KilledWorker" in task_run.state.message, task_run.state
+
+
 def test_a_worker_that_dies_does_not_run_again_the_tasks_it_had_finished(tmp_path, monkeypatch):
     """The flow kept every task's Dask future to its end, so Dask kept each result on the worker that made it, and
     a worker that died (here at 00001) lost them: Dask ran each of its finished task runs again, once per death, to
