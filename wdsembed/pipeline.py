@@ -29,7 +29,7 @@ import re
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, TYPE_CHECKING
 
 import numpy as np
 
@@ -42,6 +42,9 @@ from wdsembed.preprocess import (
     read_ids,
     split_geometry,
 )
+
+if TYPE_CHECKING:  # torch is imported where it is used: its import takes seconds the checks before a run skip
+    import torch
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, ClassVar, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional, TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from wdsembed import storage
 from wdsembed.config import EmbedConfig
 from wdsembed.threads import in_background, read_ahead
 from wdsembed.validate import unusable_rows
+
+if TYPE_CHECKING:  # torch is imported where it is used: its import takes seconds the checks before a run skip
+    import torch
 
 log = logging.getLogger("wdsembed")
 
