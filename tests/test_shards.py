@@ -218,6 +218,31 @@ def test_an_image_named_key_dot_ext_is_the_samples_image_not_a_component_named_l
             ], (index is not None, fast)
 
 
+
+def test_an_empty_image_member_never_takes_the_place_of_a_sample_image_with_bytes(tmp_path):
+    """A sample with a 0-byte member beside a real image of another extension (a repacked shard where a failed
+    conversion left an empty `.jpg` by the `.png`): the image with bytes is embedded, whichever comes first and
+    whatever --image-extensions prefers, as a link beside one is. An empty member is the sample's reason only where
+    nothing else is; and a plain empty member still keeps a component (`0004.mask.png`) from being the image."""
+    tar = make_tar(tmp_path / "empty.tar", [
+        ("0001.png", b"PNG1"), ("0001.jpg", b""), ("0001.txt", b"t"),   # empty after the image
+        ("0002.jpg", b""), ("0002.png", b"PNG2"),                       # empty before it
+        ("0003.jpg", b""), ("0003.png", b""),                           # nothing but empty members
+        ("0004.jpg", b""), ("0004.mask.png", b"MASK"),                  # a component is still no image
+        ("0005.jpg", b"J"), ("0005.png", b"P"),                         # unchanged: the order preferred
+    ])
+    offs = data_offsets(tar)
+    for index in (None, _index_of(tar)):
+        for fast in (True, False):
+            got = samples_of(tar, index=index, fast=fast)
+            assert got == [
+                Sample("0001", b"PNG1", "png", member="0001.png", offset=offs["0001.png"]),
+                Sample("0002", b"PNG2", "png", member="0002.png", offset=offs["0002.png"]),
+                Sample("0003", None, "jpg", error="empty image member", member="0003.jpg", offset=offs["0003.jpg"]),
+                Sample("0004", None, "jpg", error="empty image member", member="0004.jpg", offset=offs["0004.jpg"]),
+                Sample("0005", b"J", "jpg", member="0005.jpg", offset=offs["0005.jpg"]),
+            ], (index is not None, fast)
+
 def test_member_names_that_are_not_utf8_give_keys_as_tar_lists_them(tmp_path):
     """A tar written in Latin-1 (GNU or ustar headers hold bytes, not text) names `caf\\xe9.jpg`: its key is
     `caf\\351`, the name as `tar tf` lists it, which a parquet string column can hold (the raw name cannot: the

@@ -79,6 +79,13 @@ def _rank_span(rank: dict[str, int]) -> int:
     return max(rank.values(), default=0) + 1
 
 
+def _choice(mrank: int, size: int, span: int) -> int:
+    """An image member's place among its sample's candidates (lowest wins): plain ones before multi-part ones, and
+    within each kind a member with bytes before an empty one, then by rank. An empty member is the sample's image
+    (its reason, 'empty image member') only where no member of its kind has bytes."""
+    return mrank + span * ((mrank >= span) + (size == 0))
+
+
 def _no_plain_image(key: str, parts: list[str], count: int) -> str:
     shown = ", ".join(map(_shown, parts)) + (", ..." if count > len(parts) else "")
     return (f"{count} image members and none named {key + '.<extension>'!r}, so no one of them is the image: "
@@ -124,10 +131,11 @@ def iter_samples(
     its stored bytes are the file without its holes, so never handed on as the image): where it is named like an
     image and its sample has no real image member, the sample gets an error saying so ("symbolic link member, not
     followed", "sparse file member (GNU tar --sparse), not read"); the tar's other samples are read as usual.
-    An image member of 0 bytes yields error "empty image member" (DALI's decoder would only say
-    "nvImageCodec failure"). The index check is strict: every indexed member must appear in index order with
-    the index's name, size and data offset, and the tar may hold no indexable member the index lacks (links are
-    not indexed, as wds2idx leaves them out too; nor are sparse files, see shardindex.build_index).
+    An image member of 0 bytes is the image only where no other of its kind (plain, or multi-part) has bytes
+    (_choice: an empty `.jpg` beside a `.png` does not hide it); then it yields error "empty image member" (DALI's
+    decoder would only say "nvImageCodec failure"). The index check is strict: every indexed member must appear
+    in index order with the index's name, size and data offset, and the tar may hold no indexable member the index
+    lacks (links are not indexed, as wds2idx leaves them out too; nor are sparse files, see shardindex.build_index).
     Memory: one chunk, the member being read and, while a sample has several image members, the best so far.
     `refuse_large`: for an image member of more than LARGE_MEMBER bytes, given its first LARGE_MEMBER_HEAD bytes,
     the reason it is no image to read (not an image at all, too many pixels) or None; a member it refuses is passed
@@ -233,7 +241,7 @@ def _parse_tar(
             return Sample(key, None, error=unread)
         if best is None:
             return Sample(key, None, error=_no_image(found))
-        if best[0] >= span and n_parts > 1:
+        if best[0] >= 2 * span and n_parts > 1:
             return Sample(key, None, error=_no_plain_image(key, parts, n_parts))
         _, data, ext, member, offset = best
         if len(data) == 0:
@@ -287,6 +295,8 @@ def _parse_tar(
                     n_parts += 1
                     if len(parts) < 3:
                         parts.append(m.name)
+                if mrank is not None:
+                    mrank = _choice(mrank, target[1] if target is not None else m.size, span)
                 if duplicate or mrank is None or (best is not None and mrank >= best[0]):
                     tarstream.skip_data(r, m)
                     continue
@@ -476,8 +486,11 @@ def _plan_index(index: "shardindex.ShardIndex", rank: dict[str, int], chunk_size
     ranks = _member_ranks(text, encoded, first_dot[:limit], last_dot, name_end[:limit], names, rank)
     span = _rank_span(rank)
     no_image = 2 * span
-    best = np.minimum.reduceat(ranks * limit + np.arange(limit), group_start)
-    best_rank, image = best // limit, best % limit
+    # _choice's order; members that are no image behind every one that is
+    kind = (ranks >= span).astype(np.int64) + (sizes[:limit] == 0)  # ints: bool + bool is a logical or
+    choice = np.where(ranks < no_image, ranks + span * kind, 4 * span)
+    image = np.minimum.reduceat(choice * limit + np.arange(limit), group_start) % limit
+    best_rank = ranks[image]
     # a sample whose image members are all multi-part (`a.x.jpg`, `a.y.jpg`) has none: the general parser says so
     parts = np.add.reduceat(((ranks >= span) & (ranks < no_image)).astype(np.int64), group_start)
     unclear = (best_rank >= span) & (best_rank < no_image) & (parts > 1)
