@@ -664,6 +664,30 @@ def test_a_file_that_is_not_a_tar_fails_its_shard(tmp_path):
                  lost="nothing readable (neither file holds a tar); the next run tries them again once they are replaced")
 
 
+
+def test_a_compressed_tar_named_dot_tar_fails_saying_how_it_is_compressed(tmp_path):
+    """`tar czf 00001.tar ...` (or a shard gzipped on upload) is a tar, compressed, under a plain tar's name: its
+    failure says so and how to decompress it, not only its first bytes (b'\\x1f\\x8b\\x08...') and 'bad checksum'."""
+    import bz2
+    import gzip
+    import lzma
+
+    write_shard(tmp_path / "in", "00000", samples(3))
+    plain = (tmp_path / "in" / "00000.tar").read_bytes()
+    for stem, (compress, tool) in {"00001": (gzip.compress, "gzip"), "00002": (bz2.compress, "bzip2"),
+                                   "00003": (lzma.compress, "xz")}.items():
+        (tmp_path / "in" / f"{stem}.tar").write_bytes(compress(plain))
+    exc, out = run_shard(tmp_path, expect_failure=True)
+    assert isinstance(exc, ShardsFailed) and [r.stem for r in exc.results] == ["00000"]
+    for stem, tool in {"00001": "gzip", "00002": "bzip2", "00003": "xz"}.items():
+        why = exc.failures[stem]
+        assert why.startswith(f"MalformedShardError: {tmp_path / 'in' / stem}.tar: not a tar file, its bytes start "
+                              f"with b'"), why
+        assert (f"they are {tool}-compressed data (a compressed tar under a plain tar's name, which this run does "
+                f"not read): decompress it in its place ({tool} -dc {stem}.tar > {stem}.tar.plain && mv "
+                f"{stem}.tar.plain {stem}.tar)") in why, why
+    assert read(out / "00000.parquet").num_rows == 3
+
 def test_parquet_lacks_rows(tmp_path):
     s = samples(4)
     s[3].in_parquet = False

@@ -670,7 +670,18 @@ class TarRead:
         except OSError:
             head = b""
         what = "an empty file (0 bytes)" if not head else f"its bytes start with {head!r}"
-        return tarstream.MalformedShardError(self.plan.shard, 0, f"not a tar file, {what}: {exc.reason}")
+        tool = next((tool for magic, tool in _COMPRESSED_MAGIC if head.startswith(magic)), None)
+        name = posixpath.basename(self.path)
+        how = (f"; they are {tool}-compressed data (a compressed tar under a plain tar's name, which this run does not "
+               f"read): decompress it in its place ({tool} -dc {name} > {name}.plain && mv {name}.plain {name})"
+               if tool else "")
+        return tarstream.MalformedShardError(self.plan.shard, 0, f"not a tar file, {what}: {exc.reason}{how}")
+
+
+# A compressed tar under a plain tar's name (`tar czf 00000.tar`, a shard gzipped on upload): its magic bytes, and the
+# command that decompresses it.
+_COMPRESSED_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"),
+                     (b"\x04\x22\x4d\x18", "lz4"))
 
 
 def check_output_writable(config: EmbedConfig, plan: ShardPlan) -> None:
