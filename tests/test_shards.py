@@ -218,7 +218,6 @@ def test_an_image_named_key_dot_ext_is_the_samples_image_not_a_component_named_l
             ], (index is not None, fast)
 
 
-
 def test_an_empty_image_member_never_takes_the_place_of_a_sample_image_with_bytes(tmp_path):
     """A sample with a 0-byte member beside a real image of another extension (a repacked shard where a failed
     conversion left an empty `.jpg` by the `.png`): the image with bytes is embedded, whichever comes first and
@@ -242,6 +241,27 @@ def test_an_empty_image_member_never_takes_the_place_of_a_sample_image_with_byte
                 Sample("0004", None, "jpg", error="empty image member", member="0004.jpg", offset=offs["0004.jpg"]),
                 Sample("0005", b"J", "jpg", member="0005.jpg", offset=offs["0005.jpg"]),
             ], (index is not None, fast)
+
+
+def test_a_contiguous_file_member_is_read_as_the_regular_file_it_is(tmp_path):
+    """Typeflag '7' (a contiguous file, of old Unix tars; GNU tar and Python's tarfile read it as a regular file):
+    its sample was dropped, its parquet row saying 'not in tar'. It is an image member like any other, on every
+    path (general parser, .idx, fast path)."""
+    path = tmp_path / "contiguous.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data, kind in [("0001.jpg", b"IMG1", tarfile.CONTTYPE), ("0001.txt", b"t", tarfile.CONTTYPE),
+                                 ("0002.jpg", b"IMG2", tarfile.REGTYPE)]:
+            info = tarfile.TarInfo(name)
+            info.size, info.type = len(data), kind
+            tar.addfile(info, io.BytesIO(data))
+    offs = data_offsets(path)
+    for index in (None, _index_of(path)):
+        for fast in (True, False):
+            assert samples_of(path, index=index, fast=fast) == [
+                Sample("0001", b"IMG1", "jpg", member="0001.jpg", offset=offs["0001.jpg"]),
+                Sample("0002", b"IMG2", "jpg", member="0002.jpg", offset=offs["0002.jpg"]),
+            ], (index is not None, fast)
+
 
 def test_member_names_that_are_not_utf8_give_keys_as_tar_lists_them(tmp_path):
     """A tar written in Latin-1 (GNU or ustar headers hold bytes, not text) names `caf\\xe9.jpg`: its key is

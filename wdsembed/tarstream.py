@@ -22,9 +22,10 @@ BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 
 
-# typeflags: regular file ('0' and old-style NUL); members with no data whatever their size field says
-# (links, devices, directories, FIFOs, as tarfile and GNU tar treat them); GNU/pax extended headers.
-REGULAR = (b"0", b"\x00")
+# typeflags: regular file ('0', old-style NUL, and '7', a contiguous file, which tarfile and GNU tar read as a
+# regular one); members with no data whatever their size field says (links, devices, directories, FIFOs, as tarfile
+# and GNU tar treat them); GNU/pax extended headers.
+REGULAR = (b"0", b"\x00", b"7")
 
 
 NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
@@ -606,12 +607,12 @@ def regular_headers_match(blocks: np.ndarray, templates: np.ndarray, sizes: np.n
     """Which headers (rows of 512 bytes; changed here) are regular files of these sizes and names (`templates`:
     header_templates of them), read from the header alone: checksum, size, typeflag, the name field, and an
     empty prefix field where the header is POSIX ustar. Most rows are settled by one masked comparison with
-    their template; the others field by field (an old-style NUL typeflag, numbers in another plain form)."""
+    their template; the others field by field (another regular typeflag, numbers in another plain form)."""
     ok = ((blocks.view(np.uint32)[:, :_TEMPLATE_WORDS] & _TEMPLATE_MASK) == templates).all(axis=1)
     other = np.flatnonzero(~ok)
     if len(other):
         rows, names = blocks[other], templates[other].view(np.uint8)[:, :100]
-        ok[other] = ((rows[:, :100] == names).all(axis=1) & np.isin(rows[:, 156], (REGULAR[0][0], REGULAR[1][0]))
+        ok[other] = ((rows[:, :100] == names).all(axis=1) & np.isin(rows[:, 156], [t[0] for t in REGULAR])
                      & _numbers_held(rows[:, 124:136], sizes[other], b"\x00"))
     posix = (blocks[:, 256:264].view(np.uint64)[:, 0] & _MAGIC_MASK) == _POSIX_MAGIC  # magic at bytes 257-262
     ok &= ~posix | (blocks[:, 345] == 0)
