@@ -601,11 +601,13 @@ def test_a_huge_video_named_jpg_is_not_held_in_memory(tmp_path):
 def test_members_of_a_key_apart(tmp_path):
     """`tar cf` of a folder writes files in directory order, not by key: a caption can come before its image with
     other samples between them. Read as the first sample of its key only, that image was lost and its row said
-    the tar held none."""
+    the tar held none. A caption after its image ('imgs/0004.txt'), or a second run of a key with no image
+    ('imgs/0003.json'), loses nothing either: it warned that samples repeat an earlier key and were skipped."""
     (tmp_path / "in").mkdir()
     with tarfile.open(tmp_path / "in" / "00000.tar", "w") as tar:
         for name, data in [("imgs/0001.txt", b"a caption"), ("imgs/0004.bmp", bmp(4)), ("imgs/sub/0002.bmp", bmp(2)),
-                           ("imgs/0001.bmp", bmp(1)), ("imgs/0003.txt", b"no image")]:
+                           ("imgs/0001.bmp", bmp(1)), ("imgs/0003.txt", b"no image"), ("imgs/0004.txt", b"later"),
+                           ("imgs/0003.json", b"{}")]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -616,7 +618,8 @@ def test_members_of_a_key_apart(tmp_path):
     assert rows["imgs/0003"] == (None, "no image member (found: txt)")
     assert r.embedded == 3 and r.warnings == []
     table.record("shard-members-apart", done="a tar whose members are 'imgs/0001.txt', 'imgs/0004.bmp', "
-                                             "'imgs/sub/0002.bmp', 'imgs/0001.bmp', 'imgs/0003.txt' (tar cf's order)",
+                                             "'imgs/sub/0002.bmp', 'imgs/0001.bmp', 'imgs/0003.txt', 'imgs/0004.txt', "
+                                             "'imgs/0003.json' (tar cf's order)",
                  did="3 of 3 images embedded, 'imgs/0001' from the image after its caption (the first sample of "
                      "a key with an image owns its row); 'imgs/0003' kept with reason 'no image member (found: "
                      "txt)'; no warning",

@@ -578,7 +578,9 @@ class TarRead:
                     self.n_samples += 1
                     no_image = shards.has_no_image_member(sample)
                     if sample.key in seen:
-                        if sample.key not in imageless or no_image:
+                        if no_image:  # members of the key apart from its row's (a caption after its image)
+                            continue
+                        if sample.key not in imageless:
                             # The key's first sample with an image owns its row (embedded or failed); a repeat is
                             # counted, not joined.
                             self.duplicates[sample.key] = self.duplicates.get(sample.key, 0) + 1

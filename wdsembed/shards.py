@@ -111,8 +111,10 @@ def iter_samples(
     (the last dot-part) is in `extensions`, tried in that order of preference, those named KEY.<extension> before
     those named after more dots (`KEY.mask.png`, WebDataset's component `mask.png`); a sample with two or more of
     the latter and none of the former gets an error naming them (_image_rank). A key seen again later in the tar
-    yields a Sample with error "duplicate key", unless no earlier sample of it had an image member (`tar cf` of a
-    folder can put a caption before its image, with other samples between): then it is read as any sample. With `index`, members are located through it and each member's
+    yields a Sample with error "duplicate key" where it has a member named like an image, unless no earlier sample
+    of it had one (`tar cf` of a folder can put a caption before its image, with other samples between): then it
+    is read as any sample. A later run of a key with no image member is a sample with no image, as any such (its
+    caption after its image). With `index`, members are located through it and each member's
     tar header is checked against it; a mismatch raises shardindex.StaleIndexError. A truncated or corrupt tar raises
     tarstream.ShardReadError naming `shard` after yielding every sample read intact before the damage; with
     `on_damage`, a damaged header is read past instead (below).
@@ -215,6 +217,7 @@ def _parse_tar(
     n_parts = 0
     unread: Optional[str] = None  # why an image-named member of the sample gave no bytes (links, devices)
     duplicate = False
+    repeats_image = False  # a sample of a key seen before has a member named like an image
     damaged: Optional[tarstream.ShardReadError] = None  # a damaged header read past while this sample was open
     follows: Optional[tarstream.ShardReadError] = None  # the damaged part right before this sample's first member
     read_past: Optional[tarstream.ShardReadError] = None  # the last damaged part read past
@@ -228,8 +231,9 @@ def _parse_tar(
 
     def _finish() -> Sample:
         assert key is not None
-        if duplicate:
-            return Sample(key, None, error="duplicate key")
+        if duplicate:  # a run of members apart from its key's first (a caption after its image) repeats nothing
+            return Sample(key, None, error="duplicate key") if repeats_image else Sample(key, None,
+                                                                                         error=_no_image(found))
         if best is not None or unread is not None or damaged is not None:
             seen.add(key)  # only a sample with an image member owns its key (see iter_samples)
         if best is None and damaged is not None:
@@ -287,7 +291,7 @@ def _parse_tar(
                     if key is not None:
                         yield finish()
                     key, found, best, unread, parts, n_parts = k, [], None, None, [], 0
-                    duplicate = k in seen
+                    duplicate, repeats_image = k in seen, False
                     damaged = None
                     follows = read_past if read_past is not None and m.header_offset == read_past.resumed else None
                 found.append(ext)
@@ -297,6 +301,7 @@ def _parse_tar(
                         parts.append(m.name)
                 if mrank is not None:
                     mrank = _choice(mrank, target[1] if target is not None else m.size, span)
+                repeats_image = repeats_image or (duplicate and mrank is not None)
                 if duplicate or mrank is None or (best is not None and mrank >= best[0]):
                     tarstream.skip_data(r, m)
                     continue
@@ -644,12 +649,12 @@ def _group_samples(plan: _IndexPlan, runs: list[_Run], seen: set[str], first: in
             range(first, stop), plan.group_key[first:stop], plan.group_image[first:stop],
             plan.image_offset[first:stop], plan.image_size[first:stop], plan.image_member[first:stop],
             plan.image_ext[first:stop]):
-        if key in seen:
-            yield Sample(key, None, error="duplicate key")
-            continue
-        if image < 0:
+        if image < 0:  # also a key's later members apart from its image (a caption after it): no repeat
             found = [split_member_name(n)[1] for n in plan.names[plan.group_start[g] : int(plan.group_end[g])]]
             yield Sample(key, None, error=_no_image(found))
+            continue
+        if key in seen:
+            yield Sample(key, None, error="duplicate key")
             continue
         seen.add(key)  # only a sample with an image member owns its key (see iter_samples)
         if not size:
