@@ -66,10 +66,11 @@ def scheduler_address(proc: subprocess.Popen, scheduler_file: Path, log: Path, t
 
 
 def held_api_run(data: Path, out: Path, folder: Path, hold_s: float, model: str, settings: dict,
-                 timeout: float = 240) -> tuple[subprocess.Popen, Path]:
+                 timeout: float = 240, cluster: bool = False) -> tuple[subprocess.Popen, Path]:
     """An API run (TimmImageEmbedder(model, **settings)(data, out)) in a process of its own, held `hold_s` seconds
     as its first shard 00000 starts (WDSEMBED_FAULTS hold_s): returns (the process, its log) once it is there, by
-    then holding its output's claim."""
+    then holding its output's claim. With `cluster`, on the local cluster of get_client(n_workers=1), as a NeMo
+    Curator script runs it (its worker process is a child of the run's)."""
     import json
     import sys
     import time
@@ -78,7 +79,8 @@ def held_api_run(data: Path, out: Path, folder: Path, hold_s: float, model: str,
     spec.write_text(json.dumps({"00000": {"fail_attempts": 0, "hold_s": hold_s}}))
     held = Path(f"{spec}.00000.attempts")
     held.unlink(missing_ok=True)
-    call = (f"from wdsembed.api import TimmImageEmbedder as T; "
+    call = ("from wdsembed import get_client; get_client(n_workers=1, dashboard_address=':0'); " if cluster else "")
+    call += (f"from wdsembed.api import TimmImageEmbedder as T; "
             f"r = T({model!r}, **{settings!r})({str(data)!r}, {str(out)!r}); print(len(r), 'shards')")
     log = folder / "held.log"
     # SIGINT's default disposition, as a script run from a terminal has it (the caller may interrupt this run): a

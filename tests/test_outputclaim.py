@@ -258,6 +258,38 @@ def test_the_claim_is_released_after_success_failure_and_ctrl_c(tmp_path):
     assert not (tmp_path / "out3" / CLAIM_NAME).exists()
 
 
+@pytest.mark.parametrize("cluster", [False, True], ids=["in-process", "get_client"])
+def test_sigterm_to_an_api_run_releases_its_claim_then_ends_it(tmp_path, cluster):
+    """SIGTERM (Slurm's scancel, Kubernetes, kill PID) to a script running the API, held in a shard, in its own
+    process or on get_client's local cluster. The process ended on the spot: no word of what was kept, and its
+    claim left behind, so that the next run from another host (a requeued job) was refused for 3 minutes. Now the
+    run ends as on Ctrl-C (its shards cancelled, its claim released), says so in one line, and the process then
+    ends by the signal, as its default would have it; its worker process ends with it."""
+    data, out = _shards(tmp_path / "in"), tmp_path / "out"
+    held, log = held_api_run(data, out, tmp_path, 60, TINY_MODEL, SETTINGS, cluster=cluster)
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(held.pid)], capture_output=True,
+                              text=True).stdout.split()
+    try:
+        assert (out / CLAIM_NAME).exists()
+        held.send_signal(signal.SIGTERM)
+        held.wait(timeout=60)
+    finally:
+        if held.poll() is None:
+            held.kill()
+            held.wait()
+    said = log.read_text()
+    assert held.returncode == -signal.SIGTERM, said[-3000:]
+    assert not (out / CLAIM_NAME).exists(), said[-3000:]
+    assert f"run interrupted by SIGTERM: the shards finished so far are in {out}" in said, said[-3000:]
+    assert "Traceback" not in said, said[-3000:]
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children), children
+    results = _embedder()(str(data), str(out))
+    assert [r.cached for r in results] == [False, False] and not (out / CLAIM_NAME).exists()
+
+
 def test_a_claim_that_cannot_be_removed_says_when_the_next_run_takes_it_over(tmp_path):
     """OUTPUT made read-only while a run holds it: the claim cannot be removed as the run ends. Its warning said the
     next run takes it over once its heartbeat is 180 s old, where on this host the next run takes it over at once,

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 import time
 from typing import Any, Optional
 
@@ -137,7 +139,13 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
     manifest too; carrying the manifest, the count of shards and which failures may pass on a retry, as the flow's
     does) when any shard failed, and fidelity.FidelityError (outputs and manifest written) when the run's
     fidelity check is below its threshold. The output is claimed for the run (wdsembed.outputclaim): where another
-    run is writing to it, this one fails at once with outputclaim.OutputClaimedError, naming that run."""
+    run is writing to it, this one fails at once with outputclaim.OutputClaimedError, naming that run. SIGTERM and
+    SIGHUP end the run as Ctrl-C does, then the process (_stop_signals_end_the_run)."""
+    with _stop_signals_end_the_run(config.output):
+        return _run_shards(config)
+
+
+def _run_shards(config: EmbedConfig) -> list[ShardResult]:
     refuse_flow_only(config)
     started = time.perf_counter()
     timeline = {"start": time.time()}  # the run's own steps, in the manifest beside each shard's
@@ -179,6 +187,42 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
         raise ShardsFailed(failures, results, transient, manifest=manifest, total=len(plans))
     fidelity.check(manifest)  # outputs and manifest are written; the run still fails below the threshold
     return results
+
+
+@contextlib.contextmanager
+def _stop_signals_end_the_run(output: str):
+    """SIGTERM (Slurm's scancel, Kubernetes, kill PID) and SIGHUP, where their default is in place and this is the
+    main thread, end the run as Ctrl-C does (Terminated: its Dask tasks cancelled, its claim on OUTPUT released),
+    then one line says what is kept, and the signal is raised again with its default: the process still ends by it,
+    as its sender expects. Their default ended it on the spot, leaving the claim behind (the next run from another
+    host was refused for 3 minutes). A repeat of either meanwhile is ignored: the release is not cut short. A
+    handler of the caller's own is left as it is."""
+    from wdsembed.cli import STOP_SIGNALS, Terminated
+
+    received: list[int] = []
+
+    def terminated(signum, frame):
+        for each in ours:
+            signal.signal(each, signal.SIG_IGN)
+        received.append(signum)
+        raise Terminated(signum)
+
+    ours = []
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                signal.signal(signum, terminated)
+                ours.append(signum)
+    try:
+        yield
+    finally:
+        for signum in ours:
+            signal.signal(signum, signal.SIG_DFL)
+        if received:
+            log.warning("run interrupted by %s: the shards finished so far are in %s; call again with the same "
+                        "output to finish the rest (finished shards are not recomputed)",
+                        signal.Signals(received[0]).name, output)
+            signal.raise_signal(received[0])
 
 
 def embed_here(config: EmbedConfig, plan: ShardPlan, claim_run: Optional[str] = None) -> ShardResult:
