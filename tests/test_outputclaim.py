@@ -290,6 +290,28 @@ def test_sigterm_to_an_api_run_releases_its_claim_then_ends_it(tmp_path, cluster
     assert [r.cached for r in results] == [False, False] and not (out / CLAIM_NAME).exists()
 
 
+def test_ctrl_c_while_the_claim_clears_dead_runs_temp_files_releases_it(tmp_path, monkeypatch, request):
+    """Ctrl-C (a notebook's Interrupt) while a run, its claim just taken, walks OUTPUT for the temp files of killed
+    runs (long on a large or network folder): the claim stayed, naming this live process, with no heartbeat, and
+    the notebook's next call was refused for 3 minutes. A real SIGINT, sent as the walk starts."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a REPL has it
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, before))
+    walk = outputclaim.remove_stale_temp_files
+
+    def interrupted_walk(config):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler runs in this thread, here
+        return walk(config)
+
+    monkeypatch.setattr(outputclaim, "remove_stale_temp_files", interrupted_walk)
+    data, out = _shards(tmp_path / "in"), tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        _embedder()(str(data), str(out))
+    assert not (out / CLAIM_NAME).exists()
+    monkeypatch.setattr(outputclaim, "remove_stale_temp_files", walk)
+    assert [r.cached for r in _embedder()(str(data), str(out))] == [False, False]
+
+
 def test_a_claim_that_cannot_be_removed_says_when_the_next_run_takes_it_over(tmp_path):
     """OUTPUT made read-only while a run holds it: the claim cannot be removed as the run ends. Its warning said the
     next run takes it over once its heartbeat is 180 s old, where on this host the next run takes it over at once,

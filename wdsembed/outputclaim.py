@@ -635,7 +635,7 @@ def take(config: EmbedConfig) -> Claim:
         log.warning("output %s: took over the claim of %s", config.output, took_over)
     try:
         claim.removed = remove_stale_temp_files(config)
-    except Exception:
+    except BaseException:  # Ctrl-C too: the caller never gets the claim to release
         claim.release()
         raise
     if claim.removed:
