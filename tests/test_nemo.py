@@ -74,6 +74,25 @@ def test_reference_usage_runs_unchanged(tmp_path):
                 assert len(row["image_embedding"]) > 0 and row["embedding_error"] is None
 
 
+@pytest.mark.slow
+def test_a_script_that_ends_before_it_embeds_ends_without_dasks_tracebacks(tmp_path):
+    """A NeMo Curator script that starts get_client's cluster and ends (done, stopped on its own error, or
+    Ctrl-C) before its first embedding call, leaving the cluster to close as the interpreter exits: each worker's
+    nanny imported wdsembed.faults as it closed, too late to import it then ("can't register atexit after
+    shutdown"), and two tracebacks of distributed's followed the script's own end."""
+    (tmp_path / "script.py").write_text(textwrap.dedent('''
+        from wdsembed import get_client, ImageTextPairDataset
+
+        if __name__ == "__main__":
+            client = get_client(n_workers=1, dashboard_address=":0")
+            print(len(client.scheduler_info()["workers"]), "worker")
+    '''))
+    done = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, env=env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout == "1 worker\n", done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "ERROR" not in done.stderr, done.stderr
+
+
 def test_doc_states_get_clients_thread_default_and_each_tasks_share_of_a_gpu():
     """docs/nemo.md gives get_client's signature with its defaults (threads_per_worker=None: SHARDS_PER_GPU threads
     on a GPU cluster, 1 on a CPU one) and each shard task's share of a GPU (GPU_SHARE_PER_SHARD, a third)."""

@@ -47,6 +47,10 @@ class Nanny(distributed.Nanny):
     """distributed.Nanny whose worker process ignores LEFT_TO_THE_STARTER from its birth (see the module)."""
 
     def __init__(self, *args, preload=None, preload_argv=None, **kwargs):
+        # Imported now for kill(): a cluster left open closes as the interpreter exits, too late to import it then
+        # (it registers an atexit hook): that failed the nanny's close with distributed's tracebacks.
+        from wdsembed import faults  # noqa: F401
+
         preload, preload_argv = with_this_preload(preload, preload_argv)
         super().__init__(*args, preload=preload, preload_argv=preload_argv, **kwargs)
 
