@@ -254,7 +254,10 @@ def test_the_claim_is_released_after_success_failure_and_ctrl_c(tmp_path):
         if held.poll() is None:
             held.kill()
             held.wait()
-    assert "KeyboardInterrupt" in log.read_text(), log.read_text()[-3000:]
+    assert "KeyboardInterrupt" in log.read_text(), log.read_text()[-3000:]  # raised to the caller, as it was
+    # and one line of its own saying what is kept and how to go on, as the command says it
+    assert (f"run interrupted: the shards finished so far are in {tmp_path / 'out3'}; call again with the same output "
+            "to finish the rest") in log.read_text(), log.read_text()[-3000:]
     assert not (tmp_path / "out3" / CLAIM_NAME).exists()
 
 

@@ -139,9 +139,10 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
     manifest too; carrying the manifest, the count of shards and which failures may pass on a retry, as the flow's
     does) when any shard failed, and fidelity.FidelityError (outputs and manifest written) when the run's
     fidelity check is below its threshold. The output is claimed for the run (wdsembed.outputclaim): where another
-    run is writing to it, this one fails at once with outputclaim.OutputClaimedError, naming that run. SIGTERM and
-    SIGHUP end the run as Ctrl-C does, then the process (_stop_signals_end_the_run)."""
-    with _stop_signals_end_the_run(config.output):
+    run is writing to it, this one fails at once with outputclaim.OutputClaimedError, naming that run. Ctrl-C is
+    raised after one line saying what is kept; SIGTERM and SIGHUP end the run as Ctrl-C does, then the process
+    (_interruptions_end_the_run)."""
+    with _interruptions_end_the_run(config.output):
         return _run_shards(config)
 
 
@@ -190,8 +191,9 @@ def _run_shards(config: EmbedConfig) -> list[ShardResult]:
 
 
 @contextlib.contextmanager
-def _stop_signals_end_the_run(output: str):
-    """SIGTERM (Slurm's scancel, Kubernetes, kill PID) and SIGHUP, where their default is in place and this is the
+def _interruptions_end_the_run(output: str):
+    """Ctrl-C (KeyboardInterrupt) is raised to the caller after one line saying what is kept and how to go on.
+    SIGTERM (Slurm's scancel, Kubernetes, kill PID) and SIGHUP, where their default is in place and this is the
     main thread, end the run as Ctrl-C does (Terminated: its Dask tasks cancelled, its claim on OUTPUT released),
     then one line says what is kept, and the signal is raised again with its default: the process still ends by it,
     as its sender expects. Their default ended it on the spot, leaving the claim behind (the next run from another
@@ -215,14 +217,20 @@ def _stop_signals_end_the_run(output: str):
                 ours.append(signum)
     try:
         yield
+    except KeyboardInterrupt:
+        if not received:  # Ctrl-C, a notebook's Interrupt: raised to the caller, after the line the command says
+            log.warning("run interrupted: " + _KEPT, output)
+        raise
     finally:
         for signum in ours:
             signal.signal(signum, signal.SIG_DFL)
         if received:
-            log.warning("run interrupted by %s: the shards finished so far are in %s; call again with the same "
-                        "output to finish the rest (finished shards are not recomputed)",
-                        signal.Signals(received[0]).name, output)
+            log.warning("run interrupted by %s: " + _KEPT, signal.Signals(received[0]).name, output)
             signal.raise_signal(received[0])
+
+
+_KEPT = ("the shards finished so far are in %s; call again with the same output to finish the rest (finished "
+         "shards are not recomputed)")
 
 
 def embed_here(config: EmbedConfig, plan: ShardPlan, claim_run: Optional[str] = None) -> ShardResult:
