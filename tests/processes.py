@@ -66,17 +66,18 @@ def scheduler_address(proc: subprocess.Popen, scheduler_file: Path, log: Path, t
 
 
 def held_api_run(data: Path, out: Path, folder: Path, hold_s: float, model: str, settings: dict,
-                 timeout: float = 240, cluster: bool = False) -> tuple[subprocess.Popen, Path]:
+                 timeout: float = 240, cluster: bool = False, where: str = "start") -> tuple[subprocess.Popen, Path]:
     """An API run (TimmImageEmbedder(model, **settings)(data, out)) in a process of its own, held `hold_s` seconds
     as its first shard 00000 starts (WDSEMBED_FAULTS hold_s): returns (the process, its log) once it is there, by
     then holding its output's claim. With `cluster`, on the local cluster of get_client(n_workers=1), as a NeMo
-    Curator script runs it (its worker process is a child of the run's)."""
+    Curator script runs it (its worker process is a child of the run's). `where`: the point of the shard where it
+    is held (WDSEMBED_FAULTS "where": "commit", between its kNN view and its table)."""
     import json
     import sys
     import time
 
     spec = folder / "hold.json"
-    spec.write_text(json.dumps({"00000": {"fail_attempts": 0, "hold_s": hold_s}}))
+    spec.write_text(json.dumps({"00000": {"fail_attempts": 0, "hold_s": hold_s, "where": where}}))
     held = Path(f"{spec}.00000.attempts")
     held.unlink(missing_ok=True)
     call = ("from wdsembed import get_client; get_client(n_workers=1, dashboard_address=':0'); " if cluster else "")

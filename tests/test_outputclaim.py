@@ -293,6 +293,25 @@ def test_sigterm_to_an_api_run_releases_its_claim_then_ends_it(tmp_path, cluster
     assert [r.cached for r in results] == [False, False] and not (out / CLAIM_NAME).exists()
 
 
+def test_ctrl_c_between_a_shards_view_and_its_table_leaves_neither(tmp_path):
+    """Ctrl-C to an API run as its shard's kNN view is in place and its table not yet (held there, WDSEMBED_FAULTS
+    "commit"): the view stayed alone in OUTPUT/_embeddings until the next run, read by kNN tools as a shard whose
+    table is not there. A shard's two files are put in place whole or not at all (shard.write_output)."""
+    data, out = _shards(tmp_path / "in", n_shards=1), tmp_path / "out"
+    held, log = held_api_run(data, out, tmp_path, 60, TINY_MODEL, SETTINGS, where="commit")
+    try:
+        assert (out / "_embeddings" / "00000.parquet").exists()
+        held.send_signal(signal.SIGINT)
+        held.wait(timeout=60)
+    finally:
+        if held.poll() is None:
+            held.kill()
+            held.wait()
+    assert "KeyboardInterrupt" in log.read_text(), log.read_text()[-3000:]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [], log.read_text()[-3000:]
+    assert [r.cached for r in _embedder()(str(data), str(out))] == [False]
+
+
 def test_ctrl_c_while_the_claim_clears_dead_runs_temp_files_releases_it(tmp_path, monkeypatch, request):
     """Ctrl-C (a notebook's Interrupt) while a run, its claim just taken, walks OUTPUT for the temp files of killed
     runs (long on a large or network folder): the claim stayed, naming this live process, with no heartbeat, and

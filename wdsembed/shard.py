@@ -728,6 +728,7 @@ def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: 
         fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     run_only = ("cached", "seconds", "images_per_second", "timeline")  # this run's, not the output's
     stored = {k: v for k, v in result.to_dict().items() if k not in run_only}
+    view = None
     try:
         # Three threads: the check, the kNN view and the table (two large files: half the time). Each file appears
         # only once the check has passed and OUTPUT is still this run's (asked once, in the view's thread, whose end
@@ -757,10 +758,34 @@ def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: 
             )
         if config.knn_view:
             _keep_view_beside_table(config, plan, fs, path, table, key, claim_run)
-    except PermissionError as exc:  # s3fs says only "Access Denied"; not retried (faults.is_transient)
+    except BaseException as exc:
+        # Ctrl-C (or SIGTERM, raised as it) between the view's commit and the table's: no run's end follows to
+        # remove the view alone (plan.remove_views_without_tables does after a failed shard)
+        if not isinstance(exc, Exception) and config.knn_view and view is not None and view.done() and \
+                not view.cancelled() and not view.exception():
+            _remove_view_without_its_table(config, plan, fs, path, key, claim_run)
+        if not isinstance(exc, PermissionError):
+            raise
+        # s3fs says only "Access Denied"; not retried (faults.is_transient)
         if exc.filename:  # locally, the file refused (the table, its view or their folder), never a temp file
             raise PermissionError(f"cannot write {exc.filename}: {exc.strerror}") from exc
         raise PermissionError(f"cannot write {plan.output}: {exc}") from exc
+
+
+def _remove_view_without_its_table(config: EmbedConfig, plan: ShardPlan, fs, path: str, key: str,
+                                   claim_run: Optional[str]) -> None:
+    """The view this call put in place, removed where its table was then interrupted (Ctrl-C in the calling
+    process): kNN tools read every view, and would read it as a shard whose table is not there until the next run
+    removed it. Kept where the table did land, or where OUTPUT's claim is no longer run `claim_run`'s (the view in
+    place may be the holder's). Best effort: the next run removes what stays."""
+    try:
+        if (output.read_output_metadata(path, fs) or {}).get("cache_key") == key:
+            return
+        outputclaim.check_still_held(config, claim_run, f"shard {plan.shard}")
+        output.remove_embeddings_view(config, plan.stem)
+    except Exception as exc:  # noqa: BLE001 - the table's own failure is the one to raise
+        log.warning("shard %s: its kNN view stays without its table until the next run (%s: %s)", plan.stem,
+                    type(exc).__name__, exc)
 
 
 def _keep_view_beside_table(config: EmbedConfig, plan: ShardPlan, fs, path: str, table, key: str,
