@@ -229,6 +229,68 @@ class FaultProxy:
             return kind
 
 
+class CountingProxy(FaultProxy):
+    """A proxy in front of an S3 endpoint that serves every request unchanged and records each one the store
+    receives, from any process that uses its endpoint: `requests_by` counts them by S3 operation (ListObjectsV2,
+    GetObject, HeadObject, PutObject, ...), `seen` lists (operation, key) in arrival order."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target, every=1)
+        self.enabled = False
+        self.seen: list[tuple[str, str]] = []
+
+    def choose(self, method: str, path: str, range_: Optional[str]) -> Optional[str]:
+        parsed = urlsplit(path)
+        query = dict(parse_qsl(parsed.query, keep_blank_values=True))
+        with self._lock:
+            self.requests += 1
+            op = s3_operation(method, parsed.path, query)
+            # a listing is of its prefix: `/bucket/prefix/`
+            where = f"{parsed.path.rstrip('/')}/{query.get('prefix', '')}" if op.startswith("List") else parsed.path
+            if op == "ListObjectsV2" and query.get("max-keys") == "1":
+                op = "ListObjectsV2(1)"  # a probe of one key (s3fs's info of a folder), not a listing of the prefix
+            self.seen.append((op, where))
+        return None
+
+    def requests_by(self, prefix: str = "") -> collections.Counter:
+        """Requests by operation, of keys (or listings of prefixes) under `/bucket/prefix` where given."""
+        return collections.Counter(op for op, where in self.seen if where.startswith(prefix))
+
+    def reset(self) -> None:
+        with self._lock:
+            self.seen.clear()
+
+
+def s3_operation(method: str, path: str, query: dict) -> str:
+    """The S3 operation of a path-style request (`/bucket` or `/bucket/key`); a listing's `where` is its prefix."""
+    on_bucket = path.strip("/").count("/") == 0
+    if method == "GET" and on_bucket and "uploads" in query:
+        return "ListMultipartUploads"
+    if method == "GET" and on_bucket and "location" in query:
+        return "GetBucketLocation"
+    if method == "GET" and on_bucket:
+        return "ListObjectsV2" if query.get("list-type") == "2" else "ListObjects"
+    if method == "GET" and path == "/":
+        return "ListBuckets"
+    if method == "GET" and "uploadId" in query:
+        return "ListParts"
+    if method == "HEAD" and on_bucket:
+        return "HeadBucket"
+    names = {"GET": "GetObject", "HEAD": "HeadObject", "PUT": "PutObject", "DELETE": "DeleteObject",
+             "POST": "PostObject"}
+    if method == "PUT" and "partNumber" in query:
+        return "UploadPart"
+    if method == "POST" and "uploads" in query:
+        return "CreateMultipartUpload"
+    if method == "POST" and "uploadId" in query:
+        return "CompleteMultipartUpload"
+    if method == "POST" and "delete" in query:
+        return "DeleteObjects"
+    if method == "DELETE" and "uploadId" in query:
+        return "AbortMultipartUpload"
+    return names.get(method, method)
+
+
 class _ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the SDKs use it
     owner: FaultProxy

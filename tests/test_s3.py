@@ -769,6 +769,48 @@ def test_denied_output_fails_before_any_shard(server, dataset, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# what a run asks of the store: at 100,000 shards each listing of INPUT or OUTPUT is hundreds of LIST requests
+
+
+def _listings(proxy, url: str) -> int:
+    """The listings of `url`'s prefix (or of a folder below it) that `proxy` served: one per LIST request here,
+    where every listing is one page; probes of one key (s3fs's info of a folder) left out."""
+    return proxy.requests_by("/" + url[len("s3://"):])["ListObjectsV2"]
+
+
+@pytest.mark.parametrize("kind", ["folder", "pattern", "recursive"])
+def test_the_checks_list_input_and_output_once(server, tmp_path, kind):
+    """check_config lists INPUT once and OUTPUT once, on a first run and on a re-run with nothing to compute: its
+    question whether every output is finished (nothing_to_compute) and its own checks share the listings (they
+    listed INPUT twice and OUTPUT three times, four times for a pattern's INPUT). A recursive INPUT is listed twice:
+    its top level (the store check, which sees its subfolders only, in the layout recursive is for), then whole."""
+    from s3server import CountingProxy
+    from wdsembed import api
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_demo_dataset(folder, n_shards=3, per_shard=3)
+    for idx in folder.glob("*.idx"):
+        idx.unlink()
+    url = upload(server, folder)
+    out_url = f"s3://{OUT_BUCKET}/emb-{uuid.uuid4().hex[:8]}"
+    given = {"folder": url, "pattern": url + "/{00000..00002}.tar", "recursive": url}[kind]
+    proxy = CountingProxy(server.endpoint).start()
+    try:
+        config = config_for(given, out_url, proxy.endpoint, index_cache_dir=str(tmp_path / "idx"),
+                            recursive=kind == "recursive", n_workers=None)  # the Python API's: no cluster of its own
+        once = (2 if kind == "recursive" else 1, 1)
+        assert plan.check_config(config) is False
+        assert (_listings(proxy, url), _listings(proxy, out_url)) == once, proxy.seen
+        api.run_shards(config)
+        proxy.reset()
+        assert plan.check_config(config) is True
+        assert (_listings(proxy, url), _listings(proxy, out_url)) == once, proxy.seen
+    finally:
+        proxy.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the flow, end to end: s3:// input and output against a local run of the same shards
 
 
@@ -938,3 +980,4 @@ def test_a_new_output_prefix_is_accepted_for_a_user_who_may_list_and_write_only_
         storage.check_output("s3://shared/team/emb", options)  # a first run's new prefix: must pass
     finally:
         srv.stop()
+

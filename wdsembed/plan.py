@@ -71,7 +71,8 @@ def check_config(config: EmbedConfig, *, on_current_client: bool = False) -> boo
     # A re-run whose every output already carries this run's cache key loads no model: those outputs prove that the
     # model name, its weights and the checkpoint were usable, so the checks that import torch and timm (seconds,
     # most of such a run) are left out. Every other check still runs.
-    needs_model = not nothing_to_compute(config)
+    listed = Listed(config)  # INPUT and OUTPUT listed once for all these checks
+    needs_model = not nothing_to_compute(config, listed)
     if needs_model:
         from wdsembed.model import LIST_HINT, ModelLoadError, check_model_name  # imports torch
 
@@ -89,21 +90,21 @@ def check_config(config: EmbedConfig, *, on_current_client: bool = False) -> boo
                              f"(.safetensors, .pth, .bin), or leave {option('checkpoint')} out")
     if needs_model:
         check_model(config)
-    check_storage(config)
+    listed.check_storage()
     # Another run writing to OUTPUT now: refused here, in a second; the run's own claim (outputclaim.take) decides.
     outputclaim.check_free(config)
-    found = find_shards(config)  # a missing shard of a pattern or list, or a folder with none, is refused here
+    found = listed.found()  # a missing shard of a pattern or list, or a folder with none, is refused here
     _check_readable(config, found)
     _check_image_extensions(config, found)
     _check_id_column(config, found)
     _check_id_types(config, found)
     check_output_location(config, found)
-    check_outputs_beside(config, found)
+    check_outputs_beside(config, found, listed.output_files())
     # Where every output is finished with this run's key, nothing_to_compute read each footer: all are ours. On an
     # object store the flow's planning reads these footers again (plan_run): a footer read more for each output
     # already there, so that a user's own file is refused here, before Prefect starts, not in the flow run.
     if needs_model:
-        check_own_outputs(config, [found.stem(t) for t in found.tars])
+        check_own_outputs(config, [found.stem(t) for t in found.tars], listed.output_files())
     if needs_model:
         preflight.check_weights(config)  # last: needs timm
     return not needs_model
@@ -135,24 +136,23 @@ def check_output_location(config: EmbedConfig, found: "FoundShards") -> None:
                              "folders, so outputs never overwrite their img2dataset parquets nor are read as shards")
 
 
-def check_outputs_beside(config: EmbedConfig, found: "FoundShards") -> None:
+def check_outputs_beside(config: EmbedConfig, found: "FoundShards", files: Optional[set[str]] = None) -> None:
     """Refuse a run whose OUTPUT already holds outputs of shards it does not name, made by another model (or the
     same model otherwise set: its weights, its head, normalized or not): they would stay beside this run's, two
     embedding spaces in one folder and one kNN view, which kNN tools read as one (or fail on, where the sizes
     differ), and so are outputs of the same model stored as another embedding_dtype (their schemas do not merge),
     whose embedding or error column is named otherwise (a dataset read of OUTPUT would hold two of each), or whose
     kNN views name their id or embedding column otherwise.
-    Outputs this run names are rewritten, so they never count. One listing of OUTPUT, and a footer read for each
-    output that this run does not name (and for its view, where the run writes views)."""
+    Outputs this run names are rewritten, so they never count. One listing of OUTPUT (`files`, where the caller
+    listed it: output_files), and a footer read for each output that this run does not name (and for its view,
+    where the run writes views)."""
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
-    try:
-        files = out_fs.find(out_root, withdirs=False)
-    except (FileNotFoundError, NotADirectoryError):
-        return
+    if files is None:
+        files = output_files(config)
     mine = {found.stem(t) for t in found.tars}
     root = out_root.rstrip("/") + "/"
     others = []
-    for path in files:
+    for path in sorted(files):
         stem = path[len(root):-len(".parquet")] if path.startswith(root) and path.endswith(".parquet") else None
         if stem and stem not in mine and not any(part.startswith(("_", ".")) for part in stem.split("/")):
             others.append(path)
@@ -345,17 +345,16 @@ def remove_views_without_tables(config: EmbedConfig, claim_run: Optional[str] = 
     return removed
 
 
-def check_own_outputs(config: EmbedConfig, stems: Collection[str]) -> None:
+def check_own_outputs(config: EmbedConfig, stems: Collection[str], files: Optional[set[str]] = None) -> None:
     """Refuse a run where a shard's OUTPUT/<stem>.parquet is a readable parquet that wdsembed did not write (no
     footer of ours: the user's own file, copied there): it would be overwritten. An output of ours, of any model or
     damaged below its footer, is rewritten as before, and so is a file whose footer cannot be read (an output of
-    ours cut short or damaged looks the same). One listing of OUTPUT, and a footer read for each of these outputs
-    that exists. Raises output.ForeignOutputError naming them."""
+    ours cut short or damaged looks the same). One listing of OUTPUT (`files`, where the caller listed it:
+    output_files), and a footer read for each of these outputs that exists. Raises output.ForeignOutputError naming
+    them."""
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
-    try:
-        files = set(out_fs.find(out_root, withdirs=False))
-    except (FileNotFoundError, NotADirectoryError):
-        return
+    if files is None:
+        files = output_files(config)
     existing = [stem for stem in stems if storage.join(out_root, stem + ".parquet") in files]
 
     def foreign(stem: str) -> bool:
@@ -396,19 +395,60 @@ def _parents(path: str) -> list[str]:
         path = parent
 
 
-def nothing_to_compute(config: EmbedConfig) -> bool:
+def output_files(config: EmbedConfig) -> set[str]:
+    """Every file under OUTPUT, as paths of its filesystem (none where OUTPUT does not exist yet): one listing, on an
+    object store a LIST request per 1,000 keys."""
+    out_fs, out_root = storage.filesystem(config.output, config.storage_options)
+    try:
+        return set(out_fs.find(out_root, withdirs=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
+class Listed:
+    """INPUT's shards and OUTPUT's files, each listed once for the checks of one step (check_config's), which ask
+    for them several times: at 100,000 shards on an object store, each listing is hundreds of LIST requests and
+    tens of seconds. Only an answer is kept: a step that failed runs again when asked again, and raises in its
+    turn."""
+
+    def __init__(self, config: EmbedConfig) -> None:
+        self.config = config
+        self._storage_checked = False
+        self._found: Optional[FoundShards] = None
+        self._output_files: Optional[set[str]] = None
+
+    def check_storage(self) -> None:
+        if not self._storage_checked:
+            check_storage(self.config)
+            self._storage_checked = True
+
+    def found(self) -> "FoundShards":
+        """find_shards' answer, after check_storage."""
+        if self._found is None:
+            self.check_storage()
+            self._found = find_shards(self.config, fresh=True)
+        return self._found
+
+    def output_files(self) -> set[str]:
+        if self._output_files is None:
+            self._output_files = output_files(self.config)
+        return self._output_files
+
+
+def nothing_to_compute(config: EmbedConfig, listed: Optional[Listed] = None) -> bool:
     """Whether every shard's output is already finished with this run's cache key (never with --force). Only reads:
     no index is built and no kNN view rewritten here (the flow's own planning rewrites a missing view). Any doubt,
     a refused input included, answers False: the run then goes through every check. With verify_outputs, False:
-    the planning reads each output whole, and a damaged one needs the workers; read here too, each twice."""
+    the planning reads each output whole, and a damaged one needs the workers; read here too, each twice.
+    `listed`: the listings of the checks that ask next (check_config), which keep those made here."""
     if config.force or config.verify_outputs:
         return False
+    listed = listed or Listed(config)
     try:
-        check_storage(config)
-        found = find_shards(config)
+        found = listed.found()
         # One listing of OUTPUT first: a run with any output still to write (every first run) needs no more.
         out_fs, out_root = storage.filesystem(config.output, config.storage_options)
-        written = set(out_fs.find(out_root, withdirs=False))
+        written = listed.output_files()
         if any(storage.join(out_root, found.stem(t) + ".parquet") not in written for t in found.tars):
             return False
         # The cache key needs each shard's fingerprint, not its index nor its count of samples. check_config runs
@@ -785,17 +825,19 @@ class FoundShards:
         return rel[: -len(".tar")]
 
 
-def find_shards(config: EmbedConfig) -> FoundShards:
+def find_shards(config: EmbedConfig, *, fresh: bool = False) -> FoundShards:
     """The shards that config.input names (see the module docstring), or InputError saying what is wrong: a
     folder without shards (naming subfolders that hold some, for `recursive`), a shard of a pattern or list that
-    does not exist, a list line that is not a .tar, two shards that would share an output."""
+    does not exist, a list line that is not a .tar, two shards that would share an output. `fresh`: check_storage
+    has just listed INPUT's folder (input_folder), and its listing in the filesystem's cache is taken as it is, not
+    made again (on an object store, hundreds of LIST requests at 100,000 shards)."""
     _refuse_wildcard(config.input, f"input {config.input!r}")
     kind = input_kind(config.input)
     if kind == "folder":
         found = _find_in_folder(config)
     else:
         urls = _list_file_entries(config) if kind == "list" else _expand(config.input, "input")
-        found = _find_named(config, urls, kind)
+        found = _find_named(config, urls, kind, fresh=fresh)
     _check_stems(config, found)
     return found
 
@@ -939,7 +981,7 @@ def _list_file_entries(config: EmbedConfig) -> list[str]:
     return urls
 
 
-def _find_named(config: EmbedConfig, urls: list[str], kind: str) -> FoundShards:
+def _find_named(config: EmbedConfig, urls: list[str], kind: str, *, fresh: bool = False) -> FoundShards:
     """Shards named one by one (pattern, .tar, list file): each must exist; their folders are listed once each."""
     protocols = sorted({storage.protocol(u) for u in urls})
     if len(protocols) > 1:
@@ -954,9 +996,11 @@ def _find_named(config: EmbedConfig, urls: list[str], kind: str) -> FoundShards:
     # a shard named twice is embedded once, also where two spellings name it (`00000.tar`, `./00000.tar`)
     tars = sorted(dict.fromkeys(spelled(fs._strip_protocol(u)) for u in urls))
     folders = sorted({posixpath.dirname(t) for t in tars})
+    checked = fs._strip_protocol(input_folder(config.input)) if fresh else None  # listed by check_storage just now
 
     def listing(folder: str) -> set[str]:
-        fs.invalidate_cache(folder)
+        if folder != checked:
+            fs.invalidate_cache(folder)
         try:
             return set(storage.listed_files(fs, fs.ls(folder, detail=True)))
         except FileNotFoundError:
