@@ -87,8 +87,8 @@ def embed_dataset(config: EmbedConfig) -> dict:
     # result says nothing of the output itself. Every output's footer is read as the run is planned; a shard whose
     # output is missing, unreadable (shard.finished_output) or made from other inputs recomputes (refresh_cache), and
     # --force recomputes all.
-    plans, finished = index_shards(config)
-    previous = retire_manifest(config, plans, finished)  # before the first shard is written
+    plans, finished, output_files = index_shards(config)
+    previous = retire_manifest(config, plans, finished, output_files)  # before the first shard is written
     logger.info("%d shard(s) under %s", len(plans), config.input)
     progress = create_progress_artifact(0.0, key="embedding-progress", description="Shards finished")
     logger.info("%d shard(s) with a finished output, %d to compute", len(finished), len(plans) - len(finished))

@@ -2,17 +2,19 @@ from prefect import task
 
 from wdsembed import faults
 from wdsembed.config import EmbedConfig
-from wdsembed.plan import plan_run
+from wdsembed.plan import Listed, plan_run
 from wdsembed.shard import ShardPlan
 
 
-def list_and_index_shards(config: EmbedConfig) -> tuple[list[ShardPlan], set[str]]:
+def list_and_index_shards(config: EmbedConfig) -> tuple[list[ShardPlan], set[str], set[str]]:
     """List the shards, fingerprint them, find those whose output is finished (their stems), and write DALI .idx
-    files where missing for the others."""
-    plans, finished = plan_run(config)
+    files where missing for the others; and every file under OUTPUT, as the planning listed them (for
+    retire_manifest, which would list OUTPUT again)."""
+    listed = Listed(config)
+    plans, finished = plan_run(config, listed=listed)
     # Only the stems: each finished shard's task comes back from Prefect's cache with its result, so the results
     # their footers stored need not be carried through the flow.
-    return plans, set(finished)
+    return plans, set(finished), listed.output_files()
 
 
 def retry_if_transient(task, task_run, state) -> bool:

@@ -810,6 +810,34 @@ def test_the_checks_list_input_and_output_once(server, tmp_path, kind):
         proxy.stop()
 
 
+@pytest.mark.slow
+def test_a_run_lists_input_and_output_once_per_step(server, tmp_path, prefect_api):
+    """A run, as the command makes it (check_config, then the flow), lists INPUT once for its checks and once for its
+    planning (which holds OUTPUT's claim), and OUTPUT once for each and once at its end, after its shards were
+    written (remove_views_without_tables): retire_manifest takes the planning's listing, where a first run listed
+    OUTPUT again."""
+    from flows.embed import run
+    from s3server import CountingProxy
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_demo_dataset(folder, n_shards=3, per_shard=3)
+    for idx in folder.glob("*.idx"):
+        idx.unlink()
+    url = upload(server, folder)
+    out_url = f"s3://{OUT_BUCKET}/emb-{uuid.uuid4().hex[:8]}"
+    proxy = CountingProxy(server.endpoint).start()
+    try:
+        config = config_for(url, out_url, proxy.endpoint, index_cache_dir=str(tmp_path / "idx"))
+        for computed in (3, 0):  # a first run, then a re-run with nothing to compute
+            proxy.reset()
+            manifest = run(config, all_finished=plan.check_config(config))
+            assert manifest["totals"]["computed"] == computed
+            assert (_listings(proxy, url), _listings(proxy, out_url)) == (2, 3), proxy.seen
+    finally:
+        proxy.stop()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the flow, end to end: s3:// input and output against a local run of the same shards
 

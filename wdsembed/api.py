@@ -28,7 +28,7 @@ from typing import Any, Optional
 from wdsembed import faults, fidelity, outputclaim, report, shard
 from wdsembed.config import EmbedConfig, EmbedSettings, field_default
 from wdsembed.plan import (
-    check_config, plan_run, remove_failed_outputs_made_otherwise, remove_views_without_tables,
+    Listed, check_config, plan_run, remove_failed_outputs_made_otherwise, remove_views_without_tables,
 )
 from wdsembed.shard import ShardPlan, ShardResult, ShardsFailed
 
@@ -160,8 +160,10 @@ def _run_shards(config: EmbedConfig) -> list[ShardResult]:
             # output's other shards are checked for another model's embeddings again now that no other run can add
             # any.
             # The precision check asks the workers the shards run on whether they see a GPU (device auto).
-            plans, finished = plan_run(config, client=client)
-            previous = report.retire_manifest(config, plans, finished)  # before the first shard is written
+            listed = Listed(config)
+            plans, finished = plan_run(config, client=client, listed=listed)
+            # before the first shard is written: OUTPUT as the planning listed it
+            previous = report.retire_manifest(config, plans, finished, listed.output_files())
             timeline["planned"] = time.time()
             # A finished shard is not run again: its result is the one its footer stored, which the planning read.
             todo = [plan for plan in plans if plan.stem not in finished]

@@ -1068,24 +1068,25 @@ def _check_stems(config: EmbedConfig, found: FoundShards) -> None:
 
 
 def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[FoundShards] = None,
-                indexes: bool = True, samples: bool = True, checks: bool = True) -> list[ShardPlan]:
+                indexes: bool = True, samples: bool = True, checks: bool = True,
+                listed: Optional[Listed] = None) -> list[ShardPlan]:
     """List the shards that config.input names (find_shards, unless `found` is that listing) and prepare each:
     fingerprint, parquet/stats siblings, output path, (with `samples`) img2dataset's count of its samples
     (with_expected_samples: one read of its _stats.json) and (with `indexes`, when use_index_files) .idx, written
     where missing (with_indexes). Cheap per shard except a first-time index. With `checks`, it first refuses an
-    output where it must not go (check_output_location, check_outputs_beside)."""
+    output where it must not go (check_output_location, check_outputs_beside). `listed`: the step's listings
+    (plan_run's), which keep those made here."""
+    listed = listed or Listed(config)
     if found is None:
-        check_storage(config)
-        found = find_shards(config)
+        found = listed.found()
     if checks:  # the output's place, before any index is written
         check_output_location(config, found)
-        check_outputs_beside(config, found)
-    listed = found
-    fs, tars, siblings = listed.fs, listed.tars, listed.files
+        check_outputs_beside(config, found, listed.output_files())
+    fs, tars, siblings = found.fs, found.tars, found.files
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
 
     def plan_one(tar: str) -> ShardPlan:
-        stem = listed.stem(tar)  # "00000", or "train/00000" for a shard in a subfolder
+        stem = found.stem(tar)  # "00000", or "train/00000" for a shard in a subfolder
         base = tar[: -len(".tar")]
         rows = base + ".parquet" if base + ".parquet" in siblings else None
         stats_path = base + "_stats.json" if base + "_stats.json" in siblings else None
@@ -1106,7 +1107,7 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
         plans = list(pool.map(plan_one, tars))
     plans = [dataclasses.replace(p, run_shards=len(plans), run_index=i) for i, p in enumerate(plans)]
     # Every shard gets it: one whose parquet turns out unreadable keys its tar samples with it too (shard.py).
-    id_type = run_id_type(config, plans)
+    id_type = run_id_type(config, plans, listed)
     plans = [dataclasses.replace(p, id_type=id_type) for p in plans]
     if samples:
         plans = with_expected_samples(config, plans, max_workers=max_workers)
@@ -1117,7 +1118,7 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
 ID_TYPE_READS = 3
 
 
-def run_id_type(config: EmbedConfig, plans: list[ShardPlan]) -> Optional[str]:
+def run_id_type(config: EmbedConfig, plans: list[ShardPlan], listed: Optional[Listed] = None) -> Optional[str]:
     """The type of the run's id column, for the shards without a parquet, or whose parquet cannot be read
     (ShardPlan.id_type): their keys, from the tar's member names, take it, so that every output and kNN view has
     one schema (a string key beside int64 ones breaks a merged read of OUTPUT); a shard whose parquet's id column
@@ -1144,9 +1145,7 @@ def run_id_type(config: EmbedConfig, plans: list[ShardPlan]) -> Optional[str]:
         return None
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
     try:
-        files = out_fs.find(out_root, withdirs=False)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+        files = sorted((listed or Listed(config)).output_files())
     except OSError as exc:  # said by the run's own checks of OUTPUT; the keys stay strings
         log.warning("could not list output %s for its outputs' id type: %s", config.output, exc)
         return None
@@ -1165,7 +1164,7 @@ def run_id_type(config: EmbedConfig, plans: list[ShardPlan]) -> Optional[str]:
 
 
 def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None, *, gpus: Optional[int] = None,
-             client: Any = None) -> tuple[list[ShardPlan], dict[str, dict]]:
+             client: Any = None, listed: Optional[Listed] = None) -> tuple[list[ShardPlan], dict[str, dict]]:
     """The planning of the flow and the Python API: every shard's plan, and those whose output is already finished
     with this run's cache key (none with force), from their footers, as stem -> the shard's result stored there
     (caching.planned_outputs); output.ForeignOutputError where one of their output paths holds a parquet that
@@ -1175,8 +1174,10 @@ def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None, *, gpus: 
     (report.describe_recomputed), before any work. `found`: find_shards' answer, where the caller has it. Refuses
     (check_finished_precision) a run that would keep finished outputs made in another precision than its own;
     `gpus`: the GPUs its workers see (None: those of `client`'s workers, where the shards run on a Dask client the
-    caller holds, else of dask_address's, else this process's)."""
-    plans = plan_shards(config, indexes=False, samples=False, found=found)
+    caller holds, else of dask_address's, else this process's). `listed`: the planning's listings of INPUT and
+    OUTPUT, made once, which the caller keeps for what it does next holding OUTPUT's claim (retire_manifest)."""
+    listed = listed or Listed(config)
+    plans = plan_shards(config, indexes=False, samples=False, found=found, listed=listed)
     # A parquet that wdsembed did not write, where a shard's output goes, is refused before any shard overwrites it:
     # from the footers the cache check reads anyway (caching.planned_outputs); with force, read for this alone.
     if config.force:

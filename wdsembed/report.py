@@ -89,20 +89,22 @@ def shard_figures(results: list[dict], previous: dict) -> dict[str, dict]:
 EARLIER_RUN = "earlier_run"
 
 
-def retire_manifest(config: EmbedConfig, plans: Iterable, finished: Collection[str]) -> dict:
+def retire_manifest(config: EmbedConfig, plans: Iterable, finished: Collection[str],
+                    files: Optional[Collection[str]] = None) -> dict:
     """The shards of the manifest OUTPUT holds from an earlier run, as earlier_shards gives them, for
     build_manifest. A run that will write any shard (a plan whose stem is not `finished`, or any with force)
     removes that manifest here, holding OUTPUT's claim and before its first write, and writes its own at its end: a
     run that dies between leaves no manifest, as a first run killed does, never one that describes outputs it has
-    since replaced. A run that writes no shard keeps it until its own replaces it."""
-    previous = earlier_shards(config, {plan.stem for plan in plans})
+    since replaced. A run that writes no shard keeps it until its own replaces it. `files`: every file under OUTPUT,
+    as the planning listed them holding the claim (plan.output_files), which earlier_shards takes for its listing."""
+    previous = earlier_shards(config, {plan.stem for plan in plans}, files)
     if config.force or any(plan.stem not in finished for plan in plans):
         fs, root = storage.filesystem(config.output, config.storage_options)
         output.remove_manifest(root, fs)
     return previous
 
 
-def earlier_shards(config: EmbedConfig, named: Collection[str]) -> dict:
+def earlier_shards(config: EmbedConfig, named: Collection[str], files: Optional[Collection[str]] = None) -> dict:
     """The shards of the manifest OUTPUT holds from an earlier run: those this run names as that manifest has them
     (the figures of those cached now: shard_figures), and of the others those whose output OUTPUT still holds,
     marked EARLIER_RUN with the run that described them (`from_run`: its manifest's creation and input; the first
@@ -112,14 +114,15 @@ def earlier_shards(config: EmbedConfig, named: Collection[str]) -> dict:
     outputs are finished and of this run's settings: the planning refused a run beside outputs of shards it does
     not name made otherwise (plan.check_outputs_beside), and a run that writes any shard removes the manifest before
     its first write (retire_manifest), so a manifest there still describes them. One listing of OUTPUT, only where
-    there is no manifest or it names shards this run does not."""
+    there is no manifest or it names shards this run does not (`files`, where the caller listed OUTPUT since its
+    last write)."""
     try:
         fs, root = storage.filesystem(config.output, config.storage_options)
         before = output.read_manifest(root, fs)
         shards = (before or {}).get("shards") or {}
         others = [stem for stem in shards if stem not in named]
         unnamed = others or any(stem not in named for stem in (before or {}).get("failed_shards") or {})
-        held = _outputs_held(fs, root) if before is None or unnamed else set()
+        held = _outputs_held(fs, root, files) if before is None or unnamed else set()
         undescribed = _entries_from_footers(fs, root, held, set(named) | set(shards))
     except Exception:  # noqa: BLE001 - a missing or damaged old manifest only means no figures or entries to keep
         return {}
@@ -147,11 +150,13 @@ def _entries_from_footers(fs, root: str, held: set[str], described: set[str]) ->
             for stem, result in results.items() if isinstance(result, dict)}
 
 
-def _outputs_held(fs, root: str) -> set[str]:
-    """The shards' output tables under OUTPUT, as paths relative to it (00000.parquet, train/00001.parquet)."""
+def _outputs_held(fs, root: str, files: Optional[Collection[str]] = None) -> set[str]:
+    """The shards' output tables under OUTPUT, as paths relative to it (00000.parquet, train/00001.parquet), from
+    `files` where the caller listed OUTPUT."""
     prefix = root.rstrip("/") + "/"
     try:
-        return {path[len(prefix):] for path in fs.find(root, withdirs=False) if path.startswith(prefix)}
+        listed = fs.find(root, withdirs=False) if files is None else files
+        return {path[len(prefix):] for path in listed if path.startswith(prefix)}
     except (FileNotFoundError, NotADirectoryError):
         return set()
 
