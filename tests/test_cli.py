@@ -490,7 +490,8 @@ def test_a_process_checks_each_model_once_and_a_rewritten_checkpoint_again(shard
     from safetensors.torch import save_file
 
     import wdsembed.model
-    from wdsembed.plan import InputError, check_model
+    from wdsembed.inputs import InputError
+    from wdsembed.plan import check_model
 
     builds = []
     load_model = wdsembed.model.load_model
@@ -699,8 +700,8 @@ def test_refused_command_starts_no_server(shards, tmp_path):
 def test_missing_input_is_refused_before_torch_is_imported(tmp_path):
     """A mistyped input folder is the commonest mistake: refused by the checks before the model's (which import
     torch and timm, seconds of a run that would stop anyway)."""
-    code = ("import sys\nfrom wdsembed.config import EmbedConfig\nfrom wdsembed.plan import InputError, check_config\n"
-            "try:\n    check_config(EmbedConfig(input=sys.argv[1], output=sys.argv[2], model_name=sys.argv[3], "
+    code = ("import sys\nfrom wdsembed.config import EmbedConfig\nfrom wdsembed.inputs import InputError\n"
+            "from wdsembed.plan import check_config\ntry:\n    check_config(EmbedConfig(input=sys.argv[1], output=sys.argv[2], model_name=sys.argv[3], "
             "pretrained=False))\nexcept InputError as exc:\n    print(exc)\nprint(sorted({'torch', 'timm'} & "
             "set(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "no-such-folder"), str(tmp_path / "out"),

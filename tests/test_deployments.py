@@ -290,7 +290,7 @@ def test_schedule_and_serve_register_the_same_deployments(server: Server, deploy
 def test_deployed_flow_refuses_an_unusable_config_before_starting_a_cluster(tmp_path, monkeypatch):
     """What the JSON schema cannot check (a missing folder, an unknown model) fails the run at once, saying why."""
     import flows.deployed
-    from wdsembed.plan import InputError
+    from wdsembed.inputs import InputError
 
     monkeypatch.setattr(flows.deployed, "run", lambda config: pytest.fail("a cluster was started"))
     config = EmbedConfig(input=str(tmp_path / "missing"), output=str(tmp_path / "out"), **RUN_CONFIG)

@@ -542,7 +542,7 @@ def test_a_batch_added_to_output_with_other_embedding_or_error_column_names_is_r
     error (or embedding) columns, each null in the other batch's rows: `df[df.embedding_error.isna()]` kept the new
     batch's failed rows, with no embedding. Refused before any work, naming the outputs and the column; the same
     names are fine, and the merged read then keeps only embedded rows."""
-    from wdsembed.plan import InputError
+    from wdsembed.inputs import InputError
 
     write_shard(tmp_path / "a", "00000", [_image(i) for i in range(4)], failed_rows=1)
     write_shard(tmp_path / "b", "00001", [_image(10 + i) for i in range(4)], failed_rows=1, shard_id=1)

@@ -437,7 +437,7 @@ def test_embedding_into_the_datasets_own_folder_is_refused_before_any_work(tmp_p
     would recompute, its parquet changed): refused, as the CLI refuses it, before a shard is read."""
     pytest.importorskip("nvidia.dali")
     from wdsembed import ImageTextPairDataset
-    from wdsembed.plan import InputError
+    from wdsembed.inputs import InputError
     from wdsembed.synthetic import write_shard
 
     data = tmp_path / "dataset"

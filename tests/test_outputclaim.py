@@ -225,7 +225,7 @@ def test_the_claim_is_released_after_success_failure_and_ctrl_c(tmp_path):
     """Every way a run ends removes its claim: success; a failed shard (the run raises ShardsFailed); a refusal in
     its planning (the output holds another model's shards); Ctrl-C (SIGINT to an API run in its own process, held
     in a shard). The command's Ctrl-C: tests/test_cli.py."""
-    from wdsembed.plan import InputError
+    from wdsembed.inputs import InputError
     from wdsembed.shard import ShardsFailed
 
     data, out = _shards(tmp_path / "in"), tmp_path / "out"

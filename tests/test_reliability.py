@@ -2002,7 +2002,7 @@ def test_batch_size_zero(tmp_path, capsys):
 
 
 def test_output_inside_input(tmp_path, capsys):
-    from wdsembed.plan import InputError
+    from wdsembed.inputs import InputError
 
     data = dataset(tmp_path / "in", 1)
     err = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", data=data, out=data / "embeddings")
@@ -2034,7 +2034,7 @@ def test_output_inside_input(tmp_path, capsys):
 
 def test_output_holding_another_models_embeddings(tmp_path, capsys):
     """A partial re-run with another model into the same OUTPUT would leave two embedding spaces side by side."""
-    from wdsembed.plan import InputError
+    from wdsembed.inputs import InputError
 
     data, out = dataset(tmp_path / "in", 2), tmp_path / "out"
     embedder()(str(data), str(out))

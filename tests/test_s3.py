@@ -20,7 +20,7 @@ import pytest
 from pydantic import ValidationError
 
 from s3server import FaultProxy, MotoS3, aws_from_environment_only
-from wdsembed import faults, output, plan, prefetch, s3fetch, shard, shardindex, shards, storage
+from wdsembed import faults, inputs, output, plan, prefetch, s3fetch, shard, shardindex, shards, storage
 from wdsembed.config import EmbedConfig
 from wdsembed.synthetic import ShardSample, encode_image, make_image, write_demo_dataset, write_shard
 
@@ -250,17 +250,17 @@ def test_brace_patterns_and_recursive_folders_on_s3(server, dataset):
     assert [(p.stem, p.output, p.rows) for p in plans] == [
         ("train/00000", f"{out}/train/00000.parquet", f"{url}/train/00000.parquet"),
         ("val/00000", f"{out}/val/00000.parquet", f"{url}/val/00000.parquet")]
-    with pytest.raises(plan.InputError, match=rf"1 of the 3 shard\(s\) .* do not exist: {url}/00002\.tar$"):
+    with pytest.raises(inputs.InputError, match=rf"1 of the 3 shard\(s\) .* do not exist: {url}/00002\.tar$"):
         planned(f"{url}/{{00000..00002}}.tar")
     assert [p.stem for p in planned(url)] == ["00000", "00001"]
     assert [p.stem for p in planned(url, recursive=True)] == ["00000", "00001", "nested/a/00000", "nested/b/00000",
                                                             "train/00000", "val/00000", "val/deep/00003"]
-    with pytest.raises(plan.InputError, match=r"holds no \*\.tar shards directly, but its subfolders hold 2 "
+    with pytest.raises(inputs.InputError, match=r"holds no \*\.tar shards directly, but its subfolders hold 2 "
                                               r"\(e\.g\. a/00000\.tar\): pass --recursive \(recursive=True\)"):
         planned(f"{url}/nested")
     assert [p.stem for p in planned(f"{url}/nested", recursive=True)] == ["a/00000", "b/00000"]
     assert [p.stem for p in planned(f"{url}/val", recursive=True)] == ["00000", "deep/00003"]
-    with pytest.raises(plan.InputError, match="bucket does not exist"):
+    with pytest.raises(inputs.InputError, match="bucket does not exist"):
         planned(f"s3://no-such-bucket/{{00000..00001}}.tar")
     plan.check_config(config_for(f"{url}/{{train,val}}/00000.tar", out, server.endpoint))
 
@@ -511,11 +511,11 @@ def test_image_extensions_no_member_of_the_first_shard_has_are_refused_on_s3(ser
     said = (rf"^--image-extensions \(image_extensions=\) gif: no member of shard {url}/00000\.tar has that "
             r"extension \(%s: bmp, json, txt\), and every row would fail with 'no image member': pass the "
             r"extensions of its images, e\.g\. --image-extensions \(image_extensions=\) bmp$")
-    with pytest.raises(plan.InputError, match=said % "its first 9 members have"):
+    with pytest.raises(inputs.InputError, match=said % "its first 9 members have"):
         plan.check_config(config)
     fs, root = storage.filesystem(url, options(server.endpoint))
     assert shardindex.ensure_index(f"{root}/00000.tar", fs).path == f"{IN_BUCKET}/{root.split('/', 1)[1]}/00000.idx"
-    with pytest.raises(plan.InputError, match=said % r"its \.idx lists"):
+    with pytest.raises(inputs.InputError, match=said % r"its \.idx lists"):
         plan.check_config(config)
     plan.check_config(config.model_copy(update={"image_extensions": ("png", "bmp")}))
 
@@ -548,7 +548,7 @@ def test_a_parquet_filtered_down_to_later_keys_on_s3_is_not_refused(server, tmp_
     fs, root = storage.filesystem(url, options(server.endpoint))
     assert Path(shardindex.ensure_index(f"{root}/00000.tar", fs, tmp_path / "idx").path).parent == tmp_path / "idx"
     plan.check_config(config)
-    with pytest.raises(plan.InputError, match=r"^not one of the 12 sample key\(s\) of 00000.tar is in id column "
+    with pytest.raises(inputs.InputError, match=r"^not one of the 12 sample key\(s\) of 00000.tar is in id column "
                                               r"'width' of 00000.parquet \(keys such as '000000000', '000000001'; "
                                               r"'width' holds '40'\)"):
         plan.check_config(wrong)
@@ -668,7 +668,7 @@ def test_an_upload_begun_since_the_cutoff_is_a_live_writers_and_kept(server):
 
 def test_output_never_creates_a_bucket(server):
     config = config_for(f"s3://{IN_BUCKET}", "s3://no-such-out-bucket/emb", server.endpoint)
-    with pytest.raises(plan.InputError, match="s3://no-such-out-bucket/emb.*bucket does not exist"):
+    with pytest.raises(inputs.InputError, match="s3://no-such-out-bucket/emb.*bucket does not exist"):
         plan.check_storage(config)
     assert "no-such-out-bucket" not in [b["Name"] for b in server.boto().list_buckets()["Buckets"]]
 
@@ -680,14 +680,14 @@ def test_output_never_creates_a_bucket(server):
 def test_missing_input_bucket(server):
     config = config_for("s3://no-such-in-bucket/shards", f"s3://{OUT_BUCKET}/emb", server.endpoint)
     start = time.perf_counter()
-    with pytest.raises(plan.InputError, match="s3://no-such-in-bucket/shards.*bucket does not exist"):
+    with pytest.raises(inputs.InputError, match="s3://no-such-in-bucket/shards.*bucket does not exist"):
         plan.plan_shards(config)
     assert time.perf_counter() - start < 5
 
 
 def test_missing_input_prefix(server):
     config = config_for(f"s3://{IN_BUCKET}/nothing-here", f"s3://{OUT_BUCKET}/emb", server.endpoint)
-    with pytest.raises(plan.InputError, match=f"s3://{IN_BUCKET}/nothing-here does not exist"):
+    with pytest.raises(inputs.InputError, match=f"s3://{IN_BUCKET}/nothing-here does not exist"):
         plan.plan_shards(config)
 
 
@@ -722,7 +722,7 @@ def test_wrong_credentials_fail_at_once_and_write_nothing(server, dataset, monke
 
     for check in (plan.check_config, plan.plan_shards):
         start = time.perf_counter()
-        with pytest.raises(plan.InputError) as err:
+        with pytest.raises(inputs.InputError) as err:
             check(config)
         assert time.perf_counter() - start < 5  # 403 is not retried
         assert url in str(err.value) and "access denied" in str(err.value)
@@ -736,7 +736,7 @@ def test_no_credentials_at_all_say_where_they_come_from(server, monkeypatch):
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     _clear_s3fs_cache()
     start = time.perf_counter()
-    with pytest.raises(plan.InputError, match=f"s3://{IN_BUCKET}/x: no usable credentials.*AWS_ACCESS_KEY_ID"):
+    with pytest.raises(inputs.InputError, match=f"s3://{IN_BUCKET}/x: no usable credentials.*AWS_ACCESS_KEY_ID"):
         plan.check_storage(config_for(f"s3://{IN_BUCKET}/x", f"s3://{OUT_BUCKET}/y", server.endpoint))
     assert time.perf_counter() - start < 5
 
@@ -763,7 +763,7 @@ def test_denied_output_fails_before_any_shard(server, dataset, monkeypatch):
                                                 "Resource": [f"arn:aws:s3:::{IN_BUCKET}", f"arn:aws:s3:::{IN_BUCKET}/*"]}]}))
     k = iam.create_access_key(UserName="inputonly")["AccessKey"]
     use_keys(monkeypatch, (k["AccessKeyId"], k["SecretAccessKey"]))
-    with pytest.raises(plan.InputError, match="s3://locked-out/emb.*access denied"):
+    with pytest.raises(inputs.InputError, match="s3://locked-out/emb.*access denied"):
         plan.check_storage(config_for(url, "s3://locked-out/emb", server.endpoint))
     assert server.keys("locked-out") == []
 

@@ -1,4 +1,4 @@
-"""Which shards a run embeds (wdsembed.plan.find_shards / plan_shards): a folder, recursive folders, brace patterns,
+"""Which shards a run embeds (wdsembed.inputs.find_shards / plan.plan_shards): a folder, recursive folders, brace patterns,
 one .tar, list files; and that every shard gets an output of its own that caching, the manifest and validation
 agree on. Local here; the same against an S3 server in tests/test_s3.py."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 
-from wdsembed import output, plan
+from wdsembed import inputs, output, plan
 from wdsembed.config import EmbedConfig
 from wdsembed.synthetic import ShardSample, encode_image, make_image, write_shard
 
@@ -51,15 +51,15 @@ def tree(tmp_path) -> Path:
 
 
 def test_input_kinds():
-    assert plan.input_kind("/data") == "folder"
-    assert plan.input_kind("s3://b/p/{00000..00009}.tar") == "pattern"
-    assert plan.input_kind("/data/{a,b}/00000.tar") == "pattern"
-    assert plan.input_kind("/data/00000.tar") == "tar"
-    assert plan.input_kind("/data/shards.txt") == "list"
-    assert plan.input_folder("s3://b/p/{00000..00009}.tar") == "s3://b/p"
-    assert plan.input_folder("/data/shard-{0..9}.tar") == "/data"
-    assert plan.input_folder("/data/{train,val}/00000.tar") == "/data"
-    assert plan.input_folder("/data/shards.txt") == "/data"
+    assert inputs.input_kind("/data") == "folder"
+    assert inputs.input_kind("s3://b/p/{00000..00009}.tar") == "pattern"
+    assert inputs.input_kind("/data/{a,b}/00000.tar") == "pattern"
+    assert inputs.input_kind("/data/00000.tar") == "tar"
+    assert inputs.input_kind("/data/shards.txt") == "list"
+    assert inputs.input_folder("s3://b/p/{00000..00009}.tar") == "s3://b/p"
+    assert inputs.input_folder("/data/shard-{0..9}.tar") == "/data"
+    assert inputs.input_folder("/data/{train,val}/00000.tar") == "/data"
+    assert inputs.input_folder("/data/shards.txt") == "/data"
 
 
 def test_folder_alone_takes_its_own_shards_and_recursive_the_subfolders(tree, tmp_path):
@@ -80,12 +80,12 @@ def test_a_folder_whose_shards_are_in_subfolders_says_recursive(tmp_path):
     data = tmp_path / "data"
     shard(data / "a", "00000")
     shard(data / "b", "00000")
-    with pytest.raises(plan.InputError, match=r"holds no \*\.tar shards directly, but its subfolders hold 2 "
+    with pytest.raises(inputs.InputError, match=r"holds no \*\.tar shards directly, but its subfolders hold 2 "
                                               r"\(e\.g\. a/00000\.tar\): pass --recursive \(recursive=True\)"):
         plan.plan_shards(config(data, tmp_path / "out"))
     assert stems(plan.plan_shards(config(data, tmp_path / "out", recursive=True))) == ["a/00000", "b/00000"]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(plan.InputError, match=r"holds no \*\.tar shards$"):
+    with pytest.raises(inputs.InputError, match=r"holds no \*\.tar shards$"):
         plan.plan_shards(config(tmp_path / "empty", tmp_path / "out"))
 
 
@@ -101,7 +101,7 @@ def test_compressed_shards_are_refused_by_name_never_left_out(tmp_path):
     shard(data / "sub", "00003")
     (data / "sub" / "00004.TAR.GZ").write_bytes(b"\x1f\x8b" + bytes(30))
     for recursive, named in ((False, "00002.tgz"), (True, "00002.tgz, sub/00004.TAR.GZ")):
-        with pytest.raises(plan.InputError) as err:
+        with pytest.raises(inputs.InputError) as err:
             plan.plan_shards(config(data, out, recursive=recursive))
         assert str(err.value) == (
             f"input {str(data)!r} holds {named.count(',') + 1} compressed shard(s) that this run would not read: "
@@ -109,10 +109,10 @@ def test_compressed_shards_are_refused_by_name_never_left_out(tmp_path):
             "or name the *.tar shards alone with a brace pattern or a list file")
     (data / "00002.tgz").unlink()
     assert stems(plan.plan_shards(config(data, out))) == ["00000", "00001"]
-    with pytest.raises(plan.InputError, match=r"is a compressed shard, which this run does not read: DALI reads "
+    with pytest.raises(inputs.InputError, match=r"is a compressed shard, which this run does not read: DALI reads "
                                               r"plain \*\.tar only: decompress it"):
         plan.plan_shards(config(data / "00001.tar.gz", out))
-    with pytest.raises(plan.InputError, match=r"names '.*00000\.tar\.gz', which is not a \.tar shard; it is a "
+    with pytest.raises(inputs.InputError, match=r"names '.*00000\.tar\.gz', which is not a \.tar shard; it is a "
                                               r"compressed shard, .*\(gzip -dc 00000\.tar\.gz > 00000\.tar\)"):
         plan.plan_shards(config(f"{data}/{{00000..00001}}.tar.gz", out))
 
@@ -128,7 +128,7 @@ def test_hidden_tars_are_skipped_with_and_without_recursive(tmp_path):
     only = tmp_path / "only"
     shard(only / ".cache", "00001")
     (only / "._00001.tar").write_bytes(apple_double)
-    with pytest.raises(plan.InputError, match=r"holds no \*\.tar shards$"):
+    with pytest.raises(inputs.InputError, match=r"holds no \*\.tar shards$"):
         plan.plan_shards(config(only, out))
 
 
@@ -140,12 +140,12 @@ def test_brace_patterns(tree, tmp_path):
     plans = plan.plan_shards(config(f"{tree}/{{train,val}}/00000.tar", out))
     assert stems(plans) == ["train/00000", "val/00000"]
     assert [p.output for p in plans] == [str(out / "train" / "00000.parquet"), str(out / "val" / "00000.parquet")]
-    with pytest.raises(plan.InputError, match=r"2 of the 6 shard\(s\) that input .* names do not exist: "
+    with pytest.raises(inputs.InputError, match=r"2 of the 6 shard\(s\) that input .* names do not exist: "
                                               rf"{tree}/00004\.tar, {tree}/00005\.tar$"):
         plan.plan_shards(config(f"{tree}/{{00000..00005}}.tar", out))
-    with pytest.raises(plan.InputError, match="unbalanced braces"):
+    with pytest.raises(inputs.InputError, match="unbalanced braces"):
         plan.plan_shards(config(f"{tree}/{{00000..00005.tar", out))
-    with pytest.raises(plan.InputError, match="which is not a .tar shard"):
+    with pytest.raises(inputs.InputError, match="which is not a .tar shard"):
         plan.plan_shards(config(f"{tree}/{{train,val}}", out))
 
 
@@ -153,14 +153,14 @@ def test_a_wildcard_is_refused_saying_so(tree, tmp_path):
     """A quoted shell wildcard ('/data/*.tar'), as INPUT or a list file's line, was taken as the name of one shard,
     and refused as '1 of the 1 shard(s) ... do not exist: /data/*.tar'. Now it is said to be a wildcard, with what
     to pass instead."""
-    with pytest.raises(plan.InputError, match=rf"^input '{tree}/\*\.tar' is a wildcard pattern, which is not "
+    with pytest.raises(inputs.InputError, match=rf"^input '{tree}/\*\.tar' is a wildcard pattern, which is not "
                                               r"expanded: name the shards with a brace pattern "
                                               rf"\('{tree}/\{{00000\.\.00099\}}\.tar'\), or pass the folder that "
                                               rf"holds them \('{tree}'\)$"):
         plan.check_config(config(f"{tree}/*.tar", tmp_path / "out"))
     listing = tmp_path / "shards.txt"
     listing.write_text("data/train/*.tar\n")
-    with pytest.raises(plan.InputError, match=r"shards\.txt line 1: 'data/train/\*\.tar' is a wildcard pattern"):
+    with pytest.raises(inputs.InputError, match=r"shards\.txt line 1: 'data/train/\*\.tar' is a wildcard pattern"):
         plan.plan_shards(config(listing, tmp_path / "out"))
 
 
@@ -193,7 +193,7 @@ def test_webdatasets_pipe_and_joined_lists_are_refused_saying_why(tree, tmp_path
     listing = tmp_path / "shards.txt"
     for line, said in ((f"pipe:cat {a}", PIPE_SAID), (f"{a}::{b}", JOINED_SAID)):
         listing.write_text(f"{b}\n{line}\n")
-        with pytest.raises(plan.InputError, match=re.escape(f"{listing} line 2: {said}")):
+        with pytest.raises(inputs.InputError, match=re.escape(f"{listing} line 2: {said}")):
             plan.plan_shards(config(listing, tmp_path / "out"))
     [p] = plan.plan_shards(config(f"simplecache::file://{a}", tmp_path / "out"))
     assert p.stem == "00000"
@@ -210,13 +210,13 @@ def test_a_percent_escaped_file_url_is_taken_as_fsspec_takes_it_or_refused_sayin
     for given, meant in ((escaped, data), (f"{escaped}/00000.tar", data / "00000.tar"),
                          (f"{escaped}/{{00000..00000}}.tar", f"{data}/{{00000..00000}}.tar"),
                          (f"{tmp_path}/my%20data", data)):
-        with pytest.raises(plan.InputError, match=re.escape(
+        with pytest.raises(inputs.InputError, match=re.escape(
                 f"input {given!r} does not exist: fsspec, which reads the shards, takes its %-escapes as they are "
                 f"written ('%20' as those three characters, not as what they encode), and {str(meant)!r}, what "
                 "they encode, exists: pass that path")):
             plan.check_config(config(given, tmp_path / "out"))
     out = f"file://{tmp_path}/out%20put"
-    with pytest.raises(plan.InputError, match=re.escape(
+    with pytest.raises(inputs.InputError, match=re.escape(
             f"output {out!r} holds %-escapes, which fsspec writes as they are: the run would create a folder named "
             f"{str(tmp_path / 'out%20put')!r}; pass the path meant, as it is spelled on disk "
             f"({str(tmp_path / 'out put')!r}), or create that folder first to write there")):
@@ -247,12 +247,12 @@ def test_list_file(tree, tmp_path):
     # stems are relative to the deepest folder holding them all
     assert stems(plans) == ["00001", "00002", "train/00000", "train/deep/00007", "val/00000"]
     listing.write_text("00000.tar\n00000.parquet\n")
-    with pytest.raises(plan.InputError, match=r"shards\.txt line 2: '.*00000\.parquet' is not a \.tar shard"):
+    with pytest.raises(inputs.InputError, match=r"shards\.txt line 2: '.*00000\.parquet' is not a \.tar shard"):
         plan.plan_shards(config(listing, tmp_path / "out"))
     listing.write_text("# nothing\n")
-    with pytest.raises(plan.InputError, match="names no shards"):
+    with pytest.raises(inputs.InputError, match="names no shards"):
         plan.plan_shards(config(listing, tmp_path / "out"))
-    with pytest.raises(plan.InputError, match="does not exist: pass a folder of"):
+    with pytest.raises(inputs.InputError, match="does not exist: pass a folder of"):
         plan.plan_shards(config(tree / "nope.txt", tmp_path / "out"))
 
 
@@ -275,7 +275,7 @@ def test_a_list_file_line_with_a_password_is_refused_without_echoing_it(tree, tm
     store is asked, by its line number, never echoed."""
     listing = tree / "shards.txt"
     listing.write_text("# from the web store\nhttp://me:hunter2@127.0.0.1:9/shards/00001.tar\n")
-    with pytest.raises(plan.InputError) as err:
+    with pytest.raises(inputs.InputError) as err:
         plan.plan_shards(config(listing, tmp_path / "out"))
     assert str(err.value).startswith(f"{listing} line 2: the URL holds a password, which would be logged and stored")
     assert "hunter2" not in str(err.value)
@@ -331,12 +331,12 @@ def test_symbolic_links_to_shards_and_their_parquets_are_the_files_they_name(tre
     assert stems(plan.plan_shards(config(links, out, recursive=True))) == ["00000", "00001"]
     [one] = plan.plan_shards(config(links / "00001.tar", out))
     assert one.rows == str(links / "00001.parquet")
-    with pytest.raises(plan.InputError, match=r"1 of the 1 shard\(s\) .* do not exist"):
+    with pytest.raises(inputs.InputError, match=r"1 of the 1 shard\(s\) .* do not exist"):
         plan.plan_shards(config(links / "00002.tar", out))
     dangling = tmp_path / "dangling"
     dangling.mkdir()
     (dangling / "00000.tar").symlink_to(tree / "gone.tar")
-    with pytest.raises(plan.InputError, match=r"holds no \*\.tar shards$"):
+    with pytest.raises(inputs.InputError, match=r"holds no \*\.tar shards$"):
         plan.plan_shards(config(dangling, out))
     assert ImageTextPairDataset.from_webdataset(str(links)).tar_files == [str(links / "00000.tar"),
                                                                          str(links / "00001.tar")]
@@ -354,11 +354,11 @@ def test_outputs_never_collide(tmp_path):
     shard(data, "x")
     os.rename(data / "x.tar", data / "x.TAR")
     shard(data, "x", seed=1)
-    with pytest.raises(plan.InputError, match=r"would both write OUTPUT/x\.parquet: rename one"):
+    with pytest.raises(inputs.InputError, match=r"would both write OUTPUT/x\.parquet: rename one"):
         plan.plan_shards(config(data, tmp_path / "out"))
     other = tmp_path / "other"
     shard(other / output.EMBEDDINGS_FOLDER, "00000")
-    with pytest.raises(plan.InputError, match="inside a folder OUTPUT keeps for itself"):
+    with pytest.raises(inputs.InputError, match="inside a folder OUTPUT keeps for itself"):
         plan.plan_shards(config(other, tmp_path / "out", recursive=True))
 
 
@@ -373,7 +373,7 @@ def test_a_shard_whose_output_name_no_file_system_takes_is_refused_before_any_wo
     assert [len(p.stem.encode()) for p in plan.plan_shards(config(data, out))] == [247]
     longest = "é" * 125 + "x"  # 251 bytes: the tar's name is 255, the output's would be 259
     write_shard(data, longest, images, parquet=False, stats=False)
-    with pytest.raises(plan.InputError, match=rf"^shard {data}/{longest}\.tar would write OUTPUT/{longest}\.parquet, "
+    with pytest.raises(inputs.InputError, match=rf"^shard {data}/{longest}\.tar would write OUTPUT/{longest}\.parquet, "
                                               r"a file name of 259 bytes, over the 255 a file system allows: rename "
                                               r"the shard$"):
         plan.check_config(config(data, out))
@@ -388,20 +388,20 @@ def test_shards_whose_outputs_dataset_readers_would_skip_are_refused_naming_them
     shard(data / "_extra", "00001", seed=1)
     assert stems(plan.plan_shards(config(data, out))) == ["00000"]  # without recursive, the subfolder is not read
     for input, kw in ((data, {"recursive": True}), (f"{data}/{{00000,_extra/00001}}.tar", {})):
-        with pytest.raises(plan.InputError, match=rf"^shard {data}/_extra/00001\.tar would write "
+        with pytest.raises(inputs.InputError, match=rf"^shard {data}/_extra/00001\.tar would write "
                                                   r"OUTPUT/_extra/00001\.parquet, which pyarrow\.dataset, "
                                                   r"pandas\.read_parquet and Spark skip .*: its rows would vanish "
                                                   r"from OUTPUT read as a dataset; rename its folder '_extra' to a "
                                                   r"name that does not start with '_'$"):
             plan.check_config(config(input, out, **kw))
     shard(tmp_path / "flat", "_00002", seed=2)
-    with pytest.raises(plan.InputError, match=r"rename the shard '_00002\.tar' to a name that does not start "
+    with pytest.raises(inputs.InputError, match=r"rename the shard '_00002\.tar' to a name that does not start "
                                               r"with '_'$"):
         plan.plan_shards(config(tmp_path / "flat", out))
     listing = tmp_path / "named.txt"
     listing.write_text(f"{data}/00000.tar\n{data}/.x.tar\n")
     (data / ".x.tar").write_bytes((data / "00000.tar").read_bytes())
-    with pytest.raises(plan.InputError, match=r"rename the shard '\.x\.tar' to a name that does not start with "
+    with pytest.raises(inputs.InputError, match=r"rename the shard '\.x\.tar' to a name that does not start with "
                                               r"'\.'$"):
         plan.plan_shards(config(listing, out))
     assert sorted(p.name for p in tmp_path.rglob("*.idx")) == ["00000.idx"]  # of the first, accepted, run only
@@ -413,12 +413,12 @@ def test_shards_whose_outputs_dataset_readers_would_skip_are_refused_naming_them
 def test_check_config_knows_every_kind(tree, tmp_path):
     plan.check_config(config(f"{tree}/{{00000..00003}}.tar", tmp_path / "out"))
     plan.check_config(config(tree, tmp_path / "out", recursive=True))
-    with pytest.raises(plan.InputError, match="names do not exist"):
+    with pytest.raises(inputs.InputError, match="names do not exist"):
         plan.check_config(config(f"{tree}/{{00000..00009}}.tar", tmp_path / "out"))
-    with pytest.raises(plan.InputError, match="a folder of the shards that input"):
+    with pytest.raises(inputs.InputError, match="a folder of the shards that input"):
         plan.check_config(config(f"{tree}/{{00000..00003}}.tar", tree))
     shard(tmp_path / "nest" / "a", "00000")
-    with pytest.raises(plan.InputError, match=r"pass --recursive \(recursive=True\)"):
+    with pytest.raises(inputs.InputError, match=r"pass --recursive \(recursive=True\)"):
         plan.check_config(config(tmp_path / "nest", tmp_path / "out"))
 
 
@@ -430,20 +430,20 @@ def test_output_is_refused_where_it_could_be_read_as_shards_or_overwrite_their_p
     (tmp_path / "link").symlink_to(tree)
     for out in (tree, tree / "emb", tmp_path / "link" / "emb", f"{tree}/./emb/"):
         for recursive in (False, True):
-            with pytest.raises(plan.InputError, match=r"is inside input .*: choose a folder outside it"):
+            with pytest.raises(inputs.InputError, match=r"is inside input .*: choose a folder outside it"):
                 plan.check_config(config(tree, out, recursive=recursive))
     both = f"{tree}/{{train,val}}/00000.tar"  # stems train/00000 and val/00000
     for out in (tree, tree / "train", tmp_path / "link" / "val"):
-        with pytest.raises(plan.InputError, match=r"would write into .*, a folder of the shards that input"):
+        with pytest.raises(inputs.InputError, match=r"would write into .*, a folder of the shards that input"):
             plan.check_config(config(both, out))
-    with pytest.raises(plan.InputError, match=r"would write into .*/train, a folder of the shards that input"):
+    with pytest.raises(inputs.InputError, match=r"would write into .*/train, a folder of the shards that input"):
         plan.check_config(config(both, tree / "train" / "emb", recursive=True))
     for out in (tree / "emb", tree / "train" / "emb", tree / "train" / "deep", tmp_path / "out"):
         plan.check_config(config(both, out))
     for input in (tree / "00000.tar", tree / "train/{00000..00000}.tar"):
-        with pytest.raises(plan.InputError, match="a folder of the shards"):
+        with pytest.raises(inputs.InputError, match="a folder of the shards"):
             plan.plan_shards(config(input, Path(str(input)).parent))
-    with pytest.raises(plan.InputError, match="is inside input"):
+    with pytest.raises(inputs.InputError, match="is inside input"):
         plan.plan_shards(config(tree, tree / "emb"))
     assert not list(tree.rglob("*.idx")) and not (tree / "emb").exists()
 
@@ -510,12 +510,12 @@ def test_outputs_of_another_model_beside_this_runs_are_refused_naming_them(tree,
     for stem, kind in (("00002", dict(model="test_vit.r160_in1k")), ("train/00000", dict(normalized=False)),
                        ("00003", dict(weights="pretrained:timm/x")), ("val/00000", dict(embedding="head"))):
         _written_by(out, stem, kind.pop("model", TINY_MODEL), **kind)
-    with pytest.raises(plan.InputError) as err:
+    with pytest.raises(inputs.InputError) as err:
         plan.check_config(one)
     text = str(err.value)
     assert "00002.parquet (model test_vit.r160_in1k)" in text and "00003.parquet (weights pretrained:timm/x)" in text
     assert "and 1 more" in text and "another output folder" in text and "00001" not in text
-    with pytest.raises(plan.InputError):
+    with pytest.raises(inputs.InputError):
         plan.plan_shards(one, indexes=False)  # the Python API's and the flow's planning too
     # 'auto' is only resolved once the model loads: a head output is not judged against it
     for stem in ("00002", "train/00000", "00003"):
@@ -540,10 +540,10 @@ def test_outputs_beside_whose_views_name_their_columns_otherwise_are_refused(tre
                                 metadata={"cache_key": "k"})
     plan.check_config(one)
     refused = r"00001.parquet \(kNN view columns key, image_embedding\)"
-    with pytest.raises(plan.InputError, match=refused):
+    with pytest.raises(inputs.InputError, match=refused):
         plan.check_config(one.model_copy(update={"embedding_column": "emb"}))
-    with pytest.raises(plan.InputError, match=refused):  # (the first shard's parquet has no 'uid': the check alone)
-        plan.check_outputs_beside(one.model_copy(update={"id_column": "uid"}), plan.find_shards(one))
+    with pytest.raises(inputs.InputError, match=refused):  # (the first shard's parquet has no 'uid': the check alone)
+        plan.check_outputs_beside(one.model_copy(update={"id_column": "uid"}), inputs.find_shards(one))
     plan.check_config(one.model_copy(update={"embedding_column": "emb", "knn_view": False}))
 
 
@@ -560,10 +560,10 @@ def test_outputs_beside_stored_in_another_embedding_dtype_are_refused(tree, tmp_
     _written_by(out, "00002", TINY_MODEL)  # no key parts recorded: not judged
     plan.check_config(half)
     _written_by(out, "00003", TINY_MODEL, parts={"shard": "x"})  # float32: a float32 key records no dtype
-    with pytest.raises(plan.InputError, match=r"00003.parquet \(embedding_dtype float32\)") as err:
+    with pytest.raises(inputs.InputError, match=r"00003.parquet \(embedding_dtype float32\)") as err:
         plan.check_config(half)
     assert "00001" not in str(err.value) and "00002" not in str(err.value)
-    with pytest.raises(plan.InputError, match=r"00001.parquet \(embedding_dtype float16\)") as err:
+    with pytest.raises(inputs.InputError, match=r"00001.parquet \(embedding_dtype float16\)") as err:
         plan.check_config(half.model_copy(update={"embedding_dtype": "float32"}))
     assert "00003" not in str(err.value)
 
@@ -579,7 +579,7 @@ def test_outputs_of_another_checkpoint_file_are_told_from_the_same_one_spelled_o
     out = tmp_path / "out"
     monkeypatch.chdir(tmp_path)
     one = config(tree / "00000.tar", out, embedding="pooled", checkpoint="./w.safetensors")
-    found = plan.find_shards(one)
+    found = inputs.find_shards(one)
     same = {"path": str(weights), "fingerprint": output_fingerprint(weights)}
     _written_by(out, "00001", TINY_MODEL, weights=f"checkpoint:{weights}")  # an older footer: no record
     _written_by(out, "00002", TINY_MODEL, weights=f"checkpoint:{tmp_path / 'link.safetensors'}", checkpoint=same)
@@ -588,7 +588,7 @@ def test_outputs_of_another_checkpoint_file_are_told_from_the_same_one_spelled_o
     _written_by(out, "00003", TINY_MODEL, weights=f"checkpoint:{tmp_path / 'other.safetensors'}")
     _written_by(out, "train/00000", TINY_MODEL, weights=f"checkpoint:{weights}",
                 checkpoint={"path": str(weights), "fingerprint": "sha256:" + "0" * 64})  # the file was rewritten since
-    with pytest.raises(plan.InputError) as err:
+    with pytest.raises(inputs.InputError) as err:
         plan.check_outputs_beside(one, found)
     text = str(err.value)
     assert f"00003.parquet (weights checkpoint:{tmp_path / 'other.safetensors'} (another file))" in text
@@ -683,7 +683,7 @@ def test_a_copy_of_the_checkpoint_made_with_another_mtime_is_the_same_weights(tr
     weights.write_bytes(os.urandom(1 << 20))
     out = tmp_path / "out"
     one = config(tree / "00000.tar", out, embedding="pooled", checkpoint=str(weights))
-    found = plan.find_shards(one)
+    found = inputs.find_shards(one)
     made_with = _recorded_identity(weights)
     _written_by(out, "00001", TINY_MODEL, weights=f"checkpoint:{weights}",
                 checkpoint={"path": str(weights), "fingerprint": made_with})
@@ -719,8 +719,8 @@ def test_a_same_size_rewrite_of_the_checkpoint_is_other_weights_whatever_its_mti
     assert (weights.stat().st_size, weights.stat().st_mtime_ns, weights.stat().st_ino) == \
         (before.st_size, before.st_mtime_ns, before.st_ino)
     assert _recorded_identity(weights) != made_with
-    with pytest.raises(plan.InputError, match=r"00001\.parquet \(weights checkpoint:.*\(the file has changed since\)"):
-        plan.check_outputs_beside(one, plan.find_shards(one))
+    with pytest.raises(inputs.InputError, match=r"00001\.parquet \(weights checkpoint:.*\(the file has changed since\)"):
+        plan.check_outputs_beside(one, inputs.find_shards(one))
 
 
 def _bytes_read_by_this_process() -> int:
@@ -767,13 +767,13 @@ def test_outputs_recorded_with_the_old_checkpoint_fingerprint_are_judged_by_it(t
     weights.write_bytes(b"weights")
     out = tmp_path / "out"
     one = config(tree / "00000.tar", out, embedding="pooled", checkpoint=str(weights))
-    found = plan.find_shards(one)
+    found = inputs.find_shards(one)
     old_record = {"path": str(weights), "fingerprint": storage.file_fingerprint(str(weights))}
     _written_by(out, "00001", TINY_MODEL, weights=f"checkpoint:{weights}", checkpoint=old_record)
     plan.check_outputs_beside(one, found)
     later = weights.stat().st_mtime + 60
     os.utime(weights, (later, later))
-    with pytest.raises(plan.InputError, match=r"00001\.parquet \(weights checkpoint:.*\(the file has changed since\)"):
+    with pytest.raises(inputs.InputError, match=r"00001\.parquet \(weights checkpoint:.*\(the file has changed since\)"):
         plan.check_outputs_beside(one, found)
 
 
@@ -788,15 +788,15 @@ def test_embedding_forms_recorded_with_outputs_judge_auto(tree, tmp_path):
     'auto' included; one without that record only against an explicit request."""
     out = tmp_path / "out"
     auto = config(tree / "00000.tar", out)
-    found = plan.find_shards(auto)
+    found = inputs.find_shards(auto)
     forms = {"auto": "pooled", "head": "head", "pooled": "pooled"}  # a classifier
     _written_by(out, "00001", TINY_MODEL, embedding="pooled", embedding_forms=forms)
     _written_by(out, "00002", TINY_MODEL, embedding="head")  # no record: 'auto' cannot be judged against it
     plan.check_outputs_beside(auto, found)
-    with pytest.raises(plan.InputError, match=r"00001.parquet \(embedding pooled\)"):
+    with pytest.raises(inputs.InputError, match=r"00001.parquet \(embedding pooled\)"):
         plan.check_outputs_beside(auto.model_copy(update={"embedding": "head"}), found)
     _written_by(out, "00003", TINY_MODEL, embedding="head", embedding_forms=forms)
-    with pytest.raises(plan.InputError, match=r"00003.parquet \(embedding head\)") as err:
+    with pytest.raises(inputs.InputError, match=r"00003.parquet \(embedding head\)") as err:
         plan.check_outputs_beside(auto, found)
     assert "00001" not in str(err.value) and "00002" not in str(err.value)
     headless = {"auto": "pooled", "head": "pooled", "pooled": "pooled"}  # head on a model without one is pooled
@@ -834,7 +834,7 @@ def test_other_checkpoint_weights_are_refused_beside_earlier_outputs(tmp_path, m
     TimmImageEmbedder(TINY_MODEL, checkpoint=weights[0], **SETTINGS)(str(data), str(out))
     assert _footer_model(out / "00001.parquet")["checkpoint"] == {"path": weights[0],
                                                                   "fingerprint": output_fingerprint(Path(weights[0]))}
-    with pytest.raises(plan.InputError, match="already holds embeddings made otherwise"):
+    with pytest.raises(inputs.InputError, match="already holds embeddings made otherwise"):
         # only 00000 is named: 00001 keeps w1's embeddings, 00000 gets w2's, one kNN view holds both spaces
         TimmImageEmbedder(TINY_MODEL, checkpoint=weights[1], **SETTINGS)(str(data / "00000.tar"), str(out))
     monkeypatch.chdir(tmp_path)  # the same file, named relatively: the same weights
@@ -933,8 +933,8 @@ def test_a_missing_checkpoint_is_said_missing_not_rewritten(tree, tmp_path):
     _written_by(out, "00001", TINY_MODEL, weights=f"checkpoint:{weights}",
                 checkpoint={"path": str(weights), "fingerprint": "7:1.0"})
     one = config(tree / "00000.tar", out, embedding="pooled", checkpoint=str(weights))
-    with pytest.raises(plan.InputError, match=r"checkpoint .*w\.safetensors.* cannot be read: FileNotFoundError"):
-        plan.check_outputs_beside(one, plan.find_shards(one))
+    with pytest.raises(inputs.InputError, match=r"checkpoint .*w\.safetensors.* cannot be read: FileNotFoundError"):
+        plan.check_outputs_beside(one, inputs.find_shards(one))
 
 
 def test_other_head_is_refused_beside_earlier_outputs(tmp_path):
@@ -949,7 +949,7 @@ def test_other_head_is_refused_beside_earlier_outputs(tmp_path):
     try:
         # embedding="auto" resolves to 'pooled' for this classifier: another space (and another dimension)
         TimmImageEmbedder(TINY_MODEL, pretrained=False, **SETTINGS)(str(data / "00000.tar"), str(out))
-    except plan.InputError as exc:
+    except inputs.InputError as exc:
         assert "already holds embeddings made otherwise" in str(exc)
         assert "00001.parquet (embedding head)" in str(exc)
         return

@@ -704,7 +704,8 @@ def test_a_run_that_would_embed_in_another_precision_than_the_finished_outputs_i
     finished ones would stay beside the new ones, two precisions in one OUTPUT. Refused at planning, naming them
     and both precisions; the same run on the CPU, or with --force, goes on."""
     from wdsembed import shard
-    from wdsembed.plan import InputError, check_finished_precision, plan_run, run_precision
+    from wdsembed.inputs import InputError
+    from wdsembed.plan import check_finished_precision, plan_run, run_precision
 
     config = _one_shard(tmp_path, device="cpu")
     (plan,), _ = plan_run(config)
@@ -739,7 +740,8 @@ def test_a_resume_on_a_dask_schedulers_workers_in_another_precision_is_refused_t
 
     from wdsembed import shard
     from wdsembed.output import FOOTER_KEY
-    from wdsembed.plan import InputError, plan_run
+    from wdsembed.inputs import InputError
+    from wdsembed.plan import plan_run
 
     config = _one_shard(tmp_path, device="cpu")
     (plan,), _ = plan_run(config)

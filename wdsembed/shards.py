@@ -711,7 +711,7 @@ def _check_against_index(shard: str, m: tarstream.Member, entry: Optional["shard
 
 def list_shards(url: str, fs: Any) -> list[str]:
     """The `*.tar` files directly under a folder (not recursive), sorted, hidden ones (macOS's `._00000.tar`) left
-    out as a run's folder input leaves them (plan._is_shard). URLs with a protocol come back with it
+    out as a run's folder input leaves them (inputs._is_shard). URLs with a protocol come back with it
     (s3://bucket/x/00000.tar); local paths come back as the filesystem gives them (absolute)."""
     paths = sorted(p for p in storage.listed_files(fs, fs.ls(url, detail=True))
                    if p.lower().endswith(".tar") and not posixpath.basename(p).startswith("."))

@@ -1,0 +1,335 @@
+"""Which shards a run's INPUT names (find_shards), and what each one's output is called.
+
+What INPUT may be:
+
+* a folder: its `*.tar` files; with `recursive`, also those of its subfolders at any depth (hidden files and
+  folders excepted, either way: macOS's `._00000.tar` is no shard);
+* a brace pattern as WebDataset users write it: `/data/{00000..00999}.tar`, `s3://b/p/{00000..00009}.tar`,
+  `/data/{train,val}/{0000..0099}.tar` (every shard it names must exist);
+* one `.tar` file;
+* a list file, `*.txt`: one shard per line (a path, a URL, or a brace pattern; relative paths are relative to the
+  list file's folder; blank lines and `#` comments are skipped).
+
+A local path is taken as its folder's listing spells it (`/data//00000.tar`, `/data/./00000.tar` are
+`/data/00000.tar`), and a shard named twice, in any spelling, is embedded once.
+
+Each shard's output is `OUTPUT/<stem>.parquet`, where the stem is the shard's path relative to the input's root
+folder without `.tar`: the folder itself, the folder before a pattern's first brace, or the deepest folder holding
+every shard of a list file. Shards of subfolders keep their subfolder (`OUTPUT/train/00000.parquet`), so two
+`00000.tar` in different folders never share an output; the stem is the shard's name everywhere (manifest,
+caching, validation).
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from wdsembed import output, storage
+from wdsembed.config import EmbedConfig, canonical_file_url, option, unsupported_url_form
+from wdsembed.storeoptions import CREDENTIALS_HINT, url_has_password
+from wdsembed.threads import ContextThreadPool
+
+
+class InputError(ValueError):
+    """The run's input cannot be used; says what to change."""
+
+
+LIST_SUFFIX = ".txt"
+# Names under OUTPUT that are not shard outputs: a shard whose stem starts with one would collide with them.
+RESERVED_OUTPUT_NAMES = ("_prefect_results", output.EMBEDDINGS_FOLDER)
+# What readers of OUTPUT as one dataset (pyarrow.dataset, pandas.read_parquet, Spark) skip: every file or folder
+# whose name starts with one of these. A shard output there would silently vanish from the dataset read.
+SKIPPED_PREFIXES = ("_", ".")
+
+
+def input_kind(url: str) -> str:
+    """'list' (a .txt list file), 'pattern' (braces that expand), 'tar' (one shard) or 'folder'."""
+    if url.lower().endswith(LIST_SUFFIX):
+        return "list"
+    if "{" in url and _expand(url, url) != [url]:
+        return "pattern"
+    if url.lower().endswith(".tar"):
+        return "tar"
+    return "folder"
+
+
+def input_folder(url: str) -> str:
+    """The folder an input lives in: the folder itself, the folder before a pattern's first brace, the folder of
+    a single .tar or of a list file (URLs keep their protocol)."""
+    kind = input_kind(url)
+    if kind == "folder":
+        return url
+    if kind == "pattern":
+        url = url[: url.index("{")]
+        if url.endswith("/"):
+            return url[:-1] or "/"
+        return posixpath.dirname(url) or "."
+    return posixpath.dirname(url) or "."
+
+
+def _expand(pattern: str, where: str) -> list[str]:
+    from braceexpand import UnbalancedBracesError, braceexpand
+
+    try:
+        return list(braceexpand(pattern))
+    except UnbalancedBracesError:
+        raise InputError(f"{where}: unbalanced braces in {pattern!r}: write a range as {{00000..00999}} or a list "
+                         "as {a,b}") from None
+
+
+@dataclass
+class FoundShards:
+    """The shards of a run, as paths of one filesystem, and the files beside them (for img2dataset siblings)."""
+
+    fs: Any
+    root: str  # the folder that stems are relative to (a path of `fs`, no protocol)
+    tars: list[str]  # sorted
+    files: set[str] = field(default_factory=set)  # every file listed in the shards' folders
+
+    def stem(self, tar: str) -> str:
+        rel = posixpath.relpath(tar, self.root) if self.root else tar.lstrip("/")
+        return rel[: -len(".tar")]
+
+
+def find_shards(config: EmbedConfig, *, fresh: bool = False) -> FoundShards:
+    """The shards that config.input names (see the module docstring), or InputError saying what is wrong: a
+    folder without shards (naming subfolders that hold some, for `recursive`), a shard of a pattern or list that
+    does not exist, a list line that is not a .tar, two shards that would share an output. `fresh`: check_storage
+    has just listed INPUT's folder (input_folder), and its listing in the filesystem's cache is taken as it is, not
+    made again (on an object store, hundreds of LIST requests at 100,000 shards)."""
+    refuse_wildcard(config.input, f"input {config.input!r}")
+    kind = input_kind(config.input)
+    if kind == "folder":
+        found = _find_in_folder(config)
+    else:
+        urls = _list_file_entries(config) if kind == "list" else _expand(config.input, "input")
+        found = _find_named(config, urls, kind, fresh=fresh)
+    _check_stems(config, found)
+    return found
+
+
+def _find_in_folder(config: EmbedConfig) -> FoundShards:
+    fs, root = storage.filesystem(config.input, config.storage_options)
+    if not fs.exists(root):
+        raise InputError(f"input {config.input!r} does not exist")
+    if not fs.isdir(root):
+        raise InputError(f"input {config.input!r} is not a folder of *.tar shards" + compressed_file(root))
+    if config.recursive:
+        fs.invalidate_cache(root)  # a long-lived process must see shards added since its last listing
+        try:
+            # locally, an unreadable subfolder must fail the listing, not vanish from it (fsspec's walk omits it by
+            # default); object stores list a prefix flat and have no such option
+            options = {"on_error": "raise"} if storage.is_local(fs) else {}
+            files = set(storage.listed_files(fs, fs.find(root, withdirs=False, detail=True, **options).values()))
+        except PermissionError as exc:
+            raise InputError(f"a subfolder of input {config.input!r} cannot be read by this user ({exc}): give it "
+                             "read and execute permission (chmod a+rx) or run as a user who can read it") from None
+        _refuse_compressed(config, root, files, recursive=True)
+        tars = sorted(p for p in files if _is_shard(p, root))
+        if not tars:
+            raise InputError(f"input {config.input!r} holds no *.tar shards, in no subfolder either")
+        return FoundShards(fs, root, tars, files)
+    files = set(storage.listed_files(fs, fs.ls(root, detail=True)))
+    _refuse_compressed(config, root, files, recursive=False)
+    tars = sorted(p for p in files if _is_shard(p, root))
+    if not tars:
+        nested = sorted(p for p in storage.listed_files(fs, fs.find(root, withdirs=False, detail=True).values())
+                        if _is_shard(p, root))
+        if nested:
+            example = posixpath.relpath(nested[0], root)
+            raise InputError(f"input {config.input!r} holds no *.tar shards directly, but its subfolders hold "
+                             f"{len(nested)} (e.g. {example}): pass {option('recursive')} to embed them, "
+                             "or a brace pattern or list file naming them")
+        raise InputError(f"input {config.input!r} holds no *.tar shards")
+    return FoundShards(fs, root, tars, files)
+
+
+def refuse_wildcard(url: str, what: str) -> None:
+    """A `*` is a shell's wildcard, which nothing here expands: said as such, not as a shard named '*.tar' that does
+    not exist."""
+    if "*" in url:
+        folder = posixpath.dirname(url[: url.index("*")]) or "."
+        raise InputError(f"{what} is a wildcard pattern, which is not expanded: name the shards with a brace pattern "
+                         f"('{folder}/{{00000..00099}}.tar'), or pass the folder that holds them ({folder!r})")
+
+
+def _is_tar(path: str) -> bool:
+    return path.lower().endswith(".tar")
+
+
+# Shards as webdataset reads them too (it decompresses by extension); DALI's reader and .idx take plain tars only.
+_COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tar.lz4")
+
+
+def _compressed_tar_stem(path: str) -> Optional[str]:
+    """`x/00001` for `x/00001.tar.gz` (any letter case), None for any other name."""
+    lower = path.lower()
+    return next((path[: -len(e)] for e in _COMPRESSED_TAR if lower.endswith(e)), None)
+
+
+_DECOMPRESS = {"gz": "gzip", "tgz": "gzip", "bz2": "bzip2", "tbz2": "bzip2", "xz": "xz", "txz": "xz", "zst": "zstd",
+               "lz4": "lz4"}
+
+
+def _decompress_example(path: str) -> str:
+    """How to decompress the compressed shard `path` beside itself, as a command line."""
+    name = posixpath.basename(path)
+    return f"{_DECOMPRESS[name.rsplit('.', 1)[-1].lower()]} -dc {name} > {_compressed_tar_stem(name)}.tar"
+
+
+def compressed_file(path: str) -> str:
+    """What to add where INPUT is one compressed shard."""
+    if _compressed_tar_stem(path) is None:
+        return ""
+    return (f"; it is a compressed shard, which this run does not read: DALI reads plain *.tar only: decompress it "
+            f"({_decompress_example(path)}) and pass that .tar")
+
+
+def _refuse_compressed(config: EmbedConfig, root: str, files: set[str], recursive: bool) -> None:
+    """A folder input's compressed shards (its own, or its subfolders' with `recursive`) would be left out without
+    a word: refused, naming them, unless each has its plain tar beside it."""
+    lost = sorted(p for p in files
+                  if (stem := _compressed_tar_stem(p)) is not None and stem + ".tar" not in files
+                  and not any(part.startswith(".") for part in posixpath.relpath(p, root).split("/"))
+                  and (recursive or posixpath.dirname(p) == root.rstrip("/")))
+    if lost:
+        names = [posixpath.relpath(p, root) for p in lost]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise InputError(f"input {config.input!r} holds {len(names)} compressed shard(s) that this run would not "
+                         f"read: {shown}. DALI reads plain *.tar only: decompress each beside itself "
+                         f"({_decompress_example(names[0])}), or name the *.tar shards alone with a brace pattern or "
+                         "a list file")
+
+
+def _is_shard(path: str, root: str) -> bool:
+    """A `*.tar` of a folder input, hidden ones (`.x.tar`, macOS's `._00000.tar`, any under `.cache/`) left out
+    alike with and without `recursive`."""
+    return _is_tar(path) and not any(part.startswith(".") for part in posixpath.relpath(path, root).split("/"))
+
+
+def _list_file_entries(config: EmbedConfig) -> list[str]:
+    """The shard URLs of a list file: one per line, brace patterns expanded, relative paths made relative to the
+    list file's folder."""
+    fs, path = storage.filesystem(config.input, config.storage_options)
+    try:
+        text = fs.cat_file(path).decode("utf-8")
+    except FileNotFoundError:
+        raise InputError(f"input {config.input!r} does not exist: pass a folder of *.tar shards, a brace pattern, "
+                         "or a .txt file listing one shard per line") from None
+    except IsADirectoryError:
+        raise InputError(f"input {config.input!r} is a folder: a .txt input is read as a list of shards") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"input {config.input!r} is not a text file listing shards ({exc})") from None
+    base = input_folder(config.input)
+    urls: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if url_has_password(line):  # said without the line: each shard's URL goes to logs and outputs' footers
+            raise InputError(f"{config.input} line {number}: the URL holds a password, which would be logged and "
+                             f"stored; {CREDENTIALS_HINT}")
+        refuse_wildcard(line, f"{config.input} line {number}: {line!r}")
+        unsupported = unsupported_url_form(line)
+        if unsupported:
+            raise InputError(f"{config.input} line {number}: {unsupported}")
+        line = canonical_file_url(line)
+        if line.startswith("~") and storage.protocol(base) in ("file", "local"):
+            line = os.path.expanduser(line)  # as INPUT's own `~` (config.absolute_local_path)
+        if "://" not in line and not os.path.isabs(line):
+            line = posixpath.join(base, line)
+        for url in _expand(line, f"{config.input} line {number}"):
+            if not _is_tar(url):
+                raise InputError(f"{config.input} line {number}: {url!r} is not a .tar shard" + compressed_file(url))
+            urls.append(url)
+    if not urls:
+        raise InputError(f"list file {config.input!r} names no shards (one .tar path or URL per line)")
+    return urls
+
+
+def _find_named(config: EmbedConfig, urls: list[str], kind: str, *, fresh: bool = False) -> FoundShards:
+    """Shards named one by one (pattern, .tar, list file): each must exist; their folders are listed once each."""
+    protocols = sorted({storage.protocol(u) for u in urls})
+    if len(protocols) > 1:
+        raise InputError(f"input {config.input!r} names shards on several stores ({', '.join(protocols)}): one "
+                         "run reads one store")
+    bad = [u for u in urls if not _is_tar(u)]
+    if bad:
+        raise InputError(f"input {config.input!r} names {bad[0]!r}, which is not a .tar shard"
+                         + compressed_file(bad[0]))
+    fs, _ = storage.filesystem(urls[0], config.storage_options)
+    spelled = _local_spelling if storage.is_local(fs) else str
+    # a shard named twice is embedded once, also where two spellings name it (`00000.tar`, `./00000.tar`)
+    tars = sorted(dict.fromkeys(spelled(fs._strip_protocol(u)) for u in urls))
+    folders = sorted({posixpath.dirname(t) for t in tars})
+    checked = fs._strip_protocol(input_folder(config.input)) if fresh else None  # listed by check_storage just now
+
+    def listing(folder: str) -> set[str]:
+        if folder != checked:
+            fs.invalidate_cache(folder)
+        try:
+            return set(storage.listed_files(fs, fs.ls(folder, detail=True)))
+        except FileNotFoundError:
+            return set()
+        except Exception:  # noqa: BLE001 - said with the URL and what to do (credentials, bucket)
+            try:
+                storage.check_input(storage.to_url(fs, folder), config.storage_options)
+            except storage.StoreError as exc:
+                raise InputError(str(exc)) from None
+            raise
+
+    with ContextThreadPool(max(1, min(16, len(folders)))) as pool:
+        files = set().union(*pool.map(listing, folders))
+    missing = [t for t in tars if t not in files]
+    if missing:
+        shown = ", ".join(storage.to_url(fs, t) for t in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise InputError(f"{len(missing)} of the {len(tars)} shard(s) that input {config.input!r} names do not "
+                         f"exist: {shown}{more}")
+    if kind == "pattern":
+        root = spelled(fs._strip_protocol(input_folder(config.input)))
+    elif kind == "tar":
+        root = posixpath.dirname(tars[0])
+    else:  # the deepest folder holding every listed shard ("" when they share none: other buckets)
+        root = posixpath.commonpath(folders)
+    return FoundShards(fs, root, tars, files)
+
+
+def _local_spelling(path: str) -> str:
+    """A local path as a folder's listing spells it: `a//b`, `a/./b` and `a/x/../b` are `a/b` (`x/..` is dropped
+    as text, even where x is a link). Object stores keep their keys as given: there `a//b` is a key of its own."""
+    path = posixpath.normpath(path)
+    return "/" + path.lstrip("/") if path.startswith("//") else path  # POSIX keeps a leading `//`; Linux reads `/`
+
+
+def _check_stems(config: EmbedConfig, found: FoundShards) -> None:
+    """Two shards must never share an output (`x.tar` and `x.TAR`), nor take a name OUTPUT uses for itself, nor
+    one that dataset readers skip, nor (OUTPUT on a local disk) one too long for a file name."""
+    seen: dict[str, str] = {}
+    local_output = storage.is_local(storage.filesystem(config.output, config.storage_options)[0])
+    for tar in found.tars:
+        stem = found.stem(tar)
+        name = f"{posixpath.basename(stem)}.parquet"
+        if local_output and len(name.encode()) > storage.NAME_MAX:
+            # the tar's own name fits, 3 bytes shorter; only its output's cannot be written
+            raise InputError(f"shard {storage.to_url(found.fs, tar)} would write OUTPUT/{stem}.parquet, a file name "
+                             f"of {len(name.encode())} bytes, over the {storage.NAME_MAX} a file system allows: "
+                             "rename the shard")
+        if stem in seen:
+            raise InputError(f"shards {storage.to_url(found.fs, seen[stem])} and {storage.to_url(found.fs, tar)} "
+                             f"would both write OUTPUT/{stem}.parquet: rename one")
+        seen[stem] = tar
+        parts = stem.split("/")
+        if len(parts) > 1 and parts[0] in RESERVED_OUTPUT_NAMES:
+            raise InputError(f"shard {storage.to_url(found.fs, tar)} would write OUTPUT/{stem}.parquet, inside a "
+                             f"folder OUTPUT keeps for itself: rename its folder")
+        skipped = next((i for i, part in enumerate(parts) if part.startswith(SKIPPED_PREFIXES)), None)
+        if skipped is not None:
+            name = posixpath.basename(tar) if skipped == len(parts) - 1 else parts[skipped]
+            what = "the shard" if skipped == len(parts) - 1 else "its folder"
+            raise InputError(f"shard {storage.to_url(found.fs, tar)} would write OUTPUT/{stem}.parquet, which "
+                             "pyarrow.dataset, pandas.read_parquet and Spark skip (as they skip every name starting "
+                             f"with '_' or '.'): its rows would vanish from OUTPUT read as a dataset; rename {what} "
+                             f"{name!r} to a name that does not start with {name[0]!r}")
