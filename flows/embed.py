@@ -141,6 +141,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
     timeline["submitted"] = time.time()
 
     results, failures, transient = [], {}, set()
+    given_up = []  # the plans of tasks Dask gave up on: a worker may yet write them whole (written_after_all)
     done = 0
     progress_updates = ProgressUpdates(len(plans), lambda percent: update_progress_artifact(progress, percent))
     # Workers all paused for their memory start no shard: said, then the shards not started fail (cluster).
@@ -163,6 +164,8 @@ def embed_dataset(config: EmbedConfig) -> dict:
                     logger.error("shard %s failed: %s", stem, reason)
             if lost:
                 _record_lost_run(future, group, failed_now, fresh_task)
+            if failed_now and _given_up(future):
+                given_up.extend(p for p in group if p.stem in failed_now)
             # Taken: Dask need keep it no longer. Kept, it stays on the worker that made it, and were that worker to
             # die, Dask would run the task again to make it again (in the UI, a finished task run back to Running).
             _release(future)
@@ -181,6 +184,9 @@ def embed_dataset(config: EmbedConfig) -> dict:
                     result["warnings"] = list(result.get("warnings") or []) + [cluster.rerun_warning(workers)]
     if config.dask_address:
         _worker_reports_sent(client)
+    # Last, as the manifest is written (OUTPUT still claimed): a worker that outlived its lost scheduler may have
+    # ended its shard since.
+    results.extend(caching.written_after_all(config, given_up, failures, transient))
     remove_failed_outputs_made_otherwise(config, failures)
     remove_views_without_tables(config, hooks.claim_run)
 
@@ -322,10 +328,7 @@ def _mark_cached(result: dict, future, finished: set[str]) -> dict:
     return {**result, "cached": bool(cached)}  # the report carries a cached shard's figures from when it was made
 
 
-def _made_by_an_earlier_attempt(result: dict) -> dict:
-    """A shard this run computed in an attempt whose result it never had (a retried group's, one lost with its
-    worker), found done after: computed, its time and speed unknown (None), not those of finding it done (0.0)."""
-    return {**result, "cached": False, "seconds": None, "images_per_second": None, "timeline": {}}
+_made_by_an_earlier_attempt = caching.made_by_an_unseen_attempt
 
 
 def _task_lost(future) -> bool:
@@ -333,6 +336,12 @@ def _task_lost(future) -> bool:
     the task engine would have returned a state."""
     wrapped = getattr(future, "wrapped_future", None)
     return getattr(wrapped, "status", None) == "error"  # a Dask future's; a thread's (in this process) has none
+
+
+def _given_up(future) -> bool:
+    """Whether Dask gave up on the task, as opposed to its run ending: its workers died (KilledWorker), or it was
+    cancelled (its scheduler lost, the workers all paused)."""
+    return getattr(getattr(future, "wrapped_future", None), "status", None) in ("error", "cancelled")
 
 
 def _release(future) -> None:

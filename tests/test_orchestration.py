@@ -730,6 +730,7 @@ def test_worker_killed_mid_shard_leaves_no_partial_output(tmp_path, monkeypatch)
     check_outputs(config, ["00000", "00001", "00002"])
 
 
+
 def test_killed_worker_fails_the_shard_and_the_next_run_resumes(tmp_path, monkeypatch):
     import flows.embed
 
@@ -881,6 +882,125 @@ def test_existing_scheduler_with_two_workers(tmp_path):
             stop_process(proc)
     worked = [i for i in range(2) if "embed-" in (tmp_path / f"worker{i}.log").read_text()]
     assert worked == [0, 1], "every worker should have embedded a shard"
+
+
+class _SchedulerAndWorker:
+    """A `dask scheduler` and one single-threaded `dask worker` on loopback, in processes of their own (a cluster
+    of the user's, as with --dask-address), with the test's WDSEMBED_FAULTS; `lose()` kills the scheduler."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __enter__(self) -> "_SchedulerAndWorker":
+        env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        scheduler_file = self.folder / "scheduler.json"
+        self.scheduler = start_process([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                                        "--no-dashboard", "--scheduler-file", str(scheduler_file)],
+                                       self.folder / "scheduler.log", env)
+        self.worker = None
+        try:
+            self.address = scheduler_address(self.scheduler, scheduler_file, self.folder / "scheduler.log")
+            self.worker = start_process([str(BIN / "dask"), "worker", self.address, "--nthreads", "1",
+                                         "--no-dashboard"], self.folder / "worker.log", env)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in (self.worker, self.scheduler):
+            if proc is not None:
+                stop_process(proc)
+
+    def signal(self, signum) -> None:
+        os.killpg(self.scheduler.pid, signum)
+
+
+def _in_thread(call) -> tuple[threading.Thread, dict]:
+    ended: dict = {}
+
+    def run() -> None:
+        try:
+            ended["outcome"] = call()
+        except BaseException as exc:  # noqa: BLE001 - what the call ended with is what is checked
+            ended["outcome"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, ended
+
+
+def _wait_for(condition, thread: threading.Thread, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline and thread.is_alive(), log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def _manifest_agrees_with_output(config: EmbedConfig, manifest: dict, stems) -> None:
+    """Each shard is in the manifest's shards where its output is whole, in its failed shards where it is not."""
+    from wdsembed.plan import plan_shards
+
+    whole = {r["stem"] for r in caching.written_results(config, plan_shards(config))}
+    assert set(manifest["shards"]) == whole, (sorted(manifest["shards"]), sorted(whole))
+    assert set(manifest["failed_shards"]) == set(stems) - whole, (manifest["failed_shards"], sorted(whole))
+
+
+def test_a_shard_its_worker_wrote_whole_after_the_flow_lost_its_scheduler_counts_finished(tmp_path, monkeypatch):
+    """The `dask scheduler` of --dask-address killed while the worker finishes 00000 (held before its table): the
+    worker, closing, ends the shard and writes it whole while the run still holds OUTPUT (its client waits for the
+    scheduler to come back), and the manifest listed it among the failed shards beside its output. A shard given
+    up on with its scheduler is counted by its output as the manifest is written: 00000 finished, 00001 (never
+    started) failed."""
+    import signal
+
+    import flows.embed
+
+    data = make_dataset(tmp_path / "in", n_shards=2)
+    held = Faults(tmp_path, monkeypatch, {"00000": {"fail_attempts": 0, "hold_s": 3, "where": "table"}})
+    with _SchedulerAndWorker(tmp_path) as dask_cluster:
+        config = make_config(data, tmp_path / "out", dask_address=dask_cluster.address, n_workers=None)
+        thread, ended = _in_thread(lambda: embed(config)[0])
+        _wait_for(lambda: held.attempts("00000"), thread, tmp_path / "worker.log")
+        dask_cluster.signal(signal.SIGKILL)
+        thread.join(240)
+        assert not thread.is_alive()
+    outcome = ended["outcome"]
+    assert isinstance(outcome, flows.embed.ShardsFailed), repr(outcome)
+    assert (Path(config.output) / "00000.parquet").exists()  # written after the run lost its scheduler
+    _manifest_agrees_with_output(config, outcome.manifest, ["00000", "00001"])
+    assert outcome.manifest["shards"]["00000"]["status"] == "computed"
+    assert sorted(outcome.failures) == ["00001"] and "was lost mid-run" in outcome.failures["00001"]
+    check_outputs(config, ["00000"])
+
+
+def test_a_shard_written_whole_as_the_api_lost_its_scheduler_counts_finished(tmp_path, monkeypatch):
+    """The same through the Python API: 00000 written whole by its worker while the scheduler was frozen, the
+    scheduler then killed before it passed the result on. The API listed 00000 among the failed shards, its output
+    beside the manifest."""
+    import signal
+
+    from wdsembed.api import run_shards
+    from wdsembed.shard import ShardsFailed
+
+    data = make_dataset(tmp_path / "in", n_shards=2)
+    held = Faults(tmp_path, monkeypatch, {"00000": {"fail_attempts": 0, "hold_s": 1, "where": "table"}})
+    with _SchedulerAndWorker(tmp_path) as dask_cluster:
+        config = make_config(data, tmp_path / "out", dask_address=dask_cluster.address, n_workers=None)
+        thread, ended = _in_thread(lambda: run_shards(config))
+        _wait_for(lambda: held.attempts("00000"), thread, tmp_path / "worker.log")
+        dask_cluster.signal(signal.SIGSTOP)
+        _wait_for(lambda: (Path(config.output) / "00000.parquet").exists(), thread, tmp_path / "worker.log")
+        dask_cluster.signal(signal.SIGKILL)
+        thread.join(240)
+        assert not thread.is_alive()
+    outcome = ended["outcome"]
+    assert isinstance(outcome, ShardsFailed), repr(outcome)
+    _manifest_agrees_with_output(config, outcome.manifest, ["00000", "00001"])
+    written = json.loads((Path(config.output) / "_manifest.json").read_text())
+    assert sorted(written["shards"]) == ["00000"] and sorted(written["failed_shards"]) == ["00001"]
+    assert [r.stem for r in outcome.results] == ["00000"] and sorted(outcome.failures) == ["00001"]
+    check_outputs(config, ["00000"])
 
 
 def test_result_storage(tmp_path):

@@ -19,13 +19,14 @@ and the task runs the flow starts (FLOW_ONLY), which are refused: the API starts
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import threading
 import time
 from typing import Any, Optional
 
-from wdsembed import faults, fidelity, outputclaim, report, shard
+from wdsembed import caching, faults, fidelity, outputclaim, report, shard
 from wdsembed.config import EmbedConfig, EmbedSettings, field_default
 from wdsembed.plan import (
     Listed, check_config, plan_run, remove_failed_outputs_made_otherwise, remove_views_without_tables,
@@ -167,16 +168,22 @@ def _run_shards(config: EmbedConfig) -> list[ShardResult]:
             timeline["planned"] = time.time()
             # A finished shard is not run again: its result is the one its footer stored, which the planning read.
             todo = [plan for plan in plans if plan.stem not in finished]
+            given_up: list = []  # shards Dask gave up on (its scheduler lost): a worker may yet write them whole
             if client is None:
                 results, failures, transient = _run_here(config, todo, claim.run)
             else:
-                results, failures, transient = _run_on_dask(client, config, todo, claim.run)
+                results, failures, transient = _run_on_dask(client, config, todo, claim.run, given_up)
             results += [ShardResult(**finished[plan.stem], cached=True) for plan in plans if plan.stem in finished]
             timeline["collected"] = time.time()
+            # As the manifest is written (OUTPUT still claimed), as the flow does.
+            late = caching.written_after_all(config, given_up, failures, transient)
+            results += [ShardResult(**{k: v for k, v in r.items() if k in _RESULT_FIELDS} | {"seconds": 0.0})
+                        for r in late]
             remove_failed_outputs_made_otherwise(config, failures)
             remove_views_without_tables(config, claim.run)
             results.sort(key=lambda r: r.stem)
-            dicts = [r.to_dict() for r in results]
+            late_dicts = {r["stem"]: r for r in late}  # their time and speed unknown (None), as in the flow
+            dicts = [late_dicts.get(r.stem) or r.to_dict() for r in results]
             manifest = report.build_manifest(config, dicts, failures, time.perf_counter() - started, timeline,
                                              previous)
             try:
@@ -255,18 +262,25 @@ def _run_here(config: EmbedConfig, plans: list, claim_run: str) -> tuple[list, d
     return results, failures, transient
 
 
-def _failed(stem: str, exc: BaseException, failures: dict, transient: list, client=None) -> None:
+def _failed(stem: str, exc: BaseException, failures: dict, transient: list, client=None) -> bool:
+    """Records the shard's failure; whether Dask itself lost its task (not the shard's own error)."""
     from wdsembed.cluster import describe_lost_task
 
     lost = describe_lost_task(exc, client) if client is not None else None  # Dask's own loss, in plain words
     failures[stem] = lost[0] if lost else f"{type(exc).__name__}: {exc}"
     if (lost[1] if lost else faults.is_transient(exc)):
         transient.append(stem)
+    return lost is not None
 
 
-def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str) -> tuple[list, dict, list]:
+_RESULT_FIELDS = {f.name for f in dataclasses.fields(ShardResult)}
+
+
+def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str,
+                 given_up: Optional[list] = None) -> tuple[list, dict, list]:
     """One task per shard on the client's workers; each takes a share of a GPU where the workers declare GPU
-    resources, else any free worker thread."""
+    resources, else any free worker thread. `given_up` gets the plans of the failed shards whose task Dask gave up
+    on (its workers died, or it was cancelled: its scheduler lost), where a worker may still write them."""
     from distributed import as_completed
 
     from wdsembed.cluster import GPU_SHARE_PER_SHARD, StallWatch, check_workers, gpu_slots_declared
@@ -293,7 +307,8 @@ def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str) -> tu
                 try:
                     results.append(future.result())
                 except Exception as exc:  # noqa: BLE001 - a shard's error, or its worker lost (KilledWorker)
-                    _failed(plan.stem, exc, failures, transient, client)
+                    if _failed(plan.stem, exc, failures, transient, client) and given_up is not None:
+                        given_up.append(plan)
                 finally:
                     future.release()
     except BaseException:

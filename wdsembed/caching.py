@@ -82,3 +82,27 @@ def written_results(config: EmbedConfig, plans: Iterable[shard.ShardPlan]) -> li
         if meta is not None:
             results.append(shard.ShardResult(**meta["result"]).to_dict())
     return results
+
+
+def made_by_an_unseen_attempt(result: dict) -> dict:
+    """A shard this run computed in an attempt whose result it never had (a retried group's, one lost with its
+    worker or its scheduler), found done after: computed, its time and speed unknown (None), not those of finding it
+    done (0.0)."""
+    return {**result, "cached": False, "seconds": None, "images_per_second": None, "timeline": {}}
+
+
+def written_after_all(config: EmbedConfig, plans: Iterable[shard.ShardPlan], failures: dict,
+                      transient) -> list[dict]:
+    """Of the failed shards among `plans` that the run gave up on while a worker may still have been running them
+    (its Dask scheduler lost: the worker, closing, ends the shard it runs and writes it under the run's claim), those
+    whose output is whole now, as the manifest is about to be written: taken out of `failures` and `transient` (a
+    dict and a set or list of stems) and returned as results (made_by_an_unseen_attempt). Counted by their outputs,
+    so that the manifest never lists a shard as failed beside its whole output."""
+    written = written_results(config, [p for p in plans if p.stem in failures])
+    for result in written:
+        failures.pop(result["stem"])
+        log.warning("shard %s: its output was written whole after all, by its worker after the run had given up on "
+                    "its task; counted finished", result["stem"])
+        if result["stem"] in transient:
+            transient.remove(result["stem"])
+    return [made_by_an_unseen_attempt(r) for r in written]
