@@ -176,12 +176,11 @@ def embed_dataset(config: EmbedConfig) -> dict:
                     hooks.on_shard_done(result, done, len(plans))
             progress_updates.done(done)
     if client is not None:  # a shard whose worker died under it, run again whole, says so
-        groups_of = {f.wrapped_future.key: g for f, g in on_workers.items()}
-        for key, workers in cluster.workers_lost_under(client, groups_of).items():
-            stems = {p.stem for p in groups_of[key]}
-            for result in results:
-                if result["stem"] in stems and not result.get("cached"):
-                    result["warnings"] = list(result.get("warnings") or []) + [cluster.rerun_warning(workers)]
+        reruns = cluster.rerun_warnings(client, {f.wrapped_future.key: [p.stem for p in g]
+                                                 for f, g in on_workers.items()})
+        for result in results:
+            if result["stem"] in reruns and not result.get("cached"):
+                result["warnings"] = list(result.get("warnings") or []) + [reruns[result["stem"]]]
     if config.dask_address:
         _worker_reports_sent(client)
     # Last, as the manifest is written (OUTPUT still claimed): a worker that outlived its lost scheduler may have

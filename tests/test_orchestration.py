@@ -730,6 +730,28 @@ def test_worker_killed_mid_shard_leaves_no_partial_output(tmp_path, monkeypatch)
     check_outputs(config, ["00000", "00001", "00002"])
 
 
+def test_the_api_says_a_shard_was_run_again_after_its_worker_died(tmp_path, monkeypatch):
+    """The same death through the Python API, on a cluster of the caller's (dask_address): Dask ran 00001 again on
+    the restarted worker and the shard came out whole, with no word of it in its result or the manifest, where the
+    flow's says it."""
+    from distributed import LocalCluster
+
+    from wdsembed.api import run_shards
+
+    data = make_dataset(tmp_path / "in", n_shards=2)
+    killed = Faults(tmp_path, monkeypatch, {"00001": {"fail_attempts": 1, "error": "kill", "where": "batch"}})
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as local:
+        config = make_config(data, tmp_path / "out", dask_address=local.scheduler_address, n_workers=None)
+        results = run_shards(config)
+    assert killed.attempts("00001") == 2
+    manifest = json.loads((Path(config.output) / "_manifest.json").read_text())
+    assert not manifest["failed_shards"] and manifest["totals"]["computed"] == 2
+    warned = [w for w in manifest["shards"]["00001"]["warnings"] if "its Dask worker died" in w]
+    assert len(warned) == 1 and "Dask ran it again from its start" in warned[0], manifest["shards"]["00001"]
+    assert [w for w in results[1].warnings if "its Dask worker died" in w] == warned
+    assert not any("Dask worker died" in w for w in manifest["shards"]["00000"]["warnings"])
+    check_outputs(config, ["00000", "00001"])
+
 
 def test_killed_worker_fails_the_shard_and_the_next_run_resumes(tmp_path, monkeypatch):
     import flows.embed

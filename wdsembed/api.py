@@ -283,7 +283,7 @@ def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str,
     on (its workers died, or it was cancelled: its scheduler lost), where a worker may still write them."""
     from distributed import as_completed
 
-    from wdsembed.cluster import GPU_SHARE_PER_SHARD, StallWatch, check_workers, gpu_slots_declared
+    from wdsembed.cluster import GPU_SHARE_PER_SHARD, StallWatch, check_workers, gpu_slots_declared, rerun_warnings
 
     # As in the flow: a share of a GPU per shard, so a worker's second thread overlaps one shard's reading and
     # writing with another's time in the pipeline (the worker's lock keeps the pipeline to one shard).
@@ -317,6 +317,13 @@ def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str,
         # with the next call's shards queued behind them.
         client.cancel(list(futures))
         raise
+    # Not where the client lost its scheduler: it would wait for it up to Dask's connect timeout (30 s) for an event
+    # log it cannot read, holding OUTPUT's claim.
+    reruns = rerun_warnings(client, {future.key: [plan.stem] for future, plan in futures.items()}) \
+        if client.status == "running" else {}
+    for result in results:  # a shard whose worker died under it, run again whole, says so, as in the flow
+        if result.stem in reruns:
+            result.warnings = list(result.warnings) + [reruns[result.stem]]
     return results, failures, transient
 
 

@@ -288,6 +288,14 @@ def rerun_warning(workers: list) -> str:
             "kernel's, says why it died)")
 
 
+def rerun_warnings(client, stems_of: dict) -> dict:
+    """Stem -> rerun_warning, for the shards of `stems_of` (Dask task key -> its shards' stems) whose task Dask ran
+    again after a worker died under it (workers_lost_under): what the flow and the API both add to those shards'
+    warnings (computed shards only: a cached one's task never ran)."""
+    return {stem: rerun_warning(workers) for key, workers in workers_lost_under(client, stems_of).items()
+            for stem in stems_of[key]}
+
+
 def worker_count(client) -> int:
     """How many workers the Dask scheduler of `client` has now."""
     return len(client.scheduler_info(n_workers=-1)["workers"])
