@@ -1378,6 +1378,57 @@ def test_a_task_run_lost_with_its_worker_is_named_for_its_shard_and_says_it_in_i
     assert crashed.name == "Crashed" and "00001" in crashed.message and "KilledWorker" in crashed.message, crashed
 
 
+KILLED_137 = "exited with status 137: SIGKILL, most often the system's out-of-memory killer"
+
+
+def test_a_worker_killed_under_a_shard_says_how_its_process_ended(tmp_path, monkeypatch):
+    """A worker process of the run's own cluster killed mid-shard (exit status 137, as the OOM killer's SIGKILL reads
+    through a shell or container): the nanny logged 'Worker process N exited with status 137', but the summary, the
+    manifest and the task run Crashed in the UI said only 'killed from outside ... or crashed: the worker's log, or
+    the kernel's (dmesg), says which'. The nanny is this process's: each says how the process ended."""
+    import flows.embed
+
+    data = make_dataset(tmp_path / "in", n_shards=2)
+    config = make_config(data, tmp_path / "out")
+    Faults(tmp_path, monkeypatch, {"00001": {"fail_attempts": 1, "error": "kill", "where": "batch"}})
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):  # as after Dask's last reschedule
+        outcome, run_id = embed(config)
+    assert isinstance(outcome, flows.embed.ShardsFailed), outcome
+    assert sorted(outcome.failures) == ["00001"] and KILLED_137 in outcome.failures["00001"], outcome.failures
+    assert KILLED_137 in str(outcome)  # the summary's line
+    written = json.loads((Path(config.output) / "_manifest.json").read_text())
+    assert KILLED_137 in written["failed_shards"]["00001"], written["failed_shards"]
+    crashed = task_runs(run_id, expected=4, names=["embed-00001"])["embed-00001"].state
+    assert crashed.name == "Crashed" and KILLED_137 in crashed.message, crashed
+
+
+def test_the_api_says_how_a_worker_process_of_a_local_cluster_ended(tmp_path, monkeypatch):
+    """The same through the Python API, on a local cluster of wdsembed's workers (as wdsembed.nemo.get_client starts
+    one): its shard's reason, and the run-again warning where Dask ran the shard again, say how the process ended."""
+    from distributed import LocalCluster
+
+    from wdsembed.api import run_shards
+    from wdsembed.shard import ShardsFailed
+
+    def local_cluster():
+        return LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+                            worker_class=cluster.local_nanny())
+
+    data = make_dataset(tmp_path / "in", n_shards=2)
+    Faults(tmp_path, monkeypatch, {"00001": {"fail_attempts": 1, "error": "kill", "where": "batch"}})
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), local_cluster() as local:
+        config = make_config(data, tmp_path / "out", dask_address=local.scheduler_address, n_workers=None)
+        with pytest.raises(ShardsFailed) as failed:
+            run_shards(config)
+    assert sorted(failed.value.failures) == ["00001"], failed.value.failures
+    assert KILLED_137 in failed.value.failures["00001"], failed.value.failures
+    Faults(tmp_path, monkeypatch, {"00001": {"fail_attempts": 1, "error": "kill", "where": "batch"}})
+    with local_cluster() as local:
+        results = run_shards(config.model_copy(update={"dask_address": local.scheduler_address}))
+    warned = [w for w in results[1].warnings if "its Dask worker died" in w]
+    assert len(warned) == 1 and KILLED_137 in warned[0], results[1].warnings
+
+
 def test_a_task_run_whose_worker_died_before_it_said_anything_is_made_crashed_under_its_shards_name():
     """A worker killed as the task began can die before its task engine sent a single state (they reach the API as
     events, from a thread of the worker process): the flow found no task run to mark (ObjectNotFound), and the UI

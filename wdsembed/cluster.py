@@ -151,11 +151,13 @@ def describe_lost_task(exc: BaseException, client=None) -> Optional[tuple[str, b
         last = exc.last_worker
         name = getattr(last, "name", None)
         where = getattr(last, "address", str(last)) + (f" ({name})" if isinstance(name, str) and name else "")
-        why = _memory_restart(client, getattr(last, "address", None))
-        why = why or ("killed from outside (the system's out-of-memory killer, a SIGKILL) or crashed: the worker's "
-                      "log, or the kernel's (dmesg), says which")
+        address = getattr(last, "address", None)
+        why = _memory_restart(client, address)
+        why = f"was {why}" if why else process_end(address, wait_s=EXIT_CODE_WAIT_S) or (
+            "was killed from outside (the system's out-of-memory killer, a SIGKILL) or crashed: the worker's log, or "
+            "the kernel's (dmesg), says which")
         return (f"its Dask worker process died while running it, on {exc.allowed_failures + 1} worker(s) in turn, "
-                f"so Dask gave up on it (KilledWorker); the last, {where}, was {why}"), False
+                f"so Dask gave up on it (KilledWorker); the last, {where}, {why}"), False
     if isinstance(exc, FutureCancelledError) and exc.reason == "scheduler-connection-lost":
         address = getattr(getattr(client, "scheduler", None), "address", None) or "this run's"
         return (f"the Dask scheduler at {address} was lost mid-run (its connection closed and did not come back), "
@@ -166,6 +168,35 @@ def describe_lost_task(exc: BaseException, client=None) -> Optional[tuple[str, b
     if isinstance(exc, FutureCancelledError):
         return f"its Dask task was cancelled ({exc.reason}{': ' + exc.msg if exc.msg else ''})", True
     return None
+
+
+# The longest a lost task's reason waits for the nanny of a worker of this process's own cluster to see its process
+# end (wdsembed.localworkers.exit_code): Dask says the worker is gone as its connection closes, a moment before.
+EXIT_CODE_WAIT_S = 5.0
+
+
+def process_end(address: Optional[str], wait_s: float = 0.0) -> Optional[str]:
+    """How the process of the worker at `address` ended, in words, where a nanny of this process (a local cluster
+    that wdsembed started: wdsembed.localworkers) saw it end; None for a worker of another cluster, whose nanny runs
+    elsewhere and tells no one but its own log."""
+    import signal
+    import sys
+
+    localworkers = sys.modules.get("wdsembed.localworkers")  # not imported: no nanny of ours ran here
+    code = localworkers.exit_code(address, wait_s) if localworkers is not None and address else None
+    if code is None:
+        return None
+    oom = "most often the system's out-of-memory killer: the kernel's log (dmesg) says whether it was"
+    if code in (-signal.SIGKILL, 128 + signal.SIGKILL):
+        said = f"was killed by signal {signal.SIGKILL}" if code < 0 else f"exited with status {code}"
+        return f"{said}: SIGKILL, {oom}"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "an unknown signal"
+        return f"was killed by signal {-code} ({name}): the worker's log, or the kernel's (dmesg), says why"
+    return f"exited with status {code}: the worker's log says why"
 
 
 def _memory_restart(client, address: Optional[str]) -> Optional[str]:
@@ -283,9 +314,11 @@ def workers_lost_under(client, keys) -> dict:
 
 def rerun_warning(workers: list) -> str:
     """A shard's warning where its task outlived workers_lost_under's workers."""
+    ends = {worker: process_end(worker) for worker in workers[:3]}
+    said = [f"{worker} {end}" for worker, end in ends.items() if end]
+    why = f"; {'; '.join(said)}" if said else " (the worker's log, or the kernel's, says why it died)"
     return (f"its Dask worker died before the shard was done ({len(workers)} time(s): {', '.join(workers[:3])}), "
-            "and Dask ran it again from its start; nothing of the lost attempt was kept (the worker's log, or the "
-            "kernel's, says why it died)")
+            f"and Dask ran it again from its start; nothing of the lost attempt was kept{why}")
 
 
 def rerun_warnings(client, stems_of: dict) -> dict:

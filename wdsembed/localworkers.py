@@ -27,11 +27,14 @@ Nanny as its worker class (wdsembed.cluster) loads the preload.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import multiprocessing
 import signal
 import threading
+import time
 import weakref
+from typing import Optional
 
 import dask
 import distributed
@@ -56,7 +59,16 @@ class Nanny(distributed.Nanny):
 
     async def instantiate(self):
         _hold_signals_in_this_thread()
-        return await super().instantiate()
+        status = await super().instantiate()
+        if self.worker_address:
+            _record_exit(self.worker_address, None)
+        return status
+
+    def _on_worker_exit_sync(self, exitcode):
+        # Called as the process is reaped, its address still the dead worker's (a restart gives it another).
+        if self.worker_address:
+            _record_exit(self.worker_address, exitcode)
+        super()._on_worker_exit_sync(exitcode)
 
     async def kill(self, timeout: float = 5, reason: str = "nanny-kill") -> None:
         """distributed's, except that a worker process killed as the nanny closes, and not yet reaped when its
@@ -76,6 +88,34 @@ class Nanny(distributed.Nanny):
             # Reaped later (at the latest by multiprocessing as the command exits), distributed then says its exit
             # status "was already read": a line after the run's closing one that adds nothing to the line above.
             logging.getLogger("distributed.process").addFilter(_AlreadyReaped(pid))
+
+
+# How the worker processes of this process's nannies ended, by worker address: None while one runs. The scheduler
+# knows only that a worker left; the nanny, here, has its process's exit code (distributed logs it at INFO, "Worker
+# process N exited with status 137", where a run's user does not look). Bounded: the latest workers only.
+_EXITS: "collections.OrderedDict[str, Optional[int]]" = collections.OrderedDict()
+_EXITS_KEPT = 4096
+_EXITS_CHANGED = threading.Condition()
+
+
+def _record_exit(address: str, exitcode: Optional[int]) -> None:
+    with _EXITS_CHANGED:
+        _EXITS[address] = exitcode
+        _EXITS.move_to_end(address)
+        while len(_EXITS) > _EXITS_KEPT:
+            _EXITS.popitem(last=False)
+        _EXITS_CHANGED.notify_all()
+
+
+def exit_code(address: Optional[str], wait_s: float = 0.0) -> Optional[int]:
+    """The exit code of the process of the worker at `address`, where a nanny of this process started it and saw it
+    end, waiting up to `wait_s` for it (Dask may say the worker is gone a moment before its nanny has reaped the
+    process); None otherwise (another cluster's worker, or one still running)."""
+    deadline = time.monotonic() + wait_s
+    with _EXITS_CHANGED:
+        while address in _EXITS and _EXITS[address] is None and time.monotonic() < deadline:
+            _EXITS_CHANGED.wait(deadline - time.monotonic())
+        return _EXITS.get(address)
 
 
 class _AlreadyReaped(logging.Filter):
