@@ -162,9 +162,10 @@ def embed_dataset(config: EmbedConfig) -> dict:
                 # says it again.
                 for stem, reason in failed_now.items():
                     logger.error("shard %s failed: %s", stem, reason)
-            if lost:
-                _record_lost_run(future, group, failed_now, fresh_task)
             if failed_now and _given_up(future):
+                # Its worker died, or went with the scheduler: nothing reports the task run's end (it may not even
+                # have begun). A worker that outlived its scheduler and ends the shard after all sends its own end.
+                _record_lost_run(future, group, failed_now, fresh_task)
                 given_up.extend(p for p in group if p.stem in failed_now)
             # Taken: Dask need keep it no longer. Kept, it stays on the worker that made it, and were that worker to
             # die, Dask would run the task again to make it again (in the UI, a finished task run back to Running).
@@ -351,8 +352,9 @@ def _release(future) -> None:
 
 
 def _record_lost_run(future, group, failed: dict[str, str], task) -> None:
-    """A task run whose worker process died (Dask gave up on it: KilledWorker) stays Running in the API, as nothing
-    was left to report its end: mark it Crashed, naming the shards it lost and why, so the UI tells the truth. Its
+    """A task run whose worker process died (Dask gave up on it: KilledWorker), or that Dask cancelled as the run
+    lost its scheduler, stays Running in the API, as nothing was left to report its end, or is missing from it
+    (never begun): mark it Crashed, naming the shards it lost and why, so the UI tells the truth. Its
     name, which the task engine gives it on the worker, may have died there too (left as Prefect's embed-shards-xyz):
     give it its shards' name. A worker killed as the task began may have sent nothing at all (the task engine's
     states reach the API as events, sent from a thread of the worker process, which died before it sent them): the
@@ -364,7 +366,7 @@ def _record_lost_run(future, group, failed: dict[str, str], task) -> None:
     from prefect.states import Crashed
 
     reason = "; ".join(sorted(set(failed.values())))  # Dask's words (KilledWorker) name no shard
-    crashed = Crashed(message=f"shard(s) {name_shards(sorted(failed))} lost with their worker: {reason}"[:2000])
+    crashed = Crashed(message=f"shard(s) {name_shards(sorted(failed))} lost: {reason}"[:2000])
     try:
         with get_client(sync_client=True) as client:
             try:

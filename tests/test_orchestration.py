@@ -996,6 +996,33 @@ def test_a_shard_its_worker_wrote_whole_after_the_flow_lost_its_scheduler_counts
     check_outputs(config, ["00000"])
 
 
+def test_a_shard_lost_with_the_scheduler_is_crashed_in_the_ui(tmp_path, monkeypatch):
+    """The `dask scheduler` of --dask-address killed while 00000 runs and 00001 waits its turn: the run ended
+    Failed naming 00001, and the UI had no task run of it (its task never started on a worker), or, for a shard
+    whose worker went with the scheduler, one left Running. Each shard given up on with its scheduler is Crashed
+    under its shard's name, its message the reason."""
+    import signal
+
+    import flows.embed
+
+    data = make_dataset(tmp_path / "in", n_shards=2)
+    held = Faults(tmp_path, monkeypatch, {"00000": {"fail_attempts": 0, "hold_s": 3, "where": "table"}})
+    with _SchedulerAndWorker(tmp_path) as dask_cluster:
+        config = make_config(data, tmp_path / "out", dask_address=dask_cluster.address, n_workers=None)
+        thread, ended = _in_thread(lambda: embed(config))
+        _wait_for(lambda: held.attempts("00000"), thread, tmp_path / "worker.log")
+        dask_cluster.signal(signal.SIGKILL)
+        thread.join(240)
+        assert not thread.is_alive()
+    outcome, run_id = ended["outcome"]
+    assert isinstance(outcome, flows.embed.ShardsFailed) and sorted(outcome.failures) == ["00001"], outcome
+    runs = task_runs(run_id, expected=4, names=["embed-00000", "embed-00001"])
+    assert "embed-00001" in runs, sorted(runs)
+    crashed = runs["embed-00001"].state
+    assert crashed.name == "Crashed" and "00001" in crashed.message and "was lost mid-run" in crashed.message, crashed
+    assert runs["embed-00000"].state.name == "Completed", runs["embed-00000"].state  # its worker ended it
+
+
 def test_a_shard_written_whole_as_the_api_lost_its_scheduler_counts_finished(tmp_path, monkeypatch):
     """The same through the Python API: 00000 written whole by its worker while the scheduler was frozen, the
     scheduler then killed before it passed the result on. The API listed 00000 among the failed shards, its output
