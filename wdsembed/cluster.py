@@ -18,6 +18,29 @@ from wdsembed.config import EmbedConfig
 from wdsembed.worker import set_gpu_process_environment
 
 
+class _NothingYetToCancel(logging.Filter):
+    """Drops distributed's traceback for a Ctrl-C that lands while a Dask call waits and its coroutine has not begun
+    (the client's loop busy): distributed.utils.sync's cancel callback then reads a `future` never assigned and
+    raises NameError, which tornado logs as 'Exception in callback', with its traceback, among a stopped command's
+    last lines. Nothing was there to cancel; the run's own end says what is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, NameError) or getattr(exc, "name", None) != "future":
+            return True
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        code = tb.tb_frame.f_code if tb is not None else None
+        return not (code is not None and code.co_name == "cancel"
+                    and code.co_filename.endswith(os.path.join("distributed", "utils.py")))
+
+
+# In every process that talks to Dask for a run: they all import this module first.
+if not any(isinstance(f, _NothingYetToCancel) for f in logging.getLogger("tornado.application").filters):
+    logging.getLogger("tornado.application").addFilter(_NothingYetToCancel())
+
+
 def visible_gpus() -> int:
     """GPUs this process may use, honouring CUDA_VISIBLE_DEVICES, without creating a CUDA context here
     (the workers are separate processes that each take one GPU)."""
