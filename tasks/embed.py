@@ -68,7 +68,8 @@ def embed_and_log(config: EmbedConfig, plans: list[ShardPlan], claim_run: Option
     _announce_start(plans)
     log = _run_logger()
     try:
-        results = shard.process_shards(config, plans, claim_run=claim_run)
+        # The group stops, its shard being embedded unwritten, once Dask no longer wants the task's result.
+        results = shard.process_shards(config, plans, claim_run=claim_run, abandoned=cluster.task_abandoned())
     except ShardsFailed as exc:
         for result in exc.results:
             _log_result(log, result)

@@ -17,10 +17,12 @@ import logging
 from wdsembed import faults, fidelity
 from wdsembed.cluster import WorkersCannotRunError
 from wdsembed.report import ManifestNotWritten
-from wdsembed.shard import ShardsFailed
+from wdsembed.shard import ShardAbandoned, ShardsFailed
 
 # WorkersCannotRunError: said whole by the command's "run failed: ..." line (what the workers lack, what to do).
-_SAID_IN_THE_SUMMARY = (ShardsFailed, fidelity.FidelityError, ManifestNotWritten, WorkersCannotRunError)
+# ShardAbandoned: said whole on the worker's log; its run is gone.
+_SAID_IN_THE_SUMMARY = (ShardsFailed, fidelity.FidelityError, ManifestNotWritten, WorkersCannotRunError,
+                        ShardAbandoned)
 
 
 class ExpectedEndWithoutTraceback(logging.Filter):

@@ -400,3 +400,207 @@ def test_workers_all_paused_for_their_memory_end_the_run_saying_so(tmp_path, mon
     assert any("the shards not started fail in 8 s unless a worker resumes" in r.getMessage()
                for r in caplog.records), caplog.text
     assert not list(out.rglob("*.parquet"))
+
+
+@pytest.fixture(scope="module")
+def held_cluster(tmp_path_factory):
+    """A `dask scheduler` and one single-threaded `dask worker` process that outlive the runs, as
+    shared_cluster's, whose worker reads a faults spec (WDSEMBED_FAULTS) that each test writes: (its address, the
+    spec's path, the worker's log)."""
+    from distributed import Client
+
+    root = tmp_path_factory.mktemp("held-cluster")
+    spec = root / "hold.json"
+    env = _env(root / "workers-prefect") | {"WDSEMBED_FAULTS": str(spec)}
+    scheduler_file = root / "scheduler.json"
+    procs = [start_process([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                            "--scheduler-file", scheduler_file], root / "scheduler.log", env, cwd=root)]
+    log = root / "worker.log"
+    try:
+        address = scheduler_address(procs[0], scheduler_file, root / "scheduler.log")
+        procs.append(start_process([BIN / "dask", "worker", address, "--nthreads", "1", "--no-dashboard"], log, env,
+                                   cwd=root))
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(1, timeout=120)
+        yield address, spec, log
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)
+
+
+# Long enough that no test waits it out: a task still held after its run's interruption is a failure, not a wait.
+HOLD_S = 900
+
+
+def _hold_first_shard(spec: Path) -> None:
+    """00000 held mid-shard (after its first batch) for HOLD_S; each shard's start counted (<spec>.<stem>.attempts)."""
+    for counter in spec.parent.glob(f"{spec.name}.*.attempts"):
+        counter.unlink()
+    spec.write_text(json.dumps({s: {"fail_attempts": 0, "where": "start"} for s in STEMS[1:]}
+                               | {"00000": {"fail_attempts": 0, "where": "batch", "hold_s": HOLD_S}}))
+
+
+def _wait_until_held(spec: Path, proc: subprocess.Popen, said) -> None:
+    held = Path(f"{spec}.00000.attempts")
+    deadline = time.monotonic() + 300
+    while not held.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, said()
+        time.sleep(0.1)
+
+
+def _assert_the_workers_let_go(address: str, worker_log: Path) -> None:
+    """The workers run no task once the run that gave them theirs is gone: the held shard's task ended long before
+    its hold would have (HOLD_S is far longer than this wait). Dask marks such a task "cancelled", and it ran on."""
+    from distributed import Client
+
+    def running(dask_worker):
+        return [f"{ts.key} ({ts.state})" for ts in dask_worker.state.all_running_tasks]
+
+    with Client(address, timeout=60) as client:
+        deadline = time.monotonic() + 120
+        while (tasks := [t for each in client.run(running).values() for t in each]) and time.monotonic() < deadline:
+            time.sleep(1)
+    said = "\n".join(line for line in worker_log.read_text().splitlines() if "out-of-band function" not in line)
+    assert not tasks, f"still running on the worker: {tasks}\n{said[-3000:]}"
+
+
+def _assert_nothing_of_the_held_shard(out: Path) -> None:
+    """No output, kNN view or temp file of the abandoned shard."""
+    left = [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "00000" in p.name]
+    assert left == [], left
+    assert not [p for p in out.rglob(".*tmp-*")], list(out.rglob("*"))
+
+
+def _rerun_finishes_every_shard(address: str, data: Path, out: Path) -> None:
+    """A second run on the same cluster (its single worker thread) and output embeds every shard whole: the first
+    run's held task no longer holds that thread, and none of its shards was left written."""
+    import pyarrow.parquet as pq
+
+    from wdsembed import TimmImageEmbedder
+
+    results = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=2, num_threads_per_worker=1,
+                                dask_address=address)(str(data), str(out))
+    assert sorted((r.stem, r.cached, r.rows, r.embedded) for r in results) == [(s, False, 5, 4) for s in STEMS]
+    for stem in STEMS:
+        table = pq.read_table(out / f"{stem}.parquet")
+        assert table.num_rows == 5 and table.column("image_embedding").null_count == 1
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert {stem: s["status"] for stem, s in manifest["shards"].items()} == {s: "computed" for s in STEMS}
+
+
+def test_an_interrupted_api_call_on_a_dask_address_stops_its_running_shard_there(tmp_path, held_cluster):
+    """Ctrl-C in a script whose call runs on a Dask cluster of its own (dask_address): the call cancels its tasks,
+    but the shard already running on a worker ran on to its end (the whole hold here, for a real shard every batch)
+    only to be refused at its write, the call's claim on OUTPUT released; the next call's shards waited behind it.
+    Now the worker sees between batches that Dask no longer wants the task's result and stops: nothing of the shard
+    is written, the worker is free at once, and the next call embeds every shard."""
+    address, spec, worker_log = held_cluster
+    data, out = _data(tmp_path / "in"), tmp_path / "out"
+    _hold_first_shard(spec)
+    script = ("from wdsembed import TimmImageEmbedder as T; "
+              f"T({TINY_MODEL!r}, pretrained=False, device='cpu', batch_size=2, num_threads_per_worker=1, "
+              f"dask_address={address!r})({str(data)!r}, {str(out)!r})")
+    log = tmp_path / "call.log"
+    call = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            env=_env(tmp_path / "prefect"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        _wait_until_held(spec, call, lambda: log.read_text()[-3000:] + worker_log.read_text()[-3000:])
+        call.send_signal(signal.SIGINT)
+        call.wait(120)
+    finally:
+        if call.poll() is None:
+            call.kill()
+    said = log.read_text()
+    assert "run interrupted: the shards finished so far are in" in said and "KeyboardInterrupt" in said, said[-3000:]
+    _assert_the_workers_let_go(address, worker_log)
+    assert "00000.tar stopped after 2 of its images, nothing of it written: Dask no longer wants this task's result" \
+        in worker_log.read_text(), worker_log.read_text()[-3000:]
+    _assert_nothing_of_the_held_shard(out)
+    assert not (out / "_claim.json").exists()
+    spec.write_text("{}")
+    _rerun_finishes_every_shard(address, data, out)
+
+
+def test_an_interrupted_command_on_a_dask_address_stops_its_running_task_and_the_groups_other_shards(
+        tmp_path, held_cluster):
+    """Ctrl-C to the command running on a Dask cluster of its own (--dask-address), its three shards one task run
+    (--shards-per-task 3): the task ran on, its held shard to the hold's end, then its group's two other shards,
+    each embedded only to be refused at its write, while a re-run's shards waited behind them. Now the worker stops
+    the task between two batches of the held shard, writes nothing of it, starts neither other shard, and the
+    re-run on the same cluster embeds all three."""
+    address, spec, worker_log = held_cluster
+    data, out = _data(tmp_path / "in"), tmp_path / "out"
+    _hold_first_shard(spec)
+    argv = [sys.executable, ROOT / "flows" / "embed.py", data, "-o", out, "--model", TINY_MODEL, "--no-pretrained",
+            "--device", "cpu", "--num-threads", "1", "--batch-size", "2", "--shards-per-task", "3",
+            "--fidelity-sample", "0", "--dask-address", address]
+    log = tmp_path / "command.log"
+    command = subprocess.Popen([str(a) for a in argv], cwd=tmp_path, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                               env=_env(tmp_path / "prefect"),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        _wait_until_held(spec, command, lambda: log.read_text()[-3000:] + worker_log.read_text()[-3000:])
+        command.send_signal(signal.SIGINT)
+        command.wait(180)
+    finally:
+        if command.poll() is None:
+            command.kill()
+    said = log.read_text()
+    assert command.returncode == 130, said[-3000:]
+    _assert_the_workers_let_go(address, worker_log)
+    on_worker = worker_log.read_text()
+    assert "00000.tar stopped after 2 of its images, nothing of it written" in on_worker, on_worker[-3000:]
+    assert "shards 00001, 00002 not started: Dask no longer wants this task's result" in on_worker, on_worker[-3000:]
+    assert not [p.name for p in spec.parent.glob(f"{spec.name}.0000[12].attempts")]  # neither was started
+    _assert_nothing_of_the_held_shard(out)
+    assert not list(out.glob("0000*.parquet")) and not (out / "_claim.json").exists()
+    spec.write_text("{}")
+    _rerun_finishes_every_shard(address, data, out)
+
+
+def test_the_abandoned_check_says_so_only_of_a_task_dask_no_longer_wants(tmp_path):
+    """cluster.task_abandoned on a real LocalCluster: for two tasks running side by side, the check turns true for
+    the one whose future is cancelled, and stays false for the other, which ends with its result; outside a Dask
+    task it is never true."""
+    from distributed import Client, LocalCluster
+
+    from wdsembed import cluster
+
+    assert cluster.task_abandoned() is cluster.never
+
+    def watch(folder: str) -> str:  # on the worker: says what it sees in files, a cancelled task's result being lost
+        import os
+        import time
+
+        from wdsembed import cluster
+
+        check = cluster.task_abandoned()
+        open(os.path.join(folder, "armed" if check is not cluster.never else "unarmed"), "w").close()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if check():
+                open(os.path.join(folder, "abandoned"), "w").close()
+                return "abandoned"
+            if os.path.exists(os.path.join(folder, "go")):
+                return "finished"
+            time.sleep(0.05)
+        return "timed out"
+
+    kept, dropped = tmp_path / "kept", tmp_path / "dropped"
+    kept.mkdir()
+    dropped.mkdir()
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as local, \
+            Client(local) as client:
+        futures = [client.submit(watch, str(folder), pure=False) for folder in (kept, dropped)]
+        deadline = time.monotonic() + 120
+        while not ((kept / "armed").exists() and (dropped / "armed").exists()):
+            assert time.monotonic() < deadline and not list(tmp_path.glob("*/unarmed"))
+            time.sleep(0.05)
+        futures[1].cancel()
+        while not (dropped / "abandoned").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert not (kept / "abandoned").exists()
+        (kept / "go").touch()
+        assert futures[0].result(timeout=60) == "finished"

@@ -244,11 +244,13 @@ _KEPT = ("the shards finished so far are in %s; call again with the same output 
 
 def embed_here(config: EmbedConfig, plan: ShardPlan, claim_run: Optional[str] = None) -> ShardResult:
     """One shard, in this process (a Dask worker's or the caller's): the one place this module calls the core.
-    `claim_run`: the id of the run's claim on OUTPUT, which the shard is written under (shard.process_shard)."""
+    `claim_run`: the id of the run's claim on OUTPUT, which the shard is written under (shard.process_shard). On a
+    Dask worker, the shard stops, unwritten, once its task is cancelled (cluster.task_abandoned)."""
+    from wdsembed.cluster import task_abandoned
     from wdsembed.decoderlog import decoder_messages_to_log
 
     with decoder_messages_to_log():
-        return shard.process_shard(config, plan, claim_run=claim_run)
+        return shard.process_shard(config, plan, claim_run=claim_run, abandoned=task_abandoned())
 
 
 def _run_here(config: EmbedConfig, plans: list, claim_run: str) -> tuple[list, dict, list]:

@@ -2,7 +2,8 @@
 
 Returns plain keyword arguments for `prefect_dask.DaskTaskRunner`; nothing here imports Prefect or CUDA libraries,
 so a CPU-only machine never needs dask-cuda. Also the workers' announcements of a task's start, which a run waits on
-to let its first tasks start alone (announce_task_start, TaskStarts).
+to let its first tasks start alone (announce_task_start, TaskStarts), and a running task's check that Dask still wants
+its result (task_abandoned).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 import warnings
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from wdsembed.config import EmbedConfig
 from wdsembed.worker import set_gpu_process_environment
@@ -454,6 +455,39 @@ def task_runner_kwargs(config: EmbedConfig) -> dict:
             "env": {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n_workers))},
         },
     }
+
+
+def never() -> bool:
+    return False
+
+
+def task_abandoned() -> Callable[[], bool]:
+    """For the Dask task running in this thread: a check that says whether Dask no longer wants its result, for
+    the shard loop to call between batches and between a group's shards (wdsembed.shard), ending the task early.
+    Dask cannot stop a running task's thread: where the client that submitted it released or cancelled its
+    future (a Ctrl-C in the API, its client closed, the flow's process gone), the worker only marks the task
+    "cancelled" (distributed's WorkerState: executing -> released), and it ran on, for a group of shards, to be
+    refused at its write (the run's claim on OUTPUT released), its worker thread (a GPU) kept from the next run.
+    The check reads the worker's own state for the task: no I/O, no message to the scheduler. Only "cancelled"
+    counts, or the task no longer known to the worker: "executing" and "resumed" (a cancelled task that the
+    scheduler wants again: its result is taken) do not. Outside a Dask task: never true."""
+    try:
+        from distributed import get_worker
+        from distributed.worker import thread_state
+
+        worker = get_worker()
+    except (ImportError, ValueError):  # not in a Dask task
+        return never
+    key = getattr(thread_state, "key", None)
+    tasks = getattr(getattr(worker, "state", None), "tasks", None)
+    own = tasks.get(key) if tasks is not None and key is not None else None
+    if own is None:
+        return never
+
+    def abandoned() -> bool:
+        return tasks.get(key) is not own or own.state == "cancelled"
+
+    return abandoned
 
 
 # Workers announce each embedding task's start on this Dask topic (the scheduler keeps a bounded log per topic), so

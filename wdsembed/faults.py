@@ -6,7 +6,9 @@ fails as the shard's task starts, "batch" after a batch went through the model (
 went through it and before its output table is built (its fidelity reference running), "commit" once the shard's kNN
 view is written and before its table is (a run dying between the two files). Attempts are counted in a file beside it
 (<spec>.<stem>.attempts), so they survive retries and worker restarts; a spec with "fail_attempts": 0 only counts.
-"hold_s": S makes each counted attempt wait S seconds first (a shard held mid-embedding, for a test to interrupt).
+"hold_s": S makes each counted attempt wait S seconds first (a shard held mid-embedding, for a test to interrupt);
+at "batch", a hold stands for the many batches of a long shard: it ends early once the shard's task is abandoned
+(batch_hook's `until`), as the check after each of those batches would end it.
 {"worker_close": {"timeout_s": S}} gives a local cluster's nanny S seconds, not distributed's 5, to see its worker
 process end as the cluster closes (worker_close_timeout): with 0, the process is killed and not yet reaped when that
 time is up, as on a loaded machine.
@@ -76,8 +78,9 @@ def _spec(stem: str) -> Optional[dict]:
         return json.load(f).get(stem)
 
 
-def maybe_inject(stem: str, where: str = "start") -> None:
-    """Raise (or die) as WDSEMBED_FAULTS says for this shard's attempt; a no-op without it."""
+def maybe_inject(stem: str, where: str = "start", until: Callable[[], bool] = lambda: False) -> None:
+    """Raise (or die) as WDSEMBED_FAULTS says for this shard's attempt; a no-op without it. A hold ends early once
+    `until()`."""
     spec = _spec(stem)
     if not spec or spec.get("where", "start") != where:
         return
@@ -86,7 +89,9 @@ def maybe_inject(stem: str, where: str = "start") -> None:
     attempts = int(open(counter).read()) if os.path.exists(counter) else 0
     with open(counter, "w") as f:
         f.write(str(attempts + 1))
-    time.sleep(float(spec.get("hold_s", 0)))
+    deadline = time.monotonic() + float(spec.get("hold_s", 0))
+    while time.monotonic() < deadline and not until():
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
     if attempts >= int(spec.get("fail_attempts", 1)):
         return
     error = spec.get("error", "io")
@@ -105,15 +110,17 @@ def worker_close_timeout(timeout: float) -> float:
     return float(spec.get("timeout_s", timeout)) if spec else timeout
 
 
-def batch_hook(stem: str, on_batch: Callable[[int], None]) -> Callable[[int], None]:
+def batch_hook(stem: str, on_batch: Callable[[int], None],
+               until: Callable[[], bool] = lambda: False) -> Callable[[int], None]:
     """`on_batch` itself, unless WDSEMBED_FAULTS asks for a failure mid-shard in this shard: decided once per
-    shard, so the per-batch path carries nothing of fault injection in a real run."""
+    shard, so the per-batch path carries nothing of fault injection in a real run. A hold there ends early once
+    `until()` (the shard's task abandoned)."""
     spec = _spec(stem)
     if not spec or spec.get("where") != "batch":
         return on_batch
 
     def inject_then(n: int) -> None:
-        maybe_inject(stem, where="batch")
+        maybe_inject(stem, where="batch", until=until)
         on_batch(n)
 
     return inject_then

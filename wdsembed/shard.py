@@ -136,6 +136,19 @@ class ShardsFailed(RuntimeError):
         return type(self), (self.failures, self.results, self.transient, self.manifest, self.total)
 
 
+class ShardAbandoned(Exception):
+    """The task running these shards is no longer wanted by the run that gave it (`abandoned()` said so:
+    wdsembed.cluster.task_abandoned, on a Dask worker whose run was interrupted or cancelled): the shard being
+    embedded is left unwritten, the group's others unstarted. Never retried (faults.is_transient)."""
+
+
+def _never() -> bool:
+    return False
+
+
+_NOT_WANTED = "Dask no longer wants this task's result (the run that submitted it was interrupted or cancelled)"
+
+
 # --------------------------------------------------------------------------------------------------- cache key
 
 
@@ -346,11 +359,15 @@ def _damage(config: EmbedConfig, plan: ShardPlan, meta: dict) -> Optional[str]:
 
 def process_shard(
     config: EmbedConfig, plan: ShardPlan, *, on_progress: Callable[[int], None] = lambda n: None,
-    claim_run: Optional[str] = None,
+    claim_run: Optional[str] = None, abandoned: Callable[[], bool] = _never,
 ) -> ShardResult:
     """Embed one shard and write OUTPUT/<stem>.parquet whole, or find it already done (same cache key).
     `claim_run`: the id of the run whose claim on OUTPUT this shard is written under (outputclaim.Claim.run); its
-    files are put in place only while that run still holds it (write_output). None: written without a claim."""
+    files are put in place only while that run still holds it (write_output). None: written without a claim.
+    `abandoned`: asked as the shard starts and after each batch (it must be cheap); once true, ShardAbandoned is
+    raised and nothing of the shard is written."""
+    if abandoned():
+        raise _abandon(f"shard {plan.shard} not started: {_NOT_WANTED}")
     start = time.perf_counter()
     timeline = {"worker": f"{socket.gethostname()}:{os.getpid()}", "start": time.time()}
     key = cache_key(config, plan)
@@ -386,10 +403,19 @@ def process_shard(
         sample = fidelity.SampleCollector(quota)
         # The worker's stream takes this shard's samples right behind those of the shard before it (another
         # thread's).
+        seen = [0]
+
+        def after_batch(n: int) -> None:  # in this thread: raised here, the stream drops the rest of the shard
+            seen[0] += n
+            if abandoned():
+                raise _abandon(f"shard {plan.shard} stopped after {seen[0]} of its images, nothing of it written: "
+                               f"{_NOT_WANTED}")
+            on_progress(n)
+
         try:
             keys, embeddings, failures = worker.embed(
                 sample.wrap(tar.images()), autocast=config.autocast, normalize=config.normalize_embeddings,
-                on_batch=faults.batch_hook(plan.stem, on_progress), timeline=timeline,
+                on_batch=faults.batch_hook(plan.stem, after_batch, until=abandoned), timeline=timeline,
             )
         finally:  # a call stopped before the stream reached its shard never opened it: its bytes go back
             storage.forget_shards([plan.shard], config.storage_options)
@@ -476,18 +502,24 @@ def _row_causes(config: EmbedConfig, plan: ShardPlan, table) -> list[dict]:
 
 def process_shards(
     config: EmbedConfig, plans: list[ShardPlan], *, on_progress: Callable[[int], None] = lambda n: None,
-    claim_run: Optional[str] = None,
+    claim_run: Optional[str] = None, abandoned: Callable[[], bool] = _never,
 ) -> list[ShardResult]:
     """Every shard of a group, each tried (process_shard, with `claim_run`); raises one ShardsFailed naming those
-    that failed (with the results of those that did not).
+    that failed (with the results of those that did not). `abandoned`: asked before each shard and after each
+    batch (process_shard); once true, ShardAbandoned is raised and the group's other shards are not started.
 
     No look-ahead over the group: process_shard names its own shard to the S3 fetcher once its cache check has
     passed, as in a one-shard task, and it downloads while the worker's other task threads embed theirs; a
     look-ahead would hold memory for shards whose cached outputs mean they are never opened."""
     results, failures, transient = [], {}, []
-    for plan in plans:
+    for i, plan in enumerate(plans):
         try:
-            results.append(process_shard(config, plan, on_progress=on_progress, claim_run=claim_run))
+            results.append(process_shard(config, plan, on_progress=on_progress, claim_run=claim_run,
+                                         abandoned=abandoned))
+        except ShardAbandoned:
+            if plans[i + 1:]:
+                log.warning("shards %s not started: %s", ", ".join(p.stem for p in plans[i + 1:]), _NOT_WANTED)
+            raise
         except Exception as exc:  # noqa: BLE001 - every shard's outcome is reported; one failure stops no other
             failures[plan.stem] = f"{type(exc).__name__}: {exc}"
             if faults.is_transient(exc):
@@ -496,6 +528,12 @@ def process_shards(
     if failures:
         raise ShardsFailed(failures, [r.to_dict() for r in results], transient, total=len(plans))
     return results
+
+
+def _abandon(said: str) -> ShardAbandoned:
+    """The ShardAbandoned to raise, said first on the worker's log: its run, gone, hears of it no more."""
+    log.warning("%s", said)
+    return ShardAbandoned(said)
 
 
 # --------------------------------------------------------------------------------------------------- the steps
