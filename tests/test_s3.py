@@ -334,6 +334,23 @@ def test_a_parquet_the_store_fails_to_deliver_is_a_store_error_not_a_bad_file(se
     assert faults.is_transient(caught.value), caught.value
 
 
+def test_nemo_dataset_on_s3_reads_its_metadata_with_the_documented_storage_options(server, dataset):
+    """docs/nemo.md: `from_webdataset(path, ..., storage_options=...)` for a store that needs them. The options the
+    docs name for S3 (region_name, read_timeout) went to Dask's read_parquet as given, where s3fs hands them to
+    botocore's session, which refuses them: `metadata` failed with a FileNotFoundError naming a parquet that is
+    there."""
+    from wdsembed import ImageTextPairDataset
+
+    url = upload(server, dataset)
+    ds = ImageTextPairDataset.from_webdataset(
+        url, "key", storage_options=options(server.endpoint, region_name="us-east-1", read_timeout="60"))
+    frame = ds.metadata.compute()
+    expected = sum(pq.read_metadata(dataset / f"{s:05d}.parquet").num_rows for s in range(2))
+    assert ds.metadata.npartitions == 2 and len(frame) == expected
+    assert set(frame["key"]) == set(pq.read_table(dataset / "00000.parquet").column("key").to_pylist()) \
+        | set(pq.read_table(dataset / "00001.parquet").column("key").to_pylist())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # .idx files: beside the shard when present, written back where the bucket allows, else cached locally
 
