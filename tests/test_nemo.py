@@ -93,6 +93,32 @@ def test_a_script_that_ends_before_it_embeds_ends_without_dasks_tracebacks(tmp_p
     assert "Traceback" not in done.stderr and "ERROR" not in done.stderr, done.stderr
 
 
+@pytest.mark.slow
+def test_a_script_without_the_main_guard_stops_saying_so(tmp_path):
+    """docs/nemo.md: a script that starts get_client's cluster without `if __name__ == "__main__":` stops with
+    multiprocessing's "bootstrapping phase" message. Each worker process imports the script again and so called
+    get_client again, whose own cluster could not start there: the message was logged, but the worker never came
+    up, and the script waited for it forever."""
+    import signal
+
+    (tmp_path / "script.py").write_text(textwrap.dedent('''
+        from wdsembed import get_client
+
+        client = get_client(n_workers=1, dashboard_address=":0")
+        print("started")
+    '''))
+    script = subprocess.Popen([sys.executable, "script.py"], cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = script.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(script.pid, signal.SIGKILL)  # the script and the worker processes it started
+        stdout, stderr = script.communicate()
+        pytest.fail("the script did not end: " + stderr[-2000:])
+    assert script.returncode != 0 and "started" not in stdout, stdout + stderr[-3000:]
+    assert "bootstrapping phase" in stderr and 'if __name__ == "__main__":' in stderr, stderr[-3000:]
+
+
 def test_doc_states_get_clients_thread_default_and_each_tasks_share_of_a_gpu():
     """docs/nemo.md gives get_client's signature with its defaults (threads_per_worker=None: SHARDS_PER_GPU threads
     on a GPU cluster, 1 on a CPU one) and each shard task's share of a GPU (GPU_SHARE_PER_SHARD, a third)."""

@@ -64,6 +64,7 @@ def get_client(
         raise ValueError("give scheduler_address or scheduler_file, not both")
     if scheduler_address or scheduler_file:
         return Client(address=scheduler_address, scheduler_file=scheduler_file, timeout="30s")
+    _refuse_in_a_worker_bootstrap()
     for name in _CUDF_RMM_ONLY:
         cluster_kwargs.pop(name, None)
     if cluster_type == "gpu":
@@ -91,6 +92,19 @@ def get_client(
     if options["processes"]:  # worker processes that leave Ctrl-C to this one (wdsembed.localworkers)
         options.setdefault("worker_class", local_nanny())
     return Client(LocalCluster(**options))
+
+
+def _refuse_in_a_worker_bootstrap() -> None:
+    """A worker process of the cluster imports the script again as it starts: a script without the __main__ guard
+    calls get_client there too. Its cluster cannot start there, and the worker would never come up, the script
+    waiting for it forever; raising ends the worker, and with it the script's cluster start."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # as multiprocessing itself tells it
+        raise RuntimeError(
+            "get_client() was called in a worker process of its own cluster, which imports the script again as it "
+            "starts. An attempt has been made to start a new process before the current process has finished its "
+            'bootstrapping phase: start the cluster under `if __name__ == "__main__":` in the script')
 
 
 def _why_no_gpu_cluster() -> Optional[str]:
