@@ -758,6 +758,18 @@ def test_no_credentials_at_all_say_where_they_come_from(server, monkeypatch):
     assert time.perf_counter() - start < 5
 
 
+def test_a_nemo_dataset_on_s3_without_credentials_says_where_they_come_from(server, monkeypatch):
+    """ImageTextPairDataset.from_webdataset('s3://...') with no credentials raised botocore's NoCredentialsError with
+    its traceback, where the command says it in one line naming the URL and where credentials come from."""
+    from wdsembed import ImageTextPairDataset
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    _clear_s3fs_cache()
+    with pytest.raises(storage.StoreError, match=f"s3://{IN_BUCKET}/x: no usable credentials.*AWS_ACCESS_KEY_ID"):
+        ImageTextPairDataset.from_webdataset(f"s3://{IN_BUCKET}/x", "key", storage_options=options(server.endpoint))
+
+
 def test_denied_read_mid_run_names_the_object(server, monkeypatch):
     fs = s3fs_for(server.endpoint)
     fs.pipe_file(f"{IN_BUCKET}/denied.tar", b"x" * 1000)

@@ -144,7 +144,11 @@ class ImageTextPairDataset:
         fs, root = storage.filesystem(path, options)
         from wdsembed.shards import list_shards
 
-        tars = [storage.to_url(fs, t) for t in list_shards(root, fs)]
+        try:
+            tars = [storage.to_url(fs, t) for t in list_shards(root, fs)]
+        except Exception:
+            storage.check_input(path, options)  # why it cannot be listed, in one line naming it, as the command says
+            raise
         if not tars:
             raise ValueError(f"{path!r} holds no *.tar shards")
         return cls(path=path, tar_files=tars, id_col=id_col, storage_options=options, metadata_path=path)
