@@ -21,6 +21,7 @@ This module imports nothing of Prefect at import time.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import http.client
 import os
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 from flows import prefect_env
 
@@ -185,6 +186,29 @@ def _quiet_from_now() -> None:
     logging.getLogger("prefect.server").setLevel(logging.CRITICAL)
 
 
+@contextlib.contextmanager
+def _database_setup_turn() -> Iterator[None]:
+    """Hold, across processes, the lock on setting up the Prefect database this server uses: a file beside a SQLite
+    database, else in PREFECT_HOME. The lock goes with the process if it dies."""
+    import fcntl
+
+    from prefect.settings import get_current_settings
+    from sqlalchemy.engine import make_url
+
+    settings = get_current_settings()
+    url = make_url(settings.server.database.connection_url.get_secret_value())
+    on_file = url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+        and not url.database.startswith("file:")
+    path = url.database + ".wdsembed-setup.lock" if on_file else os.path.join(settings.home, "wdsembed-db-setup.lock")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # blocks while another server sets the database up
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _serve(fd: int, parent: int) -> None:
     """The server's process: load the server and build the app, then, once told to, serve on the socket it was
     handed until terminated or orphaned."""
@@ -202,6 +226,15 @@ def _serve(fd: int, parent: int) -> None:
     if sys.stdin.buffer.readline() != _GO:  # the command ended before its checks passed, or was killed
         return
     server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
+    startup = server.startup
+
+    async def startup_in_turn(sockets=None) -> None:  # noqa: ANN001 - uvicorn's own signature
+        # The app's startup creates or migrates the database: servers of commands started together on one new
+        # database did it at once, and all but one failed ('duplicate column name'). They take turns here.
+        with _database_setup_turn():
+            await startup(sockets=sockets)
+
+    server.startup = startup_in_turn
     handle_exit = server.handle_exit  # what uvicorn makes the handler of SIGTERM (stop()) as it starts serving
     server.handle_exit = lambda sig, frame: (_quiet_from_now(), handle_exit(sig, frame))
     gc.freeze()

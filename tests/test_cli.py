@@ -697,6 +697,51 @@ def test_refused_command_starts_no_server(shards, tmp_path):
     assert not [p for p in processes if "flows/apiserver.py" in p and p.endswith(f" {command.pid}")]
 
 
+# A command's temporary server, started at a signal: `go` appearing beside this script's first argument. A flow
+# then runs through that server, as a command's does.
+SERVER_AT_SIGNAL = """
+import os, sys, time
+from flows import apiserver
+apiserver.prepare()  # the server's process loads while the others' do
+from prefect import flow
+from prefect.settings import PREFECT_API_URL, temporary_settings
+print('prepared', flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.05)
+url = apiserver.api_url()
+apiserver.wait(url)
+with temporary_settings(updates={PREFECT_API_URL: url}):
+    state = flow(name='embed-shards')(lambda: None)(return_state=True)
+print('run', state.name, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_commands_started_at_once_on_a_new_prefect_database_all_run(tmp_path):
+    """Two or more commands started together where Prefect's database is new (a new machine, a new PREFECT_HOME, or
+    a Prefect upgrade with new migrations): each one's temporary server created the database's tables at once
+    with the others, and all but one failed to start ('duplicate column name', 'no such index': exit 3), so their
+    runs ended before any work. The servers now take turns to set the database up; each serves its own run."""
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(home)}
+    go = tmp_path / "go"
+    children = [subprocess.Popen([sys.executable, "-c", SERVER_AT_SIGNAL, str(go)], cwd=ROOT, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    try:
+        for child in children:
+            assert child.stdout.readline().strip() == "prepared"
+        time.sleep(10)  # lets each server's process load its code, so that their database setups meet
+        go.touch()
+        said = [child.communicate(timeout=300) for child in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+    for child, (out, err) in zip(children, said):
+        assert child.returncode == 0 and out.strip().endswith("run Completed"), err[-3000:]
+
+
 def test_missing_input_is_refused_before_torch_is_imported(tmp_path):
     """A mistyped input folder is the commonest mistake: refused by the checks before the model's (which import
     torch and timm, seconds of a run that would stop anyway)."""
