@@ -1424,6 +1424,45 @@ def test_read_only_folder_by_chmod(tmp_path):
     assert sorted(p.name for p in data.iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
 
 
+def test_a_run_over_a_read_only_input_with_an_unwritable_index_cache_reads_without_indexes(tmp_path):
+    """Input on a read-only mount (a team's shared dataset) and an index cache this user cannot write (a shared
+    --index-cache-dir another member made, or a home that is read-only in a container): the planning's first .idx
+    write to the cache raised PermissionError, and the whole run failed before any shard. Now each shard is read
+    without one (as with --no-index-files), all are embedded, and one warning says so for the run, not per shard.
+    Real permission bits, in a child process (root's permission override dropped there)."""
+    from conftest import CANNOT_DROP_OVERRIDE, TINY_MODEL, without_file_permission_override
+    from wdsembed.synthetic import ShardSample, encode_image, make_image, write_shard
+
+    data, cache, out = tmp_path / "data", tmp_path / "cache", tmp_path / "out"
+    for s in range(3):
+        write_shard(data, f"{s:05d}", [ShardSample(encode_image(make_image(32, 24, seed=10 * s + i), "bmp"),
+                                                   ext="bmp") for i in range(2)])
+    cache.mkdir()
+    child = ("import logging, sys\nfrom wdsembed.api import run_shards\nfrom wdsembed.config import EmbedConfig\n"
+             "logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')\n"
+             "results = run_shards(EmbedConfig(input=sys.argv[1], output=sys.argv[2], index_cache_dir=sys.argv[3], "
+             f"model_name={TINY_MODEL!r}, pretrained=False, device='cpu', batch_size=4, num_threads_per_worker=1, "
+             "fidelity_sample=0))\n"
+             "print('embedded', sum(r.embedded for r in results))")
+    for path in [data, cache, *data.iterdir()]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        done = subprocess.run([sys.executable, "-c", child, str(data), str(out), str(cache)], capture_output=True,
+                              text=True, timeout=300,
+                              preexec_fn=without_file_permission_override if os.geteuid() == 0 else None)
+    finally:
+        for path in [data, cache]:
+            path.chmod(0o755)
+    if done.returncode == CANNOT_DROP_OVERRIDE:
+        pytest.skip("running as root without the right to drop CAP_DAC_OVERRIDE: chmod cannot stop root")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "embedded 6"
+    said = [line for line in done.stderr.splitlines() if ".idx" in line or "index" in line]
+    assert len(said) == 1 and said[0].startswith("WARNING wdsembed: 3 shard(s) are read without a .idx: ") and str(cache) in said[0] \
+        and "Permission denied" in said[0], done.stderr[-3000:]
+    assert list(cache.iterdir()) == [] and not list(data.glob("*.idx"))
+
+
 def test_a_shard_named_as_long_as_a_file_name_may_be_gets_its_index_beside_it_or_in_the_cache(tmp_path):
     """A tar's name may take 255 bytes; its .idx beside it is no longer, but the temp file it was written through
     (`.<name>.tmp-<32 hex>`) was 38 bytes longer, and the cache's copy (`<stem>-<24 hex>.idx`) 25: from 218 bytes

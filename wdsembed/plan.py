@@ -975,6 +975,7 @@ def with_indexes(config: EmbedConfig, plans: list[ShardPlan], *, skip: Collectio
     if not config.use_index_files:
         return plans
     cache_dir = config.index_cache()
+    not_stored: list[shardindex.IndexNotStoredError] = []
 
     def index_one(plan: ShardPlan) -> ShardPlan:
         if plan.stem in skip:
@@ -984,6 +985,10 @@ def with_indexes(config: EmbedConfig, plans: list[ShardPlan], *, skip: Collectio
             # On object stores a missing index is built by the worker during its one read of the tar
             # (shard.process_shard), not here: that would download every shard twice, serially, up front.
             index = shardindex.index_file(tar, fs, cache_dir, build=storage.is_local(fs))
+        except shardindex.IndexNotStoredError as exc:
+            # A read-only input and a cache this user cannot write: the shard is read without one, said once below.
+            not_stored.append(exc)
+            return plan
         except shardindex.IndexFormatError as exc:
             # Member names that the .idx format cannot hold (spaces, `b.`): the shard is read without one.
             log.warning("shard %s: no .idx (%s); reading it without one", tar, exc)
@@ -1002,7 +1007,12 @@ def with_indexes(config: EmbedConfig, plans: list[ShardPlan], *, skip: Collectio
         return dataclasses.replace(plan, index=index)
 
     with ContextThreadPool(max_workers) as pool:
-        return list(pool.map(index_one, plans))
+        planned = list(pool.map(index_one, plans))
+    if not_stored:
+        log.warning("%d shard(s) are read without a .idx: neither their folder nor the index cache %s takes one "
+                    "(%s); pass --index-cache-dir (index_cache_dir=) a folder this user can write to keep them",
+                    len(not_stored), cache_dir, not_stored[0].strerror)
+    return planned
 
 
 # The most task runs a run makes when shards_per_task is left to it: the Prefect API records every one (on the default

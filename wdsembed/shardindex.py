@@ -30,6 +30,10 @@ class IndexFormatError(ValueError):
     """An index that the v1.2 text format cannot hold (or text that is not a v1.2 index)."""
 
 
+class IndexNotStoredError(OSError):
+    """A built index that neither the shard's folder nor the index cache took (both refused the write)."""
+
+
 class IndexMember(NamedTuple):
     ext: str  # as wds2idx writes it: everything after the first dot of the last path part, case kept
     offset: int  # byte offset of the member's data (a multiple of 512)
@@ -466,7 +470,8 @@ def ensure_index(
     returned with `path=None`. With `build=False` a missing index gives None instead of a read of the tar (the
     caller builds it during its own pass: iter_samples(index_builder=...) and save_index). Raises
     IndexFormatError for shards whose member names the v1.2 format cannot hold (whitespace, a name ending in its
-    first dot: `b.`), tarstream.ShardReadError for a damaged tar. An empty tar gives an index of 0 samples (wds2idx refuses those).
+    first dot: `b.`), tarstream.ShardReadError for a damaged tar, IndexNotStoredError where the folder and
+    `cache_dir` both refuse a built index. An empty tar gives an index of 0 samples (wds2idx refuses those).
     For an s3:// shard the returned path may be an s3:// URL: DALI reads index files from local paths only.
     """
     return _ensure(shard_path_or_url, fs, cache_dir, build=build, whole=True)
@@ -521,7 +526,8 @@ def save_index(
     fp: Optional[ShardFingerprint] = None,
 ) -> ShardIndex:
     """Store a freshly built index beside the shard (written back to the bucket where it allows writes), else
-    under `cache_dir`; returns it with `.path` set (None where neither could take it)."""
+    under `cache_dir`; returns it with `.path` set (None where the folder refused it and there is no cache).
+    IndexNotStoredError where the cache refused it too."""
     data = idx.render().encode("utf-8", "surrogateescape")
     beside = index_path_for(shard)
     try:
@@ -534,5 +540,8 @@ def save_index(
     cached = _cache_path(shard, fs, cache_dir, fp or fingerprint(shard, fs))
     if cached is None:
         return idx
-    storage.write_atomic(fsspec.filesystem("file"), cached, data)  # a local folder, whatever the shard's store
+    try:
+        storage.write_atomic(fsspec.filesystem("file"), cached, data)  # a local folder, whatever the shard's store
+    except OSError as e:
+        raise IndexNotStoredError(e.errno, e.strerror or str(e), cached) from e
     return dataclasses.replace(idx, path=cached)
