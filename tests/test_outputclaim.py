@@ -713,3 +713,24 @@ def test_runs_claiming_one_local_output_at_once_are_refused_but_one(tmp_path):
             for claim in won:
                 claim.release()
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_a_run_leaves_the_temp_files_of_another_runs_output_inside_its_own(tmp_path):
+    """Two models' runs at once, one writing to OUTPUT and the other to a folder inside it (out/ and out/resnet/):
+    the first, as it claimed out/, took the second's temp file, its shard's output being written at that moment,
+    for one a killed run had left, and removed it, so that shard failed at its rename. A folder of OUTPUT that is
+    another run's OUTPUT (its claim there) is now left to that run."""
+    data, out = _shards(tmp_path / "in", n_shards=1), tmp_path / "out"
+    inner = _config(data, out / "resnet", OTHER_MODEL)
+    held = outputclaim.take(inner)
+    in_flight = out / "resnet" / Path(storage.temp_name(str(out / "resnet" / "00000.parquet"))).name
+    in_flight.write_bytes(b"being written")
+    left = out / (".00000.parquet.tmp-" + "d" * 32)
+    left.write_bytes(b"left by a killed run of out/")
+    try:
+        [result] = _embedder()(str(data), str(out))
+        assert not result.cached
+        assert in_flight.read_bytes() == b"being written" and not left.exists()
+        assert _claim(out / "resnet")["run"] == held.run
+    finally:
+        held.release()

@@ -688,8 +688,8 @@ def remove_stale_temp_files(config: EmbedConfig) -> list[str]:
     """Remove the temp files of atomic writes (storage.write_atomic: `.<name>.tmp-<32 hex>`) under OUTPUT, left by
     processes killed between a file's write and its rename; their paths relative to OUTPUT. Call it only with the
     claim held: no live run of ours is writing there then, but other runs may be trying to claim it (and are about
-    to be refused): the claim's own temp files are left to them unless older than STALE_S. Object stores hold none
-    (one PUT per object)."""
+    to be refused): the claim's own temp files are left to them unless older than STALE_S. A folder of OUTPUT with a
+    claim of its own is another run's OUTPUT, and is left to it. Object stores hold none (one PUT per object)."""
     fs, root = storage.filesystem(config.output, config.storage_options)
     if storage.is_local(fs):
         return _remove_local(os.path.abspath(root))
@@ -700,10 +700,14 @@ def remove_stale_temp_files(config: EmbedConfig) -> list[str]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     prefix = root.rstrip("/") + "/"
+    # folders of OUTPUT that are other runs' OUTPUTs (their claim there): their temp files are theirs
+    others = tuple(path[len(prefix):-len(CLAIM_NAME)] for path in files if path.startswith(prefix)
+                   and path.endswith("/" + CLAIM_NAME) and len(path) > len(prefix + CLAIM_NAME))
     removed = []
     for path in files:
         rel = path[len(prefix):] if path.startswith(prefix) else path
-        if rel.split("/", 1)[0] in _NOT_WALKED or not TEMP_FILE.match(rel.rsplit("/", 1)[-1]):
+        if rel.split("/", 1)[0] in _NOT_WALKED or not TEMP_FILE.match(rel.rsplit("/", 1)[-1]) \
+                or rel.startswith(others):
             continue
         try:
             fs.rm_file(path)
@@ -718,6 +722,9 @@ def _remove_local(root: str) -> list[str]:
     for folder, dirs, files in os.walk(root):
         if folder == root:
             dirs[:] = [d for d in dirs if d not in _NOT_WALKED]
+        elif CLAIM_NAME in files:  # another run's OUTPUT inside this one, claimed: its temp files are its own
+            dirs[:] = []
+            continue
         for name in files:
             if not TEMP_FILE.match(name):
                 continue
