@@ -616,3 +616,21 @@ def test_from_webdataset_lists_the_shards_the_embedder_embeds(tmp_path):
     assert dataset.tar_files == [str(data / "00000.tar")] and dataset.stems == ["00000"]
     embedded = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu")(dataset)
     assert [r.shard for r in embedded.results] == dataset.tar_files == embedded.tar_files
+
+
+def test_pathlib_paths_work_where_strings_do(tmp_path):
+    """Python code holds paths as pathlib.Path (pytest's tmp_path, Path.home() / "data"): from_webdataset and
+    save_metadata failed with "AttributeError: 'PosixPath' object has no attribute 'rstrip'", and the embedder with
+    pydantic's "input: Input should be a valid string". Every path parameter takes an os.PathLike as its str."""
+    from wdsembed import ImageTextPairDataset, TimmImageEmbedder
+
+    data = _one_shard(tmp_path / "dataset")
+    dataset = ImageTextPairDataset.from_webdataset(data)
+    assert dataset.path == str(data) and dataset.tar_files == [str(data / "00000.tar")]
+    results = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu",
+                                index_cache_dir=tmp_path / "idx")(data, tmp_path / "out")
+    assert [r.output for r in results] == [str(tmp_path / "out" / "00000.parquet")]
+    embedded = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu")(dataset, tmp_path / "emb")
+    assert embedded.metadata_path == str(tmp_path / "emb")
+    assert embedded.save_metadata(tmp_path / "copy") == str(tmp_path / "copy")
+    assert (tmp_path / "copy" / "00000.parquet").is_file()

@@ -328,6 +328,12 @@ class EmbedConfig(BaseModel):
                              f"stored with the run's parameters; {CREDENTIALS_HINT}")
         return value
 
+    @field_validator(*LOCAL_PATH_FIELDS, mode="before")
+    @classmethod
+    def _path_as_str(cls, value):
+        # A pathlib.Path (tmp_path, Path.home() / "data") is its str: pydantic's str refuses it.
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
     @field_validator("input", "output", "checkpoint", "result_storage")
     @classmethod
     def _no_password_in_url(cls, value: Optional[str]) -> Optional[str]:

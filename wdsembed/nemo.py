@@ -137,10 +137,10 @@ class ImageTextPairDataset:
     _metadata_read_as: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
-    def from_webdataset(cls, path: str, id_col: str = "key", storage_options: Optional[dict] = None):
+    def from_webdataset(cls, path: str | os.PathLike, id_col: str = "key", storage_options: Optional[dict] = None):
         """The dataset of the shards in `path` (a folder or fsspec URL); `id_col` names the sample key column."""
         options = dict(storage_options or {})
-        path = path.rstrip("/") or "/"
+        path = os.fspath(path).rstrip("/") or "/"
         fs, root = storage.filesystem(path, options)
         from wdsembed.shards import list_shards
 
@@ -243,7 +243,7 @@ class ImageTextPairDataset:
         return replace(self, metadata_path=metadata_path, results=list(results),
                        tar_files=self.tar_files if tar_files is None else list(tar_files))
 
-    def save_metadata(self, path: Optional[str] = None, columns: Optional[list[str]] = None) -> str:
+    def save_metadata(self, path: Optional[str | os.PathLike] = None, columns: Optional[list[str]] = None) -> str:
         """Write the metadata parquets (`<stem>.parquet`), with only `columns` if given, into `path`; returns it.
         The metadata as it stands: where it was changed since it was read (a column set on it, rows filtered), each
         shard's partition of it.
@@ -253,7 +253,7 @@ class ImageTextPairDataset:
         embedder's outputs, which the next run resumes from. Never the dataset's own folder nor one inside it: its
         parquets are img2dataset's (each sample's URL, caption, status), and the next run reads them as the shards'
         rows."""
-        target = (path or self.metadata_path or self.path).rstrip("/")
+        target = os.fspath(path or self.metadata_path or self.path).rstrip("/")
         source = self.metadata_path
         if source is None:
             raise ValueError("this dataset has no metadata yet: embed it first, embedding_model(dataset)")
