@@ -552,6 +552,28 @@ def test_an_empty_checkpoint_is_no_checkpoint(shards, tmp_path):
     assert shard.cache_key(empty, first) == shard.cache_key(plain, first)
 
 
+def test_a_checkpoint_of_a_whole_model_or_of_other_objects_says_how_to_save_its_weights(shards, tmp_path, capsys):
+    """`torch.save(model)` (the whole model, not its state_dict) was refused with torch's wall of 600 characters
+    listing torch.nn classes and ending 'If this checkpoint is trusted, retry with weights_only=False', which no
+    option here passes; an empty file with 'EOFError:'. Each is now named for what it is, with how to save weights."""
+    import numpy as np
+    import timm
+    import torch
+
+    model = timm.create_model(TINY_MODEL, pretrained=False)
+    whole, extra, empty = tmp_path / "whole.pth", tmp_path / "extra.pth", tmp_path / "empty.pth"
+    torch.save(model, whole)
+    torch.save({"state_dict": model.state_dict(), "best": np.float64(0.5)}, extra)
+    empty.write_bytes(b"")
+    argv = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--device", "cpu", "--checkpoint"]
+    for path, cause in [(whole, "a whole pickled model"), (extra, "numpy.dtype"), (empty, "an empty file")]:
+        line, _ = refused(capsys, argv + [str(path)])
+        assert f"checkpoint '{path}'" in line and cause in line and "--checkpoint (checkpoint=)" in line, line
+        assert "weights_only" not in line and "EOFError" not in line and len(line) < 400, line
+        if path != empty:
+            assert "torch.save(model.state_dict()" in line, line
+
+
 def test_index_cache_dir_is_a_local_folder_or_file_url(shards, tmp_path, capsys):
     """The index cache is a folder on each worker's own disk (shardindex writes it through the local file system):
     an s3:// URL there made a folder named 's3:' in the worker's working directory, reported as the index's URL. It

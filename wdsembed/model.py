@@ -403,8 +403,29 @@ def _read_checkpoint(path: str, model_name: str) -> dict:
                 return {k: v for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
             except Exception:  # noqa: BLE001
                 pass
-        raise ModelLoadError(f"checkpoint {path!r} for {model_name!r} cannot be read: {_short(e)}; pass "
-                             f"{option('checkpoint')} a timm/PyTorch state dict (.safetensors, .pth or .bin)") from e
+        why, fix = _short(e), "a timm/PyTorch state dict (.safetensors, .pth or .bin)"
+        unpickled = _pickled_objects(path)
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            why = "it is an empty file"
+        elif unpickled:  # torch's own words advise weights_only=False, which no option here passes
+            saved = "torch.save(model.state_dict(), FILE)"
+            fix = f"the weights alone, saved with {saved} or safetensors"
+            if any(name.startswith("torch.nn.modules.") for name in unpickled):
+                why = "it holds a whole pickled model (saved with torch.save(model))"
+            else:
+                shown = ", ".join(unpickled[:3]) + (", ..." if len(unpickled) > 3 else "")
+                why = f"it holds Python objects besides tensors ({shown}), which are not unpickled: that runs code"
+        raise ModelLoadError(f"checkpoint {path!r} for {model_name!r} cannot be read: {why}; pass "
+                             f"{option('checkpoint')} {fix}") from e
+
+
+def _pickled_objects(path: str) -> list[str]:
+    """The classes and functions a torch pickle would import to load (a whole model's, numpy's), sorted; none for a
+    file that is not such a pickle."""
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - not a torch zip pickle: the reader's own error says what it is
+        return []
 
 
 def _classifier_names(pretrained_cfg: Any) -> tuple[str, ...]:
