@@ -658,6 +658,23 @@ def test_output_that_cannot_be_written(shards, tmp_path, capsys):
     print(f"output under a file refused in {seconds:.2f} s (in-process)")
 
 
+def test_an_index_cache_dir_that_is_a_file_is_refused(shards, tmp_path, capsys):
+    """--index-cache-dir naming a file passed the checks; every shard whose .idx went to the cache then warned
+    'ignoring unreadable index <file>/...idx: [Errno 20] Not a directory', and none was kept. Refused as an output
+    that is a file is. (A cache folder this user cannot write is not refused: shards are then read without an
+    .idx, said once.)"""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    base = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained", "--index-cache-dir"]
+    err, _ = refused(capsys, base + [str(a_file)])
+    assert err == (f"error: index cache '{a_file}' is a file, not a folder: pass --index-cache-dir "
+                   "(index_cache_dir=) a folder")
+    err, _ = refused(capsys, base + [str(a_file / "idx")])
+    assert err == (f"error: index cache '{a_file / 'idx'}' cannot be created: '{a_file}' is a file, not a folder; "
+                   "pass --index-cache-dir (index_cache_dir=) a folder path")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_dask_address_mistyped_or_not_answering_is_refused_before_any_work(shards, tmp_path, capsys):
     """A scheduler address without its port, or one where nothing listens (the discard port), is refused by the
     checks, naming the flag: not after the model's checks and Dask's 30 s connect timeout, as a failed run."""

@@ -6,7 +6,8 @@ write (a write check makes a folder and removes it at once), and never download:
 * check_storage_options: every --storage-option is an option of a store this run uses, and its value is one the
   store accepts (the filesystems are built with them, as the run will build them).
 * check_weights: pretrained weights are in the local cache, or the place they come from answers.
-* check_output_writable: a local output folder can be created or written by this user.
+* check_output_writable: a local output folder can be created or written by this user (and the result storage's;
+  an index cache folder is not a file).
 * check_dask_security: a tls:// --dask-address has Dask's TLS configuration (CA, client certificate) to use.
 * check_dask_reachable: a Dask scheduler answers at --dask-address (one connection, closed at once).
 * check_device: --device cuda on a local cluster has a GPU to run on.
@@ -228,12 +229,15 @@ def _torch_hub_file(url: str) -> str:
 def check_output_writable(config: EmbedConfig) -> None:
     """A local output (and a local result storage) must be a folder this user can write, or one it can create.
     Object stores are checked by storage.check_output (bucket there and readable, with these credentials)."""
-    _check_local_folder("output", config.output, config)
+    _check_local_folder("output", config.output, config, "output")
     if config.result_storage:
-        _check_local_folder("result storage", config.result_storage, config)
+        _check_local_folder("result storage", config.result_storage, config, "result_storage")
+    if config.index_cache_dir:
+        # One this user cannot write is no mistake (a team's shared cache): shards are then read without an .idx.
+        _check_local_folder("index cache", config.index_cache_dir, config, "index_cache_dir", written=False)
 
 
-def _check_local_folder(what: str, url: str, config: EmbedConfig) -> None:
+def _check_local_folder(what: str, url: str, config: EmbedConfig, field: str, *, written: bool = True) -> None:
     fs, root = storage.filesystem(url, config.storage_options)
     if not storage.is_local(fs):
         return
@@ -241,12 +245,14 @@ def _check_local_folder(what: str, url: str, config: EmbedConfig) -> None:
     existing = path
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
-    flag = option("output" if what == "output" else "result_storage")
+    flag = option(field)
     if existing == path and not os.path.isdir(path):
         raise PreflightError(f"{what} {url!r} is a file, not a folder: pass {flag} a folder")
     if existing != path and not os.path.isdir(existing):
         raise PreflightError(f"{what} {url!r} cannot be created: {existing!r} is a file, not a folder; "
                              f"pass {flag} a folder path")
+    if not written:
+        return
     try:
         # A real attempt, not os.access: it also sees read-only mounts, and root's override where it applies.
         os.rmdir(tempfile.mkdtemp(prefix=".wdsembed-write-check-", dir=existing))
