@@ -562,15 +562,19 @@ def test_a_checkpoint_of_a_whole_model_or_of_other_objects_says_how_to_save_its_
 
     model = timm.create_model(TINY_MODEL, pretrained=False)
     whole, extra, empty = tmp_path / "whole.pth", tmp_path / "extra.pth", tmp_path / "empty.pth"
+    text = tmp_path / "notes.pth"  # no checkpoint at all: it said 'KeyError: 101'
     torch.save(model, whole)
     torch.save({"state_dict": model.state_dict(), "best": np.float64(0.5)}, extra)
     empty.write_bytes(b"")
+    text.write_text("epoch 12, loss 0.31\n")
     argv = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--device", "cpu", "--checkpoint"]
-    for path, cause in [(whole, "a whole pickled model"), (extra, "numpy.dtype"), (empty, "an empty file")]:
+    for path, cause in [(whole, "a whole pickled model"), (extra, "numpy.dtype"), (empty, "an empty file"),
+                        (text, "no checkpoint format")]:
         line, _ = refused(capsys, argv + [str(path)])
         assert f"checkpoint '{path}'" in line and cause in line and "--checkpoint (checkpoint=)" in line, line
-        assert "weights_only" not in line and "EOFError" not in line and len(line) < 400, line
-        if path != empty:
+        assert "weights_only" not in line and "EOFError" not in line and "KeyError" not in line, line
+        assert len(line) < 400, line
+        if path in (whole, extra):
             assert "torch.save(model.state_dict()" in line, line
 
 

@@ -405,8 +405,12 @@ def _read_checkpoint(path: str, model_name: str) -> dict:
                 pass
         why, fix = _short(e), "a timm/PyTorch state dict (.safetensors, .pth or .bin)"
         unpickled = _pickled_objects(path)
+        head = _head(path)
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             why = "it is an empty file"
+        elif head is not None and not _checkpoint_format(head):  # the readers' own words (KeyError: 101) say nothing
+            why = (f"it is in no checkpoint format (not safetensors, nor a PyTorch zip archive or pickle): it starts "
+                   f"with {head[:12]!r}")
         elif unpickled:  # torch's own words advise weights_only=False, which no option here passes
             saved = "torch.save(model.state_dict(), FILE)"
             fix = f"the weights alone, saved with {saved} or safetensors"
@@ -417,6 +421,22 @@ def _read_checkpoint(path: str, model_name: str) -> dict:
                 why = f"it holds Python objects besides tensors ({shown}), which are not unpickled: that runs code"
         raise ModelLoadError(f"checkpoint {path!r} for {model_name!r} cannot be read: {why}; pass "
                              f"{option('checkpoint')} {fix}") from e
+
+
+def _head(path: str) -> Optional[bytes]:
+    """The first 16 bytes of a local file; None where it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(16)
+    except OSError:
+        return None
+
+
+def _checkpoint_format(head: bytes) -> bool:
+    """Whether a file starting with `head` is in a format a checkpoint reader takes: safetensors (a little-endian
+    header length, then its JSON), a zip archive (torch.save since 1.6, TorchScript), or a pickle (older
+    torch.save)."""
+    return (len(head) > 8 and head[8:9] == b"{") or head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")
 
 
 def _pickled_objects(path: str) -> list[str]:
