@@ -832,7 +832,8 @@ def test_parquet_that_is_not_parquet(tmp_path):
     [r], out = run_shard(tmp_path)
     t = read(out / "00000.parquet")
     assert t.column_names == ["key", EMB, ERR] and r.embedded == 3
-    assert r.warnings[0].endswith("cannot read as parquet: Could not open Parquet input source '<Buffer>': Parquet "
+    # named by its file, not by pyarrow's in-memory source ('Could not open Parquet input source '<Buffer>'')
+    assert r.warnings[0].endswith(f"{w.parquet}: cannot read as parquet: Parquet "
                                   "magic bytes not found in footer. Either the file is corrupted or this is not a "
                                   "parquet file.; the output holds the tar's samples only (no img2dataset columns)")
     # fixing the parquet changes the shard's fingerprint: the next run redoes the shard, with its columns

@@ -821,6 +821,7 @@ def read_rows(parquet_url: str, fs: Any, columns: Optional[Sequence[str]] = None
         return pq.read_table(pa.BufferReader(raw), columns=list(columns) if columns is not None else None)
     except (pa.ArrowException, OSError) as e:  # "Parquet magic bytes not found", truncated footers, damaged pages
         said = " ".join("".join(c if c.isprintable() else " " for c in str(e)).split())  # one line, as shown
+        said = said.replace("Could not open Parquet input source '<Buffer>': ", "")  # the file is named already
         raise MetadataFileError(f"{parquet_url}: cannot read as parquet: {said}") from e
 
 
