@@ -807,6 +807,17 @@ def _listings(proxy, url: str) -> int:
     return proxy.requests_by("/" + url[len("s3://"):])["ListObjectsV2"]
 
 
+def _demo_without_indexes(server, tmp_path) -> tuple[str, str]:
+    """A demo dataset of 3 shards uploaded without .idx files (the planning writes them: requests of their own), and
+    a fresh output URL."""
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_demo_dataset(folder, n_shards=3, per_shard=3)
+    for idx in folder.glob("*.idx"):
+        idx.unlink()
+    return upload(server, folder), f"s3://{OUT_BUCKET}/emb-{uuid.uuid4().hex[:8]}"
+
+
 @pytest.mark.parametrize("kind", ["folder", "pattern", "recursive"])
 def test_the_checks_list_input_and_output_once(server, tmp_path, kind):
     """check_config lists INPUT once and OUTPUT once, on a first run and on a re-run with nothing to compute: its
@@ -816,13 +827,7 @@ def test_the_checks_list_input_and_output_once(server, tmp_path, kind):
     from s3server import CountingProxy
     from wdsembed import api
 
-    folder = tmp_path / "ds"
-    folder.mkdir()
-    write_demo_dataset(folder, n_shards=3, per_shard=3)
-    for idx in folder.glob("*.idx"):
-        idx.unlink()
-    url = upload(server, folder)
-    out_url = f"s3://{OUT_BUCKET}/emb-{uuid.uuid4().hex[:8]}"
+    url, out_url = _demo_without_indexes(server, tmp_path)
     given = {"folder": url, "pattern": url + "/{00000..00002}.tar", "recursive": url}[kind]
     proxy = CountingProxy(server.endpoint).start()
     try:
@@ -848,13 +853,7 @@ def test_a_run_lists_input_and_output_once_per_step(server, tmp_path, prefect_ap
     from flows.embed import run
     from s3server import CountingProxy
 
-    folder = tmp_path / "ds"
-    folder.mkdir()
-    write_demo_dataset(folder, n_shards=3, per_shard=3)
-    for idx in folder.glob("*.idx"):
-        idx.unlink()
-    url = upload(server, folder)
-    out_url = f"s3://{OUT_BUCKET}/emb-{uuid.uuid4().hex[:8]}"
+    url, out_url = _demo_without_indexes(server, tmp_path)
     proxy = CountingProxy(server.endpoint).start()
     try:
         config = config_for(url, out_url, proxy.endpoint, index_cache_dir=str(tmp_path / "idx"))
