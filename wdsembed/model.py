@@ -411,7 +411,7 @@ def _read_checkpoint(path: str, model_name: str) -> dict:
         elif head is not None and not _checkpoint_format(head):  # the readers' own words (KeyError: 101) say nothing
             why = (f"it is in no checkpoint format (not safetensors, nor a PyTorch zip archive or pickle): it starts "
                    f"with {head[:12]!r}")
-        elif unpickled:  # torch's own words advise weights_only=False, which no option here passes
+        elif unpickled:  # torch's own words advise loading it unsafely, which no option here does
             saved = "torch.save(model.state_dict(), FILE)"
             fix = f"the weights alone, saved with {saved} or safetensors"
             if any(name.startswith("torch.nn.modules.") for name in unpickled):
