@@ -2,13 +2,14 @@
 new session so that stopping it stops everything it started."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,6 +17,17 @@ ROOT = Path(__file__).resolve().parent.parent
 def start(args: list, log: Path, env: dict, cwd: Path = ROOT) -> subprocess.Popen:
     return subprocess.Popen([str(a) for a in args], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
                             cwd=cwd, start_new_session=True)
+
+
+@contextlib.contextmanager
+def killed_if_left(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """`proc`, killed (and reaped) on leaving, where a failed step left it running."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def stop(proc: subprocess.Popen) -> None:

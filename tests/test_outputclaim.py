@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_MODEL
-from processes import held_api_run
+from processes import held_api_run, killed_if_left
 from s3server import aws_from_environment_only
 from wdsembed import outputclaim, storage
 from wdsembed.config import EmbedConfig
@@ -246,14 +246,10 @@ def test_the_claim_is_released_after_success_failure_and_ctrl_c(tmp_path):
     assert not (out / CLAIM_NAME).exists()
 
     held, log = held_api_run(data, tmp_path / "out3", tmp_path, 60, TINY_MODEL, SETTINGS)
-    try:
+    with killed_if_left(held):
         assert (tmp_path / "out3" / CLAIM_NAME).exists()
         held.send_signal(signal.SIGINT)
         held.wait(timeout=60)
-    finally:
-        if held.poll() is None:
-            held.kill()
-            held.wait()
     assert "KeyboardInterrupt" in log.read_text(), log.read_text()[-3000:]  # raised to the caller, as it was
     # and one line of its own saying what is kept and how to go on, as the command says it
     assert (f"run interrupted: the shards finished so far are in {tmp_path / 'out3'}; call again with the same output "
@@ -272,14 +268,10 @@ def test_sigterm_to_an_api_run_releases_its_claim_then_ends_it(tmp_path, cluster
     held, log = held_api_run(data, out, tmp_path, 60, TINY_MODEL, SETTINGS, cluster=cluster)
     children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(held.pid)], capture_output=True,
                               text=True).stdout.split()
-    try:
+    with killed_if_left(held):
         assert (out / CLAIM_NAME).exists()
         held.send_signal(signal.SIGTERM)
         held.wait(timeout=60)
-    finally:
-        if held.poll() is None:
-            held.kill()
-            held.wait()
     said = log.read_text()
     assert held.returncode == -signal.SIGTERM, said[-3000:]
     assert not (out / CLAIM_NAME).exists(), said[-3000:]
@@ -299,14 +291,10 @@ def test_ctrl_c_between_a_shards_view_and_its_table_leaves_neither(tmp_path):
     table is not there. A shard's two files are put in place whole or not at all (shard.write_output)."""
     data, out = _shards(tmp_path / "in", n_shards=1), tmp_path / "out"
     held, log = held_api_run(data, out, tmp_path, 60, TINY_MODEL, SETTINGS, where="commit")
-    try:
+    with killed_if_left(held):
         assert (out / "_embeddings" / "00000.parquet").exists()
         held.send_signal(signal.SIGINT)
         held.wait(timeout=60)
-    finally:
-        if held.poll() is None:
-            held.kill()
-            held.wait()
     assert "KeyboardInterrupt" in log.read_text(), log.read_text()[-3000:]
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [], log.read_text()[-3000:]
     assert [r.cached for r in _embedder()(str(data), str(out))] == [False]
