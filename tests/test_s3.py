@@ -913,6 +913,15 @@ def assert_same_as_local(objects: dict[str, bytes], local_out: Path) -> None:
     assert manifest["totals"]["embedded"] == 12 and manifest["failed_shards"] == {}
 
 
+def every_page(read, **filters) -> list:
+    """All that a Prefect client `read_*` call matches: one call returns at most the server's default limit (200),
+    and the session's one test server holds the runs and logs of every test before this one."""
+    found = []
+    while batch := read(**filters, offset=len(found)):
+        found += batch
+    return found
+
+
 def assert_no_secret_anywhere(secret: str, endpoint: str, objects: dict[str, bytes]) -> None:
     """Not in the outputs (parquet footers included), the manifest, Prefect's stored parameters, blocks, results
     or logs."""
@@ -922,12 +931,12 @@ def assert_no_secret_anywhere(secret: str, endpoint: str, objects: dict[str, byt
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 
     with get_client(sync_client=True) as client:
-        params = [json.dumps(fr.parameters, default=str) for fr in client.read_flow_runs()]
+        params = [json.dumps(fr.parameters, default=str) for fr in every_page(client.read_flow_runs)]
         assert any(endpoint in p for p in params)  # the S3 run's parameters are stored: they were checked
         assert not [p for p in params if secret in p]
         blocks = [json.dumps(b.data, default=str) for b in client.read_block_documents(include_secrets=True)]
         assert not [b for b in blocks if secret in b]
-        for log in client.read_logs():
+        for log in every_page(client.read_logs):
             assert secret not in log.message
     results = Path(PREFECT_LOCAL_STORAGE_PATH.value())
     for path in results.rglob("*") if results.exists() else []:
@@ -984,14 +993,16 @@ def test_flow_completes_through_injected_store_errors(server, dataset, local_run
     assert_same_as_local(_s3_outputs(server, out_url), local_run)
     # the store calls' own retries absorbed the faults: no task (no shard's embedding) had to run again
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        flow_run = max(client.read_flow_runs(), key=lambda fr: fr.created)
+        flow_run = max(every_page(client.read_flow_runs), key=lambda fr: fr.created)
         assert out_url in json.dumps(flow_run.parameters)
         # Task-run states reach the server as events, recorded a moment later: wait for every one to be final.
         deadline = time.monotonic() + 60
         while True:
-            runs = [tr for tr in client.read_task_runs() if tr.flow_run_id == flow_run.id]
+            runs = every_page(client.read_task_runs,
+                              flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
             names = {tr.name for tr in runs}
             ended = all(tr.state and tr.state.is_final() for tr in runs)
             if (ended and {"index-shards", "report"} <= names and any(n.startswith("embed-") for n in names)) \
