@@ -578,6 +578,41 @@ def test_a_checkpoint_of_a_whole_model_or_of_other_objects_says_how_to_save_its_
             assert "torch.save(model.state_dict()" in line, line
 
 
+def test_a_checkpoint_whose_weights_make_every_embedding_nan_is_refused_before_any_work(shards, tmp_path, capsys):
+    """A checkpoint whose weights hold NaN (a diverged training run's last save): every image of every shard got the
+    row 'embedding holds NaN or infinite values', the run ended 'Completed' with exit status 0 and no embedding at
+    all. Now refused before any work, naming the weights that are not finite; the same NaN in a head that the
+    embedding does not use (pooled features) leaves the embedding finite, and that checkpoint runs."""
+    import timm
+    import torch
+
+    from wdsembed.model import ModelLoadError, load_model
+
+    model = timm.create_model(TINY_MODEL, pretrained=False)
+    weights = model.state_dict()
+    diverged, head = tmp_path / "diverged.pth", tmp_path / "nan-head.pth"
+    torch.save({k: v.fill_(float("nan")) if v.is_floating_point() and k.startswith("layer4.")
+                else v for k, v in weights.items()}, diverged)
+    weights = timm.create_model(TINY_MODEL, pretrained=False).state_dict()
+    weights["fc.weight"].fill_(float("nan"))
+    torch.save(weights, head)
+    argv = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--device", "cpu", "--checkpoint"]
+    line, _ = refused(capsys, argv + [str(diverged)])
+    assert f"checkpoint '{diverged}'" in line and "NaN or infinite embeddings" in line, line
+    assert "layer4.0.conv1.weight" in line and "--checkpoint (checkpoint=)" in line, line
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ModelLoadError, match="NaN or infinite embeddings"):  # a worker's own load says the same
+        load_model(TINY_MODEL, checkpoint=str(diverged))
+    negative = tmp_path / "negative-variance.pth"  # finite, but the square root of a variance below 0 is NaN
+    weights = timm.create_model(TINY_MODEL, pretrained=False).state_dict()
+    weights["bn1.running_var"].fill_(-1.0)
+    torch.save(weights, negative)
+    line, _ = refused(capsys, argv + [str(negative)])
+    assert "negative batch-norm variance (1 tensor(s): bn1.running_var)" in line, line
+    cli.refuse_unusable(cli.config_from_args(cli.build_parser().parse_args(argv + [str(head)])))  # passes
+    assert load_model(TINY_MODEL, checkpoint=str(head)).dim == model.num_features
+
+
 def test_index_cache_dir_is_a_local_folder_or_file_url(shards, tmp_path, capsys):
     """The index cache is a folder on each worker's own disk (shardindex writes it through the local file system):
     an s3:// URL there made a folder named 's3:' in the worker's working directory, reported as the index's URL. It

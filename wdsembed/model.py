@@ -67,6 +67,9 @@ class LoadedModel:
     embedding_forms: dict = field(default_factory=dict)
     # the local file that pretrained weights were loaded from (the Hub's cache, torch's hub cache), where known
     weights_file: Optional[str] = None
+    # the checkpoint's tensors that hold NaN or infinite values (or a negative batch-norm variance), found on the meta
+    # device only (no arithmetic there to probe with): plan.check_model then probes the model for real
+    suspect_weights: tuple = ()
 
 
 # --------------------------------------------------------------------------------------------------- embedding rule
@@ -586,6 +589,7 @@ def load_model(
         _require_source_config(model_name, offline)
 
     weights_file: Optional[str] = None
+    suspect: list[str] = []
     if checkpoint:
         path = os.path.abspath(os.path.expanduser(checkpoint))
         if not os.path.isfile(path):
@@ -595,6 +599,8 @@ def load_model(
             overlay: dict[str, Any] = dict(file=path, custom_load=True, source=None)
         else:
             sd = _read_checkpoint(path, model_name)
+            if dev.type == "meta":
+                suspect = _suspect_tensors(sd)
             # Pass the tensors, not the file, so the file is read once; timm's filter (format conversion) and
             # strict load still apply exactly as for a file.
             overlay = dict(state_dict=sd, source=None)
@@ -694,6 +700,7 @@ def load_model(
         data_config=data_config,
         device=dev,
         channels_last=channels_last,
+        suspect_weights=tuple(suspect),
     )
     # Measure, don't infer: the dim is whatever the forward we run per batch returns.
     probe = torch.zeros((1, *data_config["input_size"]), device=dev)
@@ -713,12 +720,42 @@ def load_model(
             f"{model_name!r} with embedding={resolved!r} returns shape {tuple(out.shape)}, not (N, dim); "
             f"choose the other embedding or a model with a pooling head"
         )
+    if dev.type != "meta" and not bool(torch.isfinite(out).all()):
+        _refuse_nonfinite(loaded, checkpoint)
     loaded.dim = int(out.shape[1])
     _logger.info("loaded %s (%s): embedding=%s dim=%d on %s", model_name, weights, resolved, loaded.dim, dev)
     return loaded
 
 
 # --------------------------------------------------------------------------------------------------- forward
+
+
+def _suspect_tensors(state_dict: dict) -> list[str]:
+    """The names of a state dict's floating tensors that hold NaN or infinite values, or a batch norm's running
+    variance below zero (its square root is NaN)."""
+    def suspect(name: str, v: torch.Tensor) -> bool:
+        return not bool(torch.isfinite(v).all()) or (name.endswith("running_var") and bool((v < 0).any()))
+
+    return [k for k, v in state_dict.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.device.type != "meta" and suspect(k, v)]
+
+
+def _refuse_nonfinite(loaded: LoadedModel, checkpoint: Optional[str]) -> None:
+    """Raise ModelLoadError where the model's embedding is not finite for noise either (the blank probe's was not):
+    broken weights (a diverged training run's save) would fail every image of every shard, one row at a time. A model
+    that is only not finite for a blank image is left to do so, image by image."""
+    noise = torch.randn((2, *loaded.data_config["input_size"]), generator=torch.Generator().manual_seed(0))
+    if bool(torch.isfinite(embed_batch(loaded, noise, autocast=False, normalize=False)).all()):
+        return
+    bad = _suspect_tensors(loaded.model.state_dict())
+    where = f"checkpoint {checkpoint!r}" if checkpoint else loaded.weights
+    cause = (f"its weights hold NaN or infinite values, or a negative batch-norm variance ({len(bad)} tensor(s): "
+             f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad
+             else "its weights are finite, but its activations are not (an overflow)")
+    fix = (f"Pass {option('checkpoint')} a weights file without them (an earlier save of the training run)"
+           if checkpoint and bad else f"Pass {option('checkpoint')} other weights of it")
+    raise ModelLoadError(f"{loaded.name!r} with the weights of {where} gives NaN or infinite embeddings for every "
+                         f"image tried (a blank one and noise), so every image would fail: {cause}. {fix}")
 
 
 def to_bfloat16(loaded: LoadedModel) -> LoadedModel:

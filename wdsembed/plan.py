@@ -708,7 +708,9 @@ def check_model(config: EmbedConfig) -> None:
     random ones, or the checkpoint's read and loaded), and its preprocessing recipe: what only the model itself
     tells is refused here rather than in every shard's task. A checkpoint that is not a state dict, or one of another
     model; an hf-hub: or local-dir: model whose config cannot be had; a model without an embedding to take (an
-    encoder whose forward_head raises); a data config the pipeline cannot reproduce (a grayscale model). About a
+    encoder whose forward_head raises); a data config the pipeline cannot reproduce (a grayscale model); a checkpoint
+    whose NaN or infinite weights (or negative batch-norm variances) make every embedding NaN (built on the CPU to
+    tell, only where it holds any). About a
     second for a ViT-B/16, three for a ViT-L/14 on a busy 2-core machine; whether pretrained weights can be had is
     preflight.check_weights's (it downloads nothing)."""
     from wdsembed.model import ModelLoadError, load_model
@@ -728,6 +730,9 @@ def check_model(config: EmbedConfig) -> None:
         loaded = load_model(config.model_name, pretrained=False, checkpoint=config.checkpoint,
                             embedding=config.embedding, device="meta")
         PreprocessRecipe.from_data_config(loaded.data_config)
+        if loaded.suspect_weights:  # NaN, infinity, a negative variance: probed on the CPU, refused if broken
+            load_model(config.model_name, pretrained=False, checkpoint=config.checkpoint,
+                       embedding=config.embedding, device="cpu")
         if weights is not False:
             _models_passed.add(key)
     except ModelLoadError as exc:
