@@ -530,7 +530,7 @@ def test_checkpoint_is_a_local_path_or_file_url(shards, tmp_path, capsys):
     why = ("must be a local path or file:// URL, not a URL of another store (s3://): each worker loads it from its "
            "own disk; copy it to a local path on every worker and pass that")
     code, err, started, _ = run_main(argv + ["--checkpoint", "s3://bucket/weights/w.pth"], capsys)
-    assert code == 2 and not started and err == f"error: invalid parameters:\n  checkpoint: {why}\n", err
+    assert code == 2 and not started and err == f"error: --checkpoint: {why}\n", err
     with pytest.raises(ValueError, match=re.escape(why)):
         TimmImageEmbedder(TINY_MODEL, checkpoint="s3://bucket/weights/w.pth")
     assert not (tmp_path / "out").exists()
@@ -626,7 +626,7 @@ def test_index_cache_dir_is_a_local_folder_or_file_url(shards, tmp_path, capsys)
     why = ("must be a local folder or file:// URL, not a URL of another store (s3://): each worker keeps the .idx "
            "files it cannot write beside their shards in a folder on its own disk")
     code, err, started, _ = run_main(argv + ["--index-cache-dir", "s3://bucket/idx"], capsys)
-    assert code == 2 and not started and err == f"error: invalid parameters:\n  index_cache_dir: {why}\n", err
+    assert code == 2 and not started and err == f"error: --index-cache-dir: {why}\n", err
     with pytest.raises(ValueError, match=re.escape(why)):
         TimmImageEmbedder(TINY_MODEL, index_cache_dir="s3://bucket/idx")
     assert not (tmp_path / "out").exists()
@@ -656,9 +656,10 @@ def test_a_store_url_without_bucket_or_with_one_slash_is_refused(shards, tmp_pat
     monkeypatch.chdir(tmp_path)
     argv = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu"]
     field = {"-o": "output", "input": "input", "--result-storage": "result_storage"}[flag]
+    named = {"-o": "--output", "input": "INPUT"}.get(flag, flag)  # as the command's usage names it
     argv = [url, *argv[1:]] if flag == "input" else argv + [flag, url]
     code, err, started, _ = run_main(argv, capsys)
-    assert code == 2 and not started and err == f"error: invalid parameters:\n  {field}: {why}\n", err
+    assert code == 2 and not started and err == f"error: {named}: {why}\n", err
     with pytest.raises(ValidationError, match=re.escape(why)):
         EmbedConfig(**{"input": str(shards), "output": str(tmp_path / "out"), field: url})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
@@ -673,16 +674,57 @@ def test_output_columns_of_one_name_are_refused(shards, tmp_path, capsys):
 
     argv = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained"]
     for flags, why in (
-        (["--embedding-column", "key"], "id_column and embedding_column are both 'key'"),
-        (["--error-column", "image_embedding"], "embedding_column and error_column are both 'image_embedding'"),
-        (["--id-column", "uid", "--error-column", "uid"], "id_column and error_column are both 'uid'"),
+        (["--embedding-column", "key"], "--id-column and --embedding-column are both 'key'"),
+        (["--error-column", "image_embedding"], "--embedding-column and --error-column are both 'image_embedding'"),
+        (["--id-column", "uid", "--error-column", "uid"], "--id-column and --error-column are both 'uid'"),
     ):
         code, err, started, _ = run_main(argv + flags, capsys)
         assert code == 2 and not started, (code, err)
-        assert err == (f"error: invalid parameters:\n  {why}: the output's id, embedding and error columns need "
+        assert err == (f"error: {why}: the output's id, embedding and error columns need "
                        "three different names\n"), err
     with pytest.raises(ValidationError, match="id_column and embedding_column are both 'key'"):
         TimmImageEmbedder(TINY_MODEL, embedding_column="key")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_refused_value_names_the_flag_that_was_typed(shards, tmp_path, capsys):
+    """A value EmbedConfig refuses is named as its user set it: by its flag on the command line (--batch-size,
+    --num-threads, INPUT), one line each; by its field in the Python API's error (batch_size). The command said
+    'batch_size: ...', a name its user never typed (and for --num-threads, one unlike the flag)."""
+    from pydantic import ValidationError
+
+    from wdsembed.api import TimmImageEmbedder
+
+    argv = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained"]
+    for flags, said in (
+        (["--batch-size", "0"], "--batch-size: Input should be greater than or equal to 1"),
+        (["--num-threads", "0"], "--num-threads: Input should be greater than or equal to 1"),
+        (["--shards-per-task", "0"], "--shards-per-task: Input should be greater than or equal to 1"),
+        (["--min-fidelity", "2"], "--min-fidelity: Input should be less than or equal to 1"),
+        (["--image-extensions", ","], "--image-extensions: must name at least one extension"),
+        (["--image-extensions", "a.b"], "--image-extensions: holds 'a.b', which no member's extension can be: it is "
+                                        "the part of the name after its last dot (00001.seg.png: png), one per item"),
+        (["--storage-option", "secret=x"], "--storage-option: must not hold credentials (secret): they would be "
+                                           "stored with the run's parameters; credentials come from the environment"),
+        (["--id-column", "x", "--embedding-column", "x"], "--id-column and --embedding-column are both 'x': the "
+                                                          "output's id, embedding and error columns need three "
+                                                          "different names"),
+    ):
+        err, _ = refused(capsys, argv + flags)
+        assert err.startswith("error: " + said), err
+    err, _ = refused(capsys, ["s3://", *argv[1:]])
+    assert err == "error: INPUT: s3:// names no bucket: write s3://BUCKET/PREFIX", err
+    code, err, started, _ = run_main(argv + ["--batch-size", "0", "--workers-per-gpu", "9"], capsys)
+    assert code == 2 and not started and err.splitlines() == [
+        "error: --batch-size: Input should be greater than or equal to 1",
+        "error: --workers-per-gpu: Input should be less than or equal to 8"], err
+    # The API names its own fields.
+    with pytest.raises(ValidationError, match=r"batch_size\n  Input should be greater than or equal to 1"):
+        TimmImageEmbedder(TINY_MODEL, batch_size=0)
+    with pytest.raises(ValidationError, match="image_extensions\n  Value error, must name at least one extension"):
+        TimmImageEmbedder(TINY_MODEL, image_extensions=())
+    with pytest.raises(ValidationError, match="id_column and embedding_column are both 'x'"):
+        TimmImageEmbedder(TINY_MODEL, id_column="x", embedding_column="x")
     assert not (tmp_path / "out").exists()
 
 
@@ -720,8 +762,7 @@ def test_a_dask_address_mistyped_or_not_answering_is_refused_before_any_work(sha
     base = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained", "--dask-address"]
     code, err, started, _ = run_main(base + ["nonsense"], capsys)
     assert code == 2 and not started and err.strip().splitlines() == [
-        "error: invalid parameters:",
-        "  dask_address: must be a Dask scheduler's address with its port: tcp://HOST:8786, tls://HOST:8786 or "
+        "error: --dask-address: must be a Dask scheduler's address with its port: tcp://HOST:8786, tls://HOST:8786 or "
         "HOST:8786"], err
     err, _ = refused(capsys, base + ["tcp://127.0.0.1:9"])
     assert err.startswith("error: Dask address tcp://127.0.0.1:9: no Dask scheduler answers there ("), err

@@ -1832,7 +1832,7 @@ def test_wrong_checkpoint(tmp_path, capsys):
     assert no_head == (f"error: checkpoint '{headless}' has no head for '{TINY_MODEL}' (none of the weights of fc: a "
                        "feature extractor's, saved with num_classes=0), so embedding='head' cannot be had. Pass "
                        "--embedding (embedding=) pooled or auto: both give its pooled features."), no_head
-    assert remote.startswith("error: invalid parameters:\n  checkpoint: must be a local path or file:// URL, not a "
+    assert remote.startswith("error: --checkpoint: must be a local path or file:// URL, not a "
                              "URL of another store (s3://)"), remote
     table.record("param-checkpoint",
                  done="--checkpoint: a missing path; an HTML page saved as .pth; the weights of another model "
@@ -1844,7 +1844,7 @@ def test_wrong_checkpoint(tmp_path, capsys):
                      f"{q(wrong.removeprefix('error: ').replace(str(tmp_path) + '/', ''))}; "
                      "'has no head for <model> ... Pass --embedding (embedding=) pooled or auto: both give its pooled "
                      "features.' (the file is loaded into the model built on the meta device: no memory, no "
-                     f"download); {q(remote.splitlines()[-1].strip())} (a file:// URL is taken as its path)",
+                     f"download); {q(remote.strip().removeprefix('error: '))} (a file:// URL is taken as its path)",
                  lost="nothing (no work started)")
 
 
@@ -1995,9 +1995,9 @@ def test_parquet_column_named_like_the_output_columns(tmp_path, capsys):
 
 def test_batch_size_zero(tmp_path, capsys):
     err = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", "--batch-size", "0")
-    assert err == "error: invalid parameters:\n  batch_size: Input should be greater than or equal to 1"
+    assert err == "error: --batch-size: Input should be greater than or equal to 1"
     table.record("param-batch-size-0", done="--batch-size 0",
-                 did="exit 2 before any work, nothing written: 'batch_size: Input should be greater than or equal to "
+                 did="exit 2 before any work, nothing written: '--batch-size: Input should be greater than or equal to "
                      "1' (the same check guards the Prefect run form and the API)",
                  lost="nothing (no work started)")
 

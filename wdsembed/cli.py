@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from wdsembed import fidelity, report
-from wdsembed.config import FLAG_NAMES, EmbedConfig, field_default
+from wdsembed.config import FLAG_NAMES, EmbedConfig, field_default, flag, speaking_to
 from wdsembed.output import MANIFEST_NAME
 from wdsembed.report import ManifestNotWritten, describe_gpu_use, describe_model, embedded_rows
 
@@ -164,6 +164,17 @@ def prepare_demo(values: dict) -> None:
     print(f"demo: wrote generated shards to {values['input']}; model {values['model_name']} ({weights})")
 
 
+def refused_values(exc: ValidationError) -> list[str]:
+    """Each of the errors in the command's words, one line each: the field as the flag its user typed
+    (`--num-threads: Input should be greater than or equal to 1`, not num_threads_per_worker)."""
+    lines = []
+    for err in exc.errors():
+        loc = [flag(str(err["loc"][0])), *map(str, err["loc"][1:])] if err["loc"] else []  # none: over several fields
+        message = err["msg"].removeprefix("Value error, ")  # pydantic's words for a validator's own message
+        lines.append(f"{' '.join(loc)}: {message}" if loc else message)
+    return lines
+
+
 def refuse_unusable(config: EmbedConfig) -> bool:
     """Every check that needs no work, cheapest and most basic first; raises ValueError saying what to change.
     Returns whether every output is already finished (plan.check_config)."""
@@ -203,13 +214,11 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
         print("error: --output is required with INPUT", file=sys.stderr)
         return 2
     try:
-        config = EmbedConfig(**values)
+        with speaking_to("command"):  # a validator's message names other fields by their flags
+            config = EmbedConfig(**values)
     except ValidationError as exc:
-        print("error: invalid parameters:", file=sys.stderr)
-        for err in exc.errors():
-            where = ".".join(map(str, err["loc"]))  # none for a rule over several fields
-            message = err["msg"].removeprefix("Value error, ")  # pydantic's words for a validator's own message
-            print(f"  {where}: {message}" if where else f"  {message}", file=sys.stderr)
+        for line in refused_values(exc):
+            print(f"error: {line}", file=sys.stderr)
         return 2
     try:
         all_finished = refuse_unusable(config)

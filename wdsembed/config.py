@@ -6,10 +6,12 @@ form and the API validates it before a run starts) and the Python API's keyword 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
-from typing import Literal, Optional
+from contextvars import ContextVar
+from typing import Literal, Mapping, Optional
 
 from fsspec.core import split_protocol
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
@@ -308,14 +310,14 @@ class EmbedConfig(BaseModel):
         # As the command's comma list takes them (blanks around each dropped); a repeat adds nothing, nor a cache key.
         exts = tuple(dict.fromkeys(e.strip().lower().lstrip(".") for e in value))
         if not exts:
-            raise ValueError("image_extensions must name at least one extension")
+            raise ValueError("must name at least one extension")  # the error's field names it
         for ext in exts:
             # A member's extension is the last dot-part of its name (shards.iter_samples): one that holds a dot, a
             # comma or a blank never matches, and every sample whose image has only it would fail 'no image member'.
             if not re.fullmatch(_EXTENSION, ext):
-                raise ValueError(f"image_extensions holds {ext!r}, which no member's extension can be: it is the part "
-                                 "of the name after its last dot (00001.seg.png: png), one per item"
-                                 if ext else "image_extensions holds an empty extension")
+                raise ValueError(f"holds {ext!r}, which no member's extension can be: it is the part of the name "
+                                 "after its last dot (00001.seg.png: png), one per item"
+                                 if ext else "holds an empty extension")
         return exts
 
     @field_validator("storage_options")
@@ -324,8 +326,8 @@ class EmbedConfig(BaseModel):
         # Flow parameters are persisted in Prefect's database and shown in its UI: secrets must not be among them.
         bad = secret_options(value)
         if bad:
-            raise ValueError(f"storage_options must not hold credentials ({', '.join(sorted(bad))}): they would be "
-                             f"stored with the run's parameters; {CREDENTIALS_HINT}")
+            raise ValueError(f"must not hold credentials ({', '.join(sorted(bad))}): they would be stored with the "
+                             f"run's parameters; {CREDENTIALS_HINT}")
         return value
 
     @field_validator(*LOCAL_PATH_FIELDS, mode="before")
@@ -417,8 +419,8 @@ class EmbedConfig(BaseModel):
                    "error_column": self.error_column}
         for first, second in itertools.combinations(columns, 2):
             if columns[first] == columns[second]:
-                raise ValueError(f"{first} and {second} are both {columns[first]!r}: the output's id, embedding and "
-                                 "error columns need three different names")
+                raise ValueError(f"{setting(first)} and {setting(second)} are both {columns[first]!r}: the output's "
+                                 "id, embedding and error columns need three different names")
         return self
 
     def index_cache(self) -> str:
@@ -466,13 +468,50 @@ FLAG_NAMES = {
     "storage_options": "storage-option",
 }
 
+# Who reads a refusal being made here: ("command", {}) names settings by the flags its user typed, ("api", given_as)
+# by the Python API's keywords, under the names its caller gave (id_col for id_column); None: both forms, for what
+# every surface reads (the manifest, the log, a deployed flow's run, a Dask worker's shard failure).
+_AUDIENCE: ContextVar[Optional[tuple[str, Mapping[str, str]]]] = ContextVar("wdsembed_audience", default=None)
 
-def option(name: str) -> str:
-    """A field as both its users set it, for the advice of a message that the command and the Python API both raise:
-    the command's flag, then the API's keyword (`--id-column (id_column=)`, `--model (model_name=)`); a switch as it
-    turns from its default (`--no-pretrained (pretrained=False)`, `--recursive (recursive=True)`)."""
+
+@contextlib.contextmanager
+def speaking_to(audience: Optional[Literal["command", "api"]], given_as: Optional[Mapping[str, str]] = None):
+    """Within it, `setting` and `option` name a field as `audience` sets it (a command's flag, an API keyword)."""
+    token = _AUDIENCE.set((audience, dict(given_as or {})) if audience else None)
+    try:
+        yield
+    finally:
+        _AUDIENCE.reset(token)
+
+
+def flag(name: str) -> str:
+    """A field's flag as the command's user sets it; a switch as it turns from its default (--no-pretrained)."""
+    if name == "input":  # the one positional argument
+        return "INPUT"
     flag = FLAG_NAMES.get(name, name.replace("_", "-"))
     default = field_default(name)
-    if isinstance(default, bool):
-        return f"--{'no-' if default else ''}{flag} ({name}={not default})"
-    return f"--{flag} ({name}=)"
+    return f"--{'no-' if default is True else ''}{flag}"
+
+
+def setting(name: str) -> str:
+    """A field's name for whoever reads the message (speaking_to): its flag for the command, the caller's own keyword
+    for the Python API, the field's name otherwise (as the deployed flow's form and pydantic's errors show it)."""
+    audience = _AUDIENCE.get()
+    if audience is None:
+        return name
+    who, given_as = audience
+    return flag(name) if who == "command" else given_as.get(name, name)
+
+
+def option(name: str) -> str:
+    """A field in the advice of a message (`pass X one of them`), for whoever reads it (speaking_to): the command's
+    flag (`--id-column`, `--no-pretrained`), the API's keyword (`id_column=`, `pretrained=False`), or where nobody
+    in particular reads it, both (`--id-column (id_column=)`, `--recursive (recursive=True)`)."""
+    audience = _AUDIENCE.get()
+    default = field_default(name)
+    keyword = f"{name}={not default}" if isinstance(default, bool) else f"{name}="
+    if audience is None:
+        return f"{flag(name)} ({keyword})"
+    if audience[0] == "command":
+        return flag(name)
+    return setting(name) + keyword[len(name):]
