@@ -326,16 +326,16 @@ def test_image_extensions_the_first_shard_has_no_member_of_are_refused(tmp_path,
     base = [str(folder), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu",
             "--index-cache-dir", str(tmp_path / "idx")]
     advice = ("and every row would fail with 'no image member': pass the extensions of its images, e.g. "
-              "--image-extensions (image_extensions=) jpg,bmp")
+              "--image-extensions jpg,bmp")
     err, _ = refused(capsys, base + ["--image-extensions", "gif"])
-    assert err == (f"error: --image-extensions (image_extensions=) gif: no member of shard {tar} has that extension "
+    assert err == (f"error: --image-extensions gif: no member of shard {tar} has that extension "
                    f"(its first 8 members have: jpg, json, txt, bmp), {advice}"), err
     err, _ = refused(capsys, base + ["--image-extensions", "gif,TIFF"])
-    assert err.startswith(f"error: --image-extensions (image_extensions=) gif,tiff: no member of shard {tar} has "
+    assert err.startswith(f"error: --image-extensions gif,tiff: no member of shard {tar} has "
                           "those extensions"), err
     assert shardindex.ensure_index(str(tar), fsspec.filesystem("file")).path == str(folder / "00000.idx")
     err, _ = refused(capsys, base + ["--image-extensions", "gif"])
-    assert err == (f"error: --image-extensions (image_extensions=) gif: no member of shard {tar} has that extension "
+    assert err == (f"error: --image-extensions gif: no member of shard {tar} has that extension "
                    f"(its .idx lists: jpg, json, txt, bmp), {advice}"), err
     started = []
 
@@ -377,6 +377,15 @@ def test_image_extensions_are_taken_as_the_command_takes_them_and_none_that_neve
 
 
 # --------------------------------------------------------------------------------------------------- task D
+
+
+def in_command_words(api_message: str) -> str:
+    """A refusal the API raised, as the command says it: the flags where the API names its keywords."""
+    for keyword, flag in (("id_column= ", "--id-column "), ("checkpoint= ", "--checkpoint "),
+                          ("model_name= ", "--model "), ("pretrained=False", "--no-pretrained"),
+                          ("embedding= ", "--embedding ")):
+        api_message = api_message.replace(keyword, flag)
+    return api_message
 
 
 def refused(capsys, argv: list[str]) -> tuple[str, float]:
@@ -426,22 +435,26 @@ def test_the_api_refuses_what_the_command_refuses_before_claiming_the_output(sha
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))  # the tiny model's weights not cached
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     argv = [str(shards), "-o", str(out), "--model", TINY_MODEL, "--device", "cpu"]
-    for options, flags, said in [
-        ({"id_column": "Key"}, ["--no-pretrained", "--id-column", "Key"], "pass --id-column (id_column=) one of them"),
+    # the same refusal, in each one's words: the API's keyword, the command's flag
+    for options, flags, said, said_by_command in [
+        ({"id_column": "Key"}, ["--no-pretrained", "--id-column", "Key"], "pass id_column= one of them",
+         "pass --id-column one of them"),
         ({"storage_options": {"auto_mkdirs": "true"}}, ["--no-pretrained", "--storage-option", "auto_mkdirs=true"],
-         "storage option auto_mkdirs: not an option of local folders. Did you mean: auto_mkdir"),
-        ({"pretrained": True}, [], "Pass --checkpoint (checkpoint=) a local weights file, --no-pretrained "
-                                   "(pretrained=False) for random weights"),
-        ({"checkpoint": str(vit)}, ["--checkpoint", str(vit)], f"does not fit {TINY_MODEL!r}"),
+         "storage option auto_mkdirs: not an option of local folders. Did you mean: auto_mkdir", None),
+        ({"pretrained": True}, [], "Pass checkpoint= a local weights file, pretrained=False for random weights",
+         "Pass --checkpoint a local weights file, --no-pretrained for random weights"),
+        ({"checkpoint": str(vit)}, ["--checkpoint", str(vit)], f"does not fit {TINY_MODEL!r}", None),
         ({"checkpoint": str(headless), "embedding": "head"}, ["--checkpoint", str(headless), "--embedding", "head"],
-         "Pass --embedding (embedding=) pooled or auto"),
+         "Pass embedding= pooled or auto", "Pass --embedding pooled or auto"),
     ]:
         with pytest.raises(ValueError) as refusal:
             TimmImageEmbedder(TINY_MODEL, **(settings | options))(str(shards), str(out))
         assert not isinstance(refusal.value, ShardsFailed) and said in str(refusal.value), str(refusal.value)
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == finished, options
         code, err, started, _ = run_main(argv + flags, capsys)
-        assert code == 2 and not started and err.startswith(f"error: {refusal.value}"), (err, str(refusal.value))
+        by_command = in_command_words(str(refusal.value))
+        assert code == 2 and not started and err.startswith(f"error: {by_command}"), (err, by_command)
+        assert (said_by_command or said) in err, err
     # Right again, the run goes through: every output is finished.
     assert [r.cached for r in TimmImageEmbedder(TINY_MODEL, **settings)(str(shards), str(out))] == [True]
 
@@ -465,8 +478,8 @@ def test_a_model_the_run_cannot_embed_with_is_refused_before_any_work(shards, tm
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "out"
     for model, said in [
-        (f"local-dir:{gray}", "the model takes 1-channel input, and the run feeds it RGB images. Pass --model "
-                              "(model_name=) a model whose timm data config the pipeline reproduces: 3-channel"),
+        (f"local-dir:{gray}", "the model takes 1-channel input, and the run feeds it RGB images. Pass "
+                              "model_name= a model whose timm data config the pipeline reproduces: 3-channel"),
         (f"local-dir:{tmp_path / 'nowhere'}", f"{str(tmp_path / 'nowhere')!r} has no config.json"),
         (f"hf-hub:timm/{TINY_MODEL}", "its config.json (the architecture and preprocessing, needed whatever the "
                                       "weights) is not in the Hugging Face cache"),
@@ -479,7 +492,7 @@ def test_a_model_the_run_cannot_embed_with_is_refused_before_any_work(shards, tm
         assert not isinstance(refusal.value, ShardsFailed) and said in str(refusal.value), str(refusal.value)
         assert "\n" not in str(refusal.value) and not out.exists()
         err, _ = refused(capsys, [str(shards), "-o", str(out), "--model", model, "--no-pretrained", "--device", "cpu"])
-        assert err == f"error: {refusal.value}", err
+        assert err == f"error: {in_command_words(str(refusal.value))}", err
 
 
 def test_a_process_checks_each_model_once_and_a_rewritten_checkpoint_again(shards, tmp_path, monkeypatch):
@@ -571,7 +584,8 @@ def test_a_checkpoint_of_a_whole_model_or_of_other_objects_says_how_to_save_its_
     for path, cause in [(whole, "a whole pickled model"), (extra, "numpy.dtype"), (empty, "an empty file"),
                         (text, "no checkpoint format")]:
         line, _ = refused(capsys, argv + [str(path)])
-        assert f"checkpoint '{path}'" in line and cause in line and "--checkpoint (checkpoint=)" in line, line
+        assert f"checkpoint '{path}'" in line and cause in line, line
+        assert "pass --checkpoint " in line and "checkpoint=" not in line, line
         assert "weights_only" not in line and "EOFError" not in line and "KeyError" not in line, line
         assert len(line) < 400, line
         if path in (whole, extra):
@@ -728,14 +742,50 @@ def test_a_refused_value_names_the_flag_that_was_typed(shards, tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
+def test_a_refusal_names_each_setting_as_its_reader_sets_it(shards, tmp_path, capsys):
+    """A check's advice names the setting as the one refused set it: the command's flag (pass --id-column ...), the
+    API's keyword (pass id_column= ...), under the name the caller gave (id_col, NeMo Curator's, to the embedder or
+    the dataset). Both said '--id-column (id_column=)': the command's user read an API keyword, and a caller who
+    wrote id_col read two names that were neither of theirs."""
+    from pydantic import ValidationError
+
+    from wdsembed import ImageTextPairDataset, TimmImageEmbedder
+
+    argv = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu"]
+    err, _ = refused(capsys, argv + ["--id-column", "uid"])
+    assert err.endswith(": pass --id-column one of them (the key of each row), or leave it out for 'key'"), err
+    err, _ = refused(capsys, [*argv, "--model", "resnet5000"])
+    assert err.endswith(" Pass --model a name from timm.list_models() / timm.list_pretrained()."), err
+    assert "model_name" not in err, err
+
+    settings = dict(pretrained=False, device="cpu")
+    for given, name in (({"id_column": "uid"}, "id_column"), ({"id_col": "uid"}, "id_col")):
+        with pytest.raises(ValueError, match=re.escape(f": pass {name}= one of them (the key of each row), or leave "
+                                                       "it out for 'key'")) as refusal:
+            TimmImageEmbedder(TINY_MODEL, **settings, **given)(str(shards), str(tmp_path / "out"))
+        assert "--" not in str(refusal.value)
+    with pytest.raises(ValueError, match=re.escape(": pass id_col= one of them")):
+        TimmImageEmbedder(TINY_MODEL, **settings)(ImageTextPairDataset.from_webdataset(str(shards), id_col="uid"),
+                                                  str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=re.escape(" Pass model_name= a name from timm.list_models()")) as refusal:
+        TimmImageEmbedder("resnet5000", **settings)(str(shards), str(tmp_path / "out"))
+    assert "--model" not in str(refusal.value)
+    # pydantic's own errors too: the field as the caller named it
+    with pytest.raises(ValidationError, match="id_col\n  String should have at least 1 character"):
+        TimmImageEmbedder(TINY_MODEL, id_col="")
+    with pytest.raises(ValidationError, match="id_col and image_embedding_column are both 'uid'"):
+        TimmImageEmbedder(TINY_MODEL, id_col="uid", image_embedding_column="uid")
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_that_cannot_be_written(shards, tmp_path, capsys):
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
     err, seconds = refused(capsys, [str(shards), "-o", str(a_file / "out"), "--model", TINY_MODEL, "--no-pretrained"])
     assert err == (f"error: output '{a_file / 'out'}' cannot be created: '{a_file}' is a file, not a folder; "
-                   "pass --output (output=) a folder path")
+                   "pass --output a folder path")
     err, _ = refused(capsys, [str(shards), "-o", str(a_file), "--model", TINY_MODEL, "--no-pretrained"])
-    assert err == f"error: output '{a_file}' is a file, not a folder: pass --output (output=) a folder"
+    assert err == f"error: output '{a_file}' is a file, not a folder: pass --output a folder"
     print(f"output under a file refused in {seconds:.2f} s (in-process)")
 
 
@@ -749,10 +799,10 @@ def test_an_index_cache_dir_that_is_a_file_is_refused(shards, tmp_path, capsys):
     base = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained", "--index-cache-dir"]
     err, _ = refused(capsys, base + [str(a_file)])
     assert err == (f"error: index cache '{a_file}' is a file, not a folder: pass --index-cache-dir "
-                   "(index_cache_dir=) a folder")
+                   "a folder")
     err, _ = refused(capsys, base + [str(a_file / "idx")])
     assert err == (f"error: index cache '{a_file / 'idx'}' cannot be created: '{a_file}' is a file, not a folder; "
-                   "pass --index-cache-dir (index_cache_dir=) a folder path")
+                   "pass --index-cache-dir a folder path")
     assert not (tmp_path / "out").exists()
 
 
@@ -790,7 +840,7 @@ def test_output_in_a_read_only_folder(shards, tmp_path):
         pytest.skip("cannot drop root's permission override here")
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == (f"error: output '{locked / 'out'}' cannot be created by this user ('{locked}' does "
-                                   "not let this user create folders): Permission denied; pass --output (output=) a folder you "
+                                   "not let this user create folders): Permission denied; pass --output a folder you "
                                    "can write, or give this user write permission")
     assert list(locked.iterdir()) == []
     print(f"read-only output refused in {seconds:.2f} s (whole process, imports included)")
@@ -809,7 +859,7 @@ def test_refused_command_starts_no_server(shards, tmp_path):
                                stderr=subprocess.PIPE, text=True)
     _, err = command.communicate(timeout=120)
     assert command.returncode == 2 and err.strip() == (
-        f"error: output '{a_file}' is a file, not a folder: pass --output (output=) a folder"), err
+        f"error: output '{a_file}' is a file, not a folder: pass --output a folder"), err
     assert not list(home.glob("*.db*"))
     # the server's process is `python .../flows/apiserver.py FD PARENT_PID`
     processes = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True).stdout.splitlines()

@@ -159,11 +159,12 @@ def test_id_col_that_is_the_embedding_column_is_refused_before_any_work(tmp_path
     write_shard(tmp_path / "dataset", "00000", [ShardSample(image, ext="bmp")])
     dataset = ImageTextPairDataset.from_webdataset(str(tmp_path / "dataset"), id_col="uid")
     embedder = TimmImageEmbedder(TINY_MODEL, pretrained=False, image_embedding_column="uid")
-    with pytest.raises(ValidationError, match="id_column and embedding_column are both 'uid': the output's id, "
+    # each named as the caller did: the dataset's id_col, the embedder's image_embedding_column
+    with pytest.raises(ValidationError, match="id_col and image_embedding_column are both 'uid': the output's id, "
                                               "embedding and error columns need three different names"):
         embedder(dataset)
     assert not (tmp_path / "dataset_embeddings").exists()
-    with pytest.raises(ValidationError, match="id_column and embedding_column are both 'uid'"):
+    with pytest.raises(ValidationError, match="id_col and image_embedding_column are both 'uid'"):
         TimmImageEmbedder(TINY_MODEL, pretrained=False, image_embedding_column="uid", id_col="uid")
 
 

@@ -1762,12 +1762,12 @@ def test_unknown_model(tmp_path, capsys):
     # nothing close to suggest: where to look is said once
     err3 = refused(tmp_path, capsys, "--model", "qqqqzzzzxxxx", "--no-pretrained")
     assert err3 == ("error: unknown timm model 'qqqqzzzzxxxx'. "
-                    "Pass --model (model_name=) a name from timm.list_models() / timm.list_pretrained()."), err3
+                    "Pass --model a name from timm.list_models() / timm.list_pretrained()."), err3
     err2 = refused(tmp_path, capsys, "--model", "resnet50.nonexistent_tag", "--no-pretrained")
     assert "'resnet50' exists but has no pretrained tag 'nonexistent_tag'" in err2
     table.record("param-unknown-model", done="--model resnet5000; --model resnet50.nonexistent_tag",
                  did=f"exit 2 before any work, nothing written: {q(err.split(' Did you mean')[0] + ' Did you mean: ...')}, "
-                     "ending 'Pass --model (model_name=) a name from timm.list_models() / timm.list_pretrained().'; for the tag: "
+                     "ending 'Pass --model a name from timm.list_models() / timm.list_pretrained().'; for the tag: "
                      "\"'resnet50' exists but has no pretrained tag 'nonexistent_tag'\" with the tags it has",
                  lost="nothing (no work started)")
 
@@ -1781,8 +1781,8 @@ def test_device_cuda_where_no_gpu_is_visible(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden, as on any machine
     err = refused(tmp_path / "hidden", capsys, "--device", "cuda", "--model", TINY_MODEL, "--no-pretrained")
     assert err == ("error: device cuda, but no GPU is visible here (CUDA_VISIBLE_DEVICES is ''): run it on a GPU "
-                   "host, or pass --device (device=) auto (the CPU where no GPU is visible) or cpu, or --dask-address "
-                   "(dask_address=) a scheduler whose workers have GPUs"), err
+                   "host, or pass --device auto (the CPU where no GPU is visible) or cpu, or --dask-address "
+                   "a scheduler whose workers have GPUs"), err
     # The check itself (the deployed flow's too): on a scheduler the GPUs are the workers', and auto falls back.
     config = EmbedConfig(input=str(tmp_path / "hidden" / "in"), output=str(tmp_path / "o"), model_name=TINY_MODEL,
                          pretrained=False, device="cuda")
@@ -1822,16 +1822,16 @@ def test_wrong_checkpoint(tmp_path, capsys):
     remote = refused(tmp_path, capsys, "--model", TINY_MODEL, "--checkpoint", "s3://weights/vit.safetensors")
     assert "is not a file: pass the path of a weights file" in missing
     assert unreadable.startswith(f"error: checkpoint '{junk}' for '{TINY_MODEL}' cannot be read: "), unreadable
-    assert unreadable.endswith("; pass --checkpoint (checkpoint=) a timm/PyTorch state dict (.safetensors, .pth or "
+    assert unreadable.endswith("; pass --checkpoint a timm/PyTorch state dict (.safetensors, .pth or "
                                ".bin)"), unreadable
     assert wrong == (f"error: checkpoint '{other}' does not fit '{TINY_MODEL}': 77 of the model's weights missing "
                      "(conv1.0.weight, conv1.1.weight, conv1.1.bias, ...); 80 in the file that the model has no place "
-                     "for (blocks.0.attn.proj.bias, blocks.0.attn.proj.weight, blocks.0.attn.qkv.bias, ...). Pass --checkpoint (checkpoint=) a "
-                     f"weights file of '{TINY_MODEL}', or --model (model_name=) the model the file was trained as"), wrong
+                     "for (blocks.0.attn.proj.bias, blocks.0.attn.proj.weight, blocks.0.attn.qkv.bias, ...). Pass --checkpoint a "
+                     f"weights file of '{TINY_MODEL}', or --model the model the file was trained as"), wrong
     # the file fits the model: the advice is about the embedding asked for, not about another file
     assert no_head == (f"error: checkpoint '{headless}' has no head for '{TINY_MODEL}' (none of the weights of fc: a "
                        "feature extractor's, saved with num_classes=0), so embedding='head' cannot be had. Pass "
-                       "--embedding (embedding=) pooled or auto: both give its pooled features."), no_head
+                       "--embedding pooled or auto: both give its pooled features."), no_head
     assert remote.startswith("error: --checkpoint: must be a local path or file:// URL, not a "
                              "URL of another store (s3://)"), remote
     table.record("param-checkpoint",
@@ -1839,10 +1839,10 @@ def test_wrong_checkpoint(tmp_path, capsys):
                       "(test_vit) for test_resnet; a feature extractor's (saved without a head) with --embedding head; "
                       "an s3:// URL",
                  did="exit 2 before any work, nothing written, in one line: 'is not a file: pass the path of a weights "
-                     "file (.safetensors, .pth, .bin)'; 'cannot be read: ...; pass --checkpoint (checkpoint=) a "
+                     "file (.safetensors, .pth, .bin)'; 'cannot be read: ...; pass --checkpoint a "
                      f"timm/PyTorch state dict (.safetensors, .pth or .bin)'; "
                      f"{q(wrong.removeprefix('error: ').replace(str(tmp_path) + '/', ''))}; "
-                     "'has no head for <model> ... Pass --embedding (embedding=) pooled or auto: both give its pooled "
+                     "'has no head for <model> ... Pass --embedding pooled or auto: both give its pooled "
                      "features.' (the file is loaded into the model built on the meta device: no memory, no "
                      f"download); {q(remote.strip().removeprefix('error: '))} (a file:// URL is taken as its path)",
                  lost="nothing (no work started)")
@@ -1853,7 +1853,7 @@ def test_id_column_not_in_the_parquets(tmp_path, capsys, monkeypatch):
     a later shard whose parquet lacks it fails before it is embedded, naming itself, while the others are embedded."""
     err = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", "--id-column", "uid")
     assert err == ("error: id column 'uid' is not in 00000.parquet (columns: key, caption, url, status, "
-                   "error_message, width, height): pass --id-column (id_column=) one of them (the key of each row), or leave it "
+                   "error_message, width, height): pass --id-column one of them (the key of each row), or leave it "
                    "out for 'key'"), err
     # The API checks each shard as it starts: 00001's parquet lacks the column that 00000's has.
     data = dataset(tmp_path / "mixed", 2)
@@ -1888,7 +1888,7 @@ def test_id_column_that_matches_no_key(tmp_path, capsys, monkeypatch):
     err = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", "--id-column", "width")
     assert err == (f"error: not one of the {PER_SHARD} sample key(s) of 00000.tar is in id column 'width' of "
                    "00000.parquet (keys such as '000000000', '000000001'; 'width' holds '40'): check that "
-                   "--id-column (id_column=) names the column holding each sample's key (img2dataset's is 'key') "
+                   "--id-column names the column holding each sample's key (img2dataset's is 'key') "
                    "and that this parquet is the tar's own"), err
     data = dataset(tmp_path / "mixed", 2)
     other = data / "00001.parquet"  # another shard's rows: keys of another tar
@@ -1926,7 +1926,7 @@ def test_id_column_that_matches_no_key(tmp_path, capsys, monkeypatch):
                      "matches, all of them, so that a parquet filtered down to later rows is not refused; on an "
                      "object store all of them come from the shard's .idx, where a run has left one that fits the "
                      "tar, tests/test_s3.py; without one, where another column of the parquet holds the first keys, "
-                     "the error ends ', but its column 'key' holds them: pass --id-column (id_column=) key', else "
+                     "the error ends ', but its column 'key' holds them: pass --id-column key', else "
                      "the shards say it); a later "
                      "shard whose parquet holds none of its tar's keys fails, not retried, with the same words over "
                      "all its keys after 'shard <tar>: ': before it is embedded, from its .idx's keys (a shard without "
@@ -1950,7 +1950,7 @@ def test_id_column_with_no_parquet_anywhere_is_refused(tmp_path, capsys):
     write_shard(data, "00000", rows, parquet=False)
     write_shard(data, "00001", samples(PER_SHARD, seed=2), parquet=False)
     err = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", "--id-column", "uid", data=data)
-    assert err == ("error: --id-column (id_column=) 'uid' names the column of the shards' img2dataset parquets "
+    assert err == ("error: --id-column 'uid' names the column of the shards' img2dataset parquets "
                    "(00000.parquet beside 00000.tar) that holds each sample's key, but none of the 2 shard(s) has "
                    "one: the output's 'uid' would hold the tar's own sample keys (such as '000000000'), not a 'uid' "
                    "read from anywhere (00000.tar's samples carry a 'uid' in their .json files, such as "
@@ -1969,7 +1969,7 @@ def test_parquet_column_named_like_the_output_columns(tmp_path, capsys):
     passed as --embedding-column, a parquet that already carries an image_embedding) is refused, never replaced."""
     err = refused(tmp_path, capsys, "--model", TINY_MODEL, "--no-pretrained", "--embedding-column", "caption")
     assert err == ("error: 00000.parquet already has column(s) 'caption', which the output would replace with its "
-                   "own: pass --embedding-column (embedding_column=) another name, so that every column of the parquet is kept"), err
+                   "own: pass --embedding-column another name, so that every column of the parquet is kept"), err
     data = dataset(tmp_path / "mixed", 2)
     other = data / "00001.parquet"
     rows = read(other)

@@ -484,7 +484,7 @@ def test_a_wrong_id_column_is_refused_before_any_work_once_a_run_has_indexed_the
     err = capsys.readouterr().err.strip()
     assert code == 2, (code, err)
     assert err == ("error: not one of the 6 sample key(s) of 00000.tar is in id column 'width' of 00000.parquet "
-                   "(keys such as '000000000', '000000001'; 'width' holds '40'): check that --id-column (id_column=) "
+                   "(keys such as '000000000', '000000001'; 'width' holds '40'): check that --id-column "
                    "names the column holding each sample's key (img2dataset's is 'key') and that this parquet is the "
                    "tar's own"), err
     assert [k for k in server.keys(OUT_BUCKET) if k.startswith(out_prefix + "/")] == []
@@ -514,7 +514,7 @@ def test_a_wrong_id_column_is_refused_before_any_work_on_shards_never_indexed(se
     assert code == 2, (code, err)
     assert err == (f"error: not one of the first 6 sample key(s) of 00000.tar is in id column {wrong!r} of "
                    f"00000.parquet (keys such as '000000000', '000000001'; {wrong!r} holds {holds}), but its column "
-                   "'key' holds them: pass --id-column (id_column=) key"), err
+                   "'key' holds them: pass --id-column key"), err
     assert [k for k in server.keys(OUT_BUCKET) if k.startswith(out_prefix + "/")] == []
     assert not [k for k in server.keys(bucket) if k.startswith(prefix + "/") and k.endswith(".idx")]
 

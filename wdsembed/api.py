@@ -24,10 +24,12 @@ import logging
 import signal
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
+
+from pydantic import ValidationError
 
 from wdsembed import caching, faults, fidelity, outputclaim, report, shard
-from wdsembed.config import EmbedConfig, EmbedSettings, field_default
+from wdsembed.config import EmbedConfig, EmbedSettings, field_default, speaking_to
 from wdsembed.plan import (
     Listed, check_config, plan_run, remove_failed_outputs_made_otherwise, remove_views_without_tables,
 )
@@ -89,11 +91,14 @@ class TimmImageEmbedder:
             **options,
         )
         # Checked now with EmbedConfig's own rules, so a wrong parameter fails here, not at the first shard.
-        refuse_flow_only(EmbedSettings.model_validate(settings))
+        with _in_callers_words(self.given_as):
+            refuse_flow_only(EmbedSettings.model_validate(settings))
         self.settings = settings
 
-    def config(self, input: str, output: str, **overrides: Any) -> EmbedConfig:
-        return EmbedConfig(**(self.settings | overrides | {"input": input, "output": output}))
+    def config(self, input: str, output: str, *, given_as: Optional[Mapping[str, str]] = None,
+               **overrides: Any) -> EmbedConfig:
+        with _in_callers_words(self.given_as if given_as is None else given_as):
+            return EmbedConfig(**(self.settings | overrides | {"input": input, "output": output}))
 
     def __call__(self, data, output: Optional[str] = None, *, force: Optional[bool] = None):
         """Embed every shard of `data` into `output`.
@@ -104,6 +109,7 @@ class TimmImageEmbedder:
         from wdsembed.nemo import ImageTextPairDataset
 
         overrides: dict[str, Any] = {} if force is None else {"force": force}
+        given_as = self.given_as
         if isinstance(data, ImageTextPairDataset):
             own = self.settings.get("id_column")
             if own is not None and own != data.id_col:  # neither is dropped without a word
@@ -111,18 +117,35 @@ class TimmImageEmbedder:
                                  "differ: give the id column once, ImageTextPairDataset.from_webdataset(path, "
                                  f"id_col={own!r})")
             overrides["id_column"] = data.id_col
+            given_as = {**given_as, "id_column": "id_col"}  # the dataset's, which the run takes
             if data.storage_options:
                 overrides["storage_options"] = {**self.settings.get("storage_options", {}), **data.storage_options}
-            config = self.config(data.path, output or data.default_embeddings_path(), **overrides)
+            config = self.config(data.path, output or data.default_embeddings_path(), given_as=given_as, **overrides)
         else:
             if output is None:
                 raise TypeError("output is required: embedder(input, output)")
             config = self.config(data, output, **overrides)
-        results = run_shards(config)
+        results = run_shards(config, given_as=given_as)
         if isinstance(data, ImageTextPairDataset):
             # the folder's shards as the run found them: it may have grown or lost some since the dataset was opened
             return data.with_embeddings(config.output, results, [r.shard for r in results])
         return results
+
+
+@contextlib.contextmanager
+def _in_callers_words(given_as: Mapping[str, str]):
+    """A refusal raised within names each setting as the caller wrote it: the checks' advice by its keyword (pass
+    id_col= ..., not --id-column), pydantic's errors by the name given (id_col, not id_column)."""
+    try:
+        with speaking_to("api", given_as):
+            yield
+    except ValidationError as exc:
+        if not any(e["loc"] and e["loc"][0] in given_as for e in exc.errors()):
+            raise
+        errors = [{"type": e["type"], "input": e["input"], "ctx": e.get("ctx", {}),
+                   "loc": (given_as.get(e["loc"][0], e["loc"][0]), *e["loc"][1:]) if e["loc"] else ()}
+                  for e in exc.errors()]
+        raise ValidationError.from_exception_data(exc.title, errors, hide_input=True) from None
 
 
 def refuse_flow_only(config: EmbedConfig) -> None:
@@ -132,7 +155,7 @@ def refuse_flow_only(config: EmbedConfig) -> None:
             raise ValueError(f"{name}={getattr(config, name)!r} {why}")
 
 
-def run_shards(config: EmbedConfig) -> list[ShardResult]:
+def run_shards(config: EmbedConfig, *, given_as: Optional[Mapping[str, str]] = None) -> list[ShardResult]:
     """Embed every shard of the config, on the Dask scheduler at config.dask_address, else on the current Dask
     client if any, else here; write the manifest. A run that cannot work is refused first, by the command's own
     checks (plan.check_config: InputError or preflight.PreflightError, ValueErrors that say what to change), before
@@ -142,18 +165,20 @@ def run_shards(config: EmbedConfig) -> list[ShardResult]:
     fidelity check is below its threshold. The output is claimed for the run (wdsembed.outputclaim): where another
     run is writing to it, this one fails at once with outputclaim.OutputClaimedError, naming that run. Ctrl-C is
     raised after one line saying what is kept; SIGTERM and SIGHUP end the run as Ctrl-C does, then the process
-    (_interruptions_end_the_run)."""
+    (_interruptions_end_the_run). `given_as`: the caller's names of fields (id_col for id_column), which the
+    refusals use."""
     with _interruptions_end_the_run(config.output):
-        return _run_shards(config)
+        return _run_shards(config, given_as or {})
 
 
-def _run_shards(config: EmbedConfig) -> list[ShardResult]:
+def _run_shards(config: EmbedConfig, given_as: Mapping[str, str]) -> list[ShardResult]:
     refuse_flow_only(config)
     started = time.perf_counter()
     timeline = {"start": time.time()}  # the run's own steps, in the manifest beside each shard's
     # The command's own checks, before the output is claimed or a scheduler connected to. The shards of a current
     # Dask client run on its workers, whose GPUs this process cannot see.
-    check_config(config, on_current_client=_current_dask_client() is not None)
+    with _in_callers_words(given_as):
+        check_config(config, on_current_client=_current_dask_client() is not None)
     with _dask_client(config) as client:
         # One run writes to an output at a time: refused here, naming the other run, where one is writing to it.
         with outputclaim.held(config) as claim:

@@ -221,7 +221,8 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
             print(f"error: {line}", file=sys.stderr)
         return 2
     try:
-        all_finished = refuse_unusable(config)
+        with speaking_to("command"):  # its advice names the flags (pass --id-column ...)
+            all_finished = refuse_unusable(config)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
