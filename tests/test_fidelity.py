@@ -332,6 +332,18 @@ def test_wrong_preprocessing_fails_the_run_naming_keys_and_a_lower_threshold_rec
     assert manifest_of(out)["totals"]["computed"] == 0
 
 
+def test_a_failed_check_names_the_threshold_as_each_user_sets_it():
+    """A failed check's advice named the field alone ('re-run with a lower min_fidelity'), which the command's user
+    never typed: it names --min-fidelity too, as the other advice of a run's records does."""
+    from wdsembed import fidelity
+
+    summary = {"enabled": True, "passed": False, "below_threshold": 1, "images": 4, "threshold": 0.9999,
+               "worst": [{"key": "000000001", "shard": "00000", "cosine": 0.5}]}
+    assert fidelity.failure_message(summary).endswith(
+        "The outputs are written; re-run with a lower --min-fidelity (min_fidelity=) to accept them (nothing is "
+        "re-embedded)")
+
+
 def test_zero_turns_the_check_off(shards, tmp_path):
     results = TimmImageEmbedder(TINY_MODEL, fidelity_sample=0, **SETTINGS)(shards, str(tmp_path / "out"))
     assert all(not r.fidelity for r in results)

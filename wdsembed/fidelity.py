@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from wdsembed.config import EmbedConfig
+from wdsembed.config import EmbedConfig, option
 # imagesize's JPEG marker tables: the same header reading as the size check before decoding
 from wdsembed.imagesize import _MARKER_AND_LENGTH, _MARKER_KIND, _SOF_FIELDS, _exif_orientation
 from wdsembed.validate import unusable_rows
@@ -432,7 +432,7 @@ def failure_message(summary: dict) -> Optional[str]:
     worst = ", ".join(f"{w['key']} ({w['shard']}): {w['cosine']:.7f}" for w in summary["worst"])
     return (f"fidelity check failed: {summary['below_threshold']} of {summary['images']} sampled image(s) below "
             f"cosine {summary['threshold']} against timm's own preprocessing; worst: {worst}. The outputs are "
-            "written; re-run with a lower min_fidelity to accept them (nothing is re-embedded)")
+            f"written; re-run with a lower {option('min_fidelity')} to accept them (nothing is re-embedded)")
 
 
 def describe(summary: Optional[dict]) -> Optional[str]:
