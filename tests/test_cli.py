@@ -613,7 +613,7 @@ def test_a_checkpoint_whose_weights_make_every_embedding_nan_is_refused_before_a
     argv = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--device", "cpu", "--checkpoint"]
     line, _ = refused(capsys, argv + [str(diverged)])
     assert f"checkpoint '{diverged}'" in line and "NaN or infinite embeddings" in line, line
-    assert "layer4.0.conv1.weight" in line and "--checkpoint (checkpoint=)" in line, line
+    assert "layer4.0.conv1.weight" in line and "Pass --checkpoint a weights file" in line, line
     assert not (tmp_path / "out").exists()
     with pytest.raises(ModelLoadError, match="NaN or infinite embeddings"):  # a worker's own load says the same
         load_model(TINY_MODEL, checkpoint=str(diverged))
