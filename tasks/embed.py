@@ -5,11 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Optional
 
 from prefect import task
+from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.context import TaskRunContext
+from prefect.filesystems import RemoteFileSystem
 
 from tasks.expected_ends import log_expected_ends_without_traceback
 from tasks.prefect_events import count_api_logs, route_events_by_api_url
@@ -38,13 +42,64 @@ def result_storage_for(config: EmbedConfig):
     fs, path = storage.filesystem(url, config.storage_options)
     if storage.is_local(fs):
         return Path(path)
-    from prefect.filesystems import RemoteFileSystem
-
     settings = storage.fsspec_options(url, config.storage_options)
-    block = RemoteFileSystem(basepath=url.rstrip("/"), settings=settings)
+    block = ResultFolder(basepath=url.rstrip("/"), settings=settings)
     digest = hashlib.sha256(json.dumps([url, settings], sort_keys=True, default=str).encode()).hexdigest()[:12]
     block.save(f"wdsembed-results-{digest}", overwrite=True)
     return block
+
+
+class ResultFolder(RemoteFileSystem):
+    """Prefect's RemoteFileSystem, but a stored result read for the task cache's lookup is not read again at once:
+    Prefect asks whether a cached result exists, then reads it, and each reads the whole object
+    (prefect.results.ResultStore._exists): two GETs per cached task run on an object store. The bytes just read are
+    kept for the next read of the same path, once, for a few seconds (the lookup's own read follows at once)."""
+
+    _block_type_name = "wdsembed result folder"
+
+    async def aread_path(self, path: str) -> bytes:
+        held = _take_read(self.basepath, path)
+        if held is None:
+            held = await super().aread_path(path)
+            _keep_read(self.basepath, path, held)
+        return held
+
+    @async_dispatch(aread_path)
+    def read_path(self, path: str) -> bytes:
+        held = _take_read(self.basepath, path)
+        if held is None:
+            held = super().read_path(path, _sync=True)
+            _keep_read(self.basepath, path, held)
+        return held
+
+    async def awrite_path(self, path: str, content: bytes) -> str:
+        _take_read(self.basepath, path)  # a result written anew is never answered with the bytes it replaced
+        return await super().awrite_path(path, content)
+
+    @async_dispatch(awrite_path)
+    def write_path(self, path: str, content: bytes) -> str:
+        _take_read(self.basepath, path)
+        return super().write_path(path, content, _sync=True)
+
+
+_READ_KEPT_S = 10.0
+_read_kept: dict[tuple[str, str], tuple[float, bytes]] = {}
+_read_kept_lock = threading.Lock()
+
+
+def _keep_read(base: str, path: str, content: bytes) -> None:
+    now = time.monotonic()
+    with _read_kept_lock:
+        for key in [k for k, (at, _) in _read_kept.items() if now - at > _READ_KEPT_S]:
+            del _read_kept[key]
+        _read_kept[(base, path)] = (now, content)
+
+
+def _take_read(base: str, path: str) -> Optional[bytes]:
+    """The bytes of `path` read within _READ_KEPT_S, once (the second of the two reads of one lookup)."""
+    with _read_kept_lock:
+        at, content = _read_kept.pop((base, path), (0.0, None))
+    return content if time.monotonic() - at <= _READ_KEPT_S else None
 
 
 def group_cache_key(context: TaskRunContext, parameters: dict) -> str:

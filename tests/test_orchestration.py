@@ -1054,6 +1054,7 @@ def test_a_shard_written_whole_as_the_api_lost_its_scheduler_counts_finished(tmp
 
 def test_result_storage(tmp_path):
     from prefect.blocks.core import Block
+    from prefect.filesystems import RemoteFileSystem
 
     from tasks.embed import result_storage_for
 
@@ -1061,12 +1062,14 @@ def test_result_storage(tmp_path):
     assert result_storage_for(config) == tmp_path / "out" / caching.RESULTS_FOLDER
     other = make_config(tmp_path / "in", tmp_path / "out", result_storage=str(tmp_path / "shared" / "results"))
     assert result_storage_for(other) == tmp_path / "shared" / "results"
-    # An object store: a saved RemoteFileSystem block with the storage options, never credentials.
+    # An object store: a saved RemoteFileSystem block (tasks.embed.ResultFolder) with the storage options, never
+    # credentials.
     remote = make_config(tmp_path / "in", "s3://bucket/embeddings",
                          storage_options={"endpoint_url": "http://127.0.0.1:9", "region_name": "x"})
     block = result_storage_for(remote)
     assert block.basepath == "s3://bucket/embeddings/_prefect_results"
-    saved = Block.load(f"remote-file-system/{block._block_document_name}")
+    saved = Block.load(f"{block.get_block_type_slug()}/{block._block_document_name}")
+    assert isinstance(saved, RemoteFileSystem) and type(saved) is type(block)
     assert saved.settings["endpoint_url"] == "http://127.0.0.1:9"
     assert storeoptions.secret_options(saved.settings) == []
 

@@ -866,6 +866,41 @@ def test_a_run_lists_input_and_output_once_per_step(server, tmp_path, prefect_ap
         proxy.stop()
 
 
+def _requests_of_runs(server, tmp_path, **kw) -> list:
+    """The requests the store served, by (operation, key or listed prefix), to a first run of 3 shards and to a re-run
+    with nothing to compute, each made as the command makes it (check_config, then the flow)."""
+    from flows.embed import run
+    from s3server import CountingProxy
+
+    url, out_url = _demo_without_indexes(server, tmp_path)
+    proxy = CountingProxy(server.endpoint).start()
+    seen = []
+    try:
+        config = config_for(url, out_url, proxy.endpoint, index_cache_dir=str(tmp_path / "idx"), **kw)
+        for computed in (3, 0):
+            proxy.reset()
+            manifest = run(config, all_finished=plan.check_config(config))
+            assert manifest["totals"]["computed"] == computed
+            seen.append(list(proxy.seen))
+    finally:
+        proxy.stop()
+    return seen
+
+
+@pytest.mark.slow
+def test_a_rerun_reads_each_cached_result_once(server, tmp_path, prefect_api):
+    """A re-run's task runs come back Cached from Prefect's task cache under OUTPUT/_prefect_results: one GET of each
+    stored result. Prefect asks whether the result exists, then reads it, and each read the whole object: two GETs
+    per cached task run (20,000 on a re-run of 10,000 shards, besides the outputs' footers)."""
+    import collections
+
+    first, rerun = _requests_of_runs(server, tmp_path)
+    stored = {key for op, key in first if op == "PutObject" and "/_prefect_results/" in key}
+    assert len(stored) == 3, first
+    reads = collections.Counter(key for op, key in rerun if op == "GetObject" and "/_prefect_results/" in key)
+    assert reads == {key: 1 for key in stored}, rerun
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the flow, end to end: s3:// input and output against a local run of the same shards
 
