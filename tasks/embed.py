@@ -124,7 +124,8 @@ def embed_and_log(config: EmbedConfig, plans: list[ShardPlan], claim_run: Option
     log = _run_logger()
     try:
         # The group stops, its shard being embedded unwritten, once Dask no longer wants the task's result.
-        results = shard.process_shards(config, plans, claim_run=claim_run, abandoned=cluster.task_abandoned())
+        results = shard.process_shards(config, plans, claim_run=claim_run, abandoned=cluster.task_abandoned(),
+                                       first_attempt=_first_attempt())
     except ShardsFailed as exc:
         for result in exc.results:
             _log_result(log, result)
@@ -133,6 +134,12 @@ def embed_and_log(config: EmbedConfig, plans: list[ShardPlan], claim_run: Option
     for result in dicts:
         _log_result(log, result)
     return dicts
+
+
+def _first_attempt() -> bool:
+    """Whether this is the task run's first try (Prefect's retries run it again, in the same Dask task)."""
+    context = TaskRunContext.get()
+    return context is not None and context.task_run.run_count <= 1
 
 
 def _announce_start(plans: list[ShardPlan]) -> None:

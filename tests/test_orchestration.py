@@ -867,6 +867,22 @@ def test_shards_grouped_per_task(tmp_path, monkeypatch):
     check_outputs(config, stems)
 
 
+def test_a_groups_retry_finds_the_shards_its_first_try_wrote(tmp_path, monkeypatch):
+    """A group's first try writes its shards without looking for their outputs (the planning found them absent);
+    its retry looks, and takes the shard the first try wrote as done, embedding only the one that failed."""
+    data = make_dataset(tmp_path / "in")
+    config = make_config(data, tmp_path / "out", shards_per_task=2)
+    injected = Faults(tmp_path, monkeypatch, {"00000": {"fail_attempts": 0},
+                                              "00001": {"fail_attempts": 1, "error": "io"}})
+    manifest, run_id = embed(config)
+    assert isinstance(manifest, dict), manifest
+    assert injected.attempts("00000") == 1 and injected.attempts("00001") == 2
+    runs = task_runs(run_id, expected=2, names=GROUPED)
+    assert runs["embed-00000..00001"].run_count == 2
+    assert manifest["totals"]["computed"] == 3
+    check_outputs(config, ["00000", "00001", "00002"])
+
+
 def test_existing_scheduler_with_two_workers(tmp_path):
     """As on several nodes: `dask scheduler`, then a `dask worker` per node (here two, on loopback)."""
     from distributed import Client

@@ -901,6 +901,22 @@ def test_a_rerun_reads_each_cached_result_once(server, tmp_path, prefect_api):
     assert reads == {key: 1 for key in stored}, rerun
 
 
+@pytest.mark.slow
+def test_a_first_run_asks_nothing_of_the_outputs_the_planning_found_absent(server, tmp_path, prefect_api):
+    """The planning lists OUTPUT holding its claim, under which only this run writes there: a shard whose output it
+    found absent is embedded and written on its task's first attempt without asking whether its output exists. Each
+    worker asked (a HEAD, and on its 404 a one-key LIST, which S3 bills as a listing) for every shard of a first
+    run: 20,000 requests at 10,000 shards. A retried attempt still asks (test_orchestration: a group's retry finds
+    the shards its earlier attempt wrote)."""
+    from wdsembed import output
+
+    first, _ = _requests_of_runs(server, tmp_path, shards_per_task=2)
+    tables = [(op, key) for op, key in first if key.rstrip("/").endswith(".parquet") and "/emb-" in key
+              and f"/{output.EMBEDDINGS_FOLDER}/" not in key]
+    assert sorted(tables) == sorted(("PutObject", key) for op, key in tables if op == "PutObject"), tables
+    assert len(tables) == 3, first
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the flow, end to end: s3:// input and output against a local run of the same shards
 

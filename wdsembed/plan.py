@@ -879,6 +879,11 @@ def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None, *, gpus: 
     # touched) must show before the work, in the terminal and the flow run's logs, not only at INFO.
     for line in report.describe_recomputed(recompute):
         log.warning("%s", line)
+    # Held for the tasks' first attempts, which need not look for these outputs (process_shard's first_attempt).
+    out_fs, out_root = storage.filesystem(config.output, config.storage_options)
+    written = listed.output_files()
+    plans = [dataclasses.replace(p, output_absent=True)
+             if storage.join(out_root, p.stem + ".parquet") not in written else p for p in plans]
     plans = spread_over_computed(plans, finished)
     return with_indexes(config, with_expected_samples(config, plans, skip=finished), skip=finished), finished
 

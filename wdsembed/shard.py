@@ -70,6 +70,9 @@ class ShardPlan:
     # fingerprint token then, sound): the shard's own check takes it while the file is unchanged, instead of reading
     # it whole again.
     output_verified: Optional[tuple[str, bool]] = None
+    # The planning's listing of OUTPUT, under the run's claim, held no file at `output`: the task's first attempt
+    # need not ask (process_shard's `first_attempt`).
+    output_absent: bool = False
 
 
 @dataclass
@@ -359,19 +362,21 @@ def _damage(config: EmbedConfig, plan: ShardPlan, meta: dict) -> Optional[str]:
 
 def process_shard(
     config: EmbedConfig, plan: ShardPlan, *, on_progress: Callable[[int], None] = lambda n: None,
-    claim_run: Optional[str] = None, abandoned: Callable[[], bool] = _never,
+    claim_run: Optional[str] = None, abandoned: Callable[[], bool] = _never, first_attempt: bool = False,
 ) -> ShardResult:
     """Embed one shard and write OUTPUT/<stem>.parquet whole, or find it already done (same cache key).
     `claim_run`: the id of the run whose claim on OUTPUT this shard is written under (outputclaim.Claim.run); its
     files are put in place only while that run still holds it (write_output). None: written without a claim.
     `abandoned`: asked as the shard starts and after each batch (it must be cheap); once true, ShardAbandoned is
-    raised and nothing of the shard is written."""
+    raised and nothing of the shard is written. `first_attempt`: this run has not tried the shard before (its task's
+    first try), so an output the planning found absent (plan.output_absent) is not looked for: under the run's claim
+    nothing else writes it, and on an object store each look is a HEAD and a one-key LIST."""
     if abandoned():
         raise _abandon(f"shard {plan.shard} not started: {_NOT_WANTED}")
     start = time.perf_counter()
     timeline = {"worker": f"{socket.gethostname()}:{os.getpid()}", "start": time.time()}
     key = cache_key(config, plan)
-    if not config.force:
+    if not config.force and not (first_attempt and plan.output_absent):
         meta = finished_output(config, plan, key, claim_run=claim_run)
         if meta is not None:
             return ShardResult(**meta["result"], cached=True, seconds=time.perf_counter() - start)
@@ -502,11 +507,12 @@ def _row_causes(config: EmbedConfig, plan: ShardPlan, table) -> list[dict]:
 
 def process_shards(
     config: EmbedConfig, plans: list[ShardPlan], *, on_progress: Callable[[int], None] = lambda n: None,
-    claim_run: Optional[str] = None, abandoned: Callable[[], bool] = _never,
+    claim_run: Optional[str] = None, abandoned: Callable[[], bool] = _never, first_attempt: bool = False,
 ) -> list[ShardResult]:
     """Every shard of a group, each tried (process_shard, with `claim_run`); raises one ShardsFailed naming those
     that failed (with the results of those that did not). `abandoned`: asked before each shard and after each
     batch (process_shard); once true, ShardAbandoned is raised and the group's other shards are not started.
+    `first_attempt`: the group's first try (process_shard); a retry looks for the outputs an earlier try wrote.
 
     No look-ahead over the group: process_shard names its own shard to the S3 fetcher once its cache check has
     passed, as in a one-shard task, and it downloads while the worker's other task threads embed theirs; a
@@ -515,7 +521,7 @@ def process_shards(
     for i, plan in enumerate(plans):
         try:
             results.append(process_shard(config, plan, on_progress=on_progress, claim_run=claim_run,
-                                         abandoned=abandoned))
+                                         abandoned=abandoned, first_attempt=first_attempt))
         except ShardAbandoned:
             if plans[i + 1:]:
                 log.warning("shards %s not started: %s", ", ".join(p.stem for p in plans[i + 1:]), _NOT_WANTED)
