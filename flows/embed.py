@@ -51,8 +51,8 @@ from wdsembed import caching, cluster, faults, fidelity, outputclaim  # noqa: E4
 from wdsembed.config import EmbedConfig  # noqa: E402
 from wdsembed.decoderlog import decoder_messages_to_log  # noqa: E402
 from wdsembed.plan import (  # noqa: E402
-    check_storage, nothing_to_compute, remove_failed_outputs_made_otherwise, remove_views_without_tables,
-    shard_groups,
+    check_storage, forget_checked_input, nothing_to_compute, remove_failed_outputs_made_otherwise,
+    remove_views_without_tables, shard_groups,
 )
 from wdsembed.report import ManifestNotWritten, name_shards, retire_manifest, with_manifest_failure  # noqa: E402
 from wdsembed.shard import ShardsFailed  # noqa: E402
@@ -389,6 +389,7 @@ def run(config: EmbedConfig, on_shard_done=None, *, all_finished: Optional[bool]
     prefect_env.set_defaults()  # for the processes this run starts (Dask workers, a temporary API server)
     log_expected_ends_without_traceback()
     if all_finished is None:  # called without the checks (plan.check_config): the stores' own, before the claim
+        forget_checked_input()  # an earlier check_config's listing of INPUT is not this run's to plan from
         check_storage(config)  # a missing bucket or denied access, said naming the URL
         all_finished = nothing_to_compute(config)
     # One run writes to an output at a time (wdsembed.outputclaim): refused here, before a cluster starts, where

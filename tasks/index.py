@@ -7,10 +7,10 @@ from wdsembed.shard import ShardPlan
 
 
 def list_and_index_shards(config: EmbedConfig) -> tuple[list[ShardPlan], set[str], set[str]]:
-    """List the shards, fingerprint them, find those whose output is finished (their stems), and write DALI .idx
-    files where missing for the others; and every file under OUTPUT, as the planning listed them (for
-    retire_manifest, which would list OUTPUT again)."""
-    listed = Listed(config)
+    """List the shards (or take the run's checks' listing of them: Listed.after_checks), fingerprint them, find
+    those whose output is finished (their stems), and write DALI .idx files where missing for the others; and every
+    file under OUTPUT, as the planning listed them (for retire_manifest, which would list OUTPUT again)."""
+    listed = Listed.after_checks(config)
     plans, finished = plan_run(config, listed=listed)
     # Only the stems: each finished shard's task comes back from Prefect's cache with its result, so the results
     # their footers stored need not be carried through the flow.

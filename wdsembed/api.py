@@ -186,7 +186,7 @@ def _run_shards(config: EmbedConfig, given_as: Mapping[str, str]) -> list[ShardR
             # output's other shards are checked for another model's embeddings again now that no other run can add
             # any.
             # The precision check asks the workers the shards run on whether they see a GPU (device auto).
-            listed = Listed(config)
+            listed = Listed.after_checks(config)
             plans, finished = plan_run(config, client=client, listed=listed)
             # before the first shard is written: OUTPUT as the planning listed it
             previous = report.retire_manifest(config, plans, finished, listed.output_files())

@@ -10,6 +10,7 @@ import os
 import posixpath
 import re
 import sys
+from contextvars import ContextVar
 from typing import Any, Collection, Optional
 
 from wdsembed import caching, output, outputclaim, report, shard, shardindex, shards, storage, tarstream
@@ -92,6 +93,7 @@ def check_config(config: EmbedConfig, *, on_current_client: bool = False) -> boo
         check_own_outputs(config, [found.stem(t) for t in found.tars], listed.output_files())
     if needs_model:
         preflight.check_weights(config)  # last: needs timm
+    _checked_input.set(listed)  # for the planning that follows (Listed.after_checks)
     return not needs_model
 
 
@@ -402,6 +404,19 @@ class Listed:
         self._found: Optional[FoundShards] = None
         self._output_files: Optional[set[str]] = None
 
+    @classmethod
+    def after_checks(cls, config: EmbedConfig) -> "Listed":
+        """The planning's listings: INPUT as the checks just before it listed it (check_config, in this context, of
+        an equal config; taken once), else listed anew; OUTPUT always anew, as the planning holds OUTPUT's claim and
+        another run may have written there since the checks. INPUT is no run's output: a shard added to it since
+        the checks would be as missed as one added a second after the planning."""
+        listed = cls(config)
+        checked = _checked_input.get()
+        if checked is not None and checked._found is not None and checked.config == config:
+            _checked_input.set(None)
+            listed._found, listed._storage_checked = checked._found, checked._storage_checked
+        return listed
+
     def check_storage(self) -> None:
         if not self._storage_checked:
             check_storage(self.config)
@@ -418,6 +433,15 @@ class Listed:
         if self._output_files is None:
             self._output_files = output_files(self.config)
         return self._output_files
+
+
+# The Listed of the last check_config that passed in this context, until a planning takes it (Listed.after_checks).
+_checked_input: ContextVar[Optional[Listed]] = ContextVar("wdsembed_checked_input", default=None)
+
+
+def forget_checked_input() -> None:
+    """Leave no check_config's listing of INPUT to the next planning in this context (a run without the checks)."""
+    _checked_input.set(None)
 
 
 def nothing_to_compute(config: EmbedConfig, listed: Optional[Listed] = None) -> bool:
