@@ -188,7 +188,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
     # ended its shard since.
     results.extend(caching.written_after_all(config, given_up, failures, transient))
     remove_failed_outputs_made_otherwise(config, failures)
-    remove_views_without_tables(config, hooks.claim_run)
+    remove_views_without_tables(config, hooks.claim_run, planned=output_files, failed=failures)
 
     try:
         # Quoted: Prefect would otherwise walk every element of a task's parameters, twice, looking for futures

@@ -205,7 +205,7 @@ def _run_shards(config: EmbedConfig, given_as: Mapping[str, str]) -> list[ShardR
             results += [ShardResult(**{k: v for k, v in r.items() if k in _RESULT_FIELDS} | {"seconds": 0.0})
                         for r in late]
             remove_failed_outputs_made_otherwise(config, failures)
-            remove_views_without_tables(config, claim.run)
+            remove_views_without_tables(config, claim.run, planned=listed.output_files(), failed=failures)
             results.sort(key=lambda r: r.stem)
             late_dicts = {r["stem"]: r for r in late}  # their time and speed unknown (None), as in the flow
             dicts = [late_dicts.get(r.stem) or r.to_dict() for r in results]

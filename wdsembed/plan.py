@@ -291,16 +291,25 @@ def remove_failed_outputs_made_otherwise(config: EmbedConfig, failed: Collection
     return removed
 
 
-def remove_views_without_tables(config: EmbedConfig, claim_run: Optional[str] = None) -> list[str]:
+def remove_views_without_tables(config: EmbedConfig, claim_run: Optional[str] = None, *,
+                                planned: Optional[set[str]] = None, failed: Collection[str] = ()) -> list[str]:
     """Remove each kNN view (`_embeddings/<stem>.parquet`) whose shard has no table in OUTPUT: a shard that failed
     between its view and its table (a full disk on the table, the claim lost, a process killed), or whose table
     was removed by hand (a shard dropped from the dataset). kNN tools read every view, and such rows would name a
     table that is not there, beyond what the manifest counts. Call it once every shard of the run has ended (a
     shard in flight has its view before its table); views are removed only while OUTPUT's claim is still run
     `claim_run`'s (a run that took it over may have shards in flight). One listing of OUTPUT. Returns the removed
-    views' stems."""
+    views' stems.
+
+    `planned`: OUTPUT's files as the run's planning listed them, holding the claim, and `failed`: the stems of the
+    run's failed shards. Under the claim only this run wrote to OUTPUT since, and only a failed shard can have left
+    a view without its table: where the planning's listing shows no such view and no shard failed, there is none,
+    and OUTPUT is not listed again."""
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
     root = out_root.rstrip("/") + "/"
+    if planned is not None and not failed and not _views_without_tables(
+            {path[len(root):] for path in planned if path.startswith(root)}):
+        return []
     try:
         files = {path[len(root):] for path in out_fs.find(out_root, withdirs=False) if path.startswith(root)}
     except (FileNotFoundError, NotADirectoryError):
@@ -308,9 +317,7 @@ def remove_views_without_tables(config: EmbedConfig, claim_run: Optional[str] = 
     except OSError as exc:  # the shards' outputs are written; only this tidying is left for the next run
         log.warning("could not list output %s to find kNN views without a table: %s", config.output, exc)
         return []
-    views = output.EMBEDDINGS_FOLDER + "/"
-    orphans = sorted(rel[len(views):-len(".parquet")] for rel in files
-                     if rel.startswith(views) and output.is_output_name(rel) and rel[len(views):] not in files)
+    orphans = _views_without_tables(files)
     if not orphans:
         return []
     try:
@@ -330,6 +337,13 @@ def remove_views_without_tables(config: EmbedConfig, claim_run: Optional[str] = 
                     "rows of its tables (a shard that failed between its view and its table, or whose table was "
                     "removed): %s", output.EMBEDDINGS_FOLDER, len(removed), report.name_shards(removed))
     return removed
+
+
+def _views_without_tables(files: set[str]) -> list[str]:
+    """The stems of the kNN views among `files` (paths under OUTPUT) whose table is not among them."""
+    views = output.EMBEDDINGS_FOLDER + "/"
+    return sorted(rel[len(views):-len(".parquet")] for rel in files
+                  if rel.startswith(views) and output.is_output_name(rel) and rel[len(views):] not in files)
 
 
 def check_own_outputs(config: EmbedConfig, stems: Collection[str], files: Optional[set[str]] = None) -> None:
