@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import signal
 import threading
@@ -166,9 +167,23 @@ def run_shards(config: EmbedConfig, *, given_as: Optional[Mapping[str, str]] = N
     run is writing to it, this one fails at once with outputclaim.OutputClaimedError, naming that run. Ctrl-C is
     raised after one line saying what is kept; SIGTERM and SIGHUP end the run as Ctrl-C does, then the process
     (_interruptions_end_the_run). `given_as`: the caller's names of fields (id_col for id_column), which the
-    refusals use."""
-    with _interruptions_end_the_run(config.output):
+    refusals use. The caller's garbage collector is left as it had it (_caller_heap_not_frozen)."""
+    with _interruptions_end_the_run(config.output), _caller_heap_not_frozen():
         return _run_shards(config, given_as or {})
+
+
+@contextlib.contextmanager
+def _caller_heap_not_frozen():
+    """Shards run in this process (here, or on a threads-only Dask cluster's workers) freeze what is alive in it, as
+    a worker process does once its model is built (worker.Worker): the caller's objects too, which, dropped later in
+    reference cycles, were then never collected. Unfrozen as the call ends, unless the caller had frozen some
+    itself (theirs and ours cannot be told apart)."""
+    frozen_before = gc.get_freeze_count()
+    try:
+        yield
+    finally:
+        if not frozen_before and gc.get_freeze_count():
+            gc.unfreeze()
 
 
 def _run_shards(config: EmbedConfig, given_as: Mapping[str, str]) -> list[ShardResult]:
@@ -281,6 +296,11 @@ def embed_here(config: EmbedConfig, plan: ShardPlan, claim_run: Optional[str] = 
 def _run_here(config: EmbedConfig, plans: list, claim_run: str) -> tuple[list, dict, list]:
     """The shards' results, the failed ones' reasons, and which of those may pass on a retry (as _run_on_dask)."""
     results, failures, transient = [], {}, []
+    if plans and not gc.get_freeze_count():
+        # The Worker an earlier call built freezes nothing now: frozen for this call's shards, as it was for the
+        # first one's, so that full collections walk only what they make (run_shards unfreezes as the call ends).
+        gc.collect()
+        gc.freeze()
     for plan in plans:
         try:
             results.append(embed_here(config, plan, claim_run))
