@@ -41,3 +41,48 @@ def test_the_callers_objects_stay_collectable_after_in_process_calls(demo, tmp_p
         del cycle
         gc.collect()
         assert alive() is None, f"call {i}: an object the caller dropped after the call was never collected"
+
+
+# Ctrl-C lands while the first call imports torch: once torch's package has begun its submodules (torch.fx).
+_INTERRUPTED_IN_IMPORT = """
+import os, signal, sys, threading, time
+from wdsembed.api import TimmImageEmbedder
+assert "torch" not in sys.modules
+data, out, model = sys.argv[1:4]
+
+def ctrl_c_mid_import():
+    while sys.modules.get("torch") is None or "torch.fx" not in sys.modules:
+        time.sleep(0.001)
+    mid = getattr(sys.modules["torch"].__spec__, "_initializing", False)
+    os.kill(os.getpid(), signal.SIGINT)
+    print("signal sent " + ("while torch was imported" if mid else "after torch was imported"), flush=True)
+
+embedder = TimmImageEmbedder(model, pretrained=False, device="cpu", batch_size=2, num_threads_per_worker=1,
+                             fidelity_sample=0)
+threading.Thread(target=ctrl_c_mid_import, daemon=True).start()
+try:
+    embedder(data, out)
+    print("first call finished", flush=True)
+except KeyboardInterrupt:
+    print("first call interrupted", flush=True)
+print("second call:", [r.cached for r in embedder(data, out)], flush=True)
+"""
+
+
+def test_a_call_interrupted_while_it_imports_torch_leaves_the_next_call_working(demo, tmp_path):
+    """A notebook's Interrupt (Ctrl-C) in the first seconds of its first call, while the call imported torch in the
+    caller's process, left torch half-imported there: every later call in that kernel failed with "partially
+    initialized module 'torch' has no attribute 'cuda' (most likely due to a circular import)" (or timm's "module
+    'sympy' has no attribute 'logic'"), as did the caller's own `import torch`, until a restart. The call's
+    KeyboardInterrupt now comes once those imports are done, and the next call works."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_IN_IMPORT, demo, str(tmp_path / "out"), TINY_MODEL],
+                          capture_output=True, text=True, timeout=300, env=env)
+    said = done.stdout + done.stderr
+    assert "signal sent while torch was imported" in said, said  # else the test proved nothing
+    assert "first call interrupted" in said, said
+    assert done.returncode == 0 and "second call: [False]" in said, said

@@ -23,6 +23,7 @@ import dataclasses
 import gc
 import logging
 import signal
+import sys
 import threading
 import time
 from typing import Any, Mapping, Optional
@@ -188,6 +189,7 @@ def _caller_heap_not_frozen():
 
 def _run_shards(config: EmbedConfig, given_as: Mapping[str, str]) -> list[ShardResult]:
     refuse_flow_only(config)
+    _import_whole(_CHECKS_IMPORT)
     started = time.perf_counter()
     timeline = {"start": time.time()}  # the run's own steps, in the manifest beside each shard's
     # The command's own checks, before the output is claimed or a scheduler connected to. The shards of a current
@@ -276,6 +278,34 @@ def _interruptions_end_the_run(output: str):
         if received:
             log.warning("run interrupted by %s: " + _KEPT, signal.Signals(received[0]).name, output)
             signal.raise_signal(received[0])
+
+
+# What the checks import in this process (the model is built there on the meta device), seconds on a first call.
+_CHECKS_IMPORT = ("torch", "timm")
+
+
+def _import_whole(modules) -> None:
+    """Imports `modules` with Ctrl-C held until they are imported. A Ctrl-C (a notebook's Interrupt) in the middle of
+    torch's or timm's import left them half-initialized in the caller's process: every later call there, and the
+    caller's own `import torch`, failed ("partially initialized module 'torch' has no attribute 'cuda'") until a
+    restart. The caller's handler gets the Ctrl-C once they are (a KeyboardInterrupt, by default)."""
+    import importlib
+
+    missing = [name for name in modules if name not in sys.modules]
+    if not missing:
+        return
+    held: list[int] = []
+    # Signals reach the main thread only; a handler not set from Python (None) cannot be put back.
+    hold = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum)) if hold else None
+    try:
+        for name in missing:
+            importlib.import_module(name)
+    finally:
+        if hold:
+            signal.signal(signal.SIGINT, previous)
+            if held:
+                signal.raise_signal(signal.SIGINT)
 
 
 _KEPT = ("the shards finished so far are in %s; call again with the same output to finish the rest (finished "
