@@ -86,3 +86,24 @@ def test_a_call_interrupted_while_it_imports_torch_leaves_the_next_call_working(
     assert "signal sent while torch was imported" in said, said  # else the test proved nothing
     assert "first call interrupted" in said, said
     assert done.returncode == 0 and "second call: [False]" in said, said
+
+
+def test_get_client_starts_a_cluster_of_threads_in_this_process(demo, tmp_path):
+    """get_client(processes=False), a cluster whose workers are threads of the caller's process (no processes to
+    spawn or to import the notebook's modules again), failed before it started with "TypeError:
+    Server.__init__() got an unexpected keyword argument 'env'": the environment for worker processes was passed
+    to workers that have no process of their own. Calls on it embed, and leave the caller's collector as it was
+    (their Worker is built in this process)."""
+    from wdsembed.api import TimmImageEmbedder
+    from wdsembed.nemo import get_client
+
+    gc.unfreeze()
+    client = get_client(n_workers=1, processes=False, dashboard_address=":0")
+    try:
+        embedder = TimmImageEmbedder(TINY_MODEL, batch_size=2, **SETTINGS)
+        for i in range(2):
+            assert [r.cached for r in embedder(demo, str(tmp_path / f"out{i}"))] == [False]
+            assert gc.get_freeze_count() == 0, i
+    finally:
+        client.close()
+        client.cluster.close()

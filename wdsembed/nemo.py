@@ -91,6 +91,8 @@ def get_client(
     } | cluster_kwargs
     if options["processes"]:  # worker processes that leave Ctrl-C to this one (wdsembed.localworkers)
         options.setdefault("worker_class", local_nanny())
+    elif "env" not in cluster_kwargs:  # threads of this process, whose environment is the caller's: Worker refuses env
+        del options["env"]
     return Client(LocalCluster(**options))
 
 
