@@ -424,6 +424,48 @@ def test_a_dictionary_encoded_id_column_merges_with_the_runs_other_keys(tmp_path
     assert view == {k: v.tolist() for k, v in embedded_rows(out).items()}
 
 
+def test_outputs_an_earlier_version_wrote_with_dictionary_ids_are_rewritten_with_plain_ids(tmp_path):
+    """Before 2026-12-06 a parquet with a dictionary-encoded key column gave an output and a kNN view of that type
+    (checked with that version's own command: dictionary<values=string, indices=int32>). The cache key did not
+    change with the fix, so after an upgrade such shards stayed finished as they were, beside the new version's
+    string keys: the README's merged read of OUTPUT failed ('Field key has incompatible types'), silently until
+    then. The run that finds them now rewrites their table and view with the ids' values, embedding nothing."""
+    from wdsembed import output, storage
+
+    data = tmp_path / "in"
+    w = write_shard(data, "00000", [_image(i) for i in range(3)], failed_rows=1)
+    t = pq.read_table(w.parquet)
+    pq.write_table(t.set_column(0, "key", t.column("key").dictionary_encode()), w.parquet)
+    write_shard(data, "00001", [_image(10 + i) for i in range(2)], shard_id=1)
+    out = tmp_path / "out"
+    embed = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                              fidelity_sample=0)
+    embed(str(data), str(out))
+    before = embedded_rows(out)
+    # 00000's table and view as the earlier version wrote them: the same rows and footer, the key dictionary-typed
+    fs, _ = storage.filesystem(str(out))
+    for f in (out / "00000.parquet", out / "_embeddings" / "00000.parquet"):
+        t = pq.read_table(f)
+        meta = output.footer_metadata(t.schema.metadata)
+        t = t.set_column(0, "key", t.column("key").dictionary_encode()).replace_schema_metadata(None)
+        output.write_parquet_atomic(t, str(f), fs, meta)
+        assert pa.types.is_dictionary(pq.read_schema(f).field("key").type)
+
+    results = embed(str(data), str(out))
+    assert all(r.cached for r in results)  # nothing embedded again
+    for f in sorted(out.rglob("*.parquet")):
+        assert pq.read_schema(f).field("key").type == pa.string(), f
+    table = _readme_merged_read(out)
+    assert table.num_rows == 4 + 2
+    assert {k: v.tolist() for k, v in embedded_rows(out).items()} == {k: v.tolist() for k, v in before.items()}
+    view = {(r["key"], r["shard"]): r[EMB] for r in pq.read_table(out / "_embeddings").to_pylist()}
+    assert view == {k: v.tolist() for k, v in before.items()}
+    dim = json.loads((out / "_manifest.json").read_text())["model"]["dim"]
+    for stem in ("00000", "00001"):
+        check = validate_output(embed.config(str(data), str(out)), str(out / f"{stem}.parquet"), dim=dim)
+        assert check.ok, check.problems
+
+
 def test_a_shard_that_fails_under_a_new_model_leaves_no_output_of_the_old_one(tmp_path):
     """A run with another model rewrites every shard it names; one of them failing kept its earlier output and view,
     of the old model: two embedding spaces (here of 96 and 64 dimensions) in OUTPUT and in the kNN view, beside a

@@ -522,6 +522,39 @@ def ensure_embeddings_view(config: "EmbedConfig", stem: str, output_url: str, ca
     return True
 
 
+def ensure_plain_ids(config: "EmbedConfig", stem: str, output_url: str, footer: Optional[pq.FileMetaData],
+                     cache_key: str, before_commit: Callable[[], None] = lambda: None) -> bool:
+    """Rewrite a finished shard's table, and its kNN view, whose id column is dictionary-encoded (`footer`: the
+    table's, already read), with the ids' values; True when rewritten. Versions before 2026-12-06 wrote a
+    dictionary-encoded parquet key column so (its cache key is unchanged since), and a merged read of OUTPUT refuses
+    it beside the plain ids of the shards written since. The rows, embeddings and footer stay: nothing is embedded
+    again. The view goes first, as a shard's view always does. Raises DamagedOutputError where the table cannot be
+    decoded; `before_commit` runs just before each file appears."""
+    try:
+        field = footer.schema.to_arrow_schema().field(config.id_column) if footer is not None else None
+    except (KeyError, pa.ArrowException, ValueError):
+        return False
+    if field is None or not pa.types.is_dictionary(field.type):
+        return False
+    fs, path = storage.filesystem(output_url, config.storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+    except (pa.ArrowException, OSError) as exc:
+        if not undecodable(exc):
+            raise
+        raise DamagedOutputError(f"output {output_url} is damaged: its footer reads, its data does not "
+                                 f"({type(exc).__name__}: {exc})") from exc
+    meta = footer_metadata(footer.metadata) or {}
+    # pyarrow stores the schema it writes itself; the old one would bring the dictionary type back on reading
+    kept = {k: v for k, v in (table.schema.metadata or {}).items() if k != b"ARROW:schema"}
+    table = _ids_decoded(table, config.id_column).replace_schema_metadata(kept)
+    if config.knn_view:
+        write_embeddings_view(table, config, stem, cache_key=cache_key, before_commit=before_commit)
+    write_parquet_atomic(table, path, fs, meta, before_commit)
+    return True
+
+
 # --------------------------------------------------------------------------------------------------- counts
 
 
@@ -641,7 +674,11 @@ def read_output_metadata(url: str, fs: Any, *, refuse_foreign: bool = False) -> 
     With `refuse_foreign`, a readable parquet without our footer key raises ForeignOutputError instead: it is no
     output of ours (an unreadable footer may be one, damaged, and is None as above).
     """
-    footer = read_footer(url, fs)
+    return output_metadata(read_footer(url, fs), url, refuse_foreign=refuse_foreign)
+
+
+def output_metadata(footer: Optional[pq.FileMetaData], url: str, *, refuse_foreign: bool = False) -> Optional[dict]:
+    """read_output_metadata's answer from the footer of `url` already read (read_footer)."""
     meta = footer.metadata if footer is not None else None
     if footer is not None and refuse_foreign and FOOTER_KEY not in (meta or {}):
         raise ForeignOutputError([url])

@@ -302,14 +302,31 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_vi
     plan.output_verified holds the planning's verdict on the same file, that is taken instead (and its warning not
     said again)."""
     fs, path = storage.filesystem(plan.output, config.storage_options)
-    meta = output.read_output_metadata(path, fs, refuse_foreign=True)
+    footer = output.read_footer(path, fs)
+    meta = output.output_metadata(footer, path, refuse_foreign=True)
     if meta is not None and meta.get("cache_key") != key:
         made_otherwise(meta)
     if meta and meta.get("cache_key") == key:
+        if repair_view and plan.output_verified and not plan.output_verified[1] and \
+                plan.output_verified[0] == _output_token(fs, path):
+            return None  # found damaged by the planning, which said why: not read, nor said, again
+        if repair_view:
+            # an earlier version's dictionary-typed ids, which a merged read refuses beside this version's
+            try:
+                if output.ensure_plain_ids(
+                        config, plan.stem, plan.output, footer, key,
+                        before_commit=lambda: outputclaim.check_still_held(
+                            config, claim_run, f"shard {plan.shard}",
+                            "Its table with dictionary-encoded ids was not rewritten")):
+                    log.info("shard %s: its output's dictionary-encoded %s column (an earlier version's) was "
+                             "rewritten as its values, embedding nothing", plan.stem, config.id_column)
+            except output.DamagedOutputError as exc:
+                token = _output_token(fs, path)
+                if token is not None:
+                    verified(token, False)
+                log.warning("shard %s: %s; recomputing it", plan.stem, exc)
+                return None
         if repair_view and config.knn_view:
-            if plan.output_verified and not plan.output_verified[1] and \
-                    plan.output_verified[0] == _output_token(fs, path):
-                return None  # found damaged by the planning, which said why: not read, nor said, again
             # a deleted or stale view is rebuilt from the table, not re-embedded
             try:
                 output.ensure_embeddings_view(
