@@ -10,6 +10,7 @@ skipped otherwise.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -422,6 +423,37 @@ def test_a_dictionary_encoded_id_column_merges_with_the_runs_other_keys(tmp_path
     # each key's embedding is its own image's: the view's rows against the full tables'
     view = {(r["key"], r["shard"]): r[EMB] for r in pq.read_table(out / "_embeddings").to_pylist()}
     assert view == {k: v.tolist() for k, v in embedded_rows(out).items()}
+
+
+def test_a_run_naming_some_shards_says_which_others_have_no_kNN_view(tmp_path, caplog):
+    """Versions before kNN views (2026-11-29's, checked with its own command) wrote the full tables alone. After an
+    upgrade, a run naming only the new shards ('data/{00000..00000}.tar') wrote their views and left the others'
+    tables without one, with no word: kNN tools reading OUTPUT/_embeddings saw half the dataset, while the summary
+    counted every row embedded. It now says which finished shards it does not name have no view, and what writes
+    them; a run with knn_view off, or whose other shards all have their views, says nothing of it."""
+    data = tmp_path / "in"
+    write_shard(data, "00000", [_image(i) for i in range(2)])
+    write_shard(data, "00001", [_image(10 + i) for i in range(2)], shard_id=1)
+    out = tmp_path / "out"
+    settings = dict(pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1, fidelity_sample=0)
+    embed = TimmImageEmbedder(TINY_MODEL, **settings)
+    without_views = TimmImageEmbedder(TINY_MODEL, knn_view=False, **settings)
+    without_views(str(data), str(out))  # the tables as a version before views wrote them: no view
+
+    def lines(embedder=embed) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="wdsembed"):
+            embedder(f"{data}/{{00000..00000}}.tar", str(out))
+        return [r.getMessage() for r in caplog.records if "kNN view" in r.getMessage()]
+
+    said = lines()
+    assert len(said) == 1 and said[0].startswith("1 finished shard(s) in OUTPUT that this run does not name have no "
+                                                 "kNN view (_embeddings/)") and said[0].endswith(": 00001"), said
+    assert (out / "_embeddings" / "00000.parquet").exists() and not (out / "_embeddings" / "00001.parquet").exists()
+    assert lines(without_views) == []
+    embed(str(data), str(out))  # a run that names it writes its view
+    assert (out / "_embeddings" / "00001.parquet").exists()
+    assert lines() == []
 
 
 def test_outputs_an_earlier_version_wrote_with_dictionary_ids_are_rewritten_with_plain_ids(tmp_path):

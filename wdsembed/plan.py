@@ -180,6 +180,29 @@ def check_outputs_beside(config: EmbedConfig, found: FoundShards, files: Optiona
         )
 
 
+def outputs_without_views(config: EmbedConfig, named: Collection[str], files: set[str]) -> list[str]:
+    """The stems of the outputs of ours in OUTPUT (`files`: its listing) that this run, writing kNN views, does not
+    name and that have none: a partial run after an upgrade from a version that wrote no views (or after a run with
+    knn_view off) leaves those rows out of the views, which it rebuilds only for the shards it names. A footer read
+    only for each such output, to tell ours from a user's parquet."""
+    if not config.knn_view:
+        return []
+    out_fs, out_root = storage.filesystem(config.output, config.storage_options)
+    root = out_root.rstrip("/") + "/"
+    lacking = {}
+    for path in files:
+        stem = path[len(root):-len(".parquet")] if path.startswith(root) and path.endswith(".parquet") else None
+        if stem and stem not in named and not any(part.startswith(("_", ".")) for part in stem.split("/")) \
+                and output.embeddings_view_url(out_root, stem) not in files:
+            lacking[stem] = path
+    if not lacking:
+        return []
+    with ContextThreadPool(max(1, min(16, len(lacking)))) as pool:
+        ours = pool.map(lambda path: bool((output.read_output_metadata(path, out_fs) or {}).get("result")),
+                        lacking.values())
+    return sorted(stem for stem, mine in zip(lacking, ours) if mine)
+
+
 def _columns_otherwise(meta: Optional[dict], config: EmbedConfig) -> list[str]:
     """The embedding and error columns of an output that its footer's cache key parts record under other names than
     this run's (`embedding column image_embedding`); none where the footer records no parts (older versions)."""
@@ -922,6 +945,13 @@ def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None, *, gpus: 
     written = listed.output_files()
     plans = [dataclasses.replace(p, output_absent=True)
              if storage.join(out_root, p.stem + ".parquet") not in written else p for p in plans]
+    viewless = outputs_without_views(config, {p.stem for p in plans}, listed.output_files())
+    if viewless:
+        more = f" and {len(viewless) - 5} more" if len(viewless) > 5 else ""
+        log.warning("%d finished shard(s) in OUTPUT that this run does not name have no kNN view (%s/), so kNN "
+                    "tools reading it do not see their rows: written by a version before views, or with "
+                    "knn_view off (--no-knn-view). A run that names them writes their views: %s%s", len(viewless),
+                    output.EMBEDDINGS_FOLDER, ", ".join(viewless[:5]), more)
     plans = spread_over_computed(plans, finished)
     return with_indexes(config, with_expected_samples(config, plans, skip=finished), skip=finished), finished
 
