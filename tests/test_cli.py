@@ -778,6 +778,30 @@ def test_a_refusal_names_each_setting_as_its_reader_sets_it(shards, tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
+def test_the_credentials_hint_names_a_profile_as_its_reader_sets_it(shards, tmp_path, capsys):
+    """Where credentials come from names the profile setting as the one refused sets it: the command's
+    '--storage-option profile=NAME', the API's 'storage_options={"profile": NAME}', and both where nobody in
+    particular reads it (EmbedConfig itself, a shard's failure in the manifest). The API's refusal named the flag."""
+    from pydantic import ValidationError
+
+    from wdsembed import TimmImageEmbedder
+
+    flag_form, api_form = "--storage-option profile=NAME", 'storage_options={"profile": NAME}'
+    err, _ = refused(capsys, [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained",
+                              "--storage-option", "key=x"])
+    assert err.endswith(f"an AWS profile (AWS_PROFILE or {flag_form}) or the store's own credential files"), err
+    for api_call in (lambda: TimmImageEmbedder(TINY_MODEL, storage_options={"key": "x"}),
+                     lambda: TimmImageEmbedder(TINY_MODEL)(str(shards), "s3://AKIA:hunter2@bucket/out")):
+        with pytest.raises(ValidationError) as refusal:
+            api_call()
+        assert f"an AWS profile (AWS_PROFILE or {api_form}) or" in str(refusal.value), refusal.value
+        assert "--storage-option" not in str(refusal.value)
+    with pytest.raises(ValidationError) as refusal:
+        EmbedConfig(input=str(shards), output=str(tmp_path / "out"), storage_options={"key": "x"})
+    assert f"an AWS profile (AWS_PROFILE or {flag_form} ({api_form})) or" in str(refusal.value), refusal.value
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_that_cannot_be_written(shards, tmp_path, capsys):
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")

@@ -768,6 +768,9 @@ def test_a_nemo_dataset_on_s3_without_credentials_says_where_they_come_from(serv
     _clear_s3fs_cache()
     with pytest.raises(storage.StoreError, match=f"s3://{IN_BUCKET}/x: no usable credentials.*AWS_ACCESS_KEY_ID"):
         ImageTextPairDataset.from_webdataset(f"s3://{IN_BUCKET}/x", "key", storage_options=options(server.endpoint))
+    with pytest.raises(storage.StoreError) as err:  # its caller set storage_options=, not the command's flag
+        ImageTextPairDataset.from_webdataset(f"s3://{IN_BUCKET}/x", "key", storage_options=options(server.endpoint))
+    assert 'AWS_PROFILE or storage_options={"profile": NAME})' in str(err.value), err.value
 
 
 def test_denied_read_mid_run_names_the_object(server, monkeypatch):

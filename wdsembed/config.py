@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from wdsembed.storeoptions import (
     BUCKET_PROTOCOLS,
-    CREDENTIALS_HINT,
     SECRET_OPTION_PATTERN,
     URL_PASSWORD_PATTERN,
     protocol,
@@ -327,7 +326,7 @@ class EmbedConfig(BaseModel):
         bad = secret_options(value)
         if bad:
             raise ValueError(f"must not hold credentials ({', '.join(sorted(bad))}): they would be stored with the "
-                             f"run's parameters; {CREDENTIALS_HINT}")
+                             f"run's parameters; {credentials_hint()}")
         return value
 
     @field_validator(*LOCAL_PATH_FIELDS, mode="before")
@@ -340,7 +339,7 @@ class EmbedConfig(BaseModel):
     @classmethod
     def _no_password_in_url(cls, value: Optional[str]) -> Optional[str]:
         if value and url_has_password(value):
-            raise ValueError(f"the URL holds a password, which would be logged and stored; {CREDENTIALS_HINT}")
+            raise ValueError(f"the URL holds a password, which would be logged and stored; {credentials_hint()}")
         return value
 
     @field_validator("checkpoint")
@@ -515,3 +514,21 @@ def option(name: str) -> str:
     if audience[0] == "command":
         return flag(name)
     return setting(name) + keyword[len(name):]
+
+
+def storage_option(key: str, value: str) -> str:
+    """One storage option in a message's advice, for whoever reads it (speaking_to): the command's
+    `--storage-option KEY=VALUE`, the API's `storage_options={"KEY": VALUE}`, or where nobody in particular does,
+    both."""
+    audience = _AUDIENCE.get()
+    as_flag = f"{flag('storage_options')} {key}={value}"
+    as_keyword = f'{setting("storage_options") if audience else "storage_options"}={{"{key}": {value}}}'
+    if audience is None:
+        return f"{as_flag} ({as_keyword})"
+    return as_flag if audience[0] == "command" else as_keyword
+
+
+def credentials_hint() -> str:
+    """Where a run's credentials come from (never its parameters), a profile named as the reader sets it."""
+    return ("credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), "
+            f"an AWS profile (AWS_PROFILE or {storage_option('profile', 'NAME')}) or the store's own credential files")

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from wdsembed import output, storage
-from wdsembed.config import EmbedConfig, canonical_file_url, option, unsupported_url_form
-from wdsembed.storeoptions import CREDENTIALS_HINT, url_has_password
+from wdsembed.config import EmbedConfig, canonical_file_url, credentials_hint, option, unsupported_url_form
+from wdsembed.storeoptions import url_has_password
 from wdsembed.threads import ContextThreadPool
 
 
@@ -230,7 +230,7 @@ def _list_file_entries(config: EmbedConfig) -> list[str]:
             continue
         if url_has_password(line):  # said without the line: each shard's URL goes to logs and outputs' footers
             raise InputError(f"{config.input} line {number}: the URL holds a password, which would be logged and "
-                             f"stored; {CREDENTIALS_HINT}")
+                             f"stored; {credentials_hint()}")
         refuse_wildcard(line, f"{config.input} line {number}: {line!r}")
         unsupported = unsupported_url_form(line)
         if unsupported:

@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 
 from wdsembed import storage
 from wdsembed.cluster import SHARDS_PER_GPU
+from wdsembed.config import speaking_to
 
 log = logging.getLogger("wdsembed")
 
@@ -149,7 +150,9 @@ class ImageTextPairDataset:
         try:
             tars = [storage.to_url(fs, t) for t in list_shards(root, fs)]
         except Exception:
-            storage.check_input(path, options)  # why it cannot be listed, in one line naming it, as the command says
+            # why it cannot be listed, in one line naming it, as the command says; storage_options= in its advice
+            with speaking_to("api", {"id_column": "id_col"}):
+                storage.check_input(path, options)
             raise
         if not tars:
             raise ValueError(f"{path!r} holds no *.tar shards")

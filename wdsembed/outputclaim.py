@@ -76,8 +76,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-from wdsembed import storage, storeoptions
-from wdsembed.config import EmbedConfig
+from wdsembed import storage
+from wdsembed.config import EmbedConfig, credentials_hint
 from wdsembed.output import is_output_name
 
 log = logging.getLogger("wdsembed")
@@ -624,7 +624,7 @@ def take(config: EmbedConfig) -> Claim:
             raise OutputClaimedError(f"output {config.output!r}: could not claim it, other runs keep taking it; "
                                      "wait for them to finish, or choose another output folder")
     except PermissionError as exc:  # a read-only folder, a bucket these keys may not write
-        hint = "" if isinstance(store, _LocalStore) else f"; check the credentials: {storeoptions.CREDENTIALS_HINT}"
+        hint = "" if isinstance(store, _LocalStore) else f"; check the credentials: {credentials_hint()}"
         raise PermissionError(f"cannot write output {config.output} (its claim {CLAIM_NAME}): access denied "
                               f"({exc}){hint}") from exc
     except OSError as exc:  # the errno stays (faults.is_disk_full); the message names the output

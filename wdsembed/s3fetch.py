@@ -642,13 +642,13 @@ class ShardFetcher:
             return FileNotFoundError(f"{shard.url}: not found ({fail.kind}{rid})")
         if fail.kind in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403") \
                 or fail.status == 403:
-            from wdsembed.storeoptions import CREDENTIALS_HINT
+            from wdsembed.config import credentials_hint
 
-            return PermissionError(f"{shard.url}: access denied ({fail.kind}{rid}); {CREDENTIALS_HINT}")
+            return PermissionError(f"{shard.url}: access denied ({fail.kind}{rid}); {credentials_hint()}")
         if fail.kind == "NoCredentials":
-            from wdsembed.storeoptions import CREDENTIALS_HINT
+            from wdsembed.config import credentials_hint
 
-            return PermissionError(f"{shard.url}: no usable credentials; {CREDENTIALS_HINT}")
+            return PermissionError(f"{shard.url}: no usable credentials; {credentials_hint()}")
         detail = f" ({fail.detail})" if fail.detail else ""
         if fail.kind == "LongBody" or (not fail.retry and 400 <= fail.status < 500):
             # Only the store's own final answers: a read cut short by the fetcher's close ("Superseded") or an error

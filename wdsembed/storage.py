@@ -21,7 +21,8 @@ import fsspec
 import pyarrow as pa
 from fsspec.core import url_to_fs
 
-from wdsembed.storeoptions import _S3_PROTOCOLS, BUCKET_PROTOCOLS, CREDENTIALS_HINT, fsspec_options, protocol
+from wdsembed.config import credentials_hint
+from wdsembed.storeoptions import _S3_PROTOCOLS, BUCKET_PROTOCOLS, fsspec_options, protocol
 
 
 class StoreError(ValueError):
@@ -407,9 +408,9 @@ def _explain(url: str, exc: BaseException, action: str) -> StoreError:
     name = type(exc).__name__
     text = str(exc) or name
     if isinstance(exc, PermissionError):
-        return StoreError(f"cannot {action} {url}: access denied ({text}); check the credentials: {CREDENTIALS_HINT}")
+        return StoreError(f"cannot {action} {url}: access denied ({text}); check the credentials: {credentials_hint()}")
     if "credential" in name.lower() or "credential" in text.lower():
-        return StoreError(f"cannot {action} {url}: no usable credentials ({text}); {CREDENTIALS_HINT}")
+        return StoreError(f"cannot {action} {url}: no usable credentials ({text}); {credentials_hint()}")
     return StoreError(f"cannot {action} {url}: {name}: {text}")
 
 

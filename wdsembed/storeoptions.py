@@ -17,10 +17,6 @@ _SECRET_OPTION = re.compile(SECRET_OPTION_PATTERN, re.IGNORECASE)
 # URL (simplecache::s3://...). The rule of url_has_password, also the JSON schema's, for the Prefect run form.
 URL_PASSWORD_PATTERN = r"://[^/?#]*:[^/?#]*@"
 _URL_PASSWORD = re.compile(URL_PASSWORD_PATTERN)
-CREDENTIALS_HINT = (
-    "credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), "
-    "an AWS profile (AWS_PROFILE or --storage-option profile=NAME) or the store's own credential files"
-)
 
 _S3_PROTOCOLS = ("s3", "s3a")
 # Stores whose paths start with a bucket (or container), which a run never creates.
