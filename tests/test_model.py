@@ -274,6 +274,15 @@ def test_checkpoint_saved_without_a_head_gives_the_pooled_features(tmp_path):
     # the head it does not have is refused, not replaced by a random one or silently by the pooled features
     with pytest.raises(ModelLoadError, match=r"features.pth.*has no head.*--embedding \(embedding=\) pooled"):
         load_model("resnet18.a1_in1k", checkpoint=str(path), embedding="head")
+    # the embedding refused is named as its reader asked for it: the command's user typed no embedding='head'
+    from wdsembed.config import speaking_to
+
+    for audience, asked, fix in ((None, "--embedding head (embedding='head')", "--embedding (embedding=) pooled"),
+                                 ("command", "--embedding head", "--embedding pooled"),
+                                 ("api", "embedding='head'", "embedding= pooled")):
+        with speaking_to(audience), pytest.raises(ModelLoadError) as refusal:
+            load_model("resnet18.a1_in1k", checkpoint=str(path), embedding="head")
+        assert f"so {asked} cannot be had. Pass {fix} or auto" in str(refusal.value), (audience, refusal.value)
 
 
 def _openai_clip_layout(state_dict: dict) -> dict:

@@ -1830,7 +1830,7 @@ def test_wrong_checkpoint(tmp_path, capsys):
                      f"weights file of '{TINY_MODEL}', or --model the model the file was trained as"), wrong
     # the file fits the model: the advice is about the embedding asked for, not about another file
     assert no_head == (f"error: checkpoint '{headless}' has no head for '{TINY_MODEL}' (none of the weights of fc: a "
-                       "feature extractor's, saved with num_classes=0), so embedding='head' cannot be had. Pass "
+                       "feature extractor's, saved with num_classes=0), so --embedding head cannot be had. Pass "
                        "--embedding pooled or auto: both give its pooled features."), no_head
     assert remote.startswith("error: --checkpoint: must be a local path or file:// URL, not a "
                              "URL of another store (s3://)"), remote

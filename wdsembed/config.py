@@ -516,6 +516,16 @@ def option(name: str) -> str:
     return setting(name) + keyword[len(name):]
 
 
+def set_to(name: str, value: str) -> str:
+    """A field given a value, as whoever reads the message would have given it (speaking_to): the command's
+    `--embedding head`, the API's `embedding='head'`, or where nobody in particular reads it, both."""
+    audience = _AUDIENCE.get()
+    as_flag, as_keyword = f"{flag(name)} {value}", f"{setting(name) if audience else name}={value!r}"
+    if audience is None:
+        return f"{as_flag} ({as_keyword})"
+    return as_flag if audience[0] == "command" else as_keyword
+
+
 def storage_option(key: str, value: str) -> str:
     """One storage option in a message's advice, for whoever reads it (speaking_to): the command's
     `--storage-option KEY=VALUE`, the API's `storage_options={"KEY": VALUE}`, or where nobody in particular does,

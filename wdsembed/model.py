@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Literal, Optional, Union
 import torch
 from torch import nn
 
-from wdsembed.config import option
+from wdsembed.config import option, set_to
 
 _logger = logging.getLogger(__name__)
 
@@ -616,8 +616,8 @@ def load_model(
                     raise ModelLoadError(
                         f"checkpoint {checkpoint!r} has no head for {model_name!r} (none of the weights of "
                         f"{' / '.join(_classifier_names(cfg))}: a feature extractor's, saved with num_classes=0), "
-                        f"so embedding='head' cannot be had. Pass {option('embedding')} pooled or auto: both give "
-                        "its pooled features."
+                        f"so {set_to('embedding', 'head')} cannot be had. Pass {option('embedding')} pooled or auto: "
+                        "both give its pooled features."
                     )
                 _logger.info("checkpoint %s has no head; building %s without one (pooled features)", path, model_name)
                 # timm then loads it strictly: every other key must be there; no label offset to cut from a head
