@@ -1160,6 +1160,24 @@ def test_n_workers_beside_a_dask_address_is_said_to_do_nothing(caplog):
         assert "n_workers" not in caplog.text, caplog.text
 
 
+def test_a_setting_said_to_do_nothing_is_named_as_its_reader_set_it(caplog):
+    """The warnings of a setting that has no effect named it by its API keyword (workers_per_gpu=3, n_workers=4),
+    which the command's user never typed, though only the command and a deployed run reach them (the API refuses
+    both settings). Named as the reader set it: the flag for the command, both forms in a log that anyone reads."""
+    from wdsembed.config import speaking_to
+
+    config = EmbedConfig(input="in", output="out", n_workers=4, workers_per_gpu=3, dask_address="tcp://h:8786")
+    with caplog.at_level("WARNING", logger="wdsembed"):
+        cluster.task_runner_kwargs(config)
+        assert "--workers-per-gpu 3 (workers_per_gpu=3) is for a local cluster" in caplog.text, caplog.text
+        assert "--n-workers 4 (n_workers=4) sizes a local cluster" in caplog.text, caplog.text
+        caplog.clear()
+        with speaking_to("command"):
+            cluster.task_runner_kwargs(config)
+        assert "--workers-per-gpu 3 is for" in caplog.text and "--n-workers 4 sizes" in caplog.text, caplog.text
+        assert "=" not in caplog.text.replace("tcp://", ""), caplog.text
+
+
 def test_shared_gpu_worker_names_keep_their_device():
     # round 0 keeps dask-cuda's own names (the device); later rounds are told apart, UUIDs included
     for device in (0, 3, "GPU-5c1f3a2e-8b0d-4c1e-9f4e-1a2b3c4d5e6f"):

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from wdsembed.config import EmbedConfig
+from wdsembed.config import EmbedConfig, set_to
 from wdsembed.worker import set_gpu_process_environment
 
 
@@ -424,16 +424,16 @@ def task_runner_kwargs(config: EmbedConfig) -> dict:
     if config.workers_per_gpu > 1 and not gpus:
         # said, not refused: the same config may run on a GPU host another time
         logging.getLogger("wdsembed").warning(
-            "workers_per_gpu=%d is for a local cluster on GPUs; this run %s, so it has no effect",
-            config.workers_per_gpu, "uses the Dask scheduler at " + config.dask_address if config.dask_address
-            else "has no GPU")
+            "%s is for a local cluster on GPUs; this run %s, so it has no effect",
+            set_to("workers_per_gpu", config.workers_per_gpu),
+            "uses the Dask scheduler at " + config.dask_address if config.dask_address else "has no GPU")
     if not config.dask_address:
         _quiet_dashboard_port_warning()
     if config.dask_address:
         if config.n_workers is not None:  # said, as workers_per_gpu is: the scheduler's own workers run the shards
             logging.getLogger("wdsembed").warning(
-                "n_workers=%d sizes a local cluster; this run uses the Dask scheduler at %s and its workers, so it "
-                "has no effect", config.n_workers, config.dask_address)
+                "%s sizes a local cluster; this run uses the Dask scheduler at %s and its workers, so it has no "
+                "effect", set_to("n_workers", config.n_workers), config.dask_address)
         # No security passed: distributed.Client(address) builds Security() from Dask's configuration
         # (distributed.comm.tls.*, require-encryption), which is where a tls:// address's certificates are set.
         return {"address": config.dask_address}

@@ -516,7 +516,7 @@ def option(name: str) -> str:
     return setting(name) + keyword[len(name):]
 
 
-def set_to(name: str, value: str) -> str:
+def set_to(name: str, value: object) -> str:
     """A field given a value, as whoever reads the message would have given it (speaking_to): the command's
     `--embedding head`, the API's `embedding='head'`, or where nobody in particular reads it, both."""
     audience = _AUDIENCE.get()
