@@ -285,6 +285,43 @@ def test_checkpoint_saved_without_a_head_gives_the_pooled_features(tmp_path):
         assert f"so {asked} cannot be had. Pass {fix} or auto" in str(refusal.value), (audience, refusal.value)
 
 
+@pytest.mark.parametrize("num_classes", [0, 10])
+def test_a_model_without_pooling_is_refused_offering_only_what_could_work(tmp_path, num_classes):
+    """A model whose output is not (N, dim) (its config turns pooling off) was refused with 'choose the other
+    embedding or a model with a pooling head', whatever was asked: with no head, 'head' had already fallen back to
+    the pooled features that failed, and a head over unpooled features fails too. Neither is offered now."""
+    import json
+
+    import timm
+    from timm.models import save_for_hf
+
+    from wdsembed.config import speaking_to
+
+    folder = tmp_path / "unpooled"
+    save_for_hf(timm.create_model("test_resnet.r160_in1k", pretrained=False, num_classes=num_classes,
+                                  global_pool=""), str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(num_classes=num_classes, model_args={"global_pool": ""})
+    (folder / "config.json").write_text(json.dumps(config))
+    for embedding in ("auto", "head", "pooled"):
+        with speaking_to("command"), pytest.raises(ModelLoadError) as refusal:
+            load_model(f"local-dir:{folder}", pretrained=False, embedding=embedding)
+        said = str(refusal.value)
+        assert "other embedding" not in said and "--embedding" not in said, (embedding, said)
+        assert said.endswith("Pass --model a model with a pooling head"), (embedding, said)
+
+
+def test_the_other_embedding_is_offered_where_it_gives_one():
+    # what a refusal of one embedding offers (model._what_could_work): the other, where the model gives (N, dim) by it
+    from wdsembed.config import speaking_to
+    from wdsembed.model import _what_could_work
+
+    loaded = load_model("test_resnet.r160_in1k", pretrained=False, embedding="pooled")  # a 1000-class head
+    with speaking_to("api"):
+        assert _what_could_work(loaded, _batch(loaded)) == (
+            "embedding='head', which gives (N, 1000), or model_name= a model with a pooling head")
+
+
 def _openai_clip_layout(state_dict: dict) -> dict:
     """A timm CLIP ViT's weights as OpenAI's CLIP names them: the inverse of timm's _convert_openai_clip."""
     out = {}

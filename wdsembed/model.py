@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 import torch
@@ -713,18 +713,35 @@ def load_model(
         part = "forward" if resolved == "head" else "forward_head"
         raise ModelLoadError(
             f"{model_name!r} gives no embedding: its {part} raises {_short(e, 300).rstrip('.')}. "
-            f"Pass {option('model_name')} a model with a pooling head"
+            f"Pass {_what_could_work(loaded, probe)}"
         ) from e
     if out.ndim != 2:
+        no_head = " (it has no head)" if embedding == "head" and resolved == "pooled" else ""
         raise ModelLoadError(
-            f"{model_name!r} with embedding={resolved!r} returns shape {tuple(out.shape)}, not (N, dim); "
-            f"choose the other embedding or a model with a pooling head"
+            f"{model_name!r} gives no embedding{no_head}: its {'head' if resolved == 'head' else 'pooled'} output has "
+            f"shape {tuple(out.shape)}, not (N, dim). Pass {_what_could_work(loaded, probe)}"
         )
     if dev.type != "meta" and not bool(torch.isfinite(out).all()):
         _refuse_nonfinite(loaded, checkpoint)
     loaded.dim = int(out.shape[1])
     _logger.info("loaded %s (%s): embedding=%s dim=%d on %s", model_name, weights, resolved, loaded.dim, dev)
     return loaded
+
+
+def _what_could_work(loaded: LoadedModel, probe: "torch.Tensor") -> str:
+    """The advice of a refused embedding: the model's other embedding only where it gives (N, dim) (probed: with no
+    head, or none over unpooled features, it does not), and another model."""
+    another = f"{option('model_name')} a model with a pooling head"
+    for other in sorted(set(loaded.embedding_forms.values()) - {loaded.embedding}):
+        try:
+            out = embed_batch(replace(loaded, embedding=other), probe, autocast=False, normalize=False)
+        except (torch.cuda.OutOfMemoryError, MemoryError):
+            raise
+        except Exception:  # noqa: BLE001 - it does not work either: not offered
+            continue
+        if out.ndim == 2:
+            return f"{set_to('embedding', other)}, which gives (N, {out.shape[1]}), or {another}"
+    return another
 
 
 # --------------------------------------------------------------------------------------------------- forward
