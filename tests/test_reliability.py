@@ -1865,6 +1865,9 @@ def test_id_column_not_in_the_parquets(tmp_path, capsys, monkeypatch):
     reason = failed.value.failures["00001"]
     assert reason.startswith(f"ValueError: shard {data / '00001.tar'}: id column 'uid' is not in "
                              f"{data / '00001.parquet'} (columns: key, "), reason
+    # a shard's failure is read by whoever reads the manifest or the log: the setting in both forms, not the flag
+    both = "pass --id-column (id_column=) one of them"
+    assert both in reason and both not in err, reason
     assert embedded == [PER_SHARD]  # 00000 only: 00001 was refused before its embedding
     assert read(tmp_path / "mixed-out" / "00000.parquet").column(EMB).null_count == 0  # joined on uid
     assert not (tmp_path / "mixed-out" / "00001.parquet").exists()
@@ -1873,7 +1876,9 @@ def test_id_column_not_in_the_parquets(tmp_path, capsys, monkeypatch):
                       "it and 00001's does not",
                  did=f"exit 2 before any work, nothing written: {q(err.removeprefix('error: '))} (read from the "
                      "first shard's parquet footer); a later shard lacking it fails before it is embedded, with the "
-                     "same words after 'shard <tar>: ', and the other shards are embedded",
+                     "same words after 'shard <tar>: ' but for the setting, named in both forms as in every shard's "
+                     f"failure (which the manifest and the log keep): '... {both} ...', and the other shards are "
+                     "embedded",
                  lost="nothing: no shard is embedded and then thrown away")
 
 
@@ -1902,6 +1907,8 @@ def test_id_column_that_matches_no_key(tmp_path, capsys, monkeypatch):
                       f"in id column 'key' of {other} (keys such as '000010000', '000010001'; 'key' holds "
                       "'x000010000', 'x000010001'): check that --id-column (id_column=) names the column holding "
                       "each sample's key (img2dataset's is 'key') and that this parquet is the tar's own"), reason
+    both = "check that --id-column (id_column=) names"  # a shard's failure: the setting in both forms
+    assert both not in err
     assert failed.value.transient == []  # never retried: the same keys match nothing again
     assert (data / "00001.idx").exists() and embedded == [PER_SHARD]  # 00001 failed from its .idx, not embedded
     assert read(tmp_path / "mixed-out" / "00000.parquet").column(EMB).null_count == 0
@@ -1929,7 +1936,9 @@ def test_id_column_that_matches_no_key(tmp_path, capsys, monkeypatch):
                      "the error ends ', but its column 'key' holds them: pass --id-column key', else "
                      "the shards say it); a later "
                      "shard whose parquet holds none of its tar's keys fails, not retried, with the same words over "
-                     "all its keys after 'shard <tar>: ': before it is embedded, from its .idx's keys (a shard without "
+                     f"all its keys after 'shard <tar>: ' (but '{both}', the setting in both forms as in every "
+                     "shard's failure, which the manifest and the log keep): before it is embedded, from its .idx's "
+                     "keys (a shard without "
                      "one, with --no-index-files or on an object store's first run, once embedded), and the other "
                      "shards are written (a parquet with rows the tar lacks, img2dataset's failed downloads, is "
                      "joined as before)",
@@ -1980,6 +1989,8 @@ def test_parquet_column_named_like_the_output_columns(tmp_path, capsys):
     assert reason == (f"ValueError: shard {data / '00001.tar'}: {other} already has column(s) '{EMB}', which the "
                       "output would replace with its own: pass --embedding-column (embedding_column=) another name, so "
                       "that every column of the parquet is kept"), reason
+    both = "pass --embedding-column (embedding_column=) another name"  # a shard's failure: the setting in both forms
+    assert both not in err
     assert failed.value.transient == []
     assert read(tmp_path / "mixed-out" / "00000.parquet").column(EMB).null_count == 0
     assert not (tmp_path / "mixed-out" / "00001.parquet").exists()
@@ -1988,8 +1999,9 @@ def test_parquet_column_named_like_the_output_columns(tmp_path, capsys):
                       "00001's parquet already has an image_embedding column",
                  did=f"exit 2 before any work, nothing written: {q(err.removeprefix('error: '))} (read from the "
                      "first shard's parquet footer, as is --error-column); a later shard whose parquet has such a "
-                     "column fails before it is embedded, with the same words after 'shard <tar>: ', and the other "
-                     "shards are embedded",
+                     "column fails before it is embedded, with the same words after 'shard <tar>: ' but for the "
+                     f"setting, named in both forms as in every shard's failure (which the manifest and the log "
+                     f"keep): '... {both} ...', and the other shards are embedded",
                  lost="nothing: no column of the parquet is replaced")
 
 
