@@ -635,3 +635,39 @@ def test_pathlib_paths_work_where_strings_do(tmp_path):
     assert embedded.metadata_path == str(tmp_path / "emb")
     assert embedded.save_metadata(tmp_path / "copy") == str(tmp_path / "copy")
     assert (tmp_path / "copy" / "00000.parquet").is_file()
+
+
+@pytest.mark.parametrize("url", [
+    "s3://AKIA:hunter2@bucket/shards",
+    "simplecache::s3://AKIA:hunter2@bucket/shards",  # a chained URL: the password is in its second link
+    "ftp://me:hunter2@127.0.0.1:9/shards",
+])
+def test_a_url_with_a_password_is_refused_where_it_enters_without_echoing_it(tmp_path, url):
+    """from_webdataset("s3://AKIA:hunter2@bucket/shards") raised botocore's 'Invalid bucket name
+    "AKIA:hunter2@bucket"' within its own 'cannot read input s3://AKIA:hunter2@...': the password twice, into a
+    notebook's saved output. Each place a URL enters the dataset refuses it first, in one line naming the
+    parameter, before any store is asked (no server here: a request would fail otherwise, quoting it)."""
+    from wdsembed import ImageTextPairDataset, TimmImageEmbedder
+
+    embedded, data, _ = _embedded_dataset(tmp_path)
+    said = "the URL holds a password, which would be logged and stored (not shown here); credentials come from"
+    entries = {
+        "path": lambda: ImageTextPairDataset.from_webdataset(url),
+        "storage_options['endpoint_url']": lambda: ImageTextPairDataset.from_webdataset(
+            data, storage_options={"endpoint_url": url}),
+        "metadata_path": lambda: ImageTextPairDataset(path=str(data), tar_files=[], metadata_path=url),
+        "save_metadata(path)": lambda: embedded.save_metadata(url),
+    }
+    for name, call in entries.items():
+        with pytest.raises(ValueError) as refusal:
+            call()
+        assert str(refusal.value).startswith(f"{name}: {said}"), refusal.value
+        assert "hunter2" not in str(refusal.value) and "\n" not in str(refusal.value)
+        assert 'storage_options={"profile": NAME}' in str(refusal.value)  # the API's words, not the command's
+    # the embedder's own (EmbedConfig's field errors, which never show the value), input or output
+    embedder = TimmImageEmbedder(TINY_MODEL, pretrained=False)
+    for call in (lambda: embedder(url, str(tmp_path / "out")), lambda: embedder(str(data), url)):
+        with pytest.raises(ValueError, match="the URL holds a password") as refusal:
+            call()
+        assert "hunter2" not in str(refusal.value)
+    assert not (tmp_path / "out").exists()

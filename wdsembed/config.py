@@ -11,7 +11,7 @@ import itertools
 import os
 import re
 from contextvars import ContextVar
-from typing import Literal, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional
 
 from fsspec.core import split_protocol
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
@@ -339,7 +339,7 @@ class EmbedConfig(BaseModel):
     @classmethod
     def _no_password_in_url(cls, value: Optional[str]) -> Optional[str]:
         if value and url_has_password(value):
-            raise ValueError(f"the URL holds a password, which would be logged and stored; {credentials_hint()}")
+            raise ValueError(password_in_url())
         return value
 
     @field_validator("checkpoint")
@@ -542,3 +542,16 @@ def credentials_hint() -> str:
     """Where a run's credentials come from (never its parameters), a profile named as the reader sets it."""
     return ("credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), "
             f"an AWS profile (AWS_PROFILE or {storage_option('profile', 'NAME')}) or the store's own credential files")
+
+
+def password_in_url() -> str:
+    """Why a URL holding a password is refused, without it, and where credentials come from instead."""
+    return f"the URL holds a password, which would be logged and stored (not shown here); {credentials_hint()}"
+
+
+def refuse_password_in_url(name: str, url: Any) -> None:
+    """Raise ValueError, one line naming `name`, where `url` holds a password: called where a URL first enters,
+    before any store is asked, since fsspec's, s3fs's and botocore's errors quote it whole (s3://AKIA:pw@bucket is
+    botocore's 'Invalid bucket name "AKIA:pw@bucket"'). EmbedConfig's fields are checked by its validators."""
+    if isinstance(url, (str, os.PathLike)) and url_has_password(os.fspath(url)):
+        raise ValueError(f"{name}: {password_in_url()}")
