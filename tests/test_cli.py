@@ -296,6 +296,27 @@ def test_a_wildcard_the_shell_expanded_is_one_line_saying_so(shards, tmp_path, c
     assert raised.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+def test_a_url_with_a_password_the_command_cannot_place_is_never_echoed(tmp_path, capsys):
+    """Arguments the command refuses before EmbedConfig sees them were quoted whole: `wdsembed
+    s3://AKIA:hunter2@b/{00000,00001}.tar` (the shell's brace expansion) got the wildcard line naming both URLs and
+    the folder, an unrecognized argument argparse's 'unrecognized arguments: s3://AKIA:hunter2@...', and
+    `--storage-option http://minio:hunter2@host:9000` (no KEY=) 'takes KEY=VALUE, got ...'. Each is refused in one
+    line naming where it was given, the password not shown, before any store is asked."""
+    url = "s3://AKIA:hunter2@bucket/shards"
+    out = str(tmp_path / "out")
+    said = ": the URL holds a password, which would be logged and stored (not shown here); credentials come from"
+    for argv, where in (([f"{url}/00000.tar", f"{url}/00001.tar", "-o", out], "INPUT"),
+                        (["/data", "-o", out, "--bogus", url], "an unrecognized argument")):
+        err, _ = refused(capsys, [*argv, "--model", TINY_MODEL, "--no-pretrained"])
+        assert err.startswith(f"error: {where}{said}") and "hunter2" not in err, err
+        assert "--storage-option profile=NAME" in err
+    with pytest.raises(SystemExit) as raised:
+        cli.main(lambda config, **kw: {}, ["/data", "-o", out, "--storage-option", "http://minio:hunter2@host:9000"])
+    err = capsys.readouterr().err
+    assert raised.value.code == 2 and "takes KEY=VALUE; the URL holds a password" in err and "hunter2" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_quoted_wildcard_without_tar_is_said_to_be_one(shards, tmp_path, capsys):
     """'/data/*' or '/data/*.tgz' was refused as "does not exist" (the local folder check ran first); only a
     wildcard ending in .tar got the wildcard message. Now every wildcard gets it, local or not."""

@@ -21,9 +21,11 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from wdsembed import fidelity, report
-from wdsembed.config import FLAG_NAMES, EmbedConfig, field_default, flag, speaking_to
+from wdsembed.config import (FLAG_NAMES, EmbedConfig, field_default, flag, password_in_url, refuse_password_in_url,
+                             speaking_to)
 from wdsembed.output import MANIFEST_NAME
 from wdsembed.report import ManifestNotWritten, describe_gpu_use, describe_model, embedded_rows
+from wdsembed.storeoptions import url_has_password
 
 DEMO_MODEL = "vit_base_patch16_clip_224.openai"
 DEMO_INPUT = "demo-data"
@@ -123,6 +125,9 @@ def _comma_list(text: str) -> list[str]:
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
+        if url_has_password(text):  # not quoted, as below
+            with speaking_to("command"):
+                raise argparse.ArgumentTypeError(f"takes KEY=VALUE; {password_in_url()}")
         raise argparse.ArgumentTypeError(f"takes KEY=VALUE, got {text!r}")
     return key.strip(), value
 
@@ -193,7 +198,17 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
     _dump_stacks_on_sigusr1()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.input is not None and not any(e.startswith("-") for e in extra):
+    # The messages below (and argparse's) quote these whole; EmbedConfig refuses the fields it takes.
+    wildcard = extra and args.input is not None and not any(e.startswith("-") for e in extra)
+    try:
+        with speaking_to("command"):
+            for value in [args.input, *extra] if extra else []:
+                refuse_password_in_url("INPUT" if wildcard or value is args.input else "an unrecognized argument",
+                                       value)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if wildcard:
         # `wdsembed /data/*.tar -o out`: the shell expanded the wildcard into one argument per shard (argparse named
         # every one of them, at 2,000 shards a screenful, as unrecognized)
         folder = os.path.dirname(args.input) or "."
