@@ -147,6 +147,8 @@ def test_plain_options_pass_and_stay_out_of_repr():
     {"input": "simplecache::s3://user:hunter2@bucket/shards"},
     {"output": "ftp://me:@host/out"},  # an empty password is one too
     {"checkpoint": "file://me:pw@host/w.pth"},
+    # was taken, as the folder './me:hunter2@host/idx', kept with the run's parameters and named in its messages
+    {"index_cache_dir": "file://me:hunter2@host/idx"},
     {"result_storage": "s3://a@b:pw@bucket/x"},
     {"image_extensions": []},
     {"input": ""},

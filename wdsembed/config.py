@@ -198,7 +198,7 @@ class EmbedConfig(BaseModel):
         "either way; an existing .idx is checked against the tar's headers as it is read, and a stale one rebuilt.",
     )
     index_cache_dir: Optional[str] = Field(
-        None, description="Where .idx files go when the shard folder is not writable (default: ~/.cache/wdsembed/idx): "
+        None, json_schema_extra=_NO_URL_PASSWORD, description="Where .idx files go when the shard folder is not writable (default: ~/.cache/wdsembed/idx): "
         "a local folder (or file:// URL) on each worker; another store's URL is refused."
     )
     id_column: str = Field("key", min_length=1, description="Parquet column that holds the sample key.")
@@ -335,7 +335,7 @@ class EmbedConfig(BaseModel):
         # A pathlib.Path (tmp_path, Path.home() / "data") is its str: pydantic's str refuses it.
         return os.fspath(value) if isinstance(value, os.PathLike) else value
 
-    @field_validator("input", "output", "checkpoint", "result_storage")
+    @field_validator("input", "output", "checkpoint", "index_cache_dir", "result_storage")
     @classmethod
     def _no_password_in_url(cls, value: Optional[str]) -> Optional[str]:
         if value and url_has_password(value):
