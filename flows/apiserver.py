@@ -45,14 +45,19 @@ class TemporaryServer:
         sock.bind(("127.0.0.1", 0))
         sock.listen(128)
         self.port = sock.getsockname()[1]
+        # The server's process says on this pipe, once it has read Prefect's settings, whether its database's
+        # folder can be written ("ok", or the line saying what to change), before it opens anything.
+        self._checked, checked_w = os.pipe()
+        self._refusal: Optional[str] = None
         self.process: Optional[subprocess.Popen] = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), str(sock.fileno()), str(os.getpid())],
-            pass_fds=[sock.fileno()], stdin=subprocess.PIPE,
+            [sys.executable, os.path.abspath(__file__), str(sock.fileno()), str(os.getpid()), str(checked_w)],
+            pass_fds=[sock.fileno(), checked_w], stdin=subprocess.PIPE,
             # Out of the terminal's process group: a Ctrl-C stops the command, which then still reports its flow
             # run's end to this server, and stops it (stop(), or it sees itself orphaned).
             start_new_session=True,
         )
         sock.close()  # the server's process holds it now
+        os.close(checked_w)
         self.told = self.ready = False
         atexit.register(self.stop)  # after Prefect's own exit hooks, which send the run's last events and logs
 
@@ -70,12 +75,33 @@ class TemporaryServer:
         except BrokenPipeError:  # it has exited: wait() says so
             pass
 
+    def refusal(self, timeout: float) -> Optional[str]:
+        """What the server's process found that keeps it from serving (its database's folder cannot be written),
+        as one line saying what to change; None where it found nothing, or has not said within `timeout`."""
+        if self._checked is not None:
+            import select
+
+            if select.select([self._checked], [], [], timeout)[0]:
+                said = b""
+                while not said.endswith(b"\n"):
+                    chunk = os.read(self._checked, 4096)
+                    if not chunk:  # it ended without a word (a profile names the API: it does not serve)
+                        break
+                    said += chunk
+                os.close(self._checked)
+                self._checked = None
+                line = said.decode(errors="replace").strip()
+                self._refusal = line if line and line != "ok" else None
+        return self._refusal
+
     def wait(self, timeout: float) -> str:
         """The API URL once the server answers; RuntimeError if its process ends or `timeout` passes first."""
         self.go()
         deadline = time.monotonic() + timeout
         while not self.ready:
             if self.process is None or self.process.poll() is not None:
+                if self.refusal(0):
+                    raise RuntimeError(self._refusal)
                 code = None if self.process is None else self.process.returncode
                 raise RuntimeError(f"the temporary Prefect API server exited (code {code}) before answering: "
                                    "its messages are above; or set PREFECT_API_URL to a running server")
@@ -100,6 +126,9 @@ class TemporaryServer:
             self.process.kill()
             self.process.wait()
         self.process = None
+        if self._checked is not None:
+            os.close(self._checked)
+            self._checked = None
 
 
 def _healthy(port: int) -> bool:
@@ -141,11 +170,19 @@ def prepare() -> None:
 
 
 def start() -> None:
-    """Let the prepared server serve (preparing it now if it was not); returns at once."""
+    """Let the prepared server serve (preparing it now if it was not). Returns once its process has read Prefect's
+    settings (it mostly has, while the checks ran); ValueError, with the server stopped, where it cannot serve
+    (its database's folder cannot be written: PREFECT_HOME)."""
     prepare()
     with _lock:
-        if _server is not None:
-            _server.go()
+        server = _server
+    if server is None or server.process is None:
+        return
+    problem = server.refusal(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
+    if problem:
+        server.stop()
+        raise ValueError(problem)
+    server.go()
 
 
 def api_url() -> str:
@@ -186,12 +223,8 @@ def _quiet_from_now() -> None:
     logging.getLogger("prefect.server").setLevel(logging.CRITICAL)
 
 
-@contextlib.contextmanager
-def _database_setup_turn() -> Iterator[None]:
-    """Hold, across processes, the lock on setting up the Prefect database this server uses: a file beside a SQLite
-    database, else in PREFECT_HOME. The lock goes with the process if it dies."""
-    import fcntl
-
+def _setup_lock_path() -> str:
+    """The file whose lock _database_setup_turn holds: beside a SQLite database, else in PREFECT_HOME."""
     from prefect.settings import get_current_settings
     from sqlalchemy.engine import make_url
 
@@ -200,7 +233,38 @@ def _database_setup_turn() -> Iterator[None]:
     on_file = url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
         and not url.database.startswith("file:")
     path = url.database + ".wdsembed-setup.lock" if on_file else os.path.join(settings.home, "wdsembed-db-setup.lock")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return os.path.abspath(path)
+
+
+def _unwritable_database_folder() -> Optional[str]:
+    """The line saying what to change where the folder of this server's database (or its lock) cannot be created
+    or written, as under a read-only or missing HOME; None where it can. Writes no file there."""
+    import tempfile
+
+    from prefect.settings import get_current_settings
+
+    folder = os.path.dirname(_setup_lock_path())
+    try:
+        os.makedirs(folder, exist_ok=True)  # Prefect itself makes its home folder as it is imported
+        with tempfile.TemporaryFile(dir=folder):  # unnamed (O_TMPFILE) where the filesystem allows
+            pass
+    except OSError as exc:
+        home = os.path.abspath(os.path.expanduser(str(get_current_settings().home)))
+        where = "PREFECT_HOME" if os.path.commonpath([home, folder]) == home else \
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL"
+        return (f"Prefect's folder {folder} cannot be written ({exc.strerror or exc}): set {where} to a "
+                "folder you can write, or PREFECT_API_URL to a running Prefect server")
+    return None
+
+
+@contextlib.contextmanager
+def _database_setup_turn() -> Iterator[None]:
+    """Hold, across processes, the lock on setting up the Prefect database this server uses: a file beside a SQLite
+    database, else in PREFECT_HOME. The lock goes with the process if it dies."""
+    import fcntl
+
+    path = _setup_lock_path()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # blocks while another server sets the database up
         try:
@@ -209,15 +273,24 @@ def _database_setup_turn() -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _serve(fd: int, parent: int) -> None:
+def _serve(fd: int, parent: int, checked: int) -> None:
     """The server's process: load the server and build the app, then, once told to, serve on the socket it was
-    handed until terminated or orphaned."""
+    handed until terminated or orphaned. It first says on `checked` whether it can (TemporaryServer.refusal)."""
     # Booting is mostly imports that make objects which live as long as the server: collecting garbage among them
     # is wasted time (about a tenth of the boot), and so is scanning them again later.
     gc.disable()
+    import warnings
+
+    # Said once, by the command, as what to change (_unwritable_database_folder)
+    warnings.filterwarnings("ignore", message="Failed to create the Prefect home directory")
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():  # a Prefect profile names the API (prepare() saw only the environment)
+        return
+    problem = _unwritable_database_folder()
+    with open(checked, "w") as said:
+        said.write((problem or "ok") + "\n")
+    if problem:
         return
     import uvicorn
     from prefect.server.api.server import create_app
@@ -251,4 +324,4 @@ def _serve(fd: int, parent: int) -> None:
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]), int(sys.argv[2]))
+    _serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))

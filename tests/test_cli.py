@@ -911,6 +911,35 @@ def test_refused_command_starts_no_server(shards, tmp_path):
     assert not [p for p in processes if "flows/apiserver.py" in p and p.endswith(f" {command.pid}")]
 
 
+def test_an_unwritable_prefect_home_is_one_line_before_any_work(shards, tmp_path):
+    """A login node or batch job whose HOME (so ~/.prefect) or PREFECT_HOME cannot be written: the command's
+    temporary Prefect server failed to set its database up, after the checks and the progress bar, with a
+    traceback from its process and 'exited (code 1)'. It is refused now, as the checks' mistakes are, in one line
+    naming the folder and what to set."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o555)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    try:
+        for case, home in (("HOME", {"HOME": str(locked / "nobody")}),
+                           ("PREFECT_HOME", {"PREFECT_HOME": str(locked / "prefect-home")})):
+            done = subprocess.run([sys.executable, str(ROOT / "flows/embed.py"), str(shards), "-o",
+                                   str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu"],
+                                  cwd=tmp_path, env=env | home | {"PYTHONPATH": str(ROOT)}, capture_output=True,
+                                  text=True, timeout=300,
+                                  preexec_fn=without_file_permission_override if os.geteuid() == 0 else None)
+            if done.returncode == CANNOT_DROP_OVERRIDE:
+                pytest.skip("cannot drop root's permission override here")
+            said = done.stdout + done.stderr
+            folder = locked / "nobody" / ".prefect" if case == "HOME" else locked / "prefect-home"
+            assert done.returncode == 2 and done.stderr.strip() == (
+                f"error: Prefect's folder {folder} cannot be written (Permission denied): set PREFECT_HOME to a folder "
+                "you can write, or PREFECT_API_URL to a running Prefect server"), said
+            assert not (tmp_path / "out").exists()
+    finally:
+        os.chmod(locked, 0o755)
+
+
 # A command's temporary server, started at a signal: `go` appearing beside this script's first argument. A flow
 # then runs through that server, as a command's does.
 SERVER_AT_SIGNAL = """

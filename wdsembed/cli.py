@@ -194,7 +194,8 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
     checks' answer, whether every output is already finished): the Prefect flow, given by the installed
     `wdsembed` command (flows.command:main) and by `python flows/embed.py` (this package never imports the flow).
     `on_checked()` is called once every check has passed, before `run` is imported and called: the command starts
-    its Prefect API server there, in the background, so that it boots while the flow's modules are imported."""
+    its Prefect API server there, in the background, so that it boots while the flow's modules are imported; a
+    ValueError it raises is a refusal too (exit 2, its one line)."""
     _dump_stacks_on_sigusr1()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -247,7 +248,11 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
               "python flows/embed.py", file=sys.stderr)
         return 2
     if on_checked is not None:
-        on_checked()
+        try:
+            on_checked()
+        except ValueError as exc:  # what the run's own setup cannot do (the Prefect server's folder), said as above
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
 
     from wdsembed.decoderlog import decoder_messages_to_log
 
