@@ -940,6 +940,38 @@ def test_an_unwritable_prefect_home_is_one_line_before_any_work(shards, tmp_path
         os.chmod(locked, 0o755)
 
 
+# The command whose run ends well at once (its manifest from wdsembed.report), its stdout given by the test.
+COMMAND_WITH_A_RUN_THAT_ENDS_WELL = """
+import sys
+from wdsembed import cli, report
+
+def run(config, on_shard_done=None, all_finished=None):
+    shard = {"stem": "00000", "output": "out/00000.parquet", "rows": 2, "samples": 2, "embedded": 2, "failed": 0,
+             "cache_key": "k", "cached": False, "seconds": 1.0, "images_per_second": 2.0, "batch_size": 4,
+             "warnings": [], "timeline": {}}
+    on_shard_done(shard, 1, 1)
+    return report.build_manifest(config, [shard], {}, 1.0) | {"path": "m.json"}
+
+sys.exit(cli.main(run, sys.argv[1:]))
+"""
+
+
+def test_a_run_whose_output_pipe_is_closed_still_ends_as_it_went(shards, tmp_path):
+    """`wdsembed ... | head -1` (or a log reader gone): the run wrote every shard, and the command ended with exit
+    status 1, the status of a failed run, saying nothing: Rich's console of the summary ends the process (SystemExit
+    1) where stdout's pipe is closed. A run that ended well now ends with 0 there too."""
+    read, write = os.pipe()
+    os.close(read)  # every write to the command's stdout fails (EPIPE), as once `head -1` has its line
+    try:
+        done = subprocess.run([sys.executable, "-c", COMMAND_WITH_A_RUN_THAT_ENDS_WELL, str(shards), "-o",
+                               str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained"], cwd=ROOT,
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=300,
+                              env=os.environ | {"PYTHONPATH": str(ROOT)})
+    finally:
+        os.close(write)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
 # A command's temporary server, started at a signal: `go` appearing beside this script's first argument. A flow
 # then runs through that server, as a command's does.
 SERVER_AT_SIGNAL = """

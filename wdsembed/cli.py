@@ -362,14 +362,7 @@ class _Progress:
     """A terminal progress bar: shards, images, images/s."""
 
     def __enter__(self):
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        class QuietOnceItsPipeIsClosed(Console):
-            def on_broken_pipe(self) -> None:
-                # Rich's own ends the process (SystemExit 1) as the bar stops: a run whose stdout was a pipe that a
-                # hangup closed must still end as it does on SIGHUP, saying so where stderr still goes, exit 129.
-                self.quiet = True
 
         self.started = time.perf_counter()
         self.images = 0
@@ -378,7 +371,7 @@ class _Progress:
             TextColumn("shards"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[images]} images"),
             TextColumn("{task.fields[rate]} images/s"), TimeElapsedColumn(),
             # Rich's stdout proxy holds a lock that Dask would then try to pickle with every task.
-            redirect_stdout=False, redirect_stderr=False, console=QuietOnceItsPipeIsClosed(),
+            redirect_stdout=False, redirect_stderr=False, console=_quiet_once_its_pipe_is_closed(),
         )
         self.bar.__enter__()
         self.task = self.bar.add_task("shards", total=None, images=0, rate="-")
@@ -402,13 +395,29 @@ class _Progress:
             pass
 
 
+def _quiet_once_its_pipe_is_closed():
+    """A Rich console on stdout that goes quiet where stdout's pipe is closed (`| head -1`, a log reader gone, a
+    hangup). Rich's own ends the process there (SystemExit 1, the status of a failed run) as the progress bar stops
+    or the summary prints: a run must end as it went, exit 0 where it ended well, 129 on SIGHUP."""
+    from rich.console import Console
+
+    class QuietOnceItsPipeIsClosed(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            with contextlib.suppress(OSError):  # what is still buffered for stdout is flushed nowhere at exit
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+
+    return QuietOnceItsPipeIsClosed()
+
+
 def print_summary(manifest: dict) -> None:
     """The run's summary, one screen at any scale: the table, the failures' causes and the warnings' are listed up to
     report.SUMMARY_ROWS and SUMMARY_CAUSES, then counted; every shard is in the manifest (the full record)."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _quiet_once_its_pipe_is_closed()
     t = manifest["totals"]
     failed = manifest.get("failed_shards") or {}
     causes = report.failure_causes(failed)
