@@ -404,7 +404,7 @@ def in_command_words(api_message: str) -> str:
     """A refusal the API raised, as the command says it: the flags where the API names its keywords."""
     for keyword, flag in (("id_column= ", "--id-column "), ("checkpoint= ", "--checkpoint "),
                           ("model_name= ", "--model "), ("pretrained=False", "--no-pretrained"),
-                          ("embedding= ", "--embedding ")):
+                          ("embedding= ", "--embedding "), ("embedding='head'", "--embedding head")):
         api_message = api_message.replace(keyword, flag)
     return api_message
 
