@@ -7,7 +7,8 @@ process does its slow part, loading Prefect's server code and building the app, 
 checks. It waits there, having touched no database and answered nothing, until the checks pass:
 
     prepare()   the command begins: the process starts and loads the server code
-    start()     every check passed: it starts serving (database, services); returns at once
+    start()     every check passed: it starts serving (database, services); returns at once. Where
+                PREFECT_API_URL names a server, it is asked once instead, and refused where nothing answers
     api_url()   its URL, for the run's settings, before it answers
     wait(url)   before the first request: until it answers
 
@@ -172,7 +173,9 @@ def prepare() -> None:
 def start() -> None:
     """Let the prepared server serve (preparing it now if it was not). Returns once its process has read Prefect's
     settings (it mostly has, while the checks ran); ValueError, with the server stopped, where it cannot serve
-    (its database's folder cannot be written: PREFECT_HOME)."""
+    (its database's folder cannot be written: PREFECT_HOME). Where PREFECT_API_URL names a server, ValueError where
+    nothing answers there (_refuse_unreachable_api)."""
+    _refuse_unreachable_api()
     prepare()
     with _lock:
         server = _server
@@ -183,6 +186,32 @@ def start() -> None:
         server.stop()
         raise ValueError(problem)
     server.go()
+
+
+def _refuse_unreachable_api() -> None:
+    """ValueError where PREFECT_API_URL (in the environment: a stale shell setting, say) names a server that no
+    connection reaches, asked once with a short timeout: Prefect's client retried for about 20 s, after the progress
+    bar had started. Any answer, even a refusal of this client or a TLS handshake's failure, passes: the flow's own
+    check (flows.embed._check_api_access) says what that needs."""
+    import ssl
+
+    url = os.environ.get("PREFECT_API_URL")
+    if not url or serves(url):
+        return
+    import httpx
+
+    try:
+        # Nothing is sent but the request: no credential, so the certificate need not be checked for it
+        httpx.get(url.rstrip("/") + "/health", timeout=2.0, verify=False)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        cause = exc.__cause__ or exc.__context__
+        while cause is not None and not isinstance(cause, ssl.SSLError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:  # no TCP connection (an SSL error means something answered there)
+            raise ValueError(f"cannot reach the Prefect API at {url} ({type(exc).__name__}: {exc}): check "
+                             "PREFECT_API_URL") from None
+    except Exception:  # noqa: BLE001 - an answer, or a URL httpx cannot ask: the flow's check says what
+        pass
 
 
 def api_url() -> str:

@@ -234,11 +234,26 @@ def test_command_starts():
     assert all(p.default is not inspect.Parameter.empty for p in inspect.signature(command.main).parameters.values())
 
 
-def test_command_runs_the_flow(shards, tmp_path, monkeypatch, capsys):
+def test_command_runs_the_flow(shards, tmp_path, monkeypatch, capsys, request):
     import flows.embed
     from flows import command
 
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # the run is faked: no temporary server
+    # the run is faked: no temporary server, and only the checks' one request (/api/health) reaches this one
+    import http.server
+    import threading
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    request.addfinalizer(api.shutdown)
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{api.server_address[1]}/api")
 
     calls = []
 
@@ -938,6 +953,25 @@ def test_an_unwritable_prefect_home_is_one_line_before_any_work(shards, tmp_path
             assert not (tmp_path / "out").exists()
     finally:
         os.chmod(locked, 0o755)
+
+
+def test_a_prefect_api_url_where_no_server_answers_is_refused_before_any_work(shards, tmp_path):
+    """PREFECT_API_URL left set to a server that is not running (a stale shell setting): the run showed its progress
+    bar and only after Prefect's client's retries (about 20 s) failed with 'cannot reach the Prefect API'. The
+    checks ask the URL once, and refuse it in that one line, as they refuse other settings (exit 2)."""
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": url}
+    done = subprocess.run([sys.executable, str(ROOT / "flows/embed.py"), str(shards), "-o", str(tmp_path / "out"),
+                           "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    said = done.stdout + done.stderr
+    assert done.returncode == 2 and done.stdout == "", said  # no progress bar
+    assert re.fullmatch(rf"error: cannot reach the Prefect API at {re.escape(url)} \(ConnectError: .+\): check "
+                        r"PREFECT_API_URL", done.stderr.strip()), said
+    assert not (tmp_path / "out").exists()
 
 
 # The command whose run ends well at once (its manifest from wdsembed.report), its stdout given by the test.
