@@ -2231,3 +2231,27 @@ def test_a_wds2idx_style_index_is_read_as_columns_without_making_its_members(tmp
     assert idx.columns().offsets.tolist() == [512, 1536, 2560, 3584, 4608, 5632]
     assert idx.num_samples == 3 and idx.samples._samples is None
     assert idx == ShardIndex(_line_by_line(text)) and idx.end == 5634
+
+
+def test_an_unreadable_index_is_said_once_per_shard_in_the_terminal_and_the_runs_log(tmp_path):
+    """A shard's .idx that cannot be read (here not an index at all; a file this user may not read takes the same
+    path): 'ignoring unreadable index' was printed more than once for one shard, bare by the command's checks
+    (before the run's log exists) and again, timestamped, by the run's planning. The run says it once, in its log
+    (the Prefect logger's line, also on the terminal)."""
+    from conftest import TINY_MODEL
+    from wdsembed.synthetic import write_demo_dataset
+
+    data = tmp_path / "in"
+    write_demo_dataset(data, n_shards=2, per_shard=4)
+    for stem in ("00000", "00001"):
+        (data / f"{stem}.idx").write_text("not an index\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "flows/embed.py"), str(data),
+                           "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said
+    for stem in ("00000", "00001"):
+        lines = [line for line in said.splitlines() if f"ignoring unreadable index {data / stem}.idx" in line]
+        assert len(lines) == 1 and "| WARNING | wdsembed.shardindex - " in lines[0], said

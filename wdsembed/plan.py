@@ -586,7 +586,8 @@ def _check_image_extensions(config: EmbedConfig, found: FoundShards) -> None:
     samples only partly have the image is not refused (each such row fails on its own)."""
     tar = found.tars[0]
     try:
-        index = (shardindex.ensure_index(tar, found.fs, config.index_cache(), build=False)
+        # quiet: the run's planning says an unreadable index once, in the run's log
+        index = (shardindex.ensure_index(tar, found.fs, config.index_cache(), build=False, quiet=True)
                  if config.use_index_files else None)
         if index is not None:
             columns = index.columns()
@@ -757,7 +758,8 @@ def _every_key(config: EmbedConfig, found: FoundShards, tar: str) -> Optional[li
         return shards.first_keys(tar, found.fs, n=sys.maxsize, max_members=sys.maxsize)
     if not config.use_index_files:
         return None
-    index = shardindex.ensure_index(tar, found.fs, config.index_cache(), build=False)
+    # quiet: the run's planning says an unreadable index once, in the run's log
+    index = shardindex.ensure_index(tar, found.fs, config.index_cache(), build=False, quiet=True)
     return shards.index_keys(index) if index is not None else None
 
 

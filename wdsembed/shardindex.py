@@ -373,7 +373,8 @@ def _header_matches(block: bytes, entry: IndexMember) -> bool:
 
 
 def _load_valid_index(
-    idx_fs: Any, idx_path: str, shard_fs: Any, shard_path: str, shard_size: int, *, whole: bool = True
+    idx_fs: Any, idx_path: str, shard_fs: Any, shard_path: str, shard_size: int, *, whole: bool = True,
+    quiet: bool = False,
 ) -> Optional[ShardIndex]:
     """The index at `idx_path` if it exists and still fits the shard, else None (missing, unreadable or stale).
 
@@ -383,7 +384,9 @@ def _load_valid_index(
     index comes back with no samples, its `path` set: what the planner needs for every shard of a run before any
     work starts (a 10,000-line index takes tens of milliseconds to parse, in the interpreter's one lock). Indexes
     list their members in archive order (wds2idx's and ours do); a worker reads the whole index and checks it
-    sample by sample as it reads the tar."""
+    sample by sample as it reads the tar. `quiet`: an index that is no index of this shard, or cannot be read, is
+    logged at DEBUG only (the run's planning says it, in the run's log)."""
+    said = logging.DEBUG if quiet else logging.WARNING
     try:
         try:
             info = idx_fs.info(idx_path)
@@ -392,7 +395,7 @@ def _load_valid_index(
         # An index lists each member in fewer bytes than its tar header takes: a bigger file, or no plain file (what a
         # link beside the shard may name: /dev/zero, a FIFO, a folder), is no index of this shard, and is not read.
         if info.get("type") != "file" or (info.get("size") or 0) > shard_size:
-            log.warning("ignoring %s: %s, not an index of this %d-byte shard", idx_path,
+            log.log(said, "ignoring %s: %s, not an index of this %d-byte shard", idx_path,
                         "a larger file" if info.get("type") == "file" else "no plain file", shard_size)
             return None
         text = idx_fs.cat_file(idx_path).decode("utf-8", "surrogateescape")
@@ -403,7 +406,7 @@ def _load_valid_index(
             body = _body_lines(text)
             idx, members = ShardIndex(()), list(_parse_line(body[-1], len(body) + 1)) if body else []
     except (OSError, ValueError) as e:
-        log.warning("ignoring unreadable index %s: %s", idx_path, e)
+        log.log(said, "ignoring unreadable index %s: %s", idx_path, e)
         return None
     if not members:
         return dataclasses.replace(idx, path=idx_path)
@@ -459,7 +462,8 @@ def _pax_marks_sparse(header: bytes, data: bytes) -> bool:
 
 
 def ensure_index(
-    shard_path_or_url: str, fs: Any, cache_dir: Optional[str | os.PathLike] = None, *, build: bool = True
+    shard_path_or_url: str, fs: Any, cache_dir: Optional[str | os.PathLike] = None, *, build: bool = True,
+    quiet: bool = False,
 ) -> Optional[ShardIndex]:
     """The shard's DALI index, read or built, with `.path` saying where its file is.
 
@@ -473,8 +477,10 @@ def ensure_index(
     first dot: `b.`), tarstream.ShardReadError for a damaged tar, IndexNotStoredError where the folder and
     `cache_dir` both refuse a built index. An empty tar gives an index of 0 samples (wds2idx refuses those).
     For an s3:// shard the returned path may be an s3:// URL: DALI reads index files from local paths only.
+    `quiet`: an index found unreadable is not warned of (the command's checks, before the run's log exists: the
+    run's planning says it once, there).
     """
-    return _ensure(shard_path_or_url, fs, cache_dir, build=build, whole=True)
+    return _ensure(shard_path_or_url, fs, cache_dir, build=build, whole=True, quiet=quiet)
 
 
 def index_file(
@@ -487,16 +493,16 @@ def index_file(
     return found.path if found is not None else None
 
 
-def _ensure(shard: str, fs: Any, cache_dir: Optional[str | os.PathLike], *, build: bool, whole: bool
-            ) -> Optional[ShardIndex]:
+def _ensure(shard: str, fs: Any, cache_dir: Optional[str | os.PathLike], *, build: bool, whole: bool,
+            quiet: bool = False) -> Optional[ShardIndex]:
     fp = fingerprint(shard, fs)
     beside = index_path_for(shard)
-    idx = _load_valid_index(fs, beside, fs, shard, fp.size, whole=whole)
+    idx = _load_valid_index(fs, beside, fs, shard, fp.size, whole=whole, quiet=quiet)
     if idx is not None:
         return idx
     cached = _cache_path(shard, fs, cache_dir, fp)
     if cached is not None:
-        idx = _load_valid_index(fsspec.filesystem("file"), cached, fs, shard, fp.size, whole=whole)
+        idx = _load_valid_index(fsspec.filesystem("file"), cached, fs, shard, fp.size, whole=whole, quiet=quiet)
         if idx is not None:
             return idx
     if not build:
