@@ -46,6 +46,9 @@ def test_the_callers_objects_stay_collectable_after_in_process_calls(demo, tmp_p
 # Ctrl-C lands while the first call imports torch: once torch's package has begun its submodules (torch.fx).
 _INTERRUPTED_IN_IMPORT = """
 import os, signal, sys, threading, time
+# Ctrl-C raises KeyboardInterrupt, as in a notebook's kernel: a process started from a background job inherits
+# SIGINT ignored (POSIX), and the signal would then do nothing at all.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from wdsembed.api import TimmImageEmbedder
 assert "torch" not in sys.modules
 data, out, model = sys.argv[1:4]
