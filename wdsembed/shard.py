@@ -306,6 +306,13 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_vi
     meta = output.output_metadata(footer, path, refuse_foreign=True)
     if meta is not None and meta.get("cache_key") != key:
         made_otherwise(meta)
+
+    def damaged(exc: Exception) -> None:  # the table, read to repair it, is damaged: recomputed, said once
+        token = _output_token(fs, path)
+        if token is not None:
+            verified(token, False)
+        log.warning("shard %s: %s; recomputing it", plan.stem, exc)
+
     if meta and meta.get("cache_key") == key:
         if repair_view and plan.output_verified and not plan.output_verified[1] and \
                 plan.output_verified[0] == _output_token(fs, path):
@@ -321,11 +328,7 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_vi
                     log.info("shard %s: its output's dictionary-encoded %s column (an earlier version's) was "
                              "rewritten as its values, embedding nothing", plan.stem, config.id_column)
             except output.DamagedOutputError as exc:
-                token = _output_token(fs, path)
-                if token is not None:
-                    verified(token, False)
-                log.warning("shard %s: %s; recomputing it", plan.stem, exc)
-                return None
+                return damaged(exc)
         if repair_view and config.knn_view:
             # a deleted or stale view is rebuilt from the table, not re-embedded
             try:
@@ -335,11 +338,7 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_vi
                         config, claim_run, f"shard {plan.shard}",
                         "Its missing or stale kNN view was not rebuilt from its table"))
             except output.DamagedOutputError as exc:
-                token = _output_token(fs, path)
-                if token is not None:
-                    verified(token, False)
-                log.warning("shard %s: %s; recomputing it", plan.stem, exc)
-                return None
+                return damaged(exc)
         if repair_view and config.verify_outputs:
             token = _output_token(fs, path)
             if token is not None and plan.output_verified and plan.output_verified[0] == token:
