@@ -943,11 +943,11 @@ def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None, *, gpus: 
     for line in report.describe_recomputed(recompute):
         log.warning("%s", line)
     # Held for the tasks' first attempts, which need not look for these outputs (process_shard's first_attempt).
-    out_fs, out_root = storage.filesystem(config.output, config.storage_options)
+    _, out_root = storage.filesystem(config.output, config.storage_options)
     written = listed.output_files()
     plans = [dataclasses.replace(p, output_absent=True)
              if storage.join(out_root, p.stem + ".parquet") not in written else p for p in plans]
-    viewless = outputs_without_views(config, {p.stem for p in plans}, listed.output_files())
+    viewless = outputs_without_views(config, {p.stem for p in plans}, written)
     if viewless:
         more = f" and {len(viewless) - 5} more" if len(viewless) > 5 else ""
         log.warning("%d finished shard(s) in OUTPUT that this run does not name have no kNN view (%s/), so kNN "
