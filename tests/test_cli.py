@@ -332,6 +332,43 @@ def test_a_url_with_a_password_the_command_cannot_place_is_never_echoed(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_url_with_a_user_name_alone_is_refused_as_one_with_a_password(shards, tmp_path, capsys):
+    """`wdsembed s3://AKIAIOSFODNN7EXAMPLE@bucket/shards -o out`: an access key ID in the URL's user part, with no
+    password, passed the password check and went whole into botocore's 'Invalid bucket name', the command's echoes,
+    the Prefect run's parameters and its logs. A user name in a URL is refused the same way, in one line naming where
+    it was given, without it; a local path holding '@' (/data/user@host/shards) is no URL and still runs."""
+    key = "AKIAIOSFODNN7EXAMPLE"
+    out = str(tmp_path / "out")
+    said = ": the URL holds a user name, which would be logged and stored (not shown here); credentials come from"
+    for argv, where in (([f"s3://{key}@bucket/shards", "-o", out], "INPUT"),
+                        ([f"s3://{key}@b/{{00000,00001}}.tar", f"s3://{key}@b/x.tar", "-o", out], "INPUT"),
+                        (["/data", "-o", out, "--bogus", f"gs://{key}@bucket/x"], "an unrecognized argument"),
+                        ([str(shards), "-o", f"s3://{key}@bucket/out"], "--output"),
+                        ([str(shards), "-o", out, "--index-cache-dir", f"https://{key}@host/idx"], "--index-cache-dir"),
+                        ([str(shards), "-o", out, "--storage-option", f"endpoint_url=https://{key}@minio:9000"],
+                         "--storage-option")):
+        err, _ = refused(capsys, [*argv, "--model", TINY_MODEL, "--no-pretrained"])
+        assert err.startswith(f"error: {where}") and key not in err, err
+        assert said in err or "must not hold credentials" in err, err
+    with pytest.raises(SystemExit) as raised:
+        cli.main(lambda config, **kw: {}, ["/data", "-o", out, "--storage-option", f"https://{key}@host:9000"])
+    err = capsys.readouterr().err
+    assert raised.value.code == 2 and "takes KEY=VALUE; the URL holds a user name" in err and key not in err, err
+    assert not (tmp_path / "out").exists()
+    # '@' in a local folder's name is no user name: the run starts
+    local = tmp_path / "user@host" / "shards"
+    local.parent.mkdir()
+    shards.rename(local)
+    started = []
+
+    def run(config, **kw):  # where Prefect would start
+        started.append(config.input)
+        raise RuntimeError("the checks passed")
+
+    cli.main(run, [str(local), "-o", str(tmp_path / "user@host" / "out"), "--model", TINY_MODEL, "--no-pretrained"])
+    assert started == [str(local)], capsys.readouterr().err
+
+
 def test_a_quoted_wildcard_without_tar_is_said_to_be_one(shards, tmp_path, capsys):
     """'/data/*' or '/data/*.tgz' was refused as "does not exist" (the local folder check ran first); only a
     wildcard ending in .tar got the wildcard message. Now every wildcard gets it, local or not."""

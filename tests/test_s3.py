@@ -124,11 +124,14 @@ def test_credentials_in_storage_options_are_refused(opts):
     "simplecache::ftp://me:hunter2@host/shards",  # a chained URL: the password is in its second link
     "blockcache::s3://AKIA:hunter2@bucket/shards",
     "s3://AKIA:hunter2@bu]cket/shards",  # one urlsplit cannot parse
+    "s3://hunter2@bucket/shards",  # a user name alone: an access key ID, say
+    "simplecache::gs://hunter2@bucket/shards",
+    "https://hunter2@host/shards",  # a token as user name, as GitHub's https URLs take it
 ])
 def test_credentials_in_urls_are_refused(url):
     with pytest.raises(ValidationError) as err:
         EmbedConfig(input=url, output="/tmp/out")
-    assert "hunter2" not in str(err.value)
+    assert "hunter2" not in str(err.value) and "AWS_ACCESS_KEY_ID" in str(err.value)
     with pytest.raises(ValidationError):
         EmbedConfig(input="/tmp/in", output="/tmp/out", storage_options={"endpoint_url": url})
 
@@ -150,6 +153,10 @@ def test_plain_options_pass_and_stay_out_of_repr():
     # was taken, as the folder './me:hunter2@host/idx', kept with the run's parameters and named in its messages
     {"index_cache_dir": "file://me:hunter2@host/idx"},
     {"result_storage": "s3://a@b:pw@bucket/x"},
+    {"result_storage": "s3://AKIAIOSFODNN7EXAMPLE@b/r"},  # a user name alone (an access key ID) is one too
+    {"input": "simplecache::S3://AKIAIOSFODNN7EXAMPLE@bucket/shards"},
+    {"storage_options": {"endpoint_url": "https://AKIAIOSFODNN7EXAMPLE@127.0.0.1:9000"}},
+    {"index_cache_dir": "file://me@host/idx"},
     {"image_extensions": []},
     {"input": ""},
     {"output": "  "},
@@ -173,7 +180,9 @@ def test_the_run_form_refuses_what_embedconfig_refuses(values):
         EmbedConfig(**config)
     with pytest.raises(FormError):
         validate({"config": config}, schema, raise_on_error=True)
-    plain = {"input": "s3://b/in", "output": "http://host:9000/out?a=b:c@d", "result_storage": "s3://user@b/r",
+    # '@' past the host (a path, a query) is no user name; nor, in Azure's URLs, the container before its account's
+    plain = {"input": "/data/user@host/shards", "output": "http://host:9000/out?a=b:c@d",
+             "result_storage": "abfs://container@account.dfs.core.windows.net/r",
              "dask_address": "tls://[fd00::1]:8786",
              "storage_options": {"endpoint_url": "http://127.0.0.1:9000", "profile": "keyring", "monkey": "1"}}
     EmbedConfig(**plain)

@@ -279,6 +279,11 @@ def test_a_list_file_line_with_a_password_is_refused_without_echoing_it(tree, tm
         plan.plan_shards(config(listing, tmp_path / "out"))
     assert str(err.value).startswith(f"{listing} line 2: the URL holds a password, which would be logged and stored")
     assert "hunter2" not in str(err.value)
+    listing.write_text("s3://AKIAIOSFODNN7EXAMPLE@bucket/shards/00001.tar\n")  # a user name alone: a key ID
+    with pytest.raises(inputs.InputError) as err:
+        plan.plan_shards(config(listing, tmp_path / "out"))
+    assert str(err.value).startswith(f"{listing} line 1: the URL holds a user name, which would be logged and stored")
+    assert "AKIAIOSFODNN7EXAMPLE" not in str(err.value)
 
 
 def test_local_paths_spelled_with_double_slashes_or_dot_parts_name_the_listed_files(tree, tmp_path):

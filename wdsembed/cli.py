@@ -21,11 +21,11 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from wdsembed import fidelity, report
-from wdsembed.config import (FLAG_NAMES, EmbedConfig, field_default, flag, password_in_url, refuse_password_in_url,
+from wdsembed.config import (FLAG_NAMES, EmbedConfig, field_default, flag, credentials_in_url, refuse_credentials_in_url,
                              speaking_to)
 from wdsembed.output import MANIFEST_NAME
 from wdsembed.report import ManifestNotWritten, describe_gpu_use, describe_model, embedded_rows
-from wdsembed.storeoptions import url_has_password
+from wdsembed.storeoptions import url_has_credentials
 
 DEMO_MODEL = "vit_base_patch16_clip_224.openai"
 DEMO_INPUT = "demo-data"
@@ -125,9 +125,9 @@ def _comma_list(text: str) -> list[str]:
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        if url_has_password(text):  # not quoted, as below
+        if url_has_credentials(text):  # not quoted, as below
             with speaking_to("command"):
-                raise argparse.ArgumentTypeError(f"takes KEY=VALUE; {password_in_url()}")
+                raise argparse.ArgumentTypeError(f"takes KEY=VALUE; {credentials_in_url(text)}")
         raise argparse.ArgumentTypeError(f"takes KEY=VALUE, got {text!r}")
     return key.strip(), value
 
@@ -204,7 +204,7 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
     try:
         with speaking_to("command"):
             for value in [args.input, *extra] if extra else []:
-                refuse_password_in_url("INPUT" if wildcard or value is args.input else "an unrecognized argument",
+                refuse_credentials_in_url("INPUT" if wildcard or value is args.input else "an unrecognized argument",
                                        value)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

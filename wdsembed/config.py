@@ -19,9 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from wdsembed.storeoptions import (
     BUCKET_PROTOCOLS,
     SECRET_OPTION_PATTERN,
-    URL_PASSWORD_PATTERN,
+    URL_CREDENTIALS_PATTERN,
     protocol,
     secret_options,
+    url_has_credentials,
     url_has_password,
 )
 
@@ -42,7 +43,7 @@ def _any_case(pattern: str) -> str:
 # against it before their parameters are stored (and shown), so a credential is refused before it is kept.
 # `"type": "string"` inside the `not`: a pattern holds for every value that is not a string, so without it the
 # `not` would refuse null, the default of the optional fields.
-_NO_URL_PASSWORD = {"not": {"type": "string", "pattern": URL_PASSWORD_PATTERN}}
+_NO_URL_PASSWORD = {"not": {"type": "string", "pattern": URL_CREDENTIALS_PATTERN}}
 # Not empty, nor blanks only (the validators' "must not be empty"), in the form too.
 _NOT_BLANK = {"pattern": r"\S"}
 # A Dask scheduler's address: an optional scheme (tcp://, tls://), a host or [IPv6 address], and its port; an
@@ -72,8 +73,8 @@ def _store_url_form_pattern() -> str:
 # One image extension as a member's can be (the last dot-part of its name), with the blanks and leading dots that
 # EmbedConfig drops: also the run form's rule for each item.
 _EXTENSION = r"^\s*\.*[^.,/\s]+\s*$"
-# Input, output and result storage: neither a password in the URL nor a store URL in a form that names no place.
-_STORE_URL = {"not": {"type": "string", "pattern": f"{URL_PASSWORD_PATTERN}|{_store_url_form_pattern()}"}}
+# Input, output and result storage: neither credentials in the URL nor a store URL in a form that names no place.
+_STORE_URL = {"not": {"type": "string", "pattern": f"{URL_CREDENTIALS_PATTERN}|{_store_url_form_pattern()}"}}
 _NO_SECRET_OPTIONS = {"propertyNames": {"not": {"pattern": _any_case(SECRET_OPTION_PATTERN)}},
                       "additionalProperties": {"type": "string", **_NO_URL_PASSWORD}}
 
@@ -337,9 +338,9 @@ class EmbedConfig(BaseModel):
 
     @field_validator("input", "output", "checkpoint", "index_cache_dir", "result_storage")
     @classmethod
-    def _no_password_in_url(cls, value: Optional[str]) -> Optional[str]:
-        if value and url_has_password(value):
-            raise ValueError(password_in_url())
+    def _no_credentials_in_url(cls, value: Optional[str]) -> Optional[str]:
+        if value and url_has_credentials(value):
+            raise ValueError(credentials_in_url(value))
         return value
 
     @field_validator("checkpoint")
@@ -544,14 +545,17 @@ def credentials_hint() -> str:
             f"an AWS profile (AWS_PROFILE or {storage_option('profile', 'NAME')}) or the store's own credential files")
 
 
-def password_in_url() -> str:
-    """Why a URL holding a password is refused, without it, and where credentials come from instead."""
-    return f"the URL holds a password, which would be logged and stored (not shown here); {credentials_hint()}"
+def credentials_in_url(url: str) -> str:
+    """Why a URL holding a password or a user name (an access key ID, a token) is refused, without it, and where
+    credentials come from instead."""
+    held = "a password" if url_has_password(url) else "a user name"
+    return f"the URL holds {held}, which would be logged and stored (not shown here); {credentials_hint()}"
 
 
-def refuse_password_in_url(name: str, url: Any) -> None:
-    """Raise ValueError, one line naming `name`, where `url` holds a password: called where a URL first enters,
-    before any store is asked, since fsspec's, s3fs's and botocore's errors quote it whole (s3://AKIA:pw@bucket is
-    botocore's 'Invalid bucket name "AKIA:pw@bucket"'). EmbedConfig's fields are checked by its validators."""
-    if isinstance(url, (str, os.PathLike)) and url_has_password(os.fspath(url)):
-        raise ValueError(f"{name}: {password_in_url()}")
+def refuse_credentials_in_url(name: str, url: Any) -> None:
+    """Raise ValueError, one line naming `name`, where `url` holds a password or a user name: called where a URL
+    first enters, before any store is asked, since fsspec's, s3fs's and botocore's errors quote it whole
+    (s3://AKIA@bucket is botocore's 'Invalid bucket name "AKIA@bucket"'). EmbedConfig's fields are checked by its
+    validators."""
+    if isinstance(url, (str, os.PathLike)) and url_has_credentials(os.fspath(url)):
+        raise ValueError(f"{name}: {credentials_in_url(os.fspath(url))}")

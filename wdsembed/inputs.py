@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from wdsembed import output, storage
-from wdsembed.config import EmbedConfig, canonical_file_url, credentials_hint, option, unsupported_url_form
-from wdsembed.storeoptions import url_has_password
+from wdsembed.config import EmbedConfig, canonical_file_url, credentials_in_url, option, unsupported_url_form
+from wdsembed.storeoptions import url_has_credentials
 from wdsembed.threads import ContextThreadPool
 
 
@@ -228,9 +228,8 @@ def _list_file_entries(config: EmbedConfig) -> list[str]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if url_has_password(line):  # said without the line: each shard's URL goes to logs and outputs' footers
-            raise InputError(f"{config.input} line {number}: the URL holds a password, which would be logged and "
-                             f"stored; {credentials_hint()}")
+        if url_has_credentials(line):  # said without the line: each shard's URL goes to logs and outputs' footers
+            raise InputError(f"{config.input} line {number}: {credentials_in_url(line)}")
         refuse_wildcard(line, f"{config.input} line {number}: {line!r}")
         unsupported = unsupported_url_form(line)
         if unsupported:

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 from wdsembed import storage
 from wdsembed.cluster import SHARDS_PER_GPU
-from wdsembed.config import refuse_password_in_url, speaking_to
+from wdsembed.config import refuse_credentials_in_url, speaking_to
 
 log = logging.getLogger("wdsembed")
 
@@ -140,12 +140,12 @@ class ImageTextPairDataset:
     _metadata_read_as: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _refuse_passwords(path=self.path, metadata_path=self.metadata_path, storage_options=self.storage_options)
+        _refuse_credentials(path=self.path, metadata_path=self.metadata_path, storage_options=self.storage_options)
 
     @classmethod
     def from_webdataset(cls, path: str | os.PathLike, id_col: str = "key", storage_options: Optional[dict] = None):
         """The dataset of the shards in `path` (a folder or fsspec URL); `id_col` names the sample key column."""
-        _refuse_passwords(path=path, storage_options=storage_options)
+        _refuse_credentials(path=path, storage_options=storage_options)
         options = dict(storage_options or {})
         path = os.fspath(path).rstrip("/") or "/"
         fs, root = storage.filesystem(path, options)
@@ -262,7 +262,7 @@ class ImageTextPairDataset:
         embedder's outputs, which the next run resumes from. Never the dataset's own folder nor one inside it: its
         parquets are img2dataset's (each sample's URL, caption, status), and the next run reads them as the shards'
         rows."""
-        _refuse_passwords(**{"save_metadata(path)": path})
+        _refuse_credentials(**{"save_metadata(path)": path})
         target = os.fspath(path or self.metadata_path or self.path).rstrip("/")
         source = self.metadata_path
         if source is None:
@@ -329,14 +329,14 @@ class ImageTextPairDataset:
             yield url, _in_types_of(schema, rows)
 
 
-def _refuse_passwords(storage_options: Optional[dict] = None, **urls: Any) -> None:
-    """A URL holding a password, refused before any store is asked (whose errors would quote it), naming where it
-    was given; the credentials hint in the API's words."""
+def _refuse_credentials(storage_options: Optional[dict] = None, **urls: Any) -> None:
+    """A URL holding a password or a user name, refused before any store is asked (whose errors would quote it),
+    naming where it was given; the credentials hint in the API's words."""
     with speaking_to("api"):
         for name, url in urls.items():
-            refuse_password_in_url(name, url)
+            refuse_credentials_in_url(name, url)
         for name, value in (storage_options or {}).items():
-            refuse_password_in_url(f"storage_options[{name!r}]", value)
+            refuse_credentials_in_url(f"storage_options[{name!r}]", value)
 
 
 def _in_types_of(schema, table):

@@ -17,6 +17,15 @@ _SECRET_OPTION = re.compile(SECRET_OPTION_PATTERN, re.IGNORECASE)
 # URL (simplecache::s3://...). The rule of url_has_password, also the JSON schema's, for the Prefect run form.
 URL_PASSWORD_PATTERN = r"://[^/?#]*:[^/?#]*@"
 _URL_PASSWORD = re.compile(URL_PASSWORD_PATTERN)
+# A user name alone (s3://AKIAIOSFODNN7EXAMPLE@bucket, https://TOKEN@host) is a credential too, but where the part
+# before '@' names a place or a login: Azure's container@account, ssh's user@host. Any case, in any link.
+_NAMED_USER_SCHEMES = ("az", "abfs", "abfss", "wasb", "wasbs", "sftp", "ssh")
+URL_USER_PATTERN = (r"(^|[^A-Za-z0-9+.-])(?!(" + "|".join("".join(f"[{c}{c.upper()}]" for c in name)
+                                                          for name in _NAMED_USER_SCHEMES)
+                    + r")://)[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
+# Either: what url_has_credentials refuses, also the JSON schema's rule.
+URL_CREDENTIALS_PATTERN = f"{URL_PASSWORD_PATTERN}|{URL_USER_PATTERN}"
+_URL_CREDENTIALS = re.compile(URL_CREDENTIALS_PATTERN)
 
 _S3_PROTOCOLS = ("s3", "s3a")
 # Stores whose paths start with a bucket (or container), which a run never creates.
@@ -42,14 +51,20 @@ def secret_options(storage_options: Mapping[str, Any]) -> list[str]:
     for name, value in storage_options.items():
         if _SECRET_OPTION.search(name):
             bad.append(name)
-        elif isinstance(value, str) and url_has_password(value):
+        elif isinstance(value, str) and url_has_credentials(value):
             bad.append(name)
     return bad
 
 
+def url_has_credentials(url: str) -> bool:
+    """Whether any link of `url` holds a password or a user name (URL_USER_PATTERN). Read as text, as the run form
+    reads it, not parsed: urlsplit sees none in a chained URL (its first link has no `//`) nor in one it cannot
+    parse (a stray bracket)."""
+    return _URL_CREDENTIALS.search(url) is not None
+
+
 def url_has_password(url: str) -> bool:
-    """Whether any link of `url` holds a password. Read as text, as the run form reads it, not parsed: urlsplit
-    sees none in a chained URL (its first link has no `//`) nor in one it cannot parse (a stray bracket)."""
+    """Whether any link of `url` holds a password (user:password@), the worse of url_has_credentials's two."""
     return _URL_PASSWORD.search(url) is not None
 
 
