@@ -369,6 +369,34 @@ def test_a_url_with_a_user_name_alone_is_refused_as_one_with_a_password(shards, 
     assert started == [str(local)], capsys.readouterr().err
 
 
+def test_a_flag_given_a_url_with_credentials_never_echoes_it(tmp_path, capsys):
+    """`wdsembed /data -o out --batch-size s3://AKIA:hunter2@b` (a URL pasted after the wrong flag) printed argparse's
+    'invalid int value: 's3://AKIA:hunter2@b'' into the terminal and its scrollback; so did every number and choice
+    flag ('invalid choice: ...') and --image-extensions ('holds ...'). Each now says why without the value; an
+    ordinary wrong value is still quoted, which helps. Every flag is tried, so one added later is too."""
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    out = str(tmp_path / "out")
+    for flag_, value in (("--batch-size", "s3://AKIA:hunter2@b"), ("--device", "s3://hunter2@b/x"),
+                         ("--min-fidelity", "https://hunter2@host/x")):
+        done = subprocess.run([sys.executable, "-m", "flows.command", "/data", "-o", out, flag_, value], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and f"argument {flag_}: invalid " in done.stderr, done.stderr
+        assert "hunter2" not in done.stderr and "credentials come from" in done.stderr, done.stderr
+    done = subprocess.run([sys.executable, "-m", "flows.command", "/data", "-o", out, "--batch-size", "abc"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "argument --batch-size: invalid int value: 'abc'" in done.stderr, done.stderr
+    def run(config, **kw):  # where Prefect would start
+        raise RuntimeError("the checks passed")
+
+    for name in EmbedConfig.model_fields:
+        for value in ("s3://AKIA:hunter2@b", "s3://hunter2@b"):
+            argv = [value] if name == "input" else ["/tmp/in", cli.flag_names(name)[0], value]
+            with contextlib.suppress(SystemExit):
+                cli.main(run, [*argv, "-o", out] if name != "output" else argv)
+            assert "hunter2" not in capsys.readouterr().err, (name, value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_quoted_wildcard_without_tar_is_said_to_be_one(shards, tmp_path, capsys):
     """'/data/*' or '/data/*.tgz' was refused as "does not exist" (the local folder check ran first); only a
     wildcard ending in .tar got the wildcard message. Now every wildcard gets it, local or not."""

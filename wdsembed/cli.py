@@ -21,8 +21,8 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from wdsembed import fidelity, report
-from wdsembed.config import (FLAG_NAMES, EmbedConfig, field_default, flag, credentials_in_url, refuse_credentials_in_url,
-                             speaking_to)
+from wdsembed.config import (FLAG_NAMES, EmbedConfig, credentials_in_url, field_default, flag,
+                             refuse_credentials_in_url, speaking_to)
 from wdsembed.output import MANIFEST_NAME
 from wdsembed.report import ManifestNotWritten, describe_gpu_use, describe_model, embedded_rows
 from wdsembed.storeoptions import url_has_credentials
@@ -104,7 +104,8 @@ def _add_option(p: argparse.ArgumentParser, name: str, field: FieldInfo) -> None
         else:
             p.add_argument(*flags, dest=name, action="store_true", help=_help(field))
     elif origin is typing.Literal:
-        p.add_argument(*flags, dest=name, choices=typing.get_args(annotation), help=_help(field, default))
+        choices = typing.get_args(annotation)
+        p.add_argument(*flags, dest=name, choices=choices, type=_unquoted(str, choices), help=_help(field, default))
     elif origin is tuple:
         p.add_argument(*flags, **common, type=_comma_list, action="extend",
                        help=_help(field, default) + " Comma-separated or repeated; replaces the default.")
@@ -113,9 +114,25 @@ def _add_option(p: argparse.ArgumentParser, name: str, field: FieldInfo) -> None
                        help=_help(field) + " One KEY=VALUE per flag; repeat it for more.")
     elif annotation in (str, int, float):
         metavar = common["metavar"] or ("N" if annotation in (int, float) else None)
-        p.add_argument(*flags, dest=name, metavar=metavar, type=annotation, help=_help(field, default))
+        typed = str if annotation is str else _unquoted(annotation)  # str refuses none: EmbedConfig's checks say it
+        p.add_argument(*flags, dest=name, metavar=metavar, type=typed, help=_help(field, default))
     else:
         raise TypeError(f"EmbedConfig.{name}: no command-line form for {field.annotation!r}; add one to cli.py")
+
+
+def _unquoted(convert: Callable[[str], Any], choices: Sequence[str] = ()) -> Callable[[str], Any]:
+    """`convert` as argparse's type: argparse's refusal of a value ('invalid int value: ...', 'invalid choice: ...')
+    quotes it whole, so one holding credentials (a URL pasted after the wrong flag) is refused without it first."""
+    def typed(text: str) -> Any:
+        if url_has_credentials(text):
+            with speaking_to("command"):
+                what = (f"choice (choose from {', '.join(map(repr, choices))})" if choices
+                        else f"{convert.__name__} value")
+                raise argparse.ArgumentTypeError(f"invalid {what}: {credentials_in_url(text)}")
+        return convert(text)
+
+    typed.__name__ = convert.__name__  # argparse names the type in its own 'invalid int value: 'abc''
+    return typed
 
 
 def _comma_list(text: str) -> list[str]:

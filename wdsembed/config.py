@@ -315,7 +315,8 @@ class EmbedConfig(BaseModel):
             # A member's extension is the last dot-part of its name (shards.iter_samples): one that holds a dot, a
             # comma or a blank never matches, and every sample whose image has only it would fail 'no image member'.
             if not re.fullmatch(_EXTENSION, ext):
-                raise ValueError(f"holds {ext!r}, which no member's extension can be: it is the part of the name "
+                said = "a URL with credentials (not shown here)" if url_has_credentials(ext) else repr(ext)
+                raise ValueError(f"holds {said}, which no member's extension can be: it is the part of the name "
                                  "after its last dot (00001.seg.png: png), one per item"
                                  if ext else "holds an empty extension")
         return exts
