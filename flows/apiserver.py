@@ -50,6 +50,7 @@ class TemporaryServer:
         # folder can be written ("ok", or the line saying what to change), before it opens anything.
         self._checked, checked_w = os.pipe()
         self._refusal: Optional[str] = None
+        self.said_nothing = False  # its process ended without a word: Prefect's settings name an API (_serve)
         self.process: Optional[subprocess.Popen] = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), str(sock.fileno()), str(os.getpid()), str(checked_w)],
             pass_fds=[sock.fileno(), checked_w], stdin=subprocess.PIPE,
@@ -87,6 +88,7 @@ class TemporaryServer:
                 while not said.endswith(b"\n"):
                     chunk = os.read(self._checked, 4096)
                     if not chunk:  # it ended without a word (a profile names the API: it does not serve)
+                        self.said_nothing = not said
                         break
                     said += chunk
                 os.close(self._checked)
@@ -185,17 +187,35 @@ def start() -> None:
     if problem:
         server.stop()
         raise ValueError(problem)
+    if server.said_nothing:  # Prefect's settings (a profile) name the API, which prepare() could not see
+        _refuse_unreachable_api(load_settings=True)
     server.go()
 
 
-def _refuse_unreachable_api() -> None:
-    """ValueError where PREFECT_API_URL (in the environment: a stale shell setting, say) names a server that no
-    connection reaches, asked once with a short timeout: Prefect's client retried for about 20 s, after the progress
-    bar had started. Any answer, even a refusal of this client or a TLS handshake's failure, passes: the flow's own
-    check (flows.embed._check_api_access) says what that needs."""
+def _api_url_and_source(load_settings: bool) -> tuple[Optional[str], str]:
+    """PREFECT_API_URL as Prefect takes it (the environment's before the active profile's) and where it was set,
+    as the user would change it. Prefect's settings are loaded (a second) only where `load_settings`."""
+    url = os.environ.get("PREFECT_API_URL")
+    if url or not (load_settings or "prefect.settings" in sys.modules):
+        return url, "PREFECT_API_URL"
+    from prefect.context import get_settings_context
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    profile = get_settings_context().profile
+    if url and profile.settings.get(PREFECT_API_URL) == url:
+        return url, f"PREFECT_API_URL in Prefect profile {profile.name!r} ({profile.source})"
+    return url, "PREFECT_API_URL in Prefect's settings (a .env, prefect.toml or pyproject.toml here)"
+
+
+def _refuse_unreachable_api(load_settings: bool = False) -> None:
+    """ValueError where PREFECT_API_URL (in the environment: a stale shell setting, say; or in the active Prefect
+    profile) names a server that no connection reaches, asked once with a short timeout: Prefect's client retried
+    for about 20 s, after the progress bar had started. Any answer, even a refusal of this client or a TLS
+    handshake's failure, passes: the flow's own check (flows.embed._check_api_access) says what that needs."""
     import ssl
 
-    url = os.environ.get("PREFECT_API_URL")
+    url, source = _api_url_and_source(load_settings)
     if not url or serves(url):
         return
     import httpx
@@ -209,7 +229,7 @@ def _refuse_unreachable_api() -> None:
             cause = cause.__cause__ or cause.__context__
         if cause is None:  # no TCP connection (an SSL error means something answered there)
             raise ValueError(f"cannot reach the Prefect API at {url} ({type(exc).__name__}: {exc}): check "
-                             "PREFECT_API_URL") from None
+                             f"{source}") from None
     except Exception:  # noqa: BLE001 - an answer, or a URL httpx cannot ask: the flow's check says what
         pass
 

@@ -1039,6 +1039,31 @@ def test_a_prefect_api_url_where_no_server_answers_is_refused_before_any_work(sh
     assert not (tmp_path / "out").exists()
 
 
+def test_a_prefect_api_url_from_the_profile_where_no_server_answers_is_refused_before_any_work(shards, tmp_path):
+    """The same stale PREFECT_API_URL, set in the active Prefect profile (profiles.toml under PREFECT_HOME, as
+    `prefect config set` writes it) rather than the environment: the check read the environment only, so the run
+    started its work and failed only after Prefect's client's retries. It is refused in one line that says where
+    the setting came from, so that it can be changed there."""
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    profiles = home / "profiles.toml"
+    profiles.write_text(f'active = "lab"\n\n[profiles.lab]\nPREFECT_API_URL = "{url}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(home)}
+    done = subprocess.run([sys.executable, str(ROOT / "flows/embed.py"), str(shards), "-o", str(tmp_path / "out"),
+                           "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    said = done.stdout + done.stderr
+    assert done.returncode == 2 and done.stdout == "", said  # no progress bar
+    assert re.fullmatch(rf"error: cannot reach the Prefect API at {re.escape(url)} \(ConnectError: .+\): check "
+                        rf"PREFECT_API_URL in Prefect profile 'lab' \({re.escape(str(profiles))}\)",
+                        done.stderr.strip()), said
+    assert not (tmp_path / "out").exists()
+
+
 # The command whose run ends well at once (its manifest from wdsembed.report), its stdout given by the test.
 COMMAND_WITH_A_RUN_THAT_ENDS_WELL = """
 import sys
