@@ -137,9 +137,10 @@ def embed_and_log(config: EmbedConfig, plans: list[ShardPlan], claim_run: Option
 
 
 def _first_attempt() -> bool:
-    """Whether this is the task run's first try (Prefect's retries run it again, in the same Dask task)."""
+    """Whether this is the task run's first try: not a Prefect retry (run again in the same Dask task), nor a Dask
+    task run again after its worker died under it, which Prefect counts as a first try (cluster.started_before)."""
     context = TaskRunContext.get()
-    return context is not None and context.task_run.run_count <= 1
+    return context is not None and context.task_run.run_count <= 1 and not cluster.started_before()
 
 
 def _announce_start(plans: list[ShardPlan]) -> None:

@@ -796,6 +796,23 @@ def test_a_lost_worker_does_not_fail_the_shards_its_group_had_written(tmp_path, 
     check_outputs(config, ["00000", "00002"])
 
 
+def test_a_group_run_again_after_its_worker_died_keeps_the_shards_it_had_written(tmp_path, monkeypatch):
+    """A group's worker killed in its second shard, after its first was written: Dask ran the task again (not a
+    Prefect retry), and that run took itself for the first attempt, skipped looking for the outputs the planning
+    had found absent, and embedded 00000 a second time. It finds 00000 written instead."""
+    data = make_dataset(tmp_path / "in")
+    config = make_config(data, tmp_path / "out", shards_per_task=2)  # groups 00000..00001 and 00002
+    counted = Faults(tmp_path, monkeypatch, {"00000": {"fail_attempts": 0}, "00002": {"fail_attempts": 0},
+                                             "00001": {"fail_attempts": 1, "error": "kill", "where": "batch"}})
+    manifest, run_id = embed(config)
+    assert isinstance(manifest, dict), manifest
+    assert counted.attempts("00001") == 2  # killed at its first batch, then one pass through
+    assert counted.attempts("00000") == 1 and counted.attempts("00002") == 1  # 00000 not embedded again
+    assert not manifest["failed_shards"] and sorted(manifest["shards"]) == ["00000", "00001", "00002"]
+    assert set(embed_states(run_id, ["00000..00001", "00002"]).values()) == {"Completed"}
+    check_outputs(config, ["00000", "00001", "00002"])
+
+
 # --------------------------------------------------------------------------------------------------- scale-out
 
 

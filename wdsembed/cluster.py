@@ -490,6 +490,44 @@ def task_abandoned() -> Callable[[], bool]:
     return abandoned
 
 
+# The scheduler's metadata of a task key that marks it started (started_before); Dask drops it with the key.
+STARTED_MARK = "wdsembed-started"
+
+
+def started_before() -> bool:
+    """On a Dask worker: whether the task running in this thread was started before, on this or another worker
+    (one died, or left, under it, and Dask runs it again from its start: no Prefect retry, run_count is 1), its
+    earlier run marked in the scheduler's metadata of the task key (which Dask forgets with the key); marks this
+    run. Where the scheduler cannot say, True: the caller then looks for what an earlier run may have written.
+    Outside a Dask task: False."""
+    try:
+        from distributed import get_worker
+        from distributed.utils import sync
+        from distributed.worker import thread_state
+
+        worker = get_worker()
+    except (ImportError, ValueError):  # not in a Dask task
+        return False
+    key = getattr(thread_state, "key", None)
+    if key is None:
+        return False
+
+    async def mark() -> bool:
+        # Before any of the task's work, and a round trip each: the mark is on the scheduler before a shard is
+        # written. One run of a key at a time, so the read and the write need not be one step.
+        seen = await worker.scheduler.get_metadata(keys=[key, STARTED_MARK], default=None)
+        if seen is None:
+            await worker.scheduler.set_metadata(keys=[key, STARTED_MARK], value=True)
+        return seen is not None
+
+    try:
+        return sync(worker.loop, mark)
+    except Exception:  # noqa: BLE001 - unsure: taken as started, the outputs are looked for
+        logging.getLogger("wdsembed").warning("could not ask the Dask scheduler whether task %s ran before; its "
+                                              "shards' outputs are looked for", key, exc_info=True)
+        return True
+
+
 # Workers announce each embedding task's start on this Dask topic (the scheduler keeps a bounded log per topic), so
 # that a run can let its first task start alone before it submits the others (flows.embed).
 TASK_STARTED_TOPIC = "wdsembed-task-started"
