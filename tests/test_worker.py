@@ -761,3 +761,43 @@ def test_a_resume_on_a_dask_schedulers_workers_in_another_precision_is_refused_t
                        plan.output)
         with pytest.raises(InputError, match=r"made in bfloat16 on cuda \(00000\); .* in float32 on the CPU"):
             plan_run(on_cluster.model_copy(update={"device": "auto"}))
+
+
+def test_a_model_that_cannot_load_is_loaded_once_per_run_not_once_per_shard(tmp_path, monkeypatch):
+    """A local-dir: model whose weights file is corrupt passes the planning's check (built there without its
+    weights) and fails as each worker loads it: every shard of the run built it again and failed with the same
+    error, N loads for N shards (seconds each for a large model). The process's Worker remembers the failure for
+    the run; the next run tries again (its weights may have been fixed meanwhile)."""
+    import timm
+    from timm.models import save_for_hf
+
+    from wdsembed.api import run_shards
+    from wdsembed.shard import ShardsFailed
+    from wdsembed.synthetic import write_demo_dataset
+
+    folder = tmp_path / "model"
+    save_for_hf(timm.create_model(TINY_MODEL, pretrained=False), str(folder))
+    (folder / "pytorch_model.bin").unlink(missing_ok=True)
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file, cut short by a bad copy" * 4)
+    write_demo_dataset(tmp_path / "in", n_shards=3, per_shard=2, failed_per_shard=0)
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model_name=f"local-dir:{folder}",
+                         pretrained=True, device="cpu", batch_size=4, num_threads_per_worker=1)
+    load_model = model_module.load_model
+    loads = []
+
+    def counted(*args, **kwargs):  # the workers' loads, not the planning's check (on the meta device)
+        if kwargs.get("device") != "meta":
+            loads.append(args)
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "load_model", counted)
+    for run in (1, 2):
+        with pytest.raises(ShardsFailed) as failed:
+            run_shards(config)
+        assert sorted(failed.value.failures) == ["00000", "00001", "00002"]
+        reasons = set(failed.value.failures.values())
+        assert len(reasons) == 1, reasons  # one cause, said alike for every shard
+        reason = reasons.pop()
+        assert reason.startswith("ModelLoadError: ") and f"local-dir:{folder}" in reason, reason
+        assert "header" in reason, reason  # the reader's own cause
+        assert len(loads) == run, loads  # once per run

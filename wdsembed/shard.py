@@ -416,7 +416,7 @@ def process_shard(
         check_keys_join(config, plan, rows, shards.index_keys(tar.index))
     # Held until the shard is written: another run's task on this Dask worker, with other settings, waits for it
     # instead of closing this Worker under it (Worker.lease).
-    with Worker.lease(config) as worker:
+    with Worker.lease(config, run=claim_run) as worker:
         # From an object store, the shard starts arriving now, while another shard may still hold the pipeline.
         storage.prefetch_shards([plan.shard], config.storage_options)
         # The fidelity sample is picked as the images stream past (a few kept, never the shard).

@@ -192,6 +192,8 @@ class Worker:
 
     _current: ClassVar[dict[str, "Worker"]] = {}
     _building: ClassVar[threading.Condition] = threading.Condition()  # guards _current and every Worker's _leases
+    # The last build refused for its model (ModelLoadError), by the settings' identity: (the run, its message)
+    _refused: ClassVar[dict[str, tuple[str, str]]] = {}
 
     def __init__(self, config: EmbedConfig, device: Optional[str] = None) -> None:
         import torch
@@ -346,12 +348,14 @@ class Worker:
 
     @classmethod
     @contextlib.contextmanager
-    def lease(cls, config: EmbedConfig) -> Iterator["Worker"]:
+    def lease(cls, config: EmbedConfig, run: Optional[str] = None) -> Iterator["Worker"]:
         """for_config's Worker, held for the block: a Worker for other settings (another run's task on the same Dask
         worker) is built only once every lease of this one has ended, so that neither run's Worker is closed under
-        it and the process holds one model at a time; the other run's tasks wait for it meanwhile."""
+        it and the process holds one model at a time; the other run's tasks wait for it meanwhile. `run`: the run
+        asking (its claim's id); where its model could not be loaded (ModelLoadError), the run's later leases raise
+        that error again at once instead of loading it for every shard; another run tries again."""
         with cls._building:
-            worker = cls._built_for(config)
+            worker = cls._built_for(config, run)
             worker._leases += 1
         try:
             yield worker
@@ -361,8 +365,8 @@ class Worker:
                 cls._building.notify_all()
 
     @classmethod
-    def _built_for(cls, config: EmbedConfig) -> "Worker":
-        """The Worker for `config`, built where there is none (called holding _building)."""
+    def _built_for(cls, config: EmbedConfig, run: Optional[str] = None) -> "Worker":
+        """The Worker for `config`, built where there is none (called holding _building); `run`: as in lease."""
         ident = json.dumps(
             [config.model_key(), config.checkpoint, _checkpoint_identity(config),
              storage.model_folder_identity(config.model_name), config.batch_size,
@@ -376,11 +380,21 @@ class Worker:
             if not any(old._leases for old in cls._current.values()):
                 break
             cls._building.wait()  # a Worker for other settings is in use: its callers end first
+        from wdsembed.model import ModelLoadError
+
+        refused = cls._refused.get(ident)
+        if run is not None and refused is not None and refused[0] == run:
+            raise ModelLoadError(refused[1])  # the same words for every shard: the run's summary says it once
         # One model per process: drop others first so a long-lived worker never holds two on the GPU.
         for old in cls._current.values():
             old.close()
         cls._current.clear()
-        worker = cls._current[ident] = cls(config)
+        try:
+            worker = cls._current[ident] = cls(config)
+        except ModelLoadError as exc:  # the model's own (not memory, not I/O that may pass): no second try this run
+            cls._refused = {ident: (run, str(exc))} if run is not None else {}
+            raise
+        cls._refused = {}
         return worker
 
     def close(self) -> None:
