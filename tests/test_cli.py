@@ -234,6 +234,45 @@ def test_command_starts():
     assert all(p.default is not inspect.Parameter.empty for p in inspect.signature(command.main).parameters.values())
 
 
+def test_python_m_wdsembed_is_the_command(tmp_path):
+    """`python -m wdsembed` said "'wdsembed' is a package and cannot be directly executed" (exit 1): it runs the
+    installed command now, with its words and exit statuses (--help 0, a refused argument 2)."""
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    script = str(Path(sys.executable).parent / "wdsembed")
+    for args, status in ((["--help"], 0), (["--no-such-flag"], 2),
+                         ([str(tmp_path / "nowhere"), "-o", str(tmp_path / "out"), "--no-pretrained"], 2)):
+        as_module, as_script = (subprocess.run([*command, *args], cwd=tmp_path, env=env, capture_output=True,
+                                               text=True, timeout=120)
+                                for command in ([sys.executable, "-m", "wdsembed"], [sys.executable, script]))
+        assert as_module.returncode == as_script.returncode == status, (args, as_module.stderr)
+        assert (as_module.stdout, as_module.stderr) == (as_script.stdout, as_script.stderr), args
+        if status == 0:
+            assert as_module.stdout.startswith("usage: wdsembed ") and "--image-extensions" in as_module.stdout
+        else:
+            assert as_module.stderr.strip(), args  # the refusal's own line
+
+
+@pytest.mark.slow
+def test_python_m_wdsembed_runs_a_run(tmp_path):
+    """One real run through `python -m wdsembed` (temporary Prefect server, one Dask worker process, which imports
+    the main module again as it is spawned): exit 0, its shard embedded."""
+    import json
+
+    from wdsembed.synthetic import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "in", n_shards=1, per_shard=4)
+    done = subprocess.run([sys.executable, "-m", "wdsembed", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+                           "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu", "--batch-size", "4",
+                           "--num-threads", "1", "--n-workers", "1"], cwd=tmp_path, env=_command_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said[-4000:]
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["shards"]["00000"]["status"] == "computed", manifest["shards"]
+    assert manifest["totals"]["embedded"] == 4, manifest["totals"]
+    assert "1 shard(s): 1 computed, 0 cached" in said, said[-4000:]
+
+
 def test_command_runs_the_flow(shards, tmp_path, monkeypatch, capsys, request):
     import flows.embed
     from flows import command
