@@ -635,6 +635,66 @@ def test_a_model_the_run_cannot_embed_with_is_refused_before_any_work(shards, tm
         assert err == f"error: {in_command_words(str(refusal.value))}", err
 
 
+def test_a_corrupt_weights_file_is_refused_before_any_work(shards, tmp_path, monkeypatch, capsys):
+    """Pretrained weights read from a file on this machine that no reader can take (a local-dir: folder's, or the
+    Hugging Face cache's: garbage, a copy cut short, none at all) passed the checks (the planning builds the model
+    without its weights) and failed every shard's task after Prefect, the cluster and the output's claim had
+    started. They are refused before any work, in one line naming the model, the file and the cause, from the
+    file's size and its safetensors header or zip directory: the weights are not loaded for it."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+    from timm.models import save_for_hf
+
+    from wdsembed.api import TimmImageEmbedder
+    from wdsembed.shard import ShardsFailed
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    weights = timm.create_model(TINY_MODEL, pretrained=False).state_dict()
+
+    def local_dir(name: str, file: str, write) -> str:
+        folder = tmp_path / name
+        save_for_hf(timm.create_model(TINY_MODEL, pretrained=False), str(folder))
+        for made in ("model.safetensors", "pytorch_model.bin"):
+            (folder / made).unlink(missing_ok=True)
+        if file:
+            write(folder / file)
+        return str(folder)
+
+    def cut(path, save) -> None:  # a copy cut short: a whole header, part of the tensors
+        save(path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    cases = []
+    garbage = local_dir("garbage", "model.safetensors", lambda p: p.write_bytes(b"not a safetensors file" * 4))
+    cases.append((f"local-dir:{garbage}", f"{garbage}/model.safetensors", "its header"))
+    cut_safe = local_dir("cut", "model.safetensors", lambda p: cut(p, lambda q: save_file(weights, q)))
+    cases.append((f"local-dir:{cut_safe}", f"{cut_safe}/model.safetensors", "truncated"))
+    cut_zip = local_dir("cut-zip", "pytorch_model.bin", lambda p: cut(p, lambda q: torch.save(weights, q)))
+    cases.append((f"local-dir:{cut_zip}", f"{cut_zip}/pytorch_model.bin", "truncated"))
+    empty = local_dir("no-weights", "", None)
+    cases.append((f"local-dir:{empty}", repr(empty), "no weights file"))
+    hub_id = timm.models.get_pretrained_cfg(TINY_MODEL).hf_hub_id
+    snapshot = tmp_path / "hf-cache" / f"models--{hub_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    cut(snapshot / "model.safetensors", lambda q: save_file(weights, q))
+    cases.append((TINY_MODEL, str(snapshot / "model.safetensors"), "truncated"))
+
+    out = tmp_path / "out"
+    for model, file, cause in cases:
+        with pytest.raises(ValueError) as refusal:
+            TimmImageEmbedder(model, device="cpu", batch_size=2, num_threads_per_worker=1)(str(shards), str(out))
+        said = str(refusal.value)
+        assert not isinstance(refusal.value, ShardsFailed), said
+        assert repr(model) in said and file in said and cause in said and "\n" not in said, said
+        assert not out.exists()
+        err, _ = refused(capsys, [str(shards), "-o", str(out), "--model", model, "--device", "cpu"])
+        assert err == f"error: {in_command_words(said)}", err
+
+
 def test_a_process_checks_each_model_once_and_a_rewritten_checkpoint_again(shards, tmp_path, monkeypatch):
     """A process that runs again and again (a served deployment, a notebook) builds a model on the meta device for
     its first run only; a checkpoint rewritten since is other weights, checked again, and refused where it no longer

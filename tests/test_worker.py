@@ -764,10 +764,11 @@ def test_a_resume_on_a_dask_schedulers_workers_in_another_precision_is_refused_t
 
 
 def test_a_model_that_cannot_load_is_loaded_once_per_run_not_once_per_shard(tmp_path, monkeypatch):
-    """A local-dir: model whose weights file is corrupt passes the planning's check (built there without its
-    weights) and fails as each worker loads it: every shard of the run built it again and failed with the same
-    error, N loads for N shards (seconds each for a large model). The process's Worker remembers the failure for
-    the run; the next run tries again (its weights may have been fixed meanwhile)."""
+    """A local-dir: model whose weights file is whole but another model's passes the planning's checks (the model
+    is built there without its weights; the file's header is read, not its tensors) and fails as each worker loads
+    it: every shard of the run built it again and failed with the same error, N loads for N shards (seconds each
+    for a large model). The process's Worker remembers the failure for the run; the next run tries again (its
+    weights may have been fixed meanwhile)."""
     import timm
     from timm.models import save_for_hf
 
@@ -778,7 +779,8 @@ def test_a_model_that_cannot_load_is_loaded_once_per_run_not_once_per_shard(tmp_
     folder = tmp_path / "model"
     save_for_hf(timm.create_model(TINY_MODEL, pretrained=False), str(folder))
     (folder / "pytorch_model.bin").unlink(missing_ok=True)
-    (folder / "model.safetensors").write_bytes(b"not a safetensors file, cut short by a bad copy" * 4)
+    from safetensors.torch import save_file
+    save_file(timm.create_model("test_vit.r160_in1k", pretrained=False).state_dict(), folder / "model.safetensors")
     write_demo_dataset(tmp_path / "in", n_shards=3, per_shard=2, failed_per_shard=0)
     config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model_name=f"local-dir:{folder}",
                          pretrained=True, device="cpu", batch_size=4, num_threads_per_worker=1)
@@ -799,5 +801,5 @@ def test_a_model_that_cannot_load_is_loaded_once_per_run_not_once_per_shard(tmp_
         assert len(reasons) == 1, reasons  # one cause, said alike for every shard
         reason = reasons.pop()
         assert reason.startswith("ModelLoadError: ") and f"local-dir:{folder}" in reason, reason
-        assert "header" in reason, reason  # the reader's own cause
+        assert "Missing key(s)" in reason, reason  # the loader's own cause
         assert len(loads) == run, loads  # once per run

@@ -178,12 +178,16 @@ def check_weights(config: EmbedConfig) -> None:
 
     name = config.model_name
     if name.startswith("local-dir:"):
-        return  # timm reads the folder itself
+        _check_weights_file(name, _local_dir_weights(name), "replace it")
+        return
     if ":" in name:  # hf-hub:org/repo: timm reads its config and weights from that repository
         hub_id = name.split(":", 1)[1]
         filenames = ["open_clip_model.safetensors", "model.safetensors", "open_clip_pytorch_model.bin",
                      "pytorch_model.bin"]
         url = None
+        cached = _hub_file(hub_id, _hf_hub_names(hub_id), _hub_cache_dir())
+        if cached:
+            _check_weights_file(name, cached, "delete it from the cache to download it again")
     else:
         from timm.models import get_pretrained_cfg
 
@@ -192,11 +196,19 @@ def check_weights(config: EmbedConfig) -> None:
             raise PreflightError(f"timm has no pretrained weights for {name!r}: pass {option('checkpoint')} a local "
                                  f"weights file, or {option('pretrained')} for random weights")
         if cfg.file:
+            if os.path.isfile(cfg.file):
+                _check_weights_file(name, cfg.file, "replace it")
             return
         hub_id, filenames, url = cfg.hf_hub_id, (_hub_filenames(cfg) if cfg.hf_hub_id else []), cfg.url
+        # the file timm will load: the first of its names that the cache holds
+        cached = hub_id and _hub_file(hub_id, filenames, _hub_cache_dir())
+        if cached:
+            _check_weights_file(name, cached, "delete it from the cache to download it again")
+            return
     if hub_id and _in_hub_cache(hub_id, filenames, _hub_cache_dir()):
         return
     if not hub_id and url and os.path.isfile(_torch_hub_file(url)):
+        _check_weights_file(name, _torch_hub_file(url), "delete it to download it again")
         return
     source = hub_id or url
     if _env_offline():
@@ -206,6 +218,121 @@ def check_weights(config: EmbedConfig) -> None:
     if not _hub_reachable(endpoint):
         raise PreflightError(_no_weights_message(
             name, f"{source} is not in the cache and {endpoint} is unreachable", hub_id or None))
+
+
+def _hub_file(hub_id: str, filenames: list[str], cache_dir: str) -> Optional[str]:
+    """The cached file of the first of `filenames` that the Hugging Face cache holds for `hub_id`, or None."""
+    import huggingface_hub
+
+    repo, _, revision = hub_id.partition("@")
+    for fn in filenames:
+        hit = huggingface_hub.try_to_load_from_cache(repo, fn, cache_dir=cache_dir, revision=revision or None)
+        if isinstance(hit, str):
+            return hit
+    return None
+
+
+def _hf_hub_names(hub_id: str) -> list[str]:
+    """The weights files timm tries for an hf-hub: model, in its order: those of the cached config.json's
+    hf_hub_filename (pytorch_model.bin where it names none). Empty where the config is not cached."""
+    import json
+
+    from wdsembed.model import _hub_cache_dir, _hub_filenames
+
+    config = _hub_file(hub_id, ["config.json"], _hub_cache_dir())
+    if not config:
+        return []
+    try:
+        with open(config, encoding="utf-8") as f:
+            override = (json.load(f).get("pretrained_cfg") or {}).get("hf_hub_filename")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return _hub_filenames(type("Cfg", (), {"hf_hub_filename": override}))
+
+
+def _local_dir_weights(name: str) -> Optional[str]:
+    """The file timm loads a local-dir: model's weights from (timm.models._hub.load_state_dict_from_path's choice:
+    its preferred names, then the first file of each extension in turn), or None where the folder holds none."""
+    from pathlib import Path
+
+    try:
+        from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES
+    except ImportError:  # another timm: the worker's load says what is wrong
+        return None
+    folder = Path(name.split(":", 1)[1])
+    if not folder.is_dir():
+        return None  # no config.json either: plan.check_model said so
+    for fname in _PREFERRED_FILES:
+        if (folder / fname).exists():
+            return str(folder / fname)
+    for ext in _EXT_PRIORITY:
+        files = sorted(folder.glob(f"*{ext}"))
+        if files:
+            return str(files[0])
+    raise PreflightError(f"cannot load pretrained weights for {name!r}: {str(folder)!r} holds no weights file (none "
+                         f"of {', '.join(_PREFERRED_FILES[:2])}, nor any {', '.join(_EXT_PRIORITY)}). Put the "
+                         f"model's weights there, or pass {option('pretrained')} for random weights")
+
+
+def _check_weights_file(name: str, path: Optional[str], fix: str) -> None:
+    """Refuse a weights file that no reader can take, from its size and its safetensors header or zip directory
+    alone: the tensors are not read (gigabytes, for a large model), which the workers would do, each failing."""
+    why = path and weights_file_problem(path)
+    if why:
+        raise PreflightError(f"cannot load pretrained weights for {name!r}: {path} {why}. Fix the file ({fix}), "
+                             f"pass {option('checkpoint')} a weights file, or {option('pretrained')} for random "
+                             "weights")
+
+
+def weights_file_problem(path: str) -> Optional[str]:
+    """Why a weights file is unreadable (empty, cut short, not in its format), or None where it looks whole.
+    A .safetensors file: its 8-byte header length, its JSON header and the tensors' offsets against its size.
+    A zip archive (torch.save): its central directory. A pickle (older torch.save) is not looked into."""
+    import json
+    import struct
+    import zipfile
+
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "is empty"
+        with open(path, "rb") as f:
+            head = f.read(16)
+            if path.endswith(".safetensors") or head[8:9] == b"{":  # by name, as timm reads it, or content
+                if size < 8:
+                    return f"is truncated ({size} bytes: not even a safetensors header's length)"
+                (length,) = struct.unpack("<Q", head[:8])
+                f.seek(8)
+                if length > size - 8:
+                    return (f"is not a whole safetensors file: its header is too large ({length} bytes said, the "
+                            f"file has {size}; not safetensors, or truncated)")
+                try:
+                    header = json.loads(f.read(length))
+                    end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"),
+                              default=0)
+                except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+                    return f"is not a safetensors file: its header is not safetensors' JSON ({type(e).__name__})"
+                if 8 + length + end > size:
+                    return (f"is truncated: its header places tensors up to byte {8 + length + end}, the file has "
+                            f"{size}")
+                return None
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.infolist():
+                    if member.header_offset + member.compress_size > size:
+                        return (f"is truncated: its zip member {member.filename} runs past the file's end "
+                                f"({size} bytes)")
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"is truncated or damaged: not a whole zip archive (torch.save's format): {e}"
+        return None
+    from wdsembed.model import _checkpoint_format
+
+    if not _checkpoint_format(head):
+        return f"is in no weights format (not safetensors, a zip archive or a pickle): it starts with {head!r}"
+    return None
 
 
 def _in_hub_cache(hub_id: str, filenames: list[str], cache_dir: str) -> bool:
