@@ -436,6 +436,41 @@ def test_a_flag_given_a_url_with_credentials_never_echoes_it(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+TEXT_FIELDS = [name for name, f in EmbedConfig.model_fields.items() if cli._unwrap_optional(f.annotation) is str]
+
+
+@pytest.mark.parametrize("name", TEXT_FIELDS)
+def test_every_text_flag_refuses_a_url_with_credentials(name, shards, tmp_path, capsys):
+    """`wdsembed DATA -o OUT --model s3://AKIA:pw@b/x` (or --id-column, --embedding-column, --error-column,
+    --dask-address inproc://...) was taken: the value went into the run's parameters, which Prefect stores and
+    shows, and into later messages. Every text flag refuses a URL holding a password or a user name at entry, in
+    one line naming the flag, without the value, as INPUT, --output and --checkpoint did. Generated from the
+    fields: one added later is tried too."""
+    out = tmp_path / "out"
+    for value, held in (("s3://AKIA:hunter2@b/x", "a password"), ("https://hunter2@host/x", "a user name")):
+        argv = [value, "-o", str(out)] if name == "input" else [str(shards), cli.flag_names(name)[0], value]
+        err, _ = refused(capsys, argv + (["-o", str(out)] if name not in ("input", "output") else [])
+                         + ["--model", TINY_MODEL, "--no-pretrained"] * (name != "model_name"))
+        assert err.startswith(f"error: {cli.flag(name) if name != 'input' else 'INPUT'}: the URL holds {held}"), err
+        assert "hunter2" not in err and "credentials come from" in err, err
+    assert not out.exists()
+
+
+def test_the_api_refuses_a_model_name_or_column_with_credentials(shards, tmp_path):
+    """The Python API took them too, into the run's manifest and messages: refused when the embedder is built,
+    naming the keyword as the caller wrote it."""
+    from wdsembed.api import TimmImageEmbedder
+
+    for options, said in (({"model_name": "s3://AKIA:hunter2@b/x"}, "model_name"),
+                          ({"id_col": "https://hunter2@host/key"}, "id_col"),
+                          ({"error_column": "gs://hunter2@b/e"}, "error_column")):
+        with pytest.raises(ValueError) as refusal:
+            TimmImageEmbedder(**options)
+        assert said in str(refusal.value) and "the URL holds a" in str(refusal.value), str(refusal.value)
+        assert "hunter2" not in str(refusal.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_quoted_wildcard_without_tar_is_said_to_be_one(shards, tmp_path, capsys):
     """'/data/*' or '/data/*.tgz' was refused as "does not exist" (the local folder check ran first); only a
     wildcard ending in .tar got the wildcard message. Now every wildcard gets it, local or not."""

@@ -162,6 +162,12 @@ def test_plain_options_pass_and_stay_out_of_repr():
     {"output": "  "},
     {"model_name": ""},
     {"dask_address": "scheduler"},  # no port
+    # were taken into the run's parameters: every text field refuses credentials
+    {"model_name": "s3://AKIA:hunter2@b/x"},
+    {"id_column": "https://hunter2@host/key"},
+    {"embedding_column": "s3://AKIAIOSFODNN7EXAMPLE@b/e"},
+    {"error_column": "gs://me:hunter2@b/e"},
+    {"dask_address": "inproc://me:hunter2@host/1"},
 ], ids=lambda v: next(iter(v)))
 def test_the_run_form_refuses_what_embedconfig_refuses(values):
     """Runs started from the Prefect UI/API are checked against the flow's JSON schema before their parameters are

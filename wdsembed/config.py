@@ -164,7 +164,7 @@ class EmbedConfig(BaseModel):
     )
     model_name: str = Field(
         DEFAULT_MODEL,
-        json_schema_extra=_NOT_BLANK,
+        json_schema_extra=_NO_URL_PASSWORD | _NOT_BLANK,
         description="Any timm model name, with an optional pretrained tag (resnet50.a1_in1k).",
     )
     pretrained: bool = Field(
@@ -202,8 +202,10 @@ class EmbedConfig(BaseModel):
         None, json_schema_extra=_NO_URL_PASSWORD, description="Where .idx files go when the shard folder is not writable (default: ~/.cache/wdsembed/idx): "
         "a local folder (or file:// URL) on each worker; another store's URL is refused."
     )
-    id_column: str = Field("key", min_length=1, description="Parquet column that holds the sample key.")
-    embedding_column: str = Field("image_embedding", min_length=1, description="Name of the embedding column.")
+    id_column: str = Field("key", min_length=1, json_schema_extra=_NO_URL_PASSWORD,
+                           description="Parquet column that holds the sample key.")
+    embedding_column: str = Field("image_embedding", min_length=1, json_schema_extra=_NO_URL_PASSWORD,
+                                  description="Name of the embedding column.")
     embedding_dtype: Literal["float32", "float16"] = Field(
         "float32",
         description="Type of the stored embedding values. float16 halves their space (LAION's released embeddings "
@@ -212,7 +214,7 @@ class EmbedConfig(BaseModel):
         "embedding-reader read parquet's FLOAT16 type; readers older than it (2023) cannot.",
     )
     error_column: str = Field(
-        "embedding_error", min_length=1, description="Name of the column that says why a row has no embedding."
+        "embedding_error", min_length=1, json_schema_extra=_NO_URL_PASSWORD, description="Name of the column that says why a row has no embedding."
     )
     knn_view: bool = Field(
         True,
@@ -261,7 +263,7 @@ class EmbedConfig(BaseModel):
         "results (the task cache); default OUTPUT/_prefect_results. Uses storage_options; never credentials.",
     )
     dask_address: Optional[str] = Field(
-        None, json_schema_extra={"pattern": DASK_ADDRESS_PATTERN}, description="Address of an existing Dask scheduler (tcp://host:8786, or tls://host:8786 with the TLS "
+        None, json_schema_extra=_NO_URL_PASSWORD | {"pattern": DASK_ADDRESS_PATTERN}, description="Address of an existing Dask scheduler (tcp://host:8786, or tls://host:8786 with the TLS "
         "certificates in Dask's configuration); default starts a local cluster."
     )
     n_workers: Optional[int] = Field(
@@ -337,10 +339,12 @@ class EmbedConfig(BaseModel):
         # A pathlib.Path (tmp_path, Path.home() / "data") is its str: pydantic's str refuses it.
         return os.fspath(value) if isinstance(value, os.PathLike) else value
 
-    @field_validator("input", "output", "checkpoint", "index_cache_dir", "result_storage")
+    # Every text field, not only the paths: any value is stored with the run's parameters and shown in Prefect's UI
+    # (a URL pasted after --model or --id-column went there whole, and into the refusals that quote the value).
+    @field_validator("*")
     @classmethod
-    def _no_credentials_in_url(cls, value: Optional[str]) -> Optional[str]:
-        if value and url_has_credentials(value):
+    def _no_credentials_in_url(cls, value):
+        if isinstance(value, str) and url_has_credentials(value):
             raise ValueError(credentials_in_url(value))
         return value
 
