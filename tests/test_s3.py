@@ -136,6 +136,40 @@ def test_credentials_in_urls_are_refused(url):
         EmbedConfig(input="/tmp/in", output="/tmp/out", storage_options={"endpoint_url": url})
 
 
+@pytest.mark.parametrize("url", [
+    "github://fsspec:filesystem_spec@6f2c3d1/shards",  # fsspec's GitHub form: org:repo@sha
+    "github://fsspec:filesystem_spec@/shards",
+    "simplecache::GitHub://fsspec:filesystem_spec@main/shards",
+    "git://repo:main@shards",  # fsspec's git form: repo:ref@path
+    "oci://bucket@namespace/shards",  # ocifs's form: the bucket before its namespace
+])
+def test_urls_whose_user_part_names_a_place_are_no_credentials(url):
+    """fsspec's `github://org:repo@sha/path` was refused as a URL with a password ('org:repo@' reads as
+    'user:password@'), on every path; so were git's `repo:ref@` and OCI's `bucket@namespace`. Their user part is
+    a place by the protocol's own definition (GitHub's token goes in storage options, which refuse it): taken by
+    EmbedConfig and the run form, while the same form in another store's URL, or gist's username:TOKEN, is not."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import ValidationError as FormError
+    from prefect.utilities.schema_tools import validate
+
+    from flows.deployed import embed
+    from wdsembed.storeoptions import url_has_credentials
+
+    schema = parameter_schema(embed).model_dump()
+    assert not url_has_credentials(url)
+    config = {"input": url, "output": "/tmp/out"}
+    assert EmbedConfig(**config).input == url.rstrip("/")
+    validate({"config": config}, schema, raise_on_error=True)
+    scheme, rest = url.rsplit("://", 1)
+    for other in ("s3", "https", "gist", "ftp"):
+        refused_url = f"{scheme.rsplit('::', 1)[0] + '::' if '::' in scheme else ''}{other}://{rest}"
+        assert url_has_credentials(refused_url), refused_url
+        with pytest.raises(ValidationError, match="the URL holds"):
+            EmbedConfig(**(config | {"input": refused_url}))
+        with pytest.raises(FormError):
+            validate({"config": config | {"input": refused_url}}, schema, raise_on_error=True)
+
+
 def test_plain_options_pass_and_stay_out_of_repr():
     c = EmbedConfig(input="s3://b/in", output="s3://b/out",
                     storage_options={"endpoint_url": "http://127.0.0.1:9000", "profile": "lab", "region_name": "x"})

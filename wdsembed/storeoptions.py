@@ -13,16 +13,26 @@ from fsspec.core import split_protocol
 SECRET_OPTION_PATTERN = r"(^|_)(key|secret|token|password|passwd|pwd|credential|credentials|connection_string|sas)(_|$)"
 
 _SECRET_OPTION = re.compile(SECRET_OPTION_PATTERN, re.IGNORECASE)
+# Stores whose URL's user part names a place, by fsspec's own definition of their URLs, never a credential: GitHub's
+# github://org:repo@sha/path and git's git://repo:ref@path (their tokens go in storage options, refused there).
+_PLACE_USERINFO_SCHEMES = ("github", "git")
+# A user name alone (s3://AKIAIOSFODNN7EXAMPLE@bucket, https://TOKEN@host) is a credential too, but where the part
+# before '@' names a place or a login: Azure's container@account, ssh's user@host, OCI's bucket@namespace.
+_NAMED_USER_SCHEMES = ("az", "abfs", "abfss", "wasb", "wasbs", "sftp", "ssh", "oci", "ocilake",
+                       *_PLACE_USERINFO_SCHEMES)
+
+
+def _scheme_other_than(names: tuple[str, ...]) -> str:
+    """A URL's scheme and '://', of any link of a chained URL, in any case, unless it is one of `names`."""
+    spelled = "|".join("".join(f"[{c}{c.upper()}]" for c in name) for name in names)
+    return r"(^|[^A-Za-z0-9+.-])(?!(" + spelled + r")://)[A-Za-z][A-Za-z0-9+.-]*://"
+
+
 # A URL with a password (scheme://user:password@host): a ':' before an '@' of its host part, in any link of a chained
 # URL (simplecache::s3://...). The rule of url_has_password, also the JSON schema's, for the Prefect run form.
-URL_PASSWORD_PATTERN = r"://[^/?#]*:[^/?#]*@"
+URL_PASSWORD_PATTERN = _scheme_other_than(_PLACE_USERINFO_SCHEMES) + r"[^/?#]*:[^/?#]*@"
 _URL_PASSWORD = re.compile(URL_PASSWORD_PATTERN)
-# A user name alone (s3://AKIAIOSFODNN7EXAMPLE@bucket, https://TOKEN@host) is a credential too, but where the part
-# before '@' names a place or a login: Azure's container@account, ssh's user@host. Any case, in any link.
-_NAMED_USER_SCHEMES = ("az", "abfs", "abfss", "wasb", "wasbs", "sftp", "ssh")
-URL_USER_PATTERN = (r"(^|[^A-Za-z0-9+.-])(?!(" + "|".join("".join(f"[{c}{c.upper()}]" for c in name)
-                                                          for name in _NAMED_USER_SCHEMES)
-                    + r")://)[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
+URL_USER_PATTERN = _scheme_other_than(_NAMED_USER_SCHEMES) + r"[^/?#]*@"
 # Either: what url_has_credentials refuses, also the JSON schema's rule.
 URL_CREDENTIALS_PATTERN = f"{URL_PASSWORD_PATTERN}|{URL_USER_PATTERN}"
 _URL_CREDENTIALS = re.compile(URL_CREDENTIALS_PATTERN)
