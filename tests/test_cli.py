@@ -1491,16 +1491,34 @@ def test_prefect_logs_a_runs_expected_ends_without_their_traceback():
 
 
 def test_ctrl_c_says_where_the_finished_shards_are_in_one_line(shards, tmp_path, capsys):
-    def interrupted_run(config, on_shard_done=None, all_finished=None):
-        on_shard_done({"stem": "00000", "embedded": 2, "cached": False}, 1, 3)
+    """The line says how many shards finished and how many did not, once the run knows its shards (the flow says
+    so as it plans them: the bar read '0/?' until a shard ended, and the line counted nothing); before that, where
+    the finished ones are and what the same command does."""
+    def interrupted_run(config, on_shard_done=None, all_finished=None, after=()):
+        on_shard_done(None, 0, 4)  # planned
+        for args in after:
+            on_shard_done(*args)
         raise KeyboardInterrupt
 
-    code = cli.main(interrupted_run, [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL,
-                                      "--no-pretrained"])
-    assert code == 130  # as a shell reports a command ended by SIGINT
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"run interrupted: the shards finished so far are in {tmp_path / 'out'}; run the same command again to "
-        "finish the rest (finished shards are not recomputed)")
+    argv = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained"]
+    resume = (f"the shards finished so far are in {tmp_path / 'out'}; run the same command again to finish the rest "
+              "(finished shards are not recomputed)")
+    for after, said in (
+        ([({"stem": "00000", "embedded": 2, "cached": False}, 1, 4)], "1 of 4 shard(s) finished, 3 not"),
+        ([({"stem": "00000", "embedded": 2, "cached": False}, 1, 4), (None, 2, 4)],
+         "1 of 4 shard(s) finished, 1 failed, 2 not"),
+        ([], "0 of 4 shard(s) finished, 4 not"),
+    ):
+        code = cli.main(lambda config, **kw: interrupted_run(config, **kw, after=after), argv)
+        assert code == 130  # as a shell reports a command ended by SIGINT
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"run interrupted: {said} (a shard ending as the run stopped may be whole too); {resume}")
+
+    def stopped_before_planning(config, on_shard_done=None, all_finished=None):
+        raise KeyboardInterrupt
+
+    assert cli.main(stopped_before_planning, argv) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"run interrupted: {resume}"
 
 
 def test_a_failure_without_a_message_is_named_by_its_type(shards, tmp_path, capsys):
@@ -1956,8 +1974,15 @@ def _ended_on_ctrl_c(proc, stdout: str, stderr: str, out, interrupted: float, *,
     said = stdout + stderr
     assert proc.returncode == code, said[-4000:]
     assert time.monotonic() - interrupted < 30, said[-4000:]
+    # how many shards finished and how many not, counted by the progress bar, which knew them all from the start
+    line = re.search(rf"run interrupted{by}: (\d+) of (\d+) shard\(s\) finished(, \d+ failed)?, (\d+) not \(a shard "
+                     r"ending as the run stopped may be whole too\); ", stderr)
+    assert line and int(line[1]) + int(line[4]) <= int(line[2]) == len(list(Path(out).parent.glob("in/*.tar"))), \
+        said[-4000:]
+    bar = [shown for shown in stdout.splitlines() if shown.startswith("shards")]
+    assert not bar or "/?" not in bar[-1], stdout[-4000:]  # where it was left: the shards' number known
     assert stderr.rstrip().endswith(
-        f"run interrupted{by}: the shards finished so far are in {out}; run the same command again to finish the "
+        f"the shards finished so far are in {out}; run the same command again to finish the "
         "rest (finished shards are not recomputed)"), said[-4000:]
     assert "Traceback (most recent call last)" not in said, said[-4000:]
     return said

@@ -280,10 +280,11 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
         with decoder_messages_to_log(), progress, _stop_signals_end_as_ctrl_c():
             manifest = run(config, on_shard_done=progress.update, all_finished=all_finished)
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: every output written so far is whole, and the same
-        # command goes on from it. Not counted: a shard can still finish as the run stops, after the progress bar's
-        # last update.
+        # command goes on from it. Counted by the progress bar: a shard can still finish as the run stops, after its
+        # last update, which the line allows for.
         by = f" by {exc.signal.name}" if isinstance(exc, Terminated) else ""
-        _say_last(f"\nrun interrupted{by}: the shards finished so far are in {config.output}; {RESUME}")
+        _say_last(f"\nrun interrupted{by}: {progress.so_far()}the shards finished so far are in {config.output}; "
+                  f"{RESUME}")
         return 128 + exc.signal if by else 130  # as a shell reports a command ended by the signal
     except Exception as exc:  # noqa: BLE001 - a failed run prints its reason, not a traceback wall
         from wdsembed.outputclaim import OutputClaimedError
@@ -378,12 +379,16 @@ def _say_last(line: str) -> None:
 class _Progress:
     """A terminal progress bar: shards, images, images/s."""
 
+    finished = ended = 0
+    total: Optional[int] = None  # unknown until the run's shards are planned (or where it stopped before the bar)
+
     def __enter__(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.started = time.perf_counter()
         self.images = 0
         self.finished = 0  # shards whose output is written (this run or before)
+        self.ended = 0  # finished or failed
         self.bar = Progress(
             TextColumn("shards"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[images]} images"),
             TextColumn("{task.fields[rate]} images/s"), TimeElapsedColumn(),
@@ -397,6 +402,7 @@ class _Progress:
     def update(self, result: Optional[dict], done: int, total: int) -> None:
         if result:
             self.finished += 1
+        self.ended, self.total = done, total
         if result and not result.get("cached"):
             self.images += result["embedded"]
         rate = self.images / max(time.perf_counter() - self.started, 1e-9)
@@ -404,6 +410,14 @@ class _Progress:
         # none while nothing was embedded (a run that finds every output finished).
         text = "-" if not self.images else f"{rate:,.1f}" if rate < 10 else f"{rate:,.0f}"
         self.bar.update(self.task, completed=done, total=total, images=self.images, rate=text)
+
+    def so_far(self) -> str:
+        """What the run did before it was stopped, for the line that says so; '' before its shards were planned."""
+        if self.total is None:
+            return ""
+        failed = self.ended - self.finished
+        return (f"{self.finished} of {self.total} shard(s) finished{f', {failed} failed' if failed else ''}, "
+                f"{self.total - self.ended} not (a shard ending as the run stopped may be whole too); ")
 
     def __exit__(self, *exc):
         try:
