@@ -447,18 +447,20 @@ def test_a_rerun_with_nothing_to_compute_reads_no_tar(finished_by_api, monkeypat
 
 
 @pytest.mark.parametrize("entry", ["command", "deployed-flow", "api"])
-def test_a_rerun_with_nothing_to_compute_asks_once_and_reads_each_footer_twice(finished_by_api, monkeypatch, entry):
+def test_a_rerun_with_nothing_to_compute_asks_once_and_reads_each_footer_once(finished_by_api, monkeypatch, entry):
     """Is every output finished? The checks ask once (plan.check_config: nothing_to_compute, listing the input and
     the output and reading every footer) and pass the answer to the run, in the command and in the deployed flow;
-    the flow's planning reads each footer once more, for the shards' own state. It was asked twice and every footer
-    read three times: on an object store, three rounds of GETs per shard for a run that computes nothing. The Python
-    API's planning reads them likewise, and takes a finished shard's result from that read: it ran every finished
-    shard again (a task each on a Dask client), which read its footer a third time."""
+    the flow's planning judges each shard again, for its own state, from the footers the checks read where its
+    listing of OUTPUT shows the same files (same size and mtime or ETag). It was asked twice and every footer read
+    three times, then twice: on an object store, a round of GETs per shard for each read, for a run that computes
+    nothing. The Python API's planning takes them likewise, and a finished shard's result from them: it ran every
+    finished shard again (a task each on a Dask client), which read its footer a third time."""
     import flows.embed
-    from wdsembed import cli, plan, shard
+    from wdsembed import cli, output, plan, shard
 
     root, argv = finished_by_api
     footers = _calls(monkeypatch, shard, "finished_output")
+    read = _calls(monkeypatch, output, "read_footer")
     asked = _calls(monkeypatch, plan, "nothing_to_compute")
     monkeypatch.setattr(flows.embed, "nothing_to_compute", plan.nothing_to_compute)  # imported by name there
     if entry == "command":
@@ -479,6 +481,34 @@ def test_a_rerun_with_nothing_to_compute_asks_once_and_reads_each_footer_twice(f
     for args in footers:
         per_shard[args[1].stem] = per_shard.get(args[1].stem, 0) + 1
     assert per_shard == {"00000": 2, "00001": 2}
+    tables = sorted(Path(str(args[0])).name for args in read if "_embeddings" not in str(args[0]))
+    assert tables == ["00000.parquet", "00001.parquet"], tables
+
+
+def test_an_output_changed_since_the_checks_is_judged_by_its_new_footer(finished_by_api, tmp_path):
+    """The planning takes the checks' footers only for outputs its own listing shows unchanged: one cut short, or
+    replaced by a user's own parquet, after the checks (another run, a hand) is read again and recomputed or refused,
+    as where the checks had not read it."""
+    import shutil
+
+    import pyarrow as pa
+
+    from wdsembed import cli, output, plan
+
+    root, argv = finished_by_api
+    config = cli.config_from_args(cli.build_parser().parse_args(argv)).model_copy(
+        update={"output": str(tmp_path / "out")})
+    shutil.copytree(root / "out", tmp_path / "out")
+    assert plan.check_config(config) is True
+    cut = tmp_path / "out" / "00000.parquet"
+    cut.write_bytes(cut.read_bytes()[:-100])
+    plans, finished = plan.plan_run(config, listed=plan.Listed.after_checks(config))
+    assert sorted(finished) == ["00001"]
+
+    assert plan.check_config(config) is False  # 00000 to compute: the checks read the others' footers for the planning
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "out" / "00001.parquet")
+    with pytest.raises(output.ForeignOutputError, match="00001.parquet"):
+        plan.plan_run(config, listed=plan.Listed.after_checks(config))
 
 
 def test_a_run_without_kNN_views_writes_none_and_one_with_them_adds_them_embedding_nothing(first_run, monkeypatch):

@@ -957,6 +957,27 @@ def test_a_rerun_reads_each_cached_result_once(server, tmp_path, prefect_api):
     assert reads == {key: 1 for key in stored}, rerun
 
 
+def _rerun_reads(seen: list, folder: str = "") -> dict:
+    """The GETs of the outputs' tables (or of their kNN views: `folder` _embeddings/) among a run's requests, by key."""
+    import collections
+
+    return collections.Counter(key for op, key in seen if op == "GetObject" and "/emb-" in key
+                               and key.endswith(".parquet") and (f"/{output.EMBEDDINGS_FOLDER}/" in key) == bool(folder))
+
+
+@pytest.mark.slow
+def test_a_rerun_reads_each_outputs_footer_once(server, tmp_path, prefect_api):
+    """A re-run with nothing to compute reads each output's footer once: the checks read it (nothing_to_compute) and
+    the planning, which lists OUTPUT again holding its claim, takes that read for each output its listing shows
+    unchanged (the same size, ETag and time). Read by both, that was two GETs per shard (20,000 on a re-run of 10,000
+    shards), besides those of the kNN views and the task cache's results."""
+    first, rerun = _requests_of_runs(server, tmp_path)
+    tables = {key for op, key in first if op == "PutObject" and "/emb-" in key and key.endswith(".parquet")
+              and f"/{output.EMBEDDINGS_FOLDER}/" not in key}
+    assert len(tables) == 3, first
+    assert _rerun_reads(rerun) == {key: 1 for key in tables}, rerun
+
+
 @pytest.mark.slow
 def test_a_first_run_asks_nothing_of_the_outputs_the_planning_found_absent(server, tmp_path, prefect_api):
     """The planning lists OUTPUT holding its claim, under which only this run writes there: a shard whose output it

@@ -34,15 +34,19 @@ def result_storage_url(config: EmbedConfig) -> str:
 
 
 def planned_outputs(config: EmbedConfig, plans: Iterable[shard.ShardPlan], *, max_workers: int = 16,
-                    verified: Optional[dict] = None) -> tuple[dict[str, dict], dict[str, str]]:
+                    verified: Optional[dict] = None,
+                    checked: Optional[dict] = None) -> tuple[dict[str, dict], dict[str, str]]:
     """The outputs that exist, are readable and carry this run's cache key (reads only footers), as stem -> the
     shard's result stored in its footer (ShardResult's fields, but `cached` and `seconds`), and, for each output of
     ours made under another key, why it is recomputed (shard.why_recomputed, from the same footer). Raises
     output.ForeignOutputError naming every planned output path that holds a parquet wdsembed did not write: the
     footers read here are what tells them apart, so the run is refused before any shard overwrites one. `verified`
     gets stem -> (fingerprint token, sound) of each output read whole (verify_outputs, or a kNN view rebuilt from a
-    damaged table) (ShardPlan.output_verified)."""
+    damaged table) (ShardPlan.output_verified). `checked`: output path (of OUTPUT's filesystem) -> the footer
+    metadata the run's checks read of that very file (plan.Listed.checked_footers), taken instead of reading it."""
     plans = list(plans)
+    checked = checked or {}
+    _, out_root = storage.filesystem(config.output, config.storage_options)
     recompute: dict[str, str] = {}
 
     def made_otherwise(plan: shard.ShardPlan, meta: dict) -> None:
@@ -52,6 +56,7 @@ def planned_outputs(config: EmbedConfig, plans: Iterable[shard.ShardPlan], *, ma
         try:
             meta = shard.finished_output(
                 config, plan, shard.cache_key(config, plan), made_otherwise=lambda meta: made_otherwise(plan, meta),
+                checked_meta=checked.get(storage.join(out_root, plan.stem + ".parquet")),
                 verified=lambda token, sound: verified.__setitem__(plan.stem, (token, sound))
                 if verified is not None else None)
         except output.ForeignOutputError:

@@ -522,6 +522,14 @@ def ensure_embeddings_view(config: "EmbedConfig", stem: str, output_url: str, ca
     return True
 
 
+def dictionary_ids(footer: Optional[pq.FileMetaData], id_column: str) -> bool:
+    """Whether a table's footer shows its id column dictionary-encoded (an earlier version's: ensure_plain_ids)."""
+    try:
+        return footer is not None and pa.types.is_dictionary(footer.schema.to_arrow_schema().field(id_column).type)
+    except (KeyError, pa.ArrowException, ValueError):
+        return False
+
+
 def ensure_plain_ids(config: "EmbedConfig", stem: str, output_url: str, footer: Optional[pq.FileMetaData],
                      cache_key: str, before_commit: Callable[[], None] = lambda: None) -> bool:
     """Rewrite a finished shard's table, and its kNN view, whose id column is dictionary-encoded (`footer`: the

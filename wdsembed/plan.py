@@ -86,9 +86,9 @@ def check_config(config: EmbedConfig, *, on_current_client: bool = False) -> boo
     _check_id_types(config, found)
     check_output_location(config, found)
     check_outputs_beside(config, found, listed.output_files())
-    # Where every output is finished with this run's key, nothing_to_compute read each footer: all are ours. On an
-    # object store the flow's planning reads these footers again (plan_run): a footer read more for each output
-    # already there, so that a user's own file is refused here, before Prefect starts, not in the flow run.
+    # Where every output is finished with this run's key, nothing_to_compute read each footer: all are ours, and
+    # the planning takes those reads for the files its own listing shows unchanged (Listed.checked_footers). Else
+    # each output there is read here, so that a user's own file is refused before Prefect starts, not in the flow.
     if needs_model:
         check_own_outputs(config, [found.stem(t) for t in found.tars], listed.output_files())
     if needs_model:
@@ -422,11 +422,18 @@ def _parents(path: str) -> list[str]:
 def output_files(config: EmbedConfig) -> set[str]:
     """Every file under OUTPUT, as paths of its filesystem (none where OUTPUT does not exist yet): one listing, on an
     object store a LIST request per 1,000 keys."""
+    return set(_output_listing(config))
+
+
+def _output_listing(config: EmbedConfig) -> dict[str, str]:
+    """output_files' listing, each path with its file's fingerprint token (size, mtime or ETag) as the listing gives
+    it: the same requests."""
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
     try:
-        return set(out_fs.find(out_root, withdirs=False))
+        found = out_fs.find(out_root, withdirs=False, detail=True)
     except (FileNotFoundError, NotADirectoryError):
-        return set()
+        return {}
+    return {path: shardindex._fingerprint_from_info(info).token for path, info in found.items()}
 
 
 class Listed:
@@ -440,6 +447,10 @@ class Listed:
         self._storage_checked = False
         self._found: Optional[FoundShards] = None
         self._output_files: Optional[set[str]] = None
+        self._output_tokens: Optional[dict[str, str]] = None
+        # output path -> (its token in this listing, its footer metadata): what nothing_to_compute read
+        self._footers: dict[str, tuple[str, dict]] = {}
+        self._checked_footers: dict[str, tuple[str, dict]] = {}  # the checks' _footers (after_checks)
 
     @classmethod
     def after_checks(cls, config: EmbedConfig) -> "Listed":
@@ -452,6 +463,7 @@ class Listed:
         if checked is not None and checked._found is not None and checked.config == config:
             _checked_input.set(None)
             listed._found, listed._storage_checked = checked._found, checked._storage_checked
+            listed._checked_footers = checked._footers  # taken only for files this listing shows unchanged
         return listed
 
     def check_storage(self) -> None:
@@ -468,8 +480,27 @@ class Listed:
 
     def output_files(self) -> set[str]:
         if self._output_files is None:
-            self._output_files = output_files(self.config)
+            self._output_files = set(self.output_tokens())
         return self._output_files
+
+    def output_tokens(self) -> dict[str, str]:
+        """OUTPUT's files (output_files), each with its fingerprint token as listed."""
+        if self._output_tokens is None:
+            self._output_tokens = _output_listing(self.config)
+        return self._output_tokens
+
+    def keep_footer(self, path: str, meta: dict) -> None:
+        """Keep the footer metadata just read of output `path`, under its token in this listing, for the planning."""
+        token = self.output_tokens().get(path)
+        if token is not None:
+            self._footers[path] = (token, meta)
+
+    def checked_footers(self) -> dict[str, dict]:
+        """Output path -> footer metadata, as the checks read it, of each output that this step's listing of OUTPUT
+        shows unchanged since the checks listed it (the same size and mtime or ETag): reading it again would read
+        the same bytes. A file written since (by another run, by hand) is not among them, and is read anew."""
+        tokens = self.output_tokens()
+        return {path: meta for path, (token, meta) in self._checked_footers.items() if tokens.get(path) == token}
 
 
 # The Listed of the last check_config that passed in this context, until a planning takes it (Listed.after_checks).
@@ -503,7 +534,12 @@ def nothing_to_compute(config: EmbedConfig, listed: Optional[Listed] = None) -> 
 
         def finished(plan: ShardPlan) -> bool:
             key = shard.cache_key(config, plan)
-            return shard.finished_output(config, plan, key, repair_view=False) is not None
+            path = storage.join(out_root, plan.stem + ".parquet")
+            footer = output.read_footer(path, out_fs)
+            meta = shard.finished_output(config, plan, key, repair_view=False, footer=footer)
+            if meta is not None and not output.dictionary_ids(footer, config.id_column):
+                listed.keep_footer(path, meta)  # the planning judges it from this read (Listed.checked_footers)
+            return meta is not None
 
         with ContextThreadPool(max(1, min(16, len(plans)))) as pool:
             return bool(plans) and all(pool.map(finished, plans))
@@ -933,7 +969,8 @@ def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None, *, gpus: 
     if config.force:
         check_own_outputs(config, [p.stem for p in plans])
     verified: dict[str, tuple[str, bool]] = {}
-    finished, recompute = ({}, {}) if config.force else caching.planned_outputs(config, plans, verified=verified)
+    finished, recompute = ({}, {}) if config.force else caching.planned_outputs(
+        config, plans, verified=verified, checked=listed.checked_footers())
     check_finished_precision(config, finished, gpus, client)
     # each shard's own check takes the planning's verdict on an output it read whole (verify_outputs, or a damaged
     # table behind a missing kNN view), unchanged since: read whole twice, a damaged one was said to be twice.

@@ -285,10 +285,14 @@ def _changed(name: str, old, new) -> str:
     return f"{name}={said(old)} (now {said(new)})"
 
 
+_UNREAD = object()  # finished_output's footer, where its caller has not read it
+
+
 def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_view: bool = True,
                     claim_run: Optional[str] = None,
                     made_otherwise: Callable[[dict], None] = lambda meta: None,
-                    verified: Callable[[str, bool], None] = lambda token, sound: None) -> Optional[dict]:
+                    verified: Callable[[str, bool], None] = lambda token, sound: None,
+                    footer=_UNREAD, checked_meta: Optional[dict] = None) -> Optional[dict]:
     """The footer metadata of a complete output made with the same cache key, else None (missing, cut short, its
     footer unreadable, or made from other inputs): such an output is recomputed, never reported as cached; a readable
     parquet there that wdsembed did not write raises output.ForeignOutputError, and is never overwritten. Only the
@@ -300,10 +304,15 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_vi
     says why, from the footer already read). `verified` is called with the output's fingerprint token and whether it
     was found sound, where it was read whole (verify_outputs) or found damaged rebuilding its view; where
     plan.output_verified holds the planning's verdict on the same file, that is taken instead (and its warning not
-    said again)."""
+    said again). `footer`: the output's footer, where the caller just read it (output.read_footer: None for none). `checked_meta`:
+    its footer metadata as the run's checks read it, of this very file (plan.Listed.checked_footers: unchanged
+    since), whose id column is plain: taken instead of a read."""
     fs, path = storage.filesystem(plan.output, config.storage_options)
-    footer = output.read_footer(path, fs)
-    meta = output.output_metadata(footer, path, refuse_foreign=True)
+    if checked_meta is not None:
+        meta = checked_meta
+    else:
+        footer = output.read_footer(path, fs) if footer is _UNREAD else footer
+        meta = output.output_metadata(footer, path, refuse_foreign=True)
     if meta is not None and meta.get("cache_key") != key:
         made_otherwise(meta)
 
@@ -317,7 +326,7 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_vi
         if repair_view and plan.output_verified and not plan.output_verified[1] and \
                 plan.output_verified[0] == _output_token(fs, path):
             return None  # found damaged by the planning, which said why: not read, nor said, again
-        if repair_view:
+        if repair_view and checked_meta is None:  # the checks kept only footers of plain ids
             # an earlier version's dictionary-typed ids, which a merged read refuses beside this version's
             try:
                 if output.ensure_plain_ids(
