@@ -12,8 +12,8 @@ def list_and_index_shards(config: EmbedConfig) -> tuple[list[ShardPlan], set[str
     file under OUTPUT, as the planning listed them (for retire_manifest, which would list OUTPUT again)."""
     listed = Listed.after_checks(config)
     plans, finished = plan_run(config, listed=listed)
-    # Only the stems: each finished shard's task comes back from Prefect's cache with its result, so the results
-    # their footers stored need not be carried through the flow.
+    # Only the stems: each finished shard's task comes back from Prefect's cache with its result, or, where that
+    # has none, from its plan's (ShardPlan.finished_result).
     return plans, set(finished), listed.output_files()
 
 

@@ -485,6 +485,22 @@ def test_a_rerun_with_nothing_to_compute_asks_once_and_reads_each_footer_once(fi
     assert tables == ["00000.parquet", "00001.parquet"], tables
 
 
+def test_a_rerun_whose_task_cache_lacks_the_results_reads_each_footer_and_view_once(finished_by_api, monkeypatch,
+                                                                                     tmp_path):
+    """Where Prefect's task cache has no result for a group of finished shards (an empty --result-storage here; in
+    use: outputs the Python API made, or a run of more shards that groups them otherwise), its task run takes the
+    planning's verdict on each output, made holding OUTPUT's claim, under which nothing else writes there: it read
+    each output's footer and its kNN view's again, in this process's threads (on an object store, two GETs per
+    shard more)."""
+    from wdsembed import output
+
+    root, argv = finished_by_api
+    read = _calls(monkeypatch, output, "read_footer")
+    assert _rerun_totals(root, argv + ["--result-storage", str(tmp_path / "results")])["cached"] == 2
+    reads = sorted(str(Path(str(args[0])).relative_to(root / "out")) for args in read)
+    assert reads == ["00000.parquet", "00001.parquet", "_embeddings/00000.parquet", "_embeddings/00001.parquet"]
+
+
 def test_an_output_changed_since_the_checks_is_judged_by_its_new_footer(finished_by_api, tmp_path):
     """The planning takes the checks' footers only for outputs its own listing shows unchanged: one cut short, or
     replaced by a user's own parquet, after the checks (another run, a hand) is read again and recomputed or refused,

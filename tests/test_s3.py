@@ -979,6 +979,29 @@ def test_a_rerun_reads_each_outputs_footer_once(server, tmp_path, prefect_api):
 
 
 @pytest.mark.slow
+def test_a_rerun_grouped_otherwise_reads_each_output_and_view_once(server, tmp_path, prefect_api):
+    """A re-run that groups the finished shards otherwise (more shards, another shards_per_task) finds no result in
+    Prefect's task cache for its groups: their task runs take the planning's verdict on each output, made holding
+    OUTPUT's claim. They read each footer and each kNN view's footer again: two GETs per shard more."""
+    from flows.embed import run
+    from s3server import CountingProxy
+
+    url, out_url = _demo_without_indexes(server, tmp_path)
+    proxy = CountingProxy(server.endpoint).start()
+    try:
+        config = config_for(url, out_url, proxy.endpoint, index_cache_dir=str(tmp_path / "idx"))
+        assert run(config, all_finished=plan.check_config(config))["totals"]["computed"] == 3
+        config = config.model_copy(update={"shards_per_task": 3})
+        proxy.reset()
+        assert run(config, all_finished=plan.check_config(config))["totals"]["cached"] == 3
+        rerun = list(proxy.seen)
+    finally:
+        proxy.stop()
+    tables, views = _rerun_reads(rerun), _rerun_reads(rerun, output.EMBEDDINGS_FOLDER)
+    assert sorted(tables.values()) == sorted(views.values()) == [1, 1, 1], rerun
+
+
+@pytest.mark.slow
 def test_a_first_run_asks_nothing_of_the_outputs_the_planning_found_absent(server, tmp_path, prefect_api):
     """The planning lists OUTPUT holding its claim, under which only this run writes there: a shard whose output it
     found absent is embedded and written on its task's first attempt without asking whether its output exists. Each

@@ -4,6 +4,7 @@ path), which outputs are finished, and which are to compute. Which shards INPUT 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -975,6 +976,9 @@ def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None, *, gpus: 
     # each shard's own check takes the planning's verdict on an output it read whole (verify_outputs, or a damaged
     # table behind a missing kNN view), unchanged since: read whole twice, a damaged one was said to be twice.
     plans = [dataclasses.replace(p, output_verified=verified[p.stem]) if p.stem in verified else p for p in plans]
+    # and a finished shard's task, where Prefect's cache has no result for its group, takes the planning's verdict
+    plans = [dataclasses.replace(p, finished_result=json.dumps(finished[p.stem])) if p.stem in finished else p
+             for p in plans]
     # A warning: outputs already there are about to be overwritten, and an accident (a package upgraded, tars
     # touched) must show before the work, in the terminal and the flow run's logs, not only at INFO.
     for line in report.describe_recomputed(recompute):

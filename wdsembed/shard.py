@@ -73,6 +73,10 @@ class ShardPlan:
     # The planning's listing of OUTPUT, under the run's claim, held no file at `output`: the task's first attempt
     # need not ask (process_shard's `first_attempt`).
     output_absent: bool = False
+    # The planning found the output finished with this run's cache key (its kNN view rebuilt where missing or stale),
+    # holding the run's claim: the shard's result from its footer, as JSON (a string: Prefect walks every element of
+    # a task's parameters). The task's first attempt takes it (process_shard's `first_attempt`).
+    finished_result: Optional[str] = None
 
 
 @dataclass
@@ -394,13 +398,18 @@ def process_shard(
     files are put in place only while that run still holds it (write_output). None: written without a claim.
     `abandoned`: asked as the shard starts and after each batch (it must be cheap); once true, ShardAbandoned is
     raised and nothing of the shard is written. `first_attempt`: this run has not tried the shard before (its task's
-    first try), so an output the planning found absent (plan.output_absent) is not looked for: under the run's claim
-    nothing else writes it, and on an object store each look is a HEAD and a one-key LIST."""
+    first try), so an output the planning found absent (plan.output_absent) is not looked for, nor one it found
+    finished (plan.finished_result) read again: under the run's claim nothing else writes it, and on an object store
+    each look is a HEAD and a one-key LIST, each read of a footer a GET."""
     if abandoned():
         raise _abandon(f"shard {plan.shard} not started: {_NOT_WANTED}")
     start = time.perf_counter()
     timeline = {"worker": f"{socket.gethostname()}:{os.getpid()}", "start": time.time()}
     key = cache_key(config, plan)
+    if not config.force and first_attempt and plan.finished_result is not None:
+        # Under the run's claim nothing else writes OUTPUT since the planning judged it: its footer and view are
+        # not read again (where Prefect's task cache has no result for the group)
+        return ShardResult(**json.loads(plan.finished_result), cached=True, seconds=time.perf_counter() - start)
     if not config.force and not (first_attempt and plan.output_absent):
         meta = finished_output(config, plan, key, claim_run=claim_run)
         if meta is not None:
