@@ -1002,6 +1002,30 @@ def test_a_rerun_grouped_otherwise_reads_each_output_and_view_once(server, tmp_p
 
 
 @pytest.mark.slow
+def test_a_rerun_with_a_new_shard_reads_each_finished_outputs_footer_once(server, tmp_path, prefect_api):
+    """A re-run with a shard to compute beside finished ones: the checks read each output there, to refuse a user's
+    own parquet before Prefect starts (check_own_outputs), and the planning takes those reads for the files its
+    listing shows unchanged. Both read them: two GETs per finished shard."""
+    from flows.embed import run
+    from s3server import CountingProxy
+
+    url, out_url = _demo_without_indexes(server, tmp_path)
+    proxy = CountingProxy(server.endpoint).start()
+    try:
+        config = config_for(url + "/{00000..00001}.tar", out_url, proxy.endpoint,
+                            index_cache_dir=str(tmp_path / "idx"))
+        assert run(config, all_finished=plan.check_config(config))["totals"]["computed"] == 2
+        config = config.model_copy(update={"input": url})
+        proxy.reset()
+        assert run(config, all_finished=plan.check_config(config))["totals"]["computed"] == 1
+        rerun = list(proxy.seen)
+    finally:
+        proxy.stop()
+    assert _rerun_reads(rerun) == {f"/{out_url[len('s3://'):]}/{stem}.parquet": 1 for stem in ("00000", "00001")}, \
+        rerun
+
+
+@pytest.mark.slow
 def test_a_first_run_asks_nothing_of_the_outputs_the_planning_found_absent(server, tmp_path, prefect_api):
     """The planning lists OUTPUT holding its claim, under which only this run writes there: a shard whose output it
     found absent is embedded and written on its task's first attempt without asking whether its output exists. Each

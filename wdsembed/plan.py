@@ -87,11 +87,11 @@ def check_config(config: EmbedConfig, *, on_current_client: bool = False) -> boo
     _check_id_types(config, found)
     check_output_location(config, found)
     check_outputs_beside(config, found, listed.output_files())
-    # Where every output is finished with this run's key, nothing_to_compute read each footer: all are ours, and
-    # the planning takes those reads for the files its own listing shows unchanged (Listed.checked_footers). Else
-    # each output there is read here, so that a user's own file is refused before Prefect starts, not in the flow.
+    # Each output there is read once by these checks (nothing_to_compute, else here), so that a user's own file is
+    # refused before Prefect starts, not in the flow; the planning takes those reads for the files its own listing
+    # shows unchanged (Listed.checked_footers).
     if needs_model:
-        check_own_outputs(config, [found.stem(t) for t in found.tars], listed.output_files())
+        check_own_outputs(config, [found.stem(t) for t in found.tars], listed.output_files(), listed=listed)
     if needs_model:
         preflight.check_weights(config)  # last: needs timm
     _checked_input.set(listed)  # for the planning that follows (Listed.after_checks)
@@ -370,23 +370,31 @@ def _views_without_tables(files: set[str]) -> list[str]:
                   if rel.startswith(views) and output.is_output_name(rel) and rel[len(views):] not in files)
 
 
-def check_own_outputs(config: EmbedConfig, stems: Collection[str], files: Optional[set[str]] = None) -> None:
+def check_own_outputs(config: EmbedConfig, stems: Collection[str], files: Optional[set[str]] = None, *,
+                      listed: Optional[Listed] = None) -> None:
     """Refuse a run where a shard's OUTPUT/<stem>.parquet is a readable parquet that wdsembed did not write (no
     footer of ours: the user's own file, copied there): it would be overwritten. An output of ours, of any model or
     damaged below its footer, is rewritten as before, and so is a file whose footer cannot be read (an output of
     ours cut short or damaged looks the same). One listing of OUTPUT (`files`, where the caller listed it:
     output_files), and a footer read for each of these outputs that exists. Raises output.ForeignOutputError naming
-    them."""
+    them. `listed`: the checks' listings (check_config's, whose `files` these are), which keep the footers of ours
+    read here for the planning (Listed.checked_footers), and give those read already (nothing_to_compute)."""
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
     if files is None:
         files = output_files(config)
     existing = [stem for stem in stems if storage.join(out_root, stem + ".parquet") in files]
 
     def foreign(stem: str) -> bool:
+        path = storage.join(out_root, stem + ".parquet")
+        if listed is not None and path in listed._footers:
+            return False  # ours: read by this step's nothing_to_compute
+        footer = output.read_footer(path, out_fs)
         try:
-            output.read_output_metadata(storage.join(out_root, stem + ".parquet"), out_fs, refuse_foreign=True)
+            meta = output.output_metadata(footer, path, refuse_foreign=True)
         except output.ForeignOutputError:
             return True
+        if listed is not None and meta is not None and not output.dictionary_ids(footer, config.id_column):
+            listed.keep_footer(path, meta)
         return False
 
     with ContextThreadPool(max(1, min(16, len(existing)))) as pool:
@@ -537,10 +545,10 @@ def nothing_to_compute(config: EmbedConfig, listed: Optional[Listed] = None) -> 
             key = shard.cache_key(config, plan)
             path = storage.join(out_root, plan.stem + ".parquet")
             footer = output.read_footer(path, out_fs)
-            meta = shard.finished_output(config, plan, key, repair_view=False, footer=footer)
-            if meta is not None and not output.dictionary_ids(footer, config.id_column):
-                listed.keep_footer(path, meta)  # the planning judges it from this read (Listed.checked_footers)
-            return meta is not None
+            ours = output.output_metadata(footer, path, refuse_foreign=True)
+            if ours is not None and not output.dictionary_ids(footer, config.id_column):
+                listed.keep_footer(path, ours)  # the planning judges it from this read (Listed.checked_footers)
+            return shard.finished_output(config, plan, key, repair_view=False, footer=footer) is not None
 
         with ContextThreadPool(max(1, min(16, len(plans)))) as pool:
             return bool(plans) and all(pool.map(finished, plans))
