@@ -962,7 +962,8 @@ def _rerun_reads(seen: list, folder: str = "") -> dict:
     import collections
 
     return collections.Counter(key for op, key in seen if op == "GetObject" and "/emb-" in key
-                               and key.endswith(".parquet") and (f"/{output.EMBEDDINGS_FOLDER}/" in key) == bool(folder))
+                               and key.endswith(".parquet")
+                               and (f"/{output.EMBEDDINGS_FOLDER}/" in key) == bool(folder))
 
 
 @pytest.mark.slow

@@ -308,9 +308,9 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_vi
     says why, from the footer already read). `verified` is called with the output's fingerprint token and whether it
     was found sound, where it was read whole (verify_outputs) or found damaged rebuilding its view; where
     plan.output_verified holds the planning's verdict on the same file, that is taken instead (and its warning not
-    said again). `footer`: the output's footer, where the caller just read it (output.read_footer: None for none). `checked_meta`:
-    its footer metadata as the run's checks read it, of this very file (plan.Listed.checked_footers: unchanged
-    since), whose id column is plain: taken instead of a read."""
+    said again). `footer`: the output's footer, where the caller just read it (output.read_footer: None for
+    none). `checked_meta`: its footer metadata as the run's checks read it, of this very file
+    (plan.Listed.checked_footers: unchanged since), whose id column is plain: taken instead of a read."""
     fs, path = storage.filesystem(plan.output, config.storage_options)
     if checked_meta is not None:
         meta = checked_meta
