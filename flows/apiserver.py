@@ -48,9 +48,11 @@ class TemporaryServer:
         self.port = sock.getsockname()[1]
         # The server's process says on this pipe, once it has read Prefect's settings, whether its database's
         # folder can be written ("ok", or the line saying what to change), before it opens anything.
+        # It is kept open afterwards: a database that cannot be written later on (its disk full) is said there too.
         self._checked, checked_w = os.pipe()
         self._refusal: Optional[str] = None
         self.said_nothing = False  # its process ended without a word: Prefect's settings name an API (_serve)
+        self._trouble: Optional[str] = None
         self.process: Optional[subprocess.Popen] = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), str(sock.fileno()), str(os.getpid()), str(checked_w)],
             pass_fds=[sock.fileno(), checked_w], stdin=subprocess.PIPE,
@@ -91,11 +93,31 @@ class TemporaryServer:
                         self.said_nothing = not said
                         break
                     said += chunk
-                os.close(self._checked)
-                self._checked = None
-                line = said.decode(errors="replace").strip()
+                lines = said.decode(errors="replace").splitlines()
+                line = lines[0].strip() if lines else ""
                 self._refusal = line if line and line != "ok" else None
+                if self._refusal or not said:
+                    os.close(self._checked)
+                    self._checked = None
         return self._refusal
+
+    def trouble(self, timeout: float) -> Optional[str]:
+        """What the server's process said, once serving, keeps it from recording the run (its database cannot be
+        written: a full disk), as one line saying what to change; None where it said nothing within `timeout`."""
+        import select
+
+        if self._trouble is None and self._checked is not None and self._refusal is None:
+            said = b""
+            while select.select([self._checked], [], [], timeout)[0]:
+                chunk = os.read(self._checked, 4096)
+                if not chunk:
+                    break
+                said += chunk
+                if said.endswith(b"\n"):
+                    break
+            lines = [line.strip() for line in said.decode(errors="replace").splitlines()]
+            self._trouble = next((line for line in lines if line and line != "ok"), None)
+        return self._trouble
 
     def wait(self, timeout: float) -> str:
         """The API URL once the server answers; RuntimeError if its process ends or `timeout` passes first."""
@@ -262,6 +284,16 @@ def wait(url: Optional[str]) -> None:
         server.wait(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
 
 
+def trouble(timeout: float = 2.0) -> Optional[str]:
+    """What this process's temporary server said keeps it from recording the run (its database cannot be
+    written), as one line saying what to change; None where it said nothing, or there is none."""
+    with _lock:
+        server = _server
+    if server is None or server.process is None:
+        return None
+    return server.trouble(timeout)
+
+
 def _quiet_from_now() -> None:
     """The server is stopping: its Prefect services say nothing from now on. Their shutdown cancels a flush of the
     task-run events still queued (a re-run of a few hundred finished shards sends one per shard as it ends), and
@@ -322,6 +354,67 @@ def _database_setup_turn() -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# What SQLite says where its database cannot be written any more, and what to do about each.
+_DATABASE_WRITE_ERRORS = {"database or disk is full": "free space there, or set {where} to a folder with room",
+                          "attempt to write a readonly database": "set {where} to a folder you can write",
+                          "disk I/O error": "set {where} to a folder on a sound disk"}
+
+
+def _database_write_error(record) -> Optional[str]:  # noqa: ANN001 - a logging.LogRecord
+    """SQLite's words (a key of _DATABASE_WRITE_ERRORS) where `record` logs a failed write of the database."""
+    texts = [record.getMessage()]
+    exc = record.exc_info[1] if record.exc_info else None
+    seen = 0
+    while exc is not None and seen < 10:  # sqlalchemy's OperationalError wraps sqlite3's
+        texts.append(str(exc))
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return next((words for words in _DATABASE_WRITE_ERRORS for text in texts if words in text), None)
+
+
+def _say_database_trouble_once(said) -> None:  # noqa: ANN001 - the pipe to the command, a text file
+    """A server whose database cannot be written (its disk full, turned read-only) fails every request that writes:
+    each failure was logged with its traceback (sqlite3's, SQLAlchemy's, uvicorn's), about 1,900 lines on the
+    command's terminal, and the command named only an HTTP 500. Said once instead, here and to the command, which
+    names it in its last line; later such records are dropped."""
+    import logging
+
+    from prefect.settings import get_current_settings
+
+    home = os.path.abspath(os.path.expanduser(str(get_current_settings().home)))
+    lock = _setup_lock_path()
+    database = lock[:-len(".wdsembed-setup.lock")] if lock.endswith(".wdsembed-setup.lock") else home
+    where = "PREFECT_HOME" if os.path.commonpath([home, os.path.dirname(database)]) == home else \
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL"
+    told = []
+
+    class DatabaseTrouble(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if getattr(record, "wdsembed_said", False):  # the one line, at this process's next handler
+                return True
+            words = _database_write_error(record)
+            if words is None:
+                return True
+            if told:
+                return False
+            told.append(words)
+            line = (f"Prefect's database {database} cannot be written ({words}): "
+                    f"{_DATABASE_WRITE_ERRORS[words].format(where=where)}; or set PREFECT_API_URL to a running "
+                    "Prefect server")
+            with contextlib.suppress(OSError, ValueError):
+                said.write(line + "\n")
+                said.flush()
+            record.msg, record.args, record.exc_info, record.exc_text = line, (), None, None
+            record.wdsembed_said = True
+            return True
+
+    trouble = DatabaseTrouble()
+    loggers = [logging.getLogger()] + [logger for logger in logging.root.manager.loggerDict.values()
+                                       if isinstance(logger, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            handler.addFilter(trouble)
+
+
 def _serve(fd: int, parent: int, checked: int) -> None:
     """The server's process: load the server and build the app, then, once told to, serve on the socket it was
     handed until terminated or orphaned. It first says on `checked` whether it can (TemporaryServer.refusal)."""
@@ -337,9 +430,11 @@ def _serve(fd: int, parent: int, checked: int) -> None:
     if PREFECT_API_URL.value():  # a Prefect profile names the API (prepare() saw only the environment)
         return
     problem = _unwritable_database_folder()
-    with open(checked, "w") as said:
-        said.write((problem or "ok") + "\n")
+    said = open(checked, "w")  # kept open: _say_database_trouble_once writes there later
+    said.write((problem or "ok") + "\n")
+    said.flush()
     if problem:
+        said.close()
         return
     import uvicorn
     from prefect.server.api.server import create_app
@@ -355,6 +450,7 @@ def _serve(fd: int, parent: int, checked: int) -> None:
         # database did it at once, and all but one failed ('duplicate column name'). They take turns here.
         with _database_setup_turn():
             await startup(sockets=sockets)
+        _say_database_trouble_once(said)  # on the handlers as the app's startup left them: it sets logging up anew
 
     server.startup = startup_in_turn
     handle_exit = server.handle_exit  # what uvicorn makes the handler of SIGTERM (stop()) as it starts serving

@@ -433,8 +433,26 @@ def _run_claimed(config: EmbedConfig, on_shard_done, all_finished: bool, claim_r
         logging.getLogger("wdsembed").warning("the run completed, but its Dask cluster did not shut down in time "
                                               "(%r); outputs and manifest are complete", exc)
         return hooks.manifest
+    except ShardsFailed:
+        raise
+    except Exception as exc:
+        # The temporary server's database cannot be written (its disk full): what failed here is a request to it,
+        # an HTTP 500 that names neither. The server said why; the outputs written so far are whole.
+        trouble = apiserver.trouble()
+        if trouble is None:
+            raise
+        error = PrefectServerUnusable(trouble)
+        error.manifest = hooks.manifest
+        raise error from exc
     finally:
         _this_run.reset(token)
+
+
+class PrefectServerUnusable(RuntimeError):
+    """The run's Prefect server can no longer record it (its database cannot be written); the message says what to
+    change. `manifest`: the run's, where it was written before."""
+
+    manifest: Optional[dict] = None
 
 
 class APIAccessError(RuntimeError):

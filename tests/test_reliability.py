@@ -1497,6 +1497,46 @@ def test_the_command_on_a_full_disk_names_the_failed_shards_without_a_traceback(
                  lost="nothing; no partial output")
 
 
+def test_the_command_whose_prefect_database_fills_up_mid_run_says_so_in_one_line(tmp_path):
+    """PREFECT_HOME (the temporary server's SQLite database) on a small tmpfs that fills up once the first output is
+    written. The server's process printed each failed write's traceback (about 1,900 lines of sqlite3 and uvicorn
+    frames on the command's terminal), and the run ended 'run failed: Server error '500 Internal Server Error' for
+    url .../set_state', naming neither the database nor the full disk. Now the server says it once, and the
+    command's last line names the database, the cause and what to set; the outputs written are whole."""
+    data = dataset(tmp_path / "in", 4)
+    small = tmp_path / "small"
+    small.mkdir()
+    if not _mount_tmpfs(small, "64m"):
+        pytest.skip("needs root to mount a small tmpfs (a real full disk)")
+    out = tmp_path / "out"
+    env = {k: v for k, v in _cli_env(tmp_path).items() if k != "PREFECT_API_URL"}  # the command's own server
+    env |= {"PREFECT_HOME": str(small / "home"), "COLUMNS": "200"}
+    try:
+        command = subprocess.Popen(cli_args(data, out), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while not (out / "00000.parquet").exists() and command.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with open(small / "filler", "wb") as filler:  # the disk fills up (another job's files, say)
+            with contextlib.suppress(OSError):
+                while True:
+                    filler.write(b"\0" * (1 << 16))
+                    filler.flush()
+        stdout, stderr = command.communicate(timeout=300)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+    said = stdout + stderr
+    assert command.returncode == 1, said[-4000:]
+    database = small / "home" / "prefect.db"
+    closing = stderr[stderr.rindex("run failed"):].splitlines()[0]
+    assert closing.startswith(f"run failed: Prefect's database {database} cannot be written (database or disk is "
+                              "full): free space there, or set PREFECT_HOME to a folder with room"), closing
+    assert "sqlite3.OperationalError" not in said, said[-6000:]  # the server's tracebacks
+    written = sorted(p.stem for p in out.glob("*.parquet"))
+    assert written, said[-4000:]
+    assert_outputs_whole(out, written)
+
+
 def test_a_rerun_that_dies_between_a_shards_view_and_its_table(tmp_path):
     """The view is written before the table (a finished table always has its view), so a run that dies between
     the two leaves the table of the run before it beside a view of its own. A later run of the table's settings
