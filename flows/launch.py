@@ -21,6 +21,7 @@ def launch(run_flow: Callable[..., dict], argv: Optional[Sequence[str]] = None) 
     from flows import apiserver  # imports nothing of Prefect
 
     if argv is None:  # the command's own process
+        _open_files_up_to_the_hard_limit()
         # Registered first, so it runs last: Python's garbage collection of every module's objects as the process
         # ends takes about 0.7 s with Prefect and Dask loaded; everything is written and closed by then.
         atexit.register(gc.freeze)
@@ -30,3 +31,23 @@ def launch(run_flow: Callable[..., dict], argv: Optional[Sequence[str]] = None) 
     from wdsembed import cli  # after prepare(): the server's process starts loading half a second sooner
 
     return cli.main(run_flow, argv, on_checked=apiserver.start)
+
+
+def _open_files_up_to_the_hard_limit() -> None:
+    """Raise this process's soft limit of open files to its hard limit; the temporary server and the Dask workers
+    it starts inherit it. Under a low soft limit (`ulimit -Sn 40`; macOS's default is 256) the flow's process, which
+    holds Prefect's client and event loops and the local Dask scheduler and nanny, ran out of descriptors, and the
+    run hung with Prefect's threads unable to make event loops. The hard limit is the user's ceiling; `dask scheduler`
+    raises its own soft limit the same way."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20  # macOS refuses an unlimited soft limit; Linux's own ceiling (nr_open) is about this
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        except (OSError, ValueError):  # refused (macOS's kern.maxfilesperproc): the limit stays as it was
+            pass

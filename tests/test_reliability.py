@@ -1537,6 +1537,32 @@ def test_the_command_whose_prefect_database_fills_up_mid_run_says_so_in_one_line
     assert_outputs_whole(out, written)
 
 
+def test_the_command_under_a_low_open_files_soft_limit_finishes(tmp_path):
+    """A shell whose soft limit of open files is low (`ulimit -Sn 40`; macOS's default soft limit is 256) and whose
+    hard limit is not. The flow's process (Prefect's client and event loops, the Dask scheduler and nanny) ran out
+    of descriptors: Prefect's threads failed to make event loops ('Too many open files') and the run hung, printing
+    psutil's EMFILE tracebacks ten times a second, until killed. The command raises its soft limit to the hard one
+    as it starts (its server and workers inherit it), and the run finishes."""
+    data = dataset(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"the hard limit of open files here is {hard}")
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (40, hard))
+
+    try:
+        done = subprocess.run(cli_args(data, out), cwd=ROOT, env=_cli_env(tmp_path), capture_output=True, text=True,
+                              timeout=150, preexec_fn=low_soft_limit)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the run hung: {(exc.stderr or b'')[-3000:]!r}") from None
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said[-4000:]
+    assert "Too many open files" not in said, said[-4000:]
+    assert_outputs_whole(out, ["00000", "00001"])
+
+
 def test_a_rerun_that_dies_between_a_shards_view_and_its_table(tmp_path):
     """The view is written before the table (a finished table always has its view), so a run that dies between
     the two leaves the table of the run before it beside a view of its own. A later run of the table's settings
