@@ -1233,3 +1233,41 @@ def test_a_new_output_prefix_is_accepted_for_a_user_who_may_list_and_write_only_
     finally:
         srv.stop()
 
+
+
+def test_a_full_local_temp_folder_fails_an_s3_output_naming_it(server, dataset, tmp_path, monkeypatch):
+    """An output on S3 is written to a local temp file (TMPDIR) first, then uploaded in one PUT. With that folder
+    full (a tmpfs of 16 KB, filled), each shard failed with pyarrow's '[Errno 28] Error writing bytes to file',
+    naming neither the output nor the temp folder: a user writing to S3 looked for a full bucket. The reason now
+    names the output, the local temp folder and what to set; nothing is uploaded, no temp file is left."""
+    import subprocess
+    import tempfile
+
+    from wdsembed import TimmImageEmbedder
+    from wdsembed.shard import ShardsFailed
+
+    small = tmp_path / "tmp"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs (a real full disk)")
+    try:
+        with open(small / "filler", "wb", buffering=0) as filler, pytest.raises(OSError):
+            while True:
+                filler.write(b"\0" * 4096)
+        monkeypatch.setattr(tempfile, "tempdir", str(small))  # what TMPDIR sets, read once per process
+        out = f"s3://{OUT_BUCKET}/tmpfull-{uuid.uuid4().hex[:8]}"
+        with pytest.raises(ShardsFailed) as raised:
+            TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                              storage_options=options(server.endpoint))(str(dataset), out)
+        left = sorted(p.name for p in small.iterdir())
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+    failures = {stem: why for stem, why in raised.value.failures.items() if stem != output.MANIFEST_NAME}
+    assert sorted(failures) == ["00000", "00001"], raised.value.failures
+    for stem, why in failures.items():
+        assert why.startswith(f"OSError: [Errno 28] No space left on device: cannot write {out}/{stem}.parquet: "
+                              f"its local temp file in {small} (TMPDIR) ran out of space"), why
+        assert "set TMPDIR to a folder with room" in why, why
+    assert not [name for name in left if name.startswith("wdsembed-")], left  # no temp file left
+    bucket, prefix = out[len("s3://"):].split("/", 1)
+    assert not [k for k in server.keys(bucket) if k.startswith(prefix) and k.endswith(".parquet")]

@@ -255,11 +255,24 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: Union[bytes, Ca
             before_commit()
             fs.pipe_file(path, data)
             return
-        fd, tmp = tempfile.mkstemp(prefix="wdsembed-", suffix=".tmp")
-        os.close(fd)
+        tmp = None
         try:
+            fd, tmp = tempfile.mkstemp(prefix="wdsembed-", suffix=".tmp")
+            os.close(fd)
             with _arrow_file(tmp) as f:
                 write(f)
+        except OSError as exc:
+            if tmp is not None:
+                os.unlink(tmp)
+            if exc.errno in _DISK_FULL:
+                # pyarrow says 'Error writing bytes to file': a user writing to a bucket looked for a full bucket
+                folder = tempfile.gettempdir()
+                raise OSError(exc.errno, f"{os.strerror(exc.errno)}: cannot write {fs.unstrip_protocol(path)}: its local temp file in "
+                                         f"{folder} (TMPDIR) ran out of space before the upload; free space there or "
+                                         "set TMPDIR to a folder with room, and run again: finished outputs are "
+                                         "kept") from exc
+            raise
+        try:
             before_commit()
             fs.put_file(tmp, path)
         finally:
