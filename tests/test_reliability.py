@@ -1563,6 +1563,47 @@ def test_the_command_under_a_low_open_files_soft_limit_finishes(tmp_path):
     assert_outputs_whole(out, ["00000", "00001"])
 
 
+ADDRESS_SPACE_CAPPED_RUN = """
+import resource, sys
+import torch, timm  # loaded first: the cap then leaves no room for DALI's libraries
+from wdsembed import TimmImageEmbedder
+from wdsembed.shard import ShardsFailed
+size = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + (600 << 20), resource.RLIM_INFINITY))
+try:
+    TimmImageEmbedder("%s", pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1)(
+        sys.argv[1], sys.argv[2])
+except ShardsFailed as exc:
+    print(repr(exc.failures))
+"""
+
+
+def test_an_address_space_limit_too_small_for_dali_is_named(tmp_path):
+    """A process under an address-space limit (`ulimit -v`, as some clusters' login nodes and batch jobs set)
+    that leaves too little room to map DALI's libraries: each shard failed with 'ImportError:
+    libdali_operators.so: failed to map segment from shared object' (under Dask, the first shard named another
+    library: two causes), which names neither memory nor the limit. Now the reason says it is the limit, its
+    size, and what to change; one cause for every shard."""
+    import ast
+
+    from wdsembed import report
+
+    data = dataset(tmp_path / "in", 2)
+    done = subprocess.run([sys.executable, "-c", ADDRESS_SPACE_CAPPED_RUN % TINY_MODEL, str(data),
+                           str(tmp_path / "out")], cwd=ROOT, env=_cli_env(tmp_path) | {"PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip(), done.stdout[-2000:] + done.stderr[-3000:]
+    failures = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert sorted(failures) == ["00000", "00001"], failures
+    for reason in failures.values():
+        assert re.fullmatch(r"ImportError: cannot map a shared library into memory \(failed to map segment "
+                            r"from shared object\): this process's address-space limit \(ulimit -v, RLIMIT_AS\) of "
+                            r"\d+ MiB is too small for the libraries PyTorch and DALI load; raise it or remove it "
+                            r"\(ulimit -v unlimited\)", reason), reason
+    assert len(report.failure_causes(failures)) == 1, failures
+    assert not list((tmp_path / "out").glob("*.parquet"))
+
+
 def test_a_rerun_that_dies_between_a_shards_view_and_its_table(tmp_path):
     """The view is written before the table (a finished table always has its view), so a run that dies between
     the two leaves the table of the run before it beside a view of its own. A later run of the table's settings

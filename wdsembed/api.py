@@ -344,7 +344,7 @@ def _failed(stem: str, exc: BaseException, failures: dict, transient: list, clie
     from wdsembed.cluster import describe_lost_task
 
     lost = describe_lost_task(exc, client) if client is not None else None  # Dask's own loss, in plain words
-    failures[stem] = lost[0] if lost else f"{type(exc).__name__}: {exc}"
+    failures[stem] = lost[0] if lost else faults.reason(exc)
     if (lost[1] if lost else faults.is_transient(exc)):
         transient.append(stem)
     return lost is not None

@@ -42,6 +42,31 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (TransientError, TimeoutError, ConnectionError, OSError)) or is_transport_error(exc)
 
 
+def reason(exc: BaseException) -> str:
+    """A shard's failure reason: `Type: message`, with what the message leaves unsaid where it names a cause the
+    user cannot see from it."""
+    said = f"{type(exc).__name__}: {exc}"
+    if "failed to map segment from shared object" in str(exc):
+        # The loader's mmap refused (ENOMEM) under an address-space limit: the libraries PyTorch's and DALI's wheels
+        # carry map several GB. Said without the library's name, which varies with what was loaded before.
+        limit = _address_space_limit()
+        if limit is not None:
+            said = (f"{type(exc).__name__}: cannot map a shared library into memory (failed to map segment from "
+                    "shared object): this process's "
+                    f"address-space limit (ulimit -v, RLIMIT_AS) of {limit >> 20} MiB is too small for the "
+                    "libraries PyTorch and DALI load; raise it or remove it (ulimit -v unlimited)")
+    return said
+
+
+def _address_space_limit() -> "int | None":
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def is_transport_error(exc: BaseException) -> bool:
     """A store's connection refused, dropped or timed out, or a body cut short, after the client's own retries:
     botocore and aiohttp (under s3fs) raise these as their own types, not as OSError."""

@@ -561,7 +561,7 @@ def process_shards(
                 log.warning("shards %s not started: %s", ", ".join(p.stem for p in plans[i + 1:]), _NOT_WANTED)
             raise
         except Exception as exc:  # noqa: BLE001 - every shard's outcome is reported; one failure stops no other
-            failures[plan.stem] = f"{type(exc).__name__}: {exc}"
+            failures[plan.stem] = faults.reason(exc)
             if faults.is_transient(exc):
                 transient.append(plan.stem)
     # Not logged here: the task run's end says each reason (this ShardsFailed), and the run's summary again.
