@@ -1738,6 +1738,17 @@ def test_command_says_each_failed_shard_a_bounded_number_of_times(failed_command
     assert sum(line.startswith("(") and "shard(s) failed" in line for line in failed_command.stdout.splitlines()) == 1
 
 
+@pytest.mark.slow
+def test_command_prints_no_dask_worker_start_or_close_lines(failed_command):
+    """Each local worker's nanny said its start ('Start Nanny at: ...') and, at the run's end, three lines of its
+    close ('Closing Nanny at ... Reason: nanny-close', 'Nanny asking worker to close', 'Nanny at ... closed.'):
+    five lines per worker process, forty on an 8-GPU host, saying only that the cluster ran. The dashboard's line
+    stays, and so would a nanny's line saying why a worker died."""
+    said = failed_command.stdout + failed_command.stderr
+    assert "Creating a new Dask cluster" in said and "The Dask dashboard is available at" in said, said[-3000:]
+    assert "Nanny" not in said, said[-3000:]
+
+
 def test_a_command_still_running_after_its_stop_shows_its_stacks(shards, tmp_path):
     """With WDSEMBED_DUMP_STACKS_ON_SIGUSR1 set, SIGUSR1 makes the command write its threads' stacks and go on: what
     the tests below show of a command that has not ended in time after a signal (processes.ended)."""

@@ -37,9 +37,29 @@ class _NothingYetToCancel(logging.Filter):
                     and code.co_filename.endswith(os.path.join("distributed", "utils.py")))
 
 
+class _NannyRoutine(logging.Filter):
+    """Drops a local nanny's lines of its start and of its ordinary close (five per worker process: forty lines on
+    an 8-GPU host, saying only that the cluster ran). Its other lines stay: why a worker process died ('Worker
+    process N exited with status 137'), its restart, a close for another reason."""
+
+    _ALWAYS = ("        Start Nanny at: %r", "Nanny at %r closed.")
+    _ON_CLOSE = ("Closing Nanny at %r. Reason: %s", "Closing Nanny gracefully at %r. Reason: %s",
+                 "Nanny asking worker to close. Reason: %s")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not isinstance(record.msg, str):
+            return True
+        if record.msg in self._ALWAYS:
+            return False
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (record.msg in self._ON_CLOSE and args and str(args[-1]).startswith("nanny-close"))
+
+
 # In every process that talks to Dask for a run: they all import this module first.
 if not any(isinstance(f, _NothingYetToCancel) for f in logging.getLogger("tornado.application").filters):
     logging.getLogger("tornado.application").addFilter(_NothingYetToCancel())
+if not any(isinstance(f, _NannyRoutine) for f in logging.getLogger("distributed.nanny").filters):
+    logging.getLogger("distributed.nanny").addFilter(_NannyRoutine())
 
 
 def visible_gpus() -> int:
