@@ -36,9 +36,25 @@ class ExpectedEndWithoutTraceback(logging.Filter):
         return True
 
 
+class CompletedTaskRunEndUnsaid(logging.Filter):
+    """Drops Prefect's 'Finished in state Completed()' (or 'Cached(...)') of this flow's task runs: each shard's
+    embedding already says its own line, the planning says how many shards were found finished, and the summary
+    lists every shard; the task run's state shows in the UI. A task run that fails keeps its line (the reason)."""
+
+    TASKS = frozenset({"embed-shards", "index-shards", "report"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or getattr(record, "task_name", None) not in self.TASKS:
+            return True
+        return not str(record.msg).startswith(("Finished in state Completed(", "Finished in state Cached("))
+
+
 def log_expected_ends_without_traceback() -> None:
-    """Once per process; idempotent."""
+    """Once per process; idempotent. Also leaves out the completed task runs' ends (CompletedTaskRunEndUnsaid)."""
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, ExpectedEndWithoutTraceback) for f in logger.filters):
             logger.addFilter(ExpectedEndWithoutTraceback())
+    task_runs = logging.getLogger("prefect.task_runs")
+    if not any(isinstance(f, CompletedTaskRunEndUnsaid) for f in task_runs.filters):
+        task_runs.addFilter(CompletedTaskRunEndUnsaid())

@@ -1623,6 +1623,9 @@ def test_command_end_to_end_terminal_and_rerun(tmp_path):
     assert "distributed." not in texts[1]  # no scheduler, nanny or worker logged a line
     assert "1 shard(s): 0 computed, 1 cached" in texts[1]
     assert "nothing to embed this run: every output was already finished" in texts[1]
+    assert "1 shard(s) with a finished output, 0 to compute" in texts[1]  # said once, not once per shard:
+    assert "Finished in state Cached" not in texts[1] and "Task run 'embed-00000'" not in texts[1], texts[1]
+    assert re.search(r"Flow run '[^']+' - Finished in state Completed\(\)", texts[1]), texts[1]
 
     done = subprocess.run([sys.executable, "-c", READ_FLOW_RUNS], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -1747,6 +1750,18 @@ def test_command_prints_no_dask_worker_start_or_close_lines(failed_command):
     said = failed_command.stdout + failed_command.stderr
     assert "Creating a new Dask cluster" in said and "The Dask dashboard is available at" in said, said[-3000:]
     assert "Nanny" not in said, said[-3000:]
+
+
+@pytest.mark.slow
+def test_command_says_a_shard_embedded_once_not_again_as_its_task_runs_end(failed_command):
+    """Each embedded shard's line ('shard 00000: embedded, 8 rows, ...') was followed by Prefect's line of its task
+    run's end, 'Finished in state Completed()', and so were the indexing's and the report's task runs: a second line
+    per shard saying nothing more (a re-run printed one 'Cached(type=COMPLETED)' line per shard). A task run that
+    failed still ends on its line with the reason."""
+    said = failed_command.stdout + failed_command.stderr
+    assert "shard 00000: embedded, 8 rows" in said, said[-3000:]
+    assert not re.search(r"Task run '[^']+' - Finished in state Completed\(\)", said), said[-3000:]
+    assert re.search(r"Task run 'embed-00002' - Finished in state Failed\(", said), said[-3000:]
 
 
 def test_a_command_still_running_after_its_stop_shows_its_stacks(shards, tmp_path):
