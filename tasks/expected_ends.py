@@ -36,25 +36,31 @@ class ExpectedEndWithoutTraceback(logging.Filter):
         return True
 
 
-class CompletedTaskRunEndUnsaid(logging.Filter):
-    """Drops Prefect's 'Finished in state Completed()' (or 'Cached(...)') of this flow's task runs: each shard's
-    embedding already says its own line, the planning says how many shards were found finished, and the summary
-    lists every shard; the task run's state shows in the UI. A task run that fails keeps its line (the reason)."""
+class TaskRunEndAlreadySaid(logging.Filter):
+    """Drops Prefect's line of a task run's end where the run has said it already: 'Finished in state
+    Completed()' (or 'Cached(...)') of this flow's task runs, since each shard's embedding says its own line, the
+    planning says how many shards were found finished, and the summary lists every shard (the task run's state
+    shows in the UI); and the ERROR 'Finished in state Failed("... ShardAbandoned: ...")' of a task its interrupted
+    run no longer wants, whose worker has said the same words as a warning. Any other failed task run keeps its
+    line (the reason)."""
 
     TASKS = frozenset({"embed-shards", "index-shards", "report"})
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.INFO or getattr(record, "task_name", None) not in self.TASKS:
+        if getattr(record, "task_name", None) not in self.TASKS:
             return True
-        return not str(record.msg).startswith(("Finished in state Completed(", "Finished in state Cached("))
+        said = str(record.msg)
+        if record.levelno == logging.INFO:
+            return not said.startswith(("Finished in state Completed(", "Finished in state Cached("))
+        return not (said.startswith("Finished in state Failed(") and f"{ShardAbandoned.__name__}: " in said)
 
 
 def log_expected_ends_without_traceback() -> None:
-    """Once per process; idempotent. Also leaves out the completed task runs' ends (CompletedTaskRunEndUnsaid)."""
+    """Once per process; idempotent. Also leaves out the task runs' ends said already (TaskRunEndAlreadySaid)."""
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, ExpectedEndWithoutTraceback) for f in logger.filters):
             logger.addFilter(ExpectedEndWithoutTraceback())
     task_runs = logging.getLogger("prefect.task_runs")
-    if not any(isinstance(f, CompletedTaskRunEndUnsaid) for f in task_runs.filters):
-        task_runs.addFilter(CompletedTaskRunEndUnsaid())
+    if not any(isinstance(f, TaskRunEndAlreadySaid) for f in task_runs.filters):
+        task_runs.addFilter(TaskRunEndAlreadySaid())

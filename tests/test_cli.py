@@ -2059,6 +2059,10 @@ def test_ctrl_c_to_the_process_group_while_workers_embed(tmp_path):
     # warnings and errors of one closed with a task running); the nanny's lines, in the command's process, stay
     assert "Dask Worker process" not in said and "worker-close" not in said, said[-4000:]
     assert "distributed.worker - " not in said and "distributed.worker.state_machine" not in said, said[-4000:]
+    # the held shard, left unwritten, said once, as a warning: not again by its task run's end, an ERROR naming
+    # the exception's class
+    assert said.count("00000.tar stopped after") == 1, said[-4000:]
+    assert "ShardAbandoned" not in said and "Task run 'embed-00000'" not in said, said[-4000:]
 
     assert len(started) >= 3, started
     _, alive = psutil.wait_procs(started, timeout=15)
