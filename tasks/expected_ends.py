@@ -55,8 +55,23 @@ class TaskRunEndAlreadySaid(logging.Filter):
         return not (said.startswith("Finished in state Failed(") and f"{ShardAbandoned.__name__}: " in said)
 
 
+class SignalledEndNotACrash(logging.Filter):
+    """Drops Prefect's ERROR 'Crash detected! Execution was aborted by an interrupt signal.' (or a termination
+    signal) of this flow's run: the user stopped it (Ctrl-C, kill), the line after it says the run ended Crashed for
+    that reason, and the command's closing line says where the finished shards are. A crash of any other cause keeps
+    its line."""
+
+    SIGNALLED = ("Crash detected! Execution was aborted by an interrupt signal.",
+                 "Crash detected! Execution was aborted by a termination signal.")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.ERROR and getattr(record, "flow_name", None) == "embed-shards"
+                    and record.msg in self.SIGNALLED)
+
+
 def log_expected_ends_without_traceback() -> None:
-    """Once per process; idempotent. Also leaves out the task runs' ends said already (TaskRunEndAlreadySaid)."""
+    """Once per process; idempotent. Also leaves out the task runs' ends said already (TaskRunEndAlreadySaid) and
+    a stopped run's 'Crash detected!' (SignalledEndNotACrash)."""
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, ExpectedEndWithoutTraceback) for f in logger.filters):
@@ -64,3 +79,6 @@ def log_expected_ends_without_traceback() -> None:
     task_runs = logging.getLogger("prefect.task_runs")
     if not any(isinstance(f, TaskRunEndAlreadySaid) for f in task_runs.filters):
         task_runs.addFilter(TaskRunEndAlreadySaid())
+    flow_runs = logging.getLogger("prefect.flow_runs")
+    if not any(isinstance(f, SignalledEndNotACrash) for f in flow_runs.filters):
+        flow_runs.addFilter(SignalledEndNotACrash())

@@ -1820,6 +1820,9 @@ def test_ctrl_c_mid_run(to, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     said = _ended_on_ctrl_c(proc, stdout, stderr, out, interrupted)
     assert not (out / "_claim.json").exists()  # the run's claim on its output is released (wdsembed.outputclaim)
+    # the flow run's end says how it ended, once; not also as an ERROR that a crash was detected
+    assert "Finished in state Crashed('Execution was aborted by an interrupt signal.')" in said, said[-4000:]
+    assert "Crash detected" not in said, said[-4000:]
 
 
 @pytest.mark.slow
