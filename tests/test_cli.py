@@ -1490,6 +1490,21 @@ def test_prefect_logs_a_runs_expected_ends_without_their_traceback():
     assert logged("Task run failed with exception", ValueError("a bug")).exc_info is not None  # kept
 
 
+def test_summary_says_what_its_rates_count_in_one_line(tmp_path, capsys):
+    """The note under the table was the table's caption, wrapped to the table's width and centred: 'images/s:
+    embedding only (model loading and writing' on one line and 'excluded)' alone on the next, padded with
+    spaces. It is one line now."""
+    shard = {"rows": 2, "embedded": 2, "failed": 0, "status": "computed", "images_per_second": 5.0}
+    cli.print_summary({
+        "output": str(tmp_path), "path": str(tmp_path / "_manifest.json"), "model": {"name": TINY_MODEL},
+        "totals": {"shards": 1, "computed": 1, "cached": 0, "rows": 2, "embedded": 2, "embedded_rows": 2,
+                   "embedded_this_run": 2, "images_per_second": 5.0},
+        "shards": {"00000": shard}})
+    lines = capsys.readouterr().out.splitlines()
+    assert "images/s: embedding only (model loading and writing excluded)" in lines, lines
+    assert not [line for line in lines if line.strip() == "excluded)"], lines
+
+
 def test_ctrl_c_says_where_the_finished_shards_are_in_one_line(shards, tmp_path, capsys):
     """The line says how many shards finished and how many did not, once the run knows its shards (the flow says
     so as it plans them: the bar read '0/?' until a shard ended, and the line counted nothing); before that, where

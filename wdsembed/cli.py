@@ -459,8 +459,7 @@ def print_summary(manifest: dict) -> None:
                   "the run's log (the manifest was not written)")
     # totals count the finished shards only; the table has a row for each failed one too
     table = Table(title=f"{t['shards'] + len(failed)} shard(s): {t['computed']} computed, {t['cached']} cached"
-                  + (f", {len(failed)} failed" if failed else ""),
-                  caption="images/s: embedding only (model loading and writing excluded)")
+                  + (f", {len(failed)} failed" if failed else ""))
     for name in ("shard", "rows", "embedded", "failed", "status", "images/s"):
         table.add_column(name, justify="right" if name not in ("shard", "status") else "left")
     shards = report.this_run_shards(manifest)  # not those kept from earlier runs: said in one line below
@@ -474,6 +473,8 @@ def print_summary(manifest: dict) -> None:
         table.add_row(stem, str(s["rows"]), str(embedded_rows(s)), str(s["failed"]), s.get("status", ""),
                       "-" if rate is None else f"{rate:,.1f}")
     console.print(table)
+    # not the table's caption, which rich wraps to the table's width, centred
+    console.print("images/s: embedding only (model loading and writing excluded)", soft_wrap=True)
     if len(stems) > report.SUMMARY_ROWS:
         console.print(f"... and {len(stems) - report.SUMMARY_ROWS:,} more shard(s): every one is in {everywhere}",
                       markup=False, highlight=False, soft_wrap=True)
