@@ -1779,6 +1779,18 @@ def test_command_says_a_shard_embedded_once_not_again_as_its_task_runs_end(faile
     assert re.search(r"Task run 'embed-00002' - Finished in state Failed\(", said), said[-3000:]
 
 
+@pytest.mark.slow
+def test_the_plannings_line_of_a_damaged_tar_names_it_once(failed_command):
+    """The planning's warning of a tar it could not index named the shard's path twice in one line ('shard
+    /data/00001.tar cannot be indexed (/data/00001.tar: unexpected end of file ...)'), on object stores a long URL
+    twice; and so did its line of a file that is no tar. Each names it once, with where and why."""
+    said = failed_command.stdout + failed_command.stderr
+    lines = [line for line in said.splitlines() if "cannot be indexed" in line or "is not a readable tar" in line]
+    assert any("00001.tar cannot be indexed (" in line and "at byte" in line for line in lines), said[-3000:]
+    assert any("00002.tar is not a readable tar (unexpected end of file" in line for line in lines), lines
+    assert all(line.count(".tar") == 1 for line in lines), lines
+
+
 def test_a_command_still_running_after_its_stop_shows_its_stacks(shards, tmp_path):
     """With WDSEMBED_DUMP_STACKS_ON_SIGUSR1 set, SIGUSR1 makes the command write its threads' stacks and go on: what
     the tests below show of a command that has not ended in time after a signal (processes.ended)."""

@@ -1125,11 +1125,12 @@ def with_indexes(config: EmbedConfig, plans: list[ShardPlan], *, skip: Collectio
         except tarstream.ShardReadError as exc:
             # A truncated or corrupt tar: its task embeds the samples before the damage and names the rest
             # (shard.process_shard); it never stops the planning of every other shard.
+            why = str(exc).removeprefix(f"{exc.shard}: ")  # the line names the shard once
             if exc.offset == 0:  # not a tar at all: its task fails, naming it (shard.process_shard)
-                log.warning("shard %s is not a readable tar (%s)", tar, exc)
+                log.warning("shard %s is not a readable tar (%s)", tar, why)
             else:
                 log.warning("shard %s cannot be indexed (%s); its intact samples are read without an index",
-                            tar, exc)
+                            tar, why)
             return plan
         if index is not None and index == shardindex.index_path_for(tar):
             index = storage.to_url(fs, index)  # beside the shard: s3://bucket/.../00000.idx
