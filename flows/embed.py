@@ -65,7 +65,8 @@ class _RunInProcess:
     claim on OUTPUT (not a flow parameter either: no user sets it), and the manifest, kept in case only the task
     runner's shutdown fails after it."""
 
-    # (result or None where the shard failed, shards ended, total); (None, 0, total) once the shards are planned
+    # (result or None where the shard failed, shards ended, total); (None, 0, total, finished) once the shards are
+    # planned, `finished` of them found finished before any result comes back
     on_shard_done: Optional[Callable[[Optional[dict], int, int], None]] = None
     claim_run: Optional[str] = None  # outputclaim.Claim.run: the tasks write their shards only while it holds OUTPUT
     manifest: Optional[dict] = None
@@ -93,7 +94,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
     logger.info("%d shard(s) under %s", len(plans), config.input)
     progress = create_progress_artifact(0.0, key="embedding-progress", description="Shards finished")
     if hooks.on_shard_done:  # the run's size, known now: none ended yet (the CLI's bar read 0/? until one did)
-        hooks.on_shard_done(None, 0, len(plans))
+        hooks.on_shard_done(None, 0, len(plans), len(finished))
     logger.info("%d shard(s) with a finished output, %d to compute", len(finished), len(plans) - len(finished))
     cached_task = embed_shards.with_options(result_storage=result_storage_for(config))
     fresh_task = cached_task.with_options(refresh_cache=True)

@@ -1509,8 +1509,8 @@ def test_ctrl_c_says_where_the_finished_shards_are_in_one_line(shards, tmp_path,
     """The line says how many shards finished and how many did not, once the run knows its shards (the flow says
     so as it plans them: the bar read '0/?' until a shard ended, and the line counted nothing); before that, where
     the finished ones are and what the same command does."""
-    def interrupted_run(config, on_shard_done=None, all_finished=None, after=()):
-        on_shard_done(None, 0, 4)  # planned
+    def interrupted_run(config, on_shard_done=None, all_finished=None, after=(), before=None):
+        on_shard_done(None, 0, 4, *([before] if before is not None else []))  # planned, `before` found finished
         for args in after:
             on_shard_done(*args)
         raise KeyboardInterrupt
@@ -1518,13 +1518,18 @@ def test_ctrl_c_says_where_the_finished_shards_are_in_one_line(shards, tmp_path,
     argv = [str(shards), "-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained"]
     resume = (f"the shards finished so far are in {tmp_path / 'out'}; run the same command again to finish the rest "
               "(finished shards are not recomputed)")
-    for after, said in (
-        ([({"stem": "00000", "embedded": 2, "cached": False}, 1, 4)], "1 of 4 shard(s) finished, 3 not"),
+    cached = {"stem": "00001", "embedded": 2, "cached": True}
+    for after, said, before in (
+        ([({"stem": "00000", "embedded": 2, "cached": False}, 1, 4)], "1 of 4 shard(s) finished, 3 not", None),
         ([({"stem": "00000", "embedded": 2, "cached": False}, 1, 4), (None, 2, 4)],
-         "1 of 4 shard(s) finished, 1 failed, 2 not"),
-        ([], "0 of 4 shard(s) finished, 4 not"),
+         "1 of 4 shard(s) finished, 1 failed, 2 not", None),
+        ([], "0 of 4 shard(s) finished, 4 not", None),
+        # outputs the planning found finished count from the start, once each as their results come back
+        ([], "2 of 4 shard(s) finished, 2 not", 2),
+        ([(cached, 1, 4), ({"stem": "00000", "embedded": 2, "cached": False}, 2, 4)],
+         "3 of 4 shard(s) finished, 1 not", 2),
     ):
-        code = cli.main(lambda config, **kw: interrupted_run(config, **kw, after=after), argv)
+        code = cli.main(lambda config, **kw: interrupted_run(config, **kw, after=after, before=before), argv)
         assert code == 130  # as a shell reports a command ended by SIGINT
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
             f"run interrupted: {said} (a shard ending as the run stopped may be whole too); {resume}")

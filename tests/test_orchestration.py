@@ -501,6 +501,30 @@ def test_a_rerun_whose_task_cache_lacks_the_results_reads_each_footer_and_view_o
     assert reads == ["00000.parquet", "00001.parquet", "_embeddings/00000.parquet", "_embeddings/00001.parquet"]
 
 
+def test_ctrl_c_right_after_the_planning_counts_the_shards_finished_before(finished_by_api, capsys):
+    """Ctrl-C as the flow has planned a re-run whose every output is finished: the closing line counted only the
+    shards whose results had come back, and said '0 of 2 shard(s) finished, 2 not' of two whole outputs."""
+    from flows.command import run_flow
+    from wdsembed import cli
+
+    root, argv = finished_by_api
+    planned = []
+
+    def stopped_after_planning(config, on_shard_done=None, all_finished=None):
+        def hook(*args):
+            on_shard_done(*args)
+            planned.append(args)
+            raise KeyboardInterrupt  # as Ctrl-C would, in the flow, before any shard's task came back
+
+        return run_flow(config, on_shard_done=hook, all_finished=all_finished)
+
+    assert cli.main(stopped_after_planning, argv) == 130
+    assert len(planned) == 1 and planned[0][:3] == (None, 0, 2)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("run interrupted: 2 of 2 shard(s) finished, 0 not "), last
+    assert sorted(p.name for p in (root / "out").glob("*.parquet")) == ["00000.parquet", "00001.parquet"]
+
+
 def test_an_output_changed_since_the_checks_is_judged_by_its_new_footer(finished_by_api, tmp_path):
     """The planning takes the checks' footers only for outputs its own listing shows unchanged: one cut short, or
     replaced by a user's own parquet, after the checks (another run, a hand) is read again and recomputed or refused,

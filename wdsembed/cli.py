@@ -379,7 +379,7 @@ def _say_last(line: str) -> None:
 class _Progress:
     """A terminal progress bar: shards, images, images/s."""
 
-    finished = ended = 0
+    finished = ended = cached = finished_before = 0
     total: Optional[int] = None  # unknown until the run's shards are planned (or where it stopped before the bar)
 
     def __enter__(self):
@@ -389,6 +389,7 @@ class _Progress:
         self.images = 0
         self.finished = 0  # shards whose output is written (this run or before)
         self.ended = 0  # finished or failed
+        self.cached = 0  # finished before this run, as their results came back
         self.bar = Progress(
             TextColumn("shards"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[images]} images"),
             TextColumn("{task.fields[rate]} images/s"), TimeElapsedColumn(),
@@ -399,9 +400,12 @@ class _Progress:
         self.task = self.bar.add_task("shards", total=None, images=0, rate="-")
         return self
 
-    def update(self, result: Optional[dict], done: int, total: int) -> None:
+    def update(self, result: Optional[dict], done: int, total: int, finished_before: Optional[int] = None) -> None:
+        if finished_before is not None:  # the planning's call: the shards found finished, not yet come back
+            self.finished_before = finished_before
         if result:
             self.finished += 1
+            self.cached += bool(result.get("cached"))
         self.ended, self.total = done, total
         if result and not result.get("cached"):
             self.images += result["embedded"]
@@ -416,8 +420,10 @@ class _Progress:
         if self.total is None:
             return ""
         failed = self.ended - self.finished
-        return (f"{self.finished} of {self.total} shard(s) finished{f', {failed} failed' if failed else ''}, "
-                f"{self.total - self.ended} not (a shard ending as the run stopped may be whole too); ")
+        # the outputs the planning found finished count before their results come back (as cached ones)
+        finished = min(self.finished + max(0, self.finished_before - self.cached), self.total - failed)
+        return (f"{finished} of {self.total} shard(s) finished{f', {failed} failed' if failed else ''}, "
+                f"{self.total - finished - failed} not (a shard ending as the run stopped may be whole too); ")
 
     def __exit__(self, *exc):
         try:
