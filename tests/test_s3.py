@@ -142,6 +142,8 @@ def test_credentials_in_urls_are_refused(url):
     "simplecache::GitHub://fsspec:filesystem_spec@main/shards",
     "git://repo:main@shards",  # fsspec's git form: repo:ref@path
     "oci://bucket@namespace/shards",  # ocifs's form: the bucket before its namespace
+    "hdfs://alice@namenode:8020/shards",  # HDFS's user name: a login, as ssh's user@host, not a secret
+    "webhdfs://alice@namenode:9870/shards",
 ])
 def test_urls_whose_user_part_names_a_place_are_no_credentials(url):
     """fsspec's `github://org:repo@sha/path` was refused as a URL with a password ('org:repo@' reads as

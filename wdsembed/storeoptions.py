@@ -17,8 +17,9 @@ _SECRET_OPTION = re.compile(SECRET_OPTION_PATTERN, re.IGNORECASE)
 # github://org:repo@sha/path and git's git://repo:ref@path (their tokens go in storage options, refused there).
 _PLACE_USERINFO_SCHEMES = ("github", "git")
 # A user name alone (s3://AKIAIOSFODNN7EXAMPLE@bucket, https://TOKEN@host) is a credential too, but where the part
-# before '@' names a place or a login: Azure's container@account, ssh's user@host, OCI's bucket@namespace.
-_NAMED_USER_SCHEMES = ("az", "abfs", "abfss", "wasb", "wasbs", "sftp", "ssh", "oci", "ocilake",
+# before '@' names a place or a login: Azure's container@account, ssh's user@host, HDFS's user@namenode (a login
+# name, its secret a Kerberos ticket or a token option), OCI's bucket@namespace.
+_NAMED_USER_SCHEMES = ("az", "abfs", "abfss", "wasb", "wasbs", "sftp", "ssh", "hdfs", "webhdfs", "oci", "ocilake",
                        *_PLACE_USERINFO_SCHEMES)
 
 
