@@ -1205,38 +1205,6 @@ def test_flow_with_wrong_credentials_fails_clearly_and_writes_nothing(server, da
     assert (server.keys(IN_BUCKET), server.keys(OUT_BUCKET)) == before
 
 
-def test_a_new_output_prefix_is_accepted_for_a_user_who_may_list_and_write_only_that_prefix(monkeypatch, tmp_path):
-    """A user whose policy lets them list and write only their prefix of a shared bucket (s3:ListBucket with an
-    s3:prefix condition, the usual shape of a shared bucket's policy) is refused HEAD bucket (403): a new prefix
-    there is still taken, not refused as "access denied"."""
-    from wdsembed import storage
-
-    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
-    nowhere = str(tmp_path / "none")
-    for name, value in (("AWS_CONFIG_FILE", nowhere), ("AWS_SHARED_CREDENTIALS_FILE", nowhere),
-                        ("AWS_EC2_METADATA_DISABLED", "true"), ("AWS_DEFAULT_REGION", "us-east-1")):
-        monkeypatch.setenv(name, value)
-    srv = MotoS3().start()
-    try:
-        srv.boto().create_bucket(Bucket="shared")
-        team = srv._user(srv.boto("iam"), "team", [
-            {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::shared",
-             "Condition": {"StringLike": {"s3:prefix": ["team/*"]}}},
-            {"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
-             "Resource": "arn:aws:s3:::shared/team/*"}])
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", team[0])
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", team[1])
-        options = {"endpoint_url": srv.endpoint}
-        user = srv.boto("s3", team)
-        # what this user can do: list under team/ and write there
-        assert user.list_objects_v2(Bucket="shared", Prefix="team/emb/", Delimiter="/", MaxKeys=1)["KeyCount"] == 0
-        storage.check_output("s3://shared/team/emb", options)  # a first run's new prefix: must pass
-    finally:
-        srv.stop()
-
-
-
 def test_a_full_local_temp_folder_fails_an_s3_output_naming_it(server, dataset, tmp_path, monkeypatch):
     """An output on S3 is written to a local temp file (TMPDIR) first, then uploaded in one PUT. With that folder
     full (a tmpfs of 16 KB, filled), each shard failed with pyarrow's '[Errno 28] Error writing bytes to file',
@@ -1273,3 +1241,36 @@ def test_a_full_local_temp_folder_fails_an_s3_output_naming_it(server, dataset, 
     assert not [name for name in left if name.startswith("wdsembed-")], left  # no temp file left
     bucket, prefix = out[len("s3://"):].split("/", 1)
     assert not [k for k in server.keys(bucket) if k.startswith(prefix) and k.endswith(".parquet")]
+
+
+# Last in this file: stopping its own moto server resets moto's state for the whole process (MotoS3.stop), the
+# module's server's buckets and users with it; a test after it finds no bucket.
+def test_a_new_output_prefix_is_accepted_for_a_user_who_may_list_and_write_only_that_prefix(monkeypatch, tmp_path):
+    """A user whose policy lets them list and write only their prefix of a shared bucket (s3:ListBucket with an
+    s3:prefix condition, the usual shape of a shared bucket's policy) is refused HEAD bucket (403): a new prefix
+    there is still taken, not refused as "access denied"."""
+    from wdsembed import storage
+
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    nowhere = str(tmp_path / "none")
+    for name, value in (("AWS_CONFIG_FILE", nowhere), ("AWS_SHARED_CREDENTIALS_FILE", nowhere),
+                        ("AWS_EC2_METADATA_DISABLED", "true"), ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    srv = MotoS3().start()
+    try:
+        srv.boto().create_bucket(Bucket="shared")
+        team = srv._user(srv.boto("iam"), "team", [
+            {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::shared",
+             "Condition": {"StringLike": {"s3:prefix": ["team/*"]}}},
+            {"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+             "Resource": "arn:aws:s3:::shared/team/*"}])
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", team[0])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", team[1])
+        options = {"endpoint_url": srv.endpoint}
+        user = srv.boto("s3", team)
+        # what this user can do: list under team/ and write there
+        assert user.list_objects_v2(Bucket="shared", Prefix="team/emb/", Delimiter="/", MaxKeys=1)["KeyCount"] == 0
+        storage.check_output("s3://shared/team/emb", options)  # a first run's new prefix: must pass
+    finally:
+        srv.stop()
