@@ -542,9 +542,10 @@ def started_before() -> bool:
 
     try:
         return sync(worker.loop, mark)
-    except Exception:  # noqa: BLE001 - unsure: taken as started, the outputs are looked for
-        logging.getLogger("wdsembed").warning("could not ask the Dask scheduler whether task %s ran before; its "
-                                              "shards' outputs are looked for", key, exc_info=True)
+    except Exception as exc:  # noqa: BLE001 - unsure: taken as started, the outputs are looked for
+        # Nothing for the user to do: a worker closing under Ctrl-C, or a lost scheduler, which its own message says.
+        logging.getLogger("wdsembed").debug("could not ask the Dask scheduler whether task %s ran before (%s); its "
+                                            "shards' outputs are looked for", key, exc)
         return True
 
 
