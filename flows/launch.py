@@ -13,6 +13,11 @@ from typing import Callable, Optional, Sequence
 
 from flows import prefect_env
 
+# The fewest open files a run is let start with. The smallest run (one tiny shard, one local worker) finished with
+# a hard limit of 48 and failed at 44 ('Too many open files'; at 40 it hung): the flow's process held about 45 at its
+# peak, each further local worker about 15 more. Twice the measured 48, so that a run not refused does not fail on it.
+MIN_OPEN_FILES = 96
+
 
 def launch(run_flow: Callable[..., dict], argv: Optional[Sequence[str]] = None) -> int:
     """wdsembed.cli.main with `run_flow(config, on_shard_done=..., all_finished=...)` running the flow; argv None:
@@ -30,7 +35,11 @@ def launch(run_flow: Callable[..., dict], argv: Optional[Sequence[str]] = None) 
     apiserver.prepare()
     from wdsembed import cli  # after prepare(): the server's process starts loading half a second sooner
 
-    return cli.main(run_flow, argv, on_checked=apiserver.start)
+    def on_checked() -> None:
+        _refuse_too_few_open_files()
+        apiserver.start()
+
+    return cli.main(run_flow, argv, on_checked=on_checked)
 
 
 def _open_files_up_to_the_hard_limit() -> None:
@@ -51,3 +60,19 @@ def _open_files_up_to_the_hard_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
         except (OSError, ValueError):  # refused (macOS's kern.maxfilesperproc): the limit stays as it was
             pass
+
+
+def _refuse_too_few_open_files() -> None:
+    """ValueError where this process may open fewer files than a run needs (after the soft limit was raised to the
+    hard one): the run failed with 'Nanny failed to start' and a traceback, or hung, naming no limit."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= MIN_OPEN_FILES:
+        return
+    which = "its hard limit, ulimit -Hn" if soft == hard else "ulimit -n"
+    raise ValueError(f"this process may open at most {soft} files ({which}), too few for a run, which needs at "
+                     f"least {MIN_OPEN_FILES}: raise it (ulimit -n 4096; where the shell's hard limit refuses that, "
+                     "an administrator raises it, in /etc/security/limits.conf say) and run the command again")

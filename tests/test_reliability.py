@@ -1563,6 +1563,37 @@ def test_the_command_under_a_low_open_files_soft_limit_finishes(tmp_path):
     assert_outputs_whole(out, ["00000", "00001"])
 
 
+def test_the_command_under_a_hard_open_files_limit_too_low_for_a_run_is_refused(tmp_path):
+    """A hard limit of open files too low for the flow's process (`ulimit -n 24`: the command cannot raise it).
+    The run failed with 'Nanny failed to start' and a traceback (at 24), or hung (at 40), naming no limit. Now it
+    is refused before any work, in one line naming the limit, the value found and how to raise it; and a hard limit
+    of exactly the floor the command asks for runs the smallest run through."""
+    from flows.launch import MIN_OPEN_FILES
+
+    data = dataset(tmp_path / "in", 1)
+
+    def hard_limit(n: int):
+        return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+    out = tmp_path / "out"
+    try:
+        done = subprocess.run(cli_args(data, out), cwd=ROOT, env=_cli_env(tmp_path), capture_output=True, text=True,
+                              timeout=150, preexec_fn=hard_limit(24))
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the run hung: {(exc.stderr or b'')[-3000:]!r}") from None
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-4000:]
+    assert done.stderr.strip() == (
+        f"error: this process may open at most 24 files (its hard limit, ulimit -Hn), too few for a run, which needs "
+        f"at least {MIN_OPEN_FILES}: raise it (ulimit -n 4096; where the shell's hard limit refuses that, an "
+        f"administrator raises it, in /etc/security/limits.conf say) and run the command again"), done.stderr
+    assert not out.exists() or not list(out.iterdir())
+
+    done = subprocess.run(cli_args(data, out), cwd=ROOT, env=_cli_env(tmp_path), capture_output=True, text=True,
+                          timeout=300, preexec_fn=hard_limit(MIN_OPEN_FILES))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert_outputs_whole(out, ["00000"])
+
+
 ADDRESS_SPACE_CAPPED_RUN = """
 import resource, sys
 import torch, timm  # loaded first: the cap then leaves no room for DALI's libraries
