@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import sys
 from typing import Callable, Optional, Sequence
 
 from flows import prefect_env
@@ -33,13 +34,25 @@ def launch(run_flow: Callable[..., dict], argv: Optional[Sequence[str]] = None) 
     # The temporary API server (none where PREFECT_API_URL names one) loads while the checks run, and serves once
     # they pass; a refused run ends it unstarted.
     apiserver.prepare()
-    from wdsembed import cli  # after prepare(): the server's process starts loading half a second sooner
 
     def on_checked() -> None:
         _refuse_too_few_open_files()
         apiserver.start()
 
-    return cli.main(run_flow, argv, on_checked=on_checked)
+    try:
+        from wdsembed import cli  # after prepare(): the server's process starts loading half a second sooner
+
+        return cli.main(run_flow, argv, on_checked=on_checked)  # a run's own failures are said there
+    except (ImportError, MemoryError) as exc:
+        # The checks load PyTorch and timm here: under `ulimit -v` too small for them, a traceback ending
+        # 'libtorch_cuda.so: failed to map segment from shared object' (or a bare MemoryError) named no limit.
+        from wdsembed.faults import address_space_too_small
+
+        said = address_space_too_small(exc, memory_error_too=True)
+        if said is None:
+            raise
+        print(f"error: {said}", file=sys.stderr)
+        return 2
 
 
 def _open_files_up_to_the_hard_limit() -> None:

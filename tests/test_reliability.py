@@ -1635,6 +1635,29 @@ def test_an_address_space_limit_too_small_for_dali_is_named(tmp_path):
     assert not list((tmp_path / "out").glob("*.parquet"))
 
 
+def test_the_command_under_an_address_space_limit_too_small_for_torch_says_so_in_one_line(tmp_path):
+    """`ulimit -v` too small for the libraries the command itself loads for its checks (PyTorch, timm): it stopped
+    with a traceback ending 'ImportError: libtorch_cuda.so: failed to map segment from shared object' (near the
+    threshold, a bare MemoryError), naming no limit. Now one line names RLIMIT_AS, its value and the fix; exit 2.
+    1 GiB lets Python and the command's own modules start (about 350 MiB here) but not torch (about 3.3 GB of
+    mappings with its CUDA libraries; the failing library varies from run to run)."""
+    data = dataset(tmp_path / "in", 1)
+    out = tmp_path / "out"
+
+    def address_space_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, resource.RLIM_INFINITY))
+
+    done = subprocess.run(cli_args(data, out), cwd=ROOT, env=_cli_env(tmp_path), capture_output=True, text=True,
+                          timeout=150, preexec_fn=address_space_limit)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr[-4000:]
+    assert re.fullmatch(r"error: cannot map a shared library into memory \(failed to map segment from shared "
+                        r"object\): this process's address-space limit \(ulimit -v, RLIMIT_AS\) of 1024 MiB is too "
+                        r"small for the libraries PyTorch and DALI load; raise it or remove it "
+                        r"\(ulimit -v unlimited\)", done.stderr.strip()), done.stderr
+    assert not out.exists() or not list(out.iterdir())
+
+
 def test_a_rerun_that_dies_between_a_shards_view_and_its_table(tmp_path):
     """The view is written before the table (a finished table always has its view), so a run that dies between
     the two leaves the table of the run before it beside a view of its own. A later run of the table's settings

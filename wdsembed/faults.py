@@ -45,17 +45,25 @@ def is_transient(exc: BaseException) -> bool:
 def reason(exc: BaseException) -> str:
     """A shard's failure reason: `Type: message`, with what the message leaves unsaid where it names a cause the
     user cannot see from it."""
-    said = f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {address_space_too_small(exc) or exc}"
+
+
+def address_space_too_small(exc: BaseException, memory_error_too: bool = False) -> Optional[str]:
+    """What `exc` leaves unsaid where it is a shared library that could not be mapped (and, with
+    `memory_error_too`, any MemoryError: loading the libraries near the limit) under an address-space limit; None
+    otherwise. The loader's mmap is refused (ENOMEM): the libraries PyTorch's and DALI's wheels carry map several GB.
+    Said without the library's name, which varies with what was loaded before."""
     if "failed to map segment from shared object" in str(exc):
-        # The loader's mmap refused (ENOMEM) under an address-space limit: the libraries PyTorch's and DALI's wheels
-        # carry map several GB. Said without the library's name, which varies with what was loaded before.
-        limit = _address_space_limit()
-        if limit is not None:
-            said = (f"{type(exc).__name__}: cannot map a shared library into memory (failed to map segment from "
-                    "shared object): this process's "
-                    f"address-space limit (ulimit -v, RLIMIT_AS) of {limit >> 20} MiB is too small for the "
-                    "libraries PyTorch and DALI load; raise it or remove it (ulimit -v unlimited)")
-    return said
+        what = "cannot map a shared library into memory (failed to map segment from shared object)"
+    elif memory_error_too and isinstance(exc, MemoryError):
+        what = "ran out of memory (MemoryError)"
+    else:
+        return None
+    limit = _address_space_limit()
+    if limit is None:
+        return None
+    return (f"{what}: this process's address-space limit (ulimit -v, RLIMIT_AS) of {limit >> 20} MiB is too small "
+            "for the libraries PyTorch and DALI load; raise it or remove it (ulimit -v unlimited)")
 
 
 def _address_space_limit() -> "int | None":
