@@ -44,7 +44,7 @@ from prefect_dask import DaskTaskRunner  # noqa: E402
 from flows import apiserver, prefect_env  # noqa: E402
 from tasks import prefect_events  # noqa: E402
 from tasks.embed import embed_shards, result_storage_for, run_name  # noqa: E402
-from tasks.expected_ends import log_expected_ends_without_traceback  # noqa: E402
+from tasks.expected_ends import log_expected_ends_without_traceback, quiet_failed_log_sends  # noqa: E402
 from tasks.index import index_shards  # noqa: E402
 from tasks.report import report  # noqa: E402
 from wdsembed import caching, cluster, faults, fidelity, outputclaim  # noqa: E402
@@ -391,7 +391,7 @@ def run(config: EmbedConfig, on_shard_done=None, *, all_finished: Optional[bool]
     """Run the flow with the Dask task runner this config asks for (local GPUs, CPU workers, or a scheduler).
     `all_finished`: plan.check_config's answer, whether every output is already finished; asked here when None."""
     prefect_env.set_defaults()  # for the processes this run starts (Dask workers, a temporary API server)
-    log_expected_ends_without_traceback()
+    log_expected_ends_without_traceback(server_trouble=apiserver.trouble)
     if all_finished is None:  # called without the checks (plan.check_config): the stores' own, before the claim
         forget_checked_input()  # an earlier check_config's listing of INPUT is not this run's to plan from
         check_storage(config)  # a missing bucket or denied access, said naming the URL
@@ -442,6 +442,7 @@ def _run_claimed(config: EmbedConfig, on_shard_done, all_finished: bool, claim_r
         trouble = apiserver.trouble()
         if trouble is None:
             raise
+        quiet_failed_log_sends()
         error = PrefectServerUnusable(trouble)
         error.manifest = hooks.manifest
         raise error from exc

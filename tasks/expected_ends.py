@@ -4,8 +4,9 @@ Prefect's engines log the exception that ends a flow run or a task run with its 
 during execution: ...", "Task run failed with exception: ...", "An error was encountered while committing
 transaction ...": a task's cached result not written). For the ends that a run expects and says itself, the line
 stays and the traceback goes, on the terminal and in the UI alike: shards failed, the fidelity check below its
-threshold, the manifest not written, each said in the run's summary (the reasons by cause); and a full disk (or a
-read-only one), whose one line names the file and what to do. Any other exception keeps its traceback.
+threshold, the manifest not written, each said in the run's summary (the reasons by cause); a full disk (or a
+read-only one), whose one line names the file and what to do; and an HTTP 500 of the run's own server once it has
+said its database cannot be written (the command's closing line says so). Any other exception keeps its traceback.
 
 Installed in the flow's process by flows.embed.run and in each Dask worker by importing `tasks.embed` (the one hook a
 worker runs before Prefect's task engine), on Prefect's run loggers: Prefect adds its own filters to them.
@@ -13,6 +14,7 @@ worker runs before Prefect's task engine), on Prefect's run loggers: Prefect add
 from __future__ import annotations
 
 import logging
+from typing import Callable, Optional
 
 from wdsembed import faults, fidelity
 from wdsembed.cluster import WorkersCannotRunError
@@ -25,10 +27,35 @@ _SAID_IN_THE_SUMMARY = (ShardsFailed, fidelity.FidelityError, ManifestNotWritten
                         ShardAbandoned)
 
 
+# The run's own Prefect server's word on why it cannot record the run (its database cannot be written), or None:
+# flows.apiserver.trouble, given by flows.embed.run. None on the Dask workers, which have no server of their own.
+_server_trouble: Optional[Callable[[], Optional[str]]] = None
+
+
+def _server_cannot_record(exc: Optional[BaseException]) -> bool:
+    """`exc` is an HTTP 5xx of the run's own server, which has said why (its database cannot be written): the
+    command's closing line says that, and the client-side traceback names only the 500."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    if not isinstance(exc, PrefectHTTPStatusError) or exc.response.status_code < 500 or _server_trouble is None:
+        return False
+    if _server_trouble() is None:
+        return False
+    quiet_failed_log_sends()
+    return True
+
+
+def quiet_failed_log_sends() -> None:
+    """Once the run's own server has said it cannot record the run: Prefect's log worker sends the lines queued
+    for the API still, and printed each failed batch as '--- Error logging to API ---' and the 500 (it prints only
+    while logging.raiseExceptions). The server cannot store them, and the command's closing line says why."""
+    logging.raiseExceptions = False
+
+
 class ExpectedEndWithoutTraceback(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, _SAID_IN_THE_SUMMARY) or faults.is_disk_full(exc):
+        if isinstance(exc, _SAID_IN_THE_SUMMARY) or faults.is_disk_full(exc) or _server_cannot_record(exc):
             said = record.getMessage()
             if str(exc) not in said and repr(exc) not in said:  # the traceback was the only place naming it
                 record.msg, record.args = f"{said}: {type(exc).__name__}: {exc}", ()
@@ -69,9 +96,13 @@ class SignalledEndNotACrash(logging.Filter):
                     and record.msg in self.SIGNALLED)
 
 
-def log_expected_ends_without_traceback() -> None:
+def log_expected_ends_without_traceback(server_trouble: Optional[Callable[[], Optional[str]]] = None) -> None:
     """Once per process; idempotent. Also leaves out the task runs' ends said already (TaskRunEndAlreadySaid) and
-    a stopped run's 'Crash detected!' (SignalledEndNotACrash)."""
+    a stopped run's 'Crash detected!' (SignalledEndNotACrash). `server_trouble`: the run's own Prefect server's
+    word on why it cannot record the run, or None (flows.apiserver.trouble)."""
+    global _server_trouble
+    if server_trouble is not None:
+        _server_trouble = server_trouble
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, ExpectedEndWithoutTraceback) for f in logger.filters):
