@@ -355,6 +355,57 @@ def test_a_scheduler_lost_mid_run_ends_the_run_saying_so_and_its_shards_may_pass
     assert sorted(exc.transient) == STEMS
 
 
+def test_a_worker_that_lost_its_scheduler_stops_the_shard_it_embeds(tmp_path):
+    """The `dask scheduler` of a dask_address killed while its worker is mid-shard (00000 held after its first
+    batch, for a real shard its many batches): Dask's worker closes as its scheduler's connection breaks (it never
+    reconnects), and its result can go nowhere, but the shard ran on, holding the worker's thread (a GPU), until
+    the worker's close gave up waiting for it 30 s later and its process ended under it, mid-shard, saying
+    nothing. Now the worker sees, between batches, that it is closing: the shard stops, saying why, nothing of it
+    written, and the worker process ends."""
+    import threading
+
+    from wdsembed import TimmImageEmbedder
+    from wdsembed.shard import ShardsFailed
+
+    data, out = _data(tmp_path / "in"), tmp_path / "out"
+    spec = tmp_path / "hold.json"
+    _hold_first_shard(spec)
+    env = _env(tmp_path / "prefect") | {"WDSEMBED_FAULTS": str(spec)}
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler = start_process([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                               "--scheduler-file", scheduler_file], tmp_path / "scheduler.log", env, cwd=tmp_path)
+    worker, worker_log = None, tmp_path / "worker.log"
+    try:
+        address = scheduler_address(scheduler, scheduler_file, tmp_path / "scheduler.log")
+        worker = start_process([BIN / "dask", "worker", address, "--nthreads", "1", "--no-dashboard"], worker_log,
+                               env, cwd=tmp_path)
+        ended = {}
+
+        def call():
+            try:
+                TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=2, num_threads_per_worker=1,
+                                  dask_address=address)(str(data), str(out))
+            except BaseException as exc:  # noqa: BLE001 - what the call ended with is what is checked
+                ended["exc"] = exc
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        _wait_until_held(spec, worker, lambda: worker_log.read_text()[-3000:])
+        os.killpg(scheduler.pid, signal.SIGKILL)
+        caller.join(120)
+        assert not caller.is_alive()
+        worker.wait(120)  # HOLD_S is far longer: the worker process ends once its shard has stopped
+    finally:
+        for proc in (worker, scheduler):
+            if proc is not None:
+                stop_process(proc)
+    assert isinstance(ended.get("exc"), ShardsFailed), repr(ended.get("exc"))
+    said = worker_log.read_text()
+    assert ("00000.tar stopped after 2 of its images, nothing of it written: its Dask worker is closing (it lost "
+            "its Dask scheduler" in said), said[-3000:]
+    _assert_nothing_of_the_held_shard(out)
+
+
 def test_workers_all_paused_for_their_memory_end_the_run_saying_so(tmp_path, monkeypatch, caplog):
     """A cluster of the user's own whose only worker is paused by Dask (its memory over
     distributed.worker.memory.pause of its limit: here a ballast it holds, as a worker's model and pipeline hold

@@ -204,9 +204,10 @@ def describe_lost_task(exc: BaseException, client=None) -> Optional[tuple[str, b
                 f"so Dask gave up on it (KilledWorker); the last, {where}, {why}"), False
     if isinstance(exc, FutureCancelledError) and exc.reason == "scheduler-connection-lost":
         address = getattr(getattr(client, "scheduler", None), "address", None) or "this run's"
-        return (f"the Dask scheduler at {address} was lost mid-run (its connection closed and did not come back), "
-                "and the shard's task with it (a worker still running it may yet write its output whole: a "
-                "re-run then finds it done)"), True
+        # Its worker, closing as it lost the scheduler too, stops the shard between two batches (task_abandoned).
+        return (f"the Dask scheduler at {address} was lost mid-run (its connection closed), and the shard's task "
+                "with it: its worker stops it unwritten, and a re-run computes it (or finds it done, where the worker "
+                "was already writing it)"), True
     if isinstance(exc, FutureCancelledError) and exc.reason == STALLED and exc.msg:
         return exc.msg, True  # StallWatch's words: the workers' memory, what to change
     if isinstance(exc, FutureCancelledError):
@@ -490,7 +491,12 @@ def task_abandoned() -> Callable[[], bool]:
     refused at its write (the run's claim on OUTPUT released), its worker thread (a GPU) kept from the next run.
     The check reads the worker's own state for the task: no I/O, no message to the scheduler. Only "cancelled"
     counts, or the task no longer known to the worker: "executing" and "resumed" (a cancelled task that the
-    scheduler wants again: its result is taken) do not. Outside a Dask task: never true."""
+    scheduler wants again: its result is taken) do not. A worker that is closing counts too: one that lost its
+    scheduler closes at once (Worker.handle_scheduler; Dask's workers never reconnect, and a restarted scheduler
+    knows none of their tasks), its task's result can go nowhere, and the task ran on until the close gave up
+    waiting for it 30 s later and the process ended under it. A worker retiring gracefully (closing_gracefully)
+    still hands its results over: not counted. Outside a Dask task: never true. The check's `why()` gives the words
+    for a closing worker's task (None for a cancelled one)."""
     try:
         from distributed import get_worker
         from distributed.worker import thread_state
@@ -504,10 +510,22 @@ def task_abandoned() -> Callable[[], bool]:
     if own is None:
         return never
 
-    def abandoned() -> bool:
-        return tasks.get(key) is not own or own.state == "cancelled"
+    from distributed.worker import WORKER_ANY_RUNNING
 
+    def abandoned() -> bool:
+        return tasks.get(key) is not own or own.state == "cancelled" or worker.status not in WORKER_ANY_RUNNING
+
+    def why() -> Optional[str]:  # None: the task was cancelled (wdsembed.shard says so in its own words)
+        if worker.status not in WORKER_ANY_RUNNING and tasks.get(key) is own and own.state != "cancelled":
+            return WORKER_CLOSING
+        return None
+
+    abandoned.why = why
     return abandoned
+
+
+WORKER_CLOSING = ("its Dask worker is closing (it lost its Dask scheduler, which Dask's workers never reconnect to, "
+                  "or it was stopped), so nothing can take this task's result")
 
 
 # The scheduler's metadata of a task key that marks it started (started_before); Dask drops it with the key.

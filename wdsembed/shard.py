@@ -156,6 +156,13 @@ def _never() -> bool:
 _NOT_WANTED = "Dask no longer wants this task's result (the run that submitted it was interrupted or cancelled)"
 
 
+def _why(abandoned: Callable[[], bool]) -> str:
+    """Why `abandoned` said so: its own words where it has them (wdsembed.cluster.task_abandoned's, of a worker
+    that is closing), else _NOT_WANTED."""
+    why = getattr(abandoned, "why", None)
+    return (why() if why is not None else None) or _NOT_WANTED
+
+
 # --------------------------------------------------------------------------------------------------- cache key
 
 
@@ -402,7 +409,7 @@ def process_shard(
     finished (plan.finished_result) read again: under the run's claim nothing else writes it, and on an object store
     each look is a HEAD and a one-key LIST, each read of a footer a GET."""
     if abandoned():
-        raise _abandon(f"shard {plan.shard} not started: {_NOT_WANTED}")
+        raise _abandon(f"shard {plan.shard} not started: {_why(abandoned)}")
     start = time.perf_counter()
     timeline = {"worker": f"{socket.gethostname()}:{os.getpid()}", "start": time.time()}
     key = cache_key(config, plan)
@@ -448,7 +455,7 @@ def process_shard(
             seen[0] += n
             if abandoned():
                 raise _abandon(f"shard {plan.shard} stopped after {seen[0]} of its images, nothing of it written: "
-                               f"{_NOT_WANTED}")
+                               f"{_why(abandoned)}")
             on_progress(n)
 
         try:
@@ -558,7 +565,7 @@ def process_shards(
                                          abandoned=abandoned, first_attempt=first_attempt))
         except ShardAbandoned:
             if plans[i + 1:]:
-                log.warning("shards %s not started: %s", ", ".join(p.stem for p in plans[i + 1:]), _NOT_WANTED)
+                log.warning("shards %s not started: %s", ", ".join(p.stem for p in plans[i + 1:]), _why(abandoned))
             raise
         except Exception as exc:  # noqa: BLE001 - every shard's outcome is reported; one failure stops no other
             failures[plan.stem] = faults.reason(exc)
