@@ -180,13 +180,16 @@ def embed_dataset(config: EmbedConfig) -> dict:
                 if hooks.on_shard_done:
                     hooks.on_shard_done(result, done, len(plans))
             progress_updates.done(done)
-    if client is not None:  # a shard whose worker died under it, run again whole, says so
+    # Not where the client lost its scheduler ("connecting"): each call would wait for it up to Dask's connect
+    # timeout (30 s by default), holding OUTPUT's claim; its workers, closing with it, report nothing more.
+    connected = client is not None and client.status == "running"
+    if connected:  # a shard whose worker died under it, run again whole, says so
         reruns = cluster.rerun_warnings(client, {f.wrapped_future.key: [p.stem for p in g]
                                                  for f, g in on_workers.items()})
         for result in results:
             if result["stem"] in reruns and not result.get("cached"):
                 result["warnings"] = list(result.get("warnings") or []) + [reruns[result["stem"]]]
-    if config.dask_address:
+    if config.dask_address and connected:
         _worker_reports_sent(client)
     # Last, as the manifest is written (OUTPUT still claimed): a worker that outlived its lost scheduler may have
     # ended its shard since.

@@ -1071,12 +1071,58 @@ def _manifest_agrees_with_output(config: EmbedConfig, manifest: dict, stems) -> 
     assert set(manifest["failed_shards"]) == set(stems) - whole, (manifest["failed_shards"], sorted(whole))
 
 
+def test_a_flow_that_lost_its_scheduler_ends_without_waiting_for_it(tmp_path, monkeypatch):
+    """The `dask scheduler` of --dask-address killed while 00001 is mid-shard, 00000 finished and 00002 waiting:
+    the run's futures end at once, cancelled, but the flow then asked the gone scheduler for its event log and the
+    workers' report, each call waiting for Dask's client to reconnect, up to Dask's connect timeout (30 s by
+    default, 10 minutes here, as on a slow network), holding OUTPUT's claim. Now it ends as soon as its shards have
+    come back: 00000 finished, 00001 and 00002 failed saying the scheduler was lost and that they may pass, and
+    the client's close, cutting its reconnecting short, logs no traceback."""
+    import logging
+    import signal
+
+    import flows.embed
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    said = Records()  # what Dask's client logs, where the terminal shows it (its logger does not propagate)
+    client_log = logging.getLogger("distributed.client")
+    monkeypatch.setattr(client_log, "handlers", [*client_log.handlers, said])
+    data = make_dataset(tmp_path / "in", n_shards=3)
+    held = Faults(tmp_path, monkeypatch, {"00001": {"fail_attempts": 0, "hold_s": 900, "where": "batch"}})
+    with _SchedulerAndWorker(tmp_path) as dask_cluster, \
+            dask.config.set({"distributed.comm.timeouts.connect": "600s"}):
+        config = make_config(data, tmp_path / "out", dask_address=dask_cluster.address, n_workers=None)
+        thread, ended = _in_thread(lambda: embed(config)[0])
+        _wait_for(lambda: held.attempts("00001"), thread, tmp_path / "worker.log")
+        dask_cluster.signal(signal.SIGKILL)
+        thread.join(120)  # far less than the client's 10 minutes of reconnecting
+        assert not thread.is_alive(), "the flow still waits for its lost scheduler"
+    outcome = ended["outcome"]
+    assert isinstance(outcome, flows.embed.ShardsFailed), repr(outcome)
+    assert sorted(outcome.failures) == ["00001", "00002"], outcome.failures
+    for reason in outcome.failures.values():
+        assert f"the Dask scheduler at {dask_cluster.address} was lost mid-run" in reason, reason
+    assert sorted(outcome.transient) == ["00001", "00002"]
+    _manifest_agrees_with_output(config, outcome.manifest, ["00000", "00001", "00002"])
+    assert not (Path(config.output) / "_claim.json").exists()
+    check_outputs(config, ["00000"])
+    tracebacks = [r for r in said.records if r.exc_info]
+    assert not tracebacks, [(r.getMessage(), r.exc_info[0]) for r in tracebacks]
+
+
 def test_a_shard_its_worker_wrote_whole_after_the_flow_lost_its_scheduler_counts_finished(tmp_path, monkeypatch):
-    """The `dask scheduler` of --dask-address killed while the worker finishes 00000 (held before its table): the
-    worker, closing, ends the shard and writes it whole while the run still holds OUTPUT (its client waits for the
-    scheduler to come back), and the manifest listed it among the failed shards beside its output. A shard given
-    up on with its scheduler is counted by its output as the manifest is written: 00000 finished, 00001 (never
-    started) failed."""
+    """The `dask scheduler` of --dask-address frozen while the worker finishes 00000 (held before its table), so
+    that the worker writes it whole while its result cannot reach the run, then killed: the manifest listed it
+    among the failed shards beside its output. A shard given up on with its scheduler is counted by its output as
+    the manifest is written: 00000 finished, 00001 (never started) failed. (The run no longer waits for its lost
+    scheduler, holding OUTPUT: a worker's write once the run has ended is refused. Written before the loss, here.)"""
     import signal
 
     import flows.embed
@@ -1087,12 +1133,13 @@ def test_a_shard_its_worker_wrote_whole_after_the_flow_lost_its_scheduler_counts
         config = make_config(data, tmp_path / "out", dask_address=dask_cluster.address, n_workers=None)
         thread, ended = _in_thread(lambda: embed(config)[0])
         _wait_for(lambda: held.attempts("00000"), thread, tmp_path / "worker.log")
+        dask_cluster.signal(signal.SIGSTOP)
+        _wait_for(lambda: (Path(config.output) / "00000.parquet").exists(), thread, tmp_path / "worker.log")
         dask_cluster.signal(signal.SIGKILL)
         thread.join(240)
         assert not thread.is_alive()
     outcome = ended["outcome"]
     assert isinstance(outcome, flows.embed.ShardsFailed), repr(outcome)
-    assert (Path(config.output) / "00000.parquet").exists()  # written after the run lost its scheduler
     _manifest_agrees_with_output(config, outcome.manifest, ["00000", "00001"])
     assert outcome.manifest["shards"]["00000"]["status"] == "computed"
     assert sorted(outcome.failures) == ["00001"] and "was lost mid-run" in outcome.failures["00001"]
@@ -1100,10 +1147,10 @@ def test_a_shard_its_worker_wrote_whole_after_the_flow_lost_its_scheduler_counts
 
 
 def test_a_shard_lost_with_the_scheduler_is_crashed_in_the_ui(tmp_path, monkeypatch):
-    """The `dask scheduler` of --dask-address killed while 00000 runs and 00001 waits its turn: the run ended
-    Failed naming 00001, and the UI had no task run of it (its task never started on a worker), or, for a shard
-    whose worker went with the scheduler, one left Running. Each shard given up on with its scheduler is Crashed
-    under its shard's name, its message the reason."""
+    """The `dask scheduler` of --dask-address killed while 00000 runs (frozen first until its worker has written
+    it) and 00001 waits its turn: the run ended Failed naming 00001, and the UI had no task run of it (its task
+    never started on a worker), or, for a shard whose worker went with the scheduler, one left Running. Each shard
+    given up on with its scheduler is Crashed under its shard's name, its message the reason."""
     import signal
 
     import flows.embed
@@ -1114,6 +1161,8 @@ def test_a_shard_lost_with_the_scheduler_is_crashed_in_the_ui(tmp_path, monkeypa
         config = make_config(data, tmp_path / "out", dask_address=dask_cluster.address, n_workers=None)
         thread, ended = _in_thread(lambda: embed(config))
         _wait_for(lambda: held.attempts("00000"), thread, tmp_path / "worker.log")
+        dask_cluster.signal(signal.SIGSTOP)
+        _wait_for(lambda: (Path(config.output) / "00000.parquet").exists(), thread, tmp_path / "worker.log")
         dask_cluster.signal(signal.SIGKILL)
         thread.join(240)
         assert not thread.is_alive()

@@ -7,6 +7,7 @@ its result (task_abandoned).
 """
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import os
@@ -55,7 +56,27 @@ class _NannyRoutine(logging.Filter):
         return not (record.msg in self._ON_CLOSE and args and str(args[-1]).startswith("nanny-close"))
 
 
+class _ClosedWhileReconnecting(logging.Filter):
+    """Drops distributed's ERROR and traceback of a client closed while it waits for its lost scheduler to come back
+    (Client._reconnect cancelled: a CancelledError, logged by its log_errors): the run, or the call, ends as soon
+    as its shards are back, and says itself that the scheduler was lost; nothing failed in the close."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, asyncio.CancelledError):
+            return True
+        tb = exc.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code.co_name == "_reconnect" and code.co_filename.endswith(os.path.join("distributed", "client.py")):
+                return False
+            tb = tb.tb_next
+        return True
+
+
 # In every process that talks to Dask for a run: they all import this module first.
+if not any(isinstance(f, _ClosedWhileReconnecting) for f in logging.getLogger("distributed.client").filters):
+    logging.getLogger("distributed.client").addFilter(_ClosedWhileReconnecting())
 if not any(isinstance(f, _NothingYetToCancel) for f in logging.getLogger("tornado.application").filters):
     logging.getLogger("tornado.application").addFilter(_NothingYetToCancel())
 if not any(isinstance(f, _NannyRoutine) for f in logging.getLogger("distributed.nanny").filters):
