@@ -406,6 +406,43 @@ def test_a_worker_that_lost_its_scheduler_stops_the_shard_it_embeds(tmp_path):
     _assert_nothing_of_the_held_shard(out)
 
 
+def test_the_stall_watch_of_a_run_whose_scheduler_is_lost_lets_it_end(tmp_path):
+    """cluster.StallWatch (the watch for workers all paused for their memory, in the flow and the API) asked the
+    scheduler every 2 s; one ask after the scheduler was lost waited for Dask's client to reconnect, up to its
+    connect timeout (30 s by default, 10 minutes here), and the run's end waited for that ask (the watch's
+    thread is joined as the run stops waiting on its shards): a run that lost its scheduler could still take 30 s
+    to end, one time in a few. Now the watch asks nothing of a client that is not connected."""
+    import threading
+
+    import dask
+    from distributed import Client
+
+    from wdsembed import cluster
+
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler = start_process([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                               "--scheduler-file", scheduler_file], tmp_path / "scheduler.log", _env(tmp_path),
+                              cwd=tmp_path)
+    try:
+        address = scheduler_address(scheduler, scheduler_file, tmp_path / "scheduler.log")
+        with dask.config.set({"distributed.comm.timeouts.connect": "600s"}):
+            client = Client(address, set_as_default=False)
+        watch = cluster.StallWatch(client, [], lambda said: None, poll_s=0.05).__enter__()
+        os.killpg(scheduler.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while client.status == "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # the watch's next asks, after the loss
+        stopped = threading.Thread(target=watch.__exit__, args=(None, None, None), daemon=True)
+        stopped.start()
+        stopped.join(60)  # far less than the client's 10 minutes of reconnecting
+        assert not stopped.is_alive(), "the watch still waits on the lost scheduler"
+        client.close()
+    finally:
+        stop_process(scheduler)
+
+
 def test_workers_all_paused_for_their_memory_end_the_run_saying_so(tmp_path, monkeypatch, caplog):
     """A cluster of the user's own whose only worker is paused by Dask (its memory over
     distributed.worker.memory.pause of its limit: here a ballast it holds, as a worker's model and pipeline hold

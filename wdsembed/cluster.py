@@ -339,6 +339,10 @@ class StallWatch:
     def _watch(self) -> None:
         since, warned = None, False
         while not self._stop.wait(self.poll_s):
+            if self.client.status != "running":
+                # Its scheduler lost: an ask would wait for it to come back, up to Dask's connect timeout (30 s),
+                # and the run's end with it (this thread is joined); the run ends by itself (describe_lost_task).
+                continue
             try:
                 reason = stall_reason(self.client)
             except Exception:  # noqa: BLE001 - a scheduler gone ends the run by itself (describe_lost_task)
