@@ -128,6 +128,8 @@ def embed_dataset(config: EmbedConfig) -> dict:
     with dask.annotate(**annotations), _task_starts(client) as starts:
         futures = {}
         for group in to_workers:
+            if client is not None and client.status != "running":
+                break  # its scheduler lost: a task submitted now would wait for it to come back (Dask's 30 s)
             task = cached_task if all(p.stem in finished for p in group) else fresh_task
             future = task.submit(config, group, claim_run=hooks.claim_run)
             futures[future] = group
@@ -137,6 +139,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
                     starts.wait(first_group[0].stem, deadline - time.monotonic(), done=first.wrapped_future.done)
                 timeline["first_started"] = time.time()
     on_workers = dict(futures)  # Dask's futures; those of this process's threads follow
+    unsubmitted = to_workers[len(on_workers):]  # their scheduler lost before they went to it
     in_process = contextlib.ExitStack()  # closed once every shard has come back
     if finished_groups:
         here = in_process.enter_context(ThreadPoolTaskRunner(max_workers=IN_PROCESS_TASK_THREADS))
@@ -180,6 +183,17 @@ def embed_dataset(config: EmbedConfig) -> dict:
                 if hooks.on_shard_done:
                     hooks.on_shard_done(result, done, len(plans))
             progress_updates.done(done)
+    for group in unsubmitted:
+        failed_now = {p.stem: cluster.scheduler_lost(client) for p in group}
+        for stem, reason in failed_now.items():
+            logger.error("shard %s failed: %s", stem, reason)
+        failures.update(failed_now)
+        transient |= set(failed_now)
+        for _ in group:
+            done += 1
+            if hooks.on_shard_done:
+                hooks.on_shard_done(None, done, len(plans))
+        progress_updates.done(done)
     # Not where the client lost its scheduler ("connecting"): each call would wait for it up to Dask's connect
     # timeout (30 s by default), holding OUTPUT's claim; its workers, closing with it, report nothing more.
     connected = client is not None and client.status == "running"

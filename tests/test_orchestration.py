@@ -1117,6 +1117,42 @@ def test_a_flow_that_lost_its_scheduler_ends_without_waiting_for_it(tmp_path, mo
     assert not tracebacks, [(r.getMessage(), r.exc_info[0]) for r in tracebacks]
 
 
+def test_a_flow_whose_scheduler_is_lost_as_its_first_task_starts_submits_no_more(tmp_path, monkeypatch):
+    """The `dask scheduler` of --dask-address killed while the flow waits for its first task to start (before it
+    submits the others): the others were submitted all the same, to a client waiting for its scheduler to come
+    back, and each waited that long (Dask's connect timeout: 30 s by default, 10 minutes here), then failed as
+    'its Dask task was cancelled (unknown)'. Now the flow submits nothing more once its scheduler is lost, and
+    each shard not submitted fails with the lost scheduler's reason, that may pass on a re-run."""
+    import signal
+
+    import flows.embed
+
+    data = make_dataset(tmp_path / "in", n_shards=3)
+    with _SchedulerAndWorker(tmp_path) as dask_cluster, \
+            dask.config.set({"distributed.comm.timeouts.connect": "600s"}):
+        wait = cluster.TaskStarts.wait
+
+        def lose_the_scheduler_first(self, *args, **kwargs):  # the real wait, the scheduler gone as it begins
+            dask_cluster.signal(signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while self.client.status == "running" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return wait(self, *args, **kwargs)
+
+        monkeypatch.setattr(cluster.TaskStarts, "wait", lose_the_scheduler_first)
+        config = make_config(data, tmp_path / "out", dask_address=dask_cluster.address, n_workers=None)
+        thread, ended = _in_thread(lambda: embed(config)[0])
+        thread.join(120)  # far less than the client's 10 minutes of reconnecting
+        assert not thread.is_alive(), "the flow still waits for its lost scheduler"
+    outcome = ended["outcome"]
+    assert isinstance(outcome, flows.embed.ShardsFailed), repr(outcome)
+    assert sorted(outcome.failures) == ["00000", "00001", "00002"], outcome.failures
+    for reason in outcome.failures.values():
+        assert f"the Dask scheduler at {dask_cluster.address} was lost mid-run" in reason, reason
+    assert sorted(outcome.transient) == ["00000", "00001", "00002"]
+    assert not list(Path(config.output).glob("0000*.parquet"))
+
+
 def test_a_shard_its_worker_wrote_whole_after_the_flow_lost_its_scheduler_counts_finished(tmp_path, monkeypatch):
     """The `dask scheduler` of --dask-address frozen while the worker finishes 00000 (held before its table), so
     that the worker writes it whole while its result cannot reach the run, then killed: the manifest listed it

@@ -224,16 +224,21 @@ def describe_lost_task(exc: BaseException, client=None) -> Optional[tuple[str, b
         return (f"its Dask worker process died while running it, on {exc.allowed_failures + 1} worker(s) in turn, "
                 f"so Dask gave up on it (KilledWorker); the last, {where}, {why}"), False
     if isinstance(exc, FutureCancelledError) and exc.reason == "scheduler-connection-lost":
-        address = getattr(getattr(client, "scheduler", None), "address", None) or "this run's"
-        # Its worker, closing as it lost the scheduler too, stops the shard between two batches (task_abandoned).
-        return (f"the Dask scheduler at {address} was lost mid-run (its connection closed), and the shard's task "
-                "with it: its worker stops it unwritten, and a re-run computes it (or finds it done, where the worker "
-                "was already writing it)"), True
+        return scheduler_lost(client), True
     if isinstance(exc, FutureCancelledError) and exc.reason == STALLED and exc.msg:
         return exc.msg, True  # StallWatch's words: the workers' memory, what to change
     if isinstance(exc, FutureCancelledError):
         return f"its Dask task was cancelled ({exc.reason}{': ' + exc.msg if exc.msg else ''})", True
     return None
+
+
+def scheduler_lost(client) -> str:
+    """A shard's reason where the run lost its Dask scheduler (`client`'s) before the shard was done."""
+    address = getattr(getattr(client, "scheduler", None), "address", None) or "this run's"
+    # Its worker, closing as it lost the scheduler too, stops the shard between two batches (task_abandoned).
+    return (f"the Dask scheduler at {address} was lost mid-run (its connection closed), and the shard's task with "
+            "it: its worker stops it unwritten, and a re-run computes it (or finds it done, where the worker was "
+            "already writing it)")
 
 
 # The longest a lost task's reason waits for the nanny of a worker of this process's own cluster to see its process
