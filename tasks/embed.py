@@ -122,14 +122,25 @@ def embed_and_log(config: EmbedConfig, plans: list[ShardPlan], claim_run: Option
     cache key: group_cache_key reads only the config and the plans)."""
     _announce_start(plans)
     log = _run_logger()
+    abandoned = cluster.task_abandoned()
     try:
         # The group stops, its shard being embedded unwritten, once Dask no longer wants the task's result.
-        results = shard.process_shards(config, plans, claim_run=claim_run, abandoned=cluster.task_abandoned(),
+        results = shard.process_shards(config, plans, claim_run=claim_run, abandoned=abandoned,
                                        first_attempt=_first_attempt())
     except ShardsFailed as exc:
         for result in exc.results:
             _log_result(log, result)
         raise
+    except shard.ShardAbandoned:
+        if getattr(abandoned, "why", lambda: None)() is None:  # cancelled by its run: Failed, as it says
+            raise
+        # Its worker closing (its scheduler lost): Crashed, as the flow marks such a task run, which this state,
+        # sent after that mark, would otherwise replace with a Failed one.
+        from prefect.states import Crashed
+
+        return Crashed(message=f"shard(s) {report.name_shards([p.stem for p in plans])} lost: its Dask worker "
+                               "closed mid-shard (its Dask scheduler was lost mid-run, or the worker was stopped) "
+                               "and stopped it unwritten; a re-run computes it")
     dicts = [r.to_dict() for r in results]
     for result in dicts:
         _log_result(log, result)
