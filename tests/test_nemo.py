@@ -673,3 +673,26 @@ def test_a_url_with_a_password_is_refused_where_it_enters_without_echoing_it(tmp
             call()
         assert "hunter2" not in str(refusal.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_save_metadata_keeps_a_named_pandas_index(tmp_path):
+    """A metadata parquet written by pandas with a named index (`df.set_index("uid").to_parquet(...)`): Dask reads
+    that column as the frame's index, and save_metadata of the changed metadata wrote each partition without its
+    index, so the column was gone from the saved files without a word. It stays a column, with its values."""
+    import pandas as pd
+
+    from wdsembed import ImageTextPairDataset
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    data = tmp_path / "dataset"
+    shard = write_shard(data, "00000", from_encoded(synthetic_images(3, seed=0)))
+    frame = pq.read_table(shard.parquet).to_pandas()
+    frame.index = pd.Index(["u0", "u1", "u2"], name="uid")
+    frame.to_parquet(shard.parquet)
+    dataset = ImageTextPairDataset.from_webdataset(str(data), id_col="key")
+    dataset.metadata["long_caption"] = dataset.metadata["caption"].str.len() > 3
+    saved = pq.read_table(Path(dataset.save_metadata(str(tmp_path / "saved"))) / "00000.parquet")
+    assert saved.column("uid").to_pylist() == ["u0", "u1", "u2"]
+    assert saved.column("long_caption").to_pylist() == [True] * 3
+    assert saved.column_names[:len(frame.columns)] == list(frame.columns)  # the file's order, new columns after
+    assert pd.read_parquet(tmp_path / "saved" / "00000.parquet").index.name == "uid"

@@ -325,7 +325,10 @@ class ImageTextPairDataset:
                     yield url, pq.read_table(f)
                     continue
                 schema = pq.read_schema(f)
-            rows = pa.Table.from_pandas(edited.get_partition(i).compute(), preserve_index=False)
+            part = edited.get_partition(i).compute()
+            # A named index is a column of the file (pandas' to_parquet, which Dask reads back as the index)
+            named = any(name is not None for name in part.index.names)
+            rows = pa.Table.from_pandas(part, preserve_index=named)
             yield url, _in_types_of(schema, rows)
 
 
@@ -341,7 +344,8 @@ def _refuse_credentials(storage_options: Optional[dict] = None, **urls: Any) -> 
 
 def _in_types_of(schema, table):
     """`table` with each column that `schema` has in its type and field metadata (the embedding's `dim`), where
-    its values fit: pandas made integers with nulls floats and strings large_string."""
+    its values fit: pandas made integers with nulls floats and strings large_string. The table's pandas metadata
+    stays (its index)."""
     import pyarrow as pa
 
     columns, fields = [], []
@@ -353,4 +357,4 @@ def _in_types_of(schema, table):
                 pass  # changed in memory into values of another type: kept as they are
         columns.append(column)
         fields.append(field_)
-    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=table.schema.metadata))
