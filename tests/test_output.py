@@ -1001,3 +1001,28 @@ def test_a_dictionary_encoded_id_column_is_written_as_its_values():
             == [True, None, None, True, True]
         view = embeddings_view(t, id_column="key", embedding_column="image_embedding", shard="00000")
         assert view.schema.field("key").type == values
+
+
+def test_pandas_metadata_stays_where_pandas_can_read_the_new_columns_beside_it():
+    """The output keeps the parquet's pandas metadata (its dtypes and index come back from pd.read_parquet), with
+    rows appended after it; where the DataFrame's column names were integers or several levels, pandas would fail
+    to read `image_embedding` beside it (literal_eval, int('image_embedding')), so there it is dropped."""
+    pd = pytest.importorskip("pandas")
+    named = pd.DataFrame({"key": ["000001", "000002"], "n": pd.array([7, None], dtype="Int64")},
+                         index=pd.Index(["a", "b"], name="rowid"))
+    numbered = pd.DataFrame({0: ["000001", "000002"], 1: [1.0, 2.0]})
+    levels = pd.DataFrame({("key", ""): ["000001", "000002"], ("n", "x"): [1, 2]})
+    keys = ["000002", "000009"]
+    for frame, id_name, kept in ((named, "key", True), (numbered, "0", False), (levels, "('key', '')", False)):
+        rows = pa.Table.from_pandas(frame)
+        fields = [f.with_name("key") if f.name == id_name else f for f in rows.schema]
+        rows = pa.Table.from_arrays(rows.columns, schema=pa.schema(fields, metadata=rows.schema.metadata))
+        t = build_output_table(rows=rows, keys=keys, embeddings=np.stack([_emb(k) for k in keys]), errors={},
+                               dim=DIM)
+        assert (b"pandas" in (t.schema.metadata or {})) == kept
+        df = t.to_pandas()  # reads either way
+        assert len(df) == 3 and df.image_embedding.iloc[1].tolist() == _emb("000002").tolist()
+    df = build_output_table(rows=pa.Table.from_pandas(named), keys=keys, embeddings=np.stack([_emb(k) for k in keys]),
+                            errors={}, dim=DIM).to_pandas()
+    assert df.index.name == "rowid" and df.index.tolist() == ["a", "b", None]
+    assert str(df.n.dtype) == "Int64" and df.n.tolist()[:2] == [7, pd.NA]

@@ -230,6 +230,21 @@ def _without_pickled_types(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(table.columns, schema=pa.schema(fields, metadata=table.schema.metadata))
 
 
+def _pandas_metadata_fits(raw: Optional[bytes]) -> bool:
+    """Whether a parquet's pandas metadata can stay on its output, whose two new columns it does not list: pandas
+    then reads back its dtypes (nullable Int64, boolean, string) and index, and the new columns as it would without
+    it (a RangeIndex of other length than the rows, after appended ones, falls back to the default one). Not where
+    the DataFrame's column names were other than one level of strings: pandas would parse `image_embedding` as a
+    tuple or an integer name and fail."""
+    if raw is None:
+        return False
+    try:
+        levels = json.loads(raw).get("column_indexes") or []
+    except (ValueError, AttributeError):
+        return False
+    return len(levels) <= 1 and all(isinstance(c, dict) and c.get("pandas_type") == "unicode" for c in levels)
+
+
 @dataclass
 class JoinedOutput:
     """A shard's output table (join_embeddings) and what the join did with the embedded samples."""
@@ -285,8 +300,8 @@ def join_embeddings(
     * Every embedded sample ends up on a row, with its embedding or with an error from one of the two rules above
       (`JoinedOutput.errors`); anything else is a fault of the join and raises.
     * Columns of `rows` named like the embedding or error column are refused (column_clash_problem), never
-      replaced; pandas metadata is dropped (the row count and columns changed), and so is field metadata naming a
-      pickled extension type
+      replaced. The schema's metadata stays, pandas' included (_pandas_metadata_fits: dropped where pandas could
+      not read the new columns beside it); field metadata naming a pickled extension type is dropped
       (``arrow.py_extension_type``: a pickle that old pyarrow versions would run on reading the output).
     * A dictionary-encoded id column is written as its values (the type every other shard's keys have).
     * `missing_reason` replaces "not in tar" for successful rows the tar lacks (e.g. a damaged tar's unread part).
@@ -409,7 +424,9 @@ def join_embeddings(
     emb_field = pa.field(embedding_column, pa.list_(EMBEDDING_TYPES[embedding_dtype][1]), metadata={"dim": str(dim)})
     table = table.append_column(emb_field, _embedding_array(emb, src, dim, embedding_dtype))
     table = table.append_column(pa.field(error_column, pa.string()), reasons)
-    meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}
+    meta = dict(table.schema.metadata or {})
+    if not _pandas_metadata_fits(meta.get(b"pandas")):
+        meta.pop(b"pandas", None)
     placed = np.zeros(len(keys), dtype=bool)
     placed[src[src >= 0]] = True
     lost = [k for k, p in zip(keys, placed) if not p and k not in dropped]

@@ -1,0 +1,133 @@
+"""The output keeps the input parquet as it is: every column with its type, values, field metadata and row order,
+the schema's key/value metadata (pandas' own included), beside the embedding and error columns; and OUTPUT reads
+as one dataset. Real embedding runs (CPU DALI, a tiny timm model on random weights)."""
+from __future__ import annotations
+
+import datetime
+import decimal
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import TINY_MODEL
+from wdsembed.synthetic import ShardSample, corrupt_image_bytes, encode_image, make_image, write_shard
+
+pytest.importorskip("nvidia.dali")
+pd = pytest.importorskip("pandas")
+
+UTC = datetime.timezone.utc
+
+
+def _image(seed: int, **kw) -> ShardSample:
+    return ShardSample(encode_image(make_image(32, 24, seed=seed), "png"), ext="png", **kw)
+
+
+def _cycle(values: list, n: int) -> list:
+    return [values[i % len(values)] for i in range(n)]
+
+
+def _rich_columns(n: int) -> dict:
+    """Arrow types a metadata parquet may hold, each with nulls."""
+    return {
+        "caption_large": pa.array(_cycle(["a", None, "ccc"], n), pa.large_string()),
+        "lang": pa.array(_cycle(["en", "fr", None], n)).dictionary_encode(),
+        "seen": pa.array(_cycle([datetime.datetime(2024, 1, 1, tzinfo=UTC), None], n),
+                         pa.timestamp("us", tz="Europe/Paris")),
+        "price": pa.array(_cycle([decimal.Decimal("1.23"), None], n), pa.decimal128(10, 2)),
+        "tags": pa.array(_cycle([[{"a": 1, "b": "x"}], None, [], [None]], n),
+                         pa.list_(pa.struct([("a", pa.int32()), ("b", pa.string())]))),
+        "attrs": pa.array(_cycle([[("k", 1)], None], n), pa.map_(pa.string(), pa.int64())),
+        "blob": pa.array(_cycle([b"\x00\x01", None], n), pa.binary()),
+        "half": pa.array(_cycle([np.float16(1.5), None], n), pa.float16()),
+        "clip": pa.array(_cycle([[0.5, 0.25], None], n), pa.list_(pa.float32())),  # an earlier embedding
+        "pair": pa.array(_cycle([[1.0, 2.0], None], n), pa.list_(pa.float32(), 2)),
+        "nothing": pa.nulls(n),
+    }
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from wdsembed import TimmImageEmbedder
+
+    root = tmp_path_factory.mktemp("fidelity")
+    inp = root / "in"
+    # 00000: Arrow types of every kind, metadata on the schema and its fields, three row groups; a corrupt image,
+    # two failed downloads and a tar sample the parquet lacks (an appended row)
+    samples = [_image(i) for i in range(5)] + [_image(9, in_parquet=False)]
+    samples[3] = ShardSample(corrupt_image_bytes("truncated", seed=1), ext="jpg")
+    rich = write_shard(inp, "00000", samples, failed_rows=2)
+    base = pq.read_table(rich.parquet)
+    table = base.select(["key", "status", "error_message"])
+    for name, column in _rich_columns(base.num_rows).items():
+        table = table.append_column(name, column)
+    fields = [f.with_metadata({"desc": f"about {f.name}"}) for f in table.schema]
+    table = pa.Table.from_arrays(table.columns, schema=pa.schema(fields, metadata={"owner": "data-eng"}))
+    pq.write_table(table, rich.parquet, row_group_size=3)
+    # 00001: written by pandas, with a named index and its nullable dtypes; 'nothing' holds strings here
+    frame = write_shard(inp, "00001", [_image(10 + i) for i in range(3)], shard_id=1)
+    df = pq.read_table(frame.parquet).to_pandas()
+    df["score"] = pd.array([1, None, 3], dtype="Int64")
+    df["flag"] = pd.array([True, None, False], dtype="boolean")
+    df["note"] = pd.array(["a", None, "b"], dtype="string")
+    df["nothing"] = ["x", None, "z"]
+    df.index = pd.Index(["r0", "r1", "r2"], name="rowid")
+    df.to_parquet(frame.parquet)
+
+    out = root / "out"
+    results = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4,
+                                num_threads_per_worker=1)(str(inp), str(out))
+    assert sorted((r.stem, r.rows, r.embedded) for r in results) == [("00000", 8, 5), ("00001", 3, 3)]
+    return inp, out
+
+
+def test_every_input_column_keeps_its_type_values_metadata_and_order(run):
+    inp, out = run
+    given = pq.read_table(inp / "00000.parquet")
+    got = pq.read_table(out / "00000.parquet")
+    assert got.column_names == given.column_names + ["image_embedding", "embedding_error"]
+    for field in given.schema:
+        assert got.schema.field(field.name).equals(field, check_metadata=True), field.name
+        assert got.column(field.name).slice(0, given.num_rows).equals(given.column(field.name)), field.name
+        # the appended tar sample: its key and nothing else
+        assert got.column(field.name).slice(given.num_rows).to_pylist() == (
+            ["000000005"] if field.name == "key" else [None]), field.name
+    assert {k: v for k, v in got.schema.metadata.items() if k != b"wdsembed"} == given.schema.metadata
+    emb = got.schema.field("image_embedding")
+    assert emb.type == pa.list_(pa.float32()) and int(emb.metadata[b"dim"]) > 0  # as README's Output table says
+    assert got.schema.field("embedding_error").type == pa.string()
+    errors = dict(zip(got.column("key").to_pylist(), got.column("embedding_error").to_pylist()))
+    assert [k for k, e in errors.items() if e is None] == [
+        k for k, v in zip(got.column("key").to_pylist(), got.column("image_embedding").to_pylist()) if v is not None]
+    assert sum(e is not None for e in errors.values()) == 3  # two failed downloads, one corrupt image
+
+
+def test_pandas_reads_back_its_own_dtypes_and_index(run):
+    """A parquet written by pandas carries its dtypes (nullable Int64, boolean, string) and index in the schema's
+    'pandas' metadata. The output dropped it: pd.read_parquet gave the Int64 column as float64 (1 -> 1.0), boolean
+    and string as object, and the index as an ordinary last column beside a new RangeIndex. It is kept."""
+    inp, out = run
+    given = pd.read_parquet(inp / "00001.parquet")
+    got = pd.read_parquet(out / "00001.parquet")
+    assert got.index.equals(given.index) and got.index.name == "rowid"
+    assert list(got.columns) == list(given.columns) + ["image_embedding", "embedding_error"]
+    assert got.dtypes[given.columns].equals(given.dtypes)
+    pd.testing.assert_frame_equal(got[given.columns], given)
+    assert got.image_embedding.notna().all() and got.embedding_error.isna().all()
+
+
+def test_output_folder_reads_as_one_dataset(run):
+    """With README's recipe (the files' schemas merged): a column typed null in one shard and string in another,
+    and columns only some shards have, read as one table, every row once."""
+    inp, out = run
+    dataset = ds.dataset(out, format="parquet")
+    schema = pa.unify_schemas([f.physical_schema for f in dataset.get_fragments()])
+    table = ds.dataset(out, format="parquet", schema=schema).to_table()
+    assert table.num_rows == 8 + 3
+    assert table.schema.field("nothing").type == pa.string()
+    assert table.schema.field("image_embedding").type == pa.list_(pa.float32())
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert set(manifest["shards"]) == {"00000", "00001"}
