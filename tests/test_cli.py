@@ -252,14 +252,39 @@ def test_python_m_wdsembed_is_the_command(tmp_path):
             assert as_module.stderr.strip(), args  # the refusal's own line
 
 
+def _user_modules_named_flows_and_tasks(folder: Path) -> None:
+    """A user's own project: an invoke `tasks.py`, a Prefect `flows/` package; neither is wdsembed's."""
+    (folder / "tasks.py").write_text("raise ImportError('the user tasks.py was imported')\n")
+    (folder / "flows").mkdir()
+    (folder / "flows" / "__init__.py").write_text("raise ImportError('the user flows/ was imported')\n")
+
+
+def test_python_m_wdsembed_ignores_the_users_own_flows_and_tasks(tmp_path):
+    """`python -m` puts the working folder first on sys.path, so a user's own `flows/` package there (a Prefect
+    project) replaced the command's: `python -m wdsembed --help` failed with the user's ImportError, where the
+    installed `wdsembed` script, which does not look there, ran."""
+    _user_modules_named_flows_and_tasks(tmp_path)
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    script = str(Path(sys.executable).parent / "wdsembed")
+    for args, status in ((["--help"], 0), ([str(tmp_path / "nowhere"), "-o", str(tmp_path / "out")], 2)):
+        as_module, as_script = (subprocess.run([*command, *args], cwd=tmp_path, env=env, capture_output=True,
+                                               text=True, timeout=120)
+                                for command in ([sys.executable, "-m", "wdsembed"], [sys.executable, script]))
+        assert "was imported" not in as_module.stderr, as_module.stderr[-3000:]
+        assert as_module.returncode == as_script.returncode == status, (args, as_module.stderr[-3000:])
+        assert (as_module.stdout, as_module.stderr) == (as_script.stdout, as_script.stderr), args
+
+
 @pytest.mark.slow
 def test_python_m_wdsembed_runs_a_run(tmp_path):
     """One real run through `python -m wdsembed` (temporary Prefect server, one Dask worker process, which imports
-    the main module again as it is spawned): exit 0, its shard embedded."""
+    the main module again as it is spawned): exit 0, its shard embedded. From a folder holding the user's own
+    `tasks.py` and `flows/`, which the flow and its workers do not import instead of the command's."""
     import json
 
     from wdsembed.synthetic import write_demo_dataset
 
+    _user_modules_named_flows_and_tasks(tmp_path)
     write_demo_dataset(tmp_path / "in", n_shards=1, per_shard=4)
     done = subprocess.run([sys.executable, "-m", "wdsembed", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
                            "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu", "--batch-size", "4",

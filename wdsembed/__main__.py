@@ -6,6 +6,7 @@ from the package's own declaration of the command (pyproject.toml [project.scrip
 """
 from __future__ import annotations
 
+import os
 import sys
 from importlib import metadata
 
@@ -25,6 +26,18 @@ def main() -> int:
     return 2
 
 
-# Also imported (not run) as __mp_main__ by each spawned worker process of a local Dask cluster.
+def _forget_working_folder() -> None:
+    """Take off sys.path the working folder that `python -m` put first, as the installed script never has it: the
+    command's top-level packages `flows` and `tasks` are common names of a user's own (an invoke tasks.py, a Prefect
+    project's flows/), which would be imported instead. Kept where this package itself came from there (a checkout)."""
+    if sys.path and sys.path[0] in ("", os.getcwd()):
+        here = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+        if os.path.realpath(sys.path[0]) != here:
+            del sys.path[0]
+
+
+# Also imported (not run) as __mp_main__ by each spawned worker process of a local Dask cluster, whose sys.path is
+# this process's, as it was when the cluster started.
 if __name__ == "__main__":
+    _forget_working_folder()
     sys.exit(main())
