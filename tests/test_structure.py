@@ -240,3 +240,35 @@ def test_every_library_the_code_imports_is_a_declared_dependency():
                     if not dists & installed_with:
                         missing.setdefault(top, set()).add(f"{package}/{path.name}")
     assert not missing, f"imported but not declared in pyproject.toml's dependencies: {missing}"
+
+
+def test_the_oldest_python_the_package_admits_can_install_its_pinned_dependencies():
+    """pyproject.toml admitted Python 3.10 (and the README said "Python 3.10+"), while its pin prefect==3.9.1
+    requires 3.11: `pip install` on 3.10 ended in "No matching distribution found for prefect==3.9.1" instead of
+    saying which Python to use. The oldest Python admitted must satisfy each exactly pinned dependency's own
+    Requires-Python, as installed here (the pinned version)."""
+    import importlib.metadata as md
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    admitted = SpecifierSet(project["requires-python"])
+    oldest = next(f"3.{minor}" for minor in range(6, 30) if f"3.{minor}" in admitted)
+    refused = {}
+    for spec in project["dependencies"] + project["optional-dependencies"]["gpu"]:
+        requirement = Requirement(spec)
+        if not any(s.operator == "==" for s in requirement.specifier):
+            continue
+        try:
+            needs = md.metadata(requirement.name).get("Requires-Python")
+        except md.PackageNotFoundError:  # the gpu extra, on a machine without a GPU
+            continue
+        if needs and oldest not in SpecifierSet(needs):
+            refused[str(requirement)] = needs
+    assert not refused, f"requires-python {admitted} admits {oldest}, which these pins refuse: {refused}"
+    # the README says the same Python
+    said = re.search(r"need Python (3\.\d+)\+", (ROOT / "README.md").read_text())
+    assert said and said.group(1) == oldest, said
