@@ -1168,7 +1168,7 @@ def _successes(url: str, config: EmbedConfig) -> Optional[int]:
         if isinstance(value, float) and not value.is_integer():  # NaN, inf, 2.5
             raise shards.MetadataFileError(f"{url}: 'successes' is {value!r}, not a count")
     except (shards.MetadataFileError, OSError) as exc:
-        why = str(exc) if isinstance(exc, shards.MetadataFileError) else f"{url}: {exc}"
+        why = str(exc) if isinstance(exc, shards.MetadataFileError) or url in str(exc) else f"{url}: {exc}"
         log.warning("%s; ignored (it holds img2dataset's counts only: the shard is read from its tar and parquet)",
                     why)
         return None

@@ -830,7 +830,7 @@ def read_stats(stats_url: str, fs: Any) -> Optional[dict]:
     if not fs.exists(stats_url):
         return None
     try:
-        raw = fs.cat_file(stats_url)
+        raw = storage.read_whole(fs, stats_url)
         stats = json.loads(raw)
     except FileNotFoundError:
         return None

@@ -121,6 +121,37 @@ def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path) if not is_local(fs) else path
 
 
+def read_whole(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """The bytes of the file at `path`, read in one go; a store's failure to deliver them (after its client's
+    retries) raised as an error naming the file (naming_url). FileNotFoundError stays as it is."""
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the store is raised again, naming the file
+        raise naming_url(to_url(fs, path), exc) from exc
+
+
+def naming_url(url: str, exc: BaseException) -> BaseException:
+    """`exc`, a store's failure to read or write `url`, as an error that names it: s3fs says "[Errno 16] Please
+    reduce your request rate." and aiohttp "Response payload is not completed", neither saying which object. An
+    OSError keeps its type and errno (a PermissionError stays one: not retried); a dropped connection or a body cut
+    short, which aiohttp and botocore raise as their own types, becomes a ConnectionError (retried by the tasks,
+    faults.is_transient). Anything else, and an error that names `url` already, is returned as it is."""
+    from wdsembed import faults
+
+    text = str(exc) or type(exc).__name__
+    if url in text:
+        return exc
+    if isinstance(exc, OSError) and type(exc).__module__ == "builtins":
+        named = type(exc)(f"{url}: {text}")
+        named.errno = exc.errno
+        return named
+    if faults.is_transport_error(exc):
+        return ConnectionError(f"{url}: {type(exc).__name__}: {text}")
+    return exc
+
+
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple:
     return tuple(fs.protocol) if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
 

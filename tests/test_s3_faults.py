@@ -1,0 +1,115 @@
+"""A flaky store under a run: faults aimed at one object (a shard's tar, parquet, _stats.json, an output) by a real
+HTTP proxy on loopback in front of moto's S3 server, the run going through the Python API (in this process, no
+Prefect). What a user should see: a fault that passes is retried and the outputs are whole; one that outlasts the
+retries fails the shard with a reason naming the object and the cause on one line, leaves nothing of that shard in
+OUTPUT, and a re-run finishes it.
+
+Each test starts the store's retries at their least (botocore's `max_attempts=1`; s3fs's own retries stay) so that
+an outlasting fault fails in seconds.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from pathlib import Path
+from typing import Optional, Sequence
+from urllib.parse import urlsplit
+
+import pytest
+
+from s3server import FaultProxy, MotoS3, aws_from_environment_only
+from wdsembed.synthetic import write_demo_dataset
+
+IN_BUCKET, OUT_BUCKET = "wds-in", "wds-out"
+TINY_MODEL = "test_resnet.r160_in1k"
+
+
+class KeyedFaultProxy(FaultProxy):
+    """A FaultProxy whose faults are aimed: `rules` are (method, path pattern, kind, n), the first `n` requests of
+    that method whose path matches the pattern (re.search) get `kind` (every one where n is None), retries
+    included; everything else is forwarded unchanged."""
+
+    def __init__(self, target: str, rules: Sequence[tuple[str, str, str, Optional[int]]]) -> None:
+        super().__init__(target, every=1)
+        self.rules = [list(rule) for rule in rules]
+
+    def choose(self, method: str, path: str, range_: Optional[str]) -> Optional[str]:
+        key = urlsplit(path).path
+        with self._lock:
+            self.requests += 1
+            for rule in self.rules:
+                want, pattern, kind, left = rule
+                if method == want and re.search(pattern, key) and (left is None or left > 0):
+                    if left is not None:
+                        rule[3] = left - 1
+                    self.injected[kind] += 1
+                    return kind
+        return None
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = MotoS3().start()
+    s3 = srv.boto()
+    s3.create_bucket(Bucket=IN_BUCKET)
+    s3.create_bucket(Bucket=OUT_BUCKET)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch, tmp_path_factory, server):
+    import s3fs
+
+    aws_from_environment_only(monkeypatch, str(tmp_path_factory.mktemp("aws") / "none"), server.admin)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("dataset")
+    write_demo_dataset(folder, n_shards=2, per_shard=6)
+    return folder
+
+
+def upload(server: MotoS3, folder: Path) -> str:
+    prefix = f"in-{uuid.uuid4().hex[:8]}"
+    s3 = server.boto()
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".tar", ".parquet", ".json"):
+            s3.upload_file(str(path), IN_BUCKET, f"{prefix}/{path.name}")
+    return f"s3://{IN_BUCKET}/{prefix}"
+
+
+def embed(endpoint: str, url: str, out: str):
+    from wdsembed import TimmImageEmbedder
+
+    return TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                             storage_options={"endpoint_url": endpoint, "max_attempts": "1"})(url, out)
+
+
+def outputs(server: MotoS3, out: str) -> list[str]:
+    bucket, prefix = out[len("s3://"):].split("/", 1)
+    return [k[len(prefix) + 1:] for k in server.keys(bucket) if k.startswith(prefix + "/")
+            and not k[len(prefix) + 1:].startswith("_prefect_results/")]
+
+
+def test_a_stats_file_the_store_cuts_short_is_ignored_with_a_warning_naming_it(server, dataset, caplog):
+    """`_stats.json` is advisory (img2dataset's counts; the shard is read from its tar and parquet): one that cannot
+    be read costs a warning naming it. A body cut short on every try (past s3fs's retries) raised aiohttp's
+    ClientPayloadError out of the run's planning: the whole run failed before any shard, naming no object."""
+    url = upload(server, dataset)
+    out = f"s3://{OUT_BUCKET}/out-{uuid.uuid4().hex[:8]}"
+    proxy = KeyedFaultProxy(server.endpoint, [("GET", r"/00000_stats\.json$", "truncate", None)]).start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="wdsembed"):
+            results = embed(proxy.endpoint, url, out)
+    finally:
+        proxy.stop()
+    assert proxy.injected["truncate"] >= 1
+    assert sorted(r.stem for r in results) == ["00000", "00001"] and all(r.embedded == 6 for r in results)
+    warned = [r.getMessage() for r in caplog.records if f"{url}/00000_stats.json" in r.getMessage()]
+    assert warned and "ignored" in warned[0], [r.getMessage() for r in caplog.records]
