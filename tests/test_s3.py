@@ -373,7 +373,7 @@ def test_a_parquet_the_store_fails_to_deliver_is_a_store_error_not_a_bad_file(se
     without its columns, never retried). An error of the store delivering its bytes must stay what it is, retried by
     the flow's tasks: the store answering 500 on every try, past the client's retries, is not a bad file; nor a body
     cut short past s3fs's retries, which raises aiohttp's ClientPayloadError (botocore a ConnectionClosedError for a
-    dropped connection): neither is an OSError, and the tasks did not retry them."""
+    dropped connection): neither is an OSError, and the tasks did not retry them. Both are raised naming the file."""
     url = upload(server, dataset)
     proxy = FaultProxy(server.endpoint, every=1, kinds=(kind,), methods=("GET",), outlast_retries=True).start()
     try:
@@ -383,7 +383,9 @@ def test_a_parquet_the_store_fails_to_deliver_is_a_store_error_not_a_bad_file(se
     finally:
         proxy.stop()
     assert proxy.injected[kind] >= 1 and not isinstance(caught.value, shards.MetadataFileError)
-    assert isinstance(caught.value, OSError) if raised is None else type(caught.value).__name__ == raised, caught.value
+    # raised again as an OSError naming the file, the client's own error as its cause
+    assert isinstance(caught.value, OSError) and f"{url}/00000.parquet" in str(caught.value), caught.value
+    assert raised is None or type(caught.value.__cause__).__name__ == raised, caught.value
     assert faults.is_transient(caught.value), caught.value
 
 

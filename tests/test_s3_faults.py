@@ -113,3 +113,33 @@ def test_a_stats_file_the_store_cuts_short_is_ignored_with_a_warning_naming_it(s
     assert sorted(r.stem for r in results) == ["00000", "00001"] and all(r.embedded == 6 for r in results)
     warned = [r.getMessage() for r in caplog.records if f"{url}/00000_stats.json" in r.getMessage()]
     assert warned and "ignored" in warned[0], [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("kind, cause", [("truncate", "ClientPayloadError"), ("internal", "internal error")])
+def test_a_parquet_the_store_never_delivers_fails_its_shard_naming_the_object_and_a_rerun_finishes_it(
+        server, dataset, kind, cause):
+    """The shard's img2dataset parquet answered 500, or cut short, on every try: the shard fails (after its
+    retries), the other is written, nothing of the failed shard is left in OUTPUT, and a re-run finishes it. Its
+    reason said 'ClientPayloadError: Response payload is not completed: ...' or 'OSError: [Errno 121] We encountered
+    an internal error', naming no object: which of the shard's files (tar, parquet, .idx) the store failed to give was
+    left to guess."""
+    from wdsembed.shard import ShardsFailed
+
+    url = upload(server, dataset)
+    out = f"s3://{OUT_BUCKET}/out-{uuid.uuid4().hex[:8]}"
+    proxy = KeyedFaultProxy(server.endpoint, [("GET", rf"{url[len('s3:/'):]}/00000\.parquet$", kind, None)]).start()
+    try:
+        with pytest.raises(ShardsFailed) as raised:
+            embed(proxy.endpoint, url, out)
+    finally:
+        proxy.stop()
+    assert proxy.injected[kind] >= 1
+    why = raised.value.failures["00000"]
+    assert f"{url}/00000.parquet" in why and cause in why and "\n" not in why, why
+    assert sorted(raised.value.failures) == ["00000"], raised.value.failures
+    assert not [k for k in outputs(server, out) if "00000" in k], outputs(server, out)
+
+    again = {r.stem: r for r in embed(server.endpoint, url, out)}
+    assert again["00000"].embedded == 6 and not again["00000"].cached and again["00001"].cached
+    assert sorted(outputs(server, out)) == ["00000.parquet", "00001.parquet", "_embeddings/00000.parquet",
+                                             "_embeddings/00001.parquet", "_manifest.json"]

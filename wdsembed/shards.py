@@ -808,13 +808,13 @@ def read_rows(parquet_url: str, fs: Any, columns: Optional[Sequence[str]] = None
 
     The file's bytes are read whole first and decoded from memory: pyarrow says a damaged page with a plain OSError
     ("Couldn't deserialize thrift"), as an I/O error of its source would be said. Read apart, an error fetching the
-    bytes (a connection reset: may pass on a retry) stays what it is, and every error of the decoding is the
-    file's."""
+    bytes (a connection reset: may pass on a retry) stays a store's error, naming the file (storage.read_whole), and
+    every error of the decoding is the file's."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        raw = fs.cat_file(parquet_url)
+        raw = storage.read_whole(fs, parquet_url)
     except FileNotFoundError:
         return None
     try:
