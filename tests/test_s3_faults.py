@@ -143,3 +143,30 @@ def test_a_parquet_the_store_never_delivers_fails_its_shard_naming_the_object_an
     assert again["00000"].embedded == 6 and not again["00000"].cached and again["00001"].cached
     assert sorted(outputs(server, out)) == ["00000.parquet", "00001.parquet", "_embeddings/00000.parquet",
                                              "_embeddings/00001.parquet", "_manifest.json"]
+
+
+def test_an_output_the_store_never_takes_fails_its_shard_naming_the_output_and_a_rerun_finishes_it(server, dataset):
+    """Every PUT of shard 00000's table answered 503 SlowDown, past the retries: the shard fails, its kNN view
+    (written first) is removed, nothing of it is left in OUTPUT, and a re-run finishes it. Its reason said 'OSError:
+    [Errno 16] Please reduce your request rate.', naming no object."""
+    from wdsembed.shard import ShardsFailed
+
+    url = upload(server, dataset)
+    out = f"s3://{OUT_BUCKET}/out-{uuid.uuid4().hex[:8]}"
+    proxy = KeyedFaultProxy(server.endpoint, [("PUT", rf"{out[len('s3:/'):]}/00000\.parquet$", "slowdown",
+                                               None)]).start()
+    try:
+        with pytest.raises(ShardsFailed) as raised:
+            embed(proxy.endpoint, url, out)
+    finally:
+        proxy.stop()
+    assert proxy.injected["slowdown"] >= 1
+    why = raised.value.failures["00000"]
+    assert f"{out}/00000.parquet" in why and "reduce your request rate" in why and "\n" not in why, why
+    assert sorted(raised.value.failures) == ["00000"], raised.value.failures
+    assert not [k for k in outputs(server, out) if "00000" in k], outputs(server, out)
+
+    again = {r.stem: r for r in embed(server.endpoint, url, out)}
+    assert again["00000"].embedded == 6 and not again["00000"].cached and again["00001"].cached
+    assert sorted(outputs(server, out)) == ["00000.parquet", "00001.parquet", "_embeddings/00000.parquet",
+                                             "_embeddings/00001.parquet", "_manifest.json"]

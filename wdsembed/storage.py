@@ -129,7 +129,7 @@ def read_whole(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of the store is raised again, naming the file
-        raise naming_url(to_url(fs, path), exc) from exc
+        _raise_naming(to_url(fs, path), exc)
 
 
 def naming_url(url: str, exc: BaseException) -> BaseException:
@@ -150,6 +150,13 @@ def naming_url(url: str, exc: BaseException) -> BaseException:
     if faults.is_transport_error(exc):
         return ConnectionError(f"{url}: {type(exc).__name__}: {text}")
     return exc
+
+
+def _raise_naming(url: str, exc: BaseException) -> None:
+    named = naming_url(url, exc)
+    if named is exc:
+        raise exc
+    raise named from exc
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple:
@@ -284,7 +291,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: Union[bytes, Ca
     elif writes_whole_objects(fs):
         if not callable(data):
             before_commit()
-            fs.pipe_file(path, data)
+            _put(fs, path, lambda: fs.pipe_file(path, data))
             return
         tmp = None
         try:
@@ -305,7 +312,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: Union[bytes, Ca
             raise
         try:
             before_commit()
-            fs.put_file(tmp, path)
+            _put(fs, path, lambda: fs.put_file(tmp, path))
         finally:
             os.unlink(tmp)
     else:
@@ -318,6 +325,14 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: Union[bytes, Ca
         except BaseException:
             _remove_quietly(fs, tmp)
             raise
+
+
+def _put(fs: fsspec.AbstractFileSystem, path: str, put: Callable[[], None]) -> None:
+    """An object store's upload of `path`; its failure past the client's retries names the object (naming_url)."""
+    try:
+        put()
+    except Exception as exc:  # noqa: BLE001 - any failure of the store is raised again, naming the object
+        _raise_naming(to_url(fs, path), exc)
 
 
 def writes_whole_objects(fs: fsspec.AbstractFileSystem) -> bool:
