@@ -214,6 +214,24 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
     its Prefect API server there, in the background, so that it boots while the flow's modules are imported; a
     ValueError it raises is a refusal too (exit 2, its one line)."""
     _dump_stacks_on_sigusr1()
+    # From the start: the checks take seconds (torch's import, the model's build, the footers read), and a SIGTERM
+    # there killed the command with no word, its API server's process left loading, holding its stderr.
+    with _stop_signals_end_as_ctrl_c():
+        try:
+            checked = _checked(run, argv, on_checked)
+        except KeyboardInterrupt as exc:  # nothing claimed or written yet
+            _say_last(f"\nrun interrupted{_by(exc)} before any work (during its checks): nothing was written; run "
+                      "the same command again")
+            return _interrupted_code(exc)
+    if isinstance(checked, int):
+        return checked
+    return _run(run, *checked)
+
+
+def _checked(run: Optional[Callable[..., dict]], argv: Optional[Sequence[str]],
+             on_checked: Optional[Callable[[], None]]) -> "int | tuple[EmbedConfig, bool]":
+    """main's arguments and checks: the exit code of a refusal, else the config and whether every output is
+    already finished."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # The messages below (and argparse's) quote these whole; EmbedConfig refuses the fields it takes.
@@ -270,7 +288,11 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
         except ValueError as exc:  # what the run's own setup cannot do (the Prefect server's folder), said as above
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    return config, all_finished
 
+
+def _run(run: Callable[..., dict], config: EmbedConfig, all_finished: bool) -> int:
+    """main's run, once every check passed: its summary, or what stopped it."""
     from wdsembed.decoderlog import decoder_messages_to_log
 
     progress = _Progress()
@@ -282,10 +304,9 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: every output written so far is whole, and the same
         # command goes on from it. Counted by the progress bar: a shard can still finish as the run stops, after its
         # last update, which the line allows for.
-        by = f" by {exc.signal.name}" if isinstance(exc, Terminated) else ""
-        _say_last(f"\nrun interrupted{by}: {progress.so_far()}the shards finished so far are in {config.output}; "
-                  f"{RESUME}")
-        return 128 + exc.signal if by else 130  # as a shell reports a command ended by the signal
+        _say_last(f"\nrun interrupted{_by(exc)}: {progress.so_far()}the shards finished so far are in "
+                  f"{config.output}; {RESUME}")
+        return _interrupted_code(exc)
     except Exception as exc:  # noqa: BLE001 - a failed run prints its reason, not a traceback wall
         from wdsembed.outputclaim import OutputClaimedError
 
@@ -341,6 +362,15 @@ class Terminated(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signal = signal.Signals(signum)
+
+
+def _by(exc: KeyboardInterrupt) -> str:
+    return f" by {exc.signal.name}" if isinstance(exc, Terminated) else ""
+
+
+def _interrupted_code(exc: KeyboardInterrupt) -> int:
+    """As a shell reports a command ended by the signal: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
+    return 128 + exc.signal if isinstance(exc, Terminated) else 128 + signal.SIGINT
 
 
 # Their default kills the process on the spot: the run's claim on OUTPUT was left behind (another host waited
