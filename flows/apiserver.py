@@ -424,6 +424,18 @@ def _serve(fd: int, parent: int, checked: int) -> None:
     # Booting is mostly imports that make objects which live as long as the server: collecting garbage among them
     # is wasted time (about a tenth of the boot), and so is scanning them again later.
     gc.disable()
+    server = None
+
+    def stop_when_orphaned() -> None:  # a parent killed outright (SIGKILL) leaves no server behind
+        while os.getppid() == parent:
+            time.sleep(1)
+        if server is None:  # still loading (the command was killed in its checks): nothing opened, no word to say
+            os._exit(0)
+        _quiet_from_now()
+        server.should_exit = True
+
+    # From the start: loading takes seconds, and the command's stderr, which this process holds, stays open meanwhile
+    threading.Thread(target=stop_when_orphaned, daemon=True).start()
     import warnings
 
     # Said once, by the command, as what to change (_unwritable_database_folder)
@@ -434,8 +446,11 @@ def _serve(fd: int, parent: int, checked: int) -> None:
         return
     problem = _unwritable_database_folder()
     said = open(checked, "w")  # kept open: _say_database_trouble_once writes there later
-    said.write((problem or "ok") + "\n")
-    said.flush()
+    try:
+        said.write((problem or "ok") + "\n")
+        said.flush()
+    except BrokenPipeError:  # the command is gone (killed before the watch above saw it): no one to serve
+        os._exit(0)  # not a return: the file's flush at exit would fail again, with a line on stderr
     if problem:
         said.close()
         return
@@ -460,14 +475,6 @@ def _serve(fd: int, parent: int, checked: int) -> None:
     server.handle_exit = lambda sig, frame: (_quiet_from_now(), handle_exit(sig, frame))
     gc.freeze()
     gc.enable()
-
-    def stop_when_orphaned() -> None:  # a parent killed outright (SIGKILL) leaves no server behind
-        while os.getppid() == parent:
-            time.sleep(1)
-        _quiet_from_now()
-        server.should_exit = True
-
-    threading.Thread(target=stop_when_orphaned, daemon=True).start()
     server.run(sockets=[socket.socket(fileno=fd)])
 
 

@@ -74,3 +74,33 @@ def test_a_stop_signal_during_the_checks_ends_in_one_line_and_leaves_nothing(sig
     assert not [p for p in started if _alive(p)]
     assert not (tmp_path / "out").exists()
 
+
+@pytest.mark.slow
+def test_a_command_killed_during_its_checks_leaves_no_traceback_from_its_api_server(tmp_path):
+    """SIGKILL (the OOM killer; `timeout -s KILL`, Airflow's and systemd's kill after their grace period) while the
+    command runs its checks, its temporary Prefect API server's process still loading. That process went on loading,
+    holding the stderr the command shared with it, then wrote a BrokenPipeError traceback there as it found its
+    command gone. Now it watches for that from its start, and ends without a word."""
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    write_shard(tmp_path / "in", "00000", from_encoded(synthetic_images(2, formats=("jpeg",))))
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(300)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.command", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model",
+             TINY_MODEL, "--no-pretrained", "--device", "cpu", "--dask-address",
+             f"tcp://127.0.0.1:{listener.getsockname()[1]}"],
+            cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        try:
+            connection, _ = listener.accept()
+            proc.kill()
+            stdout, stderr = proc.communicate(timeout=120)  # to the end of its pipes: the server's process holds them
+            connection.close()
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert stdout + stderr == "", (stdout + stderr)[-4000:]
