@@ -1821,6 +1821,27 @@ def test_the_plannings_line_of_a_damaged_tar_names_it_once(failed_command):
     assert all(line.count(".tar") == 1 for line in lines), lines
 
 
+
+@pytest.mark.slow
+def test_a_script_reads_a_failed_runs_result_without_parsing_its_log(failed_command):
+    """The README's contract for scripts, stdout and stderr redirected: exit 1; stdout holds the summary alone (no
+    log line), neither stream a colour, cursor movement or carriage return; the summary's last line names the
+    manifest, which lists each failed shard with its reason and each finished one with its output."""
+    import json
+
+    assert failed_command.returncode == 1, failed_command.stderr[-3000:]
+    assert not re.search(r"\| (DEBUG|INFO|WARNING|ERROR|CRITICAL) +\|", failed_command.stdout), failed_command.stdout
+    for stream in (failed_command.stdout, failed_command.stderr):
+        assert "\x1b" not in stream and "\r" not in stream, repr(stream[-2000:])
+    manifest_path = re.fullmatch(r"output: .+  \(manifest: (.+)\)", failed_command.stdout.splitlines()[-1])[1]
+    manifest = json.loads(Path(manifest_path).read_text())
+    failed = manifest["failed_shards"]
+    assert sorted(failed) == ["00002", "00003", "00004"], failed
+    assert all(reason.startswith("MalformedShardError: ") for reason in failed.values()), failed
+    assert {stem: s["status"] for stem, s in manifest["shards"].items()} == {"00000": "computed",
+                                                                              "00001": "computed"}
+    assert all(Path(s["output"]).is_file() for s in manifest["shards"].values())
+
 def test_a_command_still_running_after_its_stop_shows_its_stacks(shards, tmp_path):
     """With WDSEMBED_DUMP_STACKS_ON_SIGUSR1 set, SIGUSR1 makes the command write its threads' stacks and go on: what
     the tests below show of a command that has not ended in time after a signal (processes.ended)."""
