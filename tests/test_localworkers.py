@@ -205,3 +205,18 @@ def test_a_ctrl_c_before_a_dask_call_began_prints_no_traceback(tmp_path):
                            env=os.environ | {"PYTHONPATH": os.getcwd()})
     assert "interrupted" in ended.stdout, ended.stderr[-3000:]
     assert "Traceback" not in ended.stderr and "NameError" not in ended.stderr, ended.stderr[-3000:]
+
+
+def test_a_cpu_run_splits_the_cores_this_process_may_use():
+    """The CPU workers' torch threads split the cores the run may use, not every core of the host: os.cpu_count()
+    counted the host's, so under taskset (or a container's CPU quota) each worker took more threads than it had
+    cores. Dask's count (dask.system.cpu_count) reads the CPU affinity and the cgroup quota."""
+    cores = os.sched_getaffinity(0)
+    if len(cores) < 2:
+        pytest.skip("needs a process allowed on 2 cores or more")
+    os.sched_setaffinity(0, {min(cores)})
+    try:
+        kwargs = cluster.task_runner_kwargs(EmbedConfig(input="in", output="out", device="cpu", n_workers=1))
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert kwargs["cluster_kwargs"]["env"]["OMP_NUM_THREADS"] == "1"

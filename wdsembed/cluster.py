@@ -502,10 +502,19 @@ def task_runner_kwargs(config: EmbedConfig) -> dict:
             "threads_per_worker": 1,
             "processes": True,
             "worker_class": local_nanny(),
-            # Split the cores between the workers' torch thread pools, so they never oversubscribe the machine.
-            "env": {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n_workers))},
+            "env": cpu_worker_env(n_workers),
         },
     }
+
+
+def cpu_worker_env(n_workers: int) -> dict:
+    """The environment of the worker processes of a local CPU cluster: torch's thread pools split the cores that
+    this process may use between the `n_workers` workers. Counted by Dask (dask.system.cpu_count: the CPU affinity,
+    as taskset sets it, and a cgroup's CPU quota, as a container's --cpus sets it): os.cpu_count() counts every core
+    of the host, and each worker then took more threads than the run had cores."""
+    from dask.system import cpu_count
+
+    return {"OMP_NUM_THREADS": str(max(1, cpu_count() // n_workers))}
 
 
 def never() -> bool:

@@ -80,7 +80,7 @@ def get_client(
         log.warning("get_client(cluster_type='gpu'): %s; starting a CPU cluster instead", reason)
     for name in _GPU_CLUSTER_ONLY:
         cluster_kwargs.pop(name, None)
-    from wdsembed.cluster import local_nanny
+    from wdsembed.cluster import cpu_worker_env, local_nanny
 
     n_workers = n_workers or 2
     options = {
@@ -88,7 +88,7 @@ def get_client(
         "threads_per_worker": threads_per_worker or 1,
         "processes": True,
         # torch's thread pools share the cores instead of each taking all of them
-        "env": {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n_workers))},
+        "env": cpu_worker_env(n_workers),
     } | cluster_kwargs
     if options["processes"]:  # worker processes that leave Ctrl-C to this one (wdsembed.localworkers)
         options.setdefault("worker_class", local_nanny())
