@@ -220,3 +220,24 @@ def test_a_cpu_run_splits_the_cores_this_process_may_use():
     finally:
         os.sched_setaffinity(0, cores)
     assert kwargs["cluster_kwargs"]["env"]["OMP_NUM_THREADS"] == "1"
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def test_a_cpu_workers_torch_takes_its_share_of_the_cores():
+    """torch in a CPU run's worker runs on the threads its share of the cores gives (cpu_worker_env), as it embeds:
+    Dask's nanny sets MKL_NUM_THREADS=1 in each worker process (distributed.nanny.pre-spawn-environ), which torch
+    reads over OMP_NUM_THREADS, and every worker's model ran on one thread, on a 16-core host too."""
+    from dask.system import cpu_count
+    from distributed import Client, LocalCluster
+
+    if cpu_count() < 2:
+        pytest.skip("needs a process allowed on 2 cores or more")
+    kwargs = cluster.task_runner_kwargs(EmbedConfig(input="in", output="out", device="cpu", n_workers=1))
+    with LocalCluster(**kwargs["cluster_kwargs"], dashboard_address=None) as ours, \
+            Client(ours, set_as_default=False) as client:
+        assert list(client.run(torch_threads).values()) == [cpu_count()]

@@ -511,10 +511,12 @@ def cpu_worker_env(n_workers: int) -> dict:
     """The environment of the worker processes of a local CPU cluster: torch's thread pools split the cores that
     this process may use between the `n_workers` workers. Counted by Dask (dask.system.cpu_count: the CPU affinity,
     as taskset sets it, and a cgroup's CPU quota, as a container's --cpus sets it): os.cpu_count() counts every core
-    of the host, and each worker then took more threads than the run had cores."""
+    of the host, and each worker then took more threads than the run had cores. MKL_NUM_THREADS too: Dask's nanny
+    sets it to 1 in its workers (distributed.nanny.pre-spawn-environ), and torch takes it over OMP_NUM_THREADS."""
     from dask.system import cpu_count
 
-    return {"OMP_NUM_THREADS": str(max(1, cpu_count() // n_workers))}
+    share = str(max(1, cpu_count() // n_workers))
+    return {"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share}
 
 
 def never() -> bool:
