@@ -207,13 +207,14 @@ def test_a_ctrl_c_before_a_dask_call_began_prints_no_traceback(tmp_path):
     assert "Traceback" not in ended.stderr and "NameError" not in ended.stderr, ended.stderr[-3000:]
 
 
-def test_a_cpu_run_splits_the_cores_this_process_may_use():
+def test_a_cpu_run_splits_the_cores_this_process_may_use(monkeypatch):
     """The CPU workers' torch threads split the cores the run may use, not every core of the host: os.cpu_count()
     counted the host's, so under taskset (or a container's CPU quota) each worker took more threads than it had
     cores. Dask's count (dask.system.cpu_count) reads the CPU affinity and the cgroup quota."""
     cores = os.sched_getaffinity(0)
     if len(cores) < 2:
         pytest.skip("needs a process allowed on 2 cores or more")
+    monkeypatch.setattr(cluster, "_USERS_THREADS", {})  # as for a user who set neither (conftest sets OMP's)
     os.sched_setaffinity(0, {min(cores)})
     try:
         kwargs = cluster.task_runner_kwargs(EmbedConfig(input="in", output="out", device="cpu", n_workers=1))
@@ -228,7 +229,7 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def test_a_cpu_workers_torch_takes_its_share_of_the_cores():
+def test_a_cpu_workers_torch_takes_its_share_of_the_cores(monkeypatch):
     """torch in a CPU run's worker runs on the threads its share of the cores gives (cpu_worker_env), as it embeds:
     Dask's nanny sets MKL_NUM_THREADS=1 in each worker process (distributed.nanny.pre-spawn-environ), which torch
     reads over OMP_NUM_THREADS, and every worker's model ran on one thread, on a 16-core host too."""
@@ -237,7 +238,26 @@ def test_a_cpu_workers_torch_takes_its_share_of_the_cores():
 
     if cpu_count() < 2:
         pytest.skip("needs a process allowed on 2 cores or more")
+    monkeypatch.setattr(cluster, "_USERS_THREADS", {})  # as for a user who set neither (conftest sets OMP's)
     kwargs = cluster.task_runner_kwargs(EmbedConfig(input="in", output="out", device="cpu", n_workers=1))
     with LocalCluster(**kwargs["cluster_kwargs"], dashboard_address=None) as ours, \
             Client(ours, set_as_default=False) as client:
         assert list(client.run(torch_threads).values()) == [cpu_count()]
+
+
+
+def test_a_cpu_workers_torch_keeps_the_users_own_thread_count():
+    """OMP_NUM_THREADS (or MKL_NUM_THREADS) set by the user decides the CPU workers' torch threads, as it does torch's
+    anywhere: the run's share of the cores replaced it. Read as wdsembed is imported: each Dask nanny started in
+    this process writes Dask's own MKL_NUM_THREADS=1 into its environment, which is no user's."""
+    from dask.system import cpu_count
+    from distributed import Client, LocalCluster
+
+    if cpu_count() < 2:
+        pytest.skip("needs a process allowed on 2 cores or more")
+    assert cluster.cpu_worker_env(1, {})["MKL_NUM_THREADS"] == str(cpu_count())
+    for variable in cluster.TORCH_THREADS_ENV:
+        env = cluster.cpu_worker_env(1, {variable: "1"})
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, env=env, dashboard_address=None,
+                          worker_class=localworkers.Nanny) as ours, Client(ours, set_as_default=False) as client:
+            assert list(client.run(torch_threads).values()) == [1], variable

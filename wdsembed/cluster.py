@@ -507,16 +507,25 @@ def task_runner_kwargs(config: EmbedConfig) -> dict:
     }
 
 
-def cpu_worker_env(n_workers: int) -> dict:
+# torch's thread counts as the user set them, read before this process starts a Dask worker: each nanny writes Dask's
+# own (distributed.nanny.pre-spawn-environ, MKL_NUM_THREADS=1 among them) into this process's environment.
+TORCH_THREADS_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_USERS_THREADS = {name: os.environ[name] for name in TORCH_THREADS_ENV if os.environ.get(name)}
+
+
+def cpu_worker_env(n_workers: int, users: Optional[dict] = None) -> dict:
     """The environment of the worker processes of a local CPU cluster: torch's thread pools split the cores that
     this process may use between the `n_workers` workers. Counted by Dask (dask.system.cpu_count: the CPU affinity,
     as taskset sets it, and a cgroup's CPU quota, as a container's --cpus sets it): os.cpu_count() counts every core
     of the host, and each worker then took more threads than the run had cores. MKL_NUM_THREADS too: Dask's nanny
-    sets it to 1 in its workers (distributed.nanny.pre-spawn-environ), and torch takes it over OMP_NUM_THREADS."""
+    sets it to 1 in its workers (distributed.nanny.pre-spawn-environ), and torch takes it over OMP_NUM_THREADS.
+    Where the user set either (`users`: those of this process's environment as wdsembed was imported), their number
+    stands instead, as it would for torch anywhere else."""
     from dask.system import cpu_count
 
-    share = str(max(1, cpu_count() // n_workers))
-    return {"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share}
+    users = _USERS_THREADS if users is None else users
+    share = users.get("MKL_NUM_THREADS") or users.get("OMP_NUM_THREADS") or str(max(1, cpu_count() // n_workers))
+    return {name: users.get(name, share) for name in TORCH_THREADS_ENV}
 
 
 def never() -> bool:
