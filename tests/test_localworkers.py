@@ -261,3 +261,24 @@ def test_a_cpu_workers_torch_keeps_the_users_own_thread_count():
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, env=env, dashboard_address=None,
                           worker_class=localworkers.Nanny) as ours, Client(ours, set_as_default=False) as client:
             assert list(client.run(torch_threads).values()) == [1], variable
+
+
+def test_a_users_thread_count_that_is_no_count_leaves_the_workers_their_share():
+    """OMP_NUM_THREADS=0 (taken for 'automatic'), or a value that is no whole number, is no thread count: libgomp
+    and torch reject it ('Invalid value for environment variable OMP_NUM_THREADS') and torch then takes every core
+    in each worker. The workers get their share of the cores instead, and MKL_NUM_THREADS no copy of it."""
+    from dask.system import cpu_count
+    from distributed import Client, LocalCluster
+
+    share = str(max(1, cpu_count() // 2))
+    for junk in ("0", "abc", "", "-3"):
+        assert cluster.cpu_worker_env(2, {"OMP_NUM_THREADS": junk}) == \
+            {"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share}, junk
+    assert cluster.cpu_worker_env(2, {"OMP_NUM_THREADS": "0", "MKL_NUM_THREADS": "3"}) == \
+        {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}
+    if cpu_count() < 2:
+        pytest.skip("needs a process allowed on 2 cores or more")
+    env = cluster.cpu_worker_env(2, {"OMP_NUM_THREADS": "0"})
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, env=env, dashboard_address=None,
+                      worker_class=localworkers.Nanny) as ours, Client(ours, set_as_default=False) as client:
+        assert list(client.run(torch_threads).values()) == [int(share)] * 2

@@ -520,10 +520,12 @@ def cpu_worker_env(n_workers: int, users: Optional[dict] = None) -> dict:
     of the host, and each worker then took more threads than the run had cores. MKL_NUM_THREADS too: Dask's nanny
     sets it to 1 in its workers (distributed.nanny.pre-spawn-environ), and torch takes it over OMP_NUM_THREADS.
     Where the user set either (`users`: those of this process's environment as wdsembed was imported), their number
-    stands instead, as it would for torch anywhere else."""
+    stands instead, as it would for torch anywhere else; a value that is no positive whole number ("0", taken for
+    automatic) is none: libgomp and torch reject it, and torch then took every core in each worker."""
     from dask.system import cpu_count
 
     users = _USERS_THREADS if users is None else users
+    users = {name: value.strip() for name, value in users.items() if value.strip().isdigit() and int(value) > 0}
     share = users.get("MKL_NUM_THREADS") or users.get("OMP_NUM_THREADS") or str(max(1, cpu_count() // n_workers))
     return {name: users.get(name, share) for name in TORCH_THREADS_ENV}
 
