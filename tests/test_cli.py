@@ -275,6 +275,25 @@ def test_python_m_wdsembed_ignores_the_users_own_flows_and_tasks(tmp_path):
         assert (as_module.stdout, as_module.stderr) == (as_script.stdout, as_script.stderr), args
 
 
+def test_python_m_wdsembed_runs_from_a_working_folder_since_deleted(tmp_path):
+    """A working folder removed under the command (a build folder cleaned by another job): the installed script
+    runs, and `python -m wdsembed --help` ended on a FileNotFoundError traceback from asking for that folder."""
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    script = str(Path(sys.executable).parent / "wdsembed")
+    code = "import os, subprocess, sys; os.rmdir(os.getcwd()); sys.exit(subprocess.run(sys.argv[1:]).returncode)"
+
+    def from_a_deleted_folder(*command):
+        gone = tmp_path / "gone"
+        gone.mkdir()
+        return subprocess.run([sys.executable, "-c", code, *command, "--help"], cwd=gone, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    as_module = from_a_deleted_folder(sys.executable, "-m", "wdsembed")
+    as_script = from_a_deleted_folder(sys.executable, script)
+    assert as_module.returncode == as_script.returncode == 0, as_module.stderr[-3000:]
+    assert as_module.stdout == as_script.stdout and "Traceback" not in as_module.stderr
+
+
 @pytest.mark.slow
 def test_python_m_wdsembed_runs_a_run(tmp_path):
     """One real run through `python -m wdsembed` (temporary Prefect server, one Dask worker process, which imports

@@ -30,9 +30,13 @@ def _forget_working_folder() -> None:
     """Take off sys.path the working folder that `python -m` put first, as the installed script never has it: the
     command's top-level packages `flows` and `tasks` are common names of a user's own (an invoke tasks.py, a Prefect
     project's flows/), which would be imported instead. Kept where this package itself came from there (a checkout)."""
-    if sys.path and sys.path[0] in ("", os.getcwd()):
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the folder was removed since: nothing of it to import, the package included
+        cwd = None
+    if sys.path and sys.path[0] in ("", cwd):
         here = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-        if os.path.realpath(sys.path[0]) != here:
+        if cwd is None or os.path.realpath(sys.path[0]) != here:
             del sys.path[0]
 
 
