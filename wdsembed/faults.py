@@ -20,7 +20,7 @@ import os
 import time
 from typing import Callable, Optional
 
-from wdsembed import shardindex, tarstream
+from wdsembed import shardindex, storage, tarstream
 from wdsembed.outputclaim import OutputClaimLostError
 from wdsembed.s3fetch import FetchRefusedError
 
@@ -75,14 +75,7 @@ def _address_space_limit() -> "int | None":
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def is_transport_error(exc: BaseException) -> bool:
-    """A store's connection refused, dropped or timed out, or a body cut short, after the client's own retries:
-    botocore and aiohttp (under s3fs) raise these as their own types, not as OSError."""
-    import aiohttp
-    import botocore.exceptions as bex
-
-    return isinstance(exc, (bex.ConnectionError, bex.HTTPClientError, bex.IncompleteReadError,
-                            aiohttp.ClientConnectionError, aiohttp.ClientPayloadError))
+is_transport_error = storage.is_transport_error  # defined below faults: storage names such errors (naming_url)
 
 
 def is_disk_full(exc: BaseException) -> bool:

@@ -138,8 +138,6 @@ def naming_url(url: str, exc: BaseException) -> BaseException:
     OSError keeps its type and errno (a PermissionError stays one: not retried); a dropped connection or a body cut
     short, which aiohttp and botocore raise as their own types, becomes a ConnectionError (retried by the tasks,
     faults.is_transient). Anything else, and an error that names `url` already, is returned as it is."""
-    from wdsembed import faults
-
     text = str(exc) or type(exc).__name__
     if url in text:
         return exc
@@ -147,9 +145,19 @@ def naming_url(url: str, exc: BaseException) -> BaseException:
         named = type(exc)(f"{url}: {text}")
         named.errno = exc.errno
         return named
-    if faults.is_transport_error(exc):
+    if is_transport_error(exc):
         return ConnectionError(f"{url}: {type(exc).__name__}: {text}")
     return exc
+
+
+def is_transport_error(exc: BaseException) -> bool:
+    """A store's connection refused, dropped or timed out, or a body cut short, after the client's own retries:
+    botocore and aiohttp (under s3fs) raise these as their own types, not as OSError."""
+    import aiohttp
+    import botocore.exceptions as bex
+
+    return isinstance(exc, (bex.ConnectionError, bex.HTTPClientError, bex.IncompleteReadError,
+                            aiohttp.ClientConnectionError, aiohttp.ClientPayloadError))
 
 
 def _raise_naming(url: str, exc: BaseException) -> None:
