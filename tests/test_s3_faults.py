@@ -163,6 +163,7 @@ def test_an_output_the_store_never_takes_fails_its_shard_naming_the_output_and_a
     assert proxy.injected["slowdown"] >= 1
     why = raised.value.failures["00000"]
     assert f"{out}/00000.parquet" in why and "reduce your request rate" in why and "\n" not in why, why
+    assert why.count(f"{out}/00000.parquet") == 1 and why.count("[Errno") <= 1, why
     assert sorted(raised.value.failures) == ["00000"], raised.value.failures
     assert not [k for k in outputs(server, out) if "00000" in k], outputs(server, out)
 
@@ -170,3 +171,27 @@ def test_an_output_the_store_never_takes_fails_its_shard_naming_the_output_and_a
     assert again["00000"].embedded == 6 and not again["00000"].cached and again["00001"].cached
     assert sorted(outputs(server, out)) == ["00000.parquet", "00001.parquet", "_embeddings/00000.parquet",
                                              "_embeddings/00001.parquet", "_manifest.json"]
+
+
+def test_a_store_error_named_by_its_object_says_the_name_and_the_errno_once():
+    """storage.naming_url put the object's address in front of the store's words, and the callers that name what
+    they could not write named it again: 'cannot write s3://b/o/00000.parquet: s3://b/o/00000.parquet: [Errno 13]
+    Access Denied', and a manifest's '[Errno 16] s3://b/o/_manifest.json: [Errno 16] Please reduce your request
+    rate.'. An OSError with an errno now carries the address as its filename, as Python's own errors do."""
+    from wdsembed import storage
+    from wdsembed.report import ManifestNotWritten
+
+    manifest = "s3://b/o/_manifest.json"
+    slow = storage.naming_url(manifest, OSError(16, "Please reduce your request rate."))
+    assert slow.errno == 16 and slow.filename == manifest
+    said = str(ManifestNotWritten(slow.errno, str(slow).removeprefix(f"[Errno {slow.errno}] ")))
+    assert said.count(manifest) == 1 and said.count("[Errno 16]") == 1 and "reduce your request rate" in said, said
+
+    table = "s3://b/o/00000.parquet"
+    denied = storage.naming_url(table, PermissionError(13, "Access Denied"))
+    assert isinstance(denied, PermissionError) and denied.filename == table  # still not retried (faults.is_transient)
+    assert f"cannot write {denied.filename}: {denied.strerror}" == f"cannot write {table}: Access Denied"
+    # without an errno, the address goes in front of the words, once
+    plain = storage.naming_url(table, OSError("We encountered an internal error"))
+    assert str(plain) == f"{table}: We encountered an internal error"
+    assert storage.naming_url(table, plain) is plain

@@ -142,6 +142,9 @@ def naming_url(url: str, exc: BaseException) -> BaseException:
     if url in text:
         return exc
     if isinstance(exc, OSError) and type(exc).__module__ == "builtins":
+        if exc.errno is not None and exc.strerror:  # Python's own form, "[Errno 16] Please reduce ...: 'url'": the
+            # name in its filename, so that a caller saying "cannot write {filename}: {strerror}" says it once
+            return type(exc)(exc.errno, exc.strerror, url)
         named = type(exc)(f"{url}: {text}")
         named.errno = exc.errno
         return named
