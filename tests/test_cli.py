@@ -1616,6 +1616,29 @@ def test_summary_of_a_run_with_nothing_to_embed_says_so(tmp_path, capsys):
     assert "0 images this run at 0.0 images/s" in out and "nothing to embed" not in out
 
 
+def test_summary_of_a_run_that_computed_nothing_but_had_a_failed_shard_gives_no_rate(tmp_path, capsys):
+    """A re-run whose only work was a shard that failed again (an HTML page saved as .tar), every other output
+    finished before: the summary said "0 images this run at 0.0 images/s", a rate of a run that embedded nothing.
+    It says what happened instead, as a re-run with nothing to embed does."""
+    shard = {"rows": 2, "embedded": 2, "failed": 0, "status": "cached", "images_per_second": 5.0}
+    manifest = {
+        "output": str(tmp_path), "path": str(tmp_path / "_manifest.json"), "model": {"name": TINY_MODEL},
+        "totals": {"shards": 1, "computed": 0, "cached": 1, "rows": 2, "embedded": 2, "embedded_rows": 2,
+                   "embedded_this_run": 0, "images_per_second": 0.0},
+        "shards": {"00000": shard},
+        "failed_shards": {"00001": "MalformedShardError: 00001.tar is not a tar file (it starts with '<!DOCTYPE')"},
+    }
+    cli.print_summary(manifest)
+    out = capsys.readouterr().out
+    assert "images/s" not in out.split("images/s: embedding only")[-1], out
+    assert "nothing embedded this run: 1 shard(s) failed; every other output was already finished" in out, out
+    manifest["totals"] |= {"shards": 0, "cached": 0, "rows": 0, "embedded": 0, "embedded_rows": 0}
+    manifest["shards"] = {}
+    cli.print_summary(manifest)
+    out = capsys.readouterr().out
+    assert "nothing embedded this run: 1 shard(s) failed" in out and "already finished" not in out, out
+
+
 # --------------------------------------------------------------------------------------------------- task E, whole
 
 

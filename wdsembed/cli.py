@@ -522,8 +522,11 @@ def print_summary(manifest: dict) -> None:
     if len(causes) > report.SUMMARY_CAUSES:
         console.print(f"{report.more_causes(causes)}: every shard's reason is in {everywhere}",
                       markup=False, highlight=False, soft_wrap=True)
-    if t["computed"] or causes:
+    if t["computed"]:
         this_run = f"{t['embedded_this_run']} images this run at {t['images_per_second']} images/s"
+    elif failed:  # its only work failed (a shard that fails again): no rate of 0.0 either
+        this_run = (f"nothing embedded this run: {len(failed)} shard(s) failed"
+                    + ("; every other output was already finished" if t["shards"] else ""))
     else:  # a re-run that found every output finished: a rate of 0.0 would read as a fault
         this_run = "nothing to embed this run: every output was already finished"
     console.print(
