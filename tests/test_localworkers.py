@@ -223,6 +223,42 @@ def test_a_cpu_run_splits_the_cores_this_process_may_use(monkeypatch):
     assert kwargs["cluster_kwargs"]["env"]["OMP_NUM_THREADS"] == "1"
 
 
+ONE_CORE_DEFAULTS = """
+import json
+from wdsembed import cluster, nemo
+from wdsembed.config import EmbedConfig
+
+def workers(**fields):
+    return cluster.task_runner_kwargs(EmbedConfig(input="in", output="out", device="cpu", **fields))["cluster_kwargs"]
+
+client = nemo.get_client(dashboard_address=None)
+try:
+    nemo_workers = len(client.scheduler_info(n_workers=-1)["workers"])
+finally:
+    client.cluster.close()
+    client.close()
+print(json.dumps({"flow": workers()["n_workers"], "threads": workers()["env"]["OMP_NUM_THREADS"],
+                  "asked": workers(n_workers=2)["n_workers"], "nemo": nemo_workers}))
+"""
+
+
+def test_a_cpu_run_on_one_core_starts_one_worker_unless_asked_for_more():
+    """On the CPU, --n-workers (and get_client's n_workers) defaulted to 2 whatever the cores: under `taskset -c 0`
+    or a container's quota of one CPU, two workers each loaded the model and split one core. The default is now
+    the smaller of 2 and the cores the run may use (Dask's count: affinity and cgroup quota); a number the user
+    gives stands."""
+    import json
+    import subprocess
+    import sys
+
+    core = min(os.sched_getaffinity(0))
+    env = {k: v for k, v in os.environ.items() if k not in cluster.TORCH_THREADS_ENV} | {"PYTHONPATH": os.getcwd()}
+    ran = subprocess.run([sys.executable, "-c", ONE_CORE_DEFAULTS], capture_output=True, text=True, timeout=300,
+                         env=env, preexec_fn=lambda: os.sched_setaffinity(0, {core}))  # as `taskset -c 0` does
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert json.loads(ran.stdout.strip().splitlines()[-1]) == {"flow": 1, "threads": "1", "asked": 2, "nemo": 1}
+
+
 def torch_threads() -> int:
     import torch
 

@@ -494,7 +494,7 @@ def task_runner_kwargs(config: EmbedConfig) -> dict:
         set_gpu_process_environment()  # the GPU workers inherit this process's environment (LocalCUDACluster's `env`
         # holds only CUDA_VISIBLE_DEVICES)
         return gpu_cluster(min(config.n_workers or gpus, gpus), config.workers_per_gpu)
-    n_workers = config.n_workers or 2
+    n_workers = config.n_workers or default_cpu_workers()
     return {
         "cluster_class": "distributed.LocalCluster",
         "cluster_kwargs": {
@@ -511,6 +511,15 @@ def task_runner_kwargs(config: EmbedConfig) -> dict:
 # own (distributed.nanny.pre-spawn-environ, MKL_NUM_THREADS=1 among them) into this process's environment.
 TORCH_THREADS_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _USERS_THREADS = {name: os.environ[name] for name in TORCH_THREADS_ENV if os.environ.get(name)}
+
+
+def default_cpu_workers() -> int:
+    """A local CPU cluster's workers where the user gave no number: 2, or 1 where the run may use one core only
+    (taskset -c 0, a container's --cpus 1), where two would each load the model to split that core. Counted as
+    cpu_worker_env counts (dask.system.cpu_count: CPU affinity and cgroup quota)."""
+    from dask.system import cpu_count
+
+    return max(1, min(2, cpu_count()))
 
 
 def cpu_worker_env(n_workers: int, users: Optional[dict] = None) -> dict:

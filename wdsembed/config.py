@@ -267,7 +267,8 @@ class EmbedConfig(BaseModel):
         "certificates in Dask's configuration); default starts a local cluster."
     )
     n_workers: Optional[int] = Field(
-        None, ge=1, description="Local workers: default one per visible GPU, or 2 on a CPU-only machine. With "
+        None, ge=1, description="Local workers: default one per visible GPU, or on a CPU-only machine 2, or 1 where the run "
+        "may use one core only (taskset, a container's CPU quota). With "
         "workers_per_gpu above 1, the GPUs used, each with that many workers."
     )
     workers_per_gpu: int = Field(

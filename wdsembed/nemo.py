@@ -53,7 +53,8 @@ def get_client(
       shards, one in its pipeline at a time. `workers_per_gpu` worker processes on each GPU where more than one
       (EmbedConfig.workers_per_gpu says when that pays). Where no GPU is visible, or dask-cuda is not installed, a
       CPU cluster instead (with a warning in the log).
-    * "cpu": `n_workers` worker processes (default 2: each loads the model) splitting the cores between them.
+    * "cpu": `n_workers` worker processes (default 2, or 1 where this process may use one core: each loads the
+      model) splitting the cores between them.
 
     Other keyword arguments go to the cluster class. In a script, start it under `if __name__ == "__main__":`
     (worker processes import the script again; this holds for any Dask local cluster)."""
@@ -80,9 +81,9 @@ def get_client(
         log.warning("get_client(cluster_type='gpu'): %s; starting a CPU cluster instead", reason)
     for name in _GPU_CLUSTER_ONLY:
         cluster_kwargs.pop(name, None)
-    from wdsembed.cluster import cpu_worker_env, local_nanny
+    from wdsembed.cluster import cpu_worker_env, default_cpu_workers, local_nanny
 
-    n_workers = n_workers or 2
+    n_workers = n_workers or default_cpu_workers()
     options = {
         "n_workers": n_workers,
         "threads_per_worker": threads_per_worker or 1,
