@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,79 @@ def test_a_command_killed_during_its_checks_leaves_no_traceback_from_its_api_ser
                 os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     assert stdout + stderr == "", (stdout + stderr)[-4000:]
+
+
+# The real command (flows.command.main), held once its run has ended: in its summary, or at its exit before the
+# temporary API server is stopped (an atexit hook registered after the server's runs first). The hold ends once the
+# test has sent its signal (the file `go`).
+HELD_AFTER_THE_RUN = """
+import atexit, os, sys, time
+from pathlib import Path
+from flows import command
+from wdsembed import cli
+
+held, go, where = Path(os.environ["HELD"]), Path(os.environ["GO"]), os.environ["WHERE"]
+
+def hold():
+    held.touch()
+    while not go.exists():
+        time.sleep(0.05)
+
+if where == "summary":
+    summary = cli.print_summary
+    cli.print_summary = lambda manifest: (hold(), summary(manifest))
+else:
+    run_flow = command.run_flow
+    command.run_flow = lambda config, **options: (run_flow(config, **options), atexit.register(hold))[0]
+sys.argv = ["wdsembed", *sys.argv[1:]]
+sys.exit(command.main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where, signum, code", [("summary", signal.SIGTERM, 1), ("exit", signal.SIGTERM, 0),
+                                                 ("exit", signal.SIGHUP, 0)],
+                         ids=["summary-SIGTERM", "exit-SIGTERM", "exit-SIGHUP"])
+def test_a_stop_signal_after_the_run_ended_leaves_its_result(where, signum, code, tmp_path):
+    """SIGTERM or SIGHUP once the run has ended, its outputs and manifest written: while its summary prints, or as
+    the process exits and stops its temporary API server. It killed the command with the default action: exit 143
+    (129) and no word, for a run that had completed. Now the command ends with the run's own code (1 here where a
+    shard is an HTML page saved as .tar, else 0), one line saying the signal came after the end, no traceback, and
+    its API server stopped."""
+    import json
+
+    import psutil
+
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    write_shard(tmp_path / "in", "00000", from_encoded(synthetic_images(2, formats=("jpeg",))))
+    if code:
+        (tmp_path / "in" / "00001.tar").write_bytes(b"<!DOCTYPE html><html>404</html>")
+    held, go, out = tmp_path / "held", tmp_path / "go", tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HELD_AFTER_THE_RUN, str(tmp_path / "in"), "-o", str(out), "--model", TINY_MODEL,
+         "--no-pretrained", "--device", "cpu", "--n-workers", "1", "--fidelity-sample", "0"],
+        cwd=tmp_path, env=_env(tmp_path) | {"HELD": str(held), "GO": str(go), "WHERE": where},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        while not held.exists():
+            assert proc.poll() is None, (proc.stdout.read() + proc.stderr.read())[-4000:]
+            time.sleep(0.1)  # polling the hold's file, which says where the command is
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert started, "the temporary API server's process is not running"
+        proc.send_signal(signum)
+        go.touch()
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    said = stdout + stderr
+    assert proc.returncode == code, said[-4000:]
+    assert "Traceback" not in said and "run interrupted" not in said, said[-4000:]
+    late = [line for line in stderr.splitlines() if "came after the run had ended" in line]
+    assert late == [f"{signum.name} came after the run had ended: nothing was stopped, the command ends with the "
+                    "run's result"], said[-4000:]
+    assert json.loads((out / "_manifest.json").read_text())["shards"].keys() == {"00000"}
+    assert "output: " in stdout, said[-4000:]  # the summary printed to its end
+    _, alive = psutil.wait_procs(started, timeout=15)  # the resource tracker ends on its own, after the command
+    assert not [(p.pid, p.cmdline()) for p in alive if _alive(p)]

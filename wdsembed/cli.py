@@ -215,17 +215,19 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
     ValueError it raises is a refusal too (exit 2, its one line)."""
     _dump_stacks_on_sigusr1()
     # From the start: the checks take seconds (torch's import, the model's build, the footers read), and a SIGTERM
-    # there killed the command with no word, its API server's process left loading, holding its stderr.
-    with _stop_signals_end_as_ctrl_c():
+    # there killed the command with no word, its API server's process left loading, holding its stderr. Once, to
+    # the end: installed again for the run, the signals had their default (a kill) in between. argv None: this
+    # process ends after main, and its exit's cleanup (the API server stopped) stays covered too.
+    with _stop_signals_end_as_ctrl_c(through_exit=argv is None) as stops:
         try:
             checked = _checked(run, argv, on_checked)
         except KeyboardInterrupt as exc:  # nothing claimed or written yet
             _say_last(f"\nrun interrupted{_by(exc)} before any work (during its checks): nothing was written; run "
                       "the same command again")
             return _interrupted_code(exc)
-    if isinstance(checked, int):
-        return checked
-    return _run(run, *checked)
+        if isinstance(checked, int):
+            return checked
+        return _run(run, *checked, stops)
 
 
 def _checked(run: Optional[Callable[..., dict]], argv: Optional[Sequence[str]],
@@ -291,16 +293,18 @@ def _checked(run: Optional[Callable[..., dict]], argv: Optional[Sequence[str]],
     return config, all_finished
 
 
-def _run(run: Callable[..., dict], config: EmbedConfig, all_finished: bool) -> int:
-    """main's run, once every check passed: its summary, or what stopped it."""
+def _run(run: Callable[..., dict], config: EmbedConfig, all_finished: bool, stops: "_StopSignals") -> int:
+    """main's run, once every check passed: its summary, or what stopped it. Once its result is known, a stop
+    signal no longer interrupts it (`stops`): the command ends with the run's own exit code."""
     from wdsembed.decoderlog import decoder_messages_to_log
 
     progress = _Progress()
     try:
         # The decoder's own stderr lines (a bad JPEG's, repeated) go to the log: the worker processes that the run
         # starts inherit this, and every bad image's reason is in its row and the summary.
-        with decoder_messages_to_log(), progress, _stop_signals_end_as_ctrl_c():
+        with decoder_messages_to_log(), progress:
             manifest = run(config, on_shard_done=progress.update, all_finished=all_finished)
+            stops.run_ended()
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: every output written so far is whole, and the same
         # command goes on from it. Counted by the progress bar: a shard can still finish as the run stops, after its
         # last update, which the line allows for.
@@ -308,6 +312,7 @@ def _run(run: Callable[..., dict], config: EmbedConfig, all_finished: bool) -> i
                   f"{config.output}; {RESUME}")
         return _interrupted_code(exc)
     except Exception as exc:  # noqa: BLE001 - a failed run prints its reason, not a traceback wall
+        stops.run_ended()
         from wdsembed.outputclaim import OutputClaimedError
 
         if isinstance(exc, OutputClaimedError):  # another run took the output since the checks: refused as they do
@@ -378,25 +383,64 @@ def _interrupted_code(exc: KeyboardInterrupt) -> int:
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
-@contextlib.contextmanager
-def _stop_signals_end_as_ctrl_c():
-    """Each of STOP_SIGNALS raises Terminated in the main thread. Prefect's flow engine turns a SIGTERM into its own
-    exception, marks the flow run Crashed, then sends the signal again to the handler it found: this one, which
-    raises Terminated from there. A SIGHUP reaches this handler directly, and the flow run ends as on Ctrl-C."""
-    def terminated(signum, frame):
-        raise Terminated(signum)
+class _StopSignals:
+    """The handler of STOP_SIGNALS: Terminated until the run's result is known (run_ended). After that, while its
+    summary prints and the process's exit stops the API server, a stop signal was a kill by default: a run that had
+    written its outputs and manifest exited 143 with no word. It now ends with the run's own code, and says once
+    that the signal came too late to stop anything."""
 
+    def __init__(self) -> None:
+        self.ended = False
+        self.exiting = False  # main has returned: said at once, there is no later
+        self.late: Optional[signal.Signals] = None
+        self.said = False
+
+    def run_ended(self) -> None:
+        self.ended = True
+
+    def __call__(self, signum, frame) -> None:
+        if not self.ended:
+            raise Terminated(signum)
+        if self.late is None:
+            self.late = signal.Signals(signum)
+            if self.exiting:  # os.write: the main thread may be inside a print to stderr
+                self.said = True
+                with contextlib.suppress(OSError):
+                    os.write(sys.stderr.fileno(), (self.line() + "\n").encode())
+
+    def line(self) -> str:
+        return (f"\n{self.late.name} came after the run had ended: nothing was stopped, the command ends with the "
+                "run's result")
+
+    def say_late_signal(self) -> None:
+        if self.late is not None and not self.said:
+            self.said = True
+            _say_last(self.line())
+
+
+@contextlib.contextmanager
+def _stop_signals_end_as_ctrl_c(through_exit: bool = False):
+    """Each of STOP_SIGNALS raises Terminated in the main thread (until the run ended: _StopSignals). Prefect's flow
+    engine turns a SIGTERM into its own exception, marks the flow run Crashed, then sends the signal again to the
+    handler it found: this one, which raises Terminated from there. A SIGHUP reaches this handler directly, and the
+    flow run ends as on Ctrl-C. `through_exit`: the process ends next; where the run ended, the handler stays for
+    the exit's cleanup."""
+    stops = _StopSignals()
     previous = {}
     try:
         for signum in STOP_SIGNALS:
-            previous[signum] = signal.signal(signum, terminated)
+            previous[signum] = signal.signal(signum, stops)
     except ValueError:  # not the main thread: no handler of ours, the signals keep their meaning
         pass
     try:
-        yield
+        yield stops
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        keep = through_exit and stops.ended
+        stops.exiting = keep
+        stops.say_late_signal()
+        if not keep:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def _say_last(line: str) -> None:
