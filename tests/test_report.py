@@ -360,3 +360,27 @@ def test_rows_without_an_embedding_are_said_by_cause_with_a_shard_and_key_to_loo
     print_summary(manifest)
     assert f"without embedding: 3 row(s) in 2 shard(s): {cut.format(2181)} (e.g. shard 00000, key k2)" in \
         capsys.readouterr().out.splitlines()
+
+
+def test_the_artifact_gives_no_rate_for_a_run_that_embedded_nothing(tmp_path):
+    """The flow run's summary artifact said '- this run: 0 images in 0.5 s (0.0 images/s overall ...)' for a re-run
+    whose only work failed again, or that had nothing to do: a rate of 0.0 reads as a fault. It says what happened,
+    as the terminal's summary does; a run that embedded keeps its rate."""
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    failures = {"00001": "ValueError: not a tar file"}
+    failed_again = report.build_manifest(config, [shard("00000", cached=True)], failures, 0.5)
+    text = report.markdown_summary(failed_again, report.shard_rows([shard("00000", cached=True)], failures))
+    assert "- this run: nothing embedded: 1 shard(s) failed; every other output was already finished" in text, text
+    assert "0.0 images/s" not in text, text
+
+    only_failed = report.build_manifest(config, [], failures, 0.5)
+    assert "- this run: nothing embedded: 1 shard(s) failed\n" in report.markdown_summary(only_failed, []) + "\n"
+
+    nothing = report.build_manifest(config, [shard("00000", cached=True)], {}, 0.5)
+    text = report.markdown_summary(nothing, report.shard_rows([shard("00000", cached=True)], {}))
+    assert "- this run: nothing to embed: every output was already finished" in text and "images/s" not in \
+        text.split("- this run:")[1].splitlines()[0], text
+
+    computed = report.build_manifest(config, [shard("00000")], {}, 100.0)
+    text = report.markdown_summary(computed, report.shard_rows([shard("00000")], {}))
+    assert "- this run: 50 images in 100.0 s (" in text, text

@@ -384,6 +384,19 @@ def describe_model(manifest: dict, code: str = "") -> str:
             f"embedding, {model.get('dim', '?')} dimensions")
 
 
+def this_run_in_words(manifest: dict) -> str:
+    """What this run embedded, and at what rate: no rate where it embedded nothing (0.0 images/s reads as a fault)."""
+    t = manifest["totals"]
+    if t["computed"]:
+        return (f"{t['embedded_this_run']} images in {t['wall_seconds']} s ({t['images_per_second']} images/s "
+                "overall; the table's images/s count embedding time only, without model loading)")
+    failed = len(manifest["failed_shards"])
+    if failed:
+        return (f"nothing embedded: {failed} shard(s) failed"
+                + ("; every other output was already finished" if t["shards"] else ""))
+    return "nothing to embed: every output was already finished"
+
+
 def markdown_summary(manifest: dict, rows: list[dict]) -> str:
     """The flow run's summary artifact, bounded as the terminal's is (SUMMARY_ROWS, SUMMARY_CAUSES): every shard is
     in the `shards` table artifact and the manifest."""
@@ -393,8 +406,7 @@ def markdown_summary(manifest: dict, rows: list[dict]) -> str:
         "",
         f"- model: {describe_model(manifest, code='`')}",
         f"- rows: {t['rows']}, embedded: {t['embedded_rows']}, without embedding: {t['failed_rows']}",
-        f"- this run: {t['embedded_this_run']} images in {t['wall_seconds']} s ({t['images_per_second']} images/s "
-        "overall; the table's images/s count embedding time only, without model loading)",
+        f"- this run: {this_run_in_words(manifest)}",
         f"- output: `{manifest['output']}`",
     ]
     for line in (describe_earlier_runs(manifest), fidelity.describe(manifest.get("fidelity")),
