@@ -8,6 +8,7 @@ had before (`--model`, `--num-threads`); the field's own name works as well.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import os
 import signal
@@ -214,6 +215,7 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
     its Prefect API server there, in the background, so that it boots while the flow's modules are imported; a
     ValueError it raises is a refusal too (exit 2, its one line)."""
     _dump_stacks_on_sigusr1()
+    _write_any_character()
     # From the start: the checks take seconds (torch's import, the model's build, the footers read), and a SIGTERM
     # there killed the command with no word, its API server's process left loading, holding its stderr. Once, to
     # the end: installed again for the run, the signals had their default (a kill) in between. argv None: this
@@ -441,6 +443,20 @@ def _stop_signals_end_as_ctrl_c(through_exit: bool = False):
         if not keep:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+def _write_any_character() -> None:
+    """stdout and stderr say a character their encoding lacks (PYTHONIOENCODING=ascii, a Latin-1 locale's terminal)
+    as a backslash escape: a shard's or key's name in any script otherwise ended a finished run on a traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            utf8 = codecs.lookup(stream.encoding).name == "utf-8"
+        except (AttributeError, TypeError, LookupError):
+            continue
+        # surrogateescape writes only the bytes a file name held: in UTF-8 any other character is written too
+        if stream.errors == "strict" or (stream.errors == "surrogateescape" and not utf8):
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                stream.reconfigure(errors="backslashreplace")
 
 
 def _say_last(line: str) -> None:
