@@ -21,8 +21,10 @@ caching, validation).
 """
 from __future__ import annotations
 
+import codecs
 import os
 import posixpath
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -303,6 +305,43 @@ def _local_spelling(path: str) -> str:
     return "/" + path.lstrip("/") if path.startswith("//") else path  # POSIX keeps a leading `//`; Linux reads `/`
 
 
+# The settings that name files or folders.
+PATH_FIELDS = ("input", "output", "result_storage", "index_cache_dir", "checkpoint")
+
+
+def check_path_names(config: EmbedConfig) -> None:
+    """Every path the run takes must be UTF-8 text: its parquet files (pyarrow opens a path by its UTF-8 bytes),
+    their `shard` column and Prefect's API (JSON) take nothing else."""
+    for name in PATH_FIELDS:
+        value = getattr(config, name)
+        if value:
+            refuse_name_not_utf8(value, f"{option(name)} '{_readable(value)}'")
+
+
+def refuse_name_not_utf8(path: str, what: str) -> None:
+    """InputError where `path` is not the UTF-8 text of its name: this Python decodes file names otherwise (the
+    POSIX locale with PYTHONUTF8=0, a Latin-1 locale), or the name holds bytes that are not UTF-8."""
+    if path.isascii():
+        return
+    encoding = sys.getfilesystemencoding()
+    if codecs.lookup(encoding).name != "utf-8":
+        # pyarrow would write OUTPUT's files elsewhere than Python (ISO-8859-1: out Ã© for out é), and Prefect's API
+        # refuses the bytes ASCII cannot decode
+        raise InputError(f"{what}: this Python reads file names as {encoding} (its locale), but the run's parquet "
+                         "files and Prefect take them as UTF-8: run it in Python's UTF-8 mode (PYTHONUTF8=1, or "
+                         "python -X utf8)")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{what} holds bytes that are not UTF-8 (shown as \\xNN), which the run's parquet files "
+                         "and Prefect cannot take: rename it") from None
+
+
+def _readable(path: str) -> str:
+    """A path's name as UTF-8 text, whatever this Python decoded it as; a byte that is not UTF-8 as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace") if not path.isascii() else path
+
+
 def _check_stems(config: EmbedConfig, found: FoundShards) -> None:
     """Two shards must never share an output (`x.tar` and `x.TAR`), nor take a name OUTPUT uses for itself, nor
     one that dataset readers skip, nor (OUTPUT on a local disk) one too long for a file name."""
@@ -310,6 +349,7 @@ def _check_stems(config: EmbedConfig, found: FoundShards) -> None:
     local_output = storage.is_local(storage.filesystem(config.output, config.storage_options)[0])
     for tar in found.tars:
         stem = found.stem(tar)
+        refuse_name_not_utf8(stem, f"shard '{_readable(storage.to_url(found.fs, tar))}'")  # its output's name
         name = f"{posixpath.basename(stem)}.parquet"
         if local_output and len(name.encode()) > storage.NAME_MAX:
             # the tar's own name fits, 3 bytes shorter; only its output's cannot be written

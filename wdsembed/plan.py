@@ -19,6 +19,7 @@ from wdsembed.config import IMAGE_EXTENSIONS, EmbedConfig, option
 from wdsembed.inputs import (
     FoundShards,
     InputError,
+    check_path_names,
     compressed_file,
     find_shards,
     input_folder,
@@ -45,6 +46,7 @@ def check_config(config: EmbedConfig, *, on_current_client: bool = False) -> boo
     again, it would list the input and the output and read every footer again (GETs, on an object store)."""
     from wdsembed import preflight
 
+    check_path_names(config)  # a path Python decodes otherwise than pyarrow and Prefect would name other files
     preflight.check_storage_options(config)  # before anything builds a filesystem from them
     preflight.check_output_writable(config)  # needs no torch import: refused in about a second
     preflight.check_dask_security(config)
