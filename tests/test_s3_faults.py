@@ -145,6 +145,77 @@ def test_a_parquet_the_store_never_delivers_fails_its_shard_naming_the_object_an
                                              "_embeddings/00001.parquet", "_manifest.json"]
 
 
+def upload_indexes(server: MotoS3, folder: Path, url: str) -> None:
+    """A .idx beside each uploaded tar, as wds2idx (or an earlier run) leaves it: the run then reads it from S3."""
+    from wdsembed import shardindex
+
+    for tar in sorted(folder.glob("*.tar")):
+        with open(tar, "rb") as f:
+            text = shardindex.build_index(f).render()
+        server.boto().put_object(Bucket=IN_BUCKET, Key=f"{url.split('/', 3)[3]}/{tar.stem}.idx", Body=text.encode())
+
+
+def test_an_index_the_store_cuts_short_at_planning_is_ignored_with_a_warning_naming_it(server, dataset, caplog):
+    """A shard's .idx is optional (the tar is read front to back either way): one the planning cannot read is
+    ignored and rebuilt from the tar. A body cut short on every try raised aiohttp's ClientPayloadError, naming no
+    object, out of the run's checks: the whole run failed before any shard."""
+    url = upload(server, dataset)
+    upload_indexes(server, dataset, url)
+    out = f"s3://{OUT_BUCKET}/out-{uuid.uuid4().hex[:8]}"
+    proxy = KeyedFaultProxy(server.endpoint, [("GET", r"/00000\.idx$", "truncate", None)]).start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="wdsembed"):
+            results = embed(proxy.endpoint, url, out)
+    finally:
+        proxy.stop()
+    assert proxy.injected["truncate"] >= 1
+    assert sorted(r.stem for r in results) == ["00000", "00001"] and all(r.embedded == 6 for r in results)
+    warned = [r.getMessage() for r in caplog.records if f"{url}/00000.idx" in r.getMessage()]
+    assert warned and "ignoring" in warned[0] and "ClientPayloadError" in warned[0], \
+        [r.getMessage() for r in caplog.records]
+    assert warned[0].count(f"{url}/00000.idx") == 1, warned[0]
+
+
+@pytest.mark.parametrize("kind, cause", [("truncate", "ClientPayloadError"), ("slowdown", "reduce your request rate")])
+def test_an_index_the_store_never_delivers_to_the_worker_fails_its_shard_naming_it_and_a_rerun_finishes_it(
+        server, dataset, monkeypatch, kind, cause):
+    """The planning read the shard's .idx beside it; the worker's read of it (TarRead._read_index) then failed on
+    every try: the shard fails, naming the .idx, and a re-run finishes it. Its reason said 'ClientPayloadError:
+    Response payload is not completed: ...' or 'OSError: [Errno 16] Please reduce your request rate.', naming no
+    object."""
+    from wdsembed import api
+    from wdsembed.shard import ShardsFailed
+
+    url = upload(server, dataset)
+    upload_indexes(server, dataset, url)
+    out = f"s3://{OUT_BUCKET}/out-{uuid.uuid4().hex[:8]}"
+    proxy = KeyedFaultProxy(server.endpoint, []).start()
+    planned = api.plan_run
+
+    def plan_then_fail_the_index(*args, **kwargs):
+        found = planned(*args, **kwargs)
+        assert [p.index for p in found[0]] == [f"{url}/00000.idx", f"{url}/00001.idx"]
+        proxy.rules.append(["GET", rf"{url[len('s3:/'):]}/00000\.idx$", kind, None])  # the worker's reads, from now
+        return found
+
+    monkeypatch.setattr(api, "plan_run", plan_then_fail_the_index)
+    try:
+        with pytest.raises(ShardsFailed) as raised:
+            embed(proxy.endpoint, url, out)
+    finally:
+        proxy.stop()
+    assert proxy.injected[kind] >= 1
+    why = raised.value.failures["00000"]
+    assert f"{url}/00000.idx" in why and cause in why and "\n" not in why, why
+    assert why.count(f"{url}/00000.idx") == 1, why
+    assert sorted(raised.value.failures) == ["00000"], raised.value.failures
+    assert not [k for k in outputs(server, out) if "00000" in k], outputs(server, out)
+
+    monkeypatch.setattr(api, "plan_run", planned)
+    again = {r.stem: r for r in embed(server.endpoint, url, out)}
+    assert again["00000"].embedded == 6 and not again["00000"].cached and again["00001"].cached
+
+
 def test_an_output_the_store_never_takes_fails_its_shard_naming_the_output_and_a_rerun_finishes_it(server, dataset):
     """Every PUT of shard 00000's table answered 503 SlowDown, past the retries: the shard fails, its kNN view
     (written first) is removed, nothing of it is left in OUTPUT, and a re-run finishes it. Its reason said 'OSError:

@@ -736,7 +736,8 @@ class TarRead:
             return None
         idx_fs, idx_path = storage.filesystem(self.plan.index, self.config.storage_options)
         try:
-            return shardindex.ShardIndex.parse(idx_fs.cat_file(idx_path).decode())
+            # read_whole: a store's failure names the .idx (retried by the tasks as before)
+            return shardindex.ShardIndex.parse(storage.read_whole(idx_fs, idx_path).decode())
         except (FileNotFoundError, shardindex.IndexFormatError):
             # Gone (a cache on another node), or damaged past its last line (the planner reads no more than that;
             # ensure_index logs it): rebuilt here from the tar where it is local; on an object store, None, and the

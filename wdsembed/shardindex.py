@@ -398,7 +398,9 @@ def _load_valid_index(
             log.log(said, "ignoring %s: %s, not an index of this %d-byte shard", idx_path,
                         "a larger file" if info.get("type") == "file" else "no plain file", shard_size)
             return None
-        text = idx_fs.cat_file(idx_path).decode("utf-8", "surrogateescape")
+        # through read_whole: a store's failure names the index (a body cut short becomes a ConnectionError, an
+        # OSError, so it is ignored below as any unreadable index is, not raised out of the planning)
+        text = storage.read_whole(idx_fs, idx_path).decode("utf-8", "surrogateescape")
         if whole:
             idx = ShardIndex.parse(text)
             members = list(idx.members())
@@ -406,7 +408,10 @@ def _load_valid_index(
             body = _body_lines(text)
             idx, members = ShardIndex(()), list(_parse_line(body[-1], len(body) + 1)) if body else []
     except (OSError, ValueError) as e:
-        log.log(said, "ignoring unreadable index %s: %s", idx_path, e)
+        url = storage.to_url(idx_fs, idx_path)
+        why = (f"[Errno {e.errno}] {e.strerror}" if isinstance(e, OSError) and e.filename == url and e.strerror
+               else str(e).removeprefix(f"{url}: "))  # the index named once
+        log.log(said, "ignoring unreadable index %s: %s", url, why)
         return None
     if not members:
         return dataclasses.replace(idx, path=idx_path)
