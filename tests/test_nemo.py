@@ -696,3 +696,32 @@ def test_save_metadata_keeps_a_named_pandas_index(tmp_path):
     assert saved.column("long_caption").to_pylist() == [True] * 3
     assert saved.column_names[:len(frame.columns)] == list(frame.columns)  # the file's order, new columns after
     assert pd.read_parquet(tmp_path / "saved" / "00000.parquet").index.name == "uid"
+
+
+def test_save_metadata_keeps_an_unnamed_pandas_index_where_the_file_holds_one(tmp_path):
+    """An img2dataset parquet that pandas wrote after a filter (`df[df.status == "success"].to_parquet(...)`) holds
+    its rows' original positions as an unnamed index, the column `__index_level_0__`: save_metadata of the changed
+    metadata wrote each partition without its index, so those values were gone from the saved files without a word.
+    They stay where pandas wrote them; a file that held no index column gets none, even with rows filtered out."""
+    import pandas as pd
+
+    from wdsembed import ImageTextPairDataset
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    data = tmp_path / "dataset"
+    shard = write_shard(data, "00000", from_encoded(synthetic_images(4, seed=0)))
+    write_shard(data, "00001", from_encoded(synthetic_images(3, seed=1)))
+    frame = pq.read_table(shard.parquet).to_pandas()
+    frame[frame.index != 1].to_parquet(shard.parquet)  # rows 0, 2, 3
+    assert "__index_level_0__" in pq.read_schema(shard.parquet).names
+    dataset = ImageTextPairDataset.from_webdataset(str(data), id_col="key")
+    dataset.metadata = dataset.metadata[dataset.metadata["key"] != "000000003"]
+    dataset.metadata["long_caption"] = dataset.metadata["caption"].str.len() > 3
+    saved = Path(dataset.save_metadata(str(tmp_path / "saved")))
+    first = pq.read_table(saved / "00000.parquet")
+    assert first.column("__index_level_0__").to_pylist() == [0, 2]
+    assert first.column("key").to_pylist() == ["000000000", "000000002"]
+    assert first.column("long_caption").to_pylist() == [True, True]
+    assert pd.read_parquet(saved / "00000.parquet").index.tolist() == [0, 2]
+    second = pq.read_table(saved / "00001.parquet")
+    assert "__index_level_0__" not in second.column_names and second.num_rows == 3, second.column_names

@@ -327,9 +327,12 @@ class ImageTextPairDataset:
                     continue
                 schema = pq.read_schema(f)
             part = edited.get_partition(i).compute()
-            # A named index is a column of the file (pandas' to_parquet, which Dask reads back as the index)
+            # A named index is a column of the file (pandas' to_parquet, which Dask reads back as the index); so is
+            # an unnamed one that pandas stored as `__index_level_0__` (a filtered frame's row labels). An index
+            # Dask made for a file without one (a RangeIndex, or its filtered rows) is not written.
             named = any(name is not None for name in part.index.names)
-            rows = pa.Table.from_pandas(part, preserve_index=named)
+            stored = any(isinstance(c, str) for c in (schema.pandas_metadata or {}).get("index_columns", ()))
+            rows = pa.Table.from_pandas(part, preserve_index=named or stored)
             yield url, _in_types_of(schema, rows)
 
 
