@@ -176,6 +176,40 @@ def test_an_index_the_store_cuts_short_at_planning_is_ignored_with_a_warning_nam
     assert warned[0].count(f"{url}/00000.idx") == 1, warned[0]
 
 
+def test_a_tar_the_store_fails_while_its_index_is_checked_leaves_the_index_ignored_naming_the_tar(
+        server, dataset, monkeypatch, caplog):
+    """The planning checks a shard's .idx against two small ranged reads of its tar (the last member's header and
+    what follows it). Those reads failing on every try (a body cut short) raised aiohttp's ClientPayloadError out of
+    the planning, naming no object: the whole run failed. The index is optional: it is ignored, the warning names
+    the tar, and the worker reads the tar without it."""
+    from wdsembed import api
+
+    url = upload(server, dataset)
+    upload_indexes(server, dataset, url)
+    out = f"s3://{OUT_BUCKET}/out-{uuid.uuid4().hex[:8]}"
+    tar_gets = ["GET", rf"{url[len('s3:/'):]}/00000\.tar$", "truncate", None]
+    proxy = KeyedFaultProxy(server.endpoint, [tar_gets]).start()
+    planned = api.plan_run
+
+    def plan_then_deliver(*args, **kwargs):
+        try:
+            return planned(*args, **kwargs)
+        finally:
+            proxy.rules.clear()  # the worker's reads of the tar get through
+
+    monkeypatch.setattr(api, "plan_run", plan_then_deliver)
+    try:
+        with caplog.at_level(logging.WARNING, logger="wdsembed"):
+            results = embed(proxy.endpoint, url, out)
+    finally:
+        proxy.stop()
+    assert proxy.injected["truncate"] >= 1
+    assert sorted(r.stem for r in results) == ["00000", "00001"] and all(r.embedded == 6 for r in results)
+    warned = [r.getMessage() for r in caplog.records if f"{url}/00000.tar" in r.getMessage()]
+    assert warned and "ignoring index" in warned[0] and f"{url}/00000.idx" in warned[0], \
+        [r.getMessage() for r in caplog.records]
+
+
 @pytest.mark.parametrize("kind, cause", [("truncate", "ClientPayloadError"), ("slowdown", "reduce your request rate")])
 def test_an_index_the_store_never_delivers_to_the_worker_fails_its_shard_naming_it_and_a_rerun_finishes_it(
         server, dataset, monkeypatch, kind, cause):

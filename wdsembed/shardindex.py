@@ -423,9 +423,21 @@ def _load_valid_index(
     after = last.offset + last.size + (-last.size % tarstream.BLOCK)
     # two small ranged reads (an fsspec file on an object store would fetch a whole block per seek): the header,
     # and the next header with the block after it (a pax header's records)
-    block = shard_fs.cat_file(shard_path, start=last.offset - tarstream.BLOCK, end=last.offset)
-    next_blocks = (shard_fs.cat_file(shard_path, start=after, end=min(after + 2 * tarstream.BLOCK, shard_size))
-                   if after < shard_size else b"")
+    try:
+        block = shard_fs.cat_file(shard_path, start=last.offset - tarstream.BLOCK, end=last.offset)
+        next_blocks = (shard_fs.cat_file(shard_path, start=after, end=min(after + 2 * tarstream.BLOCK, shard_size))
+                       if after < shard_size else b"")
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a store's failure is named and the index ignored; others raise
+        named = storage.naming_url(storage.to_url(shard_fs, shard_path), exc)
+        if not isinstance(named, OSError):
+            raise
+        # the index is optional: the worker reads the tar front to back without it (and names the tar if the store
+        # fails it there too), where this failure, raised, failed the whole run's planning naming no object
+        log.log(said, "ignoring index %s: the shard's bytes to check it against could not be read: %s",
+                storage.to_url(idx_fs, idx_path), named)
+        return None
     if not _header_matches(block, last):
         log.info("stale index %s: no header for %r at byte %d", idx_path, last.name, last.offset - tarstream.BLOCK)
         return None
