@@ -194,8 +194,15 @@ def _run_shards(config: EmbedConfig, given_as: Mapping[str, str]) -> list[ShardR
     timeline = {"start": time.time()}  # the run's own steps, in the manifest beside each shard's
     # The command's own checks, before the output is claimed or a scheduler connected to. The shards of a current
     # Dask client run on its workers, whose GPUs this process cannot see.
+    current = _current_dask_client()
+    if current is not None and current.asynchronous:
+        # Its calls answer coroutines on this thread, and this blocking call would stall the loop the client needs.
+        raise RuntimeError(
+            "the current Dask client is asynchronous (Client(asynchronous=True)) and runs on this thread's event "
+            "loop, which this blocking call would stall: call it from a thread, as "
+            "`await asyncio.to_thread(embedder, input, output)`")
     with _in_callers_words(given_as):
-        check_config(config, on_current_client=_current_dask_client() is not None)
+        check_config(config, on_current_client=current is not None)
     with _dask_client(config) as client:
         # One run writes to an output at a time: refused here, naming the other run, where one is writing to it.
         with outputclaim.held(config) as claim:
