@@ -1,7 +1,6 @@
 """The Python API called where a notebook or a service calls it: inside a running event loop, from a worker
 thread, with the caller's own Dask client current."""
 import asyncio
-import os
 import threading
 
 import pytest
@@ -43,3 +42,33 @@ def test_a_call_on_the_loop_of_the_current_asynchronous_client_is_refused_saying
     refused, results = asyncio.run(main())
     assert "asynchronous" in str(refused)
     assert [(r.stem, r.embedded, r.cached) for r in results] == [("00000", 3, False)]
+
+
+def test_calls_in_a_running_event_loop_and_a_worker_thread_embed_as_a_plain_call(demo, tmp_path):
+    """A notebook cell (a running event loop), `asyncio.to_thread` and a service's worker thread (where no signal
+    handler can be set) get the plain call's embeddings, and leave no thread of theirs behind but the model's
+    stream, which the next call reuses (docs/nemo.md)."""
+    import pyarrow.parquet as pq
+
+    from wdsembed.api import TimmImageEmbedder
+
+    embedder = TimmImageEmbedder(TINY_MODEL, **SETTINGS)
+
+    def embeddings(name):
+        return pq.read_table(tmp_path / name / "00000.parquet").column("image_embedding").to_pylist()
+
+    embedder(demo, str(tmp_path / "plain"))
+    before = set(threading.enumerate())
+
+    async def main():
+        embedder(demo, str(tmp_path / "in_loop"))
+        await asyncio.to_thread(embedder, demo, str(tmp_path / "to_thread"))
+
+    asyncio.run(main())
+    thread = threading.Thread(target=embedder, args=(demo, str(tmp_path / "thread")))
+    thread.start()
+    thread.join()
+    for name in ("in_loop", "to_thread", "thread"):
+        assert embeddings(name) == embeddings("plain"), name
+    left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert left == [], left
