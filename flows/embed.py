@@ -407,6 +407,7 @@ def _record_lost_run(future, group, failed: dict[str, str], task) -> None:
 def run(config: EmbedConfig, on_shard_done=None, *, all_finished: Optional[bool] = None) -> dict:
     """Run the flow with the Dask task runner this config asks for (local GPUs, CPU workers, or a scheduler).
     `all_finished`: plan.check_config's answer, whether every output is already finished; asked here when None."""
+    cluster.refuse_in_a_worker_bootstrap("flows.embed.run()")  # a script without the __main__ guard: else it hangs
     prefect_env.set_defaults()  # for the processes this run starts (Dask workers, a temporary API server)
     log_expected_ends_without_traceback(server_trouble=apiserver.trouble)
     if all_finished is None:  # called without the checks (plan.check_config): the stores' own, before the claim

@@ -72,3 +72,40 @@ def test_calls_in_a_running_event_loop_and_a_worker_thread_embed_as_a_plain_call
         assert embeddings(name) == embeddings("plain"), name
     left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
     assert left == [], left
+
+
+@pytest.mark.slow
+def test_a_flow_run_from_a_script_without_the_main_guard_stops_saying_so(tmp_path):
+    """flows.embed.run() called at a script's top level, without `if __name__ == "__main__":`, waited with no word
+    until killed (10 minutes in a reviewer's run): each local worker process imports the script again as it starts,
+    and ran the flow there too, so no worker came up. It stops with multiprocessing's "bootstrapping phase" message
+    and the guard to add, as get_client() does (tests/test_nemo.py)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    write_demo_dataset(tmp_path / "data", n_shards=1, per_shard=3, failed_per_shard=0)
+    (tmp_path / "script.py").write_text(textwrap.dedent(f'''
+        from flows.embed import run
+        from wdsembed.config import EmbedConfig
+
+        run(EmbedConfig(input="data", output="out", model_name={TINY_MODEL!r}, pretrained=False, device="cpu",
+                        n_workers=1, num_threads_per_worker=1, fidelity_sample=0))
+        print("finished")
+    '''))
+    root = str(Path(__file__).resolve().parents[1])
+    env = os.environ | {"PYTHONPATH": root, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    script = subprocess.Popen([sys.executable, "script.py"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = script.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(script.pid, signal.SIGKILL)  # the script and the worker processes it started
+        stdout, stderr = script.communicate()
+        pytest.fail("the script did not end: " + stderr[-2000:])
+    assert script.returncode != 0 and "finished" not in stdout, stdout + stderr[-3000:]
+    assert "flows.embed.run() was called in a worker process" in stderr, stderr[-3000:]
+    assert 'if __name__ == "__main__":' in stderr, stderr[-3000:]

@@ -539,6 +539,19 @@ def cpu_worker_env(n_workers: int, users: Optional[dict] = None) -> dict:
     return {name: users.get(name, share) for name in TORCH_THREADS_ENV}
 
 
+def refuse_in_a_worker_bootstrap(caller: str) -> None:
+    """A worker process of a local cluster imports the script again as it starts: a script without the __main__
+    guard calls `caller` there too. No cluster can start there, and the worker would never come up, the script
+    waiting for it forever with no word; raising ends the worker, and with it the script's cluster start."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # as multiprocessing itself tells it
+        raise RuntimeError(
+            f"{caller} was called in a worker process of its own cluster, which imports the script again as it "
+            "starts. An attempt has been made to start a new process before the current process has finished its "
+            'bootstrapping phase: call it under `if __name__ == "__main__":` in the script')
+
+
 def never() -> bool:
     return False
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 from wdsembed import storage
-from wdsembed.cluster import SHARDS_PER_GPU
+from wdsembed.cluster import SHARDS_PER_GPU, refuse_in_a_worker_bootstrap
 from wdsembed.config import refuse_credentials_in_url, speaking_to
 
 log = logging.getLogger("wdsembed")
@@ -66,7 +66,7 @@ def get_client(
         raise ValueError("give scheduler_address or scheduler_file, not both")
     if scheduler_address or scheduler_file:
         return Client(address=scheduler_address, scheduler_file=scheduler_file, timeout="30s")
-    _refuse_in_a_worker_bootstrap()
+    refuse_in_a_worker_bootstrap("get_client()")
     for name in _CUDF_RMM_ONLY:
         cluster_kwargs.pop(name, None)
     if cluster_type == "gpu":
@@ -96,19 +96,6 @@ def get_client(
     elif "env" not in cluster_kwargs:  # threads of this process, whose environment is the caller's: Worker refuses env
         del options["env"]
     return Client(LocalCluster(**options))
-
-
-def _refuse_in_a_worker_bootstrap() -> None:
-    """A worker process of the cluster imports the script again as it starts: a script without the __main__ guard
-    calls get_client there too. Its cluster cannot start there, and the worker would never come up, the script
-    waiting for it forever; raising ends the worker, and with it the script's cluster start."""
-    import multiprocessing
-
-    if getattr(multiprocessing.current_process(), "_inheriting", False):  # as multiprocessing itself tells it
-        raise RuntimeError(
-            "get_client() was called in a worker process of its own cluster, which imports the script again as it "
-            "starts. An attempt has been made to start a new process before the current process has finished its "
-            'bootstrapping phase: start the cluster under `if __name__ == "__main__":` in the script')
 
 
 def _why_no_gpu_cluster() -> Optional[str]:
