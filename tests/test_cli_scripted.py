@@ -136,14 +136,15 @@ sys.exit(command.main())
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where, signum, code", [("summary", signal.SIGTERM, 1), ("exit", signal.SIGTERM, 0),
-                                                 ("exit", signal.SIGHUP, 0)],
-                         ids=["summary-SIGTERM", "exit-SIGTERM", "exit-SIGHUP"])
+                                                 ("exit", signal.SIGHUP, 0), ("summary", signal.SIGINT, 1),
+                                                 ("exit", signal.SIGINT, 0)],
+                         ids=["summary-SIGTERM", "exit-SIGTERM", "exit-SIGHUP", "summary-SIGINT", "exit-SIGINT"])
 def test_a_stop_signal_after_the_run_ended_leaves_its_result(where, signum, code, tmp_path):
-    """SIGTERM or SIGHUP once the run has ended, its outputs and manifest written: while its summary prints, or as
-    the process exits and stops its temporary API server. It killed the command with the default action: exit 143
-    (129) and no word, for a run that had completed. Now the command ends with the run's own code (1 here where a
-    shard is an HTML page saved as .tar, else 0), one line saying the signal came after the end, no traceback, and
-    its API server stopped."""
+    """SIGTERM, SIGHUP or Ctrl-C once the run has ended, its outputs and manifest written: while its summary prints,
+    or as the process exits and stops its temporary API server. SIGTERM and SIGHUP killed the command with the
+    default action: exit 143 (129) and no word, for a run that had completed; Ctrl-C ended it on a KeyboardInterrupt
+    traceback. Now the command ends with the run's own code (1 here where a shard is an HTML page saved as .tar, else
+    0), one line saying the signal came after the end, no traceback, and its API server stopped."""
     import json
 
     import psutil
@@ -158,7 +159,8 @@ def test_a_stop_signal_after_the_run_ended_leaves_its_result(where, signum, code
         [sys.executable, "-c", HELD_AFTER_THE_RUN, str(tmp_path / "in"), "-o", str(out), "--model", TINY_MODEL,
          "--no-pretrained", "--device", "cpu", "--n-workers", "1", "--fidelity-sample", "0"],
         cwd=tmp_path, env=_env(tmp_path) | {"HELD": str(held), "GO": str(go), "WHERE": where},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Ctrl-C's default, as in a terminal
     try:
         while not held.exists():
             assert proc.poll() is None, (proc.stdout.read() + proc.stderr.read())[-4000:]

@@ -389,20 +389,37 @@ class _StopSignals:
     """The handler of STOP_SIGNALS: Terminated until the run's result is known (run_ended). After that, while its
     summary prints and the process's exit stops the API server, a stop signal was a kill by default: a run that had
     written its outputs and manifest exited 143 with no word. It now ends with the run's own code, and says once
-    that the signal came too late to stop anything."""
+    that the signal came too late to stop anything. Ctrl-C too, from then on (it ended on a KeyboardInterrupt
+    traceback); before, it keeps Python's own handler (KeyboardInterrupt: the run interrupted)."""
 
     def __init__(self) -> None:
         self.ended = False
         self.exiting = False  # main has returned: said at once, there is no later
         self.late: Optional[signal.Signals] = None
         self.said = False
+        self.previous: dict = {}  # the handlers this one replaced, by signal, to put back
+
+    def install(self, signums: Collection[int]) -> None:
+        try:
+            for signum in signums:
+                previous = signal.signal(signum, self)
+                self.previous.setdefault(signum, previous)
+        except ValueError:  # not the main thread: no handler of ours, the signals keep their meaning
+            pass
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def run_ended(self) -> None:
         self.ended = True
+        # Not where Ctrl-C is ignored (a job started in the background, nohup): it stays so.
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self.install([signal.SIGINT])
 
     def __call__(self, signum, frame) -> None:
         if not self.ended:
-            raise Terminated(signum)
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
         if self.late is None:
             self.late = signal.Signals(signum)
             if self.exiting:  # os.write: the main thread may be inside a print to stderr
@@ -428,12 +445,7 @@ def _stop_signals_end_as_ctrl_c(through_exit: bool = False):
     flow run ends as on Ctrl-C. `through_exit`: the process ends next; where the run ended, the handler stays for
     the exit's cleanup."""
     stops = _StopSignals()
-    previous = {}
-    try:
-        for signum in STOP_SIGNALS:
-            previous[signum] = signal.signal(signum, stops)
-    except ValueError:  # not the main thread: no handler of ours, the signals keep their meaning
-        pass
+    stops.install(STOP_SIGNALS)
     try:
         yield stops
     finally:
@@ -441,8 +453,7 @@ def _stop_signals_end_as_ctrl_c(through_exit: bool = False):
         stops.exiting = keep
         stops.say_late_signal()
         if not keep:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            stops.restore()
 
 
 def _write_any_character() -> None:
