@@ -48,6 +48,7 @@ from tasks.expected_ends import log_expected_ends_without_traceback, quiet_faile
 from tasks.index import index_shards  # noqa: E402
 from tasks.report import report  # noqa: E402
 from wdsembed import caching, cluster, faults, fidelity, outputclaim  # noqa: E402
+from wdsembed.cli import run_result_known as result_known  # noqa: E402
 from wdsembed.config import EmbedConfig  # noqa: E402
 from wdsembed.decoderlog import decoder_messages_to_log  # noqa: E402
 from wdsembed.plan import (  # noqa: E402
@@ -217,10 +218,14 @@ def embed_dataset(config: EmbedConfig) -> dict:
         manifest = report(config, quote(results), quote(failures), time.perf_counter() - started, timeline,
                           quote(previous), claim_run=hooks.claim_run)
     except ManifestNotWritten as exc:
+        result_known()
         if not failures:
             raise  # the run's end, in one line (tasks.expected_ends), after its summary (exc.manifest)
         raise ShardsFailed(with_manifest_failure(failures, exc), results, transient, manifest=exc.manifest,
                            total=len(plans)) from exc
+    # From here the run's result stands: a stop signal while its flow run ends and its cluster closes (seconds on a
+    # loaded machine) interrupted a run whose every output was written (exit 143), and cut the close short.
+    result_known()
     if failures:
         raise ShardsFailed(failures, results, transient, manifest=manifest, total=len(plans))
     fidelity.check(manifest)  # below the threshold the run ends Failed, its outputs and manifest kept

@@ -183,3 +183,71 @@ def test_a_stop_signal_after_the_run_ended_leaves_its_result(where, signum, code
     assert "output: " in stdout, said[-4000:]  # the summary printed to its end
     _, alive = psutil.wait_procs(started, timeout=15)  # the resource tracker ends on its own, after the command
     assert not [(p.pid, p.cmdline()) for p in alive if _alive(p)]
+
+
+# The real command, held in its flow once the manifest is written, as its local Dask cluster closes: each nanny's
+# kill of its worker process waits for the file `go`, then runs, and leaves a file `closed-<pid>` once it has.
+HELD_IN_THE_CLUSTER_CLOSE = """
+import os, sys, time, asyncio
+from pathlib import Path
+from flows import command
+from wdsembed import localworkers
+
+held, go = Path(os.environ["HELD"]), Path(os.environ["GO"])
+kill = localworkers.Nanny.kill
+
+async def held_kill(self, *args, **kwargs):
+    held.touch()
+    while not go.exists():
+        await asyncio.sleep(0.05)
+    pid = self.pid
+    await kill(self, *args, **kwargs)
+    (held.parent / f"closed-{pid}").touch()
+
+localworkers.Nanny.kill = held_kill
+sys.argv = ["wdsembed", *sys.argv[1:]]
+sys.exit(command.main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 0), (signal.SIGTERM, 1), (signal.SIGHUP, 0)],
+                         ids=["SIGTERM", "SIGTERM-failed-shard", "SIGHUP"])
+def test_a_stop_signal_as_the_cluster_closes_after_the_manifest_leaves_the_result(signum, code, tmp_path):
+    """SIGTERM or SIGHUP inside the flow once its manifest is written, while its Dask cluster closes (seconds on a
+    loaded machine). The run ended as "run interrupted by SIGTERM", exit 143, though every output and the manifest
+    were written. Now the run's result stands (0, or 1 where a shard is an HTML page saved as .tar), one line says
+    the signal came after the run had ended, no traceback, and the cluster's close still ran to its end."""
+    import json
+
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    write_shard(tmp_path / "in", "00000", from_encoded(synthetic_images(2, formats=("jpeg",))))
+    if code:
+        (tmp_path / "in" / "00001.tar").write_bytes(b"<!DOCTYPE html><html>404</html>")
+    held, go, out = tmp_path / "held", tmp_path / "go", tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HELD_IN_THE_CLUSTER_CLOSE, str(tmp_path / "in"), "-o", str(out), "--model",
+         TINY_MODEL, "--no-pretrained", "--device", "cpu", "--n-workers", "1", "--fidelity-sample", "0"],
+        cwd=tmp_path, env=_env(tmp_path) | {"HELD": str(held), "GO": str(go)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        while not held.exists():
+            assert proc.poll() is None, (proc.stdout.read() + proc.stderr.read())[-4000:]
+            time.sleep(0.1)
+        assert (out / "_manifest.json").exists()  # written before the cluster closes
+        proc.send_signal(signum)
+        go.touch()
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    said = stdout + stderr
+    assert proc.returncode == code, said[-4000:]
+    assert "Traceback" not in said and "run interrupted" not in said, said[-4000:]
+    late = [line for line in stderr.splitlines() if "came after the run had ended" in line]
+    assert late == [f"{signum.name} came after the run had ended: nothing was stopped, the command ends with the "
+                    "run's result"], said[-4000:]
+    assert json.loads((out / "_manifest.json").read_text())["shards"].keys() == {"00000"}
+    assert "output: " in stdout, said[-4000:]  # the summary printed
+    assert list(tmp_path.glob("closed-*")), said[-4000:]  # the nanny's kill of its worker ran to its end

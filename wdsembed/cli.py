@@ -437,6 +437,21 @@ class _StopSignals:
             _say_last(self.line())
 
 
+# The handler of the main() that is running, for run_result_known.
+_running_stops: Optional[_StopSignals] = None
+
+
+def run_result_known() -> None:
+    """For main's `run` to call once its result is known, its manifest written, where its end takes a while yet (a
+    Dask cluster's close): a stop signal from then on leaves that result, as one after `run` returned does. It ended
+    the run as interrupted (exit 143 for a run whose every output was written), and cut that close short. main's
+    handler is installed again: one put in place since (a flow engine's) would raise there. Nothing outside main."""
+    stops = _running_stops
+    if stops is not None:
+        stops.run_ended()
+        stops.install(STOP_SIGNALS)
+
+
 @contextlib.contextmanager
 def _stop_signals_end_as_ctrl_c(through_exit: bool = False):
     """Each of STOP_SIGNALS raises Terminated in the main thread (until the run ended: _StopSignals). Prefect's flow
@@ -444,11 +459,14 @@ def _stop_signals_end_as_ctrl_c(through_exit: bool = False):
     handler it found: this one, which raises Terminated from there. A SIGHUP reaches this handler directly, and the
     flow run ends as on Ctrl-C. `through_exit`: the process ends next; where the run ended, the handler stays for
     the exit's cleanup."""
-    stops = _StopSignals()
+    global _running_stops
+    stops, outer = _StopSignals(), _running_stops
     stops.install(STOP_SIGNALS)
+    _running_stops = stops
     try:
         yield stops
     finally:
+        _running_stops = outer
         keep = through_exit and stops.ended
         stops.exiting = keep
         stops.say_late_signal()
