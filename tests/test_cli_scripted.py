@@ -55,7 +55,10 @@ def test_a_stop_signal_during_the_checks_ends_in_one_line_and_leaves_nothing(sig
              TINY_MODEL, "--no-pretrained", "--device", "cpu", "--dask-address",
              f"tcp://127.0.0.1:{listener.getsockname()[1]}"],
             cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True)
+            start_new_session=True,
+            # Ctrl-C's default, as in a terminal: a test run started in the background (CI's shell) passes its
+            # children SIGINT ignored, and Python then installs no KeyboardInterrupt for it
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             connection, _ = listener.accept()  # the checks' probe of the scheduler: the command is in its checks
             started = psutil.Process(proc.pid).children(recursive=True)
