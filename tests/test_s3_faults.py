@@ -97,22 +97,29 @@ def outputs(server: MotoS3, out: str) -> list[str]:
             and not k[len(prefix) + 1:].startswith("_prefect_results/")]
 
 
-def test_a_stats_file_the_store_cuts_short_is_ignored_with_a_warning_naming_it(server, dataset, caplog):
-    """`_stats.json` is advisory (img2dataset's counts; the shard is read from its tar and parquet): one that cannot
-    be read costs a warning naming it. A body cut short on every try (past s3fs's retries) raised aiohttp's
-    ClientPayloadError out of the run's planning: the whole run failed before any shard, naming no object."""
-    url = upload(server, dataset)
+def embed_both_warned(server, url: str, rules, caplog) -> tuple[KeyedFaultProxy, list[str]]:
+    """A run through a proxy with `rules` that embeds both shards whole all the same: the proxy (what it injected)
+    and the warnings logged."""
     out = f"s3://{OUT_BUCKET}/out-{uuid.uuid4().hex[:8]}"
-    proxy = KeyedFaultProxy(server.endpoint, [("GET", r"/00000_stats\.json$", "truncate", None)]).start()
+    proxy = KeyedFaultProxy(server.endpoint, rules).start()
     try:
         with caplog.at_level(logging.WARNING, logger="wdsembed"):
             results = embed(proxy.endpoint, url, out)
     finally:
         proxy.stop()
-    assert proxy.injected["truncate"] >= 1
     assert sorted(r.stem for r in results) == ["00000", "00001"] and all(r.embedded == 6 for r in results)
-    warned = [r.getMessage() for r in caplog.records if f"{url}/00000_stats.json" in r.getMessage()]
-    assert warned and "ignored" in warned[0], [r.getMessage() for r in caplog.records]
+    return proxy, [r.getMessage() for r in caplog.records]
+
+
+def test_a_stats_file_the_store_cuts_short_is_ignored_with_a_warning_naming_it(server, dataset, caplog):
+    """`_stats.json` is advisory (img2dataset's counts; the shard is read from its tar and parquet): one that cannot
+    be read costs a warning naming it. A body cut short on every try (past s3fs's retries) raised aiohttp's
+    ClientPayloadError out of the run's planning: the whole run failed before any shard, naming no object."""
+    url = upload(server, dataset)
+    proxy, said = embed_both_warned(server, url, [("GET", r"/00000_stats\.json$", "truncate", None)], caplog)
+    assert proxy.injected["truncate"] >= 1
+    warned = [m for m in said if f"{url}/00000_stats.json" in m]
+    assert warned and "ignored" in warned[0], said
 
 
 @pytest.mark.parametrize("kind, cause", [("truncate", "ClientPayloadError"), ("internal", "internal error")])
@@ -161,18 +168,10 @@ def test_an_index_the_store_cuts_short_at_planning_is_ignored_with_a_warning_nam
     object, out of the run's checks: the whole run failed before any shard."""
     url = upload(server, dataset)
     upload_indexes(server, dataset, url)
-    out = f"s3://{OUT_BUCKET}/out-{uuid.uuid4().hex[:8]}"
-    proxy = KeyedFaultProxy(server.endpoint, [("GET", r"/00000\.idx$", "truncate", None)]).start()
-    try:
-        with caplog.at_level(logging.WARNING, logger="wdsembed"):
-            results = embed(proxy.endpoint, url, out)
-    finally:
-        proxy.stop()
+    proxy, said = embed_both_warned(server, url, [("GET", r"/00000\.idx$", "truncate", None)], caplog)
     assert proxy.injected["truncate"] >= 1
-    assert sorted(r.stem for r in results) == ["00000", "00001"] and all(r.embedded == 6 for r in results)
-    warned = [r.getMessage() for r in caplog.records if f"{url}/00000.idx" in r.getMessage()]
-    assert warned and "ignoring" in warned[0] and "ClientPayloadError" in warned[0], \
-        [r.getMessage() for r in caplog.records]
+    warned = [m for m in said if f"{url}/00000.idx" in m]
+    assert warned and "ignoring" in warned[0] and "ClientPayloadError" in warned[0], said
     assert warned[0].count(f"{url}/00000.idx") == 1, warned[0]
 
 
