@@ -113,6 +113,47 @@ def test_a_command_killed_during_its_checks_leaves_no_traceback_from_its_api_ser
 # The real command (flows.command.main), held once its run has ended: in its summary, or at its exit before the
 # temporary API server is stopped (an atexit hook registered after the server's runs first). The hold ends once the
 # test has sent its signal (the file `go`).
+def _signalled_at_its_hold(tmp_path: Path, driver: str, env: dict, signum: int, code: int, at_hold):
+    """The command run by `driver` (which holds it at one point of its end, writing the file HELD, until the file GO
+    exists) over a good shard, and a shard that is an HTML page saved as .tar where `code` is 1; `signum` sent to it
+    at the hold, once `at_hold(proc)` has looked at it. Checks that the run's result stood: exit `code`, no
+    traceback, one line saying the signal came after the end, the manifest written. Its stdout, stderr and what
+    `at_hold` gave."""
+    import json
+
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    write_shard(tmp_path / "in", "00000", from_encoded(synthetic_images(2, formats=("jpeg",))))
+    if code:
+        (tmp_path / "in" / "00001.tar").write_bytes(b"<!DOCTYPE html><html>404</html>")
+    held, go, out = tmp_path / "held", tmp_path / "go", tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", driver, str(tmp_path / "in"), "-o", str(out), "--model", TINY_MODEL,
+         "--no-pretrained", "--device", "cpu", "--n-workers", "1", "--fidelity-sample", "0"],
+        cwd=tmp_path, env=_env(tmp_path) | {"HELD": str(held), "GO": str(go)} | env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Ctrl-C's default, as in a terminal
+    try:
+        while not held.exists():
+            assert proc.poll() is None, (proc.stdout.read() + proc.stderr.read())[-4000:]
+            time.sleep(0.1)  # polling the hold's file, which says where the command is
+        seen = at_hold(proc)
+        proc.send_signal(signum)
+        go.touch()
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    said = stdout + stderr
+    assert proc.returncode == code, said[-4000:]
+    assert "Traceback" not in said and "run interrupted" not in said, said[-4000:]
+    late = [line for line in stderr.splitlines() if "came after the run had ended" in line]
+    assert late == [f"{signal.Signals(signum).name} came after the run had ended: nothing was stopped, the command "
+                    "ends with the run's result"], said[-4000:]
+    assert json.loads((out / "_manifest.json").read_text())["shards"].keys() == {"00000"}
+    return stdout, stderr, seen
+
+
 HELD_AFTER_THE_RUN = """
 import atexit, os, sys, time
 from pathlib import Path
@@ -148,42 +189,13 @@ def test_a_stop_signal_after_the_run_ended_leaves_its_result(where, signum, code
     default action: exit 143 (129) and no word, for a run that had completed; Ctrl-C ended it on a KeyboardInterrupt
     traceback. Now the command ends with the run's own code (1 here where a shard is an HTML page saved as .tar, else
     0), one line saying the signal came after the end, no traceback, and its API server stopped."""
-    import json
-
     import psutil
 
-    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
-
-    write_shard(tmp_path / "in", "00000", from_encoded(synthetic_images(2, formats=("jpeg",))))
-    if code:
-        (tmp_path / "in" / "00001.tar").write_bytes(b"<!DOCTYPE html><html>404</html>")
-    held, go, out = tmp_path / "held", tmp_path / "go", tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HELD_AFTER_THE_RUN, str(tmp_path / "in"), "-o", str(out), "--model", TINY_MODEL,
-         "--no-pretrained", "--device", "cpu", "--n-workers", "1", "--fidelity-sample", "0"],
-        cwd=tmp_path, env=_env(tmp_path) | {"HELD": str(held), "GO": str(go), "WHERE": where},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Ctrl-C's default, as in a terminal
-    try:
-        while not held.exists():
-            assert proc.poll() is None, (proc.stdout.read() + proc.stderr.read())[-4000:]
-            time.sleep(0.1)  # polling the hold's file, which says where the command is
-        started = psutil.Process(proc.pid).children(recursive=True)
-        assert started, "the temporary API server's process is not running"
-        proc.send_signal(signum)
-        go.touch()
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    said = stdout + stderr
-    assert proc.returncode == code, said[-4000:]
-    assert "Traceback" not in said and "run interrupted" not in said, said[-4000:]
-    late = [line for line in stderr.splitlines() if "came after the run had ended" in line]
-    assert late == [f"{signum.name} came after the run had ended: nothing was stopped, the command ends with the "
-                    "run's result"], said[-4000:]
-    assert json.loads((out / "_manifest.json").read_text())["shards"].keys() == {"00000"}
-    assert "output: " in stdout, said[-4000:]  # the summary printed to its end
+    stdout, stderr, started = _signalled_at_its_hold(
+        tmp_path, HELD_AFTER_THE_RUN, {"WHERE": where}, signum, code,
+        lambda proc: psutil.Process(proc.pid).children(recursive=True))
+    assert started, "the temporary API server's process is not running"
+    assert "output: " in stdout, (stdout + stderr)[-4000:]  # the summary printed to its end
     _, alive = psutil.wait_procs(started, timeout=15)  # the resource tracker ends on its own, after the command
     assert not [(p.pid, p.cmdline()) for p in alive if _alive(p)]
 
@@ -221,36 +233,9 @@ def test_a_stop_signal_as_the_cluster_closes_after_the_manifest_leaves_the_resul
     loaded machine). The run ended as "run interrupted by SIGTERM", exit 143, though every output and the manifest
     were written. Now the run's result stands (0, or 1 where a shard is an HTML page saved as .tar), one line says
     the signal came after the run had ended, no traceback, and the cluster's close still ran to its end."""
-    import json
-
-    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
-
-    write_shard(tmp_path / "in", "00000", from_encoded(synthetic_images(2, formats=("jpeg",))))
-    if code:
-        (tmp_path / "in" / "00001.tar").write_bytes(b"<!DOCTYPE html><html>404</html>")
-    held, go, out = tmp_path / "held", tmp_path / "go", tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HELD_IN_THE_CLUSTER_CLOSE, str(tmp_path / "in"), "-o", str(out), "--model",
-         TINY_MODEL, "--no-pretrained", "--device", "cpu", "--n-workers", "1", "--fidelity-sample", "0"],
-        cwd=tmp_path, env=_env(tmp_path) | {"HELD": str(held), "GO": str(go)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        while not held.exists():
-            assert proc.poll() is None, (proc.stdout.read() + proc.stderr.read())[-4000:]
-            time.sleep(0.1)
-        assert (out / "_manifest.json").exists()  # written before the cluster closes
-        proc.send_signal(signum)
-        go.touch()
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    stdout, stderr, _ = _signalled_at_its_hold(
+        tmp_path, HELD_IN_THE_CLUSTER_CLOSE, {}, signum, code,
+        lambda proc: (tmp_path / "out" / "_manifest.json").exists() or pytest.fail("no manifest before the close"))
     said = stdout + stderr
-    assert proc.returncode == code, said[-4000:]
-    assert "Traceback" not in said and "run interrupted" not in said, said[-4000:]
-    late = [line for line in stderr.splitlines() if "came after the run had ended" in line]
-    assert late == [f"{signum.name} came after the run had ended: nothing was stopped, the command ends with the "
-                    "run's result"], said[-4000:]
-    assert json.loads((out / "_manifest.json").read_text())["shards"].keys() == {"00000"}
     assert "output: " in stdout, said[-4000:]  # the summary printed
     assert list(tmp_path.glob("closed-*")), said[-4000:]  # the nanny's kill of its worker ran to its end
