@@ -51,6 +51,7 @@ from wdsembed import caching, cluster, faults, fidelity, outputclaim  # noqa: E4
 from wdsembed.cli import run_result_known as result_known  # noqa: E402
 from wdsembed.config import EmbedConfig  # noqa: E402
 from wdsembed.decoderlog import decoder_messages_to_log  # noqa: E402
+from wdsembed.progress import ProgressLog, RunProgress  # noqa: E402
 from wdsembed.plan import (  # noqa: E402
     check_storage, forget_checked_input, nothing_to_compute, remove_failed_outputs_made_otherwise,
     remove_views_without_tables, shard_groups,
@@ -92,7 +93,9 @@ def embed_dataset(config: EmbedConfig) -> dict:
     # --force recomputes all.
     plans, finished, output_files = index_shards(config)
     previous = retire_manifest(config, plans, finished, output_files)  # before the first shard is written
-    logger.info("%d shard(s) under %s", len(plans), config.input)
+    # Where the outputs go, said at the start: a long run's log is read long before its summary.
+    logger.info("%d shard(s) under %s, their outputs to %s", len(plans), config.input, config.output)
+    run_progress = RunProgress(len(plans), len(finished))
     progress = create_progress_artifact(0.0, key="embedding-progress", description="Shards finished")
     if hooks.on_shard_done:  # the run's size, known now: none ended yet (the CLI's bar read 0/? until one did)
         hooks.on_shard_done(None, 0, len(plans), len(finished))
@@ -151,11 +154,16 @@ def embed_dataset(config: EmbedConfig) -> dict:
     results, failures, transient = [], {}, set()
     given_up = []  # the plans of tasks Dask gave up on: a worker may yet write them whole (written_after_all)
     done = 0
-    progress_updates = ProgressUpdates(len(plans), lambda percent: update_progress_artifact(progress, percent))
+    # The artifact's description says what its bar cannot: failed shards, images/s, the time left.
+    progress_updates = ProgressUpdates(len(plans), lambda percent: update_progress_artifact(
+        progress, percent, description=run_progress.words()))
+    # The same in the flow run's log, a line a minute at most (the terminal's bar shows only its last state where
+    # stdout is no terminal), and where no shard has ended for long (a stalled run, told from a slow one).
+    progress_log = ProgressLog(run_progress, logger.info)
     # Workers all paused for their memory start no shard: said, then the shards not started fail (cluster).
     watch = cluster.StallWatch(client, [f.wrapped_future for f in on_workers], logger.warning) if client is not None \
         else contextlib.nullcontext()
-    with in_process, watch:
+    with in_process, watch, progress_log:
         for future in as_completed(list(futures)):
             group = futures[future]
             finished_now, failed_now, transient_now = _outcome(future, group, finished, config)
@@ -181,6 +189,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
             results.extend(finished_now)
             for result in finished_now + [None] * len(failed_now):
                 done += 1
+                progress_log.shard_ended(result)
                 if hooks.on_shard_done:
                     hooks.on_shard_done(result, done, len(plans))
             progress_updates.done(done)
@@ -192,6 +201,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
         transient |= set(failed_now)
         for _ in group:
             done += 1
+            progress_log.shard_ended(None)
             if hooks.on_shard_done:
                 hooks.on_shard_done(None, done, len(plans))
         progress_updates.done(done)

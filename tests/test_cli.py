@@ -1350,6 +1350,20 @@ def test_progress_rate_never_reads_zero():
     assert "." not in fast and int(fast.replace(",", "")) > 1000
 
 
+def test_the_bar_counts_failed_shards_and_says_the_time_left():
+    """The bar said how many shards had ended, not that some had failed, nor how long the rest would take."""
+    with cli._Progress() as progress:
+        progress.update(None, 0, 6, 2)  # planned: 6 shards, 2 of them found finished
+        progress.update({"embedded": 18, "cached": True}, done=1, total=6)
+        progress.started -= 1000.0  # as if the run had lasted 1,000 s
+        progress.update({"embedded": 48}, done=2, total=6)
+        progress.update(None, done=3, total=6)
+        failed = progress.bar.tasks[0].fields["failed"]
+        # 2 shards took the 1,000 s of work; 2 are left to compute (one finished output has yet to come back)
+        left = progress.bar.columns[-1].render(progress.bar.tasks[0]).plain
+    assert failed == "1 failed" and left == "about 17 min left"
+
+
 def test_bad_storage_options(shards, tmp_path, capsys):
     base = [str(shards), "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu"]
     s3 = base + ["-o", "s3://some-bucket/out"]

@@ -241,9 +241,9 @@ def test_the_progress_artifact_moves_once_per_few_seconds_where_shards_come_back
         created.append(time.monotonic())
         return create(*args, **kwargs)
 
-    def moved(artifact, percent):
+    def moved(artifact, percent, **kwargs):
         moves.append((time.monotonic(), percent))
-        return update(artifact, percent)
+        return update(artifact, percent, **kwargs)
 
     monkeypatch.setattr(flows.embed, "create_progress_artifact", created_at)
     monkeypatch.setattr(flows.embed, "update_progress_artifact", moved)
@@ -252,6 +252,36 @@ def test_the_progress_artifact_moves_once_per_few_seconds_where_shards_come_back
     assert moves and moves[-1][1] == 100.0
     assert float(artifacts(run_id)["progress"].data) == 100.0
     assert len(moves) - 1 <= (moves[-1][0] - created[0]) / flows.embed.PROGRESS_UPDATE_EVERY_S, moves
+
+
+def test_the_runs_log_and_progress_artifact_say_its_progress_as_shards_end(tmp_path, monkeypatch):
+    """Where stdout is no terminal (a log file, a pipe), the command's bar shows only its last state, at the end, and
+    the UI's progress artifact said only a percent: a run of hours said nothing of its pace, failures or time left
+    until it ended. The flow run's log now says it (here at every shard, as PROGRESS_LOG_EVERY_S is 0; a line a
+    minute by default), with the run's counts, and so does the artifact's description."""
+    import re
+
+    import flows.embed
+    from wdsembed import progress
+
+    monkeypatch.setattr(progress, "PROGRESS_LOG_EVERY_S", 0.0)
+    data = make_dataset(tmp_path / "in", 3)
+    config = make_config(data, tmp_path / "out")
+    Faults(tmp_path, monkeypatch, {"00001": {"fail_attempts": 1000, "error": "fatal"}})
+    outcome, run_id = embed(config)
+    assert isinstance(outcome, flows.embed.ShardsFailed), outcome
+    said = [m for _, m in run_logs(run_id, "progress: 2 of 3") if m.startswith("progress: ")]
+    counts = [re.fullmatch(r"progress: (\d) of 3 shard\(s\) ended \(\d+%\)(?:, (\d) failed)?"
+                           r"(?:; (\d+) images at [\d.,]+ images/s)?(?:; about .+ left)?", m) for m in said]
+    assert all(counts) and [int(c[1]) for c in counts] == [1, 2], said
+    for c in counts:  # each line's counts of its moment: 4 images in each shard ended but the failed one
+        ended, failed, images = int(c[1]), int(c[2] or 0), int(c[3] or 0)
+        assert failed <= 1 and images == EMBEDDED * (ended - failed), said
+    planned = f"3 shard(s) under {data}, their outputs to {config.output}"  # where to look, said at the start
+    assert planned in [m for _, m in run_logs(run_id, planned)]
+    description = artifacts(run_id)["progress"].description
+    assert re.fullmatch(r"3 of 3 shard\(s\) ended \(100%\), 1 failed; 8 images at [\d.,]+ images/s", description), \
+        description
 
 
 def test_progress_updates_keep_one_per_percent_on_a_long_run():

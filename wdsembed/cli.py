@@ -25,6 +25,7 @@ from wdsembed import fidelity, report
 from wdsembed.config import (FLAG_NAMES, EmbedConfig, credentials_in_url, field_default, flag,
                              refuse_credentials_in_url, speaking_to)
 from wdsembed.output import MANIFEST_NAME
+from wdsembed.progress import RunProgress, format_duration, format_rate
 from wdsembed.report import ManifestNotWritten, describe_gpu_use, describe_model, embedded_rows
 from wdsembed.storeoptions import url_has_credentials
 
@@ -496,43 +497,62 @@ def _say_last(line: str) -> None:
 
 
 class _Progress:
-    """A terminal progress bar: shards, images, images/s."""
+    """A terminal progress bar: shards, failed ones, images, images/s, time elapsed and left (wdsembed.progress)."""
 
     finished = ended = cached = finished_before = 0
     total: Optional[int] = None  # unknown until the run's shards are planned (or where it stopped before the bar)
 
     def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                                   TimeElapsedColumn)
+        from rich.text import Text
 
-        self.started = time.perf_counter()
-        self.images = 0
+        class TimeLeft(ProgressColumn):
+            """Asked at each redraw, not only as a shard ends: while none ends, the estimate grows with the time
+            spent, so a stalled run's keeps climbing."""
+
+            def render(column, task) -> Text:
+                left = self.run.seconds_left()
+                return Text(f"about {format_duration(left)} left" if left else "")
+
+        self.run = RunProgress(clock=time.perf_counter)  # images, images/s, the time left
         self.finished = 0  # shards whose output is written (this run or before)
         self.ended = 0  # finished or failed
         self.cached = 0  # finished before this run, as their results came back
         self.bar = Progress(
-            TextColumn("shards"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[images]} images"),
-            TextColumn("{task.fields[rate]} images/s"), TimeElapsedColumn(),
+            TextColumn("shards"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[failed]}"),
+            TextColumn("{task.fields[images]} images"), TextColumn("{task.fields[rate]} images/s"),
+            TimeElapsedColumn(), TimeLeft(),
             # Rich's stdout proxy holds a lock that Dask would then try to pickle with every task.
             redirect_stdout=False, redirect_stderr=False, console=_quiet_once_its_pipe_is_closed(),
         )
         self.bar.__enter__()
-        self.task = self.bar.add_task("shards", total=None, images=0, rate="-")
+        self.task = self.bar.add_task("shards", total=None, images=0, rate="-", failed="")
         return self
+
+    @property
+    def started(self) -> float:
+        return self.run.started
+
+    @started.setter
+    def started(self, value: float) -> None:
+        self.run.started = value
 
     def update(self, result: Optional[dict], done: int, total: int, finished_before: Optional[int] = None) -> None:
         if finished_before is not None:  # the planning's call: the shards found finished, not yet come back
             self.finished_before = finished_before
+            self.run.planned(total, finished_before)
         if result:
             self.finished += 1
             self.cached += bool(result.get("cached"))
+        if done > self.ended:  # a shard came back (the planning's call reports none)
+            self.run.shard_ended(result)
         self.ended, self.total = done, total
-        if result and not result.get("cached"):
-            self.images += result["embedded"]
-        rate = self.images / max(time.perf_counter() - self.started, 1e-9)
-        # One decimal below 10 images/s (a CPU run, a first shard's model load), where whole numbers would read 0;
-        # none while nothing was embedded (a run that finds every output finished).
-        text = "-" if not self.images else f"{rate:,.1f}" if rate < 10 else f"{rate:,.0f}"
-        self.bar.update(self.task, completed=done, total=total, images=self.images, rate=text)
+        self.run.total = total
+        rate = self.run.rate()  # none while nothing was embedded (a run that finds every output finished)
+        failed = self.ended - self.finished
+        self.bar.update(self.task, completed=done, total=total, images=self.run.images,
+                        rate="-" if rate is None else format_rate(rate), failed=f"{failed} failed" if failed else "")
 
     def so_far(self) -> str:
         """What the run did before it was stopped, for the line that says so; '' before its shards were planned."""
