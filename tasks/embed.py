@@ -123,14 +123,22 @@ def embed_and_log(config: EmbedConfig, plans: list[ShardPlan], claim_run: Option
     _announce_start(plans)
     log = _run_logger()
     abandoned = cluster.task_abandoned()
+    left = [len(plans)]
+
+    def said_as_it_ends(stem: str, result: Optional[shard.ShardResult], reason: Optional[str]) -> None:
+        # Each shard's line as it ends: a group of many shards would say them all only at its end, a failed
+        # shard's reason with them. A shard whose failure ends its task run (a one-shard task's, the group's last)
+        # is said by that end, at once, not twice here.
+        left[0] -= 1
+        if result is not None:
+            _log_result(log, result.to_dict())
+        elif left[0]:
+            log.error("shard %s failed: %s (the %d shard(s) after it in its task run go on)", stem, reason, left[0])
+
     try:
         # The group stops, its shard being embedded unwritten, once Dask no longer wants the task's result.
         results = shard.process_shards(config, plans, claim_run=claim_run, abandoned=abandoned,
-                                       first_attempt=_first_attempt())
-    except ShardsFailed as exc:
-        for result in exc.results:
-            _log_result(log, result)
-        raise
+                                       first_attempt=_first_attempt(), on_shard_end=said_as_it_ends)
     except shard.ShardAbandoned:
         if getattr(abandoned, "why", lambda: None)() is None:  # cancelled by its run: Failed, as it says
             raise
@@ -141,10 +149,7 @@ def embed_and_log(config: EmbedConfig, plans: list[ShardPlan], claim_run: Option
         return Crashed(message=f"shard(s) {report.name_shards([p.stem for p in plans])} lost: its Dask worker "
                                "closed mid-shard (its Dask scheduler was lost mid-run, or the worker was stopped) "
                                "and stopped it unwritten; a re-run computes it")
-    dicts = [r.to_dict() for r in results]
-    for result in dicts:
-        _log_result(log, result)
-    return dicts
+    return [r.to_dict() for r in results]
 
 
 def _first_attempt() -> bool:

@@ -1,9 +1,17 @@
 """What a long run says while it runs: its progress (shards ended of all, failed ones, images/s, the time left) in
-its log a line a minute at most, and a line where no shard has ended for long. Clocks are given, never waited on."""
+its log a line a minute at most, a line where no shard has ended for long, and each shard of a task's group as it
+ends, a failed one's reason with it. Clocks are given, never waited on; the group is embedded for real (DALI, the
+tiny timm model on the CPU)."""
 from __future__ import annotations
 
 import contextvars
+import logging
 import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_MODEL
 
 from wdsembed.progress import ProgressLog, RunProgress, format_duration
 
@@ -89,3 +97,55 @@ def test_the_quiet_line_is_said_from_a_thread_in_the_runs_own_context():
     with ProgressLog(RunProgress(3), say, every_s=0.01, poll_s=0.01):
         assert said.wait(60)
     assert heard[0][0] == "this run" and "no shard has ended yet" in heard[0][1], heard
+
+
+def test_a_group_says_each_shard_as_it_ends_and_a_failed_one_at_its_failure(tmp_path, monkeypatch):
+    """A task run of many shards (above 1,000 shards, by default) logged each shard's line, and said nothing of a
+    failed one, until the whole group had ended: a shard that failed first was heard of 20 shards later. Each line
+    now comes as its shard ends, before the next shard is written."""
+    import json
+
+    from tasks.embed import embed_and_log
+    from wdsembed import plan
+    from wdsembed.config import EmbedConfig
+    from wdsembed.shard import ShardsFailed
+    from wdsembed.synthetic import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "in", n_shards=3, per_shard=4, failed_per_shard=1)
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"00001": {"fail_attempts": 1000, "error": "fatal"}}))
+    monkeypatch.setenv("WDSEMBED_FAULTS", str(faults))
+    out = tmp_path / "out"
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(out), model_name=TINY_MODEL, pretrained=False,
+                         device="cpu", batch_size=4, num_threads_per_worker=1)
+    plans = plan.plan_shards(config)
+
+    heard: list[tuple[str, list[str]]] = []  # each shard line, with the outputs written when it was said
+
+    class Heard(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if message.startswith("shard 0000"):
+                heard.append((message, sorted(p.name for p in out.glob("0000*.parquet"))))
+
+    handler, logger = Heard(), logging.getLogger("wdsembed")  # a task run's own logger, outside a run
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.raises(ShardsFailed):
+            embed_and_log(config, plans)
+        heard_alone = len(heard)
+        with pytest.raises(ShardsFailed):  # alone in its task run: its end says it, once
+            embed_and_log(config, [p for p in plans if p.stem == "00001"])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [(message.split(",")[0].split(":")[0], written) for message, written in heard[:heard_alone]] == [
+        ("shard 00000", ["00000.parquet"]),
+        ("shard 00001 failed", ["00000.parquet"]),  # before 00002 is written
+        ("shard 00002", ["00000.parquet", "00002.parquet"]),
+    ], heard
+    assert "shard 00001 failed: " in heard[1][0] and "the 1 shard(s) after it in its task run go on" in heard[1][0]
+    assert len(heard) == heard_alone, heard[heard_alone:]
+    assert Path(out / "00001.parquet").exists() is False

@@ -549,11 +549,14 @@ def _row_causes(config: EmbedConfig, plan: ShardPlan, table) -> list[dict]:
 def process_shards(
     config: EmbedConfig, plans: list[ShardPlan], *, on_progress: Callable[[int], None] = lambda n: None,
     claim_run: Optional[str] = None, abandoned: Callable[[], bool] = _never, first_attempt: bool = False,
+    on_shard_end: Callable[[str, Optional[ShardResult], Optional[str]], None] = lambda stem, result, reason: None,
 ) -> list[ShardResult]:
     """Every shard of a group, each tried (process_shard, with `claim_run`); raises one ShardsFailed naming those
     that failed (with the results of those that did not). `abandoned`: asked before each shard and after each
     batch (process_shard); once true, ShardAbandoned is raised and the group's other shards are not started.
     `first_attempt`: the group's first try (process_shard); a retry looks for the outputs an earlier try wrote.
+    `on_shard_end(stem, result, reason)`: as each shard ends, before the next starts, with its result, or None and
+    the reason it failed (a group of 20 shards says each one as it ends, not all of them at its end).
 
     No look-ahead over the group: process_shard names its own shard to the S3 fetcher once its cache check has
     passed, as in a one-shard task, and it downloads while the worker's other task threads embed theirs; a
@@ -563,6 +566,7 @@ def process_shards(
         try:
             results.append(process_shard(config, plan, on_progress=on_progress, claim_run=claim_run,
                                          abandoned=abandoned, first_attempt=first_attempt))
+            on_shard_end(plan.stem, results[-1], None)
         except ShardAbandoned:
             if plans[i + 1:]:
                 log.warning("shards %s not started: %s", ", ".join(p.stem for p in plans[i + 1:]), _why(abandoned))
@@ -571,7 +575,9 @@ def process_shards(
             failures[plan.stem] = faults.reason(exc)
             if faults.is_transient(exc):
                 transient.append(plan.stem)
-    # Not logged here: the task run's end says each reason (this ShardsFailed), and the run's summary again.
+            on_shard_end(plan.stem, None, failures[plan.stem])
+    # Not logged here: on_shard_end may say each one as it ends; the task run's end says each reason (this
+    # ShardsFailed), and the run's summary again.
     if failures:
         raise ShardsFailed(failures, [r.to_dict() for r in results], transient, total=len(plans))
     return results
