@@ -699,6 +699,33 @@ def test_autocast_on_the_cpu_changes_nothing_so_it_recomputes_nothing(tmp_path):
         assert shard.cache_key(gpu, plan) != shard.cache_key(gpu.model_copy(update={"autocast": False}), plan)
 
 
+def test_autocast_with_device_auto_on_a_host_without_a_gpu_recomputes_nothing(tmp_path):
+    """Device auto where the run's workers see no GPU runs float32 on the CPU whatever autocast says, as device cpu
+    does: a re-run that toggles autocast (or names device cpu) found the outputs made otherwise and recomputed every
+    one of them. Where the workers see a GPU, autocast off computes float32 there, not the CPU's outputs' key:
+    recomputed."""
+    from wdsembed import shard
+    from wdsembed.plan import nothing_to_compute, plan_run
+
+    if torch.cuda.is_available():
+        pytest.skip("device auto resolves to the CPU only where no GPU is visible")
+    config = _one_shard(tmp_path, device="auto", autocast=False)
+    (plan,), _ = plan_run(config)
+    first = shard.process_shard(config, plan)
+    assert not first.cached and first.model["precision"] == "float32" and first.model["device"] == "cpu"
+    for other in ({"autocast": True}, {"device": "cpu"}, {"device": "cpu", "autocast": True}, {}):
+        again = config.model_copy(update=other)
+        assert nothing_to_compute(again), other
+        (plan,), finished = plan_run(again)
+        assert set(finished) == {"00000"}, other
+        result = shard.process_shard(again, plan, first_attempt=True)
+        assert result.cached and result.cache_key == first.cache_key, other
+    # where the workers see a GPU, autocast off is float32 on the GPU: keyed apart from the CPU's outputs
+    (plan,), finished = plan_run(config, gpus=1)
+    assert finished == {}
+    assert shard.cache_key(config, plan) != first.cache_key
+
+
 def test_a_run_that_would_embed_in_another_precision_than_the_finished_outputs_is_refused(tmp_path):
     """Outputs made on the CPU (float32), resumed where a GPU is visible with autocast (bfloat16 weights): the
     finished ones would stay beside the new ones, two precisions in one OUTPUT. Refused at planning, naming them

@@ -433,8 +433,9 @@ class EmbedConfig(BaseModel):
         """Where .idx files go when a shard's own folder cannot hold them."""
         return self.index_cache_dir or DEFAULT_INDEX_CACHE
 
-    def model_key(self) -> dict:
-        """The parameters that decide the embedding values (model, weights, head, preprocessing, precision)."""
+    def model_key(self, on_cpu: bool = False) -> dict:
+        """The parameters that decide the embedding values (model, weights, head, preprocessing, precision).
+        `on_cpu`: the run's model is known to run on the CPU though the device is auto (ShardPlan.on_cpu)."""
         return {
             "model_name": self.model_name,
             # A checkpoint is loaded whatever `pretrained` says (model.load_model): True then, as by default, so
@@ -444,8 +445,9 @@ class EmbedConfig(BaseModel):
             "embedding": self.embedding,
             "normalize_embeddings": self.normalize_embeddings,
             # The CPU runs float32 whatever autocast says: True there, as by default, so that toggling it with
-            # device cpu recomputes nothing (plan.run_precision; a precision mixed in OUTPUT is refused there).
-            "autocast": self.autocast or self.device == "cpu",
+            # device cpu, or auto where the run has no GPU, recomputes nothing (plan.run_precision; a precision
+            # mixed in OUTPUT is refused there).
+            "autocast": self.autocast or self.device == "cpu" or on_cpu,
         }
 
 

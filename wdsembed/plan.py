@@ -541,7 +541,7 @@ def nothing_to_compute(config: EmbedConfig, listed: Optional[Listed] = None) -> 
             return False
         # The cache key needs each shard's fingerprint, not its index nor its count of samples. check_config runs
         # the checks next.
-        plans = plan_shards(config, found=found, indexes=False, samples=False, checks=False)
+        plans, _ = run_on_cpu(config, plan_shards(config, found=found, indexes=False, samples=False, checks=False))
 
         def finished(plan: ShardPlan) -> bool:
             key = shard.cache_key(config, plan)
@@ -975,6 +975,7 @@ def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None, *, gpus: 
     OUTPUT, made once, which the caller keeps for what it does next holding OUTPUT's claim (retire_manifest)."""
     listed = listed or Listed(config)
     plans = plan_shards(config, indexes=False, samples=False, found=found, listed=listed)
+    plans, gpus = run_on_cpu(config, plans, gpus, client)
     # A parquet that wdsembed did not write, where a shard's output goes, is refused before any shard overwrites it:
     # from the footers the cache check reads anyway (caching.planned_outputs); with force, read for this alone.
     if config.force:
@@ -1031,6 +1032,22 @@ def run_precision(config: EmbedConfig, gpus: Optional[int]) -> Optional[str]:
     if config.device == "auto" and not gpus:
         return "float32"
     return "bfloat16" if config.autocast else "float32"
+
+
+def run_on_cpu(config: EmbedConfig, plans: list[ShardPlan], gpus: Optional[int] = None,
+               client: Any = None) -> tuple[list[ShardPlan], Optional[int]]:
+    """The plans, marked ShardPlan.on_cpu where the device is auto, autocast off, and the run's workers see no GPU
+    (`gpus`, else run_gpus with `client`): the CPU runs float32 whatever autocast says, so these shards are keyed
+    as with autocast on, and a re-run that toggles it finds them finished. Asked only there: with autocast on the
+    key is the same on either device. Where the workers' GPUs are unknown (they disagree), autocast keys as given
+    (float32 either way). Also returns `gpus`, as looked up here (check_finished_precision takes it)."""
+    if config.device != "auto" or config.autocast:
+        return plans, gpus
+    if gpus is None:
+        gpus = run_gpus(config, client)
+    if gpus != 0:
+        return plans, gpus
+    return [dataclasses.replace(p, on_cpu=True) for p in plans], gpus
 
 
 def run_gpus(config: EmbedConfig, client: Any = None) -> Optional[int]:

@@ -77,6 +77,9 @@ class ShardPlan:
     # holding the run's claim: the shard's result from its footer, as JSON (a string: Prefect walks every element of
     # a task's parameters). The task's first attempt takes it (process_shard's `first_attempt`).
     finished_result: Optional[str] = None
+    # Device auto, and the planning found the run's workers without a GPU (plan.run_on_cpu): the model runs float32
+    # on the CPU whatever autocast says, and the shard is keyed as with device cpu (EmbedConfig.model_key).
+    on_cpu: bool = False
 
 
 @dataclass
@@ -179,7 +182,7 @@ def cache_key_parts(config: EmbedConfig, plan: ShardPlan) -> dict:
     it alters only some runs' outputs, adds a part to those runs' keys alone."""
     parts = {
         "shard": plan.fingerprint,
-        "model": config.model_key(),
+        "model": config.model_key(on_cpu=plan.on_cpu),
         # Its content's hash: since 2026-12-05 (before, its size and mtime), so outputs made with a checkpoint before
         # then recompute once.
         "checkpoint": (storage.checkpoint_identity(config.checkpoint, config.storage_options) if config.checkpoint
