@@ -59,6 +59,84 @@ def test_out_of_memory_on_one_image_is_raised(worker, monkeypatch):
         worker.embed(iter(samples), autocast=True, normalize=True)
 
 
+# A CPU worker under an address-space limit (ulimit -v) that refuses its model a batch of 64 images but not 32: the
+# limit found in the process itself (its headroom grown until the whole batch passes, the last one that refused it
+# and passed its half kept), each shape's oneDNN kernels made before it (made under the limit, a refusal breaks
+# them: worker.allocation_refused).
+_HOST_MEMORY_REFUSED = """
+import json, logging, re, resource, sys, threading
+import numpy as np
+import torch
+torch.set_num_threads(1)
+threading.stack_size(1 << 20)  # the stream's threads take little of the limited address space
+from wdsembed.config import EmbedConfig
+from wdsembed.model import embed_batch
+from wdsembed.synthetic import photo_images
+from wdsembed.worker import Worker
+
+N, tmp = 64, sys.argv[1]
+worker = Worker(EmbedConfig(input=tmp, output=tmp, model_name=sys.argv[2], pretrained=False, device="cpu",
+                            batch_size=N, num_threads_per_worker=1))
+samples = [(f"k{i}", im.data) for i, im in enumerate(photo_images(N, short_sides=(64, 96)))]
+keys, expected, failures = worker.embed(iter(samples), autocast=True, normalize=True)
+images = torch.randn(N, 3, *worker.recipe.input_size[1:])
+for n in (N, N // 2):
+    embed_batch(worker.loaded, images[:n], autocast=True, normalize=True)
+base = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) << 10
+
+def passes(n):
+    try:
+        embed_batch(worker.loaded, images[:n], autocast=True, normalize=True)
+        return True
+    except RuntimeError as exc:
+        assert "DefaultCPUAllocator" in str(exc), exc
+        return False
+
+found = None
+for extra in range(0, 2048, 8):
+    resource.setrlimit(resource.RLIMIT_AS, (base + (extra << 20), resource.RLIM_INFINITY))
+    if passes(N):
+        break
+    if passes(N // 2):
+        found = extra
+warned = []
+logging.getLogger("wdsembed").addHandler(
+    type("Kept", (logging.Handler,), {"emit": lambda self, r: warned.append(r.getMessage())})())
+resource.setrlimit(resource.RLIMIT_AS, (base + ((found or 0) << 20), resource.RLIM_INFINITY))
+try:
+    again, got, failures = worker.embed(iter(samples), autocast=True, normalize=True)
+    outcome = {"same_keys": again == keys, "failures": failures,
+               "close": bool(np.allclose(got, expected, rtol=1e-4, atol=1e-5))}
+except RuntimeError as exc:
+    outcome = {"raised": str(exc)}
+print(json.dumps({"found": found, "warned": warned, **outcome}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the process's size from /proc")
+def test_host_memory_refused_to_the_model_on_the_cpu_splits_the_batch(tmp_path):
+    """On the CPU an allocation that fails (an address-space limit, ulimit -v; strict overcommit) raised torch's
+    RuntimeError 'DefaultCPUAllocator: can't allocate memory' out of the batch, and the shard failed; the GPU's
+    out-of-memory ran it again in halves. Now the host's refusal does too, in the same path: a real refusal, in a
+    process of its own, every image embedded as without the limit."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "refused.py"
+    script.write_text(_HOST_MEMORY_REFUSED)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+           "MALLOC_ARENA_MAX": "1"}  # one malloc arena: a thread's own would reserve 64 MiB of the limit
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), TINY_MODEL], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome["found"] is not None, outcome  # a limit that refuses 64 images and not 32
+    assert outcome == {"found": outcome["found"], "same_keys": True, "failures": {}, "close": True,
+                       "warned": ["out of host memory on a batch of 64 images; running it as 32 + 32"]}
+
+
 # --------------------------------------------------------------------------------------------------- the stream
 
 

@@ -622,8 +622,9 @@ class Worker:
             return embeddings.cpu().numpy()
 
     def _model(self, images: "torch.Tensor", *, autocast: bool, normalize: bool) -> "torch.Tensor":
-        """The model on one batch. Out of GPU memory, the batch is run again in halves (and those in halves, down to
-        one image) in this same process: nothing is rebuilt or reloaded, and the images in hand are kept."""
+        """The model on one batch. Out of memory (the GPU's, or the host's where an allocation is refused:
+        allocation_refused), the batch is run again in halves (and those in halves, down to one image) in this same
+        process: nothing is rebuilt or reloaded, and the images in hand are kept."""
         import torch
 
         from wdsembed.model import embed_batch
@@ -632,15 +633,29 @@ class Worker:
             if self._graph is not None and self._graph.fits(images, autocast=autocast, normalize=normalize):
                 return self._graph(images)
             return embed_batch(self.loaded, images, autocast=autocast, normalize=normalize)
-        except torch.cuda.OutOfMemoryError:
-            if len(images) == 1:
+        except Exception as exc:
+            if len(images) == 1 or not allocation_refused(exc):
                 raise
-        torch.cuda.empty_cache()
+        if images.is_cuda:
+            torch.cuda.empty_cache()
         half = len(images) // 2
-        log.warning("out of GPU memory on a batch of %d images; running it as %d + %d", len(images), half,
-                    len(images) - half)
+        log.warning("out of %s memory on a batch of %d images; running it as %d + %d",
+                    "GPU" if images.is_cuda else "host", len(images), half, len(images) - half)
         return torch.cat([self._model(part, autocast=autocast, normalize=normalize)
                           for part in (images[:half], images[half:])])
+
+
+def allocation_refused(exc: BaseException) -> bool:
+    """The model's memory was refused: the GPU's (CUDA out of memory), or the host's where an allocation fails
+    instead of the kernel's OOM killer ending the process (an address-space limit, ulimit -v; strict overcommit):
+    torch's CPU allocator then raises RuntimeError 'DefaultCPUAllocator: can't allocate memory', and the memory of
+    the failed forward is freed. Not oneDNN's 'could not create a primitive', raised where a kernel for a new batch
+    shape cannot be made under such a limit: from then on that process made no kernel for any new shape, even with
+    the limit lifted (torch 2.14), so halves would fail too."""
+    import torch
+
+    return (isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError))
+            or isinstance(exc, RuntimeError) and "DefaultCPUAllocator" in str(exc))
 
 
 class QueueBound:
