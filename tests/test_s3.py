@@ -240,8 +240,15 @@ def test_cli_strings_become_s3fs_types():
     got = storage.fsspec_options("s3://b/x", {"endpoint_url": "http://e", "read_timeout": "2.5",
                                                "max_attempts": "3", "anon": "false", "default_block_size": "1024"})
     assert got["anon"] is False and got["default_block_size"] == 1024 and got["endpoint_url"] == "http://e"
+    # botocore's own retries off: s3fs's are the one layer, max_attempts tries per request (storage.filesystem)
     assert got["config_kwargs"] == {"connect_timeout": 10.0, "read_timeout": 2.5,
-                                    "retries": {"max_attempts": 3, "mode": "standard"}}
+                                    "retries": {"total_max_attempts": 1, "mode": "standard"}}
+    assert "max_attempts" not in got and "retries" not in got
+    assert storage.filesystem("s3://b/x", {"endpoint_url": "http://e", "max_attempts": "3"})[0].retries == 3
+    assert storage.filesystem("s3://b/x", {"endpoint_url": "http://e", "retries": "2"})[0].retries == 2
+    # a user's own botocore retries are theirs
+    mine = {"retries": {"max_attempts": 4, "mode": "adaptive"}}
+    assert storage.fsspec_options("s3://b/x", {"config_kwargs": mine})["config_kwargs"]["retries"] == mine["retries"]
     assert storage.fsspec_options("/local/x", {"auto_mkdir": "true"}) == {"auto_mkdir": True}
 
 

@@ -4,8 +4,8 @@ Prefect). What a user should see: a fault that passes is retried and the outputs
 retries fails the shard with a reason naming the object and the cause on one line, leaves nothing of that shard in
 OUTPUT, and a re-run finishes it.
 
-Each test starts the store's retries at their least (botocore's `max_attempts=1`; s3fs's own retries stay) so that
-an outlasting fault fails in seconds.
+Each run starts the store's retries at their least (`max_attempts=1`: one try per request) so that an outlasting
+fault fails in seconds.
 """
 from __future__ import annotations
 
@@ -299,3 +299,117 @@ def test_a_store_error_named_by_its_object_says_the_name_and_the_errno_once():
     plain = storage.naming_url(table, OSError("We encountered an internal error"))
     assert str(plain) == f"{table}: We encountered an internal error"
     assert storage.naming_url(table, plain) is plain
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One retry policy per key (storeoptions.S3_DEFAULTS, README's "Errors")
+
+
+def _attempts_default() -> int:
+    from wdsembed.storeoptions import S3_DEFAULTS
+
+    return S3_DEFAULTS["max_attempts"]
+
+
+@pytest.mark.parametrize("extra, tries", [
+    ({}, None),  # the default: S3_DEFAULTS' max_attempts
+    ({"max_attempts": "3"}, 3),
+    ({"max_attempts": "4", "retries": "2"}, 2),  # s3fs's own name for it wins
+    # botocore's own retries, where the user turns them on, run inside each of those tries, as asked
+    ({"max_attempts": "2", "config_kwargs": {"retries": {"total_max_attempts": 2, "mode": "standard"}}}, 4),
+])
+def test_a_steady_slowdown_is_tried_as_many_times_as_documented_and_the_error_names_the_key(
+        server, dataset, extra, tries):
+    """Every GET of one object answered 503 SlowDown: the read gives up after max_attempts requests in all, not
+    after botocore's retries inside s3fs's (9 x 5 = 45 requests, and minutes, per key), and says which object and
+    why."""
+    from wdsembed import storage
+
+    tries = tries or _attempts_default()
+    url = upload(server, dataset)
+    proxy = KeyedFaultProxy(server.endpoint, [("GET", r"/00000\.parquet$", "slowdown", None)]).start()
+    try:
+        fs, root = storage.filesystem(url, {"endpoint_url": proxy.endpoint, **extra})
+        with pytest.raises(OSError) as raised:
+            storage.read_whole(fs, f"{root}/00000.parquet")
+    finally:
+        proxy.stop()
+    assert proxy.injected["slowdown"] == tries and proxy.requests == tries, (proxy.injected, proxy.requests)
+    said = str(raised.value)
+    assert f"{url}/00000.parquet" in said and "reduce your request rate" in said, said
+
+
+@pytest.mark.parametrize("kind, cause", [("internal", "internal error"), ("unavailable", "unable to handle")])
+def test_a_steady_5xx_is_tried_max_attempts_times_though_botocore_no_longer_retries_it(server, dataset, kind, cause):
+    """s3fs's own retries take SlowDown, timeouts and cut bodies, not a 500 or a plain 503 (botocore's did): with
+    botocore's off, storeoptions.s3_retry_handler gives s3fs those too."""
+    from wdsembed import storage
+
+    url = upload(server, dataset)
+    proxy = KeyedFaultProxy(server.endpoint, [("GET", r"/00000\.parquet$", kind, None)]).start()
+    try:
+        fs, root = storage.filesystem(url, {"endpoint_url": proxy.endpoint, "max_attempts": "3"})
+        with pytest.raises(OSError) as raised:
+            storage.read_whole(fs, f"{root}/00000.parquet")
+    finally:
+        proxy.stop()
+    assert proxy.injected[kind] == 3 and proxy.requests == 3, (proxy.injected, proxy.requests)
+    said = str(raised.value)
+    assert f"{url}/00000.parquet" in said and cause in said, said
+
+
+def test_a_steady_slowdown_on_a_tars_parts_is_tried_max_attempts_times_and_named(server, dataset):
+    """The shard fetcher (s3fetch, boto3 with botocore's retries off) tries a tar's part as often as any other S3
+    request: the user's max_attempts."""
+    from wdsembed import storage
+
+    url = upload(server, dataset)
+    tar = f"{url}/00000.tar"
+    proxy = KeyedFaultProxy(server.endpoint, [("GET", r"/00000\.tar$", "slowdown", None)]).start()
+    try:
+        fs, root = storage.filesystem(url, {"endpoint_url": proxy.endpoint, "max_attempts": "3"})
+        with pytest.raises(OSError) as raised:
+            with storage.open_sequential(fs, f"{root}/00000.tar", size=(dataset / "00000.tar").stat().st_size) as f:
+                f.read()
+    finally:
+        proxy.stop()
+    assert proxy.injected["slowdown"] == 3 and proxy.requests == 3, (proxy.injected, proxy.requests)
+    said = str(raised.value)
+    assert tar in said and "SlowDown" in said and "reduce your request rate" in said, said
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bodies cut short: retried on every path that reads an object
+
+
+def test_a_body_cut_short_is_retried_where_s3fs_would_read_the_object_in_concurrent_parts(server, dataset):
+    """s3fs reads an object larger than its block size (default_block_size) by concurrent ranged GETs
+    (max_concurrency > 1) and does not retry a body of theirs cut short: read_whole (a shard's parquet, _stats.json,
+    .idx) raised aiohttp's ClientPayloadError for one cut. It reads in one GET, retried as a whole."""
+    from wdsembed import storage
+
+    url = upload(server, dataset)
+    proxy = KeyedFaultProxy(server.endpoint, [("GET", r"/00000\.parquet$", "truncate", 1)]).start()
+    try:
+        fs, root = storage.filesystem(url, {"endpoint_url": proxy.endpoint, "default_block_size": "1024"})
+        got = storage.read_whole(fs, f"{root}/00000.parquet")
+    finally:
+        proxy.stop()
+    assert proxy.injected["truncate"] == 1
+    assert got == (dataset / "00000.parquet").read_bytes()
+
+
+def test_a_tar_part_cut_short_is_fetched_again(server, dataset):
+    """The shard fetcher checks every part's length (and Content-Range, ETag): a cut body is asked for again."""
+    from wdsembed import storage
+
+    url = upload(server, dataset)
+    proxy = KeyedFaultProxy(server.endpoint, [("GET", r"/00000\.tar$", "truncate", 1)]).start()
+    try:
+        fs, root = storage.filesystem(url, {"endpoint_url": proxy.endpoint})
+        with storage.open_sequential(fs, f"{root}/00000.tar") as f:
+            got = f.read()
+    finally:
+        proxy.stop()
+    assert proxy.injected["truncate"] == 1
+    assert got == (dataset / "00000.tar").read_bytes()

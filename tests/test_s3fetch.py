@@ -307,7 +307,7 @@ def test_a_store_that_ignores_range_fails_naming_the_url_instead_of_mixing_parts
             with fx.open(f"s3://{BUCKET}/whole.bin") as f:
                 with pytest.raises(OSError, match="whole.bin.*LongBody") as caught:
                     read_all(f)
-        assert srv.requests["GET"] < 5 * s3fetch.RETRIES  # given up at once, not after every retry
+        assert srv.requests["GET"] < 5 * fx.retries  # given up at once, not after every retry
         assert not faults.is_transient(caught.value), caught.value
         assert "tries" not in str(caught.value) and "not retried" in str(caught.value)
     finally:

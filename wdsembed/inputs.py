@@ -216,7 +216,7 @@ def _list_file_entries(config: EmbedConfig) -> list[str]:
     list file's folder."""
     fs, path = storage.filesystem(config.input, config.storage_options)
     try:
-        text = fs.cat_file(path).decode("utf-8")
+        text = storage.cat_whole(fs, path).decode("utf-8")
     except FileNotFoundError:
         raise InputError(f"input {config.input!r} does not exist: pass a folder of *.tar shards, a brace pattern, "
                          "or a .txt file listing one shard per line") from None

@@ -385,7 +385,7 @@ class _ObjectStore:
         self.fs.invalidate_cache(self.path)
         try:
             info = self.fs.info(self.path)
-            raw = self.fs.cat_file(self.path)
+            raw = storage.cat_whole(self.fs, self.path)
         except FileNotFoundError:
             return None
         modified = info.get("LastModified") or info.get("mtime") or info.get("created")
@@ -584,7 +584,7 @@ def check_still_held(config: EmbedConfig, run: Optional[str], subject: str,
         return
     fs, path = claim_url(config)
     try:
-        record = _decode(fs.cat_file(path))  # the content only: one GET on S3, no HEAD
+        record = _decode(storage.cat_whole(fs, path))  # the content only: one GET on S3, no HEAD
     except FileNotFoundError:
         now = "the claim is gone (this run ended, or its claim was removed)"
     else:

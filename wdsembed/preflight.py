@@ -36,8 +36,9 @@ class PreflightError(ValueError):
 
 # fsspec's base class takes these through **kwargs for every store (instance and listings caches).
 _FSSPEC_COMMON_OPTIONS = {"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths"}
-# Read by wdsembed.storage.fsspec_options for S3 and handed on to botocore or the client.
-_OUR_S3_OPTIONS = set(storeoptions.S3_DEFAULTS) | {"region_name"}
+# Read by wdsembed.storage.fsspec_options for S3 and handed on to botocore or the client (s3fs's `retries`, which
+# its constructor does not take, is set by storage.filesystem).
+_OUR_S3_OPTIONS = set(storeoptions.S3_DEFAULTS) | {"region_name", "retries"}
 # The options that storage.fsspec_options turns from the command line's strings into numbers: for every store,
 # and for S3 only.
 _NUMBERS = (dict.fromkeys(storeoptions._FSSPEC_INT_OPTIONS, int)

@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Mapping, Optional
 
 from wdsembed.prefetch import BlockStream
+from wdsembed.storeoptions import s3_attempts
 
 log = logging.getLogger("wdsembed")
 
@@ -48,7 +49,6 @@ MEMORY_BUDGET = 1_200_000_000  # bytes per worker process: in flight plus fetche
 TARGET_RATE = 1e9  # bytes/s: what one GPU worker can embed
 MAX_IN_FLIGHT = 64
 SHARDS_AHEAD = 2
-RETRIES = 8  # tries per part (botocore's own retries are off for these requests: these are logged)
 # Before anything is measured: S3's typical first byte (tens of ms), and a per-connection rate at the low end of
 # what stores give (S3 50-90 MB/s, AWS's CRT plans for 50; distant or busy S3-compatible stores less). Starting
 # deeper than needed costs nothing (the parts are the shard's own, within the memory budget); starting too shallow
@@ -226,7 +226,7 @@ class ShardFetcher:
         initial_in_flight: Optional[int] = None,
         max_in_flight: int = MAX_IN_FLIGHT,
         shards_ahead: int = SHARDS_AHEAD,
-        retries: int = RETRIES,
+        retries: Optional[int] = None,
         adaptive: bool = True,
         client: Any = None,
     ) -> None:
@@ -243,7 +243,9 @@ class ShardFetcher:
             initial_in_flight = math.ceil(self.target_rate * part_time / self.part_size)
         self.depth = max(1, min(int(initial_in_flight), self.cap))
         self.shards_ahead = max(int(shards_ahead), 0)
-        self.retries = max(int(retries), 1)
+        # tries per part, as for every S3 request (storeoptions.s3_attempts; botocore's own retries are off for these
+        # requests: they are retried, and logged, here)
+        self.retries = max(int(retries), 1) if retries is not None else s3_attempts(storage_options)
         self.adaptive = adaptive
         _quiet_botocore()
         self._client = client if client is not None else _client_from_options(storage_options, 2 * self.cap + 8)
@@ -903,7 +905,7 @@ def fetcher_for(fs: Any) -> ShardFetcher:
         entry = _FETCHERS.get(id(fs))
         if entry is not None and entry[0]() is fs and not entry[1]._closed:
             return entry[1]
-        f = ShardFetcher(fs.storage_options, **_DEFAULTS)
+        f = ShardFetcher(fs.storage_options, **{"retries": getattr(fs, "retries", None), **_DEFAULTS})
         _FETCHERS[id(fs)] = (weakref.ref(fs), f)
         weakref.finalize(fs, _forget, id(fs), f)
         return f

@@ -22,7 +22,7 @@ import pyarrow as pa
 from fsspec.core import url_to_fs
 
 from wdsembed.config import credentials_hint
-from wdsembed.storeoptions import _S3_PROTOCOLS, BUCKET_PROTOCOLS, fsspec_options, protocol
+from wdsembed.storeoptions import _S3_PROTOCOLS, BUCKET_PROTOCOLS, fsspec_options, protocol, s3_attempts
 
 
 class StoreError(ValueError):
@@ -30,8 +30,12 @@ class StoreError(ValueError):
 
 
 def filesystem(url: str, storage_options: Mapping[str, str] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem behind `url` and the path within it (no scheme for local paths)."""
-    return url_to_fs(url, **fsspec_options(url, storage_options))
+    """The filesystem behind `url` and the path within it (no scheme for local paths). An S3 one tries each request
+    s3_attempts(storage_options) times (s3fs's `retries`, an attribute, which its constructor does not take)."""
+    fs, path = url_to_fs(url, **fsspec_options(url, storage_options))
+    if is_s3(fs):
+        fs.retries = s3_attempts(storage_options)
+    return fs, path
 
 
 def file_fingerprint(url: str, storage_options: Mapping[str, str] | None = None) -> str:
@@ -125,11 +129,18 @@ def read_whole(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     """The bytes of the file at `path`, read in one go; a store's failure to deliver them (after its client's
     retries) raised as an error naming the file (naming_url). FileNotFoundError stays as it is."""
     try:
-        return fs.cat_file(path)
+        return cat_whole(fs, path)
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of the store is raised again, naming the file
         _raise_naming(to_url(fs, path), exc)
+
+
+def cat_whole(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """`fs.cat_file(path)`, on S3 in one GET: s3fs reads an object larger than its block size (default_block_size)
+    by concurrent ranged GETs (max_concurrency), and retries none of their bodies cut short; the one GET is retried
+    as a whole (s3_attempts), and a body shorter than its Content-Length raises."""
+    return fs.cat_file(path, max_concurrency=1) if is_s3(fs) else fs.cat_file(path)
 
 
 def naming_url(url: str, exc: BaseException) -> BaseException:

@@ -46,14 +46,17 @@ BUCKET_PROTOCOLS = frozenset({*_S3_PROTOCOLS, "gs", "gcs", "az", "abfs", "abfss"
 _FSSPEC_INT_OPTIONS = ("max_paths",)
 _FSSPEC_FLOAT_OPTIONS = ("listings_expiry_time",)
 # Strings from the CLI (`--storage-option read_timeout=30`) that s3fs wants as numbers.
-_S3_INT_OPTIONS = ("default_block_size", "max_concurrency", "max_attempts")
+_S3_INT_OPTIONS = ("default_block_size", "max_concurrency", "max_attempts", "retries")
 _S3_FLOAT_OPTIONS = ("connect_timeout", "read_timeout")
-# botocore settings accepted as top-level options here (connect_timeout, read_timeout, max_attempts, retry_mode),
-# passed on in s3fs's `config_kwargs`, with these defaults.
-# Transient store errors (timeouts, 5xx, SlowDown, dropped connections) are retried by botocore (these attempts,
-# with backoff) and again by s3fs around each call and body read; 403/404 are never retried, so a missing bucket
-# or wrong credentials fail at once.
-S3_DEFAULTS = {"max_attempts": 8, "retry_mode": "standard", "connect_timeout": 10.0, "read_timeout": 60.0}
+# Settings accepted as top-level options here (connect_timeout, read_timeout, max_attempts, retry_mode), with these
+# defaults; the timeouts and retry_mode go to botocore in s3fs's `config_kwargs`.
+# One retry policy: every S3 request is tried at most `max_attempts` times in all (s3fs's own name for it,
+# `retries`, is taken too and wins), by one layer: s3fs's, around each call and its body read, and the shard
+# fetcher's (s3fetch) for tar parts. botocore's own retries are off (unless `config_kwargs` sets `retries`): they
+# ran inside s3fs's, 9 x 5 = 45 requests and minutes per key under a steady SlowDown. s3fs retries SlowDown,
+# timeouts, dropped connections and cut bodies itself; s3_retry_handler adds what botocore retried and s3fs does
+# not (other 5xx, 429, refused connections). 403/404 are never retried.
+S3_DEFAULTS = {"max_attempts": 5, "retry_mode": "standard", "connect_timeout": 10.0, "read_timeout": 60.0}
 
 
 def secret_options(storage_options: Mapping[str, Any]) -> list[str]:
@@ -99,13 +102,54 @@ def fsspec_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[
     _to_numbers(options, _S3_INT_OPTIONS, _S3_FLOAT_OPTIONS)
     if "region_name" in options:  # s3fs would hand it to botocore's session, which refuses it: the client takes it
         options["client_kwargs"] = {**(options.get("client_kwargs") or {}), "region_name": options.pop("region_name")}
-    botocore = {name: options.pop(name, default) for name, default in S3_DEFAULTS.items()}
+    ours = {name: options.pop(name, default) for name, default in S3_DEFAULTS.items()}
+    options.pop("retries", None)  # s3fs takes it as an attribute, not an argument: storage.filesystem sets it
     config = dict(options.pop("config_kwargs", None) or {})
-    config.setdefault("connect_timeout", botocore["connect_timeout"])
-    config.setdefault("read_timeout", botocore["read_timeout"])
-    config.setdefault("retries", {"max_attempts": botocore["max_attempts"], "mode": botocore["retry_mode"]})
+    config.setdefault("connect_timeout", ours["connect_timeout"])
+    config.setdefault("read_timeout", ours["read_timeout"])
+    config.setdefault("retries", {"total_max_attempts": 1, "mode": ours["retry_mode"]})  # s3fs's retries are the ones
     options["config_kwargs"] = config
+    install_s3_retry_handler()
     return options
+
+
+def s3_attempts(storage_options: Mapping[str, Any] | None) -> int:
+    """How many times an S3 request is tried in all (S3_DEFAULTS): the options' `retries` (s3fs's name), else
+    `max_attempts`, else the default; at least 1."""
+    options = dict(storage_options or {})
+    value = options.get("retries", options.get("max_attempts", S3_DEFAULTS["max_attempts"]))
+    return max(int(value), 1)
+
+
+def s3_retry_handler(exc: BaseException) -> bool:
+    """Whether s3fs should try again after `exc`, where its own rules say no: what botocore's standard retries
+    took as transient (an S3 answer of 5xx or 429, a throttling or timeout code, a connection refused or timed
+    out), which s3fs leaves to botocore, whose retries are off here."""
+    import botocore.exceptions as bex
+
+    if isinstance(exc, bex.ClientError):
+        meta = exc.response.get("ResponseMetadata", {})
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(meta.get("HTTPStatusCode") or 0)
+        return status >= 500 or status == 429 or code in _TRANSIENT_CODES
+    return isinstance(exc, bex.ConnectionError)
+
+
+_TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                               "RequestThrottled", "TooManyRequestsException", "RequestTimeout", "InternalError"})
+_handler_installed = False
+
+
+def install_s3_retry_handler() -> None:
+    """Give s3fs s3_retry_handler, once per process, before any handler set before it (which keeps its say)."""
+    global _handler_installed
+    if _handler_installed:
+        return
+    import s3fs.core
+
+    before = s3fs.core.CUSTOM_ERROR_HANDLER
+    s3fs.core.set_custom_error_handler(lambda exc: s3_retry_handler(exc) or before(exc))
+    _handler_installed = True
 
 
 def _to_numbers(options: dict[str, Any], ints: tuple[str, ...], floats: tuple[str, ...]) -> None:
