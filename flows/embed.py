@@ -72,6 +72,9 @@ class _RunInProcess:
     on_shard_done: Optional[Callable[[Optional[dict], int, int], None]] = None
     claim_run: Optional[str] = None  # outputclaim.Claim.run: the tasks write their shards only while it holds OUTPUT
     manifest: Optional[dict] = None
+    # The shards run on the Dask client current in the caller's process (cluster.current_client_for), not on a
+    # cluster of the run's own
+    on_current_client: bool = False
 
 
 # Scoped to the run() that set it (and the flow run it starts), not to the module: two runs never share one.
@@ -109,15 +112,21 @@ def embed_dataset(config: EmbedConfig) -> dict:
     gpu_share = {"GPU": cluster.GPU_SHARE_PER_SHARD}
     client = _dask_client()
     annotations = {"resources": gpu_share} if cluster.gpu_slots_declared(client) else {}
-    if config.dask_address and client is not None and len(finished) < len(plans):
+    heads = cluster.worker_count(client) if client is not None else 0
+    if hooks.on_current_client and client is not None:
+        logger.info("a Dask client is current in this process: the shards run on its scheduler at %s and its %d "
+                    "worker(s), not on a local cluster of the run's own (close that client for the run to start one)",
+                    client.scheduler.address, heads)
+    shared = bool(config.dask_address) or hooks.on_current_client  # workers of a cluster this run did not start
+    if shared and client is not None and len(finished) < len(plans):
         # Workers of a cluster this run did not start: what they lack is said once, before any shard goes to them.
         cluster.check_workers(client, config, next(p.shard for p in plans if p.stem not in finished),
                               modules=("wdsembed.shard",), specs=("tasks.embed", "timm", "nvidia.dali"))
     groups = shard_groups(plans, config.shards_per_task)
     if len(groups) < len(plans):
         logger.info("%d task runs of up to %d shards each", len(groups), len(groups[0]))
-    # One task per worker first (Dask hands them to idle workers, one each), then the others once those began.
-    heads = cluster.worker_count(client) if client is not None else 0
+    # One task per worker first (Dask hands them to idle workers, one each), then the others once those began
+    # (`heads`, counted above).
     # A group whose every shard the planning found finished needs no worker: its task run comes back Cached, or,
     # where the cache has no result for that very group (a run of more shards groups them otherwise), finds each
     # output done from its footers. On Dask workers, 674 such task runs took 75 s of a run of 20 new shards beside
@@ -171,7 +180,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
             timeline["collected"] = time.time()
             failures.update(failed_now)
             lost = bool(failed_now) and _task_lost(future)
-            if lost or (failed_now and config.dask_address):
+            if lost or (failed_now and shared):
                 # Said here as it comes back only where the task run's own end (its ShardsFailed: the reasons, by
                 # cause) is not on this terminal: its worker died before it could end, or it ran on the workers of a
                 # cluster this run did not start. The workers of the run's own cluster print it here; the summary
@@ -214,7 +223,7 @@ def embed_dataset(config: EmbedConfig) -> dict:
         for result in results:
             if result["stem"] in reruns and not result.get("cached"):
                 result["warnings"] = list(result.get("warnings") or []) + [reruns[result["stem"]]]
-    if config.dask_address and connected:
+    if shared and connected:
         _worker_reports_sent(client)
     # Last, as the manifest is written (OUTPUT still claimed): a worker that outlived its lost scheduler may have
     # ended its shard since.
@@ -292,11 +301,11 @@ WORKER_REPORTS_TIMEOUT_S = 30.0
 
 
 def _worker_reports_sent(client) -> None:
-    """Workers of a shared cluster (--dask-address) outlive the run, and send its task runs' events and logs (their
-    ends) to its API in the background, after the tasks returned: where that API is this process's temporary server
-    (no PREFECT_API_URL), which stops with the run, wait until they have (tasks.prefect_events). A server that
-    outlives the run gets them anyway; there the wait would also count the events of other runs on the same
-    workers and the same URL, and could hold this run's end for nothing."""
+    """Workers of a shared cluster (--dask-address, or the caller's current Dask client's) outlive the run, and send
+    its task runs' events and logs (their ends) to its API in the background, after the tasks returned: where that
+    API is this process's temporary server (no PREFECT_API_URL), which stops with the run, wait until they have
+    (tasks.prefect_events). A server that outlives the run gets them anyway; there the wait would also count the
+    events of other runs on the same workers and the same URL, and could hold this run's end for nothing."""
     url = PREFECT_API_URL.value()
     if client is None or not url or not apiserver.serves(url):
         return
@@ -423,6 +432,9 @@ def run(config: EmbedConfig, on_shard_done=None, *, all_finished: Optional[bool]
     """Run the flow with the Dask task runner this config asks for (local GPUs, CPU workers, or a scheduler).
     `all_finished`: plan.check_config's answer, whether every output is already finished; asked here when None."""
     cluster.refuse_in_a_worker_bootstrap("flows.embed.run()")  # a script without the __main__ guard: else it hangs
+    # A Dask client current in this process (a notebook's) runs the shards, where no dask_address is given; refused
+    # here, before any work, where the config sizes a local cluster of its own.
+    current = cluster.current_client_for(config)
     prefect_env.set_defaults()  # for the processes this run starts (Dask workers, a temporary API server)
     log_expected_ends_without_traceback(server_trouble=apiserver.trouble)
     if all_finished is None:  # called without the checks (plan.check_config): the stores' own, before the claim
@@ -436,26 +448,26 @@ def run(config: EmbedConfig, on_shard_done=None, *, all_finished: Optional[bool]
     # which inherit the routing) go to the log at DEBUG, for every caller (the command routes them itself too): a
     # deployment's process worker would show thousands as its output. Each bad image's reason is on its row.
     with decoder_messages_to_log(), outputclaim.held(config) as claim:
-        return _run_claimed(config, on_shard_done, all_finished, claim.run)
+        return _run_claimed(config, on_shard_done, all_finished, claim.run, current)
 
 
-def _run_claimed(config: EmbedConfig, on_shard_done, all_finished: bool, claim_run: str) -> dict:
+def _run_claimed(config: EmbedConfig, on_shard_done, all_finished: bool, claim_run: str, current) -> dict:
     if all_finished:
         # Every shard's output is finished: the flow run still records each shard (its task run Cached, from the
         # task cache, in threads of this process), but no Dask cluster starts and no model loads.
         runner = ThreadPoolTaskRunner()
         # Such a flow run lasts about a second and needs no heartbeats (crash detection), whose thread the flow
         # waits for as it ends: up to a second, as it sleeps in one-second steps.
-        settings = temporary_settings(updates={"flows.heartbeat_frequency": None})
+        around = temporary_settings(updates={"flows.heartbeat_frequency": None})
     else:
-        runner = DaskTaskRunner(**cluster.task_runner_kwargs(config))
-        settings = contextlib.nullcontext()
-    hooks = _RunInProcess(on_shard_done, claim_run)
+        runner = DaskTaskRunner(**cluster.task_runner_kwargs(config, current))
+        around = _asked_scheduler_over_current_client(config)
+    hooks = _RunInProcess(on_shard_done, claim_run, on_current_client=current is not None)
     token = _this_run.set(hooks)
     try:
         # A local scheduler hands a worker thread one shard at a time: a shard queued behind a long one would wait
         # there while another worker idles, and would die with it if that worker's process did.
-        with _api_for_workers(), settings, dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+        with _api_for_workers(), around, dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
             flow_with_runner = embed_flow.with_options(task_runner=runner)  # while a temporary server boots
             _check_api_access()
             return flow_with_runner(config)
@@ -518,6 +530,23 @@ def _check_api_access() -> None:
     except httpx.TransportError as exc:
         raise APIAccessError(f"cannot reach the Prefect API at {url} ({type(exc).__name__}: {exc}): check "
                              "PREFECT_API_URL") from None
+
+
+@contextlib.contextmanager
+def _asked_scheduler_over_current_client(config: EmbedConfig):
+    """prefect-dask's task runner runs on the Dask client current in this process wherever there is one, whatever
+    scheduler it is given (DaskTaskRunner.client): a run given dask_address ran on a notebook's Client(...) instead.
+    With dask_address, a client of that scheduler is made current for the run, which the runner then finds; the
+    caller's own is current again after it."""
+    current = cluster.current_client()
+    if not config.dask_address or current is None or cluster.same_scheduler(current.scheduler.address,
+                                                                            config.dask_address):
+        yield
+        return
+    from distributed import Client
+
+    with Client(config.dask_address, set_as_default=False) as asked, asked.as_current():
+        yield
 
 
 def _api_for_workers():

@@ -1039,6 +1039,49 @@ def test_existing_scheduler_with_two_workers(tmp_path):
     assert worked == [0, 1], "every worker should have embedded a shard"
 
 
+def test_a_run_beside_a_current_dask_client_runs_where_its_config_says_and_says_where(tmp_path):
+    """A Dask client of the caller's current in the process (a notebook's `Client(...)`): prefect-dask's task runner
+    ran the flow on its workers whatever the run was given, its n_workers and its dask_address dropped without a
+    word. A run that sizes a cluster of its own beside it is refused, naming both, before any work; one given
+    dask_address runs there; one given neither runs on the current client's workers and says so (their scheduler's
+    address and their number). The caller's client stays current and its cluster up."""
+    import flows.embed
+    from distributed import Client, LocalCluster, default_client
+
+    data = make_dataset(tmp_path / "in", n_shards=1)
+    one_worker = dict(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                      env={"OMP_NUM_THREADS": "1"})
+    with LocalCluster(**one_worker) as theirs, LocalCluster(**one_worker) as asked, Client(theirs) as current, \
+            Client(asked, set_as_default=False) as asked_client:
+        pids = {"theirs": set(current.run(os.getpid).values()), "asked": set(asked_client.run(os.getpid).values())}
+
+        def ran_on(manifest: dict) -> str:
+            assert isinstance(manifest, dict) and manifest["totals"]["computed"] == 1, manifest
+            pid = int(manifest["shards"]["00000"]["timeline"]["worker"].rsplit(":", 1)[1])
+            return next(name for name, its in pids.items() if pid in its)
+
+        refused_out = tmp_path / "refused"
+        with pytest.raises(ValueError) as refused:
+            flows.embed.run(make_config(data, refused_out, n_workers=2))
+        said = str(refused.value)
+        assert "n_workers=2" in said and theirs.scheduler_address in said and "1 worker(s)" in said, said
+        assert "client.close()" in said, said
+        assert not refused_out.exists()  # refused before the output was claimed
+
+        manifest, _ = embed(make_config(data, tmp_path / "there", dask_address=asked.scheduler_address,
+                                        n_workers=None))
+        assert ran_on(manifest) == "asked"
+        assert default_client() is current
+
+        manifest, flow_run_id = embed(make_config(data, tmp_path / "here", n_workers=None))
+        assert ran_on(manifest) == "theirs"
+        said = f"its scheduler at {theirs.scheduler_address} and its 1 worker(s)"
+        assert [m for w, m in run_logs(flow_run_id, said) if w == "flow" and said in m], said  # the UI's too
+        assert default_client() is current and len(current.scheduler_info()["workers"]) == 1
+    check_outputs(make_config(data, tmp_path / "there"), ["00000"])
+    check_outputs(make_config(data, tmp_path / "here"), ["00000"])
+
+
 class _SchedulerAndWorker:
     """A `dask scheduler` and one single-threaded `dask worker` on loopback, in processes of their own (a cluster
     of the user's, as with --dask-address), with the test's WDSEMBED_FAULTS; `lose()` kills the scheduler."""

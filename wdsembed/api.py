@@ -194,7 +194,9 @@ def _run_shards(config: EmbedConfig, given_as: Mapping[str, str]) -> list[ShardR
     timeline = {"start": time.time()}  # the run's own steps, in the manifest beside each shard's
     # The command's own checks, before the output is claimed or a scheduler connected to. The shards of a current
     # Dask client run on its workers, whose GPUs this process cannot see.
-    current = _current_dask_client()
+    from wdsembed.cluster import current_client
+
+    current = current_client()
     if current is not None and current.asynchronous:
         # Its calls answer coroutines on this thread, and this blocking call would stall the loop the client needs.
         raise RuntimeError(
@@ -367,7 +369,9 @@ def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str,
     on (its workers died, or it was cancelled: its scheduler lost), where a worker may still write them."""
     from distributed import as_completed
 
-    from wdsembed.cluster import GPU_SHARE_PER_SHARD, StallWatch, check_workers, gpu_slots_declared, rerun_warnings
+    from wdsembed.cluster import (
+        GPU_SHARE_PER_SHARD, StallWatch, check_workers, gpu_slots_declared, rerun_warnings, worker_count,
+    )
 
     # As in the flow: a share of a GPU per shard, so a worker's second thread overlaps one shard's reading and
     # writing with another's time in the pipeline (the worker's lock keeps the pipeline to one shard).
@@ -379,8 +383,9 @@ def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str,
                       resources=resources, pure=False): plan
         for plan in plans
     }
-    log.info("%d shard(s) submitted to Dask (%s)%s", len(plans), client.scheduler.address,
-             ", one GPU each" if resources else "")
+    log.info("%d shard(s) submitted to the Dask scheduler at %s (%s), %d worker(s)%s", len(plans),
+             client.scheduler.address, "dask_address" if config.dask_address else "the current Dask client's",
+             worker_count(client), ", one GPU each" if resources else "")
     results, failures, transient = [], {}, []
     try:
         # On this client's loop: as_completed() without one asks for the current client, and the call's own client
@@ -415,9 +420,11 @@ def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str,
 def _dask_client(config: EmbedConfig):
     """The Dask client the shards run on: with config.dask_address, one connected to that scheduler for this call
     and closed after (the current client, where it is that scheduler's); else the current client; else None."""
-    current = _current_dask_client()
+    from wdsembed.cluster import current_client, same_scheduler
+
+    current = current_client()
     address = config.dask_address
-    if not address or (current is not None and _same_address(current.scheduler.address, address)):
+    if not address or (current is not None and same_scheduler(current.scheduler.address, address)):
         yield current
         return
     from distributed import Client
@@ -429,26 +436,3 @@ def _dask_client(config: EmbedConfig):
         raise OSError(f"dask_address {address}: cannot connect to the Dask scheduler there ({exc})") from None
     with client:
         yield client
-
-
-def _same_address(a: str, b: str) -> bool:
-    """Whether two scheduler addresses are one (`127.0.0.1:8786` is `tcp://127.0.0.1:8786`)."""
-    from distributed.comm.addressing import normalize_address
-
-    try:
-        return normalize_address(a) == normalize_address(b)
-    except ValueError:
-        return a == b
-
-
-def _current_dask_client():
-    """The Dask client this process made current (get_client(), distributed.Client(...)), if one is running."""
-    try:
-        from distributed import default_client
-    except ImportError:
-        return None
-    try:
-        client = default_client()
-    except ValueError:
-        return None
-    return client if client.status == "running" else None

@@ -469,8 +469,62 @@ def _quiet_dashboard_port_warning() -> None:
     warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
 
 
-def task_runner_kwargs(config: EmbedConfig) -> dict:
-    """Keyword arguments of DaskTaskRunner for this run."""
+def current_client():
+    """The Dask client made current in this process (distributed.Client(...), get_client(), `with client:`), if one
+    is running; None where there is none."""
+    try:
+        from distributed import default_client
+    except ImportError:
+        return None
+    try:
+        client = default_client()
+    except ValueError:
+        return None
+    return client if client.status == "running" else None
+
+
+def same_scheduler(a: str, b: str) -> bool:
+    """Whether two scheduler addresses are one (`127.0.0.1:8786` is `tcp://127.0.0.1:8786`)."""
+    from distributed.comm.addressing import normalize_address
+
+    try:
+        return normalize_address(a) == normalize_address(b)
+    except ValueError:
+        return a == b
+
+
+# The fields that shape a local cluster of the flow run's own (task_runner_kwargs).
+LOCAL_CLUSTER_FIELDS = ("n_workers", "workers_per_gpu")
+
+
+def current_client_for(config: EmbedConfig):
+    """The Dask client current in this process (a notebook's `Client(...)`, get_client()) that a flow run runs its
+    shards on, as the Python API does, where the run names no scheduler (dask_address, which wins over it); None
+    where there is none, or dask_address is set. prefect-dask's task runner takes such a client whatever cluster it
+    is told to start: a run that sizes a local cluster of its own (n_workers, workers_per_gpu) beside one ran on the
+    current client's workers, its sizes dropped without a word. Such a run is refused (ValueError naming both)."""
+    from wdsembed.config import field_default, setting
+
+    current = current_client()
+    if current is None or config.dask_address:
+        return None
+    given = [name for name in LOCAL_CLUSTER_FIELDS if getattr(config, name) != field_default(name)]
+    if given:
+        raise ValueError(
+            f"{' and '.join(set_to(name, getattr(config, name)) for name in given)} "
+            f"{'shape' if len(given) > 1 else 'shapes'} a local Dask cluster of the run's own, but a Dask client is "
+            f"current in this process, on the scheduler at {current.scheduler.address} with "
+            f"{worker_count(current)} worker(s), and the run would run on its workers instead: leave "
+            f"{' and '.join(setting(name) for name in given)} unset to run on them, or close that client "
+            "(client.close()) for the run to start a cluster of its own")
+    return current
+
+
+def task_runner_kwargs(config: EmbedConfig, current=None) -> dict:
+    """Keyword arguments of DaskTaskRunner for this run. `current`: the Dask client current in this process that the
+    run runs on (current_client_for), if any: no cluster is started, and no local GPU looked for."""
+    if current is not None and not config.dask_address:
+        return {"address": current.scheduler.address}
     gpus = visible_gpus() if config.device != "cpu" and not config.dask_address else 0
     if config.workers_per_gpu > 1 and not gpus:
         # said, not refused: the same config may run on a GPU host another time
