@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import sys
@@ -32,6 +33,11 @@ if __name__ == "__main__":
 
     sys.exit(launch(run_flow))
 
+from flows import prefect_env  # noqa: E402
+
+with prefect_env.callers_logging_kept():  # Prefect sets its logging up as it is first imported
+    importlib.import_module("prefect.main")
+
 import dask  # noqa: E402
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_progress_artifact, update_progress_artifact  # noqa: E402
@@ -41,7 +47,7 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from prefect.utilities.annotations import quote  # noqa: E402
 from prefect_dask import DaskTaskRunner  # noqa: E402
 
-from flows import apiserver, prefect_env  # noqa: E402
+from flows import apiserver  # noqa: E402
 from tasks import prefect_events  # noqa: E402
 from tasks.embed import embed_shards, result_storage_for, run_name  # noqa: E402
 from tasks.expected_ends import log_expected_ends_without_traceback, quiet_failed_log_sends  # noqa: E402

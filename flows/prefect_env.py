@@ -17,11 +17,15 @@ So `set_defaults()` is called, explicitly, where each process begins:
 * A deployment's flow-run process is started by Prefect with Prefect already imported: prefect.yaml gives it
   PREFECT_LOGGING_EXTRA_LOGGERS in the work pool's job variables, and deployments/serve.py sets the defaults
   before its flow runs (its subprocesses) start.
-This module imports nothing of Prefect; no module sets them on import.
+This module imports nothing of Prefect; no module sets them on import. `callers_logging_kept` keeps the caller's
+logging handlers through that first import (flows.embed imports Prefect within it).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 
 EPHEMERAL_STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 DASK_LOGGING = "DASK_DISTRIBUTED__LOGGING"  # distributed.logging: logger name -> level
@@ -51,3 +55,42 @@ def set_defaults() -> None:
     """Set each of DEFAULTS in os.environ unless already set (a value the user exported wins)."""
     for name, value in DEFAULTS.items():
         os.environ.setdefault(name, value)
+
+
+@contextlib.contextmanager
+def callers_logging_kept():
+    """Around Prefect's first import in this process (prefect.main runs its setup_logging): the caller's logging
+    handlers as they were. Prefect applies its configuration with logging.config.dictConfig, which closes every
+    handler of the process (a FileHandler opened with mode "w" wrote nothing more after it, a MemoryHandler lost its
+    target), and replaces the root logger's handlers and level unless one of them has a formatter: one added
+    without, as `logging.FileHandler(path)` is, was dropped from the root. Here the handlers that exist are kept
+    out of dictConfig's reach (logging._handlerList, the list it closes), and a root logger that had handlers of the
+    caller's gets them and its level back, as Prefect leaves a root whose handlers have formatters: its own console
+    handler is not added there. A test runner's capture handlers are not the caller's (Prefect's own rule): where
+    the root has only those, Prefect's handler joins them as before. Nothing to do once Prefect was imported."""
+    if "prefect.main" in sys.modules:
+        yield
+        return
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    with logging._lock:
+        existing = logging._handlerList[:]
+        del logging._handlerList[:]
+    try:
+        yield
+    finally:
+        with logging._lock:
+            logging._handlerList[:0] = existing
+        if any(_callers(h) for h in handlers) and root.handlers != handlers:
+            for handler in list(root.handlers):
+                root.removeHandler(handler)
+            for handler in handlers:
+                root.addHandler(handler)
+            root.setLevel(level)
+
+
+def _callers(handler: logging.Handler) -> bool:
+    """Whether a handler is the caller's, not a test runner's capture (pytest's LogCaptureHandler, and its own
+    handlers named with a leading underscore), as Prefect's setup_logging tells them apart."""
+    name = type(handler).__name__
+    return not name.startswith("_") and name != "LogCaptureHandler"

@@ -109,3 +109,75 @@ def test_a_flow_run_from_a_script_without_the_main_guard_stops_saying_so(tmp_pat
     assert script.returncode != 0 and "finished" not in stdout, stdout + stderr[-3000:]
     assert "flows.embed.run() was called in a worker process" in stderr, stderr[-3000:]
     assert 'if __name__ == "__main__":' in stderr, stderr[-3000:]
+
+
+# A caller's script: logging handlers of its own, then the flow's import and a run (under the guard: the local
+# workers import the script again), then what its handlers got, and what the run's Prefect API holds of its lines.
+_CALLERS_LOGGING = '''
+import json, logging, sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    root_file = logging.FileHandler("root.log", mode="w")  # no formatter, as most add one
+    app_file = logging.FileHandler("app.log", mode="w")
+    app_file.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(root_file)
+    root.setLevel(logging.INFO)
+    app = logging.getLogger("app")
+    app.addHandler(app_file)
+    app.info("before the import")
+
+    import flows.embed
+    from prefect.runtime import flow_run
+    from wdsembed.config import EmbedConfig
+
+    app.info("after the import")
+    seen = set()
+    manifest = flows.embed.run(EmbedConfig(input="data", output="out", model_name=sys.argv[1], pretrained=False,
+                                           device="cpu", n_workers=1, num_threads_per_worker=1, batch_size=2,
+                                           fidelity_sample=0), on_shard_done=lambda *a: seen.add(str(flow_run.id)))
+    app.info("after the run")
+
+    from flows import apiserver
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: apiserver.api_url()}), get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=list(seen))))
+    print(json.dumps({"computed": manifest["totals"]["computed"], "root": root.handlers == [root_file],
+                      "level": root.level, "api": [line.message for line in logs]}))
+'''
+
+
+@pytest.mark.slow
+def test_the_callers_logging_handlers_keep_their_records_through_the_flows_import_and_a_run(tmp_path):
+    """Handlers a caller attached before `import flows.embed`: Prefect's logging setup, as that import first imports
+    Prefect, closed every handler of the process (one of a file opened with mode "w" wrote nothing more) and took a
+    root handler without a formatter (`logging.FileHandler(path)`, as most add it) off the root logger, with the
+    root's level. Both keep their records after the import and after a run, and the run's lines still reach its
+    Prefect API (the UI)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    write_demo_dataset(tmp_path / "data", n_shards=1, per_shard=3, failed_per_shard=0)
+    (tmp_path / "script.py").write_text(_CALLERS_LOGGING)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PYTHONPATH": root, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+            "PREFECT_HOME": str(tmp_path / "prefect")}
+    done = subprocess.run([sys.executable, "script.py", TINY_MODEL], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=420)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    said = json.loads(done.stdout.strip().splitlines()[-1])
+    assert said["computed"] == 1 and said["root"] and said["level"] == 20, said
+    assert (tmp_path / "app.log").read_text().splitlines() == [
+        "app: before the import", "app: after the import", "app: after the run"]
+    lines = (tmp_path / "root.log").read_text().splitlines()
+    assert lines[0] == "before the import" and lines.index("after the import") < lines.index("after the run"), lines
+    assert any("1 shard(s) under" in line for line in lines), lines  # the run's own lines, through the root
+    assert any("1 shard(s) under" in message for message in said["api"]), said["api"]
