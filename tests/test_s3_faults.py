@@ -413,3 +413,38 @@ def test_a_tar_part_cut_short_is_fetched_again(server, dataset):
         proxy.stop()
     assert proxy.injected["truncate"] == 1
     assert got == (dataset / "00000.tar").read_bytes()
+
+
+def test_options_for_a_process_without_wdsembed_still_retry_a_500_there(server, dataset, tmp_path):
+    """The NeMo export hands its options to Dask's read_parquet, which runs on workers that may never import
+    wdsembed, so s3_retry_handler is not there to retry a 500 for s3fs: those options (elsewhere=True) keep
+    botocore's retries, and a read there outlasts two 500s, where this process's options would fail on the first."""
+    import json
+    import subprocess
+    import sys
+
+    from wdsembed.storeoptions import fsspec_options
+
+    url = upload(server, dataset)
+    key = f"{url[len('s3://'):]}/00000.parquet"
+    script = tmp_path / "read_elsewhere.py"
+    script.write_text(
+        "import json, sys, s3fs\n"
+        "assert 'wdsembed' not in sys.modules\n"
+        "fs = s3fs.S3FileSystem(**json.loads(sys.argv[1]))\n"
+        "try:\n"
+        "    sys.stdout.write(str(len(fs.cat_file(sys.argv[2]))))\n"
+        "except Exception as e:\n"
+        "    sys.stdout.write(f'failed: {e}')\n")
+    seen = {}
+    for elsewhere in (True, False):
+        proxy = KeyedFaultProxy(server.endpoint, [("GET", r"/00000\.parquet$", "internal", 2)]).start()
+        try:
+            options = fsspec_options(url, {"endpoint_url": proxy.endpoint, "max_attempts": "3"}, elsewhere=elsewhere)
+            done = subprocess.run([sys.executable, str(script), json.dumps(options), key], capture_output=True,
+                                  text=True, timeout=120)
+        finally:
+            proxy.stop()
+        seen[elsewhere] = (done.stdout, proxy.injected["internal"])
+    assert seen[True] == (str((dataset / "00000.parquet").stat().st_size), 2), seen
+    assert seen[False][0].startswith("failed") and seen[False][1] == 1, seen

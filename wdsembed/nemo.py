@@ -196,8 +196,9 @@ class ImageTextPairDataset:
         # of a shard without an img2dataset parquet has only the key, embedding and error columns. Files of one
         # schema are read together, each run of them in shard order, and the runs concatenated: every column of
         # every shard, null where a shard has none.
-        # The options as every other read here takes them: s3fs refuses region_name and the timeouts as given.
-        options = storage.fsspec_options(files[0], self.storage_options) or None
+        # The options as every other read here takes them: s3fs refuses region_name and the timeouts as given. The
+        # read runs on Dask's workers, which may not import wdsembed (elsewhere: botocore's retries stay on there).
+        options = storage.fsspec_options(files[0], self.storage_options, elsewhere=True) or None
         parts = [dd.read_parquet(run, storage_options=options) for run in self._runs_of_one_schema(files)]
         return parts[0] if len(parts) == 1 else dd.concat(parts)
 

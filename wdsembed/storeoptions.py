@@ -52,7 +52,8 @@ _S3_FLOAT_OPTIONS = ("connect_timeout", "read_timeout")
 # defaults; the timeouts and retry_mode go to botocore in s3fs's `config_kwargs`.
 # One retry policy: every S3 request is tried at most `max_attempts` times in all (s3fs's own name for it,
 # `retries`, is taken too and wins), by one layer: s3fs's, around each call and its body read, and the shard
-# fetcher's (s3fetch) for tar parts. botocore's own retries are off (unless `config_kwargs` sets `retries`): they
+# fetcher's (s3fetch) for tar parts. botocore's own retries are off (unless `config_kwargs` sets `retries`, or the
+# options go where s3_retry_handler is not installed: fsspec_options' `elsewhere`): they
 # ran inside s3fs's, 9 x 5 = 45 requests and minutes per key under a steady SlowDown. s3fs retries SlowDown,
 # timeouts, dropped connections and cut bodies itself; s3_retry_handler adds what botocore retried and s3fs does
 # not (other 5xx, 429, refused connections). 403/404 are never retried.
@@ -88,9 +89,13 @@ def protocol(url: str) -> str:
     return proto or "file"
 
 
-def fsspec_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+def fsspec_options(url: str, storage_options: Mapping[str, Any] | None, *, elsewhere: bool = False) -> dict[str, Any]:
     """The keyword arguments for the filesystem of `url`: CLI strings turned into the types the back end wants,
-    and, for S3, retry and timeout defaults."""
+    and, for S3, retry and timeout defaults.
+
+    `elsewhere`: the options go to a process that may never import this module (Dask's own read_parquet on a
+    user's workers, in the NeMo export), where s3_retry_handler is not installed and s3fs alone would not retry a
+    500 or a plain 503: botocore keeps its retries there (max_attempts in all), inside s3fs's, as before."""
     options: dict[str, Any] = {}
     for name, value in dict(storage_options or {}).items():
         if isinstance(value, str) and value.lower() in ("true", "false"):
@@ -107,7 +112,8 @@ def fsspec_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[
     config = dict(options.pop("config_kwargs", None) or {})
     config.setdefault("connect_timeout", ours["connect_timeout"])
     config.setdefault("read_timeout", ours["read_timeout"])
-    config.setdefault("retries", {"total_max_attempts": 1, "mode": ours["retry_mode"]})  # s3fs's retries are the ones
+    botocore_tries = s3_attempts({**ours, **dict(storage_options or {})}) if elsewhere else 1
+    config.setdefault("retries", {"total_max_attempts": botocore_tries, "mode": ours["retry_mode"]})
     options["config_kwargs"] = config
     install_s3_retry_handler()
     return options
