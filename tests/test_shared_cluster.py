@@ -9,6 +9,7 @@ cores): 3 shards of 4 images, the tiny timm test model with random weights, one 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -443,27 +444,21 @@ def test_the_stall_watch_of_a_run_whose_scheduler_is_lost_lets_it_end(tmp_path):
         stop_process(scheduler)
 
 
-def test_workers_all_paused_for_their_memory_end_the_run_saying_so(tmp_path, monkeypatch, caplog):
-    """A cluster of the user's own whose only worker is paused by Dask (its memory over
-    distributed.worker.memory.pause of its limit: here a ballast it holds, as a worker's model and pipeline hold
-    theirs) starts no task: the call waited for ever, without a word. Now it warns, then fails the shards it could
-    not start, saying why (the worker, its memory, its limit) and that they may pass; no output is written."""
-    import logging
-
+@contextlib.contextmanager
+def _paused_cluster(imported: str):
+    """A LocalCluster whose only worker process is paused by Dask: its memory over distributed.worker.memory.pause
+    of its limit, here a ballast it holds, as a worker's model and pipeline hold theirs. `imported` (the module the
+    run's checks import there) is imported before the ballast, which would otherwise take the worker past
+    distributed.worker.memory.terminate, and its nanny would restart it."""
     from distributed import Client, LocalCluster
-
-    from wdsembed import TimmImageEmbedder, cluster, report
-    from wdsembed.shard import ShardsFailed
-
-    monkeypatch.setattr(cluster, "STALL_WARN_S", 2.0)
-    monkeypatch.setattr(cluster, "STALL_S", 10.0)
-    data, out = _data(tmp_path / "in"), tmp_path / "out"
 
     def hold(n: int) -> int:  # run on the worker: memory it keeps, as a loaded model is kept
         import builtins
+        import importlib
 
         import psutil
 
+        importlib.import_module(imported)
         builtins._wdsembed_test_ballast = b"x" * n
         return psutil.Process().memory_info().rss
 
@@ -475,6 +470,23 @@ def test_workers_all_paused_for_their_memory_end_the_run_saying_so(tmp_path, mon
         while next(iter(client.scheduler_info(n_workers=-1)["workers"].values()))["status"] != "paused":
             assert time.monotonic() < deadline
             time.sleep(0.2)
+        yield small
+
+
+def test_workers_all_paused_for_their_memory_end_the_run_saying_so(tmp_path, monkeypatch, caplog):
+    """A cluster of the user's own whose only worker is paused by Dask (its memory over
+    distributed.worker.memory.pause of its limit) starts no task: the call waited for ever, without a word. Now it
+    warns, then fails the shards it could not start, saying why (the worker, its memory, its limit) and that they
+    may pass; no output is written."""
+    import logging
+
+    from wdsembed import TimmImageEmbedder, cluster, report
+    from wdsembed.shard import ShardsFailed
+
+    monkeypatch.setattr(cluster, "STALL_WARN_S", 2.0)
+    monkeypatch.setattr(cluster, "STALL_S", 10.0)
+    data, out = _data(tmp_path / "in"), tmp_path / "out"
+    with _paused_cluster("wdsembed.api") as small:
         with caplog.at_level(logging.WARNING, logger="wdsembed"), pytest.raises(ShardsFailed) as raised:
             TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
                               dask_address=small.scheduler_address)(str(data), str(out))
@@ -487,6 +499,57 @@ def test_workers_all_paused_for_their_memory_end_the_run_saying_so(tmp_path, mon
     assert len(report.failure_causes(failures)) == 1 and sorted(raised.value.transient) == STEMS
     assert any("the shards not started fail in 8 s unless a worker resumes" in r.getMessage()
                for r in caplog.records), caplog.text
+    assert not list(out.rglob("*.parquet"))
+
+
+# The command, its stall watch's waits cut to seconds, then the lines of its flow run's log (not its task runs'),
+# read from the API the run used (its temporary server, up until this process exits), and whether Prefect started
+# a temporary server of its own in this process.
+STALLED_RUN_AND_READ = '''
+import json, sys, time
+from wdsembed import cluster
+cluster.STALL_WARN_S, cluster.STALL_S = 1.0, 6.0
+from flows.command import main
+
+code = main(sys.argv[1:])
+from flows import apiserver
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+deadline = time.monotonic() + 30  # lines reach the server in batches, a moment later
+with temporary_settings(updates={PREFECT_API_URL: apiserver.api_url()}):
+    with get_client(sync_client=True) as client:
+        while True:
+            said = [l.message for l in client.read_logs() if l.task_run_id is None]
+            if any("is paused for its memory" in m for m in said) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+server = sys.modules.get("prefect.server.api.server")
+print(json.dumps({"code": code, "flow_logs": said,
+                  "prefect_servers": len(server.SubprocessASGIServer._instances) if server else 0}))
+'''
+
+
+def test_the_commands_warning_of_workers_all_paused_reaches_its_runs_log(tmp_path):
+    """The command without PREFECT_API_URL (its flow run's settings, a context, name its own temporary server), its
+    only Dask worker paused for its memory: the flow's warning, which its stall watch says from a thread of its
+    own, made Prefect start a second temporary server to send it to (the bare thread's settings name no API), and
+    the line never reached the run's log in the UI. The thread now runs in the flow's context."""
+    script = tmp_path / "stalled_run_and_read.py"
+    script.write_text(STALLED_RUN_AND_READ)
+    data, out = _data(tmp_path / "in"), tmp_path / "out"
+    with _paused_cluster("wdsembed.shard") as small:
+        argv = [sys.executable, script, data, "-o", out, "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu",
+                "--num-threads", "1", "--batch-size", "4", "--fidelity-sample", "0",
+                "--dask-address", small.scheduler_address]
+        done = subprocess.run([str(a) for a in argv], cwd=tmp_path, env=_env(tmp_path / "prefect-home"),
+                              capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["code"] == 1, done.stderr[-3000:]  # its shards failed, not started
+    assert seen["prefect_servers"] == 0 and "Starting temporary server" not in done.stderr, done.stderr[-3000:]
+    warned = [m for m in seen["flow_logs"] if "the shards not started fail in 5 s unless a worker resumes" in m]
+    assert warned and "is paused for its memory and runs no task" in warned[0], seen["flow_logs"]
     assert not list(out.rglob("*.parquet"))
 
 

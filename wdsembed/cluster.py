@@ -17,6 +17,7 @@ import time
 from typing import Callable, Optional
 
 from wdsembed.config import EmbedConfig, set_to
+from wdsembed.threads import start_in_context
 from wdsembed.worker import set_gpu_process_environment
 
 
@@ -331,15 +332,17 @@ class StallWatch:
     def __init__(self, client, futures, warn, poll_s: float = 2.0):
         self.client, self.futures, self.warn, self.poll_s = client, list(futures), warn, poll_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="wdsembed-stall-watch", daemon=True)
+        self._thread: Optional[threading.Thread] = None
 
     def __enter__(self) -> "StallWatch":
-        self._thread.start()
+        # In its starter's context: the flow's run logger warns in the run's log (threads.start_in_context).
+        self._thread = start_in_context(self._watch, "wdsembed-stall-watch")
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
     def _watch(self) -> None:
         since, warned = None, False

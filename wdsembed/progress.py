@@ -6,10 +6,11 @@ last state, and the Prefect UI. Plain Python: the flow feeds it the shards' resu
 """
 from __future__ import annotations
 
-import contextvars
 import threading
 import time
 from typing import Callable, Optional
+
+from wdsembed.threads import start_in_context
 
 
 def format_rate(rate: float) -> str:
@@ -123,18 +124,17 @@ class ProgressLog:
         self.last_said = progress.started
         self._quiet_said = 0.0  # the silence last said (seconds), reset as a shard ends
         self._stop = threading.Event()
-        # In a copy of its starter's context: a run logger's line from a bare thread reaches no API (the flow's own
-        # settings are context variables), and Prefect would start a temporary server of its own to send it to.
-        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._watch,),
-                                        name="wdsembed-progress-log", daemon=True)
+        self._thread: Optional[threading.Thread] = None
 
     def __enter__(self) -> "ProgressLog":
-        self._thread.start()
+        # In the flow's own context: its run logger's lines reach the run's API (threads.start_in_context).
+        self._thread = start_in_context(self._watch, "wdsembed-progress-log")
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
     def shard_ended(self, result: Optional[dict]) -> None:
         self.progress.shard_ended(result)

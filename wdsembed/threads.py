@@ -1,5 +1,5 @@
 """Running a producer ahead of its consumer in a background thread, with a bounded queue between them; thread pools
-whose calls run in their caller's context."""
+and threads whose calls run in their caller's context."""
 from __future__ import annotations
 
 import contextvars
@@ -21,6 +21,17 @@ class ContextThreadPool(ThreadPoolExecutor):
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future:
         return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)
+
+
+def start_in_context(target: Callable[..., Any], name: str, *args: Any) -> threading.Thread:
+    """Start a daemon thread that runs `target(*args)` in a copy of the starting thread's context (contextvars): what
+    it logs goes where the starter's lines go. A flow's run logger sends its lines to the API that the run's settings
+    (context variables: the command's temporary server) name; from a bare thread, a line found no API there, and
+    Prefect started a temporary server of its own to send it to, away from the run's UI. A `wdsembed` line from a
+    bare thread has no run at all, and reaches only the terminal."""
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(target, *args), name=name, daemon=True)
+    thread.start()
+    return thread
 
 
 class _Raised:
