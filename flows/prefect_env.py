@@ -39,9 +39,9 @@ DEFAULTS = {
     # The package's own log lines (a damaged tar, an index rebuilt) go to the run's logs in the UI too; local Dask
     # workers inherit this (workers on other nodes: export it there).
     "PREFECT_LOGGING_EXTRA_LOGGERS": "wdsembed",
-    # Those of its lines that come from threads outside a run's context (the claim's heartbeat, reading ahead) have
-    # no run to go to; for each, Prefect would print a UserWarning about its own settings. They still reach the
-    # terminal and log.
+    # Those of its lines that come from threads outside a run's context (the command's claim heartbeat, started
+    # before its flow run; reading ahead on the workers) have no run to go to; for each, Prefect would print a
+    # UserWarning about its own settings. They still reach the terminal and log.
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     # Dask logs every cluster's start and stop at INFO (about forty lines per run: ports, plugins, each connection),
     # through Prefect's console handler. Its warnings and errors still show, and so do the nanny's lines, which say

@@ -218,6 +218,42 @@ def test_the_heartbeat_is_refreshed_and_a_claim_taken_over_meanwhile_stays(tmp_p
     assert (out / CLAIM_NAME).read_bytes() == other  # not this run's to remove
 
 
+def test_a_claim_taken_in_a_flow_run_says_its_takeover_in_that_runs_log(tmp_path, monkeypatch, prefect_api):
+    """The deployed flow takes OUTPUT's claim inside its flow run. The claim's heartbeat, a thread of its own, said
+    that another run had taken the claim over (two runs may be writing to OUTPUT) on the terminal only: from a bare
+    thread a `wdsembed` line has no run to go to. It now beats in its taker's context: the line is in the run's log
+    in the UI."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.runtime import flow_run
+
+    monkeypatch.setattr(outputclaim, "HEARTBEAT_S", 0.2)
+    # As PREFECT_LOGGING_EXTRA_LOGGERS=wdsembed does in a run's own process, where it is set before Prefect's import
+    monkeypatch.setattr(logging.getLogger("wdsembed"), "handlers", logging.getLogger("prefect.extra").handlers)
+    out = tmp_path / "out"
+    config = _config(tmp_path / "in", out)
+
+    @flow(name="claim-taken-over")
+    def taken_over() -> str:
+        with outputclaim.held(config) as claim:
+            storage.write_atomic(storage.filesystem(str(out))[0], str(out / CLAIM_NAME),
+                                 _foreign_claim(config, run="0123456789abcdef", host="another-host"))
+            claim._thread.join(10)  # the heartbeat's thread ends once it has said the claim lost
+            assert claim.lost
+        return str(flow_run.id)
+
+    run_id = taken_over()
+    deadline = time.monotonic() + 30  # lines reach the server in batches, a moment later
+    while True:
+        with get_client(sync_client=True) as client:
+            said = [line.message for line in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))]
+        if any("taken over" in m for m in said) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert any(f"output {out}: this run's claim was taken over by run 0123456789abcdef (pid" in m for m in said), said
+
+
 # --------------------------------------------------------------------------------------------------- release
 
 

@@ -79,6 +79,7 @@ from typing import Any, Iterator, Optional
 from wdsembed import storage
 from wdsembed.config import EmbedConfig, credentials_hint
 from wdsembed.output import is_output_name
+from wdsembed.threads import start_in_context
 
 log = logging.getLogger("wdsembed")
 
@@ -500,8 +501,9 @@ class Claim:
         return self.record["run"]
 
     def start_heartbeat(self) -> None:
-        self._thread = threading.Thread(target=self._beat, name="wdsembed-claim-heartbeat", daemon=True)
-        self._thread.start()
+        # In the taker's context: taken in a flow run (the deployed flow's), its warnings reach that run's log in
+        # the UI; from a bare thread they reached the terminal alone (threads.start_in_context).
+        self._thread = start_in_context(self._beat, "wdsembed-claim-heartbeat")
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
