@@ -1082,6 +1082,34 @@ def test_a_run_beside_a_current_dask_client_runs_where_its_config_says_and_says_
     check_outputs(make_config(data, tmp_path / "here"), ["00000"])
 
 
+def test_a_run_beside_a_current_dask_client_keys_its_shards_by_the_gpus_its_workers_see(tmp_path):
+    """The flow's planning asked this process whether the run's workers see a GPU, not the current client's workers
+    it runs on: from a notebook on a host without a GPU, beside a GPU cluster's client, a --device auto
+    --no-autocast run (float32 on those GPUs) was keyed as the CPU's outputs (autocast on), so a re-run with
+    autocast on (bfloat16 there) took them as its own and recomputed nothing. This host has no GPU: the workers are
+    told to see one (wdsembed.cluster.visible_gpus, which workers_gpus asks them), and the model still runs on their
+    CPU; what is checked is the key."""
+    import flows.embed  # noqa: F401 - Prefect's logging set up before the cluster starts
+    from distributed import Client, LocalCluster
+
+    from wdsembed import shard
+    from wdsembed.plan import plan_run
+
+    data = make_dataset(tmp_path / "in", n_shards=1)
+    out = tmp_path / "out"
+    config = make_config(data, out, device="auto", autocast=False, n_workers=None)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                      env={"OMP_NUM_THREADS": "1"}) as theirs, Client(theirs) as current:
+        current.run(exec, "import wdsembed.cluster as c; c.visible_gpus = lambda: 1")
+        assert cluster.workers_gpus(current) == 1 and cluster.visible_gpus() == 0
+        manifest, _ = embed(config)
+        assert isinstance(manifest, dict) and manifest["totals"]["computed"] == 1, manifest
+        key = read_output_metadata(str(out / "00000.parquet"), storage.filesystem(str(out))[0])["cache_key"]
+        (plan,), _ = plan_run(config, gpus=1)
+        assert not plan.on_cpu and key == shard.cache_key(config, plan)  # float32 on a GPU, not the CPU's key
+        manifest, _ = embed(config.model_copy(update={"autocast": True}))
+        assert isinstance(manifest, dict) and manifest["totals"]["computed"] == 1, manifest  # not taken as its own
+
 class _SchedulerAndWorker:
     """A `dask scheduler` and one single-threaded `dask worker` on loopback, in processes of their own (a cluster
     of the user's, as with --dask-address), with the test's WDSEMBED_FAULTS; `lose()` kills the scheduler."""

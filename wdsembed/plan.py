@@ -1052,11 +1052,17 @@ def run_on_cpu(config: EmbedConfig, plans: list[ShardPlan], gpus: Optional[int] 
 
 def run_gpus(config: EmbedConfig, client: Any = None) -> Optional[int]:
     """The GPUs the run's workers see: those of the Dask scheduler's workers where the shards run there (`client`,
-    the caller's, or one connected to dask_address for the question), else this process's (its local cluster's
-    workers see what it sees). None where the scheduler's workers disagree (some see a GPU, some none) or it has none
-    yet."""
-    from wdsembed.cluster import visible_gpus, workers_gpus
+    the caller's; else the Dask client current in this process, on whose workers the flow and the Python API run
+    the shards where no dask_address is given; else one connected to dask_address for the question), else this
+    process's (its local cluster's workers see what it sees). None where the scheduler's workers disagree (some see a
+    GPU, some none) or it has none yet."""
+    from wdsembed.cluster import current_client, visible_gpus, workers_gpus
 
+    if client is None and not config.dask_address:
+        # The flow's planning (tasks.index) and its pre-flight question (nothing_to_compute) have no client in
+        # hand: asked of this process, a notebook's on a host without a GPU keyed a GPU cluster's float32 outputs as
+        # the CPU's, and a re-run with autocast on took them as its own bfloat16 ones.
+        client = current_client()
     if client is not None:
         return workers_gpus(client)
     if not config.dask_address:
