@@ -67,20 +67,26 @@ def callers_logging_kept():
     out of dictConfig's reach (logging._handlerList, the list it closes), and a root logger that had handlers of the
     caller's gets them and its level back, as Prefect leaves a root whose handlers have formatters: its own console
     handler is not added there. A test runner's capture handlers are not the caller's (Prefect's own rule): where
-    the root has only those, Prefect's handler joins them as before. Nothing to do once Prefect was imported."""
+    the root has only those, Prefect's handler joins them as before. The caller's named handlers (dictConfig's)
+    keep their names too (logging._handlers, which dictConfig empties): an incremental dictConfig of the caller's,
+    or logging.getHandlerByName, finds them after. These are the internals logging.config's dictConfig itself works
+    on (3.11 to 3.13). Nothing to do once Prefect was imported."""
     if "prefect.main" in sys.modules:
         yield
         return
+    lock, handler_list, named = logging._lock, logging._handlerList, logging._handlers
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    with logging._lock:
-        existing = logging._handlerList[:]
-        del logging._handlerList[:]
+    with lock:
+        existing, names = handler_list[:], dict(named)
+        del handler_list[:]
     try:
         yield
     finally:
-        with logging._lock:
-            logging._handlerList[:0] = existing
+        with lock:
+            handler_list[:0] = existing
+            for name, handler in names.items():
+                named.setdefault(name, handler)  # Prefect's own, of the same name, keeps it
         if any(_callers(h) for h in handlers) and root.handlers != handlers:
             for handler in list(root.handlers):
                 root.removeHandler(handler)

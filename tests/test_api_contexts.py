@@ -181,3 +181,34 @@ def test_the_callers_logging_handlers_keep_their_records_through_the_flows_impor
     assert lines[0] == "before the import" and lines.index("after the import") < lines.index("after the run"), lines
     assert any("1 shard(s) under" in line for line in lines), lines  # the run's own lines, through the root
     assert any("1 shard(s) under" in message for message in said["api"]), said["api"]
+
+
+_CALLERS_DICTCONFIG = '''
+import logging, logging.config
+
+logging.config.dictConfig({"version": 1, "root": {"handlers": ["mine"], "level": "INFO"}, "handlers": {
+    "mine": {"class": "logging.FileHandler", "filename": "app.log", "mode": "w", "level": "WARNING"}}})
+import flows.embed  # noqa: E402,F401
+
+# the caller's own incremental change to its handler, by name, after the import
+logging.config.dictConfig({"version": 1, "incremental": True, "handlers": {"mine": {"level": "INFO"}}})
+logging.getLogger("app").info("after the import")
+'''
+
+
+def test_the_callers_named_handlers_keep_their_names_through_the_flows_import(tmp_path):
+    """A caller that set its logging up with dictConfig names its handlers: Prefect's dictConfig, as `import
+    flows.embed` first imports Prefect, emptied that registry (logging._handlers), so the caller's incremental
+    dictConfig after the import failed ('No handler found with name'), as would logging.getHandlerByName."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "script.py").write_text(_CALLERS_DICTCONFIG)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PREFECT_HOME": str(tmp_path / "prefect")}
+    done = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "app.log").read_text().splitlines() == ["after the import"]
