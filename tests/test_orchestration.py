@@ -1082,6 +1082,38 @@ def test_a_run_beside_a_current_dask_client_runs_where_its_config_says_and_says_
     check_outputs(make_config(data, tmp_path / "here"), ["00000"])
 
 
+def test_a_run_called_in_a_dask_task_is_refused_where_its_config_asks_for_another_cluster(tmp_path):
+    """Called in a task of a Dask worker (a parent flow's task on a Dask task runner), prefect-dask's task runner
+    takes that worker's client (distributed.get_client) whatever it is given, a dask_address included; the check
+    for a current client asked distributed.default_client, which knows no such client: a run sizing a cluster of its
+    own, or naming another scheduler, ran on the worker's scheduler without a word. Refused, naming both, before any
+    work (its output not claimed)."""
+    from distributed import Client, LocalCluster
+
+    data = make_dataset(tmp_path / "in", n_shards=1)
+    outs = [tmp_path / "sized", tmp_path / "elsewhere"]
+    configs = [make_config(data, outs[0], n_workers=2),
+               make_config(data, outs[1], n_workers=None, dask_address="tcp://127.0.0.1:9")]
+
+    def called_in_a_task(config):
+        import flows.embed
+
+        try:
+            flows.embed.run(config)
+        except ValueError as exc:
+            return str(exc)
+        return "ran"
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None,
+                      env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}) as theirs, \
+            Client(theirs, set_as_default=False) as client:
+        said = [client.submit(called_in_a_task, c, pure=False).result(timeout=300) for c in configs]
+    assert "n_workers=2" in said[0] and theirs.scheduler_address in said[0], said[0]
+    assert "a task of a Dask worker" in said[0] and "outside a Dask task" in said[0], said[0]
+    assert "tcp://127.0.0.1:9" in said[1] and theirs.scheduler_address in said[1], said[1]
+    assert not any(out.exists() for out in outs)  # refused before the output was claimed
+
+
 def test_a_run_beside_a_current_dask_client_keys_its_shards_by_the_gpus_its_workers_see(tmp_path):
     """The flow's planning asked this process whether the run's workers see a GPU, not the current client's workers
     it runs on: from a notebook on a host without a GPU, beside a GPU cluster's client, a --device auto
@@ -1089,7 +1121,6 @@ def test_a_run_beside_a_current_dask_client_keys_its_shards_by_the_gpus_its_work
     autocast on (bfloat16 there) took them as its own and recomputed nothing. This host has no GPU: the workers are
     told to see one (wdsembed.cluster.visible_gpus, which workers_gpus asks them), and the model still runs on their
     CPU; what is checked is the key."""
-    import flows.embed  # noqa: F401 - Prefect's logging set up before the cluster starts
     from distributed import Client, LocalCluster
 
     from wdsembed import shard

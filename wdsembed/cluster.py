@@ -505,22 +505,53 @@ def current_client_for(config: EmbedConfig):
     shards on, as the Python API does, where the run names no scheduler (dask_address, which wins over it); None
     where there is none, or dask_address is set. prefect-dask's task runner takes such a client whatever cluster it
     is told to start: a run that sizes a local cluster of its own (n_workers, workers_per_gpu) beside one ran on the
-    current client's workers, its sizes dropped without a word. Such a run is refused (ValueError naming both)."""
+    current client's workers, its sizes dropped without a word. Such a run is refused (ValueError naming both).
+
+    Called in a task of a Dask worker (a parent flow's task on a Dask task runner), the runner takes that worker's
+    client (distributed.get_client) over anything, a dask_address and a client made current included: the run uses
+    it as the current client, and one that sizes a cluster or names another scheduler is refused."""
     from wdsembed.config import field_default, setting
 
-    current = current_client()
-    if current is None or config.dask_address:
-        return None
+    worker = _enclosing_worker()
+    if worker is not None:
+        if config.dask_address and not same_scheduler(worker.scheduler.address, config.dask_address):
+            raise ValueError(
+                f"{set_to('dask_address', config.dask_address)} names a Dask scheduler, but this run is called in a "
+                f"task of a Dask worker of the scheduler at {worker.scheduler.address}, and its shards would run "
+                "there instead (prefect-dask's task runner takes that worker's client): call it outside a Dask "
+                "task to run on the scheduler it names")
+        if config.dask_address:
+            return None
+        from distributed import get_client
+
+        current, where = get_client(), "this run is called in a task of a Dask worker"
+        remedy = "call it outside a Dask task"
+    else:
+        current, where = current_client(), "a Dask client is current in this process"
+        remedy = "close that client (client.close())"
+        if current is None or config.dask_address:
+            return None
     given = [name for name in LOCAL_CLUSTER_FIELDS if getattr(config, name) != field_default(name)]
     if given:
         raise ValueError(
             f"{' and '.join(set_to(name, getattr(config, name)) for name in given)} "
-            f"{'shape' if len(given) > 1 else 'shapes'} a local Dask cluster of the run's own, but a Dask client is "
-            f"current in this process, on the scheduler at {current.scheduler.address} with "
-            f"{worker_count(current)} worker(s), and the run would run on its workers instead: leave "
-            f"{' and '.join(setting(name) for name in given)} unset to run on them, or close that client "
-            "(client.close()) for the run to start a cluster of its own")
+            f"{'shape' if len(given) > 1 else 'shapes'} a local Dask cluster of the run's own, but {where}, on "
+            f"the scheduler at {current.scheduler.address} with {worker_count(current)} worker(s), and the run "
+            f"would run on its workers instead: leave {' and '.join(setting(name) for name in given)} unset to run "
+            f"on them, or {remedy} for the run to start a cluster of its own")
     return current
+
+
+def _enclosing_worker():
+    """The Dask worker whose task this code runs in, if any."""
+    try:
+        from distributed import get_worker
+    except ImportError:
+        return None
+    try:
+        return get_worker()
+    except ValueError:
+        return None
 
 
 def task_runner_kwargs(config: EmbedConfig, current=None) -> dict:
