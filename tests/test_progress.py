@@ -149,3 +149,26 @@ def test_a_group_says_each_shard_as_it_ends_and_a_failed_one_at_its_failure(tmp_
     assert "shard 00001 failed: " in heard[1][0] and "the 1 shard(s) after it in its task run go on" in heard[1][0]
     assert len(heard) == heard_alone, heard[heard_alone:]
     assert Path(out / "00001.parquet").exists() is False
+
+
+def test_a_shard_whose_end_cannot_be_said_keeps_its_outcome(tmp_path, caplog):
+    """on_shard_end (a log line) that raises once the shard is written: the shard is one of the group's results,
+    not reported failed beside an output it wrote, and the group's next shard still runs."""
+    from wdsembed import plan
+    from wdsembed.config import EmbedConfig
+    from wdsembed.shard import process_shards
+    from wdsembed.synthetic import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "in", n_shards=2, per_shard=3)
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model_name=TINY_MODEL,
+                         pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1)
+
+    def broken(stem, result, reason):
+        raise OSError(28, "No space left on device")
+
+    with caplog.at_level(logging.WARNING, logger="wdsembed"):
+        results = process_shards(config, plan.plan_shards(config), on_shard_end=broken)
+    assert [r.stem for r in results] == ["00000", "00001"] and all(r.embedded == 3 for r in results)
+    assert sorted(p.name for p in (tmp_path / "out").glob("0000*.parquet")) == ["00000.parquet", "00001.parquet"]
+    said = [r.getMessage() for r in caplog.records if "could not be said" in r.getMessage()]
+    assert len(said) == 2 and "No space left on device" in said[0], said

@@ -569,7 +569,6 @@ def process_shards(
         try:
             results.append(process_shard(config, plan, on_progress=on_progress, claim_run=claim_run,
                                          abandoned=abandoned, first_attempt=first_attempt))
-            on_shard_end(plan.stem, results[-1], None)
         except ShardAbandoned:
             if plans[i + 1:]:
                 log.warning("shards %s not started: %s", ", ".join(p.stem for p in plans[i + 1:]), _why(abandoned))
@@ -578,12 +577,22 @@ def process_shards(
             failures[plan.stem] = faults.reason(exc)
             if faults.is_transient(exc):
                 transient.append(plan.stem)
-            on_shard_end(plan.stem, None, failures[plan.stem])
+            _said_at_its_end(on_shard_end, plan.stem, None, failures[plan.stem])
+        else:
+            _said_at_its_end(on_shard_end, plan.stem, results[-1], None)
     # Not logged here: on_shard_end may say each one as it ends; the task run's end says each reason (this
     # ShardsFailed), and the run's summary again.
     if failures:
         raise ShardsFailed(failures, [r.to_dict() for r in results], transient, total=len(plans))
     return results
+
+
+def _said_at_its_end(on_shard_end: Callable, stem: str, result: Optional[ShardResult], reason: Optional[str]) -> None:
+    """on_shard_end, whose failure (a log handler's) neither fails a shard already written nor stops the group."""
+    try:
+        on_shard_end(stem, result, reason)
+    except Exception as exc:  # noqa: BLE001 - saying a shard's end is not part of its outcome
+        log.warning("shard %s: its end could not be said (%s); its outcome stands", stem, faults.reason(exc))
 
 
 def _abandon(said: str) -> ShardAbandoned:
