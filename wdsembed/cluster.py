@@ -17,7 +17,7 @@ import time
 from typing import Callable, Optional
 
 from wdsembed.config import EmbedConfig, set_to
-from wdsembed.threads import start_in_context
+from wdsembed.threads import Watch
 from wdsembed.worker import set_gpu_process_environment
 
 
@@ -324,25 +324,17 @@ def stall_reason(client) -> Optional[str]:
             "(distributed.worker.memory.pause); give the workers more memory (dask worker --memory-limit)")
 
 
-class StallWatch:
+class StallWatch(Watch):
     """While a run waits on `futures` (Dask futures), watches its cluster from a thread: once no worker could start
     a task (stall_reason) for STALL_WARN_S, `warn(reason)`; for STALL_S, cancels the futures not done, with
     reason STALLED and the words as their message (their tasks never started). A `with` block."""
 
+    thread_name = "wdsembed-stall-watch"
+
     def __init__(self, client, futures, warn, poll_s: float = 2.0):
-        self.client, self.futures, self.warn, self.poll_s = client, list(futures), warn, poll_s
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-
-    def __enter__(self) -> "StallWatch":
-        # In its starter's context: the flow's run logger warns in the run's log (threads.start_in_context).
-        self._thread = start_in_context(self._watch, "wdsembed-stall-watch")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        # Its thread runs in its starter's context: the flow's run logger warns in the run's log (threads.Watch).
+        super().__init__(poll_s)
+        self.client, self.futures, self.warn = client, list(futures), warn
 
     def _watch(self) -> None:
         since, warned = None, False

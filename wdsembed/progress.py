@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from wdsembed.threads import start_in_context
+from wdsembed.threads import Watch
 
 
 def format_rate(rate: float) -> str:
@@ -111,30 +111,22 @@ class RunProgress:
 PROGRESS_LOG_EVERY_S = 60.0
 
 
-class ProgressLog:
+class ProgressLog(Watch):
     """The run's progress in its log (`say`, a logger's method): a line as a shard ends, at most one per `every_s`;
     and, from a thread, one where no shard has ended for `every_s`, or for 3 times the longest wait between two ends
     so far where that is longer, then at each doubling of the wait (a stalled run says so a few times, not once a
     minute for hours). A `with` block."""
 
+    thread_name = "wdsembed-progress-log"
+
     def __init__(self, progress: RunProgress, say: Callable[[str], None], every_s: Optional[float] = None,
                  poll_s: float = 1.0) -> None:
-        self.progress, self.say, self.poll_s = progress, say, poll_s
+        # Its thread runs in the flow's own context: its run logger's lines reach the run's API (threads.Watch).
+        super().__init__(poll_s)
+        self.progress, self.say = progress, say
         self.every_s = PROGRESS_LOG_EVERY_S if every_s is None else every_s  # read at the run's start
         self.last_said = progress.started
         self._quiet_said = 0.0  # the silence last said (seconds), reset as a shard ends
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-
-    def __enter__(self) -> "ProgressLog":
-        # In the flow's own context: its run logger's lines reach the run's API (threads.start_in_context).
-        self._thread = start_in_context(self._watch, "wdsembed-progress-log")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
 
     def shard_ended(self, result: Optional[dict]) -> None:
         self.progress.shard_ended(result)

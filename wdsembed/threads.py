@@ -34,6 +34,31 @@ def start_in_context(target: Callable[..., Any], name: str, *args: Any) -> threa
     return thread
 
 
+class Watch:
+    """A `with` block during which `_watch()` runs in a thread of its starter's context (start_in_context), polling
+    every `poll_s` until the block ends: `while not self._stop.wait(self.poll_s)`. Subclasses set `thread_name` and
+    call `super().__init__(poll_s)`."""
+
+    thread_name = "wdsembed-watch"
+
+    def __init__(self, poll_s: float) -> None:
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self):
+        self._thread = start_in_context(self._watch, self.thread_name)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _watch(self) -> None:
+        raise NotImplementedError
+
+
 class _Raised:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
