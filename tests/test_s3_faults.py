@@ -339,6 +339,33 @@ def test_a_steady_slowdown_is_tried_as_many_times_as_documented_and_the_error_na
     assert f"{url}/00000.parquet" in said and "reduce your request rate" in said, said
 
 
+def test_two_runs_asking_different_try_counts_in_one_process_each_keep_their_own(server, dataset):
+    """s3fs shares one filesystem instance among all threads of a process that ask for the same options (two runs
+    on one shared Dask worker): a count set on that shared instance would let the later run's win for both. Each
+    count has an instance of its own, and the earlier run still tries its requests as often as it asked."""
+    from wdsembed import storage
+
+    url = upload(server, dataset)
+    proxy = KeyedFaultProxy(server.endpoint, [("GET", r"/00000\.parquet$", "internal", None)]).start()
+    try:
+        fs_two, root = storage.filesystem(url, {"endpoint_url": proxy.endpoint, "max_attempts": "2"})
+        fs_four, _ = storage.filesystem(url, {"endpoint_url": proxy.endpoint, "max_attempts": "4"})
+        with pytest.raises(OSError):
+            storage.read_whole(fs_two, f"{root}/00000.parquet")
+        assert proxy.requests == 2, proxy.requests
+        with pytest.raises(OSError):
+            storage.read_whole(fs_four, f"{root}/00000.parquet")
+        assert proxy.requests == 2 + 4, proxy.requests
+    finally:
+        proxy.stop()
+    # The same options again give the same instance (its connections kept), and s3fs's own cache clearing drops it.
+    import s3fs
+
+    assert storage.filesystem(url, {"endpoint_url": proxy.endpoint, "max_attempts": "2"})[0] is fs_two
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert storage.filesystem(url, {"endpoint_url": proxy.endpoint, "max_attempts": "2"})[0] is not fs_two
+
+
 @pytest.mark.parametrize("kind, cause", [("internal", "internal error"), ("unavailable", "unable to handle")])
 def test_a_steady_5xx_is_tried_max_attempts_times_though_botocore_no_longer_retries_it(server, dataset, kind, cause):
     """s3fs's own retries take SlowDown, timeouts and cut bodies, not a 500 or a plain 503 (botocore's did): with

@@ -31,9 +31,15 @@ class StoreError(ValueError):
 
 def filesystem(url: str, storage_options: Mapping[str, str] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem behind `url` and the path within it (no scheme for local paths). An S3 one tries each request
-    s3_attempts(storage_options) times (s3fs's `retries`, an attribute, which its constructor does not take)."""
-    fs, path = url_to_fs(url, **fsspec_options(url, storage_options))
-    if is_s3(fs):
+    s3_attempts(storage_options) times, an instance of its own for each count (s3filesystem.S3FileSystem)."""
+    options = fsspec_options(url, storage_options)
+    if "::" not in url and protocol(url) in _S3_PROTOCOLS:
+        from wdsembed.s3filesystem import S3FileSystem
+
+        fs = S3FileSystem(attempts=s3_attempts(storage_options), **S3FileSystem._get_kwargs_from_urls(url), **options)
+        return fs, fs._strip_protocol(url)
+    fs, path = url_to_fs(url, **options)
+    if is_s3(fs):  # inside a chained URL (simplecache::s3://...): s3fs's own instance, its count set on it
         fs.retries = s3_attempts(storage_options)
     return fs, path
 
