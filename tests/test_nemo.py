@@ -725,3 +725,40 @@ def test_save_metadata_keeps_an_unnamed_pandas_index_where_the_file_holds_one(tm
     assert pd.read_parquet(saved / "00000.parquet").index.tolist() == [0, 2]
     second = pq.read_table(saved / "00001.parquet")
     assert "__index_level_0__" not in second.column_names and second.num_rows == 3, second.column_names
+
+
+def test_saved_metadata_gives_a_column_that_a_shard_lacked_the_other_shards_type(tmp_path):
+    """The output of a shard without an img2dataset parquet has only the key, embedding and error columns; in the
+    metadata it gets the other shards' columns, null. save_metadata(path) of the changed metadata wrote them in
+    pandas' types (strings as large_string, integers with nulls as double), so the saved files disagreed: the
+    README's merged read (`pa.unify_schemas`) failed on them ("caption has incompatible types: string vs
+    large_string"). Such a column takes the type the other shards' files give it."""
+    import fsspec
+    import pyarrow.dataset as ds
+
+    from wdsembed import output
+    from wdsembed.nemo import ImageTextPairDataset
+
+    data, out = tmp_path / "dataset", tmp_path / "dataset_embeddings"
+    data.mkdir()
+    out.mkdir()
+    embedding = pa.array([[0.6, 0.8]], pa.list_(pa.float32()))
+    error = pa.array([None], pa.string())
+    tables = {"00000": pa.table({"key": ["000000000"], "caption": ["a cat"], "width": [40],
+                                 "image_embedding": embedding, "embedding_error": error}),
+              "00001": pa.table({"key": ["000010000"], "image_embedding": embedding, "embedding_error": error})}
+    for stem, table in tables.items():
+        (data / f"{stem}.tar").write_bytes(b"")
+        output.write_parquet_atomic(table, str(out / f"{stem}.parquet"), fsspec.filesystem("file"),
+                                    metadata={"cache_key": "k"})
+    dataset = ImageTextPairDataset.from_webdataset(str(data), id_col="key").with_embeddings(str(out), [])
+    dataset.metadata["embedded"] = dataset.metadata["embedding_error"].isna()
+    saved = Path(dataset.save_metadata(str(tmp_path / "saved")))
+
+    second = pq.read_schema(saved / "00001.parquet")
+    assert second.field("caption").type == pa.string() and second.field("width").type == pa.int64()
+    assert pq.read_table(saved / "00001.parquet").column("width").to_pylist() == [None]
+    fragments = ds.dataset(saved, format="parquet").get_fragments()
+    schema = pa.unify_schemas([f.physical_schema for f in fragments])  # the README's recipe
+    table = ds.dataset(saved, format="parquet", schema=schema).to_table()
+    assert table.column("caption").to_pylist() == ["a cat", None] and table.column("embedded").to_pylist() == [True] * 2

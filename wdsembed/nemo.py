@@ -204,17 +204,7 @@ class ImageTextPairDataset:
 
     def _runs_of_one_schema(self, files: list[str]) -> list[list[str]]:
         """`files` in order, cut where a file's columns differ from the one before it (one footer read each)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        import pyarrow.parquet as pq
-
-        def schema(url: str):
-            fs, path = storage.filesystem(url, self.storage_options)
-            with fs.open(path, "rb") as f:
-                return pq.read_schema(f).remove_metadata()
-
-        with ThreadPoolExecutor(max(1, min(16, len(files)))) as pool:
-            schemas = list(pool.map(schema, files))
+        schemas = [s.remove_metadata() for s in self._schemas(files)]
         runs: list[list[str]] = []
         for i, url in enumerate(files):
             if i and schemas[i] == schemas[i - 1]:
@@ -222,6 +212,20 @@ class ImageTextPairDataset:
             else:
                 runs.append([url])
         return runs
+
+    def _schemas(self, files: list[str]) -> list:
+        """The schema in the footer of each parquet file of `files` (one footer read each, 16 at a time)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        import pyarrow.parquet as pq
+
+        def schema(url: str):
+            fs, path = storage.filesystem(url, self.storage_options)
+            with fs.open(path, "rb") as f:
+                return pq.read_schema(f)
+
+        with ThreadPoolExecutor(max(1, min(16, len(files)))) as pool:
+            return list(pool.map(schema, files))
 
     def default_embeddings_path(self) -> str:
         """Where the embedder writes by default: the folder beside the dataset's, `<path>_embeddings`, named from
@@ -307,13 +311,22 @@ class ImageTextPairDataset:
             raise ValueError(f"the metadata has {edited.npartitions} partitions, not one per shard's metadata file "
                              f"({len(files)}), so its rows cannot be written back shard by shard: write it with "
                              "dataset.metadata.to_parquet(path)")
+        if edited is not None:
+            schemas = self._schemas(files)
+            # A column a shard's file lacks (the output of a shard without an img2dataset parquet has only the key,
+            # embedding and error) is null in its partition, in pandas' types: it takes the type the first file
+            # holding it has, so that the saved files share one schema.
+            others: dict[str, pa.Field] = {}
+            for schema in schemas:
+                for f in schema:
+                    others.setdefault(f.name, f)
         for i, url in enumerate(files):
-            fs, src = storage.filesystem(url, self.storage_options)
-            with fs.open(src, "rb") as f:
-                if edited is None:
+            if edited is None:
+                fs, src = storage.filesystem(url, self.storage_options)
+                with fs.open(src, "rb") as f:
                     yield url, pq.read_table(f)
-                    continue
-                schema = pq.read_schema(f)
+                continue
+            schema = schemas[i]
             part = edited.get_partition(i).compute()
             # A named index is a column of the file (pandas' to_parquet, which Dask reads back as the index); so is
             # an unnamed one that pandas stored as `__index_level_0__` (a filtered frame's row labels). An index
@@ -321,7 +334,8 @@ class ImageTextPairDataset:
             named = any(name is not None for name in part.index.names)
             stored = any(isinstance(c, str) for c in (schema.pandas_metadata or {}).get("index_columns", ()))
             rows = pa.Table.from_pandas(part, preserve_index=named or stored)
-            yield url, _in_types_of(schema, rows)
+            lacked = [others[name] for name in rows.column_names if name in others and name not in schema.names]
+            yield url, _in_types_of(pa.schema(list(schema) + lacked, metadata=schema.metadata), rows)
 
 
 def _refuse_credentials(storage_options: Optional[dict] = None, **urls: Any) -> None:
