@@ -30,6 +30,7 @@ from wdsembed.synthetic import ShardSample, corrupt_image_bytes, encode_image, m
 from wdsembed.validate import validate_output  # noqa: E402
 
 EMB = "image_embedding"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def _image(i: int) -> ShardSample:
@@ -127,6 +128,32 @@ def test_autofaiss_builds_an_index_from_a_runs_output(run, tmp_path):
     got = subprocess.run([python, "-c", check, str(index), str(ids)], capture_output=True, text=True, timeout=300)
     assert got.returncode == 0, got.stderr[-3000:]
     assert json.loads(got.stdout) == want
+
+
+def test_the_docs_search_recipe_names_the_neighbours_of_an_index_smaller_than_k(run, tmp_path):
+    """docs/knn.md's search snippet, run as written on an index of one subfolder's views (5 vectors, fewer than its
+    k of 10): faiss gives position -1 where it finds fewer than k (so does an IVF index whose probes hold fewer),
+    and the snippet's `ids.loc[positions[0]]` failed with KeyError: '[-1] not in index'. It names the neighbours
+    found, the query's own row first."""
+    command = os.environ.get("WDSEMBED_AUTOFAISS")
+    if not command:
+        pytest.skip("autofaiss not installed (it pins numpy<2): set WDSEMBED_AUTOFAISS to its command in its own "
+                    "venv, see docs/knn.md")
+    done = subprocess.run([command, "build_index", f"--embeddings={run / '_embeddings' / 'more'}",
+                           "--index_path=knn.index", "--index_infos_path=knn_infos.json", "--file_format=parquet",
+                           f"--embedding_column_name={EMB}", '--id_columns=["key","shard"]', "--ids_path=knn_ids",
+                           "--metric_type=ip"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    snippet = next(block for block in re.findall(r"```python\n(.*?)```", (DOCS / "knn.md").read_text(), re.S)
+                   if "faiss.read_index" in block)
+    query = pq.read_table(run / "_embeddings" / "more" / "00001.parquet").slice(0, 1)
+    script = (f"import numpy as np\nqueries = np.array({query.column(EMB).to_pylist()}, dtype='float32')\n"
+              f"{snippet}\nprint(json.dumps(neighbours.values.tolist()))\n")
+    got = subprocess.run([str(Path(command).with_name("python")), "-c", "import json\n" + script],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert got.returncode == 0, got.stderr[-3000:]
+    neighbours = json.loads(got.stdout)
+    assert len(neighbours) == 5 and neighbours[0] == [query.column("key")[0].as_py(), "more/00001"]
 
 
 def test_without_the_view_each_embedding_is_stored_once_and_a_later_run_adds_the_views(tmp_path):
