@@ -137,3 +137,32 @@ def test_output_folder_reads_as_one_dataset(run):
     assert table.schema.field("image_embedding").type == pa.list_(pa.float32())
     manifest = json.loads((out / "_manifest.json").read_text())
     assert set(manifest["shards"]) == {"00000", "00001"}
+
+
+def test_the_readmes_merged_read_takes_shards_whose_writers_typed_a_column_otherwise(tmp_path):
+    """Parquets that pandas wrote hold an integer column with a null as double, and those that polars wrote hold
+    strings as large_string: each output keeps its parquet's types, and the README's merged read failed on them
+    ("Field width has incompatible types: int64 vs double"). Run as written, it reads every shard, each column in
+    the type that holds every shard's values."""
+    from wdsembed import TimmImageEmbedder
+
+    inp = tmp_path / "in"
+    for s in range(2):
+        shard = write_shard(inp, f"{s:05d}", [_image(10 * s + i, width=32) for i in range(2)], shard_id=s)
+        if s:  # as pandas (a null among integers) and polars (large strings) write it
+            table = pq.read_table(shard.parquet)
+            table = table.set_column(table.schema.get_field_index("width"), "width",
+                                     pa.array([None, 32.0], pa.float64()))
+            table = table.set_column(table.schema.get_field_index("caption"), "caption",
+                                     table.column("caption").cast(pa.large_string()))
+            pq.write_table(table, shard.parquet)
+    out = tmp_path / "out"
+    TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                      fidelity_sample=0)(str(inp), str(out))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "unify_schemas" in b)
+    scope: dict = {}
+    exec(snippet.replace('"demo-output"', repr(str(out))), scope)  # run as written
+    table = scope["table"]
+    assert table.num_rows == 4 and table.column("width").to_pylist() == [32, 32, None, 32]
+    assert table.column("image_embedding").null_count == 0
