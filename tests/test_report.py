@@ -245,6 +245,8 @@ def test_rows_with_an_embedding_are_counted_as_rows_and_images_as_images(tmp_pat
     t = manifest["totals"]
     assert (t["rows"], t["embedded_rows"], t["failed_rows"]) == (56, 54, 2)  # rows = with + without an embedding
     assert (t["embedded"], t["embedded_this_run"]) == (53, 53)  # images
+    entry = manifest["shards"]["00000"]  # each shard's entry says both, so that a script summing them need not derive
+    assert (entry["rows"], entry["embedded_rows"], entry["embedded"], entry["failed"]) == (4, 4, 3, 0)
 
 
 def gpu_shard(stem: str, worker: str, gpu: str, start: float, end: float, embedded: int, alone: float) -> dict:

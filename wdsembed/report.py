@@ -31,6 +31,15 @@ def embedded_rows(result: dict) -> int:
     return result["rows"] - result["failed"]
 
 
+def entry_fields(result: dict) -> dict:
+    """A shard's counts and settings in the manifest (ENTRY_FIELDS), with its `embedded_rows`: a script summing
+    `embedded` counts images, not the rows with an embedding (see embedded_rows)."""
+    entry = {k: result.get(k) for k in ENTRY_FIELDS}
+    if isinstance(result.get("rows"), int) and isinstance(result.get("failed"), int):
+        entry["embedded_rows"] = embedded_rows(result)
+    return entry
+
+
 def shard_rows(results: Iterable[dict], failures: dict[str, str], manifest: Optional[dict] = None) -> list[dict]:
     """One row per shard, finished or failed, for the table artifact: its rows, those with an embedding and those
     without. With the run's `manifest`, a finished shard's seconds and images/s are the manifest's (embedding-only
@@ -145,7 +154,7 @@ def _entries_from_footers(fs, root: str, held: set[str], described: set[str]) ->
         footers = pool.map(lambda stem: output.read_output_metadata(storage.join(root, f"{stem}.parquet"), fs),
                            stems)
         results = {stem: (meta or {}).get("result") for stem, meta in zip(stems, footers)}
-    return {stem: {k: result.get(k) for k in ENTRY_FIELDS} | dict.fromkeys(FIGURES)
+    return {stem: entry_fields(result) | dict.fromkeys(FIGURES)
             | {"warnings": result.get("warnings") or [], "status": EARLIER_RUN, "from_run": None}
             for stem, result in results.items() if isinstance(result, dict)}
 
@@ -294,7 +303,7 @@ def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str,
     model = next((r.get("model") for r in results if r.get("model")), None)
     figures = shard_figures(results, previous)
     shards = {
-        r["stem"]: {k: r.get(k) for k in ENTRY_FIELDS}
+        r["stem"]: entry_fields(r)
         | figures[r["stem"]]
         | {"warnings": r.get("warnings") or []}
         | {"status": "cached" if r.get("cached") else "computed"}
