@@ -448,7 +448,10 @@ def test_unreachable_hub_fails_fast(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "name,suggested", [("resnet18x", "resnet18"), ("vit_base_patch16_clip_224.opanai", "vit_base_patch16_clip_224.openai")]
+    "name,suggested",
+    [("resnet18x", "resnet18"), ("vit_base_patch16_clip_224.opanai", "vit_base_patch16_clip_224.openai"),
+     # a tag that is a pattern of timm.list_pretrained's, or none after the dot: timm's own error is a RuntimeError
+     ("resnet18.a1_*", "resnet18.a1_in1k"), ("resnet18.", "resnet18.a1_in1k"), ("resnet18.[a]1_in1k", "resnet18.a1_in1k")],
 )
 def test_unknown_model_names(name, suggested):
     with pytest.raises(ModelLoadError) as info:

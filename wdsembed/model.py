@@ -329,8 +329,8 @@ LIST_HINT = " See timm.list_models() / timm.list_pretrained()."
 def _suggest(model_name: str) -> str:
     import timm
 
-    arch, _, tag = model_name.partition(".")
-    if tag and timm.is_model(arch):
+    arch, dot, tag = model_name.partition(".")
+    if dot and timm.is_model(arch):
         options = timm.list_pretrained(f"{arch}.*")
         pool = options
     else:
@@ -352,10 +352,12 @@ def _check_name(model_name: str) -> None:
 
     if ":" in model_name:
         return
-    arch, _, tag = model_name.partition(".")
+    arch, dot, tag = model_name.partition(".")
     if not timm.is_model(arch):
         raise ModelLoadError(f"unknown timm model {model_name!r}.{_suggest(model_name)}")
-    if tag and not timm.list_pretrained(model_name):
+    # Exactly that name: list_pretrained takes a pattern ("resnet18.a1_*", or "resnet18." with an empty tag, matches
+    # other tags), and timm's own refusal of such a tag is a bare RuntimeError from inside create_model.
+    if dot and model_name not in timm.list_pretrained(model_name):
         raise ModelLoadError(
             f"unknown timm model {model_name!r}: {arch!r} exists but has no pretrained tag {tag!r}.{_suggest(model_name)}"
         )
