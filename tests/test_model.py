@@ -285,6 +285,35 @@ def test_checkpoint_saved_without_a_head_gives_the_pooled_features(tmp_path):
         assert f"so {asked} cannot be had. Pass {fix} or auto" in str(refusal.value), (audience, refusal.value)
 
 
+def _sourced_name(tmp_path, source: str, name: str) -> str:
+    """`name` as a local-dir: folder or an hf-hub: repo in the (offline) Hugging Face cache: its config.json,
+    written by timm."""
+    from timm.models import save_for_hf
+
+    if source == "local-dir":
+        save_for_hf(timm.create_model(name, pretrained=False), tmp_path / "exported", safe_serialization=True)
+        return f"local-dir:{tmp_path / 'exported'}"
+    folder = tmp_path / "hf" / "hub" / f"models--timm--{name}"
+    commit = "0" * 40
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    save_for_hf(timm.create_model(name, pretrained=False), folder / "snapshots" / commit, safe_serialization=True)
+    return f"hf-hub:timm/{name}"
+
+
+@pytest.mark.parametrize("source", ["local-dir", "hf-hub"])
+def test_an_hf_hub_or_local_dir_model_takes_a_fine_tuned_or_headless_checkpoint_as_its_name_does(tmp_path, source):
+    """Its checkpoint is judged against the head its config.json gives, as a timm name's is against its own cfg:
+    a fine-tune's classes of its own, or no head at all, give the pooled features. Before, both were refused as
+    weights that do not fit."""
+    name = _sourced_name(tmp_path, source, "resnet18.a1_in1k")
+    ft = _loads_from_checkpoint(tmp_path, name, _seeded_model("resnet18", seed=5, num_classes=10), "ft10.pth", _pooled)
+    assert (ft.embedding, ft.dim) == ("pooled", 512)
+    features = _loads_from_checkpoint(tmp_path, name, _seeded_model("resnet18", seed=6, num_classes=0),
+                                      "features.pth", lambda m, x: m(x))
+    assert (features.embedding, features.dim) == ("pooled", 512)
+
+
 @pytest.mark.parametrize("num_classes", [0, 10])
 def test_a_model_without_pooling_is_refused_offering_only_what_could_work(tmp_path, num_classes):
     """A model whose output is not (N, dim) (its config turns pooling off) was refused with 'choose the other

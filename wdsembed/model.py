@@ -473,9 +473,29 @@ def _classifier_override(state_dict: dict, pretrained_cfg: Any) -> Optional[int]
     return None
 
 
-def _is_headless(state_dict: dict, model_name: str, pretrained_cfg: Any) -> bool:
+def _source_cfg(model_name: str, offline: bool) -> Any:
+    """The pretrained cfg (a timm PretrainedCfg) that timm builds an hf-hub: or local-dir: model with, from its
+    config.json (`_require_source_config` has checked that it can be had): its head's names and classes, which a
+    checkpoint is judged against as a timm name's own cfg is."""
+    import dataclasses
+
+    from timm.models import PretrainedCfg, load_model_config_from_hf
+    from timm.models._hub import load_model_config_from_path
+
+    source, _, where = model_name.partition(":")
+    if source.lower() == "local-dir":
+        cfg, _, _ = load_model_config_from_path(where)
+    else:
+        with _hub_offline_mode(offline):
+            cfg, _, _ = load_model_config_from_hf(where, cache_dir=_hub_cache_dir())
+    return PretrainedCfg(**{f.name: cfg[f.name] for f in dataclasses.fields(PretrainedCfg) if f.name in cfg})
+
+
+def _is_headless(state_dict: dict, model_name: str, pretrained_cfg: Any, *, offline: bool = False,
+                 cache_dir: Optional[str] = None) -> bool:
     """Whether the checkpoint holds the model's weights less its head: saved from num_classes=0 (a feature
     extractor, the output of self-supervised training), so that a strict load would refuse it for the missing head.
+    offline, cache_dir: an hf-hub: model's, as load_model builds it.
 
     Judged key for key against the model built without a head, on the meta device (no memory, no init): a checkpoint
     in a foreign layout that timm converts (an OpenAI CLIP state dict) lacks timm's head keys too, yet has a head.
@@ -487,8 +507,8 @@ def _is_headless(state_dict: dict, model_name: str, pretrained_cfg: Any) -> bool
         return False  # the model has no head to leave out
     if any(k.startswith(f"{name}.") for name in names for k in state_dict):
         return False
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        headless = timm.create_model(model_name, pretrained=False, num_classes=0)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"), _hub_offline_mode(offline):
+        headless = timm.create_model(model_name, pretrained=False, num_classes=0, cache_dir=cache_dir)
     return set(state_dict) == set(headless.state_dict())
 
 
@@ -589,6 +609,8 @@ def load_model(
     offline = hub_name and (_env_offline() or not _hub_reachable(_hub_endpoint()))
     if sourced:
         _require_source_config(model_name, offline)
+        if checkpoint:  # judged against its head as a timm name's checkpoint is (a fine-tune's classes, none)
+            cfg = _source_cfg(model_name, offline)
 
     weights_file: Optional[str] = None
     suspect: list[str] = []
@@ -613,7 +635,8 @@ def load_model(
                 kwargs["num_classes"] = n
                 # its own classes: a classifier now, even where the pretrained tag names a CLIP projection
                 replaced_head = True
-            elif cfg is not None and _is_headless(sd, model_name, cfg):
+            elif cfg is not None and _is_headless(sd, model_name, cfg, offline=offline,
+                                                  cache_dir=_hub_cache_dir() if hub_name else None):
                 if embedding == "head":
                     raise ModelLoadError(
                         f"checkpoint {checkpoint!r} has no head for {model_name!r} (none of the weights of "
