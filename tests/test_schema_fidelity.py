@@ -166,3 +166,54 @@ def test_the_readmes_merged_read_takes_shards_whose_writers_typed_a_column_other
     table = scope["table"]
     assert table.num_rows == 4 and table.column("width").to_pylist() == [32, 32, None, 32]
     assert table.column("image_embedding").null_count == 0
+
+
+def test_a_parquet_of_view_types_is_joined_with_its_columns_as_their_plain_types(tmp_path):
+    """Arrow's view types (string_view, binary_view: polars 1.38.0 wrote its strings as string_view, and pyarrow
+    reads a parquet back in the types its writer recorded) have no take or filter kernel in pyarrow: the shard was
+    embedded and then failed at the key join with "ArrowNotImplementedError: Function 'array_take' has no kernel
+    matching input types (string_view, uint16)", no output; a string_view id column was refused before any work as
+    "has type string_view; the key join matches a string or integer column". Each such column, also inside a list,
+    struct or map, is now its plain type (string, binary), values unchanged, and the id column joins as a string."""
+    from wdsembed import TimmImageEmbedder
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    shard = write_shard(inp, "00000", [_image(i) for i in range(3)] + [_image(9, in_parquet=False)], failed_rows=1)
+    write_shard(inp, "00001", [_image(20)], shard_id=1, parquet=False)  # its keys take the run's id type
+    base = pq.read_table(shard.parquet)
+    n = base.num_rows
+    views = {
+        "key": base.column("key").cast(pa.string_view()),
+        "caption": base.column("caption").cast(pa.string_view()),
+        "blob": pa.array(_cycle([b"\x00\x01", None], n), pa.binary_view()),
+        "tags": pa.array(_cycle([["a", None], None, []], n), pa.list_(pa.string_view())),
+        "meta": pa.array(_cycle([{"src": "web", "raw": b"x"}, None], n),
+                         pa.struct([("src", pa.string_view()), ("raw", pa.binary_view())])),
+        "attrs": pa.array(_cycle([[("k", "v")], None], n), pa.map_(pa.string_view(), pa.string_view())),
+        "status": base.column("status").cast(pa.string_view()),  # img2dataset's, read for the failed rows
+    }
+    given = pa.table(views, metadata={"owner": "data-eng"})
+    given = given.cast(pa.schema([f.with_metadata({"desc": f.name}) for f in given.schema],
+                                 metadata=given.schema.metadata))
+    pq.write_table(given, shard.parquet)
+    assert pq.read_schema(shard.parquet).field("key").type == pa.string_view()  # as its writer recorded it
+
+    results = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4,
+                                num_threads_per_worker=1)(str(inp), str(out))
+    assert sorted((r.stem, r.rows, r.embedded) for r in results) == [("00000", 5, 4), ("00001", 1, 1)]
+    got = pq.read_table(out / "00000.parquet")
+    plain = {"key": pa.string(), "caption": pa.string(), "blob": pa.binary(), "tags": pa.list_(pa.string()),
+             "meta": pa.struct([("src", pa.string()), ("raw", pa.binary())]),
+             "attrs": pa.map_(pa.string(), pa.string()), "status": pa.string()}
+    assert got.column_names == list(views) + ["image_embedding", "embedding_error"]
+    for name, t in plain.items():
+        assert got.schema.field(name).type == t, name
+        assert got.schema.field(name).metadata == {b"desc": name.encode()}, name
+        assert got.column(name).slice(0, n).to_pylist() == given.column(name).to_pylist(), name
+    assert got.column("key").slice(n).to_pylist() == [shard.keys[-1]]  # the sample the parquet lacks, appended
+    reasons = dict(zip(got.column("key").to_pylist(), got.column("embedding_error").to_pylist()))
+    assert reasons == {k: ("failed_to_download" if k in shard.failed_keys else None) for k in reasons}
+    # one key type across OUTPUT: the shard without a parquet, its kNN view and the views read as one dataset
+    assert pq.read_schema(out / "00001.parquet").field("key").type == pa.string()
+    knn = ds.dataset(out / "_embeddings", format="parquet").to_table()
+    assert knn.schema.field("key").type == pa.string() and knn.num_rows == 5

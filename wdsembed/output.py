@@ -148,7 +148,41 @@ def columns_holding_keys(table: pa.Table, keys: Sequence[str], id_column: str) -
 
 
 def _id_value_type(t: pa.DataType) -> pa.DataType:
-    return t.value_type if pa.types.is_dictionary(t) else t
+    return plain_type(t.value_type if pa.types.is_dictionary(t) else t)
+
+
+def plain_type(t: pa.DataType) -> pa.DataType:
+    """`t` with Arrow's view types, also inside a list, struct, map or dictionary, as their plain types:
+    string_view as string, binary_view as binary. pyarrow has no take or filter for those two, which the key join
+    uses; a parquet holds them where its writer recorded them (polars 1.38.0 wrote its strings as string_view)."""
+    if pa.types.is_string_view(t):
+        return pa.string()
+    if pa.types.is_binary_view(t):
+        return pa.binary()
+    if pa.types.is_struct(t):
+        return pa.struct([_plain_field(t.field(i)) for i in range(t.num_fields)])
+    if pa.types.is_map(t):
+        return pa.map_(_plain_field(t.key_field), _plain_field(t.item_field), t.keys_sorted)
+    if pa.types.is_dictionary(t):
+        return pa.dictionary(t.index_type, plain_type(t.value_type), t.ordered)
+    if pa.types.is_fixed_size_list(t):
+        return pa.list_(_plain_field(t.value_field), t.list_size)
+    for is_kind, make in ((pa.types.is_list, pa.list_), (pa.types.is_large_list, pa.large_list),
+                          (pa.types.is_list_view, pa.list_view), (pa.types.is_large_list_view, pa.large_list_view)):
+        if is_kind(t):
+            return make(_plain_field(t.value_field))
+    return t
+
+
+def _plain_field(f: pa.Field) -> pa.Field:
+    return f.with_type(plain_type(f.type))
+
+
+def without_view_types(table: pa.Table) -> pa.Table:
+    """`table` with every column of a view type (plain_type) cast to its plain type, values, field metadata and
+    schema metadata unchanged; the same table where it has none."""
+    schema = pa.schema([_plain_field(f) for f in table.schema], metadata=table.schema.metadata)
+    return table if schema.equals(table.schema) else table.cast(schema)
 
 
 def id_type_name(id_column: str, schema: pa.Schema) -> Optional[str]:

@@ -804,7 +804,8 @@ def index_keys(index: "shardindex.ShardIndex") -> list[str]:
 def read_rows(parquet_url: str, fs: Any, columns: Optional[Sequence[str]] = None):
     """The shard's img2dataset row table (every input row, failed downloads included), or None when there is no
     parquet. A file that cannot be decoded as parquet (not parquet at all, a truncated footer, a damaged page)
-    raises MetadataFileError naming it.
+    raises MetadataFileError naming it. Columns of Arrow's view types come back in their plain types
+    (output.plain_type: string_view as string).
 
     The file's bytes are read whole first and decoded from memory: pyarrow says a damaged page with a plain OSError
     ("Couldn't deserialize thrift"), as an I/O error of its source would be said. Read apart, an error fetching the
@@ -818,11 +819,14 @@ def read_rows(parquet_url: str, fs: Any, columns: Optional[Sequence[str]] = None
     except FileNotFoundError:
         return None
     try:
-        return pq.read_table(pa.BufferReader(raw), columns=list(columns) if columns is not None else None)
+        rows = pq.read_table(pa.BufferReader(raw), columns=list(columns) if columns is not None else None)
     except (pa.ArrowException, OSError) as e:  # "Parquet magic bytes not found", truncated footers, damaged pages
         said = " ".join("".join(c if c.isprintable() else " " for c in str(e)).split())  # one line, as shown
         said = said.replace("Could not open Parquet input source '<Buffer>': ", "")  # the file is named already
         raise MetadataFileError(f"{parquet_url}: cannot read as parquet: {said}") from e
+    from wdsembed.output import without_view_types
+
+    return without_view_types(rows)  # string_view columns as string: the key join cannot take views
 
 
 def read_stats(stats_url: str, fs: Any) -> Optional[dict]:
