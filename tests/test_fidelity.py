@@ -426,3 +426,16 @@ def test_a_shard_that_fails_after_embedding_leaves_no_reference_thread_running(t
         TimmImageEmbedder(TINY_MODEL, fidelity_sample=64, **SETTINGS)(str(tmp_path / "in"), str(tmp_path / "out"))
     running = [t.name for t in threading.enumerate() if t.name.startswith("wdsembed-fidelity")]
     assert not running, f"the failed shard's fidelity reference still runs: {running}"
+
+
+def test_the_summary_line_names_each_worst_key_with_its_shard():
+    """Keys of shards not made by img2dataset repeat from shard to shard (`0001.jpg` in every tar): the summary's
+    line said 'worst: a 0.5000000, a 0.9000000', two images no one could find. Each is named with its shard, as the
+    failure message and the manifest name them."""
+    from wdsembed import fidelity
+
+    summary = {"enabled": True, "passed": False, "below_threshold": 2, "images": 4, "threshold": 0.9999,
+               "min_cosine": 0.5, "mean_cosine": 0.85, "mismatches": [], "both_refused": 0, "shards_unchecked": [],
+               "worst": [{"key": "a", "shard": "train-000", "cosine": 0.5},
+                         {"key": "a", "shard": "val/train-000", "cosine": 0.9}]}
+    assert fidelity.describe(summary).endswith("worst: a (train-000): 0.5000000, a (val/train-000): 0.9000000")

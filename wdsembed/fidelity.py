@@ -429,10 +429,14 @@ def failure_message(summary: dict) -> Optional[str]:
     """Why the run fails its fidelity check, naming the worst keys; None when it passes (or is off)."""
     if not summary.get("enabled") or summary.get("passed", True):
         return None
-    worst = ", ".join(f"{w['key']} ({w['shard']}): {w['cosine']:.7f}" for w in summary["worst"])
     return (f"fidelity check failed: {summary['below_threshold']} of {summary['images']} sampled image(s) below "
-            f"cosine {summary['threshold']} against timm's own preprocessing; worst: {worst}. The outputs are "
-            f"written; re-run with a lower {option('min_fidelity')} to accept them (nothing is re-embedded)")
+            f"cosine {summary['threshold']} against timm's own preprocessing; worst: {_worst(summary)}. The outputs "
+            f"are written; re-run with a lower {option('min_fidelity')} to accept them (nothing is re-embedded)")
+
+
+def _worst(summary: dict) -> str:
+    """The worst keys, each with its shard: keys of shards not made by img2dataset repeat from shard to shard."""
+    return ", ".join(f"{w['key']} ({w['shard']}): {w['cosine']:.7f}" for w in summary["worst"])
 
 
 def describe(summary: Optional[dict]) -> Optional[str]:
@@ -442,10 +446,9 @@ def describe(summary: Optional[dict]) -> Optional[str]:
     if not summary["images"]:
         text = "fidelity check: no image compared"
     else:
-        worst = ", ".join(f"{w['key']} {w['cosine']:.7f}" for w in summary["worst"])
         text = (f"fidelity vs timm: {summary['images']} images, min cosine {summary['min_cosine']:.7f}, mean "
                 f"{summary['mean_cosine']:.7f} (threshold {summary['threshold']}: "
-                f"{'passed' if summary['passed'] else 'FAILED'}); worst: {worst}")
+                f"{'passed' if summary['passed'] else 'FAILED'}); worst: {_worst(summary)}")
     if summary["mismatches"]:
         text += "; only one side could embed: " + "; ".join(
             f"{m['key']} ({m['shard']}): {m['reason']}" for m in summary["mismatches"][:5])
