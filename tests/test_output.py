@@ -1026,3 +1026,33 @@ def test_pandas_metadata_stays_where_pandas_can_read_the_new_columns_beside_it()
                             errors={}, dim=DIM).to_pandas()
     assert df.index.name == "rowid" and df.index.tolist() == ["a", "b", None]
     assert str(df.n.dtype) == "Int64" and df.n.tolist()[:2] == [7, pd.NA]
+
+
+@pytest.mark.parametrize("status", [
+    pa.array([200, 404, 200], pa.int64()),  # a crawler's HTTP code
+    pa.array([True, False, None]),
+    pa.array([{"code": 200}, {"code": 404}, None]),
+    pa.array([["ok"], ["gone"], None]),
+])
+def test_a_status_column_of_other_than_strings_is_no_img2dataset_status(status):
+    """img2dataset's `status` is a string ('success', 'failed_to_download', ...). A parquet of another source may
+    have its own column of that name: one of structs or lists (or an `error_message` of them) failed the shard
+    after it was embedded ("ArrowNotImplementedError: Unsupported cast from struct<code: int64> to utf8"), and
+    one of integers or booleans gave a row the tar lacks the reason '200' or 'false'. Such a column is not
+    img2dataset's: those rows are 'not in tar', and the column is kept as it is."""
+    rows = pa.table({"key": ["a", "b", "c"], "status": status})
+    t = build_output_table(rows=rows, keys=["a"], embeddings=np.stack([_emb("1")]), errors={}, dim=DIM)
+    assert t.column("embedding_error").to_pylist() == [None, NOT_IN_TAR, NOT_IN_TAR]
+    assert t.column("status").equals(rows.column("status"))
+
+
+def test_an_error_message_column_of_other_than_strings_leaves_the_status_as_the_reason():
+    rows = pa.table({"key": ["a", "b", "c"], "status": ["success", "failed_to_download", "success"],
+                     "error_message": pa.array([None, [{"code": 404}], []])})
+    t = build_output_table(rows=rows, keys=["a"], embeddings=np.stack([_emb("1")]), errors={}, dim=DIM)
+    assert t.column("embedding_error").to_pylist() == [None, "failed_to_download", NOT_IN_TAR]
+    # a dictionary of strings (pandas' category) is img2dataset's column as any string one
+    rows = pa.table({"key": ["a", "b"], "status": pa.array(["success", "failed_to_resize"]).dictionary_encode(),
+                     "error_message": pa.array([None, "too small"]).dictionary_encode()})
+    t = build_output_table(rows=rows, keys=[], embeddings=np.zeros((0, DIM), np.float32), errors={}, dim=DIM)
+    assert t.column("embedding_error").to_pylist() == [NOT_IN_TAR, "too small"]

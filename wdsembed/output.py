@@ -215,6 +215,18 @@ def as_stored(embeddings: np.ndarray, keys: Sequence[str], dtype: str, shard: st
     return np.asarray(embeddings, dtype=np_type)
 
 
+def _img2dataset_text(table: pa.Table, name: str) -> Optional[pa.Array]:
+    """img2dataset's `status` or `error_message` column of a shard's parquet, as strings; None where it has none,
+    or one of other values (a crawler's HTTP code, a struct): another source's column of that name, no reason."""
+    if name not in table.column_names:
+        return None
+    column = table.column(name)
+    t = _id_value_type(column.type)
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        return None
+    return column.combine_chunks().cast(pa.string())
+
+
 def _canonical_tar_keys(keys: Sequence[str], id_type: pa.DataType) -> list[str]:
     """Tar keys as the string form of the parquet's id values: for an integer id column `000123` matches 123."""
     if not pa.types.is_integer(id_type):
@@ -323,7 +335,8 @@ def join_embeddings(
       img2dataset's zero-padded keys) matches the tar key's integer value and keeps its integer type.
     * Duplicate keys in `rows`: every such row is kept and each gets the embedding (or error) of that key.
     * The reason for a row without embedding, first that applies: the tar's error for the key; the img2dataset
-      `error_message` (or, where empty, its `status`) for rows whose status is not "success"; "no key (its
+      `error_message` (or, where empty, its `status`) for rows whose status is not "success" (string columns
+      only: a `status` of other values is another source's, no reason); "no key (its
       '<id_column>' is null)" for a row whose id is null (it can match no sample); "not in tar".
     * Order: `rows`' order, then appended samples in the order of `keys` followed by the remaining `errors` keys.
       Without `rows` the same sample order.
@@ -388,11 +401,11 @@ def join_embeddings(
     null_str = pa.scalar(None, pa.string())
     sample_idx = np.asarray(pc.fill_null(pc.index_in(row_ids, value_set=sample_canon), -1), dtype=np.int64)
     row_reason = sample_errors.take(pa.array(sample_idx, mask=sample_idx < 0))  # the tar's error, if any
-    if STATUS_COLUMN in base.column_names:
-        status = base.column(STATUS_COLUMN).combine_chunks().cast(pa.string())
+    status = _img2dataset_text(base, STATUS_COLUMN)
+    if status is not None:
         download_reason = status
-        if ERROR_MESSAGE_COLUMN in base.column_names:
-            msg = base.column(ERROR_MESSAGE_COLUMN).combine_chunks().cast(pa.string())
+        msg = _img2dataset_text(base, ERROR_MESSAGE_COLUMN)
+        if msg is not None:
             msg = pc.if_else(pc.equal(pc.utf8_trim_whitespace(msg), ""), null_str, msg)
             download_reason = pc.coalesce(msg, status)
         failed = pc.fill_null(pc.not_equal(status, SUCCESS), False)
