@@ -48,10 +48,10 @@ def _prog() -> str:
     return "python flows/embed.py" if name == "embed.py" else "wdsembed"
 
 
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     # SUPPRESS: only the options given appear in the namespace; every default is EmbedConfig's own.
     p = argparse.ArgumentParser(
-        prog=prog or _prog(),
+        prog=_prog(),
         description="Embed WebDataset image shards with a timm model; one parquet per shard with an embedding "
         "column. Without INPUT and --output, runs a built-in demo on generated shards.",
         argument_default=argparse.SUPPRESS,

@@ -738,19 +738,19 @@ class ForeignOutputError(ValueError):
         return type(self), (self.files, self.output)
 
 
-def read_output_metadata(url: str, fs: Any, *, refuse_foreign: bool = False) -> Optional[dict]:
+def read_output_metadata(url: str, fs: Any) -> Optional[dict]:
     """The JSON metadata of an output written by write_parquet_atomic, reading only the footer.
 
     None where the file is missing, is not a readable parquet file (cut short, a damaged footer), or lacks our
     metadata. Other errors (permissions, network) propagate: they are not a reason to think the shard needs redoing.
-    With `refuse_foreign`, a readable parquet without our footer key raises ForeignOutputError instead: it is no
-    output of ours (an unreadable footer may be one, damaged, and is None as above).
     """
-    return output_metadata(read_footer(url, fs), url, refuse_foreign=refuse_foreign)
+    return output_metadata(read_footer(url, fs), url)
 
 
 def output_metadata(footer: Optional[pq.FileMetaData], url: str, *, refuse_foreign: bool = False) -> Optional[dict]:
-    """read_output_metadata's answer from the footer of `url` already read (read_footer)."""
+    """read_output_metadata's answer from the footer of `url` already read (read_footer). With `refuse_foreign`, a
+    readable parquet without our footer key raises ForeignOutputError instead: it is no output of ours (an unreadable
+    footer may be one, damaged, and is None as above)."""
     meta = footer.metadata if footer is not None else None
     if footer is not None and refuse_foreign and FOOTER_KEY not in (meta or {}):
         raise ForeignOutputError([url])

@@ -960,21 +960,21 @@ def run_id_type(config: EmbedConfig, plans: list[ShardPlan], listed: Optional[Li
     return None
 
 
-def plan_run(config: EmbedConfig, found: Optional[FoundShards] = None, *, gpus: Optional[int] = None,
-             client: Any = None, listed: Optional[Listed] = None) -> tuple[list[ShardPlan], dict[str, dict]]:
+def plan_run(config: EmbedConfig, *, gpus: Optional[int] = None, client: Any = None,
+             listed: Optional[Listed] = None) -> tuple[list[ShardPlan], dict[str, dict]]:
     """The planning of the flow and the Python API: every shard's plan, and those whose output is already finished
     with this run's cache key (none with force), from their footers, as stem -> the shard's result stored there
     (caching.planned_outputs); output.ForeignOutputError where one of their output paths holds a parquet that
     wdsembed did not write (check_own_outputs). Only the others get a .idx and a read of its _stats.json: a
     finished shard is never read, so a re-run with nothing to compute reads no tar (not even one that no .idx can be
     written for) and no _stats.json. Says why outputs already there are recomputed, by cause
-    (report.describe_recomputed), before any work. `found`: find_shards' answer, where the caller has it. Refuses
-    (check_finished_precision) a run that would keep finished outputs made in another precision than its own;
-    `gpus`: the GPUs its workers see (None: those of `client`'s workers, where the shards run on a Dask client the
-    caller holds, else of dask_address's, else this process's). `listed`: the planning's listings of INPUT and
-    OUTPUT, made once, which the caller keeps for what it does next holding OUTPUT's claim (retire_manifest)."""
+    (report.describe_recomputed), before any work. Refuses (check_finished_precision) a run that would keep
+    finished outputs made in another precision than its own; `gpus`: the GPUs its workers see (None: those of
+    `client`'s workers, where the shards run on a Dask client the caller holds, else of dask_address's, else this
+    process's). `listed`: the planning's listings of INPUT and OUTPUT, made once, which the caller keeps for what
+    it does next holding OUTPUT's claim (retire_manifest)."""
     listed = listed or Listed(config)
-    plans = plan_shards(config, indexes=False, samples=False, found=found, listed=listed)
+    plans = plan_shards(config, indexes=False, samples=False, listed=listed)
     plans, gpus = run_on_cpu(config, plans, gpus, client)
     # A parquet that wdsembed did not write, where a shard's output goes, is refused before any shard overwrites it:
     # from the footers the cache check reads anyway (caching.planned_outputs); with force, read for this alone.

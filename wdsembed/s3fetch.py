@@ -274,7 +274,7 @@ class ShardFetcher:
 
     # -- public API
 
-    def prefetch(self, urls: Iterable[str], sizes: Optional[Mapping[str, int]] = None) -> None:
+    def prefetch(self, urls: Iterable[str]) -> None:
         """Name the shards that will be opened next, in order; they are fetched as the budget allows."""
         with self._cv:
             ahead = {s.url: s for s in self._ahead}
@@ -284,7 +284,7 @@ class ShardFetcher:
                     ahead[url].named += 1  # another caller's look-ahead too: one forget() does not drop it
                 elif url not in known:
                     bucket, key = _split(url)
-                    ahead[url] = _Shard(url, bucket, key, (sizes or {}).get(url), None)
+                    ahead[url] = _Shard(url, bucket, key, None, None)
                     self._ahead.append(ahead[url])
             self._pump()
 
@@ -304,7 +304,7 @@ class ShardFetcher:
             self._pump()
         _stop_bodies(stale)
 
-    def open(self, url: str, *, size: Optional[int] = None, etag: Optional[str] = None) -> "ShardReader":
+    def open(self, url: str, *, size: Optional[int] = None) -> "ShardReader":
         """A file object over the shard at `url` (s3://bucket/key or bucket/key). The other shards named by
         prefetch() stay named, whatever their order: several threads name shards, and one reader opens them in
         its own order (forget() drops those that will not be opened)."""
@@ -322,14 +322,12 @@ class ShardFetcher:
                         break
                 if shard is None:
                     bucket, key = _split(url)
-                    shard = _Shard(url, bucket, key, size, etag)
+                    shard = _Shard(url, bucket, key, size, None)
                 if size is not None and shard.size is not None and shard.size != size:
                     stale += self._drop(shard)
                     raise ShardChangedError(f"{url}: expected {size} bytes, the object has {shard.size}")
                 if shard.size is None and size is not None:
                     shard.size = int(size)
-                if etag and shard.etag is None:
-                    shard.etag = etag
                 shard.opened = True
                 self._open.append(shard)
                 self._pump()

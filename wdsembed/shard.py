@@ -400,8 +400,8 @@ def _damage(config: EmbedConfig, plan: ShardPlan, meta: dict) -> Optional[str]:
 
 
 def process_shard(
-    config: EmbedConfig, plan: ShardPlan, *, on_progress: Callable[[int], None] = lambda n: None,
-    claim_run: Optional[str] = None, abandoned: Callable[[], bool] = _never, first_attempt: bool = False,
+    config: EmbedConfig, plan: ShardPlan, *, claim_run: Optional[str] = None, abandoned: Callable[[], bool] = _never,
+    first_attempt: bool = False,
 ) -> ShardResult:
     """Embed one shard and write OUTPUT/<stem>.parquet whole, or find it already done (same cache key).
     `claim_run`: the id of the run whose claim on OUTPUT this shard is written under (outputclaim.Claim.run); its
@@ -459,7 +459,6 @@ def process_shard(
             if abandoned():
                 raise _abandon(f"shard {plan.shard} stopped after {seen[0]} of its images, nothing of it written: "
                                f"{_why(abandoned)}")
-            on_progress(n)
 
         try:
             keys, embeddings, failures = worker.embed(
@@ -550,8 +549,8 @@ def _row_causes(config: EmbedConfig, plan: ShardPlan, table) -> list[dict]:
 
 
 def process_shards(
-    config: EmbedConfig, plans: list[ShardPlan], *, on_progress: Callable[[int], None] = lambda n: None,
-    claim_run: Optional[str] = None, abandoned: Callable[[], bool] = _never, first_attempt: bool = False,
+    config: EmbedConfig, plans: list[ShardPlan], *, claim_run: Optional[str] = None,
+    abandoned: Callable[[], bool] = _never, first_attempt: bool = False,
     on_shard_end: Callable[[str, Optional[ShardResult], Optional[str]], None] = lambda stem, result, reason: None,
 ) -> list[ShardResult]:
     """Every shard of a group, each tried (process_shard, with `claim_run`); raises one ShardsFailed naming those
@@ -567,8 +566,8 @@ def process_shards(
     results, failures, transient = [], {}, []
     for i, plan in enumerate(plans):
         try:
-            results.append(process_shard(config, plan, on_progress=on_progress, claim_run=claim_run,
-                                         abandoned=abandoned, first_attempt=first_attempt))
+            results.append(process_shard(config, plan, claim_run=claim_run, abandoned=abandoned,
+                                         first_attempt=first_attempt))
         except ShardAbandoned:
             if plans[i + 1:]:
                 log.warning("shards %s not started: %s", ", ".join(p.stem for p in plans[i + 1:]), _why(abandoned))
