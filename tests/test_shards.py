@@ -2127,11 +2127,11 @@ def test_fingerprint_from_object_store_info():
 def test_read_rows_and_stats(tmp_path):
     fs = fsspec.filesystem("file")
     written = write_shard(tmp_path, "00003", [ShardSample(image=b"x", caption="hi")] * 3, failed_rows=2)
-    table = shards.read_rows(shards.parquet_path_for(written.tar), fs)
+    table = shards.read_rows(written.parquet, fs)
     assert table.column("key").to_pylist() == list(written.parquet_keys)
     assert table.column("status").to_pylist().count("failed_to_download") == 2
     assert shards.read_rows(str(tmp_path / "nope.parquet"), fs) is None
-    stats = shards.read_stats(shards.stats_path_for(written.tar), fs)
+    stats = shards.read_stats(written.stats, fs)
     assert (stats["count"], stats["successes"], stats["failed_to_download"]) == (5, 3, 2)
     assert shards.read_stats(str(tmp_path / "nope_stats.json"), fs) is None
 

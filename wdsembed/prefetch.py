@@ -132,7 +132,6 @@ class ReadAhead(BlockStream):
         self._pos = 0  # next unread byte of _buf
         self._offset = 0  # absolute offset of the next unread byte
         self.closed = False
-        self.requests = 0  # ranged GETs made (retries included), for tests and logs
         for _ in range(self._depth):
             self._request_next()
 
@@ -150,7 +149,6 @@ class ReadAhead(BlockStream):
             if self.closed:
                 return b""
             try:
-                self.requests += 1
                 data = self.fs.cat_file(self.path, start=start, end=end)
                 if len(data) != end - start:
                     raise ShortReadError(f"{self.name}: bytes {start}-{end} came back as {len(data)} bytes")

@@ -720,16 +720,6 @@ def list_shards(url: str, fs: Any) -> list[str]:
     return paths
 
 
-def parquet_path_for(shard_path: str) -> str:
-    """img2dataset's row table beside the shard: 00000.tar -> 00000.parquet."""
-    return shardindex.stem_path(shard_path) + ".parquet"
-
-
-def stats_path_for(shard_path: str) -> str:
-    """img2dataset's finished-shard marker beside the shard: 00000.tar -> 00000_stats.json."""
-    return shardindex.stem_path(shard_path) + "_stats.json"
-
-
 def first_keys(tar_url: str, fs: Any, n: int, *, max_members: int = 256) -> list[str]:
     """The keys of a tar's first `n` samples, from its headers only (member data is skipped, seeked past where
     it is large): a look at a shard before any work. Fewer where the tar holds fewer, or is damaged (the keys

@@ -843,5 +843,4 @@ def _float32_copy(loaded, device: str = "cpu"):
     twin = copy.copy(loaded)
     twin.model = copy.deepcopy(model, memo).eval()
     twin.device, twin.dtype, twin.channels_last = torch.device(device), torch.float32, False
-    twin._fingerprint = None
     return twin
