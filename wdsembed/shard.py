@@ -7,7 +7,7 @@
         check_keys_join(config, plan, rows, keys)      # none of the keys in the rows: failed, from the .idx's keys
                                                        # before embedding where there is one, else after it
         embedded = worker.embed(tar.images())          # DALI + model; a bad image costs only itself
-        table    = join_rows(rows, embedded, tar)      # every row by key, embedded or with its reason
+        table    = join_embeddings(rows, embedded, tar) # every row by key, embedded or with its reason
         write_output(table, plan, key, check)         # whole or not at all, the cache key and its parts in its
                                                       # footer; the validation (rows, dimension, finite, norms)
                                                       # runs beside the writes, and nothing appears unless it

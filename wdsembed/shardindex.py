@@ -54,7 +54,7 @@ class IndexColumns(NamedTuple):
 class ShardIndex:
     """A parsed DALI `.idx` (format v1.2)."""
 
-    samples: Sequence  # per sample: tuple of IndexMember(ext, data_offset, size, member_name)
+    samples: Sequence  # per sample: tuple of IndexMember(ext, offset, size, name)
     path: Optional[str] = field(default=None, compare=False)  # where ensure_index read or wrote it
 
     @classmethod
