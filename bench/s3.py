@@ -224,10 +224,10 @@ def v_obstore(n_flight):
 
 def _have_obstore() -> bool:
     try:
-        import obstore  # noqa: F401
+        import obstore
     except ImportError:
         return False
-    return True
+    return obstore is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------

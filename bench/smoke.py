@@ -91,11 +91,11 @@ def save_checkpoint(model_name: str, path: str) -> None:
     torch.save(timm.create_model(model_name, pretrained=False).state_dict(), path)
 
 
-def reference_embeddings(model_name: str, checkpoint: str, folder: str, device: str) -> dict[str, "np.ndarray"]:
-    """timm's eval transform on PIL (EXIF orientation applied, converted to RGB) and the fp32 model."""
+def reference_embeddings(model_name: str, checkpoint: str, folder: str, device: str) -> dict:
+    """Each key's float32 embedding from timm's eval transform on PIL (EXIF orientation applied, converted to RGB) and
+    the fp32 model."""
     import numpy as np
     import timm
-    import torch
     from PIL import Image, ImageOps
 
     from wdsembed import shards

@@ -158,7 +158,6 @@ def bench_model(model_name: str, device: str, batch_size: int, seconds: float, f
 def bench_dali(model_name: str, folder: str, device: str, batch_size: int, threads: int, **pipeline_options) -> dict:
     """(b) reading the tars + DALI decoding and preprocessing alone, into tensors on the device."""
     import timm
-    import torch
 
     from wdsembed import shards
     from wdsembed.pipeline import ImagePipeline

@@ -50,10 +50,11 @@ class Nanny(distributed.Nanny):
     """distributed.Nanny whose worker process ignores LEFT_TO_THE_STARTER from its birth (see the module)."""
 
     def __init__(self, *args, preload=None, preload_argv=None, **kwargs):
-        # Imported now for kill(): a cluster left open closes as the interpreter exits, too late to import it then
+        # Taken now for kill(): a cluster left open closes as the interpreter exits, too late to import faults then
         # (it registers an atexit hook): that failed the nanny's close with distributed's tracebacks.
-        from wdsembed import faults  # noqa: F401
+        from wdsembed.faults import worker_close_timeout
 
+        self._worker_close_timeout = worker_close_timeout
         preload, preload_argv = with_this_preload(preload, preload_argv)
         super().__init__(*args, preload=preload, preload_argv=preload_argv, **kwargs)
 
@@ -75,9 +76,7 @@ class Nanny(distributed.Nanny):
         `timeout` is up (4.4-4.8 s of 5 on a loaded machine), is said in one line instead of raising TimeoutError:
         that error went up through the cluster's close and replaced the run's own end (a Ctrl-C or SIGTERM became
         "run failed: " with no reason). The process has had SIGKILL; it ends on its own."""
-        from wdsembed import faults
-
-        pid, timeout = self.pid, faults.worker_close_timeout(timeout)
+        pid, timeout = self.pid, self._worker_close_timeout(timeout)
         try:
             await super().kill(timeout=timeout, reason=reason)
         except asyncio.TimeoutError:

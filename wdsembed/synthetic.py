@@ -369,11 +369,10 @@ def write_demo_dataset(
     images of varied sizes and formats, tar order shuffled, a few failed downloads per shard, and optionally
     corrupt image members (truncated JPEG, truncated PNG, random bytes, text, empty; all named .jpg)."""
     try:
-        import skimage.data  # noqa: F401
-
-        have_photos = True
+        import skimage.data  # where load_photo finds its photographs
     except ImportError:
-        have_photos = False
+        skimage = None
+    have_photos = skimage is not None
     kinds: tuple[CorruptKind, ...] = ("truncated", "truncated_png", "random", "text", "empty")
     shards = []
     for s in range(n_shards):
