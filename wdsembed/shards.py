@@ -44,7 +44,7 @@ def split_member_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :].lower()
 
 
-# A byte of a member name that was not UTF-8, as tarstream.member_name decodes it (surrogateescape).
+# A byte of a member name that was not UTF-8, as tarstream.decode_name decodes it (surrogateescape).
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")
 
 
