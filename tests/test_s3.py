@@ -294,6 +294,24 @@ def upload_tree(server: MotoS3, folder: Path, layout: dict[str, str]) -> str:
     return f"s3://{IN_BUCKET}/{prefix}"
 
 
+@pytest.mark.parametrize("form", ["folder", "pattern", "recursive"])
+def test_a_parquet_written_as_a_folder_on_s3_is_named_in_a_warning(server, dataset, caplog, form):
+    """On S3 a parquet written as a folder of part files (`00000.parquet/part-0000.parquet`) is a prefix, which the
+    listing gives as a folder: planning names it, as for a local folder (test_shards)."""
+    url = upload_tree(server, dataset, {"00000": "00000", "00001": "00001"})
+    bucket, prefix = url[len("s3://"):].split("/", 1)
+    s3 = server.boto()
+    s3.delete_object(Bucket=bucket, Key=f"{prefix}/00000.parquet")
+    s3.upload_file(str(dataset / "00000.parquet"), bucket, f"{prefix}/00000.parquet/part-0000.parquet")
+    given = {"folder": url, "pattern": f"{url}/{{00000..00001}}.tar", "recursive": url}
+    with caplog.at_level(logging.WARNING, logger="wdsembed"):
+        first, second = plan.plan_shards(config_for(given[form], f"s3://{OUT_BUCKET}/pf", server.endpoint,
+                                                    use_index_files=False, recursive=form == "recursive"))
+    [warning] = [r.getMessage() for r in caplog.records if "as a folder" in r.getMessage()]
+    assert f"{url}/00000.tar (its parquet is the folder 00000.parquet/)" in warning and "00001" not in warning
+    assert first.rows is None and second.rows == f"{url}/00001.parquet"
+
+
 def test_brace_patterns_and_recursive_folders_on_s3(server, dataset):
     url = upload_tree(server, dataset, {"00000": "00000", "00001": "00001", "train/00000": "00000",
                                         "val/00000": "00001", "val/deep/00003": "00000", "nested/a/00000": "00000",

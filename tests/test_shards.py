@@ -2255,3 +2255,38 @@ def test_an_unreadable_index_is_said_once_per_shard_in_the_terminal_and_the_runs
     for stem in ("00000", "00001"):
         lines = [line for line in said.splitlines() if f"ignoring unreadable index {data / stem}.idx" in line]
         assert len(lines) == 1 and "| WARNING | wdsembed.shardindex - " in lines[0], said
+
+
+@pytest.mark.parametrize("form", ["folder", "pattern", "recursive"])
+def test_a_parquet_written_as_a_folder_is_named_in_a_warning(tmp_path, caplog, form):
+    """Spark and Dask write a parquet as a folder of part files (`00000.parquet/part-0000.parquet`). It is not
+    read as the shard's parquet: planning says so, naming the shard and the folder, rather than the folder's columns
+    going missing from the output without a word. Once it is one file, it is read, and the shard's fingerprint
+    changes with it (its earlier output is not taken as current)."""
+    from wdsembed.config import EmbedConfig
+    from wdsembed.plan import plan_shards
+
+    data = tmp_path / "data" / "in"
+    for stem in ("00000", "00001"):
+        write_shard(data, stem, [ShardSample(image=b"x", caption=stem)] * 3)
+    table = pq.read_table(data / "00000.parquet")
+    (data / "00000.parquet").unlink()
+    (data / "00000.parquet").mkdir()
+    pq.write_table(table, data / "00000.parquet" / "part-0000.parquet")
+    given = {"folder": str(data), "pattern": f"{data}/{{00000..00001}}.tar", "recursive": str(tmp_path / "data")}
+    config = EmbedConfig(input=given[form], output=str(tmp_path / "out"), model_name="resnet18",
+                         recursive=form == "recursive")
+    with caplog.at_level(logging.WARNING, logger="wdsembed"):
+        first, second = plan_shards(config, indexes=False)
+    [warning] = [r.getMessage() for r in caplog.records if "as a folder" in r.getMessage()]
+    assert (f"1 shard(s) have their parquet written as a folder" in warning and str(data / "00000.tar") in warning
+            and "00000.parquet/" in warning and "from its tar alone" in warning and "00001" not in warning)
+    assert first.rows is None and second.rows == str(data / "00001.parquet")
+
+    shutil.rmtree(data / "00000.parquet")
+    pq.write_table(table, data / "00000.parquet")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="wdsembed"):
+        (again, _) = plan_shards(config, indexes=False)
+    assert not [r for r in caplog.records if "as a folder" in r.getMessage()]
+    assert again.rows == str(data / "00000.parquet") and again.fingerprint != first.fingerprint

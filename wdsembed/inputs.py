@@ -89,6 +89,8 @@ class FoundShards:
     root: str  # the folder that stems are relative to (a path of `fs`, no protocol)
     tars: list[str]  # sorted
     files: set[str] = field(default_factory=set)  # every file listed in the shards' folders
+    # the subfolders listed there: a shard's parquet written as a folder (Spark, Dask) is one, not a file
+    folders: set[str] = field(default_factory=set)
 
     def stem(self, tar: str) -> str:
         rel = posixpath.relpath(tar, self.root) if self.root else tar.lstrip("/")
@@ -132,8 +134,9 @@ def _find_in_folder(config: EmbedConfig) -> FoundShards:
         tars = sorted(p for p in files if _is_shard(p, root))
         if not tars:
             raise InputError(f"input {config.input!r} holds no *.tar shards, in no subfolder either")
-        return FoundShards(fs, root, tars, files)
-    files = set(storage.listed_files(fs, fs.ls(root, detail=True)))
+        return FoundShards(fs, root, tars, files, _parent_folders(files, root))
+    entries = fs.ls(root, detail=True)
+    files = set(storage.listed_files(fs, entries))
     _refuse_compressed(config, root, files, recursive=False)
     tars = sorted(p for p in files if _is_shard(p, root))
     if not tars:
@@ -145,7 +148,19 @@ def _find_in_folder(config: EmbedConfig) -> FoundShards:
                              f"{len(nested)} (e.g. {example}): pass {option('recursive')} to embed them, "
                              "or a brace pattern or list file naming them")
         raise InputError(f"input {config.input!r} holds no *.tar shards")
-    return FoundShards(fs, root, tars, files)
+    return FoundShards(fs, root, tars, files, set(storage.listed_folders(entries)))
+
+
+def _parent_folders(files: set[str], root: str) -> set[str]:
+    """The folders below `root` that hold the files of a recursive listing (which lists files only)."""
+    top = root.rstrip("/")
+    folders: set[str] = set()
+    for path in files:
+        folder = posixpath.dirname(path)
+        while folder.startswith(top + "/") and folder not in folders:
+            folders.add(folder)
+            folder = posixpath.dirname(folder)
+    return folders
 
 
 def refuse_wildcard(url: str, what: str) -> None:
@@ -267,22 +282,24 @@ def _find_named(config: EmbedConfig, urls: list[str], kind: str, *, fresh: bool 
     folders = sorted({posixpath.dirname(t) for t in tars})
     checked = fs._strip_protocol(input_folder(config.input)) if fresh else None  # listed by check_storage just now
 
-    def listing(folder: str) -> set[str]:
+    def listing(folder: str) -> tuple[set[str], set[str]]:
         if folder != checked:
             fs.invalidate_cache(folder)
         try:
-            return set(storage.listed_files(fs, fs.ls(folder, detail=True)))
+            entries = fs.ls(folder, detail=True)
         except FileNotFoundError:
-            return set()
+            return set(), set()
         except Exception:  # noqa: BLE001 - said with the URL and what to do (credentials, bucket)
             try:
                 storage.check_input(storage.to_url(fs, folder), config.storage_options)
             except storage.StoreError as exc:
                 raise InputError(str(exc)) from None
             raise
+        return set(storage.listed_files(fs, entries)), set(storage.listed_folders(entries))
 
     with ContextThreadPool(max(1, min(16, len(folders)))) as pool:
-        files = set().union(*pool.map(listing, folders))
+        listings = list(pool.map(listing, folders))
+    files = set().union(*(f for f, _ in listings))
     missing = [t for t in tars if t not in files]
     if missing:
         shown = ", ".join(storage.to_url(fs, t) for t in missing[:3])
@@ -295,7 +312,7 @@ def _find_named(config: EmbedConfig, urls: list[str], kind: str, *, fresh: bool 
         root = posixpath.dirname(tars[0])
     else:  # the deepest folder holding every listed shard ("" when they share none: other buckets)
         root = posixpath.commonpath(folders)
-    return FoundShards(fs, root, tars, files)
+    return FoundShards(fs, root, tars, files, set().union(*(d for _, d in listings)))
 
 
 def _local_spelling(path: str) -> str:

@@ -879,6 +879,7 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
     if checks:  # the output's place, before any index is written
         check_output_location(config, found)
         check_outputs_beside(config, found, listed.output_files())
+        warn_parquet_folders(found)  # with the checks: once per run, not again for nothing_to_compute
     fs, tars, siblings = found.fs, found.tars, found.files
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
 
@@ -909,6 +910,26 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
     if samples:
         plans = with_expected_samples(config, plans, max_workers=max_workers)
     return with_indexes(config, plans, max_workers=max_workers) if indexes else plans
+
+
+def warn_parquet_folders(found: FoundShards) -> None:
+    """A shard's parquet written as a folder of part files (Spark, Dask: `00000.parquet/part-0.parquet` beside
+    `00000.tar`) is not read: the shard is embedded from its tar alone, one row per sample, without the folder's
+    columns. Said once per run, naming the shards and folders, rather than those columns missing from OUTPUT
+    without a word."""
+    lost = [t for t in found.tars
+            if t[: -len(".tar")] + ".parquet" in found.folders and t[: -len(".tar")] + ".parquet" not in found.files]
+    if not lost:
+        return
+    shown = ", ".join(f"{storage.to_url(found.fs, t)} (its parquet is the folder {found.stem(t)}.parquet/)"
+                      for t in lost[:5])
+    more = f" and {len(lost) - 5} more" if len(lost) > 5 else ""
+    example = posixpath.basename(lost[0])[: -len(".tar")] + ".parquet"
+    log.warning("%d shard(s) have their parquet written as a folder of part files, which is not read: %s%s. Each is "
+                "embedded from its tar alone (one row per sample), without that folder's columns. To keep them, "
+                "write each shard's parquet as one file beside its tar (with pyarrow: pq.write_table(pq.read_table("
+                "'%s'), '%s.tmp'), then replace the folder with that file) and run again",
+                len(lost), shown, more, example, example)
 
 
 # How many parquets (or earlier outputs) run_id_type reads the footer of, at most, before it settles for strings.

@@ -213,6 +213,12 @@ def listed_files(fs: fsspec.AbstractFileSystem, entries: Iterable[Mapping[str, A
             if e.get("type") == "file" or (local and e.get("islink") and os.path.isfile(e["name"]))]
 
 
+def listed_folders(entries: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The names of the folders among a detailed listing's entries (`fs.ls(path, detail=True)`); on an object
+    store, the prefixes one level down."""
+    return [e["name"].rstrip("/") for e in entries if e.get("type") == "directory"]
+
+
 def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
     return any(p in _S3_PROTOCOLS for p in _protocols(fs))
 
