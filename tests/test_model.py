@@ -480,7 +480,9 @@ def test_unreachable_hub_fails_fast(monkeypatch):
     "name,suggested",
     [("resnet18x", "resnet18"), ("vit_base_patch16_clip_224.opanai", "vit_base_patch16_clip_224.openai"),
      # a tag that is a pattern of timm.list_pretrained's, or none after the dot: timm's own error is a RuntimeError
-     ("resnet18.a1_*", "resnet18.a1_in1k"), ("resnet18.", "resnet18.a1_in1k"), ("resnet18.[a]1_in1k", "resnet18.a1_in1k")],
+     ("resnet18.a1_*", "resnet18.a1_in1k"), ("resnet18.", "resnet18.a1_in1k"), ("resnet18.[a]1_in1k", "resnet18.a1_in1k"),
+     # a Hub repo id without timm's prefix: the hf-hub: form, beside the timm name it holds
+     ("timm/resnet18.a1_in1k", "'hf-hub:timm/resnet18.a1_in1k'"), ("timm/resnet18.a1_in1k", "resnet18.a1_in1k,")],
 )
 def test_unknown_model_names(name, suggested):
     with pytest.raises(ModelLoadError) as info:

@@ -341,6 +341,15 @@ def _suggest(model_name: str) -> str:
     return f" Did you mean: {', '.join(names)}?" if names else LIST_HINT
 
 
+def _hub_form(model_name: str) -> str:
+    """For a name spelled as a Hub repo id (`owner/name`, as the Hub's pages show it): timm takes one only with its
+    `hf-hub:` prefix, which the user most likely left out."""
+    owner, slash, repo = model_name.partition("/")
+    if not slash or not owner or not repo or "/" in repo or owner.startswith("."):
+        return ""
+    return f" A Hugging Face Hub repo is named with the hf-hub: prefix: 'hf-hub:{model_name}'."
+
+
 def check_model_name(model_name: str) -> None:
     """Raise ModelLoadError, with suggestions, for a name timm does not know or a pretrained tag it lacks."""
     _check_name(model_name)
@@ -354,7 +363,7 @@ def _check_name(model_name: str) -> None:
         return
     arch, dot, tag = model_name.partition(".")
     if not timm.is_model(arch):
-        raise ModelLoadError(f"unknown timm model {model_name!r}.{_suggest(model_name)}")
+        raise ModelLoadError(f"unknown timm model {model_name!r}.{_hub_form(model_name)}{_suggest(model_name)}")
     # Exactly that name: list_pretrained takes a pattern ("resnet18.a1_*", or "resnet18." with an empty tag, matches
     # other tags), and timm's own refusal of such a tag is a bare RuntimeError from inside create_model.
     if dot and model_name not in timm.list_pretrained(model_name):
