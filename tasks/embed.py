@@ -19,9 +19,10 @@ from tasks.expected_ends import log_expected_ends_without_traceback
 from tasks.prefect_events import count_api_logs, route_events_by_api_url
 from tasks.prefect_settings import share_hydrated_settings
 from tasks.prefect_tls import share_api_tls_contexts
-from wdsembed import caching, cluster, faults, report, shard, storage
+from tasks.retries import retry_if_transient
+from wdsembed import caching, cluster, report, shard, storage
 from wdsembed.config import EmbedConfig
-from wdsembed.shard import ShardPlan, ShardsFailed
+from wdsembed.shard import ShardPlan
 
 # On import: the one hook a Dask worker runs before Prefect's task engine (see the modules).
 share_api_tls_contexts()
@@ -107,13 +108,6 @@ def group_cache_key(context: TaskRunContext, parameters: dict) -> str:
     # for them (two shards of one size and mtime have one key; one result storage may serve several outputs).
     keys = [f"{plan.output}\x00{shard.cache_key(parameters['config'], plan)}" for plan in parameters["plans"]]
     return "embed-" + hashlib.sha256(" ".join(keys).encode()).hexdigest()[:32]
-
-
-def retry_if_transient(task_, task_run, state) -> bool:
-    exc = state.result(raise_on_failure=False)
-    if isinstance(exc, ShardsFailed):
-        return bool(exc.transient)
-    return isinstance(exc, BaseException) and faults.is_transient(exc)
 
 
 def embed_and_log(config: EmbedConfig, plans: list[ShardPlan], claim_run: Optional[str] = None) -> list[dict]:

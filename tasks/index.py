@@ -1,6 +1,6 @@
 from prefect import task
 
-from wdsembed import faults
+from tasks.retries import retry_if_transient
 from wdsembed.config import EmbedConfig
 from wdsembed.plan import Listed, plan_run
 from wdsembed.shard import ShardPlan
@@ -15,12 +15,6 @@ def list_and_index_shards(config: EmbedConfig) -> tuple[list[ShardPlan], set[str
     # Only the stems: each finished shard's task comes back from Prefect's cache with its result, or, where that
     # has none, from its plan's (ShardPlan.finished_result).
     return plans, set(finished), listed.output_files()
-
-
-def retry_if_transient(task, task_run, state) -> bool:
-    """A missing bucket, denied access or a bad parameter fails at once; only I/O hiccups are tried again."""
-    exc = state.result(raise_on_failure=False)
-    return isinstance(exc, BaseException) and faults.is_transient(exc)
 
 
 # A fixed run name: Prefect's default adds a random suffix (index-shards-572) that tells the UI's user nothing.

@@ -706,6 +706,32 @@ def test_failure_classes():
     assert not faults.is_transient(OutputClaimLostError("shard /d/00000.tar: not written to output '/o'"))
 
 
+def test_both_tasks_retry_on_one_rule_what_may_pass():
+    """The index and embedding tasks share one retry condition, a one-liner over faults.worth_retrying: a group's
+    ShardsFailed is retried where any of its shards' failures may pass, another error where it may itself."""
+    import pickle
+
+    from prefect.states import Completed, Failed
+
+    import tasks.embed
+    import tasks.index
+    from tasks.retries import retry_if_transient
+    from wdsembed.shard import ShardsFailed
+
+    assert tasks.index.index_shards.retry_condition_fn is tasks.embed.embed_shards.retry_condition_fn
+    assert tasks.embed.embed_shards.retry_condition_fn is retry_if_transient
+    some = ShardsFailed({"00000": "OSError: reset", "00001": "MalformedShardError: x"}, transient=["00000"])
+    none = ShardsFailed({"00001": "MalformedShardError: x"}, transient=[])
+    cases = [(some, True), (pickle.loads(pickle.dumps(some)), True), (none, False),
+             (ConnectionResetError("reset"), True), (faults.TransientError("throttled"), True),
+             (FileNotFoundError("/d/00000.tar"), False), (ValueError("malformed"), False), (None, False)]
+    for exc, retried in cases:
+        assert faults.worth_retrying(exc) is retried, exc
+        if exc is not None:
+            assert retry_if_transient(None, None, Failed(data=exc)) is retried, exc
+    assert retry_if_transient(None, None, Completed(data=[])) is False
+
+
 def test_a_group_names_the_failed_shards_whose_failure_may_pass(tmp_path, monkeypatch):
     """Prefect retries a task whose group has one (tasks.embed), and the command tells them from the others."""
     from wdsembed import plan, shard

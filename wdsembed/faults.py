@@ -42,6 +42,23 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (TransientError, TimeoutError, ConnectionError, OSError)) or is_transport_error(exc)
 
 
+class PartlyTransient(Exception):
+    """A failure of several parts (shard.ShardsFailed: a group's shards), `transient` naming those whose failure
+    may pass on a retry (is_transient)."""
+
+    transient: list
+
+
+def worth_retrying(exc: object) -> bool:
+    """Whether a failed task is tried again (the Prefect tasks' retry condition; `exc` is what its failed state
+    holds): a failure of several parts where any may pass (the parts that finished are then found done, not
+    redone), or one error that may pass. A missing bucket, denied access, a bad parameter or a malformed shard
+    fails at once."""
+    if isinstance(exc, PartlyTransient):
+        return bool(exc.transient)
+    return isinstance(exc, BaseException) and is_transient(exc)
+
+
 def reason(exc: BaseException) -> str:
     """A shard's failure reason: `Type: message`, with what the message leaves unsaid where it names a cause the
     user cannot see from it."""

@@ -121,7 +121,7 @@ class ShardResult:
         return asdict(self) | {"images_per_second": round(self.images_per_second, 1)}
 
 
-class ShardsFailed(RuntimeError):
+class ShardsFailed(faults.PartlyTransient, RuntimeError):
     """Some shards failed; every other shard's output is written. `failures`: stem -> reason, and where the manifest
     could not be written either, its file name (output.MANIFEST_NAME) -> reason; `results`: the finished shards'
     results (ShardResult or their dicts); `transient`: the failed shards whose failure may pass on a retry
