@@ -139,6 +139,30 @@ def test_output_folder_reads_as_one_dataset(run):
     assert set(manifest["shards"]) == {"00000", "00001"}
 
 
+def test_the_readmes_read_of_a_folder_names_each_rows_shard_where_keys_repeat_across_shards(tmp_path):
+    """Shards not made by img2dataset may reuse their keys (each numbered from 0): the full outputs have no shard
+    column, so the README's folder read gives each row's file. Run as written on such outputs, it tells the two
+    rows of one key apart, and leaves the kNN copy in _embeddings/ out of the folder's rows."""
+    from wdsembed import TimmImageEmbedder
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    for stem in ("00000", "00001"):
+        write_shard(inp, stem, [_image(int(stem) * 10 + i) for i in range(2)], shard_id=0, parquet=False)
+    TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                      fidelity_sample=0)(str(inp), str(out))
+    assert (out / "_embeddings").is_dir()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "__filename" in b)
+    scope: dict = {}
+    exec(snippet.replace('"demo-output', f'"{out}'), scope)  # run as written
+    assert scope["X"].shape[0] == 2 and scope["table"].num_rows == 4
+    named = scope["named"]
+    rows = sorted(zip(named.column("key").to_pylist(), (Path(f).name for f in named.column("__filename").to_pylist())))
+    keys = [k for k, _ in rows]
+    assert len(set(keys)) == 2 and len(keys) == 4  # each key twice, once per shard
+    assert rows == sorted((k, f"{stem}.parquet") for k in set(keys) for stem in ("00000", "00001"))
+
+
 def test_the_readmes_merged_read_takes_shards_whose_writers_typed_a_column_otherwise(tmp_path):
     """Parquets that pandas wrote hold an integer column with a null as double, and those that polars wrote hold
     strings as large_string: each output keeps its parquet's types, and the README's merged read failed on them
