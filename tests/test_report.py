@@ -249,6 +249,19 @@ def test_rows_with_an_embedding_are_counted_as_rows_and_images_as_images(tmp_pat
     assert (entry["rows"], entry["embedded_rows"], entry["embedded"], entry["failed"]) == (4, 4, 3, 0)
 
 
+def test_the_summarys_last_line_names_output_and_manifest_on_one_line_however_long(tmp_path, capsys):
+    """A script reads the summary's last line, `output: OUTPUT  (manifest: PATH)` (README); rich wrapped it at 80
+    columns where stdout is not a terminal, so a long OUTPUT put the manifest's path on a line of its own."""
+    from wdsembed.cli import print_summary
+
+    out = tmp_path / ("a-long-folder-name-" * 4) / "out"
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(out))
+    manifest = report.build_manifest(config, [shard("00000")], {}, 2.0) | {"path": str(out / "_manifest.json")}
+    print_summary(manifest)
+    last = capsys.readouterr().out.rstrip("\n").splitlines()[-1]
+    assert last == f"output: {out}  (manifest: {out / '_manifest.json'})", last
+
+
 def gpu_shard(stem: str, worker: str, gpu: str, start: float, end: float, embedded: int, alone: float) -> dict:
     t = {"worker": worker, "gpu": gpu, "model_alone_images_per_second": alone, "start": start - 1,
          "embed_start": start, "embed_end": end, "end": end + 1}

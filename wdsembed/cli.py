@@ -654,7 +654,9 @@ def print_summary(manifest: dict) -> None:
                  describe_gpu_use(manifest)):
         if line:
             console.print(line, markup=False, highlight=False, soft_wrap=True)
-    console.print(f"output: {manifest['output']}  (manifest: {written or 'not written'})", markup=False)
+    # one line however long the paths (a script reads it: README, Exit codes), as the lines above
+    console.print(f"output: {manifest['output']}  (manifest: {written or 'not written'})", markup=False,
+                  highlight=False, soft_wrap=True)
 
 
 def _print_manifest_hint(config: EmbedConfig, finished: int, failed: Collection[str] = (),
