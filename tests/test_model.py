@@ -422,6 +422,58 @@ def test_checkpoint_that_is_not_a_checkpoint(tmp_path):
         load_model("resnet18", checkpoint=str(path))
 
 
+def test_a_vit_checkpoint_of_another_input_size_is_warned_of_once_per_run_before_any_work(tmp_path, caplog):
+    """A ViT fine-tuned at 384 px (a 24x24 patch grid of position embeddings) loaded as a 224 px model (14x14): timm
+    resamples the embeddings and the run embedded at 224 px without a word. The pre-flight model check now warns, once
+    per run (a process's later run too, whose check is cached), naming both grids and sizes and the model name that
+    embeds at the checkpoint's own size. A checkpoint of the model's own size, or that name, gives no warning."""
+    from wdsembed.config import EmbedConfig, speaking_to
+    from wdsembed.plan import check_model
+
+    at_384, at_224 = tmp_path / "vit384.pth", tmp_path / "vit224.pth"
+    torch.save(_seeded_model("vit_tiny_patch16_224", seed=1, img_size=384).state_dict(), at_384)
+    torch.save(_seeded_model("vit_tiny_patch16_224", seed=1).state_dict(), at_224)
+    name = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+
+    def warnings(checkpoint, model_name=name) -> list[str]:
+        config = EmbedConfig(input=str(tmp_path), output=str(tmp_path / "out"), model_name=model_name,
+                             pretrained=False, checkpoint=str(checkpoint))
+        caplog.clear()
+        with speaking_to("command"), caplog.at_level(logging.WARNING, logger="wdsembed"):
+            check_model(config)
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    said = (f"checkpoint '{at_384}' holds position embeddings for a patch grid of 24x24 (384 px images), but "
+            f"{name!r}'s grid is 14x14 (224 px): timm resamples them to fit, and the run embeds at 224 px with that size's "
+            "preprocessing, a size the weights were not trained at. To embed at the checkpoint's own size, pass "
+            "--model vit_tiny_patch16_384.augreg_in21k_ft_in1k, timm's 384 px form of it, with this checkpoint")
+    assert warnings(at_384) == [said]
+    assert warnings(at_384) == [said]  # the process's next run: its check is cached, its warning is not
+    assert warnings(at_224) == []
+    assert warnings(at_384, "vit_tiny_patch16_384.augreg_in21k_ft_in1k") == []
+    # the load itself is as before: timm's resampled weights, the model's own size and preprocessing
+    with speaking_to("command"):
+        loaded = load_model(name, checkpoint=str(at_384))
+    assert loaded.data_config["input_size"] == (3, 224, 224) and loaded.checkpoint_warning == said
+    assert load_model(name, checkpoint=str(at_224)).checkpoint_warning is None
+    # where timm names no model at the checkpoint's size: a local-dir: model built at it, which embeds at 384 px
+    deit = load_model("deit_tiny_patch16_224", checkpoint=str(at_384), device="meta").checkpoint_warning
+    assert deit.endswith("pass --model (model_name=) local-dir:FOLDER with this checkpoint, FOLDER written by "
+                         "timm.models.save_for_hf(timm.create_model('deit_tiny_patch16_224', img_size=384), FOLDER) "
+                         "(timm names no 384 px form of 'deit_tiny_patch16_224')"), deit
+    timm.models.save_for_hf(timm.create_model("deit_tiny_patch16_224", img_size=384), tmp_path / "folder")
+    at_its_size = load_model(f"local-dir:{tmp_path / 'folder'}", checkpoint=str(at_384))
+    assert at_its_size.checkpoint_warning is None and at_its_size.data_config["input_size"] == (3, 384, 384)
+
+
+def test_a_clip_checkpoint_in_openai_layout_of_another_size_is_warned_of_too(tmp_path):
+    name = "vit_xsmall_patch16_clip_224.tinyclip_yfcc15m"
+    path = tmp_path / "openai_clip_288.pth"
+    torch.save(_openai_clip_layout(_seeded_model(name, seed=11, img_size=288).state_dict()), path)
+    said = load_model(name, checkpoint=str(path), device="meta").checkpoint_warning
+    assert said and "a patch grid of 18x18 (288 px images)" in said and "grid is 14x14 (224 px)" in said, said
+
+
 def _fill_hub_cache(cache: str, repo: str, filename: str, write) -> None:
     """The Hugging Face cache layout: refs/main names a snapshot that holds the file."""
     commit = "0" * 40

@@ -18,6 +18,7 @@ import contextlib
 import difflib
 import hashlib
 import logging
+import math
 import os
 import re
 import socket
@@ -70,6 +71,9 @@ class LoadedModel:
     # the checkpoint's tensors that hold NaN or infinite values (or a negative batch-norm variance), found on the meta
     # device only (no arithmetic there to probe with): plan.check_model then probes the model for real
     suspect_weights: tuple = ()
+    # what the checkpoint's load changed without a word from timm, for the run to warn of once, before any work
+    # (plan.check_model): position embeddings of another grid, resampled to the model's (_resampled_positions)
+    checkpoint_warning: Optional[str] = None
 
 
 # --------------------------------------------------------------------------------------------------- embedding rule
@@ -482,6 +486,77 @@ def _classifier_override(state_dict: dict, pretrained_cfg: Any) -> Optional[int]
     return None
 
 
+# Where a checkpoint keeps its absolute position embedding and its patch kernel, in the layouts that timm's ViT
+# conversion takes (vision_transformer.checkpoint_filter_fn: timm's own, OpenCLIP's timm trunk, OpenAI CLIP's).
+_POSITION_KEYS = (
+    ("pos_embed", "patch_embed.proj.weight"),
+    ("visual.trunk.pos_embed", "visual.trunk.patch_embed.proj.weight"),
+    ("module.visual.trunk.pos_embed", "module.visual.trunk.patch_embed.proj.weight"),
+    ("visual.positional_embedding", "visual.conv1.weight"),
+    ("module.visual.positional_embedding", "module.visual.conv1.weight"),
+)
+
+
+def _checkpoint_positions(state_dict: dict) -> Optional[tuple[int, Optional[int]]]:
+    """How many positions a checkpoint's absolute position embedding holds (prefix tokens included) and the side of
+    its patch kernel (None where it has none), read from the tensors' shapes; None for a checkpoint without one."""
+    for positions, patch in _POSITION_KEYS:
+        v, w = state_dict.get(positions), state_dict.get(patch)
+        if isinstance(v, torch.Tensor) and v.ndim >= 2:
+            kernel = int(w.shape[-1]) if isinstance(w, torch.Tensor) and w.ndim == 4 else None
+            return int(v.shape[-2]), kernel
+    return None
+
+
+def _resampled_positions(held: tuple[int, Optional[int]], model: nn.Module, model_name: str,
+                         checkpoint: str) -> Optional[str]:
+    """The warning for a checkpoint whose position embeddings are of another patch grid than the model's (a ViT
+    fine-tuned at 384 px loaded as a 224 px model), else None. timm resamples them to fit without a word
+    (resample_abs_pos_embed, logged at INFO), and the run embeds at the model's size, with its preprocessing: a size
+    the weights were not trained at. Said, not refused: resampling is a use of timm's (a checkpoint run at a smaller
+    size, faster), and no option here sets the input size. Only a square grid is told (timm assumes one too)."""
+    pos, embed = getattr(model, "pos_embed", None), getattr(model, "patch_embed", None)
+    grid, patch = getattr(embed, "grid_size", None), getattr(embed, "patch_size", None)
+    if not isinstance(pos, torch.Tensor) or pos.ndim != 3 or not grid or not patch:
+        return None
+    positions, kernel = held
+    if positions == pos.shape[1]:
+        return None
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1) or 0)
+    side = math.isqrt(max(positions - prefix, 0))
+    if side == 0 or side * side != positions - prefix:
+        return None
+    size = side * (kernel or patch[0])
+    ours = (grid[0] * patch[0], grid[1] * patch[1])
+    ours_px = f"{ours[0]} px" if ours[0] == ours[1] else f"{ours[0]}x{ours[1]} px"
+    arch = _arch_tag(model).partition(".")[0]
+    named = _name_at_size(model_name, ours, size)
+    local_dir = (f"{option('model_name')} local-dir:FOLDER with this checkpoint, FOLDER written by "
+                 f"timm.models.save_for_hf(timm.create_model({arch!r}, img_size={size}), FOLDER)")
+    fix = (f"{set_to('model_name', named)}, timm's {size} px form of it, with this checkpoint" if named
+           else f"{local_dir} (timm names no {size} px form of {model_name!r})")
+    return (f"checkpoint {checkpoint!r} holds position embeddings for a patch grid of {side}x{side} ({size} px "
+            f"images), but {model_name!r}'s grid is {grid[0]}x{grid[1]} ({ours_px}): timm resamples them to fit, and the run "
+            f"embeds at {ours_px} with that size's preprocessing, a size the weights were not trained at. To embed at "
+            f"the checkpoint's own size, pass {fix}")
+
+
+def _name_at_size(model_name: str, ours: tuple[int, int], size: int) -> Optional[str]:
+    """The timm name of `model_name`'s architecture at `size` px (vit_base_patch16_224.augreg_in21k ->
+    vit_base_patch16_384.augreg_in21k, or the bare architecture where that tag has no such form), where timm has
+    one; None for hf-hub: / local-dir: names and sizes timm names no model for."""
+    import timm
+
+    if ":" in model_name or ours[0] != ours[1]:
+        return None
+    arch, dot, tag = model_name.partition(".")
+    other = re.sub(rf"(?<=_){ours[0]}(?=_|$)", str(size), arch)
+    if other == arch or not timm.is_model(other):
+        return None
+    tagged = f"{other}.{tag}"
+    return tagged if dot and tagged in timm.list_pretrained(tagged) else other
+
+
 def _source_cfg(model_name: str, offline: bool) -> Any:
     """The pretrained cfg (a timm PretrainedCfg) that timm builds an hf-hub: or local-dir: model with, from its
     config.json (`_require_source_config` has checked that it can be had): its head's names and classes, which a
@@ -623,6 +698,7 @@ def load_model(
 
     weights_file: Optional[str] = None
     suspect: list[str] = []
+    held: Optional[tuple[int, Optional[int]]] = None  # the checkpoint's position embedding (_checkpoint_positions)
     if checkpoint:
         path = os.path.abspath(os.path.expanduser(checkpoint))
         if not os.path.isfile(path):
@@ -632,6 +708,7 @@ def load_model(
             overlay: dict[str, Any] = dict(file=path, custom_load=True, source=None)
         else:
             sd = _read_checkpoint(path, model_name)
+            held = _checkpoint_positions(sd)
             if dev.type == "meta":
                 suspect = _suspect_tensors(sd)
             # Pass the tensors, not the file, so the file is read once; timm's filter (format conversion) and
@@ -735,6 +812,7 @@ def load_model(
         device=dev,
         channels_last=channels_last,
         suspect_weights=tuple(suspect),
+        checkpoint_warning=_resampled_positions(held, model, model_name, checkpoint) if checkpoint and held else None,
     )
     # Measure, don't infer: the dim is whatever the forward we run per batch returns.
     probe = torch.zeros((1, *data_config["input_size"]), device=dev)

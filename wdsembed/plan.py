@@ -810,7 +810,8 @@ def _every_key(config: EmbedConfig, found: FoundShards, tar: str) -> Optional[li
     return shards.index_keys(index) if index is not None else None
 
 
-_models_passed: set[tuple] = set()  # check_model's, in this process
+# check_model's, in this process: each model that passed, with the warning its checkpoint's load gives (or None)
+_models_passed: dict[tuple, Optional[str]] = {}
 
 
 def check_model(config: EmbedConfig) -> None:
@@ -820,7 +821,8 @@ def check_model(config: EmbedConfig) -> None:
     model; an hf-hub: or local-dir: model whose config cannot be had; a model without an embedding to take (an
     encoder whose forward_head raises); a data config the pipeline cannot reproduce (a grayscale model); a checkpoint
     whose NaN or infinite weights (or negative batch-norm variances) make every embedding NaN (built on the CPU to
-    tell, only where it holds any). About a
+    tell, only where it holds any). A checkpoint whose position embeddings timm resamples to the model's grid (a
+    ViT fine-tuned at another size) is warned of, once per run. About a
     second for a ViT-B/16, three for a ViT-L/14 on a busy 2-core machine; whether pretrained weights can be had is
     preflight.check_weights's (it downloads nothing)."""
     from wdsembed.model import ModelLoadError, load_model
@@ -835,6 +837,8 @@ def check_model(config: EmbedConfig) -> None:
     key = (config.model_name, config.checkpoint, weights, storage.model_folder_identity(config.model_name),
            config.embedding)
     if key in _models_passed:
+        if _models_passed[key]:  # said for each run, as the build would
+            log.warning("%s", _models_passed[key])
         return
     try:
         loaded = load_model(config.model_name, pretrained=False, checkpoint=config.checkpoint,
@@ -843,8 +847,10 @@ def check_model(config: EmbedConfig) -> None:
         if loaded.suspect_weights:  # NaN, infinity, a negative variance: probed on the CPU, refused if broken
             load_model(config.model_name, pretrained=False, checkpoint=config.checkpoint,
                        embedding=config.embedding, device="cpu")
+        if loaded.checkpoint_warning:  # once per run, here before any work (the workers' loads say nothing)
+            log.warning("%s", loaded.checkpoint_warning)
         if weights is not False:
-            _models_passed.add(key)
+            _models_passed[key] = loaded.checkpoint_warning
     except ModelLoadError as exc:
         raise InputError(str(exc)) from None  # each says what to pass for its own cause
     except UnsupportedRecipe as exc:
