@@ -274,6 +274,21 @@ def test_listing_and_fingerprints(server, dataset):
     assert shardindex.fingerprint(tars[0], fs).etag != fp.etag
 
 
+def test_a_url_naming_an_objects_version_opens_that_version_with_version_aware_among_the_options(server):
+    """s3fs reads `?versionId=` in a URL as version_aware; the same said in the options too (as a user of versioned
+    buckets passes it) opens that version, as it did through fsspec's url_to_fs, not a TypeError (version_aware
+    given twice)."""
+    s3, bucket = server.boto(), f"wds-versioned-{uuid.uuid4().hex[:8]}"  # a bucket of its own: the others stay plain
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    old = s3.put_object(Bucket=bucket, Key="00000.parquet", Body=b"old")["VersionId"]
+    s3.put_object(Bucket=bucket, Key="00000.parquet", Body=b"new")
+    url = f"s3://{bucket}/00000.parquet?versionId={old}"
+    for extra in ({}, {"version_aware": "true"}):
+        fs, path = storage.filesystem(url, options(server.endpoint, **extra))
+        assert fs.cat_file(path) == b"old", extra
+
+
 def test_a_new_shard_is_seen_by_a_long_lived_process(server, dataset):
     url = upload(server, dataset)
     config = config_for(url, f"s3://{OUT_BUCKET}/x", server.endpoint, use_index_files=False)

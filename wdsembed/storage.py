@@ -36,7 +36,9 @@ def filesystem(url: str, storage_options: Mapping[str, str] | None = None) -> tu
     if "::" not in url and protocol(url) in _S3_PROTOCOLS:
         from wdsembed.s3filesystem import S3FileSystem
 
-        fs = S3FileSystem(attempts=s3_attempts(storage_options), **S3FileSystem._get_kwargs_from_urls(url), **options)
+        # what the URL implies (?versionId=: version_aware), then the options, which win, as in fsspec's url_to_fs
+        implied = S3FileSystem._get_kwargs_from_urls(url)
+        fs = S3FileSystem(attempts=s3_attempts(storage_options), **(implied | options))
         return fs, fs._strip_protocol(url)
     fs, path = url_to_fs(url, **options)
     if is_s3(fs):  # inside a chained URL (simplecache::s3://...): s3fs's own instance, its count set on it
