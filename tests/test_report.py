@@ -399,3 +399,21 @@ def test_the_artifact_gives_no_rate_for_a_run_that_embedded_nothing(tmp_path):
     computed = report.build_manifest(config, [shard("00000")], {}, 100.0)
     text = report.markdown_summary(computed, report.shard_rows([shard("00000")], {}))
     assert "- this run: 50 images in 100.0 s (" in text, text
+
+
+def test_an_entry_kept_from_a_manifest_written_before_embedded_rows_has_them_too(tmp_path):
+    """A shard this run does not name keeps its entry from the manifest OUTPUT holds (EARLIER_RUN). One that a
+    version before embedded_rows wrote has none: a script summing every entry's `embedded_rows`, as the README
+    says each has, failed with KeyError on it."""
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+    older = report.build_manifest(config, [shard("00000"), shard("00001") | {"rows": 4, "embedded": 3, "failed": 0}],
+                                  {}, 100.0)
+    for entry in older["shards"].values():
+        del entry["embedded_rows"]  # as that version wrote it
+    report.write_manifest(config, older)
+    for stem in ("00000", "00001"):
+        (tmp_path / "out" / f"{stem}.parquet").touch()
+    manifest = report.build_manifest(config, [shard("00002")], {}, 1.0, None, report.earlier_shards(config, {"00002"}))
+    assert {s: (e["status"], e["embedded_rows"]) for s, e in manifest["shards"].items()} == {
+        "00000": (report.EARLIER_RUN, 50), "00001": (report.EARLIER_RUN, 4), "00002": ("computed", 50)}

@@ -34,9 +34,14 @@ def embedded_rows(result: dict) -> int:
 def entry_fields(result: dict) -> dict:
     """A shard's counts and settings in the manifest (ENTRY_FIELDS), with its `embedded_rows`: a script summing
     `embedded` counts images, not the rows with an embedding (see embedded_rows)."""
-    entry = {k: result.get(k) for k in ENTRY_FIELDS}
-    if isinstance(result.get("rows"), int) and isinstance(result.get("failed"), int):
-        entry["embedded_rows"] = embedded_rows(result)
+    return _with_embedded_rows({k: result.get(k) for k in ENTRY_FIELDS})
+
+
+def _with_embedded_rows(entry: dict) -> dict:
+    """`entry` with its `embedded_rows`, where its rows and failed give them (an entry that a version before them
+    wrote, kept from manifest to manifest, has none of its own)."""
+    if isinstance(entry.get("rows"), int) and isinstance(entry.get("failed"), int):
+        return entry | {"embedded_rows": embedded_rows(entry)}
     return entry
 
 
@@ -137,7 +142,8 @@ def earlier_shards(config: EmbedConfig, named: Collection[str], files: Optional[
         return {}
     run = {"created": (before or {}).get("created"), "input": (before or {}).get("input")}
     # an entry carried on keeps its from_run, null for one that a footer gave
-    kept = {stem: shards[stem] | {"status": EARLIER_RUN, "from_run": shards[stem].get("from_run", run)}
+    kept = {stem: _with_embedded_rows(shards[stem])
+            | {"status": EARLIER_RUN, "from_run": shards[stem].get("from_run", run)}
             for stem in others if f"{stem}.parquet" in held}
     return {stem: entry for stem, entry in shards.items() if stem in named} | kept | undescribed
 
