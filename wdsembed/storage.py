@@ -40,10 +40,9 @@ def filesystem(url: str, storage_options: Mapping[str, str] | None = None) -> tu
         implied = S3FileSystem._get_kwargs_from_urls(url)
         fs = S3FileSystem(attempts=s3_attempts(storage_options), **(implied | options))
         return fs, fs._strip_protocol(url)
-    fs, path = url_to_fs(url, **options)
-    if is_s3(fs):  # inside a chained URL (simplecache::s3://...): s3fs's own instance, its count set on it
-        fs.retries = s3_attempts(storage_options)
-    return fs, path
+    # A chained URL (simplecache::s3://...) is fsspec's own: it hands the options to the outer layer, and an inner
+    # s3fs keeps s3fs's own tries and defaults (docs/inputs.md).
+    return url_to_fs(url, **options)
 
 
 def file_fingerprint(url: str, storage_options: Mapping[str, str] | None = None) -> str:
