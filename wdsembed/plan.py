@@ -923,8 +923,8 @@ def warn_parquet_folders(found: FoundShards) -> None:
     `00000.tar`) is not read: the shard is embedded from its tar alone, one row per sample, without the folder's
     columns. Said once per run, naming the shards and folders, rather than those columns missing from OUTPUT
     without a word."""
-    lost = [t for t in found.tars
-            if t[: -len(".tar")] + ".parquet" in found.folders and t[: -len(".tar")] + ".parquet" not in found.files]
+    beside = {t: t[: -len(".tar")] + ".parquet" for t in found.tars}  # where each shard's parquet would be
+    lost = [t for t, parquet in beside.items() if parquet in found.folders and parquet not in found.files]
     if not lost:
         return
     shown = ", ".join(f"{storage.to_url(found.fs, t)} (its parquet is the folder {found.stem(t)}.parquet/)"
