@@ -415,6 +415,25 @@ def test_checkpoint_that_does_not_fit(tmp_path):
                                f"(layer1.0.conv1.weight [3, 3, 3, 3] for [64, 64, 3, 3]). {advice}"), str(info.value)
 
 
+def test_a_name_and_its_default_tag_build_one_model_and_other_spellings_stay_apart():
+    """Resume takes `resnet18` and `resnet18.a1_in1k` (timm's default tag for it) for one model
+    (shard.made_as_spelled_otherwise): timm builds them alike, seeded random weights and preprocessing included.
+    Another tag is another model (torchvision's crop); hf-hub: and local-dir: names have their own config.json, and
+    are never merged with a registry name."""
+    from wdsembed.model import spellings, timm_name
+
+    bare, tagged = (load_model(n, pretrained=False) for n in ("resnet18", "resnet18.a1_in1k"))
+    assert bare.data_config == tagged.data_config
+    assert all(torch.equal(a, b) for a, b in zip(bare.model.state_dict().values(),
+                                                 tagged.model.state_dict().values()))
+    assert load_model("resnet18.tv_in1k", pretrained=False, device="meta").data_config != bare.data_config
+    assert timm_name("resnet18") == "resnet18.a1_in1k" == timm_name("resnet18.a1_in1k")
+    assert spellings("resnet18") == ("resnet18", "resnet18.a1_in1k")
+    assert spellings("resnet18.a1_in1k") == ("resnet18.a1_in1k", "resnet18")
+    for alone in ("resnet18.tv_in1k", "hf-hub:timm/resnet18.a1_in1k", "local-dir:/models/resnet18", "no_such_model"):
+        assert spellings(alone) == (alone,)
+
+
 def test_checkpoint_that_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "garbage.bin"
     path.write_bytes(b"definitely not a pickle" * 10)

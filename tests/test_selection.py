@@ -1098,6 +1098,75 @@ def test_outputs_of_an_earlier_version_without_the_record_say_so_and_stay_finish
         "settings: 00000, 00001"]
 
 
+def _as_an_earlier_version_wrote_it(path: Path) -> None:
+    """An output's footer as versions before the cache key's parts and the resolved timm name wrote it."""
+    fs = fsspec.filesystem("file")
+    meta = output.read_output_metadata(str(path), fs)
+    meta["result"]["model"].pop("timm_name")
+    table = pq.read_table(path)
+    table = table.replace_schema_metadata({k: v for k, v in table.schema.metadata.items() if k != output.FOOTER_KEY})
+    output.write_parquet_atomic(table, str(path), fs, {k: v for k, v in meta.items() if k != "cache_key_parts"})
+
+
+def test_a_model_named_with_or_without_its_default_tag_is_one_model_for_resume(tmp_path, caplog):
+    """`resnet18` and `resnet18.a1_in1k` (timm's default tag for resnet18) build the same model, yet a run with one
+    after a finished run with the other embedded every shard again. Each output keeps the key of the name as typed,
+    and a run takes one made under the other spelling, all else equal, for finished: also one written by an earlier
+    version (no recorded parts nor resolved name), and whichever spelling comes first. Another tag is another model."""
+    pytest.importorskip("nvidia.dali")
+    import shutil
+
+    from wdsembed.api import TimmImageEmbedder
+
+    data, out = tmp_path / "in", tmp_path / "out"
+    for i in range(2):
+        shard(data, f"{i:05d}", seed=i)
+
+    def embed(name: str, where: Path = out):
+        return TimmImageEmbedder(name, pretrained=False, **SETTINGS)(str(data), str(where))
+
+    first = embed("resnet18")
+    assert not any(r.cached for r in first)
+    assert {k: _footer_model(out / "00000.parquet")[k] for k in ("name", "timm_name")} == {
+        "name": "resnet18", "timm_name": "resnet18.a1_in1k"}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="wdsembed"):
+        spelled_out = embed("resnet18.a1_in1k")
+    assert all(r.cached for r in spelled_out) and [r.cache_key for r in spelled_out] == [r.cache_key for r in first]
+    assert not [r for r in caplog.records if "to recompute:" in r.getMessage()]
+    # a run naming one shard beside the other's output, made under the other spelling: the same space, not refused
+    [one] = TimmImageEmbedder("resnet18.a1_in1k", pretrained=False, **SETTINGS)(str(data / "00000.tar"), str(out))
+    assert one.cached
+
+    shutil.copytree(out, tmp_path / "copy")
+    other_tag = embed("resnet18.tv_in1k", tmp_path / "copy")  # torchvision's weights and crop: another model
+    assert not any(r.cached for r in other_tag)
+    assert _footer_model(tmp_path / "copy" / "00000.parquet")["timm_name"] == "resnet18.tv_in1k"
+
+    for stem in ("00000", "00001"):
+        _as_an_earlier_version_wrote_it(out / f"{stem}.parquet")
+    assert all(r.cached for r in embed("resnet18.a1_in1k")) and all(r.cached for r in embed("resnet18"))
+    # and the other way round: outputs made with the tag spelled out, found by a run of the bare name
+    fresh = tmp_path / "fresh"
+    assert not any(r.cached for r in embed("resnet18.a1_in1k", fresh))
+    assert all(r.cached for r in embed("resnet18", fresh))
+
+
+def test_a_bare_model_name_beside_its_default_tags_outputs_is_not_another_model(tree, tmp_path):
+    """Outputs of shards a run does not name, made by `test_resnet` (its default tag r160_in1k): a run of
+    `test_resnet.r160_in1k` beside them is of the same model, not refused as another's; another architecture is."""
+    out = tmp_path / "out"
+    _written_by(out, "00001", "test_resnet")
+    one = config(tree / "00000.tar", out, embedding="pooled")
+    plan.check_config(one)
+    plan.check_config(one.model_copy(update={"model_name": "test_resnet"}))
+    _written_by(out, "00002", "test_resnet.r160_in1k")
+    plan.check_config(one.model_copy(update={"model_name": "test_resnet"}))
+    _written_by(out, "00003", "test_convnext")
+    with pytest.raises(inputs.InputError, match=r"00003.parquet \(model test_convnext\)"):
+        plan.check_config(one)
+
+
 def test_a_rerun_naming_some_shards_keeps_the_others_finished_outputs_in_the_manifest(tree, tmp_path):
     """A run over 00000..00003, then one naming 00000..00001 into the same OUTPUT: its manifest listed those two only,
     though OUTPUT held four finished outputs of the same model. It keeps the earlier manifest's entries of the

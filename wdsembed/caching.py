@@ -11,7 +11,9 @@ preprocessing and embedding options, the declared recipe and output-format versi
   inputs with `refresh_cache=True`: a deleted output is recomputed, never reported as cached from a stale task
   result; with verify_outputs, so is one damaged below its footer (each output is then read whole). For those
   made from other inputs, the parts their footers recorded say what changed (shard.why_recomputed), before any
-  work: an upgrade or a touched tar is told from an intended change.
+  work: an upgrade or a touched tar is told from an intended change. An output made under the key of the model's
+  other spelling (`resnet18` for `resnet18.a1_in1k`: shard.made_as_spelled_otherwise) is finished too: the footer
+  check finds it, though Prefect's cache, keyed by the name as typed, does not.
 
 Nothing here imports Prefect or CUDA libraries (tasks.embed.result_storage_for makes the Prefect storage).
 """

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import logging
 import math
@@ -343,6 +344,34 @@ def _suggest(model_name: str) -> str:
     close = difflib.get_close_matches(model_name, pool, n=5, cutoff=0.6)
     names = list(dict.fromkeys(close + options))[:8]
     return f" Did you mean: {', '.join(names)}?" if names else LIST_HINT
+
+
+@functools.lru_cache(maxsize=None)
+def timm_name(model_name: str) -> str:
+    """The architecture and pretrained tag timm builds `model_name` as: a name without a tag takes its architecture's
+    default one (timm.models.get_pretrained_cfg: `resnet18` -> `resnet18.a1_in1k`), whose pretrained cfg (weights,
+    preprocessing, head) it then is in every way. The name itself where it has a tag, where timm registers no tagged
+    cfg for it (or does not know it), and for hf-hub: / local-dir: names: their config.json is the Hub repo's or the
+    folder's own, not timm's registry, and is not shown to match it."""
+    if ":" in model_name or "." in model_name:
+        return model_name
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    arch, _ = split_model_name_tag(model_name)
+    try:
+        cfg = get_pretrained_cfg(arch)
+    except RuntimeError:
+        return model_name
+    return f"{arch}.{cfg.tag}" if cfg is not None and cfg.tag and cfg.architecture == arch else model_name
+
+
+def spellings(model_name: str) -> tuple[str, ...]:
+    """Every name of the model that timm builds as `model_name` (timm_name), `model_name` first: an architecture and
+    its default tag spelled out (`resnet18`, `resnet18.a1_in1k`); the name alone for any other tag (resnet18.tv_in1k)
+    and for hf-hub: / local-dir: names. Built from either, with the same weights or seed, the model is the same."""
+    resolved = timm_name(model_name)
+    arch = resolved.partition(".")[0]
+    return tuple(dict.fromkeys(n for n in (model_name, resolved, arch) if timm_name(n) == resolved))
 
 
 def _hub_form(model_name: str) -> str:

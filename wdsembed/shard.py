@@ -209,6 +209,35 @@ def cache_key_parts(config: EmbedConfig, plan: ShardPlan) -> dict:
     return parts
 
 
+def same_model_name(recorded, name: str) -> bool:
+    """Whether a recorded model name is `name` or another spelling of it that timm builds the same
+    (model.spellings: `resnet18` and its default tag `resnet18.a1_in1k`); timm is imported only where the two are
+    names of one architecture."""
+    if recorded == name:
+        return True
+    if not isinstance(recorded, str) or ":" in recorded + name or recorded.partition(".")[0] != name.partition(".")[0]:
+        return False
+    from wdsembed.model import spellings  # imports torch and timm: seconds, which a re-run of finished shards skips
+
+    return recorded in spellings(name)
+
+
+def made_as_spelled_otherwise(config: EmbedConfig, plan: ShardPlan, meta: dict) -> bool:
+    """Whether an output whose footer metadata `meta` carries another key than this run's was made under this run's
+    key but for the model's name spelled otherwise (same_model_name): the same model and weights, finished for this
+    run too. Each key stays that of the name as typed (outputs of earlier versions' included), and a key of the other
+    spelling is made only where the footer names it."""
+    recorded = meta.get("cache_key")
+    parts = meta.get("cache_key_parts")
+    named = (parts.get("model") or {}).get("model_name") if isinstance(parts, dict) else \
+        ((meta.get("result") or {}).get("model") or {}).get("name")  # footers before the parts were recorded
+    if not recorded or named == config.model_name or not same_model_name(named, config.model_name):
+        return False
+    now = cache_key_parts(config, plan)
+    now["model"] = {**now["model"], "model_name": named}
+    return hashlib.sha256(json.dumps(now, sort_keys=True).encode()).hexdigest()[:32] == recorded
+
+
 # How a recorded part is said where it differs: by the EmbedConfig field it comes from, where there is one. Parts
 # absent from a footer take the value their absence stands for (cache_key_parts adds "dtype" and
 # "checkpoint_head_rule" only where they are not that value).
@@ -307,8 +336,9 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_vi
                     made_otherwise: Callable[[dict], None] = lambda meta: None,
                     verified: Callable[[str, bool], None] = lambda token, sound: None,
                     footer=_UNREAD, checked_meta: Optional[dict] = None) -> Optional[dict]:
-    """The footer metadata of a complete output made with the same cache key, else None (missing, cut short, its
-    footer unreadable, or made from other inputs): such an output is recomputed, never reported as cached; a readable
+    """The footer metadata of a complete output made with the same cache key (or with the model spelled otherwise:
+    made_as_spelled_otherwise), else None (missing, cut short, its footer unreadable, or made from other inputs):
+    such an output is recomputed, never reported as cached; a readable
     parquet there that wdsembed did not write raises output.ForeignOutputError, and is never overwritten. Only the
     footer is read, but where the kNN view must be rebuilt from the table and the table turns out damaged, the
     output is not finished either (a warning names it). `repair_view=False` only reads (the pre-flight's question),
@@ -328,7 +358,10 @@ def finished_output(config: EmbedConfig, plan: ShardPlan, key: str, *, repair_vi
         footer = output.read_footer(path, fs) if footer is _UNREAD else footer
         meta = output.output_metadata(footer, path, refuse_foreign=True)
     if meta is not None and meta.get("cache_key") != key:
-        made_otherwise(meta)
+        if made_as_spelled_otherwise(config, plan, meta):
+            key = meta["cache_key"]  # its view, and any rewrite of its ids, go on under the key it was made with
+        else:
+            made_otherwise(meta)
 
     def damaged(exc: Exception) -> None:  # the table, read to repair it, is damaged: recomputed, said once
         token = _output_token(fs, path)

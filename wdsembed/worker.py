@@ -198,7 +198,7 @@ class Worker:
     def __init__(self, config: EmbedConfig, device: Optional[str] = None) -> None:
         import torch
 
-        from wdsembed.model import capture_batch_graph, load_model, to_bfloat16
+        from wdsembed.model import capture_batch_graph, load_model, timm_name, to_bfloat16
         from wdsembed.pipeline import ImagePipeline
         from wdsembed.preprocess import PreprocessRecipe
 
@@ -290,7 +290,9 @@ class Worker:
         self._leases = 0  # callers holding it (Worker.lease): it is not closed for another config before they end
         self._reference_lock = threading.Lock()
         self.info = {
-            "name": self.loaded.name,
+            "name": self.loaded.name,  # as the run was given it
+            # the architecture and pretrained tag timm built it as (resnet18 -> resnet18.a1_in1k, its default tag)
+            "timm_name": timm_name(self.loaded.name),
             "weights": self.loaded.weights,
             "embedding": self.loaded.embedding,
             # what auto, head and pooled resolve to on this model: a later run's request is judged against
