@@ -485,6 +485,21 @@ def test_a_vit_checkpoint_of_another_input_size_is_warned_of_once_per_run_before
     assert at_its_size.checkpoint_warning is None and at_its_size.data_config["input_size"] == (3, 384, 384)
 
 
+def test_a_vit_checkpoint_of_a_non_square_grid_is_refused_not_resampled_unsaid(tmp_path):
+    """A checkpoint fine-tuned at 256x384 px (a 16x24 grid): its tensor holds 384 positions, not their grid, and
+    timm takes a source grid it cannot read from the model's config to be square. It refuses the load (no silent
+    resampling for the checkpoint warning to tell of: model._resampled_positions), before any work; a local-dir:
+    model built at that size loads it without a warning."""
+    path = tmp_path / "vit_256x384.pth"
+    torch.save(_seeded_model("vit_tiny_patch16_224", seed=1, img_size=(256, 384)).state_dict(), path)
+    for name in ("vit_tiny_patch16_224.augreg_in21k_ft_in1k", "vit_tiny_patch16_384.augreg_in21k_ft_in1k"):
+        with pytest.raises(ModelLoadError, match=rf"checkpoint '{re.escape(str(path))}' does not fit '{name}'"):
+            load_model(name, checkpoint=str(path), device="meta")
+    timm.models.save_for_hf(timm.create_model("vit_tiny_patch16_224", img_size=(256, 384)), tmp_path / "folder")
+    at_its_size = load_model(f"local-dir:{tmp_path / 'folder'}", checkpoint=str(path), device="meta")
+    assert at_its_size.checkpoint_warning is None and at_its_size.data_config["input_size"] == (3, 256, 384)
+
+
 def test_a_clip_checkpoint_in_openai_layout_of_another_size_is_warned_of_too(tmp_path):
     name = "vit_xsmall_patch16_clip_224.tinyclip_yfcc15m"
     path = tmp_path / "openai_clip_288.pth"

@@ -543,7 +543,10 @@ def _resampled_positions(held: tuple[int, Optional[int]], model: nn.Module, mode
     fine-tuned at 384 px loaded as a 224 px model), else None. timm resamples them to fit without a word
     (resample_abs_pos_embed, logged at INFO), and the run embeds at the model's size, with its preprocessing: a size
     the weights were not trained at. Said, not refused: resampling is a use of timm's (a checkpoint run at a smaller
-    size, faster), and no option here sets the input size. Only a square grid is told (timm assumes one too)."""
+    size, faster), and no option here sets the input size. Only a square grid is told: a checkpoint's tensor holds a
+    count of positions, not their grid (384 is 16x24, 24x16 or 12x32), and timm, which reads the source grid only
+    from the model's own config (timm.models._input.get_pretrained_grid_size) and takes it square otherwise, refuses
+    to load a non-square one into a model of another grid (load_model's ModelLoadError): none is resampled."""
     pos, embed = getattr(model, "pos_embed", None), getattr(model, "patch_embed", None)
     grid, patch = getattr(embed, "grid_size", None), getattr(embed, "patch_size", None)
     if not isinstance(pos, torch.Tensor) or pos.ndim != 3 or not grid or not patch:
