@@ -632,6 +632,53 @@ def test_image_extensions_no_member_of_the_first_shard_has_are_refused_on_s3(ser
     plan.check_config(config.model_copy(update={"image_extensions": ("png", "bmp")}))
 
 
+def _tar_on_s3(server, tmp_path: Path, name: str, members: list[tuple[str, bytes]]) -> str:
+    import io
+    import tarfile
+
+    folder = tmp_path / name
+    folder.mkdir()
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for member, data in members:
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return upload(server, folder)
+
+
+def test_the_image_extension_check_reads_a_shard_on_s3_up_to_its_first_image_of_those_extensions(server, tmp_path):
+    """Without an .idx, the check of --image-extensions read the headers of the first shard's first 64 members
+    whatever they were: on S3, where each image member bigger than a read block makes the next header a request
+    of its own, a shard of large images cost about one GET (of 1 MiB) per image, 30 here, before any work, to learn
+    what its first member had told. It stops at the first member of those extensions now. And a shard whose first
+    64 members are captions (a folder tarred with `tar cf`) is read on to its images, which were never seen: its
+    wrong extensions went unrefused, and every row failed 'no image member'."""
+    from s3server import CountingProxy
+
+    big = [(f"{i:09d}.{ext}", bytes([i]) * (1536 << 10 if ext == "jpg" else 20)) for i in range(30)
+           for ext in ("jpg", "txt")]
+    url = _tar_on_s3(server, tmp_path, "big", big)
+    proxy = CountingProxy(server.endpoint).start()
+    try:
+        config = config_for(url, f"s3://{OUT_BUCKET}/x", proxy.endpoint, use_index_files=False)
+        found = inputs.find_shards(config)
+        proxy.reset()
+        plan._check_image_extensions(config, found)  # jpg: passes
+        gets = proxy.requests_by(f"/{IN_BUCKET}/{url.split('/')[-1]}/00000.tar")["GetObject"]
+        assert gets == 1, proxy.seen
+    finally:
+        proxy.stop()
+    captions_first = [(f"{i:09d}.txt", b"caption") for i in range(70)] + [(f"{i:09d}.jpg", b"J") for i in range(70)]
+    url = _tar_on_s3(server, tmp_path, "captions", captions_first)
+    config = config_for(url, f"s3://{OUT_BUCKET}/x", server.endpoint, use_index_files=False,
+                        image_extensions=("gif",))
+    with pytest.raises(inputs.InputError, match=r"no member of shard .* has that extension \(its first 102 members "
+                                                r"have: txt, jpg\)"):
+        plan._check_image_extensions(config, inputs.find_shards(config))
+    plan._check_image_extensions(config.model_copy(update={"image_extensions": ("jpg",)}),
+                                 inputs.find_shards(config))
+
+
 def test_a_parquet_filtered_down_to_later_keys_on_s3_is_not_refused(server, tmp_path, monkeypatch):
     """Rows only for keys past the tar's first ones (curated rows): the right column, which only every key of the
     tar tells from a wrong one. With the shard's .idx (here in the local index cache: the bucket refuses this

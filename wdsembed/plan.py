@@ -3,6 +3,7 @@ path), which outputs are finished, and which are to compute. Which shards INPUT 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -618,8 +619,12 @@ def _check_readable(config: EmbedConfig, found: FoundShards) -> None:
                          "give them read permission (chmod a+r) or run as a user who can read them")
 
 
-# How many of the first shard's members the pre-flight reads the names of, where it has no .idx.
-FIRST_MEMBERS = 64
+# Where the first shard has no .idx, the pre-flight reads its member names from its tar headers up to its first
+# member of --image-extensions (in most shards, their first member: one read), else up to FIRST_IMAGES members named
+# like images of other extensions, or FIRST_MEMBERS members in all (a shard that begins with its captions). On an
+# object store each image member bigger than a read block costs a request: no more are read than the answer needs.
+FIRST_IMAGES = 32
+FIRST_MEMBERS = 1024
 # Extensions of images, beyond --image-extensions' defaults: a shard of these but none of the given ones has no
 # image that the run would read.
 KNOWN_IMAGE_EXTENSIONS = frozenset(IMAGE_EXTENSIONS) | {
@@ -629,7 +634,7 @@ KNOWN_IMAGE_EXTENSIONS = frozenset(IMAGE_EXTENSIONS) | {
 def _check_image_extensions(config: EmbedConfig, found: FoundShards) -> None:
     """The first shard must have a member of one of --image-extensions where it has images of other extensions:
     otherwise every row of every shard like it would fail 'no image member'. Its member names from its .idx where
-    one fits it (a few small reads), else from the headers of its first FIRST_MEMBERS members. A shard whose
+    one fits it (a few small reads), else from its first tar headers (_first_member_names). A shard whose
     samples only partly have the image is not refused (each such row fails on its own)."""
     tar = found.tars[0]
     try:
@@ -641,11 +646,11 @@ def _check_image_extensions(config: EmbedConfig, found: FoundShards) -> None:
             names, source = (columns.names if columns is not None else [m.name for m in index.members()]), \
                 "its .idx lists"
         else:
-            names = shards.first_member_names(tar, found.fs, FIRST_MEMBERS)
+            names = _first_member_names(tar, found.fs, config.image_extensions)
             source = f"its first {len(names)} members have"
     except Exception:  # noqa: BLE001 - an unreadable tar or index is the shard's own failure
         return
-    exts = list(dict.fromkeys(shards.split_member_name(n)[1].rsplit(".", 1)[-1] for n in names))
+    exts = list(dict.fromkeys(map(_image_extension, names)))
     images = [e for e in exts if e in KNOWN_IMAGE_EXTENSIONS]
     if not images or set(config.image_extensions) & set(exts):
         return
@@ -656,6 +661,27 @@ def _check_image_extensions(config: EmbedConfig, found: FoundShards) -> None:
                      f"{'that extension' if len(config.image_extensions) == 1 else 'those extensions'} ({source}: "
                      f"{', '.join(e or '(no extension)' for e in exts)}), and every row would fail with 'no image "
                      f"member': pass the extensions of its images, e.g. {flag} {','.join(images)}")
+
+
+def _image_extension(name: str) -> str:
+    """A member's extension as its sample's image would have it: its last dot-part (`0001.mask.png`: png)."""
+    return shards.split_member_name(name)[1].rsplit(".", 1)[-1]
+
+
+def _first_member_names(tar: str, fs, extensions) -> list[str]:
+    """A tar's member names from its headers, up to its first member of `extensions`, FIRST_IMAGES members named
+    like images of other extensions, or FIRST_MEMBERS members in all."""
+    names, images = [], 0
+    with contextlib.closing(shards.member_names(tar, fs)) as listed:
+        for name in listed:
+            names.append(name)
+            ext = _image_extension(name)
+            if ext in extensions:
+                break
+            images += ext in KNOWN_IMAGE_EXTENSIONS
+            if images >= FIRST_IMAGES or len(names) >= FIRST_MEMBERS:
+                break
+    return names
 
 
 # How many of the first shard's sample keys the pre-flight looks up in its parquet's id column, before all of them.

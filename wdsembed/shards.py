@@ -740,23 +740,20 @@ def first_keys(tar_url: str, fs: Any, n: int, *, max_members: int = 256) -> list
     return list(keys)[:n]
 
 
-def first_member_names(tar_url: str, fs: Any, max_members: int) -> list[str]:
-    """The names of a tar's first `max_members` members, from its headers only (member data is skipped, seeked past
-    where it is large), directories and hidden files left out as iter_samples leaves them: a look at a shard
-    before any work. Fewer where the tar holds fewer, or is damaged (the names before the damage)."""
-    names: list[str] = []
+def member_names(tar_url: str, fs: Any) -> Iterator[str]:
+    """The names of a tar's members in order, from its headers only (member data is skipped, seeked past where it
+    is large), directories and hidden files left out as iter_samples leaves them: a look at a shard before any
+    work, read only as far as the caller takes names (close the iterator to stop: the file closes with it). Ends
+    at the tar's end or its first damage."""
     with fs.open(tar_url, "rb", block_size=1 << 20) as f:
         r = tarstream.Reader(f, 64 << 10, allow_seek=True)
         try:
             for m in tarstream.iter_members(r):
                 if m.typeflag != tarstream.DIRECTORY and not m.name.rsplit("/", 1)[-1].startswith("."):
-                    names.append(m.name)
-                if len(names) >= max_members:
-                    break
+                    yield m.name
                 tarstream.skip_data(r, m)
         except tarstream.TarCorrupt:
             pass
-    return names
 
 
 def first_sidecar(tar_url: str, fs: Any, max_members: int = 64, max_size: int = 1 << 20) -> Optional[dict]:
