@@ -48,6 +48,10 @@ CASES: list[tuple[str, str, str]] = [
     ("shard-odd-keys", "Shards", "Keys with spaces or several dots"),
     ("shard-non-utf8-names", "Shards", "Member names not in UTF-8 (a tar written in Latin-1)"),
     ("shard-sample-without-image", "Shards", "A sample without an image"),
+    ("shard-member-without-extension", "Shards", "Members without an extension (`README`, `000001` beside "
+                                                 "`000001.bmp`)"),
+    ("shard-several-image-members", "Shards",
+     "Two image members of one sample (`x.bmp` and `x.BMP`, `x.bmp` and `x.png`)"),
     ("shard-members-apart", "Shards", "A key's members apart (a folder tarred with `tar cf`)"),
     ("shard-empty-tar", "Shards", "Empty tar"),
     ("shard-not-a-tar", "Shards", "A .tar that is not a tar (0 bytes, an HTML page)"),

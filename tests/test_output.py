@@ -74,6 +74,19 @@ def test_join_by_key_not_position():
     assert got["000042"]["url"] is None and got["000042"]["status"] is None
 
 
+@pytest.mark.parametrize("key_type", [pa.string(), pa.int64()])
+def test_rows_a_member_without_an_extension_holds_get_its_own_reason_and_no_row_of_their_own(key_type):
+    """missing_reasons: a tar key whose only member has no extension (shard.TarRead.missing_reasons) names that
+    member on its parquet row, matched as sample keys are (`000005` is 5 in an integer id column); a key of it the
+    parquet lacks (`README`) makes no row."""
+    why = {"000005": "no image member: the tar's member '000005' has no extension", "README": "no row"}
+    t = build_output_table(rows=_img2dataset_rows(key_type), keys=["000000"], embeddings=_emb("000000")[None],
+                           errors={}, dim=DIM, missing_reasons=why)
+    got = {str(int(k)): r["embedding_error"] for k, r in _by_key(t).items()}
+    assert got == {"0": None, "1": "HTTP Error 404", "2": NOT_IN_TAR, "3": NOT_IN_TAR, "4": "failed_to_resize",
+                   "5": why["000005"]}
+
+
 def test_schema_types():
     t = build_output_table(
         rows=_img2dataset_rows(), keys=["000000"], embeddings=_emb("000000")[None], errors={}, dim=DIM

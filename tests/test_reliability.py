@@ -569,6 +569,83 @@ def test_sample_without_image(tmp_path):
                  did="4 embedded; the 3rd kept with reason 'no image member (found: json, txt)'", lost="nothing")
 
 
+def _tar_of(path: Path, members: list[tuple[str, bytes]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_members_without_an_extension(tmp_path):
+    """WebDataset skips a member with no dot in its name (no key, no field). Each such member was a sample of its
+    own: a lone README became a row failing 'no image member (found: (no extension))', and a shard without a
+    parquet got one per such member. Now none makes a row; a key the parquet lists whose only member in the tar has
+    no extension still gets its row, saying so (not 'not in tar': its bytes are there)."""
+    _tar_of(tmp_path / "in" / "00000.tar", [
+        ("README", b"how this shard was made"),
+        ("000000000.bmp", bmp(0)), ("000000000.txt", b"caption 0"),
+        ("000000001", bmp(1)),  # the key's only member
+        ("000000002.bmp", bmp(2)), ("000000002", b"no extension"), ("000000002.txt", b"caption 2"),
+    ])
+    keys = [f"{i:09d}" for i in range(3)]
+    pq.write_table(pa.table({"key": keys, "status": ["success"] * 3}), tmp_path / "in" / "00000.parquet")
+    [r], out = run_shard(tmp_path)
+    t = read(out / "00000.parquet")
+    assert_accounted(t, keys)
+    rows = by_key(t)
+    lone = rows["000000001"][1]
+    assert set(rows) == set(keys) and r.embedded == 2 and r.samples == 2, rows
+    assert lone == ("no image member: the tar's member '000000001' has no extension: no field of any sample "
+                    "(WebDataset names a sample's members KEY.EXTENSION), so not read"), lone
+    assert r.warnings == ["3 member(s) without an extension (e.g. 'README', '000000001', '000000002'): no field of "
+                          "any sample (WebDataset names a sample's members KEY.EXTENSION), not read; a parquet row of "
+                          "such a key says so"], r.warnings
+    warning = r.warnings[0]
+    (tmp_path / "in" / "00000.parquet").unlink()  # without a parquet: no row for any of them
+    [r], out = run_shard(tmp_path, "no-parquet")
+    assert sorted(by_key(read(out / "00000.parquet"))) == ["000000000", "000000002"] and r.embedded == 2
+    assert r.warnings == [warning]
+    table.record("shard-member-without-extension",
+                 done="members 'README', '000000000.bmp', '000000000.txt', '000000001' (a BMP, the key's only "
+                      "member), '000000002.bmp', '000000002', '000000002.txt'; parquet lists keys 0-2",
+                 did=f"no row for 'README' (before, a row failing 'no image member (found: (no extension))'); "
+                     f"'000000000' and '000000002' embedded; '000000001' kept with reason {q(lone)}; warning "
+                     f"{q(warning)}; without the parquet, 2 rows and the same warning",
+                 lost="nothing readable as WebDataset reads a shard (the BMP named '000000001' is no field of a "
+                      "sample: its row says why)")
+
+
+def test_two_image_members_of_one_sample(tmp_path):
+    """`x.bmp` and `x.BMP` (one field to WebDataset, which raises on it), or `x.bmp` and `x.png` (two fields): one
+    is the sample's image, by --image-extensions' order, of one extension the first in the tar. The choice was
+    silent; the manifest now names the shard's samples with more than one, their chosen member and the others."""
+    chosen = {"000000000": bmp(0), "000000001": _enc(make_image(40, 30, seed=11), "PNG")}
+    _tar_of(tmp_path / "in" / "00000.tar", [
+        ("000000000.bmp", chosen["000000000"]), ("000000000.BMP", bmp(100)),
+        ("000000001.bmp", bmp(101)), ("000000001.png", chosen["000000001"]),
+        ("000000002.bmp", bmp(2)),
+        ("copy-0.bmp", chosen["000000000"]), ("copy-1.png", chosen["000000001"]),
+    ])
+    [r], out = run_shard(tmp_path)
+    rows = by_key(read(out / "00000.parquet"))
+    assert r.embedded == 5 and r.failed == 0
+    assert np.allclose(rows["000000000"][0], rows["copy-0"][0]) and np.allclose(rows["000000001"][0],
+                                                                                  rows["copy-1"][0])
+    assert r.warnings == [
+        "2 sample(s) have more than one image member (e.g. '000000000': '000000000.bmp' taken, '000000000.BMP' not; "
+        "'000000001': '000000001.png' taken, '000000001.bmp' not): the image is the one whose extension comes first "
+        "in --image-extensions (image_extensions=), of two spelt alike but for case the first in the tar; the "
+        "others are not embedded"], r.warnings
+    table.record("shard-several-image-members",
+                 done="members '000000000.bmp' and '000000000.BMP' (other images), '000000001.bmp' and "
+                      "'000000001.png', beside a plain sample",
+                 did=f"one row per key, embedded from '000000000.bmp' (the first in the tar) and '000000001.png' "
+                     f"(png before bmp in image_extensions), as before; warning {q(r.warnings[0])} (before, none)",
+                 lost="the image members not chosen (a sample has one embedding); named in the manifest")
+
+
 def test_a_huge_video_named_jpg_is_not_held_in_memory(tmp_path):
     """A web scrape's .jpg can be a video or an archive of any size. Its tar member was read whole into memory
     before its first bytes said it was no image: a member of some GB took the worker down with the shard."""

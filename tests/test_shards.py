@@ -158,7 +158,7 @@ def test_grouping_preference_missing_duplicate_empty(tmp_path):
     got = samples_of(tar)
     offs = data_offsets(tar)
     assert got == [
-        Sample("a", b"JPG", "jpg", member="a.jpg", offset=offs["a.jpg"]),
+        Sample("a", b"JPG", "jpg", member="a.jpg", offset=offs["a.jpg"], others=("a.png",)),
         Sample("b", None, error="no image member (found: json, txt)"),
         Sample("c", b"W", "webp", member="c.webp", offset=offs["c.webp"]),
         Sample("d", None, "jpg", error="empty image member", member="d.jpg", offset=offs["d.jpg"]),
@@ -215,7 +215,7 @@ def test_an_image_named_key_dot_ext_is_the_samples_image_not_a_component_named_l
                 Sample("photo", None, error="2 image members and none named 'photo.<extension>', so no one of "
                        "them is the image: 'photo.2020.jpg', 'photo.2021.jpg' (a key ends at its name's first dot, "
                        "as WebDataset and DALI split names)"),
-                Sample("0005", b"J", "jpg", member="0005.jpg", offset=offs["0005.jpg"]),
+                Sample("0005", b"J", "jpg", member="0005.jpg", offset=offs["0005.jpg"], others=("0005.png",)),
             ], (index is not None, fast)
 
 
@@ -236,12 +236,84 @@ def test_an_empty_image_member_never_takes_the_place_of_a_sample_image_with_byte
         for fast in (True, False):
             got = samples_of(tar, index=index, fast=fast)
             assert got == [
-                Sample("0001", b"PNG1", "png", member="0001.png", offset=offs["0001.png"]),
-                Sample("0002", b"PNG2", "png", member="0002.png", offset=offs["0002.png"]),
-                Sample("0003", None, "jpg", error="empty image member", member="0003.jpg", offset=offs["0003.jpg"]),
+                Sample("0001", b"PNG1", "png", member="0001.png", offset=offs["0001.png"], others=("0001.jpg",)),
+                Sample("0002", b"PNG2", "png", member="0002.png", offset=offs["0002.png"], others=("0002.jpg",)),
+                Sample("0003", None, "jpg", error="empty image member", member="0003.jpg", offset=offs["0003.jpg"],
+                       others=("0003.png",)),
                 Sample("0004", None, "jpg", error="empty image member", member="0004.jpg", offset=offs["0004.jpg"]),
-                Sample("0005", b"J", "jpg", member="0005.jpg", offset=offs["0005.jpg"]),
+                Sample("0005", b"J", "jpg", member="0005.jpg", offset=offs["0005.jpg"], others=("0005.png",)),
             ], (index is not None, fast)
+
+
+def test_a_sample_with_more_than_one_image_member_names_the_others_on_every_path(tmp_path):
+    """`a.jpg` and `a.JPG` (one field to WebDataset, which raises on the repeat), `b.png` and `b.jpg` (two fields),
+    a name archived twice: the choice stays (--image-extensions' order, of one extension the first in the tar), and
+    the sample names the members passed over (Sample.others), which shard.TarRead says in the shard's warnings. A
+    component named like an image (`c.mask.png`) is no other image. The same on every path."""
+    tar = make_tar(tmp_path / "several.tar", [
+        ("a.jpg", b"A1"), ("a.JPG", b"A2"), ("a.txt", b"t"),
+        ("b.png", b"BP"), ("b.jpg", b"BJ"),
+        ("c.JPG", b"C1"), ("c.mask.png", b"M"), ("c.JPG", b"C2"),
+        ("d.jpg", b"D"),
+    ])
+    first_c = data_offsets(tar)["c.JPG"]  # the first of the name
+    expected = [("a", b"A1", ("a.JPG",)), ("b", b"BJ", ("b.png",)), ("c", b"C1", ("c.JPG",)), ("d", b"D", ())]
+    for index in (None, _index_of(tar)):
+        for fast in (True, False):
+            for chunk_size in (tarstream.CHUNK_SIZE, 2048):
+                got = samples_of(tar, index=index, fast=fast, chunk_size=chunk_size)
+                assert [(s.key, bytes(s.image), s.others) for s in got] == expected, (index is not None, fast)
+                assert got[2].offset == first_c
+
+
+def test_a_member_without_an_extension_is_no_sample_and_no_field_of_one(tmp_path):
+    """WebDataset's base_plus_ext gives no key to a member with no dot after its last slash, and group_by_keys skips
+    it without ending the sample. Such a member (`README`, `000001` beside `000001.jpg`) was a sample of its own, and
+    its row failed 'no image member (found: (no extension))'; one between two members of a key split the key. It is
+    skipped now, on every path (general parser, .idx with and without the fast path, and the keys an .idx lists),
+    and named to on_no_extension; it stays in the index, as wds2idx lists it."""
+    tar = make_tar(tmp_path / "noext.tar", [
+        ("README", b"about this shard"),
+        ("000001", b"raw"), ("000001.jpg", b"J1"), ("000001.txt", b"t1"),
+        ("000002.jpg", b"J2"), ("000002", b"x"), ("000002.txt", b"t2"),    # inside the sample: it goes on
+        ("dir/000003", b"lone"),                                           # a key's only member
+        ("000004.json", b"{}"),
+        ("000005.jpg", b"J5"),
+    ])
+    offs = data_offsets(tar)
+    expected = [
+        Sample("000001", b"J1", "jpg", member="000001.jpg", offset=offs["000001.jpg"]),
+        Sample("000002", b"J2", "jpg", member="000002.jpg", offset=offs["000002.jpg"]),
+        Sample("000004", None, error="no image member (found: json)"),
+        Sample("000005", b"J5", "jpg", member="000005.jpg", offset=offs["000005.jpg"]),
+    ]
+    index = _index_of(tar)
+    assert "README" in [m.name for m in index.members()]  # as wds2idx lists it
+    for idx in (None, index):
+        for fast in (True, False):
+            named: list[str] = []
+            stale: list = []
+            got = samples_of(tar, index=idx, fast=fast, on_no_extension=named.append, on_stale_index=stale.append)
+            assert (got, named, stale) == (expected, ["README", "000001", "000002", "dir/000003"], []), \
+                (idx is not None, fast)
+    assert shards.index_keys(index) == ["000001", "000002", "000004", "000005"]
+    assert shards.first_keys(str(tar), LocalFileSystem(), 10) == ["000001", "000002", "000004", "000005"]
+
+
+def test_a_member_without_an_extension_after_a_damaged_header_leaves_the_next_sample_said_after_it(tmp_path):
+    """A member without an extension, skipped, right after a damaged part read past: the sample after it is still
+    the first after the damage, and says so where it lacks its image."""
+    tar = make_tar(tmp_path / "damaged.tar", [
+        ("000000.jpg", b"J0"), ("000001.jpg", b"J1"), ("README", b"r"), ("000001.json", b"{}"),
+        ("000002.jpg", b"J2"),
+    ])
+    hit = header_offsets(tar)["000001.jpg"]
+    data = bytearray(tar.read_bytes())
+    data[hit + 3] ^= 1  # a bit of its name: the checksum fails, the size still holds
+    tar.write_bytes(bytes(data))
+    got, damage, _, _ = _read_past_damage(tar)
+    assert [s.key for s in got] == ["000000", "000001", "000002"] and len(damage) == 1
+    assert got[1].error.startswith("no image member (found: json) after the tar's damaged part"), got[1].error
 
 
 def test_a_contiguous_file_member_is_read_as_the_regular_file_it_is(tmp_path):

@@ -319,6 +319,7 @@ def join_embeddings(
     missing_reason: str = NOT_IN_TAR,
     embedding_dtype: str = "float32",
     id_type: "Optional[pa.DataType]" = None,
+    missing_reasons: Optional[Mapping[str, str]] = None,
 ) -> JoinedOutput:
     """Join embeddings onto a shard's rows by key, never by position.
 
@@ -351,7 +352,9 @@ def join_embeddings(
       not read the new columns beside it); field metadata naming a pickled extension type is dropped
       (``arrow.py_extension_type``: a pickle that old pyarrow versions would run on reading the output).
     * A dictionary-encoded id column is written as its values (the type every other shard's keys have).
-    * `missing_reason` replaces "not in tar" for successful rows the tar lacks (e.g. a damaged tar's unread part).
+    * `missing_reason` replaces "not in tar" for successful rows the tar lacks (e.g. a damaged tar's unread part);
+      `missing_reasons` (tar key -> reason, matched as sample keys are) replaces it for the rows of those keys (a
+      member of the key's name that is no sample's: shard.TarRead.missing_reasons). Never rows of their own.
     * `id_type`, without `rows`: the run's id type (its other shards' parquets'), which the tar keys take, so that
       every shard's output has one schema; a key that is not an integer, for an integer type, gets a null id and an
       error naming it. Without it (or with `rows`), the keys are strings.
@@ -412,8 +415,12 @@ def join_embeddings(
         row_reason = pc.coalesce(row_reason, pc.if_else(failed, download_reason, null_str))
     row_embedded = np.where(sample_idx < len(keys), sample_idx, -1)  # samples with an error have no embedding
     # Not embedded, no tar error, not a failed download: a row without a key matches no sample; else the tar lacks it.
-    unmatched = pc.if_else(pc.is_null(row_ids), pa.scalar(f"no key (its {id_column!r} is null)"),
-                           pa.scalar(missing_reason))
+    missing = pa.scalar(missing_reason)
+    if missing_reasons:
+        said = list(missing_reasons)
+        which = pc.index_in(row_ids, value_set=pa.array(_canonical_tar_keys(said, id_type), type=pa.string()))
+        missing = pc.coalesce(pa.array([missing_reasons[k] for k in said], type=pa.string()).take(which), missing)
+    unmatched = pc.if_else(pc.is_null(row_ids), pa.scalar(f"no key (its {id_column!r} is null)"), missing)
     row_reason = pc.if_else(pa.array(row_embedded >= 0), null_str, pc.coalesce(row_reason, unmatched))
 
     # Tar samples the parquet lacks, and those whose integer id an earlier key owns: appended after, in sample order.

@@ -34,7 +34,7 @@ from typing import Callable, Collection, Iterator, Optional
 
 from wdsembed import (faults, fidelity, output, outputclaim, pipeline, preprocess, report, shardindex, shards,
                       storage, tarstream)
-from wdsembed.config import EmbedConfig
+from wdsembed.config import EmbedConfig, option
 from wdsembed.validate import validate_output, validate_table
 from wdsembed.versions import code_version, package_versions
 from wdsembed.worker import Worker
@@ -526,6 +526,7 @@ def process_shard(
                 embedding_column=config.embedding_column,
                 error_column=config.error_column,
                 missing_reason=tar.missing_reason,
+                missing_reasons=tar.missing_reasons,
                 embedding_dtype=config.embedding_dtype,
                 # without rows (no parquet, or one that cannot be read: its warning says so), the run's id type
                 id_type=tar_key_type(plan) if rows is None else None,
@@ -689,6 +690,12 @@ class TarRead:
                         and (self.index is not None or not storage.is_local(self.fs)) else None)
         self.errors: dict[str, str] = {}  # key -> why it has no image
         self.duplicates: dict[str, int] = {}
+        # members without an extension, which no sample has (shards.iter_samples): the key each would be -> its name
+        self.no_extension: dict[str, str] = {}
+        self.n_no_extension = 0
+        # samples with more than one image member (Sample.others): how many, and the first few (key, chosen, others)
+        self.several_images: list[tuple[str, str, tuple[str, ...]]] = []
+        self.n_several_images = 0
         self.damage: list[tarstream.ShardReadError] = []
         self.stale: list[shardindex.StaleIndexError] = []
         self.n_samples = 0
@@ -707,7 +714,8 @@ class TarRead:
                                           fast=os.environ.get(TAR_FAST_PATH_ENV) != "0",
                                           refuse_large=functools.partial(pipeline.refusal_from_head,
                                                                          max_pixels=self.config.max_image_pixels
-                                                                         or None))
+                                                                         or None),
+                                          on_no_extension=self._without_extension)
             try:
                 for sample in samples:
                     self.n_samples += 1
@@ -725,6 +733,10 @@ class TarRead:
                     seen.add(sample.key)
                     if no_image:
                         imageless.add(sample.key)
+                    if sample.others:  # the key's row, from one of its image members: said in the warnings
+                        self.n_several_images += 1
+                        if len(self.several_images) < 3:
+                            self.several_images.append((sample.key, sample.member, sample.others))
                     if sample.error:
                         self.errors[sample.key] = sample.error
                     else:
@@ -738,6 +750,17 @@ class TarRead:
                     self.errors[exc.key] = shards.damaged_sample_reason(exc)
                 return
         self.read_to_end = True
+
+    def _without_extension(self, name: str) -> None:
+        self.n_no_extension += 1
+        self.no_extension.setdefault(shards.stored_key(name), name)
+
+    @property
+    def missing_reasons(self) -> dict[str, str]:
+        """Why a parquet row whose key no sample has has no embedding, where the tar holds a member of that name
+        without an extension (`000001` for key 000001): it is there, but no field of a sample."""
+        return {key: f"{shards.NO_IMAGE}: {shards.member_without_extension(name)}"
+                for key, name in self.no_extension.items()}
 
     @property
     def missing_reason(self) -> str:
@@ -767,6 +790,20 @@ class TarRead:
             warnings.append(f"{sum(self.duplicates.values())} sample(s) repeat an earlier key ({len(self.duplicates)} "
                             f"key(s), e.g. {', '.join(map(repr, first))}): the first sample of a key is its row, "
                             "repeats are skipped")
+        if self.n_several_images:
+            shown = "; ".join(f"{key!r}: {chosen!r} taken, {', '.join(map(repr, others))} not"
+                              for key, chosen, others in self.several_images)
+            warnings.append(f"{self.n_several_images} sample(s) have more than one image member (e.g. {shown}): the "
+                            f"image is the one whose extension comes first in {option('image_extensions')}, of two "
+                            "spelt alike but for case the first in the tar; the others are not embedded")
+        if self.no_extension:
+            for key, name in self.no_extension.items():  # a key whose sample has no image: that member is why
+                if (self.errors.get(key) or "").startswith(shards.NO_IMAGE):
+                    self.errors[key] += f"; {shards.member_without_extension(name)}"
+            first = list(self.no_extension.values())[:3]
+            warnings.append(f"{self.n_no_extension} member(s) without an extension (e.g. "
+                            f"{', '.join(map(repr, first))}): no field of any sample (WebDataset names a sample's "
+                            "members KEY.EXTENSION), not read; a parquet row of such a key says so")
         for exc in self.damage[:MAX_DAMAGE_WARNINGS]:
             if exc.resumed is not None:
                 warnings.append(f"tar damaged at byte {exc.offset}: {exc.reason}; read on from the next intact header, "

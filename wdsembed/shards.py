@@ -32,6 +32,19 @@ class Sample:
     member: Optional[str] = None  # the chosen image member's name in the tar
     # byte offset of that member's data in the tar (the offset its .idx line has); for a hard link, its target's
     offset: Optional[int] = None
+    # The sample's other members named KEY.<image extension> (`x.JPG` beside `x.jpg`, `x.png` beside `x.jpg`), passed
+    # over for `member`: at most MAX_OTHERS of them. WebDataset refuses such a sample (a duplicate field) or keeps
+    # both fields; here one is the image, and the shard says so (shard.TarRead).
+    others: tuple[str, ...] = ()
+
+
+MAX_OTHERS = 3
+
+
+def has_extension(name: str) -> bool:
+    """Is this member a field of a sample, by WebDataset's rule (base_plus_ext): a dot in its name after the last
+    slash. One without (`README`, `000001` beside `000001.jpg`) is no field of any sample: WebDataset skips it."""
+    return "." in name[name.rfind("/") + 1 :]
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -104,6 +117,7 @@ def iter_samples(
     on_damage: Optional[Callable[[tarstream.ShardReadError], None]] = None,
     fast: bool = True,
     refuse_large: Optional[Callable[[bytes], Optional[str]]] = None,
+    on_no_extension: Optional[Callable[[str], None]] = None,
 ) -> Iterator[Sample]:
     """Stream the samples of a tar in file order with memory bounded by one read chunk plus one member.
 
@@ -122,7 +136,12 @@ def iter_samples(
     `f` must be positioned at the start of the tar; it is read forward, in requests of at most `chunk_size`
     bytes (no seeks, also with an index), except for hard links (below). Hidden files (`.x`, `dir/.x`, which
     wds2idx leaves out of the index), directories, and links, devices, FIFOs and sparse files not named like an
-    image are skipped without ending the current sample.
+    image are skipped without ending the current sample. So is a member whose name has no extension (`README`,
+    `000001` beside `000001.jpg`: no dot after its last slash), as WebDataset skips it: no field of any sample, it
+    makes no sample of its own; `on_no_extension` is called with its name (it stays in the index: wds2idx lists it).
+    A sample with more than one member named KEY.<image extension> (`x.jpg` and `x.JPG`, `x.jpg` and `x.png`)
+    takes the first of `extensions`' order (of one extension, the first in the tar) and names the others in its
+    `others`.
     A hard link member (legal tar: the same file archived twice) counts as the file it links to, an earlier
     regular member of this tar: its image bytes are that member's, read back from the data offset remembered for
     every regular member (a seek and read where `f` is seekable, a ranged read where `f` has `read_range`, as
@@ -176,7 +195,7 @@ def iter_samples(
         expected = iter(index.members()) if index is not None else None
         yield from _parse_tar(tarstream.Reader(f, chunk_size), f, rank=rank, shard=shard, seen=seen, passed=None,
                               expected=expected, index_builder=index_builder, on_stale_index=on_stale_index,
-                              on_damage=on_damage, refuse_large=refuse_large)
+                              on_damage=on_damage, refuse_large=refuse_large, on_no_extension=on_no_extension)
         return
     unread, offset, first, magic = yield from _fast_samples(f, plan, seen)
     passed = plan.names[:first], plan.offsets[:first].tolist(), plan.sizes[:first].tolist()
@@ -185,7 +204,7 @@ def iter_samples(
     yield from _parse_tar(tarstream.Reader(f, chunk_size, buffered=unread, offset=offset, magic=magic), f,
                           rank=rank, shard=shard, seen=seen, passed=passed, expected=plan.index.members_from(first),
                           index_builder=index_builder, on_stale_index=on_stale_index, on_damage=on_damage,
-                          refuse_large=refuse_large)
+                          refuse_large=refuse_large, on_no_extension=on_no_extension)
 
 
 def _parse_tar(
@@ -201,6 +220,7 @@ def _parse_tar(
     on_stale_index: Optional[Callable[["shardindex.StaleIndexError"], None]],
     on_damage: Optional[Callable[[tarstream.ShardReadError], None]],
     refuse_large: Optional[Callable[[bytes], Optional[str]]] = None,
+    on_no_extension: Optional[Callable[[str], None]] = None,
 ) -> Iterator[Sample]:
     """iter_samples' general parser: every header through tarstream.iter_members, from `r`'s position (the start
     of the tar, or the first header of a sample the fast path left) to the end. `seen`: keys already yielded;
@@ -215,12 +235,15 @@ def _parse_tar(
     span = _rank_span(rank)
     parts: list[str] = []  # the sample's first members named like an image after more than one dot (`a.mask.png`)
     n_parts = 0
+    plain: list[str] = []  # the sample's first members named KEY.<image extension>
+    best_at: Optional[int] = None  # the image's place in `plain` (names may repeat: a member archived twice)
     unread: Optional[str] = None  # why an image-named member of the sample gave no bytes (links, devices)
     duplicate = False
     repeats_image = False  # a sample of a key seen before has a member named like an image
     damaged: Optional[tarstream.ShardReadError] = None  # a damaged header read past while this sample was open
     follows: Optional[tarstream.ShardReadError] = None  # the damaged part right before this sample's first member
     read_past: Optional[tarstream.ShardReadError] = None  # the last damaged part read past
+    resumed_at: Optional[int] = None  # where reading went on after it (past members without an extension there)
 
     def finish() -> Sample:
         assert key is not None
@@ -248,11 +271,13 @@ def _parse_tar(
         if best[0] >= 2 * span and n_parts > 1:
             return Sample(key, None, error=_no_plain_image(key, parts, n_parts))
         _, data, ext, member, offset = best
+        others = tuple(n for i, n in enumerate(plain) if i != best_at)[:MAX_OTHERS]
         if len(data) == 0:
-            return Sample(key, None, image_ext=ext, error="empty image member", member=member, offset=offset)
+            return Sample(key, None, image_ext=ext, error="empty image member", member=member, offset=offset,
+                          others=others)
         if isinstance(data, bytearray):  # a member bigger than a chunk: hand out its buffer, no second copy
             data = memoryview(data).toreadonly()
-        return Sample(key, data, image_ext=ext, member=member, offset=offset)
+        return Sample(key, data, image_ext=ext, member=member, offset=offset, others=others)
 
     while True:  # once, and again from the next intact header after each damaged one read past (on_damage)
         try:
@@ -287,18 +312,29 @@ def _parse_tar(
                             raise
                         on_stale_index(stale)
                         expected = None
+                if not has_extension(m.name):  # no field of any sample (WebDataset skips it): the sample goes on
+                    if on_no_extension is not None:
+                        on_no_extension(m.name)
+                    if m.header_offset == resumed_at:  # the sample after it is still the first after the damage
+                        resumed_at = m.data_offset + m.size + (-m.size % tarstream.BLOCK)
+                    tarstream.skip_data(r, m)
+                    continue
                 if k != key:
                     if key is not None:
                         yield finish()
-                    key, found, best, unread, parts, n_parts = k, [], None, None, [], 0
+                    key, found, best, unread, parts, n_parts, plain, best_at = k, [], None, None, [], 0, [], None
                     duplicate, repeats_image = k in seen, False
                     damaged = None
-                    follows = read_past if read_past is not None and m.header_offset == read_past.resumed else None
+                    follows = read_past if read_past is not None and m.header_offset == resumed_at else None
                 found.append(ext)
                 if mrank is not None and mrank >= span:
                     n_parts += 1
                     if len(parts) < 3:
                         parts.append(m.name)
+                at = None  # this member's place in `plain`
+                if mrank is not None and mrank < span and len(plain) <= MAX_OTHERS:
+                    at = len(plain)
+                    plain.append(m.name)
                 if mrank is not None:
                     mrank = _choice(mrank, target[1] if target is not None else m.size, span)
                 repeats_image = repeats_image or (duplicate and mrank is not None)
@@ -316,7 +352,7 @@ def _parse_tar(
                         continue
                 if regular:
                     best = None  # drop the worse candidate before reading the better one
-                    best = (mrank, tarstream.read_data(r, m), _last_ext(ext), m.name, m.data_offset)
+                    best, best_at = (mrank, tarstream.read_data(r, m), _last_ext(ext), m.name, m.data_offset), at
                     continue
                 tarstream.skip_data(r, m)  # links, devices, FIFOs: no data in the tar; sparse files: not the file
                 if m.typeflag != tarstream.HARD_LINK:
@@ -336,7 +372,7 @@ def _parse_tar(
                     data = read_back(offset, size) if size and read_back else b""
                     if len(data) == size:
                         best = None
-                        best = (mrank, data, _last_ext(ext), m.name, offset)
+                        best, best_at = (mrank, data, _last_ext(ext), m.name, offset), at
                     else:  # the file changed under us: this sample's loss, not the shard's
                         unread = unread or (f"hard link to {_shown(m.linkname)}: its data read back as "
                                             f"{len(data)} of {size} bytes")
@@ -355,6 +391,7 @@ def _parse_tar(
                     yield finish()
                 raise tarstream.ShardReadError(shard, end.offset, end.reason, end.member, key=lost) from None
             read_past = tarstream.ShardReadError(shard, e.offset, e.reason, e.member, resumed=resumed)
+            resumed_at = resumed
             on_damage(read_past)
             if key is not None:
                 damaged = damaged or read_past
@@ -391,6 +428,12 @@ def has_no_image_member(sample: Sample) -> bool:
     return sample.image is None and sample.image_ext is None and (sample.error or "").startswith(NO_IMAGE)
 
 
+def member_without_extension(name: str) -> str:
+    """Why a key whose only member of that name has no extension (iter_samples' on_no_extension) has no image."""
+    return (f"the tar's member {_shown(name)} has no extension: no field of any sample (WebDataset names a "
+            "sample's members KEY.EXTENSION), so not read")
+
+
 def _no_image(found: list[str]) -> str:
     shown = ", ".join(dict.fromkeys(e or "(no extension)" for e in found))
     return f"{NO_IMAGE} (found: {shown})"
@@ -422,6 +465,7 @@ class _IndexPlan:
     image_size: list[int]
     image_member: list[str]
     image_ext: list[Optional[str]]
+    group_others: dict[int, tuple[str, ...]]  # samples with more than one image member: Sample.others (most none)
 
 
 def _plan_index(index: "shardindex.ShardIndex", rank: dict[str, int], chunk_size: int) -> Optional[_IndexPlan]:
@@ -507,6 +551,11 @@ def _plan_index(index: "shardindex.ShardIndex", rank: dict[str, int], chunk_size
         group_start, group_end, best_rank, image = group_start[:g], group_end[:g], best_rank[:g], image[:g]
     sizes = sizes[:limit]
     key_start = name_start[group_start].tolist()
+    plain = ranks[:limit] < span  # members named KEY.<image extension>
+    group_others = {}
+    for g in np.flatnonzero(np.add.reduceat(plain.astype(np.int64), group_start) > 1).tolist():
+        members = range(int(group_start[g]), int(group_end[g]))
+        group_others[g] = tuple(names[i] for i in members if plain[i] and i != image[g])[:MAX_OTHERS]
     return _IndexPlan(
         index=index, chunk_size=chunk_size, limit=limit, names=names[:limit], offsets=offsets[:limit],
         sizes=sizes, header_at=offsets[:limit] - tarstream.BLOCK, starts=starts[:limit], ends=ends[:limit],
@@ -517,6 +566,7 @@ def _plan_index(index: "shardindex.ShardIndex", rank: dict[str, int], chunk_size
         image_offset=offsets[image].tolist(), image_size=sizes[image].tolist(),
         image_member=list(map(names.__getitem__, image.tolist())),
         image_ext=list(map({r + s: e for e, r in rank.items() for s in (0, span)}.get, best_rank.tolist())),
+        group_others=group_others,
     )
 
 
@@ -657,18 +707,20 @@ def _group_samples(plan: _IndexPlan, runs: list[_Run], seen: set[str], first: in
             yield Sample(key, None, error="duplicate key")
             continue
         seen.add(key)  # only a sample with an image member owns its key (see iter_samples)
+        others = plan.group_others.get(g, ()) if plan.group_others else ()
         if not size:
-            yield Sample(key, None, image_ext=image_ext, error="empty image member", member=member, offset=offset)
+            yield Sample(key, None, image_ext=image_ext, error="empty image member", member=member, offset=offset,
+                         others=others)
         else:
             if image >= last_first:
                 buf, base = last_buf, last_base
             else:
                 _, buf, base = next(run for run in reversed(runs) if run[0] <= image)
             # Sample(key, buf[...], image_ext, member=member, offset=offset), without the frozen dataclass's
-            # __init__: it sets the six fields one object.__setattr__ call each, the most a sample costs here
+            # __init__: it sets the seven fields one object.__setattr__ call each, the most a sample costs here
             sample = _new_object(Sample)
             sample.__dict__.update(key=key, image=buf[offset - base : offset - base + size], image_ext=image_ext,
-                                   error=None, member=member, offset=offset)
+                                   error=None, member=member, offset=offset, others=others)
             yield sample
 
 
@@ -730,7 +782,7 @@ def first_keys(tar_url: str, fs: Any, n: int, *, max_members: int = 256) -> list
         r = tarstream.Reader(f, 64 << 10, allow_seek=True)
         try:
             for i, m in enumerate(tarstream.iter_members(r)):
-                if m.typeflag != tarstream.DIRECTORY:
+                if m.typeflag != tarstream.DIRECTORY and has_extension(m.name):  # as iter_samples' samples
                     keys.setdefault(split_member_name(m.name)[0])
                 if len(keys) > n or i >= max_members:  # one more key: the n-th sample is whole
                     break
@@ -782,10 +834,11 @@ def first_sidecar(tar_url: str, fs: Any, max_members: int = 64, max_size: int = 
 def index_keys(index: "shardindex.ShardIndex") -> list[str]:
     """The sample keys of the tar that `index` lists, in archive order, from its member names alone (no read of the
     tar). A name the index holds quoted (tar_quote: a backslash or a control character) is left out: its key as the
-    tar reader sees it is not spelled in the index."""
+    tar reader sees it is not spelled in the index; so is one without an extension (no sample's: iter_samples)."""
     columns = index.columns()
     names = columns.names if columns is not None else [m.name for m in index.members()]
-    return list(dict.fromkeys(split_member_name(n)[0] for n in names if n.isprintable() and "\\" not in n))
+    return list(dict.fromkeys(split_member_name(n)[0] for n in names
+                              if n.isprintable() and "\\" not in n and has_extension(n)))
 
 
 def read_rows(parquet_url: str, fs: Any, columns: Optional[Sequence[str]] = None):
