@@ -309,22 +309,90 @@ def upload_tree(server: MotoS3, folder: Path, layout: dict[str, str]) -> str:
     return f"s3://{IN_BUCKET}/{prefix}"
 
 
-@pytest.mark.parametrize("form", ["folder", "pattern", "recursive"])
-def test_a_parquet_written_as_a_folder_on_s3_is_named_in_a_warning(server, dataset, caplog, form):
-    """On S3 a parquet written as a folder of part files (`00000.parquet/part-0000.parquet`) is a prefix, which the
-    listing gives as a folder: planning names it, as for a local folder (test_shards)."""
-    url = upload_tree(server, dataset, {"00000": "00000", "00001": "00001"})
-    bucket, prefix = url[len("s3://"):].split("/", 1)
+def upload_files(server: MotoS3, folder: Path) -> str:
+    """Every file below `folder` (hidden ones, and those of subfolders, too) under a fresh prefix, as `aws s3 cp
+    --recursive` copies a folder; returns s3://bucket/prefix."""
+    prefix = f"files-{uuid.uuid4().hex[:8]}"
     s3 = server.boto()
-    s3.delete_object(Bucket=bucket, Key=f"{prefix}/00000.parquet")
-    s3.upload_file(str(dataset / "00000.parquet"), bucket, f"{prefix}/00000.parquet/part-0000.parquet")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        s3.upload_file(str(path), IN_BUCKET, f"{prefix}/{path.relative_to(folder).as_posix()}")
+    return f"s3://{IN_BUCKET}/{prefix}"
+
+
+def _with_spark_parquet(dataset: Path, folder: Path, stems=("00000",)) -> Path:
+    """A copy of `dataset` whose shards `stems` have their parquet as Spark writes it: a folder of 3 part files, a
+    .crc beside each, _SUCCESS (conftest.write_parquet_folder)."""
+    from conftest import write_parquet_folder
+
+    folder.mkdir()
+    for path in dataset.iterdir():
+        if path.suffix in (".tar", ".parquet", ".json"):
+            (folder / path.name).write_bytes(path.read_bytes())
+    for stem in stems:
+        write_parquet_folder(pq.read_table(dataset / f"{stem}.parquet"), folder / f"{stem}.parquet")
+    return folder
+
+
+@pytest.mark.parametrize("form", ["folder", "pattern", "recursive"])
+def test_a_parquet_written_as_a_folder_on_s3_is_the_shards_parquet(server, dataset, tmp_path, caplog, form):
+    """On S3 a parquet written as a folder of part files (`00000.parquet/part-00000-....snappy.parquet`) is a
+    prefix, which the listing gives as a folder: it is the shard's parquet, as on a local disk (test_shards), its
+    part objects read in their order and Spark's `_SUCCESS` and `.crc` objects skipped; its fingerprint is its
+    parts' ETags."""
+    url = upload_files(server, _with_spark_parquet(dataset, tmp_path / "in"))
     given = {"folder": url, "pattern": f"{url}/{{00000..00001}}.tar", "recursive": url}
+    config = config_for(given[form], f"s3://{OUT_BUCKET}/pf", server.endpoint, use_index_files=False,
+                        recursive=form == "recursive")
     with caplog.at_level(logging.WARNING, logger="wdsembed"):
-        first, second = plan.plan_shards(config_for(given[form], f"s3://{OUT_BUCKET}/pf", server.endpoint,
-                                                    use_index_files=False, recursive=form == "recursive"))
-    [warning] = [r.getMessage() for r in caplog.records if "as a folder" in r.getMessage()]
-    assert f"{url}/00000.tar (its parquet is the folder 00000.parquet/)" in warning and "00001" not in warning
-    assert first.rows is None and second.rows == f"{url}/00001.parquet"
+        first, second = plan.plan_shards(config)
+    assert not [r for r in caplog.records if "parquet" in r.getMessage()], caplog.text
+    assert first.rows == f"{url}/00000.parquet" and second.rows == f"{url}/00001.parquet"
+    fs, path = storage.filesystem(first.rows, config.storage_options)
+    assert [p.rsplit("/", 1)[1][:10] for p in shards.parquet_parts(path, fs)] == ["part-00000", "part-00001",
+                                                                                  "part-00002"]
+    assert shards.read_rows(path, fs).equals(pq.read_table(dataset / "00000.parquet"))
+    assert shards.read_rows_schema(path, fs) == pq.read_schema(dataset / "00000.parquet")
+    assert plan.plan_shards(config)[0].fingerprint == first.fingerprint
+    bucket, prefix = url[len("s3://"):].split("/", 1)
+    [part] = [k for k in server.keys(bucket) if k.startswith(f"{prefix}/00000.parquet/part-00002")]
+    server.boto().delete_object(Bucket=bucket, Key=part)
+    assert plan.plan_shards(config)[0].fingerprint != first.fingerprint
+
+
+def test_a_shard_whose_parquet_is_a_spark_folder_on_s3_is_embedded_with_its_columns(server, dataset, tmp_path,
+                                                                                   caplog):
+    """Through the Python API, from and to S3: a shard whose parquet is a Spark folder gets the same output as with
+    that parquet as one file (every input column, then the embedding and error columns), as one object
+    OUTPUT/00000.parquet. A shard whose folder holds no part (`_SUCCESS` alone: a write that did not finish) is
+    embedded from its tar, with a warning naming the folder and why, as for a .parquet that is not parquet."""
+    from wdsembed.api import TimmImageEmbedder
+
+    folder = _with_spark_parquet(dataset, tmp_path / "in")
+    (folder / "00001.parquet").unlink()
+    (folder / "00001.parquet").mkdir()
+    (folder / "00001.parquet" / "_SUCCESS").write_bytes(b"")
+    url = upload_files(server, folder)
+    settings = dict(pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1, fidelity_sample=0,
+                    index_cache_dir=str(tmp_path / "idx"))
+    reference = tmp_path / "reference"
+    TimmImageEmbedder(TINY_MODEL, **settings)(str(dataset), str(reference))
+    out = f"s3://{OUT_BUCKET}/emb-{uuid.uuid4().hex[:8]}"
+    with caplog.at_level(logging.WARNING, logger="wdsembed"):
+        first, second = TimmImageEmbedder(TINY_MODEL, storage_options=options(server.endpoint), **settings)(url, out)
+    objects = _s3_outputs(server, out)
+    assert sorted(k for k in objects if not k.startswith("_embeddings/")) == [
+        "00000.parquet", "00001.parquet", "_manifest.json"]
+    local = pq.read_table(reference / "00000.parquet").replace_schema_metadata(None)
+    assert _table_of(objects["00000.parquet"]).equals(local) and not first.warnings
+    assert local.column_names[-2:] == ["image_embedding", "embedding_error"] and "caption" in local.column_names
+    bucket, prefix = url[len("s3://"):].split("/", 1)
+    [warning] = second.warnings
+    assert warning == (f"{bucket}/{prefix}/00001.parquet: cannot read as parquet: a folder with no part files (it "
+                       "holds _SUCCESS): a write that did not finish, or was not of a parquet; the output holds the "
+                       "tar's samples only (no img2dataset columns)")
+    assert f"shard 00001: {warning}" in caplog.text
+    assert _table_of(objects["00001.parquet"]).column_names == ["key", "image_embedding", "embedding_error"]
+    assert second.embedded == 6
 
 
 def test_brace_patterns_and_recursive_folders_on_s3(server, dataset):

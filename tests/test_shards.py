@@ -2330,11 +2330,13 @@ def test_an_unreadable_index_is_said_once_per_shard_in_the_terminal_and_the_runs
 
 
 @pytest.mark.parametrize("form", ["folder", "pattern", "recursive"])
-def test_a_parquet_written_as_a_folder_is_named_in_a_warning(tmp_path, caplog, form):
-    """Spark and Dask write a parquet as a folder of part files (`00000.parquet/part-0000.parquet`). It is not
-    read as the shard's parquet: planning says so, naming the shard and the folder, rather than the folder's columns
-    going missing from the output without a word. Once it is one file, it is read, and the shard's fingerprint
-    changes with it (its earlier output is not taken as current)."""
+def test_a_parquet_written_as_a_folder_is_the_shards_parquet(tmp_path, caplog, form):
+    """Spark and Dask write a parquet as a folder of part files (`00000.parquet/part-00000-....snappy.parquet`). It
+    is the shard's parquet, as one file is, for every form of input (it was planned as no parquet, with a warning,
+    and the shard embedded without its columns). Its fingerprint is its parts': a part rewritten in place (the
+    folder's own mtime unchanged) changes it, and so do parts written into a folder that had none; the same parts
+    give the same one."""
+    from conftest import write_parquet_folder
     from wdsembed.config import EmbedConfig
     from wdsembed.plan import plan_shards
 
@@ -2342,23 +2344,114 @@ def test_a_parquet_written_as_a_folder_is_named_in_a_warning(tmp_path, caplog, f
     for stem in ("00000", "00001"):
         write_shard(data, stem, [ShardSample(image=b"x", caption=stem)] * 3)
     table = pq.read_table(data / "00000.parquet")
-    (data / "00000.parquet").unlink()
-    (data / "00000.parquet").mkdir()
-    pq.write_table(table, data / "00000.parquet" / "part-0000.parquet")
+    parts = write_parquet_folder(table, data / "00000.parquet")
     given = {"folder": str(data), "pattern": f"{data}/{{00000..00001}}.tar", "recursive": str(tmp_path / "data")}
     config = EmbedConfig(input=given[form], output=str(tmp_path / "out"), model_name="resnet18",
                          recursive=form == "recursive")
     with caplog.at_level(logging.WARNING, logger="wdsembed"):
         first, second = plan_shards(config, indexes=False)
-    [warning] = [r.getMessage() for r in caplog.records if "as a folder" in r.getMessage()]
-    assert (f"1 shard(s) have their parquet written as a folder" in warning and str(data / "00000.tar") in warning
-            and "00000.parquet/" in warning and "from its tar alone" in warning and "00001" not in warning)
-    assert first.rows is None and second.rows == str(data / "00001.parquet")
+    assert not [r for r in caplog.records if "parquet" in r.getMessage()], caplog.text
+    assert first.rows == str(data / "00000.parquet") and second.rows == str(data / "00001.parquet")
+    assert shards.read_rows(first.rows, fsspec.filesystem("file")).equals(table)
+    assert plan_shards(config, indexes=False)[0].fingerprint == first.fingerprint
 
-    shutil.rmtree(data / "00000.parquet")
-    pq.write_table(table, data / "00000.parquet")
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="wdsembed"):
-        (again, _) = plan_shards(config, indexes=False)
-    assert not [r for r in caplog.records if "as a folder" in r.getMessage()]
-    assert again.rows == str(data / "00000.parquet") and again.fingerprint != first.fingerprint
+    folder_mtime = os.stat(data / "00000.parquet").st_mtime_ns
+    pq.write_table(table.slice(0, 1).set_column(1, "caption", pa.array(["changed"])), parts[0])
+    os.utime(parts[0], ns=(1, 1))  # as a copy keeping the writer's times would leave it: only its size differs
+    assert os.stat(data / "00000.parquet").st_mtime_ns == folder_mtime
+    (again, _) = plan_shards(config, indexes=False)
+    assert again.fingerprint != first.fingerprint
+
+    for part in parts:
+        part.unlink()
+    (empty, _) = plan_shards(config, indexes=False)  # only _SUCCESS and the .crc files: planned, not refused
+    write_parquet_folder(table, data / "00000.parquet")
+    (written, _) = plan_shards(config, indexes=False)
+    assert len({empty.fingerprint, written.fingerprint, again.fingerprint}) == 3
+
+
+def test_a_spark_folder_reads_as_its_parts_rows_in_order(tmp_path):
+    """Spark's layout: `part-00000-<uuid>-c000.snappy.parquet` ..., a `.crc` beside each, `_SUCCESS`,
+    `_started_<id>`, `_committed_<id>` (none of them parquet, all skipped as pyarrow.dataset skips names starting
+    with `_` or `.`). The rows come back in the parts' order, whole, with columns= as for one file."""
+    from conftest import write_parquet_folder
+
+    fs = fsspec.filesystem("file")
+    written = write_shard(tmp_path / "in", "00000", [ShardSample(image=b"x", caption=f"c{i}") for i in range(7)])
+    table = pq.read_table(written.parquet)
+    parts = write_parquet_folder(table, written.parquet, parts=3)
+    assert sorted(p.name for p in Path(written.parquet).iterdir())[:4] == [
+        f".{parts[0].name}.crc", f".{parts[1].name}.crc", f".{parts[2].name}.crc", "_SUCCESS"]
+    assert shards.parquet_parts(written.parquet, fs) == [str(p) for p in parts]
+    assert shards.read_rows(written.parquet, fs).equals(table)
+    assert shards.read_rows(written.parquet, fs, columns=["key"]).equals(table.select(["key"]))
+    assert shards.read_rows_schema(written.parquet, fs) == table.schema
+    # Each part is read by pyarrow itself: its own reading of the folder gives the same rows
+    assert pq.read_table(written.parquet, filesystem=fs).equals(table)
+
+
+def test_a_dask_folder_reads_its_parts_in_their_numbers_order(tmp_path):
+    """Dask names its parts `part.0.parquet` ... `part.11.parquet`: as text, part.10 sorts before part.2 (pyarrow's
+    own reading of the folder puts its rows there); they are read by their numbers. `_metadata` and
+    `_common_metadata` are skipped."""
+    from conftest import write_parquet_folder
+
+    fs = fsspec.filesystem("file")
+    table = pa.table({"key": [f"{i:09d}" for i in range(24)], "n": list(range(24))})
+    folder = tmp_path / "00000.parquet"
+    parts = write_parquet_folder(table, folder, parts=12, layout="dask")
+    assert [Path(p).name for p in shards.parquet_parts(str(folder), fs)] == [p.name for p in parts]
+    assert shards.read_rows(str(folder), fs).column("n").to_pylist() == list(range(24))
+    assert pq.read_table(folder, filesystem=fs).column("n").to_pylist() != list(range(24))  # text order
+
+
+def test_a_parquet_folder_that_cannot_be_read_is_a_clear_error(tmp_path):
+    """A folder that holds no part (a write that did not finish: `_SUCCESS` or `.crc` files only), parts whose
+    schemas conflict, a part that is no parquet, or parts in subfolders (a partitioned write, whose partition
+    values are in the folders' names): MetadataFileError naming the folder and the cause (the shard is then
+    embedded from its tar, with a warning, as for a .parquet that is not parquet). Parts that only lack a column of
+    the others are read, the column null in their rows."""
+    fs = fsspec.filesystem("file")
+    folder = tmp_path / "00000.parquet"
+    folder.mkdir()
+    with pytest.raises(shards.MetadataFileError) as caught:
+        shards.read_rows(str(folder), fs)
+    assert str(caught.value) == (f"{folder}: cannot read as parquet: a folder with no part files (it holds nothing): "
+                                 "a write that did not finish, or was not of a parquet")
+    (folder / "_SUCCESS").write_bytes(b"")
+    (folder / ".part-00000.parquet.crc").write_bytes(b"crc")
+    with pytest.raises(shards.MetadataFileError, match=r"no part files \(it holds \.part-00000\.parquet\.crc, "
+                                                       r"_SUCCESS\)"):
+        shards.read_rows(str(folder), fs)
+    assert not faults.is_transient(caught.value)
+
+    pq.write_table(pa.table({"key": ["0", "1"], "n": [1, 2]}), folder / "part-00000.parquet")
+    pq.write_table(pa.table({"key": ["2"], "n": ["three"]}), folder / "part-00001.parquet")
+    for read in (shards.read_rows, shards.read_rows_schema):
+        with pytest.raises(shards.MetadataFileError) as caught:
+            read(str(folder), fs)
+        assert str(caught.value) == (
+            f"{folder}: cannot read as parquet: the schema of its part part-00001.parquet conflicts with that of the "
+            "parts before it: Unable to merge: Field n has incompatible types: int64 vs string"), read
+
+    pq.write_table(pa.table({"key": ["2"], "extra": [3.5]}), folder / "part-00001.parquet")
+    rows = shards.read_rows(str(folder), fs)
+    assert rows.to_pydict() == {"key": ["0", "1", "2"], "n": [1, 2, None], "extra": [None, None, 3.5]}
+
+    (folder / "part-00002.parquet").write_text("<html>not a parquet</html>")
+    with pytest.raises(shards.MetadataFileError, match=r"00000\.parquet: cannot read as parquet: part "
+                                                       r"part-00002\.parquet: Parquet magic bytes not found"):
+        shards.read_rows(str(folder), fs)
+    (folder / "part-00002.parquet").unlink()
+    damage_first_parquet_page(folder / "part-00001.parquet")
+    with pytest.raises(shards.MetadataFileError, match=r"part part-00001\.parquet: Couldn't deserialize thrift"):
+        shards.read_rows(str(folder), fs)
+
+    shutil.rmtree(folder)
+    (folder / "year=2024").mkdir(parents=True)
+    pq.write_table(pa.table({"key": ["0"]}), folder / "year=2024" / "part-00000.parquet")
+    with pytest.raises(shards.MetadataFileError) as caught:
+        shards.read_rows(str(folder), fs)
+    assert str(caught.value) == (f"{folder}: cannot read as parquet: a folder of part files in subfolders "
+                                 "(year=2024/part-00000.parquet: a partitioned write), whose partition columns would "
+                                 "be lost; write the shard's rows as one file, or as part files directly in the folder")

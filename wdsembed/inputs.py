@@ -96,6 +96,12 @@ class FoundShards:
         rel = posixpath.relpath(tar, self.root) if self.root else tar.lstrip("/")
         return rel[: -len(".tar")]
 
+    def parquet(self, tar: str) -> Optional[str]:
+        """The shard's img2dataset parquet beside it (`00000.parquet`): one file, or a folder of part files as Spark
+        and Dask write one (shards.read_rows reads either); None where it has none."""
+        path = tar[: -len(".tar")] + ".parquet"
+        return path if path in self.files or path in self.folders else None
+
 
 def find_shards(config: EmbedConfig, *, fresh: bool = False) -> FoundShards:
     """The shards that config.input names (see the module docstring), or InputError saying what is wrong: a

@@ -22,7 +22,7 @@ import posixpath
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
-from wdsembed import storage
+from wdsembed import shards, storage
 from wdsembed.cluster import SHARDS_PER_GPU, refuse_in_a_worker_bootstrap
 from wdsembed.config import refuse_credentials_in_url, speaking_to
 
@@ -155,12 +155,23 @@ class ImageTextPairDataset:
         return [os.path.basename(t)[: -len(".tar")] for t in self.tar_files]
 
     def metadata_files(self) -> list[str]:
-        """The metadata parquet of every shard that has one."""
+        """The metadata parquet of every shard that has one: a file, or a folder of part files (Spark, Dask)."""
+        return list(self._metadata_sources())
+
+    def _metadata_sources(self) -> dict[str, bool]:
+        """The URL of each shard's metadata parquet, in shard order, and whether it is a folder of part files; from
+        one listing of the metadata folder (not one request per shard)."""
         if self.metadata_path is None:
-            return []
+            return {}
         fs, root = storage.filesystem(self.metadata_path, self.storage_options)
+        fs.invalidate_cache(root)  # outputs written since an earlier listing
+        try:
+            entries = fs.ls(root, detail=True)
+        except FileNotFoundError:  # no output yet
+            return {}
+        files, folders = set(storage.listed_files(fs, entries)), set(storage.listed_folders(entries))
         paths = [storage.join(root, f"{stem}.parquet") for stem in self.stems]
-        return [storage.to_url(fs, p) for p in paths if fs.exists(p)]
+        return {storage.to_url(fs, p): p in folders for p in paths if p in files or p in folders}
 
     @property
     def metadata(self):
@@ -187,7 +198,8 @@ class ImageTextPairDataset:
         return frame
 
     def _read_metadata(self):
-        files = self.metadata_files()
+        sources = self._metadata_sources()
+        files = list(sources)
         if not files:
             return None
         import dask.dataframe as dd
@@ -199,30 +211,39 @@ class ImageTextPairDataset:
         # The options as every other read here takes them: s3fs refuses region_name and the timeouts as given. The
         # read runs on Dask's workers, which may not import wdsembed (elsewhere: botocore's retries stay on there).
         options = storage.fsspec_options(files[0], self.storage_options, elsewhere=True) or None
-        parts = [dd.read_parquet(run, storage_options=options) for run in self._runs_of_one_schema(files)]
-        return parts[0] if len(parts) == 1 else dd.concat(parts)
+        frames = []
+        for run in self._runs_of_one_schema(files, folders={u for u, folder in sources.items() if folder}):
+            if not sources[run[0]]:
+                frames.append(dd.read_parquet(run, storage_options=options))
+                continue
+            # A shard's parquet written as a folder of part files: Dask's read_parquet takes no folder among files,
+            # and reads each part as a partition of its own; read as one partition, as one shard's.
+            fs, path = storage.filesystem(run[0], self.storage_options)
+            parts = self._runs_of_one_schema([storage.to_url(fs, p) for p in shards.parquet_parts(path, fs)])
+            read = [dd.read_parquet(r, storage_options=options) for r in parts]
+            frames.append((read[0] if len(read) == 1 else dd.concat(read)).repartition(npartitions=1))
+        return frames[0] if len(frames) == 1 else dd.concat(frames)
 
-    def _runs_of_one_schema(self, files: list[str]) -> list[list[str]]:
-        """`files` in order, cut where a file's columns differ from the one before it (one footer read each)."""
+    def _runs_of_one_schema(self, files: list[str], folders: frozenset | set = frozenset()) -> list[list[str]]:
+        """`files` in order, cut where a file's columns differ from the one before it (one footer read each). Each
+        of `folders` (a parquet written as a folder of part files) is a run of its own."""
         schemas = [s.remove_metadata() for s in self._schemas(files)]
         runs: list[list[str]] = []
         for i, url in enumerate(files):
-            if i and schemas[i] == schemas[i - 1]:
+            if i and schemas[i] == schemas[i - 1] and url not in folders and files[i - 1] not in folders:
                 runs[-1].append(url)
             else:
                 runs.append([url])
         return runs
 
     def _schemas(self, files: list[str]) -> list:
-        """The schema in the footer of each parquet file of `files` (one footer read each, 16 at a time)."""
+        """The schema in the footer of each parquet of `files` (one footer read each, 16 at a time; a folder's,
+        its parts' as one: shards.read_rows_schema)."""
         from concurrent.futures import ThreadPoolExecutor
-
-        import pyarrow.parquet as pq
 
         def schema(url: str):
             fs, path = storage.filesystem(url, self.storage_options)
-            with fs.open(path, "rb") as f:
-                return pq.read_schema(f)
+            return shards.read_rows_schema(path, fs)
 
         with ThreadPoolExecutor(max(1, min(16, len(files)))) as pool:
             return list(pool.map(schema, files))
@@ -306,7 +327,8 @@ class ImageTextPairDataset:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        files = self.metadata_files()
+        sources = self._metadata_sources()
+        files = list(sources)
         if edited is not None and edited.npartitions != len(files):
             raise ValueError(f"the metadata has {edited.npartitions} partitions, not one per shard's metadata file "
                              f"({len(files)}), so its rows cannot be written back shard by shard: write it with "
@@ -323,6 +345,9 @@ class ImageTextPairDataset:
         for i, url in enumerate(files):
             if edited is None:
                 fs, src = storage.filesystem(url, self.storage_options)
+                if sources[url]:  # a parquet written as a folder of part files: saved as one file
+                    yield url, shards.read_rows(src, fs)
+                    continue
                 with fs.open(src, "rb") as f:
                     yield url, pq.read_table(f)
                 continue

@@ -698,16 +698,13 @@ def _check_id_column(config: EmbedConfig, found: FoundShards) -> None:
     its key join (shard.process_shard checks every key of its own). Where every key would cost the whole tar (an
     object store without .idx), the parquet's other columns speak instead: one that holds the first keys is the
     right one."""
-    siblings = ((t, t[: -len(".tar")] + ".parquet") for t in found.tars)
-    tar, first = next(((t, p) for t, p in siblings if p in found.files), (None, None))
+    siblings = ((t, found.parquet(t)) for t in found.tars)
+    tar, first = next(((t, p) for t, p in siblings if p), (None, None))
     if first is None:
         _check_id_column_without_parquets(config, found)
         return
-    import pyarrow.parquet as pq
-
     try:
-        with found.fs.open(first, "rb") as f:
-            schema = pq.read_schema(f)
+        schema = shards.read_rows_schema(first, found.fs)
     except Exception:  # noqa: BLE001 - an unreadable parquet is the shard's own warning (shard.read_metadata)
         return
     shown = posixpath.relpath(first, found.root) if found.root else first
@@ -790,16 +787,13 @@ def _check_id_types(config: EmbedConfig, found: FoundShards) -> None:
     failure."""
     if not storage.is_local(found.fs):
         return
-    import pyarrow.parquet as pq
-
-    parquets = [p for p in (t[: -len(".tar")] + ".parquet" for t in found.tars) if p in found.files]
+    parquets = [p for p in map(found.parquet, found.tars) if p]
     if len(parquets) < 2:
         return
 
     def type_of(path: str) -> Optional[str]:
         try:
-            with found.fs.open(path, "rb") as f:
-                return output.id_type_name(config.id_column, pq.read_schema(f))
+            return output.id_type_name(config.id_column, shards.read_rows_schema(path, found.fs))
         except Exception:  # noqa: BLE001 - as above
             return None
 
@@ -911,18 +905,17 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
     if checks:  # the output's place, before any index is written
         check_output_location(config, found)
         check_outputs_beside(config, found, listed.output_files())
-        warn_parquet_folders(found)  # with the checks: once per run, not again for nothing_to_compute
     fs, tars, siblings = found.fs, found.tars, found.files
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
 
     def plan_one(tar: str) -> ShardPlan:
         stem = found.stem(tar)  # "00000", or "train/00000" for a shard in a subfolder
         base = tar[: -len(".tar")]
-        rows = base + ".parquet" if base + ".parquet" in siblings else None
+        rows = found.parquet(tar)
         stats_path = base + "_stats.json" if base + "_stats.json" in siblings else None
         fingerprint = shardindex.fingerprint(tar, fs).token
         if rows:
-            fingerprint += "|" + shardindex.fingerprint(rows, fs).token
+            fingerprint += "|" + shards.parquet_fingerprint(rows, fs, folder=rows in found.folders)
         return ShardPlan(
             shard=storage.to_url(fs, tar),
             stem=stem,
@@ -944,26 +937,6 @@ def plan_shards(config: EmbedConfig, *, max_workers: int = 8, found: Optional[Fo
     return with_indexes(config, plans, max_workers=max_workers) if indexes else plans
 
 
-def warn_parquet_folders(found: FoundShards) -> None:
-    """A shard's parquet written as a folder of part files (Spark, Dask: `00000.parquet/part-0.parquet` beside
-    `00000.tar`) is not read: the shard is embedded from its tar alone, one row per sample, without the folder's
-    columns. Said once per run, naming the shards and folders, rather than those columns missing from OUTPUT
-    without a word."""
-    beside = {t: t[: -len(".tar")] + ".parquet" for t in found.tars}  # where each shard's parquet would be
-    lost = [t for t, parquet in beside.items() if parquet in found.folders and parquet not in found.files]
-    if not lost:
-        return
-    shown = ", ".join(f"{storage.to_url(found.fs, t)} (its parquet is the folder {found.stem(t)}.parquet/)"
-                      for t in lost[:5])
-    more = f" and {len(lost) - 5} more" if len(lost) > 5 else ""
-    example = posixpath.basename(lost[0])[: -len(".tar")] + ".parquet"
-    log.warning("%d shard(s) have their parquet written as a folder of part files, which is not read: %s%s. Each is "
-                "embedded from its tar alone (one row per sample), without that folder's columns. To keep them, "
-                "write each shard's parquet as one file beside its tar (with pyarrow: pq.write_table(pq.read_table("
-                "'%s'), '%s.tmp'), then replace the folder with that file) and run again",
-                len(lost), shown, more, example, example)
-
-
 # How many parquets (or earlier outputs) run_id_type reads the footer of, at most, before it settles for strings.
 ID_TYPE_READS = 3
 
@@ -977,7 +950,6 @@ def run_id_type(config: EmbedConfig, plans: list[ShardPlan], listed: Optional[Li
     its own. None (strings, unchecked) where neither says, or the type is none a key can take (id_column_problem
     refuses it)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     def usable(schema: pa.Schema) -> Optional[str]:
         return output.id_type_name(config.id_column, schema)
@@ -986,8 +958,7 @@ def run_id_type(config: EmbedConfig, plans: list[ShardPlan], listed: Optional[Li
     for url in parquets:
         try:
             fs, path = storage.filesystem(url, config.storage_options)
-            with fs.open(path, "rb") as f:
-                schema = pq.read_schema(f)
+            schema = shards.read_rows_schema(path, fs)
         except Exception:  # noqa: BLE001 - an unreadable parquet is its shard's own warning (shard.read_metadata)
             continue
         return usable(schema)

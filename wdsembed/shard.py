@@ -55,7 +55,7 @@ class ShardPlan:
     shard: str  # URL or path of the tar
     stem: str  # "00000"
     fingerprint: str  # size + mtime/etag of the tar (and its parquet): changes when the shard is rewritten
-    rows: Optional[str]  # the img2dataset parquet beside it, if any
+    rows: Optional[str]  # the img2dataset parquet beside it, if any: a file, or a folder of part files (Spark, Dask)
     index: Optional[str]  # the .idx found or written for it, if use_index_files
     output: str  # OUTPUT/<stem>.parquet
     expected_samples: Optional[int] = None  # from <stem>_stats.json "successes", when present

@@ -7,6 +7,7 @@ Knows nothing of DALI pipelines, models or Prefect. The tar format is in `tarstr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import posixpath
@@ -845,7 +846,8 @@ def read_rows(parquet_url: str, fs: Any, columns: Optional[Sequence[str]] = None
     """The shard's img2dataset row table (every input row, failed downloads included), or None when there is no
     parquet. A file that cannot be decoded as parquet (not parquet at all, a truncated footer, a damaged page)
     raises MetadataFileError naming it. Columns of Arrow's view types come back in their plain types
-    (output.plain_type: string_view as string).
+    (output.plain_type: string_view as string). A parquet written as a folder of part files (Spark, Dask) reads as
+    its parts' rows in their order (_read_folder_rows).
 
     The file's bytes are read whole first and decoded from memory: pyarrow says a damaged page with a plain OSError
     ("Couldn't deserialize thrift"), as an I/O error of its source would be said. Read apart, an error fetching the
@@ -856,17 +858,155 @@ def read_rows(parquet_url: str, fs: Any, columns: Optional[Sequence[str]] = None
 
     try:
         raw = storage.read_whole(fs, parquet_url)
-    except FileNotFoundError:
-        return None
-    try:
-        rows = pq.read_table(pa.BufferReader(raw), columns=list(columns) if columns is not None else None)
-    except (pa.ArrowException, OSError) as e:  # "Parquet magic bytes not found", truncated footers, damaged pages
-        said = " ".join("".join(c if c.isprintable() else " " for c in str(e)).split())  # one line, as shown
-        said = said.replace("Could not open Parquet input source '<Buffer>': ", "")  # the file is named already
-        raise MetadataFileError(f"{parquet_url}: cannot read as parquet: {said}") from e
+    except (FileNotFoundError, IsADirectoryError):
+        # a folder reads as one (S3 answers "no such key" for a prefix); else the parquet is gone since planning
+        if not fs.isdir(parquet_url):
+            return None
+        rows = _read_folder_rows(parquet_url, fs, columns)
+    else:
+        try:
+            rows = pq.read_table(pa.BufferReader(raw), columns=list(columns) if columns is not None else None)
+        except (pa.ArrowException, OSError) as e:  # "Parquet magic bytes not found", truncated footers, damaged pages
+            raise MetadataFileError(f"{parquet_url}: cannot read as parquet: {_said(e)}") from e
     from wdsembed.output import without_view_types
 
     return without_view_types(rows)  # string_view columns as string: the key join cannot take views
+
+
+def read_rows_schema(parquet_url: str, fs: Any):
+    """The schema of the shard's img2dataset parquet, from its footer (one small read); for a folder of part files,
+    their footers' schemas as one (_parts_schema). Store errors and undecodable footers raise as they come (the
+    shard's own read says them, read_rows)."""
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open(parquet_url, "rb") as f:
+            return pq.read_schema(f)
+    except Exception:
+        # locally IsADirectoryError; s3fs opens a prefix as an empty file, whose footer is missing
+        if not fs.isdir(parquet_url):
+            raise
+
+    def footer(part: str):
+        with fs.open(part, "rb") as f:
+            return pq.read_schema(f)
+
+    parts = parquet_parts(parquet_url, fs)
+    return _parts_schema(parquet_url, parts, _map_parts(footer, parts))
+
+
+def parquet_parts(folder: str, fs: Any) -> list[str]:
+    """The part files of a parquet written as a folder (Spark's `part-00000-<uuid>-c000.snappy.parquet`, Dask's
+    `part.0.parquet`), in the order their rows go: by name, with numbers by value (Dask's part.10 after part.9;
+    pyarrow's own discovery sorts them as text, part.10 before part.2). Names starting with `_` or `.` are what
+    the writer leaves beside its parts (`_SUCCESS`, `_committed_*`, `_metadata`, `.crc` checksums) and are left
+    out, as pyarrow.dataset's default ignore_prefixes leaves them. MetadataFileError naming the folder where it
+    holds no part, or holds parts in subfolders (a partitioned write: its partition values are in the folder
+    names, not in the parts, and would be lost)."""
+    given, folder = folder, folder.rstrip("/")
+    fs.invalidate_cache(folder)  # a long-lived process must see parts rewritten since its last listing
+    found = fs.find(folder, withdirs=False, detail=True)
+    names = [p[len(folder) + 1 :] for p in storage.listed_files(fs, found.values()) if p.startswith(folder + "/")]
+    parts = sorted((n for n in names if n and not any(c.startswith(("_", ".")) for c in n.split("/"))),
+                   key=_natural_key)
+    nested = [n for n in parts if "/" in n]
+    if nested:
+        raise MetadataFileError(f"{given}: cannot read as parquet: a folder of part files in "
+                                f"subfolders ({nested[0]}: a partitioned write), whose partition columns would be "
+                                "lost; write the shard's rows as one file, or as part files directly in the folder")
+    if not parts:
+        held = ", ".join(sorted(names)[:5]) or "nothing"
+        raise MetadataFileError(f"{given}: cannot read as parquet: a folder with no part files "
+                                f"(it holds {held}): a write that did not finish, or was not of a parquet")
+    return [f"{folder}/{n}" for n in parts]
+
+
+def parquet_fingerprint(path: str, fs: Any, folder: bool = False) -> str:
+    """What identifies one version of a shard's parquet for its cache key: the file's size and mtime or ETag; for a
+    folder, those of each of its part files (the folder's own change with no rewrite of a part), and of none where
+    it has no parts, so that parts written later change it."""
+    if not folder:
+        return shardindex.fingerprint(path, fs).token
+    try:
+        parts = parquet_parts(path, fs)
+    except MetadataFileError:
+        parts = []
+    tokens = "\n".join(f"{posixpath.basename(p)} {shardindex.fingerprint(p, fs).token}" for p in parts)
+    return f"parts-{len(parts)}-" + hashlib.sha256(tokens.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _read_folder_rows(folder: str, fs: Any, columns: Optional[Sequence[str]]):
+    """The rows of a parquet written as a folder: every part's bytes read whole (store errors stay the store's, as
+    for a file), then decoded from memory by pyarrow.dataset, part by part in their order, each in the parts'
+    common schema (a column a part lacks is null in its rows). A part that is no parquet, or whose schema conflicts
+    with the others', raises MetadataFileError naming it."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    parts = parquet_parts(folder, fs)
+    raws = _map_parts(lambda part: storage.read_whole(fs, part), parts)
+    fmt = ds.ParquetFileFormat()
+    fragments = []
+    for part, raw in zip(parts, raws):
+        try:
+            fragment = fmt.make_fragment(pa.BufferReader(raw))
+            fragment.physical_schema  # the footer, decoded now to name the part whose footer is damaged
+        except (pa.ArrowException, OSError) as e:
+            raise _part_error(folder, part, e) from e
+        fragments.append(fragment)
+    schema = _parts_schema(folder, parts, [f.physical_schema for f in fragments])
+    tables = []
+    for part, fragment in zip(parts, fragments):
+        try:
+            tables.append(fragment.to_table(schema=schema, columns=list(columns) if columns is not None else None))
+        except (pa.ArrowException, OSError) as e:  # damaged pages, a column asked for that none has
+            raise _part_error(folder, part, e) from e
+    return pa.concat_tables(tables)
+
+
+def _parts_schema(folder: str, parts: list[str], schemas: list):
+    """The schema the parts of a folder share: each column once, in the first part's order, then those later parts
+    add; one part's column of another type than an earlier part's raises MetadataFileError naming both."""
+    import pyarrow as pa
+
+    schema = schemas[0]
+    for i in range(1, len(parts)):
+        try:
+            schema = pa.unify_schemas([schema, schemas[i]])
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # "Unable to merge: Field key has incompatible types"
+            raise MetadataFileError(
+                f"{folder}: cannot read as parquet: the schema of its "
+                f"part {_part_name(folder, parts[i])} conflicts with that of the parts before it: {_said(e)}") from e
+    return schema
+
+
+def _map_parts(fn: Callable[[str], Any], parts: list[str]) -> list:
+    """`fn` of every part, in the parts' order; a few at a time (on an object store each is a request)."""
+    from wdsembed.threads import ContextThreadPool
+
+    if len(parts) == 1:
+        return [fn(parts[0])]
+    with ContextThreadPool(min(8, len(parts))) as pool:
+        return list(pool.map(fn, parts))
+
+
+def _natural_key(name: str) -> list:
+    """`part.10` after `part.9`: the runs of digits compared by value (re.split puts them at the odd places)."""
+    return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", name))]
+
+
+def _part_name(folder: str, part: str) -> str:
+    return part[len(folder.rstrip("/")) + 1 :]
+
+
+def _part_error(folder: str, part: str, e: BaseException) -> "MetadataFileError":
+    return MetadataFileError(f"{folder}: cannot read as parquet: part {_part_name(folder, part)}: {_said(e)}")
+
+
+def _said(e: BaseException) -> str:
+    """pyarrow's message in one line, as shown, without its in-memory source's name (the file is named already)."""
+    said = " ".join("".join(c if c.isprintable() else " " for c in str(e)).split())
+    return said.replace("Could not open Parquet input source '<Buffer>': ", "")
 
 
 def read_stats(stats_url: str, fs: Any) -> Optional[dict]:
