@@ -399,6 +399,41 @@ def test_metadata_reads_every_shard_when_one_had_no_img2dataset_parquet(tmp_path
     assert frame["image_embedding"].notna().all() and frame["embedding_error"].isna().all()
 
 
+def test_a_datasets_parquets_written_as_folders_are_its_metadata(tmp_path):
+    """A shard's parquet written as a folder of part files (Spark's `part-00000-<uuid>.snappy.parquet`, Dask's
+    `part.0.parquet` ... `part.11.parquet`) is its metadata, as one file is: one partition per shard, its rows in
+    its parts' order (Dask's read_parquet takes no folder among files, and reads each part as a partition of its
+    own); save_metadata writes it as one file; the embedder's outputs keep its columns."""
+    from conftest import write_parquet_folder
+    from wdsembed import ImageTextPairDataset, TimmImageEmbedder
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    data = tmp_path / "dataset"
+    for s, n in enumerate((2, 12, 3)):
+        write_shard(data, f"{s:05d}", from_encoded(synthetic_images(n, seed=s)))
+    tables = [pq.read_table(data / f"{s:05d}.parquet") for s in range(3)]
+    write_parquet_folder(tables[1], data / "00001.parquet", parts=12, layout="dask")
+    write_parquet_folder(tables[2], data / "00002.parquet", parts=2)
+    dataset = ImageTextPairDataset.from_webdataset(str(data), id_col="key")
+    assert [Path(f).name for f in dataset.metadata_files()] == ["00000.parquet", "00001.parquet", "00002.parquet"]
+    metadata = dataset.metadata
+    assert metadata.npartitions == 3
+    assert list(metadata.compute()["key"]) == [k for t in tables for k in t.column("key").to_pylist()]
+    saved = Path(dataset.save_metadata(str(tmp_path / "saved"), columns=["key", "caption"]))
+    for s, table in enumerate(tables):
+        assert pq.read_table(saved / f"{s:05d}.parquet").equals(table.select(["key", "caption"]))
+
+    metadata["long_caption"] = metadata["caption"].str.len() > 3
+    edited = Path(dataset.save_metadata(str(tmp_path / "edited")))
+    assert pq.read_table(edited / "00001.parquet").column("key").to_pylist() == tables[1].column("key").to_pylist()
+
+    embedder = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4,
+                                 num_threads_per_worker=1, fidelity_sample=0)
+    out = pq.read_table(Path(embedder(dataset).metadata_path) / "00001.parquet")
+    assert out.column_names == tables[1].column_names + ["image_embedding", "embedding_error"]
+    assert out.column("key").equals(tables[1].column("key")) and out.column("image_embedding").null_count == 0
+
+
 def test_default_output_needs_a_parent():
     from wdsembed.nemo import ImageTextPairDataset
 

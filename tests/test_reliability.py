@@ -944,6 +944,75 @@ def test_parquet_with_a_damaged_page(tmp_path):
                  lost="nothing from the tar; the img2dataset columns until the parquet is fixed")
 
 
+def test_parquet_written_as_a_folder_of_part_files(tmp_path):
+    """Spark and Dask write a parquet as a folder of part files. It was not read (a warning at planning, the shard
+    embedded from its tar alone, its columns lost); it is the shard's parquet, read whole, in its parts' order: the
+    output is the one file that one parquet file gives, bit for bit."""
+    from conftest import write_parquet_folder
+
+    w = write_shard(tmp_path / "in", "00000", samples(7), failed_rows=2)
+    [reference], out = run_shard(tmp_path, "file")
+    parts = write_parquet_folder(pq.read_table(w.parquet), w.parquet, parts=3)
+    [r], folder_out = run_shard(tmp_path, "folder")
+    t = read(folder_out / "00000.parquet")
+    assert t.equals(read(out / "00000.parquet").replace_schema_metadata(t.schema.metadata))
+    assert t.column_names[-2:] == [EMB, ERR] and "caption" in t.column_names and not r.warnings
+    assert (r.rows, r.embedded, r.failed) == (reference.rows, reference.embedded, reference.failed) == (9, 7, 2)
+    assert sorted(p.name for p in folder_out.iterdir() if p.is_file() and not p.name.startswith("_")) == [
+        "00000.parquet"]
+    table.record("shard-parquet-folder",
+                 done=f"00000.parquet written as Spark writes it: a folder of {len(parts)} part files "
+                      "(part-00000-<uuid>-c000.snappy.parquet ...), a .crc beside each, _SUCCESS, _started_<id>, "
+                      "_committed_<id>",
+                 did=f"read as the shard's parquet, its parts in their order (names starting with _ or . skipped): "
+                     f"OUTPUT/00000.parquet one file, the same as with the parquet as one file ({r.rows} rows, every "
+                     f"input column, {r.embedded} embedded, {r.failed} failed downloads), no warning",
+                 lost="nothing")
+
+
+def test_parquet_folder_that_cannot_be_read(tmp_path):
+    """A folder without part files (a write that did not finish: `_SUCCESS` or `.crc` files only) and one whose
+    parts' schemas conflict are treated as a .parquet that is not parquet: a warning naming the folder and why, and
+    the tar's samples embedded. Parts written later change the shard's fingerprint: the next run redoes it."""
+    from conftest import SPARK_WRITE, write_parquet_folder
+
+    empty = write_shard(tmp_path / "in", "00000", samples(3))
+    conflict = write_shard(tmp_path / "in", "00001", samples(3, seed=1))
+    rows = pq.read_table(empty.parquet)
+    write_parquet_folder(rows, empty.parquet, parts=1)
+    for part in Path(empty.parquet).glob("part-*"):
+        part.unlink()
+    parts = write_parquet_folder(pq.read_table(conflict.parquet), conflict.parquet, parts=2)
+    second = pq.read_table(parts[1])
+    pq.write_table(second.set_column(second.schema.get_field_index("width"), "width",
+                                     second.column("width").cast(pa.string())), parts[1])
+    results, out = run_shard(tmp_path)
+    for r in results:
+        assert read(out / f"{r.stem}.parquet").column_names == ["key", EMB, ERR] and r.embedded == 3
+    (a_warning,), (b_warning,) = (r.warnings for r in results)
+    assert a_warning == (f"{empty.parquet}: cannot read as parquet: a folder with no part files (it holds "
+                         f".part-00000-{SPARK_WRITE}-c000.snappy.parquet.crc, _SUCCESS, _committed_8412, "
+                         "_started_8412): a write that did not finish, or was not of a parquet; the output holds "
+                         "the tar's samples only (no img2dataset columns)")
+    assert b_warning == (f"{conflict.parquet}: cannot read as parquet: the schema of its part {parts[1].name} "
+                         "conflicts with that of the parts before it: Unable to merge: Field width has incompatible "
+                         "types: int64 vs string; the output holds the tar's samples only (no img2dataset columns)")
+    write_parquet_folder(rows, empty.parquet, parts=2)
+    again = embedder()(str(tmp_path / "in"), str(out))
+    assert [r.cached for r in again] == [False, True] and "caption" in read(out / "00000.parquet").column_names
+    table.record("shard-parquet-folder-unreadable",
+                 done="00000.parquet a Spark folder without part files (a .crc file, _SUCCESS, _started_<id>, "
+                      "_committed_<id> only); 00001.parquet a folder of 2 parts, 'width' int64 in one and string "
+                      "in the other",
+                 did="as for a .parquet that is not parquet, neither shard failed: each shard's 3 samples embedded "
+                     "(key column only) with a manifest warning naming the folder and the cause ('a folder with no "
+                     "part files (it holds ...): a write that did not finish'; 'the schema of its part "
+                     f"{parts[1].name.replace(SPARK_WRITE, '<uuid>')} conflicts with that of the parts before it: "
+                     "Unable to merge: Field width has incompatible types: int64 vs string'); once parts are "
+                     "written, the next run redoes the shard with its columns",
+                 lost="nothing from the tars; the img2dataset columns until the folder is fixed")
+
+
 def test_stats_json_that_cannot_be_read(tmp_path, caplog):
     """img2dataset's <stem>_stats.json holds its counts only: an empty one (its writer killed, a full disk) or one
     whose count is NaN made the planning of the whole run raise, and no shard was embedded. Now each costs one

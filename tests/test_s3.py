@@ -1281,9 +1281,11 @@ def assert_no_secret_anywhere(secret: str, endpoint: str, objects: dict[str, byt
 
 @pytest.mark.slow
 def test_flow_on_s3_matches_a_local_run(server, dataset, local_run, tmp_path):
+    """The flow from and to S3 writes what a local run writes; shard 00001's parquet is uploaded as Spark writes one
+    (a folder of part files, _SUCCESS, .crc files), and gives the output its single file gives."""
     from flows.embed import run
 
-    url = upload(server, dataset)
+    url = upload_files(server, _with_spark_parquet(dataset, tmp_path / "in", stems=("00001",)))
     out_url = f"s3://{OUT_BUCKET}/emb-{uuid.uuid4().hex[:8]}"
     manifest = run(config_for(url, out_url, server.endpoint, index_cache_dir=str(tmp_path / "idx")))
     assert manifest["totals"]["computed"] == 2
