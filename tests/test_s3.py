@@ -376,7 +376,9 @@ def test_a_shard_whose_parquet_is_a_spark_folder_on_s3_is_embedded_with_its_colu
                     index_cache_dir=str(tmp_path / "idx"))
     reference = tmp_path / "reference"
     TimmImageEmbedder(TINY_MODEL, **settings)(str(dataset), str(reference))
-    out = f"s3://{OUT_BUCKET}/emb-{uuid.uuid4().hex[:8]}"
+    out_bucket = f"wds-folders-{uuid.uuid4().hex[:8]}"  # a bucket of its own: other tests list OUT_BUCKET whole
+    server.boto().create_bucket(Bucket=out_bucket)
+    out = f"s3://{out_bucket}/emb"
     with caplog.at_level(logging.WARNING, logger="wdsembed"):
         first, second = TimmImageEmbedder(TINY_MODEL, storage_options=options(server.endpoint), **settings)(url, out)
     objects = _s3_outputs(server, out)
@@ -495,6 +497,30 @@ def test_a_parquet_the_store_fails_to_deliver_is_a_store_error_not_a_bad_file(se
     assert isinstance(caught.value, OSError) and f"{url}/00000.parquet" in str(caught.value), caught.value
     assert raised is None or type(caught.value.__cause__).__name__ == raised, caught.value
     assert faults.is_transient(caught.value), caught.value
+
+
+def test_a_parquet_folder_is_read_through_store_errors_and_never_taken_for_a_bad_one(server, dataset, tmp_path):
+    """A folder's listing and part objects are requests like a file's: the store failing each one's first try
+    (s3fs retries) loses nothing, the rows as they are; failing every try, past the client's retries, is a store
+    error (retried by the flow's tasks), never MetadataFileError (the shard embedded without its columns, never
+    retried)."""
+    url = upload_files(server, _with_spark_parquet(dataset, tmp_path / "in"))
+    expected = pq.read_table(dataset / "00000.parquet")
+    for outlast in (False, True):
+        proxy = FaultProxy(server.endpoint, every=1, kinds=("internal", "reset", "truncate"), methods=("GET",),
+                           outlast_retries=outlast).start()
+        try:
+            fs, root = storage.filesystem(url, options(proxy.endpoint, max_attempts="3"))
+            if not outlast:
+                assert shards.read_rows(f"{root}/00000.parquet", fs).equals(expected)
+            else:
+                with pytest.raises(Exception) as caught:
+                    shards.read_rows(f"{root}/00000.parquet", fs)
+        finally:
+            proxy.stop()
+            _clear_s3fs_cache()
+        assert proxy.injected["internal"] >= 1
+    assert not isinstance(caught.value, shards.MetadataFileError) and faults.is_transient(caught.value), caught.value
 
 
 def test_nemo_dataset_on_s3_reads_its_metadata_with_the_documented_storage_options(server, dataset):

@@ -2370,6 +2370,40 @@ def test_a_parquet_written_as_a_folder_is_the_shards_parquet(tmp_path, caplog, f
     assert len({empty.fingerprint, written.fingerprint, again.fingerprint}) == 3
 
 
+def test_the_checks_before_any_work_read_a_parquet_written_as_a_folder(tmp_path):
+    """The checks before any work read a folder parquet as they read a file: its id column must be there and hold
+    the tar's keys (plan._check_id_column), the shards' id columns must be of one type (plan._check_id_types), and
+    the run's id type is the first parquet's (plan.run_id_type). With the folder taken for no parquet, the first
+    two let a wrong --id-column and mixed types through, and the third typed the keys as strings."""
+    from conftest import write_parquet_folder
+    from wdsembed.config import EmbedConfig
+    from wdsembed.inputs import InputError, find_shards
+    from wdsembed.plan import _check_id_column, _check_id_types, plan_shards
+
+    data = tmp_path / "in"
+    for stem in ("00000", "00001"):
+        write_shard(data, stem, [ShardSample(image=b"x", caption=stem, width=40)] * 3)
+    ints = pq.read_table(data / "00000.parquet")
+    ints = ints.set_column(0, "key", ints.column("key").cast(pa.int64()))
+    write_parquet_folder(ints, data / "00000.parquet", parts=2)
+
+    def config(**kw) -> EmbedConfig:
+        return EmbedConfig(input=str(data), output=str(tmp_path / "out"), model_name="resnet18", **kw)
+
+    found = find_shards(config())
+    _check_id_column(config(), found)  # its keys are the tar's
+    with pytest.raises(InputError, match=r"id column 'nope'.*00000\.parquet"):
+        _check_id_column(config(id_column="nope"), found)
+    with pytest.raises(InputError, match=r"not one of the 3 sample key\(s\) of 00000\.tar is in id column "
+                                         r"'width' of 00000\.parquet"):
+        _check_id_column(config(id_column="width"), found)
+    with pytest.raises(InputError, match=r"the shards' parquets disagree on the type of id column 'key': int64 in "
+                                         r"00000\.parquet; string in 00001\.parquet"):
+        _check_id_types(config(), found)
+    (data / "00001.parquet").unlink()
+    assert {p.id_type for p in plan_shards(config(), indexes=False)} == {"int64"}
+
+
 def test_a_spark_folder_reads_as_its_parts_rows_in_order(tmp_path):
     """Spark's layout: `part-00000-<uuid>-c000.snappy.parquet` ..., a `.crc` beside each, `_SUCCESS`,
     `_started_<id>`, `_committed_<id>` (none of them parquet, all skipped as pyarrow.dataset skips names starting

@@ -903,36 +903,40 @@ def parquet_parts(folder: str, fs: Any) -> list[str]:
     out, as pyarrow.dataset's default ignore_prefixes leaves them. MetadataFileError naming the folder where it
     holds no part, or holds parts in subfolders (a partitioned write: its partition values are in the folder
     names, not in the parts, and would be lost)."""
-    given, folder = folder, folder.rstrip("/")
-    fs.invalidate_cache(folder)  # a long-lived process must see parts rewritten since its last listing
-    found = fs.find(folder, withdirs=False, detail=True)
-    names = [p[len(folder) + 1 :] for p in storage.listed_files(fs, found.values()) if p.startswith(folder + "/")]
-    parts = sorted((n for n in names if n and not any(c.startswith(("_", ".")) for c in n.split("/"))),
-                   key=_natural_key)
+    listed, parts = _listed_parts(folder, fs)
     nested = [n for n in parts if "/" in n]
     if nested:
-        raise MetadataFileError(f"{given}: cannot read as parquet: a folder of part files in "
+        raise MetadataFileError(f"{folder}: cannot read as parquet: a folder of part files in "
                                 f"subfolders ({nested[0]}: a partitioned write), whose partition columns would be "
                                 "lost; write the shard's rows as one file, or as part files directly in the folder")
     if not parts:
-        held = ", ".join(sorted(names)[:5]) or "nothing"
-        raise MetadataFileError(f"{given}: cannot read as parquet: a folder with no part files "
+        held = ", ".join(sorted(listed)[:5]) or "nothing"
+        raise MetadataFileError(f"{folder}: cannot read as parquet: a folder with no part files "
                                 f"(it holds {held}): a write that did not finish, or was not of a parquet")
-    return [f"{folder}/{n}" for n in parts]
+    return [f"{folder.rstrip('/')}/{n}" for n in parts]
 
 
 def parquet_fingerprint(path: str, fs: Any, folder: bool = False) -> str:
     """What identifies one version of a shard's parquet for its cache key: the file's size and mtime or ETag; for a
-    folder, those of each of its part files (the folder's own change with no rewrite of a part), and of none where
-    it has no parts, so that parts written later change it."""
+    folder, those of each of its part files, from one listing (a part rewritten in place leaves the folder's own
+    mtime as it was; on S3 a prefix has none), so that a part rewritten, added or removed changes it."""
     if not folder:
         return shardindex.fingerprint(path, fs).token
-    try:
-        parts = parquet_parts(path, fs)
-    except MetadataFileError:
-        parts = []
-    tokens = "\n".join(f"{posixpath.basename(p)} {shardindex.fingerprint(p, fs).token}" for p in parts)
+    _, parts = _listed_parts(path, fs)
+    tokens = "\n".join(f"{n} {shardindex._fingerprint_from_info(info).token}" for n, info in parts.items())
     return f"parts-{len(parts)}-" + hashlib.sha256(tokens.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _listed_parts(folder: str, fs: Any) -> tuple[list[str], dict[str, dict]]:
+    """One listing of a parquet folder: the names of every file in it (below it), and those that are parts (no name
+    of theirs starting with `_` or `.`) with their listing entries, in their rows' order (parquet_parts)."""
+    folder = folder.rstrip("/")
+    fs.invalidate_cache(folder)  # a long-lived process must see parts rewritten since its last listing
+    found = fs.find(folder, withdirs=False, detail=True)
+    listed = {p[len(folder) + 1 :]: found[p] for p in storage.listed_files(fs, found.values())
+              if p.startswith(folder + "/") and len(p) > len(folder) + 1}
+    parts = sorted((n for n in listed if not any(c.startswith(("_", ".")) for c in n.split("/"))), key=_natural_key)
+    return list(listed), {n: listed[n] for n in parts}
 
 
 def _read_folder_rows(folder: str, fs: Any, columns: Optional[Sequence[str]]):
