@@ -164,9 +164,8 @@ class ImageTextPairDataset:
         if self.metadata_path is None:
             return {}
         fs, root = storage.filesystem(self.metadata_path, self.storage_options)
-        fs.invalidate_cache(root)  # outputs written since an earlier listing
         try:
-            entries = fs.ls(root, detail=True)
+            entries = fs.ls(root, detail=True, refresh=True)  # refreshed: outputs written since an earlier listing
         except FileNotFoundError:  # no output yet
             return {}
         files, folders = set(storage.listed_files(fs, entries)), set(storage.listed_folders(entries))

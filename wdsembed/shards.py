@@ -931,7 +931,8 @@ def _listed_parts(folder: str, fs: Any) -> tuple[list[str], dict[str, dict]]:
     """One listing of a parquet folder: the names of every file in it (below it), and those that are parts (no name
     of theirs starting with `_` or `.`) with their listing entries, in their rows' order (parquet_parts)."""
     folder = folder.rstrip("/")
-    fs.invalidate_cache(folder)  # a long-lived process must see parts rewritten since its last listing
+    # listed afresh each time, as a long-lived process must (s3fs lists a find past its cache; invalidate_cache would
+    # drop the listings of the folders above it too)
     found = fs.find(folder, withdirs=False, detail=True)
     listed = {p[len(folder) + 1 :]: found[p] for p in storage.listed_files(fs, found.values())
               if p.startswith(folder + "/") and len(p) > len(folder) + 1}
