@@ -453,7 +453,8 @@ def run(config: EmbedConfig, on_shard_done=None, *, all_finished: Optional[bool]
     # DALI's decoder lines (twice per bad image, on the stderr of this process and of the local workers it starts,
     # which inherit the routing) go to the log at DEBUG, for every caller (the command routes them itself too): a
     # deployment's process worker would show thousands as its output. Each bad image's reason is on its row.
-    with decoder_messages_to_log(), outputclaim.held(config) as claim:
+    # Dask's INFO lines stay off as for the command, also where Dask was imported before the defaults were set.
+    with decoder_messages_to_log(), prefect_env.dask_logging_defaults(), outputclaim.held(config) as claim:
         return _run_claimed(config, on_shard_done, all_finished, claim.run, current)
 
 

@@ -58,6 +58,33 @@ def set_defaults() -> None:
 
 
 @contextlib.contextmanager
+def dask_logging_defaults():
+    """DASK_LOGGING's levels for this process's own Dask loggers while inside, where Dask read its configuration
+    before set_defaults could give it that variable and was given no logging setting of the caller's. A Python
+    caller (a notebook) imports flows.embed, which imports Prefect, then `distributed`: Dask set its own default,
+    INFO, with no handler of its own, so each run's local scheduler and cluster printed some twenty lines through
+    Prefect's console handler. Worker processes read the variable as they start. Levels the caller set are left
+    as they are, and every level is back as it was after."""
+    import ast
+    import dask
+
+    wanted = ast.literal_eval(DEFAULTS[DASK_LOGGING])
+    loggers = {name: logging.getLogger(name) for name in wanted}
+    told = dask.config.get("distributed.logging", None) is not None or dask.config.get("logging", None) is not None
+    if told or "distributed" not in sys.modules or loggers["distributed"].level != logging.INFO:
+        yield
+        return
+    before = {name: logger.level for name, logger in loggers.items()}
+    for name, level in wanted.items():
+        loggers[name].setLevel(level.upper())
+    try:
+        yield
+    finally:
+        for name, level in before.items():
+            loggers[name].setLevel(level)
+
+
+@contextlib.contextmanager
 def callers_logging_kept():
     """Around Prefect's first import in this process (prefect.main runs its setup_logging): the caller's logging
     handlers as they were. Prefect applies its configuration with logging.config.dictConfig, which closes every

@@ -212,3 +212,74 @@ def test_the_callers_named_handlers_keep_their_names_through_the_flows_import(tm
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "app.log").read_text().splitlines() == ["after the import"]
+
+
+def test_results_and_datasets_read_short_where_a_notebook_shows_them(demo, tmp_path):
+    """A cell ending in the results showed about 1,200 characters per shard, most of them each shard's model
+    record, timeline and fidelity record; one ending in a dataset listed every tar's path (10,000 of them). Each
+    reads short now, with the counts a reader looks for; what was left out is still there."""
+    from wdsembed.api import TimmImageEmbedder
+    from wdsembed.nemo import ImageTextPairDataset
+
+    write_demo_dataset(tmp_path / "many", n_shards=40, per_shard=1, failed_per_shard=0)
+    many = ImageTextPairDataset.from_webdataset(tmp_path / "many")
+    assert "00039.tar" not in repr(many) and "tar_files=<40 shards>" in repr(many), repr(many)
+    assert repr(many).startswith(f"ImageTextPairDataset(path={str(tmp_path / 'many')!r}, ")
+
+    dataset = ImageTextPairDataset.from_webdataset(demo)
+    embedded = TimmImageEmbedder(TINY_MODEL, **SETTINGS)(dataset, str(tmp_path / "out"))
+    assert "tar_files=<1 shards>" in repr(embedded) and f"metadata_path={str(tmp_path / 'out')!r}" in repr(embedded)
+    result = embedded.results[0]
+    said = repr(result)
+    assert len(said) < 600, said
+    for part in ("stem='00000'", "rows=3", "embedded=3", "failed=0", "cached=False", "dim="):
+        assert part in said, said
+    for left_out in ("timeline", "preprocessing", "fidelity", "cache_key"):
+        assert left_out not in said, said
+    assert result.model["name"] == TINY_MODEL and result.timeline["end"] and result.cache_key
+    assert result.to_dict()["model"] == result.model
+
+
+# A notebook's run of the flow: flows.embed imported first (it imports Prefect, then Dask), then a run.
+_NOTEBOOKS_RUN = '''
+import json, logging, sys
+
+if __name__ == "__main__":
+    import flows.embed
+    from wdsembed.config import EmbedConfig
+
+    logging.getLogger("distributed.worker").setLevel(logging.DEBUG)  # the caller's own level, kept
+    manifest = flows.embed.run(EmbedConfig(input="data", output="out", model_name=sys.argv[1], pretrained=False,
+                                           device="cpu", n_workers=1, num_threads_per_worker=1, batch_size=2,
+                                           fidelity_sample=0))
+    levels = {name: logging.getLogger(name).level for name in ("distributed", "distributed.nanny",
+                                                               "distributed.worker")}
+    print(json.dumps({"computed": manifest["totals"]["computed"], "levels": levels}))
+'''
+
+
+@pytest.mark.slow
+def test_a_python_callers_run_prints_no_dask_info_lines(tmp_path):
+    """The command keeps Dask's INFO lines (its cluster's start and stop: ports, plugins, each connection) off the
+    terminal, Dask reading prefect_env's setting as it is first imported. A Python caller (a notebook) imports
+    flows.embed, and Dask with it, before any run sets that: each run printed some twenty such lines among its
+    own. The run's own lines still show, and the caller's Dask logger levels are as they were after."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    write_demo_dataset(tmp_path / "data", n_shards=1, per_shard=3, failed_per_shard=0)
+    (tmp_path / "script.py").write_text(_NOTEBOOKS_RUN)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DASK_"))}
+    env |= {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "PREFECT_HOME": str(tmp_path / "prefect")}
+    done = subprocess.run([sys.executable, "script.py", TINY_MODEL], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=420)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    said = json.loads(done.stdout.strip().splitlines()[-1])
+    assert said == {"computed": 1, "levels": {"distributed": 20, "distributed.nanny": 0, "distributed.worker": 10}}
+    assert "1 shard(s) under" in done.stderr, done.stderr[-3000:]
+    dask_lines = [line for line in done.stderr.splitlines() if "distributed.scheduler" in line]
+    assert dask_lines == [], dask_lines

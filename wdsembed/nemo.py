@@ -130,6 +130,12 @@ class ImageTextPairDataset:
     def __post_init__(self) -> None:
         _refuse_credentials(path=self.path, metadata_path=self.metadata_path, storage_options=self.storage_options)
 
+    def __repr__(self) -> str:
+        # The shards by their count: a notebook cell ending in the dataset printed every tar's path (10,000 of them).
+        options = f", storage_options={self.storage_options!r}" if self.storage_options else ""
+        return (f"ImageTextPairDataset(path={self.path!r}, tar_files=<{len(self.tar_files)} shards>, "
+                f"id_col={self.id_col!r}{options}, metadata_path={self.metadata_path!r})")
+
     @classmethod
     def from_webdataset(cls, path: str | os.PathLike, id_col: str = "key", storage_options: Optional[dict] = None):
         """The dataset of the shards in `path` (a folder or fsspec URL); `id_col` names the sample key column."""

@@ -96,22 +96,24 @@ class ShardResult:
     cached: bool = False
     seconds: float = 0.0
     dim: int = 0
-    cache_key: str = ""
+    cache_key: str = field(default="", repr=False)
     errors: list[tuple[str, str]] = field(default_factory=list)  # a few (key, reason) examples
     # Why its rows without an embedding have none, by cause, most rows first (report.row_causes): what the task run's
     # log and the run's summary say of them. Failed downloads included, which `errors` leaves out.
     error_causes: list[dict] = field(default_factory=list)
-    model: dict = field(default_factory=dict)  # name, weights, embedding, dim, preprocessing
+    # Left out of the repr, as are the timeline and fidelity record below: a list of results shown in a notebook
+    # read about 1,200 characters per shard, most of them these. Each is an attribute, and in to_dict().
+    model: dict = field(default_factory=dict, repr=False)  # name, weights, embedding, dim, preprocessing
     # What was wrong with the shard itself, though its output was written: a damaged tar (every intact sample is
     # embedded, the rest named in the error column), an unreadable parquet, repeated keys, a stale .idx rebuilt.
     warnings: list[str] = field(default_factory=list)
     batch_size: int = 0  # the model batch size this shard ran with
     # Wall-clock times (epoch s) and the worker process: when the shard began, when it got the worker's pipeline
     # and released it, when it ended. Shows waits between shards and overlap (or its absence) per worker.
-    timeline: dict = field(default_factory=dict)
+    timeline: dict = field(default_factory=dict, repr=False)
     # The fidelity check's record (wdsembed.fidelity.check_sample): cosine per sampled key against timm's own
     # preprocessing, and images only one side could embed. Stored in the footer: a cached shard is re-checked.
-    fidelity: dict = field(default_factory=dict)
+    fidelity: dict = field(default_factory=dict, repr=False)
 
     @property
     def images_per_second(self) -> float:
