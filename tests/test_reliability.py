@@ -745,6 +745,20 @@ def test_a_file_that_is_not_a_tar_fails_its_shard(tmp_path):
 
 
 
+def test_a_tar_cut_inside_its_first_header_is_said_to_be_a_cut_tar(tmp_path):
+    """A download stopped within a tar's first 512 bytes leaves a header with its 'ustar' magic but no member: its
+    failure says it is a tar cut short, not 'not a tar file' by bytes that look like a member's name."""
+    write_shard(tmp_path / "in", "00000", samples(3))
+    whole = (tmp_path / "in" / "00000.tar").read_bytes()
+    (tmp_path / "in" / "00001.tar").write_bytes(whole[:300])
+    exc, out = run_shard(tmp_path, expect_failure=True)
+    assert isinstance(exc, ShardsFailed) and [r.stem for r in exc.results] == ["00000"]
+    why = exc.failures["00001"].replace(str(tmp_path / "in") + os.sep, "")
+    assert why == ("MalformedShardError: 00001.tar: a tar cut short (300 bytes, no member whole: replace it with "
+                   "the whole file): it ends inside its first header, the one at byte 0"), why
+    assert not (out / "00001.parquet").exists()
+
+
 def test_a_compressed_tar_named_dot_tar_fails_saying_how_it_is_compressed(tmp_path):
     """`tar czf 00001.tar ...` (or a shard gzipped on upload) is a tar, compressed, under a plain tar's name: its
     failure says so and how to decompress it, not only its first bytes (b'\\x1f\\x8b\\x08...') and 'bad checksum'."""

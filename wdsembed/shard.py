@@ -843,9 +843,16 @@ class TarRead:
 
     def _not_a_tar(self, exc: tarstream.ShardReadError) -> tarstream.MalformedShardError:
         try:
-            head = self.fs.cat_file(self.path, start=0, end=16)
+            head = self.fs.cat_file(self.path, start=0, end=tarstream.BLOCK)
         except OSError:
             head = b""
+        if len(head) < tarstream.BLOCK and head[257:262] == b"ustar":
+            # A tar's first header, cut short (a download or copy stopped within its first 512 bytes): a tar, with
+            # nothing of its first member; said so, rather than by bytes that look like a member's name.
+            return tarstream.MalformedShardError(
+                self.plan.shard, 0, f"a tar cut short ({len(head)} bytes, no member whole: replace it with the "
+                "whole file): it ends inside its first header, the one")
+        head = head[:16]
         what = "an empty file (0 bytes)" if not head else f"its bytes start with {head!r}"
         tool = next((tool for magic, tool in _COMPRESSED_MAGIC if head.startswith(magic)), None)
         name = posixpath.basename(self.path)
