@@ -1103,9 +1103,24 @@ def _as_an_earlier_version_wrote_it(path: Path) -> None:
     fs = fsspec.filesystem("file")
     meta = output.read_output_metadata(str(path), fs)
     meta["result"]["model"].pop("timm_name")
+    meta["result"]["model"].pop("spellings")
     table = pq.read_table(path)
     table = table.replace_schema_metadata({k: v for k, v in table.schema.metadata.items() if k != output.FOOTER_KEY})
     output.write_parquet_atomic(table, str(path), fs, {k: v for k, v in meta.items() if k != "cache_key_parts"})
+
+
+def _nothing_to_compute_elsewhere(config: EmbedConfig) -> tuple[bool, list[str]]:
+    """plan.nothing_to_compute's answer in a process of its own, and which of torch and timm it imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from wdsembed import plan; from wdsembed.config import EmbedConfig; "
+            f"answer = plan.nothing_to_compute(EmbedConfig.model_validate_json({config.model_dump_json()!r})); "
+            "print(answer, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).parent.parent)
+    answer, imported = done.stdout.strip().split(" ", 1)
+    return answer == "True", json.loads(imported.replace("'", '"'))
 
 
 def test_a_model_named_with_or_without_its_default_tag_is_one_model_for_resume(tmp_path, caplog):
@@ -1127,6 +1142,10 @@ def test_a_model_named_with_or_without_its_default_tag_is_one_model_for_resume(t
 
     first = embed("resnet18")
     assert not any(r.cached for r in first)
+    # a re-run spelling it otherwise, with nothing to compute, loads no model: timm is not imported to tell so (the
+    # footer records the spellings)
+    spelled = TimmImageEmbedder("resnet18.a1_in1k", pretrained=False, **SETTINGS).config(str(data), str(out))
+    assert _nothing_to_compute_elsewhere(spelled) == (True, [])
     assert {k: _footer_model(out / "00000.parquet")[k] for k in ("name", "timm_name")} == {
         "name": "resnet18", "timm_name": "resnet18.a1_in1k"}
     caplog.clear()
@@ -1149,6 +1168,8 @@ def test_a_model_named_with_or_without_its_default_tag_is_one_model_for_resume(t
     # and the other way round: outputs made with the tag spelled out, found by a run of the bare name
     fresh = tmp_path / "fresh"
     assert not any(r.cached for r in embed("resnet18.a1_in1k", fresh))
+    bare = TimmImageEmbedder("resnet18", pretrained=False, **SETTINGS).config(str(data), str(fresh))
+    assert _nothing_to_compute_elsewhere(bare) == (True, [])
     assert all(r.cached for r in embed("resnet18", fresh))
 
 

@@ -250,7 +250,7 @@ class OtherSpace:
         config, identity, size_and_mtime = self.config, self.identity, self.size_and_mtime
         weights = str(model.get("weights", ""))
         reasons = []
-        if not shard.same_model_name(model.get("name"), config.model_name):
+        if not shard.same_model_name(model.get("name"), config.model_name, model.get("spellings")):
             reasons.append(f"model {model.get('name')}")
         if weights.startswith("checkpoint:") != bool(config.checkpoint):
             reasons.append(f"weights {weights}")

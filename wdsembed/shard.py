@@ -211,14 +211,18 @@ def cache_key_parts(config: EmbedConfig, plan: ShardPlan) -> dict:
     return parts
 
 
-def same_model_name(recorded, name: str) -> bool:
+def same_model_name(recorded, name: str, spelled=None) -> bool:
     """Whether a recorded model name is `name` or another spelling of it that timm builds the same
-    (model.spellings: `resnet18` and its default tag `resnet18.a1_in1k`); timm is imported only where the two are
-    names of one architecture."""
+    (model.spellings: `resnet18` and its default tag `resnet18.a1_in1k`). `spelled`: the spellings the output's
+    footer recorded beside the name (model.spellings when it was made); where it has them, timm is not imported: a
+    re-run of finished shards, spelled otherwise, stays without torch and timm. Else timm is imported, only where
+    the two are names of one architecture."""
     if recorded == name:
         return True
     if not isinstance(recorded, str) or ":" in recorded + name or recorded.partition(".")[0] != name.partition(".")[0]:
         return False
+    if isinstance(spelled, list) and recorded in spelled:
+        return name in spelled
     from wdsembed.model import spellings  # imports torch and timm: seconds, which a re-run of finished shards skips
 
     return recorded in spellings(name)
@@ -231,9 +235,11 @@ def made_as_spelled_otherwise(config: EmbedConfig, plan: ShardPlan, meta: dict) 
     spelling is made only where the footer names it."""
     recorded = meta.get("cache_key")
     parts = meta.get("cache_key_parts")
+    model = (meta.get("result") or {}).get("model") or {}
     named = (parts.get("model") or {}).get("model_name") if isinstance(parts, dict) else \
-        ((meta.get("result") or {}).get("model") or {}).get("name")  # footers before the parts were recorded
-    if not recorded or named == config.model_name or not same_model_name(named, config.model_name):
+        model.get("name")  # footers before the parts were recorded
+    if not recorded or named == config.model_name or \
+            not same_model_name(named, config.model_name, model.get("spellings")):
         return False
     now = cache_key_parts(config, plan)
     now["model"] = {**now["model"], "model_name": named}

@@ -198,7 +198,7 @@ class Worker:
     def __init__(self, config: EmbedConfig, device: Optional[str] = None) -> None:
         import torch
 
-        from wdsembed.model import capture_batch_graph, load_model, timm_name, to_bfloat16
+        from wdsembed.model import capture_batch_graph, load_model, spellings, timm_name, to_bfloat16
         from wdsembed.pipeline import ImagePipeline
         from wdsembed.preprocess import PreprocessRecipe
 
@@ -293,6 +293,9 @@ class Worker:
             "name": self.loaded.name,  # as the run was given it
             # the architecture and pretrained tag timm built it as (resnet18 -> resnet18.a1_in1k, its default tag)
             "timm_name": timm_name(self.loaded.name),
+            # every name timm builds it as (resnet18, resnet18.a1_in1k): a re-run spelling it otherwise finds its
+            # outputs finished without importing timm (shard.same_model_name)
+            "spellings": list(spellings(self.loaded.name)),
             "weights": self.loaded.weights,
             "embedding": self.loaded.embedding,
             # what auto, head and pooled resolve to on this model: a later run's request is judged against
