@@ -333,6 +333,28 @@ def _with_spark_parquet(dataset: Path, folder: Path, stems=("00000",)) -> Path:
     return folder
 
 
+def test_a_parquet_file_rewritten_as_a_folder_is_read_past_a_stale_listing(server, dataset, tmp_path):
+    """A long-lived process listed a shard's folder while its parquet was one file (s3fs keeps that listing), then
+    the parquet was rewritten as a folder of part files: its rows are read, not taken for a parquet gone (None: the
+    shard embedded from its tar alone without a word), and its schema is the folder's; one gone is still None."""
+    from conftest import write_parquet_folder
+
+    url = upload(server, dataset)
+    fs = s3fs_for(server.endpoint)
+    path = fs._strip_protocol(f"{url}/00000.parquet")
+    fs.ls(url)  # the listing s3fs keeps: 00000.parquet a file
+    expected = pq.read_table(dataset / "00000.parquet")
+    write_parquet_folder(expected, tmp_path / "00000.parquet")
+    bucket, prefix = url[len("s3://"):].split("/", 1)
+    s3 = server.boto()
+    s3.delete_object(Bucket=bucket, Key=f"{prefix}/00000.parquet")
+    for part in sorted((tmp_path / "00000.parquet").iterdir()):
+        s3.upload_file(str(part), bucket, f"{prefix}/00000.parquet/{part.name}")
+    assert shards.read_rows(path, fs).equals(expected)
+    assert shards.read_rows_schema(path, fs) == expected.schema
+    assert shards.read_rows(fs._strip_protocol(f"{url}/00002.parquet"), fs) is None
+
+
 @pytest.mark.parametrize("form", ["folder", "pattern", "recursive"])
 def test_a_parquet_written_as_a_folder_on_s3_is_the_shards_parquet(server, dataset, tmp_path, caplog, form):
     """On S3 a parquet written as a folder of part files (`00000.parquet/part-00000-....snappy.parquet`) is a

@@ -860,7 +860,7 @@ def read_rows(parquet_url: str, fs: Any, columns: Optional[Sequence[str]] = None
         raw = storage.read_whole(fs, parquet_url)
     except (FileNotFoundError, IsADirectoryError):
         # a folder reads as one (S3 answers "no such key" for a prefix); else the parquet is gone since planning
-        if not fs.isdir(parquet_url):
+        if not _is_listed_folder(parquet_url, fs):
             return None
         rows = _read_folder_rows(parquet_url, fs, columns)
     else:
@@ -884,7 +884,7 @@ def read_rows_schema(parquet_url: str, fs: Any):
             return pq.read_schema(f)
     except Exception:
         # locally IsADirectoryError; s3fs opens a prefix as an empty file, whose footer is missing
-        if not fs.isdir(parquet_url):
+        if not _is_listed_folder(parquet_url, fs):
             raise
 
     def footer(part: str):
@@ -938,6 +938,14 @@ def _listed_parts(folder: str, fs: Any) -> tuple[list[str], dict[str, dict]]:
               if p.startswith(folder + "/") and len(p) > len(folder) + 1}
     parts = sorted((n for n in listed if not any(c.startswith(("_", ".")) for c in n.split("/"))), key=_natural_key)
     return list(listed), {n: listed[n] for n in parts}
+
+
+def _is_listed_folder(path: str, fs: Any) -> bool:
+    """Whether `path` is a folder with files in it, from a listing made now: fs.isdir answers on S3 from s3fs's
+    cached listing of the folder above, which, made before a parquet file was rewritten as a folder of part files
+    (in a long-lived process), calls the folder a missing file or the file it was, and its rows would be lost. A
+    local folder, empty or not, is one (no cache there: an empty one is a parquet write that did not finish)."""
+    return fs.isdir(path) if storage.is_local(fs) else bool(_listed_parts(path, fs)[0])
 
 
 def _read_folder_rows(folder: str, fs: Any, columns: Optional[Sequence[str]]):
