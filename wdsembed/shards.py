@@ -860,9 +860,10 @@ def read_rows(parquet_url: str, fs: Any, columns: Optional[Sequence[str]] = None
         raw = storage.read_whole(fs, parquet_url)
     except (FileNotFoundError, IsADirectoryError):
         # a folder reads as one (S3 answers "no such key" for a prefix); else the parquet is gone since planning
-        if not _is_listed_folder(parquet_url, fs):
+        listing = _folder_listing(parquet_url, fs)
+        if listing is None:
             return None
-        rows = _read_folder_rows(parquet_url, fs, columns)
+        rows = _read_folder_rows(parquet_url, fs, columns, listing)
     else:
         try:
             rows = pq.read_table(pa.BufferReader(raw), columns=list(columns) if columns is not None else None)
@@ -884,26 +885,27 @@ def read_rows_schema(parquet_url: str, fs: Any):
             return pq.read_schema(f)
     except Exception:
         # locally IsADirectoryError; s3fs opens a prefix as an empty file, whose footer is missing
-        if not _is_listed_folder(parquet_url, fs):
+        listing = _folder_listing(parquet_url, fs)
+        if listing is None:
             raise
 
     def footer(part: str):
         with fs.open(part, "rb") as f:
             return pq.read_schema(f)
 
-    parts = parquet_parts(parquet_url, fs)
+    parts = parquet_parts(parquet_url, fs, listing)
     return _parts_schema(parquet_url, parts, _map_parts(footer, parts))
 
 
-def parquet_parts(folder: str, fs: Any) -> list[str]:
+def parquet_parts(folder: str, fs: Any, listing: Optional[tuple[list[str], dict[str, dict]]] = None) -> list[str]:
     """The part files of a parquet written as a folder (Spark's `part-00000-<uuid>-c000.snappy.parquet`, Dask's
     `part.0.parquet`), in the order their rows go: by name, with numbers by value (Dask's part.10 after part.9;
     pyarrow's own discovery sorts them as text, part.10 before part.2). Names starting with `_` or `.` are what
     the writer leaves beside its parts (`_SUCCESS`, `_committed_*`, `_metadata`, `.crc` checksums) and are left
     out, as pyarrow.dataset's default ignore_prefixes leaves them. MetadataFileError naming the folder where it
     holds no part, or holds parts in subfolders (a partitioned write: its partition values are in the folder
-    names, not in the parts, and would be lost)."""
-    listed, parts = _listed_parts(folder, fs)
+    names, not in the parts, and would be lost). `listing`: the folder's _listed_parts where it was just made."""
+    listed, parts = listing if listing is not None else _listed_parts(folder, fs)
     nested = [n for n in parts if "/" in n]
     if nested:
         raise MetadataFileError(f"{folder}: cannot read as parquet: a folder of part files in "
@@ -940,15 +942,20 @@ def _listed_parts(folder: str, fs: Any) -> tuple[list[str], dict[str, dict]]:
     return list(listed), {n: listed[n] for n in parts}
 
 
-def _is_listed_folder(path: str, fs: Any) -> bool:
-    """Whether `path` is a folder with files in it, from a listing made now: fs.isdir answers on S3 from s3fs's
-    cached listing of the folder above, which, made before a parquet file was rewritten as a folder of part files
-    (in a long-lived process), calls the folder a missing file or the file it was, and its rows would be lost. A
-    local folder, empty or not, is one (no cache there: an empty one is a parquet write that did not finish)."""
-    return fs.isdir(path) if storage.is_local(fs) else bool(_listed_parts(path, fs)[0])
+def _folder_listing(path: str, fs: Any) -> Optional[tuple[list[str], dict[str, dict]]]:
+    """`path`'s _listed_parts where it is a folder with files in it, from a listing made now, else None: fs.isdir
+    answers on S3 from s3fs's cached listing of the folder above, which, made before a parquet file was rewritten as
+    a folder of part files (in a long-lived process), calls the folder a missing file or the file it was, and its
+    rows would be lost. The listing is the one its parts are then taken from (one LIST, not two). A local folder,
+    empty or not, is one (no cache there: an empty one is a parquet write that did not finish)."""
+    if storage.is_local(fs):
+        return _listed_parts(path, fs) if fs.isdir(path) else None
+    listing = _listed_parts(path, fs)
+    return listing if listing[0] else None
 
 
-def _read_folder_rows(folder: str, fs: Any, columns: Optional[Sequence[str]]):
+def _read_folder_rows(folder: str, fs: Any, columns: Optional[Sequence[str]],
+                      listing: tuple[list[str], dict[str, dict]]):
     """The rows of a parquet written as a folder: every part's bytes read whole (store errors stay the store's, as
     for a file), then decoded from memory by pyarrow.dataset, part by part in their order, each in the parts'
     common schema (a column a part lacks is null in its rows). A part that is no parquet, or whose schema conflicts
@@ -956,7 +963,7 @@ def _read_folder_rows(folder: str, fs: Any, columns: Optional[Sequence[str]]):
     import pyarrow as pa
     import pyarrow.dataset as ds
 
-    parts = parquet_parts(folder, fs)
+    parts = parquet_parts(folder, fs, listing)
     raws = _map_parts(lambda part: storage.read_whole(fs, part), parts)
     fmt = ds.ParquetFileFormat()
     fragments = []
