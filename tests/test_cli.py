@@ -548,7 +548,7 @@ def test_image_extensions_the_first_shard_has_no_member_of_are_refused(tmp_path,
               "--image-extensions jpg,bmp")
     err, _ = refused(capsys, base + ["--image-extensions", "gif"])
     assert err == (f"error: --image-extensions gif: no member of shard {tar} has that extension "
-                   f"(its first 8 members have: jpg, json, txt, bmp), {advice}"), err
+                   f"(its 8 members have: jpg, json, txt, bmp), {advice}"), err
     err, _ = refused(capsys, base + ["--image-extensions", "gif,TIFF"])
     assert err.startswith(f"error: --image-extensions gif,tiff: no member of shard {tar} has "
                           "those extensions"), err
@@ -565,6 +565,40 @@ def test_image_extensions_the_first_shard_has_no_member_of_are_refused(tmp_path,
     for given in ("bmp", "png,jpg", "jpg"):  # some samples have it: their rows are embedded, the others fail
         cli.main(run, base + ["--image-extensions", given])
     assert started == [("bmp",), ("png", "jpg"), ("jpg",)], capsys.readouterr().err
+
+
+def test_a_local_shard_whose_first_images_have_other_extensions_is_read_on_before_it_is_refused(tmp_path, capsys):
+    """A shard without .idx whose first 40 samples are PNGs and the rest JPEGs, run with `--image-extensions jpg`:
+    the check stopped at its first 32 images (all png) and refused the run, though its JPEGs would be embedded. On a
+    local disk it now reads every tar header (data seeked past) before it refuses: this shard runs, its JPEGs
+    embedded and its PNG samples failing on their own rows; an all-PNG shard is still refused, its whole tar read."""
+    from wdsembed.api import TimmImageEmbedder
+    from wdsembed.plan import FIRST_IMAGES
+    from wdsembed.synthetic import ShardSample, encode_image, make_image, write_shard
+
+    png, jpg = (encode_image(make_image(32, 24, seed=0), kind) for kind in ("png", "jpeg"))
+    mixed = write_shard(tmp_path / "mixed", "00000", [ShardSample(png, ext="png")] * (FIRST_IMAGES + 8)
+                        + [ShardSample(jpg, ext="jpg")] * 3)
+    only_png = write_shard(tmp_path / "png", "00000", [ShardSample(png, ext="png")] * (FIRST_IMAGES + 8))
+    argv = ["-o", str(tmp_path / "out"), "--model", TINY_MODEL, "--no-pretrained", "--device", "cpu",
+            "--no-index-files", "--image-extensions", "jpg"]
+    err, _ = refused(capsys, [str(tmp_path / "png")] + argv)
+    assert err == (f"error: --image-extensions jpg: no member of shard {only_png.tar} has that extension (its 120 "
+                   "members have: json, png, txt), and every row would fail with 'no image member': pass the "
+                   "extensions of its images, e.g. --image-extensions png"), err
+    started = []
+
+    def run(config, **kw):  # where Prefect would start
+        started.append(config.input)
+        raise RuntimeError("the checks passed")
+
+    cli.main(run, [str(tmp_path / "mixed")] + argv)
+    assert started == [str(tmp_path / "mixed")], capsys.readouterr().err
+    [result] = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                                 use_index_files=False, image_extensions=["jpg"])(str(tmp_path / "mixed"),
+                                                                                 str(tmp_path / "out"))
+    assert (result.rows, result.embedded, result.failed) == (43, 3, 40), result
+    assert [k for k, _ in result.errors][:1] == [mixed.keys[0]] and "no image member" in result.errors[0][1]
 
 
 def test_image_extensions_are_taken_as_the_command_takes_them_and_none_that_never_matches():

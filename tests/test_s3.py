@@ -739,7 +739,7 @@ def test_image_extensions_no_member_of_the_first_shard_has_are_refused_on_s3(ser
     said = (rf"^--image-extensions \(image_extensions=\) gif: no member of shard {url}/00000\.tar has that "
             r"extension \(%s: bmp, json, txt\), and every row would fail with 'no image member': pass the "
             r"extensions of its images, e\.g\. --image-extensions \(image_extensions=\) bmp$")
-    with pytest.raises(inputs.InputError, match=said % "its first 9 members have"):
+    with pytest.raises(inputs.InputError, match=said % "its 9 members have"):  # the whole tar: no more to see
         plan.check_config(config)
     fs, root = storage.filesystem(url, options(server.endpoint))
     assert shardindex.ensure_index(f"{root}/00000.tar", fs).path == f"{IN_BUCKET}/{root.split('/', 1)[1]}/00000.idx"
@@ -793,6 +793,26 @@ def test_the_image_extension_check_reads_a_shard_on_s3_up_to_its_first_image_of_
         plan._check_image_extensions(config, inputs.find_shards(config))
     plan._check_image_extensions(config.model_copy(update={"image_extensions": ("jpg",)}),
                                  inputs.find_shards(config))
+    # Past the look's bounds (32 PNGs, then JPEGs): refused from the first members alone, saying so and how to have
+    # every member seen; with the shard's .idx, every one is, and the run passes (a local disk reads on: test_cli)
+    pngs_first = [(f"{i:09d}.{ext}", b"P") for i in range(40) for ext in ("png", "txt")] + [
+        (f"{i:09d}.{ext}", b"J") for i in range(40, 43) for ext in ("jpg", "txt")]
+    url = _tar_on_s3(server, tmp_path, "pngs", pngs_first)
+    config = config_for(url, f"s3://{OUT_BUCKET}/x", server.endpoint, image_extensions=("jpg",))
+    with pytest.raises(inputs.InputError) as refused:
+        plan._check_image_extensions(config, inputs.find_shards(config))
+    assert str(refused.value).endswith(
+        "(its first 63 members have: png, txt), and every row would fail with 'no image member': pass the "
+        "extensions of its images, e.g. --image-extensions (image_extensions=) png; only its first 63 members were "
+        "read (on an object store each further one can cost a request): where later ones have jpg, a .idx beside "
+        "the shard (DALI's wds2idx writes one, as runs with index files do) lets this check read every member's "
+        "name"), refused.value
+    with pytest.raises(inputs.InputError, match=r"every member's name, in a run without --no-index-files "
+                                                r"\(use_index_files=False\)$"):
+        plan._check_image_extensions(config.model_copy(update={"use_index_files": False}), inputs.find_shards(config))
+    fs, root = storage.filesystem(url, options(server.endpoint))
+    assert shardindex.ensure_index(f"{root}/00000.tar", fs, tmp_path / "idx").path.endswith(f"{root}/00000.idx")
+    plan._check_image_extensions(config, inputs.find_shards(config))
 
 
 def test_a_parquet_filtered_down_to_later_keys_on_s3_is_not_refused(server, tmp_path, monkeypatch):

@@ -620,9 +620,11 @@ def _check_readable(config: EmbedConfig, found: FoundShards) -> None:
 
 
 # Where the first shard has no .idx, the pre-flight reads its member names from its tar headers up to its first
-# member of --image-extensions (in most shards, their first member: one read), else up to FIRST_IMAGES members named
-# like images of other extensions, or FIRST_MEMBERS members in all (a shard that begins with its captions). On an
-# object store each image member bigger than a read block costs a request: no more are read than the answer needs.
+# member of --image-extensions (in most shards, their first member: one read). On a local disk it reads on to the
+# tar's end where none comes (headers only, data seeked past): a shard is never refused for its first members
+# alone. On an object store each image member bigger than a read block costs a request: the look stops at
+# FIRST_IMAGES members named like images of other extensions, or FIRST_MEMBERS members in all (a shard that begins
+# with its captions), and a refusal says how far it looked and how to have every member seen (a .idx).
 FIRST_IMAGES = 32
 FIRST_MEMBERS = 1024
 # Extensions of images, beyond --image-extensions' defaults: a shard of these but none of the given ones has no
@@ -634,9 +636,9 @@ KNOWN_IMAGE_EXTENSIONS = frozenset(IMAGE_EXTENSIONS) | {
 def _check_image_extensions(config: EmbedConfig, found: FoundShards) -> None:
     """The first shard must have a member of one of --image-extensions where it has images of other extensions:
     otherwise every row of every shard like it would fail 'no image member'. Its member names from its .idx where
-    one fits it (a few small reads), else from its first tar headers (_first_member_names). A shard whose
+    one fits it (a few small reads), else from its tar headers (_first_member_names). A shard whose
     samples only partly have the image is not refused (each such row fails on its own)."""
-    tar = found.tars[0]
+    tar, cut = found.tars[0], False
     try:
         # quiet: the run's planning says an unreadable index once, in the run's log
         index = (shardindex.ensure_index(tar, found.fs, config.index_cache(), build=False, quiet=True)
@@ -646,8 +648,9 @@ def _check_image_extensions(config: EmbedConfig, found: FoundShards) -> None:
             names, source = (columns.names if columns is not None else [m.name for m in index.members()]), \
                 "its .idx lists"
         else:
-            names = _first_member_names(tar, found.fs, config.image_extensions)
-            source = f"its first {len(names)} members have"
+            names, cut = _first_member_names(tar, found.fs, config.image_extensions,
+                                             bounded=not storage.is_local(found.fs))
+            source = f"its {'first ' if cut else ''}{len(names)} members have"
     except Exception:  # noqa: BLE001 - an unreadable tar or index is the shard's own failure
         return
     exts = list(dict.fromkeys(map(_image_extension, names)))
@@ -660,7 +663,12 @@ def _check_image_extensions(config: EmbedConfig, found: FoundShards) -> None:
     raise InputError(f"{flag} {given}: no member of shard {shown} has "
                      f"{'that extension' if len(config.image_extensions) == 1 else 'those extensions'} ({source}: "
                      f"{', '.join(e or '(no extension)' for e in exts)}), and every row would fail with 'no image "
-                     f"member': pass the extensions of its images, e.g. {flag} {','.join(images)}")
+                     f"member': pass the extensions of its images, e.g. {flag} {','.join(images)}"
+                     + (f"; only its first {len(names)} members were read (on an object store each further one can "
+                        f"cost a request): where later ones have {given}, a .idx beside the shard (DALI's wds2idx "
+                        f"writes one, as runs with index files do) lets this check read every member's name"
+                        + ("" if config.use_index_files else f", in a run without {option('use_index_files')}")
+                        if cut else ""))
 
 
 def _image_extension(name: str) -> str:
@@ -668,9 +676,10 @@ def _image_extension(name: str) -> str:
     return shards.split_member_name(name)[1].rsplit(".", 1)[-1]
 
 
-def _first_member_names(tar: str, fs, extensions) -> list[str]:
-    """A tar's member names from its headers, up to its first member of `extensions`, FIRST_IMAGES members named
-    like images of other extensions, or FIRST_MEMBERS members in all."""
+def _first_member_names(tar: str, fs, extensions, bounded: bool) -> tuple[list[str], bool]:
+    """A tar's member names from its headers, up to its first member of `extensions` or its end; where `bounded`,
+    up to FIRST_IMAGES members named like images of other extensions or FIRST_MEMBERS members in all. And whether
+    a bound stopped the look (the tar's other members unseen)."""
     names, images = [], 0
     with contextlib.closing(shards.member_names(tar, fs)) as listed:
         for name in listed:
@@ -679,9 +688,9 @@ def _first_member_names(tar: str, fs, extensions) -> list[str]:
             if ext in extensions:
                 break
             images += ext in KNOWN_IMAGE_EXTENSIONS
-            if images >= FIRST_IMAGES or len(names) >= FIRST_MEMBERS:
-                break
-    return names
+            if bounded and (images >= FIRST_IMAGES or len(names) >= FIRST_MEMBERS):
+                return names, True
+    return names, False
 
 
 # How many of the first shard's sample keys the pre-flight looks up in its parquet's id column, before all of them.
