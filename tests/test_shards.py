@@ -2370,6 +2370,29 @@ def test_a_parquet_written_as_a_folder_is_the_shards_parquet(tmp_path, caplog, f
     assert len({empty.fingerprint, written.fingerprint, again.fingerprint}) == 3
 
 
+@pytest.mark.parametrize("recursive", [False, True])
+def test_an_empty_parquet_folder_is_said_with_and_without_recursive(tmp_path, recursive):
+    """An empty local `00000.parquet/` (a write that did not finish before it wrote a file) is the shard's parquet,
+    which it cannot read: its tar is embedded with a warning naming the folder. Under `recursive` the listing (files
+    only) missed it, and the shard ran as one without a parquet, without a word."""
+    from conftest import TINY_MODEL
+    from wdsembed.api import TimmImageEmbedder
+    from wdsembed.synthetic import encode_image, make_image
+
+    data = tmp_path / "data" / "in"
+    written = write_shard(data, "00000", [ShardSample(encode_image(make_image(32, 24, seed=i), "jpeg"))
+                                          for i in range(3)])
+    os.remove(written.parquet)
+    os.mkdir(written.parquet)
+    [result] = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                                 recursive=recursive)(str(tmp_path / "data" if recursive else data),
+                                                      str(tmp_path / "out"))
+    assert result.warnings == [f"{written.parquet}: cannot read as parquet: a folder with no part files (it holds "
+                               "nothing): a write that did not finish, or was not of a parquet; the output holds the "
+                               "tar's samples only (no img2dataset columns)"], result.warnings
+    assert (result.rows, result.embedded) == (3, 3)
+
+
 def test_the_checks_before_any_work_read_a_parquet_written_as_a_folder(tmp_path):
     """The checks before any work read a folder parquet as they read a file: its id column must be there and hold
     the tar's keys (plan._check_id_column), the shards' id columns must be of one type (plan._check_id_types), and

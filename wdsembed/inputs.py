@@ -132,7 +132,11 @@ def _find_in_folder(config: EmbedConfig) -> FoundShards:
             # locally, an unreadable subfolder must fail the listing, not vanish from it (fsspec's walk omits it by
             # default); object stores list a prefix flat and have no such option
             options = {"on_error": "raise"} if storage.is_local(fs) else {}
-            files = set(storage.listed_files(fs, fs.find(root, withdirs=False, detail=True, **options).values()))
+            # locally with the folders: an empty `00000.parquet/` (a write that did not finish) is the shard's parquet,
+            # which the shard says it cannot read, as without `recursive`; on an object store an empty folder is no
+            # prefix, and the folders are those of the files (_parent_folders)
+            listed = fs.find(root, withdirs=storage.is_local(fs), detail=True, **options).values()
+            files = set(storage.listed_files(fs, listed))
         except PermissionError as exc:
             raise InputError(f"a subfolder of input {config.input!r} cannot be read by this user ({exc}): give it "
                              "read and execute permission (chmod a+rx) or run as a user who can read it") from None
@@ -140,7 +144,7 @@ def _find_in_folder(config: EmbedConfig) -> FoundShards:
         tars = sorted(p for p in files if _is_shard(p, root))
         if not tars:
             raise InputError(f"input {config.input!r} holds no *.tar shards, in no subfolder either")
-        return FoundShards(fs, root, tars, files, _parent_folders(files, root))
+        return FoundShards(fs, root, tars, files, _parent_folders(files, root) | set(storage.listed_folders(listed)))
     entries = fs.ls(root, detail=True)
     files = set(storage.listed_files(fs, entries))
     _refuse_compressed(config, root, files, recursive=False)
