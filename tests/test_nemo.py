@@ -399,6 +399,29 @@ def test_metadata_reads_every_shard_when_one_had_no_img2dataset_parquet(tmp_path
     assert frame["image_embedding"].notna().all() and frame["embedding_error"].isna().all()
 
 
+def test_metadata_reads_every_shard_whose_name_or_folder_holds_glob_characters(tmp_path):
+    """Dask's read_parquet globs each path of a list that holds `*`, `?` or `[` (fsspec's expand_paths_if_needed):
+    a dataset in `photos [2024]/`, or a shard `[1].tar`, read no rows of those files without a word (the metadata
+    of `photos [2024]` was empty, save_metadata of an edit wrote nothing of it). Every shard's rows are read."""
+    from conftest import write_parquet_folder
+    from wdsembed import ImageTextPairDataset
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    data = tmp_path / "photos [2024]?"
+    stems = ["00000", "[1]", "a?b", "c*d"]
+    for s, stem in enumerate(stems):
+        write_shard(data, stem, from_encoded(synthetic_images(2, seed=s)), shard_id=s, parquet=stem != "a?b")
+    write_parquet_folder(pq.read_table(data / "c*d.parquet"), data / "c*d.parquet", parts=2, layout="dask")
+    embedded = _embedder_with()(ImageTextPairDataset.from_webdataset(str(data), id_col="key"))
+    assert [Path(f).name for f in embedded.metadata_files()] == [f"{stem}.parquet" for stem in sorted(stems)]
+    frame = embedded.metadata.compute()
+    assert list(frame["key"]) == ["000000000", "000000001", "000010000", "000010001", "000020000", "000020001",
+                                  "000030000", "000030001"]  # shard order: 00000, [1], a?b, c*d
+    assert frame["image_embedding"].notna().all() and frame["caption"].isna().tolist() == [False] * 4 + [True] * 2 + [False] * 2
+    source = ImageTextPairDataset.from_webdataset(str(data), id_col="key")  # the dataset's own parquets
+    assert len(source.metadata.compute()) == 6
+
+
 def test_a_datasets_parquets_written_as_folders_are_its_metadata(tmp_path):
     """A shard's parquet written as a folder of part files (Spark's `part-00000-<uuid>.snappy.parquet`, Dask's
     `part.0.parquet` ... `part.11.parquet`) is its metadata, as one file is: one partition per shard, its rows in

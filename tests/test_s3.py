@@ -75,9 +75,9 @@ def dataset(tmp_path_factory) -> Path:
     return folder
 
 
-def upload(server: MotoS3, folder: Path, bucket: str = IN_BUCKET) -> str:
-    """Copy the shard files of `folder` under a fresh prefix; returns s3://bucket/prefix."""
-    prefix = f"run-{uuid.uuid4().hex[:8]}"
+def upload(server: MotoS3, folder: Path, bucket: str = IN_BUCKET, name: str = "") -> str:
+    """Copy the shard files of `folder` under a fresh prefix (ending in `name`); returns s3://bucket/prefix."""
+    prefix = f"run-{uuid.uuid4().hex[:8]}{name}"
     s3 = server.boto()
     for path in sorted(folder.iterdir()):
         if path.suffix in (".tar", ".parquet", ".json"):
@@ -560,6 +560,17 @@ def test_nemo_dataset_on_s3_reads_its_metadata_with_the_documented_storage_optio
     assert ds.metadata.npartitions == 2 and len(frame) == expected
     assert set(frame["key"]) == set(pq.read_table(dataset / "00000.parquet").column("key").to_pylist()) \
         | set(pq.read_table(dataset / "00001.parquet").column("key").to_pylist())
+
+
+def test_nemo_metadata_on_s3_reads_a_prefix_whose_name_holds_glob_characters(server, dataset):
+    """Dask's read_parquet globs each path of a list holding `*`, `?` or `[`: the metadata of a dataset under
+    `photos [2024]?/` was empty, without a word."""
+    from wdsembed import ImageTextPairDataset
+
+    ds = ImageTextPairDataset.from_webdataset(upload(server, dataset, name=" photos [2024]?"), "key",
+                                              storage_options=options(server.endpoint))
+    expected = sum(pq.read_metadata(dataset / f"{s:05d}.parquet").num_rows for s in range(2))
+    assert ds.metadata.npartitions == 2 and len(ds.metadata.compute()) == expected
 
 
 # ---------------------------------------------------------------------------------------------------------------

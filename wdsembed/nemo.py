@@ -15,6 +15,7 @@ files; `save_metadata()` with no path leaves them there, and with a path copies 
 """
 from __future__ import annotations
 
+import glob
 import importlib.util
 import logging
 import os
@@ -219,13 +220,13 @@ class ImageTextPairDataset:
         frames = []
         for run in self._runs_of_one_schema(files, folders={u for u, folder in sources.items() if folder}):
             if not sources[run[0]]:
-                frames.append(dd.read_parquet(run, storage_options=options))
+                frames.append(dd.read_parquet(_literal(run), storage_options=options))
                 continue
             # A shard's parquet written as a folder of part files: Dask's read_parquet takes no folder among files,
             # and reads each part as a partition of its own; read as one partition, as one shard's.
             fs, path = storage.filesystem(run[0], self.storage_options)
             parts = self._runs_of_one_schema([storage.to_url(fs, p) for p in shards.parquet_parts(path, fs)])
-            read = [dd.read_parquet(r, storage_options=options) for r in parts]
+            read = [dd.read_parquet(_literal(r), storage_options=options) for r in parts]
             frames.append((read[0] if len(read) == 1 else dd.concat(read)).repartition(npartitions=1))
         return frames[0] if len(frames) == 1 else dd.concat(frames)
 
@@ -366,6 +367,13 @@ class ImageTextPairDataset:
             rows = pa.Table.from_pandas(part, preserve_index=named or stored)
             lacked = [others[name] for name in rows.column_names if name in others and name not in schema.names]
             yield url, _in_types_of(pa.schema(list(schema) + lacked, metadata=schema.metadata), rows)
+
+
+def _literal(urls: list[str]) -> list[str]:
+    """`urls` as Dask's read_parquet takes them for the files they name: it globs every path of a list that holds
+    `*`, `?` or `[` (fsspec's expand_paths_if_needed), so a file or folder named so (`[1].parquet`, `photos [2024]/`)
+    matched nothing, or others, and its rows were left out without a word. Escaped, the glob matches it alone."""
+    return [glob.escape(u) for u in urls]
 
 
 def _refuse_credentials(storage_options: Optional[dict] = None, **urls: Any) -> None:
