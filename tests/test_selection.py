@@ -164,6 +164,25 @@ def test_a_wildcard_is_refused_saying_so(tree, tmp_path):
         plan.plan_shards(config(listing, tmp_path / "out"))
 
 
+def test_a_local_folder_or_shard_whose_name_holds_a_star_is_what_it_names_not_a_wildcard(tmp_path):
+    """`*` is a legal character of a file name: a folder `best*photos` that exists, or a shard `a*b.tar` named in a
+    pattern or a list, was refused as a wildcard pattern, with a folder to pass that holds none of the shards."""
+    data = tmp_path / "best*photos"
+    for stem in ("a*b", "c"):
+        shard(data, stem)
+    out = tmp_path / "out"
+    for input in (data, f"{data}/", f"file://{data}", f"{data}/{{a*b,c}}.tar"):
+        assert stems(plan.plan_shards(config(input, out))) == ["a*b", "c"], input
+    listing = tmp_path / "shards.txt"
+    listing.write_text("best*photos/a*b.tar\nbest*photos/c.tar\n")
+    assert stems(plan.plan_shards(config(listing, out))) == ["a*b", "c"]
+    [one] = plan.plan_shards(config(data / "a*b.tar", out))
+    assert one.shard == str(data / "a*b.tar") and one.output == str(out / "a*b.parquet")
+    plan.check_config(config(data, out))  # the command's checks pass it too
+    with pytest.raises(inputs.InputError, match=r"is a wildcard pattern"):  # what exists nowhere is one still
+        plan.plan_shards(config(f"{data}/*.tar", out))
+
+
 PIPE_SAID = ("is WebDataset's 'pipe:' form (a shell command whose output is read as the shard), which is not run "
              "here: each worker opens its shards itself, through fsspec. Pass the path or URL that the command reads "
              "(a local path, s3://BUCKET/PREFIX/00000.tar, https://HOST/00000.tar), with --storage-option "

@@ -28,6 +28,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from fsspec.core import split_protocol
+
 from wdsembed import output, storage
 from wdsembed.config import EmbedConfig, canonical_file_url, credentials_in_url, option, unsupported_url_form
 from wdsembed.storeoptions import url_has_credentials
@@ -175,11 +177,24 @@ def _parent_folders(files: set[str], root: str) -> set[str]:
 
 def refuse_wildcard(url: str, what: str) -> None:
     """A `*` is a shell's wildcard, which nothing here expands: said as such, not as a shard named '*.tar' that does
-    not exist."""
-    if "*" in url:
+    not exist. A local path that exists as written (a folder `best*photos`, a shard `a*b.tar`) is what it names."""
+    if "*" in url and not _exists_as_written(url):
         folder = posixpath.dirname(url[: url.index("*")]) or "."
         raise InputError(f"{what} is a wildcard pattern, which is not expanded: name the shards with a brace pattern "
                          f"('{folder}/{{00000..00099}}.tar'), or pass the folder that holds them ({folder!r})")
+
+
+def _exists_as_written(url: str) -> bool:
+    """Whether a local `url` (a brace pattern: one of the paths it names) exists, `*` and all. Object stores are
+    not asked: this check comes before their credentials are (a key holding `*` is refused there)."""
+    if "::" in url or storage.protocol(url) not in ("file", "local"):
+        return False
+    path = split_protocol(url)[1]
+    try:
+        paths = _expand(path, path)
+    except InputError:  # unbalanced braces: said where the input is read
+        return False
+    return any(os.path.lexists(p) for p in paths)
 
 
 def _is_tar(path: str) -> bool:
@@ -257,15 +272,16 @@ def _list_file_entries(config: EmbedConfig) -> list[str]:
             continue
         if url_has_credentials(line):  # said without the line: each shard's URL goes to logs and outputs' footers
             raise InputError(f"{config.input} line {number}: {credentials_in_url(line)}")
-        refuse_wildcard(line, f"{config.input} line {number}: {line!r}")
         unsupported = unsupported_url_form(line)
         if unsupported:
             raise InputError(f"{config.input} line {number}: {unsupported}")
+        given = line
         line = canonical_file_url(line)
         if line.startswith("~") and storage.protocol(base) in ("file", "local"):
             line = os.path.expanduser(line)  # as INPUT's own `~` (config.absolute_local_path)
         if "://" not in line and not os.path.isabs(line):
             line = posixpath.join(base, line)
+        refuse_wildcard(line, f"{config.input} line {number}: {given!r}")
         for url in _expand(line, f"{config.input} line {number}"):
             if not _is_tar(url):
                 raise InputError(f"{config.input} line {number}: {url!r} is not a .tar shard" + compressed_file(url))
