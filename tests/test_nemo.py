@@ -399,27 +399,33 @@ def test_metadata_reads_every_shard_when_one_had_no_img2dataset_parquet(tmp_path
     assert frame["image_embedding"].notna().all() and frame["embedding_error"].isna().all()
 
 
-def test_metadata_reads_every_shard_whose_name_or_folder_holds_glob_characters(tmp_path):
+def test_metadata_is_every_shards_rows_whatever_the_names_of_its_files_and_folders(tmp_path):
     """Dask's read_parquet globs each path of a list that holds `*`, `?` or `[` (fsspec's expand_paths_if_needed):
     a dataset in `photos [2024]/`, or a shard `[1].tar`, read no rows of those files without a word (the metadata
-    of `photos [2024]` was empty, save_metadata of an edit wrote nothing of it). Every shard's rows are read."""
+    of `photos [2024]` was empty; save_metadata of an edit wrote nothing of it). And it takes a folder named
+    `name=value` for a hive partition: a dataset under `version=2/` got a `version` column in every row, and one
+    under `status=new/` failed to read (the column `status` of img2dataset's parquets). Every shard's rows are
+    read, with the files' own columns."""
     from conftest import write_parquet_folder
     from wdsembed import ImageTextPairDataset
     from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
 
-    data = tmp_path / "photos [2024]?"
+    data = tmp_path / "status=new" / "photos [2024]?=x"
     stems = ["00000", "[1]", "a?b", "c*d"]
     for s, stem in enumerate(stems):
         write_shard(data, stem, from_encoded(synthetic_images(2, seed=s)), shard_id=s, parquet=stem != "a?b")
     write_parquet_folder(pq.read_table(data / "c*d.parquet"), data / "c*d.parquet", parts=2, layout="dask")
-    embedded = _embedder_with()(ImageTextPairDataset.from_webdataset(str(data), id_col="key"))
+    source = ImageTextPairDataset.from_webdataset(str(data), id_col="key")  # the dataset's own parquets
+    columns = pq.read_schema(data / "00000.parquet").names
+    assert list(source.metadata.columns) == columns and len(source.metadata.compute()) == 6
+    embedded = _embedder_with()(source)
     assert [Path(f).name for f in embedded.metadata_files()] == [f"{stem}.parquet" for stem in sorted(stems)]
     frame = embedded.metadata.compute()
+    assert list(frame.columns) == columns + ["image_embedding", "embedding_error"]
     assert list(frame["key"]) == ["000000000", "000000001", "000010000", "000010001", "000020000", "000020001",
                                   "000030000", "000030001"]  # shard order: 00000, [1], a?b, c*d
-    assert frame["image_embedding"].notna().all() and frame["caption"].isna().tolist() == [False] * 4 + [True] * 2 + [False] * 2
-    source = ImageTextPairDataset.from_webdataset(str(data), id_col="key")  # the dataset's own parquets
-    assert len(source.metadata.compute()) == 6
+    assert frame["image_embedding"].notna().all()
+    assert frame["caption"].isna().tolist() == [False] * 4 + [True] * 2 + [False] * 2  # a?b had no parquet
 
 
 def test_a_datasets_parquets_written_as_folders_are_its_metadata(tmp_path):

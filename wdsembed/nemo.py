@@ -220,13 +220,13 @@ class ImageTextPairDataset:
         frames = []
         for run in self._runs_of_one_schema(files, folders={u for u, folder in sources.items() if folder}):
             if not sources[run[0]]:
-                frames.append(dd.read_parquet(_literal(run), storage_options=options))
+                frames.append(_read_parquet(run, options))
                 continue
             # A shard's parquet written as a folder of part files: Dask's read_parquet takes no folder among files,
             # and reads each part as a partition of its own; read as one partition, as one shard's.
             fs, path = storage.filesystem(run[0], self.storage_options)
             parts = self._runs_of_one_schema([storage.to_url(fs, p) for p in shards.parquet_parts(path, fs)])
-            read = [dd.read_parquet(_literal(r), storage_options=options) for r in parts]
+            read = [_read_parquet(r, options) for r in parts]
             frames.append((read[0] if len(read) == 1 else dd.concat(read)).repartition(npartitions=1))
         return frames[0] if len(frames) == 1 else dd.concat(frames)
 
@@ -369,11 +369,17 @@ class ImageTextPairDataset:
             yield url, _in_types_of(pa.schema(list(schema) + lacked, metadata=schema.metadata), rows)
 
 
-def _literal(urls: list[str]) -> list[str]:
-    """`urls` as Dask's read_parquet takes them for the files they name: it globs every path of a list that holds
-    `*`, `?` or `[` (fsspec's expand_paths_if_needed), so a file or folder named so (`[1].parquet`, `photos [2024]/`)
-    matched nothing, or others, and its rows were left out without a word. Escaped, the glob matches it alone."""
-    return [glob.escape(u) for u in urls]
+def _read_parquet(urls: list[str], options: Optional[dict]):
+    """Dask's read_parquet of the files `urls`, each read as named and as it holds, whatever its path's names:
+    - Dask globs every path of a list that holds `*`, `?` or `[` (fsspec's expand_paths_if_needed), so a file or
+      folder named so (`[1].parquet`, `photos [2024]/`) matched nothing, and its rows were left out without a
+      word: escaped, the glob matches it alone;
+    - Dask takes a folder named `name=value` in the path (`s3://b/version=2/shards_embeddings/`, and so
+      `dt=2024-01-01/`, `d=1_embeddings/`) for a hive partition: a column of that name was added to every row,
+      and one named as a column of the files (`status=new/`) failed the read. Without partitioning, neither."""
+    import dask.dataframe as dd
+
+    return dd.read_parquet([glob.escape(u) for u in urls], storage_options=options, dataset={"partitioning": None})
 
 
 def _refuse_credentials(storage_options: Optional[dict] = None, **urls: Any) -> None:
