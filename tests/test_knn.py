@@ -9,10 +9,12 @@ skipped otherwise.
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -104,6 +106,20 @@ def test_embedding_reader_reads_a_runs_output(run):
             seen[(key, stem)] = vector
     assert sorted(seen) == sorted(want)
     assert all(np.array_equal(seen[k], want[k]) for k in want)
+
+
+def test_embedding_reader_reads_an_output_whose_path_holds_a_bracket_through_the_docs_escape(run, tmp_path):
+    """embedding-reader globs its folder: OUTPUT `photos [2024]` read as the pattern `photos [2024]` finds no file
+    (docs/knn.md says to pass it glob.escape'd, which reads every row)."""
+    er = pytest.importorskip("embedding_reader")
+    out = tmp_path / "photos [2024]"
+    shutil.copytree(run, out)
+    with pytest.raises(ValueError, match="No embeddings found"):
+        er.EmbeddingReader(str(out / "_embeddings"), file_format="parquet", embedding_column=EMB)
+    reader = er.EmbeddingReader(glob.escape(str(out / "_embeddings")), file_format="parquet", embedding_column=EMB,
+                                meta_columns=["key", "shard"])
+    assert reader.count == len(embedded_rows(run))
+    assert sum(len(vectors) for vectors, _ in reader(batch_size=64, show_progress=False)) == reader.count
 
 
 def test_autofaiss_builds_an_index_from_a_runs_output(run, tmp_path):
