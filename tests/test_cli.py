@@ -1687,6 +1687,25 @@ def test_summary_of_a_run_that_computed_nothing_but_had_a_failed_shard_gives_no_
     assert "nothing embedded this run: 1 shard(s) failed" in out and "already finished" not in out, out
 
 
+def test_the_summary_names_shards_and_the_model_as_they_are_named_whatever_their_brackets(tmp_path, capsys):
+    """The summary's table and model line went through rich's markup: shards `[x].tar`, `[bold]a.tar` and
+    `[#f00]c.tar` were listed as '', 'a' and 'c', and a model folder `local-dir:/models/clip [red]` lost its part."""
+    shard = {"rows": 2, "embedded": 2, "failed": 0, "status": "computed", "images_per_second": 5.0}
+    model = "local-dir:/models/clip [red]"
+    manifest = {
+        "output": str(tmp_path), "path": str(tmp_path / "_manifest.json"), "model": {"name": model},
+        "totals": {"shards": 3, "computed": 3, "cached": 0, "rows": 6, "embedded": 6, "embedded_rows": 6,
+                   "embedded_this_run": 6, "images_per_second": 5.0},
+        "shards": {stem: shard for stem in ("[x]", "[bold]a", "[#f00]c")},
+        "failed_shards": {"[@click]b": "MalformedShardError: not a tar file"},
+    }
+    cli.print_summary(manifest)
+    rows = {line.split("│")[1].strip() for line in capsys.readouterr().out.splitlines() if line.count("│") > 2}
+    assert {"[x]", "[bold]a", "[#f00]c", "[@click]b"} <= rows, rows
+    cli.print_summary(manifest)
+    assert f"model {model} (?)" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------------------------------- task E, whole
 
 

@@ -592,6 +592,7 @@ def print_summary(manifest: dict) -> None:
     """The run's summary, one screen at any scale: the table, the failures' causes and the warnings' are listed up to
     report.SUMMARY_ROWS and SUMMARY_CAUSES, then counted; every shard is in the manifest (the full record)."""
     from rich.table import Table
+    from rich.text import Text
 
     console = _quiet_once_its_pipe_is_closed()
     t = manifest["totals"]
@@ -612,10 +613,11 @@ def print_summary(manifest: dict) -> None:
     for stem in stems[:report.SUMMARY_ROWS]:
         s = shards.get(stem)
         if s is None:
-            table.add_row(stem, "-", "-", "-", f"FAILED{cause_of.get(stem, '')}", "-")
+            table.add_row(Text(stem), "-", "-", "-", f"FAILED{cause_of.get(stem, '')}", "-")
             continue
         rate = s.get("images_per_second")
-        table.add_row(stem, str(s["rows"]), str(embedded_rows(s)), str(s["failed"]), s.get("status", ""),
+        # a name as it is: a string cell is rich's markup, where `[x]` or `[bold]a` would lose their brackets
+        table.add_row(Text(stem), str(s["rows"]), str(embedded_rows(s)), str(s["failed"]), s.get("status", ""),
                       "-" if rate is None else f"{rate:,.1f}")
     console.print(table)
     # not the table's caption, which rich wraps to the table's width, centred
@@ -641,6 +643,7 @@ def print_summary(manifest: dict) -> None:
     console.print(
         f"model {describe_model(manifest)} | {t['embedded_rows']} of {t['rows']} rows embedded | {this_run}",
         soft_wrap=True,  # one line, as the terminal wraps it, not cut where rich would
+        markup=False,  # the model's name as it is (a local-dir: folder may hold brackets)
     )
     for line in report.describe_rows_without_embedding(manifest):
         console.print(f"without embedding: {line}", markup=False, highlight=False, soft_wrap=True)
