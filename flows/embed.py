@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 if __name__ == "__main__":
@@ -62,7 +62,9 @@ from wdsembed.plan import (  # noqa: E402
     check_storage, forget_checked_input, nothing_to_compute, remove_failed_outputs_made_otherwise,
     remove_views_without_tables, shard_groups,
 )
-from wdsembed.report import ManifestNotWritten, name_shards, retire_manifest, with_manifest_failure  # noqa: E402
+from wdsembed.report import (  # noqa: E402
+    Manifest, ManifestNotWritten, name_shards, retire_manifest, with_manifest_failure,
+)
 from wdsembed.shard import ShardsFailed  # noqa: E402
 
 
@@ -87,13 +89,26 @@ class _RunInProcess:
 _this_run: ContextVar[Optional[_RunInProcess]] = ContextVar("wdsembed_run", default=None)
 
 
-def embed_dataset(config: EmbedConfig) -> dict:
+def embed_dataset(config: EmbedConfig) -> Manifest:
     """Embed every WebDataset shard under `config.input` into `config.output`/<shard>.parquet.
 
     index the shards -> one embedding task per group of shards (plan.shard_groups; each shard embedded, validated
-    and written whole by `wdsembed.shard.process_shard` on a Dask worker) -> report (manifest and artifacts)."""
-    logger = get_run_logger()
+    and written whole by `wdsembed.shard.process_shard` on a Dask worker) -> report (manifest and artifacts).
+    Started by run(), it writes under run()'s claim on OUTPUT; started otherwise (`embed_flow(config)`, a subflow
+    of a flow of the caller's, a deployment of this flow), it takes the claim itself, first, and releases it as it
+    ends: refused (OutputClaimedError) where another run holds OUTPUT, as run() is."""
     hooks = _this_run.get() or _RunInProcess()
+    if hooks.claim_run is not None:
+        return _embed_claimed(config, hooks)
+    # Taken here rather than the call refused: held by the process the flow runs in, as run()'s is, before the
+    # planning reads OUTPUT (index_shards) or anything is written to it. Only a refusal comes later than run()'s:
+    # after the task runner's cluster, if it has one, has started.
+    with outputclaim.held(config) as claim:
+        return _embed_claimed(config, replace(hooks, claim_run=claim.run))
+
+
+def _embed_claimed(config: EmbedConfig, hooks: _RunInProcess) -> Manifest:
+    logger = get_run_logger()
     started = time.perf_counter()
     timeline = {"start": time.time()}  # the run's own steps, in the manifest beside each shard's
     # Resume: Prefect's task cache (results under config.result_storage) skips finished shards, but a cached
@@ -434,8 +449,9 @@ def _record_lost_run(future, group, failed: dict[str, str], task) -> None:
         get_run_logger().warning("could not mark task run %s crashed: %s", future.task_run_id, exc)
 
 
-def run(config: EmbedConfig, on_shard_done=None, *, all_finished: Optional[bool] = None) -> dict:
-    """Run the flow with the Dask task runner this config asks for (local GPUs, CPU workers, or a scheduler).
+def run(config: EmbedConfig, on_shard_done=None, *, all_finished: Optional[bool] = None) -> Manifest:
+    """Run the flow with the Dask task runner this config asks for (local GPUs, CPU workers, or a scheduler); the
+    run's manifest, a dict (report.Manifest: its repr is one line, not every shard's entry).
     `all_finished`: plan.check_config's answer, whether every output is already finished; asked here when None."""
     cluster.refuse_in_a_worker_bootstrap("flows.embed.run()")  # a script without the __main__ guard: else it hangs
     # A Dask client current in this process (a notebook's) runs the shards, where no dask_address is given; refused
@@ -458,7 +474,7 @@ def run(config: EmbedConfig, on_shard_done=None, *, all_finished: Optional[bool]
         return _run_claimed(config, on_shard_done, all_finished, claim.run, current)
 
 
-def _run_claimed(config: EmbedConfig, on_shard_done, all_finished: bool, claim_run: str, current) -> dict:
+def _run_claimed(config: EmbedConfig, on_shard_done, all_finished: bool, claim_run: str, current) -> Manifest:
     if all_finished:
         # Every shard's output is finished: the flow run still records each shard (its task run Cached, from the
         # task cache, in threads of this process), but no Dask cluster starts and no model loads.

@@ -201,6 +201,31 @@ def test_first_run_computes_every_shard_once(first_run):
     assert len(list((Path(config.output) / caching.RESULTS_FOLDER).iterdir())) == 4
 
 
+def test_the_manifest_reads_short_and_comes_back_whole_from_prefects_persisted_result(tmp_path):
+    """flows.embed.run's manifest, shown as a notebook cell's value, printed every shard's entry; its repr is one
+    line now (report.Manifest). Where Prefect persists flow results (PREFECT_RESULTS_PERSIST_BY_DEFAULT), the flow
+    run's result, read back from the API, is the same manifest."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_settings
+
+    from wdsembed.report import Manifest
+
+    config = make_config(make_dataset(tmp_path / "in", n_shards=2), tmp_path / "out", fidelity_sample=0)
+    with temporary_settings({PREFECT_RESULTS_PERSIST_BY_DEFAULT: True, PREFECT_LOCAL_STORAGE_PATH: tmp_path / "r"}):
+        manifest, run_id = embed(config)
+    assert type(manifest) is Manifest and manifest["totals"]["computed"] == 2, manifest
+    assert repr(manifest) == (f"Manifest(output={str(tmp_path / 'out')!r}, shards=2, computed=2, cached=0, "
+                              f"failed_shards=0, rows={2 * ROWS}, embedded_rows={2 * EMBEDDED}, "
+                              f"failed_rows=2, wall_seconds={manifest['totals']['wall_seconds']}, "
+                              f"path={str(tmp_path / 'out' / '_manifest.json')!r})")
+    assert json.loads((tmp_path / "out" / "_manifest.json").read_text())["totals"] == manifest["totals"]
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+    assert state.name == "Completed" and str(tmp_path / "r") in state.data.storage_key, state.data
+    stored = state.result()
+    assert type(stored) is Manifest and stored == manifest
+
+
 def test_artifacts_of_the_run(first_run):
     arts = artifacts(first_run["run_id"])
     assert set(arts) >= {"progress", "table", "markdown"}, set(arts)

@@ -254,6 +254,43 @@ def test_a_claim_taken_in_a_flow_run_says_its_takeover_in_that_runs_log(tmp_path
     assert any(f"output {out}: this run's claim was taken over by run 0123456789abcdef (pid" in m for m in said), said
 
 
+def test_the_flow_started_directly_claims_its_output_as_run_does(tmp_path, monkeypatch, prefect_api):
+    """`flows.embed.embed_flow(config)` (the flow object itself, or a subflow of a flow of the caller's), not
+    `flows.embed.run`, took no claim on OUTPUT: it wrote beside another run writing there, and another run wrote
+    beside it. It takes the claim itself now, released as it ends."""
+    import flows.embed
+
+    data, out = _shards(tmp_path / "in"), tmp_path / "out"
+    config = _config(data, out)
+    held, log = held_api_run(data, out, tmp_path, 120, TINY_MODEL, SETTINGS)
+    with killed_if_left(held):  # an API run writing to OUTPUT, held in its first shard
+        with pytest.raises(OutputClaimedError, match=f"by another run .* \\(pid {held.pid}"):
+            flows.embed.embed_flow(config)
+        assert _claim(out)["pid"] == held.pid and not list(out.glob("*.parquet"))  # nothing of the flow's
+        held.send_signal(signal.SIGINT)
+        held.wait(timeout=60)
+    assert not (out / CLAIM_NAME).exists()
+
+    spec = tmp_path / "hold-flow.json"  # the flow's tasks run in threads of this process: held here
+    spec.write_text(json.dumps({"00000": {"fail_attempts": 0, "hold_s": 15}}))
+    monkeypatch.setenv("WDSEMBED_FAULTS", str(spec))
+    ended = {}
+    flow = threading.Thread(target=lambda: ended.update(manifest=flows.embed.embed_flow(config)))
+    flow.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not Path(f"{spec}.00000.attempts").exists():
+            assert flow.is_alive() and time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(OutputClaimedError, match=f"by another run .* \\(pid {os.getpid()}"):
+            _embedder()(str(data), str(out))  # a second writer, while the flow writes
+    finally:
+        flow.join(timeout=300)
+    assert ended["manifest"]["totals"]["computed"] == 2 and not ended["manifest"]["failed_shards"]
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["00000.parquet", "00001.parquet"]
+    assert not (out / CLAIM_NAME).exists()
+
+
 # --------------------------------------------------------------------------------------------------- release
 
 

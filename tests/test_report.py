@@ -163,6 +163,51 @@ def test_the_summaries_of_a_run_of_thousands_of_shards_fit_one_screen(tmp_path, 
         "`_manifest.json`" in text, text
 
 
+def test_a_manifest_reads_as_one_line_and_is_the_same_dict_everywhere_else(tmp_path):
+    """A notebook cell ending in `flows.embed.run(...)` printed the manifest whole: every shard's entry, tens of
+    thousands of lines at scale. Its repr is one line of counts now; as a dict it is what it was (indexing, ==,
+    JSON, pickling through Prefect's results and Dask)."""
+    import copy
+    import pickle
+    import pprint
+
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+    results = [shard(f"{i:05d}", cached=i < 10) for i in range(10_000)]
+    failures = {f"{i:05d}": "ValueError: broken" for i in range(10_000, 10_003)}
+    manifest = report.build_manifest(config, results, failures, 12.5)
+    manifest["path"] = report.write_manifest(config, manifest)
+    said = repr(manifest)
+    assert said == (f"Manifest(output={str(tmp_path / 'out')!r}, shards=10000, computed=9990, cached=10, "
+                    "failed_shards=3, rows=520000, embedded_rows=500000, failed_rows=20000, wall_seconds=12.5, "
+                    f"path={str(tmp_path / 'out' / '_manifest.json')!r})")
+    assert pprint.pformat(manifest) == said and str(manifest) == said
+
+    class Printer:  # IPython's pretty printer, as a notebook cell's value is shown
+        def text(self, text):
+            self.said = text
+
+    printer = Printer()
+    manifest._repr_pretty_(printer, False)
+    assert printer.said == said
+
+    assert isinstance(manifest, dict) and manifest == dict(manifest)
+    assert json.dumps(manifest, default=str) == json.dumps(dict(manifest), default=str)
+    written = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert written | {"path": manifest["path"]} == json.loads(json.dumps(manifest, default=str))
+    for again in (pickle.loads(pickle.dumps(manifest)), copy.deepcopy(manifest)):
+        assert type(again) is report.Manifest and again == manifest and repr(again) == said
+    assert manifest["shards"]["00000"]["status"] == "cached" and len(manifest["shards"]) == 10_000
+
+    # OUTPUT holding earlier runs' shards says so; a manifest not written has no path
+    for i in range(3):
+        (tmp_path / "out" / f"{i:05d}.parquet").touch()
+    previous = report.earlier_shards(config, {"00000"})
+    rerun = report.build_manifest(config, [shard("00000", cached=True)], {}, 0.5, None, previous)
+    assert repr(rerun).endswith("shards=1, computed=0, cached=1, failed_shards=0, earlier_run=2, rows=52, "
+                                "embedded_rows=50, failed_rows=2, wall_seconds=0.5)"), repr(rerun)
+
+
 def test_summary_title_counts_the_failed_shards_too(tmp_path, capsys):
     """Its table has a row per shard, failed ones included: so has its title's total (it read '2 shard(s): 2
     computed, 0 cached, 1 failed' above 3 rows)."""

@@ -7,7 +7,8 @@
         claim.release()
 
 or `with outputclaim.held(config): ...`. The process that orchestrates a run takes it (flows.embed.run for the
-command, `python flows/embed.py` and the deployed flow; api.run_shards for the Python API and the NeMo drop-in),
+command, `python flows/embed.py` and the deployed flow; the embed-shards flow itself where it is started otherwise;
+api.run_shards for the Python API and the NeMo drop-in),
 after the checks that need no work and before any shard's, and releases it as the run ends however it ends
 (success, failure, Ctrl-C). Workers only read it (check_still_held, below). Two runs on one OUTPUT with different
 models would otherwise both succeed and leave two embedding spaces side by side, a manifest naming one of them, and

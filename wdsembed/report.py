@@ -292,8 +292,30 @@ def counts(shards: list[dict]) -> dict:
     }
 
 
+class Manifest(dict):
+    """A run's manifest: a plain dict in every use (indexing, json.dumps, ==, pickling), as written to
+    OUTPUT/_manifest.json, whose repr is one short line. A notebook cell ending in `flows.embed.run(...)` printed
+    every shard's entry: tens of thousands of lines at scale. The counts are those of its `totals` (this run's
+    shards), `failed_shards` counted; `earlier_run` only where OUTPUT holds shards of earlier runs."""
+
+    def __repr__(self) -> str:
+        totals = self.get("totals") or {}
+        said = {name: totals.get(name, "?") for name in ("shards", "computed", "cached")}
+        said["failed_shards"] = len(self.get("failed_shards") or {})
+        earlier = (totals.get("in_output") or {}).get(EARLIER_RUN)
+        if earlier:
+            said[EARLIER_RUN] = earlier
+        said |= {name: totals.get(name, "?") for name in ("rows", "embedded_rows", "failed_rows", "wall_seconds")}
+        listed = ", ".join(f"{name}={value}" for name, value in said.items())
+        written = f", path={self['path']!r}" if self.get("path") else ""  # not written: no path
+        return f"Manifest(output={self.get('output')!r}, {listed}{written})"
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        printer.text(repr(self))  # IPython's dict printer would list every entry
+
+
 def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str, str], wall_seconds: float,
-                   timeline: Optional[dict] = None, previous: Optional[dict] = None) -> dict:
+                   timeline: Optional[dict] = None, previous: Optional[dict] = None) -> Manifest:
     """The run's manifest. `timeline`: the run's own steps as epoch seconds (start, planned, first_started: the
     first task let to start alone, submitted, collected: the last shard's result back), to which the report's start
     is added; with each shard's own timeline, it shows where a run spends the time outside its shards. `previous`:
@@ -315,7 +337,7 @@ def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str,
         | {"status": "cached" if r.get("cached") else "computed"}
         for r in results
     }
-    return {
+    return Manifest({
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "input": config.input,
         "output": config.output,
@@ -331,7 +353,7 @@ def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str,
         "fidelity": fidelity.summarize(config, results),
         "gpu_use": gpu_use(results),
         "timeline": {**(timeline or {}), "report": time.time()},
-    }
+    })
 
 
 def this_run_shards(manifest: dict) -> dict[str, dict]:
