@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from wdsembed.threads import in_background, read_ahead
+from wdsembed.threads import ContextThreadPool, in_background, read_ahead
 
 
 def _source(n: int, log: dict, fail_at: int | None = None):
@@ -110,3 +110,68 @@ def test_in_background_raises_what_the_producer_raised_and_closes_it_when_the_co
     ahead.close()
     assert log["closed_in"] is log["thread"]  # closed by the producer's thread, which has ended
     assert log["made"] < 10_000 and threading.active_count() == before
+
+
+
+def test_a_pools_map_submits_every_call_before_it_returns():
+    """As Executor.map: the results of a map called last in the pool's block are there after the block (its end
+    waits for the calls, and submits none after it): plan.py reads the footers of outputs so."""
+    with ContextThreadPool(4) as pool:
+        doubled = pool.map(lambda i: 2 * i, range(2000))
+    assert list(doubled) == [2 * i for i in range(2000)]
+
+
+# A script that maps many CPU-bound calls over a ContextThreadPool in its main thread, as the command's checks read
+# thousands of outputs' footers: says "busy" once its pool's threads work, "interrupted" on Ctrl-C.
+_MAPS_UNTIL_INTERRUPTED = """
+import os, sys
+from wdsembed.threads import ContextThreadPool
+
+def work(i):
+    if i == 2000:
+        os.write(1, b"busy\\n")
+    x = 0
+    for _ in range(3000):  # holds the GIL: the caller's thread waits for it among the pool's
+        x += 1
+    return x
+
+try:
+    with ContextThreadPool(4) as pool:
+        total = sum(pool.map(work, range(200000)))
+    print("done", total)
+except KeyboardInterrupt:
+    os.write(1, b"interrupted\\n")
+"""
+
+
+def test_ctrl_c_while_a_pool_maps_many_calls_ends_the_process():
+    """Ctrl-C while the main thread submitted and took the results of many calls (the command's checks reading
+    20,000 outputs' footers): where the KeyboardInterrupt came just after it took one of the executor's locks, that
+    lock stayed held, every pool thread waited on it and the process hung for good (one try in two here), ending
+    neither on that Ctrl-C nor on the next; or the lock's release failed (RuntimeError: release unlocked lock). Now
+    the caller's thread takes no lock the pool's threads share: each try ends on its KeyboardInterrupt, without
+    waiting for the calls not yet started."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+
+    root = Path(__file__).resolve().parents[1]
+    for _ in range(8):  # the interrupt lands somewhere else each time
+        proc = subprocess.Popen([sys.executable, "-c", _MAPS_UNTIL_INTERRUPTED], cwd=root, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(root)},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            assert proc.stdout.readline() == b"busy\n", proc.communicate()
+            proc.send_signal(signal.SIGINT)
+            try:
+                out, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                raise AssertionError("the process still runs 60 s after its Ctrl-C: hung in its pool") from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert out == b"interrupted\n" and proc.returncode == 0, (out, err)

@@ -244,14 +244,14 @@ class ImageTextPairDataset:
 
     def _schemas(self, files: list[str]) -> list:
         """The schema in the footer of each parquet of `files` (one footer read each, 16 at a time; a folder's,
-        its parts' as one: shards.read_rows_schema)."""
-        from concurrent.futures import ThreadPoolExecutor
+        its parts' as one: shards.read_rows_schema). A Ctrl-C meanwhile ends it at once (threads.ContextThreadPool)."""
+        from wdsembed.threads import ContextThreadPool
 
         def schema(url: str):
             fs, path = storage.filesystem(url, self.storage_options)
             return shards.read_rows_schema(path, fs)
 
-        with ThreadPoolExecutor(max(1, min(16, len(files)))) as pool:
+        with ContextThreadPool(max(1, min(16, len(files)))) as pool:
             return list(pool.map(schema, files))
 
     def default_embeddings_path(self) -> str:

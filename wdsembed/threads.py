@@ -17,10 +17,66 @@ _NOTHING = object()
 class ContextThreadPool(ThreadPoolExecutor):
     """A ThreadPoolExecutor whose calls run in a copy of the submitting thread's context (contextvars), as they would
     called inline: their log lines keep the caller's run (a Prefect task run's lines reach its log in the UI only from
-    its context; from a bare pool thread they reached the terminal alone)."""
+    its context; from a bare pool thread they reached the terminal alone).
+
+    Safe to interrupt (Ctrl-C, or SIGTERM where the command raises it as Ctrl-C). A KeyboardInterrupt raised in
+    the caller's thread just after it took one of the executor's locks (`with` had not yet begun to guard it) left
+    that lock held for good: the pool's threads then waited on it forever, and so did the `with` block's end, and
+    Python's exit after it. The command hung on a Ctrl-C during its checks of 20,000 shards, its footer reads
+    under way. So map() submits and waits in a thread of its own, and the caller only takes its results from a
+    queue that holds no Python lock. Leaving the block by such an interruption cancels what has not started and
+    does not wait for the rest (at most one item a thread, which Python's exit waits for)."""
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future:
         return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)
+
+    def map(self, fn: Callable[..., T], *iterables: Any, timeout: Optional[float] = None,
+            chunksize: int = 1) -> Iterator[T]:
+        results: queue.SimpleQueue = queue.SimpleQueue()
+        submitted: queue.SimpleQueue = queue.SimpleQueue()
+        stopped: list = []  # set by the caller that stops taking results; a list, not an Event: no lock to leave held
+        submit_all = super().map
+
+        def feed() -> None:
+            ordered = None
+            try:
+                try:
+                    ordered = submit_all(fn, *iterables, timeout=timeout, chunksize=chunksize)
+                finally:
+                    submitted.put(None)
+                for result in ordered:
+                    if stopped:
+                        break
+                    results.put((True, result))
+                results.put((True, _DONE))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
+                results.put((False, exc))
+            finally:
+                if ordered is not None:
+                    ordered.close()  # cancels what has not started, where the caller stopped early
+
+        start_in_context(feed, "wdsembed-pool-results")
+        submitted.get()  # every call submitted before this returns, as Executor.map: the block may end at once
+
+        def taken() -> Iterator[T]:
+            try:
+                while True:
+                    ok, item = results.get()
+                    if not ok:
+                        raise item
+                    if item is _DONE:
+                        return
+                    yield item
+            finally:
+                stopped.append(True)
+
+        return taken()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None and not issubclass(exc_type, Exception):  # Ctrl-C, SIGTERM: stop, don't wait
+            self.shutdown(wait=False, cancel_futures=True)
+            return False
+        return super().__exit__(exc_type, exc, tb)
 
 
 def start_in_context(target: Callable[..., Any], name: str, *args: Any) -> threading.Thread:
