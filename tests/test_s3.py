@@ -1481,6 +1481,48 @@ def test_a_full_local_temp_folder_fails_an_s3_output_naming_it(server, dataset, 
     assert not [k for k in server.keys(bucket) if k.startswith(prefix) and k.endswith(".parquet")]
 
 
+
+# A process writing an output to S3 (storage.write_atomic), killed outright (SIGKILL, as the OOM killer ends a
+# worker) while its local temp file holds the output: as the writer writes it, or once written, before the upload.
+_KILLED_WRITING_TO_S3 = """
+import os, signal, sys
+from wdsembed import storage
+
+fs, path = storage.filesystem(sys.argv[1], {"endpoint_url": sys.argv[2]})
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+
+def write(f):
+    f.write(b"PAR1" * (1 << 18))
+    if sys.argv[3] == "writing":
+        die()
+
+storage.write_atomic(fs, path, write, before_commit=die)
+"""
+
+
+@pytest.mark.parametrize("when", ["writing", "before the upload"])
+def test_a_process_killed_while_writing_an_s3_output_leaves_no_local_temp_file(server, tmp_path, when):
+    """An output on S3 is written to a local temp file first, then uploaded. A worker killed meanwhile (by the OOM
+    killer; by its nanny, as a stopped run closes its cluster) left that file in TMPDIR, named
+    wdsembed-<random>.tmp and as large as the output, in a folder that no run clears: each such kill took an
+    output's size of the worker's local disk for good. Now the file has no name there (Linux: it is reached
+    through the process's descriptor), and goes with the process however it ends; nothing is uploaded."""
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    url = f"s3://{OUT_BUCKET}/killed-{uuid.uuid4().hex[:8]}/00000.parquet"
+    done = subprocess.run([sys.executable, "-c", _KILLED_WRITING_TO_S3, url, server.endpoint, when], cwd=root,
+                          env={**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(root)}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    assert sorted(p.name for p in temp.iterdir()) == []
+    assert not storage.filesystem(url, options(server.endpoint))[0].exists(url)
+
+
 # Last in this file: stopping its own moto server resets moto's state for the whole process (MotoS3.stop), the
 # module's server's buckets and users with it; a test after it finds no bucket.
 def test_a_new_output_prefix_is_accepted_for_a_user_who_may_list_and_write_only_that_prefix(monkeypatch, tmp_path):

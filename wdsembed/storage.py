@@ -14,7 +14,7 @@ import posixpath
 import tempfile
 import threading
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Union
 
 import fsspec
@@ -314,7 +314,8 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: Union[bytes, Ca
       folders are created. A full disk raises OSError with the same errno, and any error of the temp file (a folder
       this user may not write) its own, naming `path` rather than the temp file.
     * Object stores (S3, GCS, Azure, memory): one PUT, atomic per object; a writer function writes to a local temp
-      file first, which is then uploaded (put_file), so a large output is never held in memory.
+      file first (one without a name, where the system allows: _upload_temp_file), which is then uploaded
+      (put_file), so a large output is never held in memory.
     * Other fsspec filesystems (SFTP, HDFS, ...), where a file being written is visible: a temp name beside the
       target through `fs.open`, then `fs.mv` over it.
     The failing write is how an unwritable folder or bucket shows itself (PermissionError, also from s3fs for
@@ -328,28 +329,22 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: Union[bytes, Ca
             before_commit()
             _put(fs, path, lambda: fs.pipe_file(path, data))
             return
-        tmp = None
-        try:
-            fd, tmp = tempfile.mkstemp(prefix="wdsembed-", suffix=".tmp")
-            os.close(fd)
-            with _arrow_file(tmp) as f:
-                write(f)
-        except OSError as exc:
-            if tmp is not None:
-                os.unlink(tmp)
-            if exc.errno in _DISK_FULL:
-                # pyarrow says 'Error writing bytes to file': a user writing to a bucket looked for a full bucket
-                folder = tempfile.gettempdir()
-                raise OSError(exc.errno, f"{os.strerror(exc.errno)}: cannot write {fs.unstrip_protocol(path)}: its local temp file in "
-                                         f"{folder} (TMPDIR) ran out of space before the upload; free space there or "
-                                         "set TMPDIR to a folder with room, and run again: finished outputs are "
-                                         "kept") from exc
-            raise
-        try:
+        with ExitStack() as held:
+            try:
+                tmp = held.enter_context(_upload_temp_file())
+                with _arrow_file(tmp) as f:
+                    write(f)
+            except OSError as exc:
+                if exc.errno in _DISK_FULL:
+                    # pyarrow says 'Error writing bytes to file': a user writing to a bucket looked for a full bucket
+                    folder = tempfile.gettempdir()
+                    raise OSError(exc.errno, f"{os.strerror(exc.errno)}: cannot write {fs.unstrip_protocol(path)}: its local temp file in "
+                                             f"{folder} (TMPDIR) ran out of space before the upload; free space there or "
+                                             "set TMPDIR to a folder with room, and run again: finished outputs are "
+                                             "kept") from exc
+                raise
             before_commit()
             _put(fs, path, lambda: fs.put_file(tmp, path))
-        finally:
-            os.unlink(tmp)
     else:
         tmp = temp_name(path)
         try:
@@ -360,6 +355,26 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: Union[bytes, Ca
         except BaseException:
             _remove_quietly(fs, tmp)
             raise
+
+
+@contextmanager
+def _upload_temp_file() -> Iterator[str]:
+    """The path of an empty local temp file (in TMPDIR) for the block, to write an upload into. Where Linux's
+    /proc/self/fd is there, the file has no name in TMPDIR (tempfile.TemporaryFile: O_TMPFILE, or removed at once)
+    and the path reaches it through its descriptor, so that it goes with its process however that ends: a worker
+    killed mid-upload (by the OOM killer; by its nanny as the run stops) left its named file behind, as large as
+    the output, in a folder no run clears. Elsewhere a named file, removed as the block ends."""
+    with tempfile.TemporaryFile(prefix="wdsembed-", suffix=".tmp") as unnamed:
+        by_descriptor = f"/proc/self/fd/{unnamed.fileno()}"
+        if os.path.exists(by_descriptor):
+            yield by_descriptor
+            return
+    fd, named = tempfile.mkstemp(prefix="wdsembed-", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield named
+    finally:
+        os.unlink(named)
 
 
 def _put(fs: fsspec.AbstractFileSystem, path: str, put: Callable[[], None]) -> None:
