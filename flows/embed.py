@@ -66,6 +66,7 @@ from wdsembed.report import (  # noqa: E402
     Manifest, ManifestNotWritten, name_shards, retire_manifest, with_manifest_failure,
 )
 from wdsembed.shard import ShardsFailed  # noqa: E402
+from wdsembed.threads import ctrl_c_held  # noqa: E402
 
 
 @dataclass
@@ -351,11 +352,18 @@ def _task_starts(client) -> contextlib.AbstractContextManager:
 
 
 def _dask_client():
-    """The Dask client of the task runner this flow run submits through (None when it is not Dask's)."""
+    """The Dask client of the task runner this flow run submits through (None when it is not Dask's). Its first
+    call starts the run's local cluster, with Ctrl-C held until the cluster and its client are the runner's: a
+    KeyboardInterrupt (a notebook's Interrupt) in the middle of LocalCluster's start left its scheduler, ports and
+    worker processes running in the caller's process until it exited, one more cluster per such interrupt. A second
+    Ctrl-C stops at once (a cluster that does not start)."""
     from prefect.context import FlowRunContext
 
     runner = FlowRunContext.get().task_runner
-    return runner.client if isinstance(runner, DaskTaskRunner) else None
+    if not isinstance(runner, DaskTaskRunner):
+        return None
+    with ctrl_c_held(repeat_stops=True):  # then the flow engine closes the runner, and the cluster with it
+        return runner.client
 
 
 def _outcome(future, group, finished: set[str],

@@ -110,3 +110,61 @@ def test_get_client_starts_a_cluster_of_threads_in_this_process(demo, tmp_path):
     finally:
         client.close()
         client.cluster.close()
+
+
+# Ctrl-C lands as the flow's local Dask cluster starts: once its LocalCluster exists, before its constructor returns.
+_INTERRUPTED_CLUSTER_START = """
+import os, signal, sys, threading, time
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a notebook's kernel has it
+    import psutil
+    from distributed.deploy.spec import SpecCluster
+    import flows.embed
+    from wdsembed.config import EmbedConfig
+    data, out, model = sys.argv[1:4]
+    settings = dict(model_name=model, pretrained=False, device="cpu", num_threads_per_worker=1, fidelity_sample=0,
+                    batch_size=2, n_workers=1)
+
+    def ctrl_c_as_the_cluster_starts():
+        while not SpecCluster._instances:
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGINT)
+        print("signal sent as the cluster started", flush=True)
+
+    threading.Thread(target=ctrl_c_as_the_cluster_starts, daemon=True).start()
+    try:
+        flows.embed.run(EmbedConfig(input=data, output=out + "1", **settings))
+        print("first run finished", flush=True)
+    except KeyboardInterrupt:
+        print("first run interrupted", flush=True)
+    running = [c for c in SpecCluster._instances if c.status.name != "closed"]
+    workers = [p for p in psutil.Process().children(recursive=True)
+               if p.status() != psutil.STATUS_ZOMBIE and "apiserver" not in " ".join(p.cmdline())
+               and "resource_tracker" not in " ".join(p.cmdline())]
+    print("left running:", running, [" ".join(p.cmdline())[:80] for p in workers], flush=True)
+    manifest = flows.embed.run(EmbedConfig(input=data, output=out + "2", **settings))
+    print("second run:", repr(manifest), flush=True)
+    os._exit(0)  # distributed's exit hook would close a cluster left running, hiding nothing said above
+"""
+
+
+def test_a_flow_run_interrupted_as_its_cluster_starts_leaves_no_cluster_running(demo, tmp_path):
+    """A notebook's Interrupt (Ctrl-C) while flows.embed.run() started its local Dask cluster raised
+    KeyboardInterrupt from inside LocalCluster's constructor: the cluster was never the task runner's to close, and
+    its scheduler, dashboard port and worker processes ran on in the kernel until it exited, one more per such
+    interrupt. Ctrl-C now comes once the cluster is the runner's, which closes it; the next run works."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "notebook.py"
+    script.write_text(_INTERRUPTED_CLUSTER_START)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    env.pop("PREFECT_API_URL", None)  # the run's own temporary server, as in a plain notebook
+    done = subprocess.run([sys.executable, str(script), demo, str(tmp_path / "out"), TINY_MODEL],
+                          capture_output=True, text=True, timeout=300, env=env)
+    said = done.stdout + done.stderr
+    assert "signal sent as the cluster started" in said, said[-3000:]
+    assert "first run interrupted" in said, said[-3000:]
+    assert "left running: [] []" in said, said[-3000:]
+    assert done.returncode == 0 and "computed=1, cached=0, failed_shards=0" in said, said[-3000:]

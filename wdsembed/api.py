@@ -36,6 +36,7 @@ from wdsembed.plan import (
     Listed, check_config, plan_run, remove_failed_outputs_made_otherwise, remove_views_without_tables,
 )
 from wdsembed.shard import ShardPlan, ShardResult, ShardsFailed
+from wdsembed.threads import ctrl_c_held
 
 log = logging.getLogger("wdsembed")
 
@@ -303,18 +304,9 @@ def _import_whole(modules) -> None:
     missing = [name for name in modules if name not in sys.modules]
     if not missing:
         return
-    held: list[int] = []
-    # Signals reach the main thread only; a handler not set from Python (None) cannot be put back.
-    hold = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum)) if hold else None
-    try:
+    with ctrl_c_held():
         for name in missing:
             importlib.import_module(name)
-    finally:
-        if hold:
-            signal.signal(signal.SIGINT, previous)
-            if held:
-                signal.raise_signal(signal.SIGINT)
 
 
 _KEPT = ("the shards finished so far are in %s; call again with the same output to finish the rest (finished "

@@ -2,9 +2,11 @@
 and threads whose calls run in their caller's context."""
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import itertools
 import queue
+import signal
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional, TypeVar
@@ -12,6 +14,32 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 T = TypeVar("T")
 _DONE = object()
 _NOTHING = object()
+
+
+@contextlib.contextmanager
+def ctrl_c_held(repeat_stops: bool = False) -> Iterator[None]:
+    """Ctrl-C (SIGINT) held until the block ends, then handed to the caller's handler (a KeyboardInterrupt, by
+    default): for work that a KeyboardInterrupt in its middle would leave broken or running on (an import half done,
+    a Dask cluster half started). With `repeat_stops`, a second Ctrl-C meanwhile raises KeyboardInterrupt at once.
+    Signals reach the main thread only, and a handler not set from Python (None) cannot be put back: elsewhere
+    nothing is held."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum, frame) -> None:
+        if held and repeat_stops:
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)
 
 
 class ContextThreadPool(ThreadPoolExecutor):
