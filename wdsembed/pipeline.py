@@ -7,7 +7,9 @@ How a bad sample is handled: DALI fails a whole batch when one image in it canno
 default dynamic executor) keeps running the batches queued behind it. We keep the (keys, bytes) of every batch
 in flight, in order; when a batch's outputs raise, that batch is split and fed again: the sample the error
 message names (truncated JPEGs: "Failed to decode sample #i") on its own and the rest together, or else two
-halves, until a batch of one sample fails, which is then reported with the reason from DALI's message. Every
+halves, until a batch of one sample fails, which is then reported with the reason from DALI's message. A part that
+fails again has its rest halved too: DALI names one bad sample per run, so a batch of many bad images fed again
+whole once per bad one would be decoded over and over (a shard with 30% of them: 65 times its images). Every
 batch also carries a running sample id through the pipeline and its outputs are checked against the ids fed, so
 an embedding can never be attached to another sample's key.
 
@@ -293,21 +295,28 @@ class _Batch:
     tensors: list[Any]  # DALI TensorCPU views of `data` (no copies here)
     sizes: Optional[np.ndarray] = None  # (N, 2) int64 [height, width] from the headers, EXIF-oriented
     ids: Optional[np.ndarray] = None  # running sample ids, set when fed
+    split_from_failed: bool = False  # a part of a batch that failed: it held another bad sample if it fails too
 
     def split(self, bad_index: Optional[int]) -> list["_Batch"]:
-        """Parts to feed again: the named sample alone and the rest, else two halves; each with its own sizes."""
+        """Parts to feed again, each with its own sizes: the named sample alone and the rest, else two halves. A
+        part that fails again held two bad samples or more: its rest goes in halves too, so that a batch with many
+        bad images (DALI names one per failure) is searched in halves, not fed again once per bad image."""
         n = len(self.keys)
         if bad_index is not None and 0 <= bad_index < n:
             rest = [i for i in range(n) if i != bad_index]
-            parts = [[bad_index], rest]
+            parts = [[bad_index], *_halves(rest)] if self.split_from_failed else [[bad_index], rest]
         else:
-            parts = [list(range(n // 2)), list(range(n // 2, n))]
+            parts = _halves(list(range(n)))
         return [
             _Batch([self.keys[i] for i in p], [self.data[i] for i in p], [self.tensors[i] for i in p],
-                   None if self.sizes is None else self.sizes[p])
+                   None if self.sizes is None else self.sizes[p], split_from_failed=True)
             for p in parts
             if p
         ]
+
+
+def _halves(indices: list[int]) -> list[list[int]]:
+    return [indices[: len(indices) // 2], indices[len(indices) // 2 :]]
 
 
 class PipelineBroken(RuntimeError):
