@@ -1744,15 +1744,15 @@ with temporary_settings(updates={PREFECT_API_URL: apiserver.api_url()}):
 
 @pytest.mark.slow
 def test_command_end_to_end_terminal_and_rerun(tmp_path):
-    """The real command (temporary Prefect server, one Dask worker) on a shard with a truncated PNG: DALI's decoder
-    line stays off the terminal, and so do Dask's INFO lines (a cluster's start and stop) but the nanny's. The
+    """The real command (temporary Prefect server, one Dask worker) on a shard with a damaged PNG: DALI's decoder
+    lines stay off the terminal, and so do Dask's INFO lines (a cluster's start and stop) but the nanny's. The
     re-run, with nothing to compute, imports no torch, timm or DALI, starts no Dask cluster, keeps the computing
     run's figures, and is still recorded: a Completed flow run whose embedding task run is Cached."""
     import json
 
     from wdsembed.synthetic import write_demo_dataset
 
-    write_demo_dataset(tmp_path / "in", n_shards=1, per_shard=6, corrupt_per_shard=2)  # a cut JPEG and a cut PNG
+    write_demo_dataset(tmp_path / "in", n_shards=1, per_shard=6, corrupt_per_shard=2)  # a cut JPEG, a damaged PNG
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "WDSEMBED_", "DASK_"))}
     env |= {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1",
             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
@@ -1765,7 +1765,8 @@ def test_command_end_to_end_terminal_and_rerun(tmp_path):
         texts.append(done.stdout + done.stderr)
         assert done.returncode == 0, texts[-1][-4000:]
         manifests.append(json.loads((tmp_path / "out" / "_manifest.json").read_text()))
-    assert "png_parser" not in texts[0] and "[ERROR]" not in texts[0]
+    assert "libpng" not in texts[0] and "[ERROR]" not in texts[0]
+    assert any("damaged PNG" in c["reason"] for c in manifests[0]["rows_without_embedding"]["causes"])
     assert "images/s: embedding only" in texts[0]
     assert "Creating a new Dask cluster" in texts[0]
     assert set(re.findall(r"\| INFO +\| (distributed\.\w+)", texts[0])) <= {"distributed.nanny"}  # a death's reason

@@ -43,7 +43,7 @@ def env() -> dict:
 def test_reference_usage_runs_unchanged(tmp_path):
     from wdsembed.synthetic import write_demo_dataset
 
-    # the demo data, with a truncated JPEG and a truncated PNG per shard: the PNG decoder's line must not reach the
+    # the demo data, with a truncated JPEG and a damaged PNG per shard: the PNG decoder's lines must not reach the
     # terminal
     written = write_demo_dataset(tmp_path / "dataset", corrupt_per_shard=2)
     inputs_before = {p.name: p.read_bytes() for p in (tmp_path / "dataset").glob("*.parquet")}
@@ -57,7 +57,7 @@ def test_reference_usage_runs_unchanged(tmp_path):
     done = subprocess.CompletedProcess(script.args, script.returncode, stdout, stderr)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "no GPU is visible; starting a CPU cluster instead" in done.stderr  # this machine: the CPU fallback
-    assert "png_parser" not in done.stdout + done.stderr and "[ERROR]" not in done.stdout + done.stderr
+    assert "libpng" not in done.stdout + done.stderr and "[ERROR]" not in done.stdout + done.stderr
 
     out = tmp_path / "dataset_embeddings"  # beside the dataset; its own parquets untouched
     assert {p.name: p.read_bytes() for p in (tmp_path / "dataset").glob("*.parquet")} == inputs_before
@@ -571,7 +571,8 @@ print("before", file=sys.stderr)
 with decoder_messages_to_log():
     print("python line", file=sys.stderr)
     subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write("
-                    "'\x1b[0;31m[ERROR] \x1b[0m[libjpeg_turbo_decoder] Could not decode\\n' 'child line\\n')"])
+                    "'\x1b[0;31m[ERROR] \x1b[0m[libjpeg_turbo_decoder] Could not decode\\n' 'child line\\n' "
+                    "'libpng error: IDAT: invalid distance too far back'); sys.stderr.flush(); sys.stderr.write('\\n')"])
     sys.stderr.write("partial")
 print(" after", file=sys.stderr)
 '''
@@ -586,6 +587,8 @@ def test_router_logs_decoder_lines_and_passes_the_rest(tmp_path, handler):
     assert done.returncode == 0, done.stderr
     assert done.stderr == "before\npython line\nchild line\npartial after\n"
     assert "DEBUG:wdsembed.decoder:ERROR libjpeg_turbo_decoder: Could not decode" in log.read_text()
+    # libpng's own handler's line, which nvImageCodec's PNG decoder leaves in place (a damaged PNG)
+    assert "DEBUG:wdsembed.decoder:ERROR libpng: IDAT: invalid distance too far back" in log.read_text()
 
 
 ROUTER_OWN_LOG = r'''
@@ -627,7 +630,7 @@ API_RUN = textwrap.dedent(f'''
 def test_api_run_keeps_decoder_lines_off_the_terminal(tmp_path):
     from wdsembed.synthetic import write_demo_dataset
 
-    write_demo_dataset(tmp_path / "in", n_shards=1, per_shard=6, corrupt_per_shard=2)  # a cut JPEG and a cut PNG
+    write_demo_dataset(tmp_path / "in", n_shards=1, per_shard=6, corrupt_per_shard=2)  # a cut JPEG, a damaged PNG
     runs = []
     for i in (1, 2):  # the second run finds the shard done
         done = subprocess.run([sys.executable, "-c", API_RUN, str(tmp_path / "in"), str(tmp_path / "out"),
@@ -635,8 +638,8 @@ def test_api_run_keeps_decoder_lines_off_the_terminal(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         runs.append((done, json.loads((tmp_path / "out" / "_manifest.json").read_text())))
     first, second = runs
-    assert "png_parser" not in first[0].stderr + first[0].stdout  # the decoder's own line, for the cut PNG
-    assert "png_parser" in (tmp_path / "log1.txt").read_text()
+    assert "libpng" not in first[0].stderr + first[0].stdout  # the decoder's own lines, for the damaged PNG
+    assert "wdsembed.decoder:ERROR libpng: " in (tmp_path / "log1.txt").read_text()
     assert "truncated JPEG" in first[0].stdout  # the reason is on the row
     # the cached re-run keeps the computing run's figures
     computed, cached = first[1]["shards"]["00000"], second[1]["shards"]["00000"]

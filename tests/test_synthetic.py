@@ -80,7 +80,7 @@ def test_synthetic_images_vary():
         assert decode(im.data).size == (im.width, im.height)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "random", "text", "header_only"])
+@pytest.mark.parametrize("kind", ["truncated", "truncated_png", "damaged_png", "random", "text", "header_only"])
 def test_corrupt_bytes_do_not_decode(kind):
     data = syn.corrupt_image_bytes(kind)
     assert len(data) > 0

@@ -8,8 +8,8 @@ stderr (file descriptor 2), in colour: a truncated JPEG shows as
 once for the batch that failed and once more when the bad sample is isolated. No setting turns it off:
 DALI_NVIMGCODEC_LOG_LEVEL (1..5, default 2) is clamped to at least 1, which still prints errors. The sample's reason
 is already on its row (the error column) and in the summary, so these lines are diagnostics: while
-`decoder_messages_to_log()` is active, fd 2 goes through a pipe that sends lines in nvImageCodec's format to the
-`wdsembed.decoder` logger at DEBUG and passes every other byte through unchanged, in order. Processes started
+`decoder_messages_to_log()` is active, fd 2 goes through a pipe that sends lines in nvImageCodec's format (and
+libpng's own "libpng error: ..." lines, for a damaged PNG) to the `wdsembed.decoder` logger at DEBUG and passes every other byte through unchanged, in order. Processes started
 meanwhile (Dask workers) inherit the pipe, so their decoder lines are routed too.
 
 Lines still in the pipe when a process dies abruptly (SIGKILL, a segfault) can be lost; the context is meant to
@@ -34,6 +34,9 @@ log = logging.getLogger("wdsembed.decoder")
 DECODER_LINE = re.compile(
     rb"^\x1b\[[0-9;]*m\[(FATAL ERROR|ERROR|WARNING|INFO|DEBUG|TRACE)\] \x1b\[0m\[([\w.-]+)\] (.*)$"
 )
+# libpng's own default handlers, which nvImageCodec's PNG decoder leaves in place: "libpng error: IDAT: invalid
+# distance too far back" for a damaged PNG, printed to fd 2 beside the codec's line.
+LIBPNG_LINE = re.compile(rb"^(libpng) (error|warning): (.*)$")
 
 
 _FLUSH_MARKER = b"\x00wdsembed-stderr-flush\x00\n"
@@ -99,8 +102,10 @@ class _Fd2Router:
             *lines, pending = pending.split(b"\n")
             for line in lines:
                 self._route(line + b"\n")
-            # A partial line that cannot be a decoder line goes on at once (a prompt, a crash message).
-            if pending and not pending.startswith((b"\x1b", _FLUSH_MARKER[:1])):
+            # A partial line that cannot be a decoder line goes on at once (a prompt, a crash message). libpng
+            # writes its message and its newline in two writes.
+            if pending and not (pending.startswith((b"\x1b", _FLUSH_MARKER[:1], b"libpng "))
+                                or b"libpng ".startswith(pending)):
                 self._forward(pending)
                 pending = b""
         if pending:
@@ -119,7 +124,12 @@ class _Fd2Router:
             return
         match = DECODER_LINE.match(line.rstrip(b"\r\n"))
         if match is None:
-            self._forward(line)
+            png = LIBPNG_LINE.match(line.rstrip(b"\r\n"))
+            if png is None:
+                self._forward(line)
+            else:
+                source, severity, text = (part.decode("utf-8", "replace") for part in png.groups())
+                self.records.put((severity.upper(), source, text))
             return
         severity, source, text = (part.decode("utf-8", "replace") for part in match.groups())
         if source in logging.Logger.manager.loggerDict:

@@ -127,18 +127,65 @@ def refusal_from_head(head: bytes, max_pixels: Optional[int]) -> Optional[str]:
 
 
 def cut_short(data: bytes | memoryview) -> Optional[str]:
-    """Why a JPEG must not be decoded because it was cut short (a partial download), else None. nvJPEG decodes such
-    a file without complaint, filling the missing part with gray, where libjpeg-turbo (the CPU path) and PIL fail:
-    refused here, both paths give the same row. Entropy-coded data never holds FF D9 (an FF there is followed by
-    00 or a restart marker), so the first FF D9 after the image's start of scan is its end. That start is found by
-    walking the header's segments: an EXIF thumbnail inside one has a scan and an end marker of its own, which must
-    not count. Bytes appended after the end (motion photos) are not looked at."""
+    """Why a JPEG or a PNG must not be decoded because it was cut short (a partial download), else None.
+
+    JPEG: nvJPEG decodes such a file without complaint, filling the missing part with gray, where libjpeg-turbo (the
+    CPU path) and PIL fail: refused here, both paths give the same row. Entropy-coded data never holds FF D9 (an FF
+    there is followed by 00 or a restart marker), so the first FF D9 after the image's start of scan is its end.
+    That start is found by walking the header's segments: an EXIF thumbnail inside one has a scan and an end marker
+    of its own, which must not count. Bytes appended after the end (motion photos) are not looked at.
+
+    PNG: one whose last chunk runs past the end of its data (png_cut) killed the whole process in DALI 2.4's
+    decoder (a segfault, in batches of 64 images or more: every shard holding one failed on every retry), and PIL
+    fails it too. One whose chunks are whole but lack the IEND chunk is not refused: with_png_end gives it one."""
     n = len(data)
+    if n >= 8 and data[0] == 0x89 and bytes(data[:8]) == _PNG_SIGNATURE:
+        cut = png_cut(data)
+        if cut is None or not cut[1]:
+            return None
+        return f"truncated PNG ({cut[1]}, {n} bytes): not decoded (a partial decode is not the image)"
     if n < 3 or not (data[0] == 0xFF and data[1] == 0xD8 and data[2] == 0xFF):
         return None
     if _end_of_image_missing(data):
         return f"truncated JPEG (no end-of-image marker, {n} bytes): not decoded (a partial decode is not the image)"
     return None
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # an IEND chunk: no data, its CRC
+
+
+def png_cut(data: bytes | memoryview) -> Optional[tuple[int, str]]:
+    """For a PNG, where its chunks stop short of an IEND chunk: (offset, what runs past the end) where a chunk before
+    IEND is cut off by the end of the data; (offset, "") where the chunks end whole, at the end of the data or in
+    an IEND cut short, with no whole IEND (the offset: where one goes); None where a whole IEND chunk is there.
+    Bytes after IEND are not looked at."""
+    n, pos = len(data), 8
+    while pos < n:
+        if pos > 8 and pos + 12 > n and _PNG_END.startswith(bytes(data[pos:])):
+            return pos, ""  # the start of an IEND chunk, cut short
+        if pos + 8 > n:
+            return pos, f"a chunk header at byte {pos} runs past the end"
+        kind = bytes(data[pos + 4:pos + 8])
+        end = pos + 12 + int.from_bytes(data[pos:pos + 4], "big")
+        if kind == b"IEND":
+            return None if end <= n else (pos, "")
+        if end > n:
+            return pos, f"its {kind.decode('latin-1')} chunk at byte {pos} runs past the end"
+        pos = end
+    return pos, ""
+
+
+def with_png_end(data: bytes | memoryview) -> bytes | memoryview:
+    """A PNG whose chunks are whole but that lacks its IEND chunk (cut right after its image data), with one: PIL
+    decodes such a file, and DALI 2.4's decoder read past its end (a segfault, as for a PNG cut inside a chunk). A
+    copy, for these rare ones only; any other bytes as they are."""
+    if not (len(data) >= 8 and data[0] == 0x89 and bytes(data[:8]) == _PNG_SIGNATURE):
+        return data
+    cut = png_cut(data)
+    if cut is None or cut[1]:
+        return data
+    return b"".join((data[:cut[0]], _PNG_END))
 
 
 def _end_of_image_missing(data: bytes | memoryview) -> Optional[bool]:
@@ -649,6 +696,8 @@ class ImagePipeline:
                     continue
                 if i in unmarked:
                     data = with_adobe_marker(data)
+                elif data[0] == 0x89:  # a PNG without its IEND chunk gets one (cut_short refused those cut inside one)
+                    data = with_png_end(data)
                 keys.append(key)
                 datas.append(data)
                 tensors.append(TensorCPU(data))

@@ -152,18 +152,23 @@ def photo_images(
     return out
 
 
-CorruptKind = Literal["truncated", "truncated_png", "empty", "random", "text", "header_only"]
+CorruptKind = Literal["truncated", "truncated_png", "damaged_png", "empty", "random", "text", "header_only"]
 
 
 def corrupt_image_bytes(kind: CorruptKind, *, seed: int = 0) -> bytes:
-    """Bytes that are named like an image but do not decode: a JPEG or a PNG cut in half, an empty file, random
-    bytes, a text file, or a bare JPEG start-of-image marker."""
+    """Bytes that are named like an image but do not decode: a JPEG or a PNG cut in half, a PNG with a byte of its
+    image data changed (its chunk's CRC fails), an empty file, random bytes, a text file, or a bare JPEG
+    start-of-image marker."""
     if kind == "truncated":
         full = encode_image(make_image(128, 96, seed=seed), "jpeg")
         return full[: len(full) // 2]
-    if kind == "truncated_png":  # reaches the decoder (a JPEG cut short is refused before it), which fails on it
+    if kind == "truncated_png":  # refused before the decoder, as a JPEG cut short is
         full = encode_image(make_image(128, 96, seed=seed), "png")
         return full[: len(full) // 2]
+    if kind == "damaged_png":  # whole, so it reaches the decoder, which fails on it (and prints libpng's lines)
+        full = bytearray(encode_image(make_image(128, 96, seed=seed), "png"))
+        full[full.index(b"IDAT") + 20] ^= 0x55
+        return bytes(full)
     if kind == "empty":
         return b""
     if kind == "random":
@@ -367,13 +372,13 @@ def write_demo_dataset(
 ) -> list[WrittenShard]:
     """A small img2dataset-style dataset: real photographs (when scikit-image is installed) mixed with synthetic
     images of varied sizes and formats, tar order shuffled, a few failed downloads per shard, and optionally
-    corrupt image members (truncated JPEG, truncated PNG, random bytes, text, empty; all named .jpg)."""
+    corrupt image members (truncated JPEG, damaged PNG, truncated PNG, random bytes, text, empty; all named .jpg)."""
     try:
         import skimage.data  # where load_photo finds its photographs
     except ImportError:
         skimage = None
     have_photos = skimage is not None
-    kinds: tuple[CorruptKind, ...] = ("truncated", "truncated_png", "random", "text", "empty")
+    kinds: tuple[CorruptKind, ...] = ("truncated", "damaged_png", "truncated_png", "random", "text", "empty")
     shards = []
     for s in range(n_shards):
         n_photos = per_shard // 2 if have_photos else 0
