@@ -139,7 +139,7 @@ def cut_short(data: bytes | memoryview) -> Optional[str]:
     decoder (a segfault, in batches of 64 images or more: every shard holding one failed on every retry), and PIL
     fails it too. One whose chunks are whole but lack the IEND chunk is not refused: with_png_end gives it one."""
     n = len(data)
-    if n >= 8 and data[0] == 0x89 and bytes(data[:8]) == _PNG_SIGNATURE:
+    if _is_png(data):
         cut = png_cut(data)
         if cut is None or not cut[1]:
             return None
@@ -153,6 +153,10 @@ def cut_short(data: bytes | memoryview) -> Optional[str]:
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # an IEND chunk: no data, its CRC
+
+
+def _is_png(data: bytes | memoryview) -> bool:
+    return len(data) >= 8 and data[0] == 0x89 and bytes(data[:8]) == _PNG_SIGNATURE
 
 
 def png_cut(data: bytes | memoryview) -> Optional[tuple[int, str]]:
@@ -182,7 +186,7 @@ def with_png_end(data: bytes | memoryview) -> bytes | memoryview:
     """A PNG whose chunks are whole but that lacks its IEND chunk (cut right after its image data), with one: PIL
     decodes such a file, and DALI 2.4's decoder read past its end (a segfault, as for a PNG cut inside a chunk). A
     copy, for these rare ones only; any other bytes as they are."""
-    if not (len(data) >= 8 and data[0] == 0x89 and bytes(data[:8]) == _PNG_SIGNATURE):
+    if not _is_png(data):
         return data
     cut = png_cut(data)
     if cut is None or cut[1]:
