@@ -462,3 +462,137 @@ def test_an_entry_kept_from_a_manifest_written_before_embedded_rows_has_them_too
     manifest = report.build_manifest(config, [shard("00002")], {}, 1.0, None, report.earlier_shards(config, {"00002"}))
     assert {s: (e["status"], e["embedded_rows"]) for s, e in manifest["shards"].items()} == {
         "00000": (report.EARLIER_RUN, 50), "00001": (report.EARLIER_RUN, 4), "00002": ("computed", 50)}
+
+
+# Shard names a file system allows that Markdown or a terminal would read as something else: a table's cell
+# boundary, code, emphasis, raw HTML, an entity, a link, a line break, an escape sequence; spaces at a cell's ends.
+ODD_NAMES = ["a|b", "c`d``e", "<b>f</b>", "*g*", "_h_", "i&amp;j", "[k](l)", "m\nn", "o\\p", " q ", "\x1b[31mr"]
+
+
+def odd_manifest(tmp_path, names=ODD_NAMES):
+    """A manifest of a run over shards of ODD_NAMES: all but the last finished (each with a warning naming it and a
+    row without embedding), the last failed, with a reason naming it."""
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "o|u`t"), model_name="resnet18.a1_in1k")
+    results = [shard(name) | {"warnings": [f"{name}.tar: a warning of its own"],
+                              "error_causes": [{"reason": f"not an image in {name}", "rows": 2, "keys": [name]}]}
+               for name in names[:-1]]
+    failures = {names[-1]: f"MalformedShardError: {names[-1]}.tar: not a tar file"}
+    manifest = report.build_manifest(config, results, failures, 1.0) | {"path": "m.json"}
+    return manifest, report.shard_rows(results, failures, manifest)
+
+
+def rendered(markdown: str) -> tuple[list[list[str]], list[str]]:
+    """The summary as a GFM renderer reads it: its table's rows (header first) as their cells' text, and the text of
+    its list items; fails where a name turned into markup (emphasis, a link, HTML)."""
+    from markdown_it import MarkdownIt
+
+    tokens = MarkdownIt("commonmark").enable("table").parse(markdown)
+    table, items, row = [], [], None
+    for i, token in enumerate(tokens):
+        if token.type == "tr_open":
+            row = []
+            table.append(row)
+        elif token.type == "inline":
+            kinds = {child.type for child in token.children}
+            assert kinds <= {"text", "code_inline", "text_special"}, (kinds, token.content)
+            text = "".join(child.content for child in token.children)
+            if tokens[i - 1].type in ("th_open", "td_open"):
+                row.append(text)
+            elif tokens[i - 2].type == "list_item_open":
+                items.append(text)
+    return table, items
+
+
+def test_the_markdown_summary_keeps_its_columns_and_every_name_as_it_is(tmp_path):
+    """A `|` in a shard's name split its row of the summary's table into more cells than the header's; a backquote
+    ended its code span, `*g*` and `<b>` became emphasis and HTML. Names and reasons are escaped: the table keeps its
+    seven columns and each name reads as it is; a line break, which no table cell or list item can hold, is written
+    as `tar tf` lists it (`\\n`)."""
+    manifest, rows = odd_manifest(tmp_path)
+    table, items = rendered(report.markdown_summary(manifest, rows))
+    assert table[0] == list(report.TABLE_COLUMNS)
+    assert all(len(row) == len(report.TABLE_COLUMNS) for row in table), table
+    said = {"m\nn": "m\\nn", "\x1b[31mr": "\\033[31mr"}  # a control character as tar lists it
+    assert sorted(row[0] for row in table[1:]) == sorted(said.get(name, name) for name in ODD_NAMES)
+    failed = next(row for row in table if row[0] == said[ODD_NAMES[-1]])
+    assert failed[4] == f"FAILED: MalformedShardError: {said[ODD_NAMES[-1]]}.tar: not a tar file"
+    assert f"output: {manifest['output']}" in items
+    assert "model: resnet18.a1_in1k (no shard finished: weights, embedding and dimensions unknown)" in items
+    assert (f"1 shard(s) ({said[ODD_NAMES[-1]]}): MalformedShardError: {said[ODD_NAMES[-1]]}.tar: not a tar file"
+            in items), items
+    # the shards' warnings and rows without embedding are one cause each (the reasons differ in the names alone)
+    first = sorted(ODD_NAMES[:-1])[0]
+    assert f"20 row(s) in 10 shard(s): not an image in {first} (e.g. shard {first}, key {first})" in items, items
+    named = ", ".join(said.get(name, name) for name in sorted(ODD_NAMES[:-1])[:5])
+    assert f"10 shard(s) ({named} and 5 more): e.g. {first}: {first}.tar: a warning of its own" in items, items
+    for name in ODD_NAMES[:-1]:  # each name in a line of its own
+        _, items = rendered(report.markdown_summary(*odd_manifest(tmp_path, [name, "x"])))
+        name = said.get(name, name)
+        assert f"shard {name}: {name}.tar: a warning of its own" in items, (name, items)
+        assert f"2 row(s) in 1 shard(s): not an image in {name} (e.g. shard {name}, key {name})" in items, items
+
+
+def test_markdown_code_spans_and_cells_read_back_as_they_are():
+    from markdown_it import MarkdownIt
+
+    md = MarkdownIt("commonmark").enable("table")
+    for name in ["`a", "a`", "` a `", " a ", "``", "a``b`", "|", "\\`"]:
+        children = md.parseInline(f"x {report.md_code(name)} y")[0].children
+        assert [c.content for c in children if c.type == "code_inline"] == [name], (name, children)
+        table, _ = rendered(f"| h |\n|---|\n| {report.md_cell(name)} |\n")
+        assert table[1] == [name], (name, table)
+
+
+def test_the_terminal_summary_keeps_each_name_on_its_row_and_sends_no_escape_sequence(tmp_path, capsys):
+    """A shard's name holding a line break split its row of the terminal's table in two, and an escape sequence in
+    one coloured the terminal. Names are printed on one line, as `tar tf` lists them; `|`, brackets and backquotes
+    as they are."""
+    from wdsembed.cli import print_summary
+
+    manifest, _ = odd_manifest(tmp_path)
+    print_summary(manifest)
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    cells = [line.split("│")[1].strip() for line in out.splitlines() if line.count("│") == 7]
+    said = {"m\nn": "m\\nn", "\x1b[31mr": "\\033[31mr"}
+    assert sorted(cells) == sorted(said.get(name, name).strip() for name in ODD_NAMES), cells
+    assert "(1) 1 shard(s) failed (\\033[31mr): MalformedShardError: " in out
+    print_summary(odd_manifest(tmp_path, ["m\n<n>", "x"])[0])
+    out = capsys.readouterr().out
+    assert "warning: shard m\\n<n>: m\\n<n>.tar: a warning of its own\n" in out, out
+    assert "without embedding: 2 row(s) in 1 shard(s): not an image in m\\n<n> (e.g. shard m\\n<n>, key m\\n<n>)\n" in out
+
+
+def test_the_summary_artifacts_on_the_prefect_server_keep_every_name(tmp_path, prefect_api):
+    """The run's `shards` table artifact and `summary` markdown artifact, written by the report task in a flow run
+    and read back from a real Prefect API server: the table holds each shard's name as it is (JSON), and the
+    summary's table keeps its columns and names."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from tasks.report import write_report
+
+    manifest, _ = odd_manifest(tmp_path)
+    results = [shard(name) for name in ODD_NAMES[:-1]]
+    failures = {ODD_NAMES[-1]: "MalformedShardError: not a tar file"}
+    config = EmbedConfig.model_validate(manifest["config"])
+    (tmp_path / "o|u`t").mkdir()
+
+    @flow
+    def reported():
+        write_report(config, results, failures, 1.0)
+
+    state = reported(return_state=True)
+    assert state.is_completed(), state
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    by_key = {a.key: a for a in found}
+    data = by_key["shards"].data
+    table = json.loads(data) if isinstance(data, str) else data
+    assert [row["shard"] for row in table] == sorted(ODD_NAMES)
+    said = {"m\nn": "m\\nn", "\x1b[31mr": "\\033[31mr"}
+    cells, _ = rendered(by_key["summary"].data)
+    assert all(len(row) == len(report.TABLE_COLUMNS) for row in cells), cells
+    assert sorted(row[0] for row in cells[1:]) == sorted(said.get(name, name) for name in ODD_NAMES)

@@ -26,7 +26,7 @@ from wdsembed.config import (FLAG_NAMES, EmbedConfig, credentials_in_url, field_
                              refuse_credentials_in_url, speaking_to)
 from wdsembed.output import MANIFEST_NAME
 from wdsembed.progress import RunProgress, format_duration, format_rate
-from wdsembed.report import ManifestNotWritten, describe_gpu_use, describe_model, embedded_rows
+from wdsembed.report import TERMINAL, ManifestNotWritten, describe_gpu_use, describe_model, embedded_rows, one_line
 from wdsembed.storeoptions import url_has_credentials
 
 DEMO_MODEL = "vit_base_patch16_clip_224.openai"
@@ -601,7 +601,7 @@ def print_summary(manifest: dict) -> None:
     # A failed shard's row gives the number of its cause, where its cause is listed below.
     cause_of = {stem: f" ({n})" for n, cause in enumerate(causes[:report.SUMMARY_CAUSES], 1) for stem in cause.shards}
     written = manifest.get("path")
-    everywhere = (f"{written} and the flow run's 'shards' table artifact" if written else
+    everywhere = (f"{one_line(written)} and the flow run's 'shards' table artifact" if written else
                   "the run's log (the manifest was not written)")
     # totals count the finished shards only; the table has a row for each failed one too
     table = Table(title=f"{t['shards'] + len(failed)} shard(s): {t['computed']} computed, {t['cached']} cached"
@@ -613,12 +613,13 @@ def print_summary(manifest: dict) -> None:
     for stem in stems[:report.SUMMARY_ROWS]:
         s = shards.get(stem)
         if s is None:
-            table.add_row(Text(stem), "-", "-", "-", f"FAILED{cause_of.get(stem, '')}", "-")
+            table.add_row(Text(one_line(stem)), "-", "-", "-", f"FAILED{cause_of.get(stem, '')}", "-")
             continue
         rate = s.get("images_per_second")
-        # a name as it is: a string cell is rich's markup, where `[x]` or `[bold]a` would lose their brackets
-        table.add_row(Text(stem), str(s["rows"]), str(embedded_rows(s)), str(s["failed"]), s.get("status", ""),
-                      "-" if rate is None else f"{rate:,.1f}")
+        # a name as it is: a string cell is rich's markup, where `[x]` or `[bold]a` would lose their brackets; on
+        # one line (report.one_line), where a line break would split its row and an escape sequence colour the rest
+        table.add_row(Text(one_line(stem)), str(s["rows"]), str(embedded_rows(s)), str(s["failed"]),
+                      s.get("status", ""), "-" if rate is None else f"{rate:,.1f}")
     console.print(table)
     # not the table's caption, which rich wraps to the table's width, centred
     console.print("images/s: embedding only (model loading and writing excluded)", soft_wrap=True)
@@ -627,8 +628,8 @@ def print_summary(manifest: dict) -> None:
                       markup=False, highlight=False, soft_wrap=True)
     for n, cause in enumerate(causes[:report.SUMMARY_CAUSES], 1):
         # A reason is not markup: printed as it is, once, with a few of the shards it stopped.
-        console.print(f"({n}) {len(cause.shards)} shard(s) failed ({report.name_shards(cause.shards)}): "
-                      f"{cause.words()}",
+        console.print(f"({n}) {len(cause.shards)} shard(s) failed ({report.name_shards(cause.shards, TERMINAL)}): "
+                      f"{cause.words(TERMINAL)}",
                       markup=False, highlight=False, soft_wrap=True)  # whole, so it can be searched and copied
     if len(causes) > report.SUMMARY_CAUSES:
         console.print(f"{report.more_causes(causes)}: every shard's reason is in {everywhere}",
@@ -641,25 +642,26 @@ def print_summary(manifest: dict) -> None:
     else:  # a re-run that found every output finished: a rate of 0.0 would read as a fault
         this_run = "nothing to embed this run: every output was already finished"
     console.print(
-        f"model {describe_model(manifest)} | {t['embedded_rows']} of {t['rows']} rows embedded | {this_run}",
+        f"model {describe_model(manifest, TERMINAL)} | {t['embedded_rows']} of {t['rows']} rows embedded | {this_run}",
         soft_wrap=True,  # one line, as the terminal wraps it, not cut where rich would
         markup=False,  # the model's name as it is (a local-dir: folder may hold brackets)
     )
-    for line in report.describe_rows_without_embedding(manifest):
+    for line in report.describe_rows_without_embedding(manifest, TERMINAL):
         console.print(f"without embedding: {line}", markup=False, highlight=False, soft_wrap=True)
     warned = report.warning_causes(shards)
     for cause in warned[:report.SUMMARY_CAUSES]:
-        console.print(f"warning: {report.describe_warning(cause)}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"warning: {report.describe_warning(cause, TERMINAL)}", markup=False, highlight=False,
+                      soft_wrap=True)
     if len(warned) > report.SUMMARY_CAUSES:
         console.print(f"warning: {report.more_causes(warned)}: every shard's warnings are in {everywhere}",
                       markup=False, highlight=False, soft_wrap=True)
     for line in (report.describe_earlier_runs(manifest), fidelity.describe(manifest.get("fidelity")),
                  describe_gpu_use(manifest)):
-        if line:
-            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        if line:  # the fidelity line names keys, shards and reasons
+            console.print(one_line(line), markup=False, highlight=False, soft_wrap=True)
     # one line however long the paths (a script reads it: README, Exit codes), as the lines above
-    console.print(f"output: {manifest['output']}  (manifest: {written or 'not written'})", markup=False,
-                  highlight=False, soft_wrap=True)
+    console.print(f"output: {one_line(manifest['output'])}  (manifest: {one_line(written or 'not written')})",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_manifest_hint(config: EmbedConfig, finished: int, failed: Collection[str] = (),
@@ -677,7 +679,7 @@ def _print_manifest_hint(config: EmbedConfig, finished: int, failed: Collection[
         why = "one that failed for its data fails again until its file is replaced"
     elif lasting:
         # No example of a cause: these range from a file that is not a tar to a full disk or another run's claim.
-        why = f"{report.name_shards(lasting)} will fail again until the reason above is fixed"
+        why = f"{report.name_shards(lasting, TERMINAL)} will fail again until the reason above is fixed"
     else:
         why = "their errors may pass"
     print(f"{where}; run the same command again to retry the {len(failed)} failed shard(s): {why}", file=sys.stderr)

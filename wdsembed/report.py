@@ -5,10 +5,11 @@ import datetime as dt
 import re
 import time
 from dataclasses import dataclass
-from typing import Collection, Iterable, Optional
+from typing import Callable, Collection, Iterable, Optional
 
 from wdsembed import fidelity, output, outputclaim, storage
 from wdsembed.config import EmbedConfig
+from wdsembed.tarstream import tar_quote
 from wdsembed.threads import ContextThreadPool
 from wdsembed.versions import code_version, package_versions
 
@@ -410,15 +411,70 @@ def describe_earlier_runs(manifest: dict) -> Optional[str]:
             f"as {EARLIER_RUN})")
 
 
-def describe_model(manifest: dict, code: str = "") -> str:
+def one_line(text) -> str:
+    """`text` (a name) as it is, or, where it holds a control character (a line break would end a table row or a
+    list item, an escape sequence would colour the terminal), as `tar tf` lists such a name (tar_quote: `\\n`,
+    `\\033`, its backslashes doubled)."""
+    text = str(text)
+    return text if text.isprintable() else tar_quote(text)
+
+
+# What Markdown may read as markup inside a line: code (`), emphasis (* _), links ([ ]), raw HTML and autolinks
+# (< >), entities (&), GFM's strikethrough (~) and table cells (|), and the backslash that escapes them all.
+_MARKUP = re.compile(r"([\\`*_\[\]<>&~|])")
+
+
+def md_text(text) -> str:
+    """`text` (a name, a reason) as Markdown that renders as it is, in a line of text or a table cell: each
+    character that Markdown may read as markup backslash-escaped (CommonMark reads any ASCII punctuation so)."""
+    return _MARKUP.sub(r"\\\1", one_line(text))
+
+
+def md_cell(text) -> str:
+    """md_text for a cell of a table, where GFM trims the spaces at its ends: those as character references."""
+    said = md_text(text)
+    inner = said.strip(" ")
+    if not inner:
+        return "&#32;" * len(said)
+    lead, trail = len(said) - len(said.lstrip(" ")), len(said) - len(said.rstrip(" "))
+    return "&#32;" * lead + inner + "&#32;" * trail
+
+
+def md_code(text) -> str:
+    """`text` as a Markdown code span that renders as it is, outside a table (GFM ends a cell at `|` even in code):
+    fenced by one backquote more than its longest run of them, with a space inside each fence where it starts or ends
+    with a backquote or with spaces at both ends (CommonMark takes one space off each end), on one line."""
+    said = one_line(text)
+    fence = "`" * (1 + max((len(run) for run in re.findall("`+", said)), default=0))
+    pad = " " if "`" in (said[:1], said[-1:]) or (said[:1] == said[-1:] == " " and said.strip(" ")) else ""
+    return f"{fence}{pad}{said}{pad}{fence}"
+
+
+@dataclass(frozen=True)
+class Style:
+    """How the summaries write what a run was given or found: `name` (a shard, a key, a model, a path) and `text` (a
+    reason, a line of words holding names). PLAIN for messages and logs, as they are; TERMINAL for the CLI's summary,
+    each on one line (a name holding a line break split the table's row, an escape sequence coloured the terminal);
+    MARKDOWN for the summary artifact, where a `|`, `*` or backquote in a shard's name would be read as markup."""
+
+    name: Callable[[str], str] = str
+    text: Callable[[str], str] = str
+
+
+PLAIN = Style()
+TERMINAL = Style(one_line, one_line)
+MARKDOWN = Style(md_code, md_text)
+
+
+def describe_model(manifest: dict, style: Style = PLAIN) -> str:
     """The model as the finished shards recorded it; where none finished, the name the run was given and that no
-    shard says more (rather than a line of Nones). `code` wraps the name (the markdown summary's backquote)."""
+    shard says more (rather than a line of Nones), written in `style`."""
     model = manifest.get("model")
     if not model:
         name = (manifest.get("config") or {}).get("model_name", "?")
-        return f"{code}{name}{code} (no shard finished: weights, embedding and dimensions unknown)"
-    return (f"{code}{model.get('name', '?')}{code} ({model.get('weights', '?')}), {model.get('embedding', '?')} "
-            f"embedding, {model.get('dim', '?')} dimensions")
+        return f"{style.name(name)} (no shard finished: weights, embedding and dimensions unknown)"
+    return (f"{style.name(model.get('name', '?'))} ({style.text(model.get('weights', '?'))}), "
+            f"{model.get('embedding', '?')} embedding, {model.get('dim', '?')} dimensions")
 
 
 def this_run_in_words(manifest: dict) -> str:
@@ -436,53 +492,56 @@ def this_run_in_words(manifest: dict) -> str:
 
 def markdown_summary(manifest: dict, rows: list[dict]) -> str:
     """The flow run's summary artifact, bounded as the terminal's is (SUMMARY_ROWS, SUMMARY_CAUSES): every shard is
-    in the `shards` table artifact and the manifest."""
+    in the `shards` table artifact and the manifest. Names and reasons are escaped (MARKDOWN): a shard's name holding
+    `|` keeps the table's columns, and reads as it is."""
     t = manifest["totals"]
     lines = [
         f"## Embedded {t['shards']} shard(s): {t['computed']} computed, {t['cached']} cached",
         "",
-        f"- model: {describe_model(manifest, code='`')}",
+        f"- model: {describe_model(manifest, MARKDOWN)}",
         f"- rows: {t['rows']}, embedded: {t['embedded_rows']}, without embedding: {t['failed_rows']}",
         f"- this run: {this_run_in_words(manifest)}",
-        f"- output: `{manifest['output']}`",
+        f"- output: {md_code(manifest['output'])}",
     ]
-    for line in (describe_earlier_runs(manifest), fidelity.describe(manifest.get("fidelity")),
-                 describe_gpu_use(manifest)):
+    # the fidelity line names keys, shards and reasons; the GPU line's own backquotes are markup
+    for line in (describe_earlier_runs(manifest), fidelity.describe(manifest.get("fidelity"))):
         if line:
-            lines.append(f"- {line}")
+            lines.append(f"- {md_text(line)}")
+    if describe_gpu_use(manifest):
+        lines.append(f"- {describe_gpu_use(manifest)}")
     everywhere = "the `shards` table artifact and `_manifest.json`"
     causes = failure_causes(manifest["failed_shards"])
     if causes:
         lines += ["", "### Failed shards", ""]
-        lines += [f"- {len(c.shards)} shard(s) ({name_shards(c.shards, '`')}): {c.words('`')}"
+        lines += [f"- {len(c.shards)} shard(s) ({name_shards(c.shards, MARKDOWN)}): {c.words(MARKDOWN)}"
                   for c in causes[:SUMMARY_CAUSES]]
         if len(causes) > SUMMARY_CAUSES:
             lines.append(f"- {more_causes(causes)}: every shard's reason is in {everywhere}")
-    without = describe_rows_without_embedding(manifest, "`")
+    without = describe_rows_without_embedding(manifest, MARKDOWN)
     if without:
         lines += ["", "### Rows without embedding, by cause", ""] + [f"- {line}" for line in without]
     warned = warning_causes(this_run_shards(manifest))
     if warned:
         lines += ["", "### Shards with warnings (output written)", ""]
-        lines += [f"- {describe_warning(c, '`')}" for c in warned[:SUMMARY_CAUSES]]
+        lines += [f"- {describe_warning(c, MARKDOWN)}" for c in warned[:SUMMARY_CAUSES]]
         if len(warned) > SUMMARY_CAUSES:
             lines.append(f"- {more_causes(warned)}: every shard's warnings are in `_manifest.json`")
     lines += ["", "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join("-" if row[c] is None else str(row[c]) for c in TABLE_COLUMNS) + " |"
+    lines += ["| " + " | ".join("-" if row[c] is None else md_cell(row[c]) for c in TABLE_COLUMNS) + " |"
               for row in rows[:SUMMARY_ROWS]]
     if len(rows) > SUMMARY_ROWS:
         lines += ["", f"... and {len(rows) - SUMMARY_ROWS:,} more shard(s): every one is in {everywhere}"]
     return "\n".join(lines)
 
 
-def describe_rows_without_embedding(manifest: dict, code: str = "") -> list[str]:
-    """The summaries' lines on why rows have no embedding (rows_without_embedding), bounded as theirs are; none where
-    every row has one."""
+def describe_rows_without_embedding(manifest: dict, style: Style = PLAIN) -> list[str]:
+    """The summaries' lines on why rows have no embedding (rows_without_embedding), bounded as theirs are, in
+    `style`; none where every row has one."""
     without = manifest.get("rows_without_embedding") or {}
     if not (without.get("causes") or without.get("unrecorded")):
         return []
-    lines = [f"{c['rows']:,} row(s) in {c['shards']:,} shard(s): {c['reason']} (e.g. shard "
-             f"{code}{c['example']['shard']}{code}, key {code}{c['example']['key']}{code})"
+    lines = [f"{c['rows']:,} row(s) in {c['shards']:,} shard(s): {style.text(c['reason'])} (e.g. shard "
+             f"{style.name(c['example']['shard'])}, key {style.name(c['example']['key'])})"
              for c in without["causes"][:SUMMARY_CAUSES]]
     left = without["causes"][SUMMARY_CAUSES:]
     more = len(left) + without["other_causes"]["causes"]
@@ -492,7 +551,7 @@ def describe_rows_without_embedding(manifest: dict, code: str = "") -> list[str]
     if without.get("unrecorded"):
         lines.append(f"{without['unrecorded']:,} row(s) whose causes their shards' results do not list")
     column = (manifest.get("config") or {}).get("error_column", "embedding_error")
-    return lines + [f"every row's reason is in its output's {code}{column}{code} column"]
+    return lines + [f"every row's reason is in its output's {style.name(column)} column"]
 
 
 @dataclass
@@ -505,9 +564,10 @@ class Cause:
     reason: str
     alike: bool = False
 
-    def words(self, code: str = "") -> str:
+    def words(self, style: Style = PLAIN) -> str:
         """The reason; where the shards' words differ, said as the first shard's: 'e.g. 00001: ...'."""
-        return f"e.g. {code}{self.shards[0]}{code}: {self.reason}" if self.alike else self.reason
+        reason = style.text(self.reason)
+        return f"e.g. {style.name(self.shards[0])}: {reason}" if self.alike else reason
 
 
 # A number: a key, a count, a byte offset, a value (1.3091e+06).
@@ -592,15 +652,15 @@ def warning_causes(shards: dict[str, dict]) -> list[Cause]:
     return by_cause((stem, warning) for stem, s in shards.items() for warning in s.get("warnings") or [])
 
 
-def describe_warning(cause: Cause, code: str = "") -> str:
+def describe_warning(cause: Cause, style: Style = PLAIN) -> str:
     if len(cause.shards) == 1:
-        return f"shard {code}{cause.shards[0]}{code}: {cause.reason}"
-    return f"{len(cause.shards)} shard(s) ({name_shards(cause.shards, code)}): {cause.words(code)}"
+        return f"shard {style.name(cause.shards[0])}: {style.text(cause.reason)}"
+    return f"{len(cause.shards)} shard(s) ({name_shards(cause.shards, style)}): {cause.words(style)}"
 
 
-def name_shards(stems: list[str], code: str = "", shown: int = SHARDS_NAMED) -> str:
+def name_shards(stems: list[str], style: Style = PLAIN, shown: int = SHARDS_NAMED) -> str:
     """A few shards by name, then how many more: 'a, b, c, d, e and 95 more'."""
-    named = ", ".join(f"{code}{stem}{code}" for stem in stems[:shown])
+    named = ", ".join(style.name(stem) for stem in stems[:shown])
     return named + (f" and {len(stems) - shown:,} more" if len(stems) > shown else "")
 
 
