@@ -369,6 +369,70 @@ def test_decompression_bomb_is_refused_without_decoding(image_run):
                  lost="its embedding, by choice (raise max_image_pixels to embed such images)")
 
 
+def pil_fails(data: bytes) -> bool:
+    try:
+        Image.open(io.BytesIO(data)).load()
+    except OSError:
+        return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def png_run(tmp_path_factory):
+    """A photo's PNG whole, cut at 4000 bytes (inside its image data), cut right after its image data (no IEND
+    chunk) and inside its IEND chunk, and wdsembed.synthetic's damaged PNG, in one shard. The cut ones killed DALI
+    2.4's decoder process in batches of 64 (tests/test_pipeline.py: the whole flow's batch size is 256): here they
+    are refused or mended before DALI, at any batch size."""
+    png = _enc(_photo(), "PNG")
+    iend = png.rindex(b"IEND") - 4
+    cases = {"whole": png, "img-png-cut": png[:4000], "img-png-no-iend": png[:iend],
+             "img-png-iend-cut": png[:iend + 6], "img-damaged-png": corrupt_image_bytes("damaged_png", seed=0)}
+    data, out = tmp_path_factory.mktemp("png-in"), tmp_path_factory.mktemp("png-out")
+    write_shard(data, "00000", [ShardSample(b, ext="png", key=k, caption=k) for k, b in cases.items()])
+    [result] = embedder()(str(data), str(out))
+    return dict(result=result, rows=by_key(read(out / "00000.parquet")), cases=cases)
+
+
+def test_a_png_cut_short_is_a_named_row(png_run):
+    rows, result = png_run["rows"], png_run["result"]
+    emb, reason = rows["img-png-cut"]
+    assert emb is None and reason == ("truncated PNG (its IDAT chunk at byte 33 runs past the end, 4000 bytes): not "
+                                      "decoded (a partial decode is not the image)"), reason
+    assert pil_fails(png_run["cases"]["img-png-cut"])
+    assert rows["whole"][0] is not None
+    table.record("img-png-cut", done="a 300x200 photo's PNG cut at 4000 bytes, inside its image data (a partial "
+                                     "download), in a shard with good images",
+                 did=f"refused before the decoder, from its chunks: row kept without embedding, reason {q(reason)}; "
+                     f"the other images of the shard embedded ({result.embedded} of {result.rows})",
+                 lost="nothing readable (Pillow fails it too; the row stays, with its reason)")
+
+
+def test_a_png_without_its_iend_chunk_is_embedded_as_the_whole_file(png_run):
+    rows = png_run["rows"]
+    whole = rows["whole"][0]
+    for key in ("img-png-no-iend", "img-png-iend-cut"):
+        emb, reason = rows[key]
+        assert reason is None and emb == whole, (key, reason)
+        assert not pil_fails(png_run["cases"][key])
+    table.record("img-png-no-iend", done="the same PNG cut right after its image data (no IEND chunk), and cut 6 "
+                                         "bytes into its IEND chunk",
+                 did="both embedded: given a whole IEND chunk before the decoder, their embeddings identical to the "
+                     "whole PNG's (Pillow reads them too)",
+                 lost="nothing")
+
+
+def test_a_damaged_png_is_a_named_row(png_run):
+    rows, result = png_run["rows"], png_run["result"]
+    emb, reason = rows["img-damaged-png"]
+    assert emb is None and reason.startswith("damaged PNG (its IDAT chunk at byte 33 fails its CRC check): "), reason
+    assert pil_fails(png_run["cases"]["img-damaged-png"])
+    table.record("img-damaged-png", done="a 128x96 PNG with one byte of its image data changed (wdsembed.synthetic's "
+                                         "'damaged_png' corrupt kind: its chunk's CRC fails)",
+                 did=f"row kept without embedding, reason {q(reason)}; the other images of the shard embedded "
+                     f"({result.embedded} of {result.rows})",
+                 lost="nothing readable (Pillow fails it too; the row stays, with its reason)")
+
+
 # --------------------------------------------------------------------------------------------------- shards
 
 
