@@ -829,3 +829,45 @@ def test_saved_metadata_gives_a_column_that_a_shard_lacked_the_other_shards_type
     schema = pa.unify_schemas([f.physical_schema for f in fragments])  # the README's recipe
     table = ds.dataset(saved, format="parquet", schema=schema).to_table()
     assert table.column("caption").to_pylist() == ["a cat", None] and table.column("embedded").to_pylist() == [True] * 2
+
+
+def test_saved_metadata_unchanged_has_every_column_of_the_metadata_in_each_file(tmp_path):
+    """`metadata` has every column of every shard, null where a shard's file lacks it (a shard without an
+    img2dataset parquet), and save_metadata(path, columns) writes "a copy of metadata as it stands". Unchanged, it
+    copied the files as they were: a column the metadata has but a file lacked raised KeyError ("... has no
+    column(s) ['caption']"), and without `columns` the saved files disagreed, so that pyarrow's dataset read of
+    the copy, taking its columns from one file, lost the captions where that file came first."""
+    import fsspec
+    import pyarrow.dataset as ds
+
+    from wdsembed import output
+    from wdsembed.nemo import ImageTextPairDataset
+
+    data, out = tmp_path / "dataset", tmp_path / "dataset_embeddings"
+    data.mkdir()
+    out.mkdir()
+    embedding = pa.array([[0.6, 0.8]], pa.list_(pa.float32()))
+    error = pa.array([None], pa.string())
+    tables = {"00000": pa.table({"key": ["000000000"], "image_embedding": embedding, "embedding_error": error}),
+              "00001": pa.table({"key": ["000010000"], "caption": ["a cat"], "width": [40],
+                                 "image_embedding": embedding, "embedding_error": error})}
+    for stem, table in tables.items():
+        (data / f"{stem}.tar").write_bytes(b"")
+        output.write_parquet_atomic(table, str(out / f"{stem}.parquet"), fsspec.filesystem("file"),
+                                    metadata={"cache_key": "k"})
+    dataset = ImageTextPairDataset.from_webdataset(str(data), id_col="key").with_embeddings(str(out), [])
+    assert list(dataset.metadata.columns) == ["key", "image_embedding", "embedding_error", "caption", "width"]
+
+    saved = Path(dataset.save_metadata(str(tmp_path / "saved")))
+    schemas = [pq.read_schema(saved / f"{stem}.parquet").remove_metadata() for stem in tables]
+    assert schemas[0] == schemas[1] and schemas[0].names == list(dataset.metadata.columns)
+    assert schemas[0].field("width").type == pa.int64() and schemas[0].field("image_embedding").metadata is None
+    table = ds.dataset(saved, format="parquet").to_table()
+    assert table.column("caption").to_pylist() == [None, "a cat"] and table.column("width").to_pylist() == [None, 40]
+    assert pq.read_table(saved / "00001.parquet").equals(tables["00001"].select(schemas[0].names))
+
+    picked = Path(dataset.save_metadata(str(tmp_path / "picked"), columns=["key", "caption"]))
+    assert pq.read_table(picked / "00000.parquet").to_pydict() == {"key": ["000000000"], "caption": [None]}
+    assert pq.read_table(picked / "00001.parquet").to_pydict() == {"key": ["000010000"], "caption": ["a cat"]}
+    assert not dataset.metadata.compute().empty  # the source files unchanged: still the embedder's outputs
+    assert pq.read_schema(out / "00000.parquet").names == ["key", "image_embedding", "embedding_error"]

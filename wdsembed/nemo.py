@@ -329,7 +329,10 @@ class ImageTextPairDataset:
 
     def _shard_tables(self, edited):
         """Each metadata file's URL and its rows: the file's, or where the metadata was changed in memory
-        (`edited`), that shard's partition of it, in the file's column types."""
+        (`edited`), that shard's partition of it, in the file's column types. Either way with every column of the
+        metadata, as it has them: a column a shard's file lacks (the output of a shard without an img2dataset
+        parquet has only the key, embedding and error) is null there, in the type the first file holding it has,
+        so that the saved files share one schema."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -339,25 +342,24 @@ class ImageTextPairDataset:
             raise ValueError(f"the metadata has {edited.npartitions} partitions, not one per shard's metadata file "
                              f"({len(files)}), so its rows cannot be written back shard by shard: write it with "
                              "dataset.metadata.to_parquet(path)")
-        if edited is not None:
-            schemas = self._schemas(files)
-            # A column a shard's file lacks (the output of a shard without an img2dataset parquet has only the key,
-            # embedding and error) is null in its partition, in pandas' types: it takes the type the first file
-            # holding it has, so that the saved files share one schema.
-            others: dict[str, pa.Field] = {}
-            for schema in schemas:
-                for f in schema:
-                    others.setdefault(f.name, f)
+        schemas = self._schemas(files)
+        # In the metadata's column order: Dask's concat of the files' runs (_read_metadata) puts each column where
+        # it first appears, in shard order.
+        others: dict[str, pa.Field] = {}
+        for schema in schemas:
+            for f in schema:
+                others.setdefault(f.name, f)
         for i, url in enumerate(files):
+            schema = schemas[i]
             if edited is None:
                 fs, src = storage.filesystem(url, self.storage_options)
                 if sources[url]:  # a parquet written as a folder of part files: saved as one file
-                    yield url, shards.read_rows(src, fs)
-                    continue
-                with fs.open(src, "rb") as f:
-                    yield url, pq.read_table(f)
+                    table = shards.read_rows(src, fs)
+                else:
+                    with fs.open(src, "rb") as f:
+                        table = pq.read_table(f)
+                yield url, _with_columns(table, others.values(), _pandas_index_columns(schemas))
                 continue
-            schema = schemas[i]
             part = edited.get_partition(i).compute()
             # A named index is a column of the file (pandas' to_parquet, which Dask reads back as the index); so is
             # an unnamed one that pandas stored as `__index_level_0__` (a filtered frame's row labels). An index
@@ -367,6 +369,28 @@ class ImageTextPairDataset:
             rows = pa.Table.from_pandas(part, preserve_index=named or stored)
             lacked = [others[name] for name in rows.column_names if name in others and name not in schema.names]
             yield url, _in_types_of(pa.schema(list(schema) + lacked, metadata=schema.metadata), rows)
+
+
+def _pandas_index_columns(schemas) -> set[str]:
+    """The columns that pandas stored a DataFrame's index in, in any of `schemas`: Dask reads them as the index, so
+    they are no columns of the metadata."""
+    return {c for s in schemas for c in (s.pandas_metadata or {}).get("index_columns", ()) if isinstance(c, str)}
+
+
+def _with_columns(table, fields, skip: set[str]):
+    """`table` with a column for each of `fields` (but `skip`), in their order: its own, or nulls of the field's
+    type where it lacks one. Its own columns not among `fields` follow; its schema's metadata stays."""
+    import pyarrow as pa
+
+    own = set(table.column_names)
+    order = [f for f in fields if f.name in own or f.name not in skip]
+    order += [f for f in table.schema if f.name not in {g.name for g in order}]
+    if [f.name for f in order] == table.column_names:
+        return table
+    columns = [table.column(f.name) if f.name in own else pa.nulls(table.num_rows, f.type) for f in order]
+    schema = pa.schema([table.schema.field(f.name) if f.name in own else f for f in order],
+                       metadata=table.schema.metadata)
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _read_parquet(urls: list[str], options: Optional[dict]):
