@@ -472,6 +472,25 @@ def test_output_is_refused_where_it_could_be_read_as_shards_or_overwrite_their_p
     assert not list(tree.rglob("*.idx")) and not (tree / "emb").exists()
 
 
+def test_a_folder_the_run_writes_other_files_in_is_refused_inside_output_unless_readers_skip_it(tree, tmp_path):
+    """Prefect's results (`result_storage`) and `.idx` files (`index_cache_dir`) are no parquet: in a folder of
+    OUTPUT that readers of OUTPUT as one dataset take in, `pyarrow.dataset.dataset(OUTPUT)` and
+    `pd.read_parquet(OUTPUT)` failed on them ("Parquet magic bytes not found in footer"). Refused before any work
+    there, OUTPUT itself included; a folder whose name starts with '_' or '.' (the default OUTPUT/_prefect_results)
+    or one outside OUTPUT is fine."""
+    out = tmp_path / "out"
+    for field in ("result_storage", "index_cache_dir"):
+        for inside in (out / "cache", out, f"{out}/./x/cache", out / "_ok" / ".." / "cache"):
+            with pytest.raises(inputs.InputError, match=rf"{field.replace('_', ' ').replace('dir', 'folder')} .* is "
+                                                        r"inside output .*: pyarrow.dataset, pandas.read_parquet and "
+                                                        r"Spark.* a folder outside it, or one in it whose name "
+                                                        r"starts with '_'"):
+                plan.check_config(config(tree, out, **{field: str(inside)}))
+        for fine in (out / "_cache", out / ".cache" / "x", out / "x" / "_cache", tmp_path / "elsewhere"):
+            plan.check_config(config(tree, out, **{field: str(fine)}))
+    assert not out.exists()
+
+
 def test_list_input_output_beside_the_list_is_not_inside_the_input(tmp_path):
     """A list file naming shards of two folders (a/, b/): an output folder beside them and beside the list file
     is accepted; their common parent is no input folder (a list input never lists one)."""

@@ -24,6 +24,7 @@ from wdsembed.inputs import (
     compressed_file,
     find_shards,
     input_folder,
+    SKIPPED_PREFIXES,
     input_kind,
     refuse_wildcard,
 )
@@ -50,6 +51,7 @@ def check_config(config: EmbedConfig, *, on_current_client: bool = False) -> boo
     check_path_names(config)  # a path Python decodes otherwise than pyarrow and Prefect would name other files
     preflight.check_storage_options(config)  # before anything builds a filesystem from them
     preflight.check_output_writable(config)  # needs no torch import: refused in about a second
+    check_own_folders(config)
     preflight.check_dask_security(config)
     preflight.check_dask_reachable(config)
     # before the folder and store checks, which would call '/data/*' missing or ask for a bucket's credentials
@@ -99,6 +101,28 @@ def check_config(config: EmbedConfig, *, on_current_client: bool = False) -> boo
         preflight.check_weights(config)  # last: needs timm
     _checked_input.set(listed)  # for the planning that follows (Listed.after_checks)
     return not needs_model
+
+
+def check_own_folders(config: EmbedConfig) -> None:
+    """The folders the run writes files other than parquets into (Prefect's results, `.idx` files) must be outside
+    OUTPUT, or in a folder of it that readers of OUTPUT as one dataset skip (a name starting with '_' or '.', as
+    the default OUTPUT/_prefect_results): pyarrow.dataset and pandas.read_parquet fail on a file that is no
+    parquet."""
+    out = storage.location(config.output, config.storage_options)
+    for name, what in (("result_storage", "result storage"), ("index_cache_dir", "index cache folder")):
+        url = getattr(config, name)
+        if not url:
+            continue
+        where = storage.location(url, config.storage_options)
+        if not storage.within(where, out):
+            continue
+        parts = where[1][len(out[1]):].strip("/").split("/")
+        if not any(part.startswith(SKIPPED_PREFIXES) for part in parts):
+            instead = f"_{parts[-1]}" if parts[-1] else "_cache"
+            raise InputError(f"{what} {url!r} is inside output {config.output!r}: pyarrow.dataset, "
+                             "pandas.read_parquet and Spark, reading OUTPUT as one dataset, would fail on its files, "
+                             f"which are no parquet; pass {option(name)} a folder outside it, or one in it whose "
+                             f"name starts with '_' (OUTPUT/{instead})")
 
 
 def check_output_location(config: EmbedConfig, found: FoundShards) -> None:
