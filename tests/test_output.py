@@ -233,6 +233,31 @@ def test_without_parquet_the_keys_take_the_runs_id_type():
     assert t.schema.field("key").type == pa.string() and t.column("key").to_pylist() == ["000003"]
 
 
+def test_an_id_column_of_the_null_type_takes_the_runs_id_type():
+    """pandas writes an empty frame's columns (an emptied shard's parquet) as Arrow's `null` type. The join refused
+    such an id column ("has type null; the key join matches a string or integer column"), so the shard failed on
+    every run. It holds no key: its rows, if any, say so, and the tar's samples take the run's id type, as in a
+    shard without a parquet."""
+    from wdsembed.output import id_column_problem, id_type_name, join_embeddings
+
+    empty = pa.table({"key": pa.nulls(0), "caption": pa.nulls(0)})
+    assert id_column_problem("key", "p", empty.schema) is None and id_type_name("key", empty.schema) is None
+    t = build_output_table(rows=empty, keys=[], embeddings=np.zeros((0, DIM)), errors={}, dim=DIM,
+                           id_type=pa.int64())
+    assert t.num_rows == 0 and t.schema.field("key").type == pa.int64()
+    assert t.schema.field("caption").type == pa.null()  # the parquet's other columns keep their types
+
+    keyless = pa.table({"key": pa.nulls(1), "caption": ["a cat"]})
+    joined = join_embeddings(rows=keyless, keys=["000003"], embeddings=_emb("000003")[None], errors={}, dim=DIM,
+                             id_type=pa.int64())
+    assert joined.table.schema.field("key").type == pa.int64()
+    assert joined.table.select(["key", "caption", "embedding_error"]).to_pylist() == [
+        {"key": None, "caption": "a cat", "embedding_error": "no key (its 'key' is null)"},
+        {"key": 3, "caption": None, "embedding_error": None}]
+    t = build_output_table(rows=empty, keys=["000003"], embeddings=_emb("000003")[None], errors={}, dim=DIM)
+    assert t.schema.field("key").type == pa.string() and t.column("key").to_pylist() == ["000003"]
+
+
 def test_custom_column_names_and_columns_never_replaced():
     rows = pa.table({"id": ["a", "b"], "caption": ["x", "y"]})
     t = build_output_table(

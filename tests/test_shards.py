@@ -2427,6 +2427,40 @@ def test_the_checks_before_any_work_read_a_parquet_written_as_a_folder(tmp_path)
     assert {p.id_type for p in plan_shards(config(), indexes=False)} == {"int64"}
 
 
+def test_an_emptied_shard_whose_parquet_pandas_wrote_is_embedded_in_the_runs_id_type(tmp_path):
+    """A shard emptied by a filter, its parquet written by pandas: an empty frame's columns are of Arrow's `null`
+    type. The shard failed ("id column 'key' ... has type null"), on every run, and where its parquet came first
+    the run's id type was taken from it: strings, where the other parquets' keys are integers. Now it is
+    embedded (no rows) with the run's id type, and every output and kNN view reads as one dataset."""
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    from conftest import TINY_MODEL
+    from wdsembed import TimmImageEmbedder
+    from wdsembed.config import EmbedConfig
+    from wdsembed.plan import plan_shards
+    from wdsembed.synthetic import from_encoded, synthetic_images
+
+    data, out = tmp_path / "in", tmp_path / "out"
+    write_shard(data, "00000", [])
+    pd.DataFrame(columns=["key", "caption", "url", "status"]).to_parquet(data / "00000.parquet")
+    assert pq.read_schema(data / "00000.parquet").field("key").type == pa.null()
+    second = write_shard(data, "00001", from_encoded(synthetic_images(2, seed=1)), failed_rows=1)
+    ints = pq.read_table(data / "00001.parquet")
+    pq.write_table(ints.set_column(0, "key", ints.column("key").cast(pa.int64())), data / "00001.parquet")
+    write_shard(data, "00002", from_encoded(synthetic_images(2, seed=2)), parquet=False, stats=False)
+
+    config = EmbedConfig(input=str(data), output=str(out), model_name=TINY_MODEL)
+    assert {p.id_type for p in plan_shards(config, indexes=False)} == {"int64"}
+    results = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                                fidelity_sample=0)(str(data), str(out))
+    assert [(r.stem, r.rows, r.embedded) for r in results] == [("00000", 0, 0), ("00001", 3, 2), ("00002", 2, 2)]
+    for folder in (out, out / "_embeddings"):
+        assert {pq.read_schema(f).field("key").type for f in folder.glob("*.parquet")} == {pa.int64()}
+    embedded = [int(k) for k in second.parquet_keys if k not in second.failed_keys] + [20000, 20001]
+    assert ds.dataset(out / "_embeddings", format="parquet").to_table().column("key").to_pylist() == embedded
+
+
 def test_a_spark_folder_reads_as_its_parts_rows_in_order(tmp_path):
     """Spark's layout: `part-00000-<uuid>-c000.snappy.parquet` ..., a `.crc` beside each, `_SUCCESS`,
     `_started_<id>`, `_committed_<id>` (none of them parquet, all skipped as pyarrow.dataset skips names starting

@@ -91,7 +91,7 @@ def id_column_problem(id_column: str, parquet: str, schema: pa.Schema) -> Option
         return (f"id column {id_column!r} is not in {parquet} (columns: {', '.join(schema.names)}): pass "
                 f"{option('id_column')} one of them (the key of each row), or leave it out for 'key'")
     t = schema.field(id_column).type
-    if _joins(t):
+    if _joins(t) or holds_no_ids(id_column, schema):
         return None
     said = f"id column {id_column!r} of {parquet} has type {t}; the key join matches a string or integer column"
     if pa.types.is_floating(_id_value_type(t)):
@@ -145,6 +145,13 @@ def columns_holding_keys(table: pa.Table, keys: Sequence[str], id_column: str) -
     return [name for name in table.column_names
             if name != id_column and _joins(table.schema.field(name).type)
             and unmatched_keys_problem(table.column(name), keys, name, "", "") is None]
+
+
+def holds_no_ids(id_column: str, schema: pa.Schema) -> bool:
+    """Whether a parquet's id column is of Arrow's `null` type, which holds no value: pandas writes an empty
+    frame's columns so (an emptied shard's). It gives the run no id type; its rows (if any) have no key, and the
+    tar's samples take the run's id type, as in a shard without a parquet (join_embeddings)."""
+    return id_column in schema.names and pa.types.is_null(schema.field(id_column).type)
 
 
 def _id_value_type(t: pa.DataType) -> pa.DataType:
@@ -355,9 +362,10 @@ def join_embeddings(
     * `missing_reason` replaces "not in tar" for successful rows the tar lacks (e.g. a damaged tar's unread part);
       `missing_reasons` (tar key -> reason, matched as sample keys are) replaces it for the rows of those keys (a
       member of the key's name that is no sample's: shard.TarRead.missing_reasons). Never rows of their own.
-    * `id_type`, without `rows`: the run's id type (its other shards' parquets'), which the tar keys take, so that
-      every shard's output has one schema; a key that is not an integer, for an integer type, gets a null id and an
-      error naming it. Without it (or with `rows`), the keys are strings.
+    * `id_type`, without `rows` (or where their id column is of the `null` type: holds_no_ids): the run's id type
+      (its other shards' parquets'), which the tar keys take, so that every shard's output has one schema; a key
+      that is not an integer, for an integer type, gets a null id and an error naming it. Without it (or with
+      `rows` of another id type), the keys are strings.
     """
     keys = list(keys)
     emb = np.asarray(embeddings, dtype=EMBEDDING_TYPES[embedding_dtype][0])
@@ -385,6 +393,10 @@ def join_embeddings(
         if problem:
             raise ValueError(problem)
         base = _ids_decoded(_without_pickled_types(rows), id_column)
+        if holds_no_ids(id_column, base.schema):  # no value to join, no type of its own: the run's, as without rows
+            i = base.schema.get_field_index(id_column)
+            typed = id_type or pa.string()
+            base = base.set_column(i, base.schema.field(i).with_type(typed), base.column(i).cast(typed))
         id_type = base.schema.field(id_column).type
     row_ids = _id_strings(base.column(id_column)).combine_chunks()
 

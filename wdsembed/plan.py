@@ -994,6 +994,8 @@ def run_id_type(config: EmbedConfig, plans: list[ShardPlan], listed: Optional[Li
             schema = shards.read_rows_schema(path, fs)
         except Exception:  # noqa: BLE001 - an unreadable parquet is its shard's own warning (shard.read_metadata)
             continue
+        if output.holds_no_ids(config.id_column, schema):  # an emptied shard's: it takes the others' type
+            continue
         return usable(schema)
     if parquets:
         return None

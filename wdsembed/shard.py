@@ -536,8 +536,9 @@ def process_shard(
                 missing_reason=tar.missing_reason,
                 missing_reasons=tar.missing_reasons,
                 embedding_dtype=config.embedding_dtype,
-                # without rows (no parquet, or one that cannot be read: its warning says so), the run's id type
-                id_type=tar_key_type(plan) if rows is None else None,
+                # without rows (no parquet, or one that cannot be read: its warning says so), or with an id column
+                # that holds no value (an empty frame's), the run's id type
+                id_type=tar_key_type(plan),
             )
             timeline["table"] = time.time()
             record = fidelity.check_sample(worker, chosen, keys, embeddings, failures,
