@@ -1211,6 +1211,83 @@ def test_a_model_named_with_or_without_its_default_tag_is_one_model_for_resume(t
     assert all(r.cached for r in embed("resnet18", fresh))
 
 
+def _manifest(out: Path) -> dict:
+    return json.loads((out / output.MANIFEST_NAME).read_text())
+
+
+def test_the_manifest_names_the_model_as_this_run_spells_it_and_each_output_made_otherwise(tmp_path):
+    """A run of `resnet18.a1_in1k` that found every output made under `resnet18` wrote a manifest whose model was
+    `resnet18` (the first shard's footer), and the summaries said so. The manifest names the model as the run's
+    config does; an entry whose output was made under the other spelling says which (`model_name`, with the cache
+    key of that spelling), also one kept from an earlier run's manifest or read from a footer, and no entry made
+    under this run's spelling does. The outputs themselves are left as they were made. A copy of OUTPUT, whose
+    outputs are finished there too, lists them where they are now, not where their footers say they were made."""
+    pytest.importorskip("nvidia.dali")
+    import shutil
+
+    from wdsembed.api import TimmImageEmbedder
+    from wdsembed.report import EARLIER_RUN, describe_model
+
+    data, out = tmp_path / "in", tmp_path / "out"
+    for i in range(3):
+        shard(data, f"{i:05d}", seed=i)
+
+    def embed(name: str, *tars: str, where: Path = out):
+        given = str(data / tars[0]) if len(tars) == 1 else str(data)
+        return TimmImageEmbedder(name, pretrained=False, **SETTINGS)(given, str(where))
+
+    def spelled(manifest: dict) -> dict:
+        return {stem: (s["status"], s.get("model_name")) for stem, s in manifest["shards"].items()}
+
+    embed("resnet18", "00000.tar")
+    made = (out / "00000.parquet").read_bytes()
+    assert not embed("resnet18.a1_in1k", "00001.tar")[0].cached  # beside 00000, which it does not name
+    manifest = _manifest(out)
+    assert manifest["model"]["name"] == "resnet18.a1_in1k"
+    assert spelled(manifest) == {"00000": (EARLIER_RUN, "resnet18"), "00001": ("computed", None)}
+
+    results = embed("resnet18.a1_in1k")  # 00000 and 00001 finished, 00002 computed
+    assert [r.cached for r in results] == [True, True, False]
+    manifest = _manifest(out)
+    assert manifest["model"]["name"] == "resnet18.a1_in1k" == manifest["config"]["model_name"]
+    assert spelled(manifest) == {"00000": ("cached", "resnet18"), "00001": ("cached", None),
+                                 "00002": ("computed", None)}
+    assert manifest["shards"]["00000"]["cache_key"] == results[0].cache_key != results[1].cache_key
+
+    cached = embed("resnet18.a1_in1k")  # every output finished: the manifest's model was the first footer's
+    assert all(r.cached for r in cached)
+    manifest = _manifest(out)
+    assert manifest["model"]["name"] == "resnet18.a1_in1k"
+    assert manifest["model"]["timm_name"] == "resnet18.a1_in1k"
+    assert manifest["model"]["spellings"][0] == "resnet18.a1_in1k"
+    assert describe_model(manifest).startswith("resnet18.a1_in1k (")
+    assert spelled(manifest) == {"00000": ("cached", "resnet18"), "00001": ("cached", None),
+                                 "00002": ("cached", None)}
+    assert (out / "00000.parquet").read_bytes() == made  # its footer still says resnet18
+    assert _footer_model(out / "00000.parquet")["name"] == "resnet18"
+
+    # the other spelling again, naming one shard: the others' entries, kept from that manifest, say theirs
+    assert embed("resnet18", "00001.tar")[0].cached
+    manifest = _manifest(out)
+    assert manifest["model"]["name"] == "resnet18"
+    assert spelled(manifest) == {"00000": (EARLIER_RUN, None), "00001": ("cached", "resnet18.a1_in1k"),
+                                 "00002": (EARLIER_RUN, "resnet18.a1_in1k")}
+    # without a manifest, the entries of the shards not named come from their footers
+    (out / output.MANIFEST_NAME).unlink()
+    assert embed("resnet18.a1_in1k", "00002.tar")[0].cached
+    assert spelled(_manifest(out)) == {"00000": (EARLIER_RUN, "resnet18"), "00001": (EARLIER_RUN, None),
+                                       "00002": ("cached", None)}
+
+    # a copy of OUTPUT, its manifest included: the entries, kept or found finished, name the outputs in the copy
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert embed("resnet18.a1_in1k", "00002.tar", where=copy)[0].cached
+    manifest = _manifest(copy)
+    assert manifest["output"] == str(copy)
+    assert spelled(manifest) == spelled(_manifest(out))
+    assert {s["output"] for s in manifest["shards"].values()} == {str(copy / f"{i:05d}.parquet") for i in range(3)}
+
+
 def test_a_bare_model_name_beside_its_default_tags_outputs_is_not_another_model(tree, tmp_path):
     """Outputs of shards a run does not name, made by `test_resnet` (its default tag r160_in1k): a run of
     `test_resnet.r160_in1k` beside them is of the same model, not refused as another's; another architecture is."""

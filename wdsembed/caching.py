@@ -73,7 +73,7 @@ def planned_outputs(config: EmbedConfig, plans: Iterable[shard.ShardPlan], *, ma
     foreign = [f"{plan.stem}.parquet" for plan, meta in zip(plans, states) if meta is None]
     if foreign:
         raise output.ForeignOutputError(foreign, config.output)
-    return {plan.stem: meta["result"] for plan, meta in zip(plans, states) if meta}, recompute
+    return {plan.stem: shard.stored_result(meta, plan) for plan, meta in zip(plans, states) if meta}, recompute
 
 
 def written_results(config: EmbedConfig, plans: Iterable[shard.ShardPlan]) -> list[dict]:
@@ -87,7 +87,7 @@ def written_results(config: EmbedConfig, plans: Iterable[shard.ShardPlan]) -> li
             log.warning("shard %s: cannot read its output's footer (%s)", plan.stem, exc)
             continue
         if meta is not None:
-            results.append(shard.ShardResult(**meta["result"]).to_dict())
+            results.append(shard.ShardResult(**shard.stored_result(meta, plan)).to_dict())
     return results
 
 

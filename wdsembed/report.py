@@ -46,6 +46,32 @@ def _with_embedded_rows(entry: dict) -> dict:
     return entry
 
 
+def made_as(entry: dict, name, config: EmbedConfig) -> dict:
+    """A shard's manifest entry saying, as `model_name`, the name its output was made under (`name`, as its footer
+    records it) where that is not this run's: another spelling of the run's model, whose output is finished for it
+    too (shard.made_as_spelled_otherwise: `resnet18` for `resnet18.a1_in1k`), and whose cache key is that
+    spelling's. The manifest's model is named as this run was given it (this_runs_model)."""
+    entry = {k: v for k, v in entry.items() if k != "model_name"}
+    return entry | {"model_name": name} if name and name != config.model_name else entry
+
+
+def this_runs_model(config: EmbedConfig, results: list[dict]) -> Optional[dict]:
+    """The model as the finished shards recorded it (the first one's record made under this run's name, else the
+    first one's), named as this run was given it: a run of `resnet18.a1_in1k` whose outputs were all made under
+    `resnet18` (made_as) named the model `resnet18`, its first footer's name. Its `spellings` start with this run's,
+    as those of a record made under it do."""
+    recorded = [r["model"] for r in results if r.get("model")]
+    if not recorded:
+        return None
+    model = next((m for m in recorded if m.get("name") == config.model_name), recorded[0])
+    if model.get("name") == config.model_name:
+        return model
+    spellings = model.get("spellings")
+    if isinstance(spellings, list):
+        spellings = {"spellings": [config.model_name, *(n for n in spellings if n != config.model_name)]}
+    return model | {"name": config.model_name} | (spellings or {})
+
+
 def shard_rows(results: Iterable[dict], failures: dict[str, str], manifest: Optional[dict] = None) -> list[dict]:
     """One row per shard, finished or failed, for the table artifact: its rows, those with an embedding and those
     without. With the run's `manifest`, a finished shard's seconds and images/s are the manifest's (embedding-only
@@ -123,14 +149,15 @@ def earlier_shards(config: EmbedConfig, named: Collection[str], files: Optional[
     """The shards of the manifest OUTPUT holds from an earlier run: those this run names as that manifest has them
     (the figures of those cached now: shard_figures), and of the others those whose output OUTPUT still holds,
     marked EARLIER_RUN with the run that described them (`from_run`: its manifest's creation and input; the first
-    such run's, for an entry carried on from manifest to manifest), which the new manifest keeps. An output of a
-    shard this run does not name that no manifest describes (a run that wrote it was killed before its manifest, or
-    it failed in that run and kept its earlier output) gets its entry from its own footer, `from_run` null. Those
-    outputs are finished and of this run's settings: the planning refused a run beside outputs of shards it does
-    not name made otherwise (plan.check_outputs_beside), and a run that writes any shard removes the manifest before
-    its first write (retire_manifest), so a manifest there still describes them. One listing of OUTPUT, only where
-    there is no manifest or it names shards this run does not (`files`, where the caller listed OUTPUT since its
-    last write)."""
+    such run's, for an entry carried on from manifest to manifest), which the new manifest keeps, naming their
+    outputs where they are now and, where they were made under another spelling of the model, that (made_as). An
+    output of a shard this run does not name that no manifest describes (a run that wrote it was killed before its
+    manifest, or it failed in that run and kept its earlier output) gets its entry from its own footer, `from_run`
+    null. Those outputs are finished and of this run's settings: the planning refused a run beside outputs of shards
+    it does not name made otherwise (plan.check_outputs_beside), and a run that writes any shard removes the manifest
+    before its first write (retire_manifest), so a manifest there still describes them. One listing of OUTPUT, only
+    where there is no manifest or it names shards this run does not (`files`, where the caller listed OUTPUT since
+    its last write)."""
     try:
         fs, root = storage.filesystem(config.output, config.storage_options)
         before = output.read_manifest(root, fs)
@@ -138,20 +165,24 @@ def earlier_shards(config: EmbedConfig, named: Collection[str], files: Optional[
         others = [stem for stem in shards if stem not in named]
         unnamed = others or any(stem not in named for stem in (before or {}).get("failed_shards") or {})
         held = _outputs_held(fs, root, files) if before is None or unnamed else set()
-        undescribed = _entries_from_footers(fs, root, held, set(named) | set(shards))
+        undescribed = _entries_from_footers(config, fs, root, held, set(named) | set(shards))
     except Exception:  # noqa: BLE001 - a missing or damaged old manifest only means no figures or entries to keep
         return {}
     run = {"created": (before or {}).get("created"), "input": (before or {}).get("input")}
+    spelled = ((before or {}).get("config") or {}).get("model_name")  # the model's name in the run it describes
     # an entry carried on keeps its from_run, null for one that a footer gave
-    kept = {stem: _with_embedded_rows(shards[stem])
-            | {"status": EARLIER_RUN, "from_run": shards[stem].get("from_run", run)}
+    kept = {stem: made_as(_with_embedded_rows(shards[stem])
+                          | {"output": storage.to_url(fs, storage.join(root, f"{stem}.parquet")),  # where it is now
+                             "status": EARLIER_RUN, "from_run": shards[stem].get("from_run", run)},
+                          shards[stem].get("model_name") or spelled, config)
             for stem in others if f"{stem}.parquet" in held}
     return {stem: entry for stem, entry in shards.items() if stem in named} | kept | undescribed
 
 
-def _entries_from_footers(fs, root: str, held: set[str], described: set[str]) -> dict:
+def _entries_from_footers(config: EmbedConfig, fs, root: str, held: set[str], described: set[str]) -> dict:
     """EARLIER_RUN entries, from their footers, of the shards' outputs among `held` (paths relative to OUTPUT) whose
-    stems are not `described`; a file without our footer is no output of a shard, and gets none."""
+    stems are not `described`, each named where it is now; a file without our footer is no output of a shard, and
+    gets none."""
     stems = [rel[:-len(".parquet")] for rel in sorted(held)
              if rel != output.MANIFEST_NAME and not rel.startswith(output.EMBEDDINGS_FOLDER + "/")
              and output.is_output_name(rel) and rel[:-len(".parquet")] not in described]
@@ -161,8 +192,10 @@ def _entries_from_footers(fs, root: str, held: set[str], described: set[str]) ->
         footers = pool.map(lambda stem: output.read_output_metadata(storage.join(root, f"{stem}.parquet"), fs),
                            stems)
         results = {stem: (meta or {}).get("result") for stem, meta in zip(stems, footers)}
-    return {stem: entry_fields(result) | dict.fromkeys(FIGURES)
-            | {"warnings": result.get("warnings") or [], "status": EARLIER_RUN, "from_run": None}
+    return {stem: made_as(entry_fields(result) | dict.fromkeys(FIGURES)
+                          | {"output": storage.to_url(fs, storage.join(root, f"{stem}.parquet")),
+                             "warnings": result.get("warnings") or [], "status": EARLIER_RUN, "from_run": None},
+                          (result.get("model") or {}).get("name"), config)
             for stem, result in results.items() if isinstance(result, dict)}
 
 
@@ -329,13 +362,13 @@ def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str,
         previous = earlier_shards(config, named)
     kept = {stem: entry for stem, entry in previous.items()
             if stem not in named and entry.get("status") == EARLIER_RUN}
-    model = next((r.get("model") for r in results if r.get("model")), None)
     figures = shard_figures(results, previous)
     shards = {
-        r["stem"]: entry_fields(r)
-        | figures[r["stem"]]
-        | {"warnings": r.get("warnings") or []}
-        | {"status": "cached" if r.get("cached") else "computed"}
+        r["stem"]: made_as(entry_fields(r)
+                           | figures[r["stem"]]
+                           | {"warnings": r.get("warnings") or []}
+                           | {"status": "cached" if r.get("cached") else "computed"},
+                           (r.get("model") or {}).get("name"), config)
         for r in results
     }
     return Manifest({
@@ -344,7 +377,7 @@ def build_manifest(config: EmbedConfig, results: list[dict], failures: dict[str,
         "output": config.output,
         # Storage options stay out: they may hold credentials.
         "config": config.model_dump(exclude={"storage_options"}),
-        "model": model,
+        "model": this_runs_model(config, results),
         "versions": package_versions() | {"wdsembed-code": code_version()},
         "totals": totals(results, wall_seconds, kept),
         "shards": shards | kept,

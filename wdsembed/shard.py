@@ -246,6 +246,13 @@ def made_as_spelled_otherwise(config: EmbedConfig, plan: ShardPlan, meta: dict) 
     return hashlib.sha256(json.dumps(now, sort_keys=True).encode()).hexdigest()[:32] == recorded
 
 
+def stored_result(meta: dict, plan: ShardPlan) -> dict:
+    """A finished output's result as its footer `meta` stored it, naming the shard and the output by this run's
+    paths: the footer's are those of the run that made it, and the tars or OUTPUT may have moved since (no path is
+    in a cache key: a copy of OUTPUT is finished where it is)."""
+    return {**meta["result"], "shard": plan.shard, "output": plan.output}
+
+
 # How a recorded part is said where it differs: by the EmbedConfig field it comes from, where there is one. Parts
 # absent from a footer take the value their absence stands for (cache_key_parts adds "dtype" and
 # "checkpoint_head_rule" only where they are not that value).
@@ -464,7 +471,7 @@ def process_shard(
     if not config.force and not (first_attempt and plan.output_absent):
         meta = finished_output(config, plan, key, claim_run=claim_run)
         if meta is not None:
-            return ShardResult(**meta["result"], cached=True, seconds=time.perf_counter() - start)
+            return ShardResult(**stored_result(meta, plan), cached=True, seconds=time.perf_counter() - start)
 
     check_output_writable(config, plan)
     faults.maybe_inject(plan.stem)  # opt-in (WDSEMBED_FAULTS); a no-op otherwise
