@@ -419,6 +419,50 @@ def test_a_shard_whose_parquet_is_a_spark_folder_on_s3_is_embedded_with_its_colu
     assert second.embedded == 6
 
 
+@pytest.mark.parametrize("recursive", [False, True])
+def test_a_parquet_folder_of_a_folder_marker_alone_on_s3_is_said_as_an_empty_local_one(server, dataset, tmp_path,
+                                                                                       recursive):
+    """A shard's `00000.parquet/` that holds only its folder marker (a zero-byte object `00000.parquet/`, as the S3
+    console's "Create folder" or a writer makes one before its first part) is an empty parquet folder, as an empty
+    local one is (test_shards::test_an_empty_parquet_folder_is_said_with_and_without_recursive): the shard is
+    embedded from its tar with the warning naming the folder. It ran as a shard without a parquet, without a word.
+    The input's own marker (`in/`) and a subfolder's (`in/empty/`) are no shards and no parquets."""
+    from wdsembed.api import TimmImageEmbedder
+
+    prefix = f"marker-{uuid.uuid4().hex[:8]}"
+    s3 = server.boto()
+    s3.upload_file(str(dataset / "00000.tar"), IN_BUCKET, f"{prefix}/in/00000.tar")
+    for marker in ("in/", "in/00000.parquet/", "in/empty/", "in/x.tar/"):
+        s3.put_object(Bucket=IN_BUCKET, Key=f"{prefix}/{marker}", Body=b"")
+    given = f"s3://{IN_BUCKET}/{prefix}" + ("" if recursive else "/in")
+    [result] = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                                 recursive=recursive, index_cache_dir=str(tmp_path / "idx"), fidelity_sample=0,
+                                 storage_options=options(server.endpoint))(given, str(tmp_path / "out"))
+    assert result.warnings == [f"{IN_BUCKET}/{prefix}/in/00000.parquet: cannot read as parquet: a folder with no "
+                               "part files (it holds nothing): a write that did not finish, or was not of a parquet; "
+                               "the output holds the tar's samples only (no img2dataset columns)"], result.warnings
+    assert (result.rows, result.embedded) == (6, 6)
+
+
+def test_folder_markers_are_no_files_of_a_listing(server, dataset, tmp_path):
+    """Markers below a parquet folder of parts (its own `00000.parquet/`, an empty subfolder's) are neither parts nor
+    a partitioned write's subfolder: its rows are read as without them. A prefix holding a folder marker alone is
+    an input without shards, said so, with and without recursive."""
+    url = upload_files(server, _with_spark_parquet(dataset, tmp_path / "in"))
+    bucket, prefix = url[len("s3://"):].split("/", 1)
+    s3 = server.boto()
+    for marker in ("00000.parquet/", "00000.parquet/_temporary/", "00000.parquet/empty/", "only/"):
+        s3.put_object(Bucket=bucket, Key=f"{prefix}/{marker}", Body=b"")
+    fs, path = storage.filesystem(f"{url}/00000.parquet", options(server.endpoint))
+    assert [p.rsplit("/", 1)[1][:10] for p in shards.parquet_parts(path, fs)] == ["part-00000", "part-00001",
+                                                                                  "part-00002"]
+    assert shards.read_rows(path, fs).equals(pq.read_table(dataset / "00000.parquet"))
+    for recursive, said in ((False, ""), (True, ", in no subfolder either")):
+        with pytest.raises(inputs.InputError, match=rf"^input '{url}/only' holds no \*\.tar shards{said}$"):
+            inputs.find_shards(config_for(f"{url}/only", f"s3://{OUT_BUCKET}/x", server.endpoint,
+                                          recursive=recursive))
+
+
 def test_brace_patterns_and_recursive_folders_on_s3(server, dataset):
     url = upload_tree(server, dataset, {"00000": "00000", "00001": "00001", "train/00000": "00000",
                                         "val/00000": "00001", "val/deep/00003": "00000", "nested/a/00000": "00000",

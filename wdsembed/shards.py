@@ -929,13 +929,16 @@ def parquet_fingerprint(path: str, fs: Any, folder: bool = False) -> str:
     return f"parts-{len(parts)}-" + hashlib.sha256(tokens.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-def _listed_parts(folder: str, fs: Any) -> tuple[list[str], dict[str, dict]]:
+def _listed_parts(folder: str, fs: Any, found: Optional[dict[str, dict]] = None
+                  ) -> tuple[list[str], dict[str, dict]]:
     """One listing of a parquet folder: the names of every file in it (below it), and those that are parts (no name
-    of theirs starting with `_` or `.`) with their listing entries, in their rows' order (parquet_parts)."""
+    of theirs starting with `_` or `.`) with their listing entries, in their rows' order (parquet_parts). Folder
+    markers are no files (storage.is_folder_marker). `found`: the folder's `fs.find` where it was just made."""
     folder = folder.rstrip("/")
     # listed afresh each time, as a long-lived process must (s3fs lists a find past its cache; invalidate_cache would
     # drop the listings of the folders above it too)
-    found = fs.find(folder, withdirs=False, detail=True)
+    if found is None:
+        found = fs.find(folder, withdirs=False, detail=True)
     listed = {p[len(folder) + 1 :]: found[p] for p in storage.listed_files(fs, found.values())
               if p.startswith(folder + "/") and len(p) > len(folder) + 1}
     parts = sorted((n for n in listed if not any(c.startswith(("_", ".")) for c in n.split("/"))), key=_natural_key)
@@ -943,15 +946,18 @@ def _listed_parts(folder: str, fs: Any) -> tuple[list[str], dict[str, dict]]:
 
 
 def _folder_listing(path: str, fs: Any) -> Optional[tuple[list[str], dict[str, dict]]]:
-    """`path`'s _listed_parts where it is a folder with files in it, from a listing made now, else None: fs.isdir
+    """`path`'s _listed_parts where it is a folder (objects below it), from a listing made now, else None: fs.isdir
     answers on S3 from s3fs's cached listing of the folder above, which, made before a parquet file was rewritten as
     a folder of part files (in a long-lived process), calls the folder a missing file or the file it was, and its
     rows would be lost. The listing is the one its parts are then taken from (one LIST, not two). A local folder,
-    empty or not, is one (no cache there: an empty one is a parquet write that did not finish)."""
+    empty or not, is one (no cache there: an empty one is a parquet write that did not finish); on an object store
+    so is a folder marker alone (`00000.parquet/`, as the S3 console or a writer makes one before its first part),
+    which was taken for no parquet: the shard lost its rows' columns without a word."""
     if storage.is_local(fs):
         return _listed_parts(path, fs) if fs.isdir(path) else None
-    listing = _listed_parts(path, fs)
-    return listing if listing[0] else None
+    folder = path.rstrip("/")
+    found = fs.find(folder, withdirs=False, detail=True)
+    return _listed_parts(folder, fs, found) if any(p.startswith(folder + "/") for p in found) else None
 
 
 def _read_folder_rows(folder: str, fs: Any, columns: Optional[Sequence[str]],

@@ -210,14 +210,23 @@ def listed_files(fs: fsspec.AbstractFileSystem, entries: Iterable[Mapping[str, A
     'other', and a folder of links to shards kept elsewhere is a folder of shards. A dangling link, or one to a
     folder, is no file."""
     local = is_local(fs)
-    return [e["name"] for e in entries
-            if e.get("type") == "file" or (local and e.get("islink") and os.path.isfile(e["name"]))]
+    return [e["name"] for e in entries if (e.get("type") == "file" and not is_folder_marker(e))
+            or (local and e.get("islink") and os.path.isfile(e["name"]))]
 
 
 def listed_folders(entries: Iterable[Mapping[str, Any]]) -> list[str]:
     """The names of the folders among a detailed listing's entries (`fs.ls(path, detail=True)`); on an object
-    store, the prefixes one level down."""
-    return [e["name"].rstrip("/") for e in entries if e.get("type") == "directory"]
+    store, the prefixes one level down, and the folders that a marker object names (is_folder_marker: in a flat
+    listing, `fs.find`, the only sign of a folder that holds nothing else)."""
+    return [e["name"].rstrip("/") for e in entries if e.get("type") == "directory" or is_folder_marker(e)]
+
+
+def is_folder_marker(entry: Mapping[str, Any]) -> bool:
+    """Whether a listing's entry is an object store's folder marker: an object whose key ends in `/` (zero bytes,
+    as the S3 console's "Create folder", Hadoop's S3A and other tools make one), which s3fs lists as a file named
+    with that `/`. It marks a folder (`00000.parquet/`, a prefix), and is no file of it: neither a shard nor a
+    parquet, nor a part of one."""
+    return entry.get("type") == "file" and str(entry.get("name", "")).endswith("/")
 
 
 def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
