@@ -494,6 +494,58 @@ def test_brace_patterns_and_recursive_folders_on_s3(server, dataset):
     plan.check_config(config_for(f"{url}/{{train,val}}/00000.tar", out, server.endpoint))
 
 
+def test_names_with_braces_or_wildcard_characters_that_exist_on_s3_are_what_they_name(server, dataset, tmp_path):
+    """`{`, `}`, `*`, `?` and `[` are legal in S3 keys. A folder `runs{1,2}/` or a shard `a{b,c}.tar` was brace-
+    expanded into keys that did not exist, and a key holding `*` (`best*photos/`, `a*b.tar`) refused as a wildcard
+    pattern, though the object or prefix existed as written. Where it exists, the name is what it names (as INPUT,
+    in a brace pattern, as a list line); where it does not, a brace pattern expands, and a `*` is refused as a
+    wildcard, as INPUT or from a pattern or list line alike. Two of them embedded end to end."""
+    from wdsembed.api import TimmImageEmbedder
+
+    tree = {"runs{1,2}/a{b,c}": "00000", "runs{1,2}/x{1..2}": "00001", "runs{1,2}/c{": "00000",
+            "best*photos/a*b": "00000", "best*photos/c": "00001", "best*photos/x?[1]": "00000"}
+    url = upload_tree(server, dataset, tree)
+    out = f"s3://{OUT_BUCKET}/names"
+
+    def planned(input: str, **kw) -> list[str]:
+        return [p.stem for p in plan.plan_shards(config_for(input, out, server.endpoint, use_index_files=False,
+                                                            **kw))]
+
+    assert planned(f"{url}/runs{{1,2}}") == ["a{b,c}", "c{", "x{1..2}"]
+    assert planned(f"{url}/best*photos") == ["a*b", "c", "x?[1]"]
+    for where in tree:
+        stem = where.split("/")[1]
+        [one] = plan.plan_shards(config_for(f"{url}/{where}.tar", out, server.endpoint, use_index_files=False))
+        assert (one.stem, one.shard, one.rows) == (stem, f"{url}/{where}.tar", f"{url}/{where}.parquet")
+    assert planned(f"{url}/best*photos/{{a*b,c}}.tar") == ["a*b", "c"]
+    bucket, prefix = url[len("s3://"):].split("/", 1)
+    server.boto().put_object(Bucket=bucket, Key=f"{prefix}/shards.txt",
+                             Body="".join(f"{where}.tar\n" for where in tree).encode())
+    assert planned(f"{url}/shards.txt") == sorted(tree)
+    plan.check_config(config_for(f"{url}/best*photos/a*b.tar", out, server.endpoint))  # the command's checks too
+
+    wildcard = r"is a wildcard pattern, which is not expanded: name the shards with a brace pattern"
+    for given in (f"{url}/best*photos/*.tar", f"{url}/no*such/{{00000..00001}}.tar",
+                  f"{url}/best*photos/{{00000..00001}}*.tar"):
+        with pytest.raises(inputs.InputError, match=wildcard):
+            planned(given)
+    server.boto().put_object(Bucket=bucket, Key=f"{prefix}/wild.txt", Body=b"best*photos/*.tar\n")
+    with pytest.raises(inputs.InputError, match=rf"'{url}/best\*photos/\*\.tar' \(named by input "
+                                              rf"'{url}/wild\.txt'\) {wildcard}"):
+        planned(f"{url}/wild.txt")
+    with pytest.raises(inputs.InputError, match="unbalanced braces"):
+        planned(f"{url}/runs{{1,2}}/d{{.tar")
+
+    settings = dict(pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1, fidelity_sample=0,
+                    index_cache_dir=str(tmp_path / "idx"), storage_options=options(server.endpoint))
+    for given, where in ((f"{url}/runs{{1,2}}/x{{1..2}}.tar", "runs{1,2}/x{1..2}"),
+                         (f"{url}/best*photos", "best*photos/a*b")):
+        result = TimmImageEmbedder(TINY_MODEL, **settings)(given, str(tmp_path / "emb"))[0]
+        rows = pq.read_metadata(dataset / f"{tree[where]}.parquet").num_rows  # with its failed downloads
+        assert (result.stem, result.rows, result.warnings) == (where.split("/")[1], rows, []), result
+        assert pq.read_table(tmp_path / "emb" / f"{result.stem}.parquet").num_rows == rows
+
+
 class CountingFS:
     """Delegates to an fsspec filesystem, recording every ranged read."""
 

@@ -183,6 +183,42 @@ def test_a_local_folder_or_shard_whose_name_holds_a_star_is_what_it_names_not_a_
         plan.plan_shards(config(f"{data}/*.tar", out))
 
 
+def test_a_local_name_with_braces_that_exists_is_what_it_names_not_a_pattern(tmp_path):
+    """Braces are legal in file names: a folder `runs{1,2}`, or a shard `a{b,c}.tar`, `x{1..2}.tar`, `c{.tar` or
+    `b}.tar` that exists, as INPUT or a list line, was brace-expanded (into names that did not exist) or refused for
+    its unbalanced braces. A name that exists as written is what it names, even beside the shards its braces would
+    expand to; one that does not is a pattern still, and one with unbalanced braces is refused still. Embedded end
+    to end into an OUTPUT whose name holds braces and `*` too."""
+    from wdsembed.api import TimmImageEmbedder
+
+    data = tmp_path / "runs{1,2}"
+    names = ["a{b,c}", "b}", "c{", "x{1..2}"]
+    for i, stem in enumerate(names):
+        shard(data, stem, seed=i)
+    out = tmp_path / "out"
+    assert stems(plan.plan_shards(config(data, out))) == names
+    for stem in names:
+        [one] = plan.plan_shards(config(data / f"{stem}.tar", out))
+        assert (one.shard, one.rows, one.output) == (str(data / f"{stem}.tar"), str(data / f"{stem}.parquet"),
+                                                     str(out / f"{stem}.parquet"))
+    listing = tmp_path / "shards.txt"
+    listing.write_text("".join(f"runs{{1,2}}/{stem}.tar\n" for stem in names))
+    assert stems(plan.plan_shards(config(listing, out))) == names
+    pair = tmp_path / "pair"
+    for stem in ("{a,b}", "a", "b"):
+        shard(pair, stem)
+    assert stems(plan.plan_shards(config(pair / "{a,b}.tar", out))) == ["{a,b}"]
+    assert stems(plan.plan_shards(config(f"{pair}/{{b,a}}.tar", out))) == ["a", "b"]  # no such name: a pattern
+    for missing in ("d{.tar", "e}.tar", "f{"):
+        with pytest.raises(inputs.InputError, match="unbalanced braces"):
+            plan.plan_shards(config(data / missing, out))
+    plan.check_config(config(data / "a{b,c}.tar", out))  # the command's checks pass it too
+    [result] = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                                 fidelity_sample=0)(str(data / "x{1..2}.tar"), str(tmp_path / "emb {1,2}*"))
+    assert (result.stem, result.rows, result.embedded) == ("x{1..2}", 2, 2)
+    assert pq.read_table(tmp_path / "emb {1,2}*" / "x{1..2}.parquet").num_rows == 2
+
+
 PIPE_SAID = ("is WebDataset's 'pipe:' form (a shell command whose output is read as the shard), which is not run "
              "here: each worker opens its shards itself, through fsspec. Pass the path or URL that the command reads "
              "(a local path, s3://BUCKET/PREFIX/00000.tar, https://HOST/00000.tar), with --storage-option "

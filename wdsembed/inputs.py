@@ -5,7 +5,9 @@ What INPUT may be:
 * a folder: its `*.tar` files; with `recursive`, also those of its subfolders at any depth (hidden files and
   folders excepted, either way: macOS's `._00000.tar` is no shard);
 * a brace pattern as WebDataset users write it: `/data/{00000..00999}.tar`, `s3://b/p/{00000..00009}.tar`,
-  `/data/{train,val}/{0000..0099}.tar` (every shard it names must exist);
+  `/data/{train,val}/{0000..0099}.tar` (every shard it names must exist); a name that exists as written, braces
+  and all (a folder `run{1,2}/`, a shard `a{b,c}.tar`, or `a*b.tar`: braces and `*` are legal in file names and S3
+  keys), is what it names, not a pattern (exists_as_written);
 * one `.tar` file;
 * a list file, `*.txt`: one shard per line (a path, a URL, or a brace pattern; relative paths are relative to the
   list file's folder; blank lines and `#` comments are skipped).
@@ -22,11 +24,13 @@ caching, validation).
 from __future__ import annotations
 
 import codecs
+import json
 import os
 import posixpath
 import sys
+import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from fsspec.core import split_protocol
 
@@ -48,21 +52,23 @@ RESERVED_OUTPUT_NAMES = ("_prefect_results", output.EMBEDDINGS_FOLDER)
 SKIPPED_PREFIXES = ("_", ".")
 
 
-def input_kind(url: str) -> str:
-    """'list' (a .txt list file), 'pattern' (braces that expand), 'tar' (one shard) or 'folder'."""
+def input_kind(url: str, storage_options: Optional[Mapping[str, str]] = None) -> str:
+    """'list' (a .txt list file), 'pattern' (braces that expand, where the name does not exist as written:
+    exists_as_written, which asks an object store only where `storage_options` are given), 'tar' (one shard) or
+    'folder'. InputError for unbalanced braces in a name that does not exist as written."""
     if url.lower().endswith(LIST_SUFFIX):
         return "list"
-    if "{" in url and _expand(url, url) != [url]:
+    if _named(url, url, storage_options) != [url]:
         return "pattern"
     if url.lower().endswith(".tar"):
         return "tar"
     return "folder"
 
 
-def input_folder(url: str) -> str:
+def input_folder(url: str, storage_options: Optional[Mapping[str, str]] = None) -> str:
     """The folder an input lives in: the folder itself, the folder before a pattern's first brace, the folder of
     a single .tar or of a list file (URLs keep their protocol)."""
-    kind = input_kind(url)
+    kind = input_kind(url, storage_options)
     if kind == "folder":
         return url
     if kind == "pattern":
@@ -71,6 +77,49 @@ def input_folder(url: str) -> str:
             return url[:-1] or "/"
         return posixpath.dirname(url) or "."
     return posixpath.dirname(url) or "."
+
+
+def _named(url: str, where: str, storage_options: Optional[Mapping[str, str]]) -> list[str]:
+    """The URLs that `url` names: itself where it holds no brace or exists as written, else its brace expansion
+    (InputError for unbalanced braces, naming `where`)."""
+    if "{" not in url and "}" not in url or exists_as_written(url, storage_options):
+        return [url]
+    return _expand(url, where)
+
+
+# How long an object store's answer to exists_as_written is taken as it is: a run asks it of its INPUT at each of its
+# checks and again as it plans (one HEAD, and on its 404 a one-key LIST, each time); a long-lived process must see a
+# key made or removed since.
+_ASKED_FOR_S = 60.0
+_asked: dict[tuple[str, str], tuple[float, bool]] = {}
+
+
+def exists_as_written(url: str, storage_options: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether `url`, taken as written (no brace expanded, no wildcard), names a file or folder that exists: `{`,
+    `}`, `*`, `?` and `[` are legal in file names and S3 keys (`run{1}/`, `a{b,c}.tar`, `best*photos/`), and a name
+    that exists so is what it names. A local path is asked of the disk; an object store's object or prefix only
+    where `storage_options` are given (where they are not, the name is not asked after: a brace pattern, a `*` a
+    wildcard). A store that cannot answer (no credentials, no bucket, which the checks that follow say) is a no."""
+    if "::" in url:
+        return False
+    if _is_local_url(url):
+        return os.path.lexists(split_protocol(url)[1])
+    if storage_options is None:
+        return False
+    key = (url, json.dumps(dict(storage_options), sort_keys=True, default=str))
+    known = _asked.get(key)
+    if known is not None and time.monotonic() - known[0] < _ASKED_FOR_S:
+        return known[1]
+    try:
+        fs, path = storage.filesystem(url, storage_options)
+        fs.info(path.rstrip("/"), refresh=True)  # an object (HEAD), else a prefix with a key below it
+        exists = True
+    except Exception:  # noqa: BLE001 - missing, or the store cannot be asked: taken as a pattern, as before
+        exists = False
+    if len(_asked) > 1024:
+        _asked.clear()
+    _asked[key] = (time.monotonic(), exists)
+    return exists
 
 
 def _expand(pattern: str, where: str) -> list[str]:
@@ -111,12 +160,13 @@ def find_shards(config: EmbedConfig, *, fresh: bool = False) -> FoundShards:
     does not exist, a list line that is not a .tar, two shards that would share an output. `fresh`: check_storage
     has just listed INPUT's folder (input_folder), and its listing in the filesystem's cache is taken as it is, not
     made again (on an object store, hundreds of LIST requests at 100,000 shards)."""
-    refuse_wildcard(config.input, f"input {config.input!r}")
-    kind = input_kind(config.input)
+    refuse_wildcard(config.input, f"input {config.input!r}", config.storage_options)
+    kind = input_kind(config.input, config.storage_options)
     if kind == "folder":
         found = _find_in_folder(config)
     else:
-        urls = _list_file_entries(config) if kind == "list" else _expand(config.input, "input")
+        urls = {"list": _list_file_entries, "pattern": lambda c: _expand(c.input, "input"),
+                "tar": lambda c: [c.input]}[kind](config)
         found = _find_named(config, urls, kind, fresh=fresh)
     _check_stems(config, found)
     return found
@@ -175,26 +225,38 @@ def _parent_folders(files: set[str], root: str) -> set[str]:
     return folders
 
 
-def refuse_wildcard(url: str, what: str) -> None:
+def refuse_wildcard(url: str, what: str, storage_options: Optional[Mapping[str, str]] = None) -> None:
     """A `*` is a shell's wildcard, which nothing here expands: said as such, not as a shard named '*.tar' that does
-    not exist. A local path that exists as written (a folder `best*photos`, a shard `a*b.tar`) is what it names."""
-    if "*" in url and not _exists_as_written(url):
-        folder = posixpath.dirname(url[: url.index("*")]) or "."
-        raise InputError(f"{what} is a wildcard pattern, which is not expanded: name the shards with a brace pattern "
-                         f"('{folder}/{{00000..00099}}.tar'), or pass the folder that holds them ({folder!r})")
-
-
-def _exists_as_written(url: str) -> bool:
-    """Whether a local `url` (a brace pattern: one of the paths it names) exists, `*` and all. Object stores are
-    not asked: this check comes before their credentials are (a key holding `*` is refused there)."""
-    if "::" in url or storage.protocol(url) not in ("file", "local"):
-        return False
-    path = split_protocol(url)[1]
+    not exist. A name that exists as written (a folder `best*photos`, a shard `a*b.tar`; in a brace pattern, one of
+    the names it expands to) is what it names. On an object store (asked where `storage_options` are given) a
+    pattern's names are not asked one by one: those of its folder's listing are its shards, and one holding `*` that
+    is not there is said to be a wildcard then (_find_named)."""
+    if "*" not in url or exists_as_written(url, storage_options):
+        return
+    local = _is_local_url(url)
     try:
-        paths = _expand(path, path)
+        named = _expand(url, url) if "{" in url or "}" in url else [url]
     except InputError:  # unbalanced braces: said where the input is read
-        return False
-    return any(os.path.lexists(p) for p in paths)
+        named = [url]
+    if local and any(exists_as_written(u) for u in named if u != url):
+        return
+    if not local and storage_options is not None and len(named) > 1:
+        # the folder before the first brace, which the store check lists before any shard is named (input_folder)
+        head = url[: url.index("{")]
+        head = head[:-1] if head.endswith("/") else posixpath.dirname(head)
+        if "*" not in head or exists_as_written(head, storage_options):
+            return
+    raise InputError(wildcard_said(url, what))
+
+
+def wildcard_said(url: str, what: str) -> str:
+    folder = posixpath.dirname(url[: url.index("*")]) or "."
+    return (f"{what} is a wildcard pattern, which is not expanded: name the shards with a brace pattern "
+            f"('{folder}/{{00000..00099}}.tar'), or pass the folder that holds them ({folder!r})")
+
+
+def _is_local_url(url: str) -> bool:
+    return "::" not in url and storage.protocol(url) in ("file", "local")
 
 
 def _is_tar(path: str) -> bool:
@@ -264,8 +326,8 @@ def _list_file_entries(config: EmbedConfig) -> list[str]:
         raise InputError(f"input {config.input!r} is a folder: a .txt input is read as a list of shards") from None
     except UnicodeDecodeError as exc:
         raise InputError(f"input {config.input!r} is not a text file listing shards ({exc})") from None
-    base = input_folder(config.input)
-    urls: list[str] = []
+    base = input_folder(config.input, config.storage_options)
+    lines: list[tuple[int, str, str]] = []
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -281,8 +343,20 @@ def _list_file_entries(config: EmbedConfig) -> list[str]:
             line = os.path.expanduser(line)  # as INPUT's own `~` (config.absolute_local_path)
         if "://" not in line and not os.path.isabs(line):
             line = posixpath.join(base, line)
-        refuse_wildcard(line, f"{config.input} line {number}: {given!r}")
-        for url in _expand(line, f"{config.input} line {number}"):
+        lines.append((number, given, line))
+    # Lines with braces on an object store are asked whether they exist as written (exists_as_written) 16 at a time,
+    # not one after another; a line holding `*` is not asked there: one that the listing lacks is said to be a
+    # wildcard then (_find_named), as a line of a list of 100,000 shards in a folder `best*photos/` would be a
+    # request each.
+    braced = [line for _, _, line in lines if "{" in line or "}" in line]
+    if braced and not _is_local_url(braced[0]):
+        with ContextThreadPool(min(16, len(braced))) as pool:
+            list(pool.map(lambda u: exists_as_written(u, config.storage_options), braced))
+    urls: list[str] = []
+    for number, given, line in lines:
+        if _is_local_url(line):
+            refuse_wildcard(line, f"{config.input} line {number}: {given!r}")
+        for url in _named(line, f"{config.input} line {number}", config.storage_options):
             if not _is_tar(url):
                 raise InputError(f"{config.input} line {number}: {url!r} is not a .tar shard" + compressed_file(url))
             urls.append(url)
@@ -306,7 +380,8 @@ def _find_named(config: EmbedConfig, urls: list[str], kind: str, *, fresh: bool 
     # a shard named twice is embedded once, also where two spellings name it (`00000.tar`, `./00000.tar`)
     tars = sorted(dict.fromkeys(spelled(fs._strip_protocol(u)) for u in urls))
     folders = sorted({posixpath.dirname(t) for t in tars})
-    checked = fs._strip_protocol(input_folder(config.input)) if fresh else None  # listed by check_storage just now
+    # listed by check_storage just now
+    checked = fs._strip_protocol(input_folder(config.input, config.storage_options)) if fresh else None
 
     def listing(folder: str) -> tuple[set[str], set[str]]:
         if folder != checked:
@@ -327,13 +402,17 @@ def _find_named(config: EmbedConfig, urls: list[str], kind: str, *, fresh: bool 
         listings = list(pool.map(listing, folders))
     files = set().union(*(f for f, _ in listings))
     missing = [t for t in tars if t not in files]
+    wildcard = next((t for t in missing if "*" in t), None)
+    if wildcard is not None:  # a pattern's or list line's name on an object store (refuse_wildcard)
+        raise InputError(wildcard_said(storage.to_url(fs, wildcard),
+                                       f"{storage.to_url(fs, wildcard)!r} (named by input {config.input!r})"))
     if missing:
         shown = ", ".join(storage.to_url(fs, t) for t in missing[:3])
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise InputError(f"{len(missing)} of the {len(tars)} shard(s) that input {config.input!r} names do not "
                          f"exist: {shown}{more}")
     if kind == "pattern":
-        root = spelled(fs._strip_protocol(input_folder(config.input)))
+        root = spelled(fs._strip_protocol(input_folder(config.input, config.storage_options)))
     elif kind == "tar":
         root = posixpath.dirname(tars[0])
     else:  # the deepest folder holding every listed shard ("" when they share none: other buckets)

@@ -55,9 +55,10 @@ def check_config(config: EmbedConfig, *, on_current_client: bool = False) -> boo
     preflight.check_dask_security(config)
     preflight.check_dask_reachable(config)
     # before the folder and store checks, which would call '/data/*' missing or ask for a bucket's credentials
-    refuse_wildcard(config.input, f"input {config.input!r}")
+    refuse_wildcard(config.input, f"input {config.input!r}", config.storage_options)
     _check_percent_escapes(config)
-    if input_kind(config.input) == "folder":  # a mistyped path is refused in a second, before torch is imported
+    # a mistyped path is refused in a second, before torch is imported
+    if input_kind(config.input, config.storage_options) == "folder":
         _check_local_input(config)
 
     # A re-run whose every output already carries this run's cache key loads no model: those outputs prove that the
@@ -133,7 +134,7 @@ def check_output_location(config: EmbedConfig, found: FoundShards) -> None:
     planning again (plan_shards)."""
     out_fs, out_root = storage.filesystem(config.output, config.storage_options)
     out = storage.place(out_fs, out_root)  # through symlinks too
-    if input_kind(config.input) == "folder":
+    if input_kind(config.input, config.storage_options) == "folder":
         if storage.within(out, storage.place(found.fs, found.root)):
             raise InputError(f"output {config.output!r} is inside input {config.input!r}: choose a folder outside "
                              "it, so outputs are never read as shards")
@@ -601,7 +602,8 @@ def _check_percent_escapes(config: EmbedConfig) -> None:
 
     path = local(config.input)
     if path is not None:
-        there = path if input_kind(config.input) != "pattern" else local(input_folder(config.input)) or path
+        there = (path if input_kind(config.input, config.storage_options) != "pattern"
+                 else local(input_folder(config.input, config.storage_options)) or path)
         if not os.path.lexists(there) and os.path.exists(unquote(there)):
             raise InputError(f"input {config.input!r} does not exist: fsspec, which reads the shards, takes its "
                              "%-escapes as they are written ('%20' as those three characters, not as what they "
@@ -916,8 +918,10 @@ def check_storage(config: EmbedConfig) -> None:
     """Input listable and output bucket present, with these credentials: a missing bucket or denied access fails
     here, at once and naming the URL, not after the first shard's retries. Writes nothing. For a pattern, a
     single .tar or a list file, the folder listed is the one holding it."""
+    # a `*` in the folder's name: said to be a wildcard, not a folder that does not exist
+    refuse_wildcard(config.input, f"input {config.input!r}", config.storage_options)
     try:
-        storage.check_input(input_folder(config.input), config.storage_options)
+        storage.check_input(input_folder(config.input, config.storage_options), config.storage_options)
         storage.check_output(config.output, config.storage_options)
     except storage.StoreError as exc:
         raise InputError(str(exc)) from None
