@@ -165,8 +165,12 @@ def find_shards(config: EmbedConfig, *, fresh: bool = False) -> FoundShards:
     if kind == "folder":
         found = _find_in_folder(config)
     else:
-        urls = {"list": _list_file_entries, "pattern": lambda c: _expand(c.input, "input"),
-                "tar": lambda c: [c.input]}[kind](config)
+        if kind == "list":
+            urls = _list_file_entries(config)
+        elif kind == "pattern":
+            urls = _expand(config.input, "input")
+        else:  # one .tar, as written (input_kind: braces and all, where it exists so)
+            urls = [config.input]
         found = _find_named(config, urls, kind, fresh=fresh)
     _check_stems(config, found)
     return found
@@ -344,10 +348,9 @@ def _list_file_entries(config: EmbedConfig) -> list[str]:
         if "://" not in line and not os.path.isabs(line):
             line = posixpath.join(base, line)
         lines.append((number, given, line))
-    # Lines with braces on an object store are asked whether they exist as written (exists_as_written) 16 at a time,
-    # not one after another; a line holding `*` is not asked there: one that the listing lacks is said to be a
-    # wildcard then (_find_named), as a line of a list of 100,000 shards in a folder `best*photos/` would be a
-    # request each.
+    # On an object store, lines with braces are asked whether they exist as written 16 at a time (exists_as_written
+    # keeps the answers); lines holding `*` are not asked one by one (a list of 100,000 shards of a folder
+    # `best*photos/`): one that its folder's listing lacks is said to be a wildcard there (_find_named).
     braced = [line for _, _, line in lines if "{" in line or "}" in line]
     if braced and not _is_local_url(braced[0]):
         with ContextThreadPool(min(16, len(braced))) as pool:

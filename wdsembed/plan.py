@@ -54,7 +54,7 @@ def check_config(config: EmbedConfig, *, on_current_client: bool = False) -> boo
     check_own_folders(config)
     preflight.check_dask_security(config)
     preflight.check_dask_reachable(config)
-    # before the folder and store checks, which would call '/data/*' missing or ask for a bucket's credentials
+    # before the folder and store checks, which would call '/data/*' missing
     refuse_wildcard(config.input, f"input {config.input!r}", config.storage_options)
     _check_percent_escapes(config)
     # a mistyped path is refused in a second, before torch is imported
