@@ -170,6 +170,28 @@ def test_grouping_preference_missing_duplicate_empty(tmp_path):
     assert bytes(samples_of(tar, extensions=("png", "jpg"))[0].image) == b"PNG"
 
 
+def test_a_sample_whose_image_has_an_extension_not_read_says_so(tmp_path):
+    """WebDataset decodes `.tif`, `.gif`, `.jfif` as images (its IMAGE_EXTENSIONS): a sample whose only image has an
+    extension not read here is not 'without an image' but without one of those read, and says which to add. The
+    same on every path (with its index, fast or not), and for a sample of the extensions read, nothing changes."""
+    tar = make_tar(tmp_path / "t.tar", [
+        ("a.TIF", b"II*\x00"), ("a.txt", b"t"), ("b.jpg", b"J"), ("c.gif", b"GIF89a"), ("c.seg.tiff", b"MM"),
+        ("d.json", b"{}"),
+    ])
+    index = build_index(open(tar, "rb"))
+    for kw in ({}, {"index": index}, {"index": index, "fast": False}):
+        got = {s.key: s.error for s in samples_of(tar, **kw)}
+        assert got == {
+            "a": "no image member (found: tif, txt; tif is an image extension that this run does not read: add "
+                 "it to the image extensions to read it)",
+            "b": None,
+            "c": "no image member (found: gif, seg.tiff; gif, tiff are image extensions that this run does not "
+                 "read: add them to the image extensions to read them)",
+            "d": "no image member (found: json)",
+        }, kw
+    assert samples_of(tar, extensions=("jpg", "tif"))[0].image == b"II*\x00"
+
+
 def test_a_key_whose_first_members_hold_no_image_gets_its_image_from_a_later_run_of_them(tmp_path):
     """`tar cf` of a folder writes its files in directory order, so a key's caption can come long before its image:
     the image is still that key's. The first sample of a key that has an image owns it; later ones with an image are

@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from typing import Any, Collection, Optional
 
 from wdsembed import caching, output, outputclaim, report, shard, shardindex, shards, storage, tarstream
-from wdsembed.config import IMAGE_EXTENSIONS, EmbedConfig, option
+from wdsembed.config import EmbedConfig, option
 from wdsembed.inputs import (
     FoundShards,
     InputError,
@@ -653,10 +653,6 @@ def _check_readable(config: EmbedConfig, found: FoundShards) -> None:
 # with its captions), and a refusal says how far it looked and how to have every member seen (a .idx).
 FIRST_IMAGES = 32
 FIRST_MEMBERS = 1024
-# Extensions of images, beyond --image-extensions' defaults: a shard of these but none of the given ones has no
-# image that the run would read.
-KNOWN_IMAGE_EXTENSIONS = frozenset(IMAGE_EXTENSIONS) | {
-    "gif", "tif", "tiff", "jp2", "j2k", "jpx", "pbm", "pgm", "ppm", "pnm", "avif", "heic", "heif", "jxl", "ico"}
 
 
 def _check_image_extensions(config: EmbedConfig, found: FoundShards) -> None:
@@ -680,7 +676,7 @@ def _check_image_extensions(config: EmbedConfig, found: FoundShards) -> None:
     except Exception:  # noqa: BLE001 - an unreadable tar or index is the shard's own failure
         return
     exts = list(dict.fromkeys(map(_image_extension, names)))
-    images = [e for e in exts if e in KNOWN_IMAGE_EXTENSIONS]
+    images = [e for e in exts if e in shards.KNOWN_IMAGE_EXTENSIONS]
     if not images or set(config.image_extensions) & set(exts):
         return
     given = ",".join(config.image_extensions)
@@ -713,7 +709,7 @@ def _first_member_names(tar: str, fs, extensions, bounded: bool) -> tuple[list[s
             ext = _image_extension(name)
             if ext in extensions:
                 break
-            images += ext in KNOWN_IMAGE_EXTENSIONS
+            images += ext in shards.KNOWN_IMAGE_EXTENSIONS
             if bounded and (images >= FIRST_IMAGES or len(names) >= FIRST_MEMBERS):
                 return names, True
     return names, False

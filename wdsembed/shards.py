@@ -18,6 +18,7 @@ from typing import Any, BinaryIO, Callable, Generator, Iterator, Optional, Seque
 import numpy as np
 
 from wdsembed import shardindex, storage, tarstream
+from wdsembed.config import IMAGE_EXTENSIONS
 
 
 @dataclass(frozen=True)
@@ -257,18 +258,18 @@ def _parse_tar(
         assert key is not None
         if duplicate:  # a run of members apart from its key's first (a caption after its image) repeats nothing
             return Sample(key, None, error="duplicate key") if repeats_image else Sample(key, None,
-                                                                                         error=_no_image(found))
+                                                                                         error=_no_image(found, rank))
         if best is not None or unread is not None or damaged is not None:
             seen.add(key)  # only a sample with an image member owns its key (see iter_samples)
         if best is None and damaged is not None:
             return Sample(key, None, error=damaged_sample_reason(damaged))
         if best is None and follows is not None:
-            return Sample(key, None, error=f"{_no_image(found)} after the tar's damaged part "
+            return Sample(key, None, error=f"{_no_image(found, rank)} after the tar's damaged part "
                                            f"({tarstream.describe_damage(follows.offset, follows.reason)})")
         if best is None and unread is not None:
             return Sample(key, None, error=unread)
         if best is None:
-            return Sample(key, None, error=_no_image(found))
+            return Sample(key, None, error=_no_image(found, rank))
         if best[0] >= 2 * span and n_parts > 1:
             return Sample(key, None, error=_no_plain_image(key, parts, n_parts))
         _, data, ext, member, offset = best
@@ -435,9 +436,24 @@ def member_without_extension(name: str) -> str:
             "sample's members KEY.EXTENSION), so not read")
 
 
-def _no_image(found: list[str]) -> str:
+# Extensions of images, those of --image-extensions' defaults and others (WebDataset decodes these too): a sample whose
+# only image has one the run does not read says so, and a first shard of such images only is refused before any work.
+KNOWN_IMAGE_EXTENSIONS = frozenset(IMAGE_EXTENSIONS) | {
+    "gif", "tif", "tiff", "jp2", "j2k", "jpx", "jpe", "jfif", "pbm", "pgm", "ppm", "pnm", "avif", "heic", "heif", "jxl",
+    "ico"}
+
+
+def _no_image(found: list[str], rank: dict[str, int]) -> str:
     shown = ", ".join(dict.fromkeys(e or "(no extension)" for e in found))
-    return f"{NO_IMAGE} (found: {shown})"
+    # an image of an extension not read (`.tif`) is not the same as no image at all: say which to add
+    unread = list(dict.fromkeys(e for e in map(_last_ext, found) if e in KNOWN_IMAGE_EXTENSIONS and e not in rank))
+    if not unread:
+        return f"{NO_IMAGE} (found: {shown})"
+    one = len(unread) == 1
+    return (f"{NO_IMAGE} (found: {shown}; {', '.join(unread)} "
+            f"{'is an image extension' if one else 'are image extensions'}"
+            f" that this run does not read: add {'it' if one else 'them'} to the image extensions to read "
+            f"{'it' if one else 'them'})")
 
 
 @dataclass(frozen=True, eq=False)
@@ -448,6 +464,7 @@ class _IndexPlan:
     key): its key, first member, image member (-1: none) and that member's data offset, size, name and image_ext."""
 
     index: "shardindex.ShardIndex"
+    rank: dict[str, int]  # iter_samples' image extensions -> preference
     chunk_size: int
     limit: int
     names: list[str]
@@ -558,7 +575,7 @@ def _plan_index(index: "shardindex.ShardIndex", rank: dict[str, int], chunk_size
         members = range(int(group_start[g]), int(group_end[g]))
         group_others[g] = tuple(names[i] for i in members if plain[i] and i != image[g])[:MAX_OTHERS]
     return _IndexPlan(
-        index=index, chunk_size=chunk_size, limit=limit, names=names[:limit], offsets=offsets[:limit],
+        index=index, rank=rank, chunk_size=chunk_size, limit=limit, names=names[:limit], offsets=offsets[:limit],
         sizes=sizes, header_at=offsets[:limit] - tarstream.BLOCK, starts=starts[:limit], ends=ends[:limit],
         pax_room=pax_room[:limit], templates=tarstream.header_templates(name_bytes[:limit], sizes),
         group_start=group_start.tolist(), group_end=group_end,
@@ -702,7 +719,7 @@ def _group_samples(plan: _IndexPlan, runs: list[_Run], seen: set[str], first: in
             plan.image_ext[first:stop]):
         if image < 0:  # also a key's later members apart from its image (a caption after it): no repeat
             found = [split_member_name(n)[1] for n in plan.names[plan.group_start[g] : int(plan.group_end[g])]]
-            yield Sample(key, None, error=_no_image(found))
+            yield Sample(key, None, error=_no_image(found, plan.rank))
             continue
         if key in seen:
             yield Sample(key, None, error="duplicate key")
