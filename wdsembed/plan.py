@@ -850,7 +850,8 @@ def _every_key(config: EmbedConfig, found: FoundShards, tar: str) -> Optional[li
     """Every sample key of a shard, where they cost no download of its tar; else None. On a local disk from its
     headers, read through in a fraction of a second. On an object store from its .idx (beside it, or in the local
     index cache), which a run leaves there after its first pass, where it still fits the tar (a few small reads:
-    shardindex checks the tar's header at its last member, so a stale one is never taken for this tar's keys);
+    shardindex checks the tar's header at its last member: an index of the tar before it was rewritten around an
+    unchanged last member still passes, and gives that tar's keys; the shard's own read checks every header);
     without one each shard's own check says it (shard.process_shard)."""
     if storage.is_local(found.fs):
         return shards.first_keys(tar, found.fs, n=sys.maxsize, max_members=sys.maxsize)
