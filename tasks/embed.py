@@ -118,6 +118,10 @@ def embed_and_log(config: EmbedConfig, plans: list[ShardPlan], claim_run: Option
     log = _run_logger()
     abandoned = cluster.task_abandoned()
     left = [len(plans)]
+    # The shards the planning found finished: their line would say it again (the flow's "N shard(s) with a finished
+    # output" and the summary do), one per shard of every group whose cached result Prefect lacks (a re-run that
+    # groups them otherwise: 4,000 lines for 10 new shards beside 4,000 finished ones).
+    planned_done = {p.stem for p in plans if p.finished_result is not None}
 
     def said_as_it_ends(stem: str, result: Optional[shard.ShardResult], reason: Optional[str]) -> None:
         # Each shard's line as it ends: a group of many shards would say them all only at its end, a failed
@@ -125,7 +129,8 @@ def embed_and_log(config: EmbedConfig, plans: list[ShardPlan], claim_run: Option
         # is said by that end, at once, not twice here.
         left[0] -= 1
         if result is not None:
-            _log_result(log, result.to_dict())
+            if not (result.cached and stem in planned_done):
+                _log_result(log, result.to_dict())
         elif left[0]:
             log.error("shard %s failed: %s (the %d shard(s) after it in its task run go on)", stem, reason, left[0])
 

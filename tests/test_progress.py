@@ -5,6 +5,7 @@ tiny timm model on the CPU)."""
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import threading
 from pathlib import Path
@@ -172,3 +173,45 @@ def test_a_shard_whose_end_cannot_be_said_keeps_its_outcome(tmp_path, caplog):
     assert sorted(p.name for p in (tmp_path / "out").glob("0000*.parquet")) == ["00000.parquet", "00001.parquet"]
     said = [r.getMessage() for r in caplog.records if "could not be said" in r.getMessage()]
     assert len(said) == 2 and "No space left on device" in said[0], said
+
+
+def test_a_group_says_nothing_of_the_shards_the_planning_found_finished(tmp_path):
+    """A re-run that groups its shards otherwise than the run that made them (10 shards added to 4,000: groups of 5,
+    not 4) finds no cached result in Prefect for any group, and each group's task found its finished outputs done:
+    one 'output already done' line per finished shard, 4,000 lines, each also sent to the Prefect API, where the
+    planning had already said how many were finished. Only the shards the planning did not find finished are said;
+    one found done only by the task (written since by an earlier attempt) still is."""
+    from tasks.embed import embed_and_log
+    from wdsembed import plan
+    from wdsembed.config import EmbedConfig
+    from wdsembed.shard import process_shards
+    from wdsembed.synthetic import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "in", n_shards=3, per_shard=2)
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model_name=TINY_MODEL,
+                         pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1)
+    process_shards(config, [p for p in plan.plan_shards(config) if p.stem in ("00000", "00001")])
+    plans, finished = plan.plan_run(config)
+    assert sorted(finished) == ["00000", "00001"]
+    # 00001 as a plan that does not know it is finished: found done by the task itself
+    plans = [dataclasses.replace(p, finished_result=None) if p.stem == "00001" else p for p in plans]
+
+    heard: list[str] = []
+
+    class Heard(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("shard 0000"):
+                heard.append(record.getMessage())
+
+    handler, logger = Heard(), logging.getLogger("wdsembed")  # a task run's own logger, outside a run
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        results = embed_and_log(config, plans)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [(r["stem"], r["cached"]) for r in results] == [("00000", True), ("00001", True), ("00002", False)]
+    assert [line.split(",")[0] for line in heard] == ["shard 00001: output already done", "shard 00002: embedded"], \
+        heard
