@@ -100,7 +100,13 @@ def embed_dataset(config: EmbedConfig) -> Manifest:
     ends: refused (OutputClaimedError) where another run holds OUTPUT, as run() is."""
     hooks = _this_run.get() or _RunInProcess()
     if hooks.claim_run is not None:
-        return _embed_claimed(config, hooks)
+        manifest = _embed_claimed(config, hooks)
+        # Started by run(), which unquotes it: as the flow run ends, Prefect walks its return value for futures
+        # (none here), every shard's entry of the manifest, about 1 s of this process for 4,000 shards. Not where
+        # Prefect persists the flow run's result (PREFECT_RESULTS_PERSIST_BY_DEFAULT), which is then the manifest.
+        from prefect.results import should_persist_result
+
+        return manifest if should_persist_result() else quote(manifest)
     # Taken here rather than the call refused: held by the process the flow runs in, as run()'s is, before the
     # planning reads OUTPUT (index_shards) or anything is written to it. Only a refusal comes later than run()'s:
     # after the task runner's cluster, if it has one, has started.
@@ -501,7 +507,8 @@ def _run_claimed(config: EmbedConfig, on_shard_done, all_finished: bool, claim_r
         with _api_for_workers(), around, dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
             flow_with_runner = embed_flow.with_options(task_runner=runner)  # while a temporary server boots
             _check_api_access()
-            return flow_with_runner(config)
+            manifest = flow_with_runner(config)
+            return manifest.unquote() if isinstance(manifest, quote) else manifest  # quoted by embed_dataset
     except (TimeoutError, asyncio.CancelledError) as exc:
         # Every shard finished and the manifest is written; only the local Dask cluster's shutdown ran out of time
         # (seen on a loaded 2-core machine). The run's work is whole: report it, not a failed run.
