@@ -296,6 +296,22 @@ def test_calls_with_other_options_wait_for_a_stream_of_their_own(worker):
         assert np.allclose(norms, 1.0, atol=1e-5) == kinds[i]
 
 
+def test_a_worker_says_what_it_runs_on_and_with(tmp_path, caplog):
+    """A CPU-only run's log said nothing of the device, precision, batch or threads it chose."""
+    if torch.cuda.is_available():
+        pytest.skip("device auto takes the GPU here")
+    config = EmbedConfig(input=str(tmp_path), output=str(tmp_path), model_name=TINY_MODEL, pretrained=False,
+                         device="auto", batch_size=4, num_threads_per_worker=3)
+    with caplog.at_level("INFO", logger="wdsembed"):
+        own = Worker(config)
+    try:
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("worker on ")]
+        assert said == [f"worker on cpu (no GPU visible): {TINY_MODEL} in float32, channels_last, batches of 4; "
+                        f"torch on {torch.get_num_threads()} thread(s), DALI on 3 (--num-threads)"]
+    finally:
+        own.close()
+
+
 def test_close_finishes_the_waiting_calls_and_refuses_new_ones(tmp_path):
     config = EmbedConfig(input=str(tmp_path), output=str(tmp_path), model_name=TINY_MODEL, pretrained=False,
                          device="cpu", batch_size=4, num_threads_per_worker=1)

@@ -311,6 +311,7 @@ class Worker:
             "preprocessing": self.recipe.describe(),
             "device": self.device,
         }
+        log.info(describe_worker(self, config))
         # Everything alive now (torch, timm, DALI, Dask, Prefect, the model: over half a million objects) lives as
         # long as the process: kept out of the garbage collector's full passes, which otherwise walk all of it with
         # the GIL held while the stream waits (on one H200, two such passes of 0.38-0.44 s stalled a ViT-B/16 run
@@ -784,6 +785,20 @@ def _model_alone(graph, device_id: int) -> dict:
         log.info("could not time the model alone on the GPU: %s", e)
         return {}
     return {"gpu": gpu, "model_alone_images_per_second": round(rate, 1)}
+
+
+def describe_worker(worker: Worker, config: EmbedConfig) -> str:
+    """What a worker runs on and with, said once as it is built: without it, nothing in a CPU-only run's log said
+    that it ran on the CPU, in which precision (autocast is for GPUs), on how many threads or with which batch."""
+    import torch
+
+    loaded, info = worker.loaded, worker.info
+    form = [info["precision"]] + ["channels_last"] * loaded.channels_last + ["compiled"] * info["compiled"] + \
+        ["a CUDA graph"] * info["cuda_graph"]
+    why = " (no GPU visible)" if config.device == "auto" and worker.device == "cpu" else ""
+    return (f"worker on {worker.device}{why}: {info['name']} in {', '.join(form)}, batches of {config.batch_size}; "
+            f"torch on {torch.get_num_threads()} thread(s), DALI on {config.num_threads_per_worker} "
+            "(--num-threads)")
 
 
 def _leave_cores_to_dali(dali_threads: int) -> None:
