@@ -150,6 +150,20 @@ def test_autocast_is_ignored_on_cpu(resnet18):
     assert torch.equal(a, b)
 
 
+def test_a_convnet_runs_channels_last_on_the_cpu_with_the_same_embeddings(resnet18):
+    """oneDNN's convolutions run faster on channels_last batches on the CPU too (docs/benchmarks.md); the values
+    are those of the model as timm builds it, within float32 rounding. A ViT (one conv) keeps its layout."""
+    assert resnet18.device.type == "cpu" and resnet18.channels_last
+    x = _batch(resnet18, n=4)
+    with torch.inference_mode():
+        plain = _pooled(resnet18.model.to(memory_format=torch.contiguous_format), x)
+    resnet18.model.to(memory_format=torch.channels_last)
+    ours = embed_batch(resnet18, x, autocast=False, normalize=False)
+    assert torch.nn.functional.cosine_similarity(ours, plain).min() > 0.99999
+    torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-4)
+    assert not load_model("test_vit.r160_in1k", pretrained=False, device="cpu").channels_last
+
+
 class _FakeModel(nn.Module):
     def __init__(self, arch: str, tag: str, num_classes: int):
         super().__init__()
