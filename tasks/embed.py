@@ -23,6 +23,7 @@ from tasks.retries import retry_if_transient
 from wdsembed import caching, cluster, report, shard, storage
 from wdsembed.config import EmbedConfig
 from wdsembed.shard import ShardPlan
+from wdsembed.worker import take_unsaid
 
 # On import: the one hook a Dask worker runs before Prefect's task engine (see the modules).
 share_api_tls_contexts()
@@ -128,6 +129,8 @@ def embed_and_log(config: EmbedConfig, plans: list[ShardPlan], claim_run: Option
         # shard's reason with them. A shard whose failure ends its task run (a one-shard task's, the group's last)
         # is said by that end, at once, not twice here.
         left[0] -= 1
+        for line in take_unsaid():  # what this process's Worker runs on and with, once, before its first shard's line
+            log.info("%s", line)
         if result is not None:
             if not (result.cached and stem in planned_done):
                 _log_result(log, result.to_dict())

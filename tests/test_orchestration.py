@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -250,6 +251,18 @@ def test_the_ui_says_why_rows_have_no_embedding(first_run):
     said = run_logs(first_run["run_id"], "HTTP Error 404")
     assert (("embed-00000", f"shard 00000: embedded, 5 rows, 4 embedded, 1 without embedding (1: HTTP Error 404: "
              f"Not Found ({failed[0]}))") in [(name, message.rsplit(",", 1)[0]) for name, message in said]), said
+
+
+def test_the_worker_says_in_its_first_task_runs_log_what_it_runs_on_and_with(first_run):
+    """Nothing in a CPU run's log said the device, precision, batch size or threads it chose: its one worker says
+    so once, under its first task run, before that shard's line."""
+    said = run_logs(first_run["run_id"], "worker on ")
+    lines = [(name, message) for name, message in said if message.startswith("worker on ")]
+    assert len(lines) == 1, said
+    assert re.fullmatch(rf"worker on cpu: {re.escape(TINY_MODEL)} in float32, channels_last, batches of 4; torch on "
+                        r"\d+ thread\(s\), DALI on 1 \(--num-threads\)", lines[0][1]), lines
+    own = [message for name, message in said if name == lines[0][0]]
+    assert own.index(lines[0][1]) < next(i for i, m in enumerate(own) if m.startswith("shard ")), own
 
 
 def test_the_progress_artifact_moves_once_per_few_seconds_where_shards_come_back_fast(first_run, monkeypatch):

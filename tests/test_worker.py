@@ -15,7 +15,7 @@ from conftest import TINY_MODEL
 from wdsembed import model as model_module
 from wdsembed.config import EmbedConfig
 from wdsembed.synthetic import photo_images
-from wdsembed.worker import Worker
+from wdsembed.worker import Worker, take_unsaid
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ threading.stack_size(1 << 20)  # the stream's threads take little of the limited
 from wdsembed.config import EmbedConfig
 from wdsembed.model import embed_batch
 from wdsembed.synthetic import photo_images
-from wdsembed.worker import Worker
+from wdsembed.worker import Worker, take_unsaid
 
 N, tmp = 64, sys.argv[1]
 worker = Worker(EmbedConfig(input=tmp, output=tmp, model_name=sys.argv[2], pretrained=False, device="cpu",
@@ -296,18 +296,19 @@ def test_calls_with_other_options_wait_for_a_stream_of_their_own(worker):
         assert np.allclose(norms, 1.0, atol=1e-5) == kinds[i]
 
 
-def test_a_worker_says_what_it_runs_on_and_with(tmp_path, caplog):
-    """A CPU-only run's log said nothing of the device, precision, batch or threads it chose."""
+def test_a_worker_says_what_it_runs_on_and_with(tmp_path):
+    """A CPU-only run's log said nothing of the device, precision, batch or threads it chose: each Worker's
+    description waits, once, for the task layer to say it in its run's log (take_unsaid)."""
     if torch.cuda.is_available():
         pytest.skip("device auto takes the GPU here")
     config = EmbedConfig(input=str(tmp_path), output=str(tmp_path), model_name=TINY_MODEL, pretrained=False,
                          device="auto", batch_size=4, num_threads_per_worker=3)
-    with caplog.at_level("INFO", logger="wdsembed"):
-        own = Worker(config)
+    take_unsaid()
+    own = Worker(config)
     try:
-        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("worker on ")]
-        assert said == [f"worker on cpu (no GPU visible): {TINY_MODEL} in float32, channels_last, batches of 4; "
-                        f"torch on {torch.get_num_threads()} thread(s), DALI on 3 (--num-threads)"]
+        assert take_unsaid() == [f"worker on cpu (no GPU visible): {TINY_MODEL} in float32, channels_last, batches "
+                                 f"of 4; torch on {torch.get_num_threads()} thread(s), DALI on 3 (--num-threads)"]
+        assert take_unsaid() == []
     finally:
         own.close()
 

@@ -311,7 +311,7 @@ class Worker:
             "preprocessing": self.recipe.describe(),
             "device": self.device,
         }
-        log.info(describe_worker(self, config))
+        _unsaid.append(describe_worker(self, config))  # for the task run's log (take_unsaid)
         # Everything alive now (torch, timm, DALI, Dask, Prefect, the model: over half a million objects) lives as
         # long as the process: kept out of the garbage collector's full passes, which otherwise walk all of it with
         # the GIL held while the stream waits (on one H200, two such passes of 0.38-0.44 s stalled a ViT-B/16 run
@@ -785,6 +785,19 @@ def _model_alone(graph, device_id: int) -> dict:
         log.info("could not time the model alone on the GPU: %s", e)
         return {}
     return {"gpu": gpu, "model_alone_images_per_second": round(rate, 1)}
+
+
+# Each Worker's description as it is built, until the task layer says it in its task run's log (wdsembed's own
+# INFO lines reach no log unless the user turns them on).
+_unsaid: collections.deque = collections.deque()
+
+
+def take_unsaid() -> list[str]:
+    """The descriptions of the Workers built in this process since the last call (describe_worker)."""
+    said = []
+    while _unsaid:
+        said.append(_unsaid.popleft())
+    return said
 
 
 def describe_worker(worker: Worker, config: EmbedConfig) -> str:
