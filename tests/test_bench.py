@@ -225,3 +225,21 @@ def test_geometry_probe_times_each_variant_fed_alone_and_behind_the_reader_threa
     for name, base in (("B", "A"), ("Bs", "A"), ("Ar", "A"), ("Br", "Ar")):
         ratio = float(re.search(rf"\b{name} / {base} = ([0-9.]+)", medians).group(1))
         assert abs(ratio - rates[name] / rates[base]) < 0.006  # printed to two places, from unrounded rates
+
+
+def test_the_cpu_baseline_bench_runs_the_tool_and_the_plain_loop_on_the_same_images(tmp_path):
+    out = tmp_path / "baseline.json"
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"))
+    proc = subprocess.run(
+        [sys.executable, "bench/cpu_baseline.py", "--model", TINY_MODEL, "--images", "256", "--rounds", "1",
+         "--batch-sizes", "64", "--workdir", str(tmp_path / "work"), "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rounds = result["batch_sizes"]["64"]["rounds"]
+    assert [r["images"] for r in rounds["tool"]] == [r["images"] for r in rounds["baseline"]] == [256]
+    for key in ("run_rate", "wall_rate"):
+        summary = result["batch_sizes"]["64"]["summary"][key]
+        assert summary["baseline"] > 0 and summary["tool"]["images_per_second"] > 0
+        assert summary["tool"]["over_baseline_paired"] > 0
