@@ -540,8 +540,9 @@ def markdown_summary(manifest: dict, rows: list[dict]) -> str:
     for line in (describe_earlier_runs(manifest), fidelity.describe(manifest.get("fidelity"))):
         if line:
             lines.append(f"- {md_text(line)}")
-    if describe_gpu_use(manifest):
-        lines.append(f"- {describe_gpu_use(manifest)}")
+    gpu_use = describe_gpu_use(manifest)
+    if gpu_use:
+        lines.append(f"- {gpu_use}")
     everywhere = "the `shards` table artifact and `_manifest.json`"
     causes = failure_causes(manifest["failed_shards"])
     if causes:
