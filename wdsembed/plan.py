@@ -23,8 +23,8 @@ from wdsembed.inputs import (
     check_path_names,
     compressed_file,
     find_shards,
-    input_folder,
     SKIPPED_PREFIXES,
+    input_folder,
     input_kind,
     refuse_wildcard,
 )
