@@ -836,6 +836,10 @@ MEMORY_VARIANTS = {
     "worker, cudaMallocAsync, model queue 6": ("worker", {"WDSEMBED_GPU_QUEUED_BATCHES": "6"}, {}),
     "worker, its pool, model queue 3": ("worker", {"DALI_USE_CUDA_MALLOC_ASYNC": "0",
                                                    "WDSEMBED_GPU_QUEUED_BATCHES": "3"}, {}),
+    # torch's caching allocator growing segments in place (PYTORCH_CUDA_ALLOC_CONF): does ViT-L/14's worker, whose
+    # torch pool held 5.5 GiB reserved for a 2.3 GiB peak of allocations (sixty-fourth session), keep less?
+    "worker, cudaMallocAsync, expandable segments": ("worker", {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+                                                     {}),
     # The worker's model alone on one resident batch, as many batches as the photographs make: is the transient
     # beside the graph the graph's own, or DALI's beside it?
     "model alone (as a graph)": ("model", {}, {}),
