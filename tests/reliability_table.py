@@ -85,6 +85,7 @@ CASES: list[tuple[str, str, str]] = [
     ("fault-disk-full", "Faults", "Disk fills up while writing outputs"),
     ("fault-disk-full-command", "Faults", "Disk fills up under the command, its manifest too"),
     ("fault-output-read-only-mid-run", "Faults", "OUTPUT turns read-only during a run"),
+    ("fault-parquet-gone-mid-run", "Faults", "A shard's parquet vanishes mid-run, then comes back"),
     ("fault-between-view-and-table", "Faults",
      "A re-run with other settings dies between a shard's kNN view and its table"),
     ("fault-killed-before-rename", "Faults", "Process killed between writing a shard's table and renaming it"),

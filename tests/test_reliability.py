@@ -1670,6 +1670,63 @@ def test_output_turned_read_only_mid_run_embeds_no_more_shards(tmp_path, monkeyp
                       "at its write)")
 
 
+def test_a_parquet_gone_mid_run_fails_its_shard_and_is_embedded_once_back(tmp_path, monkeypatch):
+    """A shard's parquet moved away after the run listed it (a mount that dropped it a while, a sync mid-run), while
+    the shard is held at its start, then put back as it was (its mtime kept). It was taken for no parquet: the shard
+    written from its tar alone (no captions, no failed downloads' rows), without a word, keyed as made from the
+    parquet, so the next run found it finished and kept it so. Now the shard fails naming the parquet, nothing of it
+    is written, and the next run embeds it with its rows."""
+    import threading
+
+    from wdsembed.faults import is_transient
+
+    data, out = dataset(tmp_path / "in", 3), tmp_path / "out"
+    write_shard(data, "00001", samples(PER_SHARD, seed=2), failed_rows=2)  # a parquet with rows the tar lacks
+    faults = Faults(tmp_path, {"00001": {"fail_attempts": 0, "hold_s": 3}})
+    monkeypatch.setenv("WDSEMBED_FAULTS", str(faults.path))
+    parquet, away = data / "00001.parquet", tmp_path / "away.parquet"
+
+    def move_away_once_held() -> None:
+        deadline = time.monotonic() + 300
+        while not faults.calls("00001") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        parquet.rename(away)
+
+    mover = threading.Thread(target=move_away_once_held, daemon=True)
+    mover.start()
+    with pytest.raises(ShardsFailed) as err:
+        embedder()(str(data), str(out))
+    mover.join(10)
+    assert away.exists() and not parquet.exists()
+    failures = err.value.failures
+    assert sorted(s for s in failures if s != "_manifest.json") == ["00001"], failures
+    assert failures["00001"] == (
+        "FileNotFoundError: [Errno 2] the shard's img2dataset parquet is gone since the run listed it (deleted, "
+        "moved, or its mount dropped it): the shard is not embedded without its rows; put it back, or remove the "
+        f"shard's tar too, and run again: '{parquet}'"), failures["00001"]
+    assert json.loads((out / "_manifest.json").read_text())["failed_shards"] == {"00001": failures["00001"]}
+    assert faults.calls("00001") == 1 and not is_transient(FileNotFoundError(errno.ENOENT, "gone"))
+    assert_outputs_whole(out, ["00000", "00002"])  # nothing of 00001, not even its kNN view
+    assert not (out / output.EMBEDDINGS_FOLDER / "00001.parquet").exists()
+
+    away.rename(parquet)  # back as it was
+    monkeypatch.delenv("WDSEMBED_FAULTS")
+    results = {r.stem: r for r in embedder()(str(data), str(out))}
+    assert [s for s, r in results.items() if not r.cached] == ["00001"]
+    t = read(out / "00001.parquet")
+    assert "caption" in t.column_names and t.num_rows == PER_SHARD + 2
+    assert t.column("status").to_pylist().count("failed_to_download") == 2
+    table.record("fault-parquet-gone-mid-run",
+                 done="an API run of 3 shards; 00001.parquet (with 2 failed downloads' rows) moved away while the "
+                      "shard was held at its start, after the run listed it (injected hold), then put back as it was",
+                 did="00001 failed, not retried, nothing of it written: 'FileNotFoundError: [Errno 2] the shard's "
+                     "img2dataset parquet is gone since the run listed it (...): the shard is not embedded without "
+                     "its rows; put it back, or remove the shard's tar too, and run again'; the other shards "
+                     "written; once the parquet was back, the next run embedded 00001 with every parquet row "
+                     "(before: written from its tar alone without a word, and kept as finished once it was back)",
+                 lost="nothing")
+
+
 @pytest.mark.slow
 def test_the_command_on_a_full_disk_names_the_failed_shards_without_a_traceback(tmp_path):
     """`python flows/embed.py` with OUTPUT on a 40 KB tmpfs: some shards' writes fail with ENOSPC, then so does the

@@ -336,7 +336,7 @@ def _with_spark_parquet(dataset: Path, folder: Path, stems=("00000",)) -> Path:
 def test_a_parquet_file_rewritten_as_a_folder_is_read_past_a_stale_listing(server, dataset, tmp_path):
     """A long-lived process listed a shard's folder while its parquet was one file (s3fs keeps that listing), then
     the parquet was rewritten as a folder of part files: its rows are read, not taken for a parquet gone (None: the
-    shard embedded from its tar alone without a word), and its schema is the folder's; one gone is still None."""
+    shard embedded from its tar alone without a word), and its schema is the folder's; one gone raises, naming it."""
     from conftest import write_parquet_folder
 
     url = upload(server, dataset)
@@ -352,7 +352,8 @@ def test_a_parquet_file_rewritten_as_a_folder_is_read_past_a_stale_listing(serve
         s3.upload_file(str(part), bucket, f"{prefix}/00000.parquet/{part.name}")
     assert shards.read_rows(path, fs).equals(expected)
     assert shards.read_rows_schema(path, fs) == expected.schema
-    assert shards.read_rows(fs._strip_protocol(f"{url}/00002.parquet"), fs) is None
+    with pytest.raises(FileNotFoundError, match="gone since the run listed it"):  # one gone is no parquet's rows
+        shards.read_rows(fs._strip_protocol(f"{url}/00002.parquet"), fs)
 
 
 @pytest.mark.parametrize("form", ["folder", "pattern", "recursive"])

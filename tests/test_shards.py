@@ -2224,7 +2224,9 @@ def test_read_rows_and_stats(tmp_path):
     table = shards.read_rows(written.parquet, fs)
     assert table.column("key").to_pylist() == list(written.parquet_keys)
     assert table.column("status").to_pylist().count("failed_to_download") == 2
-    assert shards.read_rows(str(tmp_path / "nope.parquet"), fs) is None
+    with pytest.raises(FileNotFoundError, match="gone since the run listed it") as gone:  # never taken for no rows
+        shards.read_rows(str(tmp_path / "nope.parquet"), fs)
+    assert gone.value.filename == str(tmp_path / "nope.parquet") and not faults.is_transient(gone.value)
     stats = shards.read_stats(written.stats, fs)
     assert (stats["count"], stats["successes"], stats["failed_to_download"]) == (5, 3, 2)
     assert shards.read_stats(str(tmp_path / "nope_stats.json"), fs) is None

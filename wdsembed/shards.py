@@ -7,6 +7,7 @@ Knows nothing of DALI pipelines, models or Prefect. The tar format is in `tarstr
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import itertools
 import json
@@ -860,11 +861,11 @@ def index_keys(index: "shardindex.ShardIndex") -> list[str]:
 
 
 def read_rows(parquet_url: str, fs: Any, columns: Optional[Sequence[str]] = None):
-    """The shard's img2dataset row table (every input row, failed downloads included), or None when there is no
-    parquet. A file that cannot be decoded as parquet (not parquet at all, a truncated footer, a damaged page)
-    raises MetadataFileError naming it. Columns of Arrow's view types come back in their plain types
-    (output.plain_type: string_view as string). A parquet written as a folder of part files (Spark, Dask) reads as
-    its parts' rows in their order (_read_folder_rows).
+    """The shard's img2dataset row table (every input row, failed downloads included); one gone since it was listed
+    raises FileNotFoundError naming it. A file that cannot be decoded as parquet (not parquet at all, a truncated
+    footer, a damaged page) raises MetadataFileError naming it. Columns of Arrow's view types come back in their
+    plain types (output.plain_type: string_view as string). A parquet written as a folder of part files (Spark,
+    Dask) reads as its parts' rows in their order (_read_folder_rows).
 
     The file's bytes are read whole first and decoded from memory: pyarrow says a damaged page with a plain OSError
     ("Couldn't deserialize thrift"), as an I/O error of its source would be said. Read apart, an error fetching the
@@ -876,10 +877,15 @@ def read_rows(parquet_url: str, fs: Any, columns: Optional[Sequence[str]] = None
     try:
         raw = storage.read_whole(fs, parquet_url)
     except (FileNotFoundError, IsADirectoryError):
-        # a folder reads as one (S3 answers "no such key" for a prefix); else the parquet is gone since planning
+        # a folder reads as one (S3 answers "no such key" for a prefix); else the parquet is gone since it was listed
         listing = _folder_listing(parquet_url, fs)
         if listing is None:
-            return None
+            # Never taken for no parquet: the shard would be written without its rows' columns and failed downloads,
+            # keyed as made from them, and found finished once the file is back (a mount that dropped it a while).
+            raise FileNotFoundError(errno.ENOENT, "the shard's img2dataset parquet is gone since the run listed it "
+                                    "(deleted, moved, or its mount dropped it): the shard is not embedded without "
+                                    "its rows; put it back, or remove the shard's tar too, and run again",
+                                    parquet_url) from None
         rows = _read_folder_rows(parquet_url, fs, columns, listing)
     else:
         try:
