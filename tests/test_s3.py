@@ -6,6 +6,7 @@ tiny timm test model, and compare the S3 outputs with a local run of the same sh
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -1167,6 +1168,23 @@ def test_denied_read_mid_run_names_the_object(server, monkeypatch):
     with pytest.raises(PermissionError, match=f"s3://{IN_BUCKET}/denied.tar"):
         with storage.open_sequential(fs, f"{IN_BUCKET}/denied.tar", size=1000) as f:
             f.read(10)
+
+
+def test_an_outputs_footer_refused_mid_run_names_the_output(server, monkeypatch):
+    """Credentials that stop working mid-run (expired, rotated) as a shard's retry looks for its finished output: s3fs
+    says the refused HEAD as 'Forbidden' alone, and the shard failed with 'PermissionError: Forbidden', naming no
+    object. It names the output, and stays a PermissionError (not retried)."""
+    fs = s3fs_for(server.endpoint)
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"key": ["0"]}), buf)
+    fs.pipe_file(f"{OUT_BUCKET}/footer/00000.parquet", buf.getvalue())
+    assert output.read_footer(f"{OUT_BUCKET}/footer/00000.parquet", fs).num_rows == 1
+    use_keys(monkeypatch, ("AKIAWRONGWRONGWRONG0", "not-the-secret"))
+    fs = s3fs_for(server.endpoint)
+    with pytest.raises(PermissionError) as err:
+        output.read_footer(f"{OUT_BUCKET}/footer/00000.parquet", fs)
+    assert str(err.value) == f"s3://{OUT_BUCKET}/footer/00000.parquet: Forbidden"
+    assert not faults.is_transient(err.value)
 
 
 def test_denied_output_fails_before_any_shard(server, dataset, monkeypatch):

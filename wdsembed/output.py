@@ -778,7 +778,8 @@ def output_metadata(footer: Optional[pq.FileMetaData], url: str, *, refuse_forei
 
 def read_footer(url: str, fs: Any) -> Optional[pq.FileMetaData]:
     """A parquet file's footer (read_output_metadata's one read), or None where the file is missing or its footer
-    cannot be read; other errors (permissions, network) propagate."""
+    cannot be read; other errors (permissions, network) propagate, naming the file (s3fs says a HEAD refused by
+    expired or wrong credentials as "Forbidden" alone)."""
     try:
         with fs.open(url, "rb") as f:
             return pq.read_metadata(f)
@@ -787,7 +788,10 @@ def read_footer(url: str, fs: Any) -> Optional[pq.FileMetaData]:
     except OSError as exc:
         if undecodable(exc):
             return None
-        raise
+        named = storage.naming_url(storage.to_url(fs, url), exc)
+        if named is exc:
+            raise
+        raise named from exc
 
 
 def undecodable(exc: BaseException) -> bool:
