@@ -255,7 +255,7 @@ def _embed_claimed(config: EmbedConfig, hooks: _RunInProcess) -> Manifest:
         _worker_reports_sent(client)
     # Last, as the manifest is written (OUTPUT still claimed): a worker that outlived its lost scheduler may have
     # ended its shard since.
-    results.extend(caching.written_after_all(config, given_up, failures, transient))
+    results.extend(caching.written_after_all(config, hooks.claim_run, given_up, failures, transient))
     remove_failed_outputs_made_otherwise(config, failures)
     remove_views_without_tables(config, hooks.claim_run, planned=output_files, failed=failures)
 

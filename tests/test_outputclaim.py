@@ -748,6 +748,132 @@ def test_a_shard_on_s3_is_put_in_place_only_while_its_run_holds_the_claim(s3_env
         server.boto().delete_object(Bucket="claims", Key=f"lost/{CLAIM_NAME}")
 
 
+# --------------------------------------------------------------------------------------------------- closed shards
+
+
+@pytest.fixture(params=["local", "s3"])
+def closing(request, tmp_path, monkeypatch):
+    """(config, listing of OUTPUT's every object, the claim's record, gate file) of a one-shard output, local or on
+    S3, whose shard 00000 a worker thread of this test holds (WDSEMBED_FAULTS) at the step the test names, until
+    the gate file exists."""
+    data = _shards(tmp_path / "in", n_shards=1)
+    if request.param == "local":
+        config = _config(data, tmp_path / "out")
+    else:
+        server = request.getfixturevalue("s3_env")
+        config = _config(data, f"s3://claims/closing-{tmp_path.name}",
+                         storage_options={"endpoint_url": server.endpoint})
+    fs, root = storage.filesystem(config.output, config.storage_options)
+
+    def listing() -> list[str]:
+        fs.invalidate_cache()
+        return sorted(path[len(root.rstrip("/")) + 1:] for path in fs.find(root))
+
+    def record() -> dict:
+        return json.loads(storage.cat_whole(*outputclaim.claim_url(config)))
+
+    gate = tmp_path / "gate"
+
+    def hold_at(where: str) -> Path:
+        spec = tmp_path / "faults.json"
+        spec.write_text(json.dumps({"00000": {"fail_attempts": 0, "hold_until": str(gate), "where": where}}))
+        monkeypatch.setenv("WDSEMBED_FAULTS", str(spec))
+        return Path(f"{spec}.00000.attempts")
+
+    yield config, listing, record, gate, hold_at
+
+
+def _in_a_thread(call) -> tuple[threading.Thread, dict]:
+    ended: dict = {}
+
+    def run() -> None:
+        try:
+            ended["outcome"] = call()
+        except BaseException as exc:  # noqa: BLE001 - what the call ended with is what is checked
+            ended["outcome"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, ended
+
+
+def _until(condition, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_a_shard_its_run_closed_before_its_worker_looked_is_not_put_in_place(closing, caplog):
+    """A run that lost its Dask scheduler gives up on the shards in flight and counts their outputs once, as its
+    manifest is written; a worker that outlived the scheduler then wrote one whole under the run's still-held claim,
+    beside a manifest listing it failed. The run now closes those shards in its claim before it counts: the worker,
+    reaching its write after the count, puts nothing in place (no table, no view, no temp file, no marker), says
+    why in one line naming the shard, and fails with an error never retried."""
+    from wdsembed import caching, faults, shard
+    from wdsembed.outputclaim import ShardClosedError
+    from wdsembed.plan import plan_shards
+
+    config, listing, record, gate, hold_at = closing
+    held = hold_at("table")  # every image embedded, before the output's table is built and written
+    [plan] = plan_shards(config)
+    claim = outputclaim.take(config)
+    try:
+        with caplog.at_level(logging.WARNING, logger="wdsembed"):
+            worker, ended = _in_a_thread(lambda: shard.process_shard(config, plan, claim_run=claim.run))
+            _until(held.exists)
+            failures, transient = {"00000": "the Dask scheduler was lost"}, {"00000"}
+            assert caching.written_after_all(config, claim.run, [plan], failures, transient) == []
+            assert list(failures) == ["00000"] and transient == {"00000"}
+            gate.touch()
+            worker.join(120)
+        assert listing() == [CLAIM_NAME]  # counted failed, and absent
+        outcome = ended["outcome"]
+        assert isinstance(outcome, ShardClosedError) and not faults.is_transient(outcome), repr(outcome)
+        said = str(outcome)
+        assert said.startswith(f"shard {plan.shard}: not written to output {config.output!r}: this run "
+                               f"({claim.run}) gave up on it") and "lists it as failed" in said, said
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [said]
+        assert record()["closed"] == ["00000"] and record()["run"] == claim.run
+        claim.heartbeat()  # the closed shard stays closed while the run holds OUTPUT
+        assert record()["closed"] == ["00000"]
+    finally:
+        gate.touch()
+        claim.release()
+    assert listing() == []
+
+
+def test_a_shard_its_worker_was_putting_in_place_as_its_run_closed_it_counts_finished(closing):
+    """The worker looked at the claim just before the run closed the shard, and puts its files in place just after:
+    a look and a rename (on S3 an upload) are two steps. The run, closing, finds the worker's marker and waits for
+    its files before it counts: the shard counts finished, its output whole, and no marker is left."""
+    from wdsembed import caching, shard
+    from wdsembed.plan import plan_shards
+
+    config, listing, record, gate, hold_at = closing
+    held = hold_at("commit")  # the claim looked at and the kNN view in place, before the table's rename or upload
+    [plan] = plan_shards(config)
+    claim = outputclaim.take(config)
+    try:
+        worker, worked = _in_a_thread(lambda: shard.process_shard(config, plan, claim_run=claim.run))
+        _until(held.exists)
+        failures, transient = {"00000": "the Dask scheduler was lost"}, ["00000"]
+        counting, counted = _in_a_thread(lambda: caching.written_after_all(config, claim.run, [plan], failures,
+                                                                           transient))
+        # closed, the count waiting for the worker's files (its marker is there); or, counted already, ended
+        _until(lambda: record().get("closed") == ["00000"] or not counting.is_alive())
+        gate.touch()
+        worker.join(120)
+        counting.join(120)
+        assert not worked["outcome"].cached, worked["outcome"]
+        assert listing() == ["00000.parquet", CLAIM_NAME, "_embeddings/00000.parquet"]  # no marker left
+        assert [r["stem"] for r in counted["outcome"]] == ["00000"] and failures == {} and transient == []
+        assert counted["outcome"][0]["seconds"] is None  # computed by an attempt whose result the run never had
+    finally:
+        gate.touch()
+        claim.release()
+
+
 def test_temp_files_are_found_where_atomic_writes_leave_them():
     """The names storage.write_atomic gives its temp files are what the cleanup removes, and nothing else."""
     for path in ("out/00000.parquet", "out/_embeddings/train/00000.parquet", "out/_manifest.json"):

@@ -228,7 +228,7 @@ def _run_shards(config: EmbedConfig, given_as: Mapping[str, str]) -> list[ShardR
             results += [ShardResult(**finished[plan.stem], cached=True) for plan in plans if plan.stem in finished]
             timeline["collected"] = time.time()
             # As the manifest is written (OUTPUT still claimed), as the flow does.
-            late = caching.written_after_all(config, given_up, failures, transient)
+            late = caching.written_after_all(config, claim.run, given_up, failures, transient)
             results += [ShardResult(**{k: v for k, v in r.items() if k in _RESULT_FIELDS} | {"seconds": 0.0})
                         for r in late]
             remove_failed_outputs_made_otherwise(config, failures)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Iterable, Optional
 
-from wdsembed import output, shard, storage
+from wdsembed import output, outputclaim, shard, storage
 from wdsembed.config import EmbedConfig
 from wdsembed.threads import ContextThreadPool
 
@@ -98,14 +98,20 @@ def made_by_an_unseen_attempt(result: dict) -> dict:
     return {**result, "cached": False, "seconds": None, "images_per_second": None, "timeline": {}}
 
 
-def written_after_all(config: EmbedConfig, plans: Iterable[shard.ShardPlan], failures: dict,
+def written_after_all(config: EmbedConfig, claim_run: str, plans: Iterable[shard.ShardPlan], failures: dict,
                       transient) -> list[dict]:
     """Of the failed shards among `plans` that the run gave up on while a worker may still have been running them
     (its Dask scheduler lost: the worker, closing, ends the shard it runs and writes it under the run's claim), those
     whose output is whole now, as the manifest is about to be written: taken out of `failures` and `transient` (a
     dict and a set or list of stems) and returned as results (made_by_an_unseen_attempt). Counted by their outputs,
-    so that the manifest never lists a shard as failed beside its whole output."""
-    written = written_results(config, [p for p in plans if p.stem in failures])
+    so that the manifest never lists a shard as failed beside its whole output; closed first in the run's claim
+    `claim_run` (outputclaim.close_shards), so that no worker puts one in place after the count: the count is final.
+    The flow and the API call it alike."""
+    given_up = [p for p in plans if p.stem in failures]
+    if not given_up:
+        return []
+    outputclaim.close_shards(config, claim_run, [p.stem for p in given_up])
+    written = written_results(config, given_up)
     for result in written:
         failures.pop(result["stem"])
         log.warning("shard %s: its output was written whole after all, by its worker after the run had given up on "

@@ -7,6 +7,7 @@ went through it and before its output table is built (its fidelity reference run
 view is written and before its table is (a run dying between the two files). Attempts are counted in a file beside it
 (<spec>.<stem>.attempts), so they survive retries and worker restarts; a spec with "fail_attempts": 0 only counts.
 "hold_s": S makes each counted attempt wait S seconds first (a shard held mid-embedding, for a test to interrupt);
+"hold_until": PATH makes it wait until that file exists (at most hold_s, 600 s unless given: a test's gate);
 at "batch", a hold stands for the many batches of a long shard: it ends early once the shard's task is abandoned
 (batch_hook's `until`), as the check after each of those batches would end it.
 {"worker_close": {"timeout_s": S}} gives a local cluster's nanny S seconds, not distributed's 5, to see its worker
@@ -132,8 +133,9 @@ def maybe_inject(stem: str, where: str = "start", until: Callable[[], bool] = la
     attempts = int(open(counter).read()) if os.path.exists(counter) else 0
     with open(counter, "w") as f:
         f.write(str(attempts + 1))
-    deadline = time.monotonic() + float(spec.get("hold_s", 0))
-    while time.monotonic() < deadline and not until():
+    gate = spec.get("hold_until")
+    deadline = time.monotonic() + float(spec.get("hold_s", 600 if gate else 0))
+    while time.monotonic() < deadline and not until() and not (gate and os.path.exists(gate)):
         time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
     if attempts >= int(spec.get("fail_attempts", 1)):
         return

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -91,6 +92,9 @@ STALE_S = 180.0  # a claim whose heartbeat is older than this is taken over (its
 TEMP_FILE = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
 # Folders of OUTPUT that hold none of our atomic writes and may hold many files: not walked for temp files.
 _NOT_WALKED = ("_prefect_results",)
+# How long a run that closes shards waits for a worker of its own to finish putting one of them in place (an upload
+# under way), at most: longer only where that worker hangs or died mid-write on another host (close_shards).
+COMMIT_WAIT_S = 120.0
 
 
 class OutputClaimedError(ValueError):
@@ -100,6 +104,11 @@ class OutputClaimedError(ValueError):
 class OutputClaimLostError(RuntimeError):
     """A shard's outputs were not put in place: its run no longer holds OUTPUT's claim (released, or taken over by
     another run). Never retried (faults.is_transient): only a run holding the claim may write there."""
+
+
+class ShardClosedError(OutputClaimLostError):
+    """A shard's outputs were not put in place: its run, still holding OUTPUT, had given up on it and counted its
+    outputs for its manifest (close_shards). Never retried, as its parent."""
 
 
 # --------------------------------------------------------------------------------------------------- the record
@@ -468,8 +477,14 @@ def _unlink_quietly(path: str) -> None:
 
 def claim_url(config: EmbedConfig) -> tuple[Any, str]:
     """(filesystem, path) of OUTPUT's claim."""
+    fs, folder = _claim_folder(config)
+    return fs, storage.join(folder, CLAIM_NAME)
+
+
+def _claim_folder(config: EmbedConfig) -> tuple[Any, str]:
+    """(filesystem, path) of OUTPUT, where its claim is, and the markers of its shards being put in place."""
     fs, root = storage.filesystem(config.output, config.storage_options)
-    return fs, storage.join(root.rstrip("/") or "/", CLAIM_NAME)
+    return fs, root.rstrip("/") or "/"
 
 
 def _store(config: EmbedConfig):
@@ -517,27 +532,48 @@ class Claim:
         with self._lock:
             if self.lost or self.released:
                 return
-            record = {**self.record, "heartbeat": _iso(_now())}
             try:
-                token = self.store.refresh(self.token, _encode(record), self.run)
+                self._rewrite({})
             except Exception as exc:  # noqa: BLE001 - a store hiccup: the next beat tries again
                 log.warning("output %s: could not refresh this run's claim (%s: %s); trying again in %.0f s",
                             self.output, type(exc).__name__, exc, HEARTBEAT_S)
-                return
-            if token is None:
-                self.lost = True
-                found = self.store.read()
-                log.error("output %s: this run's claim was taken over by %s (this run's heartbeats had stopped for "
-                          "over %.0f s, or the claim was replaced by hand); two runs may now be writing to it: check "
-                          "its outputs once both end", self.output, describe_holder(found.record if found else None),
-                          STALE_S)
-                return
-            self.record, self.token = record, token
+
+    def close(self, stems) -> bool:
+        """Mark the shards `stems` closed in the claim (its "closed" list, kept by every later heartbeat): from the
+        moment this returns True, no worker of this run puts a file of theirs in place (ShardCommit.check refuses).
+        False where that could not be said (the claim released or lost, or the store's error: said)."""
+        with self._lock:
+            if self.lost or self.released:
+                return False
+            try:
+                return self._rewrite({"closed": sorted(set(self.record.get("closed", ())) | set(stems))})
+            except Exception as exc:  # noqa: BLE001 - the count goes on without it, as it did before closing
+                log.warning("output %s: could not mark shard(s) %s closed in this run's claim (%s: %s); a worker may "
+                            "yet write one of them after this run has counted it failed", self.output,
+                            ", ".join(sorted(stems)), type(exc).__name__, exc)
+                return False
+
+    def _rewrite(self, changes: dict) -> bool:
+        """The claim written again with `changes` and a new heartbeat, where it is still this run's (with self._lock
+        held): False where another run took it over (said, and `lost` set). A store's error is raised."""
+        record = {**self.record, **changes, "heartbeat": _iso(_now())}
+        token = self.store.refresh(self.token, _encode(record), self.run)
+        if token is None:
+            self.lost = True
+            found = self.store.read()
+            log.error("output %s: this run's claim was taken over by %s (this run's heartbeats had stopped for "
+                      "over %.0f s, or the claim was replaced by hand); two runs may now be writing to it: check "
+                      "its outputs once both end", self.output, describe_holder(found.record if found else None),
+                      STALE_S)
+            return False
+        self.record, self.token = record, token
+        return True
 
     def release(self) -> None:
         """Stop the heartbeat and remove the claim, where it is still this run's. Never raises: a run's own
         outcome is what its caller needs to hear."""
         self._stop.set()
+        _HELD.pop(self.run, None)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
         with self._lock:
@@ -554,6 +590,11 @@ class Claim:
                             "has ended, from another host or from this process once the claim's heartbeat is %.0f "
                             "s old", self.output, CLAIM_NAME, type(exc).__name__, exc, self.record.get("pid"),
                             STALE_S)
+
+
+# The claims this process holds, by run id: close_shards finds the run's own there (the flow and the API know the
+# run's id alone), and only its holder may write the claim, or a heartbeat would drop what another write added.
+_HELD: dict[str, Claim] = {}
 
 
 def holder(config: EmbedConfig) -> Optional[dict]:
@@ -577,10 +618,12 @@ def check_free(config: EmbedConfig) -> None:
 
 
 def check_still_held(config: EmbedConfig, run: Optional[str], subject: str,
-                     not_done: str = "Neither of the shard's files was put in place") -> None:
+                     not_done: str = "Neither of the shard's files was put in place", *,
+                     stem: Optional[str] = None) -> None:
     """Raise OutputClaimLostError, naming `subject` (`shard 00012`, the manifest's name), OUTPUT, the run that holds
-    it now and what was `not_done`, unless OUTPUT's claim is still run `run`'s. A worker asks just before each
-    change it makes to OUTPUT (shard.write_output, shard.finished_output's view repair), the orchestrating process
+    it now and what was `not_done`, unless OUTPUT's claim is still run `run`'s; ShardClosedError where it is, but
+    the run has closed shard `stem` (Claim.close). A worker asks just before each change it makes to OUTPUT
+    (shard.write_output, through ShardCommit; shard.finished_output's view repair), the orchestrating process
     before its manifest (report.write_manifest). One small read, never a write. `run` None (a shard written without
     a claim) checks nothing."""
     if run is None:
@@ -592,7 +635,12 @@ def check_still_held(config: EmbedConfig, run: Optional[str], subject: str,
         now = "the claim is gone (this run ended, or its claim was removed)"
     else:
         if record is not None and record.get("run") == run:
-            return
+            if stem is None or stem not in record.get("closed", ()):
+                return
+            raise ShardClosedError(
+                f"{subject}: not written to output {config.output!r}: this run ({run}) gave up on it (its Dask "
+                "scheduler was lost while the shard ran) and has counted its outputs for its manifest, which lists "
+                f"it as failed. {not_done}, so that the manifest and the outputs agree: the next run computes it")
         now = f"it is now held by {describe_holder(record)}"
     raise OutputClaimLostError(
         f"{subject}: not written to output {config.output!r}: this run ({run}) no longer holds the output's "
@@ -644,6 +692,7 @@ def take(config: EmbedConfig) -> Claim:
     if claim.removed:
         log.warning("output %s: removed %d temp file(s) that runs killed mid-write had left: %s", config.output,
                     len(claim.removed), ", ".join(claim.removed[:5]) + (" ..." if len(claim.removed) > 5 else ""))
+    _HELD[claim.run] = claim
     claim.start_heartbeat()
     try:  # beating already: a bucket with many uploads to abort must not let the claim look stale meanwhile
         claim.aborted_uploads = abort_stale_uploads(config, claim)
@@ -661,6 +710,123 @@ def held(config: EmbedConfig) -> Iterator[Claim]:
         yield claim
     finally:
         claim.release()
+
+
+# --------------------------------------------------------------------------------------------------- closed shards
+#
+# A run that lost its Dask scheduler gives up on the shards its tasks were running, while a worker that outlives the
+# scheduler may still write one whole, under the claim the run holds until its end. The run counts such outputs once
+# (caching.written_after_all), as it writes its manifest: a write landing after that count left the manifest
+# listing the shard failed beside its whole output. So the run closes those shards first (close_shards), and a
+# worker puts a shard's files in place only while its shard is not closed (ShardCommit). A look at the claim and a
+# rename (on S3 an upload) are two steps, though: a worker that looked just before the close could commit just
+# after the count. So each side writes before it reads, as in Dekker's lock: the worker puts a marker beside the
+# claim, then looks at the claim; the run closes the shards in the claim, then looks for markers, and counts only
+# once those of its closed shards are gone. Of the two writes one comes first, and its writer's read follows both:
+# either the worker sees the close (and puts nothing in place), or the run sees the marker and waits for the
+# worker's last file to be in place or given up (removing the marker), then counts what is there. Both stores read
+# their own writes at once (S3 is strongly consistent, listings included; a rename is atomic on local disk).
+
+
+def _marker_prefix(run: str, stem: str) -> str:
+    """The start of a marker's name: its run and shard (hashed: a stem may be too long for a name). Ended by
+    `.tmp-<32 hex>`, the name of an atomic write's temp file: one a killed worker left is removed as they are
+    (remove_stale_temp_files)."""
+    return f".{CLAIM_NAME}.commit-{run}-{hashlib.sha256(stem.encode()).hexdigest()[:16]}"
+
+
+class ShardCommit:
+    """A worker's writes of shard `stem` into OUTPUT under run `run`'s claim, as a block: check() before the first
+    file is put in place puts the marker (the run then waits for the block to end before it counts the shard), then
+    looks at the claim (check_still_held: the claim still the run's and the shard not closed, else raised); the
+    marker goes as the block ends. `run` None (a shard written without a claim): neither."""
+
+    def __init__(self, config: EmbedConfig, run: Optional[str], stem: str, subject: str) -> None:
+        self.config, self.run, self.stem, self.subject = config, run, stem, subject
+        self.marker: Optional[tuple[Any, str]] = None
+
+    def check(self, not_done: str = "Neither of the shard's files was put in place") -> None:
+        if self.run is None:
+            return
+        if self.marker is None:
+            fs, folder = _claim_folder(self.config)
+            path = storage.join(folder, f"{_marker_prefix(self.run, self.stem)}.tmp-{uuid.uuid4().hex}")
+            try:
+                fs.pipe_file(path, _encode({"stem": self.stem, "host": socket.gethostname(), "pid": os.getpid(),
+                                            "pid_started": _process_start(os.getpid()),
+                                            "pid_namespace": _pid_namespace(), "since": _iso(_now())}))
+            except OSError as exc:  # a folder this user may not write: named as OUTPUT, not the marker
+                if exc.filename != path:
+                    raise
+                raise type(exc)(exc.errno, exc.strerror, self.config.output) from exc
+            self.marker = (fs, path)
+        try:
+            check_still_held(self.config, self.run, self.subject, not_done, stem=self.stem)
+        except ShardClosedError as exc:
+            log.warning("%s", exc)  # on the worker, whose task's end no one may be waiting for any more
+            raise
+
+    def __enter__(self) -> "ShardCommit":
+        return self
+
+    def __exit__(self, *ended) -> None:
+        if self.marker is None:
+            return
+        fs, path = self.marker
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the shard's own outcome stands
+            log.warning("shard %s: could not remove its marker %s (%s: %s): where its run has given up on the "
+                        "shard, its end waits for it up to %.0f s", self.stem, path, type(exc).__name__, exc,
+                        COMMIT_WAIT_S)
+
+
+def close_shards(config: EmbedConfig, run: str, stems) -> None:
+    """Close the shards `stems`, which run `run` (its claim held by this process) gave up on, then wait for any
+    worker of the run still putting one of their files in place: once this returns, what OUTPUT holds of them is
+    final for the run (see above). A worker that dies with its marker in place is waited for COMMIT_WAIT_S at most
+    (at once where it ran on this host); said where that time runs out."""
+    stems = sorted(set(stems))
+    claim = _HELD.get(run)
+    if not stems or claim is None or not claim.close(stems):
+        return  # released or lost: the workers' look at the claim refuses them anyway; or said by close()
+    fs, folder = _claim_folder(config)
+    prefixes = {_marker_prefix(run, stem): stem for stem in stems}
+    deadline = _now() + COMMIT_WAIT_S
+    said = False
+    while True:
+        fs.invalidate_cache(folder)
+        try:
+            names = [name.rsplit("/", 1)[-1] for name in fs.ls(folder, detail=False)]
+        except FileNotFoundError:
+            names = []
+        writing = sorted({prefixes[name.split(".tmp-")[0]] for name in names
+                          if name.split(".tmp-")[0] in prefixes and not _marker_of_gone_process(fs, folder, name)})
+        if not writing:
+            return
+        if _now() > deadline:
+            log.warning("shard(s) %s: a worker has been putting their files in place for over %.0f s (or died doing "
+                        "so on another host): counted by what is in place now; a file that lands later is found "
+                        "by the next run", ", ".join(writing), COMMIT_WAIT_S)
+            return
+        if not said:
+            log.info("shard(s) %s: waiting for their worker to finish putting their files in place before they are "
+                     "counted", ", ".join(writing))
+            said = True
+        time.sleep(0.2)
+
+
+def _marker_of_gone_process(fs: Any, folder: str, name: str) -> bool:
+    """Whether marker `name` was put by a process of this host that has ended (killed mid-write)."""
+    try:
+        record = _decode(storage.cat_whole(fs, storage.join(folder, name)))
+    except FileNotFoundError:
+        return True  # removed since the listing
+    except Exception:  # noqa: BLE001 - unread: taken as a live writer's
+        return False
+    return bool(record) and _same_host(record) and _process_gone(record.get("pid"), record.get("pid_started"))
 
 
 # --------------------------------------------------------------------------------------------------- leftovers

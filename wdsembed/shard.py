@@ -915,8 +915,8 @@ def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: 
     """OUTPUT/<stem>.parquet and its kNN view (with `config.knn_view`), whole or not at all, with the cache key, its
     parts in readable form (a later run with another key says what changed: why_recomputed) and the result in the
     table's footer. `check` (the table's validation) runs while both are written; where it raises, neither appears
-    and its error is raised. Likewise where OUTPUT's claim is no longer run `claim_run`'s
-    (outputclaim.check_still_held, asked once, just before the first file appears; None: not asked). Without a
+    and its error is raised. Likewise where OUTPUT's claim is no longer run `claim_run`'s, or the run has closed the
+    shard (outputclaim.ShardCommit, asked once, just before the first file appears; None: not asked). Without a
     view, the view an earlier run wrote for this shard is removed before the table appears, once the check has
     passed and the claim is still this run's: it holds the embeddings this table replaces."""
     fs, path = storage.filesystem(plan.output, config.storage_options)
@@ -930,12 +930,16 @@ def write_output(config: EmbedConfig, plan: ShardPlan, table, key: str, result: 
         # only once the check has passed and OUTPUT is still this run's (asked once, in the view's thread, whose end
         # the table's commit waits for), and the table, which marks the shard finished, only once its view has: a
         # finished shard always has its view. At the run's end the last shard's check and writes are its tail.
-        with ThreadPoolExecutor(2, thread_name_prefix="wdsembed-write") as pool:
+        # The look at the claim also refuses a shard its run has closed, and the run, closing it, waits for the
+        # block to end before it counts the shard (outputclaim.ShardCommit): both files land before that count or
+        # neither does.
+        with outputclaim.ShardCommit(config, claim_run, plan.stem, f"shard {plan.shard}") as commit, \
+                ThreadPoolExecutor(2, thread_name_prefix="wdsembed-write") as pool:
             checked = pool.submit(check)
 
             def before_first_change() -> None:
                 checked.result()
-                outputclaim.check_still_held(config, claim_run, f"shard {plan.shard}")
+                commit.check()
 
             def remove_view() -> bool:
                 before_first_change()
