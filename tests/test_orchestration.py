@@ -1431,8 +1431,8 @@ def test_a_shard_written_whole_as_the_api_lost_its_scheduler_counts_finished(tmp
     scheduler then killed before it passed the result on. The API listed 00000 among the failed shards, its output
     beside the manifest. Unlike the flow's, the API's worker may hold 00001 in its queue as the scheduler goes, and
     run it next: held here past the run's end (its worker is stopped with the cluster), so that it cannot end while
-    the run ends, which would be another test's race (a shard written after the run has counted its outputs, while
-    it still holds OUTPUT)."""
+    the run ends: a shard ended just after the run has counted its outputs, while it still holds OUTPUT, is
+    test_a_shard_its_worker_ends_after_the_api_counted_it_is_not_written's."""
     import signal
 
     from wdsembed.api import run_shards
@@ -1457,6 +1457,75 @@ def test_a_shard_written_whole_as_the_api_lost_its_scheduler_counts_finished(tmp
     assert sorted(written["shards"]) == ["00000"] and sorted(written["failed_shards"]) == ["00001"]
     assert [r.stem for r in outcome.results] == ["00000"] and sorted(outcome.failures) == ["00001"]
     check_outputs(config, ["00000"])
+
+
+def _count_then_let_the_worker_write(monkeypatch, gate: Path, output: Path, worker_log: Path) -> None:
+    """The run's last count of the outputs of the shards it gave up on (caching.written_after_all, which the flow
+    and the API call alike), then the worker's hold (`gate`) released, and the count handed back once the worker has
+    written the shard (`output`) or said why not (in `worker_log`): a worker that ends a shard just after the run
+    counted it, while the run holds OUTPUT."""
+    count = caching.written_after_all
+
+    def counted_then_released(*args):
+        found = count(*args)
+        gate.touch()
+        deadline = time.monotonic() + 60
+        while not (output.exists() or "gave up on it" in worker_log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return found
+
+    monkeypatch.setattr(caching, "written_after_all", counted_then_released)
+
+
+def _lose_the_scheduler_as_a_shard_ends(tmp_path, monkeypatch, start) -> tuple[EmbedConfig, object]:
+    """A run of one shard on a `dask scheduler` and worker of its own (--dask-address), the scheduler killed while
+    the worker holds 00000 (every image embedded, its table not yet written) until the run has counted it: the
+    config and what the run (`start(config)`) ended with."""
+    import signal
+
+    data = make_dataset(tmp_path / "in", n_shards=1)
+    gate = tmp_path / "gate"
+    held = Faults(tmp_path, monkeypatch, {"00000": {"fail_attempts": 0, "hold_until": str(gate), "where": "table"}})
+    with _SchedulerAndWorker(tmp_path) as dask_cluster:
+        config = make_config(data, tmp_path / "out", dask_address=dask_cluster.address, n_workers=None)
+        _count_then_let_the_worker_write(monkeypatch, gate, Path(config.output) / "00000.parquet",
+                                         tmp_path / "worker.log")
+        thread, ended = _in_thread(lambda: start(config))
+        _wait_for(lambda: held.attempts("00000"), thread, tmp_path / "worker.log")
+        dask_cluster.signal(signal.SIGKILL)
+        thread.join(240)
+        assert not thread.is_alive()
+    return config, ended["outcome"]
+
+
+def test_a_shard_its_worker_ends_after_the_api_counted_it_is_not_written(tmp_path, monkeypatch):
+    """The Python API gave up on 00000 as its scheduler was lost, and counted its output (none yet) for the
+    manifest; the worker, outliving the scheduler, then wrote it whole under the run's claim, still held: the
+    manifest listed it failed beside its whole output. The run now closes the shards it gave up on before it counts
+    them: the worker writes nothing of it, and the manifest and the outputs agree."""
+    from wdsembed.api import run_shards
+    from wdsembed.shard import ShardsFailed
+
+    config, outcome = _lose_the_scheduler_as_a_shard_ends(tmp_path, monkeypatch, run_shards)
+    assert isinstance(outcome, ShardsFailed), repr(outcome)
+    _manifest_agrees_with_output(config, outcome.manifest, ["00000"])
+    assert sorted(outcome.failures) == ["00000"] and not (Path(config.output) / "00000.parquet").exists()
+    assert "gave up on it" in (tmp_path / "worker.log").read_text()  # the worker's one line, naming the shard
+    check_outputs(config, [])  # no temp file, no marker
+    assert not (Path(config.output) / "_claim.json").exists()
+
+
+def test_a_shard_its_worker_ends_after_the_flow_counted_it_is_not_written(tmp_path, monkeypatch):
+    """The same through the flow, which counts the shards it gave up on with the same function."""
+    import flows.embed
+
+    config, outcome = _lose_the_scheduler_as_a_shard_ends(tmp_path, monkeypatch, lambda c: embed(c)[0])
+    assert isinstance(outcome, flows.embed.ShardsFailed), repr(outcome)
+    _manifest_agrees_with_output(config, outcome.manifest, ["00000"])
+    assert sorted(outcome.failures) == ["00000"] and not (Path(config.output) / "00000.parquet").exists()
+    assert "gave up on it" in (tmp_path / "worker.log").read_text()
+    check_outputs(config, [])
+    assert not (Path(config.output) / "_claim.json").exists()
 
 
 def test_result_storage(tmp_path):

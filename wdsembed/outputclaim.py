@@ -57,7 +57,9 @@ functions) pass no run id and check nothing; nor does the orchestrating process'
 after taking the claim (plan.plan_run). What remains is the time between that read and the shard's last commit: the view's
 rename (on S3 its upload), the rest of the table's write, then its rename or upload. A takeover within those seconds
 (the claim is taken over only once its run is gone or 3 minutes silent) still lands that one shard's files; every
-shard the old run's tasks commit after it is refused. The orchestrating process reads the claim in the same way
+shard the old run's tasks commit after it is refused. A shard the run has given up on (its Dask scheduler lost) is
+closed in the claim before the run counts its outputs, and refused from then on (close_shards, ShardCommit: closed
+shards, below). The orchestrating process reads the claim in the same way
 before it writes the run's manifest (report.write_manifest): a run whose claim was taken over while it ran (its
 heartbeats stopped: a suspended host, a cut network) leaves the manifest to the run that took it.
 """
@@ -899,7 +901,7 @@ def _remove_local(root: str) -> list[str]:
                 continue
             path = os.path.join(folder, name)
             try:
-                if folder == root and name.startswith(f".{CLAIM_NAME}.") and \
+                if folder == root and name.startswith(f".{CLAIM_NAME}.tmp-") and \
                         time.time() - os.stat(path).st_mtime <= STALE_S:
                     continue  # the claim's own, of a run claiming OUTPUT right now (to be refused): it removes it
                 os.unlink(path)
