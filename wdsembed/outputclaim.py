@@ -10,9 +10,10 @@ or `with outputclaim.held(config): ...`. The process that orchestrates a run tak
 command, `python flows/embed.py` and the deployed flow; the embed-shards flow itself where it is started otherwise;
 api.run_shards for the Python API and the NeMo drop-in),
 after the checks that need no work and before any shard's, and releases it as the run ends however it ends
-(success, failure, Ctrl-C). Workers only read it (check_still_held, below). Two runs on one OUTPUT with different
-models would otherwise both succeed and leave two embedding spaces side by side, a manifest naming one of them, and
-(between a shard's two files) one run's table beside the other's kNN view.
+(success, failure, Ctrl-C). Workers only read it (check_still_held, below), and put a marker beside it while they
+put a shard in place (ShardCommit). Two runs on one OUTPUT with different models would otherwise both succeed and
+leave two embedding spaces side by side, a manifest naming one of them, and (between a shard's two files) one run's
+table beside the other's kNN view.
 
 The claim is a small JSON object: the run's id, host, pid, start time, model and settings, and a heartbeat time that
 a daemon thread refreshes every HEARTBEAT_S seconds. Its name starts with `_`, so dataset readers of OUTPUT (pyarrow,
@@ -791,8 +792,14 @@ def close_shards(config: EmbedConfig, run: str, stems) -> None:
     final for the run (see above). A worker that dies with its marker in place is waited for COMMIT_WAIT_S at most
     (at once where it ran on this host); said where that time runs out."""
     stems = sorted(set(stems))
+    if not stems:
+        return
     claim = _HELD.get(run)
-    if not stems or claim is None or not claim.close(stems):
+    if claim is None:  # not this process's: never so for the flow and the API, which hold the claim they count under
+        log.warning("output %s: shard(s) %s not closed: this process does not hold run %s's claim; a worker may yet "
+                    "write one of them after this run has counted it failed", config.output, ", ".join(stems), run)
+        return
+    if not claim.close(stems):
         return  # released or lost: the workers' look at the claim refuses them anyway; or said by close()
     fs, folder = _claim_folder(config)
     prefixes = {_marker_prefix(run, stem): stem for stem in stems}
