@@ -166,27 +166,6 @@ def _embed_claimed(config: EmbedConfig, hooks: _RunInProcess) -> Manifest:
         to_workers = [g for g, here in zip(groups, done_here) if not here]
         finished_groups = [g for g, here in zip(groups, done_here) if here]
     timeline["planned"] = time.time()
-    with dask.annotate(**annotations), _task_starts(client) as starts:
-        futures = {}
-        for group in to_workers:
-            if client is not None and client.status != "running":
-                break  # its scheduler lost: a task submitted now would wait for it to come back (Dask's 30 s)
-            task = cached_task if all(p.stem in finished for p in group) else fresh_task
-            future = task.submit(config, group, claim_run=hooks.claim_run)
-            futures[future] = group
-            if starts and len(futures) == heads < len(to_workers):
-                deadline = time.monotonic() + FIRST_TASK_HEAD_START_S
-                for first, first_group in futures.items():
-                    starts.wait(first_group[0].stem, deadline - time.monotonic(), done=first.wrapped_future.done)
-                timeline["first_started"] = time.time()
-    on_workers = dict(futures)  # Dask's futures; those of this process's threads follow
-    unsubmitted = to_workers[len(on_workers):]  # their scheduler lost before they went to it
-    in_process = contextlib.ExitStack()  # closed once every shard has come back
-    if finished_groups:
-        here = in_process.enter_context(ThreadPoolTaskRunner(max_workers=IN_PROCESS_TASK_THREADS))
-        for group in finished_groups:
-            futures[here.submit(cached_task, {"config": config, "plans": group, "claim_run": hooks.claim_run})] = group
-    timeline["submitted"] = time.time()
 
     results, failures, transient = [], {}, set()
     given_up = []  # the plans of tasks Dask gave up on: a worker may yet write them whole (written_after_all)
@@ -197,39 +176,75 @@ def _embed_claimed(config: EmbedConfig, hooks: _RunInProcess) -> Manifest:
     # The same in the flow run's log, a line a minute at most (the terminal's bar shows only its last state where
     # stdout is no terminal), and where no shard has ended for long (a stalled run, told from a slow one).
     progress_log = ProgressLog(run_progress, logger.info)
-    # Workers all paused for their memory start no shard: said, then the shards not started fail (cluster).
-    watch = cluster.StallWatch(client, [f.wrapped_future for f in on_workers], logger.warning) if client is not None \
-        else contextlib.nullcontext()
-    with in_process, watch, progress_log:
-        for future in as_completed(list(futures)):
-            group = futures[future]
-            finished_now, failed_now, transient_now = _outcome(future, group, finished, config)
-            transient |= transient_now
-            timeline["collected"] = time.time()
-            failures.update(failed_now)
-            lost = bool(failed_now) and _task_lost(future)
-            if lost or (failed_now and shared):
-                # Said here as it comes back only where the task run's own end (its ShardsFailed: the reasons, by
-                # cause) is not on this terminal: its worker died before it could end, or it ran on the workers of a
-                # cluster this run did not start. The workers of the run's own cluster print it here; the summary
-                # says it again.
-                for stem, reason in failed_now.items():
-                    logger.error("shard %s failed: %s", stem, reason)
-            if failed_now and _given_up(future):
-                # Its worker died, or went with the scheduler: nothing reports the task run's end (it may not even
-                # have begun). A worker that outlived its scheduler and ends the shard after all sends its own end.
-                _record_lost_run(future, group, failed_now, fresh_task)
-                given_up.extend(p for p in group if p.stem in failed_now)
-            # Taken: Dask need keep it no longer. Kept, it stays on the worker that made it, and were that worker to
-            # die, Dask would run the task again to make it again (in the UI, a finished task run back to Running).
-            _release(future)
-            results.extend(finished_now)
-            for result in finished_now + [None] * len(failed_now):
-                done += 1
-                progress_log.shard_ended(result)
-                if hooks.on_shard_done:
-                    hooks.on_shard_done(result, done, len(plans))
-            progress_updates.done(done)
+    futures = {}  # every task run's future -> its group
+    uncollected = {}  # those whose end is not yet counted
+
+    def collect(future) -> None:
+        """A task run's end: its shards counted and shown (the bar, the artifact, the log), its failures said and
+        recorded, its Dask future released. As each ends, while the others are still being submitted too."""
+        nonlocal done
+        group = uncollected.pop(future)
+        finished_now, failed_now, transient_now = _outcome(future, group, finished, config)
+        transient.update(transient_now)
+        timeline["collected"] = time.time()
+        failures.update(failed_now)
+        lost = bool(failed_now) and _task_lost(future)
+        if lost or (failed_now and shared):
+            # Said here as it comes back only where the task run's own end (its ShardsFailed: the reasons, by
+            # cause) is not on this terminal: its worker died before it could end, or it ran on the workers of a
+            # cluster this run did not start. The workers of the run's own cluster print it here; the summary
+            # says it again.
+            for stem, reason in failed_now.items():
+                logger.error("shard %s failed: %s", stem, reason)
+        if failed_now and _given_up(future):
+            # Its worker died, or went with the scheduler: nothing reports the task run's end (it may not even
+            # have begun). A worker that outlived its scheduler and ends the shard after all sends its own end.
+            _record_lost_run(future, group, failed_now, fresh_task)
+            given_up.extend(p for p in group if p.stem in failed_now)
+        # Taken: Dask need keep it no longer. Kept, it stays on the worker that made it, and were that worker to
+        # die, Dask would run the task again to make it again (in the UI, a finished task run back to Running).
+        _release(future)
+        results.extend(finished_now)
+        for result in finished_now + [None] * len(failed_now):
+            done += 1
+            progress_log.shard_ended(result)
+            if hooks.on_shard_done:
+                hooks.on_shard_done(result, done, len(plans))
+        progress_updates.done(done)
+
+    ended = cluster.Ended()  # the task runs that end while the others are being submitted
+    with progress_log:
+        with dask.annotate(**annotations), _task_starts(client) as starts:
+            for group in to_workers:
+                if client is not None and client.status != "running":
+                    break  # its scheduler lost: a task submitted now would wait for it to come back (Dask's 30 s)
+                task = cached_task if all(p.stem in finished for p in group) else fresh_task
+                future = task.submit(config, group, claim_run=hooks.claim_run)
+                futures[future] = uncollected[future] = group
+                ended.add(future)
+                if starts and len(futures) == heads < len(to_workers):
+                    deadline = time.monotonic() + FIRST_TASK_HEAD_START_S
+                    for first, first_group in futures.items():
+                        starts.wait(first_group[0].stem, deadline - time.monotonic(), done=first.wrapped_future.done)
+                    timeline["first_started"] = time.time()
+                for each in ended.take():
+                    collect(each)
+        on_workers = dict(futures)  # Dask's futures; those of this process's threads follow
+        unsubmitted = to_workers[len(on_workers):]  # their scheduler lost before they went to it
+        in_process = contextlib.ExitStack()  # closed once every shard has come back
+        if finished_groups:
+            here = in_process.enter_context(ThreadPoolTaskRunner(max_workers=IN_PROCESS_TASK_THREADS))
+            for group in finished_groups:
+                future = here.submit(cached_task, {"config": config, "plans": group, "claim_run": hooks.claim_run})
+                futures[future] = uncollected[future] = group
+        timeline["submitted"] = time.time()
+
+        # Workers all paused for their memory start no shard: said, then the shards not started fail (cluster).
+        watch = cluster.StallWatch(client, [f.wrapped_future for f in on_workers], logger.warning) \
+            if client is not None else contextlib.nullcontext()
+        with in_process, watch:
+            for future in as_completed(list(uncollected)):
+                collect(future)
     for group in unsubmitted:
         failed_now = {p.stem: cluster.scheduler_lost(client) for p in group}
         for stem, reason in failed_now.items():

@@ -1701,6 +1701,51 @@ def test_first_task_starts_alone_before_the_rest_are_submitted(tmp_path, one_wor
     check_outputs(config, STEMS4)
 
 
+def test_a_shard_that_ends_while_the_others_are_submitted_is_counted_as_it_ends(tmp_path, monkeypatch):
+    """Every task run was submitted before any was collected: on a first run of 4,000 shards, Prefect's submits took
+    3 minutes of 2 cores while the first shards ended on the workers, and the bar (on_shard_done), the progress
+    artifact and the run's log said 0 throughout. Here the submit of 00002 is held until 00000's task has ended:
+    00000 is counted before 00003 is submitted, and before the run's submitting ends (timeline["submitted"])."""
+    import threading
+
+    import flows.embed
+    from prefect.tasks import Task
+
+    events, submitted = [], []
+    submit = Task.submit
+
+    def held_submit(self, *args, **kwargs):
+        group = args[1] if len(args) > 1 else None
+        if not isinstance(group, list):  # not an embedding task
+            return submit(self, *args, **kwargs)
+        if group[0].stem == "00002":
+            # The run's own done callback on 00000 was added as it was submitted: Dask calls a future's callbacks
+            # in the order they were added, on one thread, so once this one has been called, so has the run's.
+            called = threading.Event()
+            submitted[0].add_done_callback(lambda _: called.set())
+            assert called.wait(180), "00000's task did not end"
+        events.append(("submit", group[0].stem, time.time()))
+        future = submit(self, *args, **kwargs)
+        submitted.append(future)
+        return future
+
+    def ended(result, *_):
+        if result is not None:
+            events.append(("ended", result["stem"], time.time()))
+
+    monkeypatch.setattr(Task, "submit", held_submit)
+    data = make_dataset(tmp_path / "in", n_shards=4)
+    config = make_config(data, tmp_path / "out")
+    manifest = flows.embed.run(config, on_shard_done=ended)
+    assert isinstance(manifest, dict) and manifest["totals"]["computed"] == 4, manifest
+    order = [(kind, stem) for kind, stem, _ in events]
+    assert order.index(("ended", "00000")) < order.index(("submit", "00003")), order
+    first_end = next(at for kind, stem, at in events if kind == "ended")
+    assert first_end < manifest["timeline"]["submitted"], (events, manifest["timeline"])
+    assert sorted(stem for kind, stem in order if kind == "ended") == STEMS4, order  # each counted once
+    check_outputs(config, STEMS4)
+
+
 def test_task_starts_are_heard_per_run_and_shard():
     """What the head start waits on (wdsembed.cluster): a worker process announces a task's start on a Dask topic, and
     a client hears those of its own run only; a wait gives up at its timeout, or at once when `done()` says the task

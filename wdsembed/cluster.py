@@ -8,6 +8,7 @@ its result (task_abandoned).
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib.util
 import logging
 import os
@@ -361,6 +362,25 @@ class StallWatch(Watch):
                     self.client.cancel(undone, reason=STALLED,
                                        msg=f"not started in {STALL_S:.0f} s: {reason}")
                 return
+
+
+class Ended:
+    """The futures given to `add` (Dask's, or Prefect's that wrap them) as each ends, taken without waiting (`take`):
+    what a run collects between two of its submits. Collected only after the last submit, the first shards of a
+    first run of 4,000 ended unseen (the bar at 0) for the 3 minutes that Prefect's submits took on 2 cores."""
+
+    def __init__(self) -> None:
+        self._ended: collections.deque = collections.deque()  # appended to from Dask's callback thread
+
+    def add(self, future) -> None:
+        future.add_done_callback(self._ended.append)
+
+    def take(self) -> list:
+        """The futures that ended since the last take, in the order they ended."""
+        taken = []
+        while self._ended:
+            taken.append(self._ended.popleft())
+        return taken
 
 
 def workers_lost_under(client, keys) -> dict:
