@@ -1734,6 +1734,7 @@ def test_a_shard_that_ends_while_the_others_are_submitted_is_counted_as_it_ends(
             events.append(("ended", result["stem"], time.time()))
 
     monkeypatch.setattr(Task, "submit", held_submit)
+    monkeypatch.setattr(flows.embed, "COLLECT_WHILE_SUBMITTING_EVERY_S", 0.0)  # after every submit
     data = make_dataset(tmp_path / "in", n_shards=4)
     config = make_config(data, tmp_path / "out")
     manifest = flows.embed.run(config, on_shard_done=ended)
