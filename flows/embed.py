@@ -110,8 +110,23 @@ def embed_dataset(config: EmbedConfig) -> Manifest:
     # Taken here rather than the call refused: held by the process the flow runs in, as run()'s is, before the
     # planning reads OUTPUT (index_shards) or anything is written to it. Only a refusal comes later than run()'s:
     # after the task runner's cluster, if it has one, has started.
-    with outputclaim.held(config) as claim:
+    with claim_output(config) as claim:
         return _embed_claimed(config, replace(hooks, claim_run=claim.run))
+
+
+def claim_output(config: EmbedConfig) -> contextlib.AbstractContextManager[outputclaim.Claim]:
+    """outputclaim.held(config), naming the flow run it is taken in (the deployed flow's, a run started from the
+    UI or a schedule): a run refused because of it names that flow run, which an operator can open or cancel in the
+    UI, not only a claim id, a pid and a host."""
+    from prefect.context import FlowRunContext
+    from prefect.utilities.urls import url_for
+
+    context = FlowRunContext.get()
+    by = None
+    if context is not None and context.flow_run is not None:
+        flow_run = context.flow_run
+        by = f"Prefect flow run {flow_run.name!r} of flow {context.flow.name!r} ({url_for(flow_run) or flow_run.id})"
+    return outputclaim.held(config, by)
 
 
 def _embed_claimed(config: EmbedConfig, hooks: _RunInProcess) -> Manifest:
@@ -509,7 +524,7 @@ def run(config: EmbedConfig, on_shard_done=None, *, all_finished: Optional[bool]
     # which inherit the routing) go to the log at DEBUG, for every caller (the command routes them itself too): a
     # deployment's process worker would show thousands as its output. Each bad image's reason is on its row.
     # Dask's INFO lines stay off as for the command, also where Dask was imported before the defaults were set.
-    with decoder_messages_to_log(), prefect_env.dask_logging_defaults(), outputclaim.held(config) as claim:
+    with decoder_messages_to_log(), prefect_env.dask_logging_defaults(), claim_output(config) as claim:
         return _run_claimed(config, on_shard_done, all_finished, claim.run, current)
 
 

@@ -543,3 +543,44 @@ def test_the_crash_hook_marks_every_task_run_left_running_not_only_the_first_pag
         crash_what_it_left_running(crashed, flow_run, Crashed(message="killed outright"))
         states = {client.read_task_run(i).state.type.value for i in ids}
     assert states == {"CRASHED"}
+
+
+def test_a_run_refused_for_an_output_in_use_ends_failed_naming_the_flow_run_that_holds_it(tmp_path, prefect_api):
+    """Two runs on one OUTPUT (a schedule faster than a run, a colleague's run from the UI): the second ends Failed
+    at once, and its message names the first by its Prefect flow run (name and page), which an operator can open
+    or cancel in the UI; it named only a claim id, a pid and a host."""
+    import flows.deployed
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.settings import PREFECT_API_URL
+    from wdsembed.synthetic import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "in", n_shards=1, per_shard=2)
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), **RUN_CONFIG)
+    # The first run: a flow run in its own process, holding OUTPUT's claim as the deployed flow takes it.
+    holding = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from prefect import flow\n"
+        "from flows.embed import claim_output\n"
+        "from wdsembed.config import EmbedConfig\n"
+        "@flow(name='holds-the-output')\n"
+        "def first(config: EmbedConfig):\n"
+        "    with claim_output(config):\n"
+        "        print('held', flush=True)\n"
+        "        sys.stdin.read()\n"  # held until the test closes its stdin
+        "first(EmbedConfig.model_validate_json(sys.argv[1]))\n"), config.model_dump_json()],
+        cwd=ROOT, env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert "held" in holding.stdout.readline()
+        with get_client(sync_client=True) as client:
+            (first,) = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["holds-the-output"])))
+        state = flows.deployed.embed(config, return_state=True)
+        assert state.is_failed(), state
+        assert "OutputClaimedError" in state.message and f"Prefect flow run {first.name!r}" in state.message, \
+            state.message
+        assert str(first.id) in state.message, state.message  # its page in the UI
+    finally:
+        holding.stdin.close()
+        holding.wait(timeout=60)
+    assert not (tmp_path / "out" / "_claim.json").exists()

@@ -15,7 +15,8 @@ put a shard in place (ShardCommit). Two runs on one OUTPUT with different models
 leave two embedding spaces side by side, a manifest naming one of them, and (between a shard's two files) one run's
 table beside the other's kNN view.
 
-The claim is a small JSON object: the run's id, host, pid, start time, model and settings, and a heartbeat time that
+The claim is a small JSON object: the run's id, host, pid, start time, model and settings, what started it where its
+taker says (`by`: the Prefect flow run, for a run started from the UI or a schedule), and a heartbeat time that
 a daemon thread refreshes every HEARTBEAT_S seconds. Its name starts with `_`, so dataset readers of OUTPUT (pyarrow,
 pandas, Spark) skip it, as do the checks that list OUTPUT (plan.check_outputs_beside looks at `*.parquet` only).
 
@@ -31,9 +32,9 @@ Taking it is one atomic step on the store, never a look followed by a write:
 * other fsspec stores: `pipe_file(mode="create")`, which is atomic where the store's fsspec implementation makes it
   so (gcsfs, adlfs) and a look-then-write otherwise; a stale claim is removed, then created again.
 
-A claim found in place is the other run's, and the new run is refused, naming OUTPUT, that run (id, host, pid,
-since when, model) and what to do. Unless it is stale: its heartbeat is older than STALE_S (its process was killed,
-or its host lost), or it was taken on this host (same host name and pid namespace: containers with host networking
+A claim found in place is the other run's, and the new run is refused, naming OUTPUT, that run (id, host, pid, its
+flow run, since when, model) and what to do. Unless it is stale: its heartbeat is older than STALE_S (its process
+was killed, or its host lost), or it was taken on this host (same host name and pid namespace: containers with host networking
 share a name, not their pids) by a process that is gone (pid not running, a zombie, or another process since). A stale claim is taken over with a warning line: a killed run never blocks the next one for long.
 Heartbeats are compared across hosts by their clocks: hosts sharing an OUTPUT must agree on the time within a
 minute or so (NTP).
@@ -199,9 +200,9 @@ def describe_model(config: EmbedConfig) -> str:
     return f"{config.model_name} ({', '.join(parts)})"
 
 
-def new_record(config: EmbedConfig) -> dict:
+def new_record(config: EmbedConfig, by: Optional[str] = None) -> dict:
     now = _now()
-    return {
+    record = {
         "run": uuid.uuid4().hex[:16],
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -213,6 +214,9 @@ def new_record(config: EmbedConfig) -> dict:
         "settings": {**config.model_key(), "embedding_dtype": config.embedding_dtype},
         "output": config.output,
     }
+    if by:  # what started the run, in its caller's words (a Prefect flow run: its name and page in the UI)
+        record["by"] = by
+    return record
 
 
 def _encode(record: dict) -> bytes:
@@ -251,7 +255,8 @@ def describe_holder(record: Optional[dict], now: Optional[float] = None) -> str:
     now = _now() if now is None else now
     beat = _epoch(record.get("heartbeat"))
     ago = f", last heartbeat {max(0.0, now - beat):.0f} s ago" if beat is not None else ""
-    return (f"run {record.get('run')} (pid {record.get('pid')} on host {record.get('host')}, since "
+    by = f", started by {record['by']}" if record.get("by") else ""
+    return (f"run {record.get('run')} (pid {record.get('pid')} on host {record.get('host')}{by}, since "
             f"{record.get('started')}, model {record.get('model')}{ago})")
 
 
@@ -651,12 +656,13 @@ def check_still_held(config: EmbedConfig, run: Optional[str], subject: str,
         "that two runs' outputs never mix")
 
 
-def take(config: EmbedConfig) -> Claim:
-    """Claim OUTPUT for this run, atomically, or raise OutputClaimedError naming the run that holds it. A stale
+def take(config: EmbedConfig, by: Optional[str] = None) -> Claim:
+    """Claim OUTPUT for this run, atomically, or raise OutputClaimedError naming the run that holds it (and `by`,
+    what started it, where its taker said: a run refused names it, so that an operator finds that run). A stale
     claim is taken over, with a warning. Then the temp files that dead runs left in OUTPUT are removed, the
     heartbeat starts, and the incomplete multipart uploads of dead runs' outputs are aborted."""
     store = _store(config)
-    record = new_record(config)
+    record = new_record(config, by)
     data = _encode(record)
     took_over = None
     try:
@@ -706,9 +712,9 @@ def take(config: EmbedConfig) -> Claim:
 
 
 @contextmanager
-def held(config: EmbedConfig) -> Iterator[Claim]:
-    """take(config) for the block, released as it ends, however it ends."""
-    claim = take(config)
+def held(config: EmbedConfig, by: Optional[str] = None) -> Iterator[Claim]:
+    """take(config, by) for the block, released as it ends, however it ends."""
+    claim = take(config, by)
     try:
         yield claim
     finally:
