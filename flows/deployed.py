@@ -16,6 +16,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.states import Crashed
 
 from flows.embed import run
+from tasks.expected_ends import log_expected_ends_without_traceback, refused
 from wdsembed.config import EmbedConfig
 from wdsembed.plan import check_config
 
@@ -52,4 +53,9 @@ def embed(config: EmbedConfig) -> dict:
     # Fail in seconds, naming what to change (unknown model, missing folder, output inside input), before a
     # Dask cluster starts. Field bounds (batch_size >= 1, ...) were checked by the API when the run was created.
     # Its answer (is every output finished?) goes on to the run, which would otherwise ask again.
-    return run(config, all_finished=check_config(config))
+    log_expected_ends_without_traceback()  # before the checks: a refusal ends the run in one line, as the command's
+    try:
+        all_finished = check_config(config)
+    except ValueError as exc:  # what the command prints as its one 'error: ...' line (exit 2)
+        raise refused(exc)
+    return run(config, all_finished=all_finished)

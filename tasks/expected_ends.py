@@ -4,7 +4,8 @@ Prefect's engines log the exception that ends a flow run or a task run with its 
 during execution: ...", "Task run failed with exception: ...", "An error was encountered while committing
 transaction ...": a task's cached result not written). For the ends that a run expects and says itself, the line
 stays and the traceback goes, on the terminal and in the UI alike: shards failed, the fidelity check below its
-threshold, the manifest not written, each said in the run's summary (the reasons by cause); a full disk (or a
+threshold, the manifest not written, each said in the run's summary (the reasons by cause); a deployed run refused
+by its checks or by another run holding OUTPUT, whose line says what to change; a full disk (or a
 read-only one), whose one line names the file and what to do; and an HTTP 500 of the run's own server once it has
 said its database cannot be written (the command's closing line says so). Any other exception keeps its traceback.
 
@@ -18,13 +19,24 @@ from typing import Callable, Optional
 
 from wdsembed import faults, fidelity
 from wdsembed.cluster import WorkersCannotRunError
+from wdsembed.outputclaim import OutputClaimedError
 from wdsembed.report import ManifestNotWritten
 from wdsembed.shard import ShardAbandoned, ShardsFailed
 
 # WorkersCannotRunError: said whole by the command's "run failed: ..." line (what the workers lack, what to do).
-# ShardAbandoned: said whole on the worker's log; its run is gone.
+# ShardAbandoned: said whole on the worker's log; its run is gone. OutputClaimedError: its one line names the run
+# that holds OUTPUT and what to do.
 _SAID_IN_THE_SUMMARY = (ShardsFailed, fidelity.FidelityError, ManifestNotWritten, WorkersCannotRunError,
-                        ShardAbandoned)
+                        ShardAbandoned, OutputClaimedError)
+_REFUSED = "_wdsembed_refused"  # the mark of refused()
+
+
+def refused(exc: BaseException) -> BaseException:
+    """Mark `exc` a refusal of the run's checks (plan.check_config: a missing folder, an unknown model, ...), whose
+    message says whole what to change: the line that the flow run ended on it stays, its traceback (Prefect's
+    engine, then the checks) goes, as the command prints such a refusal in one line. Returns `exc`, to raise."""
+    setattr(exc, _REFUSED, True)
+    return exc
 
 
 # The run's own Prefect server's word on why it cannot record the run (its database cannot be written), or None:
@@ -55,7 +67,8 @@ def quiet_failed_log_sends() -> None:
 class ExpectedEndWithoutTraceback(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, _SAID_IN_THE_SUMMARY) or faults.is_disk_full(exc) or _server_cannot_record(exc):
+        if (isinstance(exc, _SAID_IN_THE_SUMMARY) or getattr(exc, _REFUSED, False) or faults.is_disk_full(exc)
+                or _server_cannot_record(exc)):
             said = record.getMessage()
             if str(exc) not in said and repr(exc) not in said:  # the traceback was the only place naming it
                 record.msg, record.args = f"{said}: {type(exc).__name__}: {exc}", ()

@@ -545,10 +545,12 @@ def test_the_crash_hook_marks_every_task_run_left_running_not_only_the_first_pag
     assert states == {"CRASHED"}
 
 
-def test_a_run_refused_for_an_output_in_use_ends_failed_naming_the_flow_run_that_holds_it(tmp_path, prefect_api):
+def test_a_run_refused_for_an_output_in_use_ends_failed_naming_the_flow_run_that_holds_it(tmp_path, caplog,
+                                                                                           prefect_api):
     """Two runs on one OUTPUT (a schedule faster than a run, a colleague's run from the UI): the second ends Failed
     at once, and its message names the first by its Prefect flow run (name and page), which an operator can open
-    or cancel in the UI; it named only a claim id, a pid and a host."""
+    or cancel in the UI; it named only a claim id, a pid and a host. Its log says so in one line, without the
+    traceback through Prefect's engine that it had."""
     import flows.deployed
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
@@ -580,7 +582,35 @@ def test_a_run_refused_for_an_output_in_use_ends_failed_naming_the_flow_run_that
         assert "OutputClaimedError" in state.message and f"Prefect flow run {first.name!r}" in state.message, \
             state.message
         assert str(first.id) in state.message, state.message  # its page in the UI
+        _ended_in_one_line(caplog, "OutputClaimedError")
     finally:
         holding.stdin.close()
         holding.wait(timeout=60)
     assert not (tmp_path / "out" / "_claim.json").exists()
+
+
+@pytest.mark.parametrize("wrong", ["input", "model_name"])
+def test_a_deployed_run_refused_by_its_checks_says_why_in_one_line(wrong, tmp_path, caplog, prefect_api):
+    """A run started from the UI with an input that does not exist, or a model timm does not have, ends Failed
+    before any work with the reason in its state, and its log says it in one line, as the command does: it showed
+    a traceback through Prefect's engine and the checks, which tells an operator nothing more."""
+    import flows.deployed
+    from wdsembed.synthetic import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "in", n_shards=1, per_shard=2)
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), **RUN_CONFIG)
+    config = config.model_copy(update={"input": str(tmp_path / "missing")} if wrong == "input" else
+                               {"model_name": "resnet5O"})
+    state = flows.deployed.embed(config, return_state=True)
+    assert state.is_failed(), state
+    assert ("does not exist" if wrong == "input" else "unknown timm model 'resnet5O'") in state.message, state.message
+    _ended_in_one_line(caplog, "InputError")
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def _ended_in_one_line(caplog, error: str) -> None:
+    """The flow run's log (on its terminal and in the UI) says the run ended on `error`, in one line: the record as
+    its handlers get it, after the run logger's filters, carries no traceback."""
+    (ended,) = [r for r in caplog.records if r.getMessage().startswith("Encountered exception during execution")]
+    assert ended.getMessage().startswith(f"Encountered exception during execution: {error}("), ended.getMessage()
+    assert ended.exc_info is None and not ended.exc_text, "a traceback is logged"
