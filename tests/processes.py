@@ -1,5 +1,6 @@
 """Services the tests start as processes of their own (a Prefect server, a Dask scheduler and workers), each in a
-new session so that stopping it stops everything it started."""
+new session so that stopping it stops everything it started; and calls a test runs beside its own steps, in a thread
+(in_a_thread)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -106,3 +108,19 @@ def held_api_run(data: Path, out: Path, folder: Path, hold_s: float, model: str,
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.05)
     return proc, log
+
+
+def in_a_thread(call) -> tuple[threading.Thread, dict]:
+    """`call()` started in a daemon thread: the thread, and a dict whose "outcome" is what it returned or raised once
+    it has ended."""
+    ended: dict = {}
+
+    def run() -> None:
+        try:
+            ended["outcome"] = call()
+        except BaseException as exc:  # noqa: BLE001 - what the call ended with is what is checked
+            ended["outcome"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, ended

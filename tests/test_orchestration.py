@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import TINY_MODEL
-from processes import scheduler_address, start as start_process, stop as stop_process
+from processes import in_a_thread, scheduler_address, start as start_process, stop as stop_process
 from wdsembed import caching, cluster, faults, storage, storeoptions
 from wdsembed.config import EmbedConfig
 from wdsembed.output import read_output_metadata
@@ -1256,20 +1256,6 @@ class _SchedulerAndWorker:
         os.killpg(self.scheduler.pid, signum)
 
 
-def _in_thread(call) -> tuple[threading.Thread, dict]:
-    ended: dict = {}
-
-    def run() -> None:
-        try:
-            ended["outcome"] = call()
-        except BaseException as exc:  # noqa: BLE001 - what the call ended with is what is checked
-            ended["outcome"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, ended
-
-
 def _wait_for(condition, thread: threading.Thread, log: Path, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -1314,7 +1300,7 @@ def test_a_flow_that_lost_its_scheduler_ends_without_waiting_for_it(tmp_path, mo
     with _SchedulerAndWorker(tmp_path) as dask_cluster, \
             dask.config.set({"distributed.comm.timeouts.connect": "600s"}):
         config = make_config(data, tmp_path / "out", dask_address=dask_cluster.address, n_workers=None)
-        thread, ended = _in_thread(lambda: embed(config)[0])
+        thread, ended = in_a_thread(lambda: embed(config)[0])
         _wait_for(lambda: held.attempts("00001"), thread, tmp_path / "worker.log")
         dask_cluster.signal(signal.SIGKILL)
         thread.join(120)  # far less than the client's 10 minutes of reconnecting
@@ -1356,7 +1342,7 @@ def test_a_flow_whose_scheduler_is_lost_as_its_first_task_starts_submits_no_more
 
         monkeypatch.setattr(cluster.TaskStarts, "wait", lose_the_scheduler_first)
         config = make_config(data, tmp_path / "out", dask_address=dask_cluster.address, n_workers=None)
-        thread, ended = _in_thread(lambda: embed(config)[0])
+        thread, ended = in_a_thread(lambda: embed(config)[0])
         thread.join(120)  # far less than the client's 10 minutes of reconnecting
         assert not thread.is_alive(), "the flow still waits for its lost scheduler"
     outcome = ended["outcome"]
@@ -1382,7 +1368,7 @@ def test_a_shard_its_worker_wrote_whole_after_the_flow_lost_its_scheduler_counts
     held = Faults(tmp_path, monkeypatch, {"00000": {"fail_attempts": 0, "hold_s": 3, "where": "table"}})
     with _SchedulerAndWorker(tmp_path) as dask_cluster:
         config = make_config(data, tmp_path / "out", dask_address=dask_cluster.address, n_workers=None)
-        thread, ended = _in_thread(lambda: embed(config)[0])
+        thread, ended = in_a_thread(lambda: embed(config)[0])
         _wait_for(lambda: held.attempts("00000"), thread, tmp_path / "worker.log")
         dask_cluster.signal(signal.SIGSTOP)
         _wait_for(lambda: (Path(config.output) / "00000.parquet").exists(), thread, tmp_path / "worker.log")
@@ -1410,7 +1396,7 @@ def test_a_shard_lost_with_the_scheduler_is_crashed_in_the_ui(tmp_path, monkeypa
     held = Faults(tmp_path, monkeypatch, {"00000": {"fail_attempts": 0, "hold_s": 3, "where": "table"}})
     with _SchedulerAndWorker(tmp_path) as dask_cluster:
         config = make_config(data, tmp_path / "out", dask_address=dask_cluster.address, n_workers=None)
-        thread, ended = _in_thread(lambda: embed(config))
+        thread, ended = in_a_thread(lambda: embed(config))
         _wait_for(lambda: held.attempts("00000"), thread, tmp_path / "worker.log")
         dask_cluster.signal(signal.SIGSTOP)
         _wait_for(lambda: (Path(config.output) / "00000.parquet").exists(), thread, tmp_path / "worker.log")
@@ -1443,7 +1429,7 @@ def test_a_shard_written_whole_as_the_api_lost_its_scheduler_counts_finished(tmp
                                           "00001": {"fail_attempts": 0, "hold_s": 600, "where": "table"}})
     with _SchedulerAndWorker(tmp_path) as dask_cluster:
         config = make_config(data, tmp_path / "out", dask_address=dask_cluster.address, n_workers=None)
-        thread, ended = _in_thread(lambda: run_shards(config))
+        thread, ended = in_a_thread(lambda: run_shards(config))
         _wait_for(lambda: held.attempts("00000"), thread, tmp_path / "worker.log")
         dask_cluster.signal(signal.SIGSTOP)
         _wait_for(lambda: (Path(config.output) / "00000.parquet").exists(), thread, tmp_path / "worker.log")
@@ -1490,7 +1476,7 @@ def _lose_the_scheduler_as_a_shard_ends(tmp_path, monkeypatch, start) -> tuple[E
         config = make_config(data, tmp_path / "out", dask_address=dask_cluster.address, n_workers=None)
         _count_then_let_the_worker_write(monkeypatch, gate, Path(config.output) / "00000.parquet",
                                          tmp_path / "worker.log")
-        thread, ended = _in_thread(lambda: start(config))
+        thread, ended = in_a_thread(lambda: start(config))
         _wait_for(lambda: held.attempts("00000"), thread, tmp_path / "worker.log")
         dask_cluster.signal(signal.SIGKILL)
         thread.join(240)

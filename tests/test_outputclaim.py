@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_MODEL
-from processes import held_api_run, killed_if_left
+from processes import held_api_run, in_a_thread, killed_if_left
 from s3server import aws_from_environment_only
 from wdsembed import outputclaim, storage
 from wdsembed.config import EmbedConfig
@@ -783,20 +783,6 @@ def closing(request, tmp_path, monkeypatch):
     yield config, listing, record, gate, hold_at
 
 
-def _in_a_thread(call) -> tuple[threading.Thread, dict]:
-    ended: dict = {}
-
-    def run() -> None:
-        try:
-            ended["outcome"] = call()
-        except BaseException as exc:  # noqa: BLE001 - what the call ended with is what is checked
-            ended["outcome"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, ended
-
-
 def _until(condition, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -820,7 +806,7 @@ def test_a_shard_its_run_closed_before_its_worker_looked_is_not_put_in_place(clo
     claim = outputclaim.take(config)
     try:
         with caplog.at_level(logging.WARNING, logger="wdsembed"):
-            worker, ended = _in_a_thread(lambda: shard.process_shard(config, plan, claim_run=claim.run))
+            worker, ended = in_a_thread(lambda: shard.process_shard(config, plan, claim_run=claim.run))
             _until(held.exists)
             failures, transient = {"00000": "the Dask scheduler was lost"}, {"00000"}
             assert caching.written_after_all(config, claim.run, [plan], failures, transient) == []
@@ -855,10 +841,10 @@ def test_a_shard_its_worker_was_putting_in_place_as_its_run_closed_it_counts_fin
     [plan] = plan_shards(config)
     claim = outputclaim.take(config)
     try:
-        worker, worked = _in_a_thread(lambda: shard.process_shard(config, plan, claim_run=claim.run))
+        worker, worked = in_a_thread(lambda: shard.process_shard(config, plan, claim_run=claim.run))
         _until(held.exists)
         failures, transient = {"00000": "the Dask scheduler was lost"}, ["00000"]
-        counting, counted = _in_a_thread(lambda: caching.written_after_all(config, claim.run, [plan], failures,
+        counting, counted = in_a_thread(lambda: caching.written_after_all(config, claim.run, [plan], failures,
                                                                            transient))
         # closed, the count waiting for the worker's files (its marker is there); or, counted already, ended
         _until(lambda: record().get("closed") == ["00000"] or not counting.is_alive())
