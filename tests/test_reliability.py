@@ -1580,7 +1580,7 @@ def test_disk_full_while_writing_outputs(tmp_path):
     data = dataset(tmp_path / "in", 4)
     small = tmp_path / "small"
     small.mkdir()
-    if not _mount_tmpfs(small, "24k"):
+    if not _mount_tmpfs(small, "32k"):
         pytest.skip("needs root to mount a small tmpfs (a real full disk)")
     try:
         out = small / "out"
@@ -1604,7 +1604,7 @@ def test_disk_full_while_writing_outputs(tmp_path):
 
     assert not is_transient(OSError(errno.ENOSPC, "No space left on device"))
     table.record("fault-disk-full",
-                 done="an API run of 4 shards with OUTPUT on a 24 KB tmpfs (a real full disk); then space freed "
+                 done="an API run of 4 shards with OUTPUT on a 32 KB tmpfs (a real full disk); then space freed "
                       "and the same call again",
                  did=f"the shards that fit were written whole, the others failed with ENOSPC "
                      f"{q(re.sub(r'cannot write [^ ]+ [(]', 'cannot write OUTPUT/<shard>.parquet (', first_error))}; "

@@ -67,6 +67,7 @@ heartbeats stopped: a suspended host, a cut network) leaves the manifest to the 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import hashlib
@@ -765,6 +766,9 @@ class ShardCommit:
                                             "pid_started": _process_start(os.getpid()),
                                             "pid_namespace": _pid_namespace(), "since": _iso(_now())}))
             except OSError as exc:  # a folder this user may not write: named as OUTPUT, not the marker
+                # A full disk fails the write after the file is made: the empty marker would stay beside the claim.
+                with contextlib.suppress(Exception):
+                    fs.rm_file(path)
                 if exc.filename != path:
                     raise
                 raise type(exc)(exc.errno, exc.strerror, self.config.output) from exc
