@@ -12,6 +12,7 @@ import collections
 import http.client
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -154,7 +155,9 @@ class FaultProxy:
     slowdown / internal / unavailable: an S3 error response (503 SlowDown, 500 InternalError, 503);
     reset: the connection closed without an answer;
     truncate: a GET answered with its full Content-Length but only half the body, then the connection closed;
-    stall: no answer for `stall_seconds` (longer than the client's read timeout), then the real one.
+    stall: no answer for `stall_seconds` (longer than the client's read timeout), then the real one;
+    lost_reply: the request served by the store, then the connection closed without its answer (a write that
+    landed, its writer told nothing; aimed by KeyedFaultProxy only).
 
     Retries of the same request pass (its signature has been seen), so a client that retries loses nothing; with
     `outlast_retries`, they fail too (a fault that lasts longer than the client's retries).
@@ -229,6 +232,30 @@ class FaultProxy:
             return kind
 
 
+class KeyedFaultProxy(FaultProxy):
+    """A FaultProxy whose faults are aimed: `rules` are (method, path pattern, kind, n), the first `n` requests of
+    that method whose path matches the pattern (re.search) get `kind` (every one where n is None), retries
+    included; everything else is forwarded unchanged. A listing's path is `/bucket/<its prefix>`, as
+    CountingProxy records it: a listing of one prefix can be aimed at."""
+
+    def __init__(self, target: str, rules: Sequence[tuple[str, str, str, Optional[int]]]) -> None:
+        super().__init__(target, every=1)
+        self.rules = [list(rule) for rule in rules]
+
+    def choose(self, method: str, path: str, range_: Optional[str]) -> Optional[str]:
+        key = _where(method, path)
+        with self._lock:
+            self.requests += 1
+            for rule in self.rules:
+                want, pattern, kind, left = rule
+                if method == want and re.search(pattern, key) and (left is None or left > 0):
+                    if left is not None:
+                        rule[3] = left - 1
+                    self.injected[kind] += 1
+                    return kind
+        return None
+
+
 class CountingProxy(FaultProxy):
     """A proxy in front of an S3 endpoint that serves every request unchanged and records each one the store
     receives, from any process that uses its endpoint: `requests_by` counts them by S3 operation (ListObjectsV2,
@@ -245,8 +272,7 @@ class CountingProxy(FaultProxy):
         with self._lock:
             self.requests += 1
             op = s3_operation(method, parsed.path, query)
-            # a listing is of its prefix: `/bucket/prefix/`
-            where = f"{parsed.path.rstrip('/')}/{query.get('prefix', '')}" if op.startswith("List") else parsed.path
+            where = _where(method, path)
             if op == "ListObjectsV2" and query.get("max-keys") == "1":
                 op = "ListObjectsV2(1)"  # a probe of one key (s3fs's info of a folder), not a listing of the prefix
             self.seen.append((op, where))
@@ -259,6 +285,15 @@ class CountingProxy(FaultProxy):
     def reset(self) -> None:
         with self._lock:
             self.seen.clear()
+
+
+def _where(method: str, path: str) -> str:
+    """What a request is of: its object's path (`/bucket/key`), or where it is a listing, `/bucket/<its prefix>`."""
+    parsed = urlsplit(path)
+    query = dict(parse_qsl(parsed.query, keep_blank_values=True))
+    if s3_operation(method, parsed.path, query).startswith("List"):
+        return f"{parsed.path.rstrip('/')}/{query.get('prefix', '')}"
+    return parsed.path
 
 
 def s3_operation(method: str, path: str, query: dict) -> str:
@@ -338,6 +373,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if fault == "stall":
             time.sleep(self.owner.stall_seconds)
         status, reason, headers, data = self._forward(body)
+        if fault == "lost_reply":
+            self._drop()
+            return
         self.send_response_only(status, reason)
         for name, value in headers:
             if name.lower() not in _HOP_BY_HOP:

@@ -10,42 +10,16 @@ fault fails in seconds.
 from __future__ import annotations
 
 import logging
-import re
 import uuid
 from pathlib import Path
-from typing import Optional, Sequence
-from urllib.parse import urlsplit
 
 import pytest
 
-from s3server import FaultProxy, MotoS3, aws_from_environment_only
+from s3server import KeyedFaultProxy, MotoS3, aws_from_environment_only
 from wdsembed.synthetic import write_demo_dataset
 
 IN_BUCKET, OUT_BUCKET = "wds-in", "wds-out"
 TINY_MODEL = "test_resnet.r160_in1k"
-
-
-class KeyedFaultProxy(FaultProxy):
-    """A FaultProxy whose faults are aimed: `rules` are (method, path pattern, kind, n), the first `n` requests of
-    that method whose path matches the pattern (re.search) get `kind` (every one where n is None), retries
-    included; everything else is forwarded unchanged."""
-
-    def __init__(self, target: str, rules: Sequence[tuple[str, str, str, Optional[int]]]) -> None:
-        super().__init__(target, every=1)
-        self.rules = [list(rule) for rule in rules]
-
-    def choose(self, method: str, path: str, range_: Optional[str]) -> Optional[str]:
-        key = urlsplit(path).path
-        with self._lock:
-            self.requests += 1
-            for rule in self.rules:
-                want, pattern, kind, left = rule
-                if method == want and re.search(pattern, key) and (left is None or left > 0):
-                    if left is not None:
-                        rule[3] = left - 1
-                    self.injected[kind] += 1
-                    return kind
-        return None
 
 
 @pytest.fixture(scope="module")
