@@ -130,6 +130,7 @@ def claim_output(config: EmbedConfig) -> contextlib.AbstractContextManager[outpu
 
 
 def _embed_claimed(config: EmbedConfig, hooks: _RunInProcess) -> Manifest:
+    outputclaim.reopen_shards(hooks.claim_run)  # a flow retry under run()'s claim: what the last attempt closed
     logger = get_run_logger()
     started = time.perf_counter()
     timeline = {"start": time.time()}  # the run's own steps, in the manifest beside each shard's

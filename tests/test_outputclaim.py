@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 
 from conftest import TINY_MODEL
 from processes import held_api_run, in_a_thread, killed_if_left
-from s3server import aws_from_environment_only
+from s3server import CountingProxy, KeyedFaultProxy, aws_from_environment_only
 from wdsembed import outputclaim, storage
 from wdsembed.config import EmbedConfig
 from wdsembed.outputclaim import CLAIM_NAME, OutputClaimedError
@@ -289,6 +290,30 @@ def test_the_flow_started_directly_claims_its_output_as_run_does(tmp_path, monke
     assert ended["manifest"]["totals"]["computed"] == 2 and not ended["manifest"]["failed_shards"]
     assert sorted(p.name for p in out.glob("*.parquet")) == ["00000.parquet", "00001.parquet"]
     assert not (out / CLAIM_NAME).exists()
+
+
+def test_an_attempt_of_the_flow_computes_the_shards_an_earlier_attempt_closed(tmp_path, prefect_api):
+    """run() holds one claim across the embed-shards flow's attempts (a Prefect flow retry runs the flow function
+    again under it). An attempt that lost its Dask scheduler closed the shards it gave up on in that claim; the
+    next attempt found them closed, and each failed at once with ShardClosedError: the retry could never finish
+    them. Each attempt now starts with none closed. (The earlier attempt's close is made here as it makes it; the
+    attempt is the flow itself, under the claim as run() hands it over.)"""
+    import flows.embed
+
+    data, out = _shards(tmp_path / "in"), tmp_path / "out"
+    config = _config(data, out)
+    with outputclaim.held(config) as claim:
+        outputclaim.close_shards(config, claim.run, ["00000"])  # the earlier attempt's, its scheduler lost
+        assert _claim(out)["closed"] == ["00000"]
+        token = flows.embed._this_run.set(flows.embed._RunInProcess(claim_run=claim.run))
+        try:
+            manifest = flows.embed.embed_flow(config)
+        finally:
+            flows.embed._this_run.reset(token)
+        manifest = manifest.unquote() if hasattr(manifest, "unquote") else manifest
+        assert _claim(out)["run"] == claim.run and not _claim(out)["closed"]
+    assert manifest["totals"]["computed"] == 2 and not manifest["failed_shards"], manifest
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["00000.parquet", "00001.parquet"]
 
 
 # --------------------------------------------------------------------------------------------------- release
@@ -773,14 +798,15 @@ def closing(request, tmp_path, monkeypatch):
         return json.loads(storage.cat_whole(*outputclaim.claim_url(config)))
 
     gate = tmp_path / "gate"
+    yield config, listing, record, gate, lambda where: _hold_shard(tmp_path, monkeypatch, gate, where)
 
-    def hold_at(where: str) -> Path:
-        spec = tmp_path / "faults.json"
-        spec.write_text(json.dumps({"00000": {"fail_attempts": 0, "hold_until": str(gate), "where": where}}))
-        monkeypatch.setenv("WDSEMBED_FAULTS", str(spec))
-        return Path(f"{spec}.00000.attempts")
 
-    yield config, listing, record, gate, hold_at
+def _hold_shard(tmp_path: Path, monkeypatch, gate: Path, where: str) -> Path:
+    """Shard 00000's worker held (WDSEMBED_FAULTS) at step `where` until `gate` exists: the file that says it is."""
+    spec = tmp_path / "faults.json"
+    spec.write_text(json.dumps({"00000": {"fail_attempts": 0, "hold_until": str(gate), "where": where}}))
+    monkeypatch.setenv("WDSEMBED_FAULTS", str(spec))
+    return Path(f"{spec}.00000.attempts")
 
 
 def _until(condition, timeout: float = 120) -> None:
@@ -858,6 +884,169 @@ def test_a_shard_its_worker_was_putting_in_place_as_its_run_closed_it_counts_fin
     finally:
         gate.touch()
         claim.release()
+
+
+def test_a_run_removes_the_markers_its_killed_workers_left_as_it_releases_its_claim(closing):
+    """A worker killed while putting a shard in place leaves its marker beside the claim. On an object store no
+    later run's cleanup removes it (there are no temp files there to look for): the run removes its own run's as it
+    releases its claim, with one listing of their prefix. Another run's marker is not its to remove."""
+    from wdsembed.outputclaim import OutputClaimLostError, ShardCommit
+
+    config, listing, record, gate, hold_at = closing
+    claim = outputclaim.take(config)
+    try:
+        ShardCommit(config, claim.run, "00000", "shard 00000").check()  # its worker killed before the block ended
+        with pytest.raises(OutputClaimLostError):  # a dead run's worker, whose marker stays
+            ShardCommit(config, "0123456789abcdef", "00000", "shard 00000").check()
+        markers = [name for name in listing() if name.startswith(f".{CLAIM_NAME}.commit-")]
+        assert len(markers) == 2, listing()
+    finally:
+        claim.release()
+    assert listing() == [m for m in markers if m.startswith(f".{CLAIM_NAME}.commit-0123456789abcdef-")]
+
+
+def test_a_close_whose_earlier_claim_write_lost_its_answer_is_stored(s3_env, tmp_path, caplog):
+    """A heartbeat's PUT of the claim landed on S3 but its answer was lost (the connection cut): the run's ETag of
+    its claim is stale. Its next write, closing a shard, got 412; the claim read back was still the run's, and the
+    close returned True without writing: no "closed" list was stored, and a worker could still write the shard
+    after the count. It is written again against the ETag read. (The lost answer is a real one: the proxy forwards
+    the PUT, then closes the connection.)"""
+    from wdsembed.outputclaim import ShardClosedError
+
+    server = s3_env
+    proxy = KeyedFaultProxy(server.endpoint, []).start()
+    key = f"lost-answer-{tmp_path.name}"
+    config = _config(tmp_path / "in", f"s3://claims/{key}",
+                     storage_options={"endpoint_url": proxy.endpoint, "max_attempts": "1"})
+    claim = outputclaim.take(config)
+    try:
+        proxy.rules.append(["PUT", rf"/{key}/{CLAIM_NAME}$", "lost_reply", 1])
+        with caplog.at_level(logging.WARNING, logger="wdsembed"):
+            claim.heartbeat()
+        assert proxy.injected["lost_reply"] == 1 and not claim.lost
+        assert any("could not refresh this run's claim" in r.getMessage() for r in caplog.records), caplog.text
+        assert claim.close(["00000"])
+        stored = json.loads(server.boto().get_object(Bucket="claims", Key=f"{key}/{CLAIM_NAME}")["Body"].read())
+        assert stored["run"] == claim.run and stored["closed"] == ["00000"], stored
+        with pytest.raises(ShardClosedError):
+            outputclaim.check_still_held(config, claim.run, "shard 00000", stem="00000")
+        claim.heartbeat()  # its ETag the stored one's again
+        assert not claim.lost
+    finally:
+        claim.release()
+        proxy.stop()
+    assert [k for k in server.keys("claims") if k.startswith(key)] == []
+
+
+def test_a_run_whose_claim_cannot_be_written_still_waits_for_a_worker_putting_a_shard_in_place(
+        s3_env, tmp_path, monkeypatch, caplog):
+    """Every PUT of the claim refused (503, past the retries) as the run closes the shard it gave up on: it is not
+    closed, said. The run counted at once, while its worker was putting the shard's files in place: the manifest
+    listed it failed beside its whole output. It still waits for the worker's marker, and counts the shard finished."""
+    from wdsembed import caching, shard
+    from wdsembed.plan import plan_shards
+
+    server = s3_env
+    proxy = KeyedFaultProxy(server.endpoint, []).start()
+    key = f"unclosed-{tmp_path.name}"
+    data = _shards(tmp_path / "in", n_shards=1)
+    config = _config(data, f"s3://claims/{key}",
+                     storage_options={"endpoint_url": proxy.endpoint, "max_attempts": "1"})
+    gate = tmp_path / "gate"
+    held = _hold_shard(tmp_path, monkeypatch, gate, "commit")  # the kNN view in place, before the table's upload
+    [plan] = plan_shards(config)
+    claim = outputclaim.take(config)
+    try:
+        worker, worked = in_a_thread(lambda: shard.process_shard(config, plan, claim_run=claim.run))
+        _until(held.exists)
+        proxy.rules.append(["PUT", rf"/{key}/{CLAIM_NAME}$", "slowdown", None])
+        failures, transient = {"00000": "the Dask scheduler was lost"}, ["00000"]
+        with caplog.at_level(logging.INFO, logger="wdsembed"):
+            counting, counted = in_a_thread(lambda: caching.written_after_all(config, claim.run, [plan], failures,
+                                                                               transient))
+            # waiting for the worker's files, or (not waiting) counted already
+            _until(lambda: not counting.is_alive() or "waiting for their worker" in caplog.text)
+            gate.touch()
+            worker.join(120)
+            counting.join(120)
+        assert proxy.injected["slowdown"] >= 1
+        assert "could not mark shard(s) 00000 closed in this run's claim" in caplog.text, caplog.text
+        assert not worked["outcome"].cached, worked["outcome"]
+        assert [r["stem"] for r in counted["outcome"]] == ["00000"] and failures == {} and transient == []
+    finally:
+        gate.touch()
+        proxy.rules.clear()
+        claim.release()
+        proxy.stop()
+    assert sorted(k for k in server.keys("claims") if k.startswith(key)) == [
+        f"{key}/00000.parquet", f"{key}/_embeddings/00000.parquet"]
+
+
+def test_a_store_that_refuses_to_list_the_markers_delays_the_count_then_it_goes_on(s3_env, tmp_path, monkeypatch,
+                                                                                    caplog):
+    """A closing run's look for workers still putting shards in place (a listing) answered 503 on every try: it
+    raised out of the count, and the run ended without its manifest. It is tried again until COMMIT_WAIT_S is up,
+    then said once, and the count goes on with what is in place."""
+    from wdsembed import caching
+    from wdsembed.plan import plan_shards
+
+    monkeypatch.setattr(outputclaim, "COMMIT_WAIT_S", 2.0)
+    server = s3_env
+    key = f"unlisted-{tmp_path.name}"
+    # the listings of the markers' prefix (an object's key never ends so)
+    proxy = KeyedFaultProxy(server.endpoint, [("GET", rf"/{key}/{re.escape(f'.{CLAIM_NAME}.commit-')}[0-9a-f]+-$",
+                                                "slowdown", None)]).start()
+    config = _config(_shards(tmp_path / "in", n_shards=1), f"s3://claims/{key}",
+                     storage_options={"endpoint_url": proxy.endpoint, "max_attempts": "1"})
+    [plan] = plan_shards(config)
+    claim = outputclaim.take(config)
+    try:
+        failures, transient = {"00000": "the Dask scheduler was lost"}, {"00000"}
+        with caplog.at_level(logging.WARNING, logger="wdsembed"):
+            assert caching.written_after_all(config, claim.run, [plan], failures, transient) == []
+        assert list(failures) == ["00000"] and transient == {"00000"}
+        assert proxy.injected["slowdown"] >= 2
+        said = [r.getMessage() for r in caplog.records if "could not look for workers" in r.getMessage()]
+        assert len(said) == 1 and said[0].startswith(f"shard(s) 00000: could not look for workers still putting "
+                                                     f"their files in place in output {config.output} for 2 s ("), said
+        assert "reduce your request rate" in said[0], said
+        assert json.loads(server.boto().get_object(Bucket="claims", Key=f"{key}/{CLAIM_NAME}")["Body"].read())[
+            "closed"] == ["00000"]
+    finally:
+        proxy.rules.clear()
+        claim.release()
+        proxy.stop()
+
+
+def test_a_closing_run_on_s3_lists_only_its_own_markers(s3_env, tmp_path, monkeypatch, caplog):
+    """A closing run looks for its workers' markers 5 times a second: it listed the whole OUTPUT each time, on S3 a
+    page per 1,000 outputs (100 pages for 100,000). It lists the prefix of its own run's markers alone, and finds
+    them there (a worker of this process, alive, putting shard 00000 in place: waited for until COMMIT_WAIT_S)."""
+    from wdsembed.outputclaim import ShardCommit
+
+    monkeypatch.setattr(outputclaim, "COMMIT_WAIT_S", 1.0)
+    server = s3_env
+    proxy = CountingProxy(server.endpoint).start()
+    key = f"listed-{tmp_path.name}"
+    config = _config(tmp_path / "in", f"s3://claims/{key}", storage_options={"endpoint_url": proxy.endpoint})
+    for stem in ("00000", "00001", "00002"):  # outputs beside the claim
+        server.boto().put_object(Bucket="claims", Key=f"{key}/{stem}.parquet", Body=b"x")
+    claim = outputclaim.take(config)
+    try:
+        with ShardCommit(config, claim.run, "00000", "shard 00000") as commit:
+            commit.check()
+            proxy.reset()
+            with caplog.at_level(logging.WARNING, logger="wdsembed"):
+                outputclaim.close_shards(config, claim.run, ["00000"])
+            listed = {where for op, where in proxy.seen if op.startswith("List")}
+        assert listed == {f"/claims/{key}/.{CLAIM_NAME}.commit-{claim.run}-"}, proxy.seen
+        assert "shard(s) 00000: a worker has been putting their files in place for over 1 s" in caplog.text, \
+            caplog.text
+    finally:
+        claim.release()
+        proxy.stop()
+        for stem in ("00000", "00001", "00002"):
+            server.boto().delete_object(Bucket="claims", Key=f"{key}/{stem}.parquet")
 
 
 def test_temp_files_are_found_where_atomic_writes_leave_them():

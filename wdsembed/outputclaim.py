@@ -288,9 +288,10 @@ class _LocalStore:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.fs, self.folder = storage.filesystem(path)[0], os.path.dirname(path) or "."
 
     def create(self, data: bytes) -> Optional[Any]:
-        folder = os.path.dirname(self.path) or "."
+        folder = self.folder
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, os.path.basename(storage.temp_name(self.path)))
         try:
@@ -355,7 +356,7 @@ class _LocalStore:
             return self.create(data)  # removed by hand meanwhile: this run still holds the output
         if (found.record or {}).get("run") != run:
             return None
-        storage.write_atomic(storage.filesystem(self.path)[0], self.path, data)  # whole, never half-written
+        storage.write_atomic(self.fs, self.path, data)  # whole, never half-written
         return data
 
     def release(self, token: Any, run: str) -> None:
@@ -369,6 +370,7 @@ class _ObjectStore:
 
     def __init__(self, fs: Any, path: str) -> None:
         self.fs, self.path = fs, path
+        self.folder = path.rsplit("/", 1)[0]
         self.s3 = storage.is_s3(fs)
 
     def _put(self, data: bytes, **condition: str) -> Any:
@@ -439,7 +441,11 @@ class _ObjectStore:
             found = self.read()  # changed or gone: whose is it now?
             if found is None:
                 return self.create(data)
-            return found.token if (found.record or {}).get("run") == run else None
+            if (found.record or {}).get("run") != run:
+                return None
+            # Still ours, under another ETag: an earlier write of ours landed, its answer lost. `data` is not stored
+            # yet: written against the ETag found (a second 412 is the store's error, for the caller).
+            return self._put(data, IfMatch=found.token)
         found = self.read()
         if found is None:
             return self.create(data)
@@ -562,6 +568,20 @@ class Claim:
                             ", ".join(sorted(stems)), type(exc).__name__, exc)
                 return False
 
+    def reopen(self) -> None:
+        """Clear the "closed" list: a new attempt of the run's flow (a Prefect flow retry, under the claim of the
+        process that started it) computes the shards an earlier attempt gave up on, as a new run would. Where the
+        store refuses, said: those shards then fail as closed in this attempt too."""
+        with self._lock:
+            if self.lost or self.released or not self.record.get("closed"):
+                return
+            try:
+                self._rewrite({"closed": []})
+            except Exception as exc:  # noqa: BLE001 - the attempt goes on; its closed shards fail, saying so
+                log.warning("output %s: could not reopen shard(s) %s, closed by an earlier attempt of this run, in "
+                            "its claim (%s: %s): they fail again in this attempt; the next run computes them",
+                            self.output, ", ".join(self.record["closed"]), type(exc).__name__, exc)
+
     def _rewrite(self, changes: dict) -> bool:
         """The claim written again with `changes` and a new heartbeat, where it is still this run's (with self._lock
         held): False where another run took it over (said, and `lost` set). A store's error is raised."""
@@ -589,6 +609,7 @@ class Claim:
             if self.lost or self.released:
                 return
             self.released = True
+            _remove_markers(self.store.fs, self.store.folder, self.run, self.output)
             try:
                 self.store.release(self.token, self.run)
             except Exception as exc:  # noqa: BLE001
@@ -736,13 +757,53 @@ def held(config: EmbedConfig, by: Optional[str] = None) -> Iterator[Claim]:
 # either the worker sees the close (and puts nothing in place), or the run sees the marker and waits for the
 # worker's last file to be in place or given up (removing the marker), then counts what is there. Both stores read
 # their own writes at once (S3 is strongly consistent, listings included; a rename is atomic on local disk).
+# Where the close cannot be written (the store's error, said), the run still waits for the markers it finds; where
+# it cannot list them, it tries again until COMMIT_WAIT_S is up, then counts, saying so. It lists its own run's
+# markers alone (their prefix: on S3 one small listing, not OUTPUT's every output), and removes those a killed
+# worker left as it releases the claim. A flow retry under the same claim (run() holds it across the embed-shards
+# flow's attempts) starts with no shard closed (reopen_shards), as a new run would.
+
+
+def _run_markers_start(run: str) -> str:
+    """How the names of run `run`'s markers start."""
+    return f".{CLAIM_NAME}.commit-{run}-"
 
 
 def _marker_prefix(run: str, stem: str) -> str:
     """The start of a marker's name: its run and shard (hashed: a stem may be too long for a name). Ended by
     `.tmp-<32 hex>`, the name of an atomic write's temp file: one a killed worker left is removed as they are
-    (remove_stale_temp_files)."""
-    return f".{CLAIM_NAME}.commit-{run}-{hashlib.sha256(stem.encode()).hexdigest()[:16]}"
+    (remove_stale_temp_files) on local disk; on an object store, by its run as it releases the claim
+    (_remove_markers)."""
+    return f"{_run_markers_start(run)}{hashlib.sha256(stem.encode()).hexdigest()[:16]}"
+
+
+def _run_markers(fs: Any, folder: str, run: str) -> list[str]:
+    """The names of run `run`'s markers in OUTPUT (`folder`). On S3 one listing of their prefix alone: a listing
+    of OUTPUT itself is of its every output (1,000 a page), and close_shards asks 5 times a second."""
+    start = _run_markers_start(run)
+    if storage.is_s3(fs):
+        names = fs.find(folder, prefix=start)  # s3fs: that prefix listed, never cached, [] where none
+    else:
+        fs.invalidate_cache(folder)
+        try:
+            names = fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            names = []
+    return [name for name in (path.rsplit("/", 1)[-1] for path in names) if name.startswith(start)]
+
+
+def _remove_markers(fs: Any, folder: str, run: str, output: str) -> None:
+    """Remove what markers of run `run` are left in OUTPUT (a worker killed while putting a shard in place), as the
+    run releases its claim: no later run's cleanup removes them on an object store. Never raises: said."""
+    try:
+        for name in _run_markers(fs, folder, run):
+            try:
+                fs.rm_file(storage.join(folder, name))
+            except FileNotFoundError:
+                pass
+    except Exception as exc:  # noqa: BLE001 - small files, harmless to later runs
+        log.warning("output %s: could not remove the markers this run's workers left there (%s*: %s: %s)", output,
+                    _run_markers_start(run), type(exc).__name__, exc)
 
 
 class ShardCommit:
@@ -809,18 +870,25 @@ def close_shards(config: EmbedConfig, run: str, stems) -> None:
         log.warning("output %s: shard(s) %s not closed: this process does not hold run %s's claim; a worker may yet "
                     "write one of them after this run has counted it failed", config.output, ", ".join(stems), run)
         return
-    if not claim.close(stems):
-        return  # released or lost: the workers' look at the claim refuses them anyway; or said by close()
+    if not claim.close(stems) and (claim.lost or claim.released):
+        return  # the workers' look at the claim refuses them anyway. Not closed on a store's error (said by
+        # close()): a worker putting one in place now is still waited for
     fs, folder = _claim_folder(config)
     prefixes = {_marker_prefix(run, stem): stem for stem in stems}
     deadline = _now() + COMMIT_WAIT_S
     said = False
     while True:
-        fs.invalidate_cache(folder)
         try:
-            names = [name.rsplit("/", 1)[-1] for name in fs.ls(folder, detail=False)]
-        except FileNotFoundError:
-            names = []
+            names = _run_markers(fs, folder, run)
+        except Exception as exc:  # noqa: BLE001 - throttled, 5xx, denied: tried again; the count goes on at the end
+            if _now() > deadline:
+                log.warning("shard(s) %s: could not look for workers still putting their files in place in output "
+                            "%s for %.0f s (%s: %s): counted by what is in place now; a file that lands later is "
+                            "found by the next run", ", ".join(stems), config.output, COMMIT_WAIT_S,
+                            type(exc).__name__, exc)
+                return
+            time.sleep(1.0)
+            continue
         writing = sorted({prefixes[name.split(".tmp-")[0]] for name in names
                           if name.split(".tmp-")[0] in prefixes and not _marker_of_gone_process(fs, folder, name)})
         if not writing:
@@ -835,6 +903,14 @@ def close_shards(config: EmbedConfig, run: str, stems) -> None:
                      "counted", ", ".join(writing))
             said = True
         time.sleep(0.2)
+
+
+def reopen_shards(run: str) -> None:
+    """Reopen the shards run `run` closed (close_shards), where this process holds its claim: a new attempt of the
+    run's flow computes them (Claim.reopen)."""
+    claim = _HELD.get(run)
+    if claim is not None:
+        claim.reopen()
 
 
 def _marker_of_gone_process(fs: Any, folder: str, name: str) -> bool:
