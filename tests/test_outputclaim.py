@@ -906,11 +906,11 @@ def test_a_run_removes_the_markers_its_killed_workers_left_as_it_releases_its_cl
 
 
 def test_a_close_whose_earlier_claim_write_lost_its_answer_is_stored(s3_env, tmp_path, caplog):
-    """A heartbeat's PUT of the claim landed on S3 but its answer was lost (the connection cut): the run's ETag of
-    its claim is stale. Its next write, closing a shard, got 412; the claim read back was still the run's, and the
-    close returned True without writing: no "closed" list was stored, and a worker could still write the shard
-    after the count. It is written again against the ETag read. (The lost answer is a real one: the proxy forwards
-    the PUT, then closes the connection.)"""
+    """A write of the claim (here closing shard 00001) landed on S3 but its answers were lost (the connection cut):
+    the run's ETag of its claim is stale. Its next write, closing shard 00000, got 412; the claim read back was
+    still the run's, and the close returned True without writing: 00000 was not closed in the store, and a worker
+    could still write it after the count. It is written again against the ETag read. (The lost answers are real
+    ones: the proxy forwards each PUT, then closes the connection.)"""
     from wdsembed.outputclaim import ShardClosedError
 
     server = s3_env
@@ -918,20 +918,26 @@ def test_a_close_whose_earlier_claim_write_lost_its_answer_is_stored(s3_env, tmp
     key = f"lost-answer-{tmp_path.name}"
     config = _config(tmp_path / "in", f"s3://claims/{key}",
                      storage_options={"endpoint_url": proxy.endpoint, "max_attempts": "1"})
+
+    def stored() -> dict:
+        return json.loads(server.boto().get_object(Bucket="claims", Key=f"{key}/{CLAIM_NAME}")["Body"].read())
+
     claim = outputclaim.take(config)
     try:
-        proxy.rules.append(["PUT", rf"/{key}/{CLAIM_NAME}$", "lost_reply", 1])
+        # every answer lost, the retries' too (a retry's If-Match, stale once the first PUT landed, gets 412)
+        proxy.rules.append(["PUT", rf"/{key}/{CLAIM_NAME}$", "lost_reply", None])
         with caplog.at_level(logging.WARNING, logger="wdsembed"):
-            claim.heartbeat()
-        assert proxy.injected["lost_reply"] == 1 and not claim.lost
-        assert any("could not refresh this run's claim" in r.getMessage() for r in caplog.records), caplog.text
+            assert not claim.close(["00001"])  # said: not known to be closed
+        proxy.rules.clear()
+        assert proxy.injected["lost_reply"] >= 1 and not claim.lost
+        assert "could not mark shard(s) 00001 closed" in caplog.text, caplog.text
+        assert stored()["closed"] == ["00001"]  # stored all the same: the run's ETag is stale
         assert claim.close(["00000"])
-        stored = json.loads(server.boto().get_object(Bucket="claims", Key=f"{key}/{CLAIM_NAME}")["Body"].read())
-        assert stored["run"] == claim.run and stored["closed"] == ["00000"], stored
+        assert stored()["run"] == claim.run and stored()["closed"] == ["00000"], stored()
         with pytest.raises(ShardClosedError):
             outputclaim.check_still_held(config, claim.run, "shard 00000", stem="00000")
         claim.heartbeat()  # its ETag the stored one's again
-        assert not claim.lost
+        assert not claim.lost and stored()["closed"] == ["00000"]
     finally:
         claim.release()
         proxy.stop()
