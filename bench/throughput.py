@@ -214,10 +214,8 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
     if device.startswith("cuda"):
         # As the flow's own runner builds it (wdsembed/cluster.py), started here once so workers stay warm.
         from wdsembed.cluster import start_gpu_cluster
-        from wdsembed.worker import set_gpu_process_environment
 
-        set_gpu_process_environment()  # inherited by the workers, as task_runner_kwargs does it for the flow
-        cluster = start_gpu_cluster(n_gpus, workers_per_gpu)
+        cluster = start_gpu_cluster(n_gpus, workers_per_gpu)  # its nannies give the workers the GPU settings
     else:  # the CPU stand-in: workers_per_gpu worker processes per "GPU"
         cluster = LocalCluster(n_workers=n_gpus * workers_per_gpu, threads_per_worker=1, processes=True)
     client = Client(cluster)

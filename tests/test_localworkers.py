@@ -45,7 +45,64 @@ def test_runs_and_the_gpu_clusters_use_these_workers():
     cpu = cluster.task_runner_kwargs(EmbedConfig(input="in", output="out", device="cpu"))
     assert cpu["cluster_kwargs"]["worker_class"] is localworkers.Nanny
     for workers_per_gpu in (1, 2):
-        assert cluster.gpu_cluster(2, workers_per_gpu)["cluster_kwargs"]["worker_class"] is localworkers.Nanny
+        assert cluster.gpu_cluster(2, workers_per_gpu)["cluster_kwargs"]["worker_class"] is localworkers.GPUNanny
+    assert issubclass(localworkers.GPUNanny, localworkers.Nanny)  # dask-cuda takes a Nanny subclass as it is
+
+
+GPU_SETTINGS = ("CUDA_DEVICE_MAX_CONNECTIONS", "PYTORCH_CUDA_ALLOC_CONF", "DALI_USE_CUDA_MALLOC_ASYNC", "DALI_USE_VMM",
+                "DALI_USE_DEVICE_MEM_POOL", "CUDA_VISIBLE_DEVICES")
+
+
+def _unset_gpu_settings(monkeypatch) -> None:
+    for name in GPU_SETTINGS:  # set first, so that anything written into this process is undone afterwards too
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+def test_a_run_on_gpus_leaves_the_gpu_settings_out_of_this_process(monkeypatch):
+    """The GPU settings (wdsembed.worker.gpu_process_environment) were written into the process that starts a run,
+    for its GPU workers to inherit: a notebook that ran the API and then used torch on a GPU had them too. Planning
+    a run's GPU cluster leaves this process's environment as it was (no CUDA here: the count of GPUs is the seam)."""
+    import importlib.util
+
+    _unset_gpu_settings(monkeypatch)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(cluster, "visible_gpus", lambda: 2)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "dask_cuda" else find_spec(name, *a))
+    before = dict(os.environ)
+    for workers_per_gpu in (1, 2):
+        kwargs = cluster.task_runner_kwargs(EmbedConfig(input="in", output="out", workers_per_gpu=workers_per_gpu))
+        assert kwargs["cluster_kwargs"]["worker_class"] is localworkers.GPUNanny
+    assert dict(os.environ) == before
+
+
+def test_gpu_workers_start_with_the_gpu_settings_this_process_lacks(monkeypatch):
+    """A GPU cluster's worker processes get the GPU settings in their own environment, where dask-cuda's preload
+    creates their CUDA context as they start (CUDA reads CUDA_DEVICE_MAX_CONNECTIONS then), and this process none of
+    them. What the user set stays: in this process's environment, in Dask's distributed.nanny.environ, and the
+    cluster's own per worker (dask-cuda's CUDA_VISIBLE_DEVICES, which LocalCluster's `env` stands in for here)."""
+    from distributed import Client, LocalCluster
+
+    from wdsembed.worker import GPU_HARDWARE_QUEUES
+
+    _unset_gpu_settings(monkeypatch)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")  # the user's own allocator settings
+    here = lambda: [os.environ.get(name) for name in GPU_SETTINGS]  # noqa: E731 - (Dask's nanny writes its
+    before = here()  # own distributed.nanny.pre-spawn-environ here as it spawns: not ours to judge)
+    with dask.config.set({"distributed.nanny.environ": {"DALI_USE_VMM": "1"}}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, worker_class=localworkers.GPUNanny,
+                         env={"CUDA_VISIBLE_DEVICES": "1,0"}, dashboard_address=None) as ours, \
+            Client(ours, set_as_default=False) as client:
+        (seen,) = client.run(lambda: [os.environ.get(name) for name in GPU_SETTINGS]).values()
+        # DALI refuses cudaMallocAsync beside DALI_USE_VMM=1: DALI's variables are left to the user's choice
+        assert seen == [str(GPU_HARDWARE_QUEUES), "max_split_size_mb:128", None, "1", None, "1,0"]
+        assert here() == before
+    with LocalCluster(n_workers=1, threads_per_worker=1, worker_class=localworkers.GPUNanny,
+                      dashboard_address=None) as ours, Client(ours, set_as_default=False) as client:
+        (seen,) = client.run(lambda: [os.environ.get(name) for name in GPU_SETTINGS]).values()
+        assert seen == [str(GPU_HARDWARE_QUEUES), "max_split_size_mb:128", "1", None, None, None]
+        assert here() == before
 
 
 def test_configured_preloads_stay():

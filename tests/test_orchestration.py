@@ -1574,7 +1574,7 @@ def test_gpu_cluster_puts_workers_per_gpu_processes_on_each_gpu(caplog):
     one = cluster.gpu_cluster(2)
     assert one == {"cluster_class": "dask_cuda.LocalCUDACluster",
                    "cluster_kwargs": {"n_workers": 2, "threads_per_worker": cluster.SHARDS_PER_GPU,
-                                      "resources": {"GPU": 1}, "worker_class": cluster.local_nanny()}}
+                                      "resources": {"GPU": 1}, "worker_class": cluster.local_nanny(gpu=True)}}
     two = cluster.gpu_cluster(2, workers_per_gpu=2)
     assert two["cluster_class"] == "wdsembed.gpucluster.SharedGPUCluster"
     assert two["cluster_kwargs"] == one["cluster_kwargs"] | {"n_workers": 4, "workers_per_gpu": 2}

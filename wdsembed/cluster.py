@@ -19,7 +19,6 @@ from typing import Callable, Optional
 
 from wdsembed.config import EmbedConfig, set_to
 from wdsembed.threads import Watch
-from wdsembed.worker import set_gpu_process_environment
 
 
 class _NothingYetToCancel(logging.Filter):
@@ -444,12 +443,13 @@ def device_of(name):
     return int(device) if device.isdigit() else device
 
 
-def local_nanny() -> type:
+def local_nanny(gpu: bool = False) -> type:
     """The worker class of every local cluster started here: worker processes that leave Ctrl-C to the process that
-    started them, which closes the cluster (wdsembed.localworkers). Imported when a cluster is, not with this module."""
-    from wdsembed.localworkers import Nanny
+    started them, which closes the cluster (wdsembed.localworkers); on GPUs, processes that start with the GPU
+    settings (localworkers.GPUNanny). Imported when a cluster is, not with this module."""
+    from wdsembed.localworkers import GPUNanny, Nanny
 
-    return Nanny
+    return GPUNanny if gpu else Nanny
 
 
 def gpu_cluster(gpus: int, workers_per_gpu: int = 1) -> dict:
@@ -461,7 +461,7 @@ def gpu_cluster(gpus: int, workers_per_gpu: int = 1) -> dict:
         "n_workers": gpus * workers_per_gpu,
         "threads_per_worker": SHARDS_PER_GPU,
         "resources": {"GPU": 1},
-        "worker_class": local_nanny(),
+        "worker_class": local_nanny(gpu=True),
     }
     if workers_per_gpu == 1:
         return {"cluster_class": "dask_cuda.LocalCUDACluster", "cluster_kwargs": kwargs}
@@ -591,8 +591,6 @@ def task_runner_kwargs(config: EmbedConfig, current=None) -> dict:
     if gpus:
         if importlib.util.find_spec("dask_cuda") is None:
             raise RuntimeError("GPUs are visible but dask-cuda is not installed: pip install 'wdsembed[gpu]'")
-        set_gpu_process_environment()  # the GPU workers inherit this process's environment (LocalCUDACluster's `env`
-        # holds only CUDA_VISIBLE_DEVICES)
         return gpu_cluster(min(config.n_workers or gpus, gpus), config.workers_per_gpu)
     n_workers = config.n_workers or default_cpu_workers()
     return {

@@ -30,6 +30,7 @@ import asyncio
 import collections
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -87,6 +88,22 @@ class Nanny(distributed.Nanny):
             # Reaped later (at the latest by multiprocessing as the command exits), distributed then says its exit
             # status "was already read": a line after the run's closing one that adds nothing to the line above.
             logging.getLogger("distributed.process").addFilter(_AlreadyReaped(pid))
+
+
+class GPUNanny(Nanny):
+    """The Nanny of a local GPU cluster's worker (wdsembed.cluster.gpu_cluster): its worker process starts with the
+    GPU settings its environment lacks (wdsembed.worker.gpu_process_environment), given to that process alone
+    (distributed's `env`, applied in it before any preload), never written into this one: a notebook that runs the
+    API and then uses torch keeps its own CUDA and allocator settings. dask-cuda's preload creates the worker's CUDA
+    context as it starts, and CUDA reads CUDA_DEVICE_MAX_CONNECTIONS only then. Nothing set is overridden: this
+    process's variables, Dask's distributed.nanny.environ, the cluster's own (CUDA_VISIBLE_DEVICES)."""
+
+    def __init__(self, *args, **kwargs):
+        from wdsembed.worker import gpu_process_environment
+
+        super().__init__(*args, **kwargs)
+        # The worker's environment: this process's, updated with self.env (distributed's Nanny._run).
+        self.env = {**gpu_process_environment({**os.environ, **self.env}), **self.env}
 
 
 # How the worker processes of this process's nannies ended, by worker address: None while one runs. The scheduler

@@ -22,7 +22,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, ClassVar, Iterator, Optional, TYPE_CHECKING
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, TYPE_CHECKING
 
 import numpy as np
 
@@ -119,16 +119,24 @@ def build_env() -> dict[str, Optional[str]]:
 TORCH_ALLOC_ENV, TORCH_ALLOC_SETTING = "PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"
 
 
-def set_gpu_process_environment() -> None:
+def gpu_process_environment(environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     """What a GPU worker process asks of CUDA, torch and DALI through its environment, unless the user set it: every
     hardware queue (GPU_HARDWARE_QUEUES), torch's allocator growing its segments in place (TORCH_ALLOC_ENV), and
-    DALI's device memory from CUDA's stream-ordered allocator (DALI_MEMORY_ENV). They read these when they first need
-    them, so this runs before any CUDA work: where the GPU workers are started (they inherit it), and when a Worker
-    is built in its own process."""
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", str(GPU_HARDWARE_QUEUES))
-    os.environ.setdefault(TORCH_ALLOC_ENV, TORCH_ALLOC_SETTING)
-    if not any(name in os.environ for name in DALI_MEMORY_SETTINGS):
-        os.environ.update(DALI_MEMORY_ENV)
+    DALI's device memory from CUDA's stream-ordered allocator (DALI_MEMORY_ENV). The variables `environ` (a
+    process's environment; this one's by default) lacks, with their values. They are read when first needed (CUDA's
+    at the context's creation), so a worker process must start with them: a local GPU cluster's nannies give them
+    to its workers' environment alone (wdsembed.localworkers.GPUNanny), not to the process that starts the run."""
+    environ = os.environ if environ is None else environ
+    wanted = {"CUDA_DEVICE_MAX_CONNECTIONS": str(GPU_HARDWARE_QUEUES), TORCH_ALLOC_ENV: TORCH_ALLOC_SETTING}
+    if not any(name in environ for name in DALI_MEMORY_SETTINGS):
+        wanted.update(DALI_MEMORY_ENV)
+    return {name: value for name, value in wanted.items() if name not in environ}
+
+
+def set_gpu_process_environment() -> None:
+    """gpu_process_environment's variables set in this process, which is a GPU worker's (a Worker built here, a
+    bench's process): before its first CUDA call."""
+    os.environ.update(gpu_process_environment())
 
 
 def gpu_prefetch() -> int:
@@ -212,7 +220,10 @@ class Worker:
 
         self.built_with = build_env()  # read below; for_config builds a new Worker when they change
         if config.device != "cpu":
-            set_gpu_process_environment()  # before this process's first CUDA call creates its context
+            # A local GPU cluster's workers start with these (wdsembed.localworkers.GPUNanny); a worker started
+            # otherwise (`dask cuda worker`) gets them here, before torch's and DALI's first use, though CUDA's
+            # context may already be made (dask-cuda's preload makes it), its queues then CUDA's default.
+            set_gpu_process_environment()
         self.device = device or resolve_device(config.device)
         if self.device.startswith("cuda"):
             _leave_cores_to_dali(config.num_threads_per_worker)
