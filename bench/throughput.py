@@ -298,6 +298,7 @@ def bench_flow(model_name: str, folder: str, warm_folder: str, out: str, device:
                   "gpu_memory_of": next(iter(peaks.values()))["gpu_source"],
                   "gpu_memory_split": next(iter(peaks.values()))["gpu_split"],
                   "dali_memory_env": next(iter(client.run(_dali_memory_env).values())),
+                  "worker_gpu_env": next(iter(client.run(_worker_gpu_env).values())),
                   "peak_host_rss_gib": round(max(p["rss"] for p in peaks.values()), 2),
                   "worker_gc": next(iter(peaks.values()))["gc"]}
         results = {}
@@ -331,6 +332,14 @@ def _dali_memory_env() -> dict:
     from wdsembed.worker import DALI_MEMORY_SETTINGS
 
     return {name: os.environ.get(name) for name in DALI_MEMORY_SETTINGS}
+
+
+def _worker_gpu_env() -> dict:
+    """A worker's GPU settings, as its process started (CUDA reads its own only as the context is created): what
+    shows that the cluster's nannies gave them (wdsembed.localworkers.GPUNanny)."""
+    from wdsembed.worker import TORCH_ALLOC_ENV
+
+    return {name: os.environ.get(name) for name in ("CUDA_DEVICE_MAX_CONNECTIONS", TORCH_ALLOC_ENV)}
 
 
 def _set_env(env: dict) -> None:

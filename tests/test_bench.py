@@ -65,6 +65,7 @@ def test_layers_run_the_flow_and_the_api_in_turn_each_counting_its_own_images(tm
     # is not theirs.
     assert flow["dali_memory_env"] == dict.fromkeys(("DALI_USE_CUDA_MALLOC_ASYNC", "DALI_USE_VMM",
                                                      "DALI_USE_DEVICE_MEM_POOL"))
+    assert flow["worker_gpu_env"] == dict.fromkeys(("CUDA_DEVICE_MAX_CONNECTIONS", "PYTORCH_CUDA_ALLOC_CONF"))
 
 
 def test_a_worker_setting_read_at_build_time_is_really_switched_between_runs(tmp_path):
