@@ -201,8 +201,8 @@ class FaultProxy:
             self._httpd.server_close()
             self._httpd = None
 
-    def choose(self, method: str, path: str, range_: Optional[str]) -> Optional[str]:
-        """The fault for this request, or None to forward it."""
+    def choose(self, method: str, path: str, range_: Optional[str], headers=None) -> Optional[str]:
+        """The fault for this request (`headers`: its headers), or None to forward it."""
         parsed = urlsplit(path)
         query = sorted((k, v) for k, v in parse_qsl(parsed.query, keep_blank_values=True)
                        if not k.lower().startswith("x-amz-"))
@@ -233,21 +233,24 @@ class FaultProxy:
 
 
 class KeyedFaultProxy(FaultProxy):
-    """A FaultProxy whose faults are aimed: `rules` are (method, path pattern, kind, n), the first `n` requests of
-    that method whose path matches the pattern (re.search) get `kind` (every one where n is None), retries
-    included; everything else is forwarded unchanged. A listing's path is `/bucket/<its prefix>`, as
-    CountingProxy records it: a listing of one prefix can be aimed at."""
+    """A FaultProxy whose faults are aimed: `rules` are (method, path pattern, kind, n[, header]), the first `n`
+    requests of that method whose path matches the pattern (re.search), and that carry `header` where given (a
+    conditional PUT's `If-Match`, not `If-None-Match`), get `kind` (every one where n is None), retries included;
+    everything else is forwarded unchanged. A listing's path is `/bucket/<its prefix>`, as CountingProxy records
+    it: a listing of one prefix can be aimed at."""
 
-    def __init__(self, target: str, rules: Sequence[tuple[str, str, str, Optional[int]]]) -> None:
+    def __init__(self, target: str, rules: Sequence[tuple]) -> None:
         super().__init__(target, every=1)
         self.rules = [list(rule) for rule in rules]
 
-    def choose(self, method: str, path: str, range_: Optional[str]) -> Optional[str]:
+    def choose(self, method: str, path: str, range_: Optional[str], headers=None) -> Optional[str]:
         key = _where(method, path)
         with self._lock:
             self.requests += 1
             for rule in self.rules:
-                want, pattern, kind, left = rule
+                want, pattern, kind, left, header = (rule + [None])[:5]
+                if header is not None and (headers is None or headers.get(header) is None):
+                    continue
                 if method == want and re.search(pattern, key) and (left is None or left > 0):
                     if left is not None:
                         rule[3] = left - 1
@@ -266,7 +269,7 @@ class CountingProxy(FaultProxy):
         self.enabled = False
         self.seen: list[tuple[str, str]] = []
 
-    def choose(self, method: str, path: str, range_: Optional[str]) -> Optional[str]:
+    def choose(self, method: str, path: str, range_: Optional[str], headers=None) -> Optional[str]:
         parsed = urlsplit(path)
         query = dict(parse_qsl(parsed.query, keep_blank_values=True))
         with self._lock:
@@ -356,7 +359,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         body = self._body()  # read it all first: an error answer must not break the client's upload
-        fault = self.owner.choose(self.command, self.path, self.headers.get("Range"))
+        fault = self.owner.choose(self.command, self.path, self.headers.get("Range"), headers=self.headers)
         if fault in FAULTS:
             status, code, message = FAULTS[fault]
             data = _ERROR_XML.format(code=code, message=message).encode()

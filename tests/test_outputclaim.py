@@ -944,6 +944,68 @@ def test_a_close_whose_earlier_claim_write_lost_its_answer_is_stored(s3_env, tmp
     assert [k for k in server.keys("claims") if k.startswith(key)] == []
 
 
+def test_a_claim_write_that_landed_but_lost_its_answer_is_this_runs_own(s3_env, tmp_path, caplog):
+    """The store served the claim's conditional PUT, then the connection dropped before its answer (the proxy
+    forwards the PUT, then closes the connection); the client's retry got 412 from the run's own write. take()
+    then read a fresh claim, its own, and refused the run naming itself; a takeover of a stale claim did the same;
+    a heartbeat whose claim had been removed by hand (created again) marked the run's claim lost. The claim found is
+    the run's own (the record it wrote): it is held, under the ETag read, and nothing alarming is said."""
+    server = s3_env
+    proxy = KeyedFaultProxy(server.endpoint, []).start()
+    key = f"lost-create-{tmp_path.name}"
+    config = _config(tmp_path / "in", f"s3://claims/{key}",
+                     storage_options={"endpoint_url": proxy.endpoint, "max_attempts": "3"})
+
+    def stored() -> tuple[dict, str]:
+        got = server.boto().get_object(Bucket="claims", Key=f"{key}/{CLAIM_NAME}")
+        return json.loads(got["Body"].read()), got["ETag"]
+
+    def lose_next_claim_put(header: str) -> None:  # the next PUT of the claim with that condition
+        proxy.rules.append(["PUT", rf"/{key}/{CLAIM_NAME}$", "lost_reply", 1, header])
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    try:
+        with caplog.at_level(logging.INFO, logger="wdsembed"):
+            lose_next_claim_put("If-None-Match")  # a free output
+            claim = outputclaim.take(config)
+            try:
+                assert proxy.injected["lost_reply"] == 1
+                record, etag = stored()
+                assert record["run"] == claim.run and claim.token == etag and not claim.took_over
+                assert said() == []
+                server.boto().delete_object(Bucket="claims", Key=f"{key}/{CLAIM_NAME}")  # removed by hand
+                lose_next_claim_put("If-None-Match")  # the heartbeat creates it again
+                claim.heartbeat()
+                assert proxy.injected["lost_reply"] == 2 and not claim.lost, said()
+                record, etag = stored()
+                assert record == claim.record and claim.token == etag
+                claim.heartbeat()  # If-Match on the ETag read: stored
+                assert not claim.lost and said() == [] and stored()[1] == claim.token
+            finally:
+                claim.release()
+            assert [k for k in server.keys("claims") if k.startswith(key)] == []
+
+            stale = _foreign_claim(config, host="another-host", heartbeat=outputclaim._iso(time.time() - 3600))
+            server.boto().put_object(Bucket="claims", Key=f"{key}/{CLAIM_NAME}", Body=stale)
+            lose_next_claim_put("If-Match")  # the takeover's, on the stale claim's ETag (its create is refused)
+            claim = outputclaim.take(config)
+            try:
+                assert proxy.injected["lost_reply"] == 3
+                record, etag = stored()
+                assert record["run"] == claim.run and claim.token == etag
+                assert "its last heartbeat is 36" in claim.took_over
+                assert [m for m in said() if "took over the claim of run" not in m] == []
+                claim.heartbeat()
+                assert not claim.lost and stored()[1] == claim.token
+            finally:
+                claim.release()
+    finally:
+        proxy.stop()
+    assert [k for k in server.keys("claims") if k.startswith(key)] == []
+
+
 def test_a_run_whose_claim_cannot_be_written_still_waits_for_a_worker_putting_a_shard_in_place(
         s3_env, tmp_path, monkeypatch, caplog):
     """Every PUT of the claim refused (503, past the retries) as the run closes the shard it gave up on: it is not

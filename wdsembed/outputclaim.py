@@ -27,8 +27,10 @@ Taking it is one atomic step on the store, never a look followed by a write:
   os.open(O_CREAT | O_EXCL) instead.
 * S3: a PUT with `If-None-Match: *` (conditional writes, on AWS since August 2024): S3 answers 412 to every PUT
   but one. A stale claim is replaced with `If-Match: <its ETag>`, the heartbeat likewise with the claim's own ETag,
-  so that of two runs taking over one stale claim one wins, and a run whose claim was taken over learns it. An
-  S3-compatible store that ignores these headers makes the claim a best effort only (a look, then a write).
+  so that of two runs taking over one stale claim one wins, and a run whose claim was taken over learns it. A PUT
+  the store served whose answer was lost (a dropped connection) is retried by the client and refused (412) by
+  itself: a claim found then that holds what this run wrote is its own (_ObjectStore._landed), under the ETag read.
+  An S3-compatible store that ignores these headers makes the claim a best effort only (a look, then a write).
 * other fsspec stores: `pipe_file(mode="create")`, which is atomic where the store's fsspec implementation makes it
   so (gcsfs, adlfs) and a look-then-write otherwise; a stale claim is removed, then created again.
 
@@ -388,18 +390,27 @@ class _ObjectStore:
         except FileNotFoundError:
             return None
 
+    def _landed(self, data: bytes) -> Optional[Any]:
+        """The claim's token where what is stored is `data` itself, else None. A conditional PUT the store served but
+        whose answer was lost (the connection dropped) is tried again by the client, and that retry is refused (412)
+        by the write it retries: the claim is then this run's own, not another's."""
+        found = self.read()
+        if found is None or found.record is None or found.record != _decode(data):
+            return None
+        return found.token
+
     def create(self, data: bytes) -> Optional[Any]:
         for _ in range(5):
             try:
                 return self._put(data, mode="create")  # S3: If-None-Match: *
             except FileExistsError:
-                return None
+                return self._landed(data)
             except OSError as exc:
                 if _conflict(exc):  # 409: a conditional write raced another; S3 says to try again
                     time.sleep(0.2)
                     continue
                 if _precondition_failed(exc):
-                    return None
+                    return self._landed(data)
                 raise
         return None
 
@@ -422,7 +433,8 @@ class _ObjectStore:
                 return self._put(data, IfMatch=found.token)  # replaced only while it is the stale claim
             except OSError as exc:
                 if _precondition_failed(exc) or _conflict(exc) or isinstance(exc, FileNotFoundError):
-                    return None  # another run took it over first, or it is gone: try again from the start
+                    # another run took it over first, or it is gone: try again from the start; unless it is ours
+                    return self._landed(data)
                 raise
         # No compare-and-swap here: removed, then created again (another taker's create fails).
         try:
