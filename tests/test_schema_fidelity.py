@@ -241,3 +241,71 @@ def test_a_parquet_of_view_types_is_joined_with_its_columns_as_their_plain_types
     assert pq.read_schema(out / "00001.parquet").field("key").type == pa.string()
     knn = ds.dataset(out / "_embeddings", format="parquet").to_table()
     assert knn.schema.field("key").type == pa.string() and knn.num_rows == 5
+
+
+def _own_columns(schema: pa.Schema, names: list[str]) -> list[pa.Field]:
+    return [schema.field(name) for name in names]
+
+
+def test_shards_where_no_image_was_embedded_have_the_schema_of_the_others(tmp_path):
+    """A shard whose every image failed, and one whose every download failed (an empty tar, its parquet's rows all
+    failed), first in OUTPUT's order: their outputs and kNN views carry the key, embedding (list<float>, its `dim`)
+    and error columns in the types and field metadata of a shard with embeddings, never Arrow's `null` type, so
+    that OUTPUT and OUTPUT/_embeddings read as one dataset with any one file's schema, every row once."""
+    from wdsembed import TimmImageEmbedder
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    bad = [ShardSample(corrupt_image_bytes("random", seed=i), ext="jpg") for i in range(3)]
+    write_shard(inp, "00000", bad, shard_id=0)  # every image fails
+    write_shard(inp, "00001", [], shard_id=1, failed_rows=2)  # every download failed: no sample in its tar
+    write_shard(inp, "00002", [_image(i) for i in range(3)], shard_id=2)
+    results = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                                fidelity_sample=0)(str(inp), str(out))
+    assert sorted((r.stem, r.rows, r.embedded) for r in results) == [("00000", 3, 0), ("00001", 2, 0),
+                                                                      ("00002", 3, 3)]
+    own = ["key", "image_embedding", "embedding_error"]
+    embedded = _own_columns(pq.read_schema(out / "00002.parquet"), own)
+    assert embedded[1].type == pa.list_(pa.float32()) and embedded[1].metadata[b"dim"] != b"0"
+    view = pq.read_schema(out / "_embeddings" / "00002.parquet").remove_metadata()
+    for stem in ("00000", "00001"):
+        got = _own_columns(pq.read_schema(out / f"{stem}.parquet"), own)
+        assert all(f.equals(g, check_metadata=True) for f, g in zip(got, embedded)), (stem, got)
+        assert pq.read_schema(out / f"{stem}.parquet").names == pq.read_schema(out / "00002.parquet").names
+        assert pq.read_schema(out / "_embeddings" / f"{stem}.parquet").remove_metadata().equals(
+            view, check_metadata=True), stem
+    files = sorted(str(p) for p in out.glob("*.parquet"))
+    for first in files:  # each file's schema as the dataset's: the others read in it
+        table = ds.dataset(files, format="parquet", schema=pq.read_schema(first)).to_table()
+        assert table.num_rows == 8 and table.column("image_embedding").null_count == 5, first
+    assert ds.dataset(out, format="parquet").to_table().num_rows == 8
+    knn = ds.dataset(out / "_embeddings", format="parquet").to_table()
+    assert knn.num_rows == 3 and knn.column("image_embedding").null_count == 0
+
+
+def test_a_parquet_of_required_columns_takes_the_tar_samples_it_lacks(tmp_path):
+    """Spark (and DuckDB, for a NOT NULL column) writes a column it knows holds no null as parquet's `required`, read
+    back as a non-nullable field. A tar sample that such a parquet lacks is appended as a row whose other columns are
+    null: the shard was embedded and then failed at its write ("Column 'caption' is declared non-nullable but
+    contains nulls"), its output lost. The columns that hold a null are now declared nullable, their types and
+    values unchanged, and OUTPUT reads as one dataset beside a shard whose parquet declares them nullable."""
+    from wdsembed import TimmImageEmbedder
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    shard = write_shard(inp, "00000", [_image(i) for i in range(3)] + [_image(9, in_parquet=False)])
+    write_shard(inp, "00001", [_image(20 + i) for i in range(2)], shard_id=1)
+    given = pq.read_table(shard.parquet)
+    required = pa.schema([f.with_nullable(given.column(f.name).null_count > 0) for f in given.schema])
+    pq.write_table(given.cast(required), shard.parquet)
+    assert not pq.read_schema(shard.parquet).field("caption").nullable  # as its writer declared it
+    results = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                                fidelity_sample=0)(str(inp), str(out))
+    assert sorted((r.stem, r.rows, r.embedded) for r in results) == [("00000", 4, 4), ("00001", 2, 2)]
+    got = pq.read_table(out / "00000.parquet")
+    assert got.column("key").to_pylist() == list(shard.keys)  # the sample the parquet lacks, appended with its key
+    assert got.column("caption").to_pylist()[-1] is None and got.schema.field("caption").nullable
+    assert not got.schema.field("key").nullable  # never null here: declared as the parquet has it
+    for f in required:
+        assert got.schema.field(f.name).type == f.type and got.column(f.name).slice(0, 3).equals(
+            given.column(f.name)), f.name
+    table = ds.dataset(out, format="parquet").to_table()
+    assert table.num_rows == 6 and table.column("image_embedding").null_count == 0

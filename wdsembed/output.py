@@ -298,6 +298,18 @@ def _pandas_metadata_fits(raw: Optional[bytes]) -> bool:
     return len(levels) <= 1 and all(isinstance(c, dict) and c.get("pandas_type") == "unicode" for c in levels)
 
 
+def _nullable_where_null(table: pa.Table) -> pa.Table:
+    """`table` with each field declared non-nullable that holds a null declared nullable: a parquet's `required`
+    column (Spark writes one for a column it knows has no null) is null on the rows appended for samples the parquet
+    lacks, and parquet's writer refuses a null in a required column (the whole shard would fail). Its type, values
+    and metadata stay; the same table where no such field holds a null."""
+    relaxed = [i for i, f in enumerate(table.schema) if not f.nullable and table.column(i).null_count]
+    if not relaxed:
+        return table
+    fields = [f.with_nullable(True) if i in relaxed else f for i, f in enumerate(table.schema)]
+    return pa.Table.from_arrays(table.columns, schema=pa.schema(fields, metadata=table.schema.metadata))
+
+
 @dataclass
 class JoinedOutput:
     """A shard's output table (join_embeddings) and what the join did with the embedded samples."""
@@ -348,6 +360,8 @@ def join_embeddings(
       '<id_column>' is null)" for a row whose id is null (it can match no sample); "not in tar".
     * Order: `rows`' order, then appended samples in the order of `keys` followed by the remaining `errors` keys.
       Without `rows` the same sample order.
+    * A column that `rows` declares non-nullable is declared nullable where the output holds a null in it (the
+      appended rows): _nullable_where_null.
     * An appended sample whose key is not an integer, for an integer id column, gets a null id and an error that
       names the key (the column keeps its type so all shards share one schema).
     * Two tar keys with one integer value (`000123` and `123`, for an integer id column): the first owns the id's
@@ -483,7 +497,7 @@ def join_embeddings(
             extra_cols.append(pa.nulls(len(extra), field.type))
     extra_table = pa.Table.from_arrays(extra_cols, schema=base.schema)
 
-    table = pa.concat_tables([base, extra_table])
+    table = _nullable_where_null(pa.concat_tables([base, extra_table]))
     src = np.concatenate([row_embedded, extra_src]).astype(np.int64)
     reasons = pa.concat_arrays([row_reason, extra_reason])
 
