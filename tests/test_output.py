@@ -233,6 +233,31 @@ def test_without_parquet_the_keys_take_the_runs_id_type():
     assert t.schema.field("key").type == pa.string() and t.column("key").to_pylist() == ["000003"]
 
 
+def test_a_repeated_tar_key_is_a_row_of_its_own_without_an_embedding():
+    """A tar sample whose key an earlier sample has (shard.TarRead.repeats) is a row after every other sample, with
+    its key (in the id column's type) and reason, never an embedding and never on the parquet's row of the key,
+    which keeps its first sample's embedding; an integer id column's repeat is no collision of two keys."""
+    from wdsembed.output import join_embeddings
+
+    rows = _img2dataset_rows(pa.int64())
+    keys = ["000000", "000002", "000003", "000005"]
+    repeats = [("000002", "duplicate key: sample 2"), ("000002", "duplicate key: sample 3"),
+               ("000009", "duplicate key: sample 2")]
+    joined = join_embeddings(rows=rows, keys=keys, embeddings=np.stack([_emb(k) for k in keys]),
+                             errors={"000009": "no image"}, dim=DIM, repeats=repeats)
+    t = joined.table
+    assert t.column("key").to_pylist() == [0, 1, 2, 3, 4, 5, 9, 2, 2, 9]
+    assert t.column("image_embedding").to_pylist()[2] == _emb("000002").tolist()
+    assert t.column("image_embedding").to_pylist()[6:] == [None] * 4
+    assert t.column("embedding_error").to_pylist()[6:] == ["no image"] + [r for _, r in repeats]
+    assert t.column("caption").to_pylist()[7:] == [None] * 3
+    assert (joined.embedded, joined.embedded_rows, joined.errors) == (4, 4, {})
+    without = build_output_table(rows=None, keys=["a"], embeddings=_emb("1")[None], errors={}, dim=DIM,
+                                 repeats=[("a", "duplicate key: sample 2")])
+    assert without.column("key").to_pylist() == ["a", "a"]
+    assert without.column("embedding_error").to_pylist() == [None, "duplicate key: sample 2"]
+
+
 def test_an_id_column_of_the_null_type_takes_the_runs_id_type():
     """pandas writes an empty frame's columns (an emptied shard's parquet) as Arrow's `null` type. The join refused
     such an id column ("has type null; the key join matches a string or integer column"), so the shard failed on

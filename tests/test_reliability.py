@@ -565,23 +565,47 @@ def test_tar_with_no_image_members(tmp_path):
 
 
 def test_duplicate_keys(tmp_path):
+    """A re-packed or concatenated shard can hold two samples of one key (`000000001.bmp` twice). The key's first
+    sample is its row; the repeat was skipped with only a count in the shard's warnings: its image on no row, the
+    output a row short of the tar's samples. Now it is a row of its own, with its key, no embedding and a reason
+    naming the key, the tar and its member, counted in the manifest as a row without an embedding; its key is never
+    twice in the kNN view."""
     s = samples(4)
     repeat = ShardSample(bmp(999), ext="bmp", key="000000001", caption="same key, other image", in_parquet=False)
     s.append(repeat)
     s.append(ShardSample(s[1].image, ext="bmp", key="copy-of-first", caption="the first image of key 1 again"))
-    write_shard(tmp_path / "in", "00000", s)
+    w = write_shard(tmp_path / "in", "00000", s)
     [r], out = run_shard(tmp_path)
     t = read(out / "00000.parquet")
+    assert_accounted(t, w.parquet_keys)
     keys = [str(k) for k in t.column("key").to_pylist()]
-    assert len(keys) == len(set(keys)) == 5 and r.embedded == 5 and r.samples == 6
-    rows = by_key(t)
-    assert np.allclose(rows["000000001"][0], rows["copy-of-first"][0])  # the first sample of the key owns the row
+    assert keys == list(w.parquet_keys) + ["000000001"]  # the parquet's 5 rows, then the repeat's
+    assert (r.rows, r.samples, r.embedded, r.failed) == (6, 6, 5, 1)
+    emb, reasons = t.column(EMB).to_pylist(), t.column(ERR).to_pylist()
+    assert np.allclose(emb[1], emb[keys.index("copy-of-first")])  # the first sample of the key owns its row
+    with tarfile.open(w.tar) as tar:
+        first, again = [m.offset_data for m in tar.getmembers() if m.name == "000000001.bmp"]
+    assert first < again and emb[-1] is None
+    reason = reasons[-1]
+    assert reason == (f"duplicate key: sample 2 of key '000000001' in 00000.tar, member '000000001.bmp' at byte "
+                      f"{again}; not embedded, as only the key's first sample is (on the key's row)")
+    assert ("000000001", reason) in r.errors
     assert r.warnings == ["1 sample(s) repeat an earlier key (1 key(s), e.g. '000000001'): the first sample of a "
-                          "key is its row, repeats are skipped"]
+                          "key is its row; each repeat is a row of its own, not embedded, with reason 'duplicate "
+                          "key: ...'"]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    entry = manifest["shards"]["00000"]
+    assert (entry["rows"], entry["embedded_rows"], entry["failed"]) == (t.num_rows, 5, 1)
+    causes = manifest["rows_without_embedding"]["causes"]
+    assert [(c["reason"], c["rows"]) for c in causes] == [(reason, 1)]
+    view = read(out / "_embeddings" / "00000.parquet").column("key").to_pylist()
+    assert sorted(view) == sorted(set(keys)) and len(view) == 5
     table.record("shard-duplicate-keys", done="a tar in which a 5th sample repeats the key of the 2nd, other image",
-                 did=f"one row per key (5 rows, no duplicates); the first sample of the key is embedded; warning "
-                     f"{q(r.warnings[0])}",
-                 lost="the repeated sample's image (a key owns one row); counted and named in the manifest")
+                 did=f"the parquet's 5 rows, the first sample of the key embedded on its row; the repeat a 6th row, "
+                     f"not embedded, with reason {q(reason)} (before, no row: only a warning counted it); "
+                     f"warning {q(r.warnings[0])}; the manifest counts 6 rows, 1 without an embedding",
+                 lost="the repeated sample's image is not embedded (a key has one embedding: which of two images "
+                      "a parquet row describes cannot be told); its row names it")
 
 
 def test_keys_with_spaces_and_dots(tmp_path):

@@ -157,12 +157,14 @@ def test_grouping_preference_missing_duplicate_empty(tmp_path):
     ])
     got = samples_of(tar)
     offs = data_offsets(tar)
+    with tarfile.open(tar) as t:
+        again = [m.offset_data for m in t.getmembers() if m.name == "a.jpg"][1]
     assert got == [
         Sample("a", b"JPG", "jpg", member="a.jpg", offset=offs["a.jpg"], others=("a.png",)),
         Sample("b", None, error="no image member (found: json, txt)"),
         Sample("c", b"W", "webp", member="c.webp", offset=offs["c.webp"]),
         Sample("d", None, "jpg", error="empty image member", member="d.jpg", offset=offs["d.jpg"]),
-        Sample("a", None, error="duplicate key"),
+        Sample("a", None, error="duplicate key", member="a.jpg", offset=again),  # its image member, not read
         Sample("e", None, error="symbolic link member, not followed"),
         Sample("f", b"BMP", "bmp", member="f.bmp", offset=offs["f.bmp"]),
     ]
@@ -206,7 +208,7 @@ def test_a_key_whose_first_members_hold_no_image_gets_its_image_from_a_later_run
             Sample("imgs/1", None, error="no image member (found: txt)"),
             Sample("imgs/2", b"TWO", "jpg", member="imgs/2.jpg", offset=offs["imgs/2.jpg"]),
             Sample("imgs/1", b"ONE", "jpg", member="imgs/1.jpg", offset=offs["imgs/1.jpg"]),
-            Sample("imgs/2", None, error="duplicate key"),
+            Sample("imgs/2", None, error="duplicate key", member="imgs/2.png", offset=offs["imgs/2.png"]),
             Sample("imgs/3", None, error="no image member (found: txt)"),
             Sample("imgs/2", None, error="no image member (found: txt)"),  # its caption after its image
             Sample("imgs/3", None, error="no image member (found: json)"),

@@ -339,6 +339,7 @@ def join_embeddings(
     embedding_dtype: str = "float32",
     id_type: "Optional[pa.DataType]" = None,
     missing_reasons: Optional[Mapping[str, str]] = None,
+    repeats: Sequence[tuple[str, str]] = (),
 ) -> JoinedOutput:
     """Join embeddings onto a shard's rows by key, never by position.
 
@@ -358,8 +359,8 @@ def join_embeddings(
       `error_message` (or, where empty, its `status`) for rows whose status is not "success" (string columns
       only: a `status` of other values is another source's, no reason); "no key (its
       '<id_column>' is null)" for a row whose id is null (it can match no sample); "not in tar".
-    * Order: `rows`' order, then appended samples in the order of `keys` followed by the remaining `errors` keys.
-      Without `rows` the same sample order.
+    * Order: `rows`' order, then appended samples in the order of `keys` followed by the remaining `errors` keys,
+      then `repeats`. Without `rows` the same sample order.
     * A column that `rows` declares non-nullable is declared nullable where the output holds a null in it (the
       appended rows): _nullable_where_null.
     * An appended sample whose key is not an integer, for an integer id column, gets a null id and an error that
@@ -376,6 +377,9 @@ def join_embeddings(
     * `missing_reason` replaces "not in tar" for successful rows the tar lacks (e.g. a damaged tar's unread part);
       `missing_reasons` (tar key -> reason, matched as sample keys are) replaces it for the rows of those keys (a
       member of the key's name that is no sample's: shard.TarRead.missing_reasons). Never rows of their own.
+    * `repeats`: (key, reason) of tar samples that repeat an earlier sample's key (shard.TarRead.repeats), each
+      appended as a row of its own after the other samples, with its key and reason and never an embedding (the
+      key's first sample owns the key's row), so that every sample of the tar is a row.
     * `id_type`, without `rows` (or where their id column is of the `null` type: holds_no_ids): the run's id type
       (its other shards' parquets'), which the tar keys take, so that every shard's output has one schema; a key
       that is not an integer, for an integer type, gets a null id and an error naming it. Without it (or with
@@ -393,10 +397,13 @@ def join_embeddings(
     if both:
         raise ValueError(f"{len(both)} keys have both an embedding and an error, e.g. {sorted(both)[0]!r}")
 
-    # Every tar sample: embedded ones first (their index in `emb`), then the failed ones.
+    # Every tar sample: embedded ones first (their index in `emb`), then the failed ones, then the repeats of a key
+    # (after their key's first sample, which index_in below finds first: a repeat never takes a row of `rows`).
     error_keys = [k for k in errors]
-    sample_keys = keys + error_keys
-    sample_errors = pa.array([None] * len(keys) + [str(errors[k]) for k in error_keys], type=pa.string())
+    sample_keys = keys + error_keys + [k for k, _ in repeats]
+    owners = len(keys) + len(error_keys)  # the samples before the repeats
+    sample_errors = pa.array([None] * len(keys) + [str(errors[k]) for k in error_keys] + [str(r) for _, r in repeats],
+                             type=pa.string())
 
     if rows is None:
         id_type = id_type or pa.string()
@@ -420,7 +427,7 @@ def join_embeddings(
     collided: dict[int, str] = {}  # sample -> its error
     if pa.types.is_integer(id_type):
         first_of: dict[str, int] = {}
-        for i, c in enumerate(canon):
+        for i, c in enumerate(canon[:owners]):  # a repeat's own reason says why it has no row of `rows`
             first = first_of.setdefault(c, i)
             if first != i:
                 collided[i] = (f"key {sample_keys[i]!r} has the same integer id as key {sample_keys[first]!r}, "
@@ -452,6 +459,7 @@ def join_embeddings(
     # Tar samples the parquet lacks, and those whose integer id an earlier key owns: appended after, in sample order.
     extra_mask = np.asarray(pc.invert(pc.is_in(sample_canon, value_set=row_ids)), dtype=bool)
     extra_mask[list(collided)] = True  # never on the first key's row (index_in above picks the first)
+    extra_mask[owners:] = True  # each repeat a row of its own
     extra = np.flatnonzero(extra_mask)
     extra_reason = sample_errors.take(pa.array(extra, type=pa.int64()))
     extra_src = np.where(extra < len(keys), extra, -1)

@@ -536,6 +536,7 @@ def process_shard(
                 keys=keys,
                 embeddings=embeddings,
                 errors={**tar.errors, **failures},
+                repeats=tar.repeats,
                 dim=worker.loaded.dim,
                 id_column=config.id_column,
                 embedding_column=config.embedding_column,
@@ -572,7 +573,7 @@ def process_shard(
             failed=table.num_rows - joined.embedded_rows,  # rows without an embedding
             dim=worker.loaded.dim,
             cache_key=key,
-            errors=sorted({**tar.errors, **failures, **joined.errors}.items())[:20],
+            errors=sorted([*{**tar.errors, **failures, **joined.errors}.items(), *tar.repeats])[:20],
             error_causes=_row_causes(config, plan, table),
             model=worker.info,
             warnings=warnings,
@@ -705,7 +706,10 @@ class TarRead:
         self.builder = (shardindex.IndexBuilder() if config.use_index_files
                         and (self.index is not None or not storage.is_local(self.fs)) else None)
         self.errors: dict[str, str] = {}  # key -> why it has no image
-        self.duplicates: dict[str, int] = {}
+        self.duplicates: dict[str, int] = {}  # key -> how many later samples repeat it
+        # (key, why) of each such repeat, in tar order: a row of its own in the output, never embedded (the key's
+        # first sample is its row), so that no sample of the tar goes missing from it unsaid
+        self.repeats: list[tuple[str, str]] = []
         # members without an extension, which no sample has (shards.iter_samples): the key each would be -> its name
         self.no_extension: dict[str, str] = {}
         self.n_no_extension = 0
@@ -741,8 +745,11 @@ class TarRead:
                             continue
                         if sample.key not in imageless:
                             # The key's first sample with an image owns its row (embedded or failed); a repeat is
-                            # counted, not joined.
+                            # not embedded (which of two images a key's parquet row describes cannot be told, and
+                            # two embeddings of one key would make its id ambiguous in a kNN index): it gets a row
+                            # of its own that says so.
                             self.duplicates[sample.key] = self.duplicates.get(sample.key, 0) + 1
+                            self.repeats.append((sample.key, self._repeat_reason(sample)))
                             continue
                         imageless.discard(sample.key)
                         del self.errors[sample.key]
@@ -766,6 +773,16 @@ class TarRead:
                     self.errors[exc.key] = shards.damaged_sample_reason(exc)
                 return
         self.read_to_end = True
+
+    def _repeat_reason(self, sample: shards.Sample) -> str:
+        """The row reason of a sample that repeats an earlier sample's key, naming the key, the tar and its member."""
+        n = self.duplicates[sample.key] + 1
+        where = ""
+        if sample.member is not None:
+            at = f" at byte {sample.offset}" if sample.offset is not None else ""
+            where = f", member {shards.stored_key(sample.member)!r}{at}"
+        return (f"{shards.DUPLICATE_KEY}: sample {n} of key {sample.key!r} in {posixpath.basename(self.plan.shard)}"
+                f"{where}; not embedded, as only the key's first sample is (on the key's row)")
 
     def _without_extension(self, name: str) -> None:
         self.n_no_extension += 1
@@ -804,8 +821,9 @@ class TarRead:
         if self.duplicates:
             first = sorted(self.duplicates)[:3]
             warnings.append(f"{sum(self.duplicates.values())} sample(s) repeat an earlier key ({len(self.duplicates)} "
-                            f"key(s), e.g. {', '.join(map(repr, first))}): the first sample of a key is its row, "
-                            "repeats are skipped")
+                            f"key(s), e.g. {', '.join(map(repr, first))}): the first sample of a key is its row; "
+                            f"each repeat is a row of its own, not embedded, with reason '{shards.DUPLICATE_KEY}: "
+                            "...'")
         if self.n_several_images:
             shown = "; ".join(f"{key!r}: {chosen!r} taken, {', '.join(map(repr, others))} not"
                               for key, chosen, others in self.several_images)

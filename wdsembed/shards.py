@@ -31,7 +31,7 @@ class Sample:
     # second copy); None when `error` is set
     image: Optional[bytes | memoryview]
     image_ext: Optional[str] = None  # lowercased extension of the chosen member ("jpg")
-    error: Optional[str] = None  # e.g. "no image member (found: json, txt)", "duplicate key"
+    error: Optional[str] = None  # e.g. "no image member (found: json, txt)", DUPLICATE_KEY
     member: Optional[str] = None  # the chosen image member's name in the tar
     # byte offset of that member's data in the tar (the offset its .idx line has); for a hard link, its target's
     offset: Optional[int] = None
@@ -42,6 +42,9 @@ class Sample:
 
 
 MAX_OTHERS = 3
+# The error of a sample whose key an earlier sample of the tar has (iter_samples); its `member` and `offset` are of
+# the image member it was not read for.
+DUPLICATE_KEY = "duplicate key"
 
 
 def has_extension(name: str) -> bool:
@@ -128,8 +131,8 @@ def iter_samples(
     (the last dot-part) is in `extensions`, tried in that order of preference, those named KEY.<extension> before
     those named after more dots (`KEY.mask.png`, WebDataset's component `mask.png`); a sample with two or more of
     the latter and none of the former gets an error naming them (_image_rank). A key seen again later in the tar
-    yields a Sample with error "duplicate key" where it has a member named like an image, unless no earlier sample
-    of it had one (`tar cf` of a folder can put a caption before its image, with other samples between): then it
+    yields a Sample with error DUPLICATE_KEY where it has a member named like an image (`member` and `offset` name
+    the one that would be its image, not read), unless no earlier sample of it had one (`tar cf` of a folder can put a caption before its image, with other samples between): then it
     is read as any sample. A later run of a key with no image member is a sample with no image, as any such (its
     caption after its image). With `index`, members are located through it and each member's
     tar header is checked against it; a mismatch raises shardindex.StaleIndexError. A truncated or corrupt tar raises
@@ -243,6 +246,8 @@ def _parse_tar(
     unread: Optional[str] = None  # why an image-named member of the sample gave no bytes (links, devices)
     duplicate = False
     repeats_image = False  # a sample of a key seen before has a member named like an image
+    # a repeat's image member, as `best` would pick it but never read: (rank, name, data offset), for its row's reason
+    repeat_member: Optional[tuple[int, str, Optional[int]]] = None
     damaged: Optional[tarstream.ShardReadError] = None  # a damaged header read past while this sample was open
     follows: Optional[tarstream.ShardReadError] = None  # the damaged part right before this sample's first member
     read_past: Optional[tarstream.ShardReadError] = None  # the last damaged part read past
@@ -258,8 +263,10 @@ def _parse_tar(
     def _finish() -> Sample:
         assert key is not None
         if duplicate:  # a run of members apart from its key's first (a caption after its image) repeats nothing
-            return Sample(key, None, error="duplicate key") if repeats_image else Sample(key, None,
-                                                                                         error=_no_image(found, rank))
+            if not repeats_image:
+                return Sample(key, None, error=_no_image(found, rank))
+            _, member, offset = repeat_member or (None, None, None)
+            return Sample(key, None, error=DUPLICATE_KEY, member=member, offset=offset)
         if best is not None or unread is not None or damaged is not None:
             seen.add(key)  # only a sample with an image member owns its key (see iter_samples)
         if best is None and damaged is not None:
@@ -326,7 +333,7 @@ def _parse_tar(
                     if key is not None:
                         yield finish()
                     key, found, best, unread, parts, n_parts, plain, best_at = k, [], None, None, [], 0, [], None
-                    duplicate, repeats_image = k in seen, False
+                    duplicate, repeats_image, repeat_member = k in seen, False, None
                     damaged = None
                     follows = read_past if read_past is not None and m.header_offset == resumed_at else None
                 found.append(ext)
@@ -341,6 +348,9 @@ def _parse_tar(
                 if mrank is not None:
                     mrank = _choice(mrank, target[1] if target is not None else m.size, span)
                 repeats_image = repeats_image or (duplicate and mrank is not None)
+                if duplicate and mrank is not None and (repeat_member is None or mrank < repeat_member[0]):
+                    at_offset = m.data_offset if regular else target[0] if target is not None else None
+                    repeat_member = (mrank, m.name, at_offset)
                 if duplicate or mrank is None or (best is not None and mrank >= best[0]):
                     tarstream.skip_data(r, m)
                     continue
@@ -723,7 +733,7 @@ def _group_samples(plan: _IndexPlan, runs: list[_Run], seen: set[str], first: in
             yield Sample(key, None, error=_no_image(found, plan.rank))
             continue
         if key in seen:
-            yield Sample(key, None, error="duplicate key")
+            yield Sample(key, None, error=DUPLICATE_KEY, member=member, offset=offset)
             continue
         seen.add(key)  # only a sample with an image member owns its key (see iter_samples)
         others = plan.group_others.get(g, ()) if plan.group_others else ()
