@@ -145,6 +145,9 @@ FAULTS = {
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
     "internal": (500, "InternalError", "We encountered an internal error. Please try again."),
     "unavailable": (503, "ServiceUnavailable", "Service is unable to handle request."),
+    # a conditional write (If-Match, If-None-Match) racing another on the same key: S3 says to try again
+    "conflict": (409, "ConditionalRequestConflict", "A conflicting conditional operation is currently in progress "
+                 "against this resource. Please try again."),
 }
 
 
@@ -152,7 +155,8 @@ class FaultProxy:
     """A loopback HTTP proxy in front of an S3 endpoint that fails the first try of every `every`-th distinct
     request (method, path, query, Range), cycling through `kinds`:
 
-    slowdown / internal / unavailable: an S3 error response (503 SlowDown, 500 InternalError, 503);
+    slowdown / internal / unavailable / conflict: an S3 error response (503 SlowDown, 500 InternalError, 503,
+    409 ConditionalRequestConflict);
     reset: the connection closed without an answer;
     truncate: a GET answered with its full Content-Length but only half the body, then the connection closed;
     stall: no answer for `stall_seconds` (longer than the client's read timeout), then the real one;

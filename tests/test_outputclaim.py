@@ -905,6 +905,161 @@ def test_a_run_removes_the_markers_its_killed_workers_left_as_it_releases_its_cl
     assert listing() == [m for m in markers if m.startswith(f".{CLAIM_NAME}.commit-0123456789abcdef-")]
 
 
+def test_the_next_run_removes_the_markers_a_killed_runs_workers_left(closing, caplog):
+    """The process that ran a run was killed (SIGKILL) while a worker of its run was putting a shard in place: the
+    worker's marker stayed beside the claim. On local disk the next run's claim removed it as a temp file; on S3
+    nothing did (the run's own release never came), and it stayed in the bucket for good. The next run, its claim
+    taken over, removes it, and says so with the temp files."""
+    from wdsembed.outputclaim import ShardCommit
+
+    config, listing, record, gate, hold_at = closing
+    dead = "0123456789abcdef"
+    fs, path = outputclaim.claim_url(config)
+    fs.makedirs(fs._parent(path), exist_ok=True)  # local disk; a no-op on S3
+    fs.pipe_file(path, _foreign_claim(config, run=dead, host="another-host",
+                                      heartbeat=outputclaim._iso(time.time() - 3600)))
+    ShardCommit(config, dead, "00000", "shard 00000").check()  # its claim still in place: the worker went on
+    [marker] = [name for name in listing() if name.startswith(f".{CLAIM_NAME}.commit-{dead}-")]
+    with caplog.at_level(logging.WARNING, logger="wdsembed"):
+        claim = outputclaim.take(config)
+    try:
+        assert f"took over the claim of run {dead}" in caplog.text, caplog.text
+        assert f"removed 1 temp file(s) that runs killed mid-write had left: {marker}" in caplog.text, caplog.text
+        assert claim.removed == [marker] and listing() == [CLAIM_NAME]
+        with pytest.raises(outputclaim.OutputClaimLostError, match=f"now held by run {claim.run} "):
+            ShardCommit(config, dead, "00001", "shard 00001").check()  # a worker of the dead run, still running
+    finally:
+        claim.release()
+    assert [name for name in listing() if not name.startswith(f".{CLAIM_NAME}.commit-{dead}-")] == []
+
+
+def test_a_run_on_a_store_listed_only_whole_looks_for_its_markers_only_where_it_gave_up_shards(tmp_path,
+                                                                                              monkeypatch, caplog):
+    """On an object store whose fsspec listing takes no prefix (fsspec's memory store here; S3, GCS and Azure's blob
+    store list a prefix alone), a run's markers are found only by listing OUTPUT, a page per 1,000 of its outputs:
+    every run did so as it released its claim. It does so only where it gave up on shards (a worker of theirs may
+    have died mid-write); the markers of a killed run go as the next run takes the claim, which lists OUTPUT once
+    for them."""
+    import fsspec
+
+    from wdsembed.outputclaim import ShardCommit
+
+    monkeypatch.setattr(outputclaim, "COMMIT_WAIT_S", 0.5)
+    bucket = f"claims-{tmp_path.name}"
+    config = _config(tmp_path / "in", f"memory://{bucket}/out")
+    fs, root = storage.filesystem(config.output)
+    assert fs is fsspec.filesystem("memory") and root == f"/{bucket}/out"
+    listed = []
+    ls = fs.ls
+
+    def counted(path, *args, **kwargs):
+        listed.append(path.rstrip("/"))
+        return ls(path, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "ls", counted)
+
+    def markers() -> list[str]:
+        return [p.rsplit("/", 1)[-1] for p in fs.find(root) if f"/.{CLAIM_NAME}.commit-" in p]
+
+    claim = outputclaim.take(config)
+    try:
+        assert listed == [root]  # once, for a killed run's markers (none)
+        listed.clear()
+        with ShardCommit(config, claim.run, "00000", "shard 00000") as commit:
+            commit.check()  # a shard put in place
+        assert markers() == []
+    finally:
+        claim.release()
+    assert listed == []  # nothing given up: OUTPUT not listed as the run ends
+
+    claim = outputclaim.take(config)
+    try:
+        ShardCommit(config, claim.run, "00000", "shard 00000").check()  # its worker died mid-write
+        with caplog.at_level(logging.WARNING, logger="wdsembed"):
+            outputclaim.close_shards(config, claim.run, ["00000"])  # the run gave up on it (waited 0.5 s)
+        assert len(markers()) == 1
+        listed.clear()
+    finally:
+        claim.release()
+    assert markers() == [] and listed == [root]  # looked for as the run ended
+
+    dead = "0123456789abcdef"  # a run whose process was killed while its worker put shard 00000 in place
+    fs.pipe_file(storage.join(root, CLAIM_NAME), _foreign_claim(config, run=dead, host="another-host",
+                                                                heartbeat=outputclaim._iso(time.time() - 3600)))
+    ShardCommit(config, dead, "00000", "shard 00000").check()
+    [marker] = markers()
+    claim = outputclaim.take(config)
+    try:
+        assert claim.removed == [marker] and markers() == []
+    finally:
+        claim.release()
+    assert fs.find(root) == []
+
+
+def test_a_claim_write_refused_as_a_conflict_is_tried_again(s3_env, tmp_path, caplog):
+    """S3 answers 409 ConditionalRequestConflict to a conditional write racing another on the same key, and says to
+    try again. The claim's creation did; a rewrite of it (a heartbeat, a close) raised it as the store's error, and a
+    close refused so left the shard open for its workers. It is tried again, after a short sleep."""
+    server = s3_env
+    proxy = KeyedFaultProxy(server.endpoint, []).start()
+    key = f"conflict-{tmp_path.name}"
+    config = _config(tmp_path / "in", f"s3://claims/{key}",
+                     storage_options={"endpoint_url": proxy.endpoint, "max_attempts": "1"})
+
+    def stored() -> dict:
+        return json.loads(server.boto().get_object(Bucket="claims", Key=f"{key}/{CLAIM_NAME}")["Body"].read())
+
+    proxy.rules.append(["PUT", rf"/{key}/{CLAIM_NAME}$", "conflict", 2, "If-None-Match"])
+    claim = outputclaim.take(config)
+    try:
+        assert proxy.injected["conflict"] == 2 and stored()["run"] == claim.run
+        proxy.rules.append(["PUT", rf"/{key}/{CLAIM_NAME}$", "conflict", 2, "If-Match"])
+        with caplog.at_level(logging.WARNING, logger="wdsembed"):
+            assert claim.close(["00000"])
+            assert proxy.injected["conflict"] == 4 and stored()["closed"] == ["00000"]
+            proxy.rules.append(["PUT", rf"/{key}/{CLAIM_NAME}$", "conflict", 2, "If-Match"])
+            claim.heartbeat()
+            assert proxy.injected["conflict"] == 6 and not claim.lost
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    finally:
+        claim.release()
+        proxy.stop()
+    assert [k for k in server.keys("claims") if k.startswith(key)] == []
+
+
+def test_a_close_the_store_refuses_is_tried_again_until_the_wait_is_up(s3_env, tmp_path, monkeypatch, caplog):
+    """Every write of the claim refused (503, past the client's tries) as the run closes a shard it gave up on,
+    with no worker of it putting files in place: the close was tried once, and the count went on at once, the shard
+    open to a worker that had not yet put its marker. It is tried again until COMMIT_WAIT_S is up, then said, and
+    the count goes on."""
+    monkeypatch.setattr(outputclaim, "COMMIT_WAIT_S", 2.0)
+    server = s3_env
+    key = f"unclosable-{tmp_path.name}"
+    proxy = KeyedFaultProxy(server.endpoint, []).start()
+    config = _config(tmp_path / "in", f"s3://claims/{key}",
+                     storage_options={"endpoint_url": proxy.endpoint, "max_attempts": "1"})
+    claim = outputclaim.take(config)
+    try:
+        proxy.rules.append(["PUT", rf"/{key}/{CLAIM_NAME}$", "slowdown", None])
+        with caplog.at_level(logging.WARNING, logger="wdsembed"):
+            outputclaim.close_shards(config, claim.run, ["00000"])
+        proxy.rules.clear()
+        assert proxy.injected["slowdown"] >= 2  # tried again
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert said[0].startswith(f"output {config.output}: could not mark shard(s) 00000 closed in this run's "
+                                  "claim (") and said[0].endswith("; tried again for up to 2 s"), said
+        assert said[1:] == [f"shard(s) 00000: could not be marked closed in this run's claim on output "
+                            f"{config.output} for 2 s (the store's error, said above): counted by what is in place "
+                            "now; a worker may yet write one of them after this run has counted it failed"], said
+        assert "closed" not in json.loads(server.boto().get_object(Bucket="claims", Key=f"{key}/{CLAIM_NAME}")[
+            "Body"].read())
+    finally:
+        proxy.rules.clear()
+        claim.release()
+        proxy.stop()
+    assert [k for k in server.keys("claims") if k.startswith(key)] == []
+
+
 def test_a_close_whose_earlier_claim_write_lost_its_answer_is_stored(s3_env, tmp_path, caplog):
     """A write of the claim (here closing shard 00001) landed on S3 but its answers were lost (the connection cut):
     the run's ETag of its claim is stale. Its next write, closing shard 00000, got 412; the claim read back was
@@ -1010,7 +1165,8 @@ def test_a_run_whose_claim_cannot_be_written_still_waits_for_a_worker_putting_a_
         s3_env, tmp_path, monkeypatch, caplog):
     """Every PUT of the claim refused (503, past the retries) as the run closes the shard it gave up on: it is not
     closed, said. The run counted at once, while its worker was putting the shard's files in place: the manifest
-    listed it failed beside its whole output. It still waits for the worker's marker, and counts the shard finished."""
+    listed it failed beside its whole output. It still waits for the worker's marker, and counts the shard finished;
+    meanwhile it tries the close again, which the store takes once it takes writes again."""
     from wdsembed import caching, shard
     from wdsembed.plan import plan_shards
 
@@ -1036,11 +1192,14 @@ def test_a_run_whose_claim_cannot_be_written_still_waits_for_a_worker_putting_a_
             _until(lambda: not counting.is_alive() or "waiting for their worker" in caplog.text)
             gate.touch()
             worker.join(120)
+            proxy.rules.clear()  # the store takes writes again
             counting.join(120)
         assert proxy.injected["slowdown"] >= 1
         assert "could not mark shard(s) 00000 closed in this run's claim" in caplog.text, caplog.text
         assert not worked["outcome"].cached, worked["outcome"]
         assert [r["stem"] for r in counted["outcome"]] == ["00000"] and failures == {} and transient == []
+        stored = json.loads(server.boto().get_object(Bucket="claims", Key=f"{key}/{CLAIM_NAME}")["Body"].read())
+        assert stored["closed"] == ["00000"], stored
     finally:
         gate.touch()
         proxy.rules.clear()

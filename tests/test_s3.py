@@ -1212,7 +1212,8 @@ def test_denied_output_fails_before_any_shard(server, dataset, monkeypatch):
 def _listings(proxy, url: str) -> int:
     """The listings of `url`'s prefix (or of a folder below it) that `proxy` served: one per LIST request here,
     where every listing is one page; probes of one key (s3fs's info of a folder) left out, and so are the listings
-    of a run's markers beside its claim (a prefix no output's name starts with: one small page, as the run ends)."""
+    of the markers beside the claim (a prefix no output's name starts with: one small page as the run takes its
+    claim, for a killed run's, and one as it ends, for its own)."""
     markers = f"/.{CLAIM_NAME}.commit-"
     where = "/" + url[len("s3://"):]
     return sum(1 for op, listed in proxy.seen

@@ -23,8 +23,8 @@ pandas, Spark) skip it, as do the checks that list OUTPUT (plan.check_outputs_be
 Taking it is one atomic step on the store, never a look followed by a write:
 
 * local disk (and NFS): the JSON written to a temp file, then hard-linked to `_claim.json` (os.link fails where the
-  name exists: atomic, and a reader never sees a half-written claim); where a filesystem has no hard links,
-  os.open(O_CREAT | O_EXCL) instead.
+  name exists: atomic, also on NFS, where the server does it, and a reader never sees a half-written claim); where
+  a filesystem has no hard links, os.open(O_CREAT | O_EXCL) instead. (Closed shards, below, ask more of NFS.)
 * S3: a PUT with `If-None-Match: *` (conditional writes, on AWS since August 2024): S3 answers 412 to every PUT
   but one. A stale claim is replaced with `If-Match: <its ETag>`, the heartbeat likewise with the claim's own ETag,
   so that of two runs taking over one stale claim one wins, and a run whose claim was taken over learns it. A PUT
@@ -43,7 +43,7 @@ minute or so (NTP).
 
 With the claim held, `remove_stale_temp_files` removes what dead runs left in OUTPUT: the temp files of atomic
 writes (`.<name>.tmp-<32 hex>`, storage.write_atomic) of a process killed between a file's write and its rename;
-and on S3 `abort_stale_uploads` aborts the incomplete multipart uploads of a process killed while uploading an
+on an object store, the markers of workers killed while putting a shard in place (closed shards, below); and on S3 `abort_stale_uploads` aborts the incomplete multipart uploads of a process killed while uploading an
 output (over 100 MB), of output names only (output.is_output_name) and begun before the claim: stored and billed,
 though no listing shows them. A store that refuses to list or abort them leaves them, with a warning line.
 
@@ -63,7 +63,13 @@ rename (on S3 its upload), the rest of the table's write, then its rename or upl
 (the claim is taken over only once its run is gone or 3 minutes silent) still lands that one shard's files; every
 shard the old run's tasks commit after it is refused. A shard the run has given up on (its Dask scheduler lost) is
 closed in the claim before the run counts its outputs, and refused from then on (close_shards, ShardCommit: closed
-shards, below). The orchestrating process reads the claim in the same way
+shards, below). That relies on the run and its workers each seeing the other's writes at once: S3 does, and so does
+one host's local disk; on NFS shared by several hosts, each client caches what it has looked up and listed (the
+attribute cache: seconds to a minute by default), so a worker on another host may read the claim from before the
+close, or the run list OUTPUT without a worker's fresh marker, for that long, and a shard landing within it is
+counted failed beside its whole output (the next run finds it finished). Mounts with `actimeo=0` (or `noac`) and
+`lookupcache=none` take that time away, at the cost of a request to the server for every look. The orchestrating
+process reads the claim in the same way
 before it writes the run's manifest (report.write_manifest): a run whose claim was taken over while it ran (its
 heartbeats stopped: a suspended host, a cut network) leaves the manifest to the run that took it.
 """
@@ -399,20 +405,28 @@ class _ObjectStore:
             return None
         return found.token
 
-    def create(self, data: bytes) -> Optional[Any]:
-        for _ in range(5):
+    def _put_retrying_conflicts(self, data: bytes, **condition: str) -> Any:
+        """_put, tried again after a short sleep where S3 answers 409 ConditionalRequestConflict (a conditional
+        write racing another on the same key: S3 says to try again); the last try's error raised."""
+        for attempt in range(5):
             try:
-                return self._put(data, mode="create")  # S3: If-None-Match: *
-            except FileExistsError:
-                return self._landed(data)
+                return self._put(data, **condition)
             except OSError as exc:
-                if _conflict(exc):  # 409: a conditional write raced another; S3 says to try again
-                    time.sleep(0.2)
-                    continue
-                if _precondition_failed(exc):
-                    return self._landed(data)
-                raise
-        return None
+                if attempt == 4 or not _conflict(exc):
+                    raise
+                time.sleep(0.2)
+
+    def create(self, data: bytes) -> Optional[Any]:
+        try:
+            return self._put_retrying_conflicts(data, mode="create")  # S3: If-None-Match: *
+        except FileExistsError:
+            return self._landed(data)
+        except OSError as exc:
+            if _precondition_failed(exc):
+                return self._landed(data)
+            if _conflict(exc):
+                return None  # the caller looks again
+            raise
 
     def read(self) -> Optional[_Found]:
         self.fs.invalidate_cache(self.path)
@@ -446,7 +460,7 @@ class _ObjectStore:
     def refresh(self, token: Any, data: bytes, run: str) -> Optional[Any]:
         if self.s3 and token:
             try:
-                return self._put(data, IfMatch=token)
+                return self._put_retrying_conflicts(data, IfMatch=token)
             except OSError as exc:
                 if not (_precondition_failed(exc) or isinstance(exc, FileNotFoundError)):
                     raise
@@ -457,7 +471,7 @@ class _ObjectStore:
                 return None
             # Still ours, under another ETag: an earlier write of ours landed, its answer lost. `data` is not stored
             # yet: written against the ETag found (a second 412 is the store's error, for the caller).
-            return self._put(data, IfMatch=found.token)
+            return self._put_retrying_conflicts(data, IfMatch=found.token)
         found = self.read()
         if found is None:
             return self.create(data)
@@ -535,6 +549,7 @@ class Claim:
     aborted_uploads: list[str] = field(default_factory=list)  # dead runs' incomplete multipart uploads, aborted
     lost: bool = False  # another run took the claim over meanwhile (this run's heartbeats had stopped)
     released: bool = False
+    gave_up: bool = False  # the run gave up on shards (close_shards): a worker of theirs may have died mid-write
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: Optional[threading.Thread] = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -565,19 +580,21 @@ class Claim:
                 log.warning("output %s: could not refresh this run's claim (%s: %s); trying again in %.0f s",
                             self.output, type(exc).__name__, exc, HEARTBEAT_S)
 
-    def close(self, stems) -> bool:
+    def close(self, stems, then: Optional[str] = "a worker may yet write one of them after this run has counted it "
+              "failed") -> bool:
         """Mark the shards `stems` closed in the claim (its "closed" list, kept by every later heartbeat): from the
         moment this returns True, no worker of this run puts a file of theirs in place (ShardCommit.check refuses).
-        False where that could not be said (the claim released or lost, or the store's error: said)."""
+        False where that could not be said (the claim released or lost, or the store's error: said, with `then`,
+        what follows; not where `then` is None)."""
         with self._lock:
             if self.lost or self.released:
                 return False
             try:
                 return self._rewrite({"closed": sorted(set(self.record.get("closed", ())) | set(stems))})
             except Exception as exc:  # noqa: BLE001 - the count goes on without it, as it did before closing
-                log.warning("output %s: could not mark shard(s) %s closed in this run's claim (%s: %s); a worker may "
-                            "yet write one of them after this run has counted it failed", self.output,
-                            ", ".join(sorted(stems)), type(exc).__name__, exc)
+                if then is not None:
+                    log.warning("output %s: could not mark shard(s) %s closed in this run's claim (%s: %s); %s",
+                                self.output, ", ".join(sorted(stems)), type(exc).__name__, exc, then)
                 return False
 
     def reopen(self) -> None:
@@ -621,7 +638,12 @@ class Claim:
             if self.lost or self.released:
                 return
             self.released = True
-            _remove_markers(self.store.fs, self.store.folder, self.run, self.output)
+            fs = self.store.fs
+            # A store that lists only whole folders (not local disk) is listed (a page per 1,000 outputs) only where
+            # a worker may have died mid-write, as far as the run knows (it gave up on shards); the markers of a
+            # worker that died unseen (its shard run again whole) go as the next run takes the claim.
+            if storage.is_local(fs) or storage.lists_by_prefix(fs) or self.gave_up:
+                _remove_markers(fs, self.store.folder, self.run, self.output)
             try:
                 self.store.release(self.token, self.run)
             except Exception as exc:  # noqa: BLE001
@@ -729,6 +751,9 @@ def take(config: EmbedConfig, by: Optional[str] = None) -> Claim:
         log.warning("output %s: took over the claim of %s", config.output, took_over)
     try:
         claim.removed = remove_stale_temp_files(config)
+        if storage.writes_whole_objects(store.fs):
+            claim.removed = sorted(claim.removed + _remove_dead_runs_markers(store.fs, store.folder, claim.run,
+                                                                             config.output))
     except BaseException:  # Ctrl-C too: the caller never gets the claim to release
         claim.release()
         raise
@@ -767,46 +792,47 @@ def held(config: EmbedConfig, by: Optional[str] = None) -> Iterator[Claim]:
 # claim, then looks at the claim; the run closes the shards in the claim, then looks for markers, and counts only
 # once those of its closed shards are gone. Of the two writes one comes first, and its writer's read follows both:
 # either the worker sees the close (and puts nothing in place), or the run sees the marker and waits for the
-# worker's last file to be in place or given up (removing the marker), then counts what is there. Both stores read
-# their own writes at once (S3 is strongly consistent, listings included; a rename is atomic on local disk).
+# worker's last file to be in place or given up (removing the marker), then counts what is there. This needs each
+# side to see the other's write at once: S3 does (strongly consistent, listings included), and one host's local
+# disk; NFS across hosts only where its clients cache nothing (module doc).
 # Where the close cannot be written (the store's error, said), the run still waits for the markers it finds; where
 # it cannot list them, it tries again until COMMIT_WAIT_S is up, then counts, saying so. It lists its own run's
-# markers alone (their prefix: on S3 one small listing, not OUTPUT's every output), and removes those a killed
-# worker left as it releases the claim. A flow retry under the same claim (run() holds it across the embed-shards
-# flow's attempts) starts with no shard closed (reopen_shards), as a new run would.
+# markers alone (their prefix: on S3, GCS and Azure one small listing, not OUTPUT's every output). Every shard a
+# worker puts in place makes a marker (a PUT and a DELETE on S3, beside its look at the claim). A worker killed
+# mid-write leaves its marker: its run removes those as it releases the claim (where the store lists only whole
+# folders, only where it gave up on shards: a listing of OUTPUT is a page per 1,000 outputs), and a run that takes
+# the claim removes those of other runs, killed with their workers' markers in place (_remove_dead_runs_markers; on
+# local disk they are temp files, and go with them). A close the store refuses (503, 409) is tried again while the
+# run waits. A flow retry under the same claim (run() holds it across the embed-shards flow's attempts) starts with
+# no shard closed (reopen_shards), as a new run would.
+
+
+MARKERS_START = f".{CLAIM_NAME}.commit-"  # how every marker's name starts
 
 
 def _run_markers_start(run: str) -> str:
     """How the names of run `run`'s markers start."""
-    return f".{CLAIM_NAME}.commit-{run}-"
+    return f"{MARKERS_START}{run}-"
 
 
 def _marker_prefix(run: str, stem: str) -> str:
     """The start of a marker's name: its run and shard (hashed: a stem may be too long for a name). Ended by
     `.tmp-<32 hex>`, the name of an atomic write's temp file: one a killed worker left is removed as they are
-    (remove_stale_temp_files) on local disk; on an object store, by its run as it releases the claim
-    (_remove_markers)."""
+    (remove_stale_temp_files) by the next run's claim where OUTPUT has temp files (local disk); on an object store,
+    by its run as it releases the claim (_remove_markers), else by the next run's claim (_remove_dead_runs_markers)."""
     return f"{_run_markers_start(run)}{hashlib.sha256(stem.encode()).hexdigest()[:16]}"
 
 
 def _run_markers(fs: Any, folder: str, run: str) -> list[str]:
-    """The names of run `run`'s markers in OUTPUT (`folder`). On S3 one listing of their prefix alone: a listing
-    of OUTPUT itself is of its every output (1,000 a page), and close_shards asks 5 times a second."""
-    start = _run_markers_start(run)
-    if storage.is_s3(fs):
-        names = fs.find(folder, prefix=start)  # s3fs: that prefix listed, never cached, [] where none
-    else:
-        fs.invalidate_cache(folder)
-        try:
-            names = fs.ls(folder, detail=False)
-        except FileNotFoundError:
-            names = []
-    return [name for name in (path.rsplit("/", 1)[-1] for path in names) if name.startswith(start)]
+    """The names of run `run`'s markers in OUTPUT (`folder`). On S3 (and GCS, Azure) one listing of their prefix
+    alone: a listing of OUTPUT itself is of its every output (1,000 a page), and close_shards asks 5 times a
+    second."""
+    return storage.names_starting(fs, folder, _run_markers_start(run))
 
 
 def _remove_markers(fs: Any, folder: str, run: str, output: str) -> None:
     """Remove what markers of run `run` are left in OUTPUT (a worker killed while putting a shard in place), as the
-    run releases its claim: no later run's cleanup removes them on an object store. Never raises: said."""
+    run releases its claim. Never raises: said."""
     try:
         for name in _run_markers(fs, folder, run):
             try:
@@ -816,6 +842,28 @@ def _remove_markers(fs: Any, folder: str, run: str, output: str) -> None:
     except Exception as exc:  # noqa: BLE001 - small files, harmless to later runs
         log.warning("output %s: could not remove the markers this run's workers left there (%s*: %s: %s)", output,
                     _run_markers_start(run), type(exc).__name__, exc)
+
+
+def _remove_dead_runs_markers(fs: Any, folder: str, run: str, output: str) -> list[str]:
+    """Remove the markers of runs other than `run`, whose claim on OUTPUT this process has just taken, from an
+    object store (no temp files there for remove_stale_temp_files to find them by): what the workers of a run killed
+    mid-write left (its orchestrating process killed with them, before its release removed them). Their run no
+    longer holds the claim: no one waits for them, and a worker of theirs still running finds the claim another
+    run's and puts nothing in place. On S3 one listing of their prefix. Their names; never raises: said."""
+    removed = []
+    try:
+        for name in storage.names_starting(fs, folder, MARKERS_START):
+            if name.startswith(_run_markers_start(run)):
+                continue
+            try:
+                fs.rm_file(storage.join(folder, name))
+            except FileNotFoundError:
+                continue
+            removed.append(name)
+    except Exception as exc:  # noqa: BLE001 - small files, harmless to this run
+        log.warning("output %s: could not remove the markers (%s*) that runs killed mid-write may have left there "
+                    "(%s: %s); the next run tries again", output, MARKERS_START, type(exc).__name__, exc)
+    return sorted(removed)
 
 
 class ShardCommit:
@@ -872,8 +920,9 @@ class ShardCommit:
 def close_shards(config: EmbedConfig, run: str, stems) -> None:
     """Close the shards `stems`, which run `run` (its claim held by this process) gave up on, then wait for any
     worker of the run still putting one of their files in place: once this returns, what OUTPUT holds of them is
-    final for the run (see above). A worker that dies with its marker in place is waited for COMMIT_WAIT_S at most
-    (at once where it ran on this host); said where that time runs out."""
+    final for the run (see above). A close the store refused (a 503, a 409 past its retries) is tried again
+    meanwhile, and a worker that dies with its marker in place is waited for, COMMIT_WAIT_S at most (at once where
+    it ran on this host); said where that time runs out."""
     stems = sorted(set(stems))
     if not stems:
         return
@@ -882,14 +931,29 @@ def close_shards(config: EmbedConfig, run: str, stems) -> None:
         log.warning("output %s: shard(s) %s not closed: this process does not hold run %s's claim; a worker may yet "
                     "write one of them after this run has counted it failed", config.output, ", ".join(stems), run)
         return
-    if not claim.close(stems) and (claim.lost or claim.released):
-        return  # the workers' look at the claim refuses them anyway. Not closed on a store's error (said by
-        # close()): a worker putting one in place now is still waited for
+    claim.gave_up = True  # their workers may have died mid-write: the run's release looks for their markers
+    closed = claim.close(stems, f"tried again for up to {COMMIT_WAIT_S:.0f} s")
+    if not closed and (claim.lost or claim.released):
+        return  # the workers' look at the claim refuses them anyway
     fs, folder = _claim_folder(config)
     prefixes = {_marker_prefix(run, stem): stem for stem in stems}
     deadline = _now() + COMMIT_WAIT_S
+    next_close = _now() + 1.0
     said = False
+
+    def unclosed() -> None:
+        if not closed:
+            log.warning("shard(s) %s: could not be marked closed in this run's claim on output %s for %.0f s (the "
+                        "store's error, said above): counted by what is in place now; a worker may yet write one "
+                        "of them after this run has counted it failed", ", ".join(stems), config.output,
+                        COMMIT_WAIT_S)
+
     while True:
+        if not closed and _now() >= next_close:  # refused by the store (a 503, a 409): such errors pass
+            closed = claim.close(stems, None)
+            next_close = _now() + 1.0
+            if not closed and (claim.lost or claim.released):
+                return
         try:
             names = _run_markers(fs, folder, run)
         except Exception as exc:  # noqa: BLE001 - throttled, 5xx, denied: tried again; the count goes on at the end
@@ -898,19 +962,22 @@ def close_shards(config: EmbedConfig, run: str, stems) -> None:
                             "%s for %.0f s (%s: %s): counted by what is in place now; a file that lands later is "
                             "found by the next run", ", ".join(stems), config.output, COMMIT_WAIT_S,
                             type(exc).__name__, exc)
+                unclosed()
                 return
             time.sleep(1.0)
             continue
         writing = sorted({prefixes[name.split(".tmp-")[0]] for name in names
                           if name.split(".tmp-")[0] in prefixes and not _marker_of_gone_process(fs, folder, name)})
-        if not writing:
+        if closed and not writing:
             return
         if _now() > deadline:
-            log.warning("shard(s) %s: a worker has been putting their files in place for over %.0f s (or died doing "
-                        "so on another host): counted by what is in place now; a file that lands later is found "
-                        "by the next run", ", ".join(writing), COMMIT_WAIT_S)
+            if writing:
+                log.warning("shard(s) %s: a worker has been putting their files in place for over %.0f s (or died "
+                            "doing so on another host): counted by what is in place now; a file that lands later "
+                            "is found by the next run", ", ".join(writing), COMMIT_WAIT_S)
+            unclosed()
             return
-        if not said:
+        if writing and not said:
             log.info("shard(s) %s: waiting for their worker to finish putting their files in place before they are "
                      "counted", ", ".join(writing))
             said = True

@@ -233,6 +233,31 @@ def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
     return any(p in _S3_PROTOCOLS for p in _protocols(fs))
 
 
+# Stores whose fsspec find() takes `prefix` and asks the store for the keys that start so (s3fs, gcsfs, adlfs's blob
+# store): elsewhere find() ignores it, and walks the whole folder.
+_PREFIX_LISTING_PROTOCOLS = frozenset({*_S3_PROTOCOLS, "gs", "gcs", "az", "abfs", "abfss"})
+
+
+def lists_by_prefix(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether `fs` lists the names that start with a prefix without listing their whole folder (names_starting)."""
+    return any(p in _PREFIX_LISTING_PROTOCOLS for p in _protocols(fs))
+
+
+def names_starting(fs: fsspec.AbstractFileSystem, folder: str, start: str) -> list[str]:
+    """The names of the files in `folder` whose names start with `start`, freshly listed: where the store lists by
+    prefix (lists_by_prefix), one listing of that prefix alone (a few keys, where a listing of the folder is a page
+    per 1,000 of its files); elsewhere a listing of the folder. [] where the folder does not exist."""
+    if lists_by_prefix(fs):
+        paths = fs.find(folder, prefix=start)  # that prefix listed, never from the cache; [] where none
+    else:
+        fs.invalidate_cache(folder)
+        try:
+            paths = fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            paths = []
+    return [name for name in (path.rsplit("/", 1)[-1] for path in paths) if name.startswith(start)]
+
+
 def place(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, str]:
     """`path` of `fs` spelled one way per place, for comparing where things are: (store, path without a trailing
     slash); a local path absolute, with its links resolved (`data`, `./data/`, `/home/me/data` and a link to it are
