@@ -42,9 +42,10 @@ Heartbeats are compared across hosts by their clocks: hosts sharing an OUTPUT mu
 minute or so (NTP).
 
 With the claim held, `remove_stale_temp_files` removes what dead runs left in OUTPUT: the temp files of atomic
-writes (`.<name>.tmp-<32 hex>`, storage.write_atomic) of a process killed between a file's write and its rename;
-on an object store, the markers of workers killed while putting a shard in place (closed shards, below); and on S3 `abort_stale_uploads` aborts the incomplete multipart uploads of a process killed while uploading an
-output (over 100 MB), of output names only (output.is_output_name) and begun before the claim: stored and billed,
+writes (`.<name>.tmp-<32 hex>`, storage.write_atomic) of a process killed between a file's write and its rename.
+On an object store take() removes the markers of workers killed while putting a shard in place (closed shards,
+below); and on S3 `abort_stale_uploads` aborts the incomplete multipart uploads of a process killed while uploading
+an output (over 100 MB), of output names only (output.is_output_name) and begun before the claim: stored and billed,
 though no listing shows them. A store that refuses to list or abort them leaves them, with a warning line.
 
 The workers of a cluster the run did not start (`--dask-address`) outlive the process that claimed OUTPUT: should it
@@ -981,7 +982,7 @@ def close_shards(config: EmbedConfig, run: str, stems) -> None:
             log.info("shard(s) %s: waiting for their worker to finish putting their files in place before they are "
                      "counted", ", ".join(writing))
             said = True
-        time.sleep(0.2)
+        time.sleep(0.2 if writing else 1.0)  # none writing: the close is being tried again
 
 
 def reopen_shards(run: str) -> None:
