@@ -717,7 +717,8 @@ def test_plan_does_not_download_shards_to_index_them(server, dataset, tmp_path):
     proxy = FaultProxy(server.endpoint, kinds=(), every=10**9).start()  # a counter, no faults
     seen = []
     orig = proxy.choose
-    proxy.choose = lambda method, path, range_: seen.append((method, path, range_)) or orig(method, path, range_)
+    proxy.choose = lambda method, path, range_, headers=None: (seen.append((method, path, range_))
+                                                                or orig(method, path, range_, headers=headers))
     try:
         plans = plan.plan_shards(config_for(url, f"s3://{OUT_BUCKET}/x", proxy.endpoint,
                                             index_cache_dir=str(tmp_path / "cache")))
