@@ -51,6 +51,21 @@ def _claim(out: Path) -> dict:
     return json.loads((out / CLAIM_NAME).read_text())
 
 
+def _behind_proxy(server, data: Path | str, key: str, rules=(), attempts: int = 1) -> tuple[KeyedFaultProxy,
+                                                                                              EmbedConfig]:
+    """A KeyedFaultProxy (started: the caller stops it) in front of the moto server, and a config whose output
+    s3://claims/<key> is reached through it, the client trying each request `attempts` times."""
+    proxy = KeyedFaultProxy(server.endpoint, list(rules)).start()
+    return proxy, _config(data, f"s3://claims/{key}",
+                          storage_options={"endpoint_url": proxy.endpoint, "max_attempts": str(attempts)})
+
+
+def _stored_claim(server, key: str) -> tuple[dict, str]:
+    """The claim of s3://claims/<key> as the store holds it, read past any proxy, and its ETag."""
+    got = server.boto().get_object(Bucket="claims", Key=f"{key}/{CLAIM_NAME}")
+    return json.loads(got["Body"].read()), got["ETag"]
+
+
 def _foreign_claim(config: EmbedConfig, **changes) -> bytes:
     """A claim as another run would have written it."""
     return json.dumps({**outputclaim.new_record(config), **changes}).encode()
@@ -1001,13 +1016,11 @@ def test_a_claim_write_refused_as_a_conflict_is_tried_again(s3_env, tmp_path, ca
     try again. The claim's creation did; a rewrite of it (a heartbeat, a close) raised it as the store's error, and a
     close refused so left the shard open for its workers. It is tried again, after a short sleep."""
     server = s3_env
-    proxy = KeyedFaultProxy(server.endpoint, []).start()
     key = f"conflict-{tmp_path.name}"
-    config = _config(tmp_path / "in", f"s3://claims/{key}",
-                     storage_options={"endpoint_url": proxy.endpoint, "max_attempts": "1"})
+    proxy, config = _behind_proxy(server, tmp_path / "in", key)
 
     def stored() -> dict:
-        return json.loads(server.boto().get_object(Bucket="claims", Key=f"{key}/{CLAIM_NAME}")["Body"].read())
+        return _stored_claim(server, key)[0]
 
     proxy.rules.append(["PUT", rf"/{key}/{CLAIM_NAME}$", "conflict", 2, "If-None-Match"])
     claim = outputclaim.take(config)
@@ -1035,9 +1048,7 @@ def test_a_close_the_store_refuses_is_tried_again_until_the_wait_is_up(s3_env, t
     monkeypatch.setattr(outputclaim, "COMMIT_WAIT_S", 2.0)
     server = s3_env
     key = f"unclosable-{tmp_path.name}"
-    proxy = KeyedFaultProxy(server.endpoint, []).start()
-    config = _config(tmp_path / "in", f"s3://claims/{key}",
-                     storage_options={"endpoint_url": proxy.endpoint, "max_attempts": "1"})
+    proxy, config = _behind_proxy(server, tmp_path / "in", key)
     claim = outputclaim.take(config)
     try:
         proxy.rules.append(["PUT", rf"/{key}/{CLAIM_NAME}$", "slowdown", None])
@@ -1069,13 +1080,11 @@ def test_a_close_whose_earlier_claim_write_lost_its_answer_is_stored(s3_env, tmp
     from wdsembed.outputclaim import ShardClosedError
 
     server = s3_env
-    proxy = KeyedFaultProxy(server.endpoint, []).start()
     key = f"lost-answer-{tmp_path.name}"
-    config = _config(tmp_path / "in", f"s3://claims/{key}",
-                     storage_options={"endpoint_url": proxy.endpoint, "max_attempts": "1"})
+    proxy, config = _behind_proxy(server, tmp_path / "in", key)
 
     def stored() -> dict:
-        return json.loads(server.boto().get_object(Bucket="claims", Key=f"{key}/{CLAIM_NAME}")["Body"].read())
+        return _stored_claim(server, key)[0]
 
     claim = outputclaim.take(config)
     try:
@@ -1106,14 +1115,11 @@ def test_a_claim_write_that_landed_but_lost_its_answer_is_this_runs_own(s3_env, 
     a heartbeat whose claim had been removed by hand (created again) marked the run's claim lost. The claim found is
     the run's own (the record it wrote): it is held, under the ETag read, and nothing alarming is said."""
     server = s3_env
-    proxy = KeyedFaultProxy(server.endpoint, []).start()
     key = f"lost-create-{tmp_path.name}"
-    config = _config(tmp_path / "in", f"s3://claims/{key}",
-                     storage_options={"endpoint_url": proxy.endpoint, "max_attempts": "3"})
+    proxy, config = _behind_proxy(server, tmp_path / "in", key, attempts=3)
 
     def stored() -> tuple[dict, str]:
-        got = server.boto().get_object(Bucket="claims", Key=f"{key}/{CLAIM_NAME}")
-        return json.loads(got["Body"].read()), got["ETag"]
+        return _stored_claim(server, key)
 
     def lose_next_claim_put(header: str) -> None:  # the next PUT of the claim with that condition
         proxy.rules.append(["PUT", rf"/{key}/{CLAIM_NAME}$", "lost_reply", 1, header])
@@ -1171,11 +1177,8 @@ def test_a_run_whose_claim_cannot_be_written_still_waits_for_a_worker_putting_a_
     from wdsembed.plan import plan_shards
 
     server = s3_env
-    proxy = KeyedFaultProxy(server.endpoint, []).start()
     key = f"unclosed-{tmp_path.name}"
-    data = _shards(tmp_path / "in", n_shards=1)
-    config = _config(data, f"s3://claims/{key}",
-                     storage_options={"endpoint_url": proxy.endpoint, "max_attempts": "1"})
+    proxy, config = _behind_proxy(server, _shards(tmp_path / "in", n_shards=1), key)
     gate = tmp_path / "gate"
     held = _hold_shard(tmp_path, monkeypatch, gate, "commit")  # the kNN view in place, before the table's upload
     [plan] = plan_shards(config)
@@ -1221,10 +1224,8 @@ def test_a_store_that_refuses_to_list_the_markers_delays_the_count_then_it_goes_
     server = s3_env
     key = f"unlisted-{tmp_path.name}"
     # the listings of the markers' prefix (an object's key never ends so)
-    proxy = KeyedFaultProxy(server.endpoint, [("GET", rf"/{key}/{re.escape(f'.{CLAIM_NAME}.commit-')}[0-9a-f]+-$",
-                                                "slowdown", None)]).start()
-    config = _config(_shards(tmp_path / "in", n_shards=1), f"s3://claims/{key}",
-                     storage_options={"endpoint_url": proxy.endpoint, "max_attempts": "1"})
+    proxy, config = _behind_proxy(server, _shards(tmp_path / "in", n_shards=1), key, [
+        ("GET", rf"/{key}/{re.escape(f'.{CLAIM_NAME}.commit-')}[0-9a-f]+-$", "slowdown", None)])
     [plan] = plan_shards(config)
     claim = outputclaim.take(config)
     try:
