@@ -791,6 +791,33 @@ def test_a_shard_on_s3_is_put_in_place_only_while_its_run_holds_the_claim(s3_env
 # --------------------------------------------------------------------------------------------------- closed shards
 
 
+@pytest.fixture(scope="module")
+def dask_here():
+    """A client (not made current) of a Dask cluster whose worker runs in this very process (processes=False), as a
+    notebook's may: a shard written in a task there is a worker's, that its run, holding the claim in this same
+    process, may give up on (its task cancelled, its thread writing on). It puts its marker (ShardCommit), which a
+    shard written outside a Dask task here does not."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+def _in_a_dask_task(client, call, *args, **kwargs):
+    """`call(*args, **kwargs)` run as a task of `client`'s worker (pickled, as Dask sends tasks, even to a worker of
+    this process), waited for: what it returned (or raised)."""
+    return client.submit(call, *args, **kwargs, pure=False).result()
+
+
+def _workers_commit(client, config: EmbedConfig, run: str, stem: str = "00000"):
+    """The ShardCommit of shard `stem` of run `run`, made in a Dask task (as shard.write_output makes it, in the
+    task's thread): its check() puts a marker, the run being one that may give up on that task."""
+    from wdsembed.outputclaim import ShardCommit
+
+    return _in_a_dask_task(client, ShardCommit, config, run, stem, f"shard {stem}")
+
+
 @pytest.fixture(params=["local", "s3"])
 def closing(request, tmp_path, monkeypatch):
     """(config, listing of OUTPUT's every object, the claim's record, gate file) of a one-shard output, local or on
@@ -831,7 +858,7 @@ def _until(condition, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def test_a_shard_its_run_closed_before_its_worker_looked_is_not_put_in_place(closing, caplog):
+def test_a_shard_its_run_closed_before_its_worker_looked_is_not_put_in_place(closing, dask_here, caplog):
     """A run that lost its Dask scheduler gives up on the shards in flight and counts their outputs once, as its
     manifest is written; a worker that outlived the scheduler then wrote one whole under the run's still-held claim,
     beside a manifest listing it failed. The run now closes those shards in its claim before it counts: the worker,
@@ -847,7 +874,8 @@ def test_a_shard_its_run_closed_before_its_worker_looked_is_not_put_in_place(clo
     claim = outputclaim.take(config)
     try:
         with caplog.at_level(logging.WARNING, logger="wdsembed"):
-            worker, ended = in_a_thread(lambda: shard.process_shard(config, plan, claim_run=claim.run))
+            worker, ended = in_a_thread(lambda: _in_a_dask_task(dask_here, shard.process_shard, config, plan,
+                                                                 claim_run=claim.run))
             _until(held.exists)
             failures, transient = {"00000": "the Dask scheduler was lost"}, {"00000"}
             assert caching.written_after_all(config, claim.run, [plan], failures, transient) == []
@@ -860,7 +888,9 @@ def test_a_shard_its_run_closed_before_its_worker_looked_is_not_put_in_place(clo
         said = str(outcome)
         assert said.startswith(f"shard {plan.shard}: not written to output {config.output!r}: this run "
                                f"({claim.run}) gave up on it") and "lists it as failed" in said, said
-        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [said]
+        # (Dask's worker says "Compute Failed" too, of its task)
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+                and r.name == "wdsembed"] == [said]
         assert record()["closed"] == ["00000"] and record()["run"] == claim.run
         claim.heartbeat()  # the closed shard stays closed while the run holds OUTPUT
         assert record()["closed"] == ["00000"]
@@ -870,7 +900,7 @@ def test_a_shard_its_run_closed_before_its_worker_looked_is_not_put_in_place(clo
     assert listing() == []
 
 
-def test_a_shard_its_worker_was_putting_in_place_as_its_run_closed_it_counts_finished(closing):
+def test_a_shard_its_worker_was_putting_in_place_as_its_run_closed_it_counts_finished(closing, dask_here):
     """The worker looked at the claim just before the run closed the shard, and puts its files in place just after:
     a look and a rename (on S3 an upload) are two steps. The run, closing, finds the worker's marker and waits for
     its files before it counts: the shard counts finished, its output whole, and no marker is left."""
@@ -882,7 +912,8 @@ def test_a_shard_its_worker_was_putting_in_place_as_its_run_closed_it_counts_fin
     [plan] = plan_shards(config)
     claim = outputclaim.take(config)
     try:
-        worker, worked = in_a_thread(lambda: shard.process_shard(config, plan, claim_run=claim.run))
+        worker, worked = in_a_thread(lambda: _in_a_dask_task(dask_here, shard.process_shard, config, plan,
+                                                             claim_run=claim.run))
         _until(held.exists)
         failures, transient = {"00000": "the Dask scheduler was lost"}, ["00000"]
         counting, counted = in_a_thread(lambda: caching.written_after_all(config, claim.run, [plan], failures,
@@ -901,7 +932,7 @@ def test_a_shard_its_worker_was_putting_in_place_as_its_run_closed_it_counts_fin
         claim.release()
 
 
-def test_a_run_removes_the_markers_its_killed_workers_left_as_it_releases_its_claim(closing):
+def test_a_run_removes_the_markers_its_killed_workers_left_as_it_releases_its_claim(closing, dask_here):
     """A worker killed while putting a shard in place leaves its marker beside the claim. On an object store no
     later run's cleanup removes it (there are no temp files there to look for): the run removes its own run's as it
     releases its claim, with one listing of their prefix. Another run's marker is not its to remove."""
@@ -910,7 +941,7 @@ def test_a_run_removes_the_markers_its_killed_workers_left_as_it_releases_its_cl
     config, listing, record, gate, hold_at = closing
     claim = outputclaim.take(config)
     try:
-        ShardCommit(config, claim.run, "00000", "shard 00000").check()  # its worker killed before the block ended
+        _workers_commit(dask_here, config, claim.run).check()  # its worker killed before the block ended
         with pytest.raises(OutputClaimLostError):  # a dead run's worker, whose marker stays
             ShardCommit(config, "0123456789abcdef", "00000", "shard 00000").check()
         markers = [name for name in listing() if name.startswith(f".{CLAIM_NAME}.commit-")]
@@ -948,7 +979,7 @@ def test_the_next_run_removes_the_markers_a_killed_runs_workers_left(closing, ca
     assert [name for name in listing() if not name.startswith(f".{CLAIM_NAME}.commit-{dead}-")] == []
 
 
-def test_a_run_on_a_store_listed_only_whole_looks_for_its_markers_only_where_it_gave_up_shards(tmp_path,
+def test_a_run_on_a_store_listed_only_whole_looks_for_its_markers_only_where_it_gave_up_shards(tmp_path, dask_here,
                                                                                               monkeypatch, caplog):
     """On an object store whose fsspec listing takes no prefix (fsspec's memory store here; S3, GCS and Azure's blob
     store list a prefix alone), a run's markers are found only by listing OUTPUT, a page per 1,000 of its outputs:
@@ -980,8 +1011,9 @@ def test_a_run_on_a_store_listed_only_whole_looks_for_its_markers_only_where_it_
     try:
         assert listed == [root]  # once, for a killed run's markers (none)
         listed.clear()
-        with ShardCommit(config, claim.run, "00000", "shard 00000") as commit:
+        with _workers_commit(dask_here, config, claim.run) as commit:
             commit.check()  # a shard put in place
+            assert len(markers()) == 1
         assert markers() == []
     finally:
         claim.release()
@@ -989,7 +1021,7 @@ def test_a_run_on_a_store_listed_only_whole_looks_for_its_markers_only_where_it_
 
     claim = outputclaim.take(config)
     try:
-        ShardCommit(config, claim.run, "00000", "shard 00000").check()  # its worker died mid-write
+        _workers_commit(dask_here, config, claim.run).check()  # its worker died mid-write
         with caplog.at_level(logging.WARNING, logger="wdsembed"):
             outputclaim.close_shards(config, claim.run, ["00000"])  # the run gave up on it (waited 0.5 s)
         assert len(markers()) == 1
@@ -1168,7 +1200,7 @@ def test_a_claim_write_that_landed_but_lost_its_answer_is_this_runs_own(s3_env, 
 
 
 def test_a_run_whose_claim_cannot_be_written_still_waits_for_a_worker_putting_a_shard_in_place(
-        s3_env, tmp_path, monkeypatch, caplog):
+        s3_env, dask_here, tmp_path, monkeypatch, caplog):
     """Every PUT of the claim refused (503, past the retries) as the run closes the shard it gave up on: it is not
     closed, said. The run counted at once, while its worker was putting the shard's files in place: the manifest
     listed it failed beside its whole output. It still waits for the worker's marker, and counts the shard finished;
@@ -1184,7 +1216,8 @@ def test_a_run_whose_claim_cannot_be_written_still_waits_for_a_worker_putting_a_
     [plan] = plan_shards(config)
     claim = outputclaim.take(config)
     try:
-        worker, worked = in_a_thread(lambda: shard.process_shard(config, plan, claim_run=claim.run))
+        worker, worked = in_a_thread(lambda: _in_a_dask_task(dask_here, shard.process_shard, config, plan,
+                                                             claim_run=claim.run))
         _until(held.exists)
         proxy.rules.append(["PUT", rf"/{key}/{CLAIM_NAME}$", "slowdown", None])
         failures, transient = {"00000": "the Dask scheduler was lost"}, ["00000"]
@@ -1246,12 +1279,10 @@ def test_a_store_that_refuses_to_list_the_markers_delays_the_count_then_it_goes_
         proxy.stop()
 
 
-def test_a_closing_run_on_s3_lists_only_its_own_markers(s3_env, tmp_path, monkeypatch, caplog):
+def test_a_closing_run_on_s3_lists_only_its_own_markers(s3_env, dask_here, tmp_path, monkeypatch, caplog):
     """A closing run looks for its workers' markers 5 times a second: it listed the whole OUTPUT each time, on S3 a
     page per 1,000 outputs (100 pages for 100,000). It lists the prefix of its own run's markers alone, and finds
     them there (a worker of this process, alive, putting shard 00000 in place: waited for until COMMIT_WAIT_S)."""
-    from wdsembed.outputclaim import ShardCommit
-
     monkeypatch.setattr(outputclaim, "COMMIT_WAIT_S", 1.0)
     server = s3_env
     proxy = CountingProxy(server.endpoint).start()
@@ -1261,7 +1292,7 @@ def test_a_closing_run_on_s3_lists_only_its_own_markers(s3_env, tmp_path, monkey
         server.boto().put_object(Bucket="claims", Key=f"{key}/{stem}.parquet", Body=b"x")
     claim = outputclaim.take(config)
     try:
-        with ShardCommit(config, claim.run, "00000", "shard 00000") as commit:
+        with _workers_commit(dask_here, config, claim.run) as commit:
             commit.check()
             proxy.reset()
             with caplog.at_level(logging.WARNING, logger="wdsembed"):
@@ -1275,6 +1306,42 @@ def test_a_closing_run_on_s3_lists_only_its_own_markers(s3_env, tmp_path, monkey
         proxy.stop()
         for stem in ("00000", "00001", "00002"):
             server.boto().delete_object(Bucket="claims", Key=f"{key}/{stem}.parquet")
+
+
+def test_a_shard_its_run_cannot_give_up_on_puts_no_marker_on_s3(s3_env, dask_here, tmp_path):
+    """The marker beside the claim (on S3 a PUT and a DELETE per shard) makes a run that gives up on a shard's Dask
+    task wait for its worker, which may be putting the shard in place. An API run without Dask writes each shard in
+    the caller's own thread, in the process that holds the claim, and never gives up on one while it is written: it
+    puts no marker, each shard's look at the claim (a GET) kept. Its shards on Dask put one each, removed after:
+    even on a worker of this very process, whose task Dask can give up on while its thread writes on."""
+    import collections
+
+    server = s3_env
+    proxy = CountingProxy(server.endpoint).start()
+    key = f"unmarked-{tmp_path.name}"
+    data, url, opts = _shards(tmp_path / "in"), f"s3://claims/{key}", {"endpoint_url": proxy.endpoint}
+
+    def requests() -> tuple[collections.Counter, int]:
+        """The requests of markers' objects (no listing of their prefix) by operation, and the GETs of the claim."""
+        markers = collections.Counter(op for op, where in proxy.seen if not op.startswith("List")
+                                      and where.startswith(f"/claims/{key}/.{CLAIM_NAME}.commit-"))
+        claim = ("GetObject", f"/claims/{key}/{CLAIM_NAME}")
+        return markers, sum(1 for seen in proxy.seen if seen == claim)
+
+    try:
+        results = _embedder(storage_options=opts)(str(data), url)
+        assert [(r.stem, r.cached) for r in results] == [("00000", False), ("00001", False)]
+        markers, looks = requests()
+        assert markers == {} and looks >= 2, proxy.seen
+        proxy.reset()
+        with dask_here.as_current():  # the API runs the shards on the current client's workers
+            results = _embedder(storage_options=opts)(str(data), url, force=True)
+        assert [(r.stem, r.cached) for r in results] == [("00000", False), ("00001", False)]
+        assert requests() == ({"PutObject": 2, "DeleteObject": 2}, looks), proxy.seen
+    finally:
+        proxy.stop()
+    assert sorted(k[len(key) + 1:] for k in server.keys("claims") if k.startswith(f"{key}/")) == [
+        "00000.parquet", "00001.parquet", "_embeddings/00000.parquet", "_embeddings/00001.parquet", "_manifest.json"]
 
 
 def test_temp_files_are_found_where_atomic_writes_leave_them():

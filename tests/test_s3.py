@@ -1304,6 +1304,24 @@ def _requests_of_runs(server, tmp_path, **kw) -> list:
 
 
 @pytest.mark.slow
+def test_a_runs_dask_workers_put_a_marker_beside_the_claim_per_shard(server, tmp_path, prefect_api):
+    """Each shard a Dask worker process puts in place costs a marker beside OUTPUT's claim (a PUT, then a DELETE):
+    its run, which may give up on the worker's task, waits for it to end before it counts the shard
+    (outputclaim.ShardCommit). A shard written outside Dask in the claim's own process puts none
+    (test_outputclaim)."""
+    import collections
+
+    first, rerun = _requests_of_runs(server, tmp_path)
+
+    def markers(seen: list) -> collections.Counter:
+        return collections.Counter(op for op, key in seen if f"/.{CLAIM_NAME}.commit-" in key
+                                   and not op.startswith("List"))
+
+    assert markers(first) == {"PutObject": 3, "DeleteObject": 3}, first
+    assert markers(rerun) == {}, rerun  # nothing to put in place
+
+
+@pytest.mark.slow
 def test_a_rerun_reads_each_cached_result_once(server, tmp_path, prefect_api):
     """A re-run's task runs come back Cached from Prefect's task cache under OUTPUT/_prefect_results: one GET of each
     stored result. Prefect asks whether the result exists, then reads it, and each read the whole object: two GETs

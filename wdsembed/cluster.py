@@ -566,6 +566,12 @@ def _enclosing_worker():
         return None
 
 
+def in_dask_task() -> bool:
+    """Whether this code runs in a Dask task (on a worker of this process or of another): the task's own thread, or
+    a thread that copied its context; not a plain thread that such a task started."""
+    return _enclosing_worker() is not None
+
+
 def task_runner_kwargs(config: EmbedConfig, current=None) -> dict:
     """Keyword arguments of DaskTaskRunner for this run. `current`: the Dask client current in this process that the
     run runs on (current_client_for), if any: no cluster is started, and no local GPU looked for."""

@@ -10,10 +10,10 @@ or `with outputclaim.held(config): ...`. The process that orchestrates a run tak
 command, `python flows/embed.py` and the deployed flow; the embed-shards flow itself where it is started otherwise;
 api.run_shards for the Python API and the NeMo drop-in),
 after the checks that need no work and before any shard's, and releases it as the run ends however it ends
-(success, failure, Ctrl-C). Workers only read it (check_still_held, below), and put a marker beside it while they
-put a shard in place (ShardCommit). Two runs on one OUTPUT with different models would otherwise both succeed and
-leave two embedding spaces side by side, a manifest naming one of them, and (between a shard's two files) one run's
-table beside the other's kNN view.
+(success, failure, Ctrl-C). Workers only read it (check_still_held, below), and (in Dask tasks) put a marker
+beside it while they put a shard in place (ShardCommit). Two runs on one OUTPUT with different models would
+otherwise both succeed and leave two embedding spaces side by side, a manifest naming one of them, and (between a
+shard's two files) one run's table beside the other's kNN view.
 
 The claim is a small JSON object: the run's id, host, pid, start time, model and settings, what started it where its
 taker says (`by`: the Prefect flow run, for a run started from the UI or a schedule), and a heartbeat time that
@@ -799,9 +799,11 @@ def held(config: EmbedConfig, by: Optional[str] = None) -> Iterator[Claim]:
 # Where the close cannot be written (the store's error, said), the run still waits for the markers it finds; where
 # it cannot list them, it tries again until COMMIT_WAIT_S is up, then counts, saying so. It lists its own run's
 # markers alone (their prefix: on S3, GCS and Azure one small listing, not OUTPUT's every output). Every shard a
-# worker puts in place makes a marker (a PUT and a DELETE on S3, beside its look at the claim). A worker killed
-# mid-write leaves its marker: its run removes those as it releases the claim (where the store lists only whole
-# folders, only where it gave up on shards: a listing of OUTPUT is a page per 1,000 outputs), and a run that takes
+# worker puts in place makes a marker (a PUT and a DELETE on S3, beside its look at the claim), but one the run
+# can never give up on while it is written, there being no Dask task to lose (ShardCommit, _given_up_never: the
+# Python API without Dask, the flow's tasks in threads of its own process): it looks at the claim alone. A worker
+# killed mid-write leaves its marker: its run removes those as it releases the claim (where the store lists only
+# whole folders, only where it gave up on shards: a listing of OUTPUT is a page per 1,000 outputs), and a run that takes
 # the claim removes those of other runs, killed with their workers' markers in place (_remove_dead_runs_markers; on
 # local disk they are temp files, and go with them). A close the store refuses (503, 409) is tried again while the
 # run waits. A flow retry under the same claim (run() holds it across the embed-shards flow's attempts) starts with
@@ -871,16 +873,20 @@ class ShardCommit:
     """A worker's writes of shard `stem` into OUTPUT under run `run`'s claim, as a block: check() before the first
     file is put in place puts the marker (the run then waits for the block to end before it counts the shard), then
     looks at the claim (check_still_held: the claim still the run's and the shard not closed, else raised); the
-    marker goes as the block ends. `run` None (a shard written without a claim): neither."""
+    marker goes as the block ends. `run` None (a shard written without a claim): neither. No marker where the run
+    can never give up on the shard while it is written (_given_up_never): the look at the claim alone. Made in the
+    shard's own thread (shard.write_output), which says whether it is a Dask task's: check() runs in a writer
+    thread of its own, outside the task's context."""
 
     def __init__(self, config: EmbedConfig, run: Optional[str], stem: str, subject: str) -> None:
         self.config, self.run, self.stem, self.subject = config, run, stem, subject
         self.marker: Optional[tuple[Any, str]] = None
+        self.marks = run is not None and not _given_up_never(run)
 
     def check(self, not_done: str = "Neither of the shard's files was put in place") -> None:
         if self.run is None:
             return
-        if self.marker is None:
+        if self.marks and self.marker is None:
             fs, folder = _claim_folder(self.config)
             path = storage.join(folder, f"{_marker_prefix(self.run, self.stem)}.tmp-{uuid.uuid4().hex}")
             try:
@@ -916,6 +922,20 @@ class ShardCommit:
             log.warning("shard %s: could not remove its marker %s (%s: %s): where its run has given up on the "
                         "shard, its end waits for it up to %.0f s", self.stem, path, type(exc).__name__, exc,
                         COMMIT_WAIT_S)
+
+
+def _given_up_never(run: str) -> bool:
+    """Whether a shard written here, now, under run `run` is one its run can never give up on while it is being
+    written, so that no marker need tell the run to wait for it (on S3 a PUT and a DELETE per shard spared): written
+    by the very process that holds the run's claim, outside any Dask task (the Python API without Dask, in the
+    caller's thread; the flow's tasks in threads of its own process). A run closes only the shards of the Dask tasks
+    it lost (caching.written_after_all: their futures errored or cancelled, flows.embed._given_up, api._failed);
+    its own threads it waits for, or stops (Ctrl-C and a Prefect task's timeout are raised in them), and never
+    counts a shard of theirs as given up. A Dask task of a worker in this very process (LocalCluster(processes=
+    False), an inproc:// scheduler) is marked: Dask can give up on it (cancelled) while its thread writes on."""
+    from wdsembed.cluster import in_dask_task
+
+    return run in _HELD and not in_dask_task()
 
 
 def close_shards(config: EmbedConfig, run: str, stems) -> None:
