@@ -66,6 +66,9 @@ def check_config(config: EmbedConfig, *, on_current_client: bool = False) -> boo
     # most of such a run) are left out. Every other check still runs.
     listed = Listed(config)  # INPUT and OUTPUT listed once for all these checks
     needs_model = not nothing_to_compute(config, listed)
+    # A folder with no shards, a pattern, list or .tar naming missing ones, a store refusing access: the listing
+    # that nothing_to_compute just made said so, and it is said now, before torch's import (seconds).
+    found = listed.found()
     if needs_model:
         from wdsembed.model import LIST_HINT, ModelLoadError, check_model_name  # imports torch
 
@@ -83,10 +86,8 @@ def check_config(config: EmbedConfig, *, on_current_client: bool = False) -> boo
                              f"(.safetensors, .pth, .bin), or leave {option('checkpoint')} out")
     if needs_model:
         check_model(config)
-    listed.check_storage()
     # Another run writing to OUTPUT now: refused here, in a second; the run's own claim (outputclaim.take) decides.
     outputclaim.check_free(config)
-    found = listed.found()  # a missing shard of a pattern or list, or a folder with none, is refused here
     _check_readable(config, found)
     _check_image_extensions(config, found)
     _check_id_column(config, found)
