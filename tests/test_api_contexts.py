@@ -240,6 +240,23 @@ def test_results_and_datasets_read_short_where_a_notebook_shows_them(demo, tmp_p
     assert result.to_dict()["model"] == result.model
 
 
+def test_a_result_with_bad_images_says_each_reason_once_and_the_same_cached(tmp_path):
+    """A shard with bad images read about 1,500 characters in a notebook: each reason twice, once among its examples
+    (`errors`) and once among its causes (`error_causes`, which says every reason with its keys). The causes say
+    it; the examples are an attribute. Those of a result found finished, read back from its footer's JSON, were
+    lists, a computed one's tuples: the same shard's two results did not compare equal."""
+    from wdsembed.api import TimmImageEmbedder
+
+    write_demo_dataset(tmp_path / "data", n_shards=1, per_shard=4, failed_per_shard=1, corrupt_per_shard=2)
+    embedder = TimmImageEmbedder(TINY_MODEL, **SETTINGS)
+    computed, cached = (embedder(str(tmp_path / "data"), str(tmp_path / "out"))[0] for _ in range(2))
+    assert not computed.cached and cached.cached
+    said = repr(computed)
+    assert said.count("truncated JPEG") == 1 and said.count("damaged PNG") == 1, said
+    assert "errors=" not in said and len(computed.errors) == 2, said
+    assert cached.errors == computed.errors and all(type(e) is tuple for e in cached.errors), cached.errors
+
+
 # A notebook's run of the flow: flows.embed imported first (it imports Prefect, then Dask), then a run.
 _NOTEBOOKS_RUN = '''
 import json, logging, sys

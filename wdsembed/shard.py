@@ -97,7 +97,8 @@ class ShardResult:
     seconds: float = 0.0
     dim: int = 0
     cache_key: str = field(default="", repr=False)
-    errors: list[tuple[str, str]] = field(default_factory=list)  # a few (key, reason) examples
+    # A few (key, reason) examples. Left out of the repr: error_causes says each of their reasons once, with keys.
+    errors: list[tuple[str, str]] = field(default_factory=list, repr=False)
     # Why its rows without an embedding have none, by cause, most rows first (report.row_causes): what the task run's
     # log and the run's summary say of them. Failed downloads included, which `errors` leaves out.
     error_causes: list[dict] = field(default_factory=list)
@@ -114,6 +115,10 @@ class ShardResult:
     # The fidelity check's record (wdsembed.fidelity.check_sample): cosine per sampled key against timm's own
     # preprocessing, and images only one side could embed. Stored in the footer: a cached shard is re-checked.
     fidelity: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        # (key, reason) tuples also where the result comes back from JSON (a finished output's footer): lists there
+        self.errors = [tuple(error) for error in self.errors]
 
     @property
     def images_per_second(self) -> float:
