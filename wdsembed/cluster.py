@@ -18,7 +18,7 @@ import time
 from typing import Callable, Optional
 
 from wdsembed.config import EmbedConfig, set_to
-from wdsembed.threads import Watch
+from wdsembed.threads import Watch, enclosing_dask_worker
 
 
 class _NothingYetToCancel(logging.Filter):
@@ -524,7 +524,7 @@ def current_client_for(config: EmbedConfig):
     it as the current client, and one that sizes a cluster or names another scheduler is refused."""
     from wdsembed.config import field_default, setting
 
-    worker = _enclosing_worker()
+    worker = enclosing_dask_worker()
     if worker is not None:
         if config.dask_address and not same_scheduler(worker.scheduler.address, config.dask_address):
             raise ValueError(
@@ -552,24 +552,6 @@ def current_client_for(config: EmbedConfig):
             f"would run on its workers instead: leave {' and '.join(setting(name) for name in given)} unset to run "
             f"on them, or {remedy} for the run to start a cluster of its own")
     return current
-
-
-def _enclosing_worker():
-    """The Dask worker whose task this code runs in, if any."""
-    try:
-        from distributed import get_worker
-    except ImportError:
-        return None
-    try:
-        return get_worker()
-    except ValueError:
-        return None
-
-
-def in_dask_task() -> bool:
-    """Whether this code runs in a Dask task (on a worker of this process or of another): the task's own thread, or
-    a thread that copied its context; not a plain thread that such a task started."""
-    return _enclosing_worker() is not None
 
 
 def task_runner_kwargs(config: EmbedConfig, current=None) -> dict:

@@ -95,7 +95,7 @@ from typing import Any, Iterator, Optional
 from wdsembed import storage
 from wdsembed.config import EmbedConfig, credentials_hint
 from wdsembed.output import is_output_name
-from wdsembed.threads import start_in_context
+from wdsembed.threads import enclosing_dask_worker, start_in_context
 
 log = logging.getLogger("wdsembed")
 
@@ -933,9 +933,7 @@ def _given_up_never(run: str) -> bool:
     its own threads it waits for, or stops (Ctrl-C and a Prefect task's timeout are raised in them), and never
     counts a shard of theirs as given up. A Dask task of a worker in this very process (LocalCluster(processes=
     False), an inproc:// scheduler) is marked: Dask can give up on it (cancelled) while its thread writes on."""
-    from wdsembed.cluster import in_dask_task
-
-    return run in _HELD and not in_dask_task()
+    return run in _HELD and enclosing_dask_worker() is None
 
 
 def close_shards(config: EmbedConfig, run: str, stems) -> None:

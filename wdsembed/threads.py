@@ -1,5 +1,5 @@
 """Running a producer ahead of its consumer in a background thread, with a bounded queue between them; thread pools
-and threads whose calls run in their caller's context."""
+and threads whose calls run in their caller's context; the Dask task a thread runs in."""
 from __future__ import annotations
 
 import contextlib
@@ -14,6 +14,19 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 T = TypeVar("T")
 _DONE = object()
 _NOTHING = object()
+
+
+def enclosing_dask_worker() -> Any:
+    """The Dask worker whose task this code runs in (on a worker of this process or of another: the task's own
+    thread, or a thread that copied its context; not a plain thread that such a task started), if any."""
+    try:
+        from distributed import get_worker
+    except ImportError:
+        return None
+    try:
+        return get_worker()
+    except ValueError:
+        return None
 
 
 @contextlib.contextmanager
