@@ -1119,6 +1119,45 @@ def test_missing_input_prefix_of_a_bucket_named_bucket_is_not_a_missing_bucket(s
     assert str(err.value) == "input s3://input-bucket/nothing-here does not exist"
 
 
+@pytest.mark.parametrize("answer", ["json-404", "html-200"])
+def test_an_endpoint_that_is_no_s3_store_is_said_so_not_taken_for_a_missing_bucket(answer):
+    """endpoint_url naming another HTTP service (a store's web console port, a Prefect server): botocore makes its
+    answers bare HTTP errors, and the refusal said 'the bucket data does not exist' (a 404) or 'OSError: [Errno 121]
+    Internal Server Error' (a page it could not parse), sending the user after the bucket or the store."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+
+    class NotS3(BaseHTTPRequestHandler):
+        def answer(self):
+            status, kind, body = ((404, "application/json", b'{"detail": "Not Found"}') if answer == "json-404"
+                                  else (200, "text/html", b"<!doctype html><html><body>console</body></html>"))
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = answer
+
+        def log_message(self, *args):
+            pass
+
+    web = ThreadingHTTPServer(("127.0.0.1", 0), NotS3)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{web.server_address[1]}"
+    try:
+        said = f"the endpoint {endpoint} does not answer as an S3 store.*check endpoint_url"
+        with pytest.raises(inputs.InputError, match=f"cannot read input s3://data/shards: {said}"):
+            plan.check_storage(config_for("s3://data/shards", "s3://out/emb", endpoint))
+        if answer == "json-404":  # a page answering HEAD with 200 passes for an existing object, as before
+            with pytest.raises(storage.StoreError, match=f"cannot write output s3://out/emb: {said}"):
+                storage.check_output("s3://out/emb", options(endpoint))
+    finally:
+        web.shutdown()
+        web.server_close()
+
+
 def test_wrong_credentials_fail_at_once_and_write_nothing(server, dataset, monkeypatch, tmp_path):
     url = upload(server, dataset)
     before = (server.keys(IN_BUCKET), server.keys(OUT_BUCKET))

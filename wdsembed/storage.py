@@ -547,7 +547,38 @@ def _call_s3(fs: fsspec.AbstractFileSystem, doing: str, operation: str, **kwargs
 _BUCKET_PROTOCOLS = BUCKET_PROTOCOLS
 
 
-def _explain(url: str, exc: BaseException, action: str) -> StoreError:
+def _not_an_s3_answer(fs: fsspec.AbstractFileSystem, exc: BaseException) -> str | None:
+    """Where `exc` came from an endpoint that does not speak S3 (endpoint_url naming another HTTP service: a web
+    console's port, a Prefect server), what it answered. botocore makes such an answer an error of the bare HTTP
+    status (404, or 500 for a 200 it cannot parse), which s3fs raises as a missing bucket or a server error: the
+    message blamed the bucket or the store. An S3 store's errors carry a code (NoSuchBucket) in an XML body, or an
+    x-amz-request-id header (a HEAD's error has no body)."""
+    if not is_s3(fs):
+        return None
+    cause = exc
+    while cause is not None and not hasattr(cause, "response"):
+        cause = cause.__cause__  # s3fs raises its own errors from botocore's
+    response = getattr(cause, "response", None)
+    if not isinstance(response, dict):
+        return None
+    code = str(response.get("Error", {}).get("Code", ""))
+    meta = response.get("ResponseMetadata", {})
+    headers = {k.lower(): v for k, v in (meta.get("HTTPHeaders") or {}).items()}
+    kind = headers.get("content-type", "")
+    if not code.isdigit() or code in ("502", "503", "504") or "x-amz-request-id" in headers or "xml" in kind:
+        return None  # an S3 store's error, or a gateway's in front of one (an outage, said as before)
+    try:
+        endpoint = fs.s3.meta.endpoint_url
+    except Exception:  # noqa: BLE001 - no client yet: name the option instead
+        endpoint = getattr(fs, "endpoint_url", None) or "the store's endpoint"
+    answered = f"HTTP {meta.get('HTTPStatusCode', code)}" + (f", {kind.split(';')[0]}" if kind else "")
+    return (f"the endpoint {endpoint} does not answer as an S3 store ({answered}): check endpoint_url (a storage "
+            "option, or AWS_ENDPOINT_URL)")
+
+
+def _explain(url: str, exc: BaseException, action: str, fs: fsspec.AbstractFileSystem | None = None) -> StoreError:
+    if fs is not None and (not_s3 := _not_an_s3_answer(fs, exc)):
+        return StoreError(f"cannot {action} {url}: {not_s3}")
     name = type(exc).__name__
     text = str(exc) or name
     if isinstance(exc, PermissionError):
@@ -566,12 +597,12 @@ def _check_bucket(fs: fsspec.AbstractFileSystem, path: str, url: str, action: st
     bucket = fs._strip_protocol(path).strip("/").split("/", 1)[0]
     try:
         fs.info(bucket, refresh=True)  # not from a cached list of buckets, which holds only the user's own
-    except FileNotFoundError:
+    except FileNotFoundError:  # a HEAD: its error has no body to tell an S3 store's from another server's
         raise StoreError(f"cannot {action} {url}: the bucket {bucket} does not exist") from None
     except PermissionError:
         return  # a user allowed only a prefix of a shared bucket may not ask about the bucket: the path's answer stands
     except Exception as exc:  # noqa: BLE001 - any other failure to ask is reported with the URL
-        raise _explain(url, exc, action) from None
+        raise _explain(url, exc, action, fs) from None
 
 
 def check_input(url: str, storage_options: Mapping[str, str] | None = None) -> None:
@@ -583,13 +614,15 @@ def check_input(url: str, storage_options: Mapping[str, str] | None = None) -> N
     try:
         fs.invalidate_cache(path)  # a long-lived process must see shards added since its last listing
         fs.ls(path, detail=False)
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
+        if not_s3 := _not_an_s3_answer(fs, exc):
+            raise StoreError(f"cannot read input {url}: {not_s3}") from None
         _check_bucket(fs, path, url, "read input")
         raise StoreError(f"input {url} does not exist") from None
     except NotADirectoryError:
         raise StoreError(f"input {url} is not a folder of *.tar shards") from None
     except Exception as exc:  # noqa: BLE001 - any other failure to list is reported with the URL
-        raise _explain(url, exc, "read input") from None
+        raise _explain(url, exc, "read input", fs) from None
 
 
 def check_output(url: str, storage_options: Mapping[str, str] | None = None) -> None:
@@ -604,9 +637,11 @@ def check_output(url: str, storage_options: Mapping[str, str] | None = None) -> 
         return  # created on first write; a read-only folder shows at that write, naming the file
     try:
         fs.info(path)
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
+        if not_s3 := _not_an_s3_answer(fs, exc):
+            raise StoreError(f"cannot write output {url}: {not_s3}") from None
         _check_bucket(fs, path, url, "write output")  # else a new prefix
     except Exception as exc:  # noqa: BLE001
-        raise _explain(url, exc, "write output") from None
+        raise _explain(url, exc, "write output", fs) from None
     finally:
         fs.invalidate_cache(path)  # other processes write here: never trust a listing of it later
