@@ -147,6 +147,19 @@ def test_embedder_takes_reference_names():
         TimmImageEmbedder(embedding_column="a", image_embedding_column="b")
 
 
+@pytest.mark.parametrize("args", [(TINY_MODEL, False, 4, 1, "image_embedding"),
+                                  (TINY_MODEL, False, 4, 1, "image_embedding", True, [])])
+def test_the_references_positional_order_is_refused_saying_to_pass_keywords(args):
+    """NeMo Curator's positional order (image_embedding_column 5th, classifiers 7th) differs here after
+    num_threads_per_worker (docs/nemo.md): a script that passed them so got pydantic's 'normalize_embeddings: Input
+    should be a valid boolean', which names neither the order nor the fix."""
+    from wdsembed import TimmImageEmbedder
+
+    with pytest.raises(TypeError, match="positional order.*pass the arguments after batch_size by keyword"):
+        TimmImageEmbedder(*args)
+    assert TimmImageEmbedder(TINY_MODEL, False, 4, 1, "false").config("in", "out").normalize_embeddings is False
+
+
 def test_id_col_that_is_the_embedding_column_is_refused_before_any_work(tmp_path):
     """The dataset's id_col and the embedder's image_embedding_column name one column of the output: refused when
     the embedder is called, before a shard is read (it was found after every shard was embedded)."""

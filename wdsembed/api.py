@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any, Mapping, Optional
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from wdsembed import caching, faults, fidelity, outputclaim, report, shard
 from wdsembed.config import EmbedConfig, EmbedSettings, field_default, speaking_to
@@ -72,6 +72,14 @@ class TimmImageEmbedder:
         only (run classifiers on the saved embeddings)."""
         if options.pop("classifiers", None):
             raise ValueError("classifiers are not supported: embed here, then score the saved embeddings")
+        # NeMo Curator's positional order puts image_embedding_column (a name) 5th and classifiers (a list) 7th,
+        # where these two flags stand here: pydantic would say only that the flag is no boolean.
+        for flag, value, theirs in (("normalize_embeddings", normalize_embeddings, "image_embedding_column"),
+                                    ("use_index_files", use_index_files, "classifiers")):
+            if isinstance(value, (str, list, tuple)) and not _reads_as_bool(value):
+                raise TypeError(f"{flag}={value!r}: after num_threads_per_worker the positional order here is "
+                                f"normalize_embeddings, autocast, use_index_files (NeMo Curator's puts {theirs} "
+                                "there): pass the arguments after batch_size by keyword")
         for name in ("input", "output"):
             if name in options:
                 raise TypeError(f"{name} is given to the call, not the constructor: embedder(input, output)")
@@ -133,6 +141,14 @@ class TimmImageEmbedder:
             # the folder's shards as the run found them: it may have grown or lost some since the dataset was opened
             return data.with_embeddings(config.output, results, [r.shard for r in results])
         return results
+
+
+def _reads_as_bool(value: Any) -> bool:
+    try:
+        TypeAdapter(bool).validate_python(value)  # "true", "0", ... as EmbedConfig takes them
+    except ValidationError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
