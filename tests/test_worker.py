@@ -614,6 +614,96 @@ def test_a_call_cancelled_before_its_turn_never_reads_its_samples(worker):
     assert opened == []
 
 
+def test_a_cancelled_calls_batches_still_in_the_stream_skip_the_model(worker, monkeypatch):
+    """The batches of a call whose caller stopped waiting (its task cancelled, its Dask worker closing) still come
+    out of DALI, and went through the model all the same: seconds of a CPU's time per batch after a Ctrl-C, the
+    stream's thread inside torch as its worker process exited. None of them is run once the caller has left."""
+    (call,) = _calls(1, 16, seed=9)
+    real = model_module.embed_batch
+    starts = []
+
+    def counted(loaded, images, **kw):
+        starts.append(time.monotonic())
+        return real(loaded, images, **kw)
+
+    monkeypatch.setattr(model_module, "embed_batch", counted)
+
+    def endless():
+        while True:
+            yield from call
+
+    def stop_after_first_batch(n):
+        raise KeyboardInterrupt  # as a cancelled task's thread sees it
+
+    with pytest.raises(KeyboardInterrupt):
+        worker.embed(endless(), autocast=True, normalize=True, on_batch=stop_after_first_batch)
+    left = time.monotonic()
+    deadline = time.time() + 60
+    # its batches in flight come out of DALI, and the stream's pass ends (its producer thread with it)
+    while any(t.name == "wdsembed-producer" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "wdsembed-producer" for t in threading.enumerate())
+    assert [t for t in starts if t > left] == []
+    keys, _, _ = worker.embed(iter(call), autocast=True, normalize=True)  # the stream goes on
+    assert keys == [k for k, _ in call]
+
+
+_EXIT_WHILE_EMBEDDING = """
+import atexit, json, sys, threading
+from wdsembed.config import EmbedConfig
+from wdsembed.synthetic import photo_images
+from wdsembed.worker import Worker
+
+# Registered before the Worker's own hook, so run after it (atexit runs the latest first): the threads left as the
+# interpreter goes on to finalize.
+atexit.register(lambda: print(json.dumps({"threads": sorted(t.name for t in threading.enumerate()
+                                                             if t.name.startswith("wdsembed-")),
+                                          "caller": said}), flush=True))
+folder, model = sys.argv[1], sys.argv[2]
+worker = Worker(EmbedConfig(input=folder, output=folder, model_name=model, pretrained=False, device="cpu",
+                            batch_size=16, num_threads_per_worker=1))
+images = [(f"k{i}", im.data) for i, im in enumerate(photo_images(32, seed=3))]
+said, embedding = [], threading.Event()
+
+def endless():
+    while True:
+        yield from images
+
+def caller():  # a daemon thread, as a Dask worker's task threads are: the interpreter does not wait for it
+    try:
+        worker.embed(endless(), autocast=False, normalize=True, on_batch=lambda n: embedding.set())
+    except BaseException as exc:
+        said.append(str(exc))
+
+threading.Thread(target=caller, daemon=True).start()
+assert embedding.wait(300)
+# the main thread ends with the stream mid-way through an endless shard, in torch or DALI most of the time
+"""
+
+
+def test_a_process_that_exits_while_its_stream_embeds_stops_the_stream_first(tmp_path):
+    """A process that exits while its Worker's stream still runs (a Dask worker process closed by its nanny after a
+    Ctrl-C, the stream still on the in-flight batches of the shard it had) stops the stream and waits for its
+    threads before the interpreter finalizes: a daemon thread still inside torch or DALI then is ended by the
+    finalizing interpreter as it takes the GIL back, an unwind through C++ frames that calls std::terminate
+    ("terminate called without an active exception", SIGABRT, a core dump). A real process, model and pipeline;
+    the caller, a daemon thread, is told why its call failed."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "exits.py"
+    script.write_text(_EXIT_WHILE_EMBEDDING)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), TINY_MODEL], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert "terminate called" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:]
+    left = json.loads(done.stdout.strip().splitlines()[-1])
+    assert left == {"threads": [], "caller": ["the embedding stream was stopped: this process is exiting"]}, left
+
+
 def test_a_fixed_size_runner_takes_any_number_of_images():
     """The fidelity reference's graph takes batches of one size: fewer images are filled up, more are cut into
     batches, and only the images' own outputs come back, in order."""

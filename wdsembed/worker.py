@@ -10,6 +10,7 @@ of each shard and filling again at the start of the next.
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import contextvars
@@ -22,6 +23,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, TYPE_CHECKING
 
 import numpy as np
@@ -302,6 +304,8 @@ class Worker:
         self._cv = threading.Condition()
         self._streamer: Optional[threading.Thread] = None
         self._closed = False
+        self._stopping: Optional[str] = None  # close(now=...): why the stream drops what is in it
+        self._live: dict[int, "_Job"] = {}  # the calls in the stream's running pass (_run)
         self._model_lock = threading.Lock()  # the model, between the stream and a float32 fidelity reference
         self._last_batch_end = None  # on a GPU: the event after the stream's last model batch (StreamMeter)
         self._metered = self.stream if os.environ.get(STREAM_METER_ENV) == "1" else None  # the stream it times
@@ -331,6 +335,7 @@ class Worker:
             "device": self.device,
         }
         _unsaid.append(describe_worker(self, config))  # for the task run's log (take_unsaid)
+        _stop_streams_at_exit(self)
         # Everything alive now (torch, timm, DALI, Dask, Prefect, the model: over half a million objects) lives as
         # long as the process: kept out of the garbage collector's full passes, which otherwise walk all of it with
         # the GIL held while the stream waits (on one H200, two such passes of 0.38-0.44 s stalled a ViT-B/16 run
@@ -422,19 +427,34 @@ class Worker:
         cls._refused = {}
         return worker
 
-    def close(self) -> None:
-        """Finish the calls already waiting, stop the stream, and give the pipeline's memory back (the model goes
-        with the last reference)."""
+    def close(self, *, now: Optional[str] = None, wait_s: Optional[float] = None) -> bool:
+        """Stop the stream and give the pipeline's memory back (the model goes with the last reference). By
+        default the calls already waiting are finished first and the stream's thread is waited for. `now` (a
+        reason): the stream stops after the batch in hand instead, and every call still in it or waiting fails
+        with that reason; `wait_s`: its thread is waited for that long at most. Returns whether the stream's thread
+        has ended; where it has not, the pipeline is left to it (pipelines are not thread-safe)."""
         with self._cv:
+            if now is not None and self._stopping is None:
+                self._stopping = now
+                calls = [job for job in (*self._pending, *list(self._live.values())) if job is not None]
+                self._pending.clear()
+                if self._closed:
+                    self._pending.append(None)
+                for job in calls:
+                    job.cancelled = True  # no more of its samples fed, none of its batches through the model
+                    job.fail(RuntimeError(f"the embedding stream was stopped: {now}"))
             if not self._closed:
                 self._closed = True
                 self._pending.append(None)
-                self._cv.notify_all()
+            self._cv.notify_all()
         if self._streamer is not None and self._streamer is not threading.current_thread():
-            self._streamer.join()
+            self._streamer.join(wait_s)
+            if self._streamer.is_alive():
+                return False
         self.pipeline.close()
         self._graph = self._reference_graph = self._reference = None  # their memory pools go now, not with the Worker
         gc.unfreeze()  # this Worker's objects can be collected again once dropped
+        return True
 
     def embed(
         self, samples: Iterator[tuple[str, bytes]], *, autocast: bool, normalize: bool,
@@ -526,6 +546,7 @@ class Worker:
 
         flags = first.flags
         live: dict[int, _Job] = {}  # calls with samples in the stream, by the number their keys are tagged with
+        self._live = live
         self._queue.limit = gpu_queued_batches() if self.stream is not None else 0
         numbers = itertools.count()
 
@@ -568,9 +589,13 @@ class Worker:
                 job = self._next_call(flags)
 
         on_stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        batches = in_background(self.pipeline.process(tagged_samples(), cuda_stream=self.stream), depth=2)
         try:
-            with on_stream:
-                for batch in in_background(self.pipeline.process(tagged_samples(), cuda_stream=self.stream), depth=2):
+            with on_stream, contextlib.closing(batches):  # closed: its threads end, DALI's batches in flight taken
+                for batch in batches:
+                    if self._stopping is not None:  # close(now=...): its calls have failed already
+                        live.clear()
+                        break
                     self._take(batch, live, flags)
                     self._finish_done(live)
                 self._finish_done(live)
@@ -592,7 +617,7 @@ class Worker:
             if batch.keys[-1][0] != number:  # BATCH_END keeps a batch to one call; rows must never change hands
                 raise RuntimeError("a batch holds the samples of two calls")
             job = live[number]
-            if not job.closed:
+            if not job.closed and not job.cancelled:  # a call whose caller left: its batches skip the model
                 try:
                     with self._model_lock:
                         start = job.meter.start(self._metered)
@@ -619,7 +644,7 @@ class Worker:
         for number, job in list(live.items()):
             if job.fed_at is not None and job.out >= job.fed:
                 del live[number]
-                if job.closed:
+                if job.closed or job.cancelled:
                     continue
                 try:
                     embeddings = torch.cat(job.chunks).float() if job.chunks else None
@@ -758,6 +783,42 @@ class StreamMeter:
         return {"model_busy_s": round(busy, 4), "model_idle_s": round(sum(within), 4),
                 "model_longest_idle_s": round(max(within, default=0.0), 4),
                 "model_wait_before_s": round(gaps[0], 4) if gaps[0] is not None else None}
+
+
+# How long a process that exits waits for its Worker's stream to stop (_close_at_exit): the batch in the model and
+# DALI's batches in flight end within seconds (a batch of 32 through ResNet-18 took about 3 s on one core of a loaded
+# 2-core host), while a stream waiting on a shard's read that never returns would hold the exit for good; such a
+# thread waits in Python, not inside torch or DALI, and is left to the exit as before. A local cluster's nanny kills
+# its worker process 4 s after asking it to close (distributed's Nanny.kill) whatever this says: that SIGKILL, not an
+# abort, ends a worker whose batch is slower.
+EXIT_WAIT_S = 10.0
+_built: "weakref.WeakSet[Worker]" = weakref.WeakSet()  # every Worker of this process not yet collected
+_exit_hook: list = []  # _close_at_exit, once registered
+
+
+def _stop_streams_at_exit(worker: Worker) -> None:
+    """Have `worker` stopped at exit (_close_at_exit, registered as this process's first Worker is built: after
+    torch and DALI registered theirs, so that it runs before them, atexit running the latest first)."""
+    with Worker._building:
+        if not _exit_hook:
+            _exit_hook.append(atexit.register(_close_at_exit))
+        _built.add(worker)
+
+
+def _close_at_exit(wait_s: float = EXIT_WAIT_S) -> None:
+    """Stop this process's Worker streams before the interpreter finalizes, and wait for their threads (at most
+    `wait_s` in all). A daemon thread still inside torch or DALI then (the stream running the model on a shard
+    whose caller left: a Dask worker closed under a Ctrl-C) is ended by the finalizing interpreter as it takes the
+    GIL back, an unwind through C++ frames that calls std::terminate: "terminate called without an active
+    exception", SIGABRT, a core dump where they are on. atexit runs once the interpreter has joined its non-daemon
+    threads: the callers left now are daemon threads it will not wait for (a Dask worker's task threads, which its
+    close waited for already)."""
+    deadline = time.monotonic() + wait_s
+    for worker in list(_built):  # no lock: a thread that holds one is never waited for
+        if not worker.close(now="this process is exiting", wait_s=max(0.0, deadline - time.monotonic())):
+            log.warning("the embedding stream of process %d had not stopped %.0f s after the process began to exit "
+                        "(a batch still in the model, or a shard's read that does not return); it exits without it",
+                        os.getpid(), wait_s)
 
 
 class _Job:
