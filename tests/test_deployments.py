@@ -296,8 +296,11 @@ def test_deployed_flow_refuses_an_unusable_config_before_starting_a_cluster(tmp_
     config = EmbedConfig(input=str(tmp_path / "missing"), output=str(tmp_path / "out"), **RUN_CONFIG)
     with pytest.raises(InputError, match="missing"):
         flows.deployed.embed.fn(config)
+    from wdsembed.synthetic import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "in", n_shards=1, per_shard=2)  # shards to embed: the model is what is wrong
     with pytest.raises(InputError, match="unknown timm model"):
-        flows.deployed.embed.fn(config.model_copy(update={"input": str(tmp_path), "model_name": "resnet5O"}))
+        flows.deployed.embed.fn(config.model_copy(update={"input": str(tmp_path / "in"), "model_name": "resnet5O"}))
 
 
 @pytest.mark.slow
