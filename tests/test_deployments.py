@@ -353,6 +353,66 @@ def test_the_run_form_refuses_a_store_url_without_a_bucket_or_its_slashes(field)
     validate({"config": base | {"result_storage": None}}, schema, raise_on_error=True)
 
 
+@pytest.mark.slow
+def test_a_run_refused_for_its_parameters_says_why_in_words(server: Server, deployed: dict[str, dict]):
+    """The server refused a store URL with credentials or in an incomplete form, or a credential among the storage
+    options, with jsonschema's message: "'s3:/bkt/shards' should not be valid under {'pattern': ...}", the pattern
+    thousands of characters long and the value quoted, a credential too. It now says what is expected, in words,
+    naming the field, in a few hundred characters: as `prefect deployment run` prints it, and as the UI's run form
+    shows it under the field (its /ui/schemas/validate)."""
+    on_demand = deployed["on-demand"]
+    config = {"input": str(server.data), "output": str(server.home / "refused"), "model_name": "resnet18"}
+    credentials = "credentials come from the environment"
+    for wrong, field, words, secret in [
+        ({"input": "s3:/bkt/shards"}, "input", "nor a scheme with one slash (s3:/BUCKET/x)", None),
+        ({"output": "s3://"}, "output", "not one that names no bucket (s3://)", None),
+        ({"input": "s3://user:pw@bkt/x"}, "input", credentials, "user:pw"),
+        ({"result_storage": "s3://AKIAEXAMPLEKEY@bkt/r"}, "result_storage", credentials, "AKIAEXAMPLEKEY"),
+        ({"model_name": "https://user:pw@host/m"}, "model_name", credentials, "user:pw"),
+        ({"storage_options": {"key": "x"}}, "storage_options", credentials, None),
+        ({"storage_options": {"endpoint_url": "http://user:pw@host"}}, "storage_options.endpoint_url", credentials,
+         "user:pw"),
+    ]:
+        bad = prefect(server, "deployment", "run", f"{FLOW}/on-demand", "--params",
+                      json.dumps({"config": {**config, **wrong}}), check=False)
+        said = " ".join((bad.stdout + bad.stderr).split())
+        said = said[said.find("Error creating flow run"):]
+        assert bad.returncode != 0 and said.startswith(
+            f"Error creating flow run: Validation failed for field 'config.{field}'."), said
+        assert words in said and len(said) < 450, said
+        assert secret is None or secret not in said, said
+
+        form = api(server, "POST", "/ui/schemas/validate",
+                   json={"schema": on_demand["parameter_openapi_schema"], "values": {"config": {**config, **wrong}}})
+        form.raise_for_status()
+        shown = form.json()
+        assert shown["valid"] is False, shown
+        errors = shown["errors"][0]["errors"]  # config's
+        for part in field.split("."):
+            (errors,) = [e["errors"] for e in errors if e.get("property") == part]
+        assert len(errors) == 1 and words in errors[0] and len(errors[0]) < 350 and "pattern" not in errors[0], errors
+        assert secret is None or secret not in errors[0], errors
+    assert flow_runs(server, on_demand["id"]) == []
+
+
+def test_the_run_forms_refusals_in_words_refuse_every_value_they_find():
+    """Each rule that says in words what it expects (`then`'s const) refuses every string its `if` finds: what it
+    expects is no such string, which would be taken."""
+    from prefect.utilities.schema_tools import validate
+
+    def rules(node):
+        if isinstance(node, dict):
+            if "if" in node:
+                yield node
+            for value in node.values():
+                yield from rules(value)
+
+    found = list(rules(EmbedConfig.model_json_schema()))
+    assert len(found) >= 3, found  # credentials, an incomplete store URL, a credential's option name
+    for rule in found:
+        assert validate(rule["then"]["const"], rule["if"]), rule["then"]  # errors: not found by the `if`
+
+
 def _serve(server: Server, log: Path, **env: str) -> subprocess.Popen:
     """deployments/serve.py in a session of its own (its flow runs and their Dask workers join it), once it has
     registered the deployments."""

@@ -39,11 +39,26 @@ def _any_case(pattern: str) -> str:
     return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in pattern)
 
 
+def _refused(pattern: str, expected: str, otherwise: Optional[dict] = None) -> dict:
+    """A JSON schema rule that refuses the strings `pattern` finds, saying in words what is `expected`; strings it
+    does not find are left to the rule `otherwise`. Prefect's refusal (the API's, and the UI's under the field) is
+    jsonschema's message for the failing keyword, and `const`'s ("'EXPECTED' was expected") is the only one that
+    quotes neither the value (a credential) nor the pattern (thousands of characters): `not`'s said
+    "'VALUE' should not be valid under {PATTERN}".
+    `expected` is no value `pattern` finds, so every string it finds is refused. `"type": "string"`: a pattern
+    holds for every value that is not a string, so without it null, the optional fields' default, would be refused.
+    """
+    rule = {"if": {"type": "string", "pattern": pattern}, "then": {"const": expected}}
+    return rule | {"else": otherwise} if otherwise else rule
+
+
 # The rules of the validators below, also in the JSON schema: runs started from the Prefect UI/API are checked
 # against it before their parameters are stored (and shown), so a credential is refused before it is kept.
-# `"type": "string"` inside the `not`: a pattern holds for every value that is not a string, so without it the
-# `not` would refuse null, the default of the optional fields.
-_NO_URL_PASSWORD = {"not": {"type": "string", "pattern": URL_CREDENTIALS_PATTERN}}
+# What the run form says of a credential (credentials_in_url says it for the validators):
+_NO_CREDENTIALS = ("a value without credentials (a password or a user name, as an access key, in a URL): the run's "
+                  "parameters are stored in Prefect's database; credentials come from the environment "
+                  "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), an AWS profile or the store's own credential files")
+_NO_URL_PASSWORD = _refused(URL_CREDENTIALS_PATTERN, _NO_CREDENTIALS)
 # Not empty, nor blanks only (the validators' "must not be empty"), in the form too.
 _NOT_BLANK = {"pattern": r"\S"}
 # A Dask scheduler's address: an optional scheme (tcp://, tls://), a host or [IPv6 address], and its port; an
@@ -74,9 +89,18 @@ def _store_url_form_pattern() -> str:
 # EmbedConfig drops: also the run form's rule for each item.
 _EXTENSION = r"^\s*\.*[^.,/\s]+\s*$"
 # Input, output and result storage: neither credentials in the URL nor a store URL in a form that names no place.
-_STORE_URL = {"not": {"type": "string", "pattern": f"{URL_CREDENTIALS_PATTERN}|{_store_url_form_pattern()}"}}
-_NO_SECRET_OPTIONS = {"propertyNames": {"not": {"pattern": _any_case(SECRET_OPTION_PATTERN)}},
-                      "additionalProperties": {"type": "string", **_NO_URL_PASSWORD}}
+_STORE_URL = _refused(URL_CREDENTIALS_PATTERN, _NO_CREDENTIALS, otherwise=_refused(
+    _store_url_form_pattern(),
+    "a store URL in full, as s3://BUCKET/PREFIX: not one that names no bucket (s3://), nor a scheme with one slash "
+    "(s3:/BUCKET/x), which would be a local folder named s3: (start such a local path with ./)"))
+_NO_SECRET_OPTIONS = {
+    "propertyNames": _refused(
+        _any_case(SECRET_OPTION_PATTERN),
+        "storage options without credentials (none such as key, secret, token, password, account_key, sas_token): "
+        "the run's parameters are stored in Prefect's database; credentials come from the environment, an AWS "
+        "profile or the store's own credential files"),
+    "additionalProperties": {"type": "string", **_NO_URL_PASSWORD},
+}
 
 
 # The fields that may name local paths (or file:// URLs), made absolute where the config is made: in the process
