@@ -1058,6 +1058,44 @@ def test_a_run_aborts_the_incomplete_uploads_of_its_outputs_that_killed_runs_lef
             s3.abort_multipart_upload(Bucket=OUT_BUCKET, Key=u["Key"], UploadId=u["UploadId"])
 
 
+def test_embedding_reader_reads_a_runs_knn_view_straight_from_the_bucket(server, tmp_path, monkeypatch):
+    """docs/knn.md: autofaiss's reader (embedding-reader, through fsspec) takes OUTPUT's `_embeddings/` as an s3://
+    URL, with the store's endpoint from AWS_ENDPOINT_URL (it takes no storage options): every embedded row, as the
+    run's tables hold it, none of the rows without an embedding (each shard here has a corrupt image and failed
+    downloads)."""
+    er = pytest.importorskip("embedding_reader")
+    from wdsembed.api import TimmImageEmbedder
+
+    data = tmp_path / "data"
+    write_demo_dataset(data, n_shards=2, per_shard=6, corrupt_per_shard=1)
+    url = upload(server, data)
+    out = f"s3://{OUT_BUCKET}/knn-{uuid.uuid4().hex[:8]}"
+    embedder = TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                                 fidelity_sample=0, index_cache_dir=str(tmp_path / "idx"),
+                                 storage_options=options(server.endpoint))
+    results = embedder(url, out)
+    assert len(results) == 2 and all(r.failed for r in results)  # rows without an embedding in each shard
+    fs, root = storage.filesystem(out, options(server.endpoint))
+    want = {}
+    for stem in ("00000", "00001"):
+        with fs.open(f"{root}/{stem}.parquet", "rb") as f:
+            rows = pq.read_table(f).to_pylist()
+        want |= {(row["key"], stem): row["image_embedding"] for row in rows if row["image_embedding"] is not None}
+    assert len(want) == sum(r.embedded for r in results) > 0
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+    _clear_s3fs_cache()
+    reader = er.EmbeddingReader(f"{out}/_embeddings", file_format="parquet", embedding_column="image_embedding",
+                                meta_columns=["key", "shard"])
+    assert reader.count == len(want)
+    seen = {}
+    for vectors, meta in reader(batch_size=4, show_progress=False):
+        for vector, key, stem in zip(vectors, meta["key"], meta["shard"]):
+            seen[(key, stem)] = vector
+    assert sorted(seen) == sorted(want)
+    assert all(np.allclose(seen[k], want[k], rtol=0, atol=0) for k in want)
+
+
 def test_an_upload_begun_since_the_cutoff_is_a_live_writers_and_kept(server):
     """storage.abort_incomplete_uploads aborts only uploads initiated before its cutoff (the claim's time): one begun
     at or after it is kept, and aborted once the cutoff is past it."""
