@@ -1157,43 +1157,130 @@ def test_missing_input_prefix_of_a_bucket_named_bucket_is_not_a_missing_bucket(s
     assert str(err.value) == "input s3://input-bucket/nothing-here does not exist"
 
 
+class NotS3Endpoint:
+    """An HTTP service that is no S3 store on loopback (a store's web console port, a Prefect server), as
+    endpoint_url may name by mistake: it answers GET and HEAD with `answer` (a JSON 404, or an HTML page with 200;
+    "head-200": HEAD with 200, GET with a JSON 404), and any other method with 501, as Python's own http.server
+    does."""
+
+    def __init__(self, answer: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class NotS3(BaseHTTPRequestHandler):
+            def answer_it(self):
+                not_found = answer == "json-404" or (answer == "head-200" and self.command == "GET")
+                status, kind, body = ((404, "application/json", b'{"detail": "Not Found"}') if not_found
+                                      else (200, "text/html", b"<!doctype html><html><body>console</body></html>"))
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_HEAD = answer_it
+
+            def log_message(self, *args):
+                pass
+
+        self.web = ThreadingHTTPServer(("127.0.0.1", 0), NotS3)
+        self.endpoint = f"http://127.0.0.1:{self.web.server_address[1]}"
+
+    def __enter__(self) -> "NotS3Endpoint":
+        import threading
+
+        threading.Thread(target=self.web.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.web.shutdown()
+        self.web.server_close()
+
+
 @pytest.mark.parametrize("answer", ["json-404", "html-200"])
 def test_an_endpoint_that_is_no_s3_store_is_said_so_not_taken_for_a_missing_bucket(answer):
     """endpoint_url naming another HTTP service (a store's web console port, a Prefect server): botocore makes its
     answers bare HTTP errors, and the refusal said 'the bucket data does not exist' (a 404) or 'OSError: [Errno 121]
-    Internal Server Error' (a page it could not parse), sending the user after the bucket or the store."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    import threading
-
-    class NotS3(BaseHTTPRequestHandler):
-        def answer(self):
-            status, kind, body = ((404, "application/json", b'{"detail": "Not Found"}') if answer == "json-404"
-                                  else (200, "text/html", b"<!doctype html><html><body>console</body></html>"))
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        do_GET = do_HEAD = answer
-
-        def log_message(self, *args):
-            pass
-
-    web = ThreadingHTTPServer(("127.0.0.1", 0), NotS3)
-    threading.Thread(target=web.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{web.server_address[1]}"
-    try:
-        said = f"the endpoint {endpoint} does not answer as an S3 store.*check endpoint_url"
+    Internal Server Error' (a page it could not parse), sending the user after the bucket or the store. A page
+    answering HEAD with 200 passed the output's check as an existing object: a listing under it tells."""
+    with NotS3Endpoint(answer) as web:
+        said = f"the endpoint {web.endpoint} does not answer as an S3 store.*check endpoint_url"
         with pytest.raises(inputs.InputError, match=f"cannot read input s3://data/shards: {said}"):
-            plan.check_storage(config_for("s3://data/shards", "s3://out/emb", endpoint))
-        if answer == "json-404":  # a page answering HEAD with 200 passes for an existing object, as before
-            with pytest.raises(storage.StoreError, match=f"cannot write output s3://out/emb: {said}"):
-                storage.check_output("s3://out/emb", options(endpoint))
-    finally:
-        web.shutdown()
-        web.server_close()
+            plan.check_storage(config_for("s3://data/shards", "s3://out/emb", web.endpoint))
+        with pytest.raises(storage.StoreError, match=f"cannot write output s3://out/emb: {said}"):
+            storage.check_output("s3://out/emb", options(web.endpoint))
+
+
+def _command_argv(input: str, output: str, endpoint: str, tmp_path: Path) -> list[str]:
+    return [input, "--output", output, "--device", "cpu", "--model", TINY_MODEL, "--no-pretrained",
+            "--storage-option", f"endpoint_url={endpoint}", "--index-cache-dir", str(tmp_path / "cache")]
+
+
+def _never_started(config, **kw):  # the flow (Prefect and Dask start here)
+    pytest.fail("the run started: the command's checks let an output it cannot write through")
+
+
+@pytest.mark.parametrize("answer", ["json-404", "html-200", "head-200"])
+def test_a_local_input_with_an_s3_output_at_an_endpoint_that_is_no_s3_store_is_refused_before_prefect(
+        answer, dataset, tmp_path, capsys):
+    """With a local input, OUTPUT is the only thing asked of the endpoint: a web page answering HEAD with 200 passed
+    its check, and then the look for another run's claim took the page for an unreadable claim ('is claimed') or,
+    where GET answered 404, the run went on to Prefect and Dask and failed at its own claim. Refused in the checks,
+    in the words used for an input there (exit 2)."""
+    from wdsembed.cli import main
+
+    with NotS3Endpoint(answer) as web:
+        code = main(_never_started, _command_argv(str(dataset), "s3://out/emb", web.endpoint, tmp_path))
+        err = capsys.readouterr().err.strip()
+        assert code == 2, err
+        assert err == (f"error: cannot write output s3://out/emb: the endpoint {web.endpoint} does not answer as an "
+                       f"S3 store (HTTP {'500, text/html' if answer == 'html-200' else '404, application/json'}): "
+                       "check endpoint_url (a storage option, or AWS_ENDPOINT_URL)"), err
+
+
+def test_an_s3_output_these_keys_may_read_but_not_write_is_refused_before_prefect(server, dataset, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """Keys that may list and read the output bucket but not write to it (403 AccessDenied on PUT): every check
+    passed, Prefect's server started and the Dask cluster with it, and the run failed at its claim, 8 s later on 2
+    cores. The command takes the claim as its checks end: the refusal is its one line, exit 2, naming OUTPUT and
+    what to change, before the run (Prefect) starts; nothing is written."""
+    from wdsembed.cli import main
+
+    server.boto().create_bucket(Bucket="read-only-out")  # "reader" may write to OUT_BUCKET only
+    use_keys(monkeypatch, server.reader)
+    start = time.perf_counter()
+    code = main(_never_started, _command_argv(str(dataset), "s3://read-only-out/emb", server.endpoint, tmp_path))
+    seconds = time.perf_counter() - start
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: cannot write output s3://read-only-out/emb (its claim _claim.json): access denied "
+                          "(Access Denied); let these credentials write there (on S3 s3:PutObject"), err
+    assert "AWS_ACCESS_KEY_ID" in err and "\n" not in err
+    assert server.keys("read-only-out") == []
+    print(f"refused in {seconds:.1f} s (the checks' model build included)")
+
+
+def test_the_claim_the_command_takes_on_an_s3_output_is_the_one_its_run_holds(server, dataset, tmp_path,
+                                                                              monkeypatch):
+    """The command's claim on an S3 output (taken as its checks end) is handed to the run it starts, whose own
+    claim (flows.embed.run: outputclaim.held) takes it rather than claiming the output again, which its own claim
+    would refuse; released as the run ends."""
+    from wdsembed import outputclaim
+    from wdsembed.cli import main
+
+    out = f"s3://{OUT_BUCKET}/emb-{uuid.uuid4().hex[:8]}"
+    key = f"{out.split('/', 3)[3]}/{CLAIM_NAME}"
+    held = []
+
+    def run(config, **kw):  # where the flow would start: Prefect imported, then run()'s claim
+        stored = json.loads(server.boto().get_object(Bucket=OUT_BUCKET, Key=key)["Body"].read())
+        with outputclaim.held(config) as claim:
+            held.append((stored["run"], claim.run))
+        raise RuntimeError("stop here")
+
+    assert main(run, _command_argv(str(dataset), out, server.endpoint, tmp_path)) == 1
+    assert len(held) == 1 and held[0][0] == held[0][1]
+    assert key not in server.keys(OUT_BUCKET)  # released
 
 
 def test_wrong_credentials_fail_at_once_and_write_nothing(server, dataset, monkeypatch, tmp_path):

@@ -224,19 +224,23 @@ def main(run: Optional[Callable[..., dict]] = None, argv: Optional[Sequence[str]
     with _stop_signals_end_as_ctrl_c(through_exit=argv is None) as stops:
         try:
             checked = _checked(run, argv, on_checked)
-        except KeyboardInterrupt as exc:  # nothing claimed or written yet
+        except KeyboardInterrupt as exc:  # nothing written yet (a claim taken is released)
             _say_last(f"\nrun interrupted{_by(exc)} before any work (during its checks): nothing was written; run "
                       "the same command again")
             return _interrupted_code(exc)
         if isinstance(checked, int):
             return checked
-        return _run(run, *checked, stops)
+        config, all_finished, claim = checked
+        from wdsembed import outputclaim
+
+        with outputclaim.handed_on(claim) if claim is not None else contextlib.nullcontext():
+            return _run(run, config, all_finished, stops)
 
 
 def _checked(run: Optional[Callable[..., dict]], argv: Optional[Sequence[str]],
-             on_checked: Optional[Callable[[], None]]) -> "int | tuple[EmbedConfig, bool]":
-    """main's arguments and checks: the exit code of a refusal, else the config and whether every output is
-    already finished."""
+             on_checked: Optional[Callable[[], None]]) -> "int | tuple[EmbedConfig, bool, Any]":
+    """main's arguments and checks: the exit code of a refusal, else the config, whether every output is already
+    finished, and OUTPUT's claim where it is taken already (_claim_store_output), else None."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # The messages below (and argparse's) quote these whole; EmbedConfig refuses the fields it takes.
@@ -287,13 +291,40 @@ def _checked(run: Optional[Callable[..., dict]], argv: Optional[Sequence[str]],
         print("error: this wdsembed script is out of date: reinstall the package (pip install -e .), or run "
               "python flows/embed.py", file=sys.stderr)
         return 2
+    try:
+        claim = _claim_store_output(config)
+    except (ValueError, OSError) as exc:  # another run's claim, access denied, no S3 store at the endpoint
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if on_checked is not None:
         try:
             on_checked()
         except ValueError as exc:  # what the run's own setup cannot do (the Prefect server's folder), said as above
             print(f"error: {exc}", file=sys.stderr)
+            if claim is not None:
+                claim.release()
             return 2
-    return config, all_finished
+        except BaseException:  # Ctrl-C while the server loads: the claim is not left to go stale
+            if claim is not None:
+                claim.release()
+            raise
+    return config, all_finished, claim
+
+
+def _claim_store_output(config: EmbedConfig) -> Any:
+    """OUTPUT's claim (wdsembed.outputclaim), taken as the checks end where OUTPUT is on a store (S3 ...), and held
+    for the run (outputclaim.handed_on). Its PUT is the first request that writes there: keys that may list and read
+    OUTPUT but not write to it, or an endpoint that serves no S3, are refused by it now, in a second, before the
+    Prefect server serves and Dask starts (refused at the run's own claim, that was 8 s later). A local folder's
+    write is checked without writing (preflight.check_output_writable): its claim is left to the run, so that a
+    run refused meanwhile (by the Prefect server's checks) leaves no folder behind. None there."""
+    from wdsembed import outputclaim, storage
+
+    fs, _ = storage.filesystem(config.output, config.storage_options)
+    if storage.is_local(fs):
+        return None
+    with speaking_to("command"):
+        return outputclaim.take(config)
 
 
 def _run(run: Callable[..., dict], config: EmbedConfig, all_finished: bool, stops: "_StopSignals") -> int:

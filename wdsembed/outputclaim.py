@@ -89,6 +89,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -741,10 +742,14 @@ def take(config: EmbedConfig, by: Optional[str] = None) -> Claim:
             raise OutputClaimedError(f"output {config.output!r}: could not claim it, other runs keep taking it; "
                                      "wait for them to finish, or choose another output folder")
     except PermissionError as exc:  # a read-only folder, a bucket these keys may not write
-        hint = "" if isinstance(store, _LocalStore) else f"; check the credentials: {credentials_hint()}"
+        hint = "" if isinstance(store, _LocalStore) else (
+            "; let these credentials write there (on S3 s3:PutObject and s3:DeleteObject on its keys), or check "
+            f"which credentials are used: {credentials_hint()}")
         raise PermissionError(f"cannot write output {config.output} (its claim {CLAIM_NAME}): access denied "
                               f"({exc}){hint}") from exc
     except OSError as exc:  # the errno stays (faults.is_disk_full); the message names the output
+        if not_s3 := storage._not_an_s3_answer(store.fs, exc):  # a web server's 501 to the PUT, say
+            raise OSError(f"cannot write output {config.output}: {not_s3}") from exc
         said = f"cannot claim output {config.output} ({CLAIM_NAME}): {exc}"
         raise (OSError(exc.errno, said) if exc.errno else OSError(said)) from exc
     claim = Claim(config.output, record, store, token, took_over)
@@ -771,13 +776,36 @@ def take(config: EmbedConfig, by: Optional[str] = None) -> Claim:
     return claim
 
 
+# A claim taken before its run started (handed_on), for the first held() of its OUTPUT in this context to take.
+_handed: ContextVar[Optional[list[Claim]]] = ContextVar("wdsembed_handed_claim", default=None)
+
+
 @contextmanager
 def held(config: EmbedConfig, by: Optional[str] = None) -> Iterator[Claim]:
-    """take(config, by) for the block, released as it ends, however it ends."""
-    claim = take(config, by)
+    """take(config, by) for the block, released as it ends, however it ends; or the claim on the same OUTPUT that
+    its caller took beforehand and handed on (handed_on), still held."""
+    handed = _handed.get()
+    claim = None
+    if handed and handed[0].output == config.output and not (handed[0].released or handed[0].lost):
+        claim = handed.pop()
+    claim = claim or take(config, by)
     try:
         yield claim
     finally:
+        claim.release()
+
+
+@contextmanager
+def handed_on(claim: Claim) -> Iterator[Claim]:
+    """Hand `claim`, taken before its run starts, to the run started in this block: its held() on that OUTPUT
+    takes it rather than claiming OUTPUT again (the command takes the claim as its checks end, so that an OUTPUT it
+    cannot write is refused before Prefect and Dask start). Released as the block ends, however it ends, where the
+    run did not release it (it never started)."""
+    token = _handed.set([claim])
+    try:
+        yield claim
+    finally:
+        _handed.reset(token)
         claim.release()
 
 

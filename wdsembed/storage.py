@@ -636,7 +636,9 @@ def check_output(url: str, storage_options: Mapping[str, str] | None = None) -> 
     if is_local(fs):
         return  # created on first write; a read-only folder shows at that write, naming the file
     try:
-        fs.info(path)
+        found = fs.info(path)
+        if found.get("type") == "file" and is_s3(fs):
+            _check_lists_as_s3(fs, path)
     except FileNotFoundError as exc:
         if not_s3 := _not_an_s3_answer(fs, exc):
             raise StoreError(f"cannot write output {url}: {not_s3}") from None
@@ -645,3 +647,12 @@ def check_output(url: str, storage_options: Mapping[str, str] | None = None) -> 
         raise _explain(url, exc, "write output", fs) from None
     finally:
         fs.invalidate_cache(path)  # other processes write here: never trust a listing of it later
+
+
+def _check_lists_as_s3(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """One listing of at most one key under `path`, which a HEAD found to be an object: a web server (endpoint_url
+    naming a console's port) answers every HEAD with 200, and no error tells it from S3; its answer to a listing,
+    a page where XML is expected, raises what _not_an_s3_answer recognizes. Of an S3 store's answer nothing is
+    kept: an object at OUTPUT's own key is no folder's, but the run writes under it all the same."""
+    bucket, key, _ = fs.split_path(path)
+    fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1)
