@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from wdsembed.config import EmbedConfig
+from wdsembed.config import _EXTENSION, DASK_ADDRESS_PATTERN, EmbedConfig, _unless
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -372,6 +372,10 @@ def test_a_run_refused_for_its_parameters_says_why_in_words(server: Server, depl
         ({"storage_options": {"key": "x"}}, "storage_options", credentials, None),
         ({"storage_options": {"endpoint_url": "http://user:pw@host"}}, "storage_options.endpoint_url", credentials,
          "user:pw"),
+        ({"input": ""}, "input", "a folder or URL holding the shards (/data/shards, s3://BUCKET/PREFIX), not empty",
+         None),
+        ({"dask_address": "scheduler"}, "dask_address", "a Dask scheduler's address with its port", None),
+        ({"dask_address": "tcp://user:pw@scheduler:8786"}, "dask_address", credentials, "user:pw"),
     ]:
         bad = prefect(server, "deployment", "run", f"{FLOW}/on-demand", "--params",
                       json.dumps({"config": {**config, **wrong}}), check=False)
@@ -408,9 +412,104 @@ def test_the_run_forms_refusals_in_words_refuse_every_value_they_find():
                 yield from rules(value)
 
     found = list(rules(EmbedConfig.model_json_schema()))
-    assert len(found) >= 3, found  # credentials, an incomplete store URL, a credential's option name
+    # credentials, an incomplete store URL, a credential's option name, blanks, a Dask address, an extension
+    assert len(found) >= 6, found
     for rule in found:
-        assert validate(rule["then"]["const"], rule["if"]), rule["then"]  # errors: not found by the `if`
+        # `then` takes no value: `const` takes one, which `not` refuses. Where the `if` finds the expected text
+        # (what a value must match is said in words), that text is refused too.
+        assert validate(rule["then"]["const"], rule["then"]), rule["then"]
+        assert [e.validator for e in validate("any other value", rule["then"])] == ["const"], rule["then"]  # one reason
+
+
+@pytest.mark.parametrize("pattern", [r"\S", DASK_ADDRESS_PATTERN, _EXTENSION])
+def test_a_pattern_the_run_form_says_in_words_finds_exactly_what_its_own_does_not(pattern):
+    """The rules that say in words what a value must match (_refused) find what its pattern does not find, as
+    jsonschema looks (re.search): a value at its end ('h:8786\\n'), blanks, new lines and all."""
+    import random
+    import re
+
+    pieces = ["", " ", "\n", "\t", "\u00a0", "tcp://", "inproc://", "h", "[fd00::1]", ":", "8786", "123456", "/", "@",
+              ".", ",", "png", "seg", "x y"]
+    rng = random.Random(0)
+    values = {"".join(rng.choice(pieces) for _ in range(rng.randrange(6))) for _ in range(20_000)}
+    for value in values:
+        assert (re.search(_unless(pattern), value) is None) == (re.search(pattern, value) is not None), repr(value)
+
+
+# The run form's typical mistakes and what its refusal says. jsonschema's own words were "'' does not match '\\S'"
+# for an empty input, output or model, the pattern itself for a Dask address or an image extension (the value
+# quoted, a credential with it: an address with one got both refusals), and under the UI form's field, for an
+# optional number out of range, "0 is not valid under any of the given schemas".
+FORM_MISTAKES = [
+    ("input", "", "'a folder or URL holding the shards (/data/shards, s3://BUCKET/PREFIX), not empty' was expected"),
+    ("input", " \t", "a folder or URL holding the shards"),
+    ("output", "", "'a folder or URL for the outputs (/data/embeddings, s3://BUCKET/PREFIX), not empty' was expected"),
+    ("model_name", " ", "'a timm model name (resnet50.a1_in1k), not empty' was expected"),
+    ("dask_address", "scheduler", "a Dask scheduler's address with its port (tcp://HOST:8786, tls://HOST:8786, "
+                                  "HOST:8786), or empty for a local cluster\" was expected"),
+    ("dask_address", "tcp://scheduler", "a Dask scheduler's address with its port"),
+    ("dask_address", "scheduler:123456", "a Dask scheduler's address with its port"),
+    ("dask_address", " ", "a Dask scheduler's address with its port"),
+    ("dask_address", "tcp://user:hunter2@scheduler:8786", "credentials come from the environment"),
+    ("image_extensions", ["jpg", "seg.png"], "one image extension per item: the part of a member's name after its "
+                                             "last dot (png for 00001.seg.png)"),
+    ("image_extensions", ["jpg,png"], "one image extension per item"),
+    ("image_extensions", ["s3://AKIAEXAMPLE:hunter2@b/x"], "one image extension per item"),
+    ("n_workers", 0, "0 is less than the minimum of 1"),
+    ("shards_per_task", 10001, "10001 is greater than the maximum of 10000"),
+    ("min_fidelity", 2, "2 is greater than the maximum of 1.0"),
+    ("max_image_pixels", -1, "-1 is less than the minimum of 0"),
+]
+
+
+@pytest.mark.parametrize("field,value,words", FORM_MISTAKES, ids=lambda v: repr(v)[:20])
+def test_the_run_form_says_what_each_field_expects(field, value, words):
+    """Each mistake is refused as EmbedConfig refuses it, with one reason in words: the API's (Prefect's validate(),
+    as the server checks a deployment run's parameters) and the UI form's under the field (its /ui/schemas/validate:
+    every error, on the schema it preprocesses), without the pattern or a credential."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import ValidationError as FormError
+    from prefect.utilities.schema_tools import validate
+    from prefect.utilities.schema_tools.validation import build_error_obj, preprocess_schema
+
+    from flows.deployed import embed
+
+    schema = parameter_schema(embed).model_dump()
+    config = {"input": "s3://b/in", "output": "s3://b/out", field: value}
+    with pytest.raises(ValueError):
+        EmbedConfig(**config)
+    with pytest.raises(FormError) as refused:
+        validate({"config": config}, schema, raise_on_error=True)
+    said = str(refused.value)
+    item = f"[{len(value) - 1}]" if isinstance(value, list) else ""  # the last item is the wrong one
+    assert said.startswith(f"Validation failed for field 'config.{field}{item}'. Failure reason: "), said
+    assert words in said and "hunter2" not in said and len(said) < 450, said
+
+    errors = build_error_obj(validate({"config": config}, preprocess_schema(schema), preprocess=False))["errors"]
+    (errors,) = [e["errors"] for e in errors if e.get("property") == "config"]
+    (errors,) = [e["errors"] for e in errors if e.get("property") == field]
+    if item:
+        (errors,) = [e["errors"] for e in errors if e.get("index") == len(value) - 1]
+    assert len(errors) == 1 and words in errors[0], errors
+    assert not any(jargon in errors[0] for jargon in ("match", "pattern", "any of the given", "hunter2")), errors
+
+
+def test_the_run_form_takes_what_embedconfig_takes_in_the_fields_it_says_in_words():
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import validate
+
+    from flows.deployed import embed
+
+    schema = parameter_schema(embed).model_dump()
+    for field, value in [("input", "./s3:x"), ("input", " /data/shards"), ("model_name", "resnet18"),
+                         ("dask_address", None), ("dask_address", ""), ("dask_address", "tcp://h:8786"),
+                         ("dask_address", "h:8786"), ("dask_address", "tls://[fd00::1]:8786"),
+                         ("dask_address", "inproc://192.168.1.2/123/1"), ("image_extensions", [" JPG", ".png "]),
+                         ("n_workers", None), ("n_workers", 1), ("shards_per_task", 10000), ("min_fidelity", -1),
+                         ("min_fidelity", None), ("max_image_pixels", 0), ("max_image_pixels", None)]:
+        config = {"input": "s3://b/in", "output": "s3://b/out", field: value}
+        EmbedConfig(**config)
+        assert validate({"config": config}, schema) == [], (field, value)
 
 
 def _serve(server: Server, log: Path, **env: str) -> subprocess.Popen:

@@ -44,12 +44,20 @@ def _refused(pattern: str, expected: str, otherwise: Optional[dict] = None) -> d
     does not find are left to the rule `otherwise`. Prefect's refusal (the API's, and the UI's under the field) is
     jsonschema's message for the failing keyword, and `const`'s ("'EXPECTED' was expected") is the only one that
     quotes neither the value (a credential) nor the pattern (thousands of characters): `not`'s said
-    "'VALUE' should not be valid under {PATTERN}".
-    `expected` is no value `pattern` finds, so every string it finds is refused. `"type": "string"`: a pattern
-    holds for every value that is not a string, so without it null, the optional fields' default, would be refused.
+    "'VALUE' should not be valid under {PATTERN}", `pattern`'s "'VALUE' does not match PATTERN".
+    `then` holds for no value: `const` takes `expected` only, which `not` refuses. So every string `pattern` finds
+    is refused, `expected` too where `pattern` finds it (a rule of _unless), and any other value gets one message,
+    `const`'s. `"type": "string"`: a pattern holds for every value that is not a string, so without it
+    null, the optional fields' default, would be refused.
     """
-    rule = {"if": {"type": "string", "pattern": pattern}, "then": {"const": expected}}
+    rule = {"if": {"type": "string", "pattern": pattern}, "then": {"const": expected, "not": {"const": expected}}}
     return rule | {"else": otherwise} if otherwise else rule
+
+
+def _unless(pattern: str) -> str:
+    """A pattern that finds the strings `pattern` does not find (jsonschema's `pattern` is re.search): from the start,
+    no place where `pattern` matches. For _refused, where a value must match a `pattern` of its own."""
+    return rf"^(?![\s\S]*?(?:{pattern}))"
 
 
 # The rules of the validators below, also in the JSON schema: runs started from the Prefect UI/API are checked
@@ -59,8 +67,14 @@ _NO_CREDENTIALS = ("a value without credentials (a password or a user name, as a
                   "parameters are stored in Prefect's database; credentials come from the environment "
                   "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), an AWS profile or the store's own credential files")
 _NO_URL_PASSWORD = _refused(URL_CREDENTIALS_PATTERN, _NO_CREDENTIALS)
-# Not empty, nor blanks only (the validators' "must not be empty"), in the form too.
-_NOT_BLANK = {"pattern": r"\S"}
+
+
+def _not_blank(expected: str) -> dict:
+    """Not empty, nor blanks only (the validators' "must not be empty"), in the form too, saying what is expected:
+    after the credentials' rule, so that each value gets one reason."""
+    return _refused(URL_CREDENTIALS_PATTERN, _NO_CREDENTIALS, otherwise=_refused(_unless(r"\S"), expected))
+
+
 # A Dask scheduler's address: an optional scheme (tcp://, tls://), a host or [IPv6 address], and its port; an
 # in-process one (inproc://, a LocalCluster(processes=False) of the API's caller); or empty, which is none (a
 # cleared form field).
@@ -88,11 +102,36 @@ def _store_url_form_pattern() -> str:
 # One image extension as a member's can be (the last dot-part of its name), with the blanks and leading dots that
 # EmbedConfig drops: also the run form's rule for each item.
 _EXTENSION = r"^\s*\.*[^.,/\s]+\s*$"
-# Input, output and result storage: neither credentials in the URL nor a store URL in a form that names no place.
-_STORE_URL = _refused(URL_CREDENTIALS_PATTERN, _NO_CREDENTIALS, otherwise=_refused(
-    _store_url_form_pattern(),
-    "a store URL in full, as s3://BUCKET/PREFIX: not one that names no bucket (s3://), nor a scheme with one slash "
-    "(s3:/BUCKET/x), which would be a local folder named s3: (start such a local path with ./)"))
+_AN_EXTENSION = {"type": "string", **_refused(
+    _unless(_EXTENSION), "one image extension per item: the part of a member's name after its last dot (png for "
+    "00001.seg.png), with no dot, comma, slash or blank within")}
+# The credentials' rule first, the address's in its else: a URL with credentials fails both, and one reason is enough.
+_DASK_ADDRESS = _refused(URL_CREDENTIALS_PATTERN, _NO_CREDENTIALS, otherwise=_refused(
+    _unless(DASK_ADDRESS_PATTERN), "a Dask scheduler's address with its port (tcp://HOST:8786, tls://HOST:8786, "
+    "HOST:8786), or empty for a local cluster"))
+
+
+def _bounds_beside_null(schema: dict) -> None:
+    """An optional number's bounds beside its anyOf (pydantic puts them in the number's branch), where they hold for
+    numbers only, null still taken: the UI form then says "0 is less than the minimum of 1" under the field, not
+    anyOf's "0 is not valid under any of the given schemas" (the API's refusal said the first already)."""
+    for branch in schema.get("anyOf", ()):
+        for bound in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            if bound in branch:
+                schema[bound] = branch.pop(bound)
+
+
+def _store_url(not_blank: Optional[str] = None) -> dict:
+    """Input, output and result storage: neither credentials in the URL nor a store URL in a form that names no
+    place; with `not_blank` (what is expected) not empty either, the rules chained so that each value gets one
+    reason."""
+    return _refused(URL_CREDENTIALS_PATTERN, _NO_CREDENTIALS, otherwise=_refused(
+        _store_url_form_pattern(),
+        "a store URL in full, as s3://BUCKET/PREFIX: not one that names no bucket (s3://), nor a scheme with one slash "
+        "(s3:/BUCKET/x), which would be a local folder named s3: (start such a local path with ./)",
+        otherwise=_refused(_unless(r"\S"), not_blank) if not_blank else None))
+
+
 _NO_SECRET_OPTIONS = {
     "propertyNames": _refused(
         _any_case(SECRET_OPTION_PATTERN),
@@ -178,17 +217,19 @@ class EmbedConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     input: str = Field(
-        json_schema_extra=_STORE_URL | _NOT_BLANK,
+        json_schema_extra=_store_url(not_blank="a folder or URL holding the shards (/data/shards, "
+                                               "s3://BUCKET/PREFIX), not empty"),
         description="Folder or fsspec URL (s3://bucket/prefix) holding the WebDataset shards (*.tar), "
         "optionally with img2dataset siblings (00000.parquet, 00000_stats.json).",
     )
     output: str = Field(
-        json_schema_extra=_STORE_URL | _NOT_BLANK,
+        json_schema_extra=_store_url(not_blank="a folder or URL for the outputs (/data/embeddings, "
+                                               "s3://BUCKET/PREFIX), not empty"),
         description="Folder or fsspec URL that receives one <shard>.parquet per shard and _manifest.json.",
     )
     model_name: str = Field(
         DEFAULT_MODEL,
-        json_schema_extra=_NO_URL_PASSWORD | _NOT_BLANK,
+        json_schema_extra=_not_blank("a timm model name (resnet50.a1_in1k), not empty"),
         description="Any timm model name, with an optional pretrained tag (resnet50.a1_in1k).",
     )
     pretrained: bool = Field(
@@ -249,13 +290,14 @@ class EmbedConfig(BaseModel):
         "without embedding again.",
     )
     image_extensions: tuple[str, ...] = Field(
-        IMAGE_EXTENSIONS, json_schema_extra={"minItems": 1, "items": {"type": "string", "pattern": _EXTENSION}},
+        IMAGE_EXTENSIONS, json_schema_extra={"minItems": 1, "items": _AN_EXTENSION},
         description="Member extensions read as the sample's image, any letter case, in order of preference: each the "
         "part of a member's name after its last dot (png for 00001.seg.png)."
     )
     max_image_pixels: Optional[int] = Field(
         MAX_IMAGE_PIXELS,
         ge=0,
+        json_schema_extra=_bounds_beside_null,
         description="Images whose header says width x height is above this are not decoded (decompression bombs: "
         "a small file that would decode to gigabytes) and get the error 'image too large'. Default: Pillow's "
         "refusal limit (2 x 89,478,485 pixels). 0 or null: no limit.",
@@ -282,16 +324,16 @@ class EmbedConfig(BaseModel):
     )
     result_storage: Optional[str] = Field(
         None,
-        json_schema_extra=_STORE_URL,
+        json_schema_extra=_store_url(),
         description="Folder or fsspec URL, reachable by every worker, where Prefect keeps the embedding tasks' "
         "results (the task cache); default OUTPUT/_prefect_results. Uses storage_options; never credentials.",
     )
     dask_address: Optional[str] = Field(
-        None, json_schema_extra=_NO_URL_PASSWORD | {"pattern": DASK_ADDRESS_PATTERN}, description="Address of an existing Dask scheduler (tcp://host:8786, or tls://host:8786 with the TLS "
+        None, json_schema_extra=_DASK_ADDRESS, description="Address of an existing Dask scheduler (tcp://host:8786, or tls://host:8786 with the TLS "
         "certificates in Dask's configuration); default starts a local cluster."
     )
     n_workers: Optional[int] = Field(
-        None, ge=1, description="Local workers: default one per visible GPU, or on a CPU-only machine 2, or 1 where the run "
+        None, ge=1, json_schema_extra=_bounds_beside_null, description="Local workers: default one per visible GPU, or on a CPU-only machine 2, or 1 where the run "
         "may use one core only (taskset, a container's CPU quota). With "
         "workers_per_gpu above 1, the GPUs used, each with that many workers."
     )
@@ -305,7 +347,7 @@ class EmbedConfig(BaseModel):
         "when the input held its GPU's model back (GPU use), which is when 2 may help.",
     )
     shards_per_task: Optional[int] = Field(
-        None, ge=1, le=10000,
+        None, ge=1, le=10000, json_schema_extra=_bounds_beside_null,
         description="Shards embedded and validated by one task run (one cache entry per group). Default: one shard "
         "per task run for runs of up to 1,000 shards, and beyond that as many per task run as keep the run at 1,000 "
         "task runs (each is recorded by the Prefect API). 1: a task run per shard, however many."
@@ -325,7 +367,7 @@ class EmbedConfig(BaseModel):
         "check.",
     )
     min_fidelity: Optional[float] = Field(
-        None, ge=-1.0, le=1.0,
+        None, ge=-1.0, le=1.0, json_schema_extra=_bounds_beside_null,
         description="The run fails (outputs kept) when a checked image's cosine is below this. Default: 0.999 on "
         "the GPU path (bfloat16 weights), 0.9999 on the CPU path. Not part of the cache key: a re-run with another "
         "threshold re-checks the stored cosines without re-embedding.",
