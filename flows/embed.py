@@ -50,7 +50,7 @@ from prefect_dask import DaskTaskRunner  # noqa: E402
 from flows import apiserver  # noqa: E402
 from tasks import prefect_events  # noqa: E402
 from tasks.embed import embed_shards, result_storage_for, run_name  # noqa: E402
-from tasks.expected_ends import log_expected_ends_without_traceback, quiet_failed_log_sends  # noqa: E402
+from tasks.expected_ends import log_expected_ends_without_traceback, quiet_failed_log_sends, refused  # noqa: E402
 from tasks.index import index_shards  # noqa: E402
 from tasks.report import report  # noqa: E402
 from wdsembed import caching, cluster, faults, fidelity, outputclaim  # noqa: E402
@@ -108,10 +108,35 @@ def embed_dataset(config: EmbedConfig) -> Manifest:
 
         return manifest if should_persist_result() else quote(manifest)
     # Taken here rather than the call refused: held by the process the flow runs in, as run()'s is, before the
-    # planning reads OUTPUT (index_shards) or anything is written to it. Only a refusal comes later than run()'s:
-    # after the task runner's cluster, if it has one, has started.
-    with claim_output(config) as claim:
-        return _embed_claimed(config, replace(hooks, claim_run=claim.run))
+    # planning reads OUTPUT (index_shards) or anything is written to it. The same setup as run()'s around it, and
+    # the same refusal of an input or output store that cannot be used, in one line, before the claim.
+    with run_setup():
+        try:
+            check_storage(config)
+        except ValueError as exc:
+            raise refused(exc)
+        with claim_output(config) as claim:
+            return _embed_claimed(config, replace(hooks, claim_run=claim.run))
+
+
+@contextlib.contextmanager
+def run_setup():
+    """What a run of embed-shards needs around it in this process, however it was started: by run() (the command,
+    the Python API, the deployed flow) or as the flow object itself (`embed_flow(config)`, a subflow of a flow of the
+    caller's, with a task runner of the caller's).
+    * prefect_env's defaults, for the processes the run starts (Dask workers, a temporary API server);
+    * the run's expected ends (a refusal, failed shards) logged in one line, without Prefect's traceback;
+    * DALI's decoder lines (twice per bad image, on the stderr of this process and of the local workers it starts,
+      which inherit the routing) sent to the log at DEBUG: a deployment's process worker would show thousands as
+      its output, and a script's terminal as many. Each bad image's reason is on its row;
+    * Dask's INFO lines off, as for the command, also where Dask was imported before the defaults were set;
+    * a local scheduler handing a worker thread one shard at a time: a shard queued behind a long one would wait
+      there while another worker idles, and would die with it if that worker's process did."""
+    prefect_env.set_defaults()
+    log_expected_ends_without_traceback(server_trouble=apiserver.trouble)
+    with decoder_messages_to_log(), prefect_env.dask_logging_defaults(), \
+            dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+        yield
 
 
 def claim_output(config: EmbedConfig) -> contextlib.AbstractContextManager[outputclaim.Claim]:
@@ -154,7 +179,11 @@ def _embed_claimed(config: EmbedConfig, hooks: _RunInProcess) -> Manifest:
     # time, one in its pipeline, the others' bookkeeping and writing overlapping it (cluster.SHARDS_PER_GPU). Asked of
     # this run's own Dask client (its cluster starts here if it has not yet), before anything is submitted.
     gpu_share = {"GPU": cluster.GPU_SHARE_PER_SHARD}
-    client = _dask_client()
+    # Where every shard is finished, not asked at all: a Dask task runner of the caller's (`embed_flow` with
+    # `task_runner=DaskTaskRunner(...)`) would start its local cluster only for the cached task runs, which run in
+    # this process's threads below, as run() runs them with nothing to compute.
+    all_done_here = all(p.stem in finished for p in plans)
+    client = None if all_done_here else _dask_client()
     annotations = {"resources": gpu_share} if cluster.gpu_slots_declared(client) else {}
     heads = cluster.worker_count(client) if client is not None else 0
     if hooks.on_current_client and client is not None:
@@ -177,7 +206,7 @@ def _embed_claimed(config: EmbedConfig, hooks: _RunInProcess) -> Manifest:
     # 2,000 finished ones (2 cores), ahead of the new shards; in this process's threads, as where every shard is
     # finished (_run_claimed), they take no worker's time.
     to_workers, finished_groups = groups, []
-    if client is not None:
+    if client is not None or all_done_here:
         done_here = [all(p.stem in finished for p in g) for g in groups]
         to_workers = [g for g, here in zip(groups, done_here) if not here]
         finished_groups = [g for g, here in zip(groups, done_here) if here]
@@ -512,21 +541,16 @@ def run(config: EmbedConfig, on_shard_done=None, *, all_finished: Optional[bool]
     # A Dask client current in this process (a notebook's) runs the shards, where no dask_address is given; refused
     # here, before any work, where the config sizes a local cluster of its own.
     current = cluster.current_client_for(config)
-    prefect_env.set_defaults()  # for the processes this run starts (Dask workers, a temporary API server)
-    log_expected_ends_without_traceback(server_trouble=apiserver.trouble)
-    if all_finished is None:  # called without the checks (plan.check_config): the stores' own, before the claim
-        forget_checked_input()  # an earlier check_config's listing of INPUT is not this run's to plan from
-        check_storage(config)  # a missing bucket or denied access, said naming the URL
-        all_finished = nothing_to_compute(config)
-    # One run writes to an output at a time (wdsembed.outputclaim): refused here, before a cluster starts, where
-    # another run holds it; held until this run ends, however it ends. A run with nothing to compute claims it too:
-    # it writes the manifest, and a missing kNN view.
-    # DALI's decoder lines (twice per bad image, on the stderr of this process and of the local workers it starts,
-    # which inherit the routing) go to the log at DEBUG, for every caller (the command routes them itself too): a
-    # deployment's process worker would show thousands as its output. Each bad image's reason is on its row.
-    # Dask's INFO lines stay off as for the command, also where Dask was imported before the defaults were set.
-    with decoder_messages_to_log(), prefect_env.dask_logging_defaults(), claim_output(config) as claim:
-        return _run_claimed(config, on_shard_done, all_finished, claim.run, current)
+    with run_setup():  # for every caller (the command routes the decoder's lines itself too)
+        if all_finished is None:  # called without the checks (plan.check_config): the stores' own, before the claim
+            forget_checked_input()  # an earlier check_config's listing of INPUT is not this run's to plan from
+            check_storage(config)  # a missing bucket or denied access, said naming the URL
+            all_finished = nothing_to_compute(config)
+        # One run writes to an output at a time (wdsembed.outputclaim): refused here, before a cluster starts, where
+        # another run holds it; held until this run ends, however it ends. A run with nothing to compute claims it
+        # too: it writes the manifest, and a missing kNN view.
+        with claim_output(config) as claim:
+            return _run_claimed(config, on_shard_done, all_finished, claim.run, current)
 
 
 def _run_claimed(config: EmbedConfig, on_shard_done, all_finished: bool, claim_run: str, current) -> Manifest:
@@ -543,9 +567,7 @@ def _run_claimed(config: EmbedConfig, on_shard_done, all_finished: bool, claim_r
     hooks = _RunInProcess(on_shard_done, claim_run, on_current_client=current is not None)
     token = _this_run.set(hooks)
     try:
-        # A local scheduler hands a worker thread one shard at a time: a shard queued behind a long one would wait
-        # there while another worker idles, and would die with it if that worker's process did.
-        with _api_for_workers(), around, dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+        with _api_for_workers(), around:
             flow_with_runner = embed_flow.with_options(task_runner=runner)  # while a temporary server boots
             _check_api_access()
             manifest = flow_with_runner(config)
