@@ -116,7 +116,27 @@ def embed_dataset(config: EmbedConfig) -> Manifest:
         except ValueError as exc:
             raise refused(exc)
         with claim_output(config) as claim:
+            _say_unused_dask_settings(config)
             return _embed_claimed(config, replace(hooks, claim_run=claim.run))
+
+
+def _say_unused_dask_settings(config: EmbedConfig) -> None:
+    """The flow object's own task runner is Prefect's thread pool: called directly without a Dask runner, its
+    shards run in threads of this process, and the config's Dask settings go unused. Said rather than silent: a
+    run given a scheduler's address ran on this host."""
+    from prefect.context import FlowRunContext
+
+    if isinstance(FlowRunContext.get().task_runner, DaskTaskRunner):
+        return
+    unused = [f"{name}={getattr(config, name)!r}" for name in ("dask_address", "n_workers")
+              if getattr(config, name) is not None]
+    unused += [f"workers_per_gpu={config.workers_per_gpu}"] if config.workers_per_gpu > 1 else []
+    if unused:
+        get_run_logger().warning(
+            "%s not used: this flow's task runner is %s, which runs the shards in threads of this process. "
+            "flows.embed.run(config) runs the flow on the Dask cluster the config asks for; or give the flow "
+            "embed_flow.with_options(task_runner=DaskTaskRunner(**wdsembed.cluster.task_runner_kwargs(config)))",
+            ", ".join(unused), type(FlowRunContext.get().task_runner).__name__)
 
 
 @contextlib.contextmanager

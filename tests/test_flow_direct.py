@@ -69,6 +69,8 @@ def test_the_flow_with_a_users_dask_runner_starts_no_cluster_where_every_output_
     config = _config(tmp_path / "in", tmp_path / "out")
     first = flows.embed.embed_flow(config)  # computed in this process's threads (the flow's own task runner)
     assert first["totals"]["computed"] == 2
+    # the config's n_workers went unused without a word: said now
+    assert [r for r in caplog.records if r.levelname == "WARNING" and "n_workers=1 not used" in r.getMessage()]
     caplog.clear()
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": 1, "threads_per_worker": 1, "processes": False})
     again = flows.embed.embed_flow.with_options(task_runner=runner)(config)
