@@ -2300,6 +2300,57 @@ def test_ctrl_c_to_the_process_group_while_workers_embed(tmp_path):
     assert f"3 shard(s): {3 - len(finished)} computed, {len(finished)} cached" in again.stdout, again.stdout[-4000:]
 
 
+@pytest.mark.slow
+def test_ctrl_c_while_a_worker_is_inside_a_slow_batch_ends_in_seconds_saying_so_once(tmp_path):
+    """Ctrl-C to the process group while the one local worker has a batch in its model that takes longer than the
+    nanny waits for it (distributed's Nanny.kill: 4 s after asking the process to close, then SIGKILL): a ViT-B/16
+    batch of 32 on one CPU thread, tens of seconds. The worker's close waits for its task, which waits for that
+    batch; torch cannot be interrupted mid-batch, and the process is killed. The command still ends within seconds,
+    the shard left unwritten; distributed's two lines about it ("Worker process still alive after 4.0 seconds,
+    killing", "Worker process N was killed by signal 9", which reads as a crash or the OOM killer) are one line
+    that says why, and that nothing written is lost."""
+    import json
+
+    import psutil
+
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    data, out = tmp_path / "in", tmp_path / "out"
+    for s in range(2):
+        write_shard(data, f"{s:05d}", from_encoded(synthetic_images(64, seed=s, formats=("jpeg",))), seed=s)
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"00000": {"fail_attempts": 0, "where": "start"}}))
+    started_shard = Path(f"{faults}.00000.attempts")  # written as the shard's task starts, before its first batch
+    command = [sys.executable, str(ROOT / "flows/embed.py"), str(data), "-o", str(out), "--model",
+               "vit_base_patch16_224", "--no-pretrained", "--device", "cpu", "--n-workers", "1", "--num-threads",
+               "1", "--batch-size", "32", "--fidelity-sample", "0"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=_command_env(tmp_path) | {"WDSEMBED_FAULTS": str(faults)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and not started_shard.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None and started_shard.exists(), "the run ended, or never started its first shard"
+        time.sleep(3)  # its first batch decoded and in the model (0.5 s of decoding; the batch, tens of seconds)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        interrupted = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = ended(proc, 120)
+        took = time.monotonic() - interrupted
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    said = _ended_on_ctrl_c(proc, stdout, stderr, out, interrupted)
+    assert took < 15, (took, said[-4000:])
+    assert "still alive after" not in said and "killed by signal" not in said, said[-4000:]
+    killed = [line for line in said.splitlines() if "was still busy" in line]
+    assert len(killed) == 1 and "killed" in killed[0], said[-4000:]
+    _, alive = psutil.wait_procs(started, timeout=15)
+    assert not [p for p in alive if _running(p)], alive
+    assert not list(out.glob("*.parquet")) and not [p.name for p in out.rglob("*.tmp*")]
+
+
 def _pgid(pid: int):
     try:
         return os.getpgid(pid)

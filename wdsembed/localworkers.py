@@ -6,7 +6,8 @@ that its local cluster spawned. A worker that got it closed itself, and one that
 traceback of its own, printed among the command's lines (cli.main prints one: where the finished shards are; exit
 130), while the command, which got the same signal, closes the cluster anyway. These workers ignore SIGINT: the
 command alone handles it, and closes its cluster, whose nannies stop the workers (one still busy with a shard is
-killed within seconds: distributed's Nanny.kill). Outputs stay whole or absent, as for any stop.
+killed 4 s after it is asked to close, distributed's Nanny.kill, and said in one line: Nanny.kill). Outputs stay
+whole or absent, as for any stop.
 
 A hangup (an ssh session dropped, a terminal closed, with the command started without nohup or tmux) sends SIGHUP
 to the whole group likewise (the shell passes it on to its jobs), whose default ended each worker on the spot, a
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import multiprocessing
 import os
@@ -73,21 +75,72 @@ class Nanny(distributed.Nanny):
         super()._on_worker_exit_sync(exitcode)
 
     async def kill(self, timeout: float = 5, reason: str = "nanny-kill") -> None:
-        """distributed's, except that a worker process killed as the nanny closes, and not yet reaped when its
-        `timeout` is up (4.4-4.8 s of 5 on a loaded machine), is said in one line instead of raising TimeoutError:
-        that error went up through the cluster's close and replaced the run's own end (a Ctrl-C or SIGTERM became
-        "run failed: " with no reason). The process has had SIGKILL; it ends on its own."""
+        """distributed's, with what it says of a worker process it kills as the nanny closes said in one line of
+        ours. Such a process was still busy `timeout` * 0.8 s after it was asked to close (4 s of distributed's 5):
+        its Dask worker's close waits for its task, and that task for the batch in its model, which torch cannot
+        interrupt (a large model or batch on CPU takes longer). distributed then warns "Worker process still alive
+        after 4.0 seconds, killing" and says "Worker process N was killed by signal 9", which reads as a crash or
+        the OOM killer; after a Ctrl-C it is how a busy worker ends, its shard left unwritten (outputs are whole or
+        absent). Where the killed process is not yet reaped when `timeout` is up (4.4-4.8 s of 5 on a loaded
+        machine), that is said instead of raising TimeoutError: that error went up through the cluster's close and
+        replaced the run's own end (a Ctrl-C or SIGTERM became "run failed: " with no reason). The process has had
+        SIGKILL; it ends on its own."""
         pid, timeout = self.pid, self._worker_close_timeout(timeout)
+        closing = self.status == Status.closing  # not a restart: distributed's own handling there
+        killing = _Killing(pid) if closing else None
+        token = _KILLING.set(killing)
         try:
             await super().kill(timeout=timeout, reason=reason)
         except asyncio.TimeoutError:
-            if self.status != Status.closing:  # a restart: distributed's own handling
+            if not closing:
                 raise
             logger.warning("Dask worker process %s was killed but had not ended %.1f s after it was asked to close; "
                            "the cluster closes without waiting for it", pid, timeout)
             # Reaped later (at the latest by multiprocessing as the command exits), distributed then says its exit
             # status "was already read": a line after the run's closing one that adds nothing to the line above.
             logging.getLogger("distributed.process").addFilter(_AlreadyReaped(pid))
+            return
+        finally:
+            _KILLING.reset(token)
+        if killing is not None and killing.killed:
+            logger.warning("Dask worker process %s was still busy %.1f s after it was asked to close (a batch in its "
+                           "model, or a read) and was killed; the shard it was on is left unwritten, and is "
+                           "computed again by the next run", pid, timeout * 0.8)
+
+
+# The close of this nanny's worker process that distributed's WorkerProcess.kill runs in this asyncio task, if any.
+_KILLING: "contextvars.ContextVar[Optional[_Killing]]" = contextvars.ContextVar("wdsembed_killing", default=None)
+
+
+class _Killing:
+    """A closing nanny's kill of its worker process `pid`, told whether distributed had to SIGKILL it."""
+
+    def __init__(self, pid) -> None:
+        self.pid = pid
+        self.killed = False
+
+
+class _SaidByTheNanny(logging.Filter):
+    """Drops distributed's lines of a worker process that a closing nanny of ours killed (Nanny.kill says it in
+    one line of its own): "Worker process still alive after S seconds, killing", logged in the kill's own task,
+    and then "Worker process N was killed by signal 9", logged as the process is reaped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.killed: "collections.deque[str]" = collections.deque(maxlen=64)  # those second lines, to drop
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        said = record.getMessage()
+        killing = _KILLING.get()
+        if killing is not None and said.startswith("Worker process still alive after "):
+            killing.killed = True
+            self.killed.append(f"Worker process {killing.pid} was killed by signal {int(signal.SIGKILL)}")
+            return False
+        return said not in self.killed
+
+
+if not any(isinstance(f, _SaidByTheNanny) for f in logging.getLogger("distributed.nanny").filters):
+    logging.getLogger("distributed.nanny").addFilter(_SaidByTheNanny())
 
 
 class GPUNanny(Nanny):

@@ -790,7 +790,10 @@ class StreamMeter:
 # 2-core host), while a stream waiting on a shard's read that never returns would hold the exit for good; such a
 # thread waits in Python, not inside torch or DALI, and is left to the exit as before. A local cluster's nanny kills
 # its worker process 4 s after asking it to close (distributed's Nanny.kill) whatever this says: that SIGKILL, not an
-# abort, ends a worker whose batch is slower.
+# abort, ends a worker whose batch is slower. Such a process never gets here: its Dask worker's close waits for the
+# task (its executor's shutdown), and the task for the batch in the model. A bound below the nanny's would not help:
+# a thread still in torch as the interpreter finalizes aborts, where SIGKILL does not (localworkers.Nanny.kill says
+# it in one line).
 EXIT_WAIT_S = 10.0
 _built: "weakref.WeakSet[Worker]" = weakref.WeakSet()  # every Worker of this process not yet collected
 _exit_hook: list = []  # _close_at_exit, once registered
