@@ -90,6 +90,68 @@ def test_float32_embeddings_are_stored_uncompressed_in_the_view_and_the_full_tab
     assert {name for name, codec in full.items() if codec != "SNAPPY"} == {EMB}
 
 
+def test_embedding_matrix_is_each_rows_embedding_in_the_tables_order_without_a_copy_of_one_chunk(run):
+    """The README showed `np.stack(df.image_embedding.to_numpy())` alone: an array object per row, then a copy of
+    them all. embedding_matrix gives the same (rows, dim) matrix from pyarrow, one chunk's values as they are, and
+    refuses a null rather than skip it (the matrix's rows would then stop being the table's)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    from wdsembed import embedding_matrix
+
+    view = ds.dataset(str(run / "_embeddings"), format="parquet").to_table()
+    matrix = embedding_matrix(view)
+    want = embedded_rows(run)
+    assert matrix.shape == (len(want), int(view.schema.field(EMB).metadata[b"dim"]))
+    assert matrix.dtype == np.float32
+    for i, (key, stem) in enumerate(zip(view["key"].to_pylist(), view["shard"].to_pylist())):
+        assert np.array_equal(matrix[i], want[(key, stem)]), (key, stem)
+
+    one = pq.read_table(run / "_embeddings" / "00000.parquet")
+    assert one.column(EMB).num_chunks == 1
+    shared = embedding_matrix(one.column(EMB))
+    assert np.shares_memory(shared, pc.list_flatten(one.column(EMB).chunk(0)).to_numpy())
+    assert not shared.flags.writeable
+
+    full = pq.read_table(run / "00000.parquet")
+    with pytest.raises(ValueError, match=r"3 of 8 row\(s\) have no embedding"):
+        embedding_matrix(full)
+    kept = full.filter(pc.is_valid(full[EMB]))
+    assert np.array_equal(embedding_matrix(kept), np.stack(kept.to_pandas()[EMB].to_numpy()))
+    empty = pq.read_table(run / "_embeddings" / "more" / "00002.parquet")  # nothing embedded: its width still said
+    assert embedding_matrix(empty).shape == (0, matrix.shape[1])
+
+
+def test_the_readmes_reading_snippets_run_as_written_and_lead_back_to_each_rows_tar(run):
+    """The README's two reading snippets, run as written on a run's output: the matrix of every embedded row, and
+    near-duplicate pairs from the kNN view, each named by shard and key, which the manifest's `tar` of that shard
+    leads back to the image (the manifest named only each shard's output, so a shard read from a pattern or a list
+    of URLs could not be found from its stem)."""
+    import pyarrow.dataset as ds
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    want = embedded_rows(run)
+    scope: dict = {}
+    exec(next(b for b in blocks if "embedding_matrix(table)" in b).replace("demo-output", str(run)), scope)
+    assert scope["X"].shape[0] == len(want) == scope["table"].num_rows
+    scope = {}
+    exec(next(b for b in blocks if "fill_diagonal" in b).replace("demo-output", str(run)), scope)
+    manifest = json.loads((run / "_manifest.json").read_text())
+    root = run.parent / "in"
+    assert {stem: entry["tar"] for stem, entry in manifest["shards"].items()} == {
+        "00000": str(root / "00000.tar"), "more/00001": str(root / "more" / "00001.tar"),
+        "more/00002": str(root / "more" / "00002.tar")}
+    close = {(a, b) for a in want for b in want if a < b and float(want[a] @ want[b]) > 0.95}
+    assert close  # random weights: images alike enough to pair
+    assert {tuple(sorted([(k1, s1), (k2, s2)])) for s1, k1, s2, k2 in scope["pairs"]} == close
+    for s1, k1, s2, k2 in scope["pairs"]:
+        for stem, key in ((s1, k1), (s2, k2)):
+            with tarfile.open(manifest["shards"][stem]["tar"]) as tar:
+                assert f"{key}.bmp" in tar.getnames()
+            assert key in ds.dataset(str(run / f"{stem}.parquet")).to_table(columns=["key"])["key"].to_pylist()
+
+
 def test_embedding_reader_reads_a_runs_output(run):
     er = pytest.importorskip("embedding_reader")
     want = embedded_rows(run)
@@ -170,6 +232,29 @@ def test_the_docs_search_recipe_names_the_neighbours_of_an_index_smaller_than_k(
     assert got.returncode == 0, got.stderr[-3000:]
     neighbours = json.loads(got.stdout)
     assert len(neighbours) == 5 and neighbours[0] == [query.column("key")[0].as_py(), "more/00001"]
+
+
+def test_the_docs_lookup_gives_each_neighbours_row_and_tar_in_the_neighbours_order(run):
+    """docs/knn.md's snippet from neighbours (key, shard: what the index's ids name) to their full rows, run as
+    written on the ids of three embedded rows of two shards: each gets its own row's caption and url, and the tar
+    that holds its image. The docs said only that key and shard name the row; the manifest did not name the tar."""
+    import pandas as pd
+
+    snippet = re.findall(r"```python\n(.*?)```", (DOCS / "knn.md").read_text(), re.S)
+    snippet = next(b for b in snippet if "manifest" in b and "neighbours.merge" in b)
+    want = embedded_rows(run)
+    first = sorted(k for k in want if k[1] == "00000")
+    picked = [first[-1], min(k for k in want if k[1] == "more/00001"), first[0]]  # out of order, two shards
+    scope = {"neighbours": pd.DataFrame(picked, columns=["key", "shard"])}
+    exec(snippet.replace("OUTPUT", str(run)), scope)
+    described = scope["described"]
+    assert list(zip(described.key, described.shard)) == picked
+    for key, stem, caption, url, tar in zip(described.key, described.shard, described.caption, described.url,
+                                             described.tar):
+        row = next(r for r in pq.read_table(run / f"{stem}.parquet").to_pylist() if r["key"] == key)
+        assert (caption, url) == (row["caption"], row["url"]) and caption.startswith("image ")
+        with tarfile.open(tar) as held:
+            assert f"{key}.bmp" in held.getnames()
 
 
 def test_without_the_view_each_embedding_is_stored_once_and_a_later_run_adds_the_views(tmp_path):
@@ -291,6 +376,15 @@ def test_float16_embeddings_take_half_the_space_keep_their_direction_and_read_as
     seen = {(key, stem): vector for vectors, meta in reader(batch_size=4, show_progress=False)
             for vector, key, stem in zip(vectors, meta["key"], meta["shard"])}
     assert seen.keys() == want16.keys() and all(np.array_equal(seen[k], want16[k]) for k in want16)
+    import pyarrow.dataset as ds
+
+    from wdsembed import embedding_matrix
+
+    view = ds.dataset(str(tmp_path / "f16" / "_embeddings"), format="parquet").to_table()
+    matrix = embedding_matrix(view)
+    assert matrix.dtype == np.float16 and matrix.shape[0] == 11
+    assert all(np.array_equal(row, want16[k]) for row, k in zip(matrix, zip(view["key"].to_pylist(),
+                                                                             view["shard"].to_pylist())))
 
     again = run("f32", embedding_dtype="float16")
     assert [r.cached for r in again] == [False, False]

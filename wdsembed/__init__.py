@@ -1,6 +1,6 @@
 """Embed WebDataset image shards with any timm model: DALI preprocessing, Prefect + Dask-CUDA orchestration."""
 
-__all__ = ["EmbedConfig", "TimmImageEmbedder", "ImageTextPairDataset", "get_client"]
+__all__ = ["EmbedConfig", "TimmImageEmbedder", "ImageTextPairDataset", "get_client", "embedding_matrix"]
 
 # name -> module: imported on first use, so that importing the package pulls in neither torch, timm nor DALI.
 _EXPORTS = {
@@ -8,6 +8,7 @@ _EXPORTS = {
     "TimmImageEmbedder": "wdsembed.api",
     "ImageTextPairDataset": "wdsembed.nemo",
     "get_client": "wdsembed.nemo",
+    "embedding_matrix": "wdsembed.reading",
 }
 
 

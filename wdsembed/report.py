@@ -35,7 +35,8 @@ def embedded_rows(result: dict) -> int:
 def entry_fields(result: dict) -> dict:
     """A shard's counts and settings in the manifest (ENTRY_FIELDS), with its `embedded_rows`: a script summing
     `embedded` counts images, not the rows with an embedding (see embedded_rows)."""
-    return _with_embedded_rows({k: result.get(k) for k in ENTRY_FIELDS})
+    # `tar`: the shard read, so that a row's key leads back to its image (the result calls it `shard`)
+    return _with_embedded_rows({k: result.get(k) for k in ENTRY_FIELDS} | {"tar": result.get("shard")})
 
 
 def _with_embedded_rows(entry: dict) -> dict:
