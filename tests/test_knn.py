@@ -257,6 +257,26 @@ def test_the_docs_lookup_gives_each_neighbours_row_and_tar_in_the_neighbours_ord
             assert f"{key}.bmp" in held.getnames()
 
 
+def test_a_key_the_parquet_repeats_is_in_the_view_on_each_row_as_the_docs_say(tmp_path):
+    """docs/knn.md: a key that the shard's parquet repeats is in the view once per row, one embedding for both, so
+    (key, shard) is no unique id there (a near-duplicate pass pairs the image with itself); its count finds them."""
+    written = write_shard(tmp_path / "in", "00000", [_image(i) for i in range(3)])
+    parquet = pq.read_table(written.parquet)
+    pq.write_table(pa.concat_tables([parquet, parquet.slice(1, 1)]), written.parquet)
+    out = tmp_path / "out"
+    TimmImageEmbedder(TINY_MODEL, pretrained=False, device="cpu", batch_size=4, num_threads_per_worker=1,
+                      fidelity_sample=0)(str(tmp_path / "in"), str(out))
+    view = pq.read_table(out / "_embeddings" / "00000.parquet")
+    repeated = written.keys[1]
+    assert view["key"].to_pylist() == [*written.keys, repeated]
+    rows = [i for i, key in enumerate(view["key"].to_pylist()) if key == repeated]
+    assert view[EMB][rows[0]] == view[EMB][rows[1]]
+    docs = (DOCS / "knn.md").read_text()
+    counting = re.search(r'`(pq\.read_table\("OUTPUT/_embeddings"\)[^`]*)`', docs).group(1)
+    counts = eval(counting.replace("OUTPUT", str(out)), {"pq": pq})
+    assert {(r["key"], r["key_count"]) for r in counts.to_pylist() if r["key_count"] > 1} == {(repeated, 2)}
+
+
 def test_without_the_view_each_embedding_is_stored_once_and_a_later_run_adds_the_views(tmp_path):
     """knn_view=False: no OUTPUT/_embeddings at all, the full tables as with it. A later run with views on computes
     nothing and writes each shard's view from its full table; a shard embedded again without views loses its old
