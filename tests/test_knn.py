@@ -405,6 +405,10 @@ def test_float16_embeddings_take_half_the_space_keep_their_direction_and_read_as
     assert matrix.dtype == np.float16 and matrix.shape[0] == 11
     assert all(np.array_equal(row, want16[k]) for row, k in zip(matrix, zip(view["key"].to_pylist(),
                                                                              view["shard"].to_pylist())))
+    wide = embedding_matrix(view, dtype=np.float32)  # what arithmetic wants: NumPy's float16 matmul has no BLAS
+    assert wide.dtype == np.float32 and np.array_equal(wide, matrix.astype(np.float32))
+    one = pq.read_table(tmp_path / "f32" / "_embeddings" / "00001.parquet")  # float32 (until `again` below)
+    assert np.shares_memory(embedding_matrix(one, dtype=np.float32), embedding_matrix(one))
 
     again = run("f32", embedding_dtype="float16")
     assert [r.cached for r in again] == [False, False]
