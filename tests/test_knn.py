@@ -122,6 +122,21 @@ def test_embedding_matrix_is_each_rows_embedding_in_the_tables_order_without_a_c
     assert embedding_matrix(empty).shape == (0, matrix.shape[1])
 
 
+def test_embedding_matrix_reads_sliced_chunks_and_every_list_type_and_refuses_ragged_rows():
+    """A dataset's chunks are slices of their files' arrays (a filter, a row group's part): each chunk's own rows,
+    in order, whatever list type holds them; rows of two lengths are no one model's embeddings."""
+    from wdsembed import embedding_matrix
+
+    x = np.arange(24, dtype=np.float32).reshape(6, 4)
+    fixed = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 4)
+    for column in (fixed, fixed.cast(pa.list_(pa.float32())), fixed.cast(pa.large_list(pa.float32()))):
+        assert np.array_equal(embedding_matrix(column.slice(2, 3)), x[2:5])
+        assert np.array_equal(embedding_matrix(pa.chunked_array([column.slice(0, 2), column.slice(4, 2)])),
+                              x[[0, 1, 4, 5]])
+    with pytest.raises(ValueError, match=r"differ in length \(1 to 2\)"):
+        embedding_matrix(pa.array([[1.0, 2.0], [3.0]]))
+
+
 def test_the_readmes_reading_snippets_run_as_written_and_lead_back_to_each_rows_tar(run):
     """The README's two reading snippets, run as written on a run's output: the matrix of every embedded row, and
     near-duplicate pairs from the kNN view, each named by shard and key, which the manifest's `tar` of that shard
