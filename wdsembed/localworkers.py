@@ -104,8 +104,8 @@ class Nanny(distributed.Nanny):
             _KILLING.reset(token)
         if killing is not None and killing.killed:
             logger.warning("Dask worker process %s was still busy %.1f s after it was asked to close (a batch in its "
-                           "model, or a read) and was killed; the shard it was on is left unwritten, and is "
-                           "computed again by the next run", pid, timeout * 0.8)
+                           "model, a read, or its own shutdown) and was killed; outputs are whole or absent: a "
+                           "shard it had not finished is computed again by the next run", pid, timeout * 0.8)
 
 
 # The close of this nanny's worker process that distributed's WorkerProcess.kill runs in this asyncio task, if any.
