@@ -314,6 +314,89 @@ def test_interrupted_call_on_a_dask_client_leaves_none_of_its_shards_running_the
     assert sorted(r.stem for r in results) == [f"{s:05d}" for s in range(6)]
 
 
+
+def test_a_call_on_a_dask_client_takes_each_shard_as_it_ends_while_the_others_are_submitted(tmp_path, monkeypatch):
+    """Every shard was submitted before any was taken: a finished shard's result (and its failure, had it failed)
+    stayed in Dask until the last submit. Here the submit of 00002 is held until 00000's task has ended: 00000 is
+    taken and released before 00003 is submitted."""
+    import threading
+
+    from distributed import Client, Future, LocalCluster
+
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    data, out = tmp_path / "dataset", tmp_path / "out"
+    for s in range(5):
+        write_shard(data, f"{s:05d}", from_encoded(synthetic_images(4, seed=s)))
+    events, submitted = [], []
+    submit, release = Client.submit, Future.release
+
+    def held_submit(self, fn, *args, **kwargs):
+        plan = args[1] if len(args) > 1 else None
+        if getattr(plan, "stem", None) is None:  # not a shard's task (the workers' checks)
+            return submit(self, fn, *args, **kwargs)
+        if plan.stem == "00002":
+            # The call's own done callback on 00000 was added as it was submitted: Dask calls a future's callbacks
+            # in the order they were added, on one thread, so once this one has been called, so has the call's.
+            called = threading.Event()
+            submitted[0].add_done_callback(lambda _: called.set())
+            assert called.wait(180), "00000's task did not end"
+        events.append(("submit", plan.stem))
+        future = submit(self, fn, *args, **kwargs)
+        submitted.append(future)
+        return future
+
+    def noted_release(self):
+        events.append(("released", str(self.key).split("-")[1]))
+        return release(self)
+
+    monkeypatch.setattr(Client, "submit", held_submit)
+    monkeypatch.setattr(Future, "release", noted_release)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster):
+        results = _embedder_with()(str(data), str(out))
+    assert sorted(r.stem for r in results) == [f"{s:05d}" for s in range(5)]
+    assert events.index(("released", "00000")) < events.index(("submit", "00003")), events
+    assert sorted(stem for kind, stem in events if kind == "released") == [f"{s:05d}" for s in range(5)], events
+
+
+def test_a_ctrl_c_while_a_call_submits_its_shards_leaves_none_of_them_running(tmp_path, monkeypatch, request):
+    """Ctrl-C in the middle of a call's submits (a notebook's Interrupt, seconds into a call of thousands of shards):
+    the shards submitted until then were never cancelled, nor the one whose submit it interrupted, and ran on, kept
+    alive by the traceback that the REPL keeps. Here the Ctrl-C comes during the third shard's submit."""
+    import signal
+
+    from distributed import Client, LocalCluster
+
+    from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
+
+    data, out = tmp_path / "dataset", tmp_path / "out"
+    for s in range(5):
+        write_shard(data, f"{s:05d}", from_encoded(synthetic_images(4, seed=s)))
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a REPL has it
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, before))
+    submitted = []
+    submit = Client.submit
+
+    def interrupted_submit(self, fn, *args, **kwargs):
+        plan = args[1] if len(args) > 1 else None
+        future = submit(self, fn, *args, **kwargs)
+        if getattr(plan, "stem", None) is not None:
+            submitted.append(future)
+            if plan.stem == "00002":
+                signal.raise_signal(signal.SIGINT)  # a real one, in the middle of the submit
+        return future
+
+    monkeypatch.setattr(Client, "submit", interrupted_submit)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster):
+        with pytest.raises(KeyboardInterrupt) as interrupted:  # its traceback kept, as a REPL keeps the last one
+            _embedder_with()(str(data), str(out))
+        assert interrupted.traceback
+        assert len(submitted) == 3 and all(f.status == "cancelled" for f in submitted), \
+            [(f.key, f.status) for f in submitted]
+
+
 def _embedder_with(**options):
     from wdsembed import TimmImageEmbedder
 

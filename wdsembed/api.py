@@ -378,7 +378,7 @@ def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str,
     from distributed import as_completed
 
     from wdsembed.cluster import (
-        GPU_SHARE_PER_SHARD, StallWatch, check_workers, gpu_slots_declared, rerun_warnings, worker_count,
+        GPU_SHARE_PER_SHARD, Ended, StallWatch, check_workers, gpu_slots_declared, rerun_warnings, worker_count,
     )
 
     # As in the flow: a share of a GPU per shard, so a worker's second thread overlaps one shard's reading and
@@ -386,32 +386,47 @@ def _run_on_dask(client, config: EmbedConfig, plans: list, claim_run: str,
     resources = {"GPU": GPU_SHARE_PER_SHARD} if gpu_slots_declared(client) else None
     if plans:  # what the workers lack is said once, before any shard goes to them
         check_workers(client, config, plans[0].shard, modules=("wdsembed.api",))
-    futures = {  # keyed by this run (its claim's id): Dask never takes another run's task for one of these
-        client.submit(embed_here, config, plan, claim_run, key=f"wdsembed-{plan.stem}-{claim_run}",
-                      resources=resources, pure=False): plan
-        for plan in plans
-    }
-    log.info("%d shard(s) submitted to the Dask scheduler at %s (%s), %d worker(s)%s", len(plans),
-             client.scheduler.address, "dask_address" if config.dask_address else "the current Dask client's",
-             worker_count(client), ", one GPU each" if resources else "")
+    futures = {}  # every shard's future, as it is submitted -> its plan
+    uncollected = {}  # those whose end is not yet taken
     results, failures, transient = [], {}, []
+
+    def collect(future) -> None:
+        plan = uncollected.pop(future)
+        try:
+            results.append(future.result())
+        except Exception as exc:  # noqa: BLE001 - a shard's error, or its worker lost (KilledWorker)
+            if _failed(plan.stem, exc, failures, transient, client) and given_up is not None:
+                given_up.append(plan)
+        finally:
+            future.release()  # Dask need keep its result no longer
+
+    ended = Ended()  # the shards that end while the others are still being submitted
     try:
+        for plan in plans:
+            # Ctrl-C held over each submit: one that came in its middle left a task submitted but not yet among
+            # `futures`, which the interruption below cancels.
+            with ctrl_c_held():
+                # Keyed by this run (its claim's id): Dask never takes another run's task for one of these.
+                future = client.submit(embed_here, config, plan, claim_run, key=f"wdsembed-{plan.stem}-{claim_run}",
+                                       resources=resources, pure=False)
+                futures[future] = uncollected[future] = plan
+                ended.add(future)
+            # Taken as they end, not once all are submitted (a submit takes about 0.5 ms on a loaded machine: 2 s
+            # for 4,000 shards), as in the flow.
+            for each in ended.take():
+                collect(each)
+        log.info("%d shard(s) submitted to the Dask scheduler at %s (%s), %d worker(s)%s", len(plans),
+                 client.scheduler.address, "dask_address" if config.dask_address else "the current Dask client's",
+                 worker_count(client), ", one GPU each" if resources else "")
         # On this client's loop: as_completed() without one asks for the current client, and the call's own client
         # (dask_address) is never made current, nor is there any in a plain script.
         with StallWatch(client, futures, log.warning):  # workers all paused for their memory: said, then ended
-            for future in as_completed(futures, loop=client.loop):
-                plan = futures[future]
-                try:
-                    results.append(future.result())
-                except Exception as exc:  # noqa: BLE001 - a shard's error, or its worker lost (KilledWorker)
-                    if _failed(plan.stem, exc, failures, transient, client) and given_up is not None:
-                        given_up.append(plan)
-                finally:
-                    future.release()
+            for future in as_completed(list(uncollected), loop=client.loop):
+                collect(future)
     except BaseException:
-        # Interrupted (Ctrl-C in a notebook): the shards not yet collected would run on, kept alive by the traceback
-        # that the REPL keeps, each embedded only to be refused at its write (the claim goes as this call ends),
-        # with the next call's shards queued behind them.
+        # Interrupted (Ctrl-C in a notebook), also while submitting: the shards not yet collected would run on, kept
+        # alive by the traceback that the REPL keeps, each embedded only to be refused at its write (the claim goes
+        # as this call ends), with the next call's shards queued behind them.
         client.cancel(list(futures))
         raise
     # Not where the client lost its scheduler: it would wait for it up to Dask's connect timeout (30 s) for an event
