@@ -2230,6 +2230,38 @@ def _ended_on_ctrl_c(proc, stdout: str, stderr: str, out, interrupted: float, *,
     return said
 
 
+def _ctrl_c_to_the_group_once_shard_00000_is(what: str, fault: dict, command: list, tmp_path: Path, out: Path, *,
+                                             then_wait_s: float = 0) -> tuple[str, list, int]:
+    """Run `command` in a process group of its own with shard 00000 given `fault` (WDSEMBED_FAULTS), send the group
+    SIGINT (as a terminal's Ctrl-C) once that shard's attempts file exists (and `then_wait_s` after), and return
+    what the command said (_ended_on_ctrl_c: exit 130, its checks), the processes it had started and its process
+    group."""
+    import json
+
+    import psutil
+
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"00000": fault}))
+    reached = Path(f"{faults}.00000.attempts")
+    proc = subprocess.Popen(command, cwd=tmp_path, env=_command_env(tmp_path) | {"WDSEMBED_FAULTS": str(faults)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and not reached.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None and reached.exists(), f"the run ended, or shard 00000 never {what}"
+        time.sleep(then_wait_s)
+        started = psutil.Process(proc.pid).children(recursive=True)  # API server, resource tracker, workers
+        interrupted = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = ended(proc, 120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return _ended_on_ctrl_c(proc, stdout, stderr, out, interrupted), started, proc.pid
+
+
 @pytest.mark.slow
 def test_ctrl_c_to_the_process_group_while_workers_embed(tmp_path):
     """Ctrl-C as a terminal sends it, to the whole process group, while a real local cluster of two worker processes
@@ -2238,8 +2270,6 @@ def test_ctrl_c_to_the_process_group_while_workers_embed(tmp_path):
     on a KeyboardInterrupt traceback of its own ("Process Dask Worker process (from Nanny):"), printed among the
     command's lines. Now the command alone handles it: its one line, exit 130, no traceback, no process of the run
     left behind, no partial output; the same command then finishes the rest without recomputing a finished shard."""
-    import json
-
     import psutil
     import pyarrow.parquet as pq
 
@@ -2248,28 +2278,12 @@ def test_ctrl_c_to_the_process_group_while_workers_embed(tmp_path):
     data, out = tmp_path / "in", tmp_path / "out"
     for s in range(3):
         write_shard(data, f"{s:05d}", from_encoded(synthetic_images(16, seed=s, formats=("jpeg",))), seed=s)
-    faults = tmp_path / "faults.json"
-    faults.write_text(json.dumps({"00000": {"fail_attempts": 0, "where": "batch", "hold_s": 2}}))
-    held = Path(f"{faults}.00000.attempts")  # written as the held shard's first batch is through the model
+    # the held shard's attempts file is written as its first batch is through the model
     command = [sys.executable, str(ROOT / "flows/embed.py"), str(data), "-o", str(out), "--model", TINY_MODEL,
                "--no-pretrained", "--device", "cpu", "--n-workers", "2", "--num-threads", "1", "--batch-size", "1",
                "--fidelity-sample", "0"]
-    proc = subprocess.Popen(command, cwd=tmp_path, env=_command_env(tmp_path) | {"WDSEMBED_FAULTS": str(faults)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while proc.poll() is None and not held.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert proc.poll() is None and held.exists(), "the run ended, or never reached the held shard"
-        started = psutil.Process(proc.pid).children(recursive=True)  # API server, resource tracker, two workers
-        interrupted = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)
-        stdout, stderr = ended(proc, 120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    said = _ended_on_ctrl_c(proc, stdout, stderr, out, interrupted)
+    said, started, group = _ctrl_c_to_the_group_once_shard_00000_is(
+        "reached", {"fail_attempts": 0, "where": "batch", "hold_s": 2}, command, tmp_path, out)
     assert "KeyboardInterrupt" not in said, said[-4000:]
     # nothing from the worker processes ("Dask Worker process (from Nanny):", a worker that closed itself, the
     # warnings and errors of one closed with a task running); the nanny's lines, in the command's process, stay
@@ -2283,7 +2297,7 @@ def test_ctrl_c_to_the_process_group_while_workers_embed(tmp_path):
     assert len(started) >= 3, started
     _, alive = psutil.wait_procs(started, timeout=15)
     assert not [p for p in alive if _running(p)], alive
-    assert not [p for p in psutil.process_iter() if _pgid(p.pid) == proc.pid and _running(p)]
+    assert not [p for p in psutil.process_iter() if _pgid(p.pid) == group and _running(p)]
 
     assert not [p.name for p in out.rglob("*.tmp*")]
     assert not (out / "_claim.json").exists()  # released: the same command goes on at once
@@ -2309,8 +2323,6 @@ def test_ctrl_c_while_a_worker_is_inside_a_slow_batch_ends_in_seconds_saying_so_
     the shard left unwritten; distributed's two lines about it ("Worker process still alive after 4.0 seconds,
     killing", "Worker process N was killed by signal 9", which reads as a crash or the OOM killer) are one line
     that says why, and that nothing written is lost."""
-    import json
-
     import psutil
 
     from wdsembed.synthetic import from_encoded, synthetic_images, write_shard
@@ -2318,31 +2330,14 @@ def test_ctrl_c_while_a_worker_is_inside_a_slow_batch_ends_in_seconds_saying_so_
     data, out = tmp_path / "in", tmp_path / "out"
     for s in range(2):
         write_shard(data, f"{s:05d}", from_encoded(synthetic_images(64, seed=s, formats=("jpeg",))), seed=s)
-    faults = tmp_path / "faults.json"
-    faults.write_text(json.dumps({"00000": {"fail_attempts": 0, "where": "start"}}))
-    started_shard = Path(f"{faults}.00000.attempts")  # written as the shard's task starts, before its first batch
+    # the shard's attempts file is written as its task starts; 3 s later its first batch is decoded (0.5 s) and in
+    # the model, for tens of seconds
     command = [sys.executable, str(ROOT / "flows/embed.py"), str(data), "-o", str(out), "--model",
                "vit_base_patch16_224", "--no-pretrained", "--device", "cpu", "--n-workers", "1", "--num-threads",
                "1", "--batch-size", "32", "--fidelity-sample", "0"]
-    proc = subprocess.Popen(command, cwd=tmp_path, env=_command_env(tmp_path) | {"WDSEMBED_FAULTS": str(faults)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while proc.poll() is None and not started_shard.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert proc.poll() is None and started_shard.exists(), "the run ended, or never started its first shard"
-        time.sleep(3)  # its first batch decoded and in the model (0.5 s of decoding; the batch, tens of seconds)
-        started = psutil.Process(proc.pid).children(recursive=True)
-        interrupted = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)
-        stdout, stderr = ended(proc, 120)
-        took = time.monotonic() - interrupted
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    said = _ended_on_ctrl_c(proc, stdout, stderr, out, interrupted)
-    assert took < 15, (took, said[-4000:])
+    said, started, _ = _ctrl_c_to_the_group_once_shard_00000_is(
+        "started", {"fail_attempts": 0, "where": "start"}, command, tmp_path, out, then_wait_s=3)
+    # ended without waiting for the batch: its worker was killed (said once below), not let finish it
     assert "still alive after" not in said and "killed by signal" not in said, said[-4000:]
     killed = [line for line in said.splitlines() if "was still busy" in line]
     assert len(killed) == 1 and "killed" in killed[0], said[-4000:]
