@@ -1224,6 +1224,24 @@ def test_a_run_beside_a_current_dask_client_keys_its_shards_by_the_gpus_its_work
         manifest, _ = embed(config.model_copy(update={"autocast": True}))
         assert isinstance(manifest, dict) and manifest["totals"]["computed"] == 1, manifest  # not taken as its own
 
+def test_the_gpus_this_process_sees_are_torchs_count_and_need_no_torch_where_no_gpu_driver_is_installed():
+    """visible_gpus (the planning of a --device auto run asks it, also a re-run with nothing to compute) imported
+    torch to count GPUs: seconds of a re-run that loads no model, on a host without any GPU driver, where torch
+    counts none either. It answers what torch answers, without importing it where there is no driver."""
+    import subprocess
+
+    code = ("import sys; from wdsembed import cluster; n = cluster.visible_gpus(); torch_imported = 'torch' in "
+            "sys.modules; driver = cluster._gpu_driver_present(); import torch; "
+            "print(n, torch.cuda.device_count(), torch_imported, driver)")
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                          cwd=Path(__file__).parent.parent)
+    seen, torchs, torch_imported, driver = done.stdout.split()
+    assert seen == torchs, done.stdout
+    if driver == "False":  # this host (no NVIDIA driver, no ROCm): no torch import for its answer
+        assert torch_imported == "False", done.stdout
+
+
 class _SchedulerAndWorker:
     """A `dask scheduler` and one single-threaded `dask worker` on loopback, in processes of their own (a cluster
     of the user's, as with --dask-address), with the test's WDSEMBED_FAULTS; `lose()` kills the scheduler."""

@@ -201,5 +201,23 @@ def test_a_refreshed_demo_dataset_keeps_the_files_it_would_write_the_same(tmp_pa
     os.remove(parquet)
     assert sorted(syn.refresh_demo_dataset(tmp_path, n_shards=2, per_shard=4)) == sorted([parquet, tar])
     assert open(tar, "rb").read() == intact
-    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in first)
+    assert sorted(os.listdir(tmp_path)) == sorted([syn.DEMO_STAMP, *(os.path.basename(p) for p in first)])
     assert os.stat(str(tmp_path / "00000.tar")).st_mtime_ns == 10**18
+
+
+def test_a_demo_dataset_whose_files_are_as_last_written_is_not_generated_again(tmp_path, monkeypatch):
+    """Generating the demo's images took seconds of every demo run, most of a second run's: where every file it
+    wrote last is there with the same size and mtime (what a shard's fingerprint takes), and the options are the
+    same, nothing is generated. A file touched or gone, or other options, and it is generated again (and compared)."""
+    calls = []
+    generate = syn.write_demo_dataset
+    monkeypatch.setattr(syn, "write_demo_dataset", lambda *a, **k: calls.append(k) or generate(*a, **k))
+    first = syn.refresh_demo_dataset(tmp_path, n_shards=1, per_shard=2)
+    assert len(first) == 3 and len(calls) == 1
+    assert syn.refresh_demo_dataset(tmp_path, n_shards=1, per_shard=2) == [] and len(calls) == 1
+    os.utime(first[0], ns=(10**18, 10**18))
+    assert syn.refresh_demo_dataset(tmp_path, n_shards=1, per_shard=2) == [] and len(calls) == 2
+    assert syn.refresh_demo_dataset(tmp_path, n_shards=1, per_shard=2) == [] and len(calls) == 2  # stamped anew
+    os.remove(first[1])
+    assert syn.refresh_demo_dataset(tmp_path, n_shards=1, per_shard=2) == [first[1]] and len(calls) == 3
+    assert len(syn.refresh_demo_dataset(tmp_path, n_shards=1, per_shard=3)) == 3 and len(calls) == 4

@@ -12,6 +12,7 @@ import collections
 import importlib.util
 import logging
 import os
+import sys
 import warnings
 import threading
 import time
@@ -90,12 +91,31 @@ def visible_gpus() -> int:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return 0
+    if "torch" not in sys.modules and not _gpu_driver_present():
+        return 0  # torch, which would count none either, not imported: seconds of a re-run with nothing to compute
     try:
         import torch
 
         return torch.cuda.device_count()
     except Exception:  # noqa: BLE001 - no usable CUDA is simply zero GPUs
         return 0
+
+
+def _gpu_driver_present() -> bool:
+    """Whether this host may have a GPU torch can count: False only on Linux where neither of the NVIDIA driver's
+    libraries loads (torch counts CUDA devices through NVML, else the CUDA runtime, which loads libcuda) and ROCm's
+    device (/dev/kfd) is absent. Elsewhere True: torch is asked."""
+    if not sys.platform.startswith("linux") or os.path.exists("/dev/kfd"):
+        return True
+    import ctypes
+
+    for library in ("libcuda.so.1", "libnvidia-ml.so.1"):
+        try:
+            ctypes.CDLL(library)
+        except OSError:
+            continue
+        return True
+    return False
 
 
 def workers_gpus(client) -> Optional[int]:
