@@ -183,9 +183,11 @@ def prepare_demo(values: dict) -> None:
         values["pretrained"] = False
     # A few dozen images: one worker loads one model, instead of two competing for a small machine's cores.
     values.setdefault("n_workers", 1)
-    refresh_demo_dataset(values["input"])  # unchanged shards kept as they are: a second demo run resumes
+    written = refresh_demo_dataset(values["input"])  # unchanged shards kept as they are: a second demo run resumes
     weights = "checkpoint " + values["checkpoint"] if values.get("checkpoint") else "random weights, offline"
-    print(f"demo: wrote generated shards to {values['input']}; model {values['model_name']} ({weights})")
+    shards = (f"wrote generated shards to {values['input']}" if written
+              else f"generated shards in {values['input']}, unchanged")
+    print(f"demo: {shards}; model {values['model_name']} ({weights})")
 
 
 def refused_values(exc: ValidationError) -> list[str]:
