@@ -155,7 +155,8 @@ def test_the_readmes_read_of_a_folder_names_each_rows_shard_where_keys_repeat_ac
     snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "__filename" in b)
     scope: dict = {}
     exec(snippet.replace('"demo-output', f'"{out}'), scope)  # run as written
-    assert scope["X"].shape[0] == 2 and scope["table"].num_rows == 4
+    # one shard's rows read with pandas, then every shard's embedded rows as one matrix
+    assert len(scope["ok"]) == 2 and scope["X"].shape[0] == scope["table"].num_rows == 4
     named = scope["named"]
     rows = sorted(zip(named.column("key").to_pylist(), (Path(f).name for f in named.column("__filename").to_pylist())))
     keys = [k for k, _ in rows]
